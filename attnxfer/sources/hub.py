@@ -95,7 +95,7 @@ def fetch_instructions(
         "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
         f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
         "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
-        "train/convert/submit, cache_dir=... in Python."
+        "train/convert/pretrain/submit (model.init reads it too), cache_dir=... in Python."
     )
 
 

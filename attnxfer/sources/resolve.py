@@ -85,6 +85,14 @@ class TeacherSpec:
     revision: str | None = None
 
 
+#: where each role's checkpoint file names its architecture
+_ARCH_KEY = {
+    "teacher": "teacher.arch=NAME; --teacher-arch for inspect",
+    "student": "--student-arch NAME",
+    "model.init": "model.name=NAME",
+}
+
+
 def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teacher") -> TeacherSpec:
     """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones,
     naming the spec by its ``role`` (inspect reads its students' specs as teachers' too)."""
@@ -122,10 +130,10 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
         close = difflib.get_close_matches(arch, timm.list_models(), n=1)
         hint = f" (did you mean {spec.replace(arch, close[0], 1)!r}?)" if close else ""
     raise InputError(
-        f"unknown {role} {spec!r}{hint}. A {role} is {'a run folder, ' if role != 'teacher' else ''}a timm name with a pretrained tag "
-        f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "
-        f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
-        f"({', '.join(WEIGHT_SUFFIXES)}) together with arch="
+        f"unknown {role} {spec!r}{hint}. A {role} is {'a run folder, ' if role == 'student' else ''}a timm name "
+        f"with a pretrained tag ('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), "
+        f"'hf-hub:ORG/NAME[@REV]', 'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
+        f"({', '.join(WEIGHT_SUFFIXES)}) with the timm architecture it was trained as ({_ARCH_KEY[role]})"
     )
 
 

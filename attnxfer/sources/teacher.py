@@ -196,6 +196,7 @@ def load_teacher(
     revision: str | None = None,
     img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
+    who: str | None = None,
     **timm_kwargs: Any,
 ) -> tuple[nn.Module, TeacherRecord]:
     """A frozen teacher ViT (TransferAttention in every block, ``eval()``, no grad) and its record.
@@ -213,6 +214,7 @@ def load_teacher(
             is an `ImageSizeError` naming the nearest sizes that work, raised before the weights are read.
         num_classes: None keeps the checkpoint's head, 0 drops it (reported in ``dropped_keys``); any
             other value that differs from the checkpoint's is an error (it would be a random head).
+        who: how its warnings name the model (default ``teacher SPEC``; a student's start says ``model.init=SPEC``).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``global_pool='avg'``).
     """
     if "attn_layer" in timm_kwargs:
@@ -228,7 +230,9 @@ def load_teacher(
     _check_saved_attention(spec, res)
 
     size = other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
-    state_dict, checkpoint_key, dropped = _read_weights(spec, res) if res.weights else ({}, None, [])
+    state_dict, checkpoint_key, dropped = (
+        _read_weights(who or f"teacher {spec}", res) if res.weights else ({}, None, [])
+    )
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
     model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
@@ -256,7 +260,7 @@ def _check_saved_attention(spec: str, res: Resolved) -> None:
         res.model_args = {k: v for k, v in res.model_args.items() if k != "attn_layer"}
 
 
-def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
+def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
     """The checkpoint's tensors minus entries an encoder doesn't use: (state dict, container key, dropped keys)."""
     state_dict, checkpoint_key = read_state_dict(res.weights)
     if res.convert is not None:  # transformers' names and layout -> the timm model's
@@ -267,19 +271,19 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
         user, kind = "the encoder", "mae-decoder"
     if dropped:
         warn(
-            f"teacher {spec}: dropped {len(dropped)} checkpoint entries {user} does not use "
+            f"{who}: dropped {len(dropped)} checkpoint entries {user} does not use "
             f"({kind}): {_summarise_keys(dropped)}"
         )
     if dropped and not res.tag_known:  # an MAE checkpoint: timm's .mae tag says its preprocessing and licence
         guess = f"{res.architecture}.mae"
         if guess in timm.list_pretrained(guess):
-            debug(f"teacher {spec}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
+            debug(f"{who}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
             res.pretrained_cfg = registry_cfg(guess)
             res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
         tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
         warn(
-            f"teacher {spec}: mean/std are timm's defaults for {res.architecture} (tag "
+            f"{who}: mean/std are timm's defaults for {res.architecture} (tag "
             f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "
             f"architecture if that is wrong" + (f" (one of: {', '.join(tags[:6])})" if len(tags) > 1 else "")
         )

@@ -5,13 +5,16 @@ conversion's per-stage names, the mirrored student's construction, the MAE's dec
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import timm
+import torch
 from helpers import run_cli, tiny_run
 from timm.models import save_for_hf
 
+from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
 
 _TINY_RUN = [
@@ -117,6 +120,42 @@ def test_an_mae_decoder_width_the_sin_cos_embedding_cannot_take(tmp_path, capsys
         capsys,
     )
     assert "needs a width divisible by 4, got 30" in err
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_a_model_init_that_cannot_load_names_model_init_not_a_teacher(tmp_path, capsys, command):
+    """model.init is read by the teacher's loader, whose words name a teacher: a run that has one would be told
+    to change the wrong key."""
+    run = [command, f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN]
+    missing = tmp_path / "nope.safetensors"
+    err = _refused([*run, f"model.init={missing}"], capsys)
+    assert err.endswith(f"model.init='{missing}': checkpoint {missing} does not exist"), err
+    err = _refused([*run, "model.init=vit_tinny_patch16_224"], capsys)
+    assert "unknown model.init 'vit_tinny_patch16_224' (did you mean 'vit_tiny_patch16_224'?)" in err, err
+    assert "teacher" not in err and err.endswith("(model.name=NAME)"), err
+
+
+def test_a_model_init_weights_file_is_built_as_model_name_and_kwargs(tmp_path):
+    """A bare weights file (MAE's mae_pretrain_vit_base.pth) names no architecture: model.name and model.kwargs
+    build it, as they build pretrain's encoder, and a file they do not fit is refused naming them."""
+    from safetensors.torch import save_file
+
+    from attnxfer.apps.run.parts import init_from_pretrained
+    from attnxfer.config import ModelConfig
+
+    shape = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, **shape)
+    save_file(encoder.state_dict(), str(tmp_path / "encoder.safetensors"))
+    m = ModelConfig(name="vit_tiny_patch16_224", init=str(tmp_path / "encoder.safetensors"), kwargs=shape)
+    student = init_from_pretrained(m, 10, None, None, dict(shape))
+    assert student.head.out_features == 10
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), k
+    deeper = dataclasses.replace(m, kwargs={**shape, "depth": 3})
+    with pytest.raises(
+        InputError, match=r"(?s)built as model.name=vit_tiny_patch16_224 with model.kwargs=.*depth': 3"
+    ):
+        init_from_pretrained(deeper, 10, None, None, {})
 
 
 # -- teacher paths: what is true of the path given -------------------------------------------------------

@@ -243,8 +243,10 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
     from attnxfer.apps.run.parts import init_from_pretrained
+    from attnxfer.config import ModelConfig
 
-    student = init_from_pretrained(f"local-dir:{pretrained_run / 'export'}", 10, 0.0, None)
+    m = ModelConfig(init=f"local-dir:{pretrained_run / 'export'}", drop_path_rate=0.0)
+    student = init_from_pretrained(m, 10, None, None, {})
     ckpt = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
     assert student.head.out_features == 10 and all(p.requires_grad for p in student.parameters())
     for k, v in student.state_dict().items():

@@ -19,6 +19,7 @@ from ...models.efficient import with_attention
 from ...models.image_input import ImageSizeError, image_input
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
+from ...sources.resolve import Source, parse_teacher_spec
 from ...sources.teacher import load_teacher
 from ...speak import say, warn
 from .loaders import build_loaders, data_info, data_seed
@@ -58,21 +59,50 @@ def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any
     return args
 
 
-def init_from_pretrained(
-    spec: str, num_classes: int, drop_path_rate: float, img_size: int | None, **kwargs: Any
+def load_init(
+    spec: str, img_size: int | None, *, file_model: ModelConfig | None, cache_dir: str | None
 ) -> nn.Module:
-    """A trainable copy of the pretrained encoder ``spec`` (fine-tuning) with a fresh ``num_classes`` head and
+    """``model.init``'s pretrained encoder, headless, loaded as a teacher is; a weights file is built as
+    ``file_model``'s ``name`` and ``kwargs`` say. Its errors are restated as ``model.init``'s: the loader's
+    words name a teacher, and a run that has one would be told to change the wrong key."""
+    built_as = None
+    try:
+        if parse_teacher_spec(spec, role="model.init").source is Source.FILE:
+            built_as = file_model
+        arch, kwargs = (built_as.name, dict(built_as.kwargs)) if built_as else (None, {})
+        img_size = kwargs.pop("img_size", None) or img_size  # the size the file's architecture is built at
+        encoder, _ = load_teacher(
+            spec,
+            arch=arch,
+            cache_dir=cache_dir,
+            img_size=img_size,
+            num_classes=0,
+            who=f"model.init={spec}",
+            **kwargs,
+        )
+    except ImageSizeError as e:
+        raise e.restated("data.img_size") from None
+    except UserError as e:
+        said = str(e).removeprefix("teacher ").removeprefix(f"{spec!r}: ").removeprefix(f"{spec}: ")
+        if built_as and "do not fit architecture" in said:
+            said += (
+                f"\nA weights file is built as model.name={built_as.name} with model.kwargs={built_as.kwargs}: "
+                "set them to the architecture it was trained as"
+            )
+        raise InputError(said if "model.init" in said else f"model.init={spec!r}: {said}") from None
+    return encoder
+
+
+def init_from_pretrained(
+    m: ModelConfig, num_classes: int, img_size: int | None, cache_dir: str | None, kwargs: dict[str, Any]
+) -> nn.Module:
+    """A trainable copy of the pretrained encoder ``m.init`` (fine-tuning) with a fresh ``num_classes`` head and
     ``kwargs`` (timm's, pooling among them); any other weight missing is an error, never a random weight. A
     norm moved after the pooling (``fc_norm``) starts fresh and the encoder's final norm is dropped, as MAE's
     fine-tuning does."""
-    try:
-        pretrained, _ = load_teacher(spec, img_size=img_size, num_classes=0)
-    except ImageSizeError as e:
-        raise e.restated("data.img_size") from None
-    except UserError as e:  # its words name a teacher: here the pretrained model is the student's start
-        said = str(e).removeprefix("teacher ").removeprefix(f"{spec!r}: ").removeprefix(f"{spec}: ")
-        raise InputError(f"model.init={spec!r}: {said}") from None
-    student = student_like(pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
+    spec = m.init
+    pretrained = load_init(spec, img_size, file_model=m, cache_dir=cache_dir)
+    student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
     # a head, or an fc_norm the pooling added, only the student has: fresh; a final norm the pooling moved
     # after it, only the encoder has: dropped (any other mismatch is refused below)
@@ -95,7 +125,7 @@ def build_student(
     m = cfg.model
     kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if m.init:
-        student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size, **kwargs)
+        student = init_from_pretrained(m, num_classes, img_size, cfg.teacher.cache_dir, kwargs)
         _say_if_not_built(
             m, student, num_classes, kwargs, f"model.init={m.init} gives the student its architecture"
         )

@@ -29,7 +29,6 @@ from ...errors import InputError
 from ...models.image_input import image_input
 from ...models.mae import MaskedAutoencoder, kept_patches
 from ...models.student import student_shape, student_spec
-from ...sources import load_teacher
 from ...sources.resolve import TeacherLoadError, read_state_dict
 from ...speak import say
 from ...train.compile import compile_blocks
@@ -40,7 +39,7 @@ from ...train.objective import ModuleObjective
 from ...train.optim import student_param_groups
 from ...train.runtime import Runtime
 from .loaders import data_info
-from .parts import create_named_vit, num_classes_of, parts_around
+from .parts import create_named_vit, load_init, num_classes_of, parts_around
 from .resume import check_same_data
 from .training import assemble_engine, loop_settings, record_run, start_run
 
@@ -78,7 +77,9 @@ def _shape_errors(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -
     ]
 
 
-def init_mae(mae: MaskedAutoencoder, spec: str, img_size: int | None = None) -> str:
+def init_mae(
+    mae: MaskedAutoencoder, spec: str, img_size: int | None = None, cache_dir: str | None = None
+) -> str:
     """Load ``model.init`` into ``mae`` in place; returns what was loaded (one line). A checkpoint file (MAE's
     ``*_full.pth``, a pretrain checkpoint) must hold every encoder weight in the encoder's shapes (a random
     encoder weight would be silent damage); its decoder is taken only if it fits whole. Any other spec gives
@@ -88,8 +89,7 @@ def init_mae(mae: MaskedAutoencoder, spec: str, img_size: int | None = None) -> 
     if path.is_file():
         state, _ = read_state_dict(path)  # weights_only: a pickled argparse.Namespace is refused, with a fix
     else:
-        encoder, _ = load_teacher(spec, img_size=img_size, num_classes=0)
-        state = encoder.state_dict()
+        state = load_init(spec, img_size, file_model=None, cache_dir=cache_dir).state_dict()
     # a trained student's file (a fine-tune's, a run's checkpoint) has a classifier the headless encoder lacks
     head = sorted(k for k in state if k.startswith("head.") and k not in own)
     state = {k: v for k, v in state.items() if k not in head}
@@ -160,6 +160,8 @@ _SOFTMAX = (
 _UNREAD_BY_PRETRAIN = {
     "teacher.spec": "it learns from pixels alone; attention transfer from a teacher is `attnxfer train`",
     "teacher.compile": "it has no teacher; model.compile compiles the MAE",
+    "teacher.arch": "it has no teacher; a model.init weights file is read as model.name / model.kwargs build it",
+    "teacher.revision": "it has no teacher; model.init=hf-hub:ORG/NAME@REV names a revision",
     "model.attention": _SOFTMAX,
     "model.attention_kwargs": _SOFTMAX,
     "model.num_classes": "the encoder is exported headless; a head is fine-tuning's (`attnxfer train`, model.init)",
@@ -193,7 +195,7 @@ def build_pretrain_engine(
     d = cfg.data
     info = data_info(d)
     mae = build_mae(cfg, d.in_chans or info.in_chans, d.img_size)
-    init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
+    init_note = init_mae(mae, cfg.model.init, d.img_size, cfg.teacher.cache_dir) if cfg.model.init else None
     # the encoder is the run's student; the loaders are the training ones (labels, if any, come along unread)
     inputs = image_input(mae.encoder)
     parts = parts_around(
