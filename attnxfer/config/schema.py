@@ -40,7 +40,8 @@ class ModelConfig:
     global_pool: str | None = key(None, choices=("token", "avg", "max", "avgmax", "map", ""))
     # null = timm's rule: a norm after pooling exactly when global_pool is avg/max
     fc_norm: bool | None = key(None, range=ANY)
-    # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:)
+    # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:, or a weights file built as
+    # model.name / model.kwargs say)
     init: str | None = key(None, range=ANY)
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     # The student's attention: null = softmax (timm's); a registered zoo attention (performer, hedgehog, ...)
