@@ -48,7 +48,7 @@ from .quality import QualityProbe, dataset_size, stage2_worse
 from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
 from .selection import AUTO, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
-from .stage1 import Stage1Job, open_stage1
+from .stage1 import Stage1Found, Stage1Job, judge_stage1, open_stage1
 from .stage2 import Stage2Objective, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
@@ -136,6 +136,7 @@ class Conversion:
     seconds: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None  # why a convert study's student stopped early (a non-finite loss)
     selection: dict[str, Any] | None = None  # convert.attention=auto's choice (`choose_attentions`)
+    stage1_found: Stage1Found = field(init=False)  # set by `judge_stage1`
 
     @property
     def teacher(self) -> nn.Module:
@@ -149,12 +150,17 @@ class Conversion:
         with speak.speaking_for(self.name):
             speak.say(line)
 
-    def stage1_job(self) -> Stage1Job:
-        """Its stage 1 in ``stage1/``, as far as an earlier run left it (`open_stage1`)."""
+    def judge_stage1(self) -> None:
+        """What an earlier run left in ``stage1/``, judged before any work (`judge_stage1`)."""
         with speak.speaking_for(self.name):
-            return open_stage1(
-                self.cfg, self.parts, self.plan, self.run_dir / "stage1", self.device, main=self.main
+            self.stage1_found = judge_stage1(
+                self.cfg, self.parts, self.plan, self.run_dir / "stage1", main=self.main
             )
+
+    def stage1_job(self) -> Stage1Job:
+        """Its stage 1, as far as the earlier run judged by `judge_stage1` left it (`open_stage1`)."""
+        with speak.speaking_for(self.name):
+            return open_stage1(self.stage1_found, self.device)
 
 
 def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts) -> ConvertResult:
@@ -191,6 +197,10 @@ def convert_runs(
             run.sweep = sweep
             _describe(run)
             _place(run, first)
+            if (
+                run.plan.stage1_steps > 0
+            ):  # a stage 1 that cannot resume is refused before the teacher is measured
+                run.judge_stage1()
         teacher_top1 = (
             evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
         )

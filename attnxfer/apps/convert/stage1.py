@@ -83,18 +83,21 @@ class Stage1Job:
         return stage1
 
 
-def open_stage1(
-    cfg: TrainConfig,
-    parts: RunParts,
-    plan: ConversionPlan,
-    folder: Path,
-    device: torch.device,
-    *,
-    main: bool,
-) -> Stage1Job:
-    """Stage 1 into ``folder``, as far as an earlier run left it: complete (its weights loaded into the
-    student), stopped at a step (weights and optimiser loaded; unless ``checkpoint.resume=none``), or not
-    started. Rank 0 (``main``) alone writes files."""
+@dataclass(frozen=True)
+class Stage1Found:
+    """What an earlier run left in a stage 1's folder, judged (`judge_stage1`), not yet loaded."""
+
+    saved: _Stage1Saves
+    point: ResumePoint | None  # None: it starts over (nothing there, or checkpoint.resume=none)
+    fresh: bool  # checkpoint.resume=none
+
+
+def judge_stage1(
+    cfg: TrainConfig, parts: RunParts, plan: ConversionPlan, folder: Path, *, main: bool
+) -> Stage1Found:
+    """The stage 1 in ``folder`` this run may go on from, judged before any work is done (a key stage 1 reads
+    changed, another teacher or plan: refused before the teacher is measured); nothing is loaded yet. Rank 0
+    (``main``) alone writes files: under ``checkpoint.resume=none`` it keeps the earlier checkpoints aside."""
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
     # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
@@ -128,6 +131,14 @@ def open_stage1(
         # on other data the step and weights go on; the batches restart
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
+    return Stage1Found(saved, point, fresh)
+
+
+def open_stage1(found: Stage1Found, device: torch.device) -> Stage1Job:
+    """The stage 1 ``found``, as far as the earlier run left it: complete (its weights loaded into the
+    student), stopped at a step (weights and optimiser loaded), or not started."""
+    saved, point, fresh = found.saved, found.point, found.fresh
+    cfg, parts, plan, folder = saved.cfg, saved.parts, saved.plan, saved.manager.run_dir
     if point is not None and point.record("complete"):
         parts.student.load_state_dict(point.load_tensors(str(device))["model"])
         say(f"stage 1: resumed from {point.path} ({point.step} steps done earlier)")
