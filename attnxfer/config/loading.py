@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from ..run_layout import EXPORTED_MODEL, RUN_CONFIG, RUN_DIR_MARKERS, STUDY_RECORD, is_exported_model
-from .overrides import ConfigError, apply_overrides, merge_values, parse_overrides, validate_config
+from .overrides import (
+    ConfigError,
+    apply_overrides,
+    merge_values,
+    merged_into_base,
+    parse_overrides,
+    validate_config,
+)
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
 
@@ -171,7 +178,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
-        for file, data in recipe_chain(p):
+        for depth, (file, data) in enumerate(recipe_chain(p)):
             if STUDENTS_KEY in data:
                 study = _student_configs(file.parent)
                 raise ConfigError(
@@ -183,7 +190,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                         else " (a single run takes one student's keys, without students:)"
                     )
                 )
-            cfg = merge_values(cfg, data)
+            # a recipe's mapping (model.kwargs: {depth: 4}) is merged into its base's, as a dotted override is:
+            # YAML has no other way to set one key of it
+            cfg = merge_values(cfg, merged_into_base(data) if depth else data)
         cfg = _own_run_dir(cfg, p)
     for item in (o for o in overrides if "=" not in o):  # a recipe, run dir, study or export given without -c
         _refuse_export(Path(item))

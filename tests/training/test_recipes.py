@@ -19,7 +19,7 @@ from timm.data.random_erasing import RandomErasing
 
 from attnxfer.apps.run.parts import build_run_parts, build_student
 from attnxfer.apps.run.training import base_lr
-from attnxfer.config import ConfigError, load_config
+from attnxfer.config import ConfigError, load_config, to_dict
 from attnxfer.data import build_dataset
 from attnxfer.train.optim import student_param_groups
 from attnxfer.transfer import build_plan
@@ -336,7 +336,7 @@ def test_precision_is_one_switch_for_student_and_teacher():
 
 def test_a_recipe_may_start_from_another_and_state_only_what_differs(tmp_path):
     """``base:`` applies the named recipe first: the child equals the base with its own keys changed."""
-    from attnxfer.config import dump_config, recipe_chain, to_dict
+    from attnxfer.config import dump_config, recipe_chain
 
     child = tmp_path / "mine.yaml"
     child.write_text("base: paper/vit_large_distill\ndata:\n  root: /data/in1k\n", encoding="utf-8")
@@ -351,6 +351,28 @@ def test_a_recipe_may_start_from_another_and_state_only_what_differs(tmp_path):
     sub = load_config(tmp_path / "sub.yaml")
     assert sub.schedule.epochs == 3 and sub.data.root == "/data/in1k"
     assert dump_config(sub).count("base") == dump_config(ref).count("base")  # `base` is not a config key
+
+
+def test_a_recipes_mapping_is_merged_into_its_bases_as_a_dotted_override_is(tmp_path):
+    """YAML cannot spell model.kwargs.depth: a recipe writes model: {kwargs: {depth: 4}}, and that must change
+    the depth alone, not drop the base's patch size, width and position embedding (a different model)."""
+    (tmp_path / "deeper.yaml").write_text(
+        "base: recall/teacher\nmodel:\n  kwargs: {depth: 4}\ndata:\n  kwargs:\n    num_keys: 8\n"
+        "    curriculum: [{epochs: 1, img_size: 32}]\n",
+        encoding="utf-8",
+    )
+    deeper = load_config(tmp_path / "deeper.yaml")
+    dotted = load_config(
+        "recall/teacher",
+        [
+            "model.kwargs.depth=4",
+            "data.kwargs.num_keys=8",
+            "data.kwargs.curriculum=[{epochs: 1, img_size: 32}]",
+        ],
+    )
+    assert to_dict(deeper) == to_dict(dotted)
+    assert deeper.model.kwargs["patch_size"] == 4 and deeper.data.kwargs["distractors"] == 16
+    assert deeper.data.kwargs["curriculum"] == [{"epochs": 1, "img_size": 32}]  # a list replaces the base's
 
 
 def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
