@@ -60,11 +60,11 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
         keys = [k for k in changed if k.startswith(f"{f.name}.")]
         if keys:
             them = "it" if len(keys) == 1 else "them"
-            who, instead = (
-                (f"a study of `attnxfer {command}`", f"give the study --command {owner}")
-                if study
-                else (f"attnxfer {command}", f"run attnxfer {owner}")
-            )
+            who, instead = (f"attnxfer {command}", f"run attnxfer {owner}")
+            if study:  # a study trains or converts its students (study --command convert)
+                who = f"a study of `attnxfer {command}`"
+                instead = f"give the study --command {owner}" if owner == "convert" else f"{instead} alone"
+
             raise ConfigError(
                 f"{', '.join(keys)}: only `attnxfer {owner}` reads the {f.name} section, and {who} would drop "
                 f"{them}; remove {them}, or {instead}"

@@ -296,6 +296,10 @@ def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_ste
             "student 'relu_linear': convert.attention: only `attnxfer convert` reads the convert section, and a "
             "study of `attnxfer train` would drop it; remove it, or give the study --command convert",
         ),
+        (  # a study trains or converts: pre-training is not one of its commands
+            ["study", "-c", "demo/distill", "--vary", "mae.mask_ratio=0.5,0.6"],
+            "a study of `attnxfer train` would drop it; remove it, or run attnxfer pretrain alone",
+        ),
     ],
 )
 def test_a_key_only_another_command_reads_is_refused_not_dropped(tmp_path, capsys, argv, said):
