@@ -106,7 +106,7 @@ def print_config(args) -> int:
     from ...config import dump_config
 
     cfg = load(args)  # says nothing under --print-config
-    say(dump_config(cfg, args.command).rstrip())
+    say(dump_config(cfg, args.job_command if args.command == "submit" else args.command).rstrip())
     say("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
 

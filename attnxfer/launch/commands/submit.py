@@ -9,7 +9,7 @@ from functools import partial
 from ...errors import InputError
 from ...speak import warn
 from ..arguments import add_slurm_arguments
-from .base import add_config_args, add_vary, load, load_study, register_command
+from .base import add_config_args, add_vary, load, load_study, print_config, register_command
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
 SUBMITTABLE = {
@@ -38,6 +38,35 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     add_slurm_arguments(p)
 
 
+def _check_sweep(cfg, sweep: list[str], command: str) -> None:
+    """Each job of ``--sweep`` checked as its own `attnxfer COMMAND` checks its config as it loads: a value
+    misspelt, out of range or read by no job is refused here, not in a job after the queue's wait."""
+    from ...config import ConfigError, refuse_unread_sections, validate_config
+    from ..arguments import parse_sweep
+    from ..slurm.submission import sweep_points
+    from ..value_checks import check_values
+
+    for point in sweep_points(cfg, parse_sweep(sweep)):
+        study = command == "study"
+        runs = [(point.cfg.config_of(s), point.cfg.command) for s in point.cfg.students] if study else []
+        try:
+            for run, reads in runs or [(point.cfg, command)]:
+                refuse_unread_sections(check_values(validate_config(run)), reads, study=study)
+        except ConfigError as e:
+            label = " ".join(f"{k}={v}" for k, v in point.overrides.items())
+            raise ConfigError(f"--sweep {label}: {e}") from None
+
+
+def show_config(args) -> int:
+    """``--print-config``: the config the job runs, as ``attnxfer COMMAND --print-config`` shows it (a study's
+    base and each student)."""
+    if args.job_command == "study":
+        from .study import show_config as show_study
+
+        return show_study(args)
+    return print_config(args)
+
+
 @register_command(
     "submit",
     help="run `train` (or `convert`, `pretrain`, `study`) as a (multi-node) SLURM job through submitit",
@@ -45,6 +74,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
     "periodically, requeues itself on preemption/time limit and resumes.",
     arguments=_arguments,
+    show_config=show_config,
 )
 def run(args) -> int:
     if args.vary and args.job_command != "study":
@@ -54,6 +84,8 @@ def run(args) -> int:
     from ...config import dump_config
     from ..slurm import JobFailedError, submit_from_args
 
+    if args.sweep:
+        _check_sweep(cfg, args.sweep, args.job_command)
     refuse_file_in_the_way(cfg.run_dir, "run_dir")  # here, not in a job that fails at once
     refuse_other_work(cfg.run_dir, args.job_command)
 

@@ -138,3 +138,36 @@ def test_a_dry_run_shows_the_config_its_command_reads(capsys, tmp_path, command,
     sections = {line[:-1] for line in config.splitlines() if line.endswith(":") and not line.startswith(" ")}
     assert {"model", "transfer", "data"} <= sections
     assert set(shown) <= sections and not sections & set(hidden), sections
+
+
+@pytest.mark.parametrize(
+    "sweep, said",
+    [
+        (  # the same override without --sweep is refused: with it, two identical train jobs ran
+            "convert.attention=performer,hedgehog",
+            "--sweep convert.attention=performer: convert.attention: only `attnxfer convert` reads",
+        ),
+        (
+            "model.name=vit_tiny_patch16_224,vit_tny",
+            "--sweep model.name=vit_tny: model.name: 'vit_tny' is not",
+        ),
+    ],
+)
+def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, sweep, said):
+    """A value no job can run fails here, not inside a job after the queue's wait."""
+    code, _, err = _dry_run(capsys, tmp_path, "transfer.mode=none", "--sweep", sweep)
+    assert code == 2 and said in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_what_the_job_runs(capsys, tmp_path):
+    """As `attnxfer convert --print-config` and `attnxfer study --print-config` show it: the convert section,
+    each student."""
+    code, out, err = run_cli(
+        capsys, "submit", "--command", "convert", "-c", "convert/demo_hedgehog", "--print-config"
+    )
+    assert code == 0 and "\nconvert:\n  attention: hedgehog" in out, err
+    study = tmp_path / "study.yaml"
+    study.write_text("base: demo/distill\nstudents:\n  - {name: a, optim.lr: 0.001}\n  - {name: b}\n")
+    code, out, err = run_cli(capsys, "submit", "--command", "study", "-c", str(study), "--print-config")
+    assert code == 0 and "# student a:" in out and "# student b:" in out, err
