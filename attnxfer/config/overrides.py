@@ -257,6 +257,8 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
                     where, bad = f"{where}[{i}]", value[i]
                 close = difflib.get_close_matches(str(bad), names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
+                if "" in rule.choices:  # a command line reads `KEY=` as null: the empty choice is spelled out
+                    names.append(f"'' (none: {where}=\"''\" on a command line)")
                 raise ConfigError(f"{where}: {bad!r} is not one of {', '.join(names)}{hint}")
     return dataclasses.replace(obj, **changes)
 
@@ -304,14 +306,20 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+class TypedStr(str):
+    """A string a YAML file already typed (a study's ``model.global_pool: ''``): `apply_overrides` keeps it as
+    it is, where a command line's ``model.global_pool=`` is parsed (to null)."""
+
+
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
-    """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
+    """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``),
+    but for a `TypedStr`."""
     parsed = {}
     for key, value in overrides.items():
         field: Any = type(cfg)  # the key's annotation (None where it names no field)
         for part in key.split("."):
             field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
-        if isinstance(value, str) and field is not str:
+        if isinstance(value, str) and not isinstance(value, TypedStr) and field is not str:
             try:
                 value = load_yaml(value) if value.strip() else None
             except yaml.YAMLError as e:

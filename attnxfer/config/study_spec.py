@@ -18,9 +18,11 @@ from ..run_layout import STUDY_RECORD, STUDY_YAML
 from .loading import STUDENTS_KEY, recipe_chain, resolve_recipe
 from .overrides import (
     ConfigError,
+    TypedStr,
     apply_overrides,
     dump_config,
     merge_values,
+    merged_into_base,
     parse_overrides,
     validate_config,
 )
@@ -176,13 +178,13 @@ def _base_and_students(path: str | Path | None) -> tuple[TrainConfig, list[Stude
     if path is None:
         return cfg, [], None
     p = resolve_recipe(path)
-    for file, data in recipe_chain(p):
+    for depth, (file, data) in enumerate(recipe_chain(p)):
         data = dict(data)
         if STUDENTS_KEY in data:
             listed = (file, data.pop(STUDENTS_KEY))
         if COMMAND_KEY in data:
             command = str(data.pop(COMMAND_KEY))
-        cfg = merge_values(cfg, data)
+        cfg = merge_values(cfg, merged_into_base(data) if depth else data)  # as `load_config` merges
     if (p.parent / STUDY_RECORD).is_file():  # a study's own study.yaml: the study is the folder it sits in
         cfg = dataclasses.replace(cfg, run_dir=str(p.parent.absolute()))
     return cfg, [] if listed is None else _listed(*listed), command
@@ -212,7 +214,8 @@ def _listed(file: Path, entries: Any) -> list[Student]:
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise ConfigError(f"{where}[{i}] must be a mapping with a name and the keys it changes")
         keys = {k: v for k, v in entry.items() if k != "name"}
-        students.append(Student(str(entry["name"]), _flat(keys)))
+        typed = {k: TypedStr(v) if isinstance(v, str) else v for k, v in _flat(keys).items()}
+        students.append(Student(str(entry["name"]), typed))
     return students
 
 

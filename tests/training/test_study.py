@@ -172,6 +172,26 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
         load_study(yaml)
 
 
+def test_a_students_yaml_values_are_read_as_typed_and_its_base_chain_merges_mappings(tmp_path):
+    """A student's ``model.global_pool: ''`` (no pooling) is the string the YAML typed, not a command line's
+    empty value (null: the teacher's pooling, the same student as the base); a study's recipe merges
+    ``model: {kwargs: ...}`` into its base's as `load_config` does."""
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(
+        "base: recall/teacher\nmodel:\n  kwargs: {depth: 4}\nstudents:\n"
+        "  - {name: none, model.global_pool: ''}\n  - {name: avg, model.global_pool: avg}\n"
+    )
+    spec = load_study(yaml)
+    none, avg = (spec.config_of(s) for s in spec.students)
+    assert none.model.global_pool == "" and avg.model.global_pool == "avg"
+    assert none.model.kwargs["depth"] == 4 and none.model.kwargs["patch_size"] == 4
+    # on a command line `KEY=` is null, and the error for a word says how to write the empty choice
+    with pytest.raises(
+        ConfigError, match=r"""'none' is not one of token, .*'' \(none: model.global_pool="''" """
+    ):
+        load_study(None, ["model.global_pool=none"])
+
+
 @pytest.mark.parametrize(
     ("vary", "names"),
     [
