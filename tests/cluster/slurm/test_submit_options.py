@@ -171,3 +171,12 @@ def test_print_config_shows_what_the_job_runs(capsys, tmp_path):
     study.write_text("base: demo/distill\nstudents:\n  - {name: a, optim.lr: 0.001}\n  - {name: b}\n")
     code, out, err = run_cli(capsys, "submit", "--command", "study", "-c", str(study), "--print-config")
     assert code == 0 and "# student a:" in out and "# student b:" in out, err
+
+
+def test_gpus_asked_for_by_gres_must_each_have_a_task(capsys, tmp_path):
+    """The job runs one task per GPU of --gpus-per-node (or --tasks-per-node): a gres of 4 GPUs beside one task
+    would leave three idle without a word."""
+    code, _, err = _dry_run(capsys, tmp_path, "--slurm", "gres=nvme:1,gpu:4")
+    assert code == 2 and "gres=nvme:1,gpu:4 asks for 4 GPUs a node, but the job runs 1 task(s) a node" in err
+    code, out, err = _dry_run(capsys, tmp_path, "--slurm", "gres=gpu:a100:4", "--tasks-per-node", "4")
+    assert code == 0 and "#SBATCH --gres=gpu:a100:4" in out and "#SBATCH --ntasks-per-node=4" in out, err
