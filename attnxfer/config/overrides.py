@@ -180,7 +180,35 @@ _SCRIPT_NAMES = {
     "input_size": "data.img_size",
     "accum_iter": "optim.accum_steps",
     "smoothing": "aug.label_smoothing",
+    "out": "run_dir",
+    "out_dir": "run_dir",
+    "path": "data.root",
+    "steps": "schedule.max_steps",
+    "iters": "schedule.max_steps",
+    "max_iters": "schedule.max_steps",
+    "teacher.name": "teacher.spec",
+    "teacher.model": "teacher.spec",
+    "teacher.path": "teacher.spec",
 }
+#: timm's VisionTransformer arguments: ``model.depth`` means ``model.kwargs.depth``
+_VIT_ARGS = frozenset(
+    [
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "class_token",
+        "pos_embed",
+        "reg_tokens",
+        "init_values",
+        "no_embed_class",
+        "dynamic_img_size",
+    ]
+)
 
 
 def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> list[str]:
@@ -189,11 +217,15 @@ def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> l
     transfer.atd_weight), else the keys anywhere whose last part it is or begins (``epochs`` -> schedule.epochs),
     else the nearest spelling (``cutoff``: how near, 0 to 1), a near one under ``prefix`` before one anywhere."""
     last = key.rsplit(".", 1)[-1]
-    if last in _SCRIPT_NAMES and _SCRIPT_NAMES[last].startswith(prefix):  # data.data_path; not teacher.model
-        return [_SCRIPT_NAMES[last]]
+    for said in (prefix + key, last):  # teacher.name; data.data_path, but not teacher.model as model.name
+        if said in _SCRIPT_NAMES and _SCRIPT_NAMES[said].startswith(prefix):
+            return [_SCRIPT_NAMES[said]]
+    if prefix == "model." and key in _VIT_ARGS:
+        return [f"model.kwargs.{key}"]
     here = [f"{prefix}{name}" for name in field_types(_section_type(root, prefix))]
     anywhere = [leaf.name for leaf in leaves(root)]
     begun = [name for name in here if name.startswith(prefix + key)]
+    begun = begun or [name for name in here if prefix and key in name.removeprefix(prefix)]  # transfer.weight
     if begun:
         return begun[:3]
     named = [name for name in anywhere if name.rsplit(".", 1)[-1] == last]

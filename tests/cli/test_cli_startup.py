@@ -37,6 +37,17 @@ CASES = [
         "unknown config key 'transfer.atd'; did you mean 'transfer.atd_weight'?",
     ),
     (["train", "data.data_path=/x"], 2, "unknown config key 'data.data_path'; did you mean 'data.root'?"),
+    # a near spelling that means something else is no answer: steps is not optim.eps, out not convert.output_mse
+    (["train", "steps=10"], 2, "unknown config key 'steps'; did you mean 'schedule.max_steps'?"),
+    (["train", "--out", "runs/x"], 2, "attnxfer takes config values as key=value: run_dir=runs/x"),
+    (["train", "teacher.name=x"], 2, "unknown config key 'teacher.name'; did you mean 'teacher.spec'?"),
+    (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
+    (["train", "model.depth=4"], 2, "unknown config key 'model.depth'; did you mean 'model.kwargs.depth'?"),
+    (
+        ["train", "transfer.weight=3"],
+        2,
+        "unknown config key 'transfer.weight'; did you mean 'transfer.atd_weight' or 'transfer.task_weight'?",
+    ),
     (["export"], 2, "the following arguments are required: run_dir, out_dir"),
     (["train", "bogus.key=1"], 2, "unknown config key 'bogus'"),
     (["train", "-c", "no/such_recipe"], 2, "does not exist"),
