@@ -194,7 +194,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             # YAML has no other way to set one key of it
             cfg = merge_values(cfg, merged_into_base(data) if depth else data)
         cfg = _own_run_dir(cfg, p)
-    for item in (o for o in overrides if "=" not in o):  # a recipe, run dir, study or export given without -c
+    # a recipe, run dir, study or export given without -c (a study's student folder may be named lr=1e-3)
+    for item in (o for o in overrides if "=" not in o or "/" in o.split("=", 1)[0]):
         _refuse_export(Path(item))
         study = _student_configs(Path(item))
         if study is not None:

@@ -387,3 +387,17 @@ def test_print_config_shows_an_option_mapping_whole_so_a_dropped_entry_shows(cap
         "convert.attention_kwargs: {feature_dim: 32} -> {}",
         "convert.stage1_train: new -> qk",
     ]
+
+
+def test_a_run_folder_named_like_an_override_is_told_to_be_given_with_c(tmp_path):
+    """A study names its students' folders by their values (lr=1e-3): given without -c, such a folder is not
+    read as the key 'STUDY/lr'."""
+    from attnxfer.config import dump_config
+
+    student = tmp_path / "study" / "lr=1e-3"
+    student.mkdir(parents=True)
+    (student / "config.yaml").write_text(dump_config(load_config(None, [f"run_dir={student}"])))
+    with pytest.raises(
+        ConfigError, match=r"is not a key=value override; to read its config, pass -c .*lr=1e-3/config"
+    ):
+        load_config(None, [str(student)])
