@@ -405,7 +405,11 @@ def test_a_finished_study_given_other_students_is_refused_before_any_stage_1(
     capsys.readouterr()
     assert cli.main(["study", "--command", "convert", "-c", str(yaml), *BASE, f"run_dir={study}"]) == 2
     out = capsys.readouterr()
-    assert "holds a study (study.json) of other students (hedgehog, performer)" in out.err
+    assert (
+        "holds a study (study.json) of other students (hedgehog {'convert.attention': 'hedgehog'}" in out.err
+    )
+    assert "given: hedgehog {'convert.attention': 'hedgehog'}, other {" in out.err
+    assert f"(attnxfer study -c {study / 'study.yaml'} continues it)" in out.err
     assert "stage 1" not in out.out and {p: p.stat().st_mtime_ns for p in study.rglob("*")} == before
 
 

@@ -291,10 +291,14 @@ def refuse_other_students(spec: StudySpec) -> None:
 
 
 def _other_students(spec: StudySpec, where: str, students: list[dict[str, Any]]) -> ConfigError:
+    """The refusal names both lists (the same names in another order, or one value spelt otherwise, are
+    other students too) and the file that goes on with the students it started with."""
+    given = ", ".join(f"{s.name} {dict(s.overrides)}" for s in spec.students)
     return ConfigError(
-        f"{spec.run_dir} holds a study ({where}) of other students ({', '.join(s['name'] for s in students)}): "
-        "a study goes on with the students it started with; to train these, start a new study elsewhere "
-        "(run_dir=...)"
+        f"{spec.run_dir} holds a study ({where}) of other students "
+        f"({', '.join(s['name'] + ' ' + str(s['overrides']) for s in students)}; given: {given}): a study goes on "
+        f"with the students it started with, in their order (attnxfer study -c {Path(spec.run_dir) / STUDY_YAML} "
+        "continues it); to train these, start a new study elsewhere (run_dir=...)"
     )
 
 
