@@ -207,8 +207,11 @@ def test_a_hub_repo_whose_weights_are_a_pth_loads_from_the_cache_as_fetch_left_i
     )
 
 
-def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_path):
-    assert fetch_teacher(f"local-dir:{tmp_path}") == str(tmp_path)  # there: nothing to fetch
+def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_path, tiny_teacher_dir):
+    assert fetch_teacher(f"local-dir:{tiny_teacher_dir}") == str(tiny_teacher_dir)  # there: nothing to fetch
+    # a folder that holds no model is no teacher here either: "fetched" would be a promise the run breaks
+    with pytest.raises(MissingPathError, match="no config.json there"):
+        fetch_teacher(f"local-dir:{tmp_path}")
     for spec in (f"local-dir:{tmp_path / 'typo'}", str(tmp_path / "typo" / "model.pth")):
         with pytest.raises(MissingPathError, match="typo does not exist|model.pth does not exist"):
             fetch_teacher(spec)
