@@ -190,6 +190,8 @@ _SCRIPT_NAMES = {
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",
 }
+#: values other tools spell otherwise (device=gpu is not the nearest spelling, cpu)
+_CHOICES_MEANT = {"gpu": ("cuda",)}
 #: timm's VisionTransformer arguments: ``model.depth`` means ``model.kwargs.depth``
 _VIT_ARGS = frozenset(
     [
@@ -287,7 +289,8 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
                 if isinstance(value, list):  # the element outside the set: eval.metrics[1]: 'nope'
                     i = next(i for i, v in enumerate(value) if not rule.admits(v))
                     where, bad = f"{where}[{i}]", value[i]
-                close = difflib.get_close_matches(str(bad), names, n=1)
+                close = [c for c in _CHOICES_MEANT.get(str(bad), ()) if c in names]
+                close = close or difflib.get_close_matches(str(bad), names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 if "" in rule.choices:  # a command line reads `KEY=` as null: the empty choice is spelled out
                     names.append(f"'' (none: {where}=\"''\" on a command line)")
