@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import UserError
-from ..speak import warn, warnings_as_lines
+from ..speak import quiet, warn, warnings_as_lines
 from ..version import __version__
 from .commands import COMMANDS, load
 from .process_exit import end_program
@@ -54,13 +54,28 @@ def _where_to_resume(args) -> str:
     try:
         from ..checkpoints.run_dir import RunDir
 
-        run_dir = load(args).run_dir
+        with quiet():  # its config was said when it started
+            run_dir = load(args).run_dir
         info = RunDir(run_dir).latest(verify_hash=False)
     except Exception:
         return "run the same command again to continue from the newest checkpoint, if one was saved"
     if info is None:
         return f"no checkpoint was saved yet in {run_dir}: running the same command again starts over"
-    return f"running the same command again continues from step {info.step} ({info.path})"
+    return f"running the same command again{_with_auto(args)} continues from step {info.step} ({info.path})"
+
+
+def _with_auto(args) -> str:
+    """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
+    start over; a PATH: start from there) would not pick up where it stopped."""
+    try:
+        with quiet():
+            resume = str(load(args).checkpoint.resume)
+    except Exception:  # a study's or a search's config: each resumes as its folder says
+        return ""
+    if resume == "auto":
+        return ""
+    again = "start over" if resume == "none" else f"start from {resume}"
+    return f" with checkpoint.resume=auto (checkpoint.resume={resume} would {again} again)"
 
 
 def _as_overrides(stray: list[str], argv: list[str]) -> str:
@@ -117,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
             stop = sys.modules.get("attnxfer.train.stop")
             if stop is not None and isinstance(e, stop.StopRequested):
-                warn(f"attnxfer {args.command}: {e}; re-run the same command to resume")
+                warn(f"attnxfer {args.command}: {e}; re-run the same command{_with_auto(args)} to resume")
                 return e.exit_code
             if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
                 raise

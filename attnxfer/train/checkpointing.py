@@ -5,6 +5,7 @@ beside the loop's JSON state), what a resume restores, and making room for a sav
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,20 +118,28 @@ class Checkpointing:
         return where
 
     def _make_room(self, step: int, checksum: str) -> bool:
-        """Whether this step's save replaces an intact checkpoint of the same step: with the same weights (a
-        periodic save an epoch save follows) atomically; other weights (a run resumed from an older checkpoint
-        with a changed lr) set the old one aside, reported."""
+        """Whether this step's save replaces an intact checkpoint of the same step with the same weights (a
+        periodic save an epoch save follows; a resume from an earlier checkpoint retracing its history)
+        atomically. Where the history differs (other weights, or no save of this step), the step's own and
+        every later checkpoint are an earlier attempt's, which checkpoint.resume=none or a PATH went back
+        before: each is set aside, reported. Left in place, the next auto would resume them, export would
+        take them and pruning would keep them over this run's own saves."""
         existing = self.manager.path_for(step)
-        if not existing.is_dir():
-            return False
-        try:
-            old = ResumePoint.find(self.run_dir, existing)
-        except (CheckpointError, OSError):
-            return False  # broken: the store moves it aside and writes a fresh one
-        if old.record("rank_checksums") and old.record("rank_checksums")[0] == checksum:
+        old = None
+        if existing.is_dir():  # a broken one: the store moves it aside and writes a fresh one
+            with contextlib.suppress(CheckpointError, OSError):
+                old = ResumePoint.find(self.run_dir, existing)
+        if old is not None and old.record("rank_checksums") and old.record("rank_checksums")[0] == checksum:
             return True
-        aside = self.manager.set_aside(existing, "replaced")
-        warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
+        if old is not None:
+            aside = self.manager.set_aside(existing, "replaced")
+            warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
+        for info in self.manager.list(verify_hash=False):
+            if info.step > step:
+                aside = self.manager.set_aside(info.path, "replaced")
+                warn(
+                    f"{info.path.name} was saved after step {step} by an earlier attempt; kept it as {aside}"
+                )
         return False
 
     def require_checkpoint(self) -> None:

@@ -246,3 +246,38 @@ def test_a_run_recorded_with_every_section_resumes_from_its_config_and_from_its_
     assert "convert." not in out and "mae." not in out and "search." not in out
     # and writes its config.yaml as train's own again
     assert not {"convert", "mae", "search"} & set(yaml.safe_load((run / "config.yaml").read_text()))
+
+
+@pytest.mark.slow  # three short runs and an eval of a 1-block model
+def test_going_back_before_a_runs_later_checkpoints_keeps_them_aside_and_eval_moves_nothing(tmp_path, capsys):
+    """checkpoint.resume=none, or a PATH before the run's last save: the earlier attempt's later checkpoints
+    would be resumed by the next auto, exported as the run's weights and kept over its own saves."""
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        f"run_dir={run}",
+        *TINY,
+        "transfer.mode=none",
+        "schedule.epochs=2",
+        "checkpoint.keep_last=5",
+    ]
+    assert run_cli(capsys, *argv)[0] == 0
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == ["step-00000008", "step-00000016"]
+    # scoring an earlier checkpoint moves nothing
+    earlier = run / "checkpoints" / "step-00000008"
+    assert run_cli(capsys, "eval", "-c", str(run / "config.yaml"), f"checkpoint.resume={earlier}")[0] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
+    # on from step 8 with another lr, stopping at 12: step 16 of the first attempt is kept aside
+    code, _, err = run_cli(
+        capsys, *argv, f"checkpoint.resume={earlier}", "optim.lr=1e-3", "schedule.max_steps=12"
+    )
+    assert code == 0 and "step-00000016 was saved after step 12 by an earlier attempt; kept it as" in err, err
+    assert ResumePoint.find(run, "auto").step == 12
+    # starting over, stopping at 8: its step 8 has other weights, and step 12 came after it
+    code, _, err = run_cli(capsys, *argv, "checkpoint.resume=none", "seed=5", "schedule.epochs=1")
+    assert (
+        code == 0 and "a different checkpoint for step 8 existed" in err and "step-00000012 was saved" in err
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if "." not in p.name) == ["step-00000008"]
+    assert ResumePoint.find(run, "auto").config["seed"] == 5

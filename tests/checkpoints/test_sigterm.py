@@ -51,9 +51,12 @@ def cli_run():
             proc.join()
 
 
-def stop_with_sigterm(proc, log: Path, started: Callable[[], bool], command: str) -> tuple[int, Path, str]:
+def stop_with_sigterm(
+    proc, log: Path, started: Callable[[], bool], command: str, rerun: str = ""
+) -> tuple[int, Path, str]:
     """Waits until ``started()``, sends ``proc`` SIGTERM from outside and reads how it stopped: exit 143 and
-    the one line naming the step it saved and where. Returns (step, checkpoint, the log)."""
+    the one line naming the step it saved, where, and how to resume (the same command, ``rerun`` added).
+    Returns (step, checkpoint, the log)."""
     deadline = time.monotonic() + 120
     while not started():
         assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -64,7 +67,7 @@ def stop_with_sigterm(proc, log: Path, started: Callable[[], bool], command: str
     assert proc.exitcode == 143, text[-3000:]
     m = re.search(
         rf"attnxfer {command}: stopped by SIGTERM at step (\d+) of \d+; checkpoint saved \((.+?)\); "
-        r"re-run the same command to resume",
+        rf"re-run the same command{re.escape(rerun)} to resume",
         text,
     )
     assert m, text[-3000:]
@@ -112,6 +115,16 @@ def test_sigterm_saves_the_step_says_so_and_the_same_command_resumes_bit_identic
     assert again.exitcode == 0 and ref.exitcode == 0, log.read_text()[-3000:]
     assert f"resumed from checkpoint step {step}" in log.read_text()
     assert_same_tensors(_final(run_dir), _final(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_a_run_that_started_over_is_told_to_resume_with_auto(tmp_path, cli_run):
+    """Run again as it was, checkpoint.resume=none would start over once more and keep the saved step aside."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = cli_run([*_train(run_dir), "checkpoint.resume=none"], log)
+    rerun = " with checkpoint.resume=auto (checkpoint.resume=none would start over again)"
+    step, saved_at, _ = stop_with_sigterm(proc, log, lambda: _train_records(run_dir) >= 2, "train", rerun)
+    assert saved_at.name == f"step-{step:08d}"
 
 
 def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
