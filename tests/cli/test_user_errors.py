@@ -158,6 +158,31 @@ def test_a_model_init_weights_file_is_built_as_model_name_and_kwargs(tmp_path):
         init_from_pretrained(deeper, 10, None, None, {})
 
 
+@pytest.mark.parametrize(
+    "keys, said",
+    [
+        (["data.in_chans=1"], "data.in_chans=1, but the teacher takes 3-channel images"),  # was silently 3
+        (  # was a traceback in the first step
+            [
+                "model.mirror_teacher=false",
+                "model.kwargs.in_chans=1",
+                "model.kwargs.patch_size=8",
+                "data.img_size=32",
+            ],
+            "the student takes 1-channel images and the teacher 3, but both read the same images: "
+            "set model.kwargs.in_chans=3",
+        ),
+    ],
+)
+def test_a_channel_count_the_teacher_or_student_cannot_read_is_refused_before_work(
+    tiny_teacher_dir, tmp_path, capsys, keys, said
+):
+    run = tmp_path / "run"
+    argv = ["train", f"run_dir={run}", f"teacher.spec=local-dir:{tiny_teacher_dir}", *_TINY_RUN, *keys]
+    assert said in _refused(argv, capsys)
+    assert not (run / "checkpoints").exists()
+
+
 # -- teacher paths: what is true of the path given -------------------------------------------------------
 
 

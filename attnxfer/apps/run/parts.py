@@ -319,6 +319,20 @@ def build_run_parts(
     )
     img_size = img_size or _input_size(student)
     in_chans = image_input(student).in_chans
+    # one image stream feeds the teacher and the student: a channel count either cannot take stops here, not
+    # in the first step (or silently, where the student mirrors the teacher's channels)
+    takes = image_input(teacher).in_chans if teacher is not None else in_chans
+    who = "the teacher" if teacher is not None else "the student"
+    if d.in_chans and d.in_chans != takes:
+        raise InputError(
+            f"data.in_chans={d.in_chans}, but {who} takes {takes}-channel images (and the teacher and the "
+            "student read the same images): drop data.in_chans"
+        )
+    if takes != in_chans:
+        raise InputError(
+            f"the student takes {in_chans}-channel images and the teacher {takes}, but both read the same "
+            f"images: set model.kwargs.in_chans={takes}"
+        )
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
