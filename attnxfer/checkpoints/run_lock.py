@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PathExistsError
+from ..errors import MissingPathError, PathExistsError
 from ..run_layout import (
+    CHECKPOINTS_SUBDIR,
     EXPORTED_MODEL,
     LOCK_NAME,
     RUN_CONFIG,
@@ -317,6 +318,14 @@ def run_lock(
     """
     run_dir = Path(run_dir)
     refuse_file_in_the_way(run_dir, "run_dir")
+    checkpoints = run_dir / CHECKPOINTS_SUBDIR  # first written after the first epoch: checked before it
+    if checkpoints.is_symlink() and not checkpoints.exists():
+        raise MissingPathError(
+            f"{checkpoints} links to {os.readlink(checkpoints)}, which does not exist: make that folder, or "
+            "remove the link"
+        )
+    if checkpoints.exists() and not checkpoints.is_dir():
+        raise PathExistsError(f"{checkpoints} is a file where the run keeps its checkpoints: move it away")
     refuse_other_work(run_dir, command, writes)
     if not enabled:
         with _plain_disk_errors(run_dir):

@@ -182,6 +182,22 @@ def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "binary"]  # nothing left behind
 
 
+def test_a_checkpoints_folder_that_is_a_broken_link_or_a_file_is_refused_before_work(tmp_path, capsys):
+    """A link to scratch space not made yet (or a file) would be met at the first save, an epoch in."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(tmp_path / "scratch")
+    code, _, err = run_cli(capsys, "train", *S, f"run_dir={run}")
+    assert code == 2 and f"links to {tmp_path / 'scratch'}, which does not exist: make that folder" in err, (
+        err
+    )
+    (run / "checkpoints").unlink()
+    (run / "checkpoints").write_text("x")
+    code, _, err = run_cli(capsys, "train", *S, f"run_dir={run}")
+    assert code == 2 and "checkpoints is a file where the run keeps its checkpoints" in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
