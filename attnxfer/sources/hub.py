@@ -86,9 +86,15 @@ def fetch_instructions(
     cache = cache_dir or constants.HF_HUB_CACHE  # huggingface_hub's: HF_HUB_CACHE, else HF_HOME/hub
     rev = f" --revision {revision}" if revision else ""
     folder = "models--" + repo.replace("/", "--")
+    cached = Path(cache) / folder
+    held = ""  # the repo is cached, not this revision of it: which ones are
+    if revision and cached.is_dir():
+        refs = sorted(p.name for p in (cached / "refs").glob("*") if p.is_file())
+        commits = sorted(p.name[:12] for p in (cached / "snapshots").glob("*") if p.is_dir())
+        held = f" (the cache holds {repo} at {', '.join(refs + commits) or 'no revision'}, not {revision})"
     return (
         f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
-        f"cache ({cache}) and cannot be downloaded: {reason}.\n"
+        f"cache ({cache}){held} and cannot be downloaded: {reason}.\n"
         "On a machine with internet, fetch it with one of:\n"
         f"    huggingface-cli download {repo}{rev}      (huggingface_hub >= 1.0 spells it: hf download {repo}{rev})\n"
         f"    attnxfer fetch {spec}{rev}\n"

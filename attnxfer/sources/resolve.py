@@ -231,10 +231,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             "a custom class, ...). Unpickling those would run whatever code the file names, so it is refused.\n"
             "If you trust the file, convert it once on a trusted machine and load the result instead:\n"
             '    python -c "import torch; from safetensors.torch import save_file; '
-            f"ck = torch.load('{path.name}', map_location='cpu', weights_only=False); "
+            f"ck = torch.load('{path}', map_location='cpu', weights_only=False); "
             "sd = ck.get('model', ck) if isinstance(ck, dict) else ck.state_dict(); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
-            f"then: load_teacher('{path.stem}.safetensors', arch=...)"
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"\n"
+            f"then give {path.with_suffix('.safetensors')} where this file was (teacher.spec=... teacher.arch=... "
+            "in a config, load_teacher(PATH, arch=...) in Python)"
         ) from None
     # a cut-off file, or bytes that are no torch file: what torch's readers raise for them
     except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError) as e:

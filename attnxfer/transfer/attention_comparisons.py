@@ -46,13 +46,13 @@ class MapComparison(ComparisonLoss):
         if not groups_heads and ta.num_heads != sa.num_heads:
             raise PlanError(
                 f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
-                f"{ta.num_heads}, student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+                f"{ta.num_heads}, student {sa.num_heads}); set the student's num_heads={ta.num_heads} (model.kwargs.num_heads in a config)"
             )
         if groups_heads and not group_heads_ok(ta.num_heads, sa.num_heads):
             raise PlanError(
                 f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
                 "the teacher's head count to equal or be a whole multiple of the student's "
-                f"(e.g. student num_heads={ta.num_heads})"
+                f"(e.g. student num_heads={ta.num_heads}: model.kwargs.num_heads in a config)"
             )
 
     def pools_teacher_keys(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> bool:
@@ -132,7 +132,7 @@ def check_heads_match(who: str, where: str, ta: nn.Module, sa: nn.Module) -> Non
     if ta.num_heads != sa.num_heads:
         raise PlanError(
             f"{where}: {who} needs equal head counts (teacher {ta.num_heads}, "
-            f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+            f"student {sa.num_heads}); set the student's num_heads={ta.num_heads} (model.kwargs.num_heads in a config)"
             + (
                 " or use mode=distill, which averages teacher heads in groups"
                 if group_heads_ok(ta.num_heads, sa.num_heads)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -207,6 +208,18 @@ def test_a_hub_repo_whose_weights_are_a_pth_loads_from_the_cache_as_fetch_left_i
     )
 
 
+def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatch):
+    """The repo's folder is in the cache: "copy the folder into the cache" would be no answer."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    put_in_hub_cache(tmp_path, "acme/tiny", tiny_timm())
+    with pytest.raises(
+        TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at main, {REV[:12]}, not deadbeef\)"
+    ):
+        load_teacher("hf-hub:acme/tiny@deadbeef", cache_dir=str(tmp_path))
+
+
 def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_path, tiny_teacher_dir):
     assert fetch_teacher(f"local-dir:{tiny_teacher_dir}") == str(tiny_teacher_dir)  # there: nothing to fetch
     # a folder that holds no model is no teacher here either: "fetched" would be a promise the run breaks
@@ -398,7 +411,7 @@ class _Evil:
         return (Path.touch, (self.marker,))
 
 
-def test_pth_with_pickled_objects_is_refused(tmp_path):
+def test_pth_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     sd = tiny_timm(num_classes=0).state_dict()
     ns = tmp_path / "with_args.pth"
     torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3, epochs=800)}, ns)
@@ -406,6 +419,13 @@ def test_pth_with_pickled_objects_is_refused(tmp_path):
         load_teacher(str(ns), arch="vit_base_patch16_224", **TINY)
     assert "argparse.Namespace" in str(err.value) and "safetensors" in str(err.value)
     assert "weights_only=False" in str(err.value)  # the conversion recipe, for a trusted machine
+    # the recipe, run as written from another folder, writes the file the message says to give instead
+    monkeypatch.chdir(tmp_path.parent)
+    [line] = [x for x in str(err.value).splitlines() if x.strip().startswith("python -c")]
+    exec(shlex.split(line)[2], {})
+    converted = ns.with_suffix(".safetensors")
+    assert f"then give {converted} where this file was (teacher.spec=" in str(err.value)
+    assert load_teacher(str(converted), arch="vit_base_patch16_224", **TINY)[1].num_classes == 0
 
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"
