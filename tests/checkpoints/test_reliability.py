@@ -344,6 +344,14 @@ def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(t
     assert not all(torch.equal(first[k], new[k]) for k in first)
 
 
+def test_an_export_into_the_runs_own_folder_is_refused(trained, capsys):
+    """--overwrite there would mix config.json and model.safetensors among the run's own files."""
+    before = sorted(p.name for p in trained.iterdir())
+    code, _, err = run_cli(capsys, "export", str(trained), f"{trained}/", "--overwrite")
+    assert code == 2 and f"is the run's own folder: export into {trained / 'export'}" in err, err
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "teacher"
