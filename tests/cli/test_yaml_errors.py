@@ -100,3 +100,17 @@ def test_a_merge_key_may_restate_what_it_merged(tmp_path):
     )
     cfg = load_config(config)
     assert (cfg.log.every_steps, cfg.checkpoint.every_steps) == (5, 7)
+
+
+def test_numbers_read_as_written_not_as_yaml_1_1_reads_them(tmp_path):
+    """pyyaml's YAML 1.1 reads 010 as octal 8 and 1:30 as 90: a batch of 010 trained at 8, a revision 0123 was
+    asked for as '83'. Here a number's key refuses them and a string's key keeps them; 1e-3 is a float."""
+    from attnxfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.batch_size: expected an integer, got '010'"):
+        load_config(None, ["data.batch_size=010"])
+    with pytest.raises(ConfigError, match="checkpoint.every_minutes"):
+        load_config(None, ["checkpoint.every_minutes=1:30"])
+    (tmp_path / "c.yaml").write_text("teacher:\n  revision: 0123\noptim:\n  lr: 1e-3\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.teacher.revision == "0123" and cfg.optim.lr == 1e-3
