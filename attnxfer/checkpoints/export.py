@@ -400,9 +400,8 @@ def export_run(
     _check_repo_id(push_to_hub)
     run = RunDir(run_dir)
     record = run.record()
-    if (
-        Path(out_dir).resolve() == run.path.resolve()
-    ):  # --overwrite would mix the model's files into the run's
+    # --overwrite would mix the model's files into the run's
+    if Path(out_dir).resolve() == run.path.resolve():
         raise PathExistsError(
             f"OUT_DIR={out_dir} is the run's own folder: export into {Path(run_dir) / 'export'}"
         )

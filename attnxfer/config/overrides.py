@@ -64,7 +64,6 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
             if study:  # a study trains or converts its students (study --command convert)
                 who = f"a study of `attnxfer {command}`"
                 instead = f"give the study --command {owner}" if owner == "convert" else f"{instead} alone"
-
             raise ConfigError(
                 f"{', '.join(keys)}: only `attnxfer {owner}` reads the {f.name} section, and {who} would drop "
                 f"{them}; remove {them}, or {instead}"
@@ -194,7 +193,7 @@ _SCRIPT_NAMES = {
 _CHOICES_MEANT = {"gpu": ("cuda",)}
 #: timm's VisionTransformer arguments: ``model.depth`` means ``model.kwargs.depth``
 _VIT_ARGS = frozenset(
-    [
+    (
         "img_size",
         "patch_size",
         "in_chans",
@@ -209,7 +208,7 @@ _VIT_ARGS = frozenset(
         "init_values",
         "no_embed_class",
         "dynamic_img_size",
-    ]
+    )
 )
 
 

@@ -51,27 +51,35 @@ def _where_to_resume(args) -> str:
     """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
     if args.command == "inspect":  # it writes into a temporary sibling of --out and moves it into place
         return f"nothing was written to {args.out}: run the same command again"
+    unknown = "run the same command again to continue from the newest checkpoint, if one was saved"
+    cfg = _config_of(args)
+    if cfg is None:
+        return unknown
     try:
         from ..checkpoints.run_dir import RunDir
 
-        with quiet():  # its config was said when it started
-            run_dir = load(args).run_dir
-        info = RunDir(run_dir).latest(verify_hash=False)
+        info = RunDir(cfg.run_dir).latest(verify_hash=False)
     except Exception:
-        return "run the same command again to continue from the newest checkpoint, if one was saved"
+        return unknown
     if info is None:
-        return f"no checkpoint was saved yet in {run_dir}: running the same command again starts over"
-    return f"running the same command again{_with_auto(args)} continues from step {info.step} ({info.path})"
+        return f"no checkpoint was saved yet in {cfg.run_dir}: running the same command again starts over"
+    return f"running the same command again{_with_auto(cfg)} continues from step {info.step} ({info.path})"
 
 
-def _with_auto(args) -> str:
-    """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
-    start over; a PATH: start from there) would not pick up where it stopped."""
+def _config_of(args):
+    """The stopped command's config, read again without a word (it was said when the command started); None
+    where it does not read as one run's (a study's, a search's: each resumes as its folder says)."""
     try:
         with quiet():
-            resume = str(load(args).checkpoint.resume)
-    except Exception:  # a study's or a search's config: each resumes as its folder says
-        return ""
+            return load(args)
+    except Exception:
+        return None
+
+
+def _with_auto(cfg) -> str:
+    """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
+    start over; a PATH: start from there) would not pick up where it stopped."""
+    resume = "auto" if cfg is None else str(cfg.checkpoint.resume)
     if resume == "auto":
         return ""
     again = "start over" if resume == "none" else f"start from {resume}"
@@ -132,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
             stop = sys.modules.get("attnxfer.train.stop")
             if stop is not None and isinstance(e, stop.StopRequested):
-                warn(f"attnxfer {args.command}: {e}; re-run the same command{_with_auto(args)} to resume")
+                again = _with_auto(_config_of(args))
+                warn(f"attnxfer {args.command}: {e}; re-run the same command{again} to resume")
                 return e.exit_code
             if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
                 raise

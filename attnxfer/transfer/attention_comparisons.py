@@ -46,7 +46,8 @@ class MapComparison(ComparisonLoss):
         if not groups_heads and ta.num_heads != sa.num_heads:
             raise PlanError(
                 f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
-                f"{ta.num_heads}, student {sa.num_heads}); set the student's num_heads={ta.num_heads} (model.kwargs.num_heads in a config)"
+                f"{ta.num_heads}, student {sa.num_heads}); set the student's num_heads={ta.num_heads} "
+                "(model.kwargs.num_heads in a config)"
             )
         if groups_heads and not group_heads_ok(ta.num_heads, sa.num_heads):
             raise PlanError(
@@ -132,7 +133,8 @@ def check_heads_match(who: str, where: str, ta: nn.Module, sa: nn.Module) -> Non
     if ta.num_heads != sa.num_heads:
         raise PlanError(
             f"{where}: {who} needs equal head counts (teacher {ta.num_heads}, "
-            f"student {sa.num_heads}); set the student's num_heads={ta.num_heads} (model.kwargs.num_heads in a config)"
+            f"student {sa.num_heads}); set the student's num_heads={ta.num_heads} "
+            "(model.kwargs.num_heads in a config)"
             + (
                 " or use mode=distill, which averages teacher heads in groups"
                 if group_heads_ok(ta.num_heads, sa.num_heads)

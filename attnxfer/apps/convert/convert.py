@@ -197,9 +197,8 @@ def convert_runs(
             run.sweep = sweep
             _describe(run)
             _place(run, first)
-            if (
-                run.plan.stage1_steps > 0
-            ):  # a stage 1 that cannot resume is refused before the teacher is measured
+            # a stage 1 that cannot resume is refused before the teacher is measured
+            if run.plan.stage1_steps > 0:
                 run.judge_stage1()
         teacher_top1 = (
             evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
