@@ -15,6 +15,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -130,13 +131,26 @@ def _hub_file(
             why = fetch_instructions(spec, repo, revision, cache_dir, "the download failed", filename)
             raise TeacherNotAvailable(why) from None
         raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
-    except RevisionNotFoundError:
-        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}") from None
-    except RepositoryNotFoundError:
-        raise TeacherLoadError(
-            f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
-            "(log in with `hf auth login` for private repos)"
-        ) from None
+    except (RevisionNotFoundError, RepositoryNotFoundError) as e:
+        raise hub_refusal(spec, repo, revision, e) from None
+
+
+def hub_refusal(
+    spec: str, repo: str, revision: str | None, error: RevisionNotFoundError | RepositoryNotFoundError
+) -> TeacherLoadError:
+    """What the Hub's refusal of ``repo`` asks of the user: a gated repo wants its access granted on its page
+    (DINOv3's are gated), which logging in alone does not give."""
+    if isinstance(error, RevisionNotFoundError):
+        return TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}")
+    if isinstance(error, GatedRepoError):
+        return TeacherLoadError(
+            f"teacher {spec!r}: Hub repo {repo} is gated: request access on https://huggingface.co/{repo}, "
+            "then log in with `hf auth login` on this machine"
+        )
+    return TeacherLoadError(
+        f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
+        "(log in with `hf auth login` for private repos)"
+    )
 
 
 def _hub_weights(

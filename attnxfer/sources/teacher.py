@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from timm.models import get_model_input_config
 
 from ..errors import InputError, MissingPathError
@@ -28,6 +28,7 @@ from ..speak import debug, warn
 from .hub import (
     fetch_instructions,
     hub_reachable as hub_reachable,
+    hub_refusal,
     offline_reason,
 )
 from .resolve import (
@@ -493,5 +494,7 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
                 spec, repo, parsed.revision, cache_dir, reason or "the download failed", "the snapshot"
             )
         ) from None
+    except (RevisionNotFoundError, RepositoryNotFoundError) as e:
+        raise hub_refusal(spec, repo, parsed.revision, e) from None
     debug(f"teacher {spec}: {repo} is in {path}")
     return str(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.server
 import json
 import os
 import re
@@ -311,6 +312,56 @@ def test_the_reachability_probe_reads_network_failures_as_unreachable_and_a_bad_
     monkeypatch.setattr(constants, "ENDPOINT", "huggingface.co")
     with pytest.raises(InputError, match="endpoint 'huggingface.co' \\(HF_ENDPOINT\\) is not a URL"):
         hub.hub_reachable()
+
+
+@pytest.mark.slow
+def test_a_hub_that_refuses_a_repo_or_revision_says_so_in_one_line_for_fetch_and_load(tmp_path):
+    """The Hub's refusals reach fetch as one error, as a load gets them, not a traceback: a missing repo, a
+    missing revision, and a gated repo, which asks for access on its page (logging in alone is not enough)."""
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def answer(self) -> None:
+            status, code = (403, "GatedRepo") if "gated" in self.path else (404, "RepoNotFound")
+            if "v9" in self.path:
+                status, code = 404, "RevisionNotFound"
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = answer
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = run_python(
+            """
+            import json
+            from attnxfer.sources.teacher import TeacherLoadError, fetch_teacher, load_teacher
+            res = {}
+            for spec in ("hf-hub:acme/nosuch", "hf-hub:acme/gated", "hf-hub:acme/tiny@v9"):
+                for name, act in (("fetch", fetch_teacher), ("load", load_teacher)):
+                    try:
+                        act(spec)
+                        res[name + " " + spec] = None
+                    except TeacherLoadError as e:
+                        res[name + " " + spec] = str(e)
+            print(json.dumps(res))
+            """,
+            env={
+                "HF_HUB_CACHE": str(tmp_path / "cache"),
+                "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+            },
+        )
+    finally:
+        server.shutdown()
+    for act in ("fetch", "load"):
+        assert "acme/nosuch does not exist or is private" in out[f"{act} hf-hub:acme/nosuch"]
+        assert "request access on https://huggingface.co/acme/gated" in out[f"{act} hf-hub:acme/gated"]
+        assert "acme/tiny has no revision 'v9'" in out[f"{act} hf-hub:acme/tiny@v9"]
 
 
 # ---------------------------------------------------------------------------------------------
