@@ -187,10 +187,11 @@ class _Holder:
         c = self.content
         if not c:
             return f"unknown holder (an empty or unreadable lock file; last touched {self.age_s:.0f} s ago)"
+        pid = f", pid {self.pid}" if self.pid is not None else ""
         job = f", SLURM job {c['slurm_job']}" if c.get("slurm_job") else ""
         return (
-            f"`attnxfer {c.get('command', '?')}` on host {self.host}, pid {self.pid}{job}, started "
-            f"{c.get('started', '?')} (heartbeat {self.age_s:.0f} s ago)"
+            f"`attnxfer {c.get('command', '?')}` on host {self.host}{pid}{job}, started {c.get('started', '?')} "
+            f"(heartbeat {self.age_s:.0f} s ago)"
         )
 
     def why_dead(self) -> str | None:
@@ -284,11 +285,13 @@ def _acquire(path: Path, content: dict[str, Any]) -> None:
         why = holder.why_dead()
         if why is None:
             job = holder.content.get("slurm_job")
-            stop = f"kill {holder.pid}" + (f" or scancel {job}" if job else "")
+            # a lock that names no process (empty, or written by hand) has no kill to advise
+            stops = [f"kill {holder.pid}"] * (holder.pid is not None) + [f"scancel {job}"] * bool(job)
+            stop = f", or stop it ({' or '.join(stops)}) and run this command again to continue the run"
             raise RunDirInUseError(
                 f"{run_dir} is in use by {holder.describe()}. One process writes a run directory: wait for it "
-                f"to finish, or stop it ({stop}) and run this command again to continue the run; for a "
-                f"separate run choose another run_dir=. If no such process exists any more, delete {path}"
+                f"to finish{stop if stops else ''}; for a separate run choose another run_dir=. If no such "
+                f"process exists any more, delete {path}"
             )
         if _take_over(path, holder):
             # a study's folder and its students' were held by one process: its takeover is said once

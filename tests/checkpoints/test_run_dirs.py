@@ -221,6 +221,21 @@ def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, 
     assert "heartbeat stopped" in capsys.readouterr().out and not lock.exists()
 
 
+def test_a_lock_that_names_no_process_is_not_answered_with_a_kill_of_none(tmp_path):
+    """An empty lock file a minute old (its writer may still be filling it in) is refused; the advice has no
+    process to kill, so it says to wait or delete the file, not ``kill None``."""
+    run = tmp_path / "r"
+    run.mkdir()
+    lock = run / LOCK_NAME
+    lock.touch()
+    a_minute_ago = time.time() - 60
+    os.utime(lock, (a_minute_ago, a_minute_ago))
+    with pytest.raises(RunDirInUseError) as refused, run_lock(run, "train"):
+        pass
+    assert "None" not in str(refused.value) and "kill" not in str(refused.value)
+    assert f"If no such process exists any more, delete {lock}" in str(refused.value)
+
+
 def test_a_nested_acquire_in_one_thread_is_fine_another_thread_is_refused(tmp_path):
     run = tmp_path / "r"
     errors = []
