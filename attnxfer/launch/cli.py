@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _where_to_resume(args) -> str:
     """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
-    if args.command == "inspect":  # it writes into a temporary sibling of --out and moves it into place
-        return f"nothing was written to {args.out}: run the same command again"
+    if args.command in ("inspect", "export"):  # each writes a temporary sibling of its output, moved in whole
+        out = args.out if args.command == "inspect" else args.out_dir
+        return f"nothing was written to {out}: run the same command again"
+    if args.command == "eval":  # it trains nothing, and its scores are written whole
+        return "it changed no checkpoint: run the same command again"
+    if args.command == "fetch":  # huggingface_hub resumes a file it left incomplete
+        return "run the same command again: the download continues from what reached the cache"
     unknown = "run the same command again to continue from the newest checkpoint, if one was saved"
     cfg = _config_of(args)
     if cfg is None:

@@ -256,6 +256,25 @@ def test_a_nested_acquire_in_one_thread_is_fine_another_thread_is_refused(tmp_pa
     assert not (run / LOCK_NAME).exists()
 
 
+def test_ctrl_c_in_eval_or_export_says_nothing_was_changed_not_that_a_rerun_resumes_training(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """Neither command trains: a re-run repeats it, and the advice says so, not "continues from step 2"."""
+    import attnxfer.apps.run.evaluation
+    import attnxfer.checkpoints.export
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, here at the command's work
+
+    monkeypatch.setattr(attnxfer.apps.run.evaluation, "evaluate_run", ctrl_c)
+    monkeypatch.setattr(attnxfer.checkpoints.export, "export_run", ctrl_c)
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"))
+    assert code == 130 and "it changed no checkpoint: run the same command again" in err
+    assert "continues from step" not in err
+    code, _, err = run_cli(capsys, "export", str(trained), str(tmp_path / "out"))
+    assert code == 130 and f"nothing was written to {tmp_path / 'out'}: run the same command again" in err
+
+
 # ------------------------------------------------------------------------ 2: a run's own config.yaml
 
 
