@@ -236,7 +236,7 @@ def _check_layer_pairs(
     if share_drop_path and len(s_attn) != len(t_attn):
         raise PlanError(
             f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "
-            "set share_drop_path=false"
+            "set transfer.share_drop_path=false"
         )
     for c in of_layers:
         c.loss_fn.check(c, models)

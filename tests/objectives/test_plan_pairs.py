@@ -91,6 +91,11 @@ def test_a_teacher_without_prefix_tokens_names_the_matching_student():
     build_plan(teacher, _vit(class_token=False, global_pool="avg"), "distill")
 
 
+def test_shared_drop_path_across_unequal_depths_names_the_key_that_turns_it_off():
+    with pytest.raises(PlanError, match=r"teacher 2, student 3\); set transfer.share_drop_path=false$"):
+        build_plan(_vit(depth=2), _vit(depth=3), "distill", share_drop_path=True)
+
+
 def _with_foreign_attention(model: torch.nn.Module) -> torch.nn.Module:
     model.blocks[1].attn = torch.nn.MultiheadAttention(32, 2)
     return model
