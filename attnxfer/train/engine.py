@@ -79,7 +79,7 @@ class LoopSettings:
     seed: int = 0  # the data's seed: with a batch's epoch and place, the seed of its transform (mixup)
 
 
-def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
+def schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
     """(optimiser steps per epoch, total steps, warm-up steps) for ``batches`` training batches an epoch."""
     steps_per_epoch = batches // s.accum_steps
     if steps_per_epoch < 1:
@@ -172,7 +172,7 @@ class Engine:
         self.ema_eval = objective.ema_model(ema.module) if ema is not None else None
         self.base_lr = s.base_lr
         self.model, self.optimizer = acc.prepare(objective.module, optimizer)
-        self.steps_per_epoch, self.total_steps, self.warmup_steps = _schedule_steps(len(train_loader), s)
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = schedule_steps(len(train_loader), s)
         self.checkpointing = Checkpointing(
             self.run_dir,
             s.checkpoint,

@@ -522,6 +522,12 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
         == 2
     )
     assert "does not apply to a 'signed' attention" in capsys.readouterr().err
+    # 4 batches an epoch cannot make one step of 8: refused before stage 1, as train refuses it (it was
+    # "stage 2: skipped", a report of a student never fine-tuned, and exit 0)
+    few = tmp_path / "few"
+    assert main(["convert", *_convert_args(few, tiny_teacher_dir, "optim.accum_steps=8")]) == 2
+    assert "gives 4 batches per epoch, fewer than optim.accum_steps=8" in capsys.readouterr().err
+    assert not (few / "stage1").exists() and not (few / "report.json").exists()
 
 
 @pytest.mark.slow

@@ -151,8 +151,6 @@ class _ConvertStudy:
 
     def stage2(self, runs: list[Conversion]) -> list[dict[str, Any]]:
         """Stage 2 of every student that did not stop, as a training study; then each measured."""
-        if runs[0].stage2_steps <= 0:  # the schedule's length is every student's
-            return [stage2_done(run, None) for run in runs]
         configs = [(s, stage2_config(run)) for s, run in zip(self.spec.students, runs, strict=True)]
         parts = {
             name: run.parts for name, run in zip(self.names, runs, strict=True) if name not in self.stopped

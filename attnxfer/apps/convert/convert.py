@@ -29,7 +29,7 @@ from ...models.image_input import image_input
 from ...models.student import student_spec
 from ...train.devices import resolve_precision
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
-from ...train.engine import TrainResult
+from ...train.engine import TrainResult, schedule_steps
 from ...train.measure import evaluate_top1, map_agreement, operation_counts, top1_and_hits
 from ...train.runtime import resolve_device
 from ...train.stage1 import Stage1Result
@@ -38,6 +38,7 @@ from ...transfer.plan import TransferPlan
 from ..run.loaders import build_bank_loader, data_info
 from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
 from ..run.training import (
+    loop_settings,
     plan_from_config,
     prepare_trackers_from_config,
     require_metric_labels,
@@ -317,9 +318,8 @@ def build_conversion(
         )
     cfg = apply_overrides(cfg, stage2.overrides)
     parts = replace(parts, num_classes=int(getattr(parts.student, "num_classes", 0) or 0))
-    stage2_steps = (len(parts.train_loader) // cfg.optim.accum_steps) * cfg.schedule.epochs
-    if cfg.schedule.max_steps is not None:
-        stage2_steps = min(stage2_steps, cfg.schedule.max_steps)
+    # as stage 2's engine will count them (a training set of fewer batches than optim.accum_steps refused)
+    _, stage2_steps, _ = schedule_steps(len(parts.train_loader), loop_settings(cfg, world=1))
     return Conversion(
         cfg,
         parts,
@@ -368,9 +368,6 @@ def _student_builder(
 
 def _describe(run: Conversion) -> None:
     run.say(run.plan.describe())
-    if not run.stage2_steps:
-        run.say("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
-        return
     starts = "after stage 1" if run.plan.stage1_steps > 0 else "with the new attention swapped in, no stage 1"
     run.say(
         f"stage 2: fine-tunes the converted student end to end (the teacher's weights {starts}; not a "
@@ -452,8 +449,7 @@ def stage1_done(run: Conversion, stage1: Stage1Result | None) -> Stage1Result:
 
 def _stage2(run: Conversion) -> dict[str, Any]:
     """Stage 2: an ordinary training run in ``stage2/``, then measured; the report's ``stage2`` section."""
-    trained = train(stage2_config(run), run.parts, command="convert") if run.stage2_steps > 0 else None
-    return stage2_done(run, trained)
+    return stage2_done(run, train(stage2_config(run), run.parts, command="convert"))
 
 
 def stage2_config(run: Conversion) -> TrainConfig:

@@ -136,8 +136,7 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
             else f"{stage1['steps']} steps, lr {stage1['lr']:g}, batch {stage1['batch_size']}, trains "
             f"{stage1['train']} ({stage1['seconds']:.0f} s)"
         ),
-        f"- stage 2: {stage2['steps']} steps"
-        + (f" ({stage2.get('seconds', 0):.0f} s)" if stage2["steps"] else " (skipped)")
+        f"- stage 2: {stage2['steps']} steps ({stage2.get('seconds', 0):.0f} s)"
         + (f", {stage2['objective']}" if stage2.get("objective") else ""),
         *(
             []
