@@ -38,8 +38,15 @@ def run_folder_hint(folder: Path) -> str | None:
     """What a folder attnxfer wrote is, where a model's folder was expected, and where its model is: a
     student's run folder (its model is its export), a conversion's (its final student's export is under
     stage2/), a study's or a search's; None for any other folder."""
-    if (folder / STUDY_RECORD).is_file():
-        return f"{folder} is a study's folder; each student is a run folder in it, with its export in STUDENT/export"
+    if (folder / STUDY_RECORD).is_file():  # a study writes no export: what each of its students' folders says
+        students = [p for p in sorted(folder.iterdir()) if p.is_dir() and run_folder_hint(p)]
+        if not students:
+            return f"{folder} is a study's folder whose students have no run folder yet"
+        names = ", ".join(p.name for p in students)
+        return (
+            f"{folder} is a study's folder of students {names}, each a run folder; {students[0].name}: "
+            + (run_folder_hint(students[0]) or "").removeprefix("this is ")
+        )
     if folder.parent.name == CHECKPOINTS_SUBDIR:  # a checkpoint holds a search's state.json too
         run = folder.parent.parent
         return (

@@ -265,6 +265,11 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     assert f"{study_dir} is a study's folder: its students are the runs in it (" in capsys.readouterr().err
     assert cli.main(["train", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
     assert "holds a study (study.json), which attnxfer train does not write into" in capsys.readouterr().err
+    # as a teacher: a study writes no export, so the advice is the export command of one of its students
+    assert cli.main(["train", "data.dataset=synthetic", f"teacher.spec=local-dir:{study_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{study_dir} is a study's folder of students blowup, copy, " in err
+    assert f"`attnxfer export {study_dir / 'blowup'} {study_dir / 'blowup' / 'export'}`" in err
     assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before
     # inspect takes the folder as its students, in the study's order
     out = tmp_path / "inspect"
