@@ -164,7 +164,9 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
     if "fc_norm.weight" in sd_keys and "norm.weight" not in sd_keys:
         hints.append(
             "the checkpoint has fc_norm and no final norm: it was fine-tuned with average pooling "
-            "(as MAE's fine-tuning recipe does): pass global_pool='avg'"
+            "(as MAE's fine-tuning recipe does): build it with global_pool='avg' (`load_teacher(..., "
+            "global_pool='avg')`; for a config's teacher.spec, save it as a local-dir: folder that records it, "
+            "as docs/teachers.md shows)"
         )
     if "dist_token" in sd_keys:
         hints.append("the checkpoint has a distillation token: use a *_distilled_* arch of its timm model")

@@ -557,6 +557,21 @@ def test_weights_that_cannot_be_a_teacher_are_one_error_naming_the_file_or_the_a
             load_teacher(f"local-dir:{folder}")
 
 
+def test_average_pooled_weights_are_told_how_to_become_a_teacher_and_the_way_told_loads_them(tmp_path):
+    """MAE-style fine-tuned weights (fc_norm, no final norm) do not fit the default head; the hint's way for a
+    config (a local-dir folder recording global_pool) builds the model that computes what they were."""
+    finetuned = tiny_timm(global_pool="avg", num_classes=10).eval()
+    save_file(finetuned.state_dict(), str(tmp_path / "ft.safetensors"))
+    with pytest.raises(
+        TeacherLoadError, match="a local-dir: folder that records it, as docs/teachers.md shows"
+    ):
+        load_teacher(str(tmp_path / "ft.safetensors"), arch="vit_tiny_patch16_224", **TINY)
+    save_for_hf(finetuned, tmp_path / "ft", model_args={"global_pool": "avg", **TINY})
+    teacher, _ = load_teacher(f"local-dir:{tmp_path / 'ft'}")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(x), finetuned(x))
+
+
 def test_bad_specs_say_what_to_change(tmp_path):
     with pytest.raises(ValueError, match="hf-hub:acme/thing"):
         load_teacher("acme/thing")
