@@ -383,8 +383,8 @@ def attention_label(attention: str | list[str]) -> str:
 
 def _recipe_data(recipe: str | None) -> tuple[str | None, str | None]:
     """(the card's training-data block, the dataset as a card names it) from a run's recipe text. The name: a
-    Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a folder dataset's folder name (``/data/imagenet``
-    -> ``imagenet``), else the registered one."""
+    Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` -> ``ORG/NAME``), a webdataset's or a
+    folder dataset's name (``wds/imagenet``, ``/data/imagenet`` -> ``imagenet``), else the registered one."""
     cfg = (yaml.safe_load(recipe) if recipe else None) or {}
     data = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
     if not data:
@@ -393,8 +393,10 @@ def _recipe_data(recipe: str | None) -> tuple[str | None, str | None]:
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
         return block, None
-    if name.startswith(("hfds/", "hf-hub:")):
-        return block, name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
+    if name.startswith(
+        ("hfds/", "hfids/", "wds/")
+    ):  # a Hub dataset's id (read whole or streamed); shards' name
+        return block, name.split("/", 1)[1]
     if name == "folder" and data.get("root"):
         return block, Path(str(data["root"])).expanduser().name or name
     return block, name

@@ -94,7 +94,7 @@ def select_checkpoint(
             else:
                 what = f"val loss {best.metric:.4g}"
             return best.path, f"{best.path.name} (best {what})"
-        warn(f"no checkpoint in {run_dir} records a metric: exporting the latest")
+        warn(f"no checkpoint in {run_dir} records a metric: using the latest")
         return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
     return latest.path, f"{latest.path.name} (latest)"
 

@@ -475,3 +475,18 @@ def test_a_hierarchical_students_shape_names_its_stage_widths():
     assert shape["family"] == "PVTv2" and shape["widths"] == widths and "heads" not in shape
     assert shape_phrase(shape).startswith(f"a PVTv2 of stage widths {'-'.join(map(str, widths))}, ")
     assert shape_phrase(dict(shape, family="EVA-02")).startswith("an EVA-02 of ")
+
+
+@pytest.mark.parametrize(
+    "dataset, named",
+    [
+        ("hfds/acme/pets", "acme/pets"),
+        ("hfids/acme/pets", "acme/pets"),  # streamed from the Hub, the same Hub dataset
+        ("wds/imagenet", "imagenet"),  # shards on disk: their name, no Hub id with a prefix
+        ("animal_mnist", "animal_mnist"),
+    ],
+)
+def test_a_model_card_names_the_dataset_as_the_hub_does(dataset, named):
+    from attnxfer.checkpoints.model_card import _recipe_data
+
+    assert _recipe_data(f"data:\n  dataset: {dataset}\n")[1] == named
