@@ -256,9 +256,6 @@ class RecallImages(Dataset):
             if bits.numpy().tobytes() not in codes:
                 return bits.float()
 
-    def label(self, index: int) -> int:
-        return self.layout(index).label
-
     def image(self, index: int) -> torch.Tensor:
         """Sample ``index``'s image alone (a label-free run reads only this)."""
         return self.render(self.layout(index))
