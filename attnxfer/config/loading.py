@@ -39,6 +39,9 @@ def resolve_recipe(path: str | Path) -> Path:
     _refuse_export(p)
     if p.is_file():
         return p
+    builtin = RECIPES / p.with_suffix(".yaml")
+    if p.is_dir() and not p.is_absolute() and builtin.is_file():
+        return builtin  # a folder is no config: the recipe's name is meant (the demo's OUT/teacher is one)
     if p.is_dir():
         inside = p / RUN_CONFIG
         hint = f"; a run's config is {inside}" if inside.is_file() else ""

@@ -401,3 +401,17 @@ def test_a_run_folder_named_like_an_override_is_told_to_be_given_with_c(tmp_path
         ConfigError, match=r"is not a key=value override; to read its config, pass -c .*lr=1e-3/config"
     ):
         load_config(None, [str(student)])
+
+
+def test_a_folder_here_named_like_a_built_in_recipe_does_not_hide_the_recipe(tmp_path, monkeypatch):
+    """The demo writes its teacher's run into OUT/teacher: run from OUT's parent with --out demo, the folder
+    demo/teacher sits where the recipe's name points. A folder is no config, so the recipe is read; a
+    folder no recipe is named like is still refused as a folder."""
+    from attnxfer.config import RECIPES
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo" / "teacher").mkdir(parents=True)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    assert load_config("demo/teacher") == load_config(RECIPES / "demo" / "teacher.yaml")
+    with pytest.raises(ConfigError, match="config 'runs/x' is a directory, not a YAML file"):
+        load_config("runs/x")
