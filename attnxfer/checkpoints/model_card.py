@@ -393,9 +393,7 @@ def _recipe_data(recipe: str | None) -> tuple[str | None, str | None]:
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
         return block, None
-    if name.startswith(
-        ("hfds/", "hfids/", "wds/")
-    ):  # a Hub dataset's id (read whole or streamed); shards' name
+    if name.startswith(("hfds/", "hfids/", "wds/")):  # a Hub dataset read whole or streamed; shards' name
         return block, name.split("/", 1)[1]
     if name == "folder" and data.get("root"):
         return block, Path(str(data["root"])).expanduser().name or name
