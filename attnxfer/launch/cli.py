@@ -9,12 +9,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from ..errors import UserError
 from ..speak import quiet, warn, warnings_as_lines
 from ..version import __version__
 from .commands import COMMANDS, load
+from .commands.base import load_study
 from .process_exit import end_program
 
 EXAMPLES = """\
@@ -60,23 +62,32 @@ def _where_to_resume(args) -> str:
     cfg = _config_of(args)
     if cfg is None:
         return unknown
+    run = Path(cfg.run_dir)
+    # a run's checkpoints; a conversion's in its stages (the later first); a study's in its students' folders
+    folders = [run, run / "stage2", run / "stage1"]
+    if args.command == "study":
+        students = sorted(d for d in run.iterdir() if d.is_dir()) if run.is_dir() else []
+        folders = [student / stage for student in students for stage in ("", "stage2", "stage1")]
     try:
         from ..checkpoints.run_dir import RunDir
 
-        info = RunDir(cfg.run_dir).latest(verify_hash=False)
+        info = next(filter(None, (RunDir(f).latest(verify_hash=False) for f in folders)), None)
     except Exception:
         return unknown
     if info is None:
         return f"no checkpoint was saved yet in {cfg.run_dir}: running the same command again starts over"
+    if args.command == "study":  # each student goes on from the study's last step all of them completed
+        again = f"running the same command again{_with_auto(cfg)}"
+        return f"{again} continues the study from its students' checkpoints (e.g. {info.path})"
     return f"running the same command again{_with_auto(cfg)} continues from step {info.step} ({info.path})"
 
 
 def _config_of(args):
-    """The stopped command's config, read again without a word (it was said when the command started); None
-    where it does not read as one run's (a study's, a search's: each resumes as its folder says)."""
+    """The stopped command's config (a study's: its base, whose run_dir is the study's folder), read again
+    without a word (it was said when the command started); None where it does not read as one."""
     try:
         with quiet():
-            return load(args)
+            return load_study(args).base if args.command == "study" else load(args)
     except Exception:
         return None
 

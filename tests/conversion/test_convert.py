@@ -467,7 +467,8 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
 
 
 @pytest.mark.slow
-def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teacher_dir, capsys):
+def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teacher_dir, capsys, monkeypatch):
+    import attnxfer.apps.convert.convert
     from attnxfer.launch.cli import main
 
     run = tmp_path / "skip"
@@ -479,6 +480,17 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
     assert all(r["after_stage1"] is None for r in report["agreement"]["end_to_end"])
     assert not (run / "stage1").exists()
     capsys.readouterr()
+
+    # Ctrl-C as it runs again: the advice finds the checkpoints in stage2/, not "none saved, starts over"
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, here as the conversion starts
+
+    with monkeypatch.context() as patch:
+        patch.setattr(attnxfer.apps.convert.convert, "convert", ctrl_c)
+        argv = ["convert", *_convert_args(run, tiny_teacher_dir, "transfer.mode=none"), "--skip-stage1"]
+        assert main(argv) == 130
+    stage2_step = run / "stage2" / "checkpoints" / "step-00000002"
+    assert f"continues from step 2 ({stage2_step})" in capsys.readouterr().err
     # stage 2 runs the teacher in teacher.dtype (bf16 here, as on GPU by default); the measurements after it still
     # run it in fp32, on the same fp32 inputs (this once failed on GPU: fp32 input into a bf16 teacher)
     low = tmp_path / "bf16"
