@@ -64,7 +64,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 #: the work a run dir may hold, by the file that marks it (the first found counts), and how it goes on
 _WORK = (
     ("study", STUDY_RECORD, f"attnxfer study -c {{dir}}/{STUDY_YAML}"),
-    ("conversion", STAGE_DIRS[-1], f"attnxfer convert -c {{dir}}/{RUN_CONFIG}"),
+    *(("conversion", stage, f"attnxfer convert -c {{dir}}/{RUN_CONFIG}") for stage in reversed(STAGE_DIRS)),
     ("search", SEARCH_CANDIDATES, "the attnxfer search command that started it"),
     ("training run", RUN_RECORD, f"the command that trained it, -c {{dir}}/{RUN_CONFIG}"),
 )

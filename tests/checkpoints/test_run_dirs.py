@@ -25,9 +25,11 @@ from attnxfer.checkpoints.run_lock import (
     LOCK_NAME,
     RunDirInUseError,
     _start_time,
+    refuse_other_work,
     run_lock,
 )
 from attnxfer.checkpoints.store import CheckpointManager
+from attnxfer.errors import PathExistsError
 from attnxfer.launch import cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,6 +200,16 @@ def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, t
         code, _, err = run_cli(capsys, "submit", "--command", "convert", *argv[1:], "--cluster", "local")
         assert code == 2 and refusal in _error_line(err)
         assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain", "search", "study"])
+def test_a_conversion_stopped_in_stage_1_is_no_folder_for_another_command(tmp_path, command):
+    """Before stage 2 starts, a conversion's folder holds only stage1/: another command's run.json or
+    candidates.jsonl beside it would hide it from its own resume (its config.yaml overwritten too)."""
+    (tmp_path / "stage1" / "checkpoints" / "step-00000004").mkdir(parents=True)
+    with pytest.raises(PathExistsError, match=r"holds a conversion \(stage1\), which attnxfer " + command):
+        refuse_other_work(tmp_path, command)
+    refuse_other_work(tmp_path, "convert")  # its own command goes on with it
 
 
 def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch, capsys):
