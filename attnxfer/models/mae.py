@@ -126,7 +126,21 @@ class MaskedAutoencoder(nn.Module):
         self.patch = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.in_chans = encoder.patch_embed.proj.in_channels
+        side = encoder.patch_embed.img_size[0]
+        if side % self.patch:  # patchify cuts the image into whole patches, the loss's targets
+            near = " and ".join(
+                f"{s} px" for s in (side - side % self.patch, side - side % self.patch + self.patch) if s
+            )
+            raise InputError(
+                f"MAE pre-training cuts the image into {self.patch} px patches (model.kwargs.patch_size), and "
+                f"{side} px (data.img_size) is not a multiple of {self.patch}: nearest sizes that work: {near}"
+            )
         patches = self.grid[0] * self.grid[1]
+        if patches < 2:
+            raise InputError(
+                f"MAE pre-training hides some patches and keeps some, and a {side} px image (data.img_size) is "
+                f"one {self.patch} px patch (model.kwargs.patch_size): use smaller patches or larger images"
+            )
         if kept_patches(patches, mask_ratio) == patches:  # the loss is on the hidden patches alone
             raise InputError(
                 f"mask_ratio={mask_ratio} hides none of the encoder's {patches} patches, so the loss would be 0 "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.run.pretrain import pretrain
 from attnxfer.config import load_config
+from attnxfer.errors import InputError
 from attnxfer.models import create_vit
 from attnxfer.models.mae import (
     MaskedAutoencoder,
@@ -122,6 +124,27 @@ def test_a_mask_ratio_that_hides_no_patch_is_refused():
     with pytest.raises(ValueError, match="hides none of the encoder's 49 patches"):
         _tiny_mae(mask_ratio=0.005)
     assert _tiny_mae(mask_ratio=0.02).mask_ratio == 0.02  # one patch hidden: something to learn
+
+
+@pytest.mark.parametrize(
+    "size, says",
+    [
+        (
+            dict(img_size=30),
+            "30 px (data.img_size) is not a multiple of 4: nearest sizes that work: 28 px and 32 px",
+        ),
+        (
+            dict(patch_size=56),
+            "28 px (data.img_size) is not a multiple of 56: nearest sizes that work: 56 px",
+        ),
+        # one patch: no mask ratio both hides one and keeps one, so none is advised
+        (dict(patch_size=28), "a 28 px image (data.img_size) is one 28 px patch (model.kwargs.patch_size)"),
+    ],
+)
+def test_an_image_that_does_not_cut_into_patches_to_hide_and_keep_is_refused_by_its_keys(size, says):
+    encoder = create_vit("vit_micro_patch4_28", num_classes=0, depth=2, embed_dim=48, **size)
+    with pytest.raises(InputError, match=re.escape(says)):
+        MaskedAutoencoder(encoder, decoder_dim=32, decoder_heads=2, decoder_depth=1)
 
 
 def test_encoder_on_all_patches_is_timms_forward_features():
