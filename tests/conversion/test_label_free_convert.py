@@ -53,7 +53,6 @@ CHOICES = [
         (0, None, False, None, None),
         (0.0, 1.0, "label-free feature distillation (the teacher is headless)", 0),
     ),
-    ((0, 7, False, None, None), (0.0, 1.0, "label-free feature distillation (the data has no labels)", 7)),
     ((10, None, True, None, None), (1.0, 0.0, "labelled fine-tuning (the teacher's 10-class head)", 10)),
     (
         (10, None, False, None, None),
@@ -87,6 +86,16 @@ def test_a_headless_teacher_with_a_task_loss_and_no_head_says_the_two_ways_out()
     choice = stage2_objective(cfg, _Teacher(0), True)
     with pytest.raises(InputError, match=r"model.num_classes=K .* or transfer.task_weight=0"):
         student_head(cfg, _Teacher(0), choice, 10)
+
+
+def test_a_new_head_that_stage_2_would_never_train_is_refused():
+    """A headless teacher's student given model.num_classes on unlabelled data: the head would be exported
+    as it was drawn at random."""
+    for labelled, overrides in ((False, []), (True, ["transfer.task_weight=0"])):
+        cfg = load_config(None, ["model.num_classes=7", *overrides])
+        choice = stage2_objective(cfg, _Teacher(0), labelled)
+        with pytest.raises(InputError, match=r"model.num_classes=7 .* never trains: drop model.num_classes"):
+            student_head(cfg, _Teacher(0), choice, 10)
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, list[str]]:
