@@ -534,6 +534,9 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
         == 2
     )
     assert "does not apply to a 'signed' attention" in capsys.readouterr().err
+    bad_option = ["convert.attention=hashing", "convert.attention_kwargs={bits: 0}"]
+    assert main(["convert", *_convert_args(tmp_path / "bad3", tiny_teacher_dir, *bad_option)]) == 2
+    assert "convert.attention_kwargs: bits must be >= 1, got 0" in capsys.readouterr().err
     # 4 batches an epoch cannot make one step of 8: refused before stage 1, as train refuses it (it was
     # "stage 2: skipped", a report of a student never fine-tuned, and exit 0)
     few = tmp_path / "few"

@@ -38,6 +38,8 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         student_attention(tiny_vit(depth=2), "performer", {"num_featurs": 8})
     with pytest.raises(ValueError, match="model.attention_kwargs: num_features must be >= 1, got 0"):
         student_attention(tiny_vit(depth=2), "performer", {"num_features": 0})
+    with pytest.raises(ValueError, match="model.attention_kwargs: bits must be >= 1, got 0"):
+        student_attention(tiny_vit(depth=2), "hashing", {"bits": 0})  # not read as the default (head_dim)
     with pytest.raises(ValueError, match="model.attention_kwargs is set but model.attention is not"):
         student_attention(tiny_vit(depth=2), None, {"num_features": 8})
 

@@ -352,7 +352,11 @@ def _student_builder(
                 student = build_efficient_student(
                     teacher, c.attention, num_classes=head, **c.attention_kwargs
                 )
-            except InputError:
+            except InputError as e:
+                if (
+                    str(e).split(" ")[0] in c.attention_kwargs
+                ):  # "bits must be >= 1, got 0": the key it is under
+                    raise InputError(f"convert.attention_kwargs: {e}") from None
                 raise
             except (TypeError, ValueError, RuntimeError) as e:  # a value the attention cannot be built with
                 if not c.attention_kwargs:  # without the user's options, a failure is attnxfer's bug

@@ -83,7 +83,7 @@ class HashingAttention(KernelAttention):
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.bits = int(bits or self.head_dim)
+        self.bits = int(self.head_dim if bits is None else bits)  # 0 is refused, not read as the default
         if self.bits < 1:
             raise InputError(f"bits must be >= 1, got {bits}")
         if not temperature > 0:
