@@ -141,6 +141,19 @@ def _install(staging: Path, out_dir: Path) -> None:
         os.replace(f, out_dir / f.name)
 
 
+def _exported_by_attnxfer(folder: Path) -> bool:
+    """Whether ``folder``'s model files are an earlier export's: its config.json (timm) or ONNX report holds
+    the attnxfer block every export writes."""
+    for name in ("config.json", REPORT_FILE):
+        try:
+            written = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(written, dict) and "attnxfer" in written:
+            return True
+    return False
+
+
 def export_student(
     student: nn.Module,
     out_dir: str | os.PathLike,
@@ -172,11 +185,11 @@ def export_student(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
             "choose a new folder or pass overwrite=True (CLI: --overwrite)"
         )
-    model_files = [f for f in EXPORT_FILES if f != "README.md" and (out_dir / f).is_file()]
-    if overwrite and (out_dir / "README.md").is_file() and not model_files:  # as inspect keeps a report.md
+    present = [f for f in EXPORT_FILES if (out_dir / f).is_file()]
+    if overwrite and present and not _exported_by_attnxfer(out_dir):  # a teacher's, or the user's own
         raise PathExistsError(
-            f"{out_dir / 'README.md'} is no earlier export's card (no model file beside it): --overwrite replaces "
-            "an export, not files of your own; choose another folder"
+            f"{out_dir} holds {', '.join(present)} of no earlier export (no attnxfer block in its config.json): "
+            "--overwrite replaces an export, not a model or files of your own; choose another folder"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for leftover in clean_staging(out_dir):
@@ -404,6 +417,15 @@ def export_run(
     if Path(out_dir).resolve() == run.path.resolve():
         raise PathExistsError(
             f"OUT_DIR={out_dir} is the run's own folder: export into {Path(run_dir) / 'export'}"
+        )
+    teacher = str((record.get("teacher") or {}).get("spec") or "")
+    if (
+        teacher.startswith("local-dir:")
+        and Path(out_dir).resolve() == Path(teacher[10:]).expanduser().resolve()
+    ):
+        raise PathExistsError(  # an attnxfer export too (the demo's MAE teacher), so --overwrite would take it
+            f"OUT_DIR={out_dir} is the run's teacher ({teacher}), which its resume and eval check by hash: "
+            f"export into {Path(run_dir) / 'export'}"
         )
     weights = _choice(ExportWeights, weights, "weights")
     mode = record.get("mode")

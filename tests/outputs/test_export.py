@@ -194,7 +194,7 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "README.md").write_text("my notes\n")  # a README of the user's own: --overwrite never replaces it
-    with pytest.raises(FileExistsError, match=r"README.md is no earlier export's card"):
+    with pytest.raises(FileExistsError, match=r"holds README.md of no earlier export"):
         export_student(student, mine, card=card(), overwrite=True)
     assert [p.name for p in mine.iterdir()] == ["README.md"] and (
         mine / "README.md"
@@ -347,6 +347,31 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     with pytest.warns(UserWarning, match="step-00000300"):
         out = export_run(run, tmp_path / "latest-raw", weights="raw", checkpoint="latest")
     assert_exported(out, weights[(200, "model")])
+
+
+def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_teacher(tmp_path):
+    """--overwrite replaces an earlier export; a teacher saved in timm's layout (or a model of the user's own)
+    is not one, and the run's own teacher folder, an attnxfer export or not, is what its resume checks."""
+    teacher_dir = tmp_path / "teacher"
+    timm.models.save_for_hf(teacher_model(), teacher_dir)
+    before = {p.name: p.read_bytes() for p in teacher_dir.iterdir()}
+    with pytest.raises(
+        FileExistsError, match="of no earlier export \\(no attnxfer block in its config.json\\)"
+    ):
+        export_student(trained_student(), teacher_dir, card=card(), overwrite=True)
+    assert {p.name: p.read_bytes() for p in teacher_dir.iterdir()} == before
+    exported_teacher = export_student(
+        trained_student(), tmp_path / "exported", card=card()
+    )  # as the demo's MAE
+    before = {p.name: p.read_bytes() for p in exported_teacher.iterdir()}
+    run = tmp_path / "run"
+    fake_run(run)
+    record = json.loads((run / "run.json").read_text())
+    record["teacher"]["spec"] = f"local-dir:{exported_teacher}"
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(FileExistsError, match="is the run's teacher"):
+        export_run(run, exported_teacher, overwrite=True)
+    assert {p.name: p.read_bytes() for p in exported_teacher.iterdir()} == before
 
 
 def test_export_run_refuses_copy_mode_students(tmp_path):
