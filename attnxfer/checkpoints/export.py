@@ -40,7 +40,7 @@ from .model_card import (
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
-from .run_lock import refuse_file_in_the_way
+from .run_lock import refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
 # What an export folder holds (and what overwrite=True replaces).
@@ -180,6 +180,7 @@ def export_student(
     shape = student_shape(student)
     meta = _config_block(card, spec, license_id, native=native, shape=shape)
     refuse_file_in_the_way(out_dir, "OUT_DIR")
+    refuse_unwritable(out_dir, "OUT_DIR")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise PathExistsError(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "

@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -148,6 +149,21 @@ def refuse_file_in_the_way(folder: str | os.PathLike, name: str) -> None:
     if file is not None:
         where = "is a file" if file == folder else f"cannot be made: {file} is a file"
         raise PathExistsError(f"{name}={folder} {where}, not a directory; choose another {name}")
+
+
+def refuse_unwritable(folder: str | os.PathLike, name: str) -> None:
+    """Refuse an output folder this process cannot write (read-only, another user's, under /proc) before any
+    work, by a probe folder made and removed in it or in its nearest existing parent (the folder is not
+    made): the command's own mkdir would fail with a traceback once the work is done."""
+    folder = Path(folder).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
+    except OSError as e:
+        raise PathExistsError(
+            f"{name}={folder} cannot be written ({existing}: {e.strerror}); choose another {name}, or make "
+            f"{existing} writable"
+        ) from None
 
 
 def check_writable(run_dir: str | os.PathLike) -> None:

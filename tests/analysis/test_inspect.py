@@ -476,6 +476,11 @@ def test_overwrite_deletes_only_what_inspect_wrote(micro_teacher, tmp_path, caps
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.partial")]  # no staging left
 
 
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_inspection(micro_teacher, capsys):
+    assert _inspect(micro_teacher, Path("/proc/attnxfer-inspect")) == 2
+    assert "--out=/proc/attnxfer-inspect cannot be written (/proc: " in capsys.readouterr().err
+
+
 def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     micro_teacher, tmp_path, capsys, monkeypatch
 ):

@@ -515,3 +515,10 @@ def test_a_model_card_names_the_dataset_as_the_hub_does(dataset, named):
     from attnxfer.checkpoints.model_card import _recipe_data
 
     assert _recipe_data(f"data:\n  dataset: {dataset}\n")[1] == named
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_export_in_one_line():
+    """/proc takes no folders, for root too (a read-only or another user's folder is the everyday case):
+    refused by name before the student is verified, not a traceback from the staging mkdir."""
+    with pytest.raises(FileExistsError, match=r"OUT_DIR=/proc/attnxfer-export cannot be written \(/proc: "):
+        export_student(trained_student(), "/proc/attnxfer-export", card=card())

@@ -24,7 +24,7 @@ from ...analysis import InspectedStudent, Inspection, compare_attention, input_s
 from ...analysis.pictures import agreement_figure, save_figure
 from ...checkpoints.processes import process_alive
 from ...checkpoints.run_dir import RunDir
-from ...checkpoints.run_lock import refuse_file_in_the_way
+from ...checkpoints.run_lock import refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...config import load_config
 from ...data import build_dataset
@@ -403,6 +403,7 @@ def inspect_attention(
         raise InputError("name at least one student to inspect against the teacher")
     if out is not None:
         refuse_file_in_the_way(out, "--out")
+        refuse_unwritable(out, "--out")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
         raise PathExistsError(
             f"{out} already holds an inspection (metrics.json); choose another --out or pass --overwrite"
