@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from ..errors import InputError, UserError
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     LOCK_NAME,
+    RUN_CONFIG,
     RUN_RECORD,
     SEARCH_CANDIDATES,
     STAGE_DIRS,
@@ -66,12 +68,26 @@ def run_folder_hint(folder: Path) -> str | None:
     else:
         return None
     export = run / "export"
+    attention = _student_attention(run)
+    if attention not in (None, "softmax"):  # exported, it is a student, still no teacher
+        what += (
+            f", whose student attends with {attention} (its export is no teacher: teachers need softmax "
+            f"attention; the teacher it was converted from is teacher.spec in {folder / RUN_CONFIG})"
+        )
     if (export / "config.json").is_file():
         return f"this is {what}; its export is {export}: use local-dir:{export}"
     return (
         f"this is {what}; its export would be {export}, which does not exist yet: write it with "
         f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
     )
+
+
+def _student_attention(run: Path) -> str | None:
+    """The attention a run's student was recorded with (run.json), None where unknown."""
+    try:
+        return str(json.loads((run / RUN_RECORD).read_text())["student"]["attention"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def missing_path(path: Path) -> str:

@@ -441,10 +441,10 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     (tmp_path / "stage2-run.json").rename(run / "stage2" / "run.json")
     bad = _convert_args(tmp_path / "bad", run)
     assert main(["convert", *bad]) == 2
-    assert (
-        f"local-dir:{run}: this is a conversion's run folder; its export would be {run / 'stage2' / 'export'}"
-        in (capsys.readouterr().err)
-    )
+    err = capsys.readouterr().err
+    # its hedgehog student is no teacher even exported: the message says so and where its teacher is named
+    assert f"local-dir:{run}: this is a conversion's run folder, whose student attends with hedgehog" in err
+    assert f"the teacher it was converted from is teacher.spec in {run / 'config.yaml'})" in err
     from attnxfer import load_student, load_teacher
 
     loaded = load_student(f"local-dir:{out}")
