@@ -391,9 +391,10 @@ def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
     step = state.get("step", int(named.group(1)) if named else -1)
     if state.get("metrics"):
         return {"step": step, **state["metrics"]}
-    rows = run.metric_rows()
-    at_step = [r for r in rows if r.get("step") == step]
-    return dict((at_step or rows or [{}])[-1])
+    # the row logged at the weights' step, else none: another step's figures would be credited to these weights
+    at_step = [r for r in run.metric_rows() if r.get("step") == step]
+    row = at_step[-1] if at_step else {"step": step}
+    return {k: v for k, v in row.items() if k != "time"}  # when it was logged: no measure of the model
 
 
 def export_run(

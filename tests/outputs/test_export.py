@@ -374,6 +374,20 @@ def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_t
     assert {p.name: p.read_bytes() for p in exported_teacher.iterdir()} == before
 
 
+def test_a_card_credits_the_weights_with_their_own_steps_metrics_or_none(tmp_path):
+    """Weights whose step logged no row (the run stopped between evaluations) get no figures on the card:
+    another step's top-1 would stand in the Hub's model-index for weights it does not describe."""
+    run = tmp_path / "run"
+    fake_run(run)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["step"] != 200]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "latest", checkpoint="latest")
+    card = (out / "README.md").read_text()
+    assert "step-00000200 (latest)" in card and "val_top1" not in card and "| 90 |" not in card
+
+
 def test_export_run_refuses_copy_mode_students(tmp_path):
     fake_run(tmp_path / "run", mode="copy")
     with pytest.raises(ValueError, match="teacher"):
