@@ -253,12 +253,21 @@ class RunDir:
             weights = ExportWeights.EMA if (ckpt / EMA_WEIGHTS).is_file() else ExportWeights.RAW
         weights = _choice(ExportWeights, weights, "weights")
         wfile = ckpt / weights.filename
+        pruned = MissingPathError(
+            f"{ckpt} was removed as it was read: the run writing {self.path} is still going and keeps its newest "
+            "checkpoints only (checkpoint.keep_last); run this command again, or after the run ends"
+        )
+        if not ckpt.is_dir():
+            raise pruned
         if not wfile.is_file():
             raise MissingPathError(
                 f"{wfile} does not exist (the run kept no {weights} weights); try weights={weights.other.value!r}"
             )
         student = student_from_spec(record["student"], attn_layer=attn_layer)
-        state = load_file(str(wfile), device="cpu")
+        try:
+            state = load_file(str(wfile), device="cpu")
+        except FileNotFoundError:
+            raise pruned from None
         # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the student is the encoder.
         state, dropped = drop_unused_entries(state)
         if dropped:

@@ -229,7 +229,9 @@ class CheckpointManager:
         for path in paths:
             try:
                 yield verify_checkpoint(path, verify_hash=verify)
-            except CorruptCheckpointError as e:
+            except (CorruptCheckpointError, FileNotFoundError) as e:
+                if not path.exists():  # removed since listed: a running job pruned it (checkpoint.keep_last)
+                    continue
                 if report:
                     warnings.warn(f"{e}; skipped", CorruptCheckpointWarning, stacklevel=3)
 

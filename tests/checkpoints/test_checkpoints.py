@@ -6,11 +6,13 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -279,6 +281,19 @@ def test_corrupt_newest_is_reported_and_skipped(tmp_path, corruption):
         mgr.load(newest)
     with pytest.warns(CorruptCheckpointWarning):
         assert [i.step for i in mgr.list()] == [1]
+
+
+def test_a_checkpoint_pruned_between_listing_and_reading_is_passed_over_without_a_word(tmp_path):
+    """A running job prunes old checkpoints (keep_last) while export or eval reads its folder: one listed and
+    then removed is no corrupt checkpoint to report, nor a FileNotFoundError; the next intact one is taken."""
+    mgr = CheckpointManager(tmp_path, keep_last=3)
+    for step in (1, 2):
+        mgr.save(step, small_tensors(step), {"step": step})
+    listed = mgr.step_dirs()
+    shutil.rmtree(mgr.path_for(2))  # what the job's pruning does after the listing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [i.step for i in mgr._verified(listed, verify_hash=True)] == [1]
 
 
 def test_resume_auto_refuses_when_every_checkpoint_is_broken(tmp_path):
