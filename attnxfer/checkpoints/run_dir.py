@@ -31,6 +31,7 @@ from ..run_layout import (
 from ..sources.load_errors import missing_path
 from ..sources.teacher import drop_unused_entries
 from ..speak import debug, warn
+from ..transfer.modes import MODES
 from .store import (
     CheckpointError,
     CheckpointInfo,
@@ -153,10 +154,12 @@ class RunDir:
         (`inspect` takes them all)."""
         runs = self.study_runs()
         if runs is not None:
+            # the example one that stands alone: a copy student attends with the teacher's maps (no export)
+            alone = [r for r in runs if not _attends_with_teacher(r)]
             raise MissingPathError(
                 f"{self.path} is a study's folder: its students are the runs in it "
                 f"({', '.join(p.name for p in runs) or 'none yet'}); give one of them, e.g. "
-                f"{runs[0] if runs else self.path / 'STUDENT'}"
+                f"{(alone or runs)[0] if runs else self.path / 'STUDENT'}"
             )
         if not self.is_conversion():
             return self
@@ -206,6 +209,11 @@ class RunDir:
                 raise MissingPathError(
                     f"{self.path} is not a run's dir but holds runs ({', '.join(runs[:8])}"
                     f"{', ...' if len(runs) > 8 else ''}): give one of them, e.g. {self.path / runs[0]}"
+                )
+            if self.path.name in STAGE_DIRS and RunDir(self.path.parent).is_conversion():
+                raise MissingPathError(
+                    f"{self.path} is a stage of the conversion {self.path.parent}, whose final student is read "
+                    f"from the conversion's folder: give {self.path.parent}"
                 )
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
@@ -279,3 +287,12 @@ class RunDir:
                 f"unexpected {result.unexpected_keys}"
             )
         return LoadedRunStudent(student, record, ckpt, why, wfile, weights)
+
+
+def _attends_with_teacher(run: Path) -> bool:
+    """Whether a run's student attends with its teacher's maps at inference (copy): no model alone."""
+    try:
+        mode = json.loads((run / RUN_RECORD).read_text(encoding="utf-8")).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return mode in MODES and MODES[mode].teacher_at_eval

@@ -439,6 +439,10 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert main(["export", str(run), str(tmp_path / "export2")]) == 2
     assert f"{run} is a conversion whose stage 2 has not run" in capsys.readouterr().err
     (tmp_path / "stage2-run.json").rename(run / "stage2" / "run.json")
+    assert (
+        main(["export", str(run / "stage1"), str(tmp_path / "export3")]) == 2
+    )  # a stage: the folder is meant
+    assert f"is a stage of the conversion {run}, whose final student is read" in capsys.readouterr().err
     bad = _convert_args(tmp_path / "bad", run)
     assert main(["convert", *bad]) == 2
     err = capsys.readouterr().err

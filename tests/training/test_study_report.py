@@ -256,7 +256,8 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     assert cli.main(["export", str(study_dir), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{study_dir} is a study's folder: its students are the runs in it (" in err
-    assert f"e.g. {study_dir / 'copy'}" in err and not (tmp_path / "out").exists()
+    # the example is the first student that exports alone (copy attends with the teacher's maps)
+    assert f"e.g. {study_dir / 'distill'}" in err and not (tmp_path / "out").exists()
     assert cli.main(["study", "--report", f"run_dir={study_dir}"]) == 2  # named by its folder alone
     assert (
         f"; the study in {study_dir} lists its own: -c {study_dir / 'study.yaml'}" in capsys.readouterr().err
