@@ -378,6 +378,13 @@ def _tmpfs(where: Path, size: str):
         subprocess.run(["umount", "-l", str(where)], check=True)
 
 
+def test_eval_refusing_a_changed_key_says_to_score_the_run_as_trained_not_to_start_a_new_run(trained, capsys):
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "data.kwargs.length=40")
+    line = _error_line(err)
+    assert code == 2 and "data.kwargs" in line and "eval scores it as it was trained: drop them" in line
+    assert "start a new run elsewhere" not in line
+
+
 def test_a_read_only_run_dir_stops_train_and_eval_in_one_line(trained, tmp_path, capsys):
     with _tmpfs(tmp_path / "mnt", "16m") as mnt:
         run = mnt / "run"

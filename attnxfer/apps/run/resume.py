@@ -103,6 +103,11 @@ def judge(
                 f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
             )
         config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
+        if scoring:  # eval continues nothing: a new run elsewhere would have nothing to score
+            raise ConfigError(
+                f"{run} holds a {what} (checkpoint {point.name}) {changed}; eval scores it as it was trained: "
+                f"drop them, or score it with its own config (attnxfer eval -c {config})"
+            )
         raise ConfigError(
             f"{run} already holds a {what} (checkpoint {point.name}) {changed}. These cannot change when a "
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
