@@ -44,6 +44,7 @@ from ..search import (
 )
 from ..speak import progress_bar, say
 from ..train.runtime import resolve_device
+from ..train.stop import StopRequested, stop_on_signals, stop_signal
 from .run.loaders import first_images
 from .run.parts import build_run_parts
 from .run.resume import check_teacher_content, judge
@@ -386,7 +387,12 @@ def search(
             bar.update(max(0, len(s.candidates) - bar.n))
 
         def should_stop(s: SearchState) -> str | None:
-            """Stop before a generation that would end after the time budget (the last one's length as guess)."""
+            """Stop before a generation that would end after the time budget (the last one's length as guess);
+            after SIGTERM (a job's time limit or preemption), stop with the generation just saved."""
+            signum = stop_signal()
+            if signum is not None and s.generation >= 0:
+                saved_at = CheckpointManager(run_dir).path_for(s.generation)
+                raise StopRequested(signum, s.generation, str(saved_at), settings.generations)
             budget = cfg.search.time_budget_min
             if budget is None:
                 return None
@@ -400,7 +406,7 @@ def search(
                 return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
             return None
 
-        with _progress_bar(cfg, settings, state) as bar:
+        with _progress_bar(cfg, settings, state) as bar, stop_on_signals():
             started = time.monotonic()
             state = run_search(
                 state, settings, evaluate or evaluated_here, on_generation=saved, should_stop=should_stop

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -331,6 +332,39 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
     assert _deterministic(run / "candidates.jsonl") == _deterministic(finished / "candidates.jsonl")
     a, b = (_saved(r)["state"] for r in (run, finished))
     assert a["population"] == b["population"] and a["duplicates"] == b["duplicates"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_saved_generation_says_so_and_the_same_command_ends_as_uninterrupted(
+    tmp_path, finished, tiny_teacher_dir
+):
+    """A job's time limit or preemption (SIGTERM) ends the search at the next generation boundary, with the
+    generation saved, its lock released and the resume said, as train and convert stop; not killed outright."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PY, "-m", "attnxfer", *_args(run, tiny_teacher_dir)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 240
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and _saved(run).get("state", {}).get("generation", -1) < 0
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    m = re.search(
+        r"stopped by SIGTERM at step (\d) of 2; checkpoint saved \((.+?)\); re-run the same command", out
+    )
+    assert m and Path(m.group(2)).is_dir() and not (run / "attnxfer.lock").exists(), out[-3000:]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"after generation {m.group(1)}" in res.stdout, (
+        res.stdout + res.stderr[-3000:]
+    )
+    assert _deterministic(run / "candidates.jsonl") == _deterministic(finished / "candidates.jsonl")
 
 
 @pytest.mark.slow
