@@ -170,18 +170,20 @@ def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str
 
 
 def _check_time_budget(cfg: TrainConfig, evaluator: CandidateEvaluator, settings: SearchSettings) -> float:
-    """Seconds one candidate takes here (fit + speed of the first seed); refuses a budget it cannot fit."""
+    """Seconds one candidate takes here (fit + speed of the first seed); refuses a budget that cannot fit
+    generation 0, every seed formula (a search stopped before it has nothing to report)."""
     first = next(iter(settings.seeds.values()))
     start = time.monotonic()
     evaluator(first)
     seconds = time.monotonic() - start
-    budget = cfg.search.time_budget_min
-    if budget is not None and budget * 60.0 < seconds:
+    budget, seeds = cfg.search.time_budget_min, len(settings.seeds)
+    if budget is not None and budget * 60.0 < seconds * seeds:
         raise ConfigError(
-            f"search.time_budget_min={budget:g} ({budget * 60:.1f} s) cannot fit one candidate: fitting and "
-            f"timing one ({first}) took {seconds:.1f} s here (search.fit_steps={cfg.search.fit_steps}, "
-            f"search.speed_repeats={cfg.search.speed_repeats}). Raise search.time_budget_min to at least "
-            f"{seconds / 60 * 2:.2g}, or lower search.fit_steps; nothing was written"
+            f"search.time_budget_min={budget:g} ({budget * 60:.1f} s) cannot fit generation 0, its {seeds} seed "
+            f"formulas: fitting and timing one ({first}) took {seconds:.1f} s here (search.fit_steps="
+            f"{cfg.search.fit_steps}, search.speed_repeats={cfg.search.speed_repeats}). Raise "
+            f"search.time_budget_min to at least {seconds * seeds / 60 * 2:.2g}, or lower search.fit_steps; "
+            "nothing was written"
         )
     return seconds
 
@@ -400,7 +402,8 @@ def search(
             last = (
                 ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
                 if ends
-                else (per_candidate or 0.0) * settings.offspring
+                else (per_candidate or 0.0)
+                * (len(settings.seeds) if s.generation < 0 else settings.offspring)
             )
             if spent + last > budget * 60:
                 return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"

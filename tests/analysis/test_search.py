@@ -375,11 +375,14 @@ def test_changed_config_on_resume_is_refused(finished, tiny_teacher_dir, capsys)
     assert _saved(finished) == before
 
 
-def test_budget_that_cannot_fit_one_candidate_is_refused_before_starting(tmp_path, tiny_teacher_dir, capsys):
+def test_budget_that_cannot_fit_generation_0_is_refused_before_starting(tmp_path, tiny_teacher_dir, capsys):
+    """A search stopped before its seeds are all fitted has nothing to report: the budget is judged against
+    every seed formula, and the refusal says how much to give."""
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.time_budget_min=0.00001"))
     assert code == 2 and err.startswith("attnxfer search: error: search.time_budget_min=1e-05")
-    assert "cannot fit one candidate" in err and "Raise search.time_budget_min" in err
+    assert re.search(r"cannot fit generation 0, its \d+ seed formulas", err)
+    assert "Raise search.time_budget_min to at least" in err
     assert not run.exists()
 
 
