@@ -5,7 +5,9 @@ config or a run is expected). Nothing else spells these file names.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 #: what was trained, from what (the student spec, the teacher record, the plan, how it ran)
 RUN_RECORD = "run.json"
@@ -34,6 +36,16 @@ SEARCH_CANDIDATES = "candidates.jsonl"
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
 #: an exported model's files in timm's Hub layout (`attnxfer export`'s, a teacher's local-dir)
 EXPORTED_MODEL = ("config.json", MODEL_WEIGHTS)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON object attnxfer wrote (a run.json, an export's config.json), {} where there is none to read: for
+    what a folder is, asked of folders that may be anything."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def is_exported_model(folder: Path) -> bool:

@@ -25,6 +25,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
+from ..run_layout import read_record
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
 from ..transfer.modes import MODES
@@ -141,19 +142,6 @@ def _install(staging: Path, out_dir: Path) -> None:
         os.replace(f, out_dir / f.name)
 
 
-def _exported_by_attnxfer(folder: Path) -> bool:
-    """Whether ``folder``'s model files are an earlier export's: its config.json (timm) or ONNX report holds
-    the attnxfer block every export writes."""
-    for name in ("config.json", REPORT_FILE):
-        try:
-            written = json.loads((folder / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(written, dict) and "attnxfer" in written:
-            return True
-    return False
-
-
 def export_student(
     student: nn.Module,
     out_dir: str | os.PathLike,
@@ -187,7 +175,9 @@ def export_student(
             "choose a new folder or pass overwrite=True (CLI: --overwrite)"
         )
     present = [f for f in EXPORT_FILES if (out_dir / f).is_file()]
-    if overwrite and present and not _exported_by_attnxfer(out_dir):  # a teacher's, or the user's own
+    # an earlier export's config.json (timm) or ONNX report holds the attnxfer block every export writes
+    ours = any("attnxfer" in read_record(out_dir / name) for name in ("config.json", REPORT_FILE))
+    if overwrite and present and not ours:  # a teacher's, or the user's own
         raise PathExistsError(
             f"{out_dir} holds {', '.join(present)} of no earlier export (no attnxfer block in its config.json): "
             "--overwrite replaces an export, not a model or files of your own; choose another folder"

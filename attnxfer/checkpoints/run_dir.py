@@ -27,6 +27,7 @@ from ..run_layout import (
     STATE_NAME,
     STUDY_RECORD,
     is_exported_model,
+    read_record,
 )
 from ..sources.load_errors import missing_path
 from ..sources.teacher import drop_unused_entries
@@ -155,7 +156,8 @@ class RunDir:
         runs = self.study_runs()
         if runs is not None:
             # the example one that stands alone: a copy student attends with the teacher's maps (no export)
-            alone = [r for r in runs if not _attends_with_teacher(r)]
+            modes = [MODES.get(read_record(r / RUN_RECORD).get("mode")) for r in runs]
+            alone = [r for r, mode in zip(runs, modes, strict=True) if not (mode and mode.teacher_at_eval)]
             raise MissingPathError(
                 f"{self.path} is a study's folder: its students are the runs in it "
                 f"({', '.join(p.name for p in runs) or 'none yet'}); give one of them, e.g. "
@@ -287,12 +289,3 @@ class RunDir:
                 f"unexpected {result.unexpected_keys}"
             )
         return LoadedRunStudent(student, record, ckpt, why, wfile, weights)
-
-
-def _attends_with_teacher(run: Path) -> bool:
-    """Whether a run's student attends with its teacher's maps at inference (copy): no model alone."""
-    try:
-        mode = json.loads((run / RUN_RECORD).read_text(encoding="utf-8")).get("mode")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return mode in MODES and MODES[mode].teacher_at_eval

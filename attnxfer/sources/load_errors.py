@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ..run_layout import (
     STAGE_DIRS,
     STATE_NAME,
     STUDY_RECORD,
+    read_record,
 )
 
 
@@ -68,7 +68,7 @@ def run_folder_hint(folder: Path) -> str | None:
     else:
         return None
     export = run / "export"
-    attention = _student_attention(run)
+    attention = (read_record(run / RUN_RECORD).get("student") or {}).get("attention")
     if attention not in (None, "softmax"):  # exported, it is a student, still no teacher
         what += (
             f", whose student attends with {attention} (its export is no teacher: teachers need softmax "
@@ -80,14 +80,6 @@ def run_folder_hint(folder: Path) -> str | None:
         f"this is {what}; its export would be {export}, which does not exist yet: write it with "
         f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
     )
-
-
-def _student_attention(run: Path) -> str | None:
-    """The attention a run's student was recorded with (run.json), None where unknown."""
-    try:
-        return str(json.loads((run / RUN_RECORD).read_text())["student"]["attention"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def missing_path(path: Path) -> str:

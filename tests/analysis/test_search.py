@@ -306,14 +306,21 @@ def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir,
     assert sorted(p.relative_to(finished) for p in finished.rglob("*")) == before
 
 
-@pytest.mark.slow
-def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir):
-    run = tmp_path / "run"
+def _search_process(run: Path, teacher_dir: Path) -> tuple[subprocess.Popen, list[str], dict[str, str]]:
+    """The CLI's search of `_args` started in its own process (to be stopped from outside), its command and
+    environment to run it again."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [PY, "-m", "attnxfer", *_args(run, tiny_teacher_dir)]
+    cmd = [PY, "-m", "attnxfer", *_args(run, teacher_dir)]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    return proc, cmd, env
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir):
+    run = tmp_path / "run"
+    proc, cmd, env = _search_process(run, tiny_teacher_dir)
     deadline = time.monotonic() + 240
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -341,11 +348,7 @@ def test_sigterm_stops_at_a_saved_generation_says_so_and_the_same_command_ends_a
     """A job's time limit or preemption (SIGTERM) ends the search at the next generation boundary, with the
     generation saved, its lock released and the resume said, as train and convert stop; not killed outright."""
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [PY, "-m", "attnxfer", *_args(run, tiny_teacher_dir)]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    proc, cmd, env = _search_process(run, tiny_teacher_dir)
     deadline = time.monotonic() + 240
     while (
         time.monotonic() < deadline
