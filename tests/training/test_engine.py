@@ -298,10 +298,10 @@ def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     from dataclasses import replace
 
     from attnxfer.apps.run.training import few_steps_warning
-    from attnxfer.train.engine import LoopSettings, _schedule_steps
+    from attnxfer.train.engine import LoopSettings, schedule_steps
 
     def warning(s: LoopSettings, batches: int = 6) -> str | None:
-        per_epoch, total, _ = _schedule_steps(batches, s)
+        per_epoch, total, _ = schedule_steps(batches, s)
         return few_steps_warning(s, per_epoch, total)
 
     s = LoopSettings(run_dir=Path("run"), epochs=2)
