@@ -410,12 +410,11 @@ def export_run(
         raise PathExistsError(
             f"OUT_DIR={out_dir} is the run's own folder: export into {Path(run_dir) / 'export'}"
         )
+    # the run's teacher may be an attnxfer export too (the demo's MAE teacher): --overwrite would replace it
     teacher = str((record.get("teacher") or {}).get("spec") or "")
-    if (
-        teacher.startswith("local-dir:")
-        and Path(out_dir).resolve() == Path(teacher[10:]).expanduser().resolve()
-    ):
-        raise PathExistsError(  # an attnxfer export too (the demo's MAE teacher), so --overwrite would take it
+    folder = Path(teacher.removeprefix("local-dir:")).expanduser()
+    if teacher.startswith("local-dir:") and Path(out_dir).resolve() == folder.resolve():
+        raise PathExistsError(
             f"OUT_DIR={out_dir} is the run's teacher ({teacher}), which its resume and eval check by hash: "
             f"export into {Path(run_dir) / 'export'}"
         )

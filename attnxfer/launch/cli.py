@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import UserError
+from ..run_layout import STAGE_DIRS
 from ..speak import quiet, warn, warnings_as_lines
 from ..version import __version__
 from .commands import COMMANDS, load
@@ -64,10 +65,11 @@ def _where_to_resume(args) -> str:
         return unknown
     run = Path(cfg.run_dir)
     # a run's checkpoints; a conversion's in its stages (the later first); a study's in its students' folders
-    folders = [run, run / "stage2", run / "stage1"]
-    if args.command == "study":
-        students = sorted(d for d in run.iterdir() if d.is_dir()) if run.is_dir() else []
-        folders = [student / stage for student in students for stage in ("", "stage2", "stage1")]
+    stages = ("", *reversed(STAGE_DIRS))
+    runs = (
+        sorted(d for d in run.iterdir() if d.is_dir()) if args.command == "study" and run.is_dir() else [run]
+    )
+    folders = [each / stage for each in runs for stage in stages]
     try:
         from ..checkpoints.run_dir import RunDir
 

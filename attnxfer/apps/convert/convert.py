@@ -353,9 +353,8 @@ def _student_builder(
                     teacher, c.attention, num_classes=head, **c.attention_kwargs
                 )
             except InputError as e:
-                if (
-                    str(e).split(" ")[0] in c.attention_kwargs
-                ):  # "bits must be >= 1, got 0": the key it is under
+                # an option's own refusal ("bits must be >= 1, got 0") names the key it is under
+                if str(e).split(" ")[0] in c.attention_kwargs:
                     raise InputError(f"convert.attention_kwargs: {e}") from None
                 raise
             except (TypeError, ValueError, RuntimeError) as e:  # a value the attention cannot be built with
