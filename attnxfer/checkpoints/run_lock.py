@@ -54,7 +54,7 @@ from ..run_layout import (
 from ..speak import debug, say
 from .atomic_io import _write_file_synced
 from .processes import process_alive
-from .store import CheckpointError, CheckpointManager
+from .store import CheckpointError, CheckpointInfo, CheckpointManager
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -102,17 +102,20 @@ class RunDirNotWritableError(CheckpointError):
     """The run directory is read-only, full or not ours: what was saved before is intact."""
 
 
-def last_checkpoint_note(run_dir: str | os.PathLike) -> str:
-    """Where a run can resume from, in words: its newest intact checkpoint (a conversion's: stage 2's)."""
+def newest_checkpoint(run_dir: str | os.PathLike) -> CheckpointInfo | None:
+    """Where a run resumes from: its newest intact checkpoint (a conversion's: stage 2's, else stage 1's);
+    None where none was saved."""
     run_dir = Path(run_dir)
+    folders = (*(run_dir / s for s in reversed(STAGE_DIRS)), run_dir)
+    return next(filter(None, (CheckpointManager(d).latest(verify_hash=False) for d in folders)), None)
+
+
+def last_checkpoint_note(run_dir: str | os.PathLike) -> str:
+    """Where a run can resume from, in words (`newest_checkpoint`)."""
     try:
-        found = [
-            CheckpointManager(d).latest(verify_hash=False)
-            for d in (run_dir, *(run_dir / s for s in STAGE_DIRS))
-        ]
+        info = newest_checkpoint(run_dir)
     except Exception:  # a damaged or unreadable checkpoints dir: say nothing rather than guess
         return "its checkpoints could not be listed"
-    info = next((i for i in reversed(found) if i is not None), None)
     if info is None:
         return "no checkpoint was saved in it yet"
     return f"last intact checkpoint: step {info.step} ({info.path})"

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..errors import UserError
-from ..run_layout import STAGE_DIRS
 from ..speak import quiet, warn, warnings_as_lines
 from ..version import __version__
 from .commands import COMMANDS, load
@@ -64,16 +63,14 @@ def _where_to_resume(args) -> str:
     if cfg is None:
         return unknown
     run = Path(cfg.run_dir)
-    # a run's checkpoints; a conversion's in its stages (the later first); a study's in its students' folders
-    stages = ("", *reversed(STAGE_DIRS))
+    # a run's (or a conversion's) checkpoints; a study's in its students' folders
     runs = (
         sorted(d for d in run.iterdir() if d.is_dir()) if args.command == "study" and run.is_dir() else [run]
     )
-    folders = [each / stage for each in runs for stage in stages]
     try:
-        from ..checkpoints.run_dir import RunDir
+        from ..checkpoints.run_lock import newest_checkpoint
 
-        info = next(filter(None, (RunDir(f).latest(verify_hash=False) for f in folders)), None)
+        info = next(filter(None, map(newest_checkpoint, runs)), None)
     except Exception:
         return unknown
     if info is None:
