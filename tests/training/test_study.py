@@ -260,7 +260,9 @@ def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("given", [["-c", "{s}/study.yaml"], ["-c", "{s}/config.yaml"], ["{s}"]])
+@pytest.mark.parametrize(
+    "given", [["-c", "{s}/study.yaml"], ["-c", "{s}/config.yaml"], ["-c", "{s}"], ["{s}"]]
+)
 def test_a_study_folder_given_to_eval_names_its_students_configs(families, given, capsys):
     """A study's folder has no config of its own: its study.yaml runs the whole study, each student's
     config.yaml one run, and the refusal names them."""
