@@ -163,12 +163,14 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
         load_study(yaml)
     with pytest.raises(ConfigError, match="--vary optim.lr lists '1e-3' twice"):
         load_study(None, [], {"optim.lr": ["1e-3", "3e-3", "1e-3"]})
-    with pytest.raises(
-        ConfigError, match="--vary optim.lr lists '0.001' twice"
-    ):  # the same number, spelled twice
+    # the same number, spelled twice
+    with pytest.raises(ConfigError, match="--vary optim.lr lists '0.001' twice"):
         load_study(None, [], {"optim.lr": ["1e-3", "0.001"]})
     yaml.write_text("students:\n  - name: ../up\n")
     with pytest.raises(ConfigError, match="must be a folder name"):
+        load_study(yaml)
+    yaml.write_text("students:\n  - name: checkpoints\n")  # the study's own checkpoints folder
+    with pytest.raises(ConfigError, match="'checkpoints' is taken by the study's own checkpoints, "):
         load_study(yaml)
 
 
