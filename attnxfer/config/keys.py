@@ -39,9 +39,9 @@ class Range:
             return "one of " + ", ".join(c for c in self.choices if c)
         parts = []
         if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:.15g}")
         if self.high is not None:
-            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:.15g}")
         return " and ".join(parts) or "anything"
 
     def admits(self, value: Any) -> bool:

@@ -287,6 +287,12 @@ def test_the_search_resume_rule_is_a_second_flag_on_the_same_declaration():
     assert resumable_keys(Outer) == ("both", "train_only")
 
 
+def test_a_range_names_its_bounds_as_written():
+    """A bound is printed whole, not cut to six digits (4.29497e+09 is no seed one could type)."""
+    with pytest.raises(ConfigError, match=r"seed: must be >= 0 and <= 4294967295; got -1$"):
+        load_config(None, ["seed=-1"])
+
+
 def test_a_key_without_a_range_is_refused():
     """A field added as a plain default (no `key`), or a `key` naming no range, is a schema error at once."""
 
