@@ -41,7 +41,7 @@ from .model_card import (
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
-from .run_lock import refuse_file_in_the_way, refuse_unwritable
+from .run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
 # What an export folder holds (and what overwrite=True replaces).
@@ -131,10 +131,13 @@ def clean_staging(out_dir: Path) -> list[Path]:
     return removed
 
 
-def _install(staging: Path, out_dir: Path) -> None:
-    """Move a finished export into ``out_dir``, replacing a previous export's files (nothing else)."""
+def _install(staging: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """Move a finished export into ``out_dir``, replacing a previous export's files (nothing else) where
+    ``overwrite``; else its README.md, claimed first, refuses an export that wrote there meanwhile."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_FILES:
+    if not overwrite:
+        claim_new_file(out_dir / "README.md", "export")
+    for name in EXPORT_FILES if overwrite else ():
         (out_dir / name).unlink(missing_ok=True)
     for f in staging.iterdir():
         if f.is_file():
@@ -206,7 +209,7 @@ def export_student(
             onnx=reports.get("onnx"),
         )
         (tmp / "README.md").write_text(readme, encoding="utf-8")
-        _install(tmp, out_dir)
+        _install(tmp, out_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     debug(f"exported {meta['attnxfer']['description']} ({formats}) to {out_dir}")

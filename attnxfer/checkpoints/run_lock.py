@@ -169,6 +169,18 @@ def refuse_unwritable(folder: str | os.PathLike, name: str) -> None:
         ) from None
 
 
+def claim_new_file(file: Path, what: str) -> None:
+    """Create ``file`` empty, or refuse where it exists: an output folder found free before long work (an
+    export, an inspection) may since hold another process's files, which a plain move would replace."""
+    try:
+        _write_file_synced(file, b"")
+    except FileExistsError:
+        raise PathExistsError(
+            f"{file.parent} was written by another {what} meanwhile (its {file.name}); nothing of it was "
+            "replaced: choose another folder, or pass --overwrite to replace it"
+        ) from None
+
+
 def check_writable(run_dir: str | os.PathLike) -> None:
     """Create ``run_dir`` and write, fsync and delete a small probe file in it, so that a full or read-only
     run dir stops a command before it computes anything (`RunDirNotWritableError`)."""

@@ -30,6 +30,7 @@ from attnxfer.analysis import (
 from attnxfer.analysis.pictures import class_token_figure_size
 from attnxfer.apps.inspect.inspect import (
     LoadedModel,
+    _publish,
     inspect_attention,
     inspect_models,
     load_model,
@@ -474,6 +475,21 @@ def test_overwrite_deletes_only_what_inspect_wrote(micro_teacher, tmp_path, caps
     assert (out / "mine.png").read_bytes() == b"the user's own picture"
     assert (out / "rollout_img7.png").read_bytes() == b"a user's file with an inspect-like name"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.partial")]  # no staging left
+
+
+def test_an_inspection_into_a_folder_another_filled_meanwhile_is_refused_and_replaces_nothing(tmp_path):
+    """Two inspections find the same --out free before measuring: the second to publish its report is
+    refused, rather than replacing the first's without --overwrite."""
+    out = tmp_path / "report"
+    for who in ("first", "second"):
+        staged = tmp_path / f".{who}"
+        staged.mkdir()
+        (staged / "metrics.json").write_text(who)
+        if who == "first":
+            _publish(staged, out, ["metrics.json"])
+    with pytest.raises(FileExistsError, match="written by another inspection meanwhile.*pass --overwrite"):
+        _publish(staged, out, ["metrics.json"])
+    assert (out / "metrics.json").read_text() == "first"
 
 
 def test_an_out_folder_that_cannot_be_written_is_refused_before_the_inspection(micro_teacher, capsys):

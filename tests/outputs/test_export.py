@@ -19,7 +19,7 @@ from helpers import MAE_TEACHER, PLAN, RECIPE, card
 from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
-from attnxfer.checkpoints.export import export_run, export_student, select_checkpoint
+from attnxfer.checkpoints.export import _install, export_run, export_student, select_checkpoint
 from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
@@ -199,6 +199,17 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["README.md"] and (
         mine / "README.md"
     ).read_text() == "my notes\n"
+
+
+def test_an_export_into_a_folder_another_export_filled_meanwhile_is_refused_and_replaces_nothing(tmp_path):
+    """Two exports find the same new folder free before their (long) work: the second to install its files
+    is refused, rather than replacing the first's without --overwrite."""
+    first = export_student(trained_student(), tmp_path / "out", card=card())
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    staged = export_student(trained_student(seed=2), tmp_path / "staged", card=card())  # the second's files
+    with pytest.raises(FileExistsError, match="written by another export meanwhile.*pass --overwrite"):
+        _install(staged, first)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
 
 
 def efficient_student(names, **attn_kwargs) -> nn.Module:

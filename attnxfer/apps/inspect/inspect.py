@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from ...analysis import InspectedStudent, Inspection, compare_attention, input_s
 from ...analysis.pictures import agreement_figure, save_figure
 from ...checkpoints.processes import process_alive
 from ...checkpoints.run_dir import RunDir
-from ...checkpoints.run_lock import refuse_file_in_the_way, refuse_unwritable
+from ...checkpoints.run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...config import load_config
 from ...data import build_dataset
@@ -334,14 +335,20 @@ def _previous_report(out: Path) -> list[str]:
     return sorted(own)
 
 
-def _publish(tmp: Path, out: Path, names: Sequence[str]) -> None:
+def _publish(tmp: Path, out: Path, names: Sequence[str], overwrite: bool = False) -> None:
     """Move the report from ``tmp`` into ``out``: one rename when ``out`` does not exist; else file by file
-    (each replace atomic), deleting what the previous inspection wrote and nothing of the user's own,
+    (each replace atomic), deleting what the previous inspection wrote (``overwrite``; else its manifest,
+    claimed first, refuses an inspection that wrote there meanwhile) and nothing of the user's own,
     metrics.json last (its presence is what marks a finished report)."""
     atomic_write_json(tmp / MANIFEST, {"files": [*names, MANIFEST]})
     if not out.exists():
-        os.replace(tmp, out)
-        return
+        try:
+            return os.replace(tmp, out)
+        except OSError as e:  # a folder made meanwhile, with files in it: never replaced by a rename
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    if not overwrite:
+        claim_new_file(out / MANIFEST, "inspection")
     new = [n for n in names if n != "metrics.json"] + [MANIFEST, "metrics.json"]
     stale = [n for n in _previous_report(out) if n not in new]
     for name in new[:-1]:
@@ -459,7 +466,7 @@ def inspect_attention(
     if out is not None:
         with _staging(Path(out)) as tmp:
             written = write_report(tmp, insp, t, loaded, x, picture_images=picture_images)
-            _publish(tmp, Path(out), [p.name for p in written])
+            _publish(tmp, Path(out), [p.name for p in written], overwrite)
     return json_safe(
         {"teacher": t.spec, "students": {n: s.spec for n, s in loaded.items()}, **dataclasses.asdict(insp)}
     )
