@@ -25,7 +25,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..run_layout import read_record
+from ..run_layout import LOCK_NAME, read_record
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
 from ..transfer.modes import MODES
@@ -41,7 +41,7 @@ from .model_card import (
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
-from .run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
+from .run_lock import _read, claim_new_file, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
 # What an export folder holds (and what overwrite=True replaces).
@@ -430,6 +430,13 @@ def export_run(
             "projections. Export a distillation run, or fine-tune this student without the teacher first"
         )
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
+    # a conversion holds its lock in its own folder, above stage 2's run
+    held = [h for d in (run.path, run.path.parent) if (h := _read(d / LOCK_NAME)) and h.why_dead() is None]
+    if held:
+        warn(
+            f"{run.path} is still training ({held[0].describe()}): exporting its checkpoint {loaded.why}; "
+            "export again when the run ends for its final weights"
+        )
     recipe = run.recipe()
     training_data, dataset = _recipe_data(recipe)
     out_dir = Path(out_dir)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
 from attnxfer.checkpoints.export import _install, export_run, export_student, select_checkpoint
+from attnxfer.checkpoints.run_lock import run_lock
 from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
@@ -358,6 +359,23 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     with pytest.warns(UserWarning, match="step-00000300"):
         out = export_run(run, tmp_path / "latest-raw", weights="raw", checkpoint="latest")
     assert_exported(out, weights[(200, "model")])
+
+
+def test_exporting_a_run_still_training_names_the_checkpoint_taken_and_says_to_export_again(tmp_path, capsys):
+    """Its lock held by a live process: the export goes ahead, saying the weights are not the run's final ones."""
+    run = tmp_path / "run"
+    weights = fake_run(run)
+    with run_lock(run, "train"), pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "during")
+    err = capsys.readouterr().err
+    assert f"{run} is still training (`attnxfer train` on host" in err and f"pid {os.getpid()}" in err
+    assert (
+        "exporting its checkpoint step-00000100 (best val top-1 70.00); export again when the run ends" in err
+    )
+    assert_exported(out, weights[(100, "ema")])
+    with pytest.warns(UserWarning, match="step-00000300"):
+        export_run(run, tmp_path / "after")  # the run ended: nothing to say
+    assert "still training" not in capsys.readouterr().err
 
 
 def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_teacher(tmp_path):
