@@ -313,6 +313,27 @@ def test_a_runs_own_config_resumes_and_scores_that_run_from_any_directory(
     assert not list(trained.glob("eval-*.json")) and not list(run.glob("eval-*.json"))
 
 
+def test_export_and_inspect_refuse_a_config_yaml_edited_after_training_as_eval_does(
+    trained, tmp_path, capsys
+):
+    """The model card and inspect's default images name the run's data: an edited data.dataset would name
+    data it never saw. Put back, both go ahead."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = run / "config.yaml"
+    as_trained = config.read_text()
+    config.write_text(as_trained.replace("dataset: synthetic", "dataset: animal_mnist"))
+    out = str(tmp_path / "out")
+    for command in (["export", str(run), out], ["inspect", str(run), str(run), "--out", out]):
+        code, _, err = run_cli(capsys, *command)
+        line = _error_line(err)
+        assert code == 2 and "data.dataset ('synthetic' -> 'animal_mnist')" in line
+        assert f"{command[0]} reads it as it was trained: put those values back in {config}" in line
+    assert not (tmp_path / "out").exists()
+    config.write_text(as_trained)
+    assert run_cli(capsys, "export", str(run), str(tmp_path / "out"))[0] == 0
+
+
 def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, "train", *S, "run_dir=")

@@ -27,7 +27,6 @@ from ...checkpoints.processes import process_alive
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
-from ...config import load_config
 from ...data import build_dataset
 from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
@@ -39,6 +38,7 @@ from ...speak import say
 from ...transfer.modes import MODES
 from ...transfer.plan import build_plan
 from ..run.loaders import data_seed
+from ..run.resume import config_as_trained
 from .drawings import draw_pictures
 from .report_text import agreement_sentence, json_safe, render_report
 
@@ -110,7 +110,7 @@ def _copy_layers(
             f"{'has random weights' if have is None else f'has sha256 {have[:12]}…'}: a copy student attends "
             "with its own teacher's q/k, so pass that teacher"
         )
-    cfg = load_config(str(RunDir(run_dir).config_file))
+    cfg = config_as_trained(RunDir(run_dir), "inspect")
     plan = build_plan(
         teacher.model, student, mode.name, end_layer=cfg.transfer.end_layer, layers=cfg.transfer.layers
     )
@@ -448,7 +448,7 @@ def inspect_attention(
     # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
     run = next((s.run for s in loaded.values() if s.run is not None), None)
     if run is not None and not images and data is None:
-        cfg = load_config(str(run.config_file))
+        cfg = config_as_trained(run, "inspect")
         data, data_root = cfg.data.dataset, data_root or cfg.data.root
         data_options = {"seed": data_seed(cfg), **cfg.data.kwargs}
         say(f"images: {data}'s {split} split as the students' run made it (the data it was trained on)")

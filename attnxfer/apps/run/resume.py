@@ -16,6 +16,7 @@ from typing import Any
 from ...checkpoints.resume_point import KeyChange, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
+from ...config.loading import load_config
 from ...speak import say
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
@@ -66,11 +67,13 @@ def judge(
     run_dir: str | Path | None = None,
     what: str = "run",
     command: str = "train",
+    reader: str = "eval",
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
     written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the
-    batch split may change where it keeps the global batch; ``scoring`` (`attnxfer eval`) may turn
-    ``data.labels`` on (a run trained without labels scored by k-NN)."""
+    batch split may change where it keeps the global batch; ``scoring`` (`attnxfer eval`, or ``reader``:
+    a command that reads the run's own config.yaml) may turn ``data.labels`` on (a run trained without
+    labels scored by k-NN)."""
     if point is None or point.config is None:  # nothing found, or saved without its config
         return point
     if world is not None and keeps_global_batch(point, cfg, world):
@@ -103,6 +106,11 @@ def judge(
                 f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
             )
         config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
+        if scoring and reader != "eval":  # its config.yaml, edited since: no command line to drop them from
+            raise ConfigError(
+                f"{run} holds a {what} (checkpoint {point.name}) {changed}, not as {config} says now; "
+                f"{reader} reads it as it was trained: put those values back in {config}"
+            )
         if scoring:  # eval continues nothing: a new run elsewhere would have nothing to score
             raise ConfigError(
                 f"{run} holds a {what} (checkpoint {point.name}) {changed}; eval scores it as it was trained: "
@@ -113,7 +121,7 @@ def judge(
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
             f"(run_dir=...); to continue this one, drop them (its config: {config})"
         )
-    if point.allowed:
+    if point.allowed and reader == "eval":
         changed = ", ".join(map(str, point.allowed))
         say(
             f"scoring {point.name} with keys changed since it was saved: {changed}"
@@ -121,6 +129,14 @@ def judge(
             else f"resume: changed since {point.name}: {changed}"
         )
     return point
+
+
+def config_as_trained(run: RunDir, reader: str) -> TrainConfig:
+    """The run's config.yaml, refused as eval refuses it (`judge`) where it was edited since the run saved
+    its checkpoints: ``reader`` (export's card, inspect's data and plan) would describe another run."""
+    cfg = load_config(str(run.config_file))
+    judge(ResumePoint.find(run.path, verify_hash=False), cfg, scoring=True, run_dir=run.path, reader=reader)
+    return cfg
 
 
 def check_teacher_content(

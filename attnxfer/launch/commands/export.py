@@ -46,6 +46,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     arguments=_arguments,
 )
 def run(args) -> int:
+    from ...apps.run.resume import config_as_trained
     from ...checkpoints.export import export_run
     from ...checkpoints.onnx_export import require_onnx
     from ...checkpoints.run_dir import RunDir
@@ -53,6 +54,8 @@ def run(args) -> int:
     if "onnx" in args.formats:
         require_onnx()  # a missing package stops before the run is read
     run = RunDir(args.run_dir).final_student()  # a conversion's folder: its stage-2 run
+    if run.config_file.is_file():  # the card names the data and recipe the run was trained with
+        config_as_trained(run, "export")
     if run.path != RunDir(args.run_dir).path:
         say(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
     weights = args.weights
