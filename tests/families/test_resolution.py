@@ -214,3 +214,19 @@ def test_inspect_runs_the_teacher_at_the_size_its_trained_students_were_trained_
     for student in (out, softmax):
         with pytest.raises(InputError, match="was trained at 48 px .* pass --img-size 48"):
             inspect_attention(teacher_spec, [f"local-dir:{student}"], img_size=32, **settings)
+
+
+def test_inspect_of_students_trained_at_two_sizes_names_each_and_says_to_inspect_them_apart(tmp_path):
+    """Each trained student runs at its own size, the teacher rebuilt there: no --img-size serves students of
+    32 and 48 px together, so the refusal names both, whatever --img-size says (not the other's size)."""
+    save_for_hf(CASES["vit"].make(0), tmp_path / "teacher", safe_serialization=True)
+    teacher_spec = f"local-dir:{tmp_path / 'teacher'}"
+    students = []
+    for side in (32, 48):
+        teacher, _ = load_teacher(teacher_spec, img_size=side)
+        students.append(str(export_student(student_like(teacher), tmp_path / f"at{side}", card=card())))
+    for size in (None, 32, 48):
+        with pytest.raises(InputError, match="trained at different image sizes") as refused:
+            inspect_attention(teacher_spec, students, img_size=size, data="synthetic", num_images=2)
+        assert f"({students[0]} at 32 px, {students[1]} at 48 px)" in str(refused.value)
+        assert "inspect them separately, one `attnxfer inspect` per size" in str(refused.value)

@@ -420,8 +420,15 @@ def inspect_attention(
         raise PathExistsError(
             f"{out} holds files of its own that a report would replace ({', '.join(own)}); choose another --out"
         )
-    trained = {s for s in map(trained_size, students) if s is not None}
-    size = img_size or (trained.pop() if len(trained) == 1 else None)
+    trained = {spec: px for spec in students if (px := trained_size(spec)) is not None}
+    if len(set(trained.values())) > 1:  # each runs at its own size, the teacher with it: no one size for all
+        named = ", ".join(f"{spec} at {px} px" for spec, px in trained.items())
+        raise InputError(
+            f"the students were trained at different image sizes ({named}), and a trained student is inspected "
+            "at its own size, beside the teacher rebuilt there: inspect them separately, one `attnxfer inspect` "
+            "per size"
+        )
+    size = img_size or next(iter(trained.values()), None)
     torch.manual_seed(seed)
     t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size, role="teacher")
     token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
