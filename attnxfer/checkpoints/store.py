@@ -182,6 +182,16 @@ def _owner_is_alive(dir_name: str) -> bool:
     return int(pid_str) != os.getpid() and process_alive(int(pid_str))
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Move ``path`` (a checkpoint out of the ``step-*`` namespace, an earlier attempt's result file) to
+    ``<name>.<why>-<time>``: kept for a human, never read, loaded or pruned."""
+    stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+    aside = path.with_name(f"{path.name}.{why}-{stamp}")
+    os.rename(path, aside)
+    _fsync_dir(path.parent)
+    return aside
+
+
 class CheckpointManager:
     """Saves, verifies, finds, loads and prunes checkpoints under ``run_dir/checkpoints/step-XXXXXXXX``.
 
@@ -309,20 +319,12 @@ class CheckpointManager:
         self.clean_temp()
         return final
 
-    def set_aside(self, path: Path, why: str) -> Path:
-        """Move a checkpoint out of the ``step-*`` namespace (kept for a human, never loaded or pruned)."""
-        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-        aside = path.with_name(f"{path.name}.{why}-{stamp}")
-        os.rename(path, aside)
-        _fsync_dir(self.dir)
-        return aside
-
     def _resolve_existing(self, final: Path, exist_ok: bool) -> Path | None:
         """The intact checkpoint at ``final`` when it may be kept; None once a broken one is set aside."""
         try:
             verify_checkpoint(final, verify_hash=self.verify_hash)
         except CorruptCheckpointError as e:
-            aside = self.set_aside(final, "corrupt")
+            aside = set_aside(final, "corrupt")
             warnings.warn(
                 f"{e}; moved it to {aside} and writing a new one", CorruptCheckpointWarning, stacklevel=3
             )

@@ -22,6 +22,7 @@ from ..checkpoints.store import (
     MetricMode,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
+    set_aside,
 )
 from ..speak import warn
 from .distributed import barrier, gather_objects
@@ -132,11 +133,11 @@ class Checkpointing:
         if old is not None and old.record("rank_checksums") and old.record("rank_checksums")[0] == checksum:
             return True
         if old is not None:
-            aside = self.manager.set_aside(existing, "replaced")
+            aside = set_aside(existing, "replaced")
             warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
         for info in self.manager.list(verify_hash=False):
             if info.step > step:
-                aside = self.manager.set_aside(info.path, "replaced")
+                aside = set_aside(info.path, "replaced")
                 warn(
                     f"{info.path.name} was saved after step {step} by an earlier attempt; kept it as {aside}"
                 )

@@ -246,6 +246,13 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     # another budget is another choice: refused, nothing written
     assert cli.main([*args, "convert.speedup=1.2"]) == 2
     assert "convert.speedup" in capsys.readouterr().err and (run / SELECTION_FILE).read_text() == before
+    # starting over chooses again, the earlier attempt's choice and report kept aside as they were
+    reports = {name: (run / name).read_text() for name in ("report.json", "report.md")}
+    assert cli.main([*args, "convert.speedup=1.2", "checkpoint.resume=none"]) == 0
+    assert json.loads((run / SELECTION_FILE).read_text())["speedup"] == 1.2
+    for name, text in {SELECTION_FILE: before, **reports}.items():
+        (kept,) = run.glob(f"{name}.replaced-*")
+        assert kept.read_text() == text and (run / name).read_text() != text, name
 
     out_dir = tmp_path / "export"
     assert (

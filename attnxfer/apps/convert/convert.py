@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 
 from ... import speak
+from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
-from ...checkpoints.store import atomic_write_json, atomic_write_text
+from ...checkpoints.store import atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, apply_overrides, dump_config
 from ...errors import InputError
 from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
@@ -47,12 +48,14 @@ from ..run.training import (
 )
 from .quality import QualityProbe, dataset_size, stage2_worse
 from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
-from .selection import AUTO, check_auto, choose_attentions, measured_section
+from .selection import AUTO, SELECTION_FILE, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
 from .stage1 import Stage1Found, Stage1Job, judge_stage1, open_stage1
 from .stage2 import Stage2Objective, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
+#: what a conversion writes besides its stages' folders and config.yaml
+_RESULTS = (SELECTION_FILE, "report.json", "report.md")
 
 
 _NO_TEACHER = (
@@ -287,6 +290,13 @@ def build_conversion(
         )
     if parts.teacher is None:
         raise InputError(_NO_TEACHER)
+    # starting over keeps the earlier attempt's results aside, as stage 1 its checkpoints: no work is lost
+    if info.is_main_process and ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+        for old in (Path(cfg.run_dir) / name for name in _RESULTS):
+            if old.is_file():
+                speak.warn(
+                    f"checkpoint.resume=none: kept the earlier {old.name} as {set_aside(old, 'replaced')}"
+                )
     cfg, selection = choose_attentions(
         cfg,
         parts,

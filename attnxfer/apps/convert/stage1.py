@@ -19,6 +19,7 @@ from ...checkpoints.store import (
     CheckpointManager,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
+    set_aside,
 )
 from ...config import RESUMABLE_KEYS, TrainConfig, to_dict
 from ...data import ResumableSampler, build_loader, data_identity
@@ -104,7 +105,7 @@ def judge_stage1(
     if fresh and main:  # it starts over: what an earlier stage 1 saved is kept aside, as stage 2's is
         for old in saved.manager.step_dirs():
             warn(
-                f"checkpoint.resume=none: stage 1 starts over; kept its earlier {old.name} as {saved.manager.set_aside(old, 'replaced')}"
+                f"checkpoint.resume=none: stage 1 starts over; kept its earlier {old.name} as {set_aside(old, 'replaced')}"
             )
     found = None if fresh else ResumePoint.find(folder, "auto")
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity

@@ -20,7 +20,7 @@ import torch
 
 from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ...checkpoints.run_lock import run_lock
-from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text
+from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec, recorded_students
 from ...run_layout import STUDY_RECORD, STUDY_YAML
@@ -269,7 +269,7 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
             manager = CheckpointManager(Path(cfg.run_dir))
             for info in manager.list(verify_hash=False):
                 if point is None or info.step > point.step:
-                    aside = manager.set_aside(info.path, "uncommitted")
+                    aside = set_aside(info.path, "uncommitted")
                     say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
     barrier()
     if point is None:
