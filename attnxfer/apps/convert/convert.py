@@ -29,7 +29,7 @@ from ...models.efficient import build_efficient_student, new_parameters, set_dro
 from ...models.image_input import image_input
 from ...models.student import student_spec
 from ...train.devices import resolve_precision
-from ...train.distributed import DistributedInfo, backend_for, joined_process_group
+from ...train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
 from ...train.engine import TrainResult, schedule_steps
 from ...train.measure import evaluate_top1, map_agreement, operation_counts, top1_and_hits
 from ...train.runtime import resolve_device
@@ -39,6 +39,7 @@ from ...transfer.plan import TransferPlan
 from ..run.loaders import build_bank_loader, data_info
 from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
 from ..run.training import (
+    judged_resume,
     loop_settings,
     plan_from_config,
     prepare_trackers_from_config,
@@ -201,9 +202,13 @@ def convert_runs(
             run.sweep = sweep
             _describe(run)
             _place(run, first)
-            # a stage 1 that cannot resume is refused before the teacher is measured
+            # a stage that cannot resume is refused before the teacher is measured
             if run.plan.stage1_steps > 0:
                 run.judge_stage1()
+            with speak.quiet():  # stage 2's own run judges it again, saying what changed
+                judged_resume(
+                    stage2_config(run), rank_and_world()[1], scoring=False, command="convert", built=run.parts
+                )
         teacher_top1 = (
             evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
         )

@@ -307,23 +307,39 @@ def start_run(
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
-    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if not scoring:  # a resumed run keeps its global batch on another world size
-        fitted = fit_world_size(cfg, runtime.world, point)
-        if built is not None and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
-            raise ConfigError(
-                f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
-                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
-                f"command with data.batch_size={fitted.data.batch_size} "
-                f"optim.accum_steps={fitted.optim.accum_steps}"
-            )
-        runtime.accelerator.gradient_accumulation_steps = fitted.optim.accum_steps  # the split it chose
-        cfg = fitted
-    point = judge(point, cfg, world=runtime.world, scoring=scoring, command=command)
+    cfg, point = judged_resume(cfg, runtime.world, found, scoring=scoring, command=command, built=built)
+    if not scoring:
+        runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
     if not scoring and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
     return cfg, runtime, point
+
+
+def judged_resume(
+    cfg: TrainConfig,
+    world: int,
+    found: ResumePoint | None = None,
+    *,
+    scoring: bool,
+    command: str,
+    built: RunParts | None = None,
+) -> tuple[TrainConfig, ResumePoint | None]:
+    """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
+    (``built``: loaders the caller built): the config on this world size and the judged checkpoint. A resume
+    refused raises here, before anything is written."""
+    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
+    if not scoring:  # a resumed run keeps its global batch on another world size
+        fitted = fit_world_size(cfg, world, point)
+        if built is not None and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
+            raise ConfigError(
+                f"{cfg.run_dir} resumes on {world} process(es) with loaders built for "
+                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
+                f"command with data.batch_size={fitted.data.batch_size} "
+                f"optim.accum_steps={fitted.optim.accum_steps}"
+            )
+        cfg = fitted
+    return cfg, judge(point, cfg, world=world, scoring=scoring, command=command)
 
 
 def build_engine(
