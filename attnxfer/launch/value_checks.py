@@ -141,8 +141,11 @@ def _check_attention(key: str, value: Any) -> None:
             continue
         where = f"{key}[{i}]" if isinstance(value, list) else key
         known = sorted(names) + [f"{p}:<spec>" for p in sorted(prefixes)]
+        # no registered name holds a call: a formula written without its prefix (its parse says what is wrong)
+        formula = f"; a formula is named with its prefix: did you mean 'formula:{name}'?"
+        hint = formula if "(" in name else _hint(name, names)
         raise ConfigError(
-            f"{where}: {name!r} is not a registered attention{_hint(name, names)} (one of {', '.join(known)})"
+            f"{where}: {name!r} is not a registered attention{hint} (one of {', '.join(known)})"
         )
 
 

@@ -95,6 +95,12 @@ CASES = [
         2,
         "'logit_kdd' is not a comparison loss; did you mean",
     ),
+    (  # a formula written without its prefix: the spelling that names it, told without importing torch
+        ["convert", "convert.attention=sum(relu)"],
+        2,
+        "convert.attention: 'sum(relu)' is not a registered attention; a formula is named with its prefix: "
+        "did you mean 'formula:sum(relu)'?",
+    ),
     (
         ["convert", "convert.attention=hedgehgo"],
         2,

@@ -38,6 +38,11 @@ def test_attention_names_read_from_the_source_are_the_registrys():
         (["model.attention=[softmax,softmaks]"], "model.attention[1]: 'softmaks'"),
         (["convert.attention=[hedgehog,Hedgehog]"], "convert.attention[1]: 'Hedgehog'"),
         (["convert.attention=formulas:sum(relu)"], "convert.attention: 'formulas:sum(relu)'"),
+        (  # a formula without its prefix, wherever an attention is named: the formula spelling suggested
+            ["convert.candidates=[hedgehog,len(elu1)]"],
+            "convert.candidates[1]: 'len(elu1)' is not a registered attention; a formula is named with its "
+            "prefix: did you mean 'formula:len(elu1)'?",
+        ),
     ],
 )
 def test_an_unknown_attention_name_is_refused_naming_the_key_and_the_choices(overrides, refusal):
