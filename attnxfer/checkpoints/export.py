@@ -41,7 +41,7 @@ from .model_card import (
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
-from .run_lock import _read, claim_new_file, refuse_file_in_the_way, refuse_unwritable
+from .run_lock import claim_new_file, lock_holder, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
 # What an export folder holds (and what overwrite=True replaces).
@@ -431,7 +431,9 @@ def export_run(
         )
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     # a conversion holds its lock in its own folder, above stage 2's run
-    held = [h for d in (run.path, run.path.parent) if (h := _read(d / LOCK_NAME)) and h.why_dead() is None]
+    held = [
+        h for d in (run.path, run.path.parent) if (h := lock_holder(d / LOCK_NAME)) and h.why_dead() is None
+    ]
     if held:
         warn(
             f"{run.path} is still training ({held[0].describe()}): exporting its checkpoint {loaded.why}; "

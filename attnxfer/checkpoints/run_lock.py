@@ -250,7 +250,8 @@ class _Holder:
         return None
 
 
-def _read(path: Path) -> _Holder | None:
+def lock_holder(path: Path) -> _Holder | None:
+    """Who holds the lock file ``path`` (None: no one); ``why_dead()`` says whether it may still be at work."""
     try:
         st = path.stat()
         text = path.read_text(encoding="utf-8")
@@ -270,7 +271,7 @@ def _take_over(path: Path, stale: _Holder) -> bool:
         os.rename(path, aside)
     except FileNotFoundError:
         return False
-    moved = _read(aside)
+    moved = lock_holder(aside)
     if moved is None or moved.content != stale.content:  # we moved a newer, live lock: put it back
         with contextlib.suppress(OSError):
             os.link(aside, path)
@@ -292,7 +293,7 @@ _TAKEN_OVER: set[tuple[Any, ...]] = set()
 
 def _heartbeat(path: Path, token: str, stop: threading.Event, every: float) -> None:
     while not stop.wait(every):
-        holder = _read(path)
+        holder = lock_holder(path)
         if holder is None or holder.content.get("token") != token:
             return  # taken over by someone who judged us dead: nothing of ours to refresh
         with contextlib.suppress(OSError):
@@ -307,7 +308,7 @@ def _acquire(path: Path, content: dict[str, Any]) -> None:
             return
         except FileExistsError:
             pass
-        holder = _read(path)
+        holder = lock_holder(path)
         if holder is None:
             continue  # released between our two calls
         if not holder.content and holder.age_s < 5:
@@ -405,7 +406,7 @@ def run_lock(
             beat.join()
         _HELD.discard(key)
         _OWN_TOKENS.discard(token)
-        holder = _read(path)
+        holder = lock_holder(path)
         if holder is not None and holder.content.get("token") == token:
             with contextlib.suppress(OSError):
                 path.unlink()
