@@ -187,6 +187,10 @@ class RunDir:
 
     def record(self) -> dict[str, Any]:
         """run.json, refusing a folder that is not a run's."""
+        if self.path.is_file():  # its config.yaml, say
+            run = self.path.parent
+            hint = f": give the folder it is in, {run}" if (run / RUN_RECORD).is_file() else ""
+            raise MissingPathError(f"{self.path} is a file, not a run's folder{hint}")
         if not self.path.is_dir():
             raise MissingPathError(f"run dir {missing_path(self.path)}; give the run_dir of a training run")
         if self.is_conversion():

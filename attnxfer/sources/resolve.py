@@ -26,7 +26,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import DEMO_EXPORTS, DEMO_OUT
+from ..run_layout import DEMO_EXPORTS, DEMO_OUT, RUN_RECORD
 from .hub import _HUB_WEIGHT_FILES, _SHARD_INDEX, _hub_file, _hub_weights, _readme_license, _snapshot_commit
 from .load_errors import (
     TeacherLoadError,
@@ -451,6 +451,8 @@ def _resolve_file(
     path = Path(spec.name)
     if not path.is_file():
         raise MissingPathError(f"teacher checkpoint {path} does not exist")
+    if (path.parent / RUN_RECORD).is_file():  # its config.yaml or run.json: weights are in its checkpoints
+        raise InputError(f"{path} is a file in the run folder {path.parent}: give the folder itself")
     if not arch:
         hint = (
             f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"

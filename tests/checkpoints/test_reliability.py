@@ -503,6 +503,7 @@ def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, export
         exported: f"is an exported model, not a run's dir: it loads as local-dir:{exported}",
         exported.parent: f"it holds an exported model, {exported}, which loads as local-dir:{exported}",
         tmp_path / "runs" / "b": f"does not exist ({tmp_path / 'runs'} holds: a/)",
+        trained / "config.yaml": f"is a file, not a run's folder: give the folder it is in, {trained}",
     }
     for given, says in cases.items():
         code, _, err = run_cli(capsys, "export", str(given), str(tmp_path / "out"))

@@ -235,6 +235,9 @@ def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_
     err = _teacher_refused(f"local-dir:{checkpoint}", tmp_path, capsys)
     assert f"{checkpoint} is one of the checkpoints of the run {student}, not a model's folder" in err, err
     assert "search" not in err
+    # its config.yaml read as a weights file would ask for the architecture it was trained as
+    err = _teacher_refused(str(student / "config.yaml"), tmp_path, capsys)
+    assert err.endswith(f"is a file in the run folder {student}: give the folder itself"), err
     assert main(["export", str(student), str(student / "export"), "--checkpoint", "latest"]) == 0
     capsys.readouterr()
     err = _teacher_refused(str(student), tmp_path, capsys)
