@@ -406,6 +406,9 @@ ZOO_OPTIONS = {
     "performer": dict(num_features=24, feature_seed=0),
     "focused_linear": dict(kernel_size=3),
 }
+#: The same sizes for a conversion build, which takes linformer's seq_len from the teacher and refuses sizes
+#: beyond the teacher's grid (the tiny teachers' 4x4: a default window, landmark or agent count is larger).
+CONVERT_OPTIONS = {name: {k: v for k, v in o.items() if k != "seq_len"} for name, o in ZOO_OPTIONS.items()}
 
 
 def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:

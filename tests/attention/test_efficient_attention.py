@@ -39,6 +39,7 @@ from attnxfer.models.efficient import (
     list_attentions,
     new_parameters,
     register_attention,
+    swap_attentions,
 )
 
 ALL = list_attentions()
@@ -742,7 +743,7 @@ def test_all_softmax_student_reproduces_the_teacher():
 def test_mixed_per_layer_student_routes_options():
     teacher = tiny_teacher()
     names = ["window_linear", "linformer", "performer", "softmax"]
-    student = efficient_student_from_teacher(teacher, names, window_size=2, num_features=16)
+    student = efficient_student_from_teacher(teacher, names, window_size=2, num_features=16, proj_len=8)
     assert [b.attn.attention_name for b in student.blocks] == names
     assert student.blocks[0].attn.window_size == (2, 2)
     assert student.blocks[1].attn.seq_len == 17
@@ -754,6 +755,39 @@ def test_mixed_per_layer_student_routes_options():
         efficient_student_from_teacher(teacher, names[:3])
     with pytest.raises(TypeError, match="no chosen attention accepts option\\(s\\) \\['window_size'\\]"):
         efficient_student_from_teacher(teacher, "performer", window_size=2)
+
+
+@pytest.mark.parametrize(
+    "name, option, too_large, largest, shown",
+    [
+        ("window", "window_size", 5, 4, "4x4"),
+        ("agent", "agent_grid", (2, 5), 4, "4x4"),
+        ("nystrom", "num_landmarks", 18, 17, "17"),
+        ("linformer", "proj_len", 18, 17, "17"),
+        ("focused_linear", "kernel_size", 5, 3, "3"),
+    ],
+)
+def test_a_size_beyond_the_teachers_grid_is_refused_where_the_student_is_built(
+    name, option, too_large, largest, shown
+):
+    """Beyond the grid a window is full attention, more landmarks, agents or projected keys than tokens cost
+    more than softmax, a conv's outer taps see only padding: the user asked for an efficient attention, so
+    the build refuses it and names the largest size that fits (the core would silently clamp or pay)."""
+    teacher = tiny_teacher()  # 4x4 patches + a class token: 17 tokens
+    with pytest.raises(
+        ValueError, match=rf"^{option} .* larger than the 4x4 token grid .* use at most {shown};"
+    ):
+        efficient_student_from_teacher(teacher, name, **{option: too_large})
+    efficient_student_from_teacher(teacher, name, **{option: largest})
+
+
+def test_a_size_beyond_the_grid_is_left_to_the_core_when_rebuilding_or_at_another_resolution():
+    """Only a student being made is refused: an export recorded before still rebuilds (`swap_attentions`), and
+    a student of a size-free teacher runs at a smaller grid than its window (clamped to one window)."""
+    rebuilt = swap_attentions(tiny_teacher(), ["linformer"] * 4, [dict(seq_len=17, proj_len=64)] * 4)
+    assert torch.isfinite(rebuilt(torch.randn(1, 3, 64, 64))).all()
+    student = efficient_student_from_teacher(tiny_teacher(dynamic_img_size=True), "window", window_size=4)
+    assert torch.isfinite(student(torch.randn(1, 3, 32, 32))).all()
 
 
 def test_configure_token_layout_reads_the_model():

@@ -330,7 +330,7 @@ def test_a_student_of_fixed_length_is_skipped_at_other_sizes_and_the_others_are_
         return teacher, {
             "relu_linear": build_efficient_student(teacher, "relu_linear"),
             # built for the 32 px grid (16 patches + the class token) at every size
-            "linformer": build_efficient_student(teacher, "linformer", seq_len=17),
+            "linformer": build_efficient_student(teacher, "linformer", seq_len=17, proj_len=8),
         }
 
     sweeps = break_even_sweeps(

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import peaked_teacher, run_cli, tiny_convert_report, tiny_run, tiny_vit
+from helpers import CONVERT_OPTIONS, peaked_teacher, run_cli, tiny_convert_report, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert.convert import conversion_plan_from_config
@@ -63,9 +63,7 @@ def _teacher_qk_input(teacher, x, layer):
 def test_implicit_map_loss_matches_the_materialised_oracle(name, loss):
     """Chunked, checkpointed loss == the loss on explicit N x N maps, in value, KL and gradients."""
     teacher = _teacher(depth=1)
-    student = build_efficient_student(
-        teacher, name, **({"window_size": 2} if name == "window_linear" else {})
-    )
+    student = build_efficient_student(teacher, name, **CONVERT_OPTIONS.get(name, {}))
     attn = student.blocks[0].attn
     for p in attn.parameters():  # move off the init so the gradients are not special
         p.data.add_(0.05 * torch.randn_like(p))
@@ -249,7 +247,7 @@ def test_clear_errors_for_bad_conversions():
         build_efficient_student(teacher, ["hedgehog"] * 3)
     with pytest.raises(ValueError, match="attention_kwargs.*num_featurs"):
         build_efficient_student(teacher, "performer", num_featurs=8)
-    nystrom = build_efficient_student(teacher, "nystrom")
+    nystrom = build_efficient_student(teacher, "nystrom", num_landmarks=4)
     with pytest.raises(
         ValueError, match="map loss 'ce' does not apply to a 'signed' attention.*'mse' or 'output'"
     ):
@@ -530,6 +528,7 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
                     tmp_path / "bad2",
                     tiny_teacher_dir,
                     "convert.attention=nystrom",
+                    "convert.attention_kwargs={num_landmarks: 4}",
                     "convert.map_loss=ce",
                     "convert.stage1_train=qk",
                 ),

@@ -15,14 +15,13 @@ import json
 import pytest
 import timm
 import torch
-from helpers import tiny_convert_report, tiny_run
+from helpers import CONVERT_OPTIONS, tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.models.attention import capture_attention
 from attnxfer.models.efficient import (
     HedgehogAttention,
     build_efficient_student,
-    get_attention_class,
     new_parameters,
     with_attention,
 )
@@ -70,14 +69,12 @@ def test_a_full_window_student_of_a_rope_teacher_reproduces_its_logits(family, x
 
 
 def _students(teacher):
-    """(name, converted student) for every zoo attention with a map or an output to fit; windowed ones in 2x2
-    windows (keys outside). ``none`` (attention-free: nothing to rotate or fit) has its own tests in
-    tests/families/test_convert_hier.py."""
+    """(name, converted student) for every zoo attention with a map or an output to fit, sized to the 4x4 grid
+    (windowed ones in 2x2 windows: keys outside). ``none`` (attention-free: nothing to rotate or fit) has its
+    own tests in tests/families/test_convert_hier.py."""
     for name in rope_support():
-        if name == "none":
-            continue
-        windowed = get_attention_class(name).accepts_option("window_size")
-        yield name, build_efficient_student(teacher, name, **({"window_size": 2} if windowed else {}))
+        if name != "none":
+            yield name, build_efficient_student(teacher, name, **CONVERT_OPTIONS.get(name, {}))
 
 
 def test_every_zoo_attention_declares_rope_and_takes_the_teachers_rotated_q_and_k(eva02, x):

@@ -35,7 +35,7 @@ def test_each_distilled_layers_plan_line_names_its_own_loss():
         in said
     )
     assert "CE" not in said  # neither the mode's line nor a layer's claims a cross-entropy
-    mixed = build_efficient_student(teacher, ["performer", "linformer"])
+    mixed = build_efficient_student(teacher, ["performer", "linformer"], proj_len=8)
     lines = build_plan(teacher, mixed, "distill").describe().splitlines()
     assert [line.split(": ")[1] for line in lines if line.startswith("  loss, layer ")] == [
         "performer",

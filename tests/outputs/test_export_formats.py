@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import transformers
 from families.cases import build_hier, build_swin
-from helpers import card, fast_cells
+from helpers import CONVERT_OPTIONS, card, fast_cells
 from teachers.test_transformers_teachers import save_tiny
 
 from attnxfer.checkpoints.export import export_run, export_student
@@ -153,7 +153,7 @@ def test_a_hierarchical_efficient_student_runs_in_onnx_runtime(family, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in list_attentions() if n != "softmax"])
 def test_every_registered_attention_exports_to_onnx(name, tmp_path):
-    student = efficient_student(name)
+    student = efficient_student(name, **CONVERT_OPTIONS.get(name, {}))
     out = export_student(student, tmp_path / name, card=card(), formats=("onnx",))
     assert_onnx_matches(student, out)
 

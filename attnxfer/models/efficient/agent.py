@@ -47,6 +47,7 @@ class AgentAttention(EfficientAttention):
         "row-stochastic maps for any input (agents average rotated queries)"
     )
     precision = AGENT_BF16
+    grid_sized = (("agent_grid", "grid"),)  # more agents than tokens cost more than softmax
 
     def __init__(
         self,

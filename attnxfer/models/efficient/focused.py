@@ -57,6 +57,7 @@ class FocusedLinearAttention(KernelAttention):
     needs_token_layout = True
     eps: float = 1e-6
     precision = FOCUSED_BF16
+    grid_sized = (("kernel_size", "odd side"),)  # taps beyond the grid see only zero padding
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.0, kernel_size: int = 5, **kwargs

@@ -46,6 +46,7 @@ class LinformerAttention(EfficientAttention):
     )
     precision = LINFORMER_BF16
     repr_options = ("seq_len", "proj_len")
+    grid_sized = (("proj_len", "tokens"),)  # projecting N keys onto more than N costs more than softmax
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, seq_len: int | None = None, proj_len: int = 64, **kwargs

@@ -41,6 +41,7 @@ class NystromAttention(EfficientAttention):
     rope_keeps_map_kind = True
     rope_why = "keeps signed: landmark softmaxes of rotated q, k and a pseudo-inverse, signed for any input"
     precision = NYSTROM_FP32
+    grid_sized = (("num_landmarks", "tokens"),)  # N landmarks: softmax through an N x N pseudo-inverse
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6, **kwargs

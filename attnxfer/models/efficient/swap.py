@@ -25,6 +25,7 @@ from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
 from ..norm_eps import norms_as_recorded
+from .base import EfficientAttention
 from .hierarchical import (
     expand_attention_names,
     flat_blocks,
@@ -95,7 +96,11 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
             )
     classes = check_options(names, attn_kwargs)
     options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
-    return (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
+    model = (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
+    for attn in transferable_attentions(model):  # not in swap_attentions: an export made before still loads
+        if isinstance(attn, EfficientAttention):
+            attn.check_grid_fit()
+    return model
 
 
 def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type[nn.Module]]:

@@ -60,6 +60,7 @@ class WindowAttention(EfficientAttention):
     )
     precision = WINDOW_BF16
     repr_options = ("window_size",)
+    grid_sized = (("window_size", "grid"),)  # a window over the whole grid is full attention
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs
