@@ -121,6 +121,15 @@ def test_pvt_swap_keeps_the_teachers_weights_over_all_tokens(pvt, images):
     assert not hasattr(s_attn, "sr") and not hasattr(s_attn, "kv")
 
 
+@pytest.mark.parametrize("name", ["formula:sum(relu+win(3))", "formula:sum(relu+conv(3))"])
+def test_a_pvt_formula_student_runs_where_a_stage_is_smaller_than_its_window_or_conv(pvt, images, name):
+    """PVTv2 declares each stage's grid per call (any image size): the 2x2 and 1x1 stages at 32 px take a
+    win(3) or conv(3) clamped to them, as a window attention's window is; they stopped the forward."""
+    student = build_efficient_student(pvt, name)
+    with torch.no_grad():
+        assert torch.isfinite(student(images)).all()
+
+
 def test_swin_swap_inside_windows_with_the_shift_mask(swin, images):
     unbiased = copy.deepcopy(swin)
     for module in unbiased.modules():

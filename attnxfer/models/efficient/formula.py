@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -247,8 +247,9 @@ class FormulaAttention(WindowLinearAttention):
 
     def __init__(self, dim: int, num_heads: int = 8, *, program: str = DEFAULT_PROGRAM, **kwargs) -> None:
         formula = parse_formula(program)
-        self.formula = formula  # set first: set_token_layout (in the base __init__) checks sizes with it
+        self.formula = formula
         WindowAttention.__init__(self, dim, num_heads, window_size=formula.window or 1, **kwargs)
+        # the grid declared as built; not per call (PVTv2 declares each stage's): elsewhere the core clamps
         check_formula(formula, self.head_dim, self.grid_size)
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.program = str(formula)
@@ -267,11 +268,6 @@ class FormulaAttention(WindowLinearAttention):
     @classmethod
     def own_options(cls) -> list[str]:
         return ["program"]  # the window hybrid's options are the program's business here
-
-    def set_token_layout(self, num_prefix_tokens: int, grid_size: int | Sequence[int] | None = None) -> None:
-        super().set_token_layout(num_prefix_tokens, grid_size)
-        if self.grid_size is not None and hasattr(self, "head_dim"):
-            check_formula(self.formula, self.head_dim, self.grid_size)
 
     def reset_new_parameters(self) -> None:
         with torch.no_grad():
