@@ -32,6 +32,7 @@ from attnxfer.models.efficient import (
     COUNTERPART_MODULES,
     EfficientAttention,
     attention_layer,
+    build_efficient_student,
     configure_token_layout,
     create_attention,
     efficient_student_from_teacher,
@@ -782,12 +783,28 @@ def test_a_size_beyond_the_teachers_grid_is_refused_where_the_student_is_built(
 
 
 def test_a_size_beyond_the_grid_is_left_to_the_core_when_rebuilding_or_at_another_resolution():
-    """Only a student being made is refused: an export recorded before still rebuilds (`swap_attentions`), and
-    a student of a size-free teacher runs at a smaller grid than its window (clamped to one window)."""
+    """Only a student being made is refused, and only where its size fits no layer: an export recorded before
+    still rebuilds (`swap_attentions`), and a student of a size-free teacher runs at a smaller grid than its
+    window (clamped to one window)."""
     rebuilt = swap_attentions(tiny_teacher(), ["linformer"] * 4, [dict(seq_len=17, proj_len=64)] * 4)
     assert torch.isfinite(rebuilt(torch.randn(1, 3, 64, 64))).all()
     student = efficient_student_from_teacher(tiny_teacher(dynamic_img_size=True), "window", window_size=4)
     assert torch.isfinite(student(torch.randn(1, 3, 32, 32))).all()
+    # a Swin whose last stage's windows (4x4) are smaller than the first stages' (8x8): a window of 8 fits
+    # those, and is clamped in the last; 9 fits none
+    swin = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=64,
+        embed_dim=16,
+        depths=(2, 2, 2),
+        num_heads=(1, 2, 4),
+        window_size=8,
+        num_classes=5,
+    )
+    student = build_efficient_student(swin, "window", window_size=8)
+    assert torch.isfinite(student(torch.randn(1, 3, 64, 64))).all()
+    with pytest.raises(ValueError, match="window_size 9x9 is larger than the 8x8 token grid"):
+        build_efficient_student(swin, "window", window_size=9)
 
 
 def test_configure_token_layout_reads_the_model():

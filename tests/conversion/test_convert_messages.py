@@ -86,6 +86,19 @@ def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(
     assert "Traceback" not in err
 
 
+def test_a_default_size_too_large_for_the_grid_is_named_under_the_options_key(
+    tmp_path, headless_teacher_dir, capsys
+):
+    """nystrom's default 32 landmarks on the teacher's 17 tokens: refused as a value the user set would be,
+    naming the key that sets it (a zoo attention in train too)."""
+    base = [f"teacher.spec=local-dir:{headless_teacher_dir}", *tiny_run(32, 16)]
+    assert main(["convert", f"run_dir={tmp_path / 'c'}", *base, "convert.attention=nystrom"]) == 2
+    said = "attention_kwargs: num_landmarks 32 is larger than the 4x4 token grid (17 tokens with the prefix)"
+    assert f"convert.{said}" in capsys.readouterr().err
+    assert main(["train", f"run_dir={tmp_path / 't'}", *base, "model.attention=nystrom"]) == 2
+    assert f"model.{said}" in capsys.readouterr().err
+
+
 def test_summary_with_a_classifier_teacher_gives_the_share():
     report = {
         "top1": {"teacher": 80.0, "before_stage1": 10.0, "after_stage1": 60.0, "after_stage2": 72.0},

@@ -15,7 +15,7 @@ from ...config import ModelConfig, TrainConfig
 from ...data import DatasetInfo
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
-from ...models.efficient import with_attention
+from ...models.efficient import GridFitError, with_attention
 from ...models.image_input import ImageSizeError, image_input
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
@@ -221,7 +221,8 @@ def student_attention(
     try:
         return with_attention(student, attention, **options)
     except (KeyError, ValueError, TypeError) as e:
-        option_named = str(e.args[0]).split(" ")[0] in options  # "window_size must be >= 1, got 0"
+        # "window_size must be >= 1, got 0"; a default too large for the grid is set there too
+        option_named = str(e.args[0]).split(" ")[0] in options or isinstance(e, GridFitError)
         unknown_option = isinstance(e, TypeError) and "option" in str(e)
         what = "model.attention_kwargs" if option_named or unknown_option else "model.attention"
         raise InputError(f"{what}: {e.args[0]}") from None

@@ -20,7 +20,11 @@ from ..attention.registry import (
     list_attentions as list_attentions,
     register_attention as register_attention,
 )
-from .base import EfficientAttention as EfficientAttention, precision_policies as precision_policies
+from .base import (
+    EfficientAttention as EfficientAttention,
+    GridFitError as GridFitError,
+    precision_policies as precision_policies,
+)
 from .swap import (
     build_efficient_student as build_efficient_student,
     check_softmax_teacher as check_softmax_teacher,

@@ -22,6 +22,11 @@ from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, opera
 from ..attention.registry import get_attention_class, list_attentions
 
 
+class GridFitError(InputError):
+    """An option larger than the token grid allows: set by the user's options (``*.attention_kwargs``) even where
+    its value is the attention's default."""
+
+
 class EfficientAttention(TransferableAttention):
     """Base class: timm's ``Attention`` constructor (``attn_layer=Cls`` works) plus token layout and
     the subclass's options. ``attn_drop`` acts only where the map is explicit (window) but exists everywhere,
@@ -181,7 +186,7 @@ class EfficientAttention(TransferableAttention):
             size, most = getattr(self, option), bounds[bound]
             if any(s > m for s, m in zip(as_grid(size), as_grid(most))):
                 size, most = ("x".join(map(str, v)) if isinstance(v, tuple) else v for v in (size, most))
-                raise InputError(
+                raise GridFitError(
                     f"{option} {size} is larger than the {gh}x{gw} token grid ({p + gh * gw} tokens with the "
                     f"prefix) allows: use at most {most}; beyond it {self.attention_name} is full attention or "
                     "costs more, not an efficient attention"

@@ -25,7 +25,7 @@ from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
 from ..norm_eps import norms_as_recorded
-from .base import EfficientAttention
+from .base import EfficientAttention, GridFitError
 from .hierarchical import (
     expand_attention_names,
     flat_blocks,
@@ -97,9 +97,18 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
     classes = check_options(names, attn_kwargs)
     options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
     model = (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
-    for attn in transferable_attentions(model):  # not in swap_attentions: an export made before still loads
+    # not in swap_attentions: an export made before still loads. Refused where it fits no layer: a hierarchical
+    # model's later stages have smaller grids, where the core clamps a size the first stages use
+    refused: dict[type, GridFitError | None] = {}
+    for attn in transferable_attentions(model):
         if isinstance(attn, EfficientAttention):
-            attn.check_grid_fit()
+            try:
+                attn.check_grid_fit()
+                refused[type(attn)] = None
+            except GridFitError as e:
+                refused.setdefault(type(attn), e)
+    if any(refused.values()):
+        raise next(e for e in refused.values() if e)
     return model
 
 
