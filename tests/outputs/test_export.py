@@ -313,7 +313,8 @@ def fake_run(run_dir: Path, mode: str = "distill") -> dict:
     base = trained_student(steps=0).state_dict()
     spec = student_spec(trained_student(steps=0))
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(RECIPE)
+    # a config the run's own commands load (export and inspect judge it against the checkpoints)
+    (run_dir / "config.yaml").write_text("data:\n  dataset: animal_mnist\n  img_size: 32\n")
     (run_dir / "run.json").write_text(
         json.dumps({"teacher": MAE_TEACHER.to_dict(), "student": spec, "plan": PLAN, "mode": mode})
     )
@@ -352,7 +353,7 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     assert_exported(out, weights[(100, "ema")])
     text = (out / "README.md").read_text()
     assert "step-00000100 (best val top-1 70.00), ema weights" in text and "| val_top1 | 70 |" in text
-    assert "name: animal-mnist" in text and PLAN in text and "inherits that licence" in text
+    assert "dataset: animal_mnist" in text and PLAN in text and "inherits that licence" in text
     plain = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert_exported(out, plain.state_dict())
 
