@@ -317,14 +317,20 @@ def test_export_and_inspect_refuse_a_config_yaml_edited_after_training_as_eval_d
     trained, tmp_path, capsys
 ):
     """The model card and inspect's default images name the run's data: an edited data.dataset would name
-    data it never saw. Put back, both go ahead."""
+    data it never saw. Put back, both go ahead. Eval of the edited file says the same."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     config = run / "config.yaml"
     as_trained = config.read_text()
+    as_trained = as_trained.replace(str(trained), str(run))  # the copy's own run_dir, for eval -c
     config.write_text(as_trained.replace("dataset: synthetic", "dataset: animal_mnist"))
     out = str(tmp_path / "out")
-    for command in (["export", str(run), out], ["inspect", str(run), str(run), "--out", out]):
+    # eval -c of the edited file itself: "score it with its own config" would name the same file
+    for command in (
+        ["export", str(run), out],
+        ["inspect", str(run), str(run), "--out", out],
+        ["eval", "-c", str(config)],
+    ):
         code, _, err = run_cli(capsys, *command)
         line = _error_line(err)
         assert code == 2 and "data.dataset ('synthetic' -> 'animal_mnist')" in line

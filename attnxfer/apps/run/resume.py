@@ -106,7 +106,12 @@ def judge(
                 f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
             )
         config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
-        if scoring and reader != "eval":  # its config.yaml, edited since: no command line to drop them from
+        try:  # the run's own config.yaml edited since: no command line to drop them from
+            now = to_dict(load_config(str(config))) if config == RunDir(run).config_file else {}
+        except ConfigError:
+            now = {}
+        edited = bool(now) and all(find_key(now, c.key) == (True, c.new) for c in point.refused)
+        if scoring and (reader != "eval" or edited):
             raise ConfigError(
                 f"{run} holds a {what} (checkpoint {point.name}) {changed}, not as {config} says now; "
                 f"{reader} reads it as it was trained: put those values back in {config}"
