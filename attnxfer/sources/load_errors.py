@@ -15,6 +15,7 @@ from ..run_layout import (
     STAGE_DIRS,
     STATE_NAME,
     STUDY_RECORD,
+    is_exported_model,
     read_record,
 )
 
@@ -65,6 +66,8 @@ def run_folder_hint(folder: Path) -> str | None:
         )
     elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
         run, what = folder, "a student's run folder"
+    elif (folder / RUN_CONFIG).is_file() and not is_exported_model(folder):
+        return f"{folder} holds a run's config.yaml alone: its run never got past its start, nothing to read"
     else:
         return None
     export = run / "export"

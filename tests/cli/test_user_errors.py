@@ -209,6 +209,13 @@ def test_a_model_folder_given_without_local_dir_is_told_to_use_it(tiny_teacher_d
     (tmp_path / "empty").mkdir()
     err = _teacher_refused(str(tmp_path / "empty"), tmp_path, capsys)
     assert "the folder exists but holds no config.json" in err and "hf-hub" not in err
+    # a run that never got past its start: its config.yaml, nothing trained
+    (tmp_path / "empty" / "config.yaml").write_text("run_dir: x\n")
+    for spec in (str(tmp_path / "empty"), f"local-dir:{tmp_path / 'empty'}"):
+        err = _teacher_refused(spec, tmp_path, capsys)
+        assert err.endswith(
+            "holds a run's config.yaml alone: its run never got past its start, nothing to read"
+        )
 
 
 @pytest.mark.parametrize("argv", [["eval", "-c", "{m}"], ["eval", "-c", "{m}/config.json"], ["train", "{m}"]])
