@@ -135,10 +135,11 @@ def _install(staging: Path, out_dir: Path, overwrite: bool = False) -> None:
     """Move a finished export into ``out_dir``, replacing a previous export's files (nothing else) where
     ``overwrite``; else its README.md, claimed first, refuses an export that wrote there meanwhile."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not overwrite:
+    if overwrite:
+        for name in EXPORT_FILES:
+            (out_dir / name).unlink(missing_ok=True)
+    else:
         claim_new_file(out_dir / "README.md", "export")
-    for name in EXPORT_FILES if overwrite else ():
-        (out_dir / name).unlink(missing_ok=True)
     for f in staging.iterdir():
         if f.is_file():
             give_normal_mode(f)  # every file as its neighbours: safetensors writes its own 0600
@@ -431,12 +432,11 @@ def export_run(
         )
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     # a conversion holds its lock in its own folder, above stage 2's run
-    held = [
-        h for d in (run.path, run.path.parent) if (h := lock_holder(d / LOCK_NAME)) and h.why_dead() is None
-    ]
-    if held:
+    holders = (lock_holder(d / LOCK_NAME) for d in (run.path, run.path.parent))
+    held = next((h for h in holders if h is not None and h.why_dead() is None), None)
+    if held is not None:
         warn(
-            f"{run.path} is still training ({held[0].describe()}): exporting its checkpoint {loaded.why}; "
+            f"{run.path} is still training ({held.describe()}): exporting its checkpoint {loaded.why}; "
             "export again when the run ends for its final weights"
         )
     recipe = run.recipe()

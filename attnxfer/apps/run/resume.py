@@ -9,6 +9,7 @@ teacher spelled another way whose weights hash as recorded, the same data in ano
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,13 +68,13 @@ def judge(
     run_dir: str | Path | None = None,
     what: str = "run",
     command: str = "train",
-    reader: str = "eval",
+    reader: str | None = None,
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
     written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the
     batch split may change where it keeps the global batch; ``scoring`` (`attnxfer eval`, or ``reader``:
-    a command that reads the run's own config.yaml) may turn ``data.labels`` on (a run trained without
-    labels scored by k-NN)."""
+    a command that reads the run's own config.yaml, which says nothing of allowed changes) may turn
+    ``data.labels`` on (a run trained without labels scored by k-NN)."""
     if point is None or point.config is None:  # nothing found, or saved without its config
         return point
     if world is not None and keeps_global_batch(point, cfg, world):
@@ -105,16 +106,19 @@ def judge(
                 f"that {what} as it was; nothing was written. To start from its weights with the new values: "
                 f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
             )
-        config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
-        try:  # the run's own config.yaml edited since: no command line to drop them from
-            now = to_dict(load_config(str(config))) if config == RunDir(run).config_file else {}
-        except ConfigError:
-            now = {}
-        edited = bool(now) and all(find_key(now, c.key) == (True, c.new) for c in point.refused)
-        if scoring and (reader != "eval" or edited):
+        own = RunDir(run).config_file
+        config = own if own.is_file() else point.path
+        # the run's own config.yaml edited since (read by export or inspect, or given to eval -c): no
+        # command line to drop the values from
+        edited = reader is not None
+        if scoring and not edited and config == own:
+            with contextlib.suppress(ConfigError):
+                now = to_dict(load_config(str(own)))
+                edited = all(find_key(now, c.key) == (True, c.new) for c in point.refused)
+        if scoring and edited:
             raise ConfigError(
                 f"{run} holds a {what} (checkpoint {point.name}) {changed}, not as {config} says now; "
-                f"{reader} reads it as it was trained: put those values back in {config}"
+                f"{reader or 'eval'} reads it as it was trained: put those values back in {config}"
             )
         if scoring:  # eval continues nothing: a new run elsewhere would have nothing to score
             raise ConfigError(
@@ -126,7 +130,7 @@ def judge(
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
             f"(run_dir=...); to continue this one, drop them (its config: {config})"
         )
-    if point.allowed and reader == "eval":
+    if point.allowed and reader is None:
         changed = ", ".join(map(str, point.allowed))
         say(
             f"scoring {point.name} with keys changed since it was saved: {changed}"

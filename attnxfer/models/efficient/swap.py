@@ -107,8 +107,8 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
                 refused[type(attn)] = None
             except GridFitError as e:
                 refused.setdefault(type(attn), e)
-    if any(refused.values()):
-        raise next(e for e in refused.values() if e)
+    for error in filter(None, refused.values()):
+        raise error
     return model
 
 
