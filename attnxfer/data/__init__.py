@@ -1,6 +1,11 @@
-"""Datasets, a resumable distributed sampler and loaders, every sample a function of (seed, epoch, index)."""
+"""Datasets, a resumable distributed sampler and loaders, every sample a function of (seed, epoch, index).
 
-from . import animal_mnist, folder, recall, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
+Importing the package imports every module in it, so a dataset registered in a new file here is found by
+name."""
+
+import importlib
+import pkgutil
+
 from .cache import cache_dir as cache_dir
 from .identity import data_identity as data_identity
 from .in_memory import InMemoryImageDataset as InMemoryImageDataset
@@ -31,3 +36,6 @@ from .timm_sources import (
     StreamDataset as StreamDataset,
     StreamPosition as StreamPosition,
 )
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registers the datasets it defines

@@ -1,4 +1,10 @@
-"""The algorithm: transfer plans, the teacher–student wrapper and the losses (no config, no I/O)."""
+"""The algorithm: transfer plans, the teacher–student wrapper and the losses (no config, no I/O).
+
+Importing the package imports every module in it, so a comparison loss registered in a new file here is
+found by name, as an attention is in ``models/efficient/``."""
+
+import importlib
+import pkgutil
 
 from ..models.handover import Chunks, Signal
 from .comparisons import (
@@ -64,3 +70,6 @@ __all__ = [
     "select_layers",
     "teacher_entropy",
 ]
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+    importlib.import_module(f"{__name__}.{_module}")  # registers the comparison losses it defines

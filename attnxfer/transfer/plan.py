@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from ..models.attention import MapKind, attention_name_of
 from ..models.handover import Signal
-from . import attention_comparisons, feature_loss, logit_loss  # noqa: F401  the built-in comparison losses
 from .attention_comparisons import check_head_dims_match, check_heads_match
 from .comparisons import Comparison, PlanModels, comparison_from_entry
 from .modes import MODES as MODES, PlanError, TransferMode, get_mode

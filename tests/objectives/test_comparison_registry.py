@@ -7,11 +7,17 @@ distillation keys (``transfer.mode`` / ``atd_weight``, ``logit_distill`` / ``log
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import peaked_teacher, tiny_run, tiny_vit
 
+import attnxfer
 from attnxfer.apps.run.training import train
 from attnxfer.config import load_config
 from attnxfer.transfer import (
@@ -186,3 +192,78 @@ def test_a_second_loss_under_a_taken_name_is_refused():
         @comparison_loss("feat_l2")
         class Other(ComparisonLoss):
             signals = (Signal.FEATURES,)
+
+
+_FORKED_LOSS = """
+import torch.nn.functional as F
+
+from ..models.handover import Signal
+from .comparisons import ComparisonLoss, comparison_loss
+from .step_loss import Loss
+
+
+@comparison_loss("cosine")
+class Cosine(ComparisonLoss):
+    signals = (Signal.Q, Signal.K)
+
+    def compare_layer(self, comparison, pair, step) -> Loss:
+        s, t = pair.student[comparison.signal], pair.teacher[comparison.signal].detach()
+        loss = 1 - F.cosine_similarity(s.float(), t.float(), dim=-1).mean()
+        return Loss(loss, {f"cosine_{comparison.signal}/{pair.student_layer}": loss})
+"""
+
+_FORKED_DATASET = """
+from .registry import DatasetInfo, register_dataset
+from .synthetic import build_synthetic
+
+INFO = DatasetInfo(name="blobs", num_classes=4, class_names=None, mean=(0.5,), std=(0.25,), in_chans=3, img_size=32)
+
+
+@register_dataset("blobs", info=INFO)
+def build_blobs(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):
+    return build_synthetic(split, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
+                           num_classes=4, length=8)
+"""
+
+
+@pytest.mark.slow
+def test_a_loss_and_a_dataset_in_new_files_of_a_forked_package_reach_the_cli(tmp_path, tiny_teacher_dir):
+    """What a fork adds is one file each: ``transfer/cosine.py`` and ``data/blobs.py`` in a copy of the
+    package, and ``attnxfer train`` (the CLI, in a child process that imports the copy) checks the names as
+    the config loads, trains with the loss on the dataset, and logs the loss's term at each layer."""
+    fork = tmp_path / "fork"
+    shutil.copytree(
+        Path(attnxfer.__file__).parent, fork / "attnxfer", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (fork / "attnxfer" / "transfer" / "cosine.py").write_text(_FORKED_LOSS)
+    (fork / "attnxfer" / "data" / "blobs.py").write_text(_FORKED_DATASET)
+    argv = [
+        "train",
+        f"run_dir={tmp_path / 'run'}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        *tiny_run(8, 4),
+        "data.dataset=blobs",
+        "data.kwargs={}",
+        "transfer.mode=none",
+        "transfer.losses=[{name: cosine, signal: k}]",
+        "schedule.max_steps=1",
+        "log.every_steps=1",
+    ]
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from attnxfer.launch.cli import main; sys.exit(main(sys.argv[1:]))",
+            *argv,
+        ],
+        cwd=fork,
+        env={**os.environ, "PYTHONPATH": str(fork)},
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
+    assert "data: blobs, 8 train / 8 val images, 4 classes" in child.stdout + child.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in rows if r["split"] == "train")
+    assert 0 < step["cosine_k/0"] <= 2 and 0 < step["cosine_k/1"] <= 2
+    assert step["transfer"] == pytest.approx(step["cosine_k/0"] + step["cosine_k/1"], rel=1e-6)
