@@ -74,6 +74,8 @@ class TrackerKind:
     build: Callable[[TrackerContext], Any]
     resume_record: Callable[[Any], dict[str, Any]]
     takes_hparams: bool = True
+    #: it logs into a named project (``log.project``, which must not be empty)
+    in_project: bool = True
     prepare: Callable[[Path], TrackerSetup] = lambda run_dir: TrackerSetup()
     scope: Callable[[Mapping[str, Any]], AbstractContextManager] = lambda options: contextlib.nullcontext()
 
@@ -249,7 +251,15 @@ def _mlflow_record(tracker) -> dict[str, Any]:
 TRACKERS: dict[str, TrackerKind] = {
     kind.name: kind
     for kind in (
-        TrackerKind("tensorboard", "tensorboard", None, _tensorboard, lambda t: {}, takes_hparams=False),
+        TrackerKind(
+            "tensorboard",
+            "tensorboard",
+            None,
+            _tensorboard,
+            lambda t: {},
+            takes_hparams=False,
+            in_project=False,
+        ),
         TrackerKind("wandb", "wandb", "wandb", _wandb, lambda t: {"id": t.run.id}, prepare=_wandb_prepare),
         TrackerKind(
             "mlflow",

@@ -13,13 +13,17 @@ from attnxfer.config.keys import leaves
 from attnxfer.launch import value_checks
 from attnxfer.launch.value_checks import check_values, is_architecture
 from attnxfer.models.attention import registry
+from attnxfer.train.trackers import TRACKERS
 from attnxfer.transfer.comparisons import COMPARISON_LOSSES
 from attnxfer.transfer.modes import MODES
 
 
-def test_the_schema_offers_exactly_the_transfer_modes():
-    (mode,) = [leaf for leaf in leaves(TrainConfig) if leaf.name == "transfer.mode"]
-    assert mode.range.choices == tuple(MODES)
+def test_the_schema_offers_exactly_the_transfer_modes_and_the_trackers():
+    """The config's choices are written out (it imports no torch): a mode or tracker added to its table alone
+    would be refused as the config loads."""
+    rules = {leaf.name: leaf.range for leaf in leaves(TrainConfig)}
+    assert rules["transfer.mode"].choices == tuple(MODES)
+    assert rules["log.trackers"].choices == tuple(TRACKERS)
 
 
 def test_attention_names_read_from_the_source_are_the_registrys():

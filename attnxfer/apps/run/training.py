@@ -36,7 +36,7 @@ from ...train.evaluation import evaluate, evaluate_features
 from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
-from ...train.trackers import prepare_trackers
+from ...train.trackers import TRACKERS, prepare_trackers
 from ...transfer.plan import TransferPlan, build_plan
 from ...transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
@@ -195,7 +195,7 @@ def loop_settings(
 def prepare_trackers_from_config(cfg: TrainConfig, run_dir: str | Path | None = None) -> None:
     """How ``log.trackers`` will log for ``run_dir`` (default the run's), decided and said on this process
     before the teacher and the data load: a tracker that cannot log from here stops the run at once."""
-    named = [t for t in cfg.log.trackers if t in ("wandb", "mlflow")]
+    named = [t for t in cfg.log.trackers if t in TRACKERS and TRACKERS[t].in_project]
     if named and not cfg.log.project.strip():  # MLflow refuses it only at the first record, after a step
         raise InputError(
             f"log.project is empty; {' and '.join(named)} log(s) into a named project: set one (default: attnxfer)"
