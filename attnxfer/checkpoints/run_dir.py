@@ -221,6 +221,12 @@ class RunDir:
                     f"{self.path} is a stage of the conversion {self.path.parent}, whose final student is read "
                     f"from the conversion's folder: give {self.path.parent}"
                 )
+            if (self.path / CHECKPOINTS_SUBDIR).is_dir():
+                raise MissingPathError(
+                    f"{self.path} holds checkpoints but no {RUN_RECORD}, the run's record of what it trained: put "
+                    f"it back, or run the command that trained it again, -c {self.config_file}, which writes it "
+                    "anew (a finished run trains no further)"
+                )
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
             )

@@ -127,6 +127,15 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
         f"nothing to do: {run} is at step 8 of the 8"
     )
     assert _files(run) == before
+    # its run.json lost: export says how to get it back, and the run run again writes it anew
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").unlink()
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "export"))
+    assert code == 2 and f"{run} holds checkpoints but no run.json" in err
+    assert f"run the command that trained it again, -c {run / 'config.yaml'}, which writes it anew" in err
+    code, out, _ = run_cli(capsys, *args, "schedule.max_steps=8")
+    assert code == 0 and "nothing to do" in out.strip().splitlines()[-1]
+    assert json.loads((run / "run.json").read_text()) == record
     # the run's folder, its checkpoints/ or a file of one, given where one checkpoint belongs: which to give
     for given in (run, run / "checkpoints"):
         with pytest.raises(

@@ -230,10 +230,11 @@ def record_run(
     *,
     warn_few_steps: bool = True,
 ) -> None:
-    """For a run that will train (a finished one's files stay as they are): config.yaml (re-run with -c
-    RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (``info``, the training split, how the
-    run executes) on rank 0, and the few-steps warning."""
-    if point is not None and point.step >= engine.total_steps:
+    """For a run that will train, or a finished one that lost its run.json (a finished one's files otherwise
+    stay as they are): config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and
+    run.json (``info``, the training split, how the run executes) on rank 0, and the few-steps warning."""
+    finished = point is not None and point.step >= engine.total_steps
+    if finished and RunDir(cfg.run_dir).record_file.is_file():
         return
     if engine.is_main:
         run_dir = RunDir(cfg.run_dir)
@@ -251,7 +252,7 @@ def record_run(
             }
         )
     warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
-    if warning and warn_few_steps:
+    if warning and warn_few_steps and not finished:
         say(warning)
 
 
