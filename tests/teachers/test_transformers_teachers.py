@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -364,6 +365,16 @@ def test_every_module_of_the_package_is_registered_and_every_issue_type_is_read(
         "siglip_vision_model",
         "ijepa",
     } <= set(tf.supported_types())
+
+
+def test_the_docs_table_of_model_types_names_every_mapped_type():
+    """A new module in transformers_format/ gets its row in docs/teachers.md, which says what each type is
+    built as and what is dropped."""
+    table = (ROOT / "docs/teachers.md").read_text().split("| `model_type` |")[1].split("\n\n")[0]
+    rows = table.splitlines()[2:]
+    assert (
+        sorted(n for row in rows for n in re.findall(r"`([^`]+)`", row.split("|")[1])) == tf.supported_types()
+    ), "docs/teachers.md: one row per transformers_format module, its MODEL_TYPES in the first column"
 
 
 # ----------------------------------------------------------------------------------------- refusals
