@@ -290,6 +290,15 @@ class RunDir:
             raise pruned from None
         # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the student is the encoder.
         state, dropped = drop_unused_entries(state)
+        # Another objective's module may hold the student as a submodule (``self.encoder``) beside parts of its
+        # own: the student is the one prefix under which every key of the spec's model sits.
+        own = student.state_dict()
+        first = next(iter(own))
+        prefixes = {k.removesuffix(first) for k in state if k.endswith("." + first)}
+        p = prefixes.pop() if len(prefixes) == 1 and first not in state else None
+        if p is not None and all(p + k in state for k in own):
+            dropped = [k for k in state if not k.startswith(p)]
+            state = {k.removeprefix(p): v for k, v in state.items() if k.startswith(p)}
         if dropped:
             debug(f"student of {self.path}: dropped {len(dropped)} entries the encoder does not use")
         result = student.load_state_dict(state, strict=False)

@@ -362,6 +362,25 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     assert_exported(out, weights[(200, "model")])
 
 
+def test_a_run_whose_objective_holds_the_student_as_a_submodule_exports_the_student(tmp_path):
+    """A new objective's module (``ModuleObjective``) keeps its encoder as ``self.encoder`` beside parts of its own;
+    the engine checkpoints that module's state dict, and the student is the encoder inside it."""
+
+    class Denoiser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.pixel_head = trained_student(steps=0), nn.Linear(48, 8)
+
+    run, model = tmp_path / "run", Denoiser()
+    run.mkdir()
+    record = {"teacher": None, "student": student_spec(model.encoder), "mode": "denoise", "best_mode": "min"}
+    (run / "run.json").write_text(json.dumps(record))
+    CheckpointManager(run).save(2, {"model": model.state_dict()}, {"step": 2}, metric=1.0)
+    out = export_run(run, tmp_path / "export", weights="raw")
+    assert_exported(out, model.encoder.state_dict())
+    assert_exported(out, load_student(f"local-dir:{out}").state_dict())
+
+
 def test_exporting_a_run_still_training_names_the_checkpoint_taken_and_says_to_export_again(tmp_path, capsys):
     """Its lock held by a live process: the export goes ahead, saying the weights are not the run's final ones."""
     run = tmp_path / "run"
