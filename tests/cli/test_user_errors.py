@@ -343,6 +343,24 @@ def test_a_key_only_another_command_reads_is_refused_not_dropped(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+def test_a_new_command_that_reads_a_config_refuses_a_key_only_another_command_reads(monkeypatch, capsys):
+    """A command added in a new file of launch/commands/ (its handler calls `load`) refuses, as train does, a
+    key of a section it never reads: the forker's command would otherwise drop it without a word."""
+    from attnxfer.launch.commands import COMMANDS, add_config_args, load, register_command
+
+    monkeypatch.setitem(COMMANDS, "params", None)  # the test's command is gone after it
+
+    @register_command("params", help="count the student's parameters", arguments=add_config_args)
+    def params(args) -> int:
+        load(args)
+        return 0
+
+    assert run_cli(capsys, "params", "model.attention=performer")[0] == 0
+    code, _, err = run_cli(capsys, "params", "convert.attention=performer")
+    assert code == 2, err
+    assert "only `attnxfer convert` reads the convert section, and attnxfer params would drop it" in err
+
+
 def test_a_blr_beside_an_lr_is_said_to_be_unused(tmp_path, capsys):
     """optim.lr wins over MAE's blr rule; every convert recipe sets lr, so a blr given there did nothing."""
     argv = ["train", f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN, "optim.lr=1e-3"]

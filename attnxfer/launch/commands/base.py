@@ -94,7 +94,7 @@ def load(args):
             f"{args.config} is stage 2's config of the conversion {stage2.parent}: go on with attnxfer convert "
             f"-c {stage2.parent / RUN_CONFIG} (schedule.max_steps=... to train longer)"
         )
-    if command in ("train", "convert", "search", "pretrain"):  # eval reads the run's own config as written
+    if command != "eval":  # eval reads a run's config as written; any other command (a new one) refuses
         refuse_unread_sections(cfg, command)
     if not getattr(args, "print_config", False):
         say(_changes(args, cfg))
