@@ -15,6 +15,7 @@ from helpers import peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_
 from PIL import Image
 
 from attnxfer.analysis import (
+    PAIR_METRICS,
     InspectedStudent,
     attention_distance,
     attention_rollout,
@@ -159,6 +160,16 @@ def test_walk_matches_explicit_maps_in_row_chunks():
             assert layer.metrics[key] == pytest.approx(r[key].tolist(), rel=2e-4, abs=1e-6), key
         assert layer.metrics["topk"] == pytest.approx(r["topk_all"].mean((0, 2)).tolist(), abs=1e-6)
     assert insp.images == 5 and insp.settings["probe_rows"] == 17
+
+
+def test_pair_metrics_names_every_pair_metric_compare_attention_reports():
+    """A metric added in layer_sums.py (`_compare_rows`) is named in `PAIR_METRICS` too, the public list of
+    what a student's layers and the teacher's noise floor are measured by (a model's own: entropy, distance)."""
+    teacher, x = tiny_vit(depth=1, seed=1), torch.randn(2, 3, 32, 32)
+    insp = compare_attention(teacher, {"s": tiny_vit(depth=1, seed=2)}, [x])
+    said = "name each metric _compare_rows adds in PAIR_METRICS (analysis/compare.py)"
+    assert set(insp.students["s"][0].metrics) == {*PAIR_METRICS, "entropy", "distance"}, said
+    assert set(insp.teacher[0].floor) == set(PAIR_METRICS), said
 
 
 def test_a_topk_of_every_key_is_said_to_measure_nothing(capsys):
