@@ -11,6 +11,7 @@ finite and large where the student cannot put the teacher's weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -142,9 +143,13 @@ def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
 
 
 def _implicit_loss(
-    loss: MapLoss, attn: TransferableAttention, student: LayerLogits, teacher: LayerLogits, chunk: int | None
+    rule: MapLossRule,
+    attn: TransferableAttention,
+    student: LayerLogits,
+    teacher: LayerLogits,
+    chunk: int | None,
 ) -> Loss:
-    """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale); the metric is free."""
+    """The rule's loss from the layer's rows (`attention_map`, at the layer's own scale); the metric is free."""
     if student.bias is not None:
         raise InputError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
@@ -172,9 +177,8 @@ def _implicit_loss(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
             "the student needs the teacher's heads and tokens"
         )
-    fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
     B, H, N, _ = q_s.shape
-    compared = k_t.shape[-2]  # the teacher's keys: a row's entries the loss compares
+    count = B * H * N * (k_t.shape[-2] if rule.per_entry else 1)  # per entry: over the teacher's keys too
     # a chunk keeps a few (B, H, rows, M) tensors alive: student rows, teacher rows, their product
     step = row_chunk(q_s, k_s.shape[-2], chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
@@ -184,14 +188,9 @@ def _implicit_loss(
             k=k_t.detach().float(),
             bias=teacher.bias.detach() if teacher.bias is not None else None,
         )
-        total, entropy = _summed_chunks(fn, attn, q_s.float(), k_s.float(), teacher, step)
-        if loss is MapLoss.CE:
-            value = total / (B * H * N)
-            metric = value.detach() - entropy / (B * H * N)
-        else:
-            value = total / (B * H * N * compared)
-            metric = value.detach()
-    return map_agreement(loss, value, metric)
+        total, entropy = _summed_chunks(rule.rows, attn, q_s.float(), k_s.float(), teacher, step)
+        value = total / count
+    return map_agreement(rule.loss, value, value.detach() - entropy / count)
 
 
 @dataclass(frozen=True)
@@ -199,6 +198,11 @@ class MapLossRule:
     """How one (student map kind, loss) pair is computed, and what it allows."""
 
     loss: MapLoss
+    #: (attn, q_s, k_s, teacher, start, stop) -> sums over rows start:stop of the loss and of what its metric
+    #: takes off it (the teacher's entropy: KL beside CE), from the layer's implicit rows
+    rows: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    #: averaged over each row's entries (MSE), not over rows (CE)
+    per_entry: bool = False
     #: the exact O(N) row CE of a softmax layer; else the layer's implicit rows, chunked
     exact: bool = False
     #: the teacher may have a whole multiple of the student's heads (its maps averaged in groups)
@@ -210,22 +214,29 @@ class MapLossRule:
 MAP_LOSS_RULES: dict[tuple[MapKind, MapLoss], MapLossRule] = {
     (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(
         MapLoss.CE,
+        _ce_chunk,
         exact=True,
         groups_heads=True,
         describe="CE between teacher and student attention rows (exact, no N x N map)",
     ),
     (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(
         MapLoss.CE,
+        _ce_chunk,
         describe="CE between the teacher's attention rows and the rows of the student's row-stochastic map",
     ),
     (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(
-        MapLoss.MSE, describe="MSE between teacher and student attention maps"
+        MapLoss.MSE, _mse_chunk, per_entry=True, describe="MSE between teacher and student attention maps"
     ),
     (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(
-        MapLoss.MSE, describe="MSE between the teacher's attention map and the student's row-stochastic map"
+        MapLoss.MSE,
+        _mse_chunk,
+        per_entry=True,
+        describe="MSE between the teacher's attention map and the student's row-stochastic map",
     ),
     (MapKind.SIGNED, MapLoss.MSE): MapLossRule(
         MapLoss.MSE,
+        _mse_chunk,
+        per_entry=True,
         describe="MSE between the teacher's attention map and the student's signed map (no log: its rows "
         "may go negative)",
     ),
@@ -310,7 +321,7 @@ def map_distillation_loss(
                 teacher.q, teacher.k, q_s, k_s, **common, path=ce_path, lse_s=student.lse
             )
         return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
-    return _implicit_loss(rule.loss, attn, student, teacher, chunk)
+    return _implicit_loss(rule, attn, student, teacher, chunk)
 
 
 def implicit_map_loss(
@@ -323,8 +334,8 @@ def implicit_map_loss(
     chunk: int | None = None,
 ) -> Loss:
     """The ``loss`` from ``attn``'s rows (`attention_map`) whatever its kind (softmax too): equal heads and tokens."""
-    loss = map_loss_rule(attn.map_kind, loss).loss
-    return _implicit_loss(loss, attn, LayerLogits(q_s, k_s), LayerLogits(q_t, k_t), chunk)
+    rule = map_loss_rule(attn.map_kind, loss)
+    return _implicit_loss(rule, attn, LayerLogits(q_s, k_s), LayerLogits(q_t, k_t), chunk)
 
 
 def output_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ dispatches each kind to its loss (softmax's exact O(N) CE equals the chunked CE 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from helpers import ZOO_GRID as GRID, ZOO_OPTIONS as OPTIONS, ZOO_PREFIX as PREF
 from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
 
+from attnxfer.analysis.agreement import AGREEMENT_METRICS
 from attnxfer.models import (
     AttentionIO,
     MapKind,
@@ -32,7 +34,7 @@ from attnxfer.models import (
     make_transfer_aware,
 )
 from attnxfer.transfer import MapLoss, attention_distillation_loss, implicit_map_loss, map_distillation_loss
-from attnxfer.transfer.map_losses import LayerLogits, agreement
+from attnxfer.transfer.map_losses import MAP_LOSS_RULES, LayerLogits, agreement, default_map_loss
 
 ALL = list_attentions()
 
@@ -214,3 +216,36 @@ def test_map_losses_dispatch_on_the_student_layers_kind():
         MapKind.ROW_STOCHASTIC: MapLoss.CE.term,
         MapKind.SIGNED: MapLoss.MSE.term,
     }
+
+
+def test_a_map_loss_table_entry_is_the_whole_of_its_loss(monkeypatch):
+    """A fork's new map loss is its entry in `MAP_LOSS_RULES`: the entry's row computation is what runs (an
+    entry once named its loss while the rows were computed as MSE for any loss but CE). Here an entry computing
+    the L1 distance, checked against the explicit maps."""
+
+    def l1_rows(attn, q_s, k_s, teacher, start, stop):
+        rows = slice(start, stop)
+        p_t = (teacher.q[..., rows, :] * teacher.q.shape[-1] ** -0.5 @ teacher.k.transpose(-2, -1)).softmax(
+            -1
+        )
+        return (attn.attention_map(q_s, k_s, rows) - p_t).abs().sum(), q_s.new_zeros(())
+
+    key = (MapKind.ROW_STOCHASTIC, MapLoss.MSE)
+    monkeypatch.setitem(MAP_LOSS_RULES, key, replace(MAP_LOSS_RULES[key], rows=l1_rows))
+    attn = build("hedgehog").float()
+    q, k = attn.project(inputs().float(), "qk").values()
+    g = torch.Generator().manual_seed(0)
+    q_t, k_t = (3 * torch.randn(2, 2, N, 16, generator=g) for _ in range(2))
+    res = implicit_map_loss(attn, q, k, q_t, k_t, "mse", chunk=4)
+    want = (attn.attention_map(q, k) - (q_t @ k_t.transpose(-2, -1) / 4).softmax(-1)).abs().mean()
+    torch.testing.assert_close(res.total, want)
+    torch.testing.assert_close(agreement(res), want)
+
+
+def test_each_map_kinds_default_loss_has_the_measurements_metric():
+    """Conversion reports and the search score each layer by its default loss's metric (`layer_agreement`):
+    a new default loss's metric goes into `AGREEMENT_METRICS` too, or the report stops at its first layer."""
+    for kind in MapKind:
+        if kind.has_map:
+            metric = default_map_loss(kind).metric
+            assert metric in AGREEMENT_METRICS, f"add {metric!r} to analysis/agreement.py AGREEMENT_METRICS"

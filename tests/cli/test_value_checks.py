@@ -15,15 +15,17 @@ from attnxfer.launch.value_checks import check_values, is_architecture
 from attnxfer.models.attention import registry
 from attnxfer.train.trackers import TRACKERS
 from attnxfer.transfer.comparisons import COMPARISON_LOSSES
+from attnxfer.transfer.map_losses import MapLoss
 from attnxfer.transfer.modes import MODES
 
 
-def test_the_schema_offers_exactly_the_transfer_modes_and_the_trackers():
-    """The config's choices are written out (it imports no torch): a mode or tracker added to its table alone
-    would be refused as the config loads."""
+def test_the_schema_offers_exactly_the_transfer_modes_the_trackers_and_the_map_losses():
+    """The config's choices are written out (it imports no torch): a mode, tracker or map loss added to its
+    table alone would be refused as the config loads."""
     rules = {leaf.name: leaf.range for leaf in leaves(TrainConfig)}
     assert rules["transfer.mode"].choices == tuple(MODES)
     assert rules["log.trackers"].choices == tuple(TRACKERS)
+    assert rules["convert.map_loss"].choices == tuple(MapLoss)
 
 
 def test_attention_names_read_from_the_source_are_the_registrys():
