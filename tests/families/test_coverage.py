@@ -82,3 +82,12 @@ def test_docs_hold_the_table_generated_from_the_data():
     assert coverage_markdown() in (ROOT / doc).read_text(), (
         f"{doc}: paste coverage_markdown() (python scripts/family_coverage.py)"
     )
+
+
+def test_the_logits_table_names_every_family_file():
+    """docs/families.md says what each family's logits add, by its adapter file: a new family file gets a row."""
+    doc = (ROOT / "docs/families.md").read_text()
+    table = doc[doc.index("## What each family's logits add") :].split("\n## ", 1)[0]
+    folder = ROOT / "attnxfer" / "models" / "attention" / "families"
+    named = {f.stem for f in folder.glob("*.py") if not f.name.startswith("_")}
+    assert {f for f in named if f"`{f}.py`" not in table} == set(), "give each a row in the logits table"
