@@ -5,6 +5,9 @@ kind: the answers the attention classes declare themselves (`rope_keeps_map_kind
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from attnxfer.launch.cli import main
@@ -49,3 +52,12 @@ def test_the_source_reading_finds_what_the_classes_declare():
 
 def _file_order(title: str) -> str:
     return next(f.name for f in families() if f.title == title)
+
+
+def test_conversion_docs_rope_table_is_what_the_classes_declare():
+    """docs/conversion.md's table answers for every registered zoo attention, as `--help` does: a new
+    attention (or a changed answer) that the page leaves out would tell a reader nothing of it."""
+    page = (Path(__file__).parents[2] / "docs/conversion.md").read_text()
+    table = page.split("| attention | rope keeps its map kind |")[1].split("\n\n")[0]
+    rows = re.findall(r"^\| `(\w+)` \| (yes|no) \| (.+) \|$", table, re.M)
+    assert {name: (answer == "yes", why) for name, answer, why in rows} == rope_support()
