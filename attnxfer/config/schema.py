@@ -138,7 +138,7 @@ class DataConfig:
     # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...; resumable: the same dataset at another
     # path (a node-local copy)
     root: str | None = key(None, range=ANY, resumable=True)
-    img_size: int | None = key(None, range=AT_LEAST_1)  # default: the student's
+    img_size: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the student's
     in_chans: int | None = key(None, range=AT_LEAST_1)
     # default: the teacher's (pretrained cfg), else the dataset's
     mean: list[float] | None = key(None, range=ANY)
