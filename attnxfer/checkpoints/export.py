@@ -433,7 +433,7 @@ def export_run(
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     # a conversion holds its lock in its own folder, above stage 2's run
     holders = (lock_holder(d / LOCK_NAME) for d in (run.path, run.path.parent))
-    held = next((h for h in holders if h is not None and h.why_dead() is None), None)
+    held = next((h for h in holders if h is not None and not h.ours and h.why_dead() is None), None)
     if held is not None:
         warn(
             f"{run.path} is still training ({held.describe()}): exporting its checkpoint {loaded.why}; "

@@ -225,6 +225,11 @@ class _Holder:
             f"(heartbeat {self.age_s:.0f} s ago)"
         )
 
+    @property
+    def ours(self) -> bool:
+        """Whether this process holds it: a run that exports its own weights once it has trained them."""
+        return self.content.get("token") in _OWN_TOKENS
+
     def why_dead(self) -> str | None:
         """Why the holder is provably gone (None: it may be alive)."""
         if not self.content:
@@ -232,9 +237,7 @@ class _Holder:
             return f"its lock file is unreadable and {self.age_s:.0f} s old" if stale else None
         if self.host == socket.gethostname():
             if self.pid == os.getpid():  # this process, or an earlier one that had our pid (a container)
-                return (
-                    None if self.content.get("token") in _OWN_TOKENS else "an earlier process with this pid"
-                )
+                return None if self.ours else "an earlier process with this pid"
             # gone: not alive, or the pid now belongs to a process started at another time
             if self.pid is None:
                 return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,11 +21,12 @@ from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
 from attnxfer.checkpoints.export import _install, export_run, export_student, select_checkpoint
-from attnxfer.checkpoints.run_lock import run_lock
+from attnxfer.checkpoints.run_lock import _start_time, run_lock
 from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
+from attnxfer.run_layout import LOCK_NAME
 from attnxfer.sources.exported_student import load_student
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -382,17 +384,24 @@ def test_a_run_whose_objective_holds_the_student_as_a_submodule_exports_the_stud
 
 
 def test_exporting_a_run_still_training_names_the_checkpoint_taken_and_says_to_export_again(tmp_path, capsys):
-    """Its lock held by a live process: the export goes ahead, saying the weights are not the run's final ones."""
+    """Its lock held by another live process (pytest's parent, as a stand-in): the export goes ahead, saying the
+    weights are not the run's final ones. A lock this process holds says nothing: a run exporting itself at
+    its end (pretrain's encoder) has its final weights."""
     run = tmp_path / "run"
     weights = fake_run(run)
-    with run_lock(run, "train"), pytest.warns(UserWarning, match="step-00000300"):
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "pid_started": _start_time(os.getppid())}
+    (run / LOCK_NAME).write_text(json.dumps({**holder, "command": "train", "started": "2026-11-29T00:00:00"}))
+    with pytest.warns(UserWarning, match="step-00000300"):
         out = export_run(run, tmp_path / "during")
+    (run / LOCK_NAME).unlink()
     err = capsys.readouterr().err
-    assert f"{run} is still training (`attnxfer train` on host" in err and f"pid {os.getpid()}" in err
+    assert f"{run} is still training (`attnxfer train` on host" in err and f"pid {os.getppid()}" in err
     assert (
         "exporting its checkpoint step-00000100 (best val top-1 70.00); export again when the run ends" in err
     )
     assert_exported(out, weights[(100, "ema")])
+    with run_lock(run, "train"), pytest.warns(UserWarning, match="step-00000300"):
+        export_run(run, tmp_path / "own")  # this process's run, exporting itself
     with pytest.warns(UserWarning, match="step-00000300"):
         export_run(run, tmp_path / "after")  # the run ended: nothing to say
     assert "still training" not in capsys.readouterr().err

@@ -223,6 +223,14 @@ def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretr
 
 
 @pytest.mark.slow
+def test_pretrainings_export_at_its_end_does_not_call_the_run_still_training(tmp_path, capsys):
+    """The run exports its own last checkpoint: no notice that the weights are not the run's final ones."""
+    pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "schedule.max_steps=2"]))
+    err = capsys.readouterr().err
+    assert (tmp_path / "export" / "model.safetensors").is_file() and "still training" not in err, err
+
+
+@pytest.mark.slow
 def test_mae_checkpoint_loads_as_a_teacher_without_its_decoder(pretrained_run, capsys):
     ckpt_file = pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"
     ckpt = load_file(str(ckpt_file))
