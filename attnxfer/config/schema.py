@@ -58,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class TeacherConfig:
-    """The pretrained teacher: timm name, ``hf-hub:ORG/NAME``, ``local-dir:PATH``, a file or an attnxfer run dir."""
+    """The pretrained teacher: timm name, ``hf-hub:ORG/NAME``, ``local-dir:PATH`` (an attnxfer export too), a file."""
 
     spec: str | None = key(None, range=ANY)
     arch: str | None = key(None, range=ANY)  # architecture for a bare weights file

@@ -51,7 +51,7 @@ def triton_backend(device: torch.device | str) -> TritonBackend:
         return TritonBackend.COMPILED
     raise CEPathUnavailable(
         f"the triton CE path runs compiled Triton kernels on CUDA tensors, and these are on {device}: "
-        "use transfer.ce_path=auto (rows on CPU) or path='rows'; to run the kernels on the CPU through "
+        "use transfer.ce_path=auto (rows on CPU) or rows (path='rows' in Python); to run the kernels on the CPU through "
         "Triton's interpreter (slow, for tests) set TRITON_INTERPRET=1"
     )
 
