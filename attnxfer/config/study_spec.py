@@ -269,7 +269,10 @@ _NOT_NAMES = frozenset({"true", "false", "null", "none", "yes", "no", "on", "off
 
 
 def _folder_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=+,-]", "-", label)
+    """``label`` as a folder name: each run of other characters one ``-``, dropped at either end and beside
+    ``=`` or ``,`` (a list or mapping value: ``losses=[{name: mse}]`` names ``losses=name-mse``)."""
+    other = "[^A-Za-z0-9._=+,-]+"
+    return re.sub(other, "-", re.sub(f"^{other}|(?<=[=,]){other}|{other}(?=[=,]|$)", "", label))
 
 
 def recorded_students(run_dir: str | Path) -> list[dict[str, Any]] | None:

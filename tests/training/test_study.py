@@ -213,6 +213,11 @@ def test_a_students_yaml_values_are_read_as_typed_and_its_base_chain_merges_mapp
             ["copy_seed=0", "copy_seed=1", "distill_seed=0", "distill_seed=1"],
         ),
         ({"transfer.share_drop_path": ["true", "false"]}, ["share_drop_path=true", "share_drop_path=false"]),
+        # a list of mappings: its words, without the brackets and braces that would each be a dash
+        (
+            {"transfer.losses": ["[]", "[{name: mse, signal: v}]", "[{name: mse, signal: v, weight: 0.5}]"]},
+            ["losses=", "losses=name-mse,signal-v", "losses=name-mse,signal-v,weight-0.5"],
+        ),
         # two keys of one last part: each spelt out whole
         ({"optim.lr": ["1e-3"], "convert.stage1_lr": ["1e-2"], "model.kwargs.lr": ["1"]}, None),
     ],
