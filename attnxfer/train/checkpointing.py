@@ -183,7 +183,7 @@ class Checkpointing:
         rng = state["rng"]
         if len(rng) == self.world:
             restore_rng_state(rng[self.rank])
-        elif self.is_main:
+        else:
             warn(
                 f"checkpoint was written by {len(rng)} processes, this run has {self.world}: RNG streams restart"
             )

@@ -258,16 +258,15 @@ def build_pretrain_engine(
             "std": parts.std,
         }
         record_run(cfg, engine, point, "pretrain", info)
-    if engine.is_main:
-        if init_note:
-            say(init_note)
-        n = mae._num_patches
-        kept = kept_patches(n, cfg.mae.mask_ratio)
-        say(
-            f"MAE pre-training of {cfg.model.name} on {cfg.data.dataset} (labels unused): the encoder sees {kept} "
-            f"of {n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
-            f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches"
-        )
+    if init_note:
+        say(init_note)
+    n = mae._num_patches
+    say(
+        f"MAE pre-training of {cfg.model.name} on {cfg.data.dataset} (labels unused): the encoder sees "
+        f"{kept_patches(n, cfg.mae.mask_ratio)} of {n} patches per image; decoder {cfg.mae.decoder_depth} blocks x "
+        f"{cfg.mae.decoder_dim}; {'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked "
+        "patches"
+    )
     return engine
 
 
