@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..errors import InputError
-from ..models.attention import MapKind
+from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.numerics import row_chunk, row_slices
 from ..transfer.row_ce import grouped_mean
 from .metrics import row_kl, row_squared_error
@@ -21,7 +21,11 @@ AGREEMENT_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.T
 
 
 def layer_agreement(
-    t_attn, t_qk: Mapping[str, torch.Tensor], s_attn, s_qk: Mapping[str, torch.Tensor], metric: str = "kl"
+    t_attn: TransferableAttention,
+    t_qk: Mapping[str, torch.Tensor],
+    s_attn: TransferableAttention,
+    s_qk: Mapping[str, torch.Tensor],
+    metric: str = "kl",
 ) -> float:
     """One number for a student layer against its teacher layer, averaged over (batch, student head, query):
     ``kl`` (KL(P̄_t ‖ A_s), teacher head groups averaged) or ``map_mse``, built a row chunk at a time."""

@@ -87,7 +87,10 @@ def finite_mean(values: Sequence[float]) -> float:
 
 
 def patch_distances(
-    grid: Sequence[int], patch_size: Sequence[int], device=None, dtype=torch.float32
+    grid: Sequence[int],
+    patch_size: Sequence[int],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """(P, P) distances in pixels between patch centres of a (grid_h, grid_w) grid of (ph, pw) patches."""
     gh, gw = (int(g) for g in grid)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from timm.layers import Attention
 from torch import nn
@@ -60,11 +60,11 @@ def get_attention_class(name: str) -> type[nn.Module]:
     )
 
 
-def create_attention(name: str, **kwargs) -> nn.Module:
+def create_attention(name: str, **kwargs: Any) -> nn.Module:
     return get_attention_class(name)(**kwargs)
 
 
-def attention_layer(name: str, **options) -> type[nn.Module]:
+def attention_layer(name: str, **options: Any) -> type[nn.Module]:
     """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer``."""
     cls = get_attention_class(name)
     unknown = [k for k in options if not cls.accepts_option(k)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -91,7 +92,7 @@ class TransferAttention(SoftmaxCore, Attention):
         num_prefix_tokens: int | None = None,
         grid_size: int | Sequence[int] | None = None,
         depth: int = 0,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(dim, num_heads=num_heads, **kwargs)
         if num_prefix_tokens is not None or grid_size is not None:

@@ -5,7 +5,7 @@ unchanged) on the one attention interface. Cores run with autocast off in the dt
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -60,9 +60,9 @@ class EfficientAttention(TransferableAttention):
         num_prefix_tokens: int | None = None,
         grid_size: int | Sequence[int] | None = None,
         depth: int = 0,
-        device=None,
-        dtype=None,
-        **kwargs,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         if kwargs:

@@ -63,7 +63,7 @@ def configure_token_layout(model: nn.Module) -> nn.Module:
 def efficient_student_from_teacher(
     teacher: nn.Module,
     attn: str | Sequence[str],
-    **attn_kwargs,
+    **attn_kwargs: Any,
 ) -> nn.Module:
     """A copy of ``teacher`` (a timm ViT, left untouched) with each block's attention replaced: ``attn`` is
     one name or one per block; options go to the attentions that accept them (one none accepts is an error);
@@ -78,7 +78,7 @@ def efficient_student_from_teacher(
     return with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
 
 
-def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -> nn.Module:
+def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: Any) -> nn.Module:
     """``model`` with each block's attention replaced in place (names and options as
     `efficient_student_from_teacher`): a fresh student (``model.attention`` of `attnxfer train`) or a converted
     one. A hierarchical model takes one name, one per stage or one per attention layer."""
