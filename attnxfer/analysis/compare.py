@@ -119,6 +119,11 @@ def compare_attention(
     teacher with g× the student's heads is averaged in groups of g heads, as the distillation loss does.
     Top-k overlap, Spearman and head costs use ``probe_rows`` query rows per row batch (sorts are costly).
     """
+    if not isinstance(students, Mapping) or isinstance(batches, torch.Tensor):
+        raise TypeError(
+            "compare_attention takes students as a mapping name -> model ({'student': model}) and batches as an "
+            "iterable of (B, C, H, W) image batches ([images] for one batch)"
+        )
     subjects = {n: s if isinstance(s, InspectedStudent) else InspectedStudent(s) for n, s in students.items()}
     if not subjects:
         raise InputError("compare_attention needs at least one student")

@@ -17,6 +17,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import HubUnreachableError, InputError, PathExistsError
+from ..models.attention import require_model
 from ..models.student import (
     SOFTMAX,
     student_from_spec,
@@ -28,6 +29,7 @@ from ..models.student import (
 from ..run_layout import LOCK_NAME, read_record
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
+from ..transfer import TeacherStudent
 from ..transfer.modes import MODES
 from ..version import __version__
 from .atomic_io import give_normal_mode
@@ -162,6 +164,9 @@ def export_student(
     ``verify``: the model timm (or, for efficient attention, `load_student`) rebuilds gives bit-identical
     logits. ``out_dir`` must be new or empty unless ``overwrite``; ``push_to_hub="ORG/NAME"`` uploads it.
     """
+    if isinstance(student, TeacherStudent):  # its spec would be the pair's, which no architecture names
+        raise TypeError("export_student exports the student model: pass pair.student, not the TeacherStudent")
+    require_model(student)
     out_dir = Path(out_dir)
     formats = _formats(formats)
     _check_repo_id(push_to_hub)

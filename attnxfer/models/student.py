@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import InputError
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
+from .attention.adapters import require_model
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import flat_blocks, swap_attentions
 from .image_input import image_input
@@ -219,6 +220,9 @@ def student_like(
         depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes
     )
     requested = {k: v for k, v in sizes.items() if v is not None}
+    require_model(teacher)
+    if bad := {k: v for k, v in requested.items() if v < 0 or (v == 0 and k != "num_classes")}:
+        raise InputError(f"student_like: sizes must be positive (num_classes=0: no head), got {bad}")
     if not isinstance(teacher, VisionTransformer):
         return _family_student(teacher, requested, drop_path_rate, attn_layer, overrides)
     t = vit_traits(teacher)

@@ -18,6 +18,11 @@ def create_vit(
 ) -> nn.Module:
     """``timm.create_model`` with `TransferAttention` in every block (architectures that build their own
     attention get timm's); kwargs named in ``optional`` are left out where the architecture takes none."""
+    if not isinstance(name, str):  # timm fails on `name.partition`
+        raise TypeError(
+            f"create_vit takes a timm architecture name, got {type(name).__name__}; for a student shaped like a "
+            "model you have, attnxfer.student_like(model)"
+        )
     kwargs.setdefault("attn_layer", TransferAttention)
     return create_dropping(name, pretrained, kwargs, optional=("attn_layer", *optional))
 

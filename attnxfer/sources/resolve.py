@@ -96,6 +96,11 @@ _ARCH_KEY = {
 def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teacher") -> TeacherSpec:
     """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones,
     naming the spec by its ``role`` (inspect reads its students' specs as teachers' too)."""
+    if not isinstance(spec, str | os.PathLike):  # str() of a model would be read as a (too long) path
+        raise TypeError(
+            f"{role} spec: a name or path (str), got {type(spec).__name__}; a model already built needs no "
+            "loading: pass it to build_plan / TeacherStudent as it is"
+        )
     spec = str(spec).strip()
     prefix, sep, rest = spec.partition(":")
     if not spec or (sep and not rest.strip()):  # "" read as the current folder, a model's folder it is not

@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
+from ..errors import InputError
+from ..models.attention import require_model
 from .devices import member
 
 
@@ -41,6 +43,12 @@ def student_param_groups(
 ) -> list[dict[str, Any]]:
     """Param groups for AdamW of a student ViT or a `TeacherStudent`'s student, by ``layer_decay_rule``."""
     rule = member(LayerDecayRule, layer_decay_rule, "layer_decay_rule")
+    require_model(model)
+    if not weight_decay >= 0 or (layer_decay is not None and not 0 < layer_decay <= 1):
+        # a negative decay or scale climbs the loss instead of descending it, silently
+        raise InputError(
+            f"weight_decay must be >= 0 and layer_decay in (0, 1], got {weight_decay}, {layer_decay}"
+        )
     student = getattr(model, "student", model)
     skip = set(student.no_weight_decay()) if hasattr(student, "no_weight_decay") else set()
     if layer_decay is not None and layer_decay < 1.0:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..models.attention import AttentionIO, attention_io, attention_layers, make_transfer_aware
 from ..models.handover import Chunks, Signal
 from .comparisons import Comparison, LayerPair, Step
@@ -106,8 +107,18 @@ class TeacherStudent(nn.Module):
         mode: str = "distill",
         teacher_dtype: torch.dtype | None = None,
         ce_path: CEPath | str | None = None,
-    ):
+    ) -> None:
         super().__init__()
+        if teacher is student:  # freezing the teacher would freeze the student: nothing would train
+            raise InputError(
+                "teacher and student are one model: give the student its own, e.g. copy.deepcopy(teacher) or "
+                "attnxfer.student_like(teacher)"
+            )
+        if plan is not None and not isinstance(plan, TransferPlan):
+            raise TypeError(
+                f"plan is a {type(plan).__name__} ({plan!r:.40}): pass build_plan(teacher, student, ...), or "
+                "mode=... by keyword for a mode's default plan"
+            )
         self.student = make_transfer_aware(student)
         if teacher is not None:
             make_transfer_aware(teacher)

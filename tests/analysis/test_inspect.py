@@ -453,6 +453,13 @@ def test_an_empty_image_batch_is_a_clear_error():
         compare_attention(teacher, {"s": InspectedStudent(teacher)}, [])
 
 
+def test_one_batch_or_one_student_not_wrapped_says_how_to_wrap_it():
+    teacher, x = tiny_vit(depth=1), torch.randn(2, 3, 32, 32)
+    for students, batches in (({"s": teacher}, x), (teacher, [x])):  # a tensor iterates as single images
+        with pytest.raises(TypeError, match=r"\{'student': model\}.*\[images\] for one batch"):
+            compare_attention(teacher, students, batches)
+
+
 # ------------------------------------------------------------------------------------------- --out and --overwrite
 @pytest.fixture(scope="module")
 def micro_teacher(tmp_path_factory):

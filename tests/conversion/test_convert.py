@@ -245,6 +245,8 @@ def test_clear_errors_for_bad_conversions():
         build_efficient_student(teacher, "performr")
     with pytest.raises(ValueError, match="one per block"):
         build_efficient_student(teacher, ["hedgehog"] * 3)
+    with pytest.raises(TypeError, match="got str 'vit_tiny_patch16_224': build it first"):
+        build_efficient_student("vit_tiny_patch16_224", "hedgehog")
     with pytest.raises(ValueError, match="attention_kwargs.*num_featurs"):
         build_efficient_student(teacher, "performer", num_featurs=8)
     nystrom = build_efficient_student(teacher, "nystrom", num_landmarks=4)

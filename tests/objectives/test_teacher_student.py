@@ -213,6 +213,29 @@ def test_clear_errors_at_construction():
     assert plan.head_groups == 2 and "groups of 2" in plan.describe()
 
 
+def test_a_models_name_where_the_model_belongs_says_to_build_it_first():
+    t = tiny_vit(seed=1)
+    for call in (
+        lambda: build_plan(t, "vit_tiny_patch16_224", "distill"),
+        lambda: TeacherStudent("vit_tiny_patch16_224", tiny_vit(seed=2)),
+        lambda: student_param_groups("vit_tiny_patch16_224"),
+    ):
+        with pytest.raises((TypeError, PlanError), match=r"got str 'vit_tiny_patch16_224': build it first"):
+            call()
+
+
+def test_one_model_as_both_teacher_and_student_is_refused_not_frozen():
+    model = tiny_vit(seed=1)
+    with pytest.raises(ValueError, match=r"one model: give the student its own, e\.g\. copy\.deepcopy"):
+        TeacherStudent(model, model)
+    assert all(p.requires_grad for p in model.parameters())  # the refusal came before the teacher's freeze
+
+
+def test_a_mode_name_given_as_the_plan_says_to_pass_it_by_keyword():
+    with pytest.raises(TypeError, match=r"plan is a str \('distill'\).*mode=\.\.\. by keyword"):
+        TeacherStudent(tiny_vit(seed=1), tiny_vit(seed=2), "distill")
+
+
 def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
     """Teacher head dim 32, student 16: the student's blocks apply the teacher's explicit maps to their own v."""
     from attnxfer.models import attention_maps

@@ -28,6 +28,7 @@ from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
 from attnxfer.run_layout import LOCK_NAME
 from attnxfer.sources.exported_student import load_student
+from attnxfer.transfer import TeacherStudent
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
@@ -287,6 +288,15 @@ def test_export_refuses_a_student_its_spec_cannot_rebuild(tmp_path):
     with pytest.raises(RuntimeError, match="rebuilt from the export gives different logits"):
         export_student(student, tmp_path / "bad", card=card())
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_of_a_teacher_student_pair_or_a_name_says_what_to_pass(tmp_path):
+    teacher, student = (timm.create_model("vit_tiny_patch16_224", **TINY) for _ in range(2))
+    with pytest.raises(TypeError, match="pass pair.student, not the TeacherStudent"):
+        export_student(TeacherStudent(teacher, student), tmp_path / "pair", card=card())
+    with pytest.raises(TypeError, match="got str 'vit_tiny_patch16_224': build it first"):
+        export_student("vit_tiny_patch16_224", tmp_path / "name", card=card())
+    assert not (tmp_path / "pair").exists() and not (tmp_path / "name").exists()
 
 
 def test_load_student_says_what_it_reads(tmp_path):

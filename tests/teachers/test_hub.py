@@ -33,6 +33,7 @@ from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models import save_for_hf
 
 from attnxfer.errors import MissingPathError
+from attnxfer.models import create_vit
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.student import student_from_spec, student_like, student_spec, vit_traits
 from attnxfer.sources.teacher import (
@@ -581,6 +582,9 @@ def test_bad_specs_say_what_to_change(tmp_path):
     save_file(tiny_timm().state_dict(), str(path))
     with pytest.raises(ValueError, match="teacher.arch=NAME in a config, --teacher-arch / --student-arch"):
         load_teacher(str(path))
+    for call in (load_teacher, fetch_teacher):  # a built model, not its str() read as a path too long to open
+        with pytest.raises(TypeError, match="got VisionTransformer; a model already built needs no loading"):
+            call(tiny_timm())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,6 +627,10 @@ def test_student_reads_architecture_defaults_and_overrides_width():
     assert student.blocks[0].attn.num_heads == 6 and student.blocks[0].attn.head_dim == 16
     with pytest.raises(ValueError, match="not divisible"):
         student_like(teacher, embed_dim=100)
+    with pytest.raises(ValueError, match=r"sizes must be positive.*\{'depth': 0\}"):
+        student_like(teacher, depth=0)  # not an IndexError from timm's empty block list
+    with pytest.raises(TypeError, match="create_vit takes a timm architecture name.*student_like"):
+        create_vit(teacher)
 
 
 def test_student_spec_round_trips_through_json():

@@ -9,6 +9,7 @@ import math
 import pytest
 import timm
 import torch
+from helpers import tiny_vit
 
 from attnxfer.train.optim import student_param_groups
 
@@ -49,3 +50,9 @@ def test_layer_decay_groups_match_the_docstring(global_pool, rule, shift):
     else:  # the norm is an Identity; fc_norm after the pooling trains at the head's lr
         expected["fc_norm"] = 0
     assert powers == expected
+
+
+@pytest.mark.parametrize("weight_decay,layer_decay", [(-0.05, None), (0.05, -0.75), (0.05, 0.0), (0.05, 1.5)])
+def test_a_decay_that_would_climb_the_loss_or_do_nothing_is_refused(weight_decay, layer_decay):
+    with pytest.raises(ValueError, match=r"weight_decay must be >= 0 and layer_decay in \(0, 1\]"):
+        student_param_groups(tiny_vit(depth=2), weight_decay=weight_decay, layer_decay=layer_decay)

@@ -10,6 +10,7 @@ from .adapters import (
     list_adapters as list_adapters,
     refuse_attention as refuse_attention,
     register_adapter as register_adapter,
+    require_model as require_model,
     stage_of as stage_of,
 )
 from .capture import (

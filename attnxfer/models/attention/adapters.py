@@ -51,9 +51,20 @@ def list_adapters() -> dict[str, str]:
     }
 
 
+def require_model(model: object) -> None:
+    """A name or path given where a built model belongs is refused with how to build it (else it fails deep
+    inside, on an attribute a string lacks)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"expected a model (torch.nn.Module), got {type(model).__name__} {str(model)[:80]!r}: build it first, "
+            "e.g. attnxfer.load_teacher(name)[0], attnxfer.create_vit(name) or timm.create_model(name)"
+        )
+
+
 def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
     """(qualified name, layer) of every attention layer in ``model`` in forward order, wherever the family
     keeps them, each swapped in place to its adapter; a refused or unadapted layer is a TypeError."""
+    require_model(model)
     found: list[tuple[str, TransferableAttention]] = []
     inside: str | None = None  # the attention whose submodules are being skipped
     for name, module in model.named_modules():

@@ -18,6 +18,7 @@ from ..attention import (
     attention_name_of,
     families,
     make_transfer_aware,
+    require_model,
     transferable_attentions,
 )
 from ..attention.interface import TransferableAttention
@@ -168,6 +169,7 @@ def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 def check_softmax_teacher(teacher: nn.Module) -> None:
     """Refuse a teacher that is not softmax in every layer or whose family has no conversion slot:
     one error naming the layer, the reason and what to do. Makes the teacher transfer-aware in place."""
+    require_model(teacher)
     hierarchical = is_hierarchical(teacher)  # its layers are listed by their slots: each has one
     if hierarchical:
         layers = zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher))
