@@ -14,7 +14,7 @@ import torch
 from helpers import QUIET, run_cli
 from safetensors.torch import load_file
 
-from attnxfer.apps.run.training import build_engine
+from attnxfer.apps.run.training import build_engine, train
 from attnxfer.checkpoints.verify import CorruptCheckpointWarning
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.drive import Drive, StudentStreams, own_feed
@@ -95,6 +95,18 @@ def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
     assert code == 2, err[-2000:]
     assert needle in err
     assert "Traceback" not in err
+
+
+def test_python_callers_passing_a_path_or_a_dict_are_told_to_build_a_config_with_load_config(tmp_path):
+    for cfg in ("attnxfer/cfgs/demo/distill.yaml", {"run_dir": str(tmp_path)}):
+        with pytest.raises(TypeError, match=r"train takes a TrainConfig.*load_config\(path\)"):
+            train(cfg)
+    for overrides in (
+        "data.batch_size=4",
+        {"data.batch_size": 4},
+    ):  # not read letter by letter, or key by key
+        with pytest.raises(ConfigError, match=r"overrides: a list of 'key=value' strings"):
+            load_config(None, overrides)
 
 
 def test_config_overrides_and_resolved_config_written(tmp_path):

@@ -482,6 +482,10 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
 def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train") -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
     Every rank joins the process group (left again if it made it); rank 0 holds the run dir's lock."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(
+            f"train takes a TrainConfig, got {type(cfg).__name__}: attnxfer.config.load_config(path)"
+        )
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with (
