@@ -119,6 +119,10 @@ class TeacherStudent(nn.Module):
                 f"plan is a {type(plan).__name__} ({plan!r:.40}): pass build_plan(teacher, student, ...), or "
                 "mode=... by keyword for a mode's default plan"
             )
+        if not isinstance(
+            teacher_dtype, torch.dtype | None
+        ):  # else torch's `.to()` refuses it at the first step
+            raise TypeError(f"teacher_dtype: a torch.dtype (torch.bfloat16) or None, got {teacher_dtype!r}")
         self.student = make_transfer_aware(student)
         if teacher is not None:
             make_transfer_aware(teacher)

@@ -231,9 +231,11 @@ def test_one_model_as_both_teacher_and_student_is_refused_not_frozen():
     assert all(p.requires_grad for p in model.parameters())  # the refusal came before the teacher's freeze
 
 
-def test_a_mode_name_given_as_the_plan_says_to_pass_it_by_keyword():
+def test_a_mode_name_as_the_plan_or_a_dtype_name_says_what_to_pass():
     with pytest.raises(TypeError, match=r"plan is a str \('distill'\).*mode=\.\.\. by keyword"):
         TeacherStudent(tiny_vit(seed=1), tiny_vit(seed=2), "distill")
+    with pytest.raises(TypeError, match=r"teacher_dtype: a torch.dtype \(torch.bfloat16\)"):
+        TeacherStudent(tiny_vit(seed=1), tiny_vit(seed=2), teacher_dtype="bfloat16")  # config's spelling
 
 
 def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
