@@ -119,9 +119,8 @@ class TeacherStudent(nn.Module):
                 f"plan is a {type(plan).__name__} ({plan!r:.40}): pass build_plan(teacher, student, ...), or "
                 "mode=... by keyword for a mode's default plan"
             )
-        if not isinstance(
-            teacher_dtype, torch.dtype | None
-        ):  # else torch's `.to()` refuses it at the first step
+        # else torch's `.to()` refuses it only at the first step
+        if not isinstance(teacher_dtype, torch.dtype | None):
             raise TypeError(f"teacher_dtype: a torch.dtype (torch.bfloat16) or None, got {teacher_dtype!r}")
         self.student = make_transfer_aware(student)
         if teacher is not None:
