@@ -2,11 +2,11 @@
 
 For ``--count`` candidates picked along the front (evenly by speed; the next Pareto ranks fill up a short
 front), plus the search's winner and the hand-designed zoo member with the best proxy score, this runs
-the whole conversion (`attnxfer convert` with the search's ``convert_recipe``: stage 1 + stage 2, the same
-budget for every candidate) and reports Spearman's rank correlation (``scipy.stats.spearmanr``, rho and
-p-value) between the proxy score (held-out map KL after the search's short stage 1; lower is better) and
-the final top-1, whatever it is. A strongly negative rho means the proxy ranks candidates as the full
-conversion does.
+the whole conversion (the `attnxfer convert` command the search's pareto.md gives its winner: the search's
+``convert_recipe`` on the searched teacher and data, stage 1 + stage 2, the same budget for every candidate)
+and reports Spearman's rank correlation (``scipy.stats.spearmanr``, rho and p-value) between the proxy score
+(held-out map KL after the search's short stage 1; lower is better) and the final top-1, whatever it is. A
+strongly negative rho means the proxy ranks candidates as the full conversion does.
 
     OMP_NUM_THREADS=1 python benchmarks/search_proxy.py runs/search/demo --count 10 --jobs 2 \
         --zoo all --out runs/search/demo_proxy [key=value ...]   # overrides for every conversion
@@ -34,7 +34,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (os.path.dirname(_HERE),) if p not in sys.path]  # attnxfer from this checkout
 
 from attnxfer.apps.run.uncertainty import correct_count, format_top1  # noqa: E402
-from attnxfer.apps.search import winner_of  # noqa: E402
+from attnxfer.apps.search import winner_command, winner_of  # noqa: E402
+from attnxfer.checkpoints.resume_point import ResumePoint  # noqa: E402
+from attnxfer.config import TrainConfig  # noqa: E402
+from attnxfer.config.overrides import merge_values  # noqa: E402
 from attnxfer.search import SearchState, objectives, pareto_ranks  # noqa: E402
 
 
@@ -64,24 +67,13 @@ def pick(state: SearchState, count: int, min_speed: float, zoo: str = "best") ->
     return chosen
 
 
-def convert_one(index: int, cand: dict, cfg: dict, out: Path, overrides: list[str]) -> dict:
+def convert_one(index: int, cand: dict, cfg: TrainConfig, out: Path, overrides: list[str]) -> dict:
     run = out / f"{index:02d}"
     report = run / "report.json"
     if not report.is_file():
-        cmd = [
-            sys.executable,
-            "-m",
-            "attnxfer",
-            "convert",
-            "-c",
-            cfg["search"]["convert_recipe"],
-            f"teacher.spec={cfg['teacher']['spec']}",
-            f"convert.attention={cand['formula']}",
-            f"convert.stage1_train={cfg['search']['fit_train']}",
-            f"run_dir={run}",
-            "log.progress=false",
-            *overrides,
-        ]
+        # pareto.md's command (`python -m attnxfer convert ...`); a later key wins over its run_dir and teacher
+        argv = shlex.split(winner_command(cfg, cand["formula"]))
+        cmd = [sys.executable, "-m", *argv, f"run_dir={run}", "log.progress=false", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         (out / f"{index:02d}.log").write_text(shlex.join(cmd) + "\n" + res.stdout + res.stderr)
@@ -113,19 +105,17 @@ def main() -> int:
     bad = [e for e in extra if "=" not in e or e.startswith("-")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides for every conversion are key=value)")
-    args.overrides = extra
-    data = json.loads((Path(args.run_dir) / "state.json").read_text())
-    cfg, state = data["config"], SearchState.from_dict(data["state"])
-    for o in args.overrides:
-        if o.startswith("teacher.spec="):
-            cfg["teacher"]["spec"] = o.split("=", 1)[1]
-    overrides = [o for o in args.overrides if not o.startswith("teacher.spec=")]
+    point = ResumePoint.find(args.run_dir, verify_hash=False)  # the newest generation the search saved
+    if point is None:
+        p.error(f"{args.run_dir} holds no saved search generation (checkpoints/): give a search's RUN_DIR")
+    cfg = merge_values(TrainConfig(), point.state["config"])
+    state = SearchState.from_dict(point.state["state"])
     out = Path(args.out or Path(args.run_dir) / "proxy")
     out.mkdir(parents=True, exist_ok=True)
-    chosen = pick(state, args.count, cfg["search"]["min_speed"], args.zoo)
+    chosen = pick(state, args.count, cfg.search.min_speed, args.zoo)
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda ic: convert_one(ic[0], ic[1], cfg, out, overrides), enumerate(chosen)))
+        rows = list(pool.map(lambda ic: convert_one(ic[0], ic[1], cfg, out, extra), enumerate(chosen)))
     wall = time.monotonic() - start
     good = [r for r in rows if "error" not in r]
     rho, pvalue = spearmanr([r["kl"] for r in good], [r["top1"] for r in good])
@@ -136,7 +126,7 @@ def main() -> int:
             for c, r in zip(state.evaluated, pareto_ranks([objectives(c) for c in state.evaluated]))
             if r == 0
         ],
-        cfg["search"]["min_speed"],
+        cfg.search.min_speed,
     )
     summary = {
         "search": args.run_dir,

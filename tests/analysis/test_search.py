@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import peaked_teacher, run_cli
+from helpers import QUIET, peaked_teacher, run_cli, tiny_convert_report
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -283,6 +283,26 @@ def test_search_command_writes_every_output(finished, capsys):
     assert cli.main(_args(run, teacher, "search.min_speed=1000")) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("winner: "))
     assert line.endswith("; no member of the front is 1000x as fast (search.min_speed))"), line
+
+
+@pytest.mark.slow
+def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto_md_would(finished, tmp_path):
+    """benchmarks/search_proxy.py (docs/conversion.md, "Is the proxy honest?") on a search saved through the
+    checkpoint store: every candidate converted by the winner's command, on the searched data, whose recipe's
+    Hedgehog options a formula would refuse."""
+    out = tmp_path / "proxy"
+    tiny = ["convert.stage1_steps=1", "schedule.max_steps=1", "data.batch_size=4", "convert.speed_sweep=[]"]
+    cmd = [PY, "benchmarks/search_proxy.py", str(finished), "--count", "1", "--out", str(out), *tiny]
+    cmd += [*tiny_convert_report(repeats=1, batch=1), *QUIET]
+    res = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "proxy.json").read_text())
+    assert summary["conversions"] >= 2 and not summary["failed"], summary["failed"]
+    assert all(
+        r["val_size"] == 64 for r in summary["rows"]
+    )  # the search's synthetic images, not the recipe's
 
 
 @pytest.mark.slow
