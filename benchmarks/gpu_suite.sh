@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu_suite.sh study      # a study of 4 ViT-Ti students from a ViT-B teacher vs their solo steps
 #   bash benchmarks/gpu_suite.sh compiled   # the zoo and the models again under torch.compile (optional)
 #
-# In that order of priority: the first six answer the GPU targets; `compiled` says whether compiling
+# In that order of priority: the first seven answer the GPU targets; `compiled` says whether compiling
 # the feature maps pays on the GPU.
 # Each part writes its JSON and log to ${OUT:-gpu-results}/ (the device tool's $OUT comes back to the
 # caller). docs/benchmarks.md says what each figure is and where it goes.

@@ -6,7 +6,7 @@ with `build_efficient_student`, as `attnxfer convert` builds them; stage 1 is ru
 signals computed each step, as in `attnxfer convert`) a round of ``--steps-per-round`` steps at a time,
 logging at the first and last step of each round. With ``--baseline REV`` the file
 ``attnxfer/train/stage1.py`` of git revision REV is loaded beside this checkout's (same package, same
-imports) and both fit copies of the same student in interleaved rounds (`benchmarks/_measure.py`), so
+imports) and both fit copies of the same student in interleaved rounds (`attnxfer.train.timing`), so
 the ratio holds under the machine's background load. On CUDA it also counts the synchronising calls torch
 makes in one round of each (its sync debug mode; a round has two logged steps, which read on purpose).
 

@@ -4,7 +4,7 @@ The real training path: each configuration is an `Engine` built by `attnxfer.app
 from the paper's ViT recipes (`paper/vit_base_copy`, `paper/vit_base_distill`) with synthetic data; its
 loop (`Engine.steps`: the loader, the step, EMA, logging) is advanced a round of ``--steps-per-round``
 optimiser steps at a time. Every round runs each configuration once, in an order rotated each round
-(`benchmarks/_measure.py`), so all share the machine's background load; images/s = steps × batch / the
+(`attnxfer.train.timing`), so all share the machine's background load; images/s = steps × batch / the
 median round time.
 
   none     plain fine-tuning: the student initialised from the teacher's weights, ``transfer.mode=none``

@@ -244,6 +244,14 @@ def test_gpu_suite_commands_parse():
     assert tests and all((ROOT / t).is_file() for t in tests), tests
 
 
+def test_every_benchmark_script_is_named_in_the_benchmarks_page():
+    """docs/benchmarks.md is where a reader looks for what a script in benchmarks/ measures (or where its
+    results are)."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text()
+    scripts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").iterdir() if p.is_file())
+    assert [s for s in scripts if s not in page] == []
+
+
 def test_every_attnxfer_command_in_the_docs_is_checked():
     """The shell blocks hold attnxfer commands of every kind the docs show (the test is not vacuous)."""
     seen = {
