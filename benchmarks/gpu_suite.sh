@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one
-# H100; a session has about 30 minutes of device time in all). Run from the repository root with the
+# H100; a session has 15 minutes of device time in all, start-up included: one or two parts). Run from the repository root with the
 # machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy, tqdm, pytest
 # and triton are in its image; attnxfer runs from the checkout, nothing is installed; its timm may be older
 # than the 1.0.31 attnxfer needs: carry timm's wheel in .whl/, see docs/benchmarks.md):

@@ -77,7 +77,7 @@ def vit_micro_patch4_28(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 @register_model
 def vit_nano_patch4_28(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """A wider 28×28 ViT (width 192, 6 blocks, 3 heads): the demo's teacher."""
+    """A wider 28×28 ViT (width 192, 6 blocks, 3 heads) than the demo's `vit_micro_patch4_28`."""
     args = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0)
     return _create_vision_transformer("vit_nano_patch4_28", pretrained=pretrained, **dict(args, **kwargs))
 
