@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one
-# H100; a session has 15 minutes of device time in all, start-up included: one or two parts). Run from the repository root with the
-# machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy, tqdm, pytest
-# and triton are in its image; attnxfer runs from the checkout, nothing is installed; its timm may be older
-# than the 1.0.31 attnxfer needs: carry timm's wheel in .whl/, see docs/benchmarks.md):
+# The GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one H100; a
+# session has 15 minutes of device time in all, start-up included: one or two parts). Run from the repository
+# root with the machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy,
+# tqdm, pytest and triton are in its image; attnxfer runs from the checkout, nothing is installed; its timm
+# may be older than the 1.0.31 attnxfer needs: carry timm's wheel in .whl/, see docs/benchmarks.md):
 #
 #   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and the CE paths in smoke mode (~3 min)
 #   bash benchmarks/gpu_suite.sh transfer   # distillation step and loss: every CE path, N = 197 / 785 / 3137
