@@ -248,6 +248,7 @@ class TeacherStudent(nn.Module):
                 res = self._layer_loss(c, ios, handover, step)
             else:
                 res = c.loss_fn.compare(c, student_whole[c.signal], handover.signals[c.signal], step)
+                _check_numbers(c, res, "compare")
             out.compared.append((c, res))
         return out
 
@@ -282,6 +283,7 @@ class TeacherStudent(nn.Module):
             io = ios[s]
             student = io.captured if io.lse is None else {**io.captured, "lse": io.lse}
             res = c.loss_fn.compare_layer(c, self._pair(s, t, student, handover.layers[t]), step)
+            _check_numbers(c, res, "compare_layer")
             losses.append(res.total)
             terms.update(res.terms)
             logs.update(res.logs)
@@ -290,3 +292,16 @@ class TeacherStudent(nn.Module):
     def _pair(self, s: int, t: int, *signals: Mapping[str, Any]) -> LayerPair:
         """Student layer ``s`` and teacher layer ``t``, with what they handed over (student's, teacher's)."""
         return LayerPair(s, t, self._student_attn[s], self._teacher_attn[t], *signals)
+
+
+def _check_numbers(c: Comparison, res: Loss, method: str) -> None:
+    """Refuse a `Loss` whose total, terms or logs are not one number each (0-d tensors): the step sums and
+    logs them as such, and a vector would fail far from the loss that made it (or its layers' sum hide it)."""
+    for name, value in [("total", res.total), *res.terms.items(), *res.logs.items()]:
+        if torch.is_tensor(value) and value.dim() == 0:
+            continue
+        got = f"tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+        raise TypeError(
+            f"{c.origin}: comparison loss {c.loss!r} returned from {method} a Loss whose {name!r} is a {got}; "
+            "its total, terms and logs must be 0-d tensors (reduce them, e.g. with .mean())"
+        )

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -192,6 +193,40 @@ def test_a_second_loss_under_a_taken_name_is_refused():
         @comparison_loss("feat_l2")
         class Other(ComparisonLoss):
             signals = (Signal.FEATURES,)
+
+
+@comparison_loss("not_a_number")
+class NotANumber(ComparisonLoss):
+    """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float."""
+
+    signals = (Signal.K,)
+    options: ClassVar = {"returns": "vector"}
+
+    def compare_layer(self, comparison, pair, step) -> Loss:
+        diff = (pair.student["k"] - pair.teacher["k"]).float().pow(2).mean(dim=(-2, -1))
+        returns = comparison.option("returns")
+        if returns == "vector":
+            return Loss(diff)
+        return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
+
+
+@pytest.mark.parametrize(
+    "returns, got",
+    [
+        ("vector", r"'total' is a tensor of shape \(2, 3\)"),
+        ("vector term", r"'per_head' is a tensor of shape \(2, 3\)"),
+        ("float", "'total' is a float"),
+    ],
+)
+def test_a_loss_that_returns_no_single_number_is_named_where_it_returns(returns, got):
+    """A vector total was summed over the layers without a word, a vector term failed in the logger and a
+    float in the sum: each is refused as the loss returns it, naming the entry, the loss and its method."""
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
+    entry = {"name": "not_a_number", "returns": returns}
+    plan = build_plan(teacher, student, "none", losses=[entry])
+    said = r"transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer a Loss whose "
+    with pytest.raises(TypeError, match=said + got):
+        TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
 
 
 _FORKED_LOSS = """
