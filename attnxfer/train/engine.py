@@ -221,10 +221,13 @@ class Engine:
             if bad is not None
             else "a non-finite loss term on another rank"
         )
-        raise NonFiniteLossError(
-            f"{what}; stopping without saving ({where}). Try a lower optim.lr, optim.clip_grad=1.0, "
-            "or a lower transfer.atd_weight."
+        # before the first update no learning rate is to blame: the loss's own computation or the data is
+        advice = (
+            "It came before any update: check the loss that computes that term, and the data."
+            if bad is not None and bad.step == 0
+            else "Try a lower optim.lr, optim.clip_grad=1.0, or a lower transfer.atd_weight."
         )
+        raise NonFiniteLossError(f"{what}; stopping without saving ({where}). {advice}")
 
     def save(self, metric: float | None = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes. Never after a non-finite loss."""

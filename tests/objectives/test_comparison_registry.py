@@ -21,6 +21,7 @@ from helpers import peaked_teacher, tiny_run, tiny_vit
 import attnxfer
 from attnxfer.apps.run.training import train
 from attnxfer.config import load_config
+from attnxfer.train.engine import NonFiniteLossError
 from attnxfer.transfer import (
     ComparisonLoss,
     Loss,
@@ -197,7 +198,7 @@ def test_a_second_loss_under_a_taken_name_is_refused():
 
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
-    """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float."""
+    """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN."""
 
     signals = (Signal.K,)
     options: ClassVar = {"returns": "vector"}
@@ -207,6 +208,8 @@ class NotANumber(ComparisonLoss):
         returns = comparison.option("returns")
         if returns == "vector":
             return Loss(diff)
+        if returns == "nan":
+            return Loss(diff.mean() * float("nan"))
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
@@ -227,6 +230,28 @@ def test_a_loss_that_returns_no_single_number_is_named_where_it_returns(returns,
     said = r"transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer a Loss whose "
     with pytest.raises(TypeError, match=said + got):
         TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+
+
+def test_a_loss_that_is_nan_on_the_first_step_is_named_and_not_blamed_on_the_learning_rate(
+    tmp_path, tiny_teacher_dir
+):
+    """Before any update the optimiser's settings cannot have made it: the advice points at the loss."""
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher.spec=local-dir:{tiny_teacher_dir}",
+            *tiny_run(8, 4),
+            "transfer.mode=none",
+            "transfer.losses=[{name: not_a_number, returns: nan}]",
+            "schedule.max_steps=2",
+        ],
+    )
+    with pytest.raises(NonFiniteLossError) as said:
+        train(cfg)
+    assert "non-finite loss term 'not_a_number' = nan at step 0" in str(said.value)
+    assert "before any update: check the loss that computes that term" in str(said.value)
+    assert "optim.lr" not in str(said.value)
 
 
 _FORKED_LOSS = """
