@@ -1,5 +1,6 @@
 """Operation counts (`operation_counts`): softmax, ReLU-linear and hashing against hand computations, every
-registered attention counting its own, and a conversion's measurements counting every layer."""
+registered attention counting its own, a formula counting what its zoo member counts, and a conversion's
+measurements counting every layer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from helpers import peaked_teacher
 
 from attnxfer.models.efficient import build_efficient_student, create_attention, list_attentions
+from attnxfer.models.efficient.formula import HAND_DESIGNED
 from attnxfer.train.measure import operation_counts
 
 B, H, T, D = 2, 3, 5, 4  # batch, heads, tokens, head dim
@@ -70,3 +72,21 @@ def test_a_window_covering_the_grid_costs_what_softmax_costs():
     window = create_attention("window", dim=48, num_heads=3, num_prefix_tokens=1, grid_size=4, window_size=4)
     softmax = create_attention("softmax", dim=48, num_heads=3)
     assert window.operation_counts(17, batch=2) == softmax.operation_counts(17, batch=2)
+
+
+@pytest.mark.parametrize("member", ["relu_linear", "elu_linear", "hedgehog", "cosformer", "focused_linear"])
+def test_hand_designed_formulas_count_what_their_zoo_members_count(member):
+    """Counted op by op from the program, a hand-designed formula costs what its zoo class counts from its
+    own algorithm (window_linear's formula uses a 7x7 window, which the 5x5 test grid cannot hold)."""
+    layout = dict(dim=48, num_heads=3, num_prefix_tokens=1, grid_size=5)
+    paper = {"feature_dim": 16} if member == "hedgehog" else {}  # the formula's m = d (head dim 16)
+    zoo = create_attention(member, **layout, **paper)
+    formula = create_attention(HAND_DESIGNED[member], **layout)
+    assert formula.operation_counts(26, batch=2) == zoo.operation_counts(26, batch=2)
+
+
+def test_window_formula_counts_what_window_linear_counts():
+    layout = dict(dim=48, num_heads=3, num_prefix_tokens=1, grid_size=(8, 8))
+    zoo = create_attention("window_linear", window_size=4, kernel="hedgehog", **layout)
+    formula = create_attention("formula:sum(proj.cat(softmax,neg.softmax)+win(4))", **layout)
+    assert formula.operation_counts(65, batch=2) == zoo.operation_counts(65, batch=2)
