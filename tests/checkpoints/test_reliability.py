@@ -18,7 +18,6 @@ from helpers import popen_interruptible, run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.launch import cli
-from attnxfer.launch.slurm import SlurmOptions, parse_sweep
 
 # 4 steps an epoch on synthetic data, a 1-block model: about a second a run
 S = [
@@ -252,22 +251,6 @@ def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_t
     body = (tmp_path / "scratch-vit" / "README.md").read_text().split("---", 2)[2]
     assert body.lstrip().startswith("# scratch-vit\n") and "trained without a teacher, with attnxfer." in body
     assert "## Teacher\n\nNone: trained without a teacher." in body and "teacher's licence" not in body
-
-
-def test_demo_budget_of_zero_steps_is_refused(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main(["demo", "--budget-steps", "0"])
-    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
-
-
-def test_sweeps_over_list_values_and_safe_slurm_keys():
-    assert parse_sweep(["transfer.layers=[0,1],[2,3]", "optim.lr=1e-3,1e-4"]) == {
-        "transfer.layers": ["[0,1]", "[2,3]"],
-        "optim.lr": ["1e-3", "1e-4"],
-    }
-    with pytest.raises(ValueError, match="control characters"):
-        SlurmOptions(extra={"comment": "a\n#SBATCH --x"})
-    assert SlurmOptions(extra={"mail_type": "END"}).extra == {"mail-type": "END"}
 
 
 def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):

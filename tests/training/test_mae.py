@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from attnxfer.apps.run.pretrain import pretrain
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
+from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.models.mae import (
     MaskedAutoencoder,
@@ -479,6 +480,12 @@ def test_every_demo_table_compares_its_copy_and_distillation_rows_with_each_othe
     ]
     assert set(TABLES) == {"mae", "supervised"}
     assert table_pairs("supervised", keys=["scratch", "sup_copy"]) == [("sup_copy", "scratch")]
+
+
+def test_demo_budget_of_zero_steps_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--budget-steps", "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
 
 
 def test_the_demo_leaves_its_teacher_at_one_path_and_replaces_it_only_for_another_teacher(tmp_path, capsys):

@@ -239,6 +239,16 @@ def test_bad_sweep_values():
         parse_sweep(["lr=0.1,,0.2"])
 
 
+def test_sweeps_over_list_values_and_safe_slurm_keys():
+    assert parse_sweep(["transfer.layers=[0,1],[2,3]", "optim.lr=1e-3,1e-4"]) == {
+        "transfer.layers": ["[0,1]", "[2,3]"],
+        "optim.lr": ["1e-3", "1e-4"],
+    }
+    with pytest.raises(ValueError, match="control characters"):
+        SlurmOptions(extra={"comment": "a\n#SBATCH --x"})
+    assert SlurmOptions(extra={"mail_type": "END"}).extra == {"mail-type": "END"}
+
+
 def test_a_swept_run_dir_or_a_value_twice_is_refused_not_relocated_or_run_twice(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path))  # a swept run_dir would be replaced by each point's own folder
     with pytest.raises(ValueError, match=r"--sweep run_dir: each job of a sweep runs in its own folder"):
