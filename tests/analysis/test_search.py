@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, peaked_teacher, run_cli, tiny_convert_report
+from helpers import QUIET, peaked_teacher, run_cli, tiny_convert_report, tiny_run
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -152,9 +152,7 @@ def _args(run_dir, teacher_dir, *extra):
         "search",
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher_dir}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=64",
-        "data.batch_size=8",
+        *tiny_run(64, 8),
         "search.population=4",
         "search.offspring=3",
         "search.generations=2",
@@ -163,7 +161,6 @@ def _args(run_dir, teacher_dir, *extra):
         "search.held_out_images=8",
         "search.target_tokens=65",
         "search.speed=flops",
-        "log.progress=false",
         *extra,
     ]
 

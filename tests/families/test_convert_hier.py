@@ -260,9 +260,7 @@ def test_search_on_a_pvt_teacher(tmp_path):
     args = [
         f"run_dir={tmp_path / 'search'}",
         f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=32",
-        "data.batch_size=8",
+        *tiny_run(32, 8),
         "search.population=3",
         "search.offspring=2",
         "search.generations=1",
@@ -271,7 +269,6 @@ def test_search_on_a_pvt_teacher(tmp_path):
         "search.held_out_images=8",
         "search.target_tokens=64",
         "search.speed=flops",
-        "log.progress=false",
     ]
     assert main(["search", *args]) == 0
     rows = [json.loads(line) for line in (tmp_path / "search" / "candidates.jsonl").read_text().splitlines()]

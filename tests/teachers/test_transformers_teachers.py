@@ -456,10 +456,7 @@ def test_the_cli_refuses_an_unreadable_folder_in_one_line_before_any_work(tmp_pa
         f"run_dir={run}",
         f"teacher.spec=local-dir:{folder}",
         "transfer.mode=distill",
-        "data.dataset=synthetic",
-        "data.kwargs.length=16",
-        "data.batch_size=8",
-        "log.progress=false",
+        *tiny_run(16, 8),
         "schedule.max_steps=1",
     ]
     assert main(argv) == 2

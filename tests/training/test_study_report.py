@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_run
 from PIL import Image
 from scipy.stats import binomtest
 
@@ -118,12 +119,8 @@ def study_dir(tmp_path_factory, tiny_teacher_dir, one_intra_op_thread) -> Path:
             "study",
             "-c",
             str(root / "students.yaml"),
-            "data.dataset=synthetic",
-            "data.batch_size=8",
-            "data.synthetic_length=32",
+            *tiny_run(32, 8),
             "schedule.max_steps=2",
-            "log.progress=false",
-            "log.tensorboard=false",
             "log.attention_images=0",
             "deterministic=true",
             f"teacher.spec=local-dir:{tiny_teacher_dir}",
