@@ -143,7 +143,9 @@ def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, ca
         (16, 3, 16, None),  # 3 does not divide 16
     ],
 )
-def test_split_for_world(global_batch, world, max_per_rank, want):
+def test_a_global_batch_splits_into_rank_batches_and_accumulation_and_a_world_that_cannot_share_it_is_refused(
+    global_batch, world, max_per_rank, want
+):
     split = split_for_world(global_batch, world, max_per_rank)
     if want is None:
         assert split is None

@@ -309,7 +309,7 @@ def test_exact_sampler_scores_every_sample_once_at_every_world_size(length, worl
         ResumableSampler(4, shuffle=False, drop_last=True, exact=True)
 
 
-def test_sampler_state_is_checked():
+def test_a_sampler_state_survives_json_and_refuses_another_seed_or_a_position_past_the_epoch():
     s = ResumableSampler(20, shuffle=True, seed=0)
     s.set_epoch(2)
     s.set_position(8)
@@ -396,7 +396,9 @@ def test_synthetic_is_deterministic_and_learnable():
 @pytest.mark.parametrize(
     "in_chans,img_size,num_classes,length", [(1, 8, 3, 7), (3, 28, 10, 20), (4, 5, 2, 1)]
 )
-def test_synthetic_shapes(in_chans, img_size, num_classes, length):
+def test_synthetic_images_have_the_requested_channels_size_classes_and_length(
+    in_chans, img_size, num_classes, length
+):
     ds = build_dataset(
         "synthetic", "train", in_chans=in_chans, img_size=img_size, num_classes=num_classes, length=length
     )
@@ -423,7 +425,7 @@ def _make_folder(root: Path):
         Image.new("RGB", (40, 48), color).save(root / "val" / "dog" / f"{i}.png")
 
 
-def test_folder_dataset(tmp_path):
+def test_folder_classes_are_its_subfolders_val_is_normalised_and_train_augments_per_epoch(tmp_path):
     _make_folder(tmp_path)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
     val = build_dataset("folder", "val", root=tmp_path, img_size=32, mean=mean, std=std)
@@ -529,7 +531,7 @@ def test_registry_errors_name_the_choices():
         build_dataset("synthetic", "test")
 
 
-def test_register_custom_dataset():
+def test_a_registered_dataset_is_listed_built_with_its_options_and_refused_twice():
     info = DatasetInfo(
         name="ones", num_classes=2, class_names=("a", "b"), mean=(0.0,), std=(1.0,), in_chans=1, img_size=4
     )

@@ -215,7 +215,9 @@ def saved_pairs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["eva02", "beit", "cait", "sam"])
-def test_cli_end_to_end(family, saved_pairs, tmp_path):
+def test_inspect_through_the_cli_writes_metrics_and_the_pictures_of_every_layer_group(
+    family, saved_pairs, tmp_path
+):
     folder, out = saved_pairs / family, tmp_path / "report"
     teacher, student = f"local-dir:{folder / 'teacher'}", f"local-dir:{folder / 'student'}"
     args = ["inspect", teacher, student, "--data", "synthetic", "--num-images", "2", "--batch-size", "2"]

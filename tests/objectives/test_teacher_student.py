@@ -32,7 +32,7 @@ class _NeverStops(AttentionIO):
     "layers", [None, [0], *(pytest.param(v, marks=pytest.mark.slow) for v in ([1, 3], [-1]))]
 )
 @pytest.mark.parametrize("end_layer", fast_cells([0, -2], (-2,)))
-def test_copy_identity(layers, end_layer):
+def test_copy_with_random_qk_in_the_copied_layers_reproduces_the_teacher(layers, end_layer):
     """A student equal to the teacher except random q/k in the copied layers reproduces the teacher."""
     teacher = tiny_vit(depth=4, qkv_bias=True).eval()
     plan_layers = select_layers(4, end_layer, layers)
@@ -51,7 +51,7 @@ def test_copy_identity(layers, end_layer):
 
 
 @pytest.mark.parametrize("mode,chunk", [("copy_q", "q"), ("copy_k", "k"), ("copy_v", "v")])
-def test_copy_variants_identity(mode, chunk):
+def test_copy_q_k_or_v_ignores_the_students_own_chunk_and_reproduces_the_teacher(mode, chunk):
     teacher = tiny_vit(depth=3).eval()
     student = randomize_qkv_rows(teacher, range(3), chunk)
     x = torch.randn(2, 3, 32, 32)
@@ -157,7 +157,7 @@ def test_distill_loss_matches_per_layer_oracle_and_learns():
     assert sum(out.logs.values()).item() < 0.5 * first_kl
 
 
-def test_shared_drop_path_masks():
+def test_shared_drop_path_masks_keep_a_copys_maps_identical_and_private_ones_do_not():
     """Student = teacher weights with drop path: shared masks keep maps identical (KL 0), private ones don't."""
     teacher = peaked_teacher(depth=4, seed=3)
     torch.manual_seed(0)
@@ -184,7 +184,7 @@ def test_uniform_layer_mapping_for_different_depths():
     assert set(out.terms) == {"attn_ce/0", "attn_ce/1", "attn_ce/2"}
 
 
-def test_clear_errors_at_construction():
+def test_a_pair_or_plan_that_cannot_work_is_refused_at_construction_naming_what_to_change():
     t = tiny_vit(seed=1)
     with pytest.raises(PlanError, match="token grids differ.*img_size"):
         build_plan(t, tiny_vit(img_size=48), "copy")

@@ -512,7 +512,7 @@ def test_flat_deit_style_checkpoint_head_rules(tmp_path, capsys):
         load_teacher(str(headless_file), arch="vit_tiny_patch16_224", num_classes=3, **TINY)
 
 
-def test_local_dir_teacher(tmp_path):
+def test_a_local_dir_teacher_loads_its_weights_and_card_and_a_truncated_file_is_named(tmp_path):
     model = tiny_timm(num_classes=4)
     save_for_hf(model, tmp_path / "exported", safe_serialization=True, model_config=HUB_CFG)
     teacher, rec = load_teacher(f"local-dir:{tmp_path / 'exported'}")

@@ -229,12 +229,12 @@ def test_cli_flags_become_options():
 
 
 @pytest.mark.parametrize("items, message", [(["novalue"], "KEY=VALUE"), (["a=1", "a=2"], "twice")])
-def test_bad_key_values(items, message):
+def test_a_slurm_key_without_a_value_or_given_twice_is_refused(items, message):
     with pytest.raises(ValueError, match=message):
         parse_key_values(items)
 
 
-def test_bad_sweep_values():
+def test_an_empty_value_in_a_sweep_is_refused():
     with pytest.raises(ValueError, match="comma-separated"):
         parse_sweep(["lr=0.1,,0.2"])
 
