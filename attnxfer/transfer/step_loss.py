@@ -1,7 +1,8 @@
 """A training step's loss: the one type that carries a loss (`Loss`) and the one place it is summed
 (`compose_loss`): ``total = task_weight * task + sum(c.weight * loss_c for each comparison c, in order)``,
 logged as ``task``, ``transfer`` (the comparisons' weighted sum; ``attn`` in runs logged before it had its
-name, which nothing reads back), each comparison's unweighted loss by its name, their parts, ``total``.
+name, which nothing reads back), each comparison's unweighted loss by its name (``map#2`` where an earlier
+one took it), their parts, ``total``.
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ def compose_loss(
     transfer: torch.Tensor | None = None
     named: list[str] = []
     for c, loss in compared:
-        terms.update(loss.terms)
-        logs.update(loss.logs)
         named.append(_unused(c.name, named))
+        # a comparison whose name an earlier one took (``map#2``) marks its parts too (``attn_ce#2/3``):
+        # two entries of one loss on the same layers both log, neither overwrites the other
+        mark = named[-1][len(c.name) :]
+        terms.update({_marked(k, mark): v for k, v in loss.terms.items()})
+        logs.update({_marked(k, mark): v for k, v in loss.logs.items()})
         terms[named[-1]] = loss.total
         weighted = c.weight * loss.total
         transfer = weighted if transfer is None else transfer + weighted
@@ -58,6 +62,12 @@ def compose_loss(
         terms["transfer"] = transfer
     terms["total"] = total
     return Loss(total, terms, logs)
+
+
+def _marked(key: str, mark: str) -> str:
+    """``key`` with ``mark`` after its first part: ``attn_ce/3`` marked ``#2`` is ``attn_ce#2/3``."""
+    head, slash, layer = key.partition("/")
+    return f"{head}{mark}{slash}{layer}"
 
 
 def _unused(name: str, named: list[str]) -> str:

@@ -50,3 +50,22 @@ def test_without_a_task_loss_the_total_is_the_transfer_and_two_comparisons_of_on
     out = compose_loss([(maps, loss), (maps, loss)])
     assert "task" not in out.terms and out.total is out.terms["transfer"]
     assert out.terms["map"].item() == out.terms["map#2"].item() == 4.0
+
+
+def test_two_entries_of_one_loss_on_the_same_layers_each_log_their_own_parts():
+    # e.g. logit_kd at two temperatures, or attention CE at two weights: the second marks its parts ``#2``
+    (maps, _), (logits, _), _ = _compared()
+    ce, ce2, kd, kd2 = (torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0))
+    out = compose_loss(
+        [
+            (maps, Loss(ce, {"attn_ce/0": ce}, {"attn_kl/0": ce / 2})),
+            (logits, Loss(kd, {"logit_kd": kd})),
+            (maps, Loss(ce2, {"attn_ce/0": ce2}, {"attn_kl/0": ce2 / 2})),
+            (logits, Loss(kd2, {"logit_kd": kd2})),
+        ]
+    )
+    logged = {k: v.item() for k, v in {**out.terms, **out.logs}.items()}
+    assert logged["attn_ce/0"] == 1.0 and logged["attn_ce#2/0"] == 2.0
+    assert logged["attn_kl/0"] == 0.5 and logged["attn_kl#2/0"] == 1.0
+    assert logged["map"] == 1.0 and logged["map#2"] == 2.0
+    assert logged["logit_kd"] == 3.0 and logged["logit_kd#2"] == 4.0
