@@ -126,19 +126,10 @@ def build_student(
     kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if m.init:
         student = init_from_pretrained(m, num_classes, img_size, cfg.teacher.cache_dir, kwargs)
-        _say_if_not_built(
-            m, student, num_classes, kwargs, f"model.init={m.init} gives the student its architecture"
-        )
+        _say_if_not_built(m, student, num_classes, kwargs)
     elif teacher is not None and m.mirror_teacher:
         student = student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
-        _say_if_not_built(
-            m,
-            student,
-            num_classes,
-            kwargs,
-            "with a teacher, model.mirror_teacher=true gives the student the teacher's architecture",
-            f"; model.mirror_teacher=false builds {m.name}",
-        )
+        _say_if_not_built(m, student, num_classes, kwargs)
     else:
         kwargs.setdefault("in_chans", in_chans)
         optional: tuple[str, ...] = ()
@@ -166,10 +157,9 @@ def _check_patches_tile(student: nn.Module) -> None:
         )
 
 
-def _say_if_not_built(
-    m: ModelConfig, student: nn.Module, num_classes: int, kwargs: dict[str, Any], why: str, instead: str = ""
-) -> None:
-    """A ``model.name`` the student is not (its width or depth differ): said, not silently dropped."""
+def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwargs: dict[str, Any]) -> None:
+    """A ``model.name`` the student is not (its width or depth differ; ``model.init``'s or the mirrored
+    teacher's architecture): said, not silently dropped."""
     if m.name == ModelConfig().name:
         return
     try:
@@ -181,6 +171,10 @@ def _say_if_not_built(
     built = (student.num_features, len(attention_blocks(student)))
     if built != asked:
         shape = f", against {asked[0]} and {asked[1]}" if asked else ""
+        why, instead = f"model.init={m.init} gives the student its architecture", ""
+        if not m.init:
+            why = "with a teacher, model.mirror_teacher=true gives the student the teacher's architecture"
+            instead = f"; model.mirror_teacher=false builds {m.name}"
         warn(
             f"warning: model.name={m.name} is not built: {why} (width {built[0]}, {built[1]} blocks{shape})"
             f"{instead}"
