@@ -76,11 +76,13 @@ def _weights(run_dir):
         ),
         (  # timm would drop 3 px of each side without a word
             ["transfer.mode=none", "data.img_size=27"],
-            "4 px patches (model.name / model.kwargs.patch_size) do not tile its 27 px images",
+            "4 px patches (model.name / model.kwargs.patch_size) do not tile its 27 px images "
+            "(data.img_size / model.kwargs.img_size): sizes that work near it are 24 px and 28 px\n",
         ),
         (  # a patch larger than the image: no token at all, the first step would stop
             ["transfer.mode=none", "model.kwargs.patch_size=64"],
-            "64 px patches (model.name / model.kwargs.patch_size) do not tile its 28 px images",
+            "64 px patches (model.name / model.kwargs.patch_size) do not tile its 28 px images "
+            "(data.img_size / model.kwargs.img_size): sizes that work near it are 64 px\n",
         ),
         (  # fewer classes than the data has: a label past the head would stop the first step
             ["transfer.mode=none", "model.num_classes=5"],

@@ -16,7 +16,7 @@ from ...data import DatasetInfo
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
 from ...models.efficient import GridFitError, with_attention
-from ...models.image_input import ImageSizeError, image_input
+from ...models.image_input import ImageSizeError, image_input, sizes_that_fit
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
 from ...sources.resolve import Source, parse_teacher_spec
@@ -148,9 +148,7 @@ def _check_patches_tile(student: nn.Module) -> None:
     io = image_input(student)
     side, patch, grid = io.img_size[0], io.patch_size[0], io.grid[0]
     if grid < 1 or grid * patch != side or io.grid[1] * io.patch_size[1] != io.img_size[1]:
-        fits = " and ".join(
-            f"{s} px" for s in sorted({max(1, side // patch) * patch, (side // patch + 1) * patch})
-        )
+        fits = " and ".join(f"{s} px" for s in sizes_that_fit(student, side) if s)
         raise InputError(
             f"the student's {patch} px patches (model.name / model.kwargs.patch_size) do not tile its "
             f"{side} px images (data.img_size / model.kwargs.img_size): sizes that work near it are {fits}"
