@@ -434,7 +434,7 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     assert (
         list(grey.mean) == [sum(rgb.mean) / 3] and list(grey.std) == [sum(rgb.std) / 3] and len(rgb.mean) == 3
     )
-    capsys.readouterr()
+    assert "px for the student, normalised by the dataset's mean/std" in capsys.readouterr().out  # no teacher
     # a report scoring runs after they trained (the demo's, a study's) does not say it again
     build_run_parts(load_config(None, base), quiet=True)
     assert "data:" not in capsys.readouterr().out

@@ -100,8 +100,7 @@ def init_from_pretrained(
     ``kwargs`` (timm's, pooling among them); any other weight missing is an error, never a random weight. A
     norm moved after the pooling (``fc_norm``) starts fresh and the encoder's final norm is dropped, as MAE's
     fine-tuning does."""
-    spec = m.init
-    pretrained = load_init(spec, img_size, file_model=m, cache_dir=cache_dir)
+    pretrained = load_init(m.init, img_size, file_model=m, cache_dir=cache_dir)
     student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
     # a head, or an fc_norm the pooling added, only the student has: fresh; a final norm the pooling moved
@@ -111,7 +110,7 @@ def init_from_pretrained(
     unexpected = [n for n in result.unexpected_keys if n.split(".")[0] not in dropped]
     if missing or unexpected:
         raise InputError(
-            f"model.init={spec!r} does not fit the student built from it: missing {sorted(missing)}, "
+            f"model.init={m.init!r} does not fit the student built from it: missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}"
         )
     return student
@@ -333,8 +332,7 @@ def build_run_parts(
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
-    # the images are made for the teacher unless the config says otherwise: a 1-channel teacher turns RGB grey
-    made_for = "the teacher" if teacher else "the student"
+    # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey
     normalised_by = "the teacher's" if (record or {}).get("mean") else "the dataset's"
     return parts_around(
         cfg,
@@ -349,7 +347,7 @@ def build_run_parts(
         num_classes=num_classes,
         rank=rank,
         world_size=world_size,
-        chosen_by=None if quiet else (made_for, normalised_by),
+        chosen_by=None if quiet else (who, normalised_by),
     )
 
 
