@@ -80,8 +80,7 @@ def build_loaders(
             "auto_augment": aug.auto_augment,
         },
     )
-    train_aug = {k: v for k, v in train_aug.items() if k not in d.kwargs}  # the dataset's own options win
-    train_set = build_dataset(d.dataset, "train", **common, **train_aug)
+    train_set = build_dataset(d.dataset, "train", **{**train_aug, **common})  # data.kwargs win over aug
     val_set = build_dataset(d.dataset, "val", **common)
     # each split on its own: a stream is not indexable (the engine's position shortens the train epoch)
     if isinstance(train_set, StreamDataset):
