@@ -103,8 +103,6 @@ def init_from_pretrained(
     pretrained = load_init(m.init, img_size, file_model=m, cache_dir=cache_dir)
     student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
-    # a head, or an fc_norm the pooling added, only the student has: fresh; a final norm the pooling moved
-    # after it, only the encoder has: dropped (any other mismatch is refused below)
     fresh, dropped = {"head", "fc_norm"}, {"norm"}
     missing = {n for n in result.missing_keys if n.split(".")[0] not in fresh}
     unexpected = [n for n in result.unexpected_keys if n.split(".")[0] not in dropped]

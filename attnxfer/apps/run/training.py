@@ -301,10 +301,9 @@ def start_run(
     command: str,
     built: RunParts | None = None,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
-    """What every run does before it builds a model or reads data: its runtime, its checkpoint found (or
-    ``found``) and judged, its global batch kept on another world size (``built``: loaders the caller built),
-    its trackers prepared, the seed set on every rank. Returns the config on this world size, the runtime
-    and the judged checkpoint."""
+    """What every run does before it builds a model or reads data: its runtime, its checkpoint judged
+    (`judged_resume`: ``found``, ``built``), its trackers prepared, the seed set on every rank. Returns the
+    config on this world size, the runtime and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
