@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,11 +116,9 @@ def _result_path(run_dir: Path, step: int, config: dict[str, Any]) -> Path:
     the next free ``eval-<step>-<n>.json``: a second eval keeps the first one's scores."""
     path, n, as_written = run_dir / f"eval-{step:08d}.json", 1, json.loads(json.dumps(config))
     while path.is_file():
-        try:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable or not ours: kept
             if json.loads(path.read_text(encoding="utf-8")).get("config") == as_written:
                 return path  # the same evaluation again: its scores replace their own
-        except (OSError, ValueError, AttributeError):  # unreadable or not ours: kept as it is
-            pass
         n += 1
         path = run_dir / f"eval-{step:08d}-{n}.json"
     return path
