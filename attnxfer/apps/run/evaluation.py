@@ -14,7 +14,6 @@ from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ...checkpoints.run_lock import check_writable, disk_error
 from ...checkpoints.store import CheckpointError, atomic_write_json
 from ...config import TrainConfig, to_dict
-from ...data import require_labels
 from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
@@ -24,7 +23,7 @@ from ...transfer.modes import get_mode
 from ...transfer.teacher_student import TeacherStudent
 from .loaders import build_bank_loader, data_info
 from .parts import RunParts
-from .training import LABEL_METRICS, build_engine, same_tokens, task_weight_of
+from .training import build_engine, require_metric_labels, same_tokens, task_weight_of
 
 
 @dataclass
@@ -50,8 +49,7 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
         asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
         if with_teacher:
             asked -= {"knn", "features"}
-    for name in sorted(asked & LABEL_METRICS):
-        require_labels(info, f"eval.metrics={name}")
+    require_metric_labels(cfg)  # those asked for by name: auto adds top1 and knn only where there are labels
     if task_weight_of(cfg) == 0 and not own_objective:  # scored by feature agreement: no head was trained
         if "top1" in cfg.eval.metrics:
             raise InputError(
