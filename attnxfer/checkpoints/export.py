@@ -414,19 +414,16 @@ def export_run(
     _check_repo_id(push_to_hub)
     run = RunDir(run_dir)
     record = run.record()
-    # --overwrite would mix the model's files into the run's
-    if Path(out_dir).resolve() == run.path.resolve():
-        raise PathExistsError(
-            f"OUT_DIR={out_dir} is the run's own folder: export into {Path(run_dir) / 'export'}"
-        )
-    # the run's teacher may be an attnxfer export too (the demo's MAE teacher): --overwrite would replace it
+    # --overwrite would mix the model's files into the run's, or replace the run's teacher where that is an
+    # attnxfer export too (the demo's MAE teacher)
     teacher = str((record.get("teacher") or {}).get("spec") or "")
-    folder = Path(teacher.removeprefix("local-dir:")).expanduser()
-    if teacher.startswith("local-dir:") and Path(out_dir).resolve() == folder.resolve():
-        raise PathExistsError(
-            f"OUT_DIR={out_dir} is the run's teacher ({teacher}), which its resume and eval check by hash: "
-            f"export into {Path(run_dir) / 'export'}"
-        )
+    taken = [(run.path, "the run's own folder")]
+    if teacher.startswith("local-dir:"):
+        what = f"the run's teacher ({teacher}), which its resume and eval check by hash"
+        taken.append((Path(teacher.removeprefix("local-dir:")).expanduser(), what))
+    for folder, what in taken:
+        if Path(out_dir).resolve() == folder.resolve():
+            raise PathExistsError(f"OUT_DIR={out_dir} is {what}: export into {Path(run_dir) / 'export'}")
     weights = _choice(ExportWeights, weights, "weights")
     mode = record.get("mode")
     if mode in MODES and MODES[mode].teacher_at_eval:
