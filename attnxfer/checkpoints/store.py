@@ -149,11 +149,8 @@ def _write_checkpoint_files(
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
         give_normal_mode(path)  # safetensors writes 0600; its neighbours (state.json, MANIFEST.json) are 0644
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
         files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     state_bytes = state_text.encode("utf-8")
     _write_file_synced(folder / STATE_NAME, state_bytes)
