@@ -192,12 +192,11 @@ class SlurmOptions:
         # GPUs asked for by gres: the job still runs one task per --gpus-per-node GPU (or --tasks-per-node)
         entries = str(self.extra.get("gres", "")).split(",")
         gpus = next(filter(None, (re.fullmatch(r"gpu(?::[\w.-]+)?:(\d+)", e.strip()) for e in entries)), None)
-        tasks = self.tasks_per_node or self.gpus_per_node or 1
-        if gpus and int(gpus[1]) != tasks:
+        if gpus and int(gpus[1]) != self.ntasks_per_node:
             raise InputError(
-                f"--slurm gres={self.extra['gres']} asks for {gpus[1]} GPUs a node, but the job runs {tasks} "
-                f"task(s) a node, one per GPU: the others would sit idle. Use --gpus-per-node {gpus[1]} (a GPU "
-                f"type: keep gres and add --tasks-per-node {gpus[1]})"
+                f"--slurm gres={self.extra['gres']} asks for {gpus[1]} GPUs a node, but the job runs "
+                f"{self.ntasks_per_node} task(s) a node, one per GPU: the others would sit idle. Use "
+                f"--gpus-per-node {gpus[1]} (a GPU type: keep gres and add --tasks-per-node {gpus[1]})"
             )
 
     def _check_script_values(self) -> None:
