@@ -40,14 +40,13 @@ def resolve_recipe(path: str | Path) -> Path:
     if p.is_file():
         return p
     builtin = RECIPES / p.with_suffix(".yaml")
-    if p.is_dir() and not p.is_absolute() and builtin.is_file():
-        return builtin  # a folder is no config: the recipe's name is meant (the demo's OUT/teacher is one)
-    if p.is_dir():
+    # a folder is no config: a recipe's name is meant where one is so named (the demo's OUT/teacher is one)
+    if p.is_dir() and (p.is_absolute() or not builtin.is_file()):
         inside, study = p / RUN_CONFIG, _student_configs(p)
         hint = f"; a run's config is {inside}" if inside.is_file() else ""
         hint = f"; it is a study's folder: give one student's config: -c {study}" if study else hint
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
-    for candidate in (RECIPES / p, RECIPES / p.with_suffix(".yaml")):
+    for candidate in (RECIPES / p, builtin):
         if candidate.is_file():
             return candidate
     study = _student_configs(p.parent)
