@@ -55,19 +55,18 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
     changed = config_changes(type(cfg)(), cfg)
     for f in dataclasses.fields(cfg):
         owner = section_command(f)
-        if owner in (None, command):
-            continue
         keys = [k for k in changed if k.startswith(f"{f.name}.")]
-        if keys:
-            them = "it" if len(keys) == 1 else "them"
-            who, instead = (f"attnxfer {command}", f"run attnxfer {owner}")
-            if study:  # a study trains or converts its students (study --command convert)
-                who = f"a study of `attnxfer {command}`"
-                instead = f"give the study --command {owner}" if owner == "convert" else f"{instead} alone"
-            raise ConfigError(
-                f"{', '.join(keys)}: only `attnxfer {owner}` reads the {f.name} section, and {who} would drop "
-                f"{them}; remove {them}, or {instead}"
-            )
+        if owner in (None, command) or not keys:
+            continue
+        them = "it" if len(keys) == 1 else "them"
+        who, instead = (f"attnxfer {command}", f"run attnxfer {owner}")
+        if study:  # a study trains or converts its students (study --command convert)
+            who = f"a study of `attnxfer {command}`"
+            instead = f"give the study --command {owner}" if owner == "convert" else f"{instead} alone"
+        raise ConfigError(
+            f"{', '.join(keys)}: only `attnxfer {owner}` reads the {f.name} section, and {who} would drop "
+            f"{them}; remove {them}, or {instead}"
+        )
 
 
 def dump_config(cfg: Any, command: str | None = None, *, as_run: bool = False) -> str:
