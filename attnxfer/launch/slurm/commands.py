@@ -32,9 +32,8 @@ def submit_from_args(
     ``--wait`` from parsed flags. A job that fails under ``--wait`` raises `JobFailedError`, which says where
     its run can resume from."""
     sweep = parse_sweep(getattr(ns, "sweep", None))
-    dry_run = getattr(ns, "dry_run", False)
     options = options_from_args(ns)
-    jobs = submit(main_fn, cfg, options, sweep=sweep, dry_run=dry_run, describe=describe)
+    jobs = submit(main_fn, cfg, options, sweep, dry_run=getattr(ns, "dry_run", False), describe=describe)
     # submitit's debug executor runs a job only when its result is asked for: without this, nothing ran
     if jobs and (getattr(ns, "wait", False) or options.cluster == "debug"):
         try:
