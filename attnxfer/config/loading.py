@@ -63,9 +63,8 @@ def resolve_recipe(path: str | Path) -> Path:
 
 
 def _student_configs(folder: Path) -> str | None:
-    """A study folder's students' own configs (``S/copy/config.yaml or S/distill/config.yaml``); None for any
-    other folder, or a study none of whose students has started: a study's folder has no config of its own
-    (its study.yaml runs the whole study)."""
+    """A study folder's students' own configs (``S/copy/config.yaml or S/distill/config.yaml``), the study's
+    having none (its study.yaml runs the whole study); None for any other folder."""
     if not (folder / STUDY_RECORD).is_file():
         return None
     found = sorted(d / RUN_CONFIG for d in folder.iterdir() if (d / RUN_CONFIG).is_file())
@@ -84,8 +83,7 @@ def _refuse_export(p: Path) -> None:
 
 def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     """A run's own config.yaml refers to the folder it sits in, wherever the command runs from and wherever
-    the run was moved: the ``run_dir`` it records only says where the run was first written. Its relative
-    teacher and data paths are found from the folder the run started in, where that is known."""
+    the run was moved: the ``run_dir`` it records only says where the run was first written."""
     folder = p.parent  # a run's own: a config.yaml beside what attnxfer writes into a run
     own = p.name == RUN_CONFIG and any((folder / m).exists() for m in RUN_DIR_MARKERS)
     if not own:
