@@ -157,7 +157,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and number:
         return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+    if tp is float and isinstance(value, str):  # a number written quoted ("1e-3")
         with contextlib.suppress(ValueError):
             return float(value)
     if tp is str and (isinstance(value, str) or number):
