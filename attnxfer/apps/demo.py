@@ -26,7 +26,7 @@ from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import refuse_file_in_the_way
 from ..checkpoints.store import CheckpointManager, atomic_write_json
-from ..config import TrainConfig, config_keys, dump_config, find_key, load_config, to_dict
+from ..config import TrainConfig, config_changes, dump_config, load_config
 from ..config.study_spec import Student, StudySpec
 from ..data import build_dataset
 from ..errors import InputError, PathExistsError
@@ -413,7 +413,10 @@ def _run_study(
     """The rows of one teacher as one study, each row a student of what its recipe changes from the first's.
     A student's time is its own plus an equal share of what the study paid once for all."""
     base = rows[0][1]
-    students = tuple(Student(row.key, _differences(base, cfg)) for row, cfg in rows)
+    students = tuple(
+        Student(row.key, {key: v for key, (_, v) in config_changes(base, cfg).items() if key != "run_dir"})
+        for row, cfg in rows
+    )
     digest = hashlib.sha256(
         str(StudySpec(dataclasses.replace(base, run_dir=""), students)).encode()
     ).hexdigest()
@@ -436,13 +439,6 @@ def _run_study(
     ]
     atomic_write_json(cached, {"config_digest": digest, "students": results})
     return list(zip(configs, results, strict=True))
-
-
-def _differences(base: TrainConfig, cfg: TrainConfig) -> dict[str, object]:
-    """The dotted keys whose values ``cfg`` changes from ``base`` (run_dir aside)."""
-    a, b = to_dict(base), to_dict(cfg)
-    keys = [key for key in config_keys() if key != "run_dir"]
-    return {key: find_key(b, key)[1] for key in keys if find_key(a, key) != find_key(b, key)}
 
 
 def _write_tables(
