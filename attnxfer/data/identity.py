@@ -58,8 +58,5 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     lister = next((obj for obj in chain if callable(getattr(obj, "filenames", None))), None)
     if found is None and lister is not None:  # timm's ImageDataset / our readers: paths under the root
         found = "file list", fingerprint_of(lister.filenames(basename=False, absolute=False))
-    if found is not None:
-        of, fingerprint = found
-        return {"samples": _samples(dataset), "of": of, "fingerprint": fingerprint}
-    kind = type(dataset).__qualname__
-    return {"samples": _samples(dataset), "of": "class and size", "fingerprint": fingerprint_of([kind])}
+    of, fingerprint = found or ("class and size", fingerprint_of([type(dataset).__qualname__]))
+    return {"samples": _samples(dataset), "of": of, "fingerprint": fingerprint}

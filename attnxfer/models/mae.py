@@ -135,7 +135,7 @@ class MaskedAutoencoder(nn.Module):
                 f"MAE pre-training cuts the image into {self.patch} px patches (model.kwargs.patch_size), and "
                 f"{side} px (data.img_size) is not a multiple of {self.patch}: nearest sizes that work: {near}"
             )
-        patches = self.grid[0] * self.grid[1]
+        patches = self._num_patches = self.grid[0] * self.grid[1]
         if patches < 2:
             raise InputError(
                 f"MAE pre-training hides some patches and keeps some, and a {side} px image (data.img_size) is "
@@ -160,7 +160,6 @@ class MaskedAutoencoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * self.in_chans)
-        self._num_patches = self.grid[0] * self.grid[1]
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):
