@@ -14,12 +14,15 @@ from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, slot_of
 
 
-def flat_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """``blocks`` or ``encoder.blocks`` of a ViT-like model; None for a model without one."""
+def flat_blocks(model: nn.Module, required: bool = False) -> nn.ModuleList | None:
+    """``blocks`` or ``encoder.blocks`` of a ViT-like model; None for a model without one (a TypeError if
+    ``required``)."""
     for holder in (model, getattr(model, "encoder", None)):
         blocks = getattr(holder, "blocks", None)
         if isinstance(blocks, nn.ModuleList | nn.Sequential):
             return blocks
+    if required:
+        raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
     return None
 
 

@@ -69,9 +69,7 @@ def efficient_student_from_teacher(
     """A copy of ``teacher`` (a timm ViT, left untouched) with each block's attention replaced: ``attn`` is
     one name or one per block; options go to the attentions that accept them (one none accepts is an error);
     ``seq_len`` (Linformer) defaults to the teacher's token count."""
-    blocks = flat_blocks(teacher)
-    if blocks is None:
-        raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
+    blocks = flat_blocks(teacher, required=True)
     if not isinstance(attn, str) and len(attn) != len(blocks):
         raise InputError(
             f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
@@ -87,9 +85,7 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
     if hierarchical:
         names = expand_attention_names(attn, stage_of_layers(model), "model.attention")
     else:
-        blocks = flat_blocks(model)
-        if blocks is None:
-            raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
+        blocks = flat_blocks(model, required=True)
         names = [attn] * len(blocks) if isinstance(attn, str) else list(attn)
         if len(names) != len(blocks):
             raise InputError(
@@ -134,9 +130,7 @@ def swap_attentions(
 ) -> nn.Module:
     """Replace each block's attention in place: block i gets ``names[i]`` with ``options[i]``, the old
     layer's shapes and projections; how a student is made from a teacher copy and rebuilt from its export."""
-    blocks = flat_blocks(model)
-    if blocks is None:
-        raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
+    blocks = flat_blocks(model, required=True)
     depth = len(blocks)
     options = [{} for _ in range(depth)] if options is None else list(options)
     if len(names) != depth or len(options) != depth:
