@@ -45,10 +45,9 @@ def run_folder_hint(folder: Path) -> str | None:
         students = [p for p in sorted(folder.iterdir()) if p.is_dir() and run_folder_hint(p)]
         if not students:
             return f"{folder} is a study's folder whose students have no run folder yet"
-        names = ", ".join(p.name for p in students)
         return (
-            f"{folder} is a study's folder of students {names}, each a run folder; {students[0].name}: "
-            + (run_folder_hint(students[0]) or "").removeprefix("this is ")
+            f"{folder} is a study's folder of students {', '.join(p.name for p in students)}, each a run "
+            f"folder; {students[0].name}: " + (run_folder_hint(students[0]) or "").removeprefix("this is ")
         )
     if folder.parent.name == CHECKPOINTS_SUBDIR:  # a checkpoint holds a search's state.json too
         run = folder.parent.parent
