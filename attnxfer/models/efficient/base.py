@@ -174,23 +174,24 @@ class EfficientAttention(TransferableAttention):
     #: included) or ``odd side`` (the largest odd number within the shorter side: a same-size conv's kernel).
     grid_sized: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def check_grid_fit(self) -> None:
-        """Refuse a ``grid_sized`` option larger than the declared grid allows, where a student is built
+    def grid_fit_error(self) -> GridFitError | None:
+        """The refusal of a ``grid_sized`` option larger than the declared grid allows, where a student is built
         (`with_attention`): beyond it the attention is full attention or costs more, not the efficient one asked
         for. Not per call: at another resolution the core clamps (a window to the grid, landmarks to N)."""
         if self.grid_size is None:
-            return
+            return None
         p, (gh, gw), side = self.num_prefix_tokens or 0, self.grid_size, min(self.grid_size)
         bounds = {"grid": (gh, gw), "tokens": p + gh * gw, "odd side": side - 1 + side % 2}
         for option, bound in self.grid_sized:
             size, most = getattr(self, option), bounds[bound]
             if any(s > m for s, m in zip(as_grid(size), as_grid(most))):
                 size, most = ("x".join(map(str, v)) if isinstance(v, tuple) else v for v in (size, most))
-                raise GridFitError(
+                return GridFitError(
                     f"{option} {size} is larger than the {gh}x{gw} token grid ({p + gh * gw} tokens with the "
                     f"prefix) allows: use at most {most}; beyond it {self.attention_name} is full attention or "
                     "costs more, not an efficient attention"
                 )
+        return None
 
     #: The options ``extra_repr`` shows after the token layout.
     repr_options: ClassVar[tuple[str, ...]] = ()

@@ -96,16 +96,13 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
     model = (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
     # not in swap_attentions: an export made before still loads. Refused where it fits no layer: a hierarchical
     # model's later stages have smaller grids, where the core clamps a size the first stages use
-    refused: dict[type, GridFitError | None] = {}
+    errors: dict[type, list[GridFitError | None]] = {}
     for attn in transferable_attentions(model):
         if isinstance(attn, EfficientAttention):
-            try:
-                attn.check_grid_fit()
-                refused[type(attn)] = None
-            except GridFitError as e:
-                refused.setdefault(type(attn), e)
-    for error in filter(None, refused.values()):
-        raise error
+            errors.setdefault(type(attn), []).append(attn.grid_fit_error())
+    for found in errors.values():
+        if all(found):
+            raise found[0]
     return model
 
 
