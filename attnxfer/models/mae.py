@@ -128,9 +128,8 @@ class MaskedAutoencoder(nn.Module):
         self.in_chans = encoder.patch_embed.proj.in_channels
         side = encoder.patch_embed.img_size[0]
         if side % self.patch:  # patchify cuts the image into whole patches, the loss's targets
-            near = " and ".join(
-                f"{s} px" for s in (side - side % self.patch, side - side % self.patch + self.patch) if s
-            )
+            low = side - side % self.patch
+            near = " and ".join(f"{s} px" for s in (low, low + self.patch) if s)
             raise InputError(
                 f"MAE pre-training cuts the image into {self.patch} px patches (model.kwargs.patch_size), and "
                 f"{side} px (data.img_size) is not a multiple of {self.patch}: nearest sizes that work: {near}"

@@ -248,7 +248,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             f"{path} is not a readable torch file ({type(e).__name__}: {e}): truncated or corrupted? Copy or "
             "download it again"
         ) from None
-    if _is_tensor_dict(obj) and obj:
+    if _is_tensor_dict(obj):
         return _strip_wrappers(obj), None
     if isinstance(obj, dict):
         for key in _CHECKPOINT_KEYS:
