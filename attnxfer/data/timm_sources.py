@@ -203,7 +203,7 @@ def build_hfds(
     from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
-    _require_split(f"hfds/{name}", root, hf_split, "train" if split == "train" else "val")
+    _require_split(f"hfds/{name}", root, hf_split, split)
     default = hf_info(name, root, train_split, labels=labels)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
