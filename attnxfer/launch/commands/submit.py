@@ -10,6 +10,7 @@ from ...errors import InputError
 from ...speak import warn
 from ..arguments import add_slurm_arguments
 from .base import add_config_args, add_vary, load, load_study, print_config, register_command
+from .study import show_config as show_study
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
 SUBMITTABLE = {
@@ -57,16 +58,6 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
             raise ConfigError(f"--sweep {label}: {e}") from None
 
 
-def show_config(args) -> int:
-    """``--print-config``: the config the job runs, as ``attnxfer COMMAND --print-config`` shows it (a study's
-    base and each student)."""
-    if args.job_command == "study":
-        from .study import show_config as show_study
-
-        return show_study(args)
-    return print_config(args)
-
-
 @register_command(
     "submit",
     help="run `train` (or `convert`, `pretrain`, `study`) as a (multi-node) SLURM job through submitit",
@@ -74,7 +65,8 @@ def show_config(args) -> int:
     "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
     "periodically, requeues itself on preemption/time limit and resumes.",
     arguments=_arguments,
-    show_config=show_config,
+    # the config the job runs, as `attnxfer COMMAND --print-config` shows it (a study's base and each student)
+    show_config=lambda args: (show_study if args.job_command == "study" else print_config)(args),
 )
 def run(args) -> int:
     if args.vary and args.job_command != "study":
