@@ -282,12 +282,8 @@ class Engine:
         if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
-        if scoring:
-            say(f"scoring {self.last_ckpt}")
-        else:
-            say(
-                f"resumed from {self.last_ckpt} (step {self.step}, epoch {self.epoch}, position {self.position})"
-            )
+        where = f"step {self.step}, epoch {self.epoch}, position {self.position}"
+        say(f"scoring {self.last_ckpt}" if scoring else f"resumed from {self.last_ckpt} ({where})")
 
     def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
         """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names), lr."""
