@@ -21,7 +21,16 @@ import pytest
 import yaml
 from helpers import run_cli
 
-from attnxfer.config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, load_config
+from attnxfer.config import (
+    RESUMABLE_KEYS,
+    ConfigError,
+    TrainConfig,
+    config_changes,
+    config_keys,
+    find_key,
+    load_config,
+    to_dict,
+)
 from attnxfer.config.keys import (
     ANY,
     Range,
@@ -319,14 +328,20 @@ def test_derived_cases_cover_every_key():
 
 @pytest.mark.parametrize("key,value", [(k, v) for k, v, ok in MEANING_CASES if ok], ids=str)
 def test_valid_values_are_accepted(key, value, tmp_path):
-    load_config(_config_file(tmp_path, key, value))
-    load_config(None, [f"{key}={value}"])
+    """Taken as written, from a file as from an override, and nothing but that key changes."""
+    from_file = load_config(_config_file(tmp_path, key, value))
+    from_cli = load_config(None, [f"{key}={value}"])
+    assert config_changes(from_file, from_cli) == {}
+    assert set(config_changes(TrainConfig(), from_file)) <= {key}
+    got, want = find_key(to_dict(from_file), key)[1], yaml.safe_load(value)
+    assert got == want or (isinstance(want, list) and list(got) == want) or float(got) == float(want)
 
 
 def test_declared_valid_values_are_accepted():
     for name, value, ok in DERIVED:
         if ok:
-            load_config(None, [f"{name}={value}"])
+            cfg = load_config(None, [f"{name}={value}"])
+            assert set(config_changes(TrainConfig(), cfg)) <= {name}, name
 
 
 def test_invalid_values_are_config_errors_naming_the_key(tmp_path):
