@@ -390,6 +390,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert ResumePoint.find(run / "stage1").record("complete") and (run / "stage2" / "checkpoints").is_dir()
     md = (run / "report.md").read_text()
     assert "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |" in md
+    assert f"## Stage 2's transfer plan\n\n```text\n{report['stage2']['plan']}\n```" in md
     # a speed-up is claimed unless its rounds fall on both sides of 1 (a loaded machine): then withheld, saying why
     withheld = speed["speedup_withheld"]
     claim = f"no speed-up is claimed: {withheld}" if withheld else "x** the teacher's speed"

@@ -115,6 +115,9 @@ def render_conversion_report(report: dict[str, Any]) -> str:
     ]
     if report.get("operations"):
         lines += _operations_section(report["operations"])
+    # what stage 2 compared, as its run printed it (the mode's layers and loss, transfer.losses' entries)
+    if report["stage2"].get("plan"):
+        lines += ["## Stage 2's transfer plan", "", "```text", report["stage2"]["plan"], "```", ""]
     return "\n".join(lines)
 
 
