@@ -5,8 +5,10 @@ import time
 
 import pytest
 import torch
-from helpers import peaked_teacher
+from helpers import peaked_teacher, train_one_block_run
 from timm.models import save_for_hf
+
+from attnxfer.launch import cli
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,22 @@ def tiny_teacher_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-teacher")
     save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), folder, safe_serialization=True)
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A finished 4-step run of `ONE_BLOCK_RUN` (tests/helpers.py), once per session: the run that eval,
+    export, the CLI's refusals and the resume checks are given. Read-only: a module whose tests write into
+    it (scores, more steps) trains its own, a module-scoped `trained` (tests/analysis/test_eval.py)."""
+    return train_one_block_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """`trained` exported, once per session: a micro ViT teacher, ``teacher.spec=local-dir:<this>``. Read-only."""
+    out = tmp_path_factory.mktemp("exp") / "teacher"
+    assert cli.main(["export", str(trained), str(out)]) == 0
+    return out
 
 
 # ---- opt-in CPU-time report: `pytest --cpu-durations=N` ------------------------------------------------

@@ -143,6 +143,25 @@ def tiny_run(length: int, batch: int) -> list[str]:
     return ["data.dataset=synthetic", f"data.kwargs.length={length}", f"data.batch_size={batch}", *QUIET]
 
 
+#: A one-block student trained from scratch, 4 steps an epoch on synthetic data: about a second a run (the
+#: `trained` fixtures' run, and the run-dir tests').
+ONE_BLOCK_RUN = (
+    *tiny_run(64, 16),
+    "transfer.mode=none",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.every_steps=1",
+    "deterministic=true",
+)
+
+
+def train_one_block_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ONE_BLOCK_RUN` trained 4 steps (one epoch, a checkpoint at step 4) into a new folder: the run of the
+    `trained` fixtures (tests/conftest.py's, read-only, and a module's own where its tests write into it)."""
+    run = tmp_path_factory.mktemp("rel") / "run"
+    assert cli.main(["train", *ONE_BLOCK_RUN, "schedule.max_steps=4", f"run_dir={run}"]) == 0
+    return run
+
+
 def tiny_convert_report(repeats: int, batch: int) -> list[str]:
     """A conversion report measured on the least that still runs every part: one batch of map agreement,
     ``repeats`` timed passes of ``batch`` images."""

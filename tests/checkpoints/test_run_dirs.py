@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import popen_interruptible, run_cli, tiny_run
+from helpers import ONE_BLOCK_RUN as S, popen_interruptible, run_cli
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -33,14 +33,6 @@ from attnxfer.errors import PathExistsError
 from attnxfer.launch import cli
 
 REPO = Path(__file__).resolve().parents[2]
-
-S = [
-    *tiny_run(64, 16),  # 4 steps an epoch
-    "transfer.mode=none",
-    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.every_steps=1",
-    "deterministic=true",
-]
 
 
 def _error_line(err: str) -> str:
