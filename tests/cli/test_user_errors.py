@@ -1,7 +1,10 @@
 """Refusals a user can trigger from a config key are `InputError`s: the CLI prints one `error:` line and
 exits 2 (a bare ValueError would now print a traceback, as a bug does). One in-process CLI call per family
 of refusal that raised a plain ValueError before: the zoo attentions' option checks, the hierarchical
-conversion's per-stage names, the mirrored student's construction, the MAE's decoder."""
+conversion's per-stage names, the mirrored student's construction, the MAE's decoder. And the command
+line's paths and inputs, each refusal naming the real problem in one line, nothing left behind: an empty,
+folder or binary -c, a run dir given without -c, a run_dir or output folder under a file, and a table of
+other bad inputs (data, device, submit)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import os
 import pytest
 import timm
 import torch
-from helpers import run_cli, tiny_run
+from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.errors import InputError
@@ -386,3 +389,65 @@ def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_replaces_a_give
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "  stage1_steps: 0\n" in out, err
     assert "warning: --skip-stage1 is convert.stage1_steps=0, which replaces convert.stage1_steps=5" in err
+
+
+# -- paths and files given on the command line: a config, a run dir, an output folder ------------------------
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys, command):
+    """Export and inspect take a run dir as it is; eval and train read a config, with -c."""
+    code, _, err = run_cli(capsys, command, str(trained))
+    assert code == 2 and err.strip().endswith(f"pass -c {trained / 'config.yaml'}"), err
+    code, _, err = run_cli(capsys, command, "demo/copy")
+    assert code == 2 and err.strip().endswith("pass -c demo/copy"), err
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "-c", ""], "-c was given an empty name"),
+        (["train", "-c", "{tmp}"], "is a directory"),
+        (["train", "-c", "{tmp}/binary"], "not a text YAML file"),
+        (["train", *S, "run_dir={tmp}/afile"], "is a file, not a directory"),
+        (["train", *S, "run_dir={tmp}/afile/run"], "afile is a file, not a directory"),
+        (["demo", "--quick", "--out", "{tmp}/afile/demo"], "afile is a file, not a directory"),
+        (["demo", "--quick", "--out", "{tmp}"], "holds other work (afile, binary) and no demo's runs"),
+        (["submit", *S, "run_dir={tmp}/afile/run", "--dry-run"], "afile is a file, not a directory"),
+        (["export", "{tmp}/missing", "{tmp}/out"], "does not exist"),
+        (["train", *S, "data.dataset=folder", "run_dir={tmp}/r"], "set data.root"),
+        (["train", *S, "device=cuda", "run_dir={tmp}/r"], "no CUDA device"),
+        (["train", *S, "data.kwargs.length=3", "run_dir={tmp}/r"], "give the training split more images"),
+        (["train", *S, "data.kwargs.lenght=3", "run_dir={tmp}/r"], "has no option(s) lenght (data.kwargs)"),
+        (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),
+        (["submit", *S, "schedule.epochs=0"], "attnxfer submit: error: schedule.epochs"),
+    ],
+)
+def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, needle):
+    if torch.cuda.is_available() and "device=cuda" in argv:
+        pytest.skip("a GPU is visible")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "binary"]  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{run}", "{tmp}/afile/out"],
+        ["inspect", "{run}", "{run}", "--out", "{tmp}/afile/x"],
+    ],
+)
+def test_an_output_folder_under_a_file_is_refused_before_anything_is_read(trained, tmp_path, capsys, argv):
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(trained)) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert (
+        code == 2 and f"{tmp_path / 'afile'} is a file, not a directory" in err and "Traceback" not in err
+    ), err
+    assert (tmp_path / "afile").read_text() == "x"

@@ -1,6 +1,7 @@
 """`transfer.ce_path: auto`: the CE path measured on the device, its record, failing paths,
 and rank 0's choice used by every rank. Timings are never asserted: only which paths were timed, skipped
-or refused and that the choice is the fastest of what was timed."""
+or refused and that the choice is the fastest of what was timed. Through the CLI: the path a run's config
+chooses reaches its training and run.json, and a resumed auto run takes the recorded path back, bit-identical."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_vit
+from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_vit
+from safetensors.torch import load_file
 
 from attnxfer.transfer import TeacherStudent, build_plan
 from attnxfer.transfer.ce_select import (
@@ -254,3 +256,85 @@ def test_layer_shapes_are_the_q_k_the_adapter_hands_out_talking_heads_included()
     assert qk["k"].shape == (B, H, N, D) and N == 16
     assert (shapes.batch, shapes.tokens, shapes.student_heads, shapes.student_dim) == (3, N, H, D)
     assert (shapes.teacher_heads, shapes.teacher_dim, shapes.keys) == (H, D, N)
+
+
+# ---------------------------------------------------------------- through the CLI: a run's choice, recorded
+
+
+@pytest.mark.parametrize("ce_path", [pytest.param("auto", marks=pytest.mark.slow), "attention_lse"])
+def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_path, capsys):
+    """transfer.ce_path reaches the training step (attention_lse: the student's layers hand out their
+    log-sum-exp, or the loss refuses to run) and run.json records the path used and how it was chosen
+    (auto: measured here, every path that runs on a CPU timed; a forced path: nothing timed)."""
+    run = tmp_path / "distill"
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        *[a for a in S if a != "transfer.mode=none"],
+        "transfer.mode=distill",
+        f"teacher.spec=local-dir:{exported}",
+        f"transfer.ce_path={ce_path}",
+        "schedule.max_steps=1",
+        f"run_dir={run}",
+        "deterministic=false",  # with deterministic=true auto takes the device default (test_ce_select)
+    )
+    assert code == 0, err
+    info = json.loads((run / "run.json").read_text())
+    choice = info["ce_path_choice"]
+    if ce_path == "auto":
+        assert choice["how"] == "measured" and set(choice["timings_ms"]) == {
+            "rows",
+            "sdpa",
+            "attention_lse",
+            "materialised",
+        }
+        assert info["ce_path"] == min(choice["timings_ms"], key=choice["timings_ms"].get)
+        assert choice["unavailable"] == {"triton": "needs CUDA"}
+    else:
+        assert info["ce_path"] == ce_path and choice["timings_ms"] == {}
+
+
+@pytest.mark.slow
+def test_a_resumed_auto_run_reuses_the_recorded_ce_path_and_stays_bit_identical(exported, tmp_path, capsys):
+    """transfer.ce_path=auto measures once, at the start: the checkpoint records the choice and a resumed
+    run takes it back without timing anything (another path would change the trajectory in the last
+    bits). Resumed after step 1, the run ends bit-identical to one told the recorded path from the start:
+    the calibration disturbed neither the RNG streams nor the weights."""
+    distill = [
+        *[a for a in S if a != "transfer.mode=none"],
+        "transfer.mode=distill",
+        f"teacher.spec=local-dir:{exported}",
+        "model.drop_path_rate=0.1",  # the RNG stream matters
+        "checkpoint.every_steps=1",
+        "deterministic=false",  # deterministic=true: auto takes the device default without timing
+    ]
+    run = tmp_path / "auto"
+    assert (
+        run_cli(capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=1", f"run_dir={run}")[
+            0
+        ]
+        == 0
+    )
+    first = json.loads((run / "run.json").read_text())["ce_path_choice"]
+    assert first["how"] == "measured"
+    state = json.loads((run / "checkpoints/step-00000001/state.json").read_text())
+    assert state["ce_path"] == first
+    code, out, err = run_cli(
+        capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=3", f"run_dir={run}"
+    )
+    assert code == 0, err
+    again = json.loads((run / "run.json").read_text())["ce_path_choice"]
+    assert again == {**first, "how": "resumed from step-00000001"}  # the same timings: nothing re-measured
+    assert f"ce_path: {first['path']} (resumed from step-00000001" in out
+    told = tmp_path / "told"
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        *distill,
+        f"transfer.ce_path={first['path']}",
+        "schedule.max_steps=3",
+        f"run_dir={told}",
+    )
+    assert code == 0, err
+    a, b = (load_file(str(r / "checkpoints/step-00000003/model.safetensors")) for r in (run, told))
+    assert all(torch.equal(a[k], b[k]) for k in a)

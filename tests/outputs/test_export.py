@@ -1,4 +1,6 @@
-"""Export of students in timm's Hub format, model cards, and export from a run directory (CPU, no network)."""
+"""Export of students in timm's Hub format, model cards, and export from a run directory (CPU, no network);
+through the CLI, of the session's `trained` run: its own folder refused as the output, a push without the
+Hub, the card of a run without a teacher, the export as a teacher, and a folder that is not a run."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from helpers import MAE_TEACHER, PLAN, RECIPE, card
+from helpers import MAE_TEACHER, ONE_BLOCK_RUN as S, PLAN, RECIPE, card, run_cli
 from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
@@ -604,3 +606,80 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_export_in_one_l
     refused by name before the student is verified, not a traceback from the staging mkdir."""
     with pytest.raises(FileExistsError, match=r"OUT_DIR=/proc/attnxfer-export cannot be written \(/proc: "):
         export_student(trained_student(), "/proc/attnxfer-export", card=card())
+
+
+# ------------------------------------------------------------------------- export through the CLI, of `trained`
+
+
+def test_an_export_into_the_runs_own_folder_is_refused(trained, capsys):
+    """--overwrite there would mix config.json and model.safetensors among the run's own files."""
+    before = sorted(p.name for p in trained.iterdir())
+    code, _, err = run_cli(capsys, "export", str(trained), f"{trained}/", "--overwrite")
+    assert code == 2 and f"is the run's own folder: export into {trained / 'export'}" in err, err
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # what HF_HUB_OFFLINE=1 sets at import
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "export", str(trained), str(out), "--push-to-hub", "acme/student")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"hf upload acme/student {out} ." in err and (out / "model.safetensors").is_file()
+    code, _, err = run_cli(capsys, "export", str(trained), str(tmp_path / "o2"), "--push-to-hub", "bad name!")
+    assert code == 2 and "'bad name!' is not a Hub repo id" in err and not (tmp_path / "o2").exists()
+
+
+def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_the_folder(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """From scratch (or MAE pre-training): no 'from the teacher (no teacher recorded)', no teacher's licence;
+    `export RUN .` names the card after the folder it is written into, not ''."""
+    (tmp_path / "scratch-vit").mkdir()
+    monkeypatch.chdir(tmp_path / "scratch-vit")
+    code, _, err = run_cli(capsys, "export", str(trained), ".")
+    assert code == 0, err
+    body = (tmp_path / "scratch-vit" / "README.md").read_text().split("---", 2)[2]
+    assert body.lstrip().startswith("# scratch-vit\n") and "trained without a teacher, with attnxfer." in body
+    assert "## Teacher\n\nNone: trained without a teacher." in body and "teacher's licence" not in body
+
+
+def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "export", str(trained), str(tmp_path / "exported"))
+    assert code == 0, err
+    assert (
+        json.loads((tmp_path / "exported/config.json").read_text())["architecture"] != "vit_micro_patch4_28"
+    )
+    run = tmp_path / "copy"
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        *(a for a in S if a.split("=")[0] not in ("transfer.mode", "model.kwargs")),
+        "transfer.mode=copy",
+        f"teacher.spec=local-dir:{tmp_path / 'exported'}",
+        "schedule.max_steps=1",
+        f"run_dir={run}",
+    )
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["teacher"]["architecture"] == "vit_micro_patch4_28"
+
+
+def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, exported, tmp_path, capsys):
+    """A folder of runs (the demo's runs/demo), an export, a path that is not there: each answer points to
+    what to give instead, and nothing is written."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a").symlink_to(trained)
+    cases = {
+        tmp_path / "runs": f"holds runs (a/): give one of them, e.g. {tmp_path / 'runs' / 'a'}",
+        exported: f"is an exported model, not a run's dir: it loads as local-dir:{exported}",
+        exported.parent: f"it holds an exported model, {exported}, which loads as local-dir:{exported}",
+        tmp_path / "runs" / "b": f"does not exist ({tmp_path / 'runs'} holds: a/)",
+        trained / "config.yaml": f"is a file, not a run's folder: give the folder it is in, {trained}",
+    }
+    for given, says in cases.items():
+        code, _, err = run_cli(capsys, "export", str(given), str(tmp_path / "out"))
+        assert code == 2 and says in err, err
+    assert not (tmp_path / "out").exists()

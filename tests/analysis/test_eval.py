@@ -1,0 +1,83 @@
+"""`attnxfer eval`, through the CLI: it writes only its result file, a second evaluation with other settings
+keeps the first's scores, another run's checkpoint is scored with that run's config, a run without a
+checkpoint is refused, and a run evaluated trains on. Its tests write into the run (scores, then a fifth
+step), in this order: the module trains its own `trained`, not the session's read-only one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import ONE_BLOCK_RUN as S, run_cli, train_one_block_run
+
+from attnxfer.launch import cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_one_block_run(tmp_path_factory)
+
+
+def _steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+
+
+def test_eval_writes_only_its_result_file(trained, capsys):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "log.every_steps=3")
+    assert code == 0, err
+    result = json.loads((trained / "eval-00000004.json").read_text())
+    assert result["step"] == 4 and "val_top1" in result["metrics"]
+    after = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    assert after.pop("eval-00000004.json")
+    assert after == before  # config.yaml, run.json, metrics.jsonl untouched
+    assert (
+        "eval_only" not in (trained / "config.yaml").read_text()
+        or "eval_only: false" in (trained / "config.yaml").read_text()
+    )
+
+
+def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(trained, capsys):
+    def scored(*overrides: str) -> Path:
+        code, out, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), *overrides)
+        assert code == 0, err
+        return Path(out.strip().splitlines()[-1].rsplit(" -> ", 1)[1])
+
+    first = scored()
+    kept, files = first.read_bytes(), set(trained.glob("eval-*.json"))
+    other = scored("eval.metrics=[top1]")
+    assert first.read_bytes() == kept and other not in files and other.name.startswith("eval-00000004-")
+    assert json.loads(other.read_text())["config"]["eval"]["metrics"] == ["top1"]
+    code, out, _ = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "eval.metrics=[top1]")
+    assert code == 0 and "scoring step-00000004 with keys changed since it was saved: eval.metrics" in out, (
+        out
+    )
+    assert "resume:" not in out  # eval resumes nothing
+    assert scored() == first  # the first evaluation again replaces only its own scores
+    assert set(trained.glob("eval-*.json")) == files | {other}
+
+
+def test_eval_of_another_runs_checkpoint_names_that_runs_config_not_training_advice(
+    trained, tmp_path, capsys
+):
+    other = tmp_path / "other"
+    assert cli.main(["train", *S, "schedule.max_steps=1", "ema.decay=0.9", f"run_dir={other}"]) == 0
+    step = other / "checkpoints" / "step-00000001"
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), f"checkpoint.resume={step}")
+    assert (
+        code == 2 and f"score it with that run's own config: attnxfer eval -c {other / 'config.yaml'}" in err
+    )
+    assert "model.init" not in err  # how to train from its weights is no answer to scoring it
+
+
+def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
+    assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_run_trained_after_eval_trains(trained, capsys):
+    code, _, err = run_cli(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
+    assert code == 0, err
+    assert "step-00000005" in _steps(trained)
