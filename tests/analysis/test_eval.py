@@ -6,6 +6,7 @@ step), in this order: the module trains its own `trained`, not the session's rea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,19 @@ def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
     assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+def test_a_run_of_an_objective_eval_cannot_score_is_refused_not_scored_as_a_transfer(
+    trained, tmp_path, capsys
+):
+    """A fork's objective records its own mode: scored as a plain student, its checkpoint would be misread."""
+    run = shutil.copytree(trained, tmp_path / "simclr")
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "mode": "simclr"}))
+    scores = set(run.glob("eval-*.json"))
+    code, _, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
+    assert code == 2 and "names the objective 'simclr', which eval has no scorer for" in err, err
+    assert "attnxfer.launch.commands.eval" in err and set(run.glob("eval-*.json")) == scores
 
 
 def test_a_run_trained_after_eval_trains(trained, capsys):

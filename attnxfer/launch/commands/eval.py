@@ -24,6 +24,7 @@ def run(args) -> int:
     from ...errors import InputError
     from ...run_layout import SEARCH_CANDIDATES
     from ...sources.load_errors import run_folder_hint
+    from ...transfer.modes import MODES
     from ..value_checks import check_values
 
     run_dir = RunDir(cfg.run_dir)
@@ -35,8 +36,14 @@ def run(args) -> int:
         say(f"{cfg.run_dir} is a conversion; evaluating its final student, {run_dir.path}")
         # the user's keys, but not the folder they named (``run_dir=CONVERSION``): its stage 2 is scored
         cfg = check_values(load_config(run_dir.config_file, [*args.overrides, f"run_dir={run_dir.path}"]))
-    if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
+    mode = run_dir.record().get("mode") if run_dir.is_run() else None
+    if mode == MODE:  # MAE pre-training: its own val loss
         result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
+    elif mode is not None and mode not in MODES:  # scored as a transfer, its checkpoint would be misread
+        raise InputError(
+            f"{run_dir.record_file} names the objective {mode!r}, which eval has no scorer for: it scores runs "
+            f"of train, convert and pretrain (a new objective's scorer goes beside MAE's in {__name__})"
+        )
     else:
         result = evaluate_run(cfg)
     for k, v in result.metrics.items():  # counts and k as the whole numbers they are
