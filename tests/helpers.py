@@ -372,6 +372,13 @@ def labels_raise_registered():
         yield
 
 
+def run_cli_reading_no_label(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, list[str]]:
+    """`run_cli` that read no label and raised nothing past the CLI: its exit code, stdout and stderr's lines."""
+    code, out, err = run_cli(capsys, *argv)
+    assert "Traceback" not in err and LABEL_TRAP not in err, err
+    return code, out, [line for line in err.splitlines() if line.strip()]
+
+
 # -- a model card's inputs (export tests) ------------------------------------------------------------
 
 MAE_TEACHER = TeacherRecord(

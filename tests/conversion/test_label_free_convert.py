@@ -11,7 +11,13 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from helpers import LABEL_TRAP, QUIET, labels_raise_registered, peaked_teacher, run_cli, tiny_convert_report
+from helpers import (
+    QUIET,
+    labels_raise_registered,
+    peaked_teacher,
+    run_cli_reading_no_label,
+    tiny_convert_report,
+)
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
@@ -98,12 +104,6 @@ def test_a_new_head_that_stage_2_would_never_train_is_refused():
             student_head(cfg, _Teacher(0), choice, 10)
 
 
-def _cli(capsys, *argv: str) -> tuple[int, str, list[str]]:
-    code, out, err = run_cli(capsys, *argv)
-    assert "Traceback" not in err and LABEL_TRAP not in err, err
-    return code, out, [line for line in err.splitlines() if line.strip()]
-
-
 def _convert_args(run, teacher_dir, *extra: str) -> list[str]:
     return [
         f"run_dir={run}",
@@ -126,7 +126,7 @@ def _convert_args(run, teacher_dir, *extra: str) -> list[str]:
 @pytest.mark.slow  # loads the teacher first: ~1.5 s of CPU
 def test_a_task_loss_for_a_headless_teacher_without_a_head_stops_before_work(tmp_path, headless_dir, capsys):
     run = tmp_path / "run"
-    code, _, lines = _cli(
+    code, _, lines = run_cli_reading_no_label(
         capsys,
         "convert",
         *_convert_args(run, headless_dir, "data.dataset=synthetic", "transfer.task_weight=1"),
@@ -148,7 +148,7 @@ def _final_weights(stage2) -> dict:
 def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp_path, headless_dir, capsys):
     run, out = tmp_path / "run", tmp_path / "export"
     with labels_raise_registered():
-        code, printed, err = _cli(
+        code, printed, err = run_cli_reading_no_label(
             capsys,
             "convert",
             *_convert_args(run, headless_dir, "data.dataset=labels_raise", "data.labels=false"),
@@ -209,7 +209,9 @@ def test_labelled_val_split_gives_knn_rows_and_a_softmax_encoder_exports_to_plai
 ):
     run, out = tmp_path / "run", tmp_path / "export"
     args = _convert_args(run, headless_dir, "data.dataset=synthetic", "data.kwargs.length=48")
-    code, _, err = _cli(capsys, "convert", *args, "convert.attention=softmax", "--skip-stage1")
+    code, _, err = run_cli_reading_no_label(
+        capsys, "convert", *args, "convert.attention=softmax", "--skip-stage1"
+    )
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())
     assert report["student"]["num_classes"] == 0 and report["top1"]["after_stage2"] is None

@@ -17,7 +17,13 @@ import re
 
 import pytest
 import torch
-from helpers import LABEL_TRAP, QUIET, labels_raise_registered, peaked_teacher, run_cli, tiny_vit
+from helpers import (
+    QUIET,
+    labels_raise_registered,
+    peaked_teacher,
+    run_cli_reading_no_label,
+    tiny_vit,
+)
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
@@ -242,12 +248,6 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
 # -- bad input: one line, before any work ------------------------------------------------------------------------
 
 
-def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    code, _, err = run_cli(capsys, *argv)
-    assert "Traceback" not in err and LABEL_TRAP not in err, err
-    return code, [line for line in err.splitlines() if line.strip()]
-
-
 @pytest.mark.parametrize(
     "command,extra,says",
     [
@@ -268,7 +268,7 @@ def test_label_work_on_data_without_labels_stops_in_one_line(
     run = tmp_path / "run"
     args = _train_args(run, teacher_dir, "data.labels=false", *extra)
     with labels_raise_registered():
-        code, lines = _cli(capsys, command, *args)
+        code, _, lines = run_cli_reading_no_label(capsys, command, *args)
     assert code == 2 and lines[-1].startswith(f"attnxfer {command}: error: "), lines
     assert re.search(says, lines[-1]) and not run.exists(), lines[-1]
 
