@@ -183,6 +183,29 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out.out, out.err
 
 
+# -- the CLI in a process of its own (its own interpreter: exit codes, torchrun, SLURM, trackers) --------------
+
+#: the checkout the tests run (a child process imports attnxfer from here)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def attnxfer_process(
+    *argv: str, timeout: float = 600, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m attnxfer ARGV`` run to its end in a new interpreter: one thread, this checkout's package, no
+    terminal on stdin; stdout and stderr captured as text. ``env`` replaces this process's environment."""
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "attnxfer", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 # -- the CLI in a forked child (signals from outside, by process id) ---------------------------------------
 
 

@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_run
+from helpers import attnxfer_process, tiny_run
 
 from attnxfer.train.trackers import TrackerUnavailableError, prepare_trackers, server_problem
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     *tiny_run(16, 8),
     "model.kwargs={depth: 2, embed_dim: 48}",
@@ -48,18 +47,6 @@ def _clean_env(home: Path, **extra: str) -> dict[str, str]:
     home.mkdir(parents=True, exist_ok=True)
     env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), OMP_NUM_THREADS="1", **extra)
     return env
-
-
-def _attnxfer(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "attnxfer", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=cwd,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.DEVNULL,  # no terminal: wandb could not ask for a key
-    )
 
 
 def _refusal(res: subprocess.CompletedProcess) -> str:
@@ -124,7 +111,7 @@ def test_wandb_without_a_key_trains_offline_under_the_run_dir(tmp_path):
     pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
     run = tmp_path / "run"
     args = ["train", f"run_dir={run}", *TINY, "log.trackers=[wandb]"]
-    res = _attnxfer(args, _clean_env(tmp_path / "home"), tmp_path)
+    res = attnxfer_process(*args, env=_clean_env(tmp_path / "home"), cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     said = [line for line in res.stdout.splitlines() if line.startswith("wandb:")]
     assert (
@@ -143,17 +130,20 @@ def test_wandb_with_a_key_but_no_server_goes_offline_and_online_is_refused(tmp_p
     pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
     url = f"http://127.0.0.1:{_closed_port()}"
     env = _clean_env(tmp_path / "home", WANDB_API_KEY="a" * 40, WANDB_BASE_URL=url)
-    refused = _attnxfer(
-        ["train", f"run_dir={tmp_path / 'online'}", *TINY, "log.trackers=[wandb]"],
-        {**env, "WANDB_MODE": "online"},
-        tmp_path,
+    refused = attnxfer_process(
+        "train",
+        f"run_dir={tmp_path / 'online'}",
+        *TINY,
+        "log.trackers=[wandb]",
+        env={**env, "WANDB_MODE": "online"},
+        cwd=tmp_path,
     )
     line = _refusal(refused)
     assert url in line and "unset WANDB_MODE" in line
     assert not (tmp_path / "online").exists()
 
     run = tmp_path / "run"
-    res = _attnxfer(["train", f"run_dir={run}", *TINY, "log.trackers=[wandb]"], env, tmp_path)
+    res = attnxfer_process("train", f"run_dir={run}", *TINY, "log.trackers=[wandb]", env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     said = [line for line in res.stdout.splitlines() if line.startswith("wandb:")]
     assert len(said) == 1 and url in said[0] and "offline" in said[0]
@@ -190,12 +180,14 @@ def test_mlflow_with_no_tracking_uri_logs_into_the_runs_own_store_and_a_resume_c
     run = tmp_path / "run"
     env = _clean_env(tmp_path / "home")
     common = ["train", f"run_dir={run}", *TINY, "log.trackers=[mlflow]", "log.project=offline-test"]
-    first = _attnxfer(common, env, tmp_path)
+    first = attnxfer_process(*common, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     said = [line for line in first.stdout.splitlines() if line.startswith("mlflow:")]
     assert len(said) == 1 and str(run / "mlruns") in said[0]
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "mlruns").exists()
-    second = _attnxfer([*common, "schedule.max_steps=4", "log.project=elsewhere"], env, tmp_path)  # at step 2
+    second = attnxfer_process(
+        *common, "schedule.max_steps=4", "log.project=elsewhere", env=env, cwd=tmp_path
+    )  # at step 2
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
     # the MLflow run goes on in the experiment it began in, and the start-up says so rather than list a change
     assert "log.project=elsewhere is not where this run's mlflow run logs: it began in offline-test" in (
@@ -219,7 +211,9 @@ def test_an_mlflow_server_that_does_not_answer_stops_before_the_teacher_loads(tm
     env = _clean_env(tmp_path / "home", MLFLOW_TRACKING_URI=uri)
     run = tmp_path / "run"
     args = ["train", f"run_dir={run}", *TINY, "log.trackers=[mlflow]", "transfer.mode=distill"]
-    line = _refusal(_attnxfer([*args, f"teacher.spec=local-dir:{tmp_path / 'no-teacher'}"], env, tmp_path))
+    line = _refusal(
+        attnxfer_process(*args, f"teacher.spec=local-dir:{tmp_path / 'no-teacher'}", env=env, cwd=tmp_path)
+    )
     assert f"MLFLOW_TRACKING_URI={uri}" in line and "does not answer" in line
     assert not run.exists()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, run_cli
+from helpers import QUIET, attnxfer_process, run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import build_engine, train
@@ -33,17 +33,6 @@ TINY = [
     "checkpoint.every_epoch=false",
     "deterministic=true",
 ]
-
-
-def _cli(*args, timeout=300, env=None):
-    return subprocess.run(
-        [PY, "-m", "attnxfer", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )
 
 
 def _weights(run_dir):
@@ -129,7 +118,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         "checkpoint.every_steps=4",
         "checkpoint.keep_last=10",
     ]
-    ref = _cli("train", f"run_dir={tmp_path / 'ref'}", *common)
+    ref = attnxfer_process("train", f"run_dir={tmp_path / 'ref'}", *common)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     run = tmp_path / "killed"
@@ -149,7 +138,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert "step-00000008" in saved and "step-00000016" not in saved, (
         saved
     )  # killed mid-run (epoch = 281 steps)
-    res = _cli("train", f"run_dir={run}", *common)
+    res = attnxfer_process("train", f"run_dir={run}", *common)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from checkpoint step" in res.stdout
     a, name_a = _weights(tmp_path / "ref")

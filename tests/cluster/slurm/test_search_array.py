@@ -4,32 +4,16 @@ cluster (see conftest.py) gives the candidates a local run with the same seed gi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import attnxfer_process
 
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.launch import cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _attnxfer(*args, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "attnxfer", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 def _rows(run: Path) -> list[dict]:
@@ -58,7 +42,7 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
             "log.progress=false",
         ]
 
-    job = _attnxfer(
+    job = attnxfer_process(
         *args(tmp_path / "array"),
         "--array-tasks",
         "2",

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import tiny_convert_report, tiny_run
-from test_submit_engine import _attnxfer, _ended, _job_id
+from helpers import attnxfer_process, tiny_convert_report, tiny_run
+from test_submit_engine import _ended, _job_id
 
 from attnxfer.checkpoints.resume_point import ResumePoint
 
@@ -30,7 +30,7 @@ def test_a_submitted_convert_study_converts_every_student_on_two_ranks(slurm, tm
         *tiny_convert_report(2, 4),
         "convert.speed_sweep=[]",
     ]
-    sub = _attnxfer(
+    sub = attnxfer_process(
         "submit",
         "--command",
         "study",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, tiny_convert_report
+from helpers import QUIET, attnxfer_process, tiny_convert_report
 from safetensors.torch import load_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -37,18 +37,6 @@ TINY = [
     "checkpoint.every_epoch=false",
     "deterministic=true",
 ]
-
-
-def _attnxfer(*args, timeout=WAIT_S):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "attnxfer", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
-    )
 
 
 def _in_process(*args: str) -> int:
@@ -109,7 +97,7 @@ def one_process_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)])
 def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, one_process_run, nodes, tasks):
-    job = _attnxfer(
+    job = attnxfer_process(
         "submit",
         f"run_dir={tmp_path / 'job'}",
         *COMMON,
@@ -137,7 +125,7 @@ def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, one_proces
 def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
     run = tmp_path / "job"
     steps = 60  # the requeue lands after step 10: 50 steps of margin on a busy machine
-    sub = _attnxfer(
+    sub = attnxfer_process(
         "submit",
         f"run_dir={run}",
         *TINY,
@@ -188,7 +176,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
             "deterministic=true",
         ]
 
-    job = _attnxfer(
+    job = attnxfer_process(
         "submit",
         "--command",
         "convert",
@@ -231,7 +219,7 @@ def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(
     """A failed rank: no 94-line traceback, and sacct/scontrol say FAILED, not CANCELLED."""
     run = tmp_path / "job"
     missing = tmp_path / "no-such-dataset"
-    res = _attnxfer(
+    res = attnxfer_process(
         "submit",
         f"run_dir={run}",
         *TINY,
@@ -267,7 +255,7 @@ def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
     rank 0 saves it and requeues the job, the requeued job resumes from that very step and finishes."""
     run = tmp_path / "job"
     steps = 120
-    sub = _attnxfer(
+    sub = attnxfer_process(
         "submit",
         f"run_dir={run}",
         *TINY,

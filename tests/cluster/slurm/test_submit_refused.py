@@ -8,18 +8,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import tiny_run
+from helpers import attnxfer_process, tiny_run
 from loopback_cluster import ClusterUnavailable, ensure_installed
 
 from attnxfer.launch.cli import main
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[3]
 TINY = [
     *tiny_run(16, 8),
     "model.kwargs={depth: 2, embed_dim: 48}",
@@ -71,29 +68,17 @@ def test_a_job_dir_that_held_files_keeps_them_and_loses_only_the_attempts(
     assert [p.name for p in job_dir.iterdir()] == ["12_0_log.out"]
 
 
-def _attnxfer(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "attnxfer", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
-
-
 @pytest.mark.slow
 def test_an_invalid_partition_is_one_line_and_the_corrected_submit_trains(slurm, tmp_path):
     run = tmp_path / "run"
     common = ["submit", f"run_dir={run}", *TINY, "--nodes", "1", "--cpus-per-task", "1", "--time", "5"]
-    refused = _attnxfer(*common, "--partition", "nope")
+    refused = attnxfer_process(*common, "--partition", "nope")
     assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-3000:]
     line = _one_line(refused.stderr)
     assert "Invalid partition name specified" in line and "sinfo -s" in line
     assert not run.exists()
 
-    done = _attnxfer(*common, "--partition", slurm.partition, "--wait")
+    done = attnxfer_process(*common, "--partition", slurm.partition, "--wait")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert json.loads((run / "run.json").read_text())["total_steps"] == 2
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000002"]

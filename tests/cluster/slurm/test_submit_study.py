@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET
+from helpers import QUIET, attnxfer_process
 from safetensors.torch import load_file
-from test_submit_engine import _attnxfer, _ended, _in_process, _job_id, _wait_until
+from test_submit_engine import _ended, _in_process, _job_id, _wait_until
 
 from attnxfer.checkpoints.resume_point import ResumePoint
 
@@ -45,7 +45,7 @@ def test_a_submitted_study_trains_each_student_on_two_ranks_and_survives_a_preem
     one = tmp_path / "one"  # what the job must reproduce: one process on the whole global batch of 16
     assert _in_process("study", f"run_dir={one}", *args, "data.batch_size=16") == 0
     run = tmp_path / "job"
-    sub = _attnxfer(
+    sub = attnxfer_process(
         "submit",
         "--command",
         "study",
