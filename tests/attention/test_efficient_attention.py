@@ -790,9 +790,17 @@ def test_a_size_beyond_the_grid_is_left_to_the_core_when_rebuilding_or_at_anothe
     assert torch.isfinite(rebuilt(torch.randn(1, 3, 64, 64))).all()
     student = efficient_student_from_teacher(tiny_teacher(dynamic_img_size=True), "window", window_size=4)
     assert torch.isfinite(student(torch.randn(1, 3, 32, 32))).all()
-    # a Swin whose last stage's windows (4x4) are smaller than the first stages' (8x8): a window of 8 fits
-    # those, and is clamped in the last; 9 fits none
-    swin = timm.create_model(
+    # a window of 8 fits the Swin's first stages, and is clamped in the last; 9 fits none
+    swin = _swin_8_then_4()
+    student = build_efficient_student(swin, "window", window_size=8)
+    assert torch.isfinite(student(torch.randn(1, 3, 64, 64))).all()
+    with pytest.raises(ValueError, match="window_size 9x9 is larger than the 8x8 token grid"):
+        build_efficient_student(swin, "window", window_size=9)
+
+
+def _swin_8_then_4() -> torch.nn.Module:
+    """A Swin whose last stage's windows (4x4) are smaller than the first stages' (8x8)."""
+    return timm.create_model(
         "swin_tiny_patch4_window7_224",
         img_size=64,
         embed_dim=16,
@@ -801,10 +809,20 @@ def test_a_size_beyond_the_grid_is_left_to_the_core_when_rebuilding_or_at_anothe
         window_size=8,
         num_classes=5,
     )
-    student = build_efficient_student(swin, "window", window_size=8)
+
+
+@pytest.mark.parametrize("term, fits, largest", [("win", 8, 8), ("conv", 7, 7)])
+def test_a_formulas_win_or_conv_is_refused_only_where_it_fits_no_layer(term, fits, largest):
+    """As the zoo's window and conv kernel: a formula's term that fits the Swin's first stages is clamped in
+    the last (a window to the grid, conv taps beyond it see zero padding), not refused there; one fitting no
+    layer is refused naming the term as the program writes it and the largest that fits."""
+    swin = _swin_8_then_4()
+    student = build_efficient_student(swin, f"formula:sum(relu+{term}({fits}))")
     assert torch.isfinite(student(torch.randn(1, 3, 64, 64))).all()
-    with pytest.raises(ValueError, match="window_size 9x9 is larger than the 8x8 token grid"):
-        build_efficient_student(swin, "window", window_size=9)
+    with pytest.raises(
+        ValueError, match=rf"^{term} 9 is larger than the 8x8 token grid .* use at most {largest};"
+    ):
+        build_efficient_student(swin, f"formula:sum(relu+{term}(9))")
 
 
 def test_configure_token_layout_reads_the_model():

@@ -371,8 +371,10 @@ def test_formula_names_resolve_to_one_class_per_canonical_program():
         a(dim=DIM, num_heads=HEADS, program="sum(elu1)")
     with pytest.raises(FormulaSyntaxError, match=re.escape("at position 16 of 'formula:sum(relu'")):
         get_attention_class("formula:sum(relu")
-    with pytest.raises(InvalidFormula, match=r"win\(7\) is larger than the 4x4 token grid"):
-        get_attention_class("formula:sum(relu+win(7))")(dim=DIM, num_heads=HEADS, **_layout(grid=4))
+    # a window beyond a layer's grid is refused where the student is built, naming the largest that fits
+    get_attention_class("formula:sum(relu+win(7))")(dim=DIM, num_heads=HEADS, **_layout(grid=4))
+    with pytest.raises(ValueError, match=r"^win 7 is larger than the 4x4 token grid .* use at most 4;"):
+        efficient_student_from_teacher(tiny_vit(depth=1), "formula:sum(relu+win(7))")
     with pytest.raises(InvalidFormula, match="sum normalisation of signed features"):
         get_attention_class("formula:sum(proj)")(dim=DIM, num_heads=HEADS)
 

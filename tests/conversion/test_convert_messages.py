@@ -97,6 +97,11 @@ def test_a_default_size_too_large_for_the_grid_is_named_under_the_options_key(
     assert f"convert.{said}" in capsys.readouterr().err
     assert main(["train", f"run_dir={tmp_path / 't'}", *base, "model.attention=nystrom"]) == 2
     assert f"model.{said}" in capsys.readouterr().err
+    # a formula's window is set by the attention's name, not an option: named under that key
+    assert (
+        main(["train", f"run_dir={tmp_path / 'w'}", *base, "model.attention=formula:sum(relu+win(9))"]) == 2
+    )
+    assert "model.attention: win 9 is larger than the 4x4 token grid" in capsys.readouterr().err
 
 
 def test_summary_with_a_classifier_teacher_gives_the_share():

@@ -24,7 +24,7 @@ from ..attention.registry import get_attention_class, list_attentions
 
 class GridFitError(InputError):
     """An option larger than the token grid allows: set by the user's options (``*.attention_kwargs``) even where
-    its value is the attention's default."""
+    its value is the attention's default (a size the attention's name sets, a formula's ``win``: `InputError`)."""
 
 
 class EfficientAttention(TransferableAttention):
@@ -170,23 +170,24 @@ class EfficientAttention(TransferableAttention):
     def _attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._attend(q, k, v)
 
-    #: (option, bound) of the options sized by the token grid; the bound: ``grid`` (per side), ``tokens`` (N, prefix
-    #: included) or ``odd side`` (the largest odd number within the shorter side: a same-size conv's kernel).
+    #: (option, bound) of the options sized by the token grid (None: unset); the bound: ``grid`` (per side), ``side``
+    #: (the shorter: a square window's), ``tokens`` (N, prefix included) or ``odd side`` (the largest odd number
+    #: within the shorter side: a same-size conv's kernel).
     grid_sized: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def grid_fit_error(self) -> GridFitError | None:
+    def grid_fit_error(self) -> InputError | None:
         """The refusal of a ``grid_sized`` option larger than the declared grid allows, where a student is built
         (`with_attention`): beyond it the attention is full attention or costs more, not the efficient one asked
         for. Not per call: at another resolution the core clamps (a window to the grid, landmarks to N)."""
         if self.grid_size is None:
             return None
         p, (gh, gw), side = self.num_prefix_tokens or 0, self.grid_size, min(self.grid_size)
-        bounds = {"grid": (gh, gw), "tokens": p + gh * gw, "odd side": side - 1 + side % 2}
+        bounds = {"grid": (gh, gw), "side": side, "tokens": p + gh * gw, "odd side": side - 1 + side % 2}
         for option, bound in self.grid_sized:
             size, most = getattr(self, option), bounds[bound]
-            if any(s > m for s, m in zip(as_grid(size), as_grid(most))):
+            if size is not None and any(s > m for s, m in zip(as_grid(size), as_grid(most))):
                 size, most = ("x".join(map(str, v)) if isinstance(v, tuple) else v for v in (size, most))
-                return GridFitError(
+                return (GridFitError if self.accepts_option(option) else InputError)(
                     f"{option} {size} is larger than the {gh}x{gw} token grid ({p + gh * gw} tokens with the "
                     f"prefix) allows: use at most {most}; beyond it {self.attention_name} is full attention or "
                     "costs more, not an efficient attention"

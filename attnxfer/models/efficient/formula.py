@@ -245,12 +245,16 @@ class FormulaAttention(WindowLinearAttention):
         "program's sign analysis, which holds for every input"
     )
 
+    #: The window clamps to the grid; conv taps beyond it see only zero padding. Named as the program's terms.
+    grid_sized = (("win", "side"), ("conv", "odd side"))
+
     def __init__(self, dim: int, num_heads: int = 8, *, program: str = DEFAULT_PROGRAM, **kwargs) -> None:
         formula = parse_formula(program)
         self.formula = formula
         WindowAttention.__init__(self, dim, num_heads, window_size=formula.window or 1, **kwargs)
-        # the grid declared as built; not per call (PVTv2 declares each stage's): elsewhere the core clamps
-        check_formula(formula, self.head_dim, self.grid_size)
+        # not the grid: `with_attention` refuses a `grid_sized` term only where it fits no layer
+        check_formula(formula, self.head_dim)
+        self.win, self.conv = formula.window, formula.conv
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.program = str(formula)
         self.attention_name = formula.name

@@ -26,7 +26,7 @@ from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
 from ..norm_eps import norms_as_recorded
-from .base import EfficientAttention, GridFitError
+from .base import EfficientAttention
 from .hierarchical import (
     expand_attention_names,
     flat_blocks,
@@ -96,7 +96,7 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
     model = (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
     # not in swap_attentions: an export made before still loads. Refused where it fits no layer: a hierarchical
     # model's later stages have smaller grids, where the core clamps a size the first stages use
-    errors: dict[type, list[GridFitError | None]] = {}
+    errors: dict[type, list[InputError | None]] = {}
     for attn in transferable_attentions(model):
         if isinstance(attn, EfficientAttention):
             errors.setdefault(type(attn), []).append(attn.grid_fit_error())
