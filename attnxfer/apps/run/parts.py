@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +102,8 @@ def init_from_pretrained(
     norm moved after the pooling (``fc_norm``) starts fresh and the encoder's final norm is dropped, as MAE's
     fine-tuning does."""
     pretrained = load_init(m.init, img_size, file_model=m, cache_dir=cache_dir)
-    student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+    with _kwargs_refused(m, f"the student (model.init={m.init}'s architecture)"):
+        student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
     fresh, dropped = {"head", "fc_norm"}, {"norm"}
     missing = {n for n in result.missing_keys if n.split(".")[0] not in fresh}
@@ -125,7 +127,10 @@ def build_student(
         student = init_from_pretrained(m, num_classes, img_size, cfg.teacher.cache_dir, kwargs)
         _say_if_not_built(m, student, num_classes, kwargs)
     elif teacher is not None and m.mirror_teacher:
-        student = student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+        with _kwargs_refused(m, "the student (the teacher's architecture: model.mirror_teacher=true)"):
+            student = student_like(
+                teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs
+            )
         _say_if_not_built(m, student, num_classes, kwargs)
     else:
         kwargs.setdefault("in_chans", in_chans)
@@ -176,18 +181,27 @@ def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwar
         )
 
 
-def create_named_vit(m: ModelConfig, **kwargs: Any) -> nn.Module:
-    """``model.name`` with ``kwargs`` (``model.kwargs`` among them) and ``model.drop_path_rate``; timm refusing
-    the user's ``model.kwargs`` is one message naming them, not a traceback from inside timm."""
+@contextmanager
+def _kwargs_refused(m: ModelConfig, built: str) -> Iterator[None]:
+    """timm refusing the user's ``model.kwargs`` is one message naming them, not a traceback from inside timm."""
     try:
-        student = create_vit(m.name, drop_path_rate=m.drop_path_rate, **kwargs)
+        yield
+    except UserError:  # attnxfer's own answer (student_like's) already says what to change
+        raise
     except (AssertionError, TypeError, ValueError) as e:  # how timm's constructors refuse arguments
         if not m.kwargs:  # without the user's kwargs, a failure is attnxfer's bug: its traceback
             raise
         raise InputError(
-            f"model.name={m.name} cannot be built with model.kwargs {m.kwargs}: {type(e).__name__}: {e}; "
+            f"{built} cannot be built with model.kwargs {m.kwargs}: {type(e).__name__}: {e}; "
             f"change model.kwargs (they go to timm.create_model)"
         ) from e
+
+
+def create_named_vit(m: ModelConfig, **kwargs: Any) -> nn.Module:
+    """``model.name`` with ``kwargs`` (``model.kwargs`` among them) and ``model.drop_path_rate``; timm refusing
+    the user's ``model.kwargs`` is one message naming them, not a traceback from inside timm."""
+    with _kwargs_refused(m, f"model.name={m.name}"):
+        student = create_vit(m.name, drop_path_rate=m.drop_path_rate, **kwargs)
     try:
         attention_blocks(student)
     except TypeError as e:  # a CNN (resnet18), or a ViT left without blocks ({depth: 0})
