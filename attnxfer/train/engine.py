@@ -345,14 +345,15 @@ class Engine:
     def _nothing_to_do(self) -> str:
         """What a resume of a run already at (or past) its last step says instead of training."""
         s = self.settings
-        limit = (
-            f"schedule.max_steps={s.max_steps}" if s.max_steps is not None else f"schedule.epochs={s.epochs}"
-        )
+        # the key that ends the run: a max_steps past the last epoch's end trains no further when raised
+        limit, keys = f"schedule.epochs={s.epochs} of {self.steps_per_epoch} steps", "schedule.epochs"
+        if s.max_steps == self.total_steps:
+            limit, keys = f"schedule.max_steps={s.max_steps}", "schedule.max_steps or schedule.epochs"
         where = "at" if self.step == self.total_steps else "past"
         return (
             f"nothing to do: {self.run_dir} is {where} step {self.step} of the {self.total_steps} this run trains "
             f"({limit}); its checkpoint {Path(self.last_ckpt or '').name or '(none)'} is unchanged. To train "
-            "longer, raise schedule.max_steps or schedule.epochs"
+            f"longer, raise {keys}"
         )
 
     def own_streams(self):

@@ -127,6 +127,11 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
         f"nothing to do: {run} is at step 8 of the 8"
     )
     assert _files(run) == before
+    # its epochs end before max_steps: the line names them, the key that trains it longer
+    code, out, _ = run_cli(capsys, *args, "schedule.max_steps=100", "schedule.epochs=1")
+    last = out.strip().splitlines()[-1]
+    assert code == 0 and "of the 8 this run trains (schedule.epochs=1 of 8 steps)" in last, last
+    assert last.endswith("To train longer, raise schedule.epochs") and _files(run) == before
     # its run.json lost: export says how to get it back, and the run run again writes it anew
     record = json.loads((run / "run.json").read_text())
     (run / "run.json").unlink()
