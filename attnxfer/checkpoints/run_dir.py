@@ -230,7 +230,13 @@ class RunDir:
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
             )
-        return json.loads(self.record_file.read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.record_file.read_text(encoding="utf-8"))
+        except ValueError as e:  # written atomically: damaged by hand or by a copy that stopped
+            raise InputError(
+                f"{self.record_file} is damaged ({e}): move it aside, then run the command that trained the run "
+                f"again, -c {self.config_file}, which writes it anew (a finished run trains no further)"
+            ) from None
 
     def recipe(self) -> str | None:
         """The run's config.yaml as text, or None where it has none."""

@@ -134,6 +134,12 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
     assert last.endswith("To train longer, raise schedule.epochs") and _files(run) == before
     # its run.json lost: export says how to get it back, and the run run again writes it anew
     record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(
+        '{"mode": "none",'
+    )  # damaged (by hand, a copy cut short): said, not a traceback
+    for argv in (args, ["export", str(run), str(tmp_path / "export")]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and f"{run / 'run.json'} is damaged" in err and "move it aside, then run" in err, err
     (run / "run.json").unlink()
     code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "export"))
     assert code == 2 and f"{run} holds checkpoints but no run.json" in err
