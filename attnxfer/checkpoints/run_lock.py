@@ -50,6 +50,7 @@ from ..run_layout import (
     STUDY_RECORD,
     STUDY_YAML,
     is_exported_model,
+    read_record,
 )
 from ..speak import debug, say
 from .atomic_io import _write_file_synced
@@ -91,6 +92,19 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
         raise PathExistsError(
             f"run_dir={run_dir} holds a {what} ({marker}), which attnxfer {command} does not write into: "
             f"continue it with {how.format(dir=run_dir)}, or choose another run_dir"
+        )
+    mae = held is not None and read_record(run_dir / RUN_RECORD).get("objective") == "mae"
+    if command in ("train", "pretrain") and held is not None and mae != (command == "pretrain"):
+        # the two write the same files: a resume would compare configs, and load one's weights as the other's
+        how = f"attnxfer pretrain -c {run_dir / RUN_CONFIG}" if mae else held[2].format(dir=run_dir)
+        raise PathExistsError(
+            f"run_dir={run_dir} holds {'an MAE pre-training' if mae else 'a training'} run ({RUN_RECORD}), which "
+            f"attnxfer {command} does not write into: continue it with {how}, or choose another run_dir"
+            + (
+                f"; to fine-tune its encoder: attnxfer export {run_dir} OUT, then model.init=local-dir:OUT"
+                if mae
+                else ""
+            )
         )
 
 

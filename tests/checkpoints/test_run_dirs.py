@@ -194,6 +194,27 @@ def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, t
         assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
+def test_a_training_run_and_an_mae_pre_training_run_are_no_folder_for_each_other(trained, tmp_path, capsys):
+    """Both write a run.json: a resume of the one by the other would refuse config values that never agree
+    and say to drop them. Refused, naming the command that continues the folder's run."""
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    data = (a for a in S if a.startswith("data."))
+    code, _, err = run_cli(
+        capsys, "pretrain", *data, "transfer.mode=none", "log.progress=false", f"run_dir={trained}"
+    )
+    refusal = (
+        "holds a training run (run.json), which attnxfer pretrain does not write into: continue it with the"
+    )
+    assert code == 2 and refusal in _error_line(err)
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    (tmp_path / "run.json").write_text(json.dumps({"objective": "mae", "mode": "mae-pretrain"}))
+    with pytest.raises(
+        PathExistsError, match=r"MAE pre-training run .*continue it with attnxfer pretrain -c"
+    ):
+        refuse_other_work(tmp_path, "train")
+    refuse_other_work(tmp_path, "pretrain")  # its own command goes on with it
+
+
 @pytest.mark.parametrize("command", ["train", "pretrain", "search", "study"])
 def test_a_conversion_stopped_in_stage_1_is_no_folder_for_another_command(tmp_path, command):
     """Before stage 2 starts, a conversion's folder holds only stage1/: another command's run.json or
