@@ -384,7 +384,8 @@ def run_lock(
             yield
         return
     path = run_dir / LOCK_NAME
-    created = not run_dir.exists()  # removed again if the command ends leaving it empty (refused input)
+    # the folders made for it, removed again (deepest first) if the command ends leaving them empty (refused input)
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     with _plain_disk_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         key = (str(path.resolve()), threading.get_ident())  # per thread: another thread is a holder
@@ -417,7 +418,7 @@ def run_lock(
         beat.start()
         with _plain_disk_errors(run_dir):
             yield
-    finally:  # forget the hold, delete the lock if still ours, and the run dir if we made it and it is empty
+    finally:  # forget the hold, delete the lock if still ours, and the folders we made if they are empty
         stop.set()
         if beat.is_alive():
             beat.join()
@@ -427,9 +428,9 @@ def run_lock(
         if holder is not None and holder.content.get("token") == token:
             with contextlib.suppress(OSError):
                 path.unlink()
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                run_dir.rmdir()
+                folder.rmdir()
 
 
 @contextlib.contextmanager

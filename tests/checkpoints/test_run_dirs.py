@@ -215,6 +215,15 @@ def test_a_training_run_and_an_mae_pre_training_run_are_no_folder_for_each_other
     refuse_other_work(tmp_path, "pretrain")  # its own command goes on with it
 
 
+def test_a_refused_run_leaves_neither_its_folder_nor_the_folders_made_above_it(tmp_path, capsys):
+    """Bad input keeps nothing: an empty runs/demo left by a demo recipe run before the demo would be told
+    apart from the user's own folders by no one."""
+    run = tmp_path / "runs" / "demo" / "copy"
+    code, _, err = run_cli(capsys, "train", *S, "transfer.mode=copy", f"run_dir={run}")
+    assert code == 2 and "needs a teacher" in _error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("command", ["train", "pretrain", "search", "study"])
 def test_a_conversion_stopped_in_stage_1_is_no_folder_for_another_command(tmp_path, command):
     """Before stage 2 starts, a conversion's folder holds only stage1/: another command's run.json or
