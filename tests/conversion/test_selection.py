@@ -188,6 +188,22 @@ def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_tea
     assert not (run / SELECTION_FILE).exists()
 
 
+def test_a_damaged_recorded_choice_is_one_line_saying_how_to_choose_again(tmp_path, tiny_teacher_dir, capsys):
+    """An empty or edited selection.json (a resume reads it before measuring anything) is refused in one line
+    naming checkpoint.resume=none, not a JSONDecodeError or KeyError traceback."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for damaged in ("", '{"attention": ["softmax", "softmax"]}'):
+        (run / SELECTION_FILE).write_text(damaged)
+        assert cli.main(_args(run, tiny_teacher_dir, "convert.speedup=1.1")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"attnxfer convert: error: {run / SELECTION_FILE} is not a choice of attentions attnxfer can read "
+            "(empty, damaged or edited): set checkpoint.resume=none to choose again (it is kept aside), or "
+            "choose another run_dir"
+        ]
+
+
 @pytest.mark.slow
 def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, tiny_teacher_dir, capsys):
     """At 1,025 tokens (the teacher rebuilt there for the timing) a 1.1x budget is met as predicted; the

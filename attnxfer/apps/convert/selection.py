@@ -47,6 +47,7 @@ from ...models.efficient.floor import floor_model
 from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import check_options, teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
+from ...run_layout import read_record
 from ...speak import quiet, say, warn
 from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
@@ -134,8 +135,8 @@ def choose_attentions(
     (recorded earlier, else measured now; every rank takes rank 0's); other configs as they are."""
     path = Path(cfg.run_dir) / SELECTION_FILE
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
-        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        own = record if record and record["attention"] == cfg.convert.attention else None
+        record = read_record(path)  # a damaged record only decorates the report: none
+        own = record if record and record.get("attention") == cfg.convert.attention else None
         # keys only a choice reads; an auto run's own config.yaml (its choice recorded) keeps them quietly
         changed = changed_from(TrainConfig(), cfg)
         unread = [f"{k}={changed[k][1]}" for k in _CHOICE_ONLY if k in changed]
@@ -170,7 +171,12 @@ def _recorded(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
     """The choice an earlier attempt of this run recorded, judged against ``cfg``; None: choose now."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
-    record = json.loads(path.read_text(encoding="utf-8"))
+    record = read_record(path)
+    if not isinstance(record.get("config"), dict):
+        raise ConfigError(
+            f"{path} is not a choice of attentions attnxfer can read (empty, damaged or edited): set "
+            "checkpoint.resume=none to choose again (it is kept aside), or choose another run_dir"
+        )
     refused = [
         c
         for c in config_changes(record["config"], cfg, compared=SELECTION_KEYS, command="convert")
