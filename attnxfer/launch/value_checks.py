@@ -135,6 +135,11 @@ def _check_attention(key: str, value: Any) -> None:
     if not names:  # the source is not beside the package (a frozen install): the registry checks later
         return
     items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and any(isinstance(n, str) and n.count("(") != n.count(")") for n in items):
+        raise ConfigError(
+            f"{key}: {value!r}: a formula was split at a comma inside it (YAML's [...] splits at every comma): "
+            "quote each formula in a list, e.g. ['formula:sum(proj.cat(softmax,neg.softmax))', relu_linear]"
+        )
     for i, name in enumerate(items):
         prefix, colon, _ = name.partition(":") if isinstance(name, str) else ("", "", "")
         if not isinstance(name, str) or name in names or (colon and prefix in prefixes):

@@ -57,6 +57,24 @@ def test_an_unknown_attention_name_is_refused_naming_the_key_and_the_choices(ove
     assert str(e.value).startswith(refusal) and "formula:<spec>" in str(e.value)
 
 
+def test_a_formula_split_at_its_commas_in_a_list_is_refused_saying_to_quote_it():
+    """YAML splits [formula:sum(proj.cat(softmax,neg.softmax)),relu_linear] at the comma inside cat(...): the
+    refusal says to quote the formula, not that 'neg.softmax))' is no attention (did you mean 'softmax'?)."""
+    for key in ("convert.attention", "model.attention", "convert.candidates"):
+        with pytest.raises(ConfigError) as e:
+            check_values(
+                load_config(None, [f"{key}=[formula:sum(proj.cat(softmax,neg.softmax)),relu_linear]"])
+            )
+        assert str(e.value).startswith(
+            f"{key}: ['formula:sum(proj.cat(softmax', 'neg.softmax))', 'relu_linear']"
+        )
+        assert "a formula was split at a comma inside it" in str(e.value) and "quote each formula" in str(
+            e.value
+        )
+    quoted = "convert.attention=['formula:sum(proj.cat(softmax,neg.softmax))',relu_linear]"
+    assert check_values(load_config(None, [quoted])).convert.attention[1] == "relu_linear"
+
+
 def test_registered_names_a_parametric_name_and_an_own_registration_pass():
     ok = ["model.attention=[softmax,performer]", "convert.attention=formula:sum(relu)"]
     assert check_values(load_config(None, ok)).model.attention == ["softmax", "performer"]
