@@ -210,6 +210,13 @@ class RunDir:
                         else f"{self.path} is not a run's dir; it holds an exported model, {model}, which loads as "
                         f"local-dir:{model}"
                     )
+            # a run's checkpoints (whose step-* folders hold state.json: not runs to pick one of)
+            if CHECKPOINTS_SUBDIR in (self.path.name, self.path.parent.name):
+                run = self.path.parent if self.path.name == CHECKPOINTS_SUBDIR else self.path.parent.parent
+                raise MissingPathError(
+                    f"{self.path} belongs to the checkpoints of the run {run}: give the run's folder, {run}; "
+                    "the command picks the checkpoint from there"
+                )
             runs = [d.name + "/" for d in inside if any((d / m).exists() for m in RUN_DIR_MARKERS)]
             if runs:
                 raise MissingPathError(

@@ -668,8 +668,8 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
 
 
 def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, exported, tmp_path, capsys):
-    """A folder of runs (the demo's runs/demo), an export, a path that is not there: each answer points to
-    what to give instead, and nothing is written."""
+    """A folder of runs (the demo's runs/demo), an export, a path that is not there, a run's checkpoints: each
+    answer points to what to give instead, and nothing is written."""
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "a").symlink_to(trained)
     cases = {
@@ -678,6 +678,10 @@ def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, export
         exported.parent: f"it holds an exported model, {exported}, which loads as local-dir:{exported}",
         tmp_path / "runs" / "b": f"does not exist ({tmp_path / 'runs'} holds: a/)",
         trained / "config.yaml": f"is a file, not a run's folder: give the folder it is in, {trained}",
+        # its checkpoints, or one of them (whose state.json once made them "runs" to pick one of)
+        trained
+        / "checkpoints": f"belongs to the checkpoints of the run {trained}: give the run's folder, {trained}",
+        trained / "checkpoints" / "step-00000004": f"of the run {trained}: give the run's folder, {trained};",
     }
     for given, says in cases.items():
         code, _, err = run_cli(capsys, "export", str(given), str(tmp_path / "out"))
