@@ -74,12 +74,15 @@ def select(
     teacher_ms: float,
     speedup: float,
 ) -> Assignment:
-    """The assignment of least summed sensitivity (``sensitivity[l][c]``) whose predicted time is at most
-    ``teacher_ms / speedup``; `InfeasibleBudget` where even the fastest student misses it."""
+    """The assignment of least summed sensitivity (``sensitivity[l][c]``, infinite: never chosen) whose
+    predicted time is at most ``teacher_ms / speedup``; `InfeasibleBudget` where even the fastest student
+    misses it."""
     if speedup <= 1:
         raise ValueError(f"speedup must be > 1, got {speedup:g}")
     need = teacher_ms * (1.0 - 1.0 / speedup)  # the time the swapped blocks must save
-    top = fastest(sensitivity, ms, softmax_ms, teacher_ms)
+    # the fastest student takes no candidate of infinite sensitivity (one whose fit diverged) either
+    usable = {c: t for c, t in ms.items() if all(math.isfinite(row[c]) for row in sensitivity)}
+    top = fastest(sensitivity, usable, softmax_ms, teacher_ms)
     if teacher_ms - top.predicted_ms < need:
         raise InfeasibleBudget(speedup, top)
     unit = need / RESOLUTION

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from pathlib import Path
 
@@ -71,6 +72,33 @@ def test_an_infeasible_budget_names_the_fastest_student():
     # exactly at the fastest student's speed the budget is met, by it
     met = select(sensitivity, ms, softmax_ms=10.0, teacher_ms=50.0, speedup=50.0 / 26.0)
     assert met.names == ["fast"] * 3
+
+
+def test_a_candidate_of_infinite_sensitivity_is_never_chosen_even_as_the_fastest_student():
+    """A candidate whose fit diverged (infinite sensitivity in every block) cannot meet a budget that only it
+    meets: the budget is infeasible, not met by a student of that candidate (once written as inf to selection.json:
+    a traceback)."""
+    sensitivity = [{"diverged": math.inf, "slow": 0.1}] * 2
+    ms = {"diverged": 1.0, "slow": 9.0}
+    with pytest.raises(InfeasibleBudget) as e:
+        select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.5)
+    assert e.value.fastest.names == ["slow", "slow"]
+    assert select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.05).names == ["slow", "slow"]
+
+
+@pytest.mark.slow
+def test_a_budget_only_diverged_fits_would_meet_is_one_line_naming_them(tmp_path, tiny_teacher_dir, capsys):
+    """At 1,025 tokens relu_linear meets the budget, but its fit diverges (stage-1 lr 1e30)."""
+    run = tmp_path / "run"
+    lr = ["convert.stage1_lr=1e30", "convert.candidates=[relu_linear]", "convert.selection_steps=1"]
+    assert (
+        cli.main(_args(run, tiny_teacher_dir, "convert.speedup=1.01", "convert.speed_tokens=1025", *lr)) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "attnxfer convert: error: convert.speedup=1.01 cannot be met without relu_linear, whose fit diverged"
+    ), err
+    assert "lower convert.stage1_lr" in err[-1] and not (run / SELECTION_FILE).exists()
 
 
 def _one_peaked_layer_teacher() -> torch.nn.Module:

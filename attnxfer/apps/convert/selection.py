@@ -252,8 +252,14 @@ def measure_selection(
     )
     try:
         chosen = select(sensitivity, ms, soft, whole, c.speedup)
-    except InfeasibleBudget as e:  # candidates left out of the fits can make a met budget unmet
-        raise InputError(f"convert.speedup={c.speedup:g} cannot be met: {e}") from None
+    except InfeasibleBudget as e:
+        # met before the fits: candidates whose fit diverged (at its last step: no error, a non-finite sensitivity)
+        lost = [n for n in ms if not all(math.isfinite(row[n]) for row in sensitivity)]
+        raise InputError(
+            f"convert.speedup={c.speedup:g} cannot be met without {', '.join(lost)}, whose fit diverged: the "
+            f"fastest student of the other candidates is {e.fastest.speedup:.2f}x; lower convert.stage1_lr or set "
+            "convert.stage1_clip_grad, or lower convert.speedup"
+        ) from None
     return {
         "version": 2,  # 2: block times read from whole models (`whole_ms`); 1: one block timed alone
         "attention": chosen.names,
