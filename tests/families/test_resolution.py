@@ -230,3 +230,17 @@ def test_inspect_of_students_trained_at_two_sizes_names_each_and_says_to_inspect
             inspect_attention(teacher_spec, students, img_size=size, data="synthetic", num_images=2)
         assert f"({students[0]} at 32 px, {students[1]} at 48 px)" in str(refused.value)
         assert "inspect them separately, one `attnxfer inspect` per size" in str(refused.value)
+
+
+def test_inspect_of_a_student_trained_where_the_teacher_cannot_run_names_the_student_not_img_size(tmp_path):
+    """A student trained at 36 px (4 px patches) beside a teacher of 8 px patches: no --img-size was given, so
+    the refusal says the size is the student's and to inspect it with a teacher that runs there (not to change
+    an --img-size, which a trained student refuses)."""
+    save_for_hf(CASES["vit"].make(0), tmp_path / "teacher", safe_serialization=True)
+    student = timm.create_model("vit_tiny_patch16_224", img_size=36, patch_size=4, depth=1, embed_dim=24)
+    out = export_student(student, tmp_path / "at36", card=card())
+    with pytest.raises(InputError) as refused:
+        inspect_attention(f"local-dir:{tmp_path / 'teacher'}", [str(out)], data="synthetic", num_images=2)
+    msg = str(refused.value)
+    assert "--img-size" not in msg and f"{out} was trained at 36 px" in msg, msg
+    assert "cannot run at 36 px" in msg and "a teacher that runs at 36 px" in msg, msg

@@ -145,8 +145,6 @@ def load_model(
         _refuse_other_size(spec, trained_size(spec), img_size)
     try:
         model, record = load_teacher(source, arch=arch, pretrained=pretrained, img_size=img_size)
-    except ImageSizeError as err:
-        raise err.restated("--img-size") from None
     except TeacherLoadError as err:
         if "efficient-attention student" not in str(err):
             raise InputError(str(err)) from None
@@ -430,13 +428,24 @@ def inspect_attention(
         )
     size = img_size or next(iter(trained.values()), None)
     torch.manual_seed(seed)
-    t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size, role="teacher")
-    token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
-    loaded: dict[str, LoadedModel] = {}
-    for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
-        torch.manual_seed(seed + k)
-        loaded[name] = load_model(spec, teacher=t, pretrained=pretrained, arch=student_arch, img_size=size)
-        token_layout(loaded[name].model)
+    try:
+        t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size, role="teacher")
+        token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
+        loaded: dict[str, LoadedModel] = {}
+        for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
+            torch.manual_seed(seed + k)
+            loaded[name] = load_model(
+                spec, teacher=t, pretrained=pretrained, arch=student_arch, img_size=size
+            )
+            token_layout(loaded[name].model)
+    except ImageSizeError as err:
+        if img_size is not None:
+            raise err.restated("--img-size") from None
+        # the size a trained student keeps, which no other --img-size changes
+        raise InputError(
+            f"{next(iter(trained))} was trained at {size} px, the size every model is inspected at beside it: "
+            f"{err}. Inspect it with a teacher that runs at {size} px"
+        ) from None
     # every model runs at the teacher's image size (maps are compared token by token), else one message
     want, want_chans = image_input(t.model).img_size, input_size(t.model)[1]
     for s in loaded.values():
