@@ -67,6 +67,11 @@ def run_folder_hint(folder: Path) -> str | None:
         run, what = folder, "a student's run folder"
     elif (folder / RUN_CONFIG).is_file() and not is_exported_model(folder):
         return f"{folder} holds a run's config.yaml alone: its run never got past its start, nothing to read"
+    elif (folder / "model.onnx").is_file() and not (folder / "config.json").is_file():
+        return (
+            f"{folder} is an ONNX-only export (`attnxfer export --format onnx`), for ONNX Runtime; attnxfer and "
+            "timm read an export's timm format: export the run again with --format timm onnx"
+        )
     else:
         return None
     export = run / "export"

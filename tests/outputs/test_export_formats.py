@@ -18,6 +18,7 @@ from families.cases import build_hier, build_swin
 from helpers import CONVERT_OPTIONS, card, fast_cells
 from teachers.test_transformers_teachers import save_tiny
 
+from attnxfer.apps.inspect.inspect import inspect_attention
 from attnxfer.checkpoints.export import export_run, export_student
 from attnxfer.checkpoints.onnx_export import OPSET, OnnxExportError
 from attnxfer.errors import UserError
@@ -245,3 +246,18 @@ def test_a_student_of_a_transformers_vit_teacher_is_what_it_exports(how, tmp_pat
             assert torch.equal(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x), want)
             wrapped = transformers.AutoModelForImageClassification.from_pretrained(out).eval()
             assert rel(wrapped(x).logits, want) <= 1e-5
+
+
+@pytest.mark.slow
+def test_an_onnx_only_export_given_as_a_model_says_to_export_the_timm_format_too(tmp_path):
+    """ONNX Runtime runs it; load_student and inspect read config.json + model.safetensors, which this
+    export has none of: the refusal says so, not that an export would have written them."""
+    out = export_student(trained_student(steps=0), tmp_path / "out", card=card(), formats=("onnx",))
+    for refused in (
+        lambda: load_student(f"local-dir:{out}"),
+        lambda: inspect_attention("vit_tiny_patch16_224", [str(out)], pretrained=False, data="synthetic"),
+    ):
+        with pytest.raises(
+            UserError, match="ONNX-only export .* export the run again with --format timm onnx"
+        ):
+            refused()
