@@ -124,7 +124,10 @@ def class_token_figure(
     text = (
         title or f"class-token attention: {names[0]} | {names[1]} heads"
     ) + " (each map scaled to its max)"
-    fig.suptitle(_wrapped(text, width), fontsize=min(8, max(5, 2 * width / len(text))))
+    text = _wrapped(text, width)
+    # a character is about 0.8 px wide per point at `DPI`; two lines fill the title margin at 5 points
+    longest = max(len(line) for line in text.split("\n"))
+    fig.suptitle(text, fontsize=min(8 if "\n" not in text else 5, width / (0.8 * longest)))
     return fig
 
 

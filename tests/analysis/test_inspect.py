@@ -28,7 +28,7 @@ from attnxfer.analysis import (
     spearman_rows,
     topk_overlap,
 )
-from attnxfer.analysis.pictures import class_token_figure_size
+from attnxfer.analysis.pictures import class_token_figure, class_token_figure_size
 from attnxfer.apps.inspect.inspect import (
     LoadedModel,
     _publish,
@@ -451,6 +451,19 @@ def test_an_empty_image_batch_is_a_clear_error():
         inspect_models(teacher, {"s": teacher}, torch.zeros(0, 3, 32, 32))
     with pytest.raises(ValueError, match="no images to inspect"):
         compare_attention(teacher, {"s": InspectedStudent(teacher)}, [])
+
+
+@pytest.mark.parametrize("heads, layers", [((6, 3), 12), ((3, 3), 2), ((3, 3), 1)])
+def test_a_class_token_pictures_title_lies_inside_the_picture_above_the_maps(heads, layers):
+    """The title inspect writes (a student named after its timm architecture, as in the docs' first example)
+    and the one training draws, whatever the number of heads: every letter in the picture, none on a map."""
+    t, s = ([torch.rand(h, 4, 4)] * layers for h in heads)
+    for title in ("class-token attention, image 0: teacher heads (t) | vit_tiny_patch16_224 heads (s)", ""):
+        fig = class_token_figure(np.random.rand(28, 28), t, s, title=title)
+        renderer = fig.canvas.get_renderer()
+        text, box = fig.get_suptitle(), fig._suptitle.get_window_extent(renderer)
+        top = fig.axes[0].get_window_extent(renderer).y1
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width and top <= box.y0 + 1, (text, box, top)
 
 
 def test_one_batch_or_one_student_not_wrapped_says_how_to_wrap_it():
