@@ -170,6 +170,13 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
         )
     if "dist_token" in sd_keys:
         hints.append("the checkpoint has a distillation token: use a *_distilled_* arch of its timm model")
+    shapes = re.findall(r"size mismatch for (\S+): .*?Size\(\[(.*?)\]\).*?Size\(\[(.*?)\]\)", msg)
+    if shapes:  # another width, depth or patch size: every tensor of it differs, the first says how
+        name, have, want = shapes[0]
+        hints.append(
+            f"{len(shapes)} tensors have other shapes than {arch!r} gives them ({name}: ({have}) in the file, "
+            f"({want}) in the model): name the timm architecture the weights were trained as"
+        )
     text = (
         f"teacher {spec!r}: the weights do not fit architecture {arch!r}; nothing was randomly "
         f"initialised in their place.\n"

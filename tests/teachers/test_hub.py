@@ -558,6 +558,19 @@ def test_weights_that_cannot_be_a_teacher_are_one_error_naming_the_file_or_the_a
             load_teacher(f"local-dir:{folder}")
 
 
+def test_weights_of_another_model_size_say_which_tensor_differs_and_to_name_their_architecture(tmp_path):
+    """A ViT-Tiny-width file named as a wider ViT (mae_pretrain_vit_large.pth given arch vit_base_...): every
+    tensor's shape differs, and the message leads with one of them and what to change."""
+    weights = tmp_path / "tiny.safetensors"
+    save_file(tiny_timm().state_dict(), str(weights))
+    with pytest.raises(TeacherLoadError) as refused:
+        load_teacher(str(weights), arch="vit_small_patch16_224", **{**TINY, "embed_dim": 96})
+    head = str(refused.value).split("torch said")[0]
+    assert "tensors have other shapes than 'vit_small_patch16_224' gives them" in head, head
+    assert "cls_token: (1, 1, 48) in the file, (1, 1, 96) in the model" in head, head
+    assert "name the timm architecture the weights were trained as" in head, head
+
+
 def test_average_pooled_weights_are_told_how_to_become_a_teacher_and_the_way_told_loads_them(tmp_path):
     """MAE-style fine-tuned weights (fc_norm, no final norm) do not fit the default head; the hint's way for a
     config (a local-dir folder recording global_pool) builds the model that computes what they were."""
