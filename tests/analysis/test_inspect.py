@@ -406,6 +406,16 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
             ],
             "--images names files that do not exist: /nonexistent/a.png, /nonexistent/b.png",
         ),
+        (  # a folder of images, as a dataset would be given
+            [
+                "vit_tiny_patch16_224",
+                "vit_tiny_patch16_224",
+                "--random-weights",
+                "--images",
+                str(Path(__file__).parent),
+            ],
+            f"{Path(__file__).parent} (a folder: give the image files in it",
+        ),
         (  # trained weights (a file here) are never silently swapped for random ones
             ["vit_tiny_patch16_224", __file__, "--random-weights", "--data", "synthetic"],
             "--random-weights is for timm names;",

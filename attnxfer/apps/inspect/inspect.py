@@ -216,7 +216,8 @@ def load_images(
     if files:
         transform = create_transform(input_size=(chans, size, size), mean=mean, std=std, crop_pct=1.0)
         paths = [Path(f).expanduser() for f in files]
-        if missing := [str(p) for p in paths if not p.is_file()]:
+        folder = " (a folder: give the image files in it)"
+        if missing := [f"{p}{folder if p.is_dir() else ''}" for p in paths if not p.is_file()]:
             raise MissingPathError(f"--images names files that do not exist: {', '.join(missing)}")
         out = []
         for path in paths:
