@@ -222,6 +222,19 @@ def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatc
         load_teacher("hf-hub:acme/tiny@deadbeef", cache_dir=str(tmp_path))
 
 
+def test_a_short_commit_of_a_cached_snapshot_is_told_to_be_pinned_whole(tmp_path, monkeypatch):
+    """Offline, huggingface_hub finds a snapshot by its whole commit only: a 12-digit prefix (as the error
+    above shows commits) is not found, and the message gives the commit to pin, not "holds X, not X"."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    put_in_hub_cache(tmp_path, "acme/tiny", tiny_timm())
+    with pytest.raises(TeacherNotAvailable) as refused:
+        load_teacher(f"hf-hub:acme/tiny@{REV[:12]}", cache_dir=str(tmp_path))
+    assert f"(the cache holds it as commit {REV}: pin all 40 hex digits" in str(refused.value)
+    assert load_teacher(f"hf-hub:acme/tiny@{REV}", cache_dir=str(tmp_path))[1].hf_commit == REV
+
+
 def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_path, tiny_teacher_dir):
     assert fetch_teacher(f"local-dir:{tiny_teacher_dir}") == str(tiny_teacher_dir)  # there: nothing to fetch
     # a folder that holds no model is no teacher here either: "fetched" would be a promise the run breaks
