@@ -63,10 +63,10 @@ def _where_to_resume(args) -> str:
     if cfg is None:
         return unknown
     run = Path(cfg.run_dir)
-    # a run's (or a conversion's) checkpoints; a study's in its students' folders
-    runs = (
-        sorted(d for d in run.iterdir() if d.is_dir()) if args.command == "study" and run.is_dir() else [run]
-    )
+    # a run's (or a conversion's) checkpoints; a study's own (the step every student saved: a student's later
+    # one is set aside), else its students' (a conversion study's stage 1)
+    study = args.command == "study"
+    runs = [run, *sorted(d for d in run.iterdir() if d.is_dir())] if study and run.is_dir() else [run]
     try:
         from ..checkpoints.run_lock import newest_checkpoint
 
@@ -75,7 +75,7 @@ def _where_to_resume(args) -> str:
         return unknown
     if info is None:
         return f"no checkpoint was saved yet in {cfg.run_dir}: running the same command again starts over"
-    if args.command == "study":  # each student goes on from the study's last step all of them completed
+    if study and info.path.parent.parent != run:
         again = f"running the same command again{_with_auto(cfg)}"
         return f"{again} continues the study from its students' checkpoints (e.g. {info.path})"
     return f"running the same command again{_with_auto(cfg)} continues from step {info.step} ({info.path})"
