@@ -270,8 +270,9 @@ def build_pretrain_engine(
     return engine
 
 
-def pretrain(cfg: TrainConfig) -> TrainResult:
-    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+def refuse_unread_keys(cfg: TrainConfig) -> None:
+    """Keys MAE pre-training would leave unused, refused before any work (`attnxfer submit` too, before the
+    queue's wait)."""
     changed = config_changes(TrainConfig(), cfg)
     unused = [
         f"{key}={changed[key][1]!r} ({why})"
@@ -282,6 +283,11 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         raise InputError(
             f"pretrain does not read {'; '.join(unused)}: remove {'it' if len(unused) == 1 else 'them'}"
         )
+
+
+def pretrain(cfg: TrainConfig) -> TrainResult:
+    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+    refuse_unread_keys(cfg)
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "pretrain", enabled=main),

@@ -78,6 +78,15 @@ def run(args) -> int:
 
     if args.sweep:
         _check_sweep(cfg, args.sweep, args.job_command)
+    # what the job would refuse at its start, refused before the queue's wait
+    if args.job_command == "pretrain":
+        from ...apps.run.pretrain import refuse_unread_keys
+
+        refuse_unread_keys(cfg)
+    elif args.job_command == "convert":
+        from ...apps.convert.convert import checked_config
+
+        checked_config(cfg, skip_stage1=False)
     refuse_file_in_the_way(cfg.run_dir, "run_dir")  # here, not in a job that fails at once
     refuse_other_work(cfg.run_dir, args.job_command)
 

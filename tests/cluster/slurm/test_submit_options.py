@@ -160,6 +160,24 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--command", "pretrain", "-c", "demo/copy"], "pretrain does not read teacher.spec="),
+        (
+            ["--command", "convert", "-c", "convert/demo_hedgehog", "model.attention=hedgehog"],
+            "model.attention='hedgehog' is for a fresh student (`attnxfer train`)",
+        ),
+    ],
+)
+def test_what_the_command_refuses_of_its_config_is_refused_before_submitting(capsys, tmp_path, flags, said):
+    """`attnxfer pretrain` and `attnxfer convert` refuse these keys at their start: a job would after the queue's
+    wait."""
+    code, _, err = _dry_run(capsys, tmp_path, *flags)
+    assert code == 2 and said in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_print_config_shows_what_the_job_runs(capsys, tmp_path):
     """As `attnxfer convert --print-config` and `attnxfer study --print-config` show it: the convert section,
     each student."""
