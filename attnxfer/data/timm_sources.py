@@ -315,6 +315,10 @@ for _prefix in STREAM_PREFIXES:
         dataset = f"{_prefix}/{name}"
         if _prefix == "hfids":
             _require_split(dataset, root, train_split if split == "train" else val_split, split)
+        elif root is None:  # timm's shard reader would fail on a root of None
+            raise InputError(
+                f"data.dataset={dataset} reads webdataset tar shards under data.root: set data.root=PATH"
+            )
         info = built_info(
             dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
         )

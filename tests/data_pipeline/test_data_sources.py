@@ -16,7 +16,9 @@ import torch
 from helpers import QUIET
 from PIL import Image
 
-from attnxfer.apps.run.parts import build_run_parts
+from attnxfer.apps.run.loaders import data_info
+from attnxfer.apps.run.parts import build_run_parts, num_classes_of
+from attnxfer.apps.run.pretrain import pretrain
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
 from attnxfer.data import (
@@ -242,6 +244,33 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
         build_dataset(f"hfds/{tmp_path / 'nowhere'}", "train", root=tmp_path, **NORM)
     with pytest.raises(InputError, match=r"split train not found in info.*data.kwargs.train_split='NAME-"):
         build_dataset("wds/animals", "train", root=str(shards), **NORM, batch_size=8)
+    with pytest.raises(
+        InputError, match=r"wds/animals reads webdataset tar shards under data.root: set data.root="
+    ):
+        build_dataset("wds/animals", "train", **NORM, batch_size=8)  # no root: not timm's TypeError
+    # a streamed Hub dataset has no class count; its root is a cache, which would not give one
+    cfg = load_config(None, ["data.dataset=hfids/acme/none"])
+    with pytest.raises(
+        InputError, match=r"'hfids/acme/none' does not say how many classes it has; set model.num_"
+    ):
+        num_classes_of(cfg, data_info(cfg.data))
+
+
+def test_mae_pretrains_on_labelled_shards_without_a_class_count(shards, tmp_path):
+    """MAE reads no label: a stream that does not count its classes needs no model.num_classes (which pretrain
+    refuses, its encoder being headless)."""
+    mae = [
+        "model.name=vit_tiny_patch16_224",
+        "model.kwargs={img_size: 28, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2}",
+        "mae.decoder_dim=16",
+        "mae.decoder_heads=2",
+        "mae.decoder_depth=1",
+        "mae.pictures=0",
+        "schedule.max_steps=1",
+    ]
+    shared = [o for o in WDS if o.startswith(("data.", "log.", "checkpoint.every_epoch", "device"))]
+    cfg = load_config(None, [*shared, *mae, f"data.root={shards}", f"run_dir={tmp_path / 'mae'}"])
+    assert pretrain(cfg).steps == 1
 
 
 def test_an_option_neither_hfds_nor_timms_transform_takes_is_refused_by_name(hf_dir, tmp_path):

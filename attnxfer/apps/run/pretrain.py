@@ -39,7 +39,7 @@ from ...train.objective import ModuleObjective
 from ...train.optim import student_param_groups
 from ...train.runtime import Runtime
 from .loaders import data_info
-from .parts import create_named_vit, load_init, num_classes_of, parts_around
+from .parts import create_named_vit, load_init, parts_around
 from .resume import check_same_data
 from .training import assemble_engine, loop_settings, record_run, start_run
 
@@ -206,7 +206,7 @@ def build_pretrain_engine(
         in_chans=inputs.in_chans,
         mean=d.mean or info.mean,
         std=d.std or info.std,
-        num_classes=num_classes_of(cfg, info),
+        num_classes=info.num_classes or 0,  # labels, if any, are unread: a stream need not count its classes
         rank=runtime.rank,
         world_size=runtime.world,
         chosen_by=(cfg.model.name, "the dataset's"),
