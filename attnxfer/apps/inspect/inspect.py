@@ -440,7 +440,7 @@ def inspect_attention(
             )
             token_layout(loaded[name].model)
     except ImageSizeError as err:
-        if img_size is not None:
+        if img_size is not None or not trained:
             raise err.restated("--img-size") from None
         # the size a trained student keeps, which no other --img-size changes
         raise InputError(
