@@ -1,7 +1,8 @@
 """`attnxfer eval`, through the CLI: it writes only its result file, a second evaluation with other settings
 keeps the first's scores, another run's checkpoint is scored with that run's config, a run without a
-checkpoint is refused, and a run evaluated trains on. Its tests write into the run (scores, then a fifth
-step), in this order: the module trains its own `trained`, not the session's read-only one."""
+checkpoint is refused (a folder inside a run names the run), and a run evaluated trains on. Its tests write
+into the run (scores, then a fifth step), in this order: the module trains its own `trained`, not the
+session's read-only one."""
 
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
     assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
+
+
+def test_eval_given_a_runs_checkpoints_folder_names_the_run_to_give(trained, capsys):
+    """Not "no RUN/checkpoints/checkpoints/step-*": the folder given is the run's checkpoints."""
+    for given in (trained / "checkpoints", trained / "checkpoints" / "step-00000004"):
+        code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), f"run_dir={given}")
+        assert code == 2 and f"give the run's folder, {trained}" in err, err
 
 
 def test_a_run_of_an_objective_eval_cannot_score_is_refused_not_scored_as_a_transfer(
