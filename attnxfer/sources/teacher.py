@@ -177,13 +177,22 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
             f"{len(shapes)} tensors have other shapes than {arch!r} gives them ({name}: ({have}) in the file, "
             f"({want}) in the model): name the timm architecture the weights were trained as"
         )
+    # a model of another family or size lists hundreds of keys and shapes: the first ten of each (the error
+    # keeps the whole key lists), and of torch's words only what the lists above do not already say
+    rest = [line.strip() for line in msg.splitlines()[1:] if "key(s) in state_dict:" not in line]
+    more = [f"... and {len(rest) - 10} more"] if len(rest) > 10 else []
+    torch_said = "\n".join(["torch said: " + msg.splitlines()[0], *rest[:10], *more]) if rest else ""
     text = (
         f"teacher {spec!r}: the weights do not fit architecture {arch!r}; nothing was randomly "
         f"initialised in their place.\n"
-        + "".join(f"{kind} keys ({len(keys)}): {keys}\n" for kind, keys in found.items() if keys)
+        + "".join(
+            f"{kind} keys ({len(keys)}): {keys[:10]}{' ...' if len(keys) > 10 else ''}\n"
+            for kind, keys in found.items()
+            if keys
+        )
         + "".join(f"Hint: {h}\n" for h in hints)
-        + f"torch said: {msg}"
-    )
+        + torch_said
+    ).rstrip("\n")
     return TeacherLoadError(text, found["Missing encoder"], found["Unexpected"])
 
 

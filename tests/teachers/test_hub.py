@@ -584,6 +584,20 @@ def test_weights_of_another_model_size_say_which_tensor_differs_and_to_name_thei
     assert "name the timm architecture the weights were trained as" in head, head
 
 
+def test_weights_of_another_naming_list_ten_keys_of_each_kind_once_and_the_error_keeps_them_all(tmp_path):
+    """Every key of a model saved under another naming is both missing and unexpected: the message lists the
+    first ten of each, once (not again in torch's words), and the error carries the whole lists."""
+    renamed = {f"encoder.{k}": v for k, v in tiny_timm().state_dict().items()}
+    save_file(renamed, str(tmp_path / "renamed.safetensors"))
+    with pytest.raises(TeacherLoadError) as refused:
+        load_teacher(str(tmp_path / "renamed.safetensors"), arch="vit_tiny_patch16_224", **TINY)
+    message, err = str(refused.value), refused.value
+    assert len(err.unexpected_keys) == len(renamed) > 10 and len(err.missing_keys) > 10
+    first, last = repr(err.unexpected_keys[0]), repr(err.unexpected_keys[-1])
+    assert f"Unexpected keys ({len(renamed)}): " in message and last not in message, message
+    assert message.count(first) == 1 and "torch said" not in message, message
+
+
 def test_average_pooled_weights_are_told_how_to_become_a_teacher_and_the_way_told_loads_them(tmp_path):
     """MAE-style fine-tuned weights (fc_norm, no final norm) do not fit the default head; the hint's way for a
     config (a local-dir folder recording global_pool) builds the model that computes what they were."""
