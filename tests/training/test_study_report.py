@@ -35,6 +35,7 @@ STUDENTS = """\
 students:
   - name: copy
     transfer.mode: copy
+    transfer.atd_weight: 2.0
   - name: distill
     transfer.mode: distill
   - name: headless
@@ -110,8 +111,9 @@ def test_a_study_whose_students_all_stopped_still_gets_its_report(tmp_path):
 # ------------------------------------------------------------------------------------------- a real study
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory, tiny_teacher_dir, one_intra_op_thread) -> Path:
-    """A study of four students for two steps on synthetic data: copy, distillation, distillation without a
-    task loss (no head: k-NN), and one whose loss blows up at once; then its report."""
+    """A study of four students for two steps on synthetic data: copy (with an atd_weight it does not read,
+    which it warns of), distillation, distillation without a task loss (no head: k-NN), and one whose loss
+    blows up at once; then its report."""
     root = tmp_path_factory.mktemp("study")
     (root / "students.yaml").write_text(STUDENTS)
     code = cli.main(
@@ -170,6 +172,14 @@ def test_every_student_has_its_row_and_the_stopped_one_says_why(study_dir):
 
 
 @pytest.mark.slow
+def test_a_students_warning_said_again_while_scoring_starts_with_its_name(study_dir, capsys):
+    capsys.readouterr()
+    write_study_report(study_dir)
+    said = [line for line in capsys.readouterr().err.splitlines() if "unused with transfer.mode=copy" in line]
+    assert said and all(line.startswith("copy: ") for line in said), said
+
+
+@pytest.mark.slow
 def test_top1_and_mcnemar_match_a_recount_from_per_image_predictions(study_dir):
     rows = _report(study_dir)
     cfg = load_config(str(study_dir / "copy" / "config.yaml"))
@@ -189,7 +199,7 @@ def test_top1_and_mcnemar_match_a_recount_from_per_image_predictions(study_dir):
     assert (paired["b"], paired["c"]) == (b, c)
     assert paired["p"] == pytest.approx(binomtest(b, b + c).pvalue if b + c else 1.0)
     assert rows["copy"]["vs_first"] is None
-    assert "| copy | transfer.mode=copy |" in (study_dir / "study.md").read_text()
+    assert "| copy | transfer.mode=copy, transfer.atd_weight=2.0 |" in (study_dir / "study.md").read_text()
 
 
 @pytest.mark.slow

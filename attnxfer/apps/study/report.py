@@ -27,7 +27,7 @@ from ...config import TrainConfig, load_config
 from ...data import dataset_info
 from ...errors import InputError, MissingPathError
 from ...run_layout import STUDY_RECORD
-from ...speak import say
+from ...speak import say, speaking_for
 from ...train.runtime import resolve_device, resolve_precision
 from ...transfer.modes import get_mode
 from ..inspect.inspect import LoadedModel, inspect_models, load_model
@@ -200,7 +200,8 @@ class _Scoring:
                 s.unscored = "the data has no labels: no top-1 or k-NN"
             elif task_weight_of(s.config) > 0 and s.config.data.labels:
                 parts = dataclasses.replace(self.parts, student=loaded[s.name].model)
-                s.score, s.correct = TOP1, student_correct(s.config, parts, self.device)
+                with speaking_for(s.name):  # its plan's warnings again, said as the student's
+                    s.score, s.correct = TOP1, student_correct(s.config, parts, self.device)
             elif get_mode(s.config.transfer.mode).teacher_at_eval:
                 s.unscored = (
                     f"no head trained, and a transfer.mode={s.config.transfer.mode} student's features alone are "
