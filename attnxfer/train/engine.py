@@ -400,8 +400,9 @@ class Engine:
                     if batches_left == 0:  # the last step is also the epoch's last: a resume starts the next
                         self.epoch, self.position = self.epoch + 1, 0
                     break
-                # the epoch's last step is saved by the epoch save below (one save per step)
-                if self._should_checkpoint_now() and not (batches_left == 0 and s.checkpoint.every_epoch):
+                # the epoch's last step is saved after its evaluation (`_end_epoch`): a resume then starts the
+                # next epoch, rather than score this one again and rewrite its summary row without its lr
+                if batches_left and self._should_checkpoint_now():
                     self.save()
                 self._stop_if_signalled()
                 yield self.step
@@ -497,6 +498,6 @@ class Engine:
                 f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
                 f"(best {self.best:{fmt}})"
             )
-        if s.checkpoint.every_epoch or self.step >= self.total_steps:
+        if s.checkpoint.every_epoch or self.step >= self.total_steps or self._should_checkpoint_now():
             self.save(metric=value)
         self._final = final

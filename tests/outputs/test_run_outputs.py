@@ -70,9 +70,11 @@ def test_summary_csv_has_one_row_per_epoch_in_timms_columns(finished_run):
         )
 
 
-def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_run, tmp_path):
-    """Stop in epoch 2 (after epoch 1's row), lose the checkpoints after step 6 (mid epoch 1), resume: the
-    redone epoch replaces its row (no duplicate) and train_loss still covers the whole epoch."""
+@pytest.mark.parametrize("kept", [6, 8])
+def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_run, tmp_path, kept):
+    """Stop in epoch 2 (after epoch 1's row), lose the checkpoints after step ``kept`` (6: mid epoch 1; 8: a
+    periodic save at epoch 1's last step), resume: the redone epoch replaces its row (no duplicate) and
+    train_loss still covers the whole epoch; no evaluation is logged twice."""
     run = tmp_path / "stopped"
     cfg = load_config(None, [f"run_dir={run}", *TINY])
     for step in build_engine(cfg).steps():
@@ -80,9 +82,10 @@ def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_
             break  # the generator is dropped here, as a killed process would stop
     assert [r["epoch"] for r in read_summary(run)] == [0, 1]
     for ckpt in (run / "checkpoints").glob("step-*"):
-        if int(ckpt.name.removeprefix("step-")) > 6:
+        if int(ckpt.name.removeprefix("step-")) > kept:
             shutil.rmtree(ckpt)
     train(load_config(None, [f"run_dir={run}", *TINY]))
+    assert [r["step"] for r in _records(run, "val")] == [r["step"] for r in _records(finished_run, "val")]
     assert read_summary(run) == read_summary(finished_run)
     text = (run / "summary.csv").read_text()
     assert text == (finished_run / "summary.csv").read_text()
