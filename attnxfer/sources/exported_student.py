@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from ..errors import InputError
+from ..errors import InputError, MissingPathError
 from ..models.student import student_from_spec
+from .load_errors import missing_path
 from .resolve import parse_teacher_spec, read_state_dict, resolve
 
 
@@ -23,6 +24,8 @@ def load_student(
     if ":" not in spec and Path(spec).expanduser().is_dir():
         spec = f"local-dir:{spec}"
     if not spec.startswith(("local-dir:", "hf-hub:")):
+        if "/" in spec and not Path(spec).expanduser().exists():  # a mistyped folder: say so, not the forms
+            raise MissingPathError(f"load_student {spec!r}: {missing_path(Path(spec).expanduser())}")
         raise InputError(
             f"load_student reads `attnxfer export` folders: 'local-dir:PATH' (or a folder path) or "
             f"'hf-hub:ORG/NAME[@REV]', got {spec!r}"

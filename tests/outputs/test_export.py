@@ -311,8 +311,9 @@ def test_load_student_says_what_it_reads(tmp_path):
     for not_a_folder in ("vit_tiny_patch16_224", "vit_tiny_patch16_224.augreg_in21k"):
         with pytest.raises(ValueError, match="reads `attnxfer export` folders"):
             load_student(not_a_folder)
-    with pytest.raises(FileNotFoundError, match="missing does not exist"):
-        load_student(f"local-dir:{tmp_path / 'missing'}")
+    for missing in (f"local-dir:{tmp_path / 'missing'}", str(tmp_path / "missing")):  # a folder path mistyped
+        with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'missing'} does not exist .*holds: plain/"):
+            load_student(missing)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_student(f"local-dir:{tmp_path / 'empty'}")
