@@ -159,6 +159,12 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
             raise ValueError(f"comparison loss {name!r} is already registered by {held.__qualname__}")
         if not cls.signals:
             raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
+        # a layer's input or output is no attention's hand-over: its compare_layer would find nothing
+        if unknown := [str(s) for s in cls.signals if s.of_layer and not s.chunks]:
+            raise ValueError(
+                f"comparison loss {name!r}: {', '.join(unknown)} is not handed to comparison losses; "
+                "compare maps, q, k, v, features or logits"
+            )
         loss = cls()
         loss.name = name
         COMPARISON_LOSSES[name] = loss

@@ -196,6 +196,18 @@ def test_a_second_loss_under_a_taken_name_is_refused():
             signals = (Signal.FEATURES,)
 
 
+def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registered():
+    """A layer's input or output is a `Signal` too (objectives name it), but no attention layer hands it to a
+    comparison: its compare_layer failed on a missing key at the first step."""
+    with pytest.raises(
+        ValueError, match="'block_out': output is not handed to comparison losses; compare maps"
+    ):
+
+        @comparison_loss("block_out")
+        class BlockOutput(ComparisonLoss):
+            signals = (Signal.K, Signal.OUTPUT)
+
+
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
     """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN."""
