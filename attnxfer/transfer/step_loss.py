@@ -7,7 +7,7 @@ one took it), their parts, ``total``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,15 +43,10 @@ def compose_loss(
     terms: dict[str, torch.Tensor] = {} if task is None else {"task": task}
     logs: dict[str, torch.Tensor] = {}
     transfer: torch.Tensor | None = None
-    named: list[str] = []
-    for c, loss in compared:
-        named.append(_unused(c.name, named))
-        # a comparison whose name an earlier one took (``map#2``) marks its parts too (``attn_ce#2/3``):
-        # two entries of one loss on the same layers both log, neither overwrites the other
-        mark = named[-1][len(c.name) :]
-        terms.update({_marked(k, mark): v for k, v in loss.terms.items()})
-        logs.update({_marked(k, mark): v for k, v in loss.logs.items()})
-        terms[named[-1]] = loss.total
+    for (c, loss), (name, parts, part_logs) in zip(compared, marked_parts(compared), strict=True):
+        terms.update(parts)
+        logs.update(part_logs)
+        terms[name] = loss.total
         weighted = c.weight * loss.total
         transfer = weighted if transfer is None else transfer + weighted
     total = transfer
@@ -62,6 +57,23 @@ def compose_loss(
         terms["transfer"] = transfer
     terms["total"] = total
     return Loss(total, terms, logs)
+
+
+def marked_parts(
+    compared: Sequence[tuple[Weighed, Loss]],
+) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Each comparison's name as logged, with its terms and logs: one whose name an earlier one took
+    (``map#2``) marks its parts too (``attn_ce#2/3``), so two entries of one loss on the same layers both
+    show, in a run's logs as in `TransferOutput`, and neither overwrites the other."""
+    named: list[str] = []
+    for c, loss in compared:
+        named.append(_unused(c.name, named))
+        mark = named[-1][len(c.name) :]
+        yield (
+            named[-1],
+            {_marked(k, mark): v for k, v in loss.terms.items()},
+            {_marked(k, mark): v for k, v in loss.logs.items()},
+        )
 
 
 def _marked(key: str, mark: str) -> str:

@@ -22,7 +22,7 @@ from ..models.handover import Chunks, Signal
 from .comparisons import Comparison, LayerPair, Step
 from .losses import CEPath, ce_path_for
 from .plan import PlanError, TransferPlan, build_plan
-from .step_loss import Loss, compose_loss
+from .step_loss import Loss, compose_loss, marked_parts
 from .teacher_pass import (
     TeacherHandover,
     TeacherNeeds,
@@ -47,11 +47,11 @@ class TransferOutput:
 
     @property
     def terms(self) -> dict[str, torch.Tensor]:
-        return {k: v for _, res in self.compared for k, v in res.terms.items()}
+        return {k: v for _, parts, _ in marked_parts(self.compared) for k, v in parts.items()}
 
     @property
     def logs(self) -> dict[str, torch.Tensor]:
-        return {k: v for _, res in self.compared for k, v in res.logs.items()}
+        return {k: v for _, _, logs in marked_parts(self.compared) for k, v in logs.items()}
 
 
 class _FixedDropPath(nn.Module):

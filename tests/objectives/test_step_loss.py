@@ -3,7 +3,7 @@
 import torch
 
 from attnxfer.models.handover import Signal
-from attnxfer.transfer import Comparison, Loss, compose_loss
+from attnxfer.transfer import Comparison, Loss, TransferOutput, compose_loss
 
 
 def _compared():
@@ -52,20 +52,36 @@ def test_without_a_task_loss_the_total_is_the_transfer_and_two_comparisons_of_on
     assert out.terms["map"].item() == out.terms["map#2"].item() == 4.0
 
 
-def test_two_entries_of_one_loss_on_the_same_layers_each_log_their_own_parts():
-    # e.g. logit_kd at two temperatures, or attention CE at two weights: the second marks its parts ``#2``
+def _two_entries_of_each() -> list:
+    """e.g. logit_kd at two temperatures, or attention CE at two weights, on the same layers."""
     (maps, _), (logits, _), _ = _compared()
     ce, ce2, kd, kd2 = (torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0))
-    out = compose_loss(
-        [
-            (maps, Loss(ce, {"attn_ce/0": ce}, {"attn_kl/0": ce / 2})),
-            (logits, Loss(kd, {"logit_kd": kd})),
-            (maps, Loss(ce2, {"attn_ce/0": ce2}, {"attn_kl/0": ce2 / 2})),
-            (logits, Loss(kd2, {"logit_kd": kd2})),
-        ]
-    )
+    return [
+        (maps, Loss(ce, {"attn_ce/0": ce}, {"attn_kl/0": ce / 2})),
+        (logits, Loss(kd, {"logit_kd": kd})),
+        (maps, Loss(ce2, {"attn_ce/0": ce2}, {"attn_kl/0": ce2 / 2})),
+        (logits, Loss(kd2, {"logit_kd": kd2})),
+    ]
+
+
+def test_two_entries_of_one_loss_on_the_same_layers_each_log_their_own_parts():
+    # the second marks its parts ``#2``
+    out = compose_loss(_two_entries_of_each())
     logged = {k: v.item() for k, v in {**out.terms, **out.logs}.items()}
     assert logged["attn_ce/0"] == 1.0 and logged["attn_ce#2/0"] == 2.0
     assert logged["attn_kl/0"] == 0.5 and logged["attn_kl#2/0"] == 1.0
     assert logged["map"] == 1.0 and logged["map#2"] == 2.0
     assert logged["logit_kd"] == 3.0 and logged["logit_kd#2"] == 4.0
+
+
+def test_a_pairs_output_names_the_parts_of_two_entries_of_one_loss_as_the_run_logs_them():
+    """`TeacherStudent(...)(x).terms` from Python: the second entry's parts beside the first's, not over them."""
+    out = TransferOutput(torch.zeros(1, 2), _two_entries_of_each())
+    assert {k: v.item() for k, v in out.terms.items()} == {
+        "attn_ce/0": 1.0,
+        "logit_kd": 3.0,
+        "attn_ce#2/0": 2.0,
+        "logit_kd#2": 4.0,
+    }
+    assert {k: v.item() for k, v in out.logs.items()} == {"attn_kl/0": 0.5, "attn_kl#2/0": 1.0}
+    assert out.loss.item() == compose_loss(_two_entries_of_each()).total.item()
