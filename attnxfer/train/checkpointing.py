@@ -185,6 +185,7 @@ class Checkpointing:
             restore_rng_state(rng[self.rank])
         else:
             warn(
-                f"checkpoint was written by {len(rng)} processes, this run has {self.world}: RNG streams restart"
+                f"the checkpoint was written at world size {len(rng)}, this run's is {self.world}: the random "
+                "streams start afresh"
             )
         return point
