@@ -181,8 +181,12 @@ def _stop_if_died(
     if time.monotonic() - ended_at <= grace_s and _watchdog_report(job, "") is None:
         return
     logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
-    message = f"job {job.job_id} ended ({state or job.state}) without a result from every rank:\n{logs}"
-    raise _died(job, message) or JobFailedError(message, job.job_id)
+    ended = f"ended ({state or job.state}) without a result from every rank"
+    message = f"job {job.job_id} {ended}:\n{logs}"
+    log = _tasks(job)[0].paths.stderr
+    # cancelled (scancel): the ranks' exits are no rank's fault
+    died = None if state == "CANCELLED" else _died(job, message)
+    raise died or JobFailedError(message, job.job_id, log_path=log, reason=f"it {ended}")
 
 
 def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -162,7 +163,10 @@ class TrainingTask(submitit.helpers.Checkpointable):
             raise stop
         env = submitit.JobEnvironment()
         refused: RequeueLimitReached | None = None
-        if rank == 0:
+        why = _why_ending(env.paths.stderr, self._started) if rank == 0 else None
+        if why == "":  # its user's scancel: SLURM would requeue even a cancelled job, which must stay so
+            warn(f"{stop}; job {env.job_id} was cancelled, not requeued: submit the same command to resume")
+        elif rank == 0:
             try:
                 delayed = self.checkpoint()
                 delayed.set_timeout(self.time_limit_min or 0, 10**6)  # our own counts bound the requeues
@@ -170,9 +174,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 done = subprocess.run(
                     ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
                 )
-                if done.returncode == 0:
+                if done.returncode == 0 or why == "JOB REQUEUE":  # the latter: requeued by SLURM itself
                     warn(f"{stop}; job {env.job_id} requeued: it resumes from that step")
-                else:  # e.g. cancelled by its user: scancel's SIGTERM must not bring the job back
+                else:
                     warn(f"{stop}; job {env.job_id} not requeued: {done.stderr.strip()}")
             except RequeueLimitReached as e:
                 refused = e
@@ -235,6 +239,23 @@ def _watch_stop_signals() -> None:
                 os.kill(os.getpid(), sig)
 
         signal.signal(signum, handler)
+
+
+# slurmstepd's line in the job's log as SLURM ends the job, before its SIGTERM: "*** JOB 12 ON node1 CANCELLED
+# AT 2026-01-31T12:00:00 DUE TO JOB REQUEUE ***" (PREEMPTION, TIME LIMIT...), no reason for its user's scancel;
+# a signal alone (scancel --signal=TERM) writes a STEP line only
+_ENDING = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
+
+
+def _why_ending(log: Path, since: float) -> str | None:
+    """Why SLURM ends the job, from its last line in ``log`` written since ``since`` ("" for a cancel);
+    None when it wrote none (a signal alone: ``scancel --signal=TERM``)."""
+    try:
+        ends = _ENDING.findall(log.read_text(errors="replace"))
+        recent = ends and time.mktime(time.strptime(ends[-1][0], "%Y-%m-%dT%H:%M:%S")) >= int(since)
+    except (OSError, ValueError):  # no log, or a site's own time format: as if it said nothing
+        return None
+    return ends[-1][1] if recent else None
 
 
 def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:

@@ -148,8 +148,10 @@ def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
     assert name == f"step-{steps:08d}" and state["step"] == steps
     saved = {p.name for p in (run / "checkpoints").glob("step-*")}
     assert {"step-00000005", "step-00000010"} <= saved  # nothing written before the requeue was lost
-    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.out"))
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.*"))
     assert "resumed from checkpoint step" in logs
+    # the step SLURM's SIGTERM stopped at is saved, and the log says the job is requeued (by scontrol)
+    assert re.search(rf"stopped by SIGTERM at step \d+ of {steps}; .*job {job_id} requeued: it resumes", logs)
 
 
 def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, tiny_teacher_dir):
@@ -297,6 +299,41 @@ def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
         ("restarted", None),
     ]
     assert record["timeouts"] == 0 and record["preemptions"] == 1
+
+
+def test_a_plain_scancel_saves_the_step_and_the_job_stays_cancelled(slurm, tmp_path):
+    """`scancel JOB`, as `submit` prints it: the ranks save the step (within KillWait) but do not requeue the
+    job (SLURM would requeue even a cancelled one), and `--wait` says so in one line that names the log."""
+    run = tmp_path / "job"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = ["submit", f"run_dir={run}", *TINY, "schedule.max_steps=120", "checkpoint.every_steps=1000"]
+    flags = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "10", "--wait"]
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "attnxfer", *argv, *flags],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        metrics = run / "metrics.jsonl"
+        _wait_until(lambda: metrics.exists() and '"train"' in metrics.read_text(), "training did not start")
+        [job_id] = [p.name.split("_")[0] for p in (run / "submitit").glob("*_submitted.pkl")]
+        subprocess.run(["scancel", job_id], check=True)
+        info = _ended(job_id)
+        _, err = waiting.communicate(timeout=WAIT_S)
+    finally:
+        waiting.kill()
+    logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert info["JobState"] == "CANCELLED" and int(info["Restarts"]) == 0, (info, logs[-3000:])
+    m = re.search(r"stopped by SIGTERM at step (\d+) of \d+; checkpoint saved", logs)
+    assert m and f"job {job_id} was cancelled, not requeued" in logs, logs[-3000:]
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"attnxfer submit: error: job {job_id} failed: it ended (CANCELLED)"), line
+    assert (
+        f"last intact checkpoint: step {m.group(1)}" in line
+        and f"(log: {run}/submitit/{job_id}_0_log.err)" in line
+    )
 
 
 # ---- a rank that dies or hangs: the job ends in bounded time, with one line naming it -----------------
