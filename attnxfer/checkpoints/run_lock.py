@@ -131,7 +131,7 @@ def last_checkpoint_note(run_dir: str | os.PathLike) -> str:
     except Exception:  # a damaged or unreadable checkpoints dir: say nothing rather than guess
         return "its checkpoints could not be listed"
     if info is None:
-        return "no checkpoint was saved in it yet"
+        return "no checkpoint was saved yet"
     return f"last intact checkpoint: step {info.step} ({info.path})"
 
 
