@@ -163,7 +163,11 @@ class TrainingTask(submitit.helpers.Checkpointable):
             raise stop
         env = submitit.JobEnvironment()
         refused: RequeueLimitReached | None = None
-        why = _why_ending(env.paths.stderr, self._started) if rank == 0 else None
+        why = None  # why SLURM ends the job: its last `_ENDING` line in rank 0's log since this run began
+        with contextlib.suppress(OSError, ValueError):  # no log, or a site's own time format: as if none
+            ends = _ENDING.findall(env.paths.stderr.read_text(errors="replace")) if rank == 0 else []
+            if ends and time.mktime(time.strptime(ends[-1][0], "%Y-%m-%dT%H:%M:%S")) >= int(self._started):
+                why = ends[-1][1]  # "" for its user's scancel
         if why == "":  # its user's scancel: SLURM would requeue even a cancelled job, which must stay so
             warn(f"{stop}; job {env.job_id} was cancelled, not requeued: submit the same command to resume")
         elif rank == 0:
@@ -245,17 +249,6 @@ def _watch_stop_signals() -> None:
 # AT 2026-01-31T12:00:00 DUE TO JOB REQUEUE ***" (PREEMPTION, TIME LIMIT...), no reason for its user's scancel;
 # a signal alone (scancel --signal=TERM) writes a STEP line only
 _ENDING = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
-
-
-def _why_ending(log: Path, since: float) -> str | None:
-    """Why SLURM ends the job, from its last line in ``log`` written since ``since`` ("" for a cancel);
-    None when it wrote none (a signal alone: ``scancel --signal=TERM``)."""
-    try:
-        ends = _ENDING.findall(log.read_text(errors="replace"))
-        recent = ends and time.mktime(time.strptime(ends[-1][0], "%Y-%m-%dT%H:%M:%S")) >= int(since)
-    except (OSError, ValueError):  # no log, or a site's own time format: as if it said nothing
-        return None
-    return ends[-1][1] if recent else None
 
 
 def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:
