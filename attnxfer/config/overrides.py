@@ -249,6 +249,11 @@ def _section_type(root: type, prefix: str) -> type:
 
 
 def _unknown_key(key: str, prefix: str, root: type) -> ConfigError:
+    parts = key.split(".")
+    if len(parts) > 1 and dataclasses.is_dataclass(field_types(_section_type(root, prefix)).get(parts[0])):
+        # `schedule.max_steps: 3` in a YAML file: dots are the command line's spelling of nesting
+        nested = ": {".join(parts) + ": ...}" + "}" * (len(parts) - 2)
+        return ConfigError(f"config key {prefix + key!r}: a YAML file nests its keys; write {nested}")
     meant = keys_meant(key, root, prefix)
     hint = f"; did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
     return ConfigError(

@@ -114,3 +114,22 @@ def test_numbers_read_as_written_not_as_yaml_1_1_reads_them(tmp_path):
     (tmp_path / "c.yaml").write_text("teacher:\n  revision: 0123\noptim:\n  lr: 1e-3\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.teacher.revision == "0123" and cfg.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("text", "nested"),
+    [
+        ("schedule.max_steps: 3\n", "schedule: {max_steps: ...}"),
+        ("model.kwargs.depth: 2\n", "model: {kwargs: {depth: ...}}"),
+    ],
+)
+def test_a_dotted_key_in_a_yaml_file_is_told_to_nest(tmp_path, text, nested):
+    """A dotted key is the command line's spelling; in a file it is unknown, and the nearest valid key offered
+    for it was its own spelling ('did you mean schedule.max_steps?')."""
+    from attnxfer.config import ConfigError
+
+    (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "c.yaml")
+    key = text.split(":")[0]
+    assert str(refused.value) == f"config key {key!r}: a YAML file nests its keys; write {nested}"
