@@ -135,6 +135,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if args[1:] == (type(None),) and typing.get_origin(args[0]) in (list, Sequence):
+            # a list or null: the list's own error names the item at fault or the brackets to write
+            return _coerce(value, args[0], key)
         for arg in [a for a in args if a is not type(None)]:
             with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, key)

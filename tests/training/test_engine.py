@@ -124,6 +124,24 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
         load_config(None, ["log.trackers=tensorboard"])  # the one item given, in brackets
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        (
+            "transfer.layers=0,1",
+            "transfer.layers: expected a list, got '0,1' (write e.g. transfer.layers=[0,1])",
+        ),
+        ("transfer.layers=[0,a]", "transfer.layers[1]: expected an integer, got 'a'"),
+    ],
+)
+def test_a_bad_value_of_a_list_or_null_key_names_the_brackets_or_the_item(override, said):
+    """A key that may be null (transfer.layers, data.mean) answered only 'expected a list or null', even of
+    a list, where a key that may not (log.trackers) names the item at fault or the brackets to write."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, [override])
+    assert str(refused.value) == said
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     common = [
