@@ -252,6 +252,10 @@ def _section_type(root: type, prefix: str) -> type:
 
 
 def _unknown_key(key: str, prefix: str, root: type) -> ConfigError:
+    if not prefix and key == "base":  # a YAML file's first key, given as an override
+        return ConfigError(
+            "base names the recipe a YAML file starts from; on the command line, give it as -c RECIPE"
+        )
     parts = key.split(".")
     if len(parts) > 1 and dataclasses.is_dataclass(field_types(_section_type(root, prefix)).get(parts[0])):
         # `schedule.max_steps: 3` in a YAML file: dots are the command line's spelling of nesting

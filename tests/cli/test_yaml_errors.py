@@ -133,3 +133,13 @@ def test_a_dotted_key_in_a_yaml_file_is_told_to_nest(tmp_path, text, nested):
         load_config(tmp_path / "c.yaml")
     key = text.split(":")[0]
     assert str(refused.value) == f"config key {key!r}: a YAML file nests its keys; write {nested}"
+
+
+def test_base_given_as_an_override_is_told_to_be_the_config_file(tmp_path, monkeypatch, capsys):
+    """`base=paper/vit_large_copy` is a file's key; the nearest key offered for it was 'mae'."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "base=demo/copy", "--print-config"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "attnxfer train: error: base names the recipe a YAML file starts from; on the command line, give it "
+        "as -c RECIPE"
+    )
