@@ -45,6 +45,15 @@ def mib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**20
 
 
+def bench_device(name: str | None) -> torch.device:
+    """``--device`` (default: CUDA where there is one); CUDA asked for on a machine without one is refused
+    with what to pass instead, not torch's driver traceback."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name} needs a CUDA GPU and this machine has none: use --device cpu")
+    return device
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -58,7 +58,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _measure import step_peak_growth
+from _measure import bench_device, step_peak_growth
 
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.attention.numerics import bf16_devices
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write rows and settings here")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = bench_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [REFERENCE] + ([] if args.no_unfused else ["softmax_unfused"])

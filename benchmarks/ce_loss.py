@@ -34,6 +34,7 @@ sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _measure import (  # noqa: E402
+    bench_device,
     format_table,
     load_average,
     machine_info,
@@ -175,7 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--json", metavar="PATH", default=None, help="also write the tables and machine facts as JSON"
     )
     args = p.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = bench_device(args.device)
     cuda = args.device.type == "cuda"
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     args.teacher_heads = args.teacher_heads or args.heads

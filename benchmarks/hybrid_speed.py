@@ -35,7 +35,7 @@ from pathlib import Path
 
 import timm
 import torch
-from _measure import format_table, machine_info, write_json
+from _measure import bench_device, format_table, machine_info, write_json
 from torch import nn
 
 from attnxfer.models.attention.registry import list_attentions
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--json", type=Path, default=None, help="write rows, settings and machine facts here")
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     args.attentions = args.attentions or [n for n in list_attentions() if n not in NOT_STUDENTS]

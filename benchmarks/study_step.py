@@ -39,7 +39,7 @@ sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 
 import timm  # noqa: E402
 import torch  # noqa: E402
-from _measure import format_table, machine_info, mib, step_peak_growth, write_json  # noqa: E402
+from _measure import bench_device, format_table, machine_info, mib, step_peak_growth, write_json  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 
 from attnxfer.apps.run.training import build_engine  # noqa: E402
@@ -126,7 +126,7 @@ def main() -> None:
         if v
     }
     kwargs = QUICK_KWARGS if args.quick else {}
-    device = torch.device(args.device)
+    device = bench_device(args.device)
     k = args.students
     with (
         tempfile.TemporaryDirectory(prefix="study-step-") as tmp,

@@ -61,6 +61,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _measure import (  # noqa: E402
     FIXED_MMAP_THRESHOLD,
+    bench_device,
     format_table,
     isolated_rss_growth,
     load_average,
@@ -419,7 +420,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"--ce-paths: unknown {', '.join(unknown)}; choose from {', '.join(CE_CHOICES)}")
     args.modes = (*MODES, *(f"distill:{c}" for c in args.ce_paths))
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = bench_device(args.device)
     if args.rss is None:
         args.rss = args.device.type == "cpu" and not q
     if args.rss and args.device.type != "cpu":
