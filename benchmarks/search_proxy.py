@@ -108,6 +108,10 @@ def main() -> int:
     point = ResumePoint.find(args.run_dir, verify_hash=False)  # the newest generation the search saved
     if point is None:
         p.error(f"{args.run_dir} holds no saved search generation (checkpoints/): give a search's RUN_DIR")
+    if "state" not in point.state:  # another command's checkpoint, e.g. a training run's
+        p.error(
+            f"{args.run_dir} holds another command's checkpoints, not a search's: give a search's RUN_DIR"
+        )
     cfg = merge_values(TrainConfig(), point.state["config"])
     state = SearchState.from_dict(point.state["state"])
     out = Path(args.out or Path(args.run_dir) / "proxy")

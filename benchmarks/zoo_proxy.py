@@ -91,6 +91,10 @@ def main() -> None:
     )
     parser.add_argument("overrides", nargs="*", help="search.* keys of the fit, e.g. search.fit_steps=40")
     args = parser.parse_intermixed_args()
+    if not (args.study / "study.json").is_file():
+        parser.error(
+            f"{args.study} holds no study.json: give the folder of a finished `attnxfer study` of conversions"
+        )
     students = students_of(args.study)
     if args.only:
         by_name = {s["name"]: s for s in students}

@@ -303,6 +303,22 @@ def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto
 
 
 @pytest.mark.slow
+def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_give(trained, tmp_path):
+    """search_proxy.py on a training run's folder (its checkpoints hold no search state) and zoo_proxy.py on
+    a folder without a study say which folder they take, not a KeyError or FileNotFoundError traceback."""
+    runs = [
+        subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for cmd in (
+            [PY, "benchmarks/search_proxy.py", str(trained)],
+            [PY, "benchmarks/zoo_proxy.py", str(tmp_path), "--out", str(tmp_path / "out")],
+        )
+    ]
+    errs = [r.communicate()[1] for r in runs]
+    assert all(r.returncode == 2 and "Traceback" not in e for r, e in zip(runs, errs)), errs
+    assert "not a search's: give a search's RUN_DIR" in errs[0] and "attnxfer study" in errs[1], errs
+
+
+@pytest.mark.slow
 def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir, capsys):
     """A conversion's stages or a run's checkpoints beside the search's would be read as its own on resume."""
     before = sorted(p.relative_to(finished) for p in finished.rglob("*"))
