@@ -95,8 +95,15 @@ def missing_path(path: Path) -> str:
     above = next((a for a in path.absolute().parents if a.is_dir()), None)
     if above is None or above == Path.cwd() or above.parent == above:
         return f"{path} does not exist"
-    # a folder that holds only a lock is a run being started (this command's own): not what was meant
-    shown = [p for p in above.iterdir() if not (p.is_dir() and [c.name for c in p.iterdir()] == [LOCK_NAME])]
+    shown = []
+    for p in above.iterdir():
+        # a folder holding only a lock, however deep (runs/search/demo/ under runs/search/), is a run being
+        # started (this command's own run_dir): not what was meant
+        end = p
+        while end.is_dir() and len(inside := list(end.iterdir())) == 1 and inside[0].is_dir():
+            end = inside[0]
+        if not (end.is_dir() and [c.name for c in end.iterdir()] == [LOCK_NAME]):
+            shown.append(p)
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in shown)
     held = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "") or "nothing"
     return f"{path} does not exist ({above} holds: {held})"

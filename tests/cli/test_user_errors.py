@@ -204,6 +204,9 @@ def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_
     # the run dir this command made for itself beside it (a demo recipe's runs/demo/copy) is not listed
     argv = ["train", "run_dir=runs/demo/copy", "teacher.spec=local-dir:runs/demo/mae/export", *_TINY_RUN]
     assert "(runs/demo holds: mae-1a2b3c/)" in _refused(argv, capsys).replace(f"{tmp_path}/", "")
+    # nor one made deeper (a search recipe's runs/search/demo) where the teacher's folder is missing higher up
+    argv = ["train", "run_dir=runs/search/demo", "teacher.spec=local-dir:runs/mae/export", *_TINY_RUN]
+    assert "(runs holds: demo/)" in _refused(argv, capsys).replace(f"{tmp_path}/", "")
 
 
 def test_a_model_folder_given_without_local_dir_is_told_to_use_it(tiny_teacher_dir, tmp_path, capsys):
