@@ -13,7 +13,8 @@ strongly negative rho means the proxy ranks candidates as the full conversion do
 
 Writes OUT/proxy.json and OUT/proxy.md (one row per conversion: formula, proxy KL, speed, top-1 with its
 95 % Wilson interval, recovered share of the teacher's top-1, seconds). Each conversion's own report is in
-OUT/NN/report.md; a rerun skips conversions whose report.json exists.
+OUT/NN/report.md; a rerun skips conversions whose report.json exists (a rerun that picks
+other candidates, e.g. another --count, needs a new --out).
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def convert_one(index: int, cand: dict, cfg: TrainConfig, out: Path, overrides: 
         if res.returncode != 0:
             return {**cand, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
     r = json.loads(report.read_text())
+    if r["student"]["spec"]["attention"] != cand["formula"]:  # a rerun that picked others: NN is another's
+        return {
+            **cand,
+            "error": f"{run} holds {r['student']['spec']['attention']}'s conversion: give a new --out",
+        }
     return {
         **cand,
         "run_dir": str(run),

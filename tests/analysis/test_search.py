@@ -303,6 +303,34 @@ def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto
 
 
 @pytest.mark.slow
+def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its_pick(finished, tmp_path):
+    """A rerun with another --count (or after a longer search) picks other candidates, so OUT/NN may hold
+    another formula's finished conversion: that row fails saying so, not reports those figures as its own."""
+    out = tmp_path / "proxy"
+    other = {
+        "student": {"spec": {"attention": "formula:sum(exp)"}},
+        "student_top1": 99.0,
+        "recovered_pct": 100,
+    }
+    other |= {
+        "top1": {"after_stage1": 99.0, "teacher": 99.0},
+        "data": {"val_size": 64},
+        "seconds": {"total": 1},
+    }
+    for i in range(12):  # every index a pick can take
+        (out / f"{i:02d}").mkdir(parents=True)
+        (out / f"{i:02d}" / "report.json").write_text(json.dumps(other))
+    cmd = [PY, "benchmarks/search_proxy.py", str(finished), "--count", "1", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "proxy.json").read_text())
+    assert summary["failed"] and not [r for r in summary["rows"] if "error" not in r], summary["rows"]
+    assert all(
+        "holds formula:sum(exp)'s conversion: give a new --out" in r["error"] for r in summary["failed"]
+    )
+
+
+@pytest.mark.slow
 def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_give(trained, tmp_path):
     """search_proxy.py on a training run's folder (its checkpoints hold no search state) and zoo_proxy.py on
     a folder without a study say which folder they take, not a KeyError or FileNotFoundError traceback."""
