@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.nn as nn
+from timm.models import get_model_traits
 
 from ..errors import InputError
 from ..models.attention import TransferableAttention, attention_layers
@@ -39,7 +40,8 @@ def input_size(model: nn.Module) -> tuple[tuple[int, int], int]:
     stem = _stem(model)
     cfg = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
     stem_size = getattr(stem, "img_size", None) or getattr(stem, "default_img_size", None)
-    size = as_pair(stem_size) or as_pair(cfg[1:])
+    # timm's traits before its pretrained config: a NaFlexViT built at 32 px keeps input_size 384 there
+    size = as_pair(stem_size) or as_pair(get_model_traits(model).get("img_size")) or as_pair(cfg[1:])
     proj = getattr(stem, "proj", None)
     chans = getattr(stem, "in_chans", None) or getattr(proj, "in_channels", None) or cfg[0]
     return size, int(chans)

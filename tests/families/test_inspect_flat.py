@@ -28,6 +28,7 @@ from attnxfer.analysis import (
     stage_of,
     token_maps,
 )
+from attnxfer.apps.inspect.inspect import load_images, load_model
 from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models.attention import attention_layers
@@ -282,3 +283,12 @@ def test_geometry_and_rows_of_reduced_keys_and_coarser_stages():
     assert layer_geometry(coarse, 2, layout) == LayerGeometry("global", 0, (2, 2), (16, 16))
     windows = LayerSignals("layers.0.blocks.0.attn", attn, q.repeat(4, 1, 1, 1), q.repeat(4, 1, 1, 1))
     assert layer_geometry(windows, 2, layout).label == "4 windows"
+
+
+@pytest.mark.parametrize("family", ["naflex", "gemma4"])
+def test_a_saved_any_size_teacher_is_inspected_at_the_size_it_was_built_at(family, tmp_path):
+    """timm's save keeps NaFlexViT's and Gemma4-ViT's default input_size (384, 768 px) for a model built at
+    32 px, and their patch embeddings record no size: inspect feeds 32 px images, as train does."""
+    save_for_hf(TINY[family].build(), tmp_path / "t", safe_serialization=True)
+    teacher = load_model(f"local-dir:{tmp_path / 't'}", role="teacher")
+    assert load_images(teacher, data="synthetic", num_images=1).shape[-2:] == (32, 32)
