@@ -16,6 +16,7 @@ from enum import StrEnum
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..models.attention import sdpa
 from ..models.attention.bias_rows import BiasRows
 from ..models.attention.lse import row_logsumexp
@@ -67,8 +68,9 @@ def _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s) -> tuple[float, float]
         raise ValueError("attention tensors must be (batch, heads, tokens, head_dim)")
     if q_t.shape[0] != q_s.shape[0]:
         raise ValueError(f"batch sizes differ: teacher {q_t.shape[0]}, student {q_s.shape[0]}")
+    # a user's pairing the plan cannot see (a CaiT teacher's blocks leave out the class token a ViT's keep)
     if q_t.shape[-2] != q_s.shape[-2] or k_t.shape[-2] != k_s.shape[-2]:
-        raise ValueError(
+        raise InputError(
             f"token counts differ: teacher queries/keys {q_t.shape[-2]}/{k_t.shape[-2]}, student "
             f"{q_s.shape[-2]}/{k_s.shape[-2]}; teacher and student need the same image size, patch size and "
             "prefix tokens"

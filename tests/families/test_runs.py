@@ -28,6 +28,7 @@ from attnxfer import load_student
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import load_config
+from attnxfer.launch.cli import main as cli_main
 from attnxfer.models import student_from_spec
 
 from .cases import TINY as FLAT, build as build_rope_or_beit, peaked
@@ -140,3 +141,13 @@ def test_copy_and_distill_runs_resume_export_and_load(family, tmp_path):
     x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(x), trained(x))
+
+
+def test_a_vit_student_of_a_cait_teacher_stops_with_one_line(tmp_path, capsys):
+    """CaiT's talking-heads blocks leave out the class token a ViT student's blocks keep: the token counts
+    differ at the first step, which `attnxfer train` says in one line (exit 2), not a traceback."""
+    save_for_hf(FLAT["cait"].build(), tmp_path / "teacher", safe_serialization=True)
+    vit = "model.kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}"
+    args = [f"teacher.spec=local-dir:{tmp_path / 'teacher'}", "model.mirror_teacher=false", vit, "device=cpu"]
+    assert cli_main(["train", *tiny_run(4, 2), *args, f"run_dir={tmp_path / 'run'}", "data.img_size=32"]) == 2
+    assert "error: token counts differ: teacher queries/keys 16/16, student 17/17" in capsys.readouterr().err
