@@ -207,7 +207,7 @@ def student_like(
     *,
     depth: int | None = None,
     embed_dim: int | None = None,
-    num_heads: int | None = None,
+    num_heads: int | list[int] | None = None,
     mlp_ratio: float | None = None,
     num_classes: int | None = None,
     drop_path_rate: float = 0.1,
@@ -221,7 +221,10 @@ def student_like(
     )
     requested = {k: v for k, v in sizes.items() if v is not None}
     require_model(teacher)
-    if bad := {k: v for k, v in requested.items() if v < 0 or (v == 0 and k != "num_classes")}:
+    each = lambda v: v if isinstance(v, (list, tuple)) else [v]  # a hierarchical family's per-stage heads
+    if bad := {
+        k: v for k, v in requested.items() if any(x < 0 or (x == 0 and k != "num_classes") for x in each(v))
+    }:
         raise InputError(f"student_like: sizes must be positive (num_classes=0: no head), got {bad}")
     if not isinstance(teacher, VisionTransformer):
         return _family_student(teacher, requested, drop_path_rate, attn_layer, overrides)

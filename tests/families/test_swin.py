@@ -26,6 +26,7 @@ from attnxfer.apps.run.training import train
 from attnxfer.checkpoints import export_student
 from attnxfer.checkpoints.export import ModelCardInfo, export_run
 from attnxfer.config import load_config
+from attnxfer.models import student_like
 from attnxfer.models.attention import attention_blocks, attention_layers, attention_stages
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
@@ -226,3 +227,13 @@ def test_attention_blocks_are_the_stages_blocks_in_order():
     assert attention_blocks(model) == [blk for stage in model.layers for blk in stage.blocks]
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
     assert attention_blocks(vit) == list(vit.blocks)
+
+
+def test_a_mirrored_student_takes_per_stage_heads_and_refuses_a_zero_among_them():
+    """A hierarchical family's ``num_heads`` is one count per stage (model.kwargs.num_heads: [1, 1]): checked
+    count by count, not compared with 0 as a whole (a TypeError from inside the check)."""
+    teacher = build_swin("swin")
+    student = student_like(teacher, num_heads=[1, 2])
+    assert [a.num_heads for _, a in attention_layers(student)] == [1, 1, 2, 2]
+    with pytest.raises(ValueError, match=r"sizes must be positive.*\{'num_heads': \[0, 1\]\}"):
+        student_like(teacher, num_heads=[0, 1])
