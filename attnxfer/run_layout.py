@@ -24,6 +24,8 @@ METRICS = "metrics.jsonl"
 #: a checkpoint's student weights: the raw ones and the EMA's
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+#: the graph `attnxfer export --format onnx` writes (for ONNX Runtime; attnxfer and timm read the timm format)
+ONNX_FILE = "model.onnx"
 #: a study's record: its students (name, overrides, folder) and how each stands
 STUDY_RECORD = "study.json"
 #: the YAML that runs a study again (its base keys and its students)

@@ -30,10 +30,10 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..models.student import attention_layout
+from ..run_layout import ONNX_FILE
 from ..speak import debug
 
 OPSET = 18
-ONNX_FILE = "model.onnx"
 ONNX_DATA_FILE = "model.onnx.data"  # the weights beside the graph, for students over protobuf's 2 GB
 INPUT_NAME = "pixel_values"
 CHECK_BATCHES = (1, 3)

@@ -221,9 +221,10 @@ def student_like(
     )
     requested = {k: v for k, v in sizes.items() if v is not None}
     require_model(teacher)
-    each = lambda v: v if isinstance(v, (list, tuple)) else [v]  # a hierarchical family's per-stage heads
+    # a hierarchical family's num_heads may be a list, one count per stage: each must be positive
+    counts = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in requested.items()}
     if bad := {
-        k: v for k, v in requested.items() if any(x < 0 or (x == 0 and k != "num_classes") for x in each(v))
+        k: requested[k] for k, c in counts.items() if any(x < 0 or (x == 0 and k != "num_classes") for x in c)
     }:
         raise InputError(f"student_like: sizes must be positive (num_classes=0: no head), got {bad}")
     if not isinstance(teacher, VisionTransformer):

@@ -9,6 +9,7 @@ from ..errors import InputError, UserError
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     LOCK_NAME,
+    ONNX_FILE,
     RUN_CONFIG,
     RUN_RECORD,
     SEARCH_CANDIDATES,
@@ -67,7 +68,7 @@ def run_folder_hint(folder: Path) -> str | None:
         run, what = folder, "a student's run folder"
     elif (folder / RUN_CONFIG).is_file() and not is_exported_model(folder):
         return f"{folder} holds a run's config.yaml alone: its run never got past its start, nothing to read"
-    elif (folder / "model.onnx").is_file() and not (folder / "config.json").is_file():
+    elif (folder / ONNX_FILE).is_file() and not is_exported_model(folder):
         return (
             f"{folder} is an ONNX-only export (`attnxfer export --format onnx`), for ONNX Runtime; attnxfer and "
             "timm read an export's timm format: export the run again with --format timm onnx"
