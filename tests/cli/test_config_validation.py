@@ -72,7 +72,7 @@ MEANING: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "teacher.compile": (BOOL, False, False, None),
     "transfer.mode": (STR, None, None, None),
     "transfer.end_layer": (NUM, True, True, None),
-    "transfer.layers": ("3", False, False, "[0, -1]"),
+    "transfer.layers": ("3", False, False, None),  # [0, -1]: -1 is the last block
     "transfer.atd_weight": (NUM, True, False, None),
     "transfer.share_drop_path": (BOOL, False, False, None),
     "transfer.logit_distill": (NUM, True, False, None),

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from helpers import run_cli, tiny_convert_report, tiny_run, tiny_vit
 from timm.models import save_for_hf
 
+from attnxfer.config import load_config
 from attnxfer.models.attention import attention_layers
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import TeacherStudent
@@ -162,3 +163,15 @@ def test_convert_on_a_pvt_v2_teacher_runs_with_the_default_stage_2(pvt_teacher_d
     assert "(8x8 blocks of tokens)" in out and "loss, layers 6-7: relu_linear: CE between" in out
     record = json.loads((run / "stage2" / "metrics.jsonl").read_text().splitlines()[0])
     assert all(math.isfinite(record[f"attn_ce/{i}"]) and record[f"attn_kl/{i}"] >= 0 for i in range(8))
+
+
+def test_transfer_layers_count_from_the_end_as_the_plans_refusal_advises():
+    """A layer outside the student is refused with 'valid: 0..n-1 or -n..-1': the config takes the negative
+    spelling too, and -1 is the student's last block."""
+    cfg = load_config("demo/copy", ["transfer.layers=[-1,0]"])
+    teacher, student = tiny_vit(depth=3, seed=1), tiny_vit(depth=3, seed=2)
+    assert build_plan(teacher, student, "copy", layers=cfg.transfer.layers).student_layers == (0, 2)
+    with pytest.raises(
+        PlanError, match=r"layer 3 is outside the student's 3 blocks \(valid: 0..2 or -3..-1\)"
+    ):
+        build_plan(teacher, student, "copy", layers=[3])
