@@ -98,7 +98,11 @@ def main() -> None:
     students = students_of(args.study)
     if args.only:
         by_name = {s["name"]: s for s in students}
-        students = [by_name[name] for name in args.only if name in by_name]
+        if unknown := [name for name in args.only if name not in by_name]:
+            parser.error(
+                f"--only {' '.join(unknown)}: no student with a report by that name (have: {', '.join(by_name)})"
+            )
+        students = [by_name[name] for name in args.only]
     if len(students) < 3:
         sys.exit(f"{args.study}: {len(students)} students with a report; rho needs at least 3")
     first = args.study / json.loads((args.study / "study.json").read_text())["students"][0]["folder"]

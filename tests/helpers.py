@@ -41,12 +41,12 @@ def fast_cells(values, keep) -> list:
     return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
-def script_module(name: str) -> ModuleType:
-    """``scripts/NAME.py`` as a module (imported once): the scripts that make docs (the configuration
-    reference, the families' coverage table) are no part of the package, and the tests that hold the docs
-    to them call their functions."""
+def script_module(name: str, folder: str = "scripts") -> ModuleType:
+    """``FOLDER/NAME.py`` as a module (imported once): the scripts that make docs (the configuration
+    reference, the families' coverage table) and the benchmarks are no part of the package, and their tests
+    call their functions."""
     if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # before running it: dataclasses look their module up there

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, peaked_teacher, run_cli, tiny_convert_report, tiny_run
+from helpers import QUIET, peaked_teacher, run_cli, script_module, tiny_convert_report, tiny_run
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -344,6 +344,25 @@ def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_gi
     errs = [r.communicate()[1] for r in runs]
     assert all(r.returncode == 2 and "Traceback" not in e for r, e in zip(runs, errs)), errs
     assert "not a search's: give a search's RUN_DIR" in errs[0] and "attnxfer study" in errs[1], errs
+
+
+def test_zoo_proxy_only_refuses_a_student_name_the_study_lacks(tmp_path, monkeypatch, capsys):
+    """A mistyped --only name was dropped without a word: the rho then covered fewer students than asked."""
+    students = []
+    for name in ("relu_linear", "nystrom", "local"):
+        (tmp_path / name).mkdir()
+        report = {"student": {"attention": [name], "attention_kwargs": {}}, "student_top1": 0.5}
+        report["top1"] = {"teacher": 0.9, "after_stage1": 0.4}
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        students.append({"name": name, "folder": name})
+    (tmp_path / "study.json").write_text(json.dumps({"students": students}))
+    args = [str(tmp_path), "--out", str(tmp_path / "out"), "--only", "nystrom", "nystorm", "local"]
+    monkeypatch.setattr(sys, "argv", ["zoo_proxy.py", *args])
+    with pytest.raises(SystemExit) as stopped:
+        script_module("zoo_proxy", folder="benchmarks").main()
+    assert stopped.value.code == 2
+    said = capsys.readouterr().err
+    assert "--only nystorm: no student with a report by that name (have: relu_linear, nystrom, local)" in said
 
 
 @pytest.mark.slow
