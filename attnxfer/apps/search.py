@@ -227,7 +227,7 @@ def render_pareto_md(
     ]
     row = "| `{formula}` | {kl:.4f} | {speed:.2f} | {origin} |"
     lines += [row.format(**c) for c in front]
-    lines += ["", f"## Top {top} formulas by fit", "", *head]
+    lines += ["", f"## Top {min(top, len(ok))} formulas by fit", "", *head]
     lines += [row.format(**c) for c in sorted(ok, key=lambda c: c["kl"])[:top]]
     lines += [
         "",

@@ -237,6 +237,7 @@ def test_pareto_md_says_the_images_measured_on_and_a_winner_below_min_speed(fini
     front = pareto_front(state)
     md = render_pareto_md(cfg, state, front, winner_of(front, 1000), "attnxfer convert ...", held_out=5)
     assert "on 5 held-out images" in md and "none of its members is 1000x as fast as softmax" in md
+    assert f"## Top {min(10, len(state.evaluated))} formulas by fit" in md  # not "Top 10" of fewer
     twice = load_config("search/demo", ["search.layers=[1,0,1]"])  # the layers fitted: each once, in order
     md = render_pareto_md(twice, state, front, winner_of(front, 1), "attnxfer convert ...", held_out=5)
     assert "mean over layers [0, 1])" in md
