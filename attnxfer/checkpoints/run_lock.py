@@ -244,6 +244,19 @@ class _Holder:
         """Whether this process holds it: a run that exports its own weights once it has trained them."""
         return self.content.get("token") in _OWN_TOKENS
 
+    def in_use(self, path: Path) -> RunDirInUseError:
+        """The refusal of the run dir whose lock file ``path`` this live holder holds (`run_lock`'s, and
+        ``attnxfer submit``'s before the queue's wait)."""
+        job = self.content.get("slurm_job")
+        # a lock that names no process (empty, or written by hand) has no kill to advise
+        stops = [f"kill {self.pid}"] * (self.pid is not None) + [f"scancel {job}"] * bool(job)
+        stop = f", or stop it ({' or '.join(stops)}) and run this command again to continue the run"
+        return RunDirInUseError(
+            f"{path.parent} is in use by {self.describe()}. One process writes a run directory: wait for it "
+            f"to finish{stop if stops else ''}; for a separate run choose another run_dir=. If no such "
+            f"process exists any more, delete {path}"
+        )
+
     def why_dead(self) -> str | None:
         """Why the holder is provably gone (None: it may be alive)."""
         if not self.content:
@@ -272,7 +285,7 @@ def lock_holder(path: Path) -> _Holder | None:
     try:
         st = path.stat()
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         content = json.loads(text)
@@ -333,15 +346,7 @@ def _acquire(path: Path, content: dict[str, Any]) -> None:
             continue
         why = holder.why_dead()
         if why is None:
-            job = holder.content.get("slurm_job")
-            # a lock that names no process (empty, or written by hand) has no kill to advise
-            stops = [f"kill {holder.pid}"] * (holder.pid is not None) + [f"scancel {job}"] * bool(job)
-            stop = f", or stop it ({' or '.join(stops)}) and run this command again to continue the run"
-            raise RunDirInUseError(
-                f"{run_dir} is in use by {holder.describe()}. One process writes a run directory: wait for it "
-                f"to finish{stop if stops else ''}; for a separate run choose another run_dir=. If no such "
-                f"process exists any more, delete {path}"
-            )
+            raise holder.in_use(path)
         if _take_over(path, holder):
             # a study's folder and its students' were held by one process: its takeover is said once
             dead = tuple(holder.content.get(k) for k in ("host", "pid", "pid_started", "slurm_job"))

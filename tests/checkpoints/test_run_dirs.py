@@ -173,6 +173,33 @@ def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
 
 
+@pytest.mark.parametrize(
+    "command, folder, extra",
+    [
+        ("train", "", ["transfer.mode=none"]),
+        ("convert", "stage2", ["teacher.spec=vit_micro_patch4_28"]),  # locked once stage 2 starts
+        ("study", "lr=2e-3", ["transfer.mode=none", "--vary", "optim.lr=1e-3,2e-3"]),  # a student's
+    ],
+)
+def test_submit_refuses_a_folder_its_job_would_lock_while_a_live_process_holds_it(
+    command, folder, extra, tmp_path, capsys
+):
+    """The job would stop at its start, after the queue's wait: submit says it at once, in the job's words.
+    The same lock once its holder is gone is let be (the job takes it over)."""
+    data = (a for a in S if a.startswith("data."))
+    argv = ["submit", "--command", command, *data, f"run_dir={tmp_path / 'run'}", *extra, "--dry-run"]
+    held = tmp_path / "run" / folder
+    with _live_process() as pid:
+        _write_lock(held, pid=pid, pid_started=_start_time(pid), slurm_job="4242")
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    line = _error_line(err)
+    assert line.startswith(f"attnxfer submit: error: {held} is in use by `attnxfer train` on host "), line
+    assert f"pid {pid}" in line and "scancel 4242" in line
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("command", ["convert", "search"])
 def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, trained, capsys):
     """A conversion's stage folders or a search's files beside a run's run.json would hide that run from

@@ -424,6 +424,14 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
         (["train", *S, "data.kwargs.lenght=3", "run_dir={tmp}/r"], "has no option(s) lenght (data.kwargs)"),
         (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),
         (["submit", *S, "schedule.epochs=0"], "attnxfer submit: error: schedule.epochs"),
+        (
+            ["submit", *S, "data.dataset=nosuchset", "--dry-run"],
+            "known datasets: animal_mnist, folder, recall",
+        ),
+        (
+            ["submit", *S, "--sweep", "data.dataset=synthetic,synthtic", "--dry-run"],
+            "Did you mean 'synthetic'?",
+        ),
     ],
 )
 def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, needle):

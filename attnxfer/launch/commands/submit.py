@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from functools import partial
+from pathlib import Path
 
 from ...errors import InputError
 from ...speak import warn
@@ -72,9 +73,13 @@ def run(args) -> int:
     if args.vary and args.job_command != "study":
         raise InputError("--vary names what a study's students differ in: use it with --command study")
     cfg = load_study(args) if args.job_command == "study" else load(args)
-    from ...checkpoints.run_lock import refuse_file_in_the_way, refuse_other_work
+    from ...checkpoints.run_lock import lock_holder, refuse_file_in_the_way, refuse_other_work
     from ...config import dump_config
+    from ...data.registry import dataset_options
+    from ...run_layout import LOCK_NAME, STAGE_DIRS
+    from ..arguments import parse_sweep
     from ..slurm import JobFailedError, submit_from_args
+    from ..slurm.submission import sweep_points
 
     if args.sweep:
         _check_sweep(cfg, args.sweep, args.job_command)
@@ -89,6 +94,17 @@ def run(args) -> int:
         checked_config(cfg, skip_stage1=False)
     refuse_file_in_the_way(cfg.run_dir, "run_dir")  # here, not in a job that fails at once
     refuse_other_work(cfg.run_dir, args.job_command)
+    study = args.job_command == "study"
+    converts = args.job_command == "convert" or (study and cfg.command == "convert")
+    for point in sweep_points(cfg, parse_sweep(args.sweep)):
+        runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
+        dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
+        dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
+        dirs += [d / STAGE_DIRS[-1] for d in dirs[1:] if converts]  # a conversion's stage 2, once it starts
+        for lock in (d / LOCK_NAME for d in dirs):  # a live holder's (a stale lock the job takes over)
+            holder = lock_holder(lock)
+            if holder is not None and holder.why_dead() is None:
+                raise holder.in_use(lock)
 
     target = SUBMITTABLE[args.job_command]
     if args.job_command == "study" and cfg.command == "convert":
