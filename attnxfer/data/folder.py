@@ -110,10 +110,47 @@ class ImageFiles:
         return [self.filename(i, basename, absolute) for i in range(len(self))]
 
 
-class FolderDataset(Dataset):
-    """timm ImageDataset whose transform runs with global RNGs seeded by (seed, epoch, index)."""
+class OpenedImages:
+    """A timm reader whose every image PIL must open (it reads the header alone; timm decodes the pixels once),
+    else an InputError naming it: timm's ImageDataset would hand out the next sample in its place (its
+    convention for training), which an evaluation would count twice."""
 
-    def __init__(self, image_dataset, info: DatasetInfo, *, seed: int, deterministic: bool):
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int):
+        from PIL import Image, UnidentifiedImageError
+
+        image, *rest = self.reader[index]
+        try:
+            Image.open(image)
+        except OSError as e:
+            reason = "PIL cannot identify its format" if isinstance(e, UnidentifiedImageError) else e
+            name = self.reader.filename(index, absolute=True)
+            raise InputError(
+                f"image {repr(name) if name else f'number {index}'} cannot be read as an image ({reason}): "
+                "replace or remove it; evaluation would otherwise count another image in its place"
+            ) from None
+        image.seek(0)
+        return image, *rest
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str | None:
+        return self.reader.filename(index, basename, absolute)
+
+    def filenames(self, basename: bool = False, absolute: bool = False) -> list:
+        return self.reader.filenames(basename, absolute)
+
+
+class FolderDataset(Dataset):
+    """timm ImageDataset whose transform runs with global RNGs seeded by (seed, epoch, index). ``strict`` (the
+    val split, whose images an evaluation counts): an image PIL cannot open is an error (`OpenedImages`)."""
+
+    def __init__(self, image_dataset, info: DatasetInfo, *, seed: int, deterministic: bool, strict: bool):
+        if strict:
+            image_dataset.reader = OpenedImages(image_dataset.reader)
         self.image_dataset = image_dataset
         self.info = info
         self.seed = seed
@@ -212,7 +249,7 @@ def build_folder(
     )
     images = _split_images(split, root, classes, labels, info.in_chans, transform)
     info = replace(info, **timm_eval_settings(crop_pct, interpolation))
-    dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
+    dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
     return dataset if labels else LabelFree(dataset)
 
 

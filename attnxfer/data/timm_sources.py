@@ -224,7 +224,7 @@ def build_hfds(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
     info = replace(info, **timm_eval_settings(**aug))
-    dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
+    dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
     return dataset if labels else LabelFree(dataset)
 
 

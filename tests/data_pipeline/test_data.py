@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from attnxfer.data import (
     register_dataset,
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
+from attnxfer.errors import InputError
 
 # sha256 of the val indices (int64 little-endian): the split must never change.
 ANIMAL_MNIST_VAL_SHA256 = "4c7b5dfefd4fb4ece57758c74a08b01658fe95557f340ba5545db4e8d7f464b7"
@@ -499,6 +501,29 @@ def test_a_folder_image_is_its_class_folders_at_any_depth_and_one_outside_every_
         ValueError, match=r"1 image\(s\) of .*val' lie outside any class folder \(e.g. 'stray.png'\)"
     ):
         build_dataset("folder", "val", root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "keep, reason", [(None, "PIL cannot identify its format"), (20, "Truncated File Read")]
+)
+def test_a_val_image_pil_cannot_open_is_refused_by_name_not_replaced_by_the_next_one(tmp_path, keep, reason):
+    """timm's ImageDataset hands out the next sample for an image PIL cannot open: in the val split, which an
+    evaluation counts, that would count one image twice, so it is an InputError naming the file; the train
+    split, augmented or not (the k-NN bank), keeps timm's convention (the next image, and timm's warning)."""
+    _make_folder(tmp_path)
+    bad = tmp_path / "val" / "dog" / "0.png"
+    content = b"not an image" if keep is None else bad.read_bytes()[:keep]  # text, or a cut PNG header
+    bad.write_bytes(content)
+    said = rf"image '{re.escape(str(bad))}' cannot be read as an image \({reason}\): replace or remove it"
+    for labels in (True, False):
+        val = build_dataset("folder", "val", root=tmp_path, img_size=16, labels=labels)
+        with pytest.raises(InputError, match=said):
+            val[0]
+        assert val[1][0].shape == (3, 16, 16)  # the others read as before
+    (tmp_path / "train" / "cat" / "2.png").write_bytes(content)
+    for augment in (True, False):
+        train = build_dataset("folder", "train", root=tmp_path, img_size=16, augment=augment)
+        assert train[2][1] == 1  # cat/2.png's place taken by the next image, dog/0.png
 
 
 def test_a_crop_pct_of_zero_is_refused_not_taken_as_timms_default(tmp_path):

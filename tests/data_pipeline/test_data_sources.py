@@ -95,6 +95,33 @@ def test_hfds_reads_a_local_hugging_face_dataset_with_timms_transforms(hf_dir, a
         torch.testing.assert_close(x, _timm_eval(png), rtol=0, atol=0)
 
 
+def test_an_hfds_val_image_pil_cannot_open_is_refused_not_replaced_by_the_next_one(animals, tmp_path):
+    """As folder's: timm's ImageDataset would hand out the next row's sample for an image PIL cannot open,
+    with or without the label column (timm's reader or attnxfer's `HfImages`); in the val split, an error."""
+    import datasets
+
+    pngs, labels = animals["val"][0][:2], animals["val"][1][:2]
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASS_NAMES))}
+    )
+    for split in ("train", "validation"):
+        rows = [
+            {"bytes": b"not an image" if split == "validation" else pngs[0], "path": None},
+            {"bytes": pngs[1], "path": None},
+        ]
+        ds = datasets.Dataset.from_dict({"image": rows, "label": labels}, features=features)
+        ds.to_parquet(str(tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet"))
+    for with_labels in (True, False):
+        val = build_dataset(
+            f"hfds/{tmp_path / 'hf'}", "val", root=tmp_path / "cache", labels=with_labels, **NORM
+        )
+        with pytest.raises(
+            InputError, match=r"image number 0 cannot be read as an image \(PIL cannot identify"
+        ):
+            val[0]
+        assert val[1][0].shape == (1, 28, 28)
+
+
 def test_hfds_trains_through_the_resumable_sampler(hf_dir, tmp_path):
     cfg = load_config(
         None,
