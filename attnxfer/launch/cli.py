@@ -160,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return e.exit_code
             if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
                 raise
-            warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
+            said = str(e)
+            if "\nOriginal Traceback" in said:  # torch's re-raise of a DataLoader worker's: its line is last
+                said = said.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+            warn(f"attnxfer {args.command}: error: {said}", all_ranks=True)
             return 2
 
 

@@ -367,6 +367,31 @@ def test_a_new_command_that_reads_a_config_refuses_a_key_only_another_command_re
     assert "only `attnxfer convert` reads the convert section, and attnxfer params would drop it" in err
 
 
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise InputError("image 'val/0.png' cannot be read as an image")
+
+
+def test_a_refusal_raised_in_a_dataloader_worker_is_its_one_line_not_the_workers_traceback(
+    monkeypatch, capsys
+):
+    """torch re-raises a worker's error with the worker's traceback in its message (a corrupt val image read
+    with data.num_workers > 0): the CLI prints the error's own line, as it would for one read in-process."""
+    from attnxfer.launch.commands import COMMANDS, register_command
+
+    monkeypatch.setitem(COMMANDS, "readall", None)  # the test's command is gone after it
+
+    @register_command("readall", help="read every sample in a worker", arguments=lambda parser: None)
+    def readall(args) -> int:
+        return len(list(torch.utils.data.DataLoader(_Unreadable(), num_workers=1)))
+
+    code, _, err = run_cli(capsys, "readall")
+    assert code == 2 and err == "attnxfer readall: error: image 'val/0.png' cannot be read as an image\n", err
+
+
 def test_a_blr_beside_an_lr_is_said_to_be_unused(tmp_path, capsys):
     """optim.lr wins over MAE's blr rule; every convert recipe sets lr, so a blr given there did nothing."""
     argv = ["train", f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN, "optim.lr=1e-3"]
