@@ -22,7 +22,7 @@ import torch
 from ..checkpoints.store import MetricMode
 from ..data.label_free import split_batch
 from ..data.seeding import sample_seed
-from ..errors import InputError
+from ..errors import InputError, UserError
 from ..speak import progress_bar, say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
@@ -477,7 +477,14 @@ class Engine:
     def _end_epoch(self) -> None:
         s = self.settings
         self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
-        final = self._evaluate_all()
+        try:
+            final = self._evaluate_all()
+        except UserError:  # the val data is at fault (a file it cannot read): the epoch's training is kept
+            if (
+                self.accelerator.num_processes == 1
+            ):  # (unscored); DDP peers would wait in the eval's collectives
+                self.save_unless_saved()
+            raise
         value = final[s.metric]
         if self.best is None or MetricMode(s.metric_mode).better(value, self.best):
             self.best = value

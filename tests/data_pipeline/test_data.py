@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import QUIET
 from torch.utils.data import DistributedSampler
 
 from attnxfer.data import (
@@ -29,6 +30,7 @@ from attnxfer.data import (
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.errors import InputError
+from attnxfer.launch import cli
 
 # sha256 of the val indices (int64 little-endian): the split must never change.
 ANIMAL_MNIST_VAL_SHA256 = "4c7b5dfefd4fb4ece57758c74a08b01658fe95557f340ba5545db4e8d7f464b7"
@@ -524,6 +526,26 @@ def test_a_val_image_pil_cannot_open_is_refused_by_name_not_replaced_by_the_next
     for augment in (True, False):
         train = build_dataset("folder", "train", root=tmp_path, img_size=16, augment=augment)
         assert train[2][1] == 1  # cat/2.png's place taken by the next image, dog/0.png
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_an_unreadable_val_image_keeps_the_epoch_it_trained(tmp_path, capsys):
+    """The refusal comes at the first evaluation, after a whole epoch of training: that epoch is saved, so the
+    run resumes from it once the file is fixed instead of starting over."""
+    _make_folder(tmp_path / "data")
+    bad = tmp_path / "data" / "val" / "dog" / "0.png"
+    image = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    run = tmp_path / "run"
+    data = ["data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.batch_size=2", "data.img_size=32"]
+    model = "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2, patch_size: 8}"
+    args = ["train", *data, *QUIET, "transfer.mode=none", model, "schedule.max_steps=6", f"run_dir={run}"]
+    assert cli.main(args) == 2
+    assert f"error: image '{bad}' cannot be read as an image" in capsys.readouterr().err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000003"]  # 6 images, batch 2
+    bad.write_bytes(image)
+    assert cli.main(args) == 0
+    assert "resumed from checkpoint step 3" in capsys.readouterr().out
 
 
 def test_a_crop_pct_of_zero_is_refused_not_taken_as_timms_default(tmp_path):
