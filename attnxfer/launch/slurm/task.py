@@ -163,11 +163,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
             raise stop
         env = submitit.JobEnvironment()
         refused: RequeueLimitReached | None = None
-        why = None  # why SLURM ends the job: its last `_ENDING` line in rank 0's log since this run began
-        with contextlib.suppress(OSError, ValueError):  # no log, or a site's own time format: as if none
-            ends = _ENDING.findall(env.paths.stderr.read_text(errors="replace")) if rank == 0 else []
-            if ends and time.mktime(time.strptime(ends[-1][0], "%Y-%m-%dT%H:%M:%S")) >= int(self._started):
-                why = ends[-1][1]  # "" for its user's scancel
+        why = _why_slurm_ends(env.paths.stderr, self._started) if rank == 0 else None
         if why == "":  # its user's scancel: SLURM would requeue even a cancelled job, which must stay so
             warn(f"{stop}; job {env.job_id} was cancelled, not requeued: submit the same command to resume")
         elif rank == 0:
@@ -245,10 +241,31 @@ def _watch_stop_signals() -> None:
         signal.signal(signum, handler)
 
 
-# slurmstepd's line in the job's log as SLURM ends the job, before its SIGTERM: "*** JOB 12 ON node1 CANCELLED
-# AT 2026-01-31T12:00:00 DUE TO JOB REQUEUE ***" (PREEMPTION, TIME LIMIT...), no reason for its user's scancel;
-# a signal alone (scancel --signal=TERM) writes a STEP line only
-_ENDING = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
+# slurmstepd's lines in the job's log as SLURM ends the job: "*** STEP 12.0 ON node1 CANCELLED AT
+# 2026-01-31T12:00:00 DUE TO JOB REQUEUE ***" (PREEMPTION, TIME LIMIT...) before its SIGTERM, then the same with
+# JOB 12, possibly after it; no reason for its user's scancel; a signal alone (scancel --signal=TERM): STEP only
+_ENDING = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
+
+
+def _why_slurm_ends(log: Path, since: float) -> str | None:
+    """Why SLURM ends the job, from its log's `_ENDING` lines since this attempt began: the reason ("" for its
+    user's scancel), None for a signal alone. A STEP line without a reason waits a few seconds for the JOB line
+    that tells a scancel from a signal: read too early (a loaded node), a scancel would be requeued."""
+    for _ in range(20):
+        try:
+            ends = [
+                (kind, why)
+                for kind, at, why in _ENDING.findall(log.read_text(errors="replace"))
+                if time.mktime(time.strptime(at, "%Y-%m-%dT%H:%M:%S")) >= int(since)
+            ]
+        except (OSError, ValueError):  # no log, or a site's own time format: as if no line
+            return None
+        if not ends:
+            return None
+        if ends[-1][0] == "JOB" or ends[-1][1]:
+            return ends[-1][1]
+        time.sleep(0.25)
+    return None
 
 
 def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:
