@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..errors import InputError
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
 from .attention.adapters import require_model
+from .attention.registry import get_attention_class
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import flat_blocks, swap_attentions
 from .image_input import image_input
@@ -372,6 +373,14 @@ def student_from_spec(
     """Rebuild a student (random weights) from `student_spec` output."""
     kind = spec.get("attention", SOFTMAX)
     if attn_layer is None and kind != SOFTMAX:
+        for name in per_block_attention(kind, 1):
+            try:
+                get_attention_class(name)
+            except KeyError:  # registered where it was trained (a fork's file, a script's import), not here
+                raise InputError(
+                    f"the student's attention {name!r} is not registered here: import the module that "
+                    "registers it (@register_attention) before loading the student"
+                ) from None
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
         if is_hierarchical(model):  # PVTv2 / Swin: one attention per layer over the stages
             names = per_block_attention(kind, len(hierarchical_slots(model)))

@@ -25,8 +25,10 @@ from timm.layers import Attention
 from attnxfer.checkpoints.export import _install, export_run, export_student, select_checkpoint
 from attnxfer.checkpoints.run_lock import _start_time, run_lock
 from attnxfer.checkpoints.store import CheckpointManager
-from attnxfer.models.attention import TransferAttention
+from attnxfer.errors import UserError
+from attnxfer.models.attention import TransferAttention, registry
 from attnxfer.models.efficient import efficient_student_from_teacher
+from attnxfer.models.efficient.linear import ReLULinearAttention
 from attnxfer.models.student import student_like, student_spec
 from attnxfer.run_layout import LOCK_NAME
 from attnxfer.sources.exported_student import load_student
@@ -258,6 +260,21 @@ def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tm
     assert all(type(b.attn).__name__ == "ReLULinearAttention" for b in loaded.blocks)
     assert torch.equal(_logits(loaded), _logits(student))
     assert torch.equal(_logits(load_student(str(out))), _logits(student))  # a bare folder path works too
+
+
+def test_a_student_of_an_attention_not_registered_here_is_refused_in_one_line(tmp_path, monkeypatch):
+    """An attention a fork or a script registered (here: this test, then forgotten) is named, with what to do,
+    where its student is loaded without it: `load_student`, and `attnxfer export` / `inspect` of its run."""
+    monkeypatch.setattr(registry, "_ATTENTIONS", dict(registry._ATTENTIONS))
+
+    @registry.register_attention("lab_linear")
+    class LabLinear(ReLULinearAttention):
+        pass
+
+    out = export_student(efficient_student("lab_linear"), tmp_path / "eff", card=card())
+    del registry._ATTENTIONS["lab_linear"]
+    with pytest.raises(UserError, match="attention 'lab_linear' is not registered here: import the module"):
+        load_student(f"local-dir:{out}")
 
 
 def test_mixed_attention_student_with_options_round_trips(tmp_path):
