@@ -205,7 +205,7 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
     options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     unknown = sorted(set(options) - set(loss.options))
     if unknown:
-        takes = ", ".join(sorted(loss.options)) or "no options"
+        takes = ", ".join([*ENTRY_KEYS, *sorted(loss.options)])  # a misspelt weight is no option either
         raise PlanError(f"{origin}: {loss.name} takes {takes}; not {', '.join(unknown)}")
     return Comparison(signal, loss.name, float(weight), options, origin=origin)
 

@@ -163,7 +163,11 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     [
         ({"name": "nope"}, r"unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd"),
         ({"weight": 1.0}, r"transfer.losses\[0\]: write a mapping with the loss's name"),
-        ({"name": "logit_kd", "temperatur": 2}, r"logit_kd takes temperature; not temperatur"),
+        (
+            {"name": "logit_kd", "temperatur": 2},
+            r"logit_kd takes name, weight, signal, temperature; not temperatur",
+        ),
+        ({"name": "mse", "wieght": 2}, r"mse takes name, weight, signal; not wieght"),
         ({"name": "mse", "signal": "maps"}, r"mse compares q, k, v, not 'maps'"),
         ({"name": "map", "weight": -1}, r"weight must be a number >= 0, got -1"),
         ({"name": "logit_kd", "temperature": 0}, r"temperature > 0, got weight 1.0, temperature 0"),
