@@ -148,6 +148,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             # one item given: the example is that item in brackets
             example = f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
+            example = f"[{yaml_value(value)}]" if isinstance(value, dict) else example  # transfer.losses'
             raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]

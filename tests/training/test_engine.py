@@ -132,6 +132,11 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
             "transfer.layers: expected a list, got '0,1' (write e.g. transfer.layers=[0,1])",
         ),
         ("transfer.layers=[0,a]", "transfer.layers[1]: expected an integer, got 'a'"),
+        (  # a list of mappings given its one mapping: that mapping in brackets, in the config's words
+            "transfer.losses={name: mse, signal: v}",
+            "transfer.losses: expected a list, got {'name': 'mse', 'signal': 'v'} "
+            "(write e.g. transfer.losses=[{name: mse, signal: v}])",
+        ),
     ],
 )
 def test_a_bad_value_of_a_list_or_null_key_names_the_brackets_or_the_item(override, said):
