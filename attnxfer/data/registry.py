@@ -11,11 +11,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import InputError, OptionError
 from ..speak import warn
 from .label_free import images_only, without_labels
+from .seeding import seeded_global_rngs
 
 SPLITS = ("train", "val")
 _BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
@@ -196,7 +197,19 @@ def build_dataset(
     dataset = entry.builder(
         split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs
     )
-    return dataset if labels else images_only(dataset)
+    dataset = dataset if labels else images_only(dataset)
+    # a builder that ignores the run's size stopped it in timm: its val split's first image says so (a train
+    # split may vary its size on purpose, recall's curriculum; a stream has no index), global RNGs untouched
+    if split == "val" and img_size and in_chans and not isinstance(dataset, IterableDataset) and len(dataset):
+        with seeded_global_rngs(seed):
+            shape = tuple(getattr(dataset[0][0], "shape", (in_chans, img_size, img_size)))
+        if shape != (in_chans, img_size, img_size):
+            raise InputError(
+                f"dataset '{name}' gives {'x'.join(map(str, shape))} images; the run asked for "
+                f"{in_chans}x{img_size}x{img_size} (data.img_size / data.in_chans): its builder must make "
+                "images at the img_size and in_chans it is given"
+            )
+    return dataset
 
 
 def dataset_info(

@@ -183,6 +183,8 @@ def get_comparison_loss(name: str) -> ComparisonLoss:
 
 #: the keys of a ``transfer.losses`` entry that are not the loss's options
 ENTRY_KEYS = ("name", "weight", "signal")
+#: the option types an entry's value is checked against (its default's), in the config's words
+_KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
@@ -207,6 +209,14 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
     if unknown:
         takes = ", ".join([*ENTRY_KEYS, *sorted(loss.options)])  # a misspelt weight is no option either
         raise PlanError(f"{origin}: {loss.name} takes {takes}; not {', '.join(unknown)}")
+    for k, v in options.items():  # typed by its default, as config keys are: an int is a number, a bool none
+        want = type(default := loss.options[k])
+        if want is float and type(v) is int:
+            options[k] = v = float(v)
+        if want in _KINDS and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
+            raise PlanError(
+                f"{origin}.{k}: expected {_KINDS[want]} (as {loss.name}'s default {default!r}), got {v!r}"
+            )
     return Comparison(signal, loss.name, float(weight), options, origin=origin)
 
 

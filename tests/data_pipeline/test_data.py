@@ -27,6 +27,7 @@ from attnxfer.data import (
     list_datasets,
     load_numpy_pickle,
     register_dataset,
+    registry,
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.errors import InputError
@@ -533,7 +534,8 @@ def test_a_run_stopped_by_an_unreadable_val_image_keeps_the_epoch_it_trained(tmp
     """The refusal comes at the first evaluation, after a whole epoch of training: that epoch is saved, so the
     run resumes from it once the file is fixed instead of starting over."""
     _make_folder(tmp_path / "data")
-    bad = tmp_path / "data" / "val" / "dog" / "0.png"
+    # not the first val image: that one is read at start-up, where the run checks its size
+    bad = tmp_path / "data" / "val" / "dog" / "1.png"
     image = bad.read_bytes()
     bad.write_bytes(b"not an image")
     run = tmp_path / "run"
@@ -593,3 +595,30 @@ def test_a_registered_dataset_is_listed_built_with_its_options_and_refused_twice
     assert len(build_dataset("test_ones", "val", length=5)) == 5
     with pytest.raises(ValueError, match="already registered"):
         register_dataset("test_ones", info=info)(build_ones)
+
+
+def test_a_registered_builder_that_ignores_the_runs_size_is_refused_when_built_from_one_image(monkeypatch):
+    """Its 28 px images stopped a 32 px run in timm (``Input height (28) doesn't match model (32)``) at its
+    first batch; now its val split's first sample says so, in one line, and no other sample is read."""
+    read = []
+
+    class Cells(torch.utils.data.TensorDataset):
+        def __getitem__(self, index):
+            read.append(index)
+            return super().__getitem__(index)
+
+    def build_cells(split, *, root, img_size, in_chans, mean, std, seed):
+        return Cells(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
+
+    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
+    register_dataset("lab_cells", info=DatasetInfo("lab_cells", 2, None, (0.5,), (0.25,), 1, 28))(build_cells)
+    said = (
+        r"^dataset 'lab_cells' gives 1x28x28 images; the run asked for 3x32x32 \(data.img_size / "
+        r"data.in_chans\): its builder must make images at the img_size and in_chans it is given$"
+    )
+    for labels in (True, False):  # a label-free run's samples are (x,)
+        with pytest.raises(InputError, match=said):
+            build_dataset("lab_cells", "val", img_size=32, in_chans=3, labels=labels)
+    assert read == [0, 0]
+    build_dataset("lab_cells", "train", img_size=32, in_chans=3)  # a train split may vary its size (recall)
+    assert len(build_dataset("lab_cells", "val", img_size=28, in_chans=1)) == 4 and read == [0, 0, 0]

@@ -105,9 +105,9 @@ def test_an_hfds_val_image_pil_cannot_open_is_refused_not_replaced_by_the_next_o
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASS_NAMES))}
     )
     for split in ("train", "validation"):
-        rows = [
-            {"bytes": b"not an image" if split == "validation" else pngs[0], "path": None},
-            {"bytes": pngs[1], "path": None},
+        rows = [  # the second image: the first is read at start-up, where the run checks its size
+            {"bytes": pngs[0], "path": None},
+            {"bytes": b"not an image" if split == "validation" else pngs[1], "path": None},
         ]
         ds = datasets.Dataset.from_dict({"image": rows, "label": labels}, features=features)
         ds.to_parquet(str(tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet"))
@@ -116,10 +116,10 @@ def test_an_hfds_val_image_pil_cannot_open_is_refused_not_replaced_by_the_next_o
             f"hfds/{tmp_path / 'hf'}", "val", root=tmp_path / "cache", labels=with_labels, **NORM
         )
         with pytest.raises(
-            InputError, match=r"image number 0 cannot be read as an image \(PIL cannot identify"
+            InputError, match=r"image number 1 cannot be read as an image \(PIL cannot identify"
         ):
-            val[0]
-        assert val[1][0].shape == (1, 28, 28)
+            val[1]
+        assert val[0][0].shape == (1, 28, 28)
 
 
 def test_hfds_trains_through_the_resumable_sampler(hf_dir, tmp_path):

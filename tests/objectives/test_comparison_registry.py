@@ -171,6 +171,15 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         ({"name": "mse", "signal": "maps"}, r"mse compares q, k, v, not 'maps'"),
         ({"name": "map", "weight": -1}, r"weight must be a number >= 0, got -1"),
         ({"name": "logit_kd", "temperature": 0}, r"temperature > 0, got weight 1.0, temperature 0"),
+        (
+            {"name": "logit_kd", "temperature": "abc"},
+            r"transfer.losses\[0\].temperature: expected a number \(as logit_kd's default 1.0\), got 'abc'$",
+        ),
+        ({"name": "logit_kd", "temperature": True}, r"temperature: expected a number .*, got True$"),
+        (
+            {"name": "not_a_number", "returns": 1},
+            r"transfer.losses\[0\].returns: expected a string \(as not_a_number's default 'vector'\), got 1$",
+        ),
         ({"name": "feat_l2"}, r"transfer.losses\[0\] compares with a teacher; set teacher.spec"),
         ({"name": "mse", "signal": "v"}, r"transfer.losses\[0\] compares with a teacher; set teacher.spec"),
     ],
@@ -179,6 +188,13 @@ def test_a_bad_entry_is_one_plan_error_that_names_it(entry, message):
     teacher = None if "compares with a teacher" in message else tiny_vit(depth=2, seed=1)
     with pytest.raises(PlanError, match=message):
         build_plan(teacher, tiny_vit(depth=2, seed=2), "none", losses=[entry])
+
+
+def test_an_option_given_an_integer_for_a_number_is_that_number():
+    """As a config key's: a loss's code may divide by a float option; an int is widened, not refused."""
+    entry = {"name": "logit_kd", "temperature": 2}
+    plan = build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "none", losses=[entry])
+    assert type(plan.comparisons[0].option("temperature")) is float
 
 
 @pytest.mark.parametrize(
