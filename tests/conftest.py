@@ -1,14 +1,20 @@
 """Fixtures shared by test modules (plain builders live in tests/helpers.py)."""
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import peaked_teacher, train_one_block_run
 from timm.models import save_for_hf
 
+from attnxfer.data import registry as datasets
 from attnxfer.launch import cli
+from attnxfer.models.attention import registry as attentions
+from attnxfer.plugins import load_entry_points
+from attnxfer.transfer import comparisons
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +52,44 @@ def exported(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "teacher"
     assert cli.main(["export", str(trained), str(out)]) == 0
     return out
+
+
+@pytest.fixture
+def install_package(tmp_path, monkeypatch):
+    """``install_package(files, entry_points)``: a distribution ``labpkg`` installed as pip installs one, for
+    this test alone: ``files`` ({path: text}) in a site folder (returned) on sys.path beside ``labpkg-0.1.dist-info``,
+    whose entry_points.txt is ``entry_points``. attnxfer reads the entry points afresh, and afterwards forgets
+    the modules and what they registered."""
+    site = tmp_path / "site"
+    registries = (
+        datasets._DATASETS,
+        attentions._ATTENTIONS,
+        attentions._PARAMETRIC,
+        comparisons.COMPARISON_LOSSES,
+    )
+    held = [dict(r) for r in registries]
+
+    def install(files: dict[str, str], entry_points: str) -> Path:
+        for path, text in files.items():
+            (site / path).parent.mkdir(parents=True, exist_ok=True)
+            (site / path).write_text(text, encoding="utf-8")
+        dist = site / "labpkg-0.1.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: labpkg\nVersion: 0.1\n", encoding="utf-8"
+        )
+        (dist / "entry_points.txt").write_text(entry_points, encoding="utf-8")
+        monkeypatch.syspath_prepend(str(site))
+        load_entry_points.cache_clear()
+        return site
+
+    yield install
+    load_entry_points.cache_clear()
+    for registry, was in zip(registries, held):
+        registry.clear()
+        registry.update(was)
+    for name in [m for m in sys.modules if m.split(".")[0] == "labpkg"]:
+        del sys.modules[name]
 
 
 # ---- opt-in CPU-time report: `pytest --cpu-durations=N` ------------------------------------------------

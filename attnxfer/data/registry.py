@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib.metadata
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -14,7 +13,7 @@ from pathlib import Path
 from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import InputError, OptionError
-from ..speak import warn
+from ..plugins import DATASET_GROUP, load_entry_points
 from .label_free import images_only, without_labels
 from .seeding import seeded_global_rngs
 
@@ -69,8 +68,6 @@ class _Entry:
 _DATASETS: dict[str, _Entry] = {}
 #: prefix -> builder(name, split, ...) and info(name, root): a family of datasets named ``prefix/NAME``
 _PREFIXES: dict[str, _Entry] = {}
-#: installed distributions register datasets through entry points in this group
-ENTRY_POINT_GROUP = "attnxfer.datasets"
 
 
 def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInfo]) -> Callable:
@@ -82,20 +79,6 @@ def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInf
         return builder
 
     return decorator
-
-
-@functools.cache
-def _load_entry_points() -> tuple[str, ...]:
-    """Import every ``attnxfer.datasets`` entry point once (each registers its datasets on import); the
-    names of those that failed, reported once."""
-    failed = []
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            ep.load()
-        except Exception as e:  # a broken plug-in must not hide the built-in datasets
-            failed.append(ep.name)
-            warn(f"dataset entry point {ep.name} = {ep.value} failed to load: {e}")
-    return tuple(failed)
 
 
 def register_dataset(name: str, *, info: InfoSource) -> Callable:
@@ -123,7 +106,7 @@ def register_dataset(name: str, *, info: InfoSource) -> Callable:
 
 def list_datasets() -> list[str]:
     """Registered names (entry points included) and the prefix families as ``prefix/NAME``."""
-    _load_entry_points()
+    load_entry_points(DATASET_GROUP)
     return sorted(_DATASETS) + [f"{p}/NAME" for p in sorted(_PREFIXES)]
 
 
@@ -134,14 +117,14 @@ def _entry(name: str) -> _Entry:
     if sep and prefix.lower() in _PREFIXES and rest:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
-    _load_entry_points()
+    load_entry_points(DATASET_GROUP)
     if name in _DATASETS:
         return _DATASETS[name]
     close = difflib.get_close_matches(name, _DATASETS, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise InputError(
         f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint} "
-        f"(a dataset of your own: @register_dataset in a module named by an '{ENTRY_POINT_GROUP}' entry point)"
+        f"(a dataset of your own: @register_dataset in a module named by an '{DATASET_GROUP}' entry point)"
     )
 
 

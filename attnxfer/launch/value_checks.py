@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: the files that register attentions: softmax's and the zoo's
@@ -69,18 +70,26 @@ def _hint(name: str, names: frozenset[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _check_comparisons(entries: Any) -> None:
-    # the names entries may give: the imported registry's where it is loaded (a session's own losses), else
-    # what the source declares
+def _comparison_names() -> frozenset[str]:
+    """The names entries may give: the imported registry's where it is loaded (a session's own losses, an
+    installed package's), else what the source declares."""
     module = sys.modules.get(_COMPARISONS_MODULE)
-    names = frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()
+    return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()
+
+
+def _check_comparisons(entries: Any) -> None:
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
-        name = entry.get("name") if isinstance(entry, dict) else None
+        name, names = entry.get("name") if isinstance(entry, dict) else None, _comparison_names()
+        if isinstance(name, str) and name not in names:
+            # an installed package's: it imports the registry, which then holds the built-ins too
+            load_entry_points(LOSS_GROUP)
+            names = _comparison_names()
         if not isinstance(name, str) or name in names or not names:
             continue  # a malformed entry is refused, with its own message, where the plan is built
         raise ConfigError(
             f"transfer.losses[{i}].name: {name!r} is not a comparison loss{_hint(name, names)} (one of "
-            f"{', '.join(sorted(names))})"
+            f"{', '.join(sorted(names))}; a loss of your own: @comparison_loss in a module named by an "
+            f"'{LOSS_GROUP}' entry point)"
         )
 
 
@@ -135,6 +144,10 @@ def _check_attention(key: str, value: Any) -> None:
     if not names:  # the source is not beside the package (a frozen install): the registry checks later
         return
     items = value if isinstance(value, list) else [value]
+    if any(isinstance(n, str) and n not in names and n.partition(":")[0] not in prefixes for n in items):
+        # an installed package's: it imports the registry, which then holds the built-ins too
+        load_entry_points(ATTENTION_GROUP)
+        names, prefixes = registered_attentions()
     if isinstance(value, list) and any(isinstance(n, str) and n.count("(") != n.count(")") for n in items):
         raise ConfigError(
             f"{key}: {value!r}: a formula was split at a comma inside it (YAML's [...] splits at every comma): "
@@ -150,7 +163,8 @@ def _check_attention(key: str, value: Any) -> None:
         formula = f"; a formula is named with its prefix: did you mean 'formula:{name}'?"
         hint = formula if "(" in name else _hint(name, names)
         raise ConfigError(
-            f"{where}: {name!r} is not a registered attention{hint} (one of {', '.join(known)})"
+            f"{where}: {name!r} is not a registered attention{hint} (one of {', '.join(known)}; an attention "
+            f"of your own: @register_attention in a module named by an '{ATTENTION_GROUP}' entry point)"
         )
 
 

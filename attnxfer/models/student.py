@@ -17,6 +17,7 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import InputError
+from ..plugins import ATTENTION_GROUP
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
 from .attention.adapters import require_model
 from .attention.registry import get_attention_class
@@ -379,7 +380,8 @@ def student_from_spec(
             except KeyError:  # registered where it was trained (a fork's file, a script's import), not here
                 raise InputError(
                     f"the student's attention {name!r} is not registered here: import the module that "
-                    "registers it (@register_attention) before loading the student"
+                    f"registers it (@register_attention) before loading the student, or install the package "
+                    f"that names it in an '{ATTENTION_GROUP}' entry point"
                 ) from None
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
         if is_hierarchical(model):  # PVTv2 / Swin: one attention per layer over the stages

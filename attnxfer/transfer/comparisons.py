@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..models.handover import Chunks, Signal
+from ..plugins import LOSS_GROUP, load_entry_points
 from .losses import CEPath
 from .modes import PlanError
 from .step_loss import Loss
@@ -175,8 +176,11 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
 
 def get_comparison_loss(name: str) -> ComparisonLoss:
     if name not in COMPARISON_LOSSES:
+        load_entry_points(LOSS_GROUP)  # a name not built in: the losses installed packages add
+    if name not in COMPARISON_LOSSES:
         raise PlanError(
-            f"unknown comparison loss {name!r}; choose one of: {', '.join(sorted(COMPARISON_LOSSES))}"
+            f"unknown comparison loss {name!r}; choose one of: {', '.join(sorted(COMPARISON_LOSSES))} (a "
+            f"loss of your own: @comparison_loss in a module named by an '{LOSS_GROUP}' entry point)"
         )
     return COMPARISON_LOSSES[name]
 

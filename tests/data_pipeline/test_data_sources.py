@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -355,29 +354,18 @@ def test_wds_resumed_mid_epoch_keeps_the_epoch_length_and_schedule(shards, tmp_p
 
 
 # -- a lab's dataset through an installed distribution's entry point -------------------------------------
-def test_register_dataset_through_an_installed_entry_point(tmp_path, monkeypatch):
-    site = tmp_path / "site"
-    (site / "labdata").mkdir(parents=True)
-    (site / "labdata" / "__init__.py").write_text(
-        "from attnxfer.data import register_dataset\n"
-        "from attnxfer.data.synthetic import SYNTHETIC_INFO, build_synthetic\n\n"
-        "@register_dataset('lab_patterns', info=SYNTHETIC_INFO)\n"
-        "def build(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):\n"
-        "    return build_synthetic(split, root=root, img_size=img_size, in_chans=in_chans, mean=mean,\n"
-        "                           std=std, seed=seed, length=5)\n",
-        encoding="utf-8",
+def test_register_dataset_through_an_installed_entry_point(install_package):
+    install_package(
+        {
+            "labpkg/__init__.py": "from attnxfer.data import register_dataset\n"
+            "from attnxfer.data.synthetic import SYNTHETIC_INFO, build_synthetic\n\n"
+            "@register_dataset('lab_patterns', info=SYNTHETIC_INFO)\n"
+            "def build(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):\n"
+            "    return build_synthetic(split, root=root, img_size=img_size, in_chans=in_chans, mean=mean,\n"
+            "                           std=std, seed=seed, length=5)\n"
+        },
+        "[attnxfer.datasets]\nlab_patterns = labpkg\n",
     )
-    dist = site / "labdata-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labdata\nVersion: 0.1\n", encoding="utf-8")
-    (dist / "entry_points.txt").write_text("[attnxfer.datasets]\nlab_patterns = labdata\n", encoding="utf-8")
-    monkeypatch.syspath_prepend(str(site))
-    from attnxfer.data import registry
-
-    registry._load_entry_points.cache_clear()
-    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))  # forget it again afterwards
-    monkeypatch.delitem(sys.modules, "labdata", raising=False)
     ds = build_dataset("lab_patterns", "train", img_size=16)
     assert len(ds) == 5 and ds[0][0].shape == (3, 16, 16)
     assert "lab_patterns" in list_datasets()
-    registry._load_entry_points.cache_clear()

@@ -273,8 +273,13 @@ def test_a_student_of_an_attention_not_registered_here_is_refused_in_one_line(tm
 
     out = export_student(efficient_student("lab_linear"), tmp_path / "eff", card=card())
     del registry._ATTENTIONS["lab_linear"]
-    with pytest.raises(UserError, match="attention 'lab_linear' is not registered here: import the module"):
+    with pytest.raises(
+        UserError, match="attention 'lab_linear' is not registered here: import the module"
+    ) as e:
         load_student(f"local-dir:{out}")
+    assert str(e.value).endswith(
+        "or install the package that names it in an 'attnxfer.attentions' entry point"
+    )
 
 
 def test_mixed_attention_student_with_options_round_trips(tmp_path):

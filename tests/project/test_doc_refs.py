@@ -33,8 +33,8 @@ from .doc_pages import PAGES, ROOT, page_name
 
 DOCS = PAGES
 
-#: dotted words that name something else than a module: the dataset plugins' entry-point group
-NOT_MODULES = {"attnxfer.datasets"}
+#: dotted words that name something else than a module: the plug-ins' entry-point groups
+NOT_MODULES = {"attnxfer.datasets", "attnxfer.losses", "attnxfer.attentions"}
 
 _EXT = "(?:py|yaml|sh|md|png|toml)"
 _START = r"(?<![\w./<>:~-])"  # not the middle of a longer path, a placeholder or a `REV:path`

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from timm.layers import Attention
 from torch import nn
 
+from ...plugins import ATTENTION_GROUP, load_entry_points
 from .interface import MapKind
 
 _ATTENTIONS: dict[str, type[nn.Module]] = {}
@@ -41,22 +42,27 @@ def register_parametric_attention(prefix: str, resolve: Callable[[str], type[nn.
 
 
 def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
-    """Registered names, sorted; optionally only those whose map kind is (or refines) ``map_kind``."""
+    """Registered names (installed packages' too), sorted; optionally only those whose map kind is (or
+    refines) ``map_kind``."""
+    load_entry_points(ATTENTION_GROUP)
     return sorted(n for n, c in _ATTENTIONS.items() if map_kind is None or c.map_kind.refines(map_kind))
 
 
 def get_attention_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``; an unknown name lists the known ones."""
+    prefix, colon, _ = name.partition(":")
+    if name not in _ATTENTIONS and not (colon and prefix in _PARAMETRIC):
+        load_entry_points(ATTENTION_GROUP)  # a name not built in: the attentions installed packages add
     if name in _ATTENTIONS:
         return _ATTENTIONS[name]
-    prefix, colon, _ = name.partition(":")
     if colon and prefix in _PARAMETRIC:
         return _PARAMETRIC[prefix](name)
     parametric = "".join(f", {p}:<...>" for p in sorted(_PARAMETRIC))
     nearest = difflib.get_close_matches(name, list_attentions(), n=1)
     hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
     raise KeyError(
-        f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{parametric})"
+        f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{parametric}; an "
+        f"attention of your own: @register_attention in a module named by an '{ATTENTION_GROUP}' entry point)"
     )
 
 

@@ -12,6 +12,7 @@ first positions; Nystrom/Linformer put them in the first segment; the global ker
 import importlib
 import pkgutil
 
+from ..attention import registry as _registry
 from ..attention.interface import COUNTERPART_MODULES as COUNTERPART_MODULES, MapKind as MapKind
 from ..attention.registry import (
     attention_layer as attention_layer,
@@ -42,7 +43,7 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 #: Each registered zoo attention's class by its class name (``PerformerAttention``, ``WindowAttention``, ...).
 _CLASSES = {
     cls.__name__: cls
-    for cls in map(get_attention_class, list_attentions())
+    for cls in _registry._ATTENTIONS.values()  # not list_attentions: a plug-in it loads may import this
     if cls.__module__.startswith(f"{__name__}.")
 }
 

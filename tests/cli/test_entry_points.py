@@ -1,0 +1,125 @@
+"""A lab's own comparison loss and attention, in a package installed beside attnxfer, reach the plain
+``attnxfer`` CLI through the ``attnxfer.losses`` and ``attnxfer.attentions`` entry points (as a dataset does
+through ``attnxfer.datasets``, tests/data_pipeline/test_data_sources.py): no fork, no script, and this file
+never imports the package's modules itself. A package that fails to import is one warning line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_vit
+
+from attnxfer.models import create_attention, list_attentions
+from attnxfer.transfer import build_plan
+
+_LOSS = '''
+from attnxfer.transfer import ComparisonLoss, Loss, Signal, comparison_loss
+
+
+@comparison_loss("lab_gap")
+class LabGap(ComparisonLoss):
+    """Squared gap of the two models' mean final features (any widths)."""
+
+    signals = (Signal.FEATURES,)
+
+    def compare(self, comparison, student, teacher, step) -> Loss:
+        loss = (student.float().mean() - teacher.float().mean()).pow(2)
+        return Loss(loss, {"lab_gap": loss})
+'''
+
+_ATTENTION = '''
+from attnxfer.models import register_attention
+from attnxfer.models.efficient import ReLULinearAttention
+
+
+@register_attention("lab_relu")
+class LabReLU(ReLULinearAttention):
+    """ReLU-linear attention under the lab's own name."""
+'''
+
+_FILES = {"labpkg/__init__.py": "", "labpkg/losses.py": _LOSS, "labpkg/attention.py": _ATTENTION}
+_ENTRY_POINTS = (
+    "[attnxfer.losses]\nlab_gap = labpkg.losses\n\n[attnxfer.attentions]\nlab_relu = labpkg.attention\n"
+)
+
+
+def test_an_installed_packages_loss_and_attention_reach_the_plain_cli(
+    install_package, tiny_teacher_dir, tmp_path, capsys
+):
+    """``attnxfer train`` plans with the package's loss and builds its student with the package's attention,
+    each found through its own group's entry point once the name is not a built-in one."""
+    install_package(_FILES, _ENTRY_POINTS)
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        *ONE_BLOCK_RUN,
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "transfer.losses=[{name: lab_gap, weight: 0.5}]",
+        "model.attention=lab_relu",
+        "schedule.max_steps=1",
+        f"run_dir={run}",
+    )
+    assert code == 0 and "warning: attnxfer." not in err, err
+    assert "\n  lab_gap of features: weight 0.5\n" in out  # the start-up plan's line
+    assert json.loads((run / "run.json").read_text())["student"]["attention"] == "lab_relu"
+    assert "lab_gap" in json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+
+
+def test_the_library_finds_them_too(install_package):
+    """Python code that never runs the CLI (a notebook's `build_plan`, `create_attention`, `load_student`)
+    asks the registries, which load the entry points themselves."""
+    install_package(_FILES, _ENTRY_POINTS)
+    plan = build_plan(tiny_vit(depth=1), tiny_vit(depth=1), "none", losses=[{"name": "lab_gap"}])
+    assert [c.loss for c in plan.comparisons] == ["lab_gap"]
+    assert type(create_attention("lab_relu", dim=48, num_heads=3)).__name__ == "LabReLU"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override,changed",
+    [
+        ("model.attention=lab_relu", "model.attention: null -> lab_relu"),
+        ("transfer.losses=[{name: lab_gap}]", "transfer.losses: [] -> [{name: lab_gap}]"),
+    ],
+)
+def test_a_fresh_cli_process_checks_the_names_against_the_installed_package(
+    install_package, override, changed
+):
+    """Where the CLI has not imported the registries yet (it checks names read from attnxfer's source), an
+    unknown name imports the package, and its names pass: the command line a user types. The loss's module
+    imports attnxfer's models, whose import loads no entry point (the attention's module, which imports them
+    too, would fail half-imported)."""
+    site = install_package(_FILES, _ENTRY_POINTS)
+    child = attnxfer_process("train", "--print-config", override, cwd=site)  # `-m` puts site on sys.path
+    assert child.returncode == 0 and not child.stderr, child.stderr  # passed, and no plug-in failed
+    assert f"#   {changed}\n" in child.stdout
+
+
+def test_a_package_that_fails_to_import_is_one_warning_line_and_hides_no_built_in(install_package, capsys):
+    """Both groups name a module that raises as it is imported: each is said once a process, in one line,
+    and the built-in losses and attentions are still offered."""
+    broken = "raise RuntimeError('no licence server\\nfor the lab kernels')\n"
+    install_package(
+        {"labpkg/__init__.py": broken},
+        "[attnxfer.losses]\nlab_gap = labpkg\n\n[attnxfer.attentions]\nlab_relu = labpkg\n",
+    )
+    code, _, err = run_cli(capsys, "train", "transfer.losses=[{name: lab_gap}]")
+    warning, refusal = err.splitlines()
+    assert code == 2 and warning == (
+        "warning: attnxfer.losses entry point lab_gap = labpkg failed to load, skipped: "
+        "RuntimeError('no licence server\\nfor the lab kernels')"
+    )
+    assert refusal.startswith(
+        "attnxfer train: error: transfer.losses[0].name: 'lab_gap' is not a comparison loss"
+    )
+    offered = refusal.split("(one of ")[1].split(";")[0].split(", ")
+    assert {"feature_distill", "map", "mse"} <= set(offered)  # the built-ins
+    code, _, err = run_cli(capsys, "train", "transfer.losses=[{name: lab_gap}]")
+    assert code == 2 and "warning" not in err  # once a process
+    assert {"softmax", "performer"} <= set(list_attentions())
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "warning: attnxfer.attentions entry point lab_relu = labpkg"
+    )
