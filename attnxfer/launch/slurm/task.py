@@ -248,10 +248,11 @@ _ENDING = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO
 
 
 def _why_slurm_ends(log: Path, since: float) -> str | None:
-    """Why SLURM ends the job, from its log's `_ENDING` lines since this attempt began: the reason ("" for its
-    user's scancel), None for a signal alone. A STEP line without a reason waits a few seconds for the JOB line
-    that tells a scancel from a signal: read too early (a loaded node), a scancel would be requeued."""
-    for _ in range(20):
+    """Why SLURM ends the job, from its log's `_ENDING` lines since this attempt began: the JOB line's reason
+    ("" for its user's scancel), else a STEP line's; None for a signal alone. A STEP line without a reason
+    waits up to a second for the JOB line that tells a scancel from a signal (read too early on a loaded
+    node, a scancel would be requeued); the lines come in either order."""
+    for _ in range(10):
         try:
             ends = [
                 (kind, why)
@@ -260,11 +261,10 @@ def _why_slurm_ends(log: Path, since: float) -> str | None:
             ]
         except (OSError, ValueError):  # no log, or a site's own time format: as if no line
             return None
-        if not ends:
-            return None
-        if ends[-1][0] == "JOB" or ends[-1][1]:
-            return ends[-1][1]
-        time.sleep(0.25)
+        jobs, reasons = [why for kind, why in ends if kind == "JOB"], [why for _, why in ends if why]
+        if jobs or reasons or not ends:
+            return jobs[-1] if jobs else (reasons[-1] if reasons else None)
+        time.sleep(0.1)
     return None
 
 
