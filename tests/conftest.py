@@ -55,12 +55,9 @@ def exported(trained, tmp_path_factory):
 
 
 @pytest.fixture
-def install_package(tmp_path, monkeypatch):
-    """``install_package(files, entry_points)``: a distribution ``labpkg`` installed as pip installs one, for
-    this test alone: ``files`` ({path: text}) in a site folder (returned) on sys.path beside ``labpkg-0.1.dist-info``,
-    whose entry_points.txt is ``entry_points``. attnxfer reads the entry points afresh, and afterwards forgets
-    the modules and what they registered."""
-    site = tmp_path / "site"
+def registries_kept():
+    """The dataset, attention and comparison-loss registries put back as they were after the test: what it
+    (or a docs example it runs) registers does not reach the next test in the same process."""
     registries = (
         datasets._DATASETS,
         attentions._ATTENTIONS,
@@ -68,6 +65,19 @@ def install_package(tmp_path, monkeypatch):
         comparisons.COMPARISON_LOSSES,
     )
     held = [dict(r) for r in registries]
+    yield
+    for registry, was in zip(registries, held):
+        registry.clear()
+        registry.update(was)
+
+
+@pytest.fixture
+def install_package(tmp_path, monkeypatch, registries_kept):
+    """``install_package(files, entry_points)``: a distribution ``labpkg`` installed as pip installs one, for
+    this test alone: ``files`` ({path: text}) in a site folder (returned) on sys.path beside ``labpkg-0.1.dist-info``,
+    whose entry_points.txt is ``entry_points``. attnxfer reads the entry points afresh, and afterwards forgets
+    the modules and what they registered."""
+    site = tmp_path / "site"
 
     def install(files: dict[str, str], entry_points: str) -> Path:
         for path, text in files.items():
@@ -85,9 +95,6 @@ def install_package(tmp_path, monkeypatch):
 
     yield install
     load_entry_points.cache_clear()
-    for registry, was in zip(registries, held):
-        registry.clear()
-        registry.update(was)
     for name in [m for m in sys.modules if m.split(".")[0] == "labpkg"]:
         del sys.modules[name]
 

@@ -71,7 +71,7 @@ def _python_blocks() -> list:
 
 
 @pytest.mark.parametrize(("where", "code"), _python_blocks(), ids=lambda v: v if "#" in v else "")
-def test_python_blocks_run(where, code, monkeypatch, tmp_path):
+def test_python_blocks_run(where, code, monkeypatch, tmp_path, registries_kept):
     monkeypatch.chdir(tmp_path)  # what a block writes (runs/...) lands here, not in the repository
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # and its mkdtemp() folders, not in /tmp for good
     monkeypatch.setattr(timm, "create_model", _tiny_create_model)

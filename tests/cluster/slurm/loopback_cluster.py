@@ -134,7 +134,9 @@ class LoopbackCluster:
     nodes: int = 2
     cpus_per_node: int = 2
     partition: str = "debug"
-    kill_wait_s: int = 2
+    # SIGTERM to SIGKILL (slurm's default: 30 s): the ranks save the step and say how the job ends in it; 2 s
+    # was too little on a loaded 2-core machine (the job ended, its last line unsaid)
+    kill_wait_s: int = 10
     requeue_delay_s: int = 5  # AuthInfo cred_expire: a requeued job waits this long (slurm's default: 120 s)
     node_names: list[str] = field(init=False)
 
