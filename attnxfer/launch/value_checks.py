@@ -78,8 +78,9 @@ def _comparison_names() -> frozenset[str]:
 
 
 def _check_comparisons(entries: Any) -> None:
+    names = _comparison_names()
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
-        name, names = entry.get("name") if isinstance(entry, dict) else None, _comparison_names()
+        name = entry.get("name") if isinstance(entry, dict) else None
         if isinstance(name, str) and name not in names:
             # an installed package's: it imports the registry, which then holds the built-ins too
             load_entry_points(LOSS_GROUP)

@@ -27,7 +27,6 @@ from attnxfer.data import (
     list_datasets,
     load_numpy_pickle,
     register_dataset,
-    registry,
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.errors import InputError
@@ -597,7 +596,9 @@ def test_a_registered_dataset_is_listed_built_with_its_options_and_refused_twice
         register_dataset("test_ones", info=info)(build_ones)
 
 
-def test_a_registered_builder_that_ignores_the_runs_size_is_refused_when_built_from_one_image(monkeypatch):
+def test_a_registered_builder_that_ignores_the_runs_size_is_refused_when_built_from_one_image(
+    registries_kept,
+):
     """Its 28 px images stopped a 32 px run in timm (``Input height (28) doesn't match model (32)``) at its
     first batch; now its val split's first sample says so, in one line, and no other sample is read."""
     read = []
@@ -610,7 +611,6 @@ def test_a_registered_builder_that_ignores_the_runs_size_is_refused_when_built_f
     def build_cells(split, *, root, img_size, in_chans, mean, std, seed):
         return Cells(torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))
 
-    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
     register_dataset("lab_cells", info=DatasetInfo("lab_cells", 2, None, (0.5,), (0.25,), 1, 28))(build_cells)
     said = (
         r"^dataset 'lab_cells' gives 1x28x28 images; the run asked for 3x32x32 \(data.img_size / "

@@ -163,7 +163,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
             raise stop
         env = submitit.JobEnvironment()
         refused: RequeueLimitReached | None = None
-        why = _why_slurm_ends(env.paths.stderr, self._started) if rank == 0 else None
+        why = _why_ending(env.paths.stderr, self._started) if rank == 0 else None
         if why == "":  # its user's scancel: SLURM would requeue even a cancelled job, which must stay so
             warn(f"{stop}; job {env.job_id} was cancelled, not requeued: submit the same command to resume")
         elif rank == 0:
@@ -247,7 +247,7 @@ def _watch_stop_signals() -> None:
 _ENDING = re.compile(r"\*\*\* (JOB|STEP) \S+ ON \S+ CANCELLED AT (\S+)(?: DUE TO (.+?))? \*\*\*")
 
 
-def _why_slurm_ends(log: Path, since: float) -> str | None:
+def _why_ending(log: Path, since: float) -> str | None:
     """Why SLURM ends the job, from its log's `_ENDING` lines since this attempt began: the JOB line's reason
     ("" for its user's scancel), else a STEP line's; None for a signal alone. A STEP line without a reason
     waits up to a second for the JOB line that tells a scancel from a signal (read too early on a loaded
@@ -263,7 +263,7 @@ def _why_slurm_ends(log: Path, since: float) -> str | None:
             return None
         jobs, reasons = [why for kind, why in ends if kind == "JOB"], [why for _, why in ends if why]
         if jobs or reasons or not ends:
-            return jobs[-1] if jobs else (reasons[-1] if reasons else None)
+            return (jobs or reasons or [None])[-1]
         time.sleep(0.1)
     return None
 
