@@ -124,14 +124,16 @@ def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, one_proces
 
 def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
     run = tmp_path / "job"
-    steps = 60  # the requeue lands after step 10: 50 steps of margin on a busy machine
+    # the requeue lands after step 10: 190 steps (~20 s) of margin; 50 (~5 s) were too few for this test's
+    # own polling on a loaded 2-core machine, and the requeue found the job finished
+    steps = 200
     sub = attnxfer_process(
         "submit",
         f"run_dir={run}",
         *TINY,
         f"schedule.max_steps={steps}",
         "checkpoint.every_steps=5",
-        "checkpoint.keep_last=20",
+        "checkpoint.keep_last=50",
         "data.batch_size=16",
         "--tasks-per-node",
         "1",
