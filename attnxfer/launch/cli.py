@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -158,6 +159,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 again = _with_auto(_config_of(args))
                 warn(f"attnxfer {args.command}: {e}; re-run the same command{again} to resume")
                 return e.exit_code
+            # a gloo collective whose peer process ended: that rank's own error (or torchrun's summary, for a
+            # killed one) is the cause, and this rank's traceback would bury it
+            distributed = sys.modules.get("attnxfer.train.distributed")
+            if (
+                distributed is not None
+                and distributed.joined_a_process_group()
+                and isinstance(e, RuntimeError)
+                and re.search(r"gloo.*(closed|reset) by peer", str(e), re.DOTALL)
+                and not os.environ.get("ATTNXFER_DEBUG")
+            ):
+                rank = distributed.rank_and_world()[0]
+                warn(
+                    f"attnxfer {args.command}: rank {rank} stopped: another rank's process ended while this one "
+                    "waited for it; that rank's error, above or in the launcher's summary, is the cause "
+                    "(ATTNXFER_DEBUG=1 shows where this rank waited)",
+                    all_ranks=True,
+                )
+                return 1
             if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
                 raise
             said = str(e)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_run
+from helpers import image_folder, tiny_run
 
 from attnxfer.checkpoints.store import CheckpointManager
 
@@ -33,12 +33,12 @@ ARGS = [
 ]
 
 
-def _torchrun(run: Path) -> subprocess.Popen:
+def _torchrun(run: Path, *overrides: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     return subprocess.Popen(
-        [*cmd, "-m", "attnxfer", "train", f"run_dir={run}", *ARGS],
+        [*cmd, "-m", "attnxfer", "train", f"run_dir={run}", *ARGS, *overrides],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -86,3 +86,28 @@ def test_a_killed_rank_ends_a_torchrun_job_and_the_same_command_resumes(tmp_path
     assert again.returncode == 0, err[-3000:]
     assert f"resumed from checkpoint step {last.step}" in out, out[-3000:]
     assert CheckpointManager(run).latest(verify_hash=True).step == STEPS
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_leaves_its_peer_one_line_not_a_gloo_traceback(tmp_path):
+    """A val image only rank 1 reads cannot be opened: rank 1 says so in one line, and rank 0, whose collective
+    then fails with gloo's "Connection closed by peer", says in one line that another rank ended instead of
+    burying that error under its own traceback."""
+    data = image_folder(tmp_path / "data", per_class={"train": 4, "val": 2})
+    bad = data / "val" / "class0" / "1.png"  # val index 1: rank 1's share (each rank reads order[rank::2])
+    bad.write_bytes(b"not an image")
+    job = _torchrun(
+        tmp_path / "run",
+        "data.dataset=folder",
+        "data.kwargs={}",
+        f"data.root={data}",
+        "data.img_size=32",
+        "data.batch_size=2",
+        "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2, patch_size: 8}",
+        "schedule.max_steps=1",
+    )
+    _, err = job.communicate(timeout=300)
+    assert job.returncode != 0
+    assert f"attnxfer train: error: image '{bad}' cannot be read as an image" in err, err[-3000:]
+    assert "attnxfer train: rank 0 stopped: another rank's process ended while this one waited" in err, err
+    assert "closed by peer" not in err and "[rank0]: Traceback" not in err, err[-3000:]
