@@ -96,8 +96,8 @@ def select_checkpoint(
             else:
                 what = f"val loss {best.metric:.4g}"
             return best.path, f"{best.path.name} (best {what})"
-        warn(f"no checkpoint in {run_dir} records a metric: using the latest")
-        return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
+        warn(f"no intact checkpoint in {run_dir} records a metric: using the latest")
+        return latest.path, f"{latest.path.name} (latest: no intact checkpoint records a metric)"
     return latest.path, f"{latest.path.name} (latest)"
 
 

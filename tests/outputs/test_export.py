@@ -399,6 +399,20 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     assert_exported(out, weights[(200, "model")])
 
 
+def test_a_damaged_best_checkpoint_is_not_reported_as_no_metric_recorded(tmp_path):
+    """The only checkpoint with a metric is damaged: the latest intact one is chosen, and the card does not
+    claim that no checkpoint recorded a metric (one did; it is unreadable)."""
+    manager = CheckpointManager(tmp_path, keep_last=5)
+    weights = {"model": trained_student(steps=0).state_dict()}
+    manager.save(100, weights, {"step": 100})
+    damaged = manager.save(200, weights, {"step": 200}, metric=70.0)
+    (damaged / "MANIFEST.json").unlink()
+    with pytest.warns(UserWarning, match="step-00000200"):
+        path, why = select_checkpoint(tmp_path, "best")
+    assert path.name == "step-00000100"
+    assert why == "step-00000100 (latest: no intact checkpoint records a metric)"
+
+
 def test_a_run_whose_objective_holds_the_student_as_a_submodule_exports_the_student(tmp_path):
     """A new objective's module (``ModuleObjective``) keeps its encoder as ``self.encoder`` beside parts of its own;
     the engine checkpoints that module's state dict, and the student is the encoder inside it."""
