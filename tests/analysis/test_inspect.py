@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.stats
+import timm
 import torch
 from helpers import peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
 from PIL import Image
+from safetensors.torch import save_file
 
 from attnxfer.analysis import (
     PAIR_METRICS,
@@ -577,6 +579,16 @@ def test_a_model_folder_is_read_by_its_path_and_a_spec_naming_nothing_by_its_rol
     assert cli_main(args) == 2
     assert f"error: student '{tmp_path / 'nope'}': " in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_students_loading_warnings_name_it_as_the_student(tmp_path, capsys):
+    """A student weights file under an untagged architecture gets timm's default mean/std: the warning says so
+    of the student, not of a teacher."""
+    weights = tmp_path / "student.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(weights))
+    load_model(str(weights), arch="vit_tiny_patch16_224")
+    err = capsys.readouterr().err
+    assert f"student {weights}: mean/std are timm's defaults" in err and "teacher" not in err
 
 
 def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teacher, tmp_path, capsys):

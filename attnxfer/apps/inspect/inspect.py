@@ -144,7 +144,9 @@ def load_model(
     if role == "student":  # an export folder's record says the size it was trained at, as a run's does
         _refuse_other_size(spec, trained_size(spec), img_size)
     try:
-        model, record = load_teacher(source, arch=arch, pretrained=pretrained, img_size=img_size)
+        model, record = load_teacher(
+            source, arch=arch, pretrained=pretrained, img_size=img_size, who=f"{role} {spec}"
+        )
     except TeacherLoadError as err:
         if "efficient-attention student" not in str(err):
             raise InputError(str(err)) from None
