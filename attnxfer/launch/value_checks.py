@@ -140,7 +140,8 @@ def _check_architecture(key: str, value: Any) -> None:
     )
 
 
-def _check_attention(key: str, value: Any) -> None:
+def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -> None:
+    """``also``: names the key takes besides the registry's as one value (convert.attention's ``auto``)."""
     names, prefixes = registered_attentions()
     if not names:  # the source is not beside the package (a frozen install): the registry checks later
         return
@@ -159,6 +160,8 @@ def _check_attention(key: str, value: Any) -> None:
         if not isinstance(name, str) or name in names or (colon and prefix in prefixes):
             continue
         where = f"{key}[{i}]" if isinstance(value, list) else key
+        if not isinstance(value, list):
+            names |= also
         known = sorted(names) + [f"{p}:<spec>" for p in sorted(prefixes)]
         # no registered name holds a call: a formula written without its prefix (its parse says what is wrong)
         formula = f"; a formula is named with its prefix: did you mean 'formula:{name}'?"
@@ -191,7 +194,7 @@ def check_values(cfg: Any) -> Any:
         _check_attention("model.attention", cfg.model.attention)
     auto = cfg.convert.attention == "auto"  # auto: each block chosen among convert.candidates
     if not auto:
-        _check_attention("convert.attention", cfg.convert.attention)
+        _check_attention("convert.attention", cfg.convert.attention, frozenset({"auto"}))
     _check_attention("convert.candidates", list(cfg.convert.candidates))
     _check_comparisons(cfg.transfer.losses)
     _check_options("model.attention_kwargs", cfg.model.attention, cfg.model.attention_kwargs)

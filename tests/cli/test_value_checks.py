@@ -44,6 +44,10 @@ def test_attention_names_read_from_the_source_are_the_registrys():
         (["model.attention=[softmax,softmaks]"], "model.attention[1]: 'softmaks'"),
         (["convert.attention=[hedgehog,Hedgehog]"], "convert.attention[1]: 'Hedgehog'"),
         (["convert.attention=formulas:sum(relu)"], "convert.attention: 'formulas:sum(relu)'"),
+        (  # convert.attention's own value beside the registry's names
+            ["convert.attention=atuo", "convert.speedup=2"],
+            "convert.attention: 'atuo' is not a registered attention; did you mean 'auto'? (one of agent, auto, ",
+        ),
         (  # a formula without its prefix, wherever an attention is named: the formula spelling suggested
             ["convert.candidates=[hedgehog,len(elu1)]"],
             "convert.candidates[1]: 'len(elu1)' is not a registered attention; a formula is named with its "
