@@ -7,10 +7,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
@@ -96,6 +99,15 @@ class KeyChange:
 
     def __str__(self) -> str:
         return f"{self.key} ({self.old!r} -> {self.new!r}){f' [{self.note}]' if self.note else ''}"
+
+    @staticmethod
+    def restoring(changes: list[KeyChange]) -> str:
+        """The overrides that give ``changes`` their recorded values back: the way to continue a run whose
+        values came from the command line, where dropping the new ones would fall to the recipe's."""
+        plain = lambda v: isinstance(v, str) and yaml.safe_load(v) == v  # read back as the same string
+        return " ".join(
+            shlex.quote(f"{c.key}={c.old if plain(c.old) else json.dumps(c.old)}") for c in changes
+        )
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import run_cli, tiny_run
+from helpers import ONE_BLOCK_RUN, run_cli, tiny_run
 from PIL import Image
 
 from attnxfer.apps.run.resume import check_same_data, config_changes
@@ -301,3 +302,17 @@ def test_going_back_before_a_runs_later_checkpoints_keeps_them_aside_and_eval_mo
     )
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if "." not in p.name) == ["step-00000008"]
     assert ResumePoint.find(run, "auto").config["seed"] == 5
+
+
+def test_a_refused_resume_gives_the_overrides_that_continue_the_run(tmp_path, capsys):
+    """A value the run took from the command line is not the recipe's: "drop the new value" would fall to the
+    recipe's and be refused again, so the advice names the recorded values, and they resume the run as written."""
+    base = [*ONE_BLOCK_RUN, "checkpoint.every_steps=1", f"run_dir={tmp_path / 'run'}"]
+    assert run_cli(capsys, "train", *base, "model.drop_path_rate=0.2", "schedule.max_steps=1")[0] == 0
+    again = [*base, "model.drop_path_rate=0.3", "schedule.max_steps=2"]
+    code, _, err = run_cli(capsys, "train", *again)
+    assert code == 2 and "model.drop_path_rate (0.2 -> 0.3)" in err
+    advice = err.split("give them the values it recorded: ")[1].split(" (its config")[0]
+    assert advice == "model.drop_path_rate=0.2"
+    code, _, err = run_cli(capsys, "train", *again, *shlex.split(advice))
+    assert code == 0 and (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir(), err

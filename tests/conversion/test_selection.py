@@ -232,6 +232,21 @@ def test_a_damaged_recorded_choice_is_one_line_saying_how_to_choose_again(tmp_pa
         ]
 
 
+def test_a_recorded_choice_made_for_another_budget_names_the_budget_that_continues_it(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The budget usually comes from the command line: dropping the new one would leave none, so the refusal
+    gives the recorded value back as the override that continues the run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / SELECTION_FILE).write_text(json.dumps({"config": {"convert": {"speedup": 3.0}}}))
+    assert cli.main(_args(run, tiny_teacher_dir, "convert.speedup=1.1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "convert.speedup (3.0 -> 1.1)" in err and err.endswith(
+        "give them the values it recorded: convert.speedup=3.0"
+    )
+
+
 @pytest.mark.slow
 def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, tiny_teacher_dir, capsys):
     """At 1,025 tokens (the teacher rebuilt there for the timing) a 1.1x budget is met as predicted; the

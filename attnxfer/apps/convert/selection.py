@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...checkpoints.atomic_io import atomic_write_json
-from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
+from ...checkpoints.resume_point import KeyChange, ResumeFrom, ResumePolicy
 from ...config import (
     ConfigError,
     TrainConfig,
@@ -187,7 +187,7 @@ def _recorded(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
             f"{path.parent} already holds a choice of attentions ({path.name}) made with different values for: "
             f"{'; '.join(map(str, refused))}. These cannot change when a run resumes; nothing was written. To "
             "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
-            "this one, drop them"
+            f"this one, give them the values it recorded: {KeyChange.restoring(refused)}"
         )
     say(f"convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
     return record

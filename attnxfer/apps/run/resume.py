@@ -128,7 +128,8 @@ def judge(
         raise ConfigError(
             f"{run} already holds a {what} (checkpoint {point.name}) {changed}. These cannot change when a "
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
-            f"(run_dir=...); to continue this one, drop them (its config: {config})"
+            f"(run_dir=...); to continue this one, give them the values it recorded: "
+            f"{KeyChange.restoring(point.refused)} (its config: {config})"
         )
     if point.allowed and reader is None:
         changed = ", ".join(map(str, point.allowed))
