@@ -44,7 +44,7 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         student_attention(tiny_vit(depth=2), None, {"num_features": 8})
 
 
-def test_convert_refuses_model_attention_and_its_options_and_names_the_convert_keys(capsys):
+def test_convert_refuses_model_attention_and_its_options_and_names_the_convert_keys(tmp_path, capsys):
     assert main(["convert", "model.attention=performer", "teacher.spec=vit_tiny_patch16_224"]) == 2
     err = capsys.readouterr().err
     assert "model.attention='performer' is for a fresh student" in err
@@ -53,6 +53,20 @@ def test_convert_refuses_model_attention_and_its_options_and_names_the_convert_k
     args = ["convert", "convert.attention=performer", "model.attention_kwargs.num_features=8"]
     assert main([*args, "teacher.spec=vit_tiny_patch16_224"]) == 2
     assert "with convert.attention_kwargs: set that instead" in capsys.readouterr().err
+
+    # a train recipe's student keys: convert's student is the teacher's, so they are said to be unused
+    args = [
+        "convert",
+        "model.name=vit_small_patch16_224",
+        "model.kwargs={depth: 2}",
+        "convert.attention=performer",
+    ]
+    assert main([*args, f"teacher.spec=local-dir:{tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "warning: model.name=vit_small_patch16_224, model.kwargs={'depth': 2} unused: convert's student"
+        in err
+    )
 
 
 @pytest.mark.slow  # a 10-step distillation run, then an export

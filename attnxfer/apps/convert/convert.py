@@ -23,7 +23,7 @@ from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import atomic_write_json, atomic_write_text, set_aside
-from ...config import ConfigError, TrainConfig, apply_overrides, dump_config
+from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config
 from ...errors import InputError
 from ...models.efficient import GridFitError, build_efficient_student, new_parameters, set_drop_path
 from ...models.image_input import image_input
@@ -260,6 +260,14 @@ def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
                 f"model.{key}={value!r} is for a fresh student (`attnxfer train`); convert builds its student "
                 f"from the teacher's weights with convert.{key}: set that instead"
             )
+    changed = config_changes(TrainConfig(), cfg)
+    if unread := [
+        f"{k}={changed[k][1]}" for k in ("model.name", "model.kwargs", "model.init") if k in changed
+    ]:
+        speak.warn(
+            f"warning: {', '.join(unread)} unused: convert's student is the teacher's architecture and weights, "
+            "with convert.attention in its blocks (a train recipe's student keys do not apply)"
+        )
     return apply_overrides(cfg, {"convert.stage1_steps": 0}) if skip_stage1 else cfg
 
 
