@@ -458,6 +458,11 @@ def _resolve_file(
         raise MissingPathError(f"teacher checkpoint {path} does not exist")
     if (path.parent / RUN_RECORD).is_file():  # its config.yaml or run.json: weights are in its checkpoints
         raise InputError(f"{path} is a file in the run folder {path.parent}: give the folder itself")
+    if path.suffix.lower() == ".onnx":  # asking for its architecture first would send the user the wrong way
+        raise InputError(
+            f"{path} is an ONNX model, for ONNX Runtime; attnxfer and timm read an export's timm format: "
+            f"local-dir:{path.parent} if it holds model.safetensors, else export the run with --format timm onnx"
+        )
     if not arch:
         hint = (
             f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"

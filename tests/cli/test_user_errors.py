@@ -193,6 +193,17 @@ def _teacher_refused(spec: str, tmp_path, capsys) -> str:
     return _refused(["train", f"run_dir={tmp_path / 'run'}", f"teacher.spec={spec}", *_TINY_RUN], capsys)
 
 
+def test_an_onnx_file_given_as_a_model_is_named_for_onnx_runtime_before_any_architecture_is_asked(
+    tmp_path, capsys
+):
+    onnx = tmp_path / "export" / "model.onnx"
+    onnx.parent.mkdir()
+    onnx.write_bytes(b"\x08\x07")  # read by nothing: the suffix says what it is
+    err = _teacher_refused(str(onnx), tmp_path, capsys)
+    assert f"{onnx} is an ONNX model, for ONNX Runtime" in err and f"local-dir:{onnx.parent}" in err, err
+    assert "name the timm architecture" not in err
+
+
 def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_path, capsys, monkeypatch):
     (tmp_path / "runs" / "demo" / "mae-1a2b3c" / "export").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
