@@ -342,6 +342,13 @@ def test_resize_to_a_fixed_size_is_timms_squash():
     assert old["crop_pct"] == pytest.approx(196 / 224) and old["crop_mode"] == "center"
 
 
+def test_an_image_processor_that_does_not_normalise_feeds_pixels_in_0_1_not_timms_statistics():
+    """``do_normalize: false``: transformers hands the model rescaled pixels as they are (mean 0, std 1), so
+    the teacher's images must not be normalised by timm's defaults for the architecture."""
+    pp = tf._preprocessing({"do_normalize": False, "image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    assert pp["mean"] == (0.0, 0.0, 0.0) and pp["std"] == (1.0, 1.0, 1.0)
+
+
 # --------------------------------------------------------------------------------------- the registry
 
 

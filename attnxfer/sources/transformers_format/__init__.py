@@ -224,6 +224,8 @@ def _preprocessing(pp: dict[str, Any]) -> dict[str, Any]:
         for key, name in (("mean", "image_mean"), ("std", "image_std")):
             if isinstance(pp.get(name), (list, tuple)):
                 out[key] = tuple(float(v) for v in pp[name])
+    else:  # the model reads pixels in [0, 1] as they are: not timm's default statistics for the arch
+        out.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     resample = pp.get("resample")
     if isinstance(resample, int) and resample in _RESAMPLE:
         out["interpolation"] = _RESAMPLE[resample]
