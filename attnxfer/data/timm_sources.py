@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from itertools import islice
@@ -336,6 +337,13 @@ for _prefix in STREAM_PREFIXES:
                 input_img_mode="RGB" if info.in_chans == 3 else "L",
                 transform=transform,
             )
+            # webdataset skips a shard it cannot open with a log line: an epoch would end early, or be empty
+            shards = stream.reader.split_info.filenames if _prefix == "wds" and "://" not in root else ()
+            if missing := [f for f in shards if not os.path.isfile(os.path.join(root, f))]:
+                raise MissingPathError(
+                    f"data.dataset={dataset}: {len(missing)} of the {split} split's {len(shards)} shards are not "
+                    f"under data.root={root}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+                )
             if _prefix == "wds" and not labels:  # the same shards, decoded without their .cls
                 stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
         except ImportError as e:

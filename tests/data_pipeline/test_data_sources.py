@@ -282,6 +282,16 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
         num_classes_of(cfg, data_info(cfg.data))
 
 
+def test_a_shard_the_split_names_that_is_not_under_the_root_is_refused_naming_it(shards):
+    """webdataset skips a shard it cannot open with a log line: the run would end its epoch early, or fail
+    with a traceback at its first validation on a val split of no images."""
+    split = f"train-{{000000..000002}}.tar|{N_TRAIN}"  # 000002 is not there
+    with pytest.raises(
+        MissingPathError, match=r"1 of the train split's 3 shards are not under .*: train-000002.tar$"
+    ):
+        build_dataset("wds/animals", "train", root=str(shards), **NORM, batch_size=8, train_split=split)
+
+
 def test_mae_pretrains_on_labelled_shards_without_a_class_count(shards, tmp_path):
     """MAE reads no label: a stream that does not count its classes needs no model.num_classes (which pretrain
     refuses, its encoder being headless)."""
