@@ -86,6 +86,13 @@ def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo
     return decoded_image_info(name, None, labels)
 
 
+#: what to do with a Hugging Face dataset whose columns are named otherwise (CIFAR's ``img``, ``fine_label``)
+_HF_COLUMNS = (
+    "hfds/ reads the columns 'image' and 'label': rename them (datasets' rename_column) and save the dataset "
+    "to a folder (save_to_disk or to_parquet), then set data.dataset=hfds/FOLDER"
+)
+
+
 class HfImages:
     """The image column of a Hugging Face dataset alone (no label column needed): a timm reader that hands
     out no target."""
@@ -98,7 +105,8 @@ class HfImages:
         table = datasets.load_dataset(name, split=split, cache_dir=root)
         if image_key not in table.column_names:
             raise InputError(
-                f"hfds/{name} split {split!r} has no {image_key!r} column (it has {table.column_names})"
+                f"hfds/{name} split {split!r} has no {image_key!r} column (it has {table.column_names}); "
+                + _HF_COLUMNS
             )
         self.image_key = image_key
         self.table = table.select_columns([image_key]).cast_column(image_key, datasets.Image(decode=False))
@@ -215,6 +223,12 @@ def build_hfds(
             f"hfds/{name}", root=root, split=hf_split, input_img_mode=mode, transform=transform
         )
         columns = images.reader.dataset.column_names
+        # timm's reader casts its 'image' column, which datasets adds, empty, to a table that lacks it
+        images_read = images.reader.dataset.data.column("image")
+        if images_read.null_count == len(images_read):
+            raise InputError(
+                f"hfds/{name} split {hf_split!r} has no 'image' column (it has {columns[:-1]}); {_HF_COLUMNS}"
+            )
         if images.reader.label_key.split("/")[0] not in columns:
             raise InputError(
                 f"hfds/{name} split {hf_split!r} has no {images.reader.label_key!r} column (it has {columns}); "

@@ -240,6 +240,26 @@ def test_streams_and_hugging_face_tables_identify_themselves_without_being_read(
     assert data_identity(build_dataset(f"hfds/{hf_dir}", "val", root=tmp_path / "a", **NORM)) != here
 
 
+@pytest.mark.parametrize("labels", [True, False])
+def test_a_hugging_face_dataset_whose_images_are_not_in_an_image_column_is_told_what_to_rename(
+    hf_dir, tmp_path, labels
+):
+    """CIFAR-10 on the Hub names its images 'img': timm's reader casts an 'image' column, which datasets adds,
+    empty, so the first image read raised a TypeError traceback."""
+    import datasets
+
+    root = tmp_path / "cifar_like"
+    for split in ("train", "validation"):
+        table = datasets.load_dataset(str(hf_dir), split=split, cache_dir=tmp_path / "a").rename_column(
+            "image", "img"
+        )
+        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    with pytest.raises(
+        InputError, match=r"no 'image' column \(it has \['img', 'label'\]\); hfds/ reads .* rename"
+    ):
+        build_dataset(f"hfds/{root}", "val", root=tmp_path / "b", **NORM, labels=labels)
+
+
 @pytest.mark.parametrize(
     "prefix,options", [("hfds", {}), ("hfds", {"labels": False}), ("hfids", {"val_samples": N_VAL})]
 )
