@@ -260,6 +260,22 @@ def test_a_hugging_face_dataset_whose_images_are_not_in_an_image_column_is_told_
         build_dataset(f"hfds/{root}", "val", root=tmp_path / "b", **NORM, labels=labels)
 
 
+def test_a_hugging_face_dataset_with_plain_integer_labels_asks_for_the_class_count(hf_dir, tmp_path):
+    """A label column of integers (no ClassLabel) says no class count: model.num_classes does, and data.root
+    (the dataset's cache, optional) is not what is missing."""
+    import datasets
+
+    root = tmp_path / "int_labels"
+    for split in ("train", "validation"):
+        table = datasets.load_dataset(str(hf_dir), split=split, cache_dir=tmp_path / "a")
+        table.cast_column("label", datasets.Value("int64")).to_parquet(
+            str(root / "data" / f"{split}.parquet")
+        )
+    cfg = load_config(None, [f"data.dataset=hfds/{root}"])
+    with pytest.raises(InputError, match=r"does not say how many classes it has; set model.num_classes$"):
+        num_classes_of(cfg, data_info(cfg.data))
+
+
 @pytest.mark.parametrize(
     "prefix,options", [("hfds", {}), ("hfds", {"labels": False}), ("hfids", {"val_samples": N_VAL})]
 )

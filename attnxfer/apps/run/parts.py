@@ -263,7 +263,7 @@ def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
             f"{d.dataset}: raise it, or leave it null for the dataset's"
         )
     if not num_classes:
-        if d.root is None and not d.dataset.startswith("hfids/"):  # a streamed Hub dataset: root is its cache
+        if d.root is None and not d.dataset.startswith(("hfds/", "hfids/")):  # Hub datasets: root is a cache
             raise InputError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
         raise InputError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
     return num_classes
