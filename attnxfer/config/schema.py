@@ -140,7 +140,7 @@ class DataConfig:
     root: str | None = key(None, range=ANY, resumable=True)
     img_size: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the student's
     in_chans: int | None = key(None, range=AT_LEAST_1)
-    # default: the teacher's (pretrained cfg), else the dataset's
+    # default: the teacher's (pretrained cfg), else model.init's, else the dataset's
     mean: list[float] | None = key(None, range=ANY)
     std: list[float] | None = key(None, range=POSITIVE)  # default: as data.mean
     batch_size: int = key(128, range=AT_LEAST_1)  # per process

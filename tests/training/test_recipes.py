@@ -406,6 +406,22 @@ def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others(
     assert nested["curriculum"] == [] and nested["pairs"] == 4 and nested["num_keys"] == 16
 
 
+def test_fine_tuning_from_model_init_normalises_by_the_pretrained_models_statistics(tmp_path, capsys):
+    """As timm's train.py does (resolve_data_config of the model): an encoder trained on other statistics
+    than the dataset's (CLIP's, SigLIP's, a transformers processor's) is fine-tuned on the inputs it knows."""
+    from timm.models import save_for_hf
+
+    encoder = tiny_vit(depth=1, embed_dim=24, num_heads=2, plain_timm=True)
+    stats = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+    save_for_hf(encoder, tmp_path / "init", safe_serialization=True, model_config={"pretrained_cfg": stats})
+    cfg = load_config(
+        None, [*tiny_run(8, 4), "transfer.mode=none", f"model.init=local-dir:{tmp_path / 'init'}"]
+    )
+    parts = build_run_parts(cfg)
+    assert tuple(parts.mean) == stats["mean"] and tuple(parts.std) == stats["std"]
+    assert "normalised by model.init's mean/std" in capsys.readouterr().out
+
+
 def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir, tmp_path, capsys):
     """The teacher decides the size, channels and normalisation unless the config does: a 1-channel teacher
     turns an RGB folder grey, so the run says so before it trains."""

@@ -337,15 +337,17 @@ def build_run_parts(
             f"the student takes {in_chans}-channel images and the teacher {takes}, but both read the same "
             f"images: set model.kwargs.in_chans={takes}"
         )
-    # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
-    mean = d.mean or (record or {}).get("mean") or info.mean
-    std = d.std or (record or {}).get("std") or info.std
+    # Normalisation: explicit config, else the teacher's pretrained statistics, else model.init's (what the
+    # encoder fine-tuned was trained on, as timm's train.py reads them), else the dataset's.
+    stats = record or (getattr(student, "pretrained_cfg", {}) if cfg.model.init else {})
+    mean = d.mean or stats.get("mean") or info.mean
+    std = d.std or stats.get("std") or info.std
     if in_chans == 1 and len(mean) == 3 and not d.mean:  # grey images (data.in_chans=1) of RGB statistics
         mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey
-    normalised_by = "the teacher's" if (record or {}).get("mean") else "the dataset's"
+    normalised_by = ("the teacher's" if record else "model.init's") if stats.get("mean") else "the dataset's"
     return parts_around(
         cfg,
         info,
