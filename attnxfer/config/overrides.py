@@ -145,6 +145,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin in (list, Sequence):
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # key.0.weight=...
+            raise ConfigError(
+                f"{key}.{next(iter(value))}: a list is not set item by item; give it whole: {key}=[...]"
+            )
         if not isinstance(value, (list, tuple)):
             # one item given: the example is that item in brackets
             example = f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"

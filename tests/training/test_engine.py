@@ -137,6 +137,10 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
             "transfer.losses: expected a list, got {'name': 'mse', 'signal': 'v'} "
             "(write e.g. transfer.losses=[{name: mse, signal: v}])",
         ),
+        (  # an item by its index, as OmegaConf's dotlists allow: not a mapping of '0' to write in brackets
+            "transfer.losses.0.weight=2",
+            "transfer.losses.0: a list is not set item by item; give it whole: transfer.losses=[...]",
+        ),
     ],
 )
 def test_a_bad_value_of_a_list_or_null_key_names_the_brackets_or_the_item(override, said):
