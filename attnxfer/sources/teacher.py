@@ -168,6 +168,11 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
             "global_pool='avg')`; for a config's teacher.spec, save it as a local-dir: folder that records it, "
             "as docs/teachers.md shows)"
         )
+    if any(re.search(r"(^|\.)(embeddings|encoder\.layers?)\.", k) for k in sd_keys):
+        hints.append(
+            "the names are transformers' (save_pretrained): give the folder with its config.json as "
+            "local-dir:DIR, which maps them onto timm's (docs/teachers.md)"
+        )
     if "dist_token" in sd_keys:
         hints.append("the checkpoint has a distillation token: use a *_distilled_* arch of its timm model")
     shapes = re.findall(r"size mismatch for (\S+): .*?Size\(\[(.*?)\]\).*?Size\(\[(.*?)\]\)", msg)

@@ -453,6 +453,16 @@ def test_weights_that_do_not_fit_their_config_are_named(tmp_path, change, expect
     assert "encoder.layer.*" in msg or "pos_embed" in msg
 
 
+def test_a_transformers_weights_file_given_with_an_architecture_is_told_to_give_its_folder(tmp_path):
+    """Named as a bare file (teacher.spec=.../model.safetensors teacher.arch=...), transformers' names fit no
+    timm architecture: the error says which spec maps them."""
+    folder = _vit_folder(tmp_path)
+    with pytest.raises(TeacherLoadError, match=r"Hint: the names are transformers' .* as local-dir:DIR"):
+        load_teacher(
+            str(folder / "model.safetensors"), arch="vit_tiny_patch16_224", img_size=IMG, patch_size=8
+        )
+
+
 def test_the_cli_refuses_an_unreadable_folder_in_one_line_before_any_work(tmp_path, capsys):
     folder = _vit_folder(tmp_path)
     _edit_config(folder, model_type="wav2vec2")
