@@ -308,7 +308,8 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     # starting over chooses again, the earlier attempt's choice and report kept aside as they were
     reports = {name: (run / name).read_text() for name in ("report.json", "report.md")}
     assert cli.main([*args, "convert.speedup=1.2", "checkpoint.resume=none"]) == 0
-    assert json.loads((run / SELECTION_FILE).read_text())["speedup"] == 1.2
+    chosen = json.loads((run / SELECTION_FILE).read_text())
+    assert chosen["speedup"] == 1.2
     for name, text in {SELECTION_FILE: before, **reports}.items():
         (kept,) = run.glob(f"{name}.replaced-*")
         assert kept.read_text() == text and (run / name).read_text() != text, name
@@ -322,7 +323,8 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     from attnxfer.models import attention_name_of, transferable_attentions
 
     loaded = load_student(f"local-dir:{out_dir}").eval()
-    assert [attention_name_of(a) for a in transferable_attentions(loaded)] == names
+    # the run now holds the 1.2x choice, which timing may make differ from the 1.1x one above
+    assert [attention_name_of(a) for a in transferable_attentions(loaded)] == chosen["attention"]
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert loaded(x).shape == (2, 10)
 
