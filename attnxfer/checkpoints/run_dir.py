@@ -89,8 +89,10 @@ def select_checkpoint(
     if which is CheckpointChoice.BEST:
         best = manager.best()
         if best is not None and best.metric is not None:
-            if best_metric not in (None, "val_top1", "val_loss"):
-                what = f"{best_metric.removeprefix('val_')} {best.metric:.4g}"
+            if best_metric == "ema_val_top1":
+                what = f"EMA val top-1 {best.metric:.2f}"
+            elif best_metric not in (None, "val_top1", "val_loss"):
+                what = f"{best_metric.replace('ema_val_', 'EMA ').removeprefix('val_')} {best.metric:.4g}"
             elif manager.best_mode is MetricMode.MAX:
                 what = f"val top-1 {best.metric:.2f}"
             else:

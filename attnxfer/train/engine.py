@@ -53,8 +53,8 @@ class TrainResult:
 
     @property
     def best_top1(self) -> float | None:
-        """The best val top-1 (classification runs; None for runs scored otherwise)."""
-        return self.best if self.metric == "val_top1" else None
+        """The best val top-1, the EMA's where the run keeps one (classification runs; None for others)."""
+        return self.best if self.metric in ("val_top1", "ema_val_top1") else None
 
 
 @dataclass(frozen=True)
@@ -488,7 +488,7 @@ class Engine:
         value = final[s.metric]
         if self.best is None or MetricMode(s.metric_mode).better(value, self.best):
             self.best = value
-        final["best_" + s.metric.removeprefix("val_")] = self.best  # best_top1, best_loss
+        final["best_" + s.metric.replace("val_", "")] = self.best  # best_top1, best_loss, best_ema_top1
         self.metrics.log("val", self.step, final, epoch=self._epoch_now())
         # timm's 0-based epoch index: the epoch just completed (or the one cut short by max_steps)
         self.metrics.log_epoch(self.epoch - 1 if self.position == 0 else self.epoch, self._summary_row(final))
@@ -499,10 +499,10 @@ class Engine:
             for draw in self.pictures:  # class-token maps, MAE reconstructions (built in attnxfer.apps)
                 for tag, image in draw(self.student).items():
                     self.metrics.log_image(tag, self.step, image)
-            name = s.metric.removeprefix("val_")
-            fmt = ".2f" if s.metric == "val_top1" else ".4g"
+            name = s.metric.replace("ema_val_", "EMA val ").replace("val_", "val ")
+            fmt = ".2f" if s.metric.endswith("val_top1") else ".4g"
             say(
-                f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
+                f"epoch {self.epoch}: step {self.step}/{self.total_steps} {name} {value:{fmt}} "
                 f"(best {self.best:{fmt}})"
             )
         if s.checkpoint.every_epoch or self.step >= self.total_steps or self._should_checkpoint_now():

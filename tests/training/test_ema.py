@@ -3,6 +3,8 @@ whose fused qkv is a `PartialQKV`, and a resumed run whose EMA is bit-identical 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -13,9 +15,12 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import train
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
+from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import load_config
 from attnxfer.models import PartialQKV
+from attnxfer.run_layout import STATE_NAME
 from attnxfer.train.ema import StudentEMA
+from attnxfer.train.metrics import read_metrics
 from attnxfer.transfer import TeacherStudent, build_plan
 
 
@@ -56,8 +61,9 @@ def test_ema_is_the_recurrence_on_parameters_and_copies_buffers_of_a_copy_mode_s
 
 @pytest.mark.slow  # two 4-step runs with a teacher: about 20 s here
 def test_resumed_copy_run_ends_with_a_bit_identical_ema(tmp_path, capsys):
-    """A copy-mode run with EMA, checkpointed at steps 2 and 4: delete step 4, run the same command again
-    (it resumes from step 2) and the new step-4 EMA and weights equal the first run's bit for bit."""
+    """A copy-mode run with EMA, checkpointed at steps 2 and 4, ranks its checkpoints by the EMA's top-1; delete
+    step 4, run the same command again (it resumes from step 2) and the new step-4 EMA and weights equal the
+    first run's bit for bit."""
     teacher_dir = tmp_path / "teacher"
     teacher = peaked_teacher(depth=2)
     export_student(teacher, teacher_dir, card=ModelCardInfo(model_name="tiny", license="apache-2.0"))
@@ -77,14 +83,29 @@ def test_resumed_copy_run_ends_with_a_bit_identical_ema(tmp_path, capsys):
             "deterministic=true",
         ],
     )
-    train(cfg)
-    step4 = Path(cfg.run_dir) / "checkpoints" / "step-00000004"
+    result = train(cfg)
+    run = Path(cfg.run_dir)
+    step4 = run / "checkpoints" / "step-00000004"
     first = {g: load_file(str(step4 / f"{g}.safetensors")) for g in ("model", "ema")}
     assert any(k.endswith("qkv.weight") for k in first["ema"])
+    # checkpoints are ranked by the EMA's top-1: the weights `load_student` and export take by default
+    (scored,) = read_metrics(run, "val")
+    assert result.metric == json.loads((run / "run.json").read_text())["best_metric"] == "ema_val_top1"
+    assert json.loads((step4 / MANIFEST_NAME).read_text())["metric"] == scored["ema_val_top1"] == result.best
+    assert "EMA val top1" in capsys.readouterr().out
+    # a run whose checkpoints were ranked by the raw weights' top-1 (before EMA ranking) resumes ranked so
+    step2 = run / "checkpoints" / "step-00000002"
+    state = json.loads((step2 / STATE_NAME).read_text()) | {"best_metric": "val_top1"}
+    text = json.dumps(state).encode()
+    (step2 / STATE_NAME).write_bytes(text)
+    manifest = json.loads((step2 / MANIFEST_NAME).read_text())
+    manifest["files"][STATE_NAME] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    (step2 / MANIFEST_NAME).write_text(json.dumps(manifest))
     shutil.rmtree(step4)
-    capsys.readouterr()
-    train(cfg)
+    assert train(cfg).metric == "val_top1"
     assert "(step 2, epoch 0" in capsys.readouterr().out
+    (scored,) = read_metrics(run, "val")
+    assert json.loads((step4 / MANIFEST_NAME).read_text())["metric"] == scored["val_top1"]
     for group, tensors in first.items():
         again = load_file(str(step4 / f"{group}.safetensors"))
         assert again.keys() == tensors.keys()

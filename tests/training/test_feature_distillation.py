@@ -206,7 +206,7 @@ def _train_args(run, teacher_dir, *extra: str) -> list[str]:
 
 def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
     """On a dataset whose labels raise: the logged first step equals the loss computed by hand on that batch,
-    the feature loss falls, every evaluation (the EMA's too) is feature agreement, the best is its highest
+    the feature loss falls, every evaluation (the EMA's too) is feature agreement, the best is the EMA's highest
     patch cosine, and the run's student rebuilds headless."""
     run = tmp_path / "run"
     with labels_raise_registered():
@@ -232,17 +232,18 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
     assert end < 0.8 * start, (start, end)
     evals = [r for r in rows if r["split"] == "val"]
     assert len(evals) == 3 and all("val_feat_cos_patch" in r and "ema_val_feat_cos_patch" in r for r in evals)
-    assert result.metric == "val_feat_cos_patch" and result.best == max(
-        r["val_feat_cos_patch"] for r in evals
+    # ranked by the EMA's agreement: its weights are what load_student and export take by default
+    assert result.metric == "ema_val_feat_cos_patch" and result.best == max(
+        r["ema_val_feat_cos_patch"] for r in evals
     )
     record = json.loads((run / "run.json").read_text())
     assert (record["best_metric"], record["best_mode"], record["num_classes"]) == (
-        "val_feat_cos_patch",
+        "ema_val_feat_cos_patch",
         "max",
         0,
     )
     loaded = RunDir(run).load_student(weights="raw")
-    assert loaded.model.num_classes == 0 and "best feat_cos_patch" in loaded.why
+    assert loaded.model.num_classes == 0 and "best EMA feat_cos_patch" in loaded.why
 
 
 # -- bad input: one line, before any work ------------------------------------------------------------------------

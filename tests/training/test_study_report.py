@@ -38,6 +38,7 @@ students:
     transfer.atd_weight: 2.0
   - name: distill
     transfer.mode: distill
+    ema.decay: 0.9
   - name: headless
     transfer.mode: distill
     transfer.task_weight: 0
@@ -112,7 +113,7 @@ def test_a_study_whose_students_all_stopped_still_gets_its_report(tmp_path):
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory, tiny_teacher_dir, one_intra_op_thread) -> Path:
     """A study of four students for two steps on synthetic data: copy (with an atd_weight it does not read,
-    which it warns of), distillation, distillation without a task loss (no head: k-NN), and one whose loss
+    which it warns of), distillation (with an EMA, which it is scored and drawn by), distillation without a task loss (no head: k-NN), and one whose loss
     blows up at once; then its report."""
     root = tmp_path_factory.mktemp("study")
     (root / "students.yaml").write_text(STUDENTS)
@@ -191,7 +192,9 @@ def test_top1_and_mcnemar_match_a_recount_from_per_image_predictions(study_dir):
         assert row["correct"] == int(hit.sum())
         assert row["low"] <= row["top1"] <= row["high"]
         logged = [r for r in read_metrics(study_dir / name, "val") if r["step"] == row["checkpoint_step"]]
-        assert row["top1"] == pytest.approx(logged[-1]["val_top1"])  # the engine's own count agrees
+        # the engine's own count agrees (the EMA's, for the student that keeps one and is scored by it)
+        assert row["top1"] == pytest.approx(logged[-1][row["curve"]["metric"]])
+    assert rows["distill"]["curve"]["metric"] == "ema_val_top1"
     b = int((hits["copy"] & ~hits["distill"]).sum())
     c = int((~hits["copy"] & hits["distill"]).sum())
     assert b + c == int((hits["copy"] != hits["distill"]).sum())

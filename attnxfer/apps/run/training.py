@@ -402,6 +402,14 @@ def build_engine(
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
     evaluator, metric = scoring_for(plan, parts)
+    if (
+        ema is not None
+    ):  # ranked by the weights `load_student` and export take, as timm's train.py ranks by its EMA
+        metric = f"ema_{metric}"
+    if (
+        point is not None
+    ):  # a run keeps the metric its checkpoints were ranked by (older runs: the raw weights')
+        metric = point.state.get("best_metric", metric)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
     settings = replace(settings, metric=metric, metric_mode="max")
     n = cfg.log.attention_images  # class-token maps at each evaluation, where TensorBoard shows them

@@ -235,12 +235,15 @@ _METRIC_LABELS = {
 
 
 def study_curves_figure(students: list[StudentScore]) -> Figure:
-    """The students' validation curves, one panel per metric their runs score by, one line per student."""
-    metrics = list(dict.fromkeys(s.metric for s in students)) or ["val_top1"]
+    """The students' validation curves, one panel per metric their runs score by, one line per student (its
+    EMA's curve where its run keeps one: the weights it is scored with)."""
+    metrics = list(dict.fromkeys(s.metric.removeprefix("ema_") for s in students)) or ["val_top1"]
     fig = Figure(figsize=(6 * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
-        drawn = draw_val_curves(ax, {s.name: s.curve for s in students if s.metric == metric})
+        drawn = draw_val_curves(
+            ax, {s.name: s.curve for s in students if s.metric.removeprefix("ema_") == metric}
+        )
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
         ax.grid(alpha=0.3)

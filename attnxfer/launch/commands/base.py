@@ -146,9 +146,9 @@ def done_line(result) -> str:
     if result.best is None:
         best = "no evaluation recorded"
     elif result.best_top1 is not None:
-        best = f"best val top1 {result.best_top1:.2f}"
+        best = f"best {'EMA ' * result.metric.startswith('ema_')}val top1 {result.best_top1:.2f}"
     elif result.metric == "val_loss":  # MAE pre-training
         best = f"best val loss {result.best:.4f}"
     else:  # a run without a task loss: its final-feature cosine with the teacher
-        best = f"best {result.metric.removeprefix('val_')} {result.best:.4g}"
+        best = f"best {result.metric.replace('val_', '')} {result.best:.4g}"
     return f"done: {result.steps} steps, {best} -> {result.run_dir}"
