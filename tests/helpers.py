@@ -239,6 +239,7 @@ def _cli_child(argv: list[str], log: str) -> None:
     os.dup2(fd, 2)
     sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as a foreground command takes it
     code = 1
     try:
         code = cli.main(argv)

@@ -1,6 +1,7 @@
 """Stopping a run cleanly on SIGTERM (``scancel``, a preemption, ``kill``; SLURM's SIGKILL follows
-``KillWait`` later): while a loop runs, SIGTERM only sets a flag, the loop saves the step it is at and
-raises `StopRequested` (exit 143; a submitted job requeues). A second SIGTERM acts as if none was caught.
+``KillWait`` later) or Ctrl-C (SIGINT): while a loop runs, either only sets a flag, the loop saves the step it
+is at and raises `StopRequested` (exit 143 or 130; a submitted job requeues). A second signal acts as if none
+was caught (a second Ctrl-C: KeyboardInterrupt at once).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from .distributed import rank_and_world
 
 #: what a cluster or a user sends to end a process politely
-STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM,)
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
 
 _received: list[int] = []  # signals caught since the loop started (signal handlers only append)
 
@@ -43,12 +44,12 @@ class StopRequested(Exception):
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
     """While the block runs, ``signals`` set a flag instead of ending the process (main thread only); a handler
-    installed before (a submitted job's watcher) still runs."""
+    installed before (a submitted job's watcher) still runs; an ignored one (SIGINT of ``cmd &``) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _received.clear()
-    previous = {s: signal.getsignal(s) for s in signals}
+    previous = {s: signal.getsignal(s) for s in signals if signal.getsignal(s) != signal.SIG_IGN}
 
     def handler(signum: int, frame: Any) -> None:
         before = previous[signum]
@@ -57,10 +58,10 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             os.kill(os.getpid(), signum)
             return
         _received.append(signum)
-        if callable(before):
+        if callable(before) and (before is not signal.default_int_handler or len(_received) > 1):
             before(signum, frame)
 
-    for s in signals:
+    for s in previous:
         signal.signal(s, handler)
     try:
         yield

@@ -52,26 +52,27 @@ def cli_run():
 
 
 def stop_with_sigterm(
-    proc, log: Path, started: Callable[[], bool], command: str, rerun: str = ""
+    proc, log: Path, started: Callable[[], bool], command: str, rerun: str = "", signum: int = signal.SIGTERM
 ) -> tuple[int, Path, str]:
-    """Waits until ``started()``, sends ``proc`` SIGTERM from outside and reads how it stopped: exit 143 and
-    the one line naming the step it saved, where, and how to resume (the same command, ``rerun`` added).
-    Returns (step, checkpoint, the log)."""
+    """Waits until ``started()``, sends ``proc`` ``signum`` (SIGTERM, or Ctrl-C's SIGINT) from outside and reads
+    how it stopped: exit 128 + signum and the one line naming the step it saved, where, and how to resume (the
+    same command, ``rerun`` added). Returns (step, checkpoint, the log)."""
     deadline = time.monotonic() + 120
     while not started():
         assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, signum)
     proc.join(120)
     text = log.read_text()
-    assert proc.exitcode == 143, text[-3000:]
+    name = signal.Signals(signum).name
+    assert proc.exitcode == 128 + signum, text[-3000:]
     m = re.search(
-        rf"attnxfer {command}: stopped by SIGTERM at step (\d+) of \d+; checkpoint saved \((.+?)\); "
+        rf"attnxfer {command}: stopped by {name} at step (\d+) of \d+; checkpoint saved \((.+?)\); "
         rf"re-run the same command{re.escape(rerun)} to resume",
         text,
     )
     assert m, text[-3000:]
-    assert text.count("stopped by SIGTERM") == 1, text[-3000:]  # said once, by the CLI, with what to do
+    assert text.count(f"stopped by {name}") == 1, text[-3000:]  # said once, by the CLI, with what to do
     return int(m.group(1)), Path(m.group(2)), text
 
 
@@ -137,6 +138,32 @@ def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_in_a_training_loop_sets_the_stop_flag_and_a_second_one_interrupts_at_once():
+    """Ctrl-C (SIGINT) stops a loop as SIGTERM does, at a step boundary with that step saved (timm's and
+    submitit's convention); a second Ctrl-C is KeyboardInterrupt at once, and an ignored SIGINT (``cmd &``)
+    stays ignored."""
+    from attnxfer.train.stop import stop_on_signals, stop_signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a foreground command's Ctrl-C
+    try:
+        with stop_on_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                caught = stop_signal()
+            except KeyboardInterrupt:  # the first Ctrl-C must not interrupt (nor end pytest's session)
+                caught = None
+            assert caught == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 # --------------------------------------------------------------------- convert's stage 1
 S1_STEPS = 40
 
@@ -158,15 +185,16 @@ def _convert(run_dir: Path, teacher: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues_there(
-    tmp_path, tiny_teacher_dir, cli_run
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_in_convert_stage1_saves_its_step_and_the_same_command_continues_there(
+    tmp_path, tiny_teacher_dir, cli_run, signum
 ):
     teacher = tiny_teacher_dir
     ref = cli_run(_convert(tmp_path / "ref", teacher), tmp_path / "ref.log")
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = cli_run(_convert(run_dir, teacher), log)
     step, saved_at, text = stop_with_sigterm(
-        proc, log, lambda: log.exists() and "stage 1 step 3/" in log.read_text(), "convert"
+        proc, log, lambda: log.exists() and "stage 1 step 3/" in log.read_text(), "convert", signum=signum
     )
     assert 3 <= step < S1_STEPS and "Traceback" not in text
     # saved through the checkpoint store, as any run: the step, its optimiser, not marked complete
