@@ -152,9 +152,10 @@ class Checkpointing:
                 "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
             )
 
-    def resume(self) -> ResumePoint | None:
+    def resume(self, scoring: bool = False) -> ResumePoint | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
-        policy picks, and return it (the loop's counters are in its state); None for a fresh start."""
+        policy picks, and return it (the loop's counters are in its state); None for a fresh start.
+        ``scoring``: read to be evaluated, which draws nothing random."""
         point = self.policy.resume  # found once: an app's point is taken as it is
         if not isinstance(point, ResumePoint):
             point = ResumePoint.find(self.run_dir, point)
@@ -183,7 +184,7 @@ class Checkpointing:
         rng = state["rng"]
         if len(rng) == self.world:
             restore_rng_state(rng[self.rank])
-        else:
+        elif not scoring:
             warn(
                 f"the checkpoint was written at world size {len(rng)}, this run's is {self.world}: the random "
                 "streams start afresh"

@@ -265,7 +265,7 @@ class Engine:
     def resume(self, scoring: bool = False) -> None:
         """Restore the checkpoint the policy picks (`Checkpointing.resume`) and the loop's counters from it;
         a fresh start clears the metrics an earlier attempt left. ``scoring``: read to be scored, not resumed."""
-        resumed = self.checkpointing.resume()
+        resumed = self.checkpointing.resume(scoring)
         if resumed is None:
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             self.metrics.truncate_summary(0)

@@ -161,6 +161,9 @@ def test_distributed_eval_scores_every_val_image_once(reference):
     for ranks in (1, 2):
         res = _attnxfer("eval", *S, f"run_dir={reference}", ranks=ranks)
         assert res.returncode == 0, res.stderr[-3000:]
+        assert (
+            "random streams" not in res.stderr
+        )  # a run trained on 1 rank, scored on 2: nothing random drawn
         results[ranks] = json.loads((reference / "eval-00000008.json").read_text())["metrics"]
     one, two = results[1], results[2]
     assert one["val_count"] == two["val_count"] == VAL_SIZE
