@@ -37,6 +37,10 @@ def resolve_recipe(path: str | Path) -> Path:
         )
     p = Path(path)
     _refuse_export(p)
+    if p.is_file() and p.suffix == ".json" and (p.parent / RUN_CONFIG).is_file():  # run.json, result.json
+        raise ConfigError(
+            f"{str(p)!r} is a record of the run in {p.parent}, not its config: -c {p.parent / RUN_CONFIG}"
+        )
     if p.is_file():
         return p
     builtin = RECIPES / p.with_suffix(".yaml")

@@ -436,3 +436,12 @@ def test_a_folder_here_named_like_a_built_in_recipe_does_not_hide_the_recipe(tmp
     assert load_config("demo/teacher") == load_config(RECIPES / "demo" / "teacher.yaml")
     with pytest.raises(ConfigError, match="config 'runs/x' is a directory, not a YAML file"):
         load_config("runs/x")
+
+
+def test_a_runs_json_record_given_as_its_config_points_to_its_config_yaml(tmp_path):
+    """run.json parses as YAML (JSON is a subset), so it read as a config and failed on its first record key
+    ("teacher: expected a mapping, got None"); a run's config is the config.yaml beside it."""
+    (tmp_path / "config.yaml").write_text("schedule: {epochs: 1}\n")
+    (tmp_path / "run.json").write_text('{"teacher": null, "student": {}}')
+    with pytest.raises(ConfigError, match=r"is a record of the run in .*, not its config: -c .*config\.yaml"):
+        load_config(str(tmp_path / "run.json"))
