@@ -22,6 +22,8 @@ from .distributed import rank_and_world
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
 
 _received: list[int] = []  # signals caught since the loop started (signal handlers only append)
+#: a block runs: one inside it (a fit inside auto's selection) leaves it the signals and the flag
+_catching = False
 
 
 class StopRequested(Exception):
@@ -45,7 +47,8 @@ class StopRequested(Exception):
 def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
     """While the block runs, ``signals`` set a flag instead of ending the process (main thread only); a handler
     installed before (a submitted job's watcher) still runs; an ignored one (SIGINT of ``cmd &``) stays ignored."""
-    if threading.current_thread() is not threading.main_thread():
+    global _catching
+    if threading.current_thread() is not threading.main_thread() or _catching:
         yield
         return
     _received.clear()
@@ -63,9 +66,11 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
 
     for s in previous:
         signal.signal(s, handler)
+    _catching = True
     try:
         yield
     finally:
+        _catching = False
         for s, before in previous.items():
             signal.signal(s, before if before is not None else signal.SIG_DFL)
         _received.clear()

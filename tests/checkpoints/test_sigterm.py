@@ -138,6 +138,24 @@ def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_loop_inside_another_leaves_the_outer_one_the_signal():
+    """A fit inside auto's selection: SIGTERM during the inner loop is the outer one's too (its flag is not
+    cleared when the inner loop ends), and the outer loop's handler stays until it ends."""
+    from attnxfer.train.stop import stop_on_signals, stop_signal
+
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # not pytest's end, whatever happens
+    try:
+        with stop_on_signals():
+            outer = signal.getsignal(signal.SIGTERM)
+            with stop_on_signals():
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert stop_signal() == signal.SIGTERM
+            assert stop_signal() == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is outer
+        assert stop_signal() is None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_ctrl_c_in_a_training_loop_sets_the_stop_flag_and_a_second_one_interrupts_at_once():
     """Ctrl-C (SIGINT) stops a loop as SIGTERM does, at a step boundary with that step saved (timm's and
     submitit's convention); a second Ctrl-C is KeyboardInterrupt at once, and an ignored SIGINT (``cmd &``)

@@ -1,13 +1,16 @@
 """convert.attention=auto: the knapsack meets its budget and is optimal (against every assignment of small
 instances), softmax stays where the measured sensitivity is largest, an infeasible budget is one line before
-any training, and a resumed run keeps its recorded choice (the CLI end to end, a convert study)."""
+any training, a resumed run keeps its recorded choice (the CLI end to end, a convert study) and a stopped
+selection the measurements it made."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import os
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,8 @@ import torch
 import yaml
 from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
-from attnxfer.apps.convert.selection import SELECTION_FILE, _recorded, sensitivities
+from attnxfer.apps.convert import selection
+from attnxfer.apps.convert.selection import PARTIAL_FILE, SELECTION_FILE, _recorded, sensitivities
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
@@ -137,7 +141,7 @@ def test_softmax_stays_where_the_measured_sensitivity_is_largest():
     assert max(range(3), key=lambda i: rows[i]["relu_linear"]) == 1
 
 
-def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path, capsys):
+def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path):
     """The resume rule over the keys the choice read: the same config reads the record back (nothing
     measured); another budget is refused in one line, naming the key; checkpoint.resume=none chooses again."""
     cfg = apply_overrides(
@@ -147,7 +151,7 @@ def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tm
     record = {"attention": ["softmax", "relu_linear"], "config": to_dict(cfg)}
     path = tmp_path / SELECTION_FILE
     path.write_text(json.dumps(record))
-    assert _recorded(cfg, path) == record and "nothing measured again" in capsys.readouterr().out
+    assert _recorded(cfg, path) == record
     other = apply_overrides(cfg, {"convert.speedup": 2.0})
     with pytest.raises(ConfigError, match=r"convert\.speedup.*nothing was written") as e:
         _recorded(other, path)
@@ -397,3 +401,79 @@ def test_a_convert_study_of_budgets_measures_once_and_records_each_choice(tmp_pa
         )
     # the tighter budget is never less sensitive
     assert records["s13"]["total_sensitivity"] >= records["s11"]["total_sensitivity"]
+
+
+@pytest.mark.slow
+def test_a_selection_stopped_by_sigterm_keeps_its_measurements_and_the_same_command_fits_only_the_rest(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """SIGTERM during the second candidate's fit stops the selection at that fit's next step: exit 143, one
+    line saying what is kept and how to resume, the timings and the first candidate's sensitivities in
+    selection.partial.json. The same command times nothing, fits only the other two and records the choice
+    an uninterrupted run makes from the same times (fixed here: real ones differ from run to run)."""
+    timed, fitted, stop_in = [], [], ["hedgehog"]
+    real_time, real_fit = selection.time_candidates, selection.stage1_transfer
+    ms = {"teacher": 10.0, SOFTMAX: 3.0, "relu_linear": 1.0, "hedgehog": 1.5, "performer": 2.0}
+
+    def time_candidates(cfg, parts, device):
+        timed.append(1)
+        return {**real_time(cfg, parts, device), "ms": ms}
+
+    def fit(teacher, student, plan, *args, **kwargs):
+        fitted.append(plan.active[0].attention)
+        if fitted[-1] in stop_in:  # as if scancel'd now: the fit has run no step yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_fit(teacher, student, plan, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "time_candidates", time_candidates)
+    monkeypatch.setattr(selection, "stage1_transfer", fit)
+    extra = [
+        "convert.speedup=1.1",
+        "convert.selection_steps=2",
+        "convert.candidates=[relu_linear,hedgehog,performer]",
+    ]
+    # without the stop, the signal only reaches this handler (not pytest's end)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        run = tmp_path / "run"
+        assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 143
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == (
+            "attnxfer convert: stopped by SIGTERM choosing attentions, 1 of 3 candidates fitted; the timings and "
+            f"those fits are saved ({run / PARTIAL_FILE}); re-run the same command to resume"
+        ), err
+        assert fitted == ["relu_linear", "hedgehog"] and len(timed) == 1
+        partial = json.loads((run / PARTIAL_FILE).read_text())
+        assert list(partial["fits"]) == ["relu_linear"] and partial["timing"]["ms"] == ms
+        assert not (run / SELECTION_FILE).exists() and not (run / "stage1").exists()
+        # fits of another length cannot continue these: refused as a recorded choice is, nothing measured
+        assert cli.main(_args(run, tiny_teacher_dir, *extra, "convert.selection_steps=3")) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"already holds a choice of attentions ({PARTIAL_FILE})" in err
+            and "convert.selection_steps" in err
+        )
+        assert json.loads((run / PARTIAL_FILE).read_text()) == partial and len(fitted) == 2
+
+        stop_in.clear()
+        fitted.clear()
+        assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
+        out = capsys.readouterr().out
+        assert fitted == ["hedgehog", "performer"] and len(timed) == 1, fitted
+        assert (
+            f"convert.attention=auto: the timings and the fits of relu_linear recorded in {run / PARTIAL_FILE} are "
+            "used; hedgehog, performer left to fit"
+        ) in out
+        assert not (run / PARTIAL_FILE).exists()
+        resumed = json.loads((run / SELECTION_FILE).read_text())
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+    fitted.clear()
+    monkeypatch.setattr(selection, "time_candidates", lambda *_: partial["timing"])  # the stopped run's times
+    assert cli.main(_args(tmp_path / "whole", tiny_teacher_dir, *extra)) == 0
+    assert fitted == ["relu_linear", "hedgehog", "performer"]
+    whole = json.loads((tmp_path / "whole" / SELECTION_FILE).read_text())
+    for record in (resumed, whole):  # how long it took and where it ran differ
+        del record["seconds"], record["config"]["run_dir"]
+    assert resumed == whole

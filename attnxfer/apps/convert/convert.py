@@ -49,14 +49,14 @@ from ..run.training import (
 )
 from .quality import QualityProbe, dataset_size, stage2_worse
 from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
-from .selection import AUTO, SELECTION_FILE, check_auto, choose_attentions, measured_section
+from .selection import AUTO, PARTIAL_FILE, SELECTION_FILE, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
 from .stage1 import Stage1Found, Stage1Job, judge_stage1, open_stage1
 from .stage2 import Stage2Objective, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 #: what a conversion writes besides its stages' folders and config.yaml
-_RESULTS = (SELECTION_FILE, "report.json", "report.md")
+_RESULTS = (SELECTION_FILE, PARTIAL_FILE, "report.json", "report.md")
 
 
 _NO_TEACHER = (

@@ -11,8 +11,10 @@
 3. **Choice**: the exact multiple-choice knapsack (`attnxfer.transfer.selection.select`).
 
 A resumed run reads the recorded ``selection.json`` and measures nothing (timings on a loaded machine would
-differ). The fits are measurement only: reusing them would hand stage 2 weights that no stage-1 checkpoint,
-history or resume accounts for.
+differ). Until then ``selection.partial.json`` keeps the timings and each candidate's sensitivities as they
+are measured; SIGTERM or Ctrl-C stops at the next step of a fit (that candidate lost) or between candidates,
+and a re-run measures only what it lacks. The fits are measurement only: reusing them would hand stage 2
+weights that no stage-1 checkpoint, history or resume accounts for.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
 from ...train.speed import forward_speed
 from ...train.stage1 import stage1_transfer
+from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ...train.timing import interleaved_timings
 from ...transfer.conversion import ConversionPlan
@@ -63,6 +66,7 @@ from .speed import rebuilt_teacher
 from .stage1 import STAGE1_KEYS, stage1_batches
 
 SELECTION_FILE = "selection.json"
+PARTIAL_FILE = "selection.partial.json"  # the measurements so far, until selection.json
 AUTO = "auto"
 #: the config keys the choice reads: a resume that changes one (unless the key is resumable) is refused
 SELECTION_KEYS = (
@@ -76,6 +80,8 @@ SELECTION_KEYS = (
 
 #: the keys of SELECTION_KEYS only the choice reads (stage 1's are the conversion's too)
 _CHOICE_ONLY = SELECTION_KEYS[len(STAGE1_KEYS) :]
+#: the keys the measurements read (not the budget)
+_MEASURED_KEYS = tuple(k for k in SELECTION_KEYS if k != "convert.speedup")
 
 PlanFor = Callable[[TrainConfig, nn.Module], ConversionPlan]
 
@@ -147,12 +153,15 @@ def choose_attentions(
             )
         return cfg, own
     record = _recorded(cfg, path)
-    if record is None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            record = measure_selection(cfg, parts, device, plan_for)
+    if record is not None:
+        say(f"convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), stop_on_signals():
+            record = measure_selection(cfg, parts, device, plan_for, main=main)
         record = gather_objects(record)[0]
         if main:
             atomic_write_json(path, record)
+            path.with_name(PARTIAL_FILE).unlink(missing_ok=True)
     names = ", ".join(f"{i}:{n}" for i, n in enumerate(record["attention"]))
     say(
         f"convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the "
@@ -167,8 +176,11 @@ def choose_attentions(
     ), record
 
 
-def _recorded(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
-    """The choice an earlier attempt of this run recorded, judged against ``cfg``; None: choose now."""
+def _recorded(
+    cfg: TrainConfig, path: Path, compared: tuple[str, ...] = SELECTION_KEYS
+) -> dict[str, Any] | None:
+    """The choice (or measurements) an earlier attempt of this run recorded, judged against ``cfg``; None:
+    choose (measure) now."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
     record = read_record(path)
@@ -179,7 +191,7 @@ def _recorded(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
         )
     refused = [
         c
-        for c in config_changes(record["config"], cfg, compared=SELECTION_KEYS, command="convert")
+        for c in config_changes(record["config"], cfg, compared=compared, command="convert")
         if not c.allowed
     ]
     if refused:
@@ -189,7 +201,6 @@ def _recorded(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
             "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
             f"this one, give them the values it recorded: {KeyChange.restoring(refused)}"
         )
-    say(f"convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
     return record
 
 
@@ -210,10 +221,12 @@ def _memo(teacher: nn.Module, what: str, cfg: TrainConfig, measure: Callable[[],
 
 
 def measure_selection(
-    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor
+    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, *, main: bool
 ) -> dict[str, Any]:
-    """The module's steps 1-3: the record `selection.json` holds."""
-    c, teacher = cfg.convert, parts.teacher
+    """The module's steps 1-3: the record `selection.json` holds. The measurements go to `PARTIAL_FILE` (rank
+    0) as they are taken, and the ones there are used (every rank takes rank 0's)."""
+    c, teacher, kept = cfg.convert, parts.teacher, Path(cfg.run_dir) / PARTIAL_FILE
+    progress = gather_objects(_recorded(cfg, kept, _MEASURED_KEYS) or {})[0]
     if flat_blocks(teacher) is None:
         raise InputError(
             "convert.attention=auto chooses per block of a flat ViT, and this teacher's attention layers sit in "
@@ -222,7 +235,11 @@ def measure_selection(
     teacher.to(device=device, dtype=torch.float32).eval()
     start = time.monotonic()
     # every rank judges the budget on rank 0's times (one verdict: no rank stops alone)
-    timing = gather_objects(_memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device)))[0]
+    timing = (
+        progress.get("timing")
+        or gather_objects(_memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device)))[0]
+    )
+    seconds = progress.get("timing_seconds", time.monotonic() - start)
     depth = len(flat_blocks(teacher))
     ms = {n: timing["ms"][n] for n in c.candidates}
     soft, whole = timing["ms"][SOFTMAX], timing["ms"]["teacher"]
@@ -242,14 +259,38 @@ def measure_selection(
         f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
         f"block's attention {soft:.3g} ms; " + ", ".join(f"{n} {t:.3g} ms" for n, t in ms.items())
     )
-    timed = time.monotonic()
     steps = c.selection_steps or c.stage1_steps
-    metric, sensitivity, failed = _memo(
-        teacher,
-        "sensitivity",
-        cfg,
-        lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for),
-    )
+    fits = progress.get("fits", {})
+    saved = {"timing": timing, "timing_seconds": seconds, "fits": fits, "config": to_dict(cfg, "convert")}
+    rest = [n for n in c.candidates if n not in fits]
+    if progress:
+        also = f" and the fits of {', '.join(fits)}" if fits else ""
+        say(
+            f"convert.attention=auto: the timings{also} recorded in {kept} are used; "
+            f"{', '.join(rest) or 'nothing'} left to fit"
+        )
+    batches = [x.to(device) for x, *_ in itertools.islice(parts.val_loader, c.selection_batches)]
+    try:  # None: the timings alone are saved first
+        for name in [None, *rest]:
+            if name:
+                fit = partial(_fitted_sensitivity, cfg, parts, name, steps, device, plan_for, batches)
+                fits[name] = _memo(teacher, f"fit {name}", cfg, fit)
+            if main:
+                atomic_write_json(kept, saved)
+            signum = stop_signal()
+            if signum:
+                raise StopRequested(signum, len(fits), None)
+    except StopRequested as e:
+        e.args = (
+            f"stopped by {e.signal_name} choosing attentions, {len(fits)} of {len(c.candidates)} candidates "
+            f"fitted; the timings and those fits are saved ({kept})",
+        )
+        raise
+    # each block's sensitivity per candidate (a diverged fit's or a non-finite one: infinite)
+    columns = {n: [math.inf if v is None else v for v in fits[n]["sensitivity"]] for n in c.candidates}
+    sensitivity = [{n: column[i] for n, column in columns.items()} for i in range(depth)]
+    failed = {n: fits[n]["failed"] for n in c.candidates if "failed" in fits[n]}
+    metric = sensitivities(teacher, {}, [])[0]  # its name only
     try:
         chosen = select(sensitivity, ms, soft, whole, c.speedup)
     except InfeasibleBudget as e:
@@ -278,60 +319,61 @@ def measure_selection(
         "fastest": {"attention": top.names[0], "speedup": top.speedup},
         **timing,
         "fit_steps": steps,
-        "seconds": {"timing": timed - start, "fits_and_sensitivity": time.monotonic() - timed},
+        "seconds": {"timing": seconds, "fits_and_sensitivity": sum(f["seconds"] for f in fits.values())},
         "config": to_dict(cfg, "convert"),
     }
 
 
-def _measured_sensitivities(
+def _fitted_sensitivity(
     cfg: TrainConfig,
     parts: RunParts,
+    name: str,
     steps: int,
     device: torch.device,
     plan_for: PlanFor,
-) -> tuple[str, list[dict[str, float]], dict[str, str]]:
-    """Each candidate fitted in every block by ``steps`` of stage 1, as the run's stage 1 would fit it (a fit
-    that diverges is left out: infinite sensitivity), then `sensitivities`; (metric, rows, failed)."""
-    fitted, failed, c = {}, {}, cfg.convert
-    for name in c.candidates:
-        start = time.monotonic()
-        torch.manual_seed(cfg.seed)
-        fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
-        student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
-        # what stage 1 would train in it (a plan of steps with nothing to train is refused: the run's own)
-        plan = plan_for(apply_overrides(fit_cfg, {"convert.stage1_steps": 0}), student)
-        if plan.active:
-            plan = plan_for(fit_cfg, student)
-        else:
-            say(
-                f"convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
-                "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
+    batches: list[torch.Tensor],
+) -> dict[str, Any]:
+    """Candidate ``name`` fitted in every block by ``steps`` of stage 1, as the run's stage 1 would fit it, then
+    its `sensitivities` per block (None: not finite) and the seconds both took; a fit that diverges is left out
+    (``failed``: infinite sensitivity). A stop signal ends the fit at a step boundary (`StopRequested`)."""
+    start, c, depth = time.monotonic(), cfg.convert, len(flat_blocks(parts.teacher))
+    torch.manual_seed(cfg.seed)
+    fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
+    student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
+    # what stage 1 would train in it (a plan of steps with nothing to train is refused: the run's own)
+    plan = plan_for(apply_overrides(fit_cfg, {"convert.stage1_steps": 0}), student)
+    if plan.active:
+        plan = plan_for(fit_cfg, student)
+    else:
+        say(
+            f"convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+            "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
+        )
+    try:
+        with quiet():  # one line per candidate fitted, not the fit's own
+            stage1_transfer(
+                parts.teacher,
+                student,
+                plan,
+                stage1_batches(cfg, parts, plan.stage1_batch_size, device),
+                warmup_steps=c.stage1_warmup_steps,
+                weight_decay=c.stage1_weight_decay,
+                clip_grad=c.stage1_clip_grad,
+                log_every=steps,
+                on_save=lambda *_: None,  # nothing to save: a stop signal only ends the fit
             )
-        try:
-            with quiet():  # one line per candidate fitted, not the fit's own
-                stage1_transfer(
-                    parts.teacher,
-                    student,
-                    plan,
-                    stage1_batches(cfg, parts, plan.stage1_batch_size, device),
-                    warmup_steps=c.stage1_warmup_steps,
-                    weight_decay=c.stage1_weight_decay,
-                    clip_grad=c.stage1_clip_grad,
-                    log_every=steps,
-                )
-            fitted[name] = student.eval()
-            if plan.active:
-                say(
-                    f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
-                )
-        except NonFiniteLossError as e:
-            failed[name] = str(e)
-            say(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
-    batches = [x.to(device) for x, *_ in itertools.islice(parts.val_loader, cfg.convert.selection_batches)]
-    metric, rows = sensitivities(parts.teacher, fitted, batches)
-    for row in rows:
-        row.update(dict.fromkeys(failed, math.inf))
-    return metric, rows, failed
+    except NonFiniteLossError as e:
+        say(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
+        return {"failed": str(e), "sensitivity": [None] * depth, "seconds": time.monotonic() - start}
+    if plan.active:
+        say(
+            f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+        )
+    _, rows = sensitivities(parts.teacher, {name: student.eval()}, batches)
+    return {
+        "sensitivity": [row[name] if math.isfinite(row[name]) else None for row in rows],
+        "seconds": time.monotonic() - start,
+    }
 
 
 def speed_geometry(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> tuple[int, int]:
