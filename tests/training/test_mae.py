@@ -409,6 +409,11 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
             "from a teacher): remove them",
         ),
         (["model.name=swin_tiny_patch4_window7_224"], "needs a plain ViT (timm's VisionTransformer"),
+        # the encoder is built and exported with MAE's class-token pooling whatever these say
+        (
+            ["model.global_pool=avg", "model.fc_norm=true", *TINY],
+            "pretrain does not read model.global_pool='avg' (the pooling is fine-tuning's",
+        ),
     ],
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):

@@ -165,6 +165,8 @@ _UNREAD_BY_PRETRAIN = {
     "model.attention": _SOFTMAX,
     "model.attention_kwargs": _SOFTMAX,
     "model.num_classes": "the encoder is exported headless; a head is fine-tuning's (`attnxfer train`, model.init)",
+    "model.global_pool": "the pooling is fine-tuning's: set it on `attnxfer train` with model.init",
+    "model.fc_norm": "the pooling is fine-tuning's: set it on `attnxfer train` with model.init",
     "ema.decay": "MAE pre-trains without an EMA of its weights",
     "optim.layer_decay": "layer-wise lr decay is fine-tuning's",
     "aug.mixup": _NO_LABELS,
