@@ -20,9 +20,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..checkpoints.resume_point import ResumePoint
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import CheckpointManager, atomic_write_text
+from ..checkpoints.store import CheckpointManager, atomic_write_text, set_aside
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, config_changes, load_config, to_dict
 from ..config.overrides import yaml_value
 from ..errors import InputError
@@ -42,7 +42,7 @@ from ..search import (
     pareto_front,
     run_search,
 )
-from ..speak import progress_bar, say
+from ..speak import progress_bar, say, warn
 from ..train.runtime import resolve_device
 from ..train.stop import StopRequested, stop_on_signals, stop_signal
 from .run.loaders import first_images
@@ -371,6 +371,11 @@ def search(
             if state.generation < 0 and cfg.search.time_budget_min is not None
             else None
         )
+        # starting over keeps the earlier search aside, as convert does: the next auto must not resume it
+        if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+            reports = [run_dir / SEARCH_CANDIDATES, run_dir / "pareto.md"]
+            for old in [p for p in [*CheckpointManager(run_dir).step_dirs(), *reports] if p.exists()]:
+                warn(f"checkpoint.resume=none: kept the earlier {old.name} as {set_aside(old, 'replaced')}")
         run_dir.mkdir(parents=True, exist_ok=True)
         before, ends = state.seconds, []  # seconds of earlier processes; of this one at each generation's end
 

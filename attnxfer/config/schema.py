@@ -225,7 +225,7 @@ class CheckpointConfig:
     every_epoch: bool = key(True, range=ANY)
     keep_last: int = key(3, range=AT_LEAST_1)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
-    resume: str = key("auto", range=ANY)
+    resume: str = key("auto", range=ANY, search_resumable=True)
     # a resume on other training data than the checkpoint recorded (another file list, dataset or shard list;
     # the same files under another data.root are the same data) stops in one line unless this is true: then the
     # weights, optimiser and step resume and the epoch restarts on the new data

@@ -561,3 +561,25 @@ def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(
         with pytest.raises(ConfigError, match=f"different values for: {name} "):
             _resume_point(changed, tmp_path)
         assert capsys.readouterr().out == ""
+
+
+def test_a_search_started_over_keeps_the_earlier_one_aside_and_the_plain_command_continues_the_new_one(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """checkpoint.resume=none starts over as training does: the earlier search's generations and reports are
+    set aside, and the command without it continues the new search (not the earlier, further one; not
+    refused for its checkpoint.resume)."""
+    from attnxfer.apps.search import _save
+    from attnxfer.config import load_config
+    from attnxfer.search import SearchState
+
+    run = tmp_path / "run"
+    _save(load_config(overrides=[f"run_dir={run}"]), run, SearchState(generation=5), None)
+    one = ["search.generations=0", "search.population=2", "search.seeds=[formula:sum(relu)]"]
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, *one, "checkpoint.resume=none"))
+    assert code == 0, err[-2000:]
+    assert "kept the earlier step-00000005 as" in err
+    assert _saved(run)["state"]["generation"] == 0
+    assert len(list((run / "checkpoints").glob("step-00000005.replaced-*"))) == 1
+    code, out, err = run_cli(capsys, *_args(run, tiny_teacher_dir, *one[1:], "search.generations=1"))
+    assert code == 0 and "search: resuming" in out and _saved(run)["state"]["generation"] == 1, err[-2000:]
