@@ -51,6 +51,8 @@ from .run.resume import check_teacher_content, judge
 
 _VERSION = 1
 _KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
+#: sections no part of a search reads
+_UNREAD_BY_SEARCH = ("model.", "transfer.", "optim.", "schedule.", "ema.")
 
 
 @dataclass
@@ -340,6 +342,12 @@ def search(
     evaluation in this process."""
     # the winner's recipe: refused here if missing, not after the search
     load_config(cfg.search.convert_recipe)
+    unread = [k for k in config_changes(TrainConfig(), cfg) if k.startswith(_UNREAD_BY_SEARCH)]
+    if unread:  # silently dropped otherwise (schedule.max_steps=2 would not shorten the search)
+        raise ConfigError(
+            f"attnxfer search does not read {', '.join(unread)} (each candidate is the teacher with the formula "
+            "swapped in, fitted as the search section says: search.fit_steps, search.fit_lr): remove them"
+        )
     with run_lock(cfg.run_dir, "search"):
         torch.manual_seed(cfg.seed)
         run_dir = Path(cfg.run_dir)

@@ -583,3 +583,12 @@ def test_a_search_started_over_keeps_the_earlier_one_aside_and_the_plain_command
     assert len(list((run / "checkpoints").glob("step-00000005.replaced-*"))) == 1
     code, out, err = run_cli(capsys, *_args(run, tiny_teacher_dir, *one[1:], "search.generations=1"))
     assert code == 0 and "search: resuming" in out and _saved(run)["state"]["generation"] == 1, err[-2000:]
+
+
+def test_keys_a_search_never_reads_are_refused_before_anything_is_written(tmp_path, tiny_teacher_dir, capsys):
+    """A candidate is fitted by the search section alone: schedule.max_steps would not shorten the search, nor
+    optim.lr change its fits, so neither is dropped without a word."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "schedule.max_steps=2", "optim.lr=1"))
+    assert code == 2 and "attnxfer search does not read optim.lr, schedule.max_steps (" in err, err[-2000:]
+    assert "search.fit_steps, search.fit_lr): remove them" in err and not run.exists()
