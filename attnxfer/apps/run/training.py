@@ -402,13 +402,11 @@ def build_engine(
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
     evaluator, metric = scoring_for(plan, parts)
-    if (
-        ema is not None
-    ):  # ranked by the weights `load_student` and export take, as timm's train.py ranks by its EMA
+    # ranked by the weights `load_student` and export take, as timm's train.py ranks by its EMA's score; a
+    # resumed run keeps the metric its checkpoints were ranked by (older runs: the raw weights')
+    if ema is not None:
         metric = f"ema_{metric}"
-    if (
-        point is not None
-    ):  # a run keeps the metric its checkpoints were ranked by (older runs: the raw weights')
+    if point is not None:
         metric = point.state.get("best_metric", metric)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
     settings = replace(settings, metric=metric, metric_mode="max")
