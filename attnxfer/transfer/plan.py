@@ -117,7 +117,7 @@ def _note_lines(c: Comparison) -> list[str]:
     """One line per run of consecutive student layers whose note (what their loss compares) is the same."""
     runs: list[tuple[list[int], str]] = []
     for (s, _), text in zip(c.pairs, c.notes):
-        if text and runs and runs[-1][1] == text:
+        if text and runs and runs[-1][1] == text and runs[-1][0][-1] == s - 1:
             runs[-1][0].append(s)
         elif text:
             runs.append(([s], text))

@@ -45,6 +45,13 @@ def test_each_distilled_layers_plan_line_names_its_own_loss():
     assert "CE between" in lines[-2] and "MSE between" in lines[-1]
 
 
+def test_plan_loss_lines_name_only_the_distilled_layers_when_they_are_not_consecutive():
+    teacher = tiny_vit(depth=4, seed=1)
+    said = build_plan(teacher, tiny_vit(depth=4, seed=2), "distill", layers=[0, -1]).describe()
+    assert "loss, layers 0-3" not in said  # layers 1 and 2 are not distilled
+    assert "loss, layer 0: softmax: CE" in said and "loss, layer 3: softmax: CE" in said
+
+
 def _pvt(sr_ratios=(4, 2, 1, 1)) -> torch.nn.Module:
     torch.manual_seed(0)
     args = dict(embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1), sr_ratios=sr_ratios)
