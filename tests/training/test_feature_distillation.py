@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ from helpers import (
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
-from attnxfer.apps.run.training import build_engine
+from attnxfer.apps.run.training import build_engine, plan_from_config
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
@@ -172,6 +173,16 @@ def test_the_plan_says_what_is_distilled_with_which_loss_and_weight_and_refuses_
         build_plan(
             teacher, tiny_vit(depth=2), "copy", task_weight=0.0
         )  # copy brings maps, no loss of its own
+
+
+def test_mixup_without_a_task_loss_is_said_to_be_unused(capsys):
+    teacher = peaked_teacher(depth=2)
+    parts = SimpleNamespace(teacher=teacher, student=tiny_vit(depth=2, seed=2))
+    overrides = ["teacher.spec=x", "transfer.mode=none", "transfer.feature_distill=1", "aug.cutmix=1.0"]
+    plan_from_config(load_config(None, [*overrides, "transfer.task_weight=0"]), parts)
+    assert "aug.mixup/cutmix unused with transfer.task_weight=0" in capsys.readouterr().err
+    plan_from_config(load_config(None, overrides), parts)  # with a task loss the images are mixed
+    assert "aug.mixup" not in capsys.readouterr().err
 
 
 # -- train: feature distillation without labels ----------------------------------------------------------------

@@ -111,6 +111,11 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
             "mode's loss; layers and end_layer choose the layers a mode, or a layer comparison in "
             "transfer.losses, moves"
         )
+    if plan.task_weight == 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):  # mixup mixes images with labels
+        warn(
+            "warning: aug.mixup/cutmix unused with transfer.task_weight=0: images are mixed only with their "
+            "labels, for the task loss; set aug.mixup=0 aug.cutmix=0, or transfer.task_weight > 0"
+        )
     return plan
 
 
