@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
-from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_run
+from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_run, tiny_vit
 from timm.models import save_for_hf
 
+from attnxfer.apps.run.training import plan_from_config
+from attnxfer.config import load_config
 from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
 
@@ -312,6 +315,14 @@ def test_a_transfer_key_the_mode_does_not_read_is_said_not_silently_dropped(
         err
     )
     assert "end_layer" not in err.split("unused")[0]  # copy reads end_layer: its layers are the ones copied
+
+
+def test_end_layer_choosing_a_transfer_losses_entrys_layers_is_not_said_unused(capsys):
+    parts = SimpleNamespace(teacher=tiny_vit(depth=4, seed=1), student=tiny_vit(depth=4, seed=2))
+    keys = ["teacher.spec=x", "transfer.mode=none", "transfer.end_layer=-2", "transfer.losses=[{name: map}]"]
+    plan = plan_from_config(load_config(None, keys), parts)
+    assert plan.comparisons[0].pairs == ((0, 0), (1, 1))  # end_layer chose the compared layers
+    assert "end_layer" not in capsys.readouterr().err
 
 
 def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_step(tmp_path, capsys):

@@ -98,7 +98,7 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     )
     # a value set where nothing reads it is said, not silently dropped
     changed = config_changes(TrainConfig(), cfg)
-    moves_none = not plan.pairs
+    moves_none = not plan.pairs and not any(c.pairs for c in plan.comparisons)
     unread = {
         "transfer.atd_weight": plan.mode.distill is None,
         "transfer.layers": moves_none,
