@@ -68,6 +68,8 @@ class MapComparison(ComparisonLoss):
         """What the layer's loss compares, as the map-loss table says for its map kind."""
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         text = f"{attention_name_of(sa)}: {map_loss_rule(sa.map_kind).describe}"
+        if ta.num_heads != sa.num_heads:  # per layer: a hierarchical model's head counts change by stage
+            text += f", the teacher's maps averaged in groups of {ta.num_heads // sa.num_heads} heads"
         reduced = reduced_keys(ta)
         if models.student_parts[s] != models.teacher_parts[t] and reduced is not None:
             text += f", pooled onto the teacher's reduced keys ({reduced} of tokens)"

@@ -81,11 +81,9 @@ class TransferPlan:
                 if m.is_copy
                 else f"distill {m.distill}, weight {self.weight:g}"
             )
-            groups = self.head_groups
             lines += [
                 f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
-                f"{self.student_heads}"
-                + (f" (teacher maps averaged in groups of {groups})" if groups > 1 else ""),
+                f"{self.student_heads}",
                 f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
                 f"teacher runs at eval: {m.teacher_at_eval}",
             ]

@@ -58,6 +58,21 @@ def _pvt(sr_ratios=(4, 2, 1, 1)) -> torch.nn.Module:
     return timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5, **args).eval()
 
 
+def test_plan_says_in_which_stages_a_students_fewer_heads_average_the_teachers_maps():
+    torch.manual_seed(0)
+    args = dict(
+        embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1), sr_ratios=(1, 1, 1, 1)
+    )
+    student = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5, **args)
+    lines = build_plan(_pvt((1, 1, 1, 1)), student, "distill").describe().splitlines()
+    said = [line for line in lines if line.startswith("  loss, layer")]  # teacher heads 1, 2, 3, 4
+    assert "averaged" not in said[0] and [line.split("groups of ")[-1] for line in said[1:]] == [
+        "2 heads",
+        "3 heads",
+        "4 heads",
+    ]
+
+
 def _timm_maps(teacher: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     maps, hooks = [], []
     blocks = [b for stage in teacher.stages for b in stage.blocks]
