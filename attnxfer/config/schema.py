@@ -91,7 +91,7 @@ class TransferConfig:
             "distill_v",
         ),
     )
-    end_layer: int = key(0, range=ANY)  # the paper's meaning: 0 = all, -k = all but the last k
+    end_layer: int = key(0, range=ANY)  # 0 = all, -k = all but the last k (the paper's), k > 0: the first k
     layers: list[int] | None = key(None, range=ANY)  # student layers (-1: the last); wins over end_layer
     # weight of a distill mode's attention loss (the paper's 3.0); copy and none read it nowhere
     atd_weight: float = key(1.0, range=NON_NEGATIVE)
