@@ -527,6 +527,9 @@ def demo_hint(path: str | os.PathLike) -> str | None:
             "`attnxfer demo --supervised` writes its supervised teacher there: run it (or `attnxfer demo "
             f"--quick --supervised`) {first}"
         )
+    if parts[-2:] == ("hier_teacher", "export"):  # the hierarchical demo's: no `attnxfer demo` makes it
+        train = "`attnxfer train -c demo/hier_teacher`, then `attnxfer export runs/demo/hier_teacher"
+        return f"make it {first}: {train} {path}`"
     mae = "/".join(written["mae"])
     return (
         f"`attnxfer demo` writes its MAE teacher to {mae}, not there: name that one (after `attnxfer demo`, or "

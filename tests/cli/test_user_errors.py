@@ -22,6 +22,7 @@ from attnxfer.apps.run.training import plan_from_config
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
+from attnxfer.sources.resolve import demo_hint
 
 _TINY_RUN = [
     *tiny_run(16, 8),
@@ -221,6 +222,13 @@ def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_
     # nor one made deeper (a search recipe's runs/search/demo) where the teacher's folder is missing higher up
     argv = ["train", "run_dir=runs/search/demo", "teacher.spec=local-dir:runs/mae/export", *_TINY_RUN]
     assert "(runs holds: demo/)" in _refused(argv, capsys).replace(f"{tmp_path}/", "")
+
+
+def test_the_hierarchical_demos_missing_teacher_is_answered_with_the_commands_that_make_it():
+    hint = demo_hint("runs/demo/hier_teacher/export")  # demo/hier_copy's and demo/hier_distill's teacher
+    assert "attnxfer train -c demo/hier_teacher" in hint, hint
+    assert "attnxfer export runs/demo/hier_teacher runs/demo/hier_teacher/export" in hint
+    assert "MAE" not in hint  # the demo's MAE teacher is a plain ViT: no teacher for a PVTv2 student
 
 
 def test_a_model_folder_given_without_local_dir_is_told_to_use_it(tiny_teacher_dir, tmp_path, capsys):
