@@ -28,7 +28,7 @@ from helpers import (
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
-from attnxfer.apps.run.training import build_engine, plan_from_config
+from attnxfer.apps.run.training import build_engine, plan_from_config, scoring_for
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
@@ -183,6 +183,17 @@ def test_mixup_without_a_task_loss_is_said_to_be_unused(capsys):
     assert "aug.mixup/cutmix unused with transfer.task_weight=0" in capsys.readouterr().err
     plan_from_config(load_config(None, overrides), parts)  # with a task loss the images are mixed
     assert "aug.mixup" not in capsys.readouterr().err
+
+
+def test_a_copy_run_without_a_task_loss_is_refused_as_its_student_alone_is_not_the_model():
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, "copy", feature_weight=1.0, task_weight=0.0)
+    with pytest.raises(
+        InputError, match="transfer.mode=copy without a task loss has no score.*task_weight > 0"
+    ):
+        scoring_for(
+            plan, SimpleNamespace(teacher=teacher, student=student)
+        )  # val_feat_cos of the student alone
 
 
 # -- train: feature distillation without labels ----------------------------------------------------------------

@@ -125,6 +125,12 @@ def scoring_for(plan: TransferPlan, parts: RunParts) -> tuple[Callable, str]:
     the teacher's (the share of what feature distillation trains that needs no label)."""
     if plan.task_weight > 0 and dataset_has_labels(parts.val_loader.dataset):
         return evaluate, "val_top1"
+    if plan.mode.teacher_at_eval:  # as `attnxfer eval` refuses features: the student alone is not the model
+        raise InputError(
+            f"transfer.mode={plan.mode.name} without a task loss has no score: a run without one is scored "
+            "by its student's final features alone, and this student attends with its teacher's maps; set "
+            "transfer.task_weight > 0 (with labels), or transfer.mode=distill"
+        )
     if parts.teacher is None or not same_tokens(parts.student, parts.teacher):
         raise InputError(
             "a run without a task loss (transfer.task_weight=0, or data without labels) is scored by its final "
