@@ -90,7 +90,9 @@ def test_no_command_writes_its_run_into_an_exported_model(trained, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
+def test_ctrl_c_before_any_periodic_checkpoint_saves_the_step_the_run_is_at(tmp_path):
+    """Ctrl-C stops the loop at a step boundary and saves that step, as SIGTERM does: a run without periodic
+    checkpoints loses nothing, and the message says where it stopped and how to go on."""
     run = tmp_path / "r"
     proc = popen_interruptible(
         [
@@ -115,7 +117,8 @@ def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert "no checkpoint was saved yet" in err and "Traceback" not in err, err
+    assert "stopped by SIGINT at step " in err and "re-run the same command to resume" in err, err
+    assert "Traceback" not in err and _steps(run), err
 
 
 @pytest.mark.slow
