@@ -88,7 +88,8 @@ class TransferPlan:
                 f"teacher runs at eval: {m.teacher_at_eval}",
             ]
             sl = self.student_layers
-            span = f"{sl[0]}-{sl[-1]}" if sl == tuple(range(sl[0], sl[-1] + 1)) else ",".join(map(str, sl))
+            consecutive = len(sl) > 1 and sl == tuple(range(sl[0], sl[-1] + 1))
+            span = f"{sl[0]}-{sl[-1]}" if consecutive else ",".join(map(str, sl))
             if all(s == t for s, t in self.pairs):
                 lines.append(f"  layers {span} of {self.student_depth} (same teacher layers)")
             else:

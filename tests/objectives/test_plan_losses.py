@@ -50,6 +50,8 @@ def test_plan_loss_lines_name_only_the_distilled_layers_when_they_are_not_consec
     said = build_plan(teacher, tiny_vit(depth=4, seed=2), "distill", layers=[0, -1]).describe()
     assert "loss, layers 0-3" not in said  # layers 1 and 2 are not distilled
     assert "loss, layer 0: softmax: CE" in said and "loss, layer 3: softmax: CE" in said
+    one = build_plan(teacher, tiny_vit(depth=4, seed=2), "distill", layers=[1]).describe()
+    assert "  layers 1 of 4 (same teacher layers)" in one  # one layer is not a span "1-1"
 
 
 def _pvt(sr_ratios=(4, 2, 1, 1)) -> torch.nn.Module:
