@@ -333,6 +333,14 @@ def test_end_layer_choosing_a_transfer_losses_entrys_layers_is_not_said_unused(c
     assert "end_layer" not in capsys.readouterr().err
 
 
+def test_end_layer_beside_explicit_layers_is_said_unused(capsys):
+    parts = SimpleNamespace(teacher=tiny_vit(depth=4, seed=1), student=tiny_vit(depth=4, seed=2))
+    keys = ["teacher.spec=x", "transfer.layers=[0, 1]", "transfer.end_layer=-1"]
+    assert plan_from_config(load_config(None, keys), parts).pairs == ((0, 0), (1, 1))  # layers win
+    err = capsys.readouterr().err
+    assert "warning: transfer.end_layer=-1 unused with transfer.mode=distill and transfer.layers set" in err
+
+
 def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_step(tmp_path, capsys):
     run = tmp_path / "run"
     argv = [

@@ -102,14 +102,15 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     unread = {
         "transfer.atd_weight": plan.mode.distill is None,
         "transfer.layers": moves_none,
-        "transfer.end_layer": moves_none,
+        "transfer.end_layer": moves_none or t.layers is not None,  # layers wins over end_layer
     }
     unused = [f"{k}={changed[k][1]}" for k, u in unread.items() if u and k in changed]
     if unused:
         warn(
-            f"warning: {', '.join(unused)} unused with transfer.mode={t.mode}: atd_weight weighs a distill "
-            "mode's loss; layers and end_layer choose the layers a mode, or a layer comparison in "
-            "transfer.losses, moves"
+            f"warning: {', '.join(unused)} unused with transfer.mode={t.mode}"
+            f"{' and transfer.layers set' if t.layers is not None and not moves_none else ''}: atd_weight "
+            "weighs a distill mode's loss; layers (or, without it, end_layer) choose the layers a mode, or a layer comparison "
+            "in transfer.losses, moves"
         )
     if plan.task_weight == 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):  # mixup mixes images with labels
         warn(
