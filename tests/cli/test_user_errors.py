@@ -333,12 +333,16 @@ def test_end_layer_choosing_a_transfer_losses_entrys_layers_is_not_said_unused(c
     assert "end_layer" not in capsys.readouterr().err
 
 
-def test_end_layer_beside_explicit_layers_is_said_unused(capsys):
+def test_end_layer_beside_explicit_layers_and_ce_path_without_a_ce_are_said_unused(capsys):
     parts = SimpleNamespace(teacher=tiny_vit(depth=4, seed=1), student=tiny_vit(depth=4, seed=2))
     keys = ["teacher.spec=x", "transfer.layers=[0, 1]", "transfer.end_layer=-1"]
     assert plan_from_config(load_config(None, keys), parts).pairs == ((0, 0), (1, 1))  # layers win
     err = capsys.readouterr().err
     assert "warning: transfer.end_layer=-1 unused with transfer.mode=distill and transfer.layers set" in err
+    plan_from_config(
+        load_config(None, ["teacher.spec=x", "transfer.mode=copy", "transfer.ce_path=rows"]), parts
+    )
+    assert "warning: transfer.ce_path=rows unused with transfer.mode=copy" in capsys.readouterr().err  # no CE
 
 
 def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_step(tmp_path, capsys):
