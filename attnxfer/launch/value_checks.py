@@ -54,7 +54,7 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     return _registered_by_text()
 
 
-_COMPARISON = re.compile(r'^@comparison_loss\(\s*"([^"]+)"', re.MULTILINE)
+_COMPARISON = re.compile(r"^@comparison_loss\(\s*[\"']([^\"']+)[\"']", re.MULTILINE)
 _COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
 
 

@@ -151,3 +151,10 @@ def test_comparison_loss_names_read_from_the_source_are_the_registrys():
     ):
         check_values(load_config(None, ["transfer.losses=[{name: mse, signal: v}, {name: logit_kdd}]"]))
     check_values(load_config(None, ["transfer.losses=[{name: feature_distill, weight: 0.5}]"]))
+
+
+def test_a_forks_loss_named_in_single_quotes_is_read_from_the_source():
+    """A forked file need not be ruff-formatted: Python registers ``@comparison_loss('cosine')`` as it does
+    the double-quoted name, so the CLI's check reads it too (a docstring's indented example still not)."""
+    text = "@comparison_loss('cosine')\nclass Cosine: ...\n    @comparison_loss('example')\n"
+    assert value_checks._COMPARISON.findall(text) == ["cosine"]
