@@ -133,6 +133,25 @@ def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys)
         assert not run.exists()
 
 
+def test_a_students_loss_entry_the_plan_refuses_is_said_with_the_students_name(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """Students differ in their keys, so a refusal of one student's ``transfer.losses`` entry names it."""
+    vary = "transfer.losses=[{name: mse, signal: maps}],[{name: mse, signal: v}]"
+    code, _, err = run_cli(
+        capsys,
+        "study",
+        *BASE,
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        f"run_dir={tmp_path}",
+        "--vary",
+        vary,
+    )
+    assert code == 2 and err.strip().endswith(
+        "error: student 'losses=name-mse,signal-maps': transfer.losses[0]: mse compares q, k, v, not 'maps'"
+    ), err
+
+
 def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml = tmp_path / "s.yaml"
     yaml.write_text(

@@ -23,6 +23,7 @@ from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec, recorded_students
+from ...errors import InputError
 from ...run_layout import STUDY_RECORD, STUDY_YAML
 from ...speak import say, speaking_for
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
@@ -170,16 +171,19 @@ def build_members(
         drive = Drive(feed=feed, stop=never_stop, streams=streams)
         # the caller's own parts for the student (as `train(cfg, parts)` builds it), else the shared ones
         with speaking_for(student.name):
-            engine = build_engine(
-                cfg,
-                dataclasses.replace(parts[student.name], train_loader=view) if parts else None,
-                runtime=runtime,
-                shared=None if parts else dataclasses.replace(shared, train_loader=view),
-                prune_on_save=False,
-                warn_few_steps=False,
-                drive=drive,
-                command=spec.command,
-            )
+            try:
+                engine = build_engine(
+                    cfg,
+                    dataclasses.replace(parts[student.name], train_loader=view) if parts else None,
+                    runtime=runtime,
+                    shared=None if parts else dataclasses.replace(shared, train_loader=view),
+                    prune_on_save=False,
+                    warn_few_steps=False,
+                    drive=drive,
+                    command=spec.command,
+                )
+            except InputError as e:  # its own keys (a loss entry, its attention): say whose they are
+                raise InputError(f"student {student.name!r}: {e}") from None
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
     # the students share one schedule: its few-steps warning is said once, for all (as alone, none for a
