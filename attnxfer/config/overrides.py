@@ -149,12 +149,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(
                 f"{key}.{next(iter(value))}: a list is not set item by item; give it whole: {key}=[...]"
             )
-        if not isinstance(value, (list, tuple)):
-            # one item given: the example is that item in brackets
-            example = f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
-            example = f"[{yaml_value(value)}]" if isinstance(value, dict) else example  # transfer.losses'
-            raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         (item,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            # one item given: the example is that item in brackets (transfer.losses' a mapping: a name is its name)
+            one = {"name": value} if isinstance(value, str) and typing.get_origin(item) is dict else value
+            example = f"[{one}]" if isinstance(one, (str, int, float)) else "[a, b]"
+            example = f"[{yaml_value(one)}]" if isinstance(one, dict) else example
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Mapping):
         if not isinstance(value, dict):

@@ -137,6 +137,10 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
             "transfer.losses: expected a list, got {'name': 'mse', 'signal': 'v'} "
             "(write e.g. transfer.losses=[{name: mse, signal: v}])",
         ),
+        (  # a loss's name alone: the mapping with that name, in brackets
+            "transfer.losses=cosine",
+            "transfer.losses: expected a list, got 'cosine' (write e.g. transfer.losses=[{name: cosine}])",
+        ),
         (  # an item by its index, as OmegaConf's dotlists allow: not a mapping of '0' to write in brackets
             "transfer.losses.0.weight=2",
             "transfer.losses.0: a list is not set item by item; give it whole: transfer.losses=[...]",
