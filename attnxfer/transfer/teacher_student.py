@@ -297,6 +297,11 @@ class TeacherStudent(nn.Module):
 def _check_numbers(c: Comparison, res: Loss, method: str) -> None:
     """Refuse a `Loss` whose total, terms or logs are not one number each (0-d tensors): the step sums and
     logs them as such, and a vector would fail far from the loss that made it (or its layers' sum hide it)."""
+    if not isinstance(res, Loss):  # a bare tensor: no terms, and the step reads ``.total``
+        raise TypeError(
+            f"{c.origin}: comparison loss {c.loss!r} returned from {method} a {type(res).__name__}, not a "
+            "Loss(total, terms)"
+        )
     for name, value in [("total", res.total), *res.terms.items(), *res.logs.items()]:
         if torch.is_tensor(value) and value.dim() == 0:
             continue

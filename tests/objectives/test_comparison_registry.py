@@ -230,7 +230,8 @@ def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registere
 
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
-    """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN."""
+    """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN,
+    a bare tensor."""
 
     signals = (Signal.K,)
     options: ClassVar = {"returns": "vector"}
@@ -242,24 +243,28 @@ class NotANumber(ComparisonLoss):
             return Loss(diff)
         if returns == "nan":
             return Loss(diff.mean() * float("nan"))
+        if returns == "tensor":
+            return diff.mean()
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
 @pytest.mark.parametrize(
     "returns, got",
     [
-        ("vector", r"'total' is a tensor of shape \(2, 3\)"),
-        ("vector term", r"'per_head' is a tensor of shape \(2, 3\)"),
-        ("float", "'total' is a float"),
+        ("vector", r"a Loss whose 'total' is a tensor of shape \(2, 3\)"),
+        ("vector term", r"a Loss whose 'per_head' is a tensor of shape \(2, 3\)"),
+        ("float", "a Loss whose 'total' is a float"),
+        ("tensor", r"a Tensor, not a Loss\(total, terms\)"),
     ],
 )
 def test_a_loss_that_returns_no_single_number_is_named_where_it_returns(returns, got):
-    """A vector total was summed over the layers without a word, a vector term failed in the logger and a
-    float in the sum: each is refused as the loss returns it, naming the entry, the loss and its method."""
+    """A vector total was summed over the layers without a word, a vector term failed in the logger, a float
+    in the sum and a bare tensor where its total is read: each is refused as the loss returns it, naming the
+    entry, the loss and its method."""
     teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
     entry = {"name": "not_a_number", "returns": returns}
     plan = build_plan(teacher, student, "none", losses=[entry])
-    said = r"transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer a Loss whose "
+    said = r"transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer "
     with pytest.raises(TypeError, match=said + got):
         TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
 
