@@ -153,6 +153,13 @@ def test_comparison_loss_names_read_from_the_source_are_the_registrys():
     check_values(load_config(None, ["transfer.losses=[{name: feature_distill, weight: 0.5}]"]))
 
 
+def test_a_forks_attention_named_in_single_quotes_is_read_from_the_source():
+    """As Python registers ``@register_attention('elu_linear')``, directly or through a constant."""
+    text = "NAME = 'elu_plus'\n@register_attention('elu_linear')\n@register_attention(NAME)\n"
+    assert value_checks._CALL.findall(text) == [("", "elu_linear", ""), ("", "", "NAME")]
+    assert value_checks._constants(text) == {"NAME": "elu_plus"}
+
+
 def test_a_forks_loss_named_in_single_quotes_is_read_from_the_source():
     """A forked file need not be ruff-formatted: Python registers ``@comparison_loss('cosine')`` as it does
     the double-quoted name, so the CLI's check reads it too (a docstring's indented example still not)."""
