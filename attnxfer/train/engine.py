@@ -217,7 +217,7 @@ class Engine:
         )
         bad = self.guard.first()
         what = (
-            f"non-finite loss term {bad.term!r} = {bad.value} at step {bad.step} (epoch {bad.epoch})"
+            f"non-finite loss term {bad.term!r} = {bad.value} at step {bad.step + 1} (epoch {bad.epoch})"
             if bad is not None
             else "a non-finite loss term on another rank"
         )

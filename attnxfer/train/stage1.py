@@ -286,7 +286,7 @@ class Stage1Fit:
         layer = self.objective.watched[term]
         raise NonFiniteLossError(
             f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
-            f"({layer.attention}) at step {step}; lower convert.stage1_lr or set convert.stage1_clip_grad"
+            f"({layer.attention}) at step {step + 1}; lower convert.stage1_lr or set convert.stage1_clip_grad"
         )
 
 

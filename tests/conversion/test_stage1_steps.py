@@ -138,8 +138,8 @@ class _Halt(Exception):
 
 @pytest.mark.parametrize("log_every,drawn", [(2, 4), (100, 8)])
 def test_non_finite_loss_raises_with_block_attention_step_and_leaves_the_weights_before_it(log_every, drawn):
-    """Block 1's input is NaN at step 3 (of 8). The error names it as the old per-step check did, at the first
-    log step from step 3 on (step 3 itself with log_every=2, the last step with 100); the student holds
+    """Block 1's input is NaN at step index 3 (of 8). The error names it as step 4, as stage 1's log lines
+    number steps, at the first log step from step 3 on (step 3 itself with log_every=2, the last step with 100); the student holds
     exactly the weights of a reference run stopped before step 3 (same schedule), none NaN."""
     teacher = _teacher()
     good = _signals(teacher, 4)
@@ -158,7 +158,7 @@ def test_non_finite_loss_raises_with_block_attention_step_and_leaves_the_weights
     with pytest.raises(NonFiniteLossError) as err:
         stage1_transfer(teacher, student, plan, batches(), clip_grad=1.0, log_every=log_every)
     assert str(err.value) == (
-        "stage 1: non-finite ce loss in block 1 (hedgehog) at step 3; lower convert.stage1_lr or set "
+        "stage 1: non-finite ce loss in block 1 (hedgehog) at step 4; lower convert.stage1_lr or set "
         "convert.stage1_clip_grad"
     )
     assert len(draws) == drawn
@@ -192,7 +192,7 @@ def test_two_ranks_skip_and_raise_together_when_one_rank_goes_non_finite(tmp_pat
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["clean"]["history"] == r1["clean"]["history"] and len(r0["clean"]["history"]) == 3
     message = (
-        "stage 1: non-finite ce loss in block 1 (hedgehog) at step 3; lower convert.stage1_lr or set "
+        "stage 1: non-finite ce loss in block 1 (hedgehog) at step 4; lower convert.stage1_lr or set "
         "convert.stage1_clip_grad"
     )
     assert r0["nan"].get("error") == r1["nan"].get("error") == message

@@ -286,7 +286,7 @@ def test_a_loss_that_is_nan_on_the_first_step_is_named_and_not_blamed_on_the_lea
     )
     with pytest.raises(NonFiniteLossError) as said:
         train(cfg)
-    assert "non-finite loss term 'not_a_number' = nan at step 0" in str(said.value)
+    assert "non-finite loss term 'not_a_number' = nan at step 1" in str(said.value)
     assert "before any update: check the loss that computes that term" in str(said.value)
     assert "optim.lr" not in str(said.value)
 

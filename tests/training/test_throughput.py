@@ -132,7 +132,8 @@ def test_term_window_means_and_guard_against_python_floats():
 
 def test_non_finite_loss_stops_before_the_next_save_even_between_log_steps(tmp_path, teacher_dir):
     """Saves every step, logs every 100: the guard is read before each save, so the first step whose loss is
-    NaN (step 1 after an lr of 1e30) leaves only the checkpoint written before it."""
+    NaN (step 2, the first after an lr of 1e30: numbered as the checkpoints and metrics.jsonl are) leaves only
+    the checkpoint written before it."""
     cfg = _cfg(
         tmp_path,
         teacher_dir,
@@ -143,7 +144,7 @@ def test_non_finite_loss_stops_before_the_next_save_even_between_log_steps(tmp_p
         "log.every_steps=100",
         "checkpoint.every_steps=1",
     )
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss term 'task' = nan at step 1 \(epoch 0\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss term 'task' = nan at step 2 \(epoch 0\)"):
         train(cfg)
     saved = sorted(p.name for p in (Path(cfg.run_dir) / "checkpoints").glob("step-*"))
     assert saved == ["step-00000001"]
