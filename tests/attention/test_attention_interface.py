@@ -33,6 +33,7 @@ from attnxfer.models import (
     list_attentions,
     make_transfer_aware,
 )
+from attnxfer.models.efficient import EfficientAttention
 from attnxfer.transfer import MapLoss, attention_distillation_loss, implicit_map_loss, map_distillation_loss
 from attnxfer.transfer.map_losses import MAP_LOSS_RULES, LayerLogits, agreement, default_map_loss
 
@@ -249,3 +250,23 @@ def test_each_map_kinds_default_loss_has_the_measurements_metric():
         if kind.has_map:
             metric = default_map_loss(kind).metric
             assert metric in AGREEMENT_METRICS, f"add {metric!r} to analysis/agreement.py AGREEMENT_METRICS"
+
+
+class _HeadsMerged(EfficientAttention):
+    """A core that returns (B, N, H*d), which the head merge would take without a word, rows scrambled."""
+
+    def _attend(self, q, k, v):
+        return v.transpose(1, 2).flatten(2)
+
+
+def test_a_core_of_the_wrong_shape_or_without_map_rows_says_what_it_misses():
+    """An attention of one's own (a plug-in, which no test of this suite enumerates) whose ``_attend`` does not
+    return v's (B, H, N, d) is refused rather than trained scrambled, and one that declares a map but gives no
+    rows says which methods to write."""
+    attn, q = _HeadsMerged(dim=32, num_heads=2), torch.randn(2, 2, N, 16)
+    with pytest.raises(
+        ValueError, match=r"_HeadsMerged._attend returned shape \(2, 21, 32\); it must return v's"
+    ):
+        attn(torch.randn(2, N, 32))
+    with pytest.raises(NotImplementedError, match="map_kind 'row_stochastic' but no _map_context/_map_rows"):
+        attn.attention_map(q, q)

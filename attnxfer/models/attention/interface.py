@@ -354,7 +354,10 @@ class TransferableAttention(nn.Module):
 
     def _map_context(self, q: torch.Tensor, k: torch.Tensor) -> Any:
         """What rows of the map share (once per ``attention_map`` call)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has map_kind {self.map_kind.value!r} but no _map_context/_map_rows: "
+            "give its map's rows, or declare map_kind = MapKind.NONE"
+        )
 
     def _map_rows(self, context: Any, rows: slice) -> torch.Tensor:
         raise NotImplementedError

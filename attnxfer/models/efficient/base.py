@@ -154,6 +154,11 @@ class EfficientAttention(TransferableAttention):
         dtype = operand_dtype(v, self.precision)  # read before autocast is switched off
         with fp32_section(v.device.type):
             out = self._attend(q.to(dtype), k.to(dtype), v.to(dtype))
+        if out.shape != v.shape:  # the head merge would take (B, N, H*d) too, and mix tokens with heads
+            raise ValueError(
+                f"{type(self).__name__}._attend returned shape {tuple(out.shape)}; it must return v's "
+                f"(B, H, N, d), {tuple(v.shape)}"
+            )
         return out.to(v.dtype)
 
     def attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
