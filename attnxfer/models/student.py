@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 from collections.abc import Iterable
+from importlib.metadata import entry_points
 from typing import Any
 
 import timm
@@ -362,9 +363,20 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
     }
     if any(name != SOFTMAX for name in attention_layout(student)):
         # what rebuilds each zoo attention (window sizes, feature counts, ...), block by block
-        spec["attention_options"] = [
-            attn.options() if hasattr(attn, "options") else {} for _, attn in attention_layers(student)
-        ]
+        layers = [attn for _, attn in attention_layers(student)]
+        spec["attention_options"] = [attn.options() if hasattr(attn, "options") else {} for attn in layers]
+        # an installed package's attention (its registered class: a slot's subclass is a family's): the
+        # package to install where the student is loaded without it
+        classes = {next((c for c in type(a).__mro__ if "attention_name" in vars(c)), type(a)) for a in layers}
+        packages = {
+            ep.module.split(".")[0]: ep.dist.name for ep in entry_points(group=ATTENTION_GROUP) if ep.dist
+        }
+        if sources := {
+            c.attention_name: f"package {packages[top]}, module {c.__module__}"
+            for c in classes
+            if (top := c.__module__.split(".")[0]) in packages
+        }:
+            spec["attention_sources"] = sources
     return spec
 
 
@@ -378,10 +390,11 @@ def student_from_spec(
             try:
                 get_attention_class(name)
             except KeyError:  # registered where it was trained (a fork's file, a script's import), not here
+                source = spec.get("attention_sources", {}).get(name)
                 raise InputError(
-                    f"the student's attention {name!r} is not registered here: import the module that "
-                    f"registers it (@register_attention) before loading the student, or install the package "
-                    f"that names it in an '{ATTENTION_GROUP}' entry point"
+                    f"the student's attention {name!r}{f' ({source})' if source else ''} is not registered "
+                    "here: import the module that registers it (@register_attention) before loading the student, "
+                    f"or install the package that names it in an '{ATTENTION_GROUP}' entry point"
                 ) from None
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
         if is_hierarchical(model):  # PVTv2 / Swin: one attention per layer over the stages

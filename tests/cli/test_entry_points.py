@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_vit
 
-from attnxfer.models import create_attention, list_attentions
+from attnxfer.errors import InputError
+from attnxfer.models import create_attention, list_attentions, student_from_spec, student_spec
+from attnxfer.models.attention import registry
+from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import build_plan
 
 _LOSS = '''
@@ -74,6 +78,23 @@ def test_the_library_finds_them_too(install_package):
     plan = build_plan(tiny_vit(depth=1), tiny_vit(depth=1), "none", losses=[{"name": "lab_gap"}])
     assert [c.loss for c in plan.comparisons] == ["lab_gap"]
     assert type(create_attention("lab_relu", dim=48, num_heads=3)).__name__ == "LabReLU"
+
+
+@pytest.mark.parametrize(
+    "family", ["vit", "pvt_v2"]
+)  # PVTv2's layers: a family's subclass of the package's class
+def test_a_student_loaded_without_its_attentions_package_names_the_package(install_package, family):
+    """A student of the package's attention, rebuilt where the package is not installed (an export handed on,
+    a run dir on another machine), names the distribution and module that registered it: what to install."""
+    install_package(_FILES, _ENTRY_POINTS)
+    small = {"depths": (1,) * 4, "embed_dims": (8,) * 4, "num_heads": (1,) * 4}
+    teacher = tiny_vit(depth=1) if family == "vit" else timm.create_model("pvt_v2_b0", **small)
+    spec = student_spec(build_efficient_student(teacher, "lab_relu"))
+    del registry._ATTENTIONS["lab_relu"]  # as if uninstalled (the fixture puts the registry back)
+    with pytest.raises(
+        InputError, match=r"'lab_relu' \(package labpkg, module labpkg\.attention\) is not registered"
+    ):
+        student_from_spec(spec)
 
 
 @pytest.mark.slow
