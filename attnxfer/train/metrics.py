@@ -50,6 +50,9 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.trackers.purge_step = step + 1  # TensorBoard drops the events of redone steps too
+        for png in (self.run_dir / "pictures").glob("*-step" + "[0-9]" * 8 + ".png"):  # `log_image`'s
+            if int(png.stem[-8:]) > step:
+                png.unlink()
         if not self.path.exists():
             return
         kept = [line for line, rec in _records(self.path) if int(rec.get("step", 0)) <= step]

@@ -91,6 +91,26 @@ def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_
     assert text == (finished_run / "summary.csv").read_text()
 
 
+def test_a_run_started_over_keeps_no_pictures_of_the_earlier_attempt(tmp_path):
+    """``checkpoint.resume=none`` forgets the earlier attempt's records (metrics.jsonl, TensorBoard): its
+    pictures go too, so ``pictures/`` holds only what this run drew."""
+    run = tmp_path / "run"
+    keys = [
+        f"run_dir={run}",
+        *TINY,
+        "data.kwargs.length=32",
+        "log.attention_images=1",
+        "log.trackers=[tensorboard]",
+    ]
+    train(load_config(None, [*keys, "schedule.epochs=2"]))
+    assert sorted(p.name for p in (run / "pictures").iterdir()) == [
+        "attention-cls_maps_0-step00000002.png",
+        "attention-cls_maps_0-step00000004.png",
+    ]
+    train(load_config(None, [*keys, "schedule.epochs=1", "checkpoint.resume=none", "seed=1"]))
+    assert [p.name for p in (run / "pictures").iterdir()] == ["attention-cls_maps_0-step00000002.png"]
+
+
 # -- experiment trackers ---------------------------------------------------------------------------
 def _wandb_records(path: Path) -> list:
     """The records of a W&B ``.wandb`` file: a 7-byte header (``:W&B``, magic, version), then LevelDB-log
