@@ -286,9 +286,13 @@ class Engine:
         say(f"scoring {self.last_ckpt}" if scoring else f"resumed from {self.last_ckpt} ({where})")
 
     def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
-        """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names), lr."""
+        """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names; the EMA's
+        where the run ranks by it, as timm's train.py does), lr."""
         row = {"train_loss": self._epoch_loss.item() / max(1, self._epoch_batches)}
-        evals = {f"eval_{k[4:]}": v for k, v in final.items() if k.startswith("val_") and k != "val_count"}
+        src = "ema_val_" if self.settings.metric.startswith("ema_") else "val_"
+        evals = {
+            f"eval_{k[len(src) :]}": v for k, v in final.items() if k.startswith(src) and k != src + "count"
+        }
         row |= sorted(evals.items(), key=lambda kv: kv[0] != "eval_loss")  # timm's order: loss first
         return row | {"lr": self._last_lr}
 

@@ -70,6 +70,18 @@ def test_summary_csv_has_one_row_per_epoch_in_timms_columns(finished_run):
         )
 
 
+def test_summary_csv_of_a_run_with_ema_gives_the_emas_evaluation_as_timm_does(tmp_path):
+    """timm's train.py writes its EMA's evaluation into summary.csv and keeps its best checkpoint by it;
+    so does a run with ``ema.decay``: the best row is the best checkpoint's, the one export takes."""
+    run = tmp_path / "ema"
+    train(load_config(None, [f"run_dir={run}", *TINY, "schedule.epochs=2", "ema.decay=0.5"]))
+    val = _records(run, "val")
+    rows = read_summary(run)
+    assert [(r["eval_top1"], r["eval_top5"], r["eval_loss"]) for r in rows] == [
+        (v["ema_val_top1"], v["ema_val_top5"], v["ema_val_loss"]) for v in val
+    ]
+
+
 @pytest.mark.parametrize("kept", [6, 8])
 def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_run, tmp_path, kept):
     """Stop in epoch 2 (after epoch 1's row), lose the checkpoints after step ``kept`` (6: mid epoch 1; 8: a
