@@ -495,7 +495,8 @@ class Engine:
         final["best_" + s.metric.replace("val_", "")] = self.best  # best_top1, best_loss, best_ema_top1
         self.metrics.log("val", self.step, final, epoch=self._epoch_now())
         # timm's 0-based epoch index: the epoch just completed (or the one cut short by max_steps)
-        self.metrics.log_epoch(self.epoch - 1 if self.position == 0 else self.epoch, self._summary_row(final))
+        epoch = self.epoch - 1 if self.position == 0 else self.epoch
+        self.metrics.log_epoch(epoch, self._summary_row(final))
         if self.position == 0:
             self._epoch_loss, self._epoch_batches = torch.zeros_like(self._epoch_loss), 0
         self.history.append({"step": self.step, "epoch": self._epoch_now(), **final})
@@ -506,7 +507,7 @@ class Engine:
             name = s.metric.replace("ema_val_", "EMA val ").replace("val_", "val ")
             fmt = ".2f" if s.metric.endswith("val_top1") else ".4g"
             say(
-                f"epoch {self.epoch}: step {self.step}/{self.total_steps} {name} {value:{fmt}} "
+                f"epoch {epoch}: step {self.step}/{self.total_steps} {name} {value:{fmt}} "
                 f"(best {self.best:{fmt}})"
             )
         if s.checkpoint.every_epoch or self.step >= self.total_steps or self._should_checkpoint_now():

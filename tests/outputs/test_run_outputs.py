@@ -82,6 +82,15 @@ def test_summary_csv_of_a_run_with_ema_gives_the_emas_evaluation_as_timm_does(tm
     ]
 
 
+def test_the_evaluation_line_numbers_the_epoch_as_the_progress_bar_and_summary_csv_do(tmp_path, capsys):
+    """An epoch's progress lines, its evaluation line and its summary.csv row give it one number (timm's
+    0-based one): a run cut short by schedule.max_steps and a whole epoch alike."""
+    run = tmp_path / "run"
+    train(load_config(None, [f"run_dir={run}", *TINY, "schedule.epochs=2", "schedule.max_steps=6"]))
+    said = [line.split(": step")[0] for line in capsys.readouterr().out.splitlines() if ": step " in line]
+    assert said == [f"epoch {r['epoch']}" for r in read_summary(run)] == ["epoch 0", "epoch 1"]
+
+
 @pytest.mark.parametrize("kept", [6, 8])
 def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_run, tmp_path, kept):
     """Stop in epoch 2 (after epoch 1's row), lose the checkpoints after step ``kept`` (6: mid epoch 1; 8: a
