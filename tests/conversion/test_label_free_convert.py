@@ -15,6 +15,7 @@ from helpers import (
     QUIET,
     labels_raise_registered,
     peaked_teacher,
+    run_cli,
     run_cli_reading_no_label,
     tiny_convert_report,
 )
@@ -201,6 +202,23 @@ def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp
     assert attention_layout(scored) == ["relu_linear", "relu_linear"]
     with torch.no_grad():
         assert torch.equal(scored.forward_features(x), rebuilt.forward_features(x))
+
+
+@pytest.mark.slow  # a conversion (2 + 2 steps, four measurements): ~4 s of CPU
+def test_the_report_after_stage_2_measures_the_student_an_export_gives(tmp_path, headless_dir, capsys):
+    """With EMA an export takes the best checkpoint's EMA weights: the report's figures after stage 2 are
+    that student's (stage 2's own evaluation of it), not those of the raw weights the last step left."""
+    run = tmp_path / "run"
+    extra = ("data.dataset=synthetic", "data.labels=false", "ema.decay=0.5")
+    code, _, err = run_cli(capsys, "convert", *_convert_args(run, headless_dir, *extra))
+    assert code == 0, err
+    report = json.loads((run / "report.json").read_text())
+    rows = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    best = max((r for r in rows if r["split"] == "val"), key=lambda r: r["ema_val_feat_cos_patch"])
+    measured = report["features"]["after_stage2"]["feat_cos_patch"]
+    assert measured == pytest.approx(best["ema_val_feat_cos_patch"], abs=1e-6)
+    assert measured != pytest.approx(best["val_feat_cos_patch"], abs=1e-6)  # the raw weights score otherwise
+    assert "ema weights, as `attnxfer export` takes them" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow  # a conversion without stage 1, k-NN at three stages, an export: ~4 s of CPU

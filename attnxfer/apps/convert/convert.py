@@ -517,6 +517,10 @@ def stage2_done(run: Conversion, result: TrainResult | None, stopped: str | None
         trained |= {k: v for k, v in earlier.get("stage2", {}).items() if k in trained}
     stage2.update(trained)
     run.seconds["stage2"] = stage2["seconds"]
+    # measured as exported (the best checkpoint, its EMA where kept), not as the last step left the weights
+    exported = RunDir(result.run_dir).load_student()
+    run.student.load_state_dict(exported.model.state_dict())
+    stage2["measured"] = f"{exported.why}, {exported.weights} weights, as `attnxfer export` takes them"
     measure(run, "after_stage2")
     return stage2
 

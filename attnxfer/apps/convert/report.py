@@ -140,7 +140,8 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
             f"{stage1['train']} ({stage1['seconds']:.0f} s)"
         ),
         f"- stage 2: {stage2['steps']} steps ({stage2.get('seconds', 0):.0f} s)"
-        + (f", {stage2['objective']}" if stage2.get("objective") else ""),
+        + (f", {stage2['objective']}" if stage2.get("objective") else "")
+        + (f"; its student measured at {stage2['measured']}" if stage2.get("measured") else ""),
         *(
             []
             if classes is None
