@@ -261,6 +261,7 @@ def test_agreement_sentence_reads_ratios_below_the_floor():
     assert 0 < js < floor / 10
     sentence = agreement_sentence(insp)
     assert f"({js / floor:.2g}x the floor)" in sentence and "(0x the floor)" not in sentence
+    assert f"gives JS {floor:.3g} (the floor)" in sentence and f"mean JS {js:.3g} (" in sentence  # not 0.000
 
 
 # ------------------------------------------------------------------------------------------- pictures and reports

@@ -147,11 +147,12 @@ def _head_correspondence(rows: Sequence[LayerComparison]) -> list[str]:
 
 def agreement_sentence(insp: Inspection) -> str:
     """One sentence per student of what the per-layer curves show: mean JS against the noise floor, the
-    closest and furthest layers, and attention distance against the teacher's."""
+    closest and furthest layers, and attention distance against the teacher's. JS in three significant
+    digits: a good student's and the floor itself are often below 0.0005."""
     floor = finite_mean([t.mean.get("floor_js", math.nan) for t in insp.teacher])
     t_dist = finite_mean([t.mean.get("distance", math.nan) for t in insp.teacher])
     parts = [
-        f"Teacher vs itself on noisy inputs gives JS {floor:.3f} (the floor); mean attention distance {t_dist:.1f} px."
+        f"Teacher vs itself on noisy inputs gives JS {floor:.3g} (the floor); mean attention distance {t_dist:.1f} px."
     ]
     for name, rows in insp.students.items():
         js = [(r.mean["js"], r.layer) for r in rows if math.isfinite(r.mean.get("js", math.nan))]
@@ -172,7 +173,7 @@ def agreement_sentence(insp: Inspection) -> str:
             times = mean_js / floor
             ratio = f" ({times:.0f}x the floor)" if times >= 10 else f" ({times:.2g}x the floor)"
         parts.append(
-            f"{lead}mean JS {mean_js:.3f}{ratio}, closest in layer {best[1]} ({best[0]:.3f}), furthest in "
-            f"layer {worst[1]} ({worst[0]:.3f}); attention distance {dist:.1f} px."
+            f"{lead}mean JS {mean_js:.3g}{ratio}, closest in layer {best[1]} ({best[0]:.3g}), furthest in "
+            f"layer {worst[1]} ({worst[0]:.3g}); attention distance {dist:.1f} px."
         )
     return " ".join(parts)
