@@ -51,8 +51,17 @@ from .run.resume import check_teacher_content, judge
 
 _VERSION = 1
 _KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
-#: sections no part of a search reads
-_UNREAD_BY_SEARCH = ("model.", "transfer.", "optim.", "schedule.", "ema.")
+#: keys no part of a search reads (it fits in fp32 and mixes no labels)
+_UNREAD_BY_SEARCH = (
+    "model.",
+    "transfer.",
+    "optim.",
+    "schedule.",
+    "ema.",
+    "aug.mixup",
+    "aug.cutmix",
+    "precision",
+)
 
 
 @dataclass
@@ -381,7 +390,7 @@ def search(
         )
         # starting over keeps the earlier search aside, as convert does: the next auto must not resume it
         if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
-            reports = [run_dir / SEARCH_CANDIDATES, run_dir / "pareto.md"]
+            reports = [run_dir / SEARCH_CANDIDATES, run_dir / "pareto.md", run_dir / "pareto.png"]
             for old in [p for p in [*CheckpointManager(run_dir).step_dirs(), *reports] if p.exists()]:
                 warn(f"checkpoint.resume=none: kept the earlier {old.name} as {set_aside(old, 'replaced')}")
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -575,12 +575,14 @@ def test_a_search_started_over_keeps_the_earlier_one_aside_and_the_plain_command
 
     run = tmp_path / "run"
     _save(load_config(overrides=[f"run_dir={run}"]), run, SearchState(generation=5), None)
+    (run / "pareto.png").write_bytes(b"the earlier search's figure")
     one = ["search.generations=0", "search.population=2", "search.seeds=[formula:sum(relu)]"]
     code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, *one, "checkpoint.resume=none"))
     assert code == 0, err[-2000:]
     assert "kept the earlier step-00000005 as" in err
     assert _saved(run)["state"]["generation"] == 0
     assert len(list((run / "checkpoints").glob("step-00000005.replaced-*"))) == 1
+    assert [p.read_bytes() for p in run.glob("pareto.png.replaced-*")] == [b"the earlier search's figure"]
     code, out, err = run_cli(capsys, *_args(run, tiny_teacher_dir, *one[1:], "search.generations=1"))
     assert code == 0 and "search: resuming" in out and _saved(run)["state"]["generation"] == 1, err[-2000:]
 
@@ -592,3 +594,5 @@ def test_keys_a_search_never_reads_are_refused_before_anything_is_written(tmp_pa
     code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "schedule.max_steps=2", "optim.lr=1"))
     assert code == 2 and "attnxfer search does not read optim.lr, schedule.max_steps (" in err, err[-2000:]
     assert "search.fit_steps, search.fit_lr): remove them" in err and not run.exists()
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "aug.mixup=0.8", "precision=bf16"))
+    assert code == 2 and "does not read precision, aug.mixup (" in err and not run.exists(), err[-2000:]
