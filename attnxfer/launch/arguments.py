@@ -83,11 +83,9 @@ def add_array_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="evaluate each generation's candidates as a job array of K tasks (default 0: in this process)",
     )
-    g.add_argument(
-        "--cluster", choices=CLUSTERS, default="slurm", help="slurm, or local / debug (this machine)"
-    )
+    g.add_argument("--cluster", choices=CLUSTERS, help="slurm (default), or local / debug (this machine)")
     g.add_argument("--partition", default=None)
-    g.add_argument("--time", default="60", help="time limit of one task: minutes or [D-]HH:MM:SS")
+    g.add_argument("--time", help="time limit of one task: minutes (default 60) or [D-]HH:MM:SS")
     g.add_argument("--cpus-per-task", type=int, default=None)
     g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (8G)")
     g.add_argument(

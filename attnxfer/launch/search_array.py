@@ -27,9 +27,9 @@ def split_batches(names: list[str], tasks: int) -> list[list[str]]:
 def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], list[dict[str, Any]]]:
     """``evaluate(names)`` that runs one job array per call (one generation) and returns results in order."""
     opts = SlurmOptions(
-        cluster=ns.cluster,
+        cluster=ns.cluster or "slurm",
         partition=ns.partition,
-        time=ns.time,
+        time=ns.time or "60",
         cpus_per_task=ns.cpus_per_task,
         mem=ns.mem,
         extra=parse_key_values(ns.slurm),

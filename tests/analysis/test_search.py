@@ -596,3 +596,15 @@ def test_keys_a_search_never_reads_are_refused_before_anything_is_written(tmp_pa
     assert "search.fit_steps, search.fit_lr): remove them" in err and not run.exists()
     code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "aug.mixup=0.8", "precision=bf16"))
     assert code == 2 and "does not read precision, aug.mixup (" in err and not run.exists(), err[-2000:]
+
+
+def test_job_array_flags_without_array_tasks_are_refused_not_dropped(tmp_path, capsys):
+    """Without --array-tasks the search runs in this process, so --partition or --time would change nothing."""
+    code, _, err = run_cli(
+        capsys, "search", "--partition", "cpu", "--time", "30", f"run_dir={tmp_path / 'r'}"
+    )
+    assert (
+        code == 2
+        and "--partition, --time only apply to --array-tasks K" in err
+        and not (tmp_path / "r").exists()
+    )

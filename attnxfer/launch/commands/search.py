@@ -32,6 +32,15 @@ def run(args) -> int:
         raise InputError(
             f"--wait-timeout is seconds to wait for a generation: it must be > 0, got {args.wait_timeout}"
         )
+    flags = [
+        "--" + k.replace("_", "-")
+        for k in ("cluster", "partition", "time", "cpus_per_task", "mem", "slurm", "job_dir", "wait_timeout")
+        if getattr(args, k)
+    ]
+    if flags and not args.array_tasks:  # else dropped without a word: the search would run here
+        raise InputError(
+            f"{', '.join(flags)} only apply to --array-tasks K (generations as job arrays): add it or drop them"
+        )
     cfg = load(args)
     from ...apps.search import search
 
