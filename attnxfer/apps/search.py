@@ -24,7 +24,7 @@ from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import CheckpointManager, atomic_write_text, set_aside
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, config_changes, load_config, to_dict
-from ..config.overrides import yaml_value
+from ..config.overrides import refuse_unread_sections, yaml_value
 from ..errors import InputError
 from ..models.attention import transferable_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
@@ -349,8 +349,10 @@ def search(
 ) -> SearchResult:
     """Run (or continue) the search ``cfg`` describes, holding the run dir's lock; ``evaluate`` replaces
     evaluation in this process."""
-    # the winner's recipe: refused here if missing, not after the search
-    load_config(cfg.search.convert_recipe)
+    try:  # the winner's recipe: refused here if missing or not a conversion's, not after the search
+        refuse_unread_sections(load_config(cfg.search.convert_recipe), "convert")
+    except ConfigError as e:
+        raise ConfigError(f"search.convert_recipe={cfg.search.convert_recipe}: {e}") from None
     unread = [k for k in config_changes(TrainConfig(), cfg) if k.startswith(_UNREAD_BY_SEARCH)]
     if unread:  # silently dropped otherwise (schedule.max_steps=2 would not shorten the search)
         raise ConfigError(

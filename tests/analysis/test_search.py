@@ -221,6 +221,11 @@ def test_a_winner_recipe_that_is_not_there_is_refused_before_the_search(tmp_path
         capsys, *_args(run, tiny_teacher_dir, "search.convert_recipe=convert/demo_hedgehgo")
     )
     assert code == 2 and "did you mean the built-in recipe 'convert/demo_hedgehog'" in err, err
+    assert err.startswith("attnxfer search: error: search.convert_recipe=convert/demo_hedgehgo: config file")
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.convert_recipe=search/demo"))
+    assert (
+        code == 2 and "search.convert_recipe=search/demo: search." in err and "attnxfer convert would" in err
+    )
     assert not (run / "candidates.jsonl").exists()
 
 
