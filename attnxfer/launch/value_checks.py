@@ -142,6 +142,14 @@ def _check_architecture(key: str, value: Any) -> None:
     )
 
 
+def _refuse_split_formulas(key: str, value: list) -> None:
+    if any(isinstance(n, str) and n.count("(") != n.count(")") for n in value):
+        raise ConfigError(
+            f"{key}: {value!r}: a formula was split at a comma inside it (YAML's [...] splits at every comma): "
+            "quote each formula in a list, e.g. ['formula:sum(proj.cat(softmax,neg.softmax))', 'formula:sum(relu)']"
+        )
+
+
 def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -> None:
     """``also``: names the key takes besides the registry's as one value (convert.attention's ``auto``)."""
     names, prefixes = registered_attentions()
@@ -152,11 +160,8 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
         # an installed package's: it imports the registry, which then holds the built-ins too
         load_entry_points(ATTENTION_GROUP)
         names, prefixes = registered_attentions()
-    if isinstance(value, list) and any(isinstance(n, str) and n.count("(") != n.count(")") for n in items):
-        raise ConfigError(
-            f"{key}: {value!r}: a formula was split at a comma inside it (YAML's [...] splits at every comma): "
-            "quote each formula in a list, e.g. ['formula:sum(proj.cat(softmax,neg.softmax))', relu_linear]"
-        )
+    if isinstance(value, list):
+        _refuse_split_formulas(key, value)
     for i, name in enumerate(items):
         prefix, colon, _ = name.partition(":") if isinstance(name, str) else ("", "", "")
         if not isinstance(name, str) or name in names or (colon and prefix in prefixes):
@@ -211,4 +216,5 @@ def check_values(cfg: Any) -> Any:
         raise ConfigError(
             "search.seeds=[] names no formula to start from: give one or more, or null for the zoo"
         )
+    _refuse_split_formulas("search.seeds", cfg.search.seeds or [])
     return cfg

@@ -64,7 +64,7 @@ def test_an_unknown_attention_name_is_refused_naming_the_key_and_the_choices(ove
 def test_a_formula_split_at_its_commas_in_a_list_is_refused_saying_to_quote_it():
     """YAML splits [formula:sum(proj.cat(softmax,neg.softmax)),relu_linear] at the comma inside cat(...): the
     refusal says to quote the formula, not that 'neg.softmax))' is no attention (did you mean 'softmax'?)."""
-    for key in ("convert.attention", "model.attention", "convert.candidates"):
+    for key in ("convert.attention", "model.attention", "convert.candidates", "search.seeds"):
         with pytest.raises(ConfigError) as e:
             check_values(
                 load_config(None, [f"{key}=[formula:sum(proj.cat(softmax,neg.softmax)),relu_linear]"])
