@@ -8,6 +8,7 @@ Candidates are evaluated here, or by the ``evaluate`` a caller passes (`attnxfer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import time
@@ -312,8 +313,8 @@ _CARRIED = (
 def winner_command(cfg: TrainConfig, formula: str) -> str:
     """The `attnxfer convert` that turns the search's teacher into ``formula`` on the data it was searched on:
     ``search.convert_recipe`` with the search's teacher and data keys where they differ from the recipe's, the
-    formula (whose name holds all its options: the recipe's attention_kwargs are dropped) and the stage-1
-    training its candidates were fitted with."""
+    formula (whose name holds all its options: the recipe's attention_kwargs are dropped), the stage-1
+    training its candidates were fitted with, and a run folder of the formula's own."""
     recipe = cfg.search.convert_recipe
     carried = [
         f"{key}={yaml_value(value)}"
@@ -325,7 +326,8 @@ def winner_command(cfg: TrainConfig, formula: str) -> str:
         f"convert.attention={formula}",
         "convert.attention_kwargs={}",
         f"convert.stage1_train={cfg.search.fit_train}",
-        f"run_dir={Path(cfg.run_dir) / 'winner'}",
+        # a folder per formula: a later search's other winner is not refused as a change of an earlier one
+        f"run_dir={Path(cfg.run_dir) / ('winner-' + hashlib.sha256(formula.encode()).hexdigest()[:8])}",
     ]
     return " ".join(shlex.quote(p) for p in parts)
 

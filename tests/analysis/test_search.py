@@ -196,7 +196,10 @@ def test_the_winners_convert_command_runs_the_searched_teacher_on_the_searched_d
         argv[:4] == ["attnxfer", "convert", "-c", "convert/demo_hedgehog"]
         and "data.kwargs={length: 64}" in argv
     )
-    assert all(key in argv for key in searched[:2]) and f"run_dir={tmp_path / 's' / 'winner'}" in argv
+    folder = next(a.removeprefix("run_dir=") for a in argv if a.startswith("run_dir="))
+    assert all(key in argv for key in searched[:2]) and Path(folder).parent == tmp_path / "s"
+    other = shlex.split(winner_command(cfg, "formula:sum(relu)"))  # a later winner converts beside this one
+    assert f"run_dir={folder}" not in other and any(a.startswith(f"run_dir={tmp_path / 's'}") for a in other)
     capsys.readouterr()
     assert cli.main([*argv[1:], "--print-config"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
