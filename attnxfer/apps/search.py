@@ -62,6 +62,7 @@ _UNREAD_BY_SEARCH = (
     "aug.mixup",
     "aug.cutmix",
     "precision",
+    "deterministic",
 )
 
 

@@ -602,8 +602,11 @@ def test_keys_a_search_never_reads_are_refused_before_anything_is_written(tmp_pa
     code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "schedule.max_steps=2", "optim.lr=1"))
     assert code == 2 and "attnxfer search does not read optim.lr, schedule.max_steps (" in err, err[-2000:]
     assert "search.fit_steps, search.fit_lr): remove them" in err and not run.exists()
-    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "aug.mixup=0.8", "precision=bf16"))
-    assert code == 2 and "does not read precision, aug.mixup (" in err and not run.exists(), err[-2000:]
+    code, _, err = run_cli(
+        capsys, *_args(run, tiny_teacher_dir, "aug.mixup=0.8", "precision=bf16", "deterministic=true")
+    )
+    assert code == 2 and "does not read precision, deterministic, aug.mixup (" in err, err[-2000:]
+    assert not run.exists()
 
 
 def test_job_array_flags_without_array_tasks_are_refused_not_dropped(tmp_path, capsys):
