@@ -388,6 +388,23 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
         )
 
 
+def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_decoder_fresh(tmp_path):
+    """The extra decoder blocks are the decoder's misfit, said on the start-up line, not the encoder's."""
+    from safetensors.torch import save_file
+
+    from attnxfer.apps.run.pretrain import init_mae
+
+    torch.manual_seed(1)
+    enc = create_vit("vit_micro_patch4_28", num_classes=0, depth=2, embed_dim=48)
+    deeper = MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=2)
+    save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, tmp_path / "model.safetensors")
+    mae = _tiny_mae()
+    note = init_mae(mae, str(tmp_path / "model.safetensors"))
+    assert "decoder fresh: the checkpoint's does not fit" in note and "decoder_blocks.1." in note
+    assert torch.equal(mae.encoder.pos_embed, enc.pos_embed)
+    assert not torch.equal(mae.decoder_blocks[0].attn.qkv.weight, deeper.decoder_blocks[0].attn.qkv.weight)
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

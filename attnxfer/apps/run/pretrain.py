@@ -96,7 +96,7 @@ def init_mae(
     enc_own = {k: v for k, v in own.items() if not _is_decoder_key(k)}
     dec_own = {k: v for k, v in own.items() if _is_decoder_key(k)}
     missing = sorted(set(enc_own) - set(state))
-    unexpected = sorted(k for k in state if k not in own)
+    unexpected = sorted(k for k in state if k not in own and not _is_decoder_key(k))
     mis_shaped = _shape_errors(enc_own, state)
     if missing or unexpected or mis_shaped:
         raise TeacherLoadError(
@@ -108,15 +108,15 @@ def init_mae(
         )
     load = {k: state[k] for k in enc_own}
     dec_state = {k: v for k, v in state.items() if _is_decoder_key(k)}
-    dec_missing = sorted(set(dec_own) - set(dec_state))
+    dec_differ = sorted(set(dec_own) ^ set(dec_state))  # a deeper or shallower decoder: not loaded
     dec_shapes = _shape_errors(dec_own, dec_state)
     if not dec_state:
         decoder = "decoder fresh (the checkpoint has none)"
-    elif dec_missing or dec_shapes:
+    elif dec_differ or dec_shapes:
         what = (
             f"shapes checkpoint vs mae section {dec_shapes[:3]}"
             if dec_shapes
-            else f"missing {dec_missing[:4]}"
+            else f"keys only one has {dec_differ[:4]}"
         )
         decoder = f"decoder fresh: the checkpoint's does not fit the mae section ({what})"
     else:
