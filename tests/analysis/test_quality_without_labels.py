@@ -304,3 +304,13 @@ def test_eval_metrics_asked_for_by_name_that_the_run_cannot_give_are_refused(ove
 
     with pytest.raises(InputError, match=message):
         eval_metrics(load_config(None, ["data.dataset=synthetic", *overrides]))
+
+
+def test_eval_metrics_top1_of_a_pretraining_run_is_refused_not_silently_left_out():
+    """An MAE encoder is headless: a top-1 asked for by name has nothing to score."""
+    from attnxfer.apps.run.evaluation import eval_metrics
+    from attnxfer.config import load_config
+    from attnxfer.errors import InputError
+
+    with pytest.raises(InputError, match=r"no task loss \(MAE pre-training\), so no head"):
+        eval_metrics(load_config(None, ["data.dataset=synthetic", "eval.metrics=[top1]"]), own_objective=True)
