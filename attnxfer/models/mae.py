@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
 
 from ..errors import InputError
 
@@ -105,10 +106,14 @@ class MaskedAutoencoder(nn.Module):
         norm_pix: bool = True,
     ):
         super().__init__()
-        if not isinstance(encoder, VisionTransformer):  # the masking below reads its patch and prefix tokens
+        # masking reads pixel patches and prefix tokens: no distilled DeiT (2 of them), no hybrid's CNN stem
+        what = type(encoder).__name__
+        if what == "VisionTransformer" and not isinstance(encoder.patch_embed, PatchEmbed):
+            what = f"ViT with a {type(encoder.patch_embed).__name__} stem"
+        if what != "VisionTransformer":
             raise InputError(
                 f"MAE pre-training needs a plain ViT (timm's VisionTransformer, e.g. vit_base_patch16_224), not "
-                f"a {type(encoder).__name__}: choose such a model.name"
+                f"a {what}: choose such a model.name"
             )
         if getattr(encoder, "dynamic_img_size", False):
             raise InputError(

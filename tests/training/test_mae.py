@@ -148,6 +148,19 @@ def test_an_image_that_does_not_cut_into_patches_to_hide_and_keep_is_refused_by_
         MaskedAutoencoder(encoder, decoder_dim=32, decoder_heads=2, decoder_depth=1)
 
 
+@pytest.mark.parametrize(
+    "name, says",
+    [
+        ("deit_tiny_distilled_patch16_224", "not a VisionTransformerDistilled"),  # a second prefix token
+        ("vit_small_r26_s32_224", "not a ViT with a HybridEmbed stem"),  # a CNN stem that sees every pixel
+    ],
+)
+def test_a_vit_that_is_not_plain_is_refused_by_name_before_any_step(name, says):
+    encoder = timm.create_model(name, num_classes=0, depth=1, img_size=64)
+    with pytest.raises(InputError, match=f"needs a plain ViT .*, {says}: choose such a model.name"):
+        MaskedAutoencoder(encoder, decoder_dim=32, decoder_heads=2, decoder_depth=1)
+
+
 def test_encoder_on_all_patches_is_timms_forward_features():
     mae = _tiny_mae().eval()
     x = torch.randn(4, 1, 28, 28)
