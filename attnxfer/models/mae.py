@@ -186,7 +186,7 @@ class MaskedAutoencoder(nn.Module):
             else:
                 n_pre = enc.num_prefix_tokens
                 x = x + enc.pos_embed[:, n_pre:]
-                prefix = [p + enc.pos_embed[:, i : i + 1] for i, p in enumerate(prefix)]
+                prefix = [torch.cat(prefix, 1) + enc.pos_embed[:, :n_pre]] if prefix else []
         x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([*prefix, x], dim=1)
         x = enc.norm_pre(enc.pos_drop(x))

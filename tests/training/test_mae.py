@@ -161,8 +161,15 @@ def test_a_vit_that_is_not_plain_is_refused_by_name_before_any_step(name, says):
         MaskedAutoencoder(encoder, decoder_dim=32, decoder_heads=2, decoder_depth=1)
 
 
-def test_encoder_on_all_patches_is_timms_forward_features():
-    mae = _tiny_mae().eval()
+@pytest.mark.parametrize(
+    "prefix", [{}, {"reg_tokens": 4}, {"reg_tokens": 4, "class_token": False, "global_pool": "avg"}]
+)
+def test_encoder_on_all_patches_is_timms_forward_features(prefix):
+    """Each prefix token (class, registers) gets its own position, as in timm: the model pre-trained is the
+    model exported."""
+    torch.manual_seed(0)
+    encoder = create_vit("vit_micro_patch4_28", num_classes=0, depth=2, embed_dim=48, **prefix)
+    mae = MaskedAutoencoder(encoder, decoder_dim=32, decoder_heads=2, decoder_depth=1).eval()
     x = torch.randn(4, 1, 28, 28)
     everything = torch.arange(49).expand(4, -1)
     torch.testing.assert_close(mae.forward_encoder(x, everything), mae.encoder.forward_features(x))
