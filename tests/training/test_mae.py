@@ -431,6 +431,7 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
         (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be > 0 and < 1"),
         (["mae.mask_ratio=0"], "mae.mask_ratio: must be > 0 and < 1"),  # no patch masked: a loss of 0
         (["teacher.spec=vit_base_patch16_224.mae"], "it learns from pixels alone; attention transfer from"),
+        (["teacher.dtype=fp32"], "pretrain does not read teacher.dtype='fp32' (it has no teacher; precision"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
         (["model.kwargs={embed_dim: 50}"], "cannot be built with model.kwargs {'embed_dim': 50}"),
         (

@@ -160,6 +160,7 @@ _SOFTMAX = (
 _UNREAD_BY_PRETRAIN = {
     "teacher.spec": "it learns from pixels alone; attention transfer from a teacher is `attnxfer train`",
     "teacher.compile": "it has no teacher; model.compile compiles the MAE",
+    "teacher.dtype": "it has no teacher; precision sets the MAE's",
     "teacher.arch": "it has no teacher; a model.init weights file is read as model.name / model.kwargs build it",
     "teacher.revision": "it has no teacher; model.init=hf-hub:ORG/NAME@REV names a revision",
     "model.attention": _SOFTMAX,
