@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import InputError
 
@@ -107,10 +107,10 @@ class MaskedAutoencoder(nn.Module):
     ):
         super().__init__()
         # masking reads pixel patches and prefix tokens: no distilled DeiT (2 of them), no hybrid's CNN stem
-        what = type(encoder).__name__
-        if what == "VisionTransformer" and not isinstance(encoder.patch_embed, PatchEmbed):
+        what = None if type(encoder) is VisionTransformer else type(encoder).__name__
+        if what is None and not isinstance(encoder.patch_embed, PatchEmbed):
             what = f"ViT with a {type(encoder.patch_embed).__name__} stem"
-        if what != "VisionTransformer":
+        if what is not None:
             raise InputError(
                 f"MAE pre-training needs a plain ViT (timm's VisionTransformer, e.g. vit_base_patch16_224), not "
                 f"a {what}: choose such a model.name"

@@ -87,9 +87,7 @@ class TransferPlan:
                 f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
                 f"teacher runs at eval: {m.teacher_at_eval}",
             ]
-            sl = self.student_layers
-            consecutive = len(sl) > 1 and sl == tuple(range(sl[0], sl[-1] + 1))
-            span = f"{sl[0]}-{sl[-1]}" if consecutive else ",".join(map(str, sl))
+            span = _span(self.student_layers)
             if all(s == t for s, t in self.pairs):
                 lines.append(f"  layers {span} of {self.student_depth} (same teacher layers)")
             else:
@@ -112,6 +110,12 @@ class TransferPlan:
         return self.describe()
 
 
+def _span(layers: Sequence[int]) -> str:
+    """``2-5`` for consecutive layers, else ``0,3`` (one layer: ``1``)."""
+    consecutive = len(layers) > 1 and tuple(layers) == tuple(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}-{layers[-1]}" if consecutive else ",".join(map(str, layers))
+
+
 def _note_lines(c: Comparison) -> list[str]:
     """One line per run of consecutive student layers whose note (what their loss compares) is the same."""
     runs: list[tuple[list[int], str]] = []
@@ -120,11 +124,7 @@ def _note_lines(c: Comparison) -> list[str]:
             runs[-1][0].append(s)
         elif text:
             runs.append(([s], text))
-    return [
-        f"  loss, layer{'s' if len(idx) > 1 else ''} "
-        f"{idx[0] if len(idx) == 1 else f'{idx[0]}-{idx[-1]}'}: {text}"
-        for idx, text in runs
-    ]
+    return [f"  loss, layer{'s' if len(idx) > 1 else ''} {_span(idx)}: {text}" for idx, text in runs]
 
 
 def build_plan(

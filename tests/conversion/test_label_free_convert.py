@@ -26,6 +26,7 @@ from attnxfer import load_student, load_teacher
 from attnxfer.apps.convert.stage2 import stage2_objective, student_head
 from attnxfer.apps.run.evaluation import evaluate_run
 from attnxfer.apps.run.training import build_engine
+from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
 from attnxfer.launch import cli
@@ -213,7 +214,7 @@ def test_the_report_after_stage_2_measures_the_student_an_export_gives(tmp_path,
     code, _, err = run_cli(capsys, "convert", *_convert_args(run, headless_dir, *extra))
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())
-    rows = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    rows = RunDir(run / "stage2").metric_rows()
     best = max((r for r in rows if r["split"] == "val"), key=lambda r: r["ema_val_feat_cos_patch"])
     measured = report["features"]["after_stage2"]["feat_cos_patch"]
     assert measured == pytest.approx(best["ema_val_feat_cos_patch"], abs=1e-6)
