@@ -1,6 +1,6 @@
 """What installed packages add without a fork: a distribution names its modules in an entry-point group, and
 the registry of datasets, comparison losses or attentions imports them the first time it is asked for a name
-it does not hold, or for its names (docs/data.md, docs/distillation.md, docs/conversion.md)."""
+or for its names (docs/data.md, docs/distillation.md, docs/conversion.md)."""
 
 from __future__ import annotations
 

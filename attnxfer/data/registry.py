@@ -111,15 +111,15 @@ def list_datasets() -> list[str]:
 
 
 def _entry(name: str) -> _Entry:
+    load_entry_points(
+        DATASET_GROUP
+    )  # even for a built-in's name: a package's dataset of that name is then said
     if name in _DATASETS:
         return _DATASETS[name]
     prefix, sep, rest = name.partition("/")
     if sep and prefix.lower() in _PREFIXES and rest:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
-    load_entry_points(DATASET_GROUP)
-    if name in _DATASETS:
-        return _DATASETS[name]
     close = difflib.get_close_matches(name, _DATASETS, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise InputError(

@@ -175,8 +175,7 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
 
 
 def get_comparison_loss(name: str) -> ComparisonLoss:
-    if name not in COMPARISON_LOSSES:
-        load_entry_points(LOSS_GROUP)  # a name not built in: the losses installed packages add
+    load_entry_points(LOSS_GROUP)  # even for a built-in's name: a package's loss of that name is then said
     if name not in COMPARISON_LOSSES:
         raise PlanError(
             f"unknown comparison loss {name!r}; choose one of: {', '.join(sorted(COMPARISON_LOSSES))} (a "

@@ -11,11 +11,13 @@ import pytest
 import timm
 from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_vit
 
+from attnxfer.data import build_dataset
 from attnxfer.errors import InputError
 from attnxfer.models import create_attention, list_attentions, student_from_spec, student_spec
 from attnxfer.models.attention import registry
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import build_plan
+from attnxfer.transfer.comparisons import get_comparison_loss
 
 _LOSS = '''
 from attnxfer.transfer import ComparisonLoss, Loss, Signal, comparison_loss
@@ -144,3 +146,33 @@ def test_a_package_that_fails_to_import_is_one_warning_line_and_hides_no_built_i
     assert err.count("\n") == 1 and err.startswith(
         "warning: attnxfer.attentions entry point lab_relu = labpkg"
     )
+
+
+def test_a_package_taking_a_built_in_name_is_said_when_that_name_is_asked_for(install_package, capsys):
+    """A lab's `performer`, `mse` or `synthetic` cannot replace the built-in: asked for the built-in's name,
+    each registry still reads the package, whose refused registration is one warning line (it was never
+    imported, so the lab's class was silently not the one trained)."""
+    taken = {
+        "attention": "from attnxfer.models import register_attention\n"
+        "from attnxfer.models.efficient import ReLULinearAttention\n\n"
+        "@register_attention('performer')\nclass LabPerformer(ReLULinearAttention):\n    pass\n",
+        "losses": _LOSS.replace('"lab_gap"', '"mse"'),
+        "data": "from attnxfer.data import register_dataset\n"
+        "from attnxfer.data.synthetic import SYNTHETIC_INFO, build_synthetic\n"
+        "register_dataset('synthetic', info=SYNTHETIC_INFO)(build_synthetic)\n",
+    }
+    install_package(
+        {"labpkg/__init__.py": ""} | {f"labpkg/{m}.py": text for m, text in taken.items()},
+        "[attnxfer.attentions]\nperf = labpkg.attention\n\n[attnxfer.losses]\nmse = labpkg.losses\n\n"
+        "[attnxfer.datasets]\nsyn = labpkg.data\n",
+    )
+    assert type(create_attention("performer", dim=48, num_heads=3)).__name__ != "LabPerformer"
+    assert type(get_comparison_loss("mse")).__module__.startswith("attnxfer.")
+    build_dataset("synthetic", "train", img_size=16)
+    warnings = capsys.readouterr().err.splitlines()
+    assert [w.split(" = ")[0] for w in warnings] == [
+        "warning: attnxfer.attentions entry point perf",
+        "warning: attnxfer.losses entry point mse",
+        "warning: attnxfer.datasets entry point syn",
+    ]
+    assert all("already registered" in w for w in warnings), warnings

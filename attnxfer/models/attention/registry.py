@@ -50,9 +50,9 @@ def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
 
 def get_attention_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``; an unknown name lists the known ones."""
+    # even for a built-in's name: a package registering the same name is then said, not silently passed over
+    load_entry_points(ATTENTION_GROUP)
     prefix, colon, _ = name.partition(":")
-    if name not in _ATTENTIONS and not (colon and prefix in _PARAMETRIC):
-        load_entry_points(ATTENTION_GROUP)  # a name not built in: the attentions installed packages add
     if name in _ATTENTIONS:
         return _ATTENTIONS[name]
     if colon and prefix in _PARAMETRIC:
