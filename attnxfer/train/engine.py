@@ -221,11 +221,15 @@ class Engine:
             if bad is not None
             else "a non-finite loss term on another rank"
         )
-        # before the first update no learning rate is to blame: the loss's own computation or the data is
+        # before the first update no learning rate is to blame: the loss's own computation or the data is;
+        # after it, the settings the run has (a clip already set, a transfer weight where the term is one)
+        clip = self.settings.clip_grad
+        clip = f"a lower optim.clip_grad than {clip:g}" if clip else "optim.clip_grad=1.0"
+        weight = "" if bad is not None and bad.term in ("task", "mae") else ", or a lower transfer.atd_weight"
         advice = (
             "It came before any update: check the loss that computes that term, and the data."
             if bad is not None and bad.step == 0
-            else "Try a lower optim.lr, optim.clip_grad=1.0, or a lower transfer.atd_weight."
+            else f"Try a lower optim.lr, {clip}{weight}."
         )
         raise NonFiniteLossError(f"{what}; stopping without saving ({where}). {advice}")
 

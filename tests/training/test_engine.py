@@ -224,9 +224,12 @@ def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path, capsys):
         "schedule.warmup_epochs=0",
         "schedule.max_steps=6",
         "checkpoint.every_steps=100",
+        "optim.clip_grad=5",
     )
     assert code != 0
     assert "non-finite loss term 'task'" in err and "Traceback" not in err
+    # the advice fits the run: its clip is already set, and the term is no transfer weight's
+    assert err.rstrip().endswith("Try a lower optim.lr, a lower optim.clip_grad than 5.")
     assert not list((tmp_path / "r" / "checkpoints").glob("step-*"))
 
 
