@@ -113,9 +113,7 @@ def clean_staging(out_dir: Path) -> list[Path]:
     unmarked ones of older versions holding nothing but export files). Returns what was removed."""
     removed = []
     prefix = f".{out_dir.name}"
-    if not out_dir.parent.is_dir():
-        return removed
-    for entry in out_dir.parent.iterdir():
+    for entry in (e for home in (out_dir.parent, out_dir) if home.is_dir() for e in home.iterdir()):
         rest = entry.name[len(prefix) :] if entry.name.startswith(prefix) else None
         if rest is None or not entry.is_dir() or entry.is_symlink():
             continue
@@ -178,6 +176,9 @@ def export_student(
     meta = _config_block(card, spec, license_id, native=native, shape=shape)
     refuse_file_in_the_way(out_dir, "OUT_DIR")
     refuse_unwritable(out_dir, "OUT_DIR")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in clean_staging(out_dir):
+        warn(f"removed {leftover}, left behind by an interrupted export")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise PathExistsError(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
@@ -191,12 +192,11 @@ def export_student(
             f"{out_dir} holds {', '.join(present)} of no earlier export (no attnxfer block in its config.json): "
             "--overwrite replaces an export, not a model or files of your own; choose another folder"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in clean_staging(out_dir):
-        warn(f"removed {leftover}, left behind by an interrupted export")
-    # the files are staged in a hidden folder beside out_dir (same filesystem: atomic moves) named after its
-    # owner process, then moved in together; a format is one writer of files into it
-    tmp = out_dir.parent / f".{out_dir.name}{_STAGING_MARK}{os.urandom(4).hex()}.{_owner_tag()}"
+    # the files are staged in a hidden folder named after its owner process, on out_dir's filesystem (atomic
+    # moves): inside out_dir where it exists (a mounted volume, a folder in a read-only one), else beside it;
+    # then moved in together. A format is one writer of files into it
+    home = out_dir if out_dir.is_dir() else out_dir.parent
+    tmp = home / f".{out_dir.name}{_STAGING_MARK}{os.urandom(4).hex()}.{_owner_tag()}"
     os.mkdir(tmp, 0o700)
     try:
         reports = {name: FORMATS[name](student, spec, meta, tmp, verify=verify) for name in formats}

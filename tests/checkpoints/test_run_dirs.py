@@ -505,13 +505,14 @@ def test_an_export_removes_the_staging_folders_killed_exports_left(trained, tmp_
     out = tmp_path / "export"
     dead = tmp_path / f".export.export-0badf00d.{_dead_pid()}@{socket.gethostname()}"
     legacy = tmp_path / ".export.ab12cd_9"  # tempfile.mkdtemp's name, before staging folders were marked
-    for folder in (dead, legacy):
-        folder.mkdir()
+    inside = out / dead.name  # an export into an existing folder stages inside it
+    for folder in (dead, legacy, inside):
+        folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
     keep = tmp_path / ".export.notes"  # not an export's staging folder
     keep.mkdir()
     code, _, err = run_cli(capsys, "export", str(trained), str(out))
     assert code == 0, err
-    assert not dead.exists() and not legacy.exists() and keep.is_dir()
+    assert not dead.exists() and not legacy.exists() and not inside.exists() and keep.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".export.notes"]
     assert (out / "model.safetensors").is_file()

@@ -645,6 +645,26 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_export_in_one_l
         export_student(trained_student(), "/proc/attnxfer-export", card=card())
 
 
+def test_an_export_into_an_existing_folder_on_another_filesystem_stages_its_files_inside_it(
+    tmp_path, monkeypatch
+):
+    """A mounted volume (or a folder in a read-only one): files staged beside it could not be moved in
+    (os.replace across filesystems), so they are staged inside it, and nothing is left beside it."""
+    out = tmp_path / "volume"
+    out.mkdir()
+    replace = os.replace
+
+    def within_one_filesystem(src, dst):
+        if Path(dst).parent == out and out not in Path(src).parents:
+            raise OSError(18, "Invalid cross-device link", str(src))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", within_one_filesystem)
+    export_student(trained_student(), out, card=card())
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["volume"]
+
+
 # ------------------------------------------------------------------------- export through the CLI, of `trained`
 
 
