@@ -42,7 +42,7 @@ from .model_card import (
     shape_phrase,
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
-from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
+from .run_dir import CheckpointChoice, ExportWeights, RunDir, select_checkpoint as select_checkpoint
 from .run_lock import claim_new_file, lock_holder, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
@@ -400,14 +400,14 @@ def export_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    weights: ExportWeights | str = "ema",
+    weights: ExportWeights | str | None = None,
     checkpoint: CheckpointChoice | str = "best",
     push_to_hub: str | None = None,
     overwrite: bool = False,
     attn_layer: type | None = None,
     formats: Sequence[str] = ("timm",),
 ) -> Path:
-    """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``;
+    """Export a run's student (``weights``: ``ema`` or ``raw``, None: the EMA's where kept; ``checkpoint``: ``best`` or ``latest``;
     ``formats`` as `export_student`) with its record, recipe and metrics on the card. Copy-mode students are
     refused: they compute attention from the teacher's q/k at inference and do not stand alone."""
     formats = _formats(formats)  # an unknown format or a missing package stops before anything is read
@@ -424,7 +424,6 @@ def export_run(
     for folder, what in taken:
         if Path(out_dir).resolve() == folder.resolve():
             raise PathExistsError(f"OUT_DIR={out_dir} is {what}: export into {Path(run_dir) / 'export'}")
-    weights = _choice(ExportWeights, weights, "weights")
     mode = record.get("mode")
     if mode in MODES and MODES[mode].teacher_at_eval:
         raise InputError(
@@ -453,11 +452,11 @@ def export_run(
         recipe=recipe,
         metrics=_card_metrics(run, loaded.checkpoint),
         training_data=training_data,
-        checkpoint=f"{loaded.why}, {weights} weights",
+        checkpoint=f"{loaded.why}, {loaded.weights} weights",
         description=record.get("description"),
         repo_id=push_to_hub,
         dataset=dataset,
-        eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
+        eval_prefix="ema_val" if loaded.weights is ExportWeights.EMA else "val",
         class_names=_class_names(record, loaded.model),
     )
     return export_student(

@@ -668,6 +668,13 @@ def test_an_export_into_an_existing_folder_on_another_filesystem_stages_its_file
 # ------------------------------------------------------------------------- export through the CLI, of `trained`
 
 
+def test_export_run_of_a_run_without_ema_exports_its_raw_weights_as_the_cli_does(trained, tmp_path):
+    """EMA is off by default: `export_run(RUN_DIR, OUT)` (docs/export.md) takes the weights the run kept."""
+    out = export_run(trained, tmp_path / "out")
+    assert "step-00000004 (best val top-1" in (out / "README.md").read_text()
+    assert "), raw weights" in (out / "README.md").read_text()
+
+
 def test_an_export_into_the_runs_own_folder_is_refused(trained, capsys):
     """--overwrite there would mix config.json and model.safetensors among the run's own files."""
     before = sorted(p.name for p in trained.iterdir())
