@@ -325,7 +325,11 @@ def _loading_section(
     # how the run prepared its validation images (config.json's pretrained_cfg: what the transform makes)
     data_cfg = spec.get("pretrained_cfg", {})
     size, pct = data_cfg.get("input_size"), data_cfg.get("crop_pct")
-    steps = []
+    steps = (  # timm reads images as RGB, which a one-channel student refuses
+        ['read in one channel (PIL `.convert("L")`, timm\'s `ImageDataset(..., input_img_mode="L")`)']
+        if size and size[0] == 1
+        else []
+    )
     if size and pct is not None:
         steps.append(
             f"resized ({data_cfg.get('interpolation', 'bilinear')}) to {size[-1]} / {pct:g} px on the short side, "

@@ -59,6 +59,20 @@ def test_timm_prepares_images_as_the_run_validated_them_and_names_the_classes(tm
         assert torch.equal(timm_val[i][0], val[i][0])
 
 
+def test_the_card_of_a_one_channel_student_says_to_read_images_in_one_channel(tmp_path):
+    """timm reads images as RGB, which a grayscale student (the demo's) refuses: the card says how to read them,
+    and read so, timm's own pipeline feeds the model."""
+    from attnxfer.models import create_vit
+
+    root = image_folder(tmp_path / "images", per_class={"train": 1, "val": 1})
+    student = student_like(create_vit("vit_micro_patch4_28", num_classes=3), depth=1).eval()
+    out = export_student(student, tmp_path / "out", card=card())
+    assert 'timm\'s `ImageDataset(..., input_img_mode="L")`' in (out / "README.md").read_text()
+    model, transform = _timm_pipeline(out)
+    image = ImageDataset(str(root / "val"), input_img_mode="L", transform=transform)[0][0]
+    assert model(image[None]).shape == (1, 3)
+
+
 def test_class_names_that_do_not_fit_the_head_are_refused(tmp_path):
     student = student_like(teacher_model(), num_classes=3).eval()
     with pytest.raises(ValueError, match="2 class names for a student of 3 classes"):
