@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import HubUnreachableError, InputError, PathExistsError
@@ -442,6 +443,9 @@ def export_run(
         )
     recipe = run.recipe()
     training_data, dataset = _recipe_data(recipe)
+    # a fine-tuned student's spec keeps model.init's pretrained_cfg, and with it the licence of those weights
+    init = (((yaml.safe_load(recipe) if recipe else None) or {}).get("model") or {}).get("init")
+    init_license = (record.get("student") or {}).get("pretrained_cfg", {}).get("license")
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         # absolute: `export RUN .` is named after the folder, not ''
@@ -458,6 +462,7 @@ def export_run(
         dataset=dataset,
         eval_prefix="ema_val" if loaded.weights is ExportWeights.EMA else "val",
         class_names=_class_names(record, loaded.model),
+        init={"spec": init, "license": init_license} if init else None,
     )
     return export_student(
         loaded.model, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats

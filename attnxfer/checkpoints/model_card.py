@@ -23,7 +23,7 @@ from ..sources.teacher import TeacherRecord
 class ModelCardInfo:
     """What the model card says beyond the model itself. ``teacher``: the run's `TeacherRecord` (or its
     dict); ``plan``: the printed transfer plan; ``recipe``: the resolved config YAML; ``license`` defaults to
-    the teacher's, and a non-commercial teacher licence cannot be replaced (the student inherits it)."""
+    the teacher's (or ``init``'s), and a non-commercial one cannot be replaced (the student inherits it)."""
 
     model_name: str
     teacher: dict[str, Any] | None = None
@@ -44,6 +44,8 @@ class ModelCardInfo:
     eval_prefix: str = "val"
     #: the classifier's class names by index (config.json's ``label_names``, as timm's ``save_for_hf`` writes)
     class_names: Sequence[str] | None = None
+    #: ``model.init``'s weights the student was fine-tuned from (``spec``, ``license``): its licence binds too
+    init: dict[str, Any] | None = None
 
     def __post_init__(self):
         if isinstance(self.teacher, TeacherRecord):
@@ -61,45 +63,49 @@ def _teacher_name(teacher: dict[str, Any] | None) -> str:
 
 def card_license(card: ModelCardInfo) -> tuple[str, str]:
     """(licence id for the card's metadata, the sentence that explains it). A student trained from a
-    teacher's weights is a derivative of them: it inherits the teacher's licence by default, and a
-    non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped."""
-    teacher = card.teacher or {}
-    tl = teacher.get("license")
-    if tl and tl.lower() in ("other", "unknown"):  # the Hub's words for "none of its list": no licence named
-        tl = None
-    name = _teacher_name(teacher)
-    if tl and re.search(r"(^|[-_ ])nc([-_ ]|$)", tl.lower()):  # a non-commercial licence
-        if card.license and card.license.lower() != tl.lower():
-            raise InputError(
-                f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
-                f"inherits that licence and cannot be released as {card.license!r}. Drop license= "
-                "or train from a teacher whose licence allows it"
+    teacher's weights, or fine-tuned from ``model.init``'s, is a derivative of them: it inherits their licence
+    by default, and a non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped."""
+    sources = []  # (the weights it derives from, their licence); the Hub's "other"/"unknown" name none
+    if card.teacher:
+        sources.append(
+            (f"The teacher's weights ({_teacher_name(card.teacher)})", card.teacher.get("license"))
+        )
+    if card.init:
+        sources.append(
+            (f"The weights it was fine-tuned from ({card.init['spec']})", card.init.get("license"))
+        )
+    sources = [(what, None if tl and tl.lower() in ("other", "unknown") else tl) for what, tl in sources]
+    for what, tl in sources:
+        if tl and re.search(r"(^|[-_ ])nc([-_ ]|$)", tl.lower()):  # a non-commercial licence
+            if card.license and card.license.lower() != tl.lower():
+                raise InputError(
+                    f"{what} are licensed {tl} (non-commercial); a student trained from them inherits that "
+                    f"licence and cannot be released as {card.license!r}. Drop license= or train from weights "
+                    "whose licence allows it"
+                )
+            return tl.lower(), (
+                f"{what} are licensed **{tl.upper()}**. This student was trained from them and **inherits "
+                f"that licence: {tl.upper()}** (non-commercial use only)."
             )
-        return tl.lower(), (
-            f"The teacher's weights ({name}) are licensed **{tl.upper()}**. This student was trained "
-            f"from them by attention transfer and **inherits that licence: {tl.upper()}** "
-            "(non-commercial use only)."
-        )
+    unknown = "".join(
+        f" {what} have no recorded licence: check their terms." for what, tl in sources if not tl
+    )
+    licensed = [(what, tl) for what, tl in sources if tl]
     if card.license:
-        note = (
-            f" The teacher ({name}) is licensed {tl}."
-            if tl
-            else f" The teacher's licence ({name}) was not recorded: check its terms."
-        )
-        return card.license.lower(), f"Released under {card.license}.{note}"
-    if tl:
+        known = "".join(f" {what} are licensed {tl}." for what, tl in licensed)
+        return card.license.lower(), f"Released under {card.license}.{known}{unknown}"
+    if licensed:
+        what, tl = licensed[0]
+        rest = "".join(f" {what} are licensed {tl}." for what, tl in licensed[1:])
         return (
             tl.lower(),
-            f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl}).",
+            f"{what} are licensed {tl}; this student inherits that licence ({tl}).{rest}{unknown}",
         )
-    if not teacher:  # trained from scratch, or MAE pre-training: no weights it derives from
+    if not sources:  # trained from scratch, or MAE pre-training: no weights it derives from
         return "other", (
             "No licence was set (the metadata's `other`): check the terms of the data it was trained on."
         )
-    return "other", (
-        f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
-        "redistributing this model, which was trained from it."
-    )
+    return "other", f"{unknown.strip()[:-1]} before using or redistributing this model, trained from them."
 
 
 def _fmt(v: Any) -> str:

@@ -166,7 +166,9 @@ def test_a_headless_students_card_says_features_and_a_teachers_other_licence_is_
     text = (out / "README.md").read_text()
     front, body = yaml.safe_load(text.split("---")[1]), text.split("---", 2)[2]
     assert front["pipeline_tag"] == "image-feature-extraction" and "image-classification" not in front["tags"]
-    assert "licensed other" not in body and "licence (local-dir:runs/demo/mae/export) is unknown" in body
+    assert (
+        "licensed other" not in body and "(local-dir:runs/demo/mae/export) have no recorded licence" in body
+    )
 
 
 def test_non_commercial_teacher_licence_cannot_be_replaced(tmp_path):
@@ -709,6 +711,25 @@ def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_t
     body = (tmp_path / "scratch-vit" / "README.md").read_text().split("---", 2)[2]
     assert body.lstrip().startswith("# scratch-vit\n") and "trained without a teacher, with attnxfer." in body
     assert "## Teacher\n\nNone: trained without a teacher." in body and "teacher's licence" not in body
+
+
+def test_a_student_fine_tuned_from_non_commercial_weights_inherits_their_licence(exported, tmp_path, capsys):
+    """model.init's weights bind as a teacher's do: MAE's released encoder fine-tuned (no teacher) is
+    CC-BY-NC-4.0, not a card saying no licence was set."""
+    init = tmp_path / "init"
+    init.mkdir()
+    for f in exported.iterdir():
+        (init / f.name).write_bytes(f.read_bytes())
+    config = json.loads((init / "config.json").read_text())
+    config["pretrained_cfg"]["license"] = "cc-by-nc-4.0"
+    (init / "config.json").write_text(json.dumps(config))
+    run = tmp_path / "run"
+    argv = [*S, f"model.init=local-dir:{init}", "schedule.max_steps=1", f"run_dir={run}"]
+    assert run_cli(capsys, "train", *argv)[0] == 0
+    assert run_cli(capsys, "export", str(run), str(tmp_path / "out"))[0] == 0
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert yaml.safe_load(text.split("---")[1])["license"] == "cc-by-nc-4.0"
+    assert f"fine-tuned from (local-dir:{init}) are licensed **CC-BY-NC-4.0**" in text
 
 
 def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):
