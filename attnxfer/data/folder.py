@@ -3,6 +3,7 @@ timm, its augmentation seeded per (seed, epoch, index). Without labels a split i
 
 from __future__ import annotations
 
+import glob
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -84,11 +85,10 @@ class ImageFiles:
         from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
 
         self.folder = folder
-        found = (
-            p.relative_to(folder) for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file()
-        )
-        visible = (p for p in found if not any(part.startswith(".") for part in p.parts))
-        self.files = sorted(visible, key=lambda p: natural_key(p.as_posix()))
+        # glob, not rglob: symlinked folders are walked (as torchvision and timm do), hidden ones are not
+        found = (Path(p) for p in glob.glob("**", root_dir=folder, recursive=True))
+        images = (p for p in found if p.suffix.lower() in extensions and (folder / p).is_file())
+        self.files = sorted(images, key=lambda p: natural_key(p.as_posix()))
         self.targets = [None] * len(self.files)
         if class_map is not None:
             self.targets = [class_map.get(p.parts[0]) if len(p.parts) > 1 else None for p in self.files]

@@ -505,6 +505,20 @@ def test_a_folder_image_is_its_class_folders_at_any_depth_and_one_outside_every_
         build_dataset("folder", "val", root=tmp_path)
 
 
+def test_a_symlinked_class_folder_and_a_symlinked_folder_inside_one_are_read_as_folders(tmp_path):
+    """A class folder linked in from elsewhere holds images (not 'no images'), and so does a linked folder
+    below a class folder (not skipped without a word): as torchvision's and timm's folder readers walk them."""
+    _make_folder(tmp_path / "data")
+    train = tmp_path / "data" / "train"
+    (train / "cat").rename(tmp_path / "cats")
+    (train / "cat").symlink_to(tmp_path / "cats")
+    (tmp_path / "more").mkdir()
+    (train / "dog" / "0.png").rename(tmp_path / "more" / "x.png")
+    (train / "dog" / "more").symlink_to(tmp_path / "more")
+    names = build_dataset("folder", "train", root=tmp_path / "data", img_size=16).image_dataset.filenames()
+    assert names == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/1.png", "dog/2.png", "dog/more/x.png"]
+
+
 @pytest.mark.parametrize(
     "keep, reason", [(None, "PIL cannot identify its format"), (20, "Truncated File Read")]
 )
