@@ -454,3 +454,21 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     # a report scoring runs after they trained (the demo's, a study's) does not say it again
     build_run_parts(load_config(None, base), quiet=True)
     assert "data:" not in capsys.readouterr().out
+
+
+def test_grey_images_average_only_the_rgb_statistics_the_config_does_not_give(tmp_path):
+    """data.in_chans=1 on a folder (ImageNet's three statistics): a data.std or data.mean given is used as
+    given and the other is averaged, in a training run and in MAE pre-training alike."""
+    from attnxfer.apps.run.pretrain import build_pretrain_engine
+
+    _uniform_folder(tmp_path / "folder")
+    grey = [*tiny_run(2, 1), "data.dataset=folder", f"data.root={tmp_path / 'folder'}", "data.kwargs={}"]
+    grey += ["data.in_chans=1", "transfer.mode=none", f"run_dir={tmp_path / 'r'}"]
+    mean, std = [sum((0.485, 0.456, 0.406)) / 3], [sum((0.229, 0.224, 0.225)) / 3]
+    parts = build_run_parts(load_config(None, [*grey, "data.std=[0.5]"]))
+    assert list(parts.mean) == pytest.approx(mean) and list(parts.std) == [0.5]
+    parts = build_run_parts(load_config(None, [*grey, "data.mean=[0.5]"]))
+    assert list(parts.mean) == [0.5] and list(parts.std) == pytest.approx(std)
+    mae = ["model.kwargs={depth: 1}", "mae.decoder_depth=1", "mae.pictures=0", f"run_dir={tmp_path / 'p'}"]
+    info = build_pretrain_engine(load_config("demo/mae_pretrain", [*grey, *mae])).val_loader.dataset.info
+    assert list(info.mean) == pytest.approx(mean) and list(info.std) == pytest.approx(std)

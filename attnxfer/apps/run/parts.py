@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ...config import ModelConfig, TrainConfig
+from ...config import DataConfig, ModelConfig, TrainConfig
 from ...data import DatasetInfo
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
@@ -269,6 +269,13 @@ def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
     return num_classes
 
 
+def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) -> list[Sequence[float]]:
+    """data.mean and data.std, each else ``stats``' (the teacher's or model.init's), else the dataset's; RGB
+    statistics the config did not give are averaged for grey images (in_chans 1)."""
+    chosen = ((d.mean, stats.get("mean") or info.mean), (d.std, stats.get("std") or info.std))
+    return [given or ((sum(v) / 3,) if in_chans == 1 and len(v) == 3 else v) for given, v in chosen]
+
+
 def build_run_parts(
     cfg: TrainConfig,
     rank: int = 0,
@@ -340,10 +347,7 @@ def build_run_parts(
     # Normalisation: explicit config, else the teacher's pretrained statistics, else model.init's (what the
     # encoder fine-tuned was trained on, as timm's train.py reads them), else the dataset's.
     stats = record or (getattr(student, "pretrained_cfg", {}) if cfg.model.init else {})
-    mean = d.mean or stats.get("mean") or info.mean
-    std = d.std or stats.get("std") or info.std
-    if in_chans == 1 and len(mean) == 3 and not d.mean:  # grey images (data.in_chans=1) of RGB statistics
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    mean, std = normalisation(d, stats, info, in_chans)
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey

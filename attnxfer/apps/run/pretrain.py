@@ -39,7 +39,7 @@ from ...train.objective import ModuleObjective
 from ...train.optim import student_param_groups
 from ...train.runtime import Runtime
 from .loaders import data_info
-from .parts import create_named_vit, load_init, parts_around
+from .parts import create_named_vit, load_init, normalisation, parts_around
 from .resume import check_same_data
 from .training import assemble_engine, loop_settings, record_run, start_run
 
@@ -201,14 +201,15 @@ def build_pretrain_engine(
     init_note = init_mae(mae, cfg.model.init, d.img_size, cfg.teacher.cache_dir) if cfg.model.init else None
     # the encoder is the run's student; the loaders are the training ones (labels, if any, come along unread)
     inputs = image_input(mae.encoder)
+    mean, std = normalisation(d, {}, info, inputs.in_chans)
     parts = parts_around(
         cfg,
         info,
         mae.encoder,
         img_size=d.img_size or inputs.img_size[0],
         in_chans=inputs.in_chans,
-        mean=d.mean or info.mean,
-        std=d.std or info.std,
+        mean=mean,
+        std=std,
         num_classes=info.num_classes or 0,  # labels, if any, are unread: a stream need not count its classes
         rank=runtime.rank,
         world_size=runtime.world,
