@@ -188,15 +188,16 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
         )
     augment = split == "train" if augment is None else augment
     size = (info.in_chans, info.img_size, info.img_size)
-    if aug.get("crop_pct") is not None and not aug["crop_pct"] > 0:  # timm would take its 0.875 silently
-        raise InputError(f"dataset '{info.name}': crop_pct must be > 0 (data.kwargs), got {aug['crop_pct']}")
+    crop = aug.get("crop_pct")
+    if crop is not None and not (isinstance(crop, (int, float)) and crop > 0):  # timm: 0 is its 0.875
+        raise InputError(f"dataset '{info.name}': crop_pct must be > 0 (data.kwargs), got {crop!r}")
     try:
         return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
     except (KeyError, IndexError, TypeError, ValueError, AssertionError) as e:  # timm's own checks, if any
         raise InputError(
             f"dataset '{info.name}': timm's create_transform cannot build from these options ({type(e).__name__}: "
-            f"{e}); check the values data.kwargs sets (interpolation: bicubic, bilinear or nearest; scale and "
-            "ratio: two numbers each)"
+            f"{e}); check the values data.kwargs and the aug section set (interpolation: bicubic, bilinear or "
+            "nearest; scale and ratio: two numbers each)"
         ) from None
 
 

@@ -567,13 +567,20 @@ def test_a_crop_pct_of_zero_is_refused_not_taken_as_timms_default(tmp_path):
     _make_folder(tmp_path)
     with pytest.raises(ValueError, match=r"crop_pct must be > 0 \(data.kwargs\), got 0"):
         build_dataset("folder", "val", root=tmp_path, crop_pct=0)
-
-
-@pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5])])
-def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs(tmp_path, option):
-    _make_folder(tmp_path)  # timm answers a KeyError (an unknown interpolation) or an IndexError (one number)
     with pytest.raises(
-        ValueError, match="timm's create_transform cannot build from these options.*data.kwargs"
+        InputError, match=r"crop_pct must be > 0 \(data.kwargs\), got 'big'"
+    ):  # not a TypeError
+        build_dataset("folder", "val", root=tmp_path, crop_pct="big")
+
+
+@pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5]), dict(auto_augment="x")])
+def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs_and_aug(tmp_path, option):
+    """timm answers a KeyError (an unknown interpolation), an IndexError (one number) or an AssertionError (a
+    policy it lacks: aug.auto_augment reaches it too, so the line names the aug section as well)."""
+    _make_folder(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match="timm's create_transform cannot build from these options.*data.kwargs and the aug sec",
     ):
         build_dataset("folder", "train", root=tmp_path, **option)
 
