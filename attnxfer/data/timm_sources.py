@@ -77,6 +77,19 @@ def hf_info(name: str, root: str | None, split: str = "train", labels: bool = Tr
         reader = create_reader(f"hfds/{name}", root=root, split=split)
     except ImportError as e:
         raise _missing_extra(f"hfds/{name}", e) from e
+    # the columns are checked here, where a run asks for its class count first (all splits have them)
+    columns = reader.dataset.column_names
+    # timm's reader casts its 'image' column, which datasets adds, empty, to a table that lacks it
+    images_read = reader.dataset.data.column("image")
+    if images_read.null_count == len(images_read):
+        raise InputError(
+            f"hfds/{name} split {split!r} has no 'image' column (it has {columns[:-1]}); {_HF_COLUMNS}"
+        )
+    if reader.label_key.split("/")[0] not in columns:
+        raise InputError(
+            f"hfds/{name} split {split!r} has no {reader.label_key!r} column (it has {columns}); "
+            "data.labels=false reads its images without labels"
+        )
     names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
     return decoded_image_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
 
@@ -222,18 +235,6 @@ def build_hfds(
         images = create_dataset(
             f"hfds/{name}", root=root, split=hf_split, input_img_mode=mode, transform=transform
         )
-        columns = images.reader.dataset.column_names
-        # timm's reader casts its 'image' column, which datasets adds, empty, to a table that lacks it
-        images_read = images.reader.dataset.data.column("image")
-        if images_read.null_count == len(images_read):
-            raise InputError(
-                f"hfds/{name} split {hf_split!r} has no 'image' column (it has {columns[:-1]}); {_HF_COLUMNS}"
-            )
-        if images.reader.label_key.split("/")[0] not in columns:
-            raise InputError(
-                f"hfds/{name} split {hf_split!r} has no {images.reader.label_key!r} column (it has {columns}); "
-                "data.labels=false reads its images without labels"
-            )
     else:
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform

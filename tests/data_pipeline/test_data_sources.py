@@ -245,7 +245,8 @@ def test_a_hugging_face_dataset_whose_images_are_not_in_an_image_column_is_told_
     hf_dir, tmp_path, labels
 ):
     """CIFAR-10 on the Hub names its images 'img': timm's reader casts an 'image' column, which datasets adds,
-    empty, so the first image read raised a TypeError traceback."""
+    empty, so the first image read raised a TypeError traceback. A run's first question, its class count,
+    names the column too (not model.num_classes)."""
     import datasets
 
     root = tmp_path / "cifar_like"
@@ -258,6 +259,9 @@ def test_a_hugging_face_dataset_whose_images_are_not_in_an_image_column_is_told_
         InputError, match=r"no 'image' column \(it has \['img', 'label'\]\); hfds/ reads .* rename"
     ):
         build_dataset(f"hfds/{root}", "val", root=tmp_path / "b", **NORM, labels=labels)
+    if labels:
+        with pytest.raises(InputError, match=r"no 'image' column \(it has \['img', 'label'\]\)"):
+            dataset_info(f"hfds/{root}", root=tmp_path / "b")
 
 
 def test_a_hugging_face_dataset_with_plain_integer_labels_asks_for_the_class_count(hf_dir, tmp_path):

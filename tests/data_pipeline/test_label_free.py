@@ -152,6 +152,8 @@ def test_hfds_without_a_label_column_reads_its_images_and_labels_true_says_what_
         torch.testing.assert_close(x, _timm_eval(png), rtol=0, atol=0)
     with pytest.raises(InputError, match="no 'label' column.*data.labels=false"):
         build_dataset(name, "val", root=cache, **NORM)
+    with pytest.raises(InputError, match="no 'label' column.*data.labels=false"):
+        dataset_info(name, root=cache)  # a run's first question, its class count: not "set model.num_classes"
 
 
 @pytest.fixture(scope="module")
