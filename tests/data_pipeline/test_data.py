@@ -7,13 +7,14 @@ import math
 import os
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET
+from helpers import QUIET, run_cli
 from torch.utils.data import DistributedSampler
 
 from attnxfer.data import (
@@ -503,6 +504,19 @@ def test_a_folder_image_is_its_class_folders_at_any_depth_and_one_outside_every_
         ValueError, match=r"1 image\(s\) of .*val' lie outside any class folder \(e.g. 'stray.png'\)"
     ):
         build_dataset("folder", "val", root=tmp_path)
+
+
+def test_a_task_loss_over_a_folder_of_one_class_stops_before_the_run_starts(tmp_path, capsys):
+    """Softmax over one class: the cross-entropy is 0 whatever the student does, and top-1 is 100 %."""
+    _make_folder(tmp_path / "data")
+    shutil.rmtree(tmp_path / "data" / "train" / "cat")
+    run = ["train", "data.dataset=folder", f"data.root={tmp_path / 'data'}", f"run_dir={tmp_path / 'run'}"]
+    code, _, err = run_cli(capsys, *run, "transfer.mode=none")
+    assert (
+        code == 2
+        and "error: data.dataset=folder has one class (task loss 0): add one, or set transfer.task" in err
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_symlinked_class_folder_and_a_symlinked_folder_inside_one_are_read_as_folders(tmp_path):

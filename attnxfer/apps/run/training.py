@@ -51,12 +51,14 @@ def require_task_labels(cfg: TrainConfig) -> None:
     """A run with a task loss reads labels: data read without them (``data.labels: false``) stops here, saying
     how to train without one. So does a label-based metric asked for by name (``eval.metrics``)."""
     if task_weight_of(cfg) > 0:
-        require_labels(
-            data_info(cfg.data),
-            "the task loss (cross-entropy of the student's logits)",
-            fix="set transfer.task_weight=0 (no task loss: distil the teacher's final features with "
-            "transfer.feature_distill, or its attention with transfer.mode)",
+        fix = (
+            "set transfer.task_weight=0 (no task loss: distil the teacher's final features with "
+            "transfer.feature_distill, or its attention with transfer.mode)"
         )
+        info = data_info(cfg.data)
+        require_labels(info, "the task loss (cross-entropy of the student's logits)", fix)
+        if (cfg.model.num_classes or info.num_classes) == 1:  # softmax over one class: a loss of 0 always
+            raise InputError(f"data.dataset={info.name} has one class (task loss 0): add one, or {fix}")
     require_metric_labels(cfg)
 
 
