@@ -329,6 +329,7 @@ def _curriculum(
     """(last epoch, stage) for each ``{epochs: n, KNOB: value, ...}`` (knobs not named: the task's own)."""
     out: list[tuple[int, RecallStage]] = []
     last = -1
+    _need(isinstance(stages or (), (list, tuple)), f"curriculum must be a list of stages, got {stages!r}")
     for i, raw in enumerate(stages or ()):
         where = f"curriculum[{i}]: "
         _need(

@@ -178,6 +178,8 @@ def test_a_curriculum_walks_train_epochs_through_its_stages_and_val_stays_the_ta
 def test_a_bad_curriculum_stage_is_one_clear_error(stage, says):
     with pytest.raises(InputError, match=says):
         _ds(curriculum=[stage])
+    with pytest.raises(InputError, match=r"curriculum must be a list of stages, got \{"):
+        _ds(curriculum=stage)  # data.kwargs.curriculum={epochs: 1}: one stage, not a list of them
 
 
 TWO_HOPS = dict(hops=2, img_size=40, distance=4, num_keys=12)
