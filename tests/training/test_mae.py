@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import run_cli
+from helpers import run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.pretrain import pretrain
@@ -363,7 +363,7 @@ def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pre
     from attnxfer.apps.run.pretrain import build_mae, init_mae
 
     fresh = build_mae(other, in_chans=1, img_size=None)
-    note = init_mae(fresh, str(full))
+    note, _ = init_mae(fresh, str(full))
     assert "decoder fresh" in note and "decoder_embed.weight" in note
     got = fresh.state_dict()
     for k, v in state.items():
@@ -397,7 +397,7 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
         tmp_path / "s.safetensors",
     )
     mae = build_mae(cfg, in_chans=1, img_size=None)
-    note = init_mae(mae, str(tmp_path / "s.safetensors"))
+    note, _ = init_mae(mae, str(tmp_path / "s.safetensors"))
     assert "its classifier (head.bias, head.weight) left out, decoder fresh" in note, note
     assert torch.equal(mae.state_dict()["cls_token"], state["cls_token"])
     wide = load_config("demo/mae_pretrain", [*TINY, "model.kwargs={depth: 2, embed_dim: 96}"])
@@ -406,6 +406,26 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
             build_mae(wide, in_chans=1, img_size=None),
             str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"),
         )
+
+
+def test_pretraining_from_a_model_normalises_by_the_statistics_it_was_trained_on(exported, tmp_path):
+    """model.init's mean/std (its config.json's), as fine-tuning from it takes them: an encoder trained on
+    other statistics was fed inputs it never saw. A bare weights file records none: the dataset's."""
+    from attnxfer.apps.run.pretrain import build_pretrain_engine
+
+    init = tmp_path / "init"
+    init.mkdir()
+    for f in exported.iterdir():
+        (init / f.name).write_bytes(f.read_bytes())
+    config = json.loads((init / "config.json").read_text())
+    config["pretrained_cfg"].update(mean=[0.25], std=[0.75])
+    (init / "config.json").write_text(json.dumps(config))
+    one_block = [*tiny_run(64, 16), "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
+    cfg = load_config(
+        "demo/mae_pretrain", [*one_block, f"model.init=local-dir:{init}", f"run_dir={tmp_path}/r"]
+    )
+    encoder = build_pretrain_engine(cfg).student.encoder
+    assert (encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]) == ((0.25,), (0.75,))
 
 
 def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_decoder_fresh(tmp_path):
@@ -419,7 +439,7 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
     deeper = MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=2)
     save_file({k: v.contiguous() for k, v in deeper.state_dict().items()}, tmp_path / "model.safetensors")
     mae = _tiny_mae()
-    note = init_mae(mae, str(tmp_path / "model.safetensors"))
+    note, _ = init_mae(mae, str(tmp_path / "model.safetensors"))
     assert "decoder fresh: the checkpoint's does not fit" in note and "decoder_blocks.1." in note
     assert torch.equal(mae.encoder.pos_embed, enc.pos_embed)
     assert not torch.equal(mae.decoder_blocks[0].attn.qkv.weight, deeper.decoder_blocks[0].attn.qkv.weight)

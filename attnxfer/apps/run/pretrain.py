@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -79,17 +80,20 @@ def _shape_errors(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -
 
 def init_mae(
     mae: MaskedAutoencoder, spec: str, img_size: int | None = None, cache_dir: str | None = None
-) -> str:
-    """Load ``model.init`` into ``mae`` in place; returns what was loaded (one line). A checkpoint file (MAE's
-    ``*_full.pth``, a pretrain checkpoint) must hold every encoder weight in the encoder's shapes (a random
-    encoder weight would be silent damage); its decoder is taken only if it fits whole. Any other spec gives
-    the encoder only."""
+) -> tuple[str, dict[str, Any]]:
+    """Load ``model.init`` into ``mae`` in place; returns what was loaded (one line) and the mean/std the
+    encoder was trained on where its source records them (a model's, not a bare file's). A checkpoint file
+    (MAE's ``*_full.pth``, a pretrain checkpoint) must hold every encoder weight in the encoder's shapes (a
+    random encoder weight would be silent damage); its decoder is taken only if it fits whole. Any other spec
+    gives the encoder only."""
     own = mae.state_dict()
     path = Path(spec).expanduser()
+    stats: dict[str, Any] = {}
     if path.is_file():
         state, _ = read_state_dict(path)  # weights_only: a pickled argparse.Namespace is refused, with a fix
     else:
-        state = load_init(spec, img_size, file_model=None, cache_dir=cache_dir).state_dict()
+        encoder = load_init(spec, img_size, file_model=None, cache_dir=cache_dir)
+        state, stats = encoder.state_dict(), getattr(encoder, "pretrained_cfg", {})
     # a trained student's file (a fine-tune's, a run's checkpoint) has a classifier the headless encoder lacks
     head = sorted(k for k in state if k.startswith("head.") and k not in own)
     state = {k: v for k, v in state.items() if k not in head}
@@ -126,7 +130,7 @@ def init_mae(
         for k, v in load.items():
             own[k].copy_(v)  # state_dict tensors share storage with the parameters and buffers
     left_out = f", its classifier ({', '.join(head)}) left out" if head else ""
-    return f"model.init: encoder loaded from {spec} ({len(enc_own)} tensors){left_out}, {decoder}"
+    return f"model.init: encoder loaded from {spec} ({len(enc_own)} tensors){left_out}, {decoder}", stats
 
 
 def reconstruction_pictures(
@@ -198,10 +202,12 @@ def build_pretrain_engine(
     d = cfg.data
     info = data_info(d)
     mae = build_mae(cfg, d.in_chans or info.in_chans, d.img_size)
-    init_note = init_mae(mae, cfg.model.init, d.img_size, cfg.teacher.cache_dir) if cfg.model.init else None
+    init_note, stats = (
+        init_mae(mae, cfg.model.init, d.img_size, cfg.teacher.cache_dir) if cfg.model.init else (None, {})
+    )
     # the encoder is the run's student; the loaders are the training ones (labels, if any, come along unread)
     inputs = image_input(mae.encoder)
-    mean, std = normalisation(d, {}, info, inputs.in_chans)
+    mean, std = normalisation(d, stats, info, inputs.in_chans)
     parts = parts_around(
         cfg,
         info,
@@ -213,7 +219,7 @@ def build_pretrain_engine(
         num_classes=info.num_classes or 0,  # labels, if any, are unread: a stream need not count its classes
         rank=runtime.rank,
         world_size=runtime.world,
-        chosen_by=(cfg.model.name, "the dataset's"),
+        chosen_by=(cfg.model.name, "model.init's" if stats.get("mean") else "the dataset's"),
     )
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
