@@ -133,7 +133,7 @@ class TransferConfig:
 
 @dataclass
 class DataConfig:
-    # animal_mnist | folder | synthetic | hfds/NAME | hfids/NAME | wds/NAME | a plug-in (attnxfer.data's registry)
+    # animal_mnist | folder | synthetic | recall | hfds/NAME | hfids/NAME | wds/NAME | a plug-in
     dataset: str = key("animal_mnist", range=ANY)
     # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...; resumable: the same dataset at another
     # path (a node-local copy)
