@@ -116,6 +116,15 @@ def test_numbers_read_as_written_not_as_yaml_1_1_reads_them(tmp_path):
     assert cfg.teacher.revision == "0123" and cfg.optim.lr == 1e-3
 
 
+def test_a_lone_dot_is_a_path_not_a_number(tmp_path):
+    """``data.root=.`` (the current directory) is a string, as in YAML 1.2; it was read as a float and failed
+    with a ValueError traceback. A number needs a digit: .5 and 1. still are numbers."""
+    (tmp_path / "c.yaml").write_text("data:\n  root: .\n")
+    assert load_config(tmp_path / "c.yaml").data.root == "."
+    cfg = load_config(None, ["teacher.cache_dir=.", "optim.lr=.5", "optim.min_lr=1."])
+    assert (cfg.teacher.cache_dir, cfg.optim.lr, cfg.optim.min_lr) == (".", 0.5, 1.0)
+
+
 @pytest.mark.parametrize(
     ("text", "nested"),
     [
