@@ -340,8 +340,8 @@ def _merged_into(current: Any, keys: _Into) -> Any:
 
 def merged_into_base(data: Mapping[str, Any]) -> _Into:
     """A recipe's keys read as dotted overrides of its base: each mapping in it is merged into the base's
-    value, key by key (lists and other values replace theirs)."""
-    return _Into({k: merged_into_base(v) if isinstance(v, Mapping) else v for k, v in data.items()})
+    value, key by key (lists, other values and an empty mapping, ``{}``, replace theirs)."""
+    return _Into({k: merged_into_base(v) if isinstance(v, Mapping) and v else v for k, v in data.items()})
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -375,6 +375,17 @@ def test_a_recipes_mapping_is_merged_into_its_bases_as_a_dotted_override_is(tmp_
     assert deeper.data.kwargs["curriculum"] == [{"epochs": 1, "img_size": 32}]  # a list replaces the base's
 
 
+def test_an_empty_mapping_in_a_recipe_empties_its_bases(tmp_path):
+    """``{}`` merged key by key would change nothing: a recipe switching to an attention without options could
+    not drop its base's, which the refusal of those options tells it to do by setting the key to {}."""
+    (tmp_path / "relu.yaml").write_text(
+        "base: convert/demo_hedgehog\nconvert:\n  attention: relu_linear\n  attention_kwargs: {}\n",
+        encoding="utf-8",
+    )
+    assert load_config("convert/demo_hedgehog").convert.attention_kwargs  # the base has options to drop
+    assert load_config(tmp_path / "relu.yaml").convert.attention_kwargs == {}
+
+
 def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n", encoding="utf-8")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n", encoding="utf-8")
