@@ -16,7 +16,7 @@ import yaml
 
 from .keys import ConfigError, field_types, leaves, rule_of, section_command
 from .renamed import find_key, respell
-from .strict_yaml import describe_yaml_error, load_yaml
+from .strict_yaml import Dumper, describe_yaml_error, load_yaml
 
 
 def validate_config(cfg: Any, prefix: str = "") -> Any:
@@ -76,7 +76,7 @@ def dump_config(cfg: Any, command: str | None = None, *, as_run: bool = False) -
     none (or a PATH) would start it over (or from that checkpoint) every time again."""
     if as_run:
         cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
-    return yaml.safe_dump(to_dict(cfg, command), sort_keys=False)
+    return yaml.dump(to_dict(cfg, command), Dumper=Dumper, sort_keys=False)
 
 
 def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
@@ -372,10 +372,13 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
             field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
         if isinstance(value, str) and not isinstance(value, TypedStr) and field is not str:
             try:
-                value = load_yaml(value) if value.strip() else None
+                typed = load_yaml(value) if value.strip() else None
             except yaml.YAMLError as e:
                 raise ConfigError(
                     f"override {key}={value!r}: value is not valid YAML ({describe_yaml_error(e)})"
                 ) from None
+            # a number given to a key that takes a string keeps its spelling (teacher.revision=1.10, not '1.1')
+            number = isinstance(typed, int | float) and not isinstance(typed, bool)
+            value = value if number and str in typing.get_args(field) else typed
         parsed[key] = value
     return validate_config(merge_values(cfg, _nest(parsed)))

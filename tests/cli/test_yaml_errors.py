@@ -125,6 +125,18 @@ def test_a_lone_dot_is_a_path_not_a_number(tmp_path):
     assert (cfg.teacher.cache_dir, cfg.optim.lr, cfg.optim.min_lr) == (".", 0.5, 1.0)
 
 
+def test_a_number_given_to_a_string_key_keeps_its_spelling_and_its_config_yaml_reads_back_the_same(tmp_path):
+    """teacher.revision=1.10 asked for revision '1.1' and data.root=1e3 for the folder '1000.0'; and a string
+    the config.yaml wrote unquoted (1e3) read back as a number, so a resume saw a changed key."""
+    from attnxfer.config import dump_config
+
+    cfg = load_config(None, ["teacher.revision=1.10", "data.root=1e3", "log.project=2024.10"])
+    assert (cfg.teacher.revision, cfg.data.root, cfg.log.project) == ("1.10", "1e3", "2024.10")
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert load_config(None, ["teacher.revision=null", "model.num_classes=10"]).model.num_classes == 10
+
+
 @pytest.mark.parametrize(
     ("text", "nested"),
     [
