@@ -214,23 +214,26 @@ def _listed(file: Path, entries: Any) -> list[Student]:
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise ConfigError(f"{where}[{i}] must be a mapping with a name and the keys it changes")
         keys = {k: v for k, v in entry.items() if k != "name"}
-        typed = {k: TypedStr(v) if isinstance(v, str) else v for k, v in _flat(keys).items()}
+        flat = _flat(keys, where=f"{where}[{i}] ({entry['name']})")
+        typed = {k: TypedStr(v) if isinstance(v, str) else v for k, v in flat.items()}
         students.append(Student(str(entry["name"]), typed))
     return students
 
 
-def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat(data: Mapping[str, Any], prefix: str = "", where: str = "") -> dict[str, Any]:
     """Nested sections as dotted keys (``{transfer: {mode: copy}}`` -> ``{"transfer.mode": "copy"}``); a
-    section's mapping-valued key (``model.kwargs``) stays one value."""
+    section's mapping-valued key (``model.kwargs``) stays one value. A key given both ways is refused (in
+    ``where``): one of its values would be dropped without a word."""
     # every section's dotted name: each key's proper prefixes
     sections = {k.rsplit(".", i)[0] for k in config_keys() for i in range(1, k.count(".") + 1)}
     out: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and dotted in sections:
-            out |= _flat(value, f"{dotted}.")
-        else:
-            out[dotted] = value
+        nested = isinstance(value, Mapping) and dotted in sections
+        for k, v in (_flat(value, f"{dotted}.", where) if nested else {dotted: value}).items():
+            if k in out:
+                raise ConfigError(f"{where} gives {k} twice, dotted and nested; keep one of them")
+            out[k] = v
     return out
 
 

@@ -180,6 +180,11 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml.write_text("students:\n  - name: a\n  - name: a\n    seed: 2\n")
     with pytest.raises(ConfigError, match="two students are named 'a'"):
         load_study(yaml)
+    yaml.write_text("students:\n  - name: a\n    transfer.mode: copy\n    transfer: {mode: distill}\n")
+    with pytest.raises(
+        ConfigError, match=r"students\[0\] \(a\) gives transfer.mode twice, dotted and nested"
+    ):
+        load_study(yaml)
     with pytest.raises(ConfigError, match="--vary optim.lr lists '1e-3' twice"):
         load_study(None, [], {"optim.lr": ["1e-3", "3e-3", "1e-3"]})
     # the same number, spelled twice
