@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -155,6 +156,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             one = {"name": value} if isinstance(value, str) and typing.get_origin(item) is dict else value
             example = f"[{one}]" if isinstance(one, (str, int, float)) else "[a, b]"
             example = f"[{yaml_value(one)}]" if isinstance(one, dict) else example
+            span = re.fullmatch(r"(\d+)-(\d+)", str(value)) if item is int else None  # as the plan says "0-5"
+            example = str(list(range(int(span[1]), int(span[2]) + 1))).replace(" ", "") if span else example
             raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Mapping):

@@ -132,6 +132,10 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
             "transfer.layers: expected a list, got '0,1' (write e.g. transfer.layers=[0,1])",
         ),
         ("transfer.layers=[0,a]", "transfer.layers[1]: expected an integer, got 'a'"),
+        (  # a span as the plan prints it ("layers 0-3"): its layers, where [0-3] would be refused in turn
+            "transfer.layers=0-3",
+            "transfer.layers: expected a list, got '0-3' (write e.g. transfer.layers=[0,1,2,3])",
+        ),
         (  # a list of mappings given its one mapping: that mapping in brackets, in the config's words
             "transfer.losses={name: mse, signal: v}",
             "transfer.losses: expected a list, got {'name': 'mse', 'signal': 'v'} "
