@@ -74,7 +74,7 @@ class Dumper(yaml.SafeDumper):
 
 for _cls in (_UniqueKeyLoader, Dumper):
     _cls.add_implicit_resolver(
-        _INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x[0-9a-fA-F_]+|0b[01_]+)$"), list("-+0123456789")
+        _INT, re.compile(r"^[-+]?(?:0|[1-9][0-9_]*|0x(?!_)[0-9a-fA-F_]+|0b(?!_)[01_]+)$"), "-+0123456789"
     )
     _cls.add_implicit_resolver(
         _FLOAT,

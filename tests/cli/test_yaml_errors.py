@@ -118,11 +118,12 @@ def test_numbers_read_as_written_not_as_yaml_1_1_reads_them(tmp_path):
 
 def test_a_lone_dot_is_a_path_not_a_number(tmp_path):
     """``data.root=.`` (the current directory) is a string, as in YAML 1.2; it was read as a float and failed
-    with a ValueError traceback. A number needs a digit: .5 and 1. still are numbers."""
+    with a ValueError traceback (0x_ as an int). A number needs a digit: .5, 1. and 0x1_0 still are numbers."""
     (tmp_path / "c.yaml").write_text("data:\n  root: .\n")
     assert load_config(tmp_path / "c.yaml").data.root == "."
-    cfg = load_config(None, ["teacher.cache_dir=.", "optim.lr=.5", "optim.min_lr=1."])
+    cfg = load_config(None, ["teacher.cache_dir=.", "optim.lr=.5", "optim.min_lr=1.", "teacher.revision=0x_"])
     assert (cfg.teacher.cache_dir, cfg.optim.lr, cfg.optim.min_lr) == (".", 0.5, 1.0)
+    assert cfg.teacher.revision == "0x_" and load_config(None, ["seed=0x1_0"]).seed == 16
 
 
 def test_a_number_given_to_a_string_key_keeps_its_spelling_and_its_config_yaml_reads_back_the_same(tmp_path):
