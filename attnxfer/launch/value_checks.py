@@ -171,7 +171,7 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
             names |= also
         known = sorted(names) + [f"{p}:<spec>" for p in sorted(prefixes)]
         # no registered name holds a call: a formula written without its prefix (its parse says what is wrong)
-        formula = f"; a formula is named with its prefix: did you mean 'formula:{name}'?"
+        formula = f"; a formula is named with its prefix: did you mean 'formula:{name.rpartition(':')[2]}'?"
         hint = formula if "(" in name else _hint(name, names)
         raise ConfigError(
             f"{where}: {name!r} is not a registered attention{hint} (one of {', '.join(known)}; an attention "

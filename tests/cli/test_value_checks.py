@@ -43,7 +43,11 @@ def test_attention_names_read_from_the_source_are_the_registrys():
         ),
         (["model.attention=[softmax,softmaks]"], "model.attention[1]: 'softmaks'"),
         (["convert.attention=[hedgehog,Hedgehog]"], "convert.attention[1]: 'Hedgehog'"),
-        (["convert.attention=formulas:sum(relu)"], "convert.attention: 'formulas:sum(relu)'"),
+        (  # a misspelt prefix: the suggestion replaces it rather than adding another
+            ["convert.attention=formulas:sum(relu)"],
+            "convert.attention: 'formulas:sum(relu)' is not a registered attention; a formula is named with its "
+            "prefix: did you mean 'formula:sum(relu)'?",
+        ),
         (  # convert.attention's own value beside the registry's names
             ["convert.attention=atuo", "convert.speedup=2"],
             "convert.attention: 'atuo' is not a registered attention; did you mean 'auto'? (one of agent, auto, ",
