@@ -141,6 +141,16 @@ def test_softmax_stays_where_the_measured_sensitivity_is_largest():
     assert max(range(3), key=lambda i: rows[i]["relu_linear"]) == 1
 
 
+def test_a_swap_exact_up_to_rounding_measures_no_negative_sensitivity():
+    """A window over the whole grid is softmax computed another way: its KL, rounding's noise around 0, is never
+    below 0 (a negative one would rank the swap above softmax itself and print a negative KL in the report)."""
+    teacher = tiny_vit(depth=2, seed=1).eval()
+    student = build_efficient_student(teacher, "window", window_size=4).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    _, rows = sensitivities(teacher, {"window": student}, [x])
+    assert all(0 <= row["window"] < 1e-6 for row in rows)
+
+
 def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path):
     """The resume rule over the keys the choice read: the same config reads the record back (nothing
     measured); another budget is refused in one line, naming the key; checkpoint.resume=none chooses again."""

@@ -453,9 +453,8 @@ def sensitivities(
         if headless:
             ref, out = ref.flatten(1), out.flatten(1)
             return float(((out - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-12)).mean())
-        return float(
-            F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
-        )
+        kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+        return float(kl.clamp_min(0))  # rounding's < 0 would rank a swap above softmax (a nan stays a nan)
 
     reference = [output(x) for x in batches]
     blocks = flat_blocks(teacher)
