@@ -200,6 +200,13 @@ _SCRIPT_NAMES = {
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",
 }
+#: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)
+_SECTION_VALUE = {
+    "model": "model.name",
+    "teacher": "teacher.spec",
+    "transfer": "transfer.mode",
+    "data": "data.dataset",
+}
 #: values other tools spell otherwise (device=gpu is not the nearest spelling, cpu)
 _CHOICES_MEANT = {"gpu": ("cuda",)}
 #: timm's VisionTransformer arguments: ``model.depth`` means ``model.kwargs.depth``
@@ -283,7 +290,11 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
     values is checked here, bounds by `validate_config`. ``root``: the whole config's type (default: ``obj``'s),
     where an unknown key's likely meaning is looked for."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        section = prefix.rstrip(".")
+        if section in _SECTION_VALUE and isinstance(data, (str, int, float)):  # model=vit_tiny: its name
+            meant = f"{_SECTION_VALUE[section]}={yaml_value(data)}"
+            raise ConfigError(f"{section} is a section, not a value: did you mean {meant}?")
+        raise ConfigError(f"{section or 'config'}: expected a mapping, got {data!r}")
     if not prefix:  # a whole config's keys: old spellings move to their new keys first (`renamed.py`)
         data = respell(data, obj)
     root = root or type(obj)

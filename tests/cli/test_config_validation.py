@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import typing
 from dataclasses import dataclass
 
@@ -445,3 +446,16 @@ def test_a_runs_json_record_given_as_its_config_points_to_its_config_yaml(tmp_pa
     (tmp_path / "run.json").write_text('{"teacher": null, "student": {}}')
     with pytest.raises(ConfigError, match=r"is a record of the run in .*, not its config: -c .*config\.yaml"):
         load_config(str(tmp_path / "run.json"))
+
+
+@pytest.mark.parametrize(
+    "override,meant",
+    [
+        ("model=vit_tiny_patch16_224", "model.name=vit_tiny_patch16_224"),
+        ("transfer=copy", "transfer.mode=copy"),
+    ],
+)
+def test_a_section_given_a_value_names_the_key_that_value_means(override, meant):
+    """timm's and MAE's scripts take ``--model NAME``: ``model=NAME`` is the model's name, not a mapping."""
+    with pytest.raises(ConfigError, match=f"is a section, not a value: did you mean {re.escape(meant)}\\?"):
+        load_config(None, [override])
