@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -29,7 +30,10 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
             continue
         rule = rule_of(f)
         if not rule.admits(value):
-            raise ConfigError(f"{key}: must be {rule.describe()}; got {value!r}")
+            bounds = rule.describe()
+            if isinstance(value, float) and not math.isfinite(value):  # inf is > 0, and nan is nothing
+                bounds = "a finite number" + ("" if bounds == "anything" else f" {bounds}")
+            raise ConfigError(f"{key}: must be {bounds}; got {value!r}")
         if key == "run_dir" and not str(value).strip():
             raise ConfigError(
                 f"run_dir is empty ({value!r}: an unset shell variable?); a run would write into the current "
