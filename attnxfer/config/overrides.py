@@ -193,6 +193,7 @@ _SCRIPT_NAMES = {
     "nb_classes": "model.num_classes",
     "input_size": "data.img_size",
     "accum_iter": "optim.accum_steps",
+    "wd": "optim.weight_decay",
     "smoothing": "aug.label_smoothing",
     "out": "run_dir",
     "out_dir": "run_dir",

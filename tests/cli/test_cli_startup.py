@@ -42,6 +42,7 @@ CASES = [
     (["train", "--out", "runs/x"], 2, "attnxfer takes config values as key=value: run_dir=runs/x"),
     (["train", "teacher.name=x"], 2, "unknown config key 'teacher.name'; did you mean 'teacher.spec'?"),
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
+    (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
     (["train", "device=gpu"], 2, "device: 'gpu' is not one of auto, cpu, cuda; did you mean 'cuda'?"),
     (["train", "model.depth=4"], 2, "unknown config key 'model.depth'; did you mean 'model.kwargs.depth'?"),
     (
