@@ -408,9 +408,10 @@ def export_run(
     attn_layer: type | None = None,
     formats: Sequence[str] = ("timm",),
 ) -> Path:
-    """Export a run's student (``weights``: ``ema`` or ``raw``, None: the EMA's where kept; ``checkpoint``: ``best`` or ``latest``;
-    ``formats`` as `export_student`) with its record, recipe and metrics on the card. Copy-mode students are
-    refused: they compute attention from the teacher's q/k at inference and do not stand alone."""
+    """Export a run's student (``weights``: ``ema`` or ``raw``, None: the EMA's where kept; ``checkpoint``:
+    ``best`` or ``latest``; ``formats`` as `export_student`) with its record, recipe and metrics on the card.
+    Copy-mode students are refused: they compute attention from the teacher's q/k at inference and do not
+    stand alone."""
     formats = _formats(formats)  # an unknown format or a missing package stops before anything is read
     _check_repo_id(push_to_hub)
     run = RunDir(run_dir)

@@ -111,9 +111,8 @@ def list_datasets() -> list[str]:
 
 
 def _entry(name: str) -> _Entry:
-    load_entry_points(
-        DATASET_GROUP
-    )  # even for a built-in's name: a package's dataset of that name is then said
+    # even for a built-in's name: a package registering that name is then said, not silently passed over
+    load_entry_points(DATASET_GROUP)
     if name in _DATASETS:
         return _DATASETS[name]
     prefix, sep, rest = name.partition("/")
