@@ -173,6 +173,11 @@ def build_plan(
     for c in requested:
         if not c.signal.of_layer:
             c.loss_fn.check(c, PlanModels(teacher, student))
+    if task_weight == 0 and spec.teacher_at_eval:  # a task-free run is scored by its student alone
+        raise PlanError(
+            f"transfer.mode={mode} needs a task loss: its student attends with its teacher's maps, so its "
+            "features alone are not the model; set transfer.task_weight > 0, or transfer.mode=distill"
+        )
     if task_weight == 0 and all(c.weight == 0 for c in requested):  # a loss of 0 at every step
         compared = f"every comparison ({', '.join(c.origin for c in requested)}) has weight 0"
         raise PlanError(

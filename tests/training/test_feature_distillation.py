@@ -28,7 +28,7 @@ from helpers import (
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
-from attnxfer.apps.run.training import build_engine, plan_from_config, scoring_for
+from attnxfer.apps.run.training import build_engine, plan_from_config
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
@@ -169,10 +169,6 @@ def test_the_plan_says_what_is_distilled_with_which_loss_and_weight_and_refuses_
         build_plan(
             teacher, tiny_vit(depth=2), "distill", task_weight=0.0, weight=0.0
         )  # a loss of 0 each step
-    with pytest.raises(PlanError, match="nothing to train"):
-        build_plan(
-            teacher, tiny_vit(depth=2), "copy", task_weight=0.0
-        )  # copy brings maps, no loss of its own
 
 
 def test_mixup_without_a_task_loss_is_said_to_be_unused(capsys):
@@ -185,15 +181,14 @@ def test_mixup_without_a_task_loss_is_said_to_be_unused(capsys):
     assert "aug.mixup" not in capsys.readouterr().err
 
 
-def test_a_copy_run_without_a_task_loss_is_refused_as_its_student_alone_is_not_the_model():
+@pytest.mark.parametrize("feature_weight", [0.0, 1.0])
+def test_a_copy_plan_without_a_task_loss_is_refused_as_its_student_alone_is_not_the_model(feature_weight):
+    """Refused as the plan is built, told to set a task loss: not feature distillation, which does not make a
+    copy student's features the model (a task-free run's advice, which a copy run was given)."""
     teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
-    plan = build_plan(teacher, student, "copy", feature_weight=1.0, task_weight=0.0)
-    with pytest.raises(
-        InputError, match="transfer.mode=copy without a task loss has no score.*task_weight > 0"
-    ):
-        scoring_for(
-            plan, SimpleNamespace(teacher=teacher, student=student)
-        )  # val_feat_cos of the student alone
+    with pytest.raises(PlanError, match="transfer.mode=copy needs a task loss") as refused:
+        build_plan(teacher, student, "copy", feature_weight=feature_weight, task_weight=0.0)
+    assert "task_weight > 0" in str(refused.value) and "feature_distill" not in str(refused.value)
 
 
 # -- train: feature distillation without labels ----------------------------------------------------------------
