@@ -205,8 +205,8 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
     if signal not in loss.signals:
         raise PlanError(f"{origin}: {loss.name} compares {words}, not {entry.get('signal')!r}")
     weight = entry.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-        raise PlanError(f"{origin}: weight must be a number >= 0, got {weight!r}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise PlanError(f"{origin}: weight must be a finite number >= 0, got {weight!r}")
     options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     unknown = sorted(set(options) - set(loss.options))
     if unknown:

@@ -169,7 +169,11 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         ),
         ({"name": "mse", "wieght": 2}, r"mse takes name, weight, signal; not wieght"),
         ({"name": "mse", "signal": "maps"}, r"mse compares q, k, v, not 'maps'"),
-        ({"name": "map", "weight": -1}, r"weight must be a number >= 0, got -1"),
+        ({"name": "map", "weight": -1}, r"weight must be a finite number >= 0, got -1"),
+        (
+            {"name": "mse", "signal": "v", "weight": float("inf")},
+            r"weight must be a finite number >= 0, got inf",
+        ),
         ({"name": "logit_kd", "temperature": 0}, r"temperature > 0, got weight 1.0, temperature 0"),
         (
             {"name": "logit_kd", "temperature": "abc"},
