@@ -34,7 +34,8 @@ class MapComparison(ComparisonLoss):
         name = attention_name_of(sa)
         if not sa.map_kind.has_map:
             fix = (  # the mode's own distillation says which mode to pick instead
-                "set transfer.mode=none (logit distillation still applies)"
+                "leave the layer out of transfer.layers, set transfer.mode=none (logit distillation still "
+                "applies)"
                 if comparison.origin.startswith("mode ")
                 else f"remove {comparison.origin}"
             )

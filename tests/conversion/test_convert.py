@@ -229,7 +229,9 @@ def test_plan_errors_for_efficient_students():
     student = build_efficient_student(teacher, "hedgehog")
     with pytest.raises(PlanError, match="needs softmax attention in the student.*'hedgehog'.*mode=distill"):
         build_plan(teacher, student, "copy")
-    with pytest.raises(PlanError, match="no attention map to distil.*transfer.mode=none"):
+    with pytest.raises(
+        PlanError, match="no attention map to distil.*out of transfer.layers.*transfer.mode=none"
+    ):
         build_plan(teacher, build_efficient_student(teacher, "hydra"), "distill")
     with pytest.raises(PlanError, match="no classifier head.*logit_distill=0"):
         headless = tiny_vit(depth=2, num_classes=0)
