@@ -277,8 +277,14 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
         ("train", ["eval.metrics=[knn]"], "eval.metrics=knn needs labels"),
         ("convert", ["eval.metrics=[top1]"], "eval.metrics=top1 needs labels"),
         ("convert", ["transfer.task_weight=0.5"], "task loss .* needs labels.*set transfer.task_weight=0"),
+        # not task_weight=0, which a copy student (no score but its task loss's) is refused in turn
+        (
+            "train",
+            ["transfer.mode=copy", "transfer.task_weight=1"],
+            r"needs labels.*; use labelled data, or transfer.mode=distill",
+        ),
     ],
-    ids=["train-task", "train-knn", "convert-top1", "convert-task"],
+    ids=["train-task", "train-knn", "convert-top1", "convert-task", "train-copy"],
 )
 def test_label_work_on_data_without_labels_stops_in_one_line(
     command, extra, says, tmp_path, teacher_dir, capsys

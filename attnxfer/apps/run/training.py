@@ -37,6 +37,7 @@ from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ...train.trackers import TRACKERS, prepare_trackers
+from ...transfer.modes import MODES
 from ...transfer.plan import TransferPlan, build_plan
 from ...transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
@@ -51,8 +52,10 @@ def require_task_labels(cfg: TrainConfig) -> None:
     """A run with a task loss reads labels: data read without them (``data.labels: false``) stops here, saying
     how to train without one. So does a label-based metric asked for by name (``eval.metrics``)."""
     if task_weight_of(cfg) > 0:
-        fix = (
-            "set transfer.task_weight=0 (no task loss: distil the teacher's final features with "
+        fix = (  # a copy student alone is not the model: it has no score but its task loss's
+            "use labelled data, or transfer.mode=distill (copy needs a task loss)"
+            if MODES[cfg.transfer.mode].teacher_at_eval
+            else "set transfer.task_weight=0 (no task loss: distil the teacher's final features with "
             "transfer.feature_distill, or its attention with transfer.mode)"
         )
         info = data_info(cfg.data)
