@@ -54,10 +54,6 @@ class TransferPlan:
         return tuple(s for s, _ in self.pairs)
 
     @property
-    def head_groups(self) -> int:
-        return max(1, self.teacher_heads // max(1, self.student_heads))
-
-    @property
     def mode_comparison(self) -> Comparison | None:
         """The comparison that is the mode's distillation (`build_plan` puts it first), or None."""
         return self.comparisons[0] if self.mode.is_distill and self.pairs else None
