@@ -248,6 +248,11 @@ def load_teacher(
     parsed = parse_teacher_spec(spec, revision)
     if not parsed.source.on_hub and revision:
         raise InputError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
+    if arch and parsed.source is not Source.FILE:  # the spec's own architecture would be built, arch unread
+        raise InputError(
+            f"{spec!r} names its architecture itself; arch={arch!r} (teacher.arch, --teacher-arch) is for a "
+            "weights file: leave it out"
+        )
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT

@@ -627,6 +627,14 @@ def test_bad_specs_say_what_to_change(tmp_path):
             call(tiny_timm())
 
 
+def test_an_architecture_given_beside_a_spec_that_names_its_own_is_refused_not_ignored(tiny_teacher_dir):
+    """teacher.arch is read for a weights file alone: beside a folder or a timm name, the spec's architecture
+    would be built while the run's config says another."""
+    for spec in (f"local-dir:{tiny_teacher_dir}", "vit_tiny_patch16_224.augreg_in21k_ft_in1k"):
+        with pytest.raises(ValueError, match=r"names its architecture itself; arch='vit_small_patch16_224'"):
+            load_teacher(spec, arch="vit_small_patch16_224", pretrained=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Students
 
