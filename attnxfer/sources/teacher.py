@@ -265,6 +265,14 @@ def load_teacher(
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
     model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
+    # a file named as an architecture of another patch size: timm's filter resampled its kernel, silently
+    kernel, built = (sd.get("patch_embed.proj.weight") for sd in (state_dict, model.state_dict()))
+    conv = res.source is Origin.FILE and built is not None and getattr(kernel, "ndim", 0) == 4  # not flat
+    if conv and built.shape[-2:] != kernel.shape[-2:]:
+        raise TeacherLoadError(
+            f"teacher {spec!r}: the weights do not fit architecture {res.architecture!r}: their patches are "
+            f"{kernel.shape[-1]} px, its {built.shape[-1]} px; name the timm architecture they were trained as"
+        )
     del state_dict
 
     record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos, size)

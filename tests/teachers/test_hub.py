@@ -584,6 +584,15 @@ def test_weights_of_another_model_size_say_which_tensor_differs_and_to_name_thei
     assert "name the timm architecture the weights were trained as" in head, head
 
 
+def test_weights_of_another_patch_size_are_refused_not_resampled_into_another_model(tmp_path):
+    """timm's filter resamples a patch kernel of another size (and the position embedding with it) without a
+    word: an 8-px file named as a 16-px architecture would be a teacher its weights never were."""
+    weights = tmp_path / "patch8.safetensors"
+    save_file(tiny_timm().state_dict(), str(weights))
+    with pytest.raises(TeacherLoadError, match="their patches are 8 px, its 16 px"):
+        load_teacher(str(weights), arch="vit_tiny_patch16_224", **{**TINY, "patch_size": 16})
+
+
 def test_weights_of_another_naming_list_ten_keys_of_each_kind_once_and_the_error_keeps_them_all(tmp_path):
     """Every key of a model saved under another naming is both missing and unexpected: the message lists the
     first ten of each, once (not again in torch's words), and the error carries the whole lists."""
