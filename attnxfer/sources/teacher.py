@@ -257,6 +257,10 @@ def load_teacher(
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)
+    if not timm.is_model(res.architecture):
+        raise TeacherLoadError(
+            f"teacher {spec!r}: timm has no architecture {res.architecture!r} to build it as"
+        )
 
     size = other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
     state_dict, checkpoint_key, dropped = (
@@ -375,10 +379,6 @@ def _build(
         kwargs["img_size"] = size.side
     if res.weights:
         cfg["state_dict"] = state_dict
-    if not timm.is_model(res.architecture):
-        raise TeacherLoadError(
-            f"teacher {spec!r}: timm has no architecture {res.architecture!r} to build it as"
-        )
     try:
         model = create_teacher_model(res.architecture, bool(res.weights), cfg, kwargs)
     except RuntimeError as e:

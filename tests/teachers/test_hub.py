@@ -569,6 +569,8 @@ def test_weights_that_cannot_be_a_teacher_are_one_error_naming_the_file_or_the_a
         (folder / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 0}))
         with pytest.raises(TeacherLoadError, match=re.escape(says)):
             load_teacher(f"local-dir:{folder}")
+    with pytest.raises(TeacherLoadError, match="timm has no architecture 'vit_nonesuch'"):  # another size too
+        load_teacher(f"local-dir:{tmp_path / 'vit_nonesuch'}", img_size=64)
 
 
 def test_weights_of_another_model_size_say_which_tensor_differs_and_to_name_their_architecture(tmp_path):
