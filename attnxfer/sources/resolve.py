@@ -122,7 +122,7 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
             raise InputError(
                 f"{role} spec {spec!r} is a local folder: a revision ({revision!r}) is a Hub repo's"
             )
-        return TeacherSpec(Source.LOCAL_DIR, str(Path(rest).expanduser()))
+        return TeacherSpec(Source.LOCAL_DIR, str(Path(rest.strip()).expanduser()))
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
         return TeacherSpec(Source.FILE, str(Path(spec).expanduser()))
     arch, _ = split_model_name_tag(spec)
@@ -426,6 +426,10 @@ def _resolve_local_dir(
         hint = run_folder_hint(folder)
         if hint is not None:
             raise InputError(f"local-dir:{folder}: {hint}")
+        if folder.is_file():  # a weights file is named as it is, with its architecture
+            raise InputError(
+                f"local-dir:{folder} is a file: name a weights file as it is, {folder}, with teacher.arch"
+            )
         raise MissingPathError(
             f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
             "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`; transformers' "

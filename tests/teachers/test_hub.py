@@ -638,6 +638,19 @@ def test_bad_specs_say_what_to_change(tmp_path):
             call(tiny_timm())
 
 
+def test_a_local_dir_spec_reads_its_folder_after_a_space_and_a_file_given_as_one_is_told_how_to_name_it(
+    tiny_teacher_dir,
+):
+    """`local-dir: PATH` (YAML's habit of a space after the colon) was read as the folder ' PATH', "does not
+    exist" beside the name of one that does; a weights file given as a folder was told it has no config.json."""
+    assert load_teacher(f"local-dir: {tiny_teacher_dir}")[1].files[0] == str(tiny_teacher_dir / "config.json")
+    weights = tiny_teacher_dir / "model.safetensors"
+    with pytest.raises(
+        ValueError, match=rf"is a file: name a weights file as it is, {weights}, with teacher.arch"
+    ):
+        load_teacher(f"local-dir:{weights}")
+
+
 def test_an_architecture_given_beside_a_spec_that_names_its_own_is_refused_not_ignored(tiny_teacher_dir):
     """teacher.arch is read for a weights file alone: beside a folder or a timm name, the spec's architecture
     would be built while the run's config says another."""
