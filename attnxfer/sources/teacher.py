@@ -532,5 +532,6 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
         ) from None
     except (RevisionNotFoundError, RepositoryNotFoundError) as e:
         raise hub_refusal(spec, repo, parsed.revision, e) from None
+    resolve(parsed, cache_dir=cache_dir)  # as a run finds it: offline, a cache of its config alone is refused
     debug(f"teacher {spec}: {repo} is in {path}")
     return str(path)

@@ -222,6 +222,21 @@ def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatc
         load_teacher("hf-hub:acme/tiny@deadbeef", cache_dir=str(tmp_path))
 
 
+def test_fetching_offline_from_a_cache_that_holds_a_repos_config_alone_is_refused_as_the_run_would_be(
+    tmp_path, monkeypatch
+):
+    """Offline, `attnxfer fetch` checks the cache: one that holds the config and no weights said "fetched"."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    snap = put_in_hub_cache(tmp_path, "acme/tiny", tiny_timm())
+    (snap / "model.safetensors").unlink()
+    with pytest.raises(
+        TeacherNotAvailable, match="the weights file of Hub repo acme/tiny is not in the local"
+    ):
+        fetch_teacher("hf-hub:acme/tiny", cache_dir=str(tmp_path))
+
+
 def test_a_short_commit_of_a_cached_snapshot_is_told_to_be_pinned_whole(tmp_path, monkeypatch):
     """Offline, huggingface_hub finds a snapshot by its whole commit only: a 12-digit prefix (as the error
     above shows commits) is not found, and the message gives the commit to pin, not "holds X, not X"."""
