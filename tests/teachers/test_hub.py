@@ -237,6 +237,24 @@ def test_fetching_offline_from_a_cache_that_holds_a_repos_config_alone_is_refuse
         fetch_teacher("hf-hub:acme/tiny", cache_dir=str(tmp_path))
 
 
+def test_the_cache_is_said_to_lack_the_revision_only_where_it_does(tmp_path, monkeypatch):
+    """A snapshot that holds its config and not its weights said "the cache holds acme/tiny at main, <commit>,
+    not <commit>"; a cache of commits alone (`attnxfer fetch hf-hub:X@<commit>` writes no refs/main) said the
+    repo is not cached, unpinned, and to copy in the folder that is there."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    snap = put_in_hub_cache(tmp_path, "acme/tiny", tiny_timm())
+    (snap / "model.safetensors").unlink()
+    for spec in ("hf-hub:acme/tiny", f"hf-hub:acme/tiny@{REV}"):
+        with pytest.raises(TeacherNotAvailable, match="the weights file of Hub repo acme/tiny") as refused:
+            load_teacher(spec, cache_dir=str(tmp_path))
+        assert "the cache holds" not in str(refused.value)
+    (tmp_path / "models--acme--tiny" / "refs" / "main").unlink()
+    with pytest.raises(TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at {REV[:12]}, not main\)"):
+        load_teacher("hf-hub:acme/tiny", cache_dir=str(tmp_path))
+
+
 def test_a_short_commit_of_a_cached_snapshot_is_told_to_be_pinned_whole(tmp_path, monkeypatch):
     """Offline, huggingface_hub finds a snapshot by its whole commit only: a 12-digit prefix (as the error
     above shows commits) is not found, and the message gives the commit to pin, not "holds X, not X"."""
