@@ -104,7 +104,7 @@ def fetch_instructions(
         f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
         f"cache ({cache}){held} and cannot be downloaded: {reason}.\n"
         "On a machine with internet, fetch it with one of:\n"
-        f"    huggingface-cli download {repo}{rev}      (huggingface_hub >= 1.0 spells it: hf download {repo}{rev})\n"
+        f"    hf download {repo}{rev}      (huggingface_hub < 1.0 spells it: huggingface-cli download {repo}{rev})\n"
         f"    attnxfer fetch {spec}{rev}\n"
         "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
         f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "

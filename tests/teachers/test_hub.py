@@ -189,7 +189,7 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
         assert r["raised"] == "TeacherNotAvailable" and r["runtime"]
         assert r["elapsed"] < 15, f"{name} took {r['elapsed']:.1f} s: something waited on the network"
         msg = r["message"]
-        assert "huggingface-cli download timm/vit_large_patch16_224.mae" in msg
+        assert "hf download timm/vit_large_patch16_224.mae" in msg
         assert "attnxfer fetch vit_large_patch16_224.mae" in msg
         assert "HF_HUB_CACHE" in msg and "HF_HOME" in msg and "cache_dir" in msg
         assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
@@ -326,7 +326,7 @@ def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path
     assert out["cached"]["commit"] == REV and out["cached"]["elapsed"] < 15
     assert out["uncached"]["raised"] == "TeacherNotAvailable" and out["uncached"]["elapsed"] < 15
     assert "cannot be reached" in out["uncached"]["message"]
-    assert "huggingface-cli download acme/not-cached" in out["uncached"]["message"]
+    assert "hf download acme/not-cached" in out["uncached"]["message"]
 
 
 def test_the_reachability_probe_reads_network_failures_as_unreachable_and_a_bad_endpoint_as_an_error(
