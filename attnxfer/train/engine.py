@@ -26,6 +26,7 @@ from ..errors import InputError, UserError
 from ..speak import progress_bar, say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
+from .distributed import sum_over_ranks
 from .drive import BatchPlace, Drive
 from .ema import StudentEMA
 from .metrics import MetricsLogger
@@ -243,12 +244,16 @@ class Engine:
             "best": self.best,
             "best_metric": self.settings.metric,
         }
-        extra = {"epoch_train_loss": [self._epoch_loss.item(), self._epoch_batches], **self.record}
+        extra = {"epoch_train_loss": [self._epoch_loss_sum(), self._epoch_batches], **self.record}
         where = self.checkpointing.save(self.step, loop, extra, metric=metric)
         if where is not None:
             self.last_ckpt = where
         self._last_save_time = time.monotonic()
         self.saved_step = self.step
+
+    def _epoch_loss_sum(self) -> float:
+        """The epoch's summed losses, the mean over ranks (each sums its share; a resumed part is every rank's)."""
+        return sum_over_ranks([self._epoch_loss.item()], self._epoch_loss.device)[0] / self.world
 
     def save_unless_saved(self) -> None:
         """Save this step, unless it was just saved (a stop saves the step it stopped at)."""
@@ -292,7 +297,7 @@ class Engine:
     def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
         """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names; the EMA's
         where the run ranks by it, as timm's train.py does), lr."""
-        row = {"train_loss": self._epoch_loss.item() / max(1, self._epoch_batches)}
+        row = {"train_loss": self._epoch_loss_sum() / max(1, self._epoch_batches)}
         src = "ema_val_" if self.settings.metric.startswith("ema_") else "val_"
         evals = {
             f"eval_{k[len(src) :]}": v for k, v in final.items() if k.startswith(src) and k != src + "count"

@@ -24,7 +24,7 @@ from ..models.handover import Signal
 from ..speak import say
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
-from .distributed import RankAverage, gather_objects, rank_and_world, sum_over_ranks
+from .distributed import RankAverage, gather_objects
 from .engine import train_step
 from .objective import Autocast, Objective
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
@@ -235,9 +235,6 @@ class Stage1Fit:
     def _log(self, step: int, lr: float) -> None:
         self._stop_if_non_finite()
         means = self.window.means()
-        # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
-        _, world = rank_and_world()
-        means = dict(zip(means, (v / world for v in sum_over_ranks(list(means.values()), self.device))))
         rec = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, **means}
         self.result.history.append(rec)
         per_layer = " ".join(f"{v:.3g}" for v in means.values())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
-from .distributed import min_over_ranks
+from .distributed import min_over_ranks, rank_and_world, sum_over_ranks
 
 #: what `NonFiniteGuard.earliest` holds while every watched term was finite (larger than any step)
 NO_STEP = 2**62
@@ -48,10 +48,12 @@ class TermWindow:
             self._sums[key] = (vec, 1)
 
     def means(self) -> dict[str, float]:
-        """Each term's mean over the window as Python floats (one device-to-host copy); empties the window."""
+        """Each term's mean over the window and over ranks (each sums its own share of equal batches) as Python
+        floats; empties the window. Every rank calls it (a collective under DDP)."""
         if not self._sums:
             return {}
-        values = iter(torch.cat([sums for sums, _ in self._sums.values()]).tolist())
+        sums, world = torch.cat([s for s, _ in self._sums.values()]), rank_and_world()[1]
+        values = iter(v / world for v in sum_over_ranks(sums.tolist(), sums.device))
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         for key, (_, n) in self._sums.items():

@@ -15,6 +15,7 @@ from helpers import QUIET, attnxfer_process, run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import build_engine, train
+from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.checkpoints.verify import CorruptCheckpointWarning
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.drive import Drive, StudentStreams, own_feed
@@ -292,6 +293,13 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["world_size"] == 2
+    # the logged losses (metrics.jsonl's, summary.csv's) are the global batch's, not rank 0's share of it
+    logged = [
+        [r["total"] for r in RunDir(tmp_path / d).metric_rows() if r["split"] == "train"]
+        + [float((tmp_path / d / "summary.csv").read_text().splitlines()[1].split(",")[1])]
+        for d in ("two", "one")
+    ]
+    assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-5)
 
 
 def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):
