@@ -1,6 +1,8 @@
 """Run by the distributed test under torchrun: train, then write this rank's student weights."""
 
+import os
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -9,9 +11,13 @@ from safetensors.torch import save_file
 from attnxfer.apps.run.training import build_engine
 from attnxfer.config import load_config
 from attnxfer.launch.process_exit import end_program
+from attnxfer.train import engine
 from attnxfer.train.distributed import barrier, cleanup_distributed
 
 cfg = load_config(None, sys.argv[1:])
+# a test's STOPPED_CLOCK_RANK: that rank's clock stands still (its checkpoint.every_minutes save is never due)
+if os.environ.get("STOPPED_CLOCK_RANK", "-") == os.environ.get("RANK"):
+    engine.time = types.SimpleNamespace(monotonic=lambda: 0.0)
 trainer = build_engine(cfg)
 trainer.run()
 rank = trainer.accelerator.process_index

@@ -26,7 +26,7 @@ from ..errors import InputError, UserError
 from ..speak import progress_bar, say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
-from .distributed import sum_over_ranks
+from .distributed import min_over_ranks, sum_over_ranks
 from .drive import BatchPlace, Drive
 from .ema import StudentEMA
 from .metrics import MetricsLogger
@@ -310,7 +310,11 @@ class Engine:
         c = self.settings.checkpoint
         if c.every_steps and self.step % c.every_steps == 0:
             return True
-        return bool(c.every_minutes and time.monotonic() - self._last_save_time >= 60 * c.every_minutes)
+        if not c.every_minutes:
+            return False
+        due = torch.tensor(int(time.monotonic() - self._last_save_time >= 60 * c.every_minutes))
+        # a save is a collective: when every rank's clock says so (rank 0's alone would leave the others behind)
+        return min_over_ranks(due.to(self.accelerator.device)) > 0
 
     def _evaluate_all(self) -> dict[str, float]:
         run = self.objective.evaluate

@@ -302,6 +302,31 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_ranks_whose_clocks_disagree_save_every_minutes_together(tmp_path):
+    # rank 1's clock stands still: rank 0 alone is due for checkpoint.every_minutes' save at every step, and a
+    # save of rank 0's alone would meet rank 1's next collective (a hang, or a false "non-finite loss")
+    res = subprocess.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_train.py"),
+        ]
+        + [f"run_dir={tmp_path}", *TINY, "transfer.mode=none", "schedule.max_steps=4", "data.batch_size=16"]
+        + ["checkpoint.every_minutes=1e-6", "device=cpu", "dist.timeout=30"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "STOPPED_CLOCK_RANK": "1"},
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-00000004"]
+
+
 def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):
     from attnxfer.checkpoints.export import ModelCardInfo, export_student
     from attnxfer.models import create_vit
