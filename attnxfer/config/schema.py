@@ -221,6 +221,7 @@ class LogConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int | None = key(None, range=AT_LEAST_1)
+    # also save once this many minutes have passed since the last save (looked at every log.every_steps)
     every_minutes: float | None = key(None, range=POSITIVE)
     every_epoch: bool = key(True, range=ANY)
     keep_last: int = key(3, range=AT_LEAST_1)

@@ -310,10 +310,11 @@ class Engine:
         c = self.settings.checkpoint
         if c.every_steps and self.step % c.every_steps == 0:
             return True
-        if not c.every_minutes:
+        # a save is a collective: when every rank's clock says so (rank 0's alone would leave the others
+        # behind), asked at log steps, which read the device anyway, not with a host read every step
+        if not c.every_minutes or (self.step % self.settings.log_every and self.step != self.total_steps):
             return False
         due = torch.tensor(int(time.monotonic() - self._last_save_time >= 60 * c.every_minutes))
-        # a save is a collective: when every rank's clock says so (rank 0's alone would leave the others behind)
         return min_over_ranks(due.to(self.accelerator.device)) > 0
 
     def _evaluate_all(self) -> dict[str, float]:

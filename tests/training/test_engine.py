@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, attnxfer_process, run_cli
+from helpers import ONE_BLOCK_RUN, QUIET, attnxfer_process, run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import build_engine, train
@@ -303,6 +303,15 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
 
 
 @pytest.mark.slow
+def test_a_save_every_minutes_is_taken_at_the_log_step_after_they_passed(tmp_path, capsys):
+    """The clock is read at log steps (which read the device anyway), not with a host read every step."""
+    run = tmp_path / "r"
+    minutes = ["checkpoint.every_minutes=1e-6", "checkpoint.every_epoch=false", "checkpoint.keep_last=9"]
+    argv = [*ONE_BLOCK_RUN, "log.every_steps=2", "schedule.max_steps=3", *minutes, f"run_dir={run}"]
+    assert run_cli(capsys, "train", *argv)[0] == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
 def test_ranks_whose_clocks_disagree_save_every_minutes_together(tmp_path):
     # rank 1's clock stands still: rank 0 alone is due for checkpoint.every_minutes' save at every step, and a
     # save of rank 0's alone would meet rank 1's next collective (a hang, or a false "non-finite loss")
