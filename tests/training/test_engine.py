@@ -23,6 +23,15 @@ from attnxfer.train.stop import StopRequested
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+#: tests/dist_train.py under torchrun, two CPU ranks in a gloo group: its config overrides follow
+TWO_RANKS = [
+    PY,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    str(ROOT / "tests" / "dist_train.py"),
+]
 # A 2-block micro-ViT on real animal-mnist: a few seconds a run.
 TINY = [
     "model.name=vit_micro_patch4_28",
@@ -252,12 +261,7 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "tests" / "dist_train.py"),
+            *TWO_RANKS,
             f"run_dir={tmp_path / 'two'}",
             *common,
             "data.batch_size=16",
@@ -316,15 +320,8 @@ def test_ranks_whose_clocks_disagree_save_every_minutes_together(tmp_path):
     # rank 1's clock stands still: rank 0 alone is due for checkpoint.every_minutes' save at every step, and a
     # save of rank 0's alone would meet rank 1's next collective (a hang, or a false "non-finite loss")
     res = subprocess.run(
-        [
-            PY,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "tests" / "dist_train.py"),
-        ]
-        + [f"run_dir={tmp_path}", *TINY, "transfer.mode=none", "schedule.max_steps=4", "data.batch_size=16"]
+        [*TWO_RANKS, f"run_dir={tmp_path}", *TINY, "transfer.mode=none", "schedule.max_steps=4"]
+        + ["data.batch_size=16"]
         + ["checkpoint.every_minutes=1e-6", "device=cpu", "dist.timeout=30"],
         capture_output=True,
         text=True,
