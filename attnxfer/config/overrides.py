@@ -378,7 +378,8 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 class TypedStr(str):
     """A string a YAML file already typed (a study's ``model.global_pool: ''``): `apply_overrides` keeps it as
-    it is, where a command line's ``model.global_pool=`` is parsed (to null)."""
+    it is for a key that takes a string, where a command line's ``model.global_pool=`` is parsed (to null);
+    for any other key it is parsed (study.yaml quotes a ``--vary`` value: ``seed: "1"``)."""
 
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
@@ -389,7 +390,8 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
         field: Any = type(cfg)  # the key's annotation (None where it names no field)
         for part in key.split("."):
             field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
-        if isinstance(value, str) and not isinstance(value, TypedStr) and field is not str:
+        kept = isinstance(value, TypedStr) and str in typing.get_args(field)
+        if isinstance(value, str) and not kept and field is not str:
             try:
                 typed = load_yaml(value) if value.strip() else None
             except yaml.YAMLError as e:

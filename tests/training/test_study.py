@@ -198,6 +198,16 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
         load_study(yaml)
 
 
+def test_a_study_yaml_reads_back_the_students_that_vary_made(tmp_path):
+    """study.yaml (what resumes a study, or writes the report of a study of several ranks) quotes each --vary
+    value as the command line gave it: read back, a number is the key's number and a list the key's list."""
+    vary = {"seed": ["1", "2"], "transfer.losses": ["[]", "[{name: mse, signal: v}]"]}
+    spec = load_study(None, [f"run_dir={tmp_path}"], vary)
+    (tmp_path / "study.yaml").write_text(str(spec))
+    again = load_study(tmp_path / "study.yaml")
+    assert again.configs() == spec.configs() and again.record() == spec.record()
+
+
 def test_a_students_yaml_values_are_read_as_typed_and_its_base_chain_merges_mappings(tmp_path):
     """A student's ``model.global_pool: ''`` (no pooling) is the string the YAML typed, not a command line's
     empty value (null: the teacher's pooling, the same student as the base); a study's recipe merges
