@@ -4,16 +4,18 @@ predictions made here, the engine's own top-1, `attnxfer eval`'s k-NN top-1 and 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_run
+from helpers import peaked_teacher, tiny_run
 from PIL import Image
 from scipy.stats import binomtest
 
+from attnxfer.apps.inspect.inspect import inspect_models
 from attnxfer.apps.run.evaluation import evaluate_run
 from attnxfer.apps.run.parts import build_run_parts
 from attnxfer.apps.study.report import (
@@ -85,6 +87,24 @@ def test_rows_pair_each_student_with_the_first_by_mcnemar():
     assert "(data loading and the teacher's pass): 0.2 s" in text
     for r in (rows["copy"], rows["distill"]):
         assert r["low"] <= r["top1"] <= r["high"]
+
+
+def test_a_students_js_below_a_thousandth_and_the_floor_read_in_significant_digits():
+    """A well-distilled student's JS and the teacher's noise floor are often below 0.0005: the tables give
+    them in three significant digits, not 0.000 (a student's JS equal to the teacher's own)."""
+    teacher = peaked_teacher(depth=2)
+    near = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for block in near.blocks:
+            block.attn.qkv.weight.add_(1e-3 * torch.randn_like(block.attn.qkv.weight))
+    insp = inspect_models(teacher, {"near": near}, torch.randn(4, 3, 32, 32), noise=1e-3)
+    js = [r.mean["js"] for r in insp.students["near"]]
+    floor = insp.teacher[0].mean["floor_js"]
+    assert max(js) < 5e-4 and 0 < floor < 5e-5
+    shared = {"teacher": "t", "dataset": "d", "batch_size": 8, "steps": 10, "images": 4}
+    text, _ = render_study([_scored("near", np.ones(4, bool), checkpoint="step-10")], insp, shared)
+    assert f" | {', '.join(f'{j:.3g}' for j in js)} | " in text
+    assert f"| 0 | {floor:.3g} | {js[0]:.3g} / " in text
 
 
 def test_a_folder_without_a_study_record_is_refused_in_one_line(tmp_path):

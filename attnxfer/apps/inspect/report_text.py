@@ -51,9 +51,10 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
     return "\n".join(lines) + "\n"
 
 
-def number_text(v: float | None, digits: int = 3) -> str:
-    """A table cell: fixed digits, an em dash where there is no finite value (the inspect and study reports)."""
-    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+def number_text(v: float | None, digits: int = 3, kind: str = "f") -> str:
+    """A table cell: fixed digits (``kind="g"``: significant ones), an em dash where there is no finite value
+    (the inspect and study reports)."""
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}{kind}}"
 
 
 #: the per-layer mean columns of each table, with their digits

@@ -184,7 +184,7 @@ def _agreement_cell(layers: Sequence[Mapping[str, Any]]) -> str:
         return "—"
     if all(layer["copied"] for layer in layers):
         return "copied: the teacher's own maps in every layer"
-    return ", ".join("copied" if layer["copied"] else number_text(layer["js"], 3) for layer in layers)
+    return ", ".join("copied" if layer["copied"] else number_text(layer["js"], 3, "g") for layer in layers)
 
 
 def _layer_table(insp: Inspection) -> list[str]:
@@ -215,9 +215,9 @@ def _layer_table(insp: Inspection) -> list[str]:
             else:
                 other = f" (t{r.teacher_layer})" if r.teacher_layer != r.layer else ""
                 cells.append(
-                    f"{number_text(r.mean.get('js'), 4)} / {number_text(r.mean.get('topk'), 2)}{other}"
+                    f"{number_text(r.mean.get('js'), 3, 'g')} / {number_text(r.mean.get('topk'), 2)}{other}"
                 )
-        lines.append(f"| {layer} | {number_text(floors.get(layer), 4)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {layer} | {number_text(floors.get(layer), 3, 'g')} | " + " | ".join(cells) + " |")
     return lines
 
 
