@@ -288,7 +288,11 @@ def test_report_files_and_picture_sizes(tmp_path):
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["specs"]["students"] == {"a": "a", "b": "b"} and len(data["teacher"]) == 2
     assert [len(data["students"][n]) for n in ("a", "b")] == [2, 2]
-    assert "Head correspondence" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "Head correspondence" in report
+    # divergences in significant digits: a good student's and the floor are far below a thousandth (0.0000)
+    floors = [f"{t.mean['floor_js']:.3g}" for t in insp.teacher]
+    assert all(f" | {f} | " in report for f in floors) and "| 0 | 0 | 1.00 | 1.00 | 0 |" in report, report
 
 
 # ------------------------------------------------------------------------------------------- runs and the CLI

@@ -57,24 +57,25 @@ def number_text(v: float | None, digits: int = 3, kind: str = "f") -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}{kind}}"
 
 
-#: the per-layer mean columns of each table, with their digits
+#: the per-layer mean columns of each table, with their digits: divergences in significant ones (a good
+#: student's JS and the floor are far below a thousandth), the rest fixed
 _TEACHER_CELLS = (
-    ("entropy", 3),
-    ("distance", 1),
-    ("floor_kl", 4),
-    ("floor_js", 4),
-    ("floor_topk", 2),
-    ("floor_spearman", 2),
+    ("entropy", 3, "f"),
+    ("distance", 1, "f"),
+    ("floor_kl", 3, "g"),
+    ("floor_js", 3, "g"),
+    ("floor_topk", 2, "f"),
+    ("floor_spearman", 2, "f"),
 )
 _STUDENT_CELLS = (
-    ("kl", 4),
-    ("js", 4),
-    ("topk", 2),
-    ("spearman", 2),
-    ("cls_js", 4),
-    ("cls_pearson", 2),
-    ("entropy", 3),
-    ("distance", 1),
+    ("kl", 3, "g"),
+    ("js", 3, "g"),
+    ("topk", 2, "f"),
+    ("spearman", 2, "f"),
+    ("cls_js", 3, "g"),
+    ("cls_pearson", 2, "f"),
+    ("entropy", 3, "f"),
+    ("distance", 1, "f"),
 )
 
 
@@ -94,7 +95,7 @@ def _teacher_table(layers: Sequence[TeacherLayer]) -> list[str]:
             f"`{t.name}`",
             t.partition,
             t.heads,
-            *(number_text(m.get(k), d) for k, d in _TEACHER_CELLS),
+            *(number_text(m.get(k), d, kind) for k, d, kind in _TEACHER_CELLS),
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
@@ -112,7 +113,7 @@ def _student_table(name: str, rows: Sequence[LayerComparison]) -> list[str]:
     for r in rows:
         m, a = r.mean, r.assignment
         heads = (
-            f"{number_text(a['matched_cost'], 4)} / {number_text(a['identity_cost'], 4)}"
+            f"{number_text(a['matched_cost'], 3, 'g')} / {number_text(a['identity_cost'], 3, 'g')}"
             + ("" if a.get("is_identity") else " (reordered)")
             if a
             else "—"
@@ -122,7 +123,7 @@ def _student_table(name: str, rows: Sequence[LayerComparison]) -> list[str]:
             r.layer,
             r.teacher_layer,
             attn,
-            *(number_text(m.get(k), d) for k, d in _STUDENT_CELLS),
+            *(number_text(m.get(k), d, kind) for k, d, kind in _STUDENT_CELLS),
             heads,
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
