@@ -443,9 +443,11 @@ def export_run(
             "export again when the run ends for its final weights"
         )
     recipe = run.recipe()
-    training_data, dataset = _recipe_data(recipe)
+    recipe_cfg = (yaml.safe_load(recipe) if recipe else None) or {}
+    recipe_cfg = recipe_cfg if isinstance(recipe_cfg, dict) else {}
+    training_data, dataset = _recipe_data(recipe_cfg)
     # a fine-tuned student's spec keeps model.init's pretrained_cfg, and with it the licence of those weights
-    init = (((yaml.safe_load(recipe) if recipe else None) or {}).get("model") or {}).get("init")
+    init = (recipe_cfg.get("model") or {}).get("init")
     init_license = (record.get("student") or {}).get("pretrained_cfg", {}).get("license")
     out_dir = Path(out_dir)
     card = ModelCardInfo(

@@ -391,12 +391,11 @@ def attention_label(attention: str | list[str]) -> str:
     return attention[0] if len(set(attention)) == 1 else "mixed"
 
 
-def _recipe_data(recipe: str | None) -> tuple[str | None, str | None]:
-    """(the card's training-data block, the dataset as a card names it) from a run's recipe text. The name: a
+def _recipe_data(cfg: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the card's training-data block, the dataset as a card names it) from a run's recipe, read. The name: a
     Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` -> ``ORG/NAME``), a webdataset's or a
     folder dataset's name (``wds/imagenet``, ``/data/imagenet`` -> ``imagenet``), else the registered one."""
-    cfg = (yaml.safe_load(recipe) if recipe else None) or {}
-    data = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
+    data = cfg.get("data") or {}
     if not data:
         return None, None
     block = "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"

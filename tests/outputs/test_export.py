@@ -637,7 +637,7 @@ def test_a_hierarchical_students_shape_names_its_stage_widths():
 def test_a_model_card_names_the_dataset_as_the_hub_does(dataset, named):
     from attnxfer.checkpoints.model_card import _recipe_data
 
-    assert _recipe_data(f"data:\n  dataset: {dataset}\n")[1] == named
+    assert _recipe_data(yaml.safe_load(f"data:\n  dataset: {dataset}\n"))[1] == named
 
 
 def test_an_out_dir_that_cannot_be_written_is_refused_before_the_export_in_one_line():
