@@ -312,7 +312,7 @@ class Engine:
             return True
         # a save is a collective: when every rank's clock says so (rank 0's alone would leave the others
         # behind), asked at log steps, which read the device anyway, not with a host read every step
-        if not c.every_minutes or (self.step % self.settings.log_every and self.step != self.total_steps):
+        if not c.every_minutes or not self._logs_at(self.step):
             return False
         due = torch.tensor(int(time.monotonic() - self._last_save_time >= 60 * c.every_minutes))
         return min_over_ranks(due.to(self.accelerator.device)) > 0
@@ -460,7 +460,7 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         upcoming = self.step + 1
-        self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
+        self.objective.before_step(self._logs_at(upcoming))
         out = train_step(  # the forward, backward and optimiser step
             lambda: self.objective.loss(self.model, x, y, acc.autocast, handover),
             self.optimizer,
@@ -481,11 +481,15 @@ class Engine:
         self.window.add(logs)
         return lr, acc.sync_gradients
 
+    def _logs_at(self, step: int) -> bool:
+        """Whether ``step`` is a log step (every log.every_steps, and the last): the window's means are read."""
+        return step % self.settings.log_every == 0 or step == self.total_steps
+
     def _after_step(self, lr: float, progress) -> None:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.student)
-        if self.step % self.settings.log_every == 0 or self.step == self.total_steps:
+        if self._logs_at(self.step):
             self.stop_if_non_finite()
             rec = self.window.means() | {"lr": lr}
             self.metrics.log("train", self.step, rec, epoch=self._epoch_now())
