@@ -446,7 +446,12 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     assert "normalised by the teacher's mean/std" in out
     build_run_parts(load_config(None, [*base, "data.img_size=16", "data.in_chans=1", "data.mean=[0.5]"]))
     out = capsys.readouterr().out
-    assert "made 1-channel 16 px for data.img_size/in_chans, normalised by data.mean/std" in out
+    assert (
+        "made 1-channel 16 px for data.img_size/in_chans, normalised by data.mean and the dataset's std"
+        in out
+    )
+    build_run_parts(load_config(None, [*base, "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"]))
+    assert "normalised by data.mean/std" in capsys.readouterr().out
     # grey images of a folder, whose statistics are ImageNet's three: their average, one channel
     _uniform_folder(tmp_path / "folder")
     folder = [

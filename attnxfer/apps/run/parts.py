@@ -404,12 +404,13 @@ def parts_around(
     stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
     if chosen_by is not None:
         d, (made_for, normalised_by) = cfg.data, chosen_by
+        mean_by, std_by = ("data." if given else f"{normalised_by} " for given in (d.mean, d.std))
         say(
             f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(loaders.train_loader)} train / "
             f"{_count(loaders.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
             f"{in_chans}-channel {img_size} px for "
             f"{'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
-            f", normalised by {'data.mean/std' if d.mean else normalised_by + ' mean/std'}"
+            f", normalised by {f'{mean_by}mean/std' if mean_by == std_by else f'{mean_by}mean and {std_by}std'}"
         )
     return RunParts(
         student=student,
