@@ -355,6 +355,10 @@ def test_auto_takes_candidates_with_nothing_new_to_fit_and_options_only_some_tak
     assert cli.main(_args(run, tiny_teacher_dir, "convert.selection_steps=2", *extra)) == 0
     out = capsys.readouterr().out
     assert "relu_linear has nothing to fit under convert.stage1_train=new" in out
+    # the report does not say relu_linear was judged after the stage-1 steps hedgehog took
+    assert (
+        "after 2 stage-1 steps (relu_linear: none, nothing to fit in them)" in (run / "report.md").read_text()
+    )
     names = json.loads((run / SELECTION_FILE).read_text())["attention"]
     recorded = yaml.safe_load((run / "config.yaml").read_text())["convert"]
     assert recorded["attention"] == names

@@ -333,6 +333,8 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     whole = selection.get("whole_ms")  # absent from choices made when one block was timed alone
     floor = f", its floor {whole['floor']:.3g}" if whole else ""
     in_place = " in place ((all-blocks model - floor) / blocks):" if whole else ":"
+    unfitted = selection.get("unfitted")  # absent from choices made before it was recorded
+    none_for = f" ({', '.join(unfitted)}: none, nothing to fit in them)" if unfitted else ""
     lines = [
         "## Attention per block (convert.attention=auto)",
         "",
@@ -345,7 +347,7 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         f"{ms['teacher']:.3g}{floor}, one block's attention{in_place} softmax {ms['softmax']:.3g}, "
         + ", ".join(f"{n} {ms[n]:.3g}" for n in names)
         + f". Sensitivity: {metric} of the teacher with only that block swapped to the candidate after "
-        f"{selection['fit_steps']} stage-1 steps (lower: the block can lose softmax).",
+        f"{selection['fit_steps']} stage-1 steps{none_for} (lower: the block can lose softmax).",
         "",
         "| block | attention | " + " | ".join(names) + " | why |",
         "|---|---|" + "---|" * len(names) + "---|",

@@ -319,6 +319,7 @@ def measure_selection(
         "fastest": {"attention": top.names[0], "speedup": top.speedup},
         **timing,
         "fit_steps": steps,
+        "unfitted": [n for n in c.candidates if fits[n].get("fitted") is False],  # nothing to fit in them
         "seconds": {"timing": seconds, "fits_and_sensitivity": sum(f["seconds"] for f in fits.values())},
         "config": to_dict(cfg, "convert"),
     }
@@ -373,6 +374,7 @@ def _fitted_sensitivity(
     return {
         "sensitivity": [row[name] if math.isfinite(row[name]) else None for row in rows],
         "seconds": time.monotonic() - start,
+        "fitted": bool(plan.active),
     }
 
 
