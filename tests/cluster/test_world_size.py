@@ -118,7 +118,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, capsys):
+def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, capsys, monkeypatch):
     run = tmp_path / "r"
     assert cli.main(["train", *S, "schedule.max_steps=1", f"run_dir={run}"]) == 0
     source = ResumePoint.find(run)
@@ -131,7 +131,12 @@ def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, ca
     cfg4 = fit_world_size(cfg, 4, source)
     assert (cfg4.data.batch_size, cfg4.optim.accum_steps) == (4, 1)
     code = cli.main(["train", "-c", str(run / "config.yaml"), "data.batch_size=8"])  # same world: as before
-    assert code == 2 and "data.batch_size" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the split that keeps the global batch is named beside the recorded value
+    assert code == 2 and "keep its global batch with data.batch_size=8 optim.accum_steps=2" in err
+    monkeypatch.chdir(tmp_path)  # the run's folder spelled another way is the same run_dir, not a change
+    assert cli.main(["train", *S, "run_dir=q", "schedule.max_steps=1"]) == 0
+    assert cli.main(["train", *S, "run_dir=./q", "schedule.max_steps=2"]) == 0
+    assert "resume: changed since step-00000001: schedule.max_steps (1 -> 2)\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from ...checkpoints.run_dir import RunDir
 from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from ...config.loading import load_config
 from ...speak import say
-from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
+from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch, recorded_split, split_for_world
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
 # without them changes no weight's meaning; the scores that need them do)
@@ -52,7 +52,10 @@ def config_changes(
         if not known:
             continue
         _, new_value = find_key(new, key)
-        if old_value != new_value:
+        # a run_dir spelled otherwise (./r, an absolute path) naming the folder it resumes is no change
+        if old_value != new_value and not (
+            key == "run_dir" and Path(old_value).resolve() == Path(new_value).resolve()
+        ):
             changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))
     return changes
 
@@ -125,11 +128,20 @@ def judge(
                 f"{run} holds a {what} (checkpoint {point.name}) {changed}; eval scores it as it was trained: "
                 f"drop them, or score it with its own config (attnxfer eval -c {config})"
             )
+        # a per-rank batch may change with accum_steps where the global batch stays
+        batch_only = world is not None and {c.key for c in point.refused} <= set(BATCH_SPLIT_KEYS)
+        recorded = recorded_split(point) if batch_only else None
+        fitting = recorded and split_for_world(recorded.global_batch, world, cfg.data.batch_size)
+        split = (
+            f", or keep its global batch with {fitting.overrides()}"
+            if fitting and fitting != recorded
+            else ""
+        )
         raise ConfigError(
             f"{run} already holds a {what} (checkpoint {point.name}) {changed}. These cannot change when a "
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
             f"(run_dir=...); to continue this one, give them the values it recorded: "
-            f"{KeyChange.restoring(point.refused)} (its config: {config})"
+            f"{KeyChange.restoring(point.refused)}{split} (its config: {config})"
         )
     if point.allowed and reader is None:
         changed = ", ".join(map(str, point.allowed))

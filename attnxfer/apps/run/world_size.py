@@ -51,7 +51,7 @@ def split_for_world(global_batch: int, world: int, max_per_rank: int) -> BatchSp
     return None  # unreachable: accum = per_world gives a per-rank batch of 1
 
 
-def _recorded_split(point: ResumePoint | None) -> BatchSplit | None:
+def recorded_split(point: ResumePoint | None) -> BatchSplit | None:
     """The split recorded with the checkpoint (None: no checkpoint, or one without its config)."""
     if point is None:
         return None
@@ -70,14 +70,14 @@ def _current_split(cfg: TrainConfig, world: int) -> BatchSplit:
 
 def keeps_global_batch(point: ResumePoint | None, cfg: TrainConfig, world: int) -> bool:
     """Whether ``cfg`` on ``world`` ranks makes the global batch the checkpoint was trained with."""
-    recorded = _recorded_split(point)
+    recorded = recorded_split(point)
     return recorded is not None and recorded.global_batch == _current_split(cfg, world).global_batch
 
 
 def fit_world_size(cfg: TrainConfig, world: int, point: ResumePoint | None) -> TrainConfig:
     """``cfg`` for resuming ``point`` on ``world`` ranks with the recorded global batch (a `ConfigError`,
     nothing written, where it cannot be kept); a fresh run, or one on the recorded world size, unchanged."""
-    recorded = _recorded_split(point)
+    recorded = recorded_split(point)
     if recorded is None or recorded.world == world:
         return cfg  # same ranks: apps.run.resume judges any change of the batch keys
     asked = _current_split(cfg, world)
