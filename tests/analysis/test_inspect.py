@@ -586,6 +586,17 @@ def test_a_model_folder_is_read_by_its_path_and_a_spec_naming_nothing_by_its_rol
     assert not (tmp_path / "s").exists()
 
 
+def test_inspect_attention_returns_what_it_writes_to_metrics_json(micro_teacher, tmp_path):
+    """The Python call hands back the report's metrics.json, specs included: the students' names (folder
+    names, made unique) say which spec each one is."""
+    folder = micro_teacher.removeprefix("local-dir:")
+    few = dict(data="synthetic", num_images=2, floor_images=1, batch_size=2, out=tmp_path / "r")
+    result = inspect_attention(micro_teacher, [folder, micro_teacher], **few)
+    assert result == json.loads((tmp_path / "r" / "metrics.json").read_text())
+    students = {"teacher": folder, "teacher-2": micro_teacher}
+    assert result["specs"] == {"teacher": micro_teacher, "students": students}
+
+
 def test_a_students_loading_warnings_name_it_as_the_student(tmp_path, capsys):
     """A student weights file under an untagged architecture gets timm's default mean/std: the warning says so
     of the student, not of a teacher."""

@@ -486,9 +486,8 @@ def inspect_attention(
         with _staging(Path(out)) as tmp:
             written = write_report(tmp, insp, t, loaded, x, picture_images=picture_images)
             _publish(tmp, Path(out), [p.name for p in written], overwrite)
-    return json_safe(
-        {"teacher": t.spec, "students": {n: s.spec for n, s in loaded.items()}, **dataclasses.asdict(insp)}
-    )
+    specs = {"teacher": t.spec, "students": {n: s.spec for n, s in loaded.items()}}
+    return json_safe({"specs": specs, **dataclasses.asdict(insp)})
 
 
 def demo_agreement(
