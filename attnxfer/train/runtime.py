@@ -65,8 +65,7 @@ def create_runtime(
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
     init_distributed(backend_for(device), dist_timeout)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)  # a notebook's earlier run set it too
     accelerator = Accelerator(
         cpu=target.type != "cuda",
         mixed_precision=precision.accelerate_name,

@@ -410,6 +410,21 @@ def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
 
 
 @pytest.mark.slow  # two tiny engines, two steps each
+def test_a_run_without_deterministic_after_one_with_it_in_the_same_process_is_not_deterministic():
+    """torch's deterministic mode is process-wide: a notebook's second run follows its own config, not the
+    deterministic one before it (slower kernels, NaN-filled empty tensors)."""
+    from attnxfer.train.runtime import create_runtime
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        create_runtime("cpu", "fp32", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        create_runtime("cpu", "fp32", deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_the_engine_steps_as_its_drive_says_feed_stop_check_and_streams(tmp_path):
     """What varies between loops is given to the engine when it is built: its feed prepares every batch, its
     stop check is read after every step (a stop saves that step), and each step runs under its streams."""
