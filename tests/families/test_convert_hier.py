@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from helpers import tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
+from attnxfer.errors import InputError
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.hierarchical import expand_attention_names, stage_of_layers
 from attnxfer.train.measure import attention_calls, operation_counts
@@ -152,6 +153,15 @@ def test_swin_swap_inside_windows_with_the_shift_mask(swin, images):
     torch.testing.assert_close(attn(x, mask=mask), ref, rtol=1e-5, atol=1e-6)
     unmasked = blk.attn.proj(_relu_linear(*qkv).transpose(1, 2).reshape(2 * windows, n, 16))
     assert not torch.allclose(attn(x, mask=mask), unmasked, atol=1e-4)  # the mask matters here
+
+
+@pytest.mark.parametrize("name, options", [("hydra", {}), ("nystrom", {"num_landmarks": 4})])
+def test_a_shifted_swin_block_refuses_an_attention_without_a_row_stochastic_map(swin, name, options):
+    # its rows cannot be restricted to the shift's regions: refused, not an attention branch of zeros
+    blk = build_efficient_student(swin, name, **options).layers[0].blocks[1]
+    windows, n = blk.attn_mask.shape[0], blk.attn_mask.shape[-1]
+    with pytest.raises(InputError, match=f"{name} .* cannot be restricted to a shifted window's regions"):
+        blk.attn(torch.randn(windows, n, 16), mask=blk.attn_mask)
 
 
 @pytest.mark.parametrize("family", ["pvt", "swin"])

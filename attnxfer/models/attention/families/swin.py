@@ -83,13 +83,11 @@ class SwinSlot:
             return super().attend(q, k, v, is_causal=is_causal)
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{type(self).__name__} takes a boolean region mask, got {attn_mask.dtype}")
-        if not self.map_kind.row_stochastic:
-            if self.map_kind.has_map:
-                raise InputError(
-                    f"{self.attention_name} has a signed map and cannot be restricted to a shifted window's "
-                    "regions; choose a row-stochastic attention (hashing, relu_linear, performer, ...) for Swin"
-                )
-            return torch.zeros_like(v)
+        if not self.map_kind.row_stochastic:  # `none` returns zeros before attending
+            raise InputError(
+                f"{self.attention_name} ({self.map_kind.value} map) cannot be restricted to a shifted window's "
+                "regions; choose a row-stochastic attention (hashing, relu_linear, performer, ...) for Swin"
+            )
         # The kernel attention over the query's region: its map rows restricted there and renormalised.
         rows = self.attention_map(q, k) * attn_mask
         rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
