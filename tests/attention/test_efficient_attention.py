@@ -13,6 +13,7 @@ import copy
 import itertools
 import json
 import math
+import re
 
 import pytest
 import timm
@@ -28,6 +29,7 @@ from timm.layers import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from attnxfer.errors import InputError
 from attnxfer.models.efficient import (
     COUNTERPART_MODULES,
     EfficientAttention,
@@ -459,6 +461,19 @@ def test_a_window_wider_than_the_grid_is_one_window_of_the_grid_not_a_padded_one
 def test_a_size_option_below_one_is_refused_where_the_attention_is_built(name, option):
     # not a default in its place (0 is falsy) nor a division by zero at the first forward
     with pytest.raises(ValueError, match=f"{next(iter(option))} must be"):
+        build(name, **option)
+
+
+@pytest.mark.parametrize(
+    "name, option, message",
+    [
+        ("focused_linear", dict(kernel_size=-1), "kernel_size must be odd and >= 1"),
+        ("window", dict(window_size=2.5), "window_size must be an int or (height, width)"),
+    ],
+)
+def test_an_option_the_attention_cannot_take_is_refused_in_one_line(name, option, message):
+    # not a torch error at the conv's construction, nor "'float' object is not iterable"
+    with pytest.raises(InputError, match=re.escape(message)):
         build(name, **option)
 
 

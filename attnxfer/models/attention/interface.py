@@ -59,7 +59,8 @@ def as_grid(grid_size: int | Sequence[int] | None, name: str = "grid_size") -> t
     option's, for the error."""
     if grid_size is None:
         return None
-    grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(int(g) for g in grid_size)
+    pair = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    grid = tuple(map(int, pair)) if isinstance(pair, Sequence) else ()  # 2.5: refused below, not a TypeError
     if len(grid) != 2 or min(grid) < 1:
         raise InputError(f"{name} must be an int or (height, width) of positive ints, got {grid_size!r}")
     return grid

@@ -63,8 +63,8 @@ class FocusedLinearAttention(KernelAttention):
         self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.0, kernel_size: int = 5, **kwargs
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        if kernel_size % 2 != 1:
-            raise InputError(f"kernel_size must be odd (same-size depthwise conv), got {kernel_size}")
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise InputError(f"kernel_size must be odd and >= 1 (a same-size conv), got {kernel_size}")
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         d = self.head_dim
         self.focusing_factor = float(focusing_factor)
