@@ -63,6 +63,8 @@ class FocusedLinearAttention(KernelAttention):
         self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.0, kernel_size: int = 5, **kwargs
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
+        if focusing_factor <= 0:  # x**p of p <= 0 unfocuses (or, at 0, flattens) the map
+            raise InputError(f"focusing_factor must be > 0, got {focusing_factor}")
         if kernel_size < 1 or kernel_size % 2 != 1:
             raise InputError(f"kernel_size must be odd and >= 1 (a same-size conv), got {kernel_size}")
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
