@@ -327,7 +327,7 @@ def _loading_section(
             + "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
             "onnx`) and run that in ONNX Runtime.\n"
         )
-    pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
+    pre = "" if native_arch else f"import attnxfer.models  # registers {spec['architecture']} with timm\n"
     # how the run prepared its validation images (config.json's pretrained_cfg: what the transform makes)
     data_cfg = spec.get("pretrained_cfg", {})
     size, pct = data_cfg.get("input_size"), data_cfg.get("crop_pct")

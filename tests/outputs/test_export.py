@@ -625,6 +625,20 @@ def test_a_hierarchical_students_shape_names_its_stage_widths():
     assert shape_phrase(dict(shape, family="EVA-02")).startswith("an EVA-02 of ")
 
 
+@pytest.mark.slow
+def test_the_cards_code_loads_an_architecture_only_attnxfer_registers_in_a_new_process(tmp_path):
+    from attnxfer.models import create_vit
+
+    out = export_student(create_vit("pvt_v2_micro_56", num_classes=10).eval(), tmp_path / "out", card=card())
+    loading = (out / "README.md").read_text().split("## How to load")[1]
+    snippet = loading.split("```python\n")[1].split("```")[0]  # the timm block
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HF_")}, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "dataset, named",
     [
