@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from helpers import MAE_TEACHER, ONE_BLOCK_RUN as S, PLAN, RECIPE, card, run_cli
+from helpers import MAE_TEACHER, ONE_BLOCK_RUN as S, PLAN, RECIPE, card, run_cli, tiny_run
 from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
@@ -786,3 +786,17 @@ def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, export
         code, _, err = run_cli(capsys, "export", str(given), str(tmp_path / "out"))
         assert code == 2 and says in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_export_of_a_softmax_student_of_an_attnxfer_architecture_says_how_timm_loads_it(tmp_path, capsys):
+    run, out = tmp_path / "run", tmp_path / "out"
+    model = ("model.name=pvt_v2_micro_56", "model.kwargs={depths: [1, 1, 1, 1]}", "transfer.mode=none")
+    code, _, err = run_cli(
+        capsys, "train", *tiny_run(16, 16), *model, "schedule.max_steps=1", f"run_dir={run}"
+    )
+    assert code == 0, err
+    code, stdout, err = run_cli(capsys, "export", str(run), str(out))
+    assert code == 0, err
+    assert "efficient attention" not in stdout
+    assert "load with: import attnxfer.models (registers pvt_v2_micro_56), then timm.create_model(" in stdout

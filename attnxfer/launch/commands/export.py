@@ -76,12 +76,12 @@ def run(args) -> int:
         warn("attnxfer export: the run kept no EMA weights; the raw weights were exported")
     lines = [f"exported to {out}"]
     if "timm" in args.formats:
-        plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
-        how = (
-            f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)"
-            if plain
-            else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)"
-        )
+        meta = json.loads((out / "config.json").read_text())["attnxfer"]
+        how = f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)"
+        if meta["attention"] != "softmax":
+            how = f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm cannot build it)"
+        elif not meta["loads_in_plain_timm"]:  # an architecture only attnxfer registers
+            how = f"import attnxfer.models (registers {meta['student']['architecture']}), then {how}"
         lines.append(f"load with: {how}")
     if "onnx" in args.formats:
         onnx = json.loads((out / "export_report.json").read_text())["onnx"]
