@@ -184,12 +184,9 @@ def render_model_card(
     what = (
         shape_phrase(shape, spec.get("attention", SOFTMAX)) if shape else f"a {spec['architecture']} student"
     )
-    how = (
-        f"by attention transfer ({card.transfer_mode or 'mode not recorded'}) from the teacher "
-        f"{_teacher_name(card.teacher)}"
-        if teacher
-        else "without a teacher"
-    )
+    mode = card.transfer_mode or "mode not recorded"  # none: a conversion's stage 2, logit distillation alone
+    by = "" if mode == "none" else f"by attention transfer ({mode}) "
+    how = f"{by}from the teacher {_teacher_name(card.teacher)}" if teacher else "without a teacher"
     description = card.description or f"{what[0].upper()}{what[1:]}, trained {how}, with attnxfer."
     teacher_rows = [  # rows with no value are left out
         ("id", teacher.get("spec")),

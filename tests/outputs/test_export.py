@@ -144,6 +144,13 @@ def test_model_card_holds_teacher_licence_mode_plan_recipe_metrics(tmp_path):
     assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body
 
 
+def test_the_card_of_a_student_trained_from_a_teacher_without_attention_transfer_names_none(tmp_path):
+    out = export_student(trained_student(), tmp_path / "card", card=card(transfer_mode="none"))
+    text = (out / "README.md").read_text()
+    assert "attention transfer (none)" not in text
+    assert f"trained from the teacher {MAE_TEACHER.hf_repo}@{MAE_TEACHER.hf_commit}, with attnxfer" in text
+
+
 def test_a_bf16_student_exports_and_its_weights_load_back_in_timm(tmp_path):
     """The export's check runs the student and its rebuilt twin in the student's own dtype."""
     student = trained_student().to(torch.bfloat16)
