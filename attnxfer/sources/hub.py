@@ -90,16 +90,16 @@ def fetch_instructions(
     cached = Path(cache) / folder
     held = ""  # the repo is cached, not this revision of it: which ones are
     if cached.is_dir():
-        rev = revision or "main"  # what huggingface_hub looks up
+        want = revision or "main"  # what huggingface_hub looks up
         refs = sorted(p.name for p in (cached / "refs").glob("*") if p.is_file())
         commits = sorted(p.name for p in (cached / "snapshots").glob("*") if p.is_dir())
         # offline, huggingface_hub finds a snapshot by its whole commit only
-        whole = next((c for c in commits if c.startswith(rev) and c != rev), None)
+        whole = next((c for c in commits if c.startswith(want) and c != want), None)
         shown = ", ".join(refs + [c[:12] for c in commits]) or "no revision"
         if whole:
             held = f" (the cache holds it as commit {whole}: pin all 40 hex digits)"
-        elif rev not in refs + commits:  # held, the file alone is missing: the sentence says so
-            held = f" (the cache holds {repo} at {shown}, not {rev})"
+        elif want not in refs + commits:  # held, the file alone is missing: the sentence says so
+            held = f" (the cache holds {repo} at {shown}, not {want})"
     return (
         f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
         f"cache ({cache}){held} and cannot be downloaded: {reason}.\n"

@@ -218,8 +218,13 @@ def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatc
     put_in_hub_cache(tmp_path, "acme/tiny", tiny_timm())
     with pytest.raises(
         TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at main, {REV[:12]}, not deadbeef\)"
-    ):
+    ) as refused:
         load_teacher("hf-hub:acme/tiny@deadbeef", cache_dir=str(tmp_path))
+    for command in (
+        "hf download acme/tiny --revision deadbeef",
+        "attnxfer fetch hf-hub:acme/tiny --revision deadbeef",
+    ):
+        assert command in str(refused.value)
 
 
 def test_fetching_offline_from_a_cache_that_holds_a_repos_config_alone_is_refused_as_the_run_would_be(
