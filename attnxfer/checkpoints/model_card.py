@@ -321,8 +321,8 @@ def _loading_section(
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
             f'model = load_student("{load_ref}").eval()\n'
             + transform
-            + "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
-            "onnx`) and run that in ONNX Runtime.\n"
+            + "\nTo run it without attnxfer, run its ONNX graph (`model.onnx`, written by `attnxfer export RUN_DIR "
+            "OUT --format onnx`) in ONNX Runtime.\n"
         )
     pre = "" if native_arch else f"import attnxfer.models  # registers {spec['architecture']} with timm\n"
     # how the run prepared its validation images (config.json's pretrained_cfg: what the transform makes)
