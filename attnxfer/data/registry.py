@@ -19,6 +19,14 @@ from .seeding import seeded_global_rngs
 
 SPLITS = ("train", "val")
 _BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
+#: a builder option's annotation part -> the values it takes and how a user says them
+_SCALARS = {
+    "bool": ((bool,), "true/false"),
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "str": ((str,), "a string"),
+    "None": ((type(None),), "null"),
+}
 
 
 @dataclass(frozen=True)
@@ -174,6 +182,14 @@ def build_dataset(
             f"dataset '{name}' has no option(s) {', '.join(unknown)} (data.kwargs); "
             f"its options are: {', '.join(options) or '(none)'}"
         )
+    params = inspect.signature(entry.builder).parameters
+    for key, value in kwargs.items():  # a value of another type: a traceback deep in the builder otherwise
+        spelled = str(params[key].annotation).replace(" ", "").split("|") if key in params else []
+        if spelled and all(part in _SCALARS for part in spelled):
+            takes = tuple(t for part in spelled for t in _SCALARS[part][0])
+            if not isinstance(value, takes) or (isinstance(value, bool) and bool not in takes):
+                said = " or ".join(_SCALARS[part][1] for part in spelled)
+                raise InputError(f"dataset '{name}': data.kwargs.{key} takes {said}, got {value!r}")
     if not labels and _names_labels(entry.builder):
         kwargs["labels"] = False  # the builder reads images alone
     dataset = entry.builder(

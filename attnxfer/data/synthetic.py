@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from .identity import fingerprint_of
 from .registry import DatasetInfo, built_info, register_dataset
 from .seeding import sample_generator
@@ -27,7 +28,7 @@ class SyntheticImages(Dataset):
 
     def __init__(self, info: DatasetInfo, *, split: str, length: int, seed: int, noise: float):
         if info.num_classes is None or info.num_classes < 1 or length < 0 or noise < 0:
-            raise ValueError(
+            raise InputError(
                 f"synthetic: need num_classes >= 1, length >= 0, noise >= 0; got "
                 f"{info.num_classes}, {length}, {noise}"
             )

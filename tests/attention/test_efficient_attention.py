@@ -470,7 +470,7 @@ def test_a_size_option_below_one_is_refused_where_the_attention_is_built(name, o
         ("focused_linear", dict(kernel_size=-1), "kernel_size must be odd and >= 1"),
         ("window", dict(window_size=2.5), "window_size must be an int or (height, width)"),
         ("focused_linear", dict(focusing_factor=0), "focusing_factor must be > 0"),
-        ("nystrom", dict(pinv_iterations=-1), "pinv_iterations >= 0"),
+        ("nystrom", dict(pinv_iterations=-1), "pinv_iterations must be >= 0"),
     ],
 )
 def test_an_option_the_attention_cannot_take_is_refused_in_one_line(name, option, message):

@@ -489,6 +489,18 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
         (["train", *S, "device=cuda", "run_dir={tmp}/r"], "no CUDA device"),
         (["train", *S, "data.kwargs.length=3", "run_dir={tmp}/r"], "give the training split more images"),
         (["train", *S, "data.kwargs.lenght=3", "run_dir={tmp}/r"], "has no option(s) lenght (data.kwargs)"),
+        (
+            ["train", *S, "data.kwargs.length=2.5", "run_dir={tmp}/r"],
+            "data.kwargs.length takes an integer, got 2.5",
+        ),
+        (
+            ["train", *S, "data.kwargs.length=-3", "run_dir={tmp}/r"],
+            "synthetic: need num_classes >= 1, length >= 0",
+        ),
+        (
+            ["train", *S, "data.dataset=animal_mnist", "data.kwargs={augment: maybe}", "run_dir={tmp}/r"],
+            "data.kwargs.augment takes true/false or null, got 'maybe'",
+        ),
         (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),
         (["submit", *S, "schedule.epochs=0"], "attnxfer submit: error: schedule.epochs"),
         (

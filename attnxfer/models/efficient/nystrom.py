@@ -47,10 +47,10 @@ class NystromAttention(EfficientAttention):
         self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6, **kwargs
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        if num_landmarks < 1 or pinv_iterations < 0:
-            raise InputError(
-                f"num_landmarks >= 1 and pinv_iterations >= 0, got {num_landmarks}, {pinv_iterations}"
-            )
+        if num_landmarks < 1:
+            raise InputError(f"num_landmarks must be >= 1, got {num_landmarks}")
+        if pinv_iterations < 0:
+            raise InputError(f"pinv_iterations must be >= 0, got {pinv_iterations}")
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
 
