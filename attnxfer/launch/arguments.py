@@ -11,6 +11,8 @@ from ..errors import InputError
 
 #: where a job runs: a SLURM cluster, local processes, or this process (submitit's executors)
 CLUSTERS = ("slurm", "local", "debug")
+#: where a job may run, as sbatch's options of these names (--exclude: nodes to avoid)
+PLACEMENT = ("partition", "account", "qos", "constraint", "exclude")
 
 
 def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -22,11 +24,8 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers + 1)")
     g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (64G, 0 = all)")
     g.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--account", default=None)
-    g.add_argument("--qos", default=None)
-    g.add_argument("--constraint", default=None)
-    g.add_argument("--exclude", default=None, help="nodes to avoid")
+    for name in PLACEMENT:
+        g.add_argument(f"--{name}", default=None)
     g.add_argument(
         "--slurm",
         action="append",
@@ -84,7 +83,8 @@ def add_array_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate each generation's candidates as a job array of K tasks (default 0: in this process)",
     )
     g.add_argument("--cluster", choices=CLUSTERS, help="slurm (default), or local / debug (this machine)")
-    g.add_argument("--partition", default=None)
+    for name in PLACEMENT:
+        g.add_argument(f"--{name}", default=None)
     g.add_argument("--time", help="time limit of one task: minutes (default 60) or [D-]HH:MM:SS")
     g.add_argument("--cpus-per-task", type=int, default=None)
     g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (8G)")

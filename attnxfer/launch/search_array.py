@@ -13,6 +13,7 @@ from typing import Any
 
 from ..apps.search import evaluate_batch
 from ..speak import say
+from .arguments import PLACEMENT
 from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
 
 
@@ -28,7 +29,7 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
     """``evaluate(names)`` that runs one job array per call (one generation) and returns results in order."""
     opts = SlurmOptions(
         cluster=ns.cluster or "slurm",
-        partition=ns.partition,
+        **{name: getattr(ns, name) for name in PLACEMENT},
         time=ns.time or "60",
         cpus_per_task=ns.cpus_per_task,
         mem=ns.mem,

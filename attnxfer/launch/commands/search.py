@@ -6,7 +6,7 @@ import argparse
 
 from ...errors import InputError
 from ...speak import say
-from ..arguments import add_array_arguments
+from ..arguments import PLACEMENT, add_array_arguments
 from .base import add_config_args, load, register_command
 
 
@@ -34,7 +34,7 @@ def run(args) -> int:
         )
     flags = [
         "--" + k.replace("_", "-")
-        for k in ("cluster", "partition", "time", "cpus_per_task", "mem", "slurm", "job_dir", "wait_timeout")
+        for k in ("cluster", *PLACEMENT, "time", "cpus_per_task", "mem", "slurm", "job_dir", "wait_timeout")
         if getattr(args, k)
     ]
     if flags and not args.array_tasks:  # else dropped without a word: the search would run here
