@@ -176,7 +176,7 @@ def sbatch_error(stderr: str) -> str:
     lines = list(dict.fromkeys(line.strip() for line in stderr.splitlines() if line.strip()))
     fatal = [line for line in lines if "fatal:" in line]
     errors = [line for line in lines if "error:" in line]
-    return "; ".join(fatal or errors or lines[-1:]) or "(sbatch said nothing)"
+    return "; ".join(fatal or errors or lines) or "(sbatch said nothing)"
 
 
 def _refusal(error: Exception, job_dir: Path) -> SubmissionRefusedError:
