@@ -162,7 +162,11 @@ class SlurmOptions:
         self._check_script_values()
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
             raise InputError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
-        parse_time_minutes(self.time)
+        if parse_time_minutes(self.time) * 60 <= self.signal_delay_s and self.cluster == "slurm":
+            raise InputError(
+                f"--time {self.time}: SLURM sends the requeue signal {self.signal_delay_s} s before the time limit, "
+                f"so this one would requeue as it starts: give it more than {self.signal_delay_s // 60} minutes"
+            )
         if self.cluster == "local" and self.nodes > 1:
             raise InputError("cluster='local' runs on this machine only: use nodes=1")
         if self.cluster == "debug" and self.ntasks_per_node * self.nodes > 1:

@@ -22,6 +22,7 @@ from attnxfer.launch.slurm import (
     parse_sweep,
     parse_time_minutes,
     render_dry_run,
+    sbatch_error,
     submit,
     sweep_points,
     wait,
@@ -152,11 +153,17 @@ def test_bad_time_limits_say_what_is_expected(value):
         (dict(extra={"output": "x.log"}), "submitit manages them"),
         (dict(nodes=0), "nodes must be >= 1"),
         (dict(max_requeues=-1), "max_requeues"),
+        (dict(time=2), "--time 2: SLURM sends the requeue signal 120 s before the time limit"),
     ],
 )
 def test_bad_options_are_rejected_with_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SlurmOptions(**kwargs)
+
+
+def test_sbatch_refusal_without_an_error_line_keeps_its_reason():
+    said = "sbatch: unrecognized option '--Partition=x'\nTry \"sbatch --help\" for more information"
+    assert sbatch_error(said).startswith("sbatch: unrecognized option '--Partition=x'")
 
 
 def test_one_task_per_gpu():
