@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -39,6 +40,8 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
                 f"run_dir is empty ({value!r}: an unset shell variable?); a run would write into the current "
                 "directory. Name its folder, e.g. run_dir=runs/my-run (run_dir=. if you mean this directory)"
             )
+        if key == "run_dir" and str(value).startswith("~"):  # as a shell would: all writers, one folder
+            cfg = dataclasses.replace(cfg, run_dir=os.path.expanduser(value))
     return cfg
 
 

@@ -396,6 +396,16 @@ def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_dir_under_home_holds_the_whole_run(tmp_path, capsys, monkeypatch):
+    """``run_dir=~/run`` (the shell leaves a quoted ``~`` alone) is the home folder's ``run`` for every file of
+    the run, not its checkpoints in a folder named ``~`` under the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "train", *S, "schedule.max_steps=2", "run_dir=~/run")
+    assert code == 0 and not (tmp_path / "~").exists(), err[-2000:]
+    assert {p.name for p in (tmp_path / "home" / "run").iterdir()} >= {"checkpoints", "run.json"}
+
+
 # ------------------------------------------------------------------------- 5: teachers by content
 
 
