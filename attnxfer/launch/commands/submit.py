@@ -83,20 +83,19 @@ def run(args) -> int:
 
     if args.sweep:
         _check_sweep(cfg, args.sweep, args.job_command)
-    # what the job would refuse at its start, refused before the queue's wait
-    if args.job_command == "pretrain":
-        from ...apps.run.pretrain import refuse_unread_keys
-
-        refuse_unread_keys(cfg)
-    elif args.job_command == "convert":
-        from ...apps.convert.convert import checked_config
-
-        checked_config(cfg, skip_stage1=False)
     refuse_file_in_the_way(cfg.run_dir, "run_dir")  # here, not in a job that fails at once
     refuse_other_work(cfg.run_dir, args.job_command)
     study = args.job_command == "study"
     converts = args.job_command == "convert" or (study and cfg.command == "convert")
-    for point in sweep_points(cfg, parse_sweep(args.sweep)):
+    for point in sweep_points(cfg, parse_sweep(args.sweep)):  # what each job would refuse at its start
+        if args.job_command == "pretrain":
+            from ...apps.run.pretrain import refuse_unread_keys
+
+            refuse_unread_keys(point.cfg)
+        elif args.job_command == "convert":
+            from ...apps.convert.convert import checked_config
+
+            checked_config(point.cfg, skip_stage1=False)
         runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks

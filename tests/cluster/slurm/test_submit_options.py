@@ -168,6 +168,10 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
             ["--command", "convert", "-c", "convert/demo_hedgehog", "model.attention=hedgehog"],
             "model.attention='hedgehog' is for a fresh student (`attnxfer train`)",
         ),
+        (  # in one job of a sweep only
+            ["--command", "pretrain", "-c", "demo/mae_pretrain", "--sweep", "transfer.atd_weight=1,2"],
+            "pretrain does not read transfer.atd_weight=2.0",
+        ),
     ],
 )
 def test_what_the_command_refuses_of_its_config_is_refused_before_submitting(capsys, tmp_path, flags, said):
