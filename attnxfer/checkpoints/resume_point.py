@@ -70,11 +70,14 @@ class ResumeFrom:
                 "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
             )
         where = self.path.parent if self.path.name == CHECKPOINTS_SUBDIR else self.path
-        if self.path.is_file() and (self.path.parent / MANIFEST_NAME).is_file():
-            raise InputError(
-                f"checkpoint.resume={str(self.path)!r} is a file of the checkpoint {self.path.parent}: give the "
-                "folder"
+        if self.path.is_file():  # as timm's and MAE's --resume take their checkpoint's .pth
+            fix = (
+                f"of the checkpoint {self.path.parent}: give the folder"
+                if (self.path.parent / MANIFEST_NAME).is_file()
+                else f"of no run's checkpoint (RUN_DIR/checkpoints/step-*): to start a run from its weights, "
+                f"give it as model.init={self.path}"
             )
+            raise InputError(f"checkpoint.resume={str(self.path)!r} is a file {fix}")
         if not (self.path / MANIFEST_NAME).exists() and (steps := CheckpointManager(where).step_dirs()):
             raise InputError(
                 f"checkpoint.resume={str(self.path)!r} holds checkpoints, not one: give one of them (the newest "

@@ -105,6 +105,15 @@ def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_weights_file_given_as_checkpoint_resume_is_told_to_be_model_init(tmp_path):
+    """timm's and MAE's --resume take a checkpoint .pth (the CLI turns --resume into checkpoint.resume): it
+    was refused as "not usable: not a directory", with no word of model.init, which reads such a file."""
+    weights = tmp_path / "checkpoint-799.pth"
+    weights.write_bytes(b"weights")
+    with pytest.raises(InputError, match=f"is a file of no run's checkpoint .*model.init={weights}$"):
+        ResumePoint.find(tmp_path / "run", str(weights))
+
+
 def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", *TINY, "transfer.mode=none", "checkpoint.every_steps=5", f"run_dir={run}"]
