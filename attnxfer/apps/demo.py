@@ -147,7 +147,7 @@ def _run(cfg: TrainConfig, label: str, trainer=train, metric: str = "val_top1") 
         cached = json.loads(result_path.read_text())
         if cached.get("config_digest") == _digest(cfg):
             say(f"[demo] {label}: reusing {cfg.run_dir} (same config hash; delete it to rebuild)")
-            return {**cached, "label": label}
+            return {**cached, "label": label, "run_dir": cfg.run_dir}  # where it is now (a demo moved)
     say(f"[demo] {label}: training -> {cfg.run_dir}")
     start = time.monotonic()
     out = _result_of(trainer(cfg), cfg, label, time.monotonic() - start, metric)
@@ -356,7 +356,7 @@ class _Students:
 
     def add(self, row: RowSpec, cfg: TrainConfig, res: dict, k: int) -> None:
         """A row's result, its per-image correctness and (first seed) its run folder in each of its tables."""
-        self.results.setdefault(row.key, []).append({**res, "label": row.label})
+        self.results.setdefault(row.key, []).append({**res, "label": row.label, "run_dir": cfg.run_dir})
         self.correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
         for t, runs in self.runs_by_table.items():
             if k == 0 and row.table in (None, t):

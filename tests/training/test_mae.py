@@ -594,3 +594,24 @@ def test_the_demo_leaves_its_teacher_at_one_path_and_replaces_it_only_for_anothe
     assert (stable / "model.safetensors").read_bytes() == b"second"
     assert "replacing a teacher made otherwise" in capsys.readouterr().out
     assert (tmp_path / "mae-aaaa" / "export" / "config.json").read_text() == "first"  # the hashed one stays
+
+
+def test_a_moved_demo_names_its_runs_where_they_are_now(tmp_path):
+    """A demo folder copied or moved keeps result.json's old run_dir: the demo then said "the MAE teacher is
+    cached in OLD (...) delete that folder to pre-train again", a folder that is not this demo's."""
+    from attnxfer.apps.demo import ROWS, _digest, _keyed, _run, _Students
+
+    cfg = _keyed(tmp_path, "mae", "demo/mae_pretrain", [])
+    moved = {"config_digest": _digest(cfg), "run_dir": "/elsewhere/mae-x", "val": 0.5}
+    Path(cfg.run_dir).mkdir()
+    (Path(cfg.run_dir) / "result.json").write_text(json.dumps(moved))
+    assert _run(cfg, "teacher", trainer=None)["run_dir"] == cfg.run_dir
+    row = ROWS[0]
+    student = _keyed(tmp_path, row.key, row.recipe, [])
+    Path(student.run_dir).mkdir()
+    (Path(student.run_dir) / "val_correct.json").write_text(
+        json.dumps({"config_digest": "d", "correct": [1]})
+    )
+    students = _Students(runs_by_table={"mae": {}})
+    students.add(row, student, {"config_digest": "d", "run_dir": "/elsewhere/scratch-x"}, 0)
+    assert students.results[row.key][0]["run_dir"] == student.run_dir
