@@ -338,8 +338,10 @@ def run_demo(
     )
     for key, path in stable.items():
         which = "MAE" if key == "mae" else key
+        named = Path("runs/demo") / DEMO_EXPORTS[key]
+        use = "the path" if Path(path) == named else f"given in place of {named}, the path"
         say(
-            f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, the path the demo "
+            f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, {use} the demo "
             "recipes and the documentation's examples use)"
         )
     first_seed = {LABELS[k]: v[0] for k, v in students.results.items()}
