@@ -172,17 +172,14 @@ def build_dataset(
     entry = _entry(name)
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
-    options = _options(entry.builder)
-    open_ended = any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(entry.builder).parameters.values()
-    )
+    options, params = _options(entry.builder), inspect.signature(entry.builder).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [] if open_ended else sorted(set(kwargs) - set(options))
     if unknown:
         raise OptionError(
             f"dataset '{name}' has no option(s) {', '.join(unknown)} (data.kwargs); "
             f"its options are: {', '.join(options) or '(none)'}"
         )
-    params = inspect.signature(entry.builder).parameters
     for key, value in kwargs.items():  # a value of another type: a traceback deep in the builder otherwise
         spelled = str(params[key].annotation).replace(" ", "").split("|") if key in params else []
         if spelled and all(part in _SCALARS for part in spelled):
