@@ -32,7 +32,7 @@ from ..data import build_dataset
 from ..errors import InputError, PathExistsError
 from ..models import attention_maps, make_transfer_aware
 from ..models.image_input import image_input
-from ..run_layout import DEMO_EXPORTS, STUDY_RECORD
+from ..run_layout import DEMO_EXPORTS, DEMO_OUT, STUDY_RECORD
 from ..sources.resolve import sha256_file
 from ..sources.teacher import load_teacher
 from ..speak import say
@@ -298,7 +298,7 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
 
 
 def run_demo(
-    out: str = "runs/demo",
+    out: str = DEMO_OUT,
     budget_steps: int | None = None,
     teacher_steps: int | None = None,
     quick: bool = False,
@@ -338,7 +338,7 @@ def run_demo(
     )
     for key, path in stable.items():
         which = "MAE" if key == "mae" else key
-        named = Path("runs/demo") / DEMO_EXPORTS[key]
+        named = Path(DEMO_OUT) / DEMO_EXPORTS[key]
         use = "the path" if Path(path) == named else f"given in place of {named}, the path"
         say(
             f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, {use} the demo "
