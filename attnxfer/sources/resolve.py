@@ -214,7 +214,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             ) from None
         if not tensors:
             raise TeacherLoadError(f"{path} holds no tensors")
-        return tensors, None
+        return _strip_wrappers(tensors), None
     if not name.endswith(WEIGHT_SUFFIXES):
         raise InputError(
             f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "

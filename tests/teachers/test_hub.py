@@ -27,6 +27,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_tensors
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed
@@ -536,6 +537,12 @@ def test_pth_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UnsafeCheckpointError):
         read_state_dict(evil)
     assert not marker.exists()
+
+
+def test_ddp_and_compile_prefixes_are_stripped_from_safetensors_as_from_pth(tmp_path):
+    sd = tiny_timm(num_classes=0).state_dict()
+    save_file({f"module._orig_mod.{k}": v for k, v in sd.items()}, str(tmp_path / "ddp.safetensors"))
+    assert_same_tensors(read_state_dict(tmp_path / "ddp.safetensors")[0], sd, "stripped")
 
 
 def test_flat_deit_style_checkpoint_head_rules(tmp_path, capsys):
