@@ -237,7 +237,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             "If you trust the file, convert it once on a trusted machine and load the result instead:\n"
             '    python -c "import torch; from safetensors.torch import save_file; '
             f"ck = torch.load('{path}', map_location='cpu', weights_only=False); "
-            "sd = ck.get('model', ck) if isinstance(ck, dict) else ck.state_dict(); "
+            f"sd = next((ck[k] for k in {_CHECKPOINT_KEYS} if isinstance(ck.get(k), dict)), ck) "
+            "if isinstance(ck, dict) else ck.state_dict(); "
             f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"\n"
             f"then give {path.with_suffix('.safetensors')} where this file was (teacher.spec=... teacher.arch=... "
             "in a config, load_teacher(PATH, arch=...) in Python)"

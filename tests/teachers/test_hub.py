@@ -539,6 +539,20 @@ def test_pth_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_the_conversion_told_for_an_unsafe_pth_keeps_the_weights_its_container_holds(tmp_path, monkeypatch):
+    """A timm or Lightning checkpoint keeps its weights under ``state_dict`` beside pickled training args: the
+    recipe the refusal gives converts those weights, not the whole container."""
+    sd = tiny_timm(num_classes=0).state_dict()
+    path = tmp_path / "lightning.ckpt.pth"
+    torch.save({"state_dict": sd, "epoch": 3, "hparams": argparse.Namespace(lr=1e-3)}, path)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        read_state_dict(path)
+    monkeypatch.chdir(tmp_path)
+    [line] = [x for x in str(err.value).splitlines() if x.strip().startswith("python -c")]
+    exec(shlex.split(line)[2], {})
+    assert_same_tensors(read_state_dict(path.with_suffix(".safetensors"))[0], sd, "converted")
+
+
 def test_ddp_and_compile_prefixes_are_stripped_from_safetensors_as_from_pth(tmp_path):
     sd = tiny_timm(num_classes=0).state_dict()
     save_file({f"module._orig_mod.{k}": v for k, v in sd.items()}, str(tmp_path / "ddp.safetensors"))
