@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..models.attention import AttentionIO, attention_io, attention_layers, make_transfer_aware
+from ..models.attention.partial_qkv import thaw_projections
 from ..models.handover import Chunks, Signal
 from .comparisons import Comparison, LayerPair, Step
 from .losses import CEPath, ce_path_for
@@ -146,9 +147,13 @@ class TeacherStudent(nn.Module):
                 f"{len(self._student_attn)} attention blocks and the teacher {len(self._teacher_attn)}: it was "
                 "built for other models; build_plan(teacher, student, ...) with these two"
             )
-        if self.plan.mode.borrow:
-            for s_layer, _ in self.plan.pairs:
-                self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
+        paired = {s for s, _ in self.plan.pairs}
+        for s, attn in enumerate(self._student_attn):
+            borrow = self.plan.mode.borrow if s in paired else Chunks()
+            if getattr(attn, "borrowed_chunks", borrow) != borrow:  # a student reused from another copy pair
+                thaw_projections(attn)
+            attn.freeze_projections(borrow)
+            attn.borrowed_chunks = borrow
 
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)

@@ -127,6 +127,21 @@ def test_copy_uses_the_teachers_logits_not_the_students(name):
     assert trainable < sum(p.numel() for p in student.parameters())
 
 
+@pytest.mark.parametrize("name", fast_cells(NAMES, ("beit", "cait", "gemma4", "twins_svt")))
+def test_a_student_wrapped_for_copy_then_for_distill_trains_all_of_itself_again(name):
+    """A notebook's next cell: the copy pair froze the projections it borrowed; a distill pair of the same
+    student trains them again (the same weights under the same names), and a copy pair freezes them again."""
+    teacher, student, _ = CASES[name].pair()
+    fresh = copy.deepcopy(student)
+    TeacherStudent(teacher, student, mode="copy")
+    TeacherStudent(teacher, student, mode="distill")
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in fresh.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(student.state_dict(), fresh.state_dict(), rtol=0, atol=0)
+    TeacherStudent(teacher, student, mode="copy")
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in fresh.parameters())
+
+
 @pytest.mark.parametrize("name", fast_cells(NAMES, ("cait", "hiera", "relpos_cls", "swinv2_cr")))
 def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
     """Per layer, the exact CE (the O(N) identity, or the chunked biased path: relative-position tables,

@@ -41,6 +41,13 @@ class PartialQKV(nn.Module):
                 self.register_parameter(f"{name}_weight", nn.Parameter(w))
                 self.register_parameter(f"{name}_bias", nn.Parameter(b) if b is not None else None)
 
+    def as_linear(self) -> nn.Linear:
+        """The whole projection as one trainable ``nn.Linear`` again."""
+        w = self.weight
+        linear = nn.Linear(self.in_features, self.out_features, self.has_bias, w.device, w.dtype)
+        linear.load_state_dict(self.state_dict())
+        return linear
+
     def chunk(self, name: str):
         return getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
 
@@ -108,8 +115,7 @@ def freeze_fused(
         if frozen <= set(linear.frozen):
             return None
         frozen = frozen | set(linear.frozen)
-        linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
-        linear.load_state_dict(getattr(attn, attr).state_dict())
+        linear = linear.as_linear()
     setattr(attn, attr, PartialQKV(linear, frozen, chunks=chunks))
     return frozen
 
@@ -121,6 +127,7 @@ def _to_buffer(module: nn.Module, *names: str) -> None:
         if p is not None:
             del module._parameters[name]
             module.register_buffer(name, p.detach().clone())
+            module.__dict__.setdefault("_were_parameters", []).append(name)  # for `thaw_projections`
 
 
 def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
@@ -141,3 +148,14 @@ def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
         norm = getattr(attn, f"{c}_norm", None)
         if norm is not None:
             norm.requires_grad_(False)
+
+
+def thaw_projections(attn: nn.Module) -> None:
+    """Undo ``freeze_projections``: a student copied into before trains all of ``attn`` again."""
+    for m in list(attn.modules()):
+        for name, child in list(m.named_children()):
+            if isinstance(child, PartialQKV):
+                setattr(m, name, child.as_linear())
+        for name in m.__dict__.pop("_were_parameters", ()):
+            m.register_parameter(name, nn.Parameter(m._buffers.pop(name)))
+    attn.requires_grad_(True)  # the q/k norms (and CaiT's proj_l) frozen with them
