@@ -41,6 +41,7 @@ from attnxfer.apps.inspect.inspect import (
 )
 from attnxfer.apps.inspect.report_text import agreement_sentence
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
+from attnxfer.errors import InputError, UserError
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models import attention_maps, create_vit
 from attnxfer.models.efficient import build_efficient_student
@@ -605,6 +606,20 @@ def test_a_students_loading_warnings_name_it_as_the_student(tmp_path, capsys):
     load_model(str(weights), arch="vit_tiny_patch16_224")
     err = capsys.readouterr().err
     assert f"student {weights}: mean/std are timm's defaults" in err and "teacher" not in err
+
+
+def test_a_student_that_cannot_be_loaded_is_named_as_the_student(tmp_path, monkeypatch):
+    """The sources say "teacher" of whatever they load: a student not in the Hub cache offline, or whose
+    weights fit no architecture, is refused as the student."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    with pytest.raises(UserError, match=r"^student 'hf-hub:acme/student': config.json of Hub repo"):
+        load_model("hf-hub:acme/student")
+    weights = tmp_path / "student.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), str(weights))
+    with pytest.raises(InputError, match=rf"^student '{weights}': the weights do not fit"):
+        load_model(str(weights), arch="vit_small_patch16_224")
 
 
 def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teacher, tmp_path, capsys):

@@ -32,7 +32,7 @@ from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...run_layout import STAGE_DIRS
-from ...sources import TeacherLoadError, load_student, load_teacher
+from ...sources import TeacherLoadError, TeacherNotAvailable, load_student, load_teacher
 from ...sources.resolve import parse_teacher_spec
 from ...speak import say
 from ...transfer.modes import MODES
@@ -147,9 +147,10 @@ def load_model(
         model, record = load_teacher(
             source, arch=arch, pretrained=pretrained, img_size=img_size, who=f"{role} {spec}"
         )
-    except TeacherLoadError as err:
-        if "efficient-attention student" not in str(err):
-            raise InputError(str(err)) from None
+    except (TeacherLoadError, TeacherNotAvailable) as err:  # the sources call what they load a teacher
+        msg = f"{role} {str(err)[8:]}" if str(err).startswith("teacher ") else str(err)
+        if "efficient-attention student" not in msg:
+            raise type(err)(msg) from None
         model = load_student(source)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         return _at_size(
