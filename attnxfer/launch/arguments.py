@@ -19,23 +19,9 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """The ``attnxfer submit`` flags (resources, sbatch passthrough, sweeps, dry run)."""
     g = parser.add_argument_group("job submission (SLURM through submitit)")
     g.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU")
     g.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node on CPU-only clusters")
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers + 1)")
-    g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (64G, 0 = all)")
     g.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
-    for name in PLACEMENT:
-        g.add_argument(f"--{name}", default=None)
-    g.add_argument(
-        "--slurm",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other sbatch option, e.g. --slurm mail-type=END (repeatable)",
-    )
-    g.add_argument(
-        "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
-    )
+    _add_resource_arguments(g)
     g.add_argument("--name", default="attnxfer", help="job name")
     g.add_argument(
         "--sweep",
@@ -83,17 +69,29 @@ def add_array_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluate each generation's candidates as a job array of K tasks (default 0: in this process)",
     )
     g.add_argument("--cluster", choices=CLUSTERS, help="slurm (default), or local / debug (this machine)")
-    for name in PLACEMENT:
-        g.add_argument(f"--{name}", default=None)
     g.add_argument("--time", help="time limit of one task: minutes (default 60) or [D-]HH:MM:SS")
-    g.add_argument("--cpus-per-task", type=int, default=None)
-    g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (8G)")
-    g.add_argument(
-        "--slurm", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option"
-    )
-    g.add_argument("--job-dir", default=None, help="submitit folder (default RUN_DIR/submitit)")
+    _add_resource_arguments(g)
     g.add_argument(
         "--wait-timeout", type=float, default=None, help="give up on a generation after this many s"
+    )
+
+
+def _add_resource_arguments(g: argparse._ArgumentGroup) -> None:
+    """The flags `submit` and a search's job array share: what each task gets and where it runs."""
+    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU")
+    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers + 1)")
+    g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (64G, 0 = all)")
+    for name in PLACEMENT:
+        g.add_argument(f"--{name}", default=None)
+    g.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --slurm mail-type=END (repeatable)",
+    )
+    g.add_argument(
+        "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
     )
 
 

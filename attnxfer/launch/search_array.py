@@ -31,6 +31,7 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
         cluster=ns.cluster or "slurm",
         **{name: getattr(ns, name) for name in PLACEMENT},
         time=ns.time or "60",
+        gpus_per_node=ns.gpus_per_node,
         cpus_per_task=ns.cpus_per_task,
         mem=ns.mem,
         extra=parse_key_values(ns.slurm),

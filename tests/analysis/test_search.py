@@ -622,8 +622,8 @@ def test_job_array_flags_without_array_tasks_are_refused_not_dropped(tmp_path, c
 
 
 def test_job_array_flags_choose_where_the_array_runs(tmp_path, monkeypatch):
-    """--account, --qos, --constraint and --exclude reach the array's sbatch options (a cluster that requires an
-    account takes no array without it; --slurm account= is refused in favour of --account)."""
+    """--account, --qos, --constraint, --exclude and --gpus-per-node reach the array's sbatch options (a cluster
+    that requires an account takes no array without it; --slurm account= is refused in favour of --account)."""
     from attnxfer.launch import search_array
     from attnxfer.launch.slurm import sbatch_parameters
 
@@ -634,5 +634,7 @@ def test_job_array_flags_choose_where_the_array_runs(tmp_path, monkeypatch):
     want = dict(account="lab", qos="high", constraint="a100", exclude="n3", partition="p")
     flags = [part for key, value in want.items() for part in (f"--{key}", value)]
     with pytest.raises(LookupError) as got:
-        cli.main(["search", "--array-tasks", "2", *flags, f"run_dir={tmp_path / 'r'}"])
-    assert want.items() <= got.value.args[0].items()
+        cli.main(
+            ["search", "--array-tasks", "2", "--gpus-per-node", "1", *flags, f"run_dir={tmp_path / 'r'}"]
+        )
+    assert {**want, "gpus_per_node": 1}.items() <= got.value.args[0].items()

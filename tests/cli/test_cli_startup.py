@@ -68,6 +68,8 @@ CASES = [
         "--vary transfer.atd_weight= needs",
     ),
     (["search", "--array-tasks", "-1"], 2, "--array-tasks must be >= 0 (0: in this process), got -1"),
+    (["search", "--array-tasks", "2", "--gpus-per-node", "2"], 2, "--gpus-per-node 2: a task uses one GPU"),
+    (["search", "--gpus-per-node", "1"], 2, "--gpus-per-node only apply to --array-tasks K"),
     (
         ["search", "--wait-timeout", "-5"],
         2,

@@ -32,15 +32,14 @@ def run(args) -> int:
         raise InputError(
             f"--wait-timeout is seconds to wait for a generation: it must be > 0, got {args.wait_timeout}"
         )
-    flags = [
-        "--" + k.replace("_", "-")
-        for k in ("cluster", *PLACEMENT, "time", "cpus_per_task", "mem", "slurm", "job_dir", "wait_timeout")
-        if getattr(args, k)
-    ]
+    array_only = ("cluster", *PLACEMENT, "time", "gpus_per_node", "cpus_per_task", "mem", "slurm", "job_dir")
+    flags = ["--" + k.replace("_", "-") for k in (*array_only, "wait_timeout") if getattr(args, k)]
     if flags and not args.array_tasks:  # else dropped without a word: the search would run here
         raise InputError(
             f"{', '.join(flags)} only apply to --array-tasks K (generations as job arrays): add it or drop them"
         )
+    if args.gpus_per_node > 1:  # else each task would run its batch once per GPU
+        raise InputError(f"--gpus-per-node {args.gpus_per_node}: a task uses one GPU; use more --array-tasks")
     cfg = load(args)
     from ...apps.search import search
 
