@@ -192,7 +192,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 study = _student_configs(file.parent)
                 raise ConfigError(
                     f"config file {str(file)!r} lists students: it describes a study of several students; run "
-                    f"it with attnxfer study -c {path}"
+                    f"it with attnxfer study -c {path} or attnxfer submit --command study -c {path}"
                     + (
                         f", or give one student's config: -c {study}"
                         if study

@@ -67,6 +67,11 @@ CASES = [
         2,
         "--vary transfer.atd_weight= needs",
     ),
+    (  # a study's recipe given to a single run's command: the spelling that runs it, from submit too
+        ["submit", "--command", "convert", "-c", "convert/demo_study"],
+        2,
+        "attnxfer study -c convert/demo_study or attnxfer submit --command study -c convert/demo_study",
+    ),
     (["search", "--array-tasks", "-1"], 2, "--array-tasks must be >= 0 (0: in this process), got -1"),
     (["search", "--array-tasks", "2", "--gpus-per-node", "2"], 2, "--gpus-per-node 2: a task uses one GPU"),
     (["search", "--gpus-per-node", "1"], 2, "--gpus-per-node only apply to --array-tasks K"),
