@@ -257,7 +257,9 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
     names = ["_".join(v if alone[k] else f"{short[k]}={v}" for k, v in c.items()) for c in combos]
     if len(set(names)) < len(names):
         names = ["_".join(f"{k}={v}" for k, v in c.items()) for c in combos]
-    return [Student(_folder_name(n), c) for n, c in zip(names, combos, strict=True)]
+    # a value read as null kept as None: study.yaml would quote "null", which reads back as that string
+    nulls = [{k: None if _as_read(k, v) is None else v for k, v in c.items()} for c in combos]
+    return [Student(_folder_name(n), c) for n, c in zip(names, nulls, strict=True)]
 
 
 def _as_read(key: str, value: str) -> Any:

@@ -200,8 +200,13 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
 
 def test_a_study_yaml_reads_back_the_students_that_vary_made(tmp_path):
     """study.yaml (what resumes a study, or writes the report of a study of several ranks) quotes each --vary
-    value as the command line gave it: read back, a number is the key's number and a list the key's list."""
-    vary = {"seed": ["1", "2"], "transfer.losses": ["[]", "[{name: mse, signal: v}]"]}
+    value as the command line gave it, but null as null: read back, a number is the key's number, a list the
+    key's list and null None, also for a key that takes a string."""
+    vary = {
+        "seed": ["1", "2"],
+        "transfer.losses": ["[]", "[{name: mse, signal: v}]"],
+        "model.global_pool": ["null", "avg"],
+    }
     spec = load_study(None, [f"run_dir={tmp_path}"], vary)
     (tmp_path / "study.yaml").write_text(str(spec))
     again = load_study(tmp_path / "study.yaml")
