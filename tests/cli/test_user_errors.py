@@ -345,6 +345,16 @@ def test_end_layer_beside_explicit_layers_and_ce_path_without_a_ce_are_said_unus
     assert "warning: transfer.ce_path=rows unused with transfer.mode=copy" in capsys.readouterr().err  # no CE
 
 
+def test_a_materialise_budget_that_no_ce_path_timing_reads_is_said_unused(capsys):
+    parts = SimpleNamespace(teacher=tiny_vit(depth=2, seed=1), student=tiny_vit(depth=2, seed=2))
+    for keys in (["transfer.mode=copy"], ["transfer.ce_path=rows"], ["deterministic=true"], []):
+        plan_from_config(
+            load_config(None, ["teacher.spec=x", "transfer.materialise_budget_gib=2", *keys]), parts
+        )
+        said = "warning: transfer.materialise_budget_gib=2.0 unused" in capsys.readouterr().err
+        assert said == bool(keys), keys  # distill with ce_path=auto times the ways, the budget among them
+
+
 def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_step(tmp_path, capsys):
     run = tmp_path / "run"
     argv = [

@@ -104,11 +104,13 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     # a value set where nothing reads it is said, not silently dropped
     changed = config_changes(TrainConfig(), cfg)
     moves_none = not plan.pairs and not any(c.pairs for c in plan.comparisons)
+    no_ce = not any(c.loss_fn.uses_ce_path and c.pairs for c in plan.comparisons)
     unread = {
         "transfer.atd_weight": plan.mode.distill is None,
         "transfer.layers": moves_none,
         "transfer.end_layer": moves_none or t.layers is not None,  # layers wins over end_layer
-        "transfer.ce_path": not any(c.loss_fn.uses_ce_path and c.pairs for c in plan.comparisons),
+        "transfer.ce_path": no_ce,
+        "transfer.materialise_budget_gib": no_ce or t.ce_path != "auto" or cfg.deterministic,  # nothing timed
     }
     unused = [f"{k}={changed[k][1]}" for k, u in unread.items() if u and k in changed]
     if unused:
@@ -116,7 +118,8 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
             f"warning: {', '.join(unused)} unused with transfer.mode={t.mode}"
             f"{' and transfer.layers set' if t.layers is not None and not moves_none else ''}: atd_weight "
             "weighs a distill mode's loss; layers (or, without it, end_layer) choose the layers a mode, or a "
-            "layer comparison in transfer.losses, moves; ce_path evaluates a distilled softmax map's CE"
+            "layer comparison in transfer.losses, moves; ce_path evaluates a distilled softmax map's CE "
+            "(materialise_budget_gib: when auto times the ways, which deterministic=true does not)"
         )
     if plan.task_weight == 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):  # mixup mixes images with labels
         warn(
