@@ -355,6 +355,25 @@ def test_a_materialise_budget_that_no_ce_path_timing_reads_is_said_unused(capsys
         assert said == bool(keys), keys  # distill with ce_path=auto times the ways, the budget among them
 
 
+def test_wait_says_each_reason_slurm_keeps_a_job_pending_once(tmp_path, monkeypatch, capsys):
+    """A job SLURM can never start (pending for PartitionConfig, BadConstraints) is waited for without end:
+    `submit --wait` says why it is pending, once a reason, rather than nothing."""
+    import submitit
+
+    from attnxfer.launch.slurm import JobTimeoutError, monitor
+
+    reasons = iter(["None", "Priority", "Priority", "BadConstraints"])
+    info = lambda job_id: {"JobState": "PENDING", "Reason": next(reasons, "BadConstraints")}
+    monkeypatch.setattr(monitor, "slurm_job_info", info)
+    with pytest.raises(JobTimeoutError):
+        monitor.wait(submitit.SlurmJob(folder=tmp_path, job_id="7"), timeout=0.1, poll_s=0.01)
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("job 7")]
+    assert said == [
+        "job 7: pending, SLURM's reason: Priority",
+        "job 7: pending, SLURM's reason: BadConstraints",
+    ]
+
+
 def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_step(tmp_path, capsys):
     run = tmp_path / "run"
     argv = [

@@ -13,6 +13,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import pickle_load
 
+from ...speak import say
 from ...train.watchdog import SILENCE_LINE
 
 
@@ -127,11 +128,12 @@ def wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     results: dict[int, list[Any]] = {}
     ended_since: dict[int, float] = {}
+    said: set[str] = set()  # pending reasons said (once each: a job array's tasks share theirs)
     while True:
         for j, job in enumerate(job_list):
             if j in results:
                 continue
-            done, state, ended = _poll(job, log_lines)
+            done, state, ended = _poll(job, log_lines, said)
             if done is not None:
                 results[j] = done
             elif ended:
@@ -147,9 +149,10 @@ def wait(
         time.sleep(poll_s)
 
 
-def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | None, bool]:
+def _poll(job: submitit.Job, log_lines: int, said: set[str]) -> tuple[list[Any] | None, str | None, bool]:
     """(every rank's results, or None while some are missing; the SLURM state; whether the job has ended)
-    now. Raises `JobFailedError` for a rank that raised."""
+    now. Raises `JobFailedError` for a rank that raised. A pending job's reason not in ``said`` is said (one
+    that never starts, PartitionConfig or BadConstraints, would else be waited for without a word)."""
     if isinstance(job, submitit.DebugJob):  # in-process: runs now, on this thread
         err = job.exception()
         if err is not None:
@@ -161,6 +164,10 @@ def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | No
     info = slurm_job_info(job.job_id)
     state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
     if state in SLURM_NOT_READY_STATES:
+        reason = info.get("Reason", "None") if state == "PENDING" else "None"
+        if reason not in said | {"None"}:
+            said.add(reason)
+            say(f"job {job.job_id}: pending, SLURM's reason: {reason}")
         return None, state, False  # not ended: every not-ready state is an active one
     # results count from the epoch start of the job's current run after a requeue (0 when never requeued)
     current_run_start = 0.0
