@@ -491,3 +491,46 @@ def test_a_selection_stopped_by_sigterm_keeps_its_measurements_and_the_same_comm
     for record in (resumed, whole):  # how long it took and where it ran differ
         del record["seconds"], record["config"]["run_dir"]
     assert resumed == whole
+
+
+@pytest.mark.slow
+def test_a_convert_study_resumed_mid_selection_gives_every_budget_the_recorded_measurements(
+    tmp_path, tiny_teacher_dir, monkeypatch
+):
+    """A study stopped while its first auto student fits: the re-run takes that student's recorded timings and
+    fits for every budget (the next student neither times nor fits again), so all choose from the same numbers."""
+    timed, fitted = [], []
+    real_time, real_fit = selection.time_candidates, selection.stage1_transfer
+
+    def time_candidates(cfg, parts, device):
+        timed.append(1)
+        return real_time(cfg, parts, device)
+
+    def fit(teacher, student, plan, *args, **kwargs):
+        fitted.append(plan.active[0].attention)
+        if len(timed) == 1 and fitted == ["hedgehog", "performer"]:  # as if scancel'd in the second fit
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_fit(teacher, student, plan, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "time_candidates", time_candidates)
+    monkeypatch.setattr(selection, "stage1_transfer", fit)
+    spec = tmp_path / "study.yaml"
+    spec.write_text(
+        "students:\n  - name: s11\n    convert.speedup: 1.1\n  - name: s12\n    convert.speedup: 1.2\n"
+    )
+    extra = [
+        "convert.speed_tokens=1025",
+        "convert.selection_steps=2",
+        "convert.candidates=[hedgehog,performer]",
+    ]
+    args = _args(tmp_path / "s", tiny_teacher_dir, *extra)[1:]
+    argv = ["study", "--command", "convert", "-c", str(spec), *args]
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        assert cli.main(argv) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert cli.main(argv) == 0
+    assert len(timed) == 1 and fitted == ["hedgehog", "performer", "performer"], (timed, fitted)
+    records = [json.loads((tmp_path / "s" / s / SELECTION_FILE).read_text()) for s in ("s11", "s12")]
+    assert records[0]["ms"] == records[1]["ms"] and records[0]["sensitivity"] == records[1]["sensitivity"]

@@ -234,11 +234,10 @@ def measure_selection(
         )
     teacher.to(device=device, dtype=torch.float32).eval()
     start = time.monotonic()
-    # every rank judges the budget on rank 0's times (one verdict: no rank stops alone)
-    timing = (
-        progress.get("timing")
-        or gather_objects(_memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device)))[0]
-    )
+    # every rank judges the budget on rank 0's times (one verdict), as recorded ones memoised: a study shares them
+    timing = gather_objects(
+        _memo(teacher, "time", cfg, lambda: progress.get("timing") or time_candidates(cfg, parts, device))
+    )[0]
     seconds = progress.get("timing_seconds", time.monotonic() - start)
     depth = len(flat_blocks(teacher))
     ms = {n: timing["ms"][n] for n in c.candidates}
@@ -260,7 +259,7 @@ def measure_selection(
         f"block's attention {soft:.3g} ms; " + ", ".join(f"{n} {t:.3g} ms" for n, t in ms.items())
     )
     steps = c.selection_steps or c.stage1_steps
-    fits = progress.get("fits", {})
+    fits = {n: _memo(teacher, f"fit {n}", cfg, lambda f=f: f) for n, f in progress.get("fits", {}).items()}
     saved = {"timing": timing, "timing_seconds": seconds, "fits": fits, "config": to_dict(cfg, "convert")}
     rest = [n for n in c.candidates if n not in fits]
     if progress:
