@@ -23,6 +23,7 @@ from attnxfer.apps.convert.selection import PARTIAL_FILE, SELECTION_FILE, _recor
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
+from attnxfer.train.terms import NonFiniteLossError
 from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, reasons, select
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -534,3 +535,25 @@ def test_a_convert_study_resumed_mid_selection_gives_every_budget_the_recorded_m
     assert len(timed) == 1 and fitted == ["hedgehog", "performer", "performer"], (timed, fitted)
     records = [json.loads((tmp_path / "s" / s / SELECTION_FILE).read_text()) for s in ("s11", "s12")]
     assert records[0]["ms"] == records[1]["ms"] and records[0]["sensitivity"] == records[1]["sensitivity"]
+
+
+@pytest.mark.slow
+def test_the_report_says_which_candidate_was_left_out_because_its_fit_diverged(
+    tmp_path, tiny_teacher_dir, monkeypatch
+):
+    """A candidate whose fit diverged has no sensitivity: its column's dashes are explained in report.md."""
+    real_fit = selection.stage1_transfer
+
+    def fit(teacher, student, plan, *args, **kwargs):
+        if plan.active[0].attention == "performer":
+            raise NonFiniteLossError("stage 1: non-finite ce loss in block 0 (performer) at step 1")
+        return real_fit(teacher, student, plan, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "stage1_transfer", fit)
+    run = tmp_path / "run"
+    extra = ["convert.speedup=1.1", "convert.speed_tokens=1025", "convert.candidates=[hedgehog,performer]"]
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
+    assert (
+        "performer: none, its fit diverged (stage 1: non-finite ce loss in block 0 (performer) at step 1)."
+        in (run / "report.md").read_text()
+    )

@@ -347,7 +347,10 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         f"{ms['teacher']:.3g}{floor}, one block's attention{in_place} softmax {ms['softmax']:.3g}, "
         + ", ".join(f"{n} {ms[n]:.3g}" for n in names)
         + f". Sensitivity: {metric} of the teacher with only that block swapped to the candidate after "
-        f"{selection['fit_steps']} stage-1 steps{none_for} (lower: the block can lose softmax).",
+        f"{selection['fit_steps']} stage-1 steps{none_for} (lower: the block can lose softmax)."
+        + "".join(
+            f" {n}: none, its fit diverged ({why})." for n, why in (selection.get("failed") or {}).items()
+        ),
         "",
         "| block | attention | " + " | ".join(names) + " | why |",
         "|---|---|" + "---|" * len(names) + "---|",
