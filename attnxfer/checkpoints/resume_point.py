@@ -18,7 +18,7 @@ import yaml
 from ..errors import InputError, MissingPathError
 from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
-from .verify import MANIFEST_NAME
+from .verify import MANIFEST_NAME, CorruptCheckpointError
 
 
 class ResumePolicy(StrEnum):
@@ -83,7 +83,13 @@ class ResumeFrom:
                 f"checkpoint.resume={str(self.path)!r} holds checkpoints, not one: give one of them (the newest "
                 f"is {steps[0]}), or checkpoint.resume=auto with run_dir={where}"
             )
-        return verify_checkpoint(self.path, verify_hash=True if verify_hash is None else verify_hash)
+        try:
+            return verify_checkpoint(self.path, verify_hash=True if verify_hash is None else verify_hash)
+        except CorruptCheckpointError as e:  # say what to give instead
+            raise CorruptCheckpointError(
+                e.path,
+                f"{e.problem}; give checkpoint.resume another checkpoint, or auto (the newest intact one)",
+            ) from None
 
     def __str__(self) -> str:
         return str(self.path) if self.policy is ResumePolicy.PATH else self.policy.value

@@ -22,6 +22,7 @@ from PIL import Image
 
 from attnxfer.apps.run.resume import check_same_data, config_changes
 from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.checkpoints.store import CheckpointError
 from attnxfer.checkpoints.verify import CheckpointInfo
 from attnxfer.config import ConfigError, TrainConfig, load_config, to_dict
 from attnxfer.errors import InputError
@@ -165,6 +166,18 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
             ResumePoint.find(run, str(given))
     with pytest.raises(InputError, match=f"is a file of the checkpoint {mid_epoch}: give the folder"):
         ResumePoint.find(run, str(mid_epoch / "model.safetensors"))
+
+
+def test_a_broken_checkpoint_given_as_checkpoint_resume_is_told_what_to_give_instead(trained, tmp_path):
+    """A damaged checkpoint, or a folder that is none, named as checkpoint.resume stopped saying only what was
+    wrong with it."""
+    broken = tmp_path / "step-00000004"
+    shutil.copytree(trained / "checkpoints" / "step-00000004", broken)
+    (broken / "model.safetensors").write_bytes(b"cut short")
+    for given in (broken, tmp_path / "empty"):
+        given.mkdir(exist_ok=True)
+        with pytest.raises(CheckpointError, match="give checkpoint.resume another checkpoint, or auto"):
+            ResumePoint.find(tmp_path / "run", str(given))
 
 
 def _image_folder(root: Path, per_class: int, start: int = 0) -> None:
