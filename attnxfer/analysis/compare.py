@@ -217,7 +217,7 @@ class _Comparison:
                     f"({t_sig[j].name}) over {_shape_words(t_sig[j])}: maps can only be compared row for row; "
                     "give the student the teacher's token layout (grid, prefix tokens, windows, key reduction)"
                 )
-            if t_sig[j].heads % sig.heads:
+            if sig.kind.has_map and t_sig[j].heads % sig.heads:  # a mapless layer has no heads to pair
                 raise NotInspectable(
                     f"{n}: {sig.heads} heads against the teacher's {t_sig[j].heads} (layer {i}): the teacher's "
                     "heads must be the student's or a whole multiple of them (its maps are then averaged in "

@@ -21,6 +21,7 @@ from attnxfer.analysis import (
     InspectedStudent,
     attention_distance,
     attention_rollout,
+    class_token_maps,
     compare_attention,
     head_assignment,
     patch_distances,
@@ -236,6 +237,13 @@ def test_efficient_student_through_its_implicit_maps():
     hydra = build_efficient_student(teacher, "hydra")  # no map at all: said, not measured
     rows = compare_attention(teacher, {"hydra": hydra}, [x]).students["hydra"]
     assert all(not r.metrics and "no attention map" in r.note for r in rows)
+    # a block without attention (``none``) runs no q/k: it is said and the blocks after it still line up
+    mixed = build_efficient_student(teacher, ["none", "hedgehog"])
+    rows = compare_attention(teacher, {"mixed": mixed}, [x], chunk=5, probe_rows=17).students["mixed"]
+    assert not rows[0].metrics and "no attention map" in rows[0].note
+    assert rows[1].attention == "hedgehog" and rows[1].mean["js"] > 0
+    maps = class_token_maps(mixed, x)
+    assert maps[0] is None and maps[1].shape == (3, 3, 4, 4)
 
 
 def test_grouped_teacher_heads_and_fewer_student_heads():

@@ -83,6 +83,6 @@ def run(args) -> int:
     for name, layers in result["students"].items():
         js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]
         mean_js = sum(js) / len(js) if js else float("nan")
-        say(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(layers)} layers")
+        say(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(js)} layers with a map")
     say(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
     return 0
