@@ -62,6 +62,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     assert main(["convert", *args, "convert.stage1_lr=0.5"]) == 2
     out, err = capsys.readouterr()
     assert "nothing was written" in err and (run / "config.yaml").read_text() == config
+    assert err.rstrip().endswith(f"(its config: {run / 'config.yaml'})"), err  # not a stage-1 checkpoint's
     assert "teacher val top-1" not in out and "before stage 1:" not in out, out
 
 

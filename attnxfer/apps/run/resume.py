@@ -110,6 +110,7 @@ def judge(
                 f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
             )
         own = RunDir(run).config_file
+        own = own if own.is_file() else RunDir(cfg.run_dir).config_file  # stage 1's: its conversion's
         config = own if own.is_file() else point.path
         # the run's own config.yaml edited since (read by export or inspect, or given to eval -c): no
         # command line to drop the values from
