@@ -212,6 +212,12 @@ def test_auto_without_a_budget_or_with_one_below_1_is_refused(tmp_path, tiny_tea
         == 2
     )
     assert "convert.candidates[0]: 'softmx' is not a registered attention" in capsys.readouterr().err
+    twice = ["convert.speedup=2", "convert.candidates=[hedgehog,performer,hedgehog]"]
+    assert cli.main(_args(tmp_path / "d", tiny_teacher_dir, *twice)) == 2
+    assert (
+        "convert.candidates lists 'hedgehog' twice: list zoo attentions only, each once"
+        in capsys.readouterr().err
+    )
 
 
 def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_teacher_dir, capsys):

@@ -105,10 +105,13 @@ def check_auto(cfg: TrainConfig) -> None:
         raise InputError(
             "convert.candidates is empty: list the zoo attentions a block may get, e.g. [relu_linear]"
         )
-    for name in c.candidates:
-        if name in (SOFTMAX, AUTO):
+    for i, name in enumerate(c.candidates):
+        if (
+            name in (SOFTMAX, AUTO) or name in c.candidates[:i]
+        ):  # a second one would be fitted and timed again
             raise InputError(
-                f"convert.candidates lists {name!r}: list zoo attentions only (softmax is always one)"
+                f"convert.candidates lists {name!r}{' twice' if name in c.candidates[:i] else ''}: list zoo "
+                "attentions only, each once (softmax is always one)"
             )
         try:
             get_attention_class(name)
