@@ -40,7 +40,7 @@ class ResumeFrom:
         if isinstance(value, ResumeFrom):
             return value
         try:
-            policy = ResumePolicy(str(value))
+            policy = ResumePolicy(str(value) or ResumePolicy.PATH)  # '' (an unset variable) is not '.' either
         except ValueError:
             return cls(ResumePolicy.PATH, Path(value))
         if policy is ResumePolicy.PATH:  # the word itself is not a directory name anyone means

@@ -180,6 +180,13 @@ def test_a_broken_checkpoint_given_as_checkpoint_resume_is_told_what_to_give_ins
             ResumePoint.find(tmp_path / "run", str(given))
 
 
+def test_an_empty_checkpoint_resume_is_refused_not_read_as_the_current_directory(tmp_path):
+    """``checkpoint.resume=$CKPT`` with the variable unset: '' was the path '.', the folder the command ran in,
+    refused as "checkpoint . is not usable" (or, run inside a checkpoint, resumed from it)."""
+    with pytest.raises(InputError, match="^checkpoint.resume: use auto, none, or a checkpoint directory"):
+        ResumePoint.find(tmp_path / "run", "")
+
+
 def _image_folder(root: Path, per_class: int, start: int = 0) -> None:
     """``root/{train,val}/{a,b}/NNN.png``: small RGB images of two classes (more calls add more images)."""
     rng = np.random.default_rng(start)
