@@ -5,7 +5,6 @@ convert``, converted) from one teacher on one stream of batches, each a name and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import re
@@ -24,8 +23,10 @@ from .overrides import (
     merge_values,
     merged_into_base,
     parse_overrides,
+    to_dict,
     validate_config,
 )
+from .renamed import find_key
 from .schema import TrainConfig, config_keys
 
 #: what every student of a study shares (keys, and ``section.`` prefixes): one batch and one teacher pass per
@@ -263,9 +264,10 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
 
 
 def _as_read(key: str, value: str) -> Any:
-    """``value`` of ``key`` as a run's config holds it (typed, a mapping key's entry included)."""
-    step = lambda obj, part: obj[part] if isinstance(obj, dict) else getattr(obj, part)
-    return functools.reduce(step, key.split("."), apply_overrides(TrainConfig(), {key: value}))
+    """``value`` of ``key`` as a run's config holds it (typed, a mapping key's entry included); an old spelling's
+    (`renamed.py`: the config has no such key) as given."""
+    found, read = find_key(to_dict(apply_overrides(TrainConfig(), {key: value})), key)
+    return read if found else value
 
 
 #: a value that names a student alone (``copy``, ``hedgehog``); numbers and switches need their key beside them

@@ -13,6 +13,7 @@ import yaml
 
 from attnxfer.apps.run.resume import config_changes
 from attnxfer.config import RENAMED_KEYS, ConfigError, RenamedKeyWarning, config_keys, load_config, to_dict
+from attnxfer.config.study_spec import load_study
 from attnxfer.launch.slurm.task import TrainingTask
 from attnxfer.speak import warnings_as_lines
 
@@ -120,6 +121,16 @@ def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
     )
     assert (resumed.transfer.logit_distill, resumed.transfer.losses) == (0.5, [])
     assert config_changes(recorded, resumed) == []  # no key changed, none to refuse
+
+
+def test_a_study_varies_an_old_spelling_as_its_new_key(tmp_path):
+    """``--vary`` reads its values as the run does: an old spelling was looked up on the config by its old name
+    (an AttributeError traceback)."""
+    with pytest.warns(RenamedKeyWarning):
+        spec = load_study(None, [f"run_dir={tmp_path}"], {"convert.knn_bank_size": ["16", "32"]})
+        assert [c.eval.knn_bank_size for _, c in spec.configs()] == [16, 32]
+        with pytest.raises(ConfigError, match="sets log.tensorboard, which every student of a study shares"):
+            load_study(None, [f"run_dir={tmp_path}"], {"log.tensorboard": ["true", "false"]})
 
 
 def test_the_cli_shows_an_old_spelling_as_one_warning_line(tmp_path):
