@@ -387,14 +387,15 @@ class TypedStr(str):
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``),
-    but for a `TypedStr`."""
+    but for a `TypedStr`; a string field's only where quoted (``run_dir='runs/my run'``), else as written."""
     parsed = {}
     for key, value in overrides.items():
         field: Any = type(cfg)  # the key's annotation (None where it names no field)
         for part in key.split("."):
             field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
         kept = isinstance(value, TypedStr) and str in typing.get_args(field)
-        if isinstance(value, str) and not kept and field is not str:
+        quoted = field is str and isinstance(value, str) and re.fullmatch(r"'.*'|\".*\"", value, re.DOTALL)
+        if isinstance(value, str) and not kept and (field is not str or quoted):
             try:
                 typed = load_yaml(value) if value.strip() else None
             except yaml.YAMLError as e:

@@ -138,6 +138,15 @@ def test_a_number_given_to_a_string_key_keeps_its_spelling_and_its_config_yaml_r
     assert load_config(None, ["teacher.revision=null", "model.num_classes=10"]).model.num_classes == 10
 
 
+def test_a_quoted_value_is_unquoted_whatever_the_type_of_its_key():
+    """An override's value is YAML: data.root='/data/my set' (a key that may be null) lost its quotes, but
+    run_dir='runs/my run' and log.project="my proj" (keys that are strings) kept them, a folder named 'runs."""
+    cfg = load_config(None, ["run_dir='runs/my run'", 'log.project="my proj"', "data.root='/data/my set'"])
+    assert (cfg.run_dir, cfg.log.project, cfg.data.root) == ("runs/my run", "my proj", "/data/my set")
+    unquoted = load_config(None, ["run_dir=runs/it's", "log.project=~"])  # as written
+    assert (unquoted.run_dir, unquoted.log.project) == ("runs/it's", "~")
+
+
 @pytest.mark.parametrize(
     ("text", "nested"),
     [
