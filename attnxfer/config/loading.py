@@ -201,7 +201,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 )
             # a recipe's mapping (model.kwargs: {depth: 4}) is merged into its base's, as a dotted override is:
             # YAML has no other way to set one key of it
-            cfg = merge_values(cfg, merged_into_base(data) if depth else data)
+            try:
+                cfg = merge_values(cfg, merged_into_base(data) if depth else data)
+            except ConfigError as e:  # which file of the chain holds the key
+                raise ConfigError(f"config file {str(file)!r}: {e}") from None
         cfg = _own_run_dir(cfg, p)
     # a recipe, run dir, study or export given without -c (a study's student folder may be named lr=1e-3)
     for item in (o for o in overrides if "=" not in o or "/" in o.split("=", 1)[0]):

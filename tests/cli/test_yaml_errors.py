@@ -160,10 +160,15 @@ def test_a_dotted_key_in_a_yaml_file_is_told_to_nest(tmp_path, text, nested):
     from attnxfer.config import ConfigError
 
     (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
+    (tmp_path / "run.yaml").write_text("base: c.yaml\nseed: 3\n", encoding="utf-8")
     with pytest.raises(ConfigError) as refused:
-        load_config(tmp_path / "c.yaml")
+        load_config(tmp_path / "run.yaml")  # named: the recipe it starts from, which holds the key
     key = text.split(":")[0]
-    assert str(refused.value) == f"config key {key!r}: a YAML file nests its keys; write {nested}"
+    where = str(tmp_path / "c.yaml")
+    assert (
+        str(refused.value)
+        == f"config file {where!r}: config key {key!r}: a YAML file nests its keys; write {nested}"
+    )
 
 
 def test_base_given_as_an_override_is_told_to_be_the_config_file(tmp_path, monkeypatch, capsys):
