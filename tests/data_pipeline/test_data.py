@@ -577,6 +577,23 @@ def test_a_run_stopped_by_an_unreadable_val_image_keeps_the_epoch_it_trained(tmp
     assert "resumed from checkpoint step 3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_eval_on_class_folders_other_than_those_the_run_learned_is_refused_not_scored(tmp_path, capsys):
+    """A label is an index into the classes the run's head learned: a class folder renamed since ('cat' now
+    'zebra' sorts after 'dog', so dog's images get label 0) would score with swapped labels, a class added
+    would stop in cross_entropy with a traceback."""
+    _make_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    data = ["data.dataset=folder", f"data.root={tmp_path / 'data'}", "data.batch_size=3", "data.img_size=16"]
+    model = "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2, patch_size: 8}"
+    train = ["train", *data, *QUIET, "transfer.mode=none", model, "schedule.max_steps=1"]
+    assert cli.main([*train, f"run_dir={run}"]) == 0
+    (tmp_path / "data" / "train" / "cat").rename(tmp_path / "data" / "train" / "zebra")
+    code, _, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
+    said = f"has the classes ['dog', 'zebra'], but {run} learned ['cat', 'dog'] (label index -> class)"
+    assert code == 2 and said in err, err
+
+
 def test_a_crop_pct_of_zero_is_refused_not_taken_as_timms_default(tmp_path):
     _make_folder(tmp_path)
     with pytest.raises(ValueError, match=r"crop_pct must be > 0 \(data.kwargs\), got 0"):

@@ -396,6 +396,14 @@ def build_engine(
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
         point = replace(point, restart_epoch=True)
+    # a label is an index into the classes the head learned: other class folders would shift what it means
+    run = RunDir(cfg.run_dir)
+    learned = run.record().get("class_names") if point is not None and run.is_run() else None
+    if learned and parts.class_names and learned != parts.class_names:
+        raise InputError(
+            f"data.dataset={cfg.data.dataset} has the classes {parts.class_names}, but {run.path} learned "
+            f"{learned} (label index -> class): give it data with the run's classes (data.root)"
+        )
     # the student the run trained, where its config builds another: eval scores it, training stops
     if point is not None and (
         recorded := student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
