@@ -13,6 +13,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError, OptionError
+from ..speak import warn
 from .label_free import LabelFree
 from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
@@ -86,9 +87,15 @@ class ImageFiles:
 
         self.folder = folder
         # glob, not rglob: symlinked folders are walked (as torchvision and timm do), hidden ones are not
-        found = (Path(p) for p in glob.glob("**", root_dir=folder, recursive=True))
-        images = (p for p in found if p.suffix.lower() in extensions and (folder / p).is_file())
+        found = [Path(p) for p in glob.glob("**", root_dir=folder, recursive=True) if (folder / p).is_file()]
+        images = (p for p in found if p.suffix.lower() in extensions)
         self.files = sorted(images, key=lambda p: natural_key(p.as_posix()))
+        if len(self.files) < len(found):  # another format (.webp, .bmp, a note) is left out, not in silence
+            other = min(p for p in found if p.suffix.lower() not in extensions)
+            warn(
+                f"{len(found) - len(self.files)} file(s) under '{folder}' are not read, as timm reads only "
+                f"{', '.join(sorted(extensions))} images (e.g. '{other}')"
+            )
         self.targets = [None] * len(self.files)
         if class_map is not None:
             self.targets = [class_map.get(p.parts[0]) if len(p.parts) > 1 else None for p in self.files]

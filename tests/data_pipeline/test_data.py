@@ -533,6 +533,22 @@ def test_a_symlinked_class_folder_and_a_symlinked_folder_inside_one_are_read_as_
     assert names == ["cat/0.png", "cat/1.png", "cat/2.png", "dog/1.png", "dog/2.png", "dog/more/x.png"]
 
 
+def test_files_of_formats_timm_does_not_read_are_named_not_left_out_in_silence(tmp_path, capsys):
+    """timm reads .jpeg, .jpg and .png alone: a .webp beside a class's PNGs is no training image, and the
+    run says so (the count and one of them) instead of training on fewer images without a word."""
+    from PIL import Image
+
+    _make_folder(tmp_path)
+    Image.new("RGB", (40, 48)).save(tmp_path / "train" / "cat" / "3.webp")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("taken on 2024-05-01")
+    train = build_dataset("folder", "train", root=tmp_path, img_size=16)
+    assert len(train) == 6
+    said = f"2 file(s) under '{tmp_path / 'train'}' are not read, as timm reads only .jpeg, .jpg, .png images"
+    assert f"{said} (e.g. 'cat/3.webp')" in capsys.readouterr().err
+    build_dataset("folder", "val", root=tmp_path, img_size=16)
+    assert "not read" not in capsys.readouterr().err  # a split of images alone: no line
+
+
 @pytest.mark.parametrize(
     "keep, reason", [(None, "PIL cannot identify its format"), (20, "Truncated File Read")]
 )
