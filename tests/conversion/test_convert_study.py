@@ -227,6 +227,36 @@ def test_a_stop_signal_in_stage_1_saves_every_student_and_the_study_goes_on(
 
 
 @pytest.mark.slow
+def test_a_student_whose_stage_1_ends_first_is_saved_complete_before_the_others_end(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """A kill after the short fit's last step and before the long one's end: the short fit's stage 1 is on disk,
+    complete, and the re-run fits only the long one."""
+
+    class Cut(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if line.startswith("long: stage 1 step 3/4"):
+            raise Cut(line)
+
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(
+        f"teacher:\n  spec: local-dir:{tiny_teacher_dir}\nstudents:\n  - name: short\n"
+        "    convert.stage1_steps: 2\n  - name: long\n"
+    )
+    run = tmp_path / "study"
+    spec = load_study(yaml, [*BASE, "convert.attention=hedgehog", f"run_dir={run}"], command="convert")
+    with pytest.raises(Cut), on_each_line(log):
+        convert_study(spec)
+    assert (run / "short" / "stage1" / "checkpoints" / "step-00000002").is_dir()
+    capsys.readouterr()
+    assert cli.main(["study", "-c", str(run / "study.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "long: stage 1 step 4/4" in out and "short: stage 1 step" not in out
+
+
+@pytest.mark.slow
 def test_a_student_whose_stage_1_diverges_stops_alone_and_the_others_go_on(
     tmp_path, tiny_teacher_dir, capsys
 ):

@@ -204,6 +204,8 @@ class _ConvertStudy:
                         try:
                             with self.streams[i].active(), speaking_for(self.names[i]):
                                 fits[i].step(signals)
+                                if fits[i].finished:  # saved complete now: a kill before the end keeps it
+                                    results[i] = jobs[i].finish(fits[i].finish())
                         except NonFiniteLossError as e:
                             name = self.names[i]
                             self.stopped[name] = self.runs[i].stopped = str(e)
