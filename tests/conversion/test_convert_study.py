@@ -375,7 +375,8 @@ def test_each_student_is_paired_with_the_best_on_the_images_exactly_one_of_them_
 
 def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_side_is_missing(tmp_path):
     """Sides whose speed was measured, a side one student cannot run at (a fixed-length attention) named
-    with its reason; the rows go into conversion_study.json as they are (JSON keys are strings)."""
+    with its reason; the rows go into conversion_study.json as they are (JSON keys are strings). The header
+    gives the students' stage-1 steps, each student's own (not the first's)."""
     from attnxfer.apps.convert.comparison import COMPARISON_DATA, write_conversion_comparison
 
     def report(name: str, rows, skipped) -> dict:
@@ -411,11 +412,13 @@ def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_
         "relu_linear": report("relu_linear", [row(128, 1024, 1.6), row(256, 4096, 6.6)], []),
         "linformer": report("linformer", [row(128, 1024, 1.7)], [{"resolution": 256, "reason": why}]),
     }
+    reports["linformer"]["stage1"]["steps"] = 3
     (tmp_path / "study.json").write_text(json.dumps({"students": [{"name": n} for n in reports]}))
     for name, r in reports.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps(r))
     md = write_conversion_comparison(tmp_path).read_text()
+    assert "- stage 1: 1 to 3 steps of batch 4;" in md
     assert "| model | 128 px (1024 tokens) | 256 px (4096 tokens) |" in md
     assert "| relu_linear (relu_linear) | 1.60 | 6.60 |" in md
     assert "| linformer (linformer) | 1.70 | not run |" in md and f"- not run: {why}" in md

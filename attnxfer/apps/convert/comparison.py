@@ -110,13 +110,15 @@ def _render(study: str, reports: dict[str, dict[str, Any] | None], rows: list[di
         return "\n".join([*lines, "No student has a report yet.", ""])
     first = done[0]
     data, stage1, stage2 = first["data"], first["stage1"], first["stage2"]
+    low, high = min(r["stage1"]["steps"] for r in done), max(r["stage1"]["steps"] for r in done)
+    steps = low if low == high else f"{low} to {high}"  # each student's own stage 1
     return "\n".join(
         [
             *lines,
             f"- teacher: `{first['teacher']['spec']}`",
             f"- data: {data['dataset']} (val {data['val_size']} images; map agreement on {data['agreement_images']} "
             "images)",
-            f"- stage 1: {stage1['steps']} steps of batch {stage1['batch_size']}; stage 2: {stage2['steps']} steps; "
+            f"- stage 1: {steps} steps of batch {stage1['batch_size']}; stage 2: {stage2['steps']} steps; "
             "each batch read once and the teacher run once per batch for every student",
             f"- time: {max(r['seconds']['total'] for r in done):.0f} s for the whole study",
             "- each student's own report: `<student>/report.md` (its stages, per-layer tables, break-even sweep)",
