@@ -15,15 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, fork_cli, run_cli, tiny_run, torchrun_attnxfer
+from helpers import assert_same_tensors, fork_cli, on_each_line, run_cli, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.loaders import data_seed
+from attnxfer.apps.study.study import study
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import ConfigError
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
+from attnxfer.train.stop import StopRequested
 from attnxfer.transfer import teacher_student as pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +123,25 @@ def test_the_study_records_its_students_and_the_step_all_of_them_saved(families)
     # study.yaml runs it again: it has nothing left to do, and says so for each student
     code = cli.main(["study", "-c", str(families / "study.yaml")])
     assert code == 0
+
+
+@pytest.mark.slow
+def test_study_json_gives_the_step_every_student_saved_when_a_study_stops(tmp_path, tiny_teacher_dir):
+    """A stop signal after the first epoch (2 steps of 4): study.json says each student reached the step the
+    study stopped at, the step a re-run goes on from, not the step the run started at."""
+
+    def log(line: str) -> None:
+        if line.startswith("copy: epoch 0: step 2/"):
+            os.kill(os.getpid(), signal.SIGTERM)  # read once the round is over
+
+    yaml = _study_yaml(
+        tmp_path, tiny_teacher_dir, "students:\n  - name: copy\n    transfer.mode: copy\n  - name: distill\n"
+    )
+    spec = load_study(yaml, [*BASE, "data.kwargs.length=16", f"run_dir={tmp_path / 'study'}"])
+    with pytest.raises(StopRequested) as stop, on_each_line(log):
+        study(spec)
+    record = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert 0 < stop.value.step < STEPS and [s["step"] for s in record["students"]] == [stop.value.step] * 2
 
 
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):

@@ -119,6 +119,7 @@ def lockstep_study(
                 "config": to_dict(spec.base, spec.command),
             }
             CheckpointManager(spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
+            write_study_files(spec, members, state["stopped"], shared_seconds)  # the step each reached
             for m in training:
                 m.engine.ckpt.prune()
         barrier()
