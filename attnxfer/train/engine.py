@@ -413,7 +413,7 @@ class Engine:
                 lr, stepped = self._micro_step(x, y, progress)
                 if not stepped:
                     continue
-                self._after_step(lr, progress)
+                self._after_step(lr, progress, epoch_ends=batches_left == 0)
                 if self.step >= self.total_steps:
                     if batches_left == 0:  # the last step is also the epoch's last: a resume starts the next
                         self.epoch, self.position = self.epoch + 1, 0
@@ -485,11 +485,11 @@ class Engine:
         """Whether ``step`` is a log step (every log.every_steps, and the last): the window's means are read."""
         return step % self.settings.log_every == 0 or step == self.total_steps
 
-    def _after_step(self, lr: float, progress) -> None:
+    def _after_step(self, lr: float, progress, epoch_ends: bool = False) -> None:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.student)
-        if self._logs_at(self.step):
+        if self._logs_at(self.step) or epoch_ends:  # an epoch's tail steps too (as timm logs its last batch)
             self.stop_if_non_finite()
             rec = self.window.means() | {"lr": lr}
             self.metrics.log("train", self.step, rec, epoch=self._epoch_now())

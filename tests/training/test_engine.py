@@ -306,6 +306,19 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-5)
 
 
+def test_an_epochs_last_steps_are_logged_where_log_every_steps_does_not_divide_it(tmp_path, capsys):
+    """4 steps an epoch, a record every 3: step 4 ends the first epoch's window (a record never mixes
+    epochs), so its loss is in a record of its own, not in none."""
+    run = tmp_path / "r"
+    assert (
+        run_cli(
+            capsys, "train", *ONE_BLOCK_RUN, "log.every_steps=3", "schedule.max_steps=8", f"run_dir={run}"
+        )[0]
+        == 0
+    )
+    assert [r["step"] for r in RunDir(run).metric_rows() if r["split"] == "train"] == [3, 4, 6, 8]
+
+
 @pytest.mark.slow
 def test_a_save_every_minutes_is_taken_at_the_log_step_after_they_passed(tmp_path, capsys):
     """The clock is read at log steps (which read the device anyway), not with a host read every step."""
