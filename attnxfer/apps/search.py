@@ -52,8 +52,10 @@ from .run.resume import check_teacher_content, judge
 
 _VERSION = 1
 _KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
-#: keys no part of a search reads (it fits in fp32 and mixes no labels)
+#: keys no part of a search reads (it fits in fp32 with torch's default kernels and mixes no labels)
 _UNREAD_BY_SEARCH = (
+    "teacher.dtype",
+    "teacher.compile",
     "model.",
     "transfer.",
     "optim.",

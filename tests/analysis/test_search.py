@@ -607,6 +607,11 @@ def test_keys_a_search_never_reads_are_refused_before_anything_is_written(tmp_pa
     )
     assert code == 2 and "does not read precision, deterministic, aug.mixup (" in err, err[-2000:]
     assert not run.exists()
+    code, _, err = run_cli(
+        capsys, *_args(run, tiny_teacher_dir, "teacher.dtype=bf16", "teacher.compile=true")
+    )
+    assert code == 2 and "does not read teacher.dtype, teacher.compile (" in err, err[-2000:]
+    assert not run.exists()
 
 
 def test_job_array_flags_without_array_tasks_are_refused_not_dropped(tmp_path, capsys):
