@@ -106,9 +106,8 @@ def check_auto(cfg: TrainConfig) -> None:
             "convert.candidates is empty: list the zoo attentions a block may get, e.g. [relu_linear]"
         )
     for i, name in enumerate(c.candidates):
-        if (
-            name in (SOFTMAX, AUTO) or name in c.candidates[:i]
-        ):  # a second one would be fitted and timed again
+        # softmax is every block's own; an attention listed again would be fitted and timed again
+        if name in (SOFTMAX, AUTO) or name in c.candidates[:i]:
             raise InputError(
                 f"convert.candidates lists {name!r}{' twice' if name in c.candidates[:i] else ''}: list zoo "
                 "attentions only, each once (softmax is always one)"

@@ -26,8 +26,9 @@ class NoAttention(EfficientAttention):
     )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        io = getattr(self, "io", None)  # zero heads captured: pictures and inspect, which line layers up, see
-        if io is not None:  # a layer without a map
+        # zero heads captured: pictures and inspect, which line layers up, see a layer without a map
+        io = getattr(self, "io", None)
+        if io is not None:
             io.captured.update({c: x.new_zeros(x.shape[0], 0, x.shape[1], 0) for c in io.capture})
         return torch.zeros_like(x)
 
