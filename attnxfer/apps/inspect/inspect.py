@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ def load_model(
             source, arch=arch, pretrained=pretrained, img_size=img_size, who=f"{role} {spec}"
         )
     except (TeacherLoadError, TeacherNotAvailable) as err:  # the sources call what they load a teacher
-        msg = f"{role} {str(err)[8:]}" if str(err).startswith("teacher ") else str(err)
+        msg = re.sub(r"^teacher ", f"{role} ", str(err))
         if "efficient-attention student" not in msg:
             raise type(err)(msg) from None
         model = load_student(source)

@@ -164,8 +164,8 @@ def _poll(job: submitit.Job, log_lines: int, said: set[str]) -> tuple[list[Any] 
     info = slurm_job_info(job.job_id)
     state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
     if state in SLURM_NOT_READY_STATES:
-        reason = info.get("Reason", "None") if state == "PENDING" else "None"
-        if reason not in said | {"None"}:
+        reason = info.get("Reason", "None")
+        if state == "PENDING" and reason not in said | {"None"}:
             said.add(reason)
             say(f"job {job.job_id}: pending, SLURM's reason: {reason}")
         return None, state, False  # not ended: every not-ready state is an active one
