@@ -30,7 +30,8 @@ def list_recipes() -> list[str]:
 
 
 def resolve_recipe(path: str | Path) -> Path:
-    """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``)."""
+    """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``), else ``NAME.yaml`` from
+    here (as ``base: NAME`` finds a file beside its recipe; a built-in recipe of that name comes first)."""
     if not str(path).strip():
         raise ConfigError(
             "-c was given an empty name; pass a YAML file or a built-in recipe (e.g. -c demo/copy)"
@@ -50,7 +51,7 @@ def resolve_recipe(path: str | Path) -> Path:
         hint = f"; a run's config is {inside}" if inside.is_file() else ""
         hint = f"; it is a study's folder: give one student's config: -c {study}" if study else hint
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
-    for candidate in (RECIPES / p, builtin):
+    for candidate in (RECIPES / p, builtin, Path(f"{p}.yaml")):
         if candidate.is_file():
             return candidate
     study = _student_configs(p.parent)

@@ -353,6 +353,16 @@ def test_a_recipe_may_start_from_another_and_state_only_what_differs(tmp_path):
     assert dump_config(sub).count("base") == dump_config(ref).count("base")  # `base` is not a config key
 
 
+def test_a_config_named_without_yaml_is_found_here_as_base_finds_one_beside_its_recipe(tmp_path, monkeypatch):
+    """``-c mine`` reads ./mine.yaml as ``base: mine`` would; a built-in recipe's name still means the recipe."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("base: paper/vit_large_distill\nseed: 7\n", encoding="utf-8")
+    assert load_config("mine").seed == 7
+    (tmp_path / "paper").mkdir()
+    (tmp_path / "paper" / "vit_large_distill.yaml").write_text("seed: 8\n", encoding="utf-8")
+    assert load_config("paper/vit_large_distill").seed != 8
+
+
 def test_a_recipes_mapping_is_merged_into_its_bases_as_a_dotted_override_is(tmp_path):
     """YAML cannot spell model.kwargs.depth: a recipe writes model: {kwargs: {depth: 4}}, and that must change
     the depth alone, not drop the base's patch size, width and position embedding (a different model)."""
