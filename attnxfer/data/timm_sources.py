@@ -216,12 +216,14 @@ def build_hfds(
     re_mode: str = "const",
     re_count: int = 1,
     labels: bool = True,
+    num_classes: int | None = None,
     **aug,
 ) -> Dataset:
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
     files; ``root`` is its cache folder), random access, with folder's transforms (``aug``: timm's
     ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...). ``labels=False``: its
-    image column alone, as ``(x,)`` samples (`HfImages`: no label column needed)."""
+    image column alone, as ``(x,)`` samples (`HfImages`: no label column needed). ``num_classes``: the run's
+    head, which each label must fit (`LabelInRange`)."""
     from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
@@ -233,7 +235,12 @@ def build_hfds(
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
         images = create_dataset(
-            f"hfds/{name}", root=root, split=hf_split, input_img_mode=mode, transform=transform
+            f"hfds/{name}",
+            root=root,
+            split=hf_split,
+            input_img_mode=mode,
+            transform=transform,
+            target_transform=LabelInRange(num_classes, f"hfds/{name}") if num_classes else None,
         )
     else:
         images = ImageDataset(
@@ -242,6 +249,22 @@ def build_hfds(
     info = replace(info, **timm_eval_settings(**aug))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
     return dataset if labels else LabelFree(dataset)
+
+
+class LabelInRange:
+    """timm's ``target_transform`` for a dataset that does not say its class count: a label the run's head does
+    not have stops the run in one line (else an IndexError at the loss, a device-side assert on CUDA)."""
+
+    def __init__(self, num_classes: int, dataset: str) -> None:
+        self.num_classes, self.dataset = num_classes, dataset
+
+    def __call__(self, label: int) -> int:
+        if not 0 <= int(label) < self.num_classes:
+            raise InputError(
+                f"data.dataset={self.dataset} has the label {int(label)}, outside the {self.num_classes} classes "
+                f"of the student's head: set model.num_classes above its largest label"
+            )
+        return label
 
 
 class StreamDataset(IterableDataset):
@@ -315,6 +338,7 @@ for _prefix in STREAM_PREFIXES:
         re_mode: str = "const",
         re_count: int = 1,
         labels: bool = True,
+        num_classes: int | None = None,
         _prefix: str = _prefix,
         **options,
     ) -> StreamDataset:
@@ -351,6 +375,7 @@ for _prefix in STREAM_PREFIXES:
                 seed=seed,
                 input_img_mode="RGB" if info.in_chans == 3 else "L",
                 transform=transform,
+                target_transform=LabelInRange(num_classes, dataset) if labels and num_classes else None,
             )
             # webdataset skips a shard it cannot open with a log line: an epoch would end early, or be empty
             shards = stream.reader.split_info.filenames if _prefix == "wds" and "://" not in root else ()

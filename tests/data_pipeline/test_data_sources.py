@@ -47,10 +47,12 @@ def _png(a: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def animals():
-    """The first 64 animal-mnist images as PNG bytes with their labels: 48 train, 16 val."""
+    """64 animal-mnist images as PNG bytes with their labels, the classes taken in turn (the arrays are sorted
+    by class): 48 train, 16 val, each split holding most classes."""
     arr = load_animal_mnist_arrays()
-    pngs = [_png(a) for a in arr.images[: N_TRAIN + N_VAL]]
-    labels = [int(v) for v in arr.labels[: N_TRAIN + N_VAL]]
+    order = np.stack([np.flatnonzero(arr.labels == c)[:7] for c in range(10)], axis=1).ravel()
+    pngs = [_png(arr.images[i]) for i in order[: N_TRAIN + N_VAL]]
+    labels = [int(arr.labels[i]) for i in order[: N_TRAIN + N_VAL]]
     return {"train": (pngs[:N_TRAIN], labels[:N_TRAIN]), "val": (pngs[N_TRAIN:], labels[N_TRAIN:])}
 
 
@@ -219,6 +221,20 @@ def test_wds_streams_tar_shards_with_timms_transforms(shards, animals):
     train_set = build_dataset("wds/animals", "train", root=str(shards), **NORM, **options, batch_size=8)
     labels = sorted(int(y) for _, y in train_set)  # one epoch: every training image once, shuffled
     assert labels == sorted(animals["train"][1])
+
+
+def test_a_label_the_students_head_does_not_have_is_one_message_naming_it(hf_dir, shards, animals, tmp_path):
+    """Shards and tables need not say their class count: a label past ``model.num_classes`` would otherwise
+    be an IndexError at the loss (a device-side assert on CUDA)."""
+    options = {"val_split": f"val-000000.tar|{N_VAL}"}
+    stream = build_dataset("wds/animals", "val", root=str(shards), **NORM, **options, num_classes=9)
+    table = build_dataset(f"hfds/{hf_dir}", "val", root=tmp_path / "cache", **NORM, num_classes=9)
+    labels = animals["val"][1]
+    inside, past = (next(i for i, y in enumerate(labels) if (y >= 9) == out) for out in (False, True))
+    assert table[inside][1] == labels[inside]  # a label the head has passes
+    for read in (lambda: list(stream), lambda: table[past]):
+        with pytest.raises(InputError, match=r"has the label 9, outside the 9 classes of the student's head"):
+            read()
 
 
 def test_streams_and_hugging_face_tables_identify_themselves_without_being_read(hf_dir, shards, tmp_path):
