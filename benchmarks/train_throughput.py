@@ -225,26 +225,34 @@ def adamw_timings(engine, device: torch.device, repeats: int) -> dict[str, float
     return {name: 1e3 * t[name].median for name in fns}
 
 
-def cuda_syncs_on_unlogged_steps(gens: dict, k: int) -> dict[str, int]:
+def cuda_syncs_on_unlogged_steps(gens: dict, k: int) -> tuple[dict[str, int], dict[str, list[str]]]:
     """Synchronising CUDA calls torch makes during ``k - 1`` unlogged steps of each run (its sync debug mode,
     warnings counted): the GPU check of what tests/training/test_throughput.py counts on CPU. Each run must stand just
-    after a logged step (the timing rounds end there)."""
+    after a logged step (the timing rounds end there). Also where each came from (the Python line that made
+    the call, in whichever thread, and which of the steps: a one-off, or one every step)."""
     import warnings
 
-    found = {}
+    found, places = {}, {}
     for name, gen in gens.items():
         torch.cuda.synchronize()
+        places[name] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                for _ in range(k - 1):
+                for i in range(k - 1):
+                    seen = len(caught)
                     next(gen)
+                    places[name] += [
+                        f"step {i + 1}/{k - 1}: {w.filename}:{w.lineno}"
+                        for w in caught[seen:]
+                        if "synchroniz" in str(w.message)
+                    ]
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         found[name] = sum("synchroniz" in str(w.message) for w in caught)
         next(gen)  # the logged step: the next check starts after one again
-    return found
+    return found, places
 
 
 def _dynamo_graphs() -> int:
@@ -352,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         graphs_before = _dynamo_graphs()
         timings = interleaved_timings(fns, device=device, warmup=0, repeats=preset.repeats)
         graphs_during = _dynamo_graphs() - graphs_before
-        syncs = cuda_syncs_on_unlogged_steps(gens, k) if device.type == "cuda" else None
+        syncs, sync_places = cuda_syncs_on_unlogged_steps(gens, k) if device.type == "cuda" else (None, None)
         peaks = {}
         if args.memory:
             for name in engines:
@@ -405,6 +413,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loader_over_fastest": loader_ips / fastest,
         "graphs_compiled_while_timing": graphs_during,
         "cuda_syncs_on_unlogged_steps": syncs,
+        "cuda_sync_places": sync_places,
         "patch_embed": layout,
         "adamw_step_ms": adamw,
         "rows": rows,
@@ -445,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if result["cuda_syncs_on_unlogged_steps"] is not None:
         print(f"synchronising CUDA calls on unlogged steps: {result['cuda_syncs_on_unlogged_steps']}")
+        for name, where in result["cuda_sync_places"].items():
+            print("".join(f"  {name}: {w}\n" for w in where), end="")
     pe = result["patch_embed"]
     if pe:
         share = pe.get("share_of_plain_step")
