@@ -103,3 +103,15 @@ def test_a_run_trained_after_eval_trains(trained, capsys):
     code, _, err = run_cli(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
     assert code == 0, err
     assert "step-00000005" in _steps(trained)
+
+
+def test_eval_of_a_conversions_stage_1_names_the_conversion_not_a_config_to_give(trained, tmp_path, capsys):
+    """Stage 1 holds checkpoints alone, of a student the conversion's config does not build."""
+    conversion = tmp_path / "conversion"
+    shutil.copytree(trained / "checkpoints", conversion / "stage1" / "checkpoints")
+    shutil.copy(trained / "config.yaml", conversion / "config.yaml")
+    code, _, err = run_cli(
+        capsys, "eval", "-c", str(conversion / "config.yaml"), f"run_dir={conversion / 'stage1'}"
+    )
+    assert code == 2 and f"is a stage of the conversion {conversion}, whose final student" in err, err
+    assert not list((conversion / "stage1").glob("eval-*.json"))

@@ -22,7 +22,7 @@ def run(args) -> int:
     from ...checkpoints.run_dir import RunDir
     from ...config import load_config
     from ...errors import InputError
-    from ...run_layout import CHECKPOINTS_SUBDIR, SEARCH_CANDIDATES
+    from ...run_layout import CHECKPOINTS_SUBDIR, SEARCH_CANDIDATES, STAGE_DIRS
     from ...sources.load_errors import run_folder_hint
     from ...transfer.modes import MODES
     from ..value_checks import check_values
@@ -36,8 +36,10 @@ def run(args) -> int:
         say(f"{cfg.run_dir} is a conversion; evaluating its final student, {run_dir.path}")
         # the user's keys, but not the folder they named (``run_dir=CONVERSION``): its stage 2 is scored
         cfg = check_values(load_config(run_dir.config_file, [*args.overrides, f"run_dir={run_dir.path}"]))
-    if run_dir.path.is_dir() and not run_dir.is_run() and not (run_dir.path / CHECKPOINTS_SUBDIR).is_dir():
-        run_dir.record()  # says what the folder is instead: a run's checkpoints, a folder of runs, an export
+    # a folder that is no run says what it is: checkpoints, runs, an export, a conversion's stage 1
+    unscored = run_dir.path.name in STAGE_DIRS or not (run_dir.path / CHECKPOINTS_SUBDIR).is_dir()
+    if run_dir.path.is_dir() and not run_dir.is_run() and unscored:
+        run_dir.record()
     mode = run_dir.record().get("mode") if run_dir.is_run() else None
     if mode == MODE:  # MAE pre-training: its own val loss
         result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
