@@ -79,6 +79,11 @@ def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
+def test_eval_of_no_metric_says_the_list_is_empty_not_that_labels_or_a_teacher_are_missing(trained, capsys):
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "eval.metrics=[]")
+    assert code == 2 and "nothing to score: eval.metrics is empty" in err and "need labels" not in err, err
+
+
 def test_eval_given_a_runs_checkpoints_folder_names_the_run_to_give(trained, capsys):
     """Not "no RUN/checkpoints/checkpoints/step-*": the folder given is the run's checkpoints."""
     for given in (trained / "checkpoints", trained / "checkpoints" / "step-00000004"):

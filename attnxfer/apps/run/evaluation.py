@@ -69,10 +69,8 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
             "attends with its teacher's maps, so its features alone are not the model; drop them from eval.metrics"
         )
     if not asked and not own_objective:
-        raise InputError(
-            "nothing to score: top-1 and k-NN need labels (data.labels=true) and feature agreement a teacher "
-            "(teacher.spec)"
-        )
+        why = "top-1 and k-NN need labels (data.labels=true) and feature agreement a teacher (teacher.spec)"
+        raise InputError(f"nothing to score: {why if cfg.eval.metrics else 'eval.metrics is empty'}")
     return frozenset(asked)
 
 
