@@ -284,7 +284,7 @@ def _split_images(
         if loose:  # the stray-class check above leaves only images outside every class folder unlabelled
             raise InputError(
                 f"{len(loose)} image(s) of '{split_dir}' lie outside any class folder (e.g. '{loose[0]}'): "
-                f"move them into their class's folder; expected the layout {_LAYOUT}"
+                "move them into their class's folder (data.labels=false reads them all, without classes)"
             )
         held = set(reader.targets)
         empty = [c for c, i in class_map.items() if i not in held]
