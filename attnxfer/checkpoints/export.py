@@ -27,7 +27,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..run_layout import LOCK_NAME, read_record
+from ..run_layout import LOCK_NAME, RUN_DIR_MARKERS, read_record
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
 from ..transfer import TeacherStudent
@@ -416,10 +416,11 @@ def export_run(
     _check_repo_id(push_to_hub)
     run = RunDir(run_dir)
     record = run.record()
-    # --overwrite would mix the model's files into the run's, or replace the run's teacher where that is an
-    # attnxfer export too (the demo's MAE teacher)
+    # --overwrite would mix the model's files into a run's (this one's, a conversion's, a study's), or replace
+    # the run's teacher where that is an attnxfer export too (the demo's MAE teacher)
     teacher = str((record.get("teacher") or {}).get("spec") or "")
-    taken = [(run.path, "the run's own folder")]
+    marker = next((m for m in RUN_DIR_MARKERS if (Path(out_dir) / m).exists()), None)
+    taken = [(Path(out_dir), f"a run's folder (it holds {marker})")] if marker else []
     if teacher.startswith("local-dir:"):
         what = f"the run's teacher ({teacher}), which its resume and eval check by hash"
         taken.append((Path(teacher.removeprefix("local-dir:")).expanduser(), what))

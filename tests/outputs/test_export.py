@@ -702,8 +702,18 @@ def test_an_export_into_the_runs_own_folder_is_refused(trained, capsys):
     """--overwrite there would mix config.json and model.safetensors among the run's own files."""
     before = sorted(p.name for p in trained.iterdir())
     code, _, err = run_cli(capsys, "export", str(trained), f"{trained}/", "--overwrite")
-    assert code == 2 and f"is the run's own folder: export into {trained / 'export'}" in err, err
+    assert code == 2 and f"is a run's folder (it holds run.json): export into {trained / 'export'}" in err
     assert sorted(p.name for p in trained.iterdir()) == before
+
+
+@pytest.mark.parametrize("marker", ["stage2", "checkpoints"])
+def test_an_export_into_a_conversions_or_studys_folder_is_refused(trained, tmp_path, marker):
+    """`export CONVERSION CONVERSION --overwrite` (meant: its stage2/export) would mix the model's files into
+    the conversion's folder, as into a study's (its checkpoints/ beside its students)."""
+    (tmp_path / marker).mkdir()
+    with pytest.raises(FileExistsError, match=f"is a run's folder \\(it holds {marker}\\)"):
+        export_run(trained, tmp_path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == [marker]
 
 
 def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp_path, capsys, monkeypatch):
