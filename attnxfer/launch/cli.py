@@ -54,6 +54,9 @@ def _where_to_resume(args) -> str:
     """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
     if args.command in ("inspect", "export"):  # each writes a temporary sibling of its output, moved in whole
         out = args.out if args.command == "inspect" else args.out_dir
+        if getattr(args, "push_to_hub", None) and not args.overwrite and (Path(out) / "README.md").is_file():
+            # its OUT was empty (else refused): a card there was moved in with the export, just before the push
+            return f"the export in {out} is complete; push it with `hf upload {args.push_to_hub} {out} .`"
         return f"nothing was written to {out}: run the same command again"
     if args.command == "eval":  # it trains nothing, and its scores are written whole
         return "it changed no checkpoint: run the same command again"

@@ -730,6 +730,24 @@ def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp
     assert code == 2 and "'bad name!' is not a Hub repo id" in err and not (tmp_path / "o2").exists()
 
 
+def test_a_push_stopped_by_ctrl_c_says_the_export_is_complete_and_how_to_push_it(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """Running the same command again would be refused (OUT is no longer empty): the upload is what is left."""
+    import attnxfer.checkpoints.export as export_module
+
+    def interrupted_push(out_dir, repo_id):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_module, "push_export", interrupted_push)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "export", str(trained), str(out), "--push-to-hub", "acme/student")
+    assert (
+        code == 130
+        and f"the export in {out} is complete; push it with `hf upload acme/student {out} .`" in err
+    )
+
+
 def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_the_folder(
     trained, tmp_path, capsys, monkeypatch
 ):
