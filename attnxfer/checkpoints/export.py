@@ -28,6 +28,7 @@ from ..models.student import (
     vit_traits,
 )
 from ..run_layout import LOCK_NAME, RUN_DIR_MARKERS, read_record
+from ..sources.resolve import weights_digest
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
 from ..transfer import TeacherStudent
@@ -417,16 +418,15 @@ def export_run(
     run = RunDir(run_dir)
     record = run.record()
     # --overwrite would mix the model's files into a run's (this one's, a conversion's, a study's), or replace
-    # the run's teacher where that is an attnxfer export too (the demo's MAE teacher)
-    teacher = str((record.get("teacher") or {}).get("spec") or "")
+    # the run's teacher where that is an attnxfer export too (the demo's MAE teacher): known by its weights, as
+    # a relative local-dir: spec names another folder from another working directory
+    teacher, held = record.get("teacher") or {}, Path(out_dir) / "model.safetensors"
     marker = next((m for m in RUN_DIR_MARKERS if (Path(out_dir) / m).exists()), None)
-    taken = [(Path(out_dir), f"a run's folder (it holds {marker})")] if marker else []
-    if teacher.startswith("local-dir:"):
-        what = f"the run's teacher ({teacher}), which its resume and eval check by hash"
-        taken.append((Path(teacher.removeprefix("local-dir:")).expanduser(), what))
-    for folder, what in taken:
-        if Path(out_dir).resolve() == folder.resolve():
-            raise PathExistsError(f"OUT_DIR={out_dir} is {what}: export into {Path(run_dir) / 'export'}")
+    what = f"a run's folder (it holds {marker})" if marker else None
+    if teacher.get("sha256") and held.is_file() and weights_digest(held) == teacher["sha256"]:
+        what = f"the run's teacher ({teacher.get('spec')}), which its resume and eval check by hash"
+    if what:
+        raise PathExistsError(f"OUT_DIR={out_dir} is {what}: export into {Path(run_dir) / 'export'}")
     mode = record.get("mode")
     if mode in MODES and MODES[mode].teacher_at_eval:
         raise InputError(

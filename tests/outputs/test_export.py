@@ -32,6 +32,7 @@ from attnxfer.models.efficient.linear import ReLULinearAttention
 from attnxfer.models.student import student_like, student_spec
 from attnxfer.run_layout import LOCK_NAME
 from attnxfer.sources.exported_student import load_student
+from attnxfer.sources.resolve import weights_digest
 from attnxfer.transfer import TeacherStudent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -465,9 +466,10 @@ def test_exporting_a_run_still_training_names_the_checkpoint_taken_and_says_to_e
     assert "still training" not in capsys.readouterr().err
 
 
-def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_teacher(tmp_path):
+def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_teacher(tmp_path, monkeypatch):
     """--overwrite replaces an earlier export; a teacher saved in timm's layout (or a model of the user's own)
-    is not one, and the run's own teacher folder, an attnxfer export or not, is what its resume checks."""
+    is not one, and the run's own teacher folder, an attnxfer export or not, is what its resume checks: known
+    by its weights, as the run's relative local-dir: spec names another folder from elsewhere."""
     teacher_dir = tmp_path / "teacher"
     timm.models.save_for_hf(teacher_model(), teacher_dir)
     before = {p.name: p.read_bytes() for p in teacher_dir.iterdir()}
@@ -483,8 +485,12 @@ def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_t
     run = tmp_path / "run"
     fake_run(run)
     record = json.loads((run / "run.json").read_text())
-    record["teacher"]["spec"] = f"local-dir:{exported_teacher}"
+    record["teacher"] |= {
+        "spec": "local-dir:exported",
+        "sha256": weights_digest(exported_teacher / "model.safetensors"),
+    }
     (run / "run.json").write_text(json.dumps(record))
+    monkeypatch.chdir(run)  # not where the run was trained: local-dir:exported is no folder here
     with pytest.raises(FileExistsError, match="is the run's teacher"):
         export_run(run, exported_teacher, overwrite=True)
     assert {p.name: p.read_bytes() for p in exported_teacher.iterdir()} == before
