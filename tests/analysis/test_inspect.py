@@ -549,6 +549,22 @@ def test_an_inspection_into_a_folder_another_filled_meanwhile_is_refused_and_rep
     assert (out / "metrics.json").read_text() == "first"
 
 
+def test_a_users_file_under_a_pictures_name_is_refused_with_or_without_overwrite(tmp_path):
+    """Only report.md and a few names are checked before measuring; a picture's name (heads_NAME.png) is known
+    once drawn: a file of the user's under it is refused then, not replaced."""
+    out, staged = tmp_path / "report", tmp_path / ".staged"
+    out.mkdir()
+    (out / "heads_distill.png").write_text("mine")
+    for overwrite in (False, True):
+        staged.mkdir(exist_ok=True)
+        for name in ("metrics.json", "heads_distill.png"):
+            (staged / name).write_text("inspect's")
+        with pytest.raises(FileExistsError, match=r"of its own .*\(heads_distill.png\); choose another"):
+            _publish(staged, out, ["metrics.json", "heads_distill.png"], overwrite)
+    assert [p.name for p in out.iterdir()] == ["heads_distill.png"]
+    assert (out / "heads_distill.png").read_text() == "mine"
+
+
 def test_an_out_folder_that_cannot_be_written_is_refused_before_the_inspection(micro_teacher, capsys):
     assert _inspect(micro_teacher, Path("/proc/attnxfer-inspect")) == 2
     assert "--out=/proc/attnxfer-inspect cannot be written (/proc: " in capsys.readouterr().err

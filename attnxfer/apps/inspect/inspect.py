@@ -350,10 +350,16 @@ def _publish(tmp: Path, out: Path, names: Sequence[str], overwrite: bool = False
         except OSError as e:  # a folder made meanwhile, with files in it: never replaced by a rename
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
+    previous = _previous_report(out)
+    # the user's own files under a report's name (a picture's: only known once drawn)
+    if own := [n for n in names if n not in previous and (out / n).exists()]:
+        raise PathExistsError(
+            f"{out} holds files of its own that the report would replace ({', '.join(own)}); choose another --out"
+        )
     if not overwrite:
         claim_new_file(out / MANIFEST, "inspection")
     new = [n for n in names if n != "metrics.json"] + [MANIFEST, "metrics.json"]
-    stale = [n for n in _previous_report(out) if n not in new]
+    stale = [n for n in previous if n not in new]
     for name in new[:-1]:
         os.replace(tmp / name, out / name)
     for name in stale:
