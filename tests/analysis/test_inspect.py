@@ -34,6 +34,7 @@ from attnxfer.analysis import (
 from attnxfer.analysis.pictures import class_token_figure, class_token_figure_size
 from attnxfer.apps.inspect.inspect import (
     LoadedModel,
+    _copy_layers,
     _publish,
     inspect_attention,
     inspect_models,
@@ -450,6 +451,18 @@ def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
     assert [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
     assert err.strip().splitlines()[-1].startswith("attnxfer inspect: error:")
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_a_copy_student_given_a_run_folder_as_teacher_is_not_told_it_has_random_weights():
+    """A run folder (the teacher's own pretraining run, say) loads with no weights hash: it is a trained model."""
+    run = {"mode": "copy", "teacher": {"spec": "local-dir:runs/mae/export", "sha256": "ab" * 32}}
+    for source, said in (
+        ("run step-00000030 (best), model weights", "holds a trained student"),
+        ("random-init", "has random weights"),
+    ):
+        teacher = LoadedModel("runs/mae", tiny_vit(depth=1), source)
+        with pytest.raises(InputError, match=f"but TEACHER 'runs/mae' {said}.*pass that teacher"):
+            _copy_layers(Path("runs/copy"), run, teacher.model, teacher)
 
 
 def test_a_folder_with_a_report_md_of_its_own_is_not_written_over(tmp_path):

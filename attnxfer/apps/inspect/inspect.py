@@ -105,10 +105,11 @@ def _copy_layers(
         )
     want, have = trained_with.get("sha256"), teacher.sha256
     if want and want != have:
+        got = f"has sha256 {have[:12]}…" if have else f"holds a trained student ({teacher.source})"
         raise InputError(
             f"{run_dir} is a {mode.name}-mode student trained with teacher {trained_with.get('spec')!r} "
             f"(weights sha256 {want[:12]}…), but TEACHER {teacher.spec!r} "
-            f"{'has random weights' if have is None else f'has sha256 {have[:12]}…'}: a copy student attends "
+            f"{'has random weights' if teacher.source == 'random-init' else got}: a copy student attends "
             "with its own teacher's q/k, so pass that teacher"
         )
     cfg = config_as_trained(RunDir(run_dir), "inspect")
