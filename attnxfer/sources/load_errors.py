@@ -57,6 +57,9 @@ def run_folder_hint(folder: Path) -> str | None:
             f"(`attnxfer export {run} {run / 'export'}`, its best checkpoint or --checkpoint latest), then use "
             f"local-dir:{run / 'export'}"
         )
+    if folder.name == STAGE_DIRS[0] and (folder.parent / STAGE_DIRS[-1]).is_dir():  # stage 2 has the student
+        rest = (run_folder_hint(folder.parent) or "").removeprefix("this is a conversion's run folder")
+        return f"{folder} is stage 1 of the conversion {folder.parent}{rest}"
     if any((folder / stage).is_dir() for stage in STAGE_DIRS):
         run, what = folder / STAGE_DIRS[-1], "a conversion's run folder"
     elif (folder / SEARCH_CANDIDATES).is_file() or (folder / STATE_NAME).is_file():  # checkpoints/ too

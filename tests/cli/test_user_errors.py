@@ -246,6 +246,18 @@ def test_a_model_folder_given_without_local_dir_is_told_to_use_it(tiny_teacher_d
         )
 
 
+def test_a_conversions_stage_1_given_as_a_model_names_the_conversion_to_export(tmp_path, capsys):
+    """Stage 1 keeps checkpoints of its own but no student: `attnxfer export` takes the conversion's folder."""
+    conv = tmp_path / "conv"
+    (conv / "stage1" / "checkpoints").mkdir(parents=True)
+    (conv / "stage2" / "checkpoints").mkdir(parents=True)
+    err = _teacher_refused(f"local-dir:{conv / 'stage1'}", tmp_path, capsys)
+    assert (
+        f"{conv / 'stage1'} is stage 1 of the conversion {conv}; its export would be {conv / 'stage2'}" in err
+    )
+    assert f"`attnxfer export {conv} {conv / 'stage2' / 'export'}`" in err, err
+
+
 @pytest.mark.parametrize("argv", [["eval", "-c", "{m}"], ["eval", "-c", "{m}/config.json"], ["train", "{m}"]])
 def test_a_model_folder_given_as_a_config_names_the_run_config_and_the_teacher_spec(
     tiny_teacher_dir, capsys, argv
