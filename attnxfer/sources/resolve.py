@@ -123,13 +123,17 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
                 f"{role} spec {spec!r} is a local folder: a revision ({revision!r}) is a Hub repo's"
             )
         return TeacherSpec(Source.LOCAL_DIR, str(Path(rest.strip()).expanduser()))
+    if sep and (close := difflib.get_close_matches(prefix.lower(), ("hf-hub", "local-dir"), n=1, cutoff=0.8)):
+        raise InputError(
+            f"{role} spec {spec!r}: unknown prefix {prefix + ':'!r}; did you mean '{close[0]}:{rest}'?"
+        )
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
         return TeacherSpec(Source.FILE, str(Path(spec).expanduser()))
     arch, _ = split_model_name_tag(spec)
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
     _refuse_path(spec, role)
-    if "/" in spec:
+    if "/" in spec and not sep:  # ORG/NAME, no prefix of its own
         hint = f" (a Hub repo? use 'hf-hub:{spec}')"
     else:  # a misspelt architecture: the nearest one, its pretrained tag kept
         close = difflib.get_close_matches(arch, timm.list_models(), n=1)

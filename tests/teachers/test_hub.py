@@ -697,6 +697,18 @@ def test_bad_specs_say_what_to_change(tmp_path):
             call(tiny_timm())
 
 
+def test_a_misspelt_prefix_is_named_with_the_spec_it_meant(tiny_teacher_dir):
+    """`local_dir:PATH` was said not to exist (the folder does), `hfhub:ORG/NAME` told to become 'hf-hub:hfhub:...'."""
+    for given, meant in (
+        (f"local_dir:{tiny_teacher_dir}", f"local-dir:{tiny_teacher_dir}"),
+        ("hfhub:a/b", "hf-hub:a/b"),
+    ):
+        with pytest.raises(ValueError, match=f"unknown prefix .*; did you mean '{meant}'"):
+            load_teacher(given)
+    with pytest.raises(ValueError, match="unknown teacher 'local:/x'. A teacher is"):  # no Hub repo hint
+        load_teacher("local:/x")
+
+
 def test_a_local_dir_spec_reads_its_folder_after_a_space_and_a_file_given_as_one_is_told_how_to_name_it(
     tiny_teacher_dir,
 ):
