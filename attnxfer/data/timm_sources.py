@@ -262,7 +262,7 @@ class LabelInRange:
         if not 0 <= int(label) < self.num_classes:
             raise InputError(
                 f"data.dataset={self.dataset} has the label {int(label)}, outside the {self.num_classes} classes "
-                f"of the student's head: set model.num_classes above its largest label"
+                "of the student's head: set model.num_classes above its largest label"
             )
         return label
 
