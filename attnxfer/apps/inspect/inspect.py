@@ -34,7 +34,7 @@ from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...run_layout import STAGE_DIRS
 from ...sources import TeacherLoadError, TeacherNotAvailable, load_student, load_teacher
-from ...sources.resolve import parse_teacher_spec
+from ...sources.resolve import Origin, parse_teacher_spec
 from ...speak import say
 from ...transfer.modes import MODES
 from ...transfer.plan import build_plan
@@ -109,7 +109,7 @@ def _copy_layers(
         raise InputError(
             f"{run_dir} is a {mode.name}-mode student trained with teacher {trained_with.get('spec')!r} "
             f"(weights sha256 {want[:12]}…), but TEACHER {teacher.spec!r} "
-            f"{'has random weights' if teacher.source == 'random-init' else got}: a copy student attends "
+            f"{'has random weights' if teacher.source == Origin.RANDOM_INIT else got}: a copy student attends "
             "with its own teacher's q/k, so pass that teacher"
         )
     cfg = config_as_trained(RunDir(run_dir), "inspect")
