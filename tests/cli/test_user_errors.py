@@ -357,6 +357,13 @@ def test_end_layer_beside_explicit_layers_and_ce_path_without_a_ce_are_said_unus
     assert "warning: transfer.ce_path=rows unused with transfer.mode=copy" in capsys.readouterr().err  # no CE
 
 
+def test_share_drop_path_where_no_layer_is_paired_is_said_unused(capsys):
+    parts = SimpleNamespace(teacher=tiny_vit(depth=4, seed=1), student=tiny_vit(depth=4, seed=2))
+    keys = ["teacher.spec=x", "transfer.mode=none", "transfer.share_drop_path=true"]
+    assert not plan_from_config(load_config(None, keys), parts).share_drop_path
+    assert "warning: transfer.share_drop_path=True unused with transfer.mode=none" in capsys.readouterr().err
+
+
 def test_a_materialise_budget_that_no_ce_path_timing_reads_is_said_unused(capsys):
     parts = SimpleNamespace(teacher=tiny_vit(depth=2, seed=1), student=tiny_vit(depth=2, seed=2))
     for keys in (["transfer.mode=copy"], ["transfer.ce_path=rows"], ["deterministic=true"], []):

@@ -108,6 +108,7 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     unread = {
         "transfer.atd_weight": plan.mode.distill is None,
         "transfer.layers": moves_none,
+        "transfer.share_drop_path": moves_none,  # the masks of layers no comparison pairs
         "transfer.end_layer": moves_none or t.layers is not None,  # layers wins over end_layer
         "transfer.ce_path": no_ce,
         "transfer.materialise_budget_gib": no_ce or t.ce_path != "auto" or cfg.deterministic,  # nothing timed
