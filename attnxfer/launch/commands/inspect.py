@@ -21,8 +21,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "STUDENT given as a run folder was trained on, as its run made it",
     )
     p.add_argument("--data-root", default=None, help="dataset root (folder datasets)")
-    p.add_argument("--split", default="val", choices=("train", "val"))
-    p.add_argument("--num-images", type=int, default=64, help="images taken from --data (default 64)")
+    p.add_argument("--split", choices=("train", "val"), help="dataset split (default val)")
+    p.add_argument("--num-images", type=int, help="images taken from --data (default 64)")
     p.add_argument("--out", default="runs/inspect", help="report folder (default runs/inspect)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.add_argument(
@@ -65,6 +65,13 @@ def run(args) -> int:
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    dataset_only = [
+        f"--{k.replace('_', '-')}"
+        for k in ("data_root", "split", "num_images")
+        if getattr(args, k) is not None
+    ]
+    if args.images and dataset_only:  # else dropped without a word
+        raise InputError(f"{', '.join(dataset_only)} only apply to a dataset, not to --images: drop them")
     if args.noise < 0:
         raise InputError(f"--noise is the floor's noise std: it must be >= 0, got {args.noise}")
     # after the checks: a bad flag answers without torch
@@ -78,7 +85,7 @@ def run(args) -> int:
         pretrained=not args.random_weights,
         picture_images=args.pictures,
         progress=True,
-        **{k: getattr(args, k) for k in same.split()},
+        **{k: getattr(args, k) for k in same.split() if getattr(args, k) is not None},  # None: its default
     )
     for name, layers in result["students"].items():
         js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]
