@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import inspect
+import io
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -117,13 +118,22 @@ class ImageFiles:
         return [self.filename(i, basename, absolute) for i in range(len(self))]
 
 
+def eight_bit(img):
+    """A 16-bit grey image (PNG) as its top 8 bits: PIL's convert to L or RGB clips it to 255, a white image."""
+    import numpy as np  # local import keeps `import attnxfer.data` light
+    from PIL import Image
+
+    return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) if img.mode.startswith("I;16") else img
+
+
 class OpenedImages:
     """A timm reader whose every image PIL must open (it reads the header alone; timm decodes the pixels once),
-    else an InputError naming it: timm's ImageDataset would hand out the next sample in its place (its
-    convention for training), which an evaluation would count twice."""
+    a 16-bit one handed on as 8 bits (`eight_bit`). ``strict``: one PIL cannot open is an InputError naming
+    it: timm's ImageDataset would hand out the next sample in its place (its convention for training), which
+    an evaluation would count twice."""
 
-    def __init__(self, reader):
-        self.reader = reader
+    def __init__(self, reader, strict: bool):
+        self.reader, self.strict = reader, strict
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -133,14 +143,20 @@ class OpenedImages:
 
         image, *rest = self.reader[index]
         try:
-            Image.open(image)
+            opened = Image.open(image)
         except OSError as e:
+            if not self.strict:
+                raise
             reason = "PIL cannot identify its format" if isinstance(e, UnidentifiedImageError) else e
             name = self.reader.filename(index, absolute=True)
             raise InputError(
                 f"image {repr(name) if name else f'number {index}'} cannot be read as an image ({reason}): "
                 "replace or remove it; evaluation would otherwise count another image in its place"
             ) from None
+        if opened.mode.startswith(
+            "I;16"
+        ):  # timm's ImageDataset opens what the reader hands it: 8 bits, as PNG
+            eight_bit(opened).save(image := io.BytesIO(), "PNG")
         image.seek(0)
         return image, *rest
 
@@ -156,8 +172,7 @@ class FolderDataset(Dataset):
     val split, whose images an evaluation counts): an image PIL cannot open is an error (`OpenedImages`)."""
 
     def __init__(self, image_dataset, info: DatasetInfo, *, seed: int, deterministic: bool, strict: bool):
-        if strict:
-            image_dataset.reader = OpenedImages(image_dataset.reader)
+        image_dataset.reader = OpenedImages(image_dataset.reader, strict)
         self.image_dataset = image_dataset
         self.info = info
         self.seed = seed

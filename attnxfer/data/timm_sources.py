@@ -22,7 +22,7 @@ from itertools import islice
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError, MissingPathError
-from .folder import FolderDataset, decoded_image_info, timm_transform
+from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
 from .label_free import LabelFree, without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
 
@@ -147,7 +147,7 @@ def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
     with io.BytesIO(data) as b:
         img = Image.open(b)
         img.load()
-    return dict(jpg=img.convert(image_mode) if image_mode else img, target=None, json=None)
+    return dict(jpg=eight_bit(img).convert(image_mode) if image_mode else img, target=None, json=None)
 
 
 class WdsImages:

@@ -38,6 +38,7 @@ from attnxfer.apps.inspect.inspect import (
     _publish,
     inspect_attention,
     inspect_models,
+    load_images,
     load_model,
     write_report,
 )
@@ -612,6 +613,18 @@ def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     monkeypatch.setattr(pictures_app, "save_figure", real_save)
     assert _inspect(micro_teacher, out) == 0  # the advice holds: no "already holds an inspection"
     assert (out / "metrics.json").exists() and (out / "curves.png").exists()
+
+
+def test_a_16_bit_grey_png_given_to_inspect_reads_as_its_top_8_bits_not_as_white(micro_teacher, tmp_path):
+    """PIL's convert clips a 16-bit grey PNG's values to 255: --images reads it as the 8-bit PNG of its top
+    8 bits reads."""
+    grey = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint16)
+    Image.fromarray(grey.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(grey << 8 | 0x7F).save(tmp_path / "16.png")
+    x = load_images(
+        load_model(micro_teacher, role="teacher"), files=[tmp_path / "8.png", tmp_path / "16.png"]
+    )
+    assert torch.equal(x[0], x[1]) and x[1].std() > 0
 
 
 def test_a_model_folder_is_read_by_its_path_and_a_spec_naming_nothing_by_its_role(

@@ -573,6 +573,28 @@ def test_a_val_image_pil_cannot_open_is_refused_by_name_not_replaced_by_the_next
         assert train[2][1] == 1  # cat/2.png's place taken by the next image, dog/0.png
 
 
+def test_a_16_bit_grey_png_reads_as_its_top_8_bits_not_as_white(tmp_path):
+    """PIL's convert to RGB or L clips a 16-bit grey PNG's values to 255 (a white image): the folder dataset
+    (train and val) and a label-free shard read it as the 8-bit PNG of its top 8 bits reads."""
+    from PIL import Image
+
+    from attnxfer.data.timm_sources import _decode_image
+
+    _make_folder(tmp_path)
+    grey = np.random.default_rng(1).integers(0, 256, (48, 40), dtype=np.uint16)
+    for image in (tmp_path / "train" / "cat", tmp_path / "val" / "dog"):
+        Image.fromarray(grey.astype(np.uint8)).save(image / "0.png")
+        Image.fromarray(grey << 8 | 0x7F).save(image / "1.png")
+        assert Image.open(image / "1.png").mode == "I;16"
+    train = build_dataset("folder", "train", root=tmp_path, img_size=16, augment=False)
+    val = build_dataset("folder", "val", root=tmp_path, img_size=16)
+    for images in (train, val):
+        assert torch.equal(images[0][0], images[1][0]) and images[1][0].std() > 0
+    shard = {name: (tmp_path / "val" / "dog" / name).read_bytes() for name in ("0.png", "1.png")}
+    decoded = [np.asarray(_decode_image({"png": shard[n]}, "png", "L")["jpg"]) for n in ("0.png", "1.png")]
+    assert np.array_equal(*decoded)
+
+
 @pytest.mark.slow
 def test_a_run_stopped_by_an_unreadable_val_image_keeps_the_epoch_it_trained(tmp_path, capsys):
     """The refusal comes at the first evaluation, after a whole epoch of training: that epoch is saved, so the

@@ -29,6 +29,7 @@ from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...data import build_dataset
+from ...data.folder import eight_bit
 from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
@@ -228,7 +229,7 @@ def load_images(
         for path in paths:
             try:
                 with Image.open(path) as img:
-                    out.append(transform(img.convert("L" if chans == 1 else "RGB")))
+                    out.append(transform(eight_bit(img).convert("L" if chans == 1 else "RGB")))
             except OSError as e:  # not an image (PIL's UnidentifiedImageError), or a truncated one
                 raise InputError(f"--images {path} cannot be read as an image: {e}") from e
         return torch.stack(out)
