@@ -9,7 +9,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
@@ -18,6 +18,9 @@ from ..speak import warn
 from .label_free import LabelFree
 from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 _LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
@@ -118,7 +121,7 @@ class ImageFiles:
         return [self.filename(i, basename, absolute) for i in range(len(self))]
 
 
-def eight_bit(img):
+def eight_bit(img: PIL.Image.Image) -> PIL.Image.Image:
     """A 16-bit grey image (PNG) as its top 8 bits: PIL's convert to L or RGB clips it to 255, a white image."""
     import numpy as np  # local import keeps `import attnxfer.data` light
     from PIL import Image
@@ -153,9 +156,7 @@ class OpenedImages:
                 f"image {repr(name) if name else f'number {index}'} cannot be read as an image ({reason}): "
                 "replace or remove it; evaluation would otherwise count another image in its place"
             ) from None
-        if opened.mode.startswith(
-            "I;16"
-        ):  # timm's ImageDataset opens what the reader hands it: 8 bits, as PNG
+        if opened.mode.startswith("I;16"):  # timm's ImageDataset opens what it is handed: 8 bits, as PNG
             eight_bit(opened).save(image := io.BytesIO(), "PNG")
         image.seek(0)
         return image, *rest
