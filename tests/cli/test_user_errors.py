@@ -64,6 +64,11 @@ def swin_teacher_dir(tmp_path_factory):
     [
         ("nystrom", "{num_landmarks: 0}", "num_landmarks must be >= 1, got 0"),
         ("window", "{window_size: 0}", "window_size must be an int or (height, width) of positive ints"),
+        (
+            "performer",
+            "{num_features: 2.5}",
+            "num_features must be an integer or null for performer, got 2.5",
+        ),
     ],
 )
 def test_a_zoo_attentions_bad_option_is_one_line(

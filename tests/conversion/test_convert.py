@@ -3,6 +3,7 @@ only what it should), the engine's new pieces (logit distillation, efficient stu
 and clear errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from attnxfer.apps.run.parts import build_student
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import list_recipes, load_config, resolve_recipe
 from attnxfer.config.study_spec import load_study
+from attnxfer.errors import InputError
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
 from attnxfer.train.measure import map_agreement
@@ -262,6 +264,31 @@ def test_clear_errors_for_bad_conversions():
         build_efficient_student(teacher, "hedgehog", num_classes=7)
     headless = build_efficient_student(tiny_vit(depth=2, num_classes=0), "hedgehog", num_classes=7)
     assert headless.num_classes == 7  # a headless (MAE-style) teacher's student gets a new head
+
+
+@pytest.mark.parametrize(
+    "name, option, said",
+    [
+        (
+            "performer",
+            dict(num_features=2.5),
+            "num_features must be an integer or null for performer, got 2.5",
+        ),
+        ("performer", dict(orthogonal="no"), "orthogonal must be true or false for performer, got 'no'"),
+        ("hedgehog", dict(feature_dim=True), "feature_dim must be an integer or null for hedgehog, got True"),
+        ("nystrom", dict(num_landmarks="4"), "num_landmarks must be an integer for nystrom, got '4'"),
+        (
+            "window",
+            dict(window_size=[2.5, 2]),
+            "window_size must be an integer or a list of integers for window",
+        ),
+        ("hashing", dict(temperature=True), "temperature must be a number for hashing, got True"),
+    ],
+)
+def test_an_option_of_another_kind_is_refused_not_coerced(name, option, said):
+    # not cut to 2, read as 4 or taken as 1 (or a truthy "no") without a word
+    with pytest.raises(InputError, match=f"^convert.attention_kwargs: {re.escape(said)}"):
+        build_efficient_student(_teacher(depth=1), name, **option)
 
 
 def test_forward_speed_reports_medians_and_ratio():

@@ -70,7 +70,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     "option, said",
     [
         ("feature_dim=-3", "feature_dim must be >= 1, got -3"),  # refused by the attention itself
-        ("feature_dim=abc", "convert.attention=hedgehog cannot be built with convert.attention_kwargs"),
+        ("feature_dim=abc", "convert.attention_kwargs: feature_dim must be an integer or null for hedgehog"),
     ],
 )
 def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(

@@ -5,7 +5,8 @@ move in unchanged and only the new attention parameters start fresh."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from timm.layers import DropPath
@@ -108,7 +109,8 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
 
 def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type[nn.Module]]:
     """The attentions ``names`` are; a `TypeError` naming each option none of them takes (a recipe's options
-    for its own attention, left behind when another attention is named on the command line)."""
+    for its own attention, left behind when another attention is named on the command line), or one of
+    another kind than the constructor annotates."""
     classes = [get_attention_class(name) for name in names]
     unused = [k for k in options if not any(c.accepts_option(k) for c in classes)]
     if unused:
@@ -117,7 +119,34 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
             f"no chosen attention accepts option(s) {unused} (their options: {theirs}): drop them, or set "
             "the key to {} to drop every option (a recipe's, for its own attention, too)"
         )
+    for name, cls in zip(names, classes):  # a value of another kind than the constructor annotates
+        for option, value in options.items():
+            found = (
+                inspect.signature(k.__init__).parameters.get(option)
+                for k in cls.__mro__
+                if "__init__" in vars(k)
+            )
+            kinds = str(next((p.annotation for p in found if p is not None), "?")).split(" | ")
+            if all(k in _KINDS for k in kinds) and not any(_KINDS[k][1](value) for k in kinds):
+                raise TypeError(
+                    f"{option} must be {' or '.join(_KINDS[k][0] for k in kinds)} for {name}, got {value!r}"
+                )
     return classes
+
+
+#: The option kinds zoo constructors annotate, as YAML gives them (a bool is no number): unchecked,
+#: num_features=2.5 was cut to 2, "64" read as 64 and true taken as 1. A plug-in's own types go unchecked.
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "None": ("null", lambda v: v is None),
+    "Sequence[int]": (
+        "a list of integers",
+        lambda v: isinstance(v, (list, tuple)) and all(map(_KINDS["int"][1], v)),
+    ),
+}
 
 
 def swap_attentions(
