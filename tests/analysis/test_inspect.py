@@ -427,7 +427,7 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
         (  # dataset flags beside --images would be dropped without a word
             ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--images", "a.png", "--num-images", "4"]
             + ["--split", "val", "--data-root", "X"],
-            "--data-root, --split, --num-images only apply to a dataset, not to --images: drop them",
+            "--images reads the files given, not a dataset: drop --data-root, --split, --num-images",
         ),
         (  # a folder of images, as a dataset would be given
             [

@@ -71,7 +71,7 @@ def run(args) -> int:
         if getattr(args, k) is not None
     ]
     if args.images and dataset_only:  # else dropped without a word
-        raise InputError(f"{', '.join(dataset_only)} only apply to a dataset, not to --images: drop them")
+        raise InputError(f"--images reads the files given, not a dataset: drop {', '.join(dataset_only)}")
     if args.noise < 0:
         raise InputError(f"--noise is the floor's noise std: it must be >= 0, got {args.noise}")
     # after the checks: a bad flag answers without torch
