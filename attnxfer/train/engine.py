@@ -195,6 +195,9 @@ class Engine:
         self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None
         self.history: list[dict[str, float]] = []
+        # training seconds of the attempts before a resume (from its checkpoint), and when this one began: a
+        # resumed run's result and report count the whole run, as its history does
+        self.seconds_before, self._started = 0.0, time.monotonic()
         # Logged terms and the non-finite guard stay on the device between log steps (no host syncs).
         self.window = TermWindow()
         self.guard = NonFiniteGuard()
@@ -243,6 +246,8 @@ class Engine:
             "position": self.position,
             "best": self.best,
             "best_metric": self.settings.metric,
+            "seconds": self.seconds_before + time.monotonic() - self._started,
+            "history": self.history,
         }
         extra = {"epoch_train_loss": [self._epoch_loss_sum(), self._epoch_batches], **self.record}
         where = self.checkpointing.save(self.step, loop, extra, metric=metric)
@@ -275,6 +280,7 @@ class Engine:
         """Restore the checkpoint the policy picks (`Checkpointing.resume`) and the loop's counters from it;
         a fresh start clears the metrics an earlier attempt left. ``scoring``: read to be scored, not resumed."""
         resumed = self.checkpointing.resume(scoring)
+        self._started = time.monotonic()
         if resumed is None:
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             self.metrics.truncate_summary(0)
@@ -282,6 +288,8 @@ class Engine:
         state = resumed.state
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best = state.get("best", state.get("best_top1"))
+        # checkpoints written before these were kept start the count and the history at the resume
+        self.seconds_before, self.history = state.get("seconds", 0.0), list(state.get("history", []))
         self.last_ckpt = str(resumed.checkpoint)
         loss_sum, batches = state.get("epoch_train_loss") or (0.0, 0)
         if resumed.restart_epoch and self.position:  # other data: the position counted samples of the old set
@@ -350,7 +358,7 @@ class Engine:
             self.best,
             self._final,
             self.history,
-            seconds,
+            self.seconds_before + seconds,
             metric=self.settings.metric,
             nothing_to_do=None if self._final else self._nothing_to_do(),
         )

@@ -227,6 +227,15 @@ def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path, capsy
     assert (run / "checkpoints" / "step-00000010").exists()
 
 
+def test_a_resumed_run_reports_the_whole_runs_history_and_seconds(tmp_path):
+    """The result (and so a conversion's report) counts the attempts before the resume, not the last alone."""
+    common = [*TINY, "transfer.mode=none", f"run_dir={tmp_path / 'r'}"]
+    first = train(load_config(None, [*common, "schedule.max_steps=2"]))
+    again = train(load_config(None, [*common, "schedule.max_steps=4"]))
+    assert [h["step"] for h in again.history] == [2, 4] and again.history[0] == first.history[0]
+    assert again.seconds > first.seconds > 0
+
+
 def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path, capsys):
     code, _, err = run_cli(
         capsys,
