@@ -137,8 +137,9 @@ class HfImages:
         return self.table[int(index)][self.image_key].get("path")
 
 
-def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
-    """A webdataset sample's image, decoded as timm does, never reading ``.cls`` or the json sidecar."""
+def _decode_image(sample: dict, image_key: str) -> dict:
+    """A webdataset sample's image, decoded as timm does (its mode left to `ReadAs`), never reading ``.cls``
+    or the json sidecar."""
     from PIL import Image
 
     data = next((sample[k] for k in image_key.split(";") if k in sample), None)
@@ -147,7 +148,19 @@ def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
     with io.BytesIO(data) as b:
         img = Image.open(b)
         img.load()
-    return dict(jpg=eight_bit(img).convert(image_mode) if image_mode else img, target=None, json=None)
+    return dict(jpg=img, target=None, json=None)
+
+
+class ReadAs:
+    """A stream's transform, its images converted to ``mode`` (L or RGB) first: the streams are read with no
+    mode, as timm's readers would convert a 16-bit image by clipping it to white; it reads as its top 8 bits
+    (`eight_bit`), as folder's images do."""
+
+    def __init__(self, mode: str, transform):
+        self.mode, self.transform = mode, transform
+
+    def __call__(self, img):
+        return self.transform(eight_bit(img).convert(self.mode))
 
 
 class WdsImages:
@@ -179,9 +192,7 @@ class WdsImages:
             args = getattr(stage, "args", ())
             f = args[0] if args else None
             if isinstance(f, functools.partial) and f.func is reader_wds._decode:
-                image = functools.partial(
-                    _decode_image, image_key=f.keywords["image_key"], image_mode=f.keywords["image_mode"]
-                )
+                image = functools.partial(_decode_image, image_key=f.keywords["image_key"])
                 stages[i] = wds.map(image, handler=reader_wds.log_and_continue)
                 return
         raise RuntimeError(
@@ -364,6 +375,7 @@ for _prefix in STREAM_PREFIXES:
         )
         aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
         augment, transform = timm_transform(split, augment, info, **aug)
+        transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform)
         try:
             stream = create_dataset(
                 dataset,
@@ -373,7 +385,7 @@ for _prefix in STREAM_PREFIXES:
                 batch_size=batch_size,
                 num_samples=num_samples,
                 seed=seed,
-                input_img_mode="RGB" if info.in_chans == 3 else "L",
+                input_img_mode="",  # none: `ReadAs` converts (timm takes None for its default, RGB)
                 transform=transform,
                 target_transform=LabelInRange(num_classes, dataset) if labels and num_classes else None,
             )

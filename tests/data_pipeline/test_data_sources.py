@@ -163,6 +163,36 @@ def test_hfids_streams_the_same_dataset(hf_dir, animals, tmp_path):
     assert sorted(int(y) for _, y in train_set) == sorted(animals["train"][1])
 
 
+def test_a_16_bit_grey_png_streams_as_its_top_8_bits_not_as_white(tmp_path):
+    """timm's stream readers convert to L or RGB by clipping a 16-bit grey image's values to 255 (white):
+    hfids/ and wds/ shards, with labels or without, read it as its top 8 bits, in one channel or three."""
+    import datasets
+
+    grey = np.random.default_rng(1).integers(0, 65536, (28, 28), dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    png = buf.getvalue()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": [{"bytes": png, "path": None}], "label": [0]}, features).to_parquet(
+        str(tmp_path / "hf" / "data" / "validation-00000-of-00001.parquet")
+    )
+    with tarfile.open(tmp_path / "val-000000.tar", "w") as tar:
+        for ext, data in (("png", png), ("cls", b"0")):
+            member = tarfile.TarInfo(f"000000.{ext}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    want = torch.from_numpy((grey >> 8).astype(np.float32) / 255)  # ToTensor's scaling; mean 0, std 1
+    for name, where in (
+        (f"hfids/{tmp_path / 'hf'}", dict(root=tmp_path / "cache", val_samples=1)),
+        ("wds/grey", dict(root=str(tmp_path), val_split="val-000000.tar|1")),
+    ):
+        for labels, chans in ((True, 3), (False, 1)):
+            norm = dict(img_size=28, in_chans=chans, mean=[0.0] * chans, std=[1.0] * chans, crop_pct=1.0)
+            ((x, *_),) = build_dataset(name, "val", labels=labels, **norm, **where)
+            assert torch.equal(x, want.expand(chans, 28, 28)), (name, labels)
+
+
 # -- webdataset tar shards (wds/) -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(animals, tmp_path_factory) -> Path:
