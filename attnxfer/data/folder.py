@@ -122,11 +122,13 @@ class ImageFiles:
 
 
 def eight_bit(img: PIL.Image.Image) -> PIL.Image.Image:
-    """A 16-bit grey image (PNG) as its top 8 bits: PIL's convert to L or RGB clips it to 255, a white image."""
+    """A 16-bit grey image as its top 8 bits: PIL's convert to L or RGB clips it to 255, a white image. Such a
+    PNG opens as I;16, or as I (32 bits) before Pillow 10.3: a PNG holds at most 16 bits a channel."""
     import numpy as np  # local import keeps `import attnxfer.data` light
     from PIL import Image
 
-    return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) if img.mode.startswith("I;16") else img
+    sixteen = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
+    return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) if sixteen else img
 
 
 class OpenedImages:
@@ -156,8 +158,8 @@ class OpenedImages:
                 f"image {repr(name) if name else f'number {index}'} cannot be read as an image ({reason}): "
                 "replace or remove it; evaluation would otherwise count another image in its place"
             ) from None
-        if opened.mode.startswith("I;16"):  # timm's ImageDataset opens what it is handed: 8 bits, as PNG
-            eight_bit(opened).save(image := io.BytesIO(), "PNG")
+        if (small := eight_bit(opened)) is not opened:  # timm's ImageDataset opens what it is handed: as PNG
+            small.save(image := io.BytesIO(), "PNG")
         image.seek(0)
         return image, *rest
 

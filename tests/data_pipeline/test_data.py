@@ -573,17 +573,20 @@ def test_a_val_image_pil_cannot_open_is_refused_by_name_not_replaced_by_the_next
         assert train[2][1] == 1  # cat/2.png's place taken by the next image, dog/0.png
 
 
-def test_a_16_bit_grey_png_reads_as_its_top_8_bits_not_as_white(tmp_path):
+@pytest.mark.parametrize("opens_as", ["I;16", "I"])
+def test_a_16_bit_grey_png_reads_as_its_top_8_bits_not_as_white(tmp_path, monkeypatch, opens_as):
     """PIL's convert to RGB or L clips a 16-bit grey PNG's values to 255 (a white image): the folder dataset
-    (train and val) reads it as the 8-bit PNG of its top 8 bits reads (streams: test_data_sources)."""
-    from PIL import Image
+    (train and val) reads it as the 8-bit PNG of its top 8 bits reads (streams: test_data_sources), also
+    where PIL opens it as I (Pillow before 10.3, whose PNG table this installs)."""
+    from PIL import Image, PngImagePlugin
 
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), (opens_as, "I;16B"))
     _make_folder(tmp_path)
     grey = np.random.default_rng(1).integers(0, 256, (48, 40), dtype=np.uint16)
     for image in (tmp_path / "train" / "cat", tmp_path / "val" / "dog"):
         Image.fromarray(grey.astype(np.uint8)).save(image / "0.png")
         Image.fromarray(grey << 8 | 0x7F).save(image / "1.png")
-        assert Image.open(image / "1.png").mode == "I;16"
+        assert Image.open(image / "1.png").mode == opens_as
     train = build_dataset("folder", "train", root=tmp_path, img_size=16, augment=False)
     val = build_dataset("folder", "val", root=tmp_path, img_size=16)
     for images in (train, val):
