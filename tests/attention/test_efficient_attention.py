@@ -815,6 +815,41 @@ def test_a_size_beyond_the_grid_is_left_to_the_core_when_rebuilding_or_at_anothe
         build_efficient_student(swin, "window", window_size=9)
 
 
+def _window_reference(q, k, v, grid, window):
+    """Softmax over the keys in the query's (row // wh, col // ww) window plus the class token (token 0)."""
+    rows, cols = torch.arange(grid[0]).repeat_interleave(grid[1]), torch.arange(grid[1]).repeat(grid[0])
+    ids = F.pad((rows // window[0]) * 100 + cols // window[1], (1, 0), value=-1)
+    keep = (ids[:, None] == ids[None, :]) | (ids[:, None] < 0) | (ids[None, :] < 0)
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return logits.masked_fill(~keep, -math.inf).softmax(-1) @ v
+
+
+def _agent_reference(q, k, v, grid, agents):
+    """softmax(q A^T s) softmax(A k^T s) v, A the means of the grid queries over agents[0] x agents[1] blocks."""
+    B, H, _, d = q.shape
+    blocks = q[:, :, 1:].reshape(B, H, agents[0], grid[0] // agents[0], agents[1], grid[1] // agents[1], d)
+    a = blocks.mean(dim=(3, 5)).reshape(B, H, -1, d) * d**-0.5
+    return (q @ a.transpose(-2, -1)).softmax(-1) @ ((a @ k.transpose(-2, -1)).softmax(-1) @ v)
+
+
+@pytest.mark.parametrize(
+    "name, options", [("window", dict(window_size=(4, 3))), ("agent", dict(agent_grid=(4, 3)))]
+)
+def test_a_dynamic_size_student_lays_a_non_square_image_out_on_its_own_grid(name, options):
+    """A 16x9-patch image of a dynamic-size student is 1 + 144 tokens, also 1 + 12x12: its attentions must
+    take the grid the image was cut into, not a square one, and match the attention written out for it."""
+    student = efficient_student_from_teacher(tiny_teacher(dynamic_img_size=True), name, **options)
+    attn, seen = student.blocks[1].attn, {}
+    attn.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    for size, grid in (((256, 144), (16, 9)), ((128, 96), (8, 6))):  # the grid follows each image
+        student(torch.randn(2, 3, *size))
+        B, N, C = seen["x"].shape
+        q, k, v = attn.qkv(seen["x"]).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        reference = (_window_reference if name == "window" else _agent_reference)(q, k, v, grid, (4, 3))
+        expected = attn.proj(reference.transpose(1, 2).reshape(B, N, C))
+        torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-4)
+
+
 def _swin_8_then_4() -> torch.nn.Module:
     """A Swin whose last stage's windows (4x4) are smaller than the first stages' (8x8)."""
     return timm.create_model(

@@ -82,6 +82,9 @@ class TransferableAttention(nn.Module):
     gate: nn.Module | None = None
     num_prefix_tokens: int | None = None
     grid_size: tuple[int, int] | None = None
+    #: The patch grid of the image a dynamic-size model last cut, set as it cuts it (`swap_attentions`): used
+    #: for that image's tokens, as their count alone cannot tell 1 + 16x9 from 1 + 12x12.
+    input_grid: tuple[int, int] | None = None
     #: This attention's own stage-1 objective (``fit_loss``); None: the loss its map kind takes.
     fit_objective: ClassVar[str | None] = None
 
@@ -137,7 +140,9 @@ class TransferableAttention(nn.Module):
     def token_layout(self, num_tokens: int) -> tuple[int, tuple[int, int]]:
         """(num_prefix_tokens, (grid_h, grid_w)) for ``num_tokens``; undeclared, the fewest prefix tokens
         (0..16) that leave a square grid (197 -> 1 + 14x14)."""
-        p = self.num_prefix_tokens
+        p, seen = self.num_prefix_tokens, self.input_grid
+        if self.grid_size is None and seen and p is not None and p + math.prod(seen) == num_tokens:
+            return p, seen  # the image a dynamic-size model just cut
         if p is not None and self.grid_size is not None:
             gh, gw = self.grid_size
             if p + gh * gw != num_tokens:

@@ -5,10 +5,12 @@ move in unchanged and only the new attention parameters start fresh."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from timm.layers import DropPath
 from torch import nn
 
@@ -175,7 +177,20 @@ def swap_attentions(
         if reason:
             raise InputError(f"blocks.{index}: {reason}")
         block.attn = slot.build(old, cls, depth=index, layout=layout, options=opts, where=f"blocks.{index}")
+    embed = find_patch_embedding(model)[1]
+    hooks = embed._forward_hooks.values()
+    if layout.grid is None and not any(getattr(h, "func", 0) is _tell_grid for h in hooks):
+        embed.register_forward_hook(functools.partial(_tell_grid, model))  # a partial: the model pickles
     return model
+
+
+def _tell_grid(model: nn.Module, embed: nn.Module, args: tuple, out: Any) -> None:
+    """Hand the attentions of a dynamic-size ``model`` the patch grid of the image just cut (timm's
+    ``dynamic_img_size`` embedding gives B, H, W, C): a non-square grid is not inferable from the tokens."""
+    if isinstance(out, torch.Tensor) and out.ndim == 4:
+        for module in model.modules():
+            if isinstance(module, TransferableAttention):
+                module.input_grid = (int(out.shape[1]), int(out.shape[2]))
 
 
 def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
