@@ -91,7 +91,7 @@ def _compare_rows(
 ) -> torch.Tensor:
     """Add the pair metrics of teacher rows ``p`` and other rows ``q`` to ``sums``; returns ``q``'s probe
     rows. Top-k overlap and rank correlation (sorts, the costly part) use the probe rows only."""
-    sums.add("kl", row_kl(p, q, h_p))
+    sums.add("kl", row_kl(p, q))
     sums.add("js", row_js(p, q, h_p, h_q))
     probe = lay.probe_in(rows)
     pp, qp = p[:, :, probe], q[:, :, probe]

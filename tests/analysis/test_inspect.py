@@ -68,6 +68,9 @@ def test_divergences_and_entropy_by_hand():
     assert row_js(a, b).item() == pytest.approx(LN2, abs=1e-12)
     assert 600 < row_kl(a, b).item() < 800
     assert row_kl(p, p).item() == 0 and row_js(p, p).item() == pytest.approx(0, abs=1e-15)
+    # a model against its copy: fp32 softmax rows, one side laid out otherwise, are exactly 0 apart
+    rows = torch.randn(2, 3, 17, 17, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    assert row_kl(rows, rows.transpose(-1, -2).contiguous().transpose(-1, -2)).max().item() == 0
 
 
 def test_topk_overlap_and_rank_correlation_by_hand():
