@@ -104,6 +104,18 @@ def test_a_run_of_an_objective_eval_cannot_score_is_refused_not_scored_as_a_tran
     assert "attnxfer.launch.commands.eval" in err and set(run.glob("eval-*.json")) == scores
 
 
+def test_eval_of_a_classifier_run_refuses_keys_of_sections_it_does_not_read(trained, capsys):
+    """mae.* (a pretrain run's), convert.* and search.* change nothing a train run's checkpoint is scored
+    with: named in one line, not dropped without a word; the run's other keys are still taken."""
+    scores = set(trained.glob("eval-*.json"))
+    given = ("mae.mask_ratio=0.9", "search.population=3", "eval.knn_k=5")
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), *given)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"mae.mask_ratio, search.population: eval of {trained} does not read them: " in err, err
+    assert "only `attnxfer pretrain` (and eval of its runs) reads mae.*, only `attnxfer search` reads" in err
+    assert "knn_k" not in err and set(trained.glob("eval-*.json")) == scores
+
+
 def test_a_run_trained_after_eval_trains(trained, capsys):
     code, _, err = run_cli(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
     assert code == 0, err

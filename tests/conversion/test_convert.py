@@ -458,6 +458,9 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     stage1 = next((run / "stage1" / "checkpoints").iterdir())  # the student alone, no optimiser state
     assert main(["eval", "-c", str(run / "config.yaml"), f"checkpoint.resume={stage1}"]) == 2
     assert "holds no optimiser state: not a checkpoint of a training run" in capsys.readouterr().err
+    # its student is the one run.json records: a convert key given to eval changes nothing scored, and says so
+    assert main(["eval", "-c", str(run / "config.yaml"), "convert.stage1_lr=0.5"]) == 2
+    assert f"convert.stage1_lr: eval of {run / 'stage2'} does not read it" in capsys.readouterr().err
     # a training run of its own in the folder would stand for its final student: refused, nothing written
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert main(["train", "-c", str(run / "config.yaml")]) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ...speak import say
 from .base import add_config_args, load, register_command
 
@@ -20,13 +22,15 @@ def run(args) -> int:
     from ...apps.run.pretrain import MODE, build_pretrain_engine
     from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
-    from ...config import load_config
+    from ...config import ConfigError, config_changes, load_config
+    from ...config.keys import section_command
     from ...errors import InputError
     from ...run_layout import CHECKPOINTS_SUBDIR, SEARCH_CANDIDATES, STAGE_DIRS
     from ...sources.load_errors import run_folder_hint
     from ...transfer.modes import MODES
     from ..value_checks import check_values
 
+    given = config_changes(load_config(args.config), cfg)  # the keys given beside -c
     run_dir = RunDir(cfg.run_dir)
     if (run_dir.path / SEARCH_CANDIDATES).is_file():  # formulas, no student: said as a teacher spec hears it
         raise InputError(f"{run_folder_hint(run_dir.path)}; eval scores a run's student")
@@ -41,6 +45,23 @@ def run(args) -> int:
     if run_dir.path.is_dir() and not run_dir.is_run() and unscored:
         run_dir.record()
     mode = run_dir.record().get("mode") if run_dir.is_run() else None
+    # a key of a section that only another command reads would be dropped without a word (train refuses
+    # them too); mae.* sets the model and masking a pretrain run's val loss is scored with (a folder that
+    # is no run is refused below, for what it is)
+    owners = {f.name: section_command(f) for f in dataclasses.fields(cfg)}
+    reads = "pretrain" if mode == MODE else None
+    unread = [k for k in given if owners.get(k.split(".")[0]) not in (None, reads)]
+    if unread and run_dir.is_run():
+        sections = sorted({k.split(".")[0] for k in unread})
+        who = ", ".join(
+            f"only `attnxfer {owners[s]}`{' (and eval of its runs)' * (s == 'mae')} reads {s}.*"
+            for s in sections
+        )
+        them = "it" if len(unread) == 1 else "them"
+        raise ConfigError(
+            f"{', '.join(unread)}: eval of {run_dir.path} does not read {them}: it scores the checkpoint as its "
+            f"run trained it, and {who}; remove {them}"
+        )
     if mode == MODE:  # MAE pre-training: its own val loss
         result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
     elif mode is not None and mode not in MODES:  # scored as a transfer, its checkpoint would be misread
