@@ -19,7 +19,8 @@ from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_run, tiny_vit
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.training import plan_from_config
-from attnxfer.config import load_config
+from attnxfer.config import ConfigError, list_recipes, load_config
+from attnxfer.config.study_spec import load_study
 from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
 from attnxfer.sources.resolve import demo_hint
@@ -367,6 +368,27 @@ def test_share_drop_path_where_no_layer_is_paired_is_said_unused(capsys):
     keys = ["teacher.spec=x", "transfer.mode=none", "transfer.share_drop_path=true"]
     assert not plan_from_config(load_config(None, keys), parts).share_drop_path
     assert "warning: transfer.share_drop_path=True unused with transfer.mode=none" in capsys.readouterr().err
+
+
+def test_a_logit_temperature_without_logit_distillation_is_said_unused_and_no_recipe_sets_one(capsys):
+    """The temperature softens the logits of logit distillation alone; a recipe setting it there would
+    warn on every use."""
+    parts = SimpleNamespace(teacher=tiny_vit(depth=2, seed=1), student=tiny_vit(depth=2, seed=2))
+    plan_from_config(load_config(None, ["teacher.spec=x", "transfer.logit_temperature=2"]), parts)
+    assert (
+        "warning: transfer.logit_temperature=2 unused with transfer.logit_distill=0"
+        in capsys.readouterr().err
+    )
+    keys = ["teacher.spec=x", "transfer.logit_distill=1", "transfer.logit_temperature=2"]
+    [kd] = [c for c in plan_from_config(load_config(None, keys), parts).comparisons if c.loss == "logit_kd"]
+    assert kd.options == {"temperature": 2.0} and "logit_temperature" not in capsys.readouterr().err
+    for recipe in list_recipes():
+        try:
+            configs = [load_config(recipe)]
+        except ConfigError:  # a study's recipe: its students
+            spec = load_study(recipe)
+            configs = [spec.config_of(student) for student in spec.students]
+        assert all(c.transfer.logit_distill or c.transfer.logit_temperature == 1 for c in configs), recipe
 
 
 def test_a_materialise_budget_that_no_ce_path_timing_reads_is_said_unused(capsys):

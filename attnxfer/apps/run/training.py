@@ -122,6 +122,11 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
             "layer comparison in transfer.losses, moves; ce_path evaluates a distilled softmax map's CE "
             "(materialise_budget_gib: when auto times the ways, which deterministic=true does not)"
         )
+    if not t.logit_distill and "transfer.logit_temperature" in changed:
+        warn(
+            f"warning: transfer.logit_temperature={t.logit_temperature:g} unused with transfer.logit_distill=0: "
+            "it softens the logits of logit distillation alone; set transfer.logit_distill > 0, or drop it"
+        )
     if plan.task_weight == 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0):  # mixup mixes images with labels
         warn(
             "warning: aug.mixup/cutmix unused with transfer.task_weight=0: images are mixed only with their "
