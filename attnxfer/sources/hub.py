@@ -105,7 +105,7 @@ def fetch_instructions(
         f"cache ({cache}){held} and cannot be downloaded: {reason}.\n"
         "On a machine with internet, fetch it with one of:\n"
         f"    hf download {repo}{rev}      (huggingface_hub < 1.0 spells it: huggingface-cli download {repo}{rev})\n"
-        f"    attnxfer fetch {spec}{rev}\n"
+        f"    attnxfer fetch {spec.partition('@')[0]}{rev}\n"  # a spec's @REV is said once, as the flag
         "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
         f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
         "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "

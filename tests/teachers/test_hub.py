@@ -217,15 +217,15 @@ def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatc
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
     put_in_hub_cache(tmp_path, "acme/tiny", tiny_timm())
-    with pytest.raises(
-        TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at main, {REV[:12]}, not deadbeef\)"
-    ) as refused:
-        load_teacher("hf-hub:acme/tiny@deadbeef", cache_dir=str(tmp_path))
-    for command in (
-        "hf download acme/tiny --revision deadbeef",
-        "attnxfer fetch hf-hub:acme/tiny --revision deadbeef",
-    ):
-        assert command in str(refused.value)
+    for get in (load_teacher, fetch_teacher):  # fetch names the spec as given, its @deadbeef included
+        with pytest.raises(
+            TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at main, {REV[:12]}, not deadbeef\)"
+        ) as refused:
+            get("hf-hub:acme/tiny@deadbeef", cache_dir=str(tmp_path))
+        # each command names the revision once, as the commands take it (a spec's @REV and --revision agree)
+        said = str(refused.value)
+        assert "\n    hf download acme/tiny --revision deadbeef  " in said, said
+        assert "\n    attnxfer fetch hf-hub:acme/tiny --revision deadbeef\n" in said, said
 
 
 def test_fetching_offline_from_a_cache_that_holds_a_repos_config_alone_is_refused_as_the_run_would_be(
