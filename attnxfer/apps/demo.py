@@ -254,8 +254,8 @@ def _build_teacher(out_dir: Path, key: str, steps: int | None, progress: list[st
     export_dir = Path(cfg.run_dir) / "export"
     stamp = export_dir / "attnxfer_source.json"
     if not (stamp.exists() and json.loads(stamp.read_text()).get("config_digest") == row["config_digest"]):
-        best = "latest" if spec.metric != "val_top1" else "best"
-        export_run(cfg.run_dir, export_dir, weights="raw", checkpoint=best, overwrite=True)
+        # the run's own checkpoint, as `attnxfer export` takes it: the MAE's latest, a supervised teacher's best
+        export_run(cfg.run_dir, export_dir, weights="raw", overwrite=True)
         atomic_write_json(stamp, {"config_digest": row["config_digest"]})
     return row, export_dir
 

@@ -403,14 +403,15 @@ def export_run(
     out_dir: str | os.PathLike,
     *,
     weights: ExportWeights | str | None = None,
-    checkpoint: CheckpointChoice | str = "best",
+    checkpoint: CheckpointChoice | str | None = None,
     push_to_hub: str | None = None,
     overwrite: bool = False,
     attn_layer: type | None = None,
     formats: Sequence[str] = ("timm",),
 ) -> Path:
     """Export a run's student (``weights``: ``ema`` or ``raw``, None: the EMA's where kept; ``checkpoint``:
-    ``best`` or ``latest``; ``formats`` as `export_student`) with its record, recipe and metrics on the card.
+    ``best`` or ``latest``, None: the run's own, as `RunDir.load_student` picks it; ``formats`` as
+    `export_student`) with its record, recipe and metrics on the card.
     Copy-mode students are refused: they compute attention from the teacher's q/k at inference and do not
     stand alone."""
     formats = _formats(formats)  # an unknown format or a missing package stops before anything is read

@@ -269,13 +269,19 @@ class RunDir:
 
     def load_student(
         self,
-        checkpoint: CheckpointChoice | str = "best",
+        checkpoint: CheckpointChoice | str | None = None,
         weights: ExportWeights | str | None = None,
         attn_layer: type[nn.Module] | None = None,
     ) -> LoadedRunStudent:
-        """The run's student with the chosen checkpoint's weights: ``weights=None`` takes the EMA's where kept,
-        else the raw ones; a named kind must exist. ``attn_layer`` overrides the attention the spec records."""
+        """The run's student with the chosen checkpoint's weights: ``checkpoint=None`` takes the best, or an MAE
+        pre-training's latest (MAE fine-tunes its last weights: a lower val loss ranks no features);
+        ``weights=None`` takes the EMA's where kept, else the raw ones; a named kind must exist.
+        ``attn_layer`` overrides the attention the spec records."""
         record = self.record()
+        if checkpoint is None:
+            checkpoint = (
+                CheckpointChoice.LATEST if record.get("objective") == "mae" else CheckpointChoice.BEST
+            )
         if "student" not in record:
             raise InputError(
                 f"{self.record_file} has no 'student' spec (attnxfer.models.student_spec output): is "

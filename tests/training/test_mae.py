@@ -292,6 +292,53 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
+# an lr that overshoots: the val loss is lowest at step 4 of 6, so the best checkpoint is not the last
+OVERSHOT = [
+    "data.dataset=synthetic",
+    "data.kwargs={length: 64}",
+    "optim.lr=2",
+    "schedule.max_steps=null",
+    "schedule.epochs=3",
+    "schedule.warmup_epochs=0",
+    "checkpoint.every_steps=null",
+    "checkpoint.every_epoch=true",
+]
+
+
+@pytest.fixture(scope="module")
+def overshot_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("mae") / "overshot"
+    pretrain(load_config("demo/mae_pretrain", [*TINY, *OVERSHOT, f"run_dir={run}"]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in rows if r["split"] == "val"}
+    assert min(val, key=val.get) == 4 and max(val) == 6, val  # else best and latest are one checkpoint
+    return run
+
+
+def _is_checkpoint(weights: dict[str, torch.Tensor], run: Path, step: int) -> bool:
+    ckpt = load_file(str(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+    return all(torch.equal(v, ckpt[k]) for k, v in weights.items())
+
+
+@pytest.mark.slow
+def test_pretraining_exports_its_last_checkpoint_not_its_lowest_val_loss(overshot_run, capsys):
+    """MAE fine-tunes its final pre-training weights, and the demo's teacher is the last checkpoint: the
+    run's export is that one, and the card and the printed line say so."""
+    export = overshot_run / "export"
+    assert _is_checkpoint(load_file(str(export / "model.safetensors")), overshot_run, 6)
+    assert not _is_checkpoint(load_file(str(export / "model.safetensors")), overshot_run, 4)
+    assert "- weights: step-00000006 (latest), raw weights" in (export / "README.md").read_text()
+    # a finished run resumed without its export writes it again, saying which checkpoint
+    shutil.rmtree(export)
+    capsys.readouterr()
+    pretrain(load_config("demo/mae_pretrain", [*TINY, *OVERSHOT, f"run_dir={overshot_run}"]))
+    out = capsys.readouterr().out
+    assert (
+        "encoder of the last checkpoint, step-00000006 (MAE's rule: not the lowest val loss), exported" in out
+    )
+    assert _is_checkpoint(load_file(str(export / "model.safetensors")), overshot_run, 6)
+
+
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
     from attnxfer.apps.run.parts import init_from_pretrained

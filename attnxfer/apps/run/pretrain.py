@@ -2,8 +2,9 @@
 
 The ``model`` section's ViT inside the ``mae`` section's `MaskedAutoencoder`, trained by the same `Engine`
 as students (checkpoints, resume, SLURM, trackers); each evaluation scores the masked-patch loss and draws
-reconstructions. The encoder is exported in timm's layout to ``RUN_DIR/export`` (decoder dropped), a
-teacher (``teacher.spec``) or an init (``model.init``) for later runs.
+reconstructions. The last checkpoint's encoder (MAE fine-tunes its final weights) is exported in timm's
+layout to ``RUN_DIR/export`` (decoder dropped), a teacher (``teacher.spec``) or an init (``model.init``)
+for later runs.
 """
 
 from __future__ import annotations
@@ -308,7 +309,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         export = Path(cfg.run_dir) / "export"
         # a finished run resumed again keeps its export (one is made if the run stopped before it)
         if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
-            out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)
-            say(f"encoder exported to {out}: teacher.spec=local-dir:{out}")
+            out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)  # its latest checkpoint
+            say(
+                f"encoder of the last checkpoint, {Path(engine.last_ckpt or '').name} (MAE's rule: not the "
+                f"lowest val loss), exported to {out}: teacher.spec=local-dir:{out}"
+            )
         barrier()
         return result
