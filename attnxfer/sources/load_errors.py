@@ -54,7 +54,8 @@ def run_folder_hint(folder: Path) -> str | None:
         run = folder.parent.parent
         return (
             f"{folder} is one of the checkpoints of the run {run}, not a model's folder: export the run "
-            f"(`attnxfer export {run} {run / 'export'}`, its best checkpoint or --checkpoint latest), then use "
+            f"(`attnxfer export {run} {run / 'export'}`: its best checkpoint, an MAE pre-training's latest; "
+            "--checkpoint best|latest picks one), then use "
             f"local-dir:{run / 'export'}"
         )
     if folder.name == STAGE_DIRS[0] and (folder.parent / STAGE_DIRS[-1]).is_dir():  # stage 2 has the student

@@ -340,6 +340,28 @@ def test_pretraining_exports_its_last_checkpoint_not_its_lowest_val_loss(oversho
 
 
 @pytest.mark.slow
+def test_a_pretraining_run_folder_is_the_teacher_its_export_holds(overshot_run, tmp_path, capsys):
+    """Read as a model (`inspect`'s TEACHER or STUDENT, `attnxfer export`'s default) a pre-training run's
+    folder gives its last checkpoint, the export's weights; --checkpoint best names the lowest val loss. As
+    teacher.spec the folder is refused, naming the export."""
+    from attnxfer.apps.inspect.inspect import load_model
+
+    model = load_model(str(overshot_run), role="teacher").model
+    assert _is_checkpoint(model.state_dict(), overshot_run, 6)
+    code, _, _ = run_cli(capsys, "export", str(overshot_run), str(tmp_path / "default"))
+    assert code == 0 and _is_checkpoint(
+        load_file(str(tmp_path / "default" / "model.safetensors")), overshot_run, 6
+    )
+    code, _, _ = run_cli(capsys, "export", str(overshot_run), str(tmp_path / "best"), "--checkpoint", "best")
+    assert code == 0 and _is_checkpoint(
+        load_file(str(tmp_path / "best" / "model.safetensors")), overshot_run, 4
+    )
+    for spec in (str(overshot_run), f"local-dir:{overshot_run}"):
+        with pytest.raises(InputError, match=re.escape(f"use local-dir:{overshot_run / 'export'}")):
+            load_teacher(spec)
+
+
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
     from attnxfer.apps.run.parts import init_from_pretrained
     from attnxfer.config import ModelConfig

@@ -74,9 +74,10 @@ def _run_of(spec: str) -> RunDir | None:
 
 
 def _load_run(spec: str, run_dir: RunDir, teacher: LoadedModel | None) -> LoadedModel:
-    """A training run's best student; a copy-mode run gets the plan's borrowed layers and must come with the
+    """A training run's student, from the checkpoint `attnxfer export` takes (the best; an MAE pre-training's
+    latest, what its export holds); a copy-mode run gets the plan's borrowed layers and must come with the
     teacher it was trained with."""
-    loaded = run_dir.load_student("best")
+    loaded = run_dir.load_student()
     run, mode = loaded.record, loaded.record.get("mode")
     student = make_transfer_aware(loaded.model).eval().requires_grad_(False)
     model = LoadedModel(

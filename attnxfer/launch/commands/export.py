@@ -16,8 +16,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         choices=("best", "latest"),
-        default="best",
-        help="the checkpoint with the best recorded val metric (default), or the newest",
+        default=None,
+        help="the checkpoint with the best recorded val metric, or the newest; default: the best, an MAE "
+        "pre-training's newest (MAE fine-tunes its last weights)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to the Hub as REPO")
