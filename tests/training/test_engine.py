@@ -236,6 +236,13 @@ def test_a_resumed_run_reports_the_whole_runs_history_and_seconds(tmp_path):
     assert again.seconds > first.seconds > 0
 
 
+def test_a_run_without_logit_distillation_resumes_whatever_logit_temperature_it_is_given(tmp_path):
+    """Read only by logit distillation: recipes that stopped setting it still continue their runs."""
+    common = [*TINY, "transfer.mode=none", f"run_dir={tmp_path / 'r'}"]
+    train(load_config(None, [*common, "schedule.max_steps=2", "transfer.logit_temperature=2"]))
+    assert train(load_config(None, [*common, "schedule.max_steps=4"])).steps == 4
+
+
 def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path, capsys):
     code, _, err = run_cli(
         capsys,

@@ -93,6 +93,14 @@ def judge(
             else c
             for c in changes
         ]
+    # a logit temperature is read only by logit distillation: a run without it (recipes set one) goes on
+    unread = not cfg.transfer.logit_distill and not find_key(point.config, "transfer.logit_distill")[1]
+    changes = [
+        KeyChange(c.key, c.old, c.new, True, "read only where transfer.logit_distill > 0")
+        if c.key == "transfer.logit_temperature" and unread and not c.allowed
+        else c
+        for c in changes
+    ]
     point = point.judged(changes)
     if point.refused:
         run = Path(run_dir or cfg.run_dir)
