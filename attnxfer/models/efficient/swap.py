@@ -177,10 +177,9 @@ def swap_attentions(
         if reason:
             raise InputError(f"blocks.{index}: {reason}")
         block.attn = slot.build(old, cls, depth=index, layout=layout, options=opts, where=f"blocks.{index}")
-    embed = find_patch_embedding(model)[1]
-    hooks = embed._forward_hooks.values()
-    if layout.grid is None and not any(getattr(h, "func", 0) is _tell_grid for h in hooks):
-        embed.register_forward_hook(functools.partial(_tell_grid, model))  # a partial: the model pickles
+    found = find_patch_embedding(model) if layout.grid is None else None  # a dynamic-size model's
+    if found and not any(getattr(h, "func", 0) is _tell_grid for h in found[1]._forward_hooks.values()):
+        found[1].register_forward_hook(functools.partial(_tell_grid, model))  # a partial: the model pickles
     return model
 
 
