@@ -51,9 +51,11 @@ from .run.parts import build_run_parts
 from .run.resume import check_teacher_content, judge
 
 _VERSION = 1
-_KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
-#: keys no part of a search reads (it fits in fp32 with torch's default kernels and mixes no labels)
+#: keys no part of a search reads (it fits in fp32 with torch's default kernels and mixes no labels; it saves
+#: after each generation, and resumes only on the data it recorded)
 _UNREAD_BY_SEARCH = (
+    "checkpoint.every_",
+    "checkpoint.allow_new_data",
     "teacher.dtype",
     "teacher.compile",
     "model.",
@@ -159,7 +161,7 @@ def _adopt_older_layout(run_dir: Path) -> None:
     """A search saved before searches saved through the checkpoint store kept its state in RUN_DIR/state.json:
     save it as the store's checkpoint of its generation (the old file stays), so it resumes like any other."""
     old = run_dir / STATE_NAME
-    manager = CheckpointManager(run_dir, keep_last=_KEEP)
+    manager = CheckpointManager(run_dir)
     if not old.is_file() or manager.latest(verify_hash=False) is not None:
         return
     try:
@@ -179,7 +181,9 @@ def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str
         "teacher": teacher,
         "state": state.to_dict(),
     }
-    CheckpointManager(run_dir, keep_last=_KEEP).save(max(state.generation, 0), {}, data, replace=True)
+    CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last).save(
+        max(state.generation, 0), {}, data, replace=True
+    )
     lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
     atomic_write_text(run_dir / SEARCH_CANDIDATES, "\n".join(lines) + "\n")
 
@@ -360,9 +364,22 @@ def search(
         raise ConfigError(f"search.convert_recipe={cfg.search.convert_recipe}: {e}") from None
     unread = [k for k in config_changes(TrainConfig(), cfg) if k.startswith(_UNREAD_BY_SEARCH)]
     if unread:  # silently dropped otherwise (schedule.max_steps=2 would not shorten the search)
+        saving = [k for k in unread if k.startswith("checkpoint.")]
+        why = [
+            (
+                "each candidate is the teacher with the formula swapped in, fitted as the search section says: "
+                "search.fit_steps, search.fit_lr",
+                len(saving) < len(unread),
+            ),
+            (
+                "it saves after each generation, keeping the newest checkpoint.keep_last, and resumes only on the "
+                "data it recorded",
+                bool(saving),
+            ),
+        ]
         raise ConfigError(
-            f"attnxfer search does not read {', '.join(unread)} (each candidate is the teacher with the formula "
-            "swapped in, fitted as the search section says: search.fit_steps, search.fit_lr): remove them"
+            f"attnxfer search does not read {', '.join(unread)} ({'; '.join(w for w, on in why if on)}): "
+            f"remove {'it' if len(unread) == 1 else 'them'}"
         )
     with run_lock(cfg.run_dir, "search"):
         torch.manual_seed(cfg.seed)

@@ -224,7 +224,8 @@ class CheckpointConfig:
     # also save once this many minutes have passed since the last save (looked at every log.every_steps)
     every_minutes: float | None = key(None, range=POSITIVE)
     every_epoch: bool = key(True, range=ANY)
-    keep_last: int = key(3, range=AT_LEAST_1)
+    # the newest checkpoints kept (a search's: its newest generations)
+    keep_last: int = key(3, range=AT_LEAST_1, search_resumable=True)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
     resume: str = key("auto", range=ANY, search_resumable=True)
     # a resume on other training data than the checkpoint recorded (another file list, dataset or shard list;

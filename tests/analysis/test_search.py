@@ -541,6 +541,7 @@ def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refus
         ("search.min_speed=2", True),  # declared search_resumable (a training resume could not change it)
         ("log.every_steps=7", True),  # through its section: section(LogConfig, search_resumable=True)
         ("data.num_workers=2", True),
+        ("checkpoint.keep_last=5", True),  # how many generations stay saved, not what they hold
         ("optim.lr=0.5", False),  # a training resume may change it; a search's candidates were fitted with it
         ("search.fit_steps=5", False),
     ],
@@ -612,6 +613,27 @@ def test_keys_a_search_never_reads_are_refused_before_anything_is_written(tmp_pa
     )
     assert code == 2 and "does not read teacher.dtype, teacher.compile (" in err, err[-2000:]
     assert not run.exists()
+    # it saves once per generation, and a resume on other data is refused whatever allow_new_data says
+    saving = ["checkpoint.every_steps=5", "checkpoint.every_minutes=1", "checkpoint.every_epoch=false"]
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, *saving, "checkpoint.allow_new_data=true"))
+    assert code == 2 and "does not read " + ", ".join(k.split("=")[0] for k in saving) in err, err[-2000:]
+    assert "checkpoint.allow_new_data (it saves after each generation" in err and "fit_lr" not in err
+    assert not run.exists()
+
+
+def test_a_search_keeps_its_newest_checkpoint_keep_last_generations(tmp_path):
+    from attnxfer.apps.search import _save
+    from attnxfer.config import load_config
+    from attnxfer.search import SearchState
+
+    for keep, kept in ((None, [3, 4, 5]), (1, [5]), (4, [2, 3, 4, 5])):
+        run = tmp_path / str(keep)
+        cfg = load_config(
+            overrides=[f"run_dir={run}"] + [f"checkpoint.keep_last={keep}"] * (keep is not None)
+        )
+        for generation in range(6):
+            _save(cfg, run, SearchState(generation=generation), None)
+        assert sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")) == kept
 
 
 def test_job_array_flags_without_array_tasks_are_refused_not_dropped(tmp_path, capsys):
