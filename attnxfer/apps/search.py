@@ -440,7 +440,7 @@ def search(
             signum = stop_signal()
             if signum is not None and s.generation >= 0:
                 saved_at = CheckpointManager(run_dir).path_for(s.generation)
-                raise StopRequested(signum, s.generation, str(saved_at), settings.generations)
+                raise StopRequested(signum, s.generation, str(saved_at), settings.generations, "generation")
             budget = cfg.search.time_budget_min
             if budget is None:
                 return None

@@ -132,7 +132,9 @@ def last_checkpoint_note(run_dir: str | os.PathLike) -> str:
         return "its checkpoints could not be listed"
     if info is None:
         return "no checkpoint was saved yet"
-    return f"last intact checkpoint: step {info.step} ({info.path})"
+    # a search's checkpoints hold generations
+    unit = "generation" if (Path(run_dir) / SEARCH_CANDIDATES).exists() else "step"
+    return f"last intact checkpoint: {unit} {info.step} ({info.path})"
 
 
 def disk_error(e: BaseException, run_dir: str | os.PathLike) -> RunDirNotWritableError | None:

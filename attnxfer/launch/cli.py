@@ -82,7 +82,8 @@ def _where_to_resume(args) -> str:
     if study and info.path.parent.parent != run:
         again = f"running the same command again{_with_auto(cfg)}"
         return f"{again} continues the study from its students' checkpoints (e.g. {info.path})"
-    return f"running the same command again{_with_auto(cfg)} continues from step {info.step} ({info.path})"
+    unit = "generation" if args.command == "search" else "step"  # a search saves generations
+    return f"running the same command again{_with_auto(cfg)} continues from {unit} {info.step} ({info.path})"
 
 
 def _config_of(args):

@@ -27,13 +27,16 @@ _catching = False
 
 
 class StopRequested(Exception):
-    """The loop stopped at a step boundary after a stop signal; its checkpoint of that step is saved."""
+    """The loop stopped at a step boundary after a stop signal; its checkpoint of that step is saved. ``unit``:
+    what a step of the loop is called (a search's checkpoints hold generations)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None, total: int | None = None) -> None:
+    def __init__(
+        self, signum: int, step: int, checkpoint: str | None, total: int | None = None, unit: str = "step"
+    ) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.signal_name = signal.Signals(signum).name
         super().__init__(
-            f"stopped by {self.signal_name} at step {step}{f' of {total}' if total else ''}; checkpoint saved"
+            f"stopped by {self.signal_name} at {unit} {step}{f' of {total}' if total else ''}; checkpoint saved"
             + (f" ({checkpoint})" if checkpoint else "")
         )
 

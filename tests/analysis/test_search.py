@@ -449,7 +449,8 @@ def test_sigterm_stops_at_a_saved_generation_says_so_and_the_same_command_ends_a
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out[-3000:]
     m = re.search(
-        r"stopped by SIGTERM at step (\d) of 2; checkpoint saved \((.+?)\); re-run the same command", out
+        r"stopped by SIGTERM at generation (\d) of 2; checkpoint saved \((.+?)\); re-run the same command",
+        out,
     )
     assert m and Path(m.group(2)).is_dir() and not (run / "attnxfer.lock").exists(), out[-3000:]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -665,3 +666,24 @@ def test_job_array_flags_choose_where_the_array_runs(tmp_path, monkeypatch):
             ["search", "--array-tasks", "2", "--gpus-per-node", "1", *flags, f"run_dir={tmp_path / 'r'}"]
         )
     assert {**want, "gpus_per_node": 1}.items() <= got.value.args[0].items()
+
+
+def test_a_stopped_search_names_the_generation_it_continues_from(tmp_path, capsys, monkeypatch):
+    """Its checkpoints (step-<N> folders) hold generations: Ctrl-C's advice and a disk error's note say so."""
+    import attnxfer.apps.search
+    from attnxfer.apps.search import _save
+    from attnxfer.checkpoints.run_lock import last_checkpoint_note
+    from attnxfer.config import load_config
+    from attnxfer.search import SearchState
+
+    run = tmp_path / "run"
+    _save(load_config(overrides=[f"run_dir={run}"]), run, SearchState(generation=3), None)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attnxfer.apps.search, "search", ctrl_c)
+    assert cli.main(["search", f"run_dir={run}"]) == 130
+    saved = run / "checkpoints" / "step-00000003"
+    assert f"continues from generation 3 ({saved})" in capsys.readouterr().err
+    assert last_checkpoint_note(run) == f"last intact checkpoint: generation 3 ({saved})"
