@@ -247,8 +247,10 @@ def test_mae_pretraining_without_labels_never_reads_one(tmp_path):
     assert (
         cli.main(["eval", *_TINY_MAE, "data.labels=false", f"run_dir={run}"]) == 0
     )  # scored by its val loss
-    [scored] = [json.loads(p.read_text())["metrics"] for p in run.glob("eval-*.json")]
+    [record] = [json.loads(p.read_text()) for p in run.glob("eval-*.json")]
+    scored = record["metrics"]
     assert "val_loss" in scored and not any(k.startswith("knn") for k in scored)
+    assert record["config"]["mae"]["mask_ratio"] == 0.75  # the masking its val loss was scored with
 
 
 def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir):

@@ -3,6 +3,7 @@ real pre-training run (animal-mnist) whose checkpoint loads as a teacher and res
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -290,6 +291,41 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
     oa = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
     ob = load_file(str(resumed / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+@pytest.mark.slow
+def test_evals_of_a_pretraining_step_at_other_mae_settings_are_kept_apart(pretrained_run, tmp_path, capsys):
+    """The val loss depends on mae.*: each eval records them, so a second one at another mask_ratio does not
+    replace the first's scores. A checkpoint written without its mae section (its keys go unjudged) lets
+    the ratio change."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_run, run)
+    state_file = run / "checkpoints" / "step-00000008" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["mae"]
+    text = json.dumps(state).encode()
+    state_file.write_bytes(text)
+    manifest = json.loads(state_file.with_name("MANIFEST.json").read_text())
+    manifest["files"]["state.json"] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    state_file.with_name("MANIFEST.json").write_text(json.dumps(manifest))
+
+    def scored(*overrides: str) -> Path:
+        args = ["eval", "-c", str(run / "config.yaml"), f"run_dir={run}", "eval.metrics=[]", *overrides]
+        code, out, err = run_cli(capsys, *args)
+        assert code == 0, err
+        return Path(out.strip().splitlines()[-1].rsplit(" -> ", 1)[1])
+
+    first = scored()
+    kept = first.read_bytes()
+    other = scored("mae.mask_ratio=0.5")
+    assert other != first and first.read_bytes() == kept
+    records = [json.loads(p.read_text()) for p in (first, other)]
+    assert [r["config"]["mae"]["mask_ratio"] for r in records] == [0.75, 0.5]
+    trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in trained if r["split"] == "val" and r["step"] == 8]
+    assert records[0]["metrics"]["val_loss"] == pytest.approx(val[-1])  # as the run scored it: mask 0.75
+    assert records[1]["metrics"]["val_loss"] != pytest.approx(val[-1])
+    assert scored() == first  # the first evaluation again replaces only its own scores
 
 
 # an lr that overshoots: the val loss is lowest at step 4 of 6, so the best checkpoint is not the last

@@ -125,10 +125,12 @@ def evaluate_run(
     cfg: TrainConfig,
     parts: RunParts | None = None,
     build: Callable[[TrainConfig, ResumePoint], Engine] | None = None,
+    command: str = "eval",
 ) -> EvalResult:
     """Score the run's newest checkpoint (or ``checkpoint.resume=PATH``); a run without one, or whose dir
     cannot take the result file, is refused before anything is computed. No lock: scoring a run that
-    trains is fine."""
+    trains is fine. ``command``: the one whose sections ``build``'s score reads too (pretrain: mae.*), so
+    the result file records them."""
     wanted = eval_metrics(cfg, own_objective=build is not None)
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
         raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
@@ -147,7 +149,7 @@ def evaluate_run(
             engine = build(cfg, point)
         metrics = engine.evaluate_checkpoint()
         metrics |= _quality_metrics(cfg, engine, wanted, metrics)
-        config = to_dict(cfg, "eval")  # the sections every command reads
+        config = to_dict(cfg, command)  # the sections every command reads, and the objective's own
         path = _result_path(Path(cfg.run_dir), engine.step, config)
         if engine.is_main:
             record = {

@@ -63,7 +63,11 @@ def run(args) -> int:
             f"run trained it, and {who}; remove {them}"
         )
     if mode == MODE:  # MAE pre-training: its own val loss
-        result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
+        result = evaluate_run(
+            cfg,
+            build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point),
+            command="pretrain",
+        )
     elif mode is not None and mode not in MODES:  # scored as a transfer, its checkpoint would be misread
         raise InputError(
             f"{run_dir.record_file} names the objective {mode!r}, which eval has no scorer for: it scores runs "
