@@ -682,7 +682,8 @@ def test_a_student_that_cannot_be_loaded_is_named_as_the_student(tmp_path, monke
 
 def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teacher, tmp_path, capsys):
     """Without --images or --data the images are the run's own data as the run made them (its data seed and
-    options: a recall task's glyphs are a function of them), not the dataset's defaults."""
+    options: a recall task's glyphs are a function of them), not the dataset's defaults. report.md names a
+    run folder, student or teacher, with the checkpoint and the weights it read."""
     run = tmp_path / "run"
     micro = [
         "model.name=vit_micro_patch4_28",
@@ -694,13 +695,25 @@ def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teac
         "schedule.max_steps=1",
         "schedule.epochs=1",
         "checkpoint.every_epoch=false",
+        "ema.decay=0.9",
     ]
     code, _, err = run_cli(capsys, "train", f"run_dir={run}", *tiny_run(8, 4), "data.seed=3", *micro, *steps)
     assert code == 0, err
     few = dict(num_images=2, floor_images=1, batch_size=2)
-    flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(tmp_path / "own")]
-    code, out, err = run_cli(capsys, "inspect", micro_teacher, str(run), *flags)
+    flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out"]
+    code, out, err = run_cli(capsys, "inspect", micro_teacher, str(run), *flags, str(tmp_path / "own"))
     assert code == 0 and "images: synthetic's val split" in out, err
+    [val] = [
+        r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "val"
+    ]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    read = f"`{run}` (step-00000001, best EMA val top-1 {val['ema_val_top1']:.2f}, EMA weights)"
+    assert (
+        f"- teacher: `{micro_teacher}`\n- student `run`: {read}\n"
+        in (tmp_path / "own" / "report.md").read_text()
+    )
+    assert run_cli(capsys, "inspect", str(run), str(run), *flags, str(tmp_path / "self"))[0] == 0
+    assert f"- teacher: {read}\n" in (tmp_path / "self" / "report.md").read_text()
     own = json.loads((tmp_path / "own" / "metrics.json").read_text())["students"]
     options = {"seed": 3, "length": 8}
     made = inspect_attention(micro_teacher, [str(run)], data="synthetic", data_options=options, **few)

@@ -25,7 +25,7 @@ from timm.data import create_transform
 from ...analysis import InspectedStudent, Inspection, compare_attention, input_size, token_layout
 from ...analysis.pictures import agreement_figure, save_figure
 from ...checkpoints.processes import process_alive
-from ...checkpoints.run_dir import RunDir
+from ...checkpoints.run_dir import ExportWeights, RunDir
 from ...checkpoints.run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...data import build_dataset
@@ -83,7 +83,9 @@ def _load_run(spec: str, run_dir: RunDir, teacher: LoadedModel | None) -> Loaded
     model = LoadedModel(
         spec,
         student,
-        f"run {loaded.why}, {loaded.weights_file.stem} weights",
+        # as report.md names it: "step-00000040, best val top-1 71.20, EMA weights"
+        f"{loaded.why.replace(' (', ', ', 1).removesuffix(')')}, "
+        f"{'EMA' if loaded.weights is ExportWeights.EMA else 'raw'} weights",
         mean=tuple(run.get("mean") or ()),
         std=tuple(run.get("std") or ()),
         checkpoint=loaded.checkpoint,
@@ -289,7 +291,10 @@ def write_report(
     specs = {n: s.spec for n, s in students.items()}
     payload = {"specs": {"teacher": teacher.spec, "students": specs}, **dataclasses.asdict(insp)}
     atomic_write_json(out / "metrics.json", json_safe(payload))
-    atomic_write_text(out / "report.md", render_report(insp, teacher.spec, specs))
+    # a run folder by the checkpoint and weights read from it too: its path alone says neither
+    named = lambda m: f"`{m.spec}`" + (f" ({m.source})" if m.run else "")
+    names = {n: named(s) for n, s in students.items()}
+    atomic_write_text(out / "report.md", render_report(insp, named(teacher), names))
     _, _, mean, std = _input_settings(teacher)
     subjects = {n: s.subject for n, s in students.items()}
     return [

@@ -23,13 +23,14 @@ def json_safe(value: Any) -> Any:
 
 def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -> str:
     """The markdown view of an inspection: what was measured and how, the teacher's layers against the
-    floor, then per student its layers against the teacher's and which heads correspond."""
+    floor, then per student its layers against the teacher's and which heads correspond. ``teacher`` and
+    ``students`` (name -> model) as the report names the models, markdown included."""
     s = insp.settings
     lines = [
         "# Attention inspection",
         "",
-        f"- teacher: `{teacher}`",
-        *[f"- student `{name}`: `{spec}`" for name, spec in students.items()],
+        f"- teacher: {teacher}",
+        *[f"- student `{name}`: {model}" for name, model in students.items()],
         f"- {insp.images} images; tokens: {insp.tokens['prefix']} prefix + {'x'.join(map(str, insp.tokens['grid']))}"
         f" patches of {'x'.join(map(str, insp.tokens['patch']))} px",
         f"- floor: the teacher against itself on inputs with Gaussian noise (std {s['noise']}, normalised units) "
