@@ -143,6 +143,18 @@ def tiny_run(length: int, batch: int) -> list[str]:
     return ["data.dataset=synthetic", f"data.kwargs.length={length}", f"data.batch_size={batch}", *QUIET]
 
 
+def once_each(argv: list[str]) -> list[str]:
+    """``argv`` without the overrides a later one of the same key replaces: the command as a user types it,
+    which a test whose stderr must be one line runs (a key given twice is warned about)."""
+    keys = [
+        a.partition("=")[0].strip()
+        if "=" in a and not a.startswith("-") and argv[i - 1 : i] not in (["--vary"], ["--sweep"])
+        else None
+        for i, a in enumerate(argv)
+    ]
+    return [a for i, (a, key) in enumerate(zip(argv, keys)) if key is None or key not in keys[i + 1 :]]
+
+
 #: A one-block student trained from scratch, 4 steps an epoch on synthetic data: about a second a run (the
 #: `trained` fixtures' run, and the run-dir tests').
 ONE_BLOCK_RUN = (

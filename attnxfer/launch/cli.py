@@ -141,6 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # a key pasted twice keeps its last value, as argparse does; said here, where only the user's keys are
+    given: dict[str, list[str]] = {}
+    for key, eq, value in (o.partition("=") for o in getattr(args, "overrides", [])):
+        if eq:
+            given.setdefault(key.strip(), []).append(value)
+    if twice := [(k, v) for k, v in given.items() if len(v) > 1]:
+        warn(
+            "warning: "
+            + "; ".join(
+                f"{k} given {'twice' if len(v) == 2 else f'{len(v)} times'} ({', '.join(v[:-1])}, then {v[-1]}): "
+                f"the last, {v[-1]}, is taken"
+                for k, v in twice
+            )
+        )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import ONE_BLOCK_RUN as S, popen_interruptible, run_cli
+from helpers import ONE_BLOCK_RUN as S, once_each, popen_interruptible, run_cli
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -246,7 +246,7 @@ def test_a_refused_run_leaves_neither_its_folder_nor_the_folders_made_above_it(t
     """Bad input keeps nothing: an empty runs/demo left by a demo recipe run before the demo would be told
     apart from the user's own folders by no one."""
     run = tmp_path / "runs" / "demo" / "copy"
-    code, _, err = run_cli(capsys, "train", *S, "transfer.mode=copy", f"run_dir={run}")
+    code, _, err = run_cli(capsys, *once_each(["train", *S, "transfer.mode=copy", f"run_dir={run}"]))
     assert code == 2 and "needs a teacher" in _error_line(err)
     assert list(tmp_path.iterdir()) == []
 

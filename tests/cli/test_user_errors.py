@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_run, tiny_vit
+from helpers import ONE_BLOCK_RUN as S, once_each, run_cli, tiny_run, tiny_vit
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.training import plan_from_config
@@ -34,7 +34,7 @@ _TINY_RUN = [
 
 def _refused(argv: list[str], capsys) -> str:
     """Run the CLI in this process; the refusal must be exit code 2 and one line on stderr."""
-    code, _, err = run_cli(capsys, *argv)
+    code, _, err = run_cli(capsys, *once_each(argv))
     assert code == 2
     err = err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
@@ -534,6 +534,20 @@ def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_replaces_a_give
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "  stage1_steps: 0\n" in out, err
     assert "warning: --skip-stage1 is convert.stage1_steps=0, which replaces convert.stage1_steps=5" in err
+    assert "given twice" not in err  # the key --skip-stage1 adds is not the user's
+
+
+def test_a_key_given_twice_on_the_command_line_is_said_once_and_the_last_is_taken(capsys):
+    """A pasted second override of a key silently replaced the first: now one line names every such key."""
+    argv = ["train", "-c", "demo/distill", "transfer.atd_weight=1", "optim.lr=1e-3", "transfer.atd_weight =3"]
+    code, out, err = run_cli(capsys, *argv, "optim.lr=2e-3", "seed=4", "optim.lr=3e-3", "--print-config")
+    assert code == 0 and "  atd_weight: 3.0\n" in out and "  lr: 0.003\n" in out, err
+    assert err.count("given") == 2 and err.startswith(
+        "warning: transfer.atd_weight given twice (1, then 3): the last, 3, is taken; "
+        "optim.lr given 3 times (1e-3, 2e-3, then 3e-3): the last, 3e-3, is taken\n"
+    ), err
+    code, _, err = run_cli(capsys, "train", "-c", "demo/distill", "optim.lr=1e-3", "--print-config")
+    assert code == 0 and "given" not in err, err
 
 
 # -- paths and files given on the command line: a config, a run dir, an output folder ------------------------
@@ -594,7 +608,7 @@ def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, n
     monkeypatch.chdir(tmp_path)
     (tmp_path / "binary").write_bytes(bytes(range(256)))
     (tmp_path / "afile").write_text("x")
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    argv = once_each([a.replace("{tmp}", str(tmp_path)) for a in argv])
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err

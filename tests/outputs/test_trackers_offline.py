@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import attnxfer_process, tiny_run
+from helpers import attnxfer_process, once_each, tiny_run
 
 from attnxfer.train.trackers import TrackerUnavailableError, prepare_trackers, server_problem
 
@@ -131,10 +131,7 @@ def test_wandb_with_a_key_but_no_server_goes_offline_and_online_is_refused(tmp_p
     url = f"http://127.0.0.1:{_closed_port()}"
     env = _clean_env(tmp_path / "home", WANDB_API_KEY="a" * 40, WANDB_BASE_URL=url)
     refused = attnxfer_process(
-        "train",
-        f"run_dir={tmp_path / 'online'}",
-        *TINY,
-        "log.trackers=[wandb]",
+        *once_each(["train", f"run_dir={tmp_path / 'online'}", *TINY, "log.trackers=[wandb]"]),
         env={**env, "WANDB_MODE": "online"},
         cwd=tmp_path,
     )
@@ -210,7 +207,7 @@ def test_an_mlflow_server_that_does_not_answer_stops_before_the_teacher_loads(tm
     uri = f"http://127.0.0.1:{_closed_port()}"
     env = _clean_env(tmp_path / "home", MLFLOW_TRACKING_URI=uri)
     run = tmp_path / "run"
-    args = ["train", f"run_dir={run}", *TINY, "log.trackers=[mlflow]", "transfer.mode=distill"]
+    args = once_each(["train", f"run_dir={run}", *TINY, "log.trackers=[mlflow]", "transfer.mode=distill"])
     line = _refusal(
         attnxfer_process(*args, f"teacher.spec=local-dir:{tmp_path / 'no-teacher'}", env=env, cwd=tmp_path)
     )
