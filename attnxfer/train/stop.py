@@ -1,7 +1,8 @@
 """Stopping a run cleanly on SIGTERM (``scancel``, a preemption, ``kill``; SLURM's SIGKILL follows
-``KillWait`` later) or Ctrl-C (SIGINT): while a loop runs, either only sets a flag, the loop saves the step it
-is at and raises `StopRequested` (exit 143 or 130; a submitted job requeues). A second signal acts as if none
-was caught (a second Ctrl-C: KeyboardInterrupt at once).
+``KillWait`` later), Ctrl-C (SIGINT) or SIGUSR2 (a user's ``#SBATCH --signal=USR2@120``, submitit's USR_SIG):
+while a loop runs, each only sets a flag, the loop saves the step it is at and raises `StopRequested` (exit
+143, 130 or 140; a submitted job requeues). A second signal acts as if none was caught (a second Ctrl-C:
+KeyboardInterrupt at once).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from .distributed import rank_and_world
 
 #: what a cluster or a user sends to end a process politely
-STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 _received: list[int] = []  # signals caught since the loop started (signal handlers only append)
 #: a block runs: one inside it (a fit inside auto's selection) leaves it the signals and the flag
@@ -49,13 +50,19 @@ class StopRequested(Exception):
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
     """While the block runs, ``signals`` set a flag instead of ending the process (main thread only); a handler
-    installed before (a submitted job's watcher) still runs; an ignored one (SIGINT of ``cmd &``) stays ignored."""
+    installed before (a submitted job's watcher) still runs; an ignored one (SIGINT of ``cmd &``) stays ignored.
+    SIGUSR2 is caught only where its default would end the process unsaved: a submitted job's is submitit's."""
     global _catching
     if threading.current_thread() is not threading.main_thread() or _catching:
         yield
         return
     _received.clear()
-    previous = {s: signal.getsignal(s) for s in signals if signal.getsignal(s) != signal.SIG_IGN}
+    previous = {
+        s: signal.getsignal(s)
+        for s in signals
+        if signal.getsignal(s) != signal.SIG_IGN
+        and (s != signal.SIGUSR2 or signal.getsignal(s) == signal.SIG_DFL)
+    }
 
     def handler(signum: int, frame: Any) -> None:
         before = previous[signum]

@@ -128,6 +128,40 @@ def test_a_run_that_started_over_is_told_to_resume_with_auto(tmp_path, cli_run):
     assert saved_at.name == f"step-{step:08d}"
 
 
+@pytest.mark.slow
+def test_sigusr2_of_an_sbatch_signal_saves_the_step_and_says_to_run_again(tmp_path, cli_run):
+    """``#SBATCH --signal=USR2@120`` (or submitit's USR_SIG) around a plain ``attnxfer train``: SIGUSR2's
+    default action ended the run unsaved; it stops as SIGTERM does, exit 140, the step saved."""
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = cli_run(_train(run_dir), log)
+    stop = stop_with_sigterm(proc, log, lambda: _train_records(run_dir) >= 3, "train", signum=signal.SIGUSR2)
+    step, saved_at, text = stop
+    assert 3 <= step < STEPS and "Traceback" not in text
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [saved_at.name]
+    assert ResumePoint.find(run_dir).step == step
+
+
+def test_sigusr2_is_caught_only_where_no_handler_takes_it():
+    """A plain run catches SIGUSR2 (its default ends the process); a submitted job's handler (submitit's
+    requeue) keeps it, as before."""
+    from attnxfer.train.stop import stop_on_signals, stop_signal
+
+    before = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGUSR2) != signal.SIG_DFL  # else the kill would end pytest
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop_signal() == signal.SIGUSR2
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+        taken = []
+        signal.signal(signal.SIGUSR2, lambda signum, frame: taken.append(signum))
+        with stop_on_signals():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop_signal() is None and taken == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
     """Only a loop that checks the flag catches SIGTERM: before and after it, the process ends as usual."""
     from attnxfer.train.stop import stop_on_signals
