@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_BLOCK_RUN as S, popen_interruptible, run_cli
+from helpers import ONE_BLOCK_RUN as S, once_each, popen_interruptible, run_cli
 from safetensors.torch import load_file
 
 
@@ -54,7 +54,8 @@ def test_periodic_save_on_an_epoch_end_and_extending_a_finished_run(tmp_path, ca
 )
 def test_resume_refuses_a_config_that_changes_what_the_checkpoint_means(trained, capsys, change, keys):
     before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
-    code, _, err = run_cli(capsys, "train", *S, "schedule.max_steps=6", f"run_dir={trained}", *change)
+    args = once_each(["train", *S, "schedule.max_steps=6", f"run_dir={trained}", *change])
+    code, _, err = run_cli(capsys, *args)
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()
     assert len(line) == 1 and all(k in line[0] for k in keys) and "run_dir=" in line[0]
