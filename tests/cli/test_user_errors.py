@@ -3,8 +3,8 @@ exits 2 (a bare ValueError would now print a traceback, as a bug does). One in-p
 of refusal that raised a plain ValueError before: the zoo attentions' option checks, the hierarchical
 conversion's per-stage names, the mirrored student's construction, the MAE's decoder. And the command
 line's paths and inputs, each refusal naming the real problem in one line, nothing left behind: an empty,
-folder or binary -c, a run dir given without -c, a run_dir or output folder under a file, and a table of
-other bad inputs (data, device, submit)."""
+folder or binary -c, a -c given twice, a run dir given without -c, a run_dir or output folder under a file,
+and a table of other bad inputs (data, device, submit)."""
 
 from __future__ import annotations
 
@@ -548,6 +548,29 @@ def test_a_key_given_twice_on_the_command_line_is_said_once_and_the_last_is_take
     ), err
     code, _, err = run_cli(capsys, "train", "-c", "demo/distill", "optim.lr=1e-3", "--print-config")
     assert code == 0 and "given" not in err, err
+
+
+def test_a_config_given_twice_is_refused_not_the_first_dropped(tmp_path, capsys):
+    """argparse kept the last -c and trained without the first file's keys, which a user expects merged."""
+    (tmp_path / "a.yaml").write_text("seed: 1\noptim:\n  lr: 1.0e-3\n")
+    (tmp_path / "b.yaml").write_text("seed: 2\n")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for second in (["-c", str(b)], [f"--config={b}"]):
+        with pytest.raises(SystemExit) as refused:  # argparse's own way out, as for an unknown flag
+            run_cli(capsys, "train", "-c", str(a), *second, "--print-config")
+        out, err = capsys.readouterr()
+        assert refused.value.code == 2 and not out and "Traceback" not in err, err
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .endswith(
+                f"-c given twice ({a}, then {b}): a command reads one config; to apply {b} over {a}, "
+                f"write base: {a} in {b} and give -c {b} alone"
+            )
+        ), err
+    (tmp_path / "b.yaml").write_text(f"base: {a}\nseed: 2\n")  # the way the refusal names
+    code, out, err = run_cli(capsys, "train", "-c", str(b), "--print-config")
+    assert code == 0 and "\nseed: 2\n" in out and "  lr: 0.001\n" in out, err
 
 
 # -- paths and files given on the command line: a config, a run dir, an output folder ------------------------

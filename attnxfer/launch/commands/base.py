@@ -52,8 +52,23 @@ def register_command(
     return deco
 
 
+class _OneConfig(argparse.Action):
+    """A second ``-c`` is refused: argparse would keep the last and drop the first file without a word, where
+    a user of tools that merge several configs expects both read."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if (first := getattr(namespace, self.dest)) is not None:
+            parser.error(
+                f"-c given twice ({first}, then {values}): a command reads one config; to apply {values} "
+                f"over {first}, write base: {first} in {values} and give -c {values} alone"
+            )
+        setattr(namespace, self.dest, values)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config (see cfgs/); defaults apply otherwise")
+    p.add_argument(
+        "-c", "--config", action=_OneConfig, help="YAML config (see cfgs/); defaults apply otherwise"
+    )
     p.add_argument(
         "overrides",
         nargs="*",
