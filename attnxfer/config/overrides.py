@@ -402,6 +402,9 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
                 raise ConfigError(
                     f"override {key}={value!r}: value is not valid YAML ({describe_yaml_error(e)})"
                 ) from None
+            # Python's None (as timm's and these docs spell it) is null where a key takes null; "'None'": the text
+            if value.strip() == "None" and (field is None or type(None) in typing.get_args(field)):
+                typed = None
             # a number given to a key that takes a string keeps its spelling (teacher.revision=1.10, not '1.1')
             number = isinstance(typed, int | float) and not isinstance(typed, bool)
             value = value if number and str in typing.get_args(field) else typed

@@ -147,6 +147,17 @@ def test_a_quoted_value_is_unquoted_whatever_the_type_of_its_key():
     assert (unquoted.run_dir, unquoted.log.project) == ("runs/it's", "~")
 
 
+def test_none_on_the_command_line_is_null_where_a_key_takes_null_and_quoted_is_the_text():
+    """ema.decay=None, as the docs and Python spell it, was refused, and teacher.revision=None or
+    model.kwargs.init_values=None (timm's default) were the text 'None': a revision, a timm argument."""
+    keys = ["teacher.revision", "aug.auto_augment", "ema.decay", "optim.lr", "model.kwargs.init_values"]
+    cfg = load_config(None, [*(f"{k}=None" for k in keys), "model.global_pool= None"])
+    got = (cfg.teacher.revision, cfg.aug.auto_augment, cfg.ema.decay, cfg.optim.lr, cfg.model.global_pool)
+    assert got == (None,) * 5 and cfg.model.kwargs == {"init_values": None}
+    quoted = load_config(None, ["teacher.revision='None'", "run_dir=None"])  # a string key: as written
+    assert (quoted.teacher.revision, quoted.run_dir) == ("None", "None")
+
+
 @pytest.mark.parametrize(
     ("text", "nested"),
     [
