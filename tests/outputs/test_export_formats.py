@@ -192,10 +192,12 @@ def test_missing_onnx_packages_stop_the_cli_before_any_work(tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_attnxfer_export_format_onnx_from_a_run(tmp_path, capsys):
+@pytest.mark.parametrize("formats", [["timm", "onnx"], ["timm", "--format", "onnx"]])
+def test_attnxfer_export_format_onnx_from_a_run(formats, tmp_path, capsys):
+    """Both formats, whether named after one --format or each after its own (not the last one only)."""
     fake_run(tmp_path / "run")
     out = tmp_path / "out"
-    argv = ["export", str(tmp_path / "run"), str(out), "--format", "timm", "onnx", "--weights", "raw"]
+    argv = ["export", str(tmp_path / "run"), str(out), "--format", *formats, "--weights", "raw"]
     with pytest.warns(UserWarning, match="step-00000300"):  # the run's broken newest checkpoint
         assert main(argv) == 0
     printed = capsys.readouterr().out

@@ -26,8 +26,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--format",
         dest="formats",
         nargs="+",
+        action="extend",  # `--format timm --format onnx` is both, not the last one alone
         choices=("timm", "onnx"),
-        default=["timm"],
+        default=None,  # timm where none is named (a default list would be extended)
         metavar="FORMAT",
         help="timm (default: config.json + model.safetensors), onnx (model.onnx, checked in ONNX Runtime), "
         "or both: --format timm onnx",
@@ -52,6 +53,7 @@ def run(args) -> int:
     from ...checkpoints.onnx_export import require_onnx
     from ...checkpoints.run_dir import RunDir
 
+    args.formats = args.formats or ["timm"]
     if "onnx" in args.formats:
         require_onnx()  # a missing package stops before the run is read
     run = RunDir(args.run_dir).final_student()  # a conversion's folder: its stage-2 run
