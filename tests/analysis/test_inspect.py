@@ -427,6 +427,11 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
             ],
             "--images names files that do not exist: /nonexistent/a.png, /nonexistent/b.png",
         ),
+        (  # the flag given once per file reads every file, not the last alone
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights"]
+            + ["--images", "/nonexistent/a.png", "--images", "/nonexistent/b.png"],
+            "--images names files that do not exist: /nonexistent/a.png, /nonexistent/b.png",
+        ),
         (  # dataset flags beside --images would be dropped without a word
             ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--images", "a.png", "--num-images", "4"]
             + ["--split", "val", "--data-root", "X"],

@@ -13,7 +13,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("teacher", metavar="TEACHER")
     p.add_argument("students", metavar="STUDENT", nargs="+")
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--images", nargs="+", metavar="FILE", default=(), help="image files to inspect on")
+    # extend: the flag given once per file reads them all (the plain store kept the last alone)
+    what.add_argument(
+        "--images", nargs="+", action="extend", metavar="FILE", default=[], help="image files to inspect on"
+    )
     what.add_argument(
         "--data",
         metavar="DATASET",
