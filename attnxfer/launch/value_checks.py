@@ -204,6 +204,12 @@ def check_values(cfg: Any) -> Any:
         _check_attention("convert.attention", cfg.convert.attention, frozenset({"auto"}))
     _check_attention("convert.candidates", list(cfg.convert.candidates))
     _check_comparisons(cfg.transfer.losses)
+    # keys of the model section itself: timm would be handed them twice (a TypeError, not a message)
+    if own := [k for k in ("num_classes", "drop_path_rate") if k in cfg.model.kwargs]:
+        raise ConfigError(
+            f"model.kwargs sets {', '.join(own)}, which the model section sets itself: give "
+            f"{' '.join(f'model.{k}={cfg.model.kwargs[k]}' for k in own)} instead"
+        )
     _check_options("model.attention_kwargs", cfg.model.attention, cfg.model.attention_kwargs)
     names = list(cfg.convert.candidates) if auto else cfg.convert.attention
     _check_options("convert.attention_kwargs", names, cfg.convert.attention_kwargs)
