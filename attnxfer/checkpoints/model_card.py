@@ -244,8 +244,8 @@ def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFT
     parts = [
         f"width {shape['width']}" if "width" in shape else None,
         f"stage widths {'-'.join(map(str, shape['widths']))}" if "widths" in shape else None,
-        f"{shape['blocks']} blocks" if "blocks" in shape else None,
-        f"{shape['heads']} heads" if "heads" in shape else None,
+        f"{shape['blocks']} block{'s' * (shape['blocks'] != 1)}" if "blocks" in shape else None,
+        f"{shape['heads']} head{'s' * (shape['heads'] != 1)}" if "heads" in shape else None,
         f"patch {pair(shape['patch'])}" if "patch" in shape else None,
         f"{pair(shape['img_size'])} px" if "img_size" in shape else None,
         f"{shape['in_chans']} channel{'s' if shape['in_chans'] != 1 else ''}"

@@ -636,6 +636,8 @@ def test_a_hierarchical_students_shape_names_its_stage_widths():
     assert shape["family"] == "PVTv2" and shape["widths"] == widths and "heads" not in shape
     assert shape_phrase(shape).startswith(f"a PVTv2 of stage widths {'-'.join(map(str, widths))}, ")
     assert shape_phrase(dict(shape, family="EVA-02")).startswith("an EVA-02 of ")
+    one = {"family": "ViT", "width": 24, "blocks": 1, "heads": 1}
+    assert shape_phrase(one).startswith("a ViT of width 24, 1 block, 1 head")  # not "1 blocks, 1 heads"
 
 
 @pytest.mark.slow
