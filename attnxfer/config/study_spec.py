@@ -214,6 +214,13 @@ def _listed(file: Path, entries: Any) -> list[Student]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise ConfigError(f"{where}[{i}] must be a mapping with a name and the keys it changes")
+        name = entry["name"]
+        if name is None:  # `name:` with nothing after it
+            raise ConfigError(f"{where}[{i}] has an empty name: give it one (its folder in the study)")
+        if isinstance(name, bool):  # YAML's switches: on, off, yes, no, true, false
+            raise ConfigError(
+                f"{where}[{i}] name: YAML reads it as the switch {name}, not a name: quote it (name: 'off')"
+            )
         keys = {k: v for k, v in entry.items() if k != "name"}
         flat = _flat(keys, where=f"{where}[{i}] ({entry['name']})")
         typed = {k: TypedStr(v) if isinstance(v, str) else v for k, v in flat.items()}

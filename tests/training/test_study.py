@@ -219,6 +219,18 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
         load_study(yaml)
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("off", "reads it as the switch False, not a name: quote it"), ("", "has an empty name: give it one")],
+)
+def test_a_student_name_yaml_reads_as_a_switch_or_nothing_is_refused(name, said, tmp_path):
+    """`- name: off` (YAML's switch) or `- name:` would train a student in a folder named False or None."""
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(f"students:\n  - name: {name}\n    seed: 2\n  - name: 'on'\n")
+    with pytest.raises(ConfigError, match=rf"students\[0\] .*{said}"):
+        load_study(yaml)
+
+
 def test_a_study_yaml_reads_back_the_students_that_vary_made(tmp_path):
     """study.yaml (what resumes a study, or writes the report of a study of several ranks) quotes each --vary
     value as the command line gave it, but null as null: read back, a number is the key's number, a list the
