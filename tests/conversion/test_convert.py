@@ -584,6 +584,35 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
 
 
 @pytest.mark.slow
+def test_skip_stage1_into_a_run_that_saved_a_stage_1_is_refused_not_silently_set_aside(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """--skip-stage1 (convert.stage1_steps=0) into a run whose stage 1 was saved once went on without it: the
+    saved fit was ignored, config.yaml rewritten to 0 steps, and stage 2 then refused the run's own command."""
+    import attnxfer.apps.convert.convert
+    from attnxfer.launch.cli import main
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C as stage 2 starts: a complete stage 1 saved, no stage 2
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(attnxfer.apps.convert.convert, "_stage2", ctrl_c)
+        assert main(["convert", *_convert_args(run, tiny_teacher_dir, "convert.stage1_steps=2")]) == 130
+    saved = ResumePoint.find(run / "stage1")
+    assert saved.record("complete") and not (run / "stage2" / "checkpoints").exists()
+    capsys.readouterr()
+    code, _, err = run_cli(
+        capsys, "convert", *_convert_args(run, tiny_teacher_dir, "convert.stage1_steps=2"), "--skip-stage1"
+    )
+    assert code == 2 and "convert.stage1_steps (2 -> 0)" in err and "Traceback" not in err, err
+    assert (
+        ResumePoint.find(run / "stage1").path == saved.path and not (run / "stage2" / "checkpoints").exists()
+    )
+    assert "stage1_steps: 2" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
 def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_teacher_dir, capsys):
     from attnxfer.launch.cli import main
 

@@ -202,9 +202,9 @@ def convert_runs(
             run.sweep = sweep
             _describe(run)
             _place(run, first)
-            # a stage that cannot resume is refused before the teacher is measured
-            if run.plan.stage1_steps > 0:
-                run.judge_stage1()
+            # a stage that cannot resume is refused before the teacher is measured; judged when skipped too,
+            # so that --skip-stage1 into a run with a stage 1 saved is refused, not silently set aside
+            run.judge_stage1()
             with speak.quiet():  # stage 2's own run judges it again, saying what changed
                 judged_resume(
                     stage2_config(run), rank_and_world()[1], scoring=False, command="convert", built=run.parts
