@@ -229,6 +229,10 @@ def _check_layer_pairs(
     of_layers = [c for c in requested if c.signal.of_layer]
     if spec.is_copy:
         check_partitions(pairs, s_names, s_attn, models.student_parts, models.teacher_parts)
+    for c in of_layers:  # a student layer without a map (none, hydra) says so, not that its keys differ
+        for s, t in c.pairs:
+            if not s_attn[s].map_kind.has_map:
+                c.loss_fn.check_pair(c, models, s, t, f"student block {s} <- teacher block {t}")
     for c in of_layers:
         pools = lambda s, t, c=c: c.loss_fn.pools_teacher_keys(c, models, s, t)
         check_partitions(c.pairs, s_names, s_attn, models.student_parts, models.teacher_parts, pools)

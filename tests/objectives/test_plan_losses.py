@@ -152,6 +152,17 @@ def test_a_student_with_its_own_partition_is_still_refused_with_advice_it_can_fo
         build_plan(teacher, build_efficient_student(teacher, "relu_linear"), "distill_q")
 
 
+def test_an_attention_free_layer_of_a_pvt_v2_student_is_refused_for_having_no_map_not_for_its_keys():
+    """`none`/`hydra` stages under stage 2's default distillation: the refusal was about token partitions
+    ("linear teacher False, student none; sr_ratio teacher 4, student none"), not the map the layer lacks."""
+    teacher = _pvt()
+    for name in ("none", "hydra"):
+        student = build_efficient_student(teacher, [name, name, "relu_linear", "relu_linear"])
+        with pytest.raises(PlanError, match=f"{name}' attention has no attention map to distil") as e:
+            build_plan(teacher, student, "distill")
+        assert "partitions its tokens" not in str(e.value) and "transfer.mode=none" in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def pvt_teacher_dir(tmp_path_factory) -> Path:
     """`pvt_v2_b0` as timm builds it (sr_ratio 8, 4, 2, 1, like every pretrained PVTv2), its input at 64 px,
