@@ -263,6 +263,20 @@ def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_tea
     assert not (run / SELECTION_FILE).exists()
 
 
+def test_a_candidate_whose_default_size_exceeds_the_grid_is_refused_naming_the_keys_to_change(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """window's default 7x7 on a 4x4 grid: the refusal named no key (a plain convert says
+    convert.attention_kwargs), leaving the user to guess where window_size goes under auto."""
+    args = _args(tmp_path / "run", tiny_teacher_dir, "convert.speedup=1.5", "convert.candidates=[window]")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(
+        "attnxfer convert: error: convert.candidates: window: window_size 7x7 is larger"
+    ), err
+    assert "convert.attention_kwargs" in err[-1] and "Traceback" not in "".join(err)
+
+
 def test_a_damaged_recorded_choice_is_one_line_saying_how_to_choose_again(tmp_path, tiny_teacher_dir, capsys):
     """An empty or edited selection.json (a resume reads it before measuring anything) is refused in one line
     naming checkpoint.resume=none, not a JSONDecodeError or KeyError traceback."""

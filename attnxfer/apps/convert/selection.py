@@ -44,7 +44,7 @@ from ...config import (
 )
 from ...errors import InputError
 from ...models.attention.registry import get_attention_class
-from ...models.efficient import build_efficient_student
+from ...models.efficient import GridFitError, build_efficient_student
 from ...models.efficient.floor import floor_model
 from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import check_options, teacher_token_layout
@@ -419,7 +419,14 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
         c.speed_batch_size, parts.in_chans, side, side, generator=torch.Generator().manual_seed(0)
     ).to(device)
     models = {"teacher": teacher, "floor": floor_model(teacher)}
-    models |= {name: build_efficient_student(teacher, name, **_options(cfg, name)) for name in c.candidates}
+    for name in c.candidates:
+        try:
+            models[name] = build_efficient_student(teacher, name, **_options(cfg, name))
+        except GridFitError as e:  # its option, its default too, larger than the grid the budget holds at
+            raise InputError(
+                f"convert.candidates: {name}: {e}; set the option in convert.attention_kwargs, or drop {name} "
+                "from convert.candidates"
+            ) from None
     for model in models.values():
         model.to(device).eval()
     precision = resolve_precision(cfg.precision, device)
