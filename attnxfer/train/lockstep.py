@@ -152,13 +152,14 @@ class Lockstep:
         batches: SharedBatches,
         feed: SharedFeed,
         *,
-        on_saved: Callable[[int, list[Member], float], None],
+        on_saved: Callable[[int, list[Member], float], str | None],
         shared_before: float = 0.0,
     ) -> None:
         self.members, self.batches, self.feed = list(members), batches, feed
         self.on_saved = on_saved
         self.shared_before = shared_before  # what earlier attempts of the study spent once for all
         self._committed: int | None = None
+        self._committed_at: str | None = None  # the committed step's checkpoint (``on_saved``'s answer)
 
     def run(self) -> list[TrainResult | None]:
         """Train every member to its end (or until it stops); results in the members' order (None: stopped)."""
@@ -215,7 +216,7 @@ class Lockstep:
         step = min(saved)
         if step != self._committed:
             self._committed = step
-            self.on_saved(step, training, self.shared_seconds)
+            self._committed_at = self.on_saved(step, training, self.shared_seconds)
 
     def _stop(self, signum: int, active: list[Member]) -> None:
         """A stop signal: every member still training saves this step, the study commits it, then stops."""
@@ -223,8 +224,9 @@ class Lockstep:
             with m.engine.own_streams(), speaking_for(m.name):  # a save gathers the student's own RNG states
                 m.engine.save_unless_saved()
         self._commit()
+        # named: the study's checkpoint (what a re-run goes on from), not the first student's
         engine = active[0].engine
-        stop = StopRequested(signum, engine.step, engine.last_ckpt, engine.total_steps)
+        stop = StopRequested(signum, engine.step, self._committed_at, engine.total_steps)
         say(f"study: {stop} (every student)")
         for m in self.members:
             m.engine.metrics.close()

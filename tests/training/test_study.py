@@ -128,7 +128,8 @@ def test_the_study_records_its_students_and_the_step_all_of_them_saved(families)
 @pytest.mark.slow
 def test_study_json_gives_the_step_every_student_saved_when_a_study_stops(tmp_path, tiny_teacher_dir):
     """A stop signal after the first epoch (2 steps of 4): study.json says each student reached the step the
-    study stopped at, the step a re-run goes on from, not the step the run started at."""
+    study stopped at, the step a re-run goes on from, not the step the run started at; the stop names the
+    study's checkpoint."""
 
     def log(line: str) -> None:
         if line.startswith("copy: epoch 0: step 2/"):
@@ -142,6 +143,8 @@ def test_study_json_gives_the_step_every_student_saved_when_a_study_stops(tmp_pa
         study(spec)
     record = json.loads((tmp_path / "study" / "study.json").read_text())
     assert 0 < stop.value.step < STEPS and [s["step"] for s in record["students"]] == [stop.value.step] * 2
+    # what a re-run goes on from is named: the study's own checkpoint, not the first student's
+    assert stop.value.checkpoint == str(tmp_path / "study" / "checkpoints" / f"step-{stop.value.step:08d}")
 
 
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):
