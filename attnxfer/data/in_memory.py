@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -42,7 +44,13 @@ class InMemoryImageDataset(Dataset):
             raise ValueError(f"need crop_padding >= 0 and 0 <= hflip <= 1, got {crop_padding}, {hflip}")
         self.images = images.contiguous()
         self.labels = labels.long()
-        self.info = info
+        # how `image` prepares a sample, in timm's pretrained_cfg terms (what an export declares, so that timm's
+        # eval transform prepares images as the run validated them): the whole image resized, bilinear (a square
+        # image's squash is timm's centre crop at crop_pct 1)
+        square = images.shape[-1] == images.shape[-2]
+        self.info = replace(
+            info, crop_pct=1.0, crop_mode="center" if square else "squash", interpolation="bilinear"
+        )
         self.augment = augment
         self.seed = seed
         self.crop_padding = crop_padding

@@ -133,3 +133,32 @@ def test_class_names_go_into_the_export_only_where_they_name_the_students_output
     assert _class_names({"class_names": names, "num_classes": 10}, head) == names
     assert _class_names({"class_names": names[:3], "num_classes": 10}, head) is None
     assert _class_names({"num_classes": 10}, head) is None
+
+
+def test_an_in_memory_datasets_export_declares_its_whole_image_bilinear_resize_not_the_teachers_crop(
+    tmp_path,
+):
+    """An in-memory dataset (animal-mnist's kind) resizes whole images bilinear to the student's size; a student
+    whose timm config says crop_pct 0.9 / bicubic (an EVA's, say) is exported with the dataset's resize, so
+    timm's transform on the export prepares the images the run validated on (to resampling rounding)."""
+    import numpy as np
+    from PIL import Image
+
+    from attnxfer.data import DatasetInfo, InMemoryImageDataset
+
+    pixels = torch.randint(
+        0, 256, (2, 3, 20, 24), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
+    info = DatasetInfo("mem", 3, ("a", "b", "c"), (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), in_chans=3, img_size=32)
+    val = InMemoryImageDataset(pixels, torch.tensor([0, 1]), info)
+    teacher = teacher_model()
+    teacher.pretrained_cfg.update(crop_pct=0.9, interpolation="bicubic")
+    student = student_like(teacher, num_classes=3).eval()
+    info = val.info
+    stamp_input_cfg(student, info.mean, info.std, info.in_chans, info.img_size, info.eval_preprocessing())
+    out = export_student(student, tmp_path / "out", card=card())
+
+    _, transform = _timm_pipeline(out)
+    for i in range(len(val)):
+        image = Image.fromarray(np.ascontiguousarray(pixels[i].permute(1, 2, 0).numpy()))
+        assert torch.allclose(transform(image), val[i][0], atol=0.05)  # PIL vs torch resampling: ~0.02
