@@ -334,10 +334,12 @@ def _loading_section(
         else []
     )
     if size and pct is not None:
-        steps.append(
-            f"resized ({data_cfg.get('interpolation', 'bilinear')}) to {size[-1]} / {pct:g} px on the short side, "
-            f"then a {data_cfg.get('crop_mode', 'center')} crop of {size[-2]} x {size[-1]} px (crop_pct {pct:g})"
-        )
+        interpolation, mode = data_cfg.get("interpolation", "bilinear"), data_cfg.get("crop_mode", "center")
+        resize = {  # as timm's create_transform resizes for each crop mode
+            "squash": f"squashed ({interpolation}) to {size[-2]} x {size[-1]} / {pct:g} px, the aspect ratio not kept",
+            "border": f"resized ({interpolation}) to {size[-1]} / {pct:g} px on the long side, padded",
+        }.get(mode, f"resized ({interpolation}) to {size[-1]} / {pct:g} px on the short side")
+        steps.append(f"{resize}, then a center crop of {size[-2]} x {size[-1]} px (crop_pct {pct:g})")
     elif size:
         steps.append(f"{size[-2]} x {size[-1]} px")
     steps.append(f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}")

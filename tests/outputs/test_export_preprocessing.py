@@ -157,6 +157,11 @@ def test_an_in_memory_datasets_export_declares_its_whole_image_bilinear_resize_n
     info = val.info
     stamp_input_cfg(student, info.mean, info.std, info.in_chans, info.img_size, info.eval_preprocessing())
     out = export_student(student, tmp_path / "out", card=card())
+    readme = (out / "README.md").read_text()  # a non-square image is squashed, and the card says so
+    assert (
+        "squashed (bilinear) to 32 x 32 / 1 px, the aspect ratio not kept, then a center crop of 32 x 32"
+        in readme
+    )
 
     _, transform = _timm_pipeline(out)
     for i in range(len(val)):
