@@ -346,10 +346,12 @@ class Engine:
         with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
             for _ in self.steps():
                 pass
-        return self.result(time.monotonic() - start)
+        return self.result(self.seconds_before + time.monotonic() - start)
 
     def result(self, seconds: float) -> TrainResult:
-        """Where the run stands after `steps` ran out (its metrics files closed)."""
+        """Where the run stands after `steps` ran out (its metrics files closed); ``seconds``: the whole run's
+        training time, as its driver counts it (a study's students count their own turns, earlier attempts
+        included)."""
         self.metrics.close()
         return TrainResult(
             str(self.run_dir),
@@ -358,7 +360,7 @@ class Engine:
             self.best,
             self._final,
             self.history,
-            self.seconds_before + seconds,
+            seconds,
             metric=self.settings.metric,
             nothing_to_do=None if self._final else self._nothing_to_do(),
         )

@@ -145,6 +145,11 @@ def test_study_json_gives_the_step_every_student_saved_when_a_study_stops(tmp_pa
     assert 0 < stop.value.step < STEPS and [s["step"] for s in record["students"]] == [stop.value.step] * 2
     # what a re-run goes on from is named: the study's own checkpoint, not the first student's
     assert stop.value.checkpoint == str(tmp_path / "study" / "checkpoints" / f"step-{stop.value.step:08d}")
+    # resumed, each student's result counts its time once: its turns of both attempts, as study.json says
+    students = study(spec).students
+    record = json.loads((tmp_path / "study" / "study.json").read_text())
+    for outcome, entry in zip(students, record["students"], strict=True):
+        assert outcome.result.seconds == pytest.approx(entry["seconds"], abs=1e-3)
 
 
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):
