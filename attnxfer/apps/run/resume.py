@@ -85,19 +85,16 @@ def judge(
     if scoring:
         resumable = (*resumable, *SCORING_KEYS)
     changes = config_changes(point.config, cfg, resumable, compared, command)
+    allowed_here = {}  # keys this checkpoint lets change, and why
     # a recorded weights hash lets teacher.spec change: `check_teacher_content` judges the teacher once loaded
     if (point.teacher or {}).get("sha256"):
-        changes = [
-            KeyChange(c.key, c.old, c.new, True, "the weights must hash as recorded")
-            if c.key == "teacher.spec" and not c.allowed
-            else c
-            for c in changes
-        ]
+        allowed_here["teacher.spec"] = "the weights must hash as recorded"
     # a logit temperature is read only by logit distillation: a run without it (recipes set one) goes on
-    unread = not cfg.transfer.logit_distill and not find_key(point.config, "transfer.logit_distill")[1]
+    if not cfg.transfer.logit_distill and not find_key(point.config, "transfer.logit_distill")[1]:
+        allowed_here["transfer.logit_temperature"] = "read only where transfer.logit_distill > 0"
     changes = [
-        KeyChange(c.key, c.old, c.new, True, "read only where transfer.logit_distill > 0")
-        if c.key == "transfer.logit_temperature" and unread and not c.allowed
+        KeyChange(c.key, c.old, c.new, True, allowed_here[c.key])
+        if c.key in allowed_here and not c.allowed
         else c
         for c in changes
     ]

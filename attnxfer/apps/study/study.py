@@ -105,10 +105,11 @@ def lockstep_study(
         write_study_files(spec, members, stopped, standing.shared_seconds)
     barrier()
 
+    own = CheckpointManager(spec.run_dir, keep_last=1)  # the study's checkpoints
+
     def commit(step: int, training: list[Member], shared_seconds: float) -> str:
         """Once every student still training has saved a step: record it (a checkpoint of the study's own),
         and only then let each student prune its older checkpoints; returns the study's checkpoint."""
-        manager = CheckpointManager(spec.run_dir, keep_last=1)
         if main:
             state = {
                 "step": step,
@@ -119,12 +120,12 @@ def lockstep_study(
                 "shared_seconds": shared_seconds,
                 "config": to_dict(spec.base, spec.command),
             }
-            manager.save(step, {}, state, replace=True)
+            own.save(step, {}, state, replace=True)
             write_study_files(spec, members, state["stopped"], shared_seconds)  # the step each reached
             for m in training:
                 m.engine.ckpt.prune()
         barrier()
-        return str(manager.path_for(step))
+        return str(own.path_for(step))
 
     loop = Lockstep(members, batches, feed, on_saved=commit, shared_before=standing.shared_seconds)
     results = loop.run()
