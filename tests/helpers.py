@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
+import json
 import logging
 import multiprocessing
 import multiprocessing.forkserver
@@ -141,6 +143,19 @@ def tiny_run(length: int, batch: int) -> list[str]:
     """The overrides most CLI tests start from: the synthetic dataset, ``length`` images a split, ``batch``
     a batch, and `QUIET`. The test's own keys follow them (a later key wins)."""
     return ["data.dataset=synthetic", f"data.kwargs.length={length}", f"data.batch_size={batch}", *QUIET]
+
+
+def rewrite_checkpoint_state(state_file: Path, change: Callable[[dict], None]) -> None:
+    """Edit a checkpoint's ``state.json`` in place (``change`` mutates the loaded dict) as an older attnxfer
+    would have written it, its manifest entry rewritten with the new size and hash so it still verifies."""
+    state = json.loads(state_file.read_text())
+    change(state)
+    text = json.dumps(state).encode()
+    state_file.write_bytes(text)
+    manifest_file = state_file.with_name("MANIFEST.json")
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["state.json"] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
 
 
 def once_each(argv: list[str]) -> list[str]:

@@ -8,7 +8,6 @@ asked to go on (then its epoch restarts), while the same files at another ``data
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import shlex
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import ONE_BLOCK_RUN, run_cli, tiny_run
+from helpers import ONE_BLOCK_RUN, rewrite_checkpoint_state, run_cli, tiny_run
 from PIL import Image
 
 from attnxfer.apps.run.resume import check_same_data, config_changes
@@ -263,14 +262,7 @@ def _record_every_section(run: Path, unread: dict) -> None:
     config = yaml.safe_load((run / "config.yaml").read_text())
     (run / "config.yaml").write_text(yaml.safe_dump({**config, **unread}, sort_keys=False))
     for state_file in run.glob("checkpoints/step-*/state.json"):
-        state = json.loads(state_file.read_text())
-        state["config"].update(unread)
-        text = json.dumps(state).encode()
-        state_file.write_bytes(text)
-        manifest_file = state_file.with_name("MANIFEST.json")
-        manifest = json.loads(manifest_file.read_text())
-        manifest["files"]["state.json"] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
-        manifest_file.write_text(json.dumps(manifest))
+        rewrite_checkpoint_state(state_file, lambda state: state["config"].update(unread))
 
 
 def test_a_run_recorded_with_every_section_resumes_from_its_config_and_from_its_recipe(tmp_path, capsys):

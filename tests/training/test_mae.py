@@ -3,7 +3,6 @@ real pre-training run (animal-mnist) whose checkpoint loads as a teacher and res
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import run_cli, tiny_run
+from helpers import rewrite_checkpoint_state, run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.pretrain import pretrain
@@ -301,13 +300,7 @@ def test_evals_of_a_pretraining_step_at_other_mae_settings_are_kept_apart(pretra
     run = tmp_path / "run"
     shutil.copytree(pretrained_run, run)
     state_file = run / "checkpoints" / "step-00000008" / "state.json"
-    state = json.loads(state_file.read_text())
-    del state["config"]["mae"]
-    text = json.dumps(state).encode()
-    state_file.write_bytes(text)
-    manifest = json.loads(state_file.with_name("MANIFEST.json").read_text())
-    manifest["files"]["state.json"] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
-    state_file.with_name("MANIFEST.json").write_text(json.dumps(manifest))
+    rewrite_checkpoint_state(state_file, lambda state: state["config"].pop("mae"))
 
     def scored(*overrides: str) -> Path:
         args = ["eval", "-c", str(run / "config.yaml"), f"run_dir={run}", "eval.metrics=[]", *overrides]
