@@ -377,9 +377,9 @@ class Engine:
         limit, keys = f"schedule.epochs={s.epochs} of {self.steps_per_epoch} steps", "schedule.epochs"
         if s.max_steps == self.total_steps:
             limit, keys = f"schedule.max_steps={s.max_steps}", "schedule.max_steps or schedule.epochs"
-        where = "at" if self.step == self.total_steps else "past"
+        where = " of" if self.step == self.total_steps else ", past"  # a run lowered below where it stands
         return (
-            f"nothing to do: {self.run_dir} is {where} step {self.step} of the {self.total_steps} this run trains "
+            f"nothing to do: {self.run_dir} is at step {self.step}{where} the {self.total_steps} this run trains "
             f"({limit}); its checkpoint {Path(self.last_ckpt or '').name or '(none)'} is unchanged. To train "
             f"longer, raise {keys}"
         )

@@ -122,13 +122,14 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
     mid_epoch = run / "checkpoints" / "step-00000005"  # a periodic save: no evaluation had run yet
     assert ResumePoint.find(run, mid_epoch).state["best"] is None
     before = _files(run)
-    for steps, where in ((4, "past"), (5, "at")):
+    for steps, where in ((4, ", past"), (5, " of")):
         code, out, err = run_cli(
             capsys, *args, f"schedule.max_steps={steps}", f"checkpoint.resume={mid_epoch}"
         )
         assert code == 0 and err == ""
         last = out.strip().splitlines()[-1]
-        assert last.startswith(f"nothing to do: {run} is {where} step 5 of the {steps}")
+        # a run lowered below its step stands at it, past what it trains: not "past step 5 of the 4"
+        assert last.startswith(f"nothing to do: {run} is at step 5{where} the {steps} this run trains")
         assert f"schedule.max_steps={steps}" in last and "step-00000005 is unchanged" in last
         assert "done:" not in out and "val top1" not in out  # nothing trained, nothing evaluated
     # a finished run run again: nothing to do either, and nothing rewritten

@@ -200,6 +200,22 @@ def test_submit_refuses_a_folder_its_job_would_lock_while_a_live_process_holds_i
     assert code == 0, err
 
 
+def test_submit_refuses_a_key_the_runs_checkpoint_fixes_before_submitting(trained, capsys):
+    """A resubmitted run with a key it cannot resume with (the seed) would stop at its start, after the queue's
+    wait: submit says it at once, in train's words, and writes nothing; the run's own values pass."""
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    argv = ["submit", *S, "schedule.max_steps=2", "checkpoint.every_steps=1", f"run_dir={trained}"]
+    code, _, err = run_cli(capsys, *argv, "seed=7", "--dry-run")
+    assert code == 2, err
+    refusal = (
+        f"error: {trained} already holds a run (checkpoint step-00000002) trained with different values "
+    )
+    assert refusal + "for: seed (0 -> 7)" in _error_line(err)
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    code, _, err = run_cli(capsys, *argv, "--dry-run")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("command", ["convert", "search"])
 def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, trained, capsys):
     """A conversion's stage folders or a search's files beside a run's run.json would hide that run from

@@ -152,6 +152,23 @@ def test_study_json_gives_the_step_every_student_saved_when_a_study_stops(tmp_pa
         assert outcome.result.seconds == pytest.approx(entry["seconds"], abs=1e-3)
 
 
+@pytest.mark.slow
+def test_a_study_resumed_with_a_key_it_cannot_change_names_its_study_yaml_as_its_config(tmp_path, capsys):
+    """What continues a study is `attnxfer study -c RUN/study.yaml` (a study has no config.yaml): the refusal
+    named the checkpoint's folder as "its config"."""
+    run = tmp_path / "study"
+    argv = ["study", *BASE, "transfer.mode=none", "schedule.max_steps=1", f"run_dir={run}"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "--vary", "optim.lr=1e-3,2e-3"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, "seed=4"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with different values for: seed (0 -> 4)" in err, err
+    assert err.rstrip().endswith(
+        f"give them the values it recorded: seed=0 (its config: {run / 'study.yaml'})"
+    )
+
+
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):
     run = tmp_path / "study"
     for vary in ("data.batch_size=8,16", "teacher.spec=a,b", "schedule.max_steps=2,4", "aug.mixup=0,0.8"):

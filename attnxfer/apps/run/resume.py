@@ -72,12 +72,14 @@ def judge(
     what: str = "run",
     command: str = "train",
     reader: str | None = None,
+    config_file: Path | None = None,
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
     written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the
     batch split may change where it keeps the global batch; ``scoring`` (`attnxfer eval`, or ``reader``:
     a command that reads the run's own config.yaml, which says nothing of allowed changes) may turn
-    ``data.labels`` on (a run trained without labels scored by k-NN)."""
+    ``data.labels`` on (a run trained without labels scored by k-NN). ``config_file``: what ``-c`` continues
+    it from where that is not its config.yaml (a study's study.yaml)."""
     if point is None or point.config is None:  # nothing found, or saved without its config
         return point
     if world is not None and keeps_global_batch(point, cfg, world):
@@ -114,7 +116,7 @@ def judge(
                 f"that {what} as it was; nothing was written. To start from its weights with the new values: "
                 f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
             )
-        own = RunDir(run).config_file
+        own = config_file or RunDir(run).config_file
         own = own if own.is_file() else RunDir(cfg.run_dir).config_file  # stage 1's: its conversion's
         config = own if own.is_file() else point.path
         # the run's own config.yaml edited since (read by export or inspect, or given to eval -c): no

@@ -269,6 +269,7 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
         world=world,
         what="study",
         command=spec.command,
+        config_file=Path(spec.run_dir) / STUDY_YAML,
     )
     if point is not None and point.record("students") != spec.record():
         raise _other_students(spec, f"checkpoint {point.name}", point.record("students"))

@@ -96,6 +96,21 @@ def run(args) -> int:
             from ...apps.convert.convert import checked_config
 
             checked_config(point.cfg, skip_stage1=False)
+        if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
+            from ... import speak
+            from ...apps.run.training import judged_resume
+            from ...checkpoints.resume_point import ResumePoint
+            from ..slurm import options_from_args
+
+            found = ResumePoint.find(point.cfg.run_dir, point.cfg.checkpoint.resume, verify_hash=False)
+            with speak.quiet():  # the job's log says what changed, as its own start judges it again
+                judged_resume(
+                    point.cfg,
+                    options_from_args(args).num_tasks,
+                    found,
+                    scoring=False,
+                    command=args.job_command,
+                )
         runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks

@@ -198,15 +198,18 @@ def _stop_if_died(
 
 def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:
     """Cancel a job whose rank failed only if it is still running after ``grace_s``: srun's
-    ``--kill-on-bad-exit`` records it as FAILED, and cancelling first would record CANCELLED instead."""
-    if _is_slurm(job):
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
+    ``--kill-on-bad-exit`` records it as FAILED, and cancelling first would record CANCELLED instead; a local
+    job's controller, interrupted while its ranks end, prints a KeyboardInterrupt traceback to this terminal."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if _is_slurm(job):
             info = slurm_job_info(job.job_id)
             state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
             if state not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
                 return
-            time.sleep(poll_s)
+        elif job.done():
+            return
+        time.sleep(poll_s)
     with contextlib.suppress(Exception):
         job.cancel(check=False)  # the other ranks would wait for this one forever
 

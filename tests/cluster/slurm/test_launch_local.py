@@ -14,6 +14,7 @@ import torch
 from toy_training import ToyConfig, final_weights, reference_weights, toy_main
 
 from attnxfer.launch.slurm import (
+    JobFailedError,
     SlurmOptions,
     add_slurm_arguments,
     build_executor,
@@ -89,6 +90,18 @@ def test_local_cluster_runs_the_same_task_with_two_ranks(tmp_path):
         torch.testing.assert_close(
             final_weights(cfg.run_dir, rank)["weight"], ref["weight"], rtol=1e-5, atol=1e-6
         )
+
+
+@pytest.mark.slow
+def test_a_local_job_whose_rank_fails_ends_by_itself_without_an_interrupt_traceback(tmp_path, capfd):
+    """The failure is one error; the job's controller, which writes to this terminal, is let end on its own
+    rather than interrupted (its KeyboardInterrupt traceback would follow the error, as if Ctrl-C was pressed)."""
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), fail_rank=0, fail_at_step=0)
+    [job] = submit(toy_main, cfg, SlurmOptions(cluster="local", time=5))
+    with pytest.raises(JobFailedError, match="toy failure on rank 0 at step 0"):
+        wait(job, timeout=120)
+    assert job._process.wait(timeout=60) == 0  # submitit keeps its controller there
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
 def test_debug_cluster_runs_in_this_process(tmp_path):
