@@ -23,7 +23,7 @@ from .verify import MANIFEST_NAME, CorruptCheckpointError
 
 class ResumePolicy(StrEnum):
     LATEST = "auto"  # the run's newest intact checkpoint, if it has one
-    FRESH = "none"  # start over (records of an earlier attempt are dropped)
+    FRESH = "none"  # start over (an earlier attempt's checkpoints and records are kept aside)
     PATH = "path"  # a given checkpoint directory
 
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..checkpoints.resume_point import ResumePolicy
 from ..checkpoints.store import MetricMode
 from ..data.label_free import split_batch
 from ..data.seeding import sample_seed
@@ -282,6 +283,11 @@ class Engine:
         resumed = self.checkpointing.resume(scoring)
         self._started = time.monotonic()
         if resumed is None:
+            if (
+                self.is_main
+                and getattr(self.checkpointing.policy.resume, "policy", None) is ResumePolicy.FRESH
+            ):
+                self.metrics.set_aside_records()  # checkpoint.resume=none over a run: its records kept, as its saves
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             self.metrics.truncate_summary(0)
             return

@@ -17,7 +17,9 @@ import torch
 from torchvision.utils import save_image
 
 from ..checkpoints.atomic_io import atomic_write_text
+from ..checkpoints.store import set_aside
 from ..run_layout import METRICS
+from ..speak import warn
 from .trackers import TrackerSet
 
 #: the per-epoch table beside the checkpoints, as timm's train.py writes it
@@ -44,6 +46,15 @@ class MetricsLogger:
         self.trackers = TrackerSet(
             self.run_dir, trackers if enabled else [], project=project, hparams=hparams
         )
+
+    def set_aside_records(self) -> None:
+        """Keep an earlier attempt's ``metrics.jsonl`` and ``summary.csv`` as ``<name>.replaced-<time>``, said
+        in one line each: ``checkpoint.resume=none`` starts over and sets its checkpoints aside, not its history."""
+        for path in (self.path, self.run_dir / SUMMARY_CSV) if self.enabled else ():
+            if path.is_file() and path.stat().st_size:
+                warn(
+                    f"checkpoint.resume=none: kept the earlier attempt's {path.name} as {set_aside(path, 'replaced')}"
+                )
 
     def truncate_after(self, step: int) -> None:
         """Forget records of steps after ``step`` (they are about to be trained again)."""

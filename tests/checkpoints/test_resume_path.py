@@ -319,10 +319,16 @@ def test_going_back_before_a_runs_later_checkpoints_keeps_them_aside_and_eval_mo
     assert code == 0 and "step-00000016 was saved after step 12 by an earlier attempt; kept it as" in err, err
     assert ResumePoint.find(run, "auto").step == 12
     # starting over, stopping at 8: its step 8 has other weights, and step 12 came after it
+    earlier_records = (run / "metrics.jsonl").read_text()
     code, _, err = run_cli(capsys, *argv, "checkpoint.resume=none", "seed=5", "schedule.epochs=1")
     assert (
         code == 0 and "a different checkpoint for step 8 existed" in err and "step-00000012 was saved" in err
     )
+    # and the earlier attempt's records are kept beside them, not dropped with the fresh start
+    [kept] = run.glob("metrics.jsonl.replaced-*")
+    assert kept.read_text() == earlier_records and len(list(run.glob("summary.csv.replaced-*"))) == 1
+    assert "checkpoint.resume=none: kept the earlier attempt's metrics.jsonl as" in err, err
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 8
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if "." not in p.name) == ["step-00000008"]
     assert ResumePoint.find(run, "auto").config["seed"] == 5
 
