@@ -281,6 +281,9 @@ def record_run(
     warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
     if warning and warn_few_steps and not finished:
         say(warning)
+    warmup = long_warmup_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
+    if warmup and warn_few_steps and not finished:
+        say(warmup)
 
 
 def assemble_engine(
@@ -516,6 +519,20 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
             if s.max_steps is not None and s.max_steps < FEW_STEPS
             else ""
         )
+    )
+
+
+def long_warmup_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:
+    """One line, where ``schedule.warmup_epochs`` outlasts the ``schedule.epochs`` the run trains: its lr
+    only rises, never reaching the base lr nor decaying. A ``schedule.max_steps`` cap stops a run early
+    on purpose (smoke runs), and says nothing here."""
+    warmup = round(s.warmup_epochs * per_epoch)
+    if warmup <= total or total < per_epoch * s.epochs:
+        return None
+    return (
+        f"warning: schedule.warmup_epochs={s.warmup_epochs:g} is longer than the run's schedule.epochs="
+        f"{s.epochs} ({warmup} warm-up steps, {total} in all): the lr only rises, to {total / warmup:.0%} of "
+        f"the base lr {s.base_lr:g}, and never decays; set schedule.warmup_epochs below schedule.epochs"
     )
 
 
