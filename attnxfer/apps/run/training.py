@@ -177,15 +177,25 @@ def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
 
 
 def base_lr(cfg: TrainConfig, world: int) -> float:
-    """``optim.lr``, or MAE's rule lr = blr · global batch / 256."""
+    """``optim.lr``, or MAE's rule lr = blr · global batch / 256; a ``optim.min_lr`` above it is said (the
+    cosine would raise the lr to it: a recipe's min_lr, set for its global batch, on fewer processes)."""
     o = cfg.optim
     if o.lr is not None:
         if o.blr != OptimConfig().blr:  # every convert recipe sets lr: a blr given on top would go unread
             warn(
                 f"warning: optim.blr={o.blr:g} unused: optim.lr={o.lr:g} is set (blr counts where optim.lr=null)"
             )
-        return o.lr
-    return o.blr * cfg.data.batch_size * world * o.accum_steps / 256
+        lr, how = o.lr, f"optim.lr={o.lr:g}"
+    else:
+        batch = cfg.data.batch_size * world * o.accum_steps
+        lr, how = o.blr * batch / 256, f"optim.blr={o.blr:g} x global batch {batch} / 256"
+    if o.min_lr > lr:
+        warn(
+            f"warning: optim.min_lr={o.min_lr:g} is above the base lr {lr:g} ({how}): after warm-up the "
+            "cosine schedule raises the lr towards min_lr instead of decaying it; lower optim.min_lr below "
+            "the base lr"
+        )
+    return lr
 
 
 def loop_settings(
