@@ -229,7 +229,9 @@ def student_like(
     if bad := {
         k: requested[k] for k, c in counts.items() if any(x < 0 or (x == 0 and k != "num_classes") for x in c)
     }:
-        raise InputError(f"student_like: sizes must be positive (num_classes=0: no head), got {bad}")
+        raise InputError(
+            f"student_like: sizes must be positive (num_classes=0: no head), got {bad} (model.kwargs in a config)"
+        )
     if not isinstance(teacher, VisionTransformer):
         return _family_student(teacher, requested, drop_path_rate, attn_layer, overrides)
     t = vit_traits(teacher)
@@ -276,9 +278,13 @@ def _vit_student_args(
     }
     width, heads = args["embed_dim"], args["num_heads"]
     if width % heads:
+        given = {**requested, **overrides}
+        whose = {k: "" if k in given else " (the teacher's)" for k in ("embed_dim", "num_heads")}
         raise InputError(
-            f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
-            f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}"
+            f"student_like: embed_dim={width}{whose['embed_dim']} is not divisible by "
+            f"num_heads={heads}{whose['num_heads']}; set embed_dim to a multiple of {heads}, or num_heads to "
+            f"one of {[h for h in range(1, min(width, 64) + 1) if width % h == 0]} "
+            "(model.kwargs.embed_dim / model.kwargs.num_heads in a config)"
         )
     return args
 

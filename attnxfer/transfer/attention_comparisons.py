@@ -152,7 +152,7 @@ def check_head_dims_match(who: str, where: str, ta: nn.Module, sa: nn.Module) ->
         raise PlanError(
             f"{where}: {who} mixes teacher and student q/k/v, so head dims must match "
             f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
-            f"{ta.num_heads * ta.head_dim}"
+            f"{sa.num_heads * ta.head_dim} (model.kwargs.embed_dim in a config)"
         )
 
 

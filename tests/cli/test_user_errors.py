@@ -117,7 +117,9 @@ def test_a_mirrored_student_that_timm_cannot_build(tiny_teacher_dir, tmp_path, c
         ],
         capsys,
     )
-    assert "embed_dim=32 is not divisible by num_heads=3" in err
+    assert "embed_dim=32 is not divisible by num_heads=3 (the teacher's)" in err
+    # a config's user is told which keys to change, not student_like's arguments alone
+    assert "model.kwargs.embed_dim / model.kwargs.num_heads in a config" in err
 
 
 def test_an_mae_decoder_width_the_sin_cos_embedding_cannot_take(tmp_path, capsys):

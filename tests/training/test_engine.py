@@ -416,6 +416,28 @@ def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path,
     assert list(record.mean) == list(info.mean) and list(record.std) == list(info.std)
 
 
+def test_a_warmup_longer_than_the_run_says_the_lr_never_reaches_its_base():
+    """warmup_epochs beyond schedule.epochs: every step warms up (the lr ends at a share of the base and the
+    cosine never runs), said in one line naming the keys; a warm-up within the epochs, or a run cut short by
+    schedule.max_steps on purpose, says nothing."""
+    from dataclasses import replace
+
+    from attnxfer.apps.run.training import long_warmup_warning
+    from attnxfer.train.engine import LoopSettings, schedule_steps
+
+    def warning(s: LoopSettings, batches: int = 4) -> str | None:
+        per_epoch, total, _ = schedule_steps(batches, s)
+        return long_warmup_warning(s, per_epoch, total)
+
+    s = LoopSettings(run_dir=Path("run"), epochs=1, warmup_epochs=100, base_lr=2e-3)
+    said = warning(s)
+    assert said.startswith("warning: schedule.warmup_epochs=100 is longer than the run's schedule.epochs=1")
+    assert "(400 warm-up steps, 4 in all)" in said and "to 1% of the base lr 0.002" in said
+    assert "set schedule.warmup_epochs below schedule.epochs" in said and "\n" not in said
+    assert warning(replace(s, warmup_epochs=1)) is None and warning(replace(s, epochs=200)) is None
+    assert warning(replace(s, epochs=200, max_steps=4)) is None
+
+
 def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     """12 steps (2 epochs of 6 batches) name schedule.epochs and how many epochs reach 100 steps; a
     max_steps cap names schedule.max_steps; 120 steps say nothing."""

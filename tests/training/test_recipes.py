@@ -182,6 +182,20 @@ def test_recipe_matches_the_reference(recipe, capsys):
     assert plan.share_drop_path and plan.weight == ref.get("atd_weight", 1.0)
 
 
+def test_a_min_lr_above_the_base_lr_is_said_not_silently_climbed_to(capsys):
+    """paper/vit_large_copy's min_lr 2e-3 is below its lr on the reference's 64 GPUs (8e-3), but above it on
+    one (1.25e-4): there the cosine would raise the lr 16-fold after warm-up, so the run says so."""
+    cfg = load_config("paper/vit_large_copy")
+    base_lr(cfg, GPUS)
+    assert "min_lr" not in capsys.readouterr().err
+    assert math.isclose(base_lr(cfg, 1), 1.25e-4)
+    said = capsys.readouterr().err
+    assert (
+        "optim.min_lr=0.002 is above the base lr 0.000125 (optim.blr=0.001 x global batch 32 / 256)" in said
+    )
+    assert "lower optim.min_lr" in said
+
+
 def test_layer_decay_rules_on_a_meta_vit_large():
     """timm's / MAE's rule vs the reference's: one power of the decay apart for the stem and every block."""
     with torch.device("meta"):

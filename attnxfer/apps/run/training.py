@@ -177,15 +177,25 @@ def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
 
 
 def base_lr(cfg: TrainConfig, world: int) -> float:
-    """``optim.lr``, or MAE's rule lr = blr · global batch / 256."""
+    """``optim.lr``, or MAE's rule lr = blr · global batch / 256; a ``optim.min_lr`` above it is said (the
+    cosine would raise the lr to it: a recipe's min_lr, set for its global batch, on fewer processes)."""
     o = cfg.optim
     if o.lr is not None:
         if o.blr != OptimConfig().blr:  # every convert recipe sets lr: a blr given on top would go unread
             warn(
                 f"warning: optim.blr={o.blr:g} unused: optim.lr={o.lr:g} is set (blr counts where optim.lr=null)"
             )
-        return o.lr
-    return o.blr * cfg.data.batch_size * world * o.accum_steps / 256
+        lr, how = o.lr, f"optim.lr={o.lr:g}"
+    else:
+        batch = cfg.data.batch_size * world * o.accum_steps
+        lr, how = o.blr * batch / 256, f"optim.blr={o.blr:g} x global batch {batch} / 256"
+    if o.min_lr > lr:
+        warn(
+            f"warning: optim.min_lr={o.min_lr:g} is above the base lr {lr:g} ({how}): after warm-up the "
+            "cosine schedule raises the lr towards min_lr instead of decaying it; lower optim.min_lr below "
+            "the base lr"
+        )
+    return lr
 
 
 def loop_settings(
@@ -281,6 +291,9 @@ def record_run(
     warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
     if warning and warn_few_steps and not finished:
         say(warning)
+    warmup = long_warmup_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
+    if warmup and warn_few_steps and not finished:
+        say(warmup)
 
 
 def assemble_engine(
@@ -516,6 +529,20 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
             if s.max_steps is not None and s.max_steps < FEW_STEPS
             else ""
         )
+    )
+
+
+def long_warmup_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:
+    """One line, where ``schedule.warmup_epochs`` outlasts the ``schedule.epochs`` the run trains: its lr
+    only rises, never reaching the base lr nor decaying. A ``schedule.max_steps`` cap stops a run early
+    on purpose (smoke runs), and says nothing here."""
+    warmup = round(s.warmup_epochs * per_epoch)
+    if warmup <= total or total < per_epoch * s.epochs:
+        return None
+    return (
+        f"warning: schedule.warmup_epochs={s.warmup_epochs:g} is longer than the run's schedule.epochs="
+        f"{s.epochs} ({warmup} warm-up steps, {total} in all): the lr only rises, to {total / warmup:.0%} of "
+        f"the base lr {s.base_lr:g}, and never decays; set schedule.warmup_epochs below schedule.epochs"
     )
 
 

@@ -35,7 +35,13 @@ from ...transfer.teacher_pass import TeacherHandover, TeacherNeeds
 from ...transfer.teacher_student import TeacherStudent
 from ..run.parts import RunParts, build_run_parts
 from ..run.resume import judge
-from ..run.training import build_engine, few_steps_warning, require_task_labels, task_weight_of
+from ..run.training import (
+    build_engine,
+    few_steps_warning,
+    long_warmup_warning,
+    require_task_labels,
+    task_weight_of,
+)
 from .report import write_study_report
 
 
@@ -197,6 +203,10 @@ def build_members(
         warning := few_steps_warning(first.settings, first.steps_per_epoch, first.total_steps)
     ):
         say(f"{warning} (every student of the study)")
+    if first is not None and (
+        warmup := long_warmup_warning(first.settings, first.steps_per_epoch, first.total_steps)
+    ):
+        say(f"{warmup} (every student of the study)")
     feed.teacher_pass = shared_teacher_pass(
         [m.engine.objective.module for m in members], [m.name for m in members]
     )
