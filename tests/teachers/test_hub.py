@@ -211,6 +211,22 @@ def test_a_hub_repo_whose_weights_are_a_pth_loads_from_the_cache_as_fetch_left_i
     )
 
 
+def test_a_cache_dir_under_the_home_folder_is_read_offline_as_downloads_read_it(tmp_path, monkeypatch):
+    """teacher.cache_dir=~/hf (no shell expands "~" after "=", YAML never does): huggingface_hub's downloads
+    expand it, its offline lookup did not, so a cached repo was said not to be in "~/hf" and to be copied there."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    monkeypatch.setenv("HOME", str(tmp_path))
+    put_in_hub_cache(tmp_path / "hf", "acme/tiny", tiny_timm())
+    assert load_teacher("hf-hub:acme/tiny", cache_dir="~/hf")[1].hf_commit == REV
+    assert Path(fetch_teacher("hf-hub:acme/tiny", cache_dir="~/hf")).name == REV
+    with pytest.raises(
+        TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at main, {REV[:12]}, not v2\)"
+    ):
+        load_teacher("hf-hub:acme/tiny@v2", cache_dir="~/hf")
+
+
 def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatch):
     """The repo's folder is in the cache: "copy the folder into the cache" would be no answer."""
     import huggingface_hub.constants
