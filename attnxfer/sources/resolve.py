@@ -228,6 +228,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        with open(path, "rb") as f:
+            head = f.read(24)
+        # torch writes a zip archive, or (legacy) a pickle that opens with its protocol: other bytes (an HTML
+        # page, a Git LFS pointer, safetensors named .pth) are no torch file, however torch's reader words it
+        if not culprit and not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise TeacherLoadError(
+                f"{path} is not a torch file: it begins {head!r} (a download's error page, a Git LFS pointer "
+                "or another format?). Copy or download it again"
+            ) from None
         why = (
             f"it pickles {culprit.group(1)}"
             if culprit

@@ -555,6 +555,27 @@ def test_pth_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_a_pth_that_is_no_torch_file_is_said_to_be_none_not_unsafe_to_unpickle(tmp_path):
+    """A Git LFS pointer, a download's HTML error page or safetensors named .pth: torch's weights-only reader
+    fails on their first byte, which was read as "it holds pickled Python objects" with advice to unpickle it."""
+    safetensors = tmp_path / "renamed.safetensors"
+    save_file(tiny_timm(num_classes=0).state_dict(), str(safetensors))
+    files = {
+        "lfs.bin": b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n",
+        "page.pth": b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n",
+        "renamed.pth": safetensors.read_bytes(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TeacherLoadError, match="is not a torch file: it begins b") as err:
+            read_state_dict(tmp_path / name)
+        assert repr(data[:24]) in str(err.value), str(err.value)  # what it is, in its own first bytes
+        assert not isinstance(err.value, UnsafeCheckpointError) and "weights_only=False" not in str(err.value)
+    legacy = tmp_path / "legacy.pth"  # torch's pre-zip format still loads
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(legacy)[0]["w"], torch.ones(2))
+
+
 def test_the_conversion_told_for_an_unsafe_pth_keeps_the_weights_its_container_holds(tmp_path, monkeypatch):
     """A timm or Lightning checkpoint keeps its weights under ``state_dict`` beside pickled training args: the
     recipe the refusal gives converts those weights, not the whole container."""
