@@ -385,6 +385,16 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
             f"{where}: {cfg_path}",
             f"it names neither a timm 'architecture' nor a transformers 'model_type' (keys {keys})",
         )
+    # transformers' wrapper of a timm model: timm's name beside transformers' settings and weight names
+    if config.get("model_type") == "timm_wrapper":
+        saved = (config.get("architectures") or ["TimmWrapperModel"])[0]
+        source = where.partition(":")[2]
+        raise InputError(
+            f"{where}: {cfg_path} is transformers' TimmWrapper around timm's {config.get('architecture')!r}, "
+            "in transformers' names and settings; write the timm model once in timm's format, where "
+            f"transformers is installed: `m = transformers.{saved}.from_pretrained({source!r}); "
+            "timm.models.save_for_hf(m.timm_model, DIR, model_args=m.config.model_args)`, then use local-dir:DIR"
+        )
     readme = find("README.md")
     if not is_transformers_config(config):
         cfg, architecture, model_args = load_model_config_from_path(Path(cfg_path).parent)
