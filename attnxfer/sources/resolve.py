@@ -129,8 +129,16 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
         )
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
         return TeacherSpec(Source.FILE, str(Path(spec).expanduser()))
-    arch, _ = split_model_name_tag(spec)
+    name, at, rev = spec.partition("@")
+    arch, _ = split_model_name_tag(name)
     if timm.is_model(arch):
+        if at:  # hf-hub:ORG/NAME@REV's pin, which timm would read as part of the tag
+            try:
+                repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+            except RuntimeError:  # an unknown tag: the refusal below names the known ones
+                repo = None
+            pin = f"pin its Hub weights as 'hf-hub:{repo}@{rev}'" if repo else f"drop '@{rev}'"
+            raise InputError(f"{role} spec {spec!r}: a timm name takes no @REVISION; {pin}")
         return TeacherSpec(Source.TIMM, spec, revision)
     _refuse_path(spec, role)
     if "/" in spec and not sep:  # ORG/NAME, no prefix of its own

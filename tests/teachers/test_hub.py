@@ -734,6 +734,24 @@ def test_bad_specs_say_what_to_change(tmp_path):
             call(tiny_timm())
 
 
+def test_a_timm_name_pinned_with_at_revision_is_told_the_hub_spec_that_pins_it():
+    """`hf-hub:ORG/NAME@REV` pins a revision; `NAME.TAG@REV` was read as an unknown tag "TAG@REV" and answered
+    with the name's tags, as if the tag were wrong."""
+    for call in (load_teacher, fetch_teacher):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                "a timm name takes no @REVISION; pin its Hub weights as "
+                "'hf-hub:timm/vit_tiny_patch16_224.augreg_in21k@v1'"
+            ),
+        ):
+            call("vit_tiny_patch16_224.augreg_in21k@v1")
+    with pytest.raises(
+        ValueError, match=r"no @REVISION; pin its Hub weights as 'hf-hub:timm/vit_tiny_patch16_224\."
+    ):
+        load_teacher("vit_tiny_patch16_224@v1")  # untagged: the default tag's repo
+
+
 def test_a_misspelt_prefix_is_named_with_the_spec_it_meant(tiny_teacher_dir):
     """`local_dir:PATH` was said not to exist (the folder does), `hfhub:ORG/NAME` told to become 'hf-hub:hfhub:...'."""
     for given, meant in (
