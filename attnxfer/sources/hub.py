@@ -84,7 +84,7 @@ def offline_reason() -> str | None:
 def fetch_instructions(
     spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
 ) -> str:
-    cache = cache_dir or constants.HF_HUB_CACHE  # huggingface_hub's: HF_HUB_CACHE, else HF_HOME/hub
+    cache = os.path.expanduser(cache_dir or constants.HF_HUB_CACHE)  # default: HF_HUB_CACHE, or HF_HOME/hub
     rev = f" --revision {revision}" if revision else ""
     folder = "models--" + repo.replace("/", "--")
     cached = Path(cache) / folder
@@ -118,6 +118,9 @@ def _hub_file(
 ) -> str | None:
     """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached;
     missing and not downloadable: `TeacherNotAvailable` if ``required``, else None."""
+    # huggingface_hub's downloads expand a "~" in cache_dir (teacher.cache_dir=~/hf: no shell expands it after
+    # "="), its offline lookup does not: it would not find a repo cached there
+    cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
     reason = offline_reason()
     if reason is not None:
         # Offline: a purely local lookup (refs/<revision> -> snapshots/<commit>/<file>), no HTTP client at all.

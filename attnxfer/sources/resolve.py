@@ -129,8 +129,16 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
         )
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
         return TeacherSpec(Source.FILE, str(Path(spec).expanduser()))
-    arch, _ = split_model_name_tag(spec)
+    name, at, rev = spec.partition("@")
+    arch, _ = split_model_name_tag(name)
     if timm.is_model(arch):
+        if at:  # hf-hub:ORG/NAME@REV's pin, which timm would read as part of the tag
+            try:
+                repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+            except RuntimeError:  # an unknown tag: the refusal below names the known ones
+                repo = None
+            pin = f"pin its Hub weights as 'hf-hub:{repo}@{rev}'" if repo else f"drop '@{rev}'"
+            raise InputError(f"{role} spec {spec!r}: a timm name takes no @REVISION; {pin}")
         return TeacherSpec(Source.TIMM, spec, revision)
     _refuse_path(spec, role)
     if "/" in spec and not sep:  # ORG/NAME, no prefix of its own
@@ -228,6 +236,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        with open(path, "rb") as f:
+            head = f.read(24)
+        # torch writes a zip archive, or (legacy) a pickle that opens with its protocol: other bytes (an HTML
+        # page, a Git LFS pointer, safetensors named .pth) are no torch file, however torch's reader words it
+        if not culprit and not head.startswith((b"PK\x03\x04", b"\x80")):
+            raise TeacherLoadError(
+                f"{path} is not a torch file: it begins {head!r} (a download's error page, a Git LFS pointer "
+                "or another format?). Copy or download it again"
+            ) from None
         why = (
             f"it pickles {culprit.group(1)}"
             if culprit
@@ -375,6 +392,16 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
         raise unreadable_config(
             f"{where}: {cfg_path}",
             f"it names neither a timm 'architecture' nor a transformers 'model_type' (keys {keys})",
+        )
+    # transformers' wrapper of a timm model: timm's name beside transformers' settings and weight names
+    if config.get("model_type") == "timm_wrapper":
+        saved = (config.get("architectures") or ["TimmWrapperModel"])[0]
+        source = where.partition(":")[2]
+        raise InputError(
+            f"{where}: {cfg_path} is transformers' TimmWrapper around timm's {config.get('architecture')!r}, "
+            "in transformers' names and settings; write the timm model once in timm's format, where "
+            f"transformers is installed: `m = transformers.{saved}.from_pretrained({source!r}); "
+            "timm.models.save_for_hf(m.timm_model, DIR, model_args=m.config.model_args)`, then use local-dir:DIR"
         )
     readme = find("README.md")
     if not is_transformers_config(config):

@@ -211,6 +211,22 @@ def test_a_hub_repo_whose_weights_are_a_pth_loads_from_the_cache_as_fetch_left_i
     )
 
 
+def test_a_cache_dir_under_the_home_folder_is_read_offline_as_downloads_read_it(tmp_path, monkeypatch):
+    """teacher.cache_dir=~/hf (no shell expands "~" after "=", YAML never does): huggingface_hub's downloads
+    expand it, its offline lookup did not, so a cached repo was said not to be in "~/hf" and to be copied there."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    monkeypatch.setenv("HOME", str(tmp_path))
+    put_in_hub_cache(tmp_path / "hf", "acme/tiny", tiny_timm())
+    assert load_teacher("hf-hub:acme/tiny", cache_dir="~/hf")[1].hf_commit == REV
+    assert Path(fetch_teacher("hf-hub:acme/tiny", cache_dir="~/hf")).name == REV
+    with pytest.raises(
+        TeacherNotAvailable, match=rf"\(the cache holds acme/tiny at main, {REV[:12]}, not v2\)"
+    ):
+        load_teacher("hf-hub:acme/tiny@v2", cache_dir="~/hf")
+
+
 def test_a_revision_the_cache_lacks_names_the_ones_it_holds(tmp_path, monkeypatch):
     """The repo's folder is in the cache: "copy the folder into the cache" would be no answer."""
     import huggingface_hub.constants
@@ -539,6 +555,27 @@ def test_pth_with_pickled_objects_is_refused(tmp_path, monkeypatch):
     assert not marker.exists()
 
 
+def test_a_pth_that_is_no_torch_file_is_said_to_be_none_not_unsafe_to_unpickle(tmp_path):
+    """A Git LFS pointer, a download's HTML error page or safetensors named .pth: torch's weights-only reader
+    fails on their first byte, which was read as "it holds pickled Python objects" with advice to unpickle it."""
+    safetensors = tmp_path / "renamed.safetensors"
+    save_file(tiny_timm(num_classes=0).state_dict(), str(safetensors))
+    files = {
+        "lfs.bin": b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 4096\n",
+        "page.pth": b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n",
+        "renamed.pth": safetensors.read_bytes(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(TeacherLoadError, match="is not a torch file: it begins b") as err:
+            read_state_dict(tmp_path / name)
+        assert repr(data[:24]) in str(err.value), str(err.value)  # what it is, in its own first bytes
+        assert not isinstance(err.value, UnsafeCheckpointError) and "weights_only=False" not in str(err.value)
+    legacy = tmp_path / "legacy.pth"  # torch's pre-zip format still loads
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(legacy)[0]["w"], torch.ones(2))
+
+
 def test_the_conversion_told_for_an_unsafe_pth_keeps_the_weights_its_container_holds(tmp_path, monkeypatch):
     """A timm or Lightning checkpoint keeps its weights under ``state_dict`` beside pickled training args: the
     recipe the refusal gives converts those weights, not the whole container."""
@@ -695,6 +732,24 @@ def test_bad_specs_say_what_to_change(tmp_path):
     for call in (load_teacher, fetch_teacher):  # a built model, not its str() read as a path too long to open
         with pytest.raises(TypeError, match="got VisionTransformer; a model already built needs no loading"):
             call(tiny_timm())
+
+
+def test_a_timm_name_pinned_with_at_revision_is_told_the_hub_spec_that_pins_it():
+    """`hf-hub:ORG/NAME@REV` pins a revision; `NAME.TAG@REV` was read as an unknown tag "TAG@REV" and answered
+    with the name's tags, as if the tag were wrong."""
+    for call in (load_teacher, fetch_teacher):
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                "a timm name takes no @REVISION; pin its Hub weights as "
+                "'hf-hub:timm/vit_tiny_patch16_224.augreg_in21k@v1'"
+            ),
+        ):
+            call("vit_tiny_patch16_224.augreg_in21k@v1")
+    with pytest.raises(
+        ValueError, match=r"no @REVISION; pin its Hub weights as 'hf-hub:timm/vit_tiny_patch16_224\."
+    ):
+        load_teacher("vit_tiny_patch16_224@v1")  # untagged: the default tag's repo
 
 
 def test_a_misspelt_prefix_is_named_with_the_spec_it_meant(tiny_teacher_dir):

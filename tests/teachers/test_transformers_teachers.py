@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 import transformers
 from helpers import fast_cells, tiny_convert_report, tiny_run
@@ -422,6 +423,29 @@ def test_neither_architecture_nor_model_type_lists_what_is_read(tmp_path):
     ) as e:
         load_teacher(f"local-dir:{folder}")
     assert "dinov3_vit" in str(e.value) and str(folder / "config.json") in str(e.value)
+
+
+def test_a_timm_wrapper_folder_is_told_how_to_become_timms_format_and_the_way_told_loads_it(tmp_path):
+    """What a Trainer fine-tuning ``AutoModelForImageClassification.from_pretrained("timm/...")`` saves: timm's
+    architecture beside transformers' settings, weights under ``timm_model.``; timm read those settings as a
+    pretrained config ("PretrainedCfg.__init__() got an unexpected keyword argument 'architectures'")."""
+    dims = dict(img_size=IMG, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    config = transformers.TimmWrapperConfig(
+        architecture="vit_tiny_patch16_224", model_args=dims, num_labels=3
+    )
+    torch.manual_seed(0)
+    wrapper = transformers.TimmWrapperForImageClassification(config).eval()
+    wrapper.save_pretrained(tmp_path / "wrapped")
+    with pytest.raises(
+        InputError, match="is transformers' TimmWrapper around timm's 'vit_tiny_patch16_224'"
+    ) as e:
+        load_teacher(f"local-dir:{tmp_path / 'wrapped'}")
+    [told] = re.findall(r"`(m = transformers\.TimmWrapperForImageClassification.*?)`", str(e.value))
+    exec(told.replace("DIR", repr(str(tmp_path / "timm"))), {"transformers": transformers, "timm": timm})
+    teacher, record = load_teacher(f"local-dir:{tmp_path / 'timm'}")
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert record.num_classes == 3 and _rel(teacher(x), wrapper(x).logits) <= 1e-6
 
 
 def test_an_unknown_model_type_names_it_and_the_supported_ones(tmp_path):
