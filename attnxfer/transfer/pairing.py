@@ -27,21 +27,21 @@ def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None =
         layers = list(layers)
         if not layers:  # else a distillation run that distils nothing, its plan saying so only by omission
             raise PlanError(
-                "layers=[] names no layer to transfer; name one or more, or leave layers unset (null)"
+                "transfer.layers=[] names no layer to transfer; name one or more, or leave it unset (null)"
             )
         chosen = []
         for i in layers:
             j = i + depth if i < 0 else i
             if not 0 <= j < depth:
                 raise PlanError(
-                    f"layer {i} is outside the student's {depth} blocks (valid: 0..{depth - 1} or -{depth}..-1)"
+                    f"transfer.layers: layer {i} is outside the student's {depth} blocks (valid: 0..{depth - 1} or -{depth}..-1)"
                 )
             chosen.append(j)
         return tuple(sorted(set(chosen)))
     end = depth if end_layer == 0 else (depth + end_layer if end_layer < 0 else end_layer)
     if not 0 < end <= depth:
         raise PlanError(
-            f"end_layer={end_layer} selects no layers of a {depth}-block student; "
+            f"transfer.end_layer={end_layer} selects no layers of a {depth}-block student; "
             f"use 0 (all), -1..-{depth - 1} (drop the last ones) or 1..{depth}"
         )
     return tuple(range(end))

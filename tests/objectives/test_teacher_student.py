@@ -194,11 +194,11 @@ def test_a_pair_or_plan_that_cannot_work_is_refused_at_construction_naming_what_
         build_plan(tiny_vit(num_heads=4, embed_dim=48), tiny_vit(num_heads=3), "distill")
     with pytest.raises(PlanError, match="unknown transfer mode 'copyy'.*copy, copy_q"):
         build_plan(t, tiny_vit(), "copyy")
-    with pytest.raises(PlanError, match="end_layer=-4 selects no layers"):
+    with pytest.raises(PlanError, match=r"transfer\.end_layer=-4 selects no layers"):
         build_plan(t, tiny_vit(), "copy", end_layer=-4)
-    with pytest.raises(PlanError, match="layer 7 is outside"):
+    with pytest.raises(PlanError, match=r"transfer\.layers: layer 7 is outside"):
         build_plan(t, tiny_vit(), "copy", layers=[7])
-    with pytest.raises(PlanError, match=r"layers=\[\] names no layer to transfer"):
+    with pytest.raises(PlanError, match=r"transfer\.layers=\[\] names no layer to transfer"):
         build_plan(t, tiny_vit(), "distill", layers=[])  # a distillation that distils nothing
     with pytest.raises(TypeError, match="the second argument is the teacher's hand-over, got Tensor"):
         TeacherStudent(t, tiny_vit(seed=2), build_plan(t, tiny_vit(seed=2), "distill"))(
