@@ -19,7 +19,7 @@ import yaml
 from helpers import ONE_BLOCK_RUN, rewrite_checkpoint_state, run_cli, tiny_run
 from PIL import Image
 
-from attnxfer.apps.run.resume import check_same_data, config_changes
+from attnxfer.apps.run.resume import check_same_data, check_teacher_content, config_changes
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.store import CheckpointError
 from attnxfer.checkpoints.verify import CheckpointInfo
@@ -254,6 +254,22 @@ def test_data_hashed_another_way_by_an_older_attnxfer_resumes_where_the_sample_c
         check_same_data(older, {"samples": 60, "of": "shard list", "fingerprint": "bb"}, cfg)
     with pytest.raises(ConfigError, match="training data changed"):
         check_same_data(older, {"samples": 48, "of": "file list", "fingerprint": "bb"}, cfg)
+
+
+def test_a_hub_teacher_whose_branch_moved_is_told_the_commit_the_run_trained_with():
+    """hf-hub:ORG/NAME follows its branch: once the branch moves, the commit the run recorded is the spec that
+    reads the weights its checkpoint learned from again."""
+    info = CheckpointInfo(4, Path("run/checkpoints/step-00000004"), None, "", {}, True)
+    commit = "a" * 40
+    teacher = {"spec": "hf-hub:acme/vit", "sha256": "11", "hf_repo": "acme/vit", "hf_commit": commit}
+    point = ResumePoint(info, {"teacher": teacher})
+    with pytest.raises(
+        ConfigError, match=f"original weights \\(hf-hub:acme/vit@{commit}, the commit it trained"
+    ):
+        check_teacher_content(point, {**teacher, "sha256": "22"}, "hf-hub:acme/vit")
+    local = ResumePoint(info, {"teacher": {"spec": "local-dir:t", "sha256": "11"}})
+    with pytest.raises(ConfigError, match="point teacher.spec at the original weights; to train"):
+        check_teacher_content(local, {"sha256": "22"}, "local-dir:t")
 
 
 def _record_every_section(run: Path, unread: dict) -> None:

@@ -182,11 +182,16 @@ def check_teacher_content(
     if not want or want == have:
         return
     run = point.path.parent.parent if run is None else Path(run)
+    # a Hub branch that moved since: the commit the run resolved it to still names those weights
+    pinned = (
+        f"hf-hub:{old['hf_repo']}@{old['hf_commit']}" if old.get("hf_repo") and old.get("hf_commit") else None
+    )
     raise ConfigError(
         f"{run} was trained with teacher {old.get('spec')!r} (weights sha256 {want}), but teacher.spec={spec!r} "
         f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than the "
         f"one {point.name} learned from; nothing was written. To continue this run, point teacher.spec "
-        "at the original weights; to train with this teacher, start a new run elsewhere (run_dir=...)"
+        f"at the original weights{f' ({pinned}, the commit it trained with)' if pinned else ''}; to train "
+        "with this teacher, start a new run elsewhere (run_dir=...)"
     )
 
 
