@@ -214,6 +214,11 @@ def test_submit_refuses_a_key_the_runs_checkpoint_fixes_before_submitting(traine
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
     code, _, err = run_cli(capsys, *argv, "--dry-run")
     assert code == 0, err
+    # a sweep writes one run a point under run_dir: inside this run's folder, export and resume would mix them
+    code, _, err = run_cli(capsys, *argv, "--sweep", "optim.lr=1e-3,2e-3", "--dry-run")
+    sweep = "holds a training run (run.json), which attnxfer train --sweep does not write into"
+    assert code == 2 and sweep in _error_line(err), err
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
 @pytest.mark.parametrize("command", ["convert", "search"])

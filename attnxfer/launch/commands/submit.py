@@ -84,7 +84,10 @@ def run(args) -> int:
     if args.sweep:
         _check_sweep(cfg, args.sweep, args.job_command)
     refuse_file_in_the_way(cfg.run_dir, "run_dir")  # here, not in a job that fails at once
-    refuse_other_work(cfg.run_dir, args.job_command)
+    if args.sweep:  # one folder a point under run_dir: inside another work's folder, they would mix with it
+        refuse_other_work(cfg.run_dir, f"{args.job_command} --sweep", writes="sweep")
+    else:
+        refuse_other_work(cfg.run_dir, args.job_command)
     study = args.job_command == "study"
     converts = args.job_command == "convert" or (study and cfg.command == "convert")
     for point in sweep_points(cfg, parse_sweep(args.sweep)):  # what each job would refuse at its start
