@@ -62,7 +62,7 @@ from _measure import bench_device, step_peak_growth
 
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.attention.numerics import bf16_devices
-from attnxfer.models.efficient import create_attention, list_attentions
+from attnxfer.models.efficient import create_attention, get_attention_class, list_attentions
 from attnxfer.train.timing import interleaved_timings
 
 LINEAR_FAMILY = ("relu_linear", "elu_linear", "performer", "hedgehog", "cosformer", "focused_linear")
@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [REFERENCE] + ([] if args.no_unfused else ["softmax_unfused"])
     # `none` returns zeros without computing anything: nothing to time, and no gradient to step on
     names += [n for n in (args.attentions or [a for a in list_attentions() if a != "none"]) if n not in names]
+    for entry in names[1:]:
+        if (name := parse_entry(entry)[0]) != "softmax_unfused":
+            try:
+                get_attention_class(name)
+            except KeyError as e:  # a mistyped name: the registry's message, not a traceback from measure()
+                parser.error(f"--attentions: {e.args[0]}")
     batches = args.batch or [{197: 16, 785: 4}.get(n, 1) for n in args.tokens]
     if len(batches) != len(args.tokens):
         parser.error("--batch needs one entry per --tokens entry")

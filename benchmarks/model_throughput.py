@@ -83,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import format_table, machine_info, step_peak_growth, write_json
 
 from attnxfer.checkpoints.onnx_export import write_onnx
+from attnxfer.errors import InputError
 from attnxfer.models.efficient import build_efficient_student, list_attentions
 from attnxfer.models.efficient.floor import floor_model
 from attnxfer.train.measure import attention_calls, operation_counts
@@ -149,7 +150,10 @@ def build_models(
         teacher = timm.create_model(preset.model, num_classes=preset.num_classes)
     models = {TEACHER: teacher, FLOOR: floor_model(teacher)}
     for name in names:
-        models[name] = build_efficient_student(teacher, name.split(",") if "," in name else name)
+        try:
+            models[name] = build_efficient_student(teacher, name.split(",") if "," in name else name)
+        except InputError as e:  # a mistyped --attentions name: its message, not a traceback
+            raise SystemExit(f"--attentions {name}: {e}") from None
     return {name: model.to(device) for name, model in models.items()}
 
 

@@ -33,3 +33,29 @@ def test_a_benchmark_asked_for_cuda_without_a_gpu_says_to_use_the_cpu():
         e.strip().endswith("needs a CUDA GPU and this machine has none: use --device cpu")
         for e in errs.values()
     ), errs
+
+
+@pytest.mark.slow
+def test_a_mistyped_attention_name_is_refused_with_the_registrys_message_not_a_traceback():
+    """``--attentions linear`` (no such attention) to the zoo and whole-model benchmarks: one line naming the
+    flag and suggesting ``elu_linear``, where both met a KeyError / InputError traceback."""
+    tiny = {
+        "attention_zoo": ["--tokens", "17", "--batch", "1", "--dim", "32", "--heads", "2"],
+        "model_throughput": ["--model", "vit_tiny_patch16_224", "--resolutions", "32", "--batch", "1"],
+    }
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, f"benchmarks/{name}.py", *args, "--attentions", "linear"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in tiny.items()
+    }
+    errs = {name: r.communicate()[1] for name, r in runs.items()}
+    assert all(r.returncode in (1, 2) for r in runs.values()), errs
+    for err in errs.values():
+        assert "Traceback" not in err, err
+        last = err.strip().splitlines()[-1]
+        assert "--attentions" in last and "unknown attention 'linear'; did you mean 'elu_linear'" in last, err
