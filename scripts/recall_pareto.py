@@ -126,6 +126,12 @@ def main() -> None:
     parser.add_argument("--against", nargs="*", default=[], help="students to test every other one against")
     parser.add_argument("--title", default="Recall at 1,024 tokens")
     args = parser.parse_args()
+    for study in args.studies:
+        if not (study / "conversion_study.json").is_file():
+            parser.error(
+                f"{study} holds no conversion_study.json: give the run_dir of a finished convert study "
+                f"(`attnxfer study --report -c {study}/study.yaml` writes it from the students' folders)"
+            )
     speeds, tokens = benchmark_speeds(args.speeds) if args.speeds else (None, None)
     students = [p for study in args.studies for p in points(study, speeds)]
     if len({p["name"] for p in students}) != len(students):

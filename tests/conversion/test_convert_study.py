@@ -154,6 +154,18 @@ def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hit
 
 
 @pytest.mark.slow
+def test_the_pareto_script_given_a_folder_without_the_study_table_says_what_to_give_it(tmp_path):
+    """A folder that is not a finished convert study (a running one, a typo): one line naming the file it
+    lacks and the command that writes it, where the script met a FileNotFoundError traceback."""
+    script = ROOT / "scripts" / "recall_pareto.py"
+    args = [sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "pareto.png")]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"{tmp_path} holds no conversion_study.json" in run.stderr.strip().splitlines()[-1]
+    assert "attnxfer study --report" in run.stderr and not (tmp_path / "pareto.png").exists()
+
+
+@pytest.mark.slow
 def test_a_finished_study_run_again_has_nothing_to_do(study, capsys):
     """study.yaml runs it again as a convert study: stage 1 resumed complete, stage 2 at its last step; no
     checkpoint written, and the reports keep what stage 2 trained."""
