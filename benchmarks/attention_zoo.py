@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                 get_attention_class(name)
             except KeyError as e:  # a mistyped name: the registry's message, not a traceback from measure()
                 parser.error(f"--attentions: {e.args[0]}")
+    if odd := [n for n in args.tokens if n < 2 or 1 + math.isqrt(n - 1) ** 2 != n]:
+        parser.error(f"--tokens {odd[0]}: a class token + a square grid, e.g. 197, 785 or 3137")
     batches = args.batch or [{197: 16, 785: 4}.get(n, 1) for n in args.tokens]
     if len(batches) != len(args.tokens):
         parser.error("--batch needs one entry per --tokens entry")

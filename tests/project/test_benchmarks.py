@@ -59,3 +59,17 @@ def test_a_mistyped_attention_name_is_refused_with_the_registrys_message_not_a_t
         assert "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
         assert "--attentions" in last and "unknown attention 'linear'; did you mean 'elu_linear'" in last, err
+
+
+@pytest.mark.slow
+def test_the_zoo_benchmark_refuses_a_token_count_without_a_square_grid_in_one_line():
+    """``attention_zoo.py --tokens 18``: the flag and what it takes, as hybrid_speed.py and transfer_step.py
+    answer, where it met an AssertionError traceback."""
+    args = [sys.executable, "benchmarks/attention_zoo.py", "--tokens", "18", "--attentions", "relu_linear"]
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert (
+        run.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--tokens 18: a class token + a square grid, e.g. 197, 785 or 3137")
+    )
