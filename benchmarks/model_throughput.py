@@ -487,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         return main_processes(args, preset, sys.argv[1:] if argv is None else argv)
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
+        if args.device:  # the preset's device only where --device is not given
+            raise SystemExit(
+                f"--device {args.device} needs a CUDA GPU and this machine has none: use --device cpu"
+            )
         raise SystemExit("--preset gpu needs CUDA; on this machine use --preset cpu (or --device cpu)")
     if preset.threads:
         torch.set_num_threads(preset.threads)

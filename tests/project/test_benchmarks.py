@@ -73,3 +73,14 @@ def test_the_zoo_benchmark_refuses_a_token_count_without_a_square_grid_in_one_li
         .splitlines()[-1]
         .endswith("--tokens 18: a class token + a square grid, e.g. 197, 785 or 3137")
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_model_throughput_refusing_cuda_names_the_device_flag_it_was_given_not_the_gpu_preset():
+    """``model_throughput.py --device cuda`` (the cpu preset): the refusal names ``--device cuda``, where it
+    said ``--preset gpu needs CUDA`` to a user who never passed --preset."""
+    args = [sys.executable, "benchmarks/model_throughput.py", "--device", "cuda"]
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip() == "--device cuda needs a CUDA GPU and this machine has none: use --device cpu"
