@@ -167,6 +167,11 @@ def export_student(
     if isinstance(student, TeacherStudent):  # its spec would be the pair's, which no architecture names
         raise TypeError("export_student exports the student model: pass pair.student, not the TeacherStudent")
     require_model(student)
+    if not isinstance(card, ModelCardInfo):  # else an AttributeError on the first field read
+        raise TypeError(
+            f"card: a ModelCardInfo, got {type(card).__name__}: pass "
+            "attnxfer.checkpoints.export.ModelCardInfo(model_name=...)"
+        )
     out_dir = Path(out_dir)
     formats = _formats(formats)
     _check_repo_id(push_to_hub)

@@ -4,6 +4,7 @@ stages, each layer's token partition)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from numbers import Integral
 
 import torch.nn as nn
 
@@ -24,7 +25,10 @@ def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None =
     """Student layers that take part: ``layers`` (negatives from the end), else the paper's ``end_layer``
     (0: all; negative: ``[0, depth + end_layer)``; positive: ``[0, end_layer)``)."""
     if layers is not None:
-        layers = list(layers)
+        if not isinstance(layers, Integral | str):
+            layers = list(layers)
+        if not isinstance(layers, list) or not all(isinstance(i, Integral) for i in layers):
+            raise PlanError(f"transfer.layers={layers!r}: a list of block indices (ints), e.g. [0, 1, -1]")
         if not layers:  # else a distillation run that distils nothing, its plan saying so only by omission
             raise PlanError(
                 "transfer.layers=[] names no layer to transfer; name one or more, or leave it unset (null)"
@@ -38,6 +42,8 @@ def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None =
                 )
             chosen.append(j)
         return tuple(sorted(set(chosen)))
+    if not isinstance(end_layer, Integral):  # else a comparison of str and int deep inside
+        raise PlanError(f"transfer.end_layer={end_layer!r}: an int (0: all layers, -2: all but the last two)")
     end = depth if end_layer == 0 else (depth + end_layer if end_layer < 0 else end_layer)
     if not 0 < end <= depth:
         raise PlanError(

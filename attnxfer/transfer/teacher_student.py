@@ -123,6 +123,12 @@ class TeacherStudent(nn.Module):
         # else torch's `.to()` refuses it only at the first step
         if not isinstance(teacher_dtype, torch.dtype | None):
             raise TypeError(f"teacher_dtype: a torch.dtype (torch.bfloat16) or None, got {teacher_dtype!r}")
+        try:  # before the models are touched (the teacher frozen)
+            ce_path = CEPath(ce_path) if ce_path is not None else None
+        except ValueError:
+            raise InputError(
+                f"ce_path={ce_path!r}: choose one of {', '.join(CEPath)}, or None (by device)"
+            ) from None
         self.student = make_transfer_aware(student)
         if teacher is not None:
             make_transfer_aware(teacher)
@@ -132,7 +138,7 @@ class TeacherStudent(nn.Module):
         self.__dict__["teacher"] = teacher
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
-        self.ce_path = CEPath(ce_path) if ce_path is not None else None
+        self.ce_path = ce_path
         # KL = CE − H(P_t) costs a teacher pass per layer and is only logged: the engine sets it per step
         self.log_kl = True
         self._student_layers = attention_layers(student)

@@ -56,6 +56,12 @@ def test_layers_the_model_does_not_have_are_named_not_an_index_error():
         pass
 
 
+def test_one_layer_given_as_an_int_not_a_list_says_to_write_a_list():
+    model = tiny_vit(depth=2).eval()
+    with pytest.raises(InputError, match=r"layers=1: a list of block indices"):
+        attention_maps(model, torch.randn(1, 3, 32, 32), layers=1)
+
+
 def test_capture_and_override_round_trip():
     model = tiny_vit().eval()
     attn = model.blocks[0].attn

@@ -238,6 +238,23 @@ def test_a_mode_name_as_the_plan_or_a_dtype_name_says_what_to_pass():
         TeacherStudent(tiny_vit(seed=1), tiny_vit(seed=2), teacher_dtype="bfloat16")  # config's spelling
 
 
+def test_layers_or_end_layer_of_the_wrong_type_say_what_to_write():
+    t = tiny_vit(seed=1)
+    with pytest.raises(PlanError, match=r"transfer\.layers=1: a list of block indices"):
+        build_plan(t, tiny_vit(seed=2), "distill", layers=1)  # one layer, not in a list
+    with pytest.raises(PlanError, match=r"transfer\.layers='0,1': a list of block indices"):
+        build_plan(t, tiny_vit(seed=2), "distill", layers="0,1")
+    with pytest.raises(PlanError, match=r"transfer\.end_layer='3': an int"):
+        build_plan(t, tiny_vit(seed=2), "distill", end_layer="3")
+
+
+def test_an_unknown_ce_path_names_the_paths_and_leaves_the_teacher_trainable():
+    teacher = tiny_vit(seed=1)
+    with pytest.raises(ValueError, match=r"ce_path='row': choose one of rows, sdpa, .*materialised, or None"):
+        TeacherStudent(teacher, tiny_vit(seed=2), ce_path="row")
+    assert all(p.requires_grad for p in teacher.parameters())  # refused before the teacher was frozen
+
+
 def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
     """Teacher head dim 32, student 16: the student's blocks apply the teacher's explicit maps to their own v."""
     from attnxfer.models import attention_maps

@@ -330,7 +330,11 @@ def test_export_of_a_teacher_student_pair_or_a_name_says_what_to_pass(tmp_path):
         export_student(TeacherStudent(teacher, student), tmp_path / "pair", card=card())
     with pytest.raises(TypeError, match="got str 'vit_tiny_patch16_224': build it first"):
         export_student("vit_tiny_patch16_224", tmp_path / "name", card=card())
-    assert not (tmp_path / "pair").exists() and not (tmp_path / "name").exists()
+    with pytest.raises(
+        TypeError, match=r"card: a ModelCardInfo, got dict: pass .*ModelCardInfo\(model_name=\.\.\.\)"
+    ):
+        export_student(student, tmp_path / "card", card={"model_name": "my-student"})
+    assert not any((tmp_path / name).exists() for name in ("pair", "name", "card"))
 
 
 def test_load_student_says_what_it_reads(tmp_path):

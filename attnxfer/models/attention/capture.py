@@ -40,6 +40,8 @@ def attention_maps(
 
 def _chosen_layers(attns: Sequence[TransferableAttention], layers: Iterable[int] | None) -> list[int]:
     """``layers`` (None: every block), each one of the model's blocks."""
+    if isinstance(layers, int | str):  # else "'int' object is not iterable"
+        raise InputError(f"layers={layers!r}: a list of block indices, e.g. [0, 1]")
     chosen = list(range(len(attns))) if layers is None else list(layers)
     if bad := [i for i in chosen if not 0 <= i < len(attns)]:
         raise InputError(f"layers {bad}: the model has {len(attns)} attention blocks, 0 to {len(attns) - 1}")
