@@ -96,8 +96,9 @@ def _shared_drop_path(
 
 class TeacherStudent(nn.Module):
     """Teacher and student in lock-step (both made transfer-aware in place; the teacher may be None only for a
-    plan that compares nothing with one); returns the student's logits and the transfer loss. ``plan``: None
-    builds ``mode``'s default; ``ce_path``: None picks by device (`ce_path_for`)."""
+    plan that compares nothing with one); returns the student's logits and, in training mode, the transfer loss
+    (None at eval, where nothing is compared). ``plan``: None builds ``mode``'s default; ``ce_path``: None
+    picks by device (`ce_path_for`)."""
 
     def __init__(
         self,
