@@ -283,10 +283,7 @@ class Engine:
         resumed = self.checkpointing.resume(scoring)
         self._started = time.monotonic()
         if resumed is None:
-            if (
-                self.is_main
-                and getattr(self.checkpointing.policy.resume, "policy", None) is ResumePolicy.FRESH
-            ):
+            if getattr(self.checkpointing.policy.resume, "policy", None) is ResumePolicy.FRESH:
                 self.metrics.set_aside_records()  # checkpoint.resume=none over a run: its records kept, as its saves
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             self.metrics.truncate_summary(0)

@@ -269,7 +269,7 @@ def record_run(
 ) -> None:
     """For a run that will train, or a finished one that lost its run.json (a finished one's files otherwise
     stay as they are): config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and
-    run.json (``info``, the training split, how the run executes) on rank 0, and the few-steps warning."""
+    run.json (``info``, the training split, how the run executes) on rank 0, and the schedule's warnings."""
     finished = point is not None and point.step >= engine.total_steps
     if finished and RunDir(cfg.run_dir).record_file.is_file():
         return
@@ -288,12 +288,8 @@ def record_run(
                 "total_steps": engine.total_steps,
             }
         )
-    warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
-    if warning and warn_few_steps and not finished:
+    for warning in schedule_warnings(engine) if warn_few_steps and not finished else ():
         say(warning)
-    warmup = long_warmup_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
-    if warmup and warn_few_steps and not finished:
-        say(warmup)
 
 
 def assemble_engine(
@@ -530,6 +526,12 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
             else ""
         )
     )
+
+
+def schedule_warnings(engine: Engine) -> list[str]:
+    """The lines a run's schedule earns at start: too few steps, a warm-up longer than the run."""
+    at = (engine.settings, engine.steps_per_epoch, engine.total_steps)
+    return [w for w in (few_steps_warning(*at), long_warmup_warning(*at)) if w]
 
 
 def long_warmup_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:

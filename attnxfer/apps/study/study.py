@@ -35,13 +35,7 @@ from ...transfer.teacher_pass import TeacherHandover, TeacherNeeds
 from ...transfer.teacher_student import TeacherStudent
 from ..run.parts import RunParts, build_run_parts
 from ..run.resume import judge
-from ..run.training import (
-    build_engine,
-    few_steps_warning,
-    long_warmup_warning,
-    require_task_labels,
-    task_weight_of,
-)
+from ..run.training import build_engine, require_task_labels, schedule_warnings, task_weight_of
 from .report import write_study_report
 
 
@@ -196,17 +190,10 @@ def build_members(
                 raise InputError(f"student {student.name!r}: {e}") from None
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
-    # the students share one schedule: its few-steps warning is said once, for all (as alone, none for a
+    # the students share one schedule: its warnings are said once, for all (as alone, none for a
     # conversion's stage 2, which fine-tunes the teacher's own weights)
-    first = members[0].engine if members and spec.command != "convert" else None
-    if first is not None and (
-        warning := few_steps_warning(first.settings, first.steps_per_epoch, first.total_steps)
-    ):
+    for warning in schedule_warnings(members[0].engine) if members and spec.command != "convert" else ():
         say(f"{warning} (every student of the study)")
-    if first is not None and (
-        warmup := long_warmup_warning(first.settings, first.steps_per_epoch, first.total_steps)
-    ):
-        say(f"{warmup} (every student of the study)")
     feed.teacher_pass = shared_teacher_pass(
         [m.engine.objective.module for m in members], [m.name for m in members]
     )
