@@ -438,6 +438,22 @@ def test_a_warmup_longer_than_the_run_says_the_lr_never_reaches_its_base():
     assert warning(replace(s, epochs=200, max_steps=4)) is None
 
 
+def test_a_conversions_stage_2_still_hears_of_a_warmup_longer_than_the_run():
+    """Stage 2 fine-tunes the teacher's own weights, so "too few steps" is not said of it; a warm-up longer
+    than its epochs still leaves its lr rising throughout, and is said."""
+    from types import SimpleNamespace
+
+    from attnxfer.apps.run.training import schedule_warnings
+    from attnxfer.train.engine import LoopSettings, schedule_steps
+
+    s = LoopSettings(run_dir=Path("run"), epochs=1, warmup_epochs=5, base_lr=2e-3)
+    per_epoch, total, _ = schedule_steps(4, s)
+    engine = SimpleNamespace(settings=s, steps_per_epoch=per_epoch, total_steps=total)
+    few, warmup = schedule_warnings(engine)
+    assert "fewer than 100" in few and "schedule.warmup_epochs=5 is longer than the run's" in warmup
+    assert schedule_warnings(engine, few_steps=False) == [warmup]
+
+
 def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     """12 steps (2 epochs of 6 batches) name schedule.epochs and how many epochs reach 100 steps; a
     max_steps cap names schedule.max_steps; 120 steps say nothing."""

@@ -265,7 +265,7 @@ def record_run(
     command: str,
     info: dict,
     *,
-    warn_few_steps: bool = True,
+    warn_schedule: bool = True,
 ) -> None:
     """For a run that will train, or a finished one that lost its run.json (a finished one's files otherwise
     stay as they are): config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and
@@ -288,7 +288,10 @@ def record_run(
                 "total_steps": engine.total_steps,
             }
         )
-    for warning in schedule_warnings(engine) if warn_few_steps and not finished else ():
+    # a conversion's stage 2 fine-tunes the teacher's own weights: a few dozen steps are what it takes,
+    # not a student that had no time to learn
+    few_steps = command != "convert"
+    for warning in schedule_warnings(engine, few_steps=few_steps) if warn_schedule and not finished else ():
         say(warning)
 
 
@@ -386,14 +389,14 @@ def build_engine(
     found: ResumePoint | None = None,
     shared: RunParts | None = None,
     prune_on_save: bool = True,
-    warn_few_steps: bool = True,
+    warn_schedule: bool = True,
     drive: Drive | None = None,
     command: str = "train",
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; nothing is written into the run dir before every check has
     passed, and nothing at all with ``scoring=True`` (`attnxfer eval`). ``parts``: models/data a notebook
     built; ``shared``: another run's teacher and loaders (a study's student); ``prune_on_save`` and
-    ``warn_few_steps`` False leave those to the caller (a study); ``command``: whose config sections the
+    ``warn_schedule`` False leave those to the caller (a study); ``command``: whose config sections the
     records hold (``convert``: a conversion's stage 2)."""
     validate_config(cfg)  # a config built in Python skips load_config's checks
     refuse_file_in_the_way(cfg.run_dir, "run_dir")
@@ -492,7 +495,7 @@ def build_engine(
         }
         if ce_record is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
             info |= {"ce_path": ce_record["path"], "ce_path_choice": ce_record}
-        record_run(cfg, engine, point, command, info, warn_few_steps=warn_few_steps)
+        record_run(cfg, engine, point, command, info, warn_schedule=warn_schedule)
     barrier()
     say(plan.describe())
     return engine
@@ -528,10 +531,11 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
     )
 
 
-def schedule_warnings(engine: Engine) -> list[str]:
-    """The lines a run's schedule earns at start: too few steps, a warm-up longer than the run."""
+def schedule_warnings(engine: Engine, *, few_steps: bool = True) -> list[str]:
+    """The lines a run's schedule earns at start: too few steps (unless ``few_steps`` is False: a
+    conversion's stage 2), a warm-up longer than the run."""
     at = (engine.settings, engine.steps_per_epoch, engine.total_steps)
-    return [w for w in (few_steps_warning(*at), long_warmup_warning(*at)) if w]
+    return [w for w in (few_steps and few_steps_warning(*at), long_warmup_warning(*at)) if w]
 
 
 def long_warmup_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:
@@ -561,9 +565,7 @@ def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train
         run_lock(cfg.run_dir, "train", enabled=main),
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
     ):
-        # a conversion's stage 2 fine-tunes the teacher's own weights: a few dozen steps are what it takes,
-        # not a student that had no time to learn
-        return build_engine(cfg, parts, command=command, warn_few_steps=command != "convert").run()
+        return build_engine(cfg, parts, command=command).run()
 
 
 def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:

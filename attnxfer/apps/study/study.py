@@ -182,7 +182,7 @@ def build_members(
                     runtime=runtime,
                     shared=None if parts else dataclasses.replace(shared, train_loader=view),
                     prune_on_save=False,
-                    warn_few_steps=False,
+                    warn_schedule=False,
                     drive=drive,
                     command=spec.command,
                 )
@@ -190,9 +190,10 @@ def build_members(
                 raise InputError(f"student {student.name!r}: {e}") from None
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
-    # the students share one schedule: its warnings are said once, for all (as alone, none for a
-    # conversion's stage 2, which fine-tunes the teacher's own weights)
-    for warning in schedule_warnings(members[0].engine) if members and spec.command != "convert" else ():
+    # the students share one schedule: its warnings are said once, for all (as alone, no few-steps one
+    # for a conversion's stage 2, which fine-tunes the teacher's own weights)
+    few_steps = spec.command != "convert"
+    for warning in schedule_warnings(members[0].engine, few_steps=few_steps) if members else ():
         say(f"{warning} (every student of the study)")
     feed.teacher_pass = shared_teacher_pass(
         [m.engine.objective.module for m in members], [m.name for m in members]
