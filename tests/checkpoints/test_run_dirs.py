@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import ONE_BLOCK_RUN as S, once_each, popen_interruptible, run_cli
+from helpers import ONE_BLOCK_RUN as S, once_each, popen_interruptible, run_cli, tiny_convert_report
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -219,6 +219,58 @@ def test_submit_refuses_a_key_the_runs_checkpoint_fixes_before_submitting(traine
     sweep = "holds a training run (run.json), which attnxfer train --sweep does not write into"
     assert code == 2 and sweep in _error_line(err), err
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+
+
+@pytest.mark.slow  # a study of two students, one step each
+def test_submit_refuses_a_study_its_job_would_not_resume_before_submitting(tmp_path, capsys):
+    """A resubmitted study with a key its checkpoint fixes (the seed), or with other students, would stop at its
+    start, after the queue's wait: submit says it at once, in study's words, and writes nothing."""
+    run = tmp_path / "study"
+    argv = [*S, "schedule.max_steps=1", "checkpoint.every_steps=1", f"run_dir={run}"]
+    assert cli.main(["study", *argv, "--vary", "optim.lr=1e-3,2e-3"]) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    submit = ["submit", "--command", "study", *argv, "--dry-run"]
+    code, _, err = run_cli(capsys, *submit, "seed=7", "--vary", "optim.lr=1e-3,2e-3")
+    assert code == 2, err
+    refusal = f"error: {run} already holds a study (checkpoint step-00000001) trained with different values "
+    assert refusal + "for: seed (0 -> 7)" in _error_line(err)
+    code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,3e-3")
+    assert code == 2 and f"error: {run} holds a study (study.json) of other students" in _error_line(err)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,2e-3")
+    assert code == 0, err
+
+
+@pytest.mark.slow  # a whole conversion (1 stage-1 step, 1 stage-2 step)
+def test_submit_refuses_a_conversion_its_job_would_not_resume_before_submitting(
+    tiny_teacher_dir, tmp_path, capsys
+):
+    """A resubmitted conversion with a key its stage 1 checkpoint fixes (the seed) would stop at its start,
+    after the queue's wait: submit says it at once, in convert's words, and writes nothing."""
+    run = tmp_path / "conv"
+    argv = [
+        *(a for a in S if a.startswith("data.")),
+        "log.progress=false",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "convert.attention=hedgehog",
+        "convert.stage1_steps=1",
+        "schedule.max_steps=1",
+        "checkpoint.every_steps=1",
+        *tiny_convert_report(1, 2),
+        f"run_dir={run}",
+    ]
+    assert cli.main(["convert", *argv]) == 0
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    submit = ["submit", "--command", "convert", *argv, "--dry-run"]
+    code, _, err = run_cli(capsys, *submit, "seed=7")
+    assert code == 2, err
+    refusal = (
+        f"error: {run / 'stage1'} already holds a stage 1 (checkpoint step-00000001) trained with different "
+    )
+    assert refusal + "values for: seed (0 -> 7)" in _error_line(err)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    code, _, err = run_cli(capsys, *submit)
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("command", ["convert", "search"])

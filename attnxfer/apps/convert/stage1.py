@@ -93,6 +93,30 @@ class Stage1Found:
     fresh: bool  # checkpoint.resume=none
 
 
+def judged_stage1_keys(
+    cfg: TrainConfig, folder: Path, *, verify_hash: bool | None = None
+) -> ResumePoint | None:
+    """The checkpoint in the stage 1 ``folder`` (None where there is none, or under ``checkpoint.resume=none``),
+    judged over the keys stage 1 reads (`STAGE1_KEYS`): a change it cannot resume with is refused here, before
+    the teacher loads (`judge_stage1` judges its teacher and plan once they are built)."""
+    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+        return None
+    found = ResumePoint.find(folder, "auto", verify_hash=verify_hash)
+    # data.batch_size is not stage 1's where convert.stage1_batch_size is set, now and when it was saved
+    recorded = (found.config or {}).get("convert", {}) if found is not None else {}
+    own_batch = cfg.convert.stage1_batch_size is not None and recorded.get("stage1_batch_size") is not None
+    resumable = (*RESUMABLE_KEYS, "data.batch_size") if own_batch else RESUMABLE_KEYS
+    return judge(
+        found,
+        cfg,
+        resumable=resumable,
+        compared=STAGE1_KEYS,
+        run_dir=folder,
+        what="stage 1",
+        command="convert",
+    )
+
+
 def judge_stage1(
     cfg: TrainConfig, parts: RunParts, plan: ConversionPlan, folder: Path, *, main: bool
 ) -> Stage1Found:
@@ -107,21 +131,8 @@ def judge_stage1(
             warn(
                 f"checkpoint.resume=none: stage 1 starts over; kept its earlier {old.name} as {set_aside(old, 'replaced')}"
             )
-    found = None if fresh else ResumePoint.find(folder, "auto")
+    point = judged_stage1_keys(cfg, folder)
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
-    # data.batch_size is not stage 1's where convert.stage1_batch_size is set, now and when it was saved
-    recorded = (found.config or {}).get("convert", {}) if found is not None else {}
-    own_batch = cfg.convert.stage1_batch_size is not None and recorded.get("stage1_batch_size") is not None
-    resumable = (*RESUMABLE_KEYS, "data.batch_size") if own_batch else RESUMABLE_KEYS
-    point = judge(
-        found,
-        cfg,
-        resumable=resumable,
-        compared=STAGE1_KEYS,
-        run_dir=folder,
-        what="stage 1",
-        command="convert",
-    )
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
         if point.record("plan") != json.loads(json.dumps(plan.to_dict())):

@@ -261,16 +261,7 @@ class _Standing:
 def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, TrainConfig]]) -> _Standing:
     """The study's last committed step, judged as any resume; the students' checkpoints after that step (a
     save round a kill cut short) set aside. A fresh study stands nowhere."""
-    point = judge(
-        ResumePoint.find(spec.run_dir, spec.base.checkpoint.resume),
-        spec.base,
-        world=world,
-        what="study",
-        command=spec.command,
-        config_file=Path(spec.run_dir) / STUDY_YAML,
-    )
-    if point is not None and point.record("students") != spec.record():
-        raise _other_students(spec, f"checkpoint {point.name}", point.record("students"))
+    point = judged_study_point(spec, world)
     if DistributedInfo.from_environment().is_main_process:
         for _, cfg in configs:
             manager = CheckpointManager(Path(cfg.run_dir))
@@ -287,6 +278,22 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
     )
+
+
+def judged_study_point(spec: StudySpec, world: int, *, verify_hash: bool | None = None) -> ResumePoint | None:
+    """The study's last committed step (None: a fresh study), judged as any resume on ``world`` processes and
+    refused, before any work, where it holds other students."""
+    point = judge(
+        ResumePoint.find(spec.run_dir, spec.base.checkpoint.resume, verify_hash=verify_hash),
+        spec.base,
+        world=world,
+        what="study",
+        command=spec.command,
+        config_file=Path(spec.run_dir) / STUDY_YAML,
+    )
+    if point is not None and point.record("students") != spec.record():
+        raise _other_students(spec, f"checkpoint {point.name}", point.record("students"))
+    return point
 
 
 def refuse_other_students(spec: StudySpec) -> None:

@@ -59,6 +59,28 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
             raise ConfigError(f"--sweep {label}: {e}") from None
 
 
+def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
+    """A study's or a conversion's folders judged as the job's start judges them, by the same functions (the
+    checkpoints read without rehashing): a study of other students, a key its or a stage 1's checkpoint fixes,
+    changed. A conversion's stage 2 is judged by the job alone (its objective's weights need the teacher), and
+    so is a stage 1 under convert.attention=auto (its attentions are chosen in the job)."""
+    from ...apps.convert.selection import AUTO
+    from ...apps.convert.stage1 import judged_stage1_keys
+    from ...apps.study.study import judged_study_point, refuse_other_students
+    from ...run_layout import STAGE_DIRS
+
+    if study:
+        refuse_other_students(cfg)
+    runs = [run for _, run in cfg.configs()] if study else [cfg]
+    for run in (
+        runs if converts else ()
+    ):  # as the job: each stage 1 first, the study's step at stage 2's start
+        if run.convert.attention != AUTO:
+            judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
+    if study:
+        judged_study_point(cfg, world, verify_hash=False)
+
+
 @register_command(
     "submit",
     help="run `train` (or `convert`, `pretrain`, `study`) as a (multi-node) SLURM job through submitit",
@@ -73,12 +95,13 @@ def run(args) -> int:
     if args.vary and args.job_command != "study":
         raise InputError("--vary names what a study's students differ in: use it with --command study")
     cfg = load_study(args) if args.job_command == "study" else load(args)
+    from ... import speak
     from ...checkpoints.run_lock import lock_holder, refuse_file_in_the_way, refuse_other_work
     from ...config import dump_config
     from ...data.registry import dataset_options
     from ...run_layout import LOCK_NAME, STAGE_DIRS
     from ..arguments import parse_sweep
-    from ..slurm import JobFailedError, submit_from_args
+    from ..slurm import JobFailedError, options_from_args, submit_from_args
     from ..slurm.submission import sweep_points
 
     if args.sweep:
@@ -99,14 +122,12 @@ def run(args) -> int:
             from ...apps.convert.convert import checked_config
 
             checked_config(point.cfg, skip_stage1=False)
-        if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
-            from ... import speak
-            from ...apps.run.training import judged_resume
-            from ...checkpoints.resume_point import ResumePoint
-            from ..slurm import options_from_args
+        with speak.quiet():  # the job's log says what changed, as its own start judges it again
+            if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
+                from ...apps.run.training import judged_resume
+                from ...checkpoints.resume_point import ResumePoint
 
-            found = ResumePoint.find(point.cfg.run_dir, point.cfg.checkpoint.resume, verify_hash=False)
-            with speak.quiet():  # the job's log says what changed, as its own start judges it again
+                found = ResumePoint.find(point.cfg.run_dir, point.cfg.checkpoint.resume, verify_hash=False)
                 judged_resume(
                     point.cfg,
                     options_from_args(args).num_tasks,
@@ -114,6 +135,8 @@ def run(args) -> int:
                     scoring=False,
                     command=args.job_command,
                 )
+            else:
+                _judge_resumes(point.cfg, options_from_args(args).num_tasks, study=study, converts=converts)
         runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
