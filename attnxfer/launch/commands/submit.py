@@ -72,9 +72,8 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     if study:
         refuse_other_students(cfg)
     runs = [run for _, run in cfg.configs()] if study else [cfg]
-    for run in (
-        runs if converts else ()
-    ):  # as the job: each stage 1 first, the study's step at stage 2's start
+    # as the job: each stage 1 first, the study's step at stage 2's start
+    for run in runs if converts else ():
         if run.convert.attention != AUTO:
             judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
     if study:
