@@ -77,10 +77,13 @@ def select_checkpoint(
     which: CheckpointChoice | str = "best",
     best_mode: MetricMode | str = "max",
     best_metric: str | None = None,
+    *,
+    quiet: bool = False,
 ) -> tuple[Path, str]:
     """(checkpoint folder, why it was chosen): the verified ``best()`` or ``latest()``. ``best`` ranks by the
     metric run.json names (``best_metric``: val top-1; a loss with ``best_mode="min"``, as MAE pre-training; a
-    run without a task loss, its final-feature cosine); a run that recorded none gives its latest, saying so."""
+    run without a task loss, its final-feature cosine); a run that recorded none gives its latest, saying so
+    (``quiet``: only in ``why``, for a caller that reads the same checkpoint again, which says it)."""
     which = _choice(CheckpointChoice, which, "checkpoint")
     manager = CheckpointManager(run_dir, best_mode=best_mode)
     latest = manager.latest()
@@ -98,7 +101,8 @@ def select_checkpoint(
             else:
                 what = f"val loss {best.metric:.4g}"
             return best.path, f"{best.path.name} (best {what})"
-        warn(f"no intact checkpoint in {run_dir} records a metric: using the latest")
+        if not quiet:
+            warn(f"no intact checkpoint in {run_dir} records a metric: using the latest")
         return latest.path, f"{latest.path.name} (latest: no intact checkpoint records a metric)"
     return latest.path, f"{latest.path.name} (latest)"
 
@@ -267,6 +271,20 @@ class RunDir:
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
+    def student_checkpoint(
+        self, checkpoint: CheckpointChoice | str | None = None, *, quiet: bool = False
+    ) -> tuple[Path, str]:
+        """(checkpoint folder, why) that `load_student` reads: ``checkpoint=None`` takes the best, or an MAE
+        pre-training's latest (MAE fine-tunes its last weights: a lower val loss ranks no features); ``quiet``
+        as `select_checkpoint`'s."""
+        record = self.record()
+        if checkpoint is None:
+            checkpoint = (
+                CheckpointChoice.LATEST if record.get("objective") == "mae" else CheckpointChoice.BEST
+            )
+        best_mode, best_metric = record.get("best_mode", "max"), record.get("best_metric")
+        return select_checkpoint(self.path, checkpoint, best_mode, best_metric, quiet=quiet)
+
     def load_student(
         self,
         checkpoint: CheckpointChoice | str | None = None,
@@ -278,18 +296,12 @@ class RunDir:
         ``weights=None`` takes the EMA's where kept, else the raw ones; a named kind must exist.
         ``attn_layer`` overrides the attention the spec records."""
         record = self.record()
-        if checkpoint is None:
-            checkpoint = (
-                CheckpointChoice.LATEST if record.get("objective") == "mae" else CheckpointChoice.BEST
-            )
         if "student" not in record:
             raise InputError(
                 f"{self.record_file} has no 'student' spec (attnxfer.models.student_spec output): is "
                 f"{self.path} an attnxfer run?"
             )
-        ckpt, why = select_checkpoint(
-            self.path, checkpoint, record.get("best_mode", "max"), record.get("best_metric")
-        )
+        ckpt, why = self.student_checkpoint(checkpoint)
         if weights is None:
             weights = ExportWeights.EMA if (ckpt / EMA_WEIGHTS).is_file() else ExportWeights.RAW
         weights = _choice(ExportWeights, weights, "weights")

@@ -700,6 +700,40 @@ def test_an_export_into_an_existing_folder_on_another_filesystem_stages_its_file
     assert [p.name for p in tmp_path.iterdir()] == ["volume"]
 
 
+@pytest.mark.parametrize("ema_in", ["best", "newest"])
+def test_the_cli_takes_ema_weights_where_the_exported_checkpoint_kept_them_not_where_the_newest_did(
+    tmp_path, capsys, ema_in
+):
+    """`attnxfer export RUN` exports the best checkpoint: whether it falls back to the raw weights is that
+    checkpoint's to say. Judged by the newest one, a best with EMA was exported raw ("the run kept no EMA
+    weights"), and a best without EMA under a newest with one stopped on a missing ema.safetensors."""
+    run, student = tmp_path / "run", trained_student(steps=0)
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  dataset: animal_mnist\n  img_size: 32\n")
+    record = {
+        "teacher": MAE_TEACHER.to_dict(),
+        "student": student_spec(student),
+        "plan": PLAN,
+        "mode": "distill",
+    }
+    (run / "run.json").write_text(json.dumps(record))
+    raw = student.state_dict()
+    ema = {k: v + 1 for k, v in raw.items()}
+    manager = CheckpointManager(run)
+    for step, top1, kept in ((100, 70.0, ema_in == "best"), (200, 60.0, ema_in == "newest")):
+        manager.save(step, {"model": raw, **({"ema": ema} if kept else {})}, {"step": step}, metric=top1)
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "out"))
+    assert code == 0, err
+    text = (tmp_path / "out" / "README.md").read_text()
+    if ema_in == "best":
+        assert_exported(tmp_path / "out", ema)
+        assert "step-00000100 (best val top-1 70.00), ema weights" in text and "kept no EMA" not in err
+    else:
+        assert_exported(tmp_path / "out", raw)
+        assert "step-00000100 (best val top-1 70.00), raw weights" in text
+        assert err.strip().endswith("the raw weights were exported"), err
+
+
 # ------------------------------------------------------------------------- export through the CLI, of `trained`
 
 

@@ -51,7 +51,7 @@ def run(args) -> int:
     from ...apps.run.resume import config_as_trained
     from ...checkpoints.export import export_run
     from ...checkpoints.onnx_export import require_onnx
-    from ...checkpoints.run_dir import RunDir
+    from ...checkpoints.run_dir import ExportWeights, RunDir
 
     args.formats = args.formats or ["timm"]
     if "onnx" in args.formats:
@@ -62,9 +62,9 @@ def run(args) -> int:
     if run.path != RunDir(args.run_dir).path:
         say(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
     weights = args.weights
-    if weights == "ema":  # a run without EMA has raw weights only: use them, and say so once exported
-        info = run.latest()
-        if info is not None and "ema" not in info.groups:
+    if weights == "ema":  # a checkpoint without EMA has raw weights only: use them, and say so once exported
+        ckpt, _ = run.student_checkpoint(args.checkpoint, quiet=True)  # the one exported (which says why)
+        if not (ckpt / ExportWeights.EMA.filename).is_file():
             weights = "raw"
     out = export_run(
         run.path,
