@@ -611,3 +611,34 @@ def test_the_report_says_which_candidate_was_left_out_because_its_fit_diverged(
         "performer: none, its fit diverged (stage 1: non-finite ce loss in block 0 (performer) at step 1)."
         in (run / "report.md").read_text()
     )
+
+
+def test_a_measured_selection_speedup_whose_rounds_fall_on_both_sides_of_1_is_not_claimed():
+    """The selection's measured speed-up is judged as the report's own: where its interleaved rounds put the
+    student both slower and faster than the teacher (a loaded machine), neither the log nor report.md states
+    it as a figure; a consistent one is stated with its per-round range."""
+    from types import SimpleNamespace
+
+    from attnxfer.apps.convert.report import _selection_section
+
+    record = {
+        "side": 64, "batch": 2, "tokens": 1025, "speedup": 1.1, "predicted_speedup": 1.3, "candidates": ["hedgehog"],
+        "metric": "kl", "ms": {"teacher": 2.0, "softmax": 1.0, "hedgehog": 0.5}, "device": "cpu",
+        "precision": "fp32", "fit_steps": 2, "fastest": {"speedup": 1.5, "attention": "hedgehog"},
+        "attention": ["hedgehog"], "sensitivity": [{"hedgehog": 0.1}], "reasons": ["fits the budget"],
+    }  # fmt: skip
+    speed = {"input": [3, 64, 64], "batch": 2, "resolution": 64, "repeats": 5, "student_over_teacher": 1.44}
+    said = []
+    run = SimpleNamespace(cfg=None, selection=record, parts=None, say=said.append)
+    for span, claimed in (([0.02, 20.19], False), ([1.2, 1.6], True)):
+        section = selection.measured_section(run, {**speed, "student_over_teacher_range": span})
+        md = "\n".join(_selection_section(section))
+        assert ("measured **1.44x** (each round: 1.20x to 1.60x)" in md) is claimed
+        assert ("measured 1.44x" in said[-1]) is claimed
+        if not claimed:
+            assert (
+                "0.02x to 20.19x the teacher's speed, on both sides of 1"
+                in section["measured_speedup_withheld"]
+            )
+            assert "no measured speed-up is claimed (over 5 interleaved rounds at 64 px" in md
+            assert "measured: withheld (over 5 interleaved rounds" in said[-1]

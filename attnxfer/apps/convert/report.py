@@ -326,10 +326,16 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     if not selection:
         return []
     names, metric, ms = selection["candidates"], selection["metric"], selection["ms"]
-    measured = selection.get("measured_speedup")
+    measured = f"measured **{ratio_text(selection.get('measured_speedup'))}x**"
+    span = selection.get("measured_speedup_range")  # absent from choices made before it was recorded
+    if span:
+        measured += f" (each round: {span[0]:.2f}x to {span[1]:.2f}x)"
     # in process CPU time too (CPU runs), which other programs on a shared machine distort less than wall-clock
     cpu = selection.get("measured_speedup_cpu")
-    cpu_time = f" ({cpu:.2f}x in CPU time)" if cpu else ""
+    if cpu:
+        measured += f" ({cpu:.2f}x in CPU time)"
+    if selection.get("measured_speedup_withheld"):
+        measured = f"no measured speed-up is claimed ({selection['measured_speedup_withheld']})"
     whole = selection.get("whole_ms")  # absent from choices made when one block was timed alone
     floor = f", its floor {whole['floor']:.3g}" if whole else ""
     in_place = " in place ((all-blocks model - floor) / blocks):" if whole else ":"
@@ -339,8 +345,7 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         "## Attention per block (convert.attention=auto)",
         "",
         f"Budget **{selection['speedup']:g}x** the teacher at {selection['tokens']:,} tokens: predicted "
-        f"**{selection['predicted_speedup']:.2f}x**, measured **{ratio_text(measured)}x**{cpu_time} "
-        "(fastest student of "
+        f"**{selection['predicted_speedup']:.2f}x**, {measured} (fastest student of "
         f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
         "",
         f"Times (ms, batch {selection['batch']}, {selection['device']}, {selection['precision']}): teacher "
