@@ -731,7 +731,9 @@ def test_the_cli_takes_ema_weights_where_the_exported_checkpoint_kept_them_not_w
     else:
         assert_exported(tmp_path / "out", raw)
         assert "step-00000100 (best val top-1 70.00), raw weights" in text
-        assert err.strip().endswith("the raw weights were exported"), err
+        assert err.strip().endswith(
+            "step-00000100, the checkpoint exported, kept no EMA weights; its raw weights were exported"
+        ), err
 
 
 # ------------------------------------------------------------------------- export through the CLI, of `trained`

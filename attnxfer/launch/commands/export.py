@@ -61,7 +61,7 @@ def run(args) -> int:
         config_as_trained(run, "export")
     if run.path != RunDir(args.run_dir).path:
         say(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
-    weights = args.weights
+    weights, ckpt = args.weights, None
     if weights == "ema":  # a checkpoint without EMA has raw weights only: use them, and say so once exported
         ckpt, _ = run.student_checkpoint(args.checkpoint, quiet=True)  # the one exported (which says why)
         if not (ckpt / ExportWeights.EMA.filename).is_file():
@@ -76,7 +76,9 @@ def run(args) -> int:
         formats=args.formats,
     )
     if weights != args.weights:
-        warn("attnxfer export: the run kept no EMA weights; the raw weights were exported")
+        warn(
+            f"attnxfer export: {ckpt.name}, the checkpoint exported, kept no EMA weights; its raw weights were exported"
+        )
     lines = [f"exported to {out}"]
     if "timm" in args.formats:
         meta = json.loads((out / "config.json").read_text())["attnxfer"]
