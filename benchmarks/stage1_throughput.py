@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from _measure import format_table, load_average, machine_info, write_json  # noq
 
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.models.efficient import build_efficient_student  # noqa: E402
+from attnxfer.speak import LOGGER_NAME  # noqa: E402
 from attnxfer.train.stage1 import stage1_transfer  # noqa: E402
 from attnxfer.train.timing import interleaved_timings  # noqa: E402
 from attnxfer.transfer.conversion import build_conversion_plan  # noqa: E402
@@ -123,6 +125,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _not_a_cpu_memory_line(record: logging.LogRecord) -> bool:
+    """Drops stage 1's own ``stage 1 memory: peak ...`` line. On CPU that figure is the process's RSS growth
+    (`attnxfer.train.peak_memory`), which after the first round reads 0: the rounds reuse pages the process
+    already holds. Peak memory is not measured on CPU here (as in model_throughput.py); the header says so."""
+    return not record.getMessage().startswith("stage 1 memory:")
+
+
 def cuda_syncs_per_round(fns: dict[str, Callable[[], None]]) -> dict[str, int]:
     found = {}
     for name, fn in fns.items():
@@ -192,7 +201,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     fns = {name: round_of(loop, copy.deepcopy(student)) for name, loop in loops.items()}
     started = time.perf_counter()
-    timings = interleaved_timings(fns, device=device, warmup=preset.warmup, repeats=preset.repeats)
+    logger = logging.getLogger(LOGGER_NAME)
+    if device.type == "cpu":
+        logger.addFilter(_not_a_cpu_memory_line)
+    try:
+        timings = interleaved_timings(fns, device=device, warmup=preset.warmup, repeats=preset.repeats)
+    finally:
+        logger.removeFilter(_not_a_cpu_memory_line)
     syncs = cuda_syncs_per_round(fns) if device.type == "cuda" else None
     base = timings[args.baseline] if args.baseline else None
     rows = [
@@ -240,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{m['torch_threads']} thread(s), load {m.get('loadavg_start')} -> {result['loadavg_end']}, "
         f"{result['seconds']:.0f} s; {s['attention']} student, stage1_train={s['train']}, batch {s['batch']}, "
         f"{s['steps_per_round']} steps a round (2 logged)"
+        + ("; peak memory: n/a on CPU" if m["device"] == "cpu" else "")
     )
     print(format_table(result["rows"], COLUMNS, markdown=True))
     if args.json:

@@ -9,6 +9,7 @@ import json
 import math
 from collections.abc import Iterable
 from importlib.metadata import entry_points
+from numbers import Integral, Real
 from typing import Any
 
 import timm
@@ -226,6 +227,12 @@ def student_like(
     require_model(teacher)
     # a hierarchical family's num_heads may be a list, one count per stage: each must be positive
     counts = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in requested.items()}
+    for k, c in counts.items():  # else a comparison with a str (embed_dim="64") inside the check below
+        kind, said = (Real, "a number") if k == "mlp_ratio" else (Integral, "an int")
+        if any(isinstance(x, bool) or not isinstance(x, kind) for x in c):
+            said += " (or a list of ints, one per stage)" if k == "num_heads" else ""
+            key = "model.num_classes" if k == "num_classes" else f"model.kwargs.{k}"
+            raise InputError(f"student_like: {k} must be {said}, got {requested[k]!r} ({key} in a config)")
     if bad := {
         k: requested[k] for k, c in counts.items() if any(x < 0 or (x == 0 and k != "num_classes") for x in c)
     }:

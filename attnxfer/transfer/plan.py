@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from numbers import Real
 from typing import Any
 
 import torch.nn as nn
@@ -141,11 +142,14 @@ def build_plan(
     """Build and validate a plan for these two models; every incompatibility is a `PlanError`. Logit and
     feature distillation (``*_weight`` > 0) and each ``losses`` entry add to any mode; ``task_weight`` 0
     reads no label. Zoo-attention students take modes ``none`` and ``distill`` only."""
-    spec = get_mode(mode)
-    s_attn = block_attentions(student)
     weights = dict(
         weight=weight, logit_weight=logit_weight, feature_weight=feature_weight, task_weight=task_weight
     )
+    for name, value in {**weights, "logit_temperature": logit_temperature}.items():
+        if isinstance(value, bool) or not isinstance(value, Real):  # else a comparison with a str deep inside
+            raise PlanError(f"build_plan: {name} must be a number (int or float), got {value!r}")
+    spec = get_mode(mode)
+    s_attn = block_attentions(student)
     if bad := {name: w for name, w in weights.items() if not 0 <= w < math.inf}:  # NaN fails both
         raise PlanError(f"loss weights must be finite and >= 0, got {bad}")
     if not logit_temperature > 0:

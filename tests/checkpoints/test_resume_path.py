@@ -19,7 +19,7 @@ import yaml
 from helpers import ONE_BLOCK_RUN, rewrite_checkpoint_state, run_cli, tiny_run
 from PIL import Image
 
-from attnxfer.apps.run.resume import check_same_data, check_teacher_content, config_changes
+from attnxfer.apps.run.resume import check_same_data, check_teacher_content, config_changes, judge
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.store import CheckpointError
 from attnxfer.checkpoints.verify import CheckpointInfo
@@ -254,6 +254,18 @@ def test_data_hashed_another_way_by_an_older_attnxfer_resumes_where_the_sample_c
         check_same_data(older, {"samples": 60, "of": "shard list", "fingerprint": "bb"}, cfg)
     with pytest.raises(ConfigError, match="training data changed"):
         check_same_data(older, {"samples": 48, "of": "file list", "fingerprint": "bb"}, cfg)
+
+
+def test_a_precision_that_trains_as_the_recorded_one_on_this_device_resumes_and_another_is_refused(trained):
+    """precision=fp32 on a CPU run recorded with auto: both train in fp32 there, so the checkpoint means what it
+    did (auto's own dtype already follows the device); bf16 would train otherwise, and is refused."""
+    point = ResumePoint.find(trained, "auto", verify_hash=False)
+    same = judge(point, load_config(str(trained / "config.yaml"), ["device=cpu", "precision=fp32"]))
+    assert [str(c) for c in same.allowed if c.key == "precision"] == [
+        "precision ('auto' -> 'fp32') [both train in fp32 on cpu]"
+    ]
+    with pytest.raises(ConfigError, match=r"precision \('auto' -> 'bf16'\)\. These cannot change"):
+        judge(point, load_config(str(trained / "config.yaml"), ["device=cpu", "precision=bf16"]))
 
 
 def test_a_hub_teacher_whose_branch_moved_is_told_the_commit_the_run_trained_with():

@@ -212,6 +212,18 @@ def test_a_negative_or_non_finite_weight_of_the_mode_or_the_task_is_refused(weig
         build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "distill", **weights)
 
 
+@pytest.mark.parametrize(
+    "numbers", [{"weight": "3"}, {"task_weight": None}, {"logit_weight": True}, {"logit_temperature": "2"}]
+)
+def test_a_weight_or_temperature_that_is_not_a_number_names_its_argument(numbers):
+    """Python callers skip the config's type checks: a str weight was a TypeError from a comparison inside."""
+    ((name, value),) = numbers.items()
+    with pytest.raises(
+        PlanError, match=rf"^build_plan: {name} must be a number \(int or float\), got {value!r}$"
+    ):
+        build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "distill", **numbers)
+
+
 def test_a_second_loss_under_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="'feat_l2' is already registered by FeatureL2"):
 

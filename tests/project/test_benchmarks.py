@@ -84,3 +84,16 @@ def test_model_throughput_refusing_cuda_names_the_device_flag_it_was_given_not_t
     run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 1, run.stderr
     assert run.stderr.strip() == "--device cuda needs a CUDA GPU and this machine has none: use --device cpu"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's memory figure")
+def test_stage1_throughput_on_cpu_says_peak_memory_is_not_measured_instead_of_stage1s_rss_growth():
+    """Stage 1's own memory line is the process's RSS growth on CPU, which read ``peak 0 MiB`` from the second
+    round on (the rounds reuse pages the process holds): one round of one step shows it is left out."""
+    args = ["--steps-per-round", "1", "--warmup", "0", "--repeats", "1"]
+    run = subprocess.run(
+        [sys.executable, "benchmarks/stage1_throughput.py", *args], cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert "stage 1 memory:" not in run.stdout and "peak memory: n/a on CPU" in run.stdout, run.stdout

@@ -831,6 +831,25 @@ def test_student_reads_architecture_defaults_and_overrides_width():
         create_vit(teacher)
 
 
+@pytest.mark.parametrize(
+    "size, said",
+    [
+        ({"embed_dim": "64"}, r"embed_dim must be an int, got '64' \(model.kwargs.embed_dim in a config\)$"),
+        ({"depth": 2.0}, r"depth must be an int, got 2.0"),
+        (
+            {"num_heads": [1, "2"]},
+            r"num_heads must be an int \(or a list of ints, one per stage\), got \[1, '2'\]",
+        ),
+        ({"mlp_ratio": "4"}, r"mlp_ratio must be a number, got '4'"),
+        ({"num_classes": True}, r"num_classes must be an int, got True \(model.num_classes in a config\)$"),
+    ],
+)
+def test_a_student_size_of_the_wrong_type_names_the_argument_and_the_type(size, said):
+    """Python callers skip the config's checks: a str size was a TypeError from the sizes check's comparison."""
+    with pytest.raises(ValueError, match=rf"^student_like: {said}"):
+        student_like(tiny_timm(depth=1), **size)
+
+
 def test_student_spec_round_trips_through_json():
     teacher = tiny_timm(reg_tokens=2, qk_norm=True, global_pool="avg", class_token=False, num_classes=0)
     student = student_like(teacher, depth=3, num_classes=6)

@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ...checkpoints.resume_point import KeyChange, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from ...config.loading import load_config
 from ...speak import say
+from ...train.devices import Device, resolve_precision
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch, recorded_split, split_for_world
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
@@ -94,6 +97,12 @@ def judge(
     # a logit temperature is read only by logit distillation: a run without it (recipes set one) goes on
     if not cfg.transfer.logit_distill and not find_key(point.config, "transfer.logit_distill")[1]:
         allowed_here["transfer.logit_temperature"] = "read only where transfer.logit_distill > 0"
+    # a precision word that trains as the recorded one does on this device (auto is fp32 on CPU) changes
+    # nothing: auto's own dtype already follows the device, which a resume may change
+    if old := next((c.old for c in changes if c.key == "precision"), None):
+        here = torch.device("cuda" if Device(cfg.device).uses_cuda else "cpu")
+        if (now := resolve_precision(cfg.precision, here)) is resolve_precision(old, here):
+            allowed_here["precision"] = f"both train in {now} on {here.type}"
     changes = [
         KeyChange(c.key, c.old, c.new, True, allowed_here[c.key])
         if c.key in allowed_here and not c.allowed
