@@ -388,6 +388,7 @@ class TrainConfig:
     device: str = key("auto", choices=("auto", "cpu", "cuda"), resumable=True)  # auto | cpu | cuda
     # auto = bf16 autocast on GPU, fp32 on CPU; fp32 | bf16 | fp16. The teacher follows it unless
     # teacher.dtype says otherwise, so precision=fp32 is the one switch to the reference's fp32 training.
+    # A resume may change only the word, not the dtype (auto -> fp32 on CPU).
     precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
     deterministic: bool = key(False, range=ANY, resumable=True)
     model: ModelConfig = section(ModelConfig)
