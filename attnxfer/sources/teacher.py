@@ -152,6 +152,14 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
     return (c,) if isinstance(c, str) else tuple(c)
 
 
+def _openclip_projection(state_dict: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """An OpenCLIP / OpenAI CLIP image tower's projection (``visual.proj``, width x embedding), which timm's
+    ViT checkpoint filter turns into the head where it finds ``visual.class_embedding``; None elsewhere."""
+    if "visual.class_embedding" not in state_dict:
+        return None
+    return state_dict.get("visual.proj")
+
+
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
     """torch's strict-load error, restated with the key lists and what to change."""
     msg = str(err)
@@ -339,13 +347,16 @@ def _choose_head(
     ckpt_classes = res.pretrained_cfg.get("num_classes")
     if res.weights and (ckpt_classes is None or not res.source.has_timm_metadata):
         w = state_dict.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
-        ckpt_classes = int(w.shape[0]) if w is not None else 0
+        proj = _openclip_projection(state_dict) if w is None else None
+        ckpt_classes = int(w.shape[0]) if w is not None else int(proj.shape[-1]) if proj is not None else 0
     ckpt_classes = int(ckpt_classes or 0)
     if num_classes is None or num_classes == ckpt_classes:
         return ckpt_classes, []
     if num_classes == 0:
         heads = {c.split(".")[0] for c in _classifier_names(res.pretrained_cfg)}
         dropped = sorted(k for k in state_dict if k.split(".")[0] in heads)
+        if _openclip_projection(state_dict) is not None:  # the head timm's filter would make of it
+            dropped.append("visual.proj")
         for k in dropped:
             state_dict.pop(k)
         return 0, dropped

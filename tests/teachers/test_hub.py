@@ -621,6 +621,50 @@ def test_flat_deit_style_checkpoint_head_rules(tmp_path, capsys):
         load_teacher(str(headless_file), arch="vit_tiny_patch16_224", num_classes=3, **TINY)
 
 
+def openclip_state_dict(clip: torch.nn.Module) -> dict:
+    """A timm CLIP ViT's weights in OpenCLIP's layout (open_clip_pytorch_model.bin): the image tower under
+    ``visual.`` in its own names, the head as the projection ``visual.proj`` (width x embedding), a text tower
+    beside it. timm's ViT checkpoint filter maps it back."""
+    swaps = [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks.")]
+    swaps += [
+        ("norm1", "ln_1"),
+        ("norm2", "ln_2"),
+        ("attn.qkv.", "attn.in_proj_"),
+        ("attn.proj", "attn.out_proj"),
+    ]
+    swaps += [("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    out = {"logit_scale": torch.tensor(4.6), "token_embedding.weight": torch.randn(10, 16)}
+    for k, v in clip.state_dict().items():
+        if k == "head.weight":
+            out["visual.proj"] = v.t().contiguous()
+        elif k == "cls_token":
+            out["visual.class_embedding"] = v.reshape(-1)
+        elif k == "pos_embed":
+            out["visual.positional_embedding"] = v[0]
+        elif k != "head.bias":  # timm's filter gives the head a zero bias
+            k = re.sub(r"^norm\.", "ln_post.", k)
+            for a, b in swaps:
+                k = k.replace(a, b)
+            out["visual." + k] = v
+    return out
+
+
+def test_an_openclip_checkpoint_file_loads_with_its_projection_as_the_head_or_without_it(tmp_path):
+    """open_clip_pytorch_model.bin named with a timm CLIP architecture: the file has no head.weight, yet timm's
+    filter makes its projection one; the head is counted from the projection, and dropped with it."""
+    torch.manual_seed(0)
+    clip = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=16, **TINY).eval()
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(openclip_state_dict(clip), path)
+    x = torch.randn(2, 3, 32, 32)
+    teacher, rec = load_teacher(str(path), arch="vit_base_patch16_clip_224.openai", **TINY)
+    assert rec.num_classes == 16
+    torch.testing.assert_close(teacher(x), clip(x))
+    headless, rec0 = load_teacher(str(path), arch="vit_base_patch16_clip_224.openai", num_classes=0, **TINY)
+    assert rec0.num_classes == 0 and rec0.dropped_keys == ["visual.proj"]
+    torch.testing.assert_close(headless(x), clip.forward_head(clip.forward_features(x), pre_logits=True))
+
+
 def test_a_local_dir_teacher_loads_its_weights_and_card_and_a_truncated_file_is_named(tmp_path):
     model = tiny_timm(num_classes=4)
     save_for_hf(model, tmp_path / "exported", safe_serialization=True, model_config=HUB_CFG)
