@@ -188,7 +188,6 @@ class LineProgress:
         self.total, self.n, self.desc, self.unit = total, int(initial), desc, unit
         self.every_s = every_s
         self._start = self._said = time.monotonic()
-        self._postfix = ""
 
     def __enter__(self) -> LineProgress:
         return self
@@ -199,20 +198,19 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         if time.monotonic() - self._said >= self.every_s:
-            self._say()
+            self._say("")  # the count and time alone: the last record's values are of an earlier batch
 
     def set_postfix(self, **values: Any) -> None:
-        self._postfix = "".join(f"  {k} {v}" for k, v in values.items())
-        self._say()
+        self._say("".join(f"  {k} {v}" for k, v in values.items()))
 
     def close(self) -> None:
         pass
 
-    def _say(self) -> None:
+    def _say(self, postfix: str) -> None:
         self._said = time.monotonic()
         elapsed = datetime.timedelta(seconds=round(self._said - self._start))
         of = f"/{self.total} ({100 * self.n / self.total:3.0f}%)" if self.total else ""
-        progress(f"{self.desc}: {self.unit} {self.n}{of}{self._postfix}  [{elapsed}]")
+        progress(f"{self.desc}: {self.unit} {self.n}{of}{postfix}  [{elapsed}]")
 
 
 def progress_bar(

@@ -314,6 +314,15 @@ def prepare_trackers(names: Sequence[str], run_dir: str | Path) -> dict[str, Tra
     return setups
 
 
+def tracker_tag(split: str, name: str) -> str:
+    """A metric's tracker tag: ``split/name``, the split said once (``val_top1`` is ``val/top1``,
+    ``ema_val_top1`` ``val/ema_top1``; ``metrics.jsonl`` keeps the name as it is)."""
+    for head in ("", "ema_"):  # the evaluation's names: val_*, and the EMA's ema_val_*
+        if name.startswith(f"{head}{split}_"):
+            return f"{split}/{head}{name[len(head) + len(split) + 1 :]}"
+    return f"{split}/{name}"
+
+
 def flat_hparams(config: Mapping[str, Any], plan: str | None = None) -> dict[str, Any]:
     """The run's config as dotted keys with scalar values (lists and dicts as JSON), plus the plan's text."""
     out: dict[str, Any] = {}
@@ -405,7 +414,7 @@ class TrackerSet:
 
     def log(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
         self.start()
-        values = {f"{split}/{k}": float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        values = {tracker_tag(split, k): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         if not values:
             return
         for tracker in self._trackers.values():

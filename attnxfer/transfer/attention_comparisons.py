@@ -128,7 +128,7 @@ class ProjectionMSE(ComparisonLoss):
         c = comparison.signal
         with fp32_section(pair.student[c].device.type):
             loss = F.mse_loss(pair.student[c].float(), pair.teacher[c].detach().float())
-        return Loss(loss, {f"{c}_mse/{pair.student_layer}": loss})
+        return Loss(loss, {f"{comparison.name}/{pair.student_layer}": loss})  # mse_q/3, its sum's mse_q
 
 
 def check_heads_match(who: str, where: str, ta: nn.Module, sa: nn.Module) -> None:

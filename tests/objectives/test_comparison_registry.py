@@ -145,11 +145,11 @@ def test_a_layer_entry_compares_at_the_transfer_layers_beside_copy():
     plan = build_plan(teacher, student, "copy", losses=[{"name": "mse", "signal": "v", "weight": 0.25}])
     assert "mse of v: weight 0.25, student layers 0<-0, 1<-1" in plan.describe()
     out = TeacherStudent(teacher, student, plan).train()(x)
-    assert set(out.terms) == {"v_mse/0", "v_mse/1"}
+    assert set(out.terms) == {"mse_v/0", "mse_v/1"}  # each layer's term under its comparison's name
     with torch.no_grad():  # layer 0's input is the same with or without borrowed maps
         v_s, v_t = (_first_block_v(m, x) for m in (student, teacher))
-    torch.testing.assert_close(out.terms["v_mse/0"], (v_s - v_t).pow(2).mean(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(out.loss, 0.25 * (out.terms["v_mse/0"] + out.terms["v_mse/1"]))
+    torch.testing.assert_close(out.terms["mse_v/0"], (v_s - v_t).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss, 0.25 * (out.terms["mse_v/0"] + out.terms["mse_v/1"]))
 
 
 def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

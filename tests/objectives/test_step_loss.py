@@ -14,7 +14,7 @@ def _compared():
     return [
         (maps, Loss(ce0 + ce1, {"attn_ce/0": ce0, "attn_ce/1": ce1}, {"attn_kl/0": ce0 / 2})),
         (logits, Loss(kd, {"logit_kd": kd})),
-        (q, Loss(mse, {"q_mse/0": mse})),
+        (q, Loss(mse, {"mse_q/0": mse})),
     ]
 
 
@@ -35,7 +35,7 @@ def test_logged_names_say_what_they_sum():
         "attn_ce/1",
         "map",
         "logit_kd",
-        "q_mse/0",
+        "mse_q/0",
         "mse_q",  # a loss that compares several signals is named with the one it compares
         "transfer",
         "total",

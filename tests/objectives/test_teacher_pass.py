@@ -89,7 +89,7 @@ def test_one_teacher_pass_for_several_pairs_gives_each_pair_its_own_step():
     for name, pair in pairs.items():
         _assert_identical(shared[name], _step(pair, x))
     assert {"attn_ce/0", "attn_ce/2", "logit_kd"} <= set(shared["distill+logits"][2])
-    assert {"attn_ce/3", "feat_cos"} <= set(shared["zoo+features"][2]) and "v_mse/1" in shared["distill_v"][2]
+    assert {"attn_ce/3", "feat_cos"} <= set(shared["zoo+features"][2]) and "mse_v/1" in shared["distill_v"][2]
 
 
 def test_a_pass_that_stops_early_serves_pairs_that_stop_earlier():

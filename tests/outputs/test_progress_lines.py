@@ -92,6 +92,19 @@ def test_between_records_a_line_comes_at_most_every_so_many_seconds(capsys):
     ]
 
 
+def test_a_line_between_records_gives_no_earlier_records_loss_as_its_batchs(capsys):
+    """A record's loss and lr belong to its batch: a timed line of a later batch (a slow step in a job's
+    log) says its count and time alone, so no line pairs batch 3 with batch 2's numbers."""
+    bar = LineProgress(6, desc="epoch 0", every_s=0)
+    bar.update(1)
+    bar.update(1)
+    bar.set_postfix(loss="0.500", lr="1.00e-03")
+    bar.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [f"epoch 0: batch {n}/6" for n in (1, 2, 2, 3)]
+    assert "loss 0.500" in lines[2] and "loss" not in lines[3] and "lr" not in lines[3]
+
+
 def test_inspect_and_search_write_plain_lines_to_a_file_too(tmp_path, capsys):
     """Their progress goes the engine's way: a job's log gets lines, not a bar's redraws."""
     from helpers import tiny_vit

@@ -70,6 +70,24 @@ def test_summary_csv_has_one_row_per_epoch_in_timms_columns(finished_run):
         )
 
 
+def test_tensorboard_names_each_scalar_with_its_split_once(tmp_path):
+    """TensorBoard's tags are ``split/name`` with the split said once: the evaluation's ``val_top1`` of
+    metrics.jsonl is ``val/top1`` (not ``val/val_top1``), the EMA's ``ema_val_top1`` ``val/ema_top1``, a
+    train term keeps its name (``train/total``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    keys = [*TINY, "schedule.epochs=1", "ema.decay=0.5", "log.trackers=[tensorboard]"]
+    train(load_config(None, [f"run_dir={run}", *keys]))
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"val/top1", "val/loss", "val/ema_top1", "val/best_ema_top1", "train/total", "train/lr"} <= tags
+    assert not [t for t in tags if "val_" in t]
+    last = _records(run, "val")[-1]
+    assert events.Scalars("val/top1")[-1].value == pytest.approx(last["val_top1"])
+
+
 def test_summary_csv_of_a_run_with_ema_gives_the_emas_evaluation_as_timm_does(tmp_path):
     """timm's train.py writes its EMA's evaluation into summary.csv and keeps its best checkpoint by it;
     so does a run with ``ema.decay``: the best row is the best checkpoint's, the one export takes."""
