@@ -391,6 +391,19 @@ def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
     assert f"run_dir: {tmp_path / 's' / 'distill'}" in out
 
 
+@pytest.mark.slow  # a whole study (one step of two students) and its report
+def test_a_students_model_name_warning_is_said_once_under_its_name(tmp_path, tiny_teacher_dir, capsys):
+    """A student's model.name that the mirrored teacher's architecture replaces is said by that student, once:
+    not also unprefixed (as if about the whole study) by the teacher and loaders the study builds from the first
+    student's config, nor again by the report that scores it."""
+    names = "vit_tiny_patch16_224,vit_small_patch16_224"
+    argv = ["study", f"teacher.spec=local-dir:{tiny_teacher_dir}", *tiny_run(16, 8), "schedule.max_steps=1"]
+    code, out, err = run_cli(capsys, *argv, f"run_dir={tmp_path / 's'}", "--vary", f"model.name={names}")
+    assert code == 0, err[-2000:]
+    said = [line for line in (out + err).splitlines() if "is not built" in line]
+    assert [line.partition(": warning:")[0] for line in said] == names.split(","), said
+
+
 @pytest.mark.slow
 def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "study"

@@ -117,21 +117,30 @@ def init_from_pretrained(
 
 
 def build_student(
-    cfg: TrainConfig, teacher: nn.Module | None, num_classes: int, in_chans: int, img_size: int | None
+    cfg: TrainConfig,
+    teacher: nn.Module | None,
+    num_classes: int,
+    in_chans: int,
+    img_size: int | None,
+    *,
+    quiet: bool = False,
 ) -> nn.Module:
     """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised, or with
-    ``model.init`` that pretrained model; with ``model.attention``'s zoo attention in its blocks."""
+    ``model.init`` that pretrained model; with ``model.attention``'s zoo attention in its blocks. ``quiet``: a
+    ``model.name`` it is not goes unsaid (a build whose student's own build says it)."""
     m = cfg.model
     kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if m.init:
         student = init_from_pretrained(m, num_classes, img_size, cfg.teacher.cache_dir, kwargs)
-        _say_if_not_built(m, student, num_classes, kwargs)
+        if not quiet:
+            _say_if_not_built(m, student, num_classes, kwargs)
     elif teacher is not None and m.mirror_teacher:
         with _kwargs_refused(m, "the student (the teacher's architecture: model.mirror_teacher=true)"):
             student = student_like(
                 teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs
             )
-        _say_if_not_built(m, student, num_classes, kwargs)
+        if not quiet:
+            _say_if_not_built(m, student, num_classes, kwargs)
     else:
         kwargs.setdefault("in_chans", in_chans)
         optional: tuple[str, ...] = ()
@@ -285,11 +294,14 @@ def build_run_parts(
     labels: bool | None = None,
     shared: RunParts | None = None,
     quiet: bool = False,
+    student_unsaid: bool = False,
 ) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student; ``labels``: whether the loaders hand out labels (default: where the data has them and the task
     loss uses them); ``shared``: another run's teacher and loaders (a study's), only the student built here;
-    ``quiet``: the data line unsaid (a report scoring runs that said it when they trained)."""
+    ``quiet``: the data line and what the student's build says unsaid (a report scoring runs that said them
+    when they trained); ``student_unsaid``: what the student's build says alone unsaid (a study's teacher and
+    loaders, built from its first student's config: each student's own build says it, under its name)."""
     if labels is None:  # without a task loss (task_weight 0; null is 1) a run reads its images alone
         labels = cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
     if cfg.data.labels and not labels:  # the run reads its images alone
@@ -326,7 +338,7 @@ def build_run_parts(
     student = (
         student_fn(teacher, num_classes)
         if student_fn is not None
-        else build_student(cfg, teacher, num_classes, in_chans, img_size)
+        else build_student(cfg, teacher, num_classes, in_chans, img_size, quiet=quiet or student_unsaid)
     )
     img_size = img_size or _input_size(student)
     in_chans = image_input(student).in_chans

@@ -161,7 +161,9 @@ def build_members(
         shared = next(iter(parts.values()))
     else:
         with torch.random.fork_rng(devices=[]):  # the shared parts draw nothing from the students' streams
-            shared = build_run_parts(configs[0][1], rank=runtime.rank, world_size=runtime.world)
+            shared = build_run_parts(
+                configs[0][1], rank=runtime.rank, world_size=runtime.world, student_unsaid=True
+            )
     batches, feed, members = SharedBatches(shared.train_loader, shared.train_sampler), SharedFeed(), []
     for student, cfg in configs:
         if student.name in standing.stopped:
