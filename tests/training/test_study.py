@@ -422,6 +422,7 @@ def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny
         "schedule.max_steps for a student that learns (every student of the study)"
     ]
     assert len(stopped) == 1 and "non-finite loss" in stopped[0] and "the others go on" in stopped[0]
+    assert ".;" not in stopped[0]  # the error's own full stop is not kept before the clause that follows
     # the students say the same lines in turn: each its own under its name
     plans = [line for line in out.splitlines() if "transfer plan:" in line]
     assert [line.partition(":")[0] for line in plans] == ["fine", "diverges"]
