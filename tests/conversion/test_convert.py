@@ -242,6 +242,28 @@ def test_plan_errors_for_efficient_students():
         build_plan(None, student, "none", logit_weight=1.0)
 
 
+def test_stage_2_distils_the_maps_of_the_blocks_that_have_one():
+    """convert.attention=[none, hashing]: stage 1 fits block 1 alone, and stage 2's default distillation
+    leaves out block 0 (no map) rather than refusing the plan; named layers, mode none, or a student without
+    any map are left as they are (the plan says what to change for the last)."""
+    from attnxfer.apps.convert.stage2 import stage2_layers
+    from attnxfer.config import TrainConfig, apply_overrides
+
+    teacher = _teacher(depth=4)
+    mixed = build_efficient_student(teacher, ["none", "hashing", "hydra", "hedgehog"])
+    cfg = TrainConfig()
+    with pytest.raises(PlanError, match="no attention map to distil"):
+        build_plan(teacher, mixed, "distill")
+    layers = stage2_layers(cfg, mixed)["transfer.layers"]
+    assert layers == [1, 3]
+    build_plan(teacher, mixed, "distill", layers=layers)  # the plan stage 2 builds from them stands
+    assert stage2_layers(apply_overrides(cfg, {"transfer.end_layer": -1}), mixed) == {"transfer.layers": [1]}
+    assert stage2_layers(apply_overrides(cfg, {"transfer.layers": [1]}), mixed) == {}
+    assert stage2_layers(apply_overrides(cfg, {"transfer.mode": "none"}), mixed) == {}
+    assert stage2_layers(cfg, build_efficient_student(teacher, "hydra")) == {}
+    assert stage2_layers(cfg, build_efficient_student(teacher, "hashing")) == {}
+
+
 # ------------------------------------------------------------------------------------- bad input
 def test_clear_errors_for_bad_conversions():
     teacher = _teacher()

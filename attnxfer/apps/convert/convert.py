@@ -52,7 +52,7 @@ from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
 from .selection import AUTO, PARTIAL_FILE, SELECTION_FILE, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
 from .stage1 import Stage1Found, Stage1Job, judge_stage1, open_stage1
-from .stage2 import Stage2Objective, stage2_objective, student_head
+from .stage2 import Stage2Objective, stage2_layers, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 #: what a conversion writes besides its stages' folders and config.yaml
@@ -339,7 +339,7 @@ def build_conversion(
             "stage 2 has a task loss (transfer.task_weight > 0) but the student has no classifier head; set "
             "model.num_classes=K, or transfer.task_weight=0"
         )
-    cfg = apply_overrides(cfg, stage2.overrides)
+    cfg = apply_overrides(cfg, stage2.overrides | stage2_layers(cfg, parts.student))
     parts = replace(parts, num_classes=int(getattr(parts.student, "num_classes", 0) or 0))
     # as stage 2's engine will count them (a training set of fewer batches than optim.accum_steps refused)
     _, stage2_steps, _ = schedule_steps(len(parts.train_loader), loop_settings(cfg, world=1))

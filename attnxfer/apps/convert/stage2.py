@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from ...config import TrainConfig
 from ...errors import InputError
+from ...speak import say
+from ...transfer.pairing import block_attentions, select_layers
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,26 @@ def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> St
         task, reason = 1.0, f"a new {cfg.model.num_classes}-class head: model.num_classes"
     features = float(t.feature_distill) if t.feature_distill is not None else (1.0 if task == 0 else 0.0)
     return Stage2Objective(task, features, reason)
+
+
+def stage2_layers(cfg: TrainConfig, student: nn.Module) -> dict[str, list[int]]:
+    """``transfer.layers`` for stage 2 where the student has blocks without an attention map (``none``, Hydra)
+    and the config names no layers: the layers ``transfer.end_layer`` selects, less those, as stage 1 fits
+    only the others' maps. Empty where every block has a map, layers are named, or none has one (the plan
+    then says what to change)."""
+    has_map = [a.map_kind.has_map for a in block_attentions(student)]
+    if (
+        cfg.transfer.layers is not None
+        or all(has_map)
+        or (cfg.transfer.mode == "none" and not cfg.transfer.losses)
+    ):
+        return {}
+    layers = [i for i in select_layers(len(has_map), cfg.transfer.end_layer) if has_map[i]]
+    if not layers:
+        return {}
+    without = [i for i, has in enumerate(has_map) if not has]
+    say(f"stage 2: transfer.layers={layers} (blocks {without} have no attention map to distil)")
+    return {"transfer.layers": layers}
 
 
 def student_head(
