@@ -204,6 +204,8 @@ _SCRIPT_NAMES = {
     "steps": "schedule.max_steps",
     "iters": "schedule.max_steps",
     "max_iters": "schedule.max_steps",
+    "finetune": "model.init",  # MAE's main_finetune.py: the weights to fine-tune
+    "initial_checkpoint": "model.init",  # timm's train.py --initial-checkpoint
     "teacher.name": "teacher.spec",
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",

@@ -40,6 +40,13 @@ CASES = [
     # a near spelling that means something else is no answer: steps is not optim.eps, out not convert.output_mse
     (["train", "steps=10"], 2, "unknown config key 'steps'; did you mean 'schedule.max_steps'?"),
     (["train", "--out", "runs/x"], 2, "attnxfer takes config values as key=value: run_dir=runs/x"),
+    # the weights to start from, not the checkpoint section (saves and resume)
+    (
+        ["train", "initial_checkpoint=w.pth"],
+        2,
+        "unknown config key 'initial_checkpoint'; did you mean 'model.init'?",
+    ),
+    (["train", "--finetune", "mae.pth"], 2, "attnxfer takes config values as key=value: model.init=mae.pth"),
     (["train", "teacher.name=x"], 2, "unknown config key 'teacher.name'; did you mean 'teacher.spec'?"),
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
     (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
