@@ -399,14 +399,20 @@ def attention_label(attention: str | list[str]) -> str:
     return attention[0] if len(set(attention)) == 1 else "mixed"
 
 
-def _recipe_data(cfg: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(the card's training-data block, the dataset as a card names it) from a run's recipe, read. The name: a
-    Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` -> ``ORG/NAME``), a webdataset's or a
-    folder dataset's name (``wds/imagenet``, ``/data/imagenet`` -> ``imagenet``), else the registered one."""
+def _recipe_data(cfg: dict[str, Any], *, labels_read: bool = True) -> tuple[str | None, str | None]:
+    """(the card's training-data block, the dataset as a card names it) from a run's recipe, read
+    (``labels_read`` False: a run whose objective reads no label, as MAE pre-training, whatever its loaders
+    handed out). The name: a Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` ->
+    ``ORG/NAME``), a webdataset's or a folder dataset's name (``wds/imagenet``, ``/data/imagenet`` ->
+    ``imagenet``), else the registered one."""
     data = cfg.get("data") or {}
     if not data:
         return None, None
+    if not labels_read:
+        data = {**data, "labels": False}
     block = "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
+    if not labels_read:
+        block = "The images alone: the run read no label.\n\n" + block
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
         return block, None
