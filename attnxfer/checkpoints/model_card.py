@@ -4,6 +4,7 @@ its licence (the teacher's, inherited where it is non-commercial) and its evalua
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from timm.data import DEFAULT_CROP_PCT
 
 from ..analysis.intervals import correct_count, top1_interval
 from ..errors import InputError
@@ -335,10 +337,17 @@ def _loading_section(
     )
     if size and pct is not None:
         interpolation, mode = data_cfg.get("interpolation", "bilinear"), data_cfg.get("crop_mode", "center")
-        resize = {  # as timm's create_transform resizes for each crop mode
-            "squash": f"squashed ({interpolation}) to {size[-2]} x {size[-1]} / {pct:g} px, the aspect ratio not kept",
-            "border": f"resized ({interpolation}) to {size[-1]} / {pct:g} px on the long side, padded",
-        }.get(mode, f"resized ({interpolation}) to {size[-1]} / {pct:g} px on the short side")
+        # timm's create_transform resizes to floor(size / crop_pct) px, then crops ``size``, for each crop mode
+        high, wide = (math.floor(s / (pct or DEFAULT_CROP_PCT)) for s in size[-2:])
+        resize = {
+            "squash": f"squashed ({interpolation}) to {high} x {wide} px, the aspect ratio not kept",
+            "border": f"resized ({interpolation}) to {wide} px on the long side, padded",
+        }.get(
+            mode,
+            f"resized ({interpolation}) to {wide} px on the short side"
+            if high == wide
+            else f"resized ({interpolation}) to cover {high} x {wide} px, the aspect ratio kept",
+        )
         steps.append(f"{resize}, then a center crop of {size[-2]} x {size[-1]} px (crop_pct {pct:g})")
     elif size:
         steps.append(f"{size[-2]} x {size[-1]} px")
@@ -390,14 +399,20 @@ def attention_label(attention: str | list[str]) -> str:
     return attention[0] if len(set(attention)) == 1 else "mixed"
 
 
-def _recipe_data(cfg: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(the card's training-data block, the dataset as a card names it) from a run's recipe, read. The name: a
-    Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` -> ``ORG/NAME``), a webdataset's or a
-    folder dataset's name (``wds/imagenet``, ``/data/imagenet`` -> ``imagenet``), else the registered one."""
+def _recipe_data(cfg: dict[str, Any], *, labels_read: bool = True) -> tuple[str | None, str | None]:
+    """(the card's training-data block, the dataset as a card names it) from a run's recipe, read
+    (``labels_read`` False: a run whose objective reads no label, as MAE pre-training, whatever its loaders
+    handed out). The name: a Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` ->
+    ``ORG/NAME``), a webdataset's or a folder dataset's name (``wds/imagenet``, ``/data/imagenet`` ->
+    ``imagenet``), else the registered one."""
     data = cfg.get("data") or {}
     if not data:
         return None, None
+    if not labels_read:
+        data = {**data, "labels": False}
     block = "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
+    if not labels_read:
+        block = "The images alone: the run read no label.\n\n" + block
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
         return block, None

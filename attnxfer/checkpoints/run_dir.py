@@ -41,6 +41,7 @@ from .store import (
     atomic_write_json,
     atomic_write_text,
 )
+from .verify import metric_words
 
 
 class CheckpointChoice(StrEnum):
@@ -92,10 +93,8 @@ def select_checkpoint(
     if which is CheckpointChoice.BEST:
         best = manager.best()
         if best is not None and best.metric is not None:
-            if best_metric == "ema_val_top1":
-                what = f"EMA val top-1 {best.metric:.2f}"
-            elif best_metric not in (None, "val_top1", "val_loss"):
-                what = f"{best_metric.replace('ema_val_', 'EMA ').removeprefix('val_')} {best.metric:.4g}"
+            if best_metric is not None:
+                what = metric_words(best_metric, best.metric)
             elif manager.best_mode is MetricMode.MAX:
                 what = f"val top-1 {best.metric:.2f}"
             else:

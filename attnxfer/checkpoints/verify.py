@@ -55,6 +55,8 @@ class CheckpointInfo:
     created: str
     files: Mapping[str, Mapping[str, Any]]  # file name -> {'size': int, 'sha256': str}
     hash_verified: bool
+    #: what ``metric`` is: the name the run ranks by (its state's ``best_metric``); None: not recorded
+    metric_name: str | None = None
 
     @property
     def groups(self) -> list[str]:
@@ -62,8 +64,23 @@ class CheckpointInfo:
         return [n[: -len(".safetensors")] for n in self.files if n.endswith(".safetensors")]
 
     def __str__(self) -> str:
-        metric = "" if self.metric is None else f", metric={self.metric:g}"
+        if self.metric is None:
+            metric = ""
+        elif self.metric_name:
+            metric = f" ({metric_words(self.metric_name, self.metric)})"
+        else:
+            metric = f", metric={self.metric:g}"
         return f"checkpoint step {self.step}{metric} at {self.path}"
+
+
+def metric_words(name: str, value: float) -> str:
+    """A ranking metric as eval and export say it: ``val top-1 70.00``, ``EMA val top-1 70.00``, ``val loss
+    2.272``, else its name (``feat_cos_patch 0.9132``, ``EMA feat_cos_patch 0.9132``)."""
+    if name in ("val_top1", "ema_val_top1"):
+        return f"{'EMA ' * name.startswith('ema_')}val top-1 {value:.2f}"
+    if name == "val_loss":
+        return f"val loss {value:.4g}"
+    return f"{name.replace('ema_val_', 'EMA ').removeprefix('val_')} {value:.4g}"
 
 
 def _read_manifest(path: Path) -> dict:
@@ -97,7 +114,9 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bool) -> None:
+def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bool) -> Any:
+    """Check one listed file; a JSON file's parsed content is returned (None for others)."""
+    parsed = None
     file_path = path / name
     if not file_path.is_file():
         raise CorruptCheckpointError(path, f"{name} is missing")
@@ -112,7 +131,7 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bo
             raise CorruptCheckpointError(path, f"{name} is not valid safetensors: {e}") from e
     elif name.endswith(".json"):
         try:
-            json.loads(file_path.read_text(encoding="utf-8"))
+            parsed = json.loads(file_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpointError(path, f"{name} is not valid JSON: {e}") from e
     if verify_hash:
@@ -121,6 +140,7 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bo
             raise CorruptCheckpointError(
                 path, f"{name} sha256 is {digest[:12]}..., manifest says {entry['sha256'][:12]}..."
             )
+    return parsed
 
 
 def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> CheckpointInfo:
@@ -133,9 +153,9 @@ def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> Chec
         raise CorruptCheckpointError(
             path, f"dir name says step {int(match.group(1))}, manifest says {manifest['step']}"
         )
-    for name, entry in manifest["files"].items():
-        _check_file(path, name, entry, verify_hash)
-    metric = manifest.get("metric")
+    parsed = {name: _check_file(path, name, entry, verify_hash) for name, entry in manifest["files"].items()}
+    metric, state = manifest.get("metric"), parsed[STATE_NAME]
+    metric_name = state.get("best_metric") if isinstance(state, dict) else None
     return CheckpointInfo(
         step=manifest["step"],
         path=path,
@@ -143,6 +163,7 @@ def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> Chec
         created=str(manifest.get("created", "")),
         files=manifest["files"],
         hash_verified=verify_hash,
+        metric_name=metric_name if isinstance(metric_name, str) else None,
     )
 
 

@@ -49,6 +49,22 @@ def small_tensors(step: int) -> dict:
     }
 
 
+@pytest.mark.parametrize(
+    "best_metric, value, says",
+    [
+        ("ema_val_top1", 70.0, "checkpoint step 3 (EMA val top-1 70.00) at "),
+        ("val_loss", 2.27241, "checkpoint step 3 (val loss 2.272) at "),
+        ("val_feat_cos_patch", 0.91234, "checkpoint step 3 (feat_cos_patch 0.9123) at "),
+    ],
+)
+def test_a_checkpoint_names_the_metric_its_run_ranks_by(tmp_path, best_metric, value, says):
+    """What eval and resume print of a checkpoint: its value with the metric's name (its state's
+    best_metric), as export says "best val top-1 70.00", not a bare "metric=70"."""
+    path = CheckpointManager(tmp_path).save(3, small_tensors(3), {"best_metric": best_metric}, metric=value)
+    info = verify_checkpoint(path)
+    assert str(info).startswith(says) and "metric=" not in str(info)
+
+
 def step_dirs(mgr: CheckpointManager) -> list[str]:
     return sorted(p.name for p in mgr.dir.iterdir() if p.name.startswith("step-"))
 

@@ -50,7 +50,9 @@ def test_timm_prepares_images_as_the_run_validated_them_and_names_the_classes(tm
         "bilinear",
     )
     readme = (out / "README.md").read_text()
-    assert "resized (bilinear) to 32 / 0.8 px on the short side, then a center crop of 32 x 32 px" in readme
+    # the size timm's transform resizes to, floor(32 / 0.8) px, in pixels (not the formula)
+    assert "resized (bilinear) to 40 px on the short side, then a center crop of 32 x 32 px" in readme
+    assert transform.transforms[0].size == 40
     assert "- classes: 3 (class0, class1, class2)" in readme
     timm_val = ImageDataset(str(root / "val"), transform=transform)
     assert len(timm_val) == len(val) == 6
@@ -159,7 +161,7 @@ def test_an_in_memory_datasets_export_declares_its_whole_image_bilinear_resize_n
     out = export_student(student, tmp_path / "out", card=card())
     readme = (out / "README.md").read_text()  # a non-square image is squashed, and the card says so
     assert (
-        "squashed (bilinear) to 32 x 32 / 1 px, the aspect ratio not kept, then a center crop of 32 x 32"
+        "squashed (bilinear) to 32 x 32 px, the aspect ratio not kept, then a center crop of 32 x 32"
         in readme
     )
 

@@ -244,6 +244,15 @@ def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretr
 
 
 @pytest.mark.slow
+def test_a_pretrainings_card_lists_its_training_data_as_read_without_labels(pretrained_run):
+    """The demo's recipe reads animal-mnist with data.labels: true (the loaders hand labels out), but MAE's
+    loss reads none: the card's training data says so rather than copying the recipe's labels: true."""
+    card = (pretrained_run / "export" / "README.md").read_text()
+    data = card.split("## Training data", 1)[1].split("## Metrics", 1)[0]
+    assert "the run read no label" in data and "labels: false" in data and "labels: true" not in data
+
+
+@pytest.mark.slow
 def test_pretrainings_export_at_its_end_does_not_call_the_run_still_training(tmp_path, capsys):
     """The run exports its own last checkpoint: no notice that the weights are not the run's final ones."""
     pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "schedule.max_steps=2"]))
