@@ -154,7 +154,7 @@ def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> Chec
             path, f"dir name says step {int(match.group(1))}, manifest says {manifest['step']}"
         )
     parsed = {name: _check_file(path, name, entry, verify_hash) for name, entry in manifest["files"].items()}
-    metric, state = manifest.get("metric"), parsed[STATE_NAME]
+    metric, state = manifest.get("metric"), parsed.get(STATE_NAME)
     metric_name = state.get("best_metric") if isinstance(state, dict) else None
     return CheckpointInfo(
         step=manifest["step"],
