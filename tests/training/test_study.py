@@ -113,8 +113,8 @@ def test_the_study_records_its_students_and_the_step_all_of_them_saved(families)
         "ema.decay": 0.9,
     }
     committed = ResumePoint.find(families)
-    assert committed.step == STEPS and set(committed.record("checkpoints")) == {
-        s["name"] for s in record["students"]
+    assert committed.step == STEPS and committed.record("checkpoints") == {  # relative to the study's folder
+        s["name"]: f"{s['name']}/checkpoints/step-{STEPS:08d}" for s in record["students"]
     }
     # the students' older checkpoints were pruned only after every student saved the step
     for s in record["students"]:

@@ -114,7 +114,10 @@ def lockstep_study(
             state = {
                 "step": step,
                 "students": spec.record(),
-                "checkpoints": {m.name: os.path.relpath(m.engine.last_ckpt, spec.run_dir) for m in training},
+                "checkpoints": {  # each student's checkpoint of this step, relative to the study's folder
+                    m.name: os.path.relpath(m.engine.checkpointing.manager.path_for(step), spec.run_dir)
+                    for m in training
+                },
                 "stopped": {**stopped, **{m.name: m.stopped for m in members if m.stopped}},
                 "seconds": {m.name: m.seconds for m in members},
                 "shared_seconds": shared_seconds,
