@@ -93,13 +93,9 @@ def select_checkpoint(
     if which is CheckpointChoice.BEST:
         best = manager.best()
         if best is not None and best.metric is not None:
-            if best_metric is not None:
-                what = metric_words(best_metric, best.metric)
-            elif manager.best_mode is MetricMode.MAX:
-                what = f"val top-1 {best.metric:.2f}"
-            else:
-                what = f"val loss {best.metric:.4g}"
-            return best.path, f"{best.path.name} (best {what})"
+            # a run.json without best_metric ranks by val top-1, or an MAE's by val loss
+            name = best_metric or ("val_top1" if manager.best_mode is MetricMode.MAX else "val_loss")
+            return best.path, f"{best.path.name} (best {metric_words(name, best.metric)})"
         if not quiet:
             warn(f"no intact checkpoint in {run_dir} records a metric: using the latest")
         return latest.path, f"{latest.path.name} (latest: no intact checkpoint records a metric)"

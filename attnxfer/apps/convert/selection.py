@@ -53,7 +53,7 @@ from ...run_layout import read_record
 from ...speak import quiet, say, warn
 from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
-from ...train.speed import forward_speed, ratio_contradicts
+from ...train.speed import forward_speed
 from ...train.stage1 import stage1_transfer
 from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
@@ -62,7 +62,7 @@ from ...transfer.conversion import ConversionPlan
 from ...transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
 from ..run.parts import RunParts
 from ..run.resume import config_changes
-from .speed import rebuilt_teacher
+from .speed import rebuilt_teacher, speedup_withheld
 from .stage1 import STAGE1_KEYS, stage1_batches
 
 SELECTION_FILE = "selection.json"
@@ -504,16 +504,11 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
     section["measured_speedup_range"] = row.get("student_over_teacher_range")
     section["measured_speedup_cpu"] = row.get("student_over_teacher_cpu")
     # as the report's own speed-up: not claimed where its rounds fall on both sides of 1 (a loaded machine)
-    why = ratio_contradicts(row)
-    section["measured_speedup_withheld"] = (
-        None
-        if why is None
-        else f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
-    )
+    section["measured_speedup_withheld"] = withheld = speedup_withheld(row)
     cpu = section["measured_speedup_cpu"]
     measured = (
-        f"measured: withheld ({why})"
-        if why
+        f"measured: withheld ({withheld})"
+        if withheld
         else f"measured {section['measured_speedup']:.2f}x" + (f" ({cpu:.2f}x in CPU time)" if cpu else "")
     )
     run.say(

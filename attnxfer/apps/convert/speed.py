@@ -88,18 +88,24 @@ def conversion_speeds(
             "input": list(x.shape[1:]),
             "speedup": row["student_over_teacher"],
             "speedup_range": row.get("student_over_teacher_range"),
-            # why the speed-up is not claimed (its rounds disagree), or None
-            "speedup_withheld": (
-                None
-                if (why := ratio_contradicts(row)) is None
-                else f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
-            ),
+            "speedup_withheld": speedup_withheld(row),
             "floor_refused": refused,
             "sweep": sweeps[name],
             **checked_break_even(row, sweeps[name]),
         }
         for name, row in rows.items()
     }
+
+
+def speedup_withheld(row: Mapping[str, Any]) -> str | None:
+    """Why a speed row's student-over-teacher ratio is not claimed (its rounds fall on both sides of 1, as on
+    a loaded machine), with what to do; None where it stands."""
+    why = ratio_contradicts(row)
+    return (
+        None
+        if why is None
+        else f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
+    )
 
 
 def checked_break_even(main: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
