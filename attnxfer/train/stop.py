@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,12 @@ _received: list[int] = []  # signals caught since the loop started (signal handl
 _catching = False
 
 
+#: `StopRequested`'s message in a line of text: signal, unit, step, total, checkpoint
+STOPPED_LINE = re.compile(
+    r"stopped by (SIG\w+) at (\w+) (\d+)(?: of (\d+))?; checkpoint saved(?: \((.*?)\))?(?=;|$)", re.MULTILINE
+)
+
+
 class StopRequested(Exception):
     """The loop stopped at a step boundary after a stop signal; its checkpoint of that step is saved. ``unit``:
     what a step of the loop is called (a search's checkpoints hold generations)."""
@@ -40,6 +47,15 @@ class StopRequested(Exception):
             f"stopped by {self.signal_name} at {unit} {step}{f' of {total}' if total else ''}; checkpoint saved"
             + (f" ({checkpoint})" if checkpoint else "")
         )
+
+    @classmethod
+    def said_in(cls, text: str) -> StopRequested | None:
+        """The stop whose message ``text`` holds (its last; a local job's log, read by ``submit --wait``), or None."""
+        found = STOPPED_LINE.findall(text)
+        if not found:
+            return None
+        name, unit, step, total, checkpoint = found[-1]
+        return cls(signal.Signals[name], int(step), checkpoint or None, int(total) if total else None, unit)
 
     @property
     def exit_code(self) -> int:

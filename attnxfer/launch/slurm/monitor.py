@@ -14,6 +14,7 @@ import submitit
 from submitit.core.utils import pickle_load
 
 from ...speak import say
+from ...train.stop import StopRequested
 from ...train.watchdog import SILENCE_LINE
 
 
@@ -122,7 +123,8 @@ def wait(
     grace_s: float = 15.0,
 ) -> list[list[Any]]:
     """Each job's per-rank results; `JobFailedError` as soon as any rank raised (the rest of that job is
-    cancelled so no rank hangs in a collective) or a job left no result. Job state comes from ``scontrol``,
+    cancelled so no rank hangs in a collective) or a job left no result; `StopRequested` for a local or debug
+    job a signal stopped at a step boundary (its step saved). Job state comes from ``scontrol``,
     so this works without SLURM accounting (``sacct``)."""
     job_list = [jobs] if isinstance(jobs, submitit.Job) else list(jobs)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -155,12 +157,19 @@ def _poll(job: submitit.Job, log_lines: int, said: set[str]) -> tuple[list[Any] 
     that never starts, PartitionConfig or BadConstraints, would else be waited for without a word)."""
     if isinstance(job, submitit.DebugJob):  # in-process: runs now, on this thread
         err = job.exception()
+        if isinstance(err, StopRequested):  # its step saved: the CLI says so, and how to resume
+            raise err
         if err is not None:
             raise JobFailedError(f"job {job.job_id} failed: {err!r}", job.job_id, 0) from err
         return job.results(), None, True
     if not _is_slurm(job):
         done = _collect(job, log_lines)
-        return done, None, done is None and job.done()
+        ended = done is None and job.done()
+        log = _tasks(job)[0].paths.stderr
+        stop = StopRequested.said_in(log.read_text(errors="replace")) if ended and log.exists() else None
+        if stop is not None:  # stopped by a signal at a step boundary, that step saved (`TrainingTask`)
+            raise stop
+        return done, None, ended
     info = slurm_job_info(job.job_id)
     state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
     if state in SLURM_NOT_READY_STATES:

@@ -159,7 +159,13 @@ class TrainingTask(submitit.helpers.Checkpointable):
     def _requeue_after_stop(self, stop: StopRequested, rank: int) -> None:
         """After SIGTERM: rank 0 pickles this task and requeues the job; no rank leaves before that (srun's
         --kill-on-bad-exit would take rank 0 down with the first rank to exit). Always raises."""
-        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # local/debug executor: nothing to requeue
+        executor = os.environ.get("SUBMITIT_EXECUTOR")
+        if executor == "local":  # nothing requeues it: the loop's line, read in this log by `submit --wait`
+            warn(f"{stop}; a local job is not requeued: submit the same command to resume")
+            with contextlib.suppress(Exception):
+                barrier()
+            raise SystemExit(stop.exit_code)
+        if executor != "slurm":  # debug executor: the submit command's own process, whose CLI says it
             raise stop
         env = submitit.JobEnvironment()
         refused: RequeueLimitReached | None = None

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +105,44 @@ def test_a_local_job_whose_rank_fails_ends_by_itself_without_an_interrupt_traceb
         wait(job, timeout=120)
     assert job._process.wait(timeout=60) == 0  # submitit keeps its controller there
     assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_local_job_killed_saves_its_step_and_submit_wait_says_how_to_resume_without_a_traceback(tmp_path):
+    """`kill JOB` (SIGTERM, what submit prints to cancel a local job) stops the run as it stops `attnxfer train`:
+    the step saved, the loop's one line in the job's log, and ``--wait`` says it stopped (exit 143), not failed."""
+    from helpers import fork_cli, tiny_run
+
+    run_dir, log = tmp_path / "run", tmp_path / "submit.log"
+    argv = ["submit", f"run_dir={run_dir}", *tiny_run(512, 8), "transfer.mode=none", "log.every_steps=1"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "schedule.max_steps=400"]
+    proc = fork_cli([*argv, "--cluster", "local", "--wait"], log)
+    metrics, job = run_dir / "metrics.jsonl", None
+    try:
+        deadline = time.monotonic() + 120
+        while not metrics.exists() or metrics.read_text().count('"train"') < 2:
+            assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        [job] = [p.name.split("_")[0] for p in (run_dir / "submitit").glob("*_0_log.err")]
+        os.kill(int(job), signal.SIGTERM)  # the job's controller, which hands the signal to its task
+        proc.join(120)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            if job is not None:
+                os.kill(int(job), signal.SIGTERM)
+    text, job_log = log.read_text(), (run_dir / "submitit" / f"{job}_0_log.err").read_text()
+    assert proc.exitcode == 128 + signal.SIGTERM, text[-3000:]
+    said = re.search(
+        r"attnxfer submit: stopped by SIGTERM at step (\d+) of 400; checkpoint saved \((.+?)\); "
+        r"re-run the same command to resume",
+        text,
+    )
+    assert said and "Traceback" not in text and "failed" not in text, text[-3000:]
+    step = int(said.group(1))
+    assert Path(said.group(2)) == run_dir / "checkpoints" / f"step-{step:08d}"
+    assert json.loads((Path(said.group(2)) / "state.json").read_text())["step"] == step
+    assert f"stopped by SIGTERM at step {step} of 400" in job_log and "Traceback" not in job_log, job_log
 
 
 def test_debug_cluster_runs_in_this_process(tmp_path):
