@@ -148,6 +148,8 @@ def build_plan(
     for name, value in {**weights, "logit_temperature": logit_temperature}.items():
         if isinstance(value, bool) or not isinstance(value, Real):  # else a comparison with a str deep inside
             raise PlanError(f"build_plan: {name} must be a number (int or float), got {value!r}")
+    if not isinstance(share_drop_path, bool):  # else bool() made "no" (any non-empty value) True
+        raise PlanError(f"build_plan: share_drop_path must be True or False, got {share_drop_path!r}")
     spec = get_mode(mode)
     s_attn = block_attentions(student)
     if bad := {name: w for name, w in weights.items() if not 0 <= w < math.inf}:  # NaN fails both

@@ -224,6 +224,15 @@ def test_a_weight_or_temperature_that_is_not_a_number_names_its_argument(numbers
         build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "distill", **numbers)
 
 
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_a_share_drop_path_that_is_not_a_bool_is_refused_not_read_as_true(value):
+    """Python callers skip the config's type checks: bool("no") was True, the teacher took the student's masks."""
+    with pytest.raises(
+        PlanError, match=rf"^build_plan: share_drop_path must be True or False, got {value!r}$"
+    ):
+        build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "distill", share_drop_path=value)
+
+
 def test_a_second_loss_under_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="'feat_l2' is already registered by FeatureL2"):
 
