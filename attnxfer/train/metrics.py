@@ -20,7 +20,7 @@ from ..checkpoints.atomic_io import atomic_write_text
 from ..checkpoints.store import set_aside
 from ..run_layout import METRICS
 from ..speak import warn
-from .trackers import TrackerSet
+from .trackers import TRACKERS_JSON, TrackerSet
 
 #: the per-epoch table beside the checkpoints, as timm's train.py writes it
 SUMMARY_CSV = "summary.csv"
@@ -48,10 +48,15 @@ class MetricsLogger:
         )
 
     def set_aside_records(self) -> None:
-        """Keep an earlier attempt's ``metrics.jsonl`` and ``summary.csv`` as ``<name>.replaced-<time>``, said
-        in one line each: ``checkpoint.resume=none`` starts over and sets its checkpoints aside, not its history."""
-        for path in (self.path, self.run_dir / SUMMARY_CSV) if self.enabled else ():
-            if path.is_file() and path.stat().st_size:
+        """Keep an earlier attempt's ``metrics.jsonl``, ``summary.csv``, TensorBoard events (``tb/``),
+        ``pictures/`` and tracker run ids (``trackers.json``) as ``<name>.replaced-<time>``, said in one line
+        each: ``checkpoint.resume=none`` starts over and sets its checkpoints aside, not its history. Left in
+        place, the new events would mix with the old in TensorBoard, its trackers would continue the earlier
+        W&B / MLflow run, and the earlier pictures would be deleted."""
+        records = (self.path, self.run_dir / SUMMARY_CSV, self.run_dir / TRACKERS_JSON)
+        folders = (self.run_dir / "tb", self.run_dir / "pictures")
+        for path in (*records, *folders) if self.enabled else ():
+            if (path.is_file() and path.stat().st_size) or (path.is_dir() and any(path.iterdir())):
                 warn(
                     f"checkpoint.resume=none: kept the earlier attempt's {path.name} as {set_aside(path, 'replaced')}"
                 )

@@ -237,6 +237,29 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # two short training runs
+def test_starting_over_keeps_the_earlier_tensorboard_events_pictures_and_tracker_runs_aside(tmp_path, capsys):
+    """checkpoint.resume=none over a run: its TensorBoard events mixed with the new run's in ``tb/``, its
+    trackers.json made W&B / MLflow continue the earlier tracker run, and its pictures were deleted."""
+    run = tmp_path / "run"
+    keys = [f"run_dir={run}", *TINY, "schedule.epochs=1", "log.trackers=[tensorboard]"]
+    train(load_config(None, keys))
+    earlier_events = sorted(p.name for p in (run / "tb").iterdir())
+    (run / "pictures").mkdir()
+    (run / "pictures" / "attention-cls_maps_0-step00000004.png").write_bytes(b"the earlier picture")
+    capsys.readouterr()
+    train(load_config(None, [*keys, "checkpoint.resume=none", "schedule.max_steps=2"]))
+    err = capsys.readouterr().err
+    for name in ("tb", "pictures", "trackers.json"):
+        assert f"checkpoint.resume=none: kept the earlier attempt's {name} as" in err, err
+    [tb_kept] = run.glob("tb.replaced-*")
+    assert sorted(p.name for p in tb_kept.iterdir()) == earlier_events
+    assert not set(earlier_events) & {p.name for p in (run / "tb").iterdir()}
+    [pictures_kept] = run.glob("pictures.replaced-*")
+    assert [p.read_bytes() for p in pictures_kept.iterdir()] == [b"the earlier picture"]
+    assert len(list(run.glob("trackers.json.replaced-*"))) == 1
+
+
 def test_a_tracker_whose_package_is_missing_names_the_pip_command():
     from attnxfer.train.trackers import (
         TRACKERS,
