@@ -452,8 +452,11 @@ def export_run(
     recipe = run.recipe()
     recipe_cfg = (yaml.safe_load(recipe) if recipe else None) or {}
     recipe_cfg = recipe_cfg if isinstance(recipe_cfg, dict) else {}
-    # MAE pre-training's loaders may hand labels out (data.labels: true); its objective reads none
-    training_data, dataset = _recipe_data(recipe_cfg, labels_read=record.get("objective") != "mae")
+    # MAE pre-training's loaders may hand labels out (data.labels: true); its objective reads none, nor does
+    # a run without a task loss (transfer.task_weight 0: a label-free distillation or conversion; null is 1)
+    task_weight = (recipe_cfg.get("transfer") or {}).get("task_weight")
+    labels_read = record.get("objective") != "mae" and task_weight != 0
+    training_data, dataset = _recipe_data(recipe_cfg, labels_read=labels_read)
     # a fine-tuned student's spec keeps model.init's pretrained_cfg, and with it the licence of those weights
     init = (recipe_cfg.get("model") or {}).get("init")
     init_license = (record.get("student") or {}).get("pretrained_cfg", {}).get("license")

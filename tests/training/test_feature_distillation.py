@@ -29,6 +29,7 @@ from timm.models import save_for_hf
 
 from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
 from attnxfer.apps.run.training import build_engine, plan_from_config
+from attnxfer.checkpoints.export import export_run
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
@@ -261,6 +262,18 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
     )
     loaded = RunDir(run).load_student(weights="raw")
     assert loaded.model.num_classes == 0 and "best EMA feat_cos_patch" in loaded.why
+
+
+@pytest.mark.slow  # a short training run and its export
+def test_the_card_of_a_run_without_a_task_loss_lists_its_data_as_read_without_labels(tmp_path, teacher_dir):
+    """data.labels: true (the loaders hand labels out) but transfer.task_weight=0 reads none: the card's
+    training data said labels: true, as if the student had learnt from labelled data."""
+    run = tmp_path / "run"
+    with labels_raise_registered():
+        build_engine(load_config(None, _train_args(run, teacher_dir, "schedule.max_steps=1"))).run()
+    card = (export_run(run, tmp_path / "export") / "README.md").read_text()
+    data = card.split("## Training data", 1)[1].split("## Metrics", 1)[0]
+    assert "the run read no label" in data and "labels: false" in data and "labels: true" not in data
 
 
 # -- bad input: one line, before any work ------------------------------------------------------------------------
