@@ -219,6 +219,15 @@ def drop_unused_entries(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, 
     return {k: v for k, v in state_dict.items() if k not in unused}, sorted(unused)
 
 
+def drop_text_tower(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(image tower entries, dropped keys)``: an OpenCLIP / OpenAI CLIP checkpoint's text tower (every entry
+    outside ``visual.``) taken out, which timm's ViT checkpoint filter would skip unsaid."""
+    if "visual.class_embedding" not in state_dict:
+        return state_dict, []
+    unused = sorted(k for k in state_dict if not k.startswith("visual."))
+    return {k: v for k, v in state_dict.items() if k.startswith("visual.")}, unused
+
+
 def load_teacher(
     spec: str,
     *,
@@ -318,12 +327,15 @@ def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str
     else:
         state_dict, dropped = drop_unused_entries(state_dict)
         user, kind = "the encoder", "mae-decoder"
+        if not dropped:
+            state_dict, dropped = drop_text_tower(state_dict)
+            user, kind = "the image tower", "CLIP text tower"
     if dropped:
         warn(
             f"{who}: dropped {len(dropped)} checkpoint entries {user} does not use "
             f"({kind}): {_summarise_keys(dropped)}"
         )
-    if dropped and not res.tag_known:  # an MAE checkpoint: timm's .mae tag says its preprocessing and licence
+    if dropped and kind == "mae-decoder" and not res.tag_known:  # timm's .mae tag: its preprocessing, licence
         guess = f"{res.architecture}.mae"
         if guess in timm.list_pretrained(guess):
             debug(f"{who}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")

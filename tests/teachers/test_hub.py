@@ -649,19 +649,28 @@ def openclip_state_dict(clip: torch.nn.Module) -> dict:
     return out
 
 
-def test_an_openclip_checkpoint_file_loads_with_its_projection_as_the_head_or_without_it(tmp_path):
+def test_an_openclip_checkpoint_file_loads_with_its_projection_as_the_head_or_without_it(tmp_path, capsys):
     """open_clip_pytorch_model.bin named with a timm CLIP architecture: the file has no head.weight, yet timm's
-    filter makes its projection one; the head is counted from the projection, and dropped with it."""
+    filter makes its projection one; the head is counted from the projection, and dropped with it. Its text
+    tower is dropped and said, as other unused entries are (timm's filter skipped it unsaid, unrecorded)."""
     torch.manual_seed(0)
     clip = timm.create_model("vit_base_patch16_clip_224", pretrained=False, num_classes=16, **TINY).eval()
     path = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(openclip_state_dict(clip), path)
     x = torch.randn(2, 3, 32, 32)
     teacher, rec = load_teacher(str(path), arch="vit_base_patch16_clip_224.openai", **TINY)
-    assert rec.num_classes == 16
+    assert rec.num_classes == 16 and rec.dropped_keys == ["logit_scale", "token_embedding.weight"]
+    assert (
+        "dropped 2 checkpoint entries the image tower does not use (CLIP text tower): logit_scale, "
+        "token_embedding.weight" in capsys.readouterr().err
+    )
     torch.testing.assert_close(teacher(x), clip(x))
     headless, rec0 = load_teacher(str(path), arch="vit_base_patch16_clip_224.openai", num_classes=0, **TINY)
-    assert rec0.num_classes == 0 and rec0.dropped_keys == ["visual.proj"]
+    assert rec0.num_classes == 0 and rec0.dropped_keys == [
+        "logit_scale",
+        "token_embedding.weight",
+        "visual.proj",
+    ]
     torch.testing.assert_close(headless(x), clip.forward_head(clip.forward_features(x), pre_logits=True))
 
 
