@@ -24,6 +24,8 @@ from attnxfer.train.measure import attention_calls, operation_counts
 from attnxfer.train.stage1 import stage1_transfer
 from attnxfer.transfer.conversion import build_conversion_plan
 
+from .cases import build_swin
+
 
 def _pvt(**kw):
     torch.manual_seed(0)
@@ -169,6 +171,16 @@ def test_linformer_says_it_cannot_convert_a_teacher_of_stages(family, pvt, swin)
     # its stages differ in token count: no seq_len to fill in (not "filled in from the teacher")
     with pytest.raises(InputError, match=r"of stages \(hierarchical\).* linformer cannot convert it"):
         build_efficient_student(pvt if family == "pvt" else swin, "linformer")
+
+
+@pytest.mark.parametrize("name", ["swinv2", "swinv2_cr"])
+def test_a_swin_v2_teacher_is_refused_for_its_position_bias_not_for_lacking_blocks(name):
+    # Swin V1 has no `blocks` either and converts: the refusal names the V2 layer, its bias and the families
+    # that convert, not "not a timm VisionTransformer (no `blocks`)"
+    with pytest.raises(
+        InputError, match=r"attn is timm\.models\.swin_transformer_v2.*relative-position bias.*Swin, PVTv2"
+    ):
+        build_efficient_student(build_swin(name), "performer")
 
 
 @pytest.mark.parametrize("family", ["pvt", "swin"])

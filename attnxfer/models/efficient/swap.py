@@ -207,18 +207,18 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     hierarchical = is_hierarchical(teacher)  # its layers are listed by their slots: each has one
     if hierarchical:
         layers = zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher))
-    elif flat_blocks(teacher) is None:
-        raise InputError(
-            f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
-            "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
-            "family with `attnxfer train` instead"
-        )
     else:
         try:
             make_transfer_aware(teacher)
             layers = attention_layers(teacher)
         except TypeError as e:
             raise InputError(f"the teacher cannot be converted: {e}") from None
+        if flat_blocks(teacher) is None and not layers:  # a family's layers (Swin V2) say why below
+            raise InputError(
+                f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
+                "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
+                "family with `attnxfer train` instead"
+            )
     for name, attn in layers:
         if attn.map_kind is not MapKind.SOFTMAX:
             raise InputError(
