@@ -6,6 +6,7 @@ config or a run is expected). Nothing else spells these file names.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ STAGE_DIRS = ("stage1", "stage2")
 SEARCH_CANDIDATES = "candidates.jsonl"
 #: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
+#: a sweep's point folders under its run dir (``RUN_DIR/000_KEY=VALUE``: `attnxfer submit --sweep`'s points)
+SWEEP_POINT = re.compile(r"\d{3,}_.")
 #: an exported model's files in timm's Hub layout (`attnxfer export`'s, a teacher's local-dir)
 EXPORTED_MODEL = ("config.json", MODEL_WEIGHTS)
 

@@ -44,11 +44,13 @@ from ..run_layout import (
     EXPORTED_MODEL,
     LOCK_NAME,
     RUN_CONFIG,
+    RUN_DIR_MARKERS,
     RUN_RECORD,
     SEARCH_CANDIDATES,
     STAGE_DIRS,
     STUDY_RECORD,
     STUDY_YAML,
+    SWEEP_POINT,
     is_exported_model,
     read_record,
 )
@@ -75,6 +77,28 @@ _WORK = (
 _WRITES = {"study": "study", "convert": "conversion", "search": "search"}
 
 
+def _sweep_held(run_dir: Path) -> tuple[str, str, str] | None:
+    """A sweep's folder, told by a point folder (``000_KEY=VALUE``) holding a run's files: it has no file of
+    its own (`_WORK`'s form; None where there is no such point)."""
+    try:
+        children = sorted(run_dir.iterdir())
+    except OSError:  # not made yet, or not a folder (refused elsewhere)
+        return None
+    point = next(
+        (
+            c.name
+            for c in children
+            if SWEEP_POINT.match(c.name) and c.is_dir() and any((c / m).exists() for m in RUN_DIR_MARKERS)
+        ),
+        None,
+    )
+    return (
+        None
+        if point is None
+        else ("sweep", f"{point}/", "the attnxfer submit --sweep command that started it")
+    )
+
+
 def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | None = None) -> None:
     """A folder holds one kind of work: another command's files beside it would hide that work from export,
     inspect and resume (a run.json in a conversion's folder would stand for its final student). ``writes``:
@@ -86,7 +110,7 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
             f"run_dir={run_dir} holds an exported model ({', '.join(EXPORTED_MODEL)}), which attnxfer "
             f"{command} does not write into (it reads it as local-dir:{run_dir}); choose another run_dir"
         )
-    held = next((work for work in _WORK if (run_dir / work[1]).exists()), None)
+    held = next((work for work in _WORK if (run_dir / work[1]).exists()), None) or _sweep_held(run_dir)
     if held is not None and held[0] != (writes or _WRITES.get(command, "training run")):
         what, marker, how = held
         raise PathExistsError(

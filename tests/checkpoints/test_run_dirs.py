@@ -334,6 +334,20 @@ def test_a_conversion_stopped_in_stage_1_is_no_folder_for_another_command(tmp_pa
     refuse_other_work(tmp_path, "convert")  # its own command goes on with it
 
 
+@pytest.mark.parametrize("command", ["train", "pretrain", "convert", "study"])
+def test_a_sweeps_folder_is_no_run_dir_for_a_command_without_sweep(tmp_path, command):
+    """A sweep has no file of its own at its top, only its points' folders (RUN_DIR/000_KEY=VALUE): the same
+    submit without --sweep would put a run's files beside them, and the sweep's own resubmission is then refused."""
+    (tmp_path / "000_optim.lr=1e-3" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "000_optim.lr=1e-3" / "run.json").write_text("{}")
+    with pytest.raises(
+        PathExistsError, match=r"holds a sweep \(000_optim.lr=1e-3/\), which attnxfer " + command
+    ):
+        refuse_other_work(tmp_path, command)
+    refuse_other_work(tmp_path, f"{command} --sweep", writes="sweep")  # the sweep goes on with it
+    refuse_other_work(tmp_path / "000_optim.lr=1e-3", "train")  # and each point is a run of its own
+
+
 def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch, capsys):
     run = tmp_path / "shared"
     lock = _write_lock(run, host="node-elsewhere", pid=1, slurm_job="77")
