@@ -18,7 +18,7 @@ from .comparisons import Comparison, ComparisonLoss, LayerPair, PlanModels, Step
 from .losses import CEPath, group_heads_ok, padding_from_mask
 from .map_losses import LayerLogits, MapLoss, map_distillation_loss, map_loss_rule
 from .modes import PlanError
-from .pairing import reduced_keys
+from .pairing import attends_within_regions, reduced_keys
 from .step_loss import Loss
 
 
@@ -42,6 +42,16 @@ class MapComparison(ComparisonLoss):
             raise PlanError(
                 f"{where}: {name!r} attention has no attention map to distil (map kind 'none'); {fix} or "
                 "pick a row-stochastic/signed attention"
+            )
+        if attends_within_regions(sa, models.student_parts[s]):
+            raise PlanError(
+                f"{where}: {name!r} attention in a shifted window restricts its rows to each query's region, "
+                "which map distillation does not take (conversion's stage 1 fits them): leave the layer out of "
+                + (
+                    "transfer.layers or set transfer.mode=none"
+                    if comparison.origin.startswith("mode ")
+                    else f"{comparison.origin}'s layers"
+                )
             )
         groups_heads = map_loss_rule(sa.map_kind).groups_heads
         if not groups_heads and ta.num_heads != sa.num_heads:

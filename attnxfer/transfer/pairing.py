@@ -123,6 +123,12 @@ def pair_within_stages(
     return tuple(pairs)
 
 
+def attends_within_regions(attn: nn.Module, partition: dict) -> bool:
+    """A zoo attention in a shifted Swin window (`SwinSlot`): its rows are restricted to the query's region and
+    renormalised, which conversion's stage 1 fits with the region's mass and map distillation cannot take."""
+    return hasattr(attn, "region_log_mass") and any(partition.get("shift", ()))
+
+
 def reduced_keys(attn: nn.Module) -> str | None:
     """How a teacher layer's keys reduce its tokens, in words, or None where its keys are its tokens."""
     return attn.key_reduction() if isinstance(attn, TransferableAttention) else None

@@ -255,8 +255,7 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
         "convert.stage1_batch_size=8",
         "convert.stage1_train=qk",
         "schedule.epochs=1",
-        "schedule.max_steps=2",
-        "transfer.mode=none",
+        "schedule.max_steps=2",  # stage 2 distils the maps (its default), as the zoo attention computes them
         *tiny_convert_report(2, 4),
     ]
     assert main(["convert", *args]) == 0
@@ -331,3 +330,23 @@ def test_stage1_loss_on_shifted_windows_is_the_ce_of_the_rows_the_layer_uses(swi
     a = a / a.sum(-1, keepdim=True)
     reference = -(p * a.clamp_min(1e-30).log()).sum(-1).mean()
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_distils_a_converted_swins_unshifted_blocks_and_refuses_a_shifted_one(swin, images):
+    """A zoo attention in a shifted window restricts its rows to each query's region, which map distillation
+    does not take: stage 2 by default distils the other blocks and says which it left out; naming a shifted
+    block is refused when the plan is built, not a ValueError at the first step."""
+    from attnxfer.apps.convert.stage2 import stage2_layers
+    from attnxfer.config import load_config
+    from attnxfer.transfer import PlanError, TeacherStudent, build_plan
+
+    student = build_efficient_student(swin, "relu_linear")
+    shifted = [i for i, b in enumerate(b for s in swin.layers for b in s.blocks) if any(b.shift_size)]
+    assert shifted == [1]  # the second stage's grid is one window: timm shifts none of its blocks
+    layers = stage2_layers(load_config(None, ["transfer.mode=distill"]), student)["transfer.layers"]
+    assert layers == [0, 2, 3]
+    out = TeacherStudent(swin, student, build_plan(swin, student, "distill", layers=layers)).train()(images)
+    per_layer = {k.rsplit("/", 1)[1] for k in out.terms if "/" in k}
+    assert per_layer == {"0", "2", "3"} and torch.isfinite(out.loss)
+    with pytest.raises(PlanError, match=r"student block 1 <- teacher block 1: .*shifted window"):
+        build_plan(swin, student, "distill", layers=[1])

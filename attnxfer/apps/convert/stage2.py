@@ -14,7 +14,13 @@ import torch.nn as nn
 from ...config import TrainConfig
 from ...errors import InputError
 from ...speak import say
-from ...transfer.pairing import block_attentions, select_layers
+from ...transfer.pairing import (
+    attends_within_regions,
+    block_attentions,
+    layer_names,
+    partitions,
+    select_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -59,22 +65,36 @@ def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> St
 
 
 def stage2_layers(cfg: TrainConfig, student: nn.Module) -> dict[str, list[int]]:
-    """``transfer.layers`` for stage 2 where the student has blocks without an attention map (``none``, Hydra)
-    and the config names no layers: the layers ``transfer.end_layer`` selects, less those, as stage 1 fits
-    only the others' maps. Empty where every block has a map, layers are named, or none has one (the plan
-    then says what to change)."""
-    has_map = [a.map_kind.has_map for a in block_attentions(student)]
+    """``transfer.layers`` for stage 2 where some student blocks have no map it can distil and the config names
+    no layers: the layers ``transfer.end_layer`` selects, less blocks without an attention map (``none``,
+    Hydra: stage 1 fits only the others' maps) and blocks whose rows are restricted to a shifted window's
+    regions (Swin: stage 1 fits those with the regions' mass; the distillation loss takes whole rows). Empty
+    where every block can be distilled, layers are named, or none can (the plan then says what to change)."""
+    attentions = block_attentions(student)
+    parts = partitions(student, layer_names(student), attentions)
+    shifted = [attends_within_regions(a, p) for a, p in zip(attentions, parts)]
+    no_map = [not a.map_kind.has_map for a in attentions]
     if (
         cfg.transfer.layers is not None
-        or all(has_map)
+        or not any(no_map + shifted)
         or (cfg.transfer.mode == "none" and not cfg.transfer.losses)
     ):
         return {}
-    layers = [i for i in select_layers(len(has_map), cfg.transfer.end_layer) if has_map[i]]
+    chosen = select_layers(len(attentions), cfg.transfer.end_layer)
+    layers = [i for i in chosen if not no_map[i] and not shifted[i]]
     if not layers:
         return {}
-    without = [i for i, has in enumerate(has_map) if not has]
-    say(f"stage 2: transfer.layers={layers} (blocks {without} have no attention map to distil)")
+    why = (
+        [f"blocks {[i for i, n in enumerate(no_map) if n]} have no attention map to distil"]
+        if any(no_map)
+        else []
+    )
+    if any(shifted):
+        why.append(
+            f"blocks {[i for i, s in enumerate(shifted) if s]} attend within a shifted window's regions, whose "
+            "rows the distillation loss does not take"
+        )
+    say(f"stage 2: transfer.layers={layers} ({'; '.join(why)})")
     return {"transfer.layers": layers}
 
 

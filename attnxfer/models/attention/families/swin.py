@@ -66,6 +66,8 @@ class SwinWindowParts(FusedQKVDims):
 class SwinSlot:
     """Before a zoo attention class: Swin's call, regions of a shifted window kept apart."""
 
+    token_partition = SwinWindowParts.token_partition  # the teacher's windows: its keys, its shift
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         keep = None
         if mask is not None:
