@@ -78,6 +78,8 @@ class TrackerKind:
     in_project: bool = True
     prepare: Callable[[Path], TrackerSetup] = lambda run_dir: TrackerSetup()
     scope: Callable[[Mapping[str, Any]], AbstractContextManager] = lambda options: contextlib.nullcontext()
+    #: the tracker's name for a `tracker_tag` (MLflow's cannot have one name under another)
+    key: Callable[[str], str] = lambda tag: tag
 
 
 def _tensorboard(ctx: TrackerContext):
@@ -241,6 +243,14 @@ def _mlflow(ctx: TrackerContext):
     return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_dir.name)
 
 
+def _mlflow_key(tag: str) -> str:
+    """``split/name`` with the name's own ``/`` as ``_`` (``train/attn_ce_0`` for ``attn_ce/0``): MLflow's file
+    store keeps a metric as a file at its name's path, so ``train/feat_cos`` beside ``train/feat_cos/prefix``
+    cannot be written."""
+    split, _, name = tag.partition("/")
+    return f"{split}/{name.replace('/', '_')}" if name else tag
+
+
 def _mlflow_record(tracker) -> dict[str, Any]:
     import mlflow
 
@@ -269,6 +279,7 @@ TRACKERS: dict[str, TrackerKind] = {
             _mlflow_record,
             prepare=_mlflow_prepare,
             scope=_mlflow_scope,
+            key=_mlflow_key,
         ),
     )
 }
@@ -417,8 +428,9 @@ class TrackerSet:
         values = {tracker_tag(split, k): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
         if not values:
             return
-        for tracker in self._trackers.values():
-            tracker.log(values, step=int(step))
+        for name, tracker in self._trackers.items():
+            key = TRACKERS[name].key
+            tracker.log({key(tag): v for tag, v in values.items()}, step=int(step))
 
     def finish(self) -> None:
         try:

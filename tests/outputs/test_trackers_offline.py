@@ -236,3 +236,31 @@ def test_mlflow_stores_mlflow_skinny_cannot_open_are_refused_in_one_line(tmp_pat
                 prepare_trackers(["mlflow"], tmp_path / "other")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_mlflow_logs_a_loss_beside_its_parts_into_its_file_store(tmp_path, monkeypatch):
+    """A loss and its parts (``feat_cos`` and ``feat_cos/prefix``, ``mse_q`` and ``mse_q/3``) are one name
+    under another, which MLflow's file store (RUN_DIR/mlruns, the default) cannot write: MLflow gets the parts
+    as ``train/feat_cos_prefix``, and the run logs every value."""
+    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
+    from attnxfer.train.trackers import TrackerSet
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = tmp_path / "run"
+    trackers = TrackerSet(run, ["mlflow"], project="parts")
+    trackers.log("train", 1, {"feat_cos": 0.5, "feat_cos/prefix": 0.25, "feat_cos/patch": 0.75})
+    trackers.log("val", 1, {"val_feat_cos_prefix": 0.9})
+    trackers.finish()
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+    metrics = mlflow.MlflowClient((run / "mlruns").as_uri()).get_run(run_id).data.metrics
+    assert metrics == {
+        "train/feat_cos": 0.5,
+        "train/feat_cos_prefix": 0.25,
+        "train/feat_cos_patch": 0.75,
+        "val/feat_cos_prefix": 0.9,
+    }
