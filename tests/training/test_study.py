@@ -179,6 +179,29 @@ def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys)
         assert not run.exists()
 
 
+@pytest.mark.parametrize("recipe", [[], ["-c", "convert/demo_study"]], ids=["train", "convert"])
+def test_wandb_or_mlflow_in_a_study_of_several_students_is_refused_before_any_work(
+    recipe, tmp_path, tiny_teacher_dir, capsys
+):
+    """W&B and MLflow keep one active run per process: the second student's metrics went into the first
+    student's W&B run (and its trackers.json took that run's id), and MLflow stopped at the second start."""
+    run = tmp_path / "study"
+    code, _, err = run_cli(
+        capsys,
+        "study",
+        *recipe,
+        *BASE,
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        f"run_dir={run}",
+        "log.trackers=[tensorboard,wandb,mlflow]",
+        *([] if recipe else ["--vary", "seed=1,2"]),
+    )
+    line = err.strip().splitlines()[-1]  # after BASE's log.trackers=[] given twice
+    assert code == 2 and line.startswith("attnxfer study: error: log.trackers includes mlflow and wandb"), err
+    assert "students would all log into the first one's" in line
+    assert not run.exists()
+
+
 def test_a_students_loss_entry_the_plan_refuses_is_said_with_the_students_name(
     tmp_path, tiny_teacher_dir, capsys
 ):

@@ -30,7 +30,13 @@ from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
 from ...train.stop import stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ..run.training import prepare_trackers_from_config
-from ..study.study import check_study, lockstep_study, refuse_other_students, write_study_files
+from ..study.study import (
+    check_study,
+    check_study_trackers,
+    lockstep_study,
+    refuse_other_students,
+    write_study_files,
+)
 from .comparison import write_conversion_comparison
 from .convert import (
     Conversion,
@@ -107,6 +113,7 @@ class _ConvertStudy:
         the study's checks and files."""
         start = time.monotonic()
         configs = [(s, checked_config(cfg, skip_stage1=False)) for s, cfg in spec.configs()]
+        check_study_trackers(configs)
         if info.is_main_process:  # stage 2's trackers, decided before the teacher loads
             for _, cfg in configs:
                 prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")

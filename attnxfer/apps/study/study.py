@@ -242,6 +242,7 @@ def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | No
             "precision=fp16 scales losses with one scaler per process, which a study's students would share: use "
             "precision=bf16 (the GPU default) or fp32"
         )
+    check_study_trackers(configs)
     for _, cfg in configs:
         require_task_labels(cfg)
     mixes = {s.name: task_weight_of(cfg) > 0 for s, cfg in configs}
@@ -251,6 +252,19 @@ def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | No
             f"aug.mixup/cutmix mix the batch of students with a task loss, and {', '.join(without)} has none "
             "(transfer.task_weight=0): students of a study read one batch, so give all of them a task loss or "
             "none, or turn mixup off"
+        )
+
+
+def check_study_trackers(configs: list[tuple[Student, TrainConfig]]) -> None:
+    """W&B and MLflow keep one active run per process (accelerate's trackers log to it): a study's students
+    would all log into the first student's run, so more than one student with either is refused."""
+    shared = sorted({t for _, cfg in configs for t in cfg.log.trackers if t in ("wandb", "mlflow")})
+    if len(configs) > 1 and shared:
+        raise ConfigError(
+            f"log.trackers includes {' and '.join(shared)}, which log(s) one run per process, and this study's "
+            f"{len(configs)} students would all log into the first one's: remove {' and '.join(shared)} from "
+            "log.trackers (TensorBoard logs each student in RUN_DIR/<name>/tb), or train the students as separate "
+            "runs (attnxfer submit --sweep)"
         )
 
 
