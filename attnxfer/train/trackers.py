@@ -25,6 +25,7 @@ from typing import Any
 
 from ..checkpoints.atomic_io import atomic_write_text
 from ..errors import InputError
+from ..run_layout import STAGE_DIRS
 from ..speak import say, warn
 
 #: the tracker run ids of a run directory, read back on resume
@@ -80,6 +81,12 @@ class TrackerKind:
     scope: Callable[[Mapping[str, Any]], AbstractContextManager] = lambda options: contextlib.nullcontext()
     #: the tracker's name for a `tracker_tag` (MLflow's cannot have one name under another)
     key: Callable[[str], str] = lambda tag: tag
+
+
+def run_name(run_dir: Path) -> str:
+    """The tracker run's name: the run directory's, with its conversion's for a stage (``demo_hedgehog/stage2``,
+    not every conversion's ``stage2``)."""
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name in STAGE_DIRS else run_dir.name
 
 
 def _tensorboard(ctx: TrackerContext):
@@ -156,7 +163,12 @@ def _wandb(ctx: TrackerContext):
     os.environ.setdefault("WANDB_SILENT", "true")
     run_id = ctx.previous.get("id")
     return WandBTracker(
-        ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_dir.name, **ctx.options
+        ctx.project,
+        dir=str(ctx.run_dir),
+        id=run_id,
+        resume="allow",
+        name=run_name(ctx.run_dir),
+        **ctx.options,
     )
 
 
@@ -240,7 +252,7 @@ def _mlflow(ctx: TrackerContext):
     # continued only in the store it was created in
     same_store = ctx.previous.get("tracking_uri") == mlflow.get_tracking_uri()
     run_id = ctx.previous.get("run_id") if same_store else None
-    return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_dir.name)
+    return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=run_name(ctx.run_dir))
 
 
 def _mlflow_key(tag: str) -> str:

@@ -264,3 +264,25 @@ def test_mlflow_logs_a_loss_beside_its_parts_into_its_file_store(tmp_path, monke
         "train/feat_cos_patch": 0.75,
         "val/feat_cos_prefix": 0.9,
     }
+
+
+@pytest.mark.slow
+def test_a_conversions_stage2_tracker_run_is_named_after_the_conversion(tmp_path, monkeypatch):
+    """Stage 2 logs from RUN_DIR/stage2: its tracker run is named ``<conversion>/stage2``, so that conversions
+    logged into one project are told apart (every one was named ``stage2``)."""
+    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
+    from attnxfer.train.trackers import TrackerSet
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    names = {}
+    for run in (tmp_path / "demo_hedgehog" / "stage2", tmp_path / "plain"):
+        trackers = TrackerSet(run, ["mlflow"], project="names")
+        trackers.log("train", 1, {"total": 1.0})
+        trackers.finish()
+        import mlflow
+
+        with monkeypatch.context() as m:
+            m.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+            run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]
+            names[run.name] = mlflow.MlflowClient((run / "mlruns").as_uri()).get_run(run_id).info.run_name
+    assert names == {"stage2": "demo_hedgehog/stage2", "plain": "plain"}
