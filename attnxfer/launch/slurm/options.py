@@ -81,7 +81,7 @@ def parse_time_minutes(value: int | str) -> int:
         m = _TIME_RE.match(text)
         if not m:
             raise InputError(
-                f"time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time formats), "
+                f"--time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time formats), "
                 f"got {value!r}"
             )
         parts = [int(p) for p in m.group("rest").split(":")]
@@ -92,11 +92,11 @@ def parse_time_minutes(value: int | str) -> int:
         for what, number in list(given.items())[0 if days else 1 :]:
             limit = 24 if what == "hours" else 60
             if number >= limit:
-                raise InputError(f"time {text!r}: {what} must be below {limit}, got {number}")
+                raise InputError(f"--time {text!r}: {what} must be below {limit}, got {number}")
         h, mi, s = (given.get(k, 0) for k in ("hours", "minutes", "seconds"))
         minutes = math.ceil((((int(days or 0) * 24 + h) * 60 + mi) * 60 + s) / 60)
     if minutes < 1:
-        raise InputError(f"time limit must be at least one minute, got {value!r}")
+        raise InputError(f"--time must be at least one minute, got {value!r}")
     return minutes
 
 
@@ -147,30 +147,30 @@ class SlurmOptions:
 
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
-            raise InputError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
+            raise InputError(f"--cluster must be one of {CLUSTERS}, got {self.cluster!r}")
         # the least each count may be (None: not set)
         least = dict(nodes=1, array_parallelism=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1)
         for name, low in {**least, "max_requeues": 0, "max_preemptions": 0}.items():
             value = getattr(self, name)
             if value is not None and int(value) < low:
-                raise InputError(f"{name} must be >= {low}, got {value}")
+                raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
         if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
             raise InputError(
-                f"one task per GPU: tasks_per_node={self.tasks_per_node} differs from "
-                f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
+                f"one task per GPU: --tasks-per-node {self.tasks_per_node} differs from "
+                f"--gpus-per-node {self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
             )
         self._check_script_values()
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
-            raise InputError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
+            raise InputError(f"--mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
         if parse_time_minutes(self.time) * 60 <= self.signal_delay_s and self.cluster == "slurm":
             raise InputError(
                 f"--time {self.time}: SLURM sends the requeue signal {self.signal_delay_s} s before the time limit, "
                 f"so this one would requeue as it starts: give it more than {self.signal_delay_s // 60} minutes"
             )
         if self.cluster == "local" and self.nodes > 1:
-            raise InputError("cluster='local' runs on this machine only: use nodes=1")
+            raise InputError("--cluster local runs on this machine only: use --nodes 1")
         if self.cluster == "debug" and self.ntasks_per_node * self.nodes > 1:
-            raise InputError("cluster='debug' runs one task in this process: use nodes=1 and one task")
+            raise InputError("--cluster debug runs one task in this process: use --nodes 1 and one task")
         self.extra = {str(k).replace("_", "-"): v for k, v in dict(self.extra).items()}
         for key, value in self.extra.items():
             if not _SBATCH_KEY_RE.match(key):

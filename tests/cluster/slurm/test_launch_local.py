@@ -202,11 +202,11 @@ def test_bad_time_limits_say_what_is_expected(value):
     [
         (dict(gpus_per_node=4, tasks_per_node=2), "one task per GPU"),
         (dict(cluster="kubernetes"), "cluster must be one of"),
-        (dict(cluster="local", nodes=2), "nodes=1"),
+        (dict(cluster="local", nodes=2), "use --nodes 1"),
         (dict(mem="lots"), "mem must look like"),
         (dict(extra={"output": "x.log"}), "submitit manages them"),
-        (dict(nodes=0), "nodes must be >= 1"),
-        (dict(max_requeues=-1), "max_requeues"),
+        (dict(nodes=0), "--nodes must be >= 1"),
+        (dict(max_requeues=-1), "--max-requeues"),
         (dict(time=2), "--time 2: SLURM sends the requeue signal 120 s before the time limit"),
     ],
 )
