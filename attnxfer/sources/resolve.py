@@ -204,9 +204,19 @@ def weights_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(digests).hexdigest()
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+#: where a converted checkpoint is given again, by the key the refused file was given to
+_GIVE_AGAIN = {
+    "teacher": "teacher.spec=... teacher.arch=... in a config, load_teacher(PATH, arch=...) in Python",
+    "model.init": "model.init=... in a config, its architecture in model.name / model.kwargs",
+}
+
+
+def read_state_dict(
+    path: str | os.PathLike, role: str = "teacher"
+) -> tuple[dict[str, torch.Tensor], str | None]:
     """The tensors of a checkpoint file (a shard index: of every shard) and the container key they were
-    under (None if flat); a file that needs arbitrary unpickling is refused, saying how to convert it."""
+    under (None if flat); a file that needs arbitrary unpickling is refused, saying how to convert it and
+    where to give the result (``role``: the key the file was given to, a key of `_GIVE_AGAIN`)."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"checkpoint {path} does not exist")
@@ -214,7 +224,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     if name.endswith(_SHARD_INDEX):
         merged: dict[str, torch.Tensor] = {}
         for shard in shard_files(path):
-            merged.update(read_state_dict(shard)[0])
+            merged.update(read_state_dict(shard, role)[0])
         return merged, None
     if name.endswith(".safetensors"):
         try:
@@ -261,8 +271,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             f"sd = next((ck[k] for k in {_CHECKPOINT_KEYS} if isinstance(ck.get(k), dict)), ck) "
             "if isinstance(ck, dict) else ck.state_dict(); "
             f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"\n"
-            f"then give {path.with_suffix('.safetensors')} where this file was (teacher.spec=... teacher.arch=... "
-            "in a config, load_teacher(PATH, arch=...) in Python)"
+            f"then give {path.with_suffix('.safetensors')} where this file was ({_GIVE_AGAIN[role]})"
         ) from None
     # a cut-off file, or bytes that are no torch file: what torch's readers raise for them
     except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError) as e:

@@ -320,7 +320,9 @@ def _check_saved_attention(spec: str, res: Resolved) -> None:
 
 def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
     """The checkpoint's tensors minus entries an encoder doesn't use: (state dict, container key, dropped keys)."""
-    state_dict, checkpoint_key = read_state_dict(res.weights)
+    state_dict, checkpoint_key = read_state_dict(
+        res.weights, "model.init" if who.startswith("model.init=") else "teacher"
+    )
     if res.convert is not None:  # transformers' names and layout -> the timm model's
         state_dict, dropped = res.convert(state_dict, res.weights)
         user, kind = "the timm model", res.source_format

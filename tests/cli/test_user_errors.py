@@ -150,6 +150,26 @@ def test_a_model_init_that_cannot_load_names_model_init_not_a_teacher(tmp_path, 
     assert "teacher" not in err and err.endswith("(model.name=NAME)"), err
 
 
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_a_pickled_model_init_file_is_told_to_come_back_as_model_init_not_a_teacher(
+    tmp_path, capsys, command
+):
+    """A .pth with pickled training args is refused with a conversion recipe; where to give the converted file
+    names model.init, the key it was given to (pretrain refuses teacher.spec, train would load a teacher)."""
+    import argparse
+
+    pickled = tmp_path / "mae_full.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-3)}, pickled)
+    run = [command, f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN, f"model.init={pickled}"]
+    code, _, err = run_cli(capsys, *once_each(run))
+    assert code == 2 and "argparse.Namespace" in err, err
+    [then] = [line for line in err.splitlines() if line.startswith("then give")]
+    assert then.startswith(
+        f"then give {pickled.with_suffix('.safetensors')} where this file was (model.init="
+    ), then
+    assert "teacher" not in then, then
+
+
 def test_a_model_init_weights_file_is_built_as_model_name_and_kwargs(tmp_path):
     """A bare weights file (MAE's mae_pretrain_vit_base.pth) names no architecture: model.name and model.kwargs
     build it, as they build pretrain's encoder, and a file they do not fit is refused naming them."""

@@ -91,7 +91,9 @@ def init_mae(
     path = Path(spec).expanduser()
     stats: dict[str, Any] = {}
     if path.is_file():
-        state, _ = read_state_dict(path)  # weights_only: a pickled argparse.Namespace is refused, with a fix
+        state, _ = read_state_dict(
+            path, "model.init"
+        )  # weights_only: a pickled argparse.Namespace is refused, with a fix
     else:
         encoder = load_init(spec, img_size, file_model=None, cache_dir=cache_dir)
         state, stats = encoder.state_dict(), getattr(encoder, "pretrained_cfg", {})
