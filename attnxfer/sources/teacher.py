@@ -152,12 +152,25 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
     return (c,) if isinstance(c, str) else tuple(c)
 
 
+#: where an OpenCLIP image tower keeps its projection: its own layout's, and a timm trunk's linear one
+_OPENCLIP_PROJECTIONS = ("visual.proj", "visual.head.proj.weight")
+
+
+def _openclip_timm_trunk(state_dict: dict[str, torch.Tensor]) -> bool:
+    """An OpenCLIP checkpoint whose image tower is a timm model (``visual.trunk.*``), as timm's ViT checkpoint
+    filter recognises one."""
+    return "visual.trunk.pos_embed" in state_dict or "visual.trunk.blocks.0.norm1.weight" in state_dict
+
+
 def _openclip_projection(state_dict: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """An OpenCLIP / OpenAI CLIP image tower's projection (``visual.proj``, width x embedding), which timm's
-    ViT checkpoint filter turns into the head where it finds ``visual.class_embedding``; None elsewhere."""
-    if "visual.class_embedding" not in state_dict:
-        return None
-    return state_dict.get("visual.proj")
+    """An OpenCLIP / OpenAI CLIP image tower's projection (width x embedding), which timm's ViT checkpoint
+    filter turns into the head: ``visual.proj`` where it finds ``visual.class_embedding``, a timm trunk's
+    ``visual.head.proj.weight`` (embedding x width) beside ``visual.trunk.*``; None elsewhere."""
+    if "visual.class_embedding" in state_dict:
+        return state_dict.get("visual.proj")
+    if _openclip_timm_trunk(state_dict) and "visual.head.proj.weight" in state_dict:
+        return state_dict["visual.head.proj.weight"].t()
+    return None
 
 
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
@@ -221,11 +234,15 @@ def drop_unused_entries(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, 
 
 def drop_text_tower(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``(image tower entries, dropped keys)``: an OpenCLIP / OpenAI CLIP checkpoint's text tower (every entry
-    outside ``visual.``) taken out, which timm's ViT checkpoint filter would skip unsaid."""
-    if "visual.class_embedding" not in state_dict:
+    outside ``visual.``; with a timm trunk, every entry but ``visual.trunk.*`` and its linear projection)
+    taken out, which timm's ViT checkpoint filter would skip unsaid."""
+    if "visual.class_embedding" in state_dict:
+        keep = {k for k in state_dict if k.startswith("visual.")}
+    elif _openclip_timm_trunk(state_dict):
+        keep = {k for k in state_dict if k.startswith("visual.trunk.") or k == "visual.head.proj.weight"}
+    else:
         return state_dict, []
-    unused = sorted(k for k in state_dict if not k.startswith("visual."))
-    return {k: v for k, v in state_dict.items() if k.startswith("visual.")}, unused
+    return {k: v for k, v in state_dict.items() if k in keep}, sorted(set(state_dict) - keep)
 
 
 def load_teacher(
@@ -370,7 +387,7 @@ def _choose_head(
         heads = {c.split(".")[0] for c in _classifier_names(res.pretrained_cfg)}
         dropped = sorted(k for k in state_dict if k.split(".")[0] in heads)
         if _openclip_projection(state_dict) is not None:  # the head timm's filter would make of it
-            dropped.append("visual.proj")
+            dropped += [k for k in _OPENCLIP_PROJECTIONS if k in state_dict]
         for k in dropped:
             state_dict.pop(k)
         return 0, dropped

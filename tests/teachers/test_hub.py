@@ -674,6 +674,33 @@ def test_an_openclip_checkpoint_file_loads_with_its_projection_as_the_head_or_wi
     torch.testing.assert_close(headless(x), clip.forward_head(clip.forward_features(x), pre_logits=True))
 
 
+def test_an_openclip_checkpoint_of_a_timm_trunk_says_what_it_drops_and_keeps_its_projection(tmp_path, capsys):
+    """OpenCLIP's timm-backed image towers save the timm model under ``visual.trunk.`` and a linear projection
+    as ``visual.head.proj.weight``, beside the text tower. timm's filter takes the trunk (and the projection as
+    the head) and skipped the rest unsaid: it is dropped, said and recorded as the plain layout's is."""
+    trunk = tiny_timm(num_classes=0).eval()
+    proj = torch.randn(16, 48)
+    state = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    state |= {
+        "visual.head.proj.weight": proj,
+        "logit_scale": torch.tensor(4.6),
+        "text_projection": torch.ones(4, 4),
+    }
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(state, path)
+    x = torch.randn(2, 3, 32, 32)
+    teacher, rec = load_teacher(str(path), arch="vit_tiny_patch16_224", **TINY)
+    assert rec.num_classes == 16 and rec.dropped_keys == ["logit_scale", "text_projection"]
+    assert (
+        "dropped 2 checkpoint entries the image tower does not use (CLIP text tower)"
+        in capsys.readouterr().err
+    )
+    torch.testing.assert_close(teacher(x), trunk(x) @ proj.t())
+    headless, rec0 = load_teacher(str(path), arch="vit_tiny_patch16_224", num_classes=0, **TINY)
+    assert rec0.dropped_keys == ["logit_scale", "text_projection", "visual.head.proj.weight"]
+    torch.testing.assert_close(headless(x), trunk(x))
+
+
 def test_a_local_dir_teacher_loads_its_weights_and_card_and_a_truncated_file_is_named(tmp_path):
     model = tiny_timm(num_classes=4)
     save_for_hf(model, tmp_path / "exported", safe_serialization=True, model_config=HUB_CFG)
