@@ -376,8 +376,9 @@ def _choose_head(
     """The teacher's class count: the checkpoint's, or 0 (head dropped, reported). Never a random head."""
     # trusted metadata for timm-format sources (and random weights), the head's tensors for a file
     ckpt_classes = res.pretrained_cfg.get("num_classes")
+    trunk = "visual.trunk." if _openclip_timm_trunk(state_dict) else ""  # timm's filter takes the prefix off
     if res.weights and (ckpt_classes is None or not res.source.has_timm_metadata):
-        w = state_dict.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
+        w = state_dict.get(trunk + _classifier_names(res.pretrained_cfg)[0] + ".weight")
         proj = _openclip_projection(state_dict) if w is None else None
         ckpt_classes = int(w.shape[0]) if w is not None else int(proj.shape[-1]) if proj is not None else 0
     ckpt_classes = int(ckpt_classes or 0)
@@ -385,7 +386,9 @@ def _choose_head(
         return ckpt_classes, []
     if num_classes == 0:
         heads = {c.split(".")[0] for c in _classifier_names(res.pretrained_cfg)}
-        dropped = sorted(k for k in state_dict if k.split(".")[0] in heads)
+        dropped = sorted(
+            k for k in state_dict if k.startswith(trunk) and k[len(trunk) :].split(".")[0] in heads
+        )
         if _openclip_projection(state_dict) is not None:  # the head timm's filter would make of it
             dropped += [k for k in _OPENCLIP_PROJECTIONS if k in state_dict]
         for k in dropped:

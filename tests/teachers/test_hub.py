@@ -701,6 +701,24 @@ def test_an_openclip_checkpoint_of_a_timm_trunk_says_what_it_drops_and_keeps_its
     torch.testing.assert_close(headless(x), trunk(x))
 
 
+def test_an_openclip_timm_trunk_with_its_own_head_loads_with_that_head_or_without_it(tmp_path):
+    """A timm-backed OpenCLIP tower without a projection (SigLIP's) keeps the trunk's own head as the
+    embedding: it is the teacher's head, under ``visual.trunk.head``, not a surplus key the load refuses."""
+    trunk = tiny_timm(num_classes=16).eval()
+    state = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()} | {
+        "logit_scale": torch.tensor(4.6)
+    }
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file(state, str(path))
+    x = torch.randn(2, 3, 32, 32)
+    teacher, rec = load_teacher(str(path), arch="vit_tiny_patch16_224", **TINY)
+    assert rec.num_classes == 16
+    torch.testing.assert_close(teacher(x), trunk(x))
+    headless, rec0 = load_teacher(str(path), arch="vit_tiny_patch16_224", num_classes=0, **TINY)
+    assert rec0.dropped_keys == ["logit_scale", "visual.trunk.head.bias", "visual.trunk.head.weight"]
+    torch.testing.assert_close(headless(x), trunk.forward_head(trunk.forward_features(x), pre_logits=True))
+
+
 def test_a_local_dir_teacher_loads_its_weights_and_card_and_a_truncated_file_is_named(tmp_path):
     model = tiny_timm(num_classes=4)
     save_for_hf(model, tmp_path / "exported", safe_serialization=True, model_config=HUB_CFG)
