@@ -91,9 +91,8 @@ def init_mae(
     path = Path(spec).expanduser()
     stats: dict[str, Any] = {}
     if path.is_file():
-        state, _ = read_state_dict(
-            path, "model.init"
-        )  # weights_only: a pickled argparse.Namespace is refused, with a fix
+        # weights_only: a pickled argparse.Namespace is refused, with the fix for model.init
+        state, _ = read_state_dict(path, "model.init")
     else:
         encoder = load_init(spec, img_size, file_model=None, cache_dir=cache_dir)
         state, stats = encoder.state_dict(), getattr(encoder, "pretrained_cfg", {})
