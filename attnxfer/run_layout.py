@@ -39,6 +39,9 @@ SEARCH_CANDIDATES = "candidates.jsonl"
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
 #: a sweep's point folders under its run dir (``RUN_DIR/000_KEY=VALUE``: `attnxfer submit --sweep`'s points)
 SWEEP_POINT = re.compile(r"\d{3,}_.")
+#: TensorBoard's event files and the PNGs of what it shows as images, in a run dir
+TENSORBOARD_DIR = "tb"
+PICTURES_DIR = "pictures"
 #: an exported model's files in timm's Hub layout (`attnxfer export`'s, a teacher's local-dir)
 EXPORTED_MODEL = ("config.json", MODEL_WEIGHTS)
 

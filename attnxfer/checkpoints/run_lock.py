@@ -84,19 +84,14 @@ def _sweep_held(run_dir: Path) -> tuple[str, str, str] | None:
         children = sorted(run_dir.iterdir())
     except OSError:  # not made yet, or not a folder (refused elsewhere)
         return None
-    point = next(
-        (
-            c.name
-            for c in children
-            if SWEEP_POINT.match(c.name) and c.is_dir() and any((c / m).exists() for m in RUN_DIR_MARKERS)
-        ),
-        None,
-    )
-    return (
-        None
-        if point is None
-        else ("sweep", f"{point}/", "the attnxfer submit --sweep command that started it")
-    )
+    for child in children:
+        if (
+            SWEEP_POINT.match(child.name)
+            and child.is_dir()
+            and any((child / m).exists() for m in RUN_DIR_MARKERS)
+        ):
+            return "sweep", f"{child.name}/", "the attnxfer submit --sweep command that started it"
+    return None
 
 
 def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | None = None) -> None:

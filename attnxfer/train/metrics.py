@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 
 from ..checkpoints.atomic_io import atomic_write_text
 from ..checkpoints.store import set_aside
-from ..run_layout import METRICS
+from ..run_layout import METRICS, PICTURES_DIR, TENSORBOARD_DIR
 from ..speak import warn
 from .trackers import TRACKERS_JSON, TrackerSet
 
@@ -54,7 +54,7 @@ class MetricsLogger:
         place, the new events would mix with the old in TensorBoard, its trackers would continue the earlier
         W&B / MLflow run, and the earlier pictures would be deleted."""
         records = (self.path, self.run_dir / SUMMARY_CSV, self.run_dir / TRACKERS_JSON)
-        folders = (self.run_dir / "tb", self.run_dir / "pictures")
+        folders = (self.run_dir / TENSORBOARD_DIR, self.run_dir / PICTURES_DIR)
         for path in (*records, *folders) if self.enabled else ():
             if (path.is_file() and path.stat().st_size) or (path.is_dir() and any(path.iterdir())):
                 warn(
@@ -66,7 +66,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.trackers.purge_step = step + 1  # TensorBoard drops the events of redone steps too
-        for png in (self.run_dir / "pictures").glob("*-step" + "[0-9]" * 8 + ".png"):  # `log_image`'s
+        for png in (self.run_dir / PICTURES_DIR).glob("*-step" + "[0-9]" * 8 + ".png"):  # `log_image`'s
             if int(png.stem[-8:]) > step:
                 png.unlink()
         if not self.path.exists():
@@ -124,7 +124,7 @@ class MetricsLogger:
         if image.dtype == torch.uint8:
             image = image.permute(2, 0, 1).float() / 255
         image = image.float().clamp(0, 1)
-        path = self.path.parent / "pictures" / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
+        path = self.path.parent / PICTURES_DIR / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(image, str(path))
         if self.trackers.tensorboard is not None:

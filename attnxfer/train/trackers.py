@@ -25,7 +25,7 @@ from typing import Any
 
 from ..checkpoints.atomic_io import atomic_write_text
 from ..errors import InputError
-from ..run_layout import STAGE_DIRS
+from ..run_layout import STAGE_DIRS, TENSORBOARD_DIR
 from ..speak import say, warn
 
 #: the tracker run ids of a run directory, read back on resume
@@ -93,7 +93,7 @@ def _tensorboard(ctx: TrackerContext):
     from accelerate.tracking import TensorBoardTracker
 
     # RUN_DIR/tb, as before; purge_step drops the events of steps a resumed run trains again
-    return TensorBoardTracker("tb", ctx.run_dir, purge_step=ctx.purge_step)
+    return TensorBoardTracker(TENSORBOARD_DIR, ctx.run_dir, purge_step=ctx.purge_step)
 
 
 def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:

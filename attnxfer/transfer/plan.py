@@ -216,7 +216,7 @@ def build_plan(
         compared,
         teacher_heads=t_attn[0].num_heads,
         student_heads=s_attn[0].num_heads,
-        share_drop_path=bool(share_drop_path),
+        share_drop_path=share_drop_path,
         tokens=(t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix,
         **common,
     )
