@@ -54,6 +54,22 @@ def bench_device(name: str | None) -> torch.device:
     return device
 
 
+def refuse_triton_off_cuda(ce_paths: Sequence[str], device: torch.device) -> None:
+    """``--ce-paths triton`` where its kernels cannot run (not CUDA, no ``TRITON_INTERPRET=1``) is refused
+    before any work, with what to pass instead, not the loss's traceback from the first timed call."""
+    from attnxfer.transfer.triton_ce import CEPathUnavailable, triton_backend
+
+    if "triton" not in ce_paths:
+        return
+    try:
+        triton_backend(device)
+    except CEPathUnavailable:
+        raise SystemExit(
+            f"--ce-paths triton needs a CUDA GPU and this run is on {device}: leave triton out, or set "
+            "TRITON_INTERPRET=1 to run its kernels through Triton's interpreter (slow)"
+        ) from None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

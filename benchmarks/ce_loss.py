@@ -39,6 +39,7 @@ from _measure import (  # noqa: E402
     load_average,
     machine_info,
     mib,
+    refuse_triton_off_cuda,
     step_peak_growth,
     write_json,
 )
@@ -192,6 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [c for c in args.ce_paths if c not in PATHS]
     if unknown:
         raise SystemExit(f"--ce-paths: unknown or not timed here: {', '.join(unknown)}; choose from {PATHS}")
+    refuse_triton_off_cuda(args.ce_paths, args.device)
     if args.teacher_heads % args.heads:
         raise SystemExit("--teacher-heads must be a multiple of --heads")
     return args

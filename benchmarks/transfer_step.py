@@ -67,6 +67,7 @@ from _measure import (  # noqa: E402
     load_average,
     machine_info,
     mib,
+    refuse_triton_off_cuda,
     static_bytes,
     step_peak_growth,
     write_json,
@@ -421,6 +422,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"--ce-paths: unknown {', '.join(unknown)}; choose from {', '.join(CE_CHOICES)}")
     args.modes = (*MODES, *(f"distill:{c}" for c in args.ce_paths))
     args.device = bench_device(args.device)
+    refuse_triton_off_cuda(args.ce_paths, args.device)
     if args.rss is None:
         args.rss = args.device.type == "cpu" and not q
     if args.rss and args.device.type != "cpu":

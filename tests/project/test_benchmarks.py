@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,34 @@ def test_stage1_throughput_on_cpu_says_peak_memory_is_not_measured_instead_of_st
     )
     assert run.returncode == 0, run.stderr
     assert "stage 1 memory:" not in run.stdout and "peak memory: n/a on CPU" in run.stdout, run.stdout
+
+
+@pytest.mark.slow
+def test_a_benchmark_asked_for_the_triton_ce_path_on_the_cpu_says_it_needs_cuda_before_any_work():
+    """``--ce-paths triton`` (as the GPU commands of docs/benchmarks.md pass) on a CPU run: one line naming
+    the flag, where both scripts met the loss's ``CEPathUnavailable`` traceback in their first timed call."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tiny = {
+        "ce_loss": ["--tokens", "17", "--batch", "1", "--warmup", "0", "--repeats", "1"],
+        "transfer_step": ["--quick", "--tokens", "17", "--depth", "1", "--warmup", "0", "--repeats", "1"],
+    }
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, f"benchmarks/{name}.py", *args, "--device", "cpu", "--ce-paths", "triton"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in tiny.items()
+    }
+    errs = {name: r.communicate()[1] for name, r in runs.items()}
+    assert all(r.returncode == 1 for r in runs.values()), errs
+    for err in errs.values():
+        assert "Traceback" not in err, err
+        assert (
+            err.strip()
+            .splitlines()[-1]
+            .startswith("--ce-paths triton needs a CUDA GPU and this run is on cpu")
+        ), err
