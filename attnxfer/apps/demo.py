@@ -311,7 +311,10 @@ def run_demo(
         raise InputError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
     refuse_file_in_the_way(out_dir, "--out")
-    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    # runs/demo is the demo's own folder, where the demo recipes put their runs too (`attnxfer pretrain -c
+    # demo/mae_pretrain` -> runs/demo/mae): only another folder is checked for other work
+    own = out_dir.resolve() == Path(DEMO_OUT).resolve()
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() and not own else []
     if held and not any(re.fullmatch(r"[a-z_]+-[0-9a-f]{8}", name) for name in held):  # no run of a demo's
         raise PathExistsError(
             f"--out={out_dir} holds other work ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) and no "

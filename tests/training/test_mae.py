@@ -703,6 +703,29 @@ def test_the_demo_leaves_its_teacher_at_one_path_and_replaces_it_only_for_anothe
     assert (tmp_path / "mae-aaaa" / "export" / "config.json").read_text() == "first"  # the hashed one stays
 
 
+def test_the_demo_goes_on_in_runs_demo_after_a_demo_recipe_ran_there(tmp_path, monkeypatch, capsys):
+    """`attnxfer pretrain -c demo/mae_pretrain` (or `train -c demo/copy`) writes runs/demo/mae (runs/demo/copy):
+    `attnxfer demo` then refused its own folder as "other work", where it replaces that export and says so.
+    Another folder holding other work is still refused (tests/cli/test_user_errors.py)."""
+    from attnxfer.apps import demo
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "_build_teacher", stop)
+    (tmp_path / "runs" / "demo" / "mae" / "export").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "mae" / "run.json").write_text("{}")
+    with pytest.raises(Reached):
+        demo.run_demo(quick=True)
+    (tmp_path / "mine" / "mae").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "demo", "--quick", "--out", "mine")
+    assert code == 2 and "holds other work (mae) and no demo's runs" in err
+
+
 def test_a_moved_demo_names_its_runs_where_they_are_now(tmp_path):
     """A demo folder copied or moved keeps result.json's old run_dir: the demo then said "the MAE teacher is
     cached in OLD (...) delete that folder to pre-train again", a folder that is not this demo's."""
