@@ -37,11 +37,23 @@ RUNS=runs/docs
 FIG=docs/figures
 mkdir -p "$RUNS"
 
-mae_teacher() { # the demo's MAE encoder (recipe demo/mae_pretrain), exported in timm's layout
-    local found
-    found=$(ls -d "$RUNS"/demo/mae-*/export 2>/dev/null | head -n 1)
-    [ -n "$found" ] || { echo "no MAE teacher in $RUNS/demo: run \`bash $0 demo\` first" >&2; exit 1; }
+mae_teacher() { # the last demo's MAE encoder (recipe demo/mae_pretrain), exported in timm's layout where the
+    # demo publishes it (a mae-<hash>/ of other settings, an earlier demo's, may lie beside the current one)
+    local found="$RUNS/demo/mae/export"
+    [ -f "$found/model.safetensors" ] || { echo "no MAE teacher in $RUNS/demo: run \`bash $0 demo\` first" >&2; exit 1; }
     echo "$found"
+}
+
+demo_runs() { # the last demo's MAE run and its copy/distillation study, one a line, as its results.json names them
+    "$PY" - "$RUNS/demo/results.json" <<'PY'
+import json, sys
+from pathlib import Path
+
+results = json.loads(Path(sys.argv[1]).read_text())
+print(results["teachers"]["mae"]["run_dir"])
+runs = [Path(seeds[0]["run_dir"]).parent for seeds in results["rows"].values()]
+print(next(p for p in runs if p.name.startswith("mae_study-")))
+PY
 }
 
 demo() {
@@ -49,8 +61,10 @@ demo() {
     cp "$RUNS/demo/curves.png" "$FIG/demo_curves.png"
     cp "$RUNS/demo/attention.png" "$FIG/demo_attention.png"
     cp "$RUNS/demo/agreement.png" "$FIG/demo_agreement.png"
-    cp "$(ls "$RUNS"/demo/mae-*/pictures/val-reconstruction-step*.png | tail -n 1)" "$FIG/mae_reconstructions.png"
-    cp "$(ls -d "$RUNS"/demo/mae_study-* | head -n 1)/study.png" "$FIG/study_curves.png"
+    local runs # this demo's, not an earlier one's of other settings beside them
+    runs=$(demo_runs)
+    cp "$(ls "${runs%%$'\n'*}"/pictures/val-reconstruction-step*.png | tail -n 1)" "$FIG/mae_reconstructions.png"
+    cp "${runs#*$'\n'}/study.png" "$FIG/study_curves.png"
 }
 
 convert() {

@@ -8,6 +8,7 @@ temporary folder, never into the repository. The figures the pages show come fro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -102,3 +103,47 @@ def test_every_figure_is_shown_and_can_be_made_again():
     unmade = [name for name in sorted(on_disk) if not re.search(rf"[/\"]{re.escape(name)}\"", script)]
     assert not unmade, f"{FIGURE_SCRIPT.name} does not make: {unmade}"
     assert {"README.md"} < set().union(*shown.values())  # README shows pictures (the test is not vacuous)
+
+
+def test_the_demo_figures_come_from_the_last_demo_not_an_older_run_beside_it(tmp_path):
+    """runs/docs/demo keeps an earlier demo's mae-<hash>/ and mae_study-<hash>/ when a recipe changes: the
+    script took the reconstructions, the study's curves and the conversion's teacher by the hashes' sort
+    order, so an older run's could become the docs' figure. The last demo names its own (results.json and the
+    export it publishes at mae/export)."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / FIGURE_SCRIPT.name).write_text(FIGURE_SCRIPT.read_text())
+    (tmp_path / "docs" / "figures").mkdir(parents=True)
+    demo = tmp_path / "runs" / "docs" / "demo"
+    for name in ("curves", "attention", "agreement"):
+        (demo / f"{name}.png").parent.mkdir(parents=True, exist_ok=True)
+        (demo / f"{name}.png").write_text(name)
+    for run in ("mae-00000000", "mae-77777777", "mae-ffffffff"):  # the demo's is in the middle
+        (demo / run / "pictures").mkdir(parents=True)
+        (demo / run / "pictures" / "val-reconstruction-step00000060.png").write_text(run)
+        (demo / run / "export").mkdir()
+        (demo / f"mae_study-{run[4:]}").mkdir()
+        (demo / f"mae_study-{run[4:]}" / "study.png").write_text(run)
+    (demo / "mae" / "export").mkdir(parents=True)
+    (demo / "mae" / "export" / "model.safetensors").write_text("the demo's")
+    current = {"run_dir": "runs/docs/demo/mae-77777777"}
+    rows = {"copy": [{"run_dir": "runs/docs/demo/mae_study-77777777/copy"}], "scratch": [{"run_dir": "x-1"}]}
+    (demo / "results.json").write_text(json.dumps({"teachers": {"mae": current}, "rows": rows}))
+    fake = tmp_path / "attnxfer"  # the demo has run; convert and inspect say what they were given
+    fake.write_text(
+        '#!/bin/sh\necho "$@" >> calls.txt\nmkdir -p runs/docs/inspect_convert\n'
+        "echo cls > runs/docs/inspect_convert/cls_maps_0_img0.png\n"
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "ATTNXFER": str(fake), "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", "scripts/docs_figures.sh", "demo", "convert"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    figures = tmp_path / "docs" / "figures"
+    assert (figures / "mae_reconstructions.png").read_text() == "mae-77777777"
+    assert (figures / "study_curves.png").read_text() == "mae-77777777"
+    assert "teacher.spec=local-dir:runs/docs/demo/mae/export " in (tmp_path / "calls.txt").read_text()
