@@ -35,7 +35,19 @@ class TeacherLoadError(InputError):
 
 
 class UnsafeCheckpointError(InputError):
-    """A checkpoint that can only be read by unpickling arbitrary Python objects."""
+    """A checkpoint that can only be read by unpickling arbitrary Python objects; the message ends with where
+    to give its ``converted`` copy (``give_again``), which `restated` says for the command that read it."""
+
+    def __init__(self, refusal: str, converted: Path, give_again: str) -> None:
+        super().__init__(f"{refusal}\nthen give {converted} where this file was ({give_again})")
+        self.refusal, self.converted, self.give_again = refusal, converted, give_again
+
+    def __reduce__(self):  # pickled as it was made (a SLURM task's error comes back through submitit)
+        return type(self), (self.refusal, self.converted, self.give_again)
+
+    def restated(self, give_again: str) -> UnsafeCheckpointError:
+        """The same refusal, naming where the converted file is given to the command that read this one."""
+        return UnsafeCheckpointError(self.refusal, self.converted, give_again)
 
 
 def run_folder_hint(folder: Path) -> str | None:

@@ -270,8 +270,9 @@ def read_state_dict(
             f"ck = torch.load('{path}', map_location='cpu', weights_only=False); "
             f"sd = next((ck[k] for k in {_CHECKPOINT_KEYS} if isinstance(ck.get(k), dict)), ck) "
             "if isinstance(ck, dict) else ck.state_dict(); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"\n"
-            f"then give {path.with_suffix('.safetensors')} where this file was ({_GIVE_AGAIN[role]})"
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"",
+            path.with_suffix(".safetensors"),
+            _GIVE_AGAIN[role],
         ) from None
     # a cut-off file, or bytes that are no torch file: what torch's readers raise for them
     except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError) as e:

@@ -685,6 +685,21 @@ def test_a_student_that_cannot_be_loaded_is_named_as_the_student(tmp_path, monke
         load_model(str(weights), arch="vit_small_patch16_224")
 
 
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_a_pickled_weights_file_is_told_to_come_back_as_inspects_argument_not_teacher_spec(tmp_path, role):
+    """A .pth with pickled training args is refused with a conversion recipe; where to give the converted file
+    names inspect's TEACHER / STUDENT and their --*-arch flags, not a config's teacher.spec (inspect has none)."""
+    import argparse
+
+    pickled = tmp_path / "mae_full.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-3)}, pickled)
+    with pytest.raises(UserError, match=r"argparse\.Namespace") as err:
+        load_model(str(pickled), arch="vit_tiny_patch16_224", role=role)
+    [then] = [line for line in str(err.value).splitlines() if line.startswith("then give")]
+    assert then.startswith(f"then give {pickled.with_suffix('.safetensors')} where this file was (attnxfer")
+    assert f"inspect's {role.upper()}, with --{role}-arch" in then and "teacher.spec" not in then, then
+
+
 def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teacher, tmp_path, capsys):
     """Without --images or --data the images are the run's own data as the run made them (its data seed and
     options: a recall task's glyphs are a function of them), not the dataset's defaults. report.md names a

@@ -34,7 +34,13 @@ from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...run_layout import STAGE_DIRS
-from ...sources import TeacherLoadError, TeacherNotAvailable, load_student, load_teacher
+from ...sources import (
+    TeacherLoadError,
+    TeacherNotAvailable,
+    UnsafeCheckpointError,
+    load_student,
+    load_teacher,
+)
 from ...sources.resolve import Origin, parse_teacher_spec
 from ...speak import say
 from ...transfer.modes import MODES
@@ -153,6 +159,10 @@ def load_model(
         model, record = load_teacher(
             source, arch=arch, pretrained=pretrained, img_size=img_size, who=f"{role} {spec}"
         )
+    except UnsafeCheckpointError as err:  # its words say where a teacher's file goes in a config
+        raise err.restated(
+            f"attnxfer inspect's {role.upper()}, with --{role}-arch; {role}= and {role}_arch= of inspect_attention"
+        ) from None
     except (TeacherLoadError, TeacherNotAvailable) as err:  # the sources call what they load a teacher
         msg = re.sub(r"^teacher ", f"{role} ", str(err))
         if "efficient-attention student" not in msg:
