@@ -156,6 +156,12 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
 _OPENCLIP_PROJECTIONS = ("visual.proj", "visual.head.proj.weight")
 
 
+#: what a timm trunk's OpenCLIP keys outside ``visual.trunk.`` other than its linear projection are, dropped
+_TRUNK_HEAD_DROPPED = (
+    "the image tower's projection head beyond a linear weight, which timm's ViT does not load"
+)
+
+
 def _openclip_timm_trunk(state_dict: dict[str, torch.Tensor]) -> bool:
     """An OpenCLIP checkpoint whose image tower is a timm model (``visual.trunk.*``), as timm's ViT checkpoint
     filter recognises one."""
@@ -350,9 +356,16 @@ def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str
             state_dict, dropped = drop_text_tower(state_dict)
             user, kind = "the image tower", "CLIP text tower"
     if dropped:
+        # a timm trunk's projection head (visual.head.mlp.*) is the image tower's, not the text tower's
+        head = [k for k in dropped if k.startswith("visual.")] if kind == "CLIP text tower" else []
+        groups = ((kind, [k for k in dropped if k not in head]), (_TRUNK_HEAD_DROPPED, head))
         warn(
             f"{who}: dropped {len(dropped)} checkpoint entries {user} does not use "
-            f"({kind}): {_summarise_keys(dropped)}"
+            + "; ".join(
+                f"({what}): {_summarise_keys(keys, depth=3 if keys is head else 1)}"
+                for what, keys in groups
+                if keys
+            )
         )
     if dropped and kind == "mae-decoder" and not res.tag_known:  # timm's .mae tag: its preprocessing, licence
         guess = f"{res.architecture}.mae"
@@ -467,9 +480,10 @@ def _build(
     return model
 
 
-def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
-    """``decoder_blocks.* (96), mask_token``: the keys grouped by top-level module."""
-    groups = collections.Counter(k.split(".")[0] for k in keys)
+def _summarise_keys(keys: Sequence[str], limit: int = 8, depth: int = 1) -> str:
+    """``decoder_blocks.* (96), mask_token``: the keys grouped by top-level module, or by the module ``depth``
+    names deep (``visual.head.mlp.* (3)``)."""
+    groups = collections.Counter(".".join(k.split(".")[:depth]) for k in keys)
     parts = [
         g if g in keys else f"{g}.* ({n})" if n > 1 else next(k for k in keys if k.startswith(g + "."))
         for g, n in groups.items()

@@ -701,6 +701,32 @@ def test_an_openclip_checkpoint_of_a_timm_trunk_says_what_it_drops_and_keeps_its
     torch.testing.assert_close(headless(x), trunk(x))
 
 
+def test_an_openclip_timm_trunks_mlp_projection_head_is_said_to_be_the_image_towers_not_the_text_towers(
+    tmp_path, capsys
+):
+    """OpenCLIP's timm towers with an MLP projection (``visual.head.mlp.*``) keep it outside the trunk, where
+    timm's filter does not load it: dropped, and the warning says it is the image tower's projection head, not
+    (as the keys beside it) the CLIP text tower."""
+    trunk = tiny_timm(num_classes=0).eval()
+    state = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    state |= {
+        "visual.head.mlp.fc1.weight": torch.randn(96, 48),
+        "visual.head.mlp.fc1.bias": torch.randn(96),
+        "visual.head.mlp.fc2.weight": torch.randn(16, 96),
+        "logit_scale": torch.tensor(4.6),
+        "text_projection": torch.ones(4, 4),
+    }
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file(state, str(path))
+    _, rec = load_teacher(str(path), arch="vit_tiny_patch16_224", **TINY)
+    assert rec.num_classes == 0 and len(rec.dropped_keys) == 5
+    [said] = [line for line in capsys.readouterr().err.splitlines() if "dropped 5" in line]
+    assert said.endswith(
+        "(CLIP text tower): logit_scale, text_projection; (the image tower's projection head beyond a linear "
+        "weight, which timm's ViT does not load): visual.head.mlp.* (3)"
+    ), said
+
+
 def test_an_openclip_timm_trunk_with_its_own_head_loads_with_that_head_or_without_it(tmp_path):
     """A timm-backed OpenCLIP tower without a projection (SigLIP's) keeps the trunk's own head as the
     embedding: it is the teacher's head, under ``visual.trunk.head``, not a surplus key the load refuses."""
