@@ -262,9 +262,12 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
     short = {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves, strict=True)}
     alone = {k: all(_WORD.match(v) and v.lower() not in _NOT_NAMES for v in vary[k]) for k in keys}
     combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(vary[k] for k in keys))]
-    names = ["_".join(v if alone[k] else f"{short[k]}={v}" for k, v in c.items()) for c in combos]
+    # each key's part a folder name of its own: a value's end (runs/a/) is not left as a dash before the next
+    names = [
+        "_".join(_folder_name(v if alone[k] else f"{short[k]}={v}") for k, v in c.items()) for c in combos
+    ]
     if len(set(names)) < len(names):
-        names = ["_".join(f"{k}={v}" for k, v in c.items()) for c in combos]
+        names = ["_".join(_folder_name(f"{k}={v}") for k, v in c.items()) for c in combos]
     # a value read as null kept as None: study.yaml would quote "null", which reads back as that string
     nulls = [{k: None if _as_read(k, v) is None else v for k, v in c.items()} for c in combos]
     return [Student(_folder_name(n), c) for n, c in zip(names, nulls, strict=True)]

@@ -379,6 +379,26 @@ def test_a_study_started_under_the_old_folder_names_goes_on_in_them(tmp_path):
     assert [s.name for s in other.students] == ["distill", "copy"]  # not the recorded study: its own names
 
 
+def test_a_varied_path_ending_in_a_slash_leaves_no_dash_before_the_next_keys_part(tmp_path):
+    """``local-dir:runs/a/`` (a shell's completion) named ``init=local-dir-runs-a-_seed=0``: each key's part is
+    a folder name of its own. A study started under the old names goes on in their folders."""
+    vary = {"model.init": ["local-dir:runs/a/", "local-dir:runs/b/"], "seed": ["0"]}
+    spec = load_study(None, [f"run_dir={tmp_path / 'new'}"], vary)
+    assert [s.name for s in spec.students] == ["init=local-dir-runs-a_seed=0", "init=local-dir-runs-b_seed=0"]
+    run = tmp_path / "old"
+    run.mkdir()
+    old = [
+        {
+            "name": f"init=local-dir-runs-{x}-_seed=0",
+            "overrides": {"model.init": f"local-dir:runs/{x}/", "seed": "0"},
+        }
+        for x in "ab"
+    ]
+    (run / "study.json").write_text(json.dumps({"students": [{**e, "folder": e["name"]} for e in old]}))
+    resumed = load_study(None, [f"run_dir={run}"], vary)
+    assert [s.name for s in resumed.students] == [e["name"] for e in old]
+
+
 def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
     yaml = tmp_path / "s.yaml"
     yaml.write_text("students:\n  - name: copy\n    transfer.mode: copy\n")
