@@ -119,6 +119,21 @@ class KeyChange:
         )
 
 
+class RecordedState(dict):
+    """A checkpoint's parsed ``state.json``: an entry a resume reads (``state["epoch"]``) that the file lacks
+    (edited by hand and its manifest re-hashed) is refused naming the file and the entry, not a bare KeyError."""
+
+    def __init__(self, file: Path, entries: dict[str, Any]) -> None:
+        super().__init__(entries)
+        self.file = file
+
+    def __missing__(self, key: str) -> Any:
+        raise CheckpointError(
+            f"{self.file} has no {key!r} entry (edited by hand?): this checkpoint cannot be resumed. Restore the "
+            "file, give checkpoint.resume another checkpoint, or start the run over with checkpoint.resume=none"
+        )
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """A checkpoint found, verified and read once: where it is, its parsed state, and (once judged by the
@@ -147,7 +162,7 @@ class ResumePoint:
             raise CheckpointError(
                 f"{info.path / STATE_NAME} is not a JSON object; not an attnxfer checkpoint?"
             )
-        return cls(info, state)
+        return cls(info, RecordedState(info.path / STATE_NAME, state))
 
     @property
     def path(self) -> Path:

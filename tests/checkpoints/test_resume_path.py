@@ -180,6 +180,22 @@ def test_a_broken_checkpoint_given_as_checkpoint_resume_is_told_what_to_give_ins
             ResumePoint.find(tmp_path / "run", str(given))
 
 
+def test_a_state_json_edited_by_hand_without_an_entry_a_resume_reads_names_the_file_and_the_entry(
+    trained, tmp_path
+):
+    """A state.json edited and its manifest re-hashed (so it verifies) but without ``epoch``: the resume ended in a
+    bare KeyError: 'epoch'; it is refused naming the file, the entry and what to do instead."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    shutil.copytree(trained / "checkpoints" / "step-00000004", ckpt)
+    rewrite_checkpoint_state(ckpt / "state.json", lambda state: state.pop("epoch"))
+    point = ResumePoint.find(tmp_path / "run")
+    assert point.state["step"] == 4 and point.state.get("epoch") is None  # what is there reads as before
+    with pytest.raises(CheckpointError) as err:
+        point.state["epoch"]
+    assert str(err.value).startswith(f"{ckpt / 'state.json'} has no 'epoch' entry"), err.value
+    assert "checkpoint.resume=none" in str(err.value)
+
+
 def test_an_empty_checkpoint_resume_is_refused_not_read_as_the_current_directory(tmp_path):
     """``checkpoint.resume=$CKPT`` with the variable unset: '' was the path '.', the folder the command ran in,
     refused as "checkpoint . is not usable" (or, run inside a checkpoint, resumed from it)."""
