@@ -16,6 +16,7 @@ from .overrides import (
     merge_values,
     merged_into_base,
     parse_overrides,
+    refuse_unread_blr,
     validate_config,
 )
 from .schema import TrainConfig
@@ -203,7 +204,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             # a recipe's mapping (model.kwargs: {depth: 4}) is merged into its base's, as a dotted override is:
             # YAML has no other way to set one key of it
             try:
-                cfg = merge_values(cfg, merged_into_base(data) if depth else data)
+                cfg = refuse_unread_blr(data, merge_values(cfg, merged_into_base(data) if depth else data))
             except ConfigError as e:  # which file of the chain holds the key
                 raise ConfigError(f"config file {str(file)!r}: {e}") from None
         cfg = _own_run_dir(cfg, p)

@@ -411,4 +411,23 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
             number = isinstance(typed, int | float) and not isinstance(typed, bool)
             value = value if number and str in typing.get_args(field) else typed
         parsed[key] = value
-    return validate_config(merge_values(cfg, _nest(parsed)))
+    data = _nest(parsed)
+    return refuse_unread_blr(data, validate_config(merge_values(cfg, data)))
+
+
+def refuse_unread_blr(data: Mapping[str, Any], cfg: Any) -> Any:
+    """``cfg``, which ``data`` (overrides, or a recipe over its base) was applied to; an ``optim.blr`` that
+    ``data`` sets without ``optim.lr`` where the config's lr is set (a recipe's) would go unread, as lr wins:
+    a `ConfigError` naming both, since MAE's users scale blr by the batch and expect it to count."""
+    optim = getattr(cfg, "optim", None)
+    if (
+        optim is None
+        or optim.lr is None
+        or not find_key(data, "optim.blr")[0]
+        or find_key(data, "optim.lr")[0]
+    ):
+        return cfg
+    raise ConfigError(
+        f"optim.blr={optim.blr:g} would go unread: optim.lr={optim.lr:g} is already set and wins over blr; set "
+        "optim.lr to null as well (optim.lr=null) to use lr = blr x global batch / 256, or set optim.lr instead"
+    )

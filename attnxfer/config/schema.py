@@ -174,6 +174,8 @@ class AugConfig:
 @dataclass
 class OptimConfig:
     lr: float | None = key(None, range=POSITIVE, resumable=True)  # absolute; default blr * global_batch / 256
+    # MAE's base lr, read where optim.lr is null; given over a config whose optim.lr is set (a recipe's), it
+    # is refused naming both keys (optim.lr=null beside it makes it count)
     blr: float = key(1e-3, range=POSITIVE, resumable=True)
     min_lr: float = key(1e-6, range=NON_NEGATIVE, resumable=True)
     weight_decay: float = key(0.05, range=NON_NEGATIVE, resumable=True)

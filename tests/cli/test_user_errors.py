@@ -538,6 +538,22 @@ def test_a_blr_beside_an_lr_is_said_to_be_unused(tmp_path, capsys):
     assert code == 0 and "warning: optim.blr=0.0005 unused: optim.lr=0.001 is set" in err, err
 
 
+def test_a_blr_given_over_a_recipes_lr_is_refused_naming_both_keys_not_left_unread(tmp_path, capsys):
+    """MAE's users scale optim.blr by the batch; over demo/copy, which sets optim.lr (and wins), a blr would go
+    unread, without a word at blr's default value: one line naming both keys, whether the blr is given on the
+    command line, by a recipe starting from demo/copy or by a study's --vary; beside optim.lr=null it counts."""
+    err = _refused(["train", "-c", "demo/copy", "optim.blr=1e-3", "--print-config"], capsys)
+    assert "optim.blr=0.001 would go unread: optim.lr=0.002 is already set" in err and "optim.lr=null" in err
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: demo/copy\noptim: {blr: 5.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml.*optim.blr=0.0005 would go unread"):
+        load_config(mine)
+    with pytest.raises(ConfigError, match="optim.blr=0.002 would go unread"):
+        load_study("demo/copy", vary={"optim.blr": ["2e-3"]})
+    cfg = load_config("demo/copy", ["optim.blr=5e-4", "optim.lr=null"])
+    assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
+
+
 def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_replaces_a_given_value_with_a_warning(
     capsys,
 ):
