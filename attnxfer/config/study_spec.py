@@ -99,16 +99,18 @@ class StudySpec:
         """The base's ``dist`` section (a submitted study's process group reads its timeout)."""
         return self.base.dist
 
-    def config_of(self, student: Student) -> TrainConfig:
-        """The student's whole config as `attnxfer train` would run it alone: its own folder, and the data's
-        seed written out (students seeded differently still read the study's batches)."""
-        cfg = apply_overrides(self.base, dict(student.overrides)) if student.overrides else self.base
+    def shared_base(self) -> TrainConfig:
+        """The base as every student reads it: the data's seed written out (students seeded differently still
+        read the study's batches), which no student changes."""
         seed = self.base.data.seed if self.base.data.seed is not None else self.base.seed
-        return dataclasses.replace(
-            cfg,
-            run_dir=str(Path(self.base.run_dir) / student.name),
-            data=dataclasses.replace(cfg.data, seed=seed),
-        )
+        return dataclasses.replace(self.base, data=dataclasses.replace(self.base.data, seed=seed))
+
+    def config_of(self, student: Student) -> TrainConfig:
+        """The student's whole config as `attnxfer train` would run it alone: the shared base with its keys
+        set, in its own folder."""
+        base = self.shared_base()
+        cfg = apply_overrides(base, dict(student.overrides)) if student.overrides else base
+        return dataclasses.replace(cfg, run_dir=str(Path(self.base.run_dir) / student.name))
 
     def configs(self) -> list[tuple[Student, TrainConfig]]:
         return [(s, self.config_of(s)) for s in self.students]

@@ -434,6 +434,23 @@ def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
     assert f"run_dir: {tmp_path / 's' / 'distill'}" in out
 
 
+def test_print_config_says_only_the_keys_a_student_changes_not_the_data_seed_the_study_writes_out(
+    tmp_path, capsys
+):
+    """Each student's config holds the data seed every student shares written out (seed 3 here): that is no
+    change of the student's, so its lines name run_dir and its own keys alone (not data.seed: null -> 3)."""
+    argv = ["study", *BASE, "seed=3", f"run_dir={tmp_path / 's'}", "--vary", "seed=3,4", "--print-config"]
+    code, out, _ = run_cli(capsys, *argv)
+    students = out.split("\n---\n", 1)[1]  # after the base's own lines
+    said = [line for line in students.splitlines() if line.startswith("#   ")]
+    assert code == 0 and said == [
+        f"#   run_dir: {tmp_path / 's'} -> {tmp_path / 's' / 'seed=3'}",
+        f"#   run_dir: {tmp_path / 's'} -> {tmp_path / 's' / 'seed=4'}",
+        "#   seed: 3 -> 4",
+    ], out
+    assert out.count("\n  seed: 3\n") == 2, out  # both students' data.seed, written out
+
+
 @pytest.mark.slow  # a whole study (one step of two students) and its report
 def test_a_students_model_name_warning_is_said_once_under_its_name(tmp_path, tiny_teacher_dir, capsys):
     """A student's model.name that the mirrored teacher's architecture replaces is said by that student, once:

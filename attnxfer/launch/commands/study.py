@@ -37,7 +37,7 @@ def show_config(args) -> int:
     spec = load_study(args)
     say("# " + describe_changes(study_base(args.config), spec.base, args.config).replace("\n", "\n# "))
     for student, cfg in spec.configs():
-        changes = describe_changes(spec.base, cfg, "the study's base").replace("\n", "\n# ")
+        changes = describe_changes(spec.shared_base(), cfg, "the study's base").replace("\n", "\n# ")
         say(f"---\n# student {student.name}: {changes}")
         say(dump_config(cfg, spec.command).rstrip())
     return 0
