@@ -186,7 +186,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-#: what timm's and MAE's training scripts call keys that attnxfer's config names otherwise
+#: what timm's and MAE's training scripts (and Hugging Face's Trainer) call keys attnxfer's config names otherwise
 _SCRIPT_NAMES = {
     "output_dir": "run_dir",
     "output": "run_dir",
@@ -206,6 +206,32 @@ _SCRIPT_NAMES = {
     "max_iters": "schedule.max_steps",
     "finetune": "model.init",  # MAE's main_finetune.py: the weights to fine-tune
     "initial_checkpoint": "model.init",  # timm's train.py --initial-checkpoint
+    "lr_base": "optim.blr",  # timm's train.py: the lr per 256 images
+    "aa": "aug.auto_augment",
+    "drop": "model.kwargs.drop_rate",  # timm's dropout (its --drop-path is model.drop_path_rate)
+    "model_ema": "ema.decay",
+    "model_ema_decay": "ema.decay",
+    "checkpoint_hist": "checkpoint.keep_last",
+    "log_interval": "log.every_steps",
+    "log_wandb": "log.trackers",
+    "log_dir": "run_dir",  # MAE's TensorBoard folder: RUN_DIR/tb
+    "gp": "model.global_pool",
+    "cls_token": "model.global_pool",  # MAE's --cls_token: global_pool=token
+    "opt_eps": "optim.eps",
+    "amp": "precision",
+    "torchcompile": "model.compile",
+    "pretrained": "model.init",
+    "pretrained_path": "model.init",
+    "learning_rate": "optim.lr",  # Hugging Face's Trainer (TrainingArguments)
+    "num_train_epochs": "schedule.epochs",
+    "per_device_train_batch_size": "data.batch_size",
+    "per_device_eval_batch_size": "data.eval_batch_size",
+    "gradient_accumulation_steps": "optim.accum_steps",
+    "max_grad_norm": "optim.clip_grad",
+    "logging_steps": "log.every_steps",
+    "save_steps": "checkpoint.every_steps",
+    "save_total_limit": "checkpoint.keep_last",
+    "resume_from_checkpoint": "checkpoint.resume",
     "teacher.name": "teacher.spec",
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",
@@ -240,18 +266,22 @@ _VIT_ARGS = frozenset(
 )
 
 
-def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> list[str]:
+def keys_meant(
+    key: str, root: type, prefix: str = "", cutoff: float = 0.5, sections: bool = True
+) -> list[str]:
     """The config keys a user most likely meant by an unknown ``prefix + key``: the key a timm or MAE script
     calls so (``output_dir`` -> run_dir), else those under ``prefix`` that it begins (``transfer.atd`` ->
     transfer.atd_weight), else the keys anywhere whose last part it is or begins (``epochs`` -> schedule.epochs),
-    else the nearest spelling (``cutoff``: how near, 0 to 1), a near one under ``prefix`` before one anywhere."""
+    else the nearest spelling (``cutoff``: how near, 0 to 1), a near one under ``prefix`` before one anywhere.
+    ``sections``: whether a section may be the answer (only a mapping can be one: ``lr_base=1`` is no section)."""
     last = key.rsplit(".", 1)[-1]
     for said in (prefix + key, last):  # teacher.name; data.data_path, but not teacher.model as model.name
         if said in _SCRIPT_NAMES and _SCRIPT_NAMES[said].startswith(prefix):
             return [_SCRIPT_NAMES[said]]
     if prefix == "model." and key in _VIT_ARGS:
         return [f"model.kwargs.{key}"]
-    here = [f"{prefix}{name}" for name in field_types(_section_type(root, prefix))]
+    fields = field_types(_section_type(root, prefix))
+    here = [f"{prefix}{n}" for n, tp in fields.items() if sections or not dataclasses.is_dataclass(tp)]
     anywhere = [leaf.name for leaf in leaves(root)]
     begun = [name for name in here if name.startswith(prefix + key)]
     begun = begun or [name for name in here if prefix and key in name.removeprefix(prefix)]  # transfer.weight
@@ -261,13 +291,15 @@ def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> l
     named = named or [name for name in anywhere if name.rsplit(".", 1)[-1].startswith(last)][:3]
     if named:
         return named
-    # a near spelling here, then anywhere (epoch -> schedule.epochs), then a loose one here (bogus -> log)
+    # a near spelling here, then anywhere (epoch -> schedule.epochs), then a loose one here (bogus -> log): a
+    # section, or a key of the section named (the top level's few keys, all unlike, would be a far guess)
     near = max(cutoff, 0.75)
     by_last = {name.rsplit(".", 1)[-1]: name for name in reversed(anywhere)}
+    loose = here if prefix else [n for n in here if dataclasses.is_dataclass(fields[n])]
     return (
         difflib.get_close_matches(prefix + key, here, n=1, cutoff=near)
         or [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=near)]
-        or difflib.get_close_matches(prefix + key, here, n=1, cutoff=cutoff)
+        or difflib.get_close_matches(prefix + key, loose, n=1, cutoff=cutoff)
     )
 
 
@@ -277,7 +309,7 @@ def _section_type(root: type, prefix: str) -> type:
     return root
 
 
-def _unknown_key(key: str, prefix: str, root: type) -> ConfigError:
+def _unknown_key(key: str, prefix: str, root: type, value: Any = None) -> ConfigError:
     if not prefix and key == "base":  # a YAML file's first key, given as an override
         return ConfigError(
             "base names the recipe a YAML file starts from; on the command line, give it as -c RECIPE"
@@ -287,7 +319,7 @@ def _unknown_key(key: str, prefix: str, root: type) -> ConfigError:
         # `schedule.max_steps: 3` in a YAML file: dots are the command line's spelling of nesting
         nested = ": {".join(parts) + ": ...}" + "}" * (len(parts) - 2)
         return ConfigError(f"config key {prefix + key!r}: a YAML file nests its keys; write {nested}")
-    meant = keys_meant(key, root, prefix)
+    meant = keys_meant(key, root, prefix, sections=isinstance(value, Mapping))
     hint = f"; did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
     return ConfigError(
         f"unknown config key {prefix + key!r}{hint} (valid under "
@@ -313,7 +345,7 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
     changes = {}
     for key, value in data.items():
         if key not in types:
-            raise _unknown_key(str(key), prefix, root)
+            raise _unknown_key(str(key), prefix, root, value)
         tp = types[key]
         if dataclasses.is_dataclass(tp):
             changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.", root)

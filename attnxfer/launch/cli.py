@@ -121,7 +121,8 @@ def _as_overrides(stray: list[str], argv: list[str]) -> str:
         after = argv[argv.index(item) + 1 :][:1]
         if not value and after and not after[0].startswith("-") and "=" not in after[0]:
             value = after[0]
-        keys = [k for k in keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75) if k in known]
+        keys = keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75, sections=False)
+        keys = [k for k in keys if k in known or k.startswith("model.kwargs.")]  # timm's own arguments
         if keys:
             meant.append(" or ".join(f"{key}={value or 'VALUE'}" for key in keys))
     return f"; attnxfer takes config values as key=value: {' '.join(meant)}" if meant else ""

@@ -47,6 +47,33 @@ CASES = [
         "unknown config key 'initial_checkpoint'; did you mean 'model.init'?",
     ),
     (["train", "--finetune", "mae.pth"], 2, "attnxfer takes config values as key=value: model.init=mae.pth"),
+    # timm's, MAE's and Hugging Face's spellings: attnxfer's key, never a section or a far guess (lr_base was
+    # answered 'transfer', log_interval 'eval', save_steps 'convert.stage1_steps', warmup_lr 'run_dir')
+    (["train", "lr_base=5e-4"], 2, "unknown config key 'lr_base'; did you mean 'optim.blr'?"),
+    (["train", "log_interval=50"], 2, "unknown config key 'log_interval'; did you mean 'log.every_steps'?"),
+    (
+        ["train", "save_steps=500"],
+        2,
+        "unknown config key 'save_steps'; did you mean 'checkpoint.every_steps'?",
+    ),
+    (["train", "optim.learning_rate=1e-3"], 2, "'optim.learning_rate'; did you mean 'optim.lr'?"),
+    (["train", "warmup_lr=1e-6"], 2, "unknown config key 'warmup_lr' (valid under the top level:"),
+    (["train", "optimizer.lr=1e-3"], 2, "unknown config key 'optimizer'; did you mean 'optim'?"),
+    (
+        [
+            "train",
+            "--lr-base",
+            "5e-4",
+            "--aa",
+            "rand-m9-mstd0.5",
+            "--drop",
+            "0.1",
+            "--model-ema-decay",
+            "0.9998",
+        ],
+        2,
+        "key=value: optim.blr=5e-4 aug.auto_augment=rand-m9-mstd0.5 model.kwargs.drop_rate=0.1 ema.decay=0.9998",
+    ),
     (["train", "teacher.name=x"], 2, "unknown config key 'teacher.name'; did you mean 'teacher.spec'?"),
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
     (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
