@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from functools import partial
 from pathlib import Path
 
 from ...errors import InputError
-from ...speak import warn
+from ...speak import say, warn
 from ..arguments import add_slurm_arguments
 from .base import add_config_args, add_vary, load, load_study, print_config, register_command
 from .study import show_config as show_study
@@ -80,6 +81,32 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
         judged_study_point(cfg, world, verify_hash=False)
 
 
+def _refuse_vary_alone(args) -> None:
+    if args.vary and args.job_command != "study":
+        raise InputError("--vary names what a study's students differ in: use it with --command study")
+
+
+def _show_config(args) -> int:
+    """``--print-config``: the config the job runs, as `attnxfer COMMAND --print-config` shows it (a study's base
+    and each student); under --sweep, the config each job sets its swept keys in (each value checked)."""
+    from ..arguments import parse_sweep
+
+    _refuse_vary_alone(args)
+    sweep = parse_sweep(args.sweep) or {}
+    if sweep:  # a misspelt key or a bad value is refused here, as the submit would
+        cfg = load_study(args) if args.job_command == "study" else load(args)
+        for key, values in sweep.items():
+            for value in values:
+                cfg.with_overrides({key: value})
+    code = (show_study if args.job_command == "study" else print_config)(args)
+    if sweep:
+        jobs = math.prod(len(values) for values in sweep.values())
+        each = " x ".join(f"{key}={','.join(values)}" for key, values in sweep.items())
+        which = "each combination of" if len(sweep) > 1 else "each of"
+        say(f"# --sweep: {jobs} jobs, this config with {which} {each} (--dry-run prints every job's)")
+    return code
+
+
 @register_command(
     "submit",
     help="run `train` (or `convert`, `pretrain`, `study`) as a (multi-node) SLURM job through submitit",
@@ -87,12 +114,10 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
     "periodically, requeues itself on preemption/time limit and resumes.",
     arguments=_arguments,
-    # the config the job runs, as `attnxfer COMMAND --print-config` shows it (a study's base and each student)
-    show_config=lambda args: (show_study if args.job_command == "study" else print_config)(args),
+    show_config=_show_config,
 )
 def run(args) -> int:
-    if args.vary and args.job_command != "study":
-        raise InputError("--vary names what a study's students differ in: use it with --command study")
+    _refuse_vary_alone(args)
     cfg = load_study(args) if args.job_command == "study" else load(args)
     from ... import speak
     from ...checkpoints.run_lock import lock_holder, refuse_file_in_the_way, refuse_other_work

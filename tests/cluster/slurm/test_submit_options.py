@@ -207,6 +207,23 @@ def test_print_config_shows_what_the_job_runs(capsys, tmp_path):
     assert code == 0 and "# student a:" in out and "# student b:" in out, err
 
 
+def test_print_config_checks_and_says_a_sweep_and_refuses_a_vary_without_a_study(capsys):
+    """--print-config printed the base config alone ("unchanged") and exited 0, whatever --sweep (a misspelt key
+    too) or --vary said: a sweep's values are checked and the sweep said, and --vary is refused as the submit
+    refuses it."""
+    argv = ["submit", "-c", "demo/copy", "--print-config"]
+    code, out, err = run_cli(capsys, *argv, "--sweep", "optim.lrr=1e-3,2e-3")
+    assert code == 2 and not out and "unknown config key 'optim.lrr'; did you mean 'optim.lr'?" in err, err
+    code, out, err = run_cli(capsys, *argv, "--sweep", "optim.lr=1e-3,2e-3", "--sweep", "seed=1,2,3")
+    assert code == 0 and "\noptim:\n  lr: 0.002\n" in out, err
+    assert out.endswith(
+        "# --sweep: 6 jobs, this config with each combination of optim.lr=1e-3,2e-3 x seed=1,2,3 (--dry-run "
+        "prints every job's)\n"
+    ), out
+    code, out, err = run_cli(capsys, *argv, "--vary", "seed=1,2")
+    assert code == 2 and not out and "--vary names what a study's students differ in" in err, err
+
+
 def test_gpus_asked_for_by_gres_must_each_have_a_task(capsys, tmp_path):
     """The job runs one task per GPU of --gpus-per-node (or --tasks-per-node): a gres of 4 GPUs beside one task
     would leave three idle without a word."""
