@@ -181,7 +181,7 @@ def base_lr(cfg: TrainConfig, world: int) -> float:
     cosine would raise the lr to it: a recipe's min_lr, set for its global batch, on fewer processes)."""
     o = cfg.optim
     if o.lr is not None:
-        if o.blr != OptimConfig().blr:  # every convert recipe sets lr: a blr given on top would go unread
+        if o.blr != OptimConfig().blr:  # one file sets both (blr over a recipe's lr is refused)
             warn(
                 f"warning: optim.blr={o.blr:g} unused: optim.lr={o.lr:g} is set (blr counts where optim.lr=null)"
             )
