@@ -153,12 +153,12 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
 
 
 #: where an OpenCLIP image tower keeps its projection: its own layout's, and a timm trunk's linear one
-_OPENCLIP_PROJECTIONS = ("visual.proj", "visual.head.proj.weight")
+_OPENCLIP_PROJECTIONS = ("visual.proj", "visual.head.proj.weight", "visual.head.proj.bias")
 
 
 #: what a timm trunk's OpenCLIP keys outside ``visual.trunk.`` other than its linear projection are, dropped
 _TRUNK_HEAD_DROPPED = (
-    "the image tower's projection head beyond a linear weight, which timm's ViT does not load"
+    "the image tower's projection head beyond a linear layer, which timm's ViT does not load"
 )
 
 
@@ -245,7 +245,7 @@ def drop_text_tower(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torc
     if "visual.class_embedding" in state_dict:
         keep = {k for k in state_dict if k.startswith("visual.")}
     elif _openclip_timm_trunk(state_dict):
-        keep = {k for k in state_dict if k.startswith("visual.trunk.") or k == "visual.head.proj.weight"}
+        keep = {k for k in state_dict if k.startswith("visual.trunk.") or k in _OPENCLIP_PROJECTIONS}
     else:
         return state_dict, []
     return {k: v for k, v in state_dict.items() if k in keep}, sorted(set(state_dict) - keep)
@@ -309,6 +309,10 @@ def load_teacher(
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
     model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
+    # timm's filter makes a timm trunk's linear projection the head, with a zero bias in place of the file's
+    if "visual.head.proj.bias" in state_dict:
+        with torch.no_grad():
+            model.get_classifier().bias.copy_(state_dict["visual.head.proj.bias"])
     # a file named as an architecture of another patch size: timm's filter resampled its kernel, silently
     kernel, built = (sd.get("patch_embed.proj.weight") for sd in (state_dict, model.state_dict()))
     conv = res.source is Origin.FILE and built is not None and getattr(kernel, "ndim", 0) == 4  # not flat

@@ -701,6 +701,29 @@ def test_an_openclip_checkpoint_of_a_timm_trunk_says_what_it_drops_and_keeps_its
     torch.testing.assert_close(headless(x), trunk(x))
 
 
+def test_an_openclip_timm_trunks_projection_bias_is_the_heads_bias_not_zero(tmp_path):
+    """A timm-backed OpenCLIP tower whose linear projection has a bias (``proj_bias``): timm's filter makes the
+    projection's weight the head and zeroes its bias, so the teacher's outputs would be shifted; the file's
+    bias is loaded, and dropped with the head where the head is."""
+    trunk = tiny_timm(num_classes=0).eval()
+    proj, bias = torch.randn(16, 48), torch.randn(16)
+    state = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    state |= {
+        "visual.head.proj.weight": proj,
+        "visual.head.proj.bias": bias,
+        "logit_scale": torch.tensor(4.6),
+    }
+    path = tmp_path / "open_clip_model.safetensors"
+    save_file(state, str(path))
+    x = torch.randn(2, 3, 32, 32)
+    teacher, rec = load_teacher(str(path), arch="vit_tiny_patch16_224", **TINY)
+    assert rec.num_classes == 16 and rec.dropped_keys == ["logit_scale"]
+    torch.testing.assert_close(teacher(x), trunk(x) @ proj.t() + bias)
+    headless, rec0 = load_teacher(str(path), arch="vit_tiny_patch16_224", num_classes=0, **TINY)
+    assert rec0.dropped_keys == ["logit_scale", "visual.head.proj.weight", "visual.head.proj.bias"]
+    torch.testing.assert_close(headless(x), trunk(x))
+
+
 def test_an_openclip_timm_trunks_mlp_projection_head_is_said_to_be_the_image_towers_not_the_text_towers(
     tmp_path, capsys
 ):
@@ -723,7 +746,7 @@ def test_an_openclip_timm_trunks_mlp_projection_head_is_said_to_be_the_image_tow
     [said] = [line for line in capsys.readouterr().err.splitlines() if "dropped 5" in line]
     assert said.endswith(
         "(CLIP text tower): logit_scale, text_projection; (the image tower's projection head beyond a linear "
-        "weight, which timm's ViT does not load): visual.head.mlp.* (3)"
+        "layer, which timm's ViT does not load): visual.head.mlp.* (3)"
     ), said
 
 
