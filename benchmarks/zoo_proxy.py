@@ -106,7 +106,13 @@ def main() -> None:
     if len(students) < 3:
         sys.exit(f"{args.study}: {len(students)} students with a report; rho needs at least 3")
     first = args.study / json.loads((args.study / "study.json").read_text())["students"][0]["folder"]
-    cfg = load_config(str(first / "config.yaml"), args.overrides)
+    overrides = list(args.overrides)
+    if not any(o.startswith("search.target_tokens=") for o in overrides):
+        # nothing here is timed, but the evaluator checks the token count against the teacher's layout: the run's
+        # own (search's default, 3137, is a class token + 56x56 patches, which a teacher without one refuses)
+        tokens = json.loads((first / "report.json").read_text())["speed"]["tokens"]
+        overrides.insert(0, f"search.target_tokens={tokens}")
+    cfg = load_config(str(first / "config.yaml"), overrides)
     evaluator, parts = build_evaluator(cfg)
     teacher, cache, fit = evaluator.teacher, evaluator.cache, evaluator.fit
     device = next(teacher.parameters()).device

@@ -375,6 +375,39 @@ def test_zoo_proxy_only_refuses_a_student_name_the_study_lacks(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+def test_zoo_proxy_fits_at_the_studys_token_count_so_a_teacher_without_a_class_token_is_taken(
+    tmp_path, monkeypatch
+):
+    """search.target_tokens' default (3137: a class token + 56x56) was handed to the evaluator, which refused the
+    recall teacher (no class token) with a ConfigError traceback; the proxy times nothing, so the run's own count
+    goes, and one given on the command line is kept."""
+    students = []
+    for name in ("relu_linear", "hedgehog", "performer"):
+        (tmp_path / name).mkdir()
+        report = {"student": {"attention": [name], "attention_kwargs": {}}, "student_top1": 0.5}
+        report["top1"] = {"teacher": 0.9, "after_stage1": 0.4}
+        report["speed"] = {"tokens": 1024}
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        (tmp_path / name / "config.yaml").write_text("seed: 0\n")
+        students.append({"name": name, "folder": name})
+    (tmp_path / "study.json").write_text(json.dumps({"students": students}))
+    module = script_module("zoo_proxy", folder="benchmarks")
+    taken = []
+
+    def build_evaluator(cfg):
+        taken.append(cfg.search.target_tokens)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(module, "build_evaluator", build_evaluator)
+    for extra in ([], ["search.target_tokens=65"]):
+        monkeypatch.setattr(
+            sys, "argv", ["zoo_proxy.py", str(tmp_path), "--out", str(tmp_path / "out"), *extra]
+        )
+        with pytest.raises(SystemExit):
+            module.main()
+    assert taken == [1024, 65]
+
+
 def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir, capsys):
     """A conversion's stages or a run's checkpoints beside the search's would be read as its own on resume."""
     before = sorted(p.relative_to(finished) for p in finished.rglob("*"))
