@@ -24,6 +24,7 @@ from helpers import (
     ZOO_OPTIONS as SMALL_OPTIONS,
     ZOO_PREFIX as PREFIX,
     ZOO_TOKENS as N_SMALL,
+    tiny_vit,
 )
 from timm.layers import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -532,6 +533,17 @@ def test_linformer_with_identity_projections_is_softmax_and_checks_length():
         module(torch.randn(1, 9, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="needs seq_len"):
         create_attention("linformer", dim=32, num_heads=2)
+
+
+def test_linformer_on_a_teacher_of_any_size_says_to_give_seq_len_not_that_it_cannot_convert():
+    # a dynamic_img_size teacher (the recall teacher) has no one token count to fill in, but converts with
+    # seq_len given (recall/convert_zoo does): the refusal said "linformer cannot convert it"
+    teacher = tiny_vit(depth=2, img_size=32, patch_size=8, dynamic_img_size=True)
+    with pytest.raises(InputError, match=r"dynamic_img_size.*convert\.attention_kwargs.*\{seq_len: N\}") as e:
+        build_efficient_student(teacher, "linformer")
+    assert "dynamic_img_size) has no one token count, so linformer cannot convert it" not in str(e.value)
+    student = build_efficient_student(teacher, "linformer", seq_len=17)
+    assert student(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
 def test_hydra_matches_its_formula():

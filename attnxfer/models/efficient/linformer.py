@@ -56,8 +56,10 @@ class LinformerAttention(EfficientAttention):
             raise InputError(
                 "linformer needs seq_len, the fixed token count its E/F projections are built for "
                 "(num_prefix_tokens + grid_h * grid_w, e.g. 197 for a 224px/16 ViT with a class token); a "
-                "conversion fills it in from a fixed-size ViT teacher: one of stages (hierarchical) or of any size "
-                "(dynamic_img_size) has no one token count, so linformer cannot convert it"
+                "conversion fills it in from a fixed-size ViT teacher. One of any size (dynamic_img_size) has no "
+                "one token count: give the run's in the attention options (convert.attention_kwargs or "
+                "model.attention_kwargs: {seq_len: N}); one of stages (hierarchical) has one per stage, so "
+                "linformer cannot convert it"
             )
         if proj_len < 1:
             raise InputError(f"proj_len must be >= 1, got {proj_len}")
