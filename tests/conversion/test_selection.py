@@ -447,7 +447,9 @@ def test_a_convert_study_of_budgets_measures_once_and_records_each_choice(
         )
         == 0
     )
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # the choice's keys the study sets for its auto students are read: not said to be unused by the fixed one
+    assert "unused (read only to choose attentions" not in err, err
     # the fits are made once for both budgets, and said (in the first auto student's build, not silently)
     fits = [line for line in out.splitlines() if "fitted in every block" in line]
     assert len(fits) == 4 and all(line.startswith("s11: ") for line in fits), fits

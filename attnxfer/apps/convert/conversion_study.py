@@ -122,6 +122,8 @@ class _ConvertStudy:
         # there is one, so that convert.attention=auto's measurements (minutes of fits) run in its student's
         # own build and say what they do, not silently in this one
         name, first = next(((s.name, c) for s, c in configs if c.convert.attention != AUTO), (None, None))
+        # the choice's keys, set for the study's auto students, are not said to be unread by the others
+        chooses = any(c.convert.attention == AUTO for _, c in configs)
         if first is None:
             name, first = configs[0][0].name, configs[0][1]
             say(
@@ -130,12 +132,14 @@ class _ConvertStudy:
                 "student trains; every student's choice follows"
             )
         with torch.random.fork_rng(devices=[]), _naming(name), quiet():
-            shared = build_conversion(first, info, None).parts
+            shared = build_conversion(first, info, None, study_chooses=chooses).parts
         runs, streams = [], []
         for student, cfg in configs:
             torch.manual_seed(cfg.seed)
             with _naming(student.name), speaking_for(student.name):
-                runs.append(build_conversion(cfg, info, None, name=student.name, shared=shared))
+                runs.append(
+                    build_conversion(cfg, info, None, name=student.name, shared=shared, study_chooses=chooses)
+                )
             streams.append(StudentStreams.current())
         # what one batch and one teacher pass for all needs, on stage 2's configs, before any work
         check_study(spec, [(s, stage2_config(run)) for (s, _), run in zip(configs, runs, strict=True)])

@@ -278,10 +278,12 @@ def build_conversion(
     *,
     name: str | None = None,
     shared: RunParts | None = None,
+    study_chooses: bool = False,
 ) -> Conversion:
     """Teacher, student, data and both stages' plans (``parts`` built by the caller are used as they are;
-    ``shared``: a convert study's teacher and loaders, around which only the student ``name`` is built). Stage 2's
-    weights, chosen here (`stage2_objective`), go into the run's config."""
+    ``shared``: a convert study's teacher and loaders, around which only the student ``name`` is built;
+    ``study_chooses``: a student of it is convert.attention=auto). Stage 2's weights, chosen here
+    (`stage2_objective`), go into the run's config."""
     labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
     if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen
         student_fn = (
@@ -316,6 +318,7 @@ def build_conversion(
         resolve_device(cfg.device),
         main=info.is_main_process,
         plan_for=lambda c, student: conversion_plan_from_config(c, parts.teacher, student),
+        others_choose=study_chooses,
     )
     if auto:  # the chosen student, around the stand-in's teacher and loaders
         student = _student_builder(cfg, labelled)(parts.teacher, parts.num_classes)

@@ -138,9 +138,11 @@ def choose_attentions(
     *,
     main: bool,
     plan_for: PlanFor,
+    others_choose: bool = False,
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
     """``cfg`` with ``convert.attention=auto`` resolved to one name per block, and the selection's record
-    (recorded earlier, else measured now; every rank takes rank 0's); other configs as they are."""
+    (recorded earlier, else measured now; every rank takes rank 0's); other configs as they are.
+    ``others_choose``: a study's student beside auto ones, whose choice keys the study set for them."""
     path = Path(cfg.run_dir) / SELECTION_FILE
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = read_record(path)  # a damaged record only decorates the report: none
@@ -148,7 +150,7 @@ def choose_attentions(
         # keys only a choice reads; an auto run's own config.yaml (its choice recorded) keeps them quietly
         changed = changed_from(TrainConfig(), cfg)
         unread = [f"{k}={changed[k][1]}" for k in _CHOICE_ONLY if k in changed]
-        if own is None and unread:
+        if own is None and unread and not others_choose:
             warn(
                 f"warning: {', '.join(unread)} unused (read only to choose attentions for convert.attention=auto): "
                 f"convert.attention={cfg.convert.attention} is converted as named, whatever its speed"
