@@ -644,3 +644,18 @@ def test_a_measured_selection_speedup_whose_rounds_fall_on_both_sides_of_1_is_no
             )
             assert "no measured speed-up is claimed (over 5 interleaved rounds at 64 px" in md
             assert "measured: withheld (over 5 interleaved rounds" in said[-1]
+
+
+@pytest.mark.slow
+def test_linformer_as_a_candidate_is_timed_at_the_speed_tokens_not_refused_for_its_run_length(
+    tmp_path, tiny_teacher_dir, fixed_timings
+):
+    """linformer's seq_len (its projections' length) is the run's token count; the budget's timing at
+    convert.speed_tokens builds each candidate for that many tokens, where the run's seq_len cannot run."""
+    run = tmp_path / "run"
+    extra = ["convert.candidates=[linformer]", "convert.attention_kwargs={seq_len: 17, proj_len: 8}"]
+    extra += ["convert.speedup=1.01", "convert.speed_tokens=1025", "convert.selection_steps=1"]
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
+    (real,) = fixed_timings
+    assert real["tokens"] == 1025 and real["whole_ms"]["linformer"] > 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["convert"]["attention_kwargs"]["seq_len"] == 17

@@ -131,6 +131,12 @@ def _options(cfg: TrainConfig, name: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.convert.attention_kwargs.items() if _accepts(name, k)}
 
 
+def _for_tokens(options: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """Attention ``options`` for a model timed at ``tokens``: a fixed sequence length (linformer's seq_len) is
+    the run's, which a teacher rebuilt at convert.speed_tokens does not have."""
+    return {k: tokens if k == "seq_len" else v for k, v in options.items()}
+
+
 def choose_attentions(
     cfg: TrainConfig,
     parts: RunParts,
@@ -423,7 +429,7 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
     models = {"teacher": teacher, "floor": floor_model(teacher)}
     for name in c.candidates:
         try:
-            models[name] = build_efficient_student(teacher, name, **_options(cfg, name))
+            models[name] = build_efficient_student(teacher, name, **_for_tokens(_options(cfg, name), tokens))
         except GridFitError as e:  # its option, its default too, larger than the grid the budget holds at
             raise InputError(
                 f"convert.candidates: {name}: {e}; set the option in convert.attention_kwargs, or drop {name} "
@@ -493,7 +499,8 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
     row = speed
     if record["side"] != speed["input"][-1] or record["batch"] != speed["batch"]:
         teacher = rebuilt_teacher(cfg, record["side"], run.device)
-        student = build_efficient_student(teacher, record["attention"], **cfg.convert.attention_kwargs)
+        options = _for_tokens(cfg.convert.attention_kwargs, record["tokens"])
+        student = build_efficient_student(teacher, record["attention"], **options)
         x = torch.randn(record["batch"], parts.in_chans, record["side"], record["side"]).to(run.device)
         precision = resolve_precision(cfg.precision, run.device)
         row = forward_speed(
