@@ -153,6 +153,11 @@ class RecallImages(Dataset):
         self._mean = torch.tensor(info.mean).view(-1, 1, 1)
         self._std = torch.tensor(info.std).view(-1, 1, 1)
 
+    @property
+    def sizes(self) -> list[int]:
+        """The image sides its curriculum's stages yield besides the task's own (a model must run at each)."""
+        return sorted({st.img_size for _, st in self.curriculum} - {self.stage.img_size})
+
     def stage_of(self, epoch: int) -> RecallStage:
         """The stage a train epoch draws from (val: always the task's own)."""
         for last, st in self.curriculum:

@@ -9,6 +9,8 @@ import torch
 from attnxfer.data import SampleKey, build_dataset, dataset_info, list_datasets
 from attnxfer.data.recall import RecallImages
 from attnxfer.errors import InputError
+from attnxfer.launch import cli
+from tests.helpers import tiny_run
 
 KW = dict(img_size=32, glyph=4, pairs=6, num_keys=12, distractors=3, distance=4, length=64, val_length=32)
 
@@ -253,3 +255,33 @@ def test_hops_change_the_data_identity_and_a_curriculum_stage_can_set_them():
     assert train.layout(SampleKey(0, 0)).link_cells == () and _decode(train, x) == y
     x, y = train[SampleKey(0, 1)]
     assert len(train.layout(SampleKey(0, 1)).link_cells) == 6 and _decode(train, x) == y
+
+
+@pytest.mark.parametrize(
+    ("side", "dynamic", "says"),
+    [
+        (28, False, "the student runs at its own 32 px only; build it with dynamic_img_size=true"),
+        (30, True, "cannot run at 30 px: 4 px patches: 30 px is not a multiple of 4 px"),
+    ],
+)
+def test_a_curriculum_stage_at_a_size_the_student_cannot_run_is_refused_before_training(
+    tmp_path, capsys, side, dynamic, says
+):
+    """A stage's images meet the model only when its epoch comes: a size the patches do not tile, or any other
+    size for a model of one fixed size, stopped that epoch's first step in timm's assertion."""
+    kwargs = "{patch_size: 4, depth: 1, embed_dim: 32, num_heads: 2" + (
+        ", dynamic_img_size: true}" if dynamic else "}"
+    )
+    argv = [
+        "train",
+        f"run_dir={tmp_path / 'run'}",
+        *tiny_run(16, 8),
+        "data.dataset=recall",
+        "data.img_size=32",
+    ]
+    argv += ["model.name=vit_tiny_patch16_224", f"model.kwargs={kwargs}", "transfer.mode=none"]
+    argv += [f"data.kwargs.curriculum=[{{epochs: 1, img_size: {side}, pairs: 1, distance: 1}}]"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"a data.kwargs.curriculum stage's img_size={side}: " in err and says in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

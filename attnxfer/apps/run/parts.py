@@ -17,7 +17,7 @@ from ...data import DatasetInfo
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
 from ...models.efficient import GridFitError, with_attention
-from ...models.image_input import ImageSizeError, image_input, sizes_that_fit
+from ...models.image_input import ImageSizeError, check_image_size, image_input, sizes_that_fit
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
 from ...sources.resolve import Source, parse_teacher_spec
@@ -412,6 +412,22 @@ def parts_around(
         rank=rank,
         world_size=world_size,
     )
+    # a train split of stages at other sizes (recall's curriculum): each one the models run at, not the first
+    # step of that stage in timm's assertion
+    for side in getattr(loaders.train_loader.dataset, "sizes", ()):
+        for who, model in (("student", student), ("teacher", teacher)):
+            if model is None:
+                continue
+            try:
+                check_image_size(model, side)
+            except ImageSizeError as e:
+                raise e.restated("a data.kwargs.curriculum stage's img_size") from None
+            if getattr(getattr(model, "patch_embed", None), "strict_img_size", False):  # timm's fixed size
+                raise InputError(
+                    f"a data.kwargs.curriculum stage's img_size={side}: the {who} runs at its own "
+                    f"{image_input(model).img_size[0]} px only; build it with dynamic_img_size=true (as "
+                    "recall/teacher's model.kwargs does), or give the stage the run's img_size"
+                )
     preprocessing = loaders.val_info.eval_preprocessing() if loaders.val_info is not None else {}
     stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
     if chosen_by is not None:
