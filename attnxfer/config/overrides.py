@@ -336,6 +336,11 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
         if section in _SECTION_VALUE and isinstance(data, (str, int, float)):  # model=vit_tiny: its name
             meant = f"{_SECTION_VALUE[section]}={yaml_value(data)}"
             raise ConfigError(f"{section} is a section, not a value: did you mean {meant}?")
+        if section == "eval" and isinstance(data, bool):  # MAE's main_finetune.py --eval: score, don't train
+            raise ConfigError(
+                "eval is the section of what `attnxfer eval` scores (eval.metrics, ...), not MAE's --eval switch: "
+                "to score a trained run, run attnxfer eval -c RUN_DIR/config.yaml"
+            )
         raise ConfigError(f"{section or 'config'}: expected a mapping, got {data!r}")
     if not prefix:  # a whole config's keys: old spellings move to their new keys first (`renamed.py`)
         data = respell(data, obj)

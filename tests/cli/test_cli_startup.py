@@ -50,6 +50,8 @@ CASES = [
     # timm's, MAE's and Hugging Face's spellings: attnxfer's key, never a section or a far guess (lr_base was
     # answered 'transfer', log_interval 'eval', save_steps 'convert.stage1_steps', warmup_lr 'run_dir')
     (["train", "lr_base=5e-4"], 2, "unknown config key 'lr_base'; did you mean 'optim.blr'?"),
+    # MAE's --eval (score instead of train) is another command here, not the eval section's value
+    (["train", "eval=true"], 2, "not MAE's --eval switch: to score a trained run, run attnxfer eval -c"),
     (["train", "log_interval=50"], 2, "unknown config key 'log_interval'; did you mean 'log.every_steps'?"),
     (
         ["train", "save_steps=500"],
