@@ -44,6 +44,11 @@ if ! "$PY" -c "import attnxfer.models, attnxfer.transfer, attnxfer.apps.run.trai
         "docs/benchmarks.md 'The GPU measurements: what to run'" >&2
     exit 3
 fi
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then # each part times --device cuda
+    echo "gpu_suite.sh measures a CUDA GPU and torch sees none here: run it on the lent GPU machine" \
+        "(docs/benchmarks.md); on a CPU, run the benchmarks themselves with --device cpu" >&2
+    exit 3
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/device.txt"
 

@@ -129,3 +129,17 @@ def test_a_benchmark_asked_for_the_triton_ce_path_on_the_cpu_says_it_needs_cuda_
             .splitlines()[-1]
             .startswith("--ce-paths triton needs a CUDA GPU and this run is on cpu")
         ), err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_the_gpu_suite_without_a_gpu_stops_in_one_line_before_any_part_runs(tmp_path):
+    """Every part of gpu_suite.sh times ``--device cuda``: without a GPU it stops at once (exit 3, as for a
+    checkout that does not import), not with nvidia-smi missing and each benchmark's refusal in turn."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "check"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip().startswith("gpu_suite.sh measures a CUDA GPU and torch sees none here"), r.stderr
+    assert "== tests" not in r.stdout and not (tmp_path / "device.txt").exists()
