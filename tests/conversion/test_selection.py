@@ -659,3 +659,15 @@ def test_linformer_as_a_candidate_is_timed_at_the_speed_tokens_not_refused_for_i
     (real,) = fixed_timings
     assert real["tokens"] == 1025 and real["whole_ms"]["linformer"] > 0
     assert yaml.safe_load((run / "config.yaml").read_text())["convert"]["attention_kwargs"]["seq_len"] == 17
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fixed_timings")
+def test_more_selection_batches_than_the_validation_split_holds_is_said(tmp_path, tiny_teacher_dir, capsys):
+    """The sensitivities are measured on the validation batches there are: fewer than asked is said, not
+    silently taken."""
+    extra = ["convert.candidates=[relu_linear]", "convert.speedup=1.01", "convert.speed_tokens=1025"]
+    extra += ["convert.selection_steps=1", "convert.selection_batches=50"]
+    assert cli.main(_args(tmp_path / "run", tiny_teacher_dir, *extra)) == 0
+    err = capsys.readouterr().err
+    assert "warning: convert.selection_batches=50, but the validation split holds 4 batches" in err, err

@@ -279,6 +279,11 @@ def measure_selection(
             f"{', '.join(rest) or 'nothing'} left to fit"
         )
     batches = [x.to(device) for x, *_ in itertools.islice(parts.val_loader, c.selection_batches)]
+    if len(batches) < c.selection_batches:
+        warn(
+            f"warning: convert.selection_batches={c.selection_batches}, but the validation split holds "
+            f"{len(batches)} batch{'es' if len(batches) != 1 else ''}: the sensitivities are measured on those"
+        )
     try:  # None: the timings alone are saved first
         for name in [None, *rest]:
             if name:
