@@ -671,3 +671,14 @@ def test_more_selection_batches_than_the_validation_split_holds_is_said(tmp_path
     assert cli.main(_args(tmp_path / "run", tiny_teacher_dir, *extra)) == 0
     err = capsys.readouterr().err
     assert "warning: convert.selection_batches=50, but the validation split holds 4 batches" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fixed_timings")
+def test_auto_without_stage1_steps_says_its_candidates_are_judged_unfitted_not_fitted_in_0_steps(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    extra = ["convert.candidates=[relu_linear]", "convert.speedup=1.01", "convert.speed_tokens=1025"]
+    assert cli.main(_args(tmp_path / "run", tiny_teacher_dir, *extra, "convert.stage1_steps=0")) == 0
+    out = capsys.readouterr().out
+    assert "relu_linear judged unfitted (0 stage-1 steps" in out and "fitted in every block" not in out, out

@@ -380,9 +380,13 @@ def _fitted_sensitivity(
     except NonFiniteLossError as e:
         say(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
         return {"failed": str(e), "sensitivity": [None] * depth, "seconds": time.monotonic() - start}
-    if plan.active:
+    if plan.active and steps:
         say(
             f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+        )
+    elif plan.active:  # convert.stage1_steps=0 (and no selection_steps): judged as swapped in
+        say(
+            f"convert.attention=auto: {name} judged unfitted (0 stage-1 steps: convert.selection_steps=N fits it)"
         )
     _, rows = sensitivities(parts.teacher, {name: student.eval()}, batches)
     return {
