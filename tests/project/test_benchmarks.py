@@ -13,6 +13,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _side_by_side(
+    argvs: dict[str, list[str]], env: dict[str, str] | None = None
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Each ``benchmarks/NAME.py ARGS`` run at once (their imports take the time): exit codes and stderr."""
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, f"benchmarks/{name}.py", *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, argv in argvs.items()
+    }
+    errs = {name: r.communicate()[1] for name, r in runs.items()}
+    return {name: r.returncode for name, r in runs.items()}, errs
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_a_benchmark_asked_for_cuda_without_a_gpu_says_to_use_the_cpu():
@@ -44,18 +63,8 @@ def test_a_mistyped_attention_name_is_refused_with_the_registrys_message_not_a_t
         "attention_zoo": ["--tokens", "17", "--batch", "1", "--dim", "32", "--heads", "2"],
         "model_throughput": ["--model", "vit_tiny_patch16_224", "--resolutions", "32", "--batch", "1"],
     }
-    runs = {
-        name: subprocess.Popen(
-            [sys.executable, f"benchmarks/{name}.py", *args, "--attentions", "linear"],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in tiny.items()
-    }
-    errs = {name: r.communicate()[1] for name, r in runs.items()}
-    assert all(r.returncode in (1, 2) for r in runs.values()), errs
+    codes, errs = _side_by_side({name: [*args, "--attentions", "linear"] for name, args in tiny.items()})
+    assert all(code in (1, 2) for code in codes.values()), errs
     for err in errs.values():
         assert "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
@@ -109,19 +118,9 @@ def test_a_benchmark_asked_for_the_triton_ce_path_on_the_cpu_says_it_needs_cuda_
         "ce_loss": ["--tokens", "17", "--batch", "1", "--warmup", "0", "--repeats", "1"],
         "transfer_step": ["--quick", "--tokens", "17", "--depth", "1", "--warmup", "0", "--repeats", "1"],
     }
-    runs = {
-        name: subprocess.Popen(
-            [sys.executable, f"benchmarks/{name}.py", *args, "--device", "cpu", "--ce-paths", "triton"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, args in tiny.items()
-    }
-    errs = {name: r.communicate()[1] for name, r in runs.items()}
-    assert all(r.returncode == 1 for r in runs.values()), errs
+    argvs = {name: [*args, "--device", "cpu", "--ce-paths", "triton"] for name, args in tiny.items()}
+    codes, errs = _side_by_side(argvs, env)
+    assert all(code == 1 for code in codes.values()), errs
     for err in errs.values():
         assert "Traceback" not in err, err
         assert (
