@@ -362,13 +362,11 @@ def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str
     if dropped:
         # a timm trunk's projection head (visual.head.mlp.*) is the image tower's, not the text tower's
         head = [k for k in dropped if k.startswith("visual.")] if kind == "CLIP text tower" else []
-        groups = ((kind, [k for k in dropped if k not in head]), (_TRUNK_HEAD_DROPPED, head))
+        groups = ((kind, [k for k in dropped if k not in head], 1), (_TRUNK_HEAD_DROPPED, head, 3))
         warn(
             f"{who}: dropped {len(dropped)} checkpoint entries {user} does not use "
             + "; ".join(
-                f"({what}): {_summarise_keys(keys, depth=3 if keys is head else 1)}"
-                for what, keys in groups
-                if keys
+                f"({what}): {_summarise_keys(keys, depth=depth)}" for what, keys, depth in groups if keys
             )
         )
     if dropped and kind == "mae-decoder" and not res.tag_known:  # timm's .mae tag: its preprocessing, licence
