@@ -93,7 +93,9 @@ def _show_config(args) -> int:
 
     _refuse_vary_alone(args)
     sweep = parse_sweep(args.sweep) or {}
-    if sweep:  # a misspelt key or a bad value is refused here, as the submit would
+    # a misspelt key or a bad value refused here, as the submit would; not by `_check_sweep`, whose
+    # sweep_points import torch (seconds) for what the config's own checks say here
+    if sweep:
         cfg = load_study(args) if args.job_command == "study" else load(args)
         for key, values in sweep.items():
             for value in values:
