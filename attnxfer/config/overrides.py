@@ -369,7 +369,7 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
                 close = [c for c in _CHOICES_MEANT.get(str(bad), ()) if c in names]
                 close = close or difflib.get_close_matches(str(bad), names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                if "" in rule.choices:  # a command line reads `KEY=` as null: the empty choice is spelled out
+                if "" in rule.choices:  # a command line refuses `KEY=`: the empty choice is spelled out
                     names.append(f"'' (none: {where}=\"''\" on a command line)")
                 raise ConfigError(f"{where}: {bad!r} is not one of {', '.join(names)}{hint}")
     return dataclasses.replace(obj, **changes)
@@ -420,7 +420,7 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 class TypedStr(str):
     """A string a YAML file already typed (a study's ``model.global_pool: ''``): `apply_overrides` keeps it as
-    it is for a key that takes a string, where a command line's ``model.global_pool=`` is parsed (to null);
+    it is for a key that takes a string, where a command line's ``model.global_pool=`` is refused (no value);
     for any other key it is parsed (study.yaml quotes a ``--vary`` value: ``seed: "1"``)."""
 
 
@@ -435,8 +435,13 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
         kept = isinstance(value, TypedStr) and str in typing.get_args(field)
         quoted = field is str and isinstance(value, str) and re.fullmatch(r"'.*'|\".*\"", value, re.DOTALL)
         if isinstance(value, str) and not kept and (field is not str or quoted):
+            if not value.strip():  # `key=$UNSET`: null would silently be the default, not what was meant
+                takes_null = field is None or type(None) in typing.get_args(field)
+                empty = f" ({key}=\"''\" for an empty string)" if str in typing.get_args(field) else ""
+                null = f", or {key}=null for null{empty}" if takes_null else ""
+                raise ConfigError(f"override {key}= has no value (an unset shell variable?); give one{null}")
             try:
-                typed = load_yaml(value) if value.strip() else None
+                typed = load_yaml(value)
             except yaml.YAMLError as e:
                 raise ConfigError(
                     f"override {key}={value!r}: value is not valid YAML ({describe_yaml_error(e)})"

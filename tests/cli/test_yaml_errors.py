@@ -159,6 +159,29 @@ def test_none_on_the_command_line_is_null_where_a_key_takes_null_and_quoted_is_t
 
 
 @pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("model.kwargs.drop_rate=", "give one, or model.kwargs.drop_rate=null for null"),
+        ("optim.lr= ", "give one, or optim.lr=null for null"),
+        ("schedule.epochs=", "give one"),
+        (
+            "model.global_pool=",
+            "give one, or model.global_pool=null for null (model.global_pool=\"''\" for an empty string)",
+        ),
+    ],
+)
+def test_an_empty_override_value_is_refused_not_read_as_null(capsys, override, said):
+    """model.kwargs.drop_rate=$DROP with DROP unset was null: timm's default dropout, and optim.lr= the blr
+    scaling, without a word; key=null still says null."""
+    code, _, err = run_cli(capsys, "train", "-c", "demo/copy", override, "--print-config")
+    key = override.split("=")[0]
+    assert code == 2 and err.strip() == (
+        f"attnxfer train: error: override {key}= has no value (an unset shell variable?); {said}"
+    ), err
+    assert load_config(None, [f"{key}=null"] * (key != "schedule.epochs")) is not None
+
+
+@pytest.mark.parametrize(
     ("text", "nested"),
     [
         ("schedule.max_steps: 3\n", "schedule: {max_steps: ...}"),

@@ -307,7 +307,7 @@ def test_a_students_yaml_values_are_read_as_typed_and_its_base_chain_merges_mapp
     none, avg = (spec.config_of(s) for s in spec.students)
     assert none.model.global_pool == "" and avg.model.global_pool == "avg"
     assert none.model.kwargs["depth"] == 4 and none.model.kwargs["patch_size"] == 4
-    # on a command line `KEY=` is null, and the error for a word says how to write the empty choice
+    # on a command line `KEY=` is refused (no value), and the error for a word says how to write the empty choice
     with pytest.raises(
         ConfigError, match=r"""'none' is not one of token, .*'' \(none: model.global_pool="''" """
     ):
