@@ -106,7 +106,26 @@ def _with_auto(cfg) -> str:
     return f" with checkpoint.resume=auto (checkpoint.resume={resume} would {again} again)"
 
 
-def _as_overrides(stray: list[str], argv: list[str]) -> str:
+def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
+    """The unrecognised arguments as the user wrote them, each a flag with the value after it (``--epochs 3``:
+    argparse took the 3 as an override, or left it an argument of its own) or ``(item, "")``."""
+    written, start, values = [], 0, set()
+    for item in stray:
+        i = argv.index(item, start) if item in argv[start:] else None
+        if i is not None and i in values:  # the value of the flag before it, written there
+            continue
+        after = argv[i + 1 : i + 2] if i is not None else []
+        start = start if i is None else i + 1
+        value = after[0] if after and not after[0].startswith("-") and "=" not in after[0] else ""
+        if item.startswith("--") and "=" not in item and value:
+            written.append((item, value))
+            values.add(start)
+        else:
+            written.append((item, ""))
+    return written
+
+
+def _as_overrides(written: list[tuple[str, str]]) -> str:
     """Flags naming config keys (timm's and MAE's ``--epochs 5``) as what attnxfer takes: ``schedule.epochs=5``."""
     from ..config.keys import leaves
     from ..config.overrides import keys_meant
@@ -114,17 +133,14 @@ def _as_overrides(stray: list[str], argv: list[str]) -> str:
 
     known = {leaf.name for leaf in leaves(TrainConfig)}
     meant = []
-    for item in stray:
+    for item, after in written:
         if not item.startswith("--"):
             continue
         name, _, value = item[2:].partition("=")
-        after = argv[argv.index(item) + 1 :][:1]
-        if not value and after and not after[0].startswith("-") and "=" not in after[0]:
-            value = after[0]
         keys = keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75, sections=False)
         keys = [k for k in keys if k in known or k.startswith("model.kwargs.")]  # timm's own arguments
         if keys:
-            meant.append(" or ".join(f"{key}={value or 'VALUE'}" for key in keys))
+            meant.append(" or ".join(f"{key}={value or after or 'VALUE'}" for key in keys))
     return f"; attnxfer takes config values as key=value: {' '.join(meant)}" if meant else ""
 
 
@@ -136,9 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
         # the command's own usage, and a flag that names a config key (timm's and MAE's --epochs) as its override
+        written = _as_written(stray or extra, argv)
         (args.command_parser if args.command else parser).error(
-            f"unrecognized arguments: {' '.join(stray or extra)}"
-            + (_as_overrides(stray, argv) if hasattr(args, "overrides") else "")
+            f"unrecognized arguments: {' '.join(f'{item} {value}'.strip() for item, value in written)}"
+            + (_as_overrides(written) if hasattr(args, "overrides") else "")
         )
     if extra:
         args.overrides = [*args.overrides, *extra]

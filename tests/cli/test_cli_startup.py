@@ -27,6 +27,13 @@ CASES = [
         2,
         "attnxfer takes config values as key=value: schedule.epochs=3 optim.lr=1e-3 run_dir=runs/x",
     ),
+    # each flag listed with its value as written (argparse takes the first lone value as an override)
+    (
+        ["train", "--epochs", "3", "--lr", "1e-3", "--lr", "2e-3"],
+        2,
+        "unrecognized arguments: --epochs 3 --lr 1e-3 --lr 2e-3; attnxfer takes config values as key=value: "
+        "schedule.epochs=3 optim.lr=1e-3 optim.lr=2e-3",
+    ),
     (["train", "epochs=3"], 2, "unknown config key 'epochs'; did you mean 'schedule.epochs'?"),
     (["train", "epoch=3"], 2, "unknown config key 'epoch'; did you mean 'schedule.epochs'?"),
     (["train", "warmup=1"], 2, "unknown config key 'warmup'; did you mean 'schedule.warmup_epochs'?"),
