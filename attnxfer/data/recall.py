@@ -351,7 +351,7 @@ def _curriculum(
     return out
 
 
-@register_dataset("recall", info=RECALL_INFO)
+@register_dataset("recall", info=RECALL_INFO, reads_root=False)
 def build_recall(
     split: str,
     *,

@@ -71,6 +71,7 @@ def require_labels(info: DatasetInfo, why: str, fix: str = "use labelled data wi
 class _Entry:
     builder: Callable[..., Dataset]
     info: InfoSource
+    reads_root: bool = True
 
 
 _DATASETS: dict[str, _Entry] = {}
@@ -89,9 +90,10 @@ def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInf
     return decorator
 
 
-def register_dataset(name: str, *, info: InfoSource) -> Callable:
+def register_dataset(name: str, *, info: InfoSource, reads_root: bool = True) -> Callable:
     """Register ``builder(split, *, root, img_size, in_chans, mean, std, seed, **options)`` as ``name``;
-    ``info``: its default `DatasetInfo`, or ``info(root)`` where the classes are only known from its files.
+    ``info``: its default `DatasetInfo`, or ``info(root)`` where the classes are only known from its files;
+    ``reads_root`` False: a generated dataset that ignores ``root`` (a run then shows no data.root for it).
     A builder (or info) that names a ``labels`` parameter is told when the run reads none, so it can read
     images without touching them; `build_dataset` drops the labels of every other dataset's samples."""
 
@@ -106,7 +108,7 @@ def register_dataset(name: str, *, info: InfoSource) -> Callable:
             raise TypeError(
                 f"dataset builder '{name}' must accept {', '.join(_BUILDER_ARGS)}; missing {missing}"
             )
-        _DATASETS[name] = _Entry(builder, info)
+        _DATASETS[name] = _Entry(builder, info, reads_root)
         return builder
 
     return decorator
@@ -145,6 +147,11 @@ def _options(builder: Callable) -> list[str]:
 
 def _names_labels(fn: Callable) -> bool:
     return "labels" in inspect.signature(fn).parameters
+
+
+def dataset_reads_root(name: str) -> bool:
+    """Whether ``name``'s builder reads anything under ``root`` (False: generated data, ``root`` ignored)."""
+    return _entry(name).reads_root
 
 
 def dataset_options(name: str) -> frozenset[str]:

@@ -75,7 +75,7 @@ class SyntheticImages(Dataset):
         return self.image(index), self.label(index)
 
 
-@register_dataset("synthetic", info=SYNTHETIC_INFO)
+@register_dataset("synthetic", info=SYNTHETIC_INFO, reads_root=False)
 def build_synthetic(
     split: str,
     *,

@@ -496,6 +496,15 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     assert "data:" not in capsys.readouterr().out
 
 
+def test_the_data_line_shows_no_data_root_for_a_dataset_that_reads_none(tmp_path, capsys):
+    """A paper recipe's data.root (/path/to/imagenet) kept on a switch to synthetic data is not read: the
+    run's data line would name a folder the run never opens."""
+    base = [*tiny_run(8, 4), f"run_dir={tmp_path / 'r'}", "transfer.mode=none", "data.root=/path/to/imagenet"]
+    build_run_parts(load_config(None, base))
+    out = capsys.readouterr().out
+    assert "data: synthetic, 8 train / 8 val images" in out and "/path/to/imagenet" not in out
+
+
 def test_grey_images_average_only_the_rgb_statistics_the_config_does_not_give(tmp_path):
     """data.in_chans=1 on a folder (ImageNet's three statistics): a data.std or data.mean given is used as
     given and the other is averaged, in a training run and in MAE pre-training alike."""

@@ -14,6 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ...config import DataConfig, ModelConfig, TrainConfig
 from ...data import DatasetInfo
+from ...data.registry import dataset_reads_root
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
 from ...models.efficient import GridFitError, with_attention
@@ -434,7 +435,8 @@ def parts_around(
         d, (made_for, normalised_by) = cfg.data, chosen_by
         mean_by, std_by = ("data." if given else f"{normalised_by} " for given in (d.mean, d.std))
         say(
-            f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(loaders.train_loader)} train / "
+            f"data: {d.dataset}{f' ({d.root})' if d.root and dataset_reads_root(d.dataset) else ''}, "
+            f"{_count(loaders.train_loader)} train / "
             f"{_count(loaders.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
             f"{in_chans}-channel {img_size} px for "
             f"{'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
