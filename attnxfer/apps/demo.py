@@ -325,6 +325,11 @@ def run_demo(
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
     budget_steps = budget_steps or (_QUICK_STUDENT_STEPS if quick else None)
     progress = ["log.progress=false"] if quick else []
+    if quick:  # the demo sets schedule.max_steps: each run's "raise schedule.max_steps" warning means this
+        say(
+            f"[demo] --quick: a smoke test of {teacher_steps} teacher and {budget_steps} student steps, too few "
+            "for students that learn (each run warns so); leave out --quick for the demo's figures"
+        )
     tables = ["mae", "supervised"] if supervised else ["mae"]
 
     teachers, exports, stable = {}, {}, {}

@@ -721,6 +721,8 @@ def test_the_demo_goes_on_in_runs_demo_after_a_demo_recipe_ran_there(tmp_path, m
     (tmp_path / "runs" / "demo" / "mae" / "run.json").write_text("{}")
     with pytest.raises(Reached):
         demo.run_demo(quick=True)
+    # its runs' short-run warnings tell the user to raise schedule.max_steps, a key the demo set: said first
+    assert "[demo] --quick: a smoke test of 60 teacher and 30 student steps" in capsys.readouterr().out
     (tmp_path / "mine" / "mae").mkdir(parents=True)
     code, _, err = run_cli(capsys, "demo", "--quick", "--out", "mine")
     assert code == 2 and "holds other work (mae) and no demo's runs" in err
