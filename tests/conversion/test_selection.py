@@ -178,6 +178,25 @@ def test_a_swap_exact_up_to_rounding_measures_no_negative_sensitivity():
     assert all(0 <= row["window"] < 1e-6 for row in rows)
 
 
+def test_a_model_timed_under_its_floor_gets_a_block_time_of_0_said_as_timing_noise_never_a_negative_one():
+    """A block's attention is (model - floor) / depth; under load a model (which contains its floor) can time
+    under the floor, and its block would print, and be saved, as a negative time. Other blocks keep theirs."""
+    whole = {"teacher": 3.9, "floor": 4.0, "relu_linear": 3.8, "hedgehog": 5.0}
+    ms = selection.block_ms(whole, depth=2)
+    assert ms == {SOFTMAX: 0.0, "relu_linear": 0.0, "hedgehog": 0.5}
+    timing = {"ms": {"teacher": 3.9, **ms}, "whole_ms": whole}
+    assert selection._block_ms_text(timing, SOFTMAX) == (
+        "0 ms (its model timed under the floor: 0 within timing noise)"
+    )
+    assert selection._block_ms_text(timing, "relu_linear").startswith("0 ms (its model timed under the floor")
+    assert selection._block_ms_text(timing, "hedgehog") == "0.5 ms"
+    # as before where every model times above its floor
+    assert selection.block_ms({"teacher": 10.0, "floor": 4.0, "hedgehog": 5.0}, depth=2) == {
+        SOFTMAX: 3.0,
+        "hedgehog": 0.5,
+    }
+
+
 def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path):
     """The resume rule over the keys the choice read: the same config reads the record back (nothing
     measured); another budget is refused in one line, naming the key; checkpoint.resume=none chooses again."""

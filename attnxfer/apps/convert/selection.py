@@ -266,7 +266,8 @@ def measure_selection(
         )
     say(
         f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
-        f"block's attention {soft:.3g} ms; " + ", ".join(f"{n} {t:.3g} ms" for n, t in ms.items())
+        f"block's attention {_block_ms_text(timing, SOFTMAX)}; "
+        + ", ".join(f"{n} {_block_ms_text(timing, n)}" for n in ms)
     )
     steps = c.selection_steps or c.stage1_steps
     fits = {n: _memo(teacher, f"fit {n}", cfg, lambda f=f: f) for n, f in progress.get("fits", {}).items()}
@@ -451,17 +452,37 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
         calls = {name: partial(model, images) for name, model in models.items()}
         times = interleaved_timings(calls, device=device, warmup=1, repeats=c.speed_repeats)
     whole = {name: 1000.0 * t.median for name, t in times.items()}
-    depth = len(flat_blocks(teacher))
-    in_place = {name: (whole[name] - whole["floor"]) / depth for name in c.candidates}
     return {
         "tokens": tokens,
         "side": side,
         "batch": c.speed_batch_size,
         "device": device.type,
         "precision": f"{precision.value} autocast" if precision.autocasts else "fp32",
-        "ms": {"teacher": whole["teacher"], SOFTMAX: (whole["teacher"] - whole["floor"]) / depth, **in_place},
+        "ms": {"teacher": whole["teacher"], **block_ms(whole, len(flat_blocks(teacher)))},
         "whole_ms": whole,
     }
+
+
+def block_ms(whole: dict[str, float], depth: int) -> dict[str, float]:
+    """One block's attention in place, softmax's (from the teacher's time) and each candidate's: (that model -
+    floor) / depth, from ``whole`` (ms of the teacher, its floor and each candidate's all-blocks student). Never
+    below 0: a model contains its floor, so one timed under it (a loaded machine) is at the floor within timing
+    noise, where its difference would print, and save, a negative time."""
+    return {
+        SOFTMAX if name == "teacher" else name: max(0.0, (t - whole["floor"]) / depth)
+        for name, t in whole.items()
+        if name != "floor"
+    }
+
+
+def _block_ms_text(timing: dict[str, Any], name: str) -> str:
+    """``name``'s `block_ms` as the selection says it, ``0 ms (within timing noise ...)`` where clamped."""
+    whole = timing.get("whole_ms") or {}  # absent from choices made when one block was timed alone
+    model = "teacher" if name == SOFTMAX else name
+    under = model in whole and whole[model] < whole["floor"]
+    return f"{timing['ms'][name]:.3g} ms" + (
+        " (its model timed under the floor: 0 within timing noise)" if under else ""
+    )
 
 
 @torch.no_grad()
