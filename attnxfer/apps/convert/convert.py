@@ -106,17 +106,13 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> Conve
 
     Under torchrun every rank runs this (both stages data parallel, the measurements summed over ranks); rank
     0 alone writes files, speaks and holds the run dir's lock."""
-    # only what reads labels needs them: a task loss asked for by name, a label metric named in eval.metrics
-    # (stage 2 without labels is label-free by default; the report's top-1 and k-NN need labels where they run)
-    if cfg.transfer.task_weight is not None:
-        require_task_labels(cfg)
-    require_metric_labels(cfg)
+    cfg = checked_config(cfg, skip_stage1)
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "convert", enabled=main),
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
     ):
-        return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts)
+        return _convert(cfg, info, parts=parts)
 
 
 @dataclass
@@ -168,8 +164,7 @@ class Conversion:
             return open_stage1(self.stage1_found, self.device)
 
 
-def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts) -> ConvertResult:
-    cfg = checked_config(cfg, skip_stage1)
+def _convert(cfg: TrainConfig, info, *, parts) -> ConvertResult:
     # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
     if info.is_main_process:
         prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
@@ -252,7 +247,14 @@ def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], lis
 
 
 def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
-    """Refuse a fresh student's attention key; ``--skip-stage1`` is ``convert.stage1_steps=0``."""
+    """What convert refuses of its config before any work (`attnxfer submit --command convert` and a convert
+    study too): a fresh student's attention key, labels the data lacks where a key asks for them;
+    ``--skip-stage1`` is ``convert.stage1_steps=0``."""
+    # only what reads labels needs them: a task loss asked for by name, a label metric named in eval.metrics
+    # (stage 2 without labels is label-free by default; the report's top-1 and k-NN need labels where they run)
+    if cfg.transfer.task_weight is not None:
+        require_task_labels(cfg)
+    require_metric_labels(cfg)
     check_auto(cfg)
     for key, value in (("attention", cfg.model.attention), ("attention_kwargs", cfg.model.attention_kwargs)):
         if value:

@@ -180,6 +180,28 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
             ["--command", "convert", "-c", "convert/demo_hedgehog", "model.attention=hedgehog"],
             "model.attention='hedgehog' is for a fresh student (`attnxfer train`)",
         ),
+        (  # stage 2's task loss, named, on data read without labels
+            [
+                "--command",
+                "convert",
+                "-c",
+                "convert/demo_hedgehog",
+                "data.labels=false",
+                "transfer.task_weight=1",
+            ],
+            "the task loss (cross-entropy of the student's logits) needs labels",
+        ),
+        (  # the report's top-1, asked for by name, on data read without labels
+            [
+                "--command",
+                "convert",
+                "-c",
+                "convert/demo_hedgehog",
+                "data.labels=false",
+                "eval.metrics=[top1]",
+            ],
+            "eval.metrics=top1 needs labels",
+        ),
         (  # in one job of a sweep only
             ["--command", "pretrain", "-c", "demo/mae_pretrain", "--sweep", "transfer.atd_weight=1,2"],
             "pretrain does not read transfer.atd_weight=2.0",
@@ -187,8 +209,8 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
     ],
 )
 def test_what_the_command_refuses_of_its_config_is_refused_before_submitting(capsys, tmp_path, flags, said):
-    """`attnxfer pretrain` and `attnxfer convert` refuse these keys at their start: a job would after the queue's
-    wait."""
+    """`attnxfer pretrain` and `attnxfer convert` refuse these keys at their start (convert by its own check):
+    a job would after the queue's wait."""
     code, _, err = _dry_run(capsys, tmp_path, *flags)
     assert code == 2 and said in err, err
     assert not (tmp_path / "run").exists()
