@@ -148,6 +148,10 @@ def run(args) -> int:
             from ...apps.convert.convert import checked_config
 
             checked_config(point.cfg, skip_stage1=False)
+        elif args.job_command == "train":  # a task loss on data read without labels, as train refuses it
+            from ...apps.run.training import require_task_labels
+
+            require_task_labels(point.cfg)
         with speak.quiet():  # the job's log says what changed, as its own start judges it again
             if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
                 from ...apps.run.training import judged_resume

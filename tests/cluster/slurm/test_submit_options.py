@@ -180,6 +180,10 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
             ["--command", "convert", "-c", "convert/demo_hedgehog", "model.attention=hedgehog"],
             "model.attention='hedgehog' is for a fresh student (`attnxfer train`)",
         ),
+        (
+            ["-c", "demo/distill", "data.labels=false"],
+            "the task loss (cross-entropy of the student's logits)",
+        ),
         (  # stage 2's task loss, named, on data read without labels
             [
                 "--command",
@@ -209,8 +213,8 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
     ],
 )
 def test_what_the_command_refuses_of_its_config_is_refused_before_submitting(capsys, tmp_path, flags, said):
-    """`attnxfer pretrain` and `attnxfer convert` refuse these keys at their start (convert by its own check):
-    a job would after the queue's wait."""
+    """`attnxfer pretrain`, `attnxfer convert` and `attnxfer train` refuse these keys at their start (by their
+    own checks): a job would after the queue's wait."""
     code, _, err = _dry_run(capsys, tmp_path, *flags)
     assert code == 2 and said in err, err
     assert not (tmp_path / "run").exists()
