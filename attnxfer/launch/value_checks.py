@@ -56,15 +56,23 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     return _registered_by_text()
 
 
-_COMPARISON = re.compile(r"^@comparison_loss\(\s*[\"']([^\"']+)[\"']", re.MULTILINE)
+#: ``@comparison_loss("x")``, ``(name="x")`` or ``(NAME)``, at a line's start (a docstring's example is indented)
+_COMPARISON = re.compile(
+    r"^@comparison_loss\(\s*(?:name\s*=\s*)?(?:[\"']([^\"']+)[\"']|([A-Za-z_]\w*))", re.MULTILINE
+)
 _COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
 
 
 @cache
 def _comparisons_by_text() -> frozenset[str]:
-    """The ``@comparison_loss`` names at a line's start (a docstring's example is indented)."""
+    """The ``@comparison_loss`` names the files of ``transfer/`` declare, a constant looked up in its file."""
     folder = Path(__file__).resolve().parents[1] / "transfer"
-    return frozenset(n for path in sorted(folder.glob("*.py")) for n in _COMPARISON.findall(path.read_text()))
+    names: set[str] = set()
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        consts = _constants(text)
+        names.update(literal or consts.get(constant, "") for literal, constant in _COMPARISON.findall(text))
+    return frozenset(names - {""})
 
 
 def _hint(name: str, names: frozenset[str]) -> str:

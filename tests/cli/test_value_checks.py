@@ -168,4 +168,12 @@ def test_a_forks_loss_named_in_single_quotes_is_read_from_the_source():
     """A forked file need not be ruff-formatted: Python registers ``@comparison_loss('cosine')`` as it does
     the double-quoted name, so the CLI's check reads it too (a docstring's indented example still not)."""
     text = "@comparison_loss('cosine')\nclass Cosine: ...\n    @comparison_loss('example')\n"
-    assert value_checks._COMPARISON.findall(text) == ["cosine"]
+    assert value_checks._COMPARISON.findall(text) == [("cosine", "")]
+
+
+def test_a_forks_loss_named_by_keyword_or_constant_is_read_from_the_source():
+    """Python registers ``@comparison_loss(name="v_mse")`` and ``@comparison_loss(NAME)`` as it does the bare
+    literal, so the CLI's check must not refuse a fork's loss written either way as 'not a comparison loss'."""
+    text = 'NAME = "cos"\n@comparison_loss(name="v_mse")\n@comparison_loss( name = \'q_l1\')\n@comparison_loss(NAME)\n'
+    assert value_checks._COMPARISON.findall(text) == [("v_mse", ""), ("q_l1", ""), ("", "NAME")]
+    assert value_checks._constants(text) == {"NAME": "cos"}
