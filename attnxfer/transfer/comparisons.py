@@ -157,7 +157,10 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
     def register(cls: _L) -> _L:
         held = type(COMPARISON_LOSSES[name]) if name in COMPARISON_LOSSES else cls
         if (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
-            raise ValueError(f"comparison loss {name!r} is already registered by {held.__qualname__}")
+            raise ValueError(
+                f"comparison loss {name!r} is already registered by {held.__module__}.{held.__qualname__}; "
+                f"register {cls.__module__}.{cls.__qualname__} under another name, or import only one of them"
+            )
         if not cls.signals:
             raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
         # a layer's input or output is no attention's hand-over: its compare_layer would find nothing

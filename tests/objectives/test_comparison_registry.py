@@ -234,11 +234,24 @@ def test_a_share_drop_path_that_is_not_a_bool_is_refused_not_read_as_true(value)
 
 
 def test_a_second_loss_under_a_taken_name_is_refused():
-    with pytest.raises(ValueError, match="'feat_l2' is already registered by FeatureL2"):
+    with pytest.raises(
+        ValueError, match=rf"'feat_l2' is already registered by {__name__}.FeatureL2; register"
+    ):
 
         @comparison_loss("feat_l2")
         class Other(ComparisonLoss):
             signals = (Signal.FEATURES,)
+
+
+def test_a_taken_name_refused_says_which_module_holds_it_where_both_classes_share_a_name():
+    """A fork's copy of a script's loss (the same class name in another module): the message must tell the two
+    apart and say what to change, not 'already registered by FeatureL2' while registering FeatureL2."""
+    copy = type("FeatureL2", (ComparisonLoss,), {"signals": (Signal.FEATURES,), "__module__": "lab.losses"})
+    with pytest.raises(
+        ValueError,
+        match=rf"by {__name__}.FeatureL2; register lab.losses.FeatureL2 under another name, or import only one",
+    ):
+        comparison_loss("feat_l2")(copy)
 
 
 def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registered():
