@@ -21,6 +21,7 @@ from helpers import peaked_teacher, tiny_run, tiny_vit
 import attnxfer
 from attnxfer.apps.run.training import train
 from attnxfer.config import load_config
+from attnxfer.models.attention.capture import attention_maps
 from attnxfer.train.engine import NonFiniteLossError
 from attnxfer.transfer import (
     ComparisonLoss,
@@ -150,6 +151,35 @@ def test_a_layer_entry_compares_at_the_transfer_layers_beside_copy():
         v_s, v_t = (_first_block_v(m, x) for m in (student, teacher))
     torch.testing.assert_close(out.terms["mse_v/0"], (v_s - v_t).pow(2).mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.loss, 0.25 * (out.terms["mse_v/0"] + out.terms["mse_v/1"]))
+
+
+def test_a_maps_loss_of_ones_own_builds_its_maps_from_the_handed_q_and_k_as_the_docs_say():
+    """docs/distillation.md: a loss of ``Signal.MAPS`` gets q and k (no layer hands over a map) and builds the
+    rows with ``pair.student_attn.attention_map(q, k)``: the maps ``attention_maps`` shows, with a gradient."""
+
+    @comparison_loss("map_l2")
+    class MapL2(ComparisonLoss):
+        signals = (Signal.MAPS,)
+
+        def compare_layer(self, comparison, pair, step) -> Loss:
+            assert "maps" not in pair.student and {"q", "k"} <= set(pair.teacher)
+            s = pair.student_attn.attention_map(pair.student["q"], pair.student["k"])
+            t = pair.teacher_attn.attention_map(pair.teacher["q"], pair.teacher["k"])
+            loss = (s - t).pow(2).mean()
+            return Loss(loss, {f"map_l2/{pair.student_layer}": loss})
+
+    teacher, student, x = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2), torch.randn(2, 3, 32, 32)
+    out = TeacherStudent(teacher, student, build_plan(teacher, student, "none", losses=[{"name": "map_l2"}]))(
+        x
+    )
+    want = {
+        f"map_l2/{i}": (s - t).pow(2).mean()
+        for i, (s, t) in enumerate(
+            zip(attention_maps(student, x).values(), attention_maps(teacher, x).values())
+        )
+    }
+    torch.testing.assert_close({k: out.terms[k] for k in want}, want, rtol=1e-5, atol=1e-8)
+    assert out.loss.requires_grad
 
 
 def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
