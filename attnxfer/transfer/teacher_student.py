@@ -296,6 +296,12 @@ class TeacherStudent(nn.Module):
             student = io.captured if io.lse is None else {**io.captured, "lse": io.lse}
             res = c.loss_fn.compare_layer(c, self._pair(s, t, student, handover.layers[t]), step)
             _check_numbers(c, res, "compare_layer")
+            if taken := sorted(res.terms.keys() & terms.keys() | res.logs.keys() & logs.keys()):
+                raise ValueError(  # else the log keeps the last layer's value under a name that reads as all
+                    f"{c.origin}: comparison loss {c.loss!r} returned from compare_layer {taken[0]!r} at student "
+                    f"layer {s} and at an earlier one; name each layer's term apart, e.g. "
+                    f"f'{taken[0]}/{{pair.student_layer}}'"
+                )
             losses.append(res.total)
             terms.update(res.terms)
             logs.update(res.logs)

@@ -299,7 +299,7 @@ def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registere
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
     """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN,
-    a bare tensor."""
+    a bare tensor, one term name at every layer."""
 
     signals = (Signal.K,)
     options: ClassVar = {"returns": "vector"}
@@ -313,6 +313,8 @@ class NotANumber(ComparisonLoss):
             return Loss(diff.mean() * float("nan"))
         if returns == "tensor":
             return diff.mean()
+        if returns == "one name":
+            return Loss(diff.mean(), {"k_l2": diff.mean()})
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
@@ -334,6 +336,19 @@ def test_a_loss_that_returns_no_single_number_is_named_where_it_returns(returns,
     plan = build_plan(teacher, student, "none", losses=[entry])
     said = r"transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer "
     with pytest.raises(TypeError, match=said + got):
+        TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+
+
+def test_a_layer_loss_that_names_every_layers_term_alike_is_refused_not_logged_as_the_last_layers():
+    """Each layer's ``{"k_l2": ...}`` overwrote the one before: the run logged ``k_l2`` as layer 1's value
+    alone, a name that reads as the whole comparison's; the entry is refused and told to name the layers."""
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, "none", losses=[{"name": "not_a_number", "returns": "one name"}])
+    with pytest.raises(
+        ValueError,
+        match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer 'k_l2' at "
+        r"student layer 1 and at an earlier one; name each layer's term apart, e\.g\. f'k_l2/\{pair",
+    ):
         TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
 
 
