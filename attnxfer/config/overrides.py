@@ -169,7 +169,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            # a list's item given as its name (transfer.losses=[cosine]): the mapping that names it
+            named = f" (write e.g. {{name: {value}}})" if isinstance(value, str) and key.endswith("]") else ""
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}{named}")
         return dict(value)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if (tp is bool and isinstance(value, bool)) or (tp is int and number and isinstance(value, int)):

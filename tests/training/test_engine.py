@@ -166,6 +166,10 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
             "transfer.losses=cosine",
             "transfer.losses: expected a list, got 'cosine' (write e.g. transfer.losses=[{name: cosine}])",
         ),
+        (  # an item given as the loss's name: the mapping with that name
+            "transfer.losses=[cosine]",
+            "transfer.losses[0]: expected a mapping, got 'cosine' (write e.g. {name: cosine})",
+        ),
         (  # an item by its index, as OmegaConf's dotlists allow: not a mapping of '0' to write in brackets
             "transfer.losses.0.weight=2",
             "transfer.losses.0: a list is not set item by item; give it whole: transfer.losses=[...]",
