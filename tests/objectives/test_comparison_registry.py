@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -282,6 +283,14 @@ def test_a_taken_name_refused_says_which_module_holds_it_where_both_classes_shar
         match=rf"by {__name__}.FeatureL2; register lab.losses.FeatureL2 under another name, or import only one",
     ):
         comparison_loss("feat_l2")(copy)
+
+
+@pytest.mark.parametrize("name", ["MSE", "v_mse ", "v-mse", ""])
+def test_a_name_a_config_entry_could_not_match_as_written_is_refused_where_it_is_registered(name):
+    """Attention names are lower-case words already; a loss's 'MSE' or trailing blank registered silently,
+    and `transfer.losses` then answered the name a user typed with 'not a comparison loss'."""
+    with pytest.raises(ValueError, match=rf"lower-case words \(a-z, 0-9, _\), got {re.escape(repr(name))}"):
+        comparison_loss(name)(type("Odd", (ComparisonLoss,), {"signals": (Signal.FEATURES,)}))
 
 
 def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registered():
