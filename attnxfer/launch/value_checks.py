@@ -21,7 +21,9 @@ _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: the files that register attentions: softmax's and the zoo's
 _REGISTERING = ("attention/softmax.py", "efficient/*.py")
 _REGISTRY_MODULE = "attnxfer.models.attention.registry"
-_CALL = re.compile(r"\bregister_(parametric_)?attention\(\s*(?:[\"']([^\"']+)[\"']|([A-Za-z_]\w*))")
+_CALL = re.compile(
+    r"\bregister_(parametric_)?attention\(\s*(?:(?:name|prefix)\s*=\s*)?(?:[\"']([^\"']+)[\"']|([A-Za-z_]\w*))"
+)
 
 
 def _constants(text: str) -> dict[str, str]:

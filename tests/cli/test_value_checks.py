@@ -164,6 +164,13 @@ def test_a_forks_attention_named_in_single_quotes_is_read_from_the_source():
     assert value_checks._constants(text) == {"NAME": "elu_plus"}
 
 
+def test_a_forks_attention_named_by_keyword_is_read_from_the_source():
+    """Python registers ``@register_attention(name="x")`` (and a parametric ``prefix="x:"``) as it does the
+    bare literal: the CLI's check must not refuse that attention as unknown."""
+    text = '@register_attention(name="elu_linear")\nregister_parametric_attention(prefix="lowrank:", resolve=f)\n'
+    assert value_checks._CALL.findall(text) == [("", "elu_linear", ""), ("parametric_", "lowrank:", "")]
+
+
 def test_a_forks_loss_named_in_single_quotes_is_read_from_the_source():
     """A forked file need not be ruff-formatted: Python registers ``@comparison_loss('cosine')`` as it does
     the double-quoted name, so the CLI's check reads it too (a docstring's indented example still not)."""
