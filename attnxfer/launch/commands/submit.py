@@ -152,6 +152,15 @@ def run(args) -> int:
             from ...apps.run.training import require_task_labels
 
             require_task_labels(point.cfg)
+        elif converts:  # a convert study: each student as convert checks it (stage 2's configs come later)
+            from ...apps.convert.convert import checked_config
+
+            for _, run in point.cfg.configs():
+                checked_config(run, skip_stage1=False)
+        else:  # a study: one batch and one teacher pass for all its students, each student's labels
+            from ...apps.study.study import check_study
+
+            check_study(point.cfg)
         with speak.quiet():  # the job's log says what changed, as its own start judges it again
             if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
                 from ...apps.run.training import judged_resume

@@ -206,6 +206,18 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
             ],
             "eval.metrics=top1 needs labels",
         ),
+        (  # a study's student with a task loss (copy's), on data read without labels
+            [
+                "--command",
+                "study",
+                "-c",
+                "demo/distill",
+                "--vary",
+                "transfer.mode=copy,distill",
+                "data.labels=false",
+            ],
+            "needs labels, but data.dataset=animal_mnist is read without labels (data.labels=false, or a dataset that has none); use labelled data, or transfer.mode=distill (copy needs a task loss)",
+        ),
         (  # in one job of a sweep only
             ["--command", "pretrain", "-c", "demo/mae_pretrain", "--sweep", "transfer.atd_weight=1,2"],
             "pretrain does not read transfer.atd_weight=2.0",
