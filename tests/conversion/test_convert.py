@@ -18,7 +18,9 @@ from attnxfer.config import list_recipes, load_config, resolve_recipe
 from attnxfer.config.study_spec import load_study
 from attnxfer.errors import InputError
 from attnxfer.models import attention_maps, capture_attention
+from attnxfer.models.attention import registry
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
+from attnxfer.models.efficient.linear import ReLULinearAttention
 from attnxfer.train.measure import map_agreement
 from attnxfer.train.speed import forward_speed
 from attnxfer.train.stage1 import stage1_transfer
@@ -311,6 +313,21 @@ def test_an_option_of_another_kind_is_refused_not_coerced(name, option, said):
     # not cut to 2, read as 4 or taken as 1 (or a truthy "no") without a word
     with pytest.raises(InputError, match=f"^convert.attention_kwargs: {re.escape(said)}"):
         build_efficient_student(_teacher(depth=1), name, **option)
+
+
+def test_an_option_of_another_kind_is_refused_where_annotations_are_not_deferred(monkeypatch):
+    """A new attention's module without ``from __future__ import annotations`` (as this file is) annotates its
+    options with the types themselves: they are checked as the zoo's strings are, not passed unchecked."""
+    monkeypatch.setattr(registry, "_ATTENTIONS", dict(registry._ATTENTIONS))
+
+    @registry.register_attention("test_undeferred_linear")
+    class UndeferredLinear(ReLULinearAttention):
+        def __init__(self, dim: int, num_heads: int = 8, *, beta: float = 1.0, **kwargs) -> None:
+            super().__init__(dim, num_heads, **kwargs)
+            self.beta = beta
+
+    with pytest.raises(InputError, match="beta must be a number for test_undeferred_linear, got 'abc'"):
+        build_efficient_student(_teacher(depth=1), "test_undeferred_linear", beta="abc")
 
 
 def test_forward_speed_reports_medians_and_ratio():

@@ -128,7 +128,10 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
                 for k in cls.__mro__
                 if "__init__" in vars(k)
             )
-            kinds = str(next((p.annotation for p in found if p is not None), "?")).split(" | ")
+            annotation = next((p.annotation for p in found if p is not None), "?")
+            # as written: a string where the module defers annotations, else the object (float, not "<class 'float'>")
+            written = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+            kinds = written.replace("collections.abc.", "").split(" | ")
             if all(k in _KINDS for k in kinds) and not any(_KINDS[k][1](value) for k in kinds):
                 raise TypeError(
                     f"{option} must be {' or '.join(_KINDS[k][0] for k in kinds)} for {name}, got {value!r}"
