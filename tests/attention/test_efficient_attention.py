@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from attnxfer.errors import InputError
+from attnxfer.models import efficient
 from attnxfer.models.efficient import (
     COUNTERPART_MODULES,
     EfficientAttention,
@@ -118,6 +119,23 @@ def test_unknown_name_lists_the_known_ones():
 def test_register_rejects_a_second_class_under_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
         register_attention("performer")(type("Other", (EfficientAttention,), {}))
+
+
+def test_two_zoo_classes_of_one_name_are_refused_not_one_imported_for_the_other():
+    """A new file copied from another with its class name kept: `from attnxfer.models.efficient import <Class>`
+    would give whichever registered last, the copy for the original too."""
+    first, second = (
+        type("LinearAttention", (EfficientAttention,), {"__module__": f"attnxfer.models.efficient.{m}"})
+        for m in ("linear", "my_linear")
+    )
+    first.attention_name, second.attention_name = "relu_linear", "my_linear"
+    with pytest.raises(
+        TypeError, match="two zoo attentions have the class name LinearAttention: 'relu_linear'"
+    ):
+        efficient._by_class_name([first, second])
+    # one file's classes made in a loop under one name (each registered under its own) still import
+    second.__module__ = first.__module__
+    assert efficient._by_class_name([first, second]) == {"LinearAttention": second}
 
 
 def test_unknown_option_names_the_attentions_own_options():

@@ -40,12 +40,28 @@ from .swap import (
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")  # registers the attentions it defines
 
-#: Each registered zoo attention's class by its class name (``PerformerAttention``, ``WindowAttention``, ...).
-_CLASSES = {
-    cls.__name__: cls
-    for cls in _registry._ATTENTIONS.values()  # not list_attentions: a plug-in it loads may import this
-    if cls.__module__.startswith(f"{__name__}.")
-}
+
+def _by_class_name(classes) -> dict:
+    """The zoo's ``classes`` by class name; two of one name in two files (a file copied with its class) are
+    refused, not one silently given for the other's import (one file's classes made in a loop keep its last)."""
+    found: dict = {}
+    for cls in classes:
+        if not cls.__module__.startswith(f"{__name__}."):
+            continue
+        other = found.setdefault(cls.__name__, cls)
+        if other.__module__ != cls.__module__:
+            raise TypeError(
+                f"two zoo attentions have the class name {cls.__name__}: {other.attention_name!r} in "
+                f"{other.__module__} and {cls.attention_name!r} in {cls.__module__}; rename one class (`from "
+                f"{__name__} import {cls.__name__}` finds a class by its name)"
+            )
+        found[cls.__name__] = cls
+    return found
+
+
+#: Each registered zoo attention's class by its class name (``PerformerAttention``, ``WindowAttention``, ...);
+#: from the registry itself, not list_attentions: a plug-in it loads may import this.
+_CLASSES = _by_class_name(_registry._ATTENTIONS.values())
 
 
 def __getattr__(name: str):
