@@ -34,20 +34,23 @@ def _constants(text: str) -> dict[str, str]:
 
 
 @cache
-def _registered_by_text() -> tuple[frozenset[str], frozenset[str]]:
-    """(names, parametric prefixes) the registering files declare; a prefix is written without its colon. A
-    constant is looked up in the file that uses it, then in the others (one may import it from another)."""
+def _registered_by_text() -> tuple[frozenset[str], frozenset[str], bool]:
+    """(names, parametric prefixes, whether a registration's name could not be read) the registering files
+    declare; a prefix is written without its colon. A constant is looked up in the file that uses it, then in
+    the others (one may import it from another); a name built by code (an f-string in a loop) is not read."""
     texts = [p.read_text(encoding="utf-8") for pattern in _REGISTERING for p in sorted(_MODELS.glob(pattern))]
     everywhere = {k: v for text in texts for k, v in _constants(text).items()}
     names: set[str] = set()
     prefixes: set[str] = set()
+    unread = False
     for text in texts:
         consts = {**everywhere, **_constants(text)}
         for parametric, literal, constant in _CALL.findall(text):
             value = literal or consts.get(constant, "")
             if value:
                 (prefixes if parametric else names).add(value.rstrip(":"))
-    return frozenset(names), frozenset(prefixes)
+            unread |= not value
+    return frozenset(names), frozenset(prefixes), unread
 
 
 def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
@@ -55,7 +58,7 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     registry = sys.modules.get(_REGISTRY_MODULE)
     if registry is not None:
         return frozenset(registry._ATTENTIONS), frozenset(registry._PARAMETRIC)
-    return _registered_by_text()
+    return _registered_by_text()[:2]
 
 
 #: ``@comparison_loss("x")``, ``(name="x")`` or ``(NAME)``, at a line's start (a docstring's example is indented)
@@ -169,6 +172,8 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
     if any(isinstance(n, str) and n not in names and n.partition(":")[0] not in prefixes for n in items):
         # an installed package's: it imports the registry, which then holds the built-ins too
         load_entry_points(ATTENTION_GROUP)
+        if _registered_by_text()[2]:  # a name the source builds by code: the zoo, imported, holds it
+            importlib.import_module("attnxfer.models.efficient")
         names, prefixes = registered_attentions()
     if isinstance(value, list):
         _refuse_split_formulas(key, value)

@@ -4,10 +4,17 @@ and checks that they import no torch)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 from torch import nn
 
+import attnxfer
 from attnxfer.config import ConfigError, TrainConfig, load_config
 from attnxfer.config.keys import leaves
 from attnxfer.launch import value_checks
@@ -29,7 +36,8 @@ def test_the_schema_offers_exactly_the_transfer_modes_the_trackers_and_the_map_l
 
 
 def test_attention_names_read_from_the_source_are_the_registrys():
-    names, prefixes = value_checks._registered_by_text()
+    names, prefixes, unread = value_checks._registered_by_text()
+    assert not unread  # every built-in name is read from the source: a typo's refusal imports no torch
     assert names == set(registry._ATTENTIONS) and prefixes == set(registry._PARAMETRIC)
     assert {"softmax", "performer", "hedgehog"} <= names and prefixes == {"formula"}
 
@@ -169,6 +177,47 @@ def test_a_forks_attention_named_by_keyword_is_read_from_the_source():
     bare literal: the CLI's check must not refuse that attention as unknown."""
     text = '@register_attention(name="elu_linear")\nregister_parametric_attention(prefix="lowrank:", resolve=f)\n'
     assert value_checks._CALL.findall(text) == [("", "elu_linear", ""), ("parametric_", "lowrank:", "")]
+
+
+_NAMED_BY_CODE = """
+import torch
+
+from ..attention.registry import register_attention
+from .kernels import ALL_HEADS, KernelAttention
+
+for _kernel in ("sigmoid", "softplus"):
+
+    class _Fixed(KernelAttention):
+        def query_features(self, q, heads=ALL_HEADS, _f=getattr(torch.nn.functional, _kernel)):
+            return _f(q)
+
+        key_features = query_features
+
+    register_attention(f"{_kernel}_linear")(_Fixed)
+"""
+
+
+@pytest.mark.slow
+def test_a_forks_attention_named_by_code_is_not_refused_as_unknown(tmp_path):
+    """A fork's file registering its names in a loop (``register_attention(f"{kernel}_linear")``), which the
+    source cannot be read for: the check asks the imported zoo before it says 'not a registered attention'."""
+    fork = tmp_path / "fork"
+    shutil.copytree(
+        Path(attnxfer.__file__).parent, fork / "attnxfer", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (fork / "attnxfer" / "models" / "efficient" / "fixed_linear.py").write_text(_NAMED_BY_CODE)
+    check = (
+        "from attnxfer.config import load_config; from attnxfer.launch.value_checks import check_values; "
+        "check_values(load_config(None, ['model.attention=sigmoid_linear', 'convert.attention=softplus_linear']))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=fork,
+        env={**os.environ, "PYTHONPATH": str(fork)},
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
 
 
 def test_a_forks_loss_named_in_single_quotes_is_read_from_the_source():
