@@ -188,7 +188,9 @@ def build_dataset(
             f"its options are: {', '.join(options) or '(none)'}"
         )
     for key, value in kwargs.items():  # a value of another type: a traceback deep in the builder otherwise
-        spelled = str(params[key].annotation).replace(" ", "").split("|") if key in params else []
+        hint = params[key].annotation if key in params else None  # the class `int` unless annotations defer
+        hint = hint.__name__ if isinstance(hint, type) else str(hint)
+        spelled = hint.replace(" ", "").split("|") if key in params else []
         if spelled and all(part in _SCALARS for part in spelled):
             takes = tuple(t for part in spelled for t in _SCALARS[part][0])
             if not isinstance(value, takes) or (isinstance(value, bool) and bool not in takes):

@@ -2,6 +2,7 @@
 
 import gzip
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -709,3 +710,24 @@ def test_a_registered_builder_that_ignores_the_runs_size_is_refused_when_built_f
     assert read == [0, 0]
     build_dataset("lab_cells", "train", img_size=32, in_chans=3)  # a train split may vary its size (recall)
     assert len(build_dataset("lab_cells", "val", img_size=28, in_chans=1)) == 4 and read == [0, 0, 0]
+
+
+def test_a_plugin_option_annotated_with_a_class_refuses_a_value_of_another_type(registries_kept):
+    """A plug-in module without ``from __future__ import annotations`` annotates ``length: int`` with the class
+    ``int``, whose text is ``<class 'int'>``: its option went unchecked, and ``length: many`` ended in a torch
+    traceback inside the builder instead of one line naming data.kwargs.length."""
+
+    def build_typed(split, *, root, img_size, in_chans, mean, std, seed, length: int = 3, scale: float = 1.0):
+        return torch.utils.data.TensorDataset(
+            torch.ones(length, 1, 4, 4), torch.zeros(length, dtype=torch.long)
+        )
+
+    assert not isinstance(inspect.signature(build_typed).parameters["length"].annotation, str)
+    register_dataset("typed", info=DatasetInfo("typed", 2, None, (0.0,), (1.0,), 1, 4))(build_typed)
+    with pytest.raises(
+        InputError, match=r"^dataset 'typed': data.kwargs.length takes an integer, got 'many'$"
+    ):
+        build_dataset("typed", "train", length="many")
+    with pytest.raises(InputError, match=r"data.kwargs.scale takes a number, got True"):
+        build_dataset("typed", "train", scale=True)
+    assert len(build_dataset("typed", "train", length=2, scale=2)) == 2
