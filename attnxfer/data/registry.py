@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from ..errors import InputError, OptionError
@@ -201,12 +202,50 @@ def build_dataset(
     dataset = entry.builder(
         split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs
     )
+    fn = entry.builder
+    builder = f"its builder {getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    if not isinstance(dataset, Dataset) and not (
+        hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+    ):
+        raise InputError(
+            f"dataset '{name}': {builder} returned {type(dataset).__name__}; it must return a torch Dataset "
+            "of (image, label) samples"
+        )
     dataset = dataset if labels else images_only(dataset)
     # a builder that ignores the run's size stopped it in timm: its val split's first image says so (a train
     # split may vary its size on purpose, recall's curriculum; a stream has no index), global RNGs untouched
     if split == "val" and img_size and in_chans and not isinstance(dataset, IterableDataset) and len(dataset):
         with seeded_global_rngs(seed):
-            shape = tuple(getattr(dataset[0][0], "shape", (in_chans, img_size, img_size)))
+            sample = dataset[0]
+        if not isinstance(sample, (tuple, list)) or len(sample) != (2 if labels else 1):
+            raise InputError(
+                f"dataset '{name}': {builder} gives {type(sample).__name__} samples; each must be an "
+                "(image, label) pair"
+            )
+        image = sample[0]
+        if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+            raise InputError(
+                f"dataset '{name}': {builder} gives {getattr(image, 'dtype', type(image).__name__)} images; "
+                "they must be float tensors normalised by the mean/std it is given (InMemoryImageDataset makes "
+                "them from uint8 images)"
+            )
+        if labels and not _is_class_index(sample[1]):
+            raise InputError(
+                f"dataset '{name}': {builder} gives the label {sample[1]!r}; a label must be an integer class "
+                "index"
+            )
+        info = getattr(dataset, "info", entry.info)  # a callable info (classes from root): not read again
+        if (
+            labels
+            and isinstance(info, DatasetInfo)
+            and info.num_classes
+            and not 0 <= sample[1] < info.num_classes
+        ):
+            raise InputError(
+                f"dataset '{name}': {builder} gives the label {int(sample[1])}, outside its "
+                f"{info.num_classes} classes (DatasetInfo.num_classes): labels must be 0 to {info.num_classes - 1}"
+            )
+        shape = tuple(image.shape)
         if shape != (in_chans, img_size, img_size):
             raise InputError(
                 f"dataset '{name}' gives {'x'.join(map(str, shape))} images; the run asked for "
@@ -214,6 +253,12 @@ def build_dataset(
                 "images at the img_size and in_chans it is given"
             )
     return dataset
+
+
+def _is_class_index(label) -> bool:
+    if isinstance(label, torch.Tensor):
+        return label.ndim == 0 and not label.is_floating_point() and label.dtype != torch.bool
+    return isinstance(label, int) and not isinstance(label, bool)
 
 
 def dataset_info(

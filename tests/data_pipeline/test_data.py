@@ -731,3 +731,40 @@ def test_a_plugin_option_annotated_with_a_class_refuses_a_value_of_another_type(
     with pytest.raises(InputError, match=r"data.kwargs.scale takes a number, got True"):
         build_dataset("typed", "train", scale=True)
     assert len(build_dataset("typed", "train", length=2, scale=2)) == 2
+
+
+@pytest.mark.parametrize(
+    "made, said",
+    [
+        (lambda: None, r"returned NoneType; it must return a torch Dataset"),
+        (
+            lambda: [torch.zeros(1, 4, 4)],
+            r"gives Tensor samples; each must be an \(image",
+        ),
+        (
+            lambda: [(torch.zeros(1, 4, 4, dtype=torch.uint8), 0)],
+            r"gives torch.uint8 images; they must be float",
+        ),
+        (
+            lambda: [(torch.zeros(1, 4, 4), torch.tensor(1.0))],
+            r"gives the label tensor\(1.\); a label must be an int",
+        ),
+        (
+            lambda: [(torch.zeros(1, 4, 4), 7)],
+            r"gives the label 7, outside its 2 classes .*labels must be 0 to 1$",
+        ),
+    ],
+)
+def test_a_builder_breaking_its_contract_is_one_line_naming_it_not_a_traceback_at_the_first_batch(
+    registries_kept, made, said
+):
+    """A builder returning None, image-only samples, uint8 images, float labels or a label past its classes
+    ended in a TypeError, a misleading '4x4 images' line, or torch errors at the loss (``Target 7 is out of
+    bounds``); the val split's first sample now names the builder and what to change."""
+
+    def build_wrong(split, *, root, img_size, in_chans, mean, std, seed):
+        return made()
+
+    register_dataset("wrong", info=DatasetInfo("wrong", 2, None, (0.0,), (1.0,), 1, 4))(build_wrong)
+    with pytest.raises(InputError, match=r"^dataset 'wrong': its builder \S*build_wrong " + said):
+        build_dataset("wrong", "val", img_size=4, in_chans=1)
