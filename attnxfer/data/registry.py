@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -258,7 +259,7 @@ def build_dataset(
 def _is_class_index(label) -> bool:
     if isinstance(label, torch.Tensor):
         return label.ndim == 0 and not label.is_floating_point() and label.dtype != torch.bool
-    return isinstance(label, int) and not isinstance(label, bool)
+    return isinstance(label, numbers.Integral) and not isinstance(label, bool)  # numpy's integers too
 
 
 def dataset_info(

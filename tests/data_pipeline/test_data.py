@@ -768,3 +768,16 @@ def test_a_builder_breaking_its_contract_is_one_line_naming_it_not_a_traceback_a
     register_dataset("wrong", info=DatasetInfo("wrong", 2, None, (0.0,), (1.0,), 1, 4))(build_wrong)
     with pytest.raises(InputError, match=r"^dataset 'wrong': its builder \S*build_wrong " + said):
         build_dataset("wrong", "val", img_size=4, in_chans=1)
+
+
+def test_a_builder_whose_labels_are_numpy_integers_keeps_to_the_contract(registries_kept):
+    """default_collate batches numpy's integer labels (a builder reading them from an array's column): the
+    first-sample check must not refuse them as not a class index."""
+
+    def build_numpy(split, *, root, img_size, in_chans, mean, std, seed):
+        return [(torch.zeros(1, 4, 4), np.int64(1))]
+
+    register_dataset("numpy_labels", info=DatasetInfo("numpy_labels", 2, None, (0.0,), (1.0,), 1, 4))(
+        build_numpy
+    )
+    assert len(build_dataset("numpy_labels", "val", img_size=4, in_chans=1)) == 1
