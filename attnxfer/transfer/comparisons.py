@@ -156,9 +156,8 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
     """Class decorator: register the `ComparisonLoss` under ``name`` (what ``transfer.losses`` entries say)."""
 
     def register(cls: _L) -> _L:
-        if not re.fullmatch(
-            r"[a-z][a-z0-9_]*", name
-        ):  # a config's `{name: mse}` could not say 'MSE' or 'v mse '
+        # a name a config's `{name: ...}` could not match as typed ('MSE', 'v_mse ') is refused here
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"comparison loss names are lower-case words (a-z, 0-9, _), got {name!r}")
         held = type(COMPARISON_LOSSES[name]) if name in COMPARISON_LOSSES else cls
         if (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
