@@ -43,6 +43,7 @@ from .convert import (
     build_conversion,
     checked_config,
     convert_runs,
+    require_convert_labels,
     stage1_done,
     stage2_config,
     stage2_done,
@@ -113,6 +114,8 @@ class _ConvertStudy:
         the study's checks and files."""
         start = time.monotonic()
         configs = [(s, checked_config(cfg, skip_stage1=False)) for s, cfg in spec.configs()]
+        for _, cfg in configs:
+            require_convert_labels(cfg)
         check_study_trackers(configs)
         if info.is_main_process:  # stage 2's trackers, decided before the teacher loads
             for _, cfg in configs:

@@ -106,6 +106,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> Conve
 
     Under torchrun every rank runs this (both stages data parallel, the measurements summed over ranks); rank
     0 alone writes files, speaks and holds the run dir's lock."""
+    require_convert_labels(cfg)
     cfg = checked_config(cfg, skip_stage1)
     main = DistributedInfo.from_environment().is_main_process
     with (
@@ -246,15 +247,18 @@ def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], lis
     return lambda runs: [step(run) for run in runs]
 
 
-def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
-    """What convert refuses of its config before any work (`attnxfer submit --command convert` and a convert
-    study too): a fresh student's attention key, labels the data lacks where a key asks for them;
-    ``--skip-stage1`` is ``convert.stage1_steps=0``."""
-    # only what reads labels needs them: a task loss asked for by name, a label metric named in eval.metrics
-    # (stage 2 without labels is label-free by default; the report's top-1 and k-NN need labels where they run)
+def require_convert_labels(cfg: TrainConfig) -> None:
+    """Labels the data lacks where a key asks for them, before any work (a convert study's students and
+    `attnxfer submit` too): a task loss asked for by name, a label metric named in eval.metrics (stage 2
+    without labels is label-free by default; the report's top-1 and k-NN need labels where they run)."""
     if cfg.transfer.task_weight is not None:
         require_task_labels(cfg)
     require_metric_labels(cfg)
+
+
+def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
+    """What convert refuses of its config alone, before any work (`attnxfer submit --command convert` and a
+    convert study too): a fresh student's attention key; ``--skip-stage1`` is ``convert.stage1_steps=0``."""
     check_auto(cfg)
     for key, value in (("attention", cfg.model.attention), ("attention_kwargs", cfg.model.attention_kwargs)):
         if value:

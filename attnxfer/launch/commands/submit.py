@@ -148,19 +148,19 @@ def run(args) -> int:
             from ...apps.convert.convert import checked_config
 
             checked_config(point.cfg, skip_stage1=False)
-        elif args.job_command == "train":  # a task loss on data read without labels, as train refuses it
-            from ...apps.run.training import require_task_labels
-
-            require_task_labels(point.cfg)
         elif converts:  # a convert study: each student as convert checks it (stage 2's configs come later)
             from ...apps.convert.convert import checked_config
 
             for _, run in point.cfg.configs():
                 checked_config(run, skip_stage1=False)
-        else:  # a study: one batch and one teacher pass for all its students, each student's labels
-            from ...apps.study.study import check_study
+        runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
+        # a task loss or label metric on data a config reads without labels, refused as the job would (with
+        # labels, the data, perhaps on the compute nodes alone, is not read here)
+        from ...apps.convert.convert import require_convert_labels
+        from ...apps.run.training import require_task_labels
 
-            check_study(point.cfg)
+        for run in (run for run in runs if not run.data.labels and args.job_command != "pretrain"):
+            (require_convert_labels if converts else require_task_labels)(run)
         with speak.quiet():  # the job's log says what changed, as its own start judges it again
             if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
                 from ...apps.run.training import judged_resume
@@ -176,7 +176,6 @@ def run(args) -> int:
                 )
             else:
                 _judge_resumes(point.cfg, options_from_args(args).num_tasks, study=study, converts=converts)
-        runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
         dirs += [d / STAGE_DIRS[-1] for d in dirs[1:] if converts]  # a conversion's stage 2, once it starts

@@ -232,6 +232,30 @@ def test_what_the_command_refuses_of_its_config_is_refused_before_submitting(cap
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["-c", "demo/distill"],
+        ["--command", "convert", "-c", "convert/demo_hedgehog", "transfer.task_weight=1"],
+        ["--command", "study", "-c", "demo/distill", "--vary", "transfer.mode=copy,distill"],
+    ],
+)
+def test_data_the_login_node_cannot_see_is_left_to_the_job(capsys, tmp_path, flags):
+    """A data folder may exist on the compute nodes alone (staged to their local disks): the label checks
+    submit runs read no data where the config reads labels, so the job is submitted and its start judges it."""
+    missing = f"data.root={tmp_path / 'on-the-nodes-only'}"
+    code, out, err = _dry_run(capsys, tmp_path, *flags, "data.dataset=folder", missing)
+    assert code == 0 and "dry run: nothing submitted" in out, err
+
+
+def test_pretraining_on_data_without_labels_is_submitted(capsys, tmp_path):
+    """MAE pre-training reads no labels: the task-loss check of train must not refuse its label-free data."""
+    code, out, err = _dry_run(
+        capsys, tmp_path, "--command", "pretrain", "-c", "demo/mae_pretrain", "data.labels=false"
+    )
+    assert code == 0 and "dry run: nothing submitted" in out, err
+
+
 def test_print_config_shows_what_the_job_runs(capsys, tmp_path):
     """As `attnxfer convert --print-config` and `attnxfer study --print-config` show it: the convert section,
     each student."""
