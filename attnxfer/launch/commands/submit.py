@@ -140,27 +140,21 @@ def run(args) -> int:
     study = args.job_command == "study"
     converts = args.job_command == "convert" or (study and cfg.command == "convert")
     for point in sweep_points(cfg, parse_sweep(args.sweep)):  # what each job would refuse at its start
+        runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         if args.job_command == "pretrain":
             from ...apps.run.pretrain import refuse_unread_keys
 
             refuse_unread_keys(point.cfg)
-        elif args.job_command == "convert":
-            from ...apps.convert.convert import checked_config
+        else:  # a task loss or label metric on data a config reads without labels, refused as the job would
+            # (with labels, the data, perhaps on the compute nodes alone, is not read here)
+            from ...apps.convert.convert import checked_config, require_convert_labels
+            from ...apps.run.training import require_task_labels
 
-            checked_config(point.cfg, skip_stage1=False)
-        elif converts:  # a convert study: each student as convert checks it (stage 2's configs come later)
-            from ...apps.convert.convert import checked_config
-
-            for _, run in point.cfg.configs():
-                checked_config(run, skip_stage1=False)
-        runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
-        # a task loss or label metric on data a config reads without labels, refused as the job would (with
-        # labels, the data, perhaps on the compute nodes alone, is not read here)
-        from ...apps.convert.convert import require_convert_labels
-        from ...apps.run.training import require_task_labels
-
-        for run in (run for run in runs if not run.data.labels and args.job_command != "pretrain"):
-            (require_convert_labels if converts else require_task_labels)(run)
+            for run in runs:
+                if converts:  # each conversion as convert checks it (a study's stage-2 configs come later)
+                    checked_config(run, skip_stage1=False)
+                if not run.data.labels:
+                    (require_convert_labels if converts else require_task_labels)(run)
         with speak.quiet():  # the job's log says what changed, as its own start judges it again
             if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
                 from ...apps.run.training import judged_resume
