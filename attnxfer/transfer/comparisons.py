@@ -7,6 +7,7 @@ then name (docs/distillation.md). A comparison returns its loss unweighted; `ste
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -226,6 +227,10 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
         if want in _KINDS and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
             raise PlanError(
                 f"{origin}.{k}: expected {_KINDS[want]} (as {loss.name}'s default {default!r}), got {v!r}"
+            )
+        if want is float and not math.isfinite(v):  # inf/nan would train, then fail the first save
+            raise PlanError(
+                f"{origin}.{k}: expected a finite number (as {loss.name}'s default {default!r}), got {v!r}"
             )
     return Comparison(signal, loss.name, float(weight), options, origin=origin)
 

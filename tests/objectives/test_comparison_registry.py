@@ -225,6 +225,27 @@ def test_a_bad_entry_is_one_plan_error_that_names_it(entry, message):
         build_plan(teacher, tiny_vit(depth=2, seed=2), "none", losses=[entry])
 
 
+@comparison_loss("scaled_l2")
+class ScaledL2(ComparisonLoss):
+    """Final tokens' mean squared difference, divided by a number option (a temperature's kind)."""
+
+    signals = (Signal.FEATURES,)
+    options: ClassVar = {"scale": 1.0}
+
+    def compare(self, comparison, student, teacher, step) -> Loss:
+        loss = (student.float() - teacher.float()).pow(2).mean() / comparison.option("scale")
+        return Loss(loss, {"scaled_l2": loss})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_number_option_that_is_not_finite_is_refused_as_the_plan_is_built_not_at_the_first_save(value):
+    """YAML's .inf / .nan are floats: the run trained its first epoch on them, then its checkpoint state (which
+    holds the config) could not be written as JSON, a traceback that lost the epoch."""
+    entry = {"name": "scaled_l2", "scale": value}
+    with pytest.raises(PlanError, match=r"transfer.losses\[0\].scale: expected a finite number .*got"):
+        build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "none", losses=[entry])
+
+
 def test_an_option_given_an_integer_for_a_number_is_that_number():
     """As a config key's: a loss's code may divide by a float option; an int is widened, not refused."""
     entry = {"name": "logit_kd", "temperature": 2}
