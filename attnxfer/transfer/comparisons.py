@@ -122,7 +122,8 @@ class ComparisonLoss:
 
     def describe(self, comparison: Comparison) -> list[str]:
         """The plan's lines for it."""
-        options = "".join(f", {k} {v}" for k, v in comparison.options.items())
+        # every option at the value the run uses, defaults included: run.json's plan is its record
+        options = "".join(f", {k} {comparison.option(k)}" for k in self.options)
         line = f"  {self.name} of {comparison.signal}: weight {comparison.weight:g}{options}"
         if comparison.pairs:
             line += ", student layers " + ", ".join(f"{s}<-{t}" for s, t in comparison.pairs)

@@ -246,6 +246,14 @@ def test_a_number_option_that_is_not_finite_is_refused_as_the_plan_is_built_not_
         build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "none", losses=[entry])
 
 
+def test_the_plan_says_an_option_left_at_its_default_with_the_value_the_run_uses():
+    """The plan's text is what run.json and the model card keep of a loss: an option the entry left out was
+    missing from it, so a run did not record the value it trained with."""
+    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, "none", losses=[{"name": "scaled_l2", "weight": 0.5}])
+    assert "scaled_l2 of features: weight 0.5, scale 1.0" in plan.describe()
+
+
 def test_an_option_given_an_integer_for_a_number_is_that_number():
     """As a config key's: a loss's code may divide by a float option; an int is widened, not refused."""
     entry = {"name": "logit_kd", "temperature": 2}
