@@ -146,6 +146,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if args[1:] == (type(None),) and typing.get_origin(args[0]) in (list, Sequence):
             # a list or null: the list's own error names the item at fault or the brackets to write
             return _coerce(value, args[0], key)
+        lists = [a for a in args if typing.get_origin(a) in (list, Sequence)]
+        if isinstance(value, (list, tuple)) and len(lists) == 1:
+            # a list given where a list is one choice (a name or a list of names): its item at fault is named
+            return _coerce(value, lists[0], key)
         for arg in [a for a in args if a is not type(None)]:
             with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, key)

@@ -462,3 +462,18 @@ def test_a_section_given_a_value_names_the_key_that_value_means(override, meant)
     """timm's and MAE's scripts take ``--model NAME``: ``model=NAME`` is the model's name, not a mapping."""
     with pytest.raises(ConfigError, match=f"is a section, not a value: did you mean {re.escape(meant)}\\?"):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override,said",
+    [
+        ("model.attention=[performer,null]", "model.attention[1]: expected a string, got None"),
+        ("convert.attention=[hedgehog,[a]]", "convert.attention[1]: expected a string, got ['a']"),
+    ],
+)
+def test_a_bad_item_of_a_list_of_names_is_named_not_the_list_called_no_list(override, said):
+    """A key that takes a name or a list of names said of a list with one bad item "expected a string or a
+    list, got [...]": it is a list, and which item to change went unsaid."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == said
