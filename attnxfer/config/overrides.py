@@ -384,12 +384,31 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     """``["optim.lr=1e-3", "transfer.layers=[0,1]"]`` -> ``{"optim.lr": "1e-3", ...}`` (raw strings)."""
     out: dict[str, str] = {}
-    for item in items:
+    for i, item in enumerate(items):
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy)")
+            raise ConfigError(
+                f"override {item!r} is not key=value (e.g. transfer.mode=copy){_split_by_shell(items, i)}"
+            )
         key, raw = item.split("=", 1)
         out[key.strip()] = raw
     return out
+
+
+def _split_by_shell(items: Sequence[str], i: int) -> str:
+    """Where ``items[i]`` follows a key=value item: the shell split that value at its spaces (an unquoted
+    ``transfer.losses=[{name: mse, signal: v}]``); the whole override, quoted, is what to write."""
+    start = i
+    while start > 0 and "=" not in items[start - 1]:
+        start -= 1
+    if start == 0:
+        return ""
+    end = i + 1
+    while end < len(items) and "=" not in items[end]:
+        end += 1
+    whole, value = " ".join(items[start - 1 : end]), items[start - 1].split("=", 1)[1]
+    if sum(map(value.count, "[{")) > sum(map(value.count, "]}")):  # a list or mapping left open: surely split
+        return f"; the shell split {items[start - 1]!r} at its spaces: quote the whole override, {whole!r}"
+    return f"; if it is part of the value before it, quote the whole override: {whole!r}"
 
 
 class _Into(dict):

@@ -477,3 +477,31 @@ def test_a_bad_item_of_a_list_of_names_is_named_not_the_list_called_no_list(over
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert str(e.value) == said
+
+
+@pytest.mark.parametrize(
+    "argv,said",
+    [
+        (
+            ["transfer.losses=[{name:", "mse,", "signal:", "v}]", "optim.lr=1e-3"],
+            "the shell split 'transfer.losses=[{name:' at its spaces: quote the whole override, "
+            "'transfer.losses=[{name: mse, signal: v}]'",
+        ),
+        (
+            ["run_dir=runs/my", "run"],
+            "if it is part of the value before it, quote the whole override: 'run_dir=runs/my run'",
+        ),
+    ],
+)
+def test_an_unquoted_value_the_shell_split_is_told_to_be_quoted_whole(argv, said):
+    """The docs' own examples ({name: mse, signal: v}) hold spaces: typed unquoted, the shell hands a
+    fragment ('mse,') that was refused as 'not key=value' without a word on the quotes that were missing."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, argv)
+    assert str(e.value).endswith(said), e.value
+
+
+def test_a_stray_word_before_any_override_is_not_said_to_be_split():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["nope", "optim.lr=1e-3"])
+    assert str(e.value) == "override 'nope' is not key=value (e.g. transfer.mode=copy)"
