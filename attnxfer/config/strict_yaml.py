@@ -12,9 +12,11 @@ from yaml import YAMLError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-_HINTS = {  # pyyaml's words for the two most common slips, and what they mean
+_HINTS = {  # pyyaml's words for the most common slips, and what they mean
     "'\\t'": "YAML indents with spaces, not tabs",
     "<block end>": "check this line's indentation against the lines above it",
+    # several configs in one file (a study's --print-config prints one per student): a run reads one
+    "another document": "a config file holds one YAML document: keep one of those --- separates",
 }
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # ``<<: *anchor``: its keys may be restated on purpose
 

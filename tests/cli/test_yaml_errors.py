@@ -56,8 +56,20 @@ def test_a_key_given_twice_names_the_file_line_and_key(
             "line 2, column 22",
             "'window_size:3' is read as a key without a value: YAML needs a space after the colon",
         ),
+        (  # a study's --print-config prints one document per student
+            "seed: 1\n---\nseed: 2\n",
+            "line 2, column 1",
+            "a config file holds one YAML document: keep one of those --- separates",
+        ),
     ],
-    ids=["tab", "indentation", "unclosed-bracket", "control-character", "colon-without-space"],
+    ids=[
+        "tab",
+        "indentation",
+        "unclosed-bracket",
+        "control-character",
+        "colon-without-space",
+        "two-documents",
+    ],
 )
 def test_a_yaml_syntax_error_is_one_line_with_the_file_and_line(
     tmp_path, monkeypatch, capsys, text, where, says
