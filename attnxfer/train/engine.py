@@ -250,7 +250,11 @@ class Engine:
             "seconds": self.seconds_before + time.monotonic() - self._started,
             "history": self.history,
         }
-        extra = {"epoch_train_loss": [self._epoch_loss_sum(), self._epoch_batches], **self.record}
+        extra = {
+            "epoch_train_loss": [self._epoch_loss_sum(), self._epoch_batches],
+            "log_window": self.window.state(),
+            **self.record,
+        }
         where = self.checkpointing.save(self.step, loop, extra, metric=metric)
         if where is not None:
             self.last_ckpt = where
@@ -299,6 +303,10 @@ class Engine:
             self.position, loss_sum, batches = 0, 0.0, 0
         self._epoch_loss = torch.tensor(float(loss_sum), dtype=torch.float64, device=self.accelerator.device)
         self._epoch_batches = int(batches)
+        # the terms summed since the last record: the next record covers the same steps as an uninterrupted run's
+        self.window = TermWindow.restored(
+            [] if resumed.restart_epoch else state.get("log_window", []), self.accelerator.device
+        )
         if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
@@ -418,7 +426,8 @@ class Engine:
             # of ranks on the same schedule, apps/run/world_size.py)
             usable = len(self.train_loader) // s.accum_steps * s.accum_steps
             progress = self._progress_bar(usable)
-            self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
+            if self.position == 0:  # a record never mixes epochs (a resumed run logs the same records)
+                self.window = TermWindow()
             batches_left = usable
             for batch in itertools.islice(self.train_loader, usable):
                 batches_left -= 1

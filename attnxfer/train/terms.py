@@ -47,6 +47,25 @@ class TermWindow:
         else:
             self._sums[key] = (vec, 1)
 
+    def state(self) -> list[list]:
+        """The window as JSON for a checkpoint: each key set with its sums (the mean over ranks; every rank
+        calls it, a collective under DDP) and step count, so a run resumed between two log steps writes the
+        record an uninterrupted run writes."""
+        if not self._sums:
+            return []
+        sums, world = torch.cat([s for s, _ in self._sums.values()]), rank_and_world()[1]
+        values = iter(v / world for v in sum_over_ranks(sums.tolist(), sums.device))
+        return [[list(key), [next(values) for _ in key], n] for key, (_, n) in self._sums.items()]
+
+    @classmethod
+    def restored(cls, state: list[list], device: torch.device) -> TermWindow:
+        """A window holding `state`'s sums on every rank (as a resumed epoch's loss: a resumed part is every
+        rank's)."""
+        window = cls()
+        for names, sums, n in state:
+            window._sums[tuple(names)] = (torch.tensor(sums, dtype=torch.float64, device=device), int(n))
+        return window
+
     def means(self) -> dict[str, float]:
         """Each term's mean over the window and over ranks (each sums its own share of equal batches) as Python
         floats; empties the window. Every rank calls it (a collective under DDP)."""

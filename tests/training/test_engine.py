@@ -251,6 +251,29 @@ def test_a_resumed_run_reports_the_whole_runs_history_and_seconds(tmp_path):
     assert again.seconds > first.seconds > 0
 
 
+def test_a_run_stopped_between_two_log_steps_logs_the_records_of_an_uninterrupted_run(tmp_path):
+    """A SIGTERM saves the step it stops at, between log steps: the terms summed since the last record are saved
+    with it, so the resumed run's next record is the mean over the same steps, not over those after the resume."""
+    common = [*TINY, "transfer.mode=none", "schedule.max_steps=4"]  # records at steps 2 and 4
+    train(load_config(None, [f"run_dir={tmp_path / 'ref'}", *common]))
+    cfg = load_config(None, [f"run_dir={tmp_path / 'r'}", *common])
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 3 else None  # after step 3
+
+    with pytest.raises(StopRequested):
+        build_engine(cfg, drive=Drive(stop=stop)).run()
+    train(cfg)
+
+    def records(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in lines]
+
+    assert records("r") == records("ref")
+
+
 def test_a_run_without_logit_distillation_resumes_whatever_logit_temperature_it_is_given(tmp_path):
     """Read only by logit distillation: recipes that stopped setting it still continue their runs."""
     common = [*TINY, "transfer.mode=none", f"run_dir={tmp_path / 'r'}"]
