@@ -44,6 +44,8 @@ class Stage1Result:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed: bool = False
     memory: dict[str, Any] | None = None
+    # the terms summed since the last record (`TermWindow.state`): a resume's next record covers the same steps
+    window: list[list] = field(default_factory=list)
 
 
 def teacher_signals(
@@ -171,6 +173,7 @@ class Stage1Fit:
         history: Sequence[dict[str, Any]] = (),
         on_save: Callable[[int, dict[str, Any], Stage1Result], str | None] | None = None,
         save_every: int | None = None,
+        log_window: Sequence[list] = (),
     ) -> None:
         self.teacher, self.student, self.plan = teacher, student, plan
         self.warmup_steps, self.weight_decay, self.clip_grad = warmup_steps, weight_decay, clip_grad
@@ -180,6 +183,7 @@ class Stage1Fit:
         self.result = Stage1Result(history=list(history))
         self.objective = Stage1Objective(teacher, student, plan)
         self.guard, self.window = NonFiniteGuard(), TermWindow()
+        self._log_window = list(log_window)  # a stopped stage 1's terms since its last record
         self._stack = contextlib.ExitStack()
         self._saved: tuple[int, str | None] | None = None  # (step, where) of the last save
 
@@ -189,6 +193,7 @@ class Stage1Fit:
 
     def __enter__(self) -> Stage1Fit:
         self.device = next(self.student.parameters()).device
+        self.window = TermWindow.restored(self._log_window, self.device)
         groups = self._stack.enter_context(_fitting_only(self.student, self.plan, self.weight_decay))
         self.optimizer = build_adamw(groups, lr=self.plan.stage1_lr, device=self.device)
         if self.optimizer_state is not None:  # a stopped stage 1's
@@ -249,6 +254,7 @@ class Stage1Fit:
         non-finite loss are saved."""
         self._stop_if_non_finite()
         self.result.steps, self.result.seconds = self.done, time.monotonic() - self.start
+        self.result.window = self.window.state()  # every rank (a collective), before rank 0 writes
         where = self.on_save(self.done, self.optimizer.state_dict(), self.result)
         self._saved = (self.done, where)
         return where

@@ -4,6 +4,7 @@ and step) and leaves the student at its weights before the bad step, and the fus
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -200,3 +201,34 @@ def test_two_ranks_skip_and_raise_together_when_one_rank_goes_non_finite(tmp_pat
         assert r0[case]["finite"] and r1[case]["finite"]
         assert r0[case]["weights"] == r1[case]["weights"]
     assert r0["nan"]["weights"] != r0["clean"]["weights"]
+
+
+def test_a_stage1_resumed_between_two_log_steps_logs_the_records_of_an_uninterrupted_one():
+    """A save between log steps (every checkpoint.every_steps, a SIGTERM) keeps the terms summed since the last
+    record, so the resumed stage 1's next record is the mean over the same steps as an uninterrupted run's."""
+    teacher = _teacher()
+    student, plan = _student_and_plan(teacher, steps=6)
+    saves = []
+
+    def on_save(step, optimizer_state, result):
+        saves.append(copy.deepcopy((step, student.state_dict(), optimizer_state, result)))
+        return None
+
+    images = _images(6)
+    whole = stage1_transfer(teacher, student, plan, iter(images), log_every=4, on_save=on_save, save_every=3)
+    ((step, weights, optimizer_state, result),) = saves
+    resumed, _ = _student_and_plan(teacher, steps=6)
+    resumed.load_state_dict(weights)
+    again = stage1_transfer(
+        teacher,
+        resumed,
+        plan,
+        iter(images[step:]),
+        log_every=4,
+        start_step=step,
+        optimizer_state=optimizer_state,
+        history=result.history,
+        log_window=result.window,
+    )
+    assert [r["step"] for r in again.history] == [1, 4, 6]
+    assert again.history == whole.history

@@ -184,6 +184,7 @@ def open_stage1(found: Stage1Found, device: torch.device) -> Stage1Job:
         "history": point.record("history") if point else (),
         "on_save": save,
         "save_every": cfg.checkpoint.every_steps,
+        "log_window": (point.record("log_window") or []) if point and not point.restart_epoch else (),
     }
     first = 0 if point is not None and point.restart_epoch else done
     return Stage1Job(saved, device, None, options, first, earlier)
@@ -214,6 +215,7 @@ class _Stage1Saves:
             "complete": complete,
             "seconds": result.seconds,
             "history": result.history,
+            "log_window": result.window,
             "memory": result.memory,
             "plan": self.plan.to_dict(),
             "config": to_dict(self.cfg, "convert"),
