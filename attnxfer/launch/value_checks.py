@@ -196,8 +196,10 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
 
 def _check_options(key: str, names: Any, options: dict[str, Any]) -> None:
     """Options no named attention takes (a recipe's, left behind when the command line names another
-    attention), refused before the teacher and data load; torch is imported only where there are options."""
-    if not options or not names:
+    attention), or one an attention has no default for, refused before the teacher and data load. torch is
+    imported only where there are options or the registry is already imported (a plug-in's or a session's
+    attention): the zoo's, read from the source, have a default for every option."""
+    if not names or not (options or _REGISTRY_MODULE in sys.modules):
         return
     from ..models.efficient.swap import check_options
 

@@ -134,6 +134,42 @@ def test_options_no_named_attention_takes_are_refused_as_the_config_loads(recipe
     assert check_values(load_config("convert/demo_hedgehog", auto_with_hedgehog)).convert.attention_kwargs
 
 
+def test_an_option_an_attention_has_no_default_for_is_refused_as_the_config_loads(monkeypatch):
+    """Not given, it was Python's "missing 1 required keyword-only argument" as the student was built: the
+    refusal names the attention, the option and the key to set it in, and given, the config loads."""
+    from attnxfer.models.efficient.linear import ReLULinearAttention
+
+    monkeypatch.setattr(registry, "_ATTENTIONS", dict(registry._ATTENTIONS))
+
+    @registry.register_attention("test_needs_rank")
+    class NeedsRank(ReLULinearAttention):
+        def __init__(self, dim: int, num_heads: int = 8, *, rank: int, **kwargs) -> None:
+            super().__init__(dim, num_heads, **kwargs)
+            self.rank = rank
+
+    for overrides in (["convert.attention=test_needs_rank"], ["model.attention=[softmax,test_needs_rank]"]):
+        with pytest.raises(ConfigError) as e:
+            check_values(load_config(None, overrides))
+        key = overrides[0].split(".")[0] + ".attention_kwargs"
+        assert str(e.value) == (
+            f"{key}: test_needs_rank has no default for its option(s) ['rank']: set them in the key, e.g. "
+            "{rank: ...}"
+        )
+    given = ["convert.attention=test_needs_rank", "convert.attention_kwargs={rank: 4}"]
+    assert check_values(load_config(None, given)).convert.attention_kwargs == {"rank": 4}
+
+
+def test_the_zoos_attentions_have_a_default_for_every_option():
+    """What lets the check above skip torch for a name read from the source when no options are given."""
+    import attnxfer.models.efficient  # noqa: F401  (registers the zoo)
+    from attnxfer.models.efficient.swap import _without_default
+
+    assert {"performer", "hedgehog", "softmax"} <= set(registry._ATTENTIONS)
+    for name, cls in registry._ATTENTIONS.items():
+        if cls.__module__.startswith("attnxfer."):
+            assert not [o for o in cls.own_options() if _without_default(cls, o)], name
+
+
 def test_architecture_names_read_from_the_source_are_timms():
     """Every architecture timm lists (attnxfer's micro models among them) and every deprecated alias timm
     still builds, read from the files without importing timm."""

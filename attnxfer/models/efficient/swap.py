@@ -111,8 +111,8 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
 
 def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type[nn.Module]]:
     """The attentions ``names`` are; a `TypeError` naming each option none of them takes (a recipe's options
-    for its own attention, left behind when another attention is named on the command line), or one of
-    another kind than the constructor annotates."""
+    for its own attention, left behind when another attention is named on the command line), one of
+    another kind than the constructor annotates, or one a constructor has no default for and is not given."""
     classes = [get_attention_class(name) for name in names]
     unused = [k for k in options if not any(c.accepts_option(k) for c in classes)]
     if unused:
@@ -136,7 +136,25 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
                 raise TypeError(
                     f"{option} must be {' or '.join(_KINDS[k][0] for k in kinds)} for {name}, got {value!r}"
                 )
+    # an option with no default, not given: else Python's "missing 1 required keyword-only argument" mid-build
+    for name, cls in zip(names, classes):
+        own = cls.own_options() if hasattr(cls, "own_options") else []
+        missing = [o for o in own if o not in options and _without_default(cls, o)]
+        if missing:
+            example = ", ".join(f"{o}: ..." for o in missing)
+            raise TypeError(
+                f"{name} has no default for its option(s) {missing}: set them in the key, e.g. {{{example}}}"
+            )
     return classes
+
+
+def _without_default(cls: type[nn.Module], option: str) -> bool:
+    """Whether the constructor that first declares ``option`` along ``cls``'s MRO gives it no default."""
+    found = (
+        inspect.signature(k.__init__).parameters.get(option) for k in cls.__mro__ if "__init__" in vars(k)
+    )
+    param = next((p for p in found if p is not None), None)
+    return param is not None and param.default is param.empty
 
 
 #: The option kinds zoo constructors annotate, as YAML gives them (a bool is no number): unchecked,
