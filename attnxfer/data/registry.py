@@ -147,6 +147,16 @@ def _options(builder: Callable) -> list[str]:
     ]
 
 
+def _annotation_parts(hint: str) -> list[str]:
+    """The parts of an option's annotation as written: ``int | None``, ``Optional[int]`` and ``Union[int, None]``
+    (``typing.``-qualified, as a class annotation prints, or not) are each ``['int', 'None']``."""
+    hint = hint.replace(" ", "").replace("typing.", "")
+    for wrapper, also in (("Optional[", ["None"]), ("Union[", [])):
+        if hint.startswith(wrapper) and hint.endswith("]"):
+            return [*hint[len(wrapper) : -1].split(","), *also]
+    return hint.split("|")
+
+
 def _names_labels(fn: Callable) -> bool:
     return "labels" in inspect.signature(fn).parameters
 
@@ -192,7 +202,7 @@ def build_dataset(
     for key, value in kwargs.items():  # a value of another type: a traceback deep in the builder otherwise
         hint = params[key].annotation if key in params else None  # the class `int` unless annotations defer
         hint = hint.__name__ if isinstance(hint, type) else str(hint)
-        spelled = hint.replace(" ", "").split("|") if key in params else []
+        spelled = _annotation_parts(hint) if key in params else []
         if spelled and all(part in _SCALARS for part in spelled):
             takes = tuple(t for part in spelled for t in _SCALARS[part][0])
             if not isinstance(value, takes) or (isinstance(value, bool) and bool not in takes):

@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 import sys
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -731,6 +732,36 @@ def test_a_plugin_option_annotated_with_a_class_refuses_a_value_of_another_type(
     with pytest.raises(InputError, match=r"data.kwargs.scale takes a number, got True"):
         build_dataset("typed", "train", scale=True)
     assert len(build_dataset("typed", "train", length=2, scale=2)) == 2
+
+
+def test_a_plugin_option_annotated_optional_refuses_a_value_of_another_type_and_takes_null(registries_kept):
+    """``Optional[int]`` and ``Union[int, None]``, as classes or as strings, were not read as ``int | None``: a
+    string reached the builder where it takes an integer."""
+
+    def build_optional(
+        split,
+        *,
+        root,
+        img_size,
+        in_chans,
+        mean,
+        std,
+        seed,
+        a: typing.Optional[int] = None,  # noqa: UP045  (a plug-in may write it so)
+        b: "Optional[int]" = None,  # noqa: F821  (as a module deferring annotations has it)
+        c: "typing.Union[int, None]" = None,  # noqa: UP007
+        d: int | None = None,
+    ):
+        return torch.utils.data.TensorDataset(torch.ones(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+
+    register_dataset("optional", info=DatasetInfo("optional", 2, None, (0.0,), (1.0,), 1, 4))(build_optional)
+    for key in "abcd":
+        with pytest.raises(
+            InputError, match=f"^dataset 'optional': data.kwargs.{key} takes an integer or null, got '5'$"
+        ):
+            build_dataset("optional", "train", **{key: "5"})
+        assert len(build_dataset("optional", "train", **{key: 5})) == 2
+        assert len(build_dataset("optional", "train", **{key: None})) == 2
 
 
 @pytest.mark.parametrize(
