@@ -574,6 +574,30 @@ def test_a_selection_stopped_by_sigterm_keeps_its_measurements_and_the_same_comm
 
 
 @pytest.mark.slow
+def test_a_negative_block_time_an_older_version_recorded_is_read_as_0_as_it_is_measured_now(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """Before block times were clamped (`block_ms`), a model timed under its floor saved a negative one in
+    selection.partial.json; a resumed selection reused it, and the candidate looked faster than its model
+    was timed (here 3.33x where every block swapped saves only the softmax time: 2.5x)."""
+    whole = {"teacher": 10.0, "floor": 4.0, "relu_linear": 3.0}  # relu_linear timed under its floor
+    old = {"teacher": 10.0, SOFTMAX: 3.0, "relu_linear": -0.5}  # (model - floor) / depth, unclamped
+    record = {"tokens": 17, "side": 16, "batch": 2, "device": "cpu", "precision": "fp32"}
+    monkeypatch.setattr(selection, "time_candidates", lambda *_: {**record, "ms": old, "whole_ms": whole})
+    # the older run: its timings saved, then stopped before any fit
+    monkeypatch.setattr(selection, "stop_signal", lambda: signal.SIGTERM)
+    run, extra = tmp_path / "run", ["convert.candidates=[relu_linear]"]
+    assert cli.main(_args(run, tiny_teacher_dir, "convert.speedup=1.1", *extra)) == 143
+    assert json.loads((run / PARTIAL_FILE).read_text())["timing"]["ms"]["relu_linear"] == -0.5
+    capsys.readouterr()
+    assert cli.main(_args(run, tiny_teacher_dir, "convert.speedup=50", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "the fastest student of these candidates at 17 tokens is 2.50x (all layers relu_linear)" in err, (
+        err
+    )
+
+
+@pytest.mark.slow
 def test_a_convert_study_resumed_mid_selection_gives_every_budget_the_recorded_measurements(
     tmp_path, tiny_teacher_dir, monkeypatch, fixed_timings
 ):

@@ -244,9 +244,13 @@ def measure_selection(
         )
     teacher.to(device=device, dtype=torch.float32).eval()
     start = time.monotonic()
+    recorded = progress.get("timing")
+    # a version before `block_ms` clamped saved a model timed under its floor as a negative block time
+    if recorded:
+        recorded = {**recorded, "ms": {n: max(0.0, t) for n, t in recorded["ms"].items()}}
     # every rank judges the budget on rank 0's times (one verdict), as recorded ones memoised: a study shares them
     timing = gather_objects(
-        _memo(teacher, "time", cfg, lambda: progress.get("timing") or time_candidates(cfg, parts, device))
+        _memo(teacher, "time", cfg, lambda: recorded or time_candidates(cfg, parts, device))
     )[0]
     seconds = progress.get("timing_seconds", time.monotonic() - start)
     depth = len(flat_blocks(teacher))
