@@ -26,11 +26,29 @@ _CALL = re.compile(
 )
 
 
+_CONSTANT = r"^([A-Za-z_]\w*)\s*(?::\s*\w+\s*)?=\s*[\"']([^\"']*)[\"']"
+#: a string or a comment, matched where it starts: a registration or a constant written inside one (a
+#: docstring's example, a line commented out) is consumed with it, never read as the module's
+_NOT_CODE = r"""\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|\#[^\n]*"""
+_CODE = re.compile(f"{_NOT_CODE}|{_CONSTANT}|{_CALL.pattern}", re.MULTILINE)
+
+
 def _constants(text: str) -> dict[str, str]:
     """A module's top-level string constants (``SOFTMAX = "softmax"``, or in single quotes)."""
-    return dict(
-        re.findall(r"^([A-Za-z_]\w*)\s*(?::\s*\w+\s*)?=\s*[\"']([^\"']*)[\"']", text, flags=re.MULTILINE)
-    )
+    return dict(re.findall(_CONSTANT, text, flags=re.MULTILINE))
+
+
+def _registrations(text: str) -> tuple[dict[str, str], list[tuple[str, str, str]]]:
+    """A module's top-level string constants and its registrations (`_CALL`'s groups), outside its comments
+    and strings: a regular expression, not `ast`, which takes a noticeable part of a second for the zoo."""
+    constants: dict[str, str] = {}
+    calls: list[tuple[str, str, str]] = []
+    for name, value, *call in _CODE.findall(text):
+        if name:
+            constants[name] = value
+        elif any(call):
+            calls.append(tuple(call))
+    return constants, calls
 
 
 @cache
@@ -38,14 +56,18 @@ def _registered_by_text() -> tuple[frozenset[str], frozenset[str], bool]:
     """(names, parametric prefixes, whether a registration's name could not be read) the registering files
     declare; a prefix is written without its colon. A constant is looked up in the file that uses it, then in
     the others (one may import it from another); a name built by code (an f-string in a loop) is not read."""
-    texts = [p.read_text(encoding="utf-8") for pattern in _REGISTERING for p in sorted(_MODELS.glob(pattern))]
-    everywhere = {k: v for text in texts for k, v in _constants(text).items()}
+    read = [
+        _registrations(p.read_text(encoding="utf-8"))
+        for pattern in _REGISTERING
+        for p in sorted(_MODELS.glob(pattern))
+    ]
+    everywhere = {k: v for own, _ in read for k, v in own.items()}
     names: set[str] = set()
     prefixes: set[str] = set()
     unread = False
-    for text in texts:
-        consts = {**everywhere, **_constants(text)}
-        for parametric, literal, constant in _CALL.findall(text):
+    for own, calls in read:
+        consts = {**everywhere, **own}
+        for parametric, literal, constant in calls:
             value = literal or consts.get(constant, "")
             if value:
                 (prefixes if parametric else names).add(value.rstrip(":"))

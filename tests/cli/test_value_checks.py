@@ -215,6 +215,39 @@ def test_a_forks_attention_named_by_keyword_is_read_from_the_source():
     assert value_checks._CALL.findall(text) == [("", "elu_linear", ""), ("parametric_", "lowrank:", "")]
 
 
+_COMMENTED = '''"""Attentions of a fork. Register your own as this module does::
+
+    @register_attention("doc_example")
+    register_parametric_attention(prefix="doc_prefix:", resolve=f)
+"""
+NAME = 'elu_plus'
+
+# @register_attention("retired")
+@register_attention("elu_linear")  # was register_attention('old_name')
+@register_attention(NAME)
+class EluLinear:
+    \'\'\'Not register_attention("in_a_docstring") here.\'\'\'
+
+    note = "it's register_attention('in_a_string') and \\" register_attention('after_an_escape')"
+'''
+
+
+def test_a_registration_in_a_comment_or_a_string_is_not_read_as_one(tmp_path, monkeypatch):
+    """A docstring's example or a registration commented out registers nothing when Python imports the file:
+    read as a registration, its name passed the check as the config loaded and failed once the model was built."""
+    (tmp_path / "attention").mkdir()
+    (tmp_path / "efficient").mkdir()
+    (tmp_path / "attention" / "softmax.py").write_text('@register_attention("softmax")\n')
+    (tmp_path / "efficient" / "fork.py").write_text(_COMMENTED)
+    monkeypatch.setattr(value_checks, "_MODELS", tmp_path)
+    value_checks._registered_by_text.cache_clear()
+    try:
+        read = value_checks._registered_by_text()
+    finally:
+        value_checks._registered_by_text.cache_clear()
+    assert read == ({"softmax", "elu_linear", "elu_plus"}, set(), False)
+
+
 _NAMED_BY_CODE = """
 import torch
 
