@@ -137,9 +137,10 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
                     f"{option} must be {' or '.join(_KINDS[k][0] for k in kinds)} for {name}, got {value!r}"
                 )
     # an option with no default, not given: else Python's "missing 1 required keyword-only argument" mid-build
+    # (seq_len is not: the swap gives it the model's token count, models/attention/slots.py)
     for name, cls in zip(names, classes):
         own = cls.own_options() if hasattr(cls, "own_options") else []
-        missing = [o for o in own if o not in options and _without_default(cls, o)]
+        missing = [o for o in own if o not in options and o != "seq_len" and _without_default(cls, o)]
         if missing:
             example = ", ".join(f"{o}: ..." for o in missing)
             raise TypeError(
