@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..speak import say
 from .distributed import rank_and_world
 
 #: what a cluster or a user sends to end a process politely
@@ -80,6 +81,8 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         and (s != signal.SIGUSR2 or signal.getsignal(s) == signal.SIG_DFL)
     }
 
+    held: list[int] = []  # caught and not passed to a handler: the loop stops on them, or they are sent again
+
     def handler(signum: int, frame: Any) -> None:
         before = previous[signum]
         if _received and before in (signal.SIG_DFL, None):  # asked twice: stop now, as if never caught
@@ -88,7 +91,10 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             return
         _received.append(signum)
         if callable(before) and (before is not signal.default_int_handler or len(_received) > 1):
+            held[:] = [s for s in held if s != signum]
             before(signum, frame)
+        else:
+            held.append(signum)
 
     for s in previous:
         signal.signal(s, handler)
@@ -100,6 +106,11 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         for s, before in previous.items():
             signal.signal(s, before if before is not None else signal.SIG_DFL)
         _received.clear()
+    if held:  # the block ended as usual (no StopRequested): a signal during its last step would be lost
+        say(
+            f"{signal.Signals(held[0]).name} came as the loop ended, its work saved: stopping now; re-run the same command to finish"
+        )
+        os.kill(os.getpid(), held[0])
 
 
 def stop_signal() -> int | None:

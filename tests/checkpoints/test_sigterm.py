@@ -144,14 +144,15 @@ def test_sigusr2_of_an_sbatch_signal_saves_the_step_and_says_to_run_again(tmp_pa
 def test_sigusr2_is_caught_only_where_no_handler_takes_it():
     """A plain run catches SIGUSR2 (its default ends the process); a submitted job's handler (submitit's
     requeue) keeps it, as before."""
-    from attnxfer.train.stop import stop_on_signals, stop_signal
+    from attnxfer.train.stop import StopRequested, stop_on_signals, stop_signal
 
     before = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     try:
-        with stop_on_signals():
+        with pytest.raises(StopRequested), stop_on_signals():
             assert signal.getsignal(signal.SIGUSR2) != signal.SIG_DFL  # else the kill would end pytest
             os.kill(os.getpid(), signal.SIGUSR2)
             assert stop_signal() == signal.SIGUSR2
+            raise StopRequested(signal.SIGUSR2, 1, None)  # as a loop stops on it
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
         taken = []
         signal.signal(signal.SIGUSR2, lambda signum, frame: taken.append(signum))
@@ -160,6 +161,23 @@ def test_sigusr2_is_caught_only_where_no_handler_takes_it():
             assert stop_signal() is None and taken == [signal.SIGUSR2]
     finally:
         signal.signal(signal.SIGUSR2, before)
+
+
+def test_a_signal_the_loop_did_not_stop_on_acts_as_it_ends_not_lost(capsys):
+    """Ctrl-C (or a preemption's SIGTERM) during a loop's last step or its final evaluation: the loop had no
+    step left to stop at, and the signal was dropped as the block ended, the process going on for minutes
+    (a conversion's speed report). It acts once the block ends, after one line saying so."""
+    from attnxfer.train.stop import stop_on_signals
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stop_on_signals():
+                os.kill(os.getpid(), signal.SIGINT)  # caught: only a flag, which no step reads again
+            time.sleep(1)
+        assert "SIGINT came as the loop ended" in capsys.readouterr().out
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
