@@ -449,6 +449,15 @@ def export_run(
             f"{run.path} is still training ({held.describe()}): exporting its checkpoint {loaded.why}; "
             "export again when the run ends for its final weights"
         )
+    # a run that stopped (killed, preempted) before its schedule's end: its weights are not its final ones
+    newest, total = run.latest(verify_hash=False), record.get("total_steps")
+    stopped = held is None and newest is not None and isinstance(total, int) and newest.step < total
+    if stopped:
+        warn(
+            f"{run.path} stopped at step {newest.step} of its {total} and is not running: exporting its "
+            f"checkpoint {loaded.why}; run the command that trained it again (it resumes) and export again "
+            "for its final weights"
+        )
     recipe = run.recipe()
     recipe_cfg = (yaml.safe_load(recipe) if recipe else None) or {}
     recipe_cfg = recipe_cfg if isinstance(recipe_cfg, dict) else {}
@@ -470,7 +479,8 @@ def export_run(
         recipe=recipe,
         metrics=_card_metrics(run, loaded.checkpoint),
         training_data=training_data,
-        checkpoint=f"{loaded.why}, {loaded.weights} weights",
+        checkpoint=f"{loaded.why}, {loaded.weights} weights"
+        + (f", of a run that stopped at step {newest.step} of {total} (unfinished)" if stopped else ""),
         description=record.get("description"),
         repo_id=push_to_hub,
         dataset=dataset,

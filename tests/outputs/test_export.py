@@ -470,6 +470,23 @@ def test_exporting_a_run_still_training_names_the_checkpoint_taken_and_says_to_e
     assert "still training" not in capsys.readouterr().err
 
 
+def test_exporting_a_run_that_stopped_before_its_end_says_so_and_its_card_too(tmp_path, capsys):
+    """A run killed mid-way (no live lock, its newest checkpoint short of run.json's total_steps) exports its
+    checkpoint, saying it is not the run's final one, on stderr and on the card; a finished run says nothing."""
+    run = tmp_path / "run"
+    fake_run(run)
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "total_steps": 400}))
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "stopped")
+    assert f"{run} stopped at step 200 of its 400 and is not running" in capsys.readouterr().err
+    assert "of a run that stopped at step 200 of 400 (unfinished)" in (out / "README.md").read_text()
+    (run / "run.json").write_text(json.dumps({**record, "total_steps": 200}))
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "finished")
+    assert "stopped" not in capsys.readouterr().err + (out / "README.md").read_text()
+
+
 def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_teacher(tmp_path, monkeypatch):
     """--overwrite replaces an earlier export; a teacher saved in timm's layout (or a model of the user's own)
     is not one, and the run's own teacher folder, an attnxfer export or not, is what its resume checks: known
