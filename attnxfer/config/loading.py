@@ -156,11 +156,16 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
             raise ConfigError(f"recipes start from each other in a cycle: {loop}; remove one base")
         seen.append(p.resolve())
         try:  # a repeated key or bad YAML is one line naming the file and line
-            data = load_yaml(p.read_text(encoding="utf-8")) or {}
+            data = load_yaml(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
         except YAMLError as e:
             raise ConfigError(f"config file {str(p)!r}, {describe_yaml_error(e)}") from None
+        if data is None:  # a `--print-config > FILE` that failed leaves one: the defaults would train unasked
+            raise ConfigError(
+                f"config file {str(p)!r} holds no keys (empty, or only comments): write its keys, or leave out "
+                "-c to run the defaults"
+            )
         if not isinstance(data, Mapping):
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"

@@ -347,6 +347,8 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
                 "eval is the section of what `attnxfer eval` scores (eval.metrics, ...), not MAE's --eval switch: "
                 "to score a trained run, run attnxfer eval -c RUN_DIR/config.yaml"
             )
+        if section and data is None:  # `optim:` with each key under it commented out
+            raise ConfigError(f"{section}: a section with no keys under it: give it keys, or leave it out")
         raise ConfigError(f"{section or 'config'}: expected a mapping, got {data!r}")
     if not prefix:  # a whole config's keys: old spellings move to their new keys first (`renamed.py`)
         data = respell(data, obj)

@@ -78,6 +78,26 @@ def test_a_yaml_syntax_error_is_one_line_with_the_file_and_line(
     assert f"{where}: " in err and says in err, err
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "holds no keys (empty, or only comments): write its keys, or leave out -c to run the defaults"),
+        ("# seed: 1\n", "holds no keys (empty, or only comments)"),
+        (
+            "seed: 1\noptim:\n#  lr: 1e-3\n",
+            "optim: a section with no keys under it: give it keys, or leave it out",
+        ),
+    ],
+    ids=["empty", "comments-only", "section-emptied"],
+)
+def test_a_file_or_section_left_without_keys_is_refused_not_trained_with_the_defaults(
+    tmp_path, monkeypatch, capsys, text, says
+):
+    """A `--print-config > FILE` that failed leaves an empty file: run with it, the defaults trained into
+    runs/default unasked. A section whose keys are all commented out was "expected a mapping, got None"."""
+    assert says in _refused(tmp_path, monkeypatch, capsys, text)
+
+
 def test_a_key_given_twice_in_a_recipe_it_starts_from_names_that_recipe(tmp_path, monkeypatch, capsys):
     parent = tmp_path / "parent.yaml"
     parent.write_text("optim:\n  lr: 1.0e-3\n  lr: 1.0e-4\n", encoding="utf-8")
