@@ -166,6 +166,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # one item given: the example is that item in brackets (transfer.losses' a mapping: a name is its name)
             one = {"name": value} if isinstance(value, str) and typing.get_origin(item) is dict else value
             example = f"[{one}]" if isinstance(one, (str, int, float)) else "[a, b]"
+            example = "[] for none" if value is None else example  # null where a list is kept: its empty list
             example = f"[{yaml_value(one)}]" if isinstance(one, dict) else example
             span = re.fullmatch(r"(\d+)-(\d+)", str(value)) if item is int else None  # as the plan says "0-5"
             example = str(list(range(int(span[1]), int(span[2]) + 1))).replace(" ", "") if span else example
@@ -187,6 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
     if tp is str and (isinstance(value, str) or number):
         return str(value)
+    if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)
+        raise ConfigError(f"{key}: expected an integer, got {value!r} (write {int(value)})")
     if tp in _FRIENDLY:
         raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")

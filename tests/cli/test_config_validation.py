@@ -505,3 +505,22 @@ def test_a_stray_word_before_any_override_is_not_said_to_be_split():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["nope", "optim.lr=1e-3"])
     assert str(e.value) == "override 'nope' is not key=value (e.g. transfer.mode=copy)"
+
+
+@pytest.mark.parametrize(
+    "override,said",
+    [
+        ("schedule.epochs=1e3", "schedule.epochs: expected an integer, got 1000.0 (write 1000)"),
+        ("schedule.epochs=2.5", "schedule.epochs: expected an integer, got 2.5"),
+        (
+            "log.trackers=null",
+            "log.trackers: expected a list, got None (write e.g. log.trackers=[] for none)",
+        ),
+    ],
+)
+def test_a_refused_value_shows_the_spelling_that_is_taken(override, said):
+    """YAML reads 1e3 as a float, refused where a key counts (the safe side); and null where a list is kept
+    was shown a list of two made-up names: each refusal shows what to write instead."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == said
