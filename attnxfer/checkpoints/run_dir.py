@@ -18,6 +18,7 @@ from ..models.student import student_from_spec
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     EMA_WEIGHTS,
+    LOCK_NAME,
     METRICS,
     MODEL_WEIGHTS,
     RUN_CONFIG,
@@ -33,6 +34,7 @@ from ..sources.load_errors import missing_path
 from ..sources.teacher import drop_unused_entries
 from ..speak import debug, warn
 from ..transfer.modes import MODES
+from .run_lock import lock_holder
 from .store import (
     CheckpointError,
     CheckpointInfo,
@@ -169,6 +171,14 @@ class RunDir:
         stage2 = RunDir(self.path / STAGE_DIRS[-1])
         if stage2.is_run():
             return stage2
+        holder = lock_holder(self.path / LOCK_NAME)
+        if (
+            holder is not None and not holder.ours and holder.why_dead() is None
+        ):  # "finish it" would start a second
+            raise MissingPathError(
+                f"{self.path} is a conversion still at work ({holder.describe()}), its stage 2 not begun: "
+                "export it once it has ended"
+            )
         stage1 = self.path / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR
         raise MissingPathError(
             f"{self.path} is a conversion whose stage 2 has not run (no {stage2.record_file}); its student "

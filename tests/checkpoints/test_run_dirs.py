@@ -613,3 +613,20 @@ def test_an_export_removes_the_staging_folders_killed_exports_left(trained, tmp_
     assert not dead.exists() and not legacy.exists() and not inside.exists() and keep.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".export.notes"]
     assert (out / "model.safetensors").is_file()
+
+
+def test_exporting_a_conversion_still_in_stage_1_says_it_is_at_work_not_to_finish_it(tmp_path, capsys):
+    """Told "finish the conversion (attnxfer convert -c ...)" while its process was converting, a user would
+    start a second one into the same folder; the live holder is named and the export is to wait for it."""
+    run = tmp_path / "conv"
+    (run / "stage1" / "checkpoints").mkdir(parents=True)
+    with _live_process() as pid:
+        _write_lock(run, pid=pid, command="convert")
+        assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+    assert f"{run} is a conversion still at work (`attnxfer convert` on host" in err, err
+    assert f"pid {pid}" in err and "export it once it has ended" in err and "finish the conversion" not in err
+    (run / LOCK_NAME).unlink()  # ended (killed): the folder's stage 1 is to be finished, as before
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    assert "finish the conversion" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
