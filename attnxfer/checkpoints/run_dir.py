@@ -171,13 +171,10 @@ class RunDir:
         stage2 = RunDir(self.path / STAGE_DIRS[-1])
         if stage2.is_run():
             return stage2
-        holder = lock_holder(self.path / LOCK_NAME)
-        if (
-            holder is not None and not holder.ours and holder.why_dead() is None
-        ):  # "finish it" would start a second
+        if at_work := _at_work(self.path):  # "finish the conversion" would start a second one into the folder
             raise MissingPathError(
-                f"{self.path} is a conversion still at work ({holder.describe()}), its stage 2 not begun: "
-                "export it once it has ended"
+                f"{self.path} is a conversion still at work ({at_work}), its stage 2 not begun: export it once "
+                "it has ended"
             )
         stage1 = self.path / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR
         raise MissingPathError(
@@ -244,6 +241,13 @@ class RunDir:
                     f"{self.path} holds checkpoints but no {RUN_RECORD}, the run's record of what it trained: put "
                     f"it back, or run the command that trained it again, -c {self.config_file}, which writes it "
                     "anew (a finished run trains no further)"
+                )
+            if at_work := _at_work(
+                self.path
+            ):  # a conversion in stage 1 writes no folder before its first save
+                raise MissingPathError(
+                    f"{self.path} has no {RUN_RECORD} yet: its command is still at work ({at_work}); run this "
+                    "again once it has ended"
                 )
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
@@ -346,3 +350,10 @@ class RunDir:
                 f"unexpected {result.unexpected_keys}"
             )
         return LoadedRunStudent(student, record, ckpt, why, wfile, weights)
+
+
+def _at_work(folder: Path) -> str | None:
+    """The live process (another one) that holds ``folder``'s lock, described; None where none does."""
+    holder = lock_holder(folder / LOCK_NAME)
+    alive = holder is not None and not holder.ours and holder.why_dead() is None
+    return holder.describe() if alive else None

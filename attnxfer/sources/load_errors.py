@@ -83,6 +83,11 @@ def run_folder_hint(folder: Path) -> str | None:
     elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
         run, what = folder, "a student's run folder"
     elif (folder / RUN_CONFIG).is_file() and not is_exported_model(folder):
+        if (folder / LOCK_NAME).is_file():  # a conversion's stage 1 writes no folder before its first save
+            return (
+                f"{folder} holds a run's config.yaml and its lock alone: its command is still at work (or was "
+                "killed before its first save), nothing to read yet; give it once that command has ended"
+            )
         return f"{folder} holds a run's config.yaml alone: its run never got past its start, nothing to read"
     elif (folder / ONNX_FILE).is_file() and not is_exported_model(folder):
         return (

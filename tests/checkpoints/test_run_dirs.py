@@ -630,3 +630,22 @@ def test_exporting_a_conversion_still_in_stage_1_says_it_is_at_work_not_to_finis
     assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
     assert "finish the conversion" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_in_stage_1_before_its_first_save_is_said_to_be_at_work(tmp_path, capsys):
+    """Until stage 1's first save the folder holds config.yaml and the lock alone: eval and export said "not a
+    training run's dir", inspect "never got past its start", of a conversion that was converting."""
+    run = tmp_path / "conv"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"run_dir: {run}\n")
+    with _live_process() as pid:
+        _write_lock(run, pid=pid, command="convert")
+        assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert f"{run} has no run.json yet: its command is still at work (`attnxfer convert`" in err, err
+        assert f"pid {pid}" in err and "run this again once it has ended" in err
+        assert cli.main(["inspect", f"local-dir:{run}", str(run)]) == 2
+        assert "its command is still at work (or was killed before its first save)" in capsys.readouterr().err
+    (run / LOCK_NAME).unlink()
+    assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
+    assert "not a training run's dir (or its run never got past the start)" in capsys.readouterr().err
