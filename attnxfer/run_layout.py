@@ -31,6 +31,26 @@ ONNX_FILE = "model.onnx"
 STUDY_RECORD = "study.json"
 #: the YAML that runs a study again (its base keys and its students)
 STUDY_YAML = "study.yaml"
+#: a study's report and its figures (`attnxfer.apps.study.report`), and a conversion study's comparison
+STUDY_REPORT = "study.md"
+STUDY_SCORES = "study_report.json"  # what the report shows, as data
+STUDY_CURVES = "study.png"
+STUDY_AGREEMENT = "study_agreement.png"
+COMPARISON_REPORT = "conversion_study.md"
+COMPARISON_DATA = "conversion_study.json"
+#: what a study writes into its own folder, beside its students' folders
+STUDY_FILES = (
+    CHECKPOINTS_SUBDIR,
+    LOCK_NAME,
+    STUDY_RECORD,
+    STUDY_YAML,
+    STUDY_REPORT,
+    STUDY_SCORES,
+    STUDY_CURVES,
+    STUDY_AGREEMENT,
+    COMPARISON_REPORT,
+    COMPARISON_DATA,
+)
 #: convert's stage folders
 STAGE_DIRS = ("stage1", "stage2")
 #: a search's every candidate, one JSON line each (its state is a checkpoint, under checkpoints/)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import CHECKPOINTS_SUBDIR, LOCK_NAME, STUDY_RECORD, STUDY_YAML
+from ..run_layout import STUDY_FILES, STUDY_RECORD, STUDY_YAML
 from .loading import STUDENTS_KEY, recipe_chain, resolve_recipe
 from .overrides import (
     ConfigError,
@@ -337,10 +337,9 @@ def _check_student(student: Student, command: str) -> None:
         raise ConfigError(
             f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -; e.g. {safe!r})"
         )
-    own = (CHECKPOINTS_SUBDIR, LOCK_NAME, STUDY_RECORD, STUDY_YAML)
-    if student.name in own:  # a student's run folder sits in the study's folder, beside these
+    if student.name in STUDY_FILES:  # a student's run folder sits in the study's folder, beside these
         raise ConfigError(
-            f"student name {student.name!r} is taken by the study's own {', '.join(own)}: rename it"
+            f"student name {student.name!r} is taken by the study's own {', '.join(STUDY_FILES)}: rename it"
         )
     keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
     shared = [

@@ -265,6 +265,11 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml.write_text("students:\n  - name: checkpoints\n")  # the study's own checkpoints folder
     with pytest.raises(ConfigError, match="'checkpoints' is taken by the study's own checkpoints, "):
         load_study(yaml)
+    # the report and its figures are written beside the students after they train: refused before any work
+    for own in ("study.md", "study.png", "study_report.json", "conversion_study.md"):
+        yaml.write_text(f"students:\n  - name: {own}\n")
+        with pytest.raises(ConfigError, match=f"'{own}' is taken by the study's own "):
+            load_study(yaml)
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,12 @@ from typing import Any
 
 from ...checkpoints.atomic_io import atomic_write_json, atomic_write_text
 from ...errors import InputError
+from ...run_layout import COMPARISON_DATA, COMPARISON_REPORT
 from ...speak import say
 from ..run.uncertainty import format_p, mcnemar
 from ..study.report import read_study_record
 from .report import STAGE_ROWS, final_stage, range_text, ratio_text, top1_interval_text, value_text
 
-COMPARISON_REPORT = "conversion_study.md"
-COMPARISON_DATA = "conversion_study.json"
 #: the stages as a row names them: "weights swapped in", "after stage 1", "after stage 2"
 _STAGE_NAMES = {key: label.removeprefix("student").lstrip(", ") for key, label in STAGE_ROWS}
 

@@ -26,7 +26,7 @@ from ...checkpoints.run_dir import RunDir
 from ...config import TrainConfig, load_config
 from ...data import dataset_info
 from ...errors import InputError, MissingPathError
-from ...run_layout import STUDY_RECORD
+from ...run_layout import STUDY_AGREEMENT, STUDY_CURVES, STUDY_RECORD, STUDY_REPORT, STUDY_SCORES
 from ...speak import say, speaking_for
 from ...train.runtime import resolve_device, resolve_precision
 from ...transfer.modes import get_mode
@@ -39,10 +39,6 @@ from ..run.val_curves import draw_val_curves, val_series
 from .report_text import StudentScore, render_study
 from .seed_stats import student_correct
 
-STUDY_REPORT = "study.md"
-STUDY_SCORES = "study_report.json"  # what the report shows, as data
-STUDY_CURVES = "study.png"
-STUDY_AGREEMENT = "study_agreement.png"
 TOP1, KNN = "top-1", "k-NN top-1"
 
 
