@@ -2,7 +2,7 @@
 ``KillWait`` later), Ctrl-C (SIGINT) or SIGUSR2 (a user's ``#SBATCH --signal=USR2@120``, submitit's USR_SIG):
 while a loop runs, each only sets a flag, the loop saves the step it is at and raises `StopRequested` (exit
 143, 130 or 140; a submitted job requeues). A second signal acts as if none was caught (a second Ctrl-C:
-KeyboardInterrupt at once).
+KeyboardInterrupt at once), and so does one that came with no step left to stop at, as the block ends.
 """
 
 from __future__ import annotations
@@ -107,9 +107,8 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
             signal.signal(s, before if before is not None else signal.SIG_DFL)
         _received.clear()
     if held:  # the block ended as usual (no StopRequested): a signal during its last step would be lost
-        say(
-            f"{signal.Signals(held[0]).name} came as the loop ended, its work saved: stopping now; re-run the same command to finish"
-        )
+        name = signal.Signals(held[0]).name
+        say(f"{name} came as the loop ended, its work saved: stopping now; re-run the same command to finish")
         os.kill(os.getpid(), held[0])
 
 
