@@ -229,6 +229,11 @@ def _check_options(key: str, names: Any, options: dict[str, Any]) -> None:
         check_options(names if isinstance(names, list) else [names], options)
     except TypeError as e:
         raise ConfigError(f"{key}: {e}") from None
+    except (
+        KeyError,
+        ValueError,
+    ) as e:  # a parametric name's spec, parsed here first (formula:...): the name's key
+        raise ConfigError(f"{key.removesuffix('_kwargs')}: {e.args[0]}") from None
 
 
 def check_values(cfg: Any) -> Any:

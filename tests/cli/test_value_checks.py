@@ -319,3 +319,15 @@ def test_a_forks_loss_named_by_keyword_or_constant_is_read_from_the_source():
     text = 'NAME = "cos"\n@comparison_loss(name="v_mse")\n@comparison_loss( name = \'q_l1\')\n@comparison_loss(NAME)\n'
     assert value_checks._COMPARISON.findall(text) == [("v_mse", ""), ("q_l1", ""), ("", "NAME")]
     assert value_checks._constants(text) == {"NAME": "cos"}
+
+
+def test_a_formula_that_does_not_parse_is_named_by_its_key_when_the_registry_is_loaded():
+    """With the registry imported (a plug-in's, a session's) the option check parses a formula first: its
+    syntax error reached the user without the key it was given in."""
+    import attnxfer.models.efficient  # noqa: F401  (the registry loaded, as in a session)
+
+    with pytest.raises(ConfigError) as e:
+        check_values(load_config(None, ["convert.attention=formula:sum(relu.)"]))
+    assert str(e.value).startswith(
+        "convert.attention: formula syntax error at position 17 of 'formula:sum(relu.)'"
+    )
