@@ -229,10 +229,7 @@ def _check_options(key: str, names: Any, options: dict[str, Any]) -> None:
         check_options(names if isinstance(names, list) else [names], options)
     except TypeError as e:
         raise ConfigError(f"{key}: {e}") from None
-    except (
-        KeyError,
-        ValueError,
-    ) as e:  # a parametric name's spec, parsed here first (formula:...): the name's key
+    except (KeyError, ValueError) as e:  # a parametric name's spec parsed here first (formula:...): its key
         raise ConfigError(f"{key.removesuffix('_kwargs')}: {e.args[0]}") from None
 
 
