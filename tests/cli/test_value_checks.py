@@ -143,9 +143,10 @@ def test_an_option_an_attention_has_no_default_for_is_refused_as_the_config_load
 
     @registry.register_attention("test_needs_rank")
     class NeedsRank(ReLULinearAttention):
-        def __init__(self, dim: int, num_heads: int = 8, *, rank: int, **kwargs) -> None:
+        # seq_len too, never asked of the user: the swap gives it the model's token count (a Linformer-like plug-in)
+        def __init__(self, dim: int, num_heads: int = 8, *, rank: int, seq_len: int, **kwargs) -> None:
             super().__init__(dim, num_heads, **kwargs)
-            self.rank = rank
+            self.rank, self.seq_len = rank, seq_len
 
     for overrides in (["convert.attention=test_needs_rank"], ["model.attention=[softmax,test_needs_rank]"]):
         with pytest.raises(ConfigError) as e:
@@ -157,23 +158,6 @@ def test_an_option_an_attention_has_no_default_for_is_refused_as_the_config_load
         )
     given = ["convert.attention=test_needs_rank", "convert.attention_kwargs={rank: 4}"]
     assert check_values(load_config(None, given)).convert.attention_kwargs == {"rank": 4}
-
-
-def test_a_required_seq_len_is_not_refused_as_the_swap_gives_it_the_token_count(monkeypatch):
-    """A plug-in like Linformer that needs its sequence length without a default: the student is built with
-    the model's token count, so the config check must not ask the user for it."""
-    from attnxfer.models.efficient.linear import ReLULinearAttention
-
-    monkeypatch.setattr(registry, "_ATTENTIONS", dict(registry._ATTENTIONS))
-
-    @registry.register_attention("test_needs_seq_len")
-    class NeedsSeqLen(ReLULinearAttention):
-        def __init__(self, dim: int, num_heads: int = 8, *, seq_len: int, **kwargs) -> None:
-            super().__init__(dim, num_heads, **kwargs)
-            self.seq_len = seq_len
-
-    cfg = check_values(load_config(None, ["convert.attention=test_needs_seq_len"]))
-    assert cfg.convert.attention == "test_needs_seq_len"
 
 
 def test_the_zoos_attentions_have_a_default_for_every_option():
