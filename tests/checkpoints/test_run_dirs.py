@@ -223,8 +223,9 @@ def test_submit_refuses_a_key_the_runs_checkpoint_fixes_before_submitting(traine
 
 @pytest.mark.slow  # a study of two students, one step each
 def test_submit_refuses_a_study_its_job_would_not_resume_before_submitting(tmp_path, capsys):
-    """A resubmitted study with a key its checkpoint fixes (the seed), or with other students, would stop at its
-    start, after the queue's wait: submit says it at once, in study's words, and writes nothing."""
+    """A resubmitted study with a key its checkpoint fixes (the seed), with other students, or on a number of
+    processes its students cannot resume on, would stop at its start, after the queue's wait: submit says it at
+    once, in study's words, and writes nothing."""
     run = tmp_path / "study"
     argv = [*S, "schedule.max_steps=1", "checkpoint.every_steps=1", f"run_dir={run}"]
     assert cli.main(["study", *argv, "--vary", "optim.lr=1e-3,2e-3"]) == 0
@@ -236,6 +237,10 @@ def test_submit_refuses_a_study_its_job_would_not_resume_before_submitting(tmp_p
     assert refusal + "for: seed (0 -> 7)" in _error_line(err)
     code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,3e-3")
     assert code == 2 and f"error: {run} holds a study (study.json) of other students" in _error_line(err)
+    # its students' global batch of 16 on 3 processes: refused as each student's start refuses it
+    code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,2e-3", "--tasks-per-node", "3")
+    assert code == 2 and "error: student 'lr=1e-3': " in _error_line(err), err
+    assert "which cannot share a global batch of 16" in err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,2e-3")
     assert code == 0, err

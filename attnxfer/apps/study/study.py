@@ -227,9 +227,11 @@ def shared_teacher_pass(
     return teacher_pass
 
 
-def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | None = None) -> None:
+def check_study(
+    spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | None = None, *, read_data: bool = True
+) -> None:
     """What one batch and one teacher pass for all needs, checked before any work (``configs``: the students'
-    run configs, default the spec's)."""
+    run configs, default the spec's; ``read_data=False``: the labels left to the job, as submit leaves them)."""
     configs = configs or spec.configs()
     base = spec.base
     if ResumeFrom.parse(base.checkpoint.resume).policy is ResumePolicy.PATH:
@@ -243,7 +245,7 @@ def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | No
             "precision=bf16 (the GPU default) or fp32"
         )
     check_study_trackers(configs)
-    for _, cfg in configs:
+    for _, cfg in configs if read_data else ():
         require_task_labels(cfg)
     mixes = {s.name: task_weight_of(cfg) > 0 for s, cfg in configs}
     if (base.aug.mixup > 0 or base.aug.cutmix > 0) and len(set(mixes.values())) > 1:

@@ -67,11 +67,15 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     so is a stage 1 under convert.attention=auto (its attentions are chosen in the job)."""
     from ...apps.convert.selection import AUTO
     from ...apps.convert.stage1 import judged_stage1_keys
-    from ...apps.study.study import judged_study_point, refuse_other_students
+    from ...apps.run.training import judged_resume
+    from ...apps.study.study import check_study, judged_study_point, refuse_other_students
+    from ...checkpoints.resume_point import ResumePoint
     from ...run_layout import STAGE_DIRS
 
     if study:
         refuse_other_students(cfg)
+        if not converts:  # a convert study checks its stage-2 configs, built in the job
+            check_study(cfg, read_data=False)  # the data, perhaps on the compute nodes alone, not read here
     runs = [run for _, run in cfg.configs()] if study else [cfg]
     # as the job: each stage 1 first, the study's step at stage 2's start
     for run in runs if converts else ():
@@ -79,6 +83,12 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
             judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
     if study:
         judged_study_point(cfg, world, verify_hash=False)
+    for student, run in cfg.configs() if study and not converts else ():  # as the job builds each student
+        found = ResumePoint.find(run.run_dir, run.checkpoint.resume, verify_hash=False)
+        try:  # on the loaders the study builds for all at data.batch_size (`built`)
+            judged_resume(run, world, found, scoring=False, command=cfg.command, built=True)
+        except InputError as e:
+            raise InputError(f"student {student.name!r}: {e}") from None
 
 
 def _refuse_vary_alone(args) -> None:

@@ -218,6 +218,10 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
             ],
             "needs labels, but data.dataset=animal_mnist is read without labels (data.labels=false, or a dataset that has none); use labelled data, or transfer.mode=distill (copy needs a task loss)",
         ),
+        (  # a study's own check: its students would share one process's loss scaler
+            ["--command", "study", "-c", "demo/distill", "--vary", "optim.lr=1e-3,2e-3", "precision=fp16"],
+            "precision=fp16 scales losses with one scaler per process",
+        ),
         (  # in one job of a sweep only
             ["--command", "pretrain", "-c", "demo/mae_pretrain", "--sweep", "transfer.atd_weight=1,2"],
             "pretrain does not read transfer.atd_weight=2.0",
@@ -225,8 +229,8 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
     ],
 )
 def test_what_the_command_refuses_of_its_config_is_refused_before_submitting(capsys, tmp_path, flags, said):
-    """`attnxfer pretrain`, `attnxfer convert` and `attnxfer train` refuse these keys at their start (by their
-    own checks): a job would after the queue's wait."""
+    """`attnxfer pretrain`, `attnxfer convert`, `attnxfer train` and `attnxfer study` refuse these keys at their
+    start (by their own checks): a job would after the queue's wait."""
     code, _, err = _dry_run(capsys, tmp_path, *flags)
     assert code == 2 and said in err, err
     assert not (tmp_path / "run").exists()
