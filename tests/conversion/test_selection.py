@@ -20,7 +20,7 @@ from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.convert import selection
 from attnxfer.apps.convert.selection import PARTIAL_FILE, SELECTION_FILE, _recorded, sensitivities
-from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
+from attnxfer.config import ConfigError, TrainConfig, apply_overrides, load_config, to_dict
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.hierarchical import flat_blocks
@@ -219,6 +219,24 @@ def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tm
         _recorded(apply_overrides(cfg, {"convert.selection_steps": 3}), path)
     # keys the choice does not read may change (stage 2's schedule)
     assert _recorded(apply_overrides(cfg, {"schedule.epochs": 3}), path) == record
+
+
+def test_submit_refuses_a_stage_1_key_the_recorded_choice_read_before_submitting(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The job would stop at its start, after the queue's wait, where the choice recorded in selection.json
+    read another stage-1 value: submit says it at once, in convert's words; the recorded values pass."""
+    args = _args(tmp_path, tiny_teacher_dir, "convert.speedup=1.5")[1:]
+    record = {"attention": [SOFTMAX, "relu_linear"], "config": to_dict(load_config(None, args))}
+    (tmp_path / SELECTION_FILE).write_text(json.dumps(record))
+    submit = ["submit", "--command", "convert", *args, "--dry-run"]
+    assert cli.main([*submit, "convert.stage1_lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: {tmp_path} already holds a choice of attentions (selection.json) made with different " in err
+    )
+    assert "values for: convert.stage1_lr (0.01 -> 0.5)" in err
+    assert cli.main(submit) == 0
 
 
 # ------------------------------------------------------------------------------------------- the command

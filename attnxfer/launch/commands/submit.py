@@ -63,9 +63,10 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
 def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     """A study's or a conversion's folders judged as the job's start judges them, by the same functions (the
     checkpoints read without rehashing): a study of other students, a key its or a stage 1's checkpoint fixes,
-    changed. A conversion's stage 2 is judged by the job alone (its objective's weights need the teacher), and
-    so is a stage 1 under convert.attention=auto (its attentions are chosen in the job)."""
-    from ...apps.convert.selection import AUTO
+    or an auto conversion's recorded choice reads, changed. A conversion's stage 2 is judged by the job alone
+    (its objective's weights need the teacher), and so is a stage 1 under convert.attention=auto (its attentions
+    are chosen in the job)."""
+    from ...apps.convert.selection import _MEASURED_KEYS, AUTO, PARTIAL_FILE, SELECTION_FILE, _recorded
     from ...apps.convert.stage1 import judged_stage1_keys
     from ...apps.run.training import judged_resume
     from ...apps.study.study import check_study, judged_study_point, refuse_other_students
@@ -81,6 +82,9 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     for run in runs if converts else ():
         if run.convert.attention != AUTO:
             judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
+        # auto's recorded choice, else the measurements it made: judged as the job's choice judges them
+        elif _recorded(run, Path(run.run_dir) / SELECTION_FILE) is None:
+            _recorded(run, Path(run.run_dir) / PARTIAL_FILE, _MEASURED_KEYS)
     if study:
         judged_study_point(cfg, world, verify_hash=False)
     for student, run in cfg.configs() if study and not converts else ():  # as the job builds each student
