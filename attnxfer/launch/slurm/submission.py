@@ -18,6 +18,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _make_sbatch_string
 
+from ...config.study_spec import _folder_name
 from ...errors import InputError, UserError
 from ...speak import say
 from .options import (
@@ -66,8 +67,9 @@ def sweep_points(cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None) -> l
     points = []
     for i, combo in enumerate(itertools.product(*(sweep[k] for k in keys))):
         overrides = dict(zip(keys, combo))
-        label = "_".join(f"{k}={v}" for k, v in overrides.items())
-        run_dir = str(Path(cfg.run_dir) / re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{i:03d}_{label}"))
+        # each KEY=VALUE named as a study's student is (`[0, 1]` as 0,1; `{}` as nothing); the index keeps it unique
+        label = "_".join(_folder_name(f"{k}={v}") for k, v in overrides.items())
+        run_dir = str(Path(cfg.run_dir) / f"{i:03d}_{label}")
         points.append(SweepPoint(overrides, cfg.with_overrides({**overrides, RUN_DIR_KEY: run_dir})))
     return points
 

@@ -334,6 +334,18 @@ def test_sweep_points_are_the_cartesian_product_with_own_run_dirs(tmp_path):
         sweep_points({"run_dir": "x"}, None)
 
 
+def test_sweep_point_folders_name_list_empty_and_negative_values_readably(tmp_path):
+    """A value's brackets and spaces are dropped as a study's student names drop them, not left as `-` runs
+    beside `=` and `_`; the index keeps two values that read alike apart."""
+    points = sweep_points(ToyConfig(run_dir=str(tmp_path)), {"seed": [[0, 1], {}], "fail_rank": ["-1", "1"]})
+    assert [Path(p.run_dir).name for p in points] == [
+        "000_seed=0,1_fail_rank=-1",
+        "001_seed=0,1_fail_rank=1",
+        "002_seed=_fail_rank=-1",
+        "003_seed=_fail_rank=1",
+    ]
+
+
 def test_dry_run_prints_the_sbatch_script_and_configs_without_submitting(tmp_path, capsys):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"))
     opts = SlurmOptions(
