@@ -389,3 +389,13 @@ def test_a_refused_resume_gives_the_overrides_that_continue_the_run(tmp_path, ca
     assert advice == "model.drop_path_rate=0.2"
     code, _, err = run_cli(capsys, "train", *again, *shlex.split(advice))
     assert code == 0 and (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir(), err
+
+
+def test_a_loss_option_written_out_at_its_default_is_no_change_and_another_value_is():
+    """transfer.losses entries are compared as the run uses them: a resume that spells out a loss's default
+    (weight 1, mse's first signal q) was refused as a change, also against an older run's record without it."""
+    recorded = to_dict(load_config(None, ["transfer.losses=[{name: mse, signal: v}, {name: mse}]"]))
+    same = "transfer.losses=[{name: mse, signal: v, weight: 1.0}, {name: mse, signal: q, weight: 1}]"
+    assert config_changes(recorded, load_config(None, [same])) == []
+    other = load_config(None, ["transfer.losses=[{name: mse, signal: v, weight: 0.5}, {name: mse}]"])
+    assert [(c.key, c.allowed) for c in config_changes(recorded, other)] == [("transfer.losses", False)]

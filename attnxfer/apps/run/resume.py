@@ -22,6 +22,8 @@ from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, fin
 from ...config.loading import load_config
 from ...speak import say
 from ...train.devices import Device, resolve_precision
+from ...transfer import PlanError
+from ...transfer.comparisons import comparison_from_entry
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch, recorded_split, split_for_world
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
@@ -31,6 +33,22 @@ SCORING_KEYS = ("data.labels",)
 
 def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
+
+
+def _in_effect(key: str, value: Any) -> Any:
+    """``transfer.losses`` entries with every option at the value the run uses (a default written out, or left
+    out by an older run's record, is no change); an entry no loss reads stays as written."""
+    if key != "transfer.losses" or not isinstance(value, list):
+        return value
+    out = []
+    for i, entry in enumerate(value):
+        try:
+            c = comparison_from_entry(entry, f"{key}[{i}]")
+        except PlanError:
+            out.append(entry)
+            continue
+        out.append((c.loss, str(c.signal), c.weight, {k: c.option(k) for k in c.loss_fn.options}))
+    return out
 
 
 def config_changes(
@@ -56,7 +74,7 @@ def config_changes(
             continue
         _, new_value = find_key(new, key)
         # a run_dir spelled otherwise (./r, an absolute path) naming the folder it resumes is no change
-        if old_value != new_value and not (
+        if _in_effect(key, old_value) != _in_effect(key, new_value) and not (
             key == "run_dir" and Path(old_value).resolve() == Path(new_value).resolve()
         ):
             changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))
