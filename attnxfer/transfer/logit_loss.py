@@ -45,8 +45,7 @@ class LogitDistillation(ComparisonLoss):
         temperature = comparison.option("temperature")
         if not isinstance(temperature, (int, float)) or temperature <= 0:
             raise PlanError(
-                f"logit distillation needs weight >= 0 and temperature > 0, got weight {comparison.weight}, "
-                f"temperature {temperature}"
+                f"{comparison.origin or self.name}: logit distillation needs temperature > 0, got {temperature}"
             )
         drop = drop_hint(comparison)
         if models.teacher is None:

@@ -205,7 +205,10 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             {"name": "mse", "signal": "v", "weight": float("inf")},
             r"weight must be a finite number >= 0, got inf",
         ),
-        ({"name": "logit_kd", "temperature": 0}, r"temperature > 0, got weight 1.0, temperature 0"),
+        (
+            {"name": "logit_kd", "temperature": 0},
+            r"transfer.losses\[0\]: logit distillation needs temperature > 0, got 0",
+        ),
         (
             {"name": "logit_kd", "temperature": "abc"},
             r"transfer.losses\[0\].temperature: expected a number \(as logit_kd's default 1.0\), got 'abc'$",
