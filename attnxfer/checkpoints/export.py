@@ -318,10 +318,11 @@ def _write_timm_format(
     config = json.loads(config_file.read_text(encoding="utf-8"))
     if kind != SOFTMAX:
         # timm prints an unknown architecture verbatim (``RuntimeError: Unknown model (...)``), so the name is
-        # the instruction (an unknown ``attn_layer`` only gets ``Unknown attn_layer: None``); the timm base
-        # architecture stays in ``attnxfer.student``
+        # the instruction (an unknown ``attn_layer`` only gets ``Unknown attn_layer: None``); no ':', '/', for
+        # timm under transformers' wrapper reads those as a path's. The base stays in ``attnxfer.student``
         config["architecture"] = (
-            f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
+            f"attnxfer student with {kind} attention, which timm and transformers build only as softmax; load it "
+            "with attnxfer.load_student, or run model.onnx (attnxfer export --format onnx) in ONNX Runtime"
         )
     # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
     # (its own count: 0 for ``AutoModel``): a second ``num_classes`` in ``model_args`` fails the load;

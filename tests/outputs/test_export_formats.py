@@ -102,7 +102,9 @@ def test_headless_export_loads_in_transformers_as_features(tmp_path):
 
 def test_an_efficient_export_is_refused_by_transformers_and_the_card_points_to_onnx(tmp_path):
     out = export_student(efficient_student("relu_linear"), tmp_path / "out", card=card())
-    with pytest.raises(Exception, match="attnxfer.load_student"):  # timm, under the wrapper, names the loader
+    # timm, under the wrapper, names why and the loader (not a path error telling to prefix hf-hub:)
+    why = r"relu_linear attention, which timm and transformers build only as softmax; load it with attnxfer"
+    with pytest.raises(Exception, match=why + r"\.load_student, or run model\.onnx"):
         transformers.AutoModelForImageClassification.from_pretrained(out)
     readme = (out / "README.md").read_text()
     assert "neither can transformers' timm wrapper" in readme and "--format onnx" in readme
