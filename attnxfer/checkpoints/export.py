@@ -481,7 +481,8 @@ def export_run(
         metrics=_card_metrics(run, loaded.checkpoint),
         training_data=training_data,
         checkpoint=f"{loaded.why}, {loaded.weights} weights"
-        + (f", of a run that stopped at step {newest.step} of {total} (unfinished)" if stopped else ""),
+        + (f", of a run that stopped at step {newest.step} of {total} (unfinished)" if stopped else "")
+        + (", of a run that was still training (unfinished)" if held else ""),
         description=record.get("description"),
         repo_id=push_to_hub,
         dataset=dataset,

@@ -463,11 +463,13 @@ def test_exporting_a_run_still_training_names_the_checkpoint_taken_and_says_to_e
         "exporting its checkpoint step-00000100 (best val top-1 70.00); export again when the run ends" in err
     )
     assert_exported(out, weights[(100, "ema")])
+    assert "ema weights, of a run that was still training (unfinished)" in (out / "README.md").read_text()
     with run_lock(run, "train"), pytest.warns(UserWarning, match="step-00000300"):
         export_run(run, tmp_path / "own")  # this process's run, exporting itself
     with pytest.warns(UserWarning, match="step-00000300"):
         export_run(run, tmp_path / "after")  # the run ended: nothing to say
-    assert "still training" not in capsys.readouterr().err
+    cards = "".join((tmp_path / d / "README.md").read_text() for d in ("own", "after"))
+    assert "still training" not in capsys.readouterr().err + cards
 
 
 def test_exporting_a_run_that_stopped_before_its_end_says_so_and_its_card_too(tmp_path, capsys):
