@@ -466,6 +466,8 @@ def export_run(
     # a run without a task loss (transfer.task_weight 0: a label-free distillation or conversion; null is 1)
     task_weight = (recipe_cfg.get("transfer") or {}).get("task_weight")
     labels_read = record.get("objective") != "mae" and task_weight != 0
+    if recipe and record.get("objective") == "mae":  # its config.yaml keeps a transfer: block MAE never reads
+        recipe = re.sub(r"(?m)^transfer:\n(?:[ -].*\n)*", "", recipe)
     training_data, dataset = _recipe_data(recipe_cfg, labels_read=labels_read)
     # a fine-tuned student's spec keeps model.init's pretrained_cfg, and with it the licence of those weights
     init = (recipe_cfg.get("model") or {}).get("init")

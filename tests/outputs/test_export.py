@@ -489,6 +489,22 @@ def test_exporting_a_run_that_stopped_before_its_end_says_so_and_its_card_too(tm
     assert "stopped" not in capsys.readouterr().err + (out / "README.md").read_text()
 
 
+def test_an_mae_pretrainings_card_leaves_out_the_transfer_block_its_objective_never_reads(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run)
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(
+        json.dumps({**record, "teacher": None, "objective": "mae", "mode": "mae-pretrain"})
+    )
+    (run / "config.yaml").write_text(
+        "data:\n  dataset: animal_mnist\ntransfer:\n  mode: distill\n  losses: []\n"
+    )
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "out", weights="raw")
+    recipe = (out / "README.md").read_text().split("## Recipe", 1)[1].split("## How to load", 1)[0]
+    assert "dataset: animal_mnist" in recipe and "transfer" not in recipe
+
+
 def test_overwrite_never_replaces_a_model_attnxfer_did_not_export_nor_the_runs_teacher(tmp_path, monkeypatch):
     """--overwrite replaces an earlier export; a teacher saved in timm's layout (or a model of the user's own)
     is not one, and the run's own teacher folder, an attnxfer export or not, is what its resume checks: known
