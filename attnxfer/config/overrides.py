@@ -399,9 +399,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _split_by_shell(items: Sequence[str], i: int) -> str:
+def _split_by_shell(items: Sequence[str], i: int, surely: bool = False) -> str:
     """Where ``items[i]`` follows a key=value item: the shell split that value at its spaces (an unquoted
-    ``transfer.losses=[{name: mse, signal: v}]``); the whole override, quoted, is what to write."""
+    ``transfer.losses=[{name: mse, signal: v}]``); the whole override, quoted, is what to write. ``surely``:
+    only where that value is a list or mapping still open before ``items[i]`` ("" otherwise)."""
     start = i
     while start > 0 and "=" not in items[start - 1]:
         start -= 1
@@ -410,10 +411,16 @@ def _split_by_shell(items: Sequence[str], i: int) -> str:
     end = i + 1
     while end < len(items) and "=" not in items[end]:
         end += 1
-    whole, value = " ".join(items[start - 1 : end]), items[start - 1].split("=", 1)[1]
+    whole, value = " ".join(items[start - 1 : end]), " ".join(items[start - 1 : i]).split("=", 1)[1]
     if sum(map(value.count, "[{")) > sum(map(value.count, "]}")):  # a list or mapping left open: surely split
         return f"; the shell split {items[start - 1]!r} at its spaces: quote the whole override, {whole!r}"
-    return f"; if it is part of the value before it, quote the whole override: {whole!r}"
+    return "" if surely else f"; if it is part of the value before it, quote the whole override: {whole!r}"
+
+
+def continues_a_value(items: Sequence[str], i: int) -> bool:
+    """Whether ``items[i]`` is a piece of a list or mapping a key=value before it left open: ``-1]`` of an
+    unquoted ``transfer.layers=[0, -1]``, split by the shell, is no flag though it starts with ``-``."""
+    return bool(_split_by_shell(items, i, surely=True))
 
 
 class _Into(dict):

@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray and hasattr(args, "overrides"):  # `-1]` of an unquoted `transfer.layers=[0, -1]`: an override's
+        from ..config.overrides import continues_a_value  # piece, whose error says to quote it whole
+
+        stray = [e for e in stray if e not in argv or not continues_a_value(argv, argv.index(e))]
     if stray or (extra and not hasattr(args, "overrides")):
         # the command's own usage, and a flag that names a config key (timm's and MAE's --epochs) as its override
         written = _as_written(stray or extra, argv)

@@ -95,6 +95,12 @@ CASES = [
     ),
     (["export"], 2, "the following arguments are required: run_dir, out_dir"),
     (["train", "bogus.key=1"], 2, "unknown config key 'bogus'"),
+    # an unquoted list the shell split where a piece starts with `-`: told to quote it, not argparse's "flag?"
+    *[
+        ([cmd, "transfer.layers=[0,", "-1]"], 2, "quote the whole override, 'transfer.layers=[0, -1]'")
+        for cmd in ("train", "convert", "study", "pretrain", "search", "submit", "eval")
+    ],
+    (["train", "transfer.layers=[0,", "-1]", "--foo"], 2, "unrecognized arguments: --foo"),
     (["train", "-c", "no/such_recipe"], 2, "does not exist"),
     (["convert", "optim.lr=-1"], 2, "optim.lr"),
     (["submit", "--nodes", "two"], 2, "invalid int value: 'two'"),
