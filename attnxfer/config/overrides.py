@@ -153,7 +153,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         for arg in [a for a in args if a is not type(None)]:
             with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, key)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_unquoted(value, tp)}")
     if tp is Any:
         return value
     if origin in (list, Sequence):
@@ -183,16 +183,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and number:
         return float(value)
-    if tp is float and isinstance(value, str):  # a number written quoted ("1e-3")
-        with contextlib.suppress(ValueError):
-            return float(value)
     if tp is str and (isinstance(value, str) or number):
         return str(value)
     if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)
         raise ConfigError(f"{key}: expected an integer, got {value!r} (write {int(value)})")
     if tp in _FRIENDLY:
-        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {value!r}{_unquoted(value, tp)}")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _unquoted(value: Any, tp: Any) -> str:
+    """What to write where ``value`` is a string that, unquoted, a ``tp`` takes: a quoted "3" or "1e-3" is
+    YAML's string, refused by a number's key as a quoted "true" is by a switch's (and "010", no number)."""
+    if not isinstance(value, str) or str in (typing.get_args(tp) or (tp,)):
+        return ""
+    with contextlib.suppress(yaml.YAMLError, ConfigError):
+        if not isinstance(typed := load_yaml(value), str):
+            _coerce(typed, tp, "")
+            return f" (a quoted string: write {value.strip()} without quotes)"
+    return ""
 
 
 #: what timm's and MAE's training scripts (and Hugging Face's Trainer) call keys attnxfer's config names otherwise

@@ -512,6 +512,16 @@ def test_a_stray_word_before_any_override_is_not_said_to_be_split():
     [
         ("schedule.epochs=1e3", "schedule.epochs: expected an integer, got 1000.0 (write 1000)"),
         ("schedule.epochs=2.5", "schedule.epochs: expected an integer, got 2.5"),
+        # a quoted number is YAML's string, for a float's key as for an int's ("1e-3" was taken, "3" refused)
+        (
+            "schedule.epochs='3'",
+            "schedule.epochs: expected an integer, got '3' (a quoted string: write 3 without quotes)",
+        ),
+        (
+            'optim.min_lr="1e-3"',
+            "optim.min_lr: expected a number, got '1e-3' (a quoted string: write 1e-3 without quotes)",
+        ),
+        ("optim.min_lr=010", "optim.min_lr: expected a number, got '010'"),  # no number unquoted either
         (
             "log.trackers=null",
             "log.trackers: expected a list, got None (write e.g. log.trackers=[] for none)",
