@@ -241,6 +241,12 @@ def test_submit_refuses_a_study_its_job_would_not_resume_before_submitting(tmp_p
     code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,2e-3", "--tasks-per-node", "3")
     assert code == 2 and "error: student 'lr=1e-3': " in _error_line(err), err
     assert "which cannot share a global batch of 16" in err
+    # on 2 processes only 8 per process keeps it, and a study keeps its students' loaders of 16: 1 process it is
+    code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,2e-3", "--tasks-per-node", "2")
+    assert (
+        code == 2
+        and "with loaders built for data.batch_size=16; to keep the run's global batch, run it on 1 " in err
+    )
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     code, _, err = run_cli(capsys, *submit, "--vary", "optim.lr=1e-3,2e-3")
     assert code == 0, err

@@ -203,7 +203,11 @@ def convert_runs(
             run.judge_stage1()
             with speak.quiet():  # stage 2's own run judges it again, saying what changed
                 judged_resume(
-                    stage2_config(run), rank_and_world()[1], scoring=False, command="convert", built=run.parts
+                    stage2_config(run),
+                    rank_and_world()[1],
+                    scoring=False,
+                    command="convert",
+                    loaders_built=run.parts is not None,
                 )
         teacher_top1 = (
             evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None

@@ -45,7 +45,7 @@ from .loaders import data_info, data_seed
 from .parts import RunParts, build_run_parts
 from .pictures import class_token_pictures
 from .resume import check_same_data, check_teacher_content, judge, student_as_trained
-from .world_size import fit_world_size
+from .world_size import fit_world_size, recorded_split
 
 
 def require_task_labels(cfg: TrainConfig) -> None:
@@ -338,15 +338,17 @@ def start_run(
     *,
     scoring: bool,
     command: str,
-    built: RunParts | None = None,
+    loaders_built: bool = False,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
     """What every run does before it builds a model or reads data: its runtime, its checkpoint judged
-    (`judged_resume`: ``found``, ``built``), its trackers prepared, the seed set on every rank. Returns the
+    (`judged_resume`: ``found``, ``loaders_built``), its trackers prepared, the seed set on every rank. Returns the
     config on this world size, the runtime and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
-    cfg, point = judged_resume(cfg, runtime.world, found, scoring=scoring, command=command, built=built)
+    cfg, point = judged_resume(
+        cfg, runtime.world, found, scoring=scoring, command=command, loaders_built=loaders_built
+    )
     if not scoring:
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
     if not scoring and runtime.is_main:  # before the teacher and the data: how the trackers log
@@ -362,20 +364,22 @@ def judged_resume(
     *,
     scoring: bool,
     command: str,
-    built: RunParts | None = None,
+    loaders_built: bool = False,
 ) -> tuple[TrainConfig, ResumePoint | None]:
     """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
-    (``built``: loaders the caller built): the config on this world size and the judged checkpoint. A resume
+    (``loaders_built``: the caller built the loaders at ``cfg``'s batch): the config on this world size and the judged checkpoint. A resume
     refused raises here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if not scoring:  # a resumed run keeps its global batch on another world size
         fitted = fit_world_size(cfg, world, point)
-        if built is not None and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
+        if loaders_built and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
+            shares = recorded_split(point).global_batch // cfg.data.batch_size  # ranks x steps at this batch
             raise ConfigError(
                 f"{cfg.run_dir} resumes on {world} process(es) with loaders built for "
-                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
-                f"command with data.batch_size={fitted.data.batch_size} "
-                f"optim.accum_steps={fitted.optim.accum_steps}"
+                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run it on "
+                f"{', '.join(str(w) for w in range(1, shares + 1) if shares % w == 0)} process(es), or (but for a "
+                f"study's student, whose batch the study keeps) run the same command with "
+                f"data.batch_size={fitted.data.batch_size} optim.accum_steps={fitted.optim.accum_steps}"
             )
         cfg = fitted
     return cfg, judge(point, cfg, world=world, scoring=scoring, command=command)
@@ -403,7 +407,7 @@ def build_engine(
     if not scoring:
         require_task_labels(cfg)
     cfg, runtime, point = start_run(
-        cfg, runtime, found, scoring=scoring, command=command, built=parts or shared
+        cfg, runtime, found, scoring=scoring, command=command, loaders_built=(parts or shared) is not None
     )
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = cfg.data.labels if scoring else None

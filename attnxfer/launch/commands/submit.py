@@ -89,8 +89,8 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
         judged_study_point(cfg, world, verify_hash=False)
     for student, run in cfg.configs() if study and not converts else ():  # as the job builds each student
         found = ResumePoint.find(run.run_dir, run.checkpoint.resume, verify_hash=False)
-        try:  # on the loaders the study builds for all at data.batch_size (`built`)
-            judged_resume(run, world, found, scoring=False, command=cfg.command, built=True)
+        try:  # on the loaders the study builds for all at data.batch_size
+            judged_resume(run, world, found, scoring=False, command=cfg.command, loaders_built=True)
         except InputError as e:
             raise InputError(f"student {student.name!r}: {e}") from None
 
