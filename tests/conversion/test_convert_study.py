@@ -279,8 +279,9 @@ def test_a_student_whose_stage_1_diverges_stops_alone_and_the_others_go_on(
     )
     run = tmp_path / "study"
     base = [*BASE, "convert.stage1_steps=2", "schedule.max_steps=1", "convert.attention=hedgehog"]
-    assert cli.main(["study", "--command", "convert", "-c", str(yaml), *base, f"run_dir={run}"]) == 0
-    out = capsys.readouterr().out
+    assert cli.main(["study", "--command", "convert", "-c", str(yaml), *base, f"run_dir={run}"]) == 2
+    out, err = capsys.readouterr()
+    assert "attnxfer study: error: student 'diverges' stopped: stage 1: non-finite" in err, err
     stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped:")]
     assert len(stopped) == 1 and "non-finite" in stopped[0] and "the others go on" in stopped[0]
     fine, diverges = (json.loads((run / n / "report.json").read_text()) for n in ("fine", "diverges"))

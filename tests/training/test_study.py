@@ -470,15 +470,24 @@ def test_a_students_model_name_warning_is_said_once_under_its_name(tmp_path, tin
 
 
 @pytest.mark.slow
-def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny_teacher_dir, capsys):
+def test_a_student_that_diverges_stops_alone_the_others_go_on_and_the_study_exits_2(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The others train and are reported, but the job ends as `train` does on a non-finite loss (exit 2, one
+    line naming the student), not COMPLETED under SLURM; run again, it stays stopped and says so again."""
     run = tmp_path / "study"
     yaml = _study_yaml(
         tmp_path,
         tiny_teacher_dir,
         "students:\n  - name: fine\n  - name: diverges\n    optim.lr: 1.0e+30\n    transfer.atd_weight: 1.0e+30\n",
     )
-    code, out, _ = run_cli(capsys, "study", "-c", str(yaml), *BASE, f"run_dir={run}")
-    assert code == 0
+    code, out, err = run_cli(capsys, "study", "-c", str(yaml), *BASE, f"run_dir={run}")
+    assert code == 2 and err.splitlines()[-1].startswith(
+        "attnxfer study: error: student 'diverges' stopped: non-fin"
+    )
+    assert f"attnxfer train -c {run / 'diverges' / 'config.yaml'} with that change" in err, err
+    again, out_again, err_again = run_cli(capsys, "study", "-c", str(run / "study.yaml"))
+    assert again == 2 and "fine: nothing to do" in out_again and "student 'diverges' stopped" in err_again
     stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped")]
     # the students share one 4-step schedule: the study says it once, for all of them
     warned = [line for line in out.splitlines() if line.startswith("warning: this run takes")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ...config.study_spec import COMMANDS
 from ...speak import is_main, say
@@ -74,7 +75,7 @@ def run(args) -> int:
     for s in result.students:
         say(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}")
     say(f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})")
-    return 0
+    return _refuse_stopped(spec, result.students)
 
 
 def _convert_study(spec, report_only: bool) -> int:
@@ -93,4 +94,19 @@ def _convert_study(spec, report_only: bool) -> int:
     for s in result.students:
         say(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
     say(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
+    return _refuse_stopped(spec, result.students)
+
+
+def _refuse_stopped(spec, students) -> int:
+    """A study whose student stopped early ends as `train` does on a non-finite loss (exit 2, one line), the
+    others trained and reported; run again, the study keeps that student stopped, so the line says what does."""
+    from ...train.terms import NonFiniteLossError
+
+    if stopped := [s for s in students if s.stopped]:
+        one = Path(stopped[0].run_dir) if len(stopped) == 1 else Path(spec.run_dir) / "<student>"
+        raise NonFiniteLossError(
+            "; ".join(f"student {s.name!r} stopped: {s.stopped.rstrip('.')}" for s in stopped)
+            + f"; a study run again keeps {'it' if len(stopped) == 1 else 'them'} stopped: attnxfer {spec.command}"
+            f" -c {one / 'config.yaml'} with that change trains it alone"
+        )
     return 0
