@@ -334,8 +334,10 @@ def _cross(listed: list[Student], varied: list[Student]) -> list[Student]:
 def _check_student(student: Student, command: str) -> None:
     safe = _folder_name(student.name)
     if not _NAME.match(student.name) or student.name in (".", ".."):
+        e_g = f"; e.g. {safe!r}" if _NAME.match(safe) else ""  # none where no such name is in it ('.', '/')
         raise ConfigError(
-            f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -; e.g. {safe!r})"
+            f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -, starting with a "
+            f"letter or digit{e_g})"
         )
     if student.name in STUDY_FILES:  # a student's run folder sits in the study's folder, beside these
         raise ConfigError(

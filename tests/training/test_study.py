@@ -262,6 +262,11 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml.write_text("students:\n  - name: ../up\n")
     with pytest.raises(ConfigError, match="must be a folder name"):
         load_study(yaml)
+    for name, suggested in ((".", ")"), ("'a b'", "; e.g. 'a-b')")):  # '.' holds no name to suggest
+        yaml.write_text(f"students:\n  - name: {name}\n")
+        with pytest.raises(ConfigError, match=r"starting with a letter or digit") as refused:
+            load_study(yaml)
+        assert str(refused.value).endswith(f"letter or digit{suggested}"), refused.value
     yaml.write_text("students:\n  - name: checkpoints\n")  # the study's own checkpoints folder
     with pytest.raises(ConfigError, match="'checkpoints' is taken by the study's own checkpoints, "):
         load_study(yaml)
