@@ -201,7 +201,7 @@ class Lockstep:
         except NonFiniteLossError as e:
             m.stopped = str(e)
             m.engine.metrics.close()
-            say(f"study: student {m.name!r} stopped: {str(e).rstrip('.')}; the others go on")
+            say(f"{m.name}: stopped: {str(e).rstrip('.')}; the others go on")
         finally:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
         self.batches.leave(m.view)  # it reads no more

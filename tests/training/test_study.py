@@ -493,7 +493,8 @@ def test_a_student_that_diverges_stops_alone_the_others_go_on_and_the_study_exit
     assert f"attnxfer train -c {run / 'diverges' / 'config.yaml'} with that change" in err, err
     again, out_again, err_again = run_cli(capsys, "study", "-c", str(run / "study.yaml"))
     assert again == 2 and "fine: nothing to do" in out_again and "student 'diverges' stopped" in err_again
-    stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped")]
+    assert "\ndiverges: stopped earlier (non-finite loss" in out_again, out_again
+    stopped = [line for line in out.splitlines() if line.startswith("diverges: stopped: ")]
     # the students share one 4-step schedule: the study says it once, for all of them
     warned = [line for line in out.splitlines() if line.startswith("warning: this run takes")]
     assert warned == [

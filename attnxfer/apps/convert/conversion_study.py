@@ -223,7 +223,7 @@ class _ConvertStudy:
                         except NonFiniteLossError as e:
                             name = self.names[i]
                             self.stopped[name] = self.runs[i].stopped = str(e)
-                            say(f"study: student {name!r} stopped: {str(e).rstrip('.')}; the others go on")
+                            say(f"{name}: stopped: {str(e).rstrip('.')}; the others go on")
                             results[i] = None
                 index += 1
                 signum = stop_signal()

@@ -170,9 +170,7 @@ def build_members(
     batches, feed, members = SharedBatches(shared.train_loader, shared.train_sampler), SharedFeed(), []
     for student, cfg in configs:
         if student.name in standing.stopped:
-            say(
-                f"study: student {student.name!r} stopped earlier ({standing.stopped[student.name]}); it stays stopped"
-            )
+            say(f"{student.name}: stopped earlier ({standing.stopped[student.name]}); it stays stopped")
             continue
         view = batches.view()
         # the shared feed, the study's stop check (once a round, for all) and the student's own streams
