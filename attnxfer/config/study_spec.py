@@ -25,6 +25,7 @@ from .overrides import (
     parse_overrides,
     to_dict,
     validate_config,
+    yaml_value,
 )
 from .renamed import find_key
 from .schema import TrainConfig, config_keys
@@ -74,7 +75,9 @@ class Student:
     overrides: Mapping[str, Any]
 
     def describe(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.overrides.items()) or "the base config"
+        # a value a YAML list typed is shown as YAML writes it (null, false, [a, b]); a string as given
+        shown = {k: v if isinstance(v, str) else yaml_value(v) for k, v in self.overrides.items()}
+        return ", ".join(f"{k}={v}" for k, v in shown.items()) or "the base config"
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,17 @@ def test_a_folder_without_a_study_record_is_refused_in_one_line(tmp_path):
         write_study_report(tmp_path)
 
 
+def test_the_changes_column_shows_a_yaml_students_values_as_yaml_writes_them(tmp_path):
+    """A key a students: list sets to null (false, a list) reads as the YAML said it, not as Python prints it."""
+    keys = {"model.fc_norm": None, "model.class_token": False, "transfer.losses": [{"name": "mse"}]}
+    entry = {"name": "a", "overrides": keys, "folder": "a", "step": 1, "stopped": "x"}
+    (tmp_path / "study.json").write_text(json.dumps({"students": [entry], "base": {}}))
+    text = write_study_report(tmp_path).read_text()
+    assert (
+        "| a | model.fc_norm=null, model.class_token=false, transfer.losses=[{name: mse}] | stopped:" in text
+    )
+
+
 def test_a_study_whose_students_all_stopped_still_gets_its_report(tmp_path):
     """Nothing to load or score: each row says why its student stopped, and the curves are drawn empty."""
     entries = [
