@@ -4,6 +4,7 @@ same weights; a student that diverges stopping alone."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import random
@@ -25,7 +26,9 @@ from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import ConfigError
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
+from attnxfer.launch.commands.submit import SUBMITTABLE
 from attnxfer.train.stop import StopRequested
+from attnxfer.train.terms import NonFiniteLossError
 from attnxfer.transfer import teacher_student as pairs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,6 +497,10 @@ def test_a_student_that_diverges_stops_alone_the_others_go_on_and_the_study_exit
     again, out_again, err_again = run_cli(capsys, "study", "-c", str(run / "study.yaml"))
     assert again == 2 and "fine: nothing to do" in out_again and "student 'diverges' stopped" in err_again
     assert "\ndiverges: stopped earlier (non-finite loss" in out_again, out_again
+    # `submit --command study` runs the same study as a job, which fails as the command does (not COMPLETED)
+    module, name = SUBMITTABLE["study"].split(":")
+    with pytest.raises(NonFiniteLossError, match="student 'diverges' stopped"):
+        getattr(importlib.import_module(module), name)(load_study(run / "study.yaml"))
     stopped = [line for line in out.splitlines() if line.startswith("diverges: stopped: ")]
     # the students share one 4-step schedule: the study says it once, for all of them
     warned = [line for line in out.splitlines() if line.startswith("warning: this run takes")]

@@ -97,6 +97,19 @@ def _convert_study(spec, report_only: bool) -> int:
     return _refuse_stopped(spec, result.students)
 
 
+def submitted_study(spec):
+    """What `attnxfer submit --command study` runs: the study (a train or a convert study), failing as
+    `attnxfer study` does where a student stopped, so that its SLURM job does not show COMPLETED."""
+    if spec.command == "convert":
+        from ...apps.convert.conversion_study import convert_study as run_study
+    else:
+        from ...apps.study.study import study as run_study
+    result = run_study(spec)
+    if is_main():  # rank 0 holds the students' records
+        _refuse_stopped(spec, result.students)
+    return result
+
+
 def _refuse_stopped(spec, students) -> int:
     """A study whose student stopped early ends as `train` does on a non-finite loss (exit 2, one line), the
     others trained and reported; run again, the study keeps that student stopped, so the line says what does."""

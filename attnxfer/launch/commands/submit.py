@@ -19,10 +19,8 @@ SUBMITTABLE = {
     "train": "attnxfer.apps.run.training:train",
     "convert": "attnxfer.apps.convert.convert:convert_main",
     "pretrain": "attnxfer.apps.run.pretrain:pretrain",
-    "study": "attnxfer.apps.study.study:study",
+    "study": "attnxfer.launch.commands.study:submitted_study",  # a train or a convert study
 }
-#: what ``--command study`` runs for a convert study (``command: convert`` in its YAML)
-CONVERT_STUDY = "attnxfer.apps.convert.conversion_study:convert_study"
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -192,10 +190,7 @@ def run(args) -> int:
             if holder is not None and holder.why_dead() is None:
                 raise holder.in_use(lock)
 
-    target = SUBMITTABLE[args.job_command]
-    if args.job_command == "study" and cfg.command == "convert":
-        target = CONVERT_STUDY
-    module, name = target.split(":")
+    module, name = SUBMITTABLE[args.job_command].split(":")
     try:
         # a run's config as its command reads it (train's without convert's, mae's and search's sections)
         describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)
