@@ -96,6 +96,22 @@ def _tensorboard(ctx: TrackerContext):
     return TensorBoardTracker(TENSORBOARD_DIR, ctx.run_dir, purge_step=ctx.purge_step)
 
 
+def _tensorboard_prepare(run_dir: Path) -> TrackerSetup:
+    """Refuse, before any work, a ``RUN_DIR/tb`` that cannot become a writable folder: its writer would stop
+    the run with a traceback at the first record, after the first steps."""
+    tb = run_dir / TENSORBOARD_DIR
+    there = next((p for p in (tb, *tb.parents) if p.exists()), None)
+    if there is not None and not there.is_dir():
+        why = f"{there} is a file, not a folder: move it away"
+    elif there is not None and not os.access(there, os.W_OK | os.X_OK):
+        why = f"{there} is not writable: make it writable"
+    else:
+        return TrackerSetup()
+    raise TrackerUnavailableError(
+        f"log.trackers includes tensorboard, which writes {tb}, but {why} (or remove tensorboard from log.trackers)"
+    )
+
+
 def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
     """Why no server answers at ``url`` within ``timeout`` seconds, or None when one answers with any HTTP
     status (401 and 404 are answers). Proxies come from the environment, as the trackers' clients take them."""
@@ -281,6 +297,7 @@ TRACKERS: dict[str, TrackerKind] = {
             lambda t: {},
             takes_hparams=False,
             in_project=False,
+            prepare=_tensorboard_prepare,
         ),
         TrackerKind("wandb", "wandb", "wandb", _wandb, lambda t: {"id": t.run.id}, prepare=_wandb_prepare),
         TrackerKind(
