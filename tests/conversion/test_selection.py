@@ -18,7 +18,7 @@ import torch
 import yaml
 from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
-from attnxfer.apps.convert import selection
+from attnxfer.apps.convert import report, selection
 from attnxfer.apps.convert.selection import PARTIAL_FILE, SELECTION_FILE, _recorded, sensitivities
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, load_config, to_dict
 from attnxfer.launch import cli
@@ -195,6 +195,33 @@ def test_a_model_timed_under_its_floor_gets_a_block_time_of_0_said_as_timing_noi
         SOFTMAX: 3.0,
         "hedgehog": 0.5,
     }
+
+
+def test_report_md_says_a_block_time_of_0_is_a_model_timed_under_its_floor_not_a_free_attention():
+    """The log says a clamped 0 ms is timing noise; report.md's times said only "relu_linear 0", as if the
+    attention cost nothing."""
+    whole = {"teacher": 10.0, "floor": 4.0, "relu_linear": 3.8, "hedgehog": 5.0}
+    record = {
+        "candidates": ["relu_linear", "hedgehog"],
+        "metric": "kl",
+        "ms": {"teacher": 10.0, **selection.block_ms(whole, depth=2)},
+        "whole_ms": whole,
+        "speedup": 1.5,
+        "tokens": 1025,
+        "predicted_speedup": 2.5,
+        "measured_speedup": 2.0,
+        "fastest": {"attention": "relu_linear", "speedup": 2.5},
+        "batch": 2,
+        "device": "cpu",
+        "precision": "fp32",
+        "fit_steps": 2,
+        "attention": ["relu_linear", "relu_linear"],
+        "sensitivity": [{"relu_linear": 0.1, "hedgehog": 0.2}] * 2,
+        "reasons": ["r", "r"],
+    }
+    times = next(line for line in report._selection_section(record) if line.startswith("Times"))
+    noise = "relu_linear 0 (0: its model timed under the floor, within timing noise)"
+    assert f"softmax 3, {noise}, hedgehog 0.5." in times
 
 
 def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path):

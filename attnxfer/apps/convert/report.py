@@ -339,6 +339,13 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     whole = selection.get("whole_ms")  # absent from choices made when one block was timed alone
     floor = f", its floor {whole['floor']:.3g}" if whole else ""
     in_place = " in place ((all-blocks model - floor) / blocks):" if whole else ":"
+    # a model timed under its floor (which it contains: a loaded machine) has its block time clamped to 0
+    under = [n for n in ["teacher", *names] if whole and n in whole and whole[n] < whole["floor"]]
+    noise = " (0: its model timed under the floor, within timing noise)"
+
+    def block(name: str, model: str) -> str:
+        return f"{name} {ms[name]:.3g}" + (noise if model in under else "")
+
     unfitted = selection.get("unfitted")  # absent from choices made before it was recorded
     none_for = f" ({', '.join(unfitted)}: none, nothing to fit in them)" if unfitted else ""
     lines = [
@@ -349,8 +356,8 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
         "",
         f"Times (ms, batch {selection['batch']}, {selection['device']}, {selection['precision']}): teacher "
-        f"{ms['teacher']:.3g}{floor}, one block's attention{in_place} softmax {ms['softmax']:.3g}, "
-        + ", ".join(f"{n} {ms[n]:.3g}" for n in names)
+        f"{ms['teacher']:.3g}{floor}, one block's attention{in_place} {block('softmax', 'teacher')}, "
+        + ", ".join(block(n, n) for n in names)
         + f". Sensitivity: {metric} of the teacher with only that block swapped to the candidate after "
         f"{selection['fit_steps']} stage-1 steps{none_for} (lower: the block can lose softmax)."
         + "".join(
