@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import InputError
@@ -216,7 +217,9 @@ def layer_speed(
 
 
 def _flops(layer: nn.Module, x: torch.Tensor) -> float:
-    with FlopCounterMode(display=False) as counter:
+    # SDPA's math path: FlopCounterMode counts nothing for the fused CPU kernel, which would leave softmax
+    # only its qkv and proj projections (its N x N maps uncounted) and every candidate slower than it
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         layer(x)
     return float(counter.get_total_flops())
 

@@ -104,6 +104,21 @@ def test_fit_kl_is_the_kl_of_explicit_maps_on_the_held_out_images(tiny):
     assert _evaluator(tiny)("formula:sum(relu)")["kl"] == fitted["kl"]
 
 
+def test_flops_speed_counts_softmaxs_own_maps_so_a_linear_attention_beats_it_at_many_tokens(tiny):
+    """search.speed=flops: softmax's N x N maps (q k^T and the map times v, 2 N^2 d each) are counted besides
+    its projections; the fused CPU kernel was counted as nothing, which left every candidate slower than it."""
+    from attnxfer.models.attention import transferable_attentions
+    from attnxfer.search.fitness import layer_speed
+
+    teacher, n = tiny[0], 1025  # the class token + 32 x 32 patches
+    attn = transferable_attentions(teacher)[0]
+    width, dim = attn.num_heads * attn.head_dim, attn.proj.out_features
+    measured = layer_speed("formula:sum(relu)", teacher, SpeedSettings(tokens=n, mode="flops"))
+    projections = 2 * n * dim * 3 * width + 2 * n * width * dim
+    assert measured["softmax_flops"] == projections + 4 * n * n * width
+    assert measured["speed"] > 1, measured
+
+
 @pytest.mark.slow
 def test_rejection_protocol_records_every_rejection_with_its_reason(tiny):
     # before training: syntax, check_formula, signed normalisation
