@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from .identity import fingerprint_of
 from .registry import DatasetInfo
 from .seeding import key_epoch, sample_generator
@@ -40,8 +41,12 @@ class InMemoryImageDataset(Dataset):
         src_chans = images.shape[1]
         if src_chans not in (1, info.in_chans):
             raise ValueError(f"cannot make {info.in_chans} channels from {src_chans}-channel images")
-        if crop_padding < 0 or not 0.0 <= hflip <= 1.0:
-            raise ValueError(f"need crop_padding >= 0 and 0 <= hflip <= 1, got {crop_padding}, {hflip}")
+        if crop_padding < 0:  # options a run sets in data.kwargs: a refusal naming them, not a traceback
+            raise InputError(
+                f"{info.name}: crop_padding must be >= 0 (data.kwargs.crop_padding), got {crop_padding}"
+            )
+        if not 0.0 <= hflip <= 1.0:
+            raise InputError(f"{info.name}: hflip is a probability, 0 to 1 (data.kwargs.hflip), got {hflip}")
         self.images = images.contiguous()
         self.labels = labels.long()
         # how `image` prepares a sample, in timm's pretrained_cfg terms (what an export declares, so that timm's

@@ -141,6 +141,18 @@ def test_animal_mnist_resize_and_channels(animal_cache):
         build_dataset("animal_mnist", "val", in_chans=3, mean=(0.1, 0.2))
 
 
+@pytest.mark.parametrize(
+    ("option", "said"),
+    [(dict(hflip=2), "hflip is a probability"), (dict(crop_padding=-1), "crop_padding must be >= 0")],
+)
+def test_an_animal_mnist_augmentation_option_out_of_range_is_one_line_naming_data_kwargs(
+    animal_cache, option, said
+):
+    """hflip: 2 or crop_padding: -1 in data.kwargs stop the run with a line naming the key, not a traceback."""
+    with pytest.raises(InputError, match=f"{said}.*data.kwargs.{next(iter(option))}"):
+        build_dataset("animal_mnist", "train", **option)
+
+
 # ------------------------------------------------------------------------------------------ augmentation
 
 
