@@ -341,8 +341,8 @@ def start_run(
     loaders_built: bool = False,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
     """What every run does before it builds a model or reads data: its runtime, its checkpoint judged
-    (`judged_resume`: ``found``, ``loaders_built``), its trackers prepared, the seed set on every rank. Returns the
-    config on this world size, the runtime and the judged checkpoint."""
+    (`judged_resume`: ``found``, ``loaders_built``), its trackers prepared, the seed set on every rank.
+    Returns the config on this world size, the runtime and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
@@ -367,8 +367,8 @@ def judged_resume(
     loaders_built: bool = False,
 ) -> tuple[TrainConfig, ResumePoint | None]:
     """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
-    (``loaders_built``: the caller built the loaders at ``cfg``'s batch): the config on this world size and the judged checkpoint. A resume
-    refused raises here, before anything is written."""
+    (``loaders_built``: the caller built the loaders at ``cfg``'s batch): the config on this world size and
+    the judged checkpoint. A resume refused raises here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if not scoring:  # a resumed run keeps its global batch on another world size
         fitted = fit_world_size(cfg, world, point)
