@@ -589,7 +589,7 @@ def test_a_selection_stopped_by_sigterm_keeps_its_measurements_and_the_same_comm
         assert cli.main(_args(run, tiny_teacher_dir, *extra, "convert.selection_steps=3")) == 2
         err = capsys.readouterr().err
         assert (
-            f"already holds a choice of attentions ({PARTIAL_FILE})" in err
+            f"already holds measurements for a choice of attentions ({PARTIAL_FILE})" in err
             and "convert.selection_steps" in err
         )
         assert json.loads((run / PARTIAL_FILE).read_text()) == partial and len(fitted) == 2

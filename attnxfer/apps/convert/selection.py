@@ -204,9 +204,14 @@ def _recorded(
         for c in config_changes(record["config"], cfg, compared=compared, command="convert")
         if not c.allowed
     ]
-    if refused:
+    if refused:  # selection.partial.json holds the measurements a stopped choice had made, not a choice
+        held = (
+            "a choice of attentions"
+            if compared == SELECTION_KEYS
+            else "measurements for a choice of attentions"
+        )
         raise ConfigError(
-            f"{path.parent} already holds a choice of attentions ({path.name}) made with different values for: "
+            f"{path.parent} already holds {held} ({path.name}) made with different values for: "
             f"{'; '.join(map(str, refused))}. These cannot change when a run resumes; nothing was written. To "
             "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
             f"this one, give them the values it recorded: {KeyChange.restoring(refused)}"
