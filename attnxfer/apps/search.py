@@ -80,16 +80,20 @@ class SearchResult:
 
 
 def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
-    """label -> ``formula:...`` of generation 0; an unparsable seed stops here, naming the position."""
+    """label -> ``formula:...`` of generation 0 (a formula, or the name of a zoo attention it writes); an
+    unparsable seed stops here, naming the position."""
     if cfg.search.seeds is None:
         return dict(HAND_DESIGNED)
     by_text = {v: k for k, v in HAND_DESIGNED.items()}
     seeds: dict[str, str] = {}
     for i, text in enumerate(cfg.search.seeds):
+        text = HAND_DESIGNED.get(text, text)  # a zoo attention the grammar writes, by its name (hedgehog)
         try:
             formula = parse_formula(text.removeprefix(PREFIX))
         except FormulaSyntaxError as e:
-            raise ConfigError(f"search.seeds[{i}]: {e}") from None
+            raise ConfigError(
+                f"search.seeds[{i}]: {e} (or name one of: {', '.join(HAND_DESIGNED)})"
+            ) from None
         name = PREFIX + str(formula)
         seeds[by_text.get(name, f"seed{i}")] = name
     return seeds

@@ -338,8 +338,8 @@ class SearchConfig:
     one attention layer at ``target_tokens`` tokens relative to softmax.
     """
 
-    # formulas of generation 0 (parsed when the search starts; errors name the position); null = the
-    # hand-designed zoo as formulas
+    # formulas of generation 0, or names of zoo attentions the grammar writes (hedgehog); parsed when the
+    # search starts, errors name the position; null = the hand-designed zoo as formulas
     seeds: list[str] | None = key(None, range=ANY)
     population: int = key(16, range=Range(2))  # kept per generation (NSGA-II)
     offspring: int = key(16, range=AT_LEAST_1)  # new children per generation

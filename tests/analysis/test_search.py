@@ -19,10 +19,13 @@ import torch
 from helpers import QUIET, peaked_teacher, run_cli, script_module, tiny_convert_report, tiny_run
 from safetensors.torch import load_file, save_file
 
+from attnxfer.apps.search import _seed_formulas
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.store import CheckpointError
+from attnxfer.config import ConfigError, load_config
 from attnxfer.launch import cli
 from attnxfer.launch.search_array import split_batches
+from attnxfer.models.efficient.formula import HAND_DESIGNED
 from attnxfer.search import (
     CandidateEvaluator,
     FitSettings,
@@ -534,6 +537,15 @@ def test_a_generation_with_every_candidate_rejected_says_what_to_change(tmp_path
     )
     assert code == 2 and "every candidate was rejected" in err and "search.fit_lr" in err, err
     assert "Traceback" not in err
+
+
+def test_a_seed_may_name_a_zoo_attention_the_grammar_writes_and_another_name_is_told_which():
+    cfg = load_config("search/demo", ["search.seeds=[hedgehog, 'sum(relu)']"])
+    assert _seed_formulas(cfg) == {"hedgehog": HAND_DESIGNED["hedgehog"], "relu_linear": "formula:sum(relu)"}
+    with pytest.raises(
+        ConfigError, match=r"search\.seeds\[0\]: .*\(or name one of: relu_linear, elu_linear, "
+    ):
+        _seed_formulas(load_config("search/demo", ["search.seeds=[performer]"]))
 
 
 def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, capsys):
