@@ -128,7 +128,8 @@ def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
     s, depth = cfg.search, len(transferable_attentions(teacher))
     layers = list(range(depth)) if s.layers is None else sorted(set(s.layers))
     if not layers or max(layers) >= depth:
-        raise ConfigError(f"search.layers={s.layers}: the teacher has blocks 0..{depth - 1}")
+        which = "names no block (null: every block)" if not layers else "names a block the teacher lacks"
+        raise ConfigError(f"search.layers={s.layers} {which}: the teacher has blocks 0..{depth - 1}")
     fit_images = [x.to(device) for x in first_images(parts.train_loader, batches=s.fit_batches)]
     held_out = [x.to(device) for x in first_images(parts.val_loader, s.held_out_images)]
     if len(fit_images) < s.fit_batches:

@@ -548,6 +548,17 @@ def test_a_seed_may_name_a_zoo_attention_the_grammar_writes_and_another_name_is_
         _seed_formulas(load_config("search/demo", ["search.seeds=[performer]"]))
 
 
+def test_search_layers_that_name_no_block_or_one_past_the_last_are_refused_saying_which(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    for layers, which in (
+        ("[]", "names no block (null: every block)"),
+        ("[0, 2]", "names a block the teacher lacks"),
+    ):
+        code, _, err = run_cli(capsys, *_args(tmp_path / "run", tiny_teacher_dir, f"search.layers={layers}"))
+        assert code == 2 and f"{which}: the teacher has blocks 0..1" in err, err
+
+
 def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.seeds=['sum(relu)', 'sum(relu.)']"))
