@@ -45,7 +45,7 @@ from .loaders import data_info, data_seed
 from .parts import RunParts, build_run_parts
 from .pictures import class_token_pictures
 from .resume import check_same_data, check_teacher_content, judge, student_as_trained
-from .world_size import fit_world_size, recorded_split
+from .world_size import fit_world_size, recorded_split, split_for_world
 
 
 def require_task_labels(cfg: TrainConfig) -> None:
@@ -370,18 +370,25 @@ def judged_resume(
     (``loaders_built``: the caller built the loaders at ``cfg``'s batch): the config on this world size and
     the judged checkpoint. A resume refused raises here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if not scoring:  # a resumed run keeps its global batch on another world size
-        fitted = fit_world_size(cfg, world, point)
-        if loaders_built and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
-            shares = recorded_split(point).global_batch // cfg.data.batch_size  # ranks x steps at this batch
-            raise ConfigError(
-                f"{cfg.run_dir} resumes on {world} process(es) with loaders built for "
-                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run it on "
-                f"{', '.join(str(w) for w in range(1, shares + 1) if shares % w == 0)} process(es), or (but for a "
-                f"study's student, whose batch the study keeps) run the same command with "
-                f"data.batch_size={fitted.data.batch_size} optim.accum_steps={fitted.optim.accum_steps}"
+    recorded = None if scoring else recorded_split(point)
+    # loaders built at cfg's batch keep it: the global batch must be that batch x ranks x whole steps (a
+    # batch that does not divide it is fit_world_size's to refuse)
+    whole = recorded and not recorded.global_batch % cfg.data.batch_size
+    shares = recorded.global_batch // cfg.data.batch_size if whole else 0
+    if loaders_built and recorded and recorded.world != world and shares % world:
+        other = split_for_world(recorded.global_batch, world, cfg.data.batch_size)
+        raise ConfigError(
+            f"{cfg.run_dir} resumes on {world} process(es) with loaders built for "
+            f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch of {recorded.global_batch}, "
+            f"run it on {', '.join(str(w) for w in range(1, shares + 1) if shares % w == 0)} process(es)"
+            + (
+                f", or (but for a study's student, whose batch the study keeps) with {other.overrides()}"
+                if other
+                else ""
             )
-        cfg = fitted
+        )
+    if not scoring:  # a resumed run keeps its global batch on another world size
+        cfg = fit_world_size(cfg, world, point)
     return cfg, judge(point, cfg, world=world, scoring=scoring, command=command)
 
 
