@@ -205,11 +205,7 @@ def _recorded(
         if not c.allowed
     ]
     if refused:  # selection.partial.json holds the measurements a stopped choice had made, not a choice
-        held = (
-            "a choice of attentions"
-            if compared == SELECTION_KEYS
-            else "measurements for a choice of attentions"
-        )
+        held = "measurements for a choice of attentions" if path.name == PARTIAL_FILE else "a choice of attentions"
         raise ConfigError(
             f"{path.parent} already holds {held} ({path.name}) made with different values for: "
             f"{'; '.join(map(str, refused))}. These cannot change when a run resumes; nothing was written. To "
