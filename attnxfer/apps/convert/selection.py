@@ -205,7 +205,11 @@ def _recorded(
         if not c.allowed
     ]
     if refused:  # selection.partial.json holds the measurements a stopped choice had made, not a choice
-        held = "measurements for a choice of attentions" if path.name == PARTIAL_FILE else "a choice of attentions"
+        held = (
+            "measurements for a choice of attentions"
+            if path.name == PARTIAL_FILE
+            else "a choice of attentions"
+        )
         raise ConfigError(
             f"{path.parent} already holds {held} ({path.name}) made with different values for: "
             f"{'; '.join(map(str, refused))}. These cannot change when a run resumes; nothing was written. To "
@@ -213,6 +217,13 @@ def _recorded(
             f"this one, give them the values it recorded: {KeyChange.restoring(refused)}"
         )
     return record
+
+
+def judge_recorded(cfg: TrainConfig) -> None:
+    """An auto conversion's recorded choice, else the measurements a stopped one made, judged against ``cfg``
+    as the job judges them (`attnxfer submit` asks before submitting)."""
+    if _recorded(cfg, Path(cfg.run_dir) / SELECTION_FILE) is None:
+        _recorded(cfg, Path(cfg.run_dir) / PARTIAL_FILE, _MEASURED_KEYS)
 
 
 #: measurements already taken in this process, per teacher and per what they read (a convert study's students

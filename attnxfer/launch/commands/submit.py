@@ -64,7 +64,7 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     or an auto conversion's recorded choice reads, changed. A conversion's stage 2 is judged by the job alone
     (its objective's weights need the teacher), and so is a stage 1 under convert.attention=auto (its attentions
     are chosen in the job)."""
-    from ...apps.convert.selection import _MEASURED_KEYS, AUTO, PARTIAL_FILE, SELECTION_FILE, _recorded
+    from ...apps.convert.selection import AUTO, judge_recorded
     from ...apps.convert.stage1 import judged_stage1_keys
     from ...apps.run.training import judged_resume
     from ...apps.study.study import check_study, judged_study_point, refuse_other_students
@@ -80,9 +80,8 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     for run in runs if converts else ():
         if run.convert.attention != AUTO:
             judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
-        # auto's recorded choice, else the measurements it made: judged as the job's choice judges them
-        elif _recorded(run, Path(run.run_dir) / SELECTION_FILE) is None:
-            _recorded(run, Path(run.run_dir) / PARTIAL_FILE, _MEASURED_KEYS)
+        else:
+            judge_recorded(run)
     if study:
         judged_study_point(cfg, world, verify_hash=False)
     for student, run in cfg.configs() if study and not converts else ():  # as the job builds each student
