@@ -530,8 +530,9 @@ def test_a_convert_study_of_budgets_measures_once_and_records_each_choice(
     assert all(t > 0 for t in real["whole_ms"].values())
     depth = (real["whole_ms"]["teacher"] - real["whole_ms"]["floor"]) / real["ms"][SOFTMAX]
     assert depth == pytest.approx(2) and real["ms"]["teacher"] == real["whole_ms"]["teacher"]
-    for name in candidates:
-        assert real["ms"][name] == pytest.approx((real["whole_ms"][name] - real["whole_ms"]["floor"]) / 2)
+    for name in candidates:  # a model timed under its floor (a loaded machine's noise) is clamped to 0
+        in_place = (real["whole_ms"][name] - real["whole_ms"]["floor"]) / 2
+        assert real["ms"][name] == pytest.approx(max(0.0, in_place))
     for name, budget in (("s11", 1.1), ("s13", 1.3)):
         assert records[name]["predicted_speedup"] >= budget
         report = json.loads((run / name / "report.json").read_text())
