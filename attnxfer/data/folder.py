@@ -216,6 +216,13 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
     crop = aug.get("crop_pct")
     if crop is not None and not (isinstance(crop, (int, float)) and crop > 0):  # timm: 0 is its 0.875
         raise InputError(f"dataset '{info.name}': crop_pct must be > 0 (data.kwargs), got {crop!r}")
+    jitter = aug.get("color_jitter") or 0.0  # timm's: one number, or a list of 3 (or 4: + hue)
+    parts = jitter if isinstance(jitter, (list, tuple)) and len(jitter) in (3, 4) else [jitter]
+    if not all(isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0 for p in parts):
+        raise InputError(
+            f"dataset '{info.name}': data.kwargs.color_jitter takes a number >= 0 (brightness, contrast and "
+            f"saturation) or a list of 3 such numbers (one each), or 4 (+ hue, <= 0.5); got {jitter!r}"
+        )
     try:
         return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
     except (KeyError, IndexError, TypeError, ValueError, AssertionError) as e:  # timm's own checks, if any
@@ -240,7 +247,7 @@ def build_folder(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
-    color_jitter: float = 0.0,
+    color_jitter: float | Sequence[float] = 0.0,
     auto_augment: str | None = None,
     re_prob: float = 0.0,
     re_mode: str = "const",

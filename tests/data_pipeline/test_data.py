@@ -653,6 +653,21 @@ def test_a_crop_pct_of_zero_is_refused_not_taken_as_timms_default(tmp_path):
         build_dataset("folder", "val", root=tmp_path, crop_pct="big")
 
 
+def test_color_jitter_takes_timms_number_or_brightness_contrast_saturation_and_hue(tmp_path):
+    """As timm's create_transform: one number for brightness, contrast and saturation, or a list of 3 or 4
+    (hue); another length or a negative value is one line naming the option, not timm's bare assertion."""
+    _make_folder(tmp_path)
+    for given, hue in (([0.1, 0.2, 0.3], None), ([0.1, 0.2, 0.3, 0.05], (-0.05, 0.05))):
+        train = build_dataset("folder", "train", root=tmp_path, img_size=16, color_jitter=given)
+        (jitter,) = [t for t in train.image_dataset.transform.transforms if type(t).__name__ == "ColorJitter"]
+        assert (jitter.brightness, jitter.saturation, jitter.hue) == ((0.9, 1.1), (0.7, 1.3), hue)
+    for bad in ([0.4, 0.4], [0.4, -0.1, 0.4], -0.4, "strong"):
+        with pytest.raises(
+            InputError, match=r"^dataset 'folder': data.kwargs.color_jitter takes a number >= 0"
+        ):
+            build_dataset("folder", "train", root=tmp_path, color_jitter=bad)
+
+
 @pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5]), dict(auto_augment="x")])
 def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs_and_aug(tmp_path, option):
     """timm answers a KeyError (an unknown interpolation), an IndexError (one number) or an AssertionError (a
