@@ -216,6 +216,11 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
     crop = aug.get("crop_pct")
     if crop is not None and not (isinstance(crop, (int, float)) and crop > 0):  # timm: 0 is its 0.875
         raise InputError(f"dataset '{info.name}': crop_pct must be > 0 (data.kwargs), got {crop!r}")
+    if aug.get("re_mode", "const") not in ("const", "rand", "pixel"):  # timm asserts without a word
+        raise InputError(
+            f"dataset '{info.name}': data.kwargs.re_mode is one of const, rand, pixel (aug.remode's choices), "
+            f"got {aug['re_mode']!r}"
+        )
     jitter = aug.get("color_jitter") or 0.0  # timm's: one number, or a list of 3 (or 4: + hue)
     parts = jitter if isinstance(jitter, (list, tuple)) and len(jitter) in (3, 4) else [jitter]
     if not all(isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0 for p in parts):

@@ -668,6 +668,17 @@ def test_color_jitter_takes_timms_number_or_brightness_contrast_saturation_and_h
             build_dataset("folder", "train", root=tmp_path, color_jitter=bad)
 
 
+def test_an_unknown_random_erasing_mode_is_one_line_naming_the_option_even_where_erasing_is_off(tmp_path):
+    """timm asserts re_mode with an empty message, and only builds random erasing where re_prob > 0: a typo
+    trained silently where erasing was off."""
+    _make_folder(tmp_path)
+    for bad in ("pixels", ""):
+        with pytest.raises(
+            InputError, match=r"^dataset 'folder': data.kwargs.re_mode is one of const, rand, pix"
+        ):
+            build_dataset("folder", "train", root=tmp_path, re_mode=bad)
+
+
 @pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5]), dict(auto_augment="x")])
 def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs_and_aug(tmp_path, option):
     """timm answers a KeyError (an unknown interpolation), an IndexError (one number) or an AssertionError (a
