@@ -399,3 +399,27 @@ def test_a_loss_option_written_out_at_its_default_is_no_change_and_another_value
     assert config_changes(recorded, load_config(None, [same])) == []
     other = load_config(None, ["transfer.losses=[{name: mse, signal: v, weight: 0.5}, {name: mse}]"])
     assert [(c.key, c.allowed) for c in config_changes(recorded, other)] == [("transfer.losses", False)]
+
+
+def test_an_attention_option_written_out_at_its_default_is_no_change_and_another_value_is():
+    """model/convert.attention_kwargs are compared as the attention is built with them: a resume that spells
+    out an option's default (nystrom's 32 landmarks), or leaves out one the first run wrote, was refused."""
+    named = ["model.attention=nystrom", "convert.attention=performer"]
+    written = [
+        *named,
+        "model.attention_kwargs={num_landmarks: 32}",
+        "convert.attention_kwargs={orthogonal: true}",
+    ]
+    for old, new in ((named, written), (written, named)):
+        assert (
+            config_changes(to_dict(load_config(None, old)), load_config(None, new), command="convert") == []
+        )
+    other = load_config(
+        None,
+        [*named, "model.attention_kwargs={num_landmarks: 8}", "convert.attention_kwargs={orthogonal: false}"],
+    )
+    changes = config_changes(to_dict(load_config(None, named)), other, command="convert")
+    assert [(c.key, c.allowed) for c in changes] == [
+        ("model.attention_kwargs", False),
+        ("convert.attention_kwargs", False),
+    ]

@@ -468,10 +468,12 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
         f"| student | {speed['student_ms']:.2f} | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} "
         f"[{lo:.2f}, {hi:.2f}] |" in md
     )
-    # run again into the same run dir: stage 1 is picked up, not redone; stage 2 resumes its finished run
+    # run again into the same run dir: stage 1 is picked up, not redone; stage 2 resumes its finished run (an
+    # attention option written out at its default changes neither stage's plan)
     from attnxfer.launch.cli import main
 
-    assert main(["convert", *_convert_args(run, tiny_teacher_dir)]) == 0
+    default = _convert_args(run, tiny_teacher_dir, "convert.attention_kwargs={feature_dim: null}")
+    assert main(["convert", *default]) == 0
     again = json.loads((run / "report.json").read_text())
     assert again["stage1"]["resumed"] and again["stage1"]["history"] == report["stage1"]["history"]
     assert again["top1"] == report["top1"]

@@ -24,6 +24,7 @@ from ...checkpoints.store import (
 from ...config import RESUMABLE_KEYS, TrainConfig, to_dict
 from ...data import ResumableSampler, build_loader, data_identity
 from ...errors import InputError
+from ...models.efficient.swap import options_in_effect
 from ...speak import say, warn
 from ...train.distributed import rank_and_world
 from ...train.stage1 import Stage1Result, stage1_transfer
@@ -135,7 +136,7 @@ def judge_stage1(
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
-        if point.record("plan") != json.loads(json.dumps(plan.to_dict())):
+        if not _same_plan(point.record("plan"), plan):
             raise InputError(
                 f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
                 "checkpoint.resume=none to redo stage 1"
@@ -144,6 +145,19 @@ def judge_stage1(
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
     return Stage1Found(saved, point, fresh)
+
+
+def _same_plan(recorded: Any, plan: ConversionPlan) -> bool:
+    """Whether a stage 1's ``recorded`` plan is ``plan``, the attention options of each as ``plan``'s layers
+    are built with them (a default written out, or left out, is the same plan)."""
+    now = json.loads(json.dumps(plan.to_dict()))
+    if not isinstance(recorded, dict) or recorded.keys() != now.keys():
+        return False
+    names = [layer.attention for layer in plan.layers]
+    old, new = (
+        {**p, "attention_kwargs": options_in_effect(names, p["attention_kwargs"])} for p in (recorded, now)
+    )
+    return old == new
 
 
 def open_stage1(found: Stage1Found, device: torch.device) -> Stage1Job:
@@ -272,7 +286,7 @@ def _legacy_result(student: nn.Module, folder: Path, plan: ConversionPlan) -> St
     if not (weights.is_file() and info.is_file()):
         return None
     meta = json.loads(info.read_text())
-    if meta.get("plan") != json.loads(json.dumps(plan.to_dict())):
+    if not _same_plan(meta.get("plan"), plan):
         raise InputError(
             f"{folder} holds a stage-1 result of a different conversion plan; use a new run_dir or "
             "checkpoint.resume=none to redo stage 1"

@@ -20,6 +20,7 @@ from ...checkpoints.resume_point import KeyChange, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from ...config.loading import load_config
+from ...models.efficient.swap import options_in_effect
 from ...speak import say
 from ...train.devices import Device, resolve_precision
 from ...transfer import PlanError
@@ -35,9 +36,16 @@ def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
 
-def _in_effect(key: str, value: Any) -> Any:
-    """``transfer.losses`` entries with every option at the value the run uses (a default written out, or left
-    out by an older run's record, is no change); an entry no loss reads stays as written."""
+def _in_effect(key: str, value: Any, config: dict[str, Any]) -> Any:
+    """``transfer.losses`` entries and an attention's options (``*.attention_kwargs``, of the attentions
+    ``config`` names) with every option at the value the run uses (a default written out, or left out by an
+    older run's record, is no change); an entry no loss reads, an attention not registered here, as written."""
+    if key in ("model.attention_kwargs", "convert.attention_kwargs") and isinstance(value, dict):
+        names = find_key(config, key.removesuffix("_kwargs"))[1]
+        names = find_key(config, "convert.candidates")[1] if names == "auto" else names
+        with contextlib.suppress(KeyError, ValueError):
+            if names:  # options of no attention (refused as the student is built) stay as written
+                return options_in_effect([names] if isinstance(names, str) else names, value)
     if key != "transfer.losses" or not isinstance(value, list):
         return value
     out = []
@@ -74,7 +82,7 @@ def config_changes(
             continue
         _, new_value = find_key(new, key)
         # a run_dir spelled otherwise (./r, an absolute path) naming the folder it resumes is no change
-        if _in_effect(key, old_value) != _in_effect(key, new_value) and not (
+        if _in_effect(key, old_value, recorded) != _in_effect(key, new_value, new) and not (
             key == "run_dir" and Path(old_value).resolve() == Path(new_value).resolve()
         ):
             changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))

@@ -123,12 +123,7 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
         )
     for name, cls in zip(names, classes):  # a value of another kind than the constructor annotates
         for option, value in options.items():
-            found = (
-                inspect.signature(k.__init__).parameters.get(option)
-                for k in cls.__mro__
-                if "__init__" in vars(k)
-            )
-            annotation = next((p.annotation for p in found if p is not None), "?")
+            annotation = getattr(_parameter(cls, option), "annotation", "?")
             # as written: a string where the module defers annotations, else the object (float, not "<class 'float'>")
             written = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
             kinds = written.replace("collections.abc.", "").split(" | ")
@@ -149,13 +144,31 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
     return classes
 
 
-def _without_default(cls: type[nn.Module], option: str) -> bool:
-    """Whether the constructor that first declares ``option`` along ``cls``'s MRO gives it no default."""
+def options_in_effect(names: Sequence[str], options: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each of the attentions ``names`` with the options `with_attention` builds it with: those of ``options``
+    it takes, its own options not given at their defaults (written out or left out, a default is the same)."""
+    classes = {name: get_attention_class(name) for name in names}
+    return {
+        name: {
+            **{o: _parameter(cls, o).default for o in cls.own_options()},
+            **{k: v for k, v in options.items() if cls.accepts_option(k)},
+        }
+        for name, cls in classes.items()
+    }
+
+
+def _parameter(cls: type[nn.Module], option: str) -> inspect.Parameter | None:
+    """``option`` as the constructor that first declares it along ``cls``'s MRO takes it (its default, its
+    annotation)."""
     found = (
         inspect.signature(k.__init__).parameters.get(option) for k in cls.__mro__ if "__init__" in vars(k)
     )
-    param = next((p for p in found if p is not None), None)
-    return param is not None and param.default is param.empty
+    return next((p for p in found if p is not None), None)
+
+
+def _without_default(cls: type[nn.Module], option: str) -> bool:
+    """Whether the constructor that first declares ``option`` along ``cls``'s MRO gives it no default."""
+    return getattr(_parameter(cls, option), "default", None) is inspect.Parameter.empty
 
 
 #: The option kinds zoo constructors annotate, as YAML gives them (a bool is no number): unchecked,
