@@ -179,28 +179,30 @@ def _raise_plainly(e: OSError, run_dir: Path) -> None:
     raise plain from e
 
 
-def refuse_file_in_the_way(folder: str | os.PathLike, name: str) -> None:
+def refuse_file_in_the_way(folder: str | os.PathLike, name: str, what: str | None = None) -> None:
     """Refuse a folder to write into that is a file, or lies under one (``run_dir=cfg.yaml/run``), before
-    anything is computed: the ``mkdir`` would fail with a traceback only once the work is done."""
+    anything is computed: the ``mkdir`` would fail with a traceback only once the work is done. ``what``: the
+    folder in words where the key ``name`` chooses it without naming it (tensorboard's, in run_dir)."""
     folder = Path(folder)
     file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if file is not None:
         where = "is a file" if file == folder else f"cannot be made: {file} is a file"
-        raise PathExistsError(f"{name}={folder} {where}, not a directory; choose another {name}")
+        raise PathExistsError(f"{what or f'{name}={folder}'} {where}, not a directory; choose another {name}")
 
 
-def refuse_unwritable(folder: str | os.PathLike, name: str) -> None:
+def refuse_unwritable(folder: str | os.PathLike, name: str, what: str | None = None) -> None:
     """Refuse an output folder this process cannot write (read-only, another user's, under /proc) before any
     work, by a probe folder made and removed in it or in its nearest existing parent (the folder is not
-    made): the command's own mkdir would fail with a traceback once the work is done."""
+    made): the command's own mkdir would fail with a traceback once the work is done. ``what``: as
+    `refuse_file_in_the_way`'s."""
     folder = Path(folder).absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".write-probe-", dir=existing))
     except OSError as e:
         raise PathExistsError(
-            f"{name}={folder} cannot be written ({existing}: {e.strerror}); choose another {name}, or make "
-            f"{existing} writable"
+            f"{what or f'{name}={folder}'} cannot be written ({existing}: {e.strerror}); choose another "
+            f"{name}, or make {existing} writable"
         ) from None
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.atomic_io import atomic_write_text
-from ..errors import InputError
+from ..checkpoints.run_lock import refuse_file_in_the_way, refuse_unwritable
+from ..errors import InputError, PathExistsError
 from ..run_layout import STAGE_DIRS, TENSORBOARD_DIR
 from ..speak import say, warn
 
@@ -100,16 +101,12 @@ def _tensorboard_prepare(run_dir: Path) -> TrackerSetup:
     """Refuse, before any work, a ``RUN_DIR/tb`` that cannot become a writable folder: its writer would stop
     the run with a traceback at the first record, after the first steps."""
     tb = run_dir / TENSORBOARD_DIR
-    there = next((p for p in (tb, *tb.parents) if p.exists()), None)
-    if there is not None and not there.is_dir():
-        why = f"{there} is a file, not a folder: move it away"
-    elif there is not None and not os.access(there, os.W_OK | os.X_OK):
-        why = f"{there} is not writable: make it writable"
-    else:
-        return TrackerSetup()
-    raise TrackerUnavailableError(
-        f"log.trackers includes tensorboard, which writes {tb}, but {why} (or remove tensorboard from log.trackers)"
-    )
+    try:
+        refuse_file_in_the_way(tb, "run_dir", f"tensorboard's folder {tb}")
+        refuse_unwritable(tb, "run_dir", f"tensorboard's folder {tb}")
+    except PathExistsError as e:
+        raise TrackerUnavailableError(f"{e} (or remove tensorboard from log.trackers)") from None
+    return TrackerSetup()
 
 
 def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
