@@ -20,7 +20,7 @@ from helpers import assert_same_tensors, fork_cli, on_each_line, run_cli, tiny_r
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.loaders import data_seed
-from attnxfer.apps.study.study import study
+from attnxfer.apps.study.study import judged_study_point, study
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import ConfigError
@@ -596,6 +596,37 @@ def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_proce
             json.loads((r / name / "metrics.jsonl").read_text().splitlines()[-1]) for r in (run, one)
         )
         assert last["val_count"] == ref["val_count"] and last["val_top1"] == pytest.approx(ref["val_top1"])
+
+
+@pytest.mark.slow  # a study on 1 process, resumed on 2 torchrun ranks, against an uninterrupted one: ~40 s
+def test_a_study_resumed_on_another_number_of_processes_keeps_its_global_batch_as_train_does(
+    tmp_path, tiny_teacher_dir
+):
+    """The study's checkpoint records its processes, so a resume on others is judged as `train` judges one: the
+    same command on 2 ranks re-splits its global batch of 16 (8 a rank) and ends where the uninterrupted study
+    ends; 3 processes, which cannot share it, are refused with the counts that can."""
+    base = [*BASE, f"teacher.spec=local-dir:{tiny_teacher_dir}", "model.drop_path_rate=0", "device=cpu"]
+    base += ["data.batch_size=16"]
+    vary = ["--vary", "transfer.mode=copy,distill"]
+    one, run = tmp_path / "one", tmp_path / "moved"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["study", *base, f"run_dir={one}", *vary]) == 0
+        assert cli.main(["study", *base, f"run_dir={run}", "schedule.max_steps=2", *vary]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert ResumePoint.find(run).world_size == 1
+    res = torchrun_attnxfer("study", "-c", str(run / "study.yaml"), f"schedule.max_steps={STEPS}")
+    assert f"{run} was trained by 1 process" in res.stdout and "the global batch stays 16" in res.stdout
+    assert "data.batch_size=8 optim.accum_steps=1" in res.stdout
+    assert ResumePoint.find(run).world_size == 2
+    for name in ("copy", "distill"):
+        got, want = _final(run / name), _final(one / name)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"which cannot share a global batch of 16 .*\(1, 2, 4, 8, 16\)"):
+        judged_study_point(load_study(run / "study.yaml"), 3)
 
 
 @pytest.mark.slow

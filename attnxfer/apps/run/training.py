@@ -365,10 +365,13 @@ def judged_resume(
     scoring: bool,
     command: str,
     loaders_built: bool = False,
+    what: str = "run",
+    config_file: Path | None = None,
 ) -> tuple[TrainConfig, ResumePoint | None]:
     """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
-    (``loaders_built``: the caller built the loaders at ``cfg``'s batch): the config on this world size and
-    the judged checkpoint. A resume refused raises here, before anything is written."""
+    (``loaders_built``: the caller built the loaders at ``cfg``'s batch; ``what``, ``config_file``: as `judge`
+    names them, a study's): the config on this world size and the judged checkpoint. A resume refused raises
+    here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     recorded = None if scoring else recorded_split(point)
     # loaders built at cfg's batch keep it: the global batch must be that batch x ranks x whole steps (a
@@ -389,7 +392,9 @@ def judged_resume(
         )
     if not scoring:  # a resumed run keeps its global batch on another world size
         cfg = fit_world_size(cfg, world, point)
-    return cfg, judge(point, cfg, world=world, scoring=scoring, command=command)
+    return cfg, judge(
+        point, cfg, world=world, scoring=scoring, command=command, what=what, config_file=config_file
+    )
 
 
 def build_engine(

@@ -34,8 +34,13 @@ from ...train.runtime import Runtime, create_runtime, resolve_device
 from ...transfer.teacher_pass import TeacherHandover, TeacherNeeds
 from ...transfer.teacher_student import TeacherStudent
 from ..run.parts import RunParts, build_run_parts
-from ..run.resume import judge
-from ..run.training import build_engine, require_task_labels, schedule_warnings, task_weight_of
+from ..run.training import (
+    build_engine,
+    judged_resume,
+    require_task_labels,
+    schedule_warnings,
+    task_weight_of,
+)
 from .report import write_study_report
 
 
@@ -92,12 +97,13 @@ def lockstep_study(
     """The students trained in lock step. ``configs``: each student's run config (default the spec's);
     ``parts``: each student's own parts, built by the caller around one teacher and one pair of loaders (a
     convert study's students); ``stopped_before``: students that stopped before this loop, left out of it."""
-    configs = configs or spec.configs()
     base = spec.base
     runtime = create_runtime(
         base.device, base.precision, base.optim.accum_steps, base.deterministic, base.dist.timeout
     )
-    standing = _where_it_stands(spec, runtime.world, configs)
+    # the study on this many processes: a resume keeps its global batch, re-split as `train` re-splits it
+    spec, standing = _where_it_stands(spec, runtime.world, configs)
+    configs = configs or spec.configs()
     standing.stopped.update(stopped_before or {})
     stopped = dict(standing.stopped)
     members, batches, feed = build_members(spec, runtime, standing, configs=configs, parts=parts)
@@ -122,6 +128,7 @@ def lockstep_study(
                 "seconds": {m.name: m.seconds for m in members},
                 "shared_seconds": shared_seconds,
                 "config": to_dict(spec.base, spec.command),
+                "world_size": runtime.world,  # how its global batch was split (a resume on others keeps it)
             }
             own.save(step, {}, state, replace=True)
             write_study_files(spec, members, state["stopped"], shared_seconds)  # the step each reached
@@ -277,12 +284,14 @@ class _Standing:
     shared_seconds: float = 0.0
 
 
-def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, TrainConfig]]) -> _Standing:
-    """The study's last committed step, judged as any resume; the students' checkpoints after that step (a
-    save round a kill cut short) set aside. A fresh study stands nowhere."""
-    point = judged_study_point(spec, world)
+def _where_it_stands(
+    spec: StudySpec, world: int, configs: list[tuple[Student, TrainConfig]] | None
+) -> tuple[StudySpec, _Standing]:
+    """The study on ``world`` processes and its last committed step, judged as any resume; the students'
+    checkpoints after that step (a save round a kill cut short) set aside. A fresh study stands nowhere."""
+    spec, point = judged_study_point(spec, world)
     if DistributedInfo.from_environment().is_main_process:
-        for _, cfg in configs:
+        for _, cfg in configs or spec.configs():
             manager = CheckpointManager(Path(cfg.run_dir))
             for info in manager.list(verify_hash=False):
                 if point is None or info.step > point.step:
@@ -290,29 +299,33 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
                     say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
     barrier()
     if point is None:
-        return _Standing()
+        return spec, _Standing()
     say(f"study: resuming every student from step {point.step} ({point.path})")
-    return _Standing(
+    return spec, _Standing(
         dict(point.record("stopped") or {}),
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
     )
 
 
-def judged_study_point(spec: StudySpec, world: int, *, verify_hash: bool | None = None) -> ResumePoint | None:
-    """The study's last committed step (None: a fresh study), judged as any resume on ``world`` processes and
+def judged_study_point(
+    spec: StudySpec, world: int, *, verify_hash: bool | None = None
+) -> tuple[StudySpec, ResumePoint | None]:
+    """The study on ``world`` processes and its last committed step (None: a fresh study), judged as `train`
+    judges a resume (`judged_resume`: its global batch kept, or refused naming the counts that keep it) and
     refused, before any work, where it holds other students."""
-    point = judge(
-        ResumePoint.find(spec.run_dir, spec.base.checkpoint.resume, verify_hash=verify_hash),
+    base, point = judged_resume(
         spec.base,
-        world=world,
-        what="study",
+        world,
+        ResumePoint.find(spec.run_dir, spec.base.checkpoint.resume, verify_hash=verify_hash),
+        scoring=False,
         command=spec.command,
+        what="study",
         config_file=Path(spec.run_dir) / STUDY_YAML,
     )
     if point is not None and point.record("students") != spec.record():
         raise _other_students(spec, f"checkpoint {point.name}", point.record("students"))
-    return point
+    return dataclasses.replace(spec, base=base), point
 
 
 def refuse_other_students(spec: StudySpec) -> None:

@@ -82,8 +82,8 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
             judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
         else:
             judge_recorded(run)
-    if study:
-        judged_study_point(cfg, world, verify_hash=False)
+    if study:  # the students on the job's processes, as the job re-splits their global batch
+        cfg, _ = judged_study_point(cfg, world, verify_hash=False)
     for student, run in cfg.configs() if study and not converts else ():  # as the job builds each student
         found = ResumePoint.find(run.run_dir, run.checkpoint.resume, verify_hash=False)
         try:  # on the loaders the study builds for all at data.batch_size
