@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -296,6 +297,38 @@ def test_a_student_whose_stage_1_diverges_stops_alone_and_the_others_go_on(
         ("diverges", "before_stage1", False),
     ]
     assert "- diverges stopped early: stage 1: non-finite" in (run / "conversion_study.md").read_text()
+
+
+@pytest.mark.slow  # a convert study on 2 gloo ranks: ~25 s
+def test_every_rank_of_a_study_whose_student_diverges_exits_as_the_main_rank_does(tmp_path, tiny_teacher_dir):
+    """As train's ranks do: rank 0 refuses (exit 2, naming the student) and the other rank exits 2 too, not 0
+    (a launcher or SLURM that reads any rank's code would see a study that succeeded)."""
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(
+        f"teacher:\n  spec: local-dir:{tiny_teacher_dir}\nstudents:\n  - name: fine\n"
+        "  - name: diverges\n    convert.output_mse: 1.0e+300\n"
+    )
+    base = [*BASE, "convert.stage1_steps=2", "schedule.max_steps=1", "convert.attention=hedgehog"]
+    argv = ["study", "--command", "convert", "-c", str(yaml), *base, "data.batch_size=8", "device=cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "MASTER_PORT": str(port)}
+    env |= {"MASTER_ADDR": "127.0.0.1"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "attnxfer", *argv, f"run_dir={tmp_path / 'study'}"],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    errs = [rank.communicate(timeout=300)[1] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [2, 2], errs[1][-2000:]
+    assert "error: student 'diverges' stopped: stage 1: non-finite" in errs[0], errs[0][-2000:]
 
 
 @pytest.mark.slow

@@ -479,7 +479,7 @@ def test_a_students_model_name_warning_is_said_once_under_its_name(tmp_path, tin
 
 @pytest.mark.slow
 def test_a_student_that_diverges_stops_alone_the_others_go_on_and_the_study_exits_2(
-    tmp_path, tiny_teacher_dir, capsys
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
 ):
     """The others train and are reported, but the job ends as `train` does on a non-finite loss (exit 2, one
     line naming the student), not COMPLETED under SLURM; run again, it stays stopped and says so again."""
@@ -499,6 +499,10 @@ def test_a_student_that_diverges_stops_alone_the_others_go_on_and_the_study_exit
     assert "\ndiverges: stopped earlier (non-finite loss" in out_again, out_again
     # `submit --command study` runs the same study as a job, which fails as the command does (not COMPLETED)
     module, name = SUBMITTABLE["study"].split(":")
+    with pytest.raises(NonFiniteLossError, match="student 'diverges' stopped"):
+        getattr(importlib.import_module(module), name)(load_study(run / "study.yaml"))
+    # on every rank of the job, as train's ranks fail: a rank other than 0 knows the stop too
+    monkeypatch.setattr("attnxfer.launch.commands.study.is_main", lambda: False)
     with pytest.raises(NonFiniteLossError, match="student 'diverges' stopped"):
         getattr(importlib.import_module(module), name)(load_study(run / "study.yaml"))
     stopped = [line for line in out.splitlines() if line.startswith("diverges: stopped: ")]

@@ -89,11 +89,11 @@ def _convert_study(spec, report_only: bool) -> int:
     from ...apps.convert.report import conversion_summary
 
     result = convert_study(spec)
-    if not is_main():  # rank 0 holds the reports
-        return 0
-    for s in result.students:
-        say(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
-    say(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
+    if is_main():  # rank 0 holds the reports
+        for s in result.students:
+            say(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
+        say(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
+    # every rank ends as rank 0 does (as train's ranks do): a student's stop is agreed by all ranks
     return _refuse_stopped(spec, result.students)
 
 
@@ -105,8 +105,7 @@ def submitted_study(spec):
     else:
         from ...apps.study.study import study as run_study
     result = run_study(spec)
-    if is_main():  # rank 0 holds the students' records
-        _refuse_stopped(spec, result.students)
+    _refuse_stopped(spec, result.students)  # on every rank: a student's stop is agreed by all ranks
     return result
 
 
