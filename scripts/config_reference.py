@@ -25,7 +25,7 @@ sys.path.insert(
 )  # this checkout's attnxfer, whatever is installed
 
 from attnxfer.config import schema
-from attnxfer.config.keys import Leaf, Range, leaves, section_command
+from attnxfer.config.keys import Leaf, Range, leaves, section_command, section_unread_by
 from attnxfer.config.schema import TrainConfig
 
 _INTRO = """\
@@ -39,10 +39,10 @@ the values it accepts (a value outside them stops the command before any work, n
 resumed run may change it, and what it means. Set keys in a YAML file (`-c my.yaml`, or a built-in recipe
 such as `-c demo/copy`) or as dotted overrides after it (`optim.lr=1e-3`); `--print-config` prints the
 resolved config and exits. A section that one command alone reads (`convert`, `mae`, `search`) is in that
-command's config only: a run's `config.yaml` and `--print-config` hold the sections its command reads (a
-config that holds another command's section still loads, but one of its keys set away from the default
-is refused, since the command would drop it). How configs, overrides and resumes work: [Runs
-and configs](training.md).
+command's config only, and `transfer` is in every config but `attnxfer pretrain`'s: a run's `config.yaml`
+and `--print-config` hold the sections its command reads (a config that holds a section its command does not
+read still loads, but one of its keys set away from the default is refused, since the command would drop
+it). How configs, overrides and resumes work: [Runs and configs](training.md).
 
 **Resume** says whether a run resumed from its checkpoint may change the key (`yes`: each change is printed;
 `no`: the run stops and names the key, since the checkpoint's weights, optimiser state or data position mean
@@ -162,6 +162,11 @@ def reference_markdown(config: type = TrainConfig, source: str | None = None) ->
                 parts.append(
                     f"Read by `attnxfer {command}` alone: only its config.yaml and `--print-config` hold this "
                     "section.\n"
+                )
+            if unread := section_unread_by(sections[name]):
+                parts.append(
+                    f"Not read by {', '.join(f'`attnxfer {c}`' for c in unread)}: its config.yaml and "
+                    "`--print-config` leave this section out.\n"
                 )
             if all(leaf.resumable for leaf in keys):
                 parts.append("A resumed run may change every key of this section.\n")

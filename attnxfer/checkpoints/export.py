@@ -466,7 +466,9 @@ def export_run(
     # a run without a task loss (transfer.task_weight 0: a label-free distillation or conversion; null is 1)
     task_weight = (recipe_cfg.get("transfer") or {}).get("task_weight")
     labels_read = record.get("objective") != "mae" and task_weight != 0
-    if recipe and record.get("objective") == "mae":  # its config.yaml keeps a transfer: block MAE never reads
+    # an older attnxfer wrote a transfer: block MAE never reads into a pretrain run's config.yaml (it now
+    # leaves the section out): such a folder's card drops it too
+    if recipe and record.get("objective") == "mae":
         recipe = re.sub(r"(?m)^transfer:\n(?:[ -].*\n)*", "", recipe)
     training_data, dataset = _recipe_data(recipe_cfg, labels_read=labels_read)
     # a fine-tuned student's spec keeps model.init's pretrained_cfg, and with it the licence of those weights

@@ -16,7 +16,7 @@ from ..errors import InputError
 
 _RANGE, _RESUMABLE, _SECTION = "attnxfer.range", "attnxfer.resumable", "attnxfer.section"
 _SEARCH_RESUMABLE = "attnxfer.search_resumable"
-_COMMAND = "attnxfer.command"
+_COMMAND, _UNREAD_BY = "attnxfer.command", "attnxfer.unread_by"
 
 
 class ConfigError(InputError):
@@ -91,22 +91,40 @@ def key(
 
 
 def section(
-    cls: type, *, resumable: bool = False, search_resumable: bool = False, command: str | None = None
+    cls: type,
+    *,
+    resumable: bool = False,
+    search_resumable: bool = False,
+    command: str | None = None,
+    unread_by: tuple[str, ...] = (),
 ) -> Any:
     """A section of the config (a nested dataclass); ``resumable``/``search_resumable``: a resumed run/search
-    may change every key in it; ``command``: the one command that reads it (others leave it out, `to_dict`)."""
+    may change every key in it; ``command``: the one command that reads it; ``unread_by``: the commands that do
+    not (every other one does). A command that does not read a section leaves it out (`to_dict`)."""
     metadata = {
         _SECTION: True,
         _RESUMABLE: bool(resumable),
         _SEARCH_RESUMABLE: bool(search_resumable),
         _COMMAND: command,
+        _UNREAD_BY: tuple(unread_by),
     }
     return dataclasses.field(default_factory=cls, metadata=metadata)
 
 
 def section_command(f: dataclasses.Field) -> str | None:
-    """The one command that reads the section ``f`` (None: every command that runs a config)."""
+    """The one command that reads the section ``f`` (None: no one command's; `reads_section` says whose)."""
     return f.metadata.get(_COMMAND)
+
+
+def section_unread_by(f: dataclasses.Field) -> tuple[str, ...]:
+    """The commands that do not read the section ``f``, though it is no one command's (the reference page)."""
+    return f.metadata.get(_UNREAD_BY, ())
+
+
+def reads_section(f: dataclasses.Field, command: str | None) -> bool:
+    """Whether ``command`` reads the field ``f`` (a key, not a section: yes); None: a command that reads every
+    section no one command owns (eval of a train or convert run)."""
+    return section_command(f) in (None, command) and command not in f.metadata.get(_UNREAD_BY, ())
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import yaml
 
-from .keys import ConfigError, field_types, leaves, rule_of, section_command
+from .keys import ConfigError, field_types, leaves, reads_section, rule_of, section_command
 from .renamed import find_key, respell
 from .strict_yaml import Dumper, describe_yaml_error, load_yaml
 
@@ -47,34 +47,33 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
 
 def to_dict(cfg: Any, command: str | None = None) -> dict[str, Any]:
     """The config as nested dicts; with ``command`` (train, convert, pretrain, search, ...) only the sections
-    that command reads: a train run's record lists no ``convert``/``mae``/``search`` key it never reads."""
+    that command reads: a train run's record lists no ``convert``/``mae``/``search`` key it never reads, a
+    pretrain run's no ``transfer`` key."""
     full = dataclasses.asdict(cfg)
     return {
-        f.name: full[f.name]
-        for f in dataclasses.fields(cfg)
-        if command is None or section_command(f) in (None, command)
+        f.name: full[f.name] for f in dataclasses.fields(cfg) if command is None or reads_section(f, command)
     }
 
 
 def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
-    """Keys of a section only another command reads (``convert``, ``mae``, ``search``), set away from their
-    defaults, are refused: ``command`` (a ``study`` of it) would drop them without a word; a study that
-    varied convert.attention without --command convert would train one student several times."""
+    """Keys of a section ``command`` does not read (``convert``, ``mae``, ``search``: only another command
+    reads them; ``transfer``: pretrain reads none), set away from their defaults, are refused: ``command`` (a
+    ``study`` of it) would drop them without a word; a study that varied convert.attention without --command
+    convert would train one student several times."""
     changed = config_changes(type(cfg)(), cfg)
     for f in dataclasses.fields(cfg):
-        owner = section_command(f)
         keys = [k for k in changed if k.startswith(f"{f.name}.")]
-        if owner in (None, command) or not keys:
+        if reads_section(f, command) or not keys:
             continue
-        them = "it" if len(keys) == 1 else "them"
-        who, instead = (f"attnxfer {command}", f"run attnxfer {owner}")
+        owner, them = section_command(f), "it" if len(keys) == 1 else "them"
+        who, instead = (f"attnxfer {command}", f", or run attnxfer {owner}")
         if study:  # a study trains or converts its students (study --command convert)
             who = f"a study of `attnxfer {command}`"
-            instead = f"give the study --command {owner}" if owner == "convert" else f"{instead} alone"
-        raise ConfigError(
-            f"{', '.join(keys)}: only `attnxfer {owner}` reads the {f.name} section, and {who} would drop "
-            f"{them}; remove {them}, or {instead}"
-        )
+            instead = ", or give the study --command convert" if owner == "convert" else f"{instead} alone"
+        readers = f"only `attnxfer {owner}` reads the {f.name} section, and {who}"
+        if not owner:  # a section every command reads but a few (transfer: all but pretrain)
+            readers, instead = f"{who} does not read the {f.name} section and", ""
+        raise ConfigError(f"{', '.join(keys)}: {readers} would drop {them}; remove {them}{instead}")
 
 
 def dump_config(cfg: Any, command: str | None = None, *, as_run: bool = False) -> str:

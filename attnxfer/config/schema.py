@@ -394,8 +394,9 @@ class TrainConfig:
     precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
     deterministic: bool = key(False, range=ANY, resumable=True)
     model: ModelConfig = section(ModelConfig)
-    teacher: TeacherConfig = section(TeacherConfig)
-    transfer: TransferConfig = section(TransferConfig)
+    teacher: TeacherConfig = section(TeacherConfig)  # pretrain reads cache_dir alone (model.init's downloads)
+    # MAE pre-training transfers nothing: its config.yaml and --print-config leave this section out
+    transfer: TransferConfig = section(TransferConfig, unread_by=("pretrain",))
     data: DataConfig = section(DataConfig)
     aug: AugConfig = section(AugConfig)
     optim: OptimConfig = section(OptimConfig)

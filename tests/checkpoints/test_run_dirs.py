@@ -154,8 +154,6 @@ def test_locks_one_dead_process_left_are_taken_over_with_one_line(tmp_path, caps
 def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_path, capsys):
     run = tmp_path / "held"
     extra = ["teacher.spec=vit_micro_patch4_28"] if command in ("convert", "search") else []
-    if command == "pretrain":
-        extra = ["transfer.mode=none"]
     with _live_process() as pid:
         _write_lock(run, pid=pid, pid_started=_start_time(pid), slurm_job="4242", command="convert")
         before = sorted(p.name for p in run.iterdir())
@@ -307,9 +305,7 @@ def test_a_training_run_and_an_mae_pre_training_run_are_no_folder_for_each_other
     and say to drop them. Refused, naming the command that continues the folder's run."""
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
     data = (a for a in S if a.startswith("data."))
-    code, _, err = run_cli(
-        capsys, "pretrain", *data, "transfer.mode=none", "log.progress=false", f"run_dir={trained}"
-    )
+    code, _, err = run_cli(capsys, "pretrain", *data, "log.progress=false", f"run_dir={trained}")
     refusal = (
         "holds a training run (run.json), which attnxfer pretrain does not write into: continue it with the"
     )

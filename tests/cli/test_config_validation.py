@@ -381,16 +381,22 @@ def test_invalid_values_are_one_line_cli_errors(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize(
-    "command,own", [("train", set()), ("convert", {"convert"}), ("pretrain", {"mae"}), ("search", {"search"})]
+    "command,own",
+    [
+        ("train", {"transfer"}),
+        ("convert", {"convert", "transfer"}),
+        ("pretrain", {"mae"}),  # MAE transfers nothing; it reads teacher.cache_dir (model.init's downloads)
+        ("search", {"search", "transfer"}),
+    ],
 )
 def test_print_config_holds_the_sections_its_command_reads(command, own, capsys):
-    """`convert`, `mae` and `search` are each read by one command: another command's config leaves them out."""
+    """`convert`, `mae` and `search` are each read by one command, `transfer` by every one but pretrain: a
+    command's config leaves out the sections it does not read."""
     code, out, err = run_cli(capsys, command, "--print-config")
     printed = yaml.safe_load(out)  # the YAML, then what changed as comments
     assert code == 0, err
-    assert {"convert", "mae", "search"} & set(printed) == own and {"model", "transfer", "dist"} <= set(
-        printed
-    )
+    assert {"convert", "mae", "search", "transfer"} & set(printed) == own
+    assert {"model", "teacher", "dist"} <= set(printed)
 
 
 def test_print_config_shows_an_option_mapping_whole_so_a_dropped_entry_shows(capsys):

@@ -137,11 +137,15 @@ def test_an_mae_decoder_width_the_sin_cos_embedding_cannot_take(tmp_path, capsys
     assert "needs a width divisible by 4, got 30" in err
 
 
+#: how each command runs without a teacher (pretrain reads no transfer section: a key of it is refused)
+_NO_TRANSFER = {"train": ["transfer.mode=none"], "pretrain": []}
+
+
 @pytest.mark.parametrize("command", ["train", "pretrain"])
 def test_a_model_init_that_cannot_load_names_model_init_not_a_teacher(tmp_path, capsys, command):
     """model.init is read by the teacher's loader, whose words name a teacher: a run that has one would be told
     to change the wrong key."""
-    run = [command, f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN]
+    run = [command, f"run_dir={tmp_path / 'run'}", *_NO_TRANSFER[command], *_TINY_RUN]
     missing = tmp_path / "nope.safetensors"
     err = _refused([*run, f"model.init={missing}"], capsys)
     assert err.endswith(f"model.init='{missing}': checkpoint {missing} does not exist"), err
@@ -160,7 +164,13 @@ def test_a_pickled_model_init_file_is_told_to_come_back_as_model_init_not_a_teac
 
     pickled = tmp_path / "mae_full.pth"
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=1e-3)}, pickled)
-    run = [command, f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN, f"model.init={pickled}"]
+    run = [
+        command,
+        f"run_dir={tmp_path / 'run'}",
+        *_NO_TRANSFER[command],
+        *_TINY_RUN,
+        f"model.init={pickled}",
+    ]
     code, _, err = run_cli(capsys, *once_each(run))
     assert code == 2 and "argparse.Namespace" in err, err
     [then] = [line for line in err.splitlines() if line.startswith("then give")]
@@ -480,9 +490,14 @@ def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_ste
             ["study", "-c", "demo/distill", "--vary", "mae.mask_ratio=0.5,0.6"],
             "a study of `attnxfer train` would drop it; remove it, or run attnxfer pretrain alone",
         ),
+        (  # every command but pretrain reads the transfer section
+            ["pretrain", "-c", "demo/mae_pretrain", "transfer.mode=copy", "transfer.atd_weight=3"],
+            "attnxfer pretrain: error: transfer.mode, transfer.atd_weight: attnxfer pretrain does not read the "
+            "transfer section and would drop them; remove them",
+        ),
     ],
 )
-def test_a_key_only_another_command_reads_is_refused_not_dropped(tmp_path, capsys, argv, said):
+def test_a_key_of_a_section_its_command_does_not_read_is_refused_not_dropped(tmp_path, capsys, argv, said):
     err = _refused([*argv, f"run_dir={tmp_path / 'run'}"], capsys)
     assert said in err, err
     assert not (tmp_path / "run").exists()

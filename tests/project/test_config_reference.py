@@ -170,3 +170,5 @@ def test_a_section_one_command_reads_says_which():
         body = page.split(f"## `{section}`\n", 1)[1].split("\n## ", 1)[0]
         assert f"Read by `attnxfer {command}` alone" in body, section
     assert page.count("Read by `attnxfer") == 3
+    transfer = page.split("## `transfer`\n", 1)[1].split("\n## ", 1)[0]
+    assert "Not read by `attnxfer pretrain`" in transfer and page.count("Not read by") == 1

@@ -3,6 +3,7 @@ real pre-training run (animal-mnist) whose checkpoint loads as a teacher and res
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from helpers import rewrite_checkpoint_state, run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.pretrain import pretrain
-from attnxfer.config import load_config
+from attnxfer.config import TrainConfig, load_config
 from attnxfer.errors import InputError
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
@@ -302,6 +304,37 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
 
 
 @pytest.mark.slow
+def test_a_pretraining_records_no_transfer_section_and_an_older_folder_with_one_goes_on(
+    pretrained_run, tmp_path, capsys
+):
+    """MAE reads no transfer key: its config.yaml and checkpoints leave the section out (the teacher section
+    stays: model.init's downloads go to teacher.cache_dir). A folder an older attnxfer wrote with the section
+    at its defaults exports without it in its card's recipe and resumes from its own config.yaml; eval of a
+    pretraining refuses a transfer key it would drop."""
+    written = yaml.safe_load((pretrained_run / "config.yaml").read_text())
+    recorded = json.loads((pretrained_run / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert "transfer" not in written and "transfer" not in recorded["config"] and "teacher" in written
+    old, step4 = tmp_path / "old", pretrained_run / "checkpoints" / "step-00000004"
+    shutil.copytree(step4, old / "checkpoints" / step4.name)
+    shutil.copy(pretrained_run / "run.json", old)
+    defaults = dataclasses.asdict(TrainConfig().transfer)
+    rewrite_checkpoint_state(
+        old / "checkpoints" / step4.name / "state.json", lambda s: s["config"].update(transfer=defaults)
+    )
+    config = yaml.safe_dump({**written, "run_dir": str(old), "transfer": defaults}, sort_keys=False)
+    (old / "config.yaml").write_text(config)
+    code, _, err = run_cli(capsys, "export", str(old), str(tmp_path / "card"))
+    recipe = (tmp_path / "card" / "README.md").read_text().split("## Recipe", 1)[1].split("## How to load")[0]
+    assert code == 0 and "mask_ratio: 0.75" in recipe and "transfer" not in recipe, err
+    code, out, err = run_cli(capsys, "pretrain", "-c", str(old / "config.yaml"))
+    assert code == 0 and "resumed from checkpoint step 4" in out, err
+    code, _, err = run_cli(
+        capsys, "eval", "-c", str(old / "config.yaml"), "eval.metrics=[]", "transfer.mode=copy"
+    )
+    assert code == 2 and "and `attnxfer pretrain` reads no transfer.*; remove it" in err, err
+
+
+@pytest.mark.slow
 def test_evals_of_a_pretraining_step_at_other_mae_settings_are_kept_apart(pretrained_run, tmp_path, capsys):
     """The val loss depends on mae.*: each eval records them, so a second one at another mask_ratio does not
     replace the first's scores. A checkpoint written without its mae section (its keys go unjudged) lets
@@ -574,12 +607,13 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
         ),
         # keys a train run reads and pretraining would silently drop
         (
-            ["ema.decay=0.9", "transfer.mode=copy", "model.num_classes=10", "aug.mixup=0.8"],
+            ["ema.decay=0.9", "model.num_classes=10", "aug.mixup=0.8"],
             "pretrain does not read model.num_classes=10 (the encoder is exported headless; a head is "
             "fine-tuning's (`attnxfer train`, model.init)); ema.decay=0.9 (MAE pre-trains without an EMA of its "
-            "weights); aug.mixup=0.8 (MAE's loss reads no label); transfer.mode='copy' (it transfers nothing "
-            "from a teacher): remove them",
+            "weights); aug.mixup=0.8 (MAE's loss reads no label): remove them",
         ),
+        # a section it reads no key of, refused whole (its config.yaml leaves it out)
+        (["transfer.mode=none"], "transfer.mode: attnxfer pretrain does not read the transfer section and"),
         (["model.name=swin_tiny_patch4_window7_224"], "needs a plain ViT (timm's VisionTransformer"),
         # the encoder is built and exported with MAE's class-token pooling whatever these say
         (

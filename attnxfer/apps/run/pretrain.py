@@ -25,7 +25,7 @@ from ...checkpoints.export import export_run
 from ...checkpoints.model_card import shape_phrase
 from ...checkpoints.resume_point import ResumePoint
 from ...checkpoints.run_lock import run_lock
-from ...config import TrainConfig, TransferConfig, config_changes, to_dict
+from ...config import TrainConfig, config_changes, refuse_unread_sections, to_dict
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
@@ -162,7 +162,9 @@ _SOFTMAX = (
     "the encoder keeps softmax attention; `attnxfer convert` turns the exported teacher into an efficient one"
 )
 #: keys MAE pre-training reads nowhere, each with why: set to anything but its default, one is refused rather
-#: than silently unused (aug.label_smoothing stays quietly allowed: the ViT-B recipe sets it to 0)
+#: than silently unused (aug.label_smoothing stays quietly allowed: the ViT-B recipe sets it to 0); the
+#: transfer section, read by no part of it, is refused whole (`refuse_unread_sections`); of teacher's keys
+#: cache_dir is read (where model.init's downloads go)
 _UNREAD_BY_PRETRAIN = {
     "teacher.spec": "it learns from pixels alone; attention transfer from a teacher is `attnxfer train`",
     "teacher.compile": "it has no teacher; model.compile compiles the MAE",
@@ -180,13 +182,7 @@ _UNREAD_BY_PRETRAIN = {
     "aug.cutmix": _NO_LABELS,
     "aug.mixup_prob": _NO_LABELS,
     "aug.mixup_switch_prob": _NO_LABELS,
-    **{
-        f"transfer.{f.name}": "it transfers nothing from a teacher"
-        for f in dataclasses.fields(TransferConfig)
-    },
 }
-#: values of those keys that say what pretraining does anyway: allowed
-_PRETRAINING_DOES = {"transfer.mode": "none"}
 
 
 def build_pretrain_engine(
@@ -285,11 +281,10 @@ def build_pretrain_engine(
 def refuse_unread_keys(cfg: TrainConfig) -> None:
     """Keys MAE pre-training would leave unused, refused before any work (`attnxfer submit` too, before the
     queue's wait)."""
+    refuse_unread_sections(cfg, "pretrain")  # a notebook's pretrain(cfg) too, not only the command line
     changed = config_changes(TrainConfig(), cfg)
     unused = [
-        f"{key}={changed[key][1]!r} ({why})"
-        for key, why in _UNREAD_BY_PRETRAIN.items()
-        if key in changed and changed[key][1] != _PRETRAINING_DOES.get(key)
+        f"{key}={changed[key][1]!r} ({why})" for key, why in _UNREAD_BY_PRETRAIN.items() if key in changed
     ]
     if unused:
         raise InputError(

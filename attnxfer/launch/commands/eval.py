@@ -23,7 +23,7 @@ def run(args) -> int:
     from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
     from ...config import ConfigError, config_changes, load_config
-    from ...config.keys import section_command
+    from ...config.keys import reads_section, section_command
     from ...errors import InputError
     from ...run_layout import CHECKPOINTS_SUBDIR, SEARCH_CANDIDATES, STAGE_DIRS
     from ...sources.load_errors import run_folder_hint
@@ -45,16 +45,18 @@ def run(args) -> int:
     if run_dir.path.is_dir() and not run_dir.is_run() and unscored:
         run_dir.record()
     mode = run_dir.record().get("mode") if run_dir.is_run() else None
-    # a key of a section that only another command reads would be dropped without a word (train refuses
+    # a key of a section its run's command does not read would be dropped without a word (train refuses
     # them too); mae.* sets the model and masking a pretrain run's val loss is scored with (a folder that
     # is no run is refused below, for what it is)
-    owners = {f.name: section_command(f) for f in dataclasses.fields(cfg)}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     reads = "pretrain" if mode == MODE else None
-    unread = [k for k in given if owners.get(k.split(".")[0]) not in (None, reads)]
+    unread = [k for k in given if not reads_section(fields[k.split(".")[0]], reads)]
     if unread and run_dir.is_run():
         sections = sorted({k.split(".")[0] for k in unread})
         who = ", ".join(
-            f"only `attnxfer {owners[s]}`{' (and eval of its runs)' * (s == 'mae')} reads {s}.*"
+            f"only `attnxfer {owner}`{' (and eval of its runs)' * (s == 'mae')} reads {s}.*"
+            if (owner := section_command(fields[s]))
+            else f"`attnxfer {reads}` reads no {s}.*"
             for s in sections
         )
         them = "it" if len(unread) == 1 else "them"

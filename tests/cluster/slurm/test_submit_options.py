@@ -175,7 +175,14 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
 @pytest.mark.parametrize(
     "flags, said",
     [
-        (["--command", "pretrain", "-c", "demo/copy"], "pretrain does not read teacher.spec="),
+        (
+            ["--command", "pretrain", "-c", "demo/mae_pretrain", "teacher.spec=vit_micro_patch4_28"],
+            "pretrain does not read teacher.spec=",
+        ),
+        (  # a recipe of train's: its transfer section, which pretraining would drop
+            ["--command", "pretrain", "-c", "demo/copy"],
+            "transfer.mode: attnxfer pretrain does not read the transfer section and would drop it; remove it",
+        ),
         (
             ["--command", "convert", "-c", "convert/demo_hedgehog", "model.attention=hedgehog"],
             "model.attention='hedgehog' is for a fresh student (`attnxfer train`)",
@@ -224,7 +231,8 @@ def test_each_job_of_a_sweep_is_checked_before_submitting(capsys, tmp_path, swee
         ),
         (  # in one job of a sweep only
             ["--command", "pretrain", "-c", "demo/mae_pretrain", "--sweep", "transfer.atd_weight=1,2"],
-            "pretrain does not read transfer.atd_weight=2.0",
+            "--sweep transfer.atd_weight=2: transfer.atd_weight: attnxfer pretrain does not read the transfer "
+            "section and would drop it; remove it",
         ),
     ],
 )
