@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import math
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,17 +96,17 @@ def section(
     resumable: bool = False,
     search_resumable: bool = False,
     command: str | None = None,
-    unread_by: tuple[str, ...] = (),
+    unread_by: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Any:
     """A section of the config (a nested dataclass); ``resumable``/``search_resumable``: a resumed run/search
     may change every key in it; ``command``: the one command that reads it; ``unread_by``: the commands that do
-    not (every other one does). A command that does not read a section leaves it out (`to_dict`)."""
+    not (every other one does), each with the values of the section's keys that say what it does anyway. A command that does not read a section leaves it out (`to_dict`)."""
     metadata = {
         _SECTION: True,
         _RESUMABLE: bool(resumable),
         _SEARCH_RESUMABLE: bool(search_resumable),
         _COMMAND: command,
-        _UNREAD_BY: tuple(unread_by),
+        _UNREAD_BY: dict(unread_by or {}),
     }
     return dataclasses.field(default_factory=cls, metadata=metadata)
 
@@ -118,13 +118,19 @@ def section_command(f: dataclasses.Field) -> str | None:
 
 def section_unread_by(f: dataclasses.Field) -> tuple[str, ...]:
     """The commands that do not read the section ``f``, though it is no one command's (the reference page)."""
-    return f.metadata.get(_UNREAD_BY, ())
+    return tuple(f.metadata.get(_UNREAD_BY, ()))
 
 
 def reads_section(f: dataclasses.Field, command: str | None) -> bool:
     """Whether ``command`` reads the field ``f`` (a key, not a section: yes); None: a command that reads every
     section no one command owns (eval of a train or convert run)."""
-    return section_command(f) in (None, command) and command not in f.metadata.get(_UNREAD_BY, ())
+    return section_command(f) in (None, command) and command not in f.metadata.get(_UNREAD_BY, {})
+
+
+def value_said_anyway(f: dataclasses.Field, command: str, key: str) -> Any:
+    """The value of ``key`` (in the section ``f``) that says what ``command``, which does not read ``f``, does
+    anyway (transfer.mode=none for pretrain): allowed, as an older run's config.yaml may hold it."""
+    return f.metadata.get(_UNREAD_BY, {}).get(command, {}).get(key, dataclasses.MISSING)
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from typing import Any, Union
 
 import yaml
 
-from .keys import ConfigError, field_types, leaves, reads_section, rule_of, section_command
+from .keys import ConfigError, field_types, leaves, reads_section, rule_of, section_command, value_said_anyway
 from .renamed import find_key, respell
 from .strict_yaml import Dumper, describe_yaml_error, load_yaml
 
@@ -62,7 +62,12 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
     convert would train one student several times."""
     changed = config_changes(type(cfg)(), cfg)
     for f in dataclasses.fields(cfg):
-        keys = [k for k in changed if k.startswith(f"{f.name}.")]
+        keys = [
+            k
+            for k in changed
+            if k.startswith(f"{f.name}.")
+            and changed[k][1] != value_said_anyway(f, command, k.split(".", 1)[1])
+        ]
         if reads_section(f, command) or not keys:
             continue
         owner, them = section_command(f), "it" if len(keys) == 1 else "them"

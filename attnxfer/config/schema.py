@@ -396,7 +396,8 @@ class TrainConfig:
     model: ModelConfig = section(ModelConfig)
     teacher: TeacherConfig = section(TeacherConfig)  # pretrain reads cache_dir alone (model.init's downloads)
     # MAE pre-training transfers nothing: its config.yaml and --print-config leave this section out
-    transfer: TransferConfig = section(TransferConfig, unread_by=("pretrain",))
+    # (transfer.mode=none, what it does, is allowed: an older pretrain run's config.yaml may say so)
+    transfer: TransferConfig = section(TransferConfig, unread_by={"pretrain": {"mode": "none"}})
     data: DataConfig = section(DataConfig)
     aug: AugConfig = section(AugConfig)
     optim: OptimConfig = section(OptimConfig)

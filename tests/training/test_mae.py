@@ -309,15 +309,15 @@ def test_a_pretraining_records_no_transfer_section_and_an_older_folder_with_one_
 ):
     """MAE reads no transfer key: its config.yaml and checkpoints leave the section out (the teacher section
     stays: model.init's downloads go to teacher.cache_dir). A folder an older attnxfer wrote with the section
-    at its defaults exports without it in its card's recipe and resumes from its own config.yaml; eval of a
-    pretraining refuses a transfer key it would drop."""
+    (transfer.mode none, as a run told so wrote it) exports without it in its card's recipe and resumes from
+    its own config.yaml; eval of a pretraining refuses a transfer key it would drop."""
     written = yaml.safe_load((pretrained_run / "config.yaml").read_text())
     recorded = json.loads((pretrained_run / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert "transfer" not in written and "transfer" not in recorded["config"] and "teacher" in written
     old, step4 = tmp_path / "old", pretrained_run / "checkpoints" / "step-00000004"
     shutil.copytree(step4, old / "checkpoints" / step4.name)
     shutil.copy(pretrained_run / "run.json", old)
-    defaults = dataclasses.asdict(TrainConfig().transfer)
+    defaults = {**dataclasses.asdict(TrainConfig().transfer), "mode": "none"}  # what pretraining does
     rewrite_checkpoint_state(
         old / "checkpoints" / step4.name / "state.json", lambda s: s["config"].update(transfer=defaults)
     )
@@ -612,8 +612,8 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
             "fine-tuning's (`attnxfer train`, model.init)); ema.decay=0.9 (MAE pre-trains without an EMA of its "
             "weights); aug.mixup=0.8 (MAE's loss reads no label): remove them",
         ),
-        # a section it reads no key of, refused whole (its config.yaml leaves it out)
-        (["transfer.mode=none"], "transfer.mode: attnxfer pretrain does not read the transfer section and"),
+        # a section it reads no key of, refused whole (its config.yaml leaves it out; mode=none, what it does, allowed)
+        (["transfer.mode=copy"], "transfer.mode: attnxfer pretrain does not read the transfer section and"),
         (["model.name=swin_tiny_patch4_window7_224"], "needs a plain ViT (timm's VisionTransformer"),
         # the encoder is built and exported with MAE's class-token pooling whatever these say
         (
