@@ -434,7 +434,7 @@ def search(
 
         def saved(s: SearchState) -> None:
             ends.append(time.monotonic() - started)
-            s.seconds = before + ends[-1]
+            s.seconds, s.last_seconds = before + ends[-1], ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
             _save(cfg, run_dir, s, parts.teacher_record)
             write_reports(cfg, run_dir, s, evaluator.cache.held_out_images)
             bar.update(max(0, len(s.candidates) - bar.n))
@@ -450,12 +450,8 @@ def search(
             if budget is None:
                 return None
             spent = before + time.monotonic() - started
-            last = (
-                ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
-                if ends
-                else (per_candidate or 0.0)
-                * (len(settings.seeds) if s.generation < 0 else settings.offspring)
-            )
+            # a resumed search's guess is the generation its checkpoint recorded, as the stopped process's was
+            last = s.last_seconds if s.generation >= 0 else (per_candidate or 0.0) * len(settings.seeds)
             if spent + last > budget * 60:
                 return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
             return None

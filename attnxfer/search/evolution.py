@@ -51,6 +51,7 @@ class SearchState:
     population: list[str] = field(default_factory=list)
     duplicates: int = 0
     seconds: float = 0.0
+    last_seconds: float = 0.0  # the last generation's: a resume's guess at the next one's, against a budget
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class SearchState:
             "population": list(self.population),
             "duplicates": self.duplicates,
             "seconds": self.seconds,
+            "last_seconds": self.last_seconds,
             "candidates": list(self.candidates.values()),
         }
 
@@ -69,6 +71,7 @@ class SearchState:
             population=list(data["population"]),
             duplicates=int(data.get("duplicates", 0)),
             seconds=float(data.get("seconds", 0.0)),
+            last_seconds=float(data.get("last_seconds", 0.0)),
         )
 
     @property

@@ -530,6 +530,21 @@ def test_budget_that_cannot_fit_generation_0_is_refused_before_starting(tmp_path
     assert not run.exists()
 
 
+@pytest.mark.slow
+def test_a_resumed_search_whose_next_generation_would_pass_the_budget_stops_before_it(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The guess of the next generation's length is the last one's, which a resume reads from the checkpoint:
+    it stops where the process that saved it would have, with its reports, instead of running one more."""
+    run = tmp_path / "run"
+    assert run_cli(capsys, *_args(run, tiny_teacher_dir, "search.generations=0"))[0] == 0
+    spent = _saved(run)["state"]["seconds"]  # generation 0 alone: as long as the last generation
+    budget = f"search.time_budget_min={1.5 * spent / 60}"
+    code, out, err = run_cli(capsys, *_args(run, tiny_teacher_dir, budget))
+    assert code == 0 and "stopping before generation 1: the next generation would end after" in out, err
+    assert _saved(run)["state"]["generation"] == 0 and (run / "pareto.md").is_file()
+
+
 def test_a_generation_with_every_candidate_rejected_says_what_to_change(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"  # a learning rate no stage 1 survives: every fit goes non-finite
     code, _, err = run_cli(
