@@ -59,6 +59,8 @@ SEARCH_CANDIDATES = "candidates.jsonl"
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
 #: a sweep's point folders under its run dir (``RUN_DIR/000_KEY=VALUE``: `attnxfer submit --sweep`'s points)
 SWEEP_POINT = re.compile(r"\d{3,}_.")
+#: a sweep's record of what it sweeps, at its run dir's top: written as it is submitted, before any point starts
+SWEEP_RECORD = "sweep.json"
 #: TensorBoard's event files and the PNGs of what it shows as images, in a run dir
 TENSORBOARD_DIR = "tb"
 PICTURES_DIR = "pictures"

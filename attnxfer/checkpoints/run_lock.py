@@ -51,6 +51,7 @@ from ..run_layout import (
     STUDY_RECORD,
     STUDY_YAML,
     SWEEP_POINT,
+    SWEEP_RECORD,
     is_exported_model,
     read_record,
 )
@@ -71,6 +72,7 @@ _WORK = (
     *(("conversion", stage, f"attnxfer convert -c {{dir}}/{RUN_CONFIG}") for stage in reversed(STAGE_DIRS)),
     ("search", SEARCH_CANDIDATES, "the attnxfer search command that started it"),
     ("training run", RUN_RECORD, f"the command that trained it, -c {{dir}}/{RUN_CONFIG}"),
+    ("sweep", SWEEP_RECORD, "the attnxfer submit --sweep command that started it"),
 )
 #: the work each command's own folder holds; train's and pretrain's, a training run (as a study's students:
 #: `run_lock`'s ``writes``)
@@ -78,8 +80,8 @@ _WRITES = {"study": "study", "convert": "conversion", "search": "search"}
 
 
 def _sweep_held(run_dir: Path) -> tuple[str, str, str] | None:
-    """A sweep's folder, told by a point folder (``000_KEY=VALUE``) holding a run's files: it has no file of
-    its own (`_WORK`'s form; None where there is no such point)."""
+    """A sweep's folder submitted before its record (`SWEEP_RECORD`), told by a point folder (``000_KEY=VALUE``)
+    holding a run's files (`_WORK`'s form; None where there is no such point)."""
     try:
         children = sorted(run_dir.iterdir())
     except OSError:  # not made yet, or not a folder (refused elsewhere)

@@ -18,8 +18,10 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _make_sbatch_string
 
+from ...checkpoints.atomic_io import atomic_write_json
 from ...config.study_spec import _folder_name
 from ...errors import InputError, UserError
+from ...run_layout import SWEEP_RECORD
 from ...speak import say
 from .options import (
     RUN_DIR_KEY,
@@ -145,7 +147,12 @@ def submit(
         )
         for p in points
     ]
-    with undone_if_refused(job_dir):
+    record = Path(cfg.run_dir).expanduser().absolute() / SWEEP_RECORD if sweep else None
+    with undone_if_refused(job_dir, record):
+        # the sweep's folder is refused to other commands from now, not once a point has written into it
+        if record is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(record, {"sweep": {key: list(map(str, vs)) for key, vs in sweep.items()}})
         if len(tasks) == 1:
             jobs = [executor.submit(tasks[0])]
         else:
@@ -191,12 +198,14 @@ def _refusal(error: Exception, job_dir: Path) -> SubmissionRefusedError:
 
 
 @contextlib.contextmanager
-def undone_if_refused(job_dir: Path) -> Iterator[None]:
+def undone_if_refused(job_dir: Path, record: Path | None = None) -> Iterator[None]:
     """Submit inside this: if sbatch refuses, the files submitit wrote for the attempt (the pickled task, the
-    sbatch script) and the folders it created (RUN_DIR/submitit, RUN_DIR) are removed, and the refusal is a
-    `SubmissionRefusedError` carrying sbatch's own words (submitit prints them too: kept out of the output,
-    which holds the one error line)."""
-    created = [p for p in (job_dir, *job_dir.parents) if not p.exists()]  # deepest first
+    sbatch script), ``record`` where the attempt wrote it (a sweep's) and the folders they created
+    (RUN_DIR/submitit, RUN_DIR) are removed, and the refusal is a `SubmissionRefusedError` carrying sbatch's
+    own words (submitit prints them too: kept out of the output, which holds the one error line)."""
+    above = (job_dir, *job_dir.parents, *(record.parents if record else ()))
+    created = sorted({p for p in above if not p.exists()}, key=lambda p: -len(p.parts))  # deepest first
+    written = record is not None and not record.exists()
     before = set(job_dir.iterdir()) if job_dir.is_dir() else set()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -207,6 +216,8 @@ def undone_if_refused(job_dir: Path) -> Iterator[None]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+        if written:
+            record.unlink(missing_ok=True)
         for folder in created:
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only if empty: never anything this attempt did not create

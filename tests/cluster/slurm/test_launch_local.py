@@ -152,6 +152,21 @@ def test_debug_cluster_runs_in_this_process(tmp_path):
     assert result["world_size"] == 1 and result["steps_run"] == 3
 
 
+def test_a_sweeps_folder_is_refused_to_other_commands_from_its_submission_before_any_point_runs(tmp_path):
+    """Between the submission and a point's first files (the queue's wait), another command's run put into the
+    folder would mix with the sweep's points: the sweep's record marks the folder as it is submitted."""
+    from attnxfer.checkpoints.run_lock import refuse_other_work
+    from attnxfer.errors import PathExistsError
+
+    run = tmp_path / "sweep"
+    jobs = submit(toy_main, ToyConfig(run_dir=str(run)), SlurmOptions(cluster="debug"), {"lr": [0.1, 0.2]})
+    assert not list(run.glob("0*"))  # the debug executor runs a job only when asked for its result
+    with pytest.raises(PathExistsError, match=r"holds a sweep \(sweep.json\), which attnxfer train"):
+        refuse_other_work(run, "train")
+    refuse_other_work(run, "train --sweep", writes="sweep")  # its own resubmission goes on with it
+    assert [r[0]["steps_run"] for r in wait(jobs)] == [12, 12]
+
+
 def test_submit_to_the_debug_cluster_runs_the_job_without_being_told_to_wait(tmp_path, capsys):
     # submitit's debug executor runs a job only when asked for its result: a submit that returned at once
     # ran nothing, and named log files no job would write

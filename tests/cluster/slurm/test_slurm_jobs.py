@@ -156,7 +156,8 @@ def test_sweep_runs_as_a_job_array_with_one_run_dir_per_point(slurm, tmp_path):
     assert "#SBATCH --array=0-1%2" in jobs[0].paths.submission_file.read_text()
     wait(jobs, timeout=WAIT_S)
 
-    run_dirs = sorted(p for p in Path(cfg.run_dir).iterdir() if p.name != "submitit")
+    # sweep.json: the sweep's record, written as it was submitted
+    run_dirs = sorted(p for p in Path(cfg.run_dir).iterdir() if p.name not in ("submitit", "sweep.json"))
     assert [p.name for p in run_dirs] == ["000_lr=0.05", "001_lr=0.2"]
     for run_dir, lr in zip(run_dirs, (0.05, 0.2)):
         point = ToyConfig(run_dir=str(run_dir), steps=6, lr=lr)

@@ -53,6 +53,9 @@ def test_no_controller_is_one_line_with_sbatchs_words_and_leaves_no_run_dir(
     line = _one_line(capsys.readouterr().err)
     assert "Could not establish a configuration source" in line and "--cluster local" in line
     assert not run.exists()  # the pickled task and the sbatch script submitit wrote are gone, and the folders
+    assert main(["submit", f"run_dir={run}", *TINY, "--nodes", "1", "--sweep", "seed=0,1"]) == 2
+    _one_line(capsys.readouterr().err)
+    assert not run.exists()  # and a sweep's record, written before its jobs are queued
 
 
 def test_a_job_dir_that_held_files_keeps_them_and_loses_only_the_attempts(
