@@ -380,7 +380,7 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
             changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.", root)
         else:
             if isinstance(value, _Into):  # model.kwargs.depth=4 sets one key of the recipe's model.kwargs
-                value = _merged_into(getattr(obj, key), value)
+                value = _merged_into(getattr(obj, key), value, prefix + key)
             changes[key] = value = _coerce(value, tp, prefix + key)
             # a closed set of values is checked as the config loads: a typo never trains
             rule = rule_of(fields[key])
@@ -442,10 +442,15 @@ class _Into(dict):
     replaces the whole value."""
 
 
-def _merged_into(current: Any, keys: _Into) -> Any:
+def _merged_into(current: Any, keys: _Into, where: str) -> Any:
+    # a list is given whole, as a typed list is (`_coerce`): curriculum.0.epochs=1 would make it a mapping
+    if isinstance(current, list) and all(str(k).isdigit() for k in keys):
+        raise ConfigError(
+            f"{where}.{next(iter(keys))}: a list is not set item by item; give it whole: {where}=[...]"
+        )
     merged = dict(current) if isinstance(current, Mapping) else {}
     for k, v in keys.items():
-        merged[k] = _merged_into(merged.get(k), v) if isinstance(v, _Into) else v
+        merged[k] = _merged_into(merged.get(k), v, f"{where}.{k}") if isinstance(v, _Into) else v
     return merged
 
 

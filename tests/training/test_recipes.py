@@ -439,6 +439,9 @@ def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others(
     assert load_config("recall/teacher", ["model.kwargs={depth: 4}"]).model.kwargs == {"depth": 4}
     nested = load_config("recall/teacher", ["data.kwargs.curriculum=[]", "data.kwargs.pairs=4"]).data.kwargs
     assert nested["curriculum"] == [] and nested["pairs"] == 4 and nested["num_keys"] == 16
+    # a list inside the dict is not a mapping to merge into: an index would make it one, read as a wrong value
+    with pytest.raises(ConfigError, match=r"^data.kwargs.curriculum.0: a list is not set item by item; give"):
+        load_config("recall/teacher", ["data.kwargs.curriculum.0.epochs=1"])
 
 
 def test_fine_tuning_from_model_init_normalises_by_the_pretrained_models_statistics(tmp_path, capsys):
