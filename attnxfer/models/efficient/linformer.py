@@ -81,7 +81,8 @@ class LinformerAttention(EfficientAttention):
         if num_tokens != self.seq_len:
             raise InputError(
                 f"linformer was built for seq_len={self.seq_len} tokens but got {num_tokens}; its E/F "
-                f"projections have a fixed length: rebuild it with seq_len={num_tokens}"
+                f"projections have a fixed length: rebuild it with seq_len={num_tokens} (the attention options: "
+                f"convert.attention_kwargs or model.attention_kwargs: {{seq_len: {num_tokens}}})"
             )
 
     def _scores(self, q, k):
