@@ -13,7 +13,8 @@ Reads each study's conversion_study.json (`attnxfer study --report` writes it ag
 reports); measures nothing. Speed: each study's own measurement (compare within a study only), or with
 ``--speeds`` every student's speed from one `benchmarks/hybrid_speed.py` run (one process, so comparable
 across studies). ``--against``: McNemar's exact test of every student against the named ones, on the same
-validation images (the studies must share them). Intervals: 95 % Wilson on the validation images.
+validation images (studies whose data makes other ones are refused). Intervals: 95 % Wilson on the validation
+images.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -62,6 +64,21 @@ def points(study: Path, speeds: dict[str, float] | None) -> list[dict]:
         speedup = speeds[key] if speeds is not None else row["speed"]["speedup"]
         out.append({**row, "kind": kind_of(row), "speedup": speedup, "low": lo, "high": hi})
     return out
+
+
+def val_images(study: Path) -> dict:
+    """What a study's val images are made of: its data section (a student's config.yaml) but for the loader's
+    and the train split's keys (``length``, a ``curriculum``), and the seed they are drawn from."""
+    name = json.loads((study / "conversion_study.json").read_text())["students"][0]["name"]
+    cfg = yaml.safe_load((study / name / "config.yaml").read_text())
+    loader = ("batch_size", "eval_batch_size", "num_workers", "pin_memory")
+    data = {k: v for k, v in cfg["data"].items() if k not in (*loader, "kwargs")}
+    kwargs = {
+        f"kwargs.{k}": v
+        for k, v in (cfg["data"]["kwargs"] or {}).items()
+        if k not in ("length", "curriculum")
+    }
+    return {**data, **kwargs, "seed": cfg["seed"] if data["seed"] is None else data["seed"]}
 
 
 def benchmark_speeds(path: Path) -> tuple[dict[str, float], int]:
@@ -140,6 +157,14 @@ def main() -> None:
     missing = [n for n in args.against if n not in by_name]
     if missing:
         raise SystemExit(f"--against {missing}: no such student (have {sorted(by_name)})")
+    made = [val_images(study) for study in args.studies] if args.against else []
+    for study, data in zip(args.studies[1:], made[1:]):  # McNemar on other images would be a wrong test
+        keys = sorted(k for k in {*data, *made[0]} if data.get(k) != made[0].get(k))
+        if keys:
+            raise SystemExit(
+                f"--against pairs students on the same val images, which {args.studies[0]} and {study} make "
+                f"differently: " + "; ".join(f"data.{k} {made[0].get(k)} vs {data.get(k)}" for k in keys)
+            )
     first = (
         json.loads((args.studies[0] / students[0]["name"] / "report.json").read_text()) if students else {}
     )

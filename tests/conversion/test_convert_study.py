@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,6 +154,28 @@ def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hit
     paired = mcnemar(*([c == "1" for c in hits[n]] for n in ("performer", "hedgehog")))
     line = next(ln for ln in printed.splitlines() if ln.split()[0] == "performer")
     assert f"vs hedgehog: {paired.only_a}/{paired.only_b} p " in line
+
+
+@pytest.mark.slow
+def test_the_pareto_script_pairs_students_of_two_studies_only_on_the_same_val_images(study, tmp_path):
+    """--against across studies whose val images differ (another data seed, another recall task of as many
+    images) is refused in one line naming what differs: McNemar on other images is a wrong test, not an error."""
+    other = tmp_path / "other"
+    shutil.copytree(study, other)
+    table = json.loads((other / "conversion_study.json").read_text())
+    for row in table["students"]:
+        (other / row["name"]).rename(other / f"o_{row['name']}")
+        row["name"] = f"o_{row['name']}"
+    (other / "conversion_study.json").write_text(json.dumps(table))
+    script = ROOT / "scripts" / "recall_pareto.py"
+    args = [sys.executable, str(script), str(study), str(other), "--against", "hedgehog", "--out"]
+    subprocess.run([*args, str(tmp_path / "same.png")], capture_output=True, text=True, check=True)
+    config = other / "o_hedgehog" / "config.yaml"
+    config.write_text(re.sub(r"(?m)^  seed: (\d+)$", "  seed: 12345", config.read_text()))
+    run = subprocess.run([*args, str(tmp_path / "other.png")], capture_output=True, text=True)
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert f"which {study} and {other} make differently: data.seed " in run.stderr
+    assert run.stderr.strip().endswith(" vs 12345") and not (tmp_path / "other.png").exists()
 
 
 @pytest.mark.slow
