@@ -107,7 +107,16 @@ class KeyChange:
     note: str = ""  # why it is allowed where the key alone would not be ("the weights must hash as recorded")
 
     def __str__(self) -> str:
-        return f"{self.key} ({self.old!r} -> {self.new!r}){f' [{self.note}]' if self.note else ''}"
+        what = f"{self.old!r} -> {self.new!r}"
+        if isinstance(self.old, dict) and isinstance(self.new, dict):  # data.kwargs: the entries that differ
+            old, new = self.old, self.new
+            said = lambda d, k: repr(d[k]) if k in d else "unset"
+            what = ", ".join(
+                f"{k}: {said(old, k)} -> {said(new, k)}"
+                for k in {**old, **new}
+                if said(old, k) != said(new, k)
+            )
+        return f"{self.key} ({what}){f' [{self.note}]' if self.note else ''}"
 
     @staticmethod
     def restoring(changes: list[KeyChange]) -> str:

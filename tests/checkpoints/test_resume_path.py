@@ -59,6 +59,16 @@ def test_no_module_but_the_resume_point_parses_a_checkpoint_state():
     assert sorted(readers) == sorted(older_layout)
 
 
+def test_a_refused_change_of_a_mapping_names_the_entries_that_differ_not_both_mappings_whole():
+    """recall/teacher's data.kwargs (curriculum included) printed twice whole hid the one knob changed."""
+    old = to_dict(load_config("recall/teacher"))
+    changes = config_changes(
+        old, load_config("recall/teacher", ["data.kwargs.distractors=8", "data.kwargs.hops=2"])
+    )
+    assert [str(c) for c in changes] == ["data.kwargs (distractors: 16 -> 8, hops: unset -> 2)"]
+    assert str(config_changes(old, load_config("recall/teacher", ["seed=1"]))[0]) == "seed (0 -> 1)"
+
+
 @pytest.mark.slow
 def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_path, capsys):
     run = tmp_path / "mae"
