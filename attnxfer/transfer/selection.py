@@ -136,12 +136,19 @@ def reasons(
     median = statistics.median(row[b] for row, b in zip(sensitivity, best))
     saves = saving_ms(ms, softmax_ms)
     lines = []
-    for row, low, name in zip(sensitivity, best, chosen.names):
+    for i, (row, low, name) in enumerate(zip(sensitivity, best, chosen.names)):
         if name == SOFTMAX:
             rank = sorted((r[b] for r, b in zip(sensitivity, best)), reverse=True).index(row[low]) + 1
+            place = "largest" if rank == 1 else f"#{rank} largest"
+            tied = [str(k) for k, (r, b) in enumerate(zip(sensitivity, best)) if k != i and r[b] == row[low]]
+            alike = [k for k in tied if sensitivity[int(k)] == row and chosen.names[int(k)] != SOFTMAX]
+            # a tie is no block's largest alone; a block measured alike could have kept softmax instead
+            if tied:
+                place = f"tied with block{'s' * (len(tied) > 1)} {', '.join(tied)} for the {place}"
+            also = f"; block{'s' * (len(alike) > 1)} {', '.join(alike)}, measured alike, swapped instead: same cost"
             lines.append(
-                f"softmax: {'largest' if rank == 1 else f'#{rank} largest'} sensitivity ({metric} {row[low]:.3g} "
-                f"with its best candidate {low} vs {median:.3g} median); the budget is met without swapping it"
+                f"softmax: {place} sensitivity ({metric} {row[low]:.3g} with its best candidate {low} vs "
+                f"{median:.3g} median); the budget is met without swapping it{also * bool(alike)}"
             )
         elif name == low:
             others = sorted((v, c) for c, v in row.items() if c != name)

@@ -168,6 +168,18 @@ def test_softmax_stays_where_the_measured_sensitivity_is_largest():
     assert max(range(3), key=lambda i: rows[i]["relu_linear"]) == 1
 
 
+def test_a_block_kept_in_softmax_on_a_tie_is_said_tied_not_the_largest():
+    """Blocks 0 and 1 measured alike, block 2 less sensitive; the budget needs two swaps, so one of the two
+    stays softmax: its line names the tie and the twin swapped instead (either costs the same)."""
+    rows, ms = [{"a": 0.5}, {"a": 0.5}, {"a": 0.1}], {"a": 1.0}
+    chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=40.0, speedup=1.8)
+    kept, twin = chosen.names.index(SOFTMAX), 1 - chosen.names.index(SOFTMAX)
+    assert sorted(chosen.names) == ["a", "a", SOFTMAX] and kept in (0, 1)
+    why = reasons(chosen, rows, ms, 10.0, "kl")[kept]
+    assert why.startswith(f"softmax: tied with block {twin} for the largest sensitivity (kl 0.5 "), why
+    assert why.endswith(f"; block {twin}, measured alike, swapped instead: same cost"), why
+
+
 def test_a_swap_exact_up_to_rounding_measures_no_negative_sensitivity():
     """A window over the whole grid is softmax computed another way: its KL, rounding's noise around 0, is never
     below 0 (a negative one would rank the swap above softmax itself and print a negative KL in the report)."""
