@@ -23,8 +23,19 @@ class InfeasibleBudget(ValueError):
     """Even the fastest candidate in every block misses the budget; ``fastest`` is that student."""
 
     def __init__(self, speedup: float, fastest: Assignment) -> None:
-        super().__init__(f"speedup {speedup:g} cannot be met: the fastest student is {fastest.speedup:.3g}x")
+        super().__init__(
+            f"speedup {speedup:g} cannot be met: the fastest student is {below(fastest.speedup, speedup)}"
+        )
         self.speedup, self.fastest = speedup, fastest
+
+
+def below(speedup: float, budget: float) -> str:
+    """``1.99x``: a speedup short of ``budget`` said so beside it as printed (``:g``), with more digits where two
+    would round to the budget or above (``1.998x``, not ``2.00x`` beside ``2``), ``just under 2x`` where six do."""
+    for digits in range(2, 7):
+        if float(text := f"{speedup:.{digits}f}") < float(f"{budget:g}"):
+            return f"{text}x"
+    return f"just under {budget:g}x"
 
 
 @dataclass

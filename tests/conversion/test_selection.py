@@ -25,7 +25,7 @@ from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.hierarchical import flat_blocks
 from attnxfer.train.terms import NonFiniteLossError
-from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, reasons, select
+from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, below, reasons, select
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -102,6 +102,27 @@ def test_an_infeasible_budget_names_the_fastest_student():
     # exactly at the fastest student's speed the budget is met, by it
     met = select(sensitivity, ms, softmax_ms=10.0, teacher_ms=50.0, speedup=50.0 / 26.0)
     assert met.names == ["fast"] * 3
+
+
+def test_an_infeasible_budget_never_says_a_speedup_that_reads_as_the_budget():
+    """The fastest student at 1.998x misses a budget of 2: two digits (2.00x) would read as meeting it."""
+    sensitivity, ms = [{"fast": 0.1}] * 2, {"fast": 0.5025}  # 10 ms / (4 + 2 x 0.5025) = 1.998x
+    with pytest.raises(InfeasibleBudget, match=r"speedup 2 cannot be met: the fastest student is 1\.998x$"):
+        select(sensitivity, ms, softmax_ms=3.0, teacher_ms=10.0, speedup=2)
+    assert below(1.2, 2) == "1.20x" and below(1.9999999, 2) == "just under 2x"
+
+
+@pytest.mark.usefixtures("fixed_timings")
+def test_the_infeasible_budget_line_says_the_fastest_student_short_of_it(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    monkeypatch.setitem(BLOCK_MS, "relu_linear", 0.5025)  # depth 2: 10 ms / 5.005 ms = 1.998x
+    run = _args(tmp_path / "run", tiny_teacher_dir, "convert.speedup=2", "convert.candidates=[relu_linear]")
+    assert cli.main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot be met: the fastest student of these candidates at 17 tokens is 1.998x (all" in err[-1], (
+        err
+    )
 
 
 def test_a_candidate_of_infinite_sensitivity_is_never_chosen_even_as_the_fastest_student():

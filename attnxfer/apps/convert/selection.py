@@ -59,7 +59,7 @@ from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ...train.timing import interleaved_timings
 from ...transfer.conversion import ConversionPlan
-from ...transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
+from ...transfer.selection import SOFTMAX, InfeasibleBudget, below, fastest, reasons, select
 from ..run.parts import RunParts
 from ..run.resume import config_changes
 from .speed import rebuilt_teacher, speedup_withheld
@@ -277,8 +277,8 @@ def measure_selection(
         )
         raise InputError(
             f"convert.speedup={c.speedup:g} cannot be met: the fastest student of these candidates at "
-            f"{timing['tokens']:,} tokens is {top.speedup:.2f}x ({which}); lower convert.speedup, add faster "
-            "convert.candidates, or measure at more tokens (convert.speed_tokens)"
+            f"{timing['tokens']:,} tokens is {below(top.speedup, c.speedup)} ({which}); lower convert.speedup, "
+            "add faster convert.candidates, or measure at more tokens (convert.speed_tokens)"
         )
     say(
         f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
@@ -329,8 +329,8 @@ def measure_selection(
         lost = [n for n in ms if not all(math.isfinite(row[n]) for row in sensitivity)]
         raise InputError(
             f"convert.speedup={c.speedup:g} cannot be met without {', '.join(lost)}, whose fit diverged: the "
-            f"fastest student of the other candidates is {e.fastest.speedup:.2f}x; lower convert.stage1_lr or set "
-            "convert.stage1_clip_grad, or lower convert.speedup"
+            f"fastest student of the other candidates is {below(e.fastest.speedup, c.speedup)}; lower "
+            "convert.stage1_lr or set convert.stage1_clip_grad, or lower convert.speedup"
         ) from None
     return {
         "version": 2,  # 2: block times read from whole models (`whole_ms`); 1: one block timed alone
