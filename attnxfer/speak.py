@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import Any, TextIO
 
@@ -119,6 +119,17 @@ def progress(message: str, *, all_ranks: bool = False) -> None:
 def debug(message: str, *, all_ranks: bool = False) -> None:
     """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``."""
     _line(logging.DEBUG, message, all_ranks)
+
+
+def change_said(old: Any, new: Any, show: Callable[[Any], str] = repr) -> str:
+    """``old -> new``; of two mappings (data.kwargs, a whole curriculum in it) only the entries that differ,
+    ``distractors: 16 -> 8, hops: unset -> 2``: a run's start-up summary and a resume's changes say it alike."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return f"{show(old)} -> {show(new)}"
+    said = lambda d, k: show(d[k]) if k in d else "unset"
+    return ", ".join(
+        f"{k}: {said(old, k)} -> {said(new, k)}" for k in {**old, **new} if said(old, k) != said(new, k)
+    )
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import yaml
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
+from ..speak import change_said
 from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
 from .verify import MANIFEST_NAME, CorruptCheckpointError
 
@@ -107,16 +108,7 @@ class KeyChange:
     note: str = ""  # why it is allowed where the key alone would not be ("the weights must hash as recorded")
 
     def __str__(self) -> str:
-        what = f"{self.old!r} -> {self.new!r}"
-        if isinstance(self.old, dict) and isinstance(self.new, dict):  # data.kwargs: the entries that differ
-            old, new = self.old, self.new
-            said = lambda d, k: repr(d[k]) if k in d else "unset"
-            what = ", ".join(
-                f"{k}: {said(old, k)} -> {said(new, k)}"
-                for k in {**old, **new}
-                if said(old, k) != said(new, k)
-            )
-        return f"{self.key} ({what}){f' [{self.note}]' if self.note else ''}"
+        return f"{self.key} ({change_said(self.old, self.new)}){f' [{self.note}]' if self.note else ''}"
 
     @staticmethod
     def restoring(changes: list[KeyChange]) -> str:

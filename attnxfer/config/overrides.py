@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from ..speak import change_said
 from .keys import ConfigError, field_types, leaves, reads_section, rule_of, section_command, value_said_anyway
 from .renamed import find_key, respell
 from .strict_yaml import Dumper, describe_yaml_error, load_yaml
@@ -105,13 +106,14 @@ def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
-    """What a run changes from its recipe, one ``key: recipe value -> value`` line each."""
+    """What a run changes from its recipe, one ``key: recipe value -> value`` line each (of a mapping, the
+    entries that differ)."""
     where = f"recipe {recipe}" if recipe else "the defaults"
     changes = config_changes(base, cfg)
     if not changes:
         return f"config: {where}, unchanged"
     lines = [f"config: {where}, {len(changes)} value(s) changed:"]
-    lines += [f"  {k}: {yaml_value(a)} -> {yaml_value(b)}" for k, (a, b) in changes.items()]
+    lines += [f"  {k}: {change_said(a, b, yaml_value)}" for k, (a, b) in changes.items()]
     return "\n".join(lines)
 
 

@@ -399,8 +399,9 @@ def test_print_config_holds_the_sections_its_command_reads(command, own, capsys)
     assert {"model", "teacher", "dist"} <= set(printed)
 
 
-def test_print_config_shows_an_option_mapping_whole_so_a_dropped_entry_shows(capsys):
-    """Emptied, a recipe's attention options once read `null -> {}`: the entry dropped did not show."""
+def test_print_config_names_the_entry_an_option_mapping_dropped(capsys):
+    """Emptied, a recipe's attention options once read `null -> {}`: the entry dropped did not show. A mapping
+    is compared whole, and said by the entries that differ."""
     code, out, err = run_cli(
         capsys,
         "convert",
@@ -415,7 +416,7 @@ def test_print_config_shows_an_option_mapping_whole_so_a_dropped_entry_shows(cap
     changed = [line.strip("# ") for line in out.splitlines() if line.startswith("#   ")]
     assert changed == [
         "convert.attention: hedgehog -> relu_linear",
-        "convert.attention_kwargs: {feature_dim: 32} -> {}",
+        "convert.attention_kwargs: feature_dim: 32 -> unset",
         "convert.stage1_train: new -> qk",
     ]
 

@@ -19,7 +19,7 @@ from timm.data.random_erasing import RandomErasing
 
 from attnxfer.apps.run.parts import build_run_parts, build_student
 from attnxfer.apps.run.training import base_lr
-from attnxfer.config import ConfigError, load_config, to_dict
+from attnxfer.config import ConfigError, describe_changes, load_config, to_dict
 from attnxfer.data import build_dataset
 from attnxfer.train.optim import student_param_groups
 from attnxfer.transfer import build_plan
@@ -442,6 +442,17 @@ def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others(
     # a list inside the dict is not a mapping to merge into: an index would make it one, read as a wrong value
     with pytest.raises(ConfigError, match=r"^data.kwargs.curriculum.0: a list is not set item by item; give"):
         load_config("recall/teacher", ["data.kwargs.curriculum.0.epochs=1"])
+
+
+def test_the_start_up_summary_names_the_entries_of_a_mapping_that_differ_not_both_mappings_whole():
+    """recall/teacher's data.kwargs (curriculum included) printed twice whole hid the one knob changed; the
+    summary says it as a refused resume does (`KeyChange`)."""
+    base = load_config("recall/teacher")
+    cfg = load_config("recall/teacher", ["data.kwargs.distractors=8", "data.kwargs.hops=2", "seed=1"])
+    assert describe_changes(base, cfg, "recall/teacher").splitlines()[1:] == [
+        "  seed: 0 -> 1",
+        "  data.kwargs: distractors: 16 -> 8, hops: unset -> 2",
+    ]
 
 
 def test_fine_tuning_from_model_init_normalises_by_the_pretrained_models_statistics(tmp_path, capsys):
