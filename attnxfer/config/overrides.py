@@ -445,11 +445,14 @@ class _Into(dict):
 
 
 def _merged_into(current: Any, keys: _Into, where: str) -> Any:
-    # a list is given whole, as a typed list is (`_coerce`): curriculum.0.epochs=1 would make it a mapping
-    if isinstance(current, list) and all(str(k).isdigit() for k in keys):
-        raise ConfigError(
-            f"{where}.{next(iter(keys))}: a list is not set item by item; give it whole: {where}=[...]"
-        )
+    # a list is given whole, as a typed list is (`_coerce`), and so is a value: curriculum.0.epochs=1 and
+    # patch_size.0=3 would make them mappings; where nothing is (absent, null), the keys make one
+    if current is not None and not isinstance(current, Mapping):
+        k, v = next(iter(keys.items()))
+        if isinstance(current, list):
+            raise ConfigError(f"{where}.{k}: a list is not set item by item; give it whole: {where}=[...]")
+        said = "..." if isinstance(v, _Into) else yaml_value(v)
+        raise ConfigError(f"{where}.{k}: {where} holds a value, not a mapping; set it whole: {where}={said}")
     merged = dict(current) if isinstance(current, Mapping) else {}
     for k, v in keys.items():
         merged[k] = _merged_into(merged.get(k), v, f"{where}.{k}") if isinstance(v, _Into) else v

@@ -442,6 +442,14 @@ def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others(
     # a list inside the dict is not a mapping to merge into: an index would make it one, read as a wrong value
     with pytest.raises(ConfigError, match=r"^data.kwargs.curriculum.0: a list is not set item by item; give"):
         load_config("recall/teacher", ["data.kwargs.curriculum.0.epochs=1"])
+    # nor is a value: an index into the recipe's number made it {'0': 3}; a key the recipe lacks may be made one
+    with pytest.raises(
+        ConfigError, match=r"^model.kwargs.patch_size.0: model.kwargs.patch_size holds a value, not a"
+    ):
+        load_config("recall/teacher", ["model.kwargs.patch_size.0=3"])
+    with pytest.raises(ConfigError, match=r"set it whole: data.kwargs.length=3$"):
+        load_config("recall/teacher", ["data.kwargs.length.0=3"])
+    assert load_config("recall/teacher", ["model.kwargs.new_key.sub=1"]).model.kwargs["new_key"] == {"sub": 1}
 
 
 def test_the_start_up_summary_names_the_entries_of_a_mapping_that_differ_not_both_mappings_whole():
