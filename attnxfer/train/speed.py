@@ -171,7 +171,7 @@ def break_even_sweep(
 
 
 def break_even_sweeps(
-    build: Callable[[int], tuple[nn.Module, Mapping[str, nn.Module]]],
+    build: Callable[[int], tuple[nn.Module, Mapping[str, nn.Module | InputError]]],
     resolutions: Sequence[int],
     names: Sequence[str],
     *,
@@ -187,8 +187,9 @@ def break_even_sweeps(
     """Forward speed of teacher, students (and floor) at each resolution, in increasing order, and each
     student's break-even resolution: per name ``{"rows", "skipped": [{"resolution", "reason"}], "break_even"}``.
     ``build(resolution)`` returns (teacher, {name: student}) at that size; a size it refuses (`InputError`: a
-    Swin window that cannot tile it) is skipped, and so is one a student's forward refuses, for that student
-    alone (a Linformer's fixed length). ``floor=False``: no floor (a teacher `floor_model` cannot take).
+    Swin window that cannot tile it) is skipped, and so is one a student's build (an `InputError` in its
+    place) or forward refuses, for that student alone (a Linformer's fixed length). ``floor=False``: no floor
+    (a teacher `floor_model` cannot take).
     ``budget_s``: no size is started once the sweep took that long or the next one, at the last's growth
     (time x side ratio squared), would pass it: a report's sweep must stay short."""
     if not resolutions:
@@ -212,13 +213,16 @@ def break_even_sweeps(
             skipped.append({"resolution": resolution, "reason": str(e)})
             continue
         if device is not None:
-            teacher, students = teacher.to(device), {n: s.to(device) for n, s in students.items()}
+            teacher = teacher.to(device)
+            students = {n: s if isinstance(s, InputError) else s.to(device) for n, s in students.items()}
         where = next(teacher.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, image_input(teacher).in_chans, resolution, resolution, generator=generator)
         refused = set()
-        for name, student in students.items():  # a size this student's forward refuses, on one image
+        for name, student in students.items():  # a size this student's build or forward refuses, on one image
             try:
+                if isinstance(student, InputError):
+                    raise student
                 with torch.no_grad():
                     student.eval()(x[:1].to(where))
             except InputError as e:

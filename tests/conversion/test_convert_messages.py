@@ -105,6 +105,28 @@ def test_a_default_size_too_large_for_the_grid_is_named_under_the_options_key(
     assert "model.attention: win 9 is larger than the 4x4 token grid" in capsys.readouterr().err
 
 
+def test_a_linformer_seq_len_other_than_the_models_token_count_is_refused_before_the_teacher_is_measured(
+    tmp_path, headless_teacher_dir, capsys
+):
+    """seq_len given for another size (a recipe's, at another data.img_size): refused where the student is
+    built, naming the key, not at its first image after the teacher's evaluation (minutes on a real one)."""
+    base = [f"teacher.spec=local-dir:{headless_teacher_dir}", *tiny_run(32, 16)]
+    options = "attention_kwargs={seq_len: 64, proj_len: 8}"
+    said = "attention_kwargs: seq_len 64 is not the model's 17 tokens (1 prefix + 4x4 grid)"
+    for command, key in (("convert", "convert"), ("train", "model")):
+        argv = [
+            command,
+            f"run_dir={tmp_path / command}",
+            *base,
+            f"{key}.attention=linformer",
+            f"{key}.{options}",
+        ]
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert f"{key}.{said}" in err and "set it to 17" in err, err
+        assert "teacher val top-1" not in out, out
+
+
 def test_summary_with_a_classifier_teacher_gives_the_share():
     report = {
         "top1": {"teacher": 80.0, "before_stage1": 10.0, "after_stage1": 60.0, "after_stage2": 72.0},

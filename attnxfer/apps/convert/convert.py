@@ -557,13 +557,26 @@ def _speeds(runs: list[Conversion]) -> list[dict[str, Any]]:
         x,
         sides=sides,
         budget_s=budget_s,
-        make_students=lambda teacher: {k: make(teacher, classes) for k, (make, classes) in makers.items()},
+        make_students=lambda teacher: {
+            k: _made(make, teacher, classes) for k, (make, classes) in makers.items()
+        },
         autocast=precision.dtype if precision.autocasts else None,
     )
     for k, run in by_key.items():
         for line in speed_lines(speeds[k]):
             run.say(line)
     return [speeds[k] for k in by_key]
+
+
+def _made(
+    make: Callable[[nn.Module, int], nn.Module], teacher: nn.Module, classes: int
+) -> nn.Module | InputError:
+    """A student of the sweep's ``teacher``, or the refusal of its build there (a linformer's seq_len is the
+    run's token count): that side is skipped for that student alone, not for the study's others."""
+    try:
+        return make(teacher, classes)
+    except InputError as e:
+        return e
 
 
 def _report(

@@ -65,7 +65,7 @@ def conversion_speeds(
     *,
     sides: list[int],
     budget_s: float | None,
-    make_students: Callable[[nn.Module], Mapping[str, nn.Module]],
+    make_students: Callable[[nn.Module], Mapping[str, nn.Module | InputError]],
     autocast: torch.dtype | None,
 ) -> dict[str, dict[str, Any]]:
     """The report's ``speed`` section of each student (by name) of one teacher: teacher, student and floor on
@@ -165,7 +165,7 @@ def _sweep(
     device: torch.device,
     sides: list[int],
     budget_s: float | None,
-    make_students: Callable[[nn.Module], Mapping[str, nn.Module]],
+    make_students: Callable[[nn.Module], Mapping[str, nn.Module | InputError]],
     names: list[str],
     autocast: torch.dtype | None,
     with_floor: bool,
@@ -175,9 +175,9 @@ def _sweep(
         off = f"{_SWEEP_KEY} is []" if not sides else "the teacher was passed in, not named by teacher.spec"
         return {name: {"sides": sides, "rows": [], "skipped": [], "off": off} for name in names}
 
-    def build(side: int) -> tuple[nn.Module, dict[str, nn.Module]]:
+    def build(side: int) -> tuple[nn.Module, dict[str, nn.Module | InputError]]:
         teacher = rebuilt_teacher(cfg, side, device)
-        return teacher, {name: student.to(device) for name, student in make_students(teacher).items()}
+        return teacher, dict(make_students(teacher))  # moved to the device by `break_even_sweeps`
 
     start = time.monotonic()
     sweeps = break_even_sweeps(

@@ -77,6 +77,20 @@ class LinformerAttention(EfficientAttention):
             self.seq_proj_k.copy_(init)
             self.seq_proj_v.copy_(init)
 
+    def grid_fit_error(self) -> InputError | None:
+        """Also a ``seq_len`` given in the options that is not the model's token count (the swap fills in the
+        model's): refused where the student is built, not at its first image, after the teacher's evaluation."""
+        tokens = (
+            (self.num_prefix_tokens or 0) + self.grid_size[0] * self.grid_size[1] if self.grid_size else None
+        )
+        if tokens is not None and tokens != self.seq_len:
+            return InputError(
+                f"seq_len {self.seq_len} is not the model's {tokens} tokens ({self.num_prefix_tokens or 0} prefix + "
+                f"{self.grid_size[0]}x{self.grid_size[1]} grid): its E/F projections would refuse every image; "
+                f"drop seq_len (the model's token count is filled in) or set it to {tokens}"
+            )
+        return super().grid_fit_error()
+
     def _check_length(self, num_tokens: int) -> None:
         if num_tokens != self.seq_len:
             raise InputError(
