@@ -24,18 +24,20 @@ class InfeasibleBudget(ValueError):
 
     def __init__(self, speedup: float, fastest: Assignment) -> None:
         super().__init__(
-            f"speedup {speedup:g} cannot be met: the fastest student is {below(fastest.speedup, speedup)}"
+            f"speedup {speedup:g} cannot be met: the fastest student is {beside(fastest.speedup, speedup)}"
         )
         self.speedup, self.fastest = speedup, fastest
 
 
-def below(speedup: float, budget: float) -> str:
-    """``1.99x``: a speedup short of ``budget`` said so beside it as printed (``:g``), with more digits where two
-    would round to the budget or above (``1.998x``, not ``2.00x`` beside ``2``), ``just under 2x`` where six do."""
+def beside(speedup: float, budget: float) -> str:
+    """``1.25x``: ``speedup`` as printed beside ``budget`` (``:g``), with the digits that keep the comparison
+    as printed the real one: ``1.998x`` short of ``2`` (not ``2.00x``), ``1.255x`` meeting ``1.2549`` (not
+    ``1.25x``); ``just under 2x`` where six digits do not (a met budget's own digits always do)."""
+    short, printed = speedup < budget, float(f"{budget:g}")
     for digits in range(2, 7):
-        if float(text := f"{speedup:.{digits}f}") < float(f"{budget:g}"):
+        if (float(text := f"{speedup:.{digits}f}") < printed) == short:
             return f"{text}x"
-    return f"just under {budget:g}x"
+    return f"{'just under' if short else 'at least'} {budget:g}x"  # at least: a budget printed as 1e+06
 
 
 @dataclass

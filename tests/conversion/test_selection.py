@@ -25,7 +25,7 @@ from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.hierarchical import flat_blocks
 from attnxfer.train.terms import NonFiniteLossError
-from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, below, reasons, select
+from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, beside, reasons, select
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -109,7 +109,36 @@ def test_an_infeasible_budget_never_says_a_speedup_that_reads_as_the_budget():
     sensitivity, ms = [{"fast": 0.1}] * 2, {"fast": 0.5025}  # 10 ms / (4 + 2 x 0.5025) = 1.998x
     with pytest.raises(InfeasibleBudget, match=r"speedup 2 cannot be met: the fastest student is 1\.998x$"):
         select(sensitivity, ms, softmax_ms=3.0, teacher_ms=10.0, speedup=2)
-    assert below(1.2, 2) == "1.20x" and below(1.9999999, 2) == "just under 2x"
+    assert beside(1.2, 2) == "1.20x" and beside(1.9999999, 2) == "just under 2x"
+
+
+def test_a_met_budget_never_says_a_speedup_that_reads_as_missing_it(tmp_path, capsys):
+    """A budget of 1.2549 met at 1.25495x: two digits (1.25x beside 1.2549x) read as missing it, in the log's
+    two lines and report.md alike."""
+    assert [beside(s, 1.2549) for s in (1.25495, 1.2549, 1.75)] == ["1.255x", "1.255x", "1.75x"]
+    assert beside(1.2222276, 1.2222275) == "1.22223x" and beside(2.0, 2) == "2.00x"  # budget printed 1.22223
+    from types import SimpleNamespace
+
+    cfg = apply_overrides(
+        TrainConfig(), {"run_dir": str(tmp_path), "convert.attention": "auto", "convert.speedup": 1.2549}
+    )
+    record = {
+        "attention": ["relu_linear"], "predicted_speedup": 1.25495, "speedup": 1.2549, "tokens": 17,
+        "metric": "kl", "total_sensitivity": 0.1, "config": to_dict(cfg), "side": 4, "batch": 2,
+        "candidates": ["relu_linear"], "ms": {"teacher": 2.0, "softmax": 1.0, "relu_linear": 0.5},
+        "fastest": {"speedup": 1.25495, "attention": "relu_linear"}, "device": "cpu", "precision": "fp32",
+        "fit_steps": 2, "sensitivity": [{"relu_linear": 0.1}], "reasons": ["fits the budget"],
+    }  # fmt: skip
+    (tmp_path / SELECTION_FILE).write_text(json.dumps(record))
+    selection.choose_attentions(cfg, None, torch.device("cpu"), main=True, plan_for=None)
+    assert "predicted 1.255x the teacher at 17 tokens (budget 1.2549x)" in capsys.readouterr().out
+    said, speed = [], {"input": [3, 4, 4], "batch": 2, "student_over_teacher": 1.3}
+    run = SimpleNamespace(cfg=cfg, selection=record, parts=None, say=said.append)
+    section = selection.measured_section(run, speed)
+    assert "predicted 1.255x the teacher at 17 tokens (budget 1.2549x)" in said[-1]
+    md = "\n".join(report._selection_section(section))
+    assert "Budget **1.2549x** the teacher at 17 tokens: predicted **1.255x**" in md
+    assert "(fastest student of these candidates: 1.255x, all blocks relu_linear)" in md
 
 
 @pytest.mark.usefixtures("fixed_timings")

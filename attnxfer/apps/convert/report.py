@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...transfer.selection import beside
 from ..run.uncertainty import correct_count, top1_interval
 
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
@@ -352,8 +353,9 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         "## Attention per block (convert.attention=auto)",
         "",
         f"Budget **{selection['speedup']:g}x** the teacher at {selection['tokens']:,} tokens: predicted "
-        f"**{selection['predicted_speedup']:.2f}x**, {measured} (fastest student of "
-        f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
+        f"**{beside(selection['predicted_speedup'], selection['speedup'])}**, {measured} (fastest student of "
+        f"these candidates: {beside(selection['fastest']['speedup'], selection['speedup'])}, "
+        f"all blocks {selection['fastest']['attention']}).",
         "",
         f"Times (ms, batch {selection['batch']}, {selection['device']}, {selection['precision']}): teacher "
         f"{ms['teacher']:.3g}{floor}, one block's attention{in_place} {block('softmax', 'teacher')}, "

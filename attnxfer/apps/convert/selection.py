@@ -59,7 +59,7 @@ from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ...train.timing import interleaved_timings
 from ...transfer.conversion import ConversionPlan
-from ...transfer.selection import SOFTMAX, InfeasibleBudget, below, fastest, reasons, select
+from ...transfer.selection import SOFTMAX, InfeasibleBudget, beside, fastest, reasons, select
 from ..run.parts import RunParts
 from ..run.resume import config_changes
 from .speed import rebuilt_teacher, speedup_withheld
@@ -174,9 +174,9 @@ def choose_attentions(
             path.with_name(PARTIAL_FILE).unlink(missing_ok=True)
     names = ", ".join(f"{i}:{n}" for i, n in enumerate(record["attention"]))
     say(
-        f"convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the "
-        f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), summed {record['metric']} "
-        f"{record['total_sensitivity']:.3g}"
+        f"convert.attention=auto: blocks {names}; predicted "
+        f"{beside(record['predicted_speedup'], record['speedup'])} the teacher at {record['tokens']:,} tokens "
+        f"(budget {record['speedup']:g}x), summed {record['metric']} {record['total_sensitivity']:.3g}"
     )
     # the options of attentions that were not chosen (hedgehog's feature_dim where no block got hedgehog) go
     chosen = set(record["attention"])
@@ -277,8 +277,8 @@ def measure_selection(
         )
         raise InputError(
             f"convert.speedup={c.speedup:g} cannot be met: the fastest student of these candidates at "
-            f"{timing['tokens']:,} tokens is {below(top.speedup, c.speedup)} ({which}); lower convert.speedup, "
-            "add faster convert.candidates, or measure at more tokens (convert.speed_tokens)"
+            f"{timing['tokens']:,} tokens is {beside(top.speedup, c.speedup)} ({which}); lower "
+            "convert.speedup, add faster convert.candidates, or measure at more tokens (convert.speed_tokens)"
         )
     say(
         f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
@@ -329,7 +329,7 @@ def measure_selection(
         lost = [n for n in ms if not all(math.isfinite(row[n]) for row in sensitivity)]
         raise InputError(
             f"convert.speedup={c.speedup:g} cannot be met without {', '.join(lost)}, whose fit diverged: the "
-            f"fastest student of the other candidates is {below(e.fastest.speedup, c.speedup)}; lower "
+            f"fastest student of the other candidates is {beside(e.fastest.speedup, c.speedup)}; lower "
             "convert.stage1_lr or set convert.stage1_clip_grad, or lower convert.speedup"
         ) from None
     return {
@@ -567,7 +567,7 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
         else f"measured {section['measured_speedup']:.2f}x" + (f" ({cpu:.2f}x in CPU time)" if cpu else "")
     )
     run.say(
-        f"convert.attention=auto: predicted {record['predicted_speedup']:.2f}x the teacher at "
-        f"{record['tokens']:,} tokens (budget {record['speedup']:g}x), {measured}"
+        f"convert.attention=auto: predicted {beside(record['predicted_speedup'], record['speedup'])} the "
+        f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), {measured}"
     )
     return section
