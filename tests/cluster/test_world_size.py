@@ -130,6 +130,11 @@ def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, ca
     assert "(1, 2, 4, 8, 16)" in msg and "run_dir=" in msg and "nothing was written" in msg
     cfg4 = fit_world_size(cfg, 4, source)
     assert (cfg4.data.batch_size, cfg4.optim.accum_steps) == (4, 1)
+    assert "the global batch stays 16" in capsys.readouterr().out
+    # a study's student keeps the split its study said once for all: unsaid, and refused alike
+    assert fit_world_size(cfg, 4, source, said=False) == cfg4 and "stays" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="this run has 3"):
+        fit_world_size(cfg, 3, source, said=False)
     code = cli.main(["train", "-c", str(run / "config.yaml"), "data.batch_size=8"])  # same world: as before
     err = capsys.readouterr().err  # the split that keeps the global batch is named beside the recorded value
     assert code == 2 and "keep its global batch with data.batch_size=8 optim.accum_steps=2" in err

@@ -623,6 +623,8 @@ def test_a_study_resumed_on_another_number_of_processes_keeps_its_global_batch_a
     assert ResumePoint.find(run).world_size == 1
     res = torchrun_attnxfer("study", "-c", str(run / "study.yaml"), f"schedule.max_steps={STEPS}")
     assert f"{run} was trained by 1 process" in res.stdout and "the global batch stays 16" in res.stdout
+    # said once, for the study: each student's resume keeps the split the study chose, not said again
+    assert res.stdout.count("the global batch stays 16") == 1, res.stdout
     assert "data.batch_size=8 optim.accum_steps=1" in res.stdout
     assert ResumePoint.find(run).world_size == 2
     for name in ("copy", "distill"):

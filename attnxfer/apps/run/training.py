@@ -339,15 +339,22 @@ def start_run(
     scoring: bool,
     command: str,
     loaders_built: bool = False,
+    say_split: bool = True,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
     """What every run does before it builds a model or reads data: its runtime, its checkpoint judged
-    (`judged_resume`: ``found``, ``loaders_built``), its trackers prepared, the seed set on every rank.
-    Returns the config on this world size, the runtime and the judged checkpoint."""
+    (`judged_resume`: ``found``, ``loaders_built``, ``say_split``), its trackers prepared, the seed set on
+    every rank. Returns the config on this world size, the runtime and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
     cfg, point = judged_resume(
-        cfg, runtime.world, found, scoring=scoring, command=command, loaders_built=loaders_built
+        cfg,
+        runtime.world,
+        found,
+        scoring=scoring,
+        command=command,
+        loaders_built=loaders_built,
+        say_split=say_split,
     )
     if not scoring:
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
@@ -367,11 +374,12 @@ def judged_resume(
     loaders_built: bool = False,
     what: str = "run",
     config_file: Path | None = None,
+    say_split: bool = True,
 ) -> tuple[TrainConfig, ResumePoint | None]:
     """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
     (``loaders_built``: the caller built the loaders at ``cfg``'s batch; ``what``, ``config_file``: as `judge`
-    names them, a study's): the config on this world size and the judged checkpoint. A resume refused raises
-    here, before anything is written."""
+    names them, a study's; ``say_split`` False: the re-split not said, its caller's to say): the config on this
+    world size and the judged checkpoint. A resume refused raises here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     recorded = None if scoring else recorded_split(point)
     # loaders built at cfg's batch keep it: the global batch must be that batch x ranks x whole steps (a
@@ -391,7 +399,7 @@ def judged_resume(
             )
         )
     if not scoring:  # a resumed run keeps its global batch on another world size
-        cfg = fit_world_size(cfg, world, point)
+        cfg = fit_world_size(cfg, world, point, said=say_split)
     return cfg, judge(
         point, cfg, world=world, scoring=scoring, command=command, what=what, config_file=config_file
     )
@@ -412,14 +420,15 @@ def build_engine(
     """Everything ``cfg`` describes, assembled; nothing is written into the run dir before every check has
     passed, and nothing at all with ``scoring=True`` (`attnxfer eval`). ``parts``: models/data a notebook
     built; ``shared``: another run's teacher and loaders (a study's student); ``prune_on_save`` and
-    ``warn_schedule`` False leave those to the caller (a study); ``command``: whose config sections the
-    records hold (``convert``: a conversion's stage 2)."""
+    ``warn_schedule`` False leave those, and a resume's re-split global batch, to the caller (a study);
+    ``command``: whose config sections the records hold (``convert``: a conversion's stage 2)."""
     validate_config(cfg)  # a config built in Python skips load_config's checks
     refuse_file_in_the_way(cfg.run_dir, "run_dir")
     if not scoring:
         require_task_labels(cfg)
+    built = (parts or shared) is not None
     cfg, runtime, point = start_run(
-        cfg, runtime, found, scoring=scoring, command=command, loaders_built=(parts or shared) is not None
+        cfg, runtime, found, scoring=scoring, command=command, loaders_built=built, say_split=warn_schedule
     )
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = cfg.data.labels if scoring else None

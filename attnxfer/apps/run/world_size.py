@@ -74,9 +74,12 @@ def keeps_global_batch(point: ResumePoint | None, cfg: TrainConfig, world: int) 
     return recorded is not None and recorded.global_batch == _current_split(cfg, world).global_batch
 
 
-def fit_world_size(cfg: TrainConfig, world: int, point: ResumePoint | None) -> TrainConfig:
+def fit_world_size(
+    cfg: TrainConfig, world: int, point: ResumePoint | None, *, said: bool = True
+) -> TrainConfig:
     """``cfg`` for resuming ``point`` on ``world`` ranks with the recorded global batch (a `ConfigError`,
-    nothing written, where it cannot be kept); a fresh run, or one on the recorded world size, unchanged."""
+    nothing written, where it cannot be kept); a fresh run, or one on the recorded world size, unchanged.
+    ``said`` False: the split kept unsaid (a study's student: the study says it once, for all)."""
     recorded = recorded_split(point)
     if recorded is None or recorded.world == world:
         return cfg  # same ranks: apps.run.resume judges any change of the batch keys
@@ -106,11 +109,12 @@ def fit_world_size(cfg: TrainConfig, world: int, point: ResumePoint | None) -> T
                 f"schedule depend on it); nothing was written. Resume with a number of processes that divides "
                 f"{gb} ({', '.join(str(d) for d in range(1, gb + 1) if gb % d == 0)}), or start a new run elsewhere (run_dir=...)"
             )
-    say(
-        f"resume: {where}: the global batch stays {gb} ({recorded.describe()} -> {chosen.describe()}: "
-        f"{chosen.overrides()}), so the lr, the steps per epoch and the lr schedule are unchanged and each "
-        "step averages the same samples; the ranks' RNG streams (dropout, drop-path, mixup) restart"
-    )
+    if said:
+        say(
+            f"resume: {where}: the global batch stays {gb} ({recorded.describe()} -> {chosen.describe()}: "
+            f"{chosen.overrides()}), so the lr, the steps per epoch and the lr schedule are unchanged and each "
+            "step averages the same samples; the ranks' RNG streams (dropout, drop-path, mixup) restart"
+        )
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, batch_size=chosen.per_rank),
