@@ -135,7 +135,13 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
     # (seq_len is not: the swap gives it the model's token count, models/attention/slots.py)
     for name, cls in zip(names, classes):
         own = cls.own_options() if hasattr(cls, "own_options") else []
-        missing = [o for o in own if o not in options and o != "seq_len" and _without_default(cls, o)]
+        missing = [
+            o
+            for o in own
+            if o not in options
+            and o != "seq_len"
+            and getattr(_parameter(cls, o), "default", None) is inspect.Parameter.empty
+        ]
         if missing:
             example = ", ".join(f"{o}: ..." for o in missing)
             raise TypeError(
@@ -164,11 +170,6 @@ def _parameter(cls: type[nn.Module], option: str) -> inspect.Parameter | None:
         inspect.signature(k.__init__).parameters.get(option) for k in cls.__mro__ if "__init__" in vars(k)
     )
     return next((p for p in found if p is not None), None)
-
-
-def _without_default(cls: type[nn.Module], option: str) -> bool:
-    """Whether the constructor that first declares ``option`` along ``cls``'s MRO gives it no default."""
-    return getattr(_parameter(cls, option), "default", None) is inspect.Parameter.empty
 
 
 #: The option kinds zoo constructors annotate, as YAML gives them (a bool is no number): unchecked,
