@@ -4,6 +4,7 @@ and checks that they import no torch)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -163,12 +164,14 @@ def test_an_option_an_attention_has_no_default_for_is_refused_as_the_config_load
 def test_the_zoos_attentions_have_a_default_for_every_option():
     """What lets the check above skip torch for a name read from the source when no options are given."""
     import attnxfer.models.efficient  # noqa: F401  (registers the zoo)
-    from attnxfer.models.efficient.swap import _without_default
+    from attnxfer.models.efficient.swap import _parameter
 
     assert {"performer", "hedgehog", "softmax"} <= set(registry._ATTENTIONS)
     for name, cls in registry._ATTENTIONS.items():
         if cls.__module__.startswith("attnxfer."):
-            assert not [o for o in cls.own_options() if _without_default(cls, o)], name
+            assert not [
+                o for o in cls.own_options() if _parameter(cls, o).default is inspect.Parameter.empty
+            ], name
 
 
 def test_architecture_names_read_from_the_source_are_timms():
