@@ -221,6 +221,11 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
             f"dataset '{info.name}': data.kwargs.re_mode is one of const, rand, pixel (aug.remode's choices), "
             f"got {aug['re_mode']!r}"
         )
+    for option, low, high in (("re_prob", 0, 1), ("re_count", 1, None)):  # timm takes any: 1.5 erases always
+        value = aug.get(option)
+        if isinstance(value, (int, float)) and not (low <= value and (high is None or value <= high)):
+            said = f"between {low} and {high}" if high is not None else f">= {low}"
+            raise InputError(f"dataset '{info.name}': data.kwargs.{option} must be {said}, got {value!r}")
     jitter = aug.get("color_jitter") or 0.0  # timm's: one number, or a list of 3 (or 4: + hue)
     parts = jitter if isinstance(jitter, (list, tuple)) and len(jitter) in (3, 4) else [jitter]
     if not all(isinstance(p, (int, float)) and not isinstance(p, bool) and p >= 0 for p in parts):

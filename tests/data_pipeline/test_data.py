@@ -679,6 +679,18 @@ def test_an_unknown_random_erasing_mode_is_one_line_naming_the_option_even_where
             build_dataset("folder", "train", root=tmp_path, re_mode=bad)
 
 
+def test_random_erasing_options_out_of_range_are_one_line_not_taken_as_timm_takes_them(tmp_path):
+    """timm takes any re_prob (1.5 erases every image) and any re_count (0 is read as 1); aug.reprob and
+    aug.recount are range-checked as the config loads, and data.kwargs' own spellings are held to the same."""
+    _make_folder(tmp_path)
+    for option, said in (
+        (dict(re_prob=1.5), "re_prob must be between 0 and 1"),
+        (dict(re_count=0), "re_count must be >= 1"),
+    ):
+        with pytest.raises(InputError, match=rf"^dataset 'folder': data.kwargs.{said}, got"):
+            build_dataset("folder", "train", root=tmp_path, **option)
+
+
 @pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5]), dict(auto_augment="x")])
 def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs_and_aug(tmp_path, option):
     """timm answers a KeyError (an unknown interpolation), an IndexError (one number) or an AssertionError (a
