@@ -153,15 +153,16 @@ def reasons(
         if name == SOFTMAX:
             rank = sorted((r[b] for r, b in zip(sensitivity, best)), reverse=True).index(row[low]) + 1
             place = "largest" if rank == 1 else f"#{rank} largest"
-            tied = [str(k) for k, (r, b) in enumerate(zip(sensitivity, best)) if k != i and r[b] == row[low]]
-            alike = [k for k in tied if sensitivity[int(k)] == row and chosen.names[int(k)] != SOFTMAX]
+            tied = [k for k, (r, b) in enumerate(zip(sensitivity, best)) if k != i and r[b] == row[low]]
+            alike = [k for k in tied if sensitivity[k] == row and chosen.names[k] != SOFTMAX]
+            blocks = lambda ks: f"block{'s' * (len(ks) > 1)} {', '.join(map(str, ks))}"
             # a tie is no block's largest alone; a block measured alike could have kept softmax instead
             if tied:
-                place = f"tied with block{'s' * (len(tied) > 1)} {', '.join(tied)} for the {place}"
-            also = f"; block{'s' * (len(alike) > 1)} {', '.join(alike)}, measured alike, swapped instead: same cost"
+                place = f"tied with {blocks(tied)} for the {place}"
+            also = f"; {blocks(alike)}, measured alike, swapped instead: same cost" if alike else ""
             lines.append(
                 f"softmax: {place} sensitivity ({metric} {row[low]:.3g} with its best candidate {low} vs "
-                f"{median:.3g} median); the budget is met without swapping it{also * bool(alike)}"
+                f"{median:.3g} median); the budget is met without swapping it{also}"
             )
         elif name == low:
             others = sorted((v, c) for c, v in row.items() if c != name)
