@@ -100,7 +100,8 @@ def section(
 ) -> Any:
     """A section of the config (a nested dataclass); ``resumable``/``search_resumable``: a resumed run/search
     may change every key in it; ``command``: the one command that reads it; ``unread_by``: the commands that do
-    not (every other one does), each with the values of the section's keys that say what it does anyway. A command that does not read a section leaves it out (`to_dict`)."""
+    not (every other one does), each with the values of the section's keys that say what it does anyway. A
+    command that does not read a section leaves it out (`to_dict`)."""
     metadata = {
         _SECTION: True,
         _RESUMABLE: bool(resumable),
