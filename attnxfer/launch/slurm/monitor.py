@@ -21,6 +21,8 @@ from ...train.watchdog import SILENCE_LINE
 class JobFailedError(RuntimeError):
     """A rank of a submitted job raised (or the job died); carries the rank's log tail."""
 
+    ended = "failed"  # what the job did, as `summary` says it
+
     def __init__(
         self,
         message: str,
@@ -41,7 +43,14 @@ class JobFailedError(RuntimeError):
         where = "" if named else f" on rank {self.rank}"
         resume = f"; {self.resume_note}" if self.resume_note else ""
         log = f" (log: {self.log_path})" if self.log_path else ""
-        return f"job {self.job_id} failed{where}: {self.reason}{resume}{log}"
+        return f"job {self.job_id} {self.ended}{where}: {self.reason}{resume}{log}"
+
+
+class JobCancelledError(JobFailedError):
+    """The job was cancelled (``scancel``) before every rank wrote its result: no rank failed, and the same
+    command resumes the run from its last checkpoint."""
+
+    ended = "was cancelled (scancel)"
 
 
 class JobTimeoutError(TimeoutError):
@@ -191,8 +200,9 @@ def _stop_if_died(
     job: submitit.Job, state: str | None, ended_at: float, grace_s: float, log_lines: int
 ) -> None:
     """A job that ended ``grace_s`` ago and still has no result from every rank died (killed, out of memory,
-    a requeue limit, a rank's watchdog): `JobFailedError` with every rank's log tail. Within the grace its
-    results may still be landing on a shared filesystem, unless a rank's watchdog ended the job."""
+    a requeue limit, a rank's watchdog): `JobFailedError` with every rank's log tail (`JobCancelledError`
+    where it was cancelled). Within the grace its results may still be landing on a shared filesystem, unless
+    a rank's watchdog ended the job."""
     # a rank's watchdog that ended the job needs no grace: no result is on its way
     if time.monotonic() - ended_at <= grace_s and _watchdog_report(job, "") is None:
         return
@@ -200,9 +210,9 @@ def _stop_if_died(
     ended = f"ended ({state or job.state}) without a result from every rank"
     message = f"job {job.job_id} {ended}:\n{logs}"
     log = _tasks(job)[0].paths.stderr
-    # cancelled (scancel): the ranks' exits are no rank's fault
-    died = None if state == "CANCELLED" else _died(job, message)
-    raise died or JobFailedError(message, job.job_id, log_path=log, reason=f"it {ended}")
+    if state == "CANCELLED":  # its user's scancel: the ranks' exits are no rank's fault
+        raise JobCancelledError(message, job.job_id, log_path=log, reason="re-run the same command to resume")
+    raise _died(job, message) or JobFailedError(message, job.job_id, log_path=log, reason=f"it {ended}")
 
 
 def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:
