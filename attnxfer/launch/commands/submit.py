@@ -139,6 +139,7 @@ def run(args) -> int:
     from ...run_layout import LOCK_NAME, STAGE_DIRS
     from ..arguments import parse_sweep
     from ..slurm import JobFailedError, options_from_args, submit_from_args
+    from ..slurm.monitor import JobCancelledError
     from ..slurm.submission import sweep_points
 
     if args.sweep:
@@ -195,6 +196,11 @@ def run(args) -> int:
         describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)
         submit_from_args(getattr(importlib.import_module(module), name), cfg, args, describe)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
+        # a cancelled job: the same command resumes it, unless its checkpoint.resume would start over
+        if isinstance(e, JobCancelledError):
+            from ..cli import _with_auto
+
+            e.reason += _with_auto(cfg.base if study else cfg)
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
     return 0

@@ -189,6 +189,29 @@ def test_submit_to_the_debug_cluster_runs_the_job_without_being_told_to_wait(tmp
     )
 
 
+def test_a_cancelled_job_submitted_with_resume_none_is_told_to_resume_with_auto(
+    tmp_path, capsys, monkeypatch
+):
+    """The same command would start over: the line for a cancelled job names the checkpoint.resume that resumes
+    it, as a stopped `train` does (the loopback cluster's scancel test covers the line itself)."""
+    from helpers import run_cli, tiny_run
+
+    import attnxfer.launch.slurm as slurm
+    from attnxfer.launch.slurm.monitor import JobCancelledError
+
+    def cancelled(*args, **kwargs):
+        raise JobCancelledError("...", "12", reason="re-run the same command to resume")
+
+    monkeypatch.setattr(slurm, "submit_from_args", cancelled)
+    code, _, err = run_cli(
+        capsys, "submit", f"run_dir={tmp_path}", *tiny_run(16, 8), "checkpoint.resume=none"
+    )
+    assert code == 1 and err.strip() == (
+        "attnxfer submit: error: job 12 was cancelled (scancel): re-run the same command to resume with "
+        "checkpoint.resume=auto (checkpoint.resume=none would start over again)"
+    ), err
+
+
 # ---- options and command line ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "value, minutes",
