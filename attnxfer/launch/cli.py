@@ -80,10 +80,10 @@ def _where_to_resume(args) -> str:
     if info is None:
         return f"no checkpoint was saved yet in {cfg.run_dir}: running the same command again starts over"
     if study and info.path.parent.parent != run:
-        again = f"running the same command again{_with_auto(cfg)}"
+        again = f"running the same command again{with_auto_resume(cfg)}"
         return f"{again} continues the study from its students' checkpoints (e.g. {info.path})"
     unit = "generation" if args.command == "search" else "step"  # a search saves generations
-    return f"running the same command again{_with_auto(cfg)} continues from {unit} {info.step} ({info.path})"
+    return f"running the same command again{with_auto_resume(cfg)} continues from {unit} {info.step} ({info.path})"
 
 
 def _config_of(args):
@@ -96,7 +96,7 @@ def _config_of(args):
         return None
 
 
-def _with_auto(cfg) -> str:
+def with_auto_resume(cfg) -> str:
     """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
     start over; a PATH: start from there) would not pick up where it stopped."""
     resume = "auto" if cfg is None else str(cfg.checkpoint.resume)
@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
             stop = sys.modules.get("attnxfer.train.stop")
             if stop is not None and isinstance(e, stop.StopRequested):
-                again = _with_auto(_config_of(args))
+                again = with_auto_resume(_config_of(args))
                 warn(f"attnxfer {args.command}: {e}; re-run the same command{again} to resume")
                 return e.exit_code
             # a gloo collective whose peer process ended: that rank's own error (or torchrun's summary, for a

@@ -198,9 +198,9 @@ def run(args) -> int:
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         # a cancelled job: the same command resumes it, unless its checkpoint.resume would start over
         if isinstance(e, JobCancelledError):
-            from ..cli import _with_auto
+            from ..cli import with_auto_resume
 
-            e.reason += _with_auto(cfg.base if study else cfg)
+            e.reason += with_auto_resume(cfg.base if study else cfg)
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
     return 0
