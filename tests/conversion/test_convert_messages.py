@@ -127,6 +127,25 @@ def test_a_linformer_seq_len_other_than_the_models_token_count_is_refused_before
         assert "teacher val top-1" not in out, out
 
 
+def test_a_linformer_seq_len_for_another_size_is_refused_where_a_teacher_of_any_size_is_built(
+    tmp_path, capsys
+):
+    """A dynamic_img_size teacher (recall/convert_zoo's) has no grid of its own: a seq_len for another size is
+    checked against the tokens of data.img_size (1 prefix + 8x8 at 64 px), not met at the first image."""
+    teacher = tmp_path / "teacher"
+    save_for_hf(
+        peaked_teacher(depth=2, plain_timm=True, dynamic_img_size=True), teacher, safe_serialization=True
+    )
+    argv = [f"run_dir={tmp_path / 'run'}", f"teacher.spec=local-dir:{teacher}", *tiny_run(32, 16)]
+    options = ["data.img_size=64", "convert.attention=linformer", "convert.attention_kwargs={seq_len: 17}"]
+    assert main(["convert", *argv, *options]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        "convert.attention_kwargs: seq_len 17 is not the model's 65 tokens" in err and "set it to 65" in err
+    ), err
+    assert "teacher val top-1" not in out, out
+
+
 def test_summary_with_a_classifier_teacher_gives_the_share():
     report = {
         "top1": {"teacher": 80.0, "before_stage1": 10.0, "after_stage1": 60.0, "after_stage2": 72.0},

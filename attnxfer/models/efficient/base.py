@@ -180,10 +180,11 @@ class EfficientAttention(TransferableAttention):
     #: within the shorter side: a same-size conv's kernel).
     grid_sized: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def grid_fit_error(self) -> InputError | None:
+    def grid_fit_error(self, built_grid: tuple[int, ...] = ()) -> InputError | None:
         """The refusal of a ``grid_sized`` option larger than the declared grid allows, where a student is built
         (`with_attention`): beyond it the attention is full attention or costs more, not the efficient one asked
-        for. Not per call: at another resolution the core clamps (a window to the grid, landmarks to N)."""
+        for. Not per call: at another resolution the core clamps (a window to the grid, landmarks to N), so not
+        against ``built_grid`` either, a dynamic-size model's at the size it was built for (a fixed length is)."""
         if self.grid_size is None:
             return None
         p, (gh, gw), side = self.num_prefix_tokens or 0, self.grid_size, min(self.grid_size)

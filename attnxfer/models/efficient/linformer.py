@@ -4,6 +4,8 @@ approximation of the teacher, not noise. The map softmax(q (E k)^T s) F is signe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -77,17 +79,18 @@ class LinformerAttention(EfficientAttention):
             self.seq_proj_k.copy_(init)
             self.seq_proj_v.copy_(init)
 
-    def grid_fit_error(self) -> InputError | None:
+    def grid_fit_error(self, built_grid: tuple[int, ...] = ()) -> InputError | None:
         """Also a ``seq_len`` given in the options that is not the model's token count (the swap fills in the
-        model's): refused where the student is built, not at its first image, after the teacher's evaluation."""
-        tokens = (
-            (self.num_prefix_tokens or 0) + self.grid_size[0] * self.grid_size[1] if self.grid_size else None
-        )
+        model's; a dynamic-size model's, at the size it was built for: ``built_grid``): refused where the
+        student is built, not at its first image, after the teacher's evaluation."""
+        grid = self.grid_size or built_grid
+        tokens = (self.num_prefix_tokens or 0) + math.prod(grid) if grid else None
         if tokens is not None and tokens != self.seq_len:
+            drop = "drop seq_len (the model's token count is filled in) or " if self.grid_size else ""
             return InputError(
                 f"seq_len {self.seq_len} is not the model's {tokens} tokens ({self.num_prefix_tokens or 0} prefix + "
-                f"{self.grid_size[0]}x{self.grid_size[1]} grid): its E/F projections would refuse every image; "
-                f"drop seq_len (the model's token count is filled in) or set it to {tokens}"
+                f"{'x'.join(map(str, grid))} grid): its E/F projections would refuse every image; {drop}set it "
+                f"to {tokens}"
             )
         return super().grid_fit_error()
 

@@ -100,9 +100,11 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
     # not in swap_attentions: an export made before still loads. Refused where it fits no layer: a hierarchical
     # model's later stages have smaller grids, where the core clamps a size the first stages use
     errors: dict[type, list[InputError | None]] = {}
+    # linformer's fixed length is checked against a dynamic-size model's grid at the size it was built for
+    built_grid = () if hierarchical else image_input(model).grid
     for attn in transferable_attentions(model):
         if isinstance(attn, EfficientAttention):
-            errors.setdefault(type(attn), []).append(attn.grid_fit_error())
+            errors.setdefault(type(attn), []).append(attn.grid_fit_error(built_grid))
     for found in errors.values():
         if all(found):
             raise found[0]
