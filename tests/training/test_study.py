@@ -20,10 +20,12 @@ from helpers import assert_same_tensors, fork_cli, on_each_line, run_cli, tiny_r
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.loaders import data_seed
+from attnxfer.apps.run.training import judged_resume
 from attnxfer.apps.study.study import judged_study_point, study
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import ConfigError
+from attnxfer.config.loading import load_config
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
 from attnxfer.launch.commands.submit import SUBMITTABLE
@@ -475,6 +477,30 @@ def test_a_students_model_name_warning_is_said_once_under_its_name(tmp_path, tin
     assert code == 0, err[-2000:]
     said = [line for line in (out + err).splitlines() if "is not built" in line]
     assert [line.partition(": warning:")[0] for line in said] == names.split(","), said
+
+
+@pytest.mark.slow  # a study of two students for one step, then resumed for a second
+def test_a_study_resumed_with_a_key_changed_says_the_change_once_for_all_its_students(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The study says what changed since its step; each student's resume, judged again as it is built, leaves
+    it to the study, as it leaves the re-split global batch."""
+    run = tmp_path / "s"
+    argv = ["study", f"teacher.spec=local-dir:{tiny_teacher_dir}", *tiny_run(16, 8), "schedule.max_steps=1"]
+    assert run_cli(capsys, *argv, f"run_dir={run}", "--vary", "transfer.mode=copy,distill")[0] == 0
+    code, out, _ = run_cli(capsys, "study", "-c", str(run / "study.yaml"), "schedule.max_steps=2")
+    said = [line for line in out.splitlines() if "changed since" in line]
+    assert code == 0 and said == ["resume: changed since step-00000001: schedule.max_steps (1 -> 2)"], out
+
+
+def test_a_students_own_resume_leaves_the_changed_keys_to_its_study(trained, capsys):
+    """`judged_resume` with ``say_split`` False (a study's student) says neither the re-split nor the keys."""
+    cfg = load_config(str(trained / "config.yaml"), ["schedule.max_steps=5"])
+    for said in (False, True):
+        judged_resume(cfg, 1, scoring=False, command="train", say_split=said)
+        assert (
+            "resume: changed since step-00000004: schedule.max_steps (4 -> 5)" in capsys.readouterr().out
+        ) is said
 
 
 @pytest.mark.slow

@@ -102,13 +102,15 @@ def judge(
     command: str = "train",
     reader: str | None = None,
     config_file: Path | None = None,
+    said: bool = True,
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
     written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the
     batch split may change where it keeps the global batch; ``scoring`` (`attnxfer eval`, or ``reader``:
     a command that reads the run's own config.yaml, which says nothing of allowed changes) may turn
     ``data.labels`` on (a run trained without labels scored by k-NN). ``config_file``: what ``-c`` continues
-    it from where that is not its config.yaml (a study's study.yaml)."""
+    it from where that is not its config.yaml (a study's study.yaml); ``said`` False: the allowed changes
+    not said, its caller's to say (a study's student: its study says them once)."""
     if point is None or point.config is None:  # nothing found, or saved without its config
         return point
     if world is not None and keeps_global_batch(point, cfg, world):
@@ -186,7 +188,7 @@ def judge(
             f"(run_dir=...); to continue this one, give them the values it recorded: "
             f"{KeyChange.restoring(point.refused)}{split} (its config: {config})"
         )
-    if point.allowed and reader is None:
+    if point.allowed and reader is None and said:
         changed = ", ".join(map(str, point.allowed))
         say(
             f"scoring {point.name} with keys changed since it was saved: {changed}"

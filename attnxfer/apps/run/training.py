@@ -378,8 +378,8 @@ def judged_resume(
 ) -> tuple[TrainConfig, ResumePoint | None]:
     """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
     (``loaders_built``: the caller built the loaders at ``cfg``'s batch; ``what``, ``config_file``: as `judge`
-    names them, a study's; ``say_split`` False: the re-split not said, its caller's to say): the config on this
-    world size and the judged checkpoint. A resume refused raises here, before anything is written."""
+    names them, a study's; ``say_split`` False: the re-split and changes not said, its caller's): the config on
+    this world size and the judged checkpoint. A resume refused raises here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     recorded = None if scoring else recorded_split(point)
     # loaders built at cfg's batch keep it: the global batch must be that batch x ranks x whole steps (a
@@ -401,7 +401,14 @@ def judged_resume(
     if not scoring:  # a resumed run keeps its global batch on another world size
         cfg = fit_world_size(cfg, world, point, said=say_split)
     return cfg, judge(
-        point, cfg, world=world, scoring=scoring, command=command, what=what, config_file=config_file
+        point,
+        cfg,
+        world=world,
+        scoring=scoring,
+        command=command,
+        what=what,
+        config_file=config_file,
+        said=say_split,
     )
 
 
