@@ -494,10 +494,10 @@ def test_a_study_resumed_with_a_key_changed_says_the_change_once_for_all_its_stu
 
 
 def test_a_students_own_resume_leaves_the_changed_keys_to_its_study(trained, capsys):
-    """`judged_resume` with ``say_split`` False (a study's student) says neither the re-split nor the keys."""
+    """`judged_resume` with ``say_resume`` False (a study's student) says neither the re-split nor the keys."""
     cfg = load_config(str(trained / "config.yaml"), ["schedule.max_steps=5"])
     for said in (False, True):
-        judged_resume(cfg, 1, scoring=False, command="train", say_split=said)
+        judged_resume(cfg, 1, scoring=False, command="train", say_resume=said)
         assert (
             "resume: changed since step-00000004: schedule.max_steps (4 -> 5)" in capsys.readouterr().out
         ) is said

@@ -339,10 +339,10 @@ def start_run(
     scoring: bool,
     command: str,
     loaders_built: bool = False,
-    say_split: bool = True,
+    say_resume: bool = True,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
     """What every run does before it builds a model or reads data: its runtime, its checkpoint judged
-    (`judged_resume`: ``found``, ``loaders_built``, ``say_split``), its trackers prepared, the seed set on
+    (`judged_resume`: ``found``, ``loaders_built``, ``say_resume``), its trackers prepared, the seed set on
     every rank. Returns the config on this world size, the runtime and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
@@ -354,7 +354,7 @@ def start_run(
         scoring=scoring,
         command=command,
         loaders_built=loaders_built,
-        say_split=say_split,
+        say_resume=say_resume,
     )
     if not scoring:
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
@@ -374,11 +374,11 @@ def judged_resume(
     loaders_built: bool = False,
     what: str = "run",
     config_file: Path | None = None,
-    say_split: bool = True,
+    say_resume: bool = True,
 ) -> tuple[TrainConfig, ResumePoint | None]:
     """The run's checkpoint found (or ``found``) and judged, its global batch kept on ``world`` ranks
     (``loaders_built``: the caller built the loaders at ``cfg``'s batch; ``what``, ``config_file``: as `judge`
-    names them, a study's; ``say_split`` False: the re-split and changes not said, its caller's): the config on
+    names them, a study's; ``say_resume`` False: the re-split and changes not said, its caller's): the config on
     this world size and the judged checkpoint. A resume refused raises here, before anything is written."""
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     recorded = None if scoring else recorded_split(point)
@@ -399,7 +399,7 @@ def judged_resume(
             )
         )
     if not scoring:  # a resumed run keeps its global batch on another world size
-        cfg = fit_world_size(cfg, world, point, said=say_split)
+        cfg = fit_world_size(cfg, world, point, said=say_resume)
     return cfg, judge(
         point,
         cfg,
@@ -408,7 +408,7 @@ def judged_resume(
         command=command,
         what=what,
         config_file=config_file,
-        said=say_split,
+        said=say_resume,
     )
 
 
@@ -435,7 +435,7 @@ def build_engine(
         require_task_labels(cfg)
     built = (parts or shared) is not None
     cfg, runtime, point = start_run(
-        cfg, runtime, found, scoring=scoring, command=command, loaders_built=built, say_split=warn_schedule
+        cfg, runtime, found, scoring=scoring, command=command, loaders_built=built, say_resume=warn_schedule
     )
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = cfg.data.labels if scoring else None
