@@ -20,7 +20,7 @@ from ..models.handover import Chunks, Signal
 from ..plugins import LOSS_GROUP, load_entry_points
 from .losses import CEPath
 from .modes import PlanError
-from .step_loss import Loss
+from .step_loss import STEP_KEYS, Loss
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,10 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
         # a name a config's `{name: ...}` could not match as typed ('MSE', 'v_mse ') is refused here
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
             raise ValueError(f"comparison loss names are lower-case words (a-z, 0-9, _), got {name!r}")
+        if name in STEP_KEYS:
+            raise ValueError(
+                f"comparison loss {name!r}: the step logs {name!r} itself; register it under another name"
+            )
         held = type(COMPARISON_LOSSES[name]) if name in COMPARISON_LOSSES else cls
         if (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(

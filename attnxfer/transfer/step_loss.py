@@ -13,6 +13,10 @@ from typing import Protocol
 
 import torch
 
+#: the keys a step's log record holds beside the comparisons' (this sum's, the engine's, the metrics file's): a
+#: loss or term of such a name would overwrite one of them in the log, or be overwritten
+STEP_KEYS = frozenset({"task", "transfer", "total", "grad_norm", "lr", "split", "step", "epoch", "time"})
+
 
 class Weighed(Protocol):
     """What the sum reads of a comparison (`comparisons.Comparison`): its logged name and its weight."""

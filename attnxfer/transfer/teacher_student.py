@@ -23,7 +23,7 @@ from ..models.handover import Chunks, Signal
 from .comparisons import Comparison, LayerPair, Step
 from .losses import CEPath, ce_path_for
 from .plan import PlanError, TransferPlan, build_plan
-from .step_loss import Loss, compose_loss, marked_parts
+from .step_loss import STEP_KEYS, Loss, compose_loss, marked_parts
 from .teacher_pass import (
     TeacherHandover,
     TeacherNeeds,
@@ -319,6 +319,11 @@ def _check_numbers(c: Comparison, res: Loss, method: str) -> None:
         raise TypeError(
             f"{c.origin}: comparison loss {c.loss!r} returned from {method} a {type(res).__name__}, not a "
             "Loss(total, terms)"
+        )
+    if taken := sorted((res.terms.keys() | res.logs.keys()) & STEP_KEYS):
+        raise ValueError(
+            f"{c.origin}: comparison loss {c.loss!r} returned from {method} a term named {taken[0]!r}, which the "
+            f"step logs itself; name it otherwise, e.g. '{c.loss}_{taken[0]}'"
         )
     for name, value in [("total", res.total), *res.terms.items(), *res.logs.items()]:
         if torch.is_tensor(value) and value.dim() == 0:

@@ -337,10 +337,29 @@ def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registere
             signals = (Signal.K, Signal.OUTPUT)
 
 
+@pytest.mark.parametrize("name", ["total", "step"])
+def test_a_loss_named_as_a_key_the_step_logs_itself_is_refused_where_it_is_registered(name, registries_kept):
+    """The run's log record holds ``task``, ``total``, ``step``, ...: a loss of that name overwrote one (a
+    ``step`` of 1.94 in metrics.jsonl) or was overwritten, so the logged total no longer added up."""
+    with pytest.raises(ValueError, match=rf"comparison loss '{name}': the step logs '{name}' itself"):
+        comparison_loss(name)(type("Own", (ComparisonLoss,), {"signals": (Signal.FEATURES,)}))
+
+
+def test_a_term_named_as_a_key_the_step_logs_itself_is_refused_where_the_loss_returns_it():
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, "none", losses=[{"name": "not_a_number", "returns": "task term"}])
+    with pytest.raises(
+        ValueError,
+        match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer "
+        r"a term named 'task', which the step logs itself; name it otherwise",
+    ):
+        TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+
+
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
     """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN,
-    a bare tensor, one term name at every layer."""
+    a bare tensor, one term name at every layer, a term named as the step's own."""
 
     signals = (Signal.K,)
     options: ClassVar = {"returns": "vector"}
@@ -356,6 +375,8 @@ class NotANumber(ComparisonLoss):
             return diff.mean()
         if returns == "one name":
             return Loss(diff.mean(), {"k_l2": diff.mean()})
+        if returns == "task term":
+            return Loss(diff.mean(), {"task": diff.mean()})
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
