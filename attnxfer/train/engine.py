@@ -230,7 +230,8 @@ class Engine:
         # after it, the settings the run has (a clip already set, a transfer weight where the term is one)
         clip = self.settings.clip_grad
         clip = f"a lower optim.clip_grad than {clip:g}" if clip else "optim.clip_grad=1.0"
-        weight = "" if bad is not None and bad.term in ("task", "mae") else ", or a lower transfer.atd_weight"
+        weights = self.objective.weight_keys if bad is None or bad.term != "task" else ""
+        weight = f", or a lower {weights}" if weights else ""
         advice = (
             "It came before any update: check the loss that computes that term, and the data."
             if bad is not None and bad.step == 0

@@ -40,6 +40,8 @@ class Objective(Protocol):
     trained: nn.Module
     #: a printed description for the trackers' hyper-parameters (the transfer plan), or None
     description: str | None
+    #: the config keys that weigh its terms besides the task's, in words (a non-finite term's advice), or ""
+    weight_keys: str = ""
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor | None, seed: int
@@ -80,6 +82,14 @@ class TransferObjective(Objective):
         self.module, self.trained, self.plan = pair, pair.student, pair.plan
         self.task, self.evaluator = task, evaluator
         self.description = pair.plan.describe()
+        self.weight_keys = " or ".join(
+            "transfer.atd_weight"
+            if c.origin.startswith("mode ")
+            else f"{c.origin} weight"
+            if c.origin.startswith("transfer.losses")
+            else c.origin
+            for c in pair.plan.comparisons
+        )
 
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor | None, seed: int

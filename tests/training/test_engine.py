@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_BLOCK_RUN, QUIET, attnxfer_process, run_cli
+from helpers import ONE_BLOCK_RUN, QUIET, attnxfer_process, run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import build_engine, train
@@ -299,6 +299,28 @@ def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path, capsys):
     # the advice fits the run: its clip is already set, and the term is no transfer weight's
     assert err.rstrip().endswith("Try a lower optim.lr, a lower optim.clip_grad than 5.")
     assert not list((tmp_path / "r" / "checkpoints").glob("step-*"))
+
+
+def test_non_finite_comparison_term_is_advised_the_weights_the_run_reads(tmp_path, capsys, tiny_teacher_dir):
+    """transfer.atd_weight was advised for every term but the task's, also in a run of transfer.losses alone
+    (mode none), which does not read it: the advice names the weights of the run's own comparisons."""
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        f"run_dir={tmp_path / 'r'}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        *tiny_run(8, 4),
+        "transfer.mode=none",
+        "transfer.task_weight=0",
+        "transfer.losses=[{name: mse, signal: v}]",
+        "optim.lr=1e30",
+        "schedule.warmup_epochs=0",
+        "schedule.max_steps=2",
+    )
+    assert code != 0 and "non-finite loss term 'mse_v/0'" in err
+    assert err.rstrip().endswith(
+        "Try a lower optim.lr, optim.clip_grad=1.0, or a lower transfer.losses[0] weight."
+    )
 
 
 @pytest.mark.slow
