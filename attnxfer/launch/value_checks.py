@@ -26,7 +26,7 @@ _CALL = re.compile(
 )
 
 
-_CONSTANT = r"^([A-Za-z_]\w*)\s*(?::\s*\w+\s*)?=\s*[\"']([^\"']*)[\"']"
+_CONSTANT = r"^([A-Za-z_]\w*)\s*(?::\s*\w+\s*)?=\s*[\"']([^\"']*)[\"'][ \t\r]*(?:\#.*)?$"
 #: a string or a comment, matched where it starts: a registration or a constant written inside one (a
 #: docstring's example, a line commented out) is consumed with it, never read as the module's
 _NOT_CODE = r"""\"\"\"[\s\S]*?\"\"\"|'''[\s\S]*?'''|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*'|\#[^\n]*"""
@@ -83,23 +83,25 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     return _registered_by_text()[:2]
 
 
-#: ``@comparison_loss("x")``, ``(name="x")`` or ``(NAME)``, at a line's start (a docstring's example is indented)
+#: ``@comparison_loss("x")``, ``(name="x")`` or ``(NAME)``, at a line's start (a docstring's example is indented);
+#: any other argument (a name built by code) matches with both groups empty
 _COMPARISON = re.compile(
-    r"^@comparison_loss\(\s*(?:name\s*=\s*)?(?:[\"']([^\"']+)[\"']|([A-Za-z_]\w*))", re.MULTILINE
+    r"^@comparison_loss\(\s*(?:name\s*=\s*)?(?:[\"']([^\"']+)[\"']\s*\)|([A-Za-z_]\w*)\s*\))?", re.MULTILINE
 )
 _COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
 
 
 @cache
-def _comparisons_by_text() -> frozenset[str]:
-    """The ``@comparison_loss`` names the files of ``transfer/`` declare, a constant looked up in its file."""
+def _comparisons_by_text() -> tuple[frozenset[str], bool]:
+    """The ``@comparison_loss`` names the files of ``transfer/`` declare, a constant looked up in its file, and
+    whether a registration's name could not be read (built by code)."""
     folder = Path(__file__).resolve().parents[1] / "transfer"
     names: set[str] = set()
     for path in sorted(folder.glob("*.py")):
         text = path.read_text(encoding="utf-8")
         consts = _constants(text)
         names.update(literal or consts.get(constant, "") for literal, constant in _COMPARISON.findall(text))
-    return frozenset(names - {""})
+    return frozenset(names - {""}), "" in names
 
 
 def _hint(name: str, names: frozenset[str]) -> str:
@@ -111,7 +113,7 @@ def _comparison_names() -> frozenset[str]:
     """The names entries may give: the imported registry's where it is loaded (a session's own losses, an
     installed package's), else what the source declares."""
     module = sys.modules.get(_COMPARISONS_MODULE)
-    return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()
+    return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()[0]
 
 
 def _check_comparisons(entries: Any) -> None:
@@ -121,6 +123,8 @@ def _check_comparisons(entries: Any) -> None:
         if isinstance(name, str) and name not in names:
             # an installed package's: it imports the registry, which then holds the built-ins too
             load_entry_points(LOSS_GROUP)
+            if _comparisons_by_text()[1]:  # a name the source builds by code: the imported package holds it
+                importlib.import_module("attnxfer.transfer")
             names = _comparison_names()
         if not isinstance(name, str) or name in names or not names:
             continue  # a malformed entry is refused, with its own message, where the plan is built

@@ -197,7 +197,8 @@ def test_an_unknown_architecture_is_refused_with_the_nearest(key):
 def test_comparison_loss_names_read_from_the_source_are_the_registrys():
     # the package's own entries (a test elsewhere registers one of its own in this process)
     own = {name for name, fn in COMPARISON_LOSSES.items() if fn.__module__.startswith("attnxfer.")}
-    assert value_checks._comparisons_by_text() == own >= {"map", "mse", "logit_kd"}
+    names, unread = value_checks._comparisons_by_text()
+    assert names == own >= {"map", "mse", "logit_kd"} and not unread
     with pytest.raises(
         ConfigError, match=r"^transfer.losses\[1\].name: 'logit_kdd' is not a comparison loss; did"
     ):
@@ -306,6 +307,52 @@ def test_a_forks_loss_named_by_keyword_or_constant_is_read_from_the_source():
     text = 'NAME = "cos"\n@comparison_loss(name="v_mse")\n@comparison_loss( name = \'q_l1\')\n@comparison_loss(NAME)\n'
     assert value_checks._COMPARISON.findall(text) == [("v_mse", ""), ("q_l1", ""), ("", "NAME")]
     assert value_checks._constants(text) == {"NAME": "cos"}
+
+
+def test_a_constant_built_by_code_is_not_read_as_its_first_piece():
+    """``NAME = "attn_" + "mse"`` was read as ``"attn_"``: the fork's own name was refused, 'did you mean attn_'."""
+    assert value_checks._constants('NAME = "attn_" + "mse"\nKIND = "x"  # a comment\n') == {"KIND": "x"}
+
+
+_LOSSES_NAMED_BY_CODE = """
+from ..models.handover import Signal
+from .comparisons import ComparisonLoss, comparison_loss
+
+PREFIX = "attn_"
+
+
+@comparison_loss(PREFIX + "mse")
+class AttnMSE(ComparisonLoss):
+    signals = (Signal.FEATURES,)
+
+
+@comparison_loss(f"{PREFIX}l1")
+class AttnL1(ComparisonLoss):
+    signals = (Signal.FEATURES,)
+"""
+
+
+@pytest.mark.slow
+def test_a_forks_loss_named_by_code_is_not_refused_as_unknown(tmp_path):
+    """As for attentions: a name the source cannot be read for is asked of the imported registry before the
+    check says 'not a comparison loss'."""
+    fork = tmp_path / "fork"
+    shutil.copytree(
+        Path(attnxfer.__file__).parent, fork / "attnxfer", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (fork / "attnxfer" / "transfer" / "attn_losses.py").write_text(_LOSSES_NAMED_BY_CODE)
+    check = (
+        "from attnxfer.config import load_config; from attnxfer.launch.value_checks import check_values; "
+        "check_values(load_config(None, ['transfer.losses=[{name: attn_mse}, {name: attn_l1}]']))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=fork,
+        env={**os.environ, "PYTHONPATH": str(fork)},
+        capture_output=True,
+        text=True,
+    )
+    assert child.returncode == 0, child.stderr
 
 
 def test_a_formula_that_does_not_parse_is_named_by_its_key_when_the_registry_is_loaded():
