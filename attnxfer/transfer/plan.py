@@ -235,6 +235,13 @@ def _check_layer_pairs(
     of_layers = [c for c in requested if c.signal.of_layer]
     if spec.is_copy:
         check_partitions(pairs, s_names, s_attn, models.student_parts, models.teacher_parts)
+    for c in of_layers:  # a copied layer's own q/k/v where it borrows the teacher's: frozen and unused
+        if set(c.chunks) & set(spec.borrow):
+            free = [s for s in Signal if s.chunks and not set(s.chunks) & set(spec.borrow)] + ["features"]
+            raise PlanError(
+                f"{c.origin}: transfer.mode={spec.name} attends with the teacher's {spec.borrow}, not the student's "
+                f"own {c.signal}; compare {', '.join(free)}, or set transfer.mode=distill or none"
+            )
     for c in of_layers:  # a student layer without a map (none, hydra) says so, not that its keys differ
         for s, t in c.pairs:
             if not s_attn[s].map_kind.has_map:

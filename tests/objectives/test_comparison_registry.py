@@ -154,6 +154,25 @@ def test_a_layer_entry_compares_at_the_transfer_layers_beside_copy():
     torch.testing.assert_close(out.loss, 0.25 * (out.terms["mse_v/0"] + out.terms["mse_v/1"]))
 
 
+@pytest.mark.parametrize(
+    "mode, entry, others",
+    [
+        ("copy", {"name": "map"}, "v, features"),
+        ("copy", {"name": "mse", "signal": "q"}, "v, features"),
+        ("copy_v", {"name": "mse", "signal": "v"}, "q, k, maps, features"),
+    ],
+)
+def test_a_layer_entry_on_what_a_copy_mode_borrows_is_refused(mode, entry, others):
+    """The copied layer attends with the teacher's q/k (or v): the student's own is frozen and unused, so a
+    loss on it compared nothing the student runs (its term was the same as under mode none)."""
+    with pytest.raises(PlanError) as refused:
+        build_plan(peaked_teacher(depth=2), tiny_vit(depth=2, seed=2), mode, losses=[entry])
+    assert str(refused.value).startswith(
+        f"transfer.losses[0]: transfer.mode={mode} attends with the teacher's"
+    )
+    assert str(refused.value).endswith(f"compare {others}, or set transfer.mode=distill or none")
+
+
 def test_a_maps_loss_of_ones_own_builds_its_maps_from_the_handed_q_and_k_as_the_docs_say():
     """docs/distillation.md: a loss of ``Signal.MAPS`` gets q and k (no layer hands over a map) and builds the
     rows with ``pair.student_attn.attention_map(q, k)``: the maps ``attention_maps`` shows, with a gradient."""
