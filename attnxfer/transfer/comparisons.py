@@ -209,7 +209,9 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
         raise PlanError(
             f"{origin}: write a mapping with the loss's name, e.g. {{name: logit_kd, weight: 1.0}}"
         )
-    loss = get_comparison_loss(str(entry["name"]))
+    if not isinstance(entry["name"], str):  # else str() made null the unknown loss 'None', naming no entry
+        raise PlanError(f"{origin}.name: expected a loss's name (a string), got {entry['name']!r}")
+    loss = get_comparison_loss(entry["name"])
     words = ", ".join(str(s) for s in loss.signals)
     try:
         signal = Signal(entry.get("signal", loss.signals[0]))

@@ -213,6 +213,8 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     [
         ({"name": "nope"}, r"unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd"),
         ({"weight": 1.0}, r"transfer.losses\[0\]: write a mapping with the loss's name"),
+        ({"name": None}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got None$"),
+        ({"name": 3}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got 3$"),
         (
             {"name": "logit_kd", "temperatur": 2},
             r"logit_kd takes name, weight, signal, temperature; not temperatur",
