@@ -130,8 +130,8 @@ def _check_comparisons(entries: Any) -> None:
             continue  # a malformed entry is refused, with its own message, where the plan is built
         raise ConfigError(
             f"transfer.losses[{i}].name: {name!r} is not a comparison loss{_hint(name, names)} (one of "
-            f"{', '.join(sorted(names))}; a loss of your own: @comparison_loss in a module named by an "
-            f"'{LOSS_GROUP}' entry point)"
+            f"{', '.join(sorted(names))}; a loss of your own: @comparison_loss in a file of attnxfer/transfer/ "
+            f"or in a module named by an '{LOSS_GROUP}' entry point)"
         )
 
 

@@ -192,7 +192,8 @@ def get_comparison_loss(name: str) -> ComparisonLoss:
     if name not in COMPARISON_LOSSES:
         raise PlanError(
             f"unknown comparison loss {name!r}; choose one of: {', '.join(sorted(COMPARISON_LOSSES))} (a "
-            f"loss of your own: @comparison_loss in a module named by an '{LOSS_GROUP}' entry point)"
+            "loss of your own: @comparison_loss in a file of attnxfer/transfer/ or in a module named by an "
+            f"'{LOSS_GROUP}' entry point)"
         )
     return COMPARISON_LOSSES[name]
 

@@ -200,7 +200,9 @@ def test_comparison_loss_names_read_from_the_source_are_the_registrys():
     names, unread = value_checks._comparisons_by_text()
     assert names == own >= {"map", "mse", "logit_kd"} and not unread
     with pytest.raises(
-        ConfigError, match=r"^transfer.losses\[1\].name: 'logit_kdd' is not a comparison loss; did"
+        ConfigError,
+        match=r"^transfer.losses\[1\].name: 'logit_kdd' is not a comparison loss; did.* @comparison_loss in a "
+        r"file of attnxfer/transfer/ or in a module named by an 'attnxfer.losses' entry point\)$",
     ):
         check_values(load_config(None, ["transfer.losses=[{name: mse, signal: v}, {name: logit_kdd}]"]))
     check_values(load_config(None, ["transfer.losses=[{name: feature_distill, weight: 0.5}]"]))

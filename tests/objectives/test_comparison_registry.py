@@ -211,7 +211,11 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ({"name": "nope"}, r"unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd"),
+        (  # a loss of one's own: a fork's file or an installed package's module
+            {"name": "nope"},
+            r"unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd.* @comparison_loss in a file "
+            r"of attnxfer/transfer/ or in a module named by an 'attnxfer.losses' entry point\)$",
+        ),
         ({"weight": 1.0}, r"transfer.losses\[0\]: write a mapping with the loss's name"),
         ({"name": None}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got None$"),
         ({"name": 3}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got 3$"),
