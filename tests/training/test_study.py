@@ -174,6 +174,22 @@ def test_a_study_resumed_with_a_key_it_cannot_change_names_its_study_yaml_as_its
     )
 
 
+@pytest.mark.slow
+def test_a_student_trained_on_alone_past_the_studys_step_is_refused_not_restarted(tmp_path, capsys):
+    """`train -c RUN/<name>/config.yaml` pruned the study's step from that student: the study restarted it
+    from scratch beside the others (and set its newer checkpoint aside) while saying it resumed every one."""
+    run = tmp_path / "study"
+    argv = ["study", *BASE, "transfer.mode=none", "schedule.max_steps=1", "checkpoint.keep_last=1"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", f"run_dir={run}", "--vary", "seed=0,1"]
+    assert cli.main(argv) == 0
+    alone = next(p for p in run.iterdir() if (p / "config.yaml").is_file())
+    assert cli.main(["train", "-c", str(alone / "config.yaml"), "schedule.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*argv[:-2], "schedule.max_steps=3", *argv[-2:]]) == 2
+    assert f"student {alone.name!r} has no checkpoint of the study's step 1" in capsys.readouterr().err
+    assert [p.name for p in (alone / "checkpoints").iterdir()] == ["step-00000002"]
+
+
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):
     run = tmp_path / "study"
     for vary in ("data.batch_size=8,16", "teacher.spec=a,b", "schedule.max_steps=2,4", "aug.mixup=0,0.8"):

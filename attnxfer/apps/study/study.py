@@ -290,6 +290,15 @@ def _where_it_stands(
     """The study on ``world`` processes and its last committed step, judged as any resume; the students'
     checkpoints after that step (a save round a kill cut short) set aside. A fresh study stands nowhere."""
     spec, point = judged_study_point(spec, world)
+    stopped = point.record("stopped") or {} if point is not None else {}
+    for student, cfg in configs or spec.configs():
+        steps = [i.step for i in CheckpointManager(Path(cfg.run_dir)).list(verify_hash=False)]
+        if point is not None and student.name not in stopped and point.step not in steps:
+            raise InputError(  # it would start from scratch beside students at the study's step
+                f"student {student.name!r} has no checkpoint of the study's step {point.step} in {cfg.run_dir} "
+                f"(it holds {', '.join(f'step {s}' for s in steps) or 'none'}: trained on alone?); nothing was "
+                "moved: start the study over (checkpoint.resume=none) or elsewhere (run_dir=...)"
+            )
     if DistributedInfo.from_environment().is_main_process:
         for _, cfg in configs or spec.configs():
             manager = CheckpointManager(Path(cfg.run_dir))
