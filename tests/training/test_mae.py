@@ -263,6 +263,18 @@ def test_pretrainings_export_at_its_end_does_not_call_the_run_still_training(tmp
 
 
 @pytest.mark.slow
+def test_a_pretraining_trained_longer_keeps_its_earlier_export_aside(tmp_path, capsys):
+    """The earlier export is the teacher of runs that check it by hash: replaced in place, those runs could no
+    longer resume, and the weights they name were gone (the checkpoint it came from pruned)."""
+    pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "schedule.max_steps=2"]))
+    before = (tmp_path / "export" / "model.safetensors").read_bytes()
+    pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "schedule.max_steps=4"]))
+    (aside,) = tmp_path.glob("export.replaced-*")
+    assert (aside / "model.safetensors").read_bytes() == before and f"as {aside}" in capsys.readouterr().out
+    assert (tmp_path / "export" / "model.safetensors").read_bytes() != before
+
+
+@pytest.mark.slow
 def test_mae_checkpoint_loads_as_a_teacher_without_its_decoder(pretrained_run, capsys):
     ckpt_file = pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"
     ckpt = load_file(str(ckpt_file))

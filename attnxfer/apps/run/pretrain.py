@@ -25,6 +25,7 @@ from ...checkpoints.export import export_run
 from ...checkpoints.model_card import shape_phrase
 from ...checkpoints.resume_point import ResumePoint
 from ...checkpoints.run_lock import run_lock
+from ...checkpoints.store import set_aside
 from ...config import TrainConfig, config_changes, refuse_unread_sections, to_dict
 from ...data import data_identity
 from ...errors import InputError
@@ -305,6 +306,11 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         export = Path(cfg.run_dir) / "export"
         # a finished run resumed again keeps its export (one is made if the run stopped before it)
         if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
+            # the earlier export is the teacher of runs that check it by hash: kept, as a replaced checkpoint is
+            if export.is_dir():
+                say(
+                    f"kept the earlier export, a teacher of runs trained from it, as {set_aside(export, 'replaced')}"
+                )
             out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)  # its latest checkpoint
             say(
                 f"encoder of the last checkpoint, {Path(engine.last_ckpt or '').name} (MAE's rule: not the "
