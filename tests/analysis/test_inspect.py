@@ -437,6 +437,10 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
             + ["--split", "val", "--data-root", "X"],
             "--images reads the files given, not a dataset: drop --data-root, --split, --num-images",
         ),
+        (
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data", "folder"],
+            "--data folder reads its images from a folder: give --data-root PATH",
+        ),
         (  # a folder of images, as a dataset would be given
             [
                 "vit_tiny_patch16_224",

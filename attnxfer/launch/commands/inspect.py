@@ -75,6 +75,9 @@ def run(args) -> int:
     ]
     if args.images and dataset_only:  # else dropped without a word
         raise InputError(f"--images reads the files given, not a dataset: drop {', '.join(dataset_only)}")
+    # the dataset's own line names root=, no flag of inspect's
+    if args.data == "folder" and not args.data_root:
+        raise InputError("--data folder reads its images from a folder: give --data-root PATH")
     if args.noise < 0:
         raise InputError(f"--noise is the floor's noise std: it must be >= 0, got {args.noise}")
     # after the checks: a bad flag answers without torch
