@@ -99,7 +99,8 @@ def _config_of(args):
 def with_auto_resume(cfg) -> str:
     """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
     start over; a PATH: start from there) would not pick up where it stopped."""
-    resume = "auto" if cfg is None else str(cfg.checkpoint.resume)
+    run = getattr(cfg, "base", cfg)  # a study's: its base
+    resume = str(getattr(getattr(run, "checkpoint", None), "resume", "auto"))
     if resume == "auto":
         return ""
     again = "start over" if resume == "none" else f"start from {resume}"

@@ -200,7 +200,7 @@ def run(args) -> int:
         if isinstance(e, JobCancelledError):
             from ..cli import with_auto_resume
 
-            e.reason += with_auto_resume(cfg.base if study else cfg)
+            e.reason += with_auto_resume(cfg)
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
     return 0

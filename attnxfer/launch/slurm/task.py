@@ -17,6 +17,8 @@ import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
 from ...checkpoints.atomic_io import atomic_write_text
+from ...checkpoints.verify import MANIFEST_NAME
+from ...run_layout import CHECKPOINTS_SUBDIR
 from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
@@ -62,7 +64,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         # requeues this task asked for, by cause; they travel with the pickled task
         self.timeouts = 0
         self.preemptions = 0
-        self._started = time.time()
+        self._started = self.submitted = time.time()
 
     @property
     def requeues(self) -> int:
@@ -88,6 +90,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
                     f"job preempted {self.all_preemptions()} times, more than "
                     f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
                 )
+            self.cfg = resumed_on_restart(self.cfg, self.submitted)
         _watch_stop_signals()
         # the config's dist.timeout (a run's config; another callable's config may have none: torch's defaults)
         timeout = getattr(getattr(self.cfg, "dist", None), "timeout", None)
@@ -221,6 +224,23 @@ class TrainingTask(submitit.helpers.Checkpointable):
             f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, "
             f"max_requeues={self.max_requeues}, max_preemptions={self.max_preemptions})"
         )
+
+
+def resumed_on_restart(cfg: Any, since: float) -> Any:
+    """A restarted job's config: its checkpoint.resume none or PATH said where its first attempt started; once
+    the job has saved a checkpoint under its run_dir (since ``since``, its submission), a restart goes on from
+    the newest (auto) instead of redoing the work and setting its saves aside. Unchanged before any save."""
+    from ..cli import with_auto_resume
+
+    if not with_auto_resume(cfg):  # auto already (or no checkpoint.resume to change)
+        return cfg
+    saves = Path(cfg.run_dir).rglob(f"{CHECKPOINTS_SUBDIR}/*/{MANIFEST_NAME}")
+    if not any(path.stat().st_mtime >= since for path in saves):
+        return cfg
+    warn(
+        "restarted after saving: resumes from its newest checkpoint (checkpoint.resume=auto for this restart)"
+    )
+    return cfg.with_overrides({"checkpoint.resume": "auto"})
 
 
 _STOP_SIGNALLED = False

@@ -49,3 +49,42 @@ def test_lines_of_an_earlier_attempt_and_a_missing_log_end_nothing(tmp_path):
     log.write_text(JOB.format(at="2026-01-31T12:00:00", why=""))  # the scancel of an attempt before this one
     assert _why_ending(log, time.time()) is None
     assert _why_ending(tmp_path / "none.err", time.time()) is None
+
+
+def test_a_restart_resumes_the_checkpoints_the_job_saved_whatever_its_first_attempt_started_from(tmp_path):
+    """checkpoint.resume=none (or a PATH) said where the first attempt started: a requeued job that saved goes on
+    from its newest checkpoint (auto) rather than starting over and setting its saves aside; before it saved,
+    a checkpoint there is an older run's, which none keeps it from."""
+    import os
+
+    from attnxfer.config import load_config
+    from attnxfer.launch.slurm.task import resumed_on_restart
+
+    old = tmp_path / "checkpoints" / "step-00000004"
+    old.mkdir(parents=True)
+    (old / "MANIFEST.json").write_text("{}")
+    os.utime(old / "MANIFEST.json", (time.time() - 60, time.time() - 60))  # an older run's, before submission
+    for resume in ("none", str(old)):
+        cfg = load_config(None, [f"run_dir={tmp_path}", f"checkpoint.resume={resume}"])
+        submitted = time.time() - 30
+        assert resumed_on_restart(cfg, submitted).checkpoint.resume == resume
+        ours = tmp_path / "checkpoints" / "step-00000008"
+        ours.mkdir(exist_ok=True)
+        (ours / "MANIFEST.json").write_text("{}")
+        assert resumed_on_restart(cfg, submitted).checkpoint.resume == "auto"
+        (ours / "MANIFEST.json").unlink()
+
+
+def test_a_restarted_task_runs_main_with_the_config_that_resumes_its_saves(tmp_path, monkeypatch):
+    from attnxfer.config import load_config
+    from attnxfer.launch.slurm.task import TrainingTask
+
+    task = TrainingTask(
+        lambda cfg: cfg.checkpoint.resume,
+        load_config(None, [f"run_dir={tmp_path}", "checkpoint.resume=none"]),
+    )
+    saved = tmp_path / "checkpoints" / "step-00000008"
+    saved.mkdir(parents=True)
+    (saved / "MANIFEST.json").write_text("{}")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
+    assert task() == "auto"
