@@ -196,11 +196,14 @@ def run(args) -> int:
         describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)
         submit_from_args(getattr(importlib.import_module(module), name), cfg, args, describe)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
-        # a cancelled job: the same command resumes it, unless its checkpoint.resume would start over
-        if isinstance(e, JobCancelledError):
-            from ..cli import with_auto_resume
+        # a cancelled job (or one past its requeue bound): the same command resumes it, unless its
+        # checkpoint.resume would start over
+        from ..cli import with_auto_resume
 
-            e.reason += with_auto_resume(cfg)
+        again = with_auto_resume(cfg)
+        if isinstance(e, JobCancelledError):
+            e.reason += again
+        e.reason = e.reason.replace("resubmit to continue", f"resubmit to continue{again}")
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
     return 0

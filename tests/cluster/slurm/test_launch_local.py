@@ -212,6 +212,32 @@ def test_a_cancelled_job_submitted_with_resume_none_is_told_to_resume_with_auto(
     ), err
 
 
+def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resubmit_with_auto(
+    tmp_path, capsys, monkeypatch
+):
+    """The job's own words say resubmit to continue, which with checkpoint.resume=none would start over."""
+    from helpers import run_cli, tiny_run
+
+    import attnxfer.launch.slurm as slurm
+    from attnxfer.launch.slurm.task import RequeueLimitReached, TrainingTask
+
+    with pytest.raises(RequeueLimitReached) as refused:  # the time-limit bound, as the job raises it
+        TrainingTask(print, None, max_requeues=0).checkpoint()
+    reason = f"attnxfer.launch.slurm.task.RequeueLimitReached: {refused.value}"
+
+    def failed(*args, **kwargs):
+        raise JobFailedError("...", "12", 0, reason=reason)
+
+    monkeypatch.setattr(slurm, "submit_from_args", failed)
+    code, _, err = run_cli(
+        capsys, "submit", f"run_dir={tmp_path}", *tiny_run(16, 8), "checkpoint.resume=none"
+    )
+    assert code == 1 and (
+        "resubmit to continue with checkpoint.resume=auto (checkpoint.resume=none would start over again), with a "
+        "longer --time" in err
+    ), err
+
+
 # ---- options and command line ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "value, minutes",
