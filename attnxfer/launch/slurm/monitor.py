@@ -53,6 +53,13 @@ class JobCancelledError(JobFailedError):
     ended = "was cancelled (scancel)"
 
 
+class JobPreemptedError(JobCancelledError):
+    """Preempted on a cluster that cancels preempted jobs (PreemptMode=CANCEL, whose PREEMPTED is final): as
+    a cancellation, the same command resumes the run."""
+
+    ended = "was preempted and not requeued (the cluster ends preempted jobs)"
+
+
 class JobTimeoutError(TimeoutError):
     """``wait`` gave up before the job finished (the job keeps running)."""
 
@@ -76,7 +83,6 @@ SLURM_ACTIVE_STATES = SLURM_NOT_READY_STATES | {
     "SUSPENDED",
     "STAGE_OUT",
     "SIGNALING",
-    "PREEMPTED",
     "STOPPED",
     "UNKNOWN",
 }
@@ -210,8 +216,10 @@ def _stop_if_died(
     ended = f"ended ({state or job.state}) without a result from every rank"
     message = f"job {job.job_id} {ended}:\n{logs}"
     log = _tasks(job)[0].paths.stderr
-    if state == "CANCELLED":  # its user's scancel: the ranks' exits are no rank's fault
-        raise JobCancelledError(message, job.job_id, log_path=log, reason="re-run the same command to resume")
+    # its user's scancel, or a preemption the cluster does not requeue: the ranks' exits are no rank's fault
+    if state in ("CANCELLED", "PREEMPTED"):
+        ended_by = JobPreemptedError if state == "PREEMPTED" else JobCancelledError
+        raise ended_by(message, job.job_id, log_path=log, reason="re-run the same command to resume")
     raise _died(job, message) or JobFailedError(message, job.job_id, log_path=log, reason=f"it {ended}")
 
 

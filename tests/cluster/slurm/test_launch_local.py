@@ -238,6 +238,23 @@ def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resu
     ), err
 
 
+def test_a_job_preempted_on_a_cluster_that_cancels_preempted_jobs_is_said_as_cancelled_not_waited_for(
+    tmp_path, monkeypatch
+):
+    """PREEMPTED is final where PreemptMode is CANCEL (a requeued job shows PENDING): wait without a timeout
+    would wait for ever."""
+    import submitit
+
+    from attnxfer.launch.slurm import monitor
+
+    monkeypatch.setattr(monitor, "slurm_job_info", lambda job_id: {"JobState": "PREEMPTED"})
+    with pytest.raises(monitor.JobCancelledError) as ended:
+        wait(submitit.SlurmJob(folder=tmp_path, job_id="12"), timeout=5, poll_s=0.01, grace_s=0)
+    assert ended.value.summary().startswith(
+        "job 12 was preempted and not requeued (the cluster ends preempted jobs): re-run the same command"
+    ), ended.value.summary()
+
+
 # ---- options and command line ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "value, minutes",
