@@ -538,6 +538,23 @@ def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
     assert not (tmp_path / "d/checkpoints/step-00000003").exists()
 
 
+def test_a_moved_run_whose_demo_teacher_is_not_found_is_told_to_name_that_teacher_not_to_rerun_the_demo(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """A new `attnxfer demo` would write another teacher, which the resume refuses by its weights' hash."""
+    assert cli.main(["export", str(trained), str(tmp_path / "runs/demo/mae/export")]) == 0
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in S if a != "transfer.mode=none"]
+    distill = ["transfer.mode=distill", "teacher.spec=local-dir:runs/demo/mae/export", "run_dir=runs/demo/d"]
+    assert run_cli(capsys, "train", *args, *distill, "schedule.max_steps=1")[0] == 0
+    shutil.move(tmp_path / "runs/demo/d", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "train", "-c", str(tmp_path / "moved/config.yaml"), "schedule.max_steps=2")
+    line = _error_line(err)
+    assert code == 2 and "runs/demo/mae/export does not exist" in line and "run `attnxfer demo`" not in line
+    assert "teacher.spec=local-dir:" in line
+
+
 # ---------------------------------------------------------------------- 7: full and read-only disks
 
 

@@ -23,7 +23,7 @@ from ...config import (
     validate_config,
 )
 from ...data import data_identity, dataset_has_labels, require_labels
-from ...errors import InputError
+from ...errors import InputError, MissingPathError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
 from ...speak import say, warn
@@ -439,9 +439,22 @@ def build_engine(
     )
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = cfg.data.labels if scoring else None
-    parts = parts or build_run_parts(
-        cfg, rank=runtime.rank, world_size=runtime.world, labels=labels, shared=shared
-    )
+    try:
+        parts = parts or build_run_parts(
+            cfg, rank=runtime.rank, world_size=runtime.world, labels=labels, shared=shared
+        )
+    except MissingPathError as e:
+        # a resumed run's teacher, not where it was: a new one (the demo's hint) is refused by its hash
+        said, spec = str(e).partition("; ")[0], cfg.teacher.spec
+        if point is None or not said.startswith(f"{spec}:"):
+            raise
+        path = spec.removeprefix("local-dir:")
+        raise MissingPathError(
+            f"{said}; {cfg.run_dir} resumes a run that learned from that teacher: "
+            f"{'' if Path(path).is_absolute() else 'run from the folder the run started in, or '}give "
+            f"teacher.spec={spec.removesuffix(path)}/ABS/PATH where it is now (other weights, a new "
+            "`attnxfer demo`'s, are refused by their hash)"
+        ) from None
     check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
