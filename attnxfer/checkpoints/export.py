@@ -27,7 +27,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..run_layout import LOCK_NAME, RUN_DIR_MARKERS, read_record
+from ..run_layout import LOCK_NAME, read_record
 from ..sources.resolve import weights_digest
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
@@ -45,7 +45,7 @@ from .model_card import (
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, select_checkpoint as select_checkpoint
-from .run_lock import claim_new_file, lock_holder, refuse_file_in_the_way, refuse_unwritable
+from .run_lock import claim_new_file, in_run_folder, lock_holder, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
 # What an export folder holds (and what overwrite=True replaces).
@@ -428,8 +428,7 @@ def export_run(
     # the run's teacher where that is an attnxfer export too (the demo's MAE teacher): known by its weights, as
     # a relative local-dir: spec names another folder from another working directory
     teacher, held = record.get("teacher") or {}, Path(out_dir) / "model.safetensors"
-    marker = next((m for m in RUN_DIR_MARKERS if (Path(out_dir) / m).exists()), None)
-    what = f"a run's folder (it holds {marker})" if marker else None
+    what = in_run_folder(out_dir)
     if teacher.get("sha256") and held.is_file() and weights_digest(held) == teacher["sha256"]:
         what = f"the run's teacher ({teacher.get('spec')}), which its resume and eval check by hash"
     if what:

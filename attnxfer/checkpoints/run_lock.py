@@ -43,6 +43,7 @@ from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     EXPORTED_MODEL,
     LOCK_NAME,
+    PICTURES_DIR,
     RUN_CONFIG,
     RUN_DIR_MARKERS,
     RUN_RECORD,
@@ -52,6 +53,7 @@ from ..run_layout import (
     STUDY_YAML,
     SWEEP_POINT,
     SWEEP_RECORD,
+    TENSORBOARD_DIR,
     is_exported_model,
     read_record,
 )
@@ -179,6 +181,21 @@ def _raise_plainly(e: OSError, run_dir: Path) -> None:
     if plain is None:
         raise e
     raise plain from e
+
+
+def in_run_folder(folder: str | os.PathLike) -> str | None:
+    """What of a run ``folder`` is where an output written there would mix with the run's files (export's
+    and inspect's ``OUT``): a run's own folder (a conversion's stage too), or one its run writes into
+    (checkpoints/, tb/, pictures/); None for any other (a run's export/, a folder of the user's beside its files)."""
+    marker = next((m for m in RUN_DIR_MARKERS if (Path(folder) / m).exists()), None)
+    if marker:
+        return f"a run's folder (it holds {marker})"
+    owned = (CHECKPOINTS_SUBDIR, TENSORBOARD_DIR, PICTURES_DIR)
+    folder = Path(os.path.abspath(folder))  # ``..`` folded, links kept: the names the user gave
+    for part in (p for p in (folder, *folder.parents) if p.name in owned):
+        if any((part.parent / m).exists() for m in RUN_DIR_MARKERS):
+            return f"in {part.parent}'s {part.name}/, which its run writes into"
+    return None
 
 
 def refuse_file_in_the_way(folder: str | os.PathLike, name: str, what: str | None = None) -> None:

@@ -789,6 +789,17 @@ def test_an_export_into_the_runs_own_folder_is_refused(trained, capsys):
     assert sorted(p.name for p in trained.iterdir()) == before
 
 
+def test_an_export_into_a_folder_the_run_writes_into_is_refused(trained, capsys):
+    """The run's checkpoints/ would hold the model's files beside its step folders; its export/ is where it goes."""
+    before = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    code, _, err = run_cli(capsys, "export", str(trained), str(trained / "checkpoints"), "--overwrite")
+    assert (
+        code == 2
+        and f"in {trained}'s checkpoints/, which its run writes into: export into {trained / 'export'}" in err
+    )
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == before
+
+
 @pytest.mark.parametrize("marker", ["stage2", "checkpoints"])
 def test_an_export_into_a_conversions_or_studys_folder_is_refused(trained, tmp_path, marker):
     """`export CONVERSION CONVERSION --overwrite` (meant: its stage2/export) would mix the model's files into
