@@ -601,6 +601,16 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_inspection(m
     assert "--out=/proc/attnxfer-inspect cannot be written (/proc: " in capsys.readouterr().err
 
 
+def test_an_out_folder_of_a_run_is_refused_as_export_refuses_it(micro_teacher, tmp_path, capsys):
+    """The report's files would mix with the run's own (report.md, metrics.json and pictures beside run.json)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    assert _inspect(micro_teacher, run, "--overwrite") == 2
+    assert f"--out={run} is a run's folder (it holds run.json)" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == ["run.json"]
+
+
 def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     micro_teacher, tmp_path, capsys, monkeypatch
 ):

@@ -26,7 +26,7 @@ from ...analysis import InspectedStudent, Inspection, compare_attention, input_s
 from ...analysis.pictures import agreement_figure, save_figure
 from ...checkpoints.processes import process_alive
 from ...checkpoints.run_dir import ExportWeights, RunDir
-from ...checkpoints.run_lock import claim_new_file, refuse_file_in_the_way, refuse_unwritable
+from ...checkpoints.run_lock import claim_new_file, in_run_folder, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...data import build_dataset
 from ...data.folder import eight_bit
@@ -438,6 +438,8 @@ def inspect_attention(
     if out is not None:
         refuse_file_in_the_way(out, "--out")
         refuse_unwritable(out, "--out")
+        if what := in_run_folder(out):
+            raise PathExistsError(f"--out={out} is {what}: choose another --out (runs/inspect, the default)")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
         raise PathExistsError(
             f"{out} already holds an inspection (metrics.json); choose another --out or pass --overwrite"
