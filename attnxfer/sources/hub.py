@@ -81,6 +81,14 @@ def offline_reason() -> str | None:
     return None
 
 
+#: the end of `fetch_instructions`' advice for the commands and functions that take a cache folder (inspect,
+#: which takes none, drops it)
+CACHE_DIR_ROUTE = (
+    ", or name the cache folder: teacher.cache_dir=DIR for train/convert/pretrain/submit (model.init reads "
+    "it too), cache_dir=... in Python"
+)
+
+
 def fetch_instructions(
     spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
 ) -> str:
@@ -108,8 +116,7 @@ def fetch_instructions(
         f"    attnxfer fetch {spec.partition('@')[0]}{rev}\n"  # a spec's @REV is said once, as the flag
         "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
         f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
-        "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
-        "train/convert/pretrain/submit (model.init reads it too), cache_dir=... in Python."
+        f"(or set HF_HOME=DIR when it is DIR/hub){CACHE_DIR_ROUTE}."
     )
 
 

@@ -601,6 +601,19 @@ def test_an_out_folder_that_cannot_be_written_is_refused_before_the_inspection(m
     assert "--out=/proc/attnxfer-inspect cannot be written (/proc: " in capsys.readouterr().err
 
 
+def test_a_hub_teacher_not_cached_is_told_the_cache_routes_inspect_has(
+    micro_teacher, tmp_path, monkeypatch, capsys
+):
+    """inspect takes no teacher.cache_dir (nor cache_dir= in Python): HF_HUB_CACHE / HF_HOME are its routes."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    assert _inspect("hf-hub:acme/not-cached", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "point HF_HUB_CACHE at the directory that holds models--acme--not-cached" in err
+    assert "cache_dir" not in err.replace("--cache-dir", "")
+
+
 def test_an_out_folder_of_a_run_is_refused_as_export_refuses_it(micro_teacher, tmp_path, capsys):
     """The report's files would mix with the run's own (report.md, metrics.json and pictures beside run.json)."""
     run = tmp_path / "run"

@@ -41,6 +41,7 @@ from ...sources import (
     load_student,
     load_teacher,
 )
+from ...sources.hub import CACHE_DIR_ROUTE
 from ...sources.resolve import Origin, parse_teacher_spec
 from ...speak import say
 from ...transfer.modes import MODES
@@ -164,7 +165,7 @@ def load_model(
             f"attnxfer inspect's {role.upper()}, with --{role}-arch; {role}= and {role}_arch= of inspect_attention"
         ) from None
     except (TeacherLoadError, TeacherNotAvailable) as err:  # the sources call what they load a teacher
-        msg = re.sub(r"^teacher ", f"{role} ", str(err))
+        msg = re.sub(r"^teacher ", f"{role} ", str(err)).replace(CACHE_DIR_ROUTE, "")  # inspect takes none
         if "efficient-attention student" not in msg:
             raise type(err)(msg) from None
         model = load_student(source)
