@@ -492,7 +492,9 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
         field: Any = type(cfg)  # the key's annotation (None where it names no field)
         for part in key.split("."):
             field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
-        kept = isinstance(value, TypedStr) and str in typing.get_args(field)
+        # a key that takes a name or a list of them (convert.attention) reads a quoted "[a,b]" as --vary did
+        takes = typing.get_args(field)
+        kept = isinstance(value, TypedStr) and str in takes and list not in map(typing.get_origin, takes)
         quoted = field is str and isinstance(value, str) and re.fullmatch(r"'.*'|\".*\"", value, re.DOTALL)
         if isinstance(value, str) and not kept and (field is not str or quoted):
             if not value.strip():  # `key=$UNSET`: null would silently be the default, not what was meant

@@ -318,8 +318,9 @@ def test_a_study_yaml_reads_back_the_students_that_vary_made(tmp_path):
         "seed": ["1", "2"],
         "transfer.losses": ["[]", "[{name: mse, signal: v}]"],
         "model.global_pool": ["null", "avg"],
+        "convert.attention": ["hedgehog", "[softmax,performer]"],  # a name, or one per block
     }
-    spec = load_study(None, [f"run_dir={tmp_path}"], vary)
+    spec = load_study(None, [f"run_dir={tmp_path}"], vary, command="convert")
     (tmp_path / "study.yaml").write_text(str(spec))
     again = load_study(tmp_path / "study.yaml")
     assert again.configs() == spec.configs() and again.record() == spec.record()
