@@ -69,6 +69,17 @@ def test_a_refused_change_of_a_mapping_names_the_entries_that_differ_not_both_ma
     assert str(config_changes(old, load_config("recall/teacher", ["seed=1"]))[0]) == "seed (0 -> 1)"
 
 
+def test_a_changed_attention_alone_is_not_said_to_change_its_options_too():
+    """Options in effect are compared over both runs' attentions: another attention with the same options
+    was also refused as 'convert.attention_kwargs ()', a change of nothing, with an override to put it back."""
+    old = to_dict(load_config(None, ["convert.attention=[softmax,hedgehog]"]))
+    changes = config_changes(old, load_config(None, ["convert.attention=hedgehog"]), command="convert")
+    assert [c.key for c in changes] == ["convert.attention"]
+    old = to_dict(load_config(None, ["convert.attention_kwargs={feature_dim: 8}"]))
+    changes = config_changes(old, load_config(None, ["convert.attention=relu_linear"]), command="convert")
+    assert [str(c) for c in changes][1:] == ["convert.attention_kwargs (feature_dim: 8 -> unset)"]
+
+
 @pytest.mark.slow
 def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_path, capsys):
     run = tmp_path / "mae"

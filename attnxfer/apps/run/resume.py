@@ -36,16 +36,20 @@ def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
 
-def _in_effect(key: str, value: Any, config: dict[str, Any]) -> Any:
+def _in_effect(key: str, value: Any, configs: Sequence[dict[str, Any]]) -> Any:
     """``transfer.losses`` entries and an attention's options (``*.attention_kwargs``, of the attentions
-    ``config`` names) with every option at the value the run uses (a default written out, or left out by an
-    older run's record, is no change); an entry no loss reads, an attention not registered here, as written."""
+    ``configs`` name: both runs', so that another attention alone changes no option) with every option at the
+    value the run uses (a default written out, or left out by an older run's record, is no change); an entry
+    no loss reads, an attention not registered here, as written."""
     if key in ("model.attention_kwargs", "convert.attention_kwargs") and isinstance(value, dict):
-        names = find_key(config, key.removesuffix("_kwargs"))[1]
-        names = find_key(config, "convert.candidates")[1] if names == "auto" else names
+        names = []
+        for config in configs:
+            found = find_key(config, key.removesuffix("_kwargs"))[1]
+            found = find_key(config, "convert.candidates")[1] if found == "auto" else found
+            names += [found] if isinstance(found, str) else found or []
         with contextlib.suppress(KeyError, ValueError):
             if names:  # options of no attention (refused as the student is built) stay as written
-                return options_in_effect([names] if isinstance(names, str) else names, value)
+                return options_in_effect(names, value)
     if key != "transfer.losses" or not isinstance(value, list):
         return value
     out = []
@@ -82,7 +86,8 @@ def config_changes(
             continue
         _, new_value = find_key(new, key)
         # a run_dir spelled otherwise (./r, an absolute path) naming the folder it resumes is no change
-        if _in_effect(key, old_value, recorded) != _in_effect(key, new_value, new) and not (
+        both = (recorded, new)
+        if _in_effect(key, old_value, both) != _in_effect(key, new_value, both) and not (
             key == "run_dir" and Path(old_value).resolve() == Path(new_value).resolve()
         ):
             changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))
