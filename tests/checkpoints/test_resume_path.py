@@ -80,6 +80,14 @@ def test_a_changed_attention_alone_is_not_said_to_change_its_options_too():
     assert [str(c) for c in changes][1:] == ["convert.attention_kwargs (feature_dim: 8 -> unset)"]
 
 
+def test_where_a_run_starts_from_is_no_change_of_the_run():
+    """checkpoint.resume says where a run starts, not what it means: -c RUN/config.yaml and a requeued job
+    resume with auto a run started with none, and a PATH names the checkpoint the resume line already says."""
+    for old, new in (("none", "auto"), ("auto", "/elsewhere/checkpoints/step-00000002")):
+        recorded = to_dict(load_config(None, [f"checkpoint.resume={old}"]))
+        assert config_changes(recorded, load_config(None, [f"checkpoint.resume={new}"])) == []
+
+
 @pytest.mark.slow
 def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_path, capsys):
     run = tmp_path / "mae"

@@ -81,6 +81,8 @@ def config_changes(
     for key in config_keys():
         if key.split(".", 1)[0] not in new or (compared is not None and not _may_change(key, compared)):
             continue
+        if key == "checkpoint.resume":  # where the run starts (its resume line says which), not what it is
+            continue
         known, old_value = find_key(recorded, key)
         if not known:
             continue
