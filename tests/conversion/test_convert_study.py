@@ -28,6 +28,7 @@ from attnxfer.config import ConfigError
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
 from attnxfer.train import stage1
+from attnxfer.train.distributed import DistributedInfo
 from attnxfer.train.stop import StopRequested
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -406,6 +407,18 @@ def test_a_key_every_convert_student_shares_is_refused_before_any_work(tmp_path,
     # a training study does not read the convert section: its students may set those keys
     spec = load_study(None, [f"run_dir={run}"], {"convert.stage1_batch_size": ["8", "16"]})
     assert spec.command == "train"
+
+
+def test_a_key_a_student_leaves_unread_is_warned_about_once_under_its_name(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The study's teacher and loaders are built around the teacher's copy, not as a whole first student,
+    whose build warned too (unnamed) before each student's own said it under its name."""
+    base = [*BASE, f"teacher.spec=local-dir:{tiny_teacher_dir}", "convert.attention=hedgehog"]
+    spec = load_study(None, [*base, f"run_dir={tmp_path}"], {"convert.speedup": ["1.2", "1.3"]}, "convert")
+    study_app._ConvertStudy.build(spec, DistributedInfo.from_environment())
+    warned = capsys.readouterr().err.splitlines()
+    assert [line.split(": warning: convert.speedup=")[0] for line in warned] == ["speedup=1.2", "speedup=1.3"]
 
 
 def test_a_study_yaml_names_its_command_and_a_flag_that_disagrees_is_refused(tmp_path):

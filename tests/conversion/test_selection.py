@@ -19,11 +19,14 @@ import yaml
 from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.convert import report, selection
+from attnxfer.apps.convert.conversion_study import _ConvertStudy
 from attnxfer.apps.convert.selection import PARTIAL_FILE, SELECTION_FILE, _recorded, sensitivities
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, load_config, to_dict
+from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.hierarchical import flat_blocks
+from attnxfer.train.distributed import DistributedInfo
 from attnxfer.train.terms import NonFiniteLossError
 from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, beside, reasons, select
 
@@ -603,6 +606,24 @@ def test_a_convert_study_of_budgets_measures_once_and_records_each_choice(
         )
     # the tighter budget is never less sensitive
     assert records["s13"]["total_sensitivity"] >= records["s11"]["total_sensitivity"]
+
+
+@pytest.mark.slow
+def test_a_fresh_study_of_auto_students_says_each_choice_as_made_and_a_resumed_one_as_recorded(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The study's shared teacher and loaders choose nothing: the first student's choice was made there,
+    silently, and its own build then said it reused a recorded choice, as only a resumed study may."""
+    argv = _args(tmp_path / "study", tiny_teacher_dir, "convert.speed_tokens=1025")[1:]
+    spec = load_study(None, argv, {"convert.speedup": ["1.1", "1.3"]}, "convert")
+    for resumed in (False, True):
+        _ConvertStudy.build(spec, DistributedInfo.from_environment())
+        out = capsys.readouterr().out
+        for name in ("speedup=1.1", "speedup=1.3"):
+            assert (
+                f"{name}: convert.attention=auto: at 1,025 tokens the teacher takes" in out
+            ) is not resumed
+            assert (f"{name}: convert.attention=auto: the choice recorded in" in out) is resumed, out
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ from .convert import (
     Conversion,
     build_conversion,
     checked_config,
+    conversion_parts,
     convert_runs,
     require_convert_labels,
     stage1_done,
@@ -120,22 +121,13 @@ class _ConvertStudy:
         if info.is_main_process:  # stage 2's trackers, decided before the teacher loads
             for _, cfg in configs:
                 prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
-        # the shared parts (a student's teacher and loaders) draw nothing from the students' streams and say
-        # nothing: the students' own builds below speak. Built from a student with a fixed attention where
-        # there is one, so that convert.attention=auto's measurements (minutes of fits) run in its student's
-        # own build and say what they do, not silently in this one
-        name, first = next(((s.name, c) for s, c in configs if c.convert.attention != AUTO), (None, None))
+        # the shared parts (teacher and loaders, around the teacher's copy) draw nothing from the students'
+        # streams and say nothing: each student's own build below speaks, convert.attention=auto's choice included
+        name, first = configs[0][0].name, configs[0][1]
+        with torch.random.fork_rng(devices=[]), _naming(name), quiet():
+            shared = conversion_parts(first, info, stand_in=True)
         # the choice's keys, set for the study's auto students, are not said to be unread by the others
         chooses = any(c.convert.attention == AUTO for _, c in configs)
-        if first is None:
-            name, first = configs[0][0].name, configs[0][1]
-            say(
-                f"{name}: convert.attention=auto: timing the candidates and fitting each in every block "
-                f"({first.convert.selection_steps or first.convert.stage1_steps} stage-1 steps each) before any "
-                "student trains; every student's choice follows"
-            )
-        with torch.random.fork_rng(devices=[]), _naming(name), quiet():
-            shared = build_conversion(first, info, None, study_chooses=chooses).parts
         runs, streams = [], []
         for student, cfg in configs:
             torch.manual_seed(cfg.seed)

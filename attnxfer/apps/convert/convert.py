@@ -295,24 +295,8 @@ def build_conversion(
     ``study_chooses``: a student of it is convert.attention=auto). Stage 2's weights, chosen here
     (`stage2_objective`), go into the run's config."""
     labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
-    if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen
-        student_fn = (
-            _student_builder(
-                apply_overrides(cfg, {"convert.attention": "softmax", "convert.attention_kwargs": {}}),
-                labelled,
-                stand_in=True,
-            )
-            if auto
-            else _student_builder(cfg, labelled)
-        )
-        parts = build_run_parts(
-            cfg,
-            rank=info.rank,
-            world_size=info.world_size,
-            student_fn=student_fn,
-            labels=True,
-            shared=shared,
-        )
+    if parts is None:
+        parts = conversion_parts(cfg, info, shared)
     if parts.teacher is None:
         raise InputError(_NO_TEACHER)
     # starting over keeps the earlier attempt's results aside, as stage 1 its checkpoints: no work is lost
@@ -368,6 +352,24 @@ def build_conversion(
         Path(cfg.run_dir),
         labelled,
         selection=selection,
+    )
+
+
+def conversion_parts(
+    cfg: TrainConfig, info, shared: RunParts | None = None, *, stand_in: bool = False
+) -> RunParts:
+    """Teacher, data and student of a conversion (``shared``: a study's teacher and loaders). The teacher's
+    copy stands in for the student under auto, until the attentions are chosen, and where ``stand_in`` asks: a
+    study's shared parts, which neither choose nor warn for a student (its own build does, under its name)."""
+    stand_in = stand_in or cfg.convert.attention == AUTO
+    builds = (
+        apply_overrides(cfg, {"convert.attention": "softmax", "convert.attention_kwargs": {}})
+        if stand_in
+        else cfg
+    )
+    student_fn = _student_builder(builds, data_info(cfg.data).has_labels, stand_in=stand_in)
+    return build_run_parts(
+        cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn, labels=True, shared=shared
     )
 
 
