@@ -255,7 +255,8 @@ def test_a_stop_signal_in_stage_1_saves_every_student_and_the_study_goes_on(
     spec = load_study(args[4], [*BASE, f"run_dir={run}"], command="convert")
     with pytest.raises(StopRequested) as stop, on_each_line(log):
         convert_study(spec)
-    assert stop.value.step == 1
+    # named as the study's, not as its first student's alone
+    assert stop.value.step == 1 and stop.value.checkpoint == f"every student's, in {run}"
     for name in NAMES:
         assert (run / name / "stage1" / "checkpoints" / "step-00000001").is_dir()
     assert cli.main(["study", "-c", str(run / "study.yaml")]) == 0

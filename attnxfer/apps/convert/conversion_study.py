@@ -27,7 +27,7 @@ from ...speak import quiet, say, speaking_for
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import StudentStreams
 from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
-from ...train.stop import stop_on_signals, stop_signal
+from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ..run.training import prepare_trackers_from_config
 from ..study.study import (
@@ -220,13 +220,15 @@ class _ConvertStudy:
                 index += 1
                 signum = stop_signal()
                 if signum:
-                    # every fit still running saves its step; the first one's stop is the study's
+                    # every fit still running saves its step and says where; the study's stop names its folder
                     stops = []
                     for i in (i for i in active if i not in results):
                         stops.append(fits[i].stopped(signum))
                         with speaking_for(self.names[i]):
                             say(f"stage 1: {stops[-1]}")
-                    raise stops[0]
+                    raise StopRequested(
+                        signum, min(s.step for s in stops), f"every student's, in {self.spec.run_dir}"
+                    )
             for i, fit in fits.items():
                 if i not in results:
                     with speaking_for(self.names[i]):
