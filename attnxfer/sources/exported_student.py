@@ -31,7 +31,7 @@ def load_student(
             f"'hf-hub:ORG/NAME[@REV]', got {spec!r}"
         )
     parsed = parse_teacher_spec(spec, revision)
-    res = resolve(parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir), pretrained=True)
+    res = resolve(parsed, cache_dir=None if cache_dir is None else str(cache_dir), role="student")
     config = json.loads(Path(res.files[0]).read_text(encoding="utf-8"))
     student = (config.get("attnxfer") or {}).get("student")
     if not student:

@@ -50,17 +50,19 @@ class UnsafeCheckpointError(InputError):
         return UnsafeCheckpointError(self.refusal, self.converted, give_again)
 
 
-def run_folder_hint(folder: Path) -> str | None:
+def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
     """What a folder attnxfer wrote is, where a model's folder was expected, and where its model is: a
     student's run folder (its model is its export), a conversion's (its final student's export is under
-    stage2/), a study's or a search's; None for any other folder."""
+    stage2/), a study's or a search's; None for any other folder. ``role``: what the model was given as (a
+    "student" is told to export one that attends efficiently, anything else that it is no teacher)."""
     if (folder / STUDY_RECORD).is_file():  # a study writes no export: what each of its students' folders says
         students = [p for p in sorted(folder.iterdir()) if p.is_dir() and run_folder_hint(p)]
         if not students:
             return f"{folder} is a study's folder whose students have no run folder yet"
         return (
             f"{folder} is a study's folder of students {', '.join(p.name for p in students)}, each a run "
-            f"folder; {students[0].name}: " + (run_folder_hint(students[0]) or "").removeprefix("this is ")
+            f"folder; {students[0].name}: "
+            + (run_folder_hint(students[0], role) or "").removeprefix("this is ")
         )
     if folder.parent.name == CHECKPOINTS_SUBDIR:  # a checkpoint holds a search's state.json too
         run = folder.parent.parent
@@ -71,7 +73,7 @@ def run_folder_hint(folder: Path) -> str | None:
             f"local-dir:{run / 'export'}"
         )
     if folder.name == STAGE_DIRS[0] and (folder.parent / STAGE_DIRS[-1]).is_dir():  # stage 2 has the student
-        rest = (run_folder_hint(folder.parent) or "").removeprefix("this is a conversion's run folder")
+        rest = (run_folder_hint(folder.parent, role) or "").removeprefix("this is a conversion's run folder")
         return f"{folder} is stage 1 of the conversion {folder.parent}{rest}"
     if any((folder / stage).is_dir() for stage in STAGE_DIRS):
         run, what = folder / STAGE_DIRS[-1], "a conversion's run folder"
@@ -98,10 +100,12 @@ def run_folder_hint(folder: Path) -> str | None:
         return None
     export = run / "export"
     attention = (read_record(run / RUN_RECORD).get("student") or {}).get("attention")
-    if attention not in (None, "softmax"):  # exported, it is a student, still no teacher
-        what += (
-            f", whose student attends with {attention} (its export is no teacher: teachers need softmax "
-            f"attention; the teacher it was converted from is teacher.spec in {folder / RUN_CONFIG})"
+    if (
+        attention not in (None, "softmax") and role != "student"
+    ):  # exported, it is a student, still no teacher
+        return (
+            f"this is {what}, whose student attends with {attention} (no teacher, exported or not: teachers "
+            f"need softmax attention; the teacher it was converted from is teacher.spec in {folder / RUN_CONFIG})"
         )
     if (export / "config.json").is_file():
         return f"this is {what}; its export is {export}: use local-dir:{export}"

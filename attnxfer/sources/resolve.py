@@ -159,7 +159,7 @@ def _refuse_path(spec: str, role: str) -> None:
     that path (``ORG/NAME`` that is no folder may be a Hub repo: left to the caller's hint)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        hint = run_folder_hint(path)
+        hint = run_folder_hint(path, role)
         if hint is not None:
             raise InputError(f"{role} {spec!r}: {hint}")
         if (path / "config.json").is_file():
@@ -351,7 +351,7 @@ def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
 
 
 def _resolve_timm(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
 ) -> Resolved:
     arch_name, _ = split_model_name_tag(spec.name)
     cfg = registry_cfg(spec.name, hub=pretrained)
@@ -442,7 +442,9 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
     )
 
 
-def _resolve_hub(spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool) -> Resolved:
+def _resolve_hub(
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
+) -> Resolved:
     label = f"hf-hub:{spec.name}"
 
     def fetch(name: str, required: bool = False) -> str | None:
@@ -459,13 +461,13 @@ def _resolve_hub(spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, 
 
 
 def _resolve_local_dir(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
 ) -> Resolved:
     folder = Path(spec.name)
     if not folder.exists():
         raise MissingPathError(f"local-dir:{folder}: {missing_path(folder)}")
     if not (folder / "config.json").is_file():
-        hint = run_folder_hint(folder)
+        hint = run_folder_hint(folder, role)
         if hint is not None:
             raise InputError(f"local-dir:{folder}: {hint}")
         if folder.is_file():  # a weights file is named as it is, with its architecture
@@ -497,7 +499,7 @@ def _resolve_local_dir(
 
 
 def _resolve_file(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
 ) -> Resolved:
     path = Path(spec.name)
     if not path.is_file():
@@ -545,11 +547,19 @@ RESOLVERS: dict[Source, Callable[..., Resolved]] = {
 
 
 def resolve(
-    parsed: TeacherSpec, *, arch: str | None = None, cache_dir: str | None = None, pretrained: bool = True
+    parsed: TeacherSpec,
+    *,
+    arch: str | None = None,
+    cache_dir: str | None = None,
+    pretrained: bool = True,
+    role: str = "teacher",
 ) -> Resolved:
-    """``parsed`` resolved to files by its source's resolver (timm registry, Hub cache, folder, file)."""
+    """``parsed`` resolved to files by its source's resolver (timm registry, Hub cache, folder, file);
+    ``role``, what it was given as, words what a run's folder given in its place is (`run_folder_hint`)."""
     try:
-        return RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
+        return RESOLVERS[parsed.source](
+            parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role
+        )
     except MissingPathError as err:
         hint = demo_hint(parsed.name) if parsed.source.is_local else None
         if hint is None:

@@ -293,7 +293,8 @@ def load_teacher(
             f"{spec!r} names its architecture itself; arch={arch!r} (teacher.arch, --teacher-arch) is for a "
             "weights file: leave it out"
         )
-    res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
+    role = "student" if (who or "").startswith("student ") else "teacher"  # inspect's students load here too
+    res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role)
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)

@@ -296,6 +296,26 @@ def test_a_conversions_stage_1_given_as_a_model_names_the_conversion_to_export(t
     assert f"`attnxfer export {conv} {conv / 'stage2' / 'export'}`" in err, err
 
 
+def test_an_efficient_students_folder_is_no_teacher_but_a_student_given_it_is_told_to_export_it(
+    tiny_teacher_dir, tmp_path, capsys
+):
+    """Exported, a mixed-attention student still loads as no teacher: a teacher is not told to export it; a
+    student (inspect's) is, in no teacher's words."""
+    conv = tmp_path / "conv"
+    (conv / "stage1" / "checkpoints").mkdir(parents=True)
+    (conv / "stage2" / "checkpoints").mkdir(parents=True)
+    (conv / "stage2" / "run.json").write_text('{"student": {"attention": ["softmax", "hedgehog"]}}')
+    for spec in (str(conv), f"local-dir:{conv / 'stage1'}"):
+        err = _teacher_refused(spec, tmp_path, capsys)
+        assert "attends with ['softmax', 'hedgehog'] (no teacher, exported or not" in err, err
+        assert "attnxfer export" not in err
+    teacher = f"local-dir:{tiny_teacher_dir}"
+    for spec in (str(conv / "stage1"), f"local-dir:{conv / 'stage1'}"):
+        err = _refused(["inspect", teacher, spec, "--out", str(tmp_path / "insp")], capsys)
+        assert f"`attnxfer export {conv} {conv / 'stage2' / 'export'}`" in err, err
+        assert "no teacher" not in err
+
+
 @pytest.mark.parametrize("argv", [["eval", "-c", "{m}"], ["eval", "-c", "{m}/config.json"], ["train", "{m}"]])
 def test_a_model_folder_given_as_a_config_names_the_run_config_and_the_teacher_spec(
     tiny_teacher_dir, capsys, argv
