@@ -654,9 +654,10 @@ def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(
         assert _resume_point(changed, tmp_path).record("state")["generation"] == 0
         assert capsys.readouterr().out.startswith("resume: changed since step-00000000: " + name)
     else:
-        with pytest.raises(ConfigError, match=f"different values for: {name} "):
+        with pytest.raises(ConfigError, match=f"different values for: {name} ") as refused:
             _resume_point(changed, tmp_path)
         assert capsys.readouterr().out == ""
+        assert "its config" not in str(refused.value)  # a search writes none: its checkpoint is not named one
 
 
 def test_a_search_started_over_keeps_the_earlier_one_aside_and_the_plain_command_continues_the_new_one(

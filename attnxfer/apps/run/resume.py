@@ -193,7 +193,8 @@ def judge(
             f"{run} already holds a {what} (checkpoint {point.name}) {changed}. These cannot change when a "
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
             f"(run_dir=...); to continue this one, give them the values it recorded: "
-            f"{KeyChange.restoring(point.refused)}{split} (its config: {config})"
+            f"{KeyChange.restoring(point.refused)}{split}"
+            + (f" (its config: {config})" if own.is_file() else "")  # a search writes none
         )
     if point.allowed and reader is None and said:
         changed = ", ".join(map(str, point.allowed))
