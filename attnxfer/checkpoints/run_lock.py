@@ -109,6 +109,16 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
             f"run_dir={run_dir} holds an exported model ({', '.join(EXPORTED_MODEL)}), which attnxfer "
             f"{command} does not write into (it reads it as local-dir:{run_dir}); choose another run_dir"
         )
+    conversion = run_dir.parent  # its stage 1 holds checkpoints alone: any other work there would pass for it
+    if (
+        run_dir.name == STAGE_DIRS[0]
+        and (conversion / RUN_CONFIG).is_file()
+        and not (conversion / RUN_RECORD).exists()
+    ):
+        raise PathExistsError(
+            f"run_dir={run_dir} is stage 1 of the conversion {conversion}, which attnxfer {command} does not write "
+            f"into: continue it with {_WORK[1][2].format(dir=conversion)}, or choose another run_dir"
+        )
     held = next((work for work in _WORK if (run_dir / work[1]).exists()), None) or _sweep_held(run_dir)
     if held is not None and held[0] != (writes or _WRITES.get(command, "training run")):
         what, marker, how = held

@@ -319,6 +319,23 @@ def test_a_training_run_and_an_mae_pre_training_run_are_no_folder_for_each_other
     refuse_other_work(tmp_path, "pretrain")  # its own command goes on with it
 
 
+def test_a_conversions_stage_1_is_no_run_dir_for_any_command(tmp_path):
+    """Stage 1 holds its checkpoints alone (no run.json): a conversion or a run written there would pass for
+    it. Its stage 2, a training run, is run_lock'ed as one; a folder of the user's named stage1 is no stage."""
+    conv = tmp_path / "conv"
+    (conv / "stage1" / "checkpoints").mkdir(parents=True)
+    (conv / "stage2").mkdir()
+    (conv / "config.yaml").write_text("run_dir: conv\n")
+    for command in ("convert", "train", "search"):
+        with pytest.raises(
+            PathExistsError, match=f"stage 1 of the conversion {conv}, which attnxfer {command}"
+        ):
+            refuse_other_work(conv / "stage1", command)
+    refuse_other_work(conv / "stage2", "train")
+    (tmp_path / "exp" / "stage1").mkdir(parents=True)
+    refuse_other_work(tmp_path / "exp" / "stage1", "convert")
+
+
 def test_a_refused_run_leaves_neither_its_folder_nor_the_folders_made_above_it(tmp_path, capsys):
     """Bad input keeps nothing: an empty runs/demo left by a demo recipe run before the demo would be told
     apart from the user's own folders by no one."""
