@@ -100,9 +100,7 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         return None
     export = run / "export"
     attention = (read_record(run / RUN_RECORD).get("student") or {}).get("attention")
-    if (
-        attention not in (None, "softmax") and role != "student"
-    ):  # exported, it is a student, still no teacher
+    if attention not in (None, "softmax") and role != "student":  # exported, a student still, no teacher
         return (
             f"this is {what}, whose student attends with {attention} (no teacher, exported or not: teachers "
             f"need softmax attention; the teacher it was converted from is teacher.spec in {folder / RUN_CONFIG})"
