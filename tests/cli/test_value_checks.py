@@ -277,23 +277,28 @@ for _kernel in ("sigmoid", "softplus"):
 def test_a_forks_attention_named_by_code_is_not_refused_as_unknown(tmp_path):
     """A fork's file registering its names in a loop (``register_attention(f"{kernel}_linear")``), which the
     source cannot be read for: the check asks the imported zoo before it says 'not a registered attention'."""
+    child = _checked_in_fork(
+        tmp_path,
+        "models/efficient/fixed_linear.py",
+        _NAMED_BY_CODE,
+        "['model.attention=sigmoid_linear', 'convert.attention=softplus_linear']",
+    )
+    assert child.returncode == 0, child.stderr
+
+
+def _checked_in_fork(tmp_path: Path, file: str, source: str, overrides: str) -> subprocess.CompletedProcess:
+    """The CLI's value checks of ``overrides`` run in a copy of the package with ``source`` added as ``file``."""
     fork = tmp_path / "fork"
     shutil.copytree(
         Path(attnxfer.__file__).parent, fork / "attnxfer", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (fork / "attnxfer" / "models" / "efficient" / "fixed_linear.py").write_text(_NAMED_BY_CODE)
+    (fork / "attnxfer" / file).write_text(source)
     check = (
         "from attnxfer.config import load_config; from attnxfer.launch.value_checks import check_values; "
-        "check_values(load_config(None, ['model.attention=sigmoid_linear', 'convert.attention=softplus_linear']))"
+        f"check_values(load_config(None, {overrides}))"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", check],
-        cwd=fork,
-        env={**os.environ, "PYTHONPATH": str(fork)},
-        capture_output=True,
-        text=True,
-    )
-    assert child.returncode == 0, child.stderr
+    env = {**os.environ, "PYTHONPATH": str(fork)}
+    return subprocess.run([sys.executable, "-c", check], cwd=fork, env=env, capture_output=True, text=True)
 
 
 def test_a_forks_loss_named_in_single_quotes_is_read_from_the_source():
@@ -338,21 +343,11 @@ class AttnL1(ComparisonLoss):
 def test_a_forks_loss_named_by_code_is_not_refused_as_unknown(tmp_path):
     """As for attentions: a name the source cannot be read for is asked of the imported registry before the
     check says 'not a comparison loss'."""
-    fork = tmp_path / "fork"
-    shutil.copytree(
-        Path(attnxfer.__file__).parent, fork / "attnxfer", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    (fork / "attnxfer" / "transfer" / "attn_losses.py").write_text(_LOSSES_NAMED_BY_CODE)
-    check = (
-        "from attnxfer.config import load_config; from attnxfer.launch.value_checks import check_values; "
-        "check_values(load_config(None, ['transfer.losses=[{name: attn_mse}, {name: attn_l1}]']))"
-    )
-    child = subprocess.run(
-        [sys.executable, "-c", check],
-        cwd=fork,
-        env={**os.environ, "PYTHONPATH": str(fork)},
-        capture_output=True,
-        text=True,
+    child = _checked_in_fork(
+        tmp_path,
+        "transfer/attn_losses.py",
+        _LOSSES_NAMED_BY_CODE,
+        "['transfer.losses=[{name: attn_mse}, {name: attn_l1}]']",
     )
     assert child.returncode == 0, child.stderr
 
