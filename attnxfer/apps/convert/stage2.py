@@ -21,6 +21,7 @@ from ...transfer.pairing import (
     partitions,
     select_layers,
 )
+from ..run.training import require_metric_labels
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ def student_head(
     cfg: TrainConfig, teacher: nn.Module, objective: Stage2Objective, num_classes: int
 ) -> int | None:
     """The converted student's head (`build_efficient_student`'s ``num_classes``; None keeps the teacher's): a
-    headless teacher's student stays headless (0) unless ``model.num_classes`` gives it one."""
+    headless teacher's student stays headless (0) unless ``model.num_classes`` gives it one. Where stage 2 has
+    no task loss, ``eval.metrics=top1`` stops here too, as soon as the teacher is known."""
+    require_metric_labels(cfg, task_weight=objective.task_weight)
     if getattr(teacher, "num_classes", 0):
         return num_classes if objective.task_weight > 0 else None
     if cfg.model.num_classes and objective.task_weight == 0:  # a head nothing trains: random in the export

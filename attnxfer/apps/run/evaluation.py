@@ -49,14 +49,9 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
         asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
         if with_teacher:
             asked -= {"knn", "features"}
-    require_metric_labels(cfg)  # those asked for by name: auto adds top1 and knn only where there are labels
+    # those asked for by name: auto adds top1 and knn only where there are labels, top1 only with a task loss
+    require_metric_labels(cfg, own_objective=own_objective)
     if own_objective or task_weight_of(cfg) == 0:  # MAE's val loss, or feature agreement: no head was trained
-        if "top1" in cfg.eval.metrics:
-            why = "MAE pre-training" if own_objective else "transfer.task_weight=0"
-            raise InputError(
-                f"eval.metrics=top1: this run has no task loss ({why}), so no head was trained "
-                "to score; drop top1 from eval.metrics (features and knn need no head)"
-            )
         asked.discard("top1")
     if "features" in asked and (not teacher or own_objective):
         raise InputError(
