@@ -212,7 +212,10 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
         )
     if not isinstance(entry["name"], str):  # else str() made null the unknown loss 'None', naming no entry
         raise PlanError(f"{origin}.name: expected a loss's name (a string), got {entry['name']!r}")
-    loss = get_comparison_loss(entry["name"])
+    try:
+        loss = get_comparison_loss(entry["name"])
+    except PlanError as e:  # the Python API's entries too are named, as config load names the CLI's
+        raise PlanError(f"{origin}.name: {e}") from None
     words = ", ".join(str(s) for s in loss.signals)
     try:
         signal = Signal(entry.get("signal", loss.signals[0]))

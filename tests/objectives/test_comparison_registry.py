@@ -213,7 +213,8 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     [
         (  # a loss of one's own: a fork's file or an installed package's module
             {"name": "nope"},
-            r"unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd.* @comparison_loss in a file "
+            r"^transfer.losses\[0\].name: unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd.* "
+            r"@comparison_loss in a file "
             r"of attnxfer/transfer/ or in a module named by an 'attnxfer.losses' entry point\)$",
         ),
         ({"weight": 1.0}, r"transfer.losses\[0\]: write a mapping with the loss's name"),
