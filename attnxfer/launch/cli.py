@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..speak import quiet, warn, warnings_as_lines
 from ..version import __version__
 from .commands import COMMANDS, load
-from .commands.base import load_study
+from .commands.base import load_study, with_auto_resume
 from .process_exit import end_program
 
 EXAMPLES = """\
@@ -94,17 +94,6 @@ def _config_of(args):
             return load_study(args).base if args.command == "study" else load(args)
     except Exception:
         return None
-
-
-def with_auto_resume(cfg) -> str:
-    """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
-    start over; a PATH: start from there) would not pick up where it stopped."""
-    run = getattr(cfg, "base", cfg)  # a study's: its base
-    resume = str(getattr(getattr(run, "checkpoint", None), "resume", "auto"))
-    if resume == "auto":
-        return ""
-    again = "start over" if resume == "none" else f"start from {resume}"
-    return f" with checkpoint.resume=auto (checkpoint.resume={resume} would {again} again)"
 
 
 def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:

@@ -154,6 +154,17 @@ def load_study(args):
     return spec
 
 
+def with_auto_resume(cfg: Any) -> str:
+    """What a stopped command needs to resume when run again: nothing, unless its checkpoint.resume (none:
+    start over; a PATH: start from there) would not pick up where it stopped."""
+    run = getattr(cfg, "base", cfg)  # a study's: its base
+    resume = str(getattr(getattr(run, "checkpoint", None), "resume", "auto"))
+    if resume == "auto":
+        return ""
+    again = "start over" if resume == "none" else f"start from {resume}"
+    return f" with checkpoint.resume=auto (checkpoint.resume={resume} would {again} again)"
+
+
 def done_line(result) -> str:
     """How `train` and `pretrain` end: steps and best score, or why there was nothing to do."""
     if result.nothing_to_do:

@@ -11,7 +11,15 @@ from pathlib import Path
 from ...errors import InputError
 from ...speak import say, warn
 from ..arguments import add_slurm_arguments
-from .base import add_config_args, add_vary, load, load_study, print_config, register_command
+from .base import (
+    add_config_args,
+    add_vary,
+    load,
+    load_study,
+    print_config,
+    register_command,
+    with_auto_resume,
+)
 from .study import show_config as show_study
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
@@ -141,6 +149,7 @@ def run(args) -> int:
     from ..slurm import JobFailedError, options_from_args, submit_from_args
     from ..slurm.monitor import JobCancelledError
     from ..slurm.submission import sweep_points
+    from ..slurm.task import RESUBMIT
 
     if args.sweep:
         _check_sweep(cfg, args.sweep, args.job_command)
@@ -198,12 +207,10 @@ def run(args) -> int:
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         # a cancelled job (or one past its requeue bound): the same command resumes it, unless its
         # checkpoint.resume would start over
-        from ..cli import with_auto_resume
-
         again = with_auto_resume(cfg)
         if isinstance(e, JobCancelledError):
             e.reason += again
-        e.reason = e.reason.replace("resubmit to continue", f"resubmit to continue{again}")
+        e.reason = e.reason.replace(RESUBMIT, f"{RESUBMIT}{again}")
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
     return 0

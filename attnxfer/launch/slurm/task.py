@@ -33,6 +33,10 @@ class RequeueLimitReached(RuntimeError):
 TIMEOUT_SLACK_S = 90
 
 
+#: what a job past its requeue bound says to do; `attnxfer submit` adds how its config resumes
+RESUBMIT = "resubmit to continue"
+
+
 class TrainingTask(submitit.helpers.Checkpointable):
     """``main_fn(cfg)`` as a checkpointable submitit task that requeues itself and resumes from its run dir:
 
@@ -139,14 +143,14 @@ class TrainingTask(submitit.helpers.Checkpointable):
             raise RequeueLimitReached(
                 f"timed out again after {self.timeouts} requeue(s) at the time limit; "
                 f"max_requeues={self.max_requeues} reached, not requeuing (the run dir keeps the last "
-                "checkpoint: resubmit to continue, with a longer --time or a higher --max-requeues)"
+                f"checkpoint: {RESUBMIT}, with a longer --time or a higher --max-requeues)"
             )
         limit = self.max_preemptions
         if cause == "preemption" and limit is not None and self.all_preemptions() + 1 > limit:
             self._record_requeue(self.requeues, event="refused", cause=cause)
             raise RequeueLimitReached(
                 f"preempted again after {self.all_preemptions()} preemption(s); max_preemptions={limit} "
-                "reached, not requeuing (the run dir keeps the last checkpoint: resubmit to continue)"
+                f"reached, not requeuing (the run dir keeps the last checkpoint: {RESUBMIT})"
             )
         if cause == "timeout":
             self.timeouts += 1
@@ -230,7 +234,7 @@ def resumed_on_restart(cfg: Any, since: float) -> Any:
     """A restarted job's config: its checkpoint.resume none or PATH said where its first attempt started; once
     the job has saved a checkpoint under its run_dir (since ``since``, its submission), a restart goes on from
     the newest (auto) instead of redoing the work and setting its saves aside. Unchanged before any save."""
-    from ..cli import with_auto_resume
+    from ..commands.base import with_auto_resume
 
     if not with_auto_resume(cfg):  # auto already (or no checkpoint.resume to change)
         return cfg
