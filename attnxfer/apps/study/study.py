@@ -290,9 +290,14 @@ def _where_it_stands(
     """The study on ``world`` processes and its last committed step, judged as any resume; the students'
     checkpoints after that step (a save round a kill cut short) set aside. A fresh study stands nowhere."""
     spec, point = judged_study_point(spec, world)
+    # each student's checkpoints, listed once: judged against the study's step, then the later ones set aside
+    saved = [
+        (s, c, CheckpointManager(Path(c.run_dir)).list(verify_hash=False))
+        for s, c in configs or spec.configs()
+    ]
     stopped = point.record("stopped") or {} if point is not None else {}
-    for student, cfg in configs or spec.configs():
-        steps = [i.step for i in CheckpointManager(Path(cfg.run_dir)).list(verify_hash=False)]
+    for student, cfg, infos in saved:
+        steps = [i.step for i in infos]
         if point is not None and student.name not in stopped and point.step not in steps:
             raise InputError(  # it would start from scratch beside students at the study's step
                 f"student {student.name!r} has no checkpoint of the study's step {point.step} in {cfg.run_dir} "
@@ -300,9 +305,8 @@ def _where_it_stands(
                 "moved: start the study over (checkpoint.resume=none) or elsewhere (run_dir=...)"
             )
     if DistributedInfo.from_environment().is_main_process:
-        for _, cfg in configs or spec.configs():
-            manager = CheckpointManager(Path(cfg.run_dir))
-            for info in manager.list(verify_hash=False):
+        for *_, infos in saved:
+            for info in infos:
                 if point is None or info.step > point.step:
                     aside = set_aside(info.path, "uncommitted")
                     say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
