@@ -372,14 +372,19 @@ def test_a_loss_named_as_a_key_the_step_logs_itself_is_refused_where_it_is_regis
 
 
 def test_a_term_named_as_a_key_the_step_logs_itself_is_refused_where_the_loss_returns_it():
-    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
-    plan = build_plan(teacher, student, "none", losses=[{"name": "not_a_number", "returns": "task term"}])
     with pytest.raises(
         ValueError,
         match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer "
         r"a term named 'task', which the step logs itself; name it otherwise",
     ):
-        TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+        _forward_returning("task term")
+
+
+def _forward_returning(returns: str) -> None:
+    """A training forward of a 2-block pair whose one comparison is `NotANumber` returning as ``returns`` says."""
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, "none", losses=[{"name": "not_a_number", "returns": returns}])
+    TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
 
 
 @comparison_loss("not_a_number")
@@ -419,25 +424,20 @@ def test_a_loss_that_returns_no_single_number_is_named_where_it_returns(returns,
     """A vector total was summed over the layers without a word, a vector term failed in the logger, a float
     in the sum and a bare tensor where its total is read: each is refused as the loss returns it, naming the
     entry, the loss and its method."""
-    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
-    entry = {"name": "not_a_number", "returns": returns}
-    plan = build_plan(teacher, student, "none", losses=[entry])
     said = r"transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer "
     with pytest.raises(TypeError, match=said + got):
-        TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+        _forward_returning(returns)
 
 
 def test_a_layer_loss_that_names_every_layers_term_alike_is_refused_not_logged_as_the_last_layers():
     """Each layer's ``{"k_l2": ...}`` overwrote the one before: the run logged ``k_l2`` as layer 1's value
     alone, a name that reads as the whole comparison's; the entry is refused and told to name the layers."""
-    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
-    plan = build_plan(teacher, student, "none", losses=[{"name": "not_a_number", "returns": "one name"}])
     with pytest.raises(
         ValueError,
         match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer 'k_l2' at "
         r"student layer 1 and at an earlier one; name each layer's term apart, e\.g\. f'k_l2/\{pair",
     ):
-        TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+        _forward_returning("one name")
 
 
 def test_a_loss_that_is_nan_on_the_first_step_is_named_and_not_blamed_on_the_learning_rate(
