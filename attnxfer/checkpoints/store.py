@@ -160,6 +160,7 @@ def _write_checkpoint_files(
         "step": step,
         "metric": metric,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "slurm_job": os.environ.get("SLURM_JOB_ID") or None,  # a restart's own saves, with no clock compared
         "files": files,
     }
     _write_file_synced(folder / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))

@@ -68,7 +68,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         # requeues this task asked for, by cause; they travel with the pickled task
         self.timeouts = 0
         self.preemptions = 0
-        self._started = self.submitted = time.time()
+        self._started = time.time()
 
     @property
     def requeues(self) -> int:
@@ -94,7 +94,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
                     f"job preempted {self.all_preemptions()} times, more than "
                     f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
                 )
-            self.cfg = resumed_on_restart(self.cfg, self.submitted)
+            self.cfg = resumed_on_restart(self.cfg)
         _watch_stop_signals()
         # the config's dist.timeout (a run's config; another callable's config may have none: torch's defaults)
         timeout = getattr(getattr(self.cfg, "dist", None), "timeout", None)
@@ -230,21 +230,24 @@ class TrainingTask(submitit.helpers.Checkpointable):
         )
 
 
-def resumed_on_restart(cfg: Any, since: float) -> Any:
+def resumed_on_restart(cfg: Any) -> Any:
     """A restarted job's config: its checkpoint.resume none or PATH said where its first attempt started; once
-    the job has saved a checkpoint under its run_dir (since ``since``, its submission), a restart goes on from
-    the newest (auto) instead of redoing the work and setting its saves aside. Unchanged before any save."""
+    the job has saved a checkpoint under its run_dir (its manifest names the job), a restart goes on from the
+    newest (auto) instead of redoing the work and setting its saves aside. Unchanged before any save."""
     from ..commands.base import with_auto_resume
 
-    if not with_auto_resume(cfg):  # auto already (or no checkpoint.resume to change)
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not with_auto_resume(cfg):  # no SLURM job, or auto already (or no checkpoint.resume)
         return cfg
-    saves = Path(cfg.run_dir).rglob(f"{CHECKPOINTS_SUBDIR}/*/{MANIFEST_NAME}")
-    if not any(path.stat().st_mtime >= since for path in saves):
-        return cfg
-    warn(
-        "restarted after saving: resumes from its newest checkpoint (checkpoint.resume=auto for this restart)"
-    )
-    return cfg.with_overrides({"checkpoint.resume": "auto"})
+    for manifest in Path(cfg.run_dir).rglob(f"{CHECKPOINTS_SUBDIR}/step-*/{MANIFEST_NAME}"):
+        with contextlib.suppress(OSError, ValueError):  # unreadable: no save to go on from
+            if json.loads(manifest.read_text()).get("slurm_job") == job:
+                warn(
+                    "restarted after saving: resumes from its newest checkpoint (checkpoint.resume=auto for "
+                    "this restart)"
+                )
+                return cfg.with_overrides({"checkpoint.resume": "auto"})
+    return cfg
 
 
 _STOP_SIGNALLED = False

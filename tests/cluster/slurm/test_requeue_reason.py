@@ -5,13 +5,21 @@ lines are checked on the loopback cluster in test_submit_engine.py)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 
-from attnxfer.launch.slurm.task import _why_ending
+import torch
+
+from attnxfer.checkpoints.store import CheckpointManager
+from attnxfer.checkpoints.verify import MANIFEST_NAME
+from attnxfer.config import load_config
+from attnxfer.launch.slurm.task import TrainingTask, _why_ending, resumed_on_restart
 
 STEP = "slurmstepd-node1: error: *** STEP 7.0 ON node1 CANCELLED AT {at}{why} ***\n"
 JOB = "slurmstepd-node1: error: *** JOB 7 ON node1 CANCELLED AT {at}{why} ***\n"
+WEIGHTS = {"model": {"w": torch.zeros(1)}}
 
 
 def _now() -> str:
@@ -51,40 +59,40 @@ def test_lines_of_an_earlier_attempt_and_a_missing_log_end_nothing(tmp_path):
     assert _why_ending(tmp_path / "none.err", time.time()) is None
 
 
-def test_a_restart_resumes_the_checkpoints_the_job_saved_whatever_its_first_attempt_started_from(tmp_path):
+def test_a_restart_resumes_the_checkpoints_the_job_saved_whatever_its_first_attempt_started_from(
+    tmp_path, monkeypatch
+):
     """checkpoint.resume=none (or a PATH) said where the first attempt started: a requeued job that saved goes on
     from its newest checkpoint (auto) rather than starting over and setting its saves aside; before it saved,
     a checkpoint there is an older run's, which none keeps it from."""
-    import os
-
-    from attnxfer.config import load_config
-    from attnxfer.launch.slurm.task import resumed_on_restart
-
-    old = tmp_path / "checkpoints" / "step-00000004"
-    old.mkdir(parents=True)
-    (old / "MANIFEST.json").write_text("{}")
-    os.utime(old / "MANIFEST.json", (time.time() - 60, time.time() - 60))  # an older run's, before submission
+    store = CheckpointManager(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    old = store.save(4, WEIGHTS, {})  # an older job's
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
     for resume in ("none", str(old)):
         cfg = load_config(None, [f"run_dir={tmp_path}", f"checkpoint.resume={resume}"])
-        submitted = time.time() - 30
-        assert resumed_on_restart(cfg, submitted).checkpoint.resume == resume
-        ours = tmp_path / "checkpoints" / "step-00000008"
-        ours.mkdir(exist_ok=True)
-        (ours / "MANIFEST.json").write_text("{}")
-        assert resumed_on_restart(cfg, submitted).checkpoint.resume == "auto"
-        (ours / "MANIFEST.json").unlink()
+        assert resumed_on_restart(cfg).checkpoint.resume == resume
+        ours = store.save(8, WEIGHTS, {})
+        assert resumed_on_restart(cfg).checkpoint.resume == "auto"
+        shutil.rmtree(ours)
 
 
-def test_a_restarted_task_runs_main_with_the_config_that_resumes_its_saves(tmp_path, monkeypatch):
-    from attnxfer.config import load_config
-    from attnxfer.launch.slurm.task import TrainingTask
-
+def test_a_restart_tells_its_saves_from_an_older_run_s_whatever_the_file_server_s_clock(
+    tmp_path, monkeypatch
+):
+    """Checkpoint times come from the file server's clock, the submission's from the login node's: apart by a
+    skew, they would take an older run's save for the job's own, or the job's own for an older run's."""
+    store = CheckpointManager(tmp_path)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    old = store.save(4, WEIGHTS, {})
+    os.utime(old / MANIFEST_NAME, (time.time() + 600,) * 2)  # the file server's clock ahead
     task = TrainingTask(
         lambda cfg: cfg.checkpoint.resume,
         load_config(None, [f"run_dir={tmp_path}", "checkpoint.resume=none"]),
     )
-    saved = tmp_path / "checkpoints" / "step-00000008"
-    saved.mkdir(parents=True)
-    (saved / "MANIFEST.json").write_text("{}")
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
+    assert task() == "none"
+    ours = store.save(8, WEIGHTS, {})
+    os.utime(ours / MANIFEST_NAME, (time.time() - 600,) * 2)  # or behind
     assert task() == "auto"

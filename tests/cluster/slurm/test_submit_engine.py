@@ -134,6 +134,7 @@ def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
         f"schedule.max_steps={steps}",
         "checkpoint.every_steps=5",
         "checkpoint.keep_last=50",
+        "checkpoint.resume=none",  # the first attempt's: the restart goes on from the job's own saves
         "data.batch_size=16",
         "--tasks-per-node",
         "1",
@@ -151,7 +152,7 @@ def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
     saved = {p.name for p in (run / "checkpoints").glob("step-*")}
     assert {"step-00000005", "step-00000010"} <= saved  # nothing written before the requeue was lost
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.*"))
-    assert "resumed from checkpoint step" in logs
+    assert "restarted after saving" in logs and "resumed from checkpoint step" in logs
     # the step SLURM's SIGTERM stopped at is saved, and the log says the job is requeued (by scontrol)
     assert re.search(rf"stopped by SIGTERM at step \d+ of {steps}; .*job {job_id} requeued: it resumes", logs)
 
