@@ -632,6 +632,12 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
             ["model.global_pool=avg", "model.fc_norm=true", *TINY],
             "pretrain does not read model.global_pool='avg' (the pooling is fine-tuning's",
         ),
+        # no head to score: refused at the start, as `attnxfer eval` of the run would refuse it
+        (
+            ["eval.metrics=[top1]"],
+            "no task loss (MAE pre-training), so no head was trained to score; drop top1 from eval.metrics (knn "
+            "needs no head)",
+        ),
     ],
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):

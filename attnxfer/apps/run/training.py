@@ -70,17 +70,19 @@ def require_metric_labels(
 ) -> None:
     """``eval.metrics`` naming a label-based metric (top1, knn) on data read without labels, or top1 on a run
     without a task loss (no head trained), stops here, in one line, before any work: in `attnxfer eval`, and in
-    train and convert, whose runs it would later score. ``own_objective``: MAE pre-training; ``task_weight``:
-    the one the run uses where it is not ``transfer.task_weight``'s (convert's stage 2 resolves it)."""
+    train, convert and pretrain, whose runs it would later score. ``own_objective``: MAE pre-training;
+    ``task_weight``: the one the run uses where it is not ``transfer.task_weight``'s (convert's stage 2
+    resolves it)."""
     info = data_info(cfg.data)
     for name in sorted(set(cfg.eval.metrics) & LABEL_METRICS):
         require_labels(info, f"eval.metrics={name}")
     weight = task_weight_of(cfg) if task_weight is None else task_weight
     if "top1" in cfg.eval.metrics and (own_objective or weight == 0):
         why = "MAE pre-training" if own_objective else "transfer.task_weight=0"
+        headless = "knn needs" if own_objective else "features and knn need"  # MAE's run has no teacher
         raise InputError(
             f"eval.metrics=top1: this run has no task loss ({why}), so no head was trained "
-            "to score; drop top1 from eval.metrics (features and knn need no head)"
+            f"to score; drop top1 from eval.metrics ({headless} no head)"
         )
 
 
