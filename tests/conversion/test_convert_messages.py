@@ -89,13 +89,17 @@ def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(
 
 def test_top1_of_a_run_without_a_task_loss_is_refused_before_any_work(tmp_path, headless_teacher_dir, capsys):
     """A headless teacher's stage 2 has no task loss (convert resolves it), nor has a train run at
-    transfer.task_weight=0: no head is trained, so a top-1 asked for stops at the start, not in a later eval."""
+    transfer.task_weight=0: no head is trained, so a top-1 asked for stops at the start, not in a later eval,
+    saying why there is no task loss (not a transfer.task_weight=0 convert's user never set)."""
     base = [f"teacher.spec=local-dir:{headless_teacher_dir}", *tiny_run(32, 16), "eval.metrics=[top1]"]
-    said = "eval.metrics=top1: this run has no task loss (transfer.task_weight=0), so no head was trained"
-    for command, extra in (("convert", []), ("train", ["transfer.task_weight=0"])):
+    for command, extra, why in (
+        ("convert", [], "the teacher is headless"),
+        ("train", ["transfer.task_weight=0"], "transfer.task_weight=0"),
+    ):
         run = tmp_path / command
         assert main([command, f"run_dir={run}", *base, *extra]) == 2
         out, err = capsys.readouterr()
+        said = f"eval.metrics=top1: this run has no task loss ({why}), so no head was trained"
         assert said in err and not (run / "config.yaml").exists(), err
         assert "teacher val top-1" not in out, out
 

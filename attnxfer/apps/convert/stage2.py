@@ -105,7 +105,7 @@ def student_head(
     """The converted student's head (`build_efficient_student`'s ``num_classes``; None keeps the teacher's): a
     headless teacher's student stays headless (0) unless ``model.num_classes`` gives it one. Where stage 2 has
     no task loss, ``eval.metrics=top1`` stops here too, as soon as the teacher is known."""
-    require_metric_labels(cfg, task_weight=objective.task_weight)
+    require_metric_labels(cfg, task_weight=objective.task_weight, why=objective.reason)
     if getattr(teacher, "num_classes", 0):
         return num_classes if objective.task_weight > 0 else None
     if cfg.model.num_classes and objective.task_weight == 0:  # a head nothing trains: random in the export

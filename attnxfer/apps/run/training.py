@@ -66,19 +66,23 @@ def require_task_labels(cfg: TrainConfig) -> None:
 
 
 def require_metric_labels(
-    cfg: TrainConfig, *, own_objective: bool = False, task_weight: float | None = None
+    cfg: TrainConfig,
+    *,
+    own_objective: bool = False,
+    task_weight: float | None = None,
+    why: str = "transfer.task_weight=0",
 ) -> None:
     """``eval.metrics`` naming a label-based metric (top1, knn) on data read without labels, or top1 on a run
     without a task loss (no head trained), stops here, in one line, before any work: in `attnxfer eval`, and in
     train, convert and pretrain, whose runs it would later score. ``own_objective``: MAE pre-training;
     ``task_weight``: the one the run uses where it is not ``transfer.task_weight``'s (convert's stage 2
-    resolves it)."""
+    resolves it), and ``why`` it is 0 (a headless teacher, data without labels)."""
     info = data_info(cfg.data)
     for name in sorted(set(cfg.eval.metrics) & LABEL_METRICS):
         require_labels(info, f"eval.metrics={name}")
     weight = task_weight_of(cfg) if task_weight is None else task_weight
     if "top1" in cfg.eval.metrics and (own_objective or weight == 0):
-        why = "MAE pre-training" if own_objective else "transfer.task_weight=0"
+        why = "MAE pre-training" if own_objective else why
         headless = "knn needs" if own_objective else "features and knn need"  # MAE's run has no teacher
         raise InputError(
             f"eval.metrics=top1: this run has no task loss ({why}), so no head was trained "
