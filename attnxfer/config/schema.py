@@ -135,8 +135,8 @@ class TransferConfig:
 class DataConfig:
     # animal_mnist | folder | synthetic | recall | hfds/NAME | hfids/NAME | wds/NAME | a plug-in
     dataset: str = key("animal_mnist", range=ANY)
-    # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...; resumable: the same dataset at another
-    # path (a node-local copy)
+    # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...; animal_mnist: the folder its arrays are
+    # cached in (its parent must exist); resumable: the same dataset at another path (a node-local copy)
     root: str | None = key(None, range=ANY, resumable=True)
     img_size: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the student's
     in_chans: int | None = key(None, range=AT_LEAST_1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, MissingPathError
 from .cache import cache_dir, save_npz_atomic
 from .in_memory import InMemoryImageDataset
 from .registry import DatasetInfo, built_info, register_dataset
@@ -152,7 +152,13 @@ def build_animal_mnist(
     """Animal-MNIST split (``root``: another cache dir); ``augment`` (default: train) shifts by up to
     ``crop_padding`` pixels and flips with probability ``hflip``."""
     info = built_info("animal_mnist", ANIMAL_MNIST_INFO, img_size, in_chans, mean, std)
-    arrays = load_animal_mnist_arrays(Path(root) if root is not None else None)
+    cache = None if root is None else Path(root).expanduser()
+    if cache is not None and not cache.parent.is_dir():  # a cache folder: made, but never down a typo'd path
+        raise MissingPathError(
+            f"data.root='{cache}' is the folder animal_mnist caches its arrays in, and '{cache.parent}' does not "
+            f"exist: create it, or drop data.root to cache in {cache_dir()}"
+        )
+    arrays = load_animal_mnist_arrays(cache)
     idx = arrays.train_idx if split == "train" else arrays.val_idx
     return InMemoryImageDataset(
         torch.from_numpy(arrays.images[idx]),

@@ -32,7 +32,7 @@ from attnxfer.data import (
     register_dataset,
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
-from attnxfer.errors import InputError
+from attnxfer.errors import InputError, MissingPathError
 from attnxfer.launch import cli
 
 # sha256 of the val indices (int64 little-endian): the split must never change.
@@ -122,6 +122,17 @@ def test_animal_mnist_cache_is_reused(tmp_path, monkeypatch):
     np.savez(npz[0], **arrays)
     second = build_dataset("animal_mnist", "val")
     assert torch.equal(second.images, 255 - first.images)
+
+
+def test_an_animal_mnist_root_under_a_missing_folder_is_refused_not_created(tmp_path):
+    """data.root is where animal_mnist caches its arrays: a new folder in an existing one is made, but a
+    typo'd path is refused, naming the missing folder, instead of being created silently."""
+    typo = tmp_path / "dtaa" / "animal"
+    with pytest.raises(MissingPathError, match=f"data.root='{typo}'.*'{typo.parent}' does not exist"):
+        build_dataset("animal_mnist", "val", root=str(typo))
+    assert not typo.parent.exists()
+    build_dataset("animal_mnist", "val", root=str(tmp_path / "cache"))
+    assert list((tmp_path / "cache").rglob("*.npz"))
 
 
 def test_animal_mnist_missing_package_says_how_to_install(tmp_path, monkeypatch):
