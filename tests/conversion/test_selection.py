@@ -116,8 +116,8 @@ def test_an_infeasible_budget_never_says_a_speedup_that_reads_as_the_budget():
 
 
 def test_a_met_budget_never_says_a_speedup_that_reads_as_missing_it(tmp_path, capsys):
-    """A budget of 1.2549 met at 1.25495x: two digits (1.25x beside 1.2549x) read as missing it, in the log's
-    two lines and report.md alike."""
+    """A budget of 1.2549 met at 1.25495x, predicted or measured: two digits (1.25x beside 1.2549x) read as
+    missing it, in the log's two lines and report.md alike."""
     assert [beside(s, 1.2549) for s in (1.25495, 1.2549, 1.75)] == ["1.255x", "1.255x", "1.75x"]
     assert beside(1.2222276, 1.2222275) == "1.22223x" and beside(2.0, 2) == "2.00x"  # budget printed 1.22223
     from types import SimpleNamespace
@@ -135,12 +135,23 @@ def test_a_met_budget_never_says_a_speedup_that_reads_as_missing_it(tmp_path, ca
     (tmp_path / SELECTION_FILE).write_text(json.dumps(record))
     selection.choose_attentions(cfg, None, torch.device("cpu"), main=True, plan_for=None)
     assert "predicted 1.255x the teacher at 17 tokens (budget 1.2549x)" in capsys.readouterr().out
-    said, speed = [], {"input": [3, 4, 4], "batch": 2, "student_over_teacher": 1.3}
+    # the measured speed-ups too, wall-clock and CPU time: met at 1.25495x and 1.25491x, not "1.25x"
+    speed = {
+        "input": [3, 4, 4],
+        "batch": 2,
+        "student_over_teacher": 1.25495,
+        "student_over_teacher_cpu": 1.25491,
+    }
+    said = []
     run = SimpleNamespace(cfg=cfg, selection=record, parts=None, say=said.append)
     section = selection.measured_section(run, speed)
-    assert "predicted 1.255x the teacher at 17 tokens (budget 1.2549x)" in said[-1]
+    assert (
+        "predicted 1.255x the teacher at 17 tokens (budget 1.2549x), measured 1.255x (1.255x in CPU time)"
+        in said[-1]
+    )
     md = "\n".join(report._selection_section(section))
     assert "Budget **1.2549x** the teacher at 17 tokens: predicted **1.255x**" in md
+    assert "measured **1.255x** (1.255x in CPU time)" in md
     assert "(fastest student of these candidates: 1.255x, all blocks relu_linear)" in md
 
 

@@ -327,14 +327,14 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     if not selection:
         return []
     names, metric, ms = selection["candidates"], selection["metric"], selection["ms"]
-    measured = f"measured **{ratio_text(selection.get('measured_speedup'))}x**"
+    measured = f"measured **{beside(selection['measured_speedup'], selection['speedup'])}**"
     span = selection.get("measured_speedup_range")  # absent from choices made before it was recorded
     if span:
         measured += f" (each round: {span[0]:.2f}x to {span[1]:.2f}x)"
     # in process CPU time too (CPU runs), which other programs on a shared machine distort less than wall-clock
     cpu = selection.get("measured_speedup_cpu")
     if cpu:
-        measured += f" ({cpu:.2f}x in CPU time)"
+        measured += f" ({beside(cpu, selection['speedup'])} in CPU time)"
     if selection.get("measured_speedup_withheld"):
         measured = f"no measured speed-up is claimed ({selection['measured_speedup_withheld']})"
     whole = selection.get("whole_ms")  # absent from choices made when one block was timed alone

@@ -564,7 +564,8 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
     measured = (
         f"measured: withheld ({withheld})"
         if withheld
-        else f"measured {section['measured_speedup']:.2f}x" + (f" ({cpu:.2f}x in CPU time)" if cpu else "")
+        else f"measured {beside(section['measured_speedup'], record['speedup'])}"
+        + (f" ({beside(cpu, record['speedup'])} in CPU time)" if cpu else "")
     )
     run.say(
         f"convert.attention=auto: predicted {beside(record['predicted_speedup'], record['speedup'])} the "
