@@ -634,7 +634,7 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
         ),
         # no head to score: refused at the start, as `attnxfer eval` of the run would refuse it
         (
-            ["eval.metrics=[top1]"],
+            ["eval.metrics=[top1]", *TINY],  # tiny: a regression costs seconds, not a whole pre-training
             "no task loss (MAE pre-training), so no head was trained to score; drop top1 from eval.metrics (knn "
             "needs no head)",
         ),
