@@ -98,11 +98,16 @@ def test_a_headless_teacher_with_a_task_loss_and_no_head_says_the_two_ways_out()
 
 def test_a_new_head_that_stage_2_would_never_train_is_refused():
     """A headless teacher's student given model.num_classes on unlabelled data: the head would be exported
-    as it was drawn at random."""
-    for labelled, overrides in ((False, []), (True, ["transfer.task_weight=0"])):
+    as it was drawn at random; the message says why stage 2 has no task loss, not a key the user did not set."""
+    for labelled, overrides, why in (
+        (False, [], r"\(the data has no labels\)"),
+        (True, ["transfer.task_weight=0"], r"\(transfer.task_weight=0\)"),
+    ):
         cfg = load_config(None, ["model.num_classes=7", *overrides])
         choice = stage2_objective(cfg, _Teacher(0), labelled)
-        with pytest.raises(InputError, match=r"model.num_classes=7 .* never trains: drop model.num_classes"):
+        with pytest.raises(
+            InputError, match=rf"model.num_classes=7 .* {why} never trains: drop model.num_classes"
+        ):
             student_head(cfg, _Teacher(0), choice, 10)
 
 

@@ -111,7 +111,7 @@ def student_head(
     if cfg.model.num_classes and objective.task_weight == 0:  # a head nothing trains: random in the export
         raise InputError(
             f"model.num_classes={cfg.model.num_classes} gives the headless teacher's student a new head, which "
-            "stage 2 without a task loss (transfer.task_weight=0, or data.labels=false) never trains: drop "
+            f"stage 2 without a task loss ({objective.reason}) never trains: drop "
             "model.num_classes to convert the encoder alone, or train the head on labels (transfer.task_weight "
             "> 0 with labelled data)"
         )
