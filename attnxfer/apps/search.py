@@ -48,7 +48,7 @@ from ..train.runtime import resolve_device
 from ..train.stop import StopRequested, stop_on_signals, stop_signal
 from .run.loaders import first_images
 from .run.parts import build_run_parts
-from .run.resume import check_teacher_content, judge
+from .run.resume import check_teacher_content, judge, teacher_where_it_was
 
 _VERSION = 1
 #: keys no part of a search reads (it fits in fp32 with torch's default kernels and mixes no labels; it saves
@@ -395,7 +395,8 @@ def search(
             say(
                 f"search: resuming {point.path} after generation {state.generation} ({len(state.candidates)} candidates)"
             )
-        evaluator, parts = build_evaluator(cfg)
+        with teacher_where_it_was(run_dir, point is not None):
+            evaluator, parts = build_evaluator(cfg)
         # the same teacher under another spelling or path resumes; other weights are refused before any write
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
         settings = search_settings(cfg, parts.teacher)

@@ -85,6 +85,18 @@ class TeacherSpec:
     revision: str | None = None
 
 
+class LocalModelMissing(MissingPathError):
+    """A local model's folder or file (``spec``, given as ``role``) not found: ``said`` is what is missing, the
+    message adds ``hint``, what makes it, where there is one (`demo_hint`)."""
+
+    def __init__(self, said: str, spec: TeacherSpec, role: str, hint: str | None = None) -> None:
+        super().__init__(f"{said}; {hint}" if hint else said)
+        self.said, self.spec, self.role, self.hint = said, spec, role, hint
+
+    def __reduce__(self):  # pickled as it was made (a SLURM task's error comes back through submitit)
+        return type(self), (self.said, self.spec, self.role, self.hint)
+
+
 #: where each role's checkpoint file names its architecture
 _ARCH_KEY = {
     "teacher": "teacher.arch=NAME; --teacher-arch for inspect",
@@ -561,10 +573,9 @@ def resolve(
             parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role
         )
     except MissingPathError as err:
-        hint = demo_hint(parsed.name) if parsed.source.is_local else None
-        if hint is None:
+        if not parsed.source.is_local:
             raise
-        raise MissingPathError(f"{err}; {hint}") from None
+        raise LocalModelMissing(str(err), parsed, role, demo_hint(parsed.name)) from None
 
 
 def demo_hint(path: str | os.PathLike) -> str | None:

@@ -555,21 +555,34 @@ def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
     assert not (tmp_path / "d/checkpoints/step-00000003").exists()
 
 
+@pytest.mark.parametrize(
+    "command", ["train", *(pytest.param(c, marks=pytest.mark.slow) for c in ("convert", "study"))]
+)
 def test_a_moved_run_whose_demo_teacher_is_not_found_is_told_to_name_that_teacher_not_to_rerun_the_demo(
-    trained, tmp_path, capsys, monkeypatch
+    command, trained, tmp_path, capsys, monkeypatch
 ):
-    """A new `attnxfer demo` would write another teacher, which the resume refuses by its weights' hash."""
+    """A new `attnxfer demo` would write another teacher, which the resume refuses by its weights' hash: a
+    conversion whose stage 1 saved and a study are told so as a training run is."""
     assert cli.main(["export", str(trained), str(tmp_path / "runs/demo/mae/export")]) == 0
     monkeypatch.chdir(tmp_path)
     args = [a for a in S if a != "transfer.mode=none"]
+    if command == "convert":
+        args = [
+            *(a for a in S if a.startswith("data.")),
+            "convert.stage1_steps=1",
+            *tiny_convert_report(1, 2),
+        ]
+    if command == "study":
+        args += ["--vary", "optim.lr=1e-3,2e-3"]
     distill = ["transfer.mode=distill", "teacher.spec=local-dir:runs/demo/mae/export", "run_dir=runs/demo/d"]
-    assert run_cli(capsys, "train", *args, *distill, "schedule.max_steps=1")[0] == 0
+    assert run_cli(capsys, command, *args, *distill, "schedule.max_steps=1")[0] == 0
     shutil.move(tmp_path / "runs/demo/d", tmp_path / "moved")
     monkeypatch.chdir(tmp_path / "moved")
-    code, _, err = run_cli(capsys, "train", "-c", str(tmp_path / "moved/config.yaml"), "schedule.max_steps=2")
+    config = tmp_path / "moved" / ("study.yaml" if command == "study" else "config.yaml")
+    code, _, err = run_cli(capsys, command, "-c", str(config), "schedule.max_steps=2")
     line = _error_line(err)
     assert code == 2 and "runs/demo/mae/export does not exist" in line and "run `attnxfer demo`" not in line
-    assert "teacher.spec=local-dir:" in line
+    assert "moved resumes a run that learned from that teacher" in line and "teacher.spec=local-dir:/" in line
 
 
 # ---------------------------------------------------------------------- 7: full and read-only disks

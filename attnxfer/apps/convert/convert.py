@@ -22,12 +22,13 @@ from ... import speak
 from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
-from ...checkpoints.store import atomic_write_json, atomic_write_text, set_aside
+from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config
 from ...errors import InputError
 from ...models.efficient import GridFitError, build_efficient_student, new_parameters, set_drop_path
 from ...models.image_input import image_input
 from ...models.student import student_spec
+from ...run_layout import STAGE_DIRS
 from ...train.devices import resolve_precision
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
 from ...train.engine import TrainResult, schedule_steps
@@ -38,6 +39,7 @@ from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan
 from ..run.loaders import build_bank_loader, data_info
 from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
+from ..run.resume import teacher_where_it_was
 from ..run.training import (
     judged_resume,
     loop_settings,
@@ -368,9 +370,13 @@ def conversion_parts(
         else cfg
     )
     student_fn = _student_builder(builds, data_info(cfg.data).has_labels, stand_in=stand_in)
-    return build_run_parts(
-        cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn, labels=True, shared=shared
-    )
+    # a stage that saved goes on from its checkpoints, unless checkpoint.resume=none
+    saved = any(CheckpointManager(Path(cfg.run_dir) / stage).step_dirs() for stage in STAGE_DIRS)
+    fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+    with teacher_where_it_was(cfg.run_dir, saved and not fresh):
+        return build_run_parts(
+            cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn, labels=True, shared=shared
+        )
 
 
 def _student_builder(

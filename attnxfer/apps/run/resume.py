@@ -10,7 +10,7 @@ teacher spelled another way whose weights hash as recorded, the same data in ano
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from ...checkpoints.resume_point import KeyChange, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from ...config.loading import load_config
+from ...errors import MissingPathError
 from ...models.efficient.swap import options_in_effect
+from ...sources.resolve import LocalModelMissing, Source
 from ...speak import say
 from ...train.devices import Device, resolve_precision
 from ...transfer import PlanError
@@ -238,6 +240,24 @@ def check_teacher_content(
         f"at the original weights{f' ({pinned}, the commit it trained with)' if pinned else ''}; to train "
         "with this teacher, start a new run elsewhere (run_dir=...)"
     )
+
+
+@contextlib.contextmanager
+def teacher_where_it_was(run: Path | str, resumes: bool) -> Iterator[None]:
+    """A resumed run's (``resumes``) local teacher not found where it was named (the run's folder or the working
+    folder moved) is named where it is now: not the demo's hint, whose new teacher its hash check refuses."""
+    try:
+        yield
+    except LocalModelMissing as e:
+        if not resumes or e.role != "teacher":
+            raise
+        prefix = "local-dir:" if e.spec.source is Source.LOCAL_DIR else ""
+        raise MissingPathError(
+            f"{e.said}; {run} resumes a run that learned from that teacher: "
+            f"{'' if Path(e.spec.name).is_absolute() else 'run from the folder the run started in, or '}give "
+            f"teacher.spec={prefix}/ABS/PATH where it is now (other weights, a new "
+            "`attnxfer demo`'s, are refused by their hash)"
+        ) from None
 
 
 def check_same_data(

@@ -23,7 +23,7 @@ from ...config import (
     validate_config,
 )
 from ...data import data_identity, dataset_has_labels, require_labels
-from ...errors import InputError, MissingPathError
+from ...errors import InputError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
 from ...speak import say, warn
@@ -44,7 +44,7 @@ from .ce_choice import ce_choice_for_run
 from .loaders import data_info, data_seed
 from .parts import RunParts, build_run_parts
 from .pictures import class_token_pictures
-from .resume import check_same_data, check_teacher_content, judge, student_as_trained
+from .resume import check_same_data, check_teacher_content, judge, student_as_trained, teacher_where_it_was
 from .world_size import fit_world_size, recorded_split, split_for_world
 
 
@@ -456,22 +456,10 @@ def build_engine(
     )
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = cfg.data.labels if scoring else None
-    try:
+    with teacher_where_it_was(cfg.run_dir, point is not None):
         parts = parts or build_run_parts(
             cfg, rank=runtime.rank, world_size=runtime.world, labels=labels, shared=shared
         )
-    except MissingPathError as e:
-        # a resumed run's teacher, not where it was: a new one (the demo's hint) is refused by its hash
-        said, spec = str(e).partition("; ")[0], cfg.teacher.spec
-        if point is None or not said.startswith(f"{spec}:"):
-            raise
-        path = spec.removeprefix("local-dir:")
-        raise MissingPathError(
-            f"{said}; {cfg.run_dir} resumes a run that learned from that teacher: "
-            f"{'' if Path(path).is_absolute() else 'run from the folder the run started in, or '}give "
-            f"teacher.spec={spec.removesuffix(path)}/ABS/PATH where it is now (other weights, a new "
-            "`attnxfer demo`'s, are refused by their hash)"
-        ) from None
     check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):

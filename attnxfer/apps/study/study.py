@@ -34,6 +34,7 @@ from ...train.runtime import Runtime, create_runtime, resolve_device
 from ...transfer.teacher_pass import TeacherHandover, TeacherNeeds
 from ...transfer.teacher_student import TeacherStudent
 from ..run.parts import RunParts, build_run_parts
+from ..run.resume import teacher_where_it_was
 from ..run.training import (
     build_engine,
     judged_resume,
@@ -170,7 +171,8 @@ def build_members(
     if parts:  # the caller's students around one teacher and one pair of loaders
         shared = next(iter(parts.values()))
     else:
-        with torch.random.fork_rng(devices=[]):  # the shared parts draw nothing from the students' streams
+        # the shared parts draw nothing from the students' streams
+        with torch.random.fork_rng(devices=[]), teacher_where_it_was(spec.run_dir, standing.resumed):
             shared = build_run_parts(
                 configs[0][1], rank=runtime.rank, world_size=runtime.world, student_unsaid=True
             )
@@ -282,6 +284,7 @@ class _Standing:
     stopped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     shared_seconds: float = 0.0
+    resumed: bool = False  # it goes on from a step it committed
 
 
 def _where_it_stands(
@@ -318,6 +321,7 @@ def _where_it_stands(
         dict(point.record("stopped") or {}),
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
+        resumed=True,
     )
 
 
