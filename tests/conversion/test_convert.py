@@ -534,13 +534,15 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     with torch.no_grad():
         assert torch.equal(loaded(x), rebuilt(x))
     # checkpoint.resume=none starts both stages over, stage 1 keeping what it saved before aside (stage 2 does
-    # where its new weights differ); the run's own config.yaml continues the run afterwards
+    # where its new weights differ), the folder its earlier config.yaml; the new one continues the run afterwards
     capsys.readouterr()
-    assert main(["convert", *_convert_args(run, tiny_teacher_dir), "checkpoint.resume=none"]) == 0
+    assert main(["convert", *_convert_args(run, tiny_teacher_dir), "checkpoint.resume=none", "seed=5"]) == 0
     err = capsys.readouterr().err
     assert "checkpoint.resume=none: stage 1 starts over; kept its earlier step-00000006 as" in err, err
     kept = [p.name.split(".")[1][:9] for p in (run / "stage1" / "checkpoints").glob("step-*.*")]
     assert kept == ["replaced-"]
+    [earlier] = run.glob("config.yaml.replaced-*")
+    assert "\nseed: 0\n" in earlier.read_text() and "\nseed: 5\n" in (run / "config.yaml").read_text()
     assert "resume: auto" in (run / "config.yaml").read_text()
 
 

@@ -28,7 +28,7 @@ from ...errors import InputError
 from ...models.efficient import GridFitError, build_efficient_student, new_parameters, set_drop_path
 from ...models.image_input import image_input
 from ...models.student import student_spec
-from ...run_layout import STAGE_DIRS
+from ...run_layout import RUN_CONFIG, STAGE_DIRS
 from ...train.devices import resolve_precision
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
 from ...train.engine import TrainResult, schedule_steps
@@ -57,8 +57,8 @@ from .stage1 import Stage1Found, Stage1Job, judge_stage1, open_stage1
 from .stage2 import Stage2Objective, stage2_layers, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
-#: what a conversion writes besides its stages' folders and config.yaml
-_RESULTS = (SELECTION_FILE, PARTIAL_FILE, "report.json", "report.md")
+#: what a conversion writes besides its stages' folders (checkpoint.resume=none keeps them aside)
+_RESULTS = (RUN_CONFIG, SELECTION_FILE, PARTIAL_FILE, "report.json", "report.md")
 
 
 _NO_TEACHER = (
