@@ -61,3 +61,13 @@ def test_conversion_docs_rope_table_is_what_the_classes_declare():
     table = page.split("| attention | rope keeps its map kind |")[1].split("\n\n")[0]
     rows = re.findall(r"^\| `(\w+)` \| (yes|no) \| (.+) \|$", table, re.M)
     assert {name: (answer == "yes", why) for name, answer, why in rows} == rope_support()
+
+
+def test_convert_help_says_what_stage_2_trains_by_default(capsys):
+    """transfer.logit_distill is 0 unless set: the help must not promise logit distillation, and names the
+    default stage 2 (labelled fine-tuning, or feature distillation without labels)."""
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "with logit distillation" not in text, text
+    assert "feature distillation" in text and "transfer.logit_distill" in text, text

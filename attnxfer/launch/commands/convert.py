@@ -23,8 +23,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     help="turn a softmax teacher into an efficient-attention student (stage 1 + stage 2 + report)",
     description="Copy the teacher into a student with efficient attention (convert.attention), fit each "
     "attention layer to the teacher's on the teacher's hidden inputs (stage 1), fine-tune end to end "
-    "with logit distillation (stage 2: the schedule/optim/transfer sections), and write "
-    "RUN_DIR/report.json and report.md.",
+    "(stage 2: on the labels, or without them by feature distillation from the teacher; logit distillation "
+    "with transfer.logit_distill; the schedule/optim/transfer sections), and write RUN_DIR/report.json and "
+    "report.md.",
     epilog=ROPE_EPILOG,
     formatter_class=RopeHelpFormatter,
     arguments=_arguments,
