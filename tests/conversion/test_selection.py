@@ -417,6 +417,23 @@ def test_a_candidate_whose_default_size_exceeds_the_grid_is_refused_naming_the_k
     assert "convert.attention_kwargs" in err[-1] and "Traceback" not in "".join(err)
 
 
+def test_a_candidate_option_value_refused_under_auto_names_the_key_as_a_plain_convert_does(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """performer's num_features=0 among the candidates: the refusal said "num_features must be >= 1, got 0"
+    without the key it is under, where convert.attention=performer says convert.attention_kwargs."""
+    options = [
+        "convert.speedup=1.5",
+        "convert.candidates=[performer]",
+        "convert.attention_kwargs.num_features=0",
+    ]
+    assert cli.main(_args(tmp_path / "run", tiny_teacher_dir, *options)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "attnxfer convert: error: convert.attention_kwargs: num_features must be >= 1, got 0", (
+        err
+    )
+
+
 def test_a_damaged_recorded_choice_is_one_line_saying_how_to_choose_again(tmp_path, tiny_teacher_dir, capsys):
     """An empty or edited selection.json (a resume reads it before measuring anything) is refused in one line
     naming checkpoint.resume=none, not a JSONDecodeError or KeyError traceback."""

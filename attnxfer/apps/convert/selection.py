@@ -461,6 +461,10 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
                 f"convert.candidates: {name}: {e}; set the option in convert.attention_kwargs, or drop {name} "
                 "from convert.candidates"
             ) from None
+        except InputError as e:  # an option's own refusal names its key, as a plain convert's does
+            if str(e).split(" ")[0] not in c.attention_kwargs:
+                raise
+            raise InputError(f"convert.attention_kwargs: {e}") from None
     for model in models.values():
         model.to(device).eval()
     precision = resolve_precision(cfg.precision, device)
