@@ -301,11 +301,18 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
         lines.append(cells)
     lines.append("")
     if floor:
+        # the teacher contains its floor: a floor timed slower is timing noise, not a ceiling below the teacher
+        claim = (
+            f"so it is the ceiling ({over_floor:.2f}x the teacher), and the student reaches "
+            f"**{speed['student_over_floor']:.2f}** of it."
+            if over_floor >= 1
+            else f"but timed here at {over_floor:.2f}x the teacher, slower than the teacher it is cut from, it "
+            "gives no ceiling: timing noise (a loaded machine); rerun on an idle machine, or with more rounds "
+            "(convert.speed_repeats)."
+        )
         lines += [
             f"The floor is the teacher whose attention computes its projections but mixes no tokens (out = "
-            f"proj(v)): no attention with these projections can be faster at this resolution, so it is the ceiling "
-            f"({speed['floor_over_teacher']:.2f}x the teacher), and the student reaches "
-            f"**{speed['student_over_floor']:.2f}** of it.",
+            f"proj(v)): no attention with these projections can be faster at this resolution, {claim}",
             "",
         ]
     elif speed.get("floor_refused"):
