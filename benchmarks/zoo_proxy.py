@@ -20,7 +20,8 @@ stage 2; after stage 1 beside it). A strongly negative rho: the score ranks as t
 
 Writes OUT/zoo_proxy.json and OUT/zoo_proxy.md (one row per student, rho and p for each score). A student
 whose map is not row-stochastic gets no ``map_kl`` (the search rejects it; the row says why) and still an
-``output_kl``.
+``output_kl``; one without a map (hydra), fitted on the teacher's outputs, which the search does not cache, is
+left out, saying so.
 """
 
 from __future__ import annotations
@@ -122,14 +123,19 @@ def main() -> None:
         taken += images[-1].shape[0]
         if taken >= cfg.search.held_out_images:
             break
-    rows = []
+    rows, left_out = [], []
     for s in students:
         start = time.monotonic()
         try:
             student = fit_student(teacher, s["attention"], cache, fit, **s["options"])
         except ValueError as e:  # not row-stochastic: the search's map KL is undefined; fit it anyway
             s["map_kl_refused"] = str(e)
-            student = fit_student(teacher, s["attention"], cache, fit, check_map=False, **s["options"])
+            try:
+                student = fit_student(teacher, s["attention"], cache, fit, check_map=False, **s["options"])
+            except ValueError as e:  # no map at all (hydra): fitted on outputs, which the cache lacks
+                left_out.append(f"{s['name']}: {e}")
+                print(f"{left_out[-1]}: left out", flush=True)
+                continue
         if "map_kl_refused" not in s:
             s["map_kl"] = sum(per := held_out_kl(teacher, student, cache)) / len(per)
         s["output_kl"] = output_kl(teacher, student, images)
@@ -141,6 +147,7 @@ def main() -> None:
             flush=True,
         )
     result = {"study": str(args.study), "fit": vars(fit), "held_out_images": taken, "students": rows}
+    result["left_out"] = left_out
     for score in ("map_kl", "output_kl"):
         scored = [r for r in rows if score in r]
         for target in ("top1", "top1_stage1"):
@@ -167,6 +174,7 @@ def render(result: dict) -> str:
         kl = f"{r['map_kl']:.4f}" if "map_kl" in r else "n/a (not row-stochastic)"
         stage1 = f"{r['top1_stage1']:.2f}" if r["top1_stage1"] is not None else "-"
         lines.append(f"| {r['name']} | {kl} | {r['output_kl']:.4f} | {stage1} | {r['top1']:.2f} |")
+    lines += [f"\nLeft out: {why}." for why in result.get("left_out", [])]
     lines += ["", "| score | against | Spearman rho | p | n |", "|---|---|---:|---:|---:|"]
     for score in ("map_kl", "output_kl"):
         for target in ("top1", "top1_stage1"):

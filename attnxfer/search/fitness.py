@@ -121,6 +121,11 @@ def fit_student(
         stage1_batch_size=next(iter(cache.fit[0].values()))["input"].shape[0],
         stage1_train=fit.train,
     )
+    # an attention without a map fits on the teacher's outputs: the cache keeps its input, q and k only
+    if missing := [f for f in plan.teacher_signals if f not in cache.fit[0][cache.layers[0]]]:
+        raise ValueError(
+            f"its fit needs the teacher's {', '.join(missing)}, which the search's cache does not hold"
+        )
     try:
         with quiet():  # a search says one line per generation, not one per fit
             stage1_transfer(

@@ -40,6 +40,7 @@ from attnxfer.search import (
     run_search,
     select_survivors,
 )
+from attnxfer.search.fitness import fit_student
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -105,6 +106,14 @@ def test_fit_kl_is_the_kl_of_explicit_maps_on_the_held_out_images(tiny):
     fitted = _evaluator(tiny)("formula:sum(relu)")
     assert fitted["kl"] < result["kl"]
     assert _evaluator(tiny)("formula:sum(relu)")["kl"] == fitted["kl"]
+
+
+def test_an_attention_fitted_on_outputs_the_cache_lacks_is_refused_in_words(tiny):
+    """hydra (no map) fits on the teacher's attention outputs, which the search does not cache: zoo_proxy's
+    fit of it raised a bare KeyError traceback after every earlier student's fit, writing nothing."""
+    teacher, cache, _ = tiny
+    with pytest.raises(ValueError, match=r"^its fit needs the teacher's output, which the search's cache"):
+        fit_student(teacher, "hydra", cache, FitSettings(steps=2), check_map=False)
 
 
 def test_flops_speed_counts_softmaxs_own_maps_so_a_linear_attention_beats_it_at_many_tokens(tiny):
