@@ -14,7 +14,7 @@ import torch
 from helpers import tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.convert.report import _speed_section
-from attnxfer.apps.convert.speed import DEFAULT_SWEEP_MULTIPLES, SWEEP_BUDGET_S, sweep_sides
+from attnxfer.apps.convert.speed import DEFAULT_SWEEP_MULTIPLES, SWEEP_BUDGET_S, speed_lines, sweep_sides
 from attnxfer.config import TrainConfig, apply_overrides
 from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
@@ -206,7 +206,6 @@ def test_report_shows_each_ratio_with_its_spread_and_withholds_what_contradicts_
         and "**" not in md.split("### ")[0]
     )
     assert "Break-even: withheld: it disagrees." in md
-    from attnxfer.apps.convert.speed import speed_lines
 
     assert speed_lines(speed)[0].endswith(f"-> {speed['speedup']:.2f}x ({lo:.2f}x-{hi:.2f}x over 3 rounds)")
     said = speed_lines(withheld)
@@ -226,5 +225,11 @@ def test_a_floor_timed_slower_than_the_teacher_is_not_called_the_ceiling():
     md = "\n".join(_speed_section(slow))
     assert "ceiling (0.31x" not in md and "reaches **2.30**" not in md, md
     assert "slower than the teacher" in md and "convert.speed_repeats" in md, md
+    said = speed_lines(slow)[0]  # the log says the same as report.md
+    assert "reaches 2.30" not in said and said.endswith(
+        "floor 0.31x the teacher: timing noise, no ceiling (rerun idle, or with more convert.speed_repeats)"
+    ), said
     fast = "\n".join(_speed_section({**speed, "floor_over_teacher": 1.5, "student_over_floor": 0.8}))
     assert "it is the ceiling (1.50x the teacher), and the student reaches **0.80** of it." in fast
+    fast_said = speed_lines({**speed, "floor_over_teacher": 1.5, "student_over_floor": 0.8})[0]
+    assert "; floor 1.50x the teacher, the student reaches 0.80 of it" in fast_said, fast_said

@@ -137,12 +137,13 @@ def checked_break_even(main: dict[str, Any], sweep: dict[str, Any]) -> dict[str,
 
 def speed_lines(speed: dict[str, Any]) -> list[str]:
     """What the log says of a student's ``speed`` section."""
-    ceiling = (
-        f"; floor {speed['floor_over_teacher']:.2f}x the teacher, the student reaches "
-        f"{speed['student_over_floor']:.2f} of it"
-        if speed["floor_refused"] is None
-        else ""
-    )
+    ceiling = ""
+    if speed["floor_refused"] is None:  # a floor timed slower than the teacher it is cut from: timing noise
+        ceiling = f"; floor {speed['floor_over_teacher']:.2f}x the teacher" + (
+            f", the student reaches {speed['student_over_floor']:.2f} of it"
+            if speed["floor_over_teacher"] >= 1
+            else ": timing noise, no ceiling (rerun idle, or with more convert.speed_repeats)"
+        )
     return [
         f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
         f"{speed['teacher_images_per_s']:.1f} images/s (batch {speed['batch']}, {speed['precision']}) -> "
