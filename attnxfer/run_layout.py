@@ -1,6 +1,6 @@
 """The names of what attnxfer writes into a run directory, in one table: at the bottom of the layers because
 the config loader must recognise a run's own ``config.yaml`` (and an exported model's folder, given where a
-config or a run is expected). Nothing else spells these file names.
+config or a run is expected, or a path that is not there: `missing_path`). Nothing else spells these names.
 """
 
 from __future__ import annotations
@@ -81,6 +81,26 @@ def read_record(path: Path) -> dict[str, Any]:
 def is_exported_model(folder: Path) -> bool:
     """Whether ``folder`` holds a model in timm's Hub layout: a model, not a run or a config."""
     return all((folder / name).is_file() for name in EXPORTED_MODEL)
+
+
+def missing_path(path: Path) -> str:
+    """``PATH does not exist``, with what the nearest folder above it that exists holds (a mistyped or
+    renamed folder shows beside the name that was given)."""
+    above = next((a for a in path.absolute().parents if a.is_dir()), None)
+    if above is None or above == Path.cwd() or above.parent == above:
+        return f"{path} does not exist"
+    shown = []
+    for p in above.iterdir():
+        # a folder holding only a lock, however deep (runs/search/demo/ under runs/search/), is a run being
+        # started (this command's own run_dir): not what was meant
+        end = p
+        while end.is_dir() and len(inside := list(end.iterdir())) == 1 and inside[0].is_dir():
+            end = inside[0]
+        if not (end.is_dir() and [c.name for c in end.iterdir()] == [LOCK_NAME]):
+            shown.append(p)
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in shown)
+    held = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "") or "nothing"
+    return f"{path} does not exist ({above} holds: {held})"
 
 
 #: where `attnxfer demo` writes by default (``--out``), and where it leaves each teacher's export (real files,

@@ -28,9 +28,9 @@ from ..run_layout import (
     STATE_NAME,
     STUDY_RECORD,
     is_exported_model,
+    missing_path,
     read_record,
 )
-from ..sources.load_errors import missing_path
 from ..sources.teacher import drop_unused_entries
 from ..speak import debug, warn
 from ..transfer.modes import MODES

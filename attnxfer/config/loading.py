@@ -9,7 +9,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import EXPORTED_MODEL, RUN_CONFIG, RUN_DIR_MARKERS, STUDY_RECORD, is_exported_model
+from ..run_layout import (
+    EXPORTED_MODEL,
+    RUN_CONFIG,
+    RUN_DIR_MARKERS,
+    STUDY_RECORD,
+    is_exported_model,
+    missing_path,
+)
 from .overrides import (
     ConfigError,
     apply_overrides,
@@ -63,6 +70,8 @@ def resolve_recipe(path: str | Path) -> Path:
         )
     close = difflib.get_close_matches(str(path), list_recipes(), n=1)
     hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
+    if not close and p.suffix in (".yaml", ".yml"):  # a file's path (runs/my-rn/config.yaml): what is there
+        raise ConfigError(f"config file {missing_path(p)}")
     raise ConfigError(
         f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})"
     )

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..errors import InputError, MissingPathError
 from ..models.student import student_from_spec
-from .load_errors import missing_path
+from ..run_layout import missing_path
 from .resolve import parse_teacher_spec, read_state_dict, resolve
 
 

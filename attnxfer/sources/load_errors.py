@@ -111,23 +111,3 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         f"this is {what}; its export would be {export}, which does not exist yet: write it with "
         f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
     )
-
-
-def missing_path(path: Path) -> str:
-    """``PATH does not exist``, with what the nearest folder above it that exists holds (a mistyped or
-    renamed folder shows beside the name that was given)."""
-    above = next((a for a in path.absolute().parents if a.is_dir()), None)
-    if above is None or above == Path.cwd() or above.parent == above:
-        return f"{path} does not exist"
-    shown = []
-    for p in above.iterdir():
-        # a folder holding only a lock, however deep (runs/search/demo/ under runs/search/), is a run being
-        # started (this command's own run_dir): not what was meant
-        end = p
-        while end.is_dir() and len(inside := list(end.iterdir())) == 1 and inside[0].is_dir():
-            end = inside[0]
-        if not (end.is_dir() and [c.name for c in end.iterdir()] == [LOCK_NAME]):
-            shown.append(p)
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in shown)
-    held = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "") or "nothing"
-    return f"{path} does not exist ({above} holds: {held})"

@@ -26,13 +26,12 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import DEMO_EXPORTS, DEMO_OUT, RUN_RECORD
+from ..run_layout import DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path
 from .hub import _HUB_WEIGHT_FILES, _SHARD_INDEX, _hub_file, _hub_weights, _readme_license, _snapshot_commit
 from .load_errors import (
     TeacherLoadError,
     TeacherNotAvailable,
     UnsafeCheckpointError,
-    missing_path,
     run_folder_hint,
 )
 from .transformers_format import describe as describe_transformers, is_transformers_config, unreadable_config

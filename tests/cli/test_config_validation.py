@@ -449,6 +449,17 @@ def test_a_folder_here_named_like_a_built_in_recipe_does_not_hide_the_recipe(tmp
         load_config("runs/x")
 
 
+def test_a_mistyped_run_config_path_shows_what_its_folder_holds(tmp_path, monkeypatch):
+    """-c runs/my-rn/config.yaml (a run's folder mistyped) was answered with the names of every built-in
+    recipe, none of which was meant; the folders that are there show the typo."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "my-run").mkdir(parents=True)
+    with pytest.raises(
+        ConfigError, match=r"runs/my-rn/config.yaml does not exist \(.*runs holds: my-run/\)$"
+    ):
+        load_config("runs/my-rn/config.yaml")
+
+
 def test_a_runs_json_record_given_as_its_config_points_to_its_config_yaml(tmp_path):
     """run.json parses as YAML (JSON is a subset), so it read as a config and failed on its first record key
     ("teacher: expected a mapping, got None"); a run's config is the config.yaml beside it."""
