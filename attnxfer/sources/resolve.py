@@ -166,8 +166,8 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
 
 
 def _refuse_path(spec: str, role: str) -> None:
-    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``), is refused with what is true of
-    that path (``ORG/NAME`` that is no folder may be a Hub repo: left to the caller's hint)."""
+    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``, ``runs/a`` where runs/ is a folder
+    here), is refused with what is true of that path (other ``ORG/NAME`` may be a Hub repo: the caller's hint)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         hint = run_folder_hint(path, role)
@@ -179,7 +179,7 @@ def _refuse_path(spec: str, role: str) -> None:
             f"{role} {spec!r}: the folder exists but holds no config.json; a model's folder is timm's Hub "
             "layout (config.json + model.safetensors, as `attnxfer export` writes it), given as local-dir:PATH"
         )
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or ("/" in spec and path.parent.is_dir()):
         raise MissingPathError(f"{role} {spec!r}: {missing_path(path)}")
 
 

@@ -254,6 +254,9 @@ def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_
         err = _teacher_refused(spec, tmp_path, capsys)
         assert f"{path} does not exist ({tmp_path / 'runs' / 'demo'} holds: mae-1a2b3c/)" in err, err
         assert "hf-hub" not in err and "config.json" not in err
+    # RUNS/NAME, whose RUNS/ is a folder here, is a path mistyped, not a Hub repo (ORG/NAME) without its hf-hub:
+    err = _teacher_refused("runs/dmo", tmp_path, capsys)
+    assert f"runs/dmo does not exist ({tmp_path / 'runs'} holds: demo/)" in err and "hf-hub" not in err, err
     # the run dir this command made for itself beside it (a demo recipe's runs/demo/copy) is not listed
     argv = ["train", "run_dir=runs/demo/copy", "teacher.spec=local-dir:runs/demo/mae/export", *_TINY_RUN]
     assert "(runs/demo holds: mae-1a2b3c/)" in _refused(argv, capsys).replace(f"{tmp_path}/", "")
