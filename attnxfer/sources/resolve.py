@@ -26,7 +26,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path
+from ..run_layout import CHECKPOINTS_SUBDIR, DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path
 from .hub import _HUB_WEIGHT_FILES, _SHARD_INDEX, _hub_file, _hub_weights, _readme_license, _snapshot_commit
 from .load_errors import (
     TeacherLoadError,
@@ -522,6 +522,8 @@ def _resolve_file(
             f"{path} is an ONNX model, for ONNX Runtime; attnxfer and timm read an export's timm format: "
             f"local-dir:{path.parent} if it holds model.safetensors, else export the run with --format timm onnx"
         )
+    if not arch and path.parent.parent.name == CHECKPOINTS_SUBDIR:  # a run's student: no timm name builds it
+        raise InputError(f"weights file {path}: {run_folder_hint(path.parent, role)}")
     if not arch:
         hint = (
             f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"

@@ -246,6 +246,17 @@ def test_an_onnx_file_given_as_a_model_is_named_for_onnx_runtime_before_any_arch
     assert "name the timm architecture" not in err
 
 
+def test_a_checkpoints_weights_file_given_as_a_model_names_its_run_not_an_architecture(tmp_path, capsys):
+    """A run's student is built from its config (model.kwargs too), which no timm architecture name restores:
+    asking for one was a dead end; the run's export is the model."""
+    weights = tmp_path / "r" / "checkpoints" / "step-00000004" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"")
+    err = _teacher_refused(str(weights), tmp_path, capsys)
+    assert f"is one of the checkpoints of the run {tmp_path / 'r'}" in err, err
+    assert "name the timm architecture" not in err
+
+
 def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_path, capsys, monkeypatch):
     (tmp_path / "runs" / "demo" / "mae-1a2b3c" / "export").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
