@@ -40,7 +40,7 @@ def test_eval_writes_only_its_result_file(trained, capsys):
     )
 
 
-def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(trained, capsys):
+def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(trained, capsys, monkeypatch):
     def scored(*overrides: str) -> Path:
         code, out, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), *overrides)
         assert code == 0, err
@@ -57,6 +57,8 @@ def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(tra
     )
     assert "resume:" not in out  # eval resumes nothing
     assert scored() == first  # the first evaluation again replaces only its own scores
+    monkeypatch.chdir(trained.parent)  # and so does it with the run named from elsewhere (or moved)
+    assert trained.parent / scored(f"run_dir={trained.name}") == first
     assert set(trained.glob("eval-*.json")) == files | {other}
 
 

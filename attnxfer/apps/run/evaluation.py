@@ -106,10 +106,11 @@ def _quality_metrics(
 def _result_path(run_dir: Path, step: int, config: dict[str, Any]) -> Path:
     """``eval-<step>.json``, or where it holds another evaluation of that step (other metrics or settings)
     the next free ``eval-<step>-<n>.json``: a second eval keeps the first one's scores."""
-    path, n, as_written = run_dir / f"eval-{step:08d}.json", 1, json.loads(json.dumps(config))
+    path, n = run_dir / f"eval-{step:08d}.json", 1
+    as_written = {**json.loads(json.dumps(config)), "run_dir": None}  # where the run was scored, not how
     while path.is_file():
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # unreadable or not ours: kept
-            if json.loads(path.read_text(encoding="utf-8")).get("config") == as_written:
+        with contextlib.suppress(OSError, LookupError, TypeError, ValueError):  # unreadable or not ours: kept
+            if {**json.loads(path.read_text(encoding="utf-8"))["config"], "run_dir": None} == as_written:
                 return path  # the same evaluation again: its scores replace their own
         n += 1
         path = run_dir / f"eval-{step:08d}-{n}.json"
