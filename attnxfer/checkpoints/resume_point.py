@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
+from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME, missing_path
 from ..speak import change_said
 from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
 from .verify import MANIFEST_NAME, CorruptCheckpointError
@@ -67,7 +67,7 @@ class ResumeFrom:
             return info
         if not self.path.exists():
             raise MissingPathError(
-                f"checkpoint.resume={str(self.path)!r} does not exist; use auto, none, or a "
+                f"checkpoint.resume={missing_path(self.path)}; use auto, none, or a "
                 "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
             )
         where = self.path.parent if self.path.name == CHECKPOINTS_SUBDIR else self.path

@@ -24,7 +24,7 @@ from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.store import CheckpointError
 from attnxfer.checkpoints.verify import CheckpointInfo
 from attnxfer.config import ConfigError, TrainConfig, load_config, to_dict
-from attnxfer.errors import InputError
+from attnxfer.errors import InputError, MissingPathError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
@@ -230,6 +230,16 @@ def test_an_empty_checkpoint_resume_is_refused_not_read_as_the_current_directory
     refused as "checkpoint . is not usable" (or, run inside a checkpoint, resumed from it)."""
     with pytest.raises(InputError, match="^checkpoint.resume: use auto, none, or a checkpoint directory"):
         ResumePoint.find(tmp_path / "run", "")
+
+
+def test_a_checkpoint_resume_that_is_not_there_shows_the_checkpoints_beside_it(tmp_path):
+    """A step pruned by checkpoint.keep_last, or mistyped, said only "does not exist": which steps are there?"""
+    kept = tmp_path / "run" / "checkpoints" / "step-00000008"
+    kept.mkdir(parents=True)
+    with pytest.raises(
+        MissingPathError, match=f"step-00000004 does not exist \\({kept.parent} holds: step-00000008/\\)"
+    ):
+        ResumePoint.find(tmp_path / "run", str(kept.parent / "step-00000004"))
 
 
 def _image_folder(root: Path, per_class: int, start: int = 0) -> None:
