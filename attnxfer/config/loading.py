@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run_layout import (
+    CHECKPOINTS_SUBDIR,
     EXPORTED_MODEL,
     RUN_CONFIG,
     RUN_DIR_MARKERS,
@@ -55,8 +56,10 @@ def resolve_recipe(path: str | Path) -> Path:
     builtin = RECIPES / p.with_suffix(".yaml")
     # a folder is no config: a recipe's name is meant where one is so named (the demo's OUT/teacher is one)
     if p.is_dir() and (p.is_absolute() or not builtin.is_file()):
-        inside, study = p / RUN_CONFIG, _student_configs(p)
+        step = p.parent.name == CHECKPOINTS_SUBDIR  # a checkpoint's folder: its run's config, and the step
+        inside, study = (p.parent.parent if step else p) / RUN_CONFIG, _student_configs(p)
         hint = f"; a run's config is {inside}" if inside.is_file() else ""
+        hint += f" (with checkpoint.resume={p} to score or go on from this step)" if step and hint else ""
         hint = f"; it is a study's folder: give one student's config: -c {study}" if study else hint
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
     for candidate in (RECIPES / p, builtin, Path(f"{p}.yaml")):

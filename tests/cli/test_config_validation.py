@@ -449,6 +449,20 @@ def test_a_folder_here_named_like_a_built_in_recipe_does_not_hide_the_recipe(tmp
         load_config("runs/x")
 
 
+def test_a_checkpoint_folder_given_as_config_names_its_runs_config_and_how_to_choose_the_step(tmp_path):
+    """-c RUN/checkpoints/step-N (to score that step) was told it is a directory, with no word of the run's
+    config.yaml, as the run's own folder is, nor of checkpoint.resume, which chooses the step."""
+    step = tmp_path / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text("schedule: {epochs: 1}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(step))
+    assert str(e.value).endswith(
+        f"a run's config is {tmp_path / 'config.yaml'} (with checkpoint.resume={step} to score or go on from "
+        "this step)"
+    )
+
+
 def test_a_mistyped_run_config_path_shows_what_its_folder_holds(tmp_path, monkeypatch):
     """-c runs/my-rn/config.yaml (a run's folder mistyped) was answered with the names of every built-in
     recipe, none of which was meant; the folders that are there show the typo."""
