@@ -5,6 +5,7 @@ copy-mode runs, TensorBoard pictures during training, and one clear error for ea
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -622,6 +623,16 @@ def test_an_out_folder_of_a_run_is_refused_as_export_refuses_it(micro_teacher, t
     assert _inspect(micro_teacher, run, "--overwrite") == 2
     assert f"--out={run} is a run's folder (it holds run.json)" in capsys.readouterr().err
     assert [p.name for p in run.iterdir()] == ["run.json"]
+
+
+def test_an_out_folder_of_an_exported_model_is_refused(micro_teacher, tmp_path, capsys):
+    """The report's PNGs would mix into the model's files, and an export's --push-to-hub upload them with it."""
+    model = tmp_path / "export"
+    shutil.copytree(micro_teacher.removeprefix("local-dir:"), model)
+    before = sorted(p.name for p in model.iterdir())
+    assert _inspect(micro_teacher, model) == 2
+    assert f"--out={model} is an exported model, which --push-to-hub uploads whole" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before
 
 
 def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(

@@ -33,7 +33,7 @@ from ...data.folder import eight_bit
 from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
-from ...run_layout import STAGE_DIRS
+from ...run_layout import STAGE_DIRS, is_exported_model
 from ...sources import (
     TeacherLoadError,
     TeacherNotAvailable,
@@ -439,7 +439,8 @@ def inspect_attention(
     if out is not None:
         refuse_file_in_the_way(out, "--out")
         refuse_unwritable(out, "--out")
-        if what := in_run_folder(out):
+        model = is_exported_model(Path(out)) and "an exported model, which --push-to-hub uploads whole"
+        if what := in_run_folder(out) or model:
             raise PathExistsError(f"--out={out} is {what}: choose another --out (runs/inspect, the default)")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
         raise PathExistsError(
