@@ -20,6 +20,7 @@ images.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -49,7 +50,8 @@ def kind_of(row: dict) -> str:
 
 
 def points(study: Path, speeds: dict[str, float] | None) -> list[dict]:
-    """name, attention, kind, speed-up (x teacher) and top-1 with its interval of each student with a report;
+    """name, attention, kind, speed-up (x teacher), why the study's report withheld it (None where it stands
+    or ``speeds`` replaces it) and top-1 with its interval of each student with a report;
     ``speeds``: {attention, comma-separated without spaces: x teacher} in place of the study's own."""
     rows = json.loads((study / "conversion_study.json").read_text())["students"]
     out = []
@@ -62,7 +64,10 @@ def points(study: Path, speeds: dict[str, float] | None) -> list[dict]:
         if speeds is not None and key not in speeds:
             raise SystemExit(f"--speeds has no row for {row['name']}'s attention {key}: add it to --hybrids")
         speedup = speeds[key] if speeds is not None else row["speed"]["speedup"]
-        out.append({**row, "kind": kind_of(row), "speedup": speedup, "low": lo, "high": hi})
+        withheld = None if speeds is not None else row["speed"].get("speedup_withheld")
+        out.append(
+            {**row, "kind": kind_of(row), "speedup": speedup, "withheld": withheld, "low": lo, "high": hi}
+        )
     return out
 
 
@@ -93,22 +98,27 @@ def benchmark_speeds(path: Path) -> tuple[dict[str, float], int]:
 def draw(students: list[dict], teacher_top1: float | None, speed_label: str, title: str):
     """Two panels on one speed axis: every student (left), and the top few points where the students that
     retrieve sit within the intervals of each other (right, zoomed); each panel names the points the other
-    shows crowded."""
+    shows crowded. A student whose report withheld its speed-up is hollow, at the ratio of its median times."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     zoom = (max(p["top1"] for p in students) - 3.4, 100.3)
     for ax, limits in zip(axes, (None, zoom)):
-        for label, marker, color in STYLES:
-            group = [p for p in students if p["kind"] == label]
+        for (label, marker, color), withheld in itertools.product(STYLES, (False, True)):
+            group = [p for p in students if p["kind"] == label and bool(p["withheld"]) == withheld]
             if not group:
                 continue
             xs = [p["speedup"] for p in group]
             ys = [p["top1"] for p in group]
             err = [[p["top1"] - p["low"] for p in group], [p["high"] - p["top1"] for p in group]]
-            ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=label, capsize=2, ms=5)
+            style = (
+                {"label": f"{label}, speed withheld (median drawn)", "mfc": "none"}
+                if withheld
+                else {"label": label}
+            )
+            ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, capsize=2, ms=5, **style)
             for p in group:
                 if (p["top1"] < zoom[0]) == (limits is None):
                     ax.annotate(
-                        p["name"],
+                        p["name"] + (" (speed withheld)" if withheld else ""),
                         (p["speedup"], p["top1"]),
                         fontsize=7,
                         xytext=(3, -9 if label == KINDS[2] else 3),  # hybrid and interleaving can meet
@@ -184,6 +194,8 @@ def main() -> None:
                 hits = [[c == "1" for c in q["val_hits"]] for q in (p, by_name[name])]
                 paired = mcnemar(*hits)
                 line += f"  vs {name}: {paired.only_a}/{paired.only_b} p {format_p(paired.p_value)}"
+        if p["withheld"]:
+            line += f"  speed withheld: {p['withheld']}"
         print(line)
     print(f"-> {args.out}")
 

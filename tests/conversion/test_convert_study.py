@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, on_each_line, tiny_convert_report, tiny_run, torchrun_attnxfer
+from helpers import (
+    assert_same_tensors,
+    on_each_line,
+    script_module,
+    tiny_convert_report,
+    tiny_run,
+    torchrun_attnxfer,
+)
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_study as study_app
@@ -189,6 +196,37 @@ def test_the_pareto_script_given_a_folder_without_the_study_table_says_what_to_g
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"{tmp_path} holds no conversion_study.json" in run.stderr.strip().splitlines()[-1]
     assert "attnxfer study --report" in run.stderr and not (tmp_path / "pareto.png").exists()
+
+
+def test_the_pareto_script_marks_a_speed_the_report_withheld(tmp_path, monkeypatch, capsys):
+    """A student whose report withheld its speed-up (rounds on both sides of 1) is drawn hollow and named as
+    withheld in the legend, its point and the printed table with the report's reason: not a plain point."""
+    pareto = script_module("recall_pareto")
+    why = "over 5 interleaved rounds at 64 px the student ran at 0.91x to 1.12x the teacher's speed"
+    students = [
+        {"name": name, "report": "r", "attention": name, "top1": 90.0, "val_size": 100, "speed": speed}
+        for name, speed in (
+            ("hedgehog", {"speedup": 2.0}),
+            ("window_linear", {"speedup": 1.02, "speedup_withheld": why}),
+        )
+    ]
+    (tmp_path / "conversion_study.json").write_text(json.dumps({"students": students}))
+    (tmp_path / "hedgehog").mkdir()
+    (tmp_path / "hedgehog" / "report.json").write_text("{}")
+    drawn = {p["name"]: p for p in pareto.points(tmp_path, None)}
+    assert drawn["window_linear"]["withheld"] == why and drawn["hedgehog"]["withheld"] is None
+    assert all(
+        p["withheld"] is None for p in pareto.points(tmp_path, {"hedgehog": 2.1, "window_linear": 1.3})
+    )
+    left, zoomed = pareto.draw(list(drawn.values()), None, "x", "t").axes
+    faces = {c.get_label(): c.lines[0].get_markerfacecolor() for c in left.containers}
+    assert faces["single attention, speed withheld (median drawn)"] == "none", faces
+    assert faces["single attention"] != "none" and left.get_legend() is not None
+    assert "window_linear (speed withheld)" in [t.get_text() for t in zoomed.texts]
+    monkeypatch.setattr(sys, "argv", ["recall_pareto.py", str(tmp_path), "--out", str(tmp_path / "p.png")])
+    pareto.main()
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.split()[0] == "window_linear")
+    assert line.endswith(f"speed withheld: {why}")
 
 
 @pytest.mark.slow
