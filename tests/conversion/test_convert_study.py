@@ -21,6 +21,7 @@ import torch
 from helpers import (
     assert_same_tensors,
     on_each_line,
+    run_cli,
     script_module,
     tiny_convert_report,
     tiny_run,
@@ -458,6 +459,19 @@ def test_a_key_a_student_leaves_unread_is_warned_about_once_under_its_name(
     study_app._ConvertStudy.build(spec, DistributedInfo.from_environment())
     warned = capsys.readouterr().err.splitlines()
     assert [line.split(": warning: convert.speedup=")[0] for line in warned] == ["speedup=1.2", "speedup=1.3"]
+
+
+def test_a_refusal_of_the_parts_every_student_shares_is_the_studys_not_its_first_students(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The teacher and the data are every student's: their refusal is said as the study's, not as the first
+    student's (whose own keys a reader would then look through in vain)."""
+    for keys, said in (
+        (["data.kwargs.bogus=1"], "dataset 'synthetic' has no option(s) bogus (data.kwargs)"),
+        (["teacher.spec=local-dir:/nowhere"], "local-dir:/nowhere: /nowhere does not exist"),
+    ):
+        code, _, err = run_cli(capsys, *_study_args(tmp_path, tiny_teacher_dir, tmp_path / "run"), *keys)
+        assert code == 2 and err.strip().startswith(f"attnxfer study: error: {said}"), err
 
 
 def test_a_study_yaml_names_its_command_and_a_flag_that_disagrees_is_refused(tmp_path):

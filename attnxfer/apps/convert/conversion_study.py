@@ -122,10 +122,10 @@ class _ConvertStudy:
             for _, cfg in configs:
                 prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
         # the shared parts (teacher and loaders, around the teacher's copy) draw nothing from the students'
-        # streams and say nothing: each student's own build below speaks, convert.attention=auto's choice included
-        name, first = configs[0][0].name, configs[0][1]
-        with torch.random.fork_rng(devices=[]), _naming(name), quiet():
-            shared = conversion_parts(first, info, stand_in=True)
+        # streams and say nothing: each student's own build below speaks, convert.attention=auto's choice included;
+        # their refusal (a missing teacher, a data option) is the study's, not the first student's
+        with torch.random.fork_rng(devices=[]), quiet():
+            shared = conversion_parts(configs[0][1], info, stand_in=True)
         # the choice's keys, set for the study's auto students, are not said to be unread by the others
         chooses = any(c.convert.attention == AUTO for _, c in configs)
         runs, streams = [], []
