@@ -330,6 +330,10 @@ def test_work_that_needs_labels_stops_in_one_line_before_it_starts(command, more
     assert code == 2 and "Traceback" not in err, err
     assert lines[-1].startswith(f"attnxfer {command}: error: {needs} needs labels"), lines
     assert "data.labels=false" in lines[-1] and not run.exists()
+    # a metric that reads labels can also be dropped: the run then scores what needs none
+    assert not needs.startswith("eval.metrics=") or lines[-1].endswith(
+        f"or drop {needs[13:]} from eval.metrics"
+    )
 
 
 def test_eval_without_labels_or_teacher_has_nothing_to_score(tmp_path, capsys):

@@ -79,7 +79,8 @@ def require_metric_labels(
     resolves it), and ``why`` it is 0 (a headless teacher, data without labels)."""
     info = data_info(cfg.data)
     for name in sorted(set(cfg.eval.metrics) & LABEL_METRICS):
-        require_labels(info, f"eval.metrics={name}")
+        fix = f"use labelled data with data.labels=true, or drop {name} from eval.metrics"
+        require_labels(info, f"eval.metrics={name}", fix)
     weight = task_weight_of(cfg) if task_weight is None else task_weight
     if "top1" in cfg.eval.metrics and (own_objective or weight == 0):
         why = "MAE pre-training" if own_objective else why
