@@ -4,6 +4,9 @@ exception is a bug and keeps its traceback. The bottom of the layers: it imports
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(Exception):
     """A refusal the user can act on: the message says what to change (a key, a path, a flag). Subclass it
@@ -33,3 +36,11 @@ class OptionError(UserError, TypeError):
 class HubUnreachableError(UserError, RuntimeError):
     """The Hub cannot be reached (offline mode, or no route) for what was asked of it; the message says what
     was done and how to finish elsewhere. Also a RuntimeError."""
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """``; did you mean 'NEAREST'?`` of ``name`` among ``names``, or "": a name in the wrong case (AUTO) finds
+    its own spelling, which the caller still refuses to take."""
+    by_lower = {n.lower(): n for n in sorted(names)}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""

@@ -6,7 +6,6 @@ where there is one; tests/cli/test_value_checks.py holds the two equal.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import re
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
+from ..errors import did_you_mean
 from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -104,11 +104,6 @@ def _comparisons_by_text() -> tuple[frozenset[str], bool]:
     return frozenset(names - {""}), "" in names
 
 
-def _hint(name: str, names: frozenset[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(names), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
 def _comparison_names() -> frozenset[str]:
     """The names entries may give: the imported registry's where it is loaded (a session's own losses, an
     installed package's), else what the source declares."""
@@ -129,9 +124,9 @@ def _check_comparisons(entries: Any) -> None:
         if not isinstance(name, str) or name in names or not names:
             continue  # a malformed entry is refused, with its own message, where the plan is built
         raise ConfigError(
-            f"transfer.losses[{i}].name: {name!r} is not a comparison loss{_hint(name, names)} (one of "
-            f"{', '.join(sorted(names))}; a loss of your own: @comparison_loss in a file of attnxfer/transfer/ "
-            f"or in a module named by an '{LOSS_GROUP}' entry point)"
+            f"transfer.losses[{i}].name: {name!r} is not a comparison loss{did_you_mean(name, names)} (one "
+            f"of {', '.join(sorted(names))}; a loss of your own: @comparison_loss in a file of "
+            f"attnxfer/transfer/ or in a module named by an '{LOSS_GROUP}' entry point)"
         )
 
 
@@ -174,7 +169,7 @@ def is_architecture(name: str) -> bool | None:
 def _check_architecture(key: str, value: Any) -> None:
     if not isinstance(value, str) or ":" in value or is_architecture(value) is not False:
         return  # hf-hub: and local-dir: names are resolved where the model is built
-    hint = _hint(value.split(".", 1)[0], _timm_names() | _model_names(_MODELS))
+    hint = did_you_mean(value.split(".", 1)[0], _timm_names() | _model_names(_MODELS))
     raise ConfigError(
         f"{key}: {value!r} is not a timm architecture{hint} (timm.list_models() lists them; attnxfer adds "
         f"{', '.join(sorted(_model_names(_MODELS)))})"
@@ -213,7 +208,7 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
         known = sorted(names) + [f"{p}:<spec>" for p in sorted(prefixes)]
         # no registered name holds a call: a formula written without its prefix (its parse says what is wrong)
         formula = f"; a formula is named with its prefix: did you mean 'formula:{name.rpartition(':')[2]}'?"
-        hint = formula if "(" in name else _hint(name, names)
+        hint = formula if "(" in name else did_you_mean(name, names)
         raise ConfigError(
             f"{where}: {name!r} is not a registered attention{hint} (one of {', '.join(known)}; an attention "
             f"of your own: @register_attention in a module named by an '{ATTENTION_GROUP}' entry point)"

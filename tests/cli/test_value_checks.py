@@ -61,6 +61,14 @@ def test_attention_names_read_from_the_source_are_the_registrys():
             ["convert.attention=atuo", "convert.speedup=2"],
             "convert.attention: 'atuo' is not a registered attention; did you mean 'auto'? (one of agent, auto, ",
         ),
+        (  # the wrong case: suggested, not taken
+            ["convert.attention=AUTO", "convert.speedup=2"],
+            "convert.attention: 'AUTO' is not a registered attention; did you mean 'auto'? (one of agent, auto, ",
+        ),
+        (
+            ["model.attention=[softmax,HEDGEHOG]"],
+            "model.attention[1]: 'HEDGEHOG' is not a registered attention; did you mean 'hedgehog'?",
+        ),
         (  # a formula without its prefix, wherever an attention is named: the formula spelling suggested
             ["convert.candidates=[hedgehog,len(elu1)]"],
             "convert.candidates[1]: 'len(elu1)' is not a registered attention; a formula is named with its "

@@ -32,6 +32,8 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         ValueError, match=r"model.attention: unknown attention 'perfromer'; did you mean 'performer'\?"
     ):
         student_attention(tiny_vit(depth=2), "perfromer", {})
+    with pytest.raises(ValueError, match=r"unknown attention 'PERFORMER'; did you mean 'performer'\?"):
+        student_attention(tiny_vit(depth=2), "PERFORMER", {})  # the wrong case: suggested, not taken
     with pytest.raises(ValueError, match="model.attention: .*the model has 2 blocks, got 3 names"):
         student_attention(tiny_vit(depth=2), ["hedgehog"] * 3, {})
     with pytest.raises(ValueError, match=r"model.attention_kwargs: .*\['num_featurs'\]"):

@@ -3,13 +3,13 @@ per-layer lists, exports) into classes, and `attention_name_of` the one way back
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from timm.layers import Attention
 from torch import nn
 
+from ...errors import did_you_mean
 from ...plugins import ATTENTION_GROUP, load_entry_points
 from .interface import MapKind
 
@@ -58,8 +58,7 @@ def get_attention_class(name: str) -> type[nn.Module]:
     if colon and prefix in _PARAMETRIC:
         return _PARAMETRIC[prefix](name)
     parametric = "".join(f", {p}:<...>" for p in sorted(_PARAMETRIC))
-    nearest = difflib.get_close_matches(name, list_attentions(), n=1)
-    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    hint = did_you_mean(name, list_attentions())
     raise KeyError(
         f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{parametric}; an "
         f"attention of your own: @register_attention in a module named by an '{ATTENTION_GROUP}' entry point)"
