@@ -148,11 +148,22 @@ class TeacherStudent(nn.Module):
         self._teacher_attn = [m for _, m in self._teacher_layers]
         s_far = max((s for s, _ in self.plan.pairs), default=-1)
         t_far = max((t for _, t in self.plan.pairs), default=-1)
-        if s_far >= len(self._student_attn) or (teacher is not None and t_far >= len(self._teacher_attn)):
+        # what the plan was built for (0: a plan made by hand records none): another depth pairs other layers
+        # silently, other heads fail deep in the first forward
+        built = (self.plan.student_depth, self.plan.student_heads, self.plan.teacher_heads)
+        t_heads = self._teacher_attn[0].num_heads if self._teacher_attn else 0
+        given = (len(self._student_attn), self._student_attn[0].num_heads, t_heads)
+        if (
+            s_far >= given[0]
+            or (teacher is not None and t_far >= len(self._teacher_attn))
+            or any(b not in (0, g) for b, g in zip(built, given))
+        ):
             raise PlanError(  # an IndexError at the first forward otherwise
-                f"the plan pairs student layer {s_far} with teacher layer {t_far}, but the student has "
-                f"{len(self._student_attn)} attention blocks and the teacher {len(self._teacher_attn)}: it was "
-                "built for other models; build_plan(teacher, student, ...) with these two"
+                f"the plan was built for a student of {built[0]} attention blocks with {built[1]} heads and a "
+                f"teacher with {built[2]} heads (it pairs student layer {s_far} with teacher layer {t_far}); this "
+                f"student has {given[0]} blocks with {given[1]} heads, this teacher {len(self._teacher_attn)} "
+                f"blocks with {t_heads} heads: it was built for other models; build_plan(teacher, student, ...) "
+                "with these two"
             )
         paired = {s for s, _ in self.plan.pairs}
         for s, attn in enumerate(self._student_attn):

@@ -208,6 +208,10 @@ def test_a_pair_or_plan_that_cannot_work_is_refused_at_construction_naming_what_
     deep = tiny_vit(depth=6, seed=3)  # a plan built for a deeper pair, handed to a shallower one
     with pytest.raises(PlanError, match="built for other models; build_plan"):
         TeacherStudent(t, tiny_vit(seed=2), build_plan(deep, tiny_vit(depth=6, seed=4), "distill"))
+    # one built for a shallower student (its layers paired over 2 blocks) or other heads, handed to this pair
+    for student in (tiny_vit(depth=2, seed=4), tiny_vit(num_heads=1, seed=4)):
+        with pytest.raises(PlanError, match="built for other models; build_plan"):
+            TeacherStudent(t, tiny_vit(seed=2), build_plan(t, student, "distill"))
     # a multiple of heads is fine for distillation, and averaged in groups
     plan = build_plan(tiny_vit(num_heads=6, embed_dim=48), tiny_vit(num_heads=3), "distill")
     assert "groups of 2" in plan.describe()
