@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_BLOCK_RUN, QUIET, attnxfer_process, run_cli, tiny_run
+from helpers import ONE_BLOCK_RUN, QUIET, attnxfer_process, run_cli, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
+from attnxfer.apps.run.parts import RunParts
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.checkpoints.verify import CorruptCheckpointWarning
@@ -128,6 +129,16 @@ def test_python_callers_passing_a_path_or_a_dict_are_told_to_build_a_config_with
     for cfg in ("attnxfer/cfgs/demo/distill.yaml", {"run_dir": str(tmp_path)}):
         with pytest.raises(TypeError, match=r"train takes a TrainConfig.*load_config\(path\)"):
             train(cfg)
+    # parts of one's own with a loader whose sampler cannot resume mid-epoch: said before the run dir is made
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(4, 3, 28, 28)), batch_size=2
+    )
+    parts = RunParts(tiny_vit(depth=1), None, loader, loader, train_sampler=None, num_classes=10)
+    with pytest.raises(
+        TypeError, match=r"train_sampler: .*got NoneType: sampler = attnxfer.data.ResumableSampler"
+    ):
+        train(load_config(None, [*QUIET, f"run_dir={tmp_path / 'run'}", "transfer.mode=none"]), parts)
+    assert not (tmp_path / "run").exists()
     for overrides in (
         "data.batch_size=4",
         {"data.batch_size": 4},

@@ -451,6 +451,14 @@ def build_engine(
     refuse_file_in_the_way(cfg.run_dir, "run_dir")
     if not scoring:
         require_task_labels(cfg)
+    # a notebook's own loaders: the engine resumes mid-epoch through their sampler (else an AttributeError at
+    # the first step, after the run dir was written)
+    if parts is not None and not hasattr(parts.train_sampler, "set_position"):
+        raise TypeError(
+            f"RunParts.train_sampler: the sampler train_loader draws from, resumable mid-epoch, got "
+            f"{type(parts.train_sampler).__name__}: sampler = attnxfer.data.ResumableSampler(len(dataset), "
+            "shuffle=True), and train_loader = attnxfer.data.build_loader(dataset, sampler=sampler, ...)"
+        )
     built = (parts or shared) is not None
     cfg, runtime, point = start_run(
         cfg, runtime, found, scoring=scoring, command=command, loaders_built=built, say_resume=warn_schedule
