@@ -90,7 +90,13 @@ CACHE_DIR_ROUTE = (
 
 
 def fetch_instructions(
-    spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
+    spec: str,
+    repo: str,
+    revision: str | None,
+    cache_dir: str | None,
+    reason: str,
+    missing: str,
+    role: str = "teacher",
 ) -> str:
     cache = os.path.expanduser(cache_dir or constants.HF_HUB_CACHE)  # default: HF_HUB_CACHE, or HF_HOME/hub
     rev = f" --revision {revision}" if revision else ""
@@ -109,7 +115,7 @@ def fetch_instructions(
         elif want not in refs + commits:  # held, the file alone is missing: the sentence says so
             held = f" (the cache holds {repo} at {shown}, not {want})"
     return (
-        f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
+        f"{role} {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
         f"cache ({cache}){held} and cannot be downloaded: {reason}.\n"
         "On a machine with internet, fetch it with one of:\n"
         f"    hf download {repo}{rev}      (huggingface_hub < 1.0 spells it: huggingface-cli download {repo}{rev})\n"
@@ -121,7 +127,14 @@ def fetch_instructions(
 
 
 def _hub_file(
-    spec: str, repo: str, filename: str, revision: str | None, cache_dir: str | None, *, required: bool = True
+    spec: str,
+    repo: str,
+    filename: str,
+    revision: str | None,
+    cache_dir: str | None,
+    *,
+    required: bool = True,
+    role: str = "teacher",
 ) -> str | None:
     """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached;
     missing and not downloadable: `TeacherNotAvailable` if ``required``, else None."""
@@ -136,7 +149,7 @@ def _hub_file(
             return path
         if not required:
             return None
-        raise TeacherNotAvailable(fetch_instructions(spec, repo, revision, cache_dir, reason, filename))
+        raise TeacherNotAvailable(fetch_instructions(spec, repo, revision, cache_dir, reason, filename, role))
     try:
         return hf_hub_download(
             repo, filename, revision=revision, cache_dir=cache_dir, library_name="attnxfer"
@@ -145,45 +158,54 @@ def _hub_file(
         if not required:
             return None
         if isinstance(e, LocalEntryNotFoundError):
-            why = fetch_instructions(spec, repo, revision, cache_dir, "the download failed", filename)
+            why = fetch_instructions(spec, repo, revision, cache_dir, "the download failed", filename, role)
             raise TeacherNotAvailable(why) from None
-        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
+        raise TeacherLoadError(f"{role} {spec!r}: Hub repo {repo} has no file {filename}") from None
     except (RevisionNotFoundError, RepositoryNotFoundError) as e:
-        raise hub_refusal(spec, repo, revision, e) from None
+        raise hub_refusal(spec, repo, revision, e, role) from None
 
 
 def hub_refusal(
-    spec: str, repo: str, revision: str | None, error: RevisionNotFoundError | RepositoryNotFoundError
+    spec: str,
+    repo: str,
+    revision: str | None,
+    error: RevisionNotFoundError | RepositoryNotFoundError,
+    role: str = "teacher",
 ) -> TeacherLoadError:
     """What the Hub's refusal of ``repo`` asks of the user: a gated repo wants its access granted on its page
     (DINOv3's are gated), which logging in alone does not give."""
     if isinstance(error, RevisionNotFoundError):
-        return TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}")
+        return TeacherLoadError(f"{role} {spec!r}: Hub repo {repo} has no revision {revision!r}")
     if isinstance(error, GatedRepoError):
         return TeacherLoadError(
-            f"teacher {spec!r}: Hub repo {repo} is gated: request access on https://huggingface.co/{repo}, "
+            f"{role} {spec!r}: Hub repo {repo} is gated: request access on https://huggingface.co/{repo}, "
             "then log in with `hf auth login` on this machine"
         )
     return TeacherLoadError(
-        f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
+        f"{role} {spec!r}: Hub repo {repo} does not exist or is private "
         "(log in with `hf auth login` for private repos)"
     )
 
 
 def _hub_weights(
-    spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
+    spec: str,
+    repo: str,
+    revision: str | None,
+    cache_dir: str | None,
+    filename: str | None = None,
+    role: str = "teacher",
 ) -> str:
     names = (filename,) if filename else (_HUB_WEIGHT_FILES[0], _SHARD_INDEX, *_HUB_WEIGHT_FILES[1:])
     for name in names:
-        path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
+        path = _hub_file(spec, repo, name, revision, cache_dir, required=False, role=role)
         if path:
             return path
     reason = offline_reason()
     if reason:
         raise TeacherNotAvailable(
-            fetch_instructions(spec, repo, revision, cache_dir, reason, "the weights file")
+            fetch_instructions(spec, repo, revision, cache_dir, reason, "the weights file", role)
         )
-    raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has none of {list(names)}")
+    raise TeacherLoadError(f"{role} {spec!r}: Hub repo {repo} has none of {list(names)}")
 
 
 def _snapshot_commit(path: str) -> str | None:

@@ -459,13 +459,13 @@ def _resolve_hub(
     label = f"hf-hub:{spec.name}"
 
     def fetch(name: str, required: bool = False) -> str | None:
-        return _hub_file(label, spec.name, name, spec.revision, cache_dir, required=required)
+        return _hub_file(label, spec.name, name, spec.revision, cache_dir, required=required, role=role)
 
     res = _resolve_config(Origin.HUB, fetch("config.json", True), label, fetch)
     res.hf_repo, res.hf_revision, res.hf_commit = spec.name, spec.revision, _snapshot_commit(res.files[0])
     if pretrained:
         filename = res.pretrained_cfg.get("hf_hub_filename")
-        res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, filename)
+        res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, filename, role)
         shards = shard_files(res.weights) if res.weights.endswith(_SHARD_INDEX) else []
         res.files += [res.weights, *(fetch(p.name, True) for p in shards)]
     return res

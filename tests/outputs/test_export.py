@@ -589,6 +589,14 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
     assert "hf-hub:acme/student" in (tmp_path / "out" / "README.md").read_text()
 
 
+def test_a_student_missing_from_the_hub_cache_offline_is_said_as_a_student(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    with pytest.raises(UserError, match=r"^student 'hf-hub:acme/not-cached': config.json of Hub repo"):
+        load_student("hf-hub:acme/not-cached", cache_dir=tmp_path)
+
+
 @pytest.mark.slow
 def test_load_student_from_the_hub_cache_offline(tmp_path):
     """The real huggingface_hub cache layout, offline: the exported folder as a Hub repo snapshot."""
