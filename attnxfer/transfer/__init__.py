@@ -5,6 +5,7 @@ found by name, as an attention is in ``models/efficient/``."""
 
 import importlib
 import pkgutil
+import warnings
 
 from ..models.handover import Chunks, Signal
 from .comparisons import (
@@ -29,9 +30,6 @@ from .step_loss import Loss, compose_loss
 from .teacher_pass import TeacherHandover, TeacherNeeds, run_teacher
 from .teacher_student import TeacherStudent, TransferOutput
 
-#: The name `TeacherStudent` had in earlier releases (it runs every family, not only ViTs); kept for code written against them.
-DualViT = TeacherStudent
-
 __all__ = [
     "COMPARISON_LOSSES",
     "MODES",
@@ -39,7 +37,6 @@ __all__ = [
     "Comparison",
     "ComparisonLoss",
     "ConversionPlan",
-    "DualViT",
     "LayerConversion",
     "LayerLogits",
     "LayerPair",
@@ -73,3 +70,17 @@ __all__ = [
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
     importlib.import_module(f"{__name__}.{_module}")  # registers the comparison losses it defines
+
+
+def __getattr__(name: str) -> type:
+    """`DualViT`, the name `TeacherStudent` had in earlier releases (it runs every family, not only ViTs), read
+    with a DeprecationWarning as ``attnxfer.DualViT`` is; never in `__all__`."""
+    if name != "DualViT":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(
+        f"{__name__}.DualViT is deprecated and will be removed in a future release; use "
+        f"{__name__}.TeacherStudent (the same object)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return TeacherStudent

@@ -313,7 +313,9 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
     assert len(mlp_calls) == 3
 
 
-def test_the_earlier_name_dual_vit_still_imports_as_the_same_class():
-    from attnxfer.transfer import DualViT
+def test_the_earlier_name_dual_vit_still_imports_as_the_same_class_with_a_deprecation_warning():
+    import attnxfer.transfer
 
-    assert DualViT is TeacherStudent
+    with pytest.warns(DeprecationWarning, match=r"transfer\.DualViT is deprecated.*transfer\.TeacherStudent"):
+        from attnxfer.transfer import DualViT
+    assert DualViT is TeacherStudent and "DualViT" not in attnxfer.transfer.__all__
