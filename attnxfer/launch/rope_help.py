@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib.metadata
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+
+from ..plugins import ATTENTION_GROUP
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: The epilog a parser names to get the rope table when its help is printed (`RopeHelpFormatter`).
@@ -34,10 +38,10 @@ def _name(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
 
 
-def _classes(folder: Path) -> dict[str, _Class]:
-    """Every class statement in ``folder``'s modules, by class name."""
+def _classes(paths: list[Path]) -> dict[str, _Class]:
+    """Every class statement in the modules at ``paths``, by class name."""
     found: dict[str, _Class] = {}
-    for path in sorted(folder.glob("*.py")):
+    for path in paths:
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if not isinstance(node, ast.ClassDef):
                 continue
@@ -73,10 +77,30 @@ def _is_zoo(classes: dict[str, _Class], name: str) -> bool:
     return cls is not None and any(b == "EfficientAttention" or _is_zoo(classes, b) for b in cls.bases)
 
 
+def _plugin_files() -> list[Path]:
+    """The files of the modules ``attnxfer.attentions`` entry points name, found as an import would find them
+    (its finders, package by package) without running them: a package's own imports may load torch."""
+    files = []
+    for ep in importlib.metadata.entry_points(group=ATTENTION_GROUP):
+        spec, path, parts = None, None, ep.module.split(".")
+        for i in range(len(parts)):
+            found = (
+                f.find_spec(".".join(parts[: i + 1]), path) for f in sys.meta_path if hasattr(f, "find_spec")
+            )
+            spec = next(filter(None, found), None)
+            if spec is None:
+                break
+            path = spec.submodule_search_locations
+        if spec is not None and spec.has_location and spec.origin.endswith(".py"):
+            files.append(Path(spec.origin))
+    return files
+
+
 @cache
 def rope_support_from_source() -> dict[str, tuple[bool, str]]:
-    """`attnxfer.models.efficient.base.rope_support()` read from the zoo's source, importing nothing."""
-    classes = _classes(_MODELS / "efficient")
+    """`attnxfer.models.efficient.base.rope_support()` read from the zoo's source and that of the modules
+    installed packages name (``attnxfer.attentions`` entry points), importing nothing."""
+    classes = _classes([*sorted((_MODELS / "efficient").glob("*.py")), *_plugin_files()])
     table = {
         cls.registered: (
             bool(_lookup(classes, name, _DECLARED[0])),

@@ -13,9 +13,12 @@ from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_vit
 
 from attnxfer.data import build_dataset
 from attnxfer.errors import InputError
+from attnxfer.launch.cli import main
+from attnxfer.launch.rope_help import rope_support_from_source
 from attnxfer.models import create_attention, list_attentions, student_from_spec, student_spec
 from attnxfer.models.attention import registry
 from attnxfer.models.efficient import build_efficient_student
+from attnxfer.models.efficient.base import rope_support
 from attnxfer.transfer import build_plan
 from attnxfer.transfer.comparisons import get_comparison_loss
 
@@ -80,6 +83,18 @@ def test_the_library_finds_them_too(install_package):
     plan = build_plan(tiny_vit(depth=1), tiny_vit(depth=1), "none", losses=[{"name": "lab_gap"}])
     assert [c.loss for c in plan.comparisons] == ["lab_gap"]
     assert type(create_attention("lab_relu", dim=48, num_heads=3)).__name__ == "LabReLU"
+
+
+def test_convert_help_gives_the_installed_attentions_rope_answer(install_package, capsys):
+    """`attnxfer convert --help` lists what a rope teacher does to each convert.attention: the package's too,
+    read from its module's text as the zoo's are (importing neither), and as its imported class declares it."""
+    install_package(_FILES, _ENTRY_POINTS)
+    assert rope_support_from_source.__wrapped__()["lab_relu"] == rope_support()["lab_relu"]
+    rope_support_from_source.cache_clear()  # the help's table with the package, then without it again
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    rope_support_from_source.cache_clear()
+    assert "\n  lab_relu " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
