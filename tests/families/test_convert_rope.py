@@ -20,9 +20,12 @@ from timm.models import save_for_hf
 
 from attnxfer.models.attention import capture_attention
 from attnxfer.models.efficient import (
+    EfficientAttention,
     HedgehogAttention,
+    MapKind,
     build_efficient_student,
     new_parameters,
+    register_attention,
     with_attention,
 )
 from attnxfer.models.efficient.base import rope_support
@@ -157,6 +160,16 @@ def test_an_attention_rope_breaks_is_refused_with_its_reason(eva02, monkeypatch)
         build_efficient_student(eva02, "hedgehog")
     with pytest.raises(ValueError, match=r"'hedgehog' cannot take"):
         with_attention(build("pe"), ["performer", "hedgehog"])
+
+
+def test_an_attention_silent_on_rope_is_refused_naming_what_to_declare(eva02, registries_kept):
+    """A new attention whose class says nothing of rope is refused as an unsafe one is, and the refusal (as
+    `convert --help`'s row) names the two class attributes its author declares to answer."""
+    register_attention("lab_silent")(type("LabSilent", (EfficientAttention,), {"map_kind": MapKind.NONE}))
+    with pytest.raises(
+        ValueError, match=r"'lab_silent' cannot take .*sets no rope_keeps_map_kind and rope_why"
+    ):
+        build_efficient_student(eva02, "lab_silent")
 
 
 @pytest.mark.parametrize("family", ["beit", "relpos"])

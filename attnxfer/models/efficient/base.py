@@ -40,7 +40,8 @@ class EfficientAttention(TransferableAttention):
     #: Students of rope teachers are refused where it is False (`rope_support`). Each attention declares it.
     rope_keeps_map_kind: ClassVar[bool] = False
     rope_why: ClassVar[str] = (
-        "undeclared: this attention does not say what a rotary embedding does to its map"
+        "undeclared: its class sets no rope_keeps_map_kind and rope_why (whether a rotary embedding keeps its "
+        "map kind, and why)"
     )
     #: timm's rope layout for this layer (half-rotation vs interleaved), copied from the teacher's attention.
     rotate_half: bool = False
