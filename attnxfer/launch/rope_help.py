@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 from ..plugins import ATTENTION_GROUP
+from .value_checks import _constants
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: The epilog a parser names to get the rope table when its help is printed (`RopeHelpFormatter`).
@@ -42,13 +43,18 @@ def _classes(paths: list[Path]) -> dict[str, _Class]:
     """Every class statement in the modules at ``paths``, by class name."""
     found: dict[str, _Class] = {}
     for path in paths:
-        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        text = path.read_text(encoding="utf-8")
+        for node in ast.parse(text).body:
             if not isinstance(node, ast.ClassDef):
                 continue
-            # the name in a ``@register_attention("name")`` decorator, if any
-            calls = [d for d in node.decorator_list if isinstance(d, ast.Call) and d.args]
-            names = [d.args[0] for d in calls if _name(d.func) == "register_attention"]
-            registered = next((n.value for n in names if isinstance(n, ast.Constant)), None)
+            # the name in a ``@register_attention(...)`` decorator, if any, written as the CLI's name check reads
+            # it (`value_checks`): a literal, ``name=`` or a module constant
+            calls = [d for d in node.decorator_list if isinstance(d, ast.Call)]
+            names = [
+                a for d in calls if _name(d.func) == "register_attention" for a in (*d.args, *d.keywords)
+            ]
+            said = (a.value if isinstance(a, ast.keyword) else a for a in names)  # its one parameter: `name`
+            registered = next((_constants(text).get(_name(n), getattr(n, "value", None)) for n in said), None)
             cls = _Class([_name(b) for b in node.bases], registered)
             for stmt in node.body:
                 target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)

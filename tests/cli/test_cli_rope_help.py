@@ -50,6 +50,20 @@ def test_the_source_reading_finds_what_the_classes_declare():
     assert rope_families() == sorted((f.title for f in families() if f.rope), key=_file_order)
 
 
+@pytest.mark.parametrize("call", ["NAME", "name='lab_relu'"])
+def test_a_name_given_as_the_cli_check_reads_it_has_its_row(install_package, call):
+    """A registration by a module constant or by ``name=``, which the CLI's name check reads, has its row too."""
+    module = "from attnxfer.models import register_attention\nfrom attnxfer.models.efficient import ReLULinearAttention\n"
+    module += (
+        f"NAME = 'lab_relu'\n\n\n@register_attention({call})\nclass LabReLU(ReLULinearAttention):\n    pass\n"
+    )
+    install_package(
+        {"labpkg/__init__.py": "", "labpkg/attention.py": module},
+        "[attnxfer.attentions]\nx = labpkg.attention\n",
+    )
+    assert rope_support_from_source.__wrapped__()["lab_relu"] == rope_support()["lab_relu"]
+
+
 def _file_order(title: str) -> str:
     return next(f.name for f in families() if f.title == title)
 
