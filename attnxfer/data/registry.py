@@ -3,7 +3,6 @@ installed distribution adds its datasets through an ``attnxfer.datasets`` entry 
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import numbers
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from ..errors import InputError, OptionError
+from ..errors import InputError, OptionError, did_you_mean
 from ..plugins import DATASET_GROUP, load_entry_points
 from .label_free import images_only, without_labels
 from .seeding import seeded_global_rngs
@@ -131,11 +130,9 @@ def _entry(name: str) -> _Entry:
     if sep and prefix.lower() in _PREFIXES and rest:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
-    close = difflib.get_close_matches(name, _DATASETS, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
     raise InputError(
-        f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint} "
-        f"(a dataset of your own: @register_dataset in a module named by an '{DATASET_GROUP}' entry point)"
+        f"unknown dataset '{name}'{did_you_mean(name, _DATASETS)} (known datasets: {', '.join(list_datasets())}; "
+        f"a dataset of your own: @register_dataset in a module named by an '{DATASET_GROUP}' entry point)"
     )
 
 

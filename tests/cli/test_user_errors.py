@@ -708,7 +708,7 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
         ),
         (
             ["submit", *S, "--sweep", "data.dataset=synthetic,synthtic", "--dry-run"],
-            "Did you mean 'synthetic'?",
+            "did you mean 'synthetic'?",
         ),
         (  # timm would be handed num_classes twice: a TypeError from inside the student's build
             ["train", *S, "model.kwargs={num_classes: 5}"],

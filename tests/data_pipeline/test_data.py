@@ -720,9 +720,13 @@ def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwarg
 def test_registry_errors_name_the_choices():
     with pytest.raises(
         ValueError,
-        match=r"unknown dataset 'animal_mnst'.*animal_mnist, folder, recall, synthetic.*Did you mean 'animal_mnist'",
+        match=r"unknown dataset 'animal_mnst'; did you mean 'animal_mnist'.*animal_mnist, folder, recall, synthetic",
     ):
         build_dataset("animal_mnst", "train")
+    with pytest.raises(
+        ValueError, match=r"'SYNTHETIC'; did you mean 'synthetic'"
+    ):  # the wrong case: its own name
+        build_dataset("SYNTHETIC", "train")
     with pytest.raises(TypeError, match=r"no option\(s\) lenght.*length"):
         build_dataset("synthetic", "train", lenght=5)
     with pytest.raises(ValueError, match="split must be one of"):
