@@ -264,3 +264,12 @@ def test_labelled_val_split_gives_knn_rows_and_a_softmax_encoder_exports_to_plai
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(plain.forward_features(x), ours.forward_features(x))
+
+
+def test_a_classifier_teacher_on_data_of_another_class_count_names_the_keys_that_convert_it():
+    """A classifier teacher (a transformers ViTForImageClassification, or CLIP's projection as timm's head) on
+    data with other classes: the refusal says which config key converts it, not a Python argument."""
+    cfg = load_config(None, [])
+    choice = stage2_objective(cfg, _Teacher(16), True)
+    with pytest.raises(InputError, match=r"16 outputs but the data has 10 classes.*transfer.task_weight=0"):
+        student_head(cfg, _Teacher(16), choice, 10)

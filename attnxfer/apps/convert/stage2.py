@@ -106,7 +106,14 @@ def student_head(
     headless teacher's student stays headless (0) unless ``model.num_classes`` gives it one. Where stage 2 has
     no task loss, ``eval.metrics=top1`` stops here too, as soon as the teacher is known."""
     require_metric_labels(cfg, task_weight=objective.task_weight, why=objective.reason)
-    if getattr(teacher, "num_classes", 0):
+    if classes := getattr(teacher, "num_classes", 0):
+        if objective.task_weight > 0 and num_classes != classes:  # the student is the teacher, its head too
+            raise InputError(
+                f"the teacher's head has {classes} outputs but the data has {num_classes} classes, and stage 2 "
+                f"({objective.reason}) trains that head on them: convert on data of the teacher's {classes} "
+                "classes, or set transfer.task_weight=0 to convert it without labels (the student keeps the "
+                "teacher's head)"
+            )
         return num_classes if objective.task_weight > 0 else None
     if cfg.model.num_classes and objective.task_weight == 0:  # a head nothing trains: random in the export
         raise InputError(
