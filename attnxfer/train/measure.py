@@ -104,9 +104,12 @@ def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: 
         sums[i][1] += out_mse * x.shape[0]
 
 
-def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float | None:
-    """Top-1 (%) over ``loader`` (summed over ranks in a process group); None without a classifier head."""
-    if not getattr(model, "num_classes", 0):
+def evaluate_top1(
+    model: nn.Module, loader: Iterable, device: torch.device, classes: int | None = None
+) -> float | None:
+    """Top-1 (%) over ``loader`` (summed over ranks in a process group); None without a classifier head, or
+    with one of other than the data's ``classes`` outputs (CLIP's projection, another label set)."""
+    if not getattr(model, "num_classes", 0) or classes not in (None, model.num_classes):
         return None
     totals = classification_sums(model, loader, device, loss=False)
     correct, total = sum_over_ranks([totals[0].item(), totals[3].item()], device)
@@ -114,11 +117,11 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> f
 
 
 def top1_and_hits(
-    model: nn.Module, loader: Iterable, device: torch.device
+    model: nn.Module, loader: Iterable, device: torch.device, classes: int | None = None
 ) -> tuple[float | None, str | None]:
     """`evaluate_top1` and which images it got right, a ``0``/``1`` string over every rank's images in rank
     order: two models scored through the same loader are paired image by image (McNemar)."""
-    if not getattr(model, "num_classes", 0):
+    if not getattr(model, "num_classes", 0) or classes not in (None, model.num_classes):
         return None, None
     hits = "".join(
         gather_objects("".join("1" if h else "0" for h in per_image_top1(model, loader, device).tolist()))

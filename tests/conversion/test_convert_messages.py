@@ -40,7 +40,10 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     assert main(["convert", *args]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert "teacher val top-1: none (the teacher has no classifier head (e.g. an MAE encoder)" in out
+    assert (
+        "teacher val top-1: none (the teacher has no classifier head of the data's classes (e.g. an MAE"
+        in out
+    )
     assert "None" not in "\n".join(line for line in lines if "top-1" in line)
     [stage2] = [line for line in lines if line.startswith("stage 2:")]
     assert stage2.startswith(
@@ -64,6 +67,31 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     assert "nothing was written" in err and (run / "config.yaml").read_text() == config
     assert err.rstrip().endswith(f"(its config: {run / 'config.yaml'})"), err  # not a stage-1 checkpoint's
     assert "teacher val top-1" not in out and "before stage 1:" not in out, out
+
+
+@pytest.mark.slow  # a whole conversion (2 stage-1 steps, 1 stage-2 step)
+def test_a_teacher_head_of_other_outputs_than_the_datas_classes_scores_no_top1(tmp_path, capsys):
+    """CLIP's projection (timm's head) or another label set's classifier, converted label-free on labelled data:
+    its argmax is no class of the data, so neither teacher nor student has a top-1 (not a chance-level one)."""
+    folder = tmp_path / "teacher"
+    save_for_hf(peaked_teacher(depth=2, num_classes=16, plain_timm=True), folder, safe_serialization=True)
+    run = tmp_path / "run"
+    args = [
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{folder}",
+        *tiny_run(32, 16),
+        "convert.attention=hedgehog",
+        "convert.stage1_steps=2",
+        "schedule.max_steps=1",
+        "transfer.task_weight=0",
+        *tiny_convert_report(1, 2),
+    ]
+    assert main(["convert", *args]) == 0
+    assert (
+        "teacher val top-1: none (the teacher has no classifier head of the data's" in capsys.readouterr().out
+    )
+    report = json.loads((run / "report.json").read_text())
+    assert report["top1"]["teacher"] is None and report["student_top1"] is None
 
 
 @pytest.mark.parametrize(

@@ -132,6 +132,7 @@ class Conversion:
     name: str | None  # a convert study's student, whose name starts each of its lines (`speak.speaking_for`)
     run_dir: Path
     labelled: bool  # the data hands out labels (the report's top-1 and k-NN read them)
+    classes: int | None  # the outputs a head has for top-1 to score it: model.num_classes, else the data's
     sweep: tuple[list[int], float | None] = ([], None)  # the speed sweep's sides and budget (`sweep_sides`)
     device: torch.device = field(init=False)  # set by `_place`
     probe: list[torch.Tensor] = field(default_factory=list)
@@ -212,7 +213,9 @@ def convert_runs(
                     loaders_built=run.parts is not None,
                 )
         teacher_top1 = (
-            evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
+            evaluate_top1(first.teacher, first.parts.val_loader, first.device, first.classes)
+            if first.labelled
+            else None
         )
         speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
         for run in runs:
@@ -296,7 +299,8 @@ def build_conversion(
     ``shared``: a convert study's teacher and loaders, around which only the student ``name`` is built;
     ``study_chooses``: a student of it is convert.attention=auto). Stage 2's weights, chosen here
     (`stage2_objective`), go into the run's config."""
-    labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
+    data, auto = data_info(cfg.data), cfg.convert.attention == AUTO
+    labelled = data.has_labels
     if parts is None:
         parts = conversion_parts(cfg, info, shared)
     if parts.teacher is None:
@@ -353,6 +357,7 @@ def build_conversion(
         name,
         Path(cfg.run_dir),
         labelled,
+        cfg.model.num_classes or data.num_classes,
         selection=selection,
     )
 
@@ -455,7 +460,9 @@ def measure(run: Conversion, stage: str) -> None:
     own), final-feature agreement, and where the data has labels k-NN top-1 and (with a head) val top-1."""
     start = time.monotonic()
     top1, hits = (
-        top1_and_hits(run.student, run.parts.val_loader, run.device) if run.labelled else (None, None)
+        top1_and_hits(run.student, run.parts.val_loader, run.device, run.classes)
+        if run.labelled
+        else (None, None)
     )
     res = {
         "teacher_input": map_agreement(run.teacher, run.student, run.probe, inputs="teacher"),

@@ -9,7 +9,8 @@ from ..run.uncertainty import correct_count, top1_interval
 
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
 HEADLESS_TEACHER = (
-    "the teacher has no classifier head (e.g. an MAE encoder), so it has no top-1 to compare with"
+    "the teacher has no classifier head of the data's classes (e.g. an MAE encoder, CLIP's projection), so it "
+    "has no top-1 to compare with"
 )
 #: ... and for data read without labels
 NO_LABELS = "the data has no labels (data.labels=false), so there is no top-1"
