@@ -587,6 +587,19 @@ def test_pretraining_from_a_model_normalises_by_the_statistics_it_was_trained_on
     assert (encoder.pretrained_cfg["mean"], encoder.pretrained_cfg["std"]) == ((0.25,), (0.75,))
 
 
+def test_a_model_init_of_another_architecture_names_the_one_it_is(exported):
+    """model.init as a spec (a timm folder, a transformers one mapped to timm) names its architecture nowhere
+    the user reads: the refusal says which model.name and model.kwargs build it, and those fit."""
+    from attnxfer.apps.run.pretrain import build_mae, init_mae
+
+    spec = f"local-dir:{exported}"
+    with pytest.raises(InputError, match=r"it is vit_base_patch16_224 with model.kwargs=\{") as e:
+        init_mae(build_mae(load_config("demo/mae_pretrain", TINY), 3, None), spec)
+    name, kwargs = re.search(r"it is (\S+) with model.kwargs=(\{.*?\})", str(e.value)).groups()
+    cfg = load_config("demo/mae_pretrain", [*TINY, f"model.name={name}", f"model.kwargs={kwargs}"])
+    assert f"encoder loaded from {spec}" in init_mae(build_mae(cfg, 3, None), spec)[0]
+
+
 def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_decoder_fresh(tmp_path):
     """The extra decoder blocks are the decoder's misfit, said on the start-up line, not the encoder's."""
     from safetensors.torch import save_file
