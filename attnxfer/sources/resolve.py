@@ -125,13 +125,15 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
             raise InputError(f"{role} spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
         if rev and revision and rev != revision:
             raise InputError(
-                f"{role} spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
+                f"{role} spec {spec!r} names revision {rev!r} but revision={revision!r} was also given "
+                "(teacher.revision, fetch's --revision): give it once"
             )
         return TeacherSpec(Source.HF_HUB, repo, rev or revision)
     if sep and prefix.lower() == "local-dir":
         if revision:  # a folder has one version: the flag would be read by nothing
             raise InputError(
-                f"{role} spec {spec!r} is a local folder: a revision ({revision!r}) is a Hub repo's"
+                f"{role} spec {spec!r} is a local folder: a revision ({revision!r}) is a Hub repo's: drop "
+                "teacher.revision (fetch's --revision)"
             )
         return TeacherSpec(Source.LOCAL_DIR, str(Path(rest.strip()).expanduser()))
     if sep and (close := difflib.get_close_matches(prefix.lower(), ("hf-hub", "local-dir"), n=1, cutoff=0.8)):

@@ -302,8 +302,15 @@ def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_p
     for spec in ("", "local-dir:"):
         with pytest.raises(ValueError, match=f"teacher spec '{spec}' names nothing: give a timm name"):
             fetch_teacher(spec)
-    with pytest.raises(ValueError, match=r"is a local folder: a revision \('v2'\) is a Hub repo's"):
+    with pytest.raises(
+        ValueError, match=r"local folder: a revision \('v2'\) is a Hub repo's: drop teacher.revision"
+    ):
         fetch_teacher(f"local-dir:{tmp_path}", revision="v2")
+    # two revisions: the message names the key that gave the second one
+    with pytest.raises(
+        ValueError, match=r"revision='v2' was also given \(teacher.revision, fetch's --revision\)"
+    ):
+        fetch_teacher("hf-hub:acme/tiny@v1", revision="v2")
 
 
 def test_a_timm_architecture_without_pretrained_weights_asks_for_a_trained_one():
