@@ -92,17 +92,13 @@ def init_mae(
     own = mae.state_dict()
     path = Path(spec).expanduser()
     stats: dict[str, Any] = {}
-    built_as = ""  # what a spec's model is, which a user of model.init reads nowhere else (transformers')
+    encoder = None
     if path.is_file():
         # weights_only: a pickled argparse.Namespace is refused, with the fix for model.init
         state, _ = read_state_dict(path, "model.init")
     else:
         encoder = load_init(spec, img_size, file_model=None, cache_dir=cache_dir)
         state, stats = encoder.state_dict(), getattr(encoder, "pretrained_cfg", {})
-        built = student_spec(encoder)
-        args = {k: v for k, v in built["model_args"].items() if k not in ("num_classes", "in_chans")}
-        built_as = f" (it is {built['architecture']} with model.kwargs={json.dumps(args)}, data.in_chans="
-        built_as += f"{built['model_args'].get('in_chans', 3)})"
     # a trained student's file (a fine-tune's, a run's checkpoint) has a classifier the headless encoder lacks
     head = sorted(k for k in state if k.startswith("head.") and k not in own)
     state = {k: v for k, v in state.items() if k not in head}
@@ -112,6 +108,12 @@ def init_mae(
     unexpected = sorted(k for k in state if k not in own and not _is_decoder_key(k))
     mis_shaped = _shape_errors(enc_own, state)
     if missing or unexpected or mis_shaped:
+        built_as = ""  # what a spec's model is, which a user of model.init reads nowhere else (transformers')
+        if encoder is not None:
+            built = student_spec(encoder)
+            args = {k: v for k, v in built["model_args"].items() if k not in ("num_classes", "in_chans")}
+            built_as = f" (it is {built['architecture']} with model.kwargs={json.dumps(args)}, data.in_chans="
+            built_as += f"{built['model_args'].get('in_chans', 3)})"
         raise TeacherLoadError(
             f"model.init={spec!r} does not fit the encoder that model.name / model.kwargs build "
             f"(missing {missing[:8]}, unexpected {unexpected[:8]}, shapes checkpoint vs encoder {mis_shaped[:4]}); "
