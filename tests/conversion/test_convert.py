@@ -8,7 +8,15 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import CONVERT_OPTIONS, peaked_teacher, run_cli, tiny_convert_report, tiny_run, tiny_vit
+from helpers import (
+    CONVERT_OPTIONS,
+    peaked_teacher,
+    rewrite_checkpoint_state,
+    run_cli,
+    tiny_convert_report,
+    tiny_run,
+    tiny_vit,
+)
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert.convert import conversion_plan_from_config
@@ -653,6 +661,35 @@ def test_skip_stage1_into_a_run_that_saved_a_stage_1_is_refused_not_silently_set
         ResumePoint.find(run / "stage1").path == saved.path and not (run / "stage2" / "checkpoints").exists()
     )
     assert "stage1_steps: 2" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_stage_1_stopped_on_other_processes_is_refused_with_the_counts_not_resumed_on_another_global_batch(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """Stage 1 has no accumulation steps: a stage 1 stopped on 2 processes, resumed on 1, went on at half its
+    global batch and another place in the data, unsaid. Its checkpoint records its processes; a resume on others
+    is refused before the teacher is measured, naming both counts."""
+    import attnxfer.apps.convert.convert
+    from attnxfer.launch.cli import main
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    run, args = tmp_path / "run", _convert_args(tmp_path / "run", tiny_teacher_dir, "convert.stage1_steps=2")
+    with monkeypatch.context() as patch:
+        patch.setattr(attnxfer.apps.convert.convert, "_stage2", ctrl_c)
+        assert main(["convert", *args]) == 130
+    saved = ResumePoint.find(run / "stage1")
+    assert saved.world_size == 1
+    capsys.readouterr()
+    rewrite_checkpoint_state(
+        saved.path / "state.json", lambda state: state.update(complete=False, world_size=2)
+    )
+    code, out, err = run_cli(capsys, "convert", *args)
+    assert code == 2 and "Traceback" not in err and "before stage 1:" not in out, err
+    assert "stopped at step 2 on 2 process(es) (global batch 32 = 16 per rank x 2) and this run has 1" in err
+    assert "Resume it on 2 process(es)" in err
 
 
 @pytest.mark.slow

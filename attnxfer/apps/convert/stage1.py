@@ -141,6 +141,17 @@ def judge_stage1(
                 f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
                 "checkpoint.resume=none to redo stage 1"
             )
+        # stage 1 has no accumulation steps: on other processes its global batch, and the data it goes on
+        # with, would change unsaid
+        recorded, world = point.world_size, rank_and_world()[1]
+        if recorded not in (None, world) and not point.record("complete"):
+            batch = plan.stage1_batch_size
+            raise InputError(
+                f"{point.path} is a stage 1 stopped at step {point.step} on {recorded} process(es) (global "
+                f"batch {batch * recorded} = {batch} per rank x {recorded}) and this run has {world}: stage 1 "
+                f"cannot keep its global batch (it has no accumulation steps); nothing was written. Resume it on "
+                f"{recorded} process(es), or start stage 1 over (checkpoint.resume=none)"
+            )
         # on other data the step and weights go on; the batches restart
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
@@ -235,6 +246,7 @@ class _Stage1Saves:
             "config": to_dict(self.cfg, "convert"),
             "teacher": self.parts.teacher_record,
             "data": self.data,
+            "world_size": rank_and_world()[1],
         }
         if optimizer_state is not None:
             tensors["optimizer"], state["optimizer_meta"] = optimizer_state_to_tensors(optimizer_state)
