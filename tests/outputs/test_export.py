@@ -937,3 +937,17 @@ def test_export_of_a_softmax_student_of_an_attnxfer_architecture_says_how_timm_l
     assert code == 0, err
     assert "efficient attention" not in stdout
     assert "load with: import attnxfer.models (registers pvt_v2_micro_56), then timm.create_model(" in stdout
+
+
+@pytest.mark.parametrize("command", ["export", "inspect"])
+def test_under_several_processes_rank_0_alone_writes_the_folder(
+    command, trained, tmp_path, capsys, monkeypatch
+):
+    """torchrun or srun starts the command on every rank: each wrote OUT_DIR, and all but the first stopped
+    (`written by another export meanwhile`), failing the job whose export had succeeded."""
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    args = (
+        [str(trained), str(out)] if command == "export" else [str(trained), str(trained), "--out", str(out)]
+    )
+    assert run_cli(capsys, command, *args) == (0, "", "") and not out.exists()

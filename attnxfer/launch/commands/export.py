@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ...speak import say, warn
+from ...speak import is_main, say, warn
 from .base import register_command
 
 
@@ -53,6 +53,8 @@ def run(args) -> int:
     from ...checkpoints.onnx_export import require_onnx
     from ...checkpoints.run_dir import ExportWeights, RunDir
 
+    if not is_main():  # under torchrun or srun, rank 0 alone writes OUT_DIR (the others' copies collided)
+        return 0
     args.formats = args.formats or ["timm"]
     if "onnx" in args.formats:
         require_onnx()  # a missing package stops before the run is read

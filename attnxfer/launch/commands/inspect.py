@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ...errors import InputError
-from ...speak import say
+from ...speak import is_main, say
 from .base import register_command
 
 
@@ -65,6 +65,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     arguments=_arguments,
 )
 def run(args) -> int:
+    if not is_main():  # under torchrun or srun, rank 0 alone writes OUT_DIR (the others' copies collided)
+        return 0
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
