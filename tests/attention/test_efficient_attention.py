@@ -46,6 +46,7 @@ from attnxfer.models.efficient import (
     register_attention,
     swap_attentions,
 )
+from attnxfer.models.efficient.base import rope_support
 
 ALL = list_attentions()
 
@@ -109,6 +110,17 @@ def test_list_attentions_filters_by_the_declared_map_kind():
         assert list_attentions(kind) == [n for n in ALL if kinds[n].refines(kind)]
     assert "softmax" in list_attentions("row_stochastic")
     assert get_attention_class("formula").map_kind == "row_stochastic"  # the plain name: Hedgehog's program
+
+
+def test_every_built_in_attention_declares_its_rope_answer():
+    """The base's "undeclared" rope answer passes every other test, and copies into the docs' rope table as it
+    is: each built-in attention sets its own, on its class or a base below EfficientAttention."""
+    built_in = [n for n in rope_support() if get_attention_class(n).__module__.startswith("attnxfer.")]
+    undeclared = [n for n in built_in if rope_support()[n][1] == EfficientAttention.rope_why]
+    assert not undeclared, (
+        f"{undeclared} declare no rope answer: set rope_keeps_map_kind (whether a teacher's rotary embedding "
+        "keeps the map kind) and rope_why (why, one line from the math) on the class"
+    )
 
 
 def test_unknown_name_lists_the_known_ones():
