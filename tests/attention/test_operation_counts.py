@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import peaked_teacher
 
+from attnxfer.apps.convert.report import _operations_section
 from attnxfer.models.efficient import build_efficient_student, create_attention, list_attentions
 from attnxfer.models.efficient.formula import HAND_DESIGNED
 from attnxfer.train.measure import operation_counts
@@ -58,12 +59,27 @@ def test_conversion_measures_count_every_layer():
     )
 
 
+def test_the_report_says_why_a_layer_has_no_counts():
+    counted = {"mul": 8, "add": 8, "other": 0, "energy_pj": 1.0}
+    layers = [{"layer": 0, "attention": "lab", "student": None, "teacher": counted}]
+    text = "\n".join(
+        _operations_section({"tokens": 17, "layers": layers, "total": {"student": None, "teacher": counted}})
+    )
+    assert (
+        "| 0 | lab | — | — |" in text
+        and "—: not counted: the attention defines no `operation_counts`" in text
+    )
+
+
 @pytest.mark.parametrize("name", [n for n in list_attentions() if n != "none"])  # none: 0 ops, tested apart
 def test_every_registered_attention_counts_its_operations(name):
     options = {"linformer": dict(seq_len=17), "agent": dict(agent_grid=2, bias_grid=2)}.get(name, {})
     attn = create_attention(name, dim=48, num_heads=3, num_prefix_tokens=1, grid_size=4, **options)
     one, two = attn.operation_counts(17, batch=1), attn.operation_counts(17, batch=2)
-    assert one is not None and one.mul > 0 and one.add > 0, f"{name} does not count its operations"
+    assert one is not None and one.mul > 0 and one.add > 0, (
+        f"{name} does not count its operations: define operation_counts(num_tokens, batch) on its class "
+        "(on a KernelAttention, feature_counts(num_tokens): its q and k features' counts and width)"
+    )
     assert two.mul == 2 * one.mul and two.add == 2 * one.add  # per image: linear in the batch
 
 

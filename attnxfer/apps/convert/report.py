@@ -450,6 +450,8 @@ def _operations_section(ops: dict[str, Any]) -> list[str]:
             f"| {row['layer']} | {row['attention']} | {_count(s.get('mul'))} | {_count(s.get('add'))} | "
             f"{_count(t.get('mul'))} | {_count(t.get('add'))} |"
         )
+    if any(None in (row["student"], row["teacher"]) for row in ops["layers"]):
+        lines += ["", "—: not counted: the attention defines no `operation_counts` (so no totals either)."]
     s, t = ops["total"]["student"], ops["total"]["teacher"]
     if s and t:
         lines += [
