@@ -128,6 +128,11 @@ def test_unknown_name_lists_the_known_ones():
         create_attention("flash_linear", dim=8)
 
 
+def test_create_attention_takes_dim_positionally_as_the_class_does():
+    module = create_attention("performer", 48, 4)
+    assert (module.proj.in_features, module.num_heads) == (48, 4)
+
+
 def test_register_rejects_a_second_class_under_a_taken_name():
     with pytest.raises(ValueError, match="already registered"):
         register_attention("performer")(type("Other", (EfficientAttention,), {}))

@@ -65,8 +65,10 @@ def get_attention_class(name: str) -> type[nn.Module]:
     )
 
 
-def create_attention(name: str, **kwargs: Any) -> nn.Module:
-    return get_attention_class(name)(**kwargs)
+def create_attention(name: str, *args: Any, **kwargs: Any) -> nn.Module:
+    """An attention layer ``name`` (softmax or a zoo attention) built with the arguments its class takes:
+    ``create_attention("performer", 48, num_heads=4, num_features=64)``."""
+    return get_attention_class(name)(*args, **kwargs)
 
 
 def attention_layer(name: str, **options: Any) -> type[nn.Module]:
