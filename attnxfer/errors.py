@@ -33,6 +33,14 @@ class OptionError(UserError, TypeError):
     unexpected keyword argument is."""
 
 
+class UnknownNameError(InputError, KeyError):
+    """A name nothing is registered under (an attention's). Also a KeyError, as a missing key is, but its
+    message prints as written, not in quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class HubUnreachableError(UserError, RuntimeError):
     """The Hub cannot be reached (offline mode, or no route) for what was asked of it; the message says what
     was done and how to finish elsewhere. Also a RuntimeError."""

@@ -124,8 +124,10 @@ def test_every_built_in_attention_declares_its_rope_answer():
 
 
 def test_unknown_name_lists_the_known_ones():
-    with pytest.raises(KeyError, match="known attentions: agent, cosformer"):
+    with pytest.raises(KeyError, match="known attentions: agent, cosformer") as e:
         create_attention("flash_linear", dim=8)
+    # a user's error, printed as written: a plain KeyError's str is its message in quotes
+    assert isinstance(e.value, InputError) and str(e.value).startswith("unknown attention 'flash_linear'")
 
 
 def test_create_attention_takes_dim_positionally_as_the_class_does():

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from timm.layers import Attention
 from torch import nn
 
-from ...errors import did_you_mean
+from ...errors import UnknownNameError, did_you_mean
 from ...plugins import ATTENTION_GROUP, load_entry_points
 from .interface import MapKind
 
@@ -59,7 +59,7 @@ def get_attention_class(name: str) -> type[nn.Module]:
         return _PARAMETRIC[prefix](name)
     parametric = "".join(f", {p}:<...>" for p in sorted(_PARAMETRIC))
     hint = did_you_mean(name, list_attentions())
-    raise KeyError(
+    raise UnknownNameError(
         f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{parametric}; an "
         f"attention of your own: @register_attention in a module named by an '{ATTENTION_GROUP}' entry point)"
     )
