@@ -49,11 +49,12 @@ def test_maps_equal_timm_attention_extract():
 
 def test_layers_the_model_does_not_have_are_named_not_an_index_error():
     model = tiny_vit(depth=2).eval()
-    with pytest.raises(InputError, match=r"layers \[5\]: the model has 2 attention blocks, 0 to 1"):
-        attention_maps(model, torch.randn(1, 3, 32, 32), layers=[1, 5])
-    # a negative index would key the maps by -1
-    with pytest.raises(InputError, match=r"layers \[-1\]"), capture_attention(model, layers=[-1]):
-        pass
+    with pytest.raises(InputError, match=r"layers \[5, -3\]: the model has 2 attention blocks, 0 to 1"):
+        attention_maps(model, torch.randn(1, 3, 32, 32), layers=[1, 5, -3])
+    # negatives count from the end, as build_plan's layers do; the maps are keyed by the block's own index
+    assert list(attention_maps(model, torch.randn(1, 3, 32, 32), layers=[-1])) == [1]
+    with capture_attention(model, layers=[-2]) as store:
+        assert list(store) == [0]
 
 
 def test_one_layer_given_as_an_int_not_a_list_says_to_write_a_list():

@@ -39,13 +39,14 @@ def attention_maps(
 
 
 def _chosen_layers(attns: Sequence[TransferableAttention], layers: Iterable[int] | None) -> list[int]:
-    """``layers`` (None: every block), each one of the model's blocks."""
+    """``layers`` (None: every block; negatives count from the end, as `build_plan`'s) as block indices."""
     if isinstance(layers, int | str):  # else "'int' object is not iterable"
         raise InputError(f"layers={layers!r}: a list of block indices, e.g. [0, 1]")
-    chosen = list(range(len(attns))) if layers is None else list(layers)
-    if bad := [i for i in chosen if not 0 <= i < len(attns)]:
-        raise InputError(f"layers {bad}: the model has {len(attns)} attention blocks, 0 to {len(attns) - 1}")
-    return chosen
+    n = len(attns)
+    chosen = list(range(n)) if layers is None else list(layers)
+    if bad := [i for i in chosen if not -n <= i < n]:
+        raise InputError(f"layers {bad}: the model has {n} attention blocks, 0 to {n - 1} (or -{n} to -1)")
+    return list(dict.fromkeys(i % n for i in chosen))  # -1 and the last block's index are one block
 
 
 def _record_input(module: TransferableAttention, args: tuple, kwargs: dict, *, sink: dict) -> None:
