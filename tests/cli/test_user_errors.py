@@ -68,7 +68,7 @@ def swin_teacher_dir(tmp_path_factory):
         (
             "performer",
             "{num_features: 2.5}",
-            "num_features must be an integer or null for performer, got 2.5",
+            "num_features must be an integer or None (null in a config) for performer, got 2.5",
         ),
     ],
 )

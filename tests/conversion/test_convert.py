@@ -28,7 +28,12 @@ from attnxfer.config.study_spec import load_study
 from attnxfer.errors import InputError
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.attention import registry
-from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
+from attnxfer.models.efficient import (
+    build_efficient_student,
+    check_softmax_teacher,
+    new_parameters,
+    with_attention,
+)
 from attnxfer.models.efficient.linear import ReLULinearAttention
 from attnxfer.train.measure import map_agreement
 from attnxfer.train.speed import forward_speed
@@ -305,10 +310,14 @@ def test_clear_errors_for_bad_conversions():
         (
             "performer",
             dict(num_features=2.5),
-            "num_features must be an integer or null for performer, got 2.5",
+            "num_features must be an integer or None (null in a config) for performer, got 2.5",
         ),
         ("performer", dict(orthogonal="no"), "orthogonal must be true or false for performer, got 'no'"),
-        ("hedgehog", dict(feature_dim=True), "feature_dim must be an integer or null for hedgehog, got True"),
+        (
+            "hedgehog",
+            dict(feature_dim=True),
+            "feature_dim must be an integer or None (null in a config) for hedgehog, got True",
+        ),
         ("nystrom", dict(num_landmarks="4"), "num_landmarks must be an integer for nystrom, got '4'"),
         (
             "window",
@@ -322,6 +331,16 @@ def test_an_option_of_another_kind_is_refused_not_coerced(name, option, said):
     # not cut to 2, read as 4 or taken as 1 (or a truthy "no") without a word
     with pytest.raises(InputError, match=f"^convert.attention_kwargs: {re.escape(said)}"):
         build_efficient_student(_teacher(depth=1), name, **option)
+
+
+def test_option_errors_read_for_a_python_caller_as_for_a_config():
+    # with_attention's refusals name Python's None and its way to drop an option, a config's beside them
+    with pytest.raises(
+        TypeError, match=re.escape("num_features must be an integer or None (null in a config)")
+    ):
+        with_attention(_teacher(depth=1), "performer", num_features="x")
+    with pytest.raises(TypeError, match=re.escape("drop them (or, in a config, set the key to {}")):
+        with_attention(_teacher(depth=1), "performer", bogus=1)
 
 
 def test_an_option_of_another_kind_is_refused_where_annotations_are_not_deferred(monkeypatch):

@@ -98,7 +98,10 @@ def test_a_teacher_head_of_other_outputs_than_the_datas_classes_scores_no_top1(t
     "option, said",
     [
         ("feature_dim=-3", "feature_dim must be >= 1, got -3"),  # refused by the attention itself
-        ("feature_dim=abc", "convert.attention_kwargs: feature_dim must be an integer or null for hedgehog"),
+        (
+            "feature_dim=abc",
+            "convert.attention_kwargs: feature_dim must be an integer or None (null in a config) for hedgehog",
+        ),
     ],
 )
 def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(

@@ -120,8 +120,8 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
     if unused:
         theirs = {n: c.own_options() for n, c in zip(names, classes)}
         raise TypeError(
-            f"no chosen attention accepts option(s) {unused} (their options: {theirs}): drop them, or set "
-            "the key to {} to drop every option (a recipe's, for its own attention, too)"
+            f"no chosen attention accepts option(s) {unused} (their options: {theirs}): drop them (or, in a "
+            "config, set the key to {} to drop every option, a recipe's for its own attention too)"
         )
     for name, cls in zip(names, classes):  # a value of another kind than the constructor annotates
         for option, value in options.items():
@@ -181,7 +181,7 @@ _KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
-    "None": ("null", lambda v: v is None),
+    "None": ("None (null in a config)", lambda v: v is None),
     "Sequence[int]": (
         "a list of integers",
         lambda v: isinstance(v, (list, tuple)) and all(map(_KINDS["int"][1], v)),
