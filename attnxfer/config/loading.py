@@ -53,6 +53,8 @@ def resolve_recipe(path: str | Path) -> Path:
         )
     if p.is_file():
         return p
+    if p.exists() and not p.is_dir():  # /dev/null, a pipe (-c <(...)): nothing to read twice
+        raise ConfigError(f"config {str(p)!r} is not a regular file (a device or pipe?): give a YAML file")
     builtin = RECIPES / p.with_suffix(".yaml")
     # a folder is no config: a recipe's name is meant where one is so named (the demo's OUT/teacher is one)
     if p.is_dir() and (p.is_absolute() or not builtin.is_file()):

@@ -449,6 +449,14 @@ def test_a_folder_here_named_like_a_built_in_recipe_does_not_hide_the_recipe(tmp
         load_config("runs/x")
 
 
+def test_a_config_that_exists_but_is_no_regular_file_is_not_said_to_be_missing():
+    """-c /dev/null (or a pipe) was answered 'does not exist' with every built-in recipe's name."""
+    with pytest.raises(
+        ConfigError, match=r"^config '/dev/null' is not a regular file \(a device or pipe\?\)"
+    ):
+        load_config("/dev/null")
+
+
 def test_a_checkpoint_folder_given_as_config_names_its_runs_config_and_how_to_choose_the_step(tmp_path):
     """-c RUN/checkpoints/step-N (to score that step) was told it is a directory, with no word of the run's
     config.yaml, as the run's own folder is, nor of checkpoint.resume, which chooses the step."""
