@@ -779,6 +779,19 @@ def test_the_cli_takes_ema_weights_where_the_exported_checkpoint_kept_them_not_w
         ), err
 
 
+def test_the_cli_says_nothing_of_ema_for_an_mae_pretraining_which_never_keeps_one(tmp_path, capsys):
+    """Pretrain refuses ema.decay: 'kept no EMA weights' told of a choice the run never had."""
+    run, student = tmp_path / "run", trained_student(steps=0)
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  dataset: animal_mnist\n  img_size: 32\n")
+    record = {"teacher": None, "student": student_spec(student), "objective": "mae", "mode": "mae-pretrain"}
+    (run / "run.json").write_text(json.dumps(record))
+    CheckpointManager(run).save(100, {"model": student.state_dict()}, {"step": 100})
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "out"))
+    assert code == 0 and "EMA" not in err, err
+    assert_exported(tmp_path / "out", student.state_dict())
+
+
 # ------------------------------------------------------------------------- export through the CLI, of `trained`
 
 

@@ -77,7 +77,7 @@ def run(args) -> int:
         overwrite=args.overwrite,
         formats=args.formats,
     )
-    if weights != args.weights:
+    if weights != args.weights and run.record().get("objective") != "mae":  # pretrain refuses ema.decay
         warn(
             f"attnxfer export: {ckpt.name}, the checkpoint exported, kept no EMA weights; its raw weights were exported"
         )
