@@ -617,6 +617,15 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
     assert not torch.equal(mae.decoder_blocks[0].attn.qkv.weight, deeper.decoder_blocks[0].attn.qkv.weight)
 
 
+def test_the_encoder_takes_model_kwargs_in_chans_over_the_datas_as_trains_student_does():
+    """It was built with the data's channel count whatever model.kwargs said, without a word."""
+    from attnxfer.apps.run.pretrain import build_mae
+
+    cfg = load_config("demo/mae_pretrain", [*TINY, "model.kwargs={depth: 2, embed_dim: 48, in_chans: 3}"])
+    assert build_mae(cfg, in_chans=1, img_size=None).in_chans == 3
+    assert build_mae(load_config("demo/mae_pretrain", TINY), in_chans=1, img_size=None).in_chans == 1
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -644,6 +653,11 @@ def test_a_checkpoint_with_a_deeper_decoder_loads_its_encoder_and_starts_the_dec
         (
             ["model.global_pool=avg", "model.fc_norm=true", *TINY],
             "pretrain does not read model.global_pool='avg' (the pooling is fine-tuning's",
+        ),
+        # model.kwargs.in_chans is the encoder's, as train's student's: a data.in_chans against it is refused
+        (
+            ["model.kwargs={depth: 2, embed_dim: 48, in_chans: 3}", "data.in_chans=1"],
+            "data.in_chans=1, but the encoder takes 3-channel images (model.kwargs.in_chans): drop data.in_chans",
         ),
         # no head to score: refused at the start, as `attnxfer eval` of the run would refuse it
         (

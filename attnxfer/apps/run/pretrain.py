@@ -54,7 +54,7 @@ MODE = "mae-pretrain"
 def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAutoencoder:
     """The ``model`` section's ViT (no head) inside the ``mae`` section's masked autoencoder."""
     m, a = cfg.model, cfg.mae
-    kwargs = dict(m.kwargs, in_chans=in_chans)
+    kwargs = {"in_chans": in_chans, **m.kwargs}  # model.kwargs.in_chans first, as train's student
     if img_size is not None:
         kwargs["img_size"] = img_size
     encoder = create_named_vit(m, num_classes=0, **kwargs)
@@ -214,6 +214,13 @@ def build_pretrain_engine(
     )
     # the encoder is the run's student; the loaders are the training ones (labels, if any, come along unread)
     inputs = image_input(mae.encoder)
+    if (
+        d.in_chans and d.in_chans != inputs.in_chans
+    ):  # as train refuses it: one stream, the encoder's channels
+        raise InputError(
+            f"data.in_chans={d.in_chans}, but the encoder takes {inputs.in_chans}-channel images (model.kwargs."
+            "in_chans): drop data.in_chans"
+        )
     mean, std = normalisation(d, stats, info, inputs.in_chans)
     parts = parts_around(
         cfg,
