@@ -184,6 +184,12 @@ class _Comparison:
     def _read_layout(self, x: torch.Tensor) -> None:
         """On the first batch: the teacher's tokens (every student's must match) and row positions."""
         self.layout = token_layout(self.teacher, x.shape[-2:])
+        tokens, k = self.layout["tokens"], self.settings.topk
+        # every key of every layer's rows in the top k: the overlap is 1 whatever the maps
+        if tokens is not None and k >= tokens:
+            raise InputError(
+                f"topk={k} is not below the teacher's {tokens} tokens: choose topk (--topk) below {tokens}"
+            )
         self.positions = row_positions(self.teacher, x[:1])
         show = lambda lay: (
             f"{lay['prefix']} prefix + {'x'.join(map(str, lay['grid'])) or '?'} grid of "

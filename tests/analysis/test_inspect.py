@@ -186,9 +186,11 @@ def test_a_topk_of_every_key_is_said_to_measure_nothing(capsys):
     teacher, x = tiny_vit(depth=1, seed=1), torch.randn(2, 3, 32, 32)
     compare_attention(teacher, {"s": tiny_vit(depth=1, seed=2)}, [x], topk=16)  # 17 keys: fine
     assert "topk=" not in capsys.readouterr().err
-    insp = compare_attention(teacher, {"s": tiny_vit(depth=1, seed=2)}, [x], topk=17)
-    assert "topk=17 is not below the 17 keys" in capsys.readouterr().err
-    assert insp.students["s"][0].metrics["topk"] == pytest.approx([1.0] * 3)  # whatever the maps
+    # every key of every row in the top k: the overlap would be 1 whatever the maps, refused before any work
+    with pytest.raises(
+        InputError, match=r"^topk=17 is not below the teacher's 17 tokens: choose topk \(--topk\) below 17$"
+    ):
+        compare_attention(teacher, {"s": tiny_vit(depth=1, seed=2)}, [x], topk=17)
 
 
 def _permute_heads(model, layer, perm):
