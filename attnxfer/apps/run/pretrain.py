@@ -214,9 +214,8 @@ def build_pretrain_engine(
     )
     # the encoder is the run's student; the loaders are the training ones (labels, if any, come along unread)
     inputs = image_input(mae.encoder)
-    if (
-        d.in_chans and d.in_chans != inputs.in_chans
-    ):  # as train refuses it: one stream, the encoder's channels
+    # as train refuses it: one stream, the encoder's channels
+    if d.in_chans and d.in_chans != inputs.in_chans:
         raise InputError(
             f"data.in_chans={d.in_chans}, but the encoder takes {inputs.in_chans}-channel images (model.kwargs."
             "in_chans): drop data.in_chans"
