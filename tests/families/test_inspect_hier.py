@@ -276,3 +276,12 @@ def test_a_saved_hiera_teacher_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
     assert not record.resampled_pos_embed
+
+
+@pytest.mark.slow
+def test_a_topk_of_every_key_a_window_holds_is_said_to_measure_nothing_there(capsys):
+    """Below the teacher's token count but not below the keys of its windows: accepted (other layers measure
+    something), and said, since in the windowed layers the top-k overlap is 1 whatever the maps."""
+    teacher, x = _models("swin", 0), _images("swin", 1)
+    compare_attention(teacher, {"self": copy.deepcopy(teacher)}, [x], floor_images=0, topk=60)
+    assert "topk=60 is not below the" in capsys.readouterr().err
