@@ -113,7 +113,8 @@ def fit_world_size(
         say(
             f"resume: {where}: the global batch stays {gb} ({recorded.describe()} -> {chosen.describe()}: "
             f"{chosen.overrides()}), so the lr, the steps per epoch and the lr schedule are unchanged and each "
-            "step averages the same samples; the ranks' RNG streams (dropout, drop-path, mixup) restart"
+            "step averages the same samples; the ranks' RNG streams (dropout, drop-path) restart, mixup is "
+            "seeded by each batch's place in the data"
         )
     return dataclasses.replace(
         cfg,
