@@ -54,6 +54,9 @@ class CheckpointPolicy:
     # False: a save leaves older checkpoints in place, for the caller to prune once it is safe (a study prunes
     # its students only after every one of them saved the step)
     prune_on_save: bool = True
+    # False: a resume on another world size does not say its random streams start afresh (a study's student:
+    # the study's resume line says it once for all)
+    say_world: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.resume, ResumePoint):
@@ -184,7 +187,7 @@ class Checkpointing:
         rng = state["rng"]
         if len(rng) == self.world:
             restore_rng_state(rng[self.rank])
-        elif not scoring:
+        elif not scoring and self.policy.say_world:
             warn(
                 f"the checkpoint was written at world size {len(rng)}, this run's is {self.world}: the random "
                 "streams start afresh"

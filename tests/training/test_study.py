@@ -668,6 +668,7 @@ def test_a_study_resumed_on_another_number_of_processes_keeps_its_global_batch_a
     assert f"{run} was trained by 1 process" in res.stdout and "the global batch stays 16" in res.stdout
     # said once, for the study: each student's resume keeps the split the study chose, not said again
     assert res.stdout.count("the global batch stays 16") == 1, res.stdout
+    assert "RNG streams (dropout, drop-path) restart" in res.stdout and "start afresh" not in res.stderr
     assert "data.batch_size=8 optim.accum_steps=1" in res.stdout
     assert ResumePoint.find(run).world_size == 2
     for name in ("copy", "distill"):

@@ -217,7 +217,11 @@ def base_lr(cfg: TrainConfig, world: int) -> float:
 
 
 def loop_settings(
-    cfg: TrainConfig, world: int, resume: ResumePoint | None = None, prune_on_save: bool = True
+    cfg: TrainConfig,
+    world: int,
+    resume: ResumePoint | None = None,
+    prune_on_save: bool = True,
+    say_world: bool = True,
 ) -> LoopSettings:
     """The ``schedule``/``optim``/``log``/``checkpoint`` sections as the loop's settings; ``resume`` is the
     checkpoint the app found and judged (`attnxfer.apps.run.resume`), so the engine does not look again."""
@@ -243,6 +247,7 @@ def loop_settings(
             keep_last=c.keep_last,
             resume=resume if resume is not None else ResumeFrom.parse(c.resume),
             prune_on_save=prune_on_save,
+            say_world=say_world,
         ),
     )
 
@@ -514,7 +519,7 @@ def build_engine(
         metric = f"ema_{metric}"
     if point is not None:
         metric = point.state.get("best_metric", metric)
-    settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
+    settings = loop_settings(cfg, runtime.world, point, prune_on_save, say_world=warn_schedule)
     settings = replace(settings, metric=metric, metric_mode="max")
     n = cfg.log.attention_images  # class-token maps at each evaluation, where TensorBoard shows them
     shown = n > 0 and "tensorboard" in cfg.log.trackers
