@@ -86,8 +86,8 @@ def _scored_batches(
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[str, float]:
     """Mean of a self-supervised objective's ``loss`` over ``loader``, summed over ranks. Its randomness (MAE's
-    masks) comes from a generator seeded at every call: each evaluation scores the same masks, and the
-    training streams are left untouched."""
+    masks) comes from a generator seeded at every call and by rank: each evaluation on as many processes
+    scores the same masks, and the training streams are left untouched."""
     model = accelerator.unwrap_model(model)
     device = accelerator.device
     generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
