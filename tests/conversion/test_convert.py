@@ -16,7 +16,6 @@ from helpers import (
     tiny_convert_report,
     tiny_run,
     tiny_vit,
-    torchrun_attnxfer,
 )
 from safetensors.torch import load_file
 
@@ -710,23 +709,6 @@ def test_a_stage_1_stopped_on_other_processes_is_refused_with_the_counts_not_res
     assert code == 2 and "Traceback" not in err and "before stage 1:" not in out, err
     assert "stopped at step 2 on 2 process(es) (global batch 32 = 16 per rank x 2) and this run has 1" in err
     assert "Resume it on 2 process(es)" in err
-
-
-@pytest.mark.slow  # a conversion in this process and one on 2 torchrun ranks: ~30 s
-def test_the_reports_map_agreement_is_measured_on_the_same_images_at_any_number_of_processes(
-    tmp_path, tiny_teacher_dir
-):
-    """Rank 0 measured the agreement on its own share of the val set (every other image on 2 ranks), so the
-    same student before stage 1 scored otherwise on 2 processes than on 1."""
-    from attnxfer.launch.cli import main
-
-    args = ["convert.stage1_steps=1", "schedule.max_steps=1", "device=cpu"]
-    assert main(["convert", *_convert_args(tmp_path / "one", tiny_teacher_dir, *args)]) == 0
-    torchrun_attnxfer("convert", *_convert_args(tmp_path / "two", tiny_teacher_dir, *args))
-    one, two = (json.loads((tmp_path / r / "report.json").read_text())["agreement"] for r in ("one", "two"))
-    for which in ("teacher_input", "end_to_end"):
-        got, want = ([row["before_stage1"] for row in a[which]] for a in (two, one))
-        assert got == pytest.approx(want, rel=1e-5), which
 
 
 @pytest.mark.slow

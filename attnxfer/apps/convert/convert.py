@@ -24,7 +24,6 @@ from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config
-from ...data import build_loader
 from ...errors import InputError
 from ...models.efficient import GridFitError, build_efficient_student, new_parameters, set_drop_path
 from ...models.image_input import image_input
@@ -443,11 +442,10 @@ def _place(run: Conversion, like: Conversion) -> None:
     if like is not run:
         run.probe, run.quality = like.probe, like.quality
         return
-    # the val set's first images on every rank, as one process takes them: a rank's own share (every
-    # world-th image) made the report's agreement depend on the number of processes
-    val = run.parts.val_loader
-    whole = build_loader(val.dataset, batch_size=val.batch_size, sampler=None, drop_last=False)
-    run.probe = [x.to(run.device) for x, *_ in itertools.islice(whole, run.cfg.convert.agreement_batches)]
+    run.probe = [
+        x.to(run.device)
+        for x, *_ in itertools.islice(run.parts.val_loader, run.cfg.convert.agreement_batches)
+    ]
     if not run.probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
     bank = build_bank_loader(run.cfg, run.parts.val_loader.dataset) if run.labelled else None
