@@ -297,7 +297,7 @@ class ConvertConfig:
     map_loss: str = key("auto", choices=("auto", "ce", "mse", "output"))
     # weight of the attention-output MSE added to stage 1's map loss
     output_mse: float = key(0.0, range=NON_NEGATIVE)
-    # validation batches for the per-layer map agreement
+    # validation batches of each rank for the per-layer map agreement (summed over ranks: one global batch's images)
     agreement_batches: int = key(4, range=AT_LEAST_1, resumable=True)
     speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)
     speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)
