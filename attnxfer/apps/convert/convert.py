@@ -25,7 +25,8 @@ from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config
 from ...errors import InputError
-from ...models.efficient import GridFitError, build_efficient_student, new_parameters, set_drop_path
+from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
+from ...models.efficient.swap import refuses_an_option
 from ...models.image_input import image_input
 from ...models.student import student_spec
 from ...run_layout import RUN_CONFIG, STAGE_DIRS
@@ -402,9 +403,7 @@ def _student_builder(
                     teacher, c.attention, num_classes=head, **c.attention_kwargs
                 )
             except InputError as e:
-                # an option's own refusal ("bits must be >= 1, got 0") names the key it is under, where a
-                # default too large for the grid is set too
-                if str(e).split(" ")[0] in c.attention_kwargs or isinstance(e, GridFitError):
+                if refuses_an_option(e, c.attention_kwargs):  # said under the key the options sit in
                     raise InputError(f"convert.attention_kwargs: {e}") from None
                 raise
             except (TypeError, ValueError, RuntimeError) as e:  # a value the attention cannot be built with

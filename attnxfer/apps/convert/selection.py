@@ -47,7 +47,7 @@ from ...models.attention.registry import get_attention_class
 from ...models.efficient import GridFitError, build_efficient_student
 from ...models.efficient.floor import floor_model
 from ...models.efficient.hierarchical import flat_blocks
-from ...models.efficient.swap import check_options, teacher_token_layout
+from ...models.efficient.swap import check_options, refuses_an_option, teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
 from ...run_layout import read_record
 from ...speak import quiet, say, warn
@@ -462,7 +462,7 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
                 "from convert.candidates"
             ) from None
         except InputError as e:  # an option's own refusal names its key, as a plain convert's does
-            if str(e).split(" ")[0] not in c.attention_kwargs:
+            if not refuses_an_option(e, c.attention_kwargs):
                 raise
             raise InputError(f"convert.attention_kwargs: {e}") from None
     for model in models.values():

@@ -17,7 +17,8 @@ from ...data import DatasetInfo
 from ...data.registry import dataset_reads_root
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
-from ...models.efficient import GridFitError, with_attention
+from ...models.efficient import with_attention
+from ...models.efficient.swap import refuses_an_option
 from ...models.image_input import ImageSizeError, check_image_size, image_input, sizes_that_fit
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
@@ -234,10 +235,9 @@ def student_attention(
     try:
         return with_attention(student, attention, **options)
     except (KeyError, ValueError, TypeError) as e:
-        # "window_size must be >= 1, got 0"; a default too large for the grid is set there too
-        option_named = str(e.args[0]).split(" ")[0] in options or isinstance(e, GridFitError)
-        unknown_option = isinstance(e, TypeError) and "option" in str(e)
-        what = "model.attention_kwargs" if option_named or unknown_option else "model.attention"
+        # a refused option value ("window_size must be >= 1, got 0") or an option no attention takes
+        of_options = refuses_an_option(e, options) or (isinstance(e, TypeError) and "option" in str(e))
+        what = "model.attention_kwargs" if of_options else "model.attention"
         raise InputError(f"{what}: {e.args[0]}") from None
 
 

@@ -29,7 +29,7 @@ from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
 from ..norm_eps import norms_as_recorded
-from .base import EfficientAttention
+from .base import EfficientAttention, GridFitError
 from .hierarchical import (
     expand_attention_names,
     flat_blocks,
@@ -109,6 +109,15 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
         if all(found):
             raise found[0]
     return model
+
+
+def refuses_an_option(error: Exception, options: Mapping[str, Any]) -> bool:
+    """Whether an attention's refusal is of one of the user's ``options``: a value check names its option
+    first ("bits must be >= 1, got 0"), and a default too large for the grid is set there too
+    (`GridFitError`). The caller then says the error under the key the options sit in."""
+    return (
+        isinstance(error, GridFitError) or str(error.args[0] if error.args else "").split(" ")[0] in options
+    )
 
 
 def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type[nn.Module]]:
