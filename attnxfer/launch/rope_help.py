@@ -44,6 +44,7 @@ def _classes(paths: list[Path]) -> dict[str, _Class]:
     found: dict[str, _Class] = {}
     for path in paths:
         text = path.read_text(encoding="utf-8")
+        constants = _constants(text)
         for node in ast.parse(text).body:
             if not isinstance(node, ast.ClassDef):
                 continue
@@ -54,7 +55,7 @@ def _classes(paths: list[Path]) -> dict[str, _Class]:
                 a for d in calls if _name(d.func) == "register_attention" for a in (*d.args, *d.keywords)
             ]
             said = (a.value if isinstance(a, ast.keyword) else a for a in names)  # its one parameter: `name`
-            registered = next((_constants(text).get(_name(n), getattr(n, "value", None)) for n in said), None)
+            registered = next((constants.get(_name(n), getattr(n, "value", None)) for n in said), None)
             cls = _Class([_name(b) for b in node.bases], registered)
             for stmt in node.body:
                 target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
