@@ -151,7 +151,8 @@ class TeacherStudent(nn.Module):
         # what the plan was built for (0: a plan made by hand records none): another depth pairs other layers
         # silently, other heads fail deep in the first forward
         built = (self.plan.student_depth, self.plan.student_heads, self.plan.teacher_heads)
-        t_heads = self._teacher_attn[0].num_heads if self._teacher_attn else 0
+        # without a teacher (a distilled student scored alone) only the student's side is checked, as its depth is
+        t_heads = self._teacher_attn[0].num_heads if self._teacher_attn else built[2]
         given = (len(self._student_attn), self._student_attn[0].num_heads, t_heads)
         if (
             s_far >= given[0]
