@@ -496,6 +496,26 @@ def test_a_students_model_name_warning_is_said_once_under_its_name(tmp_path, tin
     assert [line.partition(": warning:")[0] for line in said] == names.split(","), said
 
 
+@pytest.mark.slow  # a whole study (one step of two students) and its report
+def test_a_students_unused_key_warning_is_said_once_when_the_report_follows_its_training(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """A key a student's plan leaves unused is said as its plan is built for training; the report written right
+    after, which builds the plan again to score it, does not say it a second time (a report written alone,
+    `--report`, says it once)."""
+    argv = ["study", f"teacher.spec=local-dir:{tiny_teacher_dir}", *tiny_run(16, 8), "schedule.max_steps=1"]
+    argv += [f"run_dir={tmp_path / 's'}", "--vary", "transfer.logit_temperature=2,3"]
+    for extra in ([], ["--report"]):
+        code, _, err = run_cli(capsys, *argv, *extra)
+        assert code == 0, err[-2000:]
+        said = [
+            line.partition(": warning:")[0]
+            for line in err.splitlines()
+            if "warning: transfer.logit_t" in line
+        ]
+        assert said == ["logit_temperature=2", "logit_temperature=3"], err
+
+
 @pytest.mark.slow  # a study of two students for one step, then resumed for a second
 def test_a_study_resumed_with_a_key_changed_says_the_change_once_for_all_its_students(
     tmp_path, tiny_teacher_dir, capsys

@@ -101,8 +101,9 @@ def task_weight_of(cfg: TrainConfig) -> float:
     return 1.0 if weight is None else float(weight)
 
 
-def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
-    """The transfer plan the ``transfer`` section asks for, validated against the two models."""
+def plan_from_config(cfg: TrainConfig, parts: RunParts, *, said: bool = True) -> TransferPlan:
+    """The transfer plan the ``transfer`` section asks for, validated against the two models. ``said`` False:
+    the values it leaves unused go unsaid (a study's report scoring students that said them as they trained)."""
     t = cfg.transfer
     feature_weight = 0.0 if t.feature_distill is None else float(t.feature_distill)  # convert resolves null
     plan = build_plan(
@@ -119,6 +120,8 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
         task_weight=task_weight_of(cfg),
         losses=t.losses,
     )
+    if not said:
+        return plan
     # a value set where nothing reads it is said, not silently dropped
     changed = config_changes(TrainConfig(), cfg)
     moves_none = not plan.pairs and not any(c.pairs for c in plan.comparisons)

@@ -46,10 +46,12 @@ def write_study_report(
     study_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
+    trained_now: bool = False,
 ) -> Path:
     """Score every student of the study in ``study_dir`` and write its report there (``study.md``, with
     ``study_report.json``, ``study.png`` and ``study_agreement.png``); returns the path of ``study.md``. Draws
-    nothing from the caller's random streams."""
+    nothing from the caller's random streams. ``trained_now``: written right after this process trained them;
+    what their plans leave unused, said then, is not said again."""
     study_dir = Path(study_dir)
     record = read_study_record(study_dir)
     students = [_student(study_dir, entry) for entry in record["students"]]
@@ -64,7 +66,7 @@ def write_study_report(
                 insp = inspect_models(
                     scoring.teacher.model, subjects, torch.cat(first_images(scoring.parts.val_loader, 64))
                 )
-            scoring.score(students, loaded)
+            scoring.score(students, loaded, said=not trained_now)
             images = len(scoring.parts.val_loader.dataset)
     for s in students:
         s.curve = val_series(s.folder, s.metric)
@@ -185,7 +187,7 @@ class _Scoring:
             say(f"study report: {s.name}: {s.checkpoint}")
         return loaded
 
-    def score(self, students: list[StudentScore], loaded: Mapping[str, LoadedModel]) -> None:
+    def score(self, students: list[StudentScore], loaded: Mapping[str, LoadedModel], said: bool) -> None:
         """Per-image correctness: top-1 of those that trained a head, k-NN top-1 of the others."""
         knn: list[StudentScore] = []
         for s in students:
@@ -196,8 +198,8 @@ class _Scoring:
                 s.unscored = "the data has no labels: no top-1 or k-NN"
             elif task_weight_of(s.config) > 0 and s.config.data.labels:
                 parts = dataclasses.replace(self.parts, student=loaded[s.name].model)
-                with speaking_for(s.name):  # its plan's warnings again, said as the student's
-                    s.score, s.correct = TOP1, student_correct(s.config, parts, self.device)
+                with speaking_for(s.name):  # its plan's warnings again (a --report), said as the student's
+                    s.score, s.correct = TOP1, student_correct(s.config, parts, self.device, said=said)
             elif get_mode(s.config.transfer.mode).teacher_at_eval:
                 s.unscored = (
                     f"no head trained, and a transfer.mode={s.config.transfer.mode} student's features alone are "

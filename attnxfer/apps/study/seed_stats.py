@@ -44,14 +44,16 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
 
 
 @torch.no_grad()
-def student_correct(cfg: TrainConfig, parts: RunParts, device: torch.device) -> np.ndarray:
+def student_correct(
+    cfg: TrainConfig, parts: RunParts, device: torch.device, *, said: bool = True
+) -> np.ndarray:
     """One bool per image of ``parts.val_loader``: is ``parts.student``'s top-1 right, scored as its run scores
-    it (with the teacher where its transfer mode attends with the teacher's maps)?"""
+    it (with the teacher where its transfer mode attends with the teacher's maps)? ``said``: `plan_from_config`'s."""
     precision = resolve_precision(cfg.precision, device)
     model = TeacherStudent(
         parts.teacher,
         parts.student,
-        plan_from_config(cfg, parts),
+        plan_from_config(cfg, parts, said=said),
         teacher_dtype=teacher_dtype(cfg.teacher.dtype, precision),
     ).to(device)
     return per_image_top1(model, parts.val_loader, device, lambda: precision.autocast(device)).numpy()

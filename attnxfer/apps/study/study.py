@@ -79,7 +79,8 @@ def study(spec: StudySpec) -> StudyResult:
         check_study(spec)
         result = lockstep_study(spec, info.is_main_process)
         if info.world_size == 1:
-            result.report = write_study_report(spec.run_dir, device=resolve_device(spec.base.device))
+            device = resolve_device(spec.base.device)
+            result.report = write_study_report(spec.run_dir, device=device, trained_now=True)
         else:
             say(
                 f"study: its report, from one process: attnxfer study -c {Path(spec.run_dir) / STUDY_YAML} --report"
