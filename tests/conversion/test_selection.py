@@ -731,6 +731,36 @@ def test_a_selection_stopped_by_sigterm_keeps_its_measurements_and_the_same_comm
 
 
 @pytest.mark.slow
+def test_a_selection_stopped_after_a_fit_resumes_only_on_its_processes_its_timings_on_any(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch, fixed_timings
+):
+    """A candidate's fit is stage 1's, on its global batch (per rank x processes): the candidates left, fitted on
+    another number of processes, would be compared with it at another batch. selection.partial.json records its
+    processes, and a resume on others is refused naming both, as a stopped stage 1 is. Its timings alone (rank
+    0's, one process's batch) are the same on any number: reused."""
+    stops = iter([None, signal.SIGTERM])  # after the timings, after the first fit
+    monkeypatch.setattr(selection, "stop_signal", lambda: next(stops, None))
+    run, extra = tmp_path / "run", ["convert.speedup=1.1", "convert.candidates=[relu_linear,hedgehog]"]
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 143
+    partial = json.loads((run / PARTIAL_FILE).read_text())
+    assert list(partial["fits"]) == ["relu_linear"] and partial["world_size"] == 1
+    (run / PARTIAL_FILE).write_text(json.dumps({**partial, "world_size": 2}))
+    capsys.readouterr()
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{run / PARTIAL_FILE} holds the fits of relu_linear (to choose attentions), made on 2 process(es) (global "
+        "batch 32 = 16 per rank x 2) and this run has 1"
+        in err
+        and "Resume it on 2 process(es), or choose again" in err
+    ), err
+    (run / PARTIAL_FILE).write_text(json.dumps({**partial, "world_size": 2, "fits": {}}))
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
+    assert "convert.attention=auto: the timings recorded in" in capsys.readouterr().out
+    assert len(fixed_timings) == 1  # not timed again
+
+
+@pytest.mark.slow
 def test_a_negative_block_time_an_older_version_recorded_is_read_as_0_as_it_is_measured_now(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch
 ):

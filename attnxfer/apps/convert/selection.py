@@ -52,7 +52,7 @@ from ...models.image_input import ImageSizeError, check_image_size, image_input
 from ...run_layout import read_record
 from ...speak import quiet, say, warn
 from ...train.devices import resolve_precision
-from ...train.distributed import gather_objects
+from ...train.distributed import gather_objects, rank_and_world
 from ...train.speed import forward_speed
 from ...train.stage1 import stage1_transfer
 from ...train.stop import StopRequested, stop_on_signals, stop_signal
@@ -63,7 +63,7 @@ from ...transfer.selection import SOFTMAX, InfeasibleBudget, beside, fastest, re
 from ..run.parts import RunParts
 from ..run.resume import config_changes
 from .speed import rebuilt_teacher, speedup_withheld
-from .stage1 import STAGE1_KEYS, stage1_batches
+from .stage1 import STAGE1_KEYS, refuse_another_world, stage1_batches
 
 SELECTION_FILE = "selection.json"
 PARTIAL_FILE = "selection.partial.json"  # the measurements so far, until selection.json
@@ -189,8 +189,8 @@ def choose_attentions(
 def _recorded(
     cfg: TrainConfig, path: Path, compared: tuple[str, ...] = SELECTION_KEYS
 ) -> dict[str, Any] | None:
-    """The choice (or measurements) an earlier attempt of this run recorded, judged against ``cfg``; None:
-    choose (measure) now."""
+    """The choice (or measurements) an earlier attempt of this run recorded, judged against ``cfg`` (and
+    measurements' fits on this run's processes); None: choose (measure) now."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
     record = read_record(path)
@@ -216,6 +216,12 @@ def _recorded(
             "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
             f"this one, give them the values it recorded: {KeyChange.restoring(refused)}"
         )
+    # fits are stage 1's, on its global batch: those left would be compared with fits of another; the timings
+    # (rank 0's, of one process's batch) are the same on any number of processes
+    if record.get("fits"):
+        what = f"{path} holds the fits of {', '.join(record['fits'])} (to choose attentions), made"
+        batch = cfg.convert.stage1_batch_size or cfg.data.batch_size
+        refuse_another_world(what, record.get("world_size"), rank_and_world()[1], batch, "choose again")
     return record
 
 
@@ -288,6 +294,7 @@ def measure_selection(
     steps = c.selection_steps or c.stage1_steps
     fits = {n: _memo(teacher, f"fit {n}", cfg, lambda f=f: f) for n, f in progress.get("fits", {}).items()}
     saved = {"timing": timing, "timing_seconds": seconds, "fits": fits, "config": to_dict(cfg, "convert")}
+    saved["world_size"] = rank_and_world()[1]  # the processes the fits were made on
     rest = [n for n in c.candidates if n not in fits]
     if progress:
         also = f" and the fits of {', '.join(fits)}" if fits else ""

@@ -141,21 +141,28 @@ def judge_stage1(
                 f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
                 "checkpoint.resume=none to redo stage 1"
             )
-        # stage 1 has no accumulation steps: on other processes its global batch, and the data it goes on
-        # with, would change unsaid
-        recorded, world = point.world_size, rank_and_world()[1]
-        if recorded not in (None, world) and not point.record("complete"):
-            batch = plan.stage1_batch_size
-            raise InputError(
-                f"{point.path} is a stage 1 stopped at step {point.step} on {recorded} process(es) (global "
-                f"batch {batch * recorded} = {batch} per rank x {recorded}) and this run has {world}: stage 1 "
-                f"cannot keep its global batch (it has no accumulation steps); nothing was written. Resume it on "
-                f"{recorded} process(es), or start stage 1 over (checkpoint.resume=none)"
+        if not point.record("complete"):
+            what = f"{point.path} is a stage 1 stopped at step {point.step}"
+            refuse_another_world(
+                what, point.world_size, rank_and_world()[1], plan.stage1_batch_size, "start stage 1 over"
             )
         # on other data the step and weights go on; the batches restart
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
     return Stage1Found(saved, point, fresh)
+
+
+def refuse_another_world(what: str, recorded: int | None, world: int, batch: int, over: str) -> None:
+    """Stage 1's steps (``what`` did them) on ``recorded`` processes (None: not recorded), to go on on ``world``:
+    refused where they differ, naming both. Stage 1 has no accumulation steps: on other processes its global
+    batch, and the data it goes on with, would change unsaid. ``over``: how to start over instead."""
+    if recorded in (None, world):
+        return
+    raise InputError(
+        f"{what} on {recorded} process(es) (global batch {batch * recorded} = {batch} per rank x {recorded}) "
+        f"and this run has {world}: stage 1 cannot keep its global batch (it has no accumulation steps); nothing "
+        f"was written. Resume it on {recorded} process(es), or {over} (checkpoint.resume=none)"
+    )
 
 
 def _same_plan(recorded: Any, plan: ConversionPlan) -> bool:
