@@ -709,6 +709,11 @@ def test_a_stage_1_stopped_on_other_processes_is_refused_with_the_counts_not_res
     assert code == 2 and "Traceback" not in err and "before stage 1:" not in out, err
     assert "stopped at step 2 on 2 process(es) (global batch 32 = 16 per rank x 2) and this run has 1" in err
     assert "Resume it on 2 process(es)" in err
+    # submit says it before the queue's wait, for the job's processes; on the recorded ones it submits
+    submit = ["submit", "--command", "convert", *args, "--dry-run"]
+    code, _, err = run_cli(capsys, *submit, "--nodes", "3")
+    assert code == 2 and "on 2 process(es) (global batch 32 = 16 per rank x 2) and this run has 3" in err, err
+    assert run_cli(capsys, *submit, "--nodes", "2")[0] == 0
 
 
 @pytest.mark.slow

@@ -20,9 +20,16 @@ from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.convert import report, selection
 from attnxfer.apps.convert.conversion_study import _ConvertStudy
-from attnxfer.apps.convert.selection import PARTIAL_FILE, SELECTION_FILE, _recorded, sensitivities
+from attnxfer.apps.convert.selection import (
+    PARTIAL_FILE,
+    SELECTION_FILE,
+    _recorded,
+    judge_recorded,
+    sensitivities,
+)
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, load_config, to_dict
 from attnxfer.config.study_spec import load_study
+from attnxfer.errors import InputError
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.hierarchical import flat_blocks
@@ -340,6 +347,21 @@ def test_submit_refuses_a_stage_1_key_the_recorded_choice_read_before_submitting
     )
     assert "values for: convert.stage1_lr (0.01 -> 0.5)" in err
     assert cli.main(submit) == 0
+
+
+def test_submit_judges_a_stopped_choices_fits_on_the_jobs_processes_and_its_timings_alone_on_any(tmp_path):
+    """Fits are stage 1's, at its global batch: a job on other processes than they were made on would stop at
+    its start, so submit (judge_recorded) refuses it at once; timings alone (one process's) go anywhere."""
+    cfg = apply_overrides(
+        TrainConfig(), {"run_dir": str(tmp_path), "convert.attention": "auto", "convert.speedup": 1.5}
+    )
+    measured = {"timing": {}, "fits": {"relu_linear": {}}, "world_size": 2, "config": to_dict(cfg)}
+    (tmp_path / PARTIAL_FILE).write_text(json.dumps(measured))
+    judge_recorded(cfg, 2)
+    with pytest.raises(InputError, match=r"relu_linear .* on 2 process\(es\) .* and this run has 4: stage 1"):
+        judge_recorded(cfg, 4)
+    (tmp_path / PARTIAL_FILE).write_text(json.dumps({**measured, "fits": {}}))
+    judge_recorded(cfg, 4)
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -748,12 +770,16 @@ def test_a_selection_stopped_after_a_fit_resumes_only_on_its_processes_its_timin
     capsys.readouterr()
     assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 2
     err = capsys.readouterr().err
-    assert (
-        f"{run / PARTIAL_FILE} holds the fits of relu_linear (to choose attentions), made on 2 process(es) (global "
-        "batch 32 = 16 per rank x 2) and this run has 1"
-        in err
-        and "Resume it on 2 process(es), or choose again" in err
-    ), err
+    refusal = (
+        f"{run / PARTIAL_FILE} holds the fits of relu_linear (to choose attentions), made on 2 process(es)"
+    )
+    assert f"{refusal} (global batch 32 = 16 per rank x 2) and this run has 1" in err, err
+    assert "Resume it on 2 process(es), or choose again (checkpoint.resume=none)" in err
+    # submit says it before the queue's wait, for the job's processes; on the recorded ones it submits
+    submit = ["submit", "--command", "convert", *_args(run, tiny_teacher_dir, *extra)[1:], "--dry-run"]
+    assert cli.main([*submit, "--nodes", "3"]) == 2
+    assert f"{refusal} (global batch 32 = 16 per rank x 2) and this run has 3" in capsys.readouterr().err
+    assert cli.main([*submit, "--nodes", "2"]) == 0
     (run / PARTIAL_FILE).write_text(json.dumps({**partial, "world_size": 2, "fits": {}}))
     assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
     assert "convert.attention=auto: the timings recorded in" in capsys.readouterr().out

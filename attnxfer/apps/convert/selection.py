@@ -187,10 +187,10 @@ def choose_attentions(
 
 
 def _recorded(
-    cfg: TrainConfig, path: Path, compared: tuple[str, ...] = SELECTION_KEYS
+    cfg: TrainConfig, path: Path, compared: tuple[str, ...] = SELECTION_KEYS, world: int | None = None
 ) -> dict[str, Any] | None:
     """The choice (or measurements) an earlier attempt of this run recorded, judged against ``cfg`` (and
-    measurements' fits on this run's processes); None: choose (measure) now."""
+    measurements' fits on ``world`` processes, None: this run's); None: choose (measure) now."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
     record = read_record(path)
@@ -220,16 +220,16 @@ def _recorded(
     # (rank 0's, of one process's batch) are the same on any number of processes
     if record.get("fits"):
         what = f"{path} holds the fits of {', '.join(record['fits'])} (to choose attentions), made"
-        batch = cfg.convert.stage1_batch_size or cfg.data.batch_size
-        refuse_another_world(what, record.get("world_size"), rank_and_world()[1], batch, "choose again")
+        world = rank_and_world()[1] if world is None else world
+        refuse_another_world(what, record.get("world_size"), world, cfg, "choose again")
     return record
 
 
-def judge_recorded(cfg: TrainConfig) -> None:
+def judge_recorded(cfg: TrainConfig, world: int) -> None:
     """An auto conversion's recorded choice, else the measurements a stopped one made, judged against ``cfg``
-    as the job judges them (`attnxfer submit` asks before submitting)."""
+    on ``world`` processes as the job judges them (`attnxfer submit` asks before submitting)."""
     if _recorded(cfg, Path(cfg.run_dir) / SELECTION_FILE) is None:
-        _recorded(cfg, Path(cfg.run_dir) / PARTIAL_FILE, _MEASURED_KEYS)
+        _recorded(cfg, Path(cfg.run_dir) / PARTIAL_FILE, _MEASURED_KEYS, world)
 
 
 #: measurements already taken in this process, per teacher and per what they read (a convert study's students

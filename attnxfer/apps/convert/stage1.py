@@ -95,11 +95,12 @@ class Stage1Found:
 
 
 def judged_stage1_keys(
-    cfg: TrainConfig, folder: Path, *, verify_hash: bool | None = None
+    cfg: TrainConfig, folder: Path, world: int, *, verify_hash: bool | None = None
 ) -> ResumePoint | None:
     """The checkpoint in the stage 1 ``folder`` (None where there is none, or under ``checkpoint.resume=none``),
-    judged over the keys stage 1 reads (`STAGE1_KEYS`): a change it cannot resume with is refused here, before
-    the teacher loads (`judge_stage1` judges its teacher and plan once they are built)."""
+    judged over the keys stage 1 reads (`STAGE1_KEYS`) and, stopped before its end, on ``world`` processes: a
+    change it cannot resume with is refused here, before the teacher loads (`judge_stage1` judges its teacher
+    and plan once they are built)."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
         return None
     found = ResumePoint.find(folder, "auto", verify_hash=verify_hash)
@@ -107,7 +108,7 @@ def judged_stage1_keys(
     recorded = (found.config or {}).get("convert", {}) if found is not None else {}
     own_batch = cfg.convert.stage1_batch_size is not None and recorded.get("stage1_batch_size") is not None
     resumable = (*RESUMABLE_KEYS, "data.batch_size") if own_batch else RESUMABLE_KEYS
-    return judge(
+    point = judge(
         found,
         cfg,
         resumable=resumable,
@@ -116,6 +117,10 @@ def judged_stage1_keys(
         what="stage 1",
         command="convert",
     )
+    if point is not None and not point.record("complete"):
+        what = f"{point.path} is a stage 1 stopped at step {point.step}"
+        refuse_another_world(what, point.world_size, world, cfg, "start stage 1 over")
+    return point
 
 
 def judge_stage1(
@@ -132,7 +137,7 @@ def judge_stage1(
             warn(
                 f"checkpoint.resume=none: stage 1 starts over; kept its earlier {old.name} as {set_aside(old, 'replaced')}"
             )
-    point = judged_stage1_keys(cfg, folder)
+    point = judged_stage1_keys(cfg, folder, rank_and_world()[1])
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
@@ -141,23 +146,19 @@ def judge_stage1(
                 f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
                 "checkpoint.resume=none to redo stage 1"
             )
-        if not point.record("complete"):
-            what = f"{point.path} is a stage 1 stopped at step {point.step}"
-            refuse_another_world(
-                what, point.world_size, rank_and_world()[1], plan.stage1_batch_size, "start stage 1 over"
-            )
         # on other data the step and weights go on; the batches restart
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
     return Stage1Found(saved, point, fresh)
 
 
-def refuse_another_world(what: str, recorded: int | None, world: int, batch: int, over: str) -> None:
+def refuse_another_world(what: str, recorded: int | None, world: int, cfg: TrainConfig, over: str) -> None:
     """Stage 1's steps (``what`` did them) on ``recorded`` processes (None: not recorded), to go on on ``world``:
     refused where they differ, naming both. Stage 1 has no accumulation steps: on other processes its global
     batch, and the data it goes on with, would change unsaid. ``over``: how to start over instead."""
     if recorded in (None, world):
         return
+    batch = cfg.convert.stage1_batch_size or cfg.data.batch_size  # its plan's stage1_batch_size
     raise InputError(
         f"{what} on {recorded} process(es) (global batch {batch * recorded} = {batch} per rank x {recorded}) "
         f"and this run has {world}: stage 1 cannot keep its global batch (it has no accumulation steps); nothing "

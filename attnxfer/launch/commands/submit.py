@@ -69,7 +69,7 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
 def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     """A study's or a conversion's folders judged as the job's start judges them, by the same functions (the
     checkpoints read without rehashing): a study of other students, a key its or a stage 1's checkpoint fixes,
-    or an auto conversion's recorded choice reads, changed. A conversion's stage 2 is judged by the job alone
+    or an auto conversion's recorded choice reads, changed, and a stopped stage 1's (or choice's fits') processes. A conversion's stage 2 is judged by the job alone
     (its objective's weights need the teacher), and so is a stage 1 under convert.attention=auto (its attentions
     are chosen in the job)."""
     from ...apps.convert.selection import AUTO, judge_recorded
@@ -87,9 +87,9 @@ def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     # as the job: each stage 1 first, the study's step at stage 2's start
     for run in runs if converts else ():
         if run.convert.attention != AUTO:
-            judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], verify_hash=False)
+            judged_stage1_keys(run, Path(run.run_dir) / STAGE_DIRS[0], world, verify_hash=False)
         else:
-            judge_recorded(run)
+            judge_recorded(run, world)
     if study:  # the students on the job's processes, as the job re-splits their global batch
         cfg, _ = judged_study_point(cfg, world, verify_hash=False)
     for student, run in cfg.configs() if study and not converts else ():  # as the job builds each student
