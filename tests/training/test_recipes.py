@@ -262,6 +262,22 @@ def test_a_model_name_the_mirrored_student_is_not_is_said_not_dropped(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_default_model_name_that_model_init_replaces_is_said(tiny_teacher_dir, capsys):
+    """model.init of another architecture than the default model.name builds model.init's: the config the run
+    records still reads the default name, so the run says it is not what was built."""
+    spec = f"local-dir:{tiny_teacher_dir}"
+    student = build_student(load_config(None, [f"model.init={spec}"]), None, 10, 3, 32)
+    err = capsys.readouterr().err
+    assert (
+        student.num_features == 48
+        and (
+            f"warning: model.name=vit_micro_patch4_28 (the default) is not built: model.init={spec} gives the "
+            "student its architecture (width 48, 2 blocks, against 96 and 6)"
+        )
+        in err
+    ), err
+
+
 def test_a_mirrored_students_img_size_may_be_one_number_as_timm_takes_it():
     """model.kwargs.img_size=32 (timm's own spelling of 32x32) reaches the student's preprocessing as a size."""
     teacher = tiny_vit(depth=2, num_classes=10)

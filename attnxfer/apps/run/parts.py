@@ -170,8 +170,10 @@ def _check_patches_tile(student: nn.Module) -> None:
 
 def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwargs: dict[str, Any]) -> None:
     """A ``model.name`` the student is not (its width or depth differ; ``model.init``'s or the mirrored
-    teacher's architecture): said, not silently dropped."""
-    if m.name == ModelConfig().name:
+    teacher's architecture): said, not silently dropped. The default only where ``model.init`` replaces it: the
+    run's recorded config still reads it, and nothing else says what was built."""
+    default = m.name == ModelConfig().name
+    if default and not m.init:
         return
     try:
         with torch.device("meta"):
@@ -187,7 +189,8 @@ def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwar
             why = "with a teacher, model.mirror_teacher=true gives the student the teacher's architecture"
             instead = f"; model.mirror_teacher=false builds {m.name}"
         warn(
-            f"warning: model.name={m.name} is not built: {why} (width {built[0]}, {built[1]} blocks{shape})"
+            f"warning: model.name={m.name}{' (the default)' if default else ''} is not built: {why} (width "
+            f"{built[0]}, {built[1]} blocks{shape})"
             f"{instead}"
         )
 
