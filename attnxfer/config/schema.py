@@ -164,11 +164,13 @@ class AugConfig:
     cutmix: float = key(0.0, range=NON_NEGATIVE)
     mixup_prob: float = key(1.0, range=FRACTION)
     mixup_switch_prob: float = key(0.5, range=FRACTION)
-    reprob: float = key(0.0, range=FRACTION)  # random erasing probability (folder datasets)
+    # random erasing probability where the dataset's builder takes it (folder, hfds/, hfids/, wds/); the
+    # in-memory animal_mnist, synthetic and recall make their own tensors and leave it and auto_augment unread
+    reprob: float = key(0.0, range=FRACTION)
     # random erasing fill: const (timm's default) | rand | pixel (MAE / the paper)
     remode: str = key("const", choices=("const", "rand", "pixel"))
     recount: int = key(1, range=AT_LEAST_1)  # random erasing: how many boxes per image
-    auto_augment: str | None = key(None, range=ANY)  # e.g. rand-m9-mstd0.5-inc1 (folder datasets)
+    auto_augment: str | None = key(None, range=ANY)  # e.g. rand-m9-mstd0.5-inc1 (where reprob is read)
 
 
 @dataclass
