@@ -177,7 +177,10 @@ def _check_architecture(key: str, value: Any) -> None:
 
 
 def _refuse_split_formulas(key: str, value: list) -> None:
-    if any(isinstance(n, str) and n.count("(") != n.count(")") for n in value):
+    # a split leaves one item opening more than it closes and another closing more; one alone is a typo, which
+    # the formula's parse names
+    texts = [n for n in value if isinstance(n, str)]
+    if any(n.count("(") > n.count(")") for n in texts) and any(n.count(")") > n.count("(") for n in texts):
         raise ConfigError(
             f"{key}: {value!r}: a formula was split at a comma inside it (YAML's [...] splits at every comma): "
             "quote each formula in a list, e.g. ['formula:sum(proj.cat(softmax,neg.softmax))', 'formula:sum(relu)']"

@@ -100,6 +100,15 @@ def test_a_formula_split_at_its_commas_in_a_list_is_refused_saying_to_quote_it()
     assert check_values(load_config(None, [quoted])).convert.attention[1] == "relu_linear"
 
 
+@pytest.mark.parametrize("key", ["convert.attention", "convert.candidates", "search.seeds"])
+def test_a_formula_missing_its_closing_parenthesis_in_a_list_is_not_said_to_be_split(key):
+    """['formula:sum(relu'] has no comma to split at: its parse names the missing ')', not YAML's commas."""
+    try:
+        check_values(load_config(None, [f"{key}=[relu_linear,'formula:sum(relu']"]))
+    except ConfigError as e:
+        assert "split at a comma" not in str(e)
+
+
 def test_registered_names_a_parametric_name_and_an_own_registration_pass():
     ok = ["model.attention=[softmax,performer]", "convert.attention=formula:sum(relu)"]
     assert check_values(load_config(None, ok)).model.attention == ["softmax", "performer"]
