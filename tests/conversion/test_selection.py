@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
+from helpers import peaked_teacher, randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
+from timm.models import save_for_hf
 
 from attnxfer.apps.convert import report, selection
 from attnxfer.apps.convert.conversion_study import _ConvertStudy
@@ -423,6 +424,19 @@ def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_tea
     )
     assert not (run / "stage1").exists() and not (run / "stage2").exists()
     assert not (run / SELECTION_FILE).exists()
+
+
+@pytest.mark.usefixtures("fixed_timings")
+def test_logits_asked_of_a_headless_teacher_are_refused_before_any_candidate_is_timed_or_fitted(
+    tmp_path, capsys
+):
+    """Stage 2's plan refused them only after the selection had fitted every candidate in every block."""
+    teacher = tmp_path / "headless"
+    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True, num_classes=0), teacher)
+    run = tmp_path / "run"
+    assert cli.main(_args(run, teacher, "convert.speedup=1.5", "transfer.logit_distill=1")) == 2
+    assert "the teacher has no classifier head" in capsys.readouterr().err
+    assert not (run / PARTIAL_FILE).exists() and not (run / SELECTION_FILE).exists()
 
 
 def test_a_candidate_whose_default_size_exceeds_the_grid_is_refused_naming_the_keys_to_change(

@@ -37,7 +37,7 @@ from ...train.measure import evaluate_top1, map_agreement, operation_counts, top
 from ...train.runtime import resolve_device
 from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
-from ...transfer.plan import TransferPlan
+from ...transfer.plan import TransferPlan, build_plan
 from ..run.loaders import build_bank_loader, data_info
 from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
 from ..run.resume import teacher_where_it_was
@@ -313,6 +313,12 @@ def build_conversion(
                 speak.warn(
                     f"checkpoint.resume=none: kept the earlier {old.name} as {set_aside(old, 'replaced')}"
                 )
+    # stage 2's plan refuses a headless teacher's logits: said before the candidates are timed and fitted
+    if auto and cfg.transfer.logit_distill:
+        t = cfg.transfer
+        build_plan(
+            parts.teacher, parts.student, "none", logit_weight=1, logit_temperature=t.logit_temperature
+        )
     cfg, selection = choose_attentions(
         cfg,
         parts,
