@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import tiny_convert_report, tiny_run, tiny_vit
 
+from attnxfer.apps.convert import comparison
 from attnxfer.apps.convert.report import _speed_section
 from attnxfer.apps.convert.speed import DEFAULT_SWEEP_MULTIPLES, SWEEP_BUDGET_S, speed_lines, sweep_sides
 from attnxfer.config import TrainConfig, apply_overrides
@@ -233,3 +234,16 @@ def test_a_floor_timed_slower_than_the_teacher_is_not_called_the_ceiling():
     assert "it is the ceiling (1.50x the teacher), and the student reaches **0.80** of it." in fast
     fast_said = speed_lines({**speed, "floor_over_teacher": 1.5, "student_over_floor": 0.8})[0]
     assert "; floor 1.50x the teacher, the student reaches 0.80 of it" in fast_said, fast_said
+
+
+def test_a_study_comparison_does_not_call_a_floor_timed_slower_than_the_teacher_its_ceiling():
+    """conversion_study.md said "no attention is faster" and labelled a floor timed at 0.89x the teacher the
+    ceiling, beside its students' reports saying that floor gives no ceiling."""
+    speed = {"batch": 2, "input": [3, 32, 32], "tokens": 64, "device": "cpu", "threads": 1, "repeats": 3}
+    speed |= {"precision": "fp32", "teacher_ms": 1.0, "teacher_images_per_s": 2000.0, "floor_ms": 1.12}
+    slow = {**speed, "floor_images_per_s": 1780.0, "floor_over_teacher": 0.89}
+    md = "\n".join(comparison._speed_section({"speed": slow}, []))
+    assert "no attention is faster" not in md and "(ceiling)" not in md, md
+    assert "slower than the teacher" in md and "convert.speed_repeats" in md, md
+    fast = {**slow, "floor_ms": 0.5, "floor_over_teacher": 2.0}
+    assert "| floor (ceiling) | 0.50 |" in "\n".join(comparison._speed_section({"speed": fast}, []))

@@ -246,13 +246,21 @@ def _layer_table(
 def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     speed = first["speed"]
     floor = speed.get("floor_ms") is not None
+    # the teacher contains its floor: a floor timed slower is timing noise, not a ceiling below the teacher
+    ceiling = floor and speed["floor_over_teacher"] >= 1
     lines = [
         "## Speed (one measurement: the teacher and the floor timed once, in the same calls as every student)",
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']} "
         f"({speed['threads']} threads, {speed['precision']}), median of {speed['repeats']} interleaved repeats. The "
-        "floor is the teacher whose attention projects but mixes no tokens: no attention is faster at this "
-        "resolution. Break-even: the smallest side of each student's sweep (batch 1) where it beats the teacher.",
+        "floor is the teacher whose attention projects but mixes no tokens: "
+        + (
+            "no attention is faster at this resolution"
+            if ceiling or not floor
+            else "timed slower than the teacher it is cut from, it gives no ceiling here: timing noise (a loaded "
+            "machine); rerun on an idle machine, or with more rounds (convert.speed_repeats)"
+        )
+        + ". Break-even: the smallest side of each student's sweep (batch 1) where it beats the teacher.",
         "",
         "| model | ms | images/s | × teacher | of the floor | break-even (px) |",
         "|---|---|---|---|---|---|",
@@ -261,7 +269,7 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
     ]
     if floor:
         lines.append(
-            f"| floor (ceiling) | {speed['floor_ms']:.2f} | {speed['floor_images_per_s']:.1f} | "
+            f"| floor{' (ceiling)' if ceiling else ''} | {speed['floor_ms']:.2f} | {speed['floor_images_per_s']:.1f} | "
             f"{speed['floor_over_teacher']:.2f} | 1.00 | |"
         )
     elif speed.get("floor_refused"):
