@@ -177,9 +177,10 @@ class SpeedSettings:
         prefix = teacher_token_layout(teacher)[0] if hasattr(teacher, "blocks") else 0  # PVTv2/Swin: none
         side = math.isqrt(max(self.tokens - prefix, 0))
         if side * side != self.tokens - prefix or side == 0:
+            near = sorted({prefix + g * g for g in (max(side, 1), side + 1)})
             raise InputError(
                 f"{self.tokens} tokens is not the teacher's {prefix} prefix token(s) + a square grid; "
-                f"choose e.g. {prefix + 56 * 56} (56x56 patches)"
+                f"choose e.g. {' or '.join(map(str, near))}"
             )
         return prefix, side
 
