@@ -38,7 +38,7 @@ class ModelConfig:
     # timm model's); "avg" = MAE's fine-tuning head, mean over patch tokens then fc_norm (timm's
     # global_pool="avg", fc_norm=True); "token" = class token after the final norm; timm's choices, "" = none.
     global_pool: str | None = key(None, choices=("token", "avg", "max", "avgmax", "map", ""))
-    # null = timm's rule: a norm after pooling exactly when global_pool is avg/max
+    # null = timm's rule: a norm after pooling exactly when global_pool is avg, max or avgmax
     fc_norm: bool | None = key(None, range=ANY)
     # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:, or a weights file built as
     # model.name / model.kwargs say)
