@@ -69,9 +69,9 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
 def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     """A study's or a conversion's folders judged as the job's start judges them, by the same functions (the
     checkpoints read without rehashing): a study of other students, a key its or a stage 1's checkpoint fixes,
-    or an auto conversion's recorded choice reads, changed, and a stopped stage 1's (or choice's fits') processes. A conversion's stage 2 is judged by the job alone
-    (its objective's weights need the teacher), and so is a stage 1 under convert.attention=auto (its attentions
-    are chosen in the job)."""
+    or an auto conversion's recorded choice reads, changed, and a stopped stage 1's (or choice's fits')
+    processes. A conversion's stage 2 is judged by the job alone (its objective's weights need the teacher),
+    and so is a stage 1 under convert.attention=auto (its attentions are chosen in the job)."""
     from ...apps.convert.selection import AUTO, judge_recorded
     from ...apps.convert.stage1 import judged_stage1_keys
     from ...apps.run.training import judged_resume
