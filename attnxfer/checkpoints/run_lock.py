@@ -209,10 +209,17 @@ def in_run_folder(folder: str | os.PathLike) -> str | None:
 
 
 def refuse_file_in_the_way(folder: str | os.PathLike, name: str, what: str | None = None) -> None:
-    """Refuse a folder to write into that is a file, or lies under one (``run_dir=cfg.yaml/run``), before
-    anything is computed: the ``mkdir`` would fail with a traceback only once the work is done. ``what``: the
-    folder in words where the key ``name`` chooses it without naming it (tensorboard's, in run_dir)."""
+    """Refuse a folder to write into that is a file, or lies under one (``run_dir=cfg.yaml/run``) or under a
+    link to nothing (scratch space not made on this node), before anything is computed: the ``mkdir`` would
+    fail with a traceback only once the work is done. ``what``: the folder in words where the key ``name``
+    chooses it without naming it (tensorboard's, in run_dir)."""
     folder = Path(folder)
+    link = next((p for p in (folder, *folder.parents) if p.is_symlink() and not p.exists()), None)
+    if link is not None:
+        raise MissingPathError(
+            f"{what or f'{name}={folder}'}: {link} links to {os.readlink(link)}, which does not exist: make that "
+            "folder, or remove the link"
+        )
     file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if file is not None:
         where = "is a file" if file == folder else f"cannot be made: {file} is a file"

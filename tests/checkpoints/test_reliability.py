@@ -79,6 +79,15 @@ def test_a_checkpoints_folder_that_is_a_broken_link_or_a_file_is_refused_before_
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
 
 
+def test_a_run_dir_under_a_broken_link_is_refused_in_one_line(tmp_path, capsys):
+    """runs/ linked to scratch space not mounted (or not made) on this node: mkdir would raise FileExistsError."""
+    (tmp_path / "runs").symlink_to(tmp_path / "scratch")
+    code, _, err = run_cli(capsys, "train", *S, f"run_dir={tmp_path / 'runs' / 'r'}")
+    assert code == 2 and f"links to {tmp_path / 'scratch'}, which does not exist: make that folder" in err, (
+        err
+    )
+
+
 def test_no_command_writes_its_run_into_an_exported_model(trained, tmp_path, capsys):
     """An export (maybe the teacher the run reads) is a model, not a run folder: nothing is mixed into it."""
     export = tmp_path / "exported"
