@@ -516,7 +516,7 @@ def _resolve_file(
 ) -> Resolved:
     path = Path(spec.name)
     if not path.is_file():
-        raise MissingPathError(f"teacher checkpoint {path} does not exist")
+        raise MissingPathError(f"teacher checkpoint {missing_path(path)}")
     if (path.parent / RUN_RECORD).is_file():  # its config.yaml or run.json: weights are in its checkpoints
         raise InputError(f"{path} is a file in the run folder {path.parent}: give the folder itself")
     if path.suffix.lower() == ".onnx":  # asking for its architecture first would send the user the wrong way

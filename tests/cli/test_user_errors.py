@@ -148,7 +148,7 @@ def test_a_model_init_that_cannot_load_names_model_init_not_a_teacher(tmp_path, 
     run = [command, f"run_dir={tmp_path / 'run'}", *_NO_TRANSFER[command], *_TINY_RUN]
     missing = tmp_path / "nope.safetensors"
     err = _refused([*run, f"model.init={missing}"], capsys)
-    assert err.endswith(f"model.init='{missing}': checkpoint {missing} does not exist"), err
+    assert f"model.init='{missing}': checkpoint {missing} does not exist (" in err, err
     err = _refused([*run, "model.init=vit_tinny_patch16_224"], capsys)
     assert "unknown model.init 'vit_tinny_patch16_224' (did you mean 'vit_tiny_patch16_224'?)" in err, err
     assert "teacher" not in err and err.endswith("(model.name=NAME)"), err
@@ -268,6 +268,13 @@ def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_
     # RUNS/NAME, whose RUNS/ is a folder here, is a path mistyped, not a Hub repo (ORG/NAME) without its hf-hub:
     err = _teacher_refused("runs/dmo", tmp_path, capsys)
     assert f"runs/dmo does not exist ({tmp_path / 'runs'} holds: demo/)" in err and "hf-hub" not in err, err
+    # a weights file mistyped beside the real one
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "teacher.safetensors").write_bytes(b"")
+    err = _teacher_refused("models/teachr.safetensors", tmp_path, capsys)
+    assert (
+        f"models/teachr.safetensors does not exist ({tmp_path / 'models'} holds: teacher.safetensors)" in err
+    ), err
     # the run dir this command made for itself beside it (a demo recipe's runs/demo/copy) is not listed
     argv = ["train", "run_dir=runs/demo/copy", "teacher.spec=local-dir:runs/demo/mae/export", *_TINY_RUN]
     assert "(runs/demo holds: mae-1a2b3c/)" in _refused(argv, capsys).replace(f"{tmp_path}/", "")
