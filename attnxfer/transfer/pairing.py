@@ -46,8 +46,9 @@ def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None =
         raise PlanError(f"transfer.end_layer={end_layer!r}: an int (0: all layers, -2: all but the last two)")
     end = depth if end_layer == 0 else (depth + end_layer if end_layer < 0 else end_layer)
     if not 0 < end <= depth:
+        said = "asks for more layers than" if end > depth else "selects no layers of"
         raise PlanError(
-            f"transfer.end_layer={end_layer} selects no layers of a {depth}-block student; "
+            f"transfer.end_layer={end_layer} {said} the student's {depth} blocks; "
             f"use 0 (all), -1..-{depth - 1} (drop the last ones) or 1..{depth}"
         )
     return tuple(range(end))

@@ -194,8 +194,14 @@ def test_a_pair_or_plan_that_cannot_work_is_refused_at_construction_naming_what_
         build_plan(tiny_vit(num_heads=4, embed_dim=48), tiny_vit(num_heads=3), "distill")
     with pytest.raises(PlanError, match="unknown transfer mode 'copyy'.*copy, copy_q"):
         build_plan(t, tiny_vit(), "copyy")
-    with pytest.raises(PlanError, match=r"transfer\.end_layer=-4 selects no layers"):
+    with pytest.raises(
+        PlanError, match=r"transfer\.end_layer=-4 selects no layers of the student's 4 blocks"
+    ):
         build_plan(t, tiny_vit(), "copy", end_layer=-4)
+    with pytest.raises(
+        PlanError, match=r"transfer\.end_layer=5 asks for more layers than the student's 4 blocks"
+    ):
+        build_plan(t, tiny_vit(), "copy", end_layer=5)  # it selects them all and more, not none
     with pytest.raises(PlanError, match=r"transfer\.layers: layer 7 is outside"):
         build_plan(t, tiny_vit(), "copy", layers=[7])
     with pytest.raises(PlanError, match=r"transfer\.layers=\[\] names no layer to transfer"):
