@@ -177,7 +177,7 @@ def disk_error(e: BaseException, run_dir: str | os.PathLike) -> RunDirNotWritabl
     if not isinstance(e, OSError) or e.errno not in _DISK_ERRNOS:
         return None
     run_dir = Path(run_dir)
-    where = e.filename or run_dir
+    where = os.fsdecode(e.filename) if e.filename else run_dir
     return RunDirNotWritableError(
         f"cannot write {where}: {e.strerror or os.strerror(e.errno)}. Nothing saved before was lost "
         f"({run_dir}: {last_checkpoint_note(run_dir)}); free space or make {run_dir} writable, then run the same command "

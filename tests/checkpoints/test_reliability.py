@@ -155,3 +155,12 @@ def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(t
     assert all(torch.equal(first[k], kept[k]) for k in first)
     new = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
     assert not all(torch.equal(first[k], new[k]) for k in first)
+
+
+def test_a_disk_error_names_its_path_as_text_whatever_type_the_writer_gave_it(tmp_path):
+    """TensorBoard's writer raises its OSError with the file name as bytes: the line said b'...'."""
+    from attnxfer.checkpoints.run_lock import disk_error
+
+    events = tmp_path / "tb" / "events.out"
+    error = disk_error(OSError(28, "No space left on device", os.fsencode(events)), tmp_path)
+    assert f"cannot write {events}: No space left on device" in str(error)
