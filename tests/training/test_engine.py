@@ -546,6 +546,8 @@ def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     capped = warning(replace(s, epochs=50, max_steps=30))
     assert "30 optimiser steps" in capped and "raise schedule.max_steps" in capped
     assert "schedule.epochs" not in capped
+    also_capped = warning(replace(s, max_steps=20))  # 12 steps: more epochs alone stop at the cap
+    assert also_capped.endswith("; schedule.max_steps=20 caps the run below 100 too: raise it as well")
     assert warning(replace(s, epochs=20)) is None
 
 

@@ -591,7 +591,7 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
         f"batches of data.batch_size x the processes x optim.accum_steps): raise schedule.epochs (at least "
         f"{epochs} for {FEW_STEPS} steps), or lower data.batch_size"
         + (
-            f", and schedule.max_steps={s.max_steps}"
+            f"; schedule.max_steps={s.max_steps} caps the run below {FEW_STEPS} too: raise it as well"
             if s.max_steps is not None and s.max_steps < FEW_STEPS
             else ""
         )
