@@ -118,7 +118,8 @@ def test_a_report_without_a_floor_says_why_and_keeps_teacher_and_student():
     why = "floor_model: a teacher without blocks"
     speed = {**row, "input": [3, 32, 32], "speedup": row["student_over_teacher"], "floor_refused": why}
     speed |= {"sweep": {"sides": [], "rows": [], "skipped": [], "off": "convert.speed_sweep is []"}}
-    md = "\n".join(_speed_section(speed))
+    md = "\n".join(_speed_section({**speed, "threads": 1}))
+    assert "cpu (1 thread, " in md, md
     assert f"No floor measured: {why}." in md and "floor (ceiling)" not in md
     assert f"| student | {row['student_ms']:.2f} | {row['student_images_per_s']:.1f} | " in md
     assert "Not measured: convert.speed_sweep is []." in md
@@ -245,5 +246,6 @@ def test_a_study_comparison_does_not_call_a_floor_timed_slower_than_the_teacher_
     md = "\n".join(comparison._speed_section({"speed": slow}, []))
     assert "no attention is faster" not in md and "(ceiling)" not in md, md
     assert "slower than the teacher" in md and "convert.speed_repeats" in md, md
+    assert "cpu (1 thread, fp32)" in md, md
     fast = {**slow, "floor_ms": 0.5, "floor_over_teacher": 2.0}
     assert "| floor (ceiling) | 0.50 |" in "\n".join(comparison._speed_section({"speed": fast}, []))

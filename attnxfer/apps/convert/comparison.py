@@ -252,7 +252,8 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
         "## Speed (one measurement: the teacher and the floor timed once, in the same calls as every student)",
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']} "
-        f"({speed['threads']} threads, {speed['precision']}), median of {speed['repeats']} interleaved repeats. The "
+        f"({speed['threads']} thread{'s' if speed['threads'] != 1 else ''}, {speed['precision']}), median of "
+        f"{speed['repeats']} interleaved repeats. The "
         "floor is the teacher whose attention projects but mixes no tokens: "
         + (
             "no attention is faster at this resolution"

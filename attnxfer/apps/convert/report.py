@@ -275,7 +275,8 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
         "## Speed",
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
-        f" ({speed['threads']} threads{precision}), median of {speed['repeats']} interleaved repeats: "
+        f" ({speed['threads']} thread{'s' if speed['threads'] != 1 else ''}{precision}), median of "
+        f"{speed['repeats']} interleaved repeats: "
         f"student {speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: {_speedup_claim(speed)}",
         "",
     ]
