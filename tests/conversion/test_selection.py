@@ -690,6 +690,30 @@ def test_a_fresh_study_of_auto_students_says_each_choice_as_made_and_a_resumed_o
             assert (f"{name}: convert.attention=auto: the choice recorded in" in out) is resumed, out
 
 
+def test_a_selection_stopped_before_any_fit_says_only_its_timings_are_saved(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    real_time = selection.time_candidates
+
+    def time_candidates(cfg, parts, device):  # as if scancel'd while timing: no candidate is fitted
+        os.kill(os.getpid(), signal.SIGTERM)
+        ms = {"teacher": 10.0, SOFTMAX: 3.0, "relu_linear": 1.0, "hedgehog": 1.5}  # fixed: a speedup to meet
+        return {**real_time(cfg, parts, device), "ms": ms}
+
+    monkeypatch.setattr(selection, "time_candidates", time_candidates)
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        run = tmp_path / "run"
+        extra = ["convert.speedup=1.1", "convert.candidates=[relu_linear,hedgehog]"]
+        assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "attnxfer convert: stopped by SIGTERM choosing attentions, 0 of 2 candidates fitted; the timings are "
+        f"saved ({run / PARTIAL_FILE}); re-run the same command to resume"
+    )
+
+
 @pytest.mark.slow
 def test_a_selection_stopped_by_sigterm_keeps_its_measurements_and_the_same_command_fits_only_the_rest(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch

@@ -321,7 +321,7 @@ def measure_selection(
     except StopRequested as e:
         e.args = (
             f"stopped by {e.signal_name} choosing attentions, {len(fits)} of {len(c.candidates)} candidates "
-            f"fitted; the timings and those fits are saved ({kept})",
+            f"fitted; the timings{' and those fits' if fits else ''} are saved ({kept})",
         )
         raise
     # each block's sensitivity per candidate (a diverged fit's or a non-finite one: infinite)
