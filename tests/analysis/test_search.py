@@ -259,6 +259,13 @@ def test_a_winner_recipe_that_is_not_there_is_refused_before_the_search(tmp_path
     assert not (run / "candidates.jsonl").exists()
 
 
+def test_pareto_md_says_a_search_of_every_layer_averages_its_fit_over_every_layer():
+    from attnxfer.apps.search import render_pareto_md
+
+    md = render_pareto_md(load_config("search/demo"), SearchState(), [], None, None, held_out=5)
+    assert "(nats per row, mean over every layer) after" in md, md
+
+
 @pytest.mark.slow
 def test_pareto_md_says_the_images_measured_on_and_a_winner_below_min_speed(finished):
     """The held-out count the KL was measured on (a smaller val split caps search.held_out_images), and a
