@@ -194,22 +194,24 @@ def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str
 
 
 def _check_time_budget(cfg: TrainConfig, evaluator: CandidateEvaluator, settings: SearchSettings) -> float:
-    """Seconds one candidate takes here (fit + speed of the first seed); refuses a budget that cannot fit
-    generation 0, every seed formula (a search stopped before it has nothing to report)."""
+    """Seconds generation 0 takes here (fit + speed of the first seed, times its candidates: the seeds, then
+    random formulas up to the population); refuses a budget that cannot fit it (a search stopped before it has
+    nothing to report)."""
     first = next(iter(settings.seeds.values()))
     start = time.monotonic()
     evaluator(first)
     seconds = time.monotonic() - start
     budget, seeds = cfg.search.time_budget_min, len(settings.seeds)
-    if budget is not None and budget * 60.0 < seconds * seeds:
+    count = max(settings.population, seeds)
+    if budget is not None and budget * 60.0 < seconds * count:
         raise ConfigError(
-            f"search.time_budget_min={budget:g} ({budget * 60:.1f} s) cannot fit generation 0, its {seeds} seed "
-            f"formulas: fitting and timing one ({first}) took {seconds:.1f} s here (search.fit_steps="
-            f"{cfg.search.fit_steps}, search.speed_repeats={cfg.search.speed_repeats}). Raise "
-            f"search.time_budget_min to at least {seconds * seeds / 60 * 2:.2g}, or lower search.fit_steps; "
-            "nothing was written"
+            f"search.time_budget_min={budget:g} ({budget * 60:.1f} s) cannot fit generation 0, its {count} "
+            f"candidates (search.population={settings.population}, at least the {seeds} seed formulas): fitting "
+            f"and timing one ({first}) took {seconds:.1f} s here (search.fit_steps={cfg.search.fit_steps}, "
+            f"search.speed_repeats={cfg.search.speed_repeats}). Raise search.time_budget_min to at least "
+            f"{seconds * count / 60 * 2:.2g}, or lower search.fit_steps; nothing was written"
         )
-    return seconds
+    return seconds * count
 
 
 def winner_of(front: list[dict[str, Any]], min_speed: float) -> dict[str, Any] | None:
@@ -413,7 +415,7 @@ def search(
                 f"{settings.generations}): no candidate is added; the reports are written from all "
                 f"{len(state.candidates)}"
             )
-        per_candidate = (
+        first_generation = (
             _check_time_budget(cfg, evaluator, settings)
             if state.generation < 0 and cfg.search.time_budget_min is not None
             else None
@@ -452,7 +454,7 @@ def search(
                 return None
             spent = before + time.monotonic() - started
             # a resumed search's guess is the generation its checkpoint recorded, as the stopped process's was
-            last = s.last_seconds if s.generation >= 0 else (per_candidate or 0.0) * len(settings.seeds)
+            last = s.last_seconds if s.generation >= 0 else first_generation or 0.0
             if spent + last > budget * 60:
                 return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
             return None

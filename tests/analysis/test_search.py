@@ -536,12 +536,14 @@ def test_changed_config_on_resume_is_refused(finished, tiny_teacher_dir, capsys)
 
 
 def test_budget_that_cannot_fit_generation_0_is_refused_before_starting(tmp_path, tiny_teacher_dir, capsys):
-    """A search stopped before its seeds are all fitted has nothing to report: the budget is judged against
-    every seed formula, and the refusal says how much to give."""
+    """A search stopped before generation 0 ends has nothing to report: the budget is judged against its every
+    candidate (the seeds, then random formulas up to the population), and the refusal says how much to give."""
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.time_budget_min=0.00001"))
+    args = _args(run, tiny_teacher_dir, "search.time_budget_min=0.00001")
+    code, _, err = run_cli(capsys, *(a.replace("population=4", "population=8") for a in args))
     assert code == 2 and err.startswith("attnxfer search: error: search.time_budget_min=1e-05")
-    assert re.search(r"cannot fit generation 0, its \d+ seed formulas", err)
+    seeds = len(HAND_DESIGNED)
+    assert f"generation 0, its 8 candidates (search.population=8, at least the {seeds} seed formulas)" in err
     assert "Raise search.time_budget_min to at least" in err
     assert not run.exists()
 
