@@ -39,7 +39,9 @@ from attnxfer.apps.search import winner_command, winner_of  # noqa: E402
 from attnxfer.checkpoints.resume_point import ResumePoint  # noqa: E402
 from attnxfer.config import TrainConfig  # noqa: E402
 from attnxfer.config.overrides import merge_values  # noqa: E402
+from attnxfer.models.attention import transferable_attentions  # noqa: E402
 from attnxfer.search import SearchState, objectives, pareto_ranks  # noqa: E402
+from attnxfer.sources.teacher import load_teacher  # noqa: E402
 
 
 def pick(state: SearchState, count: int, min_speed: float, zoo: str = "best") -> list[dict]:
@@ -68,12 +70,14 @@ def pick(state: SearchState, count: int, min_speed: float, zoo: str = "best") ->
     return chosen
 
 
-def convert_one(index: int, cand: dict, cfg: TrainConfig, out: Path, overrides: list[str]) -> dict:
+def convert_one(
+    index: int, cand: dict, cfg: TrainConfig, depth: int, out: Path, overrides: list[str]
+) -> dict:
     run = out / f"{index:02d}"
     report = run / "report.json"
     if not report.is_file():
         # pareto.md's command (`python -m attnxfer convert ...`); a later key wins over its run_dir and teacher
-        argv = shlex.split(winner_command(cfg, cand["formula"]))
+        argv = shlex.split(winner_command(cfg, cand["formula"], depth))
         cmd = [sys.executable, "-m", *argv, f"run_dir={run}", "log.progress=false", *overrides]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -81,7 +85,8 @@ def convert_one(index: int, cand: dict, cfg: TrainConfig, out: Path, overrides: 
         if res.returncode != 0:
             return {**cand, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
     r = json.loads(report.read_text())
-    if r["student"]["spec"]["attention"] != cand["formula"]:  # a rerun that picked others: NN is another's
+    names = r["student"]["spec"]["attention"]  # one name, or one per block where the search fitted some
+    if cand["formula"] not in ([names] if isinstance(names, str) else names):  # a rerun that picked others
         return {
             **cand,
             "error": f"{run} holds {r['student']['spec']['attention']}'s conversion: give a new --out",
@@ -123,9 +128,13 @@ def main() -> int:
     out = Path(args.out or Path(args.run_dir) / "proxy")
     out.mkdir(parents=True, exist_ok=True)
     chosen = pick(state, args.count, cfg.search.min_speed, args.zoo)
+    # the teacher's attention layers: a search of some (search.layers) converts those, the others keep softmax
+    t = cfg.teacher
+    teacher, _ = load_teacher(t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir)
+    depth = len(transferable_attentions(teacher))
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(lambda ic: convert_one(ic[0], ic[1], cfg, out, extra), enumerate(chosen)))
+        rows = list(pool.map(lambda ic: convert_one(ic[0], ic[1], cfg, depth, out, extra), enumerate(chosen)))
     wall = time.monotonic() - start
     good = [r for r in rows if "error" not in r]
     rho, pvalue = spearmanr([r["kl"] for r in good], [r["top1"] for r in good])

@@ -27,7 +27,7 @@ from ..checkpoints.store import CheckpointManager, atomic_write_text, set_aside
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, config_changes, load_config, to_dict
 from ..config.overrides import refuse_unread_sections, yaml_value
 from ..errors import InputError
-from ..models.attention import transferable_attentions
+from ..models.attention import SOFTMAX, transferable_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
 from ..models.efficient.hierarchical import is_hierarchical
 from ..models.image_input import image_input
@@ -324,12 +324,16 @@ _CARRIED = (
 )
 
 
-def winner_command(cfg: TrainConfig, formula: str) -> str:
+def winner_command(cfg: TrainConfig, formula: str, depth: int) -> str:
     """The `attnxfer convert` that turns the search's teacher into ``formula`` on the data it was searched on:
     ``search.convert_recipe`` with the search's teacher and data keys where they differ from the recipe's, the
-    formula (whose name holds all its options: the recipe's attention_kwargs are dropped), the stage-1
-    training its candidates were fitted with, and a run folder of the formula's own."""
-    recipe = cfg.search.convert_recipe
+    formula (whose name holds all its options: the recipe's attention_kwargs are dropped) in the layers searched
+    (``depth``: the teacher's attention layers; the others keep softmax), the stage-1 training its candidates
+    were fitted with, and a run folder of the formula's own."""
+    recipe, layers = cfg.search.convert_recipe, cfg.search.layers
+    attention = (
+        formula if layers is None else yaml_value([formula if i in layers else SOFTMAX for i in range(depth)])
+    )
     carried = [
         f"{key}={yaml_value(value)}"
         for key, (_, value) in config_changes(load_config(recipe), cfg).items()
@@ -337,7 +341,7 @@ def winner_command(cfg: TrainConfig, formula: str) -> str:
     ]
     parts = [
         *("attnxfer", "convert", "-c", recipe, *carried),
-        f"convert.attention={formula}",
+        f"convert.attention={attention}",
         "convert.attention_kwargs={}",
         f"convert.stage1_train={cfg.search.fit_train}",
         # a folder per formula: a later search's other winner is not refused as a change of an earlier one
@@ -347,11 +351,11 @@ def winner_command(cfg: TrainConfig, formula: str) -> str:
 
 
 def write_reports(
-    cfg: TrainConfig, run_dir: Path, state: SearchState, held_out: int
+    cfg: TrainConfig, run_dir: Path, state: SearchState, held_out: int, depth: int
 ) -> tuple[list, Any, str | None]:
     front = pareto_front(state)
     winner = winner_of(front, cfg.search.min_speed)
-    command = None if winner is None else winner_command(cfg, winner["formula"])
+    command = None if winner is None else winner_command(cfg, winner["formula"], depth)
     atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command, held_out))
     if front:
         draw_pareto(state, front, cfg.search.speed).savefig(run_dir / "pareto.png")
@@ -402,6 +406,7 @@ def search(
         # the same teacher under another spelling or path resumes; other weights are refused before any write
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
         settings = search_settings(cfg, parts.teacher)
+        depth = len(transferable_attentions(parts.teacher))
         say(
             f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
             f"{settings.generations} generation{'s' if settings.generations != 1 else ''} after the {len(settings.seeds)} seeds; candidates fitted "
@@ -439,7 +444,7 @@ def search(
             ends.append(time.monotonic() - started)
             s.seconds, s.last_seconds = before + ends[-1], ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
             _save(cfg, run_dir, s, parts.teacher_record)
-            write_reports(cfg, run_dir, s, evaluator.cache.held_out_images)
+            write_reports(cfg, run_dir, s, evaluator.cache.held_out_images, depth)
             bar.update(max(0, len(s.candidates) - bar.n))
 
         def should_stop(s: SearchState) -> str | None:
@@ -466,7 +471,7 @@ def search(
             )
         if state.generation < 0:
             raise InputError("the search stopped before generation 0: nothing to report")
-        front, winner, command = write_reports(cfg, run_dir, state, evaluator.cache.held_out_images)
+        front, winner, command = write_reports(cfg, run_dir, state, evaluator.cache.held_out_images, depth)
         _save(cfg, run_dir, state, parts.teacher_record)
         if winner is not None:
             slow = winner["speed"] < cfg.search.min_speed  # the best fit of all: say it misses the bar

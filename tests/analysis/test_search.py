@@ -218,14 +218,16 @@ def test_the_winners_convert_command_runs_the_searched_teacher_on_the_searched_d
 
     searched = ["teacher.spec=local-dir:/x/teacher", "data.dataset=synthetic", "data.kwargs.length=64"]
     cfg = load_config("search/demo", [*searched, f"run_dir={tmp_path / 's'}"])
-    argv = shlex.split(winner_command(cfg, "formula:sum(proj.cat(softmax,neg.softmax))"))
+    argv = shlex.split(winner_command(cfg, "formula:sum(proj.cat(softmax,neg.softmax))", 2))
     assert (
         argv[:4] == ["attnxfer", "convert", "-c", "convert/demo_hedgehog"]
         and "data.kwargs={length: 64}" in argv
     )
     folder = next(a.removeprefix("run_dir=") for a in argv if a.startswith("run_dir="))
     assert all(key in argv for key in searched[:2]) and Path(folder).parent == tmp_path / "s"
-    other = shlex.split(winner_command(cfg, "formula:sum(relu)"))  # a later winner converts beside this one
+    other = shlex.split(
+        winner_command(cfg, "formula:sum(relu)", 2)
+    )  # a later winner converts beside this one
     assert f"run_dir={folder}" not in other and any(a.startswith(f"run_dir={tmp_path / 's'}") for a in other)
     capsys.readouterr()
     assert cli.main([*argv[1:], "--print-config"]) == 0, capsys.readouterr().err
@@ -236,6 +238,11 @@ def test_the_winners_convert_command_runs_the_searched_teacher_on_the_searched_d
     converted = load_config(argv[3], argv[4:])  # each option is one the formula takes, as the swap checks
     formula = get_attention_class(converted.convert.attention)
     assert all(formula.accepts_option(k) for k in converted.convert.attention_kwargs)
+    # a search of some blocks converts those blocks alone; the others keep the teacher's softmax
+    some = load_config("search/demo", ["search.layers=[1,3]"])
+    argv = shlex.split(winner_command(some, "formula:sum(proj.cat(softmax,neg.softmax))", 4))
+    each = ["softmax", "formula:sum(proj.cat(softmax,neg.softmax))"] * 2
+    assert load_config(argv[3], argv[4:]).convert.attention == each, argv
 
 
 @pytest.fixture(scope="module")
