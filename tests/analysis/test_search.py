@@ -225,9 +225,8 @@ def test_the_winners_convert_command_runs_the_searched_teacher_on_the_searched_d
     )
     folder = next(a.removeprefix("run_dir=") for a in argv if a.startswith("run_dir="))
     assert all(key in argv for key in searched[:2]) and Path(folder).parent == tmp_path / "s"
-    other = shlex.split(
-        winner_command(cfg, "formula:sum(relu)", 2)
-    )  # a later winner converts beside this one
+    # a later winner converts beside this one
+    other = shlex.split(winner_command(cfg, "formula:sum(relu)", 2))
     assert f"run_dir={folder}" not in other and any(a.startswith(f"run_dir={tmp_path / 's'}") for a in other)
     capsys.readouterr()
     assert cli.main([*argv[1:], "--print-config"]) == 0, capsys.readouterr().err
