@@ -358,6 +358,8 @@ def _loading_section(
         auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
     else:
         auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
+    if size:  # a batch of one to call it on, as the ONNX section's (the names it uses are defined)
+        use = f"pixel_values = torch.zeros(1, {', '.join(map(str, size))})  # normalised pixels\n{use}"
     if not native_arch:
         out += (
             f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
@@ -366,7 +368,7 @@ def _loading_section(
         f'{out}```python\nimport timm\n{pre}model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
         f"{transform}\nImages as the run validated them: {', '.join(steps)}.\n"
         "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
-        f"above):\n\n```python\n{pre}from transformers import {auto}\n\n"
+        f"above):\n\n```python\nimport torch\n{pre}from transformers import {auto}\n\n"
         f'model = {auto}.from_pretrained("{load_ref.split(":", 1)[1]}").eval()\n{use}\n```\n'
     )
 

@@ -84,6 +84,9 @@ def test_softmax_export_loads_in_transformers_with_attnxfers_logits(tmp_path):
         assert rel(model(x).logits, student(x)) <= 1e-5
     readme = (out / "README.md").read_text()
     assert f'AutoModelForImageClassification.from_pretrained("{out}")' in readme
+    scope = {}  # the card's transformers code runs as a reader copies it
+    exec(readme.split("In transformers")[1].split("```python\n")[1].split("```")[0], scope)
+    assert scope["logits"].shape == (1, 10)
 
 
 def test_headless_export_loads_in_transformers_as_features(tmp_path):
