@@ -375,8 +375,9 @@ def _loading_section(
 
 def _onnx_section(report: dict[str, Any], load_ref: str, data_cfg: dict[str, Any]) -> str:
     """The ONNX graph: its input and output, opset, and how closely ONNX Runtime reproduced the student."""
-    where = load_ref.split(":", 1)[1]
-    path = f"{where}/{report['file']}" if load_ref.startswith("local-dir:") else report["file"]
+    where, local = load_ref.split(":", 1)[1], load_ref.startswith("local-dir:")
+    # a Hub repo's reader has the graph in no folder of theirs: the code fetches it from the repo
+    path = f'"{where}/{report["file"]}"' if local else f'hf_hub_download("{where}", "{report["file"]}")'
     shape = " × ".join(str(d) for d in report["input_shape"])
     return (
         "\n## ONNX\n\n"
@@ -386,8 +387,9 @@ def _onnx_section(report: dict[str, Any], load_ref: str, data_cfg: dict[str, Any
         f"forward at batch sizes {', '.join(map(str, report['check_batches']))}: max absolute difference "
         f"**{report['max_abs_diff']:.3g}** (outputs up to {report['max_abs_output']:.3g}). Inputs are "
         f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}.\n\n"
-        "```python\nimport numpy as np\nimport onnxruntime as ort\n\n"
-        f'session = ort.InferenceSession("{path}", providers=["CPUExecutionProvider"])\n'
+        "```python\nimport numpy as np\nimport onnxruntime as ort\n"
+        + ("" if local else "from huggingface_hub import hf_hub_download\n")
+        + f'\nsession = ort.InferenceSession({path}, providers=["CPUExecutionProvider"])\n'
         f"images = np.zeros(({1}, {', '.join(str(d) for d in report['input_shape'][1:])}), np.float32)  "
         "# normalised pixels\n"
         f'({report["output_name"]},) = session.run(None, {{"{report["input_name"]}": images}})\n```\n'

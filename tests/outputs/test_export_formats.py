@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
+import huggingface_hub
 import onnx
 import onnxruntime as ort
 import pytest
@@ -116,14 +117,19 @@ def test_an_efficient_export_is_refused_by_transformers_and_the_card_points_to_o
 # ----------------------------------------------------------------------------------------- ONNX
 
 
-def test_softmax_student_runs_in_onnx_runtime_as_in_pytorch(tmp_path):
+def test_softmax_student_runs_in_onnx_runtime_as_in_pytorch(tmp_path, monkeypatch):
     student = trained_student()
-    out = export_student(student, tmp_path / "out", card=card(), formats=("onnx",))
+    out = export_student(student, tmp_path / "out", card=card(repo_id="acme/student"), formats=("onnx",))
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "export_report.json", "model.onnx"]
     report = assert_onnx_matches(student, out)
     assert report["output_name"] == "logits" and report["output_shape"] == ["batch", 10]
     front = (out / "README.md").read_text().split("---")[1]
     assert "library_name: onnx" in front and "- onnx" in front
+    # the card of a Hub repo: its code fetches the graph from the repo (here the Hub's copy is OUT's)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(out / name))
+    scope = {}
+    exec((out / "README.md").read_text().split("## ONNX")[1].split("```python\n")[1].split("```")[0], scope)
+    assert scope["logits"].shape == (1, 10)
 
 
 @pytest.mark.slow
