@@ -61,6 +61,10 @@ RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK
 SWEEP_POINT = re.compile(r"\d{3,}_.")
 #: a sweep's record of what it sweeps, at its run dir's top: written as it is submitted, before any point starts
 SWEEP_RECORD = "sweep.json"
+#: `attnxfer eval`'s scores of a step's checkpoint, ``eval-<step>.json`` (``eval-<step>-<n>.json``: another
+#: evaluation of that step), and the step in such a name
+EVAL_SCORES = "eval-{:08d}{}.json"
+EVAL_STEP = re.compile(r"eval-(\d+)(?:-\d+)?\.json")
 #: TensorBoard's event files and the PNGs of what it shows as images, in a run dir
 TENSORBOARD_DIR = "tb"
 PICTURES_DIR = "pictures"
@@ -76,6 +80,12 @@ def read_record(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def eval_scores(run_dir: Path, since: int = 0) -> list[Path]:
+    """The score files `attnxfer eval` left in ``run_dir`` for the checkpoints of step ``since`` and later."""
+    steps = {p: EVAL_STEP.fullmatch(p.name) for p in Path(run_dir).glob("*.json")}
+    return sorted(p for p, m in steps.items() if m and int(m[1]) >= since)
 
 
 def is_exported_model(folder: Path) -> bool:

@@ -24,6 +24,7 @@ from ..checkpoints.store import (
     optimizer_state_to_tensors,
     set_aside,
 )
+from ..run_layout import eval_scores
 from ..speak import warn
 from .distributed import barrier, gather_objects
 from .ema import StudentEMA
@@ -126,8 +127,9 @@ class Checkpointing:
         periodic save an epoch save follows; a resume from an earlier checkpoint retracing its history)
         atomically. Where the history differs (other weights, or no save of this step), the step's own and
         every later checkpoint are an earlier attempt's, which checkpoint.resume=none or a PATH went back
-        before: each is set aside, reported. Left in place, the next auto would resume them, export would
-        take them and pruning would keep them over this run's own saves."""
+        before: each is set aside, reported, and so are `attnxfer eval`'s scores of this step and later. Left
+        in place, the next auto would resume them, export would take them, pruning would keep them over this
+        run's own saves, and the scores would read as those of this run's checkpoints."""
         existing = self.manager.path_for(step)
         old = None
         if existing.is_dir():  # a broken one: the store moves it aside and writes a fresh one
@@ -144,6 +146,10 @@ class Checkpointing:
                 warn(
                     f"{info.path.name} was saved after step {step} by an earlier attempt; kept it as {aside}"
                 )
+        for scores in eval_scores(self.run_dir, since=step):
+            warn(
+                f"{scores.name} scored an earlier attempt's checkpoint; kept it as {set_aside(scores, 'replaced')}"
+            )
         return False
 
     def require_checkpoint(self) -> None:

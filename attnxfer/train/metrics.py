@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 
 from ..checkpoints.atomic_io import atomic_write_text
 from ..checkpoints.store import set_aside
-from ..run_layout import METRICS, PICTURES_DIR, TENSORBOARD_DIR
+from ..run_layout import METRICS, PICTURES_DIR, TENSORBOARD_DIR, eval_scores
 from ..speak import warn
 from .trackers import TRACKERS_JSON, TrackerSet
 
@@ -49,11 +49,17 @@ class MetricsLogger:
 
     def set_aside_records(self) -> None:
         """Keep an earlier attempt's ``metrics.jsonl``, ``summary.csv``, TensorBoard events (``tb/``),
-        ``pictures/`` and tracker run ids (``trackers.json``) as ``<name>.replaced-<time>``, said in one line
-        each: ``checkpoint.resume=none`` starts over and sets its checkpoints aside, not its history. Left in
-        place, the new events would mix with the old in TensorBoard, its trackers would continue the earlier
-        W&B / MLflow run, and the earlier pictures would be deleted."""
-        records = (self.path, self.run_dir / SUMMARY_CSV, self.run_dir / TRACKERS_JSON)
+        ``pictures/``, tracker run ids (``trackers.json``) and `attnxfer eval`'s scores (``eval-<step>.json``)
+        as ``<name>.replaced-<time>``, said in one line each: ``checkpoint.resume=none`` starts over and sets its
+        checkpoints aside, not its history. Left in place, the new events would mix with the old in
+        TensorBoard, its trackers would continue the earlier W&B / MLflow run, the earlier pictures would be
+        deleted and the earlier scores would read as those of the new checkpoints of their steps."""
+        records = (
+            self.path,
+            self.run_dir / SUMMARY_CSV,
+            self.run_dir / TRACKERS_JSON,
+            *eval_scores(self.run_dir),
+        )
         folders = (self.run_dir / TENSORBOARD_DIR, self.run_dir / PICTURES_DIR)
         for path in (*records, *folders) if self.enabled else ():
             if (path.is_file() and path.stat().st_size) or (path.is_dir() and any(path.iterdir())):

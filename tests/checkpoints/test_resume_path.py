@@ -395,11 +395,14 @@ def test_going_back_before_a_runs_later_checkpoints_keeps_them_aside_and_eval_mo
     earlier = run / "checkpoints" / "step-00000008"
     assert run_cli(capsys, "eval", "-c", str(run / "config.yaml"), f"checkpoint.resume={earlier}")[0] == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved
-    # on from step 8 with another lr, stopping at 12: step 16 of the first attempt is kept aside
+    assert run_cli(capsys, "eval", "-c", str(run / "config.yaml"))[0] == 0  # and the newest, step 16
+    # on from step 8 with another lr, stopping at 12: step 16 of the first attempt is kept aside, with its score
     code, _, err = run_cli(
         capsys, *argv, f"checkpoint.resume={earlier}", "optim.lr=1e-3", "schedule.max_steps=12"
     )
     assert code == 0 and "step-00000016 was saved after step 12 by an earlier attempt; kept it as" in err, err
+    assert "eval-00000016.json scored an earlier attempt's checkpoint; kept it as" in err, err
+    assert [p.name for p in run.glob("eval-*.json")] == ["eval-00000008.json"]  # step 8's is still its own
     assert ResumePoint.find(run, "auto").step == 12
     # starting over, stopping at 8: its step 8 has other weights, and step 12 came after it
     earlier_records = (run / "metrics.jsonl").read_text()
@@ -407,6 +410,7 @@ def test_going_back_before_a_runs_later_checkpoints_keeps_them_aside_and_eval_mo
     assert (
         code == 0 and "a different checkpoint for step 8 existed" in err and "step-00000012 was saved" in err
     )
+    assert "kept the earlier attempt's eval-00000008.json as" in err and not list(run.glob("eval-*.json"))
     # and the earlier attempt's records are kept beside them, not dropped with the fresh start
     [kept] = run.glob("metrics.jsonl.replaced-*")
     assert kept.read_text() == earlier_records and len(list(run.glob("summary.csv.replaced-*"))) == 1

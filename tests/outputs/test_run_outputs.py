@@ -14,7 +14,7 @@ from helpers import tiny_run
 
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
-from attnxfer.train.metrics import read_summary
+from attnxfer.train.metrics import MetricsLogger, read_summary
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -258,6 +258,21 @@ def test_starting_over_keeps_the_earlier_tensorboard_events_pictures_and_tracker
     [pictures_kept] = run.glob("pictures.replaced-*")
     assert [p.read_bytes() for p in pictures_kept.iterdir()] == [b"the earlier picture"]
     assert len(list(run.glob("trackers.json.replaced-*"))) == 1
+
+
+def test_starting_over_keeps_the_earlier_eval_scores_aside(tmp_path, capsys):
+    """`attnxfer eval`'s eval-<step>.json of the earlier attempt, left beside the new attempt's checkpoint of
+    that step, read as its score."""
+    for name in ("eval-00000004.json", "eval-00000004-2.json", "eval-notes.json", "run.json"):
+        (tmp_path / name).write_text("{}")
+    MetricsLogger(tmp_path, trackers=[]).set_aside_records()
+    err = capsys.readouterr().err
+    assert "checkpoint.resume=none: kept the earlier attempt's eval-00000004-2.json as" in err, err
+    assert sorted(p.name.split(".replaced-")[0] for p in tmp_path.glob("*.replaced-*")) == [
+        "eval-00000004-2.json",
+        "eval-00000004.json",
+    ]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["eval-notes.json", "run.json"]  # not scores
 
 
 def test_a_tracker_whose_package_is_missing_names_the_pip_command():

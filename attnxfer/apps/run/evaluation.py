@@ -16,6 +16,7 @@ from ...checkpoints.store import CheckpointError, atomic_write_json
 from ...config import TrainConfig, to_dict
 from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
+from ...run_layout import EVAL_SCORES
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
 from ...train.engine import Engine
 from ...train.evaluation import evaluate_features, evaluate_knn
@@ -106,14 +107,14 @@ def _quality_metrics(
 def _result_path(run_dir: Path, step: int, config: dict[str, Any]) -> Path:
     """``eval-<step>.json``, or where it holds another evaluation of that step (other metrics or settings)
     the next free ``eval-<step>-<n>.json``: a second eval keeps the first one's scores."""
-    path, n = run_dir / f"eval-{step:08d}.json", 1
+    path, n = run_dir / EVAL_SCORES.format(step, ""), 1
     as_written = {**json.loads(json.dumps(config)), "run_dir": None}  # where the run was scored, not how
     while path.is_file():
         with contextlib.suppress(OSError, LookupError, TypeError, ValueError):  # unreadable or not ours: kept
             if {**json.loads(path.read_text(encoding="utf-8"))["config"], "run_dir": None} == as_written:
                 return path  # the same evaluation again: its scores replace their own
         n += 1
-        path = run_dir / f"eval-{step:08d}-{n}.json"
+        path = run_dir / EVAL_SCORES.format(step, f"-{n}")
     return path
 
 
