@@ -382,6 +382,12 @@ class Engine:
         """Whether the run stands at (or past) its last step: a resume of it has nothing to do."""
         return self.step >= self.total_steps
 
+    @property
+    def resumes_other_run(self) -> bool:
+        """Whether the checkpoint it resumes is not one of its run dir's (checkpoint.resume=PATH of another run)."""
+        given = self.checkpointing.policy.resume.path
+        return given is not None and Path(given).parent.resolve() != self.checkpointing.manager.dir.resolve()
+
     def _nothing_to_do(self) -> str:
         """What a resume of a run already at (or past) its last step says instead of training."""
         s = self.settings
@@ -390,10 +396,18 @@ class Engine:
         if s.max_steps == self.total_steps:
             limit, keys = f"schedule.max_steps={s.max_steps}", "schedule.max_steps or schedule.epochs"
         where = " of" if self.step == self.total_steps else ", past"  # a run lowered below where it stands
+        at, kept = (
+            f"{self.run_dir} is",
+            f"its checkpoint {Path(self.last_ckpt or '').name or '(none)'} is unchanged",
+        )
+        if self.resumes_other_run:  # the run dir holds none of it: nothing was written there either
+            at, kept = (
+                f"checkpoint.resume={self.checkpointing.policy.resume.path} is",
+                f"nothing was written into {self.run_dir}",
+            )
         return (
-            f"nothing to do: {self.run_dir} is at step {self.step}{where} the {self.total_steps} this run trains "
-            f"({limit}); its checkpoint {Path(self.last_ckpt or '').name or '(none)'} is unchanged. To train "
-            f"longer, raise {keys}"
+            f"nothing to do: {at} at step {self.step}{where} the {self.total_steps} this run trains ({limit}); "
+            f"{kept}. To train longer, raise {keys}"
         )
 
     def own_streams(self):

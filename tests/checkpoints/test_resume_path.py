@@ -131,6 +131,21 @@ def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_pa
     )
     assert code == 0, err
     assert "schedule.max_steps (2 -> 3)" in out and "resumed from checkpoint step 2" in out
+    # its checkpoint given to a new folder with nothing left to train: no files there, and no export of none
+    code, out, err = run_cli(
+        capsys,
+        "pretrain",
+        *TINY,
+        "schedule.max_steps=1",
+        "mae.pictures=0",
+        f"run_dir={other}",
+        f"checkpoint.resume={step}",
+    )
+    assert (
+        code == 0
+        and f"nothing was written into {other}" in out.strip().splitlines()[-1]
+        and not other.exists()
+    ), err
 
 
 @pytest.mark.slow
@@ -161,6 +176,18 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
         assert last.startswith(f"nothing to do: {run} is at step 5{where} the {steps} this run trains")
         assert f"schedule.max_steps={steps}" in last and "step-00000005 is unchanged" in last
         assert "done:" not in out and "val top1" not in out  # nothing trained, nothing evaluated
+    # given to another folder: the line names the checkpoint given, and that folder holds none of it
+    other = tmp_path / "other"
+    code, out, _ = run_cli(
+        capsys, *args[:-1], "schedule.max_steps=4", f"checkpoint.resume={mid_epoch}", f"run_dir={other}"
+    )
+    last = out.strip().splitlines()[-1]
+    assert code == 0 and last.startswith(
+        f"nothing to do: checkpoint.resume={mid_epoch} is at step 5, past the 4"
+    )
+    assert (
+        f"; nothing was written into {other}." in last and not other.exists()
+    )  # no config.yaml, no run.json
     # a finished run run again: nothing to do either, and nothing rewritten
     code, out, _ = run_cli(capsys, *args, "schedule.max_steps=8")
     assert code == 0 and out.strip().splitlines()[-1].startswith(

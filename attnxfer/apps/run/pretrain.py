@@ -319,8 +319,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         engine = build_pretrain_engine(cfg)
         result = engine.run()
         export = Path(cfg.run_dir) / "export"
-        # a finished run resumed again keeps its export (one is made if the run stopped before it)
-        if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
+        # a finished run resumed again keeps its export (one is made if the run stopped before it); a folder
+        # given another run's finished checkpoint has no checkpoint to export
+        kept = export.is_dir() or engine.resumes_other_run
+        if cfg.mae.export and engine.is_main and not (result.nothing_to_do and kept):
             # the earlier export is the teacher of runs that check it by hash: kept, as a replaced checkpoint is
             if export.is_dir():
                 say(

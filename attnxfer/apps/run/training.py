@@ -294,10 +294,11 @@ def record_run(
     warn_schedule: bool = True,
 ) -> None:
     """For a run that will train, or a finished one that lost its run.json (a finished one's files otherwise
-    stay as they are): config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and
-    run.json (``info``, the training split, how the run executes) on rank 0, and the schedule's warnings."""
+    stay as they are, and a folder given another run's finished checkpoint gets none): config.yaml (re-run
+    with -c RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (``info``, the training split,
+    how the run executes) on rank 0, and the schedule's warnings."""
     finished = point is not None and point.step >= engine.total_steps
-    if finished and RunDir(cfg.run_dir).record_file.is_file():
+    if finished and (RunDir(cfg.run_dir).record_file.is_file() or engine.resumes_other_run):
         return
     if engine.is_main:
         run_dir = RunDir(cfg.run_dir)
