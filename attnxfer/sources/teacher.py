@@ -24,6 +24,7 @@ from ..errors import InputError, MissingPathError
 from ..models.attention import ImageSizes, make_transfer_aware
 from ..models.image_input import as_pair, check_image_size, image_input
 from ..models.vit import create_vit
+from ..run_layout import CHECKPOINTS_SUBDIR
 from ..speak import debug, warn
 from .hub import (
     fetch_instructions,
@@ -31,6 +32,7 @@ from .hub import (
     hub_refusal,
     offline_reason,
 )
+from .load_errors import run_folder_hint
 from .resolve import (
     Origin,
     Resolved,
@@ -288,12 +290,25 @@ def load_teacher(
     parsed = parse_teacher_spec(spec, revision)
     if not parsed.source.on_hub and revision:
         raise InputError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
+    role = "student" if (who or "").startswith("student ") else "teacher"  # inspect's students load here too
+    # a run's folder, or a file of one of its checkpoints whose weights do not fit arch (an MAE pre-training's
+    # encoder does), is first told where the run's model is, as without arch (model.init builds such a file as
+    # model.name, its documented use, and says itself what to change)
+    folder = Path(parsed.name) if parsed.source is Source.LOCAL_DIR else Path(parsed.name).parent
+    in_run = parsed.source is Source.LOCAL_DIR or folder.parent.name == CHECKPOINTS_SUBDIR
+    hint = (
+        run_folder_hint(folder, role)
+        if arch and in_run and not (who or "").startswith("model.init=")
+        else None
+    )
+    run_model = f"{hint}, without arch={arch!r} (teacher.arch, --teacher-arch)"
+    if hint is not None and parsed.source is Source.LOCAL_DIR:
+        raise InputError(f"{spec}: {run_model}")
     if arch and parsed.source is not Source.FILE:  # the spec's own architecture would be built, arch unread
         raise InputError(
             f"{spec!r} names its architecture itself; arch={arch!r} (teacher.arch, --teacher-arch) is for a "
             "weights file: leave it out"
         )
-    role = "student" if (who or "").startswith("student ") else "teacher"  # inspect's students load here too
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role)
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
@@ -309,7 +324,16 @@ def load_teacher(
     )
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
-    model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
+    try:
+        model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
+    except TeacherLoadError as e:
+        if hint is None:
+            raise
+        raise TeacherLoadError(
+            f"teacher {spec!r}: the weights do not fit architecture {arch!r}; {run_model}",
+            e.missing_keys,
+            e.unexpected_keys,
+        ) from None
     # timm's filter makes a timm trunk's linear projection the head, with a zero bias in place of the file's
     if "visual.head.proj.bias" in state_dict:
         with torch.no_grad():

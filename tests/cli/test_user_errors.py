@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 from helpers import ONE_BLOCK_RUN as S, once_each, run_cli, tiny_run, tiny_vit
+from safetensors.torch import save_file
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.training import plan_from_config
@@ -255,6 +256,22 @@ def test_a_checkpoints_weights_file_given_as_a_model_names_its_run_not_an_archit
     err = _teacher_refused(str(weights), tmp_path, capsys)
     assert f"is one of the checkpoints of the run {tmp_path / 'r'}" in err, err
     assert "name the timm architecture" not in err
+    # with teacher.arch too, and the run's folder as local-dir: the run's export first, which takes no arch (its
+    # weights loaded as the arch met a pooling hint, the folder was told only to drop teacher.arch)
+    (tmp_path / "r" / "run.json").write_text("{}")
+    save_file({"fc_norm.weight": torch.ones(4)}, str(weights))  # an average-pooled student's
+    for spec in (str(weights), f"local-dir:{tmp_path / 'r'}"):
+        argv = [
+            "train",
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher.spec={spec}",
+            "teacher.arch=vit_micro_patch4_28",
+        ]
+        code, _, err = run_cli(capsys, *argv, *_TINY_RUN)
+        assert code == 2 and "pool" not in err and "Traceback" not in err, err
+        assert f"then use local-dir:{tmp_path / 'r' / 'export'}, without arch='vit_micro_patch4_28'" in err, (
+            err
+        )
 
 
 def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_path, capsys, monkeypatch):
