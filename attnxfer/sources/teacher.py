@@ -204,16 +204,23 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
         )
     if "dist_token" in sd_keys:
         hints.append("the checkpoint has a distillation token: use a *_distilled_* arch of its timm model")
-    shapes = re.findall(r"size mismatch for (\S+): .*?Size\(\[(.*?)\]\).*?Size\(\[(.*?)\]\)", msg)
-    if shapes:  # another width, depth or patch size: every tensor of it differs, the first says how
-        name, have, want = shapes[0]
-        hints.append(
-            f"{len(shapes)} tensors have other shapes than {arch!r} gives them ({name}: ({have}) in the file, "
-            f"({want}) in the model): name the timm architecture the weights were trained as"
+    mismatch = re.compile(r"size mismatch for (\S+): .*?Size\(\[(.*?)\]\).*?Size\(\[(.*?)\]\)")
+    shapes = mismatch.findall(msg)
+    if shapes:  # another width, depth or patch size: every tensor of it differs, the first two say how
+        said = "; ".join(
+            f"{name}: ({have}) in the file, ({want}) in the model" for name, have, want in shapes[:2]
         )
-    # a model of another family or size lists hundreds of keys and shapes: the first ten of each (the error
-    # keeps the whole key lists), and of torch's words only what the lists above do not already say
-    rest = [line.strip() for line in msg.splitlines()[1:] if "key(s) in state_dict:" not in line]
+        hints.append(
+            f"{len(shapes)} tensor{'s have' if len(shapes) > 1 else ' has'} other shapes than {arch!r} gives "
+            f"them ({said}): name the timm architecture the weights were trained as"
+        )
+    # a model of another family or size lists hundreds of keys and shapes: the first ten keys of each kind (the
+    # error keeps the whole key lists), and of torch's words only what the lists and hints above do not say
+    rest = [
+        line.strip()
+        for line in msg.splitlines()[1:]
+        if "key(s) in state_dict:" not in line and not mismatch.search(line)
+    ]
     more = [f"... and {len(rest) - 10} more"] if len(rest) > 10 else []
     torch_said = "\n".join(["torch said: " + msg.splitlines()[0], *rest[:10], *more]) if rest else ""
     text = (
