@@ -524,7 +524,7 @@ def test_a_conversions_stage_2_still_hears_of_a_warmup_longer_than_the_run():
     engine = SimpleNamespace(settings=s, steps_per_epoch=per_epoch, total_steps=total)
     few, warmup = schedule_warnings(engine)
     assert "fewer than 100" in few and "schedule.warmup_epochs=5 is longer than the run's" in warmup
-    assert schedule_warnings(engine, few_steps=False) == [warmup]
+    assert schedule_warnings(engine, learner=None) == [warmup]
 
 
 def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():

@@ -316,9 +316,9 @@ def record_run(
             }
         )
     # a conversion's stage 2 fine-tunes the teacher's own weights: a few dozen steps are what it takes,
-    # not a student that had no time to learn
-    few_steps = command != "convert"
-    for warning in schedule_warnings(engine, few_steps=few_steps) if warn_schedule and not finished else ():
+    # not a student that had no time to learn; a pre-training teaches no student, it trains an encoder
+    learner = {"convert": None, "pretrain": "an encoder"}.get(command, "a student")
+    for warning in schedule_warnings(engine, learner=learner) if warn_schedule and not finished else ():
         say(warning)
 
 
@@ -573,10 +573,10 @@ def build_engine(
 FEW_STEPS = 100
 
 
-def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:
+def few_steps_warning(s: LoopSettings, per_epoch: int, total: int, learner: str = "a student") -> str | None:
     """One line, where a run of ``total`` optimiser steps (``per_epoch`` an epoch, by the settings ``s``) takes
     fewer than `FEW_STEPS`: how many, why (epochs x steps an epoch, or the ``schedule.max_steps`` cap) and the
-    schedule key that gives it more."""
+    schedule key that gives it more (``learner``: what the run trains)."""
     if total >= FEW_STEPS:
         return None
     head = (
@@ -584,7 +584,7 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
     )
     if s.max_steps is not None and total == s.max_steps < per_epoch * s.epochs:
         return (
-            f"{head} (schedule.max_steps={s.max_steps}): raise schedule.max_steps for a student that learns"
+            f"{head} (schedule.max_steps={s.max_steps}): raise schedule.max_steps for {learner} that learns"
         )
     epochs = -(-FEW_STEPS // per_epoch)
     return (
@@ -599,11 +599,11 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
     )
 
 
-def schedule_warnings(engine: Engine, *, few_steps: bool = True) -> list[str]:
-    """The lines a run's schedule earns at start: too few steps (unless ``few_steps`` is False: a
-    conversion's stage 2), a warm-up longer than the run."""
+def schedule_warnings(engine: Engine, *, learner: str | None = "a student") -> list[str]:
+    """The lines a run's schedule earns at start: too few steps for ``learner``, what the run trains (unless
+    None: a conversion's stage 2), a warm-up longer than the run."""
     at = (engine.settings, engine.steps_per_epoch, engine.total_steps)
-    return [w for w in (few_steps and few_steps_warning(*at), long_warmup_warning(*at)) if w]
+    return [w for w in (learner and few_steps_warning(*at, learner), long_warmup_warning(*at)) if w]
 
 
 def long_warmup_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:

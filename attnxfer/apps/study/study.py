@@ -205,8 +205,8 @@ def build_members(
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
     # the students share one schedule: its warnings are said once, for all (as alone, no few-steps one
     # for a conversion's stage 2, which fine-tunes the teacher's own weights)
-    few_steps = spec.command != "convert"
-    for warning in schedule_warnings(members[0].engine, few_steps=few_steps) if members else ():
+    learner = None if spec.command == "convert" else "a student"
+    for warning in schedule_warnings(members[0].engine, learner=learner) if members else ():
         say(f"{warning} (every student of the study)")
     feed.teacher_pass = shared_teacher_pass(
         [m.engine.objective.module for m in members], [m.name for m in members]
