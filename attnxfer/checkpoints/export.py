@@ -27,7 +27,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..run_layout import LOCK_NAME, read_record
+from ..run_layout import LOCK_NAME, STAGE_DIRS, read_record
 from ..sources.resolve import weights_digest
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
@@ -473,6 +473,11 @@ def export_run(
     # a fine-tuned student's spec keeps model.init's pretrained_cfg, and with it the licence of those weights
     init = (recipe_cfg.get("model") or {}).get("init")
     init_license = (record.get("student") or {}).get("pretrained_cfg", {}).get("license")
+    # a conversion's final student (its stage 2): the card tells the whole conversion, from its report.json
+    conversion = None
+    if run.path.name == STAGE_DIRS[-1] and RunDir(run.path.parent).is_conversion():
+        logits = (recipe_cfg.get("transfer") or {}).get("logit_distill")
+        conversion = {**read_record(run.path.parent / "report.json"), "logit_distill": logits}
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         # absolute: `export RUN .` is named after the folder, not ''
@@ -492,6 +497,7 @@ def export_run(
         eval_prefix="ema_val" if loaded.weights is ExportWeights.EMA else "val",
         class_names=_class_names(record, loaded.model),
         init={"spec": init, "license": init_license} if init else None,
+        conversion=conversion,
     )
     return export_student(
         loaded.model, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats

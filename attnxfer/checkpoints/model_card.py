@@ -48,6 +48,9 @@ class ModelCardInfo:
     class_names: Sequence[str] | None = None
     #: ``model.init``'s weights the student was fine-tuned from (``spec``, ``license``): its licence binds too
     init: dict[str, Any] | None = None
+    #: where the student is a conversion's final one (``transfer_mode`` is then its stage 2's): the conversion's
+    #: report.json ({} where none was written) and ``logit_distill``, stage 2's weight; None for any other
+    conversion: dict[str, Any] | None = None
 
     def __post_init__(self):
         if isinstance(self.teacher, TeacherRecord):
@@ -169,7 +172,7 @@ def render_model_card(
     # a headless encoder (an MAE's, a label-free conversion's) hands out features, not classes
     task = "image-classification" if spec.get("num_classes") else "image-feature-extraction"
     tags = [task, "timm", "attnxfer", "attention-transfer", *card.tags]
-    if card.transfer_mode and "distill" in card.transfer_mode:
+    if card.conversion is not None or (card.transfer_mode and "distill" in card.transfer_mode):
         tags.append("knowledge-distillation")
     results = _eval_results(card)
     # what the Hub reads: licence, library, tags, base model, datasets, and the ``model-index`` of results
@@ -186,10 +189,19 @@ def render_model_card(
     what = (
         shape_phrase(shape, spec.get("attention", SOFTMAX)) if shape else f"a {spec['architecture']} student"
     )
-    mode = card.transfer_mode or "mode not recorded"  # none: a conversion's stage 2, logit distillation alone
+    mode = card.transfer_mode or "mode not recorded"  # none: logit or feature distillation alone
     by = "" if mode == "none" else f"by attention transfer ({mode}) "
-    how = f"{by}from the teacher {_teacher_name(card.teacher)}" if teacher else "without a teacher"
-    description = card.description or f"{what[0].upper()}{what[1:]}, trained {how}, with attnxfer."
+    how = (
+        f"trained {by}from the teacher {_teacher_name(card.teacher)}"
+        if teacher
+        else "trained without a teacher"
+    )
+    transfer = f"Mode: **{card.transfer_mode or 'not recorded'}**\n"
+    if card.conversion is not None:
+        how, transfer = _conversion_text(
+            card.conversion, _teacher_name(card.teacher), spec.get("attention", SOFTMAX), mode
+        )
+    description = card.description or f"{what[0].upper()}{what[1:]}, {how}, with attnxfer."
     teacher_rows = [  # rows with no value are left out
         ("id", teacher.get("spec")),
         ("architecture", teacher.get("architecture")),
@@ -203,7 +215,8 @@ def render_model_card(
         ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
         ("resampled position embeddings", teacher.get("resampled_pos_embed") or None),
     ]
-    plan = f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n" if card.plan else ""
+    label = "Stage 2's transfer plan" if card.conversion is not None else "Transfer plan"
+    plan = f"\n{label}:\n\n```text\n{card.plan.rstrip()}\n```\n" if card.plan else ""
     recipe = (
         card.recipe
         and f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
@@ -218,7 +231,7 @@ def render_model_card(
             if teacher
             else "None: trained without a teacher.\n"
         ),
-        f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n" + plan,
+        "\n## Transfer\n\n" + transfer + plan,
         _student_section(card, spec, shape),
         "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
         _metrics_section(card, data),
@@ -232,6 +245,47 @@ def render_model_card(
     ]
     # huggingface_hub writes the metadata (model-index included) and checks that it parses back
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(sections)))
+
+
+def _conversion_text(
+    report: dict[str, Any], teacher: str, attention: str | list[str], mode: str
+) -> tuple[str, str]:
+    """(how the student was made, the card's transfer section) of a conversion's final student, from the
+    conversion's report.json: attention distillation (stage 1), then stage 2's objective, and its figures."""
+    stage1, stage2, speed = (report.get(key) or {} for key in ("stage1", "stage2", "speed"))
+    into, logits = attention_label(attention), report.get("logit_distill")  # mixed: per block below
+    then = ", ".join(
+        [stage2.get("objective") or "training"]
+        + ([f"logit distillation (weight {logits:g})"] if logits else [])
+        + ([f"attention transfer ({mode})"] if mode not in ("none", "mode not recorded") else [])
+    )
+    skipped = stage1.get("skipped")
+    stages = ([] if skipped else ["attention distillation (stage 1)"]) + [f"{then} (stage 2)"]
+    knn = (report.get("knn") or {}).get("after_stage2") or {}
+    cos = ((report.get("features") or {}).get("after_stage2") or {}).get("feat_cos_patch")
+    figures = [
+        report.get("recovered_pct") is not None
+        and f"top-1 {report['student_top1']:.2f} ({report['recovered_pct']:.1f}% of the teacher's)",
+        knn.get("knn_top1") is not None
+        and f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})",
+        cos is not None and f"final-feature cosine to the teacher {cos:.4f}",
+        speed.get("speedup") is not None
+        and not speed.get("speedup_withheld")
+        and f"{speed['speedup']:.2f}x the teacher's speed ({speed['device']}, batch {speed['batch']})",
+    ]
+    shown = "; ".join(f for f in figures if f)
+    return (
+        f"converted from the teacher {teacher} by " + ", then ".join(stages),
+        f"Mode: **conversion** (`attnxfer convert`) into {into} attention, stage 2 in mode {mode}:\n\n"
+        + (
+            "1. stage 1: skipped\n"
+            if skipped
+            else f"1. stage 1, {stage1.get('steps', '?')} steps: attention "
+            "distillation (the student's attention fitted to the teacher's maps)\n"
+        )
+        + f"2. stage 2, {stage2.get('steps', '?')} steps: {then}\n"
+        + (f"\nMeasured by the conversion (its report.json): {shown}.\n" if shown else ""),
+    )
 
 
 def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFTMAX) -> str:

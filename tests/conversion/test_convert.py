@@ -509,6 +509,12 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     out = tmp_path / "export"
     assert main(["export", str(run), str(out), "--checkpoint", "latest", "--weights", "raw"]) == 0
     assert f"{run} is a conversion; exporting its final student, {run / 'stage2'}" in capsys.readouterr().out
+    card = (out / "README.md").read_text()  # it tells the conversion, with its report's figures
+    assert (
+        "Mode: **conversion** (`attnxfer convert`) into hedgehog attention, stage 2 in mode distill" in card
+    )
+    assert "by attention distillation (stage 1), then labelled fine-tuning" in card
+    assert f"top-1 {report['student_top1']:.2f} ({report['recovered_pct']:.1f}% of the teacher's)" in card
     # inspect reads the folder as export does: its final student, named for the folder, on its own data
     flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(tmp_path / "insp")]
     assert main(["inspect", f"local-dir:{tiny_teacher_dir}", str(run), *flags]) == 0

@@ -152,6 +152,38 @@ def test_the_card_of_a_student_trained_from_a_teacher_without_attention_transfer
     assert f"trained from the teacher {MAE_TEACHER.hf_repo}@{MAE_TEACHER.hf_commit}, with attnxfer" in text
 
 
+def test_a_conversions_card_says_it_converted_the_teacher_in_two_stages_with_its_reports_figures(tmp_path):
+    """A conversion's final student is its stage 2, which runs in mode none: its card tells the conversion (stage
+    1's attention distillation, stage 2's objective and logit distillation) and the figures of its report.json."""
+    report = {  # the parts of a conversion's report.json the card reads, as `attnxfer convert` writes them
+        "stage1": {"steps": 6, "skipped": False},
+        "stage2": {"steps": 2, "objective": "labelled fine-tuning (the teacher's 10-class head)"},
+        "top1": {"teacher": 80.0, "after_stage2": 76.0},
+        "student_top1": 76.0,
+        "recovered_pct": 95.0,
+        "knn": {"after_stage2": {"knn_top1": 70.5, "knn_teacher_top1": 72.25}},
+        "features": {"after_stage2": {"feat_cos_patch": 0.98765}},
+        "speed": {"speedup": 1.5, "speedup_withheld": None, "device": "cuda", "batch": 64},
+        "logit_distill": 1.0,  # stage 2's, which the export adds from its recipe
+    }
+    conversion = card(transfer_mode="none", conversion=report, plan="transfer plan: mode=none")
+    out = export_student(efficient_student("hedgehog"), tmp_path / "card", card=conversion)
+    text = (out / "README.md").read_text()
+    assert "Mode: **none**" not in text and "knowledge-distillation" in text
+    assert (
+        f"with hedgehog attention, converted from the teacher {MAE_TEACHER.hf_repo}@{MAE_TEACHER.hf_commit} by "
+        "attention distillation (stage 1), then labelled fine-tuning (the teacher's 10-class head), logit "
+        "distillation (weight 1) (stage 2), with attnxfer." in text
+    )
+    assert "Mode: **conversion** (`attnxfer convert`) into hedgehog attention, stage 2 in mode none" in text
+    assert "1. stage 1, 6 steps: attention distillation" in text and "2. stage 2, 2 steps: labelled" in text
+    assert (
+        "Measured by the conversion (its report.json): top-1 76.00 (95.0% of the teacher's); k-NN top-1 70.50 "
+        "(teacher 72.25); final-feature cosine to the teacher 0.9877; 1.50x the teacher's speed (cuda, batch 64)."
+    ) in text
+    assert "Stage 2's transfer plan:\n\n```text\ntransfer plan: mode=none" in text
+
+
 def test_a_bf16_student_exports_and_its_weights_load_back_in_timm(tmp_path):
     """The export's check runs the student and its rebuilt twin in the student's own dtype."""
     student = trained_student().to(torch.bfloat16)
