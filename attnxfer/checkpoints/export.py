@@ -479,9 +479,13 @@ def export_run(
         logits = (recipe_cfg.get("transfer") or {}).get("logit_distill")
         conversion = {**read_record(run.path.parent / "report.json"), "logit_distill": logits}
     out_dir = Path(out_dir)
+    # named after the folder (absolute: `export RUN .` is not ''), or after the run where it is the run's export/
+    # (pretrain's, the one a refusal points to), a conversion's after the conversion
+    home, named = run.path.parent if conversion is not None else run.path, Path(os.path.abspath(out_dir))
+    if named.name == "export" and named.parent in {Path(os.path.abspath(p)) for p in (run.path, home)}:
+        named = Path(os.path.abspath(home))
     card = ModelCardInfo(
-        # absolute: `export RUN .` is named after the folder, not ''
-        model_name=(push_to_hub or out_dir.absolute().name).split("/")[-1],
+        model_name=(push_to_hub or named.name).split("/")[-1],
         teacher=record.get("teacher"),
         transfer_mode=mode,
         plan=record.get("plan"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -832,6 +833,14 @@ def test_export_run_of_a_run_without_ema_exports_its_raw_weights_as_the_cli_does
     out = export_run(trained, tmp_path / "out")
     assert "step-00000004 (best val top-1" in (out / "README.md").read_text()
     assert "), raw weights" in (out / "README.md").read_text()
+
+
+def test_an_export_into_the_runs_export_folder_is_named_after_the_run(trained, tmp_path):
+    """RUN/export (where pretrain exports, where a refusal points) would name every model "export"."""
+    run = tmp_path / "my-run"
+    shutil.copytree(trained, run)
+    text = (export_run(run, run / "export") / "README.md").read_text()
+    assert "\n# my-run\n" in text and "- name: my-run\n" in text and "# export" not in text
 
 
 def test_an_export_into_the_runs_own_folder_is_refused(trained, capsys):

@@ -239,6 +239,7 @@ def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretr
         assert torch.equal(v, ckpt[k]), k
     # the card names what the encoder is, not only the architecture it was built as
     card = (export / "README.md").read_text()
+    assert "\n# ref\n" in card  # named after its run, not after the folder "export"
     what = f"A ViT of width {plain.embed_dim}, {len(plain.blocks)} blocks"
     assert (
         f"{what}, " in card and "(built as vit_micro_patch4_28), an encoder pre-trained as a masked" in card
