@@ -216,7 +216,8 @@ def export_student(
             spec,
             shape=shape,
             loads_in_plain_timm=attention_label(spec["attention"]) == SOFTMAX,
-            load_ref=f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}",
+            # the folder by its absolute path: the card's snippets run from any working directory
+            load_ref=f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{os.path.abspath(out_dir)}",
             native_arch=native,
             formats=formats,
             onnx=reports.get("onnx"),

@@ -908,7 +908,8 @@ def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_t
     trained, tmp_path, capsys, monkeypatch
 ):
     """From scratch (or MAE pre-training): no 'from the teacher (no teacher recorded)', no teacher's licence;
-    `export RUN .` names the card after the folder it is written into, not ''."""
+    `export RUN .` names the card after the folder it is written into, not '', and its snippets load that
+    folder by its absolute path."""
     (tmp_path / "scratch-vit").mkdir()
     monkeypatch.chdir(tmp_path / "scratch-vit")
     code, _, err = run_cli(capsys, "export", str(trained), ".")
@@ -916,6 +917,9 @@ def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_t
     body = (tmp_path / "scratch-vit" / "README.md").read_text().split("---", 2)[2]
     assert body.lstrip().startswith("# scratch-vit\n") and "trained without a teacher, with attnxfer." in body
     assert "## Teacher\n\nNone: trained without a teacher." in body and "teacher's licence" not in body
+    # its snippets name the folder itself, not '.': they run from any other folder too
+    assert f'timm.create_model("local-dir:{Path.cwd()}", pretrained=True)' in body
+    assert f'AutoModelForImageClassification.from_pretrained("{Path.cwd()}")' in body
 
 
 def test_a_student_fine_tuned_from_non_commercial_weights_inherits_their_licence(exported, tmp_path, capsys):
