@@ -835,6 +835,15 @@ def test_export_run_of_a_run_without_ema_exports_its_raw_weights_as_the_cli_does
     assert "), raw weights" in (out / "README.md").read_text()
 
 
+def test_export_help_loads_a_headless_student_with_automodel(capsys):
+    """An MAE pre-training's encoder has no classifier: transformers loads it with AutoModel (docs/export.md)."""
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "export", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AutoModelForImageClassification.from_pretrained(OUT_DIR) (a headless one, as an MAE " in text
+    assert "pre-training's encoder: AutoModel.from_pretrained(OUT_DIR))" in text
+
+
 def test_an_export_into_the_runs_export_folder_is_named_after_the_run(trained, tmp_path):
     """RUN/export (where pretrain exports, where a refusal points) would name every model "export"."""
     run = tmp_path / "my-run"

@@ -40,7 +40,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     help="write a run's student in timm's Hub format or as ONNX, with a model card",
     description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
     "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
-    "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR); "
+    "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR) (a headless "
+    "one, as an MAE pre-training's encoder: AutoModel.from_pretrained(OUT_DIR)); "
     "any student, efficient attention included (a conversion's folder "
     "exports its final student, RUN_DIR/stage2), with attnxfer.load_student('local-dir:OUT_DIR'). "
     "--format onnx writes OUT_DIR/model.onnx instead (any student; opset 18, batch axis free), "
