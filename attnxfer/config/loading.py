@@ -139,6 +139,8 @@ def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
 BASE_KEY = "base"
 #: the key under which a study's YAML lists its students (`attnxfer.config.study_spec`); not a run's key
 STUDENTS_KEY = "students"
+#: the key of a study's YAML that names its command (beside ``students:``); not a run's key
+COMMAND_KEY = "command"
 
 
 def _resolve_base(name: Any, child: Path) -> Path:
@@ -208,18 +210,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
-        for depth, (file, data) in enumerate(recipe_chain(p)):
-            if STUDENTS_KEY in data:
-                study = _student_configs(file.parent)
-                raise ConfigError(
-                    f"config file {str(file)!r} lists students: it describes a study of several students; run "
-                    f"it with attnxfer study -c {path} or attnxfer submit --command study -c {path}"
-                    + (
-                        f", or give one student's config: -c {study}"
-                        if study
-                        else " (a single run takes one student's keys, without students:)"
-                    )
+        chain = recipe_chain(p)
+        # the nearest file's students: decide, as a list replaces its base's: `students: []` drops a base's
+        listing = [(file, data.pop(STUDENTS_KEY)) for file, data in chain if STUDENTS_KEY in data]
+        if listing and listing[-1][1] != []:
+            file, study = listing[-1][0], _student_configs(listing[-1][0].parent)
+            raise ConfigError(
+                f"config file {str(file)!r} lists students: it describes a study of several students; run "
+                f"it with attnxfer study -c {path} or attnxfer submit --command study -c {path}"
+                + (
+                    f", or give one student's config: -c {study}"
+                    if study
+                    else " (a single run takes one student's keys, without students:"
+                    + (f"; write students: [] in {p} to drop its base's)" if file != p else ")")
                 )
+            )
+        for depth, (file, data) in enumerate(chain):
+            if listing:  # the study's command: goes with the students dropped
+                data.pop(COMMAND_KEY, None)
             # a recipe's mapping (model.kwargs: {depth: 4}) is merged into its base's, as a dotted override is:
             # YAML has no other way to set one key of it
             try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..run_layout import STUDY_FILES, STUDY_RECORD, STUDY_YAML
-from .loading import STUDENTS_KEY, recipe_chain, resolve_recipe
+from .loading import COMMAND_KEY, STUDENTS_KEY, recipe_chain, resolve_recipe
 from .overrides import (
     ConfigError,
     TypedStr,
@@ -61,8 +61,6 @@ CONVERT_SHARED_KEYS: tuple[str, ...] = (
 
 #: what a study runs for each student: `attnxfer train` (the default) or `attnxfer convert`
 COMMANDS: tuple[str, ...] = ("train", "convert")
-#: the key of a study's YAML that names its command (beside ``students:``); not a run's key
-COMMAND_KEY = "command"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,-]*$")
 

@@ -426,6 +426,19 @@ def test_an_empty_mapping_in_a_recipe_empties_its_bases(tmp_path):
     assert load_config(tmp_path / "relu.yaml").convert.attention_kwargs == {}
 
 
+def test_an_empty_students_list_drops_the_bases_students_for_a_single_run(tmp_path):
+    """A list in a recipe replaces its base's, so ``students: []`` must too: one run can then start from a
+    study's recipe; a base's students left in place are still refused, naming the file that lists them."""
+    (tmp_path / "one.yaml").write_text(
+        "base: recall/convert_budgets\nstudents: []\nconvert: {attention: [softmax, hedgehog]}\n",
+        encoding="utf-8",
+    )
+    assert load_config(tmp_path / "one.yaml").convert.attention == ["softmax", "hedgehog"]
+    (tmp_path / "kept.yaml").write_text("base: recall/convert_budgets\nseed: 1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"convert_budgets\.yaml' lists students.*students: \[\] in"):
+        load_config(tmp_path / "kept.yaml")
+
+
 def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
     (tmp_path / "a.yaml").write_text("base: b.yaml\n", encoding="utf-8")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n", encoding="utf-8")
