@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError
-from ..errors import did_you_mean
+from ..errors import InputError, did_you_mean
 from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -218,21 +218,24 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
         )
 
 
-def _check_options(key: str, names: Any, options: dict[str, Any]) -> None:
+def _check_options(key: str, names: Any, options: dict[str, Any], named_in: str = "") -> None:
     """Options no named attention takes (a recipe's, left behind when the command line names another
     attention), or one an attention has no default for, refused before the teacher and data load. torch is
     imported only where there are options or the registry is already imported (a plug-in's or a session's
-    attention): the zoo's, read from the source, have a default for every option."""
+    attention): the zoo's, read from the source, have a default for every option. A parametric name's spec,
+    parsed here first (formula:...), is refused under ``named_in``, the key listing ``names`` (else ``key``'s)."""
     if not names or not (options or _REGISTRY_MODULE in sys.modules):
         return
-    from ..models.efficient.swap import check_options
+    from ..models.efficient.swap import check_attention_names, check_options
 
+    try:
+        check_attention_names(names, named_in or key.removesuffix("_kwargs"))
+    except InputError as e:
+        raise ConfigError(e.args[0]) from None
     try:
         check_options(names if isinstance(names, list) else [names], options)
     except TypeError as e:
         raise ConfigError(f"{key}: {e}") from None
-    except (KeyError, ValueError) as e:  # a parametric name's spec parsed here first (formula:...): its key
-        raise ConfigError(f"{key.removesuffix('_kwargs')}: {e.args[0]}") from None
 
 
 def check_values(cfg: Any) -> Any:
@@ -255,7 +258,8 @@ def check_values(cfg: Any) -> Any:
         )
     _check_options("model.attention_kwargs", cfg.model.attention, cfg.model.attention_kwargs)
     names = list(cfg.convert.candidates) if auto else cfg.convert.attention
-    _check_options("convert.attention_kwargs", names, cfg.convert.attention_kwargs)
+    named_in = "convert.candidates" if auto else "convert.attention"
+    _check_options("convert.attention_kwargs", names, cfg.convert.attention_kwargs, named_in)
     if cfg.mae.decoder_dim % cfg.mae.decoder_heads:
         raise ConfigError(
             f"mae.decoder_dim={cfg.mae.decoder_dim} does not split into mae.decoder_heads="

@@ -379,3 +379,26 @@ def test_a_formula_that_does_not_parse_is_named_by_its_key_when_the_registry_is_
     assert str(e.value).startswith(
         "convert.attention: formula syntax error at position 17 of 'formula:sum(relu.)'"
     )
+
+
+@pytest.mark.parametrize(
+    "overrides,where",
+    [
+        (["convert.attention=[softmax, 'formula:sum(relu.)']"], "convert.attention[1]"),
+        (  # auto's candidates are the names parsed: the key that lists the formula, not convert.attention
+            [
+                "convert.attention=auto",
+                "convert.speedup=2",
+                "convert.candidates=[hedgehog, 'formula:sum(relu.)']",
+            ],
+            "convert.candidates[1]",
+        ),
+    ],
+)
+def test_a_formula_in_a_list_that_does_not_parse_is_named_by_its_item(overrides, where):
+    """A list of one name per block: the refusal says which item to fix, as an unknown name's does."""
+    import attnxfer.models.efficient  # noqa: F401  (the registry loaded, as in a session)
+
+    with pytest.raises(ConfigError) as e:
+        check_values(load_config(None, overrides))
+    assert str(e.value).startswith(f"{where}: formula syntax error at position 17 of 'formula:sum(relu.)'")

@@ -332,6 +332,11 @@ def test_an_option_of_another_kind_is_refused_not_coerced(name, option, said):
         build_efficient_student(_teacher(depth=1), name, **option)
 
 
+def test_a_formula_in_a_list_that_does_not_parse_is_named_by_its_item():
+    with pytest.raises(InputError, match=r"^convert\.attention\[1\]: formula syntax error at position 17"):
+        build_efficient_student(_teacher(depth=2), ["softmax", "formula:sum(relu.)"])
+
+
 def test_option_errors_read_for_a_python_caller_as_for_a_config():
     # with_attention's refusals name Python's None and its way to drop an option, a config's beside them
     with pytest.raises(

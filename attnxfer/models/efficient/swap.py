@@ -120,6 +120,16 @@ def refuses_an_option(error: Exception, options: Mapping[str, Any]) -> bool:
     )
 
 
+def check_attention_names(attention: str | Sequence[str], key: str) -> None:
+    """An `InputError` under ``key`` (and the item's index, in a list) for an unknown name in ``attention`` or a
+    parametric one whose spec is wrong (formula:...): which of a list of one name per block to fix."""
+    for i, name in enumerate([attention] if isinstance(attention, str) else attention):
+        try:
+            get_attention_class(name)
+        except (KeyError, ValueError) as e:  # ValueError: a parametric name whose spec is wrong
+            raise InputError(f"{key if isinstance(attention, str) else f'{key}[{i}]'}: {e.args[0]}") from None
+
+
 def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type[nn.Module]]:
     """The attentions ``names`` are; a `TypeError` naming each option none of them takes (a recipe's options
     for its own attention, left behind when another attention is named on the command line), one of
@@ -322,11 +332,8 @@ def build_efficient_student(
                 f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
                 "one name for all blocks or exactly one per block"
             )
-    for name in names:  # an unknown name is refused before the teacher is copied
-        try:
-            get_attention_class(name)
-        except (KeyError, ValueError) as e:  # ValueError: a parametric name whose spec is wrong (formula:...)
-            raise InputError(f"convert.attention: {e.args[0]}") from None
+    # an unknown name is refused before the teacher is copied
+    check_attention_names(attention, "convert.attention")
     try:
         student = with_attention(copy.deepcopy(teacher), names, **attention_kwargs)
     except TypeError as e:  # an option no chosen attention takes, or a value its constructor cannot take
