@@ -381,8 +381,31 @@ def _loading_section(
             "OUT --format onnx`) in ONNX Runtime.\n"
         )
     pre = "" if native_arch else f"import attnxfer.models  # registers {spec['architecture']} with timm\n"
-    # how the run prepared its validation images (config.json's pretrained_cfg: what the transform makes)
-    data_cfg = spec.get("pretrained_cfg", {})
+    size = spec.get("pretrained_cfg", {}).get("input_size")
+    # the same student through transformers' timm wrapper: logits from a classifier, the pooled output of
+    # a headless encoder
+    if spec.get("num_classes"):
+        auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
+    else:
+        auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
+    if size:  # a batch of one to call it on, as the ONNX section's (the names it uses are defined)
+        use = f"pixel_values = torch.zeros(1, {', '.join(map(str, size))})  # normalised pixels\n{use}"
+    if not native_arch:
+        out += (
+            f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
+        )
+    return (
+        f'{out}```python\nimport timm\n{pre}model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
+        f"{transform}\n{_validation_steps(spec.get('pretrained_cfg', {}))}\n"
+        "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
+        f"above):\n\n```python\nimport torch\n{pre}from transformers import {auto}\n\n"
+        f'model = {auto}.from_pretrained("{load_ref.split(":", 1)[1]}").eval()\n{use}\n```\n'
+    )
+
+
+def _validation_steps(data_cfg: dict[str, Any]) -> str:
+    """How the run prepared its validation images, from config.json's pretrained_cfg (what timm's transform
+    makes): the sentence a timm user and an ONNX user, who has no transform to read it from, both need."""
     size, pct = data_cfg.get("input_size"), data_cfg.get("crop_pct")
     steps = (  # timm reads images as RGB, which a one-channel student refuses
         ['read in one channel (PIL `.convert("L")`, timm\'s `ImageDataset(..., input_img_mode="L")`)']
@@ -406,25 +429,7 @@ def _loading_section(
     elif size:
         steps.append(f"{size[-2]} x {size[-1]} px")
     steps.append(f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}")
-    # the same student through transformers' timm wrapper: logits from a classifier, the pooled output of
-    # a headless encoder
-    if spec.get("num_classes"):
-        auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
-    else:
-        auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
-    if size:  # a batch of one to call it on, as the ONNX section's (the names it uses are defined)
-        use = f"pixel_values = torch.zeros(1, {', '.join(map(str, size))})  # normalised pixels\n{use}"
-    if not native_arch:
-        out += (
-            f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
-        )
-    return (
-        f'{out}```python\nimport timm\n{pre}model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
-        f"{transform}\nImages as the run validated them: {', '.join(steps)}.\n"
-        "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
-        f"above):\n\n```python\nimport torch\n{pre}from transformers import {auto}\n\n"
-        f'model = {auto}.from_pretrained("{load_ref.split(":", 1)[1]}").eval()\n{use}\n```\n'
-    )
+    return f"Images as the run validated them: {', '.join(steps)}."
 
 
 def _onnx_section(report: dict[str, Any], load_ref: str, data_cfg: dict[str, Any]) -> str:
@@ -439,8 +444,8 @@ def _onnx_section(report: dict[str, Any], load_ref: str, data_cfg: dict[str, Any
         f"is free), output `{report['output_name']}`. Exported with {report['exporter']}; checked with "
         f"onnx.checker and in ONNX Runtime {report['onnxruntime']} ({report['provider']}) against the PyTorch "
         f"forward at batch sizes {', '.join(map(str, report['check_batches']))}: max absolute difference "
-        f"**{report['max_abs_diff']:.3g}** (outputs up to {report['max_abs_output']:.3g}). Inputs are "
-        f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}.\n\n"
+        f"**{report['max_abs_diff']:.3g}** (outputs up to {report['max_abs_output']:.3g}). "
+        f"{_validation_steps(data_cfg)}\n\n"
         "```python\nimport numpy as np\nimport onnxruntime as ort\n"
         + ("" if local else "from huggingface_hub import hf_hub_download\n")
         + f'\nsession = ort.InferenceSession({path}, providers=["CPUExecutionProvider"])\n'

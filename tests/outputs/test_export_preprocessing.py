@@ -169,3 +169,33 @@ def test_an_in_memory_datasets_export_declares_its_whole_image_bilinear_resize_n
     for i in range(len(val)):
         image = Image.fromarray(np.ascontiguousarray(pixels[i].permute(1, 2, 0).numpy()))
         assert torch.allclose(transform(image), val[i][0], atol=0.05)  # PIL vs torch resampling: ~0.02
+
+
+def test_the_onnx_section_states_the_resize_and_crop_of_the_validation_images():
+    from attnxfer.checkpoints.model_card import _onnx_section
+
+    report = dict(file="model.onnx", opset=18, input_name="pixel_values", input_shape=["batch", 3, 32, 32])
+    report |= dict(
+        output_name="logits", exporter="dynamo", onnxruntime="1", provider="CPU", check_batches=[1]
+    )
+    report |= dict(max_abs_diff=0.0, max_abs_output=1.0)
+    data_cfg = dict(input_size=[3, 32, 32], crop_pct=0.8, interpolation="bilinear", mean=[0.5], std=[0.2])
+    text = _onnx_section(report, "local-dir:/out", data_cfg)
+    assert (
+        "Images as the run validated them: resized (bilinear) to 40 px on the short side, then a center "
+        in text
+    )
+    assert "crop of 32 x 32 px (crop_pct 0.8), normalised with mean [0.5] and std [0.2]." in text
+
+
+@pytest.mark.slow
+def test_an_onnx_only_card_says_how_the_run_resized_and_cropped_its_images(tmp_path):
+    """An ONNX user has no timm transform to read the preprocessing from: the card's ONNX section states it in
+    full (resize, crop, normalisation), as the timm section does."""
+    teacher = teacher_model()
+    teacher.pretrained_cfg.update(crop_pct=0.8, interpolation="bilinear")
+    student = student_like(teacher, num_classes=3).eval()
+    out = export_student(student, tmp_path / "out", card=card(), formats=("onnx",))
+    onnx_part = (out / "README.md").read_text().split("## ONNX")[1]
+    assert "resized (bilinear) to 40 px on the short side, then a center crop of 32 x 32 px" in onnx_part
+    assert "normalised with mean" in onnx_part
