@@ -40,7 +40,7 @@ def list_recipes() -> list[str]:
 
 def resolve_recipe(path: str | Path) -> Path:
     """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``), else ``NAME.yaml`` from
-    here (as ``base: NAME`` finds a file beside its recipe; a built-in recipe of that name comes first)."""
+    here: a built-in recipe of that name comes first (``base: NAME`` takes the file beside its recipe first)."""
     if not str(path).strip():
         raise ConfigError(
             "-c was given an empty name; pass a YAML file or a built-in recipe (e.g. -c demo/copy)"
