@@ -6,6 +6,7 @@ to the same weights."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -249,10 +251,13 @@ def test_a_finished_study_run_again_has_nothing_to_do(study, capsys):
 
 
 @pytest.mark.slow
-def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(study, tmp_path, tiny_teacher_dir, capsys):
+def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(
+    study, tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
     """Cut short after hedgehog saved stage 1's step 2 and before performer did: the re-run fits performer
     from step 0 alone until the stream reaches hedgehog's batch, then both together; both end as the
-    uninterrupted study's students."""
+    uninterrupted study's students. The reports count the attempt cut short (its stage-1 clock runs a minute a
+    reading): hedgehog's stage 1 is resumed, and the study's time holds its stage 1."""
 
     class Cut(Exception):
         pass
@@ -264,7 +269,8 @@ def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(study, tmp_pat
     run = tmp_path / "study"
     args = _study_args(tmp_path, tiny_teacher_dir, run)
     spec = load_study(args[4], [*BASE, f"run_dir={run}"], command="convert")
-    with pytest.raises(Cut), on_each_line(log):
+    with monkeypatch.context() as slow_clock, pytest.raises(Cut), on_each_line(log):
+        slow_clock.setattr(stage1, "time", SimpleNamespace(monotonic=itertools.count(0, 60).__next__))
         convert_study(spec)
     assert (run / "hedgehog" / "stage1" / "checkpoints" / "step-00000002").is_dir()
     assert not (run / "performer" / "stage1" / "checkpoints").exists()
@@ -276,6 +282,12 @@ def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(study, tmp_pat
     for name in NAMES:
         for stage in ("stage1", "stage2"):
             assert_same_tensors(_weights(run / name, stage), _weights(study / name, stage), f"{name} {stage}")
+    reports = {name: json.loads((run / name / "report.json").read_text()) for name in NAMES}
+    stage1_s = reports["hedgehog"]["seconds"]["stage1"]
+    total = float(
+        re.search(r"- time: (\d+) s for the whole study", (run / "conversion_study.md").read_text())[1]
+    )
+    assert stage1_s >= 60 and total >= stage1_s - 0.5
 
 
 @pytest.mark.slow

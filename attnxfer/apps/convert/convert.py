@@ -221,13 +221,21 @@ def convert_runs(
         speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
         for run in runs:
             measure(run, "before_stage1")
+        t1 = time.monotonic()
         stage1s = stage1(runs)
+        t2 = time.monotonic()
         stage2s = stage2(runs)
+        t3 = time.monotonic()
     speeds = _speeds(runs)
     reports = []
     for run, s1, s2, speed in zip(runs, stage1s, stage2s, speeds, strict=True):
         operations = operation_counts(run.teacher, run.student, batch=1)
-        run.seconds["total"] = time.monotonic() - t0
+        # a resumed stage's seconds count the attempts before this one (its checkpoints'): so does the total,
+        # by what each stage counts beyond the time this attempt spent in it
+        earlier = (
+            max(0.0, run.seconds.get(s, 0.0) - t) for s, t in (("stage1", t2 - t1), ("stage2", t3 - t2))
+        )
+        run.seconds["total"] = time.monotonic() - t0 + sum(earlier)
         report = _report(run, teacher_top1, s1, s2, speed, operations)
         if report["stage2_worse"]:
             run.say(f"warning: {report['stage2_worse']['message']}")
