@@ -283,6 +283,7 @@ def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(
         for stage in ("stage1", "stage2"):
             assert_same_tensors(_weights(run / name, stage), _weights(study / name, stage), f"{name} {stage}")
     reports = {name: json.loads((run / name / "report.json").read_text()) for name in NAMES}
+    assert reports["hedgehog"]["stage1"]["resumed"] and not reports["performer"]["stage1"]["resumed"]
     stage1_s = reports["hedgehog"]["seconds"]["stage1"]
     total = float(
         re.search(r"- time: (\d+) s for the whole study", (run / "conversion_study.md").read_text())[1]

@@ -81,6 +81,7 @@ class Stage1Job:
 
     def finish(self, stage1: Stage1Result) -> Stage1Result:
         stage1.seconds += self.earlier
+        stage1.resumed = self.options.get("start_step", 0) > 0  # it went on from an earlier run's step
         self.saved.save(stage1.steps, None, stage1, complete=True)
         return stage1
 
