@@ -26,8 +26,8 @@ from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import CheckpointManager, atomic_write_text, set_aside
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, config_changes, load_config, to_dict
 from ..config.overrides import refuse_unread_sections, yaml_value
-from ..errors import InputError
-from ..models.attention import SOFTMAX, transferable_attentions
+from ..errors import InputError, did_you_mean
+from ..models.attention import SOFTMAX, list_attentions, transferable_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
 from ..models.efficient.hierarchical import is_hierarchical
 from ..models.image_input import image_input
@@ -91,8 +91,14 @@ def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
         try:
             formula = parse_formula(text.removeprefix(PREFIX))
         except FormulaSyntaxError as e:
+            why: object = e  # a bare name is told what it is, not a formula's syntax
+            if text in list_attentions():
+                why = f"{text!r} is a zoo attention that no formula writes"
+            elif text.isidentifier():  # a misspelt seed
+                why = f"{text!r} names no seed{did_you_mean(text, HAND_DESIGNED)}"
             raise ConfigError(
-                f"search.seeds[{i}]: {e} (or name one of: {', '.join(HAND_DESIGNED)})"
+                f"search.seeds[{i}]: {why} (seeds are formulas, e.g. 'sum(relu)', or name one of: "
+                f"{', '.join(HAND_DESIGNED)})"
             ) from None
         name = PREFIX + str(formula)
         seeds[by_text.get(name, f"seed{i}")] = name

@@ -579,12 +579,20 @@ def test_a_generation_with_every_candidate_rejected_says_what_to_change(tmp_path
 
 
 def test_a_seed_may_name_a_zoo_attention_the_grammar_writes_and_another_name_is_told_which():
+    """A name is told what it is (a zoo attention no formula writes, or a misspelt seed with the nearest one),
+    not a formula's syntax error."""
     cfg = load_config("search/demo", ["search.seeds=[hedgehog, 'sum(relu)']"])
     assert _seed_formulas(cfg) == {"hedgehog": HAND_DESIGNED["hedgehog"], "relu_linear": "formula:sum(relu)"}
-    with pytest.raises(
-        ConfigError, match=r"search\.seeds\[0\]: .*\(or name one of: relu_linear, elu_linear, "
+    listed = r"\(seeds are formulas, e\.g\. 'sum\(relu\)', or name one of: relu_linear, elu_linear, "
+    for name, why in (
+        ("performer", "is a zoo attention that no formula writes"),
+        ("hedgehogg", "names no seed; did you mean 'hedgehog'?"),
     ):
-        _seed_formulas(load_config("search/demo", ["search.seeds=[performer]"]))
+        with pytest.raises(
+            ConfigError, match=rf"search\.seeds\[0\]: '{name}' {re.escape(why)} {listed}"
+        ) as e:
+            _seed_formulas(load_config("search/demo", [f"search.seeds=[{name}]"]))
+        assert "syntax" not in str(e.value)
 
 
 def test_search_layers_that_name_no_block_or_one_past_the_last_are_refused_saying_which(
