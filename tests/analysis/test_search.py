@@ -691,6 +691,7 @@ def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(
             _resume_point(changed, tmp_path)
         assert capsys.readouterr().out == ""
         assert "its config" not in str(refused.value)  # a search writes none: its checkpoint is not named one
+        assert "start it over here (checkpoint.resume=none" in str(refused.value)  # as the docs offer
 
 
 def test_a_search_started_over_keeps_the_earlier_one_aside_and_the_plain_command_continues_the_new_one(

@@ -194,7 +194,8 @@ def judge(
         raise ConfigError(
             f"{run} already holds a {what} (checkpoint {point.name}) {changed}. These cannot change when a "
             f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
-            f"(run_dir=...); to continue this one, give them the values it recorded: "
+            f"(run_dir=...) or start it over here (checkpoint.resume=none, which keeps the earlier one aside); "
+            f"to continue this one, give them the values it recorded: "
             f"{KeyChange.restoring(point.refused)}{split}"
             + (f" (its config: {config})" if own.is_file() else "")  # a search writes none
         )
