@@ -360,12 +360,17 @@ def test_a_hub_teacher_whose_branch_moved_is_told_the_commit_the_run_trained_wit
     teacher = {"spec": "hf-hub:acme/vit", "sha256": "11", "hf_repo": "acme/vit", "hf_commit": commit}
     point = ResumePoint(info, {"teacher": teacher})
     with pytest.raises(
-        ConfigError, match=f"original weights \\(hf-hub:acme/vit@{commit}, the commit it trained"
+        ConfigError, match=f"recorded file \\(hf-hub:acme/vit@{commit}, the commit it trained"
     ):
         check_teacher_content(point, {**teacher, "sha256": "22"}, "hf-hub:acme/vit")
+    # the hash is the file's: the same weights resaved (.pth as .safetensors) are told so, not called others
     local = ResumePoint(info, {"teacher": {"spec": "local-dir:t", "sha256": "11"}})
-    with pytest.raises(ConfigError, match="point teacher.spec at the original weights; to train"):
+    with pytest.raises(ConfigError) as refused:
         check_teacher_content(local, {"sha256": "22"}, "local-dir:t")
+    said = str(refused.value)
+    assert "another teacher file than the one step-00000004 recorded" in said and "other weights" not in said
+    assert "the same weights saved in another format are another file" in said
+    assert "point teacher.spec at the recorded file; to train" in said and "checkpoint.resume=none" in said
 
 
 def _record_every_section(run: Path, unread: dict) -> None:

@@ -220,9 +220,10 @@ def config_as_trained(run: RunDir, reader: str) -> TrainConfig:
 def check_teacher_content(
     point: ResumePoint | None, record: dict[str, Any] | None, spec: str, *, run: Path | str | None = None
 ) -> None:
-    """Refuse a resume whose teacher's weights differ from the checkpoint's: compared by the sha256 the
-    checkpoint records, not by the spelling of ``teacher.spec`` (a moved folder is the same teacher).
-    Teachers without a hash (random weights) keep the spelling rule of `judge`."""
+    """Refuse a resume whose teacher's weights file differs from the checkpoint's: compared by the sha256 the
+    checkpoint records (the file's: the same weights resaved in another format differ), not by the spelling
+    of ``teacher.spec`` (a moved folder is the same teacher). Teachers without a hash (random weights) keep
+    the spelling rule of `judge`."""
     if point is None:
         return
     old = point.teacher or {}
@@ -235,11 +236,12 @@ def check_teacher_content(
         f"hf-hub:{old['hf_repo']}@{old['hf_commit']}" if old.get("hf_repo") and old.get("hf_commit") else None
     )
     raise ConfigError(
-        f"{run} was trained with teacher {old.get('spec')!r} (weights sha256 {want}), but teacher.spec={spec!r} "
-        f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than the "
-        f"one {point.name} learned from; nothing was written. To continue this run, point teacher.spec "
-        f"at the original weights{f' ({pinned}, the commit it trained with)' if pinned else ''}; to train "
-        "with this teacher, start a new run elsewhere (run_dir=...)"
+        f"{run} was trained with teacher {old.get('spec')!r} (a file of sha256 {want}), but "
+        f"teacher.spec={spec!r} {'has random weights' if have is None else f'is a file of sha256 {have}'}: "
+        f"another teacher file than the one {point.name} recorded (the same weights saved in another format "
+        "are another file); nothing was written. To continue this run, point teacher.spec at the recorded file"
+        f"{f' ({pinned}, the commit it trained with)' if pinned else ''}; to train with this teacher, start it "
+        "over here (checkpoint.resume=none, which keeps the earlier one aside) or elsewhere (run_dir=...)"
     )
 
 
