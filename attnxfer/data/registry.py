@@ -198,6 +198,9 @@ def build_dataset(
         )
     for key, value in kwargs.items():  # a value of another type: a traceback deep in the builder otherwise
         hint = params[key].annotation if key in params else None  # the class `int` unless annotations defer
+        if hint is inspect.Parameter.empty:  # unannotated: the kind of its default (an int default: a number)
+            default = params[key].default
+            hint = "float" if type(default) in (int, float) else type(default).__name__
         hint = hint.__name__ if isinstance(hint, type) else str(hint)
         spelled = _annotation_parts(hint) if key in params else []
         if spelled and all(part in _SCALARS for part in spelled):
