@@ -330,6 +330,8 @@ class Resolved:
     named: str | None = None  # the name the user trained it as, when config.json names a timm stand-in
     # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
     tag_known: bool = True
+    # True: a transformers checkpoint without preprocessor_config.json (mean/std are timm's guess for the arch)
+    mean_std_guessed: bool = False
     # a transformers checkpoint: its state dict -> (timm's, dropped keys), given the weights file's name
     convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]] | None = None
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
@@ -452,6 +454,7 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
         convert=teacher.convert,
         source_format=teacher.source_format,
         unrecorded_args=teacher.unrecorded_args,
+        mean_std_guessed=pre is None,
     )
 
 

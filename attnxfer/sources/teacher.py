@@ -135,6 +135,9 @@ class TeacherRecord:
     resized_by: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
+    # True: mean/std are timm's defaults for the architecture, not what the weights were trained with (a
+    # transformers checkpoint without preprocessor_config.json): a run asks for data.mean / data.std
+    mean_std_guessed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -579,6 +582,7 @@ def _record(
         resized_by=size.sizes.how if size is not None else None,
         model_args=model_args,
         source_format=res.source_format,
+        mean_std_guessed=res.mean_std_guessed,
     )
 
 

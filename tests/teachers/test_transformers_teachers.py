@@ -507,6 +507,26 @@ def test_the_cli_refuses_an_unreadable_folder_in_one_line_before_any_work(tmp_pa
     assert not (run / "run.json").exists()
 
 
+def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_are_given(tmp_path, capsys):
+    """``save_pretrained`` writes no preprocessor_config.json: the statistics the weights were trained with are
+    unknown, and timm's defaults for the mapped architecture (0.5 for a ViTMAE folder trained on ImageNet's)
+    would skew the teacher's maps without a sign. The run says what to set, before writing anything."""
+    folder = _vit_folder(tmp_path)
+    run = tmp_path / "run"
+    argv = ["train", f"run_dir={run}", f"teacher.spec=local-dir:{folder}", *tiny_run(16, 8)]
+    capsys.readouterr()
+    assert main([*argv, "schedule.max_steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("attnxfer train: error: teacher local-dir:") and "no preprocessor_config.json" in err
+    )
+    assert "set data.mean and data.std (timm's defaults for vit_" in err and "data.mean=[0.5,0.5,0.5]" in err
+    assert not run.exists()
+    given = ["data.mean=[0.1,0.2,0.3]", "data.std=[0.4,0.5,0.6]", "schedule.max_steps=1"]
+    assert main([*argv, *given]) == 0
+    assert json.loads((run / "run.json").read_text())["mean"] == [0.1, 0.2, 0.3]
+
+
 # ------------------------------------------------------------------------------- a run from the folder
 
 
@@ -551,13 +571,14 @@ def test_copy_convert_inspect_and_export_run_from_a_transformers_folder(name, tm
     teacher against a distilled student, and the export of that student (which checks its logits)."""
     folder = tmp_path / name
     save_tiny(name, folder)
-    spec = f"teacher.spec=local-dir:{folder}"
+    # save_pretrained writes no preprocessor_config.json: a run asks for the statistics
+    spec = [f"teacher.spec=local-dir:{folder}", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"]
     common = [c for c in TRAIN if not c.startswith("transfer.mode")]
-    assert main(["train", f"run_dir={tmp_path / 'copy'}", spec, *common, "transfer.mode=copy"]) == 0
-    assert main(["train", f"run_dir={tmp_path / 'distill'}", spec, *TRAIN]) == 0
+    assert main(["train", f"run_dir={tmp_path / 'copy'}", *spec, *common, "transfer.mode=copy"]) == 0
+    assert main(["train", f"run_dir={tmp_path / 'distill'}", *spec, *TRAIN]) == 0
     convert = [
         f"run_dir={tmp_path / 'convert'}",
-        spec,
+        *spec,
         *TRAIN,
         "convert.attention=hedgehog",
         "convert.stage1_steps=2",

@@ -284,7 +284,17 @@ def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
 
 def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) -> list[Sequence[float]]:
     """data.mean and data.std, each else ``stats``' (the teacher's or model.init's), else the dataset's; RGB
-    statistics the config did not give are averaged for grey images (in_chans 1)."""
+    statistics the config did not give are averaged for grey images (in_chans 1). A teacher whose statistics
+    are a guess (a transformers checkpoint without preprocessor_config.json) is refused unless both are given:
+    the wrong ones would skew its attention maps without a sign."""
+    if stats.get("mean_std_guessed") and not (d.mean and d.std):
+        mean, std = (",".join(f"{v:g}" for v in stats[k]) for k in ("mean", "std"))
+        raise InputError(
+            f"teacher {stats['spec']} has no preprocessor_config.json beside its config.json, so the mean/std "
+            f"its weights were trained with are unknown: set data.mean and data.std (timm's defaults for "
+            f"{stats['architecture']}: data.mean=[{mean}] data.std=[{std}]), or put the model's "
+            "preprocessor_config.json beside its config.json"
+        )
     chosen = ((d.mean, stats.get("mean") or info.mean), (d.std, stats.get("std") or info.std))
     return [given or ((sum(v) / 3,) if in_chans == 1 and len(v) == 3 else v) for given, v in chosen]
 

@@ -189,8 +189,9 @@ def _pretrained_cfg(
     )
     if preprocessor is None:
         warn(
-            f"{where}: no preprocessor_config.json beside it: mean/std and resizing are timm's defaults for "
-            f"{arch} ({cfg['mean']}, {cfg['std']})"
+            f"{where}: no preprocessor_config.json beside it: the mean/std its weights were trained with are "
+            f"unknown; timm's defaults for {arch} stand in ({cfg['mean']}, {cfg['std']}; a run asks for "
+            "data.mean / data.std)"
         )
     else:
         cfg.update(_preprocessing(preprocessor))
