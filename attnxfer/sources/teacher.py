@@ -357,6 +357,13 @@ def load_teacher(
             f"{kernel.shape[-1]} px, its {built.shape[-1]} px; name the timm architecture they were trained as"
         )
     del state_dict
+    if not res.tag_known:  # said once the weights fit: a file refused is not first told of its mean/std
+        tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
+        warn(
+            f"{who or f'teacher {spec}'}: mean/std are timm's defaults for {res.architecture} (tag "
+            f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "
+            f"architecture if that is wrong" + (f" (one of: {', '.join(tags[:6])})" if len(tags) > 1 else "")
+        )
 
     record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos, size)
     hf = f" ({res.hf_repo}@{res.hf_commit})" if res.hf_repo else ""
@@ -410,13 +417,6 @@ def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str
             debug(f"{who}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
             res.pretrained_cfg = registry_cfg(guess)
             res.license, res.tag_known = res.pretrained_cfg.get("license"), True
-    if not res.tag_known:
-        tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
-        warn(
-            f"{who}: mean/std are timm's defaults for {res.architecture} (tag "
-            f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "
-            f"architecture if that is wrong" + (f" (one of: {', '.join(tags[:6])})" if len(tags) > 1 else "")
-        )
     return state_dict, checkpoint_key, dropped
 
 

@@ -269,6 +269,7 @@ def test_a_checkpoints_weights_file_given_as_a_model_names_its_run_not_an_archit
         ]
         code, _, err = run_cli(capsys, *argv, *_TINY_RUN)
         assert code == 2 and "pool" not in err and "Traceback" not in err, err
+        assert "mean/std" not in err  # of weights refused, their preprocessing is no news
         assert f"then use local-dir:{tmp_path / 'r' / 'export'}, without arch='vit_micro_patch4_28'" in err, (
             err
         )
