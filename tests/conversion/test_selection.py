@@ -940,6 +940,30 @@ def test_a_measured_selection_speedup_whose_rounds_fall_on_both_sides_of_1_is_no
             assert "measured: withheld (over 5 interleaved rounds" in said[-1]
 
 
+def test_a_choice_predicted_to_meet_its_budget_but_measured_short_of_it_is_said_to_miss_it():
+    """Predicted from blocks timed alone, the whole model can measure under the budget: the log and report.md
+    said "measured 1.15x" beside "budget 1.2x" and left the reader to compare the digits."""
+    from types import SimpleNamespace
+
+    from attnxfer.apps.convert.report import _selection_section
+
+    record = {
+        "side": 64, "batch": 2, "tokens": 1025, "speedup": 1.2, "predicted_speedup": 1.3, "candidates": ["hedgehog"],
+        "metric": "kl", "ms": {"teacher": 2.0, "softmax": 1.0, "hedgehog": 0.5}, "device": "cpu",
+        "precision": "fp32", "fit_steps": 2, "fastest": {"speedup": 1.5, "attention": "hedgehog"},
+        "attention": ["hedgehog"], "sensitivity": [{"hedgehog": 0.1}], "reasons": ["fits the budget"],
+    }  # fmt: skip
+    said = []
+    run = SimpleNamespace(cfg=None, selection=record, parts=None, say=said.append)
+    for measured, short in ((1.15, True), (1.25, False)):
+        speed = {"input": [3, 64, 64], "batch": 2, "student_over_teacher": measured}
+        section = selection.measured_section(run, speed)
+        md = "\n".join(_selection_section(section))
+        assert ("measured 1.15x: short of the budget (predicted from each block's" in said[-1]) is short
+        assert ("measured **1.15x**, **short of the budget** (" in md) is short
+        assert ("raise convert.speedup" in md) is short
+
+
 @pytest.mark.slow
 def test_linformer_as_a_candidate_is_timed_at_the_speed_tokens_not_refused_for_its_run_length(
     tmp_path, tiny_teacher_dir, fixed_timings

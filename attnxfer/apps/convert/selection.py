@@ -59,7 +59,7 @@ from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ...train.timing import interleaved_timings
 from ...transfer.conversion import ConversionPlan
-from ...transfer.selection import SOFTMAX, InfeasibleBudget, beside, fastest, reasons, select
+from ...transfer.selection import SHORT_OF_BUDGET, SOFTMAX, InfeasibleBudget, beside, fastest, reasons, select
 from ..run.parts import RunParts
 from ..run.resume import config_changes
 from .speed import rebuilt_teacher, speedup_withheld
@@ -578,6 +578,8 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
         else f"measured {beside(section['measured_speedup'], record['speedup'])}"
         + (f" ({beside(cpu, record['speedup'])} in CPU time)" if cpu else "")
     )
+    if not withheld and section["measured_speedup"] < record["speedup"]:  # said, not left to the digits
+        measured += f": short of the budget ({SHORT_OF_BUDGET})"
     run.say(
         f"convert.attention=auto: predicted {beside(record['predicted_speedup'], record['speedup'])} the "
         f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), {measured}"
