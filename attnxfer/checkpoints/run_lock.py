@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingPathError, PathExistsError
+from ..errors import InputError, MissingPathError, PathExistsError
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     EXPORTED_MODEL,
@@ -450,8 +450,14 @@ def run_lock(
     path = run_dir / LOCK_NAME
     # the folders made for it, removed again (deepest first) if the command ends leaving them empty (refused input)
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    with _plain_disk_errors(run_dir):
+    try:  # a full or read-only disk as in the body; any other refusal (/proc takes no folders) named plainly
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise disk_error(e, run_dir) or InputError(
+            f"run_dir={run_dir} cannot be made ({os.fsdecode(e.filename or run_dir)}: {e.strerror}); choose "
+            "another run_dir"
+        ) from e
+    with _plain_disk_errors(run_dir):
         key = (str(path.resolve()), threading.get_ident())  # per thread: another thread is a holder
     if key in _HELD:  # nested: this thread holds it already
         yield

@@ -705,6 +705,10 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
         (["train", "-c", "{tmp}/binary"], "not a text YAML file"),
         (["train", *S, "run_dir={tmp}/afile"], "is a file, not a directory"),
         (["train", *S, "run_dir={tmp}/afile/run"], "afile is a file, not a directory"),
+        (  # /proc takes no folders, for root too: the reason the folder cannot be made, not a traceback
+            ["train", *S, "run_dir=/proc/attnxfer-run"],
+            "run_dir=/proc/attnxfer-run cannot be made (/proc/attnxfer-run: No such file or directory)",
+        ),
         (["demo", "--quick", "--out", "{tmp}/afile/demo"], "afile is a file, not a directory"),
         (["demo", "--quick", "--out", "{tmp}"], "holds other work (afile, binary) and no demo's runs"),
         (["submit", *S, "run_dir={tmp}/afile/run", "--dry-run"], "afile is a file, not a directory"),
