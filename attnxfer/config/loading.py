@@ -199,9 +199,11 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         p = _resolve_base(parent, p)
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), command: str | None = None
+) -> TrainConfig:
     """Defaults, then the YAML file (after the recipes it starts from), then ``key=value`` overrides; every
-    value range-checked. A run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`),
+    value range-checked; an unknown key's refusal lists the sections ``command`` reads (None: every one). A run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`),
     unless a ``run_dir=`` override says otherwise; any other YAML's ``run_dir`` is taken as written."""
     if isinstance(overrides, str | Mapping):  # a str iterates as its letters, a dict as its keys
         raise ConfigError(
@@ -231,7 +233,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             # a recipe's mapping (model.kwargs: {depth: 4}) is merged into its base's, as a dotted override is:
             # YAML has no other way to set one key of it
             try:
-                cfg = refuse_unread_blr(data, merge_values(cfg, merged_into_base(data) if depth else data))
+                cfg = refuse_unread_blr(
+                    data, merge_values(cfg, merged_into_base(data) if depth else data, command=command)
+                )
             except ConfigError as e:  # which file of the chain holds the key
                 raise ConfigError(f"config file {str(file)!r}: {e}") from None
         cfg = _own_run_dir(cfg, p)
@@ -250,5 +254,5 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             continue  # no config either: parse_overrides says what an override is
         raise ConfigError(f"{item!r} is not a key=value override; to read its config, pass -c {config}")
     if overrides:
-        cfg = apply_overrides(cfg, parse_overrides(overrides))
+        cfg = apply_overrides(cfg, parse_overrides(overrides), command)
     return validate_config(cfg)

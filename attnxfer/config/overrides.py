@@ -333,7 +333,9 @@ def _section_type(root: type, prefix: str) -> type:
     return root
 
 
-def _unknown_key(key: str, prefix: str, root: type, value: Any = None) -> ConfigError:
+def _unknown_key(
+    key: str, prefix: str, root: type, value: Any = None, command: str | None = None
+) -> ConfigError:
     if not prefix and key == "base":  # a YAML file's first key, given as an override
         return ConfigError(
             "base names the recipe a YAML file starts from; on the command line, give it as -c RECIPE"
@@ -345,16 +347,25 @@ def _unknown_key(key: str, prefix: str, root: type, value: Any = None) -> Config
         return ConfigError(f"config key {prefix + key!r}: a YAML file nests its keys; write {nested}")
     meant = keys_meant(key, root, prefix, sections=isinstance(value, Mapping))
     hint = f"; did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
+    # ``command``'s own keys: the top level without the sections other commands alone read; under one of
+    # those, the command that reads it
+    fields = {f.name: f for f in dataclasses.fields(_section_type(root, prefix))}
+    valid = [n for n, f in fields.items() if prefix or command is None or reads_section(f, command)]
+    top = {f.name: f for f in dataclasses.fields(root)}.get(prefix.split(".")[0])
+    owner = section_command(top) if top and command and not reads_section(top, command) else None
     return ConfigError(
-        f"unknown config key {prefix + key!r}{hint} (valid under "
-        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(field_types(_section_type(root, prefix)))})"
+        f"unknown config key {prefix + key!r}{hint} (valid under {prefix.rstrip('.') or 'the top level'}: "
+        f"{', '.join(valid)}{f'; only `attnxfer {owner}` reads the {top.name} section' if owner else ''})"
     )
 
 
-def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type | None = None) -> Any:
+def merge_values(
+    obj: Any, data: Mapping[str, Any], prefix: str = "", root: type | None = None, command: str | None = None
+) -> Any:
     """``obj`` with the (nested) keys of ``data`` set, each coerced to its field's type; a closed set of
     values is checked here, bounds by `validate_config`. ``root``: the whole config's type (default: ``obj``'s),
-    where an unknown key's likely meaning is looked for."""
+    where an unknown key's likely meaning is looked for; ``command``: the command loading it, whose sections
+    an unknown key's refusal lists (None: every section)."""
     if not isinstance(data, Mapping):
         section = prefix.rstrip(".")
         if section in _SECTION_VALUE and isinstance(data, (str, int, float)):  # model=vit_tiny: its name
@@ -376,10 +387,10 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
     changes = {}
     for key, value in data.items():
         if key not in types:
-            raise _unknown_key(str(key), prefix, root, value)
+            raise _unknown_key(str(key), prefix, root, value, command)
         tp = types[key]
         if dataclasses.is_dataclass(tp):
-            changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.", root)
+            changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.", root, command)
         else:
             if isinstance(value, _Into):  # model.kwargs.depth=4 sets one key of the recipe's model.kwargs
                 value = _merged_into(getattr(obj, key), value, prefix + key)
@@ -484,9 +495,10 @@ class TypedStr(str):
     for any other key it is parsed (study.yaml quotes a ``--vary`` value: ``seed: "1"``)."""
 
 
-def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any], command: str | None = None) -> Any:
     """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``),
-    but for a `TypedStr`; a string field's only where quoted (``run_dir='runs/my run'``), else as written."""
+    but for a `TypedStr`; a string field's only where quoted (``run_dir='runs/my run'``), else as written.
+    ``command``: as `merge_values`'s."""
     parsed = {}
     for key, value in overrides.items():
         field: Any = type(cfg)  # the key's annotation (None where it names no field)
@@ -516,7 +528,7 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
             value = value if number and str in typing.get_args(field) else typed
         parsed[key] = value
     data = _nest(parsed)
-    return refuse_unread_blr(data, validate_config(merge_values(cfg, data)))
+    return refuse_unread_blr(data, validate_config(merge_values(cfg, data, command=command)))
 
 
 def refuse_unread_blr(data: Mapping[str, Any], cfg: Any) -> Any:

@@ -95,6 +95,20 @@ CASES = [
     ),
     (["export"], 2, "the following arguments are required: run_dir, out_dir"),
     (["train", "bogus.key=1"], 2, "unknown config key 'bogus'"),
+    # an unknown key is answered with the sections its command reads, not another command's alone
+    (
+        ["train", "foo.bar=1"],
+        2,
+        "valid under the top level: run_dir, seed, device, precision, deterministic, model",
+    ),
+    (["train", "foo.bar=1"], 2, " checkpoint, eval, dist)"),
+    (["convert", "foo=1"], 2, " checkpoint, eval, convert, dist)"),
+    (
+        ["pretrain", "foo=1"],
+        2,
+        " teacher, data, aug, optim, schedule, ema, log, checkpoint, eval, mae, dist)",
+    ),
+    (["train", "search.populaton=3"], 2, "convert_recipe; only `attnxfer search` reads the search section)"),
     # an unquoted list the shell split where a piece starts with `-`: told to quote it, not argparse's "flag?"
     *[
         ([cmd, "transfer.layers=[0,", "-1]"], 2, "quote the whole override, 'transfer.layers=[0, -1]'")

@@ -100,8 +100,8 @@ def load(args):
         if given:  # the flag wins, as a later override would: said, since the value given is dropped
             warn(f"warning: --skip-stage1 is convert.stage1_steps=0, which replaces {given[-1]}")
         overrides.append("convert.stage1_steps=0")
-    cfg = check_values(load_config(args.config, overrides))
     command = args.job_command if args.command == "submit" else args.command
+    cfg = check_values(load_config(args.config, overrides, None if command == "eval" else command))
     stage2 = Path(args.config or ".").parent  # a conversion's: its folder holds a config and no run.json
     conversion = (stage2.parent / RUN_CONFIG).is_file() and not (stage2.parent / RUN_RECORD).is_file()
     if command == "train" and stage2.name == STAGE_DIRS[-1] and conversion:
