@@ -457,8 +457,7 @@ def run_lock(
             f"run_dir={run_dir} cannot be made ({os.fsdecode(e.filename or run_dir)}: {e.strerror}); choose "
             "another run_dir"
         ) from e
-    with _plain_disk_errors(run_dir):
-        key = (str(path.resolve()), threading.get_ident())  # per thread: another thread is a holder
+    key = (str(path.resolve()), threading.get_ident())  # per thread: another thread is a holder
     if key in _HELD:  # nested: this thread holds it already
         yield
         return

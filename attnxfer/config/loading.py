@@ -203,8 +203,9 @@ def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), command: str | None = None
 ) -> TrainConfig:
     """Defaults, then the YAML file (after the recipes it starts from), then ``key=value`` overrides; every
-    value range-checked; an unknown key's refusal lists the sections ``command`` reads (None: every one). A run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`),
-    unless a ``run_dir=`` override says otherwise; any other YAML's ``run_dir`` is taken as written."""
+    value range-checked; an unknown key's refusal lists the sections ``command`` reads (None: every one). A
+    run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`), unless a ``run_dir=``
+    override says otherwise; any other YAML's ``run_dir`` is taken as written."""
     if isinstance(overrides, str | Mapping):  # a str iterates as its letters, a dict as its keys
         raise ConfigError(
             f"overrides: a list of 'key=value' strings (['data.batch_size=4']), got {overrides!r}"
