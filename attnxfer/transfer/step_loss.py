@@ -68,16 +68,25 @@ def marked_parts(
 ) -> Iterator[tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """Each comparison's name as logged, with its terms and logs: one whose name an earlier one took
     (``map#2``) marks its parts too (``attn_ce#2/3``), so two entries of one loss on the same layers both
-    show, in a run's logs as in `TransferOutput`, and neither overwrites the other."""
+    show, in a run's logs as in `TransferOutput`, and neither overwrites the other; two comparisons of other
+    losses that log one name (a KL of one's own as ``attn_kl/0`` beside the map's) are refused."""
     named: list[str] = []
+    owners: dict[str, str] = {}  # each name logged so far: the comparison that logs it
     for c, loss in compared:
-        named.append(_unused(c.name, named))
-        mark = named[-1][len(c.name) :]
-        yield (
-            named[-1],
-            {_marked(k, mark): v for k, v in loss.terms.items()},
-            {_marked(k, mark): v for k, v in loss.logs.items()},
-        )
+        name = _unused(c.name, named)
+        named.append(name)
+        mark = name[len(c.name) :]
+        parts = {_marked(k, mark): v for k, v in loss.terms.items()}
+        logs = {_marked(k, mark): v for k, v in loss.logs.items()}
+        for key in (name, *parts, *logs):
+            if (owner := owners.setdefault(key, name)) != name:
+                head, slash, layer = key.partition("/")
+                raise ValueError(
+                    f"comparisons {owner!r} and {name!r} both log {key!r}, and the log keeps one value under "
+                    f"that name: name the terms of one of them apart, e.g. after its loss "
+                    f"({name + slash + layer if slash else f'{name}_{head}'!r})"
+                )
+        yield name, parts, logs
 
 
 def _marked(key: str, mark: str) -> str:

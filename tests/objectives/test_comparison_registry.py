@@ -32,6 +32,7 @@ from attnxfer.transfer import (
     TeacherStudent,
     build_plan,
     comparison_loss,
+    compose_loss,
 )
 
 
@@ -408,6 +409,8 @@ class NotANumber(ComparisonLoss):
             return Loss(diff.mean(), {"k_l2": diff.mean()})
         if returns == "task term":
             return Loss(diff.mean(), {"task": diff.mean()})
+        if returns == "attn_kl term":  # the name mode=distill's map comparison logs its KL under
+            return Loss(diff.mean(), {f"attn_kl/{pair.student_layer}": diff.mean()})
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
@@ -438,6 +441,22 @@ def test_a_layer_loss_that_names_every_layers_term_alike_is_refused_not_logged_a
         r"student layer 1 and at an earlier one; name each layer's term apart, e\.g\. f'k_l2/\{pair",
     ):
         _forward_returning("one name")
+
+
+def test_a_term_named_as_another_comparisons_is_refused_not_logged_in_its_place():
+    """A KL of one's own logged as ``attn_kl/0`` beside ``transfer.mode=distill``: the map comparison logs its
+    KL under that name too, and the log kept one of the two values under a name that read as both."""
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2)
+    plan = build_plan(
+        teacher, student, "distill", losses=[{"name": "not_a_number", "returns": "attn_kl term"}]
+    )
+    out = TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+    with pytest.raises(
+        ValueError,
+        match=r"^comparisons 'map' and 'not_a_number' both log 'attn_kl/0', and the log keeps one value under "
+        r"that name: name the terms of one of them apart, e\.g\. after its loss \('not_a_number/0'\)$",
+    ):
+        compose_loss(out.compared)
 
 
 def test_a_loss_that_is_nan_on_the_first_step_is_named_and_not_blamed_on_the_learning_rate(
