@@ -273,6 +273,14 @@ class TeacherStudent(nn.Module):
             else:
                 res = c.loss_fn.compare(c, student_whole[c.signal], handover.signals[c.signal], step)
                 _check_numbers(c, res, "compare")
+            if (
+                torch.is_grad_enabled() and not res.total.requires_grad
+            ):  # else its weight multiplies a constant
+                raise ValueError(
+                    f"{c.origin}: comparison loss {c.loss!r} returned a total that carries no gradient to the "
+                    "student (detached, or computed under torch.no_grad()), so it would train nothing; compute "
+                    "it from the student's tensors as handed over, not detached copies"
+                )
             out.compared.append((c, res))
         return out
 

@@ -409,6 +409,8 @@ class NotANumber(ComparisonLoss):
             return Loss(diff.mean(), {"k_l2": diff.mean()})
         if returns == "task term":
             return Loss(diff.mean(), {"task": diff.mean()})
+        if returns == "detached":  # a copy of the docs' .detach() on the student's side too
+            return Loss(diff.mean().detach())
         if returns == "attn_kl term":  # the name mode=distill's map comparison logs its KL under
             return Loss(diff.mean(), {f"attn_kl/{pair.student_layer}": diff.mean()})
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
@@ -441,6 +443,20 @@ def test_a_layer_loss_that_names_every_layers_term_alike_is_refused_not_logged_a
         r"student layer 1 and at an earlier one; name each layer's term apart, e\.g\. f'k_l2/\{pair",
     ):
         _forward_returning("one name")
+
+
+def test_a_loss_that_carries_no_gradient_is_refused_not_trained_on_as_if_it_were_nothing():
+    """A total computed from detached tensors (or under no_grad) trained nothing beside a task loss, without
+    a word, and alone failed in backward with torch's 'element 0 of tensors does not require grad'."""
+    with pytest.raises(
+        ValueError,
+        match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned a total that carries no gradient "
+        r"to the student \(detached, or computed under torch.no_grad\(\)\), so it would train nothing; "
+        r"compute it from the student's tensors as handed over, not detached copies$",
+    ):
+        _forward_returning("detached")
+    with torch.no_grad():  # where no gradient is asked for, none is missing
+        _forward_returning("detached")
 
 
 def test_a_term_named_as_another_comparisons_is_refused_not_logged_in_its_place():
