@@ -173,6 +173,11 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
             )
         if not cls.signals:
             raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
+        if taken := [k for k in ENTRY_KEYS if k in cls.options]:  # the entry's key, never the option
+            raise ValueError(
+                f"comparison loss {name!r}: option {taken[0]!r} is a key of every transfer.losses entry "
+                f"({', '.join(ENTRY_KEYS)}), so no entry could set it; name it otherwise, e.g. '{name}_{taken[0]}'"
+            )
         # a layer's input or output is no attention's hand-over: its compare_layer would find nothing
         if unknown := [str(s) for s in cls.signals if s.of_layer and not s.chunks]:
             raise ValueError(

@@ -364,6 +364,20 @@ def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registere
             signals = (Signal.K, Signal.OUTPUT)
 
 
+@pytest.mark.parametrize("option", ["weight", "signal", "name"])
+def test_an_option_named_as_an_entrys_own_key_is_refused_where_it_is_registered(option, registries_kept):
+    """An option ``weight`` registered silently: ``{name: ..., weight: 0.5}`` set the comparison's weight, the
+    option kept its default whatever an entry said, and the plan printed two weights."""
+    with pytest.raises(
+        ValueError,
+        match=rf"^comparison loss 'own': option '{option}' is a key of every transfer.losses entry "
+        rf"\(name, weight, signal\), so no entry could set it; name it otherwise, e.g. 'own_{option}'$",
+    ):
+        comparison_loss("own")(
+            type("Own", (ComparisonLoss,), {"signals": (Signal.FEATURES,), "options": {option: 0.5}})
+        )
+
+
 @pytest.mark.parametrize("name", ["total", "step"])
 def test_a_loss_named_as_a_key_the_step_logs_itself_is_refused_where_it_is_registered(name, registries_kept):
     """The run's log record holds ``task``, ``total``, ``step``, ...: a loss of that name overwrote one (a
