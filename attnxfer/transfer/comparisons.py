@@ -184,6 +184,17 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
                 f"comparison loss {name!r}: {', '.join(unknown)} is not handed to comparison losses; "
                 "compare maps, q, k, v, features or logits"
             )
+        # a signal without its method failed at the first step, the teacher loaded, in the base class's words
+        for s in cls.signals:
+            method, args, kind = (
+                ("compare_layer", "comparison, pair, step", "a layer's signal")
+                if s.of_layer
+                else ("compare", "comparison, student, teacher, step", "a whole-model signal")
+            )
+            if getattr(cls, method) is getattr(ComparisonLoss, method):
+                raise ValueError(
+                    f"comparison loss {name!r}: {s}, {kind}, comes to {method}({args}), which it does not define"
+                )
         loss = cls()
         loss.name = name
         COMPARISON_LOSSES[name] = loss

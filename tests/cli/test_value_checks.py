@@ -341,6 +341,7 @@ def test_a_constant_built_by_code_is_not_read_as_its_first_piece():
 _LOSSES_NAMED_BY_CODE = """
 from ..models.handover import Signal
 from .comparisons import ComparisonLoss, comparison_loss
+from .step_loss import Loss
 
 PREFIX = "attn_"
 
@@ -349,10 +350,16 @@ PREFIX = "attn_"
 class AttnMSE(ComparisonLoss):
     signals = (Signal.FEATURES,)
 
+    def compare(self, comparison, student, teacher, step):
+        return Loss((student - teacher).pow(2).mean())
+
 
 @comparison_loss(f"{PREFIX}l1")
 class AttnL1(ComparisonLoss):
     signals = (Signal.FEATURES,)
+
+    def compare(self, comparison, student, teacher, step):
+        return Loss((student - teacher).abs().mean())
 """
 
 

@@ -364,6 +364,39 @@ def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registere
             signals = (Signal.K, Signal.OUTPUT)
 
 
+def _compares_mse_v(self, comparison, pair, step) -> Loss:
+    return Loss((pair.student["v"] - pair.teacher["v"]).pow(2).mean())
+
+
+def _compares_gap(self, comparison, student, teacher, step) -> Loss:
+    return Loss((student.mean() - teacher.mean()).pow(2))
+
+
+@pytest.mark.parametrize(
+    "signals, method, said",
+    [
+        (
+            (Signal.LOGITS,),
+            {"compare_layer": _compares_mse_v},
+            "logits, a whole-model signal, comes to compare(comparison, student, teacher, step), which it does "
+            "not define",
+        ),
+        (
+            (Signal.V, Signal.FEATURES),
+            {"compare": _compares_gap},
+            "v, a layer's signal, comes to compare_layer(comparison, pair, step), which it does not define",
+        ),
+    ],
+)
+def test_a_loss_without_the_method_its_signals_come_to_is_refused_where_it_is_registered(
+    signals, method, said, registries_kept
+):
+    """A KL on logits written as compare_layer failed at the first step, after the teacher had loaded, with
+    'comparison loss ... compares no whole-model signal' for a class that lists one."""
+    with pytest.raises(ValueError, match=rf"^comparison loss 'own': {re.escape(said)}$"):
+        comparison_loss("own")(type("Own", (ComparisonLoss,), {"signals": signals, **method}))
+
+
 @pytest.mark.parametrize("option", ["weight", "signal", "name"])
 def test_an_option_named_as_an_entrys_own_key_is_refused_where_it_is_registered(option, registries_kept):
     """An option ``weight`` registered silently: ``{name: ..., weight: 0.5}`` set the comparison's weight, the
