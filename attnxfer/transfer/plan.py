@@ -71,7 +71,11 @@ class TransferPlan:
     def describe(self) -> str:
         """A short human-readable table, printed at start-up."""
         m = self.mode
-        lines = [f"transfer plan: mode={m.name} ({m.description})"]
+        # transfer.losses can move attention where the mode moves none: the plan does not say "no attention"
+        said = m.description
+        if m.moves_nothing and any(c.signal.of_layer for c in self.comparisons):
+            said = "the mode itself moves no attention; the comparisons below do"
+        lines = [f"transfer plan: mode={m.name} ({said})"]
         if self.pairs:  # what the mode borrows or distils, tokens, heads, drop path, layers and losses
             kind = (
                 f"borrow {m.borrow} from teacher"

@@ -45,6 +45,18 @@ def test_each_distilled_layers_plan_line_names_its_own_loss():
     assert "CE between" in lines[-2] and "MSE between" in lines[-1]
 
 
+def test_mode_none_with_a_map_comparison_is_not_described_as_no_attention_transfer():
+    """transfer.losses moves attention where the mode moves none: the plan's first line said "mode=none (no
+    attention transfer)" right above the map comparison it prints; with logit distillation alone it still does."""
+    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    maps = build_plan(teacher, student, "none", losses=[{"name": "map"}]).describe().splitlines()
+    assert (
+        maps[0] == "transfer plan: mode=none (the mode itself moves no attention; the comparisons below do)"
+    )
+    logits = build_plan(teacher, student, "none", logit_weight=1.0).describe().splitlines()
+    assert logits[0] == "transfer plan: mode=none (no attention transfer)"
+
+
 def test_plan_loss_lines_name_only_the_distilled_layers_when_they_are_not_consecutive():
     teacher = tiny_vit(depth=4, seed=1)
     said = build_plan(teacher, tiny_vit(depth=4, seed=2), "distill", layers=[0, -1]).describe()
