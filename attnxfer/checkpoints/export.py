@@ -246,10 +246,21 @@ def _formats(formats: Sequence[str] | str) -> tuple[str, ...]:
 def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
     """(the student's spec as the export names it, whether timm itself registers its architecture). An
     architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer: name a
-    timm entrypoint of that class, with arguments read off the modules that pin every choice."""
-    from timm.models import model_entrypoint
+    timm entrypoint of that class, with arguments read off the modules that pin every choice. Its input config
+    is timm's view of the model (a teacher's fixed_input_size is not the student's), with a mean and std value
+    per input channel (an RGB teacher's mean averaged for a grey student, as timm's loaders do; a grey one's
+    repeated), which config.json's pretrained_cfg, written from it, says too."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import get_model_input_config, model_entrypoint
 
     spec = student_spec(student)
+    current = get_model_input_config(student)
+    chans, cfg = current["input_size"][0], spec["pretrained_cfg"]
+    cfg.update(input_size=list(current["input_size"]), fixed_input_size=current["fixed_input_size"])
+    for k, default in (("mean", IMAGENET_DEFAULT_MEAN), ("std", IMAGENET_DEFAULT_STD)):
+        v = cfg.get(k, default)
+        v = [v] if isinstance(v, (int, float)) else v  # timm takes one number too
+        cfg[k] = list(v) if len(v) == chans else [sum(v) / len(v)] * chans
     native = model_entrypoint(spec["architecture"]).__module__.startswith("timm.")
     if native or type(student) is not VisionTransformer:
         return spec, native
@@ -277,7 +288,8 @@ def _config_block(
     labels = {"label_names": names} if names else {}  # timm's field: index -> class name
     return {
         **labels,
-        "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
+        # the student's input config and the card's licence, as attnxfer.student says them
+        "pretrained_cfg": dict(spec["pretrained_cfg"], license=license_id),
         "attnxfer": {
             "version": __version__,
             "description": shape_phrase(shape, spec["attention"]),

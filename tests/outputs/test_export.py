@@ -705,6 +705,51 @@ def test_card_and_config_name_the_students_real_shape_which_plain_timm_builds(tm
         assert torch.equal(plain(x), student(x))
 
 
+def _micro_student(**kwargs) -> nn.Module:
+    from attnxfer.models import create_vit
+
+    return student_like(create_vit("vit_micro_patch4_28", num_classes=10), depth=1, **kwargs).eval()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # one channel, teacher's fixed_input_size=False though timm's ViT is fixed; one-value mean
+        lambda: _micro_student(),
+        # the one-value mean of a grey teacher on a three-channel student
+        lambda: _micro_student(in_chans=3),
+        # the three-value mean of an RGB teacher on a one-channel student, softmax and efficient
+        lambda: student_like(teacher_model(), num_classes=10, in_chans=1).eval(),
+        lambda: efficient_student_from_teacher(
+            student_like(teacher_model(), in_chans=1), "relu_linear"
+        ).eval(),
+    ],
+    ids=["grey", "grey-teacher-rgb-student", "rgb-teacher-grey-student", "rgb-teacher-grey-linear"],
+)
+def test_timms_config_and_the_students_say_the_same_input_size_and_a_mean_and_std_per_channel(make, tmp_path):
+    """config.json's pretrained_cfg (what timm reads) and attnxfer.student's (what load_student reads) agree
+    with timm's own view of the model, and normalise each input channel with its own value."""
+    from timm.data import resolve_model_data_config
+    from timm.models import get_model_input_config
+
+    student = make()
+    out = export_student(student, tmp_path / "out", card=card())
+    config = json.loads((out / "config.json").read_text())
+    top, ours = config["pretrained_cfg"], config["attnxfer"]["student"]["pretrained_cfg"]
+    keys = ("input_size", "fixed_input_size", "mean", "std")
+    assert {k: top[k] for k in keys} == {k: ours[k] for k in keys}
+    timms = get_model_input_config(student)
+    chans = timms["input_size"][0]
+    assert ours["input_size"] == list(timms["input_size"])
+    assert ours["fixed_input_size"] == timms["fixed_input_size"]
+    assert len(ours["mean"]) == len(ours["std"]) == chans
+    if config["attnxfer"]["loads_in_plain_timm"]:
+        data = resolve_model_data_config(timm.create_model(f"local-dir:{out}", pretrained=True))
+    else:
+        data = resolve_model_data_config(load_student(f"local-dir:{out}"))
+    assert len(data["mean"]) == len(data["std"]) == chans and list(data["mean"]) == ours["mean"]
+
+
 def test_a_hierarchical_students_shape_names_its_stage_widths():
     from attnxfer.checkpoints.model_card import shape_phrase
     from attnxfer.models import create_vit
