@@ -311,8 +311,9 @@ def _write_timm_format(
     student: nn.Module, spec: dict[str, Any], meta: dict[str, Any], folder: Path, *, verify: bool
 ) -> None:
     """config.json + model.safetensors as ``timm.models.save_for_hf`` writes them: a softmax student from its
-    plain-timm twin; an efficient one as itself, under an architecture name timm refuses with a message
-    naming `load_student` (and ``attn_layer: attnxfer:KIND``, which `load_teacher` refuses)."""
+    plain-timm twin; an efficient one as itself, with arguments timm (and transformers' wrapper) refuses with
+    a message naming `load_student` (and ``attn_layer: attnxfer:KIND``, which `load_teacher` refuses)."""
+    import timm
     from timm.models import save_for_hf
 
     kind = attention_label(spec["attention"])
@@ -329,18 +330,31 @@ def _write_timm_format(
     save_for_hf(model, folder, model_config=meta, model_args=args, safe_serialization=True)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    if kind != SOFTMAX:
-        # timm prints an unknown architecture verbatim (``RuntimeError: Unknown model (...)``), so the name is
-        # the instruction (an unknown ``attn_layer`` only gets ``Unknown attn_layer: None``); no ':', '/', for
-        # timm under transformers' wrapper reads those as a path's. The base stays in ``attnxfer.student``
-        config["architecture"] = (
-            f"attnxfer student with {kind} attention, which timm and transformers build only as softmax; load it "
-            "with attnxfer.load_student, or run model.onnx (attnxfer export --format onnx) in ONNX Runtime"
-        )
     # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
     # (its own count: 0 for ``AutoModel``): a second ``num_classes`` in ``model_args`` fails the load;
     # timm itself reads the top-level ``num_classes``, so nothing is lost. Rewritten as timm wrote it
     config.get("model_args", {}).pop("num_classes", None)
+    if kind != SOFTMAX:
+        # the instruction is a keyword argument first in ``model_args``, which the student's timm class refuses
+        # by name (``TypeError: ... unexpected keyword argument '...'``) in timm and, passed on as it is, under
+        # transformers' wrapper; an architecture name of that sentence gets timm's ``Unknown model (...)``,
+        # which the wrapper turns into advice to upgrade timm. No ':', '/' in it (a path's, to that wrapper).
+        # The base stays in ``attnxfer.student``; one only attnxfer registers is timm's stand-in ViT here
+        why = (
+            f"attnxfer student with {kind} attention, which timm and transformers build only as softmax; load it "
+            "with attnxfer.load_student, or run model.onnx (attnxfer export --format onnx) in ONNX Runtime"
+        )
+        native = meta["attnxfer"]["architecture_registered_by"] == "timm"
+        config["architecture"] = spec["architecture"] if native else _TIMM_VIT_STAND_IN
+        config["model_args"] = {why: True, **config["model_args"]}
+        try:  # a timm class that took any keyword would build softmax: that one gets the sentence as its name
+            with torch.device("meta"):
+                timm.create_model(config["architecture"], num_classes=0, **config["model_args"])
+            refused = False
+        except Exception as e:
+            refused = isinstance(e, TypeError) and why in str(e)
+        if not refused:
+            config["architecture"] = why
     config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 

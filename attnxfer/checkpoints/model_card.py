@@ -370,9 +370,10 @@ def _loading_section(
         kind = attention_label(spec.get("attention", SOFTMAX))
         return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
-            "cannot build it (config.json's `architecture` is no timm model, so timm stops with an error naming "
-            "`attnxfer.load_student` instead of loading these weights into softmax attention), and neither can "
-            "transformers' timm wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
+            "cannot build it (config.json's `model_args` open with an argument no timm model takes, so timm stops "
+            "with an error naming `attnxfer.load_student` instead of loading these weights into softmax attention), "
+            "and neither can transformers' timm wrapper, which builds through timm and stops with the same error. "
+            "Load it with attnxfer, which rebuilds "
             'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
             f'model = load_student("{load_ref}").eval()\n'

@@ -292,7 +292,7 @@ def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tm
     readme = (out / "README.md").read_text()
     assert "timm does not provide" in readme and f'load_student("local-dir:{out}")' in readme
     # plain timm refuses instead of loading into softmax, and says what loads it
-    with pytest.raises(RuntimeError, match=r"relu_linear attention.*load it with attnxfer\.load_student"):
+    with pytest.raises(TypeError, match=r"relu_linear attention.*load it with attnxfer\.load_student"):
         timm.create_model(f"local-dir:{out}", pretrained=True)
     assert (
         config["attnxfer"]["student"]["architecture"] == "vit_tiny_patch16_224"

@@ -104,12 +104,32 @@ def test_headless_export_loads_in_transformers_as_features(tmp_path):
     assert 'AutoModel.from_pretrained("' in (out / "README.md").read_text()
 
 
-def test_an_efficient_export_is_refused_by_transformers_and_the_card_points_to_onnx(tmp_path):
-    out = export_student(efficient_student("relu_linear"), tmp_path / "out", card=card())
-    # timm, under the wrapper, names why and the loader (not a path error telling to prefix hf-hub:)
+def _micro_linear_student() -> nn.Module:
+    from attnxfer.models import create_vit
+
+    return build_efficient_student(
+        student_like(create_vit("vit_micro_patch4_28", num_classes=3), depth=1), "relu_linear"
+    )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: efficient_student("relu_linear"),
+        _micro_linear_student,  # an architecture only attnxfer registers
+        lambda: build_efficient_student(build_swin("swin"), "relu_linear"),  # a class other than timm's ViT
+    ],
+    ids=["vit", "micro-vit", "swin"],
+)
+def test_an_efficient_export_is_refused_by_transformers_and_the_card_points_to_onnx(make, tmp_path):
+    out = export_student(make().eval(), tmp_path / "out", card=card())
+    # timm, under the wrapper, names why and the loader (not a path error telling to prefix hf-hub:), and
+    # transformers does not turn it into advice to upgrade timm, which builds no such model in any version
     why = r"relu_linear attention, which timm and transformers build only as softmax; load it with attnxfer"
-    with pytest.raises(Exception, match=why + r"\.load_student, or run model\.onnx"):
-        transformers.AutoModelForImageClassification.from_pretrained(out)
+    for auto in (transformers.AutoModel, transformers.AutoModelForImageClassification):
+        with pytest.raises(Exception, match=why + r"\.load_student, or run model\.onnx") as refused:
+            auto.from_pretrained(out)
+        assert "upgrade" not in str(refused.value)
     readme = (out / "README.md").read_text()
     assert "neither can transformers' timm wrapper" in readme and "--format onnx" in readme
 
