@@ -4,6 +4,7 @@ bit-identical, so ``timm.create_model("local-dir:OUT")`` and transformers' timm 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -313,7 +314,6 @@ def _write_timm_format(
     """config.json + model.safetensors as ``timm.models.save_for_hf`` writes them: a softmax student from its
     plain-timm twin; an efficient one as itself, with arguments timm (and transformers' wrapper) refuses with
     a message naming `load_student` (and ``attn_layer: attnxfer:KIND``, which `load_teacher` refuses)."""
-    import timm
     from timm.models import save_for_hf
 
     kind = attention_label(spec["attention"])
@@ -344,17 +344,13 @@ def _write_timm_format(
             f"attnxfer student with {kind} attention, which timm and transformers build only as softmax; load it "
             "with attnxfer.load_student, or run model.onnx (attnxfer export --format onnx) in ONNX Runtime"
         )
-        native = meta["attnxfer"]["architecture_registered_by"] == "timm"
-        config["architecture"] = spec["architecture"] if native else _TIMM_VIT_STAND_IN
-        config["model_args"] = {why: True, **config["model_args"]}
-        try:  # a timm class that took any keyword would build softmax: that one gets the sentence as its name
-            with torch.device("meta"):
-                timm.create_model(config["architecture"], num_classes=0, **config["model_args"])
-            refused = False
-        except Exception as e:
-            refused = isinstance(e, TypeError) and why in str(e)
-        if not refused:
+        try:  # a class that took any keyword would build softmax: that one gets the sentence as its name
+            inspect.signature(type(student)).bind_partial(**{why: True})
             config["architecture"] = why
+        except TypeError:  # refused by name, as timm and the wrapper will
+            native = meta["attnxfer"]["architecture_registered_by"] == "timm"
+            config["architecture"] = spec["architecture"] if native else _TIMM_VIT_STAND_IN
+            config["model_args"] = {why: True, **config["model_args"]}
     config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
