@@ -112,9 +112,10 @@ class TransferConfig:
     # model.num_classes) and the data has labels, else 0. Not resumable: it is what the run optimises
     task_weight: float | None = key(None, range=NON_NEGATIVE)
     # more comparisons of the student with its teacher, each a registered comparison loss
-    # (attnxfer.transfer.comparisons): {name: NAME, weight: W, signal: SIGNAL, <its options>}, e.g.
-    # [{name: mse, signal: v, weight: 1.0}, {name: mse, signal: q, weight: 0.5}]; a layer signal (maps, q,
-    # k, v) is compared at the transfer's layers (layers / end_layer). Built in: map, mse, feature_distill
+    # (attnxfer.transfer.comparisons): {name: NAME, weight: W, signal: SIGNAL, layers: [...], <its options>},
+    # e.g. [{name: mse, signal: v, weight: 1.0}, {name: mse, signal: q, weight: 0.5}]; a layer signal (maps, q,
+    # k, v) is compared at the transfer's layers (layers / end_layer), or at those of them the entry's layers
+    # names (spelt as transfer.layers; null: all). Built in: map, mse, feature_distill
     # (logit distillation is logit_distill above). Not resumable: it is what the run optimises
     losses: list[dict[str, Any]] = key(factory=list, range=ANY)
     # how a softmax student layer's exact CE is evaluated: auto (measured on the run's device and shapes

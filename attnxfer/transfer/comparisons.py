@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -36,6 +37,8 @@ class Comparison:
     notes: tuple[str, ...] = ()
     #: who asked for it, in the config's words ("transfer.losses[0]"): what a message about it names
     origin: str = ""
+    #: the student layers its entry limits it to, as written (negatives from the end); None: the transfer's
+    layers: tuple[int, ...] | None = None
 
     @property
     def loss_fn(self) -> ComparisonLoss:
@@ -215,7 +218,7 @@ def get_comparison_loss(name: str) -> ComparisonLoss:
 
 
 #: the keys of a ``transfer.losses`` entry that are not the loss's options
-ENTRY_KEYS = ("name", "weight", "signal")
+ENTRY_KEYS = ("name", "weight", "signal", "layers")
 #: the option types an entry's value is checked against (its default's), in the config's words
 _KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
@@ -242,6 +245,16 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
     weight = entry.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise PlanError(f"{origin}: weight must be a finite number >= 0, got {weight!r}")
+    if (layers := entry.get("layers")) is not None and not signal.of_layer:
+        raise PlanError(f"{origin}.layers: {signal} is a whole-model signal, it has no layers; remove layers")
+    ints = isinstance(layers, Sequence) and all(
+        isinstance(i, Integral) and not isinstance(i, bool) for i in layers
+    )
+    if layers is not None and (isinstance(layers, str) or not ints or not layers):
+        raise PlanError(
+            f"{origin}.layers: a list of student block indices (ints, -1: the last), e.g. [0, 1, -1], "
+            f"or null (the transfer's layers); got {layers!r}"
+        )
     options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     unknown = sorted(set(options) - set(loss.options))
     if unknown:
@@ -259,7 +272,8 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
             raise PlanError(
                 f"{origin}.{k}: expected a finite number (as {loss.name}'s default {default!r}), got {v!r}"
             )
-    return Comparison(signal, loss.name, float(weight), options, origin=origin)
+    layers = None if layers is None else tuple(int(i) for i in layers)
+    return Comparison(signal, loss.name, float(weight), options, origin=origin, layers=layers)
 
 
 def drop_hint(comparison: Comparison) -> str:

@@ -209,7 +209,19 @@ def build_plan(
     s_parts, t_parts = partitions(student, s_names, s_attn), partitions(teacher, t_names, t_attn)
     pairs = pair_within_stages(chosen, s_names, t_names, s_parts, t_parts)
     models = PlanModels(teacher, student, t_attn, s_attn, t_parts, s_parts)
-    requested = [replace(c, pairs=pairs) if c.signal.of_layer else c for c in requested]
+    paired = [s for s, _ in pairs]
+    for i, c in enumerate(requested):
+        if not c.signal.of_layer:
+            continue
+        # an entry's layers: some of those the transfer pairs, a negative one counted from the end
+        want = [j + len(s_attn) if j < 0 else j for j in c.layers or paired]
+        if outside := [j for j, w in zip(c.layers or (), want) if w not in paired]:
+            raise PlanError(
+                f"{c.origin}.layers: {', '.join(map(str, outside))} not among the student layers the transfer "
+                f"pairs with a teacher layer; name some of {', '.join(map(str, paired))} (negatives count from "
+                f"the end of the student's {len(s_attn)} blocks), or widen transfer.layers / transfer.end_layer"
+            )
+        requested[i] = replace(c, pairs=tuple(p for p in pairs if p[0] in want))
     _check_layer_pairs(spec, pairs, requested, models, s_names, share_drop_path)
     compared = tuple(
         replace(c, notes=tuple(c.loss_fn.note(c, models, s, t) for s, t in c.pairs)) for c in requested
@@ -278,4 +290,5 @@ def _check_layer_pairs(
         if spec.is_copy and spec.mixes_chunks:  # q and k borrowed together take any head dim
             check_head_dims_match(f"mode {spec.name!r}", where, t_attn[t], s_attn[s])
         for c in of_layers:
-            c.loss_fn.check_pair(c, models, s, t, where)
+            if (s, t) in c.pairs:
+                c.loss_fn.check_pair(c, models, s, t, where)

@@ -478,6 +478,18 @@ def test_a_loss_option_written_out_at_its_default_is_no_change_and_another_value
     assert [(c.key, c.allowed) for c in config_changes(recorded, other)] == [("transfer.losses", False)]
 
 
+def test_an_entrys_layers_changed_on_resume_is_a_change_it_refuses():
+    """An entry's ``layers`` is what the run optimises, as its weight is; null is the entry without it."""
+    recorded = to_dict(load_config(None, ["transfer.losses=[{name: mse, signal: v, layers: [0, 1]}]"]))
+    same = load_config(None, ["transfer.losses=[{name: mse, signal: v, layers: [0, 1]}]"])
+    assert config_changes(recorded, same) == []
+    other = load_config(None, ["transfer.losses=[{name: mse, signal: v, layers: [1]}]"])
+    assert [(c.key, c.allowed) for c in config_changes(recorded, other)] == [("transfer.losses", False)]
+    unset = to_dict(load_config(None, ["transfer.losses=[{name: mse, signal: v}]"]))
+    null = load_config(None, ["transfer.losses=[{name: mse, signal: v, layers: null}]"])
+    assert config_changes(unset, null) == []
+
+
 def test_an_attention_option_written_out_at_its_default_is_no_change_and_another_value_is():
     """model/convert.attention_kwargs are compared as the attention is built with them: a resume that spells
     out an option's default (nystrom's 32 landmarks), or leaves out one the first run wrote, was refused."""

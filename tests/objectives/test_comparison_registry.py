@@ -23,6 +23,7 @@ import attnxfer
 from attnxfer.apps.run.training import train
 from attnxfer.config import load_config
 from attnxfer.models.attention.capture import attention_maps
+from attnxfer.models.efficient import build_efficient_student
 from attnxfer.train.engine import NonFiniteLossError
 from attnxfer.transfer import (
     ComparisonLoss,
@@ -150,7 +151,7 @@ def test_a_layer_entry_compares_at_the_transfer_layers_beside_copy():
     out = TeacherStudent(teacher, student, plan).train()(x)
     assert set(out.terms) == {"mse_v/0", "mse_v/1"}  # each layer's term under its comparison's name
     with torch.no_grad():  # layer 0's input is the same with or without borrowed maps
-        v_s, v_t = (_first_block_v(m, x) for m in (student, teacher))
+        v_s, v_t = (_block_v(m, x) for m in (student, teacher))
     torch.testing.assert_close(out.terms["mse_v/0"], (v_s - v_t).pow(2).mean(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.loss, 0.25 * (out.terms["mse_v/0"] + out.terms["mse_v/1"]))
 
@@ -203,10 +204,82 @@ def test_a_maps_loss_of_ones_own_builds_its_maps_from_the_handed_q_and_k_as_the_
     assert out.loss.requires_grad
 
 
-def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The first block's v, from its input as timm's VisionTransformer makes it."""
+def _block_v(model: torch.nn.Module, x: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """Block ``block``'s v, from its input as timm's VisionTransformer makes it (the blocks before it run)."""
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
-    return model.blocks[0].attn.project(model.blocks[0].norm1(h), "v")["v"]
+    for earlier in model.blocks[:block]:
+        h = earlier(h)
+    return model.blocks[block].attn.project(model.blocks[block].norm1(h), "v")["v"]
+
+
+@pytest.mark.parametrize("layers", [[1], [-1]])
+def test_an_entrys_layers_limit_its_comparison_to_those_layers(layers):
+    """``{name: mse, signal: v, layers: [1]}`` (or ``[-1]``, the last of 2, as transfer.layers counts it)
+    compares v at student layer 1 only, while the transfer pairs layers 0 and 1; the plan says so."""
+    teacher, student, x = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2), torch.randn(2, 3, 32, 32)
+    entry = {"name": "mse", "signal": "v", "weight": 0.5, "layers": layers}
+    plan = build_plan(teacher, student, "distill", losses=[entry])
+    assert plan.pairs == ((0, 0), (1, 1)) and plan.comparisons[1].pairs == ((1, 1),)
+    assert "  mse of v: weight 0.5, student layers 1<-1" in plan.describe().splitlines()
+    out = TeacherStudent(teacher, student, plan).train()(x)
+    assert not any(k.startswith("mse_v/0") for k in out.terms)
+    with torch.no_grad():  # mode distill borrows nothing: block 1's v from the student's own block 0
+        want = (_block_v(student, x, 1) - _block_v(teacher, x, 1)).pow(2).mean()
+    torch.testing.assert_close(out.terms["mse_v/1"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_an_entrys_layers_spare_a_student_layer_its_loss_could_not_compare():
+    """A student whose block 0 has no map (hydra) takes a map comparison limited to block 1."""
+    teacher = peaked_teacher(depth=2)
+    student = build_efficient_student(teacher, ["hydra", "softmax"])
+    with pytest.raises(PlanError, match="'hydra' attention has no attention map"):
+        build_plan(teacher, student, "none", losses=[{"name": "map"}])
+    plan = build_plan(teacher, student, "none", losses=[{"name": "map", "layers": [1]}])
+    assert plan.comparisons[0].pairs == ((1, 1),)
+
+
+@pytest.mark.parametrize(
+    "entry, transfer_layers, message",
+    [
+        (
+            {"name": "mse", "signal": "v", "layers": [0, 2]},
+            None,
+            r"^transfer.losses\[0\].layers: 2 not among the student layers the transfer pairs with a teacher "
+            r"layer; name some of 0, 1 \(negatives count from the end of the student's 2 blocks\), or widen "
+            r"transfer.layers / transfer.end_layer$",
+        ),
+        (
+            {"name": "mse", "signal": "v", "layers": [-2, -3]},
+            None,
+            r"^transfer.losses\[0\].layers: -3 not among .* name some of 0, 1 ",
+        ),
+        (  # a layer of the student the transfer leaves out
+            {"name": "map", "layers": [0]},
+            [1],
+            r"^transfer.losses\[0\].layers: 0 not among .* name some of 1 ",
+        ),
+        (
+            {"name": "feature_distill", "layers": [0]},
+            None,
+            r"^transfer.losses\[0\].layers: features is a whole-model signal, it has no layers; remove layers$",
+        ),
+        *(
+            ({"name": "mse", "signal": "v", "layers": bad}, None, r"^transfer.losses\[0\].layers: a list of")
+            for bad in ([], [True], "0", 1, [0.5])
+        ),
+    ],
+)
+def test_an_entrys_layers_outside_the_transfers_or_of_a_whole_model_signal_are_refused(
+    entry, transfer_layers, message
+):
+    with pytest.raises(PlanError, match=message):
+        build_plan(
+            tiny_vit(depth=2, seed=1),
+            tiny_vit(depth=2, seed=2),
+            "none",
+            layers=transfer_layers,
+            losses=[entry],
+        )
 
 
 @pytest.mark.parametrize(
@@ -223,9 +296,9 @@ def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         ({"name": 3}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got 3$"),
         (
             {"name": "logit_kd", "temperatur": 2},
-            r"logit_kd takes name, weight, signal, temperature; not temperatur",
+            r"logit_kd takes name, weight, signal, layers, temperature; not temperatur",
         ),
-        ({"name": "mse", "wieght": 2}, r"mse takes name, weight, signal; not wieght"),
+        ({"name": "mse", "wieght": 2}, r"mse takes name, weight, signal, layers; not wieght"),
         ({"name": "mse", "signal": "maps"}, r"mse compares q, k, v, not 'maps'"),
         ({"name": "map", "weight": -1}, r"weight must be a finite number >= 0, got -1"),
         (
@@ -397,14 +470,14 @@ def test_a_loss_without_the_method_its_signals_come_to_is_refused_where_it_is_re
         comparison_loss("own")(type("Own", (ComparisonLoss,), {"signals": signals, **method}))
 
 
-@pytest.mark.parametrize("option", ["weight", "signal", "name"])
+@pytest.mark.parametrize("option", ["weight", "signal", "name", "layers"])
 def test_an_option_named_as_an_entrys_own_key_is_refused_where_it_is_registered(option, registries_kept):
     """An option ``weight`` registered silently: ``{name: ..., weight: 0.5}`` set the comparison's weight, the
     option kept its default whatever an entry said, and the plan printed two weights."""
     with pytest.raises(
         ValueError,
         match=rf"^comparison loss 'own': option '{option}' is a key of every transfer.losses entry "
-        rf"\(name, weight, signal\), so no entry could set it; name it otherwise, e.g. 'own_{option}'$",
+        rf"\(name, weight, signal, layers\), so no entry could set it; name it otherwise, e.g. 'own_{option}'$",
     ):
         comparison_loss("own")(
             type("Own", (ComparisonLoss,), {"signals": (Signal.FEATURES,), "options": {option: 0.5}})

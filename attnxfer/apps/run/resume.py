@@ -61,7 +61,7 @@ def _in_effect(key: str, value: Any, configs: Sequence[dict[str, Any]]) -> Any:
         except PlanError:
             out.append(entry)
             continue
-        out.append((c.loss, str(c.signal), c.weight, {k: c.option(k) for k in c.loss_fn.options}))
+        out.append((c.loss, str(c.signal), c.weight, c.layers, {k: c.option(k) for k in c.loss_fn.options}))
     return out
 
 
