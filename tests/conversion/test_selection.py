@@ -909,6 +909,15 @@ def test_the_report_says_which_candidate_was_left_out_because_its_fit_diverged(
     )
 
 
+#: a recorded choice of one hedgehog block (budget 1.1x, predicted 1.3x) whose measurement the tests vary
+_MEASURED_CHOICE = {
+    "side": 64, "batch": 2, "tokens": 1025, "speedup": 1.1, "predicted_speedup": 1.3, "candidates": ["hedgehog"],
+    "metric": "kl", "ms": {"teacher": 2.0, "softmax": 1.0, "hedgehog": 0.5}, "device": "cpu",
+    "precision": "fp32", "fit_steps": 2, "fastest": {"speedup": 1.5, "attention": "hedgehog"},
+    "attention": ["hedgehog"], "sensitivity": [{"hedgehog": 0.1}], "reasons": ["fits the budget"],
+}  # fmt: skip
+
+
 def test_a_measured_selection_speedup_whose_rounds_fall_on_both_sides_of_1_is_not_claimed():
     """The selection's measured speed-up is judged as the report's own: where its interleaved rounds put the
     student both slower and faster than the teacher (a loaded machine), neither the log nor report.md states
@@ -917,12 +926,7 @@ def test_a_measured_selection_speedup_whose_rounds_fall_on_both_sides_of_1_is_no
 
     from attnxfer.apps.convert.report import _selection_section
 
-    record = {
-        "side": 64, "batch": 2, "tokens": 1025, "speedup": 1.1, "predicted_speedup": 1.3, "candidates": ["hedgehog"],
-        "metric": "kl", "ms": {"teacher": 2.0, "softmax": 1.0, "hedgehog": 0.5}, "device": "cpu",
-        "precision": "fp32", "fit_steps": 2, "fastest": {"speedup": 1.5, "attention": "hedgehog"},
-        "attention": ["hedgehog"], "sensitivity": [{"hedgehog": 0.1}], "reasons": ["fits the budget"],
-    }  # fmt: skip
+    record = dict(_MEASURED_CHOICE)
     speed = {"input": [3, 64, 64], "batch": 2, "resolution": 64, "repeats": 5, "student_over_teacher": 1.44}
     said = []
     run = SimpleNamespace(cfg=None, selection=record, parts=None, say=said.append)
@@ -947,12 +951,7 @@ def test_a_choice_predicted_to_meet_its_budget_but_measured_short_of_it_is_said_
 
     from attnxfer.apps.convert.report import _selection_section
 
-    record = {
-        "side": 64, "batch": 2, "tokens": 1025, "speedup": 1.2, "predicted_speedup": 1.3, "candidates": ["hedgehog"],
-        "metric": "kl", "ms": {"teacher": 2.0, "softmax": 1.0, "hedgehog": 0.5}, "device": "cpu",
-        "precision": "fp32", "fit_steps": 2, "fastest": {"speedup": 1.5, "attention": "hedgehog"},
-        "attention": ["hedgehog"], "sensitivity": [{"hedgehog": 0.1}], "reasons": ["fits the budget"],
-    }  # fmt: skip
+    record = {**_MEASURED_CHOICE, "speedup": 1.2}
     said = []
     run = SimpleNamespace(cfg=None, selection=record, parts=None, say=said.append)
     for measured, short in ((1.15, True), (1.25, False)):
