@@ -218,8 +218,8 @@ class LogConfig:
     # [] for none
     trackers: list[str] = key(factory=lambda: ["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))
     project: str = key("attnxfer", range=ANY)  # the W&B project / MLflow experiment
-    # validation images whose class-token maps go to TensorBoard (and RUN_DIR/pictures/) at each eval, where
-    # log.trackers includes tensorboard (0: none)
+    # validation images whose class-token maps go to each of log.trackers (and RUN_DIR/pictures/) at each
+    # eval; none without trackers (0: none)
     attention_images: int = key(2, range=NON_NEGATIVE)
     progress: bool = key(True, range=ANY)
 

@@ -1,5 +1,5 @@
 """Run metrics: ``metrics.jsonl`` (one JSON line per record) and the trackers' scalars, ``summary.csv`` (one
-row per epoch, timm's convention), and pictures (PNG and TensorBoard).
+row per epoch, timm's convention), and pictures (PNG and each tracker).
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class MetricsLogger:
         atomic_write_text(self.run_dir / SUMMARY_CSV, buf.getvalue())
 
     def log_image(self, tag: str, step: int, image) -> Path | None:
-        """A picture, (C, H, W) floats in [0, 1] or (H, W, 3) uint8, as ``pictures/<tag>-step<N>.png`` and a
-        TensorBoard image."""
+        """A picture, (C, H, W) floats in [0, 1] or (H, W, 3) uint8, as ``pictures/<tag>-step<N>.png`` and to
+        each tracker."""
         if not self.enabled:
             return None
         image = torch.as_tensor(image).detach().cpu()
@@ -133,8 +133,7 @@ class MetricsLogger:
         path = self.path.parent / PICTURES_DIR / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(image, str(path))
-        if self.trackers.tensorboard is not None:
-            self.trackers.tensorboard.add_image(tag, image, step)
+        self.trackers.log_image(tag, step, image.mul(255).round().byte().permute(1, 2, 0).numpy())
         return path
 
     def close(self) -> None:

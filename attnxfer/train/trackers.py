@@ -444,11 +444,6 @@ class TrackerSet:
         if values:
             tracker.store_init_configuration(values)
 
-    @property
-    def tensorboard(self):
-        t = (self._trackers or {}).get("tensorboard")
-        return None if t is None else t.writer
-
     def log(self, split: str, step: int, metrics: Mapping[str, float]) -> None:
         self.start()
         values = {tracker_tag(split, k): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
@@ -457,6 +452,21 @@ class TrackerSet:
         for name, tracker in self._trackers.items():
             key = TRACKERS[name].key
             tracker.log({key(tag): v for tag, v in values.items()}, step=int(step))
+
+    def log_image(self, tag: str, step: int, image: Any) -> None:
+        """A picture, (H, W, 3) uint8, to each tracker under its name for ``tag``: an image at ``step`` in
+        TensorBoard and W&B, the artifact ``<tag>-step<N>.png`` in MLflow's run (accelerate's has no images)."""
+        self.start()
+        for name, tracker in self._trackers.items():
+            key = TRACKERS[name].key(tag)
+            if name == "mlflow":
+                import mlflow
+
+                run_id = tracker.active_run.info.run_id
+                mlflow.MlflowClient().log_image(run_id, image, f"{key}-step{int(step):08d}.png")
+            else:
+                formats = {"dataformats": "NHWC"} if name == "tensorboard" else {}
+                tracker.log_images({key: image[None]}, step=int(step), **formats)
 
     def finish(self) -> None:
         try:

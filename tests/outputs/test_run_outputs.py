@@ -192,7 +192,8 @@ def _wandb_history(path: Path) -> tuple[str, dict, list[dict]]:
 @pytest.mark.slow
 def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch):
     """W&B offline and MLflow's file store write here; a finished run extended by one epoch (a resume)
-    logs into the same W&B run id and the same MLflow run."""
+    logs into the same W&B run id and the same MLflow run. Without TensorBoard, both get the class-token
+    pictures."""
     pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
     pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
     import mlflow
@@ -205,8 +206,9 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     common = [
         f"run_dir={run}",
         *TINY,
-        "log.trackers=[tensorboard, wandb, mlflow]",
+        "log.trackers=[wandb, mlflow]",
         "log.project=attnxfer-test",
+        "log.attention_images=1",
     ]
     train(load_config(None, [*common, "schedule.epochs=2"]))
     ids = json.loads((run / "trackers.json").read_text())
@@ -222,6 +224,12 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     assert steps(rows_a) == list(range(1, 9)) and steps(rows_b) == list(range(9, 13))
     assert config["transfer.mode"] == "none" and config["optim.weight_decay"] == 0.05
     assert "no attention transfer" in config["plan"]
+    # each evaluation's picture (steps 4, 8; 12 after the resume) as a W&B image, its file in the run's media
+    key = "attention/cls_maps_0/filenames"
+    shown = lambda f, rows: [
+        (r["_step"], (f.parent / "files" / n).is_file()) for r in rows for n in r.get(key, [])
+    ]
+    assert shown(files[0], rows_a) == [(4, True), (8, True)] and shown(files[1], rows_b) == [(12, True)]
 
     # MLflow: one run in the experiment, its metric file holds steps 1..12 once each
     exp = mlflow.get_experiment_by_name("attnxfer-test")
@@ -233,8 +241,10 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     assert all(m.value == pytest.approx(jsonl[m.step], rel=1e-6) for m in history)
     params = runs[0].data.params
     assert params["transfer.mode"] == "none" and "no attention transfer" in params["plan"]
-    # TensorBoard: today's files
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    # ... and as MLflow artifacts, one image per evaluation
+    listed = mlflow.tracking.MlflowClient().list_artifacts(runs[0].info.run_id, "attention")
+    assert [a.path for a in listed] == [f"attention/cls_maps_0-step{s:08d}.png" for s in (4, 8, 12)]
+    assert not (run / "tb").exists()  # not asked for
 
 
 @pytest.mark.slow  # two short training runs

@@ -525,8 +525,8 @@ def build_engine(
         metric = point.state.get("best_metric", metric)
     settings = loop_settings(cfg, runtime.world, point, prune_on_save, say_world=warn_schedule)
     settings = replace(settings, metric=metric, metric_mode="max")
-    n = cfg.log.attention_images  # class-token maps at each evaluation, where TensorBoard shows them
-    shown = n > 0 and "tensorboard" in cfg.log.trackers
+    n = cfg.log.attention_images  # class-token maps at each evaluation, where a tracker shows them
+    shown = n > 0 and bool(cfg.log.trackers)
     pictures = [class_token_pictures(pair, parts.val_loader, n, runtime.device)] if shown else []
     record = {
         "teacher": parts.teacher_record,
