@@ -190,8 +190,8 @@ def _pretrained_cfg(
     if preprocessor is None:
         warn(
             f"{where}: no preprocessor_config.json beside it: the mean/std its weights were trained with are "
-            f"unknown; timm's defaults for {arch} stand in ({cfg['mean']}, {cfg['std']}; a run asks for "
-            "data.mean / data.std)"
+            f"unknown; timm's defaults for {arch} stand in ({cfg['mean']}, {cfg['std']}; give the ones "
+            "it was trained with as data.mean / data.std)"
         )
     else:
         cfg.update(_preprocessing(preprocessor))
