@@ -136,7 +136,7 @@ class TeacherRecord:
     model_args: dict[str, Any] = field(default_factory=dict)
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
     # True: mean/std are timm's defaults for the architecture, not what the weights were trained with (a
-    # transformers checkpoint without preprocessor_config.json): a run with it as teacher asks for data.mean/std
+    # transformers checkpoint without preprocessor_config.json): a run asks for data.mean / data.std
     mean_std_guessed: bool = False
 
     def to_dict(self) -> dict[str, Any]:

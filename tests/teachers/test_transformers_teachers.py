@@ -525,6 +525,15 @@ def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_a
     given = ["data.mean=[0.1,0.2,0.3]", "data.std=[0.4,0.5,0.6]", "schedule.max_steps=1"]
     assert main([*argv, *given]) == 0
     assert json.loads((run / "run.json").read_text())["mean"] == [0.1, 0.2, 0.3]
+    # the same folder as the encoder a student starts from (model.init), for train and MAE pre-training
+    init = [f"run_dir={tmp_path / 'init'}", f"model.init=local-dir:{folder}", *tiny_run(16, 8)]
+    for command, mode in (("train", ["transfer.mode=none"]), ("pretrain", [])):
+        capsys.readouterr()
+        assert main([command, *init, *mode, "schedule.max_steps=1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"attnxfer {command}: error: model.init=local-dir:"), err
+        assert "no preprocessor_config.json" in err and "set data.mean and data.std" in err
+        assert not (tmp_path / "init").exists()
 
 
 # ------------------------------------------------------------------------------- a run from the folder

@@ -63,18 +63,24 @@ def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any
 
 
 def load_init(
-    spec: str, img_size: int | None, *, file_model: ModelConfig | None, cache_dir: str | None
+    spec: str,
+    img_size: int | None,
+    *,
+    file_model: ModelConfig | None,
+    cache_dir: str | None,
+    data: DataConfig | None = None,
 ) -> nn.Module:
     """``model.init``'s pretrained encoder, headless, loaded as a teacher is; a weights file is built as
     ``file_model``'s ``name`` and ``kwargs`` say. Its errors are restated as ``model.init``'s: the loader's
-    words name a teacher, and a run that has one would be told to change the wrong key."""
+    words name a teacher, and a run that has one would be told to change the wrong key. Statistics that are
+    a guess are refused unless ``data`` gives both (`refuse_guessed_stats`)."""
     built_as = None
     try:
         if parse_teacher_spec(spec, role="model.init").source is Source.FILE:
             built_as = file_model
         arch, kwargs = (built_as.name, dict(built_as.kwargs)) if built_as else (None, {})
         img_size = kwargs.pop("img_size", None) or img_size  # the size the file's architecture is built at
-        encoder, _ = load_teacher(
+        encoder, record = load_teacher(
             spec,
             arch=arch,
             cache_dir=cache_dir,
@@ -93,17 +99,23 @@ def load_init(
                 "set them to the architecture it was trained as"
             )
         raise InputError(said if "model.init" in said else f"model.init={spec!r}: {said}") from None
+    refuse_guessed_stats(data or DataConfig(), record.to_dict(), f"model.init={spec}")
     return encoder
 
 
 def init_from_pretrained(
-    m: ModelConfig, num_classes: int, img_size: int | None, cache_dir: str | None, kwargs: dict[str, Any]
+    m: ModelConfig,
+    num_classes: int,
+    img_size: int | None,
+    cache_dir: str | None,
+    kwargs: dict[str, Any],
+    data: DataConfig | None = None,
 ) -> nn.Module:
     """A trainable copy of the pretrained encoder ``m.init`` (fine-tuning) with a fresh ``num_classes`` head and
     ``kwargs`` (timm's, pooling among them); any other weight missing is an error, never a random weight. A
     norm moved after the pooling (``fc_norm``) starts fresh and the encoder's final norm is dropped, as MAE's
     fine-tuning does."""
-    pretrained = load_init(m.init, img_size, file_model=m, cache_dir=cache_dir)
+    pretrained = load_init(m.init, img_size, file_model=m, cache_dir=cache_dir, data=data)
     with _kwargs_refused(m, f"the student (model.init={m.init}'s architecture)"):
         student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
@@ -133,7 +145,7 @@ def build_student(
     m = cfg.model
     kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if m.init:
-        student = init_from_pretrained(m, num_classes, img_size, cfg.teacher.cache_dir, kwargs)
+        student = init_from_pretrained(m, num_classes, img_size, cfg.teacher.cache_dir, kwargs, cfg.data)
         if not quiet:
             _say_if_not_built(m, student, num_classes, kwargs)
     elif teacher is not None and m.mirror_teacher:
@@ -282,19 +294,23 @@ def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
     return num_classes
 
 
-def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) -> list[Sequence[float]]:
-    """data.mean and data.std, each else ``stats``' (the teacher's or model.init's), else the dataset's; RGB
-    statistics the config did not give are averaged for grey images (in_chans 1). A teacher whose statistics
-    are a guess (a transformers checkpoint without preprocessor_config.json) is refused unless both are given:
-    the wrong ones would skew its attention maps without a sign."""
-    if stats.get("mean_std_guessed") and not (d.mean and d.std):
-        mean, std = (",".join(f"{v:g}" for v in stats[k]) for k in ("mean", "std"))
+def refuse_guessed_stats(d: DataConfig, record: dict[str, Any], who: str) -> None:
+    """A model whose mean/std are a guess (a transformers checkpoint without preprocessor_config.json) is
+    refused unless data.mean and data.std are both given: the wrong ones would skew it without a sign."""
+    if record.get("mean_std_guessed") and not (d.mean and d.std):
+        mean, std = (",".join(f"{v:g}" for v in record[k]) for k in ("mean", "std"))
         raise InputError(
-            f"teacher {stats['spec']} has no preprocessor_config.json beside its config.json, so the mean/std "
-            f"its weights were trained with are unknown: set data.mean and data.std (timm's defaults for "
-            f"{stats['architecture']}: data.mean=[{mean}] data.std=[{std}]), or put the model's "
+            f"{who} has no preprocessor_config.json beside its config.json, so the mean/std its weights were "
+            f"trained with are unknown: set data.mean and data.std (timm's defaults for "
+            f"{record['architecture']}: data.mean=[{mean}] data.std=[{std}]), or put the model's "
             "preprocessor_config.json beside its config.json"
         )
+
+
+def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) -> list[Sequence[float]]:
+    """data.mean and data.std, each else ``stats``' (the teacher's or model.init's), else the dataset's; RGB
+    statistics the config did not give are averaged for grey images (in_chans 1)."""
+    refuse_guessed_stats(d, stats, f"teacher {stats.get('spec')}")
     chosen = ((d.mean, stats.get("mean") or info.mean), (d.std, stats.get("std") or info.std))
     return [given or ((sum(v) / 3,) if in_chans == 1 and len(v) == 3 else v) for given, v in chosen]
 

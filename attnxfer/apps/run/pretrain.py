@@ -27,7 +27,7 @@ from ...checkpoints.model_card import shape_phrase
 from ...checkpoints.resume_point import ResumePoint
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import set_aside
-from ...config import TrainConfig, config_changes, refuse_unread_sections, to_dict
+from ...config import DataConfig, TrainConfig, config_changes, refuse_unread_sections, to_dict
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
@@ -82,7 +82,11 @@ def _shape_errors(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -
 
 
 def init_mae(
-    mae: MaskedAutoencoder, spec: str, img_size: int | None = None, cache_dir: str | None = None
+    mae: MaskedAutoencoder,
+    spec: str,
+    img_size: int | None = None,
+    cache_dir: str | None = None,
+    data: DataConfig | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Load ``model.init`` into ``mae`` in place; returns what was loaded (one line) and the mean/std the
     encoder was trained on where its source records them (a model's, not a bare file's). A checkpoint file
@@ -97,7 +101,7 @@ def init_mae(
         # weights_only: a pickled argparse.Namespace is refused, with the fix for model.init
         state, _ = read_state_dict(path, "model.init")
     else:
-        encoder = load_init(spec, img_size, file_model=None, cache_dir=cache_dir)
+        encoder = load_init(spec, img_size, file_model=None, cache_dir=cache_dir, data=data)
         state, stats = encoder.state_dict(), getattr(encoder, "pretrained_cfg", {})
     # a trained student's file (a fine-tune's, a run's checkpoint) has a classifier the headless encoder lacks
     head = sorted(k for k in state if k.startswith("head.") and k not in own)
@@ -210,7 +214,7 @@ def build_pretrain_engine(
     info = data_info(d)
     mae = build_mae(cfg, d.in_chans or info.in_chans, d.img_size)
     init_note, stats = (
-        init_mae(mae, cfg.model.init, d.img_size, cfg.teacher.cache_dir) if cfg.model.init else (None, {})
+        init_mae(mae, cfg.model.init, d.img_size, cfg.teacher.cache_dir, d) if cfg.model.init else (None, {})
     )
     # the encoder is the run's student; the loaders are the training ones (labels, if any, come along unread)
     inputs = image_input(mae.encoder)
