@@ -310,7 +310,6 @@ def refuse_guessed_stats(d: DataConfig, record: dict[str, Any], who: str) -> Non
 def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) -> list[Sequence[float]]:
     """data.mean and data.std, each else ``stats``' (the teacher's or model.init's), else the dataset's; RGB
     statistics the config did not give are averaged for grey images (in_chans 1)."""
-    refuse_guessed_stats(d, stats, f"teacher {stats.get('spec')}")
     chosen = ((d.mean, stats.get("mean") or info.mean), (d.std, stats.get("std") or info.std))
     return [given or ((sum(v) / 3,) if in_chans == 1 and len(v) == 3 else v) for given, v in chosen]
 
@@ -356,6 +355,9 @@ def build_run_parts(
         except ImageSizeError as e:
             raise e.restated("data.img_size") from None
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
+        refuse_guessed_stats(
+            d, record, f"teacher {cfg.teacher.spec}"
+        )  # before the student and data are built
     elif cfg.transfer.mode != "none":
         raise InputError(
             f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
