@@ -273,9 +273,8 @@ class TeacherStudent(nn.Module):
             else:
                 res = c.loss_fn.compare(c, student_whole[c.signal], handover.signals[c.signal], step)
                 _check_numbers(c, res, "compare")
-            if (
-                torch.is_grad_enabled() and not res.total.requires_grad
-            ):  # else its weight multiplies a constant
+            # a total without a gradient (detached) would be trained on as a constant, training nothing
+            if torch.is_grad_enabled() and not res.total.requires_grad:
                 raise ValueError(
                     f"{c.origin}: comparison loss {c.loss!r} returned a total that carries no gradient to the "
                     "student (detached, or computed under torch.no_grad()), so it would train nothing; compute "
