@@ -143,7 +143,9 @@ def test_the_comparison_has_a_row_per_attention_with_one_teacher_timing(study):
             in md
         )
         assert f"| {row['name']} | {row['attention']} | after stage 2 | {row['top1']:.2f} |" in md
-    assert "| floor (ceiling) |" in md and "| block | hedgehog (hedgehog) | performer (performer) |" in md
+    # the floor is called a ceiling only where it timed faster than the teacher (not on a loaded machine)
+    ceiling = " (ceiling)" if rows[0]["speed"]["floor_over_teacher"] >= 1 else ""
+    assert f"| floor{ceiling} | " in md and "| block | hedgehog (hedgehog) | performer (performer) |" in md
     best = max(rows, key=lambda r: r["top1"])["name"]
     assert f"McNemar's exact test against {best}" in md and "| the best |" in md
     # --report writes it again from the students' reports alone, training and measuring nothing
