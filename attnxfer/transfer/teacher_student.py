@@ -344,6 +344,13 @@ def _check_numbers(c: Comparison, res: Loss, method: str) -> None:
             f"{c.origin}: comparison loss {c.loss!r} returned from {method} a term named {taken[0]!r}, which the "
             f"step logs itself; name it otherwise, e.g. '{c.loss}_{taken[0]}'"
         )
+    if both := sorted(res.terms.keys() & res.logs.keys()):  # the step logs terms and logs as one record
+        head, slash, layer = both[0].partition("/")
+        raise ValueError(
+            f"{c.origin}: comparison loss {c.loss!r} returned from {method} {both[0]!r} as a term and as a log, "
+            f"and the log keeps one value under that name (the log's); name the log otherwise, e.g. "
+            f"'{head}_log{slash}{layer}'"
+        )
     for name, value in [("total", res.total), *res.terms.items(), *res.logs.items()]:
         if torch.is_tensor(value) and value.dim() == 0:
             continue

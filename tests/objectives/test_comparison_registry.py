@@ -511,7 +511,7 @@ def _forward_returning(returns: str) -> None:
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
     """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN,
-    a bare tensor, one term name at every layer, a term named as the step's own."""
+    a bare tensor, one term name at every layer, a term named as the step's own, a term and a log of one name."""
 
     signals = (Signal.K,)
     options: ClassVar = {"returns": "vector"}
@@ -533,6 +533,9 @@ class NotANumber(ComparisonLoss):
             return Loss(diff.mean().detach())
         if returns == "attn_kl term":  # the name mode=distill's map comparison logs its KL under
             return Loss(diff.mean(), {f"attn_kl/{pair.student_layer}": diff.mean()})
+        if returns == "term and log":  # a detached copy of a term logged under the term's own name
+            name = f"k_l2/{pair.student_layer}"
+            return Loss(diff.mean(), {name: diff.mean()}, {name: diff.mean().detach()})
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
@@ -577,6 +580,18 @@ def test_a_loss_that_carries_no_gradient_is_refused_not_trained_on_as_if_it_were
         _forward_returning("detached")
     with torch.no_grad():  # where no gradient is asked for, none is missing
         _forward_returning("detached")
+
+
+def test_a_term_and_a_log_of_one_name_are_refused_not_logged_as_the_log_alone():
+    """The step logs a comparison's terms and logs as one record, so a log named like a term replaced the
+    term's value in metrics.jsonl without a word (while the term was the one summed and watched)."""
+    with pytest.raises(
+        ValueError,
+        match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer 'k_l2/0' as a "
+        r"term and as a log, and the log keeps one value under that name \(the log's\); name the log otherwise, "
+        r"e\.g\. 'k_l2_log/0'$",
+    ):
+        _forward_returning("term and log")
 
 
 def test_a_term_named_as_another_comparisons_is_refused_not_logged_in_its_place():
