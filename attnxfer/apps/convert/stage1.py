@@ -142,11 +142,7 @@ def judge_stage1(
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
-        if not _same_plan(point.record("plan"), plan):
-            raise InputError(
-                f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
-                "checkpoint.resume=none to redo stage 1"
-            )
+        _refuse_other_plan(f"{point.path} holds a stage 1", point.record("plan"), plan)
         # on other data the step and weights go on; the batches restart
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
@@ -167,17 +163,22 @@ def refuse_another_world(what: str, recorded: int | None, world: int, cfg: Train
     )
 
 
-def _same_plan(recorded: Any, plan: ConversionPlan) -> bool:
-    """Whether a stage 1's ``recorded`` plan is ``plan``, the attention options of each as ``plan``'s layers
-    are built with them (a default written out, or left out, is the same plan)."""
+def _refuse_other_plan(held: str, recorded: Any, plan: ConversionPlan) -> None:
+    """``held`` (a stage 1's checkpoint or result) refused where its ``recorded`` plan is not ``plan``, the
+    attention options of each as ``plan``'s layers are built with them (a default written out, or left out, is
+    the same plan)."""
     now = json.loads(json.dumps(plan.to_dict()))
-    if not isinstance(recorded, dict) or recorded.keys() != now.keys():
-        return False
-    names = [layer.attention for layer in plan.layers]
-    old, new = (
-        {**p, "attention_kwargs": options_in_effect(names, p["attention_kwargs"])} for p in (recorded, now)
+    if isinstance(recorded, dict) and recorded.keys() == now.keys():
+        names = [layer.attention for layer in plan.layers]
+        old, new = (
+            {**p, "attention_kwargs": options_in_effect(names, p["attention_kwargs"])}
+            for p in (recorded, now)
+        )
+        if old == new:
+            return
+    raise InputError(
+        f"{held} of a different conversion plan; use a new run_dir or checkpoint.resume=none to redo stage 1"
     )
-    return old == new
 
 
 def open_stage1(found: Stage1Found, device: torch.device) -> Stage1Job:
@@ -307,11 +308,7 @@ def _legacy_result(student: nn.Module, folder: Path, plan: ConversionPlan) -> St
     if not (weights.is_file() and info.is_file()):
         return None
     meta = json.loads(info.read_text())
-    if not _same_plan(meta.get("plan"), plan):
-        raise InputError(
-            f"{folder} holds a stage-1 result of a different conversion plan; use a new run_dir or "
-            "checkpoint.resume=none to redo stage 1"
-        )
+    _refuse_other_plan(f"{folder} holds a stage-1 result", meta.get("plan"), plan)
     student.load_state_dict(load_file(str(weights), device=str(next(student.parameters()).device)))
     return Stage1Result(
         meta["steps"], meta["seconds"], meta["history"], resumed=True, memory=meta.get("memory")
