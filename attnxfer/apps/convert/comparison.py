@@ -14,7 +14,7 @@ from ...run_layout import COMPARISON_DATA, COMPARISON_REPORT
 from ...speak import say
 from ..run.uncertainty import format_p, mcnemar
 from ..study.report import read_study_record
-from .report import STAGE_ROWS, final_stage, range_text, ratio_text, top1_interval_text, value_text
+from .report import RERUN, STAGE_ROWS, final_stage, range_text, ratio_text, top1_interval_text, value_text
 
 #: the stages as a row names them: "weights swapped in", "after stage 1", "after stage 2"
 _STAGE_NAMES = {key: label.removeprefix("student").lstrip(", ") for key, label in STAGE_ROWS}
@@ -259,7 +259,7 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
             "no attention is faster at this resolution"
             if ceiling or not floor
             else "timed slower than the teacher it is cut from, it gives no ceiling here: timing noise (a loaded "
-            "machine); rerun on an idle machine, or with more rounds (convert.speed_repeats)"
+            f"machine); {RERUN}"
         )
         + ". Break-even: the smallest side of each student's sweep (batch 1) where it beats the teacher.",
         "",

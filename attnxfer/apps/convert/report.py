@@ -14,6 +14,8 @@ HEADLESS_TEACHER = (
 )
 #: ... and for data read without labels
 NO_LABELS = "the data has no labels (data.labels=false), so there is no top-1"
+#: what a timing its own rounds (or the floor) contradict asks for
+RERUN = "rerun on an idle machine, or with more rounds (convert.speed_repeats)"
 
 #: the measured stages of a conversion, as the report's tables name them
 STAGE_ROWS = (
@@ -309,8 +311,7 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
             f"**{speed['student_over_floor']:.2f}** of it."
             if over_floor >= 1
             else f"but timed here at {over_floor:.2f}x the teacher, slower than the teacher it is cut from, it "
-            "gives no ceiling: timing noise (a loaded machine); rerun on an idle machine, or with more rounds "
-            "(convert.speed_repeats)."
+            f"gives no ceiling: timing noise (a loaded machine); {RERUN}."
         )
         lines += [
             f"The floor is the teacher whose attention computes its projections but mixes no tokens (out = "

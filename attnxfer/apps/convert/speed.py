@@ -22,6 +22,7 @@ from ...models.image_input import ImageSizeError, check_image_size, sizes_that_f
 from ...sources.teacher import load_teacher
 from ...speak import say
 from ...train.speed import break_even_sweeps, forward_speeds, ratio_contradicts
+from .report import RERUN
 
 #: The default sweep: the run's side times these (each raised to the next side the family runs at).
 DEFAULT_SWEEP_MULTIPLES = (1, 2, 3, 4)
@@ -101,11 +102,7 @@ def speedup_withheld(row: Mapping[str, Any]) -> str | None:
     """Why a speed row's student-over-teacher ratio is not claimed (its rounds fall on both sides of 1, as on
     a loaded machine), with what to do; None where it stands."""
     why = ratio_contradicts(row)
-    return (
-        None
-        if why is None
-        else f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
-    )
+    return None if why is None else f"{why}: {RERUN}"
 
 
 def checked_break_even(main: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
