@@ -319,7 +319,7 @@ def _where_it_stands(
         return spec, _Standing()
     say(f"study: resuming every student from step {point.step} ({point.path})")
     return spec, _Standing(
-        dict(point.record("stopped") or {}),
+        dict(stopped),
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
         resumed=True,
