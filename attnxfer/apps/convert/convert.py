@@ -390,7 +390,6 @@ def conversion_parts(
         else cfg
     )
     student_fn = _student_builder(builds, data_info(cfg.data).has_labels, stand_in=stand_in)
-    # a stage that saved goes on from its checkpoints, unless checkpoint.resume=none
     saved = any(CheckpointManager(Path(cfg.run_dir) / stage).step_dirs() for stage in STAGE_DIRS)
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
     with teacher_where_it_was(cfg.run_dir, saved and not fresh):
