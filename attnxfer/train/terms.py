@@ -69,15 +69,11 @@ class TermWindow:
     def means(self) -> dict[str, float]:
         """Each term's mean over the window and over ranks (each sums its own share of equal batches) as Python
         floats; empties the window. Every rank calls it (a collective under DDP)."""
-        if not self._sums:
-            return {}
-        sums, world = torch.cat([s for s, _ in self._sums.values()]), rank_and_world()[1]
-        values = iter(v / world for v in sum_over_ranks(sums.tolist(), sums.device))
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        for key, (_, n) in self._sums.items():
-            for name in key:
-                totals[name] = totals.get(name, 0.0) + next(values)
+        for key, sums, n in self.state():
+            for name, value in zip(key, sums, strict=True):
+                totals[name] = totals.get(name, 0.0) + value
                 counts[name] = counts.get(name, 0) + n
         self._sums = {}
         return {name: totals[name] / counts[name] for name in totals}
