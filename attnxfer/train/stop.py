@@ -65,8 +65,8 @@ class StopRequested(Exception):
 
 
 @contextlib.contextmanager
-def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """While the block runs, ``signals`` set a flag instead of ending the process (main thread only); a handler
+def stop_on_signals() -> Iterator[None]:
+    """While the block runs, `STOP_SIGNALS` set a flag instead of ending the process (main thread only); a handler
     installed before (a submitted job's watcher) still runs; an ignored one (SIGINT of ``cmd &``) stays ignored.
     SIGUSR2 is caught only where its default would end the process unsaved: a submitted job's is submitit's."""
     global _catching
@@ -76,7 +76,7 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
     _received.clear()
     previous = {
         s: signal.getsignal(s)
-        for s in signals
+        for s in STOP_SIGNALS
         if signal.getsignal(s) != signal.SIG_IGN
         and (s != signal.SIGUSR2 or signal.getsignal(s) == signal.SIG_DFL)
     }
