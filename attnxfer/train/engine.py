@@ -538,10 +538,9 @@ class Engine:
         self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
         try:
             final = self._evaluate_all()
-        except UserError:  # the val data is at fault (a file it cannot read): the epoch's training is kept
-            if (
-                self.accelerator.num_processes == 1
-            ):  # (unscored); DDP peers would wait in the eval's collectives
+        except UserError:  # the val data is at fault (a file it cannot read): the epoch's training is kept,
+            # unscored, by a single process (DDP peers would wait in the eval's collectives)
+            if self.accelerator.num_processes == 1:
                 self.save_unless_saved()
             raise
         value = final[s.metric]

@@ -355,9 +355,8 @@ def build_run_parts(
         except ImageSizeError as e:
             raise e.restated("data.img_size") from None
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
-        refuse_guessed_stats(
-            d, record, f"teacher {cfg.teacher.spec}"
-        )  # before the student and data are built
+        # before the student and data are built
+        refuse_guessed_stats(d, record, f"teacher {cfg.teacher.spec}")
     elif cfg.transfer.mode != "none":
         raise InputError(
             f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
