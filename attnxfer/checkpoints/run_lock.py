@@ -109,36 +109,31 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
             f"run_dir={run_dir} holds an exported model ({', '.join(EXPORTED_MODEL)}), which attnxfer "
             f"{command} does not write into (it reads it as local-dir:{run_dir}); choose another run_dir"
         )
+
+    def refusal(held: str, how: str, then: str = "") -> PathExistsError:
+        return PathExistsError(
+            f"run_dir={run_dir} {held}, which attnxfer {command} does not write into: continue it with {how}, "
+            f"or choose another run_dir{then}"
+        )
+
     conversion = run_dir.parent  # its stage 1 holds checkpoints alone: any other work there would pass for it
     if (
         run_dir.name == STAGE_DIRS[0]
         and (conversion / RUN_CONFIG).is_file()
         and not (conversion / RUN_RECORD).exists()
     ):
-        raise PathExistsError(
-            f"run_dir={run_dir} is stage 1 of the conversion {conversion}, which attnxfer {command} does not write "
-            f"into: continue it with {_WORK[1][2].format(dir=conversion)}, or choose another run_dir"
-        )
+        raise refusal(f"is stage 1 of the conversion {conversion}", _WORK[1][2].format(dir=conversion))
     held = next((work for work in _WORK if (run_dir / work[1]).exists()), None) or _sweep_held(run_dir)
     if held is not None and held[0] != (writes or _WRITES.get(command, "training run")):
         what, marker, how = held
-        raise PathExistsError(
-            f"run_dir={run_dir} holds a {what} ({marker}), which attnxfer {command} does not write into: "
-            f"continue it with {how.format(dir=run_dir)}, or choose another run_dir"
-        )
+        raise refusal(f"holds a {what} ({marker})", how.format(dir=run_dir))
     mae = held is not None and read_record(run_dir / RUN_RECORD).get("objective") == "mae"
     if command in ("train", "pretrain") and held is not None and mae != (command == "pretrain"):
         # the two write the same files: a resume would compare configs, and load one's weights as the other's
         how = f"attnxfer pretrain -c {run_dir / RUN_CONFIG}" if mae else held[2].format(dir=run_dir)
-        raise PathExistsError(
-            f"run_dir={run_dir} holds {'an MAE pre-training' if mae else 'a training'} run ({RUN_RECORD}), which "
-            f"attnxfer {command} does not write into: continue it with {how}, or choose another run_dir"
-            + (
-                f"; to fine-tune its encoder: attnxfer export {run_dir} OUT, then model.init=local-dir:OUT"
-                if mae
-                else ""
-            )
-        )
+        said = f"holds {'an MAE pre-training' if mae else 'a training'} run ({RUN_RECORD})"
+        tune = f"; to fine-tune its encoder: attnxfer export {run_dir} OUT, then model.init=local-dir:OUT"
+        raise refusal(said, how, tune if mae else "")
 
 
 class RunDirInUseError(CheckpointError):
