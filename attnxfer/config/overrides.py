@@ -504,14 +504,14 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], command: str | None 
         field: Any = type(cfg)  # the key's annotation (None where it names no field)
         for part in key.split("."):
             field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
-        # a key that takes a name or a list of them (convert.attention) reads a quoted "[a,b]" as --vary did
         takes = typing.get_args(field)
+        takes_null = field is None or type(None) in takes
+        # a key that takes a name or a list of them (convert.attention) reads a quoted "[a,b]" as --vary did
         kept = isinstance(value, TypedStr) and str in takes and list not in map(typing.get_origin, takes)
         quoted = field is str and isinstance(value, str) and re.fullmatch(r"'.*'|\".*\"", value, re.DOTALL)
         if isinstance(value, str) and not kept and (field is not str or quoted):
             if not value.strip():  # `key=$UNSET`: null would silently be the default, not what was meant
-                takes_null = field is None or type(None) in typing.get_args(field)
-                empty = f" ({key}=\"''\" for an empty string)" if str in typing.get_args(field) else ""
+                empty = f" ({key}=\"''\" for an empty string)" if str in takes else ""
                 null = f", or {key}=null for null{empty}" if takes_null else ""
                 raise ConfigError(f"override {key}= has no value (an unset shell variable?); give one{null}")
             try:
@@ -521,11 +521,11 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], command: str | None 
                     f"override {key}={value!r}: value is not valid YAML ({describe_yaml_error(e)})"
                 ) from None
             # Python's None (as timm's and these docs spell it) is null where a key takes null; "'None'": the text
-            if value.strip() == "None" and (field is None or type(None) in typing.get_args(field)):
+            if value.strip() == "None" and takes_null:
                 typed = None
             # a number given to a key that takes a string keeps its spelling (teacher.revision=1.10, not '1.1')
             number = isinstance(typed, int | float) and not isinstance(typed, bool)
-            value = value if number and str in typing.get_args(field) else typed
+            value = value if number and str in takes else typed
         parsed[key] = value
     data = _nest(parsed)
     return refuse_unread_blr(data, validate_config(merge_values(cfg, data, command=command)))
