@@ -177,20 +177,15 @@ def run(args) -> int:
                 if not run.data.labels:
                     (require_convert_labels if converts else require_task_labels)(run)
         with speak.quiet():  # the job's log says what changed, as its own start judges it again
+            world = options_from_args(args).num_tasks
             if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
                 from ...apps.run.training import judged_resume
                 from ...checkpoints.resume_point import ResumePoint
 
                 found = ResumePoint.find(point.cfg.run_dir, point.cfg.checkpoint.resume, verify_hash=False)
-                judged_resume(
-                    point.cfg,
-                    options_from_args(args).num_tasks,
-                    found,
-                    scoring=False,
-                    command=args.job_command,
-                )
+                judged_resume(point.cfg, world, found, scoring=False, command=args.job_command)
             else:
-                _judge_resumes(point.cfg, options_from_args(args).num_tasks, study=study, converts=converts)
+                _judge_resumes(point.cfg, world, study=study, converts=converts)
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
         dirs += [d / STAGE_DIRS[-1] for d in dirs[1:] if converts]  # a conversion's stage 2, once it starts
