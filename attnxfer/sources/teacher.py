@@ -161,12 +161,6 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
 _OPENCLIP_PROJECTIONS = ("visual.proj", "visual.head.proj.weight", "visual.head.proj.bias")
 
 
-#: what a timm trunk's OpenCLIP keys outside ``visual.trunk.`` other than its linear projection are, dropped
-_TRUNK_HEAD_DROPPED = (
-    "the image tower's projection head beyond a linear layer, which timm's ViT does not load"
-)
-
-
 def _openclip_timm_trunk(state_dict: dict[str, torch.Tensor]) -> bool:
     """An OpenCLIP checkpoint whose image tower is a timm model (``visual.trunk.*``), as timm's ViT checkpoint
     filter recognises one."""
@@ -404,7 +398,8 @@ def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str
     if dropped:
         # a timm trunk's projection head (visual.head.mlp.*) is the image tower's, not the text tower's
         head = [k for k in dropped if k.startswith("visual.")] if kind == "CLIP text tower" else []
-        groups = ((kind, [k for k in dropped if k not in head], 1), (_TRUNK_HEAD_DROPPED, head, 3))
+        beyond = "the image tower's projection head beyond a linear layer, which timm's ViT does not load"
+        groups = ((kind, [k for k in dropped if k not in head], 1), (beyond, head, 3))
         warn(
             f"{who}: dropped {len(dropped)} checkpoint entries {user} does not use "
             + "; ".join(
