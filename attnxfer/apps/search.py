@@ -21,7 +21,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ..checkpoints.resume_point import ResumePoint, starts_over
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import CheckpointManager, atomic_write_text, set_aside
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, config_changes, load_config, to_dict
@@ -432,7 +432,7 @@ def search(
             else None
         )
         # starting over keeps the earlier search aside, as convert does: the next auto must not resume it
-        if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+        if starts_over(cfg.checkpoint.resume):
             reports = [run_dir / SEARCH_CANDIDATES, run_dir / "pareto.md", run_dir / "pareto.png"]
             for old in [p for p in [*CheckpointManager(run_dir).step_dirs(), *reports] if p.exists()]:
                 warn(f"checkpoint.resume=none: kept the earlier {old.name} as {set_aside(old, 'replaced')}")

@@ -96,6 +96,11 @@ class ResumeFrom:
         return str(self.path) if self.policy is ResumePolicy.PATH else self.policy.value
 
 
+def starts_over(resume: ResumeFrom | str | os.PathLike) -> bool:
+    """Whether ``checkpoint.resume`` is ``none``: the run starts over, its earlier work kept aside."""
+    return ResumeFrom.parse(resume).policy is ResumePolicy.FRESH
+
+
 @dataclass(frozen=True)
 class KeyChange:
     """One config key whose value differs from the one a checkpoint recorded, and whether a resume may

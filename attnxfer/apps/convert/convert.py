@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ... import speak
-from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
+from ...checkpoints.resume_point import starts_over
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
@@ -315,7 +315,7 @@ def build_conversion(
     if parts.teacher is None:
         raise InputError(_NO_TEACHER)
     # starting over keeps the earlier attempt's results aside, as stage 1 its checkpoints: no work is lost
-    if info.is_main_process and ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+    if info.is_main_process and starts_over(cfg.checkpoint.resume):
         for old in (Path(cfg.run_dir) / name for name in _RESULTS):
             if old.is_file():
                 speak.warn(
@@ -391,7 +391,7 @@ def conversion_parts(
     )
     student_fn = _student_builder(builds, data_info(cfg.data).has_labels, stand_in=stand_in)
     saved = any(CheckpointManager(Path(cfg.run_dir) / stage).step_dirs() for stage in STAGE_DIRS)
-    fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+    fresh = starts_over(cfg.checkpoint.resume)
     with teacher_where_it_was(cfg.run_dir, saved and not fresh):
         return build_run_parts(
             cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn, labels=True, shared=shared

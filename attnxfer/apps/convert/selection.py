@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...checkpoints.atomic_io import atomic_write_json
-from ...checkpoints.resume_point import KeyChange, ResumeFrom, ResumePolicy
+from ...checkpoints.resume_point import KeyChange, starts_over
 from ...config import (
     ConfigError,
     TrainConfig,
@@ -191,7 +191,7 @@ def _recorded(
 ) -> dict[str, Any] | None:
     """The choice (or measurements) an earlier attempt of this run recorded, judged against ``cfg`` (and
     measurements' fits on ``world`` processes, None: this run's); None: choose (measure) now."""
-    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
+    if starts_over(cfg.checkpoint.resume) or not path.is_file():
         return None
     record = read_record(path)
     if not isinstance(record.get("config"), dict):

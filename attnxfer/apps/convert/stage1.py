@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ...checkpoints.resume_point import ResumePoint, starts_over
 from ...checkpoints.store import (
     CheckpointManager,
     optimizer_state_from_tensors,
@@ -102,7 +102,7 @@ def judged_stage1_keys(
     judged over the keys stage 1 reads (`STAGE1_KEYS`) and, stopped before its end, on ``world`` processes: a
     change it cannot resume with is refused here, before the teacher loads (`judge_stage1` judges its teacher
     and plan once they are built)."""
-    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+    if starts_over(cfg.checkpoint.resume):
         return None
     found = ResumePoint.find(folder, "auto", verify_hash=verify_hash)
     # data.batch_size is not stage 1's where convert.stage1_batch_size is set, now and when it was saved
@@ -132,7 +132,7 @@ def judge_stage1(
     (``main``) alone writes files: under ``checkpoint.resume=none`` it keeps the earlier checkpoints aside."""
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
     # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
-    fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+    fresh = starts_over(cfg.checkpoint.resume)
     if fresh and main:  # it starts over: what an earlier stage 1 saved is kept aside, as stage 2's is
         for old in saved.manager.step_dirs():
             warn(

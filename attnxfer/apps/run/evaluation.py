@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ...checkpoints.resume_point import ResumePoint, starts_over
 from ...checkpoints.run_lock import check_writable, disk_error
 from ...checkpoints.store import CheckpointError, atomic_write_json
 from ...config import TrainConfig, to_dict
@@ -129,7 +129,7 @@ def evaluate_run(
     trains is fine. ``command``: the one whose sections ``build``'s score reads too (pretrain: mae.*), so
     the result file records them."""
     wanted = eval_metrics(cfg, own_objective=build is not None)
-    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+    if starts_over(cfg.checkpoint.resume):
         raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
     point = ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if point is None:
