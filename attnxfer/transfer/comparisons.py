@@ -277,10 +277,11 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
 
 
 def drop_hint(comparison: Comparison) -> str:
-    """How the user leaves ``comparison`` out, in the config's words."""
+    """How the user leaves ``comparison`` out, in the config's words, with its verb: ``remove`` an entry,
+    ``set`` a weight to 0."""
     if comparison.origin.startswith("transfer.losses"):
         return f"remove {comparison.origin} ({comparison.loss})"
-    return f"{comparison.origin}=0"
+    return f"set {comparison.origin}=0"
 
 
 def asked_by(comparison: Comparison) -> str:

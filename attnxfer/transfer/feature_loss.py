@@ -93,7 +93,7 @@ class FeatureDistillation(ComparisonLoss):
         teacher, student, drop = models.teacher, models.student, drop_hint(comparison)
         if teacher is None:
             raise PlanError(
-                f"feature distillation ({asked_by(comparison)}) needs a teacher; set teacher.spec or {drop}"
+                f"feature distillation ({asked_by(comparison)}) needs a teacher; set teacher.spec, or {drop}"
             )
         check_token_layouts(teacher, student)
         t_width, s_width = getattr(teacher, "num_features", None), getattr(student, "num_features", None)
@@ -101,7 +101,7 @@ class FeatureDistillation(ComparisonLoss):
             raise PlanError(
                 f"feature distillation compares final tokens channel by channel: the teacher's have "
                 f"{t_width} channels, the student's {s_width}; give the student the teacher's embed_dim "
-                f"({t_width}) or set {drop}"
+                f"({t_width}), or {drop}"
             )
 
     def describe(self, comparison: Comparison) -> list[str]:

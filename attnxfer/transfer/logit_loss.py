@@ -50,19 +50,19 @@ class LogitDistillation(ComparisonLoss):
         drop = drop_hint(comparison)
         if models.teacher is None:
             raise PlanError(
-                f"logit distillation ({asked_by(comparison)}) needs a teacher; set teacher.spec or {drop}"
+                f"logit distillation ({asked_by(comparison)}) needs a teacher; set teacher.spec, or {drop}"
             )
         t_classes = getattr(models.teacher, "num_classes", 0)
         s_classes = getattr(models.student, "num_classes", 0)
         if not t_classes:
             raise PlanError(
                 "the teacher has no classifier head (num_classes=0, e.g. an MAE encoder), so there are "
-                f"no teacher logits to distil; set {drop}"
+                f"no teacher logits to distil; {drop}"
             )
         if t_classes != s_classes:
             raise PlanError(
                 f"logit distillation needs the teacher's classes: teacher has {t_classes}, student "
-                f"{s_classes}; set {drop} or use a teacher trained on this label set"
+                f"{s_classes}; {drop}, or use a teacher trained on this label set"
             )
 
     def describe(self, comparison: Comparison) -> list[str]:

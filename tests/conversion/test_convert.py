@@ -257,6 +257,33 @@ def test_plan_errors_for_efficient_students():
         build_plan(None, student, "none", logit_weight=1.0)
 
 
+def test_a_logit_or_feature_comparison_that_cannot_run_says_how_to_leave_it_out_in_the_words_that_asked():
+    """A weight is set to 0 and an entry removed: the advice once read 'set remove transfer.losses[0]'."""
+    teacher, student = tiny_vit(depth=2, num_classes=10), tiny_vit(depth=2, num_classes=5)
+    with pytest.raises(
+        PlanError, match=r"student 5; remove transfer.losses\[0\] \(logit_kd\), or use a teacher trained on"
+    ):
+        build_plan(teacher, student, "none", losses=[{"name": "logit_kd"}])
+    with pytest.raises(
+        PlanError, match=r"student 5; set transfer.logit_distill=0, or use a teacher trained on"
+    ):
+        build_plan(teacher, student, "none", logit_weight=1.0)
+    headless = tiny_vit(depth=2, num_classes=0)
+    with pytest.raises(
+        PlanError, match=r"no teacher logits to distil; remove transfer.losses\[0\] \(logit_kd\)$"
+    ):
+        build_plan(headless, student, "none", losses=[{"name": "logit_kd"}])
+    with pytest.raises(
+        PlanError, match=r"embed_dim \(\d+\), or remove transfer.losses\[0\] \(feature_distill\)$"
+    ):
+        build_plan(
+            teacher,
+            tiny_vit(depth=2, embed_dim=24, num_heads=2),
+            "none",
+            losses=[{"name": "feature_distill"}],
+        )
+
+
 def test_stage_2_distils_the_maps_of_the_blocks_that_have_one():
     """convert.attention=[none, hashing]: stage 1 fits block 1 alone, and stage 2's default distillation
     leaves out block 0 (no map) rather than refusing the plan; named layers, mode none, or a student without
