@@ -647,6 +647,11 @@ def test_the_encoder_takes_model_kwargs_in_chans_over_the_datas_as_trains_studen
             "fine-tuning's (`attnxfer train`, model.init)); ema.decay=0.9 (MAE pre-trains without an EMA of its "
             "weights); aug.mixup=0.8 (MAE's loss reads no label): remove them",
         ),
+        # a smoothing of labels it never reads (0, which MAE's recipe writes, is allowed: the test below)
+        (
+            ["aug.label_smoothing=0.2"],
+            "pretrain does not read aug.label_smoothing=0.2 (MAE's loss reads no label)",
+        ),
         # a section it reads no key of, refused whole (its config.yaml leaves it out; mode=none, what it does, allowed)
         (["transfer.mode=copy"], "transfer.mode: attnxfer pretrain does not read the transfer section and"),
         (["model.name=swin_tiny_patch4_window7_224"], "needs a plain ViT (timm's VisionTransformer"),
@@ -673,6 +678,15 @@ def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys)
     code, _, err = run_cli(capsys, "pretrain", "-c", "demo/mae_pretrain", f"run_dir={tmp_path}", *args)
     assert code == 2, err[-2000:]
     assert needle in err and "Traceback" not in err
+
+
+def test_no_label_smoothing_as_mae_vit_base_writes_it_is_not_refused():
+    """Its recipe says aug.label_smoothing: 0.0 ('labels are not read'): that is what pre-training does."""
+    from attnxfer.apps.run.pretrain import refuse_unread_keys
+
+    refuse_unread_keys(load_config("pretrain/mae_vit_base"))
+    with pytest.raises(InputError, match=r"aug.label_smoothing=0.05 \(MAE's loss reads no label\)"):
+        refuse_unread_keys(load_config("pretrain/mae_vit_base", ["aug.label_smoothing=0.05"]))
 
 
 @pytest.mark.slow

@@ -195,6 +195,7 @@ _UNREAD_BY_PRETRAIN = {
     "aug.cutmix": _NO_LABELS,
     "aug.mixup_prob": _NO_LABELS,
     "aug.mixup_switch_prob": _NO_LABELS,
+    "aug.label_smoothing": _NO_LABELS,
 }
 
 
@@ -302,6 +303,9 @@ def refuse_unread_keys(cfg: TrainConfig) -> None:
     queue's wait)."""
     refuse_unread_sections(cfg, "pretrain")  # a notebook's pretrain(cfg) too, not only the command line
     changed = config_changes(TrainConfig(), cfg)
+    # no label smoothing (pretrain/mae_vit_base says so) is what MAE's loss has anyway: only a value is refused
+    if changed.get("aug.label_smoothing", (None, None))[1] == 0:
+        del changed["aug.label_smoothing"]
     unused = [
         f"{key}={changed[key][1]!r} ({why})" for key, why in _UNREAD_BY_PRETRAIN.items() if key in changed
     ]
