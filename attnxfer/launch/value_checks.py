@@ -83,10 +83,12 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     return _registered_by_text()[:2]
 
 
-#: ``@comparison_loss("x")``, ``(name="x")`` or ``(NAME)``, at a line's start (a docstring's example is indented);
-#: any other argument (a name built by code) matches with both groups empty
+#: ``@comparison_loss("x")``, ``(name="x")`` or ``(NAME)``, at a line's start (a docstring's example is indented),
+#: decorated through its module too (``@transfer.comparison_loss``) or called (``comparison_loss("x")(Cls)``), as
+#: Python registers each alike; any other argument (a name built by code) matches with both groups empty
 _COMPARISON = re.compile(
-    r"^@comparison_loss\(\s*(?:name\s*=\s*)?(?:[\"']([^\"']+)[\"']\s*\)|([A-Za-z_]\w*)\s*\))?", re.MULTILINE
+    r"^@?(?:[A-Za-z_]\w*\.)*comparison_loss\(\s*(?:name\s*=\s*)?(?:[\"']([^\"']+)[\"']\s*\)|([A-Za-z_]\w*)\s*\))?",
+    re.MULTILINE,
 )
 _COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
 

@@ -333,6 +333,16 @@ def test_a_forks_loss_named_by_keyword_or_constant_is_read_from_the_source():
     assert value_checks._constants(text) == {"NAME": "cos"}
 
 
+def test_a_forks_loss_decorated_through_its_module_or_called_is_read_from_the_source():
+    """``@transfer.comparison_loss("cosine")`` and ``comparison_loss("q_l1")(QL1)`` register as the bare decorator
+    does, yet the CLI's check read neither and refused the fork's own loss as 'not a comparison loss'."""
+    text = (
+        '@transfer.comparison_loss("cosine")\n@attnxfer.transfer.comparisons.comparison_loss(name="v_mse")\n'
+        'comparison_loss("q_l1")(QL1)\ndef comparison_loss(name: str): ...\n    @transfer.comparison_loss("example")\n'
+    )
+    assert value_checks._COMPARISON.findall(text) == [("cosine", ""), ("v_mse", ""), ("q_l1", "")]
+
+
 def test_a_constant_built_by_code_is_not_read_as_its_first_piece():
     """``NAME = "attn_" + "mse"`` was read as ``"attn_"``: the fork's own name was refused, 'did you mean attn_'."""
     assert value_checks._constants('NAME = "attn_" + "mse"\nKIND = "x"  # a comment\n') == {"KIND": "x"}
