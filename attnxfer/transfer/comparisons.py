@@ -176,6 +176,12 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
             )
         if not cls.signals:
             raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
+        # `(Signal.K)` is no tuple: a Signal is a str, so iterating it gave letters, and an AttributeError below
+        if isinstance(cls.signals, str) or not all(isinstance(s, Signal) for s in cls.signals):
+            raise ValueError(
+                f"comparison loss {name!r}: signals must be a tuple of Signal members, e.g. (Signal.K,) (the comma "
+                f"makes one a tuple), got {cls.signals!r}"
+            )
         if taken := [k for k in ENTRY_KEYS if k in cls.options]:  # the entry's key, never the option
             raise ValueError(
                 f"comparison loss {name!r}: option {taken[0]!r} is a key of every transfer.losses entry "

@@ -437,6 +437,17 @@ def test_a_loss_of_a_signal_no_layer_hands_over_is_refused_where_it_is_registere
             signals = (Signal.K, Signal.OUTPUT)
 
 
+@pytest.mark.parametrize("signals", [(Signal.FEATURES), ("k", "q")], ids=["no comma", "strings"])
+def test_signals_that_are_no_tuple_of_signals_are_refused_in_words_where_the_loss_is_registered(signals):
+    """``signals = (Signal.FEATURES)`` (no comma) is one Signal, a str, whose letters were read as signals:
+    the registration failed with 'str' object has no attribute 'of_layer'."""
+    with pytest.raises(
+        ValueError,
+        match=r"^comparison loss 'own': signals must be a tuple of Signal members, e\.g\. \(Signal\.K,\) \(the comma",
+    ):
+        comparison_loss("own")(type("Own", (ComparisonLoss,), {"signals": signals, "compare": _compares_gap}))
+
+
 def _compares_mse_v(self, comparison, pair, step) -> Loss:
     return Loss((pair.student["v"] - pair.teacher["v"]).pow(2).mean())
 
