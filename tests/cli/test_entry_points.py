@@ -146,7 +146,7 @@ def test_a_package_that_fails_to_import_is_one_warning_line_and_hides_no_built_i
     code, _, err = run_cli(capsys, "train", "transfer.losses=[{name: lab_gap}]")
     warning, refusal = err.splitlines()
     assert code == 2 and warning == (
-        "warning: attnxfer.losses entry point lab_gap = labpkg failed to load, skipped: "
+        "warning: attnxfer.losses entry point lab_gap = labpkg failed to load, rest skipped: "
         "RuntimeError('no licence server\\nfor the lab kernels')"
     )
     assert refusal.startswith(
