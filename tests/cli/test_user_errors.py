@@ -731,6 +731,11 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
         ),
         (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),
         (["submit", *S, "schedule.epochs=0"], "attnxfer submit: error: schedule.epochs"),
+        (  # refused as the job would refuse it at its start, but before the queue's wait
+            ["submit", *S, "transfer.mode=copy", "--dry-run"],
+            "attnxfer submit: error: transfer.mode=copy needs a teacher",
+        ),
+        (["submit", "--command", "convert", *S, "--dry-run"], "attnxfer convert needs a teacher"),
         (
             ["submit", *S, "data.dataset=nosuchset", "--dry-run"],
             "known datasets: animal_mnist, folder, recall",

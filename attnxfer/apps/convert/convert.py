@@ -39,7 +39,7 @@ from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan, build_plan
 from ..run.loaders import build_bank_loader, data_info
-from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
+from ..run.parts import NO_CONVERT_TEACHER, RunParts, build_run_parts, stamp_input_cfg
 from ..run.resume import teacher_where_it_was
 from ..run.training import (
     judged_resume,
@@ -60,12 +60,6 @@ from .stage2 import Stage2Objective, stage2_layers, stage2_objective, student_he
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 #: what a conversion writes besides its stages' folders (checkpoint.resume=none keeps them aside)
 _RESULTS = (RUN_CONFIG, SELECTION_FILE, PARTIAL_FILE, "report.json", "report.md")
-
-
-_NO_TEACHER = (
-    "attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
-    "weights file)"
-)
 
 
 @dataclass
@@ -313,7 +307,7 @@ def build_conversion(
     if parts is None:
         parts = conversion_parts(cfg, info, shared)
     if parts.teacher is None:
-        raise InputError(_NO_TEACHER)
+        raise InputError(NO_CONVERT_TEACHER)
     # starting over keeps the earlier attempt's results aside, as stage 1 its checkpoints: no work is lost
     if info.is_main_process and starts_over(cfg.checkpoint.resume):
         for old in (Path(cfg.run_dir) / name for name in _RESULTS):
@@ -408,7 +402,7 @@ def _student_builder(
 
     def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
         if teacher is None:
-            raise InputError(_NO_TEACHER)
+            raise InputError(NO_CONVERT_TEACHER)
         head = student_head(cfg, teacher, stage2_objective(cfg, teacher, labelled), num_classes)
         with torch.random.fork_rng(devices=[]) if stand_in else contextlib.nullcontext():
             try:

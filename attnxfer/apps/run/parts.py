@@ -314,6 +314,29 @@ def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) 
     return [given or ((sum(v) / 3,) if in_chans == 1 and len(v) == 3 else v) for given, v in chosen]
 
 
+#: what a conversion without a teacher is told (`attnxfer convert`, and `attnxfer submit --command convert`)
+NO_CONVERT_TEACHER = (
+    "attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
+    "weights file)"
+)
+
+
+def require_teacher(cfg: TrainConfig, conversion: bool = False) -> None:
+    """A run that needs a teacher (a transfer mode other than none; any ``conversion``) and names none stops in
+    one line: as its parts are built, and in `attnxfer submit` before the job is queued, not in the job after
+    the queue's wait."""
+    if cfg.teacher.spec:
+        return
+    if conversion:
+        raise InputError(NO_CONVERT_TEACHER)
+    if cfg.transfer.mode != "none":
+        raise InputError(
+            f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
+            "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
+            "or use transfer.mode=none"
+        )
+
+
 def build_run_parts(
     cfg: TrainConfig,
     rank: int = 0,
@@ -357,12 +380,8 @@ def build_run_parts(
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
         # before the student and data are built
         refuse_guessed_stats(d, record, f"teacher {cfg.teacher.spec}")
-    elif cfg.transfer.mode != "none":
-        raise InputError(
-            f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
-            "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
-            "or use transfer.mode=none"
-        )
+    else:
+        require_teacher(cfg)
     num_classes = num_classes_of(cfg, info)
     in_chans = d.in_chans or (image_input(teacher).in_chans if teacher is not None else info.in_chans)
     img_size = d.img_size or (_input_size(teacher) if teacher is not None else None)

@@ -169,9 +169,11 @@ def run(args) -> int:
         else:  # a task loss or label metric on data a config reads without labels, refused as the job would
             # (with labels, the data, perhaps on the compute nodes alone, is not read here)
             from ...apps.convert.convert import checked_config, require_convert_labels
+            from ...apps.run.parts import require_teacher
             from ...apps.run.training import require_task_labels
 
-            for run in runs:
+            for run in runs:  # no teacher where the job needs one, refused as the job would at its start
+                require_teacher(run, conversion=converts)
                 if converts:  # each conversion as convert checks it (a study's stage-2 configs come later)
                     checked_config(run, skip_stage1=False)
                 if not run.data.labels:

@@ -204,7 +204,12 @@ def test_a_cancelled_job_submitted_with_resume_none_is_told_to_resume_with_auto(
 
     monkeypatch.setattr(slurm, "submit_from_args", cancelled)
     code, _, err = run_cli(
-        capsys, "submit", f"run_dir={tmp_path}", *tiny_run(16, 8), "checkpoint.resume=none"
+        capsys,
+        "submit",
+        f"run_dir={tmp_path}",
+        *tiny_run(16, 8),
+        "transfer.mode=none",
+        "checkpoint.resume=none",
     )
     assert code == 1 and err.strip() == (
         "attnxfer submit: error: job 12 was cancelled (scancel): re-run the same command to resume with "
@@ -230,7 +235,12 @@ def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resu
 
     monkeypatch.setattr(slurm, "submit_from_args", failed)
     code, _, err = run_cli(
-        capsys, "submit", f"run_dir={tmp_path}", *tiny_run(16, 8), "checkpoint.resume=none"
+        capsys,
+        "submit",
+        f"run_dir={tmp_path}",
+        *tiny_run(16, 8),
+        "transfer.mode=none",
+        "checkpoint.resume=none",
     )
     assert code == 1 and (
         "resubmit to continue with checkpoint.resume=auto (checkpoint.resume=none would start over again), with a "

@@ -10,8 +10,12 @@ from helpers import run_cli
 INJECTION = "x\necho INJECTED\n#"
 
 
+#: a teacher for the jobs to name (a dry run loads none): without one, a job that transfers or converts is refused
+_TEACHER = "teacher.spec=vit_tiny_patch16_224.augreg_in21k"
+
+
 def _dry_run(capsys, tmp_path, *flags: str) -> tuple[int, str, str]:
-    return run_cli(capsys, "submit", f"run_dir={tmp_path / 'run'}", "--dry-run", *flags)
+    return run_cli(capsys, "submit", f"run_dir={tmp_path / 'run'}", _TEACHER, "--dry-run", *flags)
 
 
 def _sbatch_header(text: str) -> tuple[list[str], list[str]]:
@@ -52,7 +56,7 @@ def test_control_characters_in_any_script_value_are_refused(capsys, tmp_path, fl
 
 
 def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsys, tmp_path):
-    code, out, err = run_cli(capsys, "submit", f"run_dir={tmp_path}/a\necho INJECTED", "--dry-run")
+    code, out, err = run_cli(capsys, "submit", f"run_dir={tmp_path}/a\necho INJECTED", _TEACHER, "--dry-run")
     assert code == 2 and "#SBATCH" not in out and "run_dir" in err  # (the config summary echoes it)
 
 
@@ -262,8 +266,16 @@ def test_data_the_login_node_cannot_see_is_left_to_the_job(capsys, tmp_path, fla
 
 def test_pretraining_on_data_without_labels_is_submitted(capsys, tmp_path):
     """MAE pre-training reads no labels: the task-loss check of train must not refuse its label-free data."""
-    code, out, err = _dry_run(
-        capsys, tmp_path, "--command", "pretrain", "-c", "demo/mae_pretrain", "data.labels=false"
+    code, out, err = run_cli(  # no teacher: pretrain reads none
+        capsys,
+        "submit",
+        f"run_dir={tmp_path / 'run'}",
+        "--dry-run",
+        "--command",
+        "pretrain",
+        "-c",
+        "demo/mae_pretrain",
+        "data.labels=false",
     )
     assert code == 0 and "dry run: nothing submitted" in out, err
 
