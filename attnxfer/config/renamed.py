@@ -68,10 +68,13 @@ def moved_to(new: str) -> Move:
     return move
 
 
-def dropped_from(key: str, item: str) -> Move:
-    """``false`` means ``item`` is left out of the list ``key`` (the source's list, else the config's)."""
+def dropped_from(key: str, item: str, old: str) -> Move:
+    """``false`` means ``item`` is left out of the list ``key`` (the source's list, else the config's); the old
+    switch ``old`` given anything but true or false is refused, not read as true (``log.tensorboard=0``)."""
 
     def move(value: Any, data: dict, cfg: Any) -> None:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{old}: expected true/false, got {value!r}")
         found, items = find_key(data, key)
         items = items if found else _current(cfg, key)
         if value is False and items is not None:
@@ -180,7 +183,7 @@ RENAMED_KEYS: tuple[RenamedKey, ...] = (
         "log.tensorboard",
         True,
         "log.trackers: TensorBoard is on where tensorboard is among them (log.trackers=[] logs to none)",
-        dropped_from("log.trackers", "tensorboard"),
+        dropped_from("log.trackers", "tensorboard", "log.tensorboard"),
     ),
     RenamedKey(
         "eval_only",

@@ -43,6 +43,9 @@ def test_log_tensorboard_false_is_trackers_without_tensorboard(tmp_path):
     assert cfg.log.trackers == ["wandb"]
     cfg, _ = _load("log.tensorboard=true")  # TensorBoard on: what log.trackers says
     assert cfg.log.trackers == ["tensorboard"]
+    for value in ("0", "maybe", "null"):  # not a switch: refused, not read as true (TensorBoard left on)
+        with pytest.raises(ConfigError, match="log.tensorboard: expected true/false, got "):
+            load_config(None, [f"log.tensorboard={value}"])
 
 
 def test_eval_only_false_loads_and_true_says_to_use_attnxfer_eval():
