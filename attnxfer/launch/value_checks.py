@@ -262,6 +262,11 @@ def check_values(cfg: Any) -> Any:
     names = list(cfg.convert.candidates) if auto else cfg.convert.attention
     named_in = "convert.candidates" if auto else "convert.attention"
     _check_options("convert.attention_kwargs", names, cfg.convert.attention_kwargs, named_in)
+    if cfg.mae.decoder_dim % 4:  # else refused once data and encoder are built, naming no key
+        raise ConfigError(
+            f"mae.decoder_dim={cfg.mae.decoder_dim}: the decoder's 2-D sin-cos position embedding needs a width "
+            "divisible by 4 (sin and cos of rows and of columns): make it a multiple of 4"
+        )
     if cfg.mae.decoder_dim % cfg.mae.decoder_heads:
         raise ConfigError(
             f"mae.decoder_dim={cfg.mae.decoder_dim} does not split into mae.decoder_heads="

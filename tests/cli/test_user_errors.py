@@ -135,7 +135,9 @@ def test_an_mae_decoder_width_the_sin_cos_embedding_cannot_take(tmp_path, capsys
         ],
         capsys,
     )
-    assert "needs a width divisible by 4, got 30" in err
+    assert (
+        "mae.decoder_dim=30: the decoder's 2-D sin-cos position embedding needs a width divisible by 4" in err
+    )
 
 
 #: how each command runs without a teacher (pretrain reads no transfer section: a key of it is refused)
