@@ -34,7 +34,9 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         student_attention(tiny_vit(depth=2), "perfromer", {})
     with pytest.raises(ValueError, match=r"unknown attention 'PERFORMER'; did you mean 'performer'\?"):
         student_attention(tiny_vit(depth=2), "PERFORMER", {})  # the wrong case: suggested, not taken
-    with pytest.raises(ValueError, match="model.attention: .*the model has 2 blocks, got 3 names"):
+    with pytest.raises(  # said under the key, not under with_attention's argument name (attn)
+        ValueError, match="^model.attention: 3 attention names for 2 blocks: give one name for all blocks or"
+    ):
         student_attention(tiny_vit(depth=2), ["hedgehog"] * 3, {})
     with pytest.raises(ValueError, match=r"model.attention_kwargs: .*\['num_featurs'\]"):
         student_attention(tiny_vit(depth=2), "performer", {"num_featurs": 8})

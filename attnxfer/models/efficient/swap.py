@@ -92,7 +92,8 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
         names = [attn] * len(blocks) if isinstance(attn, str) else list(attn)
         if len(names) != len(blocks):
             raise InputError(
-                f"attn lists one attention per block: the model has {len(blocks)} blocks, got {len(names)} names"
+                f"{len(names)} attention names for {len(blocks)} blocks: give one name for all blocks or exactly "
+                "one per block"
             )
     classes = check_options(names, attn_kwargs)
     options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
