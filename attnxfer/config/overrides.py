@@ -421,6 +421,11 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
                 f"override {item!r} is not key=value (e.g. transfer.mode=copy){_split_by_shell(items, i)}"
             )
         key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):  # `=1`, `optim..lr=1`: else an unknown key '' or 'optim.' with far guesses
+            named = ".".join(filter(None, parts))
+            fix = f"; write {named}={raw}" if named else " (e.g. transfer.mode=copy)"
+            raise ConfigError(f"override {item!r} has an empty key{' part' if named else ''}{fix}")
         out[key.strip()] = raw
     return out
 

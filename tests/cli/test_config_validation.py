@@ -550,6 +550,21 @@ def test_a_stray_word_before_any_override_is_not_said_to_be_split():
 @pytest.mark.parametrize(
     "override,said",
     [
+        ("=1", "override '=1' has an empty key (e.g. transfer.mode=copy)"),
+        ("optim..lr=1", "override 'optim..lr=1' has an empty key part; write optim.lr=1"),
+        (".optim.lr=1", "override '.optim.lr=1' has an empty key part; write optim.lr=1"),
+    ],
+)
+def test_an_override_with_an_empty_key_or_key_part_says_so(override, said):
+    """Not an unknown key '' with the top level's first keys as guesses (run_dir, seed, device)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == said
+
+
+@pytest.mark.parametrize(
+    "override,said",
+    [
         ("schedule.epochs=1e3", "schedule.epochs: expected an integer, got 1000.0 (write 1000)"),
         ("schedule.epochs=2.5", "schedule.epochs: expected an integer, got 2.5"),
         # a quoted number is YAML's string, for a float's key as for an int's ("1e-3" was taken, "3" refused)
