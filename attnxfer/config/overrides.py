@@ -56,11 +56,12 @@ def to_dict(cfg: Any, command: str | None = None) -> dict[str, Any]:
     }
 
 
-def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
+def refuse_unread_sections(cfg: Any, command: str, study: bool = False, submit: bool = False) -> None:
     """Keys of a section ``command`` does not read (``convert``, ``mae``, ``search``: only another command
     reads them; ``transfer``: pretrain reads none), set away from their defaults, are refused: ``command`` (a
     ``study`` of it) would drop them without a word; a study that varied convert.attention without --command
-    convert would train one student several times."""
+    convert would train one student several times. ``submit``: ``command`` is the job's, which `attnxfer submit
+    --command` names (a submitted study's students', its YAML's ``command:``)."""
     changed = config_changes(type(cfg)(), cfg)
     for f in dataclasses.fields(cfg):
         keys = [
@@ -77,6 +78,10 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
             who = f"a study of `attnxfer {command}`"
             instead = ", or give the study --command convert" if owner == "convert" else f"{instead} alone"
         readers = f"only `attnxfer {owner}` reads the {f.name} section, and {who}"
+        if submit and study and owner == "convert":  # submit's --command convert is one conversion's job
+            instead = ", or write command: convert in the study's YAML"
+        elif submit and not study and owner in ("convert", "pretrain"):  # not another command: submit's own
+            instead = f", or give submit --command {owner}"
         if not owner:  # a section every command reads but a few (transfer: all but pretrain)
             readers, instead = f"{who} does not read the {f.name} section and", ""
         raise ConfigError(f"{', '.join(keys)}: {readers} would drop {them}; remove {them}{instead}")

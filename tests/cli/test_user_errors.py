@@ -551,6 +551,27 @@ def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_ste
             ["study", "-c", "demo/distill", "--vary", "mae.mask_ratio=0.5,0.6"],
             "a study of `attnxfer train` would drop it; remove it, or run attnxfer pretrain alone",
         ),
+        (  # submit runs the other command as its job: its own --command, not `attnxfer convert` here
+            ["submit", "-c", "convert/demo_hedgehog", "--dry-run"],
+            "and attnxfer train would drop them; remove them, or give submit --command convert",
+        ),
+        (
+            ["submit", "-c", "demo/distill", "--dry-run", "--sweep", "mae.mask_ratio=0.5,0.6"],
+            "and attnxfer train would drop it; remove it, or give submit --command pretrain",
+        ),
+        (  # a submitted study's students are converted where its YAML says so
+            [
+                "submit",
+                "--command",
+                "study",
+                "-c",
+                "demo/distill",
+                "--dry-run",
+                "--vary",
+                "convert.stage1_lr=1,2",
+            ],
+            "would drop it; remove it, or write command: convert in the study's YAML",
+        ),
         (  # every command but pretrain reads the transfer section
             ["pretrain", "-c", "demo/mae_pretrain", "transfer.mode=copy", "transfer.atd_weight=3"],
             "attnxfer pretrain: error: transfer.mode, transfer.atd_weight: attnxfer pretrain does not read the "

@@ -110,7 +110,7 @@ def load(args):
             f"-c {stage2.parent / RUN_CONFIG} (schedule.max_steps=... to train longer)"
         )
     if command != "eval":  # eval reads a run's config as written; any other command (a new one) refuses
-        refuse_unread_sections(cfg, command)
+        refuse_unread_sections(cfg, command, submit=args.command == "submit")
     if not getattr(args, "print_config", False):
         say(_changes(args, cfg))
     return cfg
@@ -147,7 +147,9 @@ def load_study(args):
     )
     for student in spec.students:
         try:
-            refuse_unread_sections(spec.config_of(student), spec.command, study=True)
+            refuse_unread_sections(
+                spec.config_of(student), spec.command, study=True, submit=args.command == "submit"
+            )
             check_values(spec.config_of(student))
         except ConfigError as e:
             raise ConfigError(f"student {student.name!r}: {e}") from None

@@ -60,7 +60,7 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
         runs = [(point.cfg.config_of(s), point.cfg.command) for s in point.cfg.students] if study else []
         try:
             for run, reads in runs or [(point.cfg, command)]:
-                refuse_unread_sections(check_values(validate_config(run)), reads, study=study)
+                refuse_unread_sections(check_values(validate_config(run)), reads, study=study, submit=True)
         except ConfigError as e:
             label = " ".join(f"{k}={v}" for k, v in point.overrides.items())
             raise ConfigError(f"--sweep {label}: {e}") from None
