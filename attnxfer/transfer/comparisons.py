@@ -232,8 +232,9 @@ _KINDS = {bool: "true/false", int: "an integer", float: "a number", str: "a stri
 def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
     """One ``transfer.losses`` entry as a `Comparison`; anything it cannot be is a `PlanError` naming ``origin``."""
     if not isinstance(entry, Mapping) or "name" not in entry:
+        # not logit_kd's entry: a config reads it as transfer.logit_distill, with a warning to write that
         raise PlanError(
-            f"{origin}: write a mapping with the loss's name, e.g. {{name: logit_kd, weight: 1.0}}"
+            f"{origin}: write a mapping with the loss's name, e.g. {{name: mse, signal: v, weight: 1.0}}"
         )
     if not isinstance(entry["name"], str):  # else str() made null the unknown loss 'None', naming no entry
         raise PlanError(f"{origin}.name: expected a loss's name (a string), got {entry['name']!r}")

@@ -291,7 +291,11 @@ def test_an_entrys_layers_outside_the_transfers_or_of_a_whole_model_signal_are_r
             r"@comparison_loss in a file "
             r"of attnxfer/transfer/ or in a module named by an 'attnxfer.losses' entry point\)$",
         ),
-        ({"weight": 1.0}, r"transfer.losses\[0\]: write a mapping with the loss's name"),
+        (  # an example a config reads as it is: an entry of logit_kd is transfer.logit_distill's old spelling
+            {"weight": 1.0},
+            r"^transfer.losses\[0\]: write a mapping with the loss's name, "
+            r"e.g. \{name: mse, signal: v, weight: 1.0\}$",
+        ),
         ({"name": None}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got None$"),
         ({"name": 3}, r"^transfer.losses\[0\].name: expected a loss's name \(a string\), got 3$"),
         (
