@@ -134,6 +134,20 @@ def _as_overrides(written: list[tuple[str, str]]) -> str:
     return f"; attnxfer takes config values as key=value: {' '.join(meant)}" if meant else ""
 
 
+def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser) -> str:
+    """The command's own flag a stray one misspells (``--print_config``, ``--skip_stage1``): argparse names none."""
+    import difflib
+
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    meant = []
+    for item, _ in written:
+        flag = item.partition("=")[0]
+        close = difflib.get_close_matches(flag.replace("_", "-"), flags, n=1, cutoff=0.8)
+        if flag.startswith("--") and close:  # of several strays, each says which it answers
+            meant.append(f"{flag + ': ' if len(written) > 1 else ''}did you mean {close[0]}?")
+    return f"; {'; '.join(meant)}" if meant else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
@@ -147,8 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if stray or (extra and not hasattr(args, "overrides")):
         # the command's own usage, and a flag that names a config key (timm's and MAE's --epochs) as its override
         written = _as_written(stray or extra, argv)
-        (args.command_parser if args.command else parser).error(
+        own = args.command_parser if args.command else parser
+        own.error(
             f"unrecognized arguments: {' '.join(f'{item} {value}'.strip() for item, value in written)}"
+            + _flags_meant(written, own)
             + (_as_overrides(written) if hasattr(args, "overrides") else "")
         )
     if extra:

@@ -19,6 +19,9 @@ CASES = [
     (["--version"], 0, "attnxfer 0."),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["train", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    # a near miss of the command's own flag is answered with it (argparse names none)
+    (["train", "--print_config"], 2, "unrecognized arguments: --print_config; did you mean --print-config?"),
+    (["inspect", "t", "s", "--num_images", "3"], 2, "--num_images 3; did you mean --num-images?"),
     # the command's own usage above the error, not attnxfer's
     (["export", "runs/r", "--out", "x"], 2, "usage: attnxfer export"),
     # timm's and MAE's flags answered with the override that means them
