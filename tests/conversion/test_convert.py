@@ -720,6 +720,26 @@ def test_skip_stage1_into_a_run_that_saved_a_stage_1_is_refused_not_silently_set
     assert "stage1_steps: 2" in (run / "config.yaml").read_text()
 
 
+@pytest.mark.parametrize("refusal", ["damaged", "missing"])
+def test_a_resume_refused_for_its_checkpoints_keeps_the_runs_config(
+    tmp_path, tiny_teacher_dir, capsys, refusal
+):
+    """A conversion refused before any work for its checkpoints (stage 1's none usable, a checkpoint.resume that
+    names nothing) once left config.yaml rewritten with the refused command's values: the next
+    ``-c RUN/config.yaml`` would run them as the run's own. Only a refused value kept it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    config = "# the run's own config\n"
+    (run / "config.yaml").write_text(config)
+    if refusal == "damaged":
+        (run / "stage1" / "checkpoints" / "step-00000006").mkdir(parents=True)  # a save that never finished
+    extra = [f"checkpoint.resume={tmp_path / 'nowhere'}"] if refusal == "missing" else []
+    code, _, err = run_cli(capsys, "convert", *_convert_args(run, tiny_teacher_dir, *extra))
+    said = "does not exist" if refusal == "missing" else "none usable"
+    assert code == 2 and said in err and "Traceback" not in err, err
+    assert (run / "config.yaml").read_text() == config
+
+
 @pytest.mark.slow
 def test_a_stage_1_stopped_on_other_processes_is_refused_with_the_counts_not_resumed_on_another_global_batch(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch

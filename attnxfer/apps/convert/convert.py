@@ -24,7 +24,7 @@ from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config
-from ...errors import InputError
+from ...errors import InputError, UserError
 from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ...models.efficient.swap import refuses_an_option
 from ...models.image_input import image_input
@@ -191,7 +191,7 @@ def convert_runs(
     )
     # a sweep side the teacher's family cannot run at stops here, before any work
     sweep = sweep_sides(first.cfg, first.teacher, side)
-    with _configs_kept_if_refused(runs):
+    with _configs_kept_if_refused(runs) as judged:
         for run in runs:
             run.sweep = sweep
             _describe(run)
@@ -207,6 +207,7 @@ def convert_runs(
                     command="convert",
                     loaders_built=run.parts is not None,
                 )
+        judged()  # from here on, work is done under the new config
         teacher_top1 = (
             evaluate_top1(first.teacher, first.parts.val_loader, first.device, first.classes)
             if first.labelled
@@ -242,14 +243,24 @@ def convert_runs(
 
 
 @contextlib.contextmanager
-def _configs_kept_if_refused(runs: list[Conversion]) -> Iterator[None]:
-    """Each run's config.yaml as it was where a stage refuses to resume (values its checkpoints cannot
-    take): its refusal says nothing was written, and the run's own config still resumes it."""
+def _configs_kept_if_refused(runs: list[Conversion]) -> Iterator[Callable[[], None]]:
+    """Each run's config.yaml as it was where a stage refuses to resume: its refusal says nothing was written,
+    and the run's own config still resumes it. Before the caller calls what this yields (the runs judged, no
+    work done) any refusal counts (values its checkpoints cannot take, checkpoints none of which is usable, a
+    ``checkpoint.resume`` that names no checkpoint); after it, only values refused (stage 2's own judgement)."""
     folders = [RunDir(run.run_dir) for run in runs if run.main]
     kept = [(f, f.config_file.read_text(encoding="utf-8")) for f in folders if f.config_file.is_file()]
+    working = False
+
+    def judged() -> None:
+        nonlocal working
+        working = True
+
     try:
-        yield
-    except ConfigError:
+        yield judged
+    except UserError as e:
+        if working and not isinstance(e, ConfigError):
+            raise
         for folder, text in kept:
             folder.write_config(text)
         raise
