@@ -59,11 +59,7 @@ class ResumeFrom:
         if self.policy is ResumePolicy.LATEST:
             info = manager.latest(verify_hash=verify_hash)
             if info is None and (broken := manager.step_dirs()):
-                raise CheckpointError(
-                    f"{manager.dir} holds {len(broken)} checkpoint(s), none usable (each warning above says "
-                    "why): nothing is read from them, and nothing trains over them; move them out of "
-                    f"{manager.dir} (to look at later), then train the run again from scratch"
-                )
+                raise none_usable(manager, broken)
             return info
         if not self.path.exists():
             raise MissingPathError(
@@ -94,6 +90,16 @@ class ResumeFrom:
 
     def __str__(self) -> str:
         return str(self.path) if self.policy is ResumePolicy.PATH else self.policy.value
+
+
+def none_usable(manager: CheckpointManager, broken: list[Path]) -> CheckpointError:
+    """The refusal of a run whose ``broken`` checkpoints (``manager.step_dirs()``) all failed verification, each
+    warned about: one message for every command that reads a run, saying what to do with them."""
+    return CheckpointError(
+        f"{manager.dir} holds {len(broken)} checkpoint(s), none usable (each warning above says "
+        "why): nothing is read from them, and nothing trains over them; move them out of "
+        f"{manager.dir} (to look at later), then train the run again from scratch"
+    )
 
 
 def starts_over(resume: ResumeFrom | str | os.PathLike) -> bool:

@@ -34,6 +34,7 @@ from ..run_layout import (
 from ..sources.teacher import drop_unused_entries
 from ..speak import debug, warn
 from ..transfer.modes import MODES
+from .resume_point import none_usable
 from .run_lock import lock_holder
 from .store import (
     CheckpointError,
@@ -91,6 +92,8 @@ def select_checkpoint(
     manager = CheckpointManager(run_dir, best_mode=best_mode)
     latest = manager.latest()
     if latest is None:
+        if broken := manager.step_dirs():  # damaged (a size check can pass where the sha256 fails)
+            raise none_usable(manager, broken)
         raise MissingPathError(f"no intact checkpoint under {Path(run_dir) / CHECKPOINTS_SUBDIR}")
     if which is CheckpointChoice.BEST:
         best = manager.best()

@@ -25,8 +25,8 @@ from timm.layers import Attention
 
 from attnxfer.checkpoints.export import _install, export_run, export_student, select_checkpoint
 from attnxfer.checkpoints.run_lock import _start_time, run_lock
-from attnxfer.checkpoints.store import CheckpointManager
-from attnxfer.errors import UserError
+from attnxfer.checkpoints.store import CheckpointError, CheckpointManager
+from attnxfer.errors import MissingPathError, UserError
 from attnxfer.models.attention import TransferAttention, registry
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.efficient.linear import ReLULinearAttention
@@ -458,6 +458,22 @@ def test_a_damaged_best_checkpoint_is_not_reported_as_no_metric_recorded(tmp_pat
         path, why = select_checkpoint(tmp_path, "best")
     assert path.name == "step-00000100"
     assert why == "step-00000100 (latest: no intact checkpoint records a metric)"
+
+
+def test_checkpoints_only_their_hashes_show_damaged_are_refused_saying_what_to_do(tmp_path):
+    """A flipped byte passes the size checks the run's config is judged with, then fails the sha256 that export
+    and inspect read under: that said only 'no intact checkpoint under RUN/checkpoints', where train and eval
+    say the folder holds checkpoints none of which is usable, and what to do with them."""
+    manager = CheckpointManager(tmp_path)
+    saved = manager.save(100, {"model": trained_student(steps=0).state_dict()}, {"step": 100}, metric=70.0)
+    data = bytearray((saved / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (saved / "model.safetensors").write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="sha256"), pytest.raises(CheckpointError, match="none usable") as e:
+        select_checkpoint(tmp_path, "best")
+    assert f"move them out of {manager.dir}" in str(e.value) and saved.is_dir()
+    with pytest.raises(MissingPathError, match="no intact checkpoint under"):  # nothing saved at all
+        select_checkpoint(tmp_path / "new", "best")
 
 
 def test_a_run_whose_objective_holds_the_student_as_a_submodule_exports_the_student(tmp_path):
