@@ -14,6 +14,7 @@ from ..run_layout import (
     EXPORTED_MODEL,
     RUN_CONFIG,
     RUN_DIR_MARKERS,
+    STAGE_DIRS,
     STUDY_RECORD,
     is_exported_model,
     missing_path,
@@ -75,6 +76,8 @@ def resolve_recipe(path: str | Path) -> Path:
         )
     close = difflib.get_close_matches(str(path), list_recipes(), n=1)
     hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
+    if fix := _recorded_config(p):  # moved or deleted from a run that is there
+        raise ConfigError(f"config file {str(p)!r} does not exist; it is the run's own config, gone: {fix}")
     if not close and p.suffix in (".yaml", ".yml"):  # a file's path (runs/my-rn/config.yaml): what is there
         raise ConfigError(f"config file {missing_path(p)}")
     raise ConfigError(
@@ -160,6 +163,35 @@ def _resolve_base(name: Any, child: Path) -> Path:
         raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
 
 
+def _unreadable(p: Path, problem: str, sep: str = " ", advice: str | None = None) -> ConfigError:
+    """A config file that cannot be read, with ``advice`` for one the user wrote; a run's own config.yaml
+    (written atomically: damaged by hand or by a copy) is told how to get back what its run recorded."""
+    said = f"config file {str(p)!r}{sep}{problem}"
+    if fix := _recorded_config(p):
+        return ConfigError(f"{said}; it is the run's own config, damaged: {fix}")
+    return ConfigError(f"{said}: {advice}" if advice else said)
+
+
+def _recorded_config(p: Path) -> str | None:
+    """Where the run whose own config.yaml ``p`` is (a folder beside a run's files; not a conversion's stage 1,
+    which has none) recorded the config it trained with, which `attnxfer export` reads too: its newest
+    checkpoint's state.json, not the defaults. None for any other file."""
+    folder = p.parent
+    if p.name != RUN_CONFIG or folder.name == STAGE_DIRS[0]:
+        return None
+    if not any((folder / m).exists() for m in RUN_DIR_MARKERS):
+        return None
+    # a conversion's own config holds the convert section, which stage 1's checkpoints record and stage 2's do not
+    saves = [
+        sorted(d for d in folder.glob(f"{stage}{CHECKPOINTS_SUBDIR}/step-*") if "." not in d.name)
+        for stage in ("", f"{STAGE_DIRS[0]}/", f"{STAGE_DIRS[1]}/")
+    ]  # not the step-*.replaced-* an earlier attempt kept aside
+    newest = next((found[-1] for found in saves if found), None)
+    if newest is None:
+        return "the run saved no checkpoint to recover it from: start the run again"
+    return f"write back the config its checkpoints record, 'config' in {newest}/state.json (JSON, which YAML reads)"
+
+
 def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
     """A recipe and the recipes it starts from (``base: NAME``), root first, each with its own keys: each file
     is applied over the previous one as overrides are, so a recipe stating only what differs equals a full copy."""
@@ -174,18 +206,17 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         try:  # a repeated key or bad YAML is one line naming the file and line
             data = load_yaml(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
-            raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
+            raise _unreadable(p, "is not a text YAML file (binary content?)") from None
         except YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r}, {describe_yaml_error(e)}") from None
+            raise _unreadable(p, describe_yaml_error(e), ", ") from None
         if data is None:  # a `--print-config > FILE` that failed leaves one: the defaults would train unasked
-            raise ConfigError(
-                f"config file {str(p)!r} holds no keys (empty, or only comments): write its keys, or leave out "
-                "-c to run the defaults"
+            raise _unreadable(
+                p,
+                "holds no keys (empty, or only comments)",
+                advice="write its keys, or leave out -c to run the defaults",
             )
         if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
-            )
+            raise _unreadable(p, f"must hold a mapping of keys, got {type(data).__name__}")
         data = dict(data)
         if other := next((k for k in ("_base_", "defaults", "extends") if k in data), None):
             raise ConfigError(  # MMEngine's, Hydra's and others' word for it, else "unknown key" guesses

@@ -98,6 +98,35 @@ def test_a_file_or_section_left_without_keys_is_refused_not_trained_with_the_def
     assert says in _refused(tmp_path, monkeypatch, capsys, text)
 
 
+@pytest.mark.parametrize(
+    "text", ["", "schedule: [\n", "\xff\xfe", None], ids=["empty", "bad-yaml", "binary", "deleted"]
+)
+def test_a_runs_own_config_damaged_is_told_where_its_run_recorded_it(tmp_path, capsys, text):
+    """A run's own config.yaml, emptied or damaged, was told to write its keys or 'leave out -c to run the
+    defaults': a new run in runs/default, and to `attnxfer export`, which has no -c, no advice at all; deleted,
+    train and eval only listed the folder. The config the run trained with is in its checkpoints' state.json."""
+    run = tmp_path / "run"
+    state = run / "checkpoints" / "step-00000004" / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text('{"step": 4, "config": {"seed": 0}}')
+    (run / "run.json").write_text("{}")
+    if text is not None:
+        (run / "config.yaml").write_bytes(text.encode("latin-1"))
+    for argv in (["export", str(run), str(tmp_path / "out")], ["train", "-c", str(run / "config.yaml")]):
+        if text is None and argv[0] == "export":  # export reads the run without it
+            continue
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "Traceback" not in err, err
+        said = "gone" if text is None else "damaged"
+        assert (
+            f"it is the run's own config, {said}: write back the config its checkpoints record, 'config' in {state}"
+            in err
+        )
+        assert "leave out -c" not in err
+    kept = {"checkpoints", "run.json"} | ({"config.yaml"} if text is not None else set())
+    assert not (tmp_path / "out").exists() and {p.name for p in run.iterdir()} == kept
+
+
 def test_a_key_given_twice_in_a_recipe_it_starts_from_names_that_recipe(tmp_path, monkeypatch, capsys):
     parent = tmp_path / "parent.yaml"
     parent.write_text("optim:\n  lr: 1.0e-3\n  lr: 1.0e-4\n", encoding="utf-8")
