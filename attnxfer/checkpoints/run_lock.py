@@ -173,10 +173,12 @@ def disk_error(e: BaseException, run_dir: str | os.PathLike) -> RunDirNotWritabl
         return None
     run_dir = Path(run_dir)
     where = os.fsdecode(e.filename) if e.filename else run_dir
+    # a new run's folder that could not be made: the folder above it is the one to make writable
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), run_dir)
     return RunDirNotWritableError(
         f"cannot write {where}: {e.strerror or os.strerror(e.errno)}. Nothing saved before was lost "
-        f"({run_dir}: {last_checkpoint_note(run_dir)}); free space or make {run_dir} writable, then run the same command "
-        "again to continue"
+        f"({run_dir}: {last_checkpoint_note(run_dir)}); free space or make {existing} writable, then run the same "
+        "command again to continue"
     )
 
 

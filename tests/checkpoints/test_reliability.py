@@ -164,3 +164,15 @@ def test_a_disk_error_names_its_path_as_text_whatever_type_the_writer_gave_it(tm
     events = tmp_path / "tb" / "events.out"
     error = disk_error(OSError(28, "No space left on device", os.fsencode(events)), tmp_path)
     assert f"cannot write {events}: No space left on device" in str(error)
+
+
+def test_a_new_run_dir_that_cannot_be_made_names_the_folder_to_make_writable(tmp_path):
+    """A new run under a read-only folder was told to make the run's folder writable: one that does not exist."""
+    from attnxfer.checkpoints.run_lock import disk_error
+
+    run = tmp_path / "runs" / "new"
+    error = disk_error(PermissionError(13, "Permission denied", str(run)), run)
+    assert f"cannot write {run}: Permission denied" in str(error)
+    assert f"make {tmp_path} writable, then run the same command again" in str(error)
+    run.mkdir(parents=True)  # once it exists, it is the one
+    assert f"make {run} writable" in str(disk_error(PermissionError(13, "Permission denied", str(run)), run))
