@@ -190,6 +190,24 @@ def test_a_student_trained_on_alone_past_the_studys_step_is_refused_not_restarte
     assert [p.name for p in (alone / "checkpoints").iterdir()] == ["step-00000002"]
 
 
+@pytest.mark.slow
+def test_a_student_whose_checkpoint_of_the_studys_step_is_damaged_is_told_so(tmp_path, capsys):
+    """A student's damaged save of the study's step was said to hold no checkpoint at all ('it holds none:
+    trained on alone?'), beside the warning that named the damage."""
+    run = tmp_path / "study"
+    argv = ["study", *BASE, "transfer.mode=none", "schedule.max_steps=1", f"run_dir={run}"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "--vary", "seed=0,1"]
+    assert cli.main(argv) == 0
+    student = next(p for p in run.iterdir() if (p / "config.yaml").is_file())
+    (student / "checkpoints" / "step-00000001" / "MANIFEST.json").unlink()
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"student {student.name!r} has no usable checkpoint of the study's step 1" in err, err
+    assert "(it is damaged: the warning above says why)" in err and "trained on alone" not in err
+    assert (student / "checkpoints" / "step-00000001").is_dir()
+
+
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):
     run = tmp_path / "study"
     for vary in ("data.batch_size=8,16", "teacher.spec=a,b", "schedule.max_steps=2,4", "aug.mixup=0,0.8"):

@@ -303,10 +303,17 @@ def _where_it_stands(
     for student, cfg, infos in saved:
         steps = [i.step for i in infos]
         if point is not None and student.name not in stopped and point.step not in steps:
+            # its save of that step damaged (the warning above says how), or gone: pruned by a run of its own
+            damaged = CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir()
+            why = (
+                "it is damaged: the warning above says why"
+                if damaged
+                else f"it holds {', '.join(f'step {s}' for s in steps) or 'none'}: trained on alone?"
+            )
             raise InputError(  # it would start from scratch beside students at the study's step
-                f"student {student.name!r} has no checkpoint of the study's step {point.step} in {cfg.run_dir} "
-                f"(it holds {', '.join(f'step {s}' for s in steps) or 'none'}: trained on alone?); nothing was "
-                "moved: start the study over (checkpoint.resume=none) or elsewhere (run_dir=...)"
+                f"student {student.name!r} has no {'usable ' if damaged else ''}checkpoint of the study's step "
+                f"{point.step} in {cfg.run_dir} ({why}); nothing was moved: start the study over "
+                "(checkpoint.resume=none) or elsewhere (run_dir=...)"
             )
     if DistributedInfo.from_environment().is_main_process:
         for *_, infos in saved:
