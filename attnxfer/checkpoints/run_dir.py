@@ -224,6 +224,7 @@ class RunDir:
             # a run's checkpoints (whose step-* folders hold state.json: not runs to pick one of)
             if CHECKPOINTS_SUBDIR in (self.path.name, self.path.parent.name):
                 run = self.path.parent if self.path.name == CHECKPOINTS_SUBDIR else self.path.parent.parent
+                RunDir(run).final_student()  # a study's steps, not a run's: refused naming its students
                 raise MissingPathError(
                     f"{self.path} belongs to the checkpoints of the run {run}: give the run's folder, {run}; "
                     "the command picks the checkpoint from there"

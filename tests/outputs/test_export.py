@@ -1032,10 +1032,15 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
 
 
 def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, exported, tmp_path, capsys):
-    """A folder of runs (the demo's runs/demo), an export, a path that is not there, a run's checkpoints: each
-    answer points to what to give instead, and nothing is written."""
+    """A folder of runs (the demo's runs/demo), an export, a path that is not there, a run's checkpoints, a
+    study's (once told to give the study's folder as a run's): each answer points to what to give instead, and
+    nothing is written."""
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "a").symlink_to(trained)
+    study = tmp_path / "study"
+    (study / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"students": [{"name": "s0", "folder": "s0"}]}))
+    (study / "s0").symlink_to(trained)
     cases = {
         tmp_path / "runs": f"holds runs (a/): give one of them, e.g. {tmp_path / 'runs' / 'a'}",
         exported: f"is an exported model, not a run's dir: it loads as local-dir:{exported}",
@@ -1046,6 +1051,11 @@ def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, export
         trained
         / "checkpoints": f"belongs to the checkpoints of the run {trained}: give the run's folder, {trained}",
         trained / "checkpoints" / "step-00000004": f"of the run {trained}: give the run's folder, {trained};",
+        # a study's checkpoints (the steps its students all saved): its folder is no run to give either
+        study / "checkpoints": f"{study} is a study's folder: its students are the runs in it (s0); give one",
+        study
+        / "checkpoints"
+        / "step-00000002": f"{study} is a study's folder: its students are the runs in it",
     }
     for given, says in cases.items():
         code, _, err = run_cli(capsys, "export", str(given), str(tmp_path / "out"))
