@@ -74,6 +74,13 @@ def resolve_recipe(path: str | Path) -> Path:
             f"config file {str(p)!r} does not exist: {p.parent} is a study's folder; give one student's "
             f"config: -c {study}"
         )
+    conversion = p.parent.parent
+    if p.name == RUN_CONFIG and p.parent.name == STAGE_DIRS[0] and (conversion / RUN_CONFIG).is_file():
+        # stage 1 trains the attention layers alone: the conversion's config runs (and scores) the whole of it
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist: {p.parent} is stage 1 of the conversion {conversion}, "
+            f"which keeps one config for both stages: -c {conversion / RUN_CONFIG}"
+        )
     close = difflib.get_close_matches(str(path), list_recipes(), n=1)
     hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
     if fix := _recorded_config(p):  # moved or deleted from a run that is there

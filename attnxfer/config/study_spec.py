@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import STUDY_FILES, STUDY_RECORD, STUDY_YAML
+from ..run_layout import RUN_RECORD, STAGE_DIRS, STUDY_FILES, STUDY_RECORD, STUDY_YAML
 from .loading import COMMAND_KEY, STUDENTS_KEY, recipe_chain, resolve_recipe
 from .overrides import (
     ConfigError,
@@ -155,6 +155,15 @@ def load_study(
     if not students:
         # a study's folder named by run_dir= alone: its own YAML lists them
         own = Path(base.run_dir) / STUDY_YAML
+        folder = None if path is None else resolve_recipe(path).parent
+        run = {RUN_RECORD: "run", f"{STAGE_DIRS[1]}/{RUN_RECORD}": "conversion"}
+        run = next((what for f, what in run.items() if folder and (folder / f).is_file()), None)
+        if run is not None:  # a run's own config.yaml lists no students: it is not what was meant
+            raise ConfigError(
+                f"config file {str(path)!r} is the config of the {run} {folder}, not of a study: it lists no "
+                "students; give a study's own YAML (-c STUDY/study.yaml), or start a study from this config "
+                "with --vary KEY=V1,V2 and a run_dir=... of its own"
+            )
         raise ConfigError(
             "a study needs students: list them under students: in the YAML (each a name and the keys it "
             "changes) or vary keys with --vary KEY=V1,V2"

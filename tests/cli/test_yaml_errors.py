@@ -127,6 +127,19 @@ def test_a_runs_own_config_damaged_is_told_where_its_run_recorded_it(tmp_path, c
     assert not (tmp_path / "out").exists() and {p.name for p in run.iterdir()} == kept
 
 
+def test_a_conversions_stage_1_given_as_a_config_points_at_the_conversions_own(tmp_path, capsys):
+    """Stage 1 keeps checkpoints only (stage 2 is a run with a config.yaml of its own): -c STAGE1/config.yaml
+    listed the folder's contents and left the user to guess that the conversion's config runs both stages."""
+    conv = tmp_path / "conv"
+    (conv / "stage1" / "checkpoints").mkdir(parents=True)
+    (conv / "config.yaml").write_text("seed: 0\n")
+    code, _, err = run_cli(capsys, "eval", "-c", str(conv / "stage1" / "config.yaml"))
+    assert code == 2 and err.strip().endswith(
+        f"{conv / 'stage1'} is stage 1 of the conversion {conv}, which keeps one config for both stages: "
+        f"-c {conv / 'config.yaml'}"
+    ), err
+
+
 def test_a_key_given_twice_in_a_recipe_it_starts_from_names_that_recipe(tmp_path, monkeypatch, capsys):
     parent = tmp_path / "parent.yaml"
     parent.write_text("optim:\n  lr: 1.0e-3\n  lr: 1.0e-4\n", encoding="utf-8")

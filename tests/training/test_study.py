@@ -456,6 +456,14 @@ def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
     assert code == 2 and "attnxfer study -c" in err and "Traceback" not in err
 
 
+def test_a_run_config_is_not_a_study_yaml(trained, capsys):
+    """`study --report -c RUN/config.yaml` was told to list students in the YAML: the run's own config, which
+    is not a study's and must not be edited into one."""
+    code, _, err = run_cli(capsys, "study", "--report", "-c", str(trained / "config.yaml"))
+    assert code == 2 and f"is the config of the run {trained}, not of a study: it lists no students" in err
+    assert "-c STUDY/study.yaml" in err and "list them under students: in the YAML" not in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "given", [["-c", "{s}/study.yaml"], ["-c", "{s}/config.yaml"], ["-c", "{s}"], ["{s}"]]
