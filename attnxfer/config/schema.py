@@ -166,12 +166,13 @@ class AugConfig:
     mixup_prob: float = key(1.0, range=FRACTION)
     mixup_switch_prob: float = key(0.5, range=FRACTION)
     # random erasing probability where the dataset's builder takes it (folder, hfds/, hfids/, wds/); the
-    # in-memory animal_mnist, synthetic and recall make their own tensors and leave it and auto_augment unread
+    # in-memory animal_mnist, synthetic and recall make their own tensors: a run says it and auto_augment unused
     reprob: float = key(0.0, range=FRACTION)
     # random erasing fill: const (timm's default) | rand | pixel (MAE / the paper)
     remode: str = key("const", choices=("const", "rand", "pixel"))
     recount: int = key(1, range=AT_LEAST_1)  # random erasing: how many boxes per image
-    auto_augment: str | None = key(None, range=ANY)  # e.g. rand-m9-mstd0.5-inc1 (where reprob is read)
+    # timm's policy, e.g. rand-m9-mstd0.5-inc1 (read where reprob is)
+    auto_augment: str | None = key(None, range=ANY)
 
 
 @dataclass

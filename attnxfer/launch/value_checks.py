@@ -240,6 +240,40 @@ def _check_options(key: str, names: Any, options: dict[str, Any], named_in: str 
         raise ConfigError(f"{key}: {e}") from None
 
 
+#: timm's policy strings (timm/data/auto_augment.py): each section after the policy's name is a key and its
+#: number; RandAugment's ``t...`` names its transforms. timm passes over a section without a digit unread.
+_AUTO_AUGMENT = {
+    "rand": {"m": int, "n": int, "p": float, "mstd": float, "mmax": int, "inc": int},
+    "augmix": {"m": int, "w": int, "d": int, "a": float, "b": int, "mstd": float},
+    **{name: {"mstd": float} for name in ("v0", "v0r", "original", "originalr", "3a")},
+}
+
+
+def _check_auto_augment(value: str) -> None:
+    """``aug.auto_augment`` read as timm reads it, a section it would ignore or assert on refused by name."""
+    policy, *parts = value.split("-")
+    if policy not in _AUTO_AUGMENT:
+        raise ConfigError(
+            f"aug.auto_augment={value}: {policy!r} is none of timm's policies ({', '.join(_AUTO_AUGMENT)}), "
+            "e.g. rand-m9-mstd0.5-inc1"
+        )
+    keys = _AUTO_AUGMENT[policy]
+    for part in parts:
+        if policy == "rand" and part.startswith("t"):
+            continue
+        key, number = re.fullmatch(r"([a-z]*)(.*)", part).groups()
+        if key not in keys:
+            raise ConfigError(
+                f"aug.auto_augment={value}: timm's {policy} policy has no section {part!r}; after the policy "
+                f"each section is a key and its number, the keys {', '.join(keys)} (e.g. rand-m9-mstd0.5-inc1)"
+            )
+        try:
+            keys[key](number)
+        except ValueError:
+            kind = "an integer" if keys[key] is int else "a number"
+            raise ConfigError(f"aug.auto_augment={value}: {part!r}: {key} takes {kind}") from None
+
+
 def check_values(cfg: Any) -> Any:
     """``cfg`` once its registry values are known names and its attentions take their options; else a
     `ConfigError` with the nearest name or the options to drop."""
@@ -272,6 +306,8 @@ def check_values(cfg: Any) -> Any:
             f"mae.decoder_dim={cfg.mae.decoder_dim} does not split into mae.decoder_heads="
             f"{cfg.mae.decoder_heads} heads: make the width a multiple of the head count"
         )
+    if cfg.aug.auto_augment:
+        _check_auto_augment(cfg.aug.auto_augment)
     if cfg.search.seeds is not None and not cfg.search.seeds:
         raise ConfigError(
             "search.seeds=[] names no formula to start from: give one or more, or null for the zoo"

@@ -211,6 +211,41 @@ def test_an_unknown_architecture_is_refused_with_the_nearest(key):
     check_values(load_config(None, [f"{key}=hf-hub:acme/any"]))  # resolved where the model is built
 
 
+@pytest.mark.parametrize(
+    "policy, timm_reads",
+    [
+        ("rand-m9-mstd0.5-inc1", "builds"),
+        ("rand-n3-m7-tweights", "builds"),
+        ("augmix-m5-w4-d2-a1.0-b1", "builds"),
+        ("original-mstd0.5", "builds"),
+        ("3a", "builds"),
+        ("rand-m9-incx", "ignores 'incx'"),  # no digit: timm passes over it
+        ("rand-m9-q5", "asserts"),
+        ("rand-m9.5", "raises"),
+        ("v1", "asserts"),
+    ],
+)
+def test_auto_augment_policies_are_read_as_timm_reads_them_and_what_it_would_ignore_is_refused(
+    policy, timm_reads
+):
+    from timm.data import create_transform
+
+    cfg = load_config(None, [f"aug.auto_augment={policy}"])
+    if timm_reads == "builds":
+        check_values(cfg)
+        assert create_transform(32, is_training=True, auto_augment=policy) is not None
+        return
+    with pytest.raises(ConfigError, match=f"^aug.auto_augment={policy}: "):
+        check_values(cfg)
+    if timm_reads == "ignores 'incx'":
+        assert repr(create_transform(32, is_training=True, auto_augment=policy)) == repr(
+            create_transform(32, is_training=True, auto_augment="rand-m9")
+        )
+    else:
+        with pytest.raises((AssertionError, ValueError)):
+            create_transform(32, is_training=True, auto_augment=policy)
+
+
 def test_comparison_loss_names_read_from_the_source_are_the_registrys():
     # the package's own entries (a test elsewhere registers one of its own in this process)
     own = {name for name, fn in COMPARISON_LOSSES.items() if fn.__module__.startswith("attnxfer.")}

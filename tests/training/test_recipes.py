@@ -560,6 +560,29 @@ def test_the_data_line_shows_no_data_root_for_a_dataset_that_reads_none(tmp_path
     assert "data: synthetic, 8 train / 8 val images" in out and "/path/to/imagenet" not in out
 
 
+def test_random_erasing_and_auto_augment_on_a_dataset_that_makes_its_own_tensors_are_said_unused(
+    tmp_path, capsys
+):
+    """The paper's recipes set aug.reprob and aug.auto_augment; switched to synthetic (or animal_mnist) data,
+    the run trained without them and said nothing. A folder's timm transforms read them: no warning there."""
+    aug = ["aug.reprob=0.25", "aug.auto_augment=rand-m9-mstd0.5-inc1"]
+    base = [*tiny_run(8, 4), f"run_dir={tmp_path / 'r'}", "transfer.mode=none", *aug]
+    build_run_parts(load_config(None, base))
+    assert (
+        "warning: aug.reprob=0.25, aug.auto_augment=rand-m9-mstd0.5-inc1 unused with data.dataset=synthetic"
+        in capsys.readouterr().err
+    )
+    _uniform_folder(tmp_path / "folder")
+    folder = [
+        "data.dataset=folder",
+        f"data.root={tmp_path / 'folder'}",
+        "data.kwargs={}",
+        "data.batch_size=1",
+    ]
+    build_run_parts(load_config(None, [*base, *folder]))
+    assert "unused" not in capsys.readouterr().err
+
+
 def test_grey_images_average_only_the_rgb_statistics_the_config_does_not_give(tmp_path):
     """data.in_chans=1 on a folder (ImageNet's three statistics): a data.std or data.mean given is used as
     given and the other is averaged, in a training run and in MAE pre-training alike."""

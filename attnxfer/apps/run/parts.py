@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ...config import DataConfig, ModelConfig, TrainConfig
 from ...data import DatasetInfo
-from ...data.registry import dataset_reads_root
+from ...data.registry import dataset_options, dataset_reads_root
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
 from ...models.efficient import with_attention
@@ -491,6 +491,14 @@ def parts_around(
             f"{'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
             f", normalised by {f'{mean_by}mean/std' if mean_by == std_by else f'{mean_by}mean and {std_by}std'}"
         )
+        options, a = dataset_options(d.dataset), cfg.aug
+        unread = [f"aug.{k}={v}" for k, v in (("reprob", a.reprob), ("auto_augment", a.auto_augment)) if v]
+        if unread and not {"re_prob", "auto_augment"} & options:  # the in-memory sets make their own tensors
+            warn(
+                f"warning: {', '.join(unread)} unused with data.dataset={d.dataset}, which makes its own "
+                "tensors: random erasing and auto-augment apply to the datasets timm's transforms build "
+                "(folder, hfds/, hfids/, wds/)"
+            )
     return RunParts(
         student=student,
         teacher=teacher,
