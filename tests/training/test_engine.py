@@ -262,6 +262,27 @@ def test_a_resumed_run_reports_the_whole_runs_history_and_seconds(tmp_path):
     assert again.seconds > first.seconds > 0
 
 
+def test_a_resume_whose_plan_changed_with_the_code_says_how_and_keeps_the_earlier_plan(tmp_path, capsys):
+    """The keys that change a plan are refused on resume, but a loss's default or a mode's layers may change
+    with attnxfer itself: run.json was rewritten with the new plan, the earlier steps' plan lost, not a word."""
+    common = [*TINY, "transfer.mode=none", f"run_dir={tmp_path / 'r'}"]
+    train(load_config(None, [*common, "schedule.max_steps=2"]))
+    record = RunDir(tmp_path / "r").record_file
+    now = json.loads(record.read_text())["plan"]
+    older = now.replace("transfer plan: mode=none", "transfer plan: mode=none, as an older attnxfer said it")
+    record.write_text(json.dumps({**json.loads(record.read_text()), "plan": older}))
+    capsys.readouterr()
+    train(load_config(None, [*common, "schedule.max_steps=4"]))
+    err = capsys.readouterr().err
+    assert "warning: the transfer plan differs from the one run.json records for the steps up to 2" in err
+    assert f"  was: {older.splitlines()[0]}\n  now: {now.splitlines()[0]}\n" in err
+    kept = json.loads(record.read_text())
+    assert kept["plan"] == now and kept["earlier_plans"] == [{"until_step": 2, "plan": older}]
+    train(load_config(None, [*common, "schedule.max_steps=6"]))  # the same plan again: nothing to say
+    assert "plan differs" not in capsys.readouterr().err
+    assert json.loads(record.read_text())["earlier_plans"] == kept["earlier_plans"]
+
+
 def test_a_run_stopped_between_two_log_steps_logs_the_records_of_an_uninterrupted_run(tmp_path):
     """A SIGTERM saves the step it stops at, between log steps: the terms summed since the last record are saved
     with it, so the resumed run's next record is the mean over the same steps, not over those after the resume."""

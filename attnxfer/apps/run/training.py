@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -302,6 +303,8 @@ def record_run(
         return
     if engine.is_main:
         run_dir = RunDir(cfg.run_dir)
+        if earlier := [] if engine.resumes_other_run else plans_so_far(run_dir, point, info.get("plan")):
+            info = {**info, "earlier_plans": earlier}
         run_dir.write_config(dump_config(cfg, command, as_run=True))
         run_dir.write_record(
             {
@@ -320,6 +323,31 @@ def record_run(
     learner = {"convert": None, "pretrain": "an encoder"}.get(command, "a student")
     for warning in schedule_warnings(engine, learner=learner) if warn_schedule and not finished else ():
         say(warning)
+
+
+def plans_so_far(run_dir: RunDir, point: ResumePoint | None, plan: str | None) -> list[dict]:
+    """The plans a resumed run's earlier steps were trained by, where they read otherwise than ``plan``, each
+    with the step it held until (run.json's ``earlier_plans``; its ``plan`` is this start's). The config keys
+    that would change a plan are refused on resume: a plan that differs comes from attnxfer's code (a loss's
+    default, a mode's layers), which the run says, line by line, before it goes on."""
+    try:
+        before = json.loads(run_dir.record_file.read_text(encoding="utf-8")) if point else {}
+    except (OSError, ValueError):  # no run.json to compare with: it is written anew
+        return []
+    before = before if isinstance(before, dict) else {}
+    earlier, old = list(before.get("earlier_plans") or []), before.get("plan")
+    if not isinstance(old, str) or plan is None or old == plan:
+        return earlier
+    gone, new = old.splitlines(), plan.splitlines()
+    diff = [f"  was: {line.strip()}" for line in gone if line not in new]
+    diff += [f"  now: {line.strip()}" for line in new if line not in gone]
+    warn(
+        f"warning: the transfer plan differs from the one run.json records for the steps up to {point.step} "
+        "(attnxfer's code changed since; the config's own keys are as they were):\n"
+        + "\n".join(diff)
+        + f"\nthe run goes on by the plan of now; {run_dir.record_file} keeps the earlier one in earlier_plans"
+    )
+    return [*earlier, {"until_step": point.step, "plan": old}]
 
 
 def assemble_engine(
