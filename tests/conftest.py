@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,23 @@ from attnxfer.launch import cli
 from attnxfer.models.attention import registry as attentions
 from attnxfer.plugins import load_entry_points
 from attnxfer.transfer import comparisons
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_in_pytests_own_folder(tmp_path_factory):
+    """TMPDIR for this session and its children under pytest's own temporary folder, which pytest prunes (the
+    last three sessions kept): what a killed child leaves there (wandb's tmp*wandb-media, torchrun's
+    torchelastic_* logs) does not pile up in /tmp. The SLURM cluster's folder stays in /tmp: munged, run as
+    user munge, cannot reach into pytest's private folders."""
+    scratch = str(tmp_path_factory.mktemp("scratch"))
+    was = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tempfile.tempdir = scratch
+    yield
+    tempfile.tempdir = None
+    if was is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = was
 
 
 @pytest.fixture(scope="module")

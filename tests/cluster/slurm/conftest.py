@@ -25,6 +25,8 @@ from loopback_cluster import ClusterUnavailable, LoopbackCluster
 cloudpickle.register_pickle_by_value(toy_training)
 
 SKIP_ENV = "ATTNXFER_SKIP_SLURM"
+#: the machine's temporary folder, read before the session moves TMPDIR under pytest's own (tests/conftest.py)
+SYSTEM_TMP = tempfile.gettempdir()
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +34,7 @@ def slurm_cluster(request):
     """Start munged, slurmctld and two slurmd (node1, node2) on 127.0.0.1; SLURM_CONF points at it."""
     if os.environ.get(SKIP_ENV) == "1":
         pytest.skip(f"{SKIP_ENV}=1: SLURM tests skipped on request")
-    root = Path(tempfile.mkdtemp(prefix="attnxfer-slurm-"))
+    root = Path(tempfile.mkdtemp(prefix="attnxfer-slurm-", dir=SYSTEM_TMP))
     cluster = LoopbackCluster(root, nodes=2, cpus_per_node=2)
     try:
         cluster.start()
