@@ -175,9 +175,10 @@ def test_a_study_resumed_with_a_key_it_cannot_change_names_its_study_yaml_as_its
 
 
 @pytest.mark.slow
-def test_a_student_trained_on_alone_past_the_studys_step_is_refused_not_restarted(tmp_path, capsys):
+def test_a_student_trained_on_alone_past_the_studys_step_is_refused_where_that_step_is_gone(tmp_path, capsys):
     """`train -c RUN/<name>/config.yaml` pruned the study's step from that student: the study restarted it
-    from scratch beside the others (and set its newer checkpoint aside) while saying it resumed every one."""
+    from scratch beside the others (and set its newer checkpoint aside) while saying it resumed every one.
+    Where the step is kept, the study goes on from it and says the solo save is set aside, and why."""
     run = tmp_path / "study"
     argv = ["study", *BASE, "transfer.mode=none", "schedule.max_steps=1", "checkpoint.keep_last=1"]
     argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", f"run_dir={run}", "--vary", "seed=0,1"]
@@ -188,6 +189,19 @@ def test_a_student_trained_on_alone_past_the_studys_step_is_refused_not_restarte
     assert cli.main([*argv[:-2], "schedule.max_steps=3", *argv[-2:]]) == 2
     assert f"student {alone.name!r} has no checkpoint of the study's step 1" in capsys.readouterr().err
     assert [p.name for p in (alone / "checkpoints").iterdir()] == ["step-00000002"]
+    # the study's step kept: the study goes on from it, the solo step set aside (not deleted) in a line
+    again = [a.replace("keep_last=1", "keep_last=2").replace(str(run), str(tmp_path / "kept")) for a in argv]
+    alone = tmp_path / "kept" / alone.name
+    assert cli.main(again) == 0
+    assert cli.main(["train", "-c", str(alone / "config.yaml"), "schedule.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*again[:-2], "schedule.max_steps=3", *again[-2:]]) == 0
+    solo = alone / "checkpoints" / "step-00000002"
+    assert (
+        f"study: {solo} was saved after the study's last complete step (by a save round cut short, or by "
+        in (capsys.readouterr().out)
+    )
+    assert len(list(alone.glob("checkpoints/step-00000002.uncommitted-*"))) == 1
 
 
 @pytest.mark.slow

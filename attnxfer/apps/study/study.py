@@ -320,7 +320,10 @@ def _where_it_stands(
             for info in infos:
                 if point is None or info.step > point.step:
                     aside = set_aside(info.path, "uncommitted")
-                    say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
+                    say(
+                        f"study: {info.path} was saved after the study's last complete step (by a save round "
+                        f"cut short, or by the student trained on alone); kept as {aside}"
+                    )
     barrier()
     if point is None:
         return spec, _Standing()
