@@ -501,6 +501,12 @@ def export_run(
     if run.path.name == STAGE_DIRS[-1] and RunDir(run.path.parent).is_conversion():
         logits = (recipe_cfg.get("transfer") or {}).get("logit_distill")
         conversion = {**read_record(run.path.parent / "report.json"), "logit_distill": logits}
+        # convert measured the weights an export takes by default: other ones (--checkpoint latest, --weights
+        # raw) are not credited with its top-1, k-NN and feature figures
+        default, _ = run.student_checkpoint(quiet=True)
+        kept = ExportWeights.EMA if (default / ExportWeights.EMA.filename).is_file() else ExportWeights.RAW
+        if (loaded.checkpoint, loaded.weights) != (default, kept):
+            conversion["measured_other"] = (conversion.get("stage2") or {}).get("measured") or "not recorded"
     out_dir = Path(out_dir)
     # named after the folder (absolute: `export RUN .` is not ''), or after the run where it is the run's export/
     # (pretrain's, the one a refusal points to), a conversion's after the conversion

@@ -49,7 +49,8 @@ class ModelCardInfo:
     #: ``model.init``'s weights the student was fine-tuned from (``spec``, ``license``): its licence binds too
     init: dict[str, Any] | None = None
     #: where the student is a conversion's final one (``transfer_mode`` is then its stage 2's): the conversion's
-    #: report.json ({} where none was written) and ``logit_distill``, stage 2's weight; None for any other
+    #: report.json ({} where none was written), ``logit_distill``, stage 2's weight, and ``measured_other``: the
+    #: weights report.json measured where the export took other ones; None for any other
     conversion: dict[str, Any] | None = None
 
     def __post_init__(self):
@@ -263,12 +264,17 @@ def _conversion_text(
     stages = ([] if skipped else ["attention distillation (stage 1)"]) + [f"{then} (stage 2)"]
     knn = (report.get("knn") or {}).get("after_stage2") or {}
     cos = ((report.get("features") or {}).get("after_stage2") or {}).get("feat_cos_patch")
-    figures = [
+    # the weights the conversion measured, where the export took others: their quality is not these weights'
+    other = report.get("measured_other")
+    quality = [
         report.get("recovered_pct") is not None
         and f"top-1 {report['student_top1']:.2f} ({report['recovered_pct']:.1f}% of the teacher's)",
         knn.get("knn_top1") is not None
         and f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})",
         cos is not None and f"final-feature cosine to the teacher {cos:.4f}",
+    ]
+    figures = [
+        *([] if other else quality),
         speed.get("speedup") is not None
         and not speed.get("speedup_withheld")
         and f"{speed['speedup']:.2f}x the teacher's speed ({speed['device']}, batch {speed['batch']})",
@@ -284,7 +290,13 @@ def _conversion_text(
             "distillation (the student's attention fitted to the teacher's maps)\n"
         )
         + f"2. stage 2, {stage2.get('steps', '?')} steps: {then}\n"
-        + (f"\nMeasured by the conversion (its report.json): {shown}.\n" if shown else ""),
+        + (f"\nMeasured by the conversion (its report.json): {shown}.\n" if shown else "")
+        + (
+            f"\nThe conversion's quality figures (its report.json) are of other weights ({other}), not of these: "
+            "the metrics below are these weights'.\n"
+            if other
+            else ""
+        ),
     )
 
 

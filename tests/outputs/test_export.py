@@ -185,6 +185,36 @@ def test_a_conversions_card_says_it_converted_the_teacher_in_two_stages_with_its
     assert "Stage 2's transfer plan:\n\n```text\ntransfer plan: mode=none" in text
 
 
+@pytest.mark.parametrize(
+    "choice", [{}, {"weights": "raw"}, {"checkpoint": "latest"}], ids=["as-measured", "raw", "latest"]
+)
+def test_a_conversions_card_credits_its_reports_quality_only_to_the_weights_the_conversion_measured(
+    tmp_path, choice
+):
+    """convert measures the weights an export takes by default (the best checkpoint, its EMA): the raw weights or
+    the newest checkpoint, exported by choice, scored otherwise, and their card must not claim that top-1."""
+    fake_run(tmp_path / "conversion" / "stage2", mode="none")  # best: step 100, with EMA weights
+    report = {
+        "stage2": {"steps": 2, "measured": "step-00000100 (best val top-1 70.00), ema weights"},
+        "student_top1": 70.0,
+        "recovered_pct": 87.5,
+        "knn": {"after_stage2": {"knn_top1": 65.0, "knn_teacher_top1": 66.0}},
+        "features": {"after_stage2": {"feat_cos_patch": 0.9}},
+        "speed": {"speedup": 1.5, "speedup_withheld": None, "device": "cuda", "batch": 64},
+    }
+    (tmp_path / "conversion" / "report.json").write_text(json.dumps(report))
+    with pytest.warns(UserWarning, match="step-00000300"):  # fake_run's broken newest checkpoint
+        out = export_run(tmp_path / "conversion" / "stage2", tmp_path / "out", **choice)
+    text = (out / "README.md").read_text()
+    if not choice:
+        assert "(its report.json): top-1 70.00 (87.5% of the teacher's); k-NN top-1 65.00" in text
+        assert "are of other weights" not in text
+    else:
+        assert "top-1 70.00 (87.5%" not in text and "k-NN top-1 65.00" not in text and "cosine" not in text
+        assert "(its report.json): 1.50x the teacher's speed (cuda, batch 64)." in text
+        assert "are of other weights (step-00000100 (best val top-1 70.00), ema weights)" in text
+
+
 def test_a_bf16_student_exports_and_its_weights_load_back_in_timm(tmp_path):
     """The export's check runs the student and its rebuilt twin in the student's own dtype."""
     student = trained_student().to(torch.bfloat16)
