@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME, missing_path
+from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME, is_exported_model, missing_path
 from ..speak import change_said
 from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
 from .verify import MANIFEST_NAME, CorruptCheckpointError
@@ -75,6 +75,12 @@ class ResumeFrom:
                 f"give it as model.init={self.path}"
             )
             raise InputError(f"checkpoint.resume={str(self.path)!r} is a file {fix}")
+        if is_exported_model(self.path):  # no save cut short, as its missing manifest would say
+            raise InputError(
+                f"checkpoint.resume={str(self.path)!r} is an exported model, not a run's checkpoint "
+                f"(RUN_DIR/checkpoints/step-*): to start a run from its weights, give it as "
+                f"model.init=local-dir:{self.path}"
+            )
         if not (self.path / MANIFEST_NAME).exists() and (steps := CheckpointManager(where).step_dirs()):
             raise InputError(
                 f"checkpoint.resume={str(self.path)!r} holds checkpoints, not one: give one of them (the newest "

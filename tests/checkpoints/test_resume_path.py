@@ -238,6 +238,15 @@ def test_a_broken_checkpoint_given_as_checkpoint_resume_is_told_what_to_give_ins
             ResumePoint.find(tmp_path / "run", str(given))
 
 
+def test_an_export_given_as_checkpoint_resume_is_told_to_be_model_init(exported, tmp_path):
+    """An `attnxfer export` folder has no manifest: it was refused as a checkpoint whose "save never finished?",
+    a damage it does not have, with no word of model.init, which reads it."""
+    with pytest.raises(
+        InputError, match=f"is an exported model, not a run's checkpoint .*model.init=local-dir:{exported}$"
+    ):
+        ResumePoint.find(tmp_path / "run", str(exported))
+
+
 def test_a_state_json_edited_by_hand_without_an_entry_a_resume_reads_names_the_file_and_the_entry(
     trained, tmp_path
 ):
