@@ -66,6 +66,9 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         )
     if folder.parent.name == CHECKPOINTS_SUBDIR:  # a checkpoint holds a search's state.json too
         run = folder.parent.parent
+        if run.name == STAGE_DIRS[0] and (run.parent / STAGE_DIRS[-1]).is_dir():  # exported: its conversion
+            stage = run_folder_hint(run, role).removeprefix(f"{run} is ")
+            return f"{folder} is one of the checkpoints of {stage}"
         return (
             f"{folder} is one of the checkpoints of the run {run}, not a model's folder: export the run "
             f"(`attnxfer export {run} {run / 'export'}`: its best checkpoint, an MAE pre-training's latest; "

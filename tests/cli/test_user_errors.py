@@ -335,6 +335,11 @@ def test_a_conversions_stage_1_given_as_a_model_names_the_conversion_to_export(t
         f"{conv / 'stage1'} is stage 1 of the conversion {conv}; its export would be {conv / 'stage2'}" in err
     )
     assert f"`attnxfer export {conv} {conv / 'stage2' / 'export'}`" in err, err
+    # one of stage 1's checkpoints: the same export, not `attnxfer export CONV/stage1`, which export refuses
+    (conv / "stage1" / "checkpoints" / "step-00000004").mkdir()
+    err = _teacher_refused(f"local-dir:{conv / 'stage1' / 'checkpoints' / 'step-00000004'}", tmp_path, capsys)
+    assert "one of the checkpoints of stage 1 of the conversion" in err, err
+    assert f"`attnxfer export {conv} {conv / 'stage2' / 'export'}`" in err, err
 
 
 def test_an_efficient_students_folder_is_no_teacher_but_a_student_given_it_is_told_to_export_it(
