@@ -696,7 +696,8 @@ def test_skip_stage1_into_a_run_that_saved_a_stage_1_is_refused_not_silently_set
     tmp_path, tiny_teacher_dir, capsys, monkeypatch
 ):
     """--skip-stage1 (convert.stage1_steps=0) into a run whose stage 1 was saved once went on without it: the
-    saved fit was ignored, config.yaml rewritten to 0 steps, and stage 2 then refused the run's own command."""
+    saved fit was ignored, config.yaml rewritten to 0 steps, and stage 2 then refused the run's own command.
+    The refusal names the flag: giving convert.stage1_steps its recorded value back beside it changes nothing."""
     import attnxfer.apps.convert.convert
     from attnxfer.launch.cli import main
 
@@ -713,7 +714,8 @@ def test_skip_stage1_into_a_run_that_saved_a_stage_1_is_refused_not_silently_set
     code, _, err = run_cli(
         capsys, "convert", *_convert_args(run, tiny_teacher_dir, "convert.stage1_steps=2"), "--skip-stage1"
     )
-    assert code == 2 and "convert.stage1_steps (2 -> 0)" in err and "Traceback" not in err, err
+    assert code == 2 and "convert.stage1_steps=2)" in err and "Traceback" not in err, err
+    assert "drop --skip-stage1" in err and "give them the values it recorded" not in err, err
     assert (
         ResumePoint.find(run / "stage1").path == saved.path and not (run / "stage2" / "checkpoints").exists()
     )

@@ -502,6 +502,32 @@ def test_a_recorded_choice_made_for_another_budget_names_the_budget_that_continu
 
 
 @pytest.mark.slow
+def test_a_named_attentions_conversion_resumes_whatever_the_keys_only_auto_reads_say(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """Beside a named attention the choice's keys are said to be unused (nothing reads them), so the same
+    conversion run again without them, or with others, continues the run instead of being refused for them."""
+    run = tmp_path / "run"
+    args = [
+        "convert",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        *tiny_run(16, 8),
+        "convert.attention=relu_linear",
+        "convert.stage1_train=qk",
+        "convert.stage1_steps=1",
+        "schedule.max_steps=1",
+        "transfer.mode=none",
+        *tiny_convert_report(1, 2),
+        "convert.speed_sweep=[]",
+    ]
+    assert cli.main([*args, "convert.speedup=2", "convert.selection_steps=3"]) == 0
+    assert "unused (read only to choose attentions" in capsys.readouterr().err
+    assert cli.main([*args, "convert.candidates=[performer]"]) == 0
+    assert json.loads((run / "report.json").read_text())["stage1"]["resumed"]
+
+
+@pytest.mark.slow
 @pytest.mark.usefixtures("fixed_timings")
 def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, tiny_teacher_dir, capsys):
     """At 1,025 tokens (the teacher rebuilt there for the timing) a 1.1x budget is met as predicted; the

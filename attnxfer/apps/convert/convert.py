@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 
 from ... import speak
-from ...checkpoints.resume_point import starts_over
+from ...checkpoints.resume_point import ResumePoint, starts_over
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
-from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config
+from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config, find_key
 from ...errors import InputError, UserError
 from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ...models.efficient.swap import refuses_an_option
@@ -110,7 +110,26 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> Conve
         run_lock(cfg.run_dir, "convert", enabled=main),
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
     ):
+        if skip_stage1:
+            _refuse_skipping_a_saved_stage1(cfg)
         return _convert(cfg, info, parts=parts)
+
+
+def _refuse_skipping_a_saved_stage1(cfg: TrainConfig) -> None:
+    """``--skip-stage1`` into a run whose stage 1 was saved: refused as any change of convert.stage1_steps, but
+    naming the flag, since giving the key its recorded value back would not lift it (the flag wins)."""
+    if starts_over(cfg.checkpoint.resume):
+        return
+    saved = ResumePoint.find(Path(cfg.run_dir) / STAGE_DIRS[0], verify_hash=False)
+    if saved is None:
+        return
+    steps = find_key(saved.config or {}, "convert.stage1_steps")[1]
+    raise ConfigError(
+        f"{cfg.run_dir} holds a conversion whose stage 1 was saved ({saved.path}, convert.stage1_steps={steps}), "
+        "which --skip-stage1 (convert.stage1_steps=0) would leave out; nothing was written. To continue this "
+        "conversion, drop --skip-stage1; to convert without stage 1, choose another run_dir (run_dir=...) or "
+        "start this one over (checkpoint.resume=none, which keeps the earlier stage 1 aside)"
+    )
 
 
 @dataclass

@@ -61,7 +61,7 @@ from ...train.timing import interleaved_timings
 from ...transfer.conversion import ConversionPlan
 from ...transfer.selection import SHORT_OF_BUDGET, SOFTMAX, InfeasibleBudget, beside, fastest, reasons, select
 from ..run.parts import RunParts
-from ..run.resume import config_changes
+from ..run.resume import CHOICE_KEYS, config_changes
 from .speed import rebuilt_teacher, speedup_withheld
 from .stage1 import STAGE1_KEYS, refuse_another_world, stage1_batches
 
@@ -69,17 +69,7 @@ SELECTION_FILE = "selection.json"
 PARTIAL_FILE = "selection.partial.json"  # the measurements so far, until selection.json
 AUTO = "auto"
 #: the config keys the choice reads: a resume that changes one (unless the key is resumable) is refused
-SELECTION_KEYS = (
-    *STAGE1_KEYS,
-    "convert.speedup",
-    "convert.speed_tokens",
-    "convert.candidates",
-    "convert.selection_steps",
-    "convert.selection_batches",
-)
-
-#: the keys of SELECTION_KEYS only the choice reads (stage 1's are the conversion's too)
-_CHOICE_ONLY = SELECTION_KEYS[len(STAGE1_KEYS) :]
+SELECTION_KEYS = (*STAGE1_KEYS, *CHOICE_KEYS)
 #: the keys the measurements read (not the budget)
 _MEASURED_KEYS = tuple(k for k in SELECTION_KEYS if k != "convert.speedup")
 
@@ -155,7 +145,7 @@ def choose_attentions(
         own = record if record and record.get("attention") == cfg.convert.attention else None
         # keys only a choice reads; an auto run's own config.yaml (its choice recorded) keeps them quietly
         changed = changed_from(TrainConfig(), cfg)
-        unread = [f"{k}={changed[k][1]}" for k in _CHOICE_ONLY if k in changed]
+        unread = [f"{k}={changed[k][1]}" for k in CHOICE_KEYS if k in changed]
         if own is None and unread and not others_choose:
             warn(
                 f"warning: {', '.join(unread)} unused (read only to choose attentions for convert.attention=auto): "

@@ -33,6 +33,17 @@ from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch, recorded_split, sp
 # without them changes no weight's meaning; the scores that need them do)
 SCORING_KEYS = ("data.labels",)
 
+#: the keys only convert.attention=auto's choice of attentions reads (`apps.convert.selection`): an auto
+#: conversion judges them against its recorded choice before its stages, and one of named attentions never
+#: reads them (it warns that they are unused), so neither's stage 2 is refused for them
+CHOICE_KEYS = (
+    "convert.speedup",
+    "convert.speed_tokens",
+    "convert.candidates",
+    "convert.selection_steps",
+    "convert.selection_batches",
+)
+
 
 def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
@@ -134,6 +145,11 @@ def judge(
     # a logit temperature is read only by logit distillation: a run without it (recipes set one) goes on
     if not cfg.transfer.logit_distill and not find_key(point.config, "transfer.logit_distill")[1]:
         allowed_here["transfer.logit_temperature"] = "read only where transfer.logit_distill > 0"
+    # a conversion's stage 2 does not read the choice's keys (`CHOICE_KEYS`): its recorded choice judges them
+    if command == "convert":
+        allowed_here |= dict.fromkeys(
+            CHOICE_KEYS, "read only to choose attentions for convert.attention=auto"
+        )
     # a precision word that trains as the recorded one does on this device (auto is fp32 on CPU) changes
     # nothing: auto's own dtype already follows the device, which a resume may change
     if old := next((c.old for c in changes if c.key == "precision"), None):
