@@ -45,7 +45,13 @@ from .model_card import (
     shape_phrase,
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
-from .run_dir import CheckpointChoice, ExportWeights, RunDir, select_checkpoint as select_checkpoint
+from .run_dir import (
+    CheckpointChoice,
+    ExportWeights,
+    RunDir,
+    default_weights,
+    select_checkpoint as select_checkpoint,
+)
 from .run_lock import claim_new_file, in_run_folder, lock_holder, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
@@ -504,8 +510,7 @@ def export_run(
         # convert measured the weights an export takes by default: other ones (--checkpoint latest, --weights
         # raw) are not credited with its top-1, k-NN and feature figures
         default, _ = run.student_checkpoint(quiet=True)
-        kept = ExportWeights.EMA if (default / ExportWeights.EMA.filename).is_file() else ExportWeights.RAW
-        if (loaded.checkpoint, loaded.weights) != (default, kept):
+        if (loaded.checkpoint, loaded.weights) != (default, default_weights(default)):
             conversion["measured_other"] = (conversion.get("stage2") or {}).get("measured") or "not recorded"
     out_dir = Path(out_dir)
     # named after the folder (absolute: `export RUN .` is not ''), or after the run where it is the run's export/

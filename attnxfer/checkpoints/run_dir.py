@@ -76,6 +76,12 @@ def _choice(enum: type[StrEnum], value: str, key: str) -> StrEnum:
         raise InputError(f"{key}={value!r}: choose {' or '.join(repr(m.value) for m in enum)}") from None
 
 
+def default_weights(checkpoint: Path) -> ExportWeights:
+    """The weights `RunDir.load_student` (and so an export) takes from ``checkpoint`` unless told: the EMA's
+    where the run kept them, else the raw ones."""
+    return ExportWeights.EMA if (checkpoint / EMA_WEIGHTS).is_file() else ExportWeights.RAW
+
+
 def select_checkpoint(
     run_dir: str | os.PathLike,
     which: CheckpointChoice | str = "best",
@@ -315,8 +321,7 @@ class RunDir:
                 f"{self.path} an attnxfer run?"
             )
         ckpt, why = self.student_checkpoint(checkpoint)
-        if weights is None:
-            weights = ExportWeights.EMA if (ckpt / EMA_WEIGHTS).is_file() else ExportWeights.RAW
+        weights = default_weights(ckpt) if weights is None else weights
         weights = _choice(ExportWeights, weights, "weights")
         wfile = ckpt / weights.filename
         pruned = MissingPathError(

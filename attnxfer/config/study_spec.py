@@ -156,8 +156,8 @@ def load_study(
         # a study's folder named by run_dir= alone: its own YAML lists them
         own = Path(base.run_dir) / STUDY_YAML
         folder = None if path is None else resolve_recipe(path).parent
-        run = {RUN_RECORD: "run", f"{STAGE_DIRS[1]}/{RUN_RECORD}": "conversion"}
-        run = next((what for f, what in run.items() if folder and (folder / f).is_file()), None)
+        records = {RUN_RECORD: "run", f"{STAGE_DIRS[1]}/{RUN_RECORD}": "conversion"}
+        run = next((what for f, what in records.items() if folder and (folder / f).is_file()), None)
         if run is not None:  # a run's own config.yaml lists no students: it is not what was meant
             raise ConfigError(
                 f"config file {str(path)!r} is the config of the {run} {folder}, not of a study: it lists no "

@@ -285,13 +285,15 @@ def test_a_mirrored_students_img_size_may_be_one_number_as_timm_takes_it():
     assert student.pretrained_cfg["input_size"] == (3, 32, 32)
 
 
-def _uniform_folder(root):
+def _uniform_folder(root) -> list[str]:
+    """Two classes of one uniform image a split under ``root``; the overrides that read it as the folder set."""
     from PIL import Image
 
     for cls in ("a", "b"):
         for split in ("train", "val"):
             (root / split / cls).mkdir(parents=True)
             Image.new("RGB", (32, 32), (200, 100, 50)).save(root / split / cls / "0.png")
+    return ["data.dataset=folder", f"data.root={root}", "data.kwargs={}"]
 
 
 @pytest.mark.parametrize("mode", ["const", "pixel"])
@@ -532,14 +534,7 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     build_run_parts(load_config(None, [*base, "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"]))
     assert "normalised by data.mean/std" in capsys.readouterr().out
     # grey images of a folder, whose statistics are ImageNet's three: their average, one channel
-    _uniform_folder(tmp_path / "folder")
-    folder = [
-        *base,
-        "data.dataset=folder",
-        f"data.root={tmp_path / 'folder'}",
-        "data.kwargs={}",
-        "data.batch_size=1",
-    ]
+    folder = [*base, *_uniform_folder(tmp_path / "folder"), "data.batch_size=1"]
     grey = build_run_parts(load_config(None, [*folder, "data.in_chans=1"]))
     rgb = build_run_parts(load_config(None, folder))
     assert (
@@ -572,13 +567,7 @@ def test_random_erasing_and_auto_augment_on_a_dataset_that_makes_its_own_tensors
         "warning: aug.reprob=0.25, aug.auto_augment=rand-m9-mstd0.5-inc1 unused with data.dataset=synthetic"
         in capsys.readouterr().err
     )
-    _uniform_folder(tmp_path / "folder")
-    folder = [
-        "data.dataset=folder",
-        f"data.root={tmp_path / 'folder'}",
-        "data.kwargs={}",
-        "data.batch_size=1",
-    ]
+    folder = [*_uniform_folder(tmp_path / "folder"), "data.batch_size=1"]
     build_run_parts(load_config(None, [*base, *folder]))
     assert "unused" not in capsys.readouterr().err
 
@@ -588,8 +577,7 @@ def test_grey_images_average_only_the_rgb_statistics_the_config_does_not_give(tm
     given and the other is averaged, in a training run and in MAE pre-training alike."""
     from attnxfer.apps.run.pretrain import build_pretrain_engine
 
-    _uniform_folder(tmp_path / "folder")
-    grey = [*tiny_run(2, 1), "data.dataset=folder", f"data.root={tmp_path / 'folder'}", "data.kwargs={}"]
+    grey = [*tiny_run(2, 1), *_uniform_folder(tmp_path / "folder")]
     grey += ["data.in_chans=1", "transfer.mode=none", f"run_dir={tmp_path / 'r'}"]
     mean, std = [sum((0.485, 0.456, 0.406)) / 3], [sum((0.229, 0.224, 0.225)) / 3]
     parts = build_run_parts(load_config(None, [*grey, "data.std=[0.5]"]))
