@@ -330,20 +330,31 @@ _CARRIED = (
 )
 
 
-def winner_command(cfg: TrainConfig, formula: str, depth: int) -> str:
+def winner_command(cfg: TrainConfig, formula: str, depth: int, train_images: int | None = None) -> str:
     """The `attnxfer convert` that turns the search's teacher into ``formula`` on the data it was searched on:
     ``search.convert_recipe`` with the search's teacher and data keys where they differ from the recipe's, the
     formula (whose name holds all its options: the recipe's attention_kwargs are dropped) in the layers searched
     (``depth``: the teacher's attention layers; the others keep softmax), the stage-1 training its candidates
-    were fitted with, and a run folder of the formula's own."""
+    were fitted with, and a run folder of the formula's own. A recipe's batch over the searched training set
+    (``train_images``) would give its stages no batch: the search's own data.batch_size, which fitted, replaces it."""
     recipe, layers = cfg.search.convert_recipe, cfg.search.layers
     attention = (
         formula if layers is None else yaml_value([formula if i in layers else SOFTMAX for i in range(depth)])
     )
+    recipe_cfg = load_config(recipe)
     carried = [
         f"{key}={yaml_value(value)}"
-        for key, (_, value) in config_changes(load_config(recipe), cfg).items()
+        for key, (_, value) in config_changes(recipe_cfg, cfg).items()
         if key.startswith(_CARRIED)
+    ]
+    batches = {
+        "data.batch_size": recipe_cfg.data.batch_size,
+        "convert.stage1_batch_size": recipe_cfg.convert.stage1_batch_size,
+    }
+    carried += [
+        f"{key}={cfg.data.batch_size}"
+        for key, batch in batches.items()
+        if train_images is not None and batch is not None and batch > train_images
     ]
     parts = [
         *("attnxfer", "convert", "-c", recipe, *carried),
@@ -357,11 +368,11 @@ def winner_command(cfg: TrainConfig, formula: str, depth: int) -> str:
 
 
 def write_reports(
-    cfg: TrainConfig, run_dir: Path, state: SearchState, held_out: int, depth: int
+    cfg: TrainConfig, run_dir: Path, state: SearchState, held_out: int, depth: int, train_images: int | None
 ) -> tuple[list, Any, str | None]:
     front = pareto_front(state)
     winner = winner_of(front, cfg.search.min_speed)
-    command = None if winner is None else winner_command(cfg, winner["formula"], depth)
+    command = None if winner is None else winner_command(cfg, winner["formula"], depth, train_images)
     atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command, held_out))
     if front:
         draw_pareto(state, front, cfg.search.speed).savefig(run_dir / "pareto.png")
@@ -413,6 +424,10 @@ def search(
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
         settings = search_settings(cfg, parts.teacher)
         depth = len(transferable_attentions(parts.teacher))
+        try:
+            train_images = len(parts.train_loader.dataset)
+        except TypeError:  # a stream: its size is not known
+            train_images = None
         say(
             f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
             f"{settings.generations} generation{'s' if settings.generations != 1 else ''} after the {len(settings.seeds)} seeds; candidates fitted "
@@ -450,7 +465,7 @@ def search(
             ends.append(time.monotonic() - started)
             s.seconds, s.last_seconds = before + ends[-1], ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
             _save(cfg, run_dir, s, parts.teacher_record)
-            write_reports(cfg, run_dir, s, evaluator.cache.held_out_images, depth)
+            write_reports(cfg, run_dir, s, evaluator.cache.held_out_images, depth, train_images)
             bar.update(max(0, len(s.candidates) - bar.n))
 
         def should_stop(s: SearchState) -> str | None:
@@ -477,7 +492,9 @@ def search(
             )
         if state.generation < 0:
             raise InputError("the search stopped before generation 0: nothing to report")
-        front, winner, command = write_reports(cfg, run_dir, state, evaluator.cache.held_out_images, depth)
+        front, winner, command = write_reports(
+            cfg, run_dir, state, evaluator.cache.held_out_images, depth, train_images
+        )
         _save(cfg, run_dir, state, parts.teacher_record)
         if winner is not None:
             slow = winner["speed"] < cfg.search.min_speed  # the best fit of all: say it misses the bar

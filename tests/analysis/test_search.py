@@ -237,6 +237,11 @@ def test_the_winners_convert_command_runs_the_searched_teacher_on_the_searched_d
     converted = load_config(argv[3], argv[4:])  # each option is one the formula takes, as the swap checks
     formula = get_attention_class(converted.convert.attention)
     assert all(formula.accepts_option(k) for k in converted.convert.attention_kwargs)
+    # the recipe's batches (128, stage 1's 64) over the searched set give way to the search's 16, which fitted
+    assert not any("batch_size" in a for a in argv)  # the set's size unknown (a stream): the recipe's stand
+    for images, batches in ((64, (16, 64)), (32, (16, 16))):
+        smaller = load_config(argv[3], shlex.split(winner_command(cfg, "formula:sum(relu)", 2, images))[4:])
+        assert (smaller.data.batch_size, smaller.convert.stage1_batch_size) == batches, images
     # a search of some blocks converts those blocks alone; the others keep the teacher's softmax
     some = load_config("search/demo", ["search.layers=[1,3]"])
     argv = shlex.split(winner_command(some, "formula:sum(proj.cat(softmax,neg.softmax))", 4))

@@ -823,3 +823,18 @@ def test_another_data_batch_size_is_refused_by_stage_2_not_a_stage_1_with_its_ow
     said = capsys.readouterr()
     assert f"{tmp_path / 'run' / 'stage2'} already holds a run" in said.err
     assert "teacher val top-1" not in said.out and "before stage 1:" not in said.out, said.out
+
+
+def test_a_stage_1_batch_over_the_training_set_is_refused_before_the_teacher_is_measured(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """Stage 1 drops its last short batch, so a batch above the training set gives it none: refused with the
+    key to lower before the teacher's measurement (minutes on ImageNet), not when stage 1 asks for its first."""
+    args = _convert_args(tmp_path / "run", tiny_teacher_dir, "convert.stage1_batch_size=65")  # 64 images
+    code, out, err = run_cli(capsys, "convert", *args)
+    assert (
+        code == 2
+        and "convert.stage1_batch_size=65 per rank x 1 rank(s) is larger than the training set (64 images)"
+        in err
+    ), err
+    assert "lower convert.stage1_batch_size" in err and "before stage 1:" not in out, out

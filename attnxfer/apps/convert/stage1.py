@@ -139,6 +139,8 @@ def judge_stage1(
                 f"checkpoint.resume=none: stage 1 starts over; kept its earlier {old.name} as {set_aside(old, 'replaced')}"
             )
     point = judged_stage1_keys(cfg, folder, rank_and_world()[1])
+    if plan.stage1_steps > 0 and (point is None or not point.record("complete")):
+        refuse_a_batch_over_the_set(len(parts.train_loader.dataset), plan.stage1_batch_size)
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
@@ -147,6 +149,16 @@ def judge_stage1(
         if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
     return Stage1Found(saved, point, fresh)
+
+
+def refuse_a_batch_over_the_set(images: int, batch_size: int) -> None:
+    """Stage 1 drops a last short batch: a batch (per rank x ranks) over the training set gives it none."""
+    world = rank_and_world()[1]
+    if images < batch_size * world:
+        raise InputError(
+            f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than the training set "
+            f"({images} images); lower convert.stage1_batch_size (unset: data.batch_size is stage 1's)"
+        )
 
 
 def refuse_another_world(what: str, recorded: int | None, world: int, cfg: TrainConfig, over: str) -> None:
@@ -281,12 +293,8 @@ def stage1_batches(
 ) -> Iterator[torch.Tensor]:
     """This rank's share of the training images (labels unused), shuffled with its own seed."""
     dataset = parts.train_loader.dataset
+    refuse_a_batch_over_the_set(len(dataset), batch_size)
     rank, world = rank_and_world()
-    if len(dataset) < batch_size * world:
-        raise InputError(
-            f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than "
-            f"the training set ({len(dataset)})"
-        )
     sampler = ResumableSampler(
         len(dataset), shuffle=True, seed=data_seed(cfg) + 1, rank=rank, world_size=world, drop_last=True
     )
