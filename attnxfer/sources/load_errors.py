@@ -64,6 +64,10 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
             f"folder; {students[0].name}: "
             + (run_folder_hint(students[0], role) or "").removeprefix("this is ")
         )
+    if folder.name == CHECKPOINTS_SUBDIR and (of_run := run_folder_hint(folder.parent, role)) is not None:
+        return f"{folder} holds the checkpoints of {folder.parent}; " + of_run.replace(
+            "this is", f"{folder.parent} is", 1
+        )
     if folder.parent.name == CHECKPOINTS_SUBDIR:  # a checkpoint holds a search's state.json too
         run = folder.parent.parent
         if run.name == STAGE_DIRS[0] and (run.parent / STAGE_DIRS[-1]).is_dir():  # exported: its conversion

@@ -444,6 +444,11 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
             ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data", "folder"],
             "--data folder reads its images from a folder: give --data-root PATH",
         ),
+        (  # generated images read no folder: the root would be dropped without a word
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data", "synthetic"]
+            + ["--data-root", "X"],
+            "--data-root X is unused: synthetic generates its images and reads no folder; drop it",
+        ),
         (  # a folder of images, as a dataset would be given
             [
                 "vit_tiny_patch16_224",

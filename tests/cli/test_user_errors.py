@@ -386,6 +386,23 @@ def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_
     err = _teacher_refused(f"local-dir:{checkpoint}", tmp_path, capsys)
     assert f"{checkpoint} is one of the checkpoints of the run {student}, not a model's folder" in err, err
     assert "search" not in err
+    # the folder of them, as a teacher and as inspect's student: the run they belong to, not "no config.json"
+    saves = student / "checkpoints"
+    err = _teacher_refused(str(saves), tmp_path, capsys)
+    assert (
+        f"{saves} holds the checkpoints of {student}; {student} is a student's run folder; its export" in err
+    )
+    inspect = [
+        "inspect",
+        f"local-dir:{tiny_teacher_dir}",
+        str(saves),
+        "--data",
+        "synthetic",
+        "--num-images",
+        "2",
+    ]
+    assert main([*inspect, "--out", str(tmp_path / "inspected")]) == 2
+    assert f"{saves} holds the checkpoints of {student}" in capsys.readouterr().err
     # its config.yaml read as a weights file would ask for the architecture it was trained as
     err = _teacher_refused(str(student / "config.yaml"), tmp_path, capsys)
     assert err.endswith(f"is a file in the run folder {student}: give the folder itself"), err

@@ -30,6 +30,7 @@ from ...checkpoints.run_lock import claim_new_file, in_run_folder, refuse_file_i
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...data import build_dataset
 from ...data.folder import eight_bit
+from ...data.registry import dataset_reads_root
 from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
@@ -496,11 +497,16 @@ def inspect_attention(
     # neither files nor a dataset: the data the first student given as a run was trained on, as the run
     # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
     run = next((s.run for s in loaded.values() if s.run is not None), None)
+    given_root = data_root
     if run is not None and not images and data is None:
         cfg = config_as_trained(run, "inspect")
         data, data_root = cfg.data.dataset, data_root or cfg.data.root
         data_options = {"seed": data_seed(cfg), **cfg.data.kwargs}
         say(f"images: {data}'s {split} split as the students' run made it (the data it was trained on)")
+    if given_root is not None and data is not None and not dataset_reads_root(data):  # else dropped unsaid
+        raise InputError(
+            f"--data-root {given_root} is unused: {data} generates its images and reads no folder; drop it"
+        )
     x = load_images(
         t,
         files=images,

@@ -23,7 +23,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         help="a registered dataset (animal_mnist, folder, recall, synthetic); default: the data the first "
         "STUDENT given as a run folder was trained on, as its run made it",
     )
-    p.add_argument("--data-root", default=None, help="dataset root (folder datasets)")
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="dataset root (folder datasets; animal_mnist: the folder it caches its arrays in)",
+    )
     p.add_argument("--split", choices=("train", "val"), help="dataset split (default val)")
     p.add_argument("--num-images", type=int, help="images taken from --data (default 64)")
     p.add_argument("--out", default="runs/inspect", help="report folder (default runs/inspect)")
