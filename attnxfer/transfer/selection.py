@@ -174,9 +174,16 @@ def reasons(
         elif name == low:
             others = sorted((v, c) for c, v in row.items() if c != name)
             vs = f" vs {others[0][1]} {others[0][0]:.3g}" if others else ""
+            if others and f"{others[0][0]:.3g}" == f"{row[name]:.3g}":  # "kl 0 vs relu 0" reads as a ranking
+                vs = f", as {others[0][1]}"
             lines.append(
                 f"{name}: least sensitive candidate here ({metric} {row[name]:.3g}{vs}), saves "
                 f"{saves[name]:.3g} ms of {softmax_ms:.3g}"
+            )
+        elif f"{row[name]:.3g}" == f"{row[low]:.3g}":  # measured alike, as shown: no trade to speak of
+            lines.append(
+                f"{name}: as sensitive as {low} ({metric} {row[name]:.3g}) and faster (saves {saves[name]:.3g} ms "
+                f"vs {saves[low]:.3g})"
             )
         else:
             lines.append(

@@ -1025,3 +1025,15 @@ def test_auto_without_stage1_steps_says_its_candidates_are_judged_unfitted_not_f
     assert cli.main(_args(tmp_path / "run", tiny_teacher_dir, *extra, "convert.stage1_steps=0")) == 0
     out = capsys.readouterr().out
     assert "relu_linear judged unfitted (0 stage-1 steps" in out and "fitted in every block" not in out, out
+
+
+def test_candidates_measured_alike_are_said_alike_not_ranked():
+    """A near-untrained teacher measures every swap at kl 0: "kl 0 vs 0" read as a ranking that was not made."""
+    rows, ms = [{"a": 0.0, "b": 0.0}], {"a": 2.0, "b": 1.0}
+    for speedup, said in (
+        (1.1, "a: least sensitive candidate here (kl 0, as b)"),
+        (6.0, "b: as sensitive as a (kl 0) and faster"),  # only b's 9 ms saved of 10 meets it
+    ):
+        chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=10.0, speedup=speedup)
+        (why,) = reasons(chosen, rows, ms, 10.0, "kl")
+        assert said in why and " vs 0" not in why, (speedup, why)
