@@ -33,6 +33,13 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _whole_numbers():
+    """Ticks on whole numbers alone: a layer axis of two layers otherwise reads 0, 0.2, ..., 1."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def display_image(
     x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> np.ndarray:
@@ -214,6 +221,7 @@ def curves_figure(insp: Inspection) -> Figure:
         for name in insp.students:
             ax.plot(*_series(insp, name, key), marker=".", label=name)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(_whole_numbers())
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -235,6 +243,7 @@ def agreement_figure(insp: Inspection, title: str = "") -> Figure:
     left.set(xlabel="layer", ylabel="JS to the teacher (nats)", title="map agreement (lower: closer)")
     right.set(xlabel="layer", ylabel="pixels", title="mean attention distance")
     for ax in (left, right):
+        ax.xaxis.set_major_locator(_whole_numbers())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     if title:

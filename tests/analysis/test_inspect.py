@@ -32,7 +32,12 @@ from attnxfer.analysis import (
     spearman_rows,
     topk_overlap,
 )
-from attnxfer.analysis.pictures import class_token_figure, class_token_figure_size
+from attnxfer.analysis.pictures import (
+    agreement_figure,
+    class_token_figure,
+    class_token_figure_size,
+    curves_figure,
+)
 from attnxfer.apps.inspect.inspect import (
     LoadedModel,
     _copy_layers,
@@ -302,6 +307,9 @@ def test_report_files_and_picture_sizes(tmp_path):
     assert Image.open(tmp_path / "cls_maps_a_img0.png").size == class_token_figure_size(2, 3 + 1 + 3)
     assert Image.open(tmp_path / "rollout_img0.png").size == (800, 230)  # 4 panels: image, teacher, a, b
     assert Image.open(tmp_path / "curves.png").size == (1600, 360)
+    for figure in (curves_figure(insp), agreement_figure(insp)):  # layers are whole: no tick at layer 0.2
+        figure.canvas.draw()
+        assert all(float(t).is_integer() for ax in figure.axes for t in ax.get_xticks()), figure
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert data["specs"]["students"] == {"a": "a", "b": "b"} and len(data["teacher"]) == 2
     assert [len(data["students"][n]) for n in ("a", "b")] == [2, 2]
