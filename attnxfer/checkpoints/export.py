@@ -426,11 +426,13 @@ def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
     named = re.fullmatch(r"step-(\d+)", ckpt.name)
     step = state.get("step", int(named.group(1)) if named else -1)
     if state.get("metrics"):
-        return {"step": step, **state["metrics"]}
-    # the row logged at the weights' step, else none: another step's figures would be credited to these weights
-    at_step = [r for r in run.metric_rows() if r.get("step") == step]
-    row = at_step[-1] if at_step else {"step": step}
-    return {k: v for k, v in row.items() if k != "time"}  # when it was logged: no measure of the model
+        row = {"step": step, **state["metrics"]}
+    else:  # the row logged at the weights' step, else none: another step's figures would be these weights'
+        at_step = [r for r in run.metric_rows() if r.get("step") == step]
+        row = at_step[-1] if at_step else {"step": step}
+    # a row's epoch counts the epochs trained (1 after the first), which the log's "epoch 0:" line ended
+    named = {"epoch": "epochs trained"}
+    return {named.get(k, k): v for k, v in row.items() if k != "time"}  # time: when logged, no measure
 
 
 def export_run(

@@ -444,7 +444,7 @@ def fake_run(run_dir: Path, mode: str = "distill") -> dict:
         if not complete:  # a save that never finished: its manifest is missing, so it is not intact
             (Path(ckpt) / "MANIFEST.json").unlink()
         rows.append({"split": "train", "step": step, "loss": 2.0 - step / 1000})
-        rows.append({"split": "val", "step": step, "val_top1": top1})
+        rows.append({"split": "val", "step": step, "epoch": step // 100, "val_top1": top1})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return weights
 
@@ -467,6 +467,7 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     assert_exported(out, weights[(100, "ema")])
     text = (out / "README.md").read_text()
     assert "step-00000100 (best val top-1 70.00), ema weights" in text and "| val_top1 | 70 |" in text
+    assert "| epochs trained | 1 |" in text  # not "| epoch | 1 |", where the log said "epoch 0: step 100"
     assert "dataset: animal_mnist" in text and PLAN in text and "inherits that licence" in text
     plain = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert_exported(out, plain.state_dict())
