@@ -82,6 +82,9 @@ class Checkpointing:
         self.trained, self.optimizer, self.ema = trained, optimizer, ema
         self.rank, self.world, self.is_main = runtime.rank, runtime.world, runtime.is_main
         self.manager = CheckpointManager(self.run_dir, keep_last=policy.keep_last, best_mode=metric_mode)
+        # the step this attempt's history goes on from (0: a fresh start), then its newest save: a checkpoint
+        # after it that this attempt did not write is an earlier attempt's. None until `resume` says.
+        self.since: int | None = None
 
     def save(
         self, step: int, loop: dict[str, Any], extra: dict[str, Any], metric: float | None = None
@@ -119,6 +122,7 @@ class Checkpointing:
                 prune=self.policy.prune_on_save,
             )
             where = str(info)
+        self.since = step
         barrier()
         return where
 
@@ -127,9 +131,10 @@ class Checkpointing:
         periodic save an epoch save follows; a resume from an earlier checkpoint retracing its history)
         atomically. Where the history differs (other weights, or no save of this step), the step's own and
         every later checkpoint are an earlier attempt's, which checkpoint.resume=none or a PATH went back
-        before: each is set aside, reported, and so are `attnxfer eval`'s scores of this step and later. Left
-        in place, the next auto would resume them, export would take them, pruning would keep them over this
-        run's own saves, and the scores would read as those of this run's checkpoints."""
+        before, and so is one between the step this attempt went on from (`since`) and this one: each is set
+        aside, reported, and so are `attnxfer eval`'s scores of them. Left in place, the next auto would resume
+        them, export would take them, pruning would keep them over this run's own saves (or delete an earlier
+        attempt's last one, under keep_last), and the scores would read as those of this run's checkpoints."""
         existing = self.manager.path_for(step)
         old = None
         if existing.is_dir():  # a broken one: the store moves it aside and writes a fresh one
@@ -140,13 +145,20 @@ class Checkpointing:
         if old is not None:
             aside = set_aside(existing, "replaced")
             warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
+        since = step - 1 if self.since is None else min(self.since, step - 1)
         for info in self.manager.list(verify_hash=False):
             if info.step > step:
                 aside = set_aside(info.path, "replaced")
                 warn(
                     f"{info.path.name} was saved after step {step} by an earlier attempt; kept it as {aside}"
                 )
-        for scores in eval_scores(self.run_dir, since=step):
+            elif since < info.step < step:
+                went = "started over" if since == 0 else f"went on from step {since}"
+                aside = set_aside(info.path, "replaced")
+                warn(
+                    f"{info.path.name} was saved by an earlier attempt (this one {went}); kept it as {aside}"
+                )
+        for scores in eval_scores(self.run_dir, since=since + 1):
             warn(
                 f"{scores.name} scored an earlier attempt's checkpoint; kept it as {set_aside(scores, 'replaced')}"
             )
@@ -168,6 +180,7 @@ class Checkpointing:
         point = self.policy.resume  # found once: an app's point is taken as it is
         if not isinstance(point, ResumePoint):
             point = ResumePoint.find(self.run_dir, point)
+        self.since = 0 if point is None else point.step
         if point is None:
             return None
         info, state = point.checkpoint, point.state

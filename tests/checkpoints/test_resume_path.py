@@ -463,6 +463,21 @@ def test_going_back_before_a_runs_later_checkpoints_keeps_them_aside_and_eval_mo
     assert ResumePoint.find(run, "auto").config["seed"] == 5
 
 
+@pytest.mark.slow  # two short runs of a 1-block model
+def test_starting_over_keeps_an_earlier_attempts_checkpoint_of_a_step_before_its_first_save(tmp_path, capsys):
+    """checkpoint.resume=none whose first save comes after the earlier attempt's last: that checkpoint is not
+    this attempt's, so it is kept aside, not counted by keep_last and deleted by the new save's pruning."""
+    run = tmp_path / "run"
+    argv = ["train", f"run_dir={run}", *TINY, "transfer.mode=none", "checkpoint.keep_last=1"]
+    assert run_cli(capsys, *argv, "schedule.max_steps=2")[0] == 0
+    earlier = (run / "checkpoints" / "step-00000002" / "model.safetensors").read_bytes()
+    code, _, err = run_cli(capsys, *argv, "schedule.max_steps=3", "checkpoint.resume=none", "seed=5")
+    assert code == 0 and "step-00000002 was saved by an earlier attempt (this one started over)" in err, err
+    [kept] = (run / "checkpoints").glob("step-00000002.replaced-*")
+    assert (kept / "model.safetensors").read_bytes() == earlier
+    assert ResumePoint.find(run, "auto").step == 3
+
+
 def test_a_refused_resume_gives_the_overrides_that_continue_the_run(tmp_path, capsys):
     """A value the run took from the command line is not the recipe's: "drop the new value" would fall to the
     recipe's and be refused again, so the advice names the recorded values, and they resume the run as written."""
