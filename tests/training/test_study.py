@@ -175,6 +175,22 @@ def test_a_study_resumed_with_a_key_it_cannot_change_names_its_study_yaml_as_its
 
 
 @pytest.mark.slow
+def test_a_study_started_over_goes_on_from_its_own_steps_not_the_earlier_attempts(tmp_path, capsys):
+    """checkpoint.resume=none, as the refusal above advises: the earlier attempt's study checkpoint stayed
+    in place, so the next run of the same command went on from it and was refused as another config's."""
+    run = tmp_path / "study"
+    argv = ["study", *BASE, "transfer.mode=none", f"run_dir={run}", "checkpoint.every_steps=1"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "--vary", "optim.lr=1e-3,2e-3"]
+    assert cli.main([*argv, "schedule.max_steps=2"]) == 0
+    assert cli.main([*argv, "seed=4", "schedule.max_steps=1", "checkpoint.resume=none"]) == 0
+    out = capsys.readouterr().out
+    assert f"study: checkpoint.resume=none: kept the earlier attempt's {run / 'checkpoints'}" in out, out
+    assert len(list(run.glob("checkpoints/step-00000002.replaced-*"))) == 1
+    assert cli.main([*argv, "seed=4", "schedule.max_steps=2"]) == 0
+    assert "study: resuming every student from step 1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_a_student_trained_on_alone_past_the_studys_step_is_refused_where_that_step_is_gone(tmp_path, capsys):
     """`train -c RUN/<name>/config.yaml` pruned the study's step from that student: the study restarted it
     from scratch beside the others (and set its newer checkpoint aside) while saying it resumed every one.

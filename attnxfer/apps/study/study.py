@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy, starts_over
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, to_dict
@@ -315,15 +315,25 @@ def _where_it_stands(
                 f"{point.step} in {cfg.run_dir} ({why}); nothing was moved: start the study over "
                 "(checkpoint.resume=none) or elsewhere (run_dir=...)"
             )
+    fresh = starts_over(spec.base.checkpoint.resume)  # checkpoint.resume=none: the study starts over
     if DistributedInfo.from_environment().is_main_process:
         for *_, infos in saved:
             for info in infos:
-                if point is None or info.step > point.step:
+                if fresh:
+                    aside = set_aside(info.path, "replaced")
+                    say(f"study: checkpoint.resume=none: kept the earlier attempt's {info.path} as {aside}")
+                elif point is None or info.step > point.step:
                     aside = set_aside(info.path, "uncommitted")
                     say(
                         f"study: {info.path} was saved after the study's last complete step (by a save round "
                         f"cut short, or by the student trained on alone); kept as {aside}"
                     )
+        # its own steps too: left in place, the next auto would go on from the earlier attempt's last step
+        # (refused as another config's, or missing the students' checkpoints set aside above)
+        for own in CheckpointManager(spec.run_dir).step_dirs() if fresh else ():
+            say(
+                f"study: checkpoint.resume=none: kept the earlier attempt's {own} as {set_aside(own, 'replaced')}"
+            )
     barrier()
     if point is None:
         return spec, _Standing()
