@@ -476,9 +476,14 @@ def _build(
             raise _load_error(spec, res.architecture, e, frozenset(state_dict)) from None
         if not res.weights:
             raise
-        # timm's refusals before the load (a channel count its filter cannot adapt), in the same words
+        # timm's refusals before the load (a channel count its filter cannot adapt), in the same words, and
+        # the channels the file's stem takes: timm names only the architecture's, and in_chans is what to set
+        stem = res.pretrained_cfg.get("first_conv")
+        kernel = state_dict.get(f"{stem}.weight") if isinstance(stem, str) else None
+        chans = kernel.shape[1] if getattr(kernel, "ndim", 0) == 4 else None
+        took = f"; the file's {stem} takes {chans}-channel images (in_chans={chans})" if chans else ""
         raise TeacherLoadError(
-            f"teacher {spec!r}: the weights do not fit architecture {res.architecture!r}; timm said: {e}"
+            f"teacher {spec!r}: the weights do not fit architecture {res.architecture!r}; timm said: {str(e).rstrip('.')}{took}"
         ) from None
     except TypeError as e:  # a model that takes no ViT arguments (img_size): a CNN named in config.json
         raise TeacherLoadError(

@@ -206,6 +206,27 @@ def test_a_model_init_weights_file_is_built_as_model_name_and_kwargs(tmp_path):
         init_from_pretrained(deeper, 10, None, None, {})
 
 
+def test_a_model_init_weights_file_of_other_channels_names_the_in_chans_that_builds_it(tmp_path):
+    """An MAE of vit_micro_patch4_28 (1 channel by default) pre-trained on RGB images: its checkpoint's
+    model.safetensors given with the kwargs its config records was refused in timm's words alone (input_size[0]=1),
+    under advice to set the kwargs it already had; the channel count is not among them (the data set it)."""
+    from attnxfer.apps.run.parts import init_from_pretrained
+    from attnxfer.config import ModelConfig
+
+    shape = {"depth": 1, "embed_dim": 24, "num_heads": 2}
+    encoder = timm.create_model("vit_micro_patch4_28", num_classes=0, in_chans=3, **shape)
+    save_file(encoder.state_dict(), str(tmp_path / "model.safetensors"))
+    m = ModelConfig(name="vit_micro_patch4_28", init=str(tmp_path / "model.safetensors"), kwargs=shape)
+    with pytest.raises(
+        InputError, match=r"the file's patch_embed.proj takes 3-channel images \(in_chans=3\)"
+    ):
+        init_from_pretrained(m, 10, None, None, dict(shape))
+    told = dataclasses.replace(m, kwargs={**shape, "in_chans": 3})  # as the message says
+    student = init_from_pretrained(told, 10, None, None, dict(told.kwargs))
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize(
     "keys, said",
     [
