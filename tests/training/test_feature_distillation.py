@@ -22,7 +22,9 @@ from helpers import (
     QUIET,
     labels_raise_registered,
     peaked_teacher,
+    run_cli,
     run_cli_reading_no_label,
+    tiny_run,
     tiny_vit,
 )
 from timm.models import save_for_hf
@@ -317,6 +319,26 @@ def test_eval_of_a_run_without_a_task_loss_scores_features_and_knn_but_no_head()
     assert eval_metrics(cfg) == {"features", "knn"}
     with pytest.raises(InputError, match="eval.metrics=top1: this run has no task loss"):
         eval_metrics(load_config(None, ["teacher.spec=x", "transfer.task_weight=0", "eval.metrics=[top1]"]))
+
+
+@pytest.mark.parametrize(
+    "extra,says",
+    [
+        (
+            ["eval.metrics=[features]"],
+            "compares the student's final features with its teacher's, and this run has no",
+        ),
+        (
+            ["teacher.spec=local-dir:T", "transfer.mode=copy", "eval.metrics=[knn]"],
+            "eval.metrics=['knn']: a transfer.mode=copy student attends with its teacher's maps",
+        ),
+    ],
+    ids=["features-without-teacher", "knn-of-copy"],
+)
+def test_a_metric_the_run_cannot_give_is_refused_before_it_trains(extra, says, tmp_path, capsys):
+    """Not after the run, by the `attnxfer eval` of it: a train's config is judged as eval would judge it."""
+    code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path / 'run'}", *tiny_run(16, 8), *extra)
+    assert code == 2 and says in err and not (tmp_path / "run").exists(), err
 
 
 @pytest.mark.slow  # trains a short run, then scores it: ~4 s of CPU

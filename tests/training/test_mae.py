@@ -671,6 +671,11 @@ def test_the_encoder_takes_model_kwargs_in_chans_over_the_datas_as_trains_studen
             "no task loss (MAE pre-training), so no head was trained to score; drop top1 from eval.metrics (knn "
             "needs no head)",
         ),
+        (  # MAE has no teacher to compare features with: refused at the start, not by a later eval
+            ["eval.metrics=[features]", *TINY],
+            "eval.metrics=features compares the student's final features with its teacher's, and this run has "
+            "no teacher (teacher.spec); drop features from eval.metrics",
+        ),
     ],
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):

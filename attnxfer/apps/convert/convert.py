@@ -42,11 +42,11 @@ from ..run.loaders import build_bank_loader, data_info
 from ..run.parts import NO_CONVERT_TEACHER, RunParts, build_run_parts, stamp_input_cfg
 from ..run.resume import teacher_where_it_was
 from ..run.training import (
+    check_eval_metrics,
     judged_resume,
     loop_settings,
     plan_from_config,
     prepare_trackers_from_config,
-    require_metric_labels,
     require_task_labels,
     train,
 )
@@ -295,7 +295,7 @@ def require_convert_labels(cfg: TrainConfig) -> None:
     without labels is label-free by default; the report's top-1 and k-NN need labels where they run)."""
     if cfg.transfer.task_weight is not None:
         require_task_labels(cfg)
-    require_metric_labels(cfg)
+    check_eval_metrics(cfg)
 
 
 def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:

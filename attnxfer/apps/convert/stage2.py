@@ -21,7 +21,7 @@ from ...transfer.pairing import (
     partitions,
     select_layers,
 )
-from ..run.training import require_metric_labels
+from ..run.training import check_eval_metrics
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def student_head(
     """The converted student's head (`build_efficient_student`'s ``num_classes``; None keeps the teacher's): a
     headless teacher's student stays headless (0) unless ``model.num_classes`` gives it one. Where stage 2 has
     no task loss, ``eval.metrics=top1`` stops here too, as soon as the teacher is known."""
-    require_metric_labels(cfg, task_weight=objective.task_weight, why=objective.reason)
+    check_eval_metrics(cfg, task_weight=objective.task_weight, why=objective.reason)
     if classes := getattr(teacher, "num_classes", 0):
         if objective.task_weight > 0 and num_classes != classes:  # the student is the teacher, its head too
             raise InputError(

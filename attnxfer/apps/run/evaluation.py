@@ -24,7 +24,7 @@ from ...transfer.modes import get_mode
 from ...transfer.teacher_student import TeacherStudent
 from .loaders import build_bank_loader, data_info
 from .parts import RunParts
-from .training import build_engine, require_metric_labels, same_tokens, task_weight_of
+from .training import build_engine, check_eval_metrics, same_tokens, task_weight_of
 
 
 @dataclass
@@ -51,19 +51,9 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
         if with_teacher:
             asked -= {"knn", "features"}
     # those asked for by name: auto adds top1 and knn only where there are labels, top1 only with a task loss
-    require_metric_labels(cfg, own_objective=own_objective)
+    check_eval_metrics(cfg, own_objective=own_objective)
     if own_objective or task_weight_of(cfg) == 0:  # MAE's val loss, or feature agreement: no head was trained
         asked.discard("top1")
-    if "features" in asked and (not teacher or own_objective):
-        raise InputError(
-            "eval.metrics=features compares the student's final features with its teacher's, and this run has "
-            "no teacher (teacher.spec); drop features from eval.metrics"
-        )
-    if with_teacher and asked & {"knn", "features"}:
-        raise InputError(
-            f"eval.metrics={sorted(asked & {'knn', 'features'})}: a transfer.mode={cfg.transfer.mode} student "
-            "attends with its teacher's maps, so its features alone are not the model; drop them from eval.metrics"
-        )
     if not asked and not own_objective:
         why = "top-1 and k-NN need labels (data.labels=true) and feature agreement a teacher (teacher.spec)"
         raise InputError(f"nothing to score: {why if cfg.eval.metrics else 'eval.metrics is empty'}")

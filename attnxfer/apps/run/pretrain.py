@@ -45,7 +45,7 @@ from ...train.runtime import Runtime
 from .loaders import data_info
 from .parts import create_named_vit, load_init, normalisation, parts_around
 from .resume import check_same_data
-from .training import assemble_engine, loop_settings, record_run, require_metric_labels, start_run
+from .training import assemble_engine, check_eval_metrics, loop_settings, record_run, start_run
 
 #: what run.json says this run trained (export and the demo read it)
 MODE = "mae-pretrain"
@@ -318,7 +318,7 @@ def refuse_unread_keys(cfg: TrainConfig) -> None:
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
     refuse_unread_keys(cfg)
-    require_metric_labels(cfg, own_objective=True)  # as `attnxfer eval` of the run would, later
+    check_eval_metrics(cfg, own_objective=True)  # as `attnxfer eval` of the run would, later
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "pretrain", enabled=main),

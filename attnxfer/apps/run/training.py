@@ -63,21 +63,34 @@ def require_task_labels(cfg: TrainConfig) -> None:
         require_labels(info, "the task loss (cross-entropy of the student's logits)", fix)
         if (cfg.model.num_classes or info.num_classes) == 1:  # softmax over one class: a loss of 0 always
             raise InputError(f"data.dataset={info.name} has one class (task loss 0): add one, or {fix}")
-    require_metric_labels(cfg)
+    check_eval_metrics(cfg)
 
 
-def require_metric_labels(
+def check_eval_metrics(
     cfg: TrainConfig,
     *,
     own_objective: bool = False,
     task_weight: float | None = None,
     why: str = "transfer.task_weight=0",
 ) -> None:
-    """``eval.metrics`` naming a label-based metric (top1, knn) on data read without labels, or top1 on a run
-    without a task loss (no head trained), stops here, in one line, before any work: in `attnxfer eval`, and in
-    train, convert and pretrain, whose runs it would later score. ``own_objective``: MAE pre-training;
-    ``task_weight``: the one the run uses where it is not ``transfer.task_weight``'s (convert's stage 2
-    resolves it), and ``why`` it is 0 (a headless teacher, data without labels)."""
+    """``eval.metrics`` naming a metric the run cannot give stops here, in one line, before any work: in
+    `attnxfer eval`, and in train, convert and pretrain, whose runs it would later score. A label-based metric
+    (top1, knn) on data read without labels, top1 on a run without a task loss (no head trained), features
+    without a teacher, features or knn of a copy-mode student (the teacher's maps are part of the model).
+    ``own_objective``: MAE pre-training; ``task_weight``: the one the run uses where it is not
+    ``transfer.task_weight``'s (convert's stage 2 resolves it), and ``why`` it is 0 (a headless teacher, data
+    without labels)."""
+    if "features" in cfg.eval.metrics and (own_objective or not cfg.teacher.spec):
+        raise InputError(
+            "eval.metrics=features compares the student's final features with its teacher's, and this run has "
+            "no teacher (teacher.spec); drop features from eval.metrics"
+        )
+    named = sorted(set(cfg.eval.metrics) & {"knn", "features"})
+    if named and not own_objective and MODES[cfg.transfer.mode].teacher_at_eval:
+        raise InputError(
+            f"eval.metrics={named}: a transfer.mode={cfg.transfer.mode} student attends with its teacher's "
+            "maps, so its features alone are not the model; drop them from eval.metrics"
+        )
     info = data_info(cfg.data)
     for name in sorted(set(cfg.eval.metrics) & LABEL_METRICS):
         fix = f"use labelled data with data.labels=true, or drop {name} from eval.metrics"
