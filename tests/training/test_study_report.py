@@ -89,6 +89,21 @@ def test_rows_pair_each_student_with_the_first_by_mcnemar():
         assert r["low"] <= r["top1"] <= r["high"]
 
 
+def test_an_unfinished_study_says_how_many_of_its_steps_it_took():
+    """A report of a study still training (or stopped) read "33 steps" as if that were the whole run."""
+    shared, scored = (
+        {"teacher": "t", "dataset": "d", "batch_size": 8, "images": 4},
+        [_scored("a", np.ones(4, bool))],
+    )
+    for steps, total, said in (
+        (33, 200, "33 of 200 steps;"),
+        (200, 200, " 200 steps;"),
+        (33, None, " 33 steps;"),
+    ):
+        text, _ = render_study(scored, None, {**shared, "steps": steps, "total_steps": total})
+        assert said in text, text
+
+
 def test_a_students_js_below_a_thousandth_and_the_floor_read_in_significant_digits():
     """A well-distilled student's JS and the teacher's noise floor are often below 0.0005: the tables give
     them in three significant digits, not 0.000 (a student's JS equal to the teacher's own)."""
@@ -195,6 +210,8 @@ def test_every_student_has_its_row_and_the_stopped_one_says_why(study_dir):
     assert "stopped: non-finite loss" in table[3] and rows["blowup"]["stopped"].startswith("non-finite")
     assert "top1" not in rows["blowup"]
     assert "teacher `local-dir:" in text and "2 steps" in text
+    recorded = json.loads((study_dir / "study.json").read_text())["students"]
+    assert [entry["total_steps"] for entry in recorded] == [2, 2, 2, 2]  # the blown-up one's plan too
     for entry, line in zip(
         json.loads((study_dir / "study.json").read_text())["students"], table, strict=False
     ):

@@ -78,6 +78,7 @@ def write_study_report(
         (study_dir / STUDY_AGREEMENT).unlink(missing_ok=True)
     base = record.get("base") or {}
     steps = [s.step for s in students if isinstance(s.step, int)]
+    totals = [e["total_steps"] for e in record["students"] if isinstance(e.get("total_steps"), int)]
     e = scoring.config.eval if scoring is not None else None
     shared = {  # what the study's students shared, for the report's first lines
         "study": study_dir.resolve().name,
@@ -85,6 +86,7 @@ def write_study_report(
         "dataset": str((base.get("data") or {}).get("dataset", "?")),
         "batch_size": (base.get("data") or {}).get("batch_size"),
         "steps": max(steps) if steps else None,
+        "total_steps": max(totals) if totals else None,  # a record of before it was kept: None
         "shared_seconds": record.get("shared_seconds"),
         "images": images,
         "knn": {} if e is None else {"k": scoring.knn_k or e.knn_k, "temperature": e.knn_temperature},

@@ -73,7 +73,8 @@ def render_study(
 
 def _shared_line(shared: Mapping[str, Any]) -> str:
     teacher = f"teacher `{shared['teacher']}`" if shared.get("teacher") else "no teacher"
-    steps = "n/a" if shared.get("steps") is None else shared["steps"]
+    steps, total = shared.get("steps"), shared.get("total_steps")
+    steps = "n/a" if steps is None else f"{steps} of {total}" if total and steps != total else steps
     per_step = _per_step(shared.get("shared_seconds"), shared.get("steps"))
     return (
         f"Shared by every student: {teacher}, data `{shared['dataset']}` (batch {shared.get('batch_size')}), "

@@ -397,7 +397,9 @@ def write_study_files(
     for entry in spec.record():
         m = by_name.get(entry["name"])
         state = (
-            {"step": m.engine.step, "seconds": round(m.seconds, 3)} if m else {"step": None, "seconds": None}
+            {"step": m.engine.step, "total_steps": m.engine.total_steps, "seconds": round(m.seconds, 3)}
+            if m
+            else {"step": None, "seconds": None}
         )
         students.append({**entry, **state, "stopped": stopped.get(entry["name"])})
     atomic_write_json(
