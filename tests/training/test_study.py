@@ -182,10 +182,18 @@ def test_a_study_started_over_goes_on_from_its_own_steps_not_the_earlier_attempt
     argv = ["study", *BASE, "transfer.mode=none", f"run_dir={run}", "checkpoint.every_steps=1"]
     argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "--vary", "optim.lr=1e-3,2e-3"]
     assert cli.main([*argv, "schedule.max_steps=2"]) == 0
+    first_report = (run / "study.md").read_text()
     assert cli.main([*argv, "seed=4", "schedule.max_steps=1", "checkpoint.resume=none"]) == 0
     out = capsys.readouterr().out
     assert f"study: checkpoint.resume=none: kept the earlier attempt's {run / 'checkpoints'}" in out, out
     assert len(list(run.glob("checkpoints/step-00000002.replaced-*"))) == 1
+    # its report too, as a search's: the new attempt's report does not overwrite the only account of it
+    (kept,) = run.glob("study.md.replaced-*")
+    assert (
+        kept.read_text() == first_report
+        and "2 steps" in first_report
+        and "1 step;" in (run / "study.md").read_text()
+    )
     assert cli.main([*argv, "seed=4", "schedule.max_steps=2"]) == 0
     assert "study: resuming every student from step 1" in capsys.readouterr().out
 

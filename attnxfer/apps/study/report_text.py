@@ -74,11 +74,16 @@ def render_study(
 def _shared_line(shared: Mapping[str, Any]) -> str:
     teacher = f"teacher `{shared['teacher']}`" if shared.get("teacher") else "no teacher"
     steps, total = shared.get("steps"), shared.get("total_steps")
-    steps = "n/a" if steps is None else f"{steps} of {total}" if total and steps != total else steps
+    if steps is None:
+        taken = "n/a steps"
+    elif total and steps != total:  # unfinished, or stopped: of how many
+        taken = f"{steps} of {total} steps"
+    else:
+        taken = f"{steps} step{'s' * (steps != 1)}"
     per_step = _per_step(shared.get("shared_seconds"), shared.get("steps"))
     return (
         f"Shared by every student: {teacher}, data `{shared['dataset']}` (batch {shared.get('batch_size')}), "
-        f"{steps} steps; one batch per step for all, so every student saw the same images in the same order. "
+        f"{taken}; one batch per step for all, so every student saw the same images in the same order. "
         f"Shared time per step (data loading and the teacher's pass): {per_step}{'' if per_step == 'n/a' else ' s'}."
     )
 
