@@ -21,6 +21,7 @@ from ..run_layout import (
     is_exported_model,
     read_record,
 )
+from ..transfer.modes import MODES
 
 
 class TeacherNotAvailable(UserError, RuntimeError):
@@ -50,10 +51,6 @@ class UnsafeCheckpointError(InputError):
     def restated(self, give_again: str) -> UnsafeCheckpointError:
         """The same refusal, naming where the converted file is given to the command that read this one."""
         return UnsafeCheckpointError(self.refusal, self.converted, give_again)
-
-
-#: transfer modes whose student attends with its teacher's projections at inference (`TransferMode.teacher_at_eval`)
-COPY_MODES = ("copy", "copy_q", "copy_k", "copy_v")
 
 
 def copy_student_alone(run: Path) -> str:
@@ -134,7 +131,8 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         return None
     export = run / "export"
     record = read_record(run / RUN_RECORD)
-    if record.get("mode") in COPY_MODES and role != "student":  # exports refuse it: no model alone
+    mode = MODES.get(record.get("mode"))
+    if mode is not None and mode.teacher_at_eval and role != "student":  # exports refuse it: no model alone
         return (
             f"this is {what}, whose student attends with its teacher's projections (transfer.mode={record['mode']}) "
             f"and is no model alone: {copy_student_alone(run)}"
