@@ -29,6 +29,7 @@ from ..models.student import (
     vit_traits,
 )
 from ..run_layout import LOCK_NAME, STAGE_DIRS, read_record
+from ..sources.load_errors import copy_student_alone
 from ..sources.resolve import weights_digest
 from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
@@ -469,7 +470,7 @@ def export_run(
         raise InputError(
             f"run {run.path} trained in mode {mode!r}: its student attends with the teacher's "
             f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
-            "projections. Export a distillation run, or fine-tune this student without the teacher first"
+            f"projections: export a distillation run, or {copy_student_alone(run.path)}"
         )
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     # a conversion holds its lock in its own folder, above stage 2's run

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from ..run_layout import (
     is_exported_model,
     read_record,
 )
+from ..transfer.modes import MODES
 
 
 class TeacherNotAvailable(UserError, RuntimeError):
@@ -48,6 +51,27 @@ class UnsafeCheckpointError(InputError):
     def restated(self, give_again: str) -> UnsafeCheckpointError:
         """The same refusal, naming where the converted file is given to the command that read this one."""
         return UnsafeCheckpointError(self.refusal, self.converted, give_again)
+
+
+def copy_student_alone(run: Path) -> str:
+    """What a copy run's student needs before it is a model of its own, as the command that makes it one: a
+    fine-tune without the teacher from its newest checkpoint's weights, built as run.json's student and fed
+    as the copy run fed it (an export refuses it, and a run folder's usual advice is to export it)."""
+    record = read_record(run / RUN_RECORD)
+    student = record.get("student") or {}
+    args = {k: v for k, v in (student.get("model_args") or {}).items() if k != "num_classes"}
+    kwargs = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in args.items()) + "}"
+    saved = sorted(p for p in (run / CHECKPOINTS_SUBDIR).glob("step-*") if p.name[5:].isdigit())
+    weights = (saved[-1] if saved else run / CHECKPOINTS_SUBDIR / "step-N") / "model.safetensors"
+    stats = "".join(
+        f" data.{k}={json.dumps(record[k]).replace(' ', '')}" for k in ("mean", "std") if record.get(k)
+    )
+    return (
+        f"fine-tune it without the teacher first (the copy run's data and keys besides), then export that run: "
+        f"`attnxfer train {shlex.quote(f'model.init={weights}')} model.name={student.get('architecture')} "
+        f"{shlex.quote(f'model.kwargs={kwargs}')} model.mirror_teacher=false transfer.mode=none{stats} "
+        f"{shlex.quote(f'run_dir={run}-alone')}`"
+    )
 
 
 def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
@@ -106,7 +130,14 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
     else:
         return None
     export = run / "export"
-    attention = (read_record(run / RUN_RECORD).get("student") or {}).get("attention")
+    record = read_record(run / RUN_RECORD)
+    mode = MODES.get(record.get("mode"))
+    if mode is not None and mode.teacher_at_eval and role != "student":  # exports refuse it: no model alone
+        return (
+            f"this is {what}, whose student attends with its teacher's projections (transfer.mode={record['mode']}) "
+            f"and is no model alone: {copy_student_alone(run)}"
+        )
+    attention = (record.get("student") or {}).get("attention")
     if attention not in (None, "softmax") and role != "student":  # exported, a student still, no teacher
         return (
             f"this is {what}, whose student attends with {attention} (no teacher, exported or not: teachers "

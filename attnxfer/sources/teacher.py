@@ -327,6 +327,8 @@ def load_teacher(
         _read_weights(who or f"teacher {spec}", res) if res.weights else ({}, None, [])
     )
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
+    if res.source is Origin.FILE and not (who or "").startswith("model.init="):
+        timm_kwargs = _file_channels(res, state_dict, timm_kwargs)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
     try:
         model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
@@ -448,6 +450,26 @@ def _choose_head(
     return num_classes, []
 
 
+def _stem_channels(res: Resolved, state_dict: dict[str, torch.Tensor]) -> tuple[object, int | None]:
+    """The architecture's stem (timm's ``first_conv``) and the image channels the weights' kernel of it takes."""
+    stem = res.pretrained_cfg.get("first_conv")
+    kernel = state_dict.get(f"{stem}.weight") if isinstance(stem, str) else None
+    return stem, (int(kernel.shape[1]) if getattr(kernel, "ndim", 0) == 4 else None)
+
+
+def _file_channels(res: Resolved, state_dict: dict[str, torch.Tensor], timm_kwargs: dict[str, Any]) -> dict:
+    """A bare weights file's teacher takes the channels its stem was trained on: the file says how many, and
+    a teacher has no key to set in_chans with (``teacher.arch`` names the architecture alone), so a grey
+    teacher's file given with its RGB architecture builds instead of being refused."""
+    _, chans = _stem_channels(res, state_dict)
+    own = tuple(res.pretrained_cfg.get("input_size") or (3, 224, 224))
+    if chans is None or "in_chans" in timm_kwargs or "in_chans" in res.model_args or chans == own[0]:
+        return timm_kwargs
+    # timm compares the weights' channels with the cfg's, not the model's
+    res.pretrained_cfg = {**res.pretrained_cfg, "input_size": (chans, *own[1:])}
+    return {**timm_kwargs, "in_chans": chans}
+
+
 def _build(
     spec: str,
     res: Resolved,
@@ -478,9 +500,7 @@ def _build(
             raise
         # timm's refusals before the load (a channel count its filter cannot adapt), in the same words, and
         # the channels the file's stem takes: timm names only the architecture's, and in_chans is what to set
-        stem = res.pretrained_cfg.get("first_conv")
-        kernel = state_dict.get(f"{stem}.weight") if isinstance(stem, str) else None
-        chans = kernel.shape[1] if getattr(kernel, "ndim", 0) == 4 else None
+        stem, chans = _stem_channels(res, state_dict)
         took = f"; the file's {stem} takes {chans}-channel images (in_chans={chans})" if chans else ""
         raise TeacherLoadError(
             f"teacher {spec!r}: the weights do not fit architecture {res.architecture!r}; timm said: {str(e).rstrip('.')}{took}"

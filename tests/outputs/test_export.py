@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -634,6 +635,36 @@ def test_export_run_refuses_copy_mode_students(tmp_path):
     with pytest.raises(ValueError, match="teacher"):
         export_run(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_copy_run_is_told_the_command_that_makes_its_student_exportable_and_the_command_runs(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """A copy student needs its teacher: export refuses it, and model.init=local-dir:RUN was told to export it.
+    Both now give the fine-tune that makes it a model alone, and that command, run as given, trains a student
+    that exports."""
+    run = tmp_path / "copy"
+    data = [*tiny_run(16, 8), "schedule.max_steps=1"]
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "transfer.mode=copy",
+        *data,
+    )
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "refused"))
+    assert code == 2 and "fine-tune it without the teacher first" in err, err
+    command = shlex.split(err.strip().split("`")[-2])
+    code, _, told = run_cli(capsys, "train", f"model.init=local-dir:{run}", "transfer.mode=none", *data)
+    assert code == 2 and shlex.split(told.strip().split("`")[-2]) == command, told
+    assert command[:2] == ["attnxfer", "train"] and f"run_dir={run}-alone" in command
+    code, _, err = run_cli(capsys, *command[1:], *data)
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli(capsys, "export", f"{run}-alone", str(tmp_path / "alone"))
+    assert code == 0 and (tmp_path / "alone" / "model.safetensors").is_file(), err
 
 
 @pytest.mark.slow
