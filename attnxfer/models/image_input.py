@@ -152,7 +152,8 @@ def check_image_size(model: nn.Module, side: int) -> ImageSizes:
     if _fits(tilings, side, native):
         return image_sizes(model)
     family = family_of(model)
-    title = f"a {family.title} model" if family is not None else f"a {type(model).__name__}"
+    title = f"{family.title} model" if family is not None else type(model).__name__
+    title = f"{'an' if title[0] in 'AEIOUaeiou' else 'a'} {title}"  # an EVA-02 model
     reason = next(t.reason(side) for t in tilings if not t.fits(side))
     below, above = sizes_that_fit(model, side)
     near = " and ".join(f"{s} px" for s in (below, above) if s is not None)

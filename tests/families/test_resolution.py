@@ -244,3 +244,17 @@ def test_inspect_of_a_student_trained_where_the_teacher_cannot_run_names_the_stu
     msg = str(refused.value)
     assert "--img-size" not in msg and f"{out} was trained at 36 px" in msg, msg
     assert "cannot run at 36 px" in msg and "a teacher that runs at 36 px" in msg, msg
+
+
+def test_a_refusal_names_its_family_with_the_article_it_takes():
+    """'an EVA-02 / DINOv3 / PE model cannot run at ...', not 'a EVA-02'."""
+    from timm.models.eva import Eva
+
+    eva = Eva(img_size=28, patch_size=14, embed_dim=24, depth=1, num_heads=2)
+    with pytest.raises(ImageSizeError) as err:
+        check_image_size(eva, 30)
+    assert str(err.value).startswith("an EVA-02 / DINOv3 / PE model (its weights were made for 28 px)"), (
+        err.value
+    )
+    with pytest.raises(ImageSizeError, match="^a Swin model "):
+        check_image_size(build_swin("swin"), 40)
