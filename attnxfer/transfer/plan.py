@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..models.attention import MapKind, attention_name_of
+from ..models.attention import MapKind, attention_name_of, stage_of
 from ..models.handover import Signal
 from .attention_comparisons import check_head_dims_match, check_heads_match
 from .comparisons import Comparison, PlanModels, comparison_from_entry
@@ -202,11 +202,21 @@ def build_plan(
             else f"{of_layers[0].origin} compares with a teacher; set teacher.spec"
         )
     t_attn = block_attentions(teacher, "teacher")
-    check_token_layouts(teacher, student)
-    t_grid, t_prefix = token_layout(teacher)
-    chosen = select_layers(len(s_attn), end_layer, layers)
     s_names, t_names = layer_names(student), layer_names(teacher)
     s_parts, t_parts = partitions(student, s_names, s_attn), partitions(teacher, t_names, t_attn)
+    try:
+        check_token_layouts(teacher, student)
+    except PlanError as e:
+        # a student of one stage: with the teacher's tokens, the teacher's other stages still differ
+        if len({stage_of(n) for n in t_names}) > 1 and len({stage_of(n) for n in s_names}) == 1:
+            raise PlanError(
+                f"{e} Even then, a student of one stage takes maps only from teacher layers on its one grid "
+                "that attend over all of it (not within windows); a student of the teacher's architecture "
+                "takes every layer's (model.mirror_teacher=true)"
+            ) from None
+        raise
+    t_grid, t_prefix = token_layout(teacher)
+    chosen = select_layers(len(s_attn), end_layer, layers)
     pairs = pair_within_stages(chosen, s_names, t_names, s_parts, t_parts)
     models = PlanModels(teacher, student, t_attn, s_attn, t_parts, s_parts)
     paired = [s for s, _ in pairs]

@@ -103,6 +103,17 @@ def test_a_deeper_teacher_pairs_within_stages_with_the_same_shift():
     assert set(TeacherStudent(teacher, student, plan).train()(x).terms) == {f"attn_ce/{i}" for i in range(5)}
 
 
+def test_a_vit_student_of_a_swin_teacher_is_told_its_tokens_are_not_all_it_needs():
+    """Its tokens fixed as the first refusal said, a plain ViT meets a second one (Swin's windows): the first
+    says so, and what takes every layer's maps."""
+    vit = timm.create_model("vit_micro_patch4_28", img_size=32, depth=2, embed_dim=48)
+    with pytest.raises(PlanError, match="token grids differ") as err:
+        build_plan(build_swin("swin"), vit, "distill")
+    assert "not within windows); a student of the teacher's architecture takes every layer's" in str(
+        err.value
+    )
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
