@@ -85,6 +85,7 @@ class Stage1Objective(Objective):
         self._attentions = [attn for _, attn in attention_layers(student)]
         #: each active layer's (q shape, k shape) of the teacher on the first batch: what its whole maps are
         self.map_shapes: list[tuple[torch.Size, torch.Size]] | None = None
+        self.images: int | None = None  # the first batch's images (None: fitted on cached signals)
 
     def loss(
         self, model: nn.Module, x: Any, y: Any = None, autocast: Autocast = contextlib.nullcontext
@@ -94,6 +95,7 @@ class Stage1Objective(Objective):
         signals = x if isinstance(x, Mapping) else teacher_signals(self.teacher, x, layers, self.fields)
         if self.map_shapes is None:
             self.map_shapes = [(signals[i]["q"].shape, signals[i]["k"].shape) for i in layers]
+            self.images = None if isinstance(x, Mapping) else len(x)
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         with autocast():
@@ -269,12 +271,16 @@ class Stage1Fit:
         self.result.steps = self.plan.stage1_steps
         self.result.seconds = time.monotonic() - self.start
         self.result.memory = _memory(self._meter, self.objective)
-        m, mib = self.result.memory, 2**20
+        m, mib, images = self.result.memory, 2**20, self.objective.images
+        # a windowed layer's rows are its windows: B is the images' batch times the windows of each
+        rows = f"B = {m['batch']}"
+        if images and m["batch"] > images and m["batch"] % images == 0:
+            rows += f": {m['batch'] // images} windows x a batch of {images}"
         say(
             f"stage 1 memory: peak {m['peak_bytes'] / mib:,.0f} MiB ({m['measured']}); whole teacher maps would "
             f"take {m['whole_maps_bytes_per_layer'] / mib:,.0f} MiB per layer, {m['whole_maps_bytes'] / mib:,.0f} "
             f"MiB for {m['layers']} layer{'s' * (m['layers'] != 1)} (B·H·N²·4 bytes at N = {m['tokens']:,} "
-            f"tokens, batch {m['batch']})"
+            f"tokens, {rows})"
         )
         return self.result
 

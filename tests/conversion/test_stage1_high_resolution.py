@@ -167,4 +167,5 @@ def test_stage1_reports_its_peak_memory_beside_whole_maps(capsys):
     assert (
         lines[-1].startswith("stage 1 memory: peak ")
         and "whole teacher maps would take 16 MiB per layer, 16 MiB for 1 layer (" in lines[-1]
+        and lines[-1].endswith("tokens, B = 2)")  # one map a row: images alone, no windows
     )

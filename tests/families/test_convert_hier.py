@@ -184,7 +184,7 @@ def test_a_swin_v2_teacher_is_refused_for_its_position_bias_not_for_lacking_bloc
 
 
 @pytest.mark.parametrize("family", ["pvt", "swin"])
-def test_stage1_fits_hierarchical_teachers(family, pvt, swin, images):
+def test_stage1_fits_hierarchical_teachers(family, pvt, swin, images, capsys):
     teacher = pvt if family == "pvt" else swin
     names = ["none", "none", "relu_linear", "relu_linear"] if family == "pvt" else ["relu_linear", "none"]
     student = build_efficient_student(teacher, names)
@@ -198,6 +198,9 @@ def test_stage1_fits_hierarchical_teachers(family, pvt, swin, images):
     result = stage1_transfer(teacher, student, plan, batches(), log_every=5)
     first, last = result.history[0], result.history[-1]
     assert last["loss"] < first["loss"]  # CE over each attention's own key set fell
+    said = capsys.readouterr().out.splitlines()[-1]  # B of a windowed layer: its windows x the images
+    m, n = result.memory["batch"], len(images)
+    assert said.endswith(f"B = {m}: {m // n} windows x a batch of {n})" if family == "swin" else f"B = {m})")
 
 
 def test_sub_sampled_keys_pool_the_students_map_at_plan_time():
