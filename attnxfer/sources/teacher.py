@@ -267,6 +267,7 @@ def load_teacher(
     img_size: int | tuple[int, int] | None = None,
     num_classes: int | None = None,
     who: str | None = None,
+    warn_guessed_stats: bool = True,
     **timm_kwargs: Any,
 ) -> tuple[nn.Module, TeacherRecord]:
     """A frozen teacher ViT (TransferAttention in every block, ``eval()``, no grad) and its record.
@@ -285,6 +286,8 @@ def load_teacher(
         num_classes: None keeps the checkpoint's head, 0 drops it (reported in ``dropped_keys``); any
             other value that differs from the checkpoint's is an error (it would be a random head).
         who: how its warnings name the model (default ``teacher SPEC``; a student's start says ``model.init=SPEC``).
+        warn_guessed_stats: warn where the mean/std are timm's guess (a transformers folder without
+            preprocessor_config.json); a run passes False: it takes data.mean/std, or refuses without them.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``global_pool='avg'``).
     """
     if "attn_layer" in timm_kwargs:
@@ -314,6 +317,13 @@ def load_teacher(
             "weights file: leave it out"
         )
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role)
+    if res.mean_std_guessed and warn_guessed_stats:
+        warn(
+            f"{who or f'teacher {spec}'}: no preprocessor_config.json beside its config.json: the mean/std its "
+            f"weights were trained with are unknown; timm's defaults for {res.architecture} stand in "
+            f"({res.pretrained_cfg.get('mean')}, {res.pretrained_cfg.get('std')}); normalise its images as it "
+            "was trained (data.mean / data.std in a run)"
+        )
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)

@@ -516,14 +516,20 @@ def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_a
     argv = ["train", f"run_dir={run}", f"teacher.spec=local-dir:{folder}", *tiny_run(16, 8)]
     capsys.readouterr()
     assert main([*argv, "schedule.max_steps=1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    said = capsys.readouterr()
+    err = said.err.strip().splitlines()[-1]
     assert (
         err.startswith("attnxfer train: error: teacher local-dir:") and "no preprocessor_config.json" in err
     )
     assert "set data.mean and data.std (timm's defaults for vit_" in err and "data.mean=[0.5,0.5,0.5]" in err
     assert not run.exists()
+    assert "stand in" not in said.out + said.err  # the refusal alone: not a warning that they will be used
     given = ["data.mean=[0.1,0.2,0.3]", "data.std=[0.4,0.5,0.6]", "schedule.max_steps=1"]
     assert main([*argv, *given]) == 0
+    said = capsys.readouterr()
+    assert "stand in" not in said.out + said.err  # given: no warning that timm's guess stands in
+    _, record = load_teacher(f"local-dir:{folder}")  # in Python, nothing refuses: the guess is said
+    assert record.mean_std_guessed and "timm's defaults for vit_" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text())["mean"] == [0.1, 0.2, 0.3]
     # the same folder as the encoder a student starts from (model.init), for train and MAE pre-training
     init = [f"run_dir={tmp_path / 'init'}", f"model.init=local-dir:{folder}", *tiny_run(16, 8)]

@@ -192,7 +192,13 @@ def rebuilt_teacher(cfg: TrainConfig, side: int, device: torch.device) -> nn.Mod
     """``teacher.spec`` built at ``side`` with random weights: speed does not depend on them."""
     t = cfg.teacher
     teacher, _ = load_teacher(
-        t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
+        t.spec,
+        arch=t.arch,
+        revision=t.revision,
+        cache_dir=t.cache_dir,
+        img_size=side,
+        pretrained=False,
+        warn_guessed_stats=False,
     )
     return teacher.to(device=device, dtype=torch.float32).eval()
 

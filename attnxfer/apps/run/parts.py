@@ -87,6 +87,7 @@ def load_init(
             img_size=img_size,
             num_classes=0,
             who=f"model.init={spec}",
+            warn_guessed_stats=False,  # taken from data, or refused below
             **kwargs,
         )
     except ImageSizeError as e:
@@ -374,6 +375,7 @@ def build_run_parts(
                     revision=cfg.teacher.revision,
                     cache_dir=cfg.teacher.cache_dir,
                     img_size=d.img_size,
+                    warn_guessed_stats=False,  # taken from data, or refused below
                 )
         except ImageSizeError as e:
             raise e.restated("data.img_size") from None

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from ...errors import InputError
-from ...speak import debug, warn
+from ...speak import debug
 from ..load_errors import TeacherLoadError
 from ._common import architectures, pair
 
@@ -165,7 +165,7 @@ def _pretrained_cfg(
     where: str,
 ) -> dict[str, Any]:
     """timm's pretrained config for the mapped model: the preprocessing ``preprocessor_config.json`` states
-    (else timm's defaults for ``arch``, with a warning)."""
+    (else timm's defaults for ``arch``, which the record marks as guessed)."""
     base = timm.models.get_pretrained_cfg(arch)
     base = base.to_dict() if base is not None else {}
     # the size the model is built for; a family built without one (PVTv2) is fed the config's image_size
@@ -187,13 +187,7 @@ def _pretrained_cfg(
         crop_mode=base.get("crop_mode", "center"),
         license=license,
     )
-    if preprocessor is None:
-        warn(
-            f"{where}: no preprocessor_config.json beside it: the mean/std its weights were trained with are "
-            f"unknown; timm's defaults for {arch} stand in ({cfg['mean']}, {cfg['std']}; give the ones "
-            "it was trained with as data.mean / data.std)"
-        )
-    else:
+    if preprocessor is not None:  # else timm's defaults for arch: `load_teacher` says they are a guess
         cfg.update(_preprocessing(preprocessor))
         crop = cfg.pop("crop_size", None)
         if crop is not None and tuple(crop) != img:
