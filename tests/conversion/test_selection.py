@@ -1037,3 +1037,12 @@ def test_candidates_measured_alike_are_said_alike_not_ranked():
         chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=10.0, speedup=speedup)
         (why,) = reasons(chosen, rows, ms, 10.0, "kl")
         assert said in why and " vs 0" not in why, (speedup, why)
+
+
+def test_a_tied_candidate_chosen_though_slower_is_not_said_faster():
+    """An exact tie (kl 0 on a near-untrained teacher) leaves the knapsack either option, the slower too."""
+    rows, ms = [{"b": 0.0, "a": 0.0}], {"a": 2.0, "b": 1.0}
+    chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=10.0, speedup=1.1)
+    (why,) = reasons(chosen, rows, ms, 10.0, "kl")
+    assert chosen.names == ["a"], chosen.names
+    assert why == "a: as sensitive as b (kl 0) at the same cost, either meeting the budget (saves 8 ms vs 9)"
