@@ -176,6 +176,19 @@ def test_the_infeasible_budget_line_says_the_fastest_student_short_of_it(
     )
 
 
+@pytest.mark.usefixtures("fixed_timings")
+def test_a_budget_no_candidate_is_faster_than_softmax_for_is_not_told_to_lower_the_budget(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """No budget > 1 can be met when softmax is the fastest; "lower convert.speedup" would lead nowhere."""
+    monkeypatch.setitem(BLOCK_MS, "relu_linear", 3.5)  # slower than softmax's 3.0
+    run = _args(tmp_path / "run", tiny_teacher_dir, "convert.speedup=1.1", "convert.candidates=[relu_linear]")
+    assert cli.main(run) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is 1.00x (the teacher itself: no candidate is faster than softmax there); add faster " in err, err
+    assert "lower convert.speedup" not in err
+
+
 def test_a_candidate_of_infinite_sensitivity_is_never_chosen_even_as_the_fastest_student():
     """A candidate whose fit diverged (infinite sensitivity in every block) cannot meet a budget that only it
     meets: the budget is infeasible, not met by a student of that candidate (once written as inf to selection.json:
