@@ -271,10 +271,12 @@ def measure_selection(
             if top.names[0] != SOFTMAX
             else "the teacher itself: no candidate is faster than softmax there"
         )
+        # with no candidate faster than softmax, no budget > 1 can be met: lowering it is no way out
+        lower = "lower convert.speedup, " if top.names[0] != SOFTMAX else ""
         raise InputError(
             f"convert.speedup={c.speedup:g} cannot be met: the fastest student of these candidates at "
-            f"{timing['tokens']:,} tokens is {beside(top.speedup, c.speedup)} ({which}); lower "
-            "convert.speedup, add faster convert.candidates, or measure at more tokens (convert.speed_tokens)"
+            f"{timing['tokens']:,} tokens is {beside(top.speedup, c.speedup)} ({which}); {lower}"
+            "add faster convert.candidates, or measure at more tokens (convert.speed_tokens)"
         )
     say(
         f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
