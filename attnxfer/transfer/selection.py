@@ -183,7 +183,9 @@ def reasons(
             )
         elif f"{row[name]:.3g}" == f"{row[low]:.3g}":  # measured alike, as shown: no trade to speak of
             # an exact tie leaves the knapsack either option, the slower one too: "faster" only where true
-            how = "and faster" if saves[name] > saves[low] else "at the same cost, either meeting the budget"
+            how = "and faster" if saves[name] > saves[low] else "and as fast"
+            if saves[name] < saves[low]:
+                how = "though slower: the budget is met either way"
             lines.append(
                 f"{name}: as sensitive as {low} ({metric} {row[name]:.3g}) {how} (saves {saves[name]:.3g} ms "
                 f"vs {saves[low]:.3g})"

@@ -1062,4 +1062,4 @@ def test_a_tied_candidate_chosen_though_slower_is_not_said_faster():
     chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=10.0, speedup=1.1)
     (why,) = reasons(chosen, rows, ms, 10.0, "kl")
     assert chosen.names == ["a"], chosen.names
-    assert why == "a: as sensitive as b (kl 0) at the same cost, either meeting the budget (saves 8 ms vs 9)"
+    assert why == "a: as sensitive as b (kl 0) though slower: the budget is met either way (saves 8 ms vs 9)"
