@@ -38,12 +38,8 @@ STUDY_CURVES = "study.png"
 STUDY_AGREEMENT = "study_agreement.png"
 COMPARISON_REPORT = "conversion_study.md"
 COMPARISON_DATA = "conversion_study.json"
-#: what a study writes into its own folder, beside its students' folders
-STUDY_FILES = (
-    CHECKPOINTS_SUBDIR,
-    LOCK_NAME,
-    STUDY_RECORD,
-    STUDY_YAML,
+#: a study's reports (a study started over keeps the earlier attempt's aside)
+STUDY_REPORTS = (
     STUDY_REPORT,
     STUDY_SCORES,
     STUDY_CURVES,
@@ -51,6 +47,8 @@ STUDY_FILES = (
     COMPARISON_REPORT,
     COMPARISON_DATA,
 )
+#: what a study writes into its own folder, beside its students' folders
+STUDY_FILES = (CHECKPOINTS_SUBDIR, LOCK_NAME, STUDY_RECORD, STUDY_YAML, *STUDY_REPORTS)
 #: convert's stage folders
 STAGE_DIRS = ("stage1", "stage2")
 #: a search's every candidate, one JSON line each (its state is a checkpoint, under checkpoints/)

@@ -24,16 +24,7 @@ from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_wr
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec, recorded_students
 from ...errors import InputError
-from ...run_layout import (
-    COMPARISON_DATA,
-    COMPARISON_REPORT,
-    STUDY_AGREEMENT,
-    STUDY_CURVES,
-    STUDY_RECORD,
-    STUDY_REPORT,
-    STUDY_SCORES,
-    STUDY_YAML,
-)
+from ...run_layout import STUDY_RECORD, STUDY_REPORTS, STUDY_YAML
 from ...speak import say, speaking_for
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive, StudentStreams, never_stop
@@ -338,17 +329,12 @@ def _where_it_stands(
                         f"cut short, or by the student trained on alone); kept as {aside}"
                     )
         # its own steps too: left in place, the next auto would go on from the earlier attempt's last step
-        # (refused as another config's, or missing the students' checkpoints set aside above)
-        # and its reports, as a search's: the next report would overwrite the only account of the earlier one
-        reports = [
-            STUDY_REPORT,
-            STUDY_SCORES,
-            STUDY_CURVES,
-            STUDY_AGREEMENT,
-            COMPARISON_REPORT,
-            COMPARISON_DATA,
+        # (refused as another config's, or missing the students' checkpoints set aside above); and its
+        # reports, as a search's: the next report would overwrite the only account of the earlier attempt
+        earlier = [
+            *CheckpointManager(spec.run_dir).step_dirs(),
+            *(Path(spec.run_dir) / r for r in STUDY_REPORTS),
         ]
-        earlier = [*CheckpointManager(spec.run_dir).step_dirs(), *(Path(spec.run_dir) / r for r in reports)]
         for own in [p for p in earlier if p.exists()] if fresh else ():
             say(
                 f"study: checkpoint.resume=none: kept the earlier attempt's {own} as {set_aside(own, 'replaced')}"
