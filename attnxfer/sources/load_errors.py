@@ -88,7 +88,9 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
             f"folder; {students[0].name}: "
             + (run_folder_hint(students[0], role) or "").removeprefix("this is ")
         )
-    if folder.name == CHECKPOINTS_SUBDIR and (of_run := run_folder_hint(folder.parent, role)) is not None:
+    # a run's checkpoints/ (a study's is its own steps, which the study's line above would list again)
+    study = (folder.parent / STUDY_RECORD).is_file()
+    if folder.name == CHECKPOINTS_SUBDIR and not study and (of_run := run_folder_hint(folder.parent, role)):
         return f"{folder} holds the checkpoints of {folder.parent}; " + of_run.replace(
             "this is", f"{folder.parent} is", 1
         )
