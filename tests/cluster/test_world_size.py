@@ -42,7 +42,6 @@ S = [
     "deterministic=true",
     "device=cpu",
 ]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _attnxfer(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
@@ -51,8 +50,9 @@ def _attnxfer(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
         if ranks > 1
         else [PY]
     )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # read now: the session's TMPDIR is set after import
     return subprocess.run(
-        [*launch, "-m", "attnxfer", *args], capture_output=True, text=True, timeout=400, env=ENV, cwd=ROOT
+        [*launch, "-m", "attnxfer", *args], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT
     )
 
 
