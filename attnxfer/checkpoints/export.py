@@ -431,9 +431,9 @@ def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
     else:  # the row logged at the weights' step, else none: another step's figures would be these weights'
         at_step = [r for r in run.metric_rows() if r.get("step") == step]
         row = at_step[-1] if at_step else {"step": step}
-    # a row's epoch counts the epochs trained (1 after the first), which the log's "epoch 0:" line ended
-    named = {"epoch": "epochs trained"}
-    return {named.get(k, k): v for k, v in row.items() if k != "time"}  # time: when logged, no measure
+    # a row's epoch counts the epochs trained (1 after the first), which the log's "epoch 0:" line ended; its
+    # time is when it was logged, no measure of the model
+    return {("epochs trained" if k == "epoch" else k): v for k, v in row.items() if k != "time"}
 
 
 def export_run(

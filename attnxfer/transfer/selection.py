@@ -40,8 +40,8 @@ def beside(speedup: float, budget: float) -> str:
     return f"{'just under' if short else 'at least'} {budget:g}x"  # at least: a budget printed as 1e+06
 
 
-#: why a choice predicted to meet its budget can measure short of it, and what gives a margin (the blocks'
-#: times come from whole students of one attention each since 2026-11-26, no longer from a block timed alone)
+#: why a choice predicted to meet its budget can measure short of it (the blocks' times come from whole students
+#: of one attention each), and what gives a margin
 SHORT_OF_BUDGET = (
     "predicted from students with one attention in every block, measured as this mix of them; for a margin, "
     "raise convert.speedup"
@@ -183,9 +183,12 @@ def reasons(
             )
         elif f"{row[name]:.3g}" == f"{row[low]:.3g}":  # measured alike, as shown: no trade to speak of
             # an exact tie leaves the knapsack either option, the slower one too: "faster" only where true
-            how = "and faster" if saves[name] > saves[low] else "and as fast"
-            if saves[name] < saves[low]:
+            if saves[name] > saves[low]:
+                how = "and faster"
+            elif saves[name] < saves[low]:
                 how = "though slower: the budget is met either way"
+            else:
+                how = "and as fast"
             lines.append(
                 f"{name}: as sensitive as {low} ({metric} {row[name]:.3g}) {how} (saves {saves[name]:.3g} ms "
                 f"vs {saves[low]:.3g})"

@@ -331,14 +331,11 @@ def _where_it_stands(
         # its own steps too: left in place, the next auto would go on from the earlier attempt's last step
         # (refused as another config's, or missing the students' checkpoints set aside above); and its
         # reports, as a search's: the next report would overwrite the only account of the earlier attempt
-        earlier = [
-            *CheckpointManager(spec.run_dir).step_dirs(),
-            *(Path(spec.run_dir) / r for r in STUDY_REPORTS),
-        ]
-        for own in [p for p in earlier if p.exists()] if fresh else ():
-            say(
-                f"study: checkpoint.resume=none: kept the earlier attempt's {own} as {set_aside(own, 'replaced')}"
-            )
+        if fresh:
+            reports = [Path(spec.run_dir) / r for r in STUDY_REPORTS]
+            for own in [*CheckpointManager(spec.run_dir).step_dirs(), *(p for p in reports if p.exists())]:
+                aside = set_aside(own, "replaced")
+                say(f"study: checkpoint.resume=none: kept the earlier attempt's {own} as {aside}")
     barrier()
     if point is None:
         return spec, _Standing()
