@@ -1045,21 +1045,48 @@ def test_auto_without_stage1_steps_says_its_candidates_are_judged_unfitted_not_f
 
 
 def test_candidates_measured_alike_are_said_alike_not_ranked():
-    """A near-untrained teacher measures every swap at kl 0: "kl 0 vs 0" read as a ranking that was not made."""
-    rows, ms = [{"a": 0.0, "b": 0.0}], {"a": 2.0, "b": 1.0}
+    """Two swaps that print alike (kl 0.1) read "0.1 vs 0.1" as a ranking that was not made."""
+    rows, ms = [{"a": 0.1, "b": 0.10001}], {"a": 2.0, "b": 1.0}
     for speedup, said in (
-        (1.1, "a: least sensitive candidate here (kl 0, as b)"),
-        (6.0, "b: as sensitive as a (kl 0) and faster"),  # only b's 9 ms saved of 10 meets it
+        (1.1, "a: least sensitive candidate here (kl 0.1, as b)"),
+        (6.0, "b: as sensitive as a (kl 0.1) and faster"),  # only b's 9 ms saved of 10 meets it
     ):
         chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=10.0, speedup=speedup)
         (why,) = reasons(chosen, rows, ms, 10.0, "kl")
-        assert said in why and " vs 0" not in why, (speedup, why)
+        assert said in why and " vs 0.1" not in why, (speedup, why)
 
 
-def test_a_tied_candidate_chosen_though_slower_is_not_said_faster():
-    """An exact tie (kl 0 on a near-untrained teacher) leaves the knapsack either option, the slower too."""
-    rows, ms = [{"b": 0.0, "a": 0.0}], {"a": 2.0, "b": 1.0}
+def test_an_exact_tie_goes_to_the_faster_candidate():
+    """A near-untrained teacher measures every swap at kl 0: the budget is met either way, and the slower
+    candidate would give away time for nothing."""
+    rows, ms = [{"a": 0.0, "b": 0.0}], {"a": 2.0, "b": 1.0}
     chosen = select(rows, ms, softmax_ms=10.0, teacher_ms=10.0, speedup=1.1)
     (why,) = reasons(chosen, rows, ms, 10.0, "kl")
-    assert chosen.names == ["a"], chosen.names
-    assert why == "a: as sensitive as b (kl 0) though slower: the budget is met either way (saves 8 ms vs 9)"
+    assert chosen.names == ["b"], chosen.names
+    assert why == "b: least sensitive candidate here (kl 0, as a), saves 9 ms of 10"
+
+
+def test_of_equally_sensitive_assignments_the_knapsack_takes_the_fastest():
+    """On random instances whose sensitivities tie often (0 or 1), the choice is as sensitive as the best
+    assignment that meets the budget, and as fast as the fastest of those."""
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(40):
+        sensitivity, ms, softmax_ms, teacher_ms = _instance(rng, 4, ["a", "b", "c"])
+        sensitivity = [{n: float(rng.random() < 0.5) for n in row} for row in sensitivity]
+        speedup = rng.uniform(1.05, 2.5)
+        best = brute_force(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+        if best is None:
+            continue
+        chosen = select(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+        fits = [
+            assignment_of(names, sensitivity, ms, softmax_ms, teacher_ms)
+            for names in itertools.product([SOFTMAX, *ms], repeat=len(sensitivity))
+        ]
+        tied = [
+            a for a in fits if a.sensitivity == best.sensitivity and a.predicted_ms <= teacher_ms / speedup
+        ]
+        assert chosen.sensitivity == best.sensitivity
+        assert chosen.predicted_ms == pytest.approx(min(a.predicted_ms for a in tied), rel=1e-9)
+        checked += 1
+    assert checked >= 20
