@@ -103,6 +103,32 @@ def test_the_knapsack_meets_its_budget_with_the_least_sensitivity_of_all_assignm
     assert checked >= 20  # most instances are feasible: the comparison ran
 
 
+def test_the_report_lists_what_the_same_measurements_choose_at_other_budgets():
+    """Worked by hand (softmax 10 ms a block, a saves 8, b saves 6; teacher 40 ms): each budget's cheapest
+    assignment that saves 40 * (1 - 1/budget) ms, the run's own in bold, the fastest student last; a candidate
+    whose fit diverged (None) in any block is in no row."""
+    record = {
+        "ms": {"teacher": 40.0, "softmax": 10.0, "a": 2.0, "b": 4.0, "lost": 1.0},
+        "candidates": ["a", "b", "lost"],
+        "speedup": 1.5,
+        "metric": "kl",
+        "sensitivity": [
+            {"a": 0.1, "b": 0.05, "lost": 0.0},
+            {"a": 0.9, "b": 0.5, "lost": None},
+            {"a": 0.2, "b": 0.1, "lost": 0.0},
+        ],
+    }
+    rows = [line for line in report._other_budgets(record) if line.startswith("| ") and "budget" not in line]
+    assert rows == [
+        "| 1.1x | 1.18x | 0.05 | b 0; softmax 1-2 |",  # saves 6 of 3.6 needed
+        "| 1.25x | 1.25x | 0.1 | a 0; softmax 1-2 |",  # 8 of 8
+        "| **1.5x** | 1.54x | 0.2 | a 0; softmax 1; b 2 |",  # 14 of 13.3: b 0 and a 2 cost 0.25
+        "| 1.75x | 1.82x | 0.65 | b 0-2 |",  # 18 of 17.1: no pair saves enough
+        "| 2x | 2.00x | 0.7 | a 0; b 1-2 |",  # 20 of 20
+        "| fastest | 2.50x | 1.2 | a 0-2 |",  # 2.5x itself is the fastest student's: no row of its own
+    ]
+
+
 def test_an_infeasible_budget_names_the_fastest_student():
     sensitivity = [{"fast": 0.1, "slow": 0.0}] * 3
     ms = {"fast": 2.0, "slow": 8.0}
@@ -572,6 +598,12 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     md = (run / "report.md").read_text()
     assert "## Attention per block (convert.attention=auto)" in md
     assert f"predicted **{record['predicted_speedup']:.2f}x**" in md
+    # the same measurements at other budgets: the run's own row is the recorded choice
+    blocks = f"{names[0]} 0-1" if names[0] == names[1] else f"{names[0]} 0; {names[1]} 1"
+    (own,) = [line for line in md.splitlines() if line.startswith("| **1.1x** |")]
+    assert own.startswith(f"| **1.1x** | {beside(record['predicted_speedup'], 1.1)} | ") and own.endswith(
+        f"| {blocks} |"
+    ), own
     assert "conversion plan: softmax teacher -> " in out and "measured" in out
     # stage 1 fitted only the efficient blocks
     plan = report["plan"]["layers"]
@@ -598,7 +630,9 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     assert "unused (read only to choose attentions for convert.attention=auto)" in err
     # another budget is another choice: refused, nothing written
     assert cli.main([*args, "convert.speedup=1.2"]) == 2
-    assert "convert.speedup" in capsys.readouterr().err and (run / SELECTION_FILE).read_text() == before
+    err = capsys.readouterr().err
+    assert "convert.speedup" in err and (run / SELECTION_FILE).read_text() == before
+    assert f"{run / 'report.md'} lists what these measurements choose at other budgets" in err, err
     # starting over chooses again, the earlier attempt's choice and report kept aside as they were
     reports = {name: (run / name).read_text() for name in ("report.json", "report.md")}
     assert cli.main([*args, "convert.speedup=1.2", "checkpoint.resume=none"]) == 0

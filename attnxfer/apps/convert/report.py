@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...transfer.selection import SHORT_OF_BUDGET, beside
+from ...transfer.selection import SHORT_OF_BUDGET, SOFTMAX, InfeasibleBudget, beside, fastest, select
 from ..run.uncertainty import correct_count, top1_interval
 
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
@@ -386,7 +386,62 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     ):
         cells = " | ".join(value_text(row.get(n), 3) for n in names)
         lines.append(f"| {i} | **{name}** | {cells} | {why} |")
-    return [*lines, ""]
+    return [*lines, "", *_other_budgets(selection)]
+
+
+#: the budgets `_other_budgets` tries beside the run's own, up to the fastest student's speedup
+OTHER_BUDGETS = (1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
+
+
+def _other_budgets(selection: dict[str, Any]) -> list[str]:
+    """What the knapsack chooses from the same timings and sensitivities at other budgets: a budget is read
+    when the run starts and cannot change on resume, and a new run measures everything again, so the trade
+    is shown before anyone pays for it."""
+    ms, rows = selection["ms"], selection["sensitivity"]
+    if SOFTMAX not in ms:  # a choice recorded before softmax's block time was
+        return []
+    # a candidate whose fit diverged (sensitivity None somewhere) is never chosen, the fastest student included
+    times = {n: ms[n] for n in selection["candidates"] if all(row.get(n) is not None for row in rows)}
+    sensitivity = [{n: row[n] for n in times} for row in rows]
+    soft, whole = ms[SOFTMAX], ms["teacher"]
+    top = fastest(sensitivity, times, soft, whole)
+    table = [
+        "### The same measurements at other budgets",
+        "",
+        "What `convert.speedup` would choose from these timings and sensitivities (a new run measures again: "
+        "the budget cannot change when a run resumes).",
+        "",
+        f"| budget | predicted | summed {selection['metric']} | attention per block |",
+        "|---|---|---|---|",
+    ]
+    for budget in sorted({*(b for b in OTHER_BUDGETS if b < top.speedup), selection["speedup"]}):
+        try:
+            chosen = select(sensitivity, times, soft, whole, budget)
+        except InfeasibleBudget:  # the run's own budget, short of the fastest student (the run was refused)
+            continue
+        mark = "**" if budget == selection["speedup"] else ""
+        table.append(
+            f"| {mark}{budget:g}x{mark} | {beside(chosen.speedup, budget)} | {chosen.sensitivity:.3g} | "
+            f"{_blocks_text(chosen.names)} |"
+        )
+    table.append(f"| fastest | {top.speedup:.2f}x | {top.sensitivity:.3g} | {_blocks_text(top.names)} |")
+    return [*table, ""]
+
+
+def _blocks_text(names: list[str]) -> str:
+    """``softmax 0, 5-6; relu_linear 1-4``: the blocks of each attention, as runs of consecutive blocks."""
+    blocks: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        blocks.setdefault(name, []).append(i)
+    parts = []
+    for name, indices in blocks.items():
+        spans, start = [], indices[0]
+        for previous, i in zip(indices, [*indices[1:], None]):
+            if i != previous + 1:
+                spans.append(f"{start}" if start == previous else f"{start}-{previous}")
+                start = i
+        parts.append(f"{name} {', '.join(spans)}")
+    return "; ".join(parts)
 
 
 def _sweep_lines(speed: dict[str, Any]) -> list[str]:

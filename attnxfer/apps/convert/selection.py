@@ -200,11 +200,18 @@ def _recorded(
             if path.name == PARTIAL_FILE
             else "a choice of attentions"
         )
+        # a finished choice's report shows what its measurements choose at other budgets, before a new run pays
+        shown = path.name == SELECTION_FILE and (path.parent / "report.md").is_file()
+        budgets = (
+            f" ({path.parent / 'report.md'} lists what these measurements choose at other budgets)"
+            if shown and any(c.key == "convert.speedup" for c in refused)
+            else ""
+        )
         raise ConfigError(
             f"{path.parent} already holds {held} ({path.name}) made with different values for: "
             f"{'; '.join(map(str, refused))}. These cannot change when a run resumes; nothing was written. To "
-            "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
-            f"this one, give them the values it recorded: {KeyChange.restoring(refused)}"
+            f"choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none{budgets}; to "
+            f"continue this one, give them the values it recorded: {KeyChange.restoring(refused)}"
         )
     # fits are stage 1's, on its global batch: those left would be compared with fits of another; the timings
     # (rank 0's, of one process's batch) are the same on any number of processes
