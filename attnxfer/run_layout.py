@@ -18,6 +18,8 @@ RUN_CONFIG = "config.yaml"
 CHECKPOINTS_SUBDIR = "checkpoints"
 #: a checkpoint's JSON state; a search keeps its own at the run dir's top
 STATE_NAME = "state.json"
+#: a checkpoint's list of its files and their hashes, written last: a step folder without it never finished saving
+MANIFEST_NAME = "MANIFEST.json"
 #: the lock a live run holds (`attnxfer.checkpoints.run_lock`)
 LOCK_NAME = "attnxfer.lock"
 #: one JSON line per logged step

@@ -16,11 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..run_layout import STATE_NAME
+from ..run_layout import MANIFEST_NAME, STATE_NAME
 from ..sources.resolve import sha256_file
 
 CHECKPOINT_FORMAT = "attnxfer.checkpoint/1"
-MANIFEST_NAME = "MANIFEST.json"
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 
 

@@ -11,6 +11,8 @@ from ..errors import InputError, UserError
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     LOCK_NAME,
+    MANIFEST_NAME,
+    MODEL_WEIGHTS,
     ONNX_FILE,
     RUN_CONFIG,
     RUN_RECORD,
@@ -61,8 +63,13 @@ def copy_student_alone(run: Path) -> str:
     student = record.get("student") or {}
     args = {k: v for k, v in (student.get("model_args") or {}).items() if k != "num_classes"}
     kwargs = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in args.items()) + "}"
-    saved = sorted(p for p in (run / CHECKPOINTS_SUBDIR).glob("step-*") if p.name[5:].isdigit())
-    weights = (saved[-1] if saved else run / CHECKPOINTS_SUBDIR / "step-N") / "model.safetensors"
+    # the newest checkpoint that finished saving (a killed save leaves a step folder without its manifest)
+    saved = sorted(
+        (int(p.name[5:]), p)
+        for p in (run / CHECKPOINTS_SUBDIR).glob("step-*")
+        if p.name[5:].isdigit() and (p / MANIFEST_NAME).is_file()
+    )
+    weights = (saved[-1][1] if saved else run / CHECKPOINTS_SUBDIR / "step-N") / MODEL_WEIGHTS
     stats = "".join(
         f" data.{k}={json.dumps(record[k]).replace(' ', '')}" for k in ("mean", "std") if record.get(k)
     )

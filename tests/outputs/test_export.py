@@ -655,9 +655,14 @@ def test_a_copy_run_is_told_the_command_that_makes_its_student_exportable_and_th
         *data,
     )
     assert code == 0, err[-2000:]
+    # a newer save killed before its manifest: the command names the newest checkpoint that finished
+    killed = run / "checkpoints" / "step-99999999"
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"cut short")
     code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "refused"))
     assert code == 2 and "fine-tune it without the teacher first" in err, err
     command = shlex.split(err.strip().split("`")[-2])
+    assert "model.init=" in command[2] and "step-99999999" not in command[2], command
     code, _, told = run_cli(capsys, "train", f"model.init=local-dir:{run}", "transfer.mode=none", *data)
     assert code == 2 and shlex.split(told.strip().split("`")[-2]) == command, told
     assert command[:2] == ["attnxfer", "train"] and f"run_dir={run}-alone" in command
