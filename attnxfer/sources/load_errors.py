@@ -55,6 +55,31 @@ class UnsafeCheckpointError(InputError):
         return UnsafeCheckpointError(self.refusal, self.converted, give_again)
 
 
+def newest_step(run: Path) -> Path:
+    """The newest checkpoint folder of ``run`` that finished saving (a killed save leaves a step folder without
+    its manifest); ``step-N`` where it has none yet."""
+    saved = sorted(
+        (int(p.name[5:]), p)
+        for p in (run / CHECKPOINTS_SUBDIR).glob("step-*")
+        if p.name[5:].isdigit() and (p / MANIFEST_NAME).is_file()
+    )
+    return saved[-1][1] if saved else run / CHECKPOINTS_SUBDIR / "step-N"
+
+
+def continue_pretraining(run: Path) -> str:
+    """How to go on with an MAE pre-training's decoder, which its export drops: `attnxfer pretrain` resumes the
+    run's newest checkpoint (optimiser and step too), or takes that checkpoint's weights file as model.init in a
+    new run (encoder and decoder, a new optimiser and schedule)."""
+    config, weights = run / RUN_CONFIG, newest_step(run) / MODEL_WEIGHTS
+    return (
+        f"to go on pre-training with its decoder (the export drops it), resume the run with a longer schedule: "
+        f"`attnxfer pretrain -c {config} run_dir={run} schedule.epochs=E` (or schedule.max_steps=N), or start a "
+        "new one from "
+        f"its newest checkpoint's encoder and decoder: `attnxfer pretrain -c {config} model.init={weights} "
+        "run_dir=NEW_DIR`"
+    )
+
+
 def copy_student_alone(run: Path) -> str:
     """What a copy run's student needs before it is a model of its own, as the command that makes it one: a
     fine-tune without the teacher from its newest checkpoint's weights, built as run.json's student and fed
@@ -63,13 +88,7 @@ def copy_student_alone(run: Path) -> str:
     student = record.get("student") or {}
     args = {k: v for k, v in (student.get("model_args") or {}).items() if k != "num_classes"}
     kwargs = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in args.items()) + "}"
-    # the newest checkpoint that finished saving (a killed save leaves a step folder without its manifest)
-    saved = sorted(
-        (int(p.name[5:]), p)
-        for p in (run / CHECKPOINTS_SUBDIR).glob("step-*")
-        if p.name[5:].isdigit() and (p / MANIFEST_NAME).is_file()
-    )
-    weights = (saved[-1][1] if saved else run / CHECKPOINTS_SUBDIR / "step-N") / MODEL_WEIGHTS
+    weights = newest_step(run) / MODEL_WEIGHTS
     stats = "".join(
         f" data.{k}={json.dumps(record[k]).replace(' ', '')}" for k in ("mean", "std") if record.get(k)
     )
@@ -106,12 +125,18 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         if run.name == STAGE_DIRS[0] and (run.parent / STAGE_DIRS[-1]).is_dir():  # exported: its conversion
             stage = run_folder_hint(run, role).removeprefix(f"{run} is ")
             return f"{folder} is one of the checkpoints of {stage}"
-        return (
+        hint = (
             f"{folder} is one of the checkpoints of the run {run}, not a model's folder: export the run "
             f"(`attnxfer export {run} {run / 'export'}`: its best checkpoint, an MAE pre-training's latest; "
             "--checkpoint best|latest picks one), then use "
             f"local-dir:{run / 'export'}"
         )
+        if role == "model.init" and read_record(run / RUN_RECORD).get("objective") == "mae":
+            hint += (
+                f"; to go on pre-training with its decoder (the export drops it), give `attnxfer pretrain` its "
+                f"weights file: model.init={folder / MODEL_WEIGHTS}"
+            )
+        return hint
     if folder.name == STAGE_DIRS[0] and (folder.parent / STAGE_DIRS[-1]).is_dir():  # stage 2 has the student
         rest = (run_folder_hint(folder.parent, role) or "").removeprefix("this is a conversion's run folder")
         return f"{folder} is stage 1 of the conversion {folder.parent}{rest}"
@@ -124,6 +149,8 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         )
     elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
         run, what = folder, "a student's run folder"
+        if read_record(folder / RUN_RECORD).get("objective") == "mae":  # as export tells one
+            what = "an MAE pre-training's run folder (`attnxfer pretrain`)"
     elif (folder / RUN_CONFIG).is_file() and not is_exported_model(folder):
         if (folder / LOCK_NAME).is_file():  # a conversion's stage 1 writes no folder before its first save
             return (
@@ -152,9 +179,16 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
             f"this is {what}, whose student attends with {attention} (no teacher, exported or not: teachers "
             f"need softmax attention; the teacher it was converted from is teacher.spec in {folder / RUN_CONFIG})"
         )
+    pretraining = record.get("objective") == "mae"
+    its = "its encoder's export" if pretraining else "its export"
     if (export / "config.json").is_file():
-        return f"this is {what}; its export is {export}: use local-dir:{export}"
-    return (
-        f"this is {what}; its export would be {export}, which does not exist yet: write it with "
-        f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
-    )
+        hint = f"this is {what}; {its} is {export}: use local-dir:{export}"
+    else:
+        hint = (
+            f"this is {what}; {its} would be {export}, which does not exist yet: write it with "
+            f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
+        )
+    # model.init may be meant to go on pre-training; a teacher or an inspected student is the encoder alone
+    if pretraining and role == "model.init":
+        hint += f"; {continue_pretraining(run)}"
+    return hint

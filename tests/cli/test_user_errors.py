@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from types import SimpleNamespace
 
 import pytest
@@ -255,6 +256,10 @@ def test_a_channel_count_the_teacher_or_student_cannot_read_is_refused_before_wo
 # -- teacher paths: what is true of the path given -------------------------------------------------------
 
 
+#: a fresh student alone (model.init's tests)
+_NO_TEACHER = [*_TINY_RUN, "transfer.mode=none"]
+
+
 def _teacher_refused(spec: str, tmp_path, capsys) -> str:
     return _refused(["train", f"run_dir={tmp_path / 'run'}", f"teacher.spec={spec}", *_TINY_RUN], capsys)
 
@@ -434,6 +439,48 @@ def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_
         f"this is a student's run folder; its export is {student / 'export'}: use "
         f"local-dir:{student / 'export'}"
     ), err
+
+
+def test_a_pretraining_run_given_as_model_init_names_the_encoders_export_and_how_to_keep_its_decoder(
+    tmp_path, capsys
+):
+    """An MAE pre-training's folder is no student's run: its export is the encoder alone, and one who meant to
+    go on pre-training is told the checkpoint that holds the decoder; a teacher is the encoder alone."""
+    mae = tmp_path / "mae"
+    (mae / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (mae / "checkpoints" / "step-00000004").mkdir()
+    (mae / "run.json").write_text('{"objective": "mae", "mode": "mae-pretrain"}')
+    err = _refused(["train", f"run_dir={tmp_path / 'run'}", f"model.init={mae}", *_NO_TEACHER], capsys)
+    assert (
+        f"this is an MAE pre-training's run folder (`attnxfer pretrain`); its encoder's export would be {mae}/export"
+        in err
+    )
+    assert "student's run folder" not in err
+    newest = mae / "checkpoints" / "step-00000004" / "model.safetensors"
+    assert f"`attnxfer pretrain -c {mae}/config.yaml run_dir={mae} schedule.epochs=E`" in err, err
+    assert f"`attnxfer pretrain -c {mae}/config.yaml model.init={newest} run_dir=NEW_DIR`" in err, err
+    # one of its checkpoints: its weights file takes the decoder along
+    step = mae / "checkpoints" / "step-00000002"
+    err = _refused(["train", f"run_dir={tmp_path / 'run'}", f"model.init={step}", *_NO_TEACHER], capsys)
+    assert f"give `attnxfer pretrain` its weights file: model.init={step}/model.safetensors" in err, err
+    err = _teacher_refused(str(mae), tmp_path, capsys)
+    assert f"its encoder's export would be {mae}/export" in err and "decoder" not in err, err
+
+
+@pytest.mark.slow
+def test_the_pretraining_command_a_pretraining_runs_hint_gives_loads_its_decoder(tmp_path, capsys):
+    """The command the hint gives is one `attnxfer pretrain` runs, its decoder loaded from the checkpoint."""
+    mae, tiny = tmp_path / "mae", [*_TINY_RUN, "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
+    assert main(["pretrain", f"run_dir={mae}", *tiny, "mae.pictures=0"]) == 0
+    capsys.readouterr()
+    err = _refused(
+        ["train", f"run_dir={tmp_path / 'run'}", f"model.init={mae}", "transfer.mode=none", *tiny], capsys
+    )
+    assert f"its encoder's export is {mae}/export: use local-dir:{mae}/export" in err, err
+    command = shlex.split(err.rsplit("`attnxfer ", 1)[1].rstrip("`"))
+    assert command[0] == "pretrain" and command[-1] == "run_dir=NEW_DIR", command
+    code, out, err = run_cli(capsys, *command[:-1], f"run_dir={tmp_path / 'again'}")
+    assert code == 0 and "decoder loaded" in out, err
 
 
 def test_a_forced_ce_path_that_cannot_run_here_is_refused_with_why(tiny_teacher_dir, tmp_path, capsys):

@@ -1040,6 +1040,38 @@ def test_a_choice_predicted_to_meet_its_budget_but_measured_short_of_it_is_said_
         assert ("raise convert.speedup" in md) is short
 
 
+def test_a_linformer_candidate_whose_seq_len_is_not_the_runs_token_count_is_refused_before_any_timing(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """Its fit would build it at the run's 17 tokens and refuse there, after the candidates were timed (minutes
+    on a real teacher): refused first, under the key that sets it, with the value given and the one needed."""
+    run = tmp_path / "run"
+    extra = ["convert.candidates=[linformer]", "convert.attention_kwargs={seq_len: 64, proj_len: 8}"]
+    extra += ["convert.speedup=1.01", "convert.speed_tokens=1025", "convert.selection_steps=1"]
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 2
+    out, err = capsys.readouterr()
+    said = "convert.attention_kwargs: seq_len 64 is not the model's 17 tokens (1 prefix + 4x4 grid)"
+    assert said in err and "set it to 17" in err, err
+    assert "the teacher takes" not in out and not (run / PARTIAL_FILE).exists(), out
+
+
+def test_a_study_with_one_auto_student_whose_linformer_cannot_be_built_times_no_students_candidates(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The refusal is the study's, before its first student's candidates are timed, and names the student."""
+    extra = [
+        "convert.candidates=[linformer]",
+        "convert.attention_kwargs={proj_len: 8}",
+        "convert.speedup=1.01",
+    ]
+    argv = _args(tmp_path / "study", tiny_teacher_dir, *extra)
+    spec = load_study(None, argv[1:], {"convert.attention_kwargs.seq_len": ["17", "64"]}, "convert")
+    with pytest.raises(InputError, match="seq_len 64 is not the model's 17 tokens") as refused:
+        _ConvertStudy.build(spec, DistributedInfo.from_environment())
+    assert "student " in str(refused.value) and "convert.attention_kwargs: seq_len 64" in str(refused.value)
+    assert "the teacher takes" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_linformer_as_a_candidate_is_timed_at_the_speed_tokens_not_refused_for_its_run_length(
     tmp_path, tiny_teacher_dir, fixed_timings

@@ -49,7 +49,7 @@ from .convert import (
     stage2_config,
     stage2_done,
 )
-from .selection import AUTO
+from .selection import AUTO, check_candidates
 from .stage1 import Stage1Job, stage1_batches
 
 
@@ -126,6 +126,11 @@ class _ConvertStudy:
         # their refusal (a missing teacher, a data option) is the study's, not the first student's
         with torch.random.fork_rng(devices=[]), quiet():
             shared = conversion_parts(configs[0][1], info, stand_in=True)
+        # an auto student's candidate that cannot be built at the run's size stops the study before any student's
+        # candidates are timed
+        for student, cfg in configs:
+            with _naming(student.name):
+                check_candidates(cfg, shared.teacher)
         # the choice's keys, set for the study's auto students, are not said to be unread by the others
         chooses = any(c.convert.attention == AUTO for _, c in configs)
         runs, streams = [], []

@@ -52,7 +52,15 @@ from ..run.training import (
 )
 from .quality import QualityProbe, dataset_size, stage2_worse
 from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
-from .selection import AUTO, PARTIAL_FILE, SELECTION_FILE, check_auto, choose_attentions, measured_section
+from .selection import (
+    AUTO,
+    PARTIAL_FILE,
+    SELECTION_FILE,
+    check_auto,
+    check_candidates,
+    choose_attentions,
+    measured_section,
+)
 from .speed import conversion_speeds, speed_lines, sweep_sides
 from .stage1 import Stage1Found, Stage1Job, judge_stage1, open_stage1
 from .stage2 import Stage2Objective, stage2_layers, stage2_objective, student_head
@@ -351,6 +359,7 @@ def build_conversion(
         build_plan(
             parts.teacher, parts.student, "none", logit_weight=1, logit_temperature=t.logit_temperature
         )
+    check_candidates(cfg, parts.teacher)  # before the candidates are timed
     cfg, selection = choose_attentions(
         cfg,
         parts,

@@ -127,6 +127,33 @@ def _for_tokens(options: dict[str, Any], tokens: int) -> dict[str, Any]:
     return {k: tokens if k == "seq_len" else v for k, v in options.items()}
 
 
+def _candidate(teacher: nn.Module, name: str, options: dict[str, Any]) -> nn.Module:
+    """A student of ``teacher`` with every block ``name`` built with ``options``: an option's own refusal (a
+    linformer's seq_len other than the model's token count) said under the key the options sit in."""
+    try:
+        return build_efficient_student(teacher, name, **options)
+    except GridFitError as e:  # its option, its default too, larger than the grid
+        raise InputError(
+            f"convert.candidates: {name}: {e}; set the option in convert.attention_kwargs, or drop {name} from "
+            "convert.candidates"
+        ) from None
+    except InputError as e:  # an option's own refusal names its key, as a plain convert's does
+        if not refuses_an_option(e, options):
+            raise
+        raise InputError(f"convert.attention_kwargs: {e}") from None
+
+
+def check_candidates(cfg: TrainConfig, teacher: nn.Module) -> None:
+    """Each candidate built once at the run's token count, as its fit will build it: a refusal there (a
+    linformer's seq_len for another size, a default larger than the grid) stops the run before the candidates
+    are timed, not after. Drawn from no random stream: the choice's students start from the seed alone."""
+    if cfg.convert.attention != AUTO:
+        return
+    with torch.random.fork_rng(devices=[]):
+        for name in cfg.convert.candidates:
+            _candidate(teacher, name, _options(cfg, name))
+
+
 def choose_attentions(
     cfg: TrainConfig,
     parts: RunParts,
@@ -377,7 +404,7 @@ def _fitted_sensitivity(
     start, c, depth = time.monotonic(), cfg.convert, len(flat_blocks(parts.teacher))
     torch.manual_seed(cfg.seed)
     fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
-    student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
+    student = _candidate(parts.teacher, name, _options(cfg, name)).to(device)
     # what stage 1 would train in it (a plan of steps with nothing to train is refused: the run's own)
     plan = plan_for(apply_overrides(fit_cfg, {"convert.stage1_steps": 0}), student)
     if plan.active:
@@ -460,17 +487,8 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
     ).to(device)
     models = {"teacher": teacher, "floor": floor_model(teacher)}
     for name in c.candidates:
-        try:
-            models[name] = build_efficient_student(teacher, name, **_for_tokens(_options(cfg, name), tokens))
-        except GridFitError as e:  # its option, its default too, larger than the grid the budget holds at
-            raise InputError(
-                f"convert.candidates: {name}: {e}; set the option in convert.attention_kwargs, or drop {name} "
-                "from convert.candidates"
-            ) from None
-        except InputError as e:  # an option's own refusal names its key, as a plain convert's does
-            if not refuses_an_option(e, c.attention_kwargs):
-                raise
-            raise InputError(f"convert.attention_kwargs: {e}") from None
+        # at the tokens the budget is timed at: another grid than the run's, where `check_candidates` built them
+        models[name] = _candidate(teacher, name, _for_tokens(_options(cfg, name), tokens))
     for model in models.values():
         model.to(device).eval()
     precision = resolve_precision(cfg.precision, device)
