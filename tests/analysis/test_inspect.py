@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import timm
 import torch
-from helpers import peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
+from helpers import QUIET, peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -814,3 +814,52 @@ def test_a_student_that_takes_other_channels_than_its_teacher_is_one_clear_messa
     assert (
         code == 2 and "takes 3-channel images, the teacher" in err and len(err.strip().splitlines()) == 1
     ), err
+
+
+# ------------------------------------------------------------------------------------------- data settings named
+def test_a_bad_data_root_flag_is_named_as_the_flag_not_as_a_config_key(micro_teacher, tmp_path, capsys):
+    """animal_mnist's refusal names the key a run sets (data.root); inspect's user wrote --data-root."""
+    cache = tmp_path / "no" / "such" / "cache"
+    code, _, err = run_cli(
+        capsys,
+        "inspect",
+        micro_teacher,
+        micro_teacher,
+        "--data",
+        "animal_mnist",
+        "--data-root",
+        str(cache),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert code == 2 and f"error: --data-root '{cache}' is the folder animal_mnist caches" in err, err
+    assert "drop --data-root to cache in" in err and "data.root" not in err, err
+
+
+@pytest.mark.slow
+def test_a_runs_bad_data_root_is_named_by_where_it_came_from(micro_teacher, tmp_path, capsys):
+    """A student's run brings its data: a bad root given as --data-root is named as the flag, a root the run's
+    own config set (its cache folder moved away since) as data.root."""
+    run, cache = tmp_path / "run", tmp_path / "cache" / "animal"
+    micro = ["model.name=vit_micro_patch4_28", "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
+    steps = [
+        "transfer.mode=none",
+        "schedule.max_steps=1",
+        "schedule.epochs=1",
+        "checkpoint.every_epoch=false",
+    ]
+    cache.parent.mkdir()
+    data = [
+        "data.dataset=animal_mnist",
+        f"data.root={cache}",
+        "data.batch_size=4",
+        "data.eval_batch_size=1000",
+    ]
+    code, _, err = run_cli(capsys, "train", f"run_dir={run}", *data, *QUIET, *micro, *steps)
+    assert code == 0, err
+    bad = tmp_path / "gone" / "animal"
+    code, _, err = run_cli(capsys, "inspect", micro_teacher, str(run), "--data-root", str(bad))
+    assert code == 2 and f"error: --data-root '{bad}' is the folder" in err and "data.root" not in err, err
+    (tmp_path / "cache").rename(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "inspect", micro_teacher, str(run), "--out", str(tmp_path / "r"))
+    assert code == 2 and f"error: data.root='{cache}' is the folder" in err and "--data-root" not in err, err

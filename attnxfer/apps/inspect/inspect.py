@@ -31,7 +31,7 @@ from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...data import build_dataset
 from ...data.folder import eight_bit
 from ...data.registry import dataset_reads_root
-from ...errors import InputError, MissingPathError, PathExistsError
+from ...errors import InputError, MissingPathError, PathExistsError, UserError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...run_layout import STAGE_DIRS, is_exported_model
@@ -498,6 +498,9 @@ def inspect_attention(
     # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
     run = next((s.run for s in loaded.values() if s.run is not None), None)
     given_root = data_root
+    # the settings the user gave as flags, by the config keys a dataset's refusals name them by
+    flags = {"data.root": "--data-root"} if data_root is not None else {}
+    flags.update({"data.dataset": "--data"} if data is not None else {})
     if run is not None and not images and data is None:
         cfg = config_as_trained(run, "inspect")
         data, data_root = cfg.data.dataset, data_root or cfg.data.root
@@ -507,15 +510,19 @@ def inspect_attention(
         raise InputError(
             f"--data-root {given_root} is unused: {data} generates its images and reads no folder; drop it"
         )
-    x = load_images(
-        t,
-        files=images,
-        data=data,
-        data_root=data_root,
-        split=split,
-        num_images=num_images,
-        data_options=data_options,
-    )
+    try:
+        x = load_images(
+            t,
+            files=images,
+            data=data,
+            data_root=data_root,
+            split=split,
+            num_images=num_images,
+            data_options=data_options,
+        )
+    except UserError as err:
+        _name_flags(err, flags)
+        raise
     subjects = {n: s.subject for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)
     if out is not None:
@@ -524,6 +531,17 @@ def inspect_attention(
             _publish(tmp, Path(out), [p.name for p in written], overwrite)
     specs = {"teacher": t.spec, "students": {n: s.spec for n, s in loaded.items()}}
     return json_safe({"specs": specs, **dataclasses.asdict(insp)})
+
+
+def _name_flags(err: UserError, flags: Mapping[str, str]) -> None:
+    """``err`` of a dataset made to name its config keys (``data.root=PATH``) as the flags the user gave them
+    with (``--data-root PATH``): a dataset's refusals name the key a run sets, which inspect's user never
+    wrote. Its type and traceback stay."""
+    message = str(err)
+    for key, flag in flags.items():
+        message = re.sub(rf"\b{re.escape(key)}=", f"{flag} ", message)
+        message = re.sub(rf"\b{re.escape(key)}\b", flag, message)
+    err.args = (message,)
 
 
 def demo_agreement(
