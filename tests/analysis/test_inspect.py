@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import timm
 import torch
-from helpers import QUIET, peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
+from helpers import ONE_BLOCK_RUN, QUIET, peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -863,3 +863,28 @@ def test_a_runs_bad_data_root_is_named_by_where_it_came_from(micro_teacher, tmp_
     (tmp_path / "cache").rename(tmp_path / "moved")
     code, _, err = run_cli(capsys, "inspect", micro_teacher, str(run), "--out", str(tmp_path / "r"))
     assert code == 2 and f"error: data.root='{cache}' is the folder" in err and "--data-root" not in err, err
+
+
+@pytest.mark.slow
+def test_runs_whose_settings_make_other_images_are_warned_of_by_key_and_values(trained, tmp_path, capsys):
+    """Every student is measured on the images the first run's settings make: a run whose data seed makes
+    other images is named with the key, both values and whose images are used; a run whose settings differ
+    without changing these images (a longer synthetic split) is not; a dataset chosen with --data is."""
+    other_seed, longer = tmp_path / "seed5", tmp_path / "longer"
+    for run, key in ((other_seed, "data.seed=5"), (longer, "data.kwargs.length=128")):
+        code, _, err = run_cli(capsys, "train", *ONE_BLOCK_RUN, "schedule.max_steps=1", key, f"run_dir={run}")
+        assert code == 0, err
+    few = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2"]
+    students = [str(trained), str(other_seed), str(longer)]
+    code, out, err = run_cli(capsys, "inspect", str(trained), *students, *few, "--out", str(tmp_path / "r"))
+    assert code == 0 and f"images: synthetic's val split as {trained} made it" in out, err
+    [warning] = [line for line in err.splitlines() if line.startswith("warning:")]
+    differ = f"(data.seed (else seed): 0 in {trained}, 5 in {other_seed})"
+    assert warning.startswith(f"warning: {other_seed} made its data otherwise than {trained} {differ}: "), (
+        warning
+    )
+    assert f"every student is measured on the images {trained}'s settings make" in warning, warning
+    assert str(longer) not in warning
+    chosen = ["--data", "synthetic", "--out", str(tmp_path / "chosen")]
+    code, _, err = run_cli(capsys, "inspect", str(trained), *students, *few, *chosen)
+    assert code == 0 and "warning:" not in err, err
