@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import timm
 import torch
-from helpers import peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
+from helpers import ONE_BLOCK_RUN, QUIET, peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -814,3 +814,77 @@ def test_a_student_that_takes_other_channels_than_its_teacher_is_one_clear_messa
     assert (
         code == 2 and "takes 3-channel images, the teacher" in err and len(err.strip().splitlines()) == 1
     ), err
+
+
+# ------------------------------------------------------------------------------------------- data settings named
+def test_a_bad_data_root_flag_is_named_as_the_flag_not_as_a_config_key(micro_teacher, tmp_path, capsys):
+    """animal_mnist's refusal names the key a run sets (data.root); inspect's user wrote --data-root."""
+    cache = tmp_path / "no" / "such" / "cache"
+    code, _, err = run_cli(
+        capsys,
+        "inspect",
+        micro_teacher,
+        micro_teacher,
+        "--data",
+        "animal_mnist",
+        "--data-root",
+        str(cache),
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert code == 2 and f"error: --data-root '{cache}' is the folder animal_mnist caches" in err, err
+    assert "drop --data-root to cache in" in err and "data.root" not in err, err
+
+
+@pytest.mark.slow
+def test_a_runs_bad_data_root_is_named_by_where_it_came_from(micro_teacher, tmp_path, capsys):
+    """A student's run brings its data: a bad root given as --data-root is named as the flag, a root the run's
+    own config set (its cache folder moved away since) as data.root."""
+    run, cache = tmp_path / "run", tmp_path / "cache" / "animal"
+    micro = ["model.name=vit_micro_patch4_28", "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}"]
+    steps = [
+        "transfer.mode=none",
+        "schedule.max_steps=1",
+        "schedule.epochs=1",
+        "checkpoint.every_epoch=false",
+    ]
+    cache.parent.mkdir()
+    data = [
+        "data.dataset=animal_mnist",
+        f"data.root={cache}",
+        "data.batch_size=4",
+        "data.eval_batch_size=1000",
+    ]
+    code, _, err = run_cli(capsys, "train", f"run_dir={run}", *data, *QUIET, *micro, *steps)
+    assert code == 0, err
+    bad = tmp_path / "gone" / "animal"
+    code, _, err = run_cli(capsys, "inspect", micro_teacher, str(run), "--data-root", str(bad))
+    assert code == 2 and f"error: --data-root '{bad}' is the folder" in err and "data.root" not in err, err
+    (tmp_path / "cache").rename(tmp_path / "moved")
+    code, _, err = run_cli(capsys, "inspect", micro_teacher, str(run), "--out", str(tmp_path / "r"))
+    assert code == 2 and f"error: data.root='{cache}' is the folder" in err and "--data-root" not in err, err
+
+
+@pytest.mark.slow
+def test_runs_whose_settings_make_other_images_are_warned_of_by_key_and_values(trained, tmp_path, capsys):
+    """Every student is measured on the images the first run's settings make: a run whose data seed makes
+    other images is named with the key, both values and whose images are used; a run whose settings differ
+    without changing these images (a longer synthetic split) is not; a dataset chosen with --data is."""
+    other_seed, longer = tmp_path / "seed5", tmp_path / "longer"
+    for run, key in ((other_seed, "data.seed=5"), (longer, "data.kwargs.length=128")):
+        code, _, err = run_cli(capsys, "train", *ONE_BLOCK_RUN, "schedule.max_steps=1", key, f"run_dir={run}")
+        assert code == 0, err
+    few = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2"]
+    students = [str(trained), str(other_seed), str(longer)]
+    code, out, err = run_cli(capsys, "inspect", str(trained), *students, *few, "--out", str(tmp_path / "r"))
+    assert code == 0 and f"images: synthetic's val split as {trained} made it" in out, err
+    [warning] = [line for line in err.splitlines() if line.startswith("warning:")]
+    differ = f"(data.seed (else seed): 0 in {trained}, 5 in {other_seed})"
+    assert warning.startswith(f"warning: {other_seed} made its data otherwise than {trained} {differ}: "), (
+        warning
+    )
+    assert f"every student is measured on the images {trained}'s settings make" in warning, warning
+    assert str(longer) not in warning
+    chosen = ["--data", "synthetic", "--out", str(tmp_path / "chosen")]
+    code, _, err = run_cli(capsys, "inspect", str(trained), *students, *few, *chosen)
+    assert code == 0 and "warning:" not in err, err

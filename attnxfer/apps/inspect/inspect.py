@@ -28,10 +28,11 @@ from ...checkpoints.processes import process_alive
 from ...checkpoints.run_dir import ExportWeights, RunDir
 from ...checkpoints.run_lock import claim_new_file, in_run_folder, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
+from ...config import TrainConfig
 from ...data import build_dataset
 from ...data.folder import eight_bit
 from ...data.registry import dataset_reads_root
-from ...errors import InputError, MissingPathError, PathExistsError
+from ...errors import InputError, MissingPathError, PathExistsError, UserError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...run_layout import STAGE_DIRS, is_exported_model
@@ -44,7 +45,7 @@ from ...sources import (
 )
 from ...sources.hub import CACHE_DIR_ROUTE
 from ...sources.resolve import Origin, parse_teacher_spec
-from ...speak import say
+from ...speak import say, warn
 from ...transfer.modes import MODES
 from ...transfer.plan import build_plan
 from ..run.loaders import data_seed
@@ -496,26 +497,36 @@ def inspect_attention(
             )
     # neither files nor a dataset: the data the first student given as a run was trained on, as the run
     # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
-    run = next((s.run for s in loaded.values() if s.run is not None), None)
+    runs = [s.run for s in loaded.values() if s.run is not None]
+    # the settings the user gave as flags, by the config keys a dataset's refusals name them by
     given_root = data_root
-    if run is not None and not images and data is None:
-        cfg = config_as_trained(run, "inspect")
-        data, data_root = cfg.data.dataset, data_root or cfg.data.root
-        data_options = {"seed": data_seed(cfg), **cfg.data.kwargs}
-        say(f"images: {data}'s {split} split as the students' run made it (the data it was trained on)")
-    if given_root is not None and data is not None and not dataset_reads_root(data):  # else dropped unsaid
+    flags = {"data.root": "--data-root"} if data_root is not None else {}
+    flags.update({"data.dataset": "--data"} if data is not None else {})
+    from_runs = bool(runs) and not images and data is None
+    if from_runs:
+        made = [(run, _data_settings(config_as_trained(run, "inspect"), data_root)) for run in runs]
+        data, data_root, data_options = _dataset_call(made[0][1])
+        whose = "the students' run" if len(runs) == 1 else runs[0].path
+        say(f"images: {data}'s {split} split as {whose} made it (the data it was trained on)")
+    if "data.root" in flags and data is not None and not dataset_reads_root(data):  # else dropped unsaid
         raise InputError(
             f"--data-root {given_root} is unused: {data} generates its images and reads no folder; drop it"
         )
-    x = load_images(
-        t,
-        files=images,
-        data=data,
-        data_root=data_root,
-        split=split,
-        num_images=num_images,
-        data_options=data_options,
-    )
+    try:
+        x = load_images(
+            t,
+            files=images,
+            data=data,
+            data_root=data_root,
+            split=split,
+            num_images=num_images,
+            data_options=data_options,
+        )
+    except UserError as err:
+        _name_flags(err, flags)
+        raise
+    if from_runs:
+        _warn_of_other_data(t, made, x, split=split, num_images=num_images)
     subjects = {n: s.subject for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)
     if out is not None:
@@ -524,6 +535,65 @@ def inspect_attention(
             _publish(tmp, Path(out), [p.name for p in written], overwrite)
     specs = {"teacher": t.spec, "students": {n: s.spec for n, s in loaded.items()}}
     return json_safe({"specs": specs, **dataclasses.asdict(insp)})
+
+
+#: the keys a run's data seed comes from
+_SEED_KEYS = "data.seed (else seed)"
+
+
+def _data_settings(cfg: TrainConfig, data_root: str | None) -> dict[str, Any]:
+    """The settings a run's images are made with, by the config keys that set them: its dataset, root (none
+    for a dataset that reads no folder; ``data_root``, --data-root, instead of the run's), data seed (its
+    data.seed, else its seed) and data.kwargs."""
+    dataset = cfg.data.dataset
+    root = (data_root or cfg.data.root) if dataset_reads_root(dataset) else None
+    kwargs = {f"data.kwargs.{k}": v for k, v in cfg.data.kwargs.items()}
+    return {"data.dataset": dataset, "data.root": root, _SEED_KEYS: data_seed(cfg), **kwargs}
+
+
+def _dataset_call(settings: Mapping[str, Any]) -> tuple[str, str | None, dict[str, Any]]:
+    """`load_images`' data, data_root and data_options of `_data_settings`' ``settings``."""
+    kwargs = {k.removeprefix("data.kwargs."): v for k, v in settings.items() if k.startswith("data.kwargs.")}
+    return settings["data.dataset"], settings["data.root"], {"seed": settings[_SEED_KEYS], **kwargs}
+
+
+def _warn_of_other_data(
+    teacher: LoadedModel, made: Sequence[tuple[RunDir, Mapping[str, Any]]], x: torch.Tensor, **how: Any
+) -> None:
+    """Every student is measured on ``x``, made with the first run's data settings: a warning for each other
+    run whose own settings make other images, naming the keys, both values and the run whose images are
+    used. Settings that differ but make the same images (the seed of a folder's val split, which it does
+    not augment; a longer synthetic split) are no difference; data that cannot be read here is one."""
+    (first, want), *others = made
+    for run, got in others:
+        keys = [k for k in {**want, **got} if want.get(k) != got.get(k)]
+        if not keys:
+            continue
+        data, root, options = _dataset_call(got)
+        try:
+            theirs = load_images(teacher, data=data, data_root=root, data_options=options, **how)
+        except UserError:  # its data cannot be read here: nothing shows it made the same images
+            theirs = None
+        if theirs is not None and theirs.shape == x.shape and torch.equal(theirs, x):
+            continue
+        differ = "; ".join(f"{k}: {want.get(k)} in {first.path}, {got.get(k)} in {run.path}" for k in keys)
+        warn(
+            f"warning: {run.path} made its data otherwise than {first.path} ({differ}): every student is "
+            f"measured on the images {first.path}'s settings make, not those {run.path} was trained and "
+            f"evaluated on; give --data (and --data-root) to choose the images for all, or inspect {run.path} "
+            "on its own"
+        )
+
+
+def _name_flags(err: UserError, flags: Mapping[str, str]) -> None:
+    """``err`` of a dataset made to name its config keys (``data.root=PATH``) as the flags the user gave them
+    with (``--data-root PATH``): a dataset's refusals name the key a run sets, which inspect's user never
+    wrote. Its type and traceback stay."""
+    message = str(err)
+    for key, flag in flags.items():
+        message = re.sub(rf"\b{re.escape(key)}=", f"{flag} ", message)
+        message = re.sub(rf"\b{re.escape(key)}\b", flag, message)
+    err.args = (message,)
 
 
 def demo_agreement(
