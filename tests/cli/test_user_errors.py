@@ -447,8 +447,10 @@ def test_a_pretraining_run_given_as_model_init_names_the_encoders_export_and_how
     """An MAE pre-training's folder is no student's run: its export is the encoder alone, and one who meant to
     go on pre-training is told the checkpoint that holds the decoder; a teacher is the encoder alone."""
     mae = tmp_path / "mae"
-    (mae / "checkpoints" / "step-00000002").mkdir(parents=True)
-    (mae / "checkpoints" / "step-00000004").mkdir()
+    for step in ("step-00000002", "step-00000004"):  # saves that finished (a manifest), and one cut short
+        (mae / "checkpoints" / step).mkdir(parents=True)
+        (mae / "checkpoints" / step / "MANIFEST.json").write_text("{}")
+    (mae / "checkpoints" / "step-00000006").mkdir()
     (mae / "run.json").write_text('{"objective": "mae", "mode": "mae-pretrain"}')
     err = _refused(["train", f"run_dir={tmp_path / 'run'}", f"model.init={mae}", *_NO_TEACHER], capsys)
     assert (
