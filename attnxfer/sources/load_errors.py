@@ -66,20 +66,6 @@ def newest_step(run: Path) -> Path:
     return saved[-1][1] if saved else run / CHECKPOINTS_SUBDIR / "step-N"
 
 
-def continue_pretraining(run: Path) -> str:
-    """How to go on with an MAE pre-training's decoder, which its export drops: `attnxfer pretrain` resumes the
-    run's newest checkpoint (optimiser and step too), or takes that checkpoint's weights file as model.init in a
-    new run (encoder and decoder, a new optimiser and schedule)."""
-    config, weights = run / RUN_CONFIG, newest_step(run) / MODEL_WEIGHTS
-    return (
-        f"to go on pre-training with its decoder (the export drops it), resume the run with a longer schedule: "
-        f"`attnxfer pretrain -c {config} run_dir={run} schedule.epochs=E` (or schedule.max_steps=N), or start a "
-        "new one from "
-        f"its newest checkpoint's encoder and decoder: `attnxfer pretrain -c {config} model.init={weights} "
-        "run_dir=NEW_DIR`"
-    )
-
-
 def copy_student_alone(run: Path) -> str:
     """What a copy run's student needs before it is a model of its own, as the command that makes it one: a
     fine-tune without the teacher from its newest checkpoint's weights, built as run.json's student and fed
@@ -188,7 +174,15 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
             f"this is {what}; {its} would be {export}, which does not exist yet: write it with "
             f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
         )
-    # model.init may be meant to go on pre-training; a teacher or an inspected student is the encoder alone
+    # model.init may be meant to go on pre-training, with the decoder the export drops: `attnxfer pretrain`
+    # resumes the run (optimiser and step too) or takes its newest checkpoint's weights file in a new run
+    # (encoder and decoder, a new optimiser and schedule); a teacher or an inspected student is the encoder alone
     if pretraining and role == "model.init":
-        hint += f"; {continue_pretraining(run)}"
+        config, weights = run / RUN_CONFIG, newest_step(run) / MODEL_WEIGHTS
+        hint += (
+            "; to go on pre-training with its decoder (the export drops it), resume the run with a longer "
+            f"schedule: `attnxfer pretrain -c {config} run_dir={run} schedule.epochs=E` (or schedule.max_steps=N), "
+            f"or start a new one from its newest checkpoint's encoder and decoder: `attnxfer pretrain -c {config} "
+            f"model.init={weights} run_dir=NEW_DIR`"
+        )
     return hint
