@@ -135,8 +135,6 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         )
     elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
         run, what = folder, "a student's run folder"
-        if read_record(folder / RUN_RECORD).get("objective") == "mae":  # as export tells one
-            what = "an MAE pre-training's run folder (`attnxfer pretrain`)"
     elif (folder / RUN_CONFIG).is_file() and not is_exported_model(folder):
         if (folder / LOCK_NAME).is_file():  # a conversion's stage 1 writes no folder before its first save
             return (
@@ -153,6 +151,9 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         return None
     export = run / "export"
     record = read_record(run / RUN_RECORD)
+    pretraining = record.get("objective") == "mae"  # as export tells one
+    if pretraining:
+        what = "an MAE pre-training's run folder (`attnxfer pretrain`)"
     mode = MODES.get(record.get("mode"))
     if mode is not None and mode.teacher_at_eval and role != "student":  # exports refuse it: no model alone
         return (
@@ -165,7 +166,6 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
             f"this is {what}, whose student attends with {attention} (no teacher, exported or not: teachers "
             f"need softmax attention; the teacher it was converted from is teacher.spec in {folder / RUN_CONFIG})"
         )
-    pretraining = record.get("objective") == "mae"
     its = "its encoder's export" if pretraining else "its export"
     if (export / "config.json").is_file():
         hint = f"this is {what}; {its} is {export}: use local-dir:{export}"
