@@ -48,6 +48,9 @@ def family_of_module(module: str) -> str:
 _VALUE_ONLY_INPLACE = frozenset(
     ("uniform_", "normal_", "clamp_", "clamp_min_", "clamp_max_", "erfinv_", "mul_", "add_", "sub_", "div_")
     + ("zero_", "fill_", "copy_", "exp_", "bernoulli_", "random_", "exponential_")
+    # torch.nn.init's functions dispatch as themselves, and the ops they run inside are not seen by the mode
+    + ("kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "trunc_normal_")
+    + ("constant_", "ones_", "zeros_", "orthogonal_", "eye_", "dirac_", "sparse_")
 )
 
 
@@ -55,14 +58,15 @@ class _MetaNoInit(TorchFunctionMode):
     """Skips value-only in-place ops (weight initialisation) on meta tensors: shapes and classes are kept."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
         if (
             getattr(func, "__name__", "") in _VALUE_ONLY_INPLACE
-            and args
-            and isinstance(args[0], torch.Tensor)
-            and args[0].is_meta
+            and isinstance(target, torch.Tensor)
+            and target.is_meta
         ):
-            return args[0]
-        return func(*args, **(kwargs or {}))
+            return target
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
