@@ -9,46 +9,50 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: the benchmark runs the tests below read, each ``python benchmarks/NAME.py ARGS`` as a contributor types it
+_CUDA = ["transfer_step", "ce_loss", "attention_zoo", "hybrid_speed", "study_step"]
+_MISTYPED = {
+    "attention_zoo": ["--tokens", "17", "--batch", "1", "--dim", "32", "--heads", "2"],
+    "model_throughput": ["--model", "vit_tiny_patch16_224", "--resolutions", "32", "--batch", "1"],
+}
+_TRITON = {
+    "ce_loss": ["--tokens", "17", "--batch", "1", "--warmup", "0", "--repeats", "1"],
+    "transfer_step": ["--quick", "--tokens", "17", "--depth", "1", "--warmup", "0", "--repeats", "1"],
+}
+_RUNS = {
+    **{("cuda", name): [name, "--device", "cuda"] for name in _CUDA},
+    **{("mistyped", name): [name, *args, "--attentions", "linear"] for name, args in _MISTYPED.items()},
+    ("grid", "attention_zoo"): ["attention_zoo", "--tokens", "18", "--attentions", "relu_linear"],
+    ("cuda", "model_throughput"): ["model_throughput", "--device", "cuda"],
+    ("memory", "stage1_throughput"): ["stage1_throughput", "--steps-per-round", "1", "--warmup", "0"]
+    + ["--repeats", "1"],
+    **{
+        ("triton", name): [name, *args, "--device", "cpu", "--ce-paths", "triton"]
+        for name, args in _TRITON.items()
+    },
+}
 
-def _side_by_side(
-    argvs: dict[str, list[str]], env: dict[str, str] | None = None
-) -> tuple[dict[str, int], dict[str, str]]:
-    """Each ``benchmarks/NAME.py ARGS`` run at once (their imports take the time): exit codes and stderr."""
-    runs = {
-        name: subprocess.Popen(
-            [sys.executable, f"benchmarks/{name}.py", *argv],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name, argv in argvs.items()
-    }
-    errs = {name: r.communicate()[1] for name, r in runs.items()}
-    return {name: r.returncode for name, r in runs.items()}, errs
+
+@pytest.fixture(scope="module")
+def runs() -> dict[tuple[str, str], tuple[int, str, str]]:
+    """Every run above, (exit code, stdout, stderr), from one interpreter (torch imported once, not 12 times),
+    without TRITON_INTERPRET (the triton refusal is for a CPU run that would otherwise interpret kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    argvs = [[f"benchmarks/{name}.py", *args] for name, *args in _RUNS.values()]
+    return dict(zip(_RUNS, run_scripts(*argvs, env=env), strict=True))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_a_benchmark_asked_for_cuda_without_a_gpu_says_to_use_the_cpu():
+def test_a_benchmark_asked_for_cuda_without_a_gpu_says_to_use_the_cpu(runs):
     """``--device cuda`` (as docs/benchmarks.md's GPU commands pass) where there is no GPU: one line saying
     what to pass instead, not torch's driver traceback."""
-    names = ["transfer_step", "ce_loss", "attention_zoo", "hybrid_speed", "study_step"]
-    runs = [
-        subprocess.Popen(
-            [sys.executable, f"benchmarks/{name}.py", "--device", "cuda"],
-            cwd=ROOT,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in names
-    ]
-    errs = {name: r.communicate()[1] for name, r in zip(names, runs)}
-    assert all(r.returncode == 1 for r in runs), errs
+    errs = {name: runs["cuda", name][2] for name in _CUDA}
+    assert all(runs["cuda", name][0] == 1 for name in _CUDA), errs
     assert all(
         e.strip().endswith("needs a CUDA GPU and this machine has none: use --device cpu")
         for e in errs.values()
@@ -56,30 +60,24 @@ def test_a_benchmark_asked_for_cuda_without_a_gpu_says_to_use_the_cpu():
 
 
 @pytest.mark.slow
-def test_a_mistyped_attention_name_is_refused_with_the_registrys_message_not_a_traceback():
+def test_a_mistyped_attention_name_is_refused_with_the_registrys_message_not_a_traceback(runs):
     """``--attentions linear`` (no such attention) to the zoo and whole-model benchmarks: one line naming the
     flag and suggesting ``elu_linear``, where both met a KeyError / InputError traceback."""
-    tiny = {
-        "attention_zoo": ["--tokens", "17", "--batch", "1", "--dim", "32", "--heads", "2"],
-        "model_throughput": ["--model", "vit_tiny_patch16_224", "--resolutions", "32", "--batch", "1"],
-    }
-    codes, errs = _side_by_side({name: [*args, "--attentions", "linear"] for name, args in tiny.items()})
-    assert all(code in (1, 2) for code in codes.values()), errs
-    for err in errs.values():
-        assert "Traceback" not in err, err
+    for name in _MISTYPED:
+        code, _, err = runs["mistyped", name]
+        assert code in (1, 2) and "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
         assert "--attentions" in last and "unknown attention 'linear'; did you mean 'elu_linear'" in last, err
 
 
 @pytest.mark.slow
-def test_the_zoo_benchmark_refuses_a_token_count_without_a_square_grid_in_one_line():
+def test_the_zoo_benchmark_refuses_a_token_count_without_a_square_grid_in_one_line(runs):
     """``attention_zoo.py --tokens 18``: the flag and what it takes, as hybrid_speed.py and transfer_step.py
     answer, where it met an AssertionError traceback."""
-    args = [sys.executable, "benchmarks/attention_zoo.py", "--tokens", "18", "--attentions", "relu_linear"]
-    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    code, _, err = runs["grid", "attention_zoo"]
+    assert code == 2 and "Traceback" not in err, err
     assert (
-        run.stderr.strip()
+        err.strip()
         .splitlines()[-1]
         .endswith("--tokens 18: a class token + a square grid, e.g. 197, 785 or 3137")
     )
@@ -87,42 +85,31 @@ def test_the_zoo_benchmark_refuses_a_token_count_without_a_square_grid_in_one_li
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_model_throughput_refusing_cuda_names_the_device_flag_it_was_given_not_the_gpu_preset():
+def test_model_throughput_refusing_cuda_names_the_device_flag_it_was_given_not_the_gpu_preset(runs):
     """``model_throughput.py --device cuda`` (the cpu preset): the refusal names ``--device cuda``, where it
     said ``--preset gpu needs CUDA`` to a user who never passed --preset."""
-    args = [sys.executable, "benchmarks/model_throughput.py", "--device", "cuda"]
-    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 1, run.stderr
-    assert run.stderr.strip() == "--device cuda needs a CUDA GPU and this machine has none: use --device cpu"
+    code, _, err = runs["cuda", "model_throughput"]
+    assert code == 1, err
+    assert err.strip() == "--device cuda needs a CUDA GPU and this machine has none: use --device cpu"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's memory figure")
-def test_stage1_throughput_on_cpu_says_peak_memory_is_not_measured_instead_of_stage1s_rss_growth():
+def test_stage1_throughput_on_cpu_says_peak_memory_is_not_measured_instead_of_stage1s_rss_growth(runs):
     """Stage 1's own memory line is the process's RSS growth on CPU, which read ``peak 0 MiB`` from the second
     round on (the rounds reuse pages the process holds): one round of one step shows it is left out."""
-    args = ["--steps-per-round", "1", "--warmup", "0", "--repeats", "1"]
-    run = subprocess.run(
-        [sys.executable, "benchmarks/stage1_throughput.py", *args], cwd=ROOT, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr
-    assert "stage 1 memory:" not in run.stdout and "peak memory: n/a on CPU" in run.stdout, run.stdout
+    code, out, err = runs["memory", "stage1_throughput"]
+    assert code == 0, err
+    assert "stage 1 memory:" not in out and "peak memory: n/a on CPU" in out, out
 
 
 @pytest.mark.slow
-def test_a_benchmark_asked_for_the_triton_ce_path_on_the_cpu_says_it_needs_cuda_before_any_work():
+def test_a_benchmark_asked_for_the_triton_ce_path_on_the_cpu_says_it_needs_cuda_before_any_work(runs):
     """``--ce-paths triton`` (as the GPU commands of docs/benchmarks.md pass) on a CPU run: one line naming
     the flag, where both scripts met the loss's ``CEPathUnavailable`` traceback in their first timed call."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tiny = {
-        "ce_loss": ["--tokens", "17", "--batch", "1", "--warmup", "0", "--repeats", "1"],
-        "transfer_step": ["--quick", "--tokens", "17", "--depth", "1", "--warmup", "0", "--repeats", "1"],
-    }
-    argvs = {name: [*args, "--device", "cpu", "--ce-paths", "triton"] for name, args in tiny.items()}
-    codes, errs = _side_by_side(argvs, env)
-    assert all(code == 1 for code in codes.values()), errs
-    for err in errs.values():
-        assert "Traceback" not in err, err
+    for name in _TRITON:
+        code, _, err = runs["triton", name]
+        assert code == 1 and "Traceback" not in err, err
         assert (
             err.strip()
             .splitlines()[-1]

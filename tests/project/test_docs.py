@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import re
 import shlex
 import subprocess
-import sys
 import tempfile
 
 import pytest
 import timm
 import torch
+from helpers import run_scripts
 
 from attnxfer.config import ConfigError, resolve_recipe
 from attnxfer.launch.cli import build_parser, main
@@ -145,43 +144,19 @@ def _check_attnxfer(argv: list[str], where: str) -> None:
     assert "config: recipe" in out.getvalue()
 
 
-# Every benchmark script's `--help`, from ONE fresh interpreter that runs each script as `python SCRIPT --help`
-# would (runpy as __main__, the script's folder first on sys.path): torch is imported once, not once per
-# script (9 scripts: ~30 s of CPU saved per run). The driver prints one JSON line: {script: [exit, out]}.
-_HELP_DRIVER = """
-import contextlib, io, json, runpy, sys, traceback
-scripts, out = sys.argv[1:], {}
-for script in scripts:
-    sys.argv, sys.path[0] = [script, "--help"], str(__import__("pathlib").Path(script).resolve().parent)
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else str(e.code))
-    except BaseException:
-        code = traceback.format_exc()
-    out[script] = [code, buf.getvalue()]
-print(json.dumps(out))
-"""
-
-
 @functools.cache
-def _script_helps() -> dict[str, tuple[int | str, str]]:
+def _script_helps() -> dict[str, tuple[int, str, str]]:
+    """Every benchmark script's ``--help`` (exit code, stdout, stderr), from one interpreter (`run_scripts`)."""
     scripts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("[!_]*.py"))
-    proc = subprocess.run(
-        [sys.executable, "-c", _HELP_DRIVER, *scripts], capture_output=True, text=True, check=True, cwd=ROOT
-    )
-    return {k: tuple(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+    return dict(zip(scripts, run_scripts(*([s, "--help"] for s in scripts), cwd=ROOT), strict=True))
 
 
 def _check_script(cmd: list[str], where: str) -> None:
     script = next(c for c in cmd[1:] if c.endswith(".py"))
     path = ROOT / script
     assert path.is_file(), f"{where}: {script} does not exist"
-    code, help_text = _script_helps()[path.resolve().relative_to(ROOT).as_posix()]
-    assert code == 0, f"{where}: python {script} --help failed:\n{code}"
+    code, help_text, err = _script_helps()[path.resolve().relative_to(ROOT).as_posix()]
+    assert code == 0, f"{where}: python {script} --help failed:\n{err}"
     for flag in (c.split("=")[0] for c in cmd if c.startswith("--")):
         assert flag in help_text, f"{where}: {script} has no option {flag}"
 
