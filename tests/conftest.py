@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import peaked_teacher, train_one_block_run
+from helpers import SUITE_COUNTS, peaked_teacher, train_one_block_run
 from timm.models import save_for_hf
 
 from attnxfer.data import registry as datasets
@@ -115,6 +115,18 @@ def install_package(tmp_path, monkeypatch, registries_kept):
     load_entry_points.cache_clear()
     for name in [m for m in sys.modules if m.split(".")[0] == "labpkg"]:
         del sys.modules[name]
+
+
+# ---- the suite's own counts: tests/project/test_testing_page.py reads them instead of collecting again ----
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m and -k deselect any
+def pytest_collection_modifyitems(session, config, items):
+    """When this session collected every test file, stash (fast-lane tests, all tests) in SUITE_COUNTS."""
+    collected = {Path(str(item.path)) for item in items}
+    if set(Path(__file__).parent.rglob("test_*.py")) <= collected:
+        fast = [i for i in items if not i.get_closest_marker("slow") and not i.get_closest_marker("slurm")]
+        config.stash[SUITE_COUNTS] = (len(fast), len(items))
 
 
 # ---- opt-in CPU-time report: `pytest --cpu-durations=N` ------------------------------------------------

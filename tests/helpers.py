@@ -199,6 +199,10 @@ def tiny_convert_report(repeats: int, batch: int) -> list[str]:
     ]
 
 
+#: (fast-lane tests, all tests) of the session's collection, when it collected every test file (tests/conftest.py)
+SUITE_COUNTS = pytest.StashKey[tuple[int, int]]()
+
+
 # -- the CLI in this process ----------------------------------------------------------------------------------
 
 

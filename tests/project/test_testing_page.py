@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import SUITE_COUNTS
 
 from .doc_pages import ROOT
 
@@ -30,26 +31,25 @@ def test_the_testing_page_states_a_share_a_test_checks():
     _stated()
 
 
-@pytest.mark.slow
-def test_the_fast_lane_holds_the_share_of_the_tests_the_page_states():
-    """One collection (~20 s of CPU: every test module imported) gives both counts."""
+def _suite_counts(config: pytest.Config) -> tuple[int, int]:
+    """(fast-lane tests, all tests): this session's own collection when it collected the whole suite (as
+    scripts/test.sh's does), else one collection in a new process (~20 s of CPU: every test module imported)."""
+    if SUITE_COUNTS in config.stash:
+        return config.stash[SUITE_COUNTS]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "--collect-only",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "not slow and not slurm",
-        ],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+        + ["-m", "not slow and not slurm"],
         capture_output=True,
         text=True,
         cwd=ROOT,
     ).stdout
     fast, total = map(int, re.search(r"(\d+)/(\d+) tests collected", out).groups())
+    return fast, total
+
+
+@pytest.mark.slow  # alone it collects the suite again (~20 s); in a whole-suite session, none
+def test_the_fast_lane_holds_the_share_of_the_tests_the_page_states(request):
+    fast, total = _suite_counts(request.config)
     low, high = SHARES[_stated()]
     assert low <= fast / total <= high, (
         f"the fast lane holds {fast} of {total} tests; docs/testing.md says {_stated()}"
