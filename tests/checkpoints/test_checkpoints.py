@@ -1,5 +1,6 @@
 """Checkpoints: atomic safetensors+JSON store, pruning, corruption handling, optimizer and RNG state."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -422,17 +423,26 @@ def test_broken_existing_step_is_moved_aside_and_replaced(tmp_path):
 # kill -9 during saves
 # --------------------------------------------------------------------------------------------
 
+#: One interpreter (importing torch and attnxfer costs seconds a start) serves every round: for each
+#: ``START`` line on stdin it forks a saver that says its pid, then saves steps START, START+1, ... until
+#: the test SIGKILLs it; the script reaps it and says ``dead`` (its CPU time is counted as the test's).
 KILL_SCRIPT = r"""
-import sys, torch
+import os, sys, torch
 from attnxfer.checkpoints.store import CheckpointManager
-run_dir, step, numel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-mgr = CheckpointManager(run_dir, keep_last=2)
-base = torch.arange(numel, dtype=torch.float32)
-print('ready', flush=True)
-while True:
-    tensors = {g: {'w': base + (step * 10 + i)} for i, g in enumerate(('model', 'ema', 'optimizer'))}
-    mgr.save(step, tensors, {'step': step}, metric=float(step % 3))
-    step += 1
+run_dir, numel = sys.argv[1], int(sys.argv[2])
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        step = int(line)
+        mgr = CheckpointManager(run_dir, keep_last=2)
+        base = torch.arange(numel, dtype=torch.float32)
+        print('ready', os.getpid(), flush=True)
+        while True:
+            tensors = {g: {'w': base + (step * 10 + i)} for i, g in enumerate(('model', 'ema', 'optimizer'))}
+            mgr.save(step, tensors, {'step': step}, metric=float(step % 3))
+            step += 1
+    _, status = os.waitpid(pid, 0)
+    print('dead', os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1, flush=True)
 """
 
 
@@ -443,6 +453,8 @@ def expected_tensors(step: int, numel: int) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
+    """4 savers, each a fresh process SIGKILLed at a random instant of its stream of saves (forked from one
+    interpreter that imported the store once)."""
     numel = 1 << 20  # 4 MiB per group, 12 MiB per checkpoint
     mgr = CheckpointManager(tmp_path / "run", keep_last=2)
     script = tmp_path / "saver.py"
@@ -450,30 +462,44 @@ def test_sigkill_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     rng = random.Random(1234)
     leftovers_seen = 0
-    for _round in range(4):
-        latest = mgr.latest()
-        start = 0 if latest is None else latest.step + 1
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(mgr.run_dir), str(start), str(numel)],
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.05, 0.6))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        leftovers_seen += len(hidden_dirs(mgr)) if mgr.dir.exists() else 0
+    server = subprocess.Popen(
+        [sys.executable, str(script), str(mgr.run_dir), str(numel)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    saver = None
+    try:
+        for _round in range(4):
+            latest = mgr.latest()
+            start = 0 if latest is None else latest.step + 1
+            server.stdin.write(f"{start}\n")
+            server.stdin.flush()
+            said, saver = server.stdout.readline().split()
+            assert said == "ready"
+            time.sleep(rng.uniform(0.05, 0.6))
+            os.kill(int(saver), signal.SIGKILL)
+            assert server.stdout.readline().split() == ["dead", str(int(signal.SIGKILL))]
+            saver = None
+            leftovers_seen += len(hidden_dirs(mgr)) if mgr.dir.exists() else 0
 
-        # every step dir that exists is complete and holds exactly what was saved for its step
-        for name in step_dirs(mgr) if mgr.dir.exists() else []:
-            step = int(name.split("-")[1])
-            tensors, state = load_checkpoint(mgr.dir / name)
-            assert state == {"step": step}
-            assert_same_groups(tensors, expected_tensors(step, numel))
-        if mgr.dir.exists():
-            assert [i.step for i in mgr.list()] == sorted(int(n.split("-")[1]) for n in step_dirs(mgr))
+            # every step dir that exists is complete and holds exactly what was saved for its step
+            for name in step_dirs(mgr) if mgr.dir.exists() else []:
+                step = int(name.split("-")[1])
+                tensors, state = load_checkpoint(mgr.dir / name)
+                assert state == {"step": step}
+                assert_same_groups(tensors, expected_tensors(step, numel))
+            if mgr.dir.exists():
+                assert [i.step for i in mgr.list()] == sorted(int(n.split("-")[1]) for n in step_dirs(mgr))
+    finally:
+        if saver is not None:  # a round that failed before its kill: no saver left saving
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(saver), signal.SIGKILL)
+        server.stdin.close()
+        code = server.wait(timeout=60)
+        server.stdout.close()
+    assert code == 0
 
     assert mgr.latest() is not None, "no save finished in 4 rounds; the machine is very slow"
     mgr.save(10**6, expected_tensors(0, 4), {"step": "final"})

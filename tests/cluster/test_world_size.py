@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET
+from helpers import QUIET, run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.world_size import fit_world_size, split_for_world
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import ConfigError, load_config
 from attnxfer.launch import cli
+
+# the runs of one process are in this one (no interpreter start-up), on one intra-op thread as the torchrun
+# ranks are
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -44,12 +48,9 @@ S = [
 ]
 
 
-def _attnxfer(*args: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    launch = (
-        [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-        if ranks > 1
-        else [PY]
-    )
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``attnxfer ARGS`` on 2 torchrun ranks (one process's runs are `run_cli`'s, in this one: no start-up)."""
+    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # read now: the session's TMPDIR is set after import
     return subprocess.run(
         [*launch, "-m", "attnxfer", *args], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT
@@ -71,19 +72,18 @@ def _close_to(run: Path, ref: Path, step: int) -> None:
 def reference(tmp_path_factory) -> Path:
     """One process, uninterrupted, 8 steps (over three epochs)."""
     run = tmp_path_factory.mktemp("ws") / "ref"
-    res = _attnxfer("train", *S, "schedule.max_steps=8", f"run_dir={run}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert cli.main(["train", *S, "schedule.max_steps=8", f"run_dir={run}"]) == 0
     return run
 
 
-@pytest.mark.slow  # three runs, one of them on 2 torchrun ranks: ~25 s
-def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(reference, tmp_path):
+@pytest.mark.slow  # three runs, one of them on 2 torchrun ranks
+def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(reference, tmp_path, capsys):
     run = tmp_path / "moved"
-    first = _attnxfer("train", *S, "schedule.max_steps=2", f"run_dir={run}")
-    assert first.returncode == 0, first.stderr[-3000:]
+    code, _, err = run_cli(capsys, "train", *S, "schedule.max_steps=2", f"run_dir={run}")
+    assert code == 0, err[-3000:]
 
     # 1 process -> 2 ranks, same command: the per-rank batch halves, the global batch stays 16.
-    two = _attnxfer("train", *S, "schedule.max_steps=5", f"run_dir={run}", ranks=2)
+    two = _torchrun("train", *S, "schedule.max_steps=5", f"run_dir={run}")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "trained by 1 process" in two.stdout and "this run has 2" in two.stdout
     assert "the global batch stays 16" in two.stdout and "data.batch_size=8 optim.accum_steps=1" in two.stdout
@@ -95,9 +95,9 @@ def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(
     _close_to(run, reference, 5)
 
     # 2 ranks -> 1 process with the run's own config (8 per rank): two accumulation steps of 8.
-    back = _attnxfer("train", "-c", str(run / "config.yaml"), "schedule.max_steps=8")
-    assert back.returncode == 0, back.stderr[-3000:]
-    assert "trained by 2 processes" in back.stdout and "data.batch_size=8 optim.accum_steps=2" in back.stdout
+    code, out, err = run_cli(capsys, "train", "-c", str(run / "config.yaml"), "schedule.max_steps=8")
+    assert code == 0, err[-3000:]
+    assert "trained by 2 processes" in out and "data.batch_size=8 optim.accum_steps=2" in out
     assert json.loads((run / "run.json").read_text())["steps_per_epoch"] == ref_facts["steps_per_epoch"]
     _close_to(run, reference, 8)
     # the logged lr and epoch fractions of every step are the uninterrupted run's
@@ -165,17 +165,17 @@ def test_a_global_batch_splits_into_rank_batches_and_accumulation_and_a_world_th
         assert split.global_batch == global_batch
 
 
-@pytest.mark.slow  # an eval on 2 torchrun ranks: ~10 s
-def test_distributed_eval_scores_every_val_image_once(reference):
+@pytest.mark.slow  # an eval on 2 torchrun ranks
+def test_distributed_eval_scores_every_val_image_once(reference, capsys):
     """Top-1, top-5 and n on 2 gloo ranks (61 images: 31 + 30) equal the single-process evaluation."""
     results = {}
-    for ranks in (1, 2):
-        res = _attnxfer("eval", *S, f"run_dir={reference}", ranks=ranks)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert (
-            "random streams" not in res.stderr
-        )  # a run trained on 1 rank, scored on 2: nothing random drawn
-        results[ranks] = json.loads((reference / "eval-00000008.json").read_text())["metrics"]
+    code, _, err = run_cli(capsys, "eval", *S, f"run_dir={reference}")
+    assert code == 0 and "random streams" not in err, err[-3000:]
+    results[1] = json.loads((reference / "eval-00000008.json").read_text())["metrics"]
+    res = _torchrun("eval", *S, f"run_dir={reference}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "random streams" not in res.stderr  # a run trained on 1 rank, scored on 2: nothing random drawn
+    results[2] = json.loads((reference / "eval-00000008.json").read_text())["metrics"]
     one, two = results[1], results[2]
     assert one["val_count"] == two["val_count"] == VAL_SIZE
     assert one["val_top1"] == two["val_top1"] and one["val_top5"] == two["val_top5"]

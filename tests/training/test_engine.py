@@ -1,6 +1,7 @@
 """The training engine: config errors through the CLI, exact resume after SIGKILL, corrupt checkpoints,
 two ranks under torchrun, non-finite losses."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_BLOCK_RUN, QUIET, attnxfer_process, run_cli, tiny_run, tiny_vit
+from helpers import ONE_BLOCK_RUN, QUIET, run_cli, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.parts import RunParts
@@ -44,6 +45,18 @@ TINY = [
     "checkpoint.every_epoch=false",
     "deterministic=true",
 ]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """One torch intra-op thread, as a run in a process of its own has (OMP_NUM_THREADS=1): a run here is
+    compared bit for bit, or to 1e-5, with one there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _weights(run_dir):
@@ -196,7 +209,9 @@ def test_a_bad_value_of_a_list_or_null_key_names_the_brackets_or_the_item(overri
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, capsys):
+    """A run SIGKILLed (its own process) after its step-8 save and resumed ends bit-identical to an
+    uninterrupted one; the reference and the resume run in this process, on one thread as the killed one."""
     common = [
         *TINY,
         "transfer.mode=none",
@@ -204,8 +219,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
         "checkpoint.every_steps=4",
         "checkpoint.keep_last=10",
     ]
-    ref = attnxfer_process("train", f"run_dir={tmp_path / 'ref'}", *common)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    with _one_thread():
+        code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path / 'ref'}", *common)
+    assert code == 0, err[-2000:]
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -224,9 +240,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert "step-00000008" in saved and "step-00000016" not in saved, (
         saved
     )  # killed mid-run (epoch = 281 steps)
-    res = attnxfer_process("train", f"run_dir={run}", *common)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "resumed from checkpoint step" in res.stdout
+    with _one_thread():
+        code, out, err = run_cli(capsys, "train", f"run_dir={run}", *common)
+    assert code == 0, err[-2000:]
+    assert "resumed from checkpoint step" in out
     a, name_a = _weights(tmp_path / "ref")
     b, name_b = _weights(run)
     assert name_a == name_b == "step-00000016"
@@ -355,61 +372,59 @@ def test_non_finite_comparison_term_is_advised_the_weights_the_run_reads(tmp_pat
     )
 
 
+#: the runs of `two_ranks` and its one-process reference: 4 steps, no drop-path (nothing random in a step), a
+#: save due every few microseconds (checkpoint.every_minutes), CPU ranks in a gloo group also on a GPU machine
+#: (where device=auto would want one GPU per rank)
+TWO_RANK_RUN = [
+    *TINY,
+    "transfer.mode=none",
+    "schedule.max_steps=4",
+    "model.drop_path_rate=0.0",
+    "checkpoint.every_minutes=1e-6",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """`TWO_RANK_RUN` on two torchrun ranks, 16 images a rank, rank 1's clock standing still (tests/dist_train.py's
+    STOPPED_CLOCK_RANK): one launch for the tests of DDP and of the every-minutes save."""
+    run = tmp_path_factory.mktemp("two") / "two"
+    res = subprocess.run(
+        [*TWO_RANKS, f"run_dir={run}", *TWO_RANK_RUN, "data.batch_size=16", "dist.timeout=30"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "STOPPED_CLOCK_RANK": "1"},
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(tmp_path):
-    # device=cpu: CPU ranks in a gloo group, also on a GPU machine (where auto would want one GPU per rank)
-    common = [
-        *TINY,
-        "transfer.mode=none",
-        "schedule.max_steps=4",
-        "model.drop_path_rate=0.0",
-        "checkpoint.every_steps=4",
-        "device=cpu",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [
-            *TWO_RANKS,
-            f"run_dir={tmp_path / 'two'}",
-            *common,
-            "data.batch_size=16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-        cwd=ROOT,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run(
-        [
-            PY,
-            str(ROOT / "tests" / "dist_train.py"),
-            f"run_dir={tmp_path / 'one'}",
-            *common,
-            "data.batch_size=32",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-        cwd=ROOT,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(two_ranks, tmp_path, capsys):
+    """Against the same run in one process (here, one thread) at a batch of 32: the weights, and the logged
+    losses."""
+    one = tmp_path / "one"
+    with _one_thread():
+        code, _, err = run_cli(capsys, "train", f"run_dir={one}", *TWO_RANK_RUN, "data.batch_size=32")
+    assert code == 0, err[-3000:]
     # the two ranks really formed one group
-    assert [(tmp_path / "two" / f"rank{r}.allreduce").read_text() for r in (0, 1)] == ["1.0", "1.0"]
-    r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
-    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    assert [(two_ranks / f"rank{r}.allreduce").read_text() for r in (0, 1)] == ["1.0", "1.0"]
+    r0, r1 = (load_file(str(two_ranks / f"rank{r}.safetensors")) for r in (0, 1))
+    single, name = _weights(one)
+    assert name == "step-00000004" and single.keys() == r0.keys()
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # DDP keeps ranks bit-identical
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
-    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    run = json.loads((two_ranks / "run.json").read_text())
     assert run["world_size"] == 2
     # the logged losses (metrics.jsonl's, summary.csv's) are the global batch's, not rank 0's share of it
     logged = [
-        [r["total"] for r in RunDir(tmp_path / d).metric_rows() if r["split"] == "train"]
-        + [float((tmp_path / d / "summary.csv").read_text().splitlines()[1].split(",")[1])]
-        for d in ("two", "one")
+        [r["total"] for r in RunDir(d).metric_rows() if r["split"] == "train"]
+        + [float((d / "summary.csv").read_text().splitlines()[1].split(",")[1])]
+        for d in (two_ranks, one)
     ]
     assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-5)
 
@@ -437,21 +452,10 @@ def test_a_save_every_minutes_is_taken_at_the_log_step_after_they_passed(tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
 
 
-def test_ranks_whose_clocks_disagree_save_every_minutes_together(tmp_path):
+def test_ranks_whose_clocks_disagree_save_every_minutes_together(two_ranks):
     # rank 1's clock stands still: rank 0 alone is due for checkpoint.every_minutes' save at every step, and a
     # save of rank 0's alone would meet rank 1's next collective (a hang, or a false "non-finite loss")
-    res = subprocess.run(
-        [*TWO_RANKS, f"run_dir={tmp_path}", *TINY, "transfer.mode=none", "schedule.max_steps=4"]
-        + ["data.batch_size=16"]
-        + ["checkpoint.every_minutes=1e-6", "device=cpu", "dist.timeout=30"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "STOPPED_CLOCK_RANK": "1"},
-        cwd=ROOT,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "checkpoints").glob("step-*")] == ["step-00000004"]
+    assert [p.name for p in (two_ranks / "checkpoints").glob("step-*")] == ["step-00000004"]
 
 
 def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):

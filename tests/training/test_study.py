@@ -9,14 +9,21 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, fork_cli, on_each_line, run_cli, tiny_run, torchrun_attnxfer
+from helpers import (
+    assert_same_tensors,
+    fork_cli,
+    on_each_line,
+    run_cli,
+    script_module,
+    tiny_run,
+    torchrun_attnxfer,
+)
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.loaders import data_seed
@@ -695,56 +702,59 @@ def test_a_study_killed_at_any_instant_resumes_to_the_uninterrupted_weights(tmp_
     assert resumed >= 1  # at least one kill landed after a committed step
 
 
-@pytest.mark.slow
-def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_process(
-    tmp_path, tiny_teacher_dir
-):
-    """Two ranks, each student's DDP over them: the same global batch as one process, the same weights up to
-    the order of the gradient sums, and an evaluation that counts every image once."""
-    args = [
-        *BASE,
-        f"teacher.spec=local-dir:{tiny_teacher_dir}",
-        "model.drop_path_rate=0",
-        "--vary",
-        "transfer.mode=copy,distill",
-    ]
-    one = tmp_path / "one"
+#: a study of two students on CPU without drop-path (nothing random in a step): the one-process reference of
+#: the torchrun tests, whose ranks split its global batch of 16
+PARALLEL = [*BASE, "model.drop_path_rate=0", "device=cpu", "--vary", "transfer.mode=copy,distill"]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_teacher_dir):
+    """`PARALLEL` in one process (this one, one thread as each rank has) at a batch of 16, uninterrupted."""
+    one = tmp_path_factory.mktemp("one") / "one"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli.main(["study", f"run_dir={one}", *args, "data.batch_size=16"]) == 0
+        argv = ["study", *PARALLEL, f"teacher.spec=local-dir:{tiny_teacher_dir}", "data.batch_size=16"]
+        assert cli.main([*argv, f"run_dir={one}"]) == 0
     finally:
         torch.set_num_threads(threads)
+    return one
+
+
+@pytest.mark.slow
+def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_process(
+    one_process, tmp_path, tiny_teacher_dir
+):
+    """Two ranks, each student's DDP over them: the same global batch as one process, the same weights up to
+    the order of the gradient sums, and an evaluation that counts every image once."""
     run = tmp_path / "two"
-    torchrun_attnxfer("study", f"run_dir={run}", *args, "data.batch_size=8", "device=cpu")
+    teacher = f"teacher.spec=local-dir:{tiny_teacher_dir}"
+    torchrun_attnxfer("study", f"run_dir={run}", *PARALLEL, teacher, "data.batch_size=8")
     for name in ("copy", "distill"):
         state = ResumePoint.find(run / name).state
         assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
-        got, want = _final(run / name), _final(one / name)
+        got, want = _final(run / name), _final(one_process / name)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
         last, ref = (
-            json.loads((r / name / "metrics.jsonl").read_text().splitlines()[-1]) for r in (run, one)
+            json.loads((r / name / "metrics.jsonl").read_text().splitlines()[-1]) for r in (run, one_process)
         )
         assert last["val_count"] == ref["val_count"] and last["val_top1"] == pytest.approx(ref["val_top1"])
 
 
-@pytest.mark.slow  # a study on 1 process, resumed on 2 torchrun ranks, against an uninterrupted one: ~40 s
+@pytest.mark.slow  # a study on 1 process, resumed on 2 torchrun ranks, against an uninterrupted one
 def test_a_study_resumed_on_another_number_of_processes_keeps_its_global_batch_as_train_does(
-    tmp_path, tiny_teacher_dir
+    one_process, tmp_path, tiny_teacher_dir
 ):
     """The study's checkpoint records its processes, so a resume on others is judged as `train` judges one: the
     same command on 2 ranks re-splits its global batch of 16 (8 a rank) and ends where the uninterrupted study
     ends; 3 processes, which cannot share it, are refused with the counts that can."""
-    base = [*BASE, f"teacher.spec=local-dir:{tiny_teacher_dir}", "model.drop_path_rate=0", "device=cpu"]
-    base += ["data.batch_size=16"]
-    vary = ["--vary", "transfer.mode=copy,distill"]
-    one, run = tmp_path / "one", tmp_path / "moved"
+    run = tmp_path / "moved"
+    argv = ["study", *PARALLEL, f"teacher.spec=local-dir:{tiny_teacher_dir}", "data.batch_size=16"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli.main(["study", *base, f"run_dir={one}", *vary]) == 0
-        assert cli.main(["study", *base, f"run_dir={run}", "schedule.max_steps=2", *vary]) == 0
+        assert cli.main([*argv, f"run_dir={run}", "schedule.max_steps=2"]) == 0
     finally:
         torch.set_num_threads(threads)
     assert ResumePoint.find(run).world_size == 1
@@ -756,7 +766,7 @@ def test_a_study_resumed_on_another_number_of_processes_keeps_its_global_batch_a
     assert "data.batch_size=8 optim.accum_steps=1" in res.stdout
     assert ResumePoint.find(run).world_size == 2
     for name in ("copy", "distill"):
-        got, want = _final(run / name), _final(one / name)
+        got, want = _final(run / name), _final(one_process / name)
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match=r"which cannot share a global batch of 16 .*\(1, 2, 4, 8, 16\)"):
@@ -787,32 +797,24 @@ def test_a_study_runs_its_teacher_once_a_batch_for_all_its_students(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_the_study_benchmark_measures_its_ratios_in_one_run(tmp_path):
-    """benchmarks/study_step.py on tiny models: every step it times ran, and its ratios are the medians'."""
-    out = tmp_path / "bench.json"
-    res = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "study_step.py"),
-            "--quick",
-            "--repeats",
-            "1",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+def test_the_study_benchmark_measures_its_ratios_in_one_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/study_step.py on tiny models at its least (2 students, batch 2, no warm-up, one repeat; its
+    main in this process): every step it times ran, and its ratios are the medians'."""
+    out, k = tmp_path / "bench.json", 2
+    argv = ["--quick", "--students", str(k), "--batch", "2", "--warmup", "0", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["study_step.py", *argv, "--json", str(out)])
+    threads = torch.get_num_threads()  # the benchmark sets its own (--threads)
+    try:
+        script_module("study_step", folder="benchmarks").main()
+    finally:
+        torch.set_num_threads(threads)
     record = json.loads(out.read_text())
     s = record["seconds"]
-    assert set(s) == {"solo_1", "solo_2", "solo_3", "solo_4", "study", "teacher", "train_1", "study_1"}
-    solo = sum(s[f"solo_{i}"] for i in range(1, 5))
+    assert set(s) == {*(f"solo_{i}" for i in range(1, k + 1)), "study", "teacher", "train_1", "study_1"}
+    solo = sum(s[f"solo_{i}"] for i in range(1, k + 1))
     assert record["ratios"]["study / solo steps"] == pytest.approx(s["study"] / solo)
-    assert record["floor"] == pytest.approx(solo - 3 * s["teacher"])
-    assert "study / floor" in res.stdout and record["peak_bytes"]["study"] > 0
+    assert record["floor"] == pytest.approx(solo - (k - 1) * s["teacher"])
+    assert "study / floor" in capsys.readouterr().out and record["peak_bytes"]["study"] > 0
 
 
 @pytest.mark.slow
