@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, peaked_teacher, run_cli, script_module, tiny_convert_report, tiny_run
+from helpers import QUIET, peaked_teacher, run_cli, run_scripts, script_module, tiny_convert_report, tiny_run
 from safetensors.torch import load_file, save_file
 
 from attnxfer.apps.search import _seed_formulas
@@ -388,15 +388,13 @@ def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its
 def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_give(trained, tmp_path):
     """search_proxy.py on a training run's folder (its checkpoints hold no search state) and zoo_proxy.py on
     a folder without a study say which folder they take, not a KeyError or FileNotFoundError traceback."""
-    runs = [
-        subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        for cmd in (
-            [PY, "benchmarks/search_proxy.py", str(trained)],
-            [PY, "benchmarks/zoo_proxy.py", str(tmp_path), "--out", str(tmp_path / "out")],
-        )
-    ]
-    errs = [r.communicate()[1] for r in runs]
-    assert all(r.returncode == 2 and "Traceback" not in e for r, e in zip(runs, errs)), errs
+    runs = run_scripts(  # one interpreter for both (torch imported once)
+        ["benchmarks/search_proxy.py", str(trained)],
+        ["benchmarks/zoo_proxy.py", str(tmp_path), "--out", str(tmp_path / "out")],
+        cwd=ROOT,
+    )
+    errs = [err for _, _, err in runs]
+    assert all(code == 2 and "Traceback" not in err for code, _, err in runs), errs
     assert "not a search's: give a search's RUN_DIR" in errs[0] and "attnxfer study" in errs[1], errs
 
 
