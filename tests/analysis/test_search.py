@@ -391,7 +391,6 @@ def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_gi
     runs = run_scripts(  # one interpreter for both (torch imported once)
         ["benchmarks/search_proxy.py", str(trained)],
         ["benchmarks/zoo_proxy.py", str(tmp_path), "--out", str(tmp_path / "out")],
-        cwd=ROOT,
     )
     errs = [err for _, _, err in runs]
     assert all(code == 2 and "Traceback" not in err for code, _, err in runs), errs

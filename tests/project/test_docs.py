@@ -148,7 +148,7 @@ def _check_attnxfer(argv: list[str], where: str) -> None:
 def _script_helps() -> dict[str, tuple[int, str, str]]:
     """Every benchmark script's ``--help`` (exit code, stdout, stderr), from one interpreter (`run_scripts`)."""
     scripts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("[!_]*.py"))
-    return dict(zip(scripts, run_scripts(*([s, "--help"] for s in scripts), cwd=ROOT), strict=True))
+    return dict(zip(scripts, run_scripts(*([s, "--help"] for s in scripts)), strict=True))
 
 
 def _check_script(cmd: list[str], where: str) -> None:

@@ -1,7 +1,6 @@
 """The training engine: config errors through the CLI, exact resume after SIGKILL, corrupt checkpoints,
 two ranks under torchrun, non-finite losses."""
 
-import contextlib
 import json
 import os
 import signal
@@ -47,16 +46,9 @@ TINY = [
 ]
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """One torch intra-op thread, as a run in a process of its own has (OMP_NUM_THREADS=1): a run here is
-    compared bit for bit, or to 1e-5, with one there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# one torch intra-op thread, as a run in a process of its own has (OMP_NUM_THREADS=1): a run here is compared
+# bit for bit, or to 1e-5, with one there
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _weights(run_dir):
@@ -219,8 +211,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, capsys):
         "checkpoint.every_steps=4",
         "checkpoint.keep_last=10",
     ]
-    with _one_thread():
-        code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path / 'ref'}", *common)
+    code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path / 'ref'}", *common)
     assert code == 0, err[-2000:]
 
     run = tmp_path / "killed"
@@ -240,8 +231,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, capsys):
     assert "step-00000008" in saved and "step-00000016" not in saved, (
         saved
     )  # killed mid-run (epoch = 281 steps)
-    with _one_thread():
-        code, out, err = run_cli(capsys, "train", f"run_dir={run}", *common)
+    code, out, err = run_cli(capsys, "train", f"run_dir={run}", *common)
     assert code == 0, err[-2000:]
     assert "resumed from checkpoint step" in out
     a, name_a = _weights(tmp_path / "ref")
@@ -407,8 +397,7 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     """Against the same run in one process (here, one thread) at a batch of 32: the weights, and the logged
     losses."""
     one = tmp_path / "one"
-    with _one_thread():
-        code, _, err = run_cli(capsys, "train", f"run_dir={one}", *TWO_RANK_RUN, "data.batch_size=32")
+    code, _, err = run_cli(capsys, "train", f"run_dir={one}", *TWO_RANK_RUN, "data.batch_size=32")
     assert code == 0, err[-3000:]
     # the two ranks really formed one group
     assert [(two_ranks / f"rank{r}.allreduce").read_text() for r in (0, 1)] == ["1.0", "1.0"]
