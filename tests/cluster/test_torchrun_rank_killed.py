@@ -33,10 +33,13 @@ ARGS = [
 ]
 
 
-def _torchrun(run: Path, *overrides: str) -> subprocess.Popen:
+def _torchrun(run: Path, *overrides: str, monitor_interval: float = 0.1) -> subprocess.Popen:
+    """``attnxfer train`` on 2 ranks under torchrun, whose agent looks at its workers every
+    ``monitor_interval`` seconds (torchrun's default: 0.1) and ends the others once one has failed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd.append(f"--monitor-interval={monitor_interval}")
     return subprocess.Popen(
         [*cmd, "-m", "attnxfer", "train", f"run_dir={run}", *ARGS, *overrides],
         stdout=subprocess.PIPE,
@@ -105,6 +108,9 @@ def test_a_rank_that_fails_leaves_its_peer_one_line_not_a_gloo_traceback(tmp_pat
         "data.batch_size=2",
         "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2, patch_size: 8}",
         "schedule.max_steps=1",
+        # rank 0 must reach the collective and find its peer gone before the agent ends it: at 0.1 s, a
+        # loaded machine lets the agent's SIGTERM come first, while rank 0 still evaluates its own images
+        monitor_interval=5,
     )
     _, err = job.communicate(timeout=300)
     assert job.returncode != 0
