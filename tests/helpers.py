@@ -56,6 +56,26 @@ def script_module(name: str, folder: str = "scripts") -> ModuleType:
     return sys.modules[name]
 
 
+def script_main(capsys: pytest.CaptureFixture[str], module: ModuleType, *args: str) -> tuple[int, str, str]:
+    """``python SCRIPT ARGS`` as the interpreter would end it, but in this process (a `script_module`'s
+    ``main()``; no new interpreter, no fresh torch import): its exit code (main's return value; a
+    SystemExit's code, a message printed to stderr as exit 1), stdout and stderr. What else it raises
+    reaches the test, as the interpreter's traceback would."""
+    argv = sys.argv
+    sys.argv = [f"{module.__name__}.py", *args]
+    capsys.readouterr()
+    try:
+        code = module.main() or 0
+    except SystemExit as e:
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def tiny_vit(
     depth: int = 4,
     embed_dim: int = 48,

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, peaked_teacher, run_cli, run_scripts, script_module, tiny_convert_report, tiny_run
+from helpers import (
+    QUIET,
+    peaked_teacher,
+    run_cli,
+    script_main,
+    script_module,
+    tiny_convert_report,
+    tiny_run,
+)
 from safetensors.torch import load_file, save_file
 
 from attnxfer.apps.search import _seed_formulas
@@ -336,19 +344,22 @@ def test_search_command_writes_every_output(finished, capsys):
     assert line.endswith("; no member of the front is 1000x as fast (search.min_speed))"), line
 
 
-@pytest.mark.slow
-def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto_md_would(finished, tmp_path):
+@pytest.mark.slow  # two 1-step conversions of 64 images score alike: Spearman's rho has no defined value
+@pytest.mark.filterwarnings("ignore:An input array is constant")
+def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto_md_would(
+    finished, tmp_path, capsys, monkeypatch
+):
     """benchmarks/search_proxy.py (docs/conversion.md, "Is the proxy honest?") on a search saved through the
     checkpoint store: every candidate converted by the winner's command, on the searched data, whose recipe's
-    Hedgehog options a formula would refuse."""
+    Hedgehog options a formula would refuse. The script's main() runs here (no interpreter of its own to
+    import torch again); each conversion is still the `python -m attnxfer convert` process pareto.md gives."""
     out = tmp_path / "proxy"
     tiny = ["convert.stage1_steps=1", "schedule.max_steps=1", "data.batch_size=4", "convert.speed_sweep=[]"]
-    cmd = [PY, "benchmarks/search_proxy.py", str(finished), "--count", "1", "--out", str(out), *tiny]
-    cmd += [*tiny_convert_report(repeats=1, batch=1), *QUIET]
-    res = subprocess.run(
-        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    args = [str(finished), "--count", "1", "--out", str(out), *tiny, *tiny_convert_report(repeats=1, batch=1)]
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the conversions' threads, as `OMP_NUM_THREADS=1 python ...`
+    code, _, err = script_main(capsys, script_module("search_proxy", folder="benchmarks"), *args, *QUIET)
+    assert code == 0, err[-2000:]
     summary = json.loads((out / "proxy.json").read_text())
     assert summary["conversions"] >= 2 and not summary["failed"], summary["failed"]
     assert all(
@@ -357,7 +368,9 @@ def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto
 
 
 @pytest.mark.slow
-def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its_pick(finished, tmp_path):
+def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its_pick(
+    finished, tmp_path, capsys, monkeypatch
+):
     """A rerun with another --count (or after a longer search) picks other candidates, so OUT/NN may hold
     another formula's finished conversion: that row fails saying so, not reports those figures as its own."""
     out = tmp_path / "proxy"
@@ -374,9 +387,10 @@ def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its
     for i in range(12):  # every index a pick can take
         (out / f"{i:02d}").mkdir(parents=True)
         (out / f"{i:02d}" / "report.json").write_text(json.dumps(other))
-    cmd = [PY, "benchmarks/search_proxy.py", str(finished), "--count", "1", "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    monkeypatch.chdir(ROOT)
+    proxy = script_module("search_proxy", folder="benchmarks")
+    code, _, err = script_main(capsys, proxy, str(finished), "--count", "1", "--out", str(out))
+    assert code == 0, err[-2000:]
     summary = json.loads((out / "proxy.json").read_text())
     assert summary["failed"] and not [r for r in summary["rows"] if "error" not in r], summary["rows"]
     assert all(
@@ -385,13 +399,20 @@ def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its
 
 
 @pytest.mark.slow
-def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_give(trained, tmp_path):
+def test_the_proxy_benchmarks_refuse_a_folder_that_is_not_theirs_with_what_to_give(trained, tmp_path, capsys):
     """search_proxy.py on a training run's folder (its checkpoints hold no search state) and zoo_proxy.py on
-    a folder without a study say which folder they take, not a KeyError or FileNotFoundError traceback."""
-    runs = run_scripts(  # one interpreter for both (torch imported once)
-        ["benchmarks/search_proxy.py", str(trained)],
-        ["benchmarks/zoo_proxy.py", str(tmp_path), "--out", str(tmp_path / "out")],
-    )
+    a folder without a study say which folder they take, not a KeyError or FileNotFoundError traceback (which
+    would reach the test here: both scripts' main() run in this process)."""
+    runs = [
+        script_main(capsys, script_module("search_proxy", folder="benchmarks"), str(trained)),
+        script_main(
+            capsys,
+            script_module("zoo_proxy", folder="benchmarks"),
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ),
+    ]
     errs = [err for _, _, err in runs]
     assert all(code == 2 and "Traceback" not in err for code, _, err in runs), errs
     assert "not a search's: give a search's RUN_DIR" in errs[0] and "attnxfer study" in errs[1], errs
