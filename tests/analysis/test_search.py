@@ -491,21 +491,21 @@ def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir,
     assert sorted(p.relative_to(finished) for p in finished.rglob("*")) == before
 
 
-def _search_process(run: Path, teacher_dir: Path) -> tuple[subprocess.Popen, list[str], dict[str, str]]:
-    """The CLI's search of `_args` started in its own process (to be stopped from outside), its command and
-    environment to run it again."""
+def _search_process(run: Path, teacher_dir: Path) -> subprocess.Popen:
+    """The CLI's search of `_args` started in its own process, to be stopped from outside."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [PY, "-m", "attnxfer", *_args(run, teacher_dir)]
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    return proc, cmd, env
 
 
 @pytest.mark.slow
-def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir):
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir, capsys):
+    """SIGKILL of the search's own process after a generation is saved; the same command, run here, resumes
+    it and ends as the uninterrupted search."""
     run = tmp_path / "run"
-    proc, cmd, env = _search_process(run, tiny_teacher_dir)
+    proc = _search_process(run, tiny_teacher_dir)
     deadline = time.monotonic() + 240
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
@@ -518,9 +518,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
         time.sleep(0.05)
     proc.wait(timeout=60)
     assert killed_at is not None and killed_at < 2, "the search finished before it could be killed"
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert f"after generation {killed_at}" in res.stdout
+    code, out, err = run_cli(capsys, *_args(run, tiny_teacher_dir))
+    assert code == 0, out + err[-3000:]
+    assert f"after generation {killed_at}" in out
     assert _deterministic(run / "candidates.jsonl") == _deterministic(finished / "candidates.jsonl")
     a, b = (_saved(r)["state"] for r in (run, finished))
     assert a["population"] == b["population"] and a["duplicates"] == b["duplicates"]
@@ -528,12 +528,13 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
 
 @pytest.mark.slow
 def test_sigterm_stops_at_a_saved_generation_says_so_and_the_same_command_ends_as_uninterrupted(
-    tmp_path, finished, tiny_teacher_dir
+    tmp_path, finished, tiny_teacher_dir, capsys
 ):
     """A job's time limit or preemption (SIGTERM) ends the search at the next generation boundary, with the
-    generation saved, its lock released and the resume said, as train and convert stop; not killed outright."""
+    generation saved, its lock released and the resume said, as train and convert stop; not killed outright.
+    The signal goes to the search's own process; the same command, run here, resumes it."""
     run = tmp_path / "run"
-    proc, cmd, env = _search_process(run, tiny_teacher_dir)
+    proc = _search_process(run, tiny_teacher_dir)
     deadline = time.monotonic() + 240
     while (
         time.monotonic() < deadline
@@ -549,10 +550,8 @@ def test_sigterm_stops_at_a_saved_generation_says_so_and_the_same_command_ends_a
         out,
     )
     assert m and Path(m.group(2)).is_dir() and not (run / "attnxfer.lock").exists(), out[-3000:]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and f"after generation {m.group(1)}" in res.stdout, (
-        res.stdout + res.stderr[-3000:]
-    )
+    code, out, err = run_cli(capsys, *_args(run, tiny_teacher_dir))
+    assert code == 0 and f"after generation {m.group(1)}" in out, out + err[-3000:]
     assert _deterministic(run / "candidates.jsonl") == _deterministic(finished / "candidates.jsonl")
 
 
