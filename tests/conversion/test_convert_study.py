@@ -24,6 +24,7 @@ from helpers import (
     assert_same_tensors,
     on_each_line,
     run_cli,
+    script_main,
     script_module,
     tiny_convert_report,
     tiny_run,
@@ -154,14 +155,15 @@ def test_the_comparison_has_a_row_per_attention_with_one_teacher_timing(study):
     assert (study / "conversion_study.md").read_text() == md
 
 
-@pytest.mark.slow
-def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hits(study, tmp_path):
+def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hits(study, tmp_path, capsys):
     """scripts/recall_pareto.py (docs/choosing-attention.md's figures) reads conversion_study.json as the study
-    writes it: a figure, and each student's McNemar counts against another from the two reports' val hits."""
+    writes it: a figure, and each student's McNemar counts against another from the two reports' val hits.
+    Its main() runs here (script_main), not in a new interpreter: a fresh torch import is most of its cost."""
     out = tmp_path / "pareto.png"
-    script = ROOT / "scripts" / "recall_pareto.py"
-    args = [sys.executable, str(script), str(study), "--against", "hedgehog", "--out", str(out)]
-    printed = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    code, printed, err = script_main(
+        capsys, script_module("recall_pareto"), str(study), "--against", "hedgehog", "--out", str(out)
+    )
+    assert code == 0, err
     assert out.stat().st_size > 10_000
     hits = {n: json.loads((study / n / "report.json").read_text())["val_hits"]["after_stage2"] for n in NAMES}
     paired = mcnemar(*([c == "1" for c in hits[n]] for n in ("performer", "hedgehog")))
@@ -169,8 +171,7 @@ def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hit
     assert f"vs hedgehog: {paired.only_a}/{paired.only_b} p " in line
 
 
-@pytest.mark.slow
-def test_the_pareto_script_pairs_students_of_two_studies_only_on_the_same_val_images(study, tmp_path):
+def test_the_pareto_script_pairs_students_of_two_studies_only_on_the_same_val_images(study, tmp_path, capsys):
     """--against across studies whose val images differ (another data seed, another recall task of as many
     images) is refused in one line naming what differs: McNemar on other images is a wrong test, not an error."""
     other = tmp_path / "other"
@@ -180,27 +181,26 @@ def test_the_pareto_script_pairs_students_of_two_studies_only_on_the_same_val_im
         (other / row["name"]).rename(other / f"o_{row['name']}")
         row["name"] = f"o_{row['name']}"
     (other / "conversion_study.json").write_text(json.dumps(table))
-    script = ROOT / "scripts" / "recall_pareto.py"
-    args = [sys.executable, str(script), str(study), str(other), "--against", "hedgehog", "--out"]
-    subprocess.run([*args, str(tmp_path / "same.png")], capture_output=True, text=True, check=True)
+    args = [str(study), str(other), "--against", "hedgehog", "--out"]
+    code, _, err = script_main(capsys, script_module("recall_pareto"), *args, str(tmp_path / "same.png"))
+    assert code == 0 and (tmp_path / "same.png").is_file(), err
     config = other / "o_hedgehog" / "config.yaml"
     config.write_text(re.sub(r"(?m)^  seed: (\d+)$", "  seed: 12345", config.read_text()))
-    run = subprocess.run([*args, str(tmp_path / "other.png")], capture_output=True, text=True)
-    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
-    assert f"which {study} and {other} make differently: data.seed " in run.stderr
-    assert run.stderr.strip().endswith(" vs 12345") and not (tmp_path / "other.png").exists()
+    code, _, err = script_main(capsys, script_module("recall_pareto"), *args, str(tmp_path / "other.png"))
+    assert code != 0 and "Traceback" not in err, err
+    assert f"which {study} and {other} make differently: data.seed " in err
+    assert err.strip().endswith(" vs 12345") and not (tmp_path / "other.png").exists()
 
 
-@pytest.mark.slow
-def test_the_pareto_script_given_a_folder_without_the_study_table_says_what_to_give_it(tmp_path):
+def test_the_pareto_script_given_a_folder_without_the_study_table_says_what_to_give_it(tmp_path, capsys):
     """A folder that is not a finished convert study (a running one, a typo): one line naming the file it
     lacks and the command that writes it, where the script met a FileNotFoundError traceback."""
-    script = ROOT / "scripts" / "recall_pareto.py"
-    args = [sys.executable, str(script), str(tmp_path), "--out", str(tmp_path / "pareto.png")]
-    run = subprocess.run(args, capture_output=True, text=True)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert f"{tmp_path} holds no conversion_study.json" in run.stderr.strip().splitlines()[-1]
-    assert "attnxfer study --report" in run.stderr and not (tmp_path / "pareto.png").exists()
+    code, _, err = script_main(
+        capsys, script_module("recall_pareto"), str(tmp_path), "--out", str(tmp_path / "pareto.png")
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{tmp_path} holds no conversion_study.json" in err.strip().splitlines()[-1]
+    assert "attnxfer study --report" in err and not (tmp_path / "pareto.png").exists()
 
 
 def test_the_pareto_script_marks_a_speed_the_report_withheld(tmp_path, monkeypatch, capsys):
