@@ -84,10 +84,28 @@ def _weights(run: Path, stage: str, group: str = "model") -> dict[str, torch.Ten
     return load_file(str(run / stage / "checkpoints" / f"step-{step:08d}" / f"{group}.safetensors"))
 
 
+#: the teacher passes of the `study` fixture's run: (blocks, signals) of each call, through the study's shared
+#: pass ("study") and through a student's own stage 1 ("own")
+TEACHER_PASSES: dict[str, list[tuple[int, ...]]] = {"study": [], "own": []}
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_teacher_dir):
+    """The study of `STUDENTS` run once, its teacher passes counted into `TEACHER_PASSES` as it runs (a
+    pass-through: the counting changes nothing it computes)."""
+
+    def counted(where, real):
+        def teacher_signals(teacher, x, layers, fields):
+            TEACHER_PASSES[where].append((len(layers), len(fields)))
+            return real(teacher, x, layers, fields)
+
+        return teacher_signals
+
     folder = tmp_path_factory.mktemp("convert-study")
-    assert cli.main(_study_args(folder, tiny_teacher_dir, folder / "study")) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(study_app, "teacher_signals", counted("study", study_app.teacher_signals))
+        patch.setattr(stage1, "teacher_signals", counted("own", stage1.teacher_signals))
+        assert cli.main(_study_args(folder, tiny_teacher_dir, folder / "study")) == 0
     return folder / "study"
 
 
@@ -411,24 +429,11 @@ def test_every_rank_of_a_study_whose_student_diverges_exits_as_the_main_rank_doe
     assert "error: student 'diverges' stopped: stage 1: non-finite" in errs[0], errs[0][-2000:]
 
 
-@pytest.mark.slow
-def test_the_teacher_runs_once_a_stage_1_batch_for_every_student(tmp_path, tiny_teacher_dir, monkeypatch):
-    """Stage 1 of two students: one teacher pass a batch, for both (and none of their own)."""
-    passes: dict[str, list[tuple[int, ...]]] = {"study": [], "own": []}
-
-    def counted(where, real):
-        def teacher_signals(teacher, x, layers, fields):
-            passes[where].append((len(layers), len(fields)))
-            return real(teacher, x, layers, fields)
-
-        return teacher_signals
-
-    monkeypatch.setattr(study_app, "teacher_signals", counted("study", study_app.teacher_signals))
-    monkeypatch.setattr(stage1, "teacher_signals", counted("own", stage1.teacher_signals))
-    args = _study_args(tmp_path, tiny_teacher_dir, tmp_path / "study")
-    assert cli.main([*args, "schedule.max_steps=1"]) == 0
+def test_the_teacher_runs_once_a_stage_1_batch_for_every_student(study):
+    """Stage 1 of two students: one teacher pass a batch, for both (and none of their own). Counted in the
+    `study` fixture's run, which the other tests read: no study of its own."""
     # both blocks; the input, q and k for both, the attention's output for performer's output loss
-    assert passes == {"study": [(2, 4)] * STAGE1, "own": []}
+    assert TEACHER_PASSES == {"study": [(2, 4)] * STAGE1, "own": []}
 
 
 @pytest.mark.slow
