@@ -367,7 +367,6 @@ def test_search_proxy_reads_a_saved_search_and_converts_its_candidates_as_pareto
     )  # the search's synthetic images, not the recipe's
 
 
-@pytest.mark.slow
 def test_search_proxy_rerun_never_reports_a_conversion_of_another_formula_as_its_pick(
     finished, tmp_path, capsys, monkeypatch
 ):
