@@ -52,6 +52,8 @@ from attnxfer.search.fitness import fit_student
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+# a candidate's fit is hundreds of tiny ops: a second intra-op thread only waits for a core on a busy machine
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # ------------------------------------------------------------------------------------- Pareto, by hand
