@@ -137,9 +137,18 @@ def test_an_efficient_export_is_refused_by_transformers_and_the_card_points_to_o
 # ----------------------------------------------------------------------------------------- ONNX
 
 
-def test_softmax_student_runs_in_onnx_runtime_as_in_pytorch(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def onnx_only(tmp_path_factory):
+    """(student, folder): a trained softmax student exported as ONNX alone, once for the module (an export
+    traces, checks and runs the graph: ~3 s). Read-only: the tests read the folder and the student."""
     student = trained_student()
-    out = export_student(student, tmp_path / "out", card=card(repo_id="acme/student"), formats=("onnx",))
+    out = tmp_path_factory.mktemp("onnx-only") / "out"
+    export_student(student, out, card=card(repo_id="acme/student"), formats=("onnx",))
+    return student, out
+
+
+def test_softmax_student_runs_in_onnx_runtime_as_in_pytorch(onnx_only, monkeypatch):
+    student, out = onnx_only
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "export_report.json", "model.onnx"]
     report = assert_onnx_matches(student, out)
     assert report["output_name"] == "logits" and report["output_shape"] == ["batch", 10]
@@ -282,10 +291,10 @@ def test_a_student_of_a_transformers_vit_teacher_is_what_it_exports(how, tmp_pat
 
 
 @pytest.mark.slow
-def test_an_onnx_only_export_given_as_a_model_says_to_export_the_timm_format_too(tmp_path):
+def test_an_onnx_only_export_given_as_a_model_says_to_export_the_timm_format_too(onnx_only):
     """ONNX Runtime runs it; load_student and inspect read config.json + model.safetensors, which this
     export has none of: the refusal says so, not that an export would have written them."""
-    out = export_student(trained_student(steps=0), tmp_path / "out", card=card(), formats=("onnx",))
+    _, out = onnx_only
     for refused in (
         lambda: load_student(f"local-dir:{out}"),
         lambda: inspect_attention("vit_tiny_patch16_224", [str(out)], pretrained=False, data="synthetic"),
