@@ -46,6 +46,19 @@ def one_intra_op_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def inductor_in_process():
+    """Inductor compiles in this process for a whole module (``compile_threads=1``), restored afterwards.
+    Modules that compile with inductor on the CPU use it: by default the first compile starts a pool of
+    compile subprocesses (each imports torch; the pool serves Triton, not the C++ kernels compiled here),
+    ~5 s of CPU for nothing on a 2-core machine. The code generated and compiled is the same.
+    Use with ``pytestmark = pytest.mark.usefixtures("inductor_in_process")``."""
+    import torch._inductor.config as inductor
+
+    with inductor.patch(compile_threads=1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
     """A tiny peaked ViT teacher (depth 2, qkv bias, plain timm) saved in timm's format, once per session:

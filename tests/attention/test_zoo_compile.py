@@ -26,6 +26,8 @@ from attnxfer.models.efficient.swap import build_efficient_student, set_drop_pat
 from attnxfer.train.compile import compile_blocks
 from attnxfer.transfer import TeacherStudent, build_plan
 
+pytestmark = pytest.mark.usefixtures("inductor_in_process")  # tests/conftest.py
+
 OPTIONS = {
     "window": dict(window_size=2),
     "window_linear": dict(window_size=2),

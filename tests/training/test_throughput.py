@@ -30,6 +30,8 @@ from attnxfer.train.optim import (
 from attnxfer.train.terms import NonFiniteGuard, TermWindow
 from attnxfer.transfer import TeacherStudent
 
+pytestmark = pytest.mark.usefixtures("inductor_in_process")  # tests/conftest.py
+
 # A 2-block, 48-wide ViT on 32-px synthetic images (17 tokens): a training step takes milliseconds.
 TINY = [
     "data.dataset=synthetic",
