@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import SyncCounter, is_compiled, peaked_teacher, tiny_vit
 from safetensors.torch import load_file
+from timm.layers import DropPath
 
 from attnxfer.apps.run.pretrain import build_pretrain_engine
 from attnxfer.apps.run.training import build_engine, train
@@ -164,6 +165,21 @@ def _loss_and_grads(pair: TeacherStudent, x: torch.Tensor):
     return loss.detach(), grads
 
 
+def _student_with_rates_at_zero() -> torch.nn.Module:
+    """A 2-block student with timm's stochastic depth (DropPath in block 1), its rate set to 0 (keep = 1:
+    compiled and eager RNG streams differ by design). `compile_blocks` gives both blocks
+    `RateAsInputDropPath`, so the compiled drop path is compared with eager's, and the training graph is the
+    one the stochastic-depth test below compiles: inductor's cache serves it there instead of a second cold
+    compile. (Blocks without any DropPath, `model.drop_path_rate=0`, are the compiled run's below.)"""
+    student = tiny_vit(depth=2, seed=3, drop_path_rate=0.1)
+    assert isinstance(student.blocks[1].drop_path1, DropPath)
+    for block in student.blocks:
+        for drop in (block.drop_path1, block.drop_path2):
+            if isinstance(drop, DropPath):
+                drop.drop_prob = 0.0
+    return student
+
+
 @pytest.mark.slow  # torch.compile: ~20 s the first time in a process with a cold inductor cache
 @pytest.mark.parametrize("mode", ["none", "copy", "distill"])
 def test_compiled_blocks_give_eager_losses_and_gradients(mode):
@@ -175,7 +191,7 @@ def test_compiled_blocks_give_eager_losses_and_gradients(mode):
     results = []
     for compiled in (False, True):
         teacher = peaked_teacher(depth=2) if mode != "none" else None
-        pair = TeacherStudent(teacher, tiny_vit(depth=2, seed=3, drop_path_rate=0.0), mode=mode).train()
+        pair = TeacherStudent(teacher, _student_with_rates_at_zero(), mode=mode).train()
         names = list(pair.student.state_dict())
         if compiled:
             assert compile_blocks(pair.student.blocks) == 2
@@ -184,6 +200,7 @@ def test_compiled_blocks_give_eager_losses_and_gradients(mode):
         results.append(_loss_and_grads(pair, x))
         if compiled:
             assert all(is_compiled(b) for b in pair.student.blocks)
+            assert all(isinstance(b.drop_path1, RateAsInputDropPath) for b in pair.student.blocks)
             graphs = counters["stats"]["unique_graphs"]
             again = _loss_and_grads(pair, x)  # a second step: no new graph, no recompile
             assert counters["stats"]["unique_graphs"] == graphs
@@ -207,6 +224,9 @@ def test_stochastic_depth_rates_are_graph_inputs_so_one_graph_serves_every_block
     student = tiny_vit(depth=3, seed=5, drop_path_rate=0.2)
     names = list(student.state_dict())
     pair = TeacherStudent(None, student, mode="none").train()
+    # dynamo forgets the blocks' graph an earlier test compiled (it would reuse it: no new graph to count);
+    # inductor's cache still serves that graph's code, so the trace here costs no cold compile
+    torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
     compile_blocks(student.blocks)
     assert list(student.state_dict()) == names  # the rates are non-persistent buffers
