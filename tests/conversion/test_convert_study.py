@@ -187,6 +187,23 @@ def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hit
     paired = mcnemar(*([c == "1" for c in hits[n]] for n in ("performer", "hedgehog")))
     line = next(ln for ln in printed.splitlines() if ln.split()[0] == "performer")
     assert f"vs hedgehog: {paired.only_a}/{paired.only_b} p " in line
+    # the tiny students may agree on every image (0/0 reads the same either way round): the same study with
+    # val hits that differ, 3 images only performer gets right and 1 only hedgehog, printed in that order
+    crafted = tmp_path / "crafted"
+    for name in NAMES:
+        (crafted / name).mkdir(parents=True)
+        for file in ("config.yaml", "report.json"):
+            shutil.copy(study / name / file, crafted / name / file)
+    table = json.loads((study / "conversion_study.json").read_text())
+    n = len(table["students"][0]["val_hits"])
+    made = {"performer": "1110" + "1" * (n - 4), "hedgehog": "0001" + "1" * (n - 4)}
+    for row in table["students"]:
+        row["val_hits"] = made[row["name"]]
+    (crafted / "conversion_study.json").write_text(json.dumps(table))
+    args = [str(crafted), "--against", "hedgehog", "--out", str(tmp_path / "crafted.png")]
+    code, printed, err = script_main(capsys, script_module("recall_pareto"), *args)
+    assert code == 0, err
+    assert " vs hedgehog: 3/1 p " in next(ln for ln in printed.splitlines() if ln.split()[0] == "performer")
 
 
 def test_the_pareto_script_pairs_students_of_two_studies_only_on_the_same_val_images(study, tmp_path, capsys):
