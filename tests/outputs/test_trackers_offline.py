@@ -14,11 +14,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import attnxfer_process, once_each, tiny_run
+from helpers import attnxfer_process, once_each, run_cli, tiny_run
 
 from attnxfer.train.trackers import TrackerUnavailableError, prepare_trackers, server_problem
 
@@ -55,6 +54,19 @@ def _refusal(res: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert lines[0].startswith("attnxfer train: error: "), lines[0]
     return lines[0]
+
+
+def _refusal_in_process(code: int, out: str, err: str) -> str:
+    """`_refusal` of a CLI run in this process (`run_cli`'s exit code, stdout and stderr)."""
+    return _refusal(subprocess.CompletedProcess([], code, out, err))
+
+
+def _set_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """This process's environment made ``env`` (`_clean_env`'s) for the test, put back after it."""
+    for k in set(os.environ) - set(env):
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
 
 
 # ------------------------------------------------------------------------------------------------ servers
@@ -139,18 +151,21 @@ def test_wandb_without_a_key_trains_offline_under_the_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_with_a_key_but_no_server_goes_offline_and_online_is_refused(tmp_path):
+def test_wandb_with_a_key_but_no_server_goes_offline_and_online_is_refused(tmp_path, monkeypatch, capsys):
     """A key (as `wandb login` on a login node leaves in a shared HOME) but W&B's server out of reach, as on
-    a compute node: offline, said; with WANDB_MODE=online: one error line, nothing written."""
-    pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
+    a compute node: offline, said; with WANDB_MODE=online: one error line, nothing written. The refusal is
+    decided before any work, so it runs in this process (`run_cli`, the environment set as in `_clean_env`);
+    the offline run, which starts wandb's own run, in an interpreter of its own."""
+    wandb = pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
     url = f"http://127.0.0.1:{_closed_port()}"
     env = _clean_env(tmp_path / "home", WANDB_API_KEY="a" * 40, WANDB_BASE_URL=url)
-    refused = attnxfer_process(
-        *once_each(["train", f"run_dir={tmp_path / 'online'}", *TINY, "log.trackers=[wandb]"]),
-        env={**env, "WANDB_MODE": "online"},
-        cwd=tmp_path,
-    )
-    line = _refusal(refused)
+    _set_env(monkeypatch, {**env, "WANDB_MODE": "online", "WANDB_SILENT": "true"})
+    wandb.teardown()  # settings another test's wandb.setup() read: this one reads the environment above
+    try:
+        args = once_each(["train", f"run_dir={tmp_path / 'online'}", *TINY, "log.trackers=[wandb]"])
+        line = _refusal_in_process(*run_cli(capsys, *args))
+    finally:
+        wandb.teardown()  # read under this test's HOME: later tests start afresh
     assert url in line and "unset WANDB_MODE" in line
     assert not (tmp_path / "online").exists()
 
@@ -166,22 +181,18 @@ def test_wandb_with_a_key_but_no_server_goes_offline_and_online_is_refused(tmp_p
 
 
 def _mlflow_history(store: Path, experiment: str) -> tuple[list, dict[int, float]]:
-    """(runs, train/total by step) of a file store, read in a fresh process with MLflow's own client."""
-    code = (
-        "import json, sys, mlflow\n"
-        "c = mlflow.MlflowClient(sys.argv[1])\n"
-        "exp = c.get_experiment_by_name(sys.argv[2])\n"
-        "runs = c.search_runs([exp.experiment_id])\n"
-        "hist = {m.step: m.value for r in runs for m in c.get_metric_history(r.info.run_id, 'train/total')}\n"
-        "print(json.dumps([[r.info.run_id for r in runs], hist]))\n"
-    )
-    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    out = subprocess.run(
-        [sys.executable, "-c", code, store.as_uri(), experiment], capture_output=True, text=True, env=env
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    runs, hist = json.loads(out.stdout)
-    return runs, {int(k): v for k, v in hist.items()}
+    """(runs, train/total by step) of a file store, read with MLflow's own client (in this process: the
+    store is named, so nothing of this process's MLflow settings is read)."""
+    import mlflow
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = mlflow.MlflowClient(store.as_uri())
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        history = {
+            m.step: m.value for r in runs for m in client.get_metric_history(r.info.run_id, "train/total")
+        }
+    return [r.info.run_id for r in runs], history
 
 
 @pytest.mark.slow
@@ -215,17 +226,18 @@ def test_mlflow_with_no_tracking_uri_logs_into_the_runs_own_store_and_a_resume_c
 
 
 @pytest.mark.slow
-def test_an_mlflow_server_that_does_not_answer_stops_before_the_teacher_loads(tmp_path, tiny_teacher_dir):
+def test_an_mlflow_server_that_does_not_answer_stops_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
     """MLFLOW_TRACKING_URI on a closed port: one line naming the URI, exit code 2, nothing written; the check
-    comes before the teacher and the data (a teacher folder that does not exist is never reached)."""
-    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
+    comes before the teacher and the data (a teacher folder that does not exist is never reached). A refusal
+    before any work: in this process (`run_cli`), the environment set as in `_clean_env`."""
+    mlflow = pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
     uri = f"http://127.0.0.1:{_closed_port()}"
-    env = _clean_env(tmp_path / "home", MLFLOW_TRACKING_URI=uri)
+    _set_env(monkeypatch, _clean_env(tmp_path / "home", MLFLOW_TRACKING_URI=uri))
+    mlflow.set_tracking_uri(None)  # a URI another test set in this process: this one reads the environment
     run = tmp_path / "run"
     args = once_each(["train", f"run_dir={run}", *TINY, "log.trackers=[mlflow]", "transfer.mode=distill"])
-    line = _refusal(
-        attnxfer_process(*args, f"teacher.spec=local-dir:{tmp_path / 'no-teacher'}", env=env, cwd=tmp_path)
-    )
+    code, out, err = run_cli(capsys, *args, f"teacher.spec=local-dir:{tmp_path / 'no-teacher'}")
+    line = _refusal_in_process(code, out, err)
     assert f"MLFLOW_TRACKING_URI={uri}" in line and "does not answer" in line
     assert not run.exists()
 
