@@ -327,11 +327,13 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         assert torch.equal(a[k], b[k]), f"{where}: {k} differs"
 
 
-def _cli_child(argv: list[str], log: str) -> None:
+def _cli_child(argv: list[str], log: str, err: str | None = None) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    err_fd = fd if err is None else os.open(err, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
+    os.dup2(err_fd, 2)
+    sys.stdout = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
+    sys.stderr = sys.stdout if err is None else open(err_fd, "w", buffering=1, closefd=False)  # noqa: SIM115
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as a foreground command takes it
     code = 1
@@ -343,13 +345,15 @@ def _cli_child(argv: list[str], log: str) -> None:
         os._exit(code)
 
 
-def fork_cli(argv: list[str], log: Path) -> multiprocessing.Process:
+def fork_cli(argv: list[str], log: Path, err: Path | None = None) -> multiprocessing.Process:
     """A forked child running the CLI's own `main` on ``argv``, one torch thread, its stdout and stderr
-    appended to ``log``; its exit code is main's. Started; the caller joins or signals it. Forked from a
+    appended to ``log`` (its stderr to ``err`` where given: a test of what stderr alone holds); its exit code
+    is main's. Started; the caller joins or signals it. Forked from a
     fork server that imported the CLI once (no interpreter start-up per child), not from this process: a
     child forked from a process that has run a backward pass cannot run one (torch's autograd threads),
     and an xdist worker may have run other tests' training first."""
-    proc = start_fork_server().Process(target=_cli_child, args=(list(argv), str(log)))
+    args = (list(argv), str(log), None if err is None else str(err))
+    proc = start_fork_server().Process(target=_cli_child, args=args)
     proc.start()
     return proc
 

@@ -11,14 +11,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import ONE_BLOCK_RUN as S, once_each, popen_interruptible, run_cli, tiny_convert_report
+from helpers import ONE_BLOCK_RUN as S, fork_cli, once_each, run_cli, start_fork_server, tiny_convert_report
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -89,34 +88,38 @@ def trained(tmp_path_factory):
 @pytest.mark.slow
 def test_two_trains_started_together_one_trains_and_the_other_refuses_naming_it(tmp_path):
     """Both start at once; the second to reach the run dir exits 2 while the first trains on (a long run,
-    stopped with Ctrl-C once the refusal is seen), and metrics.jsonl holds every step once."""
+    stopped with Ctrl-C once it has logged a step and the refusal is seen), and metrics.jsonl holds every step
+    once. Each is a process of its own, forked with the CLI imported (`fork_cli`): no interpreter start-up
+    apart, so they race for the run dir within milliseconds of each other."""
     run = tmp_path / "R"
-    argv = [sys.executable, "-m", "attnxfer", "train", *S]
-    argv += ["schedule.epochs=100000", "checkpoint.every_steps=50", f"run_dir={run}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        popen_interruptible(
-            argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
+    argv = ["train", *S, "schedule.epochs=100000", "checkpoint.every_steps=50", f"run_dir={run}"]
+    start_fork_server()  # started before either child: neither waits for it
+    outs = {i: (tmp_path / f"{i}.out", tmp_path / f"{i}.err") for i in range(2)}
+    procs = [fork_cli(argv, *outs[i]) for i in range(2)]
+    metrics = run / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 300
-        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        loser = next(p for p in procs if p.poll() is not None)
-        winner = next(p for p in procs if p is not loser)
-        assert winner.poll() is None  # still training
-        winner.send_signal(signal.SIGINT)
-        outs = {p.pid: p.communicate(timeout=120) for p in procs}
+        while all(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        loser = next(i for i, p in enumerate(procs) if not p.is_alive())
+        winner = procs[1 - loser]
+        while winner.is_alive() and '"train"' not in (metrics.read_text() if metrics.exists() else ""):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert winner.is_alive()  # still training
+        os.kill(winner.pid, signal.SIGINT)
+        winner.join(120)
     finally:
         for p in procs:
-            p.kill()
-    assert loser.returncode == 2, outs[loser.pid]
-    assert winner.returncode == 130, outs[winner.pid]  # Ctrl-C
-    line = _error_line(outs[loser.pid][1])
+            if p.is_alive():
+                p.kill()
+                p.join()
+    said = {i: (out.read_text(), err.read_text()) for i, (out, err) in outs.items()}
+    assert procs[loser].exitcode == 2, said[loser]
+    assert winner.exitcode == 130, said[1 - loser]  # Ctrl-C
+    line = _error_line(said[loser][1])
     assert f"pid {winner.pid}" in line and socket.gethostname() in line and "in use" in line
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
     train_steps = Counter(r["step"] for r in records if r["split"] == "train")
     assert len(train_steps) > 0 and max(train_steps.values()) == 1  # every step once
     assert sorted(train_steps) == list(range(1, len(train_steps) + 1))
