@@ -573,6 +573,33 @@ def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subpr
     return res
 
 
+def torchrun_commands(
+    *argvs: list[str], out: Path, ranks: int = 2, timeout: float = 600
+) -> list[tuple[str, str]]:
+    """Each ``attnxfer ARGV`` in turn in ONE torchrun launch (tests/dist_commands.py: ``ranks`` processes that
+    keep one process group across the commands, one thread each), outside any SLURM job; asserts every command
+    exited 0 on every rank. Returns each command's (stdout, stderr), its ranks' in rank order, as the launch's
+    own output would interleave them; the per-rank files stay in the folder ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    script = [str(ROOT / "tests" / "dist_commands.py"), str(out), json.dumps([list(a) for a in argvs])]
+    res = subprocess.run([*launch, *script], capture_output=True, text=True, env=env, timeout=timeout)
+
+    def said(i: int, kind: str) -> str:
+        files = (out / f"{i}.rank{r}.{kind}" for r in range(ranks))
+        return "".join(f.read_text() if f.exists() else "" for f in files)
+
+    for i in range(len(argvs)):
+        codes = said(i, "code")  # each rank's exit code, in rank order
+        assert codes == "0" * ranks, (
+            f"command {i} exited {codes!r}: " + res.stderr[-3000:] + said(i, "err")[-3000:]
+        )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return [(said(i, "out"), said(i, "err")) for i in range(len(argvs))]
+
+
 def image_folder(
     root: Path, classes: int = 3, per_class: dict[str, int] | None = None, seed: int = 0
 ) -> Path:

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from helpers import (
     run_cli,
     script_module,
     tiny_run,
-    torchrun_attnxfer,
+    torchrun_commands,
 )
 from safetensors.torch import load_file
 
@@ -721,15 +722,36 @@ def one_process(tmp_path_factory, tiny_teacher_dir):
     return one
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_teacher_dir):
+    """One torchrun launch (two ranks, tests/dist_commands.py) for both torchrun tests, each a command of it:
+    `PARALLEL` trained from scratch at 8 images a rank (``two``), then the same study trained 2 steps in this
+    process (one thread, as each rank has) at a batch of 16 and resumed on the two ranks to `STEPS` (``moved``,
+    with what that resume said). A second launch would cost a launcher and two fresh torch imports again."""
+    folder = tmp_path_factory.mktemp("ranks")
+    teacher = f"teacher.spec=local-dir:{tiny_teacher_dir}"
+    moved = folder / "moved"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        argv = ["study", *PARALLEL, teacher, "data.batch_size=16", f"run_dir={moved}", "schedule.max_steps=2"]
+        assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert ResumePoint.find(moved).world_size == 1
+    _, (out, err) = torchrun_commands(
+        ["study", f"run_dir={folder / 'two'}", *PARALLEL, teacher, "data.batch_size=8"],
+        ["study", "-c", str(moved / "study.yaml"), f"schedule.max_steps={STEPS}"],
+        out=folder / "said",
+    )
+    return SimpleNamespace(two=folder / "two", moved=moved, moved_out=out, moved_err=err)
+
+
 @pytest.mark.slow
-def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_process(
-    one_process, tmp_path, tiny_teacher_dir
-):
+def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_process(one_process, two_ranks):
     """Two ranks, each student's DDP over them: the same global batch as one process, the same weights up to
     the order of the gradient sums, and an evaluation that counts every image once."""
-    run = tmp_path / "two"
-    teacher = f"teacher.spec=local-dir:{tiny_teacher_dir}"
-    torchrun_attnxfer("study", f"run_dir={run}", *PARALLEL, teacher, "data.batch_size=8")
+    run = two_ranks.two
     for name in ("copy", "distill"):
         state = ResumePoint.find(run / name).state
         assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
@@ -744,26 +766,17 @@ def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_proce
 
 @pytest.mark.slow  # a study on 1 process, resumed on 2 torchrun ranks, against an uninterrupted one
 def test_a_study_resumed_on_another_number_of_processes_keeps_its_global_batch_as_train_does(
-    one_process, tmp_path, tiny_teacher_dir
+    one_process, two_ranks
 ):
     """The study's checkpoint records its processes, so a resume on others is judged as `train` judges one: the
     same command on 2 ranks re-splits its global batch of 16 (8 a rank) and ends where the uninterrupted study
     ends; 3 processes, which cannot share it, are refused with the counts that can."""
-    run = tmp_path / "moved"
-    argv = ["study", *PARALLEL, f"teacher.spec=local-dir:{tiny_teacher_dir}", "data.batch_size=16"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert cli.main([*argv, f"run_dir={run}", "schedule.max_steps=2"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    assert ResumePoint.find(run).world_size == 1
-    res = torchrun_attnxfer("study", "-c", str(run / "study.yaml"), f"schedule.max_steps={STEPS}")
-    assert f"{run} was trained by 1 process" in res.stdout and "the global batch stays 16" in res.stdout
+    run, stdout, stderr = two_ranks.moved, two_ranks.moved_out, two_ranks.moved_err
+    assert f"{run} was trained by 1 process" in stdout and "the global batch stays 16" in stdout
     # said once, for the study: each student's resume keeps the split the study chose, not said again
-    assert res.stdout.count("the global batch stays 16") == 1, res.stdout
-    assert "RNG streams (dropout, drop-path) restart" in res.stdout and "start afresh" not in res.stderr
-    assert "data.batch_size=8 optim.accum_steps=1" in res.stdout
+    assert stdout.count("the global batch stays 16") == 1, stdout
+    assert "RNG streams (dropout, drop-path) restart" in stdout and "start afresh" not in stderr
+    assert "data.batch_size=8 optim.accum_steps=1" in stdout
     assert ResumePoint.find(run).world_size == 2
     for name in ("copy", "distill"):
         got, want = _final(run / name), _final(one_process / name)
