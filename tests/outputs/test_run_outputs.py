@@ -190,7 +190,9 @@ def _wandb_history(path: Path) -> tuple[str, dict, list[dict]]:
 
 
 @pytest.mark.slow
-def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch):
+def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_runs(
+    tmp_path, monkeypatch, request
+):
     """W&B offline and MLflow's file store write here; a finished run extended by one epoch (a resume)
     logs into the same W&B run id and the same MLflow run. Without TensorBoard, both get the class-token
     pictures."""
@@ -202,6 +204,8 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to use a file store
     mlflow.set_tracking_uri(f"file:{tmp_path / 'mlruns'}")
+    # forgotten after the test (before the environment is put back): later tests in this process read theirs
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(None))
     run = tmp_path / "tracked"
     common = [
         f"run_dir={run}",

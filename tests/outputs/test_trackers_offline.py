@@ -232,8 +232,10 @@ def test_an_mlflow_server_that_does_not_answer_stops_before_the_teacher_loads(tm
     before any work: in this process (`run_cli`), the environment set as in `_clean_env`."""
     mlflow = pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
     uri = f"http://127.0.0.1:{_closed_port()}"
+    # a URI another test set in this process forgotten first: this one reads the environment (MLflow's
+    # set_tracking_uri(None) also unsets MLFLOW_TRACKING_URI, so it comes before the environment is set)
+    mlflow.set_tracking_uri(None)
     _set_env(monkeypatch, _clean_env(tmp_path / "home", MLFLOW_TRACKING_URI=uri))
-    mlflow.set_tracking_uri(None)  # a URI another test set in this process: this one reads the environment
     run = tmp_path / "run"
     args = once_each(["train", f"run_dir={run}", *TINY, "log.trackers=[mlflow]", "transfer.mode=distill"])
     code, out, err = run_cli(capsys, *args, f"teacher.spec=local-dir:{tmp_path / 'no-teacher'}")
