@@ -402,6 +402,33 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
     assert f"--random-weights is for timm names; {run} holds trained weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_a_student_trained_on_other_statistics_is_warned_of_and_one_on_the_teachers_is_not(
+    copy_run, tmp_path, capsys
+):
+    """inspect gives every model the teacher's normalisation: a run trained with its own data.mean/data.std
+    (its maps measured on inputs it never saw) is named with both statistics; the copy run, normalised the
+    teacher's way as a run is by default, draws no such line."""
+    teacher = f"local-dir:{copy_run / 'teacher'}"
+    other = tmp_path / "other-stats"
+    train = [
+        "train",
+        f"run_dir={other}",
+        "model.name=vit_micro_patch4_28",
+        "model.kwargs={depth: 2, embed_dim: 48}",
+    ]
+    train += ["data.batch_size=8", "log.progress=false", "schedule.max_steps=1", "schedule.epochs=1"]
+    train += ["transfer.mode=distill", f"teacher.spec={teacher}", "checkpoint.every_epoch=false"]
+    assert cli_main([*train, "data.mean=[0.25]", "data.std=[0.125]"]) == 0
+    args = ["--data", "animal_mnist", "--num-images", "2", "--floor-images", "1", "--batch-size", "2"]
+    args += ["--out", str(tmp_path / "report")]
+    capsys.readouterr()
+    assert cli_main(["inspect", teacher, str(other), str(copy_run / "copy"), *args]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "normalised otherwise" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {other} was trained on images"), warned
+    assert "mean [0.25] against [" in warned[0] and "std [0.125] against [" in warned[0]
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

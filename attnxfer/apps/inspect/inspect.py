@@ -483,6 +483,7 @@ def inspect_attention(
         ) from None
     # every model runs at the teacher's image size (maps are compared token by token), else one message
     want, want_chans = image_input(t.model).img_size, input_size(t.model)[1]
+    _, _, mean, std = _input_settings(t)
     for s in loaded.values():
         got, chans = image_input(s.model).img_size, input_size(s.model)[1]
         if want is not None and got is not None and got != want:
@@ -494,6 +495,21 @@ def inspect_attention(
             raise InputError(
                 f"{s.spec} takes {chans}-channel images, the teacher {t.spec} {want_chans}-channel ones: "
                 "inspect a student with a teacher of the same input (the teacher it was trained from)"
+            )
+        # prepared the teacher's way too: a student trained on other statistics (data.mean, data.std) is
+        # measured on inputs it never saw, which no figure of the report shows (random weights saw none)
+        other = [
+            f"{k} [{', '.join(f'{v:.4g}' for v in own)}] against [{', '.join(f'{v:.4g}' for v in theirs)}]"
+            for k, own, theirs in (("mean", s.mean, mean), ("std", s.std, std))
+            if pretrained
+            and own
+            and (len(own) != len(theirs) or any(abs(a - b) > 1e-4 for a, b in zip(own, theirs)))
+        ]
+        if other:
+            warn(
+                f"warning: {s.spec} was trained on images normalised otherwise than the teacher {t.spec}'s "
+                f"({'; '.join(other)}): every model is given the teacher's, so {s.spec}'s maps are measured on "
+                "inputs it was not trained on"
             )
     # neither files nor a dataset: the data the first student given as a run was trained on, as the run
     # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
