@@ -559,13 +559,17 @@ ZOO_OPTIONS = {
 CONVERT_OPTIONS = {name: {k: v for k, v in o.items() if k != "seq_len"} for name, o in ZOO_OPTIONS.items()}
 
 
-def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``attnxfer ARGS`` under torchrun on this machine (``ranks`` processes, one thread each), outside any
-    SLURM job the tests themselves run in; asserts it succeeded."""
-    root = Path(__file__).resolve().parents[1]
+def torchrun_launch(ranks: int = 2) -> tuple[list[str], dict[str, str]]:
+    """torchrun's command line up to what it runs (``ranks`` processes on this machine) and its environment:
+    one thread a rank, this checkout's package, outside any SLURM job the tests themselves run in."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"], env
+
+
+def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``attnxfer ARGS`` under torchrun (`torchrun_launch`); asserts it succeeded."""
+    launch, env = torchrun_launch(ranks)
     res = subprocess.run(
         [*launch, "-m", "attnxfer", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
@@ -576,14 +580,12 @@ def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subpr
 def torchrun_commands(
     *argvs: list[str], out: Path, ranks: int = 2, timeout: float = 600
 ) -> list[tuple[str, str]]:
-    """Each ``attnxfer ARGV`` in turn in ONE torchrun launch (tests/dist_commands.py: ``ranks`` processes that
-    keep one process group across the commands, one thread each), outside any SLURM job; asserts every command
+    """Each ``attnxfer ARGV`` in turn in ONE torchrun launch (`torchrun_launch`; tests/dist_commands.py: the
+    ranks keep one process group across the commands); asserts every command
     exited 0 on every rank. Returns each command's (stdout, stderr), its ranks' in rank order, as the launch's
     own output would interleave them; the per-rank files stay in the folder ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    launch, env = torchrun_launch(ranks)
     script = [str(ROOT / "tests" / "dist_commands.py"), str(out), json.dumps([list(a) for a in argvs])]
     res = subprocess.run([*launch, *script], capture_output=True, text=True, env=env, timeout=timeout)
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import image_folder, tiny_run
+from helpers import image_folder, tiny_run, torchrun_launch
 
 from attnxfer.checkpoints.store import CheckpointManager
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 100
 ARGS = [
     "device=cpu",
@@ -36,12 +34,10 @@ ARGS = [
 def _torchrun(run: Path, *overrides: str, monitor_interval: float = 0.1) -> subprocess.Popen:
     """``attnxfer train`` on 2 ranks under torchrun, whose agent looks at its workers every
     ``monitor_interval`` seconds (torchrun's default: 0.1) and ends the others once one has failed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd.append(f"--monitor-interval={monitor_interval}")
+    cmd, env = torchrun_launch(ranks=2)
+    cmd += [f"--monitor-interval={monitor_interval}", "-m", "attnxfer", "train", f"run_dir={run}"]
     return subprocess.Popen(
-        [*cmd, "-m", "attnxfer", "train", f"run_dir={run}", *ARGS, *overrides],
+        [*cmd, *ARGS, *overrides],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -709,21 +709,16 @@ PARALLEL = [*BASE, "model.drop_path_rate=0", "device=cpu", "--vary", "transfer.m
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tiny_teacher_dir):
+def one_process(tmp_path_factory, tiny_teacher_dir, one_intra_op_thread):
     """`PARALLEL` in one process (this one, one thread as each rank has) at a batch of 16, uninterrupted."""
     one = tmp_path_factory.mktemp("one") / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        argv = ["study", *PARALLEL, f"teacher.spec=local-dir:{tiny_teacher_dir}", "data.batch_size=16"]
-        assert cli.main([*argv, f"run_dir={one}"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["study", *PARALLEL, f"teacher.spec=local-dir:{tiny_teacher_dir}", "data.batch_size=16"]
+    assert cli.main([*argv, f"run_dir={one}"]) == 0
     return one
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, tiny_teacher_dir):
+def two_ranks(tmp_path_factory, tiny_teacher_dir, one_intra_op_thread):
     """One torchrun launch (two ranks, tests/dist_commands.py) for both torchrun tests, each a command of it:
     `PARALLEL` trained from scratch at 8 images a rank (``two``), then the same study trained 2 steps in this
     process (one thread, as each rank has) at a batch of 16 and resumed on the two ranks to `STEPS` (``moved``,
@@ -731,13 +726,8 @@ def two_ranks(tmp_path_factory, tiny_teacher_dir):
     folder = tmp_path_factory.mktemp("ranks")
     teacher = f"teacher.spec=local-dir:{tiny_teacher_dir}"
     moved = folder / "moved"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        argv = ["study", *PARALLEL, teacher, "data.batch_size=16", f"run_dir={moved}", "schedule.max_steps=2"]
-        assert cli.main(argv) == 0
-    finally:
-        torch.set_num_threads(threads)
+    argv = ["study", *PARALLEL, teacher, "data.batch_size=16", f"run_dir={moved}", "schedule.max_steps=2"]
+    assert cli.main(argv) == 0
     assert ResumePoint.find(moved).world_size == 1
     _, (out, err) = torchrun_commands(
         ["study", f"run_dir={folder / 'two'}", *PARALLEL, teacher, "data.batch_size=8"],
