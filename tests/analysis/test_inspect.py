@@ -472,8 +472,22 @@ def test_a_student_trained_on_other_statistics_is_warned_of_and_one_on_the_teach
         ),
         (  # dataset flags beside --images would be dropped without a word
             ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--images", "a.png", "--num-images", "4"]
-            + ["--split", "val", "--data-root", "X"],
-            "--images reads the files given, not a dataset: drop --data-root, --split, --num-images",
+            + ["--split", "val", "--data-root", "X", "--data-kwargs", "seed=1"],
+            "--images reads the files given, not a dataset: drop --data-root, --data-kwargs, --split, --num-images",
+        ),
+        (  # a run folder's own data would take the options' place without a word
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data-kwargs", "seed=3"],
+            "--data-kwargs are options of the dataset --data names: give --data NAME",
+        ),
+        (
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data", "synthetic"]
+            + ["--data-kwargs", "length"],
+            "--data-kwargs takes KEY=VALUE items (e.g. num_keys=32), got 'length'",
+        ),
+        (  # the dataset names its options by the flag they were given with, not by a run's config key
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data", "synthetic"]
+            + ["--data-kwargs", "lenght=8"],
+            "dataset 'synthetic' has no option(s) lenght (--data-kwargs); its options are: num_classes, length",
         ),
         (
             ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--data", "folder"],
@@ -819,6 +833,10 @@ def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teac
     made = inspect_attention(micro_teacher, [str(run)], data="synthetic", data_options=options, **few)
     defaults = inspect_attention(micro_teacher, [str(run)], data="synthetic", **few)
     assert own == json.loads(json.dumps(made["students"])) != json.loads(json.dumps(defaults["students"]))
+    # the same options given as flags, as a student that is no run folder (an export) needs them
+    given = ["--data", "synthetic", "--data-kwargs", "seed=3", "length=8", *flags, str(tmp_path / "flags")]
+    assert run_cli(capsys, "inspect", micro_teacher, str(run), *given)[0] == 0
+    assert json.loads((tmp_path / "flags" / "metrics.json").read_text())["students"] == own
 
 
 def test_a_student_that_takes_other_channels_than_its_teacher_is_one_clear_message(

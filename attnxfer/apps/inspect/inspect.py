@@ -438,6 +438,8 @@ def inspect_attention(
                 students.append(str(run))
     if not students:
         raise InputError("name at least one student to inspect against the teacher")
+    if data_options and data is None:  # a run folder's own data would take their place without a word
+        raise InputError("--data-kwargs are options of the dataset --data names: give --data NAME")
     if out is not None:
         refuse_file_in_the_way(out, "--out")
         refuse_unwritable(out, "--out")
@@ -518,6 +520,7 @@ def inspect_attention(
     given_root = data_root
     flags = {"data.root": "--data-root"} if data_root is not None else {}
     flags.update({"data.dataset": "--data"} if data is not None else {})
+    flags.update({"data.kwargs.": "--data-kwargs ", "data.kwargs": "--data-kwargs"} if data_options else {})
     from_runs = bool(runs) and not images and data is None
     if from_runs:
         made = [(run, _data_settings(config_as_trained(run, "inspect"), data_root)) for run in runs]

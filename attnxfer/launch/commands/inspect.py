@@ -28,6 +28,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="dataset root (folder datasets; animal_mnist: the folder it caches its arrays in)",
     )
+    p.add_argument(
+        "--data-kwargs",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="options of --data's dataset, as a run's data.kwargs (recall: num_keys=32 hops=2; seed=N: its "
+        "data seed)",
+    )
     p.add_argument("--split", choices=("train", "val"), help="dataset split (default val)")
     p.add_argument("--num-images", type=int, help="images taken from --data (default 64)")
     p.add_argument("--out", default="runs/inspect", help="report folder (default runs/inspect)")
@@ -76,7 +84,7 @@ def run(args) -> int:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     dataset_only = [
         f"--{k.replace('_', '-')}"
-        for k in ("data_root", "split", "num_images")
+        for k in ("data_root", "data_kwargs", "split", "num_images")
         if getattr(args, k) is not None
     ]
     if args.images and dataset_only:  # else dropped without a word
@@ -86,8 +94,16 @@ def run(args) -> int:
         raise InputError("--data folder reads its images from a folder: give --data-root PATH")
     if args.noise < 0:
         raise InputError(f"--noise is the floor's noise std: it must be >= 0, got {args.noise}")
+    if bad := [item for item in args.data_kwargs or () if "=" not in item]:
+        raise InputError(f"--data-kwargs takes KEY=VALUE items (e.g. num_keys=32), got {bad[0]!r}")
     # after the checks: a bad flag answers without torch
     from ...apps.inspect.inspect import inspect_attention
+    from ...config.overrides import apply_overrides, parse_overrides
+    from ...config.schema import TrainConfig
+
+    # typed as `attnxfer train data.kwargs.KEY=VALUE` types them (YAML: 32 a number, [a, b] a list)
+    given = {f"data.kwargs.{k}": v for k, v in parse_overrides(args.data_kwargs or []).items()}
+    data_options = apply_overrides(TrainConfig(), given).data.kwargs if given else None
 
     same = "images data data_root split num_images out overwrite teacher_arch student_arch batch_size seed"
     same += " img_size topk noise floor_images"  # flags named as inspect_attention's keywords
@@ -96,6 +112,7 @@ def run(args) -> int:
         args.students,
         pretrained=not args.random_weights,
         picture_images=args.pictures,
+        data_options=data_options,
         progress=True,
         **{k: getattr(args, k) for k in same.split() if getattr(args, k) is not None},  # None: its default
     )
