@@ -851,6 +851,10 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
             "attnxfer submit: error: transfer.mode=copy needs a teacher",
         ),
         (["submit", "--command", "convert", *S, "--dry-run"], "attnxfer convert needs a teacher"),
+        (  # not told to set transfer.mode=none, which no conversion runs without a teacher either
+            ["convert", "run_dir={tmp}/r"],
+            "attnxfer convert: error: attnxfer convert needs a teacher: set teacher.spec",
+        ),
         (
             ["submit", *S, "data.dataset=nosuchset", "--dry-run"],
             "known datasets: animal_mnist, folder, recall",

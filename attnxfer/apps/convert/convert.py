@@ -39,7 +39,7 @@ from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan, build_plan
 from ..run.loaders import build_bank_loader, data_info
-from ..run.parts import NO_CONVERT_TEACHER, RunParts, build_run_parts, stamp_input_cfg
+from ..run.parts import NO_CONVERT_TEACHER, RunParts, build_run_parts, require_teacher, stamp_input_cfg
 from ..run.resume import teacher_where_it_was
 from ..run.training import (
     check_eval_metrics,
@@ -416,6 +416,8 @@ def conversion_parts(
     """Teacher, data and student of a conversion (``shared``: a study's teacher and loaders). The teacher's
     copy stands in for the student under auto, until the attentions are chosen, and where ``stand_in`` asks: a
     study's shared parts, which neither choose nor warn for a student (its own build does, under its name)."""
+    # the conversion's own refusal, not the transfer mode's: its advice, transfer.mode=none, converts nothing
+    require_teacher(cfg, conversion=True)
     stand_in = stand_in or cfg.convert.attention == AUTO
     builds = (
         apply_overrides(cfg, {"convert.attention": "softmax", "convert.attention_kwargs": {}})
