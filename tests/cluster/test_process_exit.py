@@ -3,11 +3,11 @@ its outputs, without interpreter finalization (the gloo teardown race)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+from helpers import torchrun_launch
 
 _ENDS_AFTER_A_GROUP = """
 import atexit, logging, sys
@@ -43,15 +43,13 @@ def test_after_a_multi_rank_run_the_program_ends_with_its_code_and_its_outputs_b
     finalization; a single process exits the ordinary way."""
     script = tmp_path / "ends.py"
     script.write_text(_ENDS_AFTER_A_GROUP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch, env = torchrun_launch(ranks=2)
     two_dir, one_dir = tmp_path / "two", tmp_path / "one"
     two_dir.mkdir()
     one_dir.mkdir()
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "--tee=3", str(script), str(two_dir)],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        [*launch, "--tee=3", str(script), str(two_dir)], capture_output=True, text=True, timeout=120, env=env
+    )
     assert two.returncode != 0 and "exitcode  : 3" in two.stderr, two.stderr[-2000:]  # both ranks exit 3
     assert "stdout of rank 0" in two.stdout and "stdout of rank 1" in two.stdout
     assert "interpreter finalization ran" not in two.stdout

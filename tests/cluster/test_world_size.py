@@ -5,14 +5,11 @@ and distributed evaluation scores every val image exactly once (61 images on 2 r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUIET, run_cli
+from helpers import QUIET, run_cli, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.world_size import fit_world_size, split_for_world
@@ -24,8 +21,6 @@ from attnxfer.launch import cli
 # ranks are
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
 VAL_SIZE = 61  # odd: 2 ranks cannot split it evenly (a padding sampler scores 62)
 # 3 steps an epoch at a global batch of 16 (61 // 16); the lr is constant (blr x 16 / 256 = min_lr), so the
 # attempts' different max_steps leave the schedule alone; no drop-path: nothing random in a step.
@@ -46,15 +41,6 @@ S = [
     "deterministic=true",
     "device=cpu",
 ]
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``attnxfer ARGS`` on 2 torchrun ranks (one process's runs are `run_cli`'s, in this one: no start-up)."""
-    launch = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # read now: the session's TMPDIR is set after import
-    return subprocess.run(
-        [*launch, "-m", "attnxfer", *args], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT
-    )
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -83,8 +69,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(
     assert code == 0, err[-3000:]
 
     # 1 process -> 2 ranks, same command: the per-rank batch halves, the global batch stays 16.
-    two = _torchrun("train", *S, "schedule.max_steps=5", f"run_dir={run}")
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = torchrun_attnxfer("train", *S, "schedule.max_steps=5", f"run_dir={run}", timeout=400)
     assert "trained by 1 process" in two.stdout and "this run has 2" in two.stdout
     assert "the global batch stays 16" in two.stdout and "data.batch_size=8 optim.accum_steps=1" in two.stdout
     facts, ref_facts = (json.loads((r / "run.json").read_text()) for r in (run, reference))
@@ -172,8 +157,7 @@ def test_distributed_eval_scores_every_val_image_once(reference, capsys):
     code, _, err = run_cli(capsys, "eval", *S, f"run_dir={reference}")
     assert code == 0 and "random streams" not in err, err[-3000:]
     results[1] = json.loads((reference / "eval-00000008.json").read_text())["metrics"]
-    res = _torchrun("eval", *S, f"run_dir={reference}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = torchrun_attnxfer("eval", *S, f"run_dir={reference}", timeout=400)
     assert "random streams" not in res.stderr  # a run trained on 1 rank, scored on 2: nothing random drawn
     results[2] = json.loads((reference / "eval-00000008.json").read_text())["metrics"]
     one, two = results[1], results[2]

@@ -7,14 +7,12 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import SyncCounter, peaked_teacher
+from helpers import SyncCounter, peaked_teacher, torchrun_launch
 
 import attnxfer.train.stage1 as stage1_module
 from attnxfer.models.efficient import build_efficient_student
@@ -180,13 +178,13 @@ def test_two_ranks_skip_and_raise_together_when_one_rank_goes_non_finite(tmp_pat
     ranks skip from step 3 on (weights finite and equal) and both raise the same error at the log step;
     without a NaN the ranks log the same means (averaged over ranks)."""
     root = Path(__file__).resolve().parents[2]
+    launch, env = torchrun_launch(ranks=2)
     res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-        + [str(root / "tests" / "dist_stage1.py"), str(tmp_path)],
+        [*launch, str(root / "tests" / "dist_stage1.py"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=env,
         cwd=root,
     )
     assert res.returncode == 0, res.stderr[-3000:]

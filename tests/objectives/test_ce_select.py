@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_vit
+from helpers import ONE_BLOCK_RUN as S, run_cli, tiny_vit, torchrun_launch
 from safetensors.torch import load_file
 
 from attnxfer.transfer import TeacherStudent, build_plan
@@ -163,20 +162,13 @@ def test_a_plan_without_softmax_map_distillation_has_no_ce_path():
 def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
     """Each rank offers a different single path (rank 0 sdpa, rank 1 rows): had rank 1 decided on its own
     it would use rows; both use sdpa, and rank 1 timed nothing itself."""
+    launch, env = torchrun_launch(ranks=2)
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "tests" / "dist_ce_choice.py"),
-            str(tmp_path),
-        ],
+        [*launch, str(ROOT / "tests" / "dist_ce_choice.py"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=env,
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr[-3000:]

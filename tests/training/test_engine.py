@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ONE_BLOCK_RUN, QUIET, run_cli, tiny_run, tiny_vit
+from helpers import ONE_BLOCK_RUN, QUIET, run_cli, tiny_run, tiny_vit, torchrun_launch
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.parts import RunParts
@@ -24,15 +24,8 @@ from attnxfer.train.stop import StopRequested
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-#: tests/dist_train.py under torchrun, two CPU ranks in a gloo group: its config overrides follow
-TWO_RANKS = [
-    PY,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc_per_node=2",
-    str(ROOT / "tests" / "dist_train.py"),
-]
+#: tests/dist_train.py, run under torchrun (`torchrun_launch`) on two CPU ranks in a gloo group: its config overrides follow
+DIST_TRAIN = str(ROOT / "tests" / "dist_train.py")
 # A 2-block micro-ViT on real animal-mnist: a few seconds a run.
 TINY = [
     "model.name=vit_micro_patch4_28",
@@ -380,12 +373,13 @@ def two_ranks(tmp_path_factory):
     """`TWO_RANK_RUN` on two torchrun ranks, 16 images a rank, rank 1's clock standing still (tests/dist_train.py's
     STOPPED_CLOCK_RANK): one launch for the tests of DDP and of the every-minutes save."""
     run = tmp_path_factory.mktemp("two") / "two"
+    launch, env = torchrun_launch(ranks=2)
     res = subprocess.run(
-        [*TWO_RANKS, f"run_dir={run}", *TWO_RANK_RUN, "data.batch_size=16", "dist.timeout=30"],
+        [*launch, DIST_TRAIN, f"run_dir={run}", *TWO_RANK_RUN, "data.batch_size=16", "dist.timeout=30"],
         capture_output=True,
         text=True,
         timeout=400,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "STOPPED_CLOCK_RANK": "1"},
+        env={**env, "STOPPED_CLOCK_RANK": "1"},
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -8,12 +8,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun_launch
 from toy_training import ToyConfig, final_weights, reference_weights, toy_main
 
 from attnxfer.launch.slurm import (
@@ -40,17 +40,8 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 # ---- process groups for real -----------------------------------------------------------------
 @pytest.mark.slow
 def test_init_distributed_under_torchrun_joins_ranks_that_talk(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("SUBMITIT")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "tests/cluster/slurm/toy_training.py"),
-        str(tmp_path),
-    ]
+    launch, env = torchrun_launch(ranks=2)  # no TORCHRUN_ENV to drop: torchrun sets its workers' own
+    cmd = [*launch, str(ROOT / "tests/cluster/slurm/toy_training.py"), str(tmp_path)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
