@@ -230,7 +230,8 @@ def test_a_candidate_of_infinite_sensitivity_is_never_chosen_even_as_the_fastest
 @pytest.mark.slow
 @pytest.mark.usefixtures("fixed_timings")
 def test_a_budget_only_diverged_fits_would_meet_is_one_line_naming_them(tmp_path, tiny_teacher_dir, capsys):
-    """relu_linear meets the budget, but its fit diverges (stage-1 lr 1e30)."""
+    """relu_linear meets the budget, but its fit diverges (stage-1 lr 1e30): with no candidate left, no budget
+    can be met, so the line neither names a fastest "other candidate" nor says to lower the budget."""
     run = tmp_path / "run"
     lr = ["convert.stage1_lr=1e30", "convert.candidates=[relu_linear]", "convert.selection_steps=1"]
     assert (
@@ -241,6 +242,8 @@ def test_a_budget_only_diverged_fits_would_meet_is_one_line_naming_them(tmp_path
         "attnxfer convert: error: convert.speedup=1.01 cannot be met without relu_linear, whose fit diverged"
     ), err
     assert "lower convert.stage1_lr" in err[-1] and not (run / SELECTION_FILE).exists()
+    assert "no candidate left is faster than softmax" in err[-1], err
+    assert "other candidates" not in err[-1] and "lower convert.speedup" not in err[-1], err
 
 
 def _one_peaked_layer_teacher() -> torch.nn.Module:

@@ -360,10 +360,18 @@ def measure_selection(
     except InfeasibleBudget as e:
         # met before the fits: candidates whose fit diverged (at its last step: no error, a non-finite sensitivity)
         lost = [n for n in ms if not all(math.isfinite(row[n]) for row in sensitivity)]
+        # with no candidate left faster than softmax (every fit diverged), no budget > 1 can be met: lowering
+        # it is no way out, and there is no "other candidate" to name
+        left = e.fastest.names[0] != SOFTMAX
+        others = (
+            f"the fastest student of the other candidates is {beside(e.fastest.speedup, c.speedup)}"
+            if left
+            else "no candidate left is faster than softmax"
+        )
         raise InputError(
-            f"convert.speedup={c.speedup:g} cannot be met without {', '.join(lost)}, whose fit diverged: the "
-            f"fastest student of the other candidates is {beside(e.fastest.speedup, c.speedup)}; lower "
-            "convert.stage1_lr or set convert.stage1_clip_grad, or lower convert.speedup"
+            f"convert.speedup={c.speedup:g} cannot be met without {', '.join(lost)}, whose fit diverged: "
+            f"{others}; lower convert.stage1_lr or set convert.stage1_clip_grad"
+            + (", or lower convert.speedup" if left else "")
         ) from None
     return {
         "version": 2,  # 2: block times read from whole models (`whole_ms`); 1: one block timed alone
