@@ -985,6 +985,32 @@ def test_the_report_says_which_candidate_was_left_out_because_its_fit_diverged(
     )
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("fixed_timings")
+def test_a_fastest_candidate_whose_fit_diverged_is_not_named_the_fastest_student(
+    tmp_path, tiny_teacher_dir, monkeypatch
+):
+    """relu_linear is the fastest timed (0.5 ms a block against hedgehog's 1.0), but its fit diverges: it can
+    be chosen at no budget, so the record and report.md name hedgehog's student the fastest, as the table of
+    other budgets does, not relu_linear's."""
+    real_fit = selection.stage1_transfer
+
+    def fit(teacher, student, plan, *args, **kwargs):
+        if plan.active[0].attention == "relu_linear":
+            raise NonFiniteLossError("stage 1: non-finite ce loss in block 0 (relu_linear) at step 1")
+        return real_fit(teacher, student, plan, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "stage1_transfer", fit)
+    run = tmp_path / "run"
+    extra = ["convert.speedup=1.1", "convert.speed_tokens=1025", "convert.candidates=[relu_linear,hedgehog]"]
+    assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
+    record = json.loads((run / SELECTION_FILE).read_text())
+    whole = record["whole_ms"]
+    assert record["fastest"] == {"attention": "hedgehog", "speedup": whole["teacher"] / whole["hedgehog"]}
+    md = (run / "report.md").read_text()
+    assert "all blocks hedgehog)" in md and "| fastest | 1.67x | " in md, md
+
+
 #: a recorded choice of one hedgehog block (budget 1.1x, predicted 1.3x) whose measurement the tests vary
 _MEASURED_CHOICE = {
     "side": 64, "batch": 2, "tokens": 1025, "speedup": 1.1, "predicted_speedup": 1.3, "candidates": ["hedgehog"],
