@@ -662,6 +662,25 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("fixed_timings")
+def test_the_runs_own_config_with_another_budget_is_refused_as_the_auto_command_is(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """The run's config.yaml names the chosen attentions: resumed from it with another budget, the choice made
+    under the recorded one would go on while config.yaml came to say the new budget. Refused, as the auto
+    command with that budget is, and nothing is written."""
+    run = tmp_path / "run"
+    extra = ["convert.speedup=1.1", "convert.speed_tokens=1025", "convert.candidates=[relu_linear]"]
+    assert cli.main(_args(run, tiny_teacher_dir, *extra, "convert.selection_steps=1")) == 0
+    written = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli.main(["convert", "-c", str(run / "config.yaml"), "convert.speedup=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "convert.speedup (1.1 -> 1.5)" in err and err.strip().endswith("convert.speedup=1.1"), err
+    assert (run / "config.yaml").read_text() == written
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fixed_timings")
 def test_auto_takes_candidates_with_nothing_new_to_fit_and_options_only_some_take(
     tmp_path, tiny_teacher_dir, capsys
 ):

@@ -170,6 +170,10 @@ def choose_attentions(
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = read_record(path)  # a damaged record only decorates the report: none
         own = record if record and record.get("attention") == cfg.convert.attention else None
+        if own is not None and isinstance(own.get("config"), dict):
+            # the run's own config.yaml given another budget (or candidates, ...): the list was chosen under the
+            # recorded values, which config.yaml would stop saying; refused as the auto command with them is
+            _recorded(cfg, path, CHOICE_KEYS)
         # keys only a choice reads; an auto run's own config.yaml (its choice recorded) keeps them quietly
         changed = changed_from(TrainConfig(), cfg)
         unread = [f"{k}={changed[k][1]}" for k in CHOICE_KEYS if k in changed]
