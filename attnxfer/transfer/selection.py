@@ -41,12 +41,20 @@ def beside(speedup: float, budget: float) -> str:
     return f"{'just under' if short else 'at least'} {budget:g}x"  # at least: a budget printed as 1e+06
 
 
-#: why a choice predicted to meet its budget can measure short of it (the blocks' times come from whole students
-#: of one attention each), and what gives a margin
-SHORT_OF_BUDGET = (
-    "predicted from students with one attention in every block, measured as this mix of them; for a margin, "
-    "raise convert.speedup"
-)
+def short_of_budget(names: Sequence[str]) -> str:
+    """Why a choice (``names``, one per block) predicted to meet its budget can measure short of it, and what
+    gives a margin. The blocks' times come from whole students of one attention each: a mix is predicted from
+    them, but one candidate in every block is the very student that was timed, so there only timing noise can
+    tell the two measurements apart (blaming "this mix" would send the reader looking for one)."""
+    if SOFTMAX not in names and len(set(names)) == 1:
+        return (
+            "predicted from this very student, timed before the fits: the two timings differ by timing noise (a "
+            "loaded machine); rerun idle or with more convert.speed_repeats, or raise convert.speedup for a margin"
+        )
+    return (
+        "predicted from students with one attention in every block, measured as this mix of them; for a margin, "
+        "raise convert.speedup"
+    )
 
 
 @dataclass

@@ -1073,7 +1073,9 @@ def test_a_choice_predicted_to_meet_its_budget_but_measured_short_of_it_is_said_
 
     from attnxfer.apps.convert.report import _selection_section
 
-    record = {**_MEASURED_CHOICE, "speedup": 1.2}
+    # a mix: softmax kept in one block, hedgehog in the other
+    mix = {"attention": [SOFTMAX, "hedgehog"], "sensitivity": [{"hedgehog": 0.2}, {"hedgehog": 0.1}]}
+    record = {**_MEASURED_CHOICE, **mix, "speedup": 1.2, "reasons": ["kept", "fits the budget"]}
     said = []
     run = SimpleNamespace(cfg=None, selection=record, parts=None, say=said.append)
     for measured, short in ((1.15, True), (1.25, False)):
@@ -1086,6 +1088,24 @@ def test_a_choice_predicted_to_meet_its_budget_but_measured_short_of_it_is_said_
         assert "timed alone" not in said[-1]
         assert ("measured **1.15x**, **short of the budget** (" in md) is short
         assert ("raise convert.speedup" in md) is short
+
+
+def test_a_student_of_one_candidate_measured_short_of_its_budget_is_not_said_to_be_a_mix():
+    """hedgehog in every block is the very student whose whole-model time made the prediction: measured short
+    of the budget, the reason is timing noise between the two measurements, not a mix of attentions."""
+    from types import SimpleNamespace
+
+    from attnxfer.apps.convert.report import _selection_section
+
+    uniform = {"attention": ["hedgehog", "hedgehog"], "sensitivity": [{"hedgehog": 0.1}, {"hedgehog": 0.1}]}
+    record = {**_MEASURED_CHOICE, **uniform, "speedup": 1.2, "reasons": ["fits the budget"] * 2}
+    said = []
+    run = SimpleNamespace(cfg=None, selection=record, parts=None, say=said.append)
+    speed = {"input": [3, 64, 64], "batch": 2, "student_over_teacher": 1.15}
+    md = "\n".join(_selection_section(selection.measured_section(run, speed)))
+    for text in (said[-1], md):
+        assert "short of the budget" in text and "this mix" not in text, text
+        assert "predicted from this very student" in text and "timing noise" in text, text
 
 
 def test_a_linformer_candidate_whose_seq_len_is_not_the_runs_token_count_is_refused_before_any_timing(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...transfer.selection import SHORT_OF_BUDGET, SOFTMAX, InfeasibleBudget, beside, fastest, select
+from ...transfer.selection import SOFTMAX, InfeasibleBudget, beside, fastest, select, short_of_budget
 from ..run.uncertainty import correct_count, top1_interval
 
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
@@ -348,7 +348,7 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     if selection.get("measured_speedup_withheld"):
         measured = f"no measured speed-up is claimed ({selection['measured_speedup_withheld']})"
     elif selection["measured_speedup"] < selection["speedup"]:
-        measured += f", **short of the budget** ({SHORT_OF_BUDGET})"
+        measured += f", **short of the budget** ({short_of_budget(selection['attention'])})"
     whole = selection.get("whole_ms")  # absent from choices made when one block was timed alone
     floor = f", its floor {whole['floor']:.3g}" if whole else ""
     in_place = " in place ((all-blocks model - floor) / blocks):" if whole else ":"

@@ -59,7 +59,15 @@ from ...train.stop import StopRequested, stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ...train.timing import interleaved_timings
 from ...transfer.conversion import ConversionPlan
-from ...transfer.selection import SHORT_OF_BUDGET, SOFTMAX, InfeasibleBudget, beside, fastest, reasons, select
+from ...transfer.selection import (
+    SOFTMAX,
+    InfeasibleBudget,
+    beside,
+    fastest,
+    reasons,
+    select,
+    short_of_budget,
+)
 from ..run.parts import RunParts
 from ..run.resume import CHOICE_KEYS, config_changes
 from .speed import rebuilt_teacher, speedup_withheld
@@ -612,7 +620,7 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
         + (f" ({beside(cpu, record['speedup'])} in CPU time)" if cpu else "")
     )
     if not withheld and section["measured_speedup"] < record["speedup"]:  # said, not left to the digits
-        measured += f": short of the budget ({SHORT_OF_BUDGET})"
+        measured += f": short of the budget ({short_of_budget(record['attention'])})"
     run.say(
         f"convert.attention=auto: predicted {beside(record['predicted_speedup'], record['speedup'])} the "
         f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), {measured}"
