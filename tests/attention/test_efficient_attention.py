@@ -795,6 +795,13 @@ def test_student_copies_every_counterpart_weight_exactly():
         assert block.attn.num_prefix_tokens == 1 and block.attn.grid_size == (4, 4)
 
 
+def test_student_of_a_frozen_teacher_trains_every_parameter():
+    teacher = tiny_teacher().requires_grad_(False)  # as load_teacher or a TeacherStudent leaves it
+    student = efficient_student_from_teacher(teacher, "hedgehog")
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())  # the teacher stays frozen
+
+
 def test_student_with_qk_norm_teacher_keeps_norms():
     teacher = tiny_teacher(qk_norm=True)
     student = efficient_student_from_teacher(teacher, "relu_linear")

@@ -77,7 +77,9 @@ def efficient_student_from_teacher(
         raise InputError(
             f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
         )
-    return with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
+    student = with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
+    # a loaded teacher (or one a TeacherStudent used) is frozen, and so is its deep copy: the student trains
+    return student.requires_grad_(True)
 
 
 def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: Any) -> nn.Module:
