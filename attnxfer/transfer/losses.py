@@ -68,6 +68,13 @@ def _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s) -> tuple[float, float]
         raise ValueError("attention tensors must be (batch, heads, tokens, head_dim)")
     if q_t.shape[0] != q_s.shape[0]:
         raise ValueError(f"batch sizes differ: teacher {q_t.shape[0]}, student {q_s.shape[0]}")
+    # a key of another batch or head count would broadcast silently (SDPA, matmul): a loss of other maps
+    for who, q, k in (("teacher", q_t, k_t), ("student", q_s, k_s)):
+        if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
+            raise ValueError(
+                f"the {who}'s keys {tuple(k.shape)} do not go with its queries {tuple(q.shape)}: both are "
+                "(batch, heads, tokens, head_dim), of one batch, head count and head dim"
+            )
     # a user's pairing the plan cannot see (a CaiT teacher's blocks leave out the class token a ViT's keep)
     if q_t.shape[-2] != q_s.shape[-2] or k_t.shape[-2] != k_s.shape[-2]:
         raise InputError(

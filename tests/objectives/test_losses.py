@@ -155,6 +155,11 @@ def test_teacher_gets_no_gradient_and_shapes_are_checked(path):
         attention_distillation_loss(q_t, k_t, q_s, k_s[..., :9, :])
     with pytest.raises(ValueError, match="whole multiple"):
         attention_distillation_loss(*_qk(1, 3, 10, 4, 1), *_qk(1, 2, 10, 4, 2))
+    # keys that would broadcast against their queries (another batch or head count) or not fit (head dim)
+    q2, k2 = _qk(2, 2, 10, 4, seed=8)
+    for k_t2, k_s2 in [(k_t, k2), (k2, k2[:, :1]), (k2[..., :2], k2)]:
+        with pytest.raises(ValueError, match="keys .* do not go with its queries"):
+            attention_distillation_loss(q2, k_t2, q2, k_s2, path=path)
 
 
 def _matmul_flops(fn) -> tuple[int, int]:
