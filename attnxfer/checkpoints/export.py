@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import HubUnreachableError, InputError, PathExistsError
 from ..models.attention import require_model
+from ..models.handover import Chunks
 from ..models.student import (
     SOFTMAX,
     student_from_spec,
@@ -175,6 +176,15 @@ def export_student(
     if isinstance(student, TeacherStudent):  # its spec would be the pair's, which no architecture names
         raise TypeError("export_student exports the student model: pass pair.student, not the TeacherStudent")
     require_model(student)
+    # the student of a copy-mode pair attends with its teacher's q/k (its own are frozen, untrained): exported
+    # alone it would be another model, as `export_run` refuses a copy run for
+    borrowed = Chunks(c for m in student.modules() for c in getattr(m, "borrowed_chunks", ()))
+    if borrowed:
+        raise InputError(
+            f"this student attends with its teacher's {borrowed} (a copy-mode TeacherStudent's), so "
+            "exported alone it would use its own untrained projections: export a distilled student, or first "
+            "fine-tune it alone, e.g. in a TeacherStudent(teacher, student, mode='none')"
+        )
     if not isinstance(card, ModelCardInfo):  # else an AttributeError on the first field read
         raise TypeError(
             f"card: a ModelCardInfo, got {type(card).__name__}: pass "

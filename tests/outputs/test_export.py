@@ -388,6 +388,16 @@ def test_export_refuses_a_student_its_spec_cannot_rebuild(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_refuses_the_student_of_a_copy_pair_until_it_trains_alone(tmp_path):
+    teacher, student = (timm.create_model("vit_tiny_patch16_224", **TINY) for _ in range(2))
+    TeacherStudent(teacher, student, mode="copy")  # its q/k frozen: it attends with the teacher's
+    with pytest.raises(UserError, match="attends with its teacher's qk .* untrained projections"):
+        export_student(student, tmp_path / "copy", card=card())
+    assert not (tmp_path / "copy").exists()
+    TeacherStudent(teacher, student, mode="none")  # a pair of another mode trains its own q/k again
+    assert load_student(str(export_student(student, tmp_path / "alone", card=card()))) is not None
+
+
 def test_export_of_a_teacher_student_pair_or_a_name_says_what_to_pass(tmp_path):
     teacher, student = (timm.create_model("vit_tiny_patch16_224", **TINY) for _ in range(2))
     with pytest.raises(TypeError, match="pass pair.student, not the TeacherStudent"):
