@@ -112,6 +112,18 @@ def test_forward_is_proj_norm_attend_project(name):
     torch.testing.assert_close(qkv["v"], raw[2], rtol=0, atol=0)
 
 
+def test_a_second_io_on_a_layer_is_refused_and_the_first_holds():
+    """A capture around a pair's forward (or another capture) would lose what it captures at the layers the
+    inner one takes, then leave them with no io for the rest of its block."""
+    attn, x = build("softmax"), inputs()
+    outer = AttentionIO(capture="q")
+    with torch.no_grad(), attention_io(attn, outer):
+        with pytest.raises(ValueError, match="do not nest"), attention_io(attn, AttentionIO(capture="k")):
+            pass
+        attn(x)
+    assert set(outer.captured) == {"q"} and attn.io is None
+
+
 def test_attention_io_captures_what_the_layer_used_and_overrides_it(name):
     attn, x = build(name), inputs()
     io = AttentionIO(capture="qkv")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ...errors import InputError
 from ..handover import Chunks, Signal
 from .bias_rows import BiasRows
 
@@ -47,6 +48,14 @@ class StopForward(Exception):
 
 @contextlib.contextmanager
 def attention_io(attn: nn.Module, io: AttentionIO | None) -> Iterator[AttentionIO | None]:
+    # one io a layer: an inner one (a pair's forward inside capture_attention) would replace the outer's, so
+    # the outer captured nothing there, and then leave the layer without any for the rest of the outer block
+    if io is not None and getattr(attn, "io", None) is not None:
+        raise InputError(
+            "this attention layer already runs with an AttentionIO: capture_attention, attention_maps and a "
+            "TeacherStudent's forward each take over the layers they read, and do not nest on one model; run "
+            "them one after the other"
+        )
     attn.io = io
     try:
         yield io
