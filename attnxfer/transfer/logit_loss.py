@@ -28,6 +28,12 @@ def logit_distillation_loss(
 ) -> torch.Tensor:
     """T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch, in fp32 (Hinton et al.'s scaling keeps
     the gradient's size independent of T)."""
+    # kl_div broadcasts: a teacher's batch of 1 (or one class) would be compared with every student row
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"logit distillation compares logits of one shape (batch, classes): student "
+            f"{tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
+        )
     with fp32_section(student_logits.device.type):
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)

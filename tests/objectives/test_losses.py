@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnxfer.config.schema import RANGES
 from attnxfer.models.attention import attention_with_lse
+from attnxfer.transfer.logit_loss import logit_distillation_loss
 from attnxfer.transfer.losses import (
     CE_PATHS,
     CEPath,
@@ -160,6 +162,16 @@ def test_teacher_gets_no_gradient_and_shapes_are_checked(path):
     for k_t2, k_s2 in [(k_t, k2), (k2, k2[:, :1]), (k2[..., :2], k2)]:
         with pytest.raises(ValueError, match="keys .* do not go with its queries"):
             attention_distillation_loss(q2, k_t2, q2, k_s2, path=path)
+
+
+def test_logit_distillation_refuses_logits_that_would_broadcast():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    torch.testing.assert_close(
+        logit_distillation_loss(s, t), F.kl_div(s.log_softmax(-1), t.softmax(-1), reduction="batchmean")
+    )
+    for other in (t[:1], t[:, :1]):  # one teacher row for every student's, or one class
+        with pytest.raises(ValueError, match=r"logits of one shape .* student \(4, 10\), teacher"):
+            logit_distillation_loss(s, other)
 
 
 def _matmul_flops(fn) -> tuple[int, int]:
