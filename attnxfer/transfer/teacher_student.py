@@ -275,11 +275,7 @@ class TeacherStudent(nn.Module):
                 _check_numbers(c, res, "compare")
             # a total without a gradient (detached) would be trained on as a constant, training nothing
             if torch.is_grad_enabled() and not res.total.requires_grad:
-                raise ValueError(
-                    f"{c.origin}: comparison loss {c.loss!r} returned a total that carries no gradient to the "
-                    "student (detached, or computed under torch.no_grad()), so it would train nothing; compute "
-                    "it from the student's tensors as handed over, not detached copies"
-                )
+                raise ValueError(_no_gradient(c, self.student))
             out.compared.append((c, res))
         return out
 
@@ -329,6 +325,28 @@ class TeacherStudent(nn.Module):
     def _pair(self, s: int, t: int, *signals: Mapping[str, Any]) -> LayerPair:
         """Student layer ``s`` and teacher layer ``t``, with what they handed over (student's, teacher's)."""
         return LayerPair(s, t, self._student_attn[s], self._teacher_attn[t], *signals)
+
+
+def _no_gradient(c: Comparison, student: nn.Module) -> str:
+    """Why ``c``'s total carries no gradient to the student: the student's own state where that explains it
+    (then the loss is not at fault, a built-in one included), else the loss's doing."""
+    head = f"{c.origin}: comparison loss {c.loss!r} returned a total that carries no gradient to the student"
+    if not any(p.requires_grad for p in student.parameters()):
+        return (
+            f"{head}: none of the student's parameters requires grad (a copy of a frozen teacher is frozen "
+            "too), so it would train nothing; call student.requires_grad_(True)"
+        )
+    # the pair's mode is its own: a student of load_student's, or a copy of an eval teacher, stays in eval mode
+    if not student.training:
+        return (
+            f"{head}: the pair is in training mode but its student in eval mode (a load_student result, or a "
+            "copy of an eval teacher), where a layer may give none (a hashing layer's codes are hard signs); "
+            "call pair.train()"
+        )
+    return (
+        f"{head} (detached, or computed under torch.no_grad()), so it would train nothing; compute it from the "
+        "student's tensors as handed over, not detached copies"
+    )
 
 
 def _check_numbers(c: Comparison, res: Loss, method: str) -> None:

@@ -9,6 +9,7 @@ from helpers import fast_cells, peaked_teacher, randomize_qkv_rows, tiny_vit
 
 from attnxfer.models import PartialQKV
 from attnxfer.models.attention import AttentionIO
+from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.train import student_param_groups
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan, map_layers, select_layers
 
@@ -328,3 +329,21 @@ def test_the_earlier_name_dual_vit_still_imports_as_the_same_class_with_a_deprec
     with pytest.warns(DeprecationWarning, match=r"transfer\.DualViT is deprecated.*transfer\.TeacherStudent"):
         from attnxfer.transfer import DualViT
     assert DualViT is TeacherStudent and "DualViT" not in attnxfer.transfer.__all__
+
+
+def test_a_student_that_gives_no_gradient_is_said_why_not_blamed_on_the_loss():
+    """A copy of an eval teacher is in eval mode, where a hashing layer's codes are hard signs: the built-in map
+    loss then carries no gradient, and the message told its author to stop detaching tensors."""
+    teacher, x = peaked_teacher(depth=2).eval(), torch.randn(2, 3, 32, 32)
+    student = efficient_student_from_teacher(teacher, "hashing")
+    pair = TeacherStudent(teacher, student)
+    with pytest.raises(
+        ValueError, match=r"no gradient to the student: the pair is in training mode but its st"
+    ):
+        pair(x)
+    assert pair.train()(x).loss.requires_grad
+    student.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"none of the student's parameters requires grad .*student\.requires_grad_\(True\)"
+    ):
+        pair(x)
