@@ -109,6 +109,12 @@ def teacher_entropy(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Row entropies H(P̄_t) (B, H_s, N) in fp32, head groups averaged first."""
+    # else a count that does not divide the teacher's failed deep in the rows' copy (0: a ZeroDivisionError)
+    if student_heads is not None and not (student_heads > 0 and group_heads_ok(q_t.shape[1], student_heads)):
+        raise ValueError(
+            f"student_heads={student_heads}: the teacher's {q_t.shape[1]} heads are averaged in groups, so it "
+            "must divide them"
+        )
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     with _fp32(q_t.device.type):
         q_t, k_t = q_t.float(), k_t.float()

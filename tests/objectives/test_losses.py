@@ -100,6 +100,9 @@ def test_grouped_teacher_entropy_matches_explicit():
     h = teacher_entropy(q, k, student_heads=3, chunk=7)
     p = torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1).reshape(1, 3, 2, 20, 20).mean(2)
     torch.testing.assert_close(h, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+    for heads in (4, 0, 12):  # no whole groups of the teacher's 6
+        with pytest.raises(ValueError, match=f"student_heads={heads}: the teacher's 6 heads .* must divide"):
+            teacher_entropy(q, k, student_heads=heads)
 
 
 def test_row_logsumexp_matches_autograd_of_explicit():
