@@ -63,6 +63,14 @@ def test_one_layer_given_as_an_int_not_a_list_says_to_write_a_list():
         attention_maps(model, torch.randn(1, 3, 32, 32), layers=1)
 
 
+def test_one_field_given_as_a_name_not_a_list_is_that_field():
+    model, x = tiny_vit(depth=2).eval(), torch.randn(1, 3, 32, 32)
+    for field in ("input", "output", "q"):
+        with torch.no_grad(), capture_attention(model, layers=[0], fields=field) as store:
+            model(x)
+        assert list(store[0]) == [field]
+
+
 def test_capture_and_override_round_trip():
     model = tiny_vit().eval()
     attn = model.blocks[0].attn

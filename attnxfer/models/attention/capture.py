@@ -63,6 +63,9 @@ def capture_attention(
     """While active, each forward pass fills ``store[layer][field]`` for the chosen blocks; with ``input``,
     a rope the block passes is kept as ``rope`` (a zoo attention fitted on that input needs it). Tensors keep
     their graph (detach what you keep)."""
+    # one field's name is that field, as `Chunks` reads "input" (else its letters: "unknown fields ['i', 'n']")
+    if isinstance(fields, str) and fields in CAPTURE_FIELDS:
+        fields = (fields,)
     unknown = set(fields) - set(CAPTURE_FIELDS)
     if unknown:
         raise ValueError(
