@@ -154,6 +154,12 @@ def build_plan(
             raise PlanError(f"build_plan: {name} must be a number (int or float), got {value!r}")
     if not isinstance(share_drop_path, bool):  # else bool() made "no" (any non-empty value) True
         raise PlanError(f"build_plan: share_drop_path must be True or False, got {share_drop_path!r}")
+    # else one entry's keys (or a name's letters) were read as entries, each told to be the mapping it was
+    if isinstance(losses, Mapping | str):
+        raise PlanError(
+            f"build_plan: losses is a list of entries, got one {type(losses).__name__} ({losses!r}): put it in a "
+            "list, e.g. losses=[{'name': 'mse', 'signal': 'v', 'weight': 1.0}]"
+        )
     spec = get_mode(mode)
     s_attn = block_attentions(student)
     if bad := {name: w for name, w in weights.items() if not 0 <= w < math.inf}:  # NaN fails both

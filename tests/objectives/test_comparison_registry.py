@@ -332,6 +332,16 @@ def test_a_bad_entry_is_one_plan_error_that_names_it(entry, message):
         build_plan(teacher, tiny_vit(depth=2, seed=2), "none", losses=[entry])
 
 
+def test_one_entry_not_in_a_list_is_told_to_be_put_in_one():
+    """Its keys were read as entries: {'name': 'mse', ...} was told "write a mapping with the loss's name"."""
+    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    for losses in ({"name": "mse", "signal": "v"}, "mse"):
+        with pytest.raises(
+            PlanError, match=r"^build_plan: losses is a list of entries, got one (dict|str) .* list"
+        ):
+            build_plan(teacher, student, "none", losses=losses)
+
+
 @comparison_loss("scaled_l2")
 class ScaledL2(ComparisonLoss):
     """Final tokens' mean squared difference, divided by a number option (a temperature's kind)."""
