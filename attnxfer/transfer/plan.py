@@ -43,6 +43,7 @@ class TransferPlan:
     comparisons: tuple[Comparison, ...] = ()
     weight: float = 1.0  # the paper's atd_weight: the mode's distillation comparison's weight (copy: unused)
     student_depth: int = 0
+    teacher_depth: int = 0
     teacher_heads: int = 0
     student_heads: int = 0
     share_drop_path: bool = False
@@ -246,6 +247,7 @@ def build_plan(
         spec,
         pairs if not spec.moves_nothing else (),
         compared,
+        teacher_depth=len(t_attn),
         teacher_heads=t_attn[0].num_heads,
         student_heads=s_attn[0].num_heads,
         share_drop_path=share_drop_path,

@@ -150,10 +150,16 @@ class TeacherStudent(nn.Module):
         t_far = max((t for _, t in self.plan.pairs), default=-1)
         # what the plan was built for (0: a plan made by hand records none): another depth pairs other layers
         # silently, other heads fail deep in the first forward
-        built = (self.plan.student_depth, self.plan.student_heads, self.plan.teacher_heads)
+        built = (
+            self.plan.student_depth,
+            self.plan.student_heads,
+            self.plan.teacher_heads,
+            self.plan.teacher_depth,
+        )
         # without a teacher (a distilled student scored alone) only the student's side is checked, as its depth is
         t_heads = self._teacher_attn[0].num_heads if self._teacher_attn else built[2]
-        given = (len(self._student_attn), self._student_attn[0].num_heads, t_heads)
+        t_depth = len(self._teacher_attn) if self._teacher_attn else built[3]
+        given = (len(self._student_attn), self._student_attn[0].num_heads, t_heads, t_depth)
         if (
             s_far >= given[0]
             or (teacher is not None and t_far >= len(self._teacher_attn))
@@ -161,10 +167,10 @@ class TeacherStudent(nn.Module):
         ):
             raise PlanError(  # an IndexError at the first forward otherwise
                 f"the plan was built for a student of {built[0]} attention blocks with {built[1]} heads and a "
-                f"teacher with {built[2]} heads (it pairs student layer {s_far} with teacher layer {t_far}); this "
-                f"student has {given[0]} blocks with {given[1]} heads, this teacher {len(self._teacher_attn)} "
-                f"blocks with {t_heads} heads: it was built for other models; build_plan(teacher, student, ...) "
-                "with these two"
+                f"teacher of {built[3]} blocks with {built[2]} heads (it pairs student layer {s_far} with teacher "
+                f"layer {t_far}); this student has {given[0]} blocks with {given[1]} heads, this teacher "
+                f"{len(self._teacher_attn)} blocks with {t_heads} heads: it was built for other models; "
+                "build_plan(teacher, student, ...) with these two"
             )
         paired = {s for s, _ in self.plan.pairs}
         for s, attn in enumerate(self._student_attn):

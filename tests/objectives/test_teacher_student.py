@@ -219,6 +219,9 @@ def test_a_pair_or_plan_that_cannot_work_is_refused_at_construction_naming_what_
     for student in (tiny_vit(depth=2, seed=4), tiny_vit(num_heads=1, seed=4)):
         with pytest.raises(PlanError, match="built for other models; build_plan"):
             TeacherStudent(t, tiny_vit(seed=2), build_plan(t, student, "distill"))
+    # one built for a deeper teacher pairs the student's layers with other teacher layers than this one's
+    with pytest.raises(PlanError, match="teacher of 6 blocks .* this teacher 4 blocks"):
+        TeacherStudent(t, tiny_vit(depth=2, seed=2), build_plan(deep, tiny_vit(depth=2, seed=2), "distill"))
     # without a teacher (a distilled student scored alone), the teacher's side of the plan is not asked for
     alone = TeacherStudent(None, tiny_vit(seed=2), build_plan(t, tiny_vit(seed=2), "distill")).eval()
     assert alone(torch.randn(2, 3, 32, 32)).logits.shape == (2, 10)
