@@ -10,6 +10,7 @@ schedule, logging, evaluation and when to save (what a save holds is its `Checkp
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -253,6 +254,9 @@ class Engine:
         }
         extra = {
             "epoch_train_loss": [self._epoch_loss_sum(), self._epoch_batches],
+            # summary.csv's lr: a run stopped at an epoch's last step scores that epoch when it resumes,
+            # before any step sets the lr again (None before the first step: state.json holds no NaN)
+            "last_lr": self._last_lr if math.isfinite(self._last_lr) else None,
             "log_window": self.window.state(),
             **self.record,
         }
@@ -304,6 +308,8 @@ class Engine:
             self.position, loss_sum, batches = 0, 0.0, 0
         self._epoch_loss = torch.tensor(float(loss_sum), dtype=torch.float64, device=self.accelerator.device)
         self._epoch_batches = int(batches)
+        last_lr = state.get("last_lr")  # absent from checkpoints written before it was kept
+        self._last_lr = float("nan") if last_lr is None else float(last_lr)
         # the terms summed since the last record: the next record covers the same steps as an uninterrupted run's
         self.window = TermWindow.restored(
             [] if resumed.restart_epoch else state.get("log_window", []), self.accelerator.device

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import struct
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from helpers import tiny_run
 
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
+from attnxfer.train.drive import Drive
 from attnxfer.train.metrics import MetricsLogger, read_summary
+from attnxfer.train.stop import StopRequested
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -128,6 +131,24 @@ def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_
     assert read_summary(run) == read_summary(finished_run)
     text = (run / "summary.csv").read_text()
     assert text == (finished_run / "summary.csv").read_text()
+
+
+def test_summary_csv_of_an_epoch_stopped_at_its_last_step_keeps_that_steps_lr(finished_run, tmp_path):
+    """A SIGTERM during an epoch's last step saves that step before the epoch is scored; the resumed run
+    scores it first, before any step of its own: its summary.csv row still gives the lr of the epoch's last
+    step (it read nan)."""
+    run = tmp_path / "stopped"
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 4 else None  # after step 4, epoch 0's last
+
+    with pytest.raises(StopRequested):
+        build_engine(load_config(None, [f"run_dir={run}", *TINY]), drive=Drive(stop=stop)).run()
+    assert read_summary(run) == []  # stopped before the epoch was scored
+    train(load_config(None, [f"run_dir={run}", *TINY]))
+    assert read_summary(run) == read_summary(finished_run)
 
 
 def test_a_run_started_over_keeps_no_pictures_of_the_earlier_attempt(tmp_path):
