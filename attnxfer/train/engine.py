@@ -315,7 +315,10 @@ class Engine:
             [] if resumed.restart_epoch else state.get("log_window", []), self.accelerator.device
         )
         if self.is_main and not self.finished:  # a finished run's records stay as they are
-            self.metrics.truncate_after(self.step)
+            # a checkpoint at an epoch's end before its evaluation (a stop at its last step): this resume
+            # evaluates that step first (the checkpoint's history holds the evaluations it had seen)
+            scored = self.position == 0 or any(h.get("step") == self.step for h in self.history)
+            self.metrics.truncate_after(self.step, scored=scored)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
         where = f"step {self.step}, epoch {self.epoch}, position {self.position}"
         say(f"scoring {self.last_ckpt}" if scoring else f"resumed from {self.last_ckpt} ({where})")

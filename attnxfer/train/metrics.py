@@ -67,8 +67,10 @@ class MetricsLogger:
                     f"checkpoint.resume=none: kept the earlier attempt's {path.name} as {set_aside(path, 'replaced')}"
                 )
 
-    def truncate_after(self, step: int) -> None:
-        """Forget records of steps after ``step`` (they are about to be trained again)."""
+    def truncate_after(self, step: int, scored: bool = True) -> None:
+        """Forget records of steps after ``step`` (they are about to be trained again), and the evaluation of
+        ``step`` itself where its checkpoint was saved before it (not ``scored``: a stop at an epoch's last
+        step), which the resumed run logs again."""
         if not self.enabled:
             return
         self.trackers.purge_step = step + 1  # TensorBoard drops the events of redone steps too
@@ -77,9 +79,25 @@ class MetricsLogger:
                 png.unlink()
         if not self.path.exists():
             return
-        kept = [line for line, rec in _records(self.path) if int(rec.get("step", 0)) <= step]
+
+        def redone(rec: dict[str, Any]) -> bool:
+            at = int(rec.get("step", 0))
+            # an evaluation of `step` that an earlier attempt logged after this checkpoint was saved (and was then
+            # killed before saving again): the resumed run evaluates that step again, so it would appear twice
+            return at > step or (at == step and not scored and rec.get("split") != "train")
+
+        records = list(_records(self.path))
+        kept = [(line, rec) for line, rec in records if not redone(rec)]
         if len(kept) != len(self.path.read_text().splitlines()):
-            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+            atomic_write_text(self.path, "".join(line + "\n" for line, _ in kept))
+        if any(redone(rec) and int(rec.get("step", 0)) == step for _, rec in records):
+            # TensorBoard drops events by step, not by name: drop all of `step`'s, then log its training
+            # record again
+            self.trackers.purge_step = step
+            for _, rec in kept:
+                if int(rec.get("step", 0)) == step:
+                    values = {k: v for k, v in rec.items() if k not in ("split", "step", "time", "epoch")}
+                    self.trackers.log(rec["split"], step, values)
 
     def log(self, split: str, step: int, metrics: Mapping[str, float], epoch: float | None = None) -> None:
         if not self.enabled:

@@ -151,6 +151,39 @@ def test_summary_csv_of_an_epoch_stopped_at_its_last_step_keeps_that_steps_lr(fi
     assert read_summary(run) == read_summary(finished_run)
 
 
+def test_an_evaluation_redone_after_a_stop_at_an_epochs_last_step_is_logged_once(finished_run, tmp_path):
+    """A stop at epoch 0's last step saves it before its evaluation; the resumed run evaluates it, logs it and is
+    killed before its next save: the next resume, from the same checkpoint, evaluates it again. metrics.jsonl
+    and TensorBoard held that evaluation twice; they hold it once, and the step's training record still."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "stopped"
+    # saves every 3 steps: none after epoch 0's evaluation at step 4, so the kill at step 5 resumes from 4
+    cfg = load_config(
+        None, [f"run_dir={run}", *TINY, "checkpoint.every_steps=3", "log.trackers=[tensorboard]"]
+    )
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 4 else None  # after step 4, epoch 0's last
+
+    with pytest.raises(StopRequested):
+        build_engine(cfg, drive=Drive(stop=stop)).run()
+    engine = build_engine(cfg)
+    for step in engine.steps():
+        if step == 5:
+            break  # killed before its next save (the generator is dropped)
+    engine.metrics.close()  # what the killed process had written reaches the disk
+    assert [r["step"] for r in _records(run, "val")] == [4]
+    train(cfg)
+    assert [r["step"] for r in _records(run, "val")] == [r["step"] for r in _records(finished_run, "val")]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/top1")] == [4, 8, 12]
+    assert [e.step for e in events.Scalars("train/total")] == list(range(1, 13))
+
+
 def test_a_run_started_over_keeps_no_pictures_of_the_earlier_attempt(tmp_path):
     """``checkpoint.resume=none`` forgets the earlier attempt's records (metrics.jsonl, TensorBoard): its
     pictures go too, so ``pictures/`` holds only what this run drew."""
