@@ -206,8 +206,8 @@ class Engine:
         self._last_save_time = time.monotonic()
         self.saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
         self._final: dict[str, float] = {}
-        # summary.csv's train_loss: the epoch's summed `total` and micro-batch count (saved in checkpoints,
-        # so a run resumed mid-epoch reports the whole epoch), and the lr of the last step
+        # summary.csv's train_loss: the epoch's summed step losses and optimiser step count (saved in
+        # checkpoints, so a run resumed mid-epoch reports the whole epoch), and the lr of the last step
         self._epoch_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         self._epoch_batches = 0
         self._last_lr = float("nan")
@@ -518,8 +518,10 @@ class Engine:
             clip_grad=s.clip_grad,
         )
         logs = {k: v.detach() for k, v in (out.terms | out.logs).items()}
-        self._epoch_loss += logs["total"].double()
-        self._epoch_batches += 1
+        # summary.csv's train_loss is the mean of the epoch's step losses, a step's the mean of its micro-batches':
+        # counted in steps, an epoch that a resume re-split (other accumulation steps) weighs every step alike
+        self._epoch_loss += logs["total"].double() / s.accum_steps
+        self._epoch_batches += int(acc.sync_gradients)
         self._last_lr = lr
         self.position += self._global_batch  # global count: what every rank consumed together
         if progress is not None:

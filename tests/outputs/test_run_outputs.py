@@ -184,6 +184,26 @@ def test_an_evaluation_redone_after_a_stop_at_an_epochs_last_step_is_logged_once
     assert [e.step for e in events.Scalars("train/total")] == list(range(1, 13))
 
 
+def test_train_loss_of_an_epoch_resumed_with_other_accumulation_is_the_mean_of_its_steps(tmp_path):
+    """A resume may re-split the global batch (data.batch_size with optim.accum_steps; another number of
+    processes): summary.csv's train_loss is still the mean of the epoch's step losses, not of its micro-batches
+    (which weighed the steps before the resume half as much as those after)."""
+    run = tmp_path / "run"
+    keys = [f"run_dir={run}", *TINY, "schedule.epochs=1"]
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 2 else None  # after step 2 of 4
+
+    with pytest.raises(StopRequested):
+        build_engine(load_config(None, keys), drive=Drive(stop=stop)).run()
+    train(load_config(None, [*keys, "data.batch_size=8", "optim.accum_steps=2"]))  # the same global batch
+    steps = [r["total"] for r in _records(run, "train")]
+    assert len(steps) == 4
+    assert read_summary(run)[0]["train_loss"] == pytest.approx(sum(steps) / 4, rel=1e-6)
+
+
 def test_a_run_started_over_keeps_no_pictures_of_the_earlier_attempt(tmp_path):
     """``checkpoint.resume=none`` forgets the earlier attempt's records (metrics.jsonl, TensorBoard): its
     pictures go too, so ``pictures/`` holds only what this run drew."""
