@@ -526,7 +526,7 @@ class Engine:
         self.position += self._global_batch  # global count: what every rank consumed together
         if progress is not None:
             progress.update(1)
-        self.window.add(logs)
+        self.window.add(logs, weight=1 / s.accum_steps)
         return lr, acc.sync_gradients
 
     def _logs_at(self, step: int) -> bool:

@@ -34,18 +34,20 @@ class TermWindow:
 
     def __init__(self) -> None:
         # keys of a step's terms, in order -> (their running sums, how many steps added them)
-        self._sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
+        self._sums: dict[tuple[str, ...], tuple[torch.Tensor, float]] = {}
 
-    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+    def add(self, values: Mapping[str, torch.Tensor], weight: float = 1.0) -> None:
+        """``values`` of one step, or of one of its micro-batches with ``weight`` 1 / their number: a record
+        is the mean over steps also where a resume changed how many micro-batches a step has."""
         if not values:
             return
         key = tuple(values)
-        vec = _stacked(values)
+        vec = _stacked(values) * weight
         if key in self._sums:
             sums, n = self._sums[key]
-            self._sums[key] = (sums.add_(vec), n + 1)
+            self._sums[key] = (sums.add_(vec), n + weight)
         else:
-            self._sums[key] = (vec, 1)
+            self._sums[key] = (vec, weight)
 
     def state(self) -> list[list]:
         """The window as JSON for a checkpoint: each key set with its sums (the mean over ranks; every rank
@@ -63,14 +65,14 @@ class TermWindow:
         rank's)."""
         window = cls()
         for names, sums, n in state:
-            window._sums[tuple(names)] = (torch.tensor(sums, dtype=torch.float64, device=device), int(n))
+            window._sums[tuple(names)] = (torch.tensor(sums, dtype=torch.float64, device=device), float(n))
         return window
 
     def means(self) -> dict[str, float]:
         """Each term's mean over the window and over ranks (each sums its own share of equal batches) as Python
         floats; empties the window. Every rank calls it (a collective under DDP)."""
         totals: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        counts: dict[str, float] = {}
         for key, sums, n in self.state():
             for name, value in zip(key, sums, strict=True):
                 totals[name] = totals.get(name, 0.0) + value

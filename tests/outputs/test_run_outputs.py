@@ -204,6 +204,30 @@ def test_train_loss_of_an_epoch_resumed_with_other_accumulation_is_the_mean_of_i
     assert read_summary(run)[0]["train_loss"] == pytest.approx(sum(steps) / 4, rel=1e-6)
 
 
+def test_a_record_across_a_resume_with_other_accumulation_is_the_mean_of_its_steps(tmp_path):
+    """A record covers the steps since the last one, a stopped run's too; where the resume re-split the global
+    batch (more accumulation steps), it is still the mean of those steps' losses, as the same run logging every
+    step gives them, not of their micro-batches (which weighed the steps before the resume half as much)."""
+
+    def stopped_and_resumed(run: Path, every: int) -> list[dict]:
+        keys = [f"run_dir={run}", *TINY, "schedule.epochs=1", f"log.every_steps={every}", "optim.lr=1e-2"]
+        asked = []
+
+        def stop():
+            asked.append(1)
+            return signal.SIGTERM if len(asked) == 2 else None  # after step 2 of 4
+
+        with pytest.raises(StopRequested):
+            build_engine(load_config(None, keys), drive=Drive(stop=stop)).run()
+        train(load_config(None, [*keys, "data.batch_size=8", "optim.accum_steps=2"]))  # the same global batch
+        return _records(run, "train")
+
+    steps = [r["total"] for r in stopped_and_resumed(tmp_path / "each", 1)]
+    (record,) = stopped_and_resumed(tmp_path / "window", 4)  # one record, steps 1-4
+    assert len(steps) == 4 and record["step"] == 4
+    assert record["total"] == pytest.approx(sum(steps) / 4, rel=1e-6)
+
+
 def test_a_run_started_over_keeps_no_pictures_of_the_earlier_attempt(tmp_path):
     """``checkpoint.resume=none`` forgets the earlier attempt's records (metrics.jsonl, TensorBoard): its
     pictures go too, so ``pictures/`` holds only what this run drew."""
