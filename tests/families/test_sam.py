@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import copy
 
-from attnxfer.models.attention import attention_maps
-from attnxfer.transfer import TeacherStudent
+import pytest
+import timm
+import torch
 
-from .cases import CASES
+from attnxfer.models.attention import attention_maps
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan
+
+from .cases import CASES, TINY
+from .oracles import map_ce, oracle_maps
 
 
 def test_sam_windows_are_padded_rows_of_the_batch_and_its_bias_takes_a_gradient():
@@ -20,3 +25,36 @@ def test_sam_windows_are_padded_rows_of_the_batch_and_its_bias_takes_a_gradient(
     pair(x).loss.backward()
     for blk in student.blocks:
         assert blk.attn.rel_pos_h.grad is not None and blk.attn.rel_pos_h.grad.abs().sum() > 0
+
+
+def test_windowed_blocks_pair_only_with_layers_that_cut_the_same_windows():
+    """A windowed block's keys are its window's: the plan refuses another window size, and pairs a student layer
+    over all tokens (a plain ViT's) with the teacher's global block, whose map it then distils. Both used to
+    fail at run time on the teacher's batch of windows (``batch sizes differ: teacher 8, student 2``)."""
+    teacher = CASES["sam"].make(0)
+    other = TINY["sam"]
+    windows_3 = timm.create_model(
+        other.arch, pretrained=False, num_classes=5, **{**other.kwargs, "window_size": 3}
+    )
+    with pytest.raises(PlanError, match="window_size teacher 4, student 3"):
+        build_plan(copy.deepcopy(teacher), windows_3, "copy")
+    torch.manual_seed(2)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=48,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+        num_classes=5,
+    ).eval()
+    x = CASES["sam"].images(2)
+    t_maps, s_maps = oracle_maps(teacher, x), oracle_maps(vit, x)
+    plan = build_plan(copy.deepcopy(teacher), copy.deepcopy(vit), "distill")
+    assert plan.pairs == ((0, 1), (1, 1))  # block 1 is the teacher's global block
+    out = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(vit), mode="distill").train()(x)
+    for i in range(2):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(t_maps[1], s_maps[i]))

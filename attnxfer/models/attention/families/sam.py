@@ -5,6 +5,8 @@ with rope instead rotate q and k and have no bias."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,6 +24,13 @@ class TransferSamAttention(HeadsAttnDim, SoftmaxCore, SamAttention):
     """SAM ViT's ``Attention``; takes and returns timm's (B', h, w, C) grids."""
 
     has_logit_bias = True
+
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
+        # A windowed block (timm's ``Block.window_size`` > 0) attends within padded windows that it cuts
+        # itself, so its query and key sets are not a global layer's: the plan must refuse pairing it with
+        # a global layer or another window size, which otherwise failed at run time on the batch of windows.
+        window = int(getattr(block, "window_size", 0) or 0)
+        return {"window_size": window} if window else {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.io is None:
