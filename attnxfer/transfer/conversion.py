@@ -127,13 +127,19 @@ def _stage1_tensors(
     if what.new:
         out += [(f"{prefix}.{n}", attn.get_parameter(n), None) for n in attn.new_parameter_names()]
     if what.qk:
-        rows = 2 * attn.attn_dim  # fused qkv: the q and k row blocks come first
-        for pname in ("weight", "bias"):
-            p = getattr(attn.qkv, pname, None)
-            if p is not None:
-                mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
-                mask[:rows] = 1
-                out.append((f"{prefix}.qkv.{pname}[q,k rows]", p, mask))
+        if hasattr(attn, "qkv"):
+            rows = 2 * attn.attn_dim  # fused qkv: the q and k row blocks come first
+            for pname in ("weight", "bias"):
+                p = getattr(attn.qkv, pname, None)
+                if p is not None:
+                    mask = torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device)
+                    mask[:rows] = 1
+                    out.append((f"{prefix}.qkv.{pname}[q,k rows]", p, mask))
+        else:
+            # a slot that keeps the teacher's separate projections (Gemma4's q_proj, k_proj) has no fused
+            # qkv: its q and k projections train whole (reading attn.qkv was an AttributeError)
+            for proj in ("q_proj", "k_proj"):
+                out += [(f"{prefix}.{proj}.{n}", p, None) for n, p in getattr(attn, proj).named_parameters()]
         for norm in ("q_norm", "k_norm"):
             out += [(f"{prefix}.{norm}.{n}", p, None) for n, p in getattr(attn, norm).named_parameters()]
     return out

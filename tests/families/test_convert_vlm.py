@@ -85,6 +85,25 @@ def test_stage_1_lowers_its_loss_on_the_teachers_signals(family):
     assert moved and moved <= new
 
 
+def test_stage_1_trains_the_q_and_k_projections_gemma4_keeps_separate():
+    """``stage1_train=qk`` on a Gemma4-ViT student, whose layers keep the teacher's separate q_proj/k_proj (no
+    fused qkv, which the plan used to read: an AttributeError): those projections and the q/k norms train,
+    v and the output projection stay the teacher's, and the fit loss falls."""
+    tiny = FAMILIES["gemma4"]
+    teacher = tiny.build()
+    student = build_efficient_student(teacher, "relu_linear")
+    signals = teacher_signals(teacher, tiny.images(4), [0, 1], ("input", "q", "k"))
+    plan = build_conversion_plan(
+        teacher, student, stage1_steps=4, stage1_lr=3e-2, stage1_batch_size=4, stage1_train="qk"
+    )
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    res = stage1_transfer(teacher, student, plan, iter([signals] * 4))
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0], losses
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert {n.split(".attn.")[1].split(".")[0] for n in moved} == {"q_proj", "k_proj", "q_norm", "k_norm"}
+
+
 @pytest.mark.parametrize("family", fast_cells(["gemma4", "gemma4_gqa"], keep=["gemma4"]))
 def test_stage_1_compares_with_the_teachers_scale_1_rope_maps(family):
     """A full-window student is the teacher: stage 1's KL on the captured signals is zero only if the
