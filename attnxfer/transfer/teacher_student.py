@@ -63,7 +63,12 @@ class _FixedDropPath(nn.Module):
         self.mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, N, C) or NHWC stages
+        mask = self.mask
+        if x.shape[0] != mask.shape[0]:
+            # SAM's windowed blocks apply drop_path1 to their batch of windows, image by image (B·windows
+            # rows): each image's windows take its draw, else the mask does not broadcast
+            mask = mask.repeat_interleave(x.shape[0] // mask.shape[0])
+        return x * mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, N, C) or NHWC stages
 
 
 def _drop_rates(block: nn.Module) -> Iterator[tuple[str, float]]:

@@ -58,3 +58,21 @@ def test_windowed_blocks_pair_only_with_layers_that_cut_the_same_windows():
     out = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(vit), mode="distill").train()(x)
     for i in range(2):
         torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(t_maps[1], s_maps[i]))
+
+
+def test_shared_drop_path_reaches_the_windowed_blocks_batch_of_windows():
+    """SAM's windowed blocks apply drop_path1 to their windows (B·windows rows): a shared per-image draw covers
+    each image's windows (it did not broadcast: a RuntimeError), so a student with the teacher's weights keeps
+    its maps (KL 0) under shared masks and not under its own."""
+    teacher = CASES["sam"].make(0)
+    x = torch.cat([CASES["sam"].images(2)] * 2)
+    kl = {}
+    for share in (True, False):
+        student = copy.deepcopy(teacher)
+        for blk in student.blocks:
+            blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5)
+        torch.manual_seed(0)
+        plan = build_plan(copy.deepcopy(teacher), student, "distill", share_drop_path=share)
+        out = TeacherStudent(copy.deepcopy(teacher), student, plan).train()(x)
+        kl[share] = max(v.abs().item() for v in out.logs.values())
+    assert kl[True] < 1e-5 < 1e-3 < kl[False]
