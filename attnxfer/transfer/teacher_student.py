@@ -56,14 +56,17 @@ class TransferOutput:
 
 
 class _FixedDropPath(nn.Module):
-    """Applies a given per-sample keep mask: shares one drop-path draw between two blocks."""
+    """Applies given per-sample keep masks, the i-th call the i-th mask: shares drop-path draws between two
+    blocks (one such module per block, so that each counts its own calls)."""
 
-    def __init__(self, mask: torch.Tensor):
+    def __init__(self, masks: list[torch.Tensor]):
         super().__init__()
-        self.mask = mask
+        self.masks = masks
+        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
+        mask = self.masks[self.calls % len(self.masks)]
+        self.calls += 1
         if x.shape[0] != mask.shape[0]:
             # SAM's windowed blocks apply drop_path1 to their batch of windows, image by image (B·windows
             # rows): each image's windows take its draw, else the mask does not broadcast
@@ -71,10 +74,13 @@ class _FixedDropPath(nn.Module):
         return x * mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, N, C) or NHWC stages
 
 
-def _drop_rates(block: nn.Module) -> Iterator[tuple[str, float]]:
-    """(name, rate) of the block's drop-path modules."""
+def _drop_rates(block: nn.Module) -> Iterator[tuple[str, float, int]]:
+    """(name, rate, calls per forward) of the block's drop-path modules."""
     for name in ("drop_path1", "drop_path2"):
-        yield name, float(getattr(getattr(block, name, None), "drop_prob", 0.0))
+        yield name, float(getattr(getattr(block, name, None), "drop_prob", 0.0)), 1
+    # CaiT's blocks have one ``drop_path`` that both residual branches call, each with its own draw: it was
+    # not shared, so the student dropped branches the teacher kept
+    yield "drop_path", float(getattr(getattr(block, "drop_path", None), "drop_prob", 0.0)), 2
 
 
 @contextlib.contextmanager
@@ -85,14 +91,14 @@ def _shared_drop_path(
     saved = []
     try:
         for student_blk, teacher_blk in pairs:
-            for name, rate in _drop_rates(student_blk):
+            for name, rate, calls in _drop_rates(student_blk):
                 if rate <= 0.0:
                     continue
                 keep = 1.0 - rate
-                mask = torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
+                masks = [torch.empty(batch, device=device).bernoulli_(keep).div_(keep) for _ in range(calls)]
                 for blk in (student_blk, teacher_blk):
                     saved.append((blk, name, getattr(blk, name)))
-                    setattr(blk, name, _FixedDropPath(mask))
+                    setattr(blk, name, _FixedDropPath(masks))
         yield
     finally:
         for blk, name, mod in reversed(saved):
@@ -212,7 +218,7 @@ class TeacherStudent(nn.Module):
         if not (self.plan.share_drop_path and self.training):
             return False
         pairs = self._drop_path_pairs(self.teacher_needs().last_layer)
-        return any(rate > 0 for student_blk, _ in pairs for _, rate in _drop_rates(student_blk))
+        return any(rate > 0 for student_blk, _ in pairs for _, rate, _ in _drop_rates(student_blk))
 
     def teacher_pass(
         self, x: torch.Tensor | dict[str, torch.Tensor], needs: TeacherNeeds | None = None

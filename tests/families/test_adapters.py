@@ -37,7 +37,7 @@ from attnxfer.models.attention import (
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import TeacherStudent, build_plan
 
-from .cases import CASES, NAMES, TINY
+from .cases import CASES, NAMES, TINY, sharpen
 from .oracles import assert_distill_matches_oracle, attention_modules, logits_of, map_ce, oracle_maps
 
 COPY_MODES = ("copy", "copy_q", "copy_k", "copy_v")
@@ -272,3 +272,21 @@ def test_a_plain_vit_student_copies_and_distils_from_a_family_teacher(name):
     out = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()(x)
     for i, (t, s) in enumerate(zip(t_maps, s_maps)):
         torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(t, s), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_drop_path_reaches_caits_one_drop_path_per_block():
+    """CaiT's blocks have one ``drop_path`` that both residual branches call, each with its own draw, where
+    other families have drop_path1/drop_path2. Copy from a teacher with the student's own weights under shared
+    drop path is then timm's own train-mode forward of the student with the same random stream; the student
+    used to drop branches alone, under maps of a teacher that kept them."""
+    tiny = TINY["cait"]
+    teacher = sharpen(
+        timm.create_model(tiny.arch, pretrained=False, num_classes=5, drop_path_rate=0.5, **tiny.kwargs)
+    ).eval()
+    x = tiny.images(4)
+    plan = build_plan(teacher, teacher, "copy", share_drop_path=True)
+    torch.manual_seed(3)
+    expected = copy.deepcopy(teacher).train()(x)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(teacher), plan).train()
+    torch.manual_seed(3)
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
