@@ -11,7 +11,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..models.attention import MapKind, attention_name_of, stage_of
+from ..models.attention import MapKind, attention_name_of, family_of, stage_of
 from ..models.handover import Signal
 from .attention_comparisons import check_head_dims_match, check_heads_match
 from .comparisons import Comparison, PlanModels, comparison_from_entry
@@ -240,6 +240,7 @@ def build_plan(
             )
         requested[i] = replace(c, pairs=tuple(p for p in pairs if p[0] in want))
     _check_layer_pairs(spec, pairs, requested, models, s_names, share_drop_path)
+    _check_first_stage(pairs, s_names, t_names, teacher)
     compared = tuple(
         replace(c, notes=tuple(c.loss_fn.note(c, models, s, t) for s, t in c.pairs)) for c in requested
     )
@@ -253,6 +254,32 @@ def build_plan(
         share_drop_path=share_drop_path,
         tokens=(t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix,
         **common,
+    )
+
+
+def _check_first_stage(
+    pairs: Sequence[tuple[int, int]], s_names: Sequence[str], t_names: Sequence[str], teacher: nn.Module
+) -> None:
+    """A student of one stage sees the grid of a hierarchical teacher's first stage (their token layouts
+    matched), and the teacher's later stages attend over coarser grids: a pair with a later-stage layer is one
+    `PlanError` naming the student layers that pair within the first stage. It used to pass the plan (a
+    distilled layer pools onto PVTv2's reduced keys) and stop at the first step with a misleading "token
+    counts differ ... need the same image size"."""
+    family = family_of(teacher)
+    if family is None or not family.hierarchical or len({stage_of(n) for n in s_names}) > 1:
+        return
+    first = stage_of(t_names[0])
+    later = [(s, t) for s, t in pairs if stage_of(t_names[t]) != first]
+    if not later:
+        return
+    s, t = later[0]
+    within = [s for s, t in pairs if stage_of(t_names[t]) == first]
+    fix = f"transfer.layers={within}" if within else "a student as deep as the teacher's first stage"
+    raise PlanError(
+        f"student layer {s} <- teacher layer {t} (stage {stage_of(t_names[t])}): the teacher layer attends over "
+        f"its stage's coarser grid, not the student's one grid (the teacher's first stage, {first}); a student "
+        f"of one stage takes maps only from the teacher's first stage: set {fix}, or give the student the "
+        "teacher's architecture (model.mirror_teacher=true)"
     )
 
 

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from helpers import card, fast_cells, tiny_run
 
@@ -98,6 +99,29 @@ def test_a_student_with_other_key_sets_is_refused_at_plan_time_naming_the_stage(
             build_plan(teacher, student, mode)
         for part in says.split("|"):
             assert part in str(refused.value), str(refused.value)
+
+
+def test_a_student_of_one_stage_pairs_only_with_the_teachers_first_stage():
+    """A plain ViT with the token grid of a PVTv2 teacher's first stage (56x56 at its 224 px): its later
+    student layers would pair with teacher layers of the coarser stages. The plan says which student layers
+    pair within the first stage (it used to pass, and the first step stopped on "token counts differ ...
+    need the same image size", which both had); those alone plan."""
+    teacher = build_hier("pvt_v2")
+    torch.manual_seed(2)
+    student = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+        num_classes=5,
+    )
+    with pytest.raises(PlanError, match=r"teacher layer 1 \(stage stages.1\).*transfer.layers=\[0\]"):
+        build_plan(teacher, student, "distill")
+    assert build_plan(teacher, student, "distill", layers=[0]).pairs == ((0, 0),)
 
 
 @pytest.mark.slow
