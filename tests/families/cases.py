@@ -250,6 +250,17 @@ def build_hier(name: str, seed: int = 0) -> nn.Module:
     return model
 
 
+def plain_vit(seed: int = 2, **overrides) -> nn.Module:
+    """A plain timm ViT with the tiny families' token layout (8-px patches of a 32-px image, no prefix token,
+    mean pooling), in eval mode: the student of a family teacher across families; ``overrides`` (img_size,
+    patch_size, depth) give another teacher's grid."""
+    torch.manual_seed(seed)
+    layout = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, global_pool="avg", num_classes=5, **{**layout, **overrides}
+    ).eval()
+
+
 # ----------------------------------------------------------------------------- the table
 
 _EXACT = dict(rtol=1e-5, atol=1e-6)

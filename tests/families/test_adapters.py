@@ -37,7 +37,7 @@ from attnxfer.models.attention import (
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import TeacherStudent, build_plan
 
-from .cases import CASES, NAMES, TINY, sharpen
+from .cases import CASES, NAMES, TINY, plain_vit, sharpen
 from .oracles import assert_distill_matches_oracle, attention_modules, logits_of, map_ce, oracle_maps
 
 COPY_MODES = ("copy", "copy_q", "copy_k", "copy_v")
@@ -229,30 +229,13 @@ def test_a_distilled_student_exports_to_plain_timm_and_loads_back(name, tmp_path
         torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)
 
 
-def _plain_vit_like_the_tiny_families(seed: int = 2) -> torch.nn.Module:
-    """A plain timm ViT with the tiny families' token layout: 4x4 patches, no prefix token, mean pooling."""
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        class_token=False,
-        global_pool="avg",
-        num_classes=5,
-    ).eval()
-
-
 @pytest.mark.parametrize("name", ["relpos", "qwen3"])
 def test_a_plain_vit_student_copies_and_distils_from_a_family_teacher(name):
     """Across families (same token layout): copy = the plain student run by timm with its softmax maps
     replaced by the teacher's (a hook on its ``attn_drop``; relpos: bias included), distill = the CE of
     the two families' own maps."""
     teacher, x = TINY[name].build(seed=0), TINY[name].images()
-    student = _plain_vit_like_the_tiny_families()
+    student = plain_vit()
     t_maps = oracle_maps(teacher, x)
 
     oracle = copy.deepcopy(student)

@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from helpers import card, fast_cells, tiny_run
 
@@ -25,7 +24,7 @@ from attnxfer.checkpoints import export_student
 from attnxfer.config import load_config
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
-from .cases import TINY_HIER, build_hier
+from .cases import TINY_HIER, build_hier, plain_vit
 from .oracles import logits_of, oracle_maps
 
 FAMILIES = sorted(TINY_HIER)
@@ -107,18 +106,7 @@ def test_a_student_of_one_stage_pairs_only_with_the_teachers_first_stage():
     pair within the first stage (it used to pass, and the first step stopped on "token counts differ ...
     need the same image size", which both had); those alone plan."""
     teacher = build_hier("pvt_v2")
-    torch.manual_seed(2)
-    student = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        patch_size=4,
-        embed_dim=32,
-        depth=3,
-        num_heads=2,
-        class_token=False,
-        global_pool="avg",
-        num_classes=5,
-    )
+    student = plain_vit(img_size=224, patch_size=4, depth=3)
     with pytest.raises(PlanError, match=r"teacher layer 1 \(stage stages.1\).*transfer.layers=\[0\]"):
         build_plan(teacher, student, "distill")
     assert build_plan(teacher, student, "distill", layers=[0]).pairs == ((0, 0),)

@@ -12,7 +12,7 @@ import torch
 from attnxfer.models.attention import attention_maps
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
-from .cases import CASES, TINY
+from .cases import CASES, TINY, plain_vit
 from .oracles import map_ce, oracle_maps
 
 
@@ -38,19 +38,7 @@ def test_windowed_blocks_pair_only_with_layers_that_cut_the_same_windows():
     )
     with pytest.raises(PlanError, match="window_size teacher 4, student 3"):
         build_plan(copy.deepcopy(teacher), windows_3, "copy")
-    torch.manual_seed(2)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=48,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        class_token=False,
-        global_pool="avg",
-        num_classes=5,
-    ).eval()
+    vit = plain_vit(img_size=48)
     x = CASES["sam"].images(2)
     t_maps, s_maps = oracle_maps(teacher, x), oracle_maps(vit, x)
     plan = build_plan(copy.deepcopy(teacher), copy.deepcopy(vit), "distill")
