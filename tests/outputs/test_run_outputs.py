@@ -184,21 +184,26 @@ def test_an_evaluation_redone_after_a_stop_at_an_epochs_last_step_is_logged_once
     assert [e.step for e in events.Scalars("train/total")] == list(range(1, 13))
 
 
+def _stopped_after_two_steps_and_resplit(keys: list[str]) -> None:
+    """Train ``keys`` (4 steps), stopped by SIGTERM after step 2, then resumed with the same global batch cut in
+    two micro-batches (data.batch_size=8, optim.accum_steps=2), as another number of processes re-splits it."""
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 2 else None
+
+    with pytest.raises(StopRequested):
+        build_engine(load_config(None, keys), drive=Drive(stop=stop)).run()
+    train(load_config(None, [*keys, "data.batch_size=8", "optim.accum_steps=2"]))
+
+
 def test_train_loss_of_an_epoch_resumed_with_other_accumulation_is_the_mean_of_its_steps(tmp_path):
     """A resume may re-split the global batch (data.batch_size with optim.accum_steps; another number of
     processes): summary.csv's train_loss is still the mean of the epoch's step losses, not of its micro-batches
     (which weighed the steps before the resume half as much as those after)."""
     run = tmp_path / "run"
-    keys = [f"run_dir={run}", *TINY, "schedule.epochs=1"]
-    asked = []
-
-    def stop():
-        asked.append(1)
-        return signal.SIGTERM if len(asked) == 2 else None  # after step 2 of 4
-
-    with pytest.raises(StopRequested):
-        build_engine(load_config(None, keys), drive=Drive(stop=stop)).run()
-    train(load_config(None, [*keys, "data.batch_size=8", "optim.accum_steps=2"]))  # the same global batch
+    _stopped_after_two_steps_and_resplit([f"run_dir={run}", *TINY, "schedule.epochs=1"])
     steps = [r["total"] for r in _records(run, "train")]
     assert len(steps) == 4
     assert read_summary(run)[0]["train_loss"] == pytest.approx(sum(steps) / 4, rel=1e-6)
@@ -211,15 +216,7 @@ def test_a_record_across_a_resume_with_other_accumulation_is_the_mean_of_its_ste
 
     def stopped_and_resumed(run: Path, every: int) -> list[dict]:
         keys = [f"run_dir={run}", *TINY, "schedule.epochs=1", f"log.every_steps={every}", "optim.lr=1e-2"]
-        asked = []
-
-        def stop():
-            asked.append(1)
-            return signal.SIGTERM if len(asked) == 2 else None  # after step 2 of 4
-
-        with pytest.raises(StopRequested):
-            build_engine(load_config(None, keys), drive=Drive(stop=stop)).run()
-        train(load_config(None, [*keys, "data.batch_size=8", "optim.accum_steps=2"]))  # the same global batch
+        _stopped_after_two_steps_and_resplit(keys)
         return _records(run, "train")
 
     steps = [r["total"] for r in stopped_and_resumed(tmp_path / "each", 1)]
