@@ -981,20 +981,26 @@ def test_a_convert_study_resumed_mid_selection_gives_every_budget_the_recorded_m
     assert records[0]["ms"] == records[1]["ms"] and records[0]["sensitivity"] == records[1]["sensitivity"]
 
 
+def _fit_diverges(monkeypatch, attention: str) -> None:
+    """``attention``'s stage-1 fit stops on a non-finite loss at its first step, as a diverging fit does; the
+    other candidates fit as they would."""
+    real_fit = selection.stage1_transfer
+
+    def fit(teacher, student, plan, *args, **kwargs):
+        if plan.active[0].attention == attention:
+            raise NonFiniteLossError(f"stage 1: non-finite ce loss in block 0 ({attention}) at step 1")
+        return real_fit(teacher, student, plan, *args, **kwargs)
+
+    monkeypatch.setattr(selection, "stage1_transfer", fit)
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("fixed_timings")
 def test_the_report_says_which_candidate_was_left_out_because_its_fit_diverged(
     tmp_path, tiny_teacher_dir, monkeypatch
 ):
     """A candidate whose fit diverged has no sensitivity: its column's dashes are explained in report.md."""
-    real_fit = selection.stage1_transfer
-
-    def fit(teacher, student, plan, *args, **kwargs):
-        if plan.active[0].attention == "performer":
-            raise NonFiniteLossError("stage 1: non-finite ce loss in block 0 (performer) at step 1")
-        return real_fit(teacher, student, plan, *args, **kwargs)
-
-    monkeypatch.setattr(selection, "stage1_transfer", fit)
+    _fit_diverges(monkeypatch, "performer")
     run = tmp_path / "run"
     extra = ["convert.speedup=1.1", "convert.speed_tokens=1025", "convert.candidates=[hedgehog,performer]"]
     assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
@@ -1012,14 +1018,7 @@ def test_a_fastest_candidate_whose_fit_diverged_is_not_named_the_fastest_student
     """relu_linear is the fastest timed (0.5 ms a block against hedgehog's 1.0), but its fit diverges: it can
     be chosen at no budget, so the record and report.md name hedgehog's student the fastest, as the table of
     other budgets does, not relu_linear's."""
-    real_fit = selection.stage1_transfer
-
-    def fit(teacher, student, plan, *args, **kwargs):
-        if plan.active[0].attention == "relu_linear":
-            raise NonFiniteLossError("stage 1: non-finite ce loss in block 0 (relu_linear) at step 1")
-        return real_fit(teacher, student, plan, *args, **kwargs)
-
-    monkeypatch.setattr(selection, "stage1_transfer", fit)
+    _fit_diverges(monkeypatch, "relu_linear")
     run = tmp_path / "run"
     extra = ["convert.speedup=1.1", "convert.speed_tokens=1025", "convert.candidates=[relu_linear,hedgehog]"]
     assert cli.main(_args(run, tiny_teacher_dir, *extra)) == 0
