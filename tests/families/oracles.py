@@ -7,7 +7,8 @@ maps come as (B, windows, H, n, n) and are reshaped to (B·windows, H, n, n), th
 Hiera's ``MaskUnitAttention`` has no ``attn_drop``: its maps are recomputed from the module's own ``qkv``
 weights and its input, following timm's arithmetic (unrolled mask units, max-pooled queries). Swin's window
 attentions are recorded in float64 (`swin_oracle_maps`). `assert_distill_matches_oracle` holds attnxfer's
-distillation (CE terms and gradients) against any family's oracle maps.
+distillation (CE terms and gradients) against any family's oracle maps, and the two shared-drop-path checks
+hold a pair's shared masks against timm's own train-mode forward and against private draws.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import contextlib
 import copy
 from collections.abc import Callable, Iterator
 
+import timm
 import torch
 import torch.nn as nn
 
-from attnxfer.transfer import TeacherStudent
+from attnxfer.transfer import TeacherStudent, build_plan
 
 #: timm attention classes (by class name) whose softmax output the oracle records.
 ORACLE_ATTENTIONS = (
@@ -211,3 +213,29 @@ def timm_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         for h in handles:
             h.remove()
     return maps
+
+
+def assert_shared_drop_path_copy_is_timms(teacher: nn.Module, x: torch.Tensor) -> None:
+    """Copy from a teacher with the student's own weights under shared drop path is timm's own train-mode
+    forward of the student with the same random stream: each block applies the same draws on both sides."""
+    plan = build_plan(teacher, teacher, "copy", share_drop_path=True)
+    torch.manual_seed(3)
+    expected = copy.deepcopy(teacher).train()(x)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(teacher), plan).train()
+    torch.manual_seed(3)
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def assert_shared_drop_path_keeps_the_maps(teacher: nn.Module, x: torch.Tensor) -> None:
+    """A student equal to the teacher with drop path 0.5 in its blocks: under shared masks its maps stay the
+    teacher's (KL 0), under its own draws they do not."""
+    kl = {}
+    for share in (True, False):
+        student = copy.deepcopy(teacher)
+        for blk in student.blocks:
+            blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5)
+        torch.manual_seed(0)
+        plan = build_plan(copy.deepcopy(teacher), student, "distill", share_drop_path=share)
+        out = TeacherStudent(copy.deepcopy(teacher), student, plan).train()(x)
+        kl[share] = max(v.abs().item() for v in out.logs.values())
+    assert kl[True] < 1e-5 < 1e-3 < kl[False]

@@ -31,7 +31,7 @@ from attnxfer.models.attention import attention_blocks, attention_layers, attent
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
 from .cases import SWINS, build_swin, swin_images
-from .oracles import logits_of, masked_map_ce, swin_oracle_maps
+from .oracles import assert_shared_drop_path_copy_is_timms, logits_of, masked_map_ce, swin_oracle_maps
 
 NAMES = sorted(SWINS)
 
@@ -84,12 +84,7 @@ def test_shared_drop_path_masks_fit_the_stages_nhwc_blocks():
     the student with the same random stream (its DropPath draws (B, 1, 1, 1) masks in the same order)."""
     teacher = build_swin("swin", drop_path_rate=0.5)
     x = swin_images("swin", batch=4)
-    plan = build_plan(teacher, teacher, "copy", share_drop_path=True)
-    torch.manual_seed(3)
-    expected = copy.deepcopy(teacher).train()(x)
-    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(teacher), plan).train()
-    torch.manual_seed(3)
-    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_shared_drop_path_copy_is_timms(teacher, x)
 
 
 def test_a_deeper_teacher_pairs_within_stages_with_the_same_shift():
