@@ -275,8 +275,8 @@ class ConvertConfig:
     # student is convert.speedup times faster than the teacher (attnxfer.apps.convert.selection);
     # names are checked as the CLI loads the config
     attention: str | list[str] = key("hedgehog", range=ANY)
-    # attention=auto: the predicted speedup over the teacher the student must reach (> 1)
-    speedup: float | None = key(None, range=POSITIVE)
+    # attention=auto: the predicted speedup over the teacher the student must reach (> 1: the teacher is 1)
+    speedup: float | None = key(None, range=Range(1, low_open=True))
     # attention=auto: the token count the speed is measured at (prefix + a square grid); null: the run's
     speed_tokens: int | None = key(None, range=AT_LEAST_1)
     # attention=auto: the zoo attentions a block may get instead of softmax

@@ -301,8 +301,8 @@ def test_a_range_names_its_bounds_as_written():
     """A bound is printed whole, not cut to six digits (4.29497e+09 is no seed one could type)."""
     with pytest.raises(ConfigError, match=r"seed: must be >= 0 and <= 4294967295; got -1$"):
         load_config(None, ["seed=-1"])
-    # inf is > 0 and nan compares as nothing: the bound alone would not say what is wrong
-    with pytest.raises(ConfigError, match=r"convert.speedup: must be a finite number > 0; got inf$"):
+    # inf is > 1 and nan compares as nothing: the bound alone would not say what is wrong
+    with pytest.raises(ConfigError, match=r"convert.speedup: must be a finite number > 1; got inf$"):
         load_config(None, ["convert.speedup=.inf"])
 
 

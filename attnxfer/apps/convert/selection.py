@@ -94,11 +94,6 @@ def check_auto(cfg: TrainConfig) -> None:
             "convert.attention=auto chooses each block's attention to meet a speed budget, and none was given: "
             "set convert.speedup=S (the student S times faster than the teacher, S > 1)"
         )
-    if c.speedup <= 1:
-        raise InputError(
-            f"convert.speedup={c.speedup:g}: the budget is a speedup over the teacher and must be > 1 (the "
-            "teacher itself is 1)"
-        )
     if not c.candidates:
         raise InputError(
             "convert.candidates is empty: list the zoo attentions a block may get, e.g. [relu_linear]"
