@@ -488,7 +488,10 @@ def _recipe_data(cfg: dict[str, Any], *, labels_read: bool = True) -> tuple[str 
         data = {**data, "labels": False}
     block = "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
     if not labels_read:
-        block = "The images alone: the run read no label.\n\n" + block
+        block = (
+            "Trained on the images alone: no label was read in training (a k-NN figure, where the card "
+            "gives one, is scored with labels).\n\n" + block
+        )
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
         return block, None

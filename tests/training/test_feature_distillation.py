@@ -275,7 +275,7 @@ def test_the_card_of_a_run_without_a_task_loss_lists_its_data_as_read_without_la
         build_engine(load_config(None, _train_args(run, teacher_dir, "schedule.max_steps=1"))).run()
     card = (export_run(run, tmp_path / "export") / "README.md").read_text()
     data = card.split("## Training data", 1)[1].split("## Metrics", 1)[0]
-    assert "the run read no label" in data and "labels: false" in data and "labels: true" not in data
+    assert "no label was read in training" in data and "labels: false" in data and "labels: true" not in data
 
 
 # -- bad input: one line, before any work ------------------------------------------------------------------------

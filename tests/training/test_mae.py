@@ -252,7 +252,7 @@ def test_a_pretrainings_card_lists_its_training_data_as_read_without_labels(pret
     loss reads none: the card's training data says so rather than copying the recipe's labels: true."""
     card = (pretrained_run / "export" / "README.md").read_text()
     data = card.split("## Training data", 1)[1].split("## Metrics", 1)[0]
-    assert "the run read no label" in data and "labels: false" in data and "labels: true" not in data
+    assert "no label was read in training" in data and "labels: false" in data and "labels: true" not in data
 
 
 @pytest.mark.slow
