@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import timm
 import torch
 import transformers
 from helpers import fast_cells, tiny_convert_report, tiny_run
+from PIL import Image
 from safetensors.torch import save_file
+from timm.data import create_transform, resolve_data_config
 
 import attnxfer.sources.transformers_format as tf
 from attnxfer.errors import InputError
@@ -341,6 +344,21 @@ def test_resize_to_a_fixed_size_is_timms_squash():
     assert pp["crop_pct"] == 1.0 and pp["crop_mode"] == "squash" and pp["interpolation"] == "bilinear"
     old = tf._preprocessing({"size": 224, "do_center_crop": True, "crop_size": 196})  # transformers 4 ints
     assert old["crop_pct"] == pytest.approx(196 / 224) and old["crop_mode"] == "center"
+
+
+def test_a_resize_to_height_and_width_before_a_center_crop_is_timms_squash_as_deits_processor_does():
+    """DeiT's processor resizes to 256x256 (aspect ratio not kept), then crops 224: timm's ``squash`` with
+    crop_pct 224/256; ``center`` would keep the aspect ratio and crop another part of a non-square image."""
+    proc = transformers.DeiTImageProcessor(
+        size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}, resample=3
+    )
+    pp = tf._preprocessing(json.loads(proc.to_json_string()))
+    assert pp["crop_mode"] == "squash" and pp["crop_pct"] == pytest.approx(32 / 40)
+    pp.pop("crop_size")
+    transform = create_transform(**resolve_data_config(pretrained_cfg={"input_size": (3, 32, 32), **pp}))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    expected = torch.as_tensor(proc(img, return_tensors="np")["pixel_values"][0])
+    assert (transform(img) - expected).abs().max() < 0.02  # PIL's rounding, not another crop
 
 
 def test_an_image_processor_that_does_not_normalise_feeds_pixels_in_0_1_not_timms_statistics():

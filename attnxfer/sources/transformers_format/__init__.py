@@ -231,7 +231,9 @@ def _preprocessing(pp: dict[str, Any]) -> dict[str, Any]:
         side = crop.get("height", crop.get("int"))
         short = size.get("shortest_edge", size.get("int", size.get("height")))
         if side and short:
-            out.update(crop_pct=side / short, crop_mode="center", crop_size=(side, crop.get("width", side)))
+            # a resize to height x width ignores the aspect ratio (DeiT's 256x256, then 224): timm's squash
+            mode = "squash" if "height" in size else "center"
+            out.update(crop_pct=side / short, crop_mode=mode, crop_size=(side, crop.get("width", side)))
     elif "height" in size or "int" in size:  # resized to exactly height x width, aspect ratio not kept
         side = size.get("height", size.get("int"))
         out.update(crop_pct=1.0, crop_mode="squash", crop_size=(side, size.get("width", side)))
