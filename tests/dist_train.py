@@ -23,6 +23,8 @@ trainer.run()
 rank = trainer.accelerator.process_index
 state = {k: v.contiguous() for k, v in trainer.module.student.state_dict().items()}
 save_file(state, str(Path(cfg.run_dir) / f"rank{rank}.safetensors"))
+# the next draws of this rank's global torch stream (what its dropout and drop path would draw next)
+(Path(cfg.run_dir) / f"rank{rank}.draws").write_text(str(torch.rand(4).tolist()))
 # Prove the ranks share one process group: the all-reduced rank sum is 0 + 1 + ... + (world-1).
 t = torch.tensor([float(rank)])
 t = trainer.accelerator.reduce(t, reduction="sum")

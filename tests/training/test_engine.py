@@ -412,6 +412,14 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     assert len(logged[0]) == 3 and logged[0] == pytest.approx(logged[1], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_two_ranks_draw_their_own_random_streams(two_ranks):
+    """After the model is built (the same init on every rank), each rank's global stream is its own: streams
+    left seeded alike give image i of every rank's batch the same dropout and drop-path masks."""
+    draws = [(two_ranks / f"rank{r}.draws").read_text() for r in (0, 1)]
+    assert draws[0] != draws[1]
+
+
 def test_an_epochs_last_steps_are_logged_where_log_every_steps_does_not_divide_it(tmp_path, capsys):
     """4 steps an epoch, a record every 3: step 4 ends the first epoch's window (a record never mixes
     epochs), so its loss is in a record of its own, not in none."""

@@ -36,7 +36,7 @@ from ...train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
 from ...train.evaluation import evaluate, evaluate_features
 from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
-from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
+from ...train.runtime import Runtime, create_runtime, seed_rank_streams, set_seed, teacher_dtype
 from ...train.trackers import TRACKERS, prepare_trackers
 from ...transfer.modes import MODES
 from ...transfer.plan import TransferPlan, build_plan
@@ -384,6 +384,7 @@ def assemble_engine(
     optimizer = build_adamw(
         groups, lr=settings.base_lr, betas=(o.beta1, o.beta2), eps=o.eps, device=runtime.device
     )
+    seed_rank_streams(cfg.seed, runtime.rank, runtime.world)  # the model is built: each rank's own draws now
     return Engine(
         runtime,
         objective,
