@@ -119,14 +119,27 @@ def evaluate_top1(
 def top1_and_hits(
     model: nn.Module, loader: Iterable, device: torch.device, classes: int | None = None
 ) -> tuple[float | None, str | None]:
-    """`evaluate_top1` and which images it got right, a ``0``/``1`` string over every rank's images in rank
-    order: two models scored through the same loader are paired image by image (McNemar)."""
+    """`evaluate_top1` and which images it got right, a ``0``/``1`` string over every rank's images in the val
+    set's order: two models scored on the same images are paired image by image (McNemar), also where they
+    were scored on other numbers of processes."""
     if not getattr(model, "num_classes", 0) or classes not in (None, model.num_classes):
         return None, None
-    hits = "".join(
-        gather_objects("".join("1" if h else "0" for h in per_image_top1(model, loader, device).tolist()))
-    )
+    own = "".join("1" if h else "0" for h in per_image_top1(model, loader, device).tolist())
+    hits = _in_image_order(gather_objects(own))
     return 100.0 * hits.count("1") / max(1, len(hits)), hits
+
+
+def _in_image_order(per_rank: list[str]) -> str:
+    """Every rank's hits interleaved back into the val set's order: its exact sampler gives rank r the images
+    r, r + world, r + 2 world, ... (joined rank after rank, a string would depend on the world size). Shares
+    of other lengths (a stream, which has no order to restore) stay joined in rank order."""
+    world, total = len(per_rank), sum(len(h) for h in per_rank)
+    if [len(h) for h in per_rank] != [len(range(r, total, world)) for r in range(world)]:
+        return "".join(per_rank)
+    hits = [""] * total
+    for rank, own in enumerate(per_rank):
+        hits[rank::world] = own
+    return "".join(hits)
 
 
 def _layer_counts(attn: nn.Module, tokens: int, batch: int):

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import torchrun_launch
 
 from attnxfer.train.evaluation import classification_sums, per_image_top1
 from attnxfer.train.measure import evaluate_top1
@@ -64,3 +67,17 @@ def test_without_a_head_there_is_no_top1():
         is None
     )
     assert model.modes == []
+
+
+@pytest.mark.slow
+def test_val_hits_of_two_ranks_are_in_the_val_sets_order(tmp_path):
+    """tests/dist_hits.py on two torchrun ranks: 11 images a model gets right but for 0, 5 and 7, shared 6 / 5
+    by the exact val sampler (rank r: images r, r + 2, ...). The hits read image by image, as one process
+    scores them: joined rank after rank they would pair other images with a run on another world size."""
+    launch, env = torchrun_launch(ranks=2)
+    script = str(Path(__file__).resolve().parents[1] / "dist_hits.py")
+    done = subprocess.run(
+        [*launch, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "hits").read_text() == "01111010111"

@@ -517,7 +517,7 @@ def measure(run: Conversion, stage: str) -> None:
         "features": run.quality.features(run.student),
         "knn": run.quality.knn(run.student),
         "val_top1": top1,
-        "val_hits": hits,  # one 0/1 per val image, in the loader's order: paired tests between students
+        "val_hits": hits,  # one 0/1 per val image, in the val set's order: paired tests between students
     }
     name = stage.replace("_stage", " stage ")  # after_stage1 -> after stage 1
     run.seconds[f"measure_{name}"] = time.monotonic() - start
