@@ -373,7 +373,8 @@ def build_recall(
     curriculum: Sequence[dict] | None = None,
 ) -> RecallImages:
     """Recall split (``root`` is ignored): ``length`` train samples an epoch (new each epoch), ``val_length``
-    val samples. ``pairs`` defaults to ``num_classes`` (values without keys are then worth chance).
+    val samples. ``pairs`` defaults to ``num_classes`` (values without keys are then worth chance, or a
+    little more where the values near the query, never its pair, are ruled out).
     ``hops``: look-ups from the query's key to its value (each pair a chain of ``hops`` glyphs).
     ``curriculum``: train stages before the task itself, e.g. ``[{epochs: 3, img_size: 32, pairs: 2,
     num_keys: 2}]`` (a model without position embedding runs at every size)."""
