@@ -51,6 +51,9 @@ def student_param_groups(
         )
     student = getattr(model, "student", model)
     skip = set(student.no_weight_decay()) if hasattr(student, "no_weight_decay") else set()
+    # every bias by name: timm's layer-decay grouping exempts 1-d tensors only (its plain grouping biases by
+    # name too), so a per-head 2-d bias (hedgehog's, formula's feature maps) would decay with layer_decay alone
+    skip |= {name for name, _ in student.named_parameters() if name.endswith(".bias")}
     if layer_decay is not None and layer_decay < 1.0:
         groups = param_groups_layer_decay(
             student, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay

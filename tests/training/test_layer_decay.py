@@ -11,6 +11,7 @@ import timm
 import torch
 from helpers import tiny_vit
 
+from attnxfer.apps.run.parts import student_attention
 from attnxfer.train.optim import student_param_groups
 
 DEPTH, DECAY = 4, 0.5
@@ -56,3 +57,18 @@ def test_layer_decay_groups_match_the_docstring(global_pool, rule, shift):
 def test_a_decay_that_would_climb_the_loss_or_do_nothing_is_refused(weight_decay, layer_decay):
     with pytest.raises(ValueError, match=r"weight_decay must be >= 0 and layer_decay in \(0, 1\]"):
         student_param_groups(tiny_vit(depth=2), weight_decay=weight_decay, layer_decay=layer_decay)
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_a_per_head_bias_is_not_decayed_with_or_without_layer_decay(layer_decay):
+    student = student_attention(tiny_vit(depth=2), "hedgehog", {})
+    names = {id(p): n for n, p in student.named_parameters()}
+    decay = {
+        names[id(p)]: group["weight_decay"]
+        for group in student_param_groups(student, 0.05, layer_decay)
+        for p in group["params"]
+    }
+    bias = "blocks.0.attn.feature_map_q.bias"
+    assert student.get_parameter(bias).ndim == 2  # one bias row per head: not caught by timm's 1-d rule
+    assert decay[bias] == 0.0
+    assert decay["blocks.0.attn.feature_map_q.weight"] == 0.05
