@@ -296,6 +296,18 @@ def build_folder(
     return dataset if labels else LabelFree(dataset)
 
 
+#: the transform options whose defaults are folder's own, not timm's create_transform's (bilinear, a 0.4
+#: colour jitter): every source that "gets folder's transforms" starts from these
+_FOLDER_TRANSFORM_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "interpolation", "crop_pct")
+
+
+def with_folder_defaults(aug: dict[str, Any]) -> dict[str, Any]:
+    """``aug`` over `build_folder`'s transform defaults (bicubic, no colour jitter, crop_pct 0.875), so that
+    the timm prefixes (hfds/, wds/, hfids/) prepare images as folder does where data.kwargs sets nothing."""
+    params = inspect.signature(build_folder).parameters
+    return {**{name: params[name].default for name in _FOLDER_TRANSFORM_OPTIONS}, **aug}
+
+
 def _split_images(
     split: str, root: str | None, classes: Sequence[str], labels: bool, in_chans: int, transform: Callable
 ) -> Any:

@@ -22,7 +22,7 @@ from itertools import islice
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError, MissingPathError
-from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
+from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform, with_folder_defaults
 from .label_free import LabelFree, without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
 
@@ -241,7 +241,9 @@ def build_hfds(
     _require_split(f"hfds/{name}", root, hf_split, split)
     default = hf_info(name, root, train_split, labels=labels)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
-    aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
+    aug = with_folder_defaults(
+        dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
+    )
     augment, transform = timm_transform(split, augment, info, **aug)
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
@@ -373,7 +375,9 @@ for _prefix in STREAM_PREFIXES:
         info = built_info(
             dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
         )
-        aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
+        aug = with_folder_defaults(
+            dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
+        )
         augment, transform = timm_transform(split, augment, info, **aug)
         transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform)
         try:

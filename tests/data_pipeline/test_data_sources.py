@@ -57,10 +57,13 @@ def animals():
 
 
 def _timm_eval(png: bytes) -> torch.Tensor:
-    """timm's own eval transform, the reference for what a source hands the model."""
+    """timm's own eval transform with folder's defaults (bicubic, crop_pct 0.875), which the timm sources
+    share: the reference for what a source hands the model."""
     from timm.data import create_transform
 
-    t = create_transform((1, 28, 28), is_training=False, mean=(0.5,), std=(0.25,), crop_pct=0.875)
+    t = create_transform(
+        (1, 28, 28), is_training=False, mean=(0.5,), std=(0.25,), crop_pct=0.875, interpolation="bicubic"
+    )
     return t(Image.open(io.BytesIO(png)).convert("L"))
 
 
@@ -465,3 +468,21 @@ def test_register_dataset_through_an_installed_entry_point(install_package):
     ds = build_dataset("lab_patterns", "train", img_size=16)
     assert len(ds) == 5 and ds[0][0].shape == (3, 16, 16)
     assert "lab_patterns" in list_datasets()
+
+
+def test_the_timm_prefixes_take_folders_transform_defaults_not_timms(hf_dir, shards, tmp_path):
+    """Bicubic resizing and no colour jitter, as folder (timm's create_transform would give bilinear and a
+    0.4 colour jitter), recorded as what the val split did."""
+    options = {
+        "train_split": f"train-{{000000..000001}}.tar|{N_TRAIN}",
+        "val_split": f"val-000000.tar|{N_VAL}",
+    }
+    for split in ("train", "val"):
+        hfds = build_dataset(f"hfds/{hf_dir}", split, root=tmp_path / "cache", **NORM)
+        wds = build_dataset("wds/animals", split, root=str(shards), **NORM, **options, batch_size=8)
+        for dataset in (hfds, wds):
+            assert (dataset.info.interpolation, dataset.info.crop_pct) == ("bicubic", 0.875)
+    train = repr(
+        build_dataset(f"hfds/{hf_dir}", "train", root=tmp_path / "cache", **NORM).image_dataset.transform
+    )
+    assert "interpolation=bicubic" in train and "brightness=None" in train
