@@ -30,7 +30,7 @@ from helpers import (
 from timm.models import save_for_hf
 
 from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
-from attnxfer.apps.run.training import build_engine, plan_from_config
+from attnxfer.apps.run.training import build_engine, plan_from_config, task_loss_from_config
 from attnxfer.checkpoints.export import export_run
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
@@ -182,6 +182,13 @@ def test_mixup_without_a_task_loss_is_said_to_be_unused(capsys):
     assert "aug.mixup/cutmix unused with transfer.task_weight=0" in capsys.readouterr().err
     plan_from_config(load_config(None, overrides), parts)  # with a task loss the images are mixed
     assert "aug.mixup" not in capsys.readouterr().err
+
+
+def test_mixup_on_an_odd_batch_is_refused_naming_the_batch_size():
+    """timm's Mixup pairs each image with its mirror in the batch and asserts an even batch, mid-training."""
+    with pytest.raises(InputError, match=r"data.batch_size \(per process\) must be even, got 7"):
+        task_loss_from_config(load_config(None, ["aug.mixup=0.8", "data.batch_size=7"]), 10)
+    assert task_loss_from_config(load_config(None, ["aug.mixup=0.8", "data.batch_size=8"]), 10).mixup
 
 
 @pytest.mark.parametrize("feature_weight", [0.0, 1.0])

@@ -195,6 +195,11 @@ def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
     """Cross-entropy with label smoothing, or timm's Mixup/CutMix with soft-target cross-entropy."""
     aug = cfg.aug
     if aug.mixup > 0 or aug.cutmix > 0:
+        if cfg.data.batch_size % 2:  # timm's Mixup mixes each image with its mirror in the batch (an assert)
+            raise InputError(
+                f"aug.mixup/cutmix mix each image of a batch with another, in pairs, so data.batch_size (per "
+                f"process) must be even, got {cfg.data.batch_size}: set data.batch_size={cfg.data.batch_size + 1}"
+            )
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
