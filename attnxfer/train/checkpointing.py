@@ -41,6 +41,17 @@ def _weights_checksum(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore ``optimizer``'s moments and step counts from ``state`` but keep its groups' options as this
+    run built them: torch's ``load_state_dict`` also puts back every group's saved options, which would
+    silently undo what a resume may change (optim.weight_decay, beta1, beta2, eps: the config's
+    resumable keys), while the run says it changed them."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, configured, strict=True):
+        group.update(options)
+
+
 @dataclass(frozen=True)
 class CheckpointPolicy:
     """When the engine saves, how many it keeps, and what it resumes from."""
@@ -200,8 +211,8 @@ class Checkpointing:
                 f"{info} holds no optimiser state: not a checkpoint of a training run (a conversion's stage 1 "
                 "keeps only the student); give one of this run's checkpoints"
             )
-        self.optimizer.load_state_dict(
-            optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
+        load_optimizer_state(
+            self.optimizer, optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
         )
         rng = state["rng"]
         if len(rng) == self.world:

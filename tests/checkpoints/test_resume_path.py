@@ -21,7 +21,7 @@ from PIL import Image
 
 from attnxfer.apps.run.resume import check_same_data, check_teacher_content, config_changes, judge
 from attnxfer.checkpoints.resume_point import ResumePoint
-from attnxfer.checkpoints.store import CheckpointError
+from attnxfer.checkpoints.store import CheckpointError, optimizer_state_from_tensors
 from attnxfer.checkpoints.verify import CheckpointInfo
 from attnxfer.config import ConfigError, TrainConfig, load_config, to_dict
 from attnxfer.errors import InputError, MissingPathError
@@ -416,6 +416,25 @@ def test_a_run_recorded_with_every_section_resumes_from_its_config_and_from_its_
     assert "convert." not in out and "mae." not in out and "search." not in out
     # and writes its config.yaml as train's own again
     assert not {"convert", "mae", "search"} & set(yaml.safe_load((run / "config.yaml").read_text()))
+
+
+@pytest.mark.slow  # two short runs of a 1-block model
+def test_optimiser_options_changed_on_resume_are_the_ones_it_steps_with(tmp_path, capsys):
+    """weight_decay, beta1, beta2 and eps may change on resume: the optimiser's state comes back from the
+    checkpoint, its options from this run's config (torch's load_state_dict alone put back the saved ones)."""
+    run = tmp_path / "run"
+    args = ["train", *TINY, "transfer.mode=none", "checkpoint.every_steps=2", f"run_dir={run}"]
+    code, _, err = run_cli(capsys, *args, "schedule.max_steps=2")
+    assert code == 0, err
+    changed = ("optim.weight_decay=0.5", "optim.beta1=0.8", "optim.beta2=0.95", "optim.eps=1e-6")
+    code, out, err = run_cli(capsys, *args, "schedule.max_steps=4", *changed)
+    assert code == 0, err
+    assert "optim.weight_decay (0.05 -> 0.5)" in out
+    point = ResumePoint.find(run, "auto")
+    saved = optimizer_state_from_tensors(point.load_tensors()["optimizer"], point.state["optimizer_meta"])
+    groups = saved["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.5]  # biases, norms, tokens: never decayed
+    assert {(tuple(g["betas"]), g["eps"]) for g in groups} == {((0.8, 0.95), 1e-6)}
 
 
 @pytest.mark.slow  # three short runs and an eval of a 1-block model
