@@ -182,6 +182,21 @@ def test_a_mixed_efficient_student_runs_in_onnx_runtime(tmp_path):
     assert report["output_name"] == "logits"
 
 
+def test_a_swin_converted_to_softmax_is_the_teacher_and_exports_as_timms_swin(tmp_path):
+    """A Swin stage given softmax keeps the teacher's window attention, position table included: a student
+    of softmax throughout is the teacher (it lost the table, and its export missed it in timm's rebuild)."""
+    teacher = build_swin("swin").eval()  # position tables drawn wide: dropping them moves the logits
+    student = build_efficient_student(teacher, "softmax").eval()
+    mixed = build_efficient_student(teacher, ["softmax", "relu_linear"])
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(student(x), teacher(x))
+        out = export_student(student, tmp_path / "out", card=card())
+        assert torch.equal(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x), teacher(x))
+    kept = [n for n, _ in mixed.named_parameters() if "relative_position_bias_table" in n]
+    assert kept and all(n.startswith("layers.0.") for n in kept)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["pvt_v2", "swin"])
 def test_a_hierarchical_efficient_student_runs_in_onnx_runtime(family, tmp_path):

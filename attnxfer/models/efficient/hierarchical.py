@@ -81,7 +81,7 @@ def swap_hierarchical(
             f"{len(names)} names and {len(options)} option dicts"
         )
     for index, ((qualified, block, slot), name, opts) in enumerate(zip(slots, names, options)):
-        block.attn = slot.build(
-            block.attn, get_attention_class(name), depth=index, layout=None, options=opts, where=qualified
-        )
+        zoo = get_attention_class(name)
+        if not slot.keeps(zoo):  # as a flat model's: a family's softmax may be the teacher's own layer
+            block.attn = slot.build(block.attn, zoo, depth=index, layout=None, options=opts, where=qualified)
     return model

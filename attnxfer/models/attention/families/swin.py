@@ -4,8 +4,9 @@ relative-position table plus the block's shift mask, (B·nW, H, N, N) as timm's 
 
 Swin converts with the zoo attention inside the teacher's windows (stage 1 compares maps over the same
 keys); the shift mask is honoured exactly for row-stochastic maps by restricting rows to the query's
-region and renormalising; the position table is dropped. In a 7x7 window (N = 49 ≈ d) a kernel attention
-costs about what softmax does: Swin conversion changes what the layer computes, not its cost."""
+region and renormalising; the position table is dropped (softmax keeps the teacher's layer, table and all).
+In a 7x7 window (N = 49 ≈ d) a kernel attention costs about what softmax does: Swin conversion changes what
+the layer computes, not its cost."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from timm.models.swin_transformer import WindowAttention
 from ....errors import InputError
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
+from ..interface import MapKind
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
 from ..slots import ConversionSlot, TokenLayout, attention_config
 from ..softmax import SoftmaxCore
@@ -110,6 +112,11 @@ class SwinConversion(ConversionSlot):
     """A zoo attention in a Swin window attention's place: the grid is the window."""
 
     call = SwinSlot
+
+    @classmethod
+    def keeps(cls, zoo: type[nn.Module]) -> bool:
+        # softmax is the teacher's own window attention, position table included (stage 1 leaves it)
+        return zoo.map_kind is MapKind.SOFTMAX
 
     @classmethod
     def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
