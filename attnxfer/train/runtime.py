@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.seeding import sample_seed
 from .devices import (
     Device,
     Precision,
@@ -25,14 +24,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def seed_rank_streams(seed: int, rank: int, world: int) -> None:
-    """Seed each rank's global streams apart, once the model is built (its init the same on every rank):
-    seeded alike, every rank would draw the same dropout, drop-path and MAE masks, so image i of each rank's
-    batch would get the same ones. A single process keeps its stream as it stands."""
-    if world > 1:
-        set_seed(sample_seed(seed, -1, rank))  # epoch -1: never a sample's or a batch's seed (data.seeding)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ...config import (
     validate_config,
 )
 from ...data import data_identity, dataset_has_labels, require_labels
+from ...data.seeding import sample_seed
 from ...errors import InputError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
@@ -36,7 +37,7 @@ from ...train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
 from ...train.evaluation import evaluate, evaluate_features
 from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
-from ...train.runtime import Runtime, create_runtime, seed_rank_streams, set_seed, teacher_dtype
+from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ...train.trackers import TRACKERS, prepare_trackers
 from ...transfer.modes import MODES
 from ...transfer.plan import TransferPlan, build_plan
@@ -389,7 +390,9 @@ def assemble_engine(
     optimizer = build_adamw(
         groups, lr=settings.base_lr, betas=(o.beta1, o.beta2), eps=o.eps, device=runtime.device
     )
-    seed_rank_streams(cfg.seed, runtime.rank, runtime.world)  # the model is built: each rank's own draws now
+    if runtime.world > 1:  # the model is built alike on every rank; seeded alike, every rank would draw the
+        # same dropout, drop-path and MAE masks (image i of each rank's batch the same ones): seeded apart
+        set_seed(sample_seed(cfg.seed, -1, runtime.rank))  # epoch -1: never a sample's or a batch's seed
     return Engine(
         runtime,
         objective,
