@@ -202,7 +202,8 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = key(10, range=AT_LEAST_1)
     warmup_epochs: float = key(1.0, range=NON_NEGATIVE)
-    # stop early after this many optimiser steps (tests, smoke runs)
+    # the run's optimiser steps, at most (tests, smoke runs): the cosine runs over this shorter total, so a
+    # resume with another value bends the rest of the lr curve; warmup stays warmup_epochs long
     max_steps: int | None = key(None, range=AT_LEAST_1)
 
 
