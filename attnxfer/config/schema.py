@@ -392,6 +392,8 @@ class TrainConfig:
     # the run's folder (config.yaml, run.json, metrics.jsonl, checkpoints/); resumable: a checkpoint of
     # another run may be given as checkpoint.resume=PATH
     run_dir: str = key("runs/default", range=ANY, resumable=True, search_resumable=True)
+    # the initial weights (the same on every rank) and the training's draws (dropout, drop path, MAE's masks),
+    # each rank's its own, seeded from it and the rank; data.seed (null: this one) orders and augments the data
     seed: int = key(0, range=Range(0, 2**32 - 1))
     device: str = key("auto", choices=("auto", "cpu", "cuda"), resumable=True)  # auto | cpu | cuda
     # auto = bf16 autocast on GPU, fp32 on CPU; fp32 | bf16 | fp16. The teacher follows it unless
