@@ -29,9 +29,9 @@ class ModelConfig:
     """The student. ``name`` is a timm architecture, built when no teacher is mirrored (with a teacher and
     ``mirror_teacher``, the student takes the teacher's architecture); ``kwargs`` go to timm.create_model."""
 
-    name: str = key("vit_micro_patch4_28", range=ANY)
+    name: str = key("vit_micro_patch4_28", range=ANY)  # timm architecture, unless a teacher is mirrored
     num_classes: int | None = key(None, range=AT_LEAST_1)  # default: the dataset's
-    drop_path_rate: float = key(0.1, range=OPEN_FRACTION)
+    drop_path_rate: float = key(0.1, range=OPEN_FRACTION)  # stochastic depth, linear over blocks (timm)
     # copy the teacher's architectural choices (tokens, norms, ...)
     mirror_teacher: bool = key(True, range=ANY)
     # Pooling, applied after mirroring (so mirror_teacher never undoes it): null = the teacher's (or the
@@ -62,7 +62,8 @@ class TeacherConfig:
 
     spec: str | None = key(None, range=ANY)
     arch: str | None = key(None, range=ANY)  # architecture for a bare weights file
-    revision: str | None = key(None, range=ANY)
+    revision: str | None = key(None, range=ANY)  # a Hub revision (branch, tag or commit) of teacher.spec
+    # the Hugging Face cache to read (and download) weights in; null: the Hub's default
     cache_dir: str | None = key(None, range=ANY, resumable=True, search_resumable=True)
     # auto = the run's precision (bf16 on GPU, fp32 on CPU); or fp32 / bf16 / fp16
     dtype: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -140,14 +141,15 @@ class DataConfig:
     # cached in (its parent must exist); resumable: the same dataset at another path (a node-local copy)
     root: str | None = key(None, range=ANY, resumable=True)
     img_size: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the student's
-    in_chans: int | None = key(None, range=AT_LEAST_1)
+    in_chans: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the dataset's
     # default: the teacher's (pretrained cfg), else model.init's, else the dataset's
     mean: list[float] | None = key(None, range=ANY)
     std: list[float] | None = key(None, range=POSITIVE)  # default: as data.mean
     batch_size: int = key(128, range=AT_LEAST_1)  # per process
-    eval_batch_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
+    eval_batch_size: int | None = key(None, range=AT_LEAST_1, resumable=True)  # default: data.batch_size
+    # DataLoader worker processes per process
     num_workers: int = key(0, range=NON_NEGATIVE, resumable=True, search_resumable=True)
-    pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
+    pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)  # pinned host memory
     # the seed of the data order and augmentation (sampler, random crops and flips, mixup); null: the run's
     # seed. A study's students share it whatever seeds their initialisation
     seed: int | None = key(None, range=Range(0, 2**32 - 1))
@@ -160,11 +162,11 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    label_smoothing: float = key(0.1, range=OPEN_FRACTION)
-    mixup: float = key(0.0, range=NON_NEGATIVE)
-    cutmix: float = key(0.0, range=NON_NEGATIVE)
-    mixup_prob: float = key(1.0, range=FRACTION)
-    mixup_switch_prob: float = key(0.5, range=FRACTION)
+    label_smoothing: float = key(0.1, range=OPEN_FRACTION)  # of the targets (with mixup, its soft ones)
+    mixup: float = key(0.0, range=NON_NEGATIVE)  # alpha (timm's Mixup); 0 = off (MAE's fine-tune: 0.8)
+    cutmix: float = key(0.0, range=NON_NEGATIVE)  # alpha; 0 = off (MAE's fine-tune: 1.0)
+    mixup_prob: float = key(1.0, range=FRACTION)  # share of batches mixed at all
+    mixup_switch_prob: float = key(0.5, range=FRACTION)  # share of mixed batches cutmixed (both on)
     # random erasing probability where the dataset's builder takes it (folder, hfds/, hfids/, wds/); the
     # in-memory animal_mnist, synthetic and recall make their own tensors: a run says it and auto_augment unused
     reprob: float = key(0.0, range=FRACTION)
@@ -181,7 +183,8 @@ class OptimConfig:
     # MAE's base lr, read where optim.lr is null; given over a config whose optim.lr is set (a recipe's), it
     # is refused naming both keys (optim.lr=null beside it makes it count)
     blr: float = key(1e-3, range=POSITIVE, resumable=True)
-    min_lr: float = key(1e-6, range=NON_NEGATIVE, resumable=True)
+    min_lr: float = key(1e-6, range=NON_NEGATIVE, resumable=True)  # where the cosine ends
+    # AdamW's, on all but norms, biases, position embeddings and tokens
     weight_decay: float = key(0.05, range=NON_NEGATIVE, resumable=True)
     layer_decay: float | None = key(None, range=Range(0, 1, low_open=True))  # e.g. 0.75; None or 1 = off
     # Which block gets which power of layer_decay (depth D, block i):
@@ -191,17 +194,17 @@ class OptimConfig:
     # Head and fc_norm (avg pooling) get 1.0 under both; the final norm (class-token pooling) goes with the
     # last block (timm's group_matcher): decay^1 under timm, 1.0 under attention_transfer.
     layer_decay_rule: str = key("timm", choices=("timm", "attention_transfer"))
-    beta1: float = key(0.9, range=OPEN_FRACTION, resumable=True)
-    beta2: float = key(0.999, range=OPEN_FRACTION, resumable=True)
-    eps: float = key(1e-8, range=POSITIVE, resumable=True)
-    clip_grad: float | None = key(None, range=POSITIVE, resumable=True)
-    accum_steps: int = key(1, range=AT_LEAST_1)
+    beta1: float = key(0.9, range=OPEN_FRACTION, resumable=True)  # AdamW's first-moment decay
+    beta2: float = key(0.999, range=OPEN_FRACTION, resumable=True)  # AdamW's; MAE pre-training's: 0.95
+    eps: float = key(1e-8, range=POSITIVE, resumable=True)  # AdamW's
+    clip_grad: float | None = key(None, range=POSITIVE, resumable=True)  # max gradient norm; null: none
+    accum_steps: int = key(1, range=AT_LEAST_1)  # micro-batches of data.batch_size per optimiser step
 
 
 @dataclass
 class ScheduleConfig:
-    epochs: int = key(10, range=AT_LEAST_1)
-    warmup_epochs: float = key(1.0, range=NON_NEGATIVE)
+    epochs: int = key(10, range=AT_LEAST_1)  # passes over the training split
+    warmup_epochs: float = key(1.0, range=NON_NEGATIVE)  # linear lr warmup, in epochs (fractions allowed)
     # the run's optimiser steps, at most (tests, smoke runs): the cosine runs over this shorter total, so a
     # resume with another value bends the rest of the lr curve; warmup stays warmup_epochs long
     max_steps: int | None = key(None, range=AT_LEAST_1)
@@ -215,7 +218,7 @@ class EMAConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = key(20, range=AT_LEAST_1)
+    every_steps: int = key(20, range=AT_LEAST_1)  # optimiser steps per train record (metrics.jsonl, trackers)
     # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]');
     # [] for none
     trackers: list[str] = key(factory=lambda: ["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))
@@ -223,15 +226,15 @@ class LogConfig:
     # validation images whose class-token maps go to each of log.trackers (and RUN_DIR/pictures/) at each
     # eval; none without trackers (0: none)
     attention_images: int = key(2, range=NON_NEGATIVE)
-    progress: bool = key(True, range=ANY)
+    progress: bool = key(True, range=ANY)  # a progress bar on the main rank
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int | None = key(None, range=AT_LEAST_1)
+    every_steps: int | None = key(None, range=AT_LEAST_1)  # also every this many optimiser steps
     # also save once this many minutes have passed since the last save (looked at every log.every_steps)
     every_minutes: float | None = key(None, range=POSITIVE)
-    every_epoch: bool = key(True, range=ANY)
+    every_epoch: bool = key(True, range=ANY)  # save at the end of every epoch
     # the newest checkpoints kept (a search's: its newest generations)
     keep_last: int = key(3, range=AT_LEAST_1, search_resumable=True)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
@@ -292,11 +295,11 @@ class ConvertConfig:
     # e.g. {num_features: 128, window_size: 4}
     attention_kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     stage1_steps: int = key(200, range=NON_NEGATIVE)  # 0 = skip stage 1 (the ablation)
-    stage1_lr: float = key(1e-2, range=POSITIVE)
+    stage1_lr: float = key(1e-2, range=POSITIVE)  # stage 1's AdamW lr (warmup, then cosine to 1 % of it)
     stage1_batch_size: int | None = key(None, range=AT_LEAST_1)  # default: data.batch_size
-    stage1_warmup_steps: int = key(10, range=NON_NEGATIVE)
-    stage1_weight_decay: float = key(0.0, range=NON_NEGATIVE)
-    stage1_clip_grad: float | None = key(1.0, range=POSITIVE)
+    stage1_warmup_steps: int = key(10, range=NON_NEGATIVE)  # stage 1's linear lr warmup
+    stage1_weight_decay: float = key(0.0, range=NON_NEGATIVE)  # stage 1's AdamW weight decay
+    stage1_clip_grad: float | None = key(1.0, range=POSITIVE)  # stage 1's gradient-norm clipping; null: none
     # new (only parameters without a softmax counterpart) | qk | new+qk
     stage1_train: str = key("new", choices=("new", "qk", "new+qk"))
     # auto (by map kind: ce / mse / output) | ce | mse | output
@@ -305,8 +308,8 @@ class ConvertConfig:
     output_mse: float = key(0.0, range=NON_NEGATIVE)
     # validation batches of each rank for the per-layer map agreement (summed over ranks: one global batch's images)
     agreement_batches: int = key(4, range=AT_LEAST_1, resumable=True)
-    speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)
-    speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)
+    speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)  # images per timed forward
+    speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)  # timed forwards of each model (median)
     # image sides of the report's break-even sweep (teacher, student and floor at batch 1 on the run's device,
     # rebuilt there with random weights: speed does not depend on weights): efficient attention pays only
     # above some token count, and this finds the smallest side where the student beats the teacher. null: the
@@ -325,9 +328,9 @@ class MAEConfig:
     # share of patches hidden from the encoder, in (0, 1): at 0 no patch is masked and the loss is 0 throughout
     mask_ratio: float = key(0.75, range=Range(0, 1, low_open=True, high_open=True))
     decoder_dim: int = key(64, range=AT_LEAST_1)  # decoder width (divisible by 4 and by decoder_heads)
-    decoder_depth: int = key(2, range=AT_LEAST_1)
-    decoder_heads: int = key(4, range=AT_LEAST_1)
-    decoder_mlp_ratio: float = key(4.0, range=POSITIVE)
+    decoder_depth: int = key(2, range=AT_LEAST_1)  # decoder blocks (MAE's: 8)
+    decoder_heads: int = key(4, range=AT_LEAST_1)  # decoder attention heads (MAE's: 16)
+    decoder_mlp_ratio: float = key(4.0, range=POSITIVE)  # decoder MLP width over decoder_dim
     norm_pix: bool = key(True, range=ANY)  # targets normalised per patch (mean 0, variance 1), as MAE
     # validation images in the reconstruction picture at each evaluation (0 = none)
     pictures: int = key(8, range=NON_NEGATIVE, resumable=True)
@@ -400,7 +403,7 @@ class TrainConfig:
     # teacher.dtype says otherwise, so precision=fp32 is the one switch to the reference's fp32 training.
     # A resume may change only the word, not the dtype (auto -> fp32 on CPU).
     precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
-    deterministic: bool = key(False, range=ANY, resumable=True)
+    deterministic: bool = key(False, range=ANY, resumable=True)  # deterministic kernels, no CE path timed
     model: ModelConfig = section(ModelConfig)
     teacher: TeacherConfig = section(TeacherConfig)  # pretrain reads cache_dir alone (model.init's downloads)
     # MAE pre-training transfers nothing: its config.yaml and --print-config leave this section out
