@@ -43,7 +43,7 @@ class ModelConfig:
     # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:, or a weights file built as
     # model.name / model.kwargs say)
     init: str | None = key(None, range=ANY)
-    kwargs: dict[str, Any] = key(factory=dict, range=ANY)
+    kwargs: dict[str, Any] = key(factory=dict, range=ANY)  # to timm.create_model, e.g. {depth: 6}
     # The student's attention: null = softmax (timm's); a registered zoo attention (performer, hedgehog, ...)
     # for every block, or a list with one name per block. A fresh student with it is distilled like any other
     # (transfer.mode: distill picks the map loss of each student layer's map kind). Names are checked against
@@ -60,7 +60,9 @@ class ModelConfig:
 class TeacherConfig:
     """The pretrained teacher: timm name, ``hf-hub:ORG/NAME``, ``local-dir:PATH`` (an attnxfer export too), a file."""
 
-    spec: str | None = key(None, range=ANY)
+    spec: str | None = key(
+        None, range=ANY
+    )  # timm name, hf-hub:ORG/NAME, local-dir:PATH or a file; null: none
     arch: str | None = key(None, range=ANY)  # architecture for a bare weights file
     revision: str | None = key(None, range=ANY)  # a Hub revision (branch, tag or commit) of teacher.spec
     # the Hugging Face cache to read (and download) weights in; null: the Hub's default
