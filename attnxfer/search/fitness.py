@@ -186,7 +186,8 @@ class SpeedSettings:
 
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
-    """One attention ``name`` of the teacher's width, heads and token layout at ``tokens`` tokens."""
+    """One attention ``name`` of the teacher's width, heads and token layout at ``tokens`` tokens, on the
+    teacher's device (where search.speed=time times it)."""
     attn = transferable_attentions(teacher)[0]
     prefix, side = SpeedSettings(tokens).token_layout(teacher)
     cls = get_attention_class(name)
@@ -200,7 +201,7 @@ def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
     )
     if cls.accepts_option("seq_len"):
         config["seq_len"] = tokens
-    return cls(**config).eval()
+    return cls(**config).to(next(teacher.parameters()).device).eval()
 
 
 @torch.no_grad()
@@ -212,7 +213,7 @@ def layer_speed(
     softmax = _layer("softmax", teacher, speed.tokens)
     x = torch.randn(
         speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0)
-    )
+    ).to(candidate.qkv.weight.device)
     if speed.mode == "flops":
         base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
         own = _flops(candidate, x)

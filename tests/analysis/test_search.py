@@ -3,6 +3,7 @@ KL, and the command end to end (outputs, resume after a kill, refusals) on a tin
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -139,6 +140,16 @@ def test_flops_speed_counts_softmaxs_own_maps_so_a_linear_attention_beats_it_at_
     projections = 2 * n * dim * 3 * width + 2 * n * width * dim
     assert measured["softmax_flops"] == projections + 4 * n * n * width
     assert measured["speed"] > 1, measured
+
+
+def test_the_layers_the_search_times_are_built_where_the_teacher_is(tiny):
+    """search.speed=time times a candidate and softmax on the teacher's device: built on the CPU whatever the
+    teacher's, a search on a GPU reported CPU timings (a teacher on the meta device shows where they go)."""
+    from attnxfer.search.fitness import _layer
+
+    teacher = copy.deepcopy(tiny[0]).to("meta")
+    for name in ("softmax", "formula:sum(relu)"):
+        assert {p.device.type for p in _layer(name, teacher, 17).parameters()} == {"meta"}
 
 
 @pytest.mark.slow
