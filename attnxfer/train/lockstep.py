@@ -123,7 +123,11 @@ class SharedFeed:
         if x is not self._raw:
             start = time.monotonic()
             self._raw = self._fed = None  # the previous batch's tensors go before this one's are made
-            x_fed, y_fed, _ = own_feed(x, y, place)
+            # a copy where the move keeps the loaded tensor (the run's device is the loader's): timm's Mixup
+            # and CutMix mix in place, and a batch fed again (each student of a study with accumulation steps
+            # takes its micro-batches in turn) would be mixed twice
+            moved = x.to(place.device, non_blocking=True)
+            x_fed, y_fed, _ = own_feed(moved.clone() if moved is x else moved, y, place)
             handover = None if self.teacher_pass is None else self.teacher_pass(x_fed)
             self._raw, self._fed = x, (x_fed, y_fed, handover)
             self.seconds += time.monotonic() - start

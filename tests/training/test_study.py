@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -26,6 +27,7 @@ from helpers import (
     torchrun_commands,
 )
 from safetensors.torch import load_file
+from timm.data import Mixup
 
 from attnxfer.apps.run.loaders import data_seed
 from attnxfer.apps.run.training import judged_resume
@@ -37,6 +39,8 @@ from attnxfer.config.loading import load_config
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
 from attnxfer.launch.commands.submit import SUBMITTABLE
+from attnxfer.train.drive import BatchPlace
+from attnxfer.train.lockstep import SharedFeed
 from attnxfer.train.stop import StopRequested
 from attnxfer.train.terms import NonFiniteLossError
 from attnxfer.transfer import teacher_student as pairs
@@ -797,6 +801,44 @@ def test_a_study_runs_its_teacher_once_a_batch_for_all_its_students(tmp_path, ti
     one = tmp_path / "s" / "atd_weight=1_logit_distill=1"
     assert cli.main(["train", "-c", str(one / "config.yaml"), f"run_dir={tmp_path / 'alone'}"]) == 0
     assert len(passes) == STEPS
+
+
+@pytest.mark.slow
+def test_a_student_after_the_first_with_mixup_and_accumulation_ends_where_it_ends_alone(
+    tmp_path, tiny_teacher_dir
+):
+    """Accumulation steps make the feed prepare each micro-batch once per student: the second student's
+    batches were mixed twice, and it ended away from its own run's weights."""
+    yaml = _study_yaml(
+        tmp_path, tiny_teacher_dir, "students:\n  - name: copy\n    transfer.mode: copy\n  - name: distill\n"
+    )
+    mixed = [*BASE, "data.kwargs.length=32", "optim.accum_steps=2", "aug.mixup=0.8", "device=cpu"]
+    assert cli.main(["study", "-c", str(yaml), *mixed, f"run_dir={tmp_path / 'study'}"]) == 0
+    student, alone = tmp_path / "study" / "distill", tmp_path / "alone"
+    assert cli.main(["train", "-c", str(student / "config.yaml"), f"run_dir={alone}"]) == 0
+    assert_same_tensors(_final(student), _final(alone), "distill model")
+
+
+def test_a_batch_fed_again_is_mixed_as_the_first_time_not_mixed_twice():
+    """With accumulation steps each student takes its micro-batches in turn, so the study's feed prepares a
+    batch once per student: timm's Mixup mixes in place, and on CPU the move to the device kept the loaded
+    tensor, so the second student got the first one's mix mixed again (not the batch it gets alone)."""
+    mixup = Mixup(mixup_alpha=0.8, num_classes=4)
+
+    def prepare(x: torch.Tensor, y: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        return mixup(x, y)
+
+    first, second = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    labels = torch.arange(4)
+    place = BatchPlace(torch.device("cpu"), 3, prepare)
+    alone = prepare(first.clone(), labels, 3)[0]
+    feed = SharedFeed()
+    fed = [
+        feed(x, labels, place)[0].clone() for x in (first, second, first)
+    ]  # micro-batches 1, 2, then 1 again
+    assert torch.equal(fed[0], alone) and torch.equal(fed[2], alone)
 
 
 @pytest.mark.slow
