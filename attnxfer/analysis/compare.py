@@ -231,9 +231,10 @@ class _Comparison:
                 )
         if acc.geometry is None:
             acc.geometry = layer_geometry(t_sig[j], x.shape[0], self.layout)
-        # a windowed or reduced layer's rows and keys on the image (`cell_distances`), where known
+        # a hierarchical layer's rows and keys on the image (`cell_distances`), where known: global ones too,
+        # whose tokens need not be in raster order (Hiera's are still partly unrolled)
         pos, cells = self.positions[j], None
-        if pos is not None and acc.geometry.kind != "global" and pos.matches(t_sig[j], x.shape[0]):
+        if pos is not None and pos.matches(t_sig[j], x.shape[0]):
             cells = cell_distances(pos, tuple(x.shape[-2:]))
         self.fewest_keys = min(self.fewest_keys or t_sig[j].shape[2], t_sig[j].shape[2])
         lay = RowLayout(acc.geometry, t_sig[j].q.shape[-2], self.settings.probe_rows, self.device, cells)

@@ -933,3 +933,51 @@ def test_runs_whose_settings_make_other_images_are_warned_of_by_key_and_values(t
     chosen = ["--data", "synthetic", "--out", str(tmp_path / "chosen")]
     code, _, err = run_cli(capsys, "inspect", str(trained), *students, *few, *chosen)
     assert code == 0 and "warning:" not in err, err
+
+
+def _hiera_unrolled_global():
+    """A tiny Hiera whose stage-1 second block attends globally over tokens still in unrolled order."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "hiera_tiny_224",
+        img_size=32,
+        patch_stride=(4, 4),
+        mask_unit_size=(4, 4),
+        stages=(1, 2, 1),
+        q_pool=1,
+        q_stride=(2, 2),
+        mask_unit_attn=(True, False, False),
+        embed_dim=8,
+        num_heads=1,
+        num_classes=0,
+    ).eval()
+    with torch.no_grad():
+        model.blocks[2].attn.qkv.weight.mul_(8)  # peaked maps: the token order shows in the distance
+    return model
+
+
+@pytest.mark.slow
+def test_attention_distance_of_a_global_layer_over_unrolled_tokens():
+    """Hiera's global layers see tokens in its unrolled order, not raster order: the distance must follow
+    where each token sits, as recomputed here from timm's own unroll and an explicit softmax map."""
+    model = _hiera_unrolled_global()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    insp = compare_attention(model, {"self": model}, [x], floor_images=0)
+    attn, inputs = model.blocks[2].attn, {}
+    hook = attn.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(x)
+        hook.remove()
+        t = inputs["x"]
+        qkv = attn.qkv(t).reshape(2, t.shape[1], 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        p = (qkv[0] * attn.scale @ qkv[1].transpose(-1, -2)).softmax(-1).double()
+    # each token's cell: timm's unroll of the 8x8 cell coordinates, max-pooled once as the model pools
+    r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    cells = model.unroll(torch.stack([r.flatten(), c.flatten()], -1).float()[None])
+    cells = cells.view(1, 4, -1, 2).amin(1)[0] // 2  # the 2x2 group's top-left on the 4x4 grid
+    assert not torch.equal(cells[:, 0] * 4 + cells[:, 1], torch.arange(16))  # not raster order
+    centres = (cells.double() + 0.5) * 8  # 8 px per cell of the 4x4 grid
+    expected = (p * torch.cdist(centres, centres)).sum(-1).mean((0, 2))
+    assert insp.teacher[2].partition == "global"
+    assert insp.teacher[2].distance == pytest.approx(expected.tolist(), rel=1e-5)
+
