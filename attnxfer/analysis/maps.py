@@ -14,6 +14,7 @@ from ..models.attention.numerics import row_chunk, row_slices
 from .geometry import LayerGeometry, layer_geometry
 from .layout import token_layout
 from .metrics import attention_rollout, renormalise
+from .positions import RowPositions, row_positions
 from .signals import LayerSignals, layer_qk
 
 
@@ -39,9 +40,10 @@ def token_maps(
     patches, or without a class-token row the attention each patch receives; None for partitioned layers
     and attentions without a map. ``qk``: `layer_qk`'s output for ``x`` if already computed."""
     layout = token_layout(model, x.shape[-2:])
+    positions = row_positions(model, x)
     maps: list[torch.Tensor | None] = []
     geometries = []
-    for sig in _signals(model, x, borrow, qk):
+    for sig, pos in zip(_signals(model, x, borrow, qk), positions):
         geo = layer_geometry(sig, x.shape[0], layout)
         geometries.append(geo)
         if not (geo.whole and sig.kind.has_map):
@@ -51,8 +53,20 @@ def token_maps(
             row = sig.map_rows(slice(0, 1))[:, :, 0, geo.prefix :].clamp_min(0)
         else:
             row = _received(sig, geo)
+            if pos is not None and pos.matches(sig, x.shape[0]):
+                row = _in_raster_order(row, pos)
         maps.append(renormalise(row).reshape(*row.shape[:2], *geo.grid).float().cpu())
     return maps, geometries
+
+
+def _in_raster_order(row: torch.Tensor, pos: RowPositions) -> torch.Tensor:
+    """(B, H, P) values of a global layer's keys moved to their raster cells: a hierarchical model's tokens
+    need not be in raster order (Hiera's are still partly unrolled)."""
+    keys = pos.keys[0].to(row.device)
+    valid = keys >= 0
+    out = row.new_zeros(*row.shape[:2], pos.key_grid[0] * pos.key_grid[1])
+    out[..., keys[valid]] = row[..., valid]
+    return out
 
 
 def _received(sig: LayerSignals, geo: LayerGeometry) -> torch.Tensor:

@@ -32,6 +32,7 @@ from attnxfer.analysis import (
     spearman_rows,
     topk_overlap,
 )
+from attnxfer.analysis.maps import token_maps
 from attnxfer.analysis.pictures import (
     agreement_figure,
     class_token_figure,
@@ -981,3 +982,27 @@ def test_attention_distance_of_a_global_layer_over_unrolled_tokens():
     assert insp.teacher[2].partition == "global"
     assert insp.teacher[2].distance == pytest.approx(expected.tolist(), rel=1e-5)
 
+
+@pytest.mark.slow
+def test_received_map_of_a_global_layer_over_unrolled_tokens_is_drawn_on_its_cells():
+    """A picture of Hiera's global layer puts each key's received attention on the cell timm's unroll took
+    it from (recomputed here from an explicit softmax map), not in token order."""
+    model = _hiera_unrolled_global()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    maps, geometries = token_maps(model, x)
+    attn, inputs = model.blocks[2].attn, {}
+    hook = attn.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(x)
+        hook.remove()
+        t = inputs["x"]
+        qkv = attn.qkv(t).reshape(2, t.shape[1], 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        p = (qkv[0] * attn.scale @ qkv[1].transpose(-1, -2)).softmax(-1).double()
+    r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    cells = model.unroll(torch.stack([r.flatten(), c.flatten()], -1).float()[None])
+    cells = cells.view(1, 4, -1, 2).amin(1)[0] // 2
+    received = p.mean(2) / p.mean(2).sum(-1, keepdim=True)
+    want = torch.zeros_like(received)
+    want[..., (cells[:, 0] * 4 + cells[:, 1]).long()] = received
+    assert geometries[2].kind == "global" and not geometries[2].has_class_row
+    assert torch.allclose(maps[2].double(), want.reshape(2, -1, 4, 4), atol=1e-6)
