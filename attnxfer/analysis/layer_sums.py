@@ -83,8 +83,6 @@ def _compare_rows(
     sums: HeadSums,
     p: torch.Tensor,
     q: torch.Tensor,
-    h_p: torch.Tensor,
-    h_q: torch.Tensor,
     rows: slice,
     lay: RowLayout,
     topk: int,
@@ -92,7 +90,7 @@ def _compare_rows(
     """Add the pair metrics of teacher rows ``p`` and other rows ``q`` to ``sums``; returns ``q``'s probe
     rows. Top-k overlap and rank correlation (sorts, the costly part) use the probe rows only."""
     sums.add("kl", row_kl(p, q))
-    sums.add("js", row_js(p, q, h_p, h_q))
+    sums.add("js", row_js(p, q))
     probe = lay.probe_in(rows)
     pp, qp = p[:, :, probe], q[:, :, probe]
     sums.add("topk", topk_overlap(pp, qp, topk))
@@ -105,10 +103,9 @@ def _compare_rows(
     return qp
 
 
-def _side(sums: HeadSums, p: torch.Tensor, rows: slice, lay: RowLayout) -> torch.Tensor:
-    """Add one model's row entropy and attention distance to ``sums``; returns the row entropies."""
-    h = row_entropy(p)
-    sums.add("entropy", h)
+def _side(sums: HeadSums, p: torch.Tensor, rows: slice, lay: RowLayout) -> None:
+    """Add one model's row entropy and attention distance to ``sums``."""
+    sums.add("entropy", row_entropy(p))
     if lay.cells is not None:  # rows of windows (or reduced keys): each row's and key's cell on the image
         d, image_keys = lay.cells
         b = p.shape[0] // d.shape[0]
@@ -123,7 +120,6 @@ def _side(sums: HeadSums, p: torch.Tensor, rows: slice, lay: RowLayout) -> torch
             sums.add(
                 "distance", attention_distance(p[:, :, local, lay.key_prefix :], lay.distances[dist_rows])
             )
-    return h
 
 
 @dataclass
@@ -159,29 +155,21 @@ def _student_rows(
     sig: LayerSignals,
     acc: StudentSums,
     p: torch.Tensor,
-    h_p: torch.Tensor,
     tp: torch.Tensor,
     rows,
     lay,
     topk,
 ) -> None:
-    """One chunk of a student layer's rows against the teacher's ``p`` (entropies ``h_p``, probe rows ``tp``)."""
+    """One chunk of a student layer's rows against the teacher's ``p`` (probe rows ``tp``)."""
     a = sig.map_rows(rows)
     if a is None:
         return
-    h_a = _side(acc.sums, a, rows, lay)
+    _side(acc.sums, a, rows, lay)
     p_bar = grouped_mean(p, p.shape[1] // a.shape[1])  # teacher heads averaged in groups, as the loss does
-    h_bar = h_p if p_bar is p else row_entropy(p_bar)
-    ap = _compare_rows(acc.sums, p_bar, a, h_bar, h_a, rows, lay, topk)
+    ap = _compare_rows(acc.sums, p_bar, a, rows, lay, topk)
     # head costs: (teacher heads, student heads) summed JS of every teacher head's probe rows against every
     # student head's
-    h_ap = row_entropy(ap)
-    cost = torch.stack(
-        [
-            row_js(tp[:, h : h + 1], ap, row_entropy(tp[:, h : h + 1]), h_ap).sum((0, 2))
-            for h in range(tp.shape[1])
-        ]
-    )
+    cost = torch.stack([row_js(tp[:, h : h + 1], ap).sum((0, 2)) for h in range(tp.shape[1])])
     acc.cost = cost.double().cpu() + (0 if acc.cost is None else acc.cost)
     acc.cost_rows += tp.shape[0] * tp.shape[2]
 
@@ -190,15 +178,15 @@ def walk_layer(work: LayerWork, acc: TeacherSums, topk: int, chunk: int | None) 
     """One teacher layer, a row chunk at a time: its own metrics, the floor, its student layers."""
     t, lay = work.teacher, work.lay
     n = t.q.shape[-2]
-    live = 6 + 3 * len(work.students)
+    live = 12 + 3 * len(work.students)  # row_js's float64 rows: three more, twice the size
     step = row_chunk(t.q, t.k.shape[-2], chunk, live_tensors=live)
     for rows in row_slices(0, n, step):
         p = t.map_rows(rows)
-        h_p = _side(acc.own, p, rows, lay)
+        _side(acc.own, p, rows, lay)
         if work.floor is not None:
             pf = work.floor.map_rows(rows)
             b = pf.shape[0]
-            _compare_rows(acc.floor, p[:b], pf, h_p[:b], row_entropy(pf), rows, lay, topk)
+            _compare_rows(acc.floor, p[:b], pf, rows, lay, topk)
         tp = p[:, :, lay.probe_in(rows)]
         for sig, s_acc in work.students:
-            _student_rows(sig, s_acc, p, h_p, tp, rows, lay, topk)
+            _student_rows(sig, s_acc, p, tp, rows, lay, topk)

@@ -104,6 +104,20 @@ def test_topk_overlap_and_rank_correlation_by_hand():
     )
 
 
+def test_js_of_close_fp32_rows_is_not_rounding():
+    """fp32 maps a little apart (a noise floor, a good student): JS near 1e-7 as float64 gives it on the same
+    rows, not the ~1e-7 rounding of a difference of fp32 entropies."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 197, generator=g, dtype=torch.float64)
+    p = logits.softmax(-1).float()
+    q = (logits + 1e-3 * torch.randn(logits.shape, generator=g, dtype=torch.float64)).softmax(-1).float()
+    p64, q64 = p.double(), q.double()
+    m = 0.5 * (p64 + q64)
+    exact = 0.5 * (torch.special.xlogy(p64, p64 / m) + torch.special.xlogy(q64, q64 / m)).sum(-1)
+    assert exact.mean().item() < 1e-6
+    assert row_js(p, q).double() == pytest.approx(exact.numpy(), rel=1e-4)
+
+
 def test_attention_distance_and_rollout_by_hand():
     d = patch_distances((2, 2), (16, 16), dtype=torch.float64)  # patches at (0,0) (0,16) (16,0) (16,16) px
     assert d[0].tolist() == pytest.approx([0, 16, 16, 16 * math.sqrt(2)])
