@@ -47,6 +47,13 @@ class LayerGeometry:
             "reduced": "reduced keys",
         }.get(self.kind, "partitioned")
 
+    @property
+    def class_map_note(self) -> str:
+        """The word on the layer's row of a class-token picture: why it shows something else, or nothing."""
+        if not self.whole:
+            return self.label  # "4 windows", "reduced keys": no whole-image map
+        return "" if self.has_class_row else "received"  # no class token: attention each patch receives
+
 
 def layer_geometry(sig: LayerSignals, images: int, layout: Mapping[str, Any]) -> LayerGeometry:
     """`LayerGeometry` of ``sig`` for a batch of ``images`` whose model has ``layout`` (`token_layout`)."""

@@ -152,20 +152,13 @@ def _stage_pictures(
                 names=("teacher", name),
                 title=f"class-token attention, {where}image {b}: teacher heads (t) | {name} heads (s)",
                 layer_labels=[f"L{j}" for j in layers],
-                notes=[_why_no_map(t.geometries[j]) if j < len(t.geometries) else "" for j in layers],
+                notes=[t.geometries[j].class_map_note if j < len(t.geometries) else "" for j in layers],
             )
             canvas.save(fig, f"cls_maps_{slug(name)}{suffix}_img{b}.png")
     rows = [r for r in rows if r.teacher_layer in layers]
     if any(r.js_cost for r in rows):
         title = f"head matching, {name}" + (f", {label}" if suffix else "")
         canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{suffix}.png")
-
-
-def _why_no_map(geometry: LayerGeometry) -> str:
-    """The word on a layer's row of the class-token picture: why it shows something else, or nothing."""
-    if not geometry.whole:
-        return geometry.label  # "4 windows", "reduced keys": no whole-image map
-    return "" if geometry.has_class_row else "received"  # no class token: attention each patch receives
 
 
 def _query_pictures(
