@@ -971,13 +971,9 @@ def _hiera_unrolled_global():
     return model
 
 
-@pytest.mark.slow
-def test_attention_distance_of_a_global_layer_over_unrolled_tokens():
-    """Hiera's global layers see tokens in its unrolled order, not raster order: the distance must follow
-    where each token sits, as recomputed here from timm's own unroll and an explicit softmax map."""
-    model = _hiera_unrolled_global()
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    insp = compare_attention(model, {"self": model}, [x], floor_images=0)
+def _global_map_and_cells(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global block's explicit softmax map (float64) on ``x``, and each of its tokens' (row, col) on the
+    4x4 grid: timm's unroll of the 8x8 cell coordinates, max-pooled once as the model pools."""
     attn, inputs = model.blocks[2].attn, {}
     hook = attn.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
     with torch.no_grad():
@@ -986,10 +982,19 @@ def test_attention_distance_of_a_global_layer_over_unrolled_tokens():
         t = inputs["x"]
         qkv = attn.qkv(t).reshape(2, t.shape[1], 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         p = (qkv[0] * attn.scale @ qkv[1].transpose(-1, -2)).softmax(-1).double()
-    # each token's cell: timm's unroll of the 8x8 cell coordinates, max-pooled once as the model pools
     r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
     cells = model.unroll(torch.stack([r.flatten(), c.flatten()], -1).float()[None])
-    cells = cells.view(1, 4, -1, 2).amin(1)[0] // 2  # the 2x2 group's top-left on the 4x4 grid
+    return p, cells.view(1, 4, -1, 2).amin(1)[0] // 2  # the 2x2 group's top-left on the 4x4 grid
+
+
+@pytest.mark.slow
+def test_attention_distance_of_a_global_layer_over_unrolled_tokens():
+    """Hiera's global layers see tokens in its unrolled order, not raster order: the distance must follow
+    where each token sits, as recomputed here from timm's own unroll and an explicit softmax map."""
+    model = _hiera_unrolled_global()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    insp = compare_attention(model, {"self": model}, [x], floor_images=0)
+    p, cells = _global_map_and_cells(model, x)
     assert not torch.equal(cells[:, 0] * 4 + cells[:, 1], torch.arange(16))  # not raster order
     centres = (cells.double() + 0.5) * 8  # 8 px per cell of the 4x4 grid
     expected = (p * torch.cdist(centres, centres)).sum(-1).mean((0, 2))
@@ -1004,17 +1009,7 @@ def test_received_map_of_a_global_layer_over_unrolled_tokens_is_drawn_on_its_cel
     model = _hiera_unrolled_global()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     maps, geometries = token_maps(model, x)
-    attn, inputs = model.blocks[2].attn, {}
-    hook = attn.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
-    with torch.no_grad():
-        model(x)
-        hook.remove()
-        t = inputs["x"]
-        qkv = attn.qkv(t).reshape(2, t.shape[1], 3, attn.heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        p = (qkv[0] * attn.scale @ qkv[1].transpose(-1, -2)).softmax(-1).double()
-    r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-    cells = model.unroll(torch.stack([r.flatten(), c.flatten()], -1).float()[None])
-    cells = cells.view(1, 4, -1, 2).amin(1)[0] // 2
+    p, cells = _global_map_and_cells(model, x)
     received = p.mean(2) / p.mean(2).sum(-1, keepdim=True)
     want = torch.zeros_like(received)
     want[..., (cells[:, 0] * 4 + cells[:, 1]).long()] = received
