@@ -8,9 +8,16 @@ only there: a CPU machine does not collect it, rather than skipping it).
 
 import pytest
 import torch
+from families.cases import TINY
 from helpers import assert_same_distill_step, distill_step_on, peaked_teacher, tiny_vit
 
-from attnxfer.models.attention import AttentionIO, attention_io, attention_with_lse, transferable_attentions
+from attnxfer.models.attention import (
+    AttentionIO,
+    attention_io,
+    attention_with_lse,
+    run_with_ios,
+    transferable_attentions,
+)
 from attnxfer.models.attention.lse import (
     LSEBackend,
     flex_attention_available,
@@ -19,7 +26,9 @@ from attnxfer.models.attention.lse import (
     row_logsumexp,
 )
 from attnxfer.models.efficient import build_efficient_student
-from attnxfer.transfer.losses import CE_PATHS, CEPath
+from attnxfer.transfer.losses import CE_PATHS, CEPath, attention_ce_reference
+from attnxfer.transfer.plan import build_plan
+from attnxfer.transfer.teacher_student import TeacherStudent
 
 
 def _qkv(B=2, H=3, N=21, d=8, seed=0, scale=1.5, device="cpu", dtype=torch.float32):
@@ -94,6 +103,37 @@ def test_every_ce_path_gives_the_distillation_step_of_the_materialised_maps(path
     it)."""
     teacher, x = peaked_teacher(depth=2), torch.randn(3, 3, 32, 32)
     assert_same_distill_step(distill_step_on(path, teacher, x), distill_step_on("materialised", teacher, x))
+
+
+@pytest.mark.parametrize("family", ["cait", "gemma4"])
+def test_attention_lse_keeps_a_layer_s_own_scale_and_post_softmax_mix(family):
+    """A student layer that scales its logits otherwise than d^-0.5 (Gemma4: 1; CaiT's talking heads: one
+    head's d^-0.5 on q' of H·d) or mixes heads after the softmax (talking heads) hands out its lse on the
+    attention_lse path: its forward stays timm's own (attend_with_lse ran a plain d^-0.5 SDPA, changing the
+    logits by 0.4) and each layer's CE is the explicit maps' at the layer's own scale (Gemma4's was 6.7 for
+    12.6)."""
+    fam = TINY[family]
+    teacher, student, x = fam.build(0), fam.build(1).train(), fam.images(2)
+    with torch.no_grad():
+        want_logits = student(x)
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill"), ce_path="attention_lse")
+    ios = {i: AttentionIO(capture="qk") for i in range(len(pair._student_attn))}
+    with torch.no_grad():
+        run_with_ios(teacher, x, ios)
+    out = pair.train()(x)
+    torch.testing.assert_close(out.logits, want_logits, rtol=1e-5, atol=1e-5)
+    for s, t in pair.plan.pairs:  # the explicit N×N maps at each layer's own logit scale
+        with torch.no_grad(), attention_io(pair._student_attn[s], io := AttentionIO(capture="qk")):
+            student(x)
+        want = attention_ce_reference(
+            ios[t].captured["q"],
+            ios[t].captured["k"],
+            io.captured["q"],
+            io.captured["k"],
+            scale_t=pair._teacher_attn[t].logit_scale(ios[t].captured["q"]),
+            scale_s=pair._student_attn[s].logit_scale(io.captured["q"]),
+        ).total
+        torch.testing.assert_close(out.terms[f"attn_ce/{s}"], want, rtol=1e-5, atol=1e-6)
 
 
 def _flex_backend_matches_the_twin(device):

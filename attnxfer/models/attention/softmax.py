@@ -59,7 +59,12 @@ class SoftmaxCore(TransferableAttention):
     def attend_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_with_lse(q, k, v, dropout_p=self.attention_dropout())
+        """The layer's own ``attend`` and the lse of its logits at its own scale (Gemma4's 1, CaiT's one-head
+        d^-0.5): a layer that mixes after the softmax (talking heads) keeps its output, its lse the twin's."""
+        scale = self.logit_scale(q)
+        if type(self).attend is not SoftmaxCore.attend:
+            return self.attend(q, k, v), row_logsumexp(q, k, scale)
+        return attention_with_lse(q, k, v, dropout_p=self.attention_dropout(), scale=scale)
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """Per (batch, head): q / sqrt(d), q k^T, the row softmax and P v."""
@@ -137,17 +142,18 @@ def attention_with_lse(
     *,
     dropout_p: float = 0.0,
     backend: LSEBackend | str | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(s·q kᵀ) v and the rows' log-sum-exp of s·q kᵀ (fp32), both differentiable; ``backend``
-    defaults to FlexAttention on CUDA, SDPA and the chunked `row_logsumexp` elsewhere."""
-    scale = q.shape[-1] ** -0.5
+    """softmax(s·q kᵀ) v and the rows' log-sum-exp of s·q kᵀ (fp32), both differentiable (s: ``scale``, default
+    d^-0.5); ``backend`` defaults to FlexAttention on CUDA, SDPA and the chunked `row_logsumexp` elsewhere."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     backend = lse_backend_for(q.device, dropout_p) if backend is None else LSEBackend(backend)
     if backend is LSEBackend.FLEX:
         if dropout_p:
             raise ValueError("FlexAttention has no attention dropout: use the 'twin' backend")
         out, lse = flex_attention_with_lse(q, k, v, scale=scale)
         return out, lse if lse.dtype == torch.float64 else lse.float()
-    return sdpa(q, k, v, dropout_p=dropout_p), row_logsumexp(q, k, scale)
+    return sdpa(q, k, v, dropout_p=dropout_p, scale=scale), row_logsumexp(q, k, scale)
 
 
 def explicit_attention_map(
