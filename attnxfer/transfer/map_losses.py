@@ -317,6 +317,9 @@ def map_distillation_loss(
             extra = dict(bias_t=teacher.bias, bias_s=student.bias, valid=student.valid)
             res = biased_attention_ce(teacher.q, teacher.k, q_s, k_s, **common, **extra)
         else:
+            # no lse where a layer whose class may add a bias added none (SAM with rope): the same CE by sdpa
+            if student.lse is None and ce_path is not None and CEPath(ce_path) is CEPath.ATTENTION_LSE:
+                ce_path = CEPath.SDPA
             res = attention_distillation_loss(
                 teacher.q, teacher.k, q_s, k_s, **common, path=ce_path, lse_s=student.lse
             )

@@ -7,9 +7,10 @@ only there: a CPU machine does not collect it, rather than skipping it).
 """
 
 import pytest
+import timm
 import torch
 from families.cases import TINY
-from helpers import assert_same_distill_step, distill_step_on, peaked_teacher, tiny_vit
+from helpers import assert_same_distill_step, distill_step_on, fast_cells, peaked_teacher, tiny_vit
 
 from attnxfer.models.attention import (
     AttentionIO,
@@ -105,15 +106,26 @@ def test_every_ce_path_gives_the_distillation_step_of_the_materialised_maps(path
     assert_same_distill_step(distill_step_on(path, teacher, x), distill_step_on("materialised", teacher, x))
 
 
-@pytest.mark.parametrize("family", ["cait", "gemma4"])
+def _sam_with_rope(seed: int) -> torch.nn.Module:
+    """A tiny SAM ViT whose global blocks rotate q and k instead of adding the decomposed rel-pos bias."""
+    torch.manual_seed(seed)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, window_size=4, neck_chans=16)
+    kw |= dict(global_attn_indexes=(0, 1), use_abs_pos=False, use_rel_pos=False, use_rope=True)
+    return timm.create_model("samvit_base_patch16", pretrained=False, num_classes=5, **kw).eval()
+
+
+@pytest.mark.parametrize("family", fast_cells(["cait", "gemma4", "sam_rope"], ("sam_rope",)))
 def test_attention_lse_keeps_a_layer_s_own_scale_and_post_softmax_mix(family):
     """A student layer that scales its logits otherwise than d^-0.5 (Gemma4: 1; CaiT's talking heads: one
     head's d^-0.5 on q' of H·d) or mixes heads after the softmax (talking heads) hands out its lse on the
     attention_lse path: its forward stays timm's own (attend_with_lse ran a plain d^-0.5 SDPA, changing the
     logits by 0.4) and each layer's CE is the explicit maps' at the layer's own scale (Gemma4's was 6.7 for
-    12.6)."""
-    fam = TINY[family]
-    teacher, student, x = fam.build(0), fam.build(1).train(), fam.images(2)
+    12.6). A layer whose class may add a logit bias but adds none (SAM with rope) hands out no lse: its CE is
+    the same by sdpa (it stopped the run, asking for an lse_s no config can pass)."""
+    make, images = (_sam_with_rope, torch.randn(2, 3, 32, 32)) if family == "sam_rope" else (None, None)
+    if make is None:
+        make, images = TINY[family].build, TINY[family].images(2)
+    teacher, student, x = make(0), make(1).train(), images
     with torch.no_grad():
         want_logits = student(x)
     pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill"), ce_path="attention_lse")
