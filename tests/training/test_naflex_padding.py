@@ -51,10 +51,13 @@ def _models():
     return TINY["naflex"].build(seed=0), TINY["naflex"].build(seed=1).train()
 
 
-def test_padded_distill_ce_and_gradients_equal_each_sample_alone(batch):
+# attention_lse: the padded layers hand out no lse (their logits are masked) and take the padded path; they
+# stopped the step with "return_lse takes no attention mask"
+@pytest.mark.parametrize("ce_path", ["rows", "attention_lse"])
+def test_padded_distill_ce_and_gradients_equal_each_sample_alone(batch, ce_path):
     teacher, student = _models()
     oracle_t, oracle_s = copy.deepcopy(teacher), copy.deepcopy(student)  # timm's own classes, unswapped
-    pair = TeacherStudent(teacher, student, mode="distill").train()
+    pair = TeacherStudent(teacher, student, mode="distill", ce_path=ce_path).train()
     out = pair(batch)
     # the oracle: every sample alone through timm's modules, CE summed over its real rows
     sums, rows = None, 0

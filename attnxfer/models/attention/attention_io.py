@@ -28,6 +28,7 @@ class AttentionIO:
     #: the `Signal`s to capture; q and k also capture the logit bias and ``attn_mask``
     capture: Chunks | Iterable[Signal] | Signal | str = ()
     return_map: bool = False
+    #: hand out ``lse``, of a call without an attention mask or logit bias (else it stays None)
     return_lse: bool = False
     #: Raise `StopForward` right after capturing.
     stop: bool = False

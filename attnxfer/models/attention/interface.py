@@ -277,11 +277,9 @@ class TransferableAttention(nn.Module):
         if io is not None and io.return_map:
             io.map = self._io_map(qkv["q"], qkv["k"], mask)
         # A replaced q or k comes with its own scale (its head dim): every core scales by q's head dim.
-        if io is not None and io.return_lse:
-            if mask is not None or is_causal:
-                raise ValueError(
-                    "return_lse takes no attention mask or logit bias (plain ViT attention has none)"
-                )
+        # the lse of unmasked logits only: a call with a mask or bias (a NaFlexViT batch's padding) hands none,
+        # and the loss takes the chunked path that leaves padded tokens out
+        if io is not None and io.return_lse and mask is None and not is_causal:
             out, io.lse = self.attend_with_lse(qkv["q"], qkv["k"], qkv["v"])
         else:
             out = self.attend(qkv["q"], qkv["k"], qkv["v"], attn_mask=mask, is_causal=is_causal)
