@@ -34,6 +34,8 @@ def logit_distillation_loss(
             f"logit distillation compares logits of one shape (batch, classes): student "
             f"{tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
         )
+    if not temperature > 0:  # 0 gave NaN, a negative one the KL of the inverted distributions
+        raise ValueError(f"logit distillation needs a temperature > 0, got {temperature}")
     with fp32_section(student_logits.device.type):
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)

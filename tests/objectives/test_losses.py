@@ -175,6 +175,9 @@ def test_logit_distillation_refuses_logits_that_would_broadcast():
     for other in (t[:1], t[:, :1]):  # one teacher row for every student's, or one class
         with pytest.raises(ValueError, match=r"logits of one shape .* student \(4, 10\), teacher"):
             logit_distillation_loss(s, other)
+    for temperature in (0.0, -2.0):  # NaN, and the KL of softmax(-t/2) against softmax(-s/2)
+        with pytest.raises(ValueError, match="temperature > 0"):
+            logit_distillation_loss(s, t, temperature)
 
 
 def _matmul_flops(fn) -> tuple[int, int]:
