@@ -345,9 +345,12 @@ class CheckpointManager:
         intact = list(self._verified(self.step_dirs(), False, report=False))
         keep = {Path(p) for p in protect}
         keep.update(i.path for i in sorted(intact, key=lambda i: i.step, reverse=True)[: self.keep_last])
-        with_metric = [i for i in intact if i.metric is not None]
-        if self.keep_best and with_metric:
-            keep.add(max(with_metric, key=self._rank_key).path)
+        ranked = [i for i in intact if i.metric is not None] if self.keep_best else []
+        ranked.sort(key=self._rank_key, reverse=True)
+        # the best is the one `best()` reads: past any whose hashes fail (kept anyway, as every broken dir)
+        best = next(self._verified([i.path for i in ranked], None, report=False), None)
+        if best is not None:
+            keep.add(best.path)
         doomed = [i.path for i in intact if i.path not in keep]
         deleted = [i.path for i in self._verified(doomed, None, report=False)]
         for path in deleted:

@@ -348,6 +348,19 @@ def test_corrupt_best_falls_back_to_next_best(tmp_path):
         assert mgr.best().step == 2
 
 
+def test_pruning_keeps_the_best_that_best_reads_when_a_better_ranked_one_is_broken(tmp_path):
+    """A flipped byte in the top-ranked checkpoint makes step 2 the best `best()` and export read: pruning
+    keeps it (and the broken one, for a human), rather than the broken one alone."""
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    for step, metric in enumerate([0.2, 0.9, 0.5, 0.3]):
+        mgr.save(step, small_tensors(step), {}, metric=metric)
+    flip_last_byte(mgr.path_for(1) / "model.safetensors")
+    CheckpointManager(tmp_path, keep_last=1).save(4, small_tensors(4), {}, metric=0.1)
+    assert step_dirs(mgr) == ["step-00000001", "step-00000002", "step-00000004"]
+    with pytest.warns(CorruptCheckpointWarning):
+        assert mgr.best().step == 2
+
+
 def test_broken_dirs_are_not_pruned_and_do_not_count(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=2, keep_best=False)
     for step in (1, 2):
