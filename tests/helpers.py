@@ -175,6 +175,7 @@ def rewrite_checkpoint_state(state_file: Path, change: Callable[[dict], None]) -
     manifest_file = state_file.with_name("MANIFEST.json")
     manifest = json.loads(manifest_file.read_text())
     manifest["files"]["state.json"] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+    manifest.pop("sha256", None)  # the manifest's own digest, which older versions did not write
     manifest_file.write_text(json.dumps(manifest))
 
 

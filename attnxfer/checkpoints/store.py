@@ -62,6 +62,7 @@ from .verify import (
     CorruptCheckpointError,
     CorruptCheckpointWarning,
     load_checkpoint,
+    manifest_digest,
     verify_checkpoint,
 )
 
@@ -163,6 +164,7 @@ def _write_checkpoint_files(
         "slurm_job": os.environ.get("SLURM_JOB_ID") or None,  # a restart's own saves, with no clock compared
         "files": files,
     }
+    manifest["sha256"] = manifest_digest(manifest)
     _write_file_synced(folder / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
     _fsync_dir(folder)
 

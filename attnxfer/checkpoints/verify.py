@@ -4,6 +4,7 @@ of every other file) is checked against the files, and nothing is ever unpickled
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -82,6 +83,13 @@ def metric_words(name: str, value: float) -> str:
     return f"{name.replace('ema_val_', 'EMA ').removeprefix('val_')} {value:.4g}"
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's entries but its own (``sha256``), as sorted-key JSON: what its own entry holds, so
+    a changed byte in its metric or step is caught as one in a listed file is (older manifests hold none)."""
+    entries = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def _read_manifest(path: Path) -> dict:
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
@@ -96,6 +104,8 @@ def _read_manifest(path: Path) -> dict:
         raise CorruptCheckpointError(
             path, f"{MANIFEST_NAME} has no 'format': '{CHECKPOINT_FORMAT}' (not an attnxfer checkpoint?)"
         )
+    if "sha256" in manifest and manifest["sha256"] != manifest_digest(manifest):
+        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} does not match its own sha256 (changed since)")
     files = manifest.get("files")
     step = manifest.get("step")
     if not isinstance(files, dict) or STATE_NAME not in files or not isinstance(step, int):

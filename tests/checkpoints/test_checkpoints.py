@@ -300,6 +300,24 @@ def test_corrupt_newest_is_reported_and_skipped(tmp_path, corruption):
         assert [i.step for i in mgr.list()] == [1]
 
 
+def test_every_bit_flipped_in_a_manifest_is_refused_or_changes_nothing_it_says(tmp_path):
+    """The manifest is what the files are checked against, and its metric ranks the checkpoint for pruning and
+    export: a flipped bit that still parses (71.25 read as 31.25, ``metric`` as ``metrif``: no metric) is
+    refused as a flipped bit in a listed file is, by the manifest's own sha256. (The lowest bit of each byte
+    before the file entries, which the files themselves check: 7 -> 6, 1 -> 0, m -> l.)"""
+    path = CheckpointManager(tmp_path).save(12, small_tensors(12), {"step": 12}, metric=71.25)
+    manifest = path / "MANIFEST.json"
+    written, read = manifest.read_bytes(), verify_checkpoint(path)
+    said = lambda info: (info.step, info.metric, info.created, dict(info.files))
+    for at in range(written.index(b'"files"')):
+        manifest.write_bytes(written[:at] + bytes([written[at] ^ 1]) + written[at + 1 :])
+        with contextlib.suppress(CorruptCheckpointError):
+            assert said(verify_checkpoint(path, verify_hash=False)) == said(read), written[: at + 1]
+    manifest.write_bytes(written.replace(b"71.25", b"31.25"))
+    with pytest.raises(CorruptCheckpointError, match="MANIFEST.json does not match its own sha256"):
+        verify_checkpoint(path)
+
+
 def test_a_checkpoint_pruned_between_listing_and_reading_is_passed_over_without_a_word(tmp_path):
     """A running job prunes old checkpoints (keep_last) while export or eval reads its folder: one listed and
     then removed is no corrupt checkpoint to report, nor a FileNotFoundError; the next intact one is taken."""

@@ -3,14 +3,13 @@ whose fused qkv is a `PartialQKV`, and a resumed run whose EMA is bit-identical 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_run, tiny_vit
+from helpers import peaked_teacher, rewrite_checkpoint_state, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import train
@@ -95,12 +94,7 @@ def test_resumed_copy_run_ends_with_a_bit_identical_ema(tmp_path, capsys):
     assert "EMA val top1" in capsys.readouterr().out
     # a run whose checkpoints were ranked by the raw weights' top-1 (before EMA ranking) resumes ranked so
     step2 = run / "checkpoints" / "step-00000002"
-    state = json.loads((step2 / STATE_NAME).read_text()) | {"best_metric": "val_top1"}
-    text = json.dumps(state).encode()
-    (step2 / STATE_NAME).write_bytes(text)
-    manifest = json.loads((step2 / MANIFEST_NAME).read_text())
-    manifest["files"][STATE_NAME] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
-    (step2 / MANIFEST_NAME).write_text(json.dumps(manifest))
+    rewrite_checkpoint_state(step2 / STATE_NAME, lambda state: state.update(best_metric="val_top1"))
     shutil.rmtree(step4)
     assert train(cfg).metric == "val_top1"
     assert "(step 2, epoch 0" in capsys.readouterr().out
