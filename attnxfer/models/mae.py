@@ -15,7 +15,7 @@ from ..errors import InputError
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): rows, then columns."""
+    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim), MAE's: sin, cos of the column, then of the row."""
     if dim % 4:
         raise InputError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
@@ -24,10 +24,26 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
         torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
     )
     parts = []
-    for pos in (rows.reshape(-1), cols.reshape(-1)):
+    for pos in (cols.reshape(-1), rows.reshape(-1)):
         angles = pos[:, None] * omega[None, :]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1).float()
+
+
+def fix_sincos_pos_embed(encoder: nn.Module) -> None:
+    """MAE's encoder positions, in place: fixed 2-D sin-cos on the patches, 0 on the prefix tokens, not trained."""
+    pos = encoder.pos_embed
+    if pos is None:
+        return
+    if pos.shape[-1] % 4:
+        raise InputError(
+            f"MAE's fixed 2-D sin-cos positions need an encoder width divisible by 4, got {pos.shape[-1]}: make "
+            "model.kwargs.embed_dim a multiple of 4"
+        )
+    grid = tuple(encoder.patch_embed.grid_size)
+    with torch.no_grad():
+        pos.zero_()[:, pos.shape[1] - grid[0] * grid[1] :] = sincos_pos_embed_2d(pos.shape[-1], grid)
+    pos.requires_grad_(False)
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:

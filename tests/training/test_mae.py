@@ -20,7 +20,7 @@ import yaml
 from helpers import rewrite_checkpoint_state, run_cli, tiny_run
 from safetensors.torch import load_file
 
-from attnxfer.apps.run.pretrain import pretrain
+from attnxfer.apps.run.pretrain import build_mae, pretrain
 from attnxfer.config import TrainConfig, load_config
 from attnxfer.errors import InputError
 from attnxfer.launch import cli
@@ -30,6 +30,7 @@ from attnxfer.models.mae import (
     masked_patch_loss,
     patchify,
     random_masking,
+    sincos_pos_embed_2d,
     unpatchify,
 )
 from attnxfer.sources import load_teacher
@@ -208,6 +209,40 @@ def test_a_step_only_trains_from_masked_patches_of_the_image():
     assert mae.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and mae.mask_token.grad.abs().sum() > 0
 
 
+def _maes_sincos(dim: int, rows: int, cols: int) -> torch.Tensor:
+    """He et al.'s 2-D sin-cos embedding written out position by position: for the patch in row i, column j,
+    sin and cos of j·w_k, then sin and cos of i·w_k, w_k = 10000^(-k / (dim/4)) (MAE's util/pos_embed.py)."""
+    q, out = dim // 4, torch.zeros(rows * cols, dim, dtype=torch.float64)
+    for i in range(rows):
+        for j in range(cols):
+            for k in range(q):
+                w = 10000.0 ** (-k / q)
+                out[i * cols + j, [k, q + k, 2 * q + k, 3 * q + k]] = torch.tensor(
+                    [math.sin(j * w), math.cos(j * w), math.sin(i * w), math.cos(i * w)], dtype=torch.float64
+                )
+    return out.float()
+
+
+def test_sincos_embedding_is_maes_columns_then_rows():
+    torch.testing.assert_close(sincos_pos_embed_2d(8, (2, 3)), _maes_sincos(8, 2, 3))
+
+
+@pytest.mark.parametrize("prefix", [[], ["model.kwargs={depth: 2, embed_dim: 48, reg_tokens: 2}"]])
+def test_pretrainings_encoder_and_decoder_have_maes_fixed_sincos_positions(prefix):
+    """MAE's encoder positions are fixed sin-cos like its decoder's (0 on the prefix tokens), not timm's learned
+    random ones: a step leaves them as they are."""
+    mae = build_mae(load_config("demo/mae_pretrain", [*TINY, *prefix]), in_chans=1, img_size=None)
+    n_pre = mae.encoder.num_prefix_tokens
+    for pos, dim, skip in ((mae.encoder.pos_embed, 48, n_pre), (mae.decoder_pos_embed, 32, 1)):
+        assert not pos.requires_grad and not pos[0, :skip].any()
+        torch.testing.assert_close(pos[0, skip:], _maes_sincos(dim, 7, 7))
+    before = mae.encoder.pos_embed.clone()
+    opt = torch.optim.AdamW([p for p in mae.parameters() if p.requires_grad], lr=0.1)
+    mae(torch.randn(2, 1, 28, 28)).loss.backward()
+    opt.step()
+    assert torch.equal(mae.encoder.pos_embed, before)
+
+
 # -- a real pre-training run -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory) -> Path:
@@ -237,6 +272,7 @@ def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretr
     ckpt = load_file(str(run / "checkpoints" / "step-00000008" / "model.safetensors"))
     for k, v in plain.state_dict().items():
         assert torch.equal(v, ckpt[k]), k
+    torch.testing.assert_close(ckpt["pos_embed"][0, 1:], _maes_sincos(48, 7, 7))  # fixed through training
     # the card names what the encoder is, not only the architecture it was built as
     card = (export / "README.md").read_text()
     assert "\n# ref\n" in card  # named after its run, not after the folder "export"
@@ -314,6 +350,25 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
     oa = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
     ob = load_file(str(resumed / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+@pytest.mark.slow
+def test_a_pretraining_begun_with_learned_encoder_positions_resumes_and_goes_on_learning_them(
+    tmp_path, monkeypatch, capsys
+):
+    """A run checkpointed while the encoder's positions were trained has them in its optimiser state: it
+    resumes, and they keep learning, rather than the optimiser's groups no longer fitting."""
+    with monkeypatch.context() as m:
+        m.setattr("attnxfer.apps.run.pretrain.fix_sincos_pos_embed", lambda encoder: None)
+        pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "mae.export=false"]))
+    (tmp_path / "checkpoints" / "step-00000008").rename(tmp_path / "later")
+    pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "mae.export=false"]))
+    assert "resumed from checkpoint step 4" in capsys.readouterr().out
+    step4, step8 = (
+        load_file(str(tmp_path / "checkpoints" / s / "model.safetensors"))
+        for s in ("step-00000004", "step-00000008")
+    )
+    assert not torch.equal(step4["pos_embed"], step8["pos_embed"])
 
 
 @pytest.mark.slow
@@ -655,6 +710,10 @@ def test_the_encoder_takes_model_kwargs_in_chans_over_the_datas_as_trains_studen
         # a section it reads no key of, refused whole (its config.yaml leaves it out; mode=none, what it does, allowed)
         (["transfer.mode=copy"], "transfer.mode: attnxfer pretrain does not read the transfer section and"),
         (["model.name=swin_tiny_patch4_window7_224"], "needs a plain ViT (timm's VisionTransformer"),
+        (  # MAE's fixed sin-cos positions: sin and cos of rows and of columns
+            [*TINY, "model.kwargs={depth: 2, embed_dim: 54, num_heads: 3}"],
+            "need an encoder width divisible by 4, got 54: make model.kwargs.embed_dim a multiple of 4",
+        ),
         # the encoder is built and exported with MAE's class-token pooling whatever these say
         (
             ["model.global_pool=avg", "model.fc_norm=true", *TINY],

@@ -31,7 +31,7 @@ from ...config import DataConfig, TrainConfig, config_changes, refuse_unread_sec
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
-from ...models.mae import MaskedAutoencoder, kept_patches
+from ...models.mae import MaskedAutoencoder, fix_sincos_pos_embed, kept_patches
 from ...models.student import student_shape, student_spec
 from ...sources.resolve import TeacherLoadError, read_state_dict
 from ...speak import say
@@ -58,7 +58,7 @@ def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAu
     if img_size is not None:
         kwargs["img_size"] = img_size
     encoder = create_named_vit(m, num_classes=0, **kwargs)
-    return MaskedAutoencoder(
+    mae = MaskedAutoencoder(
         encoder,
         decoder_dim=a.decoder_dim,
         decoder_depth=a.decoder_depth,
@@ -67,6 +67,9 @@ def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAu
         mask_ratio=a.mask_ratio,
         norm_pix=a.norm_pix,
     )
+    # MAE's encoder, as its decoder, has fixed sin-cos positions, not learned ones
+    fix_sincos_pos_embed(encoder)
+    return mae
 
 
 def _is_decoder_key(key: str) -> bool:
@@ -248,6 +251,12 @@ def build_pretrain_engine(
     )
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
+    saved = (
+        ((point.state.get("optimizer_meta") or {}).get("tree") or {}).get("param_groups", []) if point else []
+    )
+    if sum(len(g["params"]) for g in saved) == sum(p.requires_grad for p in mae.parameters()) + 1:
+        # a run begun while the encoder learned its positions: its optimiser holds them, so it goes on learning
+        mae.encoder.pos_embed.requires_grad_(True)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
     pictures, val = [], parts.val_loader.dataset  # mae.pictures val images spread over the set
     if cfg.mae.pictures > 0:
