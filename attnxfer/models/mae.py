@@ -30,8 +30,20 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def fix_sincos_pos_embed(encoder: nn.Module) -> None:
-    """MAE's encoder positions, in place: fixed 2-D sin-cos on the patches, 0 on the prefix tokens, not trained."""
+def init_encoder_as_mae(encoder: nn.Module) -> None:
+    """A fresh encoder initialised as MAE's, in place: every Linear xavier-uniform (bias 0), the patch embedding
+    likewise on its flattened kernel, the class token N(0, 0.02²), and the positions fixed 2-D sin-cos on the
+    patches, 0 on the prefix tokens, not trained (timm's own init is N(0, 0.02²) weights, learned positions)."""
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        kernel = encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(kernel.view(kernel.shape[0], -1))
+        if encoder.cls_token is not None:
+            nn.init.normal_(encoder.cls_token, std=0.02)
     pos = encoder.pos_embed
     if pos is None:
         return

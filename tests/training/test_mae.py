@@ -227,6 +227,23 @@ def test_sincos_embedding_is_maes_columns_then_rows():
     torch.testing.assert_close(sincos_pos_embed_2d(8, (2, 3)), _maes_sincos(8, 2, 3))
 
 
+def test_a_fresh_pretrainings_encoder_is_initialised_as_maes():
+    """He et al. initialise every Linear, and the patch embedding as one, xavier-uniform: U(±a), a = sqrt(6 /
+    (fan_in + fan_out)), so a standard deviation of a/sqrt(3), Linear biases 0 (timm's own: N(0, 0.02²))."""
+    torch.manual_seed(0)
+    enc = build_mae(load_config("demo/mae_pretrain", TINY), in_chans=1, img_size=None).encoder
+    kernel = enc.patch_embed.proj.weight.flatten(1)
+    weights = [(kernel, None)] + [  # the patch embedding's bias keeps torch's Conv2d init, as in MAE
+        (m.weight, m.bias) for m in enc.modules() if isinstance(m, torch.nn.Linear)
+    ]
+    assert len(weights) == 1 + 2 * 4  # patches; per block qkv, proj, fc1, fc2
+    for w, b in weights:
+        a = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= a and w.std().item() == pytest.approx(a / math.sqrt(3), rel=0.1)
+        assert b is None or not b.any()
+    assert enc.cls_token.std().item() == pytest.approx(0.02, rel=0.3)
+
+
 @pytest.mark.parametrize("prefix", [[], ["model.kwargs={depth: 2, embed_dim: 48, reg_tokens: 2}"]])
 def test_pretrainings_encoder_and_decoder_have_maes_fixed_sincos_positions(prefix):
     """MAE's encoder positions are fixed sin-cos like its decoder's (0 on the prefix tokens), not timm's learned
@@ -359,7 +376,7 @@ def test_a_pretraining_begun_with_learned_encoder_positions_resumes_and_goes_on_
     """A run checkpointed while the encoder's positions were trained has them in its optimiser state: it
     resumes, and they keep learning, rather than the optimiser's groups no longer fitting."""
     with monkeypatch.context() as m:
-        m.setattr("attnxfer.apps.run.pretrain.fix_sincos_pos_embed", lambda encoder: None)
+        m.setattr("attnxfer.apps.run.pretrain.init_encoder_as_mae", lambda encoder: None)
         pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "mae.export=false"]))
     (tmp_path / "checkpoints" / "step-00000008").rename(tmp_path / "later")
     pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path}", "mae.export=false"]))

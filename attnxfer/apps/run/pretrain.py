@@ -31,7 +31,7 @@ from ...config import DataConfig, TrainConfig, config_changes, refuse_unread_sec
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
-from ...models.mae import MaskedAutoencoder, fix_sincos_pos_embed, kept_patches
+from ...models.mae import MaskedAutoencoder, init_encoder_as_mae, kept_patches
 from ...models.student import student_shape, student_spec
 from ...sources.resolve import TeacherLoadError, read_state_dict
 from ...speak import say
@@ -67,8 +67,8 @@ def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAu
         mask_ratio=a.mask_ratio,
         norm_pix=a.norm_pix,
     )
-    # MAE's encoder, as its decoder, has fixed sin-cos positions, not learned ones
-    fix_sincos_pos_embed(encoder)
+    # MAE's init: its encoder, as its decoder, has fixed sin-cos positions, not learned ones
+    init_encoder_as_mae(encoder)
     return mae
 
 
