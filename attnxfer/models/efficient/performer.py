@@ -36,13 +36,10 @@ def gaussian_orthogonal_features(
     negative r-th entry more often than not, and the estimate of exp(q.k) a bias (-7 % at d = 16)."""
     if not orthogonal:
         return torch.randn(num_features, dim, generator=generator)
-    blocks = [
-        (q * r.diagonal().sign()).T
-        for q, r in (
-            torch.linalg.qr(torch.randn(dim, dim, generator=generator))
-            for _ in range(math.ceil(num_features / dim))
-        )
-    ]
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+        blocks.append((q * r.diagonal().sign()).T)
     directions = torch.cat(blocks)[:num_features]
     norms = torch.randn(num_features, dim, generator=generator).norm(dim=1, keepdim=True)
     return directions * norms
