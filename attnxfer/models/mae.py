@@ -167,6 +167,11 @@ class MaskedAutoencoder(nn.Module):
                 f"MAE pre-training cuts the image into {self.patch} px patches (model.kwargs.patch_size), and "
                 f"{side} px (data.img_size) is not a multiple of {self.patch}: nearest sizes that work: {near}"
             )
+        if norm_pix and self.patch**2 * self.in_chans < 2:  # the unbiased variance of one value is NaN
+            raise InputError(
+                f"mae.norm_pix normalises each patch by its values' variance, and a {self.patch} px patch of "
+                f"{self.in_chans} channel has one value: set mae.norm_pix=false or larger model.kwargs.patch_size"
+            )
         patches = self._num_patches = self.grid[0] * self.grid[1]
         if patches < 2:
             raise InputError(

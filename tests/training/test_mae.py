@@ -130,6 +130,18 @@ def test_a_mask_ratio_that_hides_no_patch_is_refused():
     assert _tiny_mae(mask_ratio=0.02).mask_ratio == 0.02  # one patch hidden: something to learn
 
 
+def test_per_patch_normalised_targets_of_one_value_patches_are_refused_not_nan():
+    """A 1 px, 1-channel patch has one value, whose unbiased variance is NaN: every loss would be NaN."""
+    torch.manual_seed(0)
+    enc = create_vit(
+        "vit_micro_patch4_28", num_classes=0, depth=1, embed_dim=48, patch_size=1, img_size=8, in_chans=1
+    )
+    with pytest.raises(InputError, match="mae.norm_pix normalises each patch"):
+        MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=1)
+    mae = MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=1, norm_pix=False)
+    assert torch.isfinite(mae(torch.randn(2, 1, 8, 8)).loss)
+
+
 @pytest.mark.parametrize(
     "size, says",
     [
