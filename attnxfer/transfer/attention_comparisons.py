@@ -87,12 +87,15 @@ class MapComparison(ComparisonLoss):
         return text
 
     def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
-        """A softmax layer without logit biases, on a path that takes the student kernel's log-sum-exp."""
+        """A softmax layer on a path that takes the student kernel's log-sum-exp, where the teacher layer handed
+        over no logit bias on this step (a teacher bias takes the biased CE, which needs none). Decided by what
+        the layers do on this call, not by what their class may do: a student layer that adds a bias hands out
+        no lse on that call anyway (`TransferableAttention.transfer_forward`), and one whose class may add a
+        bias but whose instance adds none (SAM with rope) then really takes the attention_lse path."""
         return (
             ce_path.needs_student_lse
             and pair.student_attn.map_kind is MapKind.SOFTMAX
-            and not pair.student_attn.has_logit_bias
-            and not pair.teacher_attn.has_logit_bias
+            and pair.teacher.get("bias") is None
         )
 
     def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Loss:

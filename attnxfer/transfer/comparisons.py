@@ -137,7 +137,8 @@ class ComparisonLoss:
         return Chunks(comparison.signal) if comparison.signal.chunks else Chunks()
 
     def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
-        """Whether the student layer hands out its rows' log-sum-exp; asked before the models run."""
+        """Whether the student layer hands out its rows' log-sum-exp; asked after the teacher's pass
+        (``pair.teacher``: what its layer handed over on this batch) and before the student's."""
         return False
 
     def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Loss:

@@ -315,7 +315,9 @@ class TeacherStudent(nn.Module):
             for s, t in c.pairs:
                 io = ios.setdefault(s, AttentionIO())
                 io.capture = Chunks((*io.capture, *c.chunks))
-                io.return_lse = io.return_lse or c.loss_fn.wants_lse(self._pair(s, t), ce_path)
+                # the teacher has run: whether its layer added a logit bias on this batch is known
+                pair = self._pair(s, t, {}, handover.layers.get(t, {}))
+                io.return_lse = io.return_lse or c.loss_fn.wants_lse(pair, ce_path)
         return ios
 
     def _layer_loss(

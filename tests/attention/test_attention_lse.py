@@ -27,7 +27,7 @@ from attnxfer.models.attention.lse import (
     row_logsumexp,
 )
 from attnxfer.models.efficient import build_efficient_student
-from attnxfer.transfer.losses import CE_PATHS, CEPath, attention_ce_reference
+from attnxfer.transfer.losses import CE_PATHS, CEPath, attention_ce_reference, attention_distillation_loss
 from attnxfer.transfer.plan import build_plan
 from attnxfer.transfer.teacher_student import TeacherStudent
 
@@ -120,8 +120,8 @@ def test_attention_lse_keeps_a_layer_s_own_scale_and_post_softmax_mix(family):
     head's d^-0.5 on q' of H·d) or mixes heads after the softmax (talking heads) hands out its lse on the
     attention_lse path: its forward stays timm's own (attend_with_lse ran a plain d^-0.5 SDPA, changing the
     logits by 0.4) and each layer's CE is the explicit maps' at the layer's own scale (Gemma4's was 6.7 for
-    12.6). A layer whose class may add a logit bias but adds none (SAM with rope) hands out no lse: its CE is
-    the same by sdpa (it stopped the run, asking for an lse_s no config can pass)."""
+    12.6). A layer whose class may add a logit bias but adds none (SAM with rope) hands out its lse too (it
+    stopped the run, asking for an lse_s no config can pass)."""
     make, images = (_sam_with_rope, torch.randn(2, 3, 32, 32)) if family == "sam_rope" else (None, None)
     if make is None:
         make, images = TINY[family].build, TINY[family].images(2)
@@ -145,6 +145,35 @@ def test_attention_lse_keeps_a_layer_s_own_scale_and_post_softmax_mix(family):
             scale_t=pair._teacher_attn[t].logit_scale(ios[t].captured["q"]),
             scale_s=pair._student_attn[s].logit_scale(io.captured["q"]),
         ).total
+        torch.testing.assert_close(out.terms[f"attn_ce/{s}"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_forced_attention_lse_runs_on_layers_whose_instance_adds_no_bias(monkeypatch):
+    """SAM with rope: its class may add a logit bias, these layers add none. Forced attention_lse, teacher and
+    student alike hand that over on each call, so every layer's CE really takes the student kernel's
+    log-sum-exp (it was replaced by sdpa unsaid, the student never asked for its lse) and equals the explicit
+    maps'."""
+    import attnxfer.transfer.map_losses as map_losses
+
+    taken = []
+
+    def spy(*args, path=None, lse_s=None, **kw):
+        taken.append((CEPath(path), lse_s is not None))
+        return attention_distillation_loss(*args, path=path, lse_s=lse_s, **kw)
+
+    monkeypatch.setattr(map_losses, "attention_distillation_loss", spy)
+    teacher, student, x = _sam_with_rope(0), _sam_with_rope(1), torch.randn(2, 3, 32, 32)
+    assert all(a.has_logit_bias for a in transferable_attentions(student))  # the class may add one
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill"), ce_path="attention_lse")
+    out = pair.train()(x)
+    assert taken == [(CEPath.ATTENTION_LSE, True)] * len(pair.plan.pairs)
+    ios = {i: AttentionIO(capture="qk") for i in range(len(pair._student_attn))}
+    with torch.no_grad():
+        run_with_ios(teacher, x, ios)
+        run_with_ios(student, x, mine := {i: AttentionIO(capture="qk") for i in ios})
+    for s, t in pair.plan.pairs:
+        qt, kt, qs, ks = (io.captured[c] for io in (ios[t], mine[s]) for c in "qk")
+        want = attention_ce_reference(qt, kt, qs, ks).total
         torch.testing.assert_close(out.terms[f"attn_ce/{s}"], want, rtol=1e-5, atol=1e-6)
 
 
