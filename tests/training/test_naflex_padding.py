@@ -93,6 +93,39 @@ def test_padded_distill_ce_and_gradients_equal_each_sample_alone(batch, ce_path)
     ).abs() > 1e-3
 
 
+def test_forced_attention_lse_runs_on_a_batch_whose_mask_pads_nothing(batch, monkeypatch):
+    """A batch of whole images still carries timm's attention mask, which hides no logit: the layers hand out
+    their lse as unmasked ones do, so a forced attention_lse path really runs (it was replaced by sdpa unsaid)
+    and gives the CE, logits and gradients of the rows path."""
+    import attnxfer.transfer.map_losses as map_losses
+
+    taken, real = [], map_losses.attention_distillation_loss
+
+    def spy(*args, path=None, lse_s=None, **kw):
+        taken.append((str(path), lse_s is not None))
+        return real(*args, path=path, lse_s=lse_s, **kw)
+
+    monkeypatch.setattr(map_losses, "attention_distillation_loss", spy)
+    whole = {k: torch.cat([v, v]) for k, v in _alone(batch, 0).items()}  # two samples, nothing padded
+    teacher, student = _models()
+    out = {
+        p: TeacherStudent(teacher, student, mode="distill", ce_path=p).train()(whole)
+        for p in ("attention_lse", "rows")
+    }
+    assert taken[:2] == [("attention_lse", True)] * 2
+    torch.testing.assert_close(out["attention_lse"].logits, out["rows"].logits, rtol=1e-5, atol=1e-6)
+    params = [p for p in student.parameters() if p.requires_grad]
+    grads = {}
+    for p, res in out.items():
+        torch.testing.assert_close(
+            res.terms["attn_ce/0"], out["rows"].terms["attn_ce/0"], rtol=1e-5, atol=1e-6
+        )
+        grads[p] = torch.autograd.grad(sum(res.terms.values()), params, allow_unused=True)
+    for a, b in zip(grads["attention_lse"], grads["rows"]):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_padded_copy_gives_each_sample_its_own_logits_and_both_modes_train(batch):
     teacher, student = _models()
     copy_pair = TeacherStudent(teacher, student, mode="copy").train()

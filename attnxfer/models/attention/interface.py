@@ -273,6 +273,10 @@ class TransferableAttention(nn.Module):
                 bias = own_bias
             else:
                 bias = self.logit_bias(qkv["q"], qkv["k"], **call) if self.has_logit_bias else None
+        if io is not None and io.return_lse and bias is None and not is_causal and _hides_nothing(attn_mask):
+            # a padding mask that pads nothing (a NaFlexViT batch of whole images) changes no logit: the call
+            # hands out its lse as an unmasked one does, so attention_lse runs on every batch it is named for
+            attn_mask = None
         mask = _merge_masks(bias, attn_mask)
         if io is not None and io.return_map:
             io.map = self._io_map(qkv["q"], qkv["k"], mask)
@@ -365,6 +369,13 @@ class TransferableAttention(nn.Module):
 
     def _map_rows(self, context: Any, rows: slice) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _hides_nothing(attn_mask: torch.Tensor | None) -> bool:
+    """A timm ``attn_mask`` that leaves every logit as it is (bool: all True; additive: all 0)."""
+    if attn_mask is None:
+        return False
+    return bool(attn_mask.all()) if attn_mask.dtype == torch.bool else not bool(attn_mask.any())
 
 
 def _merge_masks(bias: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
