@@ -120,6 +120,7 @@ class MapComparison(ComparisonLoss):
             ),
             with_metric=step.with_metric,
             ce_path=step.ce_path,
+            ce_path_forced=step.ce_path_forced,
         )
         layer = pair.student_layer
         kl = res.logs.get(MapLoss.CE.metric)  # logged beside CE (an MSE's metric is the loss itself)

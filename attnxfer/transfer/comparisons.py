@@ -92,6 +92,9 @@ class Step:
     teacher: nn.Module | None
     ce_path: CEPath
     with_metric: bool
+    #: ``ce_path`` was named (``transfer.ce_path``, ``TeacherStudent(ce_path=...)``), not resolved by ``auto``:
+    #: where it cannot run on a call the loss raises `CEPathUnavailable` rather than take another path
+    ce_path_forced: bool = True
 
 
 class ComparisonLoss:

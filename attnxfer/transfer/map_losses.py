@@ -296,10 +296,13 @@ def map_distillation_loss(
     with_metric: bool = True,
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
+    ce_path_forced: bool = True,
 ) -> Loss:
     """The ``loss`` ('auto': by map kind) between ``attn``'s map on ``student``'s q, k and the softmax map of
     ``teacher``'s (no gradient), through `MAP_LOSS_RULES`; the metric is KL for CE (for softmax layers only
-    ``with_metric``: it costs a teacher pass), the loss itself for MSE."""
+    ``with_metric``: it costs a teacher pass), the loss itself for MSE. ``ce_path_forced``: ``ce_path`` was
+    named, not resolved by ``transfer.ce_path: auto``, so where it cannot run on this call (attention_lse
+    without the student's log-sum-exp) a `CEPathUnavailable` says why instead of the same CE by sdpa."""
     rule = map_loss_rule(attn.map_kind, loss)
     if teacher.key_pooling is not None:
         if student.scale is not None or student.bias is not None:
@@ -317,9 +320,15 @@ def map_distillation_loss(
             extra = dict(bias_t=teacher.bias, bias_s=student.bias, valid=student.valid)
             res = biased_attention_ce(teacher.q, teacher.k, q_s, k_s, **common, **extra)
         else:
-            # no lse where a layer whose class may add a bias added none (SAM with rope): the same CE by sdpa
             if student.lse is None and ce_path is not None and CEPath(ce_path) is CEPath.ATTENTION_LSE:
-                ce_path = CEPath.SDPA
+                if ce_path_forced:  # a named path runs as named or stops the run, never replaced unsaid
+                    raise CEPathUnavailable(
+                        f"the attention_lse CE path takes the student layer's log-sum-exp from its attention "
+                        f"kernel, and this {type(attn).__name__} handed out none on this call (its logits "
+                        "carried an attention mask, or it ran without AttentionIO(return_lse=True)): use "
+                        "transfer.ce_path=auto or sdpa, the same CE with the log-sum-exp computed apart"
+                    )
+                ce_path = CEPath.SDPA  # auto's choice gives way to the same CE by sdpa
             res = attention_distillation_loss(
                 teacher.q, teacher.k, q_s, k_s, **common, path=ce_path, lse_s=student.lse
             )

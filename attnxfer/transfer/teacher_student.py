@@ -151,6 +151,9 @@ class TeacherStudent(nn.Module):
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
         self.ce_path = ce_path
+        # a path named here is honoured or refused; one `auto` resolved (apps/run/ce_choice.py sets this
+        # False) may give way to the same CE by sdpa where a layer cannot hand out its log-sum-exp
+        self.ce_path_forced = ce_path is not None
         # KL = CE − H(P_t) costs a teacher pass per layer and is only logged: the engine sets it per step
         self.log_kl = True
         self._student_layers = attention_layers(student)
@@ -283,7 +286,7 @@ class TeacherStudent(nn.Module):
             else:
                 student_whole = {Signal.LOGITS: self.student(x)}
         out = TransferOutput(logits=student_whole[Signal.LOGITS])
-        step = Step(self.student, self.teacher, ce_path, self.log_kl)
+        step = Step(self.student, self.teacher, ce_path, self.log_kl, self.ce_path_forced)
         for c in compared:
             if c.signal.of_layer:
                 res = self._layer_loss(c, ios, handover, step)

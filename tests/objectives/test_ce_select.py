@@ -140,6 +140,20 @@ def test_triton_needs_square_maps_in_every_distilled_layer_and_a_forced_path_is_
     assert torch.isfinite(rows.total)
 
 
+def test_a_named_attention_lse_path_without_the_student_lse_is_refused_with_advice(pair):
+    """attention_lse takes the student kernel's log-sum-exp: a named path whose layer handed out none stops
+    with why and what to set; the path auto resolved gives way to the same CE by sdpa, as it did unsaid for
+    both."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 17, 16, generator=g), torch.randn(2, 3, 17, 16, generator=g)
+    layer, attn = LayerLogits(q, k), pair.student.blocks[0].attn
+    with pytest.raises(CEPathUnavailable, match="handed out none on this call.*ce_path=auto or sdpa"):
+        map_distillation_loss(attn, layer, layer, "ce", ce_path="attention_lse")
+    resolved = map_distillation_loss(attn, layer, layer, "ce", ce_path="attention_lse", ce_path_forced=False)
+    sdpa = map_distillation_loss(attn, layer, layer, "ce", ce_path="sdpa")
+    assert torch.equal(resolved.total, sdpa.total)
+
+
 def test_the_probe_counts_every_distilled_layer_whose_maps_are_not_square(pair):
     """The shapes auto times are read from every distilled layer: a plain ViT's are all square."""
     shapes = layer_shapes(pair, 2)

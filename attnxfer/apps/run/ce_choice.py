@@ -76,5 +76,5 @@ def ce_choice_for_run(
                 )
             )
     say(choice.describe())
-    pair.ce_path = choice.path
+    pair.ce_path, pair.ce_path_forced = choice.path, cfg.transfer.ce_path != "auto"
     return choice
