@@ -285,3 +285,49 @@ def test_a_curriculum_stage_at_a_size_the_student_cannot_run_is_refused_before_t
     err = capsys.readouterr().err
     assert f"a data.kwargs.curriculum stage's img_size={side}: " in err and says in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _chi2(table: torch.Tensor) -> float:
+    """Pearson's chi-square of a contingency table against independence (one row: against uniform)."""
+    table = table.double()
+    if table.shape[0] == 1:
+        expected = torch.full_like(table, float(table.mean()))
+    else:
+        expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum())
+
+
+def test_labels_are_balanced_and_tell_nothing_of_the_query_key_or_where_the_query_sits():
+    """A shortcut through the label's marginal: 1,000 layouts, labels uniform over the 10 classes and
+    independent of the query's key and of the query's half of the image (chi-square with 9 degrees of
+    freedom under 27.88: p > 0.001)."""
+    ds = _ds(pairs=10, num_keys=16, length=1000)
+    table = torch.zeros(3, 2, 10)  # (label alone, by key parity, by the query's half) x 2 x classes
+    for lay in map(ds.layout, range(1000)):
+        table[0, 0, lay.label] += 1
+        table[1, lay.query_key % 2, lay.label] += 1
+        table[2, int(lay.query_cell[0] < ds.grid // 2), lay.label] += 1
+    assert _chi2(table[0, :1]) < 27.88
+    assert _chi2(table[1]) < 27.88 and _chi2(table[2]) < 27.88
+
+
+def test_the_recall_teachers_val_images_are_1024_tokens_and_near_values_ruled_out_are_worth_12_1_percent():
+    """What docs/choosing-attention.md and docs/data.md say of `recall/teacher`'s 1,000 val images: 128 px of
+    4-px glyphs (32 x 32 = 1,024 tokens of its patch-4 model), and a reader that knows every value but not
+    its key, ruling out those within `distance` of the query (the queried pair never is), gets 12.1 %."""
+    from attnxfer.config import load_config
+
+    cfg = load_config("recall/teacher")
+    kwargs = {k: v for k, v in cfg.data.kwargs.items() if k != "curriculum"}
+    ds = build_dataset("recall", "val", img_size=cfg.data.img_size, seed=cfg.seed, **kwargs)
+    assert len(ds) == 1000 and ds.image(0).shape == (3, 128, 128)
+    assert (128 // cfg.model.kwargs["patch_size"]) ** 2 == ds.grid**2 == 1024
+    worth = 0.0
+    for lay in map(ds.layout, range(len(ds))):
+        q = lay.query_cell
+        far = [
+            v for c, v in zip(lay.pair_cells, lay.pair_values) if max(abs(c[0] - q[0]), abs(c[1] - q[1])) >= 8
+        ]
+        assert lay.label in far
+        worth += 1 / len(far)
+    assert f"{100 * worth / len(ds):.1f}" == "12.1"
