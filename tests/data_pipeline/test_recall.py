@@ -331,3 +331,20 @@ def test_the_recall_teachers_val_images_are_1024_tokens_and_near_values_ruled_ou
         assert lay.label in far
         worth += 1 / len(far)
     assert f"{100 * worth / len(ds):.1f}" == "12.1"
+
+
+def test_the_knn_bank_of_a_run_with_a_curriculum_holds_the_task_itself_not_its_first_stage():
+    """k-NN top-1 compares val embeddings with the bank's: recall/teacher's val split is the task (128 px, 10
+    pairs, distance 8), and so must the bank be, not the 32-px, 2-pair images its plain-int indices (epoch 0)
+    would read from the curriculum's first stage."""
+    from attnxfer.apps.run.loaders import build_bank_loader
+    from attnxfer.config import apply_overrides, load_config
+
+    cfg = apply_overrides(load_config("recall/teacher"), {"eval.knn_bank_size": 4, "data.batch_size": 4})
+    val = build_dataset("recall", "val", img_size=cfg.data.img_size, seed=cfg.seed, **cfg.data.kwargs)
+    bank = build_bank_loader(cfg, val)
+    x, y = next(iter(bank))
+    assert x.shape == (4, 3, 128, 128) and y.shape == (4,)
+    images = bank.dataset.dataset  # the evenly spaced Subset's recall split
+    assert images.curriculum == () and images.stage == val.stage
+    assert images.layout(0).img_size == 128 and len(images.layout(0).pair_cells) == 10

@@ -171,7 +171,9 @@ def _common(data: DataConfig, *, img_size, in_chans, mean, std, num_classes: int
 def build_bank_loader(cfg: TrainConfig, like: Dataset) -> DataLoader:
     """The training split as a k-NN memory bank: built with ``like``'s (a val split's) image settings, with no
     augmentation, in order, whole on every rank; ``eval.knn_bank_size``: that many images evenly spaced
-    through it (a folder is sorted by class, so its first images would be a few classes)."""
+    through it (a folder is sorted by class, so its first images would be a few classes). A curriculum
+    (recall's) is left out: the bank holds the task the val split holds, not the easier stage its first
+    epoch would give (other sizes, fewer pairs: its embeddings are no neighbours for the val images')."""
     data, seed, size, info = cfg.data, data_seed(cfg), cfg.eval.knn_bank_size, like.info
     common = _common(
         data,
@@ -182,7 +184,9 @@ def build_bank_loader(cfg: TrainConfig, like: Dataset) -> DataLoader:
         num_classes=info.num_classes,
         seed=seed,
     )
-    common.update(_accepted(data.dataset, {"augment": False, "batch_size": 1, "world_size": 1}))
+    common.update(
+        _accepted(data.dataset, {"augment": False, "batch_size": 1, "world_size": 1, "curriculum": None})
+    )
     bank = build_dataset(data.dataset, "train", **common)
     if isinstance(bank, StreamDataset):
         if size is not None:
