@@ -501,6 +501,8 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert set(top1) == {"teacher", "before_stage1", "after_stage1", "after_stage2"}
     assert all(isinstance(v, float) and 0 <= v <= 100 for v in top1.values())
     assert report["recovered_pct"] == pytest.approx(100 * top1["after_stage2"] / top1["teacher"])
+    # an untrained teacher on 10 classes: said when it scores under 20 %, and only then
+    assert ("under twice chance (10.0 % of 10 classes)" in err) == (top1["teacher"] < 20.0), err
     for which in ("teacher_input", "end_to_end"):
         rows = report["agreement"][which]
         assert [r["layer"] for r in rows] == [0, 1] and all(r["metric"] == "kl" for r in rows)

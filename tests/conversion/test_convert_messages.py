@@ -10,7 +10,7 @@ import pytest
 from helpers import peaked_teacher, tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
-from attnxfer.apps.convert.report import conversion_summary, teacher_top1_line
+from attnxfer.apps.convert.report import conversion_summary, teacher_near_chance, teacher_top1_line
 from attnxfer.launch.cli import main
 
 
@@ -208,6 +208,17 @@ def test_summary_with_a_classifier_teacher_gives_the_share():
     assert teacher_top1_line(80.0) == "teacher val top-1 80.00"
     withheld = {**report, "speed": {"speedup": 1.5, "speedup_withheld": "rounds on both sides of 1"}}
     assert conversion_summary(withheld).endswith(", speed withheld (see the report) -> runs/x/report.md")
+
+
+def test_a_teacher_under_twice_chance_is_said_to_be_trained_on_other_data():
+    """A recall teacher read with another seed's glyphs scores about chance: its students could only learn that."""
+    said = teacher_near_chance(11.0, 10)
+    assert said is not None and said.startswith(
+        "the teacher scores 11.00 % on this run's val data, under twice"
+    )
+    assert "(10.0 % of 10 classes)" in said and "recall's glyphs follow data.seed, else seed" in said
+    assert teacher_near_chance(20.0, 10) is None and teacher_near_chance(0.5, 1000) is None
+    assert teacher_near_chance(None, 10) is None and teacher_near_chance(5.0, 0) is None  # no top-1, no head
 
 
 def _measured(top1=None, cos=None, knn=None) -> dict:

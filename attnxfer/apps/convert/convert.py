@@ -51,7 +51,7 @@ from ..run.training import (
     train,
 )
 from .quality import QualityProbe, dataset_size, stage2_worse
-from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
+from .report import STAGE_ROWS, render_conversion_report, teacher_near_chance, teacher_top1_line
 from .selection import (
     AUTO,
     PARTIAL_FILE,
@@ -241,6 +241,10 @@ def convert_runs(
             else None
         )
         speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
+        if (
+            near_chance := teacher_near_chance(teacher_top1, getattr(first.teacher, "num_classes", 0))
+        ) is not None:
+            speak.warn(near_chance)
         for run in runs:
             measure(run, "before_stage1")
         t1 = time.monotonic()

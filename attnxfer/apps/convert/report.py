@@ -60,6 +60,18 @@ def teacher_top1_line(top1: float | None, labelled: bool = True) -> str:
     )
 
 
+def teacher_near_chance(top1: float | None, classes: int) -> str | None:
+    """A warning where the teacher's top-1 is under twice chance: the students learn what it shows, so such a
+    teacher is one trained on other data (a generated task's other seed, other normalisation, other labels)."""
+    if top1 is None or not classes or top1 >= 200.0 / classes:
+        return None
+    return (
+        f"the teacher scores {top1:.2f} % on this run's val data, under twice chance ({100.0 / classes:.1f} % of "
+        f"{classes} classes), and its students learn from what it shows: check that data.* is the data it was "
+        "trained on (a generated task draws its images from its seed: recall's glyphs follow data.seed, else seed)"
+    )
+
+
 def final_stage(report: dict[str, Any]) -> str | None:
     """The key of the last stage measured (None in a report without per-stage features)."""
     features = report.get("features") or {}
