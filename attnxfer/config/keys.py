@@ -53,7 +53,7 @@ class Range:
             return not isinstance(value, str) or value in self.choices
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return True
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int is finite, whatever its size
             return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False

@@ -147,6 +147,10 @@ def _type_name(tp: Any) -> str:
     return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+class _Unfit(ConfigError):
+    """A value of the key's type that no value of it can be (an integer past a float's range)."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
@@ -162,8 +166,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # a list given where a list is one choice (a name or a list of names): its item at fault is named
             return _coerce(value, lists[0], key)
         for arg in [a for a in args if a is not type(None)]:
-            with contextlib.suppress(ConfigError):
+            try:
                 return _coerce(value, arg, key)
+            # the type fits, the value does not: this error says what to write, not the union's
+            except _Unfit:
+                raise
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_unquoted(value, tp)}")
     if tp is Any:
         return value
@@ -193,7 +202,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if (tp is bool and isinstance(value, bool)) or (tp is int and number and isinstance(value, int)):
         return value
     if tp is float and number:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer past a float's range (about 1.8e308): no number a run can take
+            digits = int(value.bit_length() * math.log10(2)) + 1
+            raise _Unfit(f"{key}: must be a finite number; got an integer of about {digits} digits") from None
     if tp is str and (isinstance(value, str) or number):
         return str(value)
     if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)

@@ -69,6 +69,23 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
 }
 
 
+def _construct_int(loader: yaml.SafeLoader, node: ScalarNode) -> int:
+    """pyyaml's int, but past Python's limit on decimal digits (4300: ``int(str)`` refuses more) an error at
+    the number's line, not a ValueError traceback from inside the reader."""
+    try:
+        return loader.construct_yaml_int(node)
+    except ValueError:
+        raise ConstructorError(
+            None,
+            None,
+            f"an integer of {len(node.value)} characters is too large for any config value",
+            node.start_mark,
+        ) from None
+
+
+_UniqueKeyLoader.add_constructor(_INT, _construct_int)
+
+
 class Dumper(yaml.SafeDumper):
     """Quotes a string `load_yaml` reads as a number (1e3), as it quotes those YAML 1.1 reads so (1.5, 010):
     a config.yaml reads back as written."""

@@ -306,6 +306,30 @@ def test_a_range_names_its_bounds_as_written():
         load_config(None, ["convert.speedup=.inf"])
 
 
+def test_an_integer_too_large_for_any_key_is_a_config_error_not_a_traceback(tmp_path):
+    """A very large integer was an OverflowError (a range check, or a float key, made it a float) or, past
+    Python's 4300 digits for int(str), a ValueError from the YAML reader: a traceback, not the key named."""
+    huge = "1" + "0" * 400  # past a float's range
+    with pytest.raises(ConfigError, match=r"^seed: must be >= 0 and <= 4294967295; got 10{400}$"):
+        load_config(None, [f"seed={huge}"])
+    for override, where in (
+        (f"optim.lr={huge}", "optim.lr"),  # float or null: the number's own error, not "expected a number"
+        (f"data.mean=[{huge}, 1, 1]", r"data.mean\[0\]"),
+        (f"schedule.warmup_epochs={huge}", "schedule.warmup_epochs"),
+    ):
+        with pytest.raises(
+            ConfigError, match=rf"^{where}: must be a finite number; got an integer of about 401"
+        ):
+            load_config(None, [override])
+    assert load_config(None, [f"data.batch_size={huge}"]).data.batch_size == 10**400  # an int: no bound
+    longest = "9" * 5000  # int("9" * 5000) raises ValueError
+    with pytest.raises(ConfigError, match="an integer of 5000 characters is too large for any config value"):
+        load_config(None, [f"seed={longest}"])
+    (tmp_path / "c.yaml").write_text(f"schedule:\n  epochs: {longest}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"c.yaml', line 2, column 11: an integer of 5000 characters"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_a_key_without_a_range_is_refused():
     """A field added as a plain default (no `key`), or a `key` naming no range, is a schema error at once."""
 
