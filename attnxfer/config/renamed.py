@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from .keys import ConfigError
 
 
@@ -19,8 +21,9 @@ class RenamedKeyWarning(FutureWarning):
     """A config used a key's old spelling; the message says the new one."""
 
 
-#: how an old key's value moves into the nested config data: (value, data, config so far or None)
-Move = Callable[[Any, dict, Any], None]
+#: how an old key's value moves into the nested config data: (value, data, config so far or None) -> what the
+#: note adds (None: nothing)
+Move = Callable[[Any, dict, Any], "str | None"]
 
 
 def _current(cfg: Any, dotted: str) -> Any:
@@ -34,6 +37,11 @@ def _current(cfg: Any, dotted: str) -> Any:
         else:
             return None
     return node
+
+
+def _said(value: Any) -> str:
+    """A value as YAML writes it (null, 16, [a, b])."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 def find_key(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
@@ -59,11 +67,17 @@ def _parent(data: dict, dotted: str, cfg: Any) -> dict:
 
 
 def moved_to(new: str) -> Move:
-    """The value moves to the key ``new``, unless the same source sets ``new`` itself (the new spelling wins)."""
+    """The value moves to the key ``new``, unless the same source sets ``new`` itself: the new spelling wins,
+    and where the two differ the note says which value is dropped (else a recipe's old key, set beside the new
+    one it forgot, would be lost without a word)."""
 
-    def move(value: Any, data: dict, cfg: Any) -> None:
-        if not find_key(data, new)[0]:
+    def move(value: Any, data: dict, cfg: Any) -> str | None:
+        found, given = find_key(data, new)
+        if not found:
             _parent(data, new, cfg)[new.rsplit(".", 1)[-1]] = value
+        elif given != value:
+            return f"its {_said(value)} is dropped: {new}={_said(given)} is given beside it and wins"
+        return None
 
     return move
 
@@ -87,11 +101,10 @@ def synthetic_option(new: str) -> Move:
     """The value moves to ``new`` for the synthetic dataset (whose option it was); other datasets ignored it."""
     to_new = moved_to(new)
 
-    def move(value: Any, data: dict, cfg: Any) -> None:
+    def move(value: Any, data: dict, cfg: Any) -> str | None:
         found, dataset = find_key(data, "data.dataset")
         dataset = dataset if found else _current(cfg, "data.dataset")
-        if dataset in (None, "synthetic"):
-            to_new(value, data, cfg)
+        return to_new(value, data, cfg) if dataset in (None, "synthetic") else None
 
     return move
 
@@ -229,8 +242,8 @@ def respell(data: Mapping[str, Any], cfg: Any = None, *, note: bool = True) -> d
         found, value = renamed.take(out) if renamed.take is not None else _pop(out, renamed.old)
         if not found:
             continue
-        if value != renamed.default:
-            renamed.move(value, out, cfg)
+        more = renamed.move(value, out, cfg) if value != renamed.default else None
         if note:  # once per process; the CLI shows it as "warning: <old> is now <new>"
-            warnings.warn_explicit(renamed.note, RenamedKeyWarning, "config", 0, __name__, _SAID)
+            said = f"{renamed.note}; {more}" if more else renamed.note
+            warnings.warn_explicit(said, RenamedKeyWarning, "config", 0, __name__, _SAID)
     return out

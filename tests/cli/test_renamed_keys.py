@@ -62,6 +62,27 @@ def test_convert_knn_bank_size_is_eval_knn_bank_size():
     assert cfg.eval.knn_bank_size == 32
 
 
+def test_an_old_spelling_beside_its_new_key_says_which_value_is_dropped(tmp_path):
+    """The new spelling wins where one source gives both; the one note says so where the two differ (the old
+    value was dropped with only 'X is now Y' said, as if it had been moved)."""
+    cfg, said = _load("convert.knn_bank_size=16", "eval.knn_bank_size=32")
+    assert cfg.eval.knn_bank_size == 32 and said == [
+        "convert.knn_bank_size is now eval.knn_bank_size (attnxfer eval's and conversion reports' k-NN bank); "
+        "its 16 is dropped: eval.knn_bank_size=32 is given beside it and wins"
+    ]
+    _, said = _load(
+        "convert.knn_bank_size=null", "eval.knn_bank_size=null"
+    )  # the same value: nothing dropped
+    assert said == [next(r.note for r in RENAMED_KEYS if r.old == "convert.knn_bank_size")]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"data": {"dataset": "synthetic", "synthetic_length": 64, "kwargs": {"length": 8}}})
+    )
+    cfg, said = _load(path=recipe)
+    assert cfg.data.kwargs == {"length": 8} and len(said) == 1
+    assert said[0].endswith("its 64 is dropped: data.kwargs.length=8 is given beside it and wins")
+
+
 def test_data_synthetic_length_is_the_synthetic_datasets_own_length(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"dataset": "synthetic", "kwargs": {"noise": 0.2}}}))
