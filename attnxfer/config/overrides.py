@@ -218,8 +218,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unquoted(value: Any, tp: Any) -> str:
     """What to write where ``value`` is a string that, unquoted, a ``tp`` takes: a quoted "3" or "1e-3" is
-    YAML's string, refused by a number's key as a quoted "true" is by a switch's (and "010", no number)."""
-    if not isinstance(value, str) or str in (typing.get_args(tp) or (tp,)):
+    YAML's string, refused by a number's key as a quoted "true" is by a switch's (and "010", no number). And
+    the other way round: a boolean where a string is taken was YAML 1.1's unquoted yes/no/on/off (``name: no``)."""
+    takes = typing.get_args(tp) or (tp,)
+    if isinstance(value, bool) and str in takes:
+        return (
+            " (YAML reads an unquoted yes, no, on, off, true or false as true/false: quote the text, e.g. "
+            f"'{'yes' if value else 'no'}')"
+        )
+    if not isinstance(value, str) or str in takes:
         return ""
     with contextlib.suppress(yaml.YAMLError, ConfigError):
         if not isinstance(typed := load_yaml(value), str):

@@ -287,3 +287,23 @@ def test_base_given_as_an_override_is_told_to_be_the_config_file(tmp_path, monke
         "attnxfer train: error: base names the recipe a YAML file starts from; on the command line, give it "
         "as -c RECIPE"
     )
+
+
+def test_a_yes_or_no_where_a_string_is_taken_is_told_to_quote_it(tmp_path):
+    """YAML 1.1 reads an unquoted no as false: ``name: no`` or ``teacher.revision=no`` was refused as
+    'expected a string, got False', which does not say that the text was read as a switch."""
+    from attnxfer.config import ConfigError
+
+    (tmp_path / "c.yaml").write_text("model:\n  name: no\n", encoding="utf-8")
+    quote = r"\(YAML reads an unquoted yes, no, on, off, true or false as true/false: quote the text, e\.g\. "
+    with pytest.raises(ConfigError, match=rf"model\.name: expected a string, got False {quote}'no'\)$"):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(
+        ConfigError, match=rf"teacher\.revision: expected a string or null, got True {quote}'yes'"
+    ):
+        load_config(None, ["teacher.revision=on"])
+    with pytest.raises(ConfigError, match=rf"search\.seeds\[1\]: expected a string, got False {quote}'no'"):
+        load_config(None, ["search.seeds=[hedgehog, off]"])
+    assert load_config(None, ["teacher.revision='no'", "model.name=no"]).teacher.revision == "no"
+    with pytest.raises(ConfigError, match=r"^seed: expected an integer, got True$"):  # not a string's key
+        load_config(None, ["seed=yes"])
