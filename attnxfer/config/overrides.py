@@ -291,6 +291,8 @@ _SECTION_VALUE = {
     "teacher": "teacher.spec",
     "transfer": "transfer.mode",
     "data": "data.dataset",
+    "ema": "ema.decay",  # timm's --model-ema-decay: ema=0.9999 is the decay
+    "convert": "convert.attention",  # what a conversion converts to (convert=performer)
 }
 #: values other tools spell otherwise (device=gpu is not the nearest spelling, cpu)
 _CHOICES_MEANT = {"gpu": ("cuda",)}
