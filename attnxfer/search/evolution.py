@@ -86,7 +86,8 @@ def objectives(record: Mapping[str, Any]) -> tuple[float, float]:
 
 def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[str, str | None]:
     """(canonical ``formula:...`` name, rejection reason or None): the checks that need no training. A window
-    covering the teacher's grid is exact softmax there, so its fit would say nothing at the target resolution."""
+    covering the teacher's grid is exact softmax there, so its fit would say nothing at the target resolution;
+    a square window as tall as a wider grid (win(4) on 4x8) splits its rows in two: no softmax, so it is fitted."""
     program = text[len(PREFIX) :] if text.startswith(PREFIX) else text
     try:
         formula = parse_formula(program)
@@ -97,7 +98,7 @@ def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[st
         check_formula(formula, head_dim, grid)
     except InvalidFormula as e:
         return name, f"before training: {e}"
-    if grid is not None and formula.window is not None and formula.window >= min(grid):
+    if grid is not None and formula.window is not None and formula.window >= max(grid):
         return name, (
             f"before training: win({formula.window}) covers the whole {grid[0]}x{grid[1]} token grid of the "
             "teacher, where it is exact softmax attention: its fit says nothing about the local window it is "

@@ -152,6 +152,14 @@ def test_the_layers_the_search_times_are_built_where_the_teacher_is(tiny):
         assert {p.device.type for p in _layer(name, teacher, 17).parameters()} == {"meta"}
 
 
+def test_a_window_as_tall_as_a_wider_grid_is_fitted_not_refused_as_softmax():
+    """win(s) is refused before training where it covers the whole grid (there it is exact softmax); on a wider
+    grid a window as tall as the grid still splits each row, so it is no softmax and gets its fit."""
+    assert "covers the whole 4x4 token grid" in precheck("formula:sum(relu+win(4))", 16, (4, 4))[1]
+    assert precheck("formula:sum(relu+win(4))", 16, (4, 8)) == ("formula:sum(relu+win(4))", None)
+    assert precheck("formula:sum(relu+win(4))", 16, (8, 4)) == ("formula:sum(relu+win(4))", None)
+
+
 @pytest.mark.slow
 def test_rejection_protocol_records_every_rejection_with_its_reason(tiny):
     # before training: syntax, check_formula, signed normalisation
