@@ -79,6 +79,33 @@ def test_pareto_ranks_and_crowding_match_a_hand_worked_example():
     assert split_batches(list("ab"), 5) == [["a"], ["b"]]
 
 
+def test_the_front_and_the_winner_under_a_speed_floor_match_a_hand_made_search():
+    """The front is every fitted candidate nobody beats in both fit and speed (from all generations, not the
+    last population; rejections never), fastest first; the winner is the best fit at least min_speed fast, a
+    tie in fit going to the faster, and the best fit of the front where no member reaches the floor."""
+    from attnxfer.apps.search import winner_of
+    from attnxfer.search import pareto_front
+
+    made = [
+        ("a", 0.1, 0.5),
+        ("b", 0.2, 2.0),  # beaten by c: as good a fit, slower
+        ("c", 0.2, 3.0),
+        ("d", 0.5, 3.0),  # beaten by c: as fast, worse fit
+        ("e", 0.9, 8.0),
+        ("g", 0.1, 0.5),  # the same scores as a: neither beats the other
+    ]
+    state = SearchState(
+        candidates={f: {"formula": f, "status": "ok", "kl": kl, "speed": sp} for f, kl, sp in made},
+        population=["e"],
+    )
+    state.candidates["r"] = {"formula": "r", "status": "rejected", "reason": "at fit time: non-finite"}
+    front = pareto_front(state)
+    assert [c["formula"] for c in front] == ["e", "c", "a", "g"]
+    picked = {floor: (winner_of(front, floor) or {}).get("formula") for floor in (0, 1, 3, 3.01, 8, 9)}
+    assert picked == {0: "a", 1: "c", 3: "c", 3.01: "e", 8: "e", 9: "a"}
+    assert winner_of([], 1) is None
+
+
 # ------------------------------------------------------------------------------------- fitness, rejection
 @pytest.fixture(scope="module")
 def tiny():
