@@ -113,7 +113,22 @@ def select(
     # the fastest student takes no candidate of infinite sensitivity (one whose fit diverged) either
     usable = {c: t for c, t in ms.items() if all(math.isfinite(row[c]) for row in sensitivity)}
     top = fastest(sensitivity, usable, softmax_ms, teacher_ms)
-    if teacher_ms - top.predicted_ms < need:
+    # a candidate infinite in some blocks only may still be taken in the others: whether the budget can be met
+    # is the fastest mix's to say (each block its fastest finite option), not the fastest one-candidate student's
+    mixed = assignment_of(
+        [
+            min(
+                [*(c for c in ms if math.isfinite(row[c])), SOFTMAX],
+                key=lambda n: (ms.get(n, softmax_ms), n != SOFTMAX),
+            )
+            for row in sensitivity
+        ],
+        sensitivity,
+        ms,
+        softmax_ms,
+        teacher_ms,
+    )
+    if teacher_ms - mixed.predicted_ms < need:
         raise InfeasibleBudget(speedup, top)
     unit = need / RESOLUTION
     saves = saving_ms(ms, softmax_ms)
@@ -129,8 +144,8 @@ def select(
         for row in sensitivity
     ]
     best = _knapsack(options, RESOLUTION)
-    if best is None:  # feasible only through the rounding's last units: the fastest student meets it
-        return top
+    if best is None:  # feasible only through the rounding's last units: the fastest mix meets it
+        return mixed
     return assignment_of(best, sensitivity, ms, softmax_ms, teacher_ms)
 
 

@@ -227,6 +227,35 @@ def test_a_candidate_of_infinite_sensitivity_is_never_chosen_even_as_the_fastest
     assert select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.05).names == ["slow", "slow"]
 
 
+def test_a_candidate_infinite_in_some_blocks_only_is_still_taken_in_the_others():
+    """A sensitivity can be non-finite in one block alone (the fit converged); the budget was judged by the
+    fastest student of candidates finite everywhere, so one that only such a candidate's finite blocks meet
+    was refused as infeasible. Random instances with such holes against every finite assignment, and one by hand."""
+    sensitivity = [{"x": 0.1, "y": 0.2}, {"x": math.inf, "y": 0.3}]
+    ms = {"x": 1.0, "y": 9.0}  # x saves 9 ms of a block's 10, y saves 1
+    chosen = select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.4)  # 8.6 ms to save
+    assert chosen.names == ["x", SOFTMAX] and chosen.speedup >= 1.4
+    with pytest.raises(InfeasibleBudget):  # x in block 0 and y in block 1 save 10 ms: 1.5x at most
+        select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.51)
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(40):
+        sensitivity, ms, softmax_ms, teacher_ms = _instance(rng, 4, ["a", "b", "c"])
+        sensitivity = [
+            {n: math.inf if rng.random() < 0.25 else v for n, v in row.items()} for row in sensitivity
+        ]
+        speedup = rng.uniform(1.05, 2.5)
+        best = brute_force(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+        if best is None or not math.isfinite(best.sensitivity):
+            with pytest.raises(InfeasibleBudget):
+                select(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+            continue
+        chosen = select(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+        assert chosen.speedup >= speedup and chosen.sensitivity == pytest.approx(best.sensitivity, rel=1e-9)
+        checked += 1
+    assert checked >= 15
+
+
 @pytest.mark.slow
 @pytest.mark.usefixtures("fixed_timings")
 def test_a_budget_only_diverged_fits_would_meet_is_one_line_naming_them(tmp_path, tiny_teacher_dir, capsys):
