@@ -373,9 +373,11 @@ class SearchConfig:
     # time (measured wall clock) | flops (counted; deterministic)
     speed: str = key("time", choices=("time", "flops"))
     speed_repeats: int = key(5, range=AT_LEAST_1)  # timed runs of candidate and softmax, interleaved (median)
-    # the winner is the best fit among front members at least this fast
+    # the winner is the best fit among front members at least this fast (none that fast: the front's best fit,
+    # and pareto.md says it misses this)
     min_speed: float = key(1.0, range=NON_NEGATIVE, search_resumable=True)
-    # stop starting generations after this many minutes
+    # minutes the search may take, every process's together: it stops before a generation that would end past
+    # them (the last generation's length is the guess); one that cannot fit generation 0 is refused at the start
     time_budget_min: float | None = key(None, range=POSITIVE, search_resumable=True)
     # the recipe the winner's convert command starts from
     convert_recipe: str = key("convert/demo_hedgehog", range=ANY, search_resumable=True)
