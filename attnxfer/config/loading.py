@@ -28,6 +28,7 @@ from .overrides import (
     refuse_unread_blr,
     validate_config,
 )
+from .renamed import find_key
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
 
@@ -249,6 +250,7 @@ def load_config(
             f"overrides: a list of 'key=value' strings (['data.batch_size=4']), got {overrides!r}"
         )
     cfg = TrainConfig()
+    unread_blr: tuple[Path, Mapping[str, Any]] | None = None  # the last file to set optim.blr, not optim.lr
     if path is not None:
         p = resolve_recipe(path)
         chain = recipe_chain(p)
@@ -272,11 +274,15 @@ def load_config(
             # a recipe's mapping (model.kwargs: {depth: 4}) is merged into its base's, as a dotted override is:
             # YAML has no other way to set one key of it
             try:
-                cfg = refuse_unread_blr(
-                    data, merge_values(cfg, merged_into_base(data) if depth else data, command=command)
-                )
+                cfg = merge_values(cfg, merged_into_base(data) if depth else data, command=command)
             except ConfigError as e:  # which file of the chain holds the key
                 raise ConfigError(f"config file {str(file)!r}: {e}") from None
+            # an optim.blr over a base's optim.lr is judged once the whole chain (and the command line) is read:
+            # a recipe over it may set optim.lr: null, which makes it count, as the refusal advises
+            if find_key(data, "optim.lr")[0]:
+                unread_blr = None
+            elif find_key(data, "optim.blr")[0]:
+                unread_blr = (file, data)
         cfg = _own_run_dir(cfg, p)
     # a recipe, run dir, study or export given without -c (a study's student folder may be named lr=1e-3)
     for item in (o for o in overrides if "=" not in o or "/" in o.split("=", 1)[0]):
@@ -293,5 +299,13 @@ def load_config(
             continue  # no config either: parse_overrides says what an override is
         raise ConfigError(f"{item!r} is not a key=value override; to read its config, pass -c {config}")
     if overrides:
-        cfg = apply_overrides(cfg, parse_overrides(overrides), command)
+        parsed = parse_overrides(overrides)
+        cfg = apply_overrides(cfg, parsed, command)
+        if "optim.lr" in parsed:
+            unread_blr = None
+    if unread_blr is not None:
+        try:
+            refuse_unread_blr(unread_blr[1], cfg)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(unread_blr[0])!r}: {e}") from None
     return validate_config(cfg)

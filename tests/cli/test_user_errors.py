@@ -743,6 +743,21 @@ def test_a_blr_given_over_a_recipes_lr_is_refused_naming_both_keys_not_left_unre
     assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
 
 
+def test_a_recipes_blr_counts_where_a_recipe_over_it_or_the_command_line_sets_optim_lr_null(tmp_path):
+    """The refusal says to set optim.lr to null as well; done by the recipe that starts from the one setting
+    blr (or by the command line), the chain was still refused at that middle file, before the null was read."""
+    (tmp_path / "mine.yaml").write_text("base: demo/copy\noptim: {blr: 5.0e-4}\n")
+    (tmp_path / "fixed.yaml").write_text("base: mine.yaml\noptim: {lr: null}\n")
+    cfg = load_config(tmp_path / "fixed.yaml")
+    assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
+    cfg = load_config(tmp_path / "mine.yaml", ["optim.lr=null"])
+    assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
+    # nothing sets lr to null: still refused, naming the file that sets blr
+    (tmp_path / "over.yaml").write_text("base: mine.yaml\nseed: 1\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml.*optim.blr=0.0005 would go unread"):
+        load_config(tmp_path / "over.yaml")
+
+
 def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_replaces_a_given_value_with_a_warning(
     capsys,
 ):
