@@ -9,7 +9,9 @@ from typing import Any
 
 import yaml
 from yaml import YAMLError
+from yaml.composer import ComposerError
 from yaml.constructor import ConstructorError
+from yaml.events import AliasEvent, MappingStartEvent, SequenceStartEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 _HINTS = {  # pyyaml's words for the most common slips, and what they mean
@@ -31,6 +33,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def get_single_node(self) -> Node | None:
         self._root = super().get_single_node()  # kept to name a repeated key by its dotted path
         return self._root
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+        """Refuses an alias inside the mapping or list its anchor names (``kwargs: &x {depth: *x}``): a value
+        that holds itself, which every later reader of the config (printing, copying) recursed on forever."""
+        event = self.peek_event()
+        open_anchors = self.__dict__.setdefault("_open_anchors", [])
+        if isinstance(event, AliasEvent) and event.anchor in open_anchors:
+            raise ComposerError(
+                None,
+                None,
+                f"*{event.anchor} is inside the value &{event.anchor} names: a config value cannot hold itself",
+                event.start_mark,
+            )
+        anchor = event.anchor if isinstance(event, (MappingStartEvent, SequenceStartEvent)) else None
+        open_anchors.append(anchor)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            open_anchors.pop()
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, MappingNode):

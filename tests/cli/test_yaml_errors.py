@@ -307,3 +307,21 @@ def test_a_yes_or_no_where_a_string_is_taken_is_told_to_quote_it(tmp_path):
     assert load_config(None, ["teacher.revision='no'", "model.name=no"]).teacher.revision == "no"
     with pytest.raises(ConfigError, match=r"^seed: expected an integer, got True$"):  # not a string's key
         load_config(None, ["seed=yes"])
+
+
+def test_an_alias_inside_the_value_its_anchor_names_is_one_error_at_its_line(tmp_path):
+    """``kwargs: &x {depth: *x}`` made a mapping that holds itself: --print-config, and any run, ended in a
+    RecursionError traceback. An alias to a value elsewhere (a sibling's anchor) still loads."""
+    from attnxfer.config import ConfigError
+
+    (tmp_path / "c.yaml").write_text("model:\n  kwargs: &x {depth: *x}\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"line 2, column 22: \*x is inside the value &x names: a config value"
+    ):
+        load_config(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r"model.kwargs='&a \[\*a\]': value is not valid YAML"):
+        load_config(None, ["model.kwargs=&a [*a]"])
+    shared = "convert:\n  attention_kwargs: &ak {num_features: 64}\nmodel:\n  attention_kwargs: *ak\n"
+    (tmp_path / "c.yaml").write_text(shared, encoding="utf-8")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.model.attention_kwargs == cfg.convert.attention_kwargs == {"num_features": 64}
