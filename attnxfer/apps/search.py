@@ -280,7 +280,8 @@ def render_pareto_md(
             + (
                 f"among members at least {s.min_speed:g}x as fast as softmax"
                 if winner["speed"] >= s.min_speed
-                else f"of all: none of its members is {s.min_speed:g}x as fast as softmax (search.min_speed)"
+                else f"of all: none of its members is {s.min_speed:g}x as fast as softmax (search.min_speed; "
+                f"the fastest is {max(c['speed'] for c in front):.4g}x)"
             )
             + "). Convert the teacher with it:",
             "",
@@ -498,7 +499,11 @@ def search(
         _save(cfg, run_dir, state, parts.teacher_record)
         if winner is not None:
             slow = winner["speed"] < cfg.search.min_speed  # the best fit of all: say it misses the bar
-            short = f"; no member of the front is {cfg.search.min_speed:g}x as fast (search.min_speed)" * slow
+            fastest = max(c["speed"] for c in front)  # the table's 2 decimals may round it up to the bar
+            short = (
+                f"; no member of the front is {cfg.search.min_speed:g}x as fast (search.min_speed; the fastest "
+                f"is {fastest:.4g}x)"
+            ) * slow
             say(
                 f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x{short})\n"
                 f"  {command}"
