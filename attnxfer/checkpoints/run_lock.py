@@ -10,8 +10,12 @@
 * A heartbeat (the owner touches the file every `HEARTBEAT_S` s) tells a dead holder from a live one across
   hosts. A lock is taken over when its holder is provably gone: on this host its pid is gone (a zombie, or
   reused); on another its heartbeat is older than `STALE_AFTER_S` (ten beats: far above NFS attribute caches
-  and clock skew); or it is this same SLURM job's (a requeued attempt). Taking over renames the file to a
-  unique name (one contender wins), checks it is the one judged stale (else puts it back), then deletes it.
+  and clock skew); or it is an earlier attempt of this same SLURM job (a requeue: ``SLURM_RESTART_COUNT``,
+  recorded in the file, is below ours). Another step or task of the same attempt is judged by its heartbeat
+  like any other holder: two ``srun`` steps of one job on one run dir would both write it. A lock written
+  without the attempt (by an older attnxfer) is taken as an earlier attempt's, as it was then, so its run
+  folder still resumes. Taking over renames the file to a unique name (one contender wins), checks it is the
+  one judged stale (else puts it back), then deletes it.
 * Released on exit and on error, only if still ours; a SIGKILLed holder's file is taken over next time.
 * A folder holds one kind of work (a study, a conversion, a search, a training run): a command that does not write that
   kind is refused before it writes, since its files would hide the work from export, inspect and resume.
@@ -266,6 +270,15 @@ def check_writable(run_dir: str | os.PathLike) -> None:
             probe.unlink()
 
 
+def _slurm_restart_count() -> int:
+    """Which attempt of its SLURM job this process is: ``SLURM_RESTART_COUNT`` (SLURM sets it from the first
+    requeue on, every requeue adds one; unset, or outside SLURM: 0)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return 0
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
     try:
@@ -289,7 +302,9 @@ class _Holder:
         if not c:
             return f"unknown holder (an empty or unreadable lock file; last touched {self.age_s:.0f} s ago)"
         pid = f", pid {self.pid}" if self.pid is not None else ""
-        job = f", SLURM job {c['slurm_job']}" if c.get("slurm_job") else ""
+        step = f".{c['slurm_step']}" if c.get("slurm_step") is not None else ""  # SLURM's JOB.STEP
+        task = f" task {c['slurm_task']}" if c.get("slurm_task") is not None else ""
+        job = f", SLURM job {c['slurm_job']}{step}{task}" if c.get("slurm_job") else ""
         return (
             f"`attnxfer {c.get('command', '?')}` on host {self.host}{pid}{job}, started {c.get('started', '?')} "
             f"(heartbeat {self.age_s:.0f} s ago)"
@@ -330,7 +345,15 @@ class _Holder:
             return None
         job = self.content.get("slurm_job")
         if job and job == os.environ.get("SLURM_JOB_ID"):
-            return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
+            if "slurm_restart" not in self.content:  # written before attempts were recorded: as then
+                return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
+            theirs, ours = self.content["slurm_restart"], _slurm_restart_count()
+            if isinstance(theirs, int) and theirs < ours:
+                return (
+                    f"it belongs to an earlier attempt of this same SLURM job {job} (restart {theirs}; this is "
+                    f"restart {ours}), run on host {self.host}"
+                )
+            # the same attempt: another step or task of this job, alive while its heartbeat goes on
         if self.age_s > STALE_AFTER_S:
             return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {STALE_AFTER_S:.0f} s)"
         return None
@@ -464,6 +487,11 @@ def run_lock(
         "pid": os.getpid(),
         "pid_started": _start_time(os.getpid()),
         "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
+        # which attempt, step and task of the job: a requeued attempt takes over an earlier one's lock, never
+        # a sibling step's or task's (`_Holder.why_dead`)
+        "slurm_restart": _slurm_restart_count() if os.environ.get("SLURM_JOB_ID") else None,
+        "slurm_step": os.environ.get("SLURM_STEP_ID") or None,
+        "slurm_task": os.environ.get("SLURM_PROCID") or None,
         "command": command,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "token": token,

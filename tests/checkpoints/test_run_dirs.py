@@ -393,6 +393,73 @@ def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, 
     assert "heartbeat stopped" in capsys.readouterr().out and not lock.exists()
 
 
+def _slurm_env(monkeypatch, job="77", restart=None, step="0", task="0"):
+    """This process as a task of a SLURM job, as srun describes it (restart None: a first attempt)."""
+    for var, value in (
+        ("SLURM_JOB_ID", job),
+        ("SLURM_RESTART_COUNT", restart),
+        ("SLURM_STEP_ID", step),
+        ("SLURM_PROCID", task),
+    ):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+
+
+def _lock_of_this_job_elsewhere(run: Path, pid: int) -> Path:
+    """The lock this process writes as a task of SLURM job 77, as if written by ``pid`` on another node (a
+    pid of its own per test: a takeover of one dead holder is said once per process)."""
+    with run_lock(run, "train"):
+        content = json.loads((run / LOCK_NAME).read_text())
+    return _write_lock(run, **{**content, "host": "node-elsewhere", "pid": pid})
+
+
+@pytest.mark.parametrize(
+    "other", [dict(step="1"), dict(task="1")], ids=["another-srun-step", "another-task-of-the-step"]
+)
+def test_a_live_step_or_task_of_the_same_slurm_job_keeps_its_lock(tmp_path, monkeypatch, other):
+    """Two srun steps of one job (or two tasks of one step) share SLURM_JOB_ID but run at once: the second
+    must be refused while the first's heartbeat goes on, not take the lock as if the first were a requeued
+    attempt, or both would write the run dir."""
+    run = tmp_path / "shared"
+    _slurm_env(monkeypatch)
+    lock = _lock_of_this_job_elsewhere(run, pid=2)
+    _slurm_env(monkeypatch, **other)
+    with (
+        pytest.raises(RunDirInUseError, match=r"node-elsewhere.*SLURM job 77\.0 task 0"),
+        run_lock(run, "train"),
+    ):
+        pass
+    old = time.time() - 3600  # its heartbeat stopped an hour ago: gone, as any other holder
+    os.utime(lock, (old, old))
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def test_a_requeued_attempt_of_the_same_slurm_job_takes_over_an_earlier_attempts_fresh_lock(
+    tmp_path, monkeypatch, capsys
+):
+    """A requeue keeps SLURM_JOB_ID and raises SLURM_RESTART_COUNT; the killed attempt's heartbeat is still
+    fresh when the requeued one starts, which must not wait ten beats for it."""
+    run = tmp_path / "shared"
+    _slurm_env(monkeypatch)
+    lock = _lock_of_this_job_elsewhere(run, pid=3)
+    assert json.loads(lock.read_text())["slurm_restart"] == 0
+    _slurm_env(monkeypatch, restart="1")
+    capsys.readouterr()
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_restart"] == 1
+        later = json.loads(lock.read_text())
+    assert (
+        "earlier attempt of this same SLURM job 77 (restart 0; this is restart 1)" in capsys.readouterr().out
+    )
+    _write_lock(run, **{**later, "host": "node-elsewhere", "pid": 3})
+    _slurm_env(monkeypatch, restart="1", step="1")  # a later step of that attempt, not a later attempt
+    with pytest.raises(RunDirInUseError, match="node-elsewhere"), run_lock(run, "train"):
+        pass
+
+
 def test_a_lock_that_names_no_process_is_not_answered_with_a_kill_of_none(tmp_path):
     """An empty lock file a minute old (its writer may still be filling it in) is refused; the advice has no
     process to kill, so it says to wait or delete the file, not ``kill None``."""
