@@ -11,7 +11,7 @@
   hosts. A lock is taken over when its holder is provably gone: on this host its pid is gone (a zombie, or
   reused); on another its heartbeat is older than `STALE_AFTER_S` (ten beats: far above NFS attribute caches
   and clock skew); or it is an earlier attempt of this same SLURM job (a requeue: ``SLURM_RESTART_COUNT``,
-  recorded in the file, is below ours). Another step or task of the same attempt is judged by its heartbeat
+  recorded in the file, differs from ours). Another step or task of the same attempt is judged by its heartbeat
   like any other holder: two ``srun`` steps of one job on one run dir would both write it. A lock written
   without the attempt (by an older attnxfer) is taken as an earlier attempt's, as it was then, so its run
   folder still resumes. Taking over renames the file to a unique name (one contender wins), checks it is the
@@ -347,8 +347,11 @@ class _Holder:
         if job and job == os.environ.get("SLURM_JOB_ID"):
             if "slurm_restart" not in self.content:  # written before attempts were recorded: as then
                 return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
+            # SLURM runs one attempt of a job at a time: another attempt's holder is an earlier one's. Told
+            # by "differs", not "below": SLURM sets SLURM_RESTART_COUNT only from the first requeue on, so a
+            # first attempt may carry a count its submitting shell exported (sbatch --export=ALL)
             theirs, ours = self.content["slurm_restart"], _slurm_restart_count()
-            if isinstance(theirs, int) and theirs < ours:
+            if isinstance(theirs, int) and theirs != ours:
                 return (
                     f"it belongs to an earlier attempt of this same SLURM job {job} (restart {theirs}; this is "
                     f"restart {ours}), run on host {self.host}"

@@ -460,6 +460,18 @@ def test_a_requeued_attempt_of_the_same_slurm_job_takes_over_an_earlier_attempts
         pass
 
 
+def test_a_first_attempt_that_inherited_a_restart_count_is_still_an_earlier_attempt(tmp_path, monkeypatch):
+    """SLURM sets SLURM_RESTART_COUNT only once a job is requeued: a first attempt submitted from inside a
+    requeued job carries that job's count (sbatch exports the environment), here 2, above its own first
+    requeue's 1. Only one attempt of a job runs at a time, so a holder of another attempt is gone."""
+    run = tmp_path / "shared"
+    _slurm_env(monkeypatch, restart="2")
+    lock = _lock_of_this_job_elsewhere(run, pid=4)
+    _slurm_env(monkeypatch, restart="1")
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_restart"] == 1
+
+
 def test_a_lock_that_names_no_process_is_not_answered_with_a_kill_of_none(tmp_path):
     """An empty lock file a minute old (its writer may still be filling it in) is refused; the advice has no
     process to kill, so it says to wait or delete the file, not ``kill None``."""
