@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import os
 import re
 import shlex
 import shutil
@@ -148,7 +149,7 @@ def submit(
         for p in points
     ]
     record = Path(cfg.run_dir).expanduser().absolute() / SWEEP_RECORD if sweep else None
-    with undone_if_refused(job_dir, record):
+    with undone_if_refused(job_dir, record), _attempt_not_passed_on():
         # the sweep's folder is refused to other commands from now, not once a point has written into it
         if record is not None:
             record.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +161,20 @@ def submit(
                 jobs = [executor.submit(task) for task in tasks]
     say(describe_jobs(jobs, points, opts))
     return jobs
+
+
+@contextlib.contextmanager
+def _attempt_not_passed_on() -> Iterator[None]:
+    """Submit inside this: sbatch (and the local executor's processes) inherit this process's environment,
+    and SLURM sets ``SLURM_RESTART_COUNT`` only once it requeues a job, so a job submitted from inside a
+    requeued one would start as if requeued that often (`TrainingTask` would count the submitter's restarts as
+    its own preemptions, and refuse to run past ``max_preemptions``)."""
+    count = os.environ.pop("SLURM_RESTART_COUNT", None)
+    try:
+        yield
+    finally:
+        if count is not None:
+            os.environ["SLURM_RESTART_COUNT"] = count
 
 
 class SubmissionRefusedError(UserError):

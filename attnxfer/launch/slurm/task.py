@@ -120,7 +120,11 @@ class TrainingTask(submitit.helpers.Checkpointable):
         return result
 
     def restart_count(self) -> int:
-        return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
+        """How often this job was requeued: ours, or SLURM's count where SLURM ran it. Under the local and
+        debug executors a ``SLURM_RESTART_COUNT`` can only be the submitting shell's own (a command submitted
+        from inside a requeued job): not this job's."""
+        slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) if slurm else 0)
 
     def all_preemptions(self) -> int:
         """Ours plus the requeues SLURM did without asking this task (preemption in requeue mode, admins)."""

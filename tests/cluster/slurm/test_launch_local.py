@@ -143,6 +143,31 @@ def test_debug_cluster_runs_in_this_process(tmp_path):
     assert result["world_size"] == 1 and result["steps_run"] == 3
 
 
+def test_a_job_run_in_the_submitters_process_does_not_count_the_submitters_restarts(
+    tmp_path, monkeypatch, capsys
+):
+    """A command submitted from inside a requeued SLURM job sees that job's SLURM_RESTART_COUNT: under the
+    debug (and local) executor it is not this job's, which was never requeued, and must neither pass for
+    preemptions past --max-preemptions nor be announced as a restart."""
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=3)
+    [job] = submit(toy_main, cfg, SlurmOptions(cluster="debug", max_preemptions=1))
+    [[result]] = wait(job)
+    assert result["steps_run"] == 3 and "restart 5" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_job_submitted_from_inside_a_requeued_job_does_not_inherit_its_restart_count(tmp_path, monkeypatch):
+    """SLURM sets SLURM_RESTART_COUNT only once it requeues a job, and a job inherits its submitter's
+    environment: the requeued submitter's count would pass for this job's own restarts."""
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=3)
+    [job] = submit(toy_main, cfg, SlurmOptions(cluster="local", time=5))
+    [[result]] = wait(job, timeout=120)
+    assert result["restart"] == 0 and result["steps_run"] == 3
+    assert os.environ["SLURM_RESTART_COUNT"] == "5"  # the submitting process keeps its own
+
+
 def test_a_sweeps_folder_is_refused_to_other_commands_from_its_submission_before_any_point_runs(tmp_path):
     """Between the submission and a point's first files (the queue's wait), another command's run put into the
     folder would mix with the sweep's points: the sweep's record marks the folder as it is submitted."""
