@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import time
@@ -187,7 +188,10 @@ class TrainingTask(submitit.helpers.Checkpointable):
             try:
                 delayed = self.checkpoint()
                 delayed.set_timeout(self.time_limit_min or 0, 10**6)  # our own counts bound the requeues
-                delayed.dump(env.paths.submitted_pickle)
+                # whole or not at all (submitit's own handler does the same): SIGKILL follows KillWait after
+                # the SIGTERM, and a cluster that requeues preempted jobs starts the next attempt from this
+                # file whether or not it was written to the end
+                _dump_whole(delayed, env.paths.submitted_pickle)
                 done = subprocess.run(
                     ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
                 )
@@ -232,6 +236,17 @@ class TrainingTask(submitit.helpers.Checkpointable):
             f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, "
             f"max_requeues={self.max_requeues}, max_preemptions={self.max_preemptions})"
         )
+
+
+def _dump_whole(delayed: DelayedSubmission, path: Path) -> None:
+    """Pickle ``delayed`` (submitit's cloudpickle) beside ``path`` and rename it over it: readers find the old
+    file or the new one, never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        delayed.dump(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def resumed_on_restart(cfg: Any) -> Any:

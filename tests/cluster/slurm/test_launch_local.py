@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -262,6 +263,42 @@ def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resu
         "resubmit to continue with checkpoint.resume=auto (checkpoint.resume=none would start over again), with a "
         "longer --time" in err
     ), err
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="rank 0 runs SLURM's scontrol requeue")
+def test_the_task_pickled_for_a_requeue_after_sigterm_replaces_the_old_one_whole(tmp_path, monkeypatch):
+    """SLURM's SIGKILL follows a SIGTERM KillWait later, and a cluster that requeues preempted jobs restarts the
+    job whatever rank 0 managed to write: the requeued task goes beside the old pickle and is renamed over it,
+    so a kill mid-write leaves the previous attempt's task, never a truncated one no attempt can load."""
+    import submitit
+    from submitit.core.utils import DelayedSubmission
+
+    from attnxfer.launch.slurm.task import TrainingTask
+    from attnxfer.train.stop import StopRequested
+
+    for var, value in dict(
+        SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path), SLURM_JOB_ID="12", SLURM_PROCID="0"
+    ).items():
+        monkeypatch.setenv(var, value)
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    conf = tmp_path.parent / f"{tmp_path.name}-empty-slurm.conf"  # scontrol refuses at once: no cluster
+    conf.write_text("")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    task = TrainingTask(print, None)
+    pickled = submitit.JobEnvironment().paths.submitted_pickle
+    DelayedSubmission(task).dump(pickled)
+    os.link(pickled, tmp_path / "first-attempt.pkl")  # the bytes the file held, as its inode keeps them
+    before = (tmp_path / "first-attempt.pkl").read_bytes()
+    with pytest.raises(SystemExit):
+        task._requeue_after_stop(StopRequested(signal.SIGTERM, 3, None), rank=0)
+    assert (tmp_path / "first-attempt.pkl").read_bytes() == before  # never truncated and rewritten in place
+    assert DelayedSubmission.load(pickled).function.requeues == 1  # the requeued task, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "12_requeues.json",
+        "12_submitted.pkl",
+        "first-attempt.pkl",
+    ]
 
 
 def test_a_job_preempted_on_a_cluster_that_cancels_preempted_jobs_is_said_as_cancelled_not_waited_for(
