@@ -318,7 +318,9 @@ class _Holder:
     def in_use(self, path: Path) -> RunDirInUseError:
         """The refusal of the run dir whose lock file ``path`` this live holder holds (`run_lock`'s, and
         ``attnxfer submit``'s before the queue's wait)."""
-        job = self.content.get("slurm_job")
+        job, step = self.content.get("slurm_job"), self.content.get("slurm_step")
+        if job and step is not None and job == os.environ.get("SLURM_JOB_ID"):
+            job = f"{job}.{step}"  # a step of this very job: scancel JOB would end this command's job too
         # a lock that names no process (empty, or written by hand) has no kill to advise
         stops = [f"kill {self.pid}"] * (self.pid is not None) + [f"scancel {job}"] * bool(job)
         stop = f", or stop it ({' or '.join(stops)}) and run this command again to continue the run"

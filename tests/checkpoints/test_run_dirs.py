@@ -427,10 +427,12 @@ def test_a_live_step_or_task_of_the_same_slurm_job_keeps_its_lock(tmp_path, monk
     lock = _lock_of_this_job_elsewhere(run, pid=2)
     _slurm_env(monkeypatch, **other)
     with (
-        pytest.raises(RunDirInUseError, match=r"node-elsewhere.*SLURM job 77\.0 task 0"),
+        pytest.raises(RunDirInUseError, match=r"node-elsewhere.*SLURM job 77\.0 task 0") as refused,
         run_lock(run, "train"),
     ):
         pass
+    # the step to stop is named: scancel 77 would end this command's own job with it
+    assert "kill 2 or scancel 77.0)" in str(refused.value)
     old = time.time() - 3600  # its heartbeat stopped an hour ago: gone, as any other holder
     os.utime(lock, (old, old))
     with run_lock(run, "train"):
