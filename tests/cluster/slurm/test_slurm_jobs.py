@@ -85,6 +85,17 @@ def test_two_rank_job_trains_like_one_process(slurm, tmp_path, nodes, tasks_per_
     assert job.paths.submission_file.read_text() == sbatch_script(opts, Path(cfg.run_dir) / "submitit")
 
 
+def test_a_job_submitted_from_a_requeued_job_starts_as_a_first_attempt(slurm, tmp_path, monkeypatch):
+    """sbatch passes the submitter's environment on, and SLURM sets SLURM_RESTART_COUNT only once it
+    requeues a job: a job submitted from inside a requeued one would count that job's restarts as its own
+    preemptions and stop at --max-preemptions before its first step."""
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "5")
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=3)
+    [job] = _submit(cfg, SlurmOptions(time=10, max_preemptions=1))
+    [[result]] = wait(job, timeout=WAIT_S)
+    assert result["restart"] == 0 and result["steps_run"] == 3
+
+
 @pytest.mark.parametrize("how", ["signal", "scontrol-requeue"])
 def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path, how):
     # 30 s of steps before the preemption can land (it lands after ~1 s); the requeued run finishes at once
