@@ -20,7 +20,12 @@ _COMMAND, _UNREAD_BY = "attnxfer.command", "attnxfer.unread_by"
 
 
 class ConfigError(InputError):
-    """A config that cannot be used; the message says which key and what to write instead."""
+    """A config that cannot be used; the message says which key and what to write instead (``key``: the dotted
+    key, where one value is at fault, so that the file that set it can be named)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)

@@ -239,17 +239,22 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), command: str | None = None
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    command: str | None = None,
+    *,
+    check_ranges: bool = True,
 ) -> TrainConfig:
     """Defaults, then the YAML file (after the recipes it starts from), then ``key=value`` overrides; every
-    value range-checked; an unknown key's refusal lists the sections ``command`` reads (None: every one). A
+    value range-checked (``check_ranges`` False: the recipe as written, which a run's config is compared with,
+    its overrides having mended it); an unknown key's refusal lists the sections ``command`` reads (None: every one). A
     run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`), unless a ``run_dir=``
     override says otherwise; any other YAML's ``run_dir`` is taken as written."""
     if isinstance(overrides, str | Mapping):  # a str iterates as its letters, a dict as its keys
         raise ConfigError(
             f"overrides: a list of 'key=value' strings (['data.batch_size=4']), got {overrides!r}"
         )
-    cfg = TrainConfig()
+    cfg, chain, parsed = TrainConfig(), [], {}
     unread_blr: tuple[Path, Mapping[str, Any]] | None = None  # the last file to set optim.blr, not optim.lr
     if path is not None:
         p = resolve_recipe(path)
@@ -308,4 +313,12 @@ def load_config(
             refuse_unread_blr(unread_blr[1], cfg)
         except ConfigError as e:
             raise ConfigError(f"config file {str(unread_blr[0])!r}: {e}") from None
-    return validate_config(cfg)
+    if not check_ranges:  # run_dir as validate_config hands it out: ~ expanded
+        return dataclasses.replace(cfg, run_dir=os.path.expanduser(cfg.run_dir))
+    try:
+        return validate_config(cfg)
+    except ConfigError as e:  # out of range: named by the file that set it last, unless the command line did
+        files = [file for file, data in chain if e.key and e.key not in parsed and find_key(data, e.key)[0]]
+        if not files:
+            raise
+        raise ConfigError(f"config file {str(files[-1])!r}: {e}", key=e.key) from None

@@ -35,7 +35,7 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
             bounds = rule.describe()
             if isinstance(value, float) and not math.isfinite(value):  # inf is > 0, and nan is nothing
                 bounds = "a finite number" + ("" if bounds == "anything" else f" {bounds}")
-            raise ConfigError(f"{key}: must be {bounds}; got {value!r}")
+            raise ConfigError(f"{key}: must be {bounds}; got {value!r}", key=key)
         if key == "run_dir" and not str(value).strip():
             raise ConfigError(
                 f"run_dir is empty ({value!r}: an unset shell variable?); a run would write into the current "

@@ -404,6 +404,29 @@ def test_invalid_values_are_one_line_cli_errors(tmp_path, monkeypatch, capsys):
         assert list(work.iterdir()) == [], (name, value)
 
 
+def test_a_value_out_of_range_is_named_by_the_file_that_set_it_and_mended_by_the_command_line(
+    tmp_path, capsys
+):
+    """A chain of recipes: the refusal names the file that set the value last (the command line names none,
+    its own value being the one refused); a file's bad value the command line replaces is no refusal."""
+    base, child = tmp_path / "base.yaml", tmp_path / "child.yaml"
+    base.write_text("data:\n  batch_size: -3\n")
+    child.write_text(f"base: {base}\nseed: 1\n")
+    with pytest.raises(
+        ConfigError, match=rf"^config file '{re.escape(str(base))}': data.batch_size: must be >= 1"
+    ):
+        load_config(child)
+    child.write_text(f"base: {base}\ndata:\n  batch_size: 0\n")
+    with pytest.raises(
+        ConfigError, match=rf"^config file '{re.escape(str(child))}': data.batch_size: .* got 0$"
+    ):
+        load_config(child)
+    with pytest.raises(ConfigError, match=r"^data.batch_size: must be >= 1; got -1$"):
+        load_config(child, ["data.batch_size=-1"])
+    code, out, err = run_cli(capsys, "train", "-c", str(child), "data.batch_size=4", "--print-config")
+    assert code == 0 and "#   data.batch_size: 0 -> 4" in out, err
+
+
 @pytest.mark.parametrize(
     "command,own",
     [
