@@ -24,7 +24,7 @@ from ..models.handover import Signal
 from ..speak import say
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
-from .distributed import RankAverage, gather_objects
+from .distributed import RankAverage, gather_objects, sum_over_ranks
 from .engine import train_step
 from .objective import Autocast, Objective
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
@@ -110,18 +110,32 @@ class Stage1Objective(Objective):
         return Loss(total, {**losses, "total": total}, metrics)
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any = None) -> dict[str, float]:
-        """``loss``: the mean summed fit loss over a loader of images (``(x, y)`` batches) or of signals,
-        without gradients (held-out fit; this rank's batches)."""
+        """``loss``: the summed fit loss per image over a loader of images (``(x, y)`` batches) or of signals,
+        without gradients (held-out fit), summed over ranks. Each batch's loss is a mean over its images, so
+        it weighs by its images: a short last batch (or a rank's shorter share) counts as the images it holds,
+        and the score does not depend on how the images were batched or shared out."""
         device = next(model.parameters()).device
-        total, batches = 0.0, 0
+        total, images = 0.0, 0
         with torch.no_grad():
             for item in loader:
                 x = item[0] if isinstance(item, (tuple, list)) else item
                 if isinstance(x, torch.Tensor):
                     x = x.to(device)
-                total += float(self.loss(model, x).total)
-                batches += 1
-        return {"loss": total / max(1, batches)}
+                n = _batch_rows(x)
+                total += float(self.loss(model, x).total) * n
+                images += n
+        total, images = sum_over_ranks([total, images], device)
+        return {"loss": total / max(1, images)}
+
+
+def _batch_rows(x: Any) -> int:
+    """A batch's weight, proportional to its images: the images of a tensor batch, or the leading size of the
+    first tensor of its first layer's signals (the same one in every batch; a windowed layer's q and k have
+    a row per image and window)."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    first = next(iter(x.values()))
+    return next(v for v in first.values() if isinstance(v, torch.Tensor)).shape[0]
 
 
 def stage1_transfer(

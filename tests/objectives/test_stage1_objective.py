@@ -65,6 +65,22 @@ def test_stage1_fit_lowers_the_objectives_held_out_score(teacher):
     stage1_transfer(teacher, student, plan, itertools.cycle(_images(3, seed=0)))
     after = objective.evaluate(student, held_out)
     assert set(before) == {"loss"} and after["loss"] < before["loss"]
-    with torch.no_grad():  # the score is the mean of the batches' summed losses
+    with torch.no_grad():  # per image; batches of equal size: the mean of the batches' summed losses
         want = sum(float(objective.loss(student, x).total) for x, _ in held_out) / 2
     assert after["loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_held_out_score_is_the_mean_per_image_whatever_the_batching(teacher):
+    """Six images scored as batches of 4 and 2 or as one batch of 6: the same mean, the short batch weighed
+    by its images (a mean of the batches' means would count its images twice as much); signals computed once
+    score alike."""
+    student = build_efficient_student(teacher, "hedgehog")
+    plan = build_conversion_plan(teacher, student, stage1_steps=1, stage1_batch_size=4)
+    objective = Stage1Objective(teacher, student, plan)
+    x = torch.cat(_images(2, seed=3))[:6]
+    whole = objective.evaluate(student, [(x, None)])["loss"]
+    assert objective.evaluate(student, [(x[:4], None), (x[4:], None)])["loss"] == pytest.approx(
+        whole, rel=1e-5
+    )
+    signals = [teacher_signals(teacher, part, [0, 1], objective.fields) for part in (x[:4], x[4:])]
+    assert objective.evaluate(student, signals)["loss"] == pytest.approx(whole, rel=1e-5)
