@@ -1,6 +1,7 @@
 """Changing the number of processes, through the CLI: a run resumed on another number of processes keeps its global
 batch, epoch length and lr schedule (1 process -> 2 gloo ranks -> 1 process, against an uninterrupted run),
-and distributed evaluation scores every val image exactly once (61 images on 2 ranks)."""
+and distributed evaluation scores every val image exactly once (61 images on 2 ranks); ranks that accumulate
+micro-batches with an EMA train, log and score as one process with the same global batch."""
 
 from __future__ import annotations
 
@@ -170,3 +171,37 @@ def test_distributed_eval_scores_every_val_image_once(reference, capsys):
     val = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     last = [x for x in val if x["split"] == "val"][-1]
     assert last["val_count"] == VAL_SIZE and last["val_top1"] == one["val_top1"]
+
+
+@pytest.mark.slow  # a run on 2 torchrun ranks and its one-process twin
+def test_two_ranks_accumulating_with_an_ema_train_log_and_score_as_one_process(tmp_path, capsys):
+    """2 gloo ranks x 2 micro-batches of 4 against 1 process x 4 micro-batches of 4 (one global batch of 16),
+    with an EMA and a warm-up (the lr moves every step): the weights and the EMA's, each step's logged loss
+    and lr (the schedule counts optimiser steps, not micro-batches) and the evaluations of both (every val
+    image once, 61 on 2 ranks) are the one process's."""
+    keys = [*S, "ema.decay=0.5", "schedule.warmup_epochs=1", "schedule.max_steps=3", "optim.clip_grad=1.0"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun_attnxfer(
+        "train", *keys, "data.batch_size=4", "optim.accum_steps=2", f"run_dir={two}", timeout=400
+    )
+    code, _, err = run_cli(
+        capsys, "train", *keys, "data.batch_size=4", "optim.accum_steps=4", f"run_dir={one}"
+    )
+    assert code == 0, err[-3000:]
+    ckpt = lambda run: run / "checkpoints" / "step-00000003"
+    for group in ("model", "ema"):
+        a, b = (load_file(str(ckpt(r) / f"{group}.safetensors")) for r in (two, one))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{group} {k}")
+    records = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = lambda run: [(r["step"], r["total"], r["lr"]) for r in records(run) if r["split"] == "train"]
+    got, want = train(two), train(one)
+    assert [s for s, *_ in got] == [1, 2, 3] and len({lr for *_, lr in want}) == 3  # the lr moved
+    assert got == [(s, pytest.approx(t, rel=1e-5), pytest.approx(lr)) for s, t, lr in want]
+    (val_two,), (val_one,) = ([r for r in records(run) if r["split"] == "val"] for run in (two, one))
+    assert val_two["val_count"] == val_two["ema_val_count"] == val_one["ema_val_count"] == VAL_SIZE
+    for k in ("val_top1", "val_top5", "ema_val_top1", "ema_val_top5"):
+        assert val_two[k] == val_one[k], k
+    for k in ("val_loss", "ema_val_loss"):
+        assert val_two[k] == pytest.approx(val_one[k], rel=1e-5), k
