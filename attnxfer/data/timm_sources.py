@@ -282,28 +282,44 @@ class LabelInRange:
 
 class StreamDataset(IterableDataset):
     """A timm stream limited to the samples this rank has left in the epoch (``remaining``, set by
-    `StreamPosition` on a resume mid-epoch); each DataLoader worker yields its share."""
+    `StreamPosition` on a resume mid-epoch); each DataLoader worker yields its share. ``share`` (rank, world):
+    a stream every rank reads whole (a val split), of which this rank keeps samples rank, rank + world, ...
+    of each worker's sequence, so that the ranks together score every sample exactly once."""
 
-    def __init__(self, stream, info: DatasetInfo, per_rank: int | None, labels: bool = True):
+    def __init__(
+        self,
+        stream,
+        info: DatasetInfo,
+        per_rank: int | None,
+        labels: bool = True,
+        share: tuple[int, int] = (0, 1),
+    ):
         self.stream, self.info = stream, info if labels else without_labels(info)
         self.per_rank = per_rank
         self.remaining = per_rank
         self.labels = labels
+        self.share = share
 
     def without_labels(self) -> StreamDataset:
         """This stream yielding ``(x,)``: its labels dropped (a reader that reads none is the builder's)."""
         if not self.labels:
             return self
-        return StreamDataset(self.stream, self.info, self.per_rank, labels=False)
+        return StreamDataset(self.stream, self.info, self.per_rank, labels=False, share=self.share)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.stream) if self.remaining is None else self.remaining
+        if self.remaining is not None:
+            return self.remaining
+        rank, world = self.share
+        return max(0, math.ceil((len(self.stream) - rank) / world))
 
     def __iter__(self):
         samples = iter(self.stream)
+        rank, world = self.share
+        if world > 1:
+            samples = islice(samples, rank, None, world)
         if not self.labels:
             samples = ((x,) for x, *_ in samples)
         if self.remaining is None:
@@ -411,9 +427,21 @@ for _prefix in STREAM_PREFIXES:
                 f"data.dataset={dataset}: {e}: no _info.json under data.root={root} names it; name the split's "
                 f"shards instead: data.kwargs.{split}_split='NAME-{{000000..000099}}.tar|N' (files, samples)"
             ) from e
-        per_rank = None
+        per_rank, share = None, (0, 1)
         if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
             per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
-        return StreamDataset(stream, replace(info, **timm_eval_settings(**aug)), per_rank, labels=labels)
+        reader = getattr(stream.reader, "reader", stream.reader)  # timm's own, under `WdsImages`
+        if split != "train" or world_size == 1:
+            # timm's reader shares the shards out by rank, and on several ranks pads every rank's share to the
+            # same length by reading shards again: some images scored twice, others never (timm's own note).
+            # A val split is read whole by every rank's reader and shared out here, each image once; a split
+            # read for one process (a k-NN bank, whole on every rank) is read whole.
+            if split != "train":
+                share = (reader.dist_rank, reader.dist_num_replicas)
+            reader.dist_rank, reader.dist_num_replicas = 0, 1
+            reader.global_num_workers = reader.num_workers
+        return StreamDataset(
+            stream, replace(info, **timm_eval_settings(**aug)), per_rank, labels=labels, share=share
+        )
 
     register_prefix(_prefix, info=stream_info)(_builder)

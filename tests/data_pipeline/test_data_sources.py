@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET
+from helpers import QUIET, torchrun_attnxfer
 from PIL import Image
 
 from attnxfer.apps.run.loaders import data_info
@@ -32,6 +32,7 @@ from attnxfer.data import (
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.data.identity import data_identity
 from attnxfer.errors import InputError, MissingPathError, OptionError
+from attnxfer.launch.cli import main as cli_main
 from attnxfer.train.metrics import read_summary
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -450,6 +451,50 @@ def test_wds_resumed_mid_epoch_keeps_the_epoch_length_and_schedule(shards, tmp_p
     ref_recs = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == {r["step"]: r["lr"] for r in ref_recs if r["split"] == "train"}
     assert [r["epoch"] for r in read_summary(tmp_path / "run")] == [0, 1]
+
+
+@pytest.mark.slow  # a run and an eval on 2 torchrun ranks
+def test_a_streamed_val_split_on_two_ranks_scores_every_image_once(animals, tmp_path):
+    """The 16 val images in two shards of 10 and 6: timm's reader would give rank 0 the first shard cut to 8
+    and rank 1 the second read again to 8 (2 images missed, 2 scored twice). Trained on 2 ranks (the train
+    split still shared out by timm), scored on 2 ranks and in one process: every image once, the same top-1
+    and k-NN top-1 (its bank, the train split, whole on each rank)."""
+    root = tmp_path / "shards"
+    root.mkdir()
+    pngs, labels = animals["val"]
+
+    def write(path: Path, pairs, start: int) -> None:
+        with tarfile.open(path, "w") as tar:
+            for i, (png, label) in enumerate(pairs, start):
+                for ext, data in (("png", png), ("cls", str(label).encode())):
+                    member = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+
+    train_pngs, train_labels = animals["train"]
+    write(root / "train-000000.tar", zip(train_pngs[:24], train_labels[:24]), 0)
+    write(root / "train-000001.tar", zip(train_pngs[24:], train_labels[24:]), 24)
+    write(root / "val-000000.tar", zip(pngs[:10], labels[:10]), 100)
+    write(root / "val-000001.tar", zip(pngs[10:], labels[10:]), 110)
+    splits = f"{{train_split: 'train-{{000000..000001}}.tar|{N_TRAIN}', val_split: 'val-{{000000..000001}}.tar|{N_VAL}'}}"
+    keys = [*WDS, f"data.kwargs={splits}", "data.batch_size=4", "schedule.max_steps=2", f"data.root={root}"]
+    run = tmp_path / "run"
+    torchrun_attnxfer("train", *keys, f"run_dir={run}", timeout=400)
+    (val,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert val["val_count"] == N_VAL
+    scores = {}
+    for ranks in (1, 2):
+        if ranks == 1:
+            assert cli_main(["eval", *keys, f"run_dir={run}"]) == 0
+        else:
+            torchrun_attnxfer("eval", *keys, f"run_dir={run}", timeout=400)
+        (path,) = run.glob("eval-*.json")
+        scores[ranks] = json.loads(path.read_text())["metrics"]
+        path.unlink()
+    one, two = scores[1], scores[2]
+    assert one["val_count"] == two["val_count"] == one["knn_count"] == two["knn_count"] == N_VAL
+    assert two["val_top1"] == one["val_top1"] == val["val_top1"] and two["knn_top1"] == one["knn_top1"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
 
 
 # -- a lab's dataset through an installed distribution's entry point -------------------------------------
