@@ -31,6 +31,7 @@ from attnxfer.data import (
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.data.identity import data_identity
+from attnxfer.data.timm_sources import StreamDataset
 from attnxfer.errors import InputError, MissingPathError, OptionError
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.train.metrics import read_summary
@@ -451,6 +452,17 @@ def test_wds_resumed_mid_epoch_keeps_the_epoch_length_and_schedule(shards, tmp_p
     ref_recs = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert lrs == {r["step"]: r["lr"] for r in ref_recs if r["split"] == "train"}
     assert [r["epoch"] for r in read_summary(tmp_path / "run")] == [0, 1]
+
+
+def test_ranks_sharing_a_stream_read_whole_keep_every_sample_once():
+    """A val stream of 7 samples that 3 ranks each read whole: rank r keeps samples r, r + 3, ... (the val
+    sampler's order, which top-1's per-image hits restore), the shares' lengths say so, none is kept twice."""
+    info = dataset_info("synthetic")
+    samples = [(torch.tensor(i), i) for i in range(7)]
+    shares = [StreamDataset(samples, info, None, share=(r, 3)) for r in range(3)]
+    kept = [[y for _, y in share] for share in shares]
+    assert kept == [[0, 3, 6], [1, 4], [2, 5]] and [len(s) for s in shares] == [3, 2, 2]
+    assert [[len(x) for x in s.without_labels()] for s in shares] == [[1] * 3, [1] * 2, [1] * 2]
 
 
 @pytest.mark.slow  # a run and an eval on 2 torchrun ranks
