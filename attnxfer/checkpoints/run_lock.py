@@ -12,7 +12,8 @@
   reused); on another its heartbeat is older than `STALE_AFTER_S` (ten beats: far above NFS attribute caches
   and clock skew); or it is an earlier attempt of this same SLURM job (a requeue: ``SLURM_RESTART_COUNT``,
   recorded in the file, differs from ours). Another step or task of the same attempt is judged by its heartbeat
-  like any other holder: two ``srun`` steps of one job on one run dir would both write it. A lock written
+  like any other holder (two ``srun`` steps of one job on one run dir would both write it), unless SLURM says
+  its step has ended (``squeue``; a step SIGKILLed on another node, then ``srun`` again). A lock written
   without the attempt (by an older attnxfer) is taken as an earlier attempt's, as it was then, so its run
   folder still resumes. Taking over renames the file to a unique name (one contender wins), checks it is the
   one judged stale (else puts it back), then deletes it.
@@ -34,6 +35,7 @@ import json
 import os
 import secrets
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -68,6 +70,8 @@ from .store import CheckpointError, CheckpointInfo, CheckpointManager
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
+#: how long ``squeue`` may take to say which steps of this job run (past it: the heartbeat decides)
+SQUEUE_TIMEOUT_S = 10.0
 
 #: errors that mean "this directory cannot take more writes", not a bug
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -279,6 +283,33 @@ def _slurm_restart_count() -> int:
         return 0
 
 
+def _running_steps(job: str) -> set[str] | None:
+    """The steps of SLURM job ``job`` that SLURM runs now, by their ids (``0``, ``1``, ``batch``), as
+    ``squeue`` lists them; None where it could not be asked (not installed, no controller, too slow)."""
+    try:
+        done = subprocess.run(
+            ["squeue", "--noheader", "--steps", "--jobs", job, "--format", "%i"],
+            capture_output=True,
+            text=True,
+            timeout=SQUEUE_TIMEOUT_S,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    # JOB.STEP, ARRAYJOB_TASK.STEP for an array's task, JOB.STEP+COMPONENT for a heterogeneous step
+    return {line.rsplit(".", 1)[1].split("+")[0] for line in done.stdout.split() if "." in line}
+
+
+def _step_ended(job: str, step: str) -> bool:
+    """Whether SLURM says step ``step`` of ``job`` (this process's own job) runs no more. False wherever
+    that is not certain: squeue failed, or its answer does not show this process's own step (squeue lists
+    no step for a job it does not know, as under another cluster's SLURM_CONF)."""
+    ours = os.environ.get("SLURM_STEP_ID") or "batch"  # the batch script itself runs in step "batch"
+    running = _running_steps(job)
+    return running is not None and ours in running and step not in running
+
+
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
     try:
@@ -358,7 +389,15 @@ class _Holder:
                     f"it belongs to an earlier attempt of this same SLURM job {job} (restart {theirs}; this is "
                     f"restart {ours}), run on host {self.host}"
                 )
-            # the same attempt: another step or task of this job, alive while its heartbeat goes on
+            # the same attempt: another step or task of this job, alive while its heartbeat goes on, unless
+            # SLURM says its step ended (a step SIGKILLed on another node, then srun again: no 5-minute wait)
+            step = self.content.get("slurm_step")
+            if (
+                step is not None
+                and str(step) != os.environ.get("SLURM_STEP_ID")
+                and _step_ended(job, str(step))
+            ):
+                return f"step {job}.{step} has ended (squeue), run on host {self.host}"
         if self.age_s > STALE_AFTER_S:
             return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {STALE_AFTER_S:.0f} s)"
         return None

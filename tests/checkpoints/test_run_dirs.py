@@ -394,7 +394,10 @@ def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, 
 
 
 def _slurm_env(monkeypatch, job="77", restart=None, step="0", task="0"):
-    """This process as a task of a SLURM job, as srun describes it (restart None: a first attempt)."""
+    """This process as a task of a SLURM job, as srun describes it (restart None: a first attempt). No
+    cluster answers for it: asked which steps run, squeue fails at once (a SLURM_CONF that names no
+    cluster), where a machine's own config would have it wait seconds for a controller."""
+    monkeypatch.setenv("SLURM_CONF", os.devnull)
     for var, value in (
         ("SLURM_JOB_ID", job),
         ("SLURM_RESTART_COUNT", restart),
@@ -437,6 +440,55 @@ def test_a_live_step_or_task_of_the_same_slurm_job_keeps_its_lock(tmp_path, monk
     os.utime(lock, (old, old))
     with run_lock(run, "train"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
+
+
+def _squeue_answering(folder: Path, lines: str) -> None:
+    """PATH holds only an ``squeue`` that prints ``lines`` (squeue --steps -o %i's format) and exits 0."""
+    folder.mkdir()
+    squeue = folder / "squeue"
+    squeue.write_text(f"#!/bin/sh\nprintf '{lines}'\n")
+    squeue.chmod(0o755)
+
+
+def test_a_sibling_step_slurm_says_has_ended_is_taken_over_at_once(tmp_path, monkeypatch, capsys):
+    """A step SIGKILLed on another node leaves a fresh heartbeat; the job script's next srun must not wait five
+    minutes for it: squeue listing this step but not the holder's says the holder's step has ended."""
+    run = tmp_path / "shared"
+    _slurm_env(monkeypatch)
+    lock = _lock_of_this_job_elsewhere(run, pid=5)
+    _slurm_env(monkeypatch, step="1")
+    _squeue_answering(tmp_path / "bin", "77.1\\n77.batch\\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    capsys.readouterr()
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_step"] == "1"
+    assert "step 77.0 has ended (squeue), run on host node-elsewhere" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "squeue",
+    [None, "", "77.0\\n77.1\\n"],
+    ids=["squeue-not-installed", "squeue-does-not-know-the-job", "squeue-lists-the-step"],
+)
+def test_a_sibling_step_is_judged_by_its_heartbeat_unless_squeue_says_it_ended(tmp_path, monkeypatch, squeue):
+    """Only SLURM's word that the step ended takes a fresh lock: without squeue, with an answer that does not
+    list this very step (squeue lists nothing for a job it does not know, as under another cluster's
+    SLURM_CONF), or while the step runs, the holder is alive until its heartbeat stops."""
+    run = tmp_path / "shared"
+    _slurm_env(monkeypatch)
+    lock = _lock_of_this_job_elsewhere(run, pid=6)
+    _slurm_env(monkeypatch, step="1")
+    if squeue is None:
+        (tmp_path / "bin").mkdir()  # a real PATH lookup that finds no squeue
+    else:
+        _squeue_answering(tmp_path / "bin", squeue)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(RunDirInUseError, match=r"SLURM job 77\.0 task 0"), run_lock(run, "train"):
+        pass
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_step"] == "1"
 
 
 def test_a_requeued_attempt_of_the_same_slurm_job_takes_over_an_earlier_attempts_fresh_lock(
