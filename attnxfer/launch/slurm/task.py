@@ -34,6 +34,9 @@ class RequeueLimitReached(RuntimeError):
 TIMEOUT_SLACK_S = 90
 
 
+#: how long rank 0 waits for ``scontrol requeue`` after SIGTERM (past it: the job ends, said not requeued)
+SCONTROL_TIMEOUT_S = 60.0
+
 #: what a job past its requeue bound says to do; `attnxfer submit` adds how its config resumes
 RESUBMIT = "resubmit to continue"
 
@@ -188,17 +191,15 @@ class TrainingTask(submitit.helpers.Checkpointable):
             try:
                 delayed = self.checkpoint()
                 delayed.set_timeout(self.time_limit_min or 0, 10**6)  # our own counts bound the requeues
-                # whole or not at all (submitit's own handler does the same): SIGKILL follows KillWait after
-                # the SIGTERM, and a cluster that requeues preempted jobs starts the next attempt from this
-                # file whether or not it was written to the end
-                _dump_whole(delayed, env.paths.submitted_pickle)
-                done = subprocess.run(
-                    ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
-                )
-                if done.returncode == 0 or why == "JOB REQUEUE":  # the latter: requeued by SLURM itself
+                failed = _requeue(delayed, env)
+                if failed is None or why == "JOB REQUEUE":  # the latter: requeued by SLURM itself
                     warn(f"{stop}; job {env.job_id} requeued: it resumes from that step")
                 else:
-                    warn(f"{stop}; job {env.job_id} not requeued: {done.stderr.strip()}")
+                    warn(
+                        f"{stop}; job {env.job_id} was not requeued ({failed}): submit the same command to "
+                        "resume from that step (with checkpoint.resume=auto where it was submitted with none or "
+                        "a PATH)"
+                    )
             except RequeueLimitReached as e:
                 refused = e
         with contextlib.suppress(Exception):
@@ -236,6 +237,30 @@ class TrainingTask(submitit.helpers.Checkpointable):
             f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, "
             f"max_requeues={self.max_requeues}, max_preemptions={self.max_preemptions})"
         )
+
+
+def _requeue(delayed: DelayedSubmission, env: submitit.JobEnvironment) -> str | None:
+    """Write the task the requeued job runs, then ask SLURM to requeue this job: None once it is, else why
+    not, in words. Never raises for a failed ``scontrol`` (missing, hung, refused) or an unwritable pickle:
+    rank 0 must still meet the other ranks at their barrier, and say that the job ends for good."""
+    try:
+        # whole or not at all (submitit's own handler does the same): SIGKILL follows KillWait after the
+        # SIGTERM, and a cluster that requeues preempted jobs starts the next attempt from this file whether
+        # or not it was written to the end
+        _dump_whole(delayed, env.paths.submitted_pickle)
+    except OSError as e:
+        return f"its task could not be written to {env.paths.submitted_pickle}: {e.strerror or e}"
+    try:
+        done = subprocess.run(
+            ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S
+        )
+    except subprocess.TimeoutExpired:
+        return f"scontrol requeue {env.job_id} did not answer within {SCONTROL_TIMEOUT_S:g} s"
+    except OSError as e:
+        return f"scontrol could not run: {e.strerror or e}"
+    if done.returncode != 0:
+        return done.stderr.strip() or f"scontrol requeue {env.job_id} exited with {done.returncode}"
+    return None
 
 
 def _dump_whole(delayed: DelayedSubmission, path: Path) -> None:

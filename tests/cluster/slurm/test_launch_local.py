@@ -301,6 +301,52 @@ def test_the_task_pickled_for_a_requeue_after_sigterm_replaces_the_old_one_whole
     ]
 
 
+@pytest.mark.parametrize(
+    "scontrol, said",
+    [
+        (None, r"scontrol could not run: No such file or directory"),
+        ("exec {sleep} 30", r"scontrol requeue 12 did not answer within 0.3 s"),
+        (
+            "echo 'scontrol: error: Access/permission denied' >&2; exit 1",
+            r"scontrol: error: Access/permission denied",
+        ),
+    ],
+    ids=["scontrol-missing", "scontrol-hangs", "scontrol-refuses"],
+)
+def test_a_requeue_after_sigterm_that_scontrol_cannot_do_says_so_and_still_meets_the_other_ranks(
+    tmp_path, monkeypatch, capsys, scontrol, said
+):
+    """Rank 0 asks scontrol to requeue the job after SIGTERM: a missing or hung scontrol must not end rank 0
+    with a traceback before the barrier the other ranks wait at, and the job's log must say that it was not
+    requeued and how to go on."""
+    from attnxfer.launch.slurm import task as task_module
+    from attnxfer.launch.slurm.task import TrainingTask
+    from attnxfer.train.stop import StopRequested
+
+    for var, value in dict(
+        SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path), SLURM_JOB_ID="12", SLURM_PROCID="0"
+    ).items():
+        monkeypatch.setenv(var, value)
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    bin_dir = tmp_path / "bin"  # a real PATH lookup: no scontrol there, or a script that answers as said
+    bin_dir.mkdir()
+    if scontrol is not None:
+        (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{scontrol.format(sleep=shutil.which('sleep'))}\n")
+        (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(task_module, "SCONTROL_TIMEOUT_S", 0.3)
+    with pytest.raises(SystemExit) as ended:
+        TrainingTask(print, None)._requeue_after_stop(StopRequested(signal.SIGTERM, 3, None), rank=0)
+    assert ended.value.code == 143  # past the barrier, as every rank leaves
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"stopped by SIGTERM at step 3; checkpoint saved; job 12 was not requeued \({said}\): submit the "
+        r"same command to resume from that step \(with checkpoint.resume=auto where",
+        err,
+    ), err
+
+
 def test_a_job_preempted_on_a_cluster_that_cancels_preempted_jobs_is_said_as_cancelled_not_waited_for(
     tmp_path, monkeypatch
 ):
