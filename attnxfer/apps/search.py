@@ -46,6 +46,7 @@ from ..search import (
 from ..speak import progress_bar, say, warn
 from ..train.runtime import resolve_device
 from ..train.stop import StopRequested, stop_on_signals, stop_signal
+from ..transfer.selection import beside
 from .run.loaders import first_images
 from .run.parts import build_run_parts
 from .run.resume import check_teacher_content, judge, teacher_where_it_was
@@ -230,6 +231,12 @@ def _zoo_label(c: dict[str, Any]) -> str:
     return c["origin"][4:] if c["origin"].startswith("zoo:") else ""
 
 
+def _fastest_of(front: list[dict[str, Any]], min_speed: float) -> str:
+    """``the fastest is 1.429x``: the front's fastest member, short of ``min_speed``, with the digits that keep
+    it short as printed (the table's two decimals, or a fixed four, may round 1.42996 up to a bar of 1.43)."""
+    return f"the fastest is {beside(max(c['speed'] for c in front), min_speed)}"
+
+
 def render_pareto_md(
     cfg: TrainConfig, state: SearchState, front, winner, command, held_out: int, top: int = 10
 ) -> str:
@@ -281,7 +288,7 @@ def render_pareto_md(
                 f"among members at least {s.min_speed:g}x as fast as softmax"
                 if winner["speed"] >= s.min_speed
                 else f"of all: none of its members is {s.min_speed:g}x as fast as softmax (search.min_speed; "
-                f"the fastest is {max(c['speed'] for c in front):.4g}x)"
+                f"{_fastest_of(front, s.min_speed)})"
             )
             + "). Convert the teacher with it:",
             "",
@@ -499,10 +506,9 @@ def search(
         _save(cfg, run_dir, state, parts.teacher_record)
         if winner is not None:
             slow = winner["speed"] < cfg.search.min_speed  # the best fit of all: say it misses the bar
-            fastest = max(c["speed"] for c in front)  # the table's 2 decimals may round it up to the bar
             short = (
-                f"; no member of the front is {cfg.search.min_speed:g}x as fast (search.min_speed; the fastest "
-                f"is {fastest:.4g}x)"
+                f"; no member of the front is {cfg.search.min_speed:g}x as fast (search.min_speed; "
+                f"{_fastest_of(front, cfg.search.min_speed)})"
             ) * slow
             say(
                 f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x{short})\n"
