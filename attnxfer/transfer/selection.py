@@ -92,9 +92,17 @@ def assignment_of(
 def fastest(
     sensitivity: Sequence[Mapping[str, float]], ms: Mapping[str, float], softmax_ms: float, teacher_ms: float
 ) -> Assignment:
-    """The fastest student: every block the fastest of softmax and the candidates."""
-    best = min([*ms, SOFTMAX], key=lambda n: (ms.get(n, softmax_ms), n != SOFTMAX))
-    return assignment_of([best] * len(sensitivity), sensitivity, ms, softmax_ms, teacher_ms)
+    """The fastest student: every block the fastest of softmax and the candidates finite there (one of
+    infinite sensitivity in a block, whose fit diverged, is never chosen in it); where every candidate is finite
+    everywhere, one candidate (or softmax) in every block, the student that was timed."""
+    names = [
+        min(
+            [*(c for c in ms if math.isfinite(row[c])), SOFTMAX],
+            key=lambda n: (ms.get(n, softmax_ms), n != SOFTMAX),
+        )
+        for row in sensitivity
+    ]
+    return assignment_of(names, sensitivity, ms, softmax_ms, teacher_ms)
 
 
 def select(
@@ -110,25 +118,10 @@ def select(
     if speedup <= 1:
         raise ValueError(f"speedup must be > 1, got {speedup:g}")
     need = teacher_ms * (1.0 - 1.0 / speedup)  # the time the swapped blocks must save
-    # the fastest student takes no candidate of infinite sensitivity (one whose fit diverged) either
-    usable = {c: t for c, t in ms.items() if all(math.isfinite(row[c]) for row in sensitivity)}
-    top = fastest(sensitivity, usable, softmax_ms, teacher_ms)
-    # a candidate infinite in some blocks only may still be taken in the others: whether the budget can be met
-    # is the fastest mix's to say (each block its fastest finite option), not the fastest one-candidate student's
-    mixed = assignment_of(
-        [
-            min(
-                [*(c for c in ms if math.isfinite(row[c])), SOFTMAX],
-                key=lambda n: (ms.get(n, softmax_ms), n != SOFTMAX),
-            )
-            for row in sensitivity
-        ],
-        sensitivity,
-        ms,
-        softmax_ms,
-        teacher_ms,
-    )
-    if teacher_ms - mixed.predicted_ms < need:
+    # a candidate infinite in some blocks only may still be taken in the others: the budget is judged, and the
+    # refusal names, the fastest mix the knapsack could choose, not a one-candidate student
+    top = fastest(sensitivity, ms, softmax_ms, teacher_ms)
+    if teacher_ms - top.predicted_ms < need:
         raise InfeasibleBudget(speedup, top)
     unit = need / RESOLUTION
     saves = saving_ms(ms, softmax_ms)
@@ -144,8 +137,8 @@ def select(
         for row in sensitivity
     ]
     best = _knapsack(options, RESOLUTION)
-    if best is None:  # feasible only through the rounding's last units: the fastest mix meets it
-        return mixed
+    if best is None:  # feasible only through the rounding's last units: the fastest student meets it
+        return top
     return assignment_of(best, sensitivity, ms, softmax_ms, teacher_ms)
 
 

@@ -235,8 +235,11 @@ def test_a_candidate_infinite_in_some_blocks_only_is_still_taken_in_the_others()
     ms = {"x": 1.0, "y": 9.0}  # x saves 9 ms of a block's 10, y saves 1
     chosen = select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.4)  # 8.6 ms to save
     assert chosen.names == ["x", SOFTMAX] and chosen.speedup >= 1.4
-    with pytest.raises(InfeasibleBudget):  # x in block 0 and y in block 1 save 10 ms: 1.5x at most
+    with pytest.raises(InfeasibleBudget) as refused:  # x in block 0 and y in block 1 save 10 ms: 1.5x at most
         select(sensitivity, ms, softmax_ms=10.0, teacher_ms=30.0, speedup=1.51)
+    # the refusal names that mix, not the 1.07x of y alone: the reader lowers the budget to what can be met
+    assert refused.value.fastest.names == ["x", "y"] and refused.value.fastest.speedup == pytest.approx(1.5)
+    assert str(refused.value) == "speedup 1.51 cannot be met: the fastest student is 1.50x"
     rng = random.Random(1)
     checked = 0
     for _ in range(40):

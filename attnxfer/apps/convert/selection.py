@@ -368,10 +368,13 @@ def measure_selection(
         # met before the fits: candidates whose fit diverged (at its last step: no error, a non-finite sensitivity)
         lost = [n for n in ms if not all(math.isfinite(row[n]) for row in sensitivity)]
         # with no candidate left faster than softmax (every fit diverged), no budget > 1 can be met: lowering
-        # it is no way out, and there is no "other candidate" to name
-        left = e.fastest.names[0] != SOFTMAX
+        # it is no way out, and there is no "other candidate" to name. The fastest student may keep a lost
+        # candidate in the blocks where its fit converged
+        left = any(n != SOFTMAX for n in e.fastest.names)
+        kept = [n for n in lost if n in e.fastest.names]
+        where = f", and of {', '.join(kept)} in the blocks where its fit converged," if kept else ""
         others = (
-            f"the fastest student of the other candidates is {beside(e.fastest.speedup, c.speedup)}"
+            f"the fastest student of the other candidates{where} is {beside(e.fastest.speedup, c.speedup)}"
             if left
             else "no candidate left is faster than softmax"
         )
