@@ -243,11 +243,12 @@ def load_config(
     overrides: Sequence[str] = (),
     command: str | None = None,
     *,
-    check_ranges: bool = True,
+    checked: bool = True,
 ) -> TrainConfig:
     """Defaults, then the YAML file (after the recipes it starts from), then ``key=value`` overrides; every
-    value range-checked (``check_ranges`` False: the recipe as written, which a run's config is compared with,
-    its overrides having mended it); an unknown key's refusal lists the sections ``command`` reads (None: every one). A
+    value range-checked (``checked`` False: the recipe as written, which a run's config is compared with, its
+    overrides having mended it: no range check, and no refusal of an optim.blr that optim.lr=null on the
+    command line makes count); an unknown key's refusal lists the sections ``command`` reads (None: every one). A
     run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`), unless a ``run_dir=``
     override says otherwise; any other YAML's ``run_dir`` is taken as written."""
     if isinstance(overrides, str | Mapping):  # a str iterates as its letters, a dict as its keys
@@ -308,12 +309,12 @@ def load_config(
         cfg = apply_overrides(cfg, parsed, command)
         if "optim.lr" in parsed:
             unread_blr = None
-    if unread_blr is not None:
+    if unread_blr is not None and checked:
         try:
             refuse_unread_blr(unread_blr[1], cfg)
         except ConfigError as e:
             raise ConfigError(f"config file {str(unread_blr[0])!r}: {e}") from None
-    if not check_ranges:  # run_dir as validate_config hands it out: ~ expanded
+    if not checked:  # run_dir as validate_config hands it out: ~ expanded
         return dataclasses.replace(cfg, run_dir=os.path.expanduser(cfg.run_dir))
     try:
         return validate_config(cfg)

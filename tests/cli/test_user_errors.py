@@ -743,7 +743,7 @@ def test_a_blr_given_over_a_recipes_lr_is_refused_naming_both_keys_not_left_unre
     assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
 
 
-def test_a_recipes_blr_counts_where_a_recipe_over_it_or_the_command_line_sets_optim_lr_null(tmp_path):
+def test_a_recipes_blr_counts_where_a_recipe_over_it_or_the_command_line_sets_optim_lr_null(tmp_path, capsys):
     """The refusal says to set optim.lr to null as well; done by the recipe that starts from the one setting
     blr (or by the command line), the chain was still refused at that middle file, before the null was read."""
     (tmp_path / "mine.yaml").write_text("base: demo/copy\noptim: {blr: 5.0e-4}\n")
@@ -752,6 +752,11 @@ def test_a_recipes_blr_counts_where_a_recipe_over_it_or_the_command_line_sets_op
     assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
     cfg = load_config(tmp_path / "mine.yaml", ["optim.lr=null"])
     assert (cfg.optim.lr, cfg.optim.blr) == (None, 5e-4)
+    # through the CLI too, whose report of what the command line changes reads the recipe as written
+    code, out, err = run_cli(
+        capsys, "train", "-c", str(tmp_path / "mine.yaml"), "optim.lr=null", "--print-config"
+    )
+    assert code == 0 and "#   optim.lr: 0.002 -> null" in out, err
     # nothing sets lr to null: still refused, naming the file that sets blr
     (tmp_path / "over.yaml").write_text("base: mine.yaml\nseed: 1\n")
     with pytest.raises(ConfigError, match=r"mine.yaml.*optim.blr=0.0005 would go unread"):

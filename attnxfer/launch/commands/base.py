@@ -85,7 +85,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def _changes(args, cfg) -> str:
     from ...config import describe_changes, load_config
 
-    return describe_changes(load_config(args.config, check_ranges=False), cfg, args.config)
+    return describe_changes(load_config(args.config, checked=False), cfg, args.config)
 
 
 def load(args):

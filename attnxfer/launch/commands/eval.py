@@ -30,7 +30,7 @@ def run(args) -> int:
     from ...transfer.modes import MODES
     from ..value_checks import check_values
 
-    given = config_changes(load_config(args.config, check_ranges=False), cfg)  # the keys given beside -c
+    given = config_changes(load_config(args.config, checked=False), cfg)  # the keys given beside -c
     run_dir = RunDir(cfg.run_dir)
     if (run_dir.path / SEARCH_CANDIDATES).is_file():  # formulas, no student: said as a teacher spec hears it
         raise InputError(f"{run_folder_hint(run_dir.path)}; eval scores a run's student")
