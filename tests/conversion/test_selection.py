@@ -106,16 +106,16 @@ def test_the_knapsack_meets_its_budget_with_the_least_sensitivity_of_all_assignm
 def test_the_report_lists_what_the_same_measurements_choose_at_other_budgets():
     """Worked by hand (softmax 10 ms a block, a saves 8, b saves 6; teacher 40 ms): each budget's cheapest
     assignment that saves 40 * (1 - 1/budget) ms, the run's own in bold, the fastest student last; a candidate
-    whose fit diverged (None) in any block is in no row."""
+    whose fit diverged (None) in a block is in no row there, and is where it converged, as the run chose."""
     record = {
         "ms": {"teacher": 40.0, "softmax": 10.0, "a": 2.0, "b": 4.0, "lost": 1.0},
         "candidates": ["a", "b", "lost"],
         "speedup": 1.5,
         "metric": "kl",
         "sensitivity": [
-            {"a": 0.1, "b": 0.05, "lost": 0.0},
+            {"a": 0.1, "b": 0.05, "lost": None},
             {"a": 0.9, "b": 0.5, "lost": None},
-            {"a": 0.2, "b": 0.1, "lost": 0.0},
+            {"a": 0.2, "b": 0.1, "lost": None},
         ],
     }
     rows = [line for line in report._other_budgets(record) if line.startswith("| ") and "budget" not in line]
@@ -126,6 +126,21 @@ def test_the_report_lists_what_the_same_measurements_choose_at_other_budgets():
         "| 1.75x | 1.82x | 0.65 | b 0-2 |",  # 18 of 17.1: no pair saves enough
         "| 2x | 2.00x | 0.7 | a 0; b 1-2 |",  # 20 of 20
         "| fastest | 2.50x | 1.2 | a 0-2 |",  # 2.5x itself is the fastest student's: no row of its own
+    ]
+    # lost (1 ms, saves 9) converged in blocks 0 and 2 at no cost: taken there by every budget, as `select` takes it
+    record["sensitivity"][0]["lost"] = record["sensitivity"][2]["lost"] = 0.0
+    rows = [line for line in report._other_budgets(record) if line.startswith("| ") and "budget" not in line]
+    as_run = [{n: math.inf if v is None else v for n, v in row.items()} for row in record["sensitivity"]]
+    times = {n: record["ms"][n] for n in record["candidates"]}
+    assert select(as_run, times, 10.0, 40.0, 1.5).names == ["lost", "softmax", "lost"]  # the run's choice
+    assert rows == [
+        "| 1.1x | 1.82x | 0 | lost 0, 2; softmax 1 |",  # saves 18 of 3.6: of the ties at 0, the fastest
+        "| 1.25x | 1.82x | 0 | lost 0, 2; softmax 1 |",
+        "| **1.5x** | 1.82x | 0 | lost 0, 2; softmax 1 |",  # the run's own choice
+        "| 1.75x | 1.82x | 0 | lost 0, 2; softmax 1 |",  # 18 of 17.1
+        "| 2x | 2.50x | 0.5 | lost 0, 2; b 1 |",  # 24 of 20: b in block 1 costs less than a
+        "| 2.5x | 2.50x | 0.5 | lost 0, 2; b 1 |",  # 24 of 24
+        "| fastest | 2.86x | 0.9 | lost 0, 2; a 1 |",  # 26 saved: 14 ms
     ]
 
 

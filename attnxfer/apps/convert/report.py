@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ...transfer.selection import SOFTMAX, InfeasibleBudget, beside, fastest, select, short_of_budget
@@ -412,9 +413,10 @@ def _other_budgets(selection: dict[str, Any]) -> list[str]:
     ms, rows = selection["ms"], selection["sensitivity"]
     if SOFTMAX not in ms:  # a choice recorded before softmax's block time was
         return []
-    # a candidate whose fit diverged (sensitivity None somewhere) is never chosen, the fastest student included
-    times = {n: ms[n] for n in selection["candidates"] if all(row.get(n) is not None for row in rows)}
-    sensitivity = [{n: row[n] for n in times} for row in rows]
+    # as the run chose: a candidate whose fit diverged in a block (None there) is never chosen in that block,
+    # and may be in the others
+    times = {n: ms[n] for n in selection["candidates"]}
+    sensitivity = [{n: math.inf if row.get(n) is None else row[n] for n in times} for row in rows]
     soft, whole = ms[SOFTMAX], ms["teacher"]
     top = fastest(sensitivity, times, soft, whole)
     table = [

@@ -383,10 +383,9 @@ def measure_selection(
             f"{others}; lower convert.stage1_lr or set convert.stage1_clip_grad"
             + (", or lower convert.speedup" if left else "")
         ) from None
-    # the fastest student the choice could have made: a candidate whose fit diverged is chosen at no budget, so
-    # it is not named the fastest (the report's table of other budgets leaves it out too)
-    usable = {n: t for n, t in ms.items() if all(math.isfinite(row[n]) for row in sensitivity)}
-    reachable = fastest(sensitivity, usable, soft, whole)
+    # the fastest student the choice could have made: a candidate whose fit diverged in a block is never chosen
+    # there, and may be in the others (as `select` and the report's table of other budgets take it)
+    reachable = fastest(sensitivity, ms, soft, whole)
     return {
         "version": 2,  # 2: block times read from whole models (`whole_ms`); 1: one block timed alone
         "attention": chosen.names,
