@@ -34,8 +34,9 @@ class RequeueLimitReached(RuntimeError):
 TIMEOUT_SLACK_S = 90
 
 
-#: how long rank 0 waits for ``scontrol requeue`` after SIGTERM (past it: the job ends, said not requeued)
-SCONTROL_TIMEOUT_S = 60.0
+#: how long rank 0 waits for ``scontrol requeue`` after SIGTERM (past it: the job ends, said not requeued);
+#: under SLURM's default KillWait of 30 s, so that the line is said before SIGKILL
+SCONTROL_TIMEOUT_S = 20.0
 
 #: what a job past its requeue bound says to do; `attnxfer submit` adds how its config resumes
 RESUBMIT = "resubmit to continue"
@@ -194,7 +195,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 failed = _requeue(delayed, env)
                 if failed is None or why == "JOB REQUEUE":  # the latter: requeued by SLURM itself
                     warn(f"{stop}; job {env.job_id} requeued: it resumes from that step")
-                else:
+                else:  # the record's "requeued" event, written before scontrol was asked, is followed by this
+                    self._record_requeue(self.requeues, event="not requeued", cause=failed)
                     warn(
                         f"{stop}; job {env.job_id} was not requeued ({failed}): submit the same command to "
                         "resume from that step (with checkpoint.resume=auto where it was submitted with none or "

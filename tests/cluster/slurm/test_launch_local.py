@@ -345,6 +345,10 @@ def test_a_requeue_after_sigterm_that_scontrol_cannot_do_says_so_and_still_meets
         r"same command to resume from that step \(with checkpoint.resume=auto where",
         err,
     ), err
+    # the job's requeue record ends as the job did: not requeued, and why
+    events = json.loads((tmp_path / "12_requeues.json").read_text())["events"]
+    assert [e["event"] for e in events] == ["requeued", "not requeued"], events
+    assert re.search(said, events[-1]["cause"]), events
 
 
 def test_a_job_preempted_on_a_cluster_that_cancels_preempted_jobs_is_said_as_cancelled_not_waited_for(
