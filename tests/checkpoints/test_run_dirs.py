@@ -269,6 +269,7 @@ def test_submit_refuses_a_conversion_its_job_would_not_resume_before_submitting(
         f"run_dir={run}",
     ]
     assert cli.main(["convert", *argv]) == 0
+    capsys.readouterr()  # the conversion's own lines (its untrained teacher is warned about)
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     submit = ["submit", "--command", "convert", *argv, "--dry-run"]
     code, _, err = run_cli(capsys, *submit, "seed=7")

@@ -91,6 +91,7 @@ def test_a_restart_tells_its_saves_from_an_older_run_s_whatever_the_file_server_
         load_config(None, [f"run_dir={tmp_path}", "checkpoint.resume=none"]),
     )
     monkeypatch.setenv("SLURM_JOB_ID", "8")
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # a job submitit runs on SLURM
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # what SLURM sets in a requeued job
     assert task() == "none"
     ours = store.save(8, WEIGHTS, {})
