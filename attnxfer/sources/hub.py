@@ -213,6 +213,24 @@ def _snapshot_commit(path: str) -> str | None:
     return next((p.name for p in Path(path).parents if p.parent.name == "snapshots"), None)
 
 
+def fetch_again(path: str | os.PathLike) -> str:
+    """How to replace an unreadable weights file ``path``: one inside the Hub cache is never downloaded again
+    while it is there (huggingface_hub trusts any cached file, so a plain `hf download` or `attnxfer fetch`
+    leaves a truncated one as it is): the command that forces it; any other file is copied or downloaded again."""
+    snapshot = next((p for p in Path(path).parents if p.parent.name == "snapshots"), None)
+    folder = snapshot.parent.parent.name if snapshot is not None else ""
+    if not folder.startswith("models--") or "--" not in folder[len("models--") :]:
+        return "Copy or download it again"
+    repo = folder[len("models--") :].replace("--", "/", 1)
+    file = Path(path).relative_to(snapshot).as_posix()
+    cache = f" --cache-dir {snapshot.parent.parent.parent}"
+    command = f"download {repo} {file} --revision {snapshot.name}{cache} --force-download"
+    return (
+        f"it is the Hub cache's copy of {repo}, which a plain download keeps: replace it with `hf {command}` "
+        f"(huggingface_hub < 1.0: `huggingface-cli {command}`)"
+    )
+
+
 def _readme_license(path: str | None) -> str | None:
     """``license`` of a model card already on disk, read by huggingface_hub; metadata it cannot parse means
     an unknown licence (the export card then says to check the teacher's terms), with a warning."""

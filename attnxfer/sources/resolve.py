@@ -27,7 +27,15 @@ from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import CHECKPOINTS_SUBDIR, DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path
-from .hub import _HUB_WEIGHT_FILES, _SHARD_INDEX, _hub_file, _hub_weights, _readme_license, _snapshot_commit
+from .hub import (
+    _HUB_WEIGHT_FILES,
+    _SHARD_INDEX,
+    _hub_file,
+    _hub_weights,
+    _readme_license,
+    _snapshot_commit,
+    fetch_again,
+)
 from .load_errors import (
     TeacherLoadError,
     TeacherNotAvailable,
@@ -244,8 +252,7 @@ def read_state_dict(
             tensors = load_file(str(path), device="cpu")
         except SafetensorError as e:
             raise TeacherLoadError(
-                f"{path} is not a readable safetensors file ({e}): truncated or corrupted? "
-                "Copy or download it again"
+                f"{path} is not a readable safetensors file ({e}): truncated or corrupted? {fetch_again(path)}"
             ) from None
         if not tensors:
             raise TeacherLoadError(f"{path} holds no tensors")
@@ -266,7 +273,7 @@ def read_state_dict(
         if not culprit and not head.startswith((b"PK\x03\x04", b"\x80")):
             raise TeacherLoadError(
                 f"{path} is not a torch file: it begins {head!r} (a download's error page, a Git LFS pointer "
-                "or another format?). Copy or download it again"
+                f"or another format?). {fetch_again(path)}"
             ) from None
         why = (
             f"it pickles {culprit.group(1)}"
@@ -290,8 +297,8 @@ def read_state_dict(
     # a cut-off file, or bytes that are no torch file: what torch's readers raise for them
     except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError) as e:
         raise TeacherLoadError(
-            f"{path} is not a readable torch file ({type(e).__name__}: {e}): truncated or corrupted? Copy or "
-            "download it again"
+            f"{path} is not a readable torch file ({type(e).__name__}: {e}): truncated or corrupted? "
+            f"{fetch_again(path)}"
         ) from None
     if _is_tensor_dict(obj):
         return _strip_wrappers(obj), None

@@ -211,6 +211,27 @@ def test_a_hub_repo_whose_weights_are_a_pth_loads_from_the_cache_as_fetch_left_i
     )
 
 
+def test_a_truncated_file_in_the_hub_cache_is_told_the_download_that_replaces_it(tmp_path, monkeypatch):
+    """huggingface_hub returns any file its cache holds without checking it, so "download it again" (`hf download`,
+    `attnxfer fetch`) would leave a cut-off cached file as it is: the message gives the forced download."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    snap = put_in_hub_cache(tmp_path, "acme/cut", tiny_timm())
+    blob = (snap / "model.safetensors").resolve()
+    blob.write_bytes(blob.read_bytes()[:1000])
+    command = f"download acme/cut model.safetensors --revision {REV} --cache-dir {tmp_path} --force-download"
+    with pytest.raises(TeacherLoadError, match=re.escape(f"`hf {command}`")) as err:
+        load_teacher("hf-hub:acme/cut", cache_dir=str(tmp_path))
+    assert "\n" not in str(err.value)
+    # a .pth cut short in the cache: the same command for its file
+    (snap / "model.safetensors").unlink()
+    torch.save(tiny_timm().state_dict(), snap / "model.pth")
+    (snap / "model.pth").write_bytes((snap / "model.pth").read_bytes()[:1000])
+    with pytest.raises(TeacherLoadError, match=re.escape(command.replace("model.safetensors", "model.pth"))):
+        load_teacher("hf-hub:acme/cut", cache_dir=str(tmp_path))
+
+
 def test_a_cache_dir_under_the_home_folder_is_read_offline_as_downloads_read_it(tmp_path, monkeypatch):
     """teacher.cache_dir=~/hf (no shell expands "~" after "=", YAML never does): huggingface_hub's downloads
     expand it, its offline lookup did not, so a cached repo was said not to be in "~/hf" and to be copied there."""
