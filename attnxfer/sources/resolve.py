@@ -509,7 +509,10 @@ def _resolve_local_dir(
         lambda name: str(folder / name) if (folder / name).is_file() else None,
     )
     if pretrained:
-        found = [folder / n for n in (*_HUB_WEIGHT_FILES, _SHARD_INDEX) if (folder / n).is_file()]
+        # the Hub's order (`_hub_weights`): safetensors, whole or sharded, before any pickled file, so that a
+        # downloaded repo holding both (transformers' large ones) is read as its Hub id reads it
+        names = (_HUB_WEIGHT_FILES[0], _SHARD_INDEX, *_HUB_WEIGHT_FILES[1:])
+        found = [folder / n for n in names if (folder / n).is_file()]
         if not found:
             raise MissingPathError(
                 f"local-dir:{folder}: none of {[*_HUB_WEIGHT_FILES, _SHARD_INDEX]} there; "

@@ -28,7 +28,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from helpers import assert_same_tensors
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models import save_for_hf
@@ -811,6 +811,31 @@ def test_a_local_dir_teacher_loads_its_weights_and_card_and_a_truncated_file_is_
         TeacherLoadError, match=r"model\.safetensors is not a readable safetensors file.*truncated"
     ):
         load_teacher(f"local-dir:{tmp_path / 'exported'}")
+
+
+def test_a_local_dir_of_sharded_safetensors_and_a_pickle_reads_the_shards_as_its_hub_id_does(tmp_path):
+    """A downloaded repo may hold both (transformers' large ones): the Hub path reads the shards, and so must
+    local-dir: the same weights file (and hash) either way, and no pickle read where safetensors are."""
+    from attnxfer.sources.resolve import weights_digest
+
+    model = tiny_timm(num_classes=4)
+    folder = tmp_path / "both"
+    save_for_hf(model, folder, safe_serialization=True)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(folder / shard))
+        weight_map |= dict.fromkeys(part, shard)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    torch.save(tiny_timm(seed=1, num_classes=4).state_dict(), folder / "pytorch_model.bin")  # a stale pickle
+    teacher, rec = load_teacher(f"local-dir:{folder}")
+    assert rec.sha256 == weights_digest(folder / "model.safetensors.index.json")
+    assert not any(f.endswith(".bin") for f in rec.files)
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 def test_weights_that_cannot_be_a_teacher_are_one_error_naming_the_file_or_the_architecture(tmp_path):
