@@ -213,6 +213,20 @@ def _snapshot_commit(path: str) -> str | None:
     return next((p.name for p in Path(path).parents if p.parent.name == "snapshots"), None)
 
 
+def check_cached_blob(path: str | os.PathLike, digest: str) -> None:
+    """A weights file of the Hub cache links to ``blobs/<its sha256>`` (the Hub's name for LFS content): one whose
+    bytes hash otherwise (``digest``) changed after its download, e.g. damaged in a copy, and would load as other
+    weights with no reader complaining; it is refused, saying how to replace it. Other files are not checked."""
+    blob = Path(os.path.realpath(path))
+    if _snapshot_commit(str(path)) is None or blob.parent.name != "blobs" or blob == Path(path):
+        return
+    if len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name) and blob.name != digest:
+        raise TeacherLoadError(
+            f"{path} is not the file the Hub sent: its sha256 is {digest[:12]}..., the Hub's {blob.name[:12]}... "
+            f"(changed or damaged since its download); {fetch_again(path)}"
+        )
+
+
 def fetch_again(path: str | os.PathLike) -> str:
     """How to replace an unreadable weights file ``path``: one inside the Hub cache is never downloaded again
     while it is there (huggingface_hub trusts any cached file, so a plain `hf download` or `attnxfer fetch`

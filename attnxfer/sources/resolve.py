@@ -34,6 +34,7 @@ from .hub import (
     _hub_weights,
     _readme_license,
     _snapshot_commit,
+    check_cached_blob,
     fetch_again,
 )
 from .load_errors import (
@@ -220,9 +221,16 @@ def shard_files(index: str | os.PathLike) -> list[Path]:
 def weights_digest(path: str | os.PathLike) -> str:
     """The sha256 that identifies a teacher's weights: of the file, or of all shards of a sharded checkpoint."""
     if not str(path).endswith(_SHARD_INDEX):
-        return sha256_file(path)
-    digests = b"".join(bytes.fromhex(sha256_file(shard)) for shard in shard_files(path))
+        return _checked_digest(path)
+    digests = b"".join(bytes.fromhex(_checked_digest(shard)) for shard in shard_files(path))
     return hashlib.sha256(digests).hexdigest()
+
+
+def _checked_digest(path: str | os.PathLike) -> str:
+    """A weights file's sha256, which a file of the Hub cache must match its blob's name by (`check_cached_blob`)."""
+    digest = sha256_file(path)
+    check_cached_blob(path, digest)
+    return digest
 
 
 #: where a converted checkpoint is given again, by the key the refused file was given to

@@ -232,6 +232,27 @@ def test_a_truncated_file_in_the_hub_cache_is_told_the_download_that_replaces_it
         load_teacher("hf-hub:acme/cut", cache_dir=str(tmp_path))
 
 
+def test_a_hub_cache_file_changed_since_its_download_is_refused_not_loaded_as_other_weights(
+    tmp_path, monkeypatch
+):
+    """A byte of a tensor changed in the cache (a damaged copy of the cache between machines) leaves a file that
+    every reader takes; its blob is named by the sha256 the Hub sent, which the load already computes: refused."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    snap = put_in_hub_cache(tmp_path, "acme/flipped", tiny_timm())
+    assert load_teacher("hf-hub:acme/flipped", cache_dir=str(tmp_path))[1].sha256 == sha256(
+        snap / "model.safetensors"
+    )
+    blob = (snap / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x40  # the last tensor's last byte: header and size as they were
+    blob.write_bytes(bytes(data))
+    with pytest.raises(TeacherLoadError, match=r"is not the file the Hub sent: .*--force-download`") as err:
+        load_teacher("hf-hub:acme/flipped", cache_dir=str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
 def test_a_cache_dir_under_the_home_folder_is_read_offline_as_downloads_read_it(tmp_path, monkeypatch):
     """teacher.cache_dir=~/hf (no shell expands "~" after "=", YAML never does): huggingface_hub's downloads
     expand it, its offline lookup did not, so a cached repo was said not to be in "~/hf" and to be copied there."""
