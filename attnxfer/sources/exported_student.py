@@ -41,10 +41,18 @@ def load_student(
         )
     model = student_from_spec(student)
     state, _ = read_state_dict(res.weights)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    # tensors of other shapes: torch raises on them even where strict=False, in lines of its own
+    own = model.state_dict()
+    reshaped = [
+        f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the student"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if reshaped or missing or unexpected:
         raise InputError(
-            f"{spec}: the weights do not fit the student its config.json describes (missing "
-            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}); was the folder edited?"
+            f"{spec}: the weights do not fit the student its config.json describes (missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}, other shapes {reshaped[:4]}); was the folder edited?"
         )
+    model.load_state_dict(state)
     return model.eval()

@@ -336,6 +336,20 @@ def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tm
     assert torch.equal(_logits(load_student(str(out))), _logits(student))  # a bare folder path works too
 
 
+def test_an_exports_weights_of_other_shapes_are_refused_in_one_line_as_missing_ones_are(tmp_path):
+    """torch refuses tensors of another shape even where strict=False, in lines of its own: the weights of an
+    edited export folder (another head here) get load_student's sentence naming the tensor, not torch's."""
+    out = export_student(efficient_student("relu_linear"), tmp_path / "eff", card=card())
+    saved = load_file(str(out / "model.safetensors"))
+    saved["head.weight"], saved["head.bias"] = torch.zeros(5, 48), torch.zeros(5)
+    save_file(saved, str(out / "model.safetensors"))
+    with pytest.raises(
+        UserError, match=r"do not fit the student .*head\.weight: \(5, 48\) in the file"
+    ) as err:
+        load_student(str(out))
+    assert "\n" not in str(err.value)
+
+
 def test_a_student_of_an_attention_not_registered_here_is_refused_in_one_line(tmp_path, monkeypatch):
     """An attention a fork or a script registered (here: this test, then forgotten) is named, with what to do,
     where its student is loaded without it: `load_student`, and `attnxfer export` / `inspect` of its run."""
