@@ -7,6 +7,7 @@ runs and the load is strict: a missing encoder weight is an error, never a rando
 from __future__ import annotations
 
 import collections
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -327,9 +328,14 @@ def load_teacher(
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)
-    if not timm.is_model(res.architecture):
+    if not timm.is_model(
+        res.architecture
+    ):  # only a config.json names one unchecked: a newer timm's, or a typo
+        close = difflib.get_close_matches(res.architecture, timm.list_models(), n=1)
         raise TeacherLoadError(
-            f"teacher {spec!r}: timm has no architecture {res.architecture!r} to build it as"
+            f"teacher {spec!r}: its config.json names architecture {res.architecture!r}, which timm "
+            f"{timm.__version__} does not have: upgrade timm (pip install -U timm) if the model is newer, or "
+            "correct the name in config.json" + (f" (did you mean {close[0]!r}?)" if close else "")
         )
 
     size = other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
