@@ -223,7 +223,8 @@ def check_cached_blob(path: str | os.PathLike, digest: str) -> None:
     if len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name) and blob.name != digest:
         raise TeacherLoadError(
             f"{path} is not the file the Hub sent: its sha256 is {digest[:12]}..., the Hub's {blob.name[:12]}... "
-            f"(changed or damaged since its download); {fetch_again(path)}"
+            f"(changed or damaged since its download); {fetch_again(path)}. A Hub mirror that names its files by "
+            "another hash makes this check wrong: copy the snapshot folder out of the cache and give it as local-dir:COPY"
         )
 
 

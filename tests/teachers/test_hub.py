@@ -251,6 +251,10 @@ def test_a_hub_cache_file_changed_since_its_download_is_refused_not_loaded_as_ot
     with pytest.raises(TeacherLoadError, match=r"is not the file the Hub sent: .*--force-download`") as err:
         load_teacher("hf-hub:acme/flipped", cache_dir=str(tmp_path))
     assert "\n" not in str(err.value)
+    # where a mirror's names are no sha256, the way out the message gives: the snapshot copied out, as a folder
+    assert "copy the snapshot folder out of the cache and give it as local-dir:COPY" in str(err.value)
+    copy = shutil.copytree(snap, tmp_path / "copy")
+    assert load_teacher(f"local-dir:{copy}")[1].sha256 == hashlib.sha256(bytes(data)).hexdigest()
 
 
 def test_a_cache_dir_under_the_home_folder_is_read_offline_as_downloads_read_it(tmp_path, monkeypatch):
