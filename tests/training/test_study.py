@@ -268,6 +268,36 @@ def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys)
         assert not run.exists()
 
 
+def test_a_student_whose_model_init_normalises_otherwise_than_the_studys_loaders_is_refused(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """Without a teacher a run normalises its images by its model.init's mean/std: alone this student reads
+    images normalised by the saved model's (std 0.5), so in the study (whose loaders the first student's
+    statistics made, the dataset's std 0.25) it trained on other images than alone, and said nothing."""
+    yaml = tmp_path / "study.in.yaml"
+    yaml.write_text(
+        f"students:\n  - name: plain\n  - name: init\n    model.init: local-dir:{tiny_teacher_dir}\n"
+    )
+    small = ["model.name=vit_tiny_patch16_224", "data.img_size=32", "model.kwargs.patch_size=8"]
+    small += ["model.kwargs.depth=2", "model.kwargs.embed_dim=48", "model.kwargs.num_heads=3"]
+    run = tmp_path / "study"
+    code, _, err = run_cli(
+        capsys,
+        "study",
+        "-c",
+        str(yaml),
+        *BASE,
+        *small,
+        "teacher.spec=null",
+        "transfer.mode=none",
+        f"run_dir={run}",
+    )
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "student 'init': this student normalises its images by mean" in line, err
+    assert "set data.mean and data.std for the whole study" in line
+    assert not list(run.glob("*/checkpoints/step-*"))
+
+
 @pytest.mark.parametrize("recipe", [[], ["-c", "convert/demo_study"]], ids=["train", "convert"])
 def test_wandb_or_mlflow_in_a_study_of_several_students_is_refused_before_any_work(
     recipe, tmp_path, tiny_teacher_dir, capsys

@@ -542,8 +542,24 @@ def _around_shared(
             f"{shared.in_chans}-channel {shared.img_size} px ones (students of a study read one stream of "
             "batches): set data.img_size / data.in_chans for the whole study"
         )
+    # alone, a student without a teacher is fed images normalised by its model.init's statistics: in a study it
+    # would read the loaders' (the first student's) and train on other images than alone
+    ours, theirs = _per_channel((mean, std), in_chans), _per_channel((shared.mean, shared.std), in_chans)
+    if ours != theirs:
+        raise InputError(
+            f"this student normalises its images by mean {list(ours[0])} and std {list(ours[1])} (its "
+            f"model.init's, or the dataset's) and the study's loaders by mean {list(theirs[0])} and std "
+            f"{list(theirs[1])} (students of a study read one stream of batches): set data.mean and data.std "
+            "for the whole study"
+        )
     stamp_input_cfg(student, mean, std, in_chans, img_size, shared.preprocessing)
     return dataclasses.replace(shared, student=student, student_spec=student_spec(student))
+
+
+def _per_channel(stats: Sequence[Sequence[float]], in_chans: int) -> tuple[tuple[float, ...], ...]:
+    """Mean and std, one value each per channel (a single value stands for every channel, as Normalize reads
+    it)."""
+    return tuple(tuple(float(v) for v in (s * in_chans if len(s) == 1 else s)) for s in stats)
 
 
 def _input_size(model: nn.Module) -> int:
