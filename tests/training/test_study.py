@@ -849,6 +849,22 @@ def test_a_student_after_the_first_with_mixup_and_accumulation_ends_where_it_end
     assert_same_tensors(_final(student), _final(alone), "distill model")
 
 
+@pytest.mark.slow  # a study of two students for two steps, and the second trained alone
+def test_a_student_with_a_task_loss_after_a_first_without_one_gets_its_labels_and_ends_where_it_ends_alone(
+    tmp_path, tiny_teacher_dir
+):
+    """The study's loaders were built from its first student's config: one without a task loss
+    (transfer.task_weight=0) reads images alone, so the next student's first step stopped on a batch without
+    labels, told to set transfer.task_weight=0."""
+    run = tmp_path / "study"
+    argv = [*BASE, "schedule.max_steps=2", f"teacher.spec=local-dir:{tiny_teacher_dir}", "device=cpu"]
+    assert cli.main(["study", *argv, f"run_dir={run}", "--vary", "transfer.task_weight=0,1"]) == 0
+    student, alone = run / "task_weight=1", tmp_path / "alone"
+    assert cli.main(["train", "-c", str(student / "config.yaml"), f"run_dir={alone}"]) == 0
+    last = "checkpoints/step-00000002/model.safetensors"
+    assert_same_tensors(load_file(str(student / last)), load_file(str(alone / last)), "task_weight=1 model")
+
+
 def test_a_batch_fed_again_is_mixed_as_the_first_time_not_mixed_twice():
     """With accumulation steps each student takes its micro-batches in turn, so the study's feed prepares a
     batch once per student: timm's Mixup mixes in place, and on CPU the move to the device kept the loaded

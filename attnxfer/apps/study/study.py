@@ -172,10 +172,13 @@ def build_members(
     if parts:  # the caller's students around one teacher and one pair of loaders
         shared = next(iter(parts.values()))
     else:
+        # the loaders hand out labels where any student's task loss reads them: built from the first student's
+        # config alone, a first student without one (transfer.task_weight=0) left the others none
+        labels = True if any(task_weight_of(cfg) > 0 for _, cfg in configs) else None
         # the shared parts draw nothing from the students' streams
         with torch.random.fork_rng(devices=[]), teacher_where_it_was(spec.run_dir, standing.resumed):
             shared = build_run_parts(
-                configs[0][1], rank=runtime.rank, world_size=runtime.world, student_unsaid=True
+                configs[0][1], rank=runtime.rank, world_size=runtime.world, labels=labels, student_unsaid=True
             )
     batches, feed, members = SharedBatches(shared.train_loader, shared.train_sampler), SharedFeed(), []
     for student, cfg in configs:
