@@ -737,6 +737,47 @@ def test_a_study_killed_at_any_instant_resumes_to_the_uninterrupted_weights(tmp_
     assert resumed >= 1  # at least one kill landed after a committed step
 
 
+@pytest.mark.slow
+def test_a_study_stopped_after_a_student_diverged_resumes_the_other_to_the_uninterrupted_weights(
+    tmp_path, tiny_teacher_dir
+):
+    """The first student stops (non-finite) at step 2, the study is stopped by SIGTERM after step 3 and run
+    again: the one left out of the resumed loop stays stopped, and the other (with drop path: random streams
+    of its own) ends bit for bit, metrics too, where it ends in the uninterrupted study."""
+    yaml = _study_yaml(
+        tmp_path,
+        tiny_teacher_dir,
+        "students:\n  - name: diverges\n    optim.lr: 1.0e+30\n    transfer.atd_weight: 1.0e+30\n"
+        "  - name: fine\n    model.drop_path_rate: 0.2\n",
+    )
+    args = ["study", "-c", str(yaml), *BASE, "schedule.max_steps=6", "checkpoint.every_steps=1", "device=cpu"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = fork_cli([*args, f"run_dir={ref}"], tmp_path / "ref.log")
+    proc.join(180)
+    assert proc.exitcode == 2, (tmp_path / "ref.log").read_text()[
+        -3000:
+    ]  # as train exits on a non-finite loss
+    victim = fork_cli([*args, f"run_dir={run}"], tmp_path / "run.log")
+    while victim.is_alive() and not (run / "checkpoints" / "step-00000003").is_dir():
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGTERM)
+    victim.join()
+    recorded = {s["name"]: s for s in json.loads((run / "study.json").read_text())["students"]}
+    assert recorded["diverges"]["stopped"] and recorded["fine"]["step"] < 6
+    again = fork_cli([*args, f"run_dir={run}"], tmp_path / "run.log")
+    again.join(180)
+    log = (tmp_path / "run.log").read_text()
+    assert again.exitcode == 2 and "study: resuming every student from step" in log, log[-3000:]
+    assert "diverges: stopped earlier (non-finite loss" in log
+    final = lambda r: load_file(str(r / "fine" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    assert_same_tensors(final(run), final(ref), "fine model")
+    rows = lambda r: [
+        {k: v for k, v in json.loads(line).items() if k != "time"}
+        for line in (r / "fine" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows(run) == rows(ref)
+
+
 #: a study of two students on CPU without drop-path (nothing random in a step): the one-process reference of
 #: the torchrun tests, whose ranks split its global batch of 16
 PARALLEL = [*BASE, "model.drop_path_rate=0", "device=cpu", "--vary", "transfer.mode=copy,distill"]
