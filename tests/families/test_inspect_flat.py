@@ -25,6 +25,7 @@ from attnxfer.analysis import (
     compare_attention,
     layer_geometry,
     layer_qk,
+    rollout_class_maps,
     stage_of,
     token_maps,
 )
@@ -99,6 +100,34 @@ def test_rope_and_bias_metrics_equal_timms_own_maps(family):
         assert r.metrics["cls_js"] == pytest.approx(cls_js.tolist(), rel=2e-4, abs=1e-6)
         assert r.metrics["distance"] == pytest.approx(dist.tolist(), rel=2e-4, abs=1e-6)
         assert min(kl.tolist()) > 1e-3  # the two models do differ: the equality is not 0 == 0
+
+
+@pytest.mark.parametrize("family", ["vit", "beit"])
+def test_the_drawn_class_token_maps_and_rollout_are_timms_own_maps(family):
+    """What inspect draws (and training logs) per layer and head: the class token's row of timm's own map, its
+    patch keys renormalised, on the patch grid in raster order; the rollout picture: the head-averaged rollout
+    (0.5 I + 0.5 A, layer on layer) of those maps. For the plain ViT timm's map is itself checked against an
+    explicit softmax(q kᵀ · scale) from the first layer's weights."""
+    model, x = _build(family, 0), _images(family)
+    maps = _extracted(model, x)
+    if family == "vit":
+        block = model.blocks[0]
+        tokens = block.norm1(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        b, n, c = tokens.shape
+        q, k, _ = block.attn.qkv(tokens).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        explicit = (q @ k.transpose(-2, -1) * (c // 2) ** -0.5).softmax(-1)
+        torch.testing.assert_close(explicit.double(), maps[0], rtol=0, atol=1e-6)
+    drawn, _ = token_maps(model, x)
+    rolled = None
+    for layer, p in zip(drawn, maps, strict=True):
+        row = p[:, :, 0, 1:]
+        assert torch.allclose(
+            layer.double(), (row / row.sum(-1, keepdim=True)).reshape(3, 2, 4, 4), atol=1e-6
+        )
+        step = 0.5 * torch.eye(17, dtype=p.dtype) + 0.5 * p.mean(1)
+        rolled = step if rolled is None else step @ rolled
+    want = rolled[:, 0, 1:] / rolled[:, 0, 1:].sum(-1, keepdim=True)
+    assert torch.allclose(rollout_class_maps(model, x).double(), want.reshape(3, 4, 4), atol=1e-6)
 
 
 #: family -> where each layer's rows sit (`LayerGeometry.label`), and whether it has a class-token row
