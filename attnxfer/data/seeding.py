@@ -69,3 +69,35 @@ def seeded_global_rngs(seed: int) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+class OwnGlobalRngs:
+    """Python's, numpy's and torch's global RNG states kept apart from the process's, seeded by ``seed``:
+    a transform that draws from the global RNGs (timm's) run in the main process (no DataLoader workers, whose
+    streams are their own) draws from these under `active`, so its draws depend on the data's seed alone and
+    the training's streams (initialisation, dropout, drop path) are neither read nor advanced by it."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.states: tuple | None = (
+            None  # (python, numpy, torch CPU) after the last call; None: not yet drawn
+        )
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            if self.states is None:
+                random.seed(self.seed)
+                np.random.seed(self.seed & 0xFFFF_FFFF)
+                torch.manual_seed(self.seed)
+            else:
+                random.setstate(self.states[0])
+                np.random.set_state(self.states[1])
+                torch.set_rng_state(self.states[2])
+            try:
+                yield
+            finally:
+                self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+                random.setstate(py_state)
+                np.random.set_state(np_state)

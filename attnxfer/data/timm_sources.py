@@ -25,6 +25,7 @@ from ..errors import InputError, MissingPathError
 from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform, with_folder_defaults
 from .label_free import LabelFree, without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
+from .seeding import OwnGlobalRngs, sample_seed
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -154,13 +155,20 @@ def _decode_image(sample: dict, image_key: str) -> dict:
 class ReadAs:
     """A stream's transform, its images converted to ``mode`` (L or RGB) first: the streams are read with no
     mode, as timm's readers would convert a 16-bit image by clipping it to white; it reads as its top 8 bits
-    (`eight_bit`), as folder's images do."""
+    (`eight_bit`), as folder's images do. In the main process (no DataLoader workers) its augmentation draws
+    from RNG streams of its own, seeded by ``seed`` (`OwnGlobalRngs`): drawn from the process's, they were the
+    training's (a study's batch augmented from whichever student loaded it, not as each student alone)."""
 
-    def __init__(self, mode: str, transform):
+    def __init__(self, mode: str, transform, seed: int = 0):
         self.mode, self.transform = mode, transform
+        self.rngs = OwnGlobalRngs(sample_seed(seed, -1, -1))
 
     def __call__(self, img):
-        return self.transform(eight_bit(img).convert(self.mode))
+        img = eight_bit(img).convert(self.mode)
+        if get_worker_info() is not None:  # a worker's global streams are its own, seeded by the loader
+            return self.transform(img)
+        with self.rngs.active():
+            return self.transform(img)
 
 
 class WdsImages:
@@ -395,7 +403,7 @@ for _prefix in STREAM_PREFIXES:
             dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
         )
         augment, transform = timm_transform(split, augment, info, **aug)
-        transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform)
+        transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform, seed)
         try:
             stream = create_dataset(
                 dataset,

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET, torchrun_attnxfer
+from helpers import QUIET, assert_same_tensors, torchrun_attnxfer
 from PIL import Image
+from safetensors.torch import load_file
 
 from attnxfer.apps.run.loaders import data_info
 from attnxfer.apps.run.parts import build_run_parts, num_classes_of
@@ -31,7 +32,7 @@ from attnxfer.data import (
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.data.identity import data_identity
-from attnxfer.data.timm_sources import StreamDataset
+from attnxfer.data.timm_sources import ReadAs, StreamDataset
 from attnxfer.errors import InputError, MissingPathError, OptionError
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.train.metrics import read_summary
@@ -431,6 +432,37 @@ def test_an_indexable_train_split_beside_a_streamed_val_split_trains_and_validat
     assert sum(len(y) for _, y in parts.val_loader) == N_VAL
     result = train(cfg)
     assert result.steps == 2 * N_TRAIN // 8
+
+
+def test_a_streams_augmentation_in_the_main_process_draws_from_its_own_streams_not_the_trainings():
+    """timm's transforms draw from the global RNGs: a stream read without DataLoader workers augmented its
+    images from the training's streams (and advanced them), so its augmentation depended on the model's seed
+    and, in a study, on which student loaded the batch. Now it depends on the data's seed alone."""
+    draw = lambda img: torch.rand(2)  # a transform that draws, as timm's random crop and flip do
+    image = Image.new("L", (4, 4))
+    torch.manual_seed(1)
+    drawn = ReadAs("L", draw, seed=3)(image)
+    assert torch.equal(
+        torch.get_rng_state(), torch.manual_seed(1).get_state()
+    )  # the training's: not advanced
+    torch.manual_seed(2)
+    again = ReadAs("L", draw, seed=3)
+    assert torch.equal(again(image), drawn)  # the same draw whatever the training's streams hold
+    assert not torch.equal(again(image), drawn)  # its own stream goes on
+    assert not torch.equal(ReadAs("L", draw, seed=4)(image), drawn)
+
+
+@pytest.mark.slow  # a study of two students on the shards and each trained alone
+def test_each_student_of_a_study_on_a_stream_ends_where_it_ends_alone(shards, tmp_path):
+    """Without workers the stream's augmentation drew from the training's streams: the study's batches were
+    augmented from the first student's, so the second (another seed, drop path on) ended elsewhere than alone."""
+    args = [f"data.root={shards}", *WDS, "schedule.epochs=1", "model.drop_path_rate=0.1"]
+    assert cli_main(["study", *args, f"run_dir={tmp_path / 's'}", "--vary", "seed=1,2"]) == 0
+    last = "checkpoints/step-00000006/model.safetensors"
+    for name in ("seed=1", "seed=2"):
+        student, alone = tmp_path / "s" / name, tmp_path / "alone" / name
+        assert cli_main(["train", "-c", str(student / "config.yaml"), f"run_dir={alone}"]) == 0
+        assert_same_tensors(load_file(str(student / last)), load_file(str(alone / last)), name)
 
 
 def test_wds_resumed_mid_epoch_keeps_the_epoch_length_and_schedule(shards, tmp_path):
