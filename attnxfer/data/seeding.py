@@ -79,9 +79,8 @@ class OwnGlobalRngs:
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.states: tuple | None = (
-            None  # (python, numpy, torch CPU) after the last call; None: not yet drawn
-        )
+        # (python, numpy, torch CPU) after the last call; None: not yet drawn
+        self.states: tuple | None = None
 
     @contextmanager
     def active(self) -> Iterator[None]:
