@@ -266,6 +266,16 @@ def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resu
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="rank 0 runs SLURM's scontrol requeue")
+def _as_rank_0_of_slurm_job_12(monkeypatch, job_folder) -> None:
+    """This process as rank 0 of a first attempt of SLURM job 12 that submitit ran, its folder ``job_folder``."""
+    for var, value in dict(
+        SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(job_folder), SLURM_JOB_ID="12", SLURM_PROCID="0"
+    ).items():
+        monkeypatch.setenv(var, value)
+    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+
+
 def test_the_task_pickled_for_a_requeue_after_sigterm_replaces_the_old_one_whole(tmp_path, monkeypatch):
     """SLURM's SIGKILL follows a SIGTERM KillWait later, and a cluster that requeues preempted jobs restarts the
     job whatever rank 0 managed to write: the requeued task goes beside the old pickle and is renamed over it,
@@ -276,12 +286,7 @@ def test_the_task_pickled_for_a_requeue_after_sigterm_replaces_the_old_one_whole
     from attnxfer.launch.slurm.task import TrainingTask
     from attnxfer.train.stop import StopRequested
 
-    for var, value in dict(
-        SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path), SLURM_JOB_ID="12", SLURM_PROCID="0"
-    ).items():
-        monkeypatch.setenv(var, value)
-    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
-        monkeypatch.delenv(var, raising=False)
+    _as_rank_0_of_slurm_job_12(monkeypatch, tmp_path)
     conf = tmp_path.parent / f"{tmp_path.name}-empty-slurm.conf"  # scontrol refuses at once: no cluster
     conf.write_text("")
     monkeypatch.setenv("SLURM_CONF", str(conf))
@@ -323,12 +328,7 @@ def test_a_requeue_after_sigterm_that_scontrol_cannot_do_says_so_and_still_meets
     from attnxfer.launch.slurm.task import TrainingTask
     from attnxfer.train.stop import StopRequested
 
-    for var, value in dict(
-        SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path), SLURM_JOB_ID="12", SLURM_PROCID="0"
-    ).items():
-        monkeypatch.setenv(var, value)
-    for var in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
-        monkeypatch.delenv(var, raising=False)
+    _as_rank_0_of_slurm_job_12(monkeypatch, tmp_path)
     bin_dir = tmp_path / "bin"  # a real PATH lookup: no scontrol there, or a script that answers as said
     bin_dir.mkdir()
     if scontrol is not None:
