@@ -274,7 +274,7 @@ def check_writable(run_dir: str | os.PathLike) -> None:
             probe.unlink()
 
 
-def _slurm_restart_count() -> int:
+def slurm_restart_count() -> int:
     """Which attempt of its SLURM job this process is: ``SLURM_RESTART_COUNT`` (SLURM sets it from the first
     requeue on, every requeue adds one; unset, or outside SLURM: 0)."""
     try:
@@ -383,7 +383,7 @@ class _Holder:
             # SLURM runs one attempt of a job at a time: another attempt's holder is an earlier one's. Told
             # by "differs", not "below": SLURM sets SLURM_RESTART_COUNT only from the first requeue on, so a
             # first attempt may carry a count its submitting shell exported (sbatch --export=ALL)
-            theirs, ours = self.content["slurm_restart"], _slurm_restart_count()
+            theirs, ours = self.content["slurm_restart"], slurm_restart_count()
             if isinstance(theirs, int) and theirs != ours:
                 return (
                     f"it belongs to an earlier attempt of this same SLURM job {job} (restart {theirs}; this is "
@@ -533,7 +533,7 @@ def run_lock(
         "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
         # which attempt, step and task of the job: a requeued attempt takes over an earlier one's lock, never
         # a sibling step's or task's (`_Holder.why_dead`)
-        "slurm_restart": _slurm_restart_count() if os.environ.get("SLURM_JOB_ID") else None,
+        "slurm_restart": slurm_restart_count() if os.environ.get("SLURM_JOB_ID") else None,
         "slurm_step": os.environ.get("SLURM_STEP_ID") or None,
         "slurm_task": os.environ.get("SLURM_PROCID") or None,
         "command": command,

@@ -30,6 +30,10 @@ class DuplicateKeyError(ConstructorError):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """`yaml.SafeLoader` that refuses a mapping giving one key twice (keys compared as the dict would)."""
 
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._open_anchors: list[str | None] = []  # the anchors of the values being composed, outermost first
+
     def get_single_node(self) -> Node | None:
         self._root = super().get_single_node()  # kept to name a repeated key by its dotted path
         return self._root
@@ -38,8 +42,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         """Refuses an alias inside the mapping or list its anchor names (``kwargs: &x {depth: *x}``): a value
         that holds itself, which every later reader of the config (printing, copying) recursed on forever."""
         event = self.peek_event()
-        open_anchors = self.__dict__.setdefault("_open_anchors", [])
-        if isinstance(event, AliasEvent) and event.anchor in open_anchors:
+        if isinstance(event, AliasEvent) and event.anchor in self._open_anchors:
             raise ComposerError(
                 None,
                 None,
@@ -47,11 +50,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 event.start_mark,
             )
         anchor = event.anchor if isinstance(event, (MappingStartEvent, SequenceStartEvent)) else None
-        open_anchors.append(anchor)
+        self._open_anchors.append(anchor)
         try:
             return super().compose_node(parent, index)
         finally:
-            open_anchors.pop()
+            self._open_anchors.pop()
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, MappingNode):

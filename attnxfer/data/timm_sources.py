@@ -159,13 +159,14 @@ class ReadAs:
     from RNG streams of its own, seeded by ``seed`` (`OwnGlobalRngs`): drawn from the process's, they were the
     training's (a study's batch augmented from whichever student loaded it, not as each student alone)."""
 
-    def __init__(self, mode: str, transform, seed: int = 0):
+    def __init__(self, mode: str, transform, seed: int | None = 0):
         self.mode, self.transform = mode, transform
-        self.rngs = OwnGlobalRngs(sample_seed(seed, -1, -1))
+        # None: a transform that draws nothing (no augmentation), run as it is
+        self.rngs = None if seed is None else OwnGlobalRngs(sample_seed(seed, -1, -1))
 
     def __call__(self, img):
         img = eight_bit(img).convert(self.mode)
-        if get_worker_info() is not None:  # a worker's global streams are its own, seeded by the loader
+        if self.rngs is None or get_worker_info() is not None:  # a worker's streams are its own, seeded
             return self.transform(img)
         with self.rngs.active():
             return self.transform(img)
@@ -403,7 +404,7 @@ for _prefix in STREAM_PREFIXES:
             dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
         )
         augment, transform = timm_transform(split, augment, info, **aug)
-        transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform, seed)
+        transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform, seed if augment else None)
         try:
             stream = create_dataset(
                 dataset,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import ssl
 import threading
 import time
@@ -208,9 +209,15 @@ def _hub_weights(
     raise TeacherLoadError(f"{role} {spec!r}: Hub repo {repo} has none of {list(names)}")
 
 
+def _snapshot_dir(path: str | os.PathLike) -> Path | None:
+    """The ``.../snapshots/<commit>`` folder of the Hub cache that holds ``path`` (None: outside the cache)."""
+    return next((p for p in Path(path).parents if p.parent.name == "snapshots"), None)
+
+
 def _snapshot_commit(path: str) -> str | None:
     """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
-    return next((p.name for p in Path(path).parents if p.parent.name == "snapshots"), None)
+    snapshot = _snapshot_dir(path)
+    return None if snapshot is None else snapshot.name
 
 
 def check_cached_blob(path: str | os.PathLike, digest: str) -> None:
@@ -218,9 +225,9 @@ def check_cached_blob(path: str | os.PathLike, digest: str) -> None:
     bytes hash otherwise (``digest``) changed after its download, e.g. damaged in a copy, and would load as other
     weights with no reader complaining; it is refused, saying how to replace it. Other files are not checked."""
     blob = Path(os.path.realpath(path))
-    if _snapshot_commit(str(path)) is None or blob.parent.name != "blobs" or blob == Path(path):
+    if _snapshot_dir(path) is None or blob.parent.name != "blobs" or blob == Path(path):
         return
-    if len(blob.name) == 64 and all(c in "0123456789abcdef" for c in blob.name) and blob.name != digest:
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name) and blob.name != digest:
         raise TeacherLoadError(
             f"{path} is not the file the Hub sent: its sha256 is {digest[:12]}..., the Hub's {blob.name[:12]}... "
             f"(changed or damaged since its download); {fetch_again(path)}. A Hub mirror that names its files by "
@@ -232,7 +239,7 @@ def fetch_again(path: str | os.PathLike) -> str:
     """How to replace an unreadable weights file ``path``: one inside the Hub cache is never downloaded again
     while it is there (huggingface_hub trusts any cached file, so a plain `hf download` or `attnxfer fetch`
     leaves a truncated one as it is): the command that forces it; any other file is copied or downloaded again."""
-    snapshot = next((p for p in Path(path).parents if p.parent.name == "snapshots"), None)
+    snapshot = _snapshot_dir(path)
     folder = snapshot.parent.parent.name if snapshot is not None else ""
     if not folder.startswith("models--") or "--" not in folder[len("models--") :]:
         return "Copy or download it again"

@@ -328,9 +328,8 @@ def load_teacher(
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)
-    if not timm.is_model(
-        res.architecture
-    ):  # only a config.json names one unchecked: a newer timm's, or a typo
+    # only a config.json names an architecture unchecked: a newer timm's, or a typo
+    if not timm.is_model(res.architecture):
         close = difflib.get_close_matches(res.architecture, timm.list_models(), n=1)
         raise TeacherLoadError(
             f"teacher {spec!r}: its config.json names architecture {res.architecture!r}, which timm "

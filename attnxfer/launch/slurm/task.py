@@ -18,6 +18,7 @@ import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
 from ...checkpoints.atomic_io import atomic_write_text
+from ...checkpoints.run_lock import slurm_restart_count
 from ...checkpoints.verify import MANIFEST_NAME
 from ...run_layout import CHECKPOINTS_SUBDIR
 from ...speak import show_debug, warn, warnings_as_lines
@@ -129,7 +130,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         debug executors a ``SLURM_RESTART_COUNT`` can only be the submitting shell's own (a command submitted
         from inside a requeued job): not this job's."""
         slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
-        return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0) if slurm else 0)
+        return max(self.requeues, slurm_restart_count() if slurm else 0)
 
     def all_preemptions(self) -> int:
         """Ours plus the requeues SLURM did without asking this task (preemption in requeue mode, admins)."""
