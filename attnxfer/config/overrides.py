@@ -541,11 +541,16 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], command: str | None 
         # a key that takes a name or a list of them (convert.attention) reads a quoted "[a,b]" as --vary did
         kept = isinstance(value, TypedStr) and str in takes and list not in map(typing.get_origin, takes)
         quoted = field is str and isinstance(value, str) and re.fullmatch(r"'.*'|\".*\"", value, re.DOTALL)
+        # `key=$UNSET`: null would silently be the default, and a name '' (log.project=) no name at all; a
+        # YAML file's '' for a text key is kept as written
+        typed_text = isinstance(value, TypedStr) and field is str
+        if isinstance(value, str) and not kept and not typed_text and not value.strip():
+            empty = f" ({key}=\"''\" for an empty string)" if str in takes else ""
+            null = f", or {key}=null for null" if takes_null else ""
+            raise ConfigError(
+                f"override {key}= has no value (an unset shell variable?); give one{null}{empty}"
+            )
         if isinstance(value, str) and not kept and (field is not str or quoted):
-            if not value.strip():  # `key=$UNSET`: null would silently be the default, not what was meant
-                empty = f" ({key}=\"''\" for an empty string)" if str in takes else ""
-                null = f", or {key}=null for null{empty}" if takes_null else ""
-                raise ConfigError(f"override {key}= has no value (an unset shell variable?); give one{null}")
             try:
                 typed = load_yaml(value)
             except yaml.YAMLError as e:

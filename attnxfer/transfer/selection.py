@@ -29,6 +29,10 @@ class InfeasibleBudget(ValueError):
         )
         self.speedup, self.fastest = speedup, fastest
 
+    def __reduce__(self) -> tuple[type, tuple[float, Assignment]]:
+        # rebuilt from its fields, not its message: a submitted job's error travels back pickled
+        return type(self), (self.speedup, self.fastest)
+
 
 def beside(speedup: float, budget: float) -> str:
     """``1.25x``: ``speedup`` as printed beside ``budget`` (``:g``), with the digits that keep the comparison

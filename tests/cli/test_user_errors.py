@@ -613,7 +613,7 @@ def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_ste
         "transfer.mode=none",
         *_TINY_RUN,
         "log.trackers=[mlflow]",
-        "log.project=",
+        "log.project=''",  # quoted, as a YAML file's project: '' (an unquoted `log.project=` has no value)
     ]
     err = _refused(argv, capsys)
     assert err.endswith(

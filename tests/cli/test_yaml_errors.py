@@ -238,6 +238,8 @@ def test_none_on_the_command_line_is_null_where_a_key_takes_null_and_quoted_is_t
         ("model.kwargs.drop_rate=", "give one, or model.kwargs.drop_rate=null for null"),
         ("optim.lr= ", "give one, or optim.lr=null for null"),
         ("schedule.epochs=", "give one"),
+        ("log.project=", "give one"),  # a text key: '' would reach W&B as a project without a name
+        ("run_dir=", "give one"),
         (
             "model.global_pool=",
             "give one, or model.global_pool=null for null (model.global_pool=\"''\" for an empty string)",
@@ -252,7 +254,7 @@ def test_an_empty_override_value_is_refused_not_read_as_null(capsys, override, s
     assert code == 2 and err.strip() == (
         f"attnxfer train: error: override {key}= has no value (an unset shell variable?); {said}"
     ), err
-    assert load_config(None, [f"{key}=null"] * (key != "schedule.epochs")) is not None
+    assert load_config(None, [f"{key}=null"] * (key not in ("schedule.epochs", "log.project", "run_dir")))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import random
 import signal
 from pathlib import Path
@@ -151,6 +152,9 @@ def test_an_infeasible_budget_names_the_fastest_student():
         select(sensitivity, ms, softmax_ms=10.0, teacher_ms=50.0, speedup=2.5)
     assert e.value.fastest.names == ["fast"] * 3
     assert e.value.fastest.speedup == pytest.approx(50.0 / 26.0)
+    # a submitted job's error comes back pickled: whole, message and fastest student alike
+    again = pickle.loads(pickle.dumps(e.value))
+    assert (str(again), again.speedup, again.fastest) == (str(e.value), 2.5, e.value.fastest)
     # exactly at the fastest student's speed the budget is met, by it
     met = select(sensitivity, ms, softmax_ms=10.0, teacher_ms=50.0, speedup=50.0 / 26.0)
     assert met.names == ["fast"] * 3
