@@ -13,7 +13,9 @@
   and clock skew); or it is an earlier attempt of this same SLURM job (a requeue: ``SLURM_RESTART_COUNT``,
   recorded in the file, differs from ours). Another step or task of the same attempt is judged by its heartbeat
   like any other holder (two ``srun`` steps of one job on one run dir would both write it), unless SLURM says
-  its step has ended (``squeue``; a step SIGKILLed on another node, then ``srun`` again). A lock written
+  its step has ended (``squeue``; a step SIGKILLed on another node, then ``srun`` again). A holder of another
+  job of this SLURM cluster (a job resubmitted after its node died) is gone once ``squeue`` says that job has
+  ended (a final state, or no longer listed where the job is this user's). A lock written
   without the attempt (by an older attnxfer) is taken as an earlier attempt's, as it was then, so its run
   folder still resumes. Taking over renames the file to a unique name (one contender wins), checks it is the
   one judged stale (else puts it back), then deletes it.
@@ -70,8 +72,23 @@ from .store import CheckpointError, CheckpointInfo, CheckpointManager
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
-#: how long ``squeue`` may take to say which steps of this job run (past it: the heartbeat decides)
+#: how long ``squeue`` may take to say which steps or jobs run (past it: the heartbeat decides)
 SQUEUE_TIMEOUT_S = 10.0
+#: a job's states (squeue's ``%T``) once all its processes are gone; COMPLETING is not one (a step may still be
+#: saving after its SIGTERM), nor PENDING, REQUEUED or SUSPENDED (a job that will run, or runs, again)
+_ENDED_STATES = frozenset(
+    {
+        "COMPLETED",
+        "CANCELLED",
+        "FAILED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "OUT_OF_MEMORY",
+    }
+)
 
 #: errors that mean "this directory cannot take more writes", not a bug
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -283,22 +300,26 @@ def slurm_restart_count() -> int:
         return 0
 
 
-def _running_steps(job: str) -> set[str] | None:
-    """The steps of SLURM job ``job`` that SLURM runs now, by their ids (``0``, ``1``, ``batch``), as
-    ``squeue`` lists them; None where it could not be asked (not installed, no controller, too slow)."""
+def _squeue(*query: str) -> str | None:
+    """What ``squeue --noheader QUERY`` prints; None where it could not be asked (not installed, no
+    controller, too slow)."""
     try:
         done = subprocess.run(
-            ["squeue", "--noheader", "--steps", "--jobs", job, "--format", "%i"],
-            capture_output=True,
-            text=True,
-            timeout=SQUEUE_TIMEOUT_S,
+            ["squeue", "--noheader", *query], capture_output=True, text=True, timeout=SQUEUE_TIMEOUT_S
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    if done.returncode != 0:
+    return done.stdout if done.returncode == 0 else None
+
+
+def _running_steps(job: str) -> set[str] | None:
+    """The steps of SLURM job ``job`` that SLURM runs now, by their ids (``0``, ``1``, ``batch``), as
+    ``squeue`` lists them; None where it could not be asked."""
+    listed = _squeue("--steps", "--jobs", job, "--format", "%i")
+    if listed is None:
         return None
     # JOB.STEP, ARRAYJOB_TASK.STEP for an array's task, JOB.STEP+COMPONENT for a heterogeneous step
-    return {line.rsplit(".", 1)[1].split("+")[0] for line in done.stdout.split() if "." in line}
+    return {line.rsplit(".", 1)[1].split("+")[0] for line in listed.split() if "." in line}
 
 
 def _step_ended(job: str, step: str) -> bool:
@@ -308,6 +329,23 @@ def _step_ended(job: str, step: str) -> bool:
     ours = os.environ.get("SLURM_STEP_ID") or "batch"  # the batch script itself runs in step "batch"
     running = _running_steps(job)
     return running is not None and ours in running and step not in running
+
+
+def _job_ended(job: str, mine: bool) -> str | None:
+    """How SLURM says job ``job`` (another job of this process's cluster) has ended, in words; None wherever
+    that is not certain: squeue failed, its answer does not show this process's own job (another cluster's
+    SLURM_CONF), or the job is pending, running, suspended, requeued or completing. A job squeue no longer
+    lists has ended only where it is ``mine`` (this user's): SLURM may hide other users' jobs (PrivateData)."""
+    ours = os.environ.get("SLURM_JOB_ID")
+    # %A: the job's own id, an array task's too (%i gives ARRAYJOB_TASK); --states all: ended jobs as well
+    listed = _squeue("--states", "all", "--jobs", f"{ours},{job}", "--format", "%A %T") if ours else None
+    states = dict(line.split(maxsplit=1) for line in (listed or "").splitlines() if " " in line)
+    if ours not in states:
+        return None
+    state = states.get(job)
+    if state is None:
+        return "squeue lists it no more" if mine else None
+    return f"squeue: {state}" if state in _ENDED_STATES else None
 
 
 def _start_time(pid: int) -> str | None:
@@ -323,6 +361,7 @@ def _start_time(pid: int) -> str | None:
 class _Holder:
     content: dict[str, Any]
     age_s: float  # since the last heartbeat (the file's mtime)
+    owner: int | None = None  # the lock file's user id
 
     def __post_init__(self) -> None:
         self.host, pid = str(self.content.get("host", "?")), self.content.get("pid")
@@ -376,7 +415,7 @@ class _Holder:
             if not process_alive(self.pid) or (None not in (started, now) and now != started):
                 return f"process {self.pid} on this host is gone"
             return None
-        job = self.content.get("slurm_job")
+        job, cluster = self.content.get("slurm_job"), os.environ.get("SLURM_CLUSTER_NAME")
         if job and job == os.environ.get("SLURM_JOB_ID"):
             if "slurm_restart" not in self.content:  # written before attempts were recorded: as then
                 return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
@@ -398,6 +437,12 @@ class _Holder:
                 and _step_ended(job, str(step))
             ):
                 return f"step {job}.{step} has ended (squeue), run on host {self.host}"
+        elif job and cluster and self.content.get("slurm_cluster") == cluster:
+            # another job of this cluster (one resubmitted after the holder's node died): no 5-minute wait once
+            # SLURM says that job has ended; a job id of another cluster sharing this folder means another job
+            ended = _job_ended(str(job), mine=self.owner == os.getuid())
+            if ended is not None:
+                return f"SLURM job {job} has ended ({ended}), run on host {self.host}"
         if self.age_s > STALE_AFTER_S:
             return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {STALE_AFTER_S:.0f} s)"
         return None
@@ -414,7 +459,9 @@ def lock_holder(path: Path) -> _Holder | None:
         content = json.loads(text)
     except json.JSONDecodeError:
         content = {}
-    return _Holder(content if isinstance(content, dict) else {}, max(0.0, time.time() - st.st_mtime))
+    return _Holder(
+        content if isinstance(content, dict) else {}, max(0.0, time.time() - st.st_mtime), st.st_uid
+    )
 
 
 def _take_over(path: Path, stale: _Holder) -> bool:
@@ -531,6 +578,8 @@ def run_lock(
         "pid": os.getpid(),
         "pid_started": _start_time(os.getpid()),
         "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
+        # whose job ids these are: another job's lock is judged by squeue only on this same cluster
+        "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME") or None,
         # which attempt, step and task of the job: a requeued attempt takes over an earlier one's lock, never
         # a sibling step's or task's (`_Holder.why_dead`)
         "slurm_restart": slurm_restart_count() if os.environ.get("SLURM_JOB_ID") else None,

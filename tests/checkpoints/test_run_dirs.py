@@ -394,16 +394,17 @@ def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, 
     assert "heartbeat stopped" in capsys.readouterr().out and not lock.exists()
 
 
-def _slurm_env(monkeypatch, job="77", restart=None, step="0", task="0"):
-    """This process as a task of a SLURM job, as srun describes it (restart None: a first attempt). No
-    cluster answers for it: asked which steps run, squeue fails at once (a SLURM_CONF that names no
-    cluster), where a machine's own config would have it wait seconds for a controller."""
+def _slurm_env(monkeypatch, job="77", restart=None, step="0", task="0", cluster=None):
+    """This process as a task of a SLURM job, as srun describes it (restart None: a first attempt; cluster:
+    SLURM_CLUSTER_NAME). No cluster answers for it: asked which steps run, squeue fails at once (a SLURM_CONF
+    that names no cluster), where a machine's own config would have it wait seconds for a controller."""
     monkeypatch.setenv("SLURM_CONF", os.devnull)
     for var, value in (
         ("SLURM_JOB_ID", job),
         ("SLURM_RESTART_COUNT", restart),
         ("SLURM_STEP_ID", step),
         ("SLURM_PROCID", task),
+        ("SLURM_CLUSTER_NAME", cluster),
     ):
         if value is None:
             monkeypatch.delenv(var, raising=False)
@@ -490,6 +491,129 @@ def test_a_sibling_step_is_judged_by_its_heartbeat_unless_squeue_says_it_ended(t
     os.utime(lock, (old, old))
     with run_lock(run, "train"):
         assert json.loads(lock.read_text())["slurm_step"] == "1"
+
+
+def _lock_of_job_78_elsewhere(run: Path, pid: int, cluster: str = "loopback") -> Path:
+    """A fresh lock of SLURM job 78 of ``cluster``, written by this user on another node (a pid of its own per
+    test: a takeover of one dead holder is said once per process); this process is job 79 of ``loopback``."""
+    (run / LOCK_NAME).unlink(missing_ok=True)
+    return _write_lock(run, host="node-elsewhere", pid=pid, slurm_job="78", slurm_cluster=cluster)
+
+
+def _squeue_on(monkeypatch, folder: Path, lines: str) -> None:
+    """PATH holds only an ``squeue`` answering ``lines`` (squeue --states all -o '%A %T''s format)."""
+    _squeue_answering(folder, lines)
+    monkeypatch.setenv("PATH", str(folder))
+
+
+@pytest.mark.parametrize(
+    ("pid", "answer", "said"),
+    [
+        (21, "79 RUNNING\\n78 NODE_FAIL\\n", "squeue: NODE_FAIL"),
+        (22, "79 RUNNING\\n", "squeue lists it no more"),
+    ],
+    ids=["job-in-a-final-state", "job-no-longer-listed"],
+)
+def test_a_holder_of_another_slurm_job_that_squeue_says_has_ended_is_taken_over_at_once(
+    tmp_path, monkeypatch, capsys, pid, answer, said
+):
+    """A job resubmitted after the old one died with its node must not wait five minutes for the dead job's
+    fresh heartbeat: squeue listing this job but the holder's as ended (or no more) says it is gone."""
+    run = tmp_path / "shared"
+    lock = _lock_of_job_78_elsewhere(run, pid)
+    _slurm_env(monkeypatch, job="79", cluster="loopback")
+    _squeue_on(monkeypatch, tmp_path / "bin", answer)
+    capsys.readouterr()
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_job"] == "79"
+        assert json.loads(lock.read_text())["slurm_cluster"] == "loopback"
+    out = capsys.readouterr().out
+    assert f"taking over the lock of `attnxfer train` on host node-elsewhere, pid {pid}, SLURM job 78," in out
+    assert f"SLURM job 78 has ended ({said}), run on host node-elsewhere" in out
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        None,
+        "hangs",
+        "78 COMPLETED\\n",
+        *(
+            f"79 RUNNING\\n78 {state}\\n"
+            for state in ("PENDING", "RUNNING", "SUSPENDED", "REQUEUED", "COMPLETING")
+        ),
+    ],
+    ids=[
+        "squeue-not-installed",
+        "squeue-does-not-answer-in-time",
+        "squeue-does-not-know-this-job",
+        *("job-" + state for state in ("pending", "running", "suspended", "requeued", "completing")),
+    ],
+)
+def test_another_slurm_jobs_holder_keeps_its_lock_until_squeue_says_the_job_has_ended(
+    tmp_path, monkeypatch, answer
+):
+    """Only SLURM's word that the job ended takes a fresh lock: without squeue, with no answer in time, with
+    an answer that does not list this very job (another cluster's SLURM_CONF), or while the job may still run
+    (COMPLETING: a step saving after its SIGTERM), it is refused; SLURM's word then takes it at once."""
+    run = tmp_path / "shared"
+    lock = _lock_of_job_78_elsewhere(run, pid=23)
+    _slurm_env(monkeypatch, job="79", cluster="loopback")
+    (tmp_path / "bin").mkdir()  # a real PATH lookup: no squeue, or this one
+    if answer == "hangs":
+        monkeypatch.setattr("attnxfer.checkpoints.run_lock.SQUEUE_TIMEOUT_S", 0.5)
+        (tmp_path / "bin" / "squeue").write_text("#!/bin/sh\nexec sleep 30\n")
+        (tmp_path / "bin" / "squeue").chmod(0o755)
+    elif answer is not None:
+        (tmp_path / "bin").rmdir()
+        _squeue_answering(tmp_path / "bin", answer)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with (
+        pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 23, SLURM job 78,"),
+        run_lock(run, "train"),
+    ):
+        pass
+    _squeue_on(monkeypatch, tmp_path / "ended", "79 RUNNING\\n78 COMPLETED\\n")
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_job"] == "79"
+
+
+@pytest.mark.parametrize(
+    "whose",
+    [
+        "another-cluster",
+        "an-older-lock-without-its-cluster",
+        pytest.param(
+            "another-user",
+            marks=pytest.mark.skipif(os.geteuid() != 0, reason="giving the lock to another user takes root"),
+        ),
+    ],
+)
+def test_squeue_speaks_only_for_the_jobs_it_can_see(tmp_path, monkeypatch, whose):
+    """A job id means a job of its own cluster: a holder of another cluster sharing the folder (or one whose
+    cluster was not recorded) is judged by its heartbeat whatever this cluster's squeue says of that id; and
+    SLURM may hide another user's jobs (PrivateData=jobs), so squeue not listing one says nothing. The same
+    answer takes this user's lock of this cluster's job at once."""
+    run = tmp_path / "shared"
+    lock = _lock_of_job_78_elsewhere(run, pid=24)
+    if whose == "another-cluster":
+        _lock_of_job_78_elsewhere(run, pid=24, cluster="other")
+    elif whose == "an-older-lock-without-its-cluster":
+        content = json.loads(lock.read_text())
+        del content["slurm_cluster"]
+        lock.write_text(json.dumps(content))
+    else:
+        os.chown(lock, 65534, 65534)
+    _slurm_env(monkeypatch, job="79", cluster="loopback")
+    _squeue_on(monkeypatch, tmp_path / "bin", "79 RUNNING\\n")
+    with (
+        pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 24, SLURM job 78,"),
+        run_lock(run, "train"),
+    ):
+        pass
+    _lock_of_job_78_elsewhere(run, pid=24)  # this user's, of this cluster
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["slurm_job"] == "79"
 
 
 def test_a_requeued_attempt_of_the_same_slurm_job_takes_over_an_earlier_attempts_fresh_lock(
