@@ -14,8 +14,9 @@
   recorded in the file, differs from ours). Another step or task of the same attempt is judged by its heartbeat
   like any other holder (two ``srun`` steps of one job on one run dir would both write it), unless SLURM says
   its step has ended (``squeue``; a step SIGKILLed on another node, then ``srun`` again). A holder of another
-  job of this SLURM cluster (a job resubmitted after its node died) is gone once ``squeue`` says that job has
-  ended (a final state, or no longer listed where the job is this user's). A lock written
+  SLURM job (a job resubmitted after its node died) is gone once ``squeue`` of its cluster (recorded in the
+  file) says that job has ended: a final state, or no longer listed where the job is this user's and
+  ``squeue`` lists this process's own job of that cluster. A lock written
   without the attempt (by an older attnxfer) is taken as an earlier attempt's, as it was then, so its run
   folder still resumes. Taking over renames the file to a unique name (one contender wins), checks it is the
   one judged stale (else puts it back), then deletes it.
@@ -331,21 +332,24 @@ def _step_ended(job: str, step: str) -> bool:
     return running is not None and ours in running and step not in running
 
 
-def _job_ended(job: str, mine: bool) -> str | None:
-    """How SLURM says job ``job`` (another job of this process's cluster) has ended, in words; None wherever
-    that is not certain: squeue failed, its answer does not show this process's own job (another cluster's
-    SLURM_CONF), or the job is pending, running, suspended, requeued or completing. A job squeue no longer
-    lists has ended only where it is ``mine`` (this user's): SLURM may hide other users' jobs (PrivateData)."""
+def _job_ended(job: str, cluster: str, mine: bool) -> str | None:
+    """How SLURM says job ``job`` of ``cluster`` (not this process's job) has ended, in words; None wherever
+    that is not certain: squeue failed, it answers for another cluster (the same id there is another job), or
+    the job is pending, running, suspended, requeued or completing. A job squeue does not list has ended only
+    where the answer lists this process's own job, of that cluster (so not outside a job), and the job is
+    ``mine`` (this user's: SLURM may hide other users' jobs, PrivateData=jobs)."""
     ours = os.environ.get("SLURM_JOB_ID")
-    # %A: the job's own id, an array task's too (%i gives ARRAYJOB_TASK); --states all: ended jobs as well
-    listed = _squeue("--states", "all", "--jobs", f"{ours},{job}", "--format", "%A %T") if ours else None
-    states = dict(line.split(maxsplit=1) for line in (listed or "").splitlines() if " " in line)
-    if ours not in states:
-        return None
-    state = states.get(job)
-    if state is None:
-        return "squeue lists it no more" if mine else None
-    return f"squeue: {state}" if state in _ENDED_STATES else None
+    # JobID: the job's own id, an array task's too (%i gives ARRAYJOB_TASK); --states all: ended jobs as well
+    listed = _squeue(
+        "--states", "all", "--jobs", f"{ours},{job}" if ours else job, "--Format", "JobID:|,State:|,Cluster:|"
+    )
+    rows = {
+        r[0]: (r[1], r[2]) for r in (line.split("|") for line in (listed or "").splitlines()) if len(r) > 3
+    }
+    if job in rows:
+        state, where = rows[job]
+        return f"squeue: {state}" if where == cluster and state in _ENDED_STATES else None
+    return "squeue lists it no more" if mine and ours in rows and rows[ours][1] == cluster else None
 
 
 def _start_time(pid: int) -> str | None:
@@ -415,7 +419,7 @@ class _Holder:
             if not process_alive(self.pid) or (None not in (started, now) and now != started):
                 return f"process {self.pid} on this host is gone"
             return None
-        job, cluster = self.content.get("slurm_job"), os.environ.get("SLURM_CLUSTER_NAME")
+        job, cluster = self.content.get("slurm_job"), self.content.get("slurm_cluster")
         if job and job == os.environ.get("SLURM_JOB_ID"):
             if "slurm_restart" not in self.content:  # written before attempts were recorded: as then
                 return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
@@ -437,10 +441,10 @@ class _Holder:
                 and _step_ended(job, str(step))
             ):
                 return f"step {job}.{step} has ended (squeue), run on host {self.host}"
-        elif job and cluster and self.content.get("slurm_cluster") == cluster:
-            # another job of this cluster (one resubmitted after the holder's node died): no 5-minute wait once
-            # SLURM says that job has ended; a job id of another cluster sharing this folder means another job
-            ended = _job_ended(str(job), mine=self.owner == os.getuid())
+        elif job and cluster:
+            # another job (one resubmitted after the holder's node died, or `attnxfer submit` checking the folder
+            # before it submits one): no 5-minute wait once SLURM says the holder's job has ended
+            ended = _job_ended(str(job), str(cluster), mine=self.owner == os.getuid())
             if ended is not None:
                 return f"SLURM job {job} has ended ({ended}), run on host {self.host}"
         if self.age_s > STALE_AFTER_S:
@@ -578,7 +582,7 @@ def run_lock(
         "pid": os.getpid(),
         "pid_started": _start_time(os.getpid()),
         "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
-        # whose job ids these are: another job's lock is judged by squeue only on this same cluster
+        # whose job ids these are: another job's lock is judged by squeue only where it answers for this cluster
         "slurm_cluster": os.environ.get("SLURM_CLUSTER_NAME") or None,
         # which attempt, step and task of the job: a requeued attempt takes over an earlier one's lock, never
         # a sibling step's or task's (`_Holder.why_dead`)

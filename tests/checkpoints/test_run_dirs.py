@@ -501,7 +501,7 @@ def _lock_of_job_78_elsewhere(run: Path, pid: int, cluster: str = "loopback") ->
 
 
 def _squeue_on(monkeypatch, folder: Path, lines: str) -> None:
-    """PATH holds only an ``squeue`` answering ``lines`` (squeue --states all -o '%A %T''s format)."""
+    """PATH holds only an ``squeue`` answering ``lines`` (squeue -O 'JobID:|,State:|,Cluster:|''s format)."""
     _squeue_answering(folder, lines)
     monkeypatch.setenv("PATH", str(folder))
 
@@ -509,8 +509,8 @@ def _squeue_on(monkeypatch, folder: Path, lines: str) -> None:
 @pytest.mark.parametrize(
     ("pid", "answer", "said"),
     [
-        (21, "79 RUNNING\\n78 NODE_FAIL\\n", "squeue: NODE_FAIL"),
-        (22, "79 RUNNING\\n", "squeue lists it no more"),
+        (21, "79|RUNNING|loopback|\\n78|NODE_FAIL|loopback|\\n", "squeue: NODE_FAIL"),
+        (22, "79|RUNNING|loopback|\\n", "squeue lists it no more"),
     ],
     ids=["job-in-a-final-state", "job-no-longer-listed"],
 )
@@ -537,16 +537,18 @@ def test_a_holder_of_another_slurm_job_that_squeue_says_has_ended_is_taken_over_
     [
         None,
         "hangs",
-        "78 COMPLETED\\n",
+        "",
+        "79|RUNNING|other|\\n78|COMPLETED|other|\\n",
         *(
-            f"79 RUNNING\\n78 {state}\\n"
+            f"79|RUNNING|loopback|\\n78|{state}|loopback|\\n"
             for state in ("PENDING", "RUNNING", "SUSPENDED", "REQUEUED", "COMPLETING")
         ),
     ],
     ids=[
         "squeue-not-installed",
         "squeue-does-not-answer-in-time",
-        "squeue-does-not-know-this-job",
+        "squeue-lists-neither-job",
+        "squeue-answers-for-another-cluster",
         *("job-" + state for state in ("pending", "running", "suspended", "requeued", "completing")),
     ],
 )
@@ -554,8 +556,9 @@ def test_another_slurm_jobs_holder_keeps_its_lock_until_squeue_says_the_job_has_
     tmp_path, monkeypatch, answer
 ):
     """Only SLURM's word that the job ended takes a fresh lock: without squeue, with no answer in time, with
-    an answer that does not list this very job (another cluster's SLURM_CONF), or while the job may still run
-    (COMPLETING: a step saving after its SIGTERM), it is refused; SLURM's word then takes it at once."""
+    an answer that lists neither job or speaks for another cluster (another SLURM_CONF: job 78 there is another
+    job), or while the job may still run (COMPLETING: a step saving after its SIGTERM), it is refused; SLURM's
+    word then takes it at once."""
     run = tmp_path / "shared"
     lock = _lock_of_job_78_elsewhere(run, pid=23)
     _slurm_env(monkeypatch, job="79", cluster="loopback")
@@ -573,9 +576,26 @@ def test_another_slurm_jobs_holder_keeps_its_lock_until_squeue_says_the_job_has_
         run_lock(run, "train"),
     ):
         pass
-    _squeue_on(monkeypatch, tmp_path / "ended", "79 RUNNING\\n78 COMPLETED\\n")
+    _squeue_on(monkeypatch, tmp_path / "ended", "79|RUNNING|loopback|\\n78|COMPLETED|loopback|\\n")
     with run_lock(run, "train"):
         assert json.loads(lock.read_text())["slurm_job"] == "79"
+
+
+def test_outside_any_job_only_squeue_listing_the_holders_job_as_ended_takes_its_lock(tmp_path, monkeypatch):
+    """Outside a job (`attnxfer submit` checking the folder before it submits the job again), squeue's word on
+    the holder's job, listed with its cluster, decides; a job it does not list may be one of another cluster."""
+    run = tmp_path / "shared"
+    lock = _lock_of_job_78_elsewhere(run, pid=25)
+    _slurm_env(monkeypatch, job=None, step=None, task=None)
+    _squeue_on(monkeypatch, tmp_path / "bin", "")
+    with (
+        pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 25, SLURM job 78,"),
+        run_lock(run, "train"),
+    ):
+        pass
+    _squeue_on(monkeypatch, tmp_path / "ended", "78|NODE_FAIL|loopback|\\n")
+    with run_lock(run, "train"):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
 
 
 @pytest.mark.parametrize(
@@ -605,7 +625,7 @@ def test_squeue_speaks_only_for_the_jobs_it_can_see(tmp_path, monkeypatch, whose
     else:
         os.chown(lock, 65534, 65534)
     _slurm_env(monkeypatch, job="79", cluster="loopback")
-    _squeue_on(monkeypatch, tmp_path / "bin", "79 RUNNING\\n")
+    _squeue_on(monkeypatch, tmp_path / "bin", "79|RUNNING|loopback|\\n")
     with (
         pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 24, SLURM job 78,"),
         run_lock(run, "train"),
