@@ -1,6 +1,7 @@
 """The run dir's lock between two SLURM jobs, on the real loopback cluster: the lock of a job that has ended
 (SIGKILLed, its heartbeat still fresh, as when its node died) is taken over by a new job at once, because
-squeue says the job has ended; the lock of a job that runs is kept."""
+squeue says the job has ended (and `attnxfer submit` outside any job sees it so); the lock of a job that runs is
+kept."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from attnxfer.checkpoints.run_lock import lock_holder
 from attnxfer.launch.slurm import slurm_job_info
+from attnxfer.run_layout import LOCK_NAME
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -46,6 +49,9 @@ def test_a_new_job_takes_over_the_lock_of_a_job_that_ended_not_of_a_running_one(
     deadline = time.monotonic() + WAIT_S
     dead = _sbatch(tmp_path, "dead", "die", "ended")
     assert _wait_ended(dead, deadline) == "FAILED"  # SIGKILLed holding the lock
+    # outside any job too (`attnxfer submit` checking the folder before it submits a job): squeue's word
+    said = f"SLURM job {dead} has ended (squeue: FAILED), run on host node-elsewhere"
+    assert lock_holder(tmp_path / "ended" / LOCK_NAME).why_dead() == said
     after = _sbatch(tmp_path, "after", "judge", "ended")
     holder = _sbatch(tmp_path, "holder", "hold", "running")
     while not (tmp_path / "holding").exists():  # holding, or refused and gone
@@ -61,7 +67,7 @@ def test_a_new_job_takes_over_the_lock_of_a_job_that_ended_not_of_a_running_one(
     subprocess.run(["scancel", holder], check=True, timeout=60)
     ended = (tmp_path / "after.txt").read_text()
     assert "took the lock" in ended, (tmp_path / "after.out").read_text()
-    assert f"SLURM job {dead} has ended (squeue: FAILED), run on host node-elsewhere" in ended
+    assert said in ended
     running = (tmp_path / "beside.txt").read_text()
     assert running.startswith("refused: running is in use by"), (tmp_path / "beside.out").read_text()
     assert f"SLURM job {holder}" in running and f"scancel {holder})" in running
