@@ -75,7 +75,7 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 #: how long ``squeue`` may take to say which steps or jobs run (past it: the heartbeat decides)
 SQUEUE_TIMEOUT_S = 10.0
-#: a job's states (squeue's ``%T``) once all its processes are gone; COMPLETING is not one (a step may still be
+#: a job's states (squeue's State) once all its processes are gone; COMPLETING is not one (a step may still be
 #: saving after its SIGTERM), nor PENDING, REQUEUED or SUSPENDED (a job that will run, or runs, again)
 _ENDED_STATES = frozenset(
     {
