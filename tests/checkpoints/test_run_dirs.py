@@ -780,7 +780,9 @@ def test_export_and_inspect_refuse_a_config_yaml_edited_after_training_as_eval_d
 
 def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, "train", *S, "run_dir=")
+    code, _, err = run_cli(
+        capsys, "train", *S, "run_dir=''"
+    )  # a YAML file's run_dir: '' (`run_dir=` has no value)
     assert code == 2 and "run_dir is empty" in _error_line(err)
     assert list(tmp_path.iterdir()) == []
 
