@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..models.attention import MapKind, attention_name_of, family_of, stage_of
 from ..models.handover import Signal
 from .attention_comparisons import check_head_dims_match, check_heads_match
-from .comparisons import Comparison, PlanModels, comparison_from_entry
+from .comparisons import Comparison, PlanModels, comparison_from_entry, drop_hint
 from .modes import MODES as MODES, PlanError, TransferMode, get_mode
 from .pairing import (
     block_attentions,
@@ -306,7 +306,13 @@ def _check_layer_pairs(
     for c in of_layers:  # a student layer without a map (none, hydra) says so, not that its keys differ
         for s, t in c.pairs:
             if not s_attn[s].map_kind.has_map:
-                c.loss_fn.check_pair(c, models, s, t, f"student block {s} <- teacher block {t}")
+                c.loss_fn.check_pair(c, models, s, t, where := f"student block {s} <- teacher block {t}")
+                if c.signal is Signal.MAPS:  # a loss of one's own: its attention_map(q, k) would be None
+                    raise PlanError(
+                        f"{where}: {attention_name_of(s_attn[s])!r} attention has no attention map for "
+                        f"{c.loss} to compare (map kind 'none'); {drop_hint(c)}, limit {c.origin}.layers to "
+                        "blocks with a map, or pick a row-stochastic/signed attention"
+                    )
     for c in of_layers:
         pools = lambda s, t, c=c: c.loss_fn.pools_teacher_keys(c, models, s, t)
         check_partitions(c.pairs, s_names, s_attn, models.student_parts, models.teacher_parts, pools)

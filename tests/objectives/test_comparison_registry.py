@@ -238,6 +238,31 @@ def test_an_entrys_layers_spare_a_student_layer_its_loss_could_not_compare():
     assert plan.comparisons[0].pairs == ((1, 1),)
 
 
+def test_a_maps_loss_of_ones_own_on_a_block_without_a_map_is_refused_as_the_plan_is_built(registries_kept):
+    """A block without a map (hydra) hands a maps loss q and k whose ``attention_map`` is None: a loss of one's
+    own failed at its first step, the teacher loaded, with torch's 'NoneType' object has no attribute 'size'."""
+
+    @comparison_loss("own_maps")
+    class OwnMaps(ComparisonLoss):
+        signals = (Signal.MAPS,)
+
+        def compare_layer(self, comparison, pair, step) -> Loss:
+            s = pair.student_attn.attention_map(pair.student["q"], pair.student["k"])
+            t = pair.teacher_attn.attention_map(pair.teacher["q"], pair.teacher["k"])
+            return Loss((s - t).pow(2).mean())
+
+    teacher = peaked_teacher(depth=2)
+    student = build_efficient_student(teacher, ["hydra", "softmax"])
+    with pytest.raises(
+        PlanError,
+        match=r"^student block 0 <- teacher block 0: 'hydra' attention has no attention map for own_maps to "
+        r"compare \(map kind 'none'\); remove transfer.losses\[0\] \(own_maps\), limit transfer.losses\[0\].layers",
+    ):
+        build_plan(teacher, student, "none", losses=[{"name": "own_maps"}])
+    plan = build_plan(teacher, student, "none", losses=[{"name": "own_maps", "layers": [1]}])
+    assert TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32)).loss.requires_grad
+
+
 @pytest.mark.parametrize(
     "entry, transfer_layers, message",
     [
