@@ -384,6 +384,12 @@ def _check_numbers(c: Comparison, res: Loss, method: str) -> None:
             f"{c.origin}: comparison loss {c.loss!r} returned from {method} a term named {taken[0]!r}, which the "
             f"step logs itself; name it otherwise, e.g. '{c.loss}_{taken[0]}'"
         )
+    if c.name in res.logs or res.terms.get(c.name, res.total) is not res.total:  # the step logs its total so
+        raise ValueError(
+            f"{c.origin}: comparison loss {c.loss!r} returned from {method} a part named {c.name!r}, the name the "
+            f"step logs the comparison's total under, which would replace it; name the part otherwise, e.g. "
+            f"'{c.name}_part'"
+        )
     if both := sorted(res.terms.keys() & res.logs.keys()):  # the step logs terms and logs as one record
         head, slash, layer = both[0].partition("/")
         raise ValueError(

@@ -561,7 +561,8 @@ def _forward_returning(returns: str) -> None:
 @comparison_loss("not_a_number")
 class NotANumber(ComparisonLoss):
     """A loss that breaks the contract as its ``returns`` option says: a vector, a vector term, a float, NaN,
-    a bare tensor, one term name at every layer, a term named as the step's own, a term and a log of one name."""
+    a bare tensor, one term name at every layer, a term named as the step's own, a term and a log of one name, a
+    term named as the comparison whose total the step logs under that name."""
 
     signals = (Signal.K,)
     options: ClassVar = {"returns": "vector"}
@@ -586,6 +587,8 @@ class NotANumber(ComparisonLoss):
         if returns == "term and log":  # a detached copy of a term logged under the term's own name
             name = f"k_l2/{pair.student_layer}"
             return Loss(diff.mean(), {name: diff.mean()}, {name: diff.mean().detach()})
+        if returns == "own name":  # its unscaled part under the name the step logs the total under
+            return Loss(2 * diff.mean(), {"not_a_number": diff.mean()})
         return Loss(diff.mean(), {"per_head": diff}) if returns == "vector term" else Loss(1.0)
 
 
@@ -642,6 +645,18 @@ def test_a_term_and_a_log_of_one_name_are_refused_not_logged_as_the_log_alone():
         r"e\.g\. 'k_l2_log/0'$",
     ):
         _forward_returning("term and log")
+
+
+def test_a_part_named_as_its_comparison_is_refused_not_replaced_by_the_total_in_the_log():
+    """The step logs each comparison's total under its name (``not_a_number``): a part of another value named so
+    showed as itself in ``TransferOutput.terms`` and as the total in metrics.jsonl, without a word."""
+    with pytest.raises(
+        ValueError,
+        match=r"^transfer.losses\[0\]: comparison loss 'not_a_number' returned from compare_layer a part named "
+        r"'not_a_number', the name the step logs the comparison's total under, which would replace it; name the "
+        r"part otherwise, e\.g\. 'not_a_number_part'$",
+    ):
+        _forward_returning("own name")
 
 
 def test_a_term_named_as_another_comparisons_is_refused_not_logged_in_its_place():
