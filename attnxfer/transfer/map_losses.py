@@ -268,10 +268,13 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
     # a loss applies where the table has it (``output`` compares attention outputs: it applies to every kind)
     if (kind, loss) not in MAP_LOSS_RULES and loss is not MapLoss.OUTPUT:
         fits = [m.value for m in MapLoss if (kind, m) in MAP_LOSS_RULES or m is MapLoss.OUTPUT]
-        why = {
-            MapKind.SIGNED: "its map has negative entries, so log A is undefined",
-            MapKind.NONE: "it has no attention map",
-        }.get(kind, "")
+        why = (  # a fork's loss that lacks a kind's rule is told where it goes, not that log A is undefined
+            "it has no attention map"
+            if kind is MapKind.NONE
+            else "its map has negative entries, so log A is undefined"
+            if (kind, loss) == (MapKind.SIGNED, MapLoss.CE)
+            else "MAP_LOSS_RULES has no rule for the two"
+        )
         raise InputError(
             f"{where}map loss {loss.value!r} does not apply to a {kind.value!r} attention ({why}); use "
             f"{' or '.join(repr(f) for f in fits)} (or 'auto')"

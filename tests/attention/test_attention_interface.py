@@ -20,6 +20,7 @@ from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
 
 from attnxfer.analysis.agreement import AGREEMENT_METRICS
+from attnxfer.errors import InputError
 from attnxfer.models import (
     AttentionIO,
     MapKind,
@@ -35,7 +36,13 @@ from attnxfer.models import (
 )
 from attnxfer.models.efficient import EfficientAttention
 from attnxfer.transfer import MapLoss, attention_distillation_loss, implicit_map_loss, map_distillation_loss
-from attnxfer.transfer.map_losses import MAP_LOSS_RULES, LayerLogits, agreement, default_map_loss
+from attnxfer.transfer.map_losses import (
+    MAP_LOSS_RULES,
+    LayerLogits,
+    agreement,
+    check_map_loss,
+    default_map_loss,
+)
 
 ALL = list_attentions()
 
@@ -253,6 +260,25 @@ def test_a_map_loss_table_entry_is_the_whole_of_its_loss(monkeypatch):
     want = (attn.attention_map(q, k) - (q_t @ k_t.transpose(-2, -1) / 4).softmax(-1)).abs().mean()
     torch.testing.assert_close(res.total, want)
     torch.testing.assert_close(agreement(res), want)
+
+
+@pytest.mark.parametrize(
+    "kind, loss, why",
+    [
+        ("row_stochastic", "mse", r"MAP_LOSS_RULES has no rule for the two\); use 'ce' or 'output'"),
+        ("signed", "mse", r"MAP_LOSS_RULES has no rule for the two\); use 'output'"),
+        ("signed", "ce", r"its map has negative entries, so log A is undefined\); use 'output'"),
+    ],
+)
+def test_a_map_loss_a_kind_has_no_rule_for_is_refused_with_that_losss_reason(kind, loss, why, monkeypatch):
+    """The reason was the kind's alone: a fork's map loss that has no rule for signed maps was refused because
+    'log A is undefined' (CE's reason), and one without a rule for row-stochastic maps with an empty '()'."""
+    for k in ("row_stochastic", "signed"):  # a fork's table: its new loss has a rule for softmax maps alone
+        monkeypatch.delitem(MAP_LOSS_RULES, (MapKind(k), MapLoss.MSE))
+    with pytest.raises(
+        InputError, match=rf"^map loss '{loss}' does not apply to a '{kind}' attention \({why}"
+    ):
+        check_map_loss(loss, kind)
 
 
 def test_each_map_kinds_default_loss_has_the_measurements_metric():
