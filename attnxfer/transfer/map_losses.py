@@ -268,13 +268,11 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
     # a loss applies where the table has it (``output`` compares attention outputs: it applies to every kind)
     if (kind, loss) not in MAP_LOSS_RULES and loss is not MapLoss.OUTPUT:
         fits = [m.value for m in MapLoss if (kind, m) in MAP_LOSS_RULES or m is MapLoss.OUTPUT]
-        why = (  # a fork's loss that lacks a kind's rule is told where it goes, not that log A is undefined
-            "it has no attention map"
-            if kind is MapKind.NONE
-            else "its map has negative entries, so log A is undefined"
-            if (kind, loss) == (MapKind.SIGNED, MapLoss.CE)
-            else "MAP_LOSS_RULES has no rule for the two"
-        )
+        why = "MAP_LOSS_RULES has no rule for the two"  # a fork's new loss: where it goes, not CE's reason
+        if kind is MapKind.NONE:
+            why = "it has no attention map"
+        elif (kind, loss) == (MapKind.SIGNED, MapLoss.CE):
+            why = "its map has negative entries, so log A is undefined"
         raise InputError(
             f"{where}map loss {loss.value!r} does not apply to a {kind.value!r} attention ({why}); use "
             f"{' or '.join(repr(f) for f in fits)} (or 'auto')"
