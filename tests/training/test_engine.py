@@ -443,6 +443,7 @@ def test_a_save_every_minutes_is_taken_at_the_log_step_after_they_passed(tmp_pat
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
 
 
+@pytest.mark.slow  # a torchrun launch of two ranks (`two_ranks`): ~10 s of start-up and training
 def test_ranks_whose_clocks_disagree_save_every_minutes_together(two_ranks):
     # rank 1's clock stands still: rank 0 alone is due for checkpoint.every_minutes' save at every step, and a
     # save of rank 0's alone would meet rank 1's next collective (a hang, or a false "non-finite loss")
