@@ -117,7 +117,7 @@ def _check_fp32_against_the_oracle(B, heads_t, heads_s, d_t, d_s, N, device="cpu
 @pytest.mark.parametrize(
     "B,heads_t,heads_s,d_t,d_s,N",
     [
-        (2, 2, 2, 8, 8, 50),  # one teacher head per student head, ragged N (50 = 3 blocks of 16 + 2)
+        (2, 2, 2, 8, 8, 34),  # one teacher head per student head, ragged N (34 = 2 blocks of 16 + 2)
         pytest.param(
             1, 4, 2, 12, 8, 40, marks=pytest.mark.slow
         ),  # head groups (H_t = 2 H_s), unequal head dims (12 padded to 16)
