@@ -6,6 +6,7 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import multiprocessing
@@ -46,12 +47,16 @@ def fast_cells(values, keep) -> list:
 def script_module(name: str, folder: str = "scripts") -> ModuleType:
     """``FOLDER/NAME.py`` as a module (imported once): the scripts that make docs (the configuration
     reference, the families' coverage table) and the benchmarks are no part of the package, and their tests
-    call their functions."""
+    call their functions. FOLDER joins ``sys.path`` (first, as ``python FOLDER/NAME.py`` puts it; and there it
+    stays, as the benchmarks that put it there themselves leave it): a script's imports of its siblings (the
+    benchmarks' ``_measure``) resolve as they do there, also in a child process it spawns."""
     if name not in sys.modules:
         path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # before running it: dataclasses look their module up there
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
         spec.loader.exec_module(module)
     return sys.modules[name]
 
@@ -61,19 +66,32 @@ def script_main(capsys: pytest.CaptureFixture[str], module: ModuleType, *args: s
     ``main()``; no new interpreter, no fresh torch import): its exit code (main's return value; a
     SystemExit's code, a message printed to stderr as exit 1), stdout and stderr. What else it raises
     reaches the test, as the interpreter's traceback would."""
-    argv = sys.argv
-    sys.argv = [f"{module.__name__}.py", *args]
     capsys.readouterr()
-    try:
-        code = module.main() or 0
-    except SystemExit as e:
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        if not isinstance(e.code, (int, type(None))):
-            print(e.code, file=sys.stderr)
-    finally:
-        sys.argv = argv
+    code = _script_exit_code(module, args)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def script_outputs(module: ModuleType, *args: str) -> tuple[int, str, str]:
+    """`script_main` without a test's ``capsys``, for a result that several tests share (a cached one): what
+    the script writes to ``sys.stdout`` and ``sys.stderr`` is caught by redirecting them."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _script_exit_code(module, args)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _script_exit_code(module: ModuleType, args: tuple[str, ...]) -> int:
+    argv = sys.argv
+    sys.argv = [f"{module.__name__}.py", *args]
+    try:
+        return module.main() or 0
+    except SystemExit as e:
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+        return 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
 
 
 def tiny_vit(
