@@ -133,8 +133,8 @@ def _reference_lr_scale(name: str, depth: int, decay: float) -> float:
     return decay ** (depth - layer)
 
 
-#: one copy and one distillation recipe in the fast lane, the two ViT-B ones of two end layers (0, -3): 1-2.5 s of
-#: CPU each (a ViT-L's 24 blocks on the meta device), the ViT-L ones the dearest
+#: one copy and one distillation recipe in the fast lane, the two ViT-B ones of two end layers (0, -3): on a quiet
+#: 2-core machine the ViT-L cells (24 blocks on the meta device) take 0.7-1.4 s each, 5 s of the matrix's ~7 s
 @pytest.mark.parametrize(
     "recipe", fast_cells(sorted(REFERENCE), keep=["paper/vit_base_copy", "paper/vit_base_distill_end3"])
 )
