@@ -433,7 +433,6 @@ def test_an_epochs_last_steps_are_logged_where_log_every_steps_does_not_divide_i
     assert [r["step"] for r in RunDir(run).metric_rows() if r["split"] == "train"] == [3, 4, 6, 8]
 
 
-@pytest.mark.slow
 def test_a_save_every_minutes_is_taken_at_the_log_step_after_they_passed(tmp_path, capsys):
     """The clock is read at log steps (which read the device anyway), not with a host read every step."""
     run = tmp_path / "r"
