@@ -500,6 +500,15 @@ def _lock_of_job_78_elsewhere(run: Path, pid: int, cluster: str = "loopback") ->
     return _write_lock(run, host="node-elsewhere", pid=pid, slurm_job="78", slurm_cluster=cluster)
 
 
+def _refused_to(run: Path, pid: int) -> None:
+    """``run``'s lock is refused, naming its holder: job 78's process ``pid`` on the other node."""
+    with (
+        pytest.raises(RunDirInUseError, match=rf"node-elsewhere, pid {pid}, SLURM job 78,"),
+        run_lock(run, "train"),
+    ):
+        pass
+
+
 def _squeue_on(monkeypatch, folder: Path, lines: str) -> None:
     """PATH holds only an ``squeue`` answering ``lines`` (squeue -O 'JobID:|,State:|,Cluster:|''s format)."""
     _squeue_answering(folder, lines)
@@ -571,11 +580,7 @@ def test_another_slurm_jobs_holder_keeps_its_lock_until_squeue_says_the_job_has_
         (tmp_path / "bin").rmdir()
         _squeue_answering(tmp_path / "bin", answer)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    with (
-        pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 23, SLURM job 78,"),
-        run_lock(run, "train"),
-    ):
-        pass
+    _refused_to(run, pid=23)
     _squeue_on(monkeypatch, tmp_path / "ended", "79|RUNNING|loopback|\\n78|COMPLETED|loopback|\\n")
     with run_lock(run, "train"):
         assert json.loads(lock.read_text())["slurm_job"] == "79"
@@ -588,11 +593,7 @@ def test_outside_any_job_only_squeue_listing_the_holders_job_as_ended_takes_its_
     lock = _lock_of_job_78_elsewhere(run, pid=25)
     _slurm_env(monkeypatch, job=None, step=None, task=None)
     _squeue_on(monkeypatch, tmp_path / "bin", "")
-    with (
-        pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 25, SLURM job 78,"),
-        run_lock(run, "train"),
-    ):
-        pass
+    _refused_to(run, pid=25)
     _squeue_on(monkeypatch, tmp_path / "ended", "78|NODE_FAIL|loopback|\\n")
     with run_lock(run, "train"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
@@ -626,11 +627,7 @@ def test_squeue_speaks_only_for_the_jobs_it_can_see(tmp_path, monkeypatch, whose
         os.chown(lock, 65534, 65534)
     _slurm_env(monkeypatch, job="79", cluster="loopback")
     _squeue_on(monkeypatch, tmp_path / "bin", "79|RUNNING|loopback|\\n")
-    with (
-        pytest.raises(RunDirInUseError, match=r"node-elsewhere, pid 24, SLURM job 78,"),
-        run_lock(run, "train"),
-    ):
-        pass
+    _refused_to(run, pid=24)
     _lock_of_job_78_elsewhere(run, pid=24)  # this user's, of this cluster
     with run_lock(run, "train"):
         assert json.loads(lock.read_text())["slurm_job"] == "79"
