@@ -12,6 +12,21 @@ from .speak import warn
 DATASET_GROUP, LOSS_GROUP, ATTENTION_GROUP = "attnxfer.datasets", "attnxfer.losses", "attnxfer.attentions"
 
 
+def entry_point_origin(group: str, module: str) -> dict[str, str] | None:
+    """The installed distribution whose ``group`` entry point names ``module``'s top package (one naming the
+    module or a package it is in first): its name, version and the entry point's value, else None. What a run
+    records of a plug-in's loss or attention, so a run read where the package is gone names what to install."""
+    if module.split(".")[0] == __name__.split(".")[0]:  # a built-in: no metadata to read (10 ms a group)
+        return None
+    found = [
+        ep
+        for ep in importlib.metadata.entry_points(group=group)
+        if ep.dist and ep.module.split(".")[0] == module.split(".")[0]
+    ]
+    best = max(found, key=lambda ep: f"{module}.".startswith(f"{ep.module}."), default=None)
+    return best and {"package": best.dist.name, "version": best.dist.version, "entry_point": best.value}
+
+
 @functools.cache
 def load_entry_points(group: str) -> None:
     """Import every module ``group``'s entry points name, once per process (each registers what it adds as it

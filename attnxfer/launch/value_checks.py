@@ -6,6 +6,7 @@ where there is one; tests/cli/test_value_checks.py holds the two equal.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import re
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 from ..config import ConfigError
 from ..errors import InputError, did_you_mean
 from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points
+from ..run_layout import RUN_RECORD, STAGE_DIRS, read_record
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: the files that register attentions: softmax's and the zoo's
@@ -113,7 +115,27 @@ def _comparison_names() -> frozenset[str]:
     return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()[0]
 
 
-def _check_comparisons(entries: Any) -> None:
+def _refuse_uninstalled(group: str, where: str, name: str, run_dir: str) -> None:
+    """A name the run's run.json (a conversion's: its stages') records as a plug-in's, not registered here, is
+    refused naming the package to install: the nearest built-in name would train or score something else. A
+    new run, or one recorded before run.json named its plug-ins, gets the generic refusal."""
+    folder = Path(run_dir)
+    records = [read_record(f / RUN_RECORD) for f in (folder, *(folder / s for s in STAGE_DIRS))]
+    origin = next((o for r in records if (o := r.get("plugins", {}).get(group, {}).get(name))), None)
+    if origin is None:
+        return
+    package, version = origin["package"], origin["version"]
+    said = f"{where}: {name!r} came from the plug-in package {package} {version} ({origin['entry_point']})"
+    try:
+        here = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"{said}; it is not installed here: pip install {package}") from None
+    raise ConfigError(
+        f"{said}; {package} {here}, installed here, registers no {name!r}: pip install {package}=={version}"
+    )
+
+
+def _check_comparisons(entries: Any, run_dir: str) -> None:
     names = _comparison_names()
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
         name = entry.get("name") if isinstance(entry, dict) else None
@@ -125,6 +147,7 @@ def _check_comparisons(entries: Any) -> None:
             names = _comparison_names()
         if not isinstance(name, str) or name in names or not names:
             continue  # a malformed entry is refused, with its own message, where the plan is built
+        _refuse_uninstalled(LOSS_GROUP, f"transfer.losses[{i}].name", name, run_dir)
         raise ConfigError(
             f"transfer.losses[{i}].name: {name!r} is not a comparison loss{did_you_mean(name, names)} (one "
             f"of {', '.join(sorted(names))}; a loss of your own: @comparison_loss in a file of "
@@ -189,7 +212,7 @@ def _refuse_split_formulas(key: str, value: list) -> None:
         )
 
 
-def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -> None:
+def _check_attention(key: str, value: Any, run_dir: str, also: frozenset[str] = frozenset()) -> None:
     """``also``: names the key takes besides the registry's as one value (convert.attention's ``auto``)."""
     names, prefixes = registered_attentions()
     if not names:  # the source is not beside the package (a frozen install): the registry checks later
@@ -208,6 +231,7 @@ def _check_attention(key: str, value: Any, also: frozenset[str] = frozenset()) -
         if not isinstance(name, str) or name in names or (colon and prefix in prefixes):
             continue
         where = f"{key}[{i}]" if isinstance(value, list) else key
+        _refuse_uninstalled(ATTENTION_GROUP, where, name, run_dir)
         if not isinstance(value, list):
             names |= also
         known = sorted(names) + [f"{p}:<spec>" for p in sorted(prefixes)]
@@ -280,12 +304,12 @@ def check_values(cfg: Any) -> Any:
     _check_architecture("model.name", cfg.model.name)
     _check_architecture("teacher.arch", cfg.teacher.arch)
     if cfg.model.attention:
-        _check_attention("model.attention", cfg.model.attention)
+        _check_attention("model.attention", cfg.model.attention, cfg.run_dir)
     auto = cfg.convert.attention == "auto"  # auto: each block chosen among convert.candidates
     if not auto:
-        _check_attention("convert.attention", cfg.convert.attention, frozenset({"auto"}))
-    _check_attention("convert.candidates", list(cfg.convert.candidates))
-    _check_comparisons(cfg.transfer.losses)
+        _check_attention("convert.attention", cfg.convert.attention, cfg.run_dir, frozenset({"auto"}))
+    _check_attention("convert.candidates", list(cfg.convert.candidates), cfg.run_dir)
+    _check_comparisons(cfg.transfer.losses, cfg.run_dir)
     # keys of the model section itself: timm would be handed them twice (a TypeError, not a message)
     if own := [k for k in ("num_classes", "drop_path_rate") if k in cfg.model.kwargs]:
         raise ConfigError(

@@ -8,7 +8,6 @@ import contextlib
 import json
 import math
 from collections.abc import Iterable
-from importlib.metadata import entry_points
 from numbers import Integral, Real
 from typing import Any
 
@@ -19,7 +18,7 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import InputError
-from ..plugins import ATTENTION_GROUP
+from ..plugins import ATTENTION_GROUP, entry_point_origin
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
 from .attention.adapters import require_model
 from .attention.registry import get_attention_class
@@ -381,13 +380,10 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
         # an installed package's attention (its registered class: a slot's subclass is a family's): the
         # package to install where the student is loaded without it
         classes = {next((c for c in type(a).__mro__ if "attention_name" in vars(c)), type(a)) for a in layers}
-        packages = {
-            ep.module.split(".")[0]: ep.dist.name for ep in entry_points(group=ATTENTION_GROUP) if ep.dist
-        }
         if sources := {
-            c.attention_name: f"package {packages[top]}, module {c.__module__}"
+            c.attention_name: f"package {origin['package']}, module {c.__module__}"
             for c in classes
-            if (top := c.__module__.split(".")[0]) in packages
+            if (origin := entry_point_origin(ATTENTION_GROUP, c.__module__))
         }:
             spec["attention_sources"] = sources
     return spec

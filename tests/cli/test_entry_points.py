@@ -6,6 +6,7 @@ never imports the package's modules itself. A package that fails to import is on
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import timm
@@ -19,8 +20,9 @@ from attnxfer.models import create_attention, list_attentions, student_from_spec
 from attnxfer.models.attention import registry
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.efficient.base import rope_support
+from attnxfer.plugins import load_entry_points
 from attnxfer.transfer import build_plan
-from attnxfer.transfer.comparisons import get_comparison_loss
+from attnxfer.transfer.comparisons import COMPARISON_LOSSES, get_comparison_loss
 
 _LOSS = '''
 from attnxfer.transfer import ComparisonLoss, Loss, Signal, comparison_loss
@@ -191,3 +193,60 @@ def test_a_package_taking_a_built_in_name_is_said_when_that_name_is_asked_for(in
         "warning: attnxfer.datasets entry point syn",
     ]
     assert all("already registered" in w for w in warnings), warnings
+
+
+def test_a_run_whose_package_was_uninstalled_names_the_package_to_install(
+    install_package, tiny_teacher_dir, tmp_path, capsys
+):
+    """A run trained with a package's attention and loss, evaluated or resumed where the package is gone, is
+    told to install the package run.json records, not offered the nearest built-in name (`mse` for `lab_mse`),
+    which would score or train something else."""
+    files = _FILES | {"labpkg/losses.py": _LOSS.replace('"lab_gap"', '"lab_mse"')}
+    site = install_package(files, _ENTRY_POINTS)
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        *ONE_BLOCK_RUN,
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "transfer.losses=[{name: lab_mse}]",
+        "model.attention=lab_relu",
+        "schedule.max_steps=1",
+        f"run_dir={run}",
+    )
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["plugins"] == {
+        "attnxfer.losses": {
+            "lab_mse": {"package": "labpkg", "version": "0.1", "entry_point": "labpkg.losses"}
+        },
+        "attnxfer.attentions": {
+            "lab_relu": {"package": "labpkg", "version": "0.1", "entry_point": "labpkg.attention"}
+        },
+    }
+    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
+    load_entry_points.cache_clear()
+    del registry._ATTENTIONS["lab_relu"], COMPARISON_LOSSES["lab_mse"]
+    code, _, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
+    assert code == 2 and err.endswith(
+        "model.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
+        "installed here: pip install labpkg\n"
+    )
+    # its resume, the attention given otherwise: the loss's entry is refused alike
+    code, _, err = run_cli(capsys, "train", "-c", str(run / "config.yaml"), "model.attention=relu_linear")
+    assert (
+        code == 2
+        and "did you mean" not in err
+        and err.endswith(
+            "transfer.losses[0].name: 'lab_mse' came from the plug-in package labpkg 0.1 (labpkg.losses); it is not "
+            "installed here: pip install labpkg\n"
+        )
+    )
+    # another version installed since, without the attention: the recorded one is named
+    (site / "labpkg-0.2.dist-info").mkdir()
+    (site / "labpkg-0.2.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: labpkg\nVersion: 0.2\n"
+    )
+    code, _, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
+    assert code == 2 and err.endswith(
+        "labpkg 0.2, installed here, registers no 'lab_relu': pip install labpkg==0.1\n"
+    )

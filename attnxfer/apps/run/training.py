@@ -26,8 +26,9 @@ from ...config import (
 from ...data import data_identity, dataset_has_labels, require_labels
 from ...data.seeding import sample_seed
 from ...errors import InputError
-from ...models.attention import attention_blocks
+from ...models.attention import attention_blocks, get_attention_class, list_attentions
 from ...models.student import student_from_spec
+from ...plugins import ATTENTION_GROUP, LOSS_GROUP, entry_point_origin
 from ...speak import say, warn
 from ...train.compile import compile_blocks, is_compiled
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
@@ -39,6 +40,7 @@ from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ...train.trackers import TRACKERS, prepare_trackers
+from ...transfer.comparisons import COMPARISON_LOSSES
 from ...transfer.modes import MODES
 from ...transfer.plan import TransferPlan, build_plan
 from ...transfer.teacher_student import TeacherStudent
@@ -335,6 +337,7 @@ def record_run(
                 "base_lr": engine.base_lr,
                 "steps_per_epoch": engine.steps_per_epoch,
                 "total_steps": engine.total_steps,
+                **({"plugins": origins} if (origins := plugin_origins(cfg)) else {}),
             }
         )
     # a conversion's stage 2 fine-tunes the teacher's own weights: a few dozen steps are what it takes,
@@ -342,6 +345,27 @@ def record_run(
     learner = {"convert": None, "pretrain": "an encoder"}.get(command, "a student")
     for warning in schedule_warnings(engine, learner=learner) if warn_schedule and not finished else ():
         say(warning)
+
+
+def plugin_origins(cfg: TrainConfig) -> dict[str, dict[str, dict[str, str]]]:
+    """The installed packages the config's losses and attentions came from, by entry-point group and name
+    (run.json's ``plugins``): a command that reads the run where one is gone names the package to install
+    (`attnxfer.launch.value_checks`), not the nearest built-in name."""
+    attentions = [cfg.model.attention or [], cfg.convert.attention, cfg.convert.candidates]
+    names = {n for value in attentions for n in ([value] if isinstance(value, str) else value)}
+    named = {
+        LOSS_GROUP: {
+            n: type(COMPARISON_LOSSES[n])
+            for e in cfg.transfer.losses
+            if (n := e["name"]) in COMPARISON_LOSSES
+        },
+        ATTENTION_GROUP: {n: get_attention_class(n) for n in names & set(list_attentions())},
+    }
+    origins = {
+        group: {n: o for n, cls in classes.items() if (o := entry_point_origin(group, cls.__module__))}
+        for group, classes in named.items()
+    }
+    return {group: found for group, found in origins.items() if found}
 
 
 def plans_so_far(run_dir: RunDir, point: ResumePoint | None, plan: str | None) -> list[dict]:
