@@ -4,6 +4,7 @@ MAE's does and ``encoder`` exports as a plain timm ``VisionTransformer``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,15 +79,25 @@ def kept_patches(num_patches: int, mask_ratio: float) -> int:
     return max(1, round(num_patches * (1.0 - mask_ratio)))
 
 
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 def random_masking(
-    batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
+    batch: int, num_patches: int, mask_ratio: float, device=None, generator: Generators = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keep_idx (B, K), mask (B, N))``, mask 1 on hidden patches: each image keeps the K (at least one)
-    patches of smallest uniform noise, so each subset of size K is equally likely."""
+    patches of smallest uniform noise, so each subset of size K is equally likely. ``generator`` a sequence:
+    one per image, whose noise it alone draws, so an image's mask does not depend on the batch it is in."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     keep = kept_patches(num_patches, mask_ratio)
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    if isinstance(generator, Sequence):
+        if len(generator) != batch:
+            raise ValueError(f"one generator per image: got {len(generator)} for {batch} images")
+        noise = torch.stack([torch.rand(num_patches, generator=g, device=g.device) for g in generator])
+        noise = noise.to(device)
+    else:
+        noise = torch.rand(batch, num_patches, device=device, generator=generator)
     keep_idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # raster order inside the kept set
     mask = torch.ones(batch, num_patches, device=device)
     mask.scatter_(1, keep_idx, 0.0)
@@ -242,8 +253,8 @@ class MaskedAutoencoder(nn.Module):
     def target(self, images: torch.Tensor) -> torch.Tensor:
         return patchify(images, self.patch)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MAEOutput:
-        """Mask, encode, decode, and score the reconstruction of the hidden patches."""
+    def forward(self, images: torch.Tensor, generator: Generators = None) -> MAEOutput:
+        """Mask (``generator`` as `random_masking`'s), encode, decode, and score the hidden patches' reconstruction."""
         keep_idx, mask = random_masking(
             images.shape[0], self._num_patches, self.mask_ratio, device=images.device, generator=generator
         )

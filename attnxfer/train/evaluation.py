@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from itertools import count, islice
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import BatchSampler, SequentialSampler
 
 from ..analysis.features import feature_agreement
 from ..analysis.knn import Autocast, evaluating, knn_comparison
+from ..data.sampler import ResumableSampler
+from ..data.seeding import sample_generator
 from ..transfer.teacher_student import TransferOutput
 
 
@@ -86,21 +90,36 @@ def _scored_batches(
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[str, float]:
     """Mean of a self-supervised objective's ``loss`` over ``loader``, summed over ranks. Its randomness (MAE's
-    masks) comes from a generator seeded at every call and by rank: each evaluation on as many processes
-    scores the same masks, and the training streams are left untouched."""
+    masks) comes from one generator per image, seeded by (``seed``, the image's index in the dataset): every
+    world size and batch size scores each image with the same mask, and the training streams are left
+    untouched. Where the loader's order is not known (a stream), see `image_keys`."""
     model = accelerator.unwrap_model(model)
     device = accelerator.device
-    generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
+    keys = image_keys(loader, accelerator.process_index, accelerator.num_processes)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
     with evaluating(model):
         for x, *_ in loader:  # labels, where there are any, are not read
             x = x.to(device, non_blocking=True)
+            generators = [sample_generator(seed, 0, key) for key in islice(keys, x.shape[0])]
             with accelerator.autocast():
-                out = model(x, generator=generator)
+                out = model(x, generator=generators)
             totals[0] += out.loss.double() * x.shape[0]
             totals[1] += x.shape[0]
     totals = accelerator.reduce(totals, reduction="sum")
     return {"loss": totals[0].item() / max(1.0, totals[1].item())}
+
+
+def image_keys(loader, rank: int = 0, world_size: int = 1) -> Iterator[int]:
+    """Each image's index in ``loader``'s dataset, in the order the loader yields them, where its sampler's order
+    repeats (ours, torch's sequential one). Otherwise (a stream, another sampler) this rank's k-th image gets
+    k·world_size + rank: its place in a stream the ranks take image by image, read by one DataLoader worker
+    (more workers interleave their shares), so such a loss compares only at the same world size and workers."""
+    sampler = getattr(loader, "sampler", None)
+    batches = getattr(loader, "batch_sampler", None)
+    ordered = isinstance(sampler, ResumableSampler | SequentialSampler)
+    if ordered and type(batches) is BatchSampler and batches.sampler is sampler:
+        return (int(i) for i in sampler)
+    return (k * world_size + rank for k in count())
 
 
 @torch.no_grad()
