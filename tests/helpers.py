@@ -640,3 +640,22 @@ def image_folder(
                 a[..., c % 3] = np.clip(a[..., c % 3].astype(int) + 110, 0, 255)
                 Image.fromarray(a).save(folder / f"{i}.png")
     return root
+
+
+def mae_val_case(batch_size: int, rank: int = 0, world_size: int = 1):
+    """(a tiny MAE, a loader of rank's exact share of 11 fixed images): the same model and val set in every
+    process that builds them, the MAE val loss's case in one process and under torchrun alike."""
+    from torch.utils.data import TensorDataset
+
+    from attnxfer.data import ResumableSampler, build_loader
+    from attnxfer.models.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    enc = create_vit("vit_micro_patch4_28", num_classes=0, depth=2, embed_dim=48)
+    mae = MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=1)
+    images = torch.randn(11, enc.patch_embed.proj.in_channels, 28, 28)
+    sampler = ResumableSampler(
+        11, shuffle=False, rank=rank, world_size=world_size, drop_last=False, exact=True
+    )
+    loader = build_loader(TensorDataset(images), batch_size=batch_size, sampler=sampler, drop_last=False)
+    return mae, loader

@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 import yaml
-from helpers import rewrite_checkpoint_state, run_cli, tiny_run
+from helpers import mae_val_case, rewrite_checkpoint_state, run_cli, tiny_run, torchrun_launch
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.pretrain import build_mae, pretrain
@@ -34,6 +34,8 @@ from attnxfer.models.mae import (
     unpatchify,
 )
 from attnxfer.sources import load_teacher
+from attnxfer.train.evaluation import evaluate_loss
+from attnxfer.train.runtime import create_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
 # A 2-block micro-ViT MAE on real animal-mnist: 32 images a step, a second or two a run.
@@ -273,6 +275,39 @@ def test_pretrainings_encoder_and_decoder_have_maes_fixed_sincos_positions(prefi
 
 
 # -- a real pre-training run -----------------------------------------------------------------------
+# -- the val loss ------------------------------------------------------------------------------------
+def _val_loss(acc, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[float, int]:
+    """(val loss, images) of `mae_val_case`'s share ``rank`` of ``world_size``, scored by this process."""
+    mae, loader = mae_val_case(batch_size, rank, world_size)
+    return evaluate_loss(mae, loader, acc, seed=5)["loss"], len(loader.sampler)
+
+
+def test_an_images_val_mask_is_its_own_whatever_its_batch_or_shard():
+    """Each image's mask comes from its index in the val set: scored in batches of 3 or of 8, or as two ranks'
+    shards (images 0, 2, ... and 1, 3, ...) put together, the val set's loss is the same."""
+    acc = create_runtime("cpu", "fp32").accelerator
+    whole, n = _val_loss(acc, 8)
+    assert n == 11
+    assert _val_loss(acc, 3)[0] == pytest.approx(whole, abs=1e-6)
+    shards = [_val_loss(acc, 3, rank, 2) for rank in (0, 1)]
+    assert sum(loss * n for loss, n in shards) / 11 == pytest.approx(whole, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_score_the_same_mae_val_loss_as_one(tmp_path):
+    """tests/dist_mae_val.py on two torchrun ranks in a gloo group, each scoring its exact share in batches of 3:
+    the val loss one process gives all 11 images in batches of 8, so a run's val loss is its model's whatever
+    the world size."""
+    launch, env = torchrun_launch(ranks=2)
+    script = str(Path(__file__).resolve().parents[1] / "dist_mae_val.py")
+    done = subprocess.run(
+        [*launch, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, _ = _val_loss(create_runtime("cpu", "fp32").accelerator, 8)
+    assert float((tmp_path / "loss").read_text()) == pytest.approx(one, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("mae") / "ref"
