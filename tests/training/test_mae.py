@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 import yaml
 from helpers import mae_val_case, rewrite_checkpoint_state, run_cli, tiny_run, torchrun_launch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, IterableDataset
 
 from attnxfer.apps.run.pretrain import build_mae, pretrain
 from attnxfer.config import TrainConfig, load_config
@@ -34,7 +36,7 @@ from attnxfer.models.mae import (
     unpatchify,
 )
 from attnxfer.sources import load_teacher
-from attnxfer.train.evaluation import evaluate_loss
+from attnxfer.train.evaluation import evaluate_loss, image_keys
 from attnxfer.train.runtime import create_runtime
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,6 +293,20 @@ def test_an_images_val_mask_is_its_own_whatever_its_batch_or_shard():
     assert _val_loss(acc, 3)[0] == pytest.approx(whole, abs=1e-6)
     shards = [_val_loss(acc, 3, rank, 2) for rank in (0, 1)]
     assert sum(loss * n for loss, n in shards) / 11 == pytest.approx(whole, abs=1e-6)
+
+
+def test_val_masks_are_keyed_by_dataset_index_and_a_streams_by_its_turn_in_the_stream():
+    """An indexable val set's images are keyed by their index (rank 1 of 2: 1, 3, ...); a stream has none to
+    read, so rank r of W keys its k-th image k·W + r, the stream's own order where ranks take turns."""
+    _, loader = mae_val_case(3, rank=1, world_size=2)
+    assert list(image_keys(loader, 1, 2)) == [1, 3, 5, 7, 9]
+    stream = DataLoader(_Stream(), batch_size=3)
+    assert list(islice(image_keys(stream, 1, 2), 4)) == [1, 3, 5, 7]
+
+
+class _Stream(IterableDataset):
+    def __iter__(self):
+        return iter(torch.zeros(4, 1))
 
 
 @pytest.mark.slow
