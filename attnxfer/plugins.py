@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+from typing import Any
 
 from .speak import warn
 
@@ -25,6 +26,24 @@ def entry_point_origin(group: str, module: str) -> dict[str, str] | None:
     ]
     best = max(found, key=lambda ep: f"{module}.".startswith(f"{ep.module}."), default=None)
     return best and {"package": best.dist.name, "version": best.dist.version, "entry_point": best.value}
+
+
+def missing_plugin(name: str, origin: Any) -> str | None:
+    """Why ``name``, registered where it was recorded by the package ``origin`` (`entry_point_origin`'s
+    record) says, is not registered here, ending in the pip command that brings it back: one wording for a
+    run's config and an exported student alike. None where ``origin`` is not such a record (hand-edited)."""
+    keys = ("package", "version", "entry_point")
+    if not (isinstance(origin, dict) and all(origin.get(k) and isinstance(origin[k], str) for k in keys)):
+        return None
+    package, version = origin["package"], origin["version"]
+    said = f"{name!r} came from the plug-in package {package} {version} ({origin['entry_point']})"
+    try:
+        here = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return f"{said}; it is not installed here: pip install {package}"
+    return (
+        f"{said}; {package} {here}, installed here, registers no {name!r}: pip install {package}=={version}"
+    )
 
 
 @functools.cache

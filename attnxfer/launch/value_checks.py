@@ -6,7 +6,6 @@ where there is one; tests/cli/test_value_checks.py holds the two equal.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import re
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 
 from ..config import ConfigError
 from ..errors import InputError, did_you_mean
-from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points
+from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points, missing_plugin
 from ..run_layout import RUN_RECORD, STAGE_DIRS, read_record
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -120,19 +119,12 @@ def _refuse_uninstalled(group: str, where: str, name: str, run_dir: str) -> None
     refused naming the package to install: the nearest built-in name would train or score something else. A
     new run, or one recorded before run.json named its plug-ins, gets the generic refusal."""
     folder = Path(run_dir)
-    records = [read_record(f / RUN_RECORD) for f in (folder, *(folder / s for s in STAGE_DIRS))]
-    origin = next((o for r in records if (o := r.get("plugins", {}).get(group, {}).get(name))), None)
-    if origin is None:
-        return
-    package, version = origin["package"], origin["version"]
-    said = f"{where}: {name!r} came from the plug-in package {package} {version} ({origin['entry_point']})"
-    try:
-        here = importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(f"{said}; it is not installed here: pip install {package}") from None
-    raise ConfigError(
-        f"{said}; {package} {here}, installed here, registers no {name!r}: pip install {package}=={version}"
-    )
+    for record in (read_record(f / RUN_RECORD) for f in (folder, *(folder / s for s in STAGE_DIRS))):
+        # a hand-edited record that is not entry_point_origin's shape is passed over, as if unrecorded
+        groups = record.get("plugins")
+        names = groups.get(group) if isinstance(groups, dict) else None
+        if said := missing_plugin(name, names.get(name) if isinstance(names, dict) else None):
+            raise ConfigError(f"{where}: {said}")
 
 
 def _check_comparisons(entries: Any, run_dir: str) -> None:

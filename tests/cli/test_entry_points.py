@@ -250,3 +250,37 @@ def test_a_run_whose_package_was_uninstalled_names_the_package_to_install(
     assert code == 2 and err.endswith(
         "labpkg 0.2, installed here, registers no 'lab_relu': pip install labpkg==0.1\n"
     )
+
+
+_ORIGIN = {"package": "labpkg", "version": "0.1", "entry_point": "labpkg.attention"}
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        ["labpkg"],
+        {"attnxfer.attentions": ["lab_relu"]},
+        {"attnxfer.attentions": {"lab_relu": "labpkg"}},
+        {"attnxfer.attentions": {"lab_relu": dict(_ORIGIN, version=1)}},
+        {"attnxfer.attentions": {"lab_relu": _ORIGIN}},
+    ],
+)
+def test_a_hand_edited_plugins_record_gets_a_refusal_not_a_traceback(plugins, tmp_path, monkeypatch, capsys):
+    """run.json's ``plugins`` edited by hand into another shape is read as if unrecorded (the generic refusal
+    of an unknown name); one of the recorded shape names the package, with run_dir given relative to the
+    folder the command runs in."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"plugins": plugins}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run_cli(
+        capsys, "train", "data.dataset=synthetic", "model.attention=lab_relu", "run_dir=../run"
+    )
+    recorded = plugins == {"attnxfer.attentions": {"lab_relu": _ORIGIN}}
+    assert code == 2 and "Traceback" not in err, err
+    assert err.endswith(
+        "model.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
+        "installed here: pip install labpkg\n"
+        if recorded
+        else "@register_attention in a module named by an 'attnxfer.attentions' entry point)\n"
+    ), err
