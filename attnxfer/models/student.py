@@ -18,7 +18,7 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import InputError
-from ..plugins import ATTENTION_GROUP, entry_point_origin
+from ..plugins import ATTENTION_GROUP, entry_point_origin, missing_plugin
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
 from .attention.adapters import require_model
 from .attention.registry import get_attention_class
@@ -378,10 +378,10 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
         layers = [attn for _, attn in attention_layers(student)]
         spec["attention_options"] = [attn.options() if hasattr(attn, "options") else {} for attn in layers]
         # an installed package's attention (its registered class: a slot's subclass is a family's): the
-        # package to install where the student is loaded without it
+        # package and version to install where the student is loaded without it, as run.json's plugins say
         classes = {next((c for c in type(a).__mro__ if "attention_name" in vars(c)), type(a)) for a in layers}
         if sources := {
-            c.attention_name: f"package {origin['package']}, module {c.__module__}"
+            c.attention_name: origin
             for c in classes
             if (origin := entry_point_origin(ATTENTION_GROUP, c.__module__))
         }:
@@ -399,7 +399,12 @@ def student_from_spec(
             try:
                 get_attention_class(name)
             except KeyError:  # registered where it was trained (a fork's file, a script's import), not here
-                source = spec.get("attention_sources", {}).get(name)
+                sources = spec.get("attention_sources")
+                source = sources.get(name) if isinstance(sources, dict) else None
+                if said := missing_plugin(name, source):
+                    raise InputError(f"the student's attention {said}") from None
+                # a spec written before it recorded the version: "package P, module M"
+                source = source if isinstance(source, str) else None
                 raise InputError(
                     f"the student's attention {name!r}{f' ({source})' if source else ''} is not registered "
                     "here: import the module that registers it (@register_attention) before loading the student, "

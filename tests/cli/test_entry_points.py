@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import timm
-from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_vit
+from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.data import build_dataset
 from attnxfer.errors import InputError
@@ -102,18 +102,31 @@ def test_convert_help_gives_the_installed_attentions_rope_answer(install_package
 @pytest.mark.parametrize(
     "family", ["vit", "pvt_v2"]
 )  # PVTv2's layers: a family's subclass of the package's class
-def test_a_student_loaded_without_its_attentions_package_names_the_package(install_package, family):
+def test_a_student_loaded_without_its_attentions_package_names_the_package_to_install(
+    install_package, family
+):
     """A student of the package's attention, rebuilt where the package is not installed (an export handed on,
-    a run dir on another machine), names the distribution and module that registered it: what to install."""
-    install_package(_FILES, _ENTRY_POINTS)
+    a run dir on another machine), is told the pip command in run.json's wording: the package and the version
+    it was trained with. A spec written before it recorded the version still names package and module, and a
+    hand-edited one the generic refusal, without a traceback."""
+    site = install_package(_FILES, _ENTRY_POINTS)
     small = {"depths": (1,) * 4, "embed_dims": (8,) * 4, "num_heads": (1,) * 4}
     teacher = tiny_vit(depth=1) if family == "vit" else timm.create_model("pvt_v2_b0", **small)
     spec = student_spec(build_efficient_student(teacher, "lab_relu"))
-    del registry._ATTENTIONS["lab_relu"]  # as if uninstalled (the fixture puts the registry back)
-    with pytest.raises(
-        InputError, match=r"'lab_relu' \(package labpkg, module labpkg\.attention\) is not registered"
-    ):
+    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
+    del registry._ATTENTIONS["lab_relu"]  # (the fixture puts the registry back)
+    with pytest.raises(InputError) as said:
         student_from_spec(spec)
+    assert str(said.value) == (
+        "the student's attention 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is "
+        "not installed here: pip install labpkg"
+    )
+    older = dict(spec, attention_sources={"lab_relu": "package labpkg, module labpkg.attention"})
+    with pytest.raises(InputError, match=r"'lab_relu' \(package labpkg, module labpkg\.attention\) is not"):
+        student_from_spec(older)
+    for edited in (["labpkg"], {"lab_relu": {"package": "labpkg"}}):
+        with pytest.raises(InputError, match=r"^the student's attention 'lab_relu' is not registered here"):
+            student_from_spec(dict(spec, attention_sources=edited))
 
 
 @pytest.mark.slow
@@ -284,3 +297,43 @@ def test_a_hand_edited_plugins_record_gets_a_refusal_not_a_traceback(plugins, tm
         if recorded
         else "@register_attention in a module named by an 'attnxfer.attentions' entry point)\n"
     ), err
+
+
+@pytest.mark.slow
+def test_a_conversion_whose_attentions_package_was_uninstalled_names_it_to_export_and_inspect(
+    install_package, tiny_teacher_dir, tmp_path, capsys
+):
+    """export and inspect rebuild a conversion's student from its checkpoint's spec, not from run.json: they
+    name the package and the version to install as eval of the same folder does. (The student loader's
+    wording alone, fast: test_a_student_loaded_without_its_attentions_package_names_the_package_to_install.)"""
+    site = install_package(_FILES, _ENTRY_POINTS)
+    run = tmp_path / "conversion"
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        *tiny_run(16, 8),
+        "convert.attention=lab_relu",
+        "convert.stage1_train=qk",
+        "convert.stage1_steps=1",
+        "schedule.max_steps=1",
+        "transfer.mode=none",
+        *tiny_convert_report(1, 2),
+        "convert.speed_sweep=[]",
+    )
+    assert code == 0, err
+    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
+    load_entry_points.cache_clear()
+    del registry._ATTENTIONS["lab_relu"]
+    said = (
+        "'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not installed here: "
+        "pip install labpkg\n"
+    )
+    for argv in (
+        ["eval", "-c", str(run / "config.yaml")],
+        ["export", str(run), str(tmp_path / "export")],
+        ["inspect", f"local-dir:{tiny_teacher_dir}", str(run), "--num-images", "1"],
+    ):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and err.endswith(said), err
