@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from helpers import tiny_run
+from helpers import rewrite_checkpoint_state, tiny_run
 
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
@@ -182,6 +182,20 @@ def test_an_evaluation_redone_after_a_stop_at_an_epochs_last_step_is_logged_once
     events.Reload()
     assert [e.step for e in events.Scalars("val/top1")] == [4, 8, 12]
     assert [e.step for e in events.Scalars("train/total")] == list(range(1, 13))
+
+
+def test_a_checkpoint_from_before_the_history_was_kept_keeps_its_evaluation_on_resume(tmp_path):
+    """A run stopped mid-epoch by schedule.max_steps is scored, then saved; an older attnxfer wrote that
+    checkpoint without its history. The resume trains on past that step and never scores it again, so its
+    val record must stay in metrics.jsonl (it was dropped as if saved before its evaluation)."""
+    run = tmp_path / "older"
+    train(load_config(None, [f"run_dir={run}", *TINY, "schedule.max_steps=3"]))
+    keys = ("history", "seconds", "last_lr", "log_window")  # what an older attnxfer did not write
+    rewrite_checkpoint_state(
+        run / "checkpoints" / "step-00000003" / "state.json", lambda s: [s.pop(k) for k in keys]
+    )
+    train(load_config(None, [f"run_dir={run}", *TINY, "schedule.max_steps=4"]))
+    assert [r["step"] for r in _records(run, "val")] == [3, 4]
 
 
 def _stopped_after_two_steps_and_resplit(keys: list[str]) -> None:
