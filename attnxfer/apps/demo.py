@@ -10,6 +10,7 @@ demo recipes and the docs name; the students read the hashed one, so that a new 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -263,7 +264,8 @@ def _build_teacher(out_dir: Path, key: str, steps: int | None, progress: list[st
 def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
     """Copy a teacher's export to its stable path ``stable`` (real files, the folder replaced whole: a reader
     sees the old teacher or the new one), unless it already holds this teacher; a different teacher there
-    (other settings, an `attnxfer pretrain` of the recipe) is replaced, and the demo says so."""
+    (other settings, an `attnxfer pretrain` of the recipe) is replaced, and the demo says so (one that no demo
+    folder holds is kept beside it)."""
     stamp = stable / "attnxfer_source.json"
     held = json.loads(stamp.read_text()) if stamp.is_file() else {}
     ours = held.get("config_digest") == row["config_digest"]
@@ -291,6 +293,13 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
                 else "a teacher made otherwise"
             )
             say(f"[demo] {stable}: replacing {was} with the export of {row['run_dir']}")
+            cached = Path(held.get("run_dir") or stable) / "export" / "model.safetensors"
+            if not (cached.is_file() and wb.is_file() and sha256_file(cached) == sha256_file(wb)):
+                # no demo folder holds it (`attnxfer pretrain -c demo/mae_pretrain`'s export): the teacher of
+                # runs that check it by hash, kept as pretrain keeps an export it replaces
+                now = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+                kept = shutil.copytree(stable, stable.with_name(f"{stable.name}.replaced-{now}"))
+                say(f"[demo] kept the teacher it replaces as {kept}")
         replace_dir(staging, stable)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -948,6 +948,28 @@ def test_the_demo_leaves_its_teacher_at_one_path_and_replaces_it_only_for_anothe
     assert (tmp_path / "mae-aaaa" / "export" / "config.json").read_text() == "first"  # the hashed one stays
 
 
+def test_the_demo_keeps_a_pretrain_export_it_replaces_beside_its_own(tmp_path, capsys):
+    """`attnxfer pretrain -c demo/mae_pretrain` exports runs/demo/mae/export, the teacher of runs trained from
+    it (checked by hash on resume). The demo publishing its own teacher there deleted that export; it is kept
+    beside the new one, as pretrain keeps an export it replaces. The demo's own earlier teacher stays only in
+    its cache folder."""
+    from attnxfer.apps.demo import publish_export
+
+    stable = tmp_path / "runs" / "demo" / "mae" / "export"
+    stable.mkdir(parents=True)
+    (stable / "config.json").write_text("the pretrain's")
+    (stable / "model.safetensors").write_bytes(b"the pretrain's weights")
+    ours = tmp_path / "mae-aaaa" / "export"
+    ours.mkdir(parents=True)
+    (ours / "config.json").write_text("the demo's")
+    (ours / "model.safetensors").write_bytes(b"the demo's weights")
+    publish_export(ours, stable, {"config_digest": "a" * 16, "run_dir": str(ours.parent)})
+    assert (stable / "model.safetensors").read_bytes() == b"the demo's weights"
+    (kept,) = stable.parent.glob("export.replaced-*")
+    assert (kept / "model.safetensors").read_bytes() == b"the pretrain's weights"
+    assert f"kept the teacher it replaces as {kept}" in capsys.readouterr().out
+
+
 def test_the_demo_goes_on_in_runs_demo_after_a_demo_recipe_ran_there(tmp_path, monkeypatch, capsys):
     """`attnxfer pretrain -c demo/mae_pretrain` (or `train -c demo/copy`) writes runs/demo/mae (runs/demo/copy):
     `attnxfer demo` then refused its own folder as "other work", where it replaces that export and says so.
