@@ -293,8 +293,8 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
                 else "a teacher made otherwise"
             )
             say(f"[demo] {stable}: replacing {was} with the export of {row['run_dir']}")
-            cached = Path(held.get("run_dir") or stable) / "export" / "model.safetensors"
-            if not (cached.is_file() and wb.is_file() and sha256_file(cached) == sha256_file(wb)):
+            cached = Path(held["run_dir"]) / "export" / "model.safetensors" if held.get("run_dir") else None
+            if not (cached and cached.is_file() and wb.is_file() and sha256_file(cached) == sha256_file(wb)):
                 # no demo folder holds it (`attnxfer pretrain -c demo/mae_pretrain`'s export): the teacher of
                 # runs that check it by hash, kept as pretrain keeps an export it replaces
                 now = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
