@@ -16,7 +16,7 @@ from typing import Any
 from ..config import ConfigError
 from ..errors import InputError, did_you_mean
 from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points, missing_plugin
-from ..run_layout import RUN_RECORD, STAGE_DIRS, read_record
+from ..run_layout import CHECKPOINTS_SUBDIR, RUN_RECORD, STAGE_DIRS, STATE_NAME, read_record
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: the files that register attentions: softmax's and the zoo's
@@ -115,11 +115,13 @@ def _comparison_names() -> frozenset[str]:
 
 
 def _refuse_uninstalled(group: str, where: str, name: str, run_dir: str) -> None:
-    """A name the run's run.json (a conversion's: its stages') records as a plug-in's, not registered here, is
-    refused naming the package to install: the nearest built-in name would train or score something else. A
-    new run, or one recorded before run.json named its plug-ins, gets the generic refusal."""
+    """A name the run's run.json (a conversion's: its stages', and its stage 1 checkpoint's state while stage 2
+    has written none) records as a plug-in's, not registered here, is refused naming the package to install:
+    the nearest built-in name would train or score something else. A new run, or one recorded before run.json
+    named its plug-ins, gets the generic refusal."""
     folder = Path(run_dir)
-    for record in (read_record(f / RUN_RECORD) for f in (folder, *(folder / s for s in STAGE_DIRS))):
+    stage1 = (folder / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR).glob(f"*/{STATE_NAME}")
+    for record in map(read_record, [*(folder / s / RUN_RECORD for s in ("", *STAGE_DIRS)), *stage1]):
         # a hand-edited record that is not entry_point_origin's shape is passed over, as if unrecorded
         groups = record.get("plugins")
         names = groups.get(group) if isinstance(groups, dict) else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
 import pytest
 import timm
@@ -299,6 +300,33 @@ def test_a_hand_edited_plugins_record_gets_a_refusal_not_a_traceback(plugins, tm
     ), err
 
 
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_stage_1_checkpoints_plugins_record_names_the_package_and_an_older_one_gets_the_generic_refusal(
+    recorded, tmp_path, capsys
+):
+    """A conversion stopped in stage 1 has no run.json (stage 2 writes it): its resume reads the plug-ins its
+    stage 1 checkpoint's state.json records, and one saved before stage 1 recorded them gets the generic
+    refusal, as before. (The whole stop and resume: the slow test below.)"""
+    step = tmp_path / "run" / "stage1" / "checkpoints" / "step-00000001"
+    step.mkdir(parents=True)
+    plugins = {"plugins": {"attnxfer.attentions": {"lab_relu": _ORIGIN}}} if recorded else {}
+    (step / "state.json").write_text(json.dumps({"step": 1, "complete": False, **plugins}))
+    code, _, err = run_cli(
+        capsys,
+        "convert",
+        "data.dataset=synthetic",
+        "convert.attention=lab_relu",
+        f"run_dir={tmp_path / 'run'}",
+    )
+    assert code == 2 and "Traceback" not in err, err
+    assert err.endswith(
+        "convert.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
+        "installed here: pip install labpkg\n"
+        if recorded
+        else "@register_attention in a module named by an 'attnxfer.attentions' entry point)\n"
+    ), err
+
+
 @pytest.mark.slow
 def test_a_conversion_whose_attentions_package_was_uninstalled_names_it_to_export_and_inspect(
     install_package, tiny_teacher_dir, tmp_path, capsys
@@ -332,8 +360,40 @@ def test_a_conversion_whose_attentions_package_was_uninstalled_names_it_to_expor
     )
     for argv in (
         ["eval", "-c", str(run / "config.yaml")],
+        ["eval", f"run_dir={run}"],  # the folder, without its config
         ["export", str(run), str(tmp_path / "export")],
         ["inspect", f"local-dir:{tiny_teacher_dir}", str(run), "--num-images", "1"],
     ):
         code, _, err = run_cli(capsys, *argv)
         assert code == 2 and err.endswith(said), err
+
+
+@pytest.mark.slow
+def test_a_conversion_stopped_in_stage_1_names_its_attentions_package_to_its_resume(
+    install_package, tiny_teacher_dir, tmp_path, capsys, monkeypatch
+):
+    """A conversion stopped during stage 1 has no run.json yet (stage 2 writes it): its stage 1 checkpoint
+    records the plug-in's package, so its resume where the package is gone names what to install, not the
+    generic refusal of an unknown attention."""
+    site = install_package(_FILES, _ENTRY_POINTS)
+    run = tmp_path / "conversion"
+    args = [f"run_dir={run}", f"teacher.spec=local-dir:{tiny_teacher_dir}", *tiny_run(16, 8)]
+    with monkeypatch.context() as patch:  # SIGTERM after stage 1's first step (SLURM's preemption)
+        patch.setattr("attnxfer.train.stage1.stop_signal", lambda: signal.SIGTERM)
+        code, _, err = run_cli(
+            capsys,
+            "convert",
+            *args,
+            "convert.attention=lab_relu",
+            "convert.stage1_train=qk",
+            "convert.stage1_steps=2",
+        )
+    assert code == 143 and not (run / "stage2").exists(), err
+    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
+    load_entry_points.cache_clear()
+    del registry._ATTENTIONS["lab_relu"]
+    code, _, err = run_cli(capsys, "convert", "-c", str(run / "config.yaml"))
+    assert code == 2 and err.endswith(
+        "convert.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
+        "installed here: pip install labpkg\n"
+    ), err

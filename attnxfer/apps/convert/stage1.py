@@ -32,6 +32,7 @@ from ...transfer.conversion import ConversionPlan
 from ..run.loaders import data_seed
 from ..run.parts import RunParts
 from ..run.resume import check_same_data, check_teacher_content, judge
+from ..run.training import plugin_origins
 
 #: the config keys stage 1 reads: a change of any other (stage 2's, the report's) leaves its checkpoints valid
 STAGE1_KEYS = (
@@ -269,6 +270,8 @@ class _Stage1Saves:
             "teacher": self.parts.teacher_record,
             "data": self.data,
             "world_size": rank_and_world()[1],
+            # as run.json's, which stage 2 writes: a resume of a stage 1 stopped before it names what to install
+            **({"plugins": origins} if (origins := plugin_origins(self.cfg)) else {}),
         }
         if optimizer_state is not None:
             tensors["optimizer"], state["optimizer_meta"] = optimizer_state_to_tensors(optimizer_state)
