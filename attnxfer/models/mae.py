@@ -75,8 +75,9 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channel
 
 
 def kept_patches(num_patches: int, mask_ratio: float) -> int:
-    """How many of ``num_patches`` the encoder sees at ``mask_ratio``: the rest, rounded, and at least one."""
-    return max(1, round(num_patches * (1.0 - mask_ratio)))
+    """How many of ``num_patches`` the encoder sees at ``mask_ratio``: MAE's count, the rest truncated, in the
+    float expression of MAE's ``random_masking`` (``int(L * (1 - mask_ratio))``), so it agrees to the patch."""
+    return int(num_patches * (1 - mask_ratio))
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -88,9 +89,9 @@ def random_masking(
     """``(keep_idx (B, K), mask (B, N))``, mask 1 on hidden patches: each image keeps the K (at least one)
     patches of smallest uniform noise, so each subset of size K is equally likely. ``generator`` a sequence:
     one per image, whose noise it alone draws, so an image's mask does not depend on the batch it is in."""
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     keep = kept_patches(num_patches, mask_ratio)
+    if not 0.0 <= mask_ratio < 1.0 or keep < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1) and keep one of {num_patches} patches: {mask_ratio}")
     if isinstance(generator, Sequence):
         if len(generator) != batch:
             raise ValueError(f"one generator per image: got {len(generator)} for {batch} images")
@@ -189,10 +190,12 @@ class MaskedAutoencoder(nn.Module):
                 f"MAE pre-training hides some patches and keeps some, and a {side} px image (data.img_size) is "
                 f"one {self.patch} px patch (model.kwargs.patch_size): use smaller patches or larger images"
             )
-        if kept_patches(patches, mask_ratio) == patches:  # the loss is on the hidden patches alone
+        keep = kept_patches(patches, mask_ratio)
+        if keep in (0, patches):  # the loss is on the hidden patches alone; the encoder sees the kept ones
+            fix = f"at most {(1000 * (patches - 1) - 1) // patches / 1000:g}" if keep == 0 else "above 0"
             raise InputError(
-                f"mask_ratio={mask_ratio} hides none of the encoder's {patches} patches, so the loss would be 0 "
-                f"throughout: raise it above {0.5 / patches:.3g} (MAE's is 0.75)"
+                f"mae.mask_ratio={mask_ratio} {'keeps' if keep == 0 else 'hides'} none of the encoder's {patches} "
+                f"patches (MAE keeps int(N·(1 − mask_ratio)) of N): set it {fix} (MAE's is 0.75)"
             )
 
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)

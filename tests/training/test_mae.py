@@ -29,6 +29,7 @@ from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.models.mae import (
     MaskedAutoencoder,
+    kept_patches,
     masked_patch_loss,
     patchify,
     random_masking,
@@ -59,10 +60,14 @@ TINY = [
 
 
 # -- masking ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    "n,ratio,kept", [(49, 0.75, 12), (49, 0.5, 24), (16, 0.75, 4), (50, 0.9, 5), (9, 0.0, 9)]
-)
+# MAE's count, int(L * (1 - mask_ratio)) in its random_masking, by hand: 196 at 0.9 keeps 19 (19.6), 64 at 0.6
+# keeps 25 (25.6), 50 at 0.9 keeps 4 (the float 1 - 0.9 is below 0.1: 4.999...), 49 at 0.75 (the demo) 12.
+MAE_COUNTS = [(196, 0.9, 19), (196, 0.75, 49), (49, 0.75, 12), (64, 0.6, 25), (50, 0.9, 4), (49, 0.5, 24)]
+
+
+@pytest.mark.parametrize("n,ratio,kept", [*MAE_COUNTS, (16, 0.75, 4), (9, 0.0, 9), (49, 0.979, 1)])
 def test_masking_keeps_exactly_the_requested_share_of_patches_in_every_image(n, ratio, kept):
+    assert kept_patches(n, ratio) == kept == int(n * (1 - ratio))  # MAE's own expression, to the patch
     g = torch.Generator().manual_seed(0)
     keep_idx, mask = random_masking(64, n, ratio, generator=g)
     assert keep_idx.shape == (64, kept)
@@ -80,9 +85,10 @@ def test_masking_draws_every_patch_equally_often():
     torch.testing.assert_close(freq, torch.full((16,), 4 / 16), atol=0.015, rtol=0)
 
 
-def test_mask_ratio_out_of_range_is_an_error():
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
-        random_masking(2, 16, 1.0)
+def test_mask_ratio_out_of_range_or_keeping_no_patch_is_an_error():
+    for ratio in (1.0, 0.99):  # 0.99 of 49 keeps int(0.49) = 0
+        with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\) and keep one of 49 patches"):
+            random_masking(2, 49, ratio)
 
 
 # -- patches and loss ------------------------------------------------------------------------------
@@ -127,11 +133,19 @@ def _tiny_mae(**kwargs) -> MaskedAutoencoder:
     return MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=1, **kwargs)
 
 
-def test_a_mask_ratio_that_hides_no_patch_is_refused():
-    """The loss is on the hidden patches alone: 0.005 of 49 rounds to none hidden, a loss of 0 every step."""
-    with pytest.raises(ValueError, match="hides none of the encoder's 49 patches"):
-        _tiny_mae(mask_ratio=0.005)
-    assert _tiny_mae(mask_ratio=0.02).mask_ratio == 0.02  # one patch hidden: something to learn
+def test_a_mask_ratio_that_hides_no_patch_or_keeps_none_is_refused_naming_one_that_works():
+    """The loss is on the hidden patches alone (none hidden: a loss of 0 every step), and the encoder needs a
+    patch to see: 0.99 of 49 keeps int(0.49) = 0 in MAE's count, refused rather than run on another count."""
+    with pytest.raises(InputError, match="hides none of the encoder's 49 patches.*set it above 0"):
+        _tiny_mae(mask_ratio=0.0)
+    with pytest.raises(
+        InputError, match=r"mae.mask_ratio=0.99 keeps none of the encoder's 49 .*at most 0.979 "
+    ):
+        _tiny_mae(mask_ratio=0.99)
+    assert (
+        _tiny_mae(mask_ratio=0.005).mask_ratio == 0.005
+    )  # int(48.755): one patch hidden, something to learn
+    assert _tiny_mae(mask_ratio=0.979).mask_ratio == 0.979  # the one it names keeps int(1.029) = 1
 
 
 def test_per_patch_normalised_targets_of_one_value_patches_are_refused_not_nan():
@@ -767,6 +781,10 @@ def test_the_encoder_takes_model_kwargs_in_chans_over_the_datas_as_trains_studen
     [
         (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be > 0 and < 1"),
         (["mae.mask_ratio=0"], "mae.mask_ratio: must be > 0 and < 1"),  # no patch masked: a loss of 0
+        (
+            [*TINY, "mae.mask_ratio=0.99"],
+            "mae.mask_ratio=0.99 keeps none of the encoder's 49 patches (MAE keeps",
+        ),
         (["teacher.spec=vit_base_patch16_224.mae"], "it learns from pixels alone; attention transfer from"),
         (["teacher.dtype=fp32"], "pretrain does not read teacher.dtype='fp32' (it has no teacher; precision"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
