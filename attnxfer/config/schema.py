@@ -327,7 +327,8 @@ class MAEConfig:
     The encoder is the model (its head is not built); the decoder is light and is dropped at export.
     """
 
-    # share of patches hidden from the encoder, in (0, 1): at 0 no patch is masked and the loss is 0 throughout
+    # share of patches hidden from the encoder, in (0, 1): at 0 no patch is masked, a loss of 0 throughout;
+    # the encoder keeps MAE's int(N·(1 − x)) of N patches; a ratio keeping none is refused when it is built
     mask_ratio: float = key(0.75, range=Range(0, 1, low_open=True, high_open=True))
     decoder_dim: int = key(64, range=AT_LEAST_1)  # decoder width (divisible by 4 and by decoder_heads)
     decoder_depth: int = key(2, range=AT_LEAST_1)  # decoder blocks (MAE's: 8)
