@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import submitit
@@ -24,6 +25,7 @@ from ...run_layout import CHECKPOINTS_SUBDIR
 from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
+from .earlier_names import current_config, install as install_earlier_names
 
 
 class RequeueLimitReached(RuntimeError):
@@ -41,6 +43,11 @@ SCONTROL_TIMEOUT_S = 20.0
 
 #: what a job past its requeue bound says to do; `attnxfer submit` adds how its config resumes
 RESUBMIT = "resubmit to continue"
+
+
+# a job requeued after an upgrade unpickles this module's TrainingTask first, then its callable and config by the
+# names the version that submitted it gave them
+install_earlier_names()
 
 
 class TrainingTask(submitit.helpers.Checkpointable):
@@ -233,6 +240,13 @@ class TrainingTask(submitit.helpers.Checkpointable):
             atomic_write_text(path, json.dumps(record, indent=1))
         except Exception as e:  # a report must not break the requeue itself
             warn(f"could not record requeue: {e}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # an earlier version's `--command study` named its callable attnxfer.apps.study.study, now a module
+        if isinstance(self.main_fn, ModuleType):
+            self.main_fn = getattr(self.main_fn, self.main_fn.__name__.rpartition(".")[2])
+        self.cfg = current_config(self.cfg)  # an earlier version's config holds that version's keys only
 
     def __repr__(self) -> str:
         name = getattr(self.main_fn, "__qualname__", repr(self.main_fn))
