@@ -345,6 +345,46 @@ def test_other_sum_formulas_are_row_stochastic_and_their_core_is_the_map(program
         torch.testing.assert_close(a.attend(q, k, v), m @ v, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("program", "power", "after_pow"),
+    [("sum(exp.pow(8))", 8, lambda e: e**8), ("sum(exp.square)", 2, lambda e: e**2 + EPS)],
+)
+def test_exp_then_a_power_stays_finite_in_fp32_with_large_inputs(program, power, after_pow):
+    a = FormulaAttention(DIM, HEADS, program=program, **_layout())
+    q, k, v = (20 * t.float() for t in _qkv(65))  # teacher q/k reach |x| of 10-20
+    with torch.no_grad():
+        assert torch.isfinite(a.attend(q, k, v)).all()
+        phi = a.features_q(q)[0]
+    # the definition in float64: exp's input capped at 30 / power, so no feature passes e^30
+    expected = after_pow(q.double().clamp(max=30 / power).exp() + EPS)
+    torch.testing.assert_close(phi.double(), expected, rtol=1e-5, atol=1e-30)
+
+
+def test_exp_alone_keeps_its_cap_of_30_bit_for_bit():
+    a = FormulaAttention(DIM, HEADS, program="sum(exp)", **_layout())
+    q = 20 * _qkv(65)[0].float()
+    assert q.max() > 30
+    with torch.no_grad():
+        assert torch.equal(a.features_q(q)[0], q.clamp(max=30).exp() + 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("program", "caps"),
+    [
+        ("sum(exp.l2.pow(8))", [30]),  # normalised before the power
+        ("sum(exp.pow(2).softmax.pow(8))", [15]),  # the power before softmax counts, the one after not
+        ("sum(cat(exp,relu).pow(3))", [10]),  # a branch's chain goes on after its cat
+        ("sum(exp.cat(pow(2),square.square))", [7.5]),  # the larger branch
+        ("sum(exp.pow(2).exp.pow(4))", [15, 7.5]),  # a later exp caps its own input
+    ],
+)
+def test_each_exp_is_capped_by_the_power_before_a_bounding_op(program, caps):
+    a = FormulaAttention(DIM, HEADS, program=program, **_layout())
+    big = (torch.tensor([100.0], dtype=torch.float64),)
+    exps = [m for m in a.features_q.modules() if getattr(m, "op", None) == Op("exp")]
+    assert [m(big, D)[0].item() for m in exps] == [math.exp(c) + EPS for c in caps]
+
+
 def test_len_formula_is_signed_and_divides_by_the_token_count():
     a = FormulaAttention(DIM, HEADS, program="len(proj(8))", **_layout()).double()
     assert (

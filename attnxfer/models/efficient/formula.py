@@ -44,7 +44,8 @@ from .window import WindowAttention, WindowLinearAttention
 
 Blocks = tuple[torch.Tensor, ...]
 EPS = 1e-6
-#: exp's input is capped here so that fp32 features cannot overflow.
+#: No feature may exceed about e^EXP_CAP, so fp32 cannot overflow: exp's input is capped at EXP_CAP / D, D the
+#: power the ops after it raise its output to (`_degree`).
 EXP_CAP = 30.0
 #: The program of the plain name ``formula`` (no program given): Hedgehog's.
 DEFAULT_PROGRAM = HAND_DESIGNED["hedgehog"][len(PREFIX) :]
@@ -77,11 +78,12 @@ def _cos(blocks: Blocks, head_dim: int) -> Blocks:
     return tuple(b * cos for b in blocks) + tuple(b * sin for b in blocks)
 
 
-#: Parameter-free ops by name: (blocks, head dim) -> blocks; ``pow``/``focus`` take their power first.
+#: Parameter-free ops by name: (blocks, head dim) -> blocks; ``pow``/``focus`` take their power first, ``exp``
+#: its input cap.
 FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
     "relu": lambda: _elementwise(lambda x: add_scalar(F.relu(x), EPS)),
     "elu1": lambda: _elementwise(lambda x: add_scalar(F.elu(x), 1.0 + EPS)),
-    "exp": lambda: _elementwise(lambda x: add_scalar(x.clamp(max=EXP_CAP).exp(), EPS)),
+    "exp": lambda cap=EXP_CAP: _elementwise(lambda x: add_scalar(x.clamp(max=cap).exp(), EPS)),
     "softplus": lambda: _elementwise(lambda x: add_scalar(F.softplus(x), EPS)),
     "square": lambda: _elementwise(lambda x: add_scalar(x.square(), EPS)),
     "softmax": lambda: _whole(lambda x: add_scalar(x.softmax(dim=-1), EPS)),
@@ -168,11 +170,26 @@ def chain_counts(chain: tuple[Step, ...], num_tokens: int, width: int, head_dim:
     return total, width
 
 
+def _degree(chain: tuple[Step, ...], after: float = 1.0) -> float:
+    """The power ``chain``, then what follows it (``after``), raises a large input to, up to the first op that
+    bounds it (softmax, l2, or a later exp's own cap): ``pow(p)`` multiplies by p, ``square`` by 2, the rest
+    are linear at most (focus keeps the norm); a ``cat`` takes its larger branch."""
+    power = 1.0
+    for i, step in enumerate(chain):
+        if isinstance(step, Cat):
+            rest = _degree(chain[i + 1 :], after)
+            return power * max(_degree(step.left, rest), _degree(step.right, rest))
+        if step.name in ("softmax", "l2", "exp"):
+            return power
+        power *= step.arg if step.name == "pow" else 2.0 if step.name == "square" else 1.0
+    return power * after
+
+
 class _Fixed(nn.Module):
-    def __init__(self, op: Op) -> None:
+    def __init__(self, op: Op, *args: float) -> None:
         super().__init__()
         self.op = op
-        self.fn = FIXED_OPS[op.name]() if op.arg is None else FIXED_OPS[op.name](op.arg)
+        self.fn = FIXED_OPS[op.name](*args) if op.arg is None else FIXED_OPS[op.name](op.arg)
 
     def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
         return self.fn(blocks, head_dim)
@@ -192,7 +209,7 @@ class _Branches(nn.Module):
 
 class FeatureChain(nn.Module):
     """A grammar chain as modules: (..., H, N, d) -> feature blocks, for q or k (the window hybrid passes
-    (B, windows, H, L, d); ``cos`` needs the whole sequence)."""
+    (B, windows, H, L, d); ``cos`` needs the whole sequence). ``after``: the `_degree` of what follows it."""
 
     def __init__(
         self,
@@ -202,20 +219,24 @@ class FeatureChain(nn.Module):
         width: int | None = None,
         device=None,
         dtype=None,
+        after: float = 1.0,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
         width = head_dim if width is None else width
         steps: list[nn.Module] = []
-        for step in chain:
+        for i, step in enumerate(chain):
             if isinstance(step, Cat):
-                left = FeatureChain(step.left, num_heads, head_dim, width, device, dtype)
-                right = FeatureChain(step.right, num_heads, head_dim, width, device, dtype)
+                rest = _degree(chain[i + 1 :], after)
+                left = FeatureChain(step.left, num_heads, head_dim, width, device, dtype, rest)
+                right = FeatureChain(step.right, num_heads, head_dim, width, device, dtype, rest)
                 steps.append(_Branches(left, right))
                 width = left.out_dim + right.out_dim
                 continue
             if step.name in LEARNED_OPS:
                 steps.append(LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype))
+            elif step.name == "exp":
+                steps.append(_Fixed(step, EXP_CAP / _degree(chain[i + 1 :], after)))
             else:
                 steps.append(_Fixed(step))
             width = OPS[step.name].width(width, head_dim, step.arg)

@@ -71,7 +71,7 @@ _cos_sign = lambda s: Sign.SIGNED if s is Sign.SIGNED else Sign.OVERLAP
 OPS: dict[str, OpSpec] = {
     "relu": OpSpec("relu(x) + eps", _positive),
     "elu1": OpSpec("elu(x) + 1 + eps", _positive),
-    "exp": OpSpec("exp(min(x, 30)) + eps", _positive),
+    "exp": OpSpec("exp(min(x, 30 / D)) + eps, D the power later ops raise it to", _positive),
     "softplus": OpSpec("softplus(x) + eps", _positive),
     "square": OpSpec("x^2 + eps", _positive),
     "softmax": OpSpec("softmax over the feature dim + eps", _positive),
