@@ -149,6 +149,67 @@ def test_swin_swap_inside_windows_with_the_shift_mask(swin):
     assert not torch.allclose(attn(x, mask=mask), unmasked, atol=1e-4)  # the mask matters here
 
 
+def _focused(q, k, v, keep=None):
+    """Focused linear attention's map at focus_scale 0, written out: f(x) = |x'| x'^3 / |x'^3|,
+    x' = (relu(x) + 1e-6) / softplus(0); ``keep`` restricts keys, rows renormalised."""
+
+    def f(x):
+        x = (F.relu(x) + 1e-6) / F.softplus(torch.zeros(()))
+        return x.pow(3) / x.pow(3).norm(dim=-1, keepdim=True) * x.norm(dim=-1, keepdim=True)
+
+    a = f(q) @ f(k).transpose(-1, -2)
+    if keep is not None:
+        a = a * keep
+    return (a / a.sum(-1, keepdim=True)) @ v
+
+
+def _region_conv(v, dwc, side, mask):
+    """A depthwise conv of (B·nW, H, N, d) window tokens tap by tap: token j enters token i's sum if j is in
+    the window and ``mask`` (timm's (nW, N, N) shift mask, None: one region) does not separate i and j."""
+    out = dwc.bias.expand_as(v).clone()
+    r, mask = dwc.kernel_size[0] // 2, torch.zeros(1, side * side, side * side) if mask is None else mask
+    for i in range(side * side):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                y, x = i // side + dy, i % side + dx
+                if not (0 <= y < side and 0 <= x < side):
+                    continue
+                j = y * side + x
+                same = (mask[:, i, j] == 0).float().repeat(v.shape[0] // len(mask))
+                out[:, :, i] += same[:, None, None] * dwc.weight[:, 0, dy + r, dx + r] * v[:, :, j]
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, options, core",
+    [
+        ("focused_linear", {"kernel_size": 3}, _focused),
+        ("formula:sum(relu+conv(3))", {}, _relu_linear),
+    ],
+)
+@pytest.mark.parametrize("block", [1, 0])
+def test_swin_windows_add_the_conv_term_within_the_querys_region(swin, name, options, core, block):
+    """A zoo attention's depthwise conv of v (focused linear's, a formula's ``+conv``): in a shifted window
+    only the taps in the query's region (and window) count, as its map's rows are restricted; an unshifted
+    window convolves over all of it."""
+    student = build_efficient_student(swin, name, **options).eval()
+    blk, attn = swin.layers[0].blocks[block], student.layers[0].blocks[block].attn
+    assert bool(any(blk.shift_size)) == (block == 1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        attn.dwc.weight.copy_(torch.randn(attn.dwc.weight.shape, generator=g))
+        attn.dwc.bias.copy_(torch.randn(attn.dwc.bias.shape, generator=g))
+    mask, side = blk.attn_mask, blk.window_size[0]
+    windows, n = (4 if mask is None else mask.shape[0]), side * side  # an 8x8 grid in 4x4 windows
+    x = torch.randn(2 * windows, n, 16, generator=g)
+    q, k, v = blk.attn.qkv(x).reshape(2 * windows, n, 3, 1, 16).permute(2, 0, 3, 1, 4)
+    keep = None if mask is None else (mask == 0).float().repeat(2, 1, 1).unsqueeze(1)
+    with torch.no_grad():
+        heads = core(q, k, v, keep=keep) + _region_conv(v, attn.dwc, side, mask)
+        ref = blk.attn.proj(heads.transpose(1, 2).reshape(2 * windows, n, 16))
+        torch.testing.assert_close(attn(x, mask=mask), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, options", [("hydra", {}), ("nystrom", {"num_landmarks": 4})])
 def test_a_shifted_swin_block_refuses_an_attention_without_a_row_stochastic_map(swin, name, options):
     # its rows cannot be restricted to the shift's regions: refused, not an attention branch of zeros

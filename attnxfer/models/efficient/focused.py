@@ -25,12 +25,32 @@ FOCUSED_BF16 = PrecisionPolicy(
 
 
 def depthwise_grid_conv(
-    v: torch.Tensor, dwc: nn.Conv2d, num_prefix: int, grid: tuple[int, int]
+    v: torch.Tensor,
+    dwc: nn.Conv2d,
+    num_prefix: int,
+    grid: tuple[int, int],
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dwc`` over v's grid tokens, zeros at prefix tokens: (B, H, N, d) -> (B, H, N, d)."""
+    """``dwc`` over v's grid tokens, zeros at prefix tokens: (B, H, N, d) -> (B, H, N, d). ``keep``
+    (B, 1, N, N, True where two tokens share a region of a shifted Swin window): each token's taps only
+    within its region, zero padded at its edges as at the grid's."""
     B, H, _, d = v.shape
-    conv = _grid_conv(v[:, :, num_prefix:], dwc, grid)
+    grid_tokens = v[:, :, num_prefix:]
+    if keep is None:
+        conv = _grid_conv(grid_tokens, dwc, grid)
+    else:  # Σ over regions r of mask_r · conv(v · mask_r); each token in one region, so one bias each
+        regions = _region_masks(keep[..., num_prefix:, num_prefix:])
+        conv = sum(m * _grid_conv(grid_tokens * m, dwc, grid) for m in regions)
     return torch.cat([v.new_zeros(B, H, num_prefix, d), conv], dim=-2)
+
+
+def _region_masks(keep: torch.Tensor, count: int = 4) -> list[torch.Tensor]:
+    """(B, 1, N, 1) masks of the regions of a same-region mask (B, 1, N, N), in raster order of their first
+    tokens: Swin's shift cuts a window at most once per axis, so ``count`` 4 takes every region."""
+    first = keep.to(torch.uint8).argmax(-1)  # each token's region named by its first token
+    starts = first == torch.arange(keep.shape[-1], device=keep.device)
+    rank = starts.cumsum(-1).gather(-1, first) - 1  # the region's number: starts up to its first token
+    return [(rank == r).unsqueeze(-1) for r in range(count)]
 
 
 def _grid_conv(grid_tokens: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int]) -> torch.Tensor:
@@ -105,9 +125,11 @@ class FocusedLinearAttention(KernelAttention):
 
     key_features = query_features
 
-    def local_term(self, v: torch.Tensor) -> torch.Tensor:
-        """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
-        return depthwise_grid_conv(v.to(compute_dtype(v)), self.dwc, *self.token_layout(v.shape[-2]))
+    def local_term(self, v: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Depthwise conv of v over the grid, zeros at prefix tokens (within ``keep``'s regions: see
+        `depthwise_grid_conv`): (B, H, N, d)."""
+        layout = self.token_layout(v.shape[-2])
+        return depthwise_grid_conv(v.to(compute_dtype(v)), self.dwc, *layout, keep)
 
     def _attend_mapped(self, q, k, v):
         return super()._attend(q, k, v)

@@ -321,8 +321,12 @@ class FormulaAttention(WindowLinearAttention):
     def _attend(self, q, k, v):
         out = self._attend_mapped(q, k, v)
         if self.dwc is not None:
-            out = out + depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]))
+            out = out + self.local_term(v)
         return out
+
+    def local_term(self, v: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``conv`` term (``dwc`` set): as `FocusedLinearAttention.local_term`, v's own dtype."""
+        return depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]), keep)
 
     def _map_context(self, q, k):
         if self.formula.window is not None:

@@ -95,7 +95,10 @@ class SwinSlot:
         # The kernel attention over the query's region: its map rows restricted there and renormalised.
         rows = self.attention_map(q, k) * attn_mask
         rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
-        return (rows @ v.float()).to(v.dtype)
+        out = rows @ v.float()
+        if getattr(self, "dwc", None) is not None:  # a conv of v outside the map, restricted the same way
+            out = out + self.local_term(v, attn_mask).float()
+        return out.to(v.dtype)
 
     def region_log_mass(self, q: torch.Tensor, k: torch.Tensor, bias_t: torch.Tensor) -> torch.Tensor:
         """Mean log-mass of the layer's rows on the query's region (read off the teacher's -100 shift mask):
