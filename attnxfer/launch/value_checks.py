@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ..config import ConfigError
 from ..errors import InputError, did_you_mean
 from ..plugins import ATTENTION_GROUP, LOSS_GROUP, load_entry_points, missing_plugin
-from ..run_layout import CHECKPOINTS_SUBDIR, RUN_RECORD, STAGE_DIRS, STATE_NAME, read_record
+from ..run_layout import CHECKPOINTS_SUBDIR, RUN_RECORD, STAGE_DIRS, read_record
 
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: the files that register attentions: softmax's and the zoo's
@@ -114,14 +115,30 @@ def _comparison_names() -> frozenset[str]:
     return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()[0]
 
 
+def _latest_state(run_dir: Path) -> dict[str, Any]:
+    """The state of ``run_dir``'s latest intact checkpoint, read as a resume reads it; {} where there is none
+    (a broken checkpoint is the resume's to report, once)."""
+    from ..checkpoints.resume_point import CheckpointError, ResumePoint  # torch: only where a stage 1 saved
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            point = ResumePoint.find(run_dir, verify_hash=False)
+        except CheckpointError:
+            return {}
+    return point.state if point is not None else {}
+
+
 def _refuse_uninstalled(group: str, where: str, name: str, run_dir: str) -> None:
     """A name the run's run.json (a conversion's: its stages', and its stage 1 checkpoint's state while stage 2
     has written none) records as a plug-in's, not registered here, is refused naming the package to install:
     the nearest built-in name would train or score something else. A new run, or one recorded before run.json
     named its plug-ins, gets the generic refusal."""
     folder = Path(run_dir)
-    stage1 = (folder / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR).glob(f"*/{STATE_NAME}")
-    for record in map(read_record, [*(folder / s / RUN_RECORD for s in ("", *STAGE_DIRS)), *stage1]):
+    records = [read_record(folder / s / RUN_RECORD) for s in ("", *STAGE_DIRS)]
+    if (folder / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR).is_dir():
+        records.append(_latest_state(folder / STAGE_DIRS[0]))
+    for record in records:
         # a hand-edited record that is not entry_point_origin's shape is passed over, as if unrecorded
         groups = record.get("plugins")
         names = groups.get(group) if isinstance(groups, dict) else None

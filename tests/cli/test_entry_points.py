@@ -11,8 +11,10 @@ import signal
 
 import pytest
 import timm
+import torch
 from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_convert_report, tiny_run, tiny_vit
 
+from attnxfer.checkpoints import CheckpointManager
 from attnxfer.data import build_dataset
 from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
@@ -307,10 +309,9 @@ def test_a_stage_1_checkpoints_plugins_record_names_the_package_and_an_older_one
     """A conversion stopped in stage 1 has no run.json (stage 2 writes it): its resume reads the plug-ins its
     stage 1 checkpoint's state.json records, and one saved before stage 1 recorded them gets the generic
     refusal, as before. (The whole stop and resume: the slow test below.)"""
-    step = tmp_path / "run" / "stage1" / "checkpoints" / "step-00000001"
-    step.mkdir(parents=True)
     plugins = {"plugins": {"attnxfer.attentions": {"lab_relu": _ORIGIN}}} if recorded else {}
-    (step / "state.json").write_text(json.dumps({"step": 1, "complete": False, **plugins}))
+    weights = {"model": {"w": torch.zeros(2)}}
+    CheckpointManager(tmp_path / "run" / "stage1").save(1, weights, {"step": 1, "complete": False, **plugins})
     code, _, err = run_cli(
         capsys,
         "convert",
