@@ -5,6 +5,7 @@ A command reads its config with `load` before it imports its app, so a config er
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,21 @@ class Command:
 
 #: every subcommand by name (filled by the modules of this package)
 COMMANDS: dict[str, Command] = {}
+
+
+#: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
+SUBMITTABLE = {
+    "train": "attnxfer.apps.run.training:train",
+    "convert": "attnxfer.apps.convert.convert:convert_main",
+    "pretrain": "attnxfer.apps.run.pretrain:pretrain",
+    "study": "attnxfer.launch.commands.study:submitted_study",  # a train or a convert study
+}
+
+
+def submittable(name: str):
+    """The function `attnxfer submit --command NAME` runs (a requeued job's task names it so)."""
+    module, attr = SUBMITTABLE[name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def register_command(

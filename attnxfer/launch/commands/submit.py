@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 from functools import partial
 from pathlib import Path
@@ -12,23 +11,17 @@ from ...errors import InputError
 from ...speak import say, warn
 from ..arguments import add_slurm_arguments
 from .base import (
+    SUBMITTABLE,
     add_config_args,
     add_vary,
     load,
     load_study,
     print_config,
     register_command,
+    submittable,
     with_auto_resume,
 )
 from .study import show_config as show_study
-
-#: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
-SUBMITTABLE = {
-    "train": "attnxfer.apps.run.training:train",
-    "convert": "attnxfer.apps.convert.convert:convert_main",
-    "pretrain": "attnxfer.apps.run.pretrain:pretrain",
-    "study": "attnxfer.launch.commands.study:submitted_study",  # a train or a convert study
-}
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -196,11 +189,10 @@ def run(args) -> int:
             if holder is not None and holder.why_dead() is None:
                 raise holder.in_use(lock)
 
-    module, name = SUBMITTABLE[args.job_command].split(":")
     try:
         # a run's config as its command reads it (train's without convert's, mae's and search's sections)
         describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)
-        submit_from_args(getattr(importlib.import_module(module), name), cfg, args, describe)
+        submit_from_args(submittable(args.job_command), cfg, args, describe)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         # a cancelled job (or one past its requeue bound): the same command resumes it, unless its
         # checkpoint.resume would start over
