@@ -29,6 +29,7 @@ from .overrides import (
 )
 from .renamed import find_key
 from .schema import TrainConfig, config_keys
+from .strict_yaml import load_yaml
 
 #: what every student of a study shares (keys, and ``section.`` prefixes): one batch and one teacher pass per
 #: step, one schedule length and one way of saving for all
@@ -177,6 +178,17 @@ def load_study(
         except ConfigError as e:
             raise ConfigError(f"student {student.name!r}: {e}") from None
     return spec
+
+
+def from_text(text: str) -> TrainConfig | StudySpec:
+    """A run's config or a study as its YAML reads (`dump_config`'s, `StudySpec`'s): merged as a file's keys
+    are, unchecked (checked as it was written)."""
+    data = dict(load_yaml(text))
+    if STUDENTS_KEY not in data:
+        return merge_values(TrainConfig(), data)
+    students = tuple(_listed(Path(STUDY_YAML), data.pop(STUDENTS_KEY)))
+    command = data.pop(COMMAND_KEY, "train")
+    return StudySpec(merge_values(TrainConfig(), data), students, command)
 
 
 def study_base(path: str | Path | None) -> TrainConfig:
