@@ -21,6 +21,8 @@ from submitit.core.utils import DelayedSubmission, UncompletedJobError
 from ...checkpoints.atomic_io import atomic_write_text
 from ...checkpoints.run_lock import slurm_restart_count
 from ...checkpoints.verify import MANIFEST_NAME
+from ...config import TrainConfig, dump_config
+from ...config.study_spec import StudySpec, from_text
 from ...run_layout import CHECKPOINTS_SUBDIR
 from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
@@ -48,6 +50,10 @@ RESUBMIT = "resubmit to continue"
 # a job requeued after an upgrade unpickles this module's TrainingTask first, then its callable and config by the
 # names the version that submitted it gave them
 install_earlier_names()
+
+
+class ConfigText(str):
+    """A run's config (or a study) as a pickled task holds it: the YAML its config.yaml (study.yaml) holds."""
 
 
 class TrainingTask(submitit.helpers.Checkpointable):
@@ -241,8 +247,26 @@ class TrainingTask(submitit.helpers.Checkpointable):
         except Exception as e:  # a report must not break the requeue itself
             warn(f"could not record requeue: {e}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """As pickled: one of `attnxfer submit`'s commands by its name, a run's config as its YAML, so that a
+        requeued job finds both wherever the version it then runs keeps them; anything else as it is."""
+        from ..commands.base import SUBMITTABLE
+
+        state = dict(self.__dict__)
+        where = f"{getattr(self.main_fn, '__module__', '')}:{getattr(self.main_fn, '__qualname__', '')}"
+        state["main_fn"] = next((name for name, w in SUBMITTABLE.items() if w == where), self.main_fn)
+        if type(self.cfg) in (TrainConfig, StudySpec):
+            state["cfg"] = ConfigText(dump_config(self.cfg) if type(self.cfg) is TrainConfig else self.cfg)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        from ..commands.base import submittable
+
         self.__dict__.update(state)
+        if isinstance(self.main_fn, str):  # a command's name
+            self.main_fn = submittable(self.main_fn)
+        if isinstance(self.cfg, ConfigText):  # read as a run's config.yaml is (old spellings where they went)
+            self.cfg = from_text(self.cfg)
         # an earlier version's `--command study` named its callable attnxfer.apps.study.study, now a module
         if isinstance(self.main_fn, ModuleType):
             self.main_fn = getattr(self.main_fn, self.main_fn.__name__.rpartition(".")[2])

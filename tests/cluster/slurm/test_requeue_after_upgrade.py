@@ -6,6 +6,8 @@ that task into one that runs the same command, instead of failing the job on a m
 import dataclasses
 import importlib
 import pickle
+import pickletools
+from unittest import mock
 
 import pytest
 
@@ -16,6 +18,7 @@ from attnxfer.apps.run.training import train
 from attnxfer.apps.study.study import study
 from attnxfer.config.schema import TrainConfig
 from attnxfer.config.study_spec import Student, StudySpec
+from attnxfer.launch.commands.base import SUBMITTABLE, submittable
 from attnxfer.launch.slurm.task import TrainingTask
 
 
@@ -24,9 +27,15 @@ def _global(module: str, name: str) -> bytes:
     return f"c{module}\n{name}\n".encode()
 
 
-def _written_by_earlier_version(obj, now: tuple[str, str], earlier: tuple[str, str]) -> bytes:
-    """``obj`` pickled as this version does, with the reference to ``now`` named ``earlier`` instead."""
-    data = pickle.dumps(obj, protocol=0)
+def _pickled_as_earlier(task: TrainingTask) -> bytes:
+    """``task`` pickled as the earlier version did: its callable and config objects by their modules' names."""
+    with mock.patch.object(TrainingTask, "__getstate__", lambda self: self.__dict__):
+        return pickle.dumps(task, protocol=0)
+
+
+def _written_by_earlier_version(task, now: tuple[str, str], earlier: tuple[str, str]) -> bytes:
+    """``task`` pickled as the earlier version did, with the reference to ``now`` named ``earlier`` instead."""
+    data = _pickled_as_earlier(task)
     assert data.count(_global(*now)) == 1
     return data.replace(_global(*now), _global(*earlier))
 
@@ -85,7 +94,7 @@ def test_a_config_of_an_earlier_version_gets_the_keys_added_since():
     vars(earlier.convert)["knn_bank_size"] = 512
     task = TrainingTask(train, earlier)
     with pytest.warns(FutureWarning, match="knn_bank_size"):
-        back = pickle.loads(pickle.dumps(task, protocol=0))
+        back = pickle.loads(_pickled_as_earlier(task))
     fresh = TrainConfig(run_dir="runs/x", seed=3)
     assert back.cfg.convert.candidates == fresh.convert.candidates
     assert back.cfg.eval.knn_bank_size == 512
@@ -95,3 +104,26 @@ def test_a_config_of_an_earlier_version_gets_the_keys_added_since():
 def test_a_config_of_this_version_comes_back_as_it_went():
     cfg = TrainConfig(run_dir="runs/x")
     assert pickle.loads(pickle.dumps(TrainingTask(train, cfg))).cfg == cfg
+
+
+def _globals(data: bytes) -> set[str]:
+    """The ``module name`` each GLOBAL of a protocol-0 pickle names."""
+    return {arg for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+@pytest.mark.parametrize("command", sorted(SUBMITTABLE))
+def test_a_task_names_its_command_and_writes_its_config_as_text(command):
+    """What this version pickles names no module of attnxfer's but the task's own: a later version that moved
+    the apps or the config classes still reads it (the command by its name, the config as a config.yaml)."""
+    cfg = TrainConfig(run_dir="runs/x", seed=3)
+    students = (Student("a", {"optim.lr": 1e-3}), Student("b", {"transfer.mode": "none", "seed": None}))
+    spec = StudySpec(base=cfg, students=students, command="convert")
+    task = TrainingTask(submittable(command), spec if command == "study" else cfg)
+    data = pickle.dumps(task, protocol=0)
+    assert {g for g in _globals(data) if g.startswith("attnxfer")} == {
+        "attnxfer.launch.slurm.task TrainingTask",
+        "attnxfer.launch.slurm.task ConfigText",
+    }
+    back = pickle.loads(data)
+    assert back.main_fn is task.main_fn
+    assert back.cfg == task.cfg
