@@ -317,8 +317,9 @@ class Engine:
         if self.is_main and not self.finished:  # a finished run's records stay as they are
             # a checkpoint at an epoch's end before its evaluation (a stop at its last step): this resume
             # evaluates that step first (the checkpoint's history holds the evaluations it had seen)
-            scored = self.position == 0 or any(h.get("step") == self.step for h in self.history)
-            if "history" not in state:  # an older checkpoint: only one at its epoch's end is scored again
+            if "history" in state:
+                scored = self.position == 0 or any(h.get("step") == self.step for h in self.history)
+            else:  # an older checkpoint: only one at its epoch's end is scored again
                 scored = self.position == 0 or self.step % self.steps_per_epoch != 0
             self.metrics.truncate_after(self.step, scored=scored)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished

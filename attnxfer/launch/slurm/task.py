@@ -265,12 +265,13 @@ class TrainingTask(submitit.helpers.Checkpointable):
         self.__dict__.update(state)
         if isinstance(self.main_fn, str):  # a command's name
             self.main_fn = submittable(self.main_fn)
-        if isinstance(self.cfg, ConfigText):  # read as a run's config.yaml is (old spellings where they went)
-            self.cfg = from_text(self.cfg)
         # an earlier version's `--command study` named its callable attnxfer.apps.study.study, now a module
         if isinstance(self.main_fn, ModuleType):
             self.main_fn = getattr(self.main_fn, self.main_fn.__name__.rpartition(".")[2])
-        self.cfg = current_config(self.cfg)  # an earlier version's config holds that version's keys only
+        if isinstance(self.cfg, ConfigText):  # read as a run's config.yaml is (old spellings where they went)
+            self.cfg = from_text(self.cfg)
+        else:  # an earlier version pickled the object, which holds that version's keys only
+            self.cfg = current_config(self.cfg)
 
     def __repr__(self) -> str:
         name = getattr(self.main_fn, "__qualname__", repr(self.main_fn))
