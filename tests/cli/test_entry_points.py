@@ -58,6 +58,14 @@ _ENTRY_POINTS = (
 )
 
 
+def _uninstall_labpkg(site) -> None:
+    """pip uninstall labpkg, as this process sees it: its metadata gone, its entry points read again, its
+    attention unregistered (the fixture puts the registries back)."""
+    shutil.rmtree(site / "labpkg-0.1.dist-info")
+    load_entry_points.cache_clear()
+    del registry._ATTENTIONS["lab_relu"]
+
+
 def test_an_installed_packages_loss_and_attention_reach_the_plain_cli(
     install_package, tiny_teacher_dir, tmp_path, capsys
 ):
@@ -239,9 +247,8 @@ def test_a_run_whose_package_was_uninstalled_names_the_package_to_install(
             "lab_relu": {"package": "labpkg", "version": "0.1", "entry_point": "labpkg.attention"}
         },
     }
-    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
-    load_entry_points.cache_clear()
-    del registry._ATTENTIONS["lab_relu"], COMPARISON_LOSSES["lab_mse"]
+    _uninstall_labpkg(site)
+    del COMPARISON_LOSSES["lab_mse"]
     code, _, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
     assert code == 2 and err.endswith(
         "model.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
@@ -352,9 +359,7 @@ def test_a_conversion_whose_attentions_package_was_uninstalled_names_it_to_expor
         "convert.speed_sweep=[]",
     )
     assert code == 0, err
-    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
-    load_entry_points.cache_clear()
-    del registry._ATTENTIONS["lab_relu"]
+    _uninstall_labpkg(site)
     said = (
         "'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not installed here: "
         "pip install labpkg\n"
@@ -390,9 +395,7 @@ def test_a_conversion_stopped_in_stage_1_names_its_attentions_package_to_its_res
             "convert.stage1_steps=2",
         )
     assert code == 143 and not (run / "stage2").exists(), err
-    shutil.rmtree(site / "labpkg-0.1.dist-info")  # pip uninstall labpkg, as this process sees it
-    load_entry_points.cache_clear()
-    del registry._ATTENTIONS["lab_relu"]
+    _uninstall_labpkg(site)
     code, _, err = run_cli(capsys, "convert", "-c", str(run / "config.yaml"))
     assert code == 2 and err.endswith(
         "convert.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
