@@ -396,13 +396,10 @@ def _resolve_timm(
     return res
 
 
-def _registered_as(config_json: str | Path) -> str | None:
+def _registered_as(config: dict[str, Any]) -> str | None:
     """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in
     (so that plain timm loads an architecture only attnxfer registers); the record keeps the real name."""
-    try:
-        meta = json.loads(Path(config_json).read_text(encoding="utf-8")).get("attnxfer") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
+    meta = config.get("attnxfer") or {}
     named = (meta.get("student") or {}).get("registered_as") if isinstance(meta, dict) else None
     return named if isinstance(named, str) and named else None
 
@@ -447,7 +444,7 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
     if not is_transformers_config(config):
         cfg, architecture, model_args = load_model_config_from_path(Path(cfg_path).parent)
         license_id = cfg.get("license") or _readme_license(readme)
-        named = _registered_as(cfg_path)
+        named = _registered_as(config)
         return Resolved(
             origin, architecture, cfg, model_args, files=[cfg_path], license=license_id, named=named
         )

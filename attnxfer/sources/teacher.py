@@ -298,17 +298,14 @@ def load_teacher(
     parsed = parse_teacher_spec(spec, revision)
     if not parsed.source.on_hub and revision:
         raise InputError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
-    role = "student" if (who or "").startswith("student ") else "teacher"  # inspect's students load here too
+    who = who or f"teacher {spec}"
+    role = "student" if who.startswith("student ") else "teacher"  # inspect's students load here too
     # a run's folder, or a file of one of its checkpoints whose weights do not fit arch (an MAE pre-training's
     # encoder does), is first told where the run's model is, as without arch (model.init builds such a file as
     # model.name, its documented use, and says itself what to change)
     folder = Path(parsed.name) if parsed.source is Source.LOCAL_DIR else Path(parsed.name).parent
     in_run = parsed.source is Source.LOCAL_DIR or folder.parent.name == CHECKPOINTS_SUBDIR
-    hint = (
-        run_folder_hint(folder, role)
-        if arch and in_run and not (who or "").startswith("model.init=")
-        else None
-    )
+    hint = run_folder_hint(folder, role) if arch and in_run and not who.startswith("model.init=") else None
     run_model = f"{hint}, without arch={arch!r} (teacher.arch, --teacher-arch)"
     if hint is not None and parsed.source is Source.LOCAL_DIR:
         raise InputError(f"{spec}: {run_model}")
@@ -320,7 +317,7 @@ def load_teacher(
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role)
     if res.mean_std_guessed and warn_guessed_stats:
         warn(
-            f"{who or f'teacher {spec}'}: no preprocessor_config.json beside its config.json: the mean/std its "
+            f"{who}: no preprocessor_config.json beside its config.json: the mean/std its "
             f"weights were trained with are unknown; timm's defaults for {res.architecture} stand in "
             f"({res.pretrained_cfg.get('mean')}, {res.pretrained_cfg.get('std')}); normalise its images as it "
             "was trained (data.mean / data.std in a run)"
@@ -338,11 +335,9 @@ def load_teacher(
         )
 
     size = other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
-    state_dict, checkpoint_key, dropped = (
-        _read_weights(who or f"teacher {spec}", res) if res.weights else ({}, None, [])
-    )
+    state_dict, checkpoint_key, dropped = _read_weights(who, res) if res.weights else ({}, None, [])
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
-    if res.source is Origin.FILE and not (who or "").startswith("model.init="):
+    if res.source is Origin.FILE and not who.startswith("model.init="):
         timm_kwargs = _file_channels(res, state_dict, timm_kwargs)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
     try:
@@ -371,7 +366,7 @@ def load_teacher(
     if not res.tag_known:  # said once the weights fit: a file refused is not first told of its mean/std
         tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
         warn(
-            f"{who or f'teacher {spec}'}: mean/std are timm's defaults for {res.architecture} (tag "
+            f"{who}: mean/std are timm's defaults for {res.architecture} (tag "
             f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "
             f"architecture if that is wrong" + (f" (one of: {', '.join(tags[:6])})" if len(tags) > 1 else "")
         )
