@@ -380,9 +380,7 @@ def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
     return cfg.to_dict()
 
 
-def _resolve_timm(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
-) -> Resolved:
+def _resolve_timm(spec: TeacherSpec, cache_dir: str | None, pretrained: bool) -> Resolved:
     arch_name, _ = split_model_name_tag(spec.name)
     cfg = registry_cfg(spec.name, hub=pretrained)
     res = Resolved(Origin.TIMM_PRETRAINED, arch_name, cfg, license=cfg.get("license"))
@@ -470,9 +468,7 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
     )
 
 
-def _resolve_hub(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
-) -> Resolved:
+def _resolve_hub(spec: TeacherSpec, cache_dir: str | None, pretrained: bool, role: str) -> Resolved:
     label = f"hf-hub:{spec.name}"
 
     def fetch(name: str, required: bool = False) -> str | None:
@@ -488,9 +484,7 @@ def _resolve_hub(
     return res
 
 
-def _resolve_local_dir(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
-) -> Resolved:
+def _resolve_local_dir(spec: TeacherSpec, pretrained: bool, role: str) -> Resolved:
     folder = Path(spec.name)
     if not folder.exists():
         raise MissingPathError(f"local-dir:{folder}: {missing_path(folder)}")
@@ -529,9 +523,7 @@ def _resolve_local_dir(
     return res
 
 
-def _resolve_file(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool, role: str
-) -> Resolved:
+def _resolve_file(spec: TeacherSpec, arch: str | None, role: str) -> Resolved:
     path = Path(spec.name)
     if not path.is_file():
         raise MissingPathError(f"teacher checkpoint {missing_path(path)}")
@@ -571,14 +563,6 @@ def _resolve_file(
     )
 
 
-RESOLVERS: dict[Source, Callable[..., Resolved]] = {
-    Source.TIMM: _resolve_timm,
-    Source.HF_HUB: _resolve_hub,
-    Source.LOCAL_DIR: _resolve_local_dir,
-    Source.FILE: _resolve_file,
-}
-
-
 def resolve(
     parsed: TeacherSpec,
     *,
@@ -590,9 +574,13 @@ def resolve(
     """``parsed`` resolved to files by its source's resolver (timm registry, Hub cache, folder, file);
     ``role``, what it was given as, words what a run's folder given in its place is (`run_folder_hint`)."""
     try:
-        return RESOLVERS[parsed.source](
-            parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role
-        )
+        if parsed.source is Source.TIMM:
+            return _resolve_timm(parsed, cache_dir, pretrained)
+        if parsed.source is Source.HF_HUB:
+            return _resolve_hub(parsed, cache_dir, pretrained, role)
+        if parsed.source is Source.LOCAL_DIR:
+            return _resolve_local_dir(parsed, pretrained, role)
+        return _resolve_file(parsed, arch, role)
     except MissingPathError as err:
         if not parsed.source.is_local:
             raise

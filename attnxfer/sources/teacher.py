@@ -626,7 +626,7 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
                 f"teacher {spec!r}: {parsed.name} does not exist (and a local teacher needs no fetch)"
             )
         if parsed.source is Source.LOCAL_DIR:  # read as a teacher would be: an empty or run folder is refused
-            resolve(parsed, arch=None, cache_dir=None, pretrained=True)
+            resolve(parsed)
         debug(f"teacher {spec} is local: nothing to fetch")
         return parsed.name
     if parsed.source is Source.TIMM:
