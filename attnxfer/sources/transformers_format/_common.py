@@ -89,6 +89,13 @@ def vit_dims(c: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def vision_tower(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A CLIP-style config's vision tower over its class's ``defaults``: a whole model's ``vision_config``,
+    a ``*_vision_model``'s own values."""
+    vision = config if config["model_type"].endswith("_vision_model") else config.get("vision_config", {})
+    return {**defaults, **vision}
+
+
 def mlp_ratio(hidden: int, dim: int) -> float:
     """The ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` is exactly ``hidden``."""
     ratio = hidden / dim

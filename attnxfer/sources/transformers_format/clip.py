@@ -25,6 +25,7 @@ from ._common import (
     mlp_ratio,
     norm_layer,
     under,
+    vision_tower,
     vit_dims,
 )
 from .vit_deit import vit_name
@@ -43,21 +44,16 @@ DEFAULTS: dict[str, Any] = dict(
 _PROJECTED = ("CLIPModel", "CLIPVisionModelWithProjection")
 
 
-def vision_config(config: dict[str, Any]) -> dict[str, Any]:
-    vision = config.get("vision_config", {}) if config["model_type"] == "clip" else config
-    return {**DEFAULTS, **vision}
-
-
 def _projection(config: dict[str, Any]) -> int:
     saved = architectures(config)
     projected = any(a in _PROJECTED for a in saved) if saved else config["model_type"] == "clip"
     if not projected:
         return 0
-    return int(config.get("projection_dim") or vision_config(config)["projection_dim"])
+    return int(config.get("projection_dim") or vision_tower(config, DEFAULTS)["projection_dim"])
 
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    c = vision_config(config)
+    c = vision_tower(config, DEFAULTS)
     kwargs = dict(
         **vit_dims(c),
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), int(c["hidden_size"])),
@@ -73,7 +69,7 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def timm_weights(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    c = vision_config(config)
+    c = vision_tower(config, DEFAULTS)
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embedding.weight", "CLIP vision tower"))
     out = {
         "cls_token": t.take("embeddings.class_embedding").reshape(1, 1, -1),

@@ -25,6 +25,7 @@ from ._common import (
     mlp_ratio,
     norm_layer,
     under,
+    vision_tower,
     vit_dims,
 )
 from .vit_deit import vit_name
@@ -40,17 +41,12 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def vision_config(config: dict[str, Any]) -> dict[str, Any]:
-    vision = config.get("vision_config", {}) if config["model_type"] == "siglip" else config
-    return {**DEFAULTS, **vision}
-
-
 def _pools_by_attention(config: dict[str, Any]) -> bool:
-    return bool(vision_config(config)["vision_use_head"]) and not has_head(config)
+    return bool(vision_tower(config, DEFAULTS)["vision_use_head"]) and not has_head(config)
 
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    c = vision_config(config)
+    c = vision_tower(config, DEFAULTS)
     pool = {"global_pool": "map"} if _pools_by_attention(config) else {"global_pool": "avg", "fc_norm": False}
     kwargs = dict(
         **vit_dims(c),
@@ -67,7 +63,7 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 def timm_weights(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    c = vision_config(config)
+    c = vision_tower(config, DEFAULTS)
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embedding.weight", "SigLIP vision tower"))
     out = {
         **under("patch_embed.proj", linear(t, "embeddings.patch_embedding")),
