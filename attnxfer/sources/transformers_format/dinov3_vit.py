@@ -114,7 +114,6 @@ def _layer(t: Taker, i: int, c: dict[str, Any]) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"{t.prefix}{b}.attention.k_proj.bias is not zero: timm's EVA attention has no key bias"
             )
-    mlp_bias = bool(c["mlp_bias"])
     mlp = {
         n: t.take(f"{b}.mlp.{n}_proj.weight")
         for n in (("gate", "up", "down") if c["use_gated_mlp"] else ("up", "down"))
@@ -122,7 +121,7 @@ def _layer(t: Taker, i: int, c: dict[str, Any]) -> dict[str, torch.Tensor]:
     names = {"gate": "fc1_g", "up": "fc1_x" if c["use_gated_mlp"] else "fc1", "down": "fc2"}
     for n, weight in mlp.items():
         out[f"mlp.{names[n]}.weight"] = weight
-        out[f"mlp.{names[n]}.bias"] = _bias(t, f"{b}.mlp.{n}_proj", mlp_bias, weight)
+        out[f"mlp.{names[n]}.bias"] = _bias(t, f"{b}.mlp.{n}_proj", bool(c["mlp_bias"]), weight)
     return under(f"blocks.{i}", out)
 
 
