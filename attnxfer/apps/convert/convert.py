@@ -21,7 +21,6 @@ import torch.nn as nn
 from ... import speak
 from ...checkpoints.resume_point import ResumePoint, starts_over
 from ...checkpoints.run_dir import RunDir
-from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
 from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config, find_key
 from ...errors import InputError, UserError
@@ -31,7 +30,7 @@ from ...models.image_input import image_input
 from ...models.student import student_spec
 from ...run_layout import RUN_CONFIG, STAGE_DIRS
 from ...train.devices import resolve_precision
-from ...train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
+from ...train.distributed import rank_and_world
 from ...train.engine import TrainResult, schedule_steps
 from ...train.measure import evaluate_top1, map_agreement, operation_counts, top1_and_hits
 from ...train.runtime import resolve_device
@@ -44,6 +43,7 @@ from ..run.resume import teacher_where_it_was
 from ..run.training import (
     check_eval_metrics,
     judged_resume,
+    locked_run,
     loop_settings,
     plan_from_config,
     prepare_trackers_from_config,
@@ -113,11 +113,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> Conve
     0 alone writes files, speaks and holds the run dir's lock."""
     require_convert_labels(cfg)
     cfg = checked_config(cfg, skip_stage1)
-    main = DistributedInfo.from_environment().is_main_process
-    with (
-        run_lock(cfg.run_dir, "convert", enabled=main),
-        joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
-    ):
+    with locked_run(cfg, "convert") as info:
         if skip_stage1:
             _refuse_skipping_a_saved_stage1(cfg)
         return _convert(cfg, info, parts=parts)

@@ -25,7 +25,6 @@ from torchvision.utils import make_grid
 from ...checkpoints.export import export_run
 from ...checkpoints.model_card import shape_phrase
 from ...checkpoints.resume_point import ResumePoint
-from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import set_aside
 from ...config import DataConfig, TrainConfig, config_changes, refuse_unread_sections, to_dict
 from ...data import data_identity
@@ -36,7 +35,7 @@ from ...models.student import student_shape, student_spec
 from ...sources.resolve import TeacherLoadError, read_state_dict
 from ...speak import say
 from ...train.compile import compile_blocks
-from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.distributed import barrier
 from ...train.engine import Engine, TrainResult
 from ...train.evaluation import evaluate_loss
 from ...train.objective import ModuleObjective
@@ -45,7 +44,7 @@ from ...train.runtime import Runtime
 from .loaders import data_info
 from .parts import create_named_vit, load_init, normalisation, parts_around
 from .resume import check_same_data
-from .training import assemble_engine, check_eval_metrics, loop_settings, record_run, start_run
+from .training import assemble_engine, check_eval_metrics, locked_run, loop_settings, record_run, start_run
 
 #: what run.json says this run trained (export and the demo read it)
 MODE = "mae-pretrain"
@@ -328,11 +327,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
     refuse_unread_keys(cfg)
     check_eval_metrics(cfg, own_objective=True)  # as `attnxfer eval` of the run would, later
-    main = DistributedInfo.from_environment().is_main_process
-    with (
-        run_lock(cfg.run_dir, "pretrain", enabled=main),
-        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
-    ):
+    with locked_run(cfg, "pretrain"):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
         export = Path(cfg.run_dir) / "export"

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -702,12 +703,19 @@ def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train
             f"train takes a TrainConfig, got {type(cfg).__name__}: attnxfer.config.load_config(path)"
         )
     require_task_labels(cfg)  # before the run dir is made
+    with locked_run(cfg, "train"):
+        return build_engine(cfg, parts, command=command).run()
+
+
+@contextlib.contextmanager
+def locked_run(cfg: TrainConfig, command: str) -> Iterator[DistributedInfo]:
+    """Where train, pretrain and convert run, as `train` says; rank 0 holds the lock for ``command``."""
     main = DistributedInfo.from_environment().is_main_process
     with (
-        run_lock(cfg.run_dir, "train", enabled=main),
-        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+        run_lock(cfg.run_dir, command, enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
     ):
-        return build_engine(cfg, parts, command=command).run()
+        yield info
 
 
 def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
