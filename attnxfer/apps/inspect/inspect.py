@@ -615,15 +615,13 @@ def _name_flags(err: UserError, flags: Mapping[str, str]) -> None:
     err.args = (message,)
 
 
-def demo_agreement(
-    out: str | Path, teacher_dir: str | Path, runs: Mapping[str, str | Path], *, num_images: int = 64
-) -> Path:
+def demo_agreement(out: str | Path, teacher_dir: str | Path, runs: Mapping[str, str | Path]) -> Path:
     """The demo's per-layer agreement of each student run with its teacher: ``out/agreement.png``, and a
     sentence of what it shows (agreement.md, printed)."""
     out = Path(out)
     teacher = load_model(f"local-dir:{teacher_dir}", role="teacher")
     students = {label: load_model(str(run_dir), teacher=teacher) for label, run_dir in runs.items()}
-    x = load_images(teacher, data="animal_mnist", num_images=num_images)
+    x = load_images(teacher, data="animal_mnist", num_images=64)
     insp = inspect_models(teacher.model, {n: s.subject for n, s in students.items()}, x)
     sentence = agreement_sentence(insp)
     path = out / "agreement.png"

@@ -40,7 +40,6 @@ from ...train.engine import Engine, TrainResult
 from ...train.evaluation import evaluate_loss
 from ...train.objective import ModuleObjective
 from ...train.optim import student_param_groups
-from ...train.runtime import Runtime
 from .loaders import data_info
 from .parts import create_named_vit, load_init, normalisation, parts_around
 from .resume import check_same_data
@@ -202,14 +201,11 @@ _UNREAD_BY_PRETRAIN = {
 
 
 def build_pretrain_engine(
-    cfg: TrainConfig,
-    runtime: Runtime | None = None,
-    scoring: bool = False,
-    found: ResumePoint | None = None,
+    cfg: TrainConfig, scoring: bool = False, found: ResumePoint | None = None
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``scoring=True`` (`attnxfer eval`, with
     the checkpoint it ``found``) writes nothing into the run dir."""
-    cfg, runtime, point = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
+    cfg, runtime, point = start_run(cfg, None, found, scoring=scoring, command="pretrain")
     if runtime.is_main and not scoring:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
