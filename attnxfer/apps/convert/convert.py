@@ -435,15 +435,13 @@ def conversion_parts(
 
 def _student_builder(
     cfg: TrainConfig, labelled: bool, stand_in: bool = False
-) -> Callable[[nn.Module | None, int], nn.Module]:
+) -> Callable[[nn.Module, int], nn.Module]:
     """How `build_run_parts` makes the student: the teacher with ``convert.attention`` swapped in, with the
     head stage 2 needs (`student_head`). A ``stand_in`` (while auto chooses) draws nothing from the run's
     random streams, leaving the chosen student's initialisation to the seed alone."""
     c = cfg.convert
 
-    def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
-        if teacher is None:
-            raise InputError(NO_CONVERT_TEACHER)
+    def make_student(teacher: nn.Module, num_classes: int) -> nn.Module:
         head = student_head(cfg, teacher, stage2_objective(cfg, teacher, labelled), num_classes)
         with torch.random.fork_rng(devices=[]) if stand_in else contextlib.nullcontext():
             try:
