@@ -47,7 +47,7 @@ from ..speak import progress_bar, say, warn
 from ..train.runtime import resolve_device
 from ..train.stop import StopRequested, stop_on_signals, stop_signal
 from ..transfer.selection import beside
-from .run.loaders import first_images
+from .run.loaders import dataset_size, first_images
 from .run.parts import build_run_parts
 from .run.resume import check_teacher_content, judge, teacher_where_it_was
 
@@ -432,10 +432,7 @@ def search(
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
         settings = search_settings(cfg, parts.teacher)
         depth = len(transferable_attentions(parts.teacher))
-        try:
-            train_images = len(parts.train_loader.dataset)
-        except TypeError:  # a stream: its size is not known
-            train_images = None
+        train_images = dataset_size(parts.train_loader)
         say(
             f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
             f"{settings.generations} generation{'s' if settings.generations != 1 else ''} after the {len(settings.seeds)} seeds; candidates fitted "

@@ -37,7 +37,7 @@ from ...train.runtime import resolve_device
 from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan, build_plan
-from ..run.loaders import build_bank_loader, data_info
+from ..run.loaders import build_bank_loader, data_info, dataset_size
 from ..run.parts import NO_CONVERT_TEACHER, RunParts, build_run_parts, require_teacher, stamp_input_cfg
 from ..run.resume import teacher_where_it_was
 from ..run.training import (
@@ -50,7 +50,7 @@ from ..run.training import (
     require_task_labels,
     train,
 )
-from .quality import QualityProbe, dataset_size, stage2_worse
+from .quality import QualityProbe, stage2_worse
 from .report import STAGE_ROWS, render_conversion_report, teacher_near_chance, teacher_top1_line
 from .selection import (
     AUTO,

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ...analysis.features import feature_agreement
 from ...analysis.knn import knn_comparison
 from ...train.distributed import sum_over_ranks
+from ..run.loaders import dataset_size
 
 
 @dataclass
@@ -54,14 +55,6 @@ class QualityProbe:
 
     def _sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         return torch.tensor(sum_over_ranks(counts.tolist(), self.device)).round().long()
-
-
-def dataset_size(loader: Any) -> int | None:
-    """The size of a loader's dataset (None: a dataset without a length)."""
-    try:
-        return len(loader.dataset)
-    except TypeError:
-        return None
 
 
 def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict[str, Any] | None:

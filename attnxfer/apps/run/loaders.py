@@ -120,6 +120,14 @@ def build_loaders(
     return Loaders(train_loader, val_loader, sampler, getattr(val_set, "info", None))
 
 
+def dataset_size(loader: Any) -> int | None:
+    """The size of a loader's dataset (None: a dataset without a length, a stream)."""
+    try:
+        return len(loader.dataset)
+    except TypeError:
+        return None
+
+
 def first_images(loader: Any, count: int | None = None, batches: int | None = None) -> list[torch.Tensor]:
     """The loader's first ``count`` images, or those of its first ``batches`` batches (labels are not read)."""
     out, taken = [], 0

@@ -25,7 +25,7 @@ from ...models.vit import create_vit
 from ...sources.resolve import Source, parse_teacher_spec
 from ...sources.teacher import load_teacher
 from ...speak import say, warn
-from .loaders import build_loaders, data_info, data_seed
+from .loaders import build_loaders, data_info, data_seed, dataset_size
 
 
 @dataclass
@@ -520,10 +520,8 @@ def parts_around(
 
 
 def _count(loader: Any) -> str:
-    try:
-        return f"{len(loader.dataset):,}"
-    except TypeError:  # a stream
-        return "streamed"
+    size = dataset_size(loader)
+    return "streamed" if size is None else f"{size:,}"
 
 
 def _around_shared(
