@@ -237,9 +237,7 @@ def _fastest_of(front: list[dict[str, Any]], min_speed: float) -> str:
     return f"the fastest is {beside(max(c['speed'] for c in front), min_speed)}"
 
 
-def render_pareto_md(
-    cfg: TrainConfig, state: SearchState, front, winner, command, held_out: int, top: int = 10
-) -> str:
+def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, command, held_out: int) -> str:
     """pareto.md; ``held_out``: the images the KL was measured on (search.held_out_images, or the whole
     validation split where it has fewer)."""
     s = cfg.search
@@ -266,8 +264,9 @@ def render_pareto_md(
     ]
     row = "| `{formula}` | {kl:.4f} | {speed:.2f} | {origin} |"
     lines += [row.format(**c) for c in front]
-    lines += ["", f"## Top {min(top, len(ok))} formulas by fit", "", *head]
-    lines += [row.format(**c) for c in sorted(ok, key=lambda c: c["kl"])[:top]]
+    best = sorted(ok, key=lambda c: c["kl"])[:10]
+    lines += ["", f"## Top {len(best)} formulas by fit", "", *head]
+    lines += [row.format(**c) for c in best]
     lines += [
         "",
         "## The hand-designed zoo as formulas",
