@@ -430,9 +430,9 @@ def test_agent_logits_keep_fp32_accuracy_so_the_agents_are_split():
     q, k, _ = bf16_qkv(module, 21, 8.0, batch=1)
     double = copy.deepcopy(module).double()
     with torch.no_grad():
-        exact = double._relay(q.double(), k.double())
+        exact = double._map_context(q.double(), k.double())
         with bf16_devices("cpu"):
-            ours = module._relay(q, k)
+            ours = module._map_context(q, k)
         agents = module.agents(q.float()) * module.scale
         rounded = agents.bfloat16().float()
         bias = module._position_bias(module.query_agent_bias, 21).transpose(-2, -1)

@@ -107,7 +107,7 @@ class AgentAttention(EfficientAttention):
             self._bias_cache = cached
         return cached[2]
 
-    def _relay(self, q, k):
+    def _map_context(self, q, k):
         """The two softmax maps in fp32; the agents pooled and scaled in fp32 (s = d^-1/2 would round in
         bf16) and taken as two bf16 halves, so each logit has fp32 accuracy."""
         N, dtype = q.shape[-2], compute_dtype(q)
@@ -122,13 +122,10 @@ class AgentAttention(EfficientAttention):
         return query_logits.add_(query_bias).softmax(dim=-1), agent_to_keys
 
     def _attend(self, q, k, v):
-        queries_to_agents, agent_to_keys = self._relay(q, k)
+        queries_to_agents, agent_to_keys = self._map_context(q, k)
         # Products of [0, 1] probabilities with v (bf16 operands on GPU), each accumulated in fp32.
         agent_values = matmul_fp32(agent_to_keys.to(v.dtype), v)  # (B, H, n, d): sums over N keys
         return matmul_fp32(queries_to_agents.to(v.dtype), agent_values.to(v.dtype))
-
-    def _map_context(self, q, k):
-        return self._relay(q, k)
 
     def _map_rows(self, context, rows):
         queries_to_agents, agent_to_keys = context
