@@ -94,25 +94,23 @@ class LinformerAttention(EfficientAttention):
             )
         return super().grid_fit_error()
 
-    def _check_length(self, num_tokens: int) -> None:
+    def _scores(self, q, k):
+        num_tokens = q.shape[-2]
         if num_tokens != self.seq_len:
             raise InputError(
                 f"linformer was built for seq_len={self.seq_len} tokens but got {num_tokens}; its E/F "
                 f"projections have a fixed length: rebuild it with seq_len={num_tokens} (the attention options: "
                 f"convert.attention_kwargs or model.attention_kwargs: {{seq_len: {num_tokens}}})"
             )
-
-    def _scores(self, q, k):
-        self._check_length(q.shape[-2])
         # the scale on the (k, d) projected keys, not on the (N, k) logits
         k_short = project_sequence(self.seq_proj_k.to(k.dtype), k) * self.scale
         logits = matmul_split(q, k_short.transpose(-2, -1))
         return logits.softmax(dim=-1)  # (B, H, N, k), fp32
 
     def _attend(self, q, k, v):
-        self._check_length(v.shape[-2])
+        scores = self._scores(q, k)  # first: it refuses a token count other than seq_len
         v_short = project_sequence(self.seq_proj_v.to(v.dtype), v)
-        return matmul_fp32(self._scores(q, k).to(v.dtype), v_short.to(v.dtype))
+        return matmul_fp32(scores.to(v.dtype), v_short.to(v.dtype))
 
     def _map_context(self, q, k):
         return self._scores(q, k), self.seq_proj_v.to(q.dtype)
