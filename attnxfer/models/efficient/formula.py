@@ -345,9 +345,6 @@ class FormulaAttention(WindowLinearAttention):
         one, m = chain_counts(self.formula.features, num_tokens, self.head_dim, self.head_dim)
         return 2 * one, m
 
-    def windowed_feature_counts(self, tokens: int) -> tuple[OpCounts, int]:
-        return self.feature_counts(tokens)
-
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """The features and the linear core (``len`` divides by N where ``sum`` divides by the normaliser:
         the same count), or the window hybrid's, plus the ``conv`` term's depthwise conv."""

@@ -258,8 +258,9 @@ class WindowLinearAttention(WindowAttention):
         weights = torch.where(local, local_weights, kernel_weights)
         return weights / weights.sum(dim=-1, keepdim=True)
 
-    def windowed_feature_counts(self, tokens: int) -> tuple[OpCounts, int]:
-        return self.feature_kind.counts(tokens, self.head_dim, self.feature_dim)
+    def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int]:
+        """Operations of one (batch, head)'s q and k features, and the width m (as a `KernelAttention`'s)."""
+        return self.feature_kind.counts(num_tokens, self.head_dim, self.feature_dim)
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """Per (batch, head): the window softmax (division deferred), kernel features, per-window states
@@ -268,7 +269,7 @@ class WindowLinearAttention(WindowAttention):
         d, keys = self.head_dim, p + L
         local = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + matmul_ops(L, keys, d)
         local = local + OpCounts(add=L * keys + L * (keys - 1), other=L * (keys - 1) + L * keys)
-        features, m = self.windowed_feature_counts(windows * L)
+        features, m = self.feature_counts(windows * L)
         per_window = matmul_ops(m, L, d + 1) + OpCounts(mul=L * m, add=m * (d + 1))  # state, key mask
         per_window = per_window + matmul_ops(L, m, d + 1) + OpCounts(mul=L * (d + 1) + L * d, add=L * (d + 1))
         totals = OpCounts(add=(windows - 1) * m * (d + 1))
