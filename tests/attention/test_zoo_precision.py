@@ -541,7 +541,7 @@ def test_cosformer_angles_stay_fp32_at_positions_bf16_cannot_count():
     module = build("cosformer", (56, 56))
     x = torch.ones(1, 1, n, 4, dtype=torch.bfloat16)
     with bf16_devices("cpu"):
-        cos_block, _ = module.positional_features(x)
+        cos_block, _ = module.query_features(x)
     theta = (math.pi / 2) * torch.arange(n, dtype=torch.float64) / n
     exact_cos = (1 + 1e-6) * theta.cos()
     assert ((cos_block[0, 0, :, 0].double() - exact_cos).abs() <= U * exact_cos + 1e-30).all()

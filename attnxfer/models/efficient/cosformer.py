@@ -24,15 +24,12 @@ class CosFormerAttention(KernelAttention):
     )
     precision = KERNEL_BF16
 
-    def positional_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_features(self, x: torch.Tensor, heads: slice = ALL_HEADS) -> tuple[torch.Tensor, torch.Tensor]:
         """The cos and sin blocks in x's dtype; angles and products in fp32 whatever x's."""
         N = x.shape[-2]
         theta = (math.pi / 2) * torch.arange(N, device=x.device, dtype=compute_dtype(x)) / N
         relu = add_scalar(F.relu(x.to(theta.dtype)), self.eps)
         return (relu * theta.cos()[:, None]).to(x.dtype), (relu * theta.sin()[:, None]).to(x.dtype)
-
-    def query_features(self, q, heads=ALL_HEADS):
-        return self.positional_features(q)
 
     key_features = query_features
 
