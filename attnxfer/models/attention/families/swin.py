@@ -147,8 +147,7 @@ class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
     ) -> dict[str, torch.Tensor]:
         return project_heads(self, x, which, self.head_dim)
 
-    def _position_bias(self) -> torch.Tensor:
-        return self._get_rel_pos_bias()
+    _position_bias = WindowAttention._get_rel_pos_bias
 
 
 def swin_tilings(model: nn.Module) -> tuple[Tiling, ...]:

@@ -30,8 +30,7 @@ class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):
         log_rel = torch.sign(rel) * torch.log1p(rel.abs())
         self.relative_coordinates_log.copy_(log_rel.to(self.relative_coordinates_log.dtype))
 
-    def _position_bias(self) -> torch.Tensor:
-        return self._relative_positional_encodings()
+    _position_bias = WindowMultiHeadAttention._relative_positional_encodings
 
 
 FAMILY = register_family(
