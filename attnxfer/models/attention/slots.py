@@ -147,8 +147,8 @@ def fused_qkv(attn: nn.Module) -> nn.Linear:
     groups = int(getattr(attn, "num_kv_groups", 1))
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
 
-    def heads(t: torch.Tensor | None, repeat: int) -> torch.Tensor | None:
-        if t is None or repeat == 1:
+    def heads(t: torch.Tensor, repeat: int) -> torch.Tensor:
+        if repeat == 1:
             return t
         return t.reshape(-1, attn.head_dim, *t.shape[1:]).repeat_interleave(repeat, 0).flatten(0, 1)
 
