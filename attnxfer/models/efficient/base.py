@@ -12,12 +12,7 @@ from torch import nn
 
 from ...errors import InputError
 from ..attention.families._projections import apply_rope
-from ..attention.interface import (
-    COUNTERPART_MODULES as COUNTERPART_MODULES,
-    MapKind,
-    TransferableAttention,
-    as_grid,
-)
+from ..attention.interface import MapKind, TransferableAttention, as_grid
 from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, operand_dtype, upcast
 from ..attention.registry import get_attention_class, list_attentions
 
@@ -93,8 +88,6 @@ class EfficientAttention(TransferableAttention):
         self.proj = nn.Linear(self.attn_dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-        self.num_prefix_tokens = None
-        self.grid_size = None
         if num_prefix_tokens is not None or grid_size is not None:
             self.set_token_layout(num_prefix_tokens or 0, grid_size)
 
