@@ -77,25 +77,21 @@ def capture_attention(
     store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
     wanted = Chunks(f for f in fields if Signal(f).is_chunk)
     ios = {i: AttentionIO(capture=wanted, captured=store[i]) for i in layers} if wanted else {}
-    handles: list = []
-    with attached_ios(attns, ios):
+    with contextlib.ExitStack() as stack:  # a hook's handle removes it on exit
+        stack.enter_context(attached_ios(attns, ios))
         for i in layers:
             attn, sink = attns[i], store[i]
             if Signal.INPUT in fields:
-                handles.append(
+                stack.enter_context(
                     attn.register_forward_pre_hook(partial(_record_input, sink=sink), with_kwargs=True)
                 )
             if Signal.OUTPUT in fields:
-                handles.append(
+                stack.enter_context(
                     attn.register_forward_hook(
                         lambda m, args, out, sink=sink: sink.__setitem__(Signal.OUTPUT, out)
                     )
                 )
-        try:
-            yield store
-        finally:
-            for h in handles:
-                h.remove()
+        yield store
 
 
 @contextlib.contextmanager
@@ -105,8 +101,7 @@ def attached_ios(
     masks: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
     """While active, layer ``i`` runs with ``ios[i]``; the ``attn_mask`` it is handed goes to ``masks[i]``."""
-    handles = []
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # a hook's handle removes it on exit
         for i, io in ios.items():
             stack.enter_context(attention_io(attns[i], io))
             if masks is not None:
@@ -115,12 +110,8 @@ def attached_ios(
                     if kwargs.get("attn_mask") is not None:
                         masks[i] = kwargs["attn_mask"]
 
-                handles.append(attns[i].register_forward_pre_hook(keep, with_kwargs=True))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+                stack.enter_context(attns[i].register_forward_pre_hook(keep, with_kwargs=True))
+        yield
 
 
 def run_with_ios(
