@@ -2,7 +2,6 @@
 docs/architecture.md maps the modules."""
 
 from .adapters import (
-    adapter_for as adapter_for,
     attention_blocks as attention_blocks,
     attention_layers as attention_layers,
     attention_stages as attention_stages,
@@ -14,7 +13,6 @@ from .adapters import (
     stage_of as stage_of,
 )
 from .capture import (
-    CAPTURE_FIELDS as CAPTURE_FIELDS,
     attached_ios as attached_ios,
     attention_maps as attention_maps,
     capture_attention as capture_attention,
@@ -24,13 +22,10 @@ from .capture import (
 from .family import (
     Family as Family,
     ImageSizes as ImageSizes,
-    Tiling as Tiling,
     families as families,
     family_of as family_of,
 )
 from .interface import (
-    COUNTERPART_MODULES as COUNTERPART_MODULES,
-    QKV as QKV,
     AttentionIO as AttentionIO,
     MapKind as MapKind,
     StopForward as StopForward,
@@ -40,7 +35,6 @@ from .interface import (
 from .partial_qkv import PartialQKV as PartialQKV
 from .placement import RowPlacement as RowPlacement, TokenWalk as TokenWalk
 from .registry import (
-    attention_layer as attention_layer,
     attention_name_of as attention_name_of,
     create_attention as create_attention,
     get_attention_class as get_attention_class,
