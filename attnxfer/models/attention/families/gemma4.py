@@ -39,8 +39,7 @@ class Gemma4Slot:
     ) -> torch.Tensor:
         if rope is None and rope_cos is not None:
             rope = torch.stack((rope_cos, rope_sin))
-        call = {} if rope is None else {"rope": rope}
-        return self.transfer_forward(x, attn_mask=attn_mask, **call)
+        return self.transfer_forward(x, attn_mask=attn_mask, rope=rope)  # `project` below takes rope=None
 
     def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The rope of a call ``attn(x, cos, sin)`` as cos and sin stacked, as stage 1 replays it."""
