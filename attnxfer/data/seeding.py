@@ -11,7 +11,7 @@ import hashlib
 import random
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import numpy as np
 import torch
@@ -54,21 +54,10 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
-@contextmanager
-def seeded_global_rngs(seed: int) -> Iterator[None]:
+def seeded_global_rngs(seed: int) -> AbstractContextManager[None]:
     """Seed python's, numpy's and torch's global RNGs for one call, then restore them: third-party
     transforms (timm) draw from them, and the caller's streams (dropout, init) stay untouched."""
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed & 0xFFFF_FFFF)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+    return OwnGlobalRngs(seed).active()
 
 
 class OwnGlobalRngs:
