@@ -58,10 +58,7 @@ class RecallLayout:
     @property
     def label(self) -> int:
         """The value at the end of the query key's chain (for one hop: the value whose key is the query's)."""
-        key, links = self.query_key, dict(self.link_keys)
-        while key in links:
-            key = links[key]
-        return self.pair_values[self.pair_keys.index(key)]
+        return self.pair_values[self.pair_cells.index(self.chain()[-1])]
 
     @property
     def match_cell(self) -> tuple[int, int]:
