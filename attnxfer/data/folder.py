@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..errors import InputError, MissingPathError, OptionError
 from ..speak import warn
 from .label_free import LabelFree
-from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings
+from .registry import DatasetInfo, built_info, register_dataset
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
 if TYPE_CHECKING:
@@ -201,10 +201,17 @@ class FolderDataset(Dataset):
         return self[index][0]
 
 
-def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -> tuple[bool, Callable]:
-    """(``augment``, by default on the train split; timm's transform of ``info``'s images, ``aug`` its options)."""
-    from timm.data import create_transform  # local import keeps `import attnxfer.data` light
+def timm_transform(
+    split: str, augment: bool | None, info: DatasetInfo, **aug
+) -> tuple[bool, Callable, DatasetInfo]:
+    """(``augment``, by default on the train split; timm's transform of ``info``'s images, ``aug`` its options
+    over `build_folder`'s transform defaults; ``info`` with how that transform resizes and crops for eval)."""
+    from timm.data import DEFAULT_CROP_PCT, create_transform  # keeps `import attnxfer.data` light
 
+    # folder's defaults (bicubic, no colour jitter, crop_pct 0.875) under what ``aug`` sets, so that the timm
+    # prefixes (hfds/, wds/, hfids/) prepare images as folder does where data.kwargs sets nothing
+    params = inspect.signature(build_folder).parameters
+    aug = {**{name: params[name].default for name in _FOLDER_TRANSFORM_OPTIONS}, **aug}
     unknown = sorted(set(aug) - set(inspect.signature(create_transform).parameters))
     if unknown:  # an open-ended builder's (hfds/, wds/) data.kwargs end here
         raise OptionError(
@@ -233,14 +240,22 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
             f"dataset '{info.name}': data.kwargs.color_jitter takes a number >= 0 (brightness, contrast and "
             f"saturation) or a list of 3 such numbers (one each), or 4 (+ hue, <= 0.5); got {jitter!r}"
         )
+    # how timm's create_transform(..., is_training=False) resizes and crops (its own defaults: centre crop)
+    eval_info = replace(
+        info,
+        crop_pct=DEFAULT_CROP_PCT if crop is None else float(crop),
+        crop_mode=aug.get("crop_mode") or "center",
+        interpolation=aug["interpolation"],
+    )
     try:
-        return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
+        transform = create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
     except (KeyError, IndexError, TypeError, ValueError, AssertionError) as e:  # timm's own checks, if any
         raise InputError(
             f"dataset '{info.name}': timm's create_transform cannot build from these options ({type(e).__name__}: "
             f"{e}); check the values data.kwargs and the aug section set (interpolation: bicubic, bilinear or "
             "nearest; scale and ratio: two numbers each)"
         ) from None
+    return augment, transform, eval_info
 
 
 @register_dataset("folder", info=folder_info)
@@ -275,7 +290,7 @@ def build_folder(
     info = built_info(
         "folder", folder_info(root, labels), img_size, in_chans, mean, std, grayscale_or_rgb=True
     )
-    augment, transform = timm_transform(
+    augment, transform, info = timm_transform(
         split,
         augment,
         info,
@@ -291,7 +306,6 @@ def build_folder(
         crop_pct=crop_pct,
     )
     images = _split_images(split, root, classes, labels, info.in_chans, transform)
-    info = replace(info, **timm_eval_settings(crop_pct, interpolation))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
     return dataset if labels else LabelFree(dataset)
 
@@ -299,13 +313,6 @@ def build_folder(
 #: the transform options whose defaults are folder's own, not timm's create_transform's (bilinear, a 0.4
 #: colour jitter): every source that "gets folder's transforms" starts from these
 _FOLDER_TRANSFORM_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "interpolation", "crop_pct")
-
-
-def with_folder_defaults(aug: dict[str, Any]) -> dict[str, Any]:
-    """``aug`` over `build_folder`'s transform defaults (bicubic, no colour jitter, crop_pct 0.875), so that
-    the timm prefixes (hfds/, wds/, hfids/) prepare images as folder does where data.kwargs sets nothing."""
-    params = inspect.signature(build_folder).parameters
-    return {**{name: params[name].default for name in _FOLDER_TRANSFORM_OPTIONS}, **aug}
 
 
 def _split_images(

@@ -294,20 +294,6 @@ def dataset_info(
     return info if labels else without_labels(info)
 
 
-def timm_eval_settings(
-    crop_pct: float | None = None, interpolation: str = "bilinear", crop_mode: str | None = None, **_
-) -> dict[str, float | str]:
-    """How timm's ``create_transform(..., is_training=False)`` resizes and crops with these options (its own
-    defaults filled in: crop_pct 0.875, centre crop), as `DatasetInfo` fields."""
-    from timm.data import DEFAULT_CROP_PCT
-
-    return dict(
-        crop_pct=DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct),
-        crop_mode=crop_mode or "center",
-        interpolation=interpolation,
-    )
-
-
 def built_info(
     name: str,
     default: DatasetInfo,

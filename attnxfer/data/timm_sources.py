@@ -16,15 +16,14 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from itertools import islice
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError, MissingPathError
-from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform, with_folder_defaults
+from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
 from .label_free import LabelFree, without_labels
-from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
+from .registry import SPLITS, DatasetInfo, built_info, register_prefix
 from .seeding import OwnGlobalRngs, sample_seed
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
@@ -250,10 +249,8 @@ def build_hfds(
     _require_split(f"hfds/{name}", root, hf_split, split)
     default = hf_info(name, root, train_split, labels=labels)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
-    aug = with_folder_defaults(
-        dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
-    )
-    augment, transform = timm_transform(split, augment, info, **aug)
+    aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
+    augment, transform, info = timm_transform(split, augment, info, **aug)
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
         images = create_dataset(
@@ -268,7 +265,6 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    info = replace(info, **timm_eval_settings(**aug))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
     return dataset if labels else LabelFree(dataset)
 
@@ -400,10 +396,8 @@ for _prefix in STREAM_PREFIXES:
         info = built_info(
             dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
         )
-        aug = with_folder_defaults(
-            dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
-        )
-        augment, transform = timm_transform(split, augment, info, **aug)
+        aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
+        augment, transform, info = timm_transform(split, augment, info, **aug)
         transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform, seed if augment else None)
         try:
             stream = create_dataset(
@@ -449,8 +443,6 @@ for _prefix in STREAM_PREFIXES:
                 share = (reader.dist_rank, reader.dist_num_replicas)
             reader.dist_rank, reader.dist_num_replicas = 0, 1
             reader.global_num_workers = reader.num_workers
-        return StreamDataset(
-            stream, replace(info, **timm_eval_settings(**aug)), per_rank, labels=labels, share=share
-        )
+        return StreamDataset(stream, info, per_rank, labels=labels, share=share)
 
     register_prefix(_prefix, info=stream_info)(_builder)
