@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError, OptionError
 from ..speak import warn
-from .label_free import LabelFree
 from .registry import DatasetInfo, built_info, register_dataset
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
@@ -280,16 +279,14 @@ def build_folder(
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
     labels: bool = True,
-) -> FolderDataset | LabelFree:
+) -> FolderDataset:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
     ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`)."""
-    classes = folder_classes(root) if labels else ()
+    default = folder_info(root, labels)
     _split_dir(root, split)  # a missing split folder is refused before anything is built
-    info = built_info(
-        "folder", folder_info(root, labels), img_size, in_chans, mean, std, grayscale_or_rgb=True
-    )
+    info = built_info("folder", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     augment, transform, info = timm_transform(
         split,
         augment,
@@ -305,9 +302,8 @@ def build_folder(
         interpolation=interpolation,
         crop_pct=crop_pct,
     )
-    images = _split_images(split, root, classes, labels, info.in_chans, transform)
-    dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
-    return dataset if labels else LabelFree(dataset)
+    images = _split_images(split, root, info.class_names or (), labels, info.in_chans, transform)
+    return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
 
 
 #: the transform options whose defaults are folder's own, not timm's create_transform's (bilinear, a 0.4

@@ -23,13 +23,6 @@ def fingerprint_of(parts: Iterable[Any]) -> str:
     return h.hexdigest()
 
 
-def _samples(dataset: Any) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:  # a stream without a length
-        return None
-
-
 def _declared(obj: Any) -> tuple[str, str] | None:
     """(what is hashed, the hash) where ``obj`` says what it holds without being read, else None."""
     if callable(getattr(obj, "fingerprint", None)):
@@ -59,4 +52,8 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     if found is None and lister is not None:  # timm's ImageDataset / our readers: paths under the root
         found = "file list", fingerprint_of(lister.filenames(basename=False, absolute=False))
     of, fingerprint = found or ("class and size", fingerprint_of([type(dataset).__qualname__]))
-    return {"samples": _samples(dataset), "of": of, "fingerprint": fingerprint}
+    try:
+        samples = len(dataset)
+    except TypeError:  # a stream without a length
+        samples = None
+    return {"samples": samples, "of": of, "fingerprint": fingerprint}

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError, MissingPathError
 from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
-from .label_free import LabelFree, without_labels
+from .label_free import without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix
 from .seeding import OwnGlobalRngs, sample_seed
 
@@ -265,8 +265,7 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    dataset = FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
-    return dataset if labels else LabelFree(dataset)
+    return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
 
 
 class LabelInRange:
