@@ -56,9 +56,6 @@ class SyntheticImages(Dataset):
             [self.seed, self.length, self.noise, self._split_id, i.num_classes, i.in_chans, i.img_size]
         )
 
-    def label(self, index: int) -> int:
-        return int(index) % self.info.num_classes
-
     def image(self, index: int) -> torch.Tensor:
         """Sample ``index``'s image alone (a label-free run reads only this)."""
         idx = int(index)
@@ -72,7 +69,7 @@ class SyntheticImages(Dataset):
         return (pixels - self._mean) / self._std
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.image(index), self.label(index)
+        return self.image(index), int(index) % self.info.num_classes
 
 
 @register_dataset("synthetic", info=SYNTHETIC_INFO, reads_root=False)
