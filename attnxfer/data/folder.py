@@ -284,7 +284,7 @@ def build_folder(
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
     ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`)."""
-    default = folder_info(root, labels)
+    default = folder_info(root, labels)  # train's classes: a train folder without them is refused first
     _split_dir(root, split)  # a missing split folder is refused before anything is built
     info = built_info("folder", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     augment, transform, info = timm_transform(
