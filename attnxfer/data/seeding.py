@@ -11,7 +11,7 @@ import hashlib
 import random
 import struct
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -54,10 +54,21 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(sample_seed(seed, epoch, index))
 
 
-def seeded_global_rngs(seed: int) -> AbstractContextManager[None]:
+@contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
     """Seed python's, numpy's and torch's global RNGs for one call, then restore them: third-party
     transforms (timm) draw from them, and the caller's streams (dropout, init) stay untouched."""
-    return OwnGlobalRngs(seed).active()
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFF_FFFF)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class OwnGlobalRngs:
