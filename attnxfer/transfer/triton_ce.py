@@ -66,10 +66,10 @@ def _require_triton() -> None:
         ) from err
 
 
-def check_triton_runs(device: torch.device | str) -> None:
-    """A `CEPathUnavailable` saying why where the triton path cannot run on ``device`` (before the first step)."""
+def check_triton_runs(device: torch.device | str) -> TritonBackend:
+    """How the triton path runs on ``device``, or a `CEPathUnavailable` saying why it cannot."""
     _require_triton()
-    triton_backend(device)
+    return triton_backend(device)
 
 
 def _kernels_for(backend: TritonBackend) -> ModuleType:
@@ -257,8 +257,7 @@ def triton_row_ce(
     """Row CEs −Σ_j P̄_t,ij log P_s,ij (B, H_s, N) in fp32, differentiable in q_s and k_s, and
     (``with_entropy``) the teacher's detached row entropies H(P̄_t)_i; ``block_m``/``block_n``: tiles."""
     _check(q_t, k_t, q_s, k_s)
-    _require_triton()
-    backend = triton_backend(q_s.device)
+    backend = check_triton_runs(q_s.device)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else float(scale_t)
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else float(scale_s)
     q_s, k_s = _same_dtype(q_s, k_s)
