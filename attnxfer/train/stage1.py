@@ -24,6 +24,7 @@ from ..models.handover import Signal
 from ..speak import say
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
+from ..transfer.teacher_pass import block_of
 from .distributed import RankAverage, gather_objects, sum_over_ranks
 from .engine import train_step
 from .objective import Autocast, Objective
@@ -57,8 +58,8 @@ def teacher_signals(
     def stop_here(*_):  # the block of the last layer stage 1 needs has run: nothing after it is read
         raise StopForward
 
-    last = attention_layers(teacher)[max(layers)][0].rsplit(".", 1)[0]  # the block holding that attention
-    stop = teacher.get_submodule(last).register_forward_hook(stop_here)
+    last = block_of(teacher, attention_layers(teacher)[max(layers)][0])  # the block of the last attention
+    stop = last.register_forward_hook(stop_here)
     try:
         with (
             torch.no_grad(),
@@ -339,14 +340,13 @@ def _fitting_only(student: nn.Module, plan: ConversionPlan, weight_decay: float)
     requires = {name: p.requires_grad for name, p in student.named_parameters()}
     student.eval().requires_grad_(False)
     plain, masked, hooks = [], [], []
-    for _, tensors in layer_tensors(student, plan):
-        for _, p, mask in tensors:
-            p.requires_grad_(True)
-            if mask is None:
-                plain.append(p)
-            else:
-                masked.append(p)
-                hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
+    for _, p, mask in layer_tensors(student, plan):
+        p.requires_grad_(True)
+        if mask is None:
+            plain.append(p)
+        else:
+            masked.append(p)
+            hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
     groups = [{"params": plain, "weight_decay": weight_decay}, {"params": masked, "weight_decay": 0.0}]
     try:
         yield [g for g in groups if g["params"]]

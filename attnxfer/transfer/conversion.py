@@ -146,10 +146,11 @@ def _stage1_tensors(
 
 
 def layer_tensors(student: nn.Module, plan: ConversionPlan):
+    """(name, parameter, row mask or None) of every tensor stage 1 trains, layer by layer of ``plan.active``."""
     layers = attention_layers(student)  # blocks.* of a ViT; stages.*.blocks.* of PVTv2, layers.* of Swin
     for layer in plan.active:
         name, attn = layers[layer.layer]
-        yield layer, _stage1_tensors(attn, plan.stage1_train, name)
+        yield from _stage1_tensors(attn, plan.stage1_train, name)
 
 
 def build_conversion_plan(
