@@ -218,8 +218,6 @@ class TeacherStudent(nn.Module):
     @property
     def owns_teacher_pass(self) -> bool:
         """Whether this pair's teacher pass can be no other pair's (it takes the student's drop-path masks)."""
-        if not (self.plan.share_drop_path and self.training):
-            return False
         pairs = self._drop_path_pairs(self.teacher_needs().last_layer)
         return any(rate > 0 for student_blk, _ in pairs for _, rate, _ in _drop_rates(student_blk))
 
@@ -263,13 +261,14 @@ class TeacherStudent(nn.Module):
                 )
             handover.check(self.teacher, needs, batch.shape[0], self._teacher_dtype(batch.device))
             return self._student_pass(x, handover)
-        if not (self.plan.share_drop_path and self.training):
-            return self._student_pass(x, self.teacher_pass(x, needs))
         with _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch.shape[0], batch.device):
             return self._student_pass(x, self.teacher_pass(x, needs))
 
     def _drop_path_pairs(self, last: int) -> list[tuple[nn.Module, nn.Module]]:
-        """(student block, teacher block) of the layers up to teacher layer ``last`` (equal depths)."""
+        """(student block, teacher block) of the layers up to teacher layer ``last`` (equal depths) whose
+        drop-path draws the two share: none unless ``share_drop_path`` in training."""
+        if not (self.plan.share_drop_path and self.training):
+            return []
         layers = zip(self._student_layers[: last + 1], self._teacher_layers[: last + 1])
         return [(block_of(self.student, s), block_of(self.teacher, t)) for (s, _), (t, _) in layers]
 
