@@ -151,9 +151,8 @@ def _knapsack(options: list[list[tuple[int, float, float, str]]], need: int) -> 
     time saved: one option a block. A near-untrained teacher ties every swap at kl 0, and a tie must not go to
     the slower candidate."""
     inf = (math.inf, 0.0)
-    cost = [(0.0, 0.0)] + [
-        inf
-    ] * need  # cost[u]: (least sensitivity, -ms saved) reaching u units (need: >= need)
+    # cost[u]: (least sensitivity, -ms saved) reaching u units (need: >= need)
+    cost = [(0.0, 0.0)] + [inf] * need
     choice: list[list[tuple[int, str]]] = []  # per block, per reached u: (previous u, option)
     for block in options:
         new, back = [inf] * (need + 1), [(-1, SOFTMAX)] * (need + 1)
