@@ -60,15 +60,6 @@ class TransferPlan:
         """The comparison that is the mode's distillation (`build_plan` puts it first), or None."""
         return self.comparisons[0] if self.mode.is_distill and self.pairs else None
 
-    @property
-    def compares(self) -> dict[Signal, float]:
-        """Each signal the student is compared with its teacher on, and its weight (summed over comparisons)."""
-        out: dict[Signal, float] = {}
-        for c in self.comparisons:
-            if c.pairs or not c.signal.of_layer:
-                out[c.signal] = out.get(c.signal, 0.0) + c.weight
-        return out
-
     def describe(self) -> str:
         """A short human-readable table, printed at start-up."""
         m = self.mode

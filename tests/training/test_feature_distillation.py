@@ -110,7 +110,7 @@ def test_feature_distillation_is_the_loss_of_both_models_own_final_tokens(mode):
     )
     student = tiny_vit(depth=2, seed=2)
     plan = build_plan(teacher, student, mode, feature_weight=0.5, task_weight=0.0)
-    assert plan.compares[Signal.FEATURES] == 0.5
+    assert {c.signal: c.weight for c in plan.comparisons}[Signal.FEATURES] == 0.5
     pair = TeacherStudent(teacher, student, plan).train()
     student_embeds, teacher_last = _count_calls(student.patch_embed), _count_calls(teacher.blocks[-1])
     out = pair(x)
