@@ -45,10 +45,6 @@ class TeacherNeeds:
         """The pass ends right after the last needed layer has handed over."""
         return self.may_stop and not self.signals and bool(self.layers)
 
-    def brings_bias(self, layer: int) -> bool:
-        """Whether ``layer`` hands over its logit bias (q and k are both wanted)."""
-        return {Signal.Q, Signal.K} <= set(self.layers.get(layer, ()))
-
     def union(self, *others: TeacherNeeds) -> TeacherNeeds:
         """What a pass must give for this step and ``others`` alike (an early stop only where all allow one)."""
         every = (self, *others)
