@@ -350,12 +350,11 @@ class Engine:
         return min_over_ranks(due.to(self.accelerator.device)) > 0
 
     def _evaluate_all(self) -> dict[str, float]:
-        run = self.objective.evaluate
-        res = {f"val_{k}": v for k, v in run(self.model, self.val_loader, self.accelerator).items()}
-        if self.ema_eval is not None:
-            res.update(
-                {f"ema_val_{k}": v for k, v in run(self.ema_eval, self.val_loader, self.accelerator).items()}
-            )
+        res = {}
+        for prefix, model in (("val_", self.model), ("ema_val_", self.ema_eval)):
+            if model is not None:
+                scores = self.objective.evaluate(model, self.val_loader, self.accelerator)
+                res |= {prefix + k: v for k, v in scores.items()}
         return res
 
     def evaluate_checkpoint(self) -> dict[str, float]:
