@@ -174,11 +174,10 @@ def _wandb(ctx: TrackerContext):
     from accelerate.tracking import WandBTracker
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    run_id = ctx.previous.get("id")
     return WandBTracker(
         ctx.project,
         dir=str(ctx.run_dir),
-        id=run_id,
+        id=ctx.previous.get("id"),
         resume="allow",
         name=run_name(ctx.run_dir),
         **ctx.options,
