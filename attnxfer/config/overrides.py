@@ -20,7 +20,7 @@ import yaml
 from ..speak import change_said
 from .keys import ConfigError, field_types, leaves, reads_section, rule_of, section_command, value_said_anyway
 from .renamed import find_key, respell
-from .strict_yaml import Dumper, describe_yaml_error, load_yaml
+from .strict_yaml import Dumper, describe_yaml_error, load_yaml, yaml_value
 
 
 def validate_config(cfg: Any, prefix: str = "") -> Any:
@@ -120,10 +120,6 @@ def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
     lines = [f"config: {where}, {len(changes)} value(s) changed:"]
     lines += [f"  {k}: {change_said(a, b, yaml_value)}" for k, (a, b) in changes.items()]
     return "\n".join(lines)
-
-
-def yaml_value(v: Any) -> str:
-    return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}

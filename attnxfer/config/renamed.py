@@ -12,9 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from .keys import ConfigError
+from .strict_yaml import yaml_value
 
 
 class RenamedKeyWarning(FutureWarning):
@@ -37,11 +36,6 @@ def _current(cfg: Any, dotted: str) -> Any:
         else:
             return None
     return node
-
-
-def _said(value: Any) -> str:
-    """A value as YAML writes it (null, 16, [a, b])."""
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 def find_key(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
@@ -76,7 +70,9 @@ def moved_to(new: str) -> Move:
         if not found:
             _parent(data, new, cfg)[new.rsplit(".", 1)[-1]] = value
         elif given != value:
-            return f"its {_said(value)} is dropped: {new}={_said(given)} is given beside it and wins"
+            return (
+                f"its {yaml_value(value)} is dropped: {new}={yaml_value(given)} is given beside it and wins"
+            )
         return None
 
     return move

@@ -178,6 +178,11 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
+def yaml_value(value: Any) -> str:
+    """A value as YAML writes it on one line (null, 16, [a, b])."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
 def describe_yaml_error(e: YAMLError) -> str:
     """One line: where in the text (line and column, 1-based) and what is wrong there."""
     if isinstance(e, yaml.MarkedYAMLError):

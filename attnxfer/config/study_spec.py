@@ -25,11 +25,10 @@ from .overrides import (
     parse_overrides,
     to_dict,
     validate_config,
-    yaml_value,
 )
 from .renamed import find_key
 from .schema import TrainConfig, config_keys
-from .strict_yaml import load_yaml
+from .strict_yaml import load_yaml, yaml_value
 
 #: what every student of a study shares (keys, and ``section.`` prefixes): one batch and one teacher pass per
 #: step, one schedule length and one way of saving for all
