@@ -29,7 +29,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..run_layout import LOCK_NAME, STAGE_DIRS, read_record
+from ..run_layout import STAGE_DIRS, read_record
 from ..sources.load_errors import copy_student_alone
 from ..sources.resolve import weights_digest
 from ..sources.teacher import hub_reachable
@@ -51,10 +51,11 @@ from .run_dir import (
     CheckpointChoice,
     ExportWeights,
     RunDir,
+    _at_work,
     default_weights,
     select_checkpoint as select_checkpoint,
 )
-from .run_lock import claim_new_file, in_run_folder, lock_holder, refuse_file_in_the_way, refuse_unwritable
+from .run_lock import claim_new_file, in_run_folder, refuse_file_in_the_way, refuse_unwritable
 from .store import _owner_is_alive, _owner_tag
 
 # What an export folder holds (and what overwrite=True replaces).
@@ -484,11 +485,10 @@ def export_run(
         )
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     # a conversion holds its lock in its own folder, above stage 2's run
-    holders = (lock_holder(d / LOCK_NAME) for d in (run.path, run.path.parent))
-    held = next((h for h in holders if h is not None and not h.ours and h.why_dead() is None), None)
+    held = next(filter(None, map(_at_work, (run.path, run.path.parent))), None)
     if held is not None:
         warn(
-            f"{run.path} is still training ({held.describe()}): exporting its checkpoint {loaded.why}; "
+            f"{run.path} is still training ({held}): exporting its checkpoint {loaded.why}; "
             "export again when the run ends for its final weights"
         )
     # a run that stopped (killed, preempted) before its schedule's end: its weights are not its final ones
