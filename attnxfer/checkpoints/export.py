@@ -18,6 +18,7 @@ import torch.nn as nn
 import yaml
 from timm.models.vision_transformer import VisionTransformer
 
+from ..analysis.knn import evaluating
 from ..errors import HubUnreachableError, InputError, PathExistsError
 from ..models.attention import require_model
 from ..models.handover import Chunks
@@ -97,17 +98,15 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
     """Both models, one seeded input, bit-identical outputs (else the export would not be the student)."""
     from timm.models import get_model_input_config
 
-    was_training = student.training
-    student.eval()
     try:
-        size = get_model_input_config(student)["input_size"]
-        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-        param = next(student.parameters())  # a bf16 / fp16 student: its twin and input in its dtype
-        twin.to(param.device, param.dtype).eval()  # same device, same kernels
-        x = x.to(param.device, param.dtype)
-        a, b = student(x).cpu(), twin(x).cpu()
+        with evaluating(student):
+            size = get_model_input_config(student)["input_size"]
+            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+            param = next(student.parameters())  # a bf16 / fp16 student: its twin and input in its dtype
+            twin.to(param.device, param.dtype).eval()  # same device, same kernels
+            x = x.to(param.device, param.dtype)
+            a, b = student(x).cpu(), twin(x).cpu()
     finally:
-        student.train(was_training)
         twin.cpu()
     if not torch.equal(a, b):
         raise RuntimeError(
