@@ -14,7 +14,7 @@ from ..models.attention.numerics import row_chunk, row_slices
 from .geometry import LayerGeometry, layer_geometry
 from .layout import token_layout
 from .metrics import attention_rollout, renormalise
-from .positions import RowPositions, row_positions
+from .positions import in_raster_order, row_positions
 from .signals import LayerSignals, layer_qk
 
 
@@ -54,19 +54,9 @@ def token_maps(
         else:
             row = _received(sig, geo)
             if pos is not None and pos.matches(sig, x.shape[0]):
-                row = _in_raster_order(row, pos)
+                row = in_raster_order(row, pos)
         maps.append(renormalise(row).reshape(*row.shape[:2], *geo.grid).float().cpu())
     return maps, geometries
-
-
-def _in_raster_order(row: torch.Tensor, pos: RowPositions) -> torch.Tensor:
-    """(B, H, P) values of a global layer's keys moved to their raster cells: a hierarchical model's tokens
-    need not be in raster order (Hiera's are still partly unrolled)."""
-    keys = pos.keys[0].to(row.device)
-    valid = keys >= 0
-    out = row.new_zeros(*row.shape[:2], pos.key_grid[0] * pos.key_grid[1])
-    out[..., keys[valid]] = row[..., valid]
-    return out
 
 
 def _received(sig: LayerSignals, geo: LayerGeometry) -> torch.Tensor:

@@ -76,6 +76,17 @@ def cell_distances(pos: RowPositions, image: tuple[int, int]) -> tuple[torch.Ten
     return d, pos.keys >= 0
 
 
+def in_raster_order(row: torch.Tensor, pos: RowPositions, window: int = 0) -> torch.Tensor:
+    """(B, H, P) values of the keys of ``window`` (a global layer's one) moved to their raster cells of the key
+    grid, 0 where it has no key: a hierarchical model's tokens need not be in raster order (Hiera's are still
+    partly unrolled)."""
+    keys = pos.keys[window].to(row.device)
+    valid = keys >= 0
+    out = row.new_zeros(*row.shape[:2], pos.key_grid[0] * pos.key_grid[1])
+    out[..., keys[valid]] = row[..., valid]
+    return out
+
+
 def query_points(grid: tuple[int, int]) -> dict[str, int]:
     """The query cells drawn in the pictures: the grid's centre and its top-left corner."""
     gh, gw = grid
@@ -96,9 +107,6 @@ def query_maps(
             continue
         w, t = (int(v) for v in hit[0])
         row = sig.map_rows(slice(t, t + 1)).reshape(images, pos.windows, heads, nk)[:, w]
-        keys = pos.keys[w].to(row.device)
-        valid = keys >= 0
-        m = row.new_zeros(images, heads, pos.key_grid[0] * pos.key_grid[1])
-        m[..., keys[valid]] = row[..., valid].clamp_min(0)
+        m = in_raster_order(row.clamp_min(0), pos, w)
         out[name] = m.reshape(images, heads, *pos.key_grid).float().cpu()
     return out
