@@ -313,23 +313,16 @@ def _squeue(*query: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def _running_steps(job: str) -> set[str] | None:
-    """The steps of SLURM job ``job`` that SLURM runs now, by their ids (``0``, ``1``, ``batch``), as
-    ``squeue`` lists them; None where it could not be asked."""
-    listed = _squeue("--steps", "--jobs", job, "--format", "%i")
-    if listed is None:
-        return None
-    # JOB.STEP, ARRAYJOB_TASK.STEP for an array's task, JOB.STEP+COMPONENT for a heterogeneous step
-    return {line.rsplit(".", 1)[1].split("+")[0] for line in listed.split() if "." in line}
-
-
 def _step_ended(job: str, step: str) -> bool:
     """Whether SLURM says step ``step`` of ``job`` (this process's own job) runs no more. False wherever
     that is not certain: squeue failed, or its answer does not show this process's own step (squeue lists
     no step for a job it does not know, as under another cluster's SLURM_CONF)."""
     ours = os.environ.get("SLURM_STEP_ID") or "batch"  # the batch script itself runs in step "batch"
-    running = _running_steps(job)
-    return running is not None and ours in running and step not in running
+    listed = _squeue("--steps", "--jobs", job, "--format", "%i") or ""
+    # the ids of the steps running (0, 1, batch): JOB.STEP, ARRAYJOB_TASK.STEP for an array's task,
+    # JOB.STEP+COMPONENT for a heterogeneous step
+    running = {line.rsplit(".", 1)[1].split("+")[0] for line in listed.split() if "." in line}
+    return ours in running and step not in running
 
 
 def _job_ended(job: str, cluster: str, mine: bool) -> str | None:
