@@ -233,7 +233,6 @@ def export_student(
             card,
             spec,
             shape=shape,
-            loads_in_plain_timm=attention_label(spec["attention"]) == SOFTMAX,
             # the folder by its absolute path: the card's snippets run from any working directory
             load_ref=f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{os.path.abspath(out_dir)}",
             native_arch=native,

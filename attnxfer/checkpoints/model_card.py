@@ -159,7 +159,6 @@ def render_model_card(
     spec: dict[str, Any],
     *,
     shape: dict[str, Any] | None = None,
-    loads_in_plain_timm: bool,
     load_ref: str,
     native_arch: bool = True,
     formats: Sequence[str] = ("timm",),
@@ -237,11 +236,7 @@ def render_model_card(
         "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
         _metrics_section(card, data),
         recipe or "",
-        _loading_section(
-            spec, loads_in_plain_timm=loads_in_plain_timm, load_ref=load_ref, native_arch=native_arch
-        )
-        if "timm" in formats
-        else "",
+        _loading_section(spec, load_ref=load_ref, native_arch=native_arch) if "timm" in formats else "",
         "" if onnx is None else _onnx_section(onnx, load_ref, spec.get("pretrained_cfg", {})),
     ]
     # huggingface_hub writes the metadata (model-index included) and checks that it parses back
@@ -368,9 +363,7 @@ def _metrics_section(card: ModelCardInfo, data: ModelCardData) -> str:
     return out + (f"| metric | value |\n|---|---|\n{table}" if card.metrics else "No metrics recorded.\n")
 
 
-def _loading_section(
-    spec: dict[str, Any], *, loads_in_plain_timm: bool, load_ref: str, native_arch: bool
-) -> str:
+def _loading_section(spec: dict[str, Any], *, load_ref: str, native_arch: bool) -> str:
     """How to load the export: plain timm or transformers' timm wrapper for a softmax student (after ``import
     attnxfer`` where attnxfer registers the architecture), else `load_student` (or ONNX without attnxfer)."""
     out = "\n## How to load\n\n"
@@ -378,8 +371,8 @@ def _loading_section(
         "cfg = timm.data.resolve_model_data_config(model)\n"
         "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
     )
-    if not loads_in_plain_timm:
-        kind = attention_label(spec.get("attention", SOFTMAX))
+    kind = attention_label(spec.get("attention", SOFTMAX))
+    if kind != SOFTMAX:
         return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
             "cannot build it (config.json's `model_args` open with an argument no timm model takes, so timm stops "
