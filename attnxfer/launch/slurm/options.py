@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 
 from ...errors import InputError, UserError
-from ..arguments import CLUSTERS, split_top_level
+from ..arguments import CLUSTERS, PLACEMENT, split_top_level
 
 RUN_DIR_KEY = "run_dir"
 
@@ -34,11 +34,7 @@ OWN_FLAG_KEYS = {
     "cpus-per-task": "--cpus-per-task",
     "mem": "--mem",
     "time": "--time",
-    "partition": "--partition",
-    "account": "--account",
-    "qos": "--qos",
-    "constraint": "--constraint",
-    "exclude": "--exclude",
+    **{name: f"--{name}" for name in PLACEMENT},
 }
 
 
@@ -253,11 +249,7 @@ def sbatch_parameters(opts: SlurmOptions) -> dict[str, Any]:
         "gpus_per_node": opts.gpus_per_node or None,
         "cpus_per_task": opts.cpus_per_task,
         "mem": opts.mem,
-        "partition": opts.partition,
-        "account": opts.account,
-        "qos": opts.qos,
-        "constraint": opts.constraint,
-        "exclude": opts.exclude,
+        **{name: getattr(opts, name) for name in PLACEMENT},
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     if opts.extra:
