@@ -252,9 +252,8 @@ class RunDir:
                     f"it back, or run the command that trained it again, -c {self.config_file}, which writes it "
                     "anew (a finished run trains no further)"
                 )
-            if at_work := _at_work(
-                self.path
-            ):  # a conversion in stage 1 writes no folder before its first save
+            # a conversion in stage 1 writes no folder before its first save
+            if at_work := _at_work(self.path):
                 raise MissingPathError(
                     f"{self.path} has no {RUN_RECORD} yet: its command is still at work ({at_work}); run this "
                     "again once it has ended"
