@@ -385,6 +385,95 @@ def test_each_exp_is_capped_by_the_power_before_a_bounding_op(program, caps):
     assert [m(big, D)[0].item() for m in exps] == [math.exp(c) + EPS for c in caps]
 
 
+def _capped(x, power):
+    # the definition in float64: a power's input magnitude capped at e^(30 / D), D the power it and the ops after
+    # it raise that input to, so no feature passes e^30
+    bound = math.exp(30 / power)
+    return x.clamp(-bound, bound)
+
+
+def _signed_pow(x, p):
+    return x.sign() * x.abs() ** p
+
+
+def _cat_branches(y):
+    # cat(square, pow(3)).square: each branch goes on to the square after the cat
+    left, right = _capped(y, 4) ** 2 + EPS, _capped(y, 6) ** 3
+    return torch.cat([_capped(left, 2) ** 2 + EPS, _capped(right, 2) ** 2 + EPS], -1)
+
+
+@pytest.mark.parametrize(
+    ("program", "definition"),
+    [
+        (
+            "sum(square.pow(8).square.pow(8))",  # x^256
+            lambda x: _capped(_capped(_capped(_capped(x, 256) ** 2 + EPS, 128) ** 8, 16) ** 2 + EPS, 8) ** 8,
+        ),
+        (
+            "len(pow(8).pow(8).pow(8))",  # signed x^512
+            lambda x: _signed_pow(
+                _capped(_signed_pow(_capped(_signed_pow(_capped(x, 512), 8), 64), 8), 8), 8
+            ),
+        ),
+        (
+            "sum(relu.pow(4).cat(square,pow(3)).square)",  # the cat's larger branch: pow(4) at D = 4 * 3 * 2
+            lambda x: _cat_branches(_capped(F.relu(x) + EPS, 24) ** 4),
+        ),
+    ],
+)
+def test_powers_without_an_exp_stay_finite_in_fp32_with_large_inputs(program, definition):
+    a = FormulaAttention(DIM, HEADS, program=program, **_layout())
+    q, k, v = (20 * t.float() for t in _qkv(65))  # teacher q/k reach |x| of 10-20
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    out = a.attend(q, k, v)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    with torch.no_grad():
+        phi = torch.cat(a.features_q(q), -1)
+    expected = definition(q.detach().double())
+    assert expected.abs().max() <= math.exp(30) * (1 + 1e-12) and expected.abs().max() > math.exp(29)
+    torch.testing.assert_close(phi.double(), expected, rtol=1e-4, atol=1e-30)
+
+
+@pytest.mark.parametrize(
+    ("program", "powers"),
+    [
+        ("sum(square.pow(8).square.pow(8))", [256, 128, 16, 8]),
+        ("len(pow(3).l2.pow(2))", [3, 2]),  # normalised between the powers
+        ("sum(exp.pow(2).softmax.pow(8))", [2, 8]),  # the power before softmax counts, the one after not
+        ("sum(cat(relu,square).pow(3))", [6, 3]),  # a branch's chain goes on after its cat
+        ("len(pow(2).exp.pow(4))", [2, 4]),  # a later exp caps its own input
+    ],
+)
+def test_each_power_caps_its_input_at_e30_over_the_power_to_a_bounding_op(program, powers):
+    a = FormulaAttention(DIM, HEADS, program=program, **_layout())
+    big = (torch.tensor([-1e300, 1e300], dtype=torch.float64),)
+    steps = [m for m in a.features_q.modules() if hasattr(m, "op") and m.op.name in ("pow", "square")]
+    for step, power in zip(steps, powers, strict=True):
+        p = 2.0 if step.op.name == "square" else step.op.arg
+        bound = math.exp(30 / power) ** p
+        expected = [bound + EPS] * 2 if step.op.name == "square" else [-bound, bound]
+        assert step(big, D)[0].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_power_below_its_cap_is_the_plain_power_bit_for_bit_gradients_too():
+    # the cap must not change a feature nor a gradient below it, where the gradient reaches the chain laid out
+    # as the core's matmuls leave it (a clamp's backward would lay it out anew: other last bits in elu's)
+    program = "sum(elu1.scale.pow(2))"
+    capped, plain = (FormulaAttention(DIM, HEADS, program=program, **_layout()) for _ in "ab")
+    for chain in (plain.features_q, plain.features_k):
+        chain.steps[2].fn = lambda blocks, d: tuple(b.sign() * b.abs().pow(2.0) for b in blocks)
+    grads = []
+    for attn in (capped, plain):
+        q, k, v = (t.float().requires_grad_(True) for t in _qkv(65))
+        out = attn.attend(q, k, v)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append((out.detach(), q.grad, k.grad))
+    for mine, theirs in zip(*grads, strict=True):
+        assert torch.equal(mine, theirs)
+
+
 def test_len_formula_is_signed_and_divides_by_the_token_count():
     a = FormulaAttention(DIM, HEADS, program="len(proj(8))", **_layout()).double()
     assert (

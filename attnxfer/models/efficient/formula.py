@@ -45,7 +45,8 @@ from .window import WindowAttention, WindowLinearAttention
 Blocks = tuple[torch.Tensor, ...]
 EPS = 1e-6
 #: No feature may exceed about e^EXP_CAP, so fp32 cannot overflow: exp's input is capped at EXP_CAP / D, D the
-#: power the ops after it raise its output to (`_degree`).
+#: power the ops after it raise its output to, and a power's (pow, square) input magnitude at e^(EXP_CAP / D), D
+#: the power it and the ops after it raise that input to (`_degree`).
 EXP_CAP = 30.0
 #: The program of the plain name ``formula`` (no program given): Hedgehog's.
 DEFAULT_PROGRAM = HAND_DESIGNED["hedgehog"][len(PREFIX) :]
@@ -70,6 +71,16 @@ def _focus(x: torch.Tensor, p: float) -> torch.Tensor:
     return powered / powered.norm(dim=-1, keepdim=True) * norm
 
 
+def _capped(x: torch.Tensor, bound: float) -> torch.Tensor:
+    """x with its magnitude capped at ``bound``, sign kept, as x * keep + the cap: where |x| <= bound, x and its
+    gradient pass bit for bit. A clamp, where or masked_fill lays the gradient out anew in its backward, and the
+    ops before it then round theirs differently in the last bits."""
+    with torch.no_grad():
+        keep = x.abs() <= bound
+        cap = torch.where(keep, 0.0, x.sign() * bound)
+    return x * keep + cap
+
+
 def _cos(blocks: Blocks, head_dim: int) -> Blocks:
     # cosFormer's reweighting: [phi cos t_i, phi sin t_i], t_i = pi/2 i / N (CosFormerAttention)
     N = blocks[0].shape[-2]
@@ -79,18 +90,18 @@ def _cos(blocks: Blocks, head_dim: int) -> Blocks:
 
 
 #: Parameter-free ops by name: (blocks, head dim) -> blocks; ``pow``/``focus`` take their power first, ``exp``
-#: its input cap.
+#: its input cap, ``pow``/``square`` their input's largest magnitude (`_capped`).
 FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
     "relu": lambda: _elementwise(lambda x: add_scalar(F.relu(x), EPS)),
     "elu1": lambda: _elementwise(lambda x: add_scalar(F.elu(x), 1.0 + EPS)),
     "exp": lambda cap=EXP_CAP: _elementwise(lambda x: add_scalar(x.clamp(max=cap).exp(), EPS)),
     "softplus": lambda: _elementwise(lambda x: add_scalar(F.softplus(x), EPS)),
-    "square": lambda: _elementwise(lambda x: add_scalar(x.square(), EPS)),
+    "square": lambda bound: _elementwise(lambda x: add_scalar(_capped(x, bound).square(), EPS)),
     "softmax": lambda: _whole(lambda x: add_scalar(x.softmax(dim=-1), EPS)),
     "neg": lambda: _elementwise(torch.neg),
     "scale": lambda: lambda blocks, d: tuple(scaled_for_kernel(b, d) for b in blocks),
     "l2": lambda: _whole(lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)),
-    "pow": lambda p: _elementwise(lambda x: x.sign() * x.abs().pow(p)),
+    "pow": lambda p, bound: _elementwise(lambda x: x.sign() * _capped(x.abs(), bound).pow(p)),
     "focus": lambda p: _whole(lambda x: _focus(x, p)),
     "cos": lambda: _cos,
 }
@@ -137,12 +148,12 @@ STEP_COUNTS: dict[str, Callable[[int, int, float | None], OpCounts]] = {
     "elu1": lambda n, w, a: OpCounts(add=n * w, other=n * w),
     "exp": lambda n, w, a: OpCounts(add=n * w, other=2 * n * w),  # clamp, exp
     "softplus": lambda n, w, a: OpCounts(add=n * w, other=n * w),
-    "square": lambda n, w, a: OpCounts(mul=n * w, add=n * w),
+    "square": lambda n, w, a: OpCounts(mul=n * w, add=n * w, other=n * w),  # the cap
     "softmax": lambda n, w, a: softmax_ops(n, w) + OpCounts(add=n * w),
     "neg": lambda n, w, a: OpCounts(),  # a sign flip, folded into the next op (as Hedgehog's count has it)
     "scale": lambda n, w, a: OpCounts(mul=n * w),
     "l2": lambda n, w, a: OpCounts(mul=2 * n * w, add=n * (w - 1), other=n),  # squares, sum, sqrt, divide
-    "pow": lambda n, w, a: OpCounts(other=2 * n * w),  # |x|^p, sign
+    "pow": lambda n, w, a: OpCounts(other=3 * n * w),  # the cap, |x|^p, sign
     # as focused linear's map without its relu and scale: |x| (N w mul, N (w - 1) add, N sqrt), / max
     # (N (w - 1) comparisons, N w div), ^p (other), renormalised (|.| again, N w div, N w mul)
     "focus": lambda n, w, a: (
@@ -189,7 +200,7 @@ class _Fixed(nn.Module):
     def __init__(self, op: Op, *args: float) -> None:
         super().__init__()
         self.op = op
-        self.fn = FIXED_OPS[op.name](*args) if op.arg is None else FIXED_OPS[op.name](op.arg)
+        self.fn = FIXED_OPS[op.name](*args) if op.arg is None else FIXED_OPS[op.name](op.arg, *args)
 
     def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
         return self.fn(blocks, head_dim)
@@ -237,6 +248,8 @@ class FeatureChain(nn.Module):
                 steps.append(LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype))
             elif step.name == "exp":
                 steps.append(_Fixed(step, EXP_CAP / _degree(chain[i + 1 :], after)))
+            elif step.name in ("pow", "square"):
+                steps.append(_Fixed(step, math.exp(EXP_CAP / _degree(chain[i:], after))))
             else:
                 steps.append(_Fixed(step))
             width = OPS[step.name].width(width, head_dim, step.arg)

@@ -73,12 +73,14 @@ OPS: dict[str, OpSpec] = {
     "elu1": OpSpec("elu(x) + 1 + eps", _positive),
     "exp": OpSpec("exp(min(x, 30 / D)) + eps, D the power later ops raise it to", _positive),
     "softplus": OpSpec("softplus(x) + eps", _positive),
-    "square": OpSpec("x^2 + eps", _positive),
+    "square": OpSpec("min(|x|, e^(30 / D))^2 + eps, D the power it and later ops raise x to", _positive),
     "softmax": OpSpec("softmax over the feature dim + eps", _positive),
     "neg": OpSpec("-x", _signed),
     "scale": OpSpec("x * d^-1/4", _kept),
     "l2": OpSpec("x / |x|", _kept),
-    "pow": OpSpec("sign(x) |x|^p", _kept, arg="float", arg_range=(1.0, 8.0)),
+    "pow": OpSpec(
+        "sign(x) min(|x|, e^(30 / D))^p, D as for square", _kept, arg="float", arg_range=(1.0, 8.0)
+    ),
     "focus": OpSpec(
         "|x| (x/max)^p / |(x/max)^p|", _kept, arg="float", arg_range=(1.0, 8.0), needs_nonneg=True
     ),
