@@ -38,13 +38,6 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="time limits survived by requeuing (default 3); preemptions are counted apart",
     )
     g.add_argument(
-        "--max-preemptions",
-        type=int,
-        default=None,
-        help="preemptions (SIGTERM, USR2 well before the time limit, requeues by the scheduler) "
-        "survived (default: no limit)",
-    )
-    g.add_argument(
         "--cluster",
         choices=CLUSTERS,
         default="slurm",
@@ -77,7 +70,8 @@ def add_array_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_resource_arguments(g: argparse._ArgumentGroup) -> None:
-    """The flags `submit` and a search's job array share: what each task gets and where it runs."""
+    """The flags `submit` and a search's job array share: what each task gets, where it runs and how many
+    preemptions it survives."""
     g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU")
     g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers + 1)")
     g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (64G, 0 = all)")
@@ -92,6 +86,13 @@ def _add_resource_arguments(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
+    )
+    g.add_argument(
+        "--max-preemptions",
+        type=int,
+        default=None,
+        help="preemptions (SIGTERM, USR2 well before the time limit, requeues by the scheduler) "
+        "survived (default: no limit)",
     )
 
 

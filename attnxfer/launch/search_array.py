@@ -1,11 +1,13 @@
 """`attnxfer search --array-tasks K`: each generation's new candidates evaluated as a SLURM job array of K
-contiguous batches, through the same executor and `wait` as `attnxfer submit`; the search itself runs where
-the command runs. Stage 1 starts from the same seed in every task, so a result does not depend on its task.
+contiguous batches, through the same executor, `TrainingTask` and `wait` as `attnxfer submit`; the search itself
+runs where the command runs. Stage 1 starts from the same seed in every task, so a result does not depend on its
+task, nor on how often it ran: a preempted task is requeued (up to --max-preemptions) and evaluates its batch again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,16 @@ from typing import Any
 from ..apps.search import evaluate_batch
 from ..speak import say
 from .arguments import PLACEMENT
-from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
+from .slurm import (
+    SlurmOptions,
+    TrainingTask,
+    build_executor,
+    parse_key_values,
+    slurm_job_info,
+    undone_if_refused,
+    wait,
+)
+from .slurm.submission import attempt_not_passed_on
 
 
 def split_batches(names: list[str], tasks: int) -> list[list[str]]:
@@ -36,7 +47,8 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
         mem=ns.mem,
         extra=parse_key_values(ns.slurm),
         name="attnxfer-search",
-        max_requeues=0,
+        max_requeues=0,  # a batch starts again from scratch: one that ran out of time would run out again
+        max_preemptions=ns.max_preemptions,
     )
     job_dir = Path(ns.job_dir or Path(cfg.run_dir) / "submitit")
     executor = build_executor(opts, job_dir)
@@ -45,13 +57,34 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
         if not names:
             return []
         batches = split_batches(names, ns.array_tasks)
+        tasks = [
+            TrainingTask(
+                functools.partial(evaluate_batch, names=batch),
+                cfg,
+                max_requeues=opts.max_requeues,
+                max_preemptions=opts.max_preemptions,
+                time_limit_min=opts.timeout_min,
+                signal_delay_s=opts.signal_delay_s,
+            )
+            for batch in batches
+        ]
         # sbatch's refusal: one line
-        with undone_if_refused(job_dir.expanduser().absolute()), executor.batch():
-            jobs = [executor.submit(evaluate_batch, cfg, batch) for batch in batches]
+        with undone_if_refused(job_dir.expanduser().absolute()), attempt_not_passed_on(), executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
         say(
             f"search: {len(names)} candidates as a job array of {len(jobs)} task(s): "
             f"{', '.join(str(j.job_id) for j in jobs)}"
         )
-        return [result for per_rank in wait(jobs, timeout=ns.wait_timeout) for result in per_rank[0]]
+        results = wait(jobs, timeout=ns.wait_timeout)
+        for job in jobs:
+            # SLURM's count of the task's requeues (none on this machine): each a preemption
+            info = slurm_job_info(job.job_id) if opts.cluster == "slurm" else None
+            restarts = int((info or {}).get("Restarts", "0") or 0)
+            if restarts:
+                say(
+                    f"search: task {job.job_id} was preempted and requeued {restarts} time(s): its batch was "
+                    "evaluated again"
+                )
+        return [result for per_rank in results for result in per_rank[0]]
 
     return evaluate

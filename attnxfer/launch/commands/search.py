@@ -32,7 +32,17 @@ def run(args) -> int:
         raise InputError(
             f"--wait-timeout is seconds to wait for a generation: it must be > 0, got {args.wait_timeout}"
         )
-    array_only = ("cluster", *PLACEMENT, "time", "gpus_per_node", "cpus_per_task", "mem", "slurm", "job_dir")
+    array_only = (
+        "cluster",
+        *PLACEMENT,
+        "time",
+        "gpus_per_node",
+        "cpus_per_task",
+        "mem",
+        "slurm",
+        "job_dir",
+        "max_preemptions",
+    )
     flags = ["--" + k.replace("_", "-") for k in (*array_only, "wait_timeout") if getattr(args, k)]
     if flags and not args.array_tasks:  # else dropped without a word: the search would run here
         raise InputError(

@@ -149,7 +149,7 @@ def submit(
         for p in points
     ]
     record = Path(cfg.run_dir).expanduser().absolute() / SWEEP_RECORD if sweep else None
-    with undone_if_refused(job_dir, record), _attempt_not_passed_on():
+    with undone_if_refused(job_dir, record), attempt_not_passed_on():
         # the sweep's folder is refused to other commands from now, not once a point has written into it
         if record is not None:
             record.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def submit(
 
 
 @contextlib.contextmanager
-def _attempt_not_passed_on() -> Iterator[None]:
+def attempt_not_passed_on() -> Iterator[None]:
     """Submit inside this: sbatch (and the local executor's processes) inherit this process's environment,
     and SLURM sets ``SLURM_RESTART_COUNT`` only once it requeues a job, so a job submitted from inside a
     requeued one would start as if requeued that often (`TrainingTask` would count the submitter's restarts as

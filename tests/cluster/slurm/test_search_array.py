@@ -1,17 +1,25 @@
 """`attnxfer search --array-tasks K`: each generation evaluated as a SLURM job array on the loopback
-cluster (see conftest.py) gives the candidates a local run with the same seed gives."""
+cluster (see conftest.py) gives the candidates a local run with the same seed gives, also where one task is
+preempted mid-run (requeued, it evaluates its batch again)."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 from helpers import attnxfer_process
 
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.launch import cli
+from attnxfer.launch.slurm import slurm_job_info
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -20,7 +28,43 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
 
 
-def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tiny_teacher_dir):
+def _task_1_catching_usr2(job_dir: Path) -> str | None:
+    """The id (ARRAY_1) of a running task 1 of a job array in ``job_dir`` once its process catches USR2: the
+    loopback cluster's tasks are this machine's processes, and submitit's handler is in place once the task is
+    unpickled, just before its batch is evaluated (a preemption signal before it would end the task)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            environ = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+            caught = re.search(r"SigCgt:\s*([0-9a-f]+)", (proc / "status").read_text())
+        except OSError:  # not ours, or ended meanwhile
+            continue
+        env = dict(item.partition("=")[::2] for item in environ)
+        # the task's python, not the srun that started it (whose command line holds the same words)
+        ours = "submitit.core._submit" in argv and str(job_dir) in argv and Path(argv[0]).name != "srun"
+        usr2 = caught is not None and int(caught.group(1), 16) >> (signal.SIGUSR2 - 1) & 1
+        if ours and env.get("SLURM_ARRAY_TASK_ID") == "1" and usr2:
+            return f"{env['SLURM_ARRAY_JOB_ID']}_1"
+    return None
+
+
+def _preempt_task_1(job_dir: Path, how: str, timeout_s: float = 240) -> str:
+    """Preempt task 1 of the first job array in ``job_dir`` as it evaluates its batch; its id."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        task = _task_1_catching_usr2(job_dir)
+        if task is not None:
+            if how == "signal":  # what a cluster sends on preemption well before the time limit
+                subprocess.run(["scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", task], check=True)
+            else:  # requeued from outside (an admin, a preempting scheduler): no checkpoint() call at all
+                subprocess.run(["scontrol", "requeue", task], check=True)
+            return task
+        time.sleep(0.05)
+    raise AssertionError(f"no task 1 of a job array in {job_dir} started within {timeout_s} s")
+
+
+@pytest.mark.parametrize("preempt", [None, "signal", "scontrol-requeue"])
+def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tiny_teacher_dir, preempt):
     teacher = tiny_teacher_dir
 
     def args(run):
@@ -42,7 +86,7 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
             "log.progress=false",
         ]
 
-    job = attnxfer_process(
+    array = (
         *args(tmp_path / "array"),
         "--array-tasks",
         "2",
@@ -53,7 +97,20 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
         "--wait-timeout",
         "300",
     )
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(attnxfer_process, *array)
+        if preempt:
+            preempted = _preempt_task_1(tmp_path / "array" / "submitit", preempt)
+        job = running.result()
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    again = [line for line in job.stdout.splitlines() if "its batch was evaluated again" in line]
+    if preempt:  # requeued once, evaluated from the start: said, and the same results below
+        assert int(slurm_job_info(preempted)["Restarts"]) == 1
+        assert again == [
+            f"search: task {preempted} was preempted and requeued 1 time(s): its batch was evaluated again"
+        ]
+    else:
+        assert again == []
     # one job array per generation, two tasks each, ids ARRAY_0 and ARRAY_1
     arrays = [line for line in job.stdout.splitlines() if "as a job array of 2 task(s)" in line]
     assert len(arrays) == 2 and all("_0, " in line and "_1" in line for line in arrays)
