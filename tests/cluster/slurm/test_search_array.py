@@ -63,40 +63,32 @@ def _preempt_task_1(job_dir: Path, how: str, timeout_s: float = 240) -> str:
     raise AssertionError(f"no task 1 of a job array in {job_dir} started within {timeout_s} s")
 
 
+def _search(run: Path, teacher: Path) -> list[str]:
+    return [
+        "search",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{teacher}",
+        "data.dataset=synthetic",
+        "data.kwargs.length=64",
+        "data.batch_size=8",
+        "search.population=4",
+        "search.offspring=3",
+        "search.generations=1",
+        "search.fit_steps=3",
+        "search.fit_batches=2",
+        "search.held_out_images=8",
+        "search.target_tokens=65",
+        "search.speed=flops",  # counted, so both runs select the same survivors
+        "log.progress=false",
+    ]
+
+
+ARRAY_FLAGS = ("--array-tasks", "2", "--cpus-per-task", "1", "--time", "5", "--wait-timeout", "300")
+
+
 @pytest.mark.parametrize("preempt", [None, "signal", "scontrol-requeue"])
 def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tiny_teacher_dir, preempt):
-    teacher = tiny_teacher_dir
-
-    def args(run):
-        return [
-            "search",
-            f"run_dir={run}",
-            f"teacher.spec=local-dir:{teacher}",
-            "data.dataset=synthetic",
-            "data.kwargs.length=64",
-            "data.batch_size=8",
-            "search.population=4",
-            "search.offspring=3",
-            "search.generations=1",
-            "search.fit_steps=3",
-            "search.fit_batches=2",
-            "search.held_out_images=8",
-            "search.target_tokens=65",
-            "search.speed=flops",  # counted, so both runs select the same survivors
-            "log.progress=false",
-        ]
-
-    array = (
-        *args(tmp_path / "array"),
-        "--array-tasks",
-        "2",
-        "--cpus-per-task",
-        "1",
-        "--time",
-        "5",
-        "--wait-timeout",
-        "300",
-    )
+    array = (*_search(tmp_path / "array", tiny_teacher_dir), *ARRAY_FLAGS)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(attnxfer_process, *array)
         if preempt:
@@ -118,7 +110,7 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert cli.main(args(tmp_path / "local")) == 0
+        assert cli.main(_search(tmp_path / "local", tiny_teacher_dir)) == 0
     finally:
         torch.set_num_threads(threads)
 
@@ -134,3 +126,16 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
     assert sa["population"] == sb["population"]
     logs = list((tmp_path / "array" / "submitit").glob("*_log.out"))
     assert len(logs) == 4  # 2 generations x 2 tasks
+
+
+def test_a_task_preempted_past_max_preemptions_stops_the_search(slurm, tmp_path, tiny_teacher_dir):
+    run = tmp_path / "array"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(
+            attnxfer_process, *_search(run, tiny_teacher_dir), *ARRAY_FLAGS, "--max-preemptions", "0"
+        )
+        preempted = _preempt_task_1(run / "submitit", "signal")
+        job = running.result()
+    assert job.returncode != 0
+    assert "max_preemptions=0 reached" in job.stdout + job.stderr, job.stdout[-2000:] + job.stderr[-3000:]
+    assert int(slurm_job_info(preempted)["Restarts"]) == 0
