@@ -28,6 +28,16 @@ from .slurm import (
 from .slurm.submission import attempt_not_passed_on
 
 
+class BatchTask(TrainingTask):
+    """One array task's batch, requeued after a preemption as a run's job is; it keeps no checkpoint, so a
+    requeue evaluates the whole batch again, and the search itself resumes from its last saved generation."""
+
+    on_restart = "its batch is evaluated again from the start"
+    on_requeue = "its batch will be evaluated again from the start"
+    past_bound = "the search keeps its last generation: run the same search command to go on from it"
+    more_time = "a longer --time for the array's tasks"
+
+
 def split_batches(names: list[str], tasks: int) -> list[list[str]]:
     """``names`` in at most ``tasks`` contiguous batches of near-equal size (none empty)."""
     tasks = max(1, min(tasks, len(names)))
@@ -58,7 +68,7 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
             return []
         batches = split_batches(names, ns.array_tasks)
         tasks = [
-            TrainingTask(
+            BatchTask(
                 functools.partial(evaluate_batch, names=batch),
                 cfg,
                 max_requeues=opts.max_requeues,

@@ -69,6 +69,13 @@ class TrainingTask(submitit.helpers.Checkpointable):
     other, and a requeue by the scheduler itself, a preemption (bounded by ``max_preemptions``, if set).
     Past a bound: `RequeueLimitReached`."""
 
+    #: what a restart does and what to do past a bound, as a run's job says it (a run resumes from its
+    #: checkpoints); a task whose callable keeps none says its own (`launch/search_array.py`'s batches)
+    on_restart = "main resumes from its run directory"
+    on_requeue = "main will resume from its newest checkpoint"
+    past_bound = f"the run dir keeps the last checkpoint: {RESUBMIT}"
+    more_time = "a longer --time or a higher --max-requeues"
+
     def __init__(
         self,
         main_fn: Callable[[Any], Any],
@@ -104,7 +111,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
             most = "any" if self.max_preemptions is None else self.max_preemptions
             warn(
                 f"restart {restarts} of this job ({self.timeouts} time limit(s) of at most {self.max_requeues}, "
-                f"{self.all_preemptions()} preemption(s) of at most {most}): main resumes from its run directory"
+                f"{self.all_preemptions()} preemption(s) of at most {most}): {self.on_restart}"
             )
             self._record_requeue(restarts, event="restarted")
             if self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions:
@@ -165,15 +172,15 @@ class TrainingTask(submitit.helpers.Checkpointable):
             # raised inside the signal handler: the job ends with this error instead of requeuing
             raise RequeueLimitReached(
                 f"timed out again after {self.timeouts} requeue(s) at the time limit; "
-                f"max_requeues={self.max_requeues} reached, not requeuing (the run dir keeps the last "
-                f"checkpoint: {RESUBMIT}, with a longer --time or a higher --max-requeues)"
+                f"max_requeues={self.max_requeues} reached, not requeuing ({self.past_bound}, with "
+                f"{self.more_time})"
             )
         limit = self.max_preemptions
         if cause == "preemption" and limit is not None and self.all_preemptions() + 1 > limit:
             self._record_requeue(self.requeues, event="refused", cause=cause)
             raise RequeueLimitReached(
                 f"preempted again after {self.all_preemptions()} preemption(s); max_preemptions={limit} "
-                f"reached, not requeuing (the run dir keeps the last checkpoint: {RESUBMIT})"
+                f"reached, not requeuing ({self.past_bound})"
             )
         if cause == "timeout":
             self.timeouts += 1
@@ -182,7 +189,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         self._record_requeue(self.requeues, event="requeued", cause=cause)
         warn(
             f"requeuing after a {cause} ({self.timeouts} time limit(s) of at most {self.max_requeues}, "
-            f"{self.all_preemptions()} preemption(s)); main will resume from its newest checkpoint"
+            f"{self.all_preemptions()} preemption(s)); {self.on_requeue}"
         )
         return super().checkpoint(*args, **kwargs)
 

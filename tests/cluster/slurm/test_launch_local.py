@@ -234,6 +234,22 @@ def test_a_cancelled_job_submitted_with_resume_none_is_told_to_resume_with_auto(
     ), err
 
 
+def test_a_search_batch_past_a_bound_is_told_what_the_search_command_takes():
+    """A search's array task keeps no checkpoint and the search has no --max-requeues: its refusals say to
+    run the search again (it resumes from its last generation), with a longer --time past a time limit."""
+    from attnxfer.launch.search_array import BatchTask
+    from attnxfer.launch.slurm.task import RequeueLimitReached
+
+    with pytest.raises(RequeueLimitReached) as timed_out:
+        BatchTask(print, None, max_requeues=0).checkpoint()  # no time limit known: a signal is a time limit
+    assert "a longer --time for the array's tasks" in str(timed_out.value)
+    assert "--max-requeues" not in str(timed_out.value) and "checkpoint" not in str(timed_out.value)
+    with pytest.raises(RequeueLimitReached) as preempted:  # signalled at once, far from its hour's end
+        BatchTask(print, None, max_requeues=0, max_preemptions=0, time_limit_min=60).checkpoint()
+    assert "max_preemptions=0 reached" in str(preempted.value)
+    assert "run the same search command to go on from it" in str(preempted.value)
+
+
 def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resubmit_with_auto(
     tmp_path, capsys, monkeypatch
 ):

@@ -137,5 +137,7 @@ def test_a_task_preempted_past_max_preemptions_stops_the_search(slurm, tmp_path,
         preempted = _preempt_task_1(run / "submitit", "signal")
         job = running.result()
     assert job.returncode != 0
-    assert "max_preemptions=0 reached" in job.stdout + job.stderr, job.stdout[-2000:] + job.stderr[-3000:]
+    said = job.stdout + job.stderr
+    assert "max_preemptions=0 reached" in said, said[-5000:]
+    assert "run the same search command to go on from it" in said  # a batch keeps no checkpoint to resubmit
     assert int(slurm_job_info(preempted)["Restarts"]) == 0
