@@ -68,14 +68,7 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
             return []
         batches = split_batches(names, ns.array_tasks)
         tasks = [
-            BatchTask(
-                functools.partial(evaluate_batch, names=batch),
-                cfg,
-                max_requeues=opts.max_requeues,
-                max_preemptions=opts.max_preemptions,
-                time_limit_min=opts.timeout_min,
-                signal_delay_s=opts.signal_delay_s,
-            )
+            BatchTask.for_options(functools.partial(evaluate_batch, names=batch), cfg, opts)
             for batch in batches
         ]
         # sbatch's refusal: one line

@@ -137,17 +137,7 @@ def submit(
         return []
     job_dir = default_job_dir(cfg, opts)
     executor = build_executor(opts, job_dir)
-    tasks = [
-        TrainingTask(
-            main_fn,
-            p.cfg,
-            max_requeues=opts.max_requeues,
-            max_preemptions=opts.max_preemptions,
-            time_limit_min=opts.timeout_min,
-            signal_delay_s=opts.signal_delay_s,
-        )
-        for p in points
-    ]
+    tasks = [TrainingTask.for_options(main_fn, p.cfg, opts) for p in points]
     record = Path(cfg.run_dir).expanduser().absolute() / SWEEP_RECORD if sweep else None
     with undone_if_refused(job_dir, record), attempt_not_passed_on():
         # the sweep's folder is refused to other commands from now, not once a point has written into it

@@ -28,6 +28,7 @@ from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
 from .earlier_names import current_config, install as install_earlier_names
+from .options import SlurmOptions
 
 
 class RequeueLimitReached(RuntimeError):
@@ -95,6 +96,18 @@ class TrainingTask(submitit.helpers.Checkpointable):
         self.timeouts = 0
         self.preemptions = 0
         self._started = time.time()
+
+    @classmethod
+    def for_options(cls, main_fn: Callable[[Any], Any], cfg: Any, opts: SlurmOptions) -> TrainingTask:
+        """The task of a job submitted with ``opts``: its requeue bounds and when its time-limit signal comes."""
+        return cls(
+            main_fn,
+            cfg,
+            max_requeues=opts.max_requeues,
+            max_preemptions=opts.max_preemptions,
+            time_limit_min=opts.timeout_min,
+            signal_delay_s=opts.signal_delay_s,
+        )
 
     @property
     def requeues(self) -> int:

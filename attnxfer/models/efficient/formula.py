@@ -94,7 +94,7 @@ def _cos(blocks: Blocks, head_dim: int) -> Blocks:
 FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
     "relu": lambda: _elementwise(lambda x: add_scalar(F.relu(x), EPS)),
     "elu1": lambda: _elementwise(lambda x: add_scalar(F.elu(x), 1.0 + EPS)),
-    "exp": lambda cap=EXP_CAP: _elementwise(lambda x: add_scalar(x.clamp(max=cap).exp(), EPS)),
+    "exp": lambda cap: _elementwise(lambda x: add_scalar(x.clamp(max=cap).exp(), EPS)),
     "softplus": lambda: _elementwise(lambda x: add_scalar(F.softplus(x), EPS)),
     "square": lambda bound: _elementwise(lambda x: add_scalar(_capped(x, bound).square(), EPS)),
     "softmax": lambda: _whole(lambda x: add_scalar(x.softmax(dim=-1), EPS)),
