@@ -474,6 +474,23 @@ def test_a_power_below_its_cap_is_the_plain_power_bit_for_bit_gradients_too():
         assert torch.equal(mine, theirs)
 
 
+@pytest.mark.parametrize(
+    ("program", "first_power"),
+    [("sum(square.pow(8).square.pow(8))", 256), ("len(pow(8).pow(8).pow(8))", 512)],  # square; signed pow
+)
+def test_a_capped_power_gives_the_same_features_with_and_without_autograd(program, first_power):
+    # without a gradient to carry the cap is a plain clamp (the fast path search.speed times); the features
+    # must be those training computes, bit for bit, below the cap and at it
+    a = FormulaAttention(DIM, HEADS, program=program, **_layout())
+    q = 20 * _qkv(65)[0].float()
+    bound = math.exp(30 / first_power)
+    assert (q.abs() > bound).any() and (q.abs() <= bound).any()  # both sides of the first cap are exercised
+    with torch.no_grad():
+        fast = torch.cat(a.features_q(q), -1)
+    tracked = torch.cat(a.features_q(q.clone().requires_grad_(True)), -1)
+    assert tracked.requires_grad and torch.equal(fast, tracked.detach())
+
+
 def test_len_formula_is_signed_and_divides_by_the_token_count():
     a = FormulaAttention(DIM, HEADS, program="len(proj(8))", **_layout()).double()
     assert (
