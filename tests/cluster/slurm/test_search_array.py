@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
-from helpers import attnxfer_process
+from helpers import attnxfer_process, tiny_run
 
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.launch import cli
@@ -68,9 +68,7 @@ def _search(run: Path, teacher: Path) -> list[str]:
         "search",
         f"run_dir={run}",
         f"teacher.spec=local-dir:{teacher}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=64",
-        "data.batch_size=8",
+        *tiny_run(64, 8),
         "search.population=4",
         "search.offspring=3",
         "search.generations=1",
@@ -79,7 +77,6 @@ def _search(run: Path, teacher: Path) -> list[str]:
         "search.held_out_images=8",
         "search.target_tokens=65",
         "search.speed=flops",  # counted, so both runs select the same survivors
-        "log.progress=false",
     ]
 
 
