@@ -169,6 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if extra:
         args.overrides = [*args.overrides, *extra]
+    # `attnxfer submit convert -c ...`: a job's or a study's command is its --command flag, not a word after it
+    if named := next((o for o in getattr(args, "overrides", []) if o in COMMANDS), None):
+        flag = next((a for a in args.command_parser._actions if "--command" in a.option_strings), None)
+        args.command_parser.error(
+            f"{named!r} is a command, not a key=value override: "
+            + (
+                f"name it with --command {named}" + (" (train is the default)" if named == "train" else "")
+                if flag and named in flag.choices
+                else f"run attnxfer {named} ... on its own"
+            )
+        )
     # a key pasted twice keeps its last value, as argparse does; said here, where only the user's keys are
     given: dict[str, list[str]] = {}
     for key, eq, value in (o.partition("=") for o in getattr(args, "overrides", [])):

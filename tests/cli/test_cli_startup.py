@@ -119,6 +119,19 @@ CASES = [
     ],
     (["train", "transfer.layers=[0,", "-1]", "--foo"], 2, "unrecognized arguments: --foo"),
     (["train", "-c", "no/such_recipe"], 2, "does not exist"),
+    # a job's or a study's command written as a word, as `attnxfer COMMAND` takes it: its flag named
+    (
+        ["submit", "train", "-c", "demo/copy"],
+        2,
+        "'train' is a command, not a key=value override: name it with --command train",
+    ),
+    (["submit", "convert", "-c", "convert/demo_hedgehog"], 2, "override: name it with --command convert"),
+    (["study", "convert", "-c", "convert/demo_study"], 2, "override: name it with --command convert"),
+    (
+        ["submit", "-c", "demo/copy", "eval"],
+        2,
+        "'eval' is a command, not a key=value override: run attnxfer eval",
+    ),
     (["convert", "optim.lr=-1"], 2, "optim.lr"),
     (["submit", "--nodes", "two"], 2, "invalid int value: 'two'"),
     (["inspect", "t", "s", "--num-images", "0"], 2, "--num-images must be at least 1, got 0"),
