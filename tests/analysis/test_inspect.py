@@ -423,7 +423,8 @@ def test_a_student_trained_on_other_statistics_is_warned_of_and_one_on_the_teach
 ):
     """inspect gives every model the teacher's normalisation: a run trained with its own data.mean/data.std
     (its maps measured on inputs it never saw) is named with both statistics; the copy run, normalised the
-    teacher's way as a run is by default, draws no such line."""
+    teacher's way as a run is by default, draws no such line, nor does a run beside its own export (which
+    writes the run's one value a statistic once a channel)."""
     teacher = f"local-dir:{copy_run / 'teacher'}"
     other = tmp_path / "other-stats"
     train = [
@@ -442,6 +443,25 @@ def test_a_student_trained_on_other_statistics_is_warned_of_and_one_on_the_teach
     warned = [line for line in capsys.readouterr().err.splitlines() if "normalised otherwise" in line]
     assert len(warned) == 1 and warned[0].startswith(f"warning: {other} was trained on images"), warned
     assert "mean [0.25] against [" in warned[0] and "std [0.125] against [" in warned[0]
+    # one value stands for every channel: a run on 1-channel data made 3-channel records its dataset's
+    # statistics once ([0.5]), its export once a channel ([0.5, 0.5, 0.5])
+    scratch, exported = tmp_path / "scratch", tmp_path / "exported"
+    scratch_run = [
+        train[0],
+        *train[2:7],
+        f"run_dir={scratch}",
+        "transfer.mode=none",
+        "data.dataset=synthetic",
+    ]
+    assert cli_main([*scratch_run, "data.kwargs.length=8"]) == 0
+    assert cli_main(["export", str(scratch), str(exported)]) == 0
+    written = json.loads((scratch / "run.json").read_text())["mean"]
+    assert len(written) == 1
+    assert json.loads((exported / "config.json").read_text())["pretrained_cfg"]["mean"] == written * 3
+    args[-1] = str(tmp_path / "report-of-its-export")
+    capsys.readouterr()
+    assert cli_main(["inspect", f"local-dir:{exported}", str(scratch), *args]) == 0
+    assert "normalised otherwise" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,17 @@ def trained_size(spec: str) -> int | None:
     return int(size[-1]) if isinstance(size, (list, tuple)) and size else None
 
 
+def _statistics_differ(own: Sequence[float], theirs: Sequence[float]) -> bool:
+    """Whether two per-channel normalisation statistics differ; one value is that value on every channel (a
+    run of 1-channel data made 3-channel records [0.5], its export [0.5, 0.5, 0.5])."""
+    if len(own) != len(theirs) and 1 not in (len(own), len(theirs)):
+        return True
+    n = max(len(own), len(theirs))
+    return any(
+        abs(a - b) > 1e-4 for a, b in zip(list(own) * (n // len(own)), list(theirs) * (n // len(theirs)))
+    )
+
+
 def _input_settings(teacher: LoadedModel) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     (size, _), chans = input_size(teacher.model)
     return size, chans, tuple(teacher.mean or (0.5,) * chans), tuple(teacher.std or (0.5,) * chans)
@@ -503,9 +514,7 @@ def inspect_attention(
         other = [
             f"{k} [{', '.join(f'{v:.4g}' for v in own)}] against [{', '.join(f'{v:.4g}' for v in theirs)}]"
             for k, own, theirs in (("mean", s.mean, mean), ("std", s.std, std))
-            if pretrained
-            and own
-            and (len(own) != len(theirs) or any(abs(a - b) > 1e-4 for a, b in zip(own, theirs)))
+            if pretrained and own and _statistics_differ(own, theirs)
         ]
         if other:
             warn(
