@@ -23,6 +23,7 @@ from .registry import (
     list_datasets as list_datasets,
     register_dataset as register_dataset,
     require_labels as require_labels,
+    statistics_differ as statistics_differ,
 )
 from .safe_pickle import (
     NumpyOnlyUnpickler as NumpyOnlyUnpickler,

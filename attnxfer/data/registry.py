@@ -58,6 +58,17 @@ class DatasetInfo:
 InfoSource = DatasetInfo | Callable[[str | None], DatasetInfo]
 
 
+def statistics_differ(own: Sequence[float], theirs: Sequence[float]) -> bool:
+    """Whether two per-channel normalisation statistics differ; one value is that value on every channel (a
+    run of 1-channel data made 3-channel records [0.5], its export [0.5, 0.5, 0.5])."""
+    if len(own) != len(theirs) and 1 not in (len(own), len(theirs)):
+        return True
+    n = max(len(own), len(theirs))
+    return any(
+        abs(a - b) > 1e-4 for a, b in zip(list(own) * (n // len(own)), list(theirs) * (n // len(theirs)))
+    )
+
+
 def require_labels(info: DatasetInfo, why: str, fix: str = "use labelled data with data.labels=true") -> None:
     """Stop with one line when ``why`` (what needs them, e.g. "the task loss") would read labels that ``info``'s
     dataset does not hand out; ``fix`` says what to do instead. Apps call it before any work."""

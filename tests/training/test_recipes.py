@@ -550,6 +550,24 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     assert "data:" not in capsys.readouterr().out
 
 
+def test_statistics_the_teacher_was_not_trained_on_are_warned_of(tiny_teacher_dir, tmp_path, capsys):
+    """data.mean/std replace the teacher's: other values make it see images as it never did, which lowers what
+    it scores and shows its students with no other sign, so the run says so; the teacher's own values, even
+    written once for every channel, draw no such line."""
+    teacher = f"local-dir:{tiny_teacher_dir}"
+    base = [*tiny_run(12, 4), f"run_dir={tmp_path / 'r'}", "transfer.mode=none", f"teacher.spec={teacher}"]
+    own = build_run_parts(load_config(None, base))
+    (mean,), (std,) = set(own.mean), set(own.std)  # the teacher's, the same on every channel
+    build_run_parts(load_config(None, [*base, f"data.mean=[{mean}]", f"data.std=[{std}]"]))
+    assert "normalised otherwise" not in capsys.readouterr().err
+    build_run_parts(load_config(None, [*base, "data.mean=[0.25]"]))
+    its = ", ".join(f"{v:.4g}" for v in own.mean)
+    assert capsys.readouterr().err == (
+        f"warning: the teacher {teacher} was trained on images normalised otherwise (data.mean [0.25] against "
+        f"its [{its}]): leave data.mean and data.std out (data.mean=null data.std=null) to give it its own\n"
+    )
+
+
 def test_the_data_line_shows_no_data_root_for_a_dataset_that_reads_none(tmp_path, capsys):
     """A paper recipe's data.root (/path/to/imagenet) kept on a switch to synthetic data is not read: the
     run's data line would name a folder the run never opens."""

@@ -29,7 +29,7 @@ from ...checkpoints.run_dir import ExportWeights, RunDir
 from ...checkpoints.run_lock import claim_new_file, in_run_folder, refuse_file_in_the_way, refuse_unwritable
 from ...checkpoints.store import atomic_write_json, atomic_write_text
 from ...config import TrainConfig
-from ...data import build_dataset
+from ...data import build_dataset, statistics_differ
 from ...data.folder import eight_bit
 from ...data.registry import dataset_reads_root
 from ...errors import InputError, MissingPathError, PathExistsError, UserError
@@ -213,17 +213,6 @@ def trained_size(spec: str) -> int | None:
         return None
     size = cfg.get("input_size")
     return int(size[-1]) if isinstance(size, (list, tuple)) and size else None
-
-
-def _statistics_differ(own: Sequence[float], theirs: Sequence[float]) -> bool:
-    """Whether two per-channel normalisation statistics differ; one value is that value on every channel (a
-    run of 1-channel data made 3-channel records [0.5], its export [0.5, 0.5, 0.5])."""
-    if len(own) != len(theirs) and 1 not in (len(own), len(theirs)):
-        return True
-    n = max(len(own), len(theirs))
-    return any(
-        abs(a - b) > 1e-4 for a, b in zip(list(own) * (n // len(own)), list(theirs) * (n // len(theirs)))
-    )
 
 
 def _input_settings(teacher: LoadedModel) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
@@ -514,7 +503,7 @@ def inspect_attention(
         other = [
             f"{k} [{', '.join(f'{v:.4g}' for v in own)}] against [{', '.join(f'{v:.4g}' for v in theirs)}]"
             for k, own, theirs in (("mean", s.mean, mean), ("std", s.std, std))
-            if pretrained and own and _statistics_differ(own, theirs)
+            if pretrained and own and statistics_differ(own, theirs)
         ]
         if other:
             warn(

@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from ...config import DataConfig, ModelConfig, TrainConfig
-from ...data import DatasetInfo
+from ...data import DatasetInfo, statistics_differ
 from ...data.registry import dataset_options, dataset_reads_root
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
@@ -412,6 +412,21 @@ def build_run_parts(
     # encoder fine-tuned was trained on, as timm's train.py reads them), else the dataset's.
     stats = record or (getattr(student, "pretrained_cfg", {}) if cfg.model.init else {})
     mean, std = normalisation(d, stats, info, in_chans)
+    if record and record.get("mean") and record.get("std") and not (record.get("mean_std_guessed") or quiet):
+        # statistics given that the teacher was not trained on: it sees images as it never did, which lowers
+        # what it scores and what it shows its students, with no sign but its score
+        own = normalisation(dataclasses.replace(d, mean=None, std=None), record, info, in_chans)
+        other = [
+            f"data.{k} [{', '.join(f'{v:.4g}' for v in given)}] against its [{', '.join(f'{v:.4g}' for v in its)}]"
+            for k, given, its in zip(("mean", "std"), (mean, std), own, strict=True)
+            if statistics_differ(given, its)
+        ]
+        if other:
+            warn(
+                f"warning: the teacher {cfg.teacher.spec} was trained on images normalised otherwise "
+                f"({'; '.join(other)}): leave data.mean and data.std out (data.mean=null data.std=null) to "
+                "give it its own"
+            )
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey
