@@ -24,6 +24,7 @@ from ..run_layout import (
     RUN_CONFIG,
     RUN_DIR_MARKERS,
     RUN_RECORD,
+    SEARCH_CANDIDATES,
     STAGE_DIRS,
     STATE_NAME,
     STUDY_RECORD,
@@ -245,6 +246,12 @@ class RunDir:
                 raise MissingPathError(
                     f"{self.path} is a stage of the conversion {self.path.parent}, whose final student is read "
                     f"from the conversion's folder: give {self.path.parent}"
+                )
+            if (self.path / SEARCH_CANDIDATES).is_file():  # its checkpoints are generations, not a student's
+                raise MissingPathError(
+                    f"{self.path} is a search's folder: it holds attention formulas, not a model; the convert "
+                    f"command in {self.path / 'pareto.md'} makes a student of its winner: give that conversion's "
+                    "run_dir once it has run"
                 )
             if (self.path / CHECKPOINTS_SUBDIR).is_dir():
                 raise MissingPathError(

@@ -558,6 +558,11 @@ def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir,
         assert (
             code == 2 and f"{finished} is a search's folder: it holds attention formulas, not a model" in err
         ), err
+    # export, which takes a run's folder, says where a student of the search's winner comes from
+    code, _, err = run_cli(capsys, "export", str(finished), str(finished.parent / "exported"))
+    assert (
+        code == 2 and f"the convert command in {finished / 'pareto.md'} makes a student of its winner" in err
+    )
     assert sorted(p.relative_to(finished) for p in finished.rglob("*")) == before
 
 
