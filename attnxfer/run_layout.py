@@ -96,21 +96,28 @@ def is_exported_model(folder: Path) -> bool:
 def missing_path(path: Path) -> str:
     """``PATH does not exist``, with what the nearest folder above it that exists holds (a mistyped or
     renamed folder shows beside the name that was given)."""
-    above = next((a for a in path.absolute().parents if a.is_dir()), None)
-    if above is None or above == Path.cwd() or above.parent == above:
-        return f"{path} does not exist"
-    shown = []
-    for p in above.iterdir():
+
+    def starting_run(p: Path) -> bool:
         # a folder holding only a lock, however deep (runs/search/demo/ under runs/search/), is a run being
         # started (this command's own run_dir): not what was meant
         end = p
         while end.is_dir() and len(inside := list(end.iterdir())) == 1 and inside[0].is_dir():
             end = inside[0]
-        if not (end.is_dir() and [c.name for c in end.iterdir()] == [LOCK_NAME]):
-            shown.append(p)
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in shown)
-    held = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "") or "nothing"
-    return f"{path} does not exist ({above} holds: {held})"
+        return end.is_dir() and [c.name for c in end.iterdir()] == [LOCK_NAME]
+
+    for above in (a for a in path.absolute().parents if a.is_dir()):
+        if above == Path.cwd() or above.parent == above:
+            return f"{path} does not exist"
+        entries = list(above.iterdir())
+        shown = [p for p in entries if not starting_run(p)]
+        if shown or not entries:  # else the folder holds only the starting run: this command made it
+            names = sorted(p.name + ("/" if p.is_dir() else "") for p in shown)
+            held = (
+                ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
+                or "nothing"
+            )
+            return f"{path} does not exist ({above} holds: {held})"
+    return f"{path} does not exist"
 
 
 #: where `attnxfer demo` writes by default (``--out``), and where it leaves each teacher's export (real files,

@@ -327,6 +327,11 @@ def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_
     # nor one made deeper (a search recipe's runs/search/demo) where the teacher's folder is missing higher up
     argv = ["train", "run_dir=runs/search/demo", "teacher.spec=local-dir:runs/mae/export", *_TINY_RUN]
     assert "(runs holds: demo/)" in _refused(argv, capsys).replace(f"{tmp_path}/", "")
+    # nor a folder that holds nothing but it (runs/demo/ made for runs/demo/copy before the demo ever ran)
+    monkeypatch.chdir(tmp_path / "models")
+    argv = ["train", "run_dir=runs/demo/copy", "teacher.spec=local-dir:runs/demo/mae/export", *_TINY_RUN]
+    err = _refused(argv, capsys)
+    assert "runs/demo/mae/export does not exist;" in err and "holds:" not in err, err
 
 
 def test_the_hierarchical_demos_missing_teacher_is_answered_with_the_commands_that_make_it():
