@@ -412,9 +412,11 @@ def build_run_parts(
     # encoder fine-tuned was trained on, as timm's train.py reads them), else the dataset's.
     stats = record or (getattr(student, "pretrained_cfg", {}) if cfg.model.init else {})
     mean, std = normalisation(d, stats, info, in_chans)
+    if shared is not None:
+        return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     if record and record.get("mean") and record.get("std") and not (record.get("mean_std_guessed") or quiet):
-        # statistics given that the teacher was not trained on: it sees images as it never did, which lowers
-        # what it scores and what it shows its students, with no sign but its score
+        # statistics given that the teacher was not trained on: it sees images as it never did, which lowers what
+        # it scores and shows its students with no sign but its score; said once, beside the data line
         own = normalisation(dataclasses.replace(d, mean=None, std=None), record, info, in_chans)
         other = [
             f"data.{k} [{', '.join(f'{v:.4g}' for v in given)}] against its [{', '.join(f'{v:.4g}' for v in its)}]"
@@ -427,8 +429,6 @@ def build_run_parts(
                 f"({'; '.join(other)}): leave data.mean and data.std out (data.mean=null data.std=null) to "
                 "give it its own"
             )
-    if shared is not None:
-        return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey
     normalised_by = ("the teacher's" if record else "model.init's") if stats.get("mean") else "the dataset's"
     return parts_around(
