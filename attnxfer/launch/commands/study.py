@@ -72,9 +72,8 @@ def run(args) -> int:
     from ...apps.study.study import study
 
     result = study(spec)
-    for s in result.students:
-        say(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}")
-    say(f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})")
+    for line in end_lines(result, converts=False):
+        say(line)
     return _refuse_stopped(spec, result.students)
 
 
@@ -86,15 +85,32 @@ def _convert_study(spec, report_only: bool) -> int:
         write_conversion_comparison(spec.run_dir)
         return 0
     from ...apps.convert.conversion_study import convert_study
-    from ...apps.convert.report import conversion_summary
 
     result = convert_study(spec)
     if is_main():  # rank 0 holds the reports
-        for s in result.students:
-            say(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
-        say(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
+        for line in end_lines(result, converts=True):
+            say(line)
     # every rank ends as rank 0 does (as train's ranks do): a student's stop is agreed by all ranks
     return _refuse_stopped(spec, result.students)
+
+
+def end_lines(result, *, converts: bool) -> list[str]:
+    """How a study ends (run here, or submitted and waited for): each student's end line, or why it stopped,
+    then where the study's files are."""
+    if converts:
+        from ...apps.convert.report import conversion_summary
+
+        return [
+            *(
+                f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}"
+                for s in result.students
+            ),
+            f"study -> {result.run_dir} (study.json, {result.report and result.report.name})",
+        ]
+    return [
+        *(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}" for s in result.students),
+        f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})",
+    ]
 
 
 def submitted_study(spec):

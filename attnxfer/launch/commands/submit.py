@@ -14,6 +14,7 @@ from .base import (
     SUBMITTABLE,
     add_config_args,
     add_vary,
+    done_line,
     load,
     load_study,
     print_config,
@@ -21,7 +22,7 @@ from .base import (
     submittable,
     with_auto_resume,
 )
-from .study import show_config as show_study
+from .study import end_lines as end_study_lines, show_config as show_study
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -192,7 +193,7 @@ def run(args) -> int:
     try:
         # a run's config as its command reads it (train's without convert's, mae's and search's sections)
         describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)
-        submit_from_args(submittable(args.job_command), cfg, args, describe)
+        results = submit_from_args(submittable(args.job_command), cfg, args, describe)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         # a cancelled job (or one past its requeue bound): the same command resumes it, unless its
         # checkpoint.resume would start over
@@ -202,4 +203,18 @@ def run(args) -> int:
         e.reason = e.reason.replace(RESUBMIT, f"{RESUBMIT}{again}")
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
+    for result in results:  # a job waited for ends as its command run here ends
+        for line in _end_lines(args.job_command, result, cfg):
+            say(line)
     return 0
+
+
+def _end_lines(command: str, result, cfg) -> list[str]:
+    """What `attnxfer COMMAND` says as it ends, from the job's result (its rank 0's)."""
+    if command == "convert":  # the job's result is the conversion's report
+        from ...apps.convert.report import conversion_summary
+
+        return [conversion_summary(result)]
+    if command == "study":
+        return end_study_lines(result, converts=cfg.command == "convert")
+    return [done_line(result)]

@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-import submitit
-
 from ...checkpoints.run_lock import last_checkpoint_note
 from ..arguments import parse_key_values, parse_sweep
 from .monitor import JobFailedError, wait
@@ -27,20 +25,21 @@ def submit_from_args(
     cfg: RunConfig,
     ns: argparse.Namespace,
     describe: Callable[[RunConfig], str] = str,
-) -> list[submitit.Job]:
+) -> list[Any]:
     """``attnxfer submit`` in one call: options, sweep, dry run (its configs as ``describe`` writes them) and
-    ``--wait`` from parsed flags. A job that fails under ``--wait`` raises `JobFailedError`, which says where
-    its run can resume from."""
+    ``--wait`` from parsed flags. Returns each job's result (its rank 0's) where it was waited for, else
+    nothing. A job that fails under ``--wait`` raises `JobFailedError`, which says where its run can resume
+    from."""
     sweep = parse_sweep(getattr(ns, "sweep", None))
     options = options_from_args(ns)
     jobs = submit(main_fn, cfg, options, sweep, dry_run=getattr(ns, "dry_run", False), describe=describe)
     # submitit's debug executor runs a job only when its result is asked for: without this, nothing ran
-    if jobs and (getattr(ns, "wait", False) or options.cluster == "debug"):
-        try:
-            wait(jobs)
-        except JobFailedError as e:
-            run_dirs = {job.job_id: point.run_dir for job, point in zip(jobs, sweep_points(cfg, sweep))}
-            if e.job_id in run_dirs:
-                e.resume_note = last_checkpoint_note(run_dirs[e.job_id])
-            raise
-    return jobs
+    if not jobs or not (getattr(ns, "wait", False) or options.cluster == "debug"):
+        return []
+    try:
+        return [ranks[0] for ranks in wait(jobs)]
+    except JobFailedError as e:
+        run_dirs = {job.job_id: point.run_dir for job, point in zip(jobs, sweep_points(cfg, sweep))}
+        if e.job_id in run_dirs:
+            e.resume_note = last_checkpoint_note(run_dirs[e.job_id])
+        raise

@@ -204,6 +204,40 @@ def test_submit_to_the_debug_cluster_runs_the_job_without_being_told_to_wait(tmp
     assert (
         "runs now, in this process (--cluster debug)" in out and "stdout:" not in out and "tail -f" not in out
     )
+    # and it ends as `attnxfer train` ends: steps, the best score its metrics recorded, the run's folder
+    [val] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert out.splitlines()[-1] == f"done: 1 steps, best val top1 {val['best_top1']:.2f} -> {run}", out
+
+
+@pytest.mark.slow
+def test_a_study_waited_for_ends_as_attnxfer_study_ends(tmp_path, capsys, tiny_teacher_dir):
+    """A train study's job ends with each student's done line and the study's folder, read from the job's
+    result (the convert study's lines: the loopback cluster's convert study test)."""
+    from helpers import run_cli, tiny_run
+
+    run = tmp_path / "study"
+    code, out, err = run_cli(
+        capsys,
+        "submit",
+        "--command",
+        "study",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        *tiny_run(16, 8),
+        "schedule.max_steps=1",
+        "--vary",
+        "transfer.mode=copy,distill",
+        "--cluster",
+        "debug",
+    )
+    assert code == 0, err
+    lines = out.splitlines()[-3:]
+    for line, name in zip(lines, ("copy", "distill")):
+        [val] = [
+            json.loads(v) for v in (run / name / "metrics.jsonl").read_text().splitlines() if '"val"' in v
+        ]
+        assert line == f"{name}: done: 1 steps, best val top1 {val['best_top1']:.2f} -> {run / name}", out
+    assert lines[-1] == f"study -> {run} (study.json, study.md)", out
 
 
 def test_a_cancelled_job_submitted_with_resume_none_is_told_to_resume_with_auto(

@@ -10,9 +10,12 @@ import pytest
 from helpers import attnxfer_process, tiny_convert_report, tiny_run
 from test_submit_engine import _ended, _job_id
 
+from attnxfer.apps.convert.report import conversion_summary
 from attnxfer.checkpoints.resume_point import ResumePoint
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+NAMES = ("hedgehog", "performer")
 
 
 def test_a_submitted_convert_study_converts_every_student_on_two_ranks(slurm, tmp_path, tiny_teacher_dir):
@@ -46,12 +49,19 @@ def test_a_submitted_convert_study_converts_every_student_on_two_ranks(slurm, tm
         "10",
         "--max-requeues",
         "0",
+        "--wait",
     )
     info = _ended(_job_id(sub))
     logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
     assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
     assert (run / "conversion_study.md").is_file() and "hedgehog: stage 1 step 3/3" in logs
-    for name in ("hedgehog", "performer"):
+    # waited for, it ends as `attnxfer study` of a convert study ends: each student's line, then the study's
+    said = [
+        f"{name}: {conversion_summary(json.loads((run / name / 'report.json').read_text()))}"
+        for name in NAMES
+    ]
+    assert sub.stdout.splitlines()[-3:] == [*said, f"study -> {run} (study.json, conversion_study.md)"]
+    for name in NAMES:
         report = json.loads((run / name / "report.json").read_text())
         assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
         state = ResumePoint.find(run / name / "stage2").state

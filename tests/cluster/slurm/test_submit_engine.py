@@ -17,6 +17,7 @@ import torch
 from helpers import QUIET, attnxfer_process, tiny_convert_report
 from safetensors.torch import load_file
 
+from attnxfer.apps.convert.report import conversion_summary
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.verify import verify_checkpoint
 from attnxfer.launch import cli
@@ -114,6 +115,10 @@ def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, one_proces
     )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     assert "scancel" in job.stdout and "tail -f" in job.stdout  # how to follow and cancel
+    end = job.stdout.splitlines()[
+        -1
+    ]  # the job waited for ends as `attnxfer train` would, from rank 0's result
+    assert end.startswith("done: 4 steps, best val top1 ") and end.endswith(f" -> {tmp_path / 'job'}"), end
     name_j, w_job, state = _final(tmp_path / "job")
     name_1, w_one, _ = _final(one_process_run)
     assert name_j == name_1 == "step-00000004"
@@ -198,6 +203,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
     assert _in_process("convert", *args(tmp_path / "one", 16)) == 0
     r_job = json.loads((tmp_path / "job" / "report.json").read_text())
     r_one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert job.stdout.splitlines()[-1] == conversion_summary(r_job)  # as `attnxfer convert` ends
     # 2 ranks x 8 images per step == 1 process x 16: the same stage-1 losses, accuracies and agreement
     for a, b in zip(r_job["stage1"]["history"], r_one["stage1"]["history"], strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
