@@ -22,6 +22,13 @@ CASES = [
     # a near miss of the command's own flag is answered with it (argparse names none)
     (["train", "--print_config"], 2, "unrecognized arguments: --print_config; did you mean --print-config?"),
     (["inspect", "t", "s", "--num_images", "3"], 2, "--num_images 3; did you mean --num-images?"),
+    # Hugging Face's name for the format that transformers loads: the timm one, not argparse's bare choices
+    (
+        ["export", "runs/r", "out", "--format", "transformers"],
+        2,
+        "argument --format: 'transformers' is the timm format (the default: config.json + model.safetensors), "
+        "which transformers loads too: AutoModelForImageClassification.from_pretrained(OUT_DIR)",
+    ),
     # the command's own usage above the error, not attnxfer's
     (["export", "runs/r", "--out", "x"], 2, "usage: attnxfer export"),
     # timm's and MAE's flags answered with the override that means them

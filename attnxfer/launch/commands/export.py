@@ -9,6 +9,17 @@ from ...speak import is_main, say, warn
 from .base import register_command
 
 
+def _format(name: str) -> str:
+    """A ``--format`` value; the names Hugging Face's users reach for answered with the format that is theirs."""
+    if name.lower() in ("transformers", "hf", "huggingface", "safetensors"):
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is the timm format (the default: config.json + model.safetensors), which transformers "
+            "loads too: AutoModelForImageClassification.from_pretrained(OUT_DIR), or AutoModel for a headless "
+            "student; use --format timm, or leave --format out"
+        )
+    return name
+
+
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
@@ -27,6 +38,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         dest="formats",
         nargs="+",
         action="extend",  # `--format timm --format onnx` is both, not the last one alone
+        type=_format,
         choices=("timm", "onnx"),
         default=None,  # timm where none is named (a default list would be extended)
         metavar="FORMAT",
