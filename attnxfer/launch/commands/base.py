@@ -195,4 +195,4 @@ def done_line(result) -> str:
         best = f"best val loss {result.best:.4f}"
     else:  # a run without a task loss: its final-feature cosine with the teacher
         best = f"best {result.metric.replace('val_', '')} {result.best:.4g}"
-    return f"done: {result.steps} steps, {best} -> {result.run_dir}"
+    return f"done: {result.steps} step{'s' * (result.steps != 1)}, {best} -> {result.run_dir}"

@@ -206,7 +206,7 @@ def test_submit_to_the_debug_cluster_runs_the_job_without_being_told_to_wait(tmp
     )
     # and it ends as `attnxfer train` ends: steps, the best score its metrics recorded, the run's folder
     [val] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
-    assert out.splitlines()[-1] == f"done: 1 steps, best val top1 {val['best_top1']:.2f} -> {run}", out
+    assert out.splitlines()[-1] == f"done: 1 step, best val top1 {val['best_top1']:.2f} -> {run}", out
 
 
 @pytest.mark.slow
@@ -236,7 +236,7 @@ def test_a_study_waited_for_ends_as_attnxfer_study_ends(tmp_path, capsys, tiny_t
         [val] = [
             json.loads(v) for v in (run / name / "metrics.jsonl").read_text().splitlines() if '"val"' in v
         ]
-        assert line == f"{name}: done: 1 steps, best val top1 {val['best_top1']:.2f} -> {run / name}", out
+        assert line == f"{name}: done: 1 step, best val top1 {val['best_top1']:.2f} -> {run / name}", out
     assert lines[-1] == f"study -> {run} (study.json, study.md)", out
 
 
