@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +82,22 @@ class LoopSettings:
     seed: int = 0  # the data's seed: with a batch's epoch and place, the seed of its transform (mixup)
 
 
-def schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
-    """(optimiser steps per epoch, total steps, warm-up steps) for ``batches`` training batches an epoch."""
+def schedule_steps(train_loader: Sized, s: LoopSettings) -> tuple[int, int, int]:
+    """(optimiser steps per epoch, total steps, warm-up steps) for ``train_loader``'s batches an epoch (a
+    DataLoader's images counted where it cannot make one step)."""
+    batches = len(train_loader)
     steps_per_epoch = batches // s.accum_steps
     if steps_per_epoch < 1:
+        counted, lower = "", "lower data.batch_size"
+        sampler = getattr(train_loader, "sampler", None)
+        if isinstance(sampler, Sized):  # a stream's sampler has no length: not counted
+            images = len(sampler)
+            counted = f" ({images} images a process, in whole batches of {train_loader.batch_size})"
+            if images >= s.accum_steps:
+                lower += f" to {images // s.accum_steps} or less"
         raise InputError(
-            f"the training set gives {batches} batches per epoch, fewer than "
-            f"optim.accum_steps={s.accum_steps}; lower data.batch_size, or give the training split more images"
+            f"the training set gives {batches} batches per epoch{counted}, fewer than "
+            f"optim.accum_steps={s.accum_steps}; {lower}, or give the training split more images"
         )
     total_steps = steps_per_epoch * s.epochs
     if s.max_steps is not None:
@@ -175,7 +184,7 @@ class Engine:
         self.ema_eval = objective.ema_model(ema.module) if ema is not None else None
         self.base_lr = s.base_lr
         self.model, self.optimizer = acc.prepare(objective.module, optimizer)
-        self.steps_per_epoch, self.total_steps, self.warmup_steps = schedule_steps(len(train_loader), s)
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = schedule_steps(train_loader, s)
         self.checkpointing = Checkpointing(
             self.run_dir,
             s.checkpoint,

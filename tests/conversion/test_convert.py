@@ -689,7 +689,10 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
     # "stage 2: skipped", a report of a student never fine-tuned, and exit 0)
     few = tmp_path / "few"
     assert main(["convert", *_convert_args(few, tiny_teacher_dir, "optim.accum_steps=8")]) == 2
-    assert "gives 4 batches per epoch, fewer than optim.accum_steps=8" in capsys.readouterr().err
+    assert (  # with the images and batch that make them, and the batch that would make a step
+        "gives 4 batches per epoch (64 images a process, in whole batches of 16), fewer than "
+        "optim.accum_steps=8; lower data.batch_size to 8 or less" in capsys.readouterr().err
+    )
     assert not (few / "stage1").exists() and not (few / "report.json").exists()
 
 

@@ -515,7 +515,7 @@ def test_a_warmup_longer_than_the_run_says_the_lr_never_reaches_its_base():
     from attnxfer.train.engine import LoopSettings, schedule_steps
 
     def warning(s: LoopSettings, batches: int = 4) -> str | None:
-        per_epoch, total, _ = schedule_steps(batches, s)
+        per_epoch, total, _ = schedule_steps(range(batches), s)
         return long_warmup_warning(s, per_epoch, total)
 
     s = LoopSettings(run_dir=Path("run"), epochs=1, warmup_epochs=100, base_lr=2e-3)
@@ -536,7 +536,7 @@ def test_a_conversions_stage_2_still_hears_of_a_warmup_longer_than_the_run():
     from attnxfer.train.engine import LoopSettings, schedule_steps
 
     s = LoopSettings(run_dir=Path("run"), epochs=1, warmup_epochs=5, base_lr=2e-3)
-    per_epoch, total, _ = schedule_steps(4, s)
+    per_epoch, total, _ = schedule_steps(range(4), s)
     engine = SimpleNamespace(settings=s, steps_per_epoch=per_epoch, total_steps=total)
     few, warmup = schedule_warnings(engine)
     assert "fewer than 100" in few and "schedule.warmup_epochs=5 is longer than the run's" in warmup
@@ -552,7 +552,7 @@ def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     from attnxfer.train.engine import LoopSettings, schedule_steps
 
     def warning(s: LoopSettings, batches: int = 6) -> str | None:
-        per_epoch, total, _ = schedule_steps(batches, s)
+        per_epoch, total, _ = schedule_steps(range(batches), s)
         return few_steps_warning(s, per_epoch, total)
 
     s = LoopSettings(run_dir=Path("run"), epochs=2)

@@ -393,7 +393,7 @@ def build_conversion(
     cfg = apply_overrides(cfg, stage2.overrides | stage2_layers(cfg, parts.student))
     parts = replace(parts, num_classes=int(getattr(parts.student, "num_classes", 0) or 0))
     # as stage 2's engine will count them (a training set of fewer batches than optim.accum_steps refused)
-    _, stage2_steps, _ = schedule_steps(len(parts.train_loader), loop_settings(cfg, world=1))
+    _, stage2_steps, _ = schedule_steps(parts.train_loader, loop_settings(cfg, world=1))
     return Conversion(
         cfg,
         parts,
