@@ -30,7 +30,8 @@ from .slurm.submission import attempt_not_passed_on
 
 class BatchTask(TrainingTask):
     """One array task's batch, requeued after a preemption as a run's job is; it keeps no checkpoint, so a
-    requeue evaluates the whole batch again, and the search itself resumes from its last saved generation."""
+    requeue evaluates the whole batch again, and the search itself resumes from its last saved generation. A
+    SIGTERM alone stops nothing (its fits keep no step to save): the batch runs on to its end."""
 
     on_restart = "its batch is evaluated again from the start"
     on_requeue = "its batch will be evaluated again from the start"

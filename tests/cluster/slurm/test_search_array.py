@@ -56,6 +56,8 @@ def _preempt_task_1(job_dir: Path, how: str, timeout_s: float = 240) -> str:
         if task is not None:
             if how == "signal":  # what a cluster sends on preemption well before the time limit
                 subprocess.run(["scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", task], check=True)
+            elif how == "sigterm":  # a cluster that preempts with SIGTERM alone, no USR2 before it
+                subprocess.run(["scancel", "--signal=TERM", task], check=True)
             else:  # requeued from outside (an admin, a preempting scheduler): no checkpoint() call at all
                 subprocess.run(["scontrol", "requeue", task], check=True)
             return task
@@ -83,7 +85,7 @@ def _search(run: Path, teacher: Path) -> list[str]:
 ARRAY_FLAGS = ("--array-tasks", "2", "--cpus-per-task", "1", "--time", "5", "--wait-timeout", "300")
 
 
-@pytest.mark.parametrize("preempt", [None, "signal", "scontrol-requeue"])
+@pytest.mark.parametrize("preempt", [None, "signal", "sigterm", "scontrol-requeue"])
 def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tiny_teacher_dir, preempt):
     array = (*_search(tmp_path / "array", tiny_teacher_dir), *ARRAY_FLAGS)
     with ThreadPoolExecutor(1) as pool:
@@ -93,13 +95,15 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
         job = running.result()
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     again = [line for line in job.stdout.splitlines() if "its batch was evaluated again" in line]
-    if preempt:  # requeued once, evaluated from the start: said, and the same results below
+    if preempt in ("signal", "scontrol-requeue"):  # requeued once, evaluated from the start: said, and the
+        # same results below
         assert int(slurm_job_info(preempted)["Restarts"]) == 1
         assert again == [
             f"search: task {preempted} was preempted and requeued 1 time(s): its batch was evaluated again"
         ]
-    else:
-        assert again == []
+    else:  # SIGTERM alone: a batch keeps no step to save, so it runs on to its end (were SLURM to kill it
+        # after KillWait, its preemption mode would requeue or cancel it): not requeued, the same results
+        assert again == [] and (preempt is None or int(slurm_job_info(preempted)["Restarts"]) == 0)
     # one job array per generation, two tasks each, ids ARRAY_0 and ARRAY_1
     arrays = [line for line in job.stdout.splitlines() if "as a job array of 2 task(s)" in line]
     assert len(arrays) == 2 and all("_0, " in line and "_1" in line for line in arrays)
