@@ -198,8 +198,8 @@ def run_search(
         best = min(state.population, key=lambda n: state.candidates[n]["kl"])
         say(
             f"generation {generation}: {len(proposals)} new ({len(ok)} fitted, {len(proposals) - len(ok)} "
-            f"rejected), {state.duplicates} duplicate{'s' * (state.duplicates != 1)} so far; best fit {state.candidates[best]['kl']:.4f} "
-            f"{best}"
+            f"rejected), {state.duplicates} duplicate{'s' * (state.duplicates != 1)} so far; best fit "
+            f"{state.candidates[best]['kl']:.4f} {best}"
         )
         on_generation(state)
     return state
