@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..analysis.knn import evaluating
 from ..errors import HubUnreachableError, InputError, PathExistsError
+from ..hub_reach import hub_reachable
 from ..models.attention import require_model
 from ..models.handover import Chunks
 from ..models.student import (
@@ -33,7 +34,6 @@ from ..models.student import (
 from ..run_layout import STAGE_DIRS, read_record
 from ..sources.load_errors import copy_student_alone
 from ..sources.resolve import weights_digest
-from ..sources.teacher import hub_reachable
 from ..speak import debug, warn
 from ..transfer import TeacherStudent
 from ..transfer.modes import MODES

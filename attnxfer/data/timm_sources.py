@@ -11,6 +11,7 @@ so the samples of a resumed epoch are not those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -21,6 +22,7 @@ from itertools import islice
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError, MissingPathError
+from ..hub_reach import cache_only_while_unreachable, offline_reason
 from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
 from .label_free import without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix
@@ -45,16 +47,18 @@ def _require_split(dataset: str, root: str | None, split: str, which: str) -> No
         raise _missing_extra(dataset, e) from e
     name = dataset.split("/", 1)[1]
     try:
-        names = datasets.get_dataset_split_names(name, cache_dir=root)
+        with _hub_reads(name):
+            names = datasets.get_dataset_split_names(name, cache_dir=root)
     except (ConnectionError, FileNotFoundError) as e:  # not cached, and no Hub to ask (or none by that name)
-        hub = not name.startswith((".", "/", "~"))  # else a local folder of data files
+        hub = _on_the_hub(name)
+        offline = offline_reason() if hub else None  # datasets' own words would blame an offline mode we set
+        said = f"not in the cache and cannot be downloaded: {offline}" if offline else str(e).rstrip(".")
         raise MissingPathError(
-            f"data.dataset={dataset}: {str(e).rstrip('.')}"
+            f"data.dataset={dataset}: {said}"
             + (
                 ". Hugging Face datasets are read from their cache (data.root, else HF_DATASETS_CACHE or "
                 f"HF_HOME); on a machine with internet, fill one with datasets.load_dataset({name!r}, "
-                "cache_dir=DIR), then set data.root=DIR; where the Hub cannot be reached (a compute node), "
-                "HF_HUB_OFFLINE=1 reads the cache without its retries"
+                "cache_dir=DIR), then set data.root=DIR"
                 if hub
                 else ""
             )
@@ -66,6 +70,16 @@ def _require_split(dataset: str, root: str | None, split: str, which: str) -> No
         )
 
 
+def _on_the_hub(name: str) -> bool:
+    """Whether a Hugging Face dataset's name is a Hub id, not a local folder of data files."""
+    return not name.startswith((".", "/", "~"))
+
+
+def _hub_reads(name: str) -> contextlib.AbstractContextManager:
+    """A Hub dataset read from its cache at once where the Hub cannot be reached (`cache_only_while_unreachable`)."""
+    return cache_only_while_unreachable() if _on_the_hub(name) else contextlib.nullcontext()
+
+
 def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
     """Classes of a Hugging Face dataset from its ``label`` feature, read by timm (``labels=False``: none)."""
     if not labels:
@@ -74,7 +88,8 @@ def hf_info(name: str, root: str | None, split: str = "train", labels: bool = Tr
 
     _require_split(f"hfds/{name}", root, split, "train")
     try:
-        reader = create_reader(f"hfds/{name}", root=root, split=split)
+        with _hub_reads(name):
+            reader = create_reader(f"hfds/{name}", root=root, split=split)
     except ImportError as e:
         raise _missing_extra(f"hfds/{name}", e) from e
     # the columns are checked here, where a run asks for its class count first (all splits have them)
@@ -115,7 +130,8 @@ class HfImages:
             import datasets
         except ImportError as e:
             raise _missing_extra(f"hfds/{name}", e) from e
-        table = datasets.load_dataset(name, split=split, cache_dir=root)
+        with _hub_reads(name):
+            table = datasets.load_dataset(name, split=split, cache_dir=root)
         if image_key not in table.column_names:
             raise InputError(
                 f"hfds/{name} split {split!r} has no {image_key!r} column (it has {table.column_names}); "
@@ -253,14 +269,15 @@ def build_hfds(
     augment, transform, info = timm_transform(split, augment, info, **aug)
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
-        images = create_dataset(
-            f"hfds/{name}",
-            root=root,
-            split=hf_split,
-            input_img_mode=mode,
-            transform=transform,
-            target_transform=LabelInRange(num_classes, f"hfds/{name}") if num_classes else None,
-        )
+        with _hub_reads(name):
+            images = create_dataset(
+                f"hfds/{name}",
+                root=root,
+                split=hf_split,
+                input_img_mode=mode,
+                transform=transform,
+                target_transform=LabelInRange(num_classes, f"hfds/{name}") if num_classes else None,
+            )
     else:
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform

@@ -1,16 +1,10 @@
-"""The Hugging Face Hub: its cache, whether it is reachable, and one file or a model's weights from a repo
+"""The Hugging Face Hub: its cache and one file or a model's weights from a repo
 (offline: what to run where the Hub can be reached)."""
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
-import ssl
-import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 from huggingface_hub import ModelCard, constants, hf_hub_download, try_to_load_from_cache
@@ -22,64 +16,14 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from ..errors import InputError
-from ..speak import debug, warn
+from ..hub_reach import offline_reason
+from ..speak import warn
 from .load_errors import TeacherLoadError, TeacherNotAvailable
 
-_REACHABLE: dict[str, tuple[float, bool]] = {}
 # Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 # transformers' sharded safetensors (large models): the index names the shards beside it
 _SHARD_INDEX = "model.safetensors.index.json"
-
-
-def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
-    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts), remembered for
-    ``ttl`` seconds: huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back
-    to the cache, so one bounded probe (DNS included, in a daemon thread) decides up front instead."""
-    endpoint = constants.ENDPOINT
-    now = time.monotonic()
-    cached = _REACHABLE.get(endpoint)
-    if cached and now - cached[0] < ttl:
-        return cached[1]
-    answer: list[bool] = []
-    bad_endpoint: list[ValueError] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-            answer.append(True)
-        except urllib.error.HTTPError:
-            answer.append(True)  # it answered
-        except urllib.error.URLError as e:
-            # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
-            answer.append(isinstance(e.reason, ssl.SSLError))
-        except (OSError, http.client.HTTPException):  # timed out, reset, refused, or a garbled reply
-            answer.append(False)
-        except ValueError as e:  # no URL at all (urllib's "unknown url type"): the setting is wrong
-            bad_endpoint.append(e)
-
-    t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    if bad_endpoint:
-        raise InputError(
-            f"the Hugging Face Hub endpoint {endpoint!r} (HF_ENDPOINT) is not a URL ({bad_endpoint[0]}); "
-            "unset HF_ENDPOINT or set it to e.g. https://huggingface.co"
-        )
-    ok = bool(answer and answer[0])
-    _REACHABLE[endpoint] = (now, ok)
-    if not ok:
-        debug(f"Hugging Face Hub at {endpoint} is not reachable: using the local cache only")
-    return ok
-
-
-def offline_reason() -> str | None:
-    if constants.is_offline_mode():
-        return "HF_HUB_OFFLINE=1 is set"
-    if not hub_reachable():
-        return f"{constants.ENDPOINT} cannot be reached"
-    return None
 
 
 #: the end of `fetch_instructions`' advice for the commands and functions that take a cache folder (inspect,

@@ -22,17 +22,13 @@ from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundEr
 from timm.models import get_model_input_config
 
 from ..errors import InputError, MissingPathError
+from ..hub_reach import offline_reason
 from ..models.attention import ImageSizes, make_transfer_aware
 from ..models.image_input import as_pair, check_image_size, image_input
 from ..models.vit import create_vit
 from ..run_layout import CHECKPOINTS_SUBDIR
 from ..speak import debug, warn
-from .hub import (
-    fetch_instructions,
-    hub_reachable as hub_reachable,
-    hub_refusal,
-    offline_reason,
-)
+from .hub import fetch_instructions, hub_refusal
 from .load_errors import run_folder_hint
 from .resolve import (
     Origin,

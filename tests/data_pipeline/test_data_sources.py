@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import socket
 import tarfile
 from pathlib import Path
 
@@ -355,7 +357,10 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
 
     for config in (datasets.config, huggingface_hub.constants):  # what HF_HUB_OFFLINE=1 sets at import
         monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
-    hub = r"hfds/acme/none: .*load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR; .*HF_HUB_OFFLINE=1"
+    hub = (
+        r"hfds/acme/none: not in the cache and cannot be downloaded: HF_HUB_OFFLINE=1 is set\. .*"
+        r"load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR$"
+    )
     with pytest.raises(MissingPathError, match=hub):
         build_dataset("hfds/acme/none", "train", root=tmp_path, **NORM)
     with pytest.raises(MissingPathError, match=r"nowhere$"):  # a folder of the user's: no Hub advice
@@ -372,6 +377,33 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
         InputError, match=r"'hfids/acme/none' does not say how many classes it has; set model.num_"
     ):
         num_classes_of(cfg, data_info(cfg.data))
+
+
+def test_a_hub_dataset_where_the_hub_cannot_be_reached_is_read_from_the_cache_at_once(
+    hf_dir, tmp_path, monkeypatch, caplog
+):
+    """With no Hub to reach and no HF_HUB_OFFLINE set (a compute node without internet), a Hub dataset is not
+    asked of the Hub: one not cached is refused saying so, without huggingface_hub's ~25 s of retries and their
+    lines; the offline mode is the read's alone, and a local folder still reads."""
+    import datasets
+    import huggingface_hub.constants
+
+    refused = socket.socket()  # a port nothing listens on: the endpoint refuses at once
+    refused.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{refused.getsockname()[1]}"
+    refused.close()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    for config in (datasets.config, huggingface_hub.constants):
+        monkeypatch.setattr(config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(
+        MissingPathError,
+        match=f"hfds/acme/none: not in the cache and cannot be downloaded: "
+        f"{re.escape(endpoint)} cannot be reached\\. ",
+    ):
+        build_dataset("hfds/acme/none", "train", root=tmp_path, **NORM)
+    assert "Retrying" not in caplog.text and "thrown while requesting" not in caplog.text, caplog.text
+    assert not datasets.config.HF_HUB_OFFLINE and not huggingface_hub.constants.HF_HUB_OFFLINE
+    assert len(build_dataset(f"hfds/{hf_dir}", "val", root=tmp_path / "cache", **NORM)) > 0
 
 
 def test_a_shard_the_split_names_that_is_not_under_the_root_is_refused_naming_it(shards):

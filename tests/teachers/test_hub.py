@@ -411,8 +411,8 @@ def test_the_reachability_probe_reads_network_failures_as_unreachable_and_a_bad_
     the user's setting to fix, said in one line, not a quiet "unreachable"."""
     from huggingface_hub import constants
 
+    from attnxfer import hub_reach as hub
     from attnxfer.errors import InputError
-    from attnxfer.sources import hub
 
     rude = socket.socket()
     rude.bind(("127.0.0.1", 0))
