@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 import socket
 import tarfile
 from pathlib import Path
@@ -379,12 +380,12 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
         num_classes_of(cfg, data_info(cfg.data))
 
 
-def test_a_hub_dataset_where_the_hub_cannot_be_reached_is_read_from_the_cache_at_once(
+def test_a_hub_dataset_where_the_hub_cannot_be_reached_is_read_from_its_cache_at_once(
     hf_dir, tmp_path, monkeypatch, caplog
 ):
     """With no Hub to reach and no HF_HUB_OFFLINE set (a compute node without internet), a Hub dataset is not
-    asked of the Hub: one not cached is refused saying so, without huggingface_hub's ~25 s of retries and their
-    lines; the offline mode is the read's alone, and a local folder still reads."""
+    asked of the Hub: one in datasets' cache is read from it, one not cached is refused saying so, each without
+    huggingface_hub's ~25 s of retries a read and their lines; the offline mode is the read's alone."""
     import datasets
     import huggingface_hub.constants
 
@@ -401,9 +402,16 @@ def test_a_hub_dataset_where_the_hub_cannot_be_reached_is_read_from_the_cache_at
         f"{re.escape(endpoint)} cannot be reached\\. ",
     ):
         build_dataset("hfds/acme/none", "train", root=tmp_path, **NORM)
+    # acme/animals as datasets caches a Hub dataset it read (NAMESPACE___NAME/CONFIG/VERSION/HASH), made
+    # here from its cache of the local copy (a folder of the same name)
+    cache = tmp_path / "cache"
+    datasets.load_dataset(str(hf_dir), cache_dir=str(cache))
+    [built] = [d for d in (cache / hf_dir.name / "default" / "0.0.0").iterdir() if d.is_dir()]
+    shutil.copytree(built, cache / "acme___animals" / "default" / "0.0.0" / built.name)
+    assert dataset_info("hfds/acme/animals", root=cache).class_names == CLASS_NAMES
+    assert len(build_dataset("hfds/acme/animals", "val", root=cache, **NORM)) == N_VAL
     assert "Retrying" not in caplog.text and "thrown while requesting" not in caplog.text, caplog.text
     assert not datasets.config.HF_HUB_OFFLINE and not huggingface_hub.constants.HF_HUB_OFFLINE
-    assert len(build_dataset(f"hfds/{hf_dir}", "val", root=tmp_path / "cache", **NORM)) > 0
 
 
 def test_a_shard_the_split_names_that_is_not_under_the_root_is_refused_naming_it(shards):
