@@ -141,7 +141,7 @@ def run(args) -> int:
     from ...run_layout import LOCK_NAME, STAGE_DIRS
     from ..arguments import parse_sweep
     from ..slurm import JobFailedError, options_from_args, submit_from_args
-    from ..slurm.monitor import JobCancelledError
+    from ..slurm.monitor import JobCancelledError, WaitInterrupted
     from ..slurm.submission import sweep_points
     from ..slurm.task import RESUBMIT
 
@@ -203,6 +203,9 @@ def run(args) -> int:
         e.reason = e.reason.replace(RESUBMIT, f"{RESUBMIT}{again}")
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1
+    except WaitInterrupted as e:
+        warn(f"attnxfer submit: {e}")
+        return 130
     for result in results:  # a job waited for ends as its command run here ends
         for line in _end_lines(args.job_command, result, cfg):
             say(line)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+import submitit
+
 from ...checkpoints.run_lock import last_checkpoint_note
 from ..arguments import parse_key_values, parse_sweep
-from .monitor import JobFailedError, wait
+from .monitor import SLURM_ACTIVE_STATES, JobFailedError, WaitInterrupted, slurm_job_state, wait
 from .options import RunConfig, SlurmOptions
 from .submission import submit, sweep_points
 
@@ -38,6 +41,28 @@ def submit_from_args(
         return []
     try:
         return [ranks[0] for ranks in wait(jobs)]
+    except KeyboardInterrupt:
+        if options.cluster == "debug":  # the job ran in this process and stopped with it
+            raise
+        # Ctrl-C reaches no SLURM job, nor a local one signalled apart from its terminal; a local job that the
+        # terminal's Ctrl-C reached too is ended by its controller within seconds
+        deadline = time.monotonic() + 5
+        while True:
+            running = [
+                job
+                for job in jobs
+                if (
+                    slurm_job_state(job.job_id) in SLURM_ACTIVE_STATES
+                    if isinstance(job, submitit.SlurmJob)
+                    else not job.done()
+                )
+            ]
+            if options.cluster == "slurm" or not running or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if not running:  # every job ended with this command: the CLI says where its run resumes
+            raise
+        raise WaitInterrupted(running, options.cluster) from None
     except JobFailedError as e:
         run_dirs = {job.job_id: point.run_dir for job, point in zip(jobs, sweep_points(cfg, sweep))}
         if e.job_id in run_dirs:

@@ -64,6 +64,22 @@ class JobTimeoutError(TimeoutError):
     """``wait`` gave up before the job finished (the job keeps running)."""
 
 
+class WaitInterrupted(Exception):
+    """Ctrl-C stopped the wait, not the jobs it names (``running``): they go on, and the message says how to
+    follow and stop them."""
+
+    def __init__(self, running: Sequence[submitit.Job], cluster: str):
+        ids = [job.job_id for job in running]
+        slurm = cluster == "slurm"
+        follow = f"squeue -j {','.join(ids)}" if slurm else ("its log" if len(ids) == 1 else "their logs")
+        stop = f"{'scancel' if slurm else 'kill'} {' '.join(ids)}"
+        which = f"job {ids[0]} keeps" if len(ids) == 1 else f"jobs {' '.join(ids)} keep"
+        super().__init__(
+            f"stopped waiting; {which} running (follow: {follow}; stop {'it' if len(ids) == 1 else 'them'}: "
+            f"{stop}, and the same command resumes {'it' if len(ids) == 1 else 'them'})"
+        )
+
+
 # no result on disk can be trusted in these: the job is (re)queued, or its processes are being
 # killed and it may be on its way back to the queue
 SLURM_NOT_READY_STATES = {
@@ -100,6 +116,12 @@ def slurm_job_info(job_id: str) -> dict[str, str] | None:
         return None if "Invalid job id" in out.stderr else {"JobState": "UNKNOWN"}
     lines = out.stdout.splitlines()
     return dict(re.findall(r"(\w+)=(\S*)", lines[0])) if lines else {"JobState": "UNKNOWN"}
+
+
+def slurm_job_state(job_id: str) -> str:
+    """The job's SLURM state, its first word (RUNNING of RUNNING+...); GONE once the controller forgot it."""
+    info = slurm_job_info(job_id)
+    return "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -230,9 +252,7 @@ def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float 
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if _is_slurm(job):
-            info = slurm_job_info(job.job_id)
-            state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
-            if state not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
+            if slurm_job_state(job.job_id) not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
                 return
         elif job.done():
             return

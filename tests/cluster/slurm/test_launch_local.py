@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -135,6 +136,48 @@ def test_a_local_job_killed_saves_its_step_and_submit_wait_says_how_to_resume_wi
     assert Path(said.group(2)) == run_dir / "checkpoints" / f"step-{step:08d}"
     assert json.loads((Path(said.group(2)) / "state.json").read_text())["step"] == step
     assert f"stopped by SIGTERM at step {step} of 400" in job_log and "Traceback" not in job_log, job_log
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_submit_wait_alone_stops_the_wait_not_the_job_and_says_how_to_stop_it(tmp_path):
+    """A Ctrl-C that reaches `submit --wait` and not its job (a SLURM job's always; a local one's sent to the
+    command alone) stops the wait: one line with the job's id and how to stop it, exit 130; not 'continues
+    from step N' about a run that trains on."""
+    from helpers import fork_cli, tiny_run
+
+    run_dir, log = tmp_path / "run", tmp_path / "submit.log"
+    argv = ["submit", f"run_dir={run_dir}", *tiny_run(512, 8), "transfer.mode=none", "log.every_steps=1"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "schedule.epochs=100"]
+    proc = fork_cli([*argv, "--cluster", "local", "--wait"], log)
+    metrics, job = run_dir / "metrics.jsonl", None
+    try:
+        deadline = time.monotonic() + 120
+        while not metrics.exists() or metrics.read_text().count('"train"') < 2:
+            assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        [job] = [p.name.split("_")[0] for p in (run_dir / "submitit").glob("*_0_log.err")]
+        os.kill(proc.pid, signal.SIGINT)
+        proc.join(60)
+        assert proc.exitcode == 130, log.read_text()[-3000:]
+        assert log.read_text().splitlines()[-1] == (
+            f"attnxfer submit: stopped waiting; job {job} keeps running (follow: its log; stop it: kill {job}, "
+            "and the same command resumes it)"
+        )
+        steps = metrics.read_text().count('"train"')
+        deadline = time.monotonic() + 60
+        while metrics.read_text().count('"train"') == steps:  # it trains on
+            assert time.monotonic() < deadline, "the job stopped with the wait"
+            time.sleep(0.05)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        if job is not None:  # the job's controller: its step saved, the job ends
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(job), signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    os.kill(int(job), 0)
+                    time.sleep(0.1)
 
 
 def test_debug_cluster_runs_in_this_process(tmp_path):

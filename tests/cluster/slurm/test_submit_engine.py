@@ -346,6 +346,42 @@ def test_a_plain_scancel_saves_the_step_and_the_job_stays_cancelled(slurm, tmp_p
     ), line
 
 
+def test_ctrl_c_of_submit_wait_stops_the_wait_and_the_job_trains_on(slurm, tmp_path):
+    """Ctrl-C of `submit --wait` does not reach a SLURM job: the command says the job keeps running and how to
+    follow and stop it (exit 130), not that the run 'continues from step N' as if it had stopped."""
+    from helpers import popen_interruptible
+
+    run = tmp_path / "job"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    argv = ["submit", f"run_dir={run}", *TINY, "schedule.max_steps=400", "checkpoint.every_steps=1000"]
+    flags = ["--cpus-per-task", "1", "--time", "10", "--wait"]
+    waiting = popen_interruptible(
+        [sys.executable, "-m", "attnxfer", *argv, *flags],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stderr=subprocess.PIPE,
+    )
+    job_id = None
+    try:
+        metrics = run / "metrics.jsonl"
+        _wait_until(lambda: metrics.exists() and '"train"' in metrics.read_text(), "training did not start")
+        [job_id] = [p.name.split("_")[0] for p in (run / "submitit").glob("*_submitted.pkl")]
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=WAIT_S)
+        assert waiting.returncode == 130, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            f"attnxfer submit: stopped waiting; job {job_id} keeps running (follow: squeue -j {job_id}; stop "
+            f"it: scancel {job_id}, and the same command resumes it)"
+        )
+        assert slurm_job_info(job_id)["JobState"] == "RUNNING"
+    finally:
+        waiting.kill()
+        if job_id is not None:
+            subprocess.run(["scancel", job_id], check=False)
+            _ended(job_id)
+
+
 # ---- a rank that dies or hangs: the job ends in bounded time, with one line naming it -----------------
 RANK_FAILURE = [
     *TINY,
