@@ -64,6 +64,7 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
 
 
 def offline_reason() -> str | None:
+    """Why nothing is downloaded from the Hub now (offline mode set, or no answer), in words; None if it is."""
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE=1 is set"
     if not hub_reachable():
