@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -100,30 +101,41 @@ def test_a_local_job_whose_rank_fails_ends_by_itself_without_an_interrupt_traceb
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
-@pytest.mark.slow
-def test_a_local_job_killed_saves_its_step_and_submit_wait_says_how_to_resume_without_a_traceback(tmp_path):
-    """`kill JOB` (SIGTERM, what submit prints to cancel a local job) stops the run as it stops `attnxfer train`:
-    the step saved, the loop's one line in the job's log, and ``--wait`` says it stopped (exit 143), not failed."""
+def _waiting_for_a_local_job(
+    tmp_path: Path, length: str
+) -> tuple[multiprocessing.process.BaseProcess, Path, Path, str]:
+    """`submit --cluster local --wait` of a tiny run (``length``: its schedule key) in a forked child, once its
+    job has trained two steps: the child, the run's folder, the child's log, and the job's id (the pid of
+    its controller)."""
     from helpers import fork_cli, tiny_run
 
     run_dir, log = tmp_path / "run", tmp_path / "submit.log"
     argv = ["submit", f"run_dir={run_dir}", *tiny_run(512, 8), "transfer.mode=none", "log.every_steps=1"]
-    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "schedule.max_steps=400"]
+    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", length]
     proc = fork_cli([*argv, "--cluster", "local", "--wait"], log)
-    metrics, job = run_dir / "metrics.jsonl", None
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() or metrics.read_text().count('"train"') < 2:
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(log.read_text()[-3000:])
+        time.sleep(0.05)
+    [job] = [p.name.split("_")[0] for p in (run_dir / "submitit").glob("*_0_log.err")]
+    return proc, run_dir, log, job
+
+
+@pytest.mark.slow
+def test_a_local_job_killed_saves_its_step_and_submit_wait_says_how_to_resume_without_a_traceback(tmp_path):
+    """`kill JOB` (SIGTERM, what submit prints to cancel a local job) stops the run as it stops `attnxfer train`:
+    the step saved, the loop's one line in the job's log, and ``--wait`` says it stopped (exit 143), not failed."""
+    proc, run_dir, log, job = _waiting_for_a_local_job(tmp_path, "schedule.max_steps=400")
     try:
-        deadline = time.monotonic() + 120
-        while not metrics.exists() or metrics.read_text().count('"train"') < 2:
-            assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        [job] = [p.name.split("_")[0] for p in (run_dir / "submitit").glob("*_0_log.err")]
         os.kill(int(job), signal.SIGTERM)  # the job's controller, which hands the signal to its task
         proc.join(120)
     finally:
         if proc.is_alive():
             proc.kill()
-            if job is not None:
-                os.kill(int(job), signal.SIGTERM)
+            os.kill(int(job), signal.SIGTERM)
     text, job_log = log.read_text(), (run_dir / "submitit" / f"{job}_0_log.err").read_text()
     assert proc.exitcode == 128 + signal.SIGTERM, text[-3000:]
     said = re.search(
@@ -143,19 +155,9 @@ def test_ctrl_c_of_submit_wait_alone_stops_the_wait_not_the_job_and_says_how_to_
     """A Ctrl-C that reaches `submit --wait` and not its job (a SLURM job's always; a local one's sent to the
     command alone) stops the wait: one line with the job's id and how to stop it, exit 130; not 'continues
     from step N' about a run that trains on."""
-    from helpers import fork_cli, tiny_run
-
-    run_dir, log = tmp_path / "run", tmp_path / "submit.log"
-    argv = ["submit", f"run_dir={run_dir}", *tiny_run(512, 8), "transfer.mode=none", "log.every_steps=1"]
-    argv += ["model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}", "schedule.epochs=100"]
-    proc = fork_cli([*argv, "--cluster", "local", "--wait"], log)
-    metrics, job = run_dir / "metrics.jsonl", None
+    proc, run_dir, log, job = _waiting_for_a_local_job(tmp_path, "schedule.epochs=100")
+    metrics = run_dir / "metrics.jsonl"
     try:
-        deadline = time.monotonic() + 120
-        while not metrics.exists() or metrics.read_text().count('"train"') < 2:
-            assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        [job] = [p.name.split("_")[0] for p in (run_dir / "submitit").glob("*_0_log.err")]
         os.kill(proc.pid, signal.SIGINT)
         proc.join(60)
         assert proc.exitcode == 130, log.read_text()[-3000:]
@@ -171,13 +173,12 @@ def test_ctrl_c_of_submit_wait_alone_stops_the_wait_not_the_job_and_says_how_to_
     finally:
         if proc.is_alive():
             proc.kill()
-        if job is not None:  # the job's controller: its step saved, the job ends
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(job), signal.SIGTERM)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    os.kill(int(job), 0)
-                    time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):  # the job's controller: its step saved, the job ends
+            os.kill(int(job), signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                os.kill(int(job), 0)
+                time.sleep(0.1)
 
 
 def test_debug_cluster_runs_in_this_process(tmp_path):
