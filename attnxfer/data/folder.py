@@ -132,12 +132,14 @@ def eight_bit(img: PIL.Image.Image) -> PIL.Image.Image:
 
 class OpenedImages:
     """A timm reader whose every image PIL must open (it reads the header alone; timm decodes the pixels once),
-    a 16-bit one handed on as 8 bits (`eight_bit`). ``strict``: one PIL cannot open is an InputError naming
-    it: timm's ImageDataset would hand out the next sample in its place (its convention for training), which
-    an evaluation would count twice."""
+    a 16-bit one handed on as 8 bits (`eight_bit`); one it cannot is named. ``strict`` (an evaluation's split):
+    each image is decoded here, whole, in ``mode``, and handed on as raw pixels (which timm's ImageDataset opens
+    at no cost, with no mode of its own), and one PIL cannot decode, unknown or cut short anywhere (a partial
+    copy), is an InputError: timm's ImageDataset would hand out the next sample in its place (its convention for
+    training, on the OSError this raises otherwise), which an evaluation would count twice."""
 
-    def __init__(self, reader, strict: bool):
-        self.reader, self.strict = reader, strict
+    def __init__(self, reader, strict: bool, mode: str):
+        self.reader, self.strict, self.mode = reader, strict, mode
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -148,14 +150,22 @@ class OpenedImages:
         image, *rest = self.reader[index]
         try:
             opened = Image.open(image)
+            if self.strict:
+                # every pixel decoded here: a file cut short fails now, not in timm's ImageDataset
+                with image:
+                    decoded = eight_bit(opened).convert(self.mode)
+                # handed on as a PGM or PPM: a header, then the pixels as they lie in memory
+                width, height = decoded.size
+                header = b"P%d %d %d 255\n" % (5 if self.mode == "L" else 6, width, height)
+                return io.BytesIO(header + decoded.tobytes()), *rest
         except OSError as e:
-            if not self.strict:
-                raise
             reason = "PIL cannot identify its format" if isinstance(e, UnidentifiedImageError) else e
             name = self.reader.filename(index, absolute=True)
+            said = f"image {repr(name) if name else f'number {index}'} cannot be read as an image ({reason})"
+            if not self.strict:
+                raise OSError(f"{said}; the next image stands in") from None
             raise InputError(
-                f"image {repr(name) if name else f'number {index}'} cannot be read as an image ({reason}): "
-                "replace or remove it; evaluation would otherwise count another image in its place"
+                f"{said}: replace or remove it; evaluation would otherwise count another image in its place"
             ) from None
         if (small := eight_bit(opened)) is not opened:  # timm's ImageDataset opens what it is handed: as PNG
             small.save(image := io.BytesIO(), "PNG")
@@ -171,10 +181,12 @@ class OpenedImages:
 
 class FolderDataset(Dataset):
     """timm ImageDataset whose transform runs with global RNGs seeded by (seed, epoch, index). ``strict`` (the
-    val split, whose images an evaluation counts): an image PIL cannot open is an error (`OpenedImages`)."""
+    val split, whose images an evaluation counts): an image PIL cannot decode is an error (`OpenedImages`)."""
 
     def __init__(self, image_dataset, info: DatasetInfo, *, seed: int, deterministic: bool, strict: bool):
-        image_dataset.reader = OpenedImages(image_dataset.reader, strict)
+        image_dataset.reader = OpenedImages(image_dataset.reader, strict, image_dataset.input_img_mode)
+        if strict:  # its reader hands out images already in the mode
+            image_dataset.input_img_mode = None
         self.image_dataset = image_dataset
         self.info = info
         self.seed = seed

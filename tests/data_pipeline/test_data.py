@@ -576,15 +576,19 @@ def test_files_of_formats_timm_does_not_read_are_named_not_left_out_in_silence(t
 
 
 @pytest.mark.parametrize(
-    "keep, reason", [(None, "PIL cannot identify its format"), (20, "Truncated File Read")]
+    "keep, reason",
+    [(None, "PIL cannot identify its format"), (20, "Truncated File Read"), (-40, "image file is truncated")],
 )
-def test_a_val_image_pil_cannot_open_is_refused_by_name_not_replaced_by_the_next_one(tmp_path, keep, reason):
-    """timm's ImageDataset hands out the next sample for an image PIL cannot open: in the val split, which an
-    evaluation counts, that would count one image twice, so it is an InputError naming the file; the train
-    split, augmented or not (the k-NN bank), keeps timm's convention (the next image, and timm's warning)."""
+def test_a_val_image_pil_cannot_decode_is_refused_by_name_not_replaced_by_the_next_one(
+    tmp_path, caplog, keep, reason
+):
+    """timm's ImageDataset hands out the next sample for an image PIL cannot decode: in the val split, which an
+    evaluation counts, that would count one image twice, so it is an InputError naming the file, whether its
+    header is unreadable or its pixels are cut short (it opens; a partial copy); the train split, augmented or
+    not (the k-NN bank), keeps timm's convention (the next image, and timm's warning)."""
     _make_folder(tmp_path)
     bad = tmp_path / "val" / "dog" / "0.png"
-    content = b"not an image" if keep is None else bad.read_bytes()[:keep]  # text, or a cut PNG header
+    content = b"not an image" if keep is None else bad.read_bytes()[:keep]  # text, or a PNG cut short
     bad.write_bytes(content)
     said = rf"image '{re.escape(str(bad))}' cannot be read as an image \({reason}\): replace or remove it"
     for labels in (True, False):
@@ -592,10 +596,37 @@ def test_a_val_image_pil_cannot_open_is_refused_by_name_not_replaced_by_the_next
         with pytest.raises(InputError, match=said):
             val[0]
         assert val[1][0].shape == (3, 16, 16)  # the others read as before
-    (tmp_path / "train" / "cat" / "2.png").write_bytes(content)
+    cut = tmp_path / "train" / "cat" / "2.png"
+    cut.write_bytes(content)
     for augment in (True, False):
         train = build_dataset("folder", "train", root=tmp_path, img_size=16, augment=augment)
+        caplog.clear()
         assert train[2][1] == 1  # cat/2.png's place taken by the next image, dog/0.png
+        # a header PIL cannot read is named; pixels cut short fail in timm's decode (not repeated in training)
+        named = f"image '{cut}' cannot be read as an image ({reason}); the next image stands in"
+        assert f"Skipped sample (index 2). {named if keep is None or keep > 0 else reason}" in caplog.text
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_the_val_split_decoded_ahead_of_timm_reads_each_image_mode_as_pil_converts_it(tmp_path, in_chans):
+    """The val split decodes each image before timm's ImageDataset (to refuse a cut one) and hands it on as
+    raw pixels: every file mode (RGB, grey, RGBA, palette, CMYK JPEG) reads as PIL's own convert of the file
+    through the split's transform."""
+    from PIL import Image
+
+    _make_folder(tmp_path)
+    pixels = np.random.default_rng(2).integers(0, 256, (30, 44, 3), dtype=np.uint8)
+    files = []
+    for mode, suffix in (("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png"), ("CMYK", "jpg")):
+        files.append(tmp_path / "val" / "dog" / f"{mode}.{suffix}")
+        Image.fromarray(pixels).convert(mode).save(files[-1])
+    one = dict(mean=[0.5], std=[0.25]) if in_chans == 1 else {}
+    val = build_dataset("folder", "val", root=tmp_path, img_size=24, in_chans=in_chans, **one)
+    transform = val.image_dataset.transform
+    names = val.image_dataset.reader.filenames(absolute=True)
+    for file in files:
+        expected = transform(Image.open(file).convert("RGB" if in_chans == 3 else "L"))
+        assert torch.equal(val[names.index(str(file))][0], expected), file.name
 
 
 @pytest.mark.parametrize("opens_as", ["I;16", "I"])
