@@ -148,10 +148,68 @@ def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser
     return f"; {'; '.join(meant)}" if meant else ""
 
 
+def _positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> str:
+    """A command's argument written as a flag (``export R --out X``, ``inspect --teacher T --student S``, as
+    timm's, MAE's and Hugging Face's scripts take them): the command as it takes them, or "" where none is.
+    Asked before argparse, which would answer such a call with a missing argument or an abbreviation of another
+    flag (``--teacher`` for ``--teacher-arch``)."""
+    import shlex
+
+    if not argv or argv[0] not in COMMANDS:
+        return ""
+    own = parser._subparsers._group_actions[0].choices[argv[0]]
+    arguments = [a for a in own._actions if not a.option_strings and a.dest != "overrides"]
+    options = {o: a for a in own._actions for o in a.option_strings}
+
+    def argument_meant(flag: str) -> argparse.Action | None:
+        name = flag.lstrip("-").lower().replace("-", "_")
+        exact = [a for a in arguments if name in (a.dest, a.dest.rstrip("s"))]
+        if exact or not name or any(o.startswith(flag) for o in options if o.startswith("--")):
+            return exact[0] if exact else None  # else an abbreviation of the command's own flag: argparse's
+        close = [a for a in arguments if a.dest.startswith(name) or name.startswith(a.dest.split("_")[0])]
+        return close[0] if len(close) == 1 else None
+
+    given: dict[str, list[str]] = {}  # each argument written as a flag: its values
+    bare, kept, flags = [], [], []  # words without a flag; the command's own flags with their values
+    i = 1
+    while i < len(argv):
+        item, i = argv[i], i + 1
+        if not item.startswith("-") or item == "-":
+            bare.append(item)
+            continue
+        flag, eq, inline = item.partition("=")
+        argument = argument_meant(flag)
+        long = [a for o, a in options.items() if o.startswith(flag) and flag.startswith("--")]
+        action = argument or options.get(flag) or (long[0] if len(long) == 1 else None)
+        after = []  # the values after the flag: one, or each up to the next flag
+        while action is not None and action.nargs != 0 and i < len(argv) and not argv[i].startswith("-"):
+            if (eq or after) and action.nargs not in ("+", "*"):
+                break
+            after.append(argv[i])
+            i += 1
+        if argument is None:
+            kept += [item, *after]
+        else:
+            given.setdefault(argument.dest, []).extend([inline] * bool(eq) + after)
+            flags.append(flag)
+    if not flags:
+        return ""
+    written = []
+    for argument in arguments:  # in their order: those given as flags, else the words without one
+        values = given.get(argument.dest) or bare[: None if argument.nargs in ("+", "*") else 1]
+        bare = bare if argument.dest in given else bare[len(values) :]
+        written += values or [(argument.metavar or argument.dest).upper()]
+    command = shlex.join(["attnxfer", argv[0], *written, *kept])
+    them = "them as arguments" if len(flags) > 1 else "it as an argument"
+    return f"{', '.join(flags)}: {argv[0]} takes {them}, written without a flag: {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if flagged := _positionals_as_flags(argv, parser):
+        parser._subparsers._group_actions[0].choices[argv[0]].error(flagged)
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray and hasattr(args, "overrides"):  # `-1]` of an unquoted `transfer.layers=[0, -1]`: an override's

@@ -31,6 +31,25 @@ CASES = [
     ),
     # the command's own usage above the error, not attnxfer's
     (["export", "runs/r", "--out", "x"], 2, "usage: attnxfer export"),
+    # an argument written as a flag, as timm's, MAE's and Hugging Face's scripts take it: the command as it is
+    # taken, the user's values in their places and the command's own flags kept
+    (
+        ["export", "--output_dir", "out dir", "--run-dir=runs/r", "--weights", "raw"],
+        2,
+        "--output_dir, --run-dir: export takes them as arguments, written without a flag: "
+        "attnxfer export runs/r 'out dir' --weights raw",
+    ),
+    (["export", "runs/r", "-o", "x"], 2, "-o: export takes it as an argument, written without a flag: "),
+    (["export", "runs/r", "--out"], 2, "written without a flag: attnxfer export runs/r OUT_DIR"),
+    # argparse asked first would say STUDENT is missing (it reads --teacher as --teacher-arch)
+    (
+        ["inspect", "--teacher", "t", "--num", "3", "--students", "s1", "s2"],
+        2,
+        "--teacher, --students: inspect takes them as arguments, written without a flag: "
+        "attnxfer inspect t s1 s2 --num 3",
+    ),
+    (["inspect", "t", "--student", "s"], 2, "written without a flag: attnxfer inspect t s\n"),
+    (["fetch", "--spec", "vit_tiny"], 2, "--spec: fetch takes it as an argument, written without a flag"),
     # timm's and MAE's flags answered with the override that means them
     (
         ["train", "--epochs", "3", "--lr=1e-3", "--output_dir", "runs/x"],
