@@ -75,12 +75,14 @@ def _weights(run_dir):
         (  # timm would drop 3 px of each side without a word
             ["transfer.mode=none", "data.img_size=27"],
             "4 px patches (model.name / model.kwargs.patch_size) do not tile its 27 px images "
-            "(data.img_size / model.kwargs.img_size): sizes that work near it are 24 px and 28 px\n",
+            "(data.img_size / model.kwargs.img_size): sizes that work near it are 24 px and 28 px; or patches "
+            "that tile it: model.kwargs.patch_size=3 or 9\n",
         ),
         (  # a patch larger than the image: no token at all, the first step would stop
             ["transfer.mode=none", "model.kwargs.patch_size=64"],
             "64 px patches (model.name / model.kwargs.patch_size) do not tile its 28 px images "
-            "(data.img_size / model.kwargs.img_size): sizes that work near it are 64 px\n",
+            "(data.img_size / model.kwargs.img_size): sizes that work near it are 64 px; or patches that tile "
+            "it: model.kwargs.patch_size=4, 7 or 14\n",
         ),
         (  # fewer classes than the data has: a label past the head would stop the first step
             ["transfer.mode=none", "model.num_classes=5"],
@@ -121,6 +123,25 @@ def test_model_kwargs_a_mirrored_student_cannot_take_are_one_message_naming_them
     )
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert needle in err and "model.kwargs" in err and not (tmp_path / "r").exists()
+
+
+def test_a_named_student_whose_patches_do_not_tile_the_teachers_images_is_pointed_to_the_teachers_patch(
+    tiny_teacher_dir, tmp_path, capsys
+):
+    """The student reads the teacher's images (32 px here), so another image size would not do: the teacher's
+    patch, which also gives the student the teacher's tokens, is the one answer that trains."""
+    args = ["transfer.mode=distill", "model.mirror_teacher=false", "model.kwargs.patch_size=6"]
+    code, _, err = run_cli(
+        capsys, "train", f"run_dir={tmp_path / 'r'}", f"teacher.spec=local-dir:{tiny_teacher_dir}", *args
+    )
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    said = (
+        "6 px patches (model.name / model.kwargs.patch_size) do not tile its 32 px images (data.img_size / "
+    )
+    assert (
+        f"{said}model.kwargs.img_size): give it the teacher's, model.kwargs.patch_size=8 (maps are token"
+        in err
+    )
 
 
 def test_python_callers_passing_a_path_or_a_dict_are_told_to_build_a_config_with_load_config(tmp_path):

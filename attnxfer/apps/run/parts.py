@@ -162,23 +162,33 @@ def build_student(
         if img_size is not None and "img_size" not in kwargs:
             kwargs["img_size"], optional = img_size, ("img_size",)  # a conv stem (PVTv2) takes any size
         student = create_named_vit(m, num_classes=num_classes, optional=optional, **kwargs)
-        _check_patches_tile(student)
+        _check_patches_tile(student, teacher)
     return student_attention(student, m.attention, m.attention_kwargs)
 
 
-def _check_patches_tile(student: nn.Module) -> None:
+def _check_patches_tile(student: nn.Module, teacher: nn.Module | None) -> None:
     """A ViT's patches tile its image: timm would drop the pixels past the last whole patch without a word,
-    and a patch larger than the image stops the first step."""
+    and a patch larger than the image stops the first step. The answer is another image size or another patch:
+    with a teacher, whose images the student reads, the teacher's patch, whose tokens a transfer needs."""
     if not isinstance(student, VisionTransformer):  # a conv stem (PVTv2) takes any size
         return
     io = image_input(student)
     side, patch, grid = io.img_size[0], io.patch_size[0], io.grid[0]
     if grid < 1 or grid * patch != side or io.grid[1] * io.patch_size[1] != io.img_size[1]:
-        fits = " and ".join(f"{s} px" for s in sizes_that_fit(student, side) if s)
-        raise InputError(
-            f"the student's {patch} px patches (model.name / model.kwargs.patch_size) do not tile its "
-            f"{side} px images (data.img_size / model.kwargs.img_size): sizes that work near it are {fits}"
+        said = (
+            f"the student's {patch} px patches (model.name / model.kwargs.patch_size) do not tile its {side} px "
+            "images (data.img_size / model.kwargs.img_size)"
         )
+        own = image_input(teacher).patch_size[0] if teacher is not None else None
+        if own is not None and side % own == 0:
+            raise InputError(
+                f"{said}: give it the teacher's, model.kwargs.patch_size={own} (maps are token by token)"
+            )
+        fits = " and ".join(f"{s} px" for s in sizes_that_fit(student, side) if s)
+        tiling = sorted((p for p in range(2, side // 2 + 1) if side % p == 0), key=lambda p: abs(p - patch))
+        patches = " or ".join(", ".join(map(str, sorted(tiling[:3]))).rsplit(", ", 1))
+        tile = f"; or patches that tile it: model.kwargs.patch_size={patches}" if tiling else ""
+        raise InputError(f"{said}: sizes that work near it are {fits}{tile}")
 
 
 def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwargs: dict[str, Any]) -> None:
