@@ -59,6 +59,13 @@ CONVERT_SHARED_KEYS: tuple[str, ...] = (
     "convert.speed_sweep",
 )
 
+
+def shared_by_students(key: str, command: str) -> bool:
+    """Whether every student of a study of ``command`` (train or convert) shares ``key``: no student sets it."""
+    keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in keys)
+
+
 #: what a study runs for each student: `attnxfer train` (the default) or `attnxfer convert`
 COMMANDS: tuple[str, ...] = ("train", "convert")
 
@@ -364,10 +371,7 @@ def _check_student(student: Student, command: str) -> None:
         raise ConfigError(
             f"student name {student.name!r} is taken by the study's own {', '.join(STUDY_FILES)}: rename it"
         )
-    keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
-    shared = [
-        k for k in student.overrides if any(k == s or (s.endswith(".") and k.startswith(s)) for s in keys)
-    ]
+    shared = [k for k in student.overrides if shared_by_students(k, command)]
     if shared:
         raise ConfigError(
             f"student {student.name!r} sets {', '.join(shared)}, which every student of a study shares (one "

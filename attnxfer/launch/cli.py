@@ -204,6 +204,52 @@ def _positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> s
     return f"{', '.join(flags)}: {argv[0]} takes {them}, written without a flag: {command}"
 
 
+def _refuse_values_meant_one_per_run(args) -> None:
+    """``key=V1,V2`` among the overrides (Hydra's multirun spelling), a value the config refuses whole but takes
+    each part of: meant as one run per value, which a study's ``--vary`` and submit's ``--sweep`` give (``--vary
+    a=1,2 b=3,4`` hands ``--vary`` the first alone). Answered with the flag, not with the key's type."""
+    from ..config import ConfigError, load_config
+    from ..config.study_spec import COMMANDS as STUDY_COMMANDS, shared_by_students
+    from .arguments import split_top_level
+
+    def loads(override: str) -> bool:
+        try:
+            load_config(None, [override])
+        except ConfigError:
+            return False
+        return True
+
+    for given in getattr(args, "overrides", []):
+        key, _, value = given.partition("=")
+        parts = split_top_level(value)
+        if len(parts) < 2 or loads(given) or not all(loads(f"{key}={part}") for part in parts):
+            continue
+        if "study" in (args.command, getattr(args, "job_command", None)):
+            students = getattr(args, "study_command", None) or "train"
+            if shared_by_students(key, students):  # one value a study, so a study for each
+                raise ConfigError(
+                    f"{given} gives every student one value, which {key} cannot take, and every student of a "
+                    f"study shares {key}: a study for each is `attnxfer submit --command study --sweep {given}`"
+                )
+            raise ConfigError(
+                f"{given} gives every student one value, which {key} cannot take: to give each student one of "
+                f"them, write --vary {given} (one --vary for each key)"
+            )
+        if args.command == "submit":
+            raise ConfigError(
+                f"{given} gives every job one value, which {key} cannot take: to submit one job for each, write "
+                f"--sweep {given} (one --sweep for each key)"
+            )
+        if args.command in ("train", "convert", "pretrain"):  # the commands a job or a study's student runs
+            command = "" if args.command == "train" else f" --command {args.command}"
+            studied = args.command in STUDY_COMMANDS and not shared_by_students(key, args.command)
+            side_by_side = f" or `attnxfer study{command} --vary {given}` (one run, a student for each)"
+            raise ConfigError(
+                f"{given} is one value, which {key} cannot take: a run for each is `attnxfer submit{command} "
+                f"--sweep {given}` (a job for each){side_by_side * studied}"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
@@ -257,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with warnings_as_lines():
         try:
+            _refuse_values_meant_one_per_run(args)
             if getattr(args, "print_config", False):
                 return args.show_config(args)
             return int(args.func(args) or 0)

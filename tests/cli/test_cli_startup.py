@@ -63,6 +63,40 @@ CASES = [
         "unrecognized arguments: --epochs 3 --lr 1e-3 --lr 2e-3; attnxfer takes config values as key=value: "
         "schedule.epochs=3 optim.lr=1e-3 optim.lr=2e-3",
     ),
+    # Hydra's multirun spelling, key=V1,V2, or a second key after --vary (which takes one): the flag that
+    # gives one value to each student, job or run, not the key's type
+    (
+        ["study", "-c", "demo/distill", "--vary", "transfer.atd_weight=1,3", "transfer.mode=copy,distill"],
+        2,
+        "transfer.mode=copy,distill gives every student one value, which transfer.mode cannot take: to give each "
+        "student one of them, write --vary transfer.mode=copy,distill (one --vary for each key)",
+    ),
+    (  # a key every student shares: a study for each value
+        ["study", "-c", "demo/distill", "--vary", "transfer.atd_weight=1,3", "data.batch_size=8,16"],
+        2,
+        "every student of a study shares data.batch_size: a study for each is `attnxfer submit --command study "
+        "--sweep data.batch_size=8,16`",
+    ),
+    (
+        ["submit", "-c", "demo/distill", "--sweep", "transfer.atd_weight=1,3", "transfer.mode=copy,distill"],
+        2,
+        "gives every job one value, which transfer.mode cannot take: to submit one job for each, write --sweep "
+        "transfer.mode=copy,distill (one --sweep for each key)",
+    ),
+    (
+        ["train", "-c", "demo/distill", "transfer.atd_weight=1,3"],
+        2,
+        "transfer.atd_weight=1,3 is one value, which transfer.atd_weight cannot take: a run for each is `attnxfer "
+        "submit --sweep transfer.atd_weight=1,3` (a job for each) or `attnxfer study --vary transfer.atd_weight=1,3`",
+    ),
+    (  # no study of MAE pre-training
+        ["pretrain", "-c", "demo/mae_pretrain", "mae.mask_ratio=0.5,0.75"],
+        2,
+        "a run for each is `attnxfer submit --command pretrain --sweep mae.mask_ratio=0.5,0.75` (a job for each)\n",
+    ),
+    # a value with a comma that the key takes is taken; one whose parts it refuses keeps the key's own answer
+    (["train", "-c", "demo/distill", "run_dir=runs/a,b", "--print-config"], 0, "run_dir: runs/a,b\n"),
+    (["train", "transfer.mode=copy,distil"], 2, "transfer.mode: 'copy,distil' is not one of none, copy,"),
     (["train", "epochs=3"], 2, "unknown config key 'epochs'; did you mean 'schedule.epochs'?"),
     (["train", "epoch=3"], 2, "unknown config key 'epoch'; did you mean 'schedule.epochs'?"),
     (["train", "warmup=1"], 2, "unknown config key 'warmup'; did you mean 'schedule.warmup_epochs'?"),
