@@ -25,19 +25,32 @@ _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 _LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
 
 
-def _split_dir(root: str | None, split: str) -> Path:
+def _split_dir(root: str | None, split: str, named: str | None = None) -> Path:
+    """The folder of ``split`` under ``root``: ``named`` (data.kwargs' val_split), else train/ or training/,
+    val/ or validation/. A missing one is refused with the folders there are (train/ and test/: the option)."""
     if root is None:
         raise InputError(f"dataset 'folder' needs root=PATH with the layout {_LAYOUT}")
     base = Path(root).expanduser()
     if not base.is_dir():
         what = "is a file, not a folder" if base.exists() else "does not exist"
         raise MissingPathError(f"dataset folder '{base}' {what}; expected the layout {_LAYOUT}")
-    for name in _SPLIT_DIRS[split]:
+    for name in (named,) if named else _SPLIT_DIRS[split]:
         if (base / name).is_dir():
             return base / name
+    found = sorted(d.name for d in base.iterdir() if _is_class_dir(d))
+    other = [name for name in found if name not in _SPLIT_DIRS["train"]]
+    option = (
+        f"data.kwargs={{val_split: {other[0]}}} validates on {other[0]}/; "
+        if split == "val" and other
+        else ""
+    )
+    there = f"it has {', '.join(f'{name}/' for name in found)}" if found else "it has no sub-folder"
+    wanted = (
+        f"{named}/ (data.kwargs val_split)" if named else f"{' or '.join(_SPLIT_DIRS[split])}/ sub-folder"
+    )
     raise MissingPathError(
-        f"dataset folder '{base}' has no {' or '.join(_SPLIT_DIRS[split])}/ sub-folder for split '{split}'; "
-        f"expected the layout {_LAYOUT}"
+        f"dataset folder '{base}' has no {wanted} for split '{split}' ({there}); {option}expected the layout "
+        f"{_LAYOUT}"
     )
 
 
@@ -291,13 +304,16 @@ def build_folder(
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
     labels: bool = True,
+    val_split: str | None = None,
 ) -> FolderDataset:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
-    ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`)."""
+    ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`). ``val_split``:
+    the val split's folder where it is neither val/ nor validation/ (test/, valid/), as timm's ``--val-split``."""
     default = folder_info(root, labels)  # train's classes: a train folder without them is refused first
-    _split_dir(root, split)  # a missing split folder is refused before anything is built
+    # a missing split folder is refused before anything is built
+    split_dir = _split_dir(root, split, val_split if split == "val" else None)
     info = built_info("folder", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     augment, transform, info = timm_transform(
         split,
@@ -314,7 +330,7 @@ def build_folder(
         interpolation=interpolation,
         crop_pct=crop_pct,
     )
-    images = _split_images(split, root, info.class_names or (), labels, info.in_chans, transform)
+    images = _split_images(split, split_dir, root, info.class_names or (), labels, info.in_chans, transform)
     return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
 
 
@@ -324,13 +340,18 @@ _FOLDER_TRANSFORM_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "interpo
 
 
 def _split_images(
-    split: str, root: str | None, classes: Sequence[str], labels: bool, in_chans: int, transform: Callable
+    split: str,
+    split_dir: Path,
+    root: str,
+    classes: Sequence[str],
+    labels: bool,
+    in_chans: int,
+    transform: Callable,
 ) -> Any:
-    """timm's dataset of the split's images (class folders mapped to train's indices where ``labels``); a
-    split with classes train lacks, with no image, or with images outside every class folder is refused."""
+    """timm's dataset of the images in ``split_dir`` (class folders mapped to train's indices where ``labels``);
+    a split with classes train lacks, with no image, or with images outside every class folder is refused."""
     from timm.data import ImageDataset, get_img_extensions  # keeps `import attnxfer.data` light
 
-    split_dir = _split_dir(root, split)
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if _is_class_dir(d) and d.name not in class_map)
     if stray and labels:

@@ -496,6 +496,22 @@ def test_folder_missing_paths_are_explained(tmp_path):
         build_dataset("folder", "train")
 
 
+def test_a_folder_whose_val_split_is_named_test_is_read_through_val_split_which_its_refusal_names(tmp_path):
+    """Many folders ship train/ and test/ (timm's train.py: --val-split test): the refusal of the missing val/
+    lists the folders there and the option; ``val_split`` then validates on that folder with train's classes."""
+    _make_folder(tmp_path)
+    (tmp_path / "val").rename(tmp_path / "test")
+    said = r"has no val or validation/ sub-folder for split 'val' \(it has test/, train/\); data.kwargs=\{val_split: test\}"
+    with pytest.raises(FileNotFoundError, match=said):
+        build_dataset("folder", "val", root=tmp_path, img_size=16)
+    val = build_dataset("folder", "val", root=tmp_path, img_size=16, val_split="test")
+    assert len(val) == 2 and [val[i][1] for i in range(2)] == [1, 1]  # dog: train's index
+    assert val.image_dataset.reader.filename(0, absolute=True) == str(tmp_path / "test" / "dog" / "0.png")
+    assert len(build_dataset("folder", "train", root=tmp_path, img_size=16, val_split="test")) == 6
+    with pytest.raises(FileNotFoundError, match=r"has no tset/ \(data.kwargs val_split\) for split 'val'"):
+        build_dataset("folder", "val", root=tmp_path, img_size=16, val_split="tset")
+
+
 def test_a_train_class_folder_without_images_is_refused_not_a_class_nothing_teaches(tmp_path):
     _make_folder(tmp_path)
     (tmp_path / "train" / "emu").mkdir()  # a class the head would get and no image would teach
