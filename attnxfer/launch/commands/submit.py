@@ -60,6 +60,38 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
             raise ConfigError(f"--sweep {label}: {e}") from None
 
 
+def _paths_missing_here(run) -> list[str]:
+    """The paths a job of ``run`` reads (a local teacher or ``model.init``, an image folder's or shards'
+    ``data.root``) that this machine lacks, as ``key=value``: said, not refused, since the compute nodes may
+    have a path the submitting machine does not, but a misspelt one fails the job after its wait in the queue."""
+    from ...errors import MissingPathError
+    from ...sources.resolve import Source, parse_teacher_spec
+
+    missing = []
+    for key, spec in (("teacher.spec", run.teacher.spec), ("model.init", run.model.init)):
+        try:
+            parsed = (
+                parse_teacher_spec(spec, role="model.init" if key == "model.init" else "teacher")
+                if spec
+                else None
+            )
+        except MissingPathError:  # a path-like spec: refused here, perhaps read on the nodes
+            missing.append(f"{key}={spec}")
+            continue
+        except InputError:  # not a path: the job refuses it as it would here
+            continue
+        if (
+            parsed is not None
+            and parsed.source in (Source.LOCAL_DIR, Source.FILE)
+            and not Path(parsed.name).exists()
+        ):
+            missing.append(f"{key}={spec}")
+    reads_files = run.data.dataset == "folder" or run.data.dataset.startswith("wds/")
+    if reads_files and run.data.root and not Path(run.data.root).expanduser().exists():
+        missing.append(f"data.root={run.data.root}")
+    return missing
+
+
 def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     """A study's or a conversion's folders judged as the job's start judges them, by the same functions (the
     checkpoints read without rehashing): a study of other students, a key its or a stage 1's checkpoint fixes,
@@ -154,6 +186,7 @@ def run(args) -> int:
         refuse_other_work(cfg.run_dir, args.job_command)
     study = args.job_command == "study"
     converts = args.job_command == "convert" or (study and cfg.command == "convert")
+    missing: set[str] = set()  # paths the jobs read that this machine lacks
     for point in sweep_points(cfg, parse_sweep(args.sweep)):  # what each job would refuse at its start
         runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         if args.job_command == "pretrain":
@@ -183,6 +216,7 @@ def run(args) -> int:
             else:
                 _judge_resumes(point.cfg, world, study=study, converts=converts)
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
+        missing.update(path for run in runs for path in _paths_missing_here(run))
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
         dirs += [d / STAGE_DIRS[-1] for d in dirs[1:] if converts]  # a conversion's stage 2, once it starts
         for lock in (d / LOCK_NAME for d in dirs):  # a live holder's (a stale lock the job takes over)
@@ -190,6 +224,13 @@ def run(args) -> int:
             if holder is not None and holder.why_dead() is None:
                 raise holder.in_use(lock)
 
+    if missing and args.cluster == "slurm":  # a local job reads them here, and says so at once
+        them = ("it", "does") if len(missing) == 1 else ("them", "do")
+        warn(
+            f"warning: {', '.join(sorted(missing))} {them[1]} not exist on this machine: the job reads {them[0]} "
+            "where it runs (a path the compute nodes alone have is fine; a misspelt one fails the job after its "
+            "wait in the queue)"
+        )
     try:
         # a run's config as its command reads it (train's without convert's, mae's and search's sections)
         describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)

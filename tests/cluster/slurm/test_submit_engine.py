@@ -246,9 +246,10 @@ def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(
         "--wait",
     )
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    line = lines[0]
+    lines = res.stderr.strip().splitlines()  # the folder missing here said at submit, then the job's error
+    assert len(lines) == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert lines[0].startswith(f"warning: data.root={missing} does not exist on this machine"), lines[0]
+    line = lines[1]
     assert line.startswith("attnxfer submit: error: job ") and " failed on rank " in line, line
     assert str(missing) in line  # the rank's own message
     log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))

@@ -317,3 +317,34 @@ def test_gpus_asked_for_by_gres_must_each_have_a_task(capsys, tmp_path):
     assert code == 2 and "gres=nvme:1,gpu:4 asks for 4 GPUs a node, but the job runs 1 task(s) a node" in err
     code, out, err = _dry_run(capsys, tmp_path, "--slurm", "gres=gpu:a100:4", "--tasks-per-node", "4")
     assert code == 0 and "#SBATCH --gres=gpu:a100:4" in out and "#SBATCH --ntasks-per-node=4" in out, err
+
+
+def test_a_dry_run_says_which_local_paths_of_the_job_this_machine_lacks(capsys, tmp_path, tiny_teacher_dir):
+    """Said, not refused (the compute nodes may have what the submitting machine does not): a misspelt path
+    would fail the job only after its wait in the queue. A path that is here, or a timm name, says nothing."""
+    teacher, data, init = tmp_path / "teacher", tmp_path / "images", tmp_path / "w.safetensors"
+    paths = [
+        f"teacher.spec=local-dir:{teacher}",
+        "data.dataset=folder",
+        f"data.root={data}",
+        f"model.init={init}",
+    ]
+    code, _, err = run_cli(capsys, "submit", f"run_dir={tmp_path / 'run'}", *paths, "--dry-run")
+    assert code == 0, err
+    said = f"warning: data.root={data}, model.init={init}, teacher.spec=local-dir:{teacher} do not exist on this "
+    assert (
+        said + "machine: the job reads them where it runs (a path the compute nodes alone have is fine" in err
+    )
+    data.mkdir()
+    code, _, err = run_cli(
+        capsys,
+        "submit",
+        f"run_dir={tmp_path / 'run'}",
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "data.dataset=folder",
+        f"data.root={data}",
+        "--dry-run",
+    )
+    assert code == 0 and "exist on this machine" not in err, err
+    code, _, err = _dry_run(capsys, tmp_path)
+    assert code == 0 and "exist on this machine" not in err, err
