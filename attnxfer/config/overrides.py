@@ -169,7 +169,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}{_unquoted(value, tp)}")
+        given = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML spells it
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {given}{_unquoted(value, tp)}")
     if tp is Any:
         return value
     if origin in (list, Sequence):
@@ -208,7 +209,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)
         raise ConfigError(f"{key}: expected an integer, got {value!r} (write {int(value)})")
     if tp in _FRIENDLY:
-        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {value!r}{_unquoted(value, tp)}")
+        given = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML spells it
+        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {given}{_unquoted(value, tp)}")
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
@@ -217,6 +219,8 @@ def _unquoted(value: Any, tp: Any) -> str:
     YAML's string, refused by a number's key as a quoted "true" is by a switch's (and "010", no number). And
     the other way round: a boolean where a string is taken was YAML 1.1's unquoted yes/no/on/off (``name: no``)."""
     takes = typing.get_args(tp) or (tp,)
+    if isinstance(value, bool) and bool not in takes and (int in takes or float in takes):
+        return " (a number, not a switch's true or false)"
     if isinstance(value, bool) and str in takes:
         return (
             " (YAML reads an unquoted yes, no, on, off, true or false as true/false: quote the text, e.g. "

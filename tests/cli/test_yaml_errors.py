@@ -291,23 +291,27 @@ def test_base_given_as_an_override_is_told_to_be_the_config_file(tmp_path, monke
     )
 
 
-def test_a_yes_or_no_where_a_string_is_taken_is_told_to_quote_it(tmp_path):
+def test_a_yes_or_no_is_told_what_its_key_takes_a_quoted_string_or_a_number(tmp_path):
     """YAML 1.1 reads an unquoted no as false: ``name: no`` or ``teacher.revision=no`` was refused as
-    'expected a string, got False', which does not say that the text was read as a switch."""
+    'expected a string, got False', which does not say that the text was read as a switch; a number's key given
+    true or false says it takes a number."""
     from attnxfer.config import ConfigError
 
     (tmp_path / "c.yaml").write_text("model:\n  name: no\n", encoding="utf-8")
     quote = r"\(YAML reads an unquoted yes, no, on, off, true or false as true/false: quote the text, e\.g\. "
-    with pytest.raises(ConfigError, match=rf"model\.name: expected a string, got False {quote}'no'\)$"):
+    with pytest.raises(ConfigError, match=rf"model\.name: expected a string, got false {quote}'no'\)$"):
         load_config(tmp_path / "c.yaml")
     with pytest.raises(
-        ConfigError, match=rf"teacher\.revision: expected a string or null, got True {quote}'yes'"
+        ConfigError, match=rf"teacher\.revision: expected a string or null, got true {quote}'yes'"
     ):
         load_config(None, ["teacher.revision=on"])
-    with pytest.raises(ConfigError, match=rf"search\.seeds\[1\]: expected a string, got False {quote}'no'"):
+    with pytest.raises(ConfigError, match=rf"search\.seeds\[1\]: expected a string, got false {quote}'no'"):
         load_config(None, ["search.seeds=[hedgehog, off]"])
     assert load_config(None, ["teacher.revision='no'", "model.name=no"]).teacher.revision == "no"
-    with pytest.raises(ConfigError, match=r"^seed: expected an integer, got True$"):  # not a string's key
+    # a number's key: the switch it was read as, as YAML spells it, is no number
+    with pytest.raises(
+        ConfigError, match=r"^seed: expected an integer, got true \(a number, not a switch's true or false\)$"
+    ):
         load_config(None, ["seed=yes"])
 
 
