@@ -69,22 +69,17 @@ def _paths_missing_here(run) -> list[str]:
 
     missing = []
     for key, spec in (("teacher.spec", run.teacher.spec), ("model.init", run.model.init)):
+        if not spec:
+            continue
         try:
-            parsed = (
-                parse_teacher_spec(spec, role="model.init" if key == "model.init" else "teacher")
-                if spec
-                else None
-            )
+            parsed = parse_teacher_spec(spec, role="teacher" if key == "teacher.spec" else key)
         except MissingPathError:  # a path-like spec: refused here, perhaps read on the nodes
             missing.append(f"{key}={spec}")
             continue
         except InputError:  # not a path: the job refuses it as it would here
             continue
-        if (
-            parsed is not None
-            and parsed.source in (Source.LOCAL_DIR, Source.FILE)
-            and not Path(parsed.name).exists()
-        ):
+        local = parsed.source in (Source.LOCAL_DIR, Source.FILE)
+        if local and not Path(parsed.name).exists():
             missing.append(f"{key}={spec}")
     reads_files = run.data.dataset == "folder" or run.data.dataset.startswith("wds/")
     if reads_files and run.data.root and not Path(run.data.root).expanduser().exists():
