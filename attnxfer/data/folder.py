@@ -45,6 +45,8 @@ def _split_dir(root: str | None, split: str, named: str | None = None) -> Path:
         else ""
     )
     there = f"it has {', '.join(f'{name}/' for name in found)}" if found else "it has no sub-folder"
+    if base.name in _SPLIT_DIRS["train"] + _SPLIT_DIRS["val"]:  # a split's folder given: its classes there
+        there += f": {base.name}/ is a split's folder, not the dataset's: data.root={base.parent}"
     wanted = (
         f"{named}/ (data.kwargs val_split)" if named else f"{' or '.join(_SPLIT_DIRS[split])}/ sub-folder"
     )

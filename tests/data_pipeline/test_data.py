@@ -494,6 +494,13 @@ def test_folder_missing_paths_are_explained(tmp_path):
         build_dataset("folder", "train", root=tmp_path / "ds")
     with pytest.raises(ValueError, match="needs root=PATH"):
         build_dataset("folder", "train")
+    # the train folder given as the dataset's: its classes are no split, and its parent is the dataset
+    _make_folder(tmp_path / "ok")
+    said = (
+        rf"\(it has cat/, dog/: train/ is a split's folder, not the dataset's: data.root={tmp_path / 'ok'}\)"
+    )
+    with pytest.raises(FileNotFoundError, match=said):
+        build_dataset("folder", "train", root=tmp_path / "ok" / "train")
 
 
 def test_a_folder_whose_val_split_is_named_test_is_read_through_val_split_which_its_refusal_names(tmp_path):
