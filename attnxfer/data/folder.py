@@ -367,9 +367,13 @@ def _split_images(
     if labels:
         loose = [reader.files[i] for i, target in enumerate(reader.targets) if target is None]
         if loose:  # the stray-class check above leaves only images outside every class folder unlabelled
+            # ImageNet's val split as distributed: 50,000 files in one folder, their classes in a list beside
+            imagenet = loose[0].name.startswith("ILSVRC2012_val_") and all(c[:1] == "n" for c in classes)
+            how = " (ImageNet's val images: the first word of each row of Kaggle's LOC_val_solution.csv)"
             raise InputError(
                 f"{len(loose)} image(s) of '{split_dir}' lie outside any class folder (e.g. '{loose[0]}'): "
-                "move them into their class's folder (data.labels=false reads them all, without classes)"
+                f"move them into their class's folder{how * imagenet} (data.labels=false reads them all, "
+                "without classes)"
             )
         held = set(reader.targets)
         empty = [c for c, i in class_map.items() if i not in held]

@@ -555,6 +555,26 @@ def test_a_folder_image_is_its_class_folders_at_any_depth_and_one_outside_every_
         build_dataset("folder", "val", root=tmp_path)
 
 
+def test_imagenets_val_split_as_distributed_in_one_folder_is_told_where_its_classes_are(tmp_path):
+    """ImageNet's val images come in one folder, their classes in a list beside them: the refusal of images
+    outside class folders names the list where the files and classes are ImageNet's, and only there."""
+    _make_folder(tmp_path)
+    for old, wnid in (("cat", "n01440764"), ("dog", "n01443537")):
+        (tmp_path / "train" / old).rename(tmp_path / "train" / wnid)
+    shutil.rmtree(tmp_path / "val")
+    (tmp_path / "val").mkdir()
+    image = tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG"
+    image.write_bytes(next((tmp_path / "train" / "n01440764").iterdir()).read_bytes())
+    said = r"\(e.g. 'ILSVRC2012_val_00000001.JPEG'\): move them into their class's folder \(ImageNet's val images: "
+    with pytest.raises(
+        InputError, match=said + "the first word of each row of Kaggle's LOC_val_solution.csv"
+    ):
+        build_dataset("folder", "val", root=tmp_path)
+    image.rename(tmp_path / "val" / "photo.JPEG")
+    with pytest.raises(InputError, match=r"move them into their class's folder \(data.labels=false"):
+        build_dataset("folder", "val", root=tmp_path)
+
+
 def test_a_task_loss_over_a_folder_of_one_class_stops_before_the_run_starts(tmp_path, capsys):
     """Softmax over one class: the cross-entropy is 0 whatever the student does, and top-1 is 100 %."""
     _make_folder(tmp_path / "data")
