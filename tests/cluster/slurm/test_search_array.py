@@ -5,6 +5,7 @@ preempted mid-run (requeued, it evaluates its batch again)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -28,10 +29,11 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
 
 
-def _task_1_catching_usr2(job_dir: Path) -> str | None:
-    """The id (ARRAY_1) of a running task 1 of a job array in ``job_dir`` once its process catches USR2: the
-    loopback cluster's tasks are this machine's processes, and submitit's handler is in place once the task is
-    unpickled, just before its batch is evaluated (a preemption signal before it would end the task)."""
+def _task_1_catching_usr2(job_dir: Path) -> tuple[str, int] | None:
+    """The id (ARRAY_1) and process id of a running task 1 of a job array in ``job_dir`` once its process
+    catches USR2: the loopback cluster's tasks are this machine's processes, and submitit's handler is in place
+    once the task is unpickled, just before its batch is evaluated (a preemption signal before it would end the
+    task)."""
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -44,24 +46,44 @@ def _task_1_catching_usr2(job_dir: Path) -> str | None:
         ours = "submitit.core._submit" in argv and str(job_dir) in argv and Path(argv[0]).name != "srun"
         usr2 = caught is not None and int(caught.group(1), 16) >> (signal.SIGUSR2 - 1) & 1
         if ours and env.get("SLURM_ARRAY_TASK_ID") == "1" and usr2:
-            return f"{env['SLURM_ARRAY_JOB_ID']}_1"
+            return f"{env['SLURM_ARRAY_JOB_ID']}_1", int(proc.name)
     return None
+
+
+def _signal_pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` waits to be delivered to process ``pid`` (stopped: it is handled once it runs on)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = re.findall(r"(?:SigPnd|ShdPnd):\s*([0-9a-f]+)", status)
+    return any(int(mask, 16) >> (signum - 1) & 1 for mask in pending)
 
 
 def _preempt_task_1(job_dir: Path, how: str, timeout_s: float = 240) -> str:
     """Preempt task 1 of the first job array in ``job_dir`` as it evaluates its batch; its id."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        task = _task_1_catching_usr2(job_dir)
-        if task is not None:
-            if how == "signal":  # what a cluster sends on preemption well before the time limit
-                subprocess.run(["scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", task], check=True)
-            elif how == "sigterm":  # a cluster that preempts with SIGTERM alone, no USR2 before it
-                subprocess.run(["scancel", "--signal=TERM", task], check=True)
-            else:  # requeued from outside (an admin, a preempting scheduler): no checkpoint() call at all
-                subprocess.run(["scontrol", "requeue", task], check=True)
+        found = _task_1_catching_usr2(job_dir)
+        if found is None:
+            time.sleep(0.05)
+            continue
+        task, pid = found
+        if how == "scontrol-requeue":  # requeued from outside (an admin, a preempting scheduler): no
+            subprocess.run(["scontrol", "requeue", task], check=True)  # checkpoint() call at all
             return task
-        time.sleep(0.05)
+        # what a cluster sends on preemption well before the time limit (USR2), or a cluster that preempts
+        # with SIGTERM alone; the task held still until the signal waits for it, so that it lands mid-batch
+        # however long SLURM takes to pass it on (a loaded machine's batch could end first)
+        signum = (
+            getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}") if how == "signal" else signal.SIGTERM
+        )
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            subprocess.run(["scancel", f"--signal={signum.name.removeprefix('SIG')}", task], check=True)
+            while not _signal_pending(pid, signum):
+                assert time.monotonic() < deadline, f"{signum.name} never reached task {task}"
+                time.sleep(0.02)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return task
     raise AssertionError(f"no task 1 of a job array in {job_dir} started within {timeout_s} s")
 
 
