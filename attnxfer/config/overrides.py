@@ -169,8 +169,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise
             except ConfigError:
                 continue
-        given = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML spells it
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {given}{_unquoted(value, tp)}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_as_given(value)}{_unquoted(value, tp)}")
     if tp is Any:
         return value
     if origin in (list, Sequence):
@@ -209,9 +208,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)
         raise ConfigError(f"{key}: expected an integer, got {value!r} (write {int(value)})")
     if tp in _FRIENDLY:
-        given = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML spells it
-        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {given}{_unquoted(value, tp)}")
+        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {_as_given(value)}{_unquoted(value, tp)}")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _as_given(value: Any) -> str:
+    """A refused value as the user wrote it: a switch as YAML spells it (true, not Python's True), else its repr."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _unquoted(value: Any, tp: Any) -> str:

@@ -148,15 +148,15 @@ def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser
     return f"; {'; '.join(meant)}" if meant else ""
 
 
-def _positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> str:
+def _refuse_positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> None:
     """A command's argument written as a flag (``export R --out X``, ``inspect --teacher T --student S``, as
-    timm's, MAE's and Hugging Face's scripts take them): the command as it takes them, or "" where none is.
-    Asked before argparse, which would answer such a call with a missing argument or an abbreviation of another
-    flag (``--teacher`` for ``--teacher-arch``)."""
+    timm's, MAE's and Hugging Face's scripts take them): refused with the command as it takes them. Asked
+    before argparse, which would answer such a call with a missing argument or an abbreviation of another flag
+    (``--teacher`` for ``--teacher-arch``)."""
     import shlex
 
     if not argv or argv[0] not in COMMANDS:
-        return ""
+        return
     own = parser._subparsers._group_actions[0].choices[argv[0]]
     arguments = [a for a in own._actions if not a.option_strings and a.dest != "overrides"]
     options = {o: a for a in own._actions for o in a.option_strings}
@@ -193,7 +193,7 @@ def _positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> s
             given.setdefault(argument.dest, []).extend([inline] * bool(eq) + after)
             flags.append(flag)
     if not flags:
-        return ""
+        return
     written = []
     for argument in arguments:  # in their order: those given as flags, else the words without one
         values = given.get(argument.dest) or bare[: None if argument.nargs in ("+", "*") else 1]
@@ -201,7 +201,7 @@ def _positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> s
         written += values or [(argument.metavar or argument.dest).upper()]
     command = shlex.join(["attnxfer", argv[0], *written, *kept])
     them = "them as arguments" if len(flags) > 1 else "it as an argument"
-    return f"{', '.join(flags)}: {argv[0]} takes {them}, written without a flag: {command}"
+    own.error(f"{', '.join(flags)}: {argv[0]} takes {them}, written without a flag: {command}")
 
 
 def _refuse_values_meant_one_per_run(args) -> None:
@@ -254,8 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if flagged := _positionals_as_flags(argv, parser):
-        parser._subparsers._group_actions[0].choices[argv[0]].error(flagged)
+    _refuse_positionals_as_flags(argv, parser)
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray and hasattr(args, "overrides"):  # `-1]` of an unquoted `transfer.layers=[0, -1]`: an override's

@@ -65,7 +65,7 @@ def _paths_missing_here(run) -> list[str]:
     ``data.root``) that this machine lacks, as ``key=value``: said, not refused, since the compute nodes may
     have a path the submitting machine does not, but a misspelt one fails the job after its wait in the queue."""
     from ...errors import MissingPathError
-    from ...sources.resolve import Source, parse_teacher_spec
+    from ...sources.resolve import parse_teacher_spec
 
     missing = []
     for key, spec in (("teacher.spec", run.teacher.spec), ("model.init", run.model.init)):
@@ -78,8 +78,7 @@ def _paths_missing_here(run) -> list[str]:
             continue
         except InputError:  # not a path: the job refuses it as it would here
             continue
-        local = parsed.source in (Source.LOCAL_DIR, Source.FILE)
-        if local and not Path(parsed.name).exists():
+        if parsed.source.is_local and not Path(parsed.name).exists():
             missing.append(f"{key}={spec}")
     reads_files = run.data.dataset == "folder" or run.data.dataset.startswith("wds/")
     if reads_files and run.data.root and not Path(run.data.root).expanduser().exists():
