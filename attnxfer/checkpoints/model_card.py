@@ -387,15 +387,25 @@ def _loading_section(spec: dict[str, Any], *, load_ref: str, native_arch: bool) 
             "OUT --format onnx`) in ONNX Runtime.\n"
         )
     pre = "" if native_arch else f"import attnxfer.models  # registers {spec['architecture']} with timm\n"
-    size = spec.get("pretrained_cfg", {}).get("input_size")
-    # the same student through transformers' timm wrapper: logits from a classifier, the pooled output of
-    # a headless encoder
+    # the same student through transformers' timm wrapper, its image processor the transform above (read from
+    # config.json): logits from a classifier, the pooled output of a headless encoder
+    channels, high, wide = spec.get("pretrained_cfg", {}).get("input_size") or (3, 224, 224)
+    where = load_ref.split(":", 1)[1]
+    image = (  # the processor reads an image as it is given; timm's transform keeps its mode
+        f'image = Image.new("L", ({wide}, {high}))  # your image, read in one channel: .convert("L")'
+        if channels == 1
+        else f'image = Image.new("RGB", ({wide}, {high}))  # your image'
+    )
     if spec.get("num_classes"):
-        auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
+        auto, use = "AutoModelForImageClassification", "logits = model(**processor(image)).logits"
+        one_call = (
+            'transformers\' `pipeline("image-classification")` reads every image as RGB, which this one-channel '
+            "model cannot take: give the processor images read in one channel, as above.\n"
+            if channels == 1
+            else f'`pipeline("image-classification", model="{where}")` does the same in one call.\n'
+        )
     else:
-        auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
-    if size:  # a batch of one to call it on, as the ONNX section's (the names it uses are defined)
-        use = f"pixel_values = torch.zeros(1, {', '.join(map(str, size))})  # normalised pixels\n{use}"
+        auto, use, one_call = "AutoModel", "features = model(**processor(image)).pooler_output", ""
     if not native_arch:
         out += (
             f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
@@ -403,9 +413,11 @@ def _loading_section(spec: dict[str, Any], *, load_ref: str, native_arch: bool) 
     return (
         f'{out}```python\nimport timm\n{pre}model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
         f"{transform}\n{_validation_steps(spec.get('pretrained_cfg', {}))}\n"
-        "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
-        f"above):\n\n```python\nimport torch\n{pre}from transformers import {auto}\n\n"
-        f'model = {auto}.from_pretrained("{load_ref.split(":", 1)[1]}").eval()\n{use}\n```\n'
+        "\nIn transformers (its timm wrapper builds the same timm model, and `AutoImageProcessor` the transform "
+        f"above):\n\n```python\nfrom PIL import Image\n{pre}from transformers import AutoImageProcessor, {auto}\n\n"
+        f'processor = AutoImageProcessor.from_pretrained("{where}")\n'
+        f'model = {auto}.from_pretrained("{where}").eval()\n{image}\n{use}\n```\n'
+        + (f"\n{one_call}" if one_call else "")
     )
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 
 import huggingface_hub
+import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -88,6 +89,41 @@ def test_softmax_export_loads_in_transformers_with_attnxfers_logits(tmp_path):
     scope = {}  # the card's transformers code runs as a reader copies it
     exec(readme.split("In transformers")[1].split("```python\n")[1].split("```")[0], scope)
     assert scope["logits"].shape == (1, 10)
+
+
+def test_the_cards_transformers_code_reads_an_image_as_the_run_validated_it(tmp_path):
+    """The card's transformers code (`AutoImageProcessor`: the export's timm transform) gives the student's
+    logits on an image through timm's transform, RGB or one-channel; the pipeline the card names for an RGB
+    classifier scores as it does, and a one-channel card says why the pipeline (every image read as RGB)
+    cannot serve it, which transformers still holds to."""
+    from PIL import Image
+
+    from attnxfer.models import create_vit
+
+    one_channel = student_like(create_vit("vit_micro_patch4_28", num_classes=3), depth=1).eval()
+    rng = np.random.default_rng(0)
+    for student, mode in ((trained_student(), "RGB"), (one_channel, "L")):
+        out = export_student(student, tmp_path / mode, card=card())
+        readme = (out / "README.md").read_text().split("In transformers")[1]
+        scope = {}
+        exec(readme.split("```python\n")[1].split("```")[0], scope)
+        channels, high, wide = student.pretrained_cfg["input_size"]
+        pixels = rng.integers(0, 256, (high + 7, wide + 3, channels), dtype=np.uint8)
+        image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode)
+        cfg = timm.data.resolve_model_data_config(timm.create_model(f"local-dir:{out}", pretrained=True))
+        with torch.no_grad():
+            want = student(timm.data.create_transform(**cfg, is_training=False)(image)[None])
+            got = scope["model"](**scope["processor"](image)).logits
+        assert rel(got, want) <= 1e-5
+        classify = transformers.pipeline("image-classification", model=str(out))
+        if mode == "RGB":
+            assert f'`pipeline("image-classification", model="{out}")`' in readme
+            best = classify(image, top_k=1)[0]
+            assert best["score"] == pytest.approx(want.softmax(-1).max().item(), rel=1e-5)
+        else:
+            assert "reads every image as RGB, which this one-channel model cannot take" in readme
+            with pytest.raises(RuntimeError, match="to have 1 channels, but got 3"):
+                classify(image)
 
 
 def test_headless_export_loads_in_transformers_as_features(tmp_path):
