@@ -263,6 +263,7 @@ _SCRIPT_NAMES = {
     "drop": "model.kwargs.drop_rate",  # timm's dropout (its --drop-path is model.drop_path_rate)
     "model_ema": "ema.decay",
     "model_ema_decay": "ema.decay",
+    "ema.momentum": "ema.decay",  # the decay, as some EMA implementations name it
     "checkpoint_hist": "checkpoint.keep_last",
     "log_interval": "log.every_steps",
     "log_wandb": "log.trackers",
@@ -287,6 +288,23 @@ _SCRIPT_NAMES = {
     "teacher.name": "teacher.spec",
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",
+}
+#: what timm's, MAE's and Hugging Face's scripts let one choose and attnxfer does one way: what it does instead
+_ONE_WAY = {
+    "optim": "attnxfer trains with AdamW (the paper's and MAE's optimiser, timm's opt=adamw) and offers no other; "
+    "its keys are optim.lr (or optim.blr), optim.weight_decay, optim.beta1 (the momentum), optim.beta2, optim.eps",
+    "schedule": "the learning rate warms up linearly over schedule.warmup_epochs, then falls on a half-cosine "
+    "to optim.min_lr (timm's and MAE's cosine), the one schedule attnxfer has; schedule.epochs or "
+    "schedule.max_steps sets its length",
+}
+#: the keys (whole, dotted under their section) that ask for one of `_ONE_WAY`'s choices
+_ONE_WAY_KEYS = {
+    **dict.fromkeys(("opt", "optimizer", "momentum", "opt_betas", "optim.name", "optim.type"), "optim"),
+    **dict.fromkeys(("optim.opt", "optim.optimizer", "optim.momentum", "optim.opt_betas"), "optim"),
+    **dict.fromkeys(
+        ("sched", "scheduler", "lr_scheduler_type", "schedule.name", "schedule.type"), "schedule"
+    ),
+    **dict.fromkeys(("schedule.sched", "schedule.scheduler"), "schedule"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)
 _SECTION_VALUE = {
@@ -318,6 +336,13 @@ _VIT_ARGS = frozenset(
         "dynamic_img_size",
     )
 )
+
+
+def done_one_way(key: str) -> str | None:
+    """What attnxfer does where ``key`` (timm's ``opt``, Hugging Face's ``lr_scheduler_type``, ...) asks for a
+    choice it does not offer; None for any other key."""
+    section = _ONE_WAY_KEYS.get(key)
+    return _ONE_WAY[section] if section else None
 
 
 def keys_meant(
@@ -375,6 +400,9 @@ def _unknown_key(
         # `schedule.max_steps: 3` in a YAML file: dots are the command line's spelling of nesting
         nested = ": {".join(parts) + ": ...}" + "}" * (len(parts) - 2)
         return ConfigError(f"config key {prefix + key!r}: a YAML file nests its keys; write {nested}")
+    # optim.opt=lamb: no near spelling (optim.eps) is what it means; optimizer.lr=1 names the section
+    if not isinstance(value, Mapping) and (done := done_one_way(prefix + key)):
+        return ConfigError(f"unknown config key {prefix + key!r}: {done}")
     meant = keys_meant(key, root, prefix, sections=isinstance(value, Mapping))
     hint = f"; did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
     # ``command``'s own keys: the top level without the sections other commands alone read; under one of
@@ -401,6 +429,8 @@ def merge_values(
         if section in _SECTION_VALUE and isinstance(data, (str, int, float)):  # model=vit_tiny: its name
             meant = f"{_SECTION_VALUE[section]}={yaml_value(data)}"
             raise ConfigError(f"{section} is a section, not a value: did you mean {meant}?")
+        if section in _ONE_WAY and isinstance(data, str):  # optim=sgd, as Hugging Face's Trainer names one
+            raise ConfigError(f"{section}={data}: {_ONE_WAY[section]}")
         if section == "eval" and isinstance(data, bool):  # MAE's main_finetune.py --eval: score, don't train
             raise ConfigError(
                 "eval is the section of what `attnxfer eval` scores (eval.metrics, ...), not MAE's --eval switch: "

@@ -118,20 +118,26 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
 def _as_overrides(written: list[tuple[str, str]]) -> str:
     """Flags naming config keys (timm's and MAE's ``--epochs 5``) as what attnxfer takes: ``schedule.epochs=5``."""
     from ..config.keys import leaves
-    from ..config.overrides import keys_meant
+    from ..config.overrides import done_one_way, keys_meant
     from ..config.schema import TrainConfig
 
     known = {leaf.name for leaf in leaves(TrainConfig)}
-    meant = []
+    meant, one_way = [], []
     for item, after in written:
         if not item.startswith("--"):
             continue
         name, _, value = item[2:].partition("=")
+        if done := done_one_way(
+            name.replace("-", "_")
+        ):  # timm's --opt lamb: a choice attnxfer does not offer
+            one_way += [done] * (done not in one_way)
+            continue
         keys = keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75, sections=False)
         keys = [k for k in keys if k in known or k.startswith("model.kwargs.")]  # timm's own arguments
         if keys:
             meant.append(" or ".join(f"{key}={value or after or 'VALUE'}" for key in keys))
-    return f"; attnxfer takes config values as key=value: {' '.join(meant)}" if meant else ""
+    said = [f"attnxfer takes config values as key=value: {' '.join(meant)}"] * bool(meant) + one_way
+    return "".join(f"; {s}" for s in said)
 
 
 def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser) -> str:

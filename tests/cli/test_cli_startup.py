@@ -147,6 +147,33 @@ CASES = [
         "key=value: optim.blr=5e-4 aug.auto_augment=rand-m9-mstd0.5 model.kwargs.drop_rate=0.1 ema.decay=0.9998",
     ),
     (["train", "teacher.name=x"], 2, "unknown config key 'teacher.name'; did you mean 'teacher.spec'?"),
+    # a choice attnxfer does not offer (one optimiser, one schedule) is answered with what it does, not with a
+    # near spelling (optim.opt was answered 'optim.eps', optim.momentum 'optim.beta2', schedule.name 'model.name')
+    (
+        ["train", "optim.opt=lamb"],
+        2,
+        "unknown config key 'optim.opt': attnxfer trains with AdamW (the paper's",
+    ),
+    (["train", "optim=adamw_torch"], 2, "optim=adamw_torch: attnxfer trains with AdamW"),
+    (
+        ["train", "optim.momentum=0.9"],
+        2,
+        "offers no other; its keys are optim.lr (or optim.blr), optim.weight_",
+    ),
+    (
+        ["train", "schedule.name=step"],
+        2,
+        "'schedule.name': the learning rate warms up linearly over schedule.",
+    ),
+    (
+        ["train", "--sched", "step", "--opt", "sgd", "--epochs", "3"],
+        2,
+        "--epochs 3; attnxfer takes config values as key=value: schedule.epochs=3; the learning rate warms up "
+        "linearly over schedule.warmup_epochs, then falls on a half-cosine to optim.min_lr (timm's and MAE's "
+        "cosine), the one schedule attnxfer has; schedule.epochs or schedule.max_steps sets its length; attnxfer "
+        "trains with AdamW",
+    ),
+    (["train", "ema.momentum=0.99"], 2, "unknown config key 'ema.momentum'; did you mean 'ema.decay'?"),
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
     (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
     (["train", "device=gpu"], 2, "device: 'gpu' is not one of auto, cpu, cuda; did you mean 'cuda'?"),
