@@ -293,9 +293,9 @@ _SCRIPT_NAMES = {
 _ONE_WAY = {
     "optim": "attnxfer trains with AdamW (the paper's and MAE's optimiser, timm's opt=adamw) and offers no other; "
     "its keys are optim.lr (or optim.blr), optim.weight_decay, optim.beta1 (the momentum), optim.beta2, optim.eps",
-    "schedule": "the learning rate warms up linearly over schedule.warmup_epochs, then falls on a half-cosine "
-    "to optim.min_lr (timm's and MAE's cosine), the one schedule attnxfer has; schedule.epochs or "
-    "schedule.max_steps sets its length",
+    "schedule": "the learning rate warms up linearly over schedule.warmup_epochs (step k of W at lr·(k+1)/W), "
+    "then falls on a half-cosine to optim.min_lr (timm's and MAE's cosine), the one schedule attnxfer has; "
+    "schedule.epochs or schedule.max_steps sets its length",
 }
 #: the keys (whole, dotted under their section) that ask for one of `_ONE_WAY`'s choices
 _ONE_WAY_KEYS = {
@@ -304,7 +304,7 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(
         ("sched", "scheduler", "lr_scheduler_type", "schedule.name", "schedule.type"), "schedule"
     ),
-    **dict.fromkeys(("schedule.sched", "schedule.scheduler"), "schedule"),
+    **dict.fromkeys(("schedule.sched", "schedule.scheduler", "warmup_lr", "schedule.warmup_lr"), "schedule"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)
 _SECTION_VALUE = {

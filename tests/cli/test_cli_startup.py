@@ -129,7 +129,11 @@ CASES = [
         "unknown config key 'save_steps'; did you mean 'checkpoint.every_steps'?",
     ),
     (["train", "optim.learning_rate=1e-3"], 2, "'optim.learning_rate'; did you mean 'optim.lr'?"),
-    (["train", "warmup_lr=1e-6"], 2, "unknown config key 'warmup_lr' (valid under the top level:"),
+    (
+        ["train", "warmup_lr=1e-6"],
+        2,
+        "'warmup_lr': the learning rate warms up linearly over schedule.warmup_",
+    ),
     (["train", "optimizer.lr=1e-3"], 2, "unknown config key 'optimizer'; did you mean 'optim'?"),
     (
         [
@@ -169,7 +173,8 @@ CASES = [
         ["train", "--sched", "step", "--opt", "sgd", "--epochs", "3"],
         2,
         "--epochs 3; attnxfer takes config values as key=value: schedule.epochs=3; the learning rate warms up "
-        "linearly over schedule.warmup_epochs, then falls on a half-cosine to optim.min_lr (timm's and MAE's "
+        "linearly over schedule.warmup_epochs (step k of W at lr·(k+1)/W), then falls on a half-cosine to "
+        "optim.min_lr (timm's and MAE's "
         "cosine), the one schedule attnxfer has; schedule.epochs or schedule.max_steps sets its length; attnxfer "
         "trains with AdamW",
     ),
