@@ -379,6 +379,30 @@ def test_training_writes_class_token_pictures_to_tensorboard(copy_run):
 
 
 @pytest.mark.slow
+def test_a_run_folder_alone_is_compared_with_the_teacher_it_was_trained_from(copy_run, tmp_path, capsys):
+    """`attnxfer inspect RUN`: TEACHER is the one its run.json records, which a copy student needs (another
+    teacher is refused) and with which its maps are the teacher's own."""
+    out = tmp_path / "report"
+    args = ["--data", "animal_mnist", "--num-images", "6", "--out", str(out)]
+    assert cli_main(["inspect", str(copy_run / "copy"), *args]) == 0, capsys.readouterr().err[-3000:]
+    said = capsys.readouterr().out
+    assert f"compared with the teacher it was trained from, local-dir:{copy_run / 'teacher'}" in said
+    for r in json.loads((out / "metrics.json").read_text())["students"]["copy"]:
+        assert r["borrowed"] == "qk" and r["mean"]["js"] < 1e-6
+
+
+def test_inspect_given_one_folder_that_records_no_teacher_asks_for_both(trained, capsys):
+    assert cli_main(["inspect", str(trained)]) == 2
+    assert (
+        f"{trained} was trained without a teacher; inspect compares a STUDENT with a TEACHER: give both, "
+        in (capsys.readouterr().err)
+    )
+    assert cli_main(["inspect", "vit_micro_patch4_28"]) == 2
+    err = capsys.readouterr().err
+    assert "give both, attnxfer inspect TEACHER vit_micro_patch4_28 (a run's folder alone is compared" in err
+
+
+@pytest.mark.slow
 def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, capsys):
     out = tmp_path / "report"
     code = cli_main(

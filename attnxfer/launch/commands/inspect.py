@@ -10,8 +10,8 @@ from .base import register_command
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("teacher", metavar="TEACHER")
-    p.add_argument("students", metavar="STUDENT", nargs="+")
+    p.add_argument("teacher", metavar="TEACHER", help="the teacher; alone, a run's folder: see below")
+    p.add_argument("students", metavar="STUDENT", nargs="*")
     what = p.add_mutually_exclusive_group()
     # extend: the flag given once per file reads them all (the plain store kept the last alone)
     what.add_argument(
@@ -73,12 +73,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     "teacher against itself on noisy inputs); the optimal teacher-student head assignment per layer; "
     "class-token maps, rollout and per-layer curves. Writes OUT/metrics.json, report.md and PNGs. "
     "Specs: timm names, hf-hub:ORG/NAME, local-dir:PATH, weight files (with --teacher-arch/--student-arch), "
-    "`attnxfer export` folders and RUN_DIRs (a copy-mode run needs its own teacher as TEACHER).",
+    "`attnxfer export` folders and RUN_DIRs (a copy-mode run needs its own teacher as TEACHER). A RUN_DIR given "
+    "alone (a run, a conversion's or a study's folder) is compared with the teacher it was trained from.",
     arguments=_arguments,
 )
 def run(args) -> int:
     if not is_main():  # under torchrun or srun, rank 0 alone writes OUT_DIR (the others' copies collided)
         return 0
+    if not args.students:  # `inspect RUN`: the run against the teacher its run.json records
+        teacher = _trained_from(args.teacher)
+        args.teacher, args.students = teacher.spec, [args.teacher]
+        args.teacher_arch = args.teacher_arch or teacher.arch  # a weights file's architecture
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -122,3 +127,25 @@ def run(args) -> int:
         say(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(js)} layers with a map")
     say(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
     return 0
+
+
+def _trained_from(folder: str):
+    """The teacher section of a run's folder (a study's: its first student's; a conversion's: its stage 2's),
+    as its config.yaml reads from here (a relative path found where the run started)."""
+    from pathlib import Path
+
+    from ...checkpoints.run_dir import RunDir
+    from ...config import load_config
+
+    both = f"inspect compares a STUDENT with a TEACHER: give both, attnxfer inspect TEACHER {folder}"
+    if not Path(folder).exists() and ("/" in folder or Path(folder).suffix):
+        raise InputError(f"{folder} does not exist; {both}")
+    runs = RunDir(folder).study_runs() if Path(folder).is_dir() else None
+    run = RunDir(runs[0]) if runs else RunDir(folder)
+    if not (run.is_run() or run.is_conversion()):
+        raise InputError(f"{both} (a run's folder alone is compared with the teacher it was trained from)")
+    teacher = load_config(str(run.final_student().config_file)).teacher
+    if not teacher.spec:
+        raise InputError(f"{folder} was trained without a teacher; {both}")
+    say(f"{folder}: compared with the teacher it was trained from, {teacher.spec}")
+    return teacher
