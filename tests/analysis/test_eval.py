@@ -40,6 +40,17 @@ def test_eval_writes_only_its_result_file(trained, capsys):
     )
 
 
+def test_eval_takes_a_run_folder_as_export_and_inspect_do(trained, capsys):
+    """`attnxfer eval RUN_DIR` reads RUN_DIR/config.yaml: the scores of `-c RUN_DIR/config.yaml`."""
+    code, out, err = run_cli(capsys, "eval", str(trained), "log.every_steps=3")
+    assert code == 0, err
+    by_folder = json.loads((trained / "eval-00000004.json").read_text())
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "log.every_steps=3")
+    assert code == 0, err
+    assert json.loads((trained / "eval-00000004.json").read_text())["metrics"] == by_folder["metrics"]
+    assert "val_top1 (%) [95% Wilson interval, 64 images]" in out
+
+
 def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(trained, capsys, monkeypatch):
     def scored(*overrides: str) -> Path:
         code, out, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), *overrides)

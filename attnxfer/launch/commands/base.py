@@ -110,13 +110,17 @@ def load(args):
     from ...run_layout import RUN_CONFIG, RUN_RECORD, STAGE_DIRS
     from ..value_checks import check_values
 
+    command = args.job_command if args.command == "submit" else args.command
+    first = Path(args.overrides[0]) if args.overrides and "=" not in args.overrides[0] else None
+    if command == "eval" and args.config is None and first and (first / RUN_CONFIG).is_file():
+        # `attnxfer eval RUN_DIR`, a run given as export and inspect take it: its config.yaml
+        args.config, args.overrides = str(first / RUN_CONFIG), args.overrides[1:]
     overrides = list(args.overrides)
     if getattr(args, "skip_stage1", False):  # convert's flag: a spelling of convert.stage1_steps=0
         given = [o for o in overrides if o.split("=", 1)[0].endswith("stage1_steps")]
         if given:  # the flag wins, as a later override would: said, since the value given is dropped
             warn(f"warning: --skip-stage1 is convert.stage1_steps=0, which replaces {given[-1]}")
         overrides.append("convert.stage1_steps=0")
-    command = args.job_command if args.command == "submit" else args.command
     cfg = check_values(load_config(args.config, overrides, None if command == "eval" else command))
     stage2 = Path(args.config or ".").parent  # a conversion's: its folder holds a config and no run.json
     conversion = (stage2.parent / RUN_CONFIG).is_file() and not (stage2.parent / RUN_RECORD).is_file()

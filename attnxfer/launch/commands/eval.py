@@ -11,9 +11,9 @@ from .base import add_config_args, load, register_command
 @register_command(
     "eval",
     help="evaluate a run's newest checkpoint on its validation set",
-    description="Score the run's newest checkpoint (or checkpoint.resume=PATH); a conversion's config scores "
-    "its final student (stage 2). Writes nothing into the run but RUN_DIR/eval-<step>.json; a run without a "
-    "checkpoint is refused.",
+    description="Score the run's newest checkpoint (or checkpoint.resume=PATH): attnxfer eval RUN_DIR "
+    "[key=value ...], or -c RUN_DIR/config.yaml; a conversion's folder scores its final student (stage 2). Writes "
+    "nothing into the run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
     arguments=add_config_args,
 )
 def run(args) -> int:
