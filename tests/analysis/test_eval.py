@@ -40,8 +40,9 @@ def test_eval_writes_only_its_result_file(trained, capsys):
     )
 
 
-def test_eval_takes_a_run_folder_as_export_and_inspect_do(trained, capsys):
-    """`attnxfer eval RUN_DIR` reads RUN_DIR/config.yaml: the scores of `-c RUN_DIR/config.yaml`."""
+def test_eval_takes_a_run_folder_as_export_and_inspect_do(trained, tmp_path, capsys):
+    """`attnxfer eval RUN_DIR` reads RUN_DIR/config.yaml: the scores of `-c RUN_DIR/config.yaml`, also for
+    a folder named like an override (a study names its students so: lr=1e-3)."""
     code, out, err = run_cli(capsys, "eval", str(trained), "log.every_steps=3")
     assert code == 0, err
     by_folder = json.loads((trained / "eval-00000004.json").read_text())
@@ -49,6 +50,12 @@ def test_eval_takes_a_run_folder_as_export_and_inspect_do(trained, capsys):
     assert code == 0, err
     assert json.loads((trained / "eval-00000004.json").read_text())["metrics"] == by_folder["metrics"]
     assert "val_top1 (%) [95% Wilson interval, 64 images]" in out
+    student = shutil.copytree(
+        trained, tmp_path / "study" / "lr=1e-3", ignore=shutil.ignore_patterns("eval-*")
+    )
+    code, _, err = run_cli(capsys, "eval", str(student), "log.every_steps=3")
+    assert code == 0, err
+    assert json.loads((student / "eval-00000004.json").read_text())["metrics"] == by_folder["metrics"]
 
 
 def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(trained, capsys, monkeypatch):
