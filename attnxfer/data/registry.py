@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, IterableDataset
@@ -284,10 +285,15 @@ def _is_class_index(label) -> bool:
 
 
 def dataset_info(
-    name_or_dataset: str | Dataset, *, root: str | Path | None = None, labels: bool = True
+    name_or_dataset: str | Dataset,
+    *,
+    root: str | Path | None = None,
+    labels: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> DatasetInfo:
     """Defaults of a registered dataset (``root`` needed for class names of folder datasets; ``labels=False``
-    as a run that reads no labels sees it), or the actual settings of a built dataset."""
+    as a run that reads no labels sees it; ``options``, the run's ``data.kwargs``, those its info function
+    names: a Hugging Face dataset's split and column names), or the actual settings of a built dataset."""
     if not isinstance(name_or_dataset, str):
         info = getattr(name_or_dataset, "info", None)
         if not isinstance(info, DatasetInfo):
@@ -301,7 +307,13 @@ def dataset_info(
         info = source
     else:
         where = None if root is None else str(root)
-        info = source(where, labels=False) if not labels and _names_labels(source) else source(where)
+        named = inspect.signature(source).parameters
+        given = {k: v for k, v in (options or {}).items() if k in named and k not in ("root", "labels")}
+        info = (
+            source(where, labels=False, **given)
+            if not labels and "labels" in named
+            else source(where, **given)
+        )
     return info if labels else without_labels(info)
 
 

@@ -80,30 +80,43 @@ def _hub_reads(name: str) -> contextlib.AbstractContextManager:
     return cache_only_while_unreachable() if _on_the_hub(name) else contextlib.nullcontext()
 
 
-def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
-    """Classes of a Hugging Face dataset from its ``label`` feature, read by timm (``labels=False``: none)."""
+def hf_info(
+    name: str,
+    root: str | None,
+    labels: bool = True,
+    *,
+    train_split: str = "train",
+    input_key: str = "image",
+    target_key: str = "label",
+) -> DatasetInfo:
+    """Classes of a Hugging Face dataset from its ``target_key`` feature, read by timm (``labels=False``: none)."""
     if not labels:
         return decoded_image_info(f"hfds/{name}", None, labels=False)
     from timm.data.readers import create_reader
 
-    _require_split(f"hfds/{name}", root, split, "train")
+    _require_split(f"hfds/{name}", root, train_split, "train")
     try:
         with _hub_reads(name):
-            reader = create_reader(f"hfds/{name}", root=root, split=split)
+            reader = create_reader(
+                f"hfds/{name}", root=root, split=train_split, input_key=input_key, target_key=target_key
+            )
     except ImportError as e:
         raise _missing_extra(f"hfds/{name}", e) from e
     # the columns are checked here, where a run asks for its class count first (all splits have them)
     columns = reader.dataset.column_names
-    # timm's reader casts its 'image' column, which datasets adds, empty, to a table that lacks it
-    images_read = reader.dataset.data.column("image")
+    # timm's reader casts its image column, which datasets adds, empty, to a table that lacks it
+    images_read = reader.dataset.data.column(input_key)
     if images_read.null_count == len(images_read):
+        columns = columns[:-1]
         raise InputError(
-            f"hfds/{name} split {split!r} has no 'image' column (it has {columns[:-1]}); {_HF_COLUMNS}"
+            f"hfds/{name} split {train_split!r} has no {input_key!r} column (it has {columns}); "
+            f"{_hf_columns(reader.dataset.features, input_key, target_key)}"
         )
     if reader.label_key.split("/")[0] not in columns:
         raise InputError(
-            f"hfds/{name} split {split!r} has no {reader.label_key!r} column (it has {columns}); "
-            "data.labels=false reads its images without labels"
+            f"hfds/{name} split {train_split!r} has no {reader.label_key!r} column (it has {columns}); "
+            f"{_hf_columns(reader.dataset.features, input_key, target_key)}, or data.labels=false reads its "
+            "images without labels"
         )
     names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
     return decoded_image_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
@@ -114,11 +127,20 @@ def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo
     return decoded_image_info(name, None, labels)
 
 
-#: what to do with a Hugging Face dataset whose columns are named otherwise (CIFAR's ``img``, ``fine_label``)
-_HF_COLUMNS = (
-    "hfds/ reads the columns 'image' and 'label': rename them (datasets' rename_column) and save the dataset "
-    "to a folder (save_to_disk or to_parquet), then set data.dataset=hfds/FOLDER"
-)
+def _hf_columns(features, input_key: str, target_key: str | None) -> str:
+    """What to do with a Hugging Face dataset whose columns are named otherwise (CIFAR-100's ``img``,
+    ``fine_label``): name them, as timm's --input-key and --target-key do, with the columns it has of each kind."""
+    import datasets
+
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image) and k != input_key] or [
+        "COLUMN"
+    ]
+    keys = {"input_key": images[0]}
+    if target_key is not None:
+        classes = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)] or ["COLUMN"]
+        keys["target_key"] = classes[0]
+    said = ", ".join(f"{k}: {v}" for k, v in keys.items())
+    return f"name its columns, as timm's --input-key and --target-key do: data.kwargs={{{said}}}"
 
 
 class HfImages:
@@ -135,7 +157,7 @@ class HfImages:
         if image_key not in table.column_names:
             raise InputError(
                 f"hfds/{name} split {split!r} has no {image_key!r} column (it has {table.column_names}); "
-                + _HF_COLUMNS
+                + _hf_columns(table.features, image_key, None)
             )
         self.image_key = image_key
         self.table = table.select_columns([image_key]).cast_column(image_key, datasets.Image(decode=False))
@@ -252,18 +274,22 @@ def build_hfds(
     re_count: int = 1,
     labels: bool = True,
     num_classes: int | None = None,
+    input_key: str = "image",
+    target_key: str = "label",
     **aug,
 ) -> Dataset:
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
     files; ``root`` is its cache folder), random access, with folder's transforms (``aug``: timm's
-    ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...). ``labels=False``: its
-    image column alone, as ``(x,)`` samples (`HfImages`: no label column needed). ``num_classes``: the run's
-    head, which each label must fit (`LabelInRange`)."""
+    ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...); ``input_key`` and
+    ``target_key`` name its image and label columns (timm's). ``labels=False``: its image column alone, as
+    ``(x,)`` samples (`HfImages`: no label column needed). ``num_classes``: the run's head, which each label
+    must fit (`LabelInRange`)."""
     from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
     _require_split(f"hfds/{name}", root, hf_split, split)
-    default = hf_info(name, root, train_split, labels=labels)
+    columns = dict(input_key=input_key, target_key=target_key)
+    default = hf_info(name, root, labels=labels, train_split=train_split, **columns)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform, info = timm_transform(split, augment, info, **aug)
@@ -277,10 +303,11 @@ def build_hfds(
                 input_img_mode=mode,
                 transform=transform,
                 target_transform=LabelInRange(num_classes, f"hfds/{name}") if num_classes else None,
+                **columns,
             )
     else:
         images = ImageDataset(
-            root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
+            root, reader=HfImages(name, root, hf_split, input_key), input_img_mode=mode, transform=transform
         )
     return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
 
@@ -395,12 +422,15 @@ for _prefix in STREAM_PREFIXES:
         """A stream read by timm (webdataset shards under ``root``; a streamed Hugging Face dataset): options
         ``train_split`` / ``val_split`` (for shards, ``"train-{000000..000099}.tar|N"``: files and sample
         count, or the split names of ``root/_info.json``), ``train_samples`` / ``val_samples`` (a split's
-        length where its files do not say it: streamed Hugging Face datasets), the per-rank ``batch_size``
+        length where its files do not say it: streamed Hugging Face datasets), ``input_key`` / ``target_key``
+        (timm's: a streamed dataset's image and label columns, a shard's extensions), the per-rank ``batch_size``
         and ``world_size`` (set by the run), and folder's transform options. ``labels=False``: ``(x,)``
         samples (wds: decoded without ``.cls``; hfids: the labels timm's reader hands it dropped)."""
         from timm.data import IterableImageDataset, create_dataset
 
         train_split, val_split = options.pop("train_split", "train"), options.pop("val_split", "validation")
+        # timm's names of the image and label columns (hfids) or file extensions (wds), where given
+        columns = {k: options.pop(k) for k in ("input_key", "target_key") if k in options}
         num_samples = {s: options.pop(f"{s}_samples", None) for s in SPLITS}[split]
         dataset = f"{_prefix}/{name}"
         if _prefix == "hfids":
@@ -427,6 +457,7 @@ for _prefix in STREAM_PREFIXES:
                 input_img_mode="",  # none: `ReadAs` converts (timm takes None for its default, RGB)
                 transform=transform,
                 target_transform=LabelInRange(num_classes, dataset) if labels and num_classes else None,
+                **columns,
             )
             # webdataset skips a shard it cannot open with a log line: an epoch would end early, or be empty
             shards = stream.reader.split_info.filenames if _prefix == "wds" and "://" not in root else ()

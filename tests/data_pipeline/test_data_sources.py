@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -296,27 +297,50 @@ def test_streams_and_hugging_face_tables_identify_themselves_without_being_read(
 
 
 @pytest.mark.parametrize("labels", [True, False])
-def test_a_hugging_face_dataset_whose_images_are_not_in_an_image_column_is_told_what_to_rename(
+def test_a_hugging_face_datasets_own_column_and_split_names_are_given_as_timm_names_them(
     hf_dir, tmp_path, labels
 ):
-    """CIFAR-10 on the Hub names its images 'img': timm's reader casts an 'image' column, which datasets adds,
-    empty, so the first image read raised a TypeError traceback. A run's first question, its class count,
-    names the column too (not model.num_classes)."""
+    """CIFAR-100 on the Hub names its columns 'img' and 'fine_label' (timm's reader cast an 'image' column,
+    which datasets adds, empty: a TypeError traceback at the first image). The refusal names both, as timm's
+    --input-key and --target-key; so named, the dataset is read as the one with timm's names, and a train split
+    named otherwise (data.kwargs.train_split, which the refusal of a missing 'train' asks for) is read too: it
+    was refused again, the class count being read from 'train' whatever the option said."""
     import datasets
 
     root = tmp_path / "cifar_like"
-    for split in ("train", "validation"):
-        table = datasets.load_dataset(str(hf_dir), split=split, cache_dir=tmp_path / "a").rename_column(
-            "image", "img"
-        )
-        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    for split, named in (("train", "trn"), ("validation", "validation")):
+        table = datasets.load_dataset(str(hf_dir), split=split, cache_dir=tmp_path / "a")
+        table = table.rename_columns({"image": "img", "label": "fine_label"})
+        table.to_parquet(str(root / "data" / f"{named}-00000-of-00001.parquet"))
+    name, options = f"hfds/{root}", {"train_split": "trn"}
+    named = r"data.kwargs=\{input_key: img" + (", target_key: fine_label" if labels else "") + r"\}$"
     with pytest.raises(
-        InputError, match=r"no 'image' column \(it has \['img', 'label'\]\); hfds/ reads .* rename"
+        InputError, match=r"no 'image' column \(it has \['img', 'fine_label'\]\); name its .*" + named
     ):
-        build_dataset(f"hfds/{root}", "val", root=tmp_path / "b", **NORM, labels=labels)
+        build_dataset(name, "val", root=tmp_path / "b", **NORM, **options, labels=labels)
     if labels:
-        with pytest.raises(InputError, match=r"no 'image' column \(it has \['img', 'label'\]\)"):
-            dataset_info(f"hfds/{root}", root=tmp_path / "b")
+        with pytest.raises(
+            InputError, match=r"no 'image' column \(it has \['img', 'fine_label'\]\); .*" + named
+        ):
+            dataset_info(name, root=tmp_path / "b", options=options)
+    options |= {"input_key": "img", "target_key": "fine_label"}
+    info = dataset_info(name, root=tmp_path / "b", labels=labels, options=options)
+    assert info == replace(dataset_info(f"hfds/{hf_dir}", root=tmp_path / "a", labels=labels), name=name)
+    given = "data.kwargs={train_split: trn, input_key: img, target_key: fine_label}"
+    cfg = load_config(
+        None, [f"data.dataset={name}", f"data.root={tmp_path / 'b'}", f"data.labels={labels}", given]
+    )
+    assert data_info(cfg.data) == info  # as a run reads its data section
+    for split in ("train", "val"):
+        ours = build_dataset(
+            name, split, root=tmp_path / "b", **NORM, **options, labels=labels, augment=False
+        )
+        timms = build_dataset(
+            f"hfds/{hf_dir}", split, root=tmp_path / "a", **NORM, labels=labels, augment=False
+        )
+        assert len(ours) == len(timms)
+        for a, b in zip(ours[0], timms[0], strict=True):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
 
 
 def test_a_hugging_face_dataset_with_plain_integer_labels_asks_for_the_class_count(hf_dir, tmp_path):

@@ -29,7 +29,7 @@ from ...errors import InputError
 def data_info(data: DataConfig) -> DatasetInfo:
     """The ``data`` section's dataset as the run reads it (``data.labels: false``: without labels or classes;
     a class count its options set, recall's ``num_classes``, in place of the default's)."""
-    info = dataset_info(data.dataset, root=data.root, labels=data.labels)
+    info = dataset_info(data.dataset, root=data.root, labels=data.labels, options=data.kwargs)
     classes = data.kwargs.get("num_classes")
     if classes is not None and info.has_labels and classes != info.num_classes:
         info = dataclasses.replace(info, num_classes=int(classes), class_names=None)

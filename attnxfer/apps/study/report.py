@@ -154,7 +154,7 @@ class _Scoring:
         if not any(s.config is not None and not s.stopped for s in students):
             return None  # nothing to score
         cfg = next(s.config for s in students if s.config is not None)
-        labelled = dataset_info(cfg.data.dataset, root=cfg.data.root).has_labels
+        labelled = dataset_info(cfg.data.dataset, root=cfg.data.root, options=cfg.data.kwargs).has_labels
         if labelled and not cfg.data.labels:  # trained without reading them; scored with them
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=True))
         parts = build_run_parts(cfg, labels=labelled, quiet=True)
