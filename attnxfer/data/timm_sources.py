@@ -107,9 +107,8 @@ def hf_info(
     # timm's reader casts its image column, which datasets adds, empty, to a table that lacks it
     images_read = reader.dataset.data.column(input_key)
     if images_read.null_count == len(images_read):
-        columns = columns[:-1]
         raise InputError(
-            f"hfds/{name} split {train_split!r} has no {input_key!r} column (it has {columns}); "
+            f"hfds/{name} split {train_split!r} has no {input_key!r} column (it has {columns[:-1]}); "
             f"{_hf_columns(reader.dataset.features, input_key, target_key)}"
         )
     if reader.label_key.split("/")[0] not in columns:
@@ -132,13 +131,11 @@ def _hf_columns(features, input_key: str, target_key: str | None) -> str:
     ``fine_label``): name them, as timm's --input-key and --target-key do, with the columns it has of each kind."""
     import datasets
 
-    images = [k for k, f in features.items() if isinstance(f, datasets.Image) and k != input_key] or [
-        "COLUMN"
-    ]
-    keys = {"input_key": images[0]}
+    images = [k for k, f in features.items() if isinstance(f, datasets.Image) and k != input_key]
+    keys = {"input_key": next(iter(images), "COLUMN")}
     if target_key is not None:
-        classes = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)] or ["COLUMN"]
-        keys["target_key"] = classes[0]
+        classes = [k for k, f in features.items() if isinstance(f, datasets.ClassLabel)]
+        keys["target_key"] = next(iter(classes), "COLUMN")
     said = ", ".join(f"{k}: {v}" for k, v in keys.items())
     return f"name its columns, as timm's --input-key and --target-key do: data.kwargs={{{said}}}"
 

@@ -127,9 +127,8 @@ def _as_overrides(written: list[tuple[str, str]]) -> str:
         if not item.startswith("--"):
             continue
         name, _, value = item[2:].partition("=")
-        if done := done_one_way(
-            name.replace("-", "_")
-        ):  # timm's --opt lamb: a choice attnxfer does not offer
+        # timm's --opt lamb: a choice attnxfer does not offer, said once however many flags ask for it
+        if done := done_one_way(name.replace("-", "_")):
             one_way += [done] * (done not in one_way)
             continue
         keys = keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75, sections=False)
