@@ -89,9 +89,49 @@ def decoded_image_info(name: str, classes: tuple[str, ...] | None, labels: bool 
     )
 
 
-def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
-    """Classes from ``root/train``'s sub-folders; ``labels=False`` reads none (class folders optional)."""
-    return decoded_image_info("folder", folder_classes(root) if root is not None and labels else None, labels)
+def folder_info(
+    root: str | None, labels: bool = True, *, class_map: str | Sequence[str] | None = None
+) -> DatasetInfo:
+    """Classes from ``root/train``'s sub-folders, or those of them ``class_map`` names, in its order (timm's
+    --class-map: a subset of the classes, ImageNet-100's); ``labels=False`` reads none (class folders optional)."""
+    if root is None or not labels:
+        return decoded_image_info("folder", None, labels)
+    classes = folder_classes(root)
+    if class_map is not None:
+        mapped = _mapped_classes(class_map, root)
+        if missing := [c for c in mapped if c not in classes]:
+            raise InputError(
+                f"data.kwargs.class_map names {len(missing)} class(es) that '{_split_dir(root, 'train')}' has no "
+                f"folder for (e.g. {missing[0]!r}): each line names a class folder of train/"
+            )
+        classes = mapped
+    return decoded_image_info("folder", classes, labels)
+
+
+def _mapped_classes(class_map: str | Sequence[str], root: str) -> tuple[str, ...]:
+    """The class folders a class map names, index by index: a text file of one name a line (looked for as
+    given, then under ``root``, as timm looks for its --class-map), or the names as a list."""
+    if isinstance(class_map, str):
+        path = Path(class_map).expanduser()
+        path = path if path.is_file() or not (Path(root) / class_map).is_file() else Path(root) / class_map
+        try:
+            names = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise MissingPathError(
+                f"data.kwargs.class_map={class_map}: cannot be read as a text file ({e}); give a file of class "
+                "folder names, one a line (a relative path is read from here, then under data.root), or the "
+                "names as a list: data.kwargs.class_map=[cat, dog]"
+            ) from None
+    else:
+        names = [str(n) for n in class_map]
+    names = [n.strip() for n in names if n.strip()]
+    if len(set(names)) < len(names) or not names:
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(
+            f"data.kwargs.class_map names {f'{twice[0]!r} more than once' if twice else 'no class'}: give each "
+            "class folder once, in the order of its index"
+        )
+    return tuple(names)
 
 
 class ImageFiles:
@@ -307,13 +347,16 @@ def build_folder(
     crop_pct: float = 0.875,
     labels: bool = True,
     val_split: str | None = None,
+    class_map: str | Sequence[str] | None = None,
 ) -> FolderDataset:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
     ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`). ``val_split``:
-    the val split's folder where it is neither val/ nor validation/ (test/, valid/), as timm's ``--val-split``."""
-    default = folder_info(root, labels)  # train's classes: a train folder without them is refused first
+    the val split's folder where it is neither val/ nor validation/ (test/, valid/), as timm's ``--val-split``.
+    ``class_map``: the classes read, in the order of their indices (`folder_info`); the others' images are not."""
+    # train's classes: a train folder without them is refused first
+    default = folder_info(root, labels, class_map=class_map)
     # a missing split folder is refused before anything is built
     split_dir = _split_dir(root, split, val_split if split == "val" else None)
     info = built_info("folder", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
@@ -332,7 +375,8 @@ def build_folder(
         interpolation=interpolation,
         crop_pct=crop_pct,
     )
-    images = _split_images(split, split_dir, root, info.class_names or (), labels, info.in_chans, transform)
+    classes, subset = info.class_names or (), class_map is not None and labels
+    images = _split_images(split, split_dir, root, classes, labels, info.in_chans, transform, subset)
     return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
 
 
@@ -349,17 +393,22 @@ def _split_images(
     labels: bool,
     in_chans: int,
     transform: Callable,
+    subset: bool = False,
 ) -> Any:
-    """timm's dataset of the images in ``split_dir`` (class folders mapped to train's indices where ``labels``);
-    a split with classes train lacks, with no image, or with images outside every class folder is refused."""
+    """timm's dataset of the images in ``split_dir`` (class folders mapped to train's indices where ``labels``;
+    ``subset``: ``classes`` are some of them, whose images alone are read); a split with classes train lacks,
+    with no image, or with images outside every class folder is refused."""
     from timm.data import ImageDataset, get_img_extensions  # keeps `import attnxfer.data` light
 
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if _is_class_dir(d) and d.name not in class_map)
-    if stray and labels:
+    if stray and labels and not subset:
         raise InputError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
     extensions = get_img_extensions(as_set=True)
     reader = ImageFiles(split_dir, extensions, class_map if labels else None)
+    if subset:  # the classes a class map leaves out: their images are not read (a file outside all still is)
+        kept = [i for i, f in enumerate(reader.files) if len(f.parts) == 1 or f.parts[0] in class_map]
+        reader.files, reader.targets = [reader.files[i] for i in kept], [reader.targets[i] for i in kept]
     if not reader.files:
         raise MissingPathError(
             f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}"

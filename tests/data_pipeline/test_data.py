@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUIET, run_cli
+from helpers import QUIET, image_folder, run_cli
 from torch.utils.data import DistributedSampler
 
 from attnxfer.data import (
@@ -517,6 +517,36 @@ def test_a_folder_whose_val_split_is_named_test_is_read_through_val_split_which_
     assert len(build_dataset("folder", "train", root=tmp_path, img_size=16, val_split="test")) == 6
     with pytest.raises(FileNotFoundError, match=r"has no tset/ \(data.kwargs val_split\) for split 'val'"):
         build_dataset("folder", "val", root=tmp_path, img_size=16, val_split="tset")
+
+
+def test_a_class_map_reads_the_classes_it_names_in_its_order_and_no_other(tmp_path):
+    """timm's --class-map: a subset of the class folders (ImageNet-100's list), indexed in the file's order; the
+    images of the classes it leaves out are read in neither split, and their folders are not refused as
+    classes train lacks. As a file (found under data.root too, as timm looks) or as a list."""
+    image_folder(tmp_path / "data", classes=4, per_class={"train": 3, "val": 2})
+    (tmp_path / "data" / "val" / "class9").mkdir()  # a val class train lacks: outside the map, not read
+    (tmp_path / "data" / "val" / "class9" / "0.png").write_bytes(
+        (tmp_path / "data/val/class0/0.png").read_bytes()
+    )
+    (tmp_path / "data" / "subset.txt").write_text("class2\n\nclass0\n")  # a blank line is no class
+    root = str(tmp_path / "data")
+    for class_map in ("subset.txt", str(tmp_path / "data" / "subset.txt"), ["class2", "class0"]):
+        info = dataset_info("folder", root=root, options={"class_map": class_map})
+        assert info.class_names == ("class2", "class0") and info.num_classes == 2
+        for split, per_class in (("train", 3), ("val", 2)):
+            ds = build_dataset("folder", split, root=root, img_size=16, class_map=class_map, augment=False)
+            reader = ds.image_dataset.reader
+            files = [reader.filename(i) for i in range(len(ds))]
+            assert [f.split("/")[0] for f in files] == ["class0"] * per_class + ["class2"] * per_class
+            assert [ds[i][1] for i in range(len(ds))] == [1] * per_class + [0] * per_class
+    with pytest.raises(
+        InputError, match=r"names 1 class\(es\) that '.*train' has no folder for \(e.g. 'yak'\)"
+    ):
+        dataset_info("folder", root=root, options={"class_map": ["class1", "yak"]})
+    with pytest.raises(InputError, match=r"names 'class1' more than once"):
+        build_dataset("folder", "train", root=root, class_map=["class1", "class1"])
+    with pytest.raises(FileNotFoundError, match=r"class_map=nope.txt: cannot be read as a text file"):
+        build_dataset("folder", "train", root=root, class_map="nope.txt")
 
 
 def test_a_train_class_folder_without_images_is_refused_not_a_class_nothing_teaches(tmp_path):
