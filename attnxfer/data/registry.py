@@ -166,10 +166,6 @@ def _annotation_parts(hint: str) -> list[str]:
     return hint.split("|")
 
 
-def _names_labels(fn: Callable) -> bool:
-    return "labels" in inspect.signature(fn).parameters
-
-
 def dataset_reads_root(name: str) -> bool:
     """Whether ``name``'s builder reads anything under ``root`` (False: generated data, ``root`` ignored)."""
     return _entry(name).reads_root
@@ -220,7 +216,7 @@ def build_dataset(
             if not isinstance(value, takes) or (isinstance(value, bool) and bool not in takes):
                 said = " or ".join(_SCALARS[part][1] for part in spelled)
                 raise InputError(f"dataset '{name}': data.kwargs.{key} takes {said}, got {value!r}")
-    if not labels and _names_labels(entry.builder):
+    if not labels and "labels" in inspect.signature(entry.builder).parameters:
         kwargs["labels"] = False  # the builder reads images alone
     dataset = entry.builder(
         split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs
