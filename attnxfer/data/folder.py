@@ -113,7 +113,8 @@ def _mapped_classes(class_map: str | Sequence[str], root: str) -> tuple[str, ...
     given, then under ``root``, as timm looks for its --class-map), or the names as a list."""
     if isinstance(class_map, str):
         path = Path(class_map).expanduser()
-        path = path if path.is_file() or not (Path(root) / class_map).is_file() else Path(root) / class_map
+        if not path.is_file() and (Path(root) / class_map).is_file():  # as timm looks: under the root
+            path = Path(root) / class_map
         try:
             names = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:

@@ -80,7 +80,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if not is_main():  # under torchrun or srun, rank 0 alone writes OUT_DIR (the others' copies collided)
         return 0
-    if not args.students:  # `inspect RUN`: the run against the teacher its run.json records
+    if not args.students:  # `inspect RUN`: the run against the teacher its config.yaml names
         teacher = _trained_from(args.teacher)
         args.teacher, args.students = teacher.spec, [args.teacher]
         args.teacher_arch = args.teacher_arch or teacher.arch  # a weights file's architecture
