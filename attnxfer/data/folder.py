@@ -376,8 +376,10 @@ def build_folder(
         interpolation=interpolation,
         crop_pct=crop_pct,
     )
-    classes, subset = info.class_names or (), class_map is not None and labels
-    images = _split_images(split, split_dir, root, classes, labels, info.in_chans, transform, subset)
+    classes = info.class_names or ()
+    # a class map's folders alone are read, with labels or without (a label-free conversion on ImageNet-100)
+    only = None if class_map is None else classes if labels else _mapped_classes(class_map, root)
+    images = _split_images(split, split_dir, root, classes, labels, info.in_chans, transform, only)
     return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
 
 
@@ -394,21 +396,21 @@ def _split_images(
     labels: bool,
     in_chans: int,
     transform: Callable,
-    subset: bool = False,
+    only: Sequence[str] | None = None,
 ) -> Any:
     """timm's dataset of the images in ``split_dir`` (class folders mapped to train's indices where ``labels``;
-    ``subset``: ``classes`` are some of them, whose images alone are read); a split with classes train lacks,
-    with no image, or with images outside every class folder is refused."""
+    ``only``: the class folders whose images alone are read); a split with classes train lacks, with no image,
+    or with images outside every class folder is refused."""
     from timm.data import ImageDataset, get_img_extensions  # keeps `import attnxfer.data` light
 
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if _is_class_dir(d) and d.name not in class_map)
-    if stray and labels and not subset:
+    if stray and labels and only is None:
         raise InputError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
     extensions = get_img_extensions(as_set=True)
     reader = ImageFiles(split_dir, extensions, class_map if labels else None)
-    if subset:  # the classes a class map leaves out: their images are not read (a file outside all still is)
-        kept = [i for i, f in enumerate(reader.files) if len(f.parts) == 1 or f.parts[0] in class_map]
+    if only is not None:  # the classes a class map leaves out: their images are not read (a loose file is)
+        kept = [i for i, f in enumerate(reader.files) if len(f.parts) == 1 or f.parts[0] in only]
         reader.files, reader.targets = [reader.files[i] for i in kept], [reader.targets[i] for i in kept]
     if not reader.files:
         raise MissingPathError(

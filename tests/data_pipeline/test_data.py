@@ -539,6 +539,13 @@ def test_a_class_map_reads_the_classes_it_names_in_its_order_and_no_other(tmp_pa
             files = [reader.filename(i) for i in range(len(ds))]
             assert [f.split("/")[0] for f in files] == ["class0"] * per_class + ["class2"] * per_class
             assert [ds[i][1] for i in range(len(ds))] == [1] * per_class + [0] * per_class
+    # read without labels (a label-free conversion on the subset), the same images
+    unlabelled = build_dataset(
+        "folder", "train", root=root, img_size=16, class_map="subset.txt", labels=False
+    )
+    reader = getattr(unlabelled, "dataset", unlabelled).image_dataset.reader
+    folders = [reader.filename(i).split("/")[0] for i in range(len(unlabelled))]
+    assert folders == ["class0"] * 3 + ["class2"] * 3
     with pytest.raises(
         InputError, match=r"names 1 class\(es\) that '.*train' has no folder for \(e.g. 'yak'\)"
     ):
