@@ -5,6 +5,7 @@ parser (for ``--help`` and argument errors) must not load submitit, torch or the
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Sequence
 
 from ..errors import InputError
@@ -13,6 +14,61 @@ from ..errors import InputError
 CLUSTERS = ("slurm", "local", "debug")
 #: where a job may run, as sbatch's options of these names (--exclude: nodes to avoid)
 PLACEMENT = ("partition", "account", "qos", "constraint", "exclude")
+#: sbatch options that submitit itself sets and that would break log collection if overridden
+RESERVED_SBATCH_KEYS = frozenset({"output", "error", "open-mode", "array", "signal", "job-name", "wrap"})
+#: sbatch options that have their own `attnxfer submit` flag: --slurm may not set them behind its back
+OWN_FLAG_KEYS = {
+    "nodes": "--nodes",
+    "ntasks": "--nodes and --tasks-per-node",
+    "ntasks-per-node": "--tasks-per-node (or --gpus-per-node: one task per GPU)",
+    "gpus": "--gpus-per-node",
+    "gpus-per-node": "--gpus-per-node",
+    "gpus-per-task": "--gpus-per-node",
+    "cpus-per-task": "--cpus-per-task",
+    "mem": "--mem",
+    "time": "--time",
+    **{name: f"--{name}" for name in PLACEMENT},
+}
+
+
+#: sbatch's one-letter flags, by the option each stands for (-c is submit's config, as every command's)
+_SBATCH_LETTERS = dict(p="partition", t="time", N="nodes", A="account", q="qos", J="job-name", C="constraint")
+_SBATCH_LETTERS |= dict(x="exclude", G="gpus", n="ntasks", o="output", e="error")
+#: sbatch options without a flag of submit's that `--slurm KEY=VALUE` passes on
+_SBATCH_OTHER = (
+    "gres",
+    "mem-per-cpu",
+    "mem-per-gpu",
+    "cpus-per-gpu",
+    "mail-type",
+    "mail-user",
+    "reservation",
+)
+_SBATCH_OTHER += ("nodelist", "dependency", "begin", "licenses", "comment", "exclusive", "requeue", "hint")
+
+
+def sbatch_spelling(flag: str, value: str) -> str | None:
+    """How `attnxfer submit` takes an sbatch option written as sbatch takes it (``-p gpu``, ``--gres gpu:4``,
+    ``--ntasks-per-node 4``), in words; None for a flag that is none of sbatch's."""
+    if flag.startswith("--"):
+        name, _, inline = flag[2:].partition("=")
+    else:  # -p gpu
+        name, inline = _SBATCH_LETTERS.get(flag[1:], flag), ""
+    value = inline or value or "VALUE"
+    gpus = re.fullmatch(r"gpu(?::[\w.-]+)?:(\d+)", value)
+    if name in RESERVED_SBATCH_KEYS - {"job-name"}:  # --output, --error: submitit names the logs itself
+        return "submitit sets it, writing the job's logs under --job-dir"
+    if name == "job-name":
+        own = f"--name {value}"
+    elif name == "gres" and gpus:
+        own = f"--gpus-per-node {gpus[1]}"
+    elif name in OWN_FLAG_KEYS:
+        own = OWN_FLAG_KEYS[name] if " " in OWN_FLAG_KEYS[name] else f"{OWN_FLAG_KEYS[name]} {value}"
+    elif name in _SBATCH_OTHER:
+        own = f"--slurm {name}={value}"
+    else:
+        return None
+    return f"submit takes {own}"
 
 
 def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

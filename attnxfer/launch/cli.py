@@ -256,6 +256,8 @@ def _refuse_values_meant_one_per_run(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .arguments import sbatch_spelling
+
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -270,10 +272,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the command's own usage, and a flag that names a config key (timm's and MAE's --epochs) as its override
         written = _as_written(stray or extra, argv)
         own = args.command_parser if args.command else parser
+        slurm = {}  # sbatch's own spellings (-p gpu, --gres gpu:4): submit's flag for each
+        for item, value in written if args.command == "submit" else ():
+            after = argv[argv.index(item) + 1 :][:1] if item in argv and not value else []
+            if said := sbatch_spelling(item, value or next((a for a in after if not a.startswith("-")), "")):
+                slurm[item.partition("=")[0]] = said
+        rest = [(item, value) for item, value in written if item.partition("=")[0] not in slurm]
         own.error(
             f"unrecognized arguments: {' '.join(f'{item} {value}'.strip() for item, value in written)}"
-            + _flags_meant(written, own)
-            + (_as_overrides(written) if hasattr(args, "overrides") else "")
+            + "".join(f"; {flag} is sbatch's: {said}" for flag, said in slurm.items())
+            + _flags_meant(rest, own)
+            + (_as_overrides(rest) if hasattr(args, "overrides") else "")
         )
     if extra:
         args.overrides = [*args.overrides, *extra]

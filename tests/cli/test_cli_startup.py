@@ -179,6 +179,19 @@ CASES = [
         "trains with AdamW",
     ),
     (["train", "ema.momentum=0.99"], 2, "unknown config key 'ema.momentum'; did you mean 'ema.decay'?"),
+    # sbatch's own spellings given to submit: its flag for each (argparse named none), --slurm for the rest
+    (
+        ["submit", "--dry-run", "-p", "gpu", "--gres", "gpu:4", "--mem-per-cpu", "4G", "--job-name", "x"],
+        2,
+        "-p is sbatch's: submit takes --partition gpu; --gres is sbatch's: submit takes --gpus-per-node 4; "
+        "--mem-per-cpu is sbatch's: submit takes --slurm mem-per-cpu=4G; --job-name is sbatch's: submit takes "
+        "--name x",
+    ),
+    (
+        ["submit", "--dry-run", "--output", "x.log"],
+        2,
+        "--output is sbatch's: submitit sets it, writing the job",
+    ),
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
     (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
     (["train", "device=gpu"], 2, "device: 'gpu' is not one of auto, cpu, cuda; did you mean 'cuda'?"),

@@ -14,28 +14,9 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 
 from ...errors import InputError, UserError
-from ..arguments import CLUSTERS, PLACEMENT, split_top_level
+from ..arguments import CLUSTERS, OWN_FLAG_KEYS, PLACEMENT, RESERVED_SBATCH_KEYS, split_top_level
 
 RUN_DIR_KEY = "run_dir"
-
-
-# sbatch options that submitit itself sets and that would break log collection if overridden
-RESERVED_SBATCH_KEYS = frozenset({"output", "error", "open-mode", "array", "signal", "job-name", "wrap"})
-
-
-# sbatch options that have their own `attnxfer submit` flag: --slurm may not set them behind its back
-OWN_FLAG_KEYS = {
-    "nodes": "--nodes",
-    "ntasks": "--nodes and --tasks-per-node",
-    "ntasks-per-node": "--tasks-per-node (or --gpus-per-node: one task per GPU)",
-    "gpus": "--gpus-per-node",
-    "gpus-per-node": "--gpus-per-node",
-    "gpus-per-task": "--gpus-per-node",
-    "cpus-per-task": "--cpus-per-task",
-    "mem": "--mem",
-    "time": "--time",
-    **{name: f"--{name}" for name in PLACEMENT},
-}
 
 
 # srun options for every job: a rank that dies takes its step down instead of leaving
