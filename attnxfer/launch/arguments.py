@@ -32,19 +32,15 @@ OWN_FLAG_KEYS = {
 
 
 #: sbatch's one-letter flags, by the option each stands for (-c is submit's config, as every command's)
-_SBATCH_LETTERS = dict(p="partition", t="time", N="nodes", A="account", q="qos", J="job-name", C="constraint")
-_SBATCH_LETTERS |= dict(x="exclude", G="gpus", n="ntasks", o="output", e="error")
+_SBATCH_LETTERS = {
+    **dict(p="partition", t="time", N="nodes", A="account", q="qos", J="job-name", C="constraint"),
+    **dict(x="exclude", G="gpus", n="ntasks", o="output", e="error"),
+}
 #: sbatch options without a flag of submit's that `--slurm KEY=VALUE` passes on
-_SBATCH_OTHER = (
-    "gres",
-    "mem-per-cpu",
-    "mem-per-gpu",
-    "cpus-per-gpu",
-    "mail-type",
-    "mail-user",
-    "reservation",
+_SBATCH_OTHER = frozenset(
+    ("gres", "mem-per-cpu", "mem-per-gpu", "cpus-per-gpu", "mail-type", "mail-user", "reservation")
+    + ("nodelist", "dependency", "begin", "licenses", "comment", "exclusive", "requeue", "hint")
 )
-_SBATCH_OTHER += ("nodelist", "dependency", "begin", "licenses", "comment", "exclusive", "requeue", "hint")
 
 
 def sbatch_spelling(flag: str, value: str) -> str | None:
@@ -55,12 +51,11 @@ def sbatch_spelling(flag: str, value: str) -> str | None:
     else:  # -p gpu
         name, inline = _SBATCH_LETTERS.get(flag[1:], flag), ""
     value = inline or value or "VALUE"
-    gpus = re.fullmatch(r"gpu(?::[\w.-]+)?:(\d+)", value)
     if name in RESERVED_SBATCH_KEYS - {"job-name"}:  # --output, --error: submitit names the logs itself
         return "submitit sets it, writing the job's logs under --job-dir"
     if name == "job-name":
         own = f"--name {value}"
-    elif name == "gres" and gpus:
+    elif name == "gres" and (gpus := re.fullmatch(r"gpu(?::[\w.-]+)?:(\d+)", value)):
         own = f"--gpus-per-node {gpus[1]}"
     elif name in OWN_FLAG_KEYS:
         own = OWN_FLAG_KEYS[name] if " " in OWN_FLAG_KEYS[name] else f"{OWN_FLAG_KEYS[name]} {value}"

@@ -97,8 +97,9 @@ def _config_of(args):
 
 
 def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
-    """The unrecognised arguments as the user wrote them, each a flag with the value after it (``--epochs 3``:
-    argparse took the 3 as an override, or left it an argument of its own) or ``(item, "")``."""
+    """The unrecognised arguments as the user wrote them, each a flag with the value after it (``--epochs 3``,
+    sbatch's ``-p gpu``: argparse took the value as an override, or left it an argument of its own) or
+    ``(item, "")``."""
     written, start, values = [], 0, set()
     for item in stray:
         i = argv.index(item, start) if item in argv[start:] else None
@@ -107,7 +108,7 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
         after = argv[i + 1 : i + 2] if i is not None else []
         start = start if i is None else i + 1
         value = after[0] if after and not after[0].startswith("-") and "=" not in after[0] else ""
-        if item.startswith("--") and "=" not in item and value:
+        if item.startswith("-") and "=" not in item and value:
             written.append((item, value))
             values.add(start)
         else:
@@ -256,8 +257,6 @@ def _refuse_values_meant_one_per_run(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .arguments import sbatch_spelling
-
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -273,10 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = _as_written(stray or extra, argv)
         own = args.command_parser if args.command else parser
         slurm = {}  # sbatch's own spellings (-p gpu, --gres gpu:4): submit's flag for each
-        for item, value in written if args.command == "submit" else ():
-            after = argv[argv.index(item) + 1 :][:1] if item in argv and not value else []
-            if said := sbatch_spelling(item, value or next((a for a in after if not a.startswith("-")), "")):
-                slurm[item.partition("=")[0]] = said
+        if args.command == "submit":
+            from .arguments import sbatch_spelling
+
+            said = ((item.partition("=")[0], sbatch_spelling(item, value)) for item, value in written)
+            slurm = {flag: answer for flag, answer in said if answer}
         rest = [(item, value) for item, value in written if item.partition("=")[0] not in slurm]
         own.error(
             f"unrecognized arguments: {' '.join(f'{item} {value}'.strip() for item, value in written)}"

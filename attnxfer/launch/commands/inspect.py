@@ -140,7 +140,7 @@ def _trained_from(folder: str):
     both = f"inspect compares a STUDENT with a TEACHER: give both, attnxfer inspect TEACHER {folder}"
     if not Path(folder).exists() and ("/" in folder or Path(folder).suffix):
         raise InputError(f"{folder} does not exist; {both}")
-    runs = RunDir(folder).study_runs() if Path(folder).is_dir() else None
+    runs = RunDir(folder).study_runs()
     run = RunDir(runs[0]) if runs else RunDir(folder)
     if not (run.is_run() or run.is_conversion()):
         raise InputError(f"{both} (a run's folder alone is compared with the teacher it was trained from)")
