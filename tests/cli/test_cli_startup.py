@@ -192,6 +192,12 @@ CASES = [
         2,
         "--output is sbatch's: submitit sets it, writing the job",
     ),
+    # sbatch's -c is CPUs per task: read as a second config, it was answered "write base: demo/copy in 8"
+    (
+        ["submit", "--dry-run", "-c", "demo/copy", "-c", "8"],
+        2,
+        "-c 8: -c is the config (a YAML file or recipe) here; sbatch's -c 8 (CPUs per task) is --cpus-per-task 8",
+    ),
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
     (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
     (["train", "device=gpu"], 2, "device: 'gpu' is not one of auto, cpu, cuda; did you mean 'cuda'?"),

@@ -73,6 +73,15 @@ class _OneConfig(argparse.Action):
     a user of tools that merge several configs expects both read."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if (
+            values.isdigit()
+            and "--cpus-per-task" in parser._option_string_actions
+            and not Path(values).exists()
+        ):
+            parser.error(  # sbatch's -c N is CPUs per task; every attnxfer command's -c is its config
+                f"-c {values}: -c is the config (a YAML file or recipe) here; sbatch's -c {values} (CPUs per "
+                f"task) is --cpus-per-task {values}"
+            )
         if (first := getattr(namespace, self.dest)) is not None:
             parser.error(
                 f"-c given twice ({first}, then {values}): a command reads one config; to apply {values} "
