@@ -288,14 +288,21 @@ _SCRIPT_NAMES = {
     "teacher.name": "teacher.spec",
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",
+    "model.type": "model.name",  # the student's architecture: a timm name
+    "model.arch": "model.name",
+    "model.architecture": "model.name",
 }
-#: what timm's, MAE's and Hugging Face's scripts let one choose and attnxfer does one way: what it does instead
+#: what timm's, MAE's and Hugging Face's scripts let one choose and attnxfer does one way, or what another
+#: key chooses: what it does instead
 _ONE_WAY = {
     "optim": "attnxfer trains with AdamW (the paper's and MAE's optimiser, timm's opt=adamw) and offers no other; "
     "its keys are optim.lr (or optim.blr), optim.weight_decay, optim.beta1 (the momentum), optim.beta2, optim.eps",
     "schedule": "the learning rate warms up linearly over schedule.warmup_epochs (step k of W at lr·(k+1)/W), "
     "then falls on a half-cosine to optim.min_lr (timm's and MAE's cosine), the one schedule attnxfer has; "
     "schedule.epochs or schedule.max_steps sets its length",
+    "convert": "convert.attention chooses the blocks a conversion converts: one name per block (softmax where "
+    "a block keeps the teacher's attention, e.g. [performer, softmax, performer]), one name for all, or auto "
+    "(chosen by measured sensitivity under convert.speedup)",
 }
 #: the keys (whole, dotted under their section) that ask for one of `_ONE_WAY`'s choices
 _ONE_WAY_KEYS = {
@@ -305,6 +312,7 @@ _ONE_WAY_KEYS = {
         ("sched", "scheduler", "lr_scheduler_type", "schedule.name", "schedule.type"), "schedule"
     ),
     **dict.fromkeys(("schedule.sched", "schedule.scheduler", "warmup_lr", "schedule.warmup_lr"), "schedule"),
+    **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)
 _SECTION_VALUE = {

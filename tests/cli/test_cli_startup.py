@@ -179,6 +179,15 @@ CASES = [
         "trains with AdamW",
     ),
     (["train", "ema.momentum=0.99"], 2, "unknown config key 'ema.momentum'; did you mean 'ema.decay'?"),
+    # the student's architecture is its timm name (model.type was answered 'teacher.dtype')
+    (["train", "model.type=vit"], 2, "unknown config key 'model.type'; did you mean 'model.name'?"),
+    # the blocks a conversion converts are chosen by convert.attention, not by a layer list elsewhere
+    (
+        ["convert", "convert.layers=[0]"],
+        2,
+        "'convert.layers': convert.attention chooses the blocks a conversion converts: one name per block "
+        "(softmax where a block keeps the teacher's attention",
+    ),
     # sbatch's own spellings given to submit: its flag for each (argparse named none), --slurm for the rest
     (
         ["submit", "--dry-run", "-p", "gpu", "--gres", "gpu:4", "--mem-per-cpu", "4G", "--job-name", "x"],
