@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError, OptionError
+from ..run_layout import LOCK_NAME
 from ..speak import warn
 from .registry import DatasetInfo, built_info, register_dataset
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
@@ -147,6 +148,12 @@ class ImageFiles:
         self.folder = folder
         # glob, not rglob: symlinked folders are walked (as torchvision and timm do), hidden ones are not
         found = [Path(p) for p in glob.glob("**", root_dir=folder, recursive=True) if (folder / p).is_file()]
+        if run := next((p.parent for p in found if p.name == LOCK_NAME), None):
+            # its pictures would be read as this split's images, and its folder as a class
+            raise InputError(
+                f"'{folder / run}' is an attnxfer run's folder (it holds {LOCK_NAME}) inside the dataset's "
+                f"'{folder}': its pictures would be read as images; put run_dir outside data.root's split folders"
+            )
         images = (p for p in found if p.suffix.lower() in extensions)
         self.files = sorted(images, key=lambda p: natural_key(p.as_posix()))
         if len(self.files) < len(found):  # another format (.webp, .bmp, a note) is left out, not in silence

@@ -655,6 +655,21 @@ def test_files_of_formats_timm_does_not_read_are_named_not_left_out_in_silence(t
     assert "not read" not in capsys.readouterr().err  # a split of images alone: no line
 
 
+def test_a_run_folder_inside_a_split_folder_is_refused_not_read_as_its_images(tmp_path):
+    """run_dir=data/train/cat/run: its curves and attention pictures were read as images of 'cat' (with labels,
+    or as unlabelled ones), or its folder refused as a class without images."""
+    from PIL import Image
+
+    _make_folder(tmp_path)
+    run = tmp_path / "train" / "cat" / "run"
+    run.mkdir()
+    (run / "attnxfer.lock").touch()
+    Image.new("RGB", (40, 48)).save(run / "curves.png")
+    for labels in (True, False):
+        with pytest.raises(InputError, match=f"'{run}' is an attnxfer run's folder .* put run_dir outside"):
+            build_dataset("folder", "train", root=tmp_path, labels=labels)
+
+
 @pytest.mark.parametrize(
     "keep, reason",
     [(None, "PIL cannot identify its format"), (20, "Truncated File Read"), (-40, "image file is truncated")],
