@@ -109,11 +109,32 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
         start = start if i is None else i + 1
         value = after[0] if after and not after[0].startswith("-") and "=" not in after[0] else ""
         if item.startswith("-") and "=" not in item and value:
-            written.append((item, value))
-            values.add(start)
+            taken = [start]  # timm's --input-size 3 224 224, --mean 0.5 0.5 0.5: the numbers after it, all
+            while _number(value) and taken[-1] + 1 < len(argv) and _number(argv[taken[-1] + 1]):
+                taken.append(taken[-1] + 1)
+            written.append((item, " ".join(argv[j] for j in taken)))
+            values.update(taken)
         else:
             written.append((item, ""))
     return written
+
+
+def _number(word: str) -> bool:
+    try:
+        float(word.split(" ")[0])
+    except ValueError:
+        return False
+    return True
+
+
+#: timm's train.py one-letter flags, by the long flag each stands for (-c is every command's config)
+_SCRIPT_LETTERS = {"-b": "batch_size", "-j": "workers"}
+#: timm's and MAE's switches (flags without a value) whose key is no boolean: the value each means
+_SWITCHED_ON = {
+    "amp": "bf16",  # mixed precision: attnxfer's is bfloat16 (auto: bf16 on GPU already)
+    "model_ema": "0.9998",  # timm's --model-ema-decay default
+    "log_wandb": "[tensorboard,wandb]",
+}
 
 
 def _as_overrides(written: list[tuple[str, str]]) -> str:
@@ -122,20 +143,29 @@ def _as_overrides(written: list[tuple[str, str]]) -> str:
     from ..config.overrides import done_one_way, keys_meant
     from ..config.schema import TrainConfig
 
-    known = {leaf.name for leaf in leaves(TrainConfig)}
+    leaves_by_name = {leaf.name: leaf for leaf in leaves(TrainConfig)}
+    known = set(leaves_by_name)
     meant, one_way = [], []
     for item, after in written:
+        if item in _SCRIPT_LETTERS:
+            item = f"--{_SCRIPT_LETTERS[item]}"
         if not item.startswith("--"):
             continue
         name, _, value = item[2:].partition("=")
+        value, numbers = value or after, (value or after).split()
+        if len(numbers) > 1:  # timm's --input-size C H W is the image size; any other, a list
+            value = numbers[1] if name.replace("-", "_") == "input_size" else f"[{','.join(numbers)}]"
         # timm's --opt lamb: a choice attnxfer does not offer, said once however many flags ask for it
         if done := done_one_way(name.replace("-", "_")):
             one_way += [done] * (done not in one_way)
             continue
         keys = keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75, sections=False)
         keys = [k for k in keys if k in known or k.startswith("model.kwargs.")]  # timm's own arguments
+        if keys and not value:  # a switch: on, for a boolean key
+            switched = [leaves_by_name[k].type in (bool, bool | None) for k in keys if k in leaves_by_name]
+            value = _SWITCHED_ON.get(name.replace("-", "_"), "true" if switched and all(switched) else "")
         if keys:
-            meant.append(" or ".join(f"{key}={value or after or 'VALUE'}" for key in keys))
+            meant.append(" or ".join(f"{key}={value or 'VALUE'}" for key in keys))
     said = [f"attnxfer takes config values as key=value: {' '.join(meant)}"] * bool(meant) + one_way
     return "".join(f"; {s}" for s in said)
 

@@ -179,6 +179,18 @@ CASES = [
         "trains with AdamW",
     ),
     (["train", "ema.momentum=0.99"], 2, "unknown config key 'ema.momentum'; did you mean 'ema.decay'?"),
+    # timm's one-letter flags, its C H W input size, several numbers and switches: the override each means (the
+    # input size was answered data.img_size=3, a switch key=VALUE, -b and -j not at all)
+    (
+        ["train", "-b", "64", "-j", "8", "--input-size", "3", "224", "224", "--mean", "0.5", "0.5", "0.5"],
+        2,
+        "key=value: data.batch_size=64 data.num_workers=8 data.img_size=224 data.mean=[0.5,0.5,0.5]",
+    ),
+    (
+        ["train", "--pin-mem", "--amp", "--model-ema", "--log-wandb"],
+        2,
+        "key=value: data.pin_memory=true precision=bf16 ema.decay=0.9998 log.trackers=[tensorboard,wandb]",
+    ),
     # the student's architecture is its timm name (model.type was answered 'teacher.dtype')
     (["train", "model.type=vit"], 2, "unknown config key 'model.type'; did you mean 'model.name'?"),
     # the blocks a conversion converts are chosen by convert.attention, not by a layer list elsewhere
