@@ -288,6 +288,10 @@ _SCRIPT_NAMES = {
     "teacher.name": "teacher.spec",
     "teacher.model": "teacher.spec",
     "teacher.path": "teacher.spec",
+    "report_to": "log.trackers",  # Hugging Face's TrainingArguments
+    "dataloader_num_workers": "data.num_workers",
+    "bf16": "precision",
+    "fp16": "precision",
     "model.type": "model.name",  # the student's architecture: a timm name
     "model.arch": "model.name",
     "model.architecture": "model.name",
@@ -300,6 +304,8 @@ _ONE_WAY = {
     "schedule": "the learning rate warms up linearly over schedule.warmup_epochs (step k of W at lr·(k+1)/W), "
     "then falls on a half-cosine to optim.min_lr (timm's and MAE's cosine), the one schedule attnxfer has; "
     "schedule.epochs or schedule.max_steps sets its length",
+    "warmup": "schedule.warmup_epochs sets the warmup in epochs, fractions allowed (S steps: S over the steps an "
+    "epoch takes; a ratio r of the run: r times schedule.epochs)",
     "convert": "convert.attention chooses the blocks a conversion converts: one name per block (softmax where "
     "a block keeps the teacher's attention, e.g. [performer, softmax, performer]), one name for all, or auto "
     "(chosen by measured sensitivity under convert.speedup)",
@@ -312,6 +318,8 @@ _ONE_WAY_KEYS = {
         ("sched", "scheduler", "lr_scheduler_type", "schedule.name", "schedule.type"), "schedule"
     ),
     **dict.fromkeys(("schedule.sched", "schedule.scheduler", "warmup_lr", "schedule.warmup_lr"), "schedule"),
+    **dict.fromkeys(("warmup_steps", "warmup_ratio", "warmup_iters", "schedule.warmup_steps"), "warmup"),
+    **dict.fromkeys(("schedule.warmup_ratio", "schedule.warmup_iters"), "warmup"),
     **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)

@@ -119,6 +119,12 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
     return written
 
 
+def _is_list(leaf) -> bool:
+    import typing
+
+    return leaf is not None and typing.get_origin(leaf.type) is list
+
+
 def _number(word: str) -> bool:
     try:
         float(word.split(" ")[0])
@@ -134,6 +140,8 @@ _SWITCHED_ON = {
     "amp": "bf16",  # mixed precision: attnxfer's is bfloat16 (auto: bf16 on GPU already)
     "model_ema": "0.9998",  # timm's --model-ema-decay default
     "log_wandb": "[tensorboard,wandb]",
+    "bf16": "bf16",  # Hugging Face's
+    "fp16": "fp16",
 }
 
 
@@ -164,6 +172,8 @@ def _as_overrides(written: list[tuple[str, str]]) -> str:
         if keys and not value:  # a switch: on, for a boolean key
             switched = [leaves_by_name[k].type in (bool, bool | None) for k in keys if k in leaves_by_name]
             value = _SWITCHED_ON.get(name.replace("-", "_"), "true" if switched and all(switched) else "")
+        if value and not value.startswith("[") and all(_is_list(leaves_by_name.get(k)) for k in keys):
+            value = f"[{value}]"  # Hugging Face's --report_to wandb: a list of one
         if keys:
             meant.append(" or ".join(f"{key}={value or 'VALUE'}" for key in keys))
     said = [f"attnxfer takes config values as key=value: {' '.join(meant)}"] * bool(meant) + one_way

@@ -205,7 +205,15 @@ def is_architecture(name: str) -> bool | None:
 def _check_architecture(key: str, value: Any) -> None:
     if not isinstance(value, str) or ":" in value or is_architecture(value) is not False:
         return  # hf-hub: and local-dir: names are resolved where the model is built
-    hint = did_you_mean(value.split(".", 1)[0], _timm_names() | _model_names(_MODELS))
+    arch = value.split(".", 1)[0]
+    # MAE's repository names its models without timm's resolution: vit_large_patch16, mae_vit_large_patch16
+    as_timm = f"{arch.removeprefix('mae_')}_224"
+    hint = (
+        f"; MAE's {arch} is timm's {as_timm!r}"
+        + " (with a decoder the mae section shapes)" * arch.startswith("mae_")
+        if as_timm in _timm_names()
+        else did_you_mean(arch, _timm_names() | _model_names(_MODELS))
+    )
     raise ConfigError(
         f"{key}: {value!r} is not a timm architecture{hint} (timm.list_models() lists them; attnxfer adds "
         f"{', '.join(sorted(_model_names(_MODELS)))})"

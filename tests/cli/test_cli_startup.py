@@ -186,6 +186,19 @@ CASES = [
         2,
         "key=value: data.batch_size=64 data.num_workers=8 data.img_size=224 data.mean=[0.5,0.5,0.5]",
     ),
+    # Hugging Face's flags; its warmup in steps was answered schedule.warmup_epochs=100 (epochs, not steps)
+    (
+        ["train", "--warmup_steps", "100", "--report_to", "wandb", "--bf16"],
+        2,
+        "key=value: log.trackers=[wandb] precision=bf16; schedule.warmup_epochs sets the warmup in epochs, "
+        "fractions allowed (S steps: S over the steps an epoch takes",
+    ),
+    # MAE's model names (its repository's, without timm's resolution) were answered 'samvit_large_patch16'
+    (
+        ["pretrain", "model.name=mae_vit_large_patch16"],
+        2,
+        "MAE's mae_vit_large_patch16 is timm's 'vit_large_patch16_224' (with a decoder the mae section shapes)",
+    ),
     (
         ["train", "--pin-mem", "--amp", "--model-ema", "--log-wandb"],
         2,
