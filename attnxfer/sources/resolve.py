@@ -128,6 +128,16 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
             f"{role} spec {spec!r} names nothing: give a timm name (vit_base_patch16_224.mae), "
             "hf-hub:ORG/NAME[@REVISION], local-dir:PATH or a weights file"
         )
+    # a web address, read as a path, was "https:/... does not exist"
+    if re.match(r"https?://", spec, flags=re.IGNORECASE):
+        hub = r"https?://(?:www\.)?huggingface\.co/(?!datasets/|spaces/)([\w.\-]+/[\w.\-]+)(?:/(?:tree|blob|resolve)/([^/]+))?"
+        if page := re.match(hub, spec):
+            pin = f"@{page[2]}" if page[2] and page[2] != "main" else ""
+            raise InputError(f"{role} spec {spec!r} is a Hub address: use 'hf-hub:{page[1]}{pin}'")
+        raise InputError(
+            f"{role} spec {spec!r} is a web address: attnxfer downloads no URL; download the file (wget "
+            f"{spec}) and give its path, with the timm architecture it was trained as ({_ARCH_KEY[role]})"
+        )
     if sep and prefix.lower() in ("hf-hub", "hf_hub"):
         repo, _, rev = rest.partition("@")
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):

@@ -990,6 +990,25 @@ def test_a_timm_name_pinned_with_at_revision_is_told_the_hub_spec_that_pins_it()
         load_teacher("vit_tiny_patch16_224@v1")  # untagged: the default tag's repo
 
 
+def test_a_web_address_is_told_the_hub_spec_it_names_or_to_be_downloaded_not_read_as_a_path():
+    """A teacher's URL was read as the path 'https:/...' and said not to exist."""
+    for url, said in (
+        (
+            "https://huggingface.co/facebook/dinov2-small",
+            r"is a Hub address: use 'hf-hub:facebook/dinov2-small'$",
+        ),
+        ("https://huggingface.co/timm/vit_t/tree/v1.0", r"use 'hf-hub:timm/vit_t@v1\.0'$"),
+        ("https://huggingface.co/a/b/resolve/main/model.safetensors", r"use 'hf-hub:a/b'$"),
+        (
+            "https://dl.fbaipublicfiles.com/mae/vit_b.pth",
+            r"downloads no URL; download the file \(wget https://dl",
+        ),
+    ):
+        for call in (load_teacher, fetch_teacher):
+            with pytest.raises(ValueError, match=said):
+                call(url)
+
+
 def test_a_misspelt_prefix_is_named_with_the_spec_it_meant(tiny_teacher_dir):
     """`local_dir:PATH` was said not to exist (the folder does), `hfhub:ORG/NAME` told to become 'hf-hub:hfhub:...'."""
     for given, meant in (
