@@ -85,6 +85,7 @@ class _Entry:
     builder: Callable[..., Dataset]
     info: InfoSource
     reads_root: bool = True
+    names: tuple[str, ...] = ()  # a prefix's names where it knows them (torch/cifar10): what a bare name meant
 
 
 _DATASETS: dict[str, _Entry] = {}
@@ -92,12 +93,15 @@ _DATASETS: dict[str, _Entry] = {}
 _PREFIXES: dict[str, _Entry] = {}
 
 
-def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInfo]) -> Callable:
+def register_prefix(
+    prefix: str, *, info: Callable[[str, str | None], DatasetInfo], names: Sequence[str] = ()
+) -> Callable:
     """Register ``builder(name, split, *, root, img_size, ...)`` for every dataset called ``prefix/NAME``
-    (``info(NAME, root)`` gives its defaults; it may take ``labels=`` too, as builders may)."""
+    (``info(NAME, root)`` gives its defaults; it may take ``labels=`` too, as builders may; ``names``: the
+    NAMEs it reads, where they are few and known)."""
 
     def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
-        _PREFIXES[prefix] = _Entry(builder, info)
+        _PREFIXES[prefix] = _Entry(builder, info, names=tuple(names))
         return builder
 
     return decorator
@@ -143,9 +147,13 @@ def _entry(name: str) -> _Entry:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
     raise InputError(
-        f"unknown dataset '{name}'{did_you_mean(name, _DATASETS)} (known datasets: {', '.join(list_datasets())}; "
+        f"unknown dataset '{name}'{did_you_mean(name, [*_DATASETS, *_prefixed_names()])} (known datasets: {', '.join(list_datasets())}; "
         f"a dataset of your own: @register_dataset in a module named by an '{DATASET_GROUP}' entry point)"
     )
+
+
+def _prefixed_names() -> list[str]:
+    return [f"{prefix}/{name}" for prefix, entry in _PREFIXES.items() for name in entry.names]
 
 
 def _options(builder: Callable) -> list[str]:

@@ -35,8 +35,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
     _ALLOWED = _allowed_globals()
 
-    def __init__(self, file, *, source: str = "<stream>"):
-        super().__init__(file)
+    def __init__(self, file, *, source: str = "<stream>", encoding: str = "ASCII"):
+        super().__init__(file, encoding=encoding)  # latin1: Python 2's pickles of numpy arrays (CIFAR's)
         self._source = source if source.startswith("<") else f"'{source}'"  # a file's name, quoted
 
     def find_class(self, module: str, name: str) -> Any:

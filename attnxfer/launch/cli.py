@@ -119,12 +119,6 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
     return written
 
 
-def _is_list(leaf) -> bool:
-    import typing
-
-    return leaf is not None and typing.get_origin(leaf.type) is list
-
-
 def _number(word: str) -> bool:
     try:
         float(word.split(" ")[0])
@@ -147,6 +141,8 @@ _SWITCHED_ON = {
 
 def _as_overrides(written: list[tuple[str, str]]) -> str:
     """Flags naming config keys (timm's and MAE's ``--epochs 5``) as what attnxfer takes: ``schedule.epochs=5``."""
+    from typing import get_args, get_origin
+
     from ..config.keys import leaves
     from ..config.overrides import done_one_way, keys_meant
     from ..config.schema import TrainConfig
@@ -169,11 +165,13 @@ def _as_overrides(written: list[tuple[str, str]]) -> str:
             continue
         keys = keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75, sections=False)
         keys = [k for k in keys if k in known or k.startswith("model.kwargs.")]  # timm's own arguments
+        types = [leaves_by_name[k].type for k in keys if k in leaves_by_name]  # model.kwargs.* have none
         if keys and not value:  # a switch: on, for a boolean key
-            switched = [leaves_by_name[k].type in (bool, bool | None) for k in keys if k in leaves_by_name]
-            value = _SWITCHED_ON.get(name.replace("-", "_"), "true" if switched and all(switched) else "")
-        if value and not value.startswith("[") and all(_is_list(leaves_by_name.get(k)) for k in keys):
-            value = f"[{value}]"  # Hugging Face's --report_to wandb: a list of one
+            on = "true" if types and all(t in (bool, bool | None) for t in types) else ""
+            value = _SWITCHED_ON.get(name.replace("-", "_"), on)
+        lists = len(types) == len(keys) and all(list in map(get_origin, (t, *get_args(t))) for t in types)
+        if value and not value.startswith("[") and lists:
+            value = f"[{value}]"  # Hugging Face's --report_to wandb, timm's --mean 0.5: a list of one
         if keys:
             meant.append(" or ".join(f"{key}={value or 'VALUE'}" for key in keys))
     said = [f"attnxfer takes config values as key=value: {' '.join(meant)}"] * bool(meant) + one_way

@@ -1,0 +1,163 @@
+"""``torch/NAME``: the small datasets torchvision downloads, by timm's names (``torch/cifar10``, ``torch/cifar100``,
+``torch/mnist``, ``torch/fashion_mnist``, ``torch/kmnist``), read from the folder torchvision wrote under
+``data.root`` and held in memory. torchvision reads MNIST's IDX files itself; CIFAR's batches are pickles,
+which torchvision unpickles whole, so they are read numpy-only here. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError, MissingPathError
+from ..run_layout import missing_path
+from .in_memory import InMemoryImageDataset
+from .registry import DatasetInfo, built_info, register_prefix
+from .safe_pickle import NumpyOnlyUnpickler, UnsafePickleError
+
+#: torchvision's class of each name, and for CIFAR the label key of its batches
+_CIFAR = {"cifar10": ("CIFAR10", "labels"), "cifar100": ("CIFAR100", "fine_labels")}
+_MNIST = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+
+
+def _refuse_unknown(name: str, root: str | None) -> None:
+    known = ", ".join(f"torch/{n}" for n in (*_CIFAR, *_MNIST))
+    if name not in _CIFAR and name not in _MNIST:
+        other = {"image_folder": "folder", "folder": "folder", "imagenet": "folder"}.get(name.lower())
+        instead = (
+            f"data.dataset={other} reads an ImageNet-style folder of class folders"
+            if other
+            else "another torchvision dataset: save its images as class folders and read them with "
+            "data.dataset=folder"
+        )
+        raise InputError(f"data.dataset=torch/{name}: attnxfer reads {known} from their files; {instead}")
+    if root is None:
+        raise InputError(
+            f"data.dataset=torch/{name} reads the folder torchvision downloads it into: set data.root=PATH "
+            "(the root given to torchvision.datasets)"
+        )
+
+
+def _folder(name: str, root: str) -> Path:
+    """The dataset's folder under ``root``, as torchvision lays it out; a missing one says how to fill it."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, _CIFAR[name][0] if name in _CIFAR else _MNIST[name])
+    folder = Path(root).expanduser() / (cls.base_folder if name in _CIFAR else f"{cls.__name__}/raw")
+    if not folder.is_dir():
+        raise MissingPathError(
+            f"data.dataset=torch/{name}: {missing_path(folder)}: download it there where there is a network "
+            f"(python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', download=True)\") "
+            "and copy data.root here"
+        )
+    return folder
+
+
+@functools.lru_cache(maxsize=2)
+def _arrays(name: str, root: str) -> dict[str, tuple[np.ndarray, np.ndarray, tuple[str, ...]]]:
+    """Each split's uint8 images (N, C, H, W) and int64 labels, with the class names; read once a process."""
+    import torchvision.datasets
+
+    folder = _folder(name, root)
+    if name in _MNIST:  # torchvision's own reader of the IDX files
+        cls = getattr(torchvision.datasets, _MNIST[name])
+        needed = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
+        if missing := [file for file in needed if not (folder / file).is_file()]:
+            zipped = [file for file in missing if (folder / f"{file}.gz").is_file()]
+            raise MissingPathError(
+                f"data.dataset=torch/{name}: '{folder}' lacks {', '.join(missing)}"
+                + (
+                    f" (gunzip {' '.join(f + '.gz' for f in zipped)}: torchvision reads them unpacked)"
+                    if zipped
+                    else ""
+                )
+            )
+        splits = {}
+        for split in ("train", "val"):
+            data = cls(str(Path(root).expanduser()), train=split == "train", download=False)
+            images, labels = data.data.numpy()[:, None], data.targets.numpy().astype(np.int64)
+            splits[split] = (images, labels, tuple(cls.classes))
+        return splits
+    cls = getattr(torchvision.datasets, _CIFAR[name][0])
+
+    def unpickled(file: str) -> dict:
+        path = folder / file
+        if not path.is_file():
+            raise MissingPathError(f"data.dataset=torch/{name}: {missing_path(path)}")
+        loaded = NumpyOnlyUnpickler(io.BytesIO(path.read_bytes()), source=str(path), encoding="latin1").load()
+        if not isinstance(loaded, dict):
+            raise UnsafePickleError(f"'{path}' holds a {type(loaded).__name__}, not CIFAR's batch (a dict)")
+        return loaded
+
+    classes = tuple(unpickled(cls.meta["filename"])[cls.meta["key"]])
+    splits = {}
+    for split, files in (("train", cls.train_list), ("val", cls.test_list)):
+        batches = [unpickled(file) for file, _ in files]
+        images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[_CIFAR[name][1]], dtype=np.int64) for b in batches])
+        splits[split] = (images.reshape(-1, 3, 32, 32), labels, classes)
+    return splits
+
+
+def _grey(images: np.ndarray) -> np.ndarray:
+    """RGB as PIL's ``convert("L")`` makes it (ITU-R 601-2 luma, its fixed-point rounding)."""
+    r, g, b = (images[:, c].astype(np.uint32) for c in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
+
+
+def torch_info(name: str, root: str | None) -> DatasetInfo:
+    """Its classes, size and channels, and the pixel statistics (of pixel/255) of its training split."""
+    _refuse_unknown(name, root)
+    images, _, classes = _arrays(name, str(root))["train"]
+    scaled = images.transpose(1, 0, 2, 3).reshape(images.shape[1], -1) / 255.0
+    return DatasetInfo(
+        name=f"torch/{name}",
+        num_classes=len(classes),
+        class_names=classes,
+        mean=tuple(round(float(m), 4) for m in scaled.mean(1)),
+        std=tuple(round(float(s), 4) for s in scaled.std(1)),
+        in_chans=images.shape[1],
+        img_size=images.shape[-1],
+    )
+
+
+@register_prefix("torch", info=torch_info, names=(*_CIFAR, *_MNIST))
+def build_torch(
+    name: str,
+    split: str,
+    *,
+    root: str | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    augment: bool | None = None,
+    crop_padding: int | None = None,
+    hflip: float | None = None,
+) -> InMemoryImageDataset:
+    """The split (val: the test files) in memory; ``augment`` (default: train) shifts by up to ``crop_padding``
+    pixels (CIFAR's 4, MNIST's 2) and flips with probability ``hflip`` (CIFAR's 0.5; digits and letters are
+    not flipped: 0). ``in_chans=1`` makes CIFAR grey as PIL does; MNIST's grey is repeated for 3 channels."""
+    default = torch_info(name, root)
+    images, labels, _ = _arrays(name, str(root))[split]
+    if in_chans == 1 and images.shape[1] == 3:
+        images = _grey(images)
+        default = replace(default, in_chans=1, mean=(sum(default.mean) / 3,), std=(sum(default.std) / 3,))
+    info = built_info(f"torch/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
+    cifar = name in _CIFAR
+    return InMemoryImageDataset(
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        info,
+        augment=split == "train" if augment is None else augment,
+        seed=seed,
+        crop_padding=(4 if cifar else 2) if crop_padding is None else crop_padding,
+        hflip=(0.5 if cifar else 0.0) if hflip is None else hflip,
+    )
