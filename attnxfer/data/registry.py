@@ -85,7 +85,8 @@ class _Entry:
     builder: Callable[..., Dataset]
     info: InfoSource
     reads_root: bool = True
-    names: tuple[str, ...] = ()  # a prefix's names where it knows them (torch/cifar10): what a bare name meant
+    # a prefix's names where it knows them (torch/cifar10): what a bare name (cifar10) meant
+    names: tuple[str, ...] = ()
 
 
 _DATASETS: dict[str, _Entry] = {}
@@ -146,14 +147,11 @@ def _entry(name: str) -> _Entry:
     if sep and prefix.lower() in _PREFIXES and rest:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
+    prefixed = [f"{prefix}/{name}" for prefix, entry in _PREFIXES.items() for name in entry.names]
     raise InputError(
-        f"unknown dataset '{name}'{did_you_mean(name, [*_DATASETS, *_prefixed_names()])} (known datasets: {', '.join(list_datasets())}; "
+        f"unknown dataset '{name}'{did_you_mean(name, [*_DATASETS, *prefixed])} (known datasets: {', '.join(list_datasets())}; "
         f"a dataset of your own: @register_dataset in a module named by an '{DATASET_GROUP}' entry point)"
     )
-
-
-def _prefixed_names() -> list[str]:
-    return [f"{prefix}/{name}" for prefix, entry in _PREFIXES.items() for name in entry.names]
 
 
 def _options(builder: Callable) -> list[str]:

@@ -105,12 +105,6 @@ def _arrays(name: str, root: str) -> dict[str, tuple[np.ndarray, np.ndarray, tup
     return splits
 
 
-def _grey(images: np.ndarray) -> np.ndarray:
-    """RGB as PIL's ``convert("L")`` makes it (ITU-R 601-2 luma, its fixed-point rounding)."""
-    r, g, b = (images[:, c].astype(np.uint32) for c in range(3))
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
-
-
 def torch_info(name: str, root: str | None) -> DatasetInfo:
     """Its classes, size and channels, and the pixel statistics (of pixel/255) of its training split."""
     _refuse_unknown(name, root)
@@ -147,8 +141,9 @@ def build_torch(
     not flipped: 0). ``in_chans=1`` makes CIFAR grey as PIL does; MNIST's grey is repeated for 3 channels."""
     default = torch_info(name, root)
     images, labels, _ = _arrays(name, str(root))[split]
-    if in_chans == 1 and images.shape[1] == 3:
-        images = _grey(images)
+    if in_chans == 1 and images.shape[1] == 3:  # grey as PIL's convert("L"): ITU-R 601-2 luma, its rounding
+        r, g, b = (images[:, c].astype(np.uint32) for c in range(3))
+        images = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
         default = replace(default, in_chans=1, mean=(sum(default.mean) / 3,), std=(sum(default.std) / 3,))
     info = built_info(f"torch/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     cifar = name in _CIFAR
