@@ -188,9 +188,10 @@ CASES = [
     ),
     # Hugging Face's flags; its warmup in steps was answered schedule.warmup_epochs=100 (epochs, not steps)
     (
-        ["train", "--warmup_steps", "100", "--report_to", "wandb", "--bf16"],
+        ["train", "--warmup_steps", "100", "--report_to", "wandb", "--bf16", "--std", "0.5"],
         2,
-        "key=value: log.trackers=[wandb] precision=bf16; schedule.warmup_epochs sets the warmup in epochs, "
+        "key=value: log.trackers=[wandb] precision=bf16 data.std=[0.5]; schedule.warmup_epochs sets the warmup in "
+        "epochs, "
         "fractions allowed (S steps: S over the steps an epoch takes",
     ),
     # MAE's model names (its repository's, without timm's resolution) were answered 'samvit_large_patch16'
