@@ -20,13 +20,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument(
         "--data",
         metavar="DATASET",
-        help="a registered dataset (animal_mnist, folder, recall, synthetic); default: the data the first "
+        help="a registered dataset (animal_mnist, folder, recall, synthetic, torch/cifar10, hfds/NAME, ...); "
+        "default: the data the first "
         "STUDENT given as a run folder was trained on, as its run made it",
     )
     p.add_argument(
         "--data-root",
         default=None,
-        help="dataset root (folder datasets; animal_mnist: the folder it caches its arrays in)",
+        help="dataset root (folder datasets; torch/NAME: torchvision's download folder; animal_mnist: the folder "
+        "it caches its arrays in)",
     )
     p.add_argument(
         "--data-kwargs",
