@@ -306,6 +306,9 @@ _ONE_WAY = {
     "schedule.epochs or schedule.max_steps sets its length",
     "warmup": "schedule.warmup_epochs sets the warmup in epochs, fractions allowed (S steps: S over the steps an "
     "epoch takes; a ratio r of the run: r times schedule.epochs)",
+    "memory": "attnxfer keeps every activation for the backward pass (no gradient checkpointing); to fit in "
+    "memory, divide data.batch_size and multiply optim.accum_steps by the same factor: each optimiser step then "
+    "sees the same batch",
     "convert": "convert.attention chooses the blocks a conversion converts: one name per block (softmax where "
     "a block keeps the teacher's attention, e.g. [performer, softmax, performer]), one name for all, or auto "
     "(chosen by measured sensitivity under convert.speedup)",
@@ -321,6 +324,8 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(("warmup_steps", "warmup_ratio", "warmup_iters", "schedule.warmup_steps"), "warmup"),
     **dict.fromkeys(("schedule.warmup_ratio", "schedule.warmup_iters"), "warmup"),
     **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
+    # timm's --grad-checkpointing, Hugging Face's gradient_checkpointing
+    **dict.fromkeys(("grad_checkpointing", "gradient_checkpointing", "model.grad_checkpointing"), "memory"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)
 _SECTION_VALUE = {

@@ -194,6 +194,12 @@ CASES = [
         "epochs, "
         "fractions allowed (S steps: S over the steps an epoch takes",
     ),
+    # timm's --grad-checkpointing (no such thing here): what fits a step in memory instead
+    (
+        ["train", "--grad-checkpointing"],
+        2,
+        "(no gradient checkpointing); to fit in memory, divide data.batch_size and multiply optim.accum_steps",
+    ),
     # MAE's model names (its repository's, without timm's resolution) were answered 'samvit_large_patch16'
     (
         ["pretrain", "model.name=mae_vit_large_patch16"],
