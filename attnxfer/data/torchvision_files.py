@@ -49,7 +49,15 @@ def _folder(name: str, root: str) -> Path:
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, _CIFAR[name][0] if name in _CIFAR else _MNIST[name])
-    folder = Path(root).expanduser() / (cls.base_folder if name in _CIFAR else f"{cls.__name__}/raw")
+    inside = cls.base_folder if name in _CIFAR else f"{cls.__name__}/raw"
+    folder = Path(root).expanduser() / inside
+    if above := next(
+        (p for p in Path(root).expanduser().absolute().parents[:2] if (p / inside).is_dir()), None
+    ):
+        raise MissingPathError(  # data.root=.../cifar-10-batches-py: the dataset's own folder
+            f"data.dataset=torch/{name}: data.root={root} is a folder of the dataset's own ({inside}/); give the "
+            f"folder torchvision downloaded into: data.root={above}"
+        )
     if not folder.is_dir():
         raise MissingPathError(
             f"data.dataset=torch/{name}: {missing_path(folder)}: download it there where there is a network "

@@ -152,6 +152,10 @@ def test_torch_datasets_say_what_to_change_where_they_cannot_be_read(tmp_path):
     with pytest.raises(InputError, match="torch/cifar10, torch/cifar100, torch/mnist, .*data.dataset=folder"):
         dataset_info("torch/svhn", root=str(tmp_path))
     folder = _write_cifar10(tmp_path)
+    with pytest.raises(
+        MissingPathError, match=rf"a folder of the dataset's own \(cifar-10-batches-py/\); .*={tmp_path}$"
+    ):
+        dataset_info("torch/cifar10", root=str(folder))  # torchvision's root is the folder above
     (folder / "data_batch_2").unlink()
     with pytest.raises(MissingPathError, match="data_batch_2 does not exist"):
         build_dataset("torch/cifar10", "train", root=str(tmp_path))
