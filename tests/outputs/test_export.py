@@ -893,6 +893,7 @@ def test_the_cards_code_loads_an_architecture_only_attnxfer_registers_in_a_new_p
         ("hfids/acme/pets", "acme/pets"),  # streamed from the Hub, the same Hub dataset
         ("wds/imagenet", "imagenet"),  # shards on disk: their name, no Hub id with a prefix
         ("animal_mnist", "animal_mnist"),
+        ("torch/cifar10", "cifar10"),  # torchvision's download: the Hub's id of the same dataset
     ],
 )
 def test_a_model_card_names_the_dataset_as_the_hub_does(dataset, named):
