@@ -148,8 +148,9 @@ def _entry(name: str) -> _Entry:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
     prefixed = [f"{prefix}/{name}" for prefix, entry in _PREFIXES.items() for name in entry.names]
+    meant = did_you_mean(name, [*_DATASETS, *prefixed])
     raise InputError(
-        f"unknown dataset '{name}'{did_you_mean(name, [*_DATASETS, *prefixed])} (known datasets: {', '.join(list_datasets())}; "
+        f"unknown dataset '{name}'{meant} (known datasets: {', '.join(list_datasets())}; "
         f"a dataset of your own: @register_dataset in a module named by an '{DATASET_GROUP}' entry point)"
     )
 

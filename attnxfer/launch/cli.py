@@ -121,7 +121,7 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
 
 def _number(word: str) -> bool:
     try:
-        float(word.split(" ")[0])
+        float(word)
     except ValueError:
         return False
     return True
