@@ -13,6 +13,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
@@ -498,9 +499,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, item in enumerate(items):
         if "=" not in item:
-            raise ConfigError(
-                f"override {item!r} is not key=value (e.g. transfer.mode=copy){_split_by_shell(items, i)}"
-            )
+            hint = _split_by_shell(items, i)
+            if not hint and item.endswith((".yaml", ".yml")):
+                hint = f"; a config file is given as -c {item}"
+            elif not hint and (item.startswith(("/", "./", "~")) or Path(item).expanduser().is_dir()):
+                hint = f"; a dataset's folder (timm's DATA_DIR) is given as data.root={item}"
+            raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy){hint}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):  # `=1`, `optim..lr=1`: else an unknown key '' or 'optim.' with far guesses

@@ -596,6 +596,22 @@ def test_a_stray_word_before_any_override_is_not_said_to_be_split():
     assert str(e.value) == "override 'nope' is not key=value (e.g. transfer.mode=copy)"
 
 
+def test_a_dataset_folder_or_a_yaml_file_given_alone_is_told_its_key_or_flag(tmp_path):
+    """timm's train.py takes its DATA_DIR as an argument of its own: given so, it was 'not key=value' alone."""
+    (tmp_path / "imagenet").mkdir()
+    for given, said in (
+        (
+            str(tmp_path / "imagenet"),
+            f"; a dataset's folder (timm's DATA_DIR) is given as data.root={tmp_path}/imagenet",
+        ),
+        ("/data/imagenet", "; a dataset's folder (timm's DATA_DIR) is given as data.root=/data/imagenet"),
+        ("my_recipe.yaml", "; a config file is given as -c my_recipe.yaml"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [given])
+        assert str(e.value) == f"override {given!r} is not key=value (e.g. transfer.mode=copy){said}"
+
+
 @pytest.mark.parametrize(
     "override,said",
     [
