@@ -55,6 +55,10 @@ def sbatch_spelling(flag: str, value: str) -> str | None:
         return "submitit sets it, writing the job's logs under --job-dir"
     if name == "job-name":
         own = f"--name {value}"
+    elif name == "gpus":  # the whole job's GPUs, over all its nodes
+        own = (
+            f"--gpus-per-node, each node's GPUs (sbatch's --gpus {value} counts the job's: divide by --nodes)"
+        )
     elif name == "gres" and (gpus := re.fullmatch(r"gpu(?::[\w.-]+)?:(\d+)", value)):
         own = f"--gpus-per-node {gpus[1]}"
     elif name in OWN_FLAG_KEYS:

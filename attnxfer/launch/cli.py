@@ -38,6 +38,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnxfer",
+        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EXAMPLES,
         description="Attention transfer for Vision Transformers: attention copy, attention distillation and "
@@ -186,7 +187,12 @@ def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser
     meant = []
     for item, _ in written:
         flag = item.partition("=")[0]
-        close = difflib.get_close_matches(flag.replace("_", "-"), flags, n=1, cutoff=0.8)
+        begun = [f for f in flags if f.startswith(flag)]  # an abbreviation, which argparse is not let take
+        close = (
+            begun[:1]
+            if len(begun) == 1
+            else difflib.get_close_matches(flag.replace("_", "-"), flags, n=1, cutoff=0.8)
+        )
         if flag.startswith("--") and close:  # of several strays, each says which it answers
             meant.append(f"{flag + ': ' if len(written) > 1 else ''}did you mean {close[0]}?")
     return f"; {'; '.join(meant)}" if meant else ""
@@ -195,7 +201,7 @@ def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser
 def _refuse_positionals_as_flags(argv: list[str], parser: argparse.ArgumentParser) -> None:
     """A command's argument written as a flag (``export R --out X``, ``inspect --teacher T --student S``, as
     timm's, MAE's and Hugging Face's scripts take them): refused with the command as it takes them. Asked
-    before argparse, which would answer such a call with a missing argument or an abbreviation of another flag
+    before argparse, which would answer such a call with a missing argument or another flag that begins so
     (``--teacher`` for ``--teacher-arch``)."""
     import shlex
 
@@ -209,7 +215,7 @@ def _refuse_positionals_as_flags(argv: list[str], parser: argparse.ArgumentParse
         name = flag.lstrip("-").lower().replace("-", "_")
         exact = [a for a in arguments if name in (a.dest, a.dest.rstrip("s"))]
         if exact or not name or any(o.startswith(flag) for o in options if o.startswith("--")):
-            return exact[0] if exact else None  # else an abbreviation of the command's own flag: argparse's
+            return exact[0] if exact else None  # else the start of the command's own flag: that flag meant
         close = [a for a in arguments if a.dest.startswith(name) or name.startswith(a.dest.split("_")[0])]
         return close[0] if len(close) == 1 else None
 

@@ -233,6 +233,14 @@ CASES = [
         2,
         "--output is sbatch's: submitit sets it, writing the job",
     ),
+    # no abbreviations: sbatch's --gpus 4 (the job's GPUs) was taken as --gpus-per-node 4, 8 GPUs on 2 nodes
+    (
+        ["submit", "--dry-run", "--gpus", "4", "--nodes", "2"],
+        2,
+        "--gpus is sbatch's: submit takes --gpus-per-node, each node's GPUs (sbatch's --gpus 4 counts the job's: "
+        "divide by --nodes)",
+    ),
+    (["train", "--print"], 2, "unrecognized arguments: --print; did you mean --print-config?"),
     # sbatch's -c is CPUs per task: read as a second config, it was answered "write base: demo/copy in 8"
     (
         ["submit", "--dry-run", "-c", "demo/copy", "-c", "8"],

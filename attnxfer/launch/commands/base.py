@@ -27,7 +27,8 @@ class Command:
 
     def add_to(self, sub: argparse._SubParsersAction) -> None:
         """Its sub-parser, which hands the parsed arguments to `run` (``--print-config`` to `show_config`)."""
-        p = sub.add_parser(self.name, **self.parser_options)
+        # no abbreviations: sbatch's --gpus 4 (the job's GPUs) was read as --gpus-per-node 4
+        p = sub.add_parser(self.name, allow_abbrev=False, **self.parser_options)
         self.arguments(p)
         p.set_defaults(func=self.run, show_config=self.show_config or print_config, command_parser=p)
 
