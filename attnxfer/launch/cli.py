@@ -6,6 +6,7 @@ its handler, so `attnxfer --help` and argument errors answer without loading tor
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import sys
@@ -109,7 +110,10 @@ def _as_written(stray: list[str], argv: list[str]) -> list[tuple[str, str]]:
         after = argv[i + 1 : i + 2] if i is not None else []
         start = start if i is None else i + 1
         value = after[0] if after and not after[0].startswith("-") and "=" not in after[0] else ""
-        if item.startswith("-") and "=" not in item and value:
+        if item == "--model-kwargs" and i is not None:  # timm's: the KEY=VALUE words after it, all
+            pairs = itertools.takewhile(lambda word: "=" in word and not word.startswith("-"), argv[i + 1 :])
+            written.append((item, " ".join(pairs)))
+        elif item.startswith("-") and "=" not in item and value:
             taken = [start]  # timm's --input-size 3 224 224, --mean 0.5 0.5 0.5: the numbers after it, all
             while _number(value) and taken[-1] + 1 < len(argv) and _number(argv[taken[-1] + 1]):
                 taken.append(taken[-1] + 1)
@@ -157,6 +161,11 @@ def _as_overrides(written: list[tuple[str, str]]) -> str:
         if not item.startswith("--"):
             continue
         name, _, value = item[2:].partition("=")
+        if name == "model-kwargs":  # timm's --model-kwargs depth=4 drop_rate=0.1
+            meant.append(
+                " ".join(f"model.kwargs.{pair}" for pair in after.split()) or "model.kwargs.KEY=VALUE"
+            )
+            continue
         value, numbers = value or after, (value or after).split()
         if len(numbers) > 1:  # timm's --input-size C H W is the image size; any other, a list
             value = numbers[1] if name.replace("-", "_") == "input_size" else f"[{','.join(numbers)}]"

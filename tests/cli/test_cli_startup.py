@@ -207,6 +207,11 @@ CASES = [
         "MAE's mae_vit_large_patch16 is timm's 'vit_large_patch16_224' (with a decoder the mae section shapes)",
     ),
     (
+        ["train", "--model-kwargs", "depth=4", "drop_rate=0.1", "--epochs", "2"],
+        2,
+        "key=value: model.kwargs.depth=4 model.kwargs.drop_rate=0.1 schedule.epochs=2",
+    ),
+    (
         ["train", "--pin-mem", "--amp", "--model-ema", "--log-wandb"],
         2,
         "key=value: data.pin_memory=true precision=bf16 ema.decay=0.9998 log.trackers=[tensorboard,wandb]",
