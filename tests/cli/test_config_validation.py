@@ -632,6 +632,8 @@ def test_an_override_with_an_empty_key_or_key_part_says_so(override, said):
     [
         ("schedule.epochs=1e3", "schedule.epochs: expected an integer, got 1000.0 (write 1000)"),
         ("schedule.epochs=2.5", "schedule.epochs: expected an integer, got 2.5"),
+        # an optional integer too (the hint was lost in the union's own message)
+        ("model.num_classes=10.0", "model.num_classes: expected an integer or null, got 10.0 (write 10)"),
         # a quoted number is YAML's string, for a float's key as for an int's ("1e-3" was taken, "3" refused)
         (
             "schedule.epochs='3'",
