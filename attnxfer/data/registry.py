@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -225,6 +226,8 @@ def build_dataset(
                 raise InputError(f"dataset '{name}': data.kwargs.{key} takes {said}, got {value!r}")
     if not labels and "labels" in inspect.signature(entry.builder).parameters:
         kwargs["labels"] = False  # the builder reads images alone
+    # ~ as the home folder for every dataset: timm's shard reader and the shard check would take it literally
+    root = None if root is None else os.path.expanduser(root)
     dataset = entry.builder(
         split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs
     )
@@ -309,7 +312,7 @@ def dataset_info(
     if isinstance(source, DatasetInfo):
         info = source
     else:
-        where = None if root is None else str(root)
+        where = None if root is None else os.path.expanduser(root)
         named = inspect.signature(source).parameters
         given = {k: v for k, v in (options or {}).items() if k in named and k not in ("root", "labels")}
         info = (

@@ -263,6 +263,14 @@ def test_wds_streams_tar_shards_with_timms_transforms(shards, animals):
     assert labels == sorted(animals["train"][1])
 
 
+def test_shards_under_a_root_written_with_a_tilde_are_read_from_the_home_folder(shards, monkeypatch):
+    """A shell leaves data.root=~/wds as it is: timm's reader and the shard check took '~' for a folder's name,
+    and every shard was said to be missing."""
+    monkeypatch.setenv("HOME", str(shards.parent))
+    options = {"val_split": f"val-000000.tar|{N_VAL}"}
+    assert len(list(build_dataset("wds/animals", "val", root=f"~/{shards.name}", **NORM, **options))) == N_VAL
+
+
 def test_a_label_the_students_head_does_not_have_is_one_message_naming_it(hf_dir, shards, animals, tmp_path):
     """Shards and tables need not say their class count: a label past ``model.num_classes`` would otherwise
     be an IndexError at the loss (a device-side assert on CUDA)."""
