@@ -43,6 +43,13 @@ _SBATCH_OTHER = frozenset(
 )
 
 
+#: sbatch options written without a value (``--exclusive``; some take one too: ``--exclusive=user``)
+_SBATCH_SWITCHES = frozenset(
+    ("exclusive", "requeue", "no-requeue", "contiguous", "overcommit", "oversubscribe", "spread-job", "hold")
+    + ("use-min-nodes", "no-kill")
+)
+
+
 def sbatch_spelling(flag: str, value: str) -> str | None:
     """How `attnxfer submit` takes an sbatch option written as sbatch takes it (``-p gpu``, ``--gres gpu:4``,
     ``--ntasks-per-node 4``), in words; None for a flag that is none of sbatch's."""
@@ -63,8 +70,8 @@ def sbatch_spelling(flag: str, value: str) -> str | None:
         own = f"--gpus-per-node {gpus[1]}"
     elif name in OWN_FLAG_KEYS:
         own = OWN_FLAG_KEYS[name] if " " in OWN_FLAG_KEYS[name] else f"{OWN_FLAG_KEYS[name]} {value}"
-    elif name in _SBATCH_OTHER:
-        own = f"--slurm {name}={value}"
+    elif name in _SBATCH_OTHER:  # a switch (--exclusive, --requeue) is its name alone
+        own = f"--slurm {name}" + ("" if name in _SBATCH_SWITCHES and value == "VALUE" else f"={value}")
     else:
         return None
     return f"submit takes {own}"
@@ -137,7 +144,7 @@ def _add_resource_arguments(g: argparse._ArgumentGroup) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other sbatch option, e.g. --slurm mail-type=END (repeatable)",
+        help="any other sbatch option, e.g. --slurm mail-type=END, or a switch alone: --slurm exclusive (repeatable)",
     )
     g.add_argument(
         "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
@@ -154,14 +161,19 @@ def _add_resource_arguments(g: argparse._ArgumentGroup) -> None:
 # -- KEY=VALUE lists (`--slurm`, `--sweep`, a study's `--vary`): parsed without importing submitit --
 
 
-def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` to a dict; a missing ``=`` or a repeated key is an error."""
-    out: dict[str, str] = {}
+def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str | bool]:
+    """``["KEY=VALUE", ...]`` to a dict; a missing ``=`` or a repeated key is an error, but for ``--slurm``,
+    where one of sbatch's switches is given alone or as KEY=true (``--slurm exclusive``: ``--exclusive``,
+    which sbatch refuses as ``--exclusive=true``)."""
+    out: dict[str, str | bool] = {}
     for item in items or ():
         key, sep, value = item.partition("=")
         key = key.strip()
+        if what == "--slurm" and key in _SBATCH_SWITCHES and (not sep or value.strip().lower() == "true"):
+            sep, value = "=", True
         if not sep or not key:
-            raise InputError(f"{what} expects KEY=VALUE, got {item!r}")
+            alone = f" (sbatch's switches alone: {', '.join(sorted(_SBATCH_SWITCHES))})" * (what == "--slurm")
+            raise InputError(f"{what} expects KEY=VALUE, got {item!r}{alone}")
         if key in out:
             raise InputError(f"{what} sets {key!r} twice")
         out[key] = value

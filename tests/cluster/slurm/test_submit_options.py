@@ -90,6 +90,7 @@ def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsy
         (["--slurm", "part=gpu"], "use --partition"),  # sbatch takes unambiguous abbreviations
         (["--slurm", "N=4"], "long option name"),
         (["--slurm", "output=x.log"], "submitit manages them"),
+        (["--slurm", "mail-type"], "expects KEY=VALUE, got 'mail-type' (sbatch's switches alone: contiguous,"),
         (["--max-preemptions", "-1"], "--max-preemptions must be >= 0"),
     ],
 )
@@ -120,6 +121,10 @@ def test_a_valid_dry_run_keeps_every_option_in_the_script_header(capsys, tmp_pat
         "3",
         "--slurm",
         "mail-type=END",
+        "--slurm",  # sbatch's switches: alone, or =true, which sbatch itself would refuse as --exclusive=true
+        "exclusive",
+        "--slurm",
+        "requeue=true",
     )
     assert code == 0, err
     options, commands = _sbatch_header(out)
@@ -132,6 +137,8 @@ def test_a_valid_dry_run_keeps_every_option_in_the_script_header(capsys, tmp_pat
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=3",
         "#SBATCH --mail-type=END",
+        "#SBATCH --exclusive",
+        "#SBATCH --requeue",
         "#SBATCH --signal=USR2@120",
     ):
         assert expected in options, (expected, options)
