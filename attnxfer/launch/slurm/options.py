@@ -113,7 +113,8 @@ class SlurmOptions:
     qos: str | None = None
     constraint: str | None = None
     exclude: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)  # anything else sbatch takes (--slurm KEY=VALUE)
+    # anything else sbatch takes (--slurm KEY=VALUE; True: a switch, --slurm exclusive)
+    extra: dict[str, str | bool] = field(default_factory=dict)
     job_dir: str | None = None  # submitit's folder (pickles, logs); default: <run_dir>/submitit
     name: str = "attnxfer"
     array_parallelism: int = 64  # sweep points running at once
