@@ -34,7 +34,7 @@ OWN_FLAG_KEYS = {
 #: sbatch's one-letter flags, by the option each stands for (-c is submit's config, as every command's)
 _SBATCH_LETTERS = {
     **dict(p="partition", t="time", N="nodes", A="account", q="qos", J="job-name", C="constraint"),
-    **dict(x="exclude", G="gpus", n="ntasks", o="output", e="error"),
+    **dict(x="exclude", G="gpus", n="ntasks", o="output", e="error", b="begin"),
 }
 #: sbatch options without a flag of submit's that `--slurm KEY=VALUE` passes on
 _SBATCH_OTHER = frozenset(

@@ -196,7 +196,7 @@ def _flags_meant(written: list[tuple[str, str]], parser: argparse.ArgumentParser
     meant = []
     for item, _ in written:
         flag = item.partition("=")[0]
-        begun = [f for f in flags if f.startswith(flag)]  # an abbreviation, which argparse is not let take
+        begun = [f for f in flags if f.startswith(flag)]  # a flag's start: argparse takes none (allow_abbrev)
         close = (
             begun[:1]
             if len(begun) == 1
