@@ -484,8 +484,8 @@ def _recipe_data(cfg: dict[str, Any], *, labels_read: bool = True) -> tuple[str 
     """(the card's training-data block, the dataset as a card names it) from a run's recipe, read
     (``labels_read`` False: a run whose objective reads no label, as MAE pre-training, whatever its loaders
     handed out). The name: a Hub dataset's id (``hfds/ORG/NAME`` or streamed ``hfids/ORG/NAME`` ->
-    ``ORG/NAME``), a webdataset's, torchvision's or a folder dataset's name (``wds/imagenet``, ``/data/imagenet``
-    -> ``imagenet``; ``torch/cifar10`` -> ``cifar10``), else the registered one."""
+    ``ORG/NAME``), a webdataset's, torchvision's or a folder dataset's name (``wds/imagenet``,
+    ``/data/imagenet`` -> ``imagenet``; ``torch/cifar10`` -> ``cifar10``), else the registered one."""
     data = cfg.get("data") or {}
     if not data:
         return None, None
@@ -500,7 +500,7 @@ def _recipe_data(cfg: dict[str, Any], *, labels_read: bool = True) -> tuple[str 
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
         return block, None
-    # a Hub dataset read whole or streamed; shards' name; torchvision's download (torch/cifar10: the Hub's cifar10)
+    # a Hub dataset read whole or streamed; shards' name; torchvision's download (torch/cifar10: cifar10)
     if name.startswith(("hfds/", "hfids/", "wds/", "torch/")):
         return block, name.split("/", 1)[1]
     if name == "folder" and data.get("root"):

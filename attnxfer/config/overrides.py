@@ -170,7 +170,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise
             except ConfigError:
                 continue
-        whole = int in args and isinstance(value, float) and value.is_integer()  # num_classes=10.0, YAML's 1e3
+        whole = (
+            int in args and isinstance(value, float) and value.is_integer()
+        )  # num_classes=10.0, YAML's 1e3
         hint = f" (write {int(value)})" if whole else _unquoted(value, tp)
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_as_given(value)}{hint}")
     if tp is Any:

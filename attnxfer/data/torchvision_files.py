@@ -1,7 +1,7 @@
-"""``torch/NAME``: the small datasets torchvision downloads, by timm's names (``torch/cifar10``, ``torch/cifar100``,
-``torch/mnist``, ``torch/fashion_mnist``, ``torch/kmnist``), read from the folder torchvision wrote under
-``data.root`` and held in memory. torchvision reads MNIST's IDX files itself; CIFAR's batches are pickles,
-which torchvision unpickles whole, so they are read numpy-only here. Nothing is downloaded.
+"""``torch/NAME``: the small datasets torchvision downloads, by timm's names (``torch/cifar10``,
+``torch/cifar100``, ``torch/mnist``, ``torch/fashion_mnist``, ``torch/kmnist``), read from the folder
+torchvision wrote under ``data.root`` and held in memory. torchvision reads MNIST's IDX files itself; CIFAR's
+batches are pickles, which torchvision unpickles whole, so they are read numpy-only here. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def _refuse_unknown(name: str, root: str | None) -> None:
 
 
 def _folder(name: str, root: str) -> Path:
-    """The dataset's folder under ``root`` (absolute), as torchvision lays it out; a missing one says how to fill
-    it."""
+    """The dataset's folder under ``root`` (absolute), as torchvision lays it out; a missing one says how to
+    fill it."""
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, _CIFAR[name][0] if name in _CIFAR else _MNIST[name])

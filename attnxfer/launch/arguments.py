@@ -144,7 +144,8 @@ def _add_resource_arguments(g: argparse._ArgumentGroup) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="any other sbatch option, e.g. --slurm mail-type=END, or a switch alone: --slurm exclusive (repeatable)",
+        help="any other sbatch option, e.g. --slurm mail-type=END, or a switch alone: --slurm exclusive "
+        "(repeatable)",
     )
     g.add_argument(
         "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
