@@ -1,7 +1,8 @@
 """``torch/NAME``: the small datasets torchvision downloads, by timm's names (``torch/cifar10``,
 ``torch/cifar100``, ``torch/mnist``, ``torch/fashion_mnist``, ``torch/kmnist``), read from the folder
-torchvision wrote under ``data.root`` and held in memory. torchvision reads MNIST's IDX files itself; CIFAR's
-batches are pickles, which torchvision unpickles whole, so they are read numpy-only here. Nothing is downloaded.
+torchvision wrote under ``data.root`` and held in memory. torchvision reads MNIST's IDX files itself;
+CIFAR's batches are pickles, which torchvision unpickles whole, so they are read numpy-only here. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
