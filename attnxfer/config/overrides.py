@@ -453,7 +453,13 @@ def merge_values(
     if not isinstance(data, Mapping):
         section = prefix.rstrip(".")
         if section in _SECTION_VALUE and isinstance(data, (str, int, float)):  # model=vit_tiny: its name
-            meant = f"{_SECTION_VALUE[section]}={yaml_value(data)}"
+            key = _SECTION_VALUE[section]
+            # data=/data/imagenet: a folder, not a dataset's name (torch/cifar10)
+            folder = isinstance(data, str) and (
+                data.startswith(("/", ".", "~")) or Path(data).expanduser().is_dir()
+            )
+            key = "data.root" if section == "data" and folder else key
+            meant = f"{key}={yaml_value(data)}"
             raise ConfigError(f"{section} is a section, not a value: did you mean {meant}?")
         if section in _ONE_WAY and isinstance(data, str):  # optim=sgd, as Hugging Face's Trainer names one
             raise ConfigError(f"{section}={data}: {_ONE_WAY[section]}")

@@ -137,7 +137,7 @@ class TransferConfig:
 
 @dataclass
 class DataConfig:
-    # animal_mnist | folder | synthetic | recall | hfds/NAME | hfids/NAME | wds/NAME | a plug-in
+    # animal_mnist | folder | synthetic | recall | hfds/NAME | hfids/NAME | wds/NAME | torch/NAME | a plug-in
     dataset: str = key("animal_mnist", range=ANY)
     # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...; animal_mnist: the folder its arrays are
     # cached in (its parent must exist); resumable: the same dataset at another path (a node-local copy)

@@ -545,6 +545,8 @@ def test_a_runs_json_record_given_as_its_config_points_to_its_config_yaml(tmp_pa
         ("transfer=copy", "transfer.mode=copy"),
         ("ema=0.9999", "ema.decay=0.9999"),  # was 'ema: expected a mapping, got 0.9999', no key named
         ("convert=performer", "convert.attention=performer"),
+        ("data=torch/cifar10", "data.dataset=torch/cifar10"),
+        ("data=/data/imagenet", "data.root=/data/imagenet"),  # a folder: was data.dataset=/data/imagenet
     ],
 )
 def test_a_section_given_a_value_names_the_key_that_value_means(override, meant):
