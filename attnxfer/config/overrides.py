@@ -341,8 +341,13 @@ _SECTION_VALUE = {
     "ema": "ema.decay",  # timm's --model-ema-decay: ema=0.9999 is the decay
     "convert": "convert.attention",  # what a conversion converts to (convert=performer)
 }
-#: values other tools spell otherwise (device=gpu is not the nearest spelling, cpu)
-_CHOICES_MEANT = {"gpu": ("cuda",)}
+#: values other tools spell otherwise (device=gpu is not the nearest spelling, cpu; Lightning's precision=16-mixed)
+_CHOICES_MEANT = {
+    "gpu": ("cuda",),
+    **dict.fromkeys(("amp", "bf16-mixed", "bfloat16"), ("bf16",)),
+    **dict.fromkeys(("16-mixed", "16", "half", "float16"), ("fp16",)),
+    **dict.fromkeys(("32", "32-true", "float32", "float", "full"), ("fp32",)),
+}
 #: timm's VisionTransformer arguments: ``model.depth`` means ``model.kwargs.depth``
 _VIT_ARGS = frozenset(
     (
@@ -498,6 +503,10 @@ def merge_values(
                 close = [c for c in _CHOICES_MEANT.get(str(bad), ()) if c in names]
                 close = close or difflib.get_close_matches(str(bad), names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
+                if where == "device" and str(bad).startswith(
+                    "cuda:"
+                ):  # one GPU of several: by the environment
+                    hint += f" (GPU {str(bad)[5:]} alone: CUDA_VISIBLE_DEVICES={str(bad)[5:]} attnxfer ...)"
                 if "" in rule.choices:  # a command line refuses `KEY=`: the empty choice is spelled out
                     names.append(f"'' (none: {where}=\"''\" on a command line)")
                 raise ConfigError(f"{where}: {bad!r} is not one of {', '.join(names)}{hint}")

@@ -255,6 +255,17 @@ CASES = [
     (["train", "data.path=/x"], 2, "unknown config key 'data.path'; did you mean 'data.root'?"),
     (["train", "optim.wd=0.1"], 2, "unknown config key 'optim.wd'; did you mean 'optim.weight_decay'?"),
     (["train", "device=gpu"], 2, "device: 'gpu' is not one of auto, cpu, cuda; did you mean 'cuda'?"),
+    (
+        ["train", "device=cuda:1"],
+        2,
+        "did you mean 'cuda'? (GPU 1 alone: CUDA_VISIBLE_DEVICES=1 attnxfer ...)",
+    ),
+    # Lightning's and PyTorch's spellings of a precision (16-mixed had no answer, bfloat16 the nearest)
+    (
+        ["train", "precision=16-mixed"],
+        2,
+        "precision: '16-mixed' is not one of auto, fp32, bf16, fp16; did you mean 'fp16'?",
+    ),
     (["train", "model.depth=4"], 2, "unknown config key 'model.depth'; did you mean 'model.kwargs.depth'?"),
     (
         ["train", "transfer.weight=3"],
