@@ -246,8 +246,9 @@ def _refuse_positionals_as_flags(argv: list[str], parser: argparse.ArgumentParse
                 break
             after.append(argv[i])
             i += 1
-        if argument is None:
-            kept += [item, *after]
+        if argument is None:  # the command's own flag, whole (`--num 3` is said as `--num-images 3`)
+            whole = next((o for o, a in options.items() if a is action and o.startswith(flag)), flag)
+            kept += [whole + eq + inline if flag.startswith("--") else item, *after]
         else:
             given.setdefault(argument.dest, []).extend([inline] * bool(eq) + after)
             flags.append(flag)

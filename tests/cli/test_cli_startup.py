@@ -46,7 +46,7 @@ CASES = [
         ["inspect", "--teacher", "t", "--num", "3", "--students", "s1", "s2"],
         2,
         "--teacher, --students: inspect takes them as arguments, written without a flag: "
-        "attnxfer inspect t s1 s2 --num 3",
+        "attnxfer inspect t s1 s2 --num-images 3",
     ),
     (["inspect", "t", "--student", "s"], 2, "written without a flag: attnxfer inspect t s\n"),
     (["fetch", "--spec", "vit_tiny"], 2, "--spec: fetch takes it as an argument, written without a flag"),
