@@ -90,7 +90,10 @@ def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsy
         (["--slurm", "part=gpu"], "use --partition"),  # sbatch takes unambiguous abbreviations
         (["--slurm", "N=4"], "long option name"),
         (["--slurm", "output=x.log"], "submitit manages them"),
-        (["--slurm", "mail-type"], "expects KEY=VALUE, got 'mail-type' (sbatch's switches alone: contiguous,"),
+        (
+            ["--slurm", "mail-type"],
+            "expects KEY=VALUE, got 'mail-type' (sbatch's switches alone: contiguous,",
+        ),
         (["--max-preemptions", "-1"], "--max-preemptions must be >= 0"),
     ],
 )
