@@ -314,6 +314,9 @@ _ONE_WAY = {
     "memory": "attnxfer keeps every activation for the backward pass (no gradient checkpointing); to fit in "
     "memory, divide data.batch_size and multiply optim.accum_steps by the same factor: each optimiser step then "
     "sees the same batch",
+    "download": "there is no download switch: torch/NAME reads the folder data.root names, which torchvision's "
+    "download=True fills where there is a network; hfds/NAME downloads into its cache (data.root) by itself where "
+    "the Hub can be reached",
     "convert": "convert.attention chooses the blocks a conversion converts: one name per block (softmax where "
     "a block keeps the teacher's attention, e.g. [performer, softmax, performer]), one name for all, or auto "
     "(chosen by measured sensitivity under convert.speedup)",
@@ -329,6 +332,9 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(("warmup_steps", "warmup_ratio", "warmup_iters", "schedule.warmup_steps"), "warmup"),
     **dict.fromkeys(("schedule.warmup_ratio", "schedule.warmup_iters"), "warmup"),
     **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
+    **dict.fromkeys(
+        ("dataset_download", "download", "data.download"), "download"
+    ),  # timm's --dataset-download
     # timm's --grad-checkpointing, Hugging Face's gradient_checkpointing
     **dict.fromkeys(("grad_checkpointing", "gradient_checkpointing", "model.grad_checkpointing"), "memory"),
 }

@@ -151,11 +151,20 @@ def build_torch(
     augment: bool | None = None,
     crop_padding: int | None = None,
     hflip: float | None = None,
+    download: bool = False,
 ) -> InMemoryImageDataset:
     """The split (val: the test files) in memory; ``augment`` (default: train) shifts by up to ``crop_padding``
     pixels (CIFAR's 4, MNIST's 2) and flips with probability ``hflip`` (CIFAR's 0.5; digits and letters are
-    not flipped: 0). ``in_chans=1`` makes CIFAR grey as PIL does; MNIST's grey is repeated for 3 channels."""
+    not flipped: 0). ``in_chans=1`` makes CIFAR grey as PIL does; MNIST's grey is repeated for 3 channels.
+    ``download`` (timm's ``--dataset-download``) is refused: a run reads the files it is given."""
     _refuse_unknown(name, root)
+    if download:
+        cls = _CIFAR[name][0] if name in _CIFAR else _MNIST[name]
+        raise InputError(
+            f"data.kwargs.download: torch/ datasets are read from data.root, never downloaded by a run; fill it "
+            f"where there is a network (python -c \"import torchvision; torchvision.datasets.{cls}('{root}', "
+            'download=True)") and drop the option'
+        )
     splits, default = _read(name, os.path.abspath(os.path.expanduser(root)))
     images, labels = splits[split]
     if in_chans == 1 and images.shape[1] == 3:  # grey as PIL's convert("L"): ITU-R 601-2 luma, its rounding

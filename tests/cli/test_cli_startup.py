@@ -194,6 +194,7 @@ CASES = [
         "epochs, "
         "fractions allowed (S steps: S over the steps an epoch takes",
     ),
+    (["train", "--dataset-download"], 2, "--dataset-download; there is no download switch: torch/NAME reads"),
     # timm's --grad-checkpointing (no such thing here): what fits a step in memory instead
     (
         ["train", "--grad-checkpointing"],

@@ -156,6 +156,12 @@ def test_torch_datasets_say_what_to_change_where_they_cannot_be_read(tmp_path):
         MissingPathError, match=rf"a folder of the dataset's own \(cifar-10-batches-py/\); .*={tmp_path}$"
     ):
         dataset_info("torch/cifar10", root=str(folder))  # torchvision's root is the folder above
+    with pytest.raises(
+        InputError, match=r"download: torch/ datasets are read from data.root, never downloaded"
+    ):
+        build_dataset(
+            "torch/cifar10", "train", root=str(tmp_path), download=True
+        )  # timm's --dataset-download
     (folder / "data_batch_2").unlink()
     with pytest.raises(MissingPathError, match="data_batch_2 does not exist"):
         build_dataset("torch/cifar10", "train", root=str(tmp_path))
