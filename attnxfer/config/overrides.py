@@ -297,6 +297,11 @@ _SCRIPT_NAMES = {
     "dataloader_num_workers": "data.num_workers",
     "bf16": "precision",
     "fp16": "precision",
+    "adam_beta1": "optim.beta1",
+    "adam_beta2": "optim.beta2",
+    "adam_epsilon": "optim.eps",
+    "logging_dir": "run_dir",
+    "dataloader_pin_memory": "data.pin_memory",
     "model.type": "model.name",  # the student's architecture: a timm name
     "model.arch": "model.name",
     "model.architecture": "model.name",
@@ -314,6 +319,10 @@ _ONE_WAY = {
     "memory": "attnxfer keeps every activation for the backward pass (no gradient checkpointing); to fit in "
     "memory, divide data.batch_size and multiply optim.accum_steps by the same factor: each optimiser step then "
     "sees the same batch",
+    "when": "a run evaluates at the end of every epoch and of the run, and saves there too "
+    "(checkpoint.every_epoch), every checkpoint.every_steps steps and every checkpoint.every_minutes minutes",
+    "hub": "a run's student reaches the Hub through its export: attnxfer export RUN_DIR OUT_DIR --push-to-hub "
+    "ORG/NAME (a model card, timm's and transformers' files)",
     "download": "there is no download switch: torch/NAME reads the folder data.root names, which torchvision's "
     "download=True fills where there is a network; hfds/NAME downloads into its cache (data.root) by itself where "
     "the Hub can be reached",
@@ -332,9 +341,11 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(("warmup_steps", "warmup_ratio", "warmup_iters", "schedule.warmup_steps"), "warmup"),
     **dict.fromkeys(("schedule.warmup_ratio", "schedule.warmup_iters"), "warmup"),
     **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
-    **dict.fromkeys(
-        ("dataset_download", "download", "data.download"), "download"
-    ),  # timm's --dataset-download
+    # timm's --dataset-download
+    **dict.fromkeys(("dataset_download", "download", "data.download"), "download"),
+    # Hugging Face's TrainingArguments
+    **dict.fromkeys(("eval_strategy", "evaluation_strategy", "save_strategy", "eval_steps"), "when"),
+    **dict.fromkeys(("push_to_hub", "hub_model_id"), "hub"),
     # timm's --grad-checkpointing, Hugging Face's gradient_checkpointing
     **dict.fromkeys(("grad_checkpointing", "gradient_checkpointing", "model.grad_checkpointing"), "memory"),
 }

@@ -194,6 +194,13 @@ CASES = [
         "epochs, "
         "fractions allowed (S steps: S over the steps an epoch takes",
     ),
+    (
+        ["train", "--adam_beta2", "0.95", "--eval_strategy", "steps", "--push_to_hub"],
+        2,
+        "key=value: optim.beta2=0.95; a run evaluates at the end of every epoch and of the run, and saves there "
+        "too (checkpoint.every_epoch), every checkpoint.every_steps steps and every checkpoint.every_minutes "
+        "minutes; a run's student reaches the Hub through its export: attnxfer export RUN_DIR OUT_DIR --push-to-hub",
+    ),
     (["train", "--dataset-download"], 2, "--dataset-download; there is no download switch: torch/NAME reads"),
     # timm's --grad-checkpointing (no such thing here): what fits a step in memory instead
     (
