@@ -153,7 +153,8 @@ def test_torch_datasets_say_what_to_change_where_they_cannot_be_read(tmp_path):
         dataset_info("torch/svhn", root=str(tmp_path))
     folder = _write_cifar10(tmp_path)
     with pytest.raises(
-        MissingPathError, match=rf"a folder of the dataset's own \(cifar-10-batches-py/\); .*={tmp_path}$"
+        MissingPathError,
+        match=rf"a folder of the dataset's own \(cifar-10-batches-py/\); .*={re.escape(str(tmp_path))}$",
     ):
         dataset_info("torch/cifar10", root=str(folder))  # torchvision's root is the folder above
     with pytest.raises(
