@@ -477,10 +477,7 @@ def merge_values(
         if section in _SECTION_VALUE and isinstance(data, (str, int, float)):  # model=vit_tiny: its name
             key = _SECTION_VALUE[section]
             # data=/data/imagenet: a folder, not a dataset's name (torch/cifar10)
-            folder = isinstance(data, str) and (
-                data.startswith(("/", ".", "~")) or Path(data).expanduser().is_dir()
-            )
-            key = "data.root" if section == "data" and folder else key
+            key = "data.root" if section == "data" and isinstance(data, str) and _a_folder(data) else key
             meant = f"{key}={yaml_value(data)}"
             raise ConfigError(f"{section} is a section, not a value: did you mean {meant}?")
         if section in _ONE_WAY and isinstance(data, str):  # optim=sgd, as Hugging Face's Trainer names one
@@ -530,6 +527,11 @@ def merge_values(
     return dataclasses.replace(obj, **changes)
 
 
+def _a_folder(text: str) -> bool:
+    """Whether a word given for a dataset reads as its folder (timm's DATA_DIR), not a dataset's name."""
+    return text.startswith(("/", ".", "~")) or Path(text).expanduser().is_dir()
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     """``["optim.lr=1e-3", "transfer.layers=[0,1]"]`` -> ``{"optim.lr": "1e-3", ...}`` (raw strings)."""
     out: dict[str, str] = {}
@@ -538,7 +540,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
             hint = _split_by_shell(items, i)
             if not hint and item.endswith((".yaml", ".yml")):
                 hint = f"; a config file is given as -c {item}"
-            elif not hint and (item.startswith(("/", "./", "~")) or Path(item).expanduser().is_dir()):
+            elif not hint and _a_folder(item):
                 hint = f"; a dataset's folder (timm's DATA_DIR) is given as data.root={item}"
             raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy){hint}")
         key, raw = item.split("=", 1)

@@ -23,14 +23,23 @@ from .in_memory import InMemoryImageDataset
 from .registry import DatasetInfo, built_info, register_prefix
 from .safe_pickle import NumpyOnlyUnpickler, UnsafePickleError
 
-#: torchvision's class of each name, and for CIFAR the label key of its batches
-_CIFAR = {"cifar10": ("CIFAR10", "labels"), "cifar100": ("CIFAR100", "fine_labels")}
-_MNIST = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "kmnist": "KMNIST"}
+#: torchvision's class of each name
+_CLASSES = {
+    **dict(cifar10="CIFAR10", cifar100="CIFAR100"),
+    **dict(mnist="MNIST", fashion_mnist="FashionMNIST", kmnist="KMNIST"),
+}
+#: the label key of CIFAR's batches (the MNISTs are read by torchvision itself)
+_CIFAR_LABELS = {"cifar10": "labels", "cifar100": "fine_labels"}
+
+
+def _fill_command(name: str, root: str) -> str:
+    """The command that downloads ``name`` into ``root``, where there is a network."""
+    return f"python -c \"import torchvision; torchvision.datasets.{_CLASSES[name]}('{root}', download=True)\""
 
 
 def _refuse_unknown(name: str, root: str | None) -> None:
-    known = ", ".join(f"torch/{n}" for n in (*_CIFAR, *_MNIST))
-    if name not in _CIFAR and name not in _MNIST:
+    known = ", ".join(f"torch/{n}" for n in _CLASSES)
+    if name not in _CLASSES:
         other = {"image_folder": "folder", "folder": "folder", "imagenet": "folder"}.get(name.lower())
         instead = (
             f"data.dataset={other} reads an ImageNet-style folder of class folders"
@@ -46,13 +55,10 @@ def _refuse_unknown(name: str, root: str | None) -> None:
         )
 
 
-def _folder(name: str, root: str) -> Path:
-    """The dataset's folder under ``root`` (absolute), as torchvision lays it out; a missing one says how to
-    fill it."""
-    import torchvision.datasets
-
-    cls = getattr(torchvision.datasets, _CIFAR[name][0] if name in _CIFAR else _MNIST[name])
-    inside = cls.base_folder if name in _CIFAR else f"{cls.__name__}/raw"
+def _folder(name: str, root: str, cls: type) -> Path:
+    """The dataset's folder under ``root`` (absolute), as torchvision's ``cls`` lays it out; a missing one says
+    how to fill it."""
+    inside = cls.base_folder if name in _CIFAR_LABELS else f"{cls.__name__}/raw"
     folder = Path(root) / inside
     if above := next((p for p in Path(root).parents[:2] if (p / inside).is_dir()), None):
         raise MissingPathError(  # data.root=.../cifar-10-batches-py: the dataset's own folder
@@ -62,8 +68,7 @@ def _folder(name: str, root: str) -> Path:
     if not folder.is_dir():
         raise MissingPathError(
             f"data.dataset=torch/{name}: {missing_path(folder)}: download it there where there is a network "
-            f"(python -c \"import torchvision; torchvision.datasets.{cls.__name__}('{root}', download=True)\") "
-            "and copy data.root here"
+            f"({_fill_command(name, root)}) and copy data.root here"
         )
     return folder
 
@@ -74,9 +79,9 @@ def _read(name: str, root: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     channels and the pixel statistics of its training split), read once a process (``root``: absolute)."""
     import torchvision.datasets
 
-    folder = _folder(name, root)
-    if name in _MNIST:  # torchvision's own reader of the IDX files
-        cls = getattr(torchvision.datasets, _MNIST[name])
+    cls = getattr(torchvision.datasets, _CLASSES[name])
+    folder = _folder(name, root, cls)
+    if name not in _CIFAR_LABELS:  # torchvision's own reader of the MNISTs' IDX files
         needed = [Path(url).name.removesuffix(".gz") for url, _ in cls.resources]
         if missing := [file for file in needed if not (folder / file).is_file()]:
             zipped = [file for file in missing if (folder / f"{file}.gz").is_file()]
@@ -93,7 +98,6 @@ def _read(name: str, root: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
             data = cls(root, train=split == "train", download=False)
             splits[split] = (data.data.numpy()[:, None], data.targets.numpy().astype(np.int64))
         return splits, _info(name, splits["train"][0], tuple(cls.classes))
-    cls = getattr(torchvision.datasets, _CIFAR[name][0])
 
     def unpickled(file: str) -> dict:
         path = folder / file
@@ -109,7 +113,7 @@ def _read(name: str, root: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]
     for split, files in (("train", cls.train_list), ("val", cls.test_list)):
         batches = [unpickled(file) for file, _ in files]
         images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[_CIFAR[name][1]], dtype=np.int64) for b in batches])
+        labels = np.concatenate([np.asarray(b[_CIFAR_LABELS[name]], dtype=np.int64) for b in batches])
         splits[split] = (images.reshape(-1, 3, 32, 32), labels)
     return splits, _info(name, splits["train"][0], classes)
 
@@ -134,10 +138,10 @@ def _info(name: str, images: np.ndarray, classes: tuple[str, ...]) -> DatasetInf
 def torch_info(name: str, root: str | None) -> DatasetInfo:
     """Its classes, size and channels, and the pixel statistics (of pixel/255) of its training split."""
     _refuse_unknown(name, root)
-    return _read(name, os.path.abspath(os.path.expanduser(root)))[1]
+    return _read(name, os.path.abspath(root))[1]  # the registry expanded a ~
 
 
-@register_prefix("torch", info=torch_info, names=(*_CIFAR, *_MNIST))
+@register_prefix("torch", info=torch_info, names=tuple(_CLASSES))
 def build_torch(
     name: str,
     split: str,
@@ -159,20 +163,18 @@ def build_torch(
     ``download`` (timm's ``--dataset-download``) is refused: a run reads the files it is given."""
     _refuse_unknown(name, root)
     if download:
-        cls = _CIFAR[name][0] if name in _CIFAR else _MNIST[name]
         raise InputError(
-            f"data.kwargs.download: torch/ datasets are read from data.root, never downloaded by a run; fill it "
-            f"where there is a network (python -c \"import torchvision; torchvision.datasets.{cls}('{root}', "
-            'download=True)") and drop the option'
+            "data.kwargs.download: torch/ datasets are read from data.root, never downloaded by a run; fill it "
+            f"where there is a network ({_fill_command(name, root)}) and drop the option"
         )
-    splits, default = _read(name, os.path.abspath(os.path.expanduser(root)))
+    splits, default = _read(name, os.path.abspath(root))  # the registry expanded a ~
     images, labels = splits[split]
     if in_chans == 1 and images.shape[1] == 3:  # grey as PIL's convert("L"): ITU-R 601-2 luma, its rounding
         r, g, b = (images[:, c].astype(np.uint32) for c in range(3))
         images = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
         default = replace(default, in_chans=1, mean=(sum(default.mean) / 3,), std=(sum(default.std) / 3,))
     info = built_info(f"torch/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
-    cifar = name in _CIFAR
+    cifar = name in _CIFAR_LABELS
     return InMemoryImageDataset(
         torch.from_numpy(images),
         torch.from_numpy(labels),
