@@ -494,10 +494,12 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert code == 0, err[-3000:]
     assert "conversion plan: softmax teacher -> hedgehog student (2 blocks)" in out
     assert "logit distillation: weight 1, temperature 2" in out
+    teacher_line = re.search(r"^teacher val top-1 (\d+\.\d\d)$", out, re.M)
     # stage 2 fine-tunes the teacher's weights: its 2 steps are no student left untrained
     assert "fewer than 100" not in out
     report = json.loads((run / "report.json").read_text())
     top1 = report["top1"]
+    assert teacher_line and teacher_line[1] == f"{top1['teacher']:.2f}", out
     assert set(top1) == {"teacher", "before_stage1", "after_stage1", "after_stage2"}
     assert all(isinstance(v, float) and 0 <= v <= 100 for v in top1.values())
     assert report["recovered_pct"] == pytest.approx(100 * top1["after_stage2"] / top1["teacher"])

@@ -51,7 +51,13 @@ from ..run.training import (
     train,
 )
 from .quality import QualityProbe, stage2_worse
-from .report import STAGE_ROWS, render_conversion_report, teacher_near_chance, teacher_top1_line
+from .report import (
+    HEADLESS_TEACHER,
+    NO_LABELS,
+    STAGE_ROWS,
+    render_conversion_report,
+    teacher_near_chance,
+)
 from .selection import (
     AUTO,
     PARTIAL_FILE,
@@ -236,7 +242,8 @@ def convert_runs(
             if first.labelled
             else None
         )
-        speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
+        none = f": none ({HEADLESS_TEACHER if first.labelled else NO_LABELS})"
+        speak.say(f"teacher val top-1{none if teacher_top1 is None else f' {teacher_top1:.2f}'}")
         if (
             near_chance := teacher_near_chance(teacher_top1, getattr(first.teacher, "num_classes", 0))
         ) is not None:

@@ -53,14 +53,6 @@ def top1_interval_text(top1: float | None, n: int | None) -> str:
     return f"[{lo:.1f}, {hi:.1f}]"
 
 
-def teacher_top1_line(top1: float | None, labelled: bool = True) -> str:
-    return (
-        f"teacher val top-1 {top1:.2f}"
-        if top1 is not None
-        else f"teacher val top-1: none ({HEADLESS_TEACHER if labelled else NO_LABELS})"
-    )
-
-
 def teacher_near_chance(top1: float | None, classes: int) -> str | None:
     """A warning where the teacher's top-1 is under twice chance: the students learn what it shows, so such a
     teacher is one trained on other data (a generated task's other seed, other normalisation, other labels)."""
