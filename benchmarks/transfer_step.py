@@ -212,13 +212,15 @@ class TrainStep:
         teacher_dtype: torch.dtype | None = None,
         arch: str = "vit",
     ):
-        if mode not in MODES and ce_path_of(mode) not in CE_CHOICES:
+        base, checkpointed = mode.removesuffix("+ckpt"), mode.endswith("+ckpt")
+        if base not in MODES and ce_path_of(base) not in CE_CHOICES:
             raise ValueError(
                 f"unknown benchmark mode {mode!r}; choose from {MODES} or distill:<{CE_CHOICES}>"
             )
-        self.mode = mode
+        self.mode, mode = mode, base
         path = ce_path_of(mode)
         student = build_vit(student_shape, tokens, seed=0, arch=arch)
+        student.set_grad_checkpointing(checkpointed)
         if mode == "none":
             teacher = None
         transfer = "distill" if is_distill(mode) else mode
@@ -267,12 +269,13 @@ class TrainStep:
         return contextlib.nullcontext()
 
     def __call__(self) -> None:
-        with self._autocast():
-            out = self.model(self.x)
-            loss = F.cross_entropy(out.logits.float(), self.y)
-            if out.loss is not None:
-                loss = loss + out.loss
-        loss.backward()
+        with self.model.kept_for_backward():  # what a checkpointing student's recomputed blocks borrow again
+            with self._autocast():
+                out = self.model(self.x)
+                loss = F.cross_entropy(out.logits.float(), self.y)
+                if out.loss is not None:
+                    loss = loss + out.loss
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -404,6 +407,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--json", metavar="PATH", default=None, help="also write the table and machine facts as JSON"
     )
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="also copy+ckpt and distill+ckpt: the student's blocks recompute their activations in the backward",
+    )
     p.add_argument("--quick", action="store_true", help="smoke mode: depth 2, batch 2, 2 rounds, no RSS")
     args = p.parse_args(argv)
     q = args.quick
@@ -421,6 +429,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"--ce-paths: unknown {', '.join(unknown)}; choose from {', '.join(CE_CHOICES)}")
     args.modes = (*MODES, *(f"distill:{c}" for c in args.ce_paths))
+    args.modes += ("copy+ckpt", "distill+ckpt") if args.grad_checkpointing else ()
     args.device = bench_device(args.device)
     refuse_triton_off_cuda(args.ce_paths, args.device)
     if args.rss is None:

@@ -305,6 +305,8 @@ _SCRIPT_NAMES = {
     "model.type": "model.name",  # the student's architecture: a timm name
     "model.arch": "model.name",
     "model.architecture": "model.name",
+    "grad_checkpointing": "model.grad_checkpointing",  # timm's --grad-checkpointing
+    "gradient_checkpointing": "model.grad_checkpointing",  # Hugging Face's
 }
 #: what timm's, MAE's and Hugging Face's scripts let one choose and attnxfer does one way, or what another
 #: key chooses: what it does instead
@@ -316,9 +318,6 @@ _ONE_WAY = {
     "schedule.epochs or schedule.max_steps sets its length",
     "warmup": "schedule.warmup_epochs sets the warmup in epochs, fractions allowed (S steps: S over the steps an "
     "epoch takes; a ratio r of the run: r times schedule.epochs)",
-    "memory": "attnxfer keeps every activation for the backward pass (no gradient checkpointing); to fit in "
-    "memory, divide data.batch_size and multiply optim.accum_steps by the same factor: each optimiser step then "
-    "sees the same batch",
     "when": "a run evaluates at the end of every epoch and of the run, and saves there too "
     "(checkpoint.every_epoch), every checkpoint.every_steps steps and every checkpoint.every_minutes minutes",
     "hub": "a run's student reaches the Hub through its export: attnxfer export RUN_DIR OUT_DIR --push-to-hub "
@@ -346,8 +345,6 @@ _ONE_WAY_KEYS = {
     # Hugging Face's TrainingArguments
     **dict.fromkeys(("eval_strategy", "evaluation_strategy", "save_strategy", "eval_steps"), "when"),
     **dict.fromkeys(("push_to_hub", "hub_model_id"), "hub"),
-    # timm's --grad-checkpointing, Hugging Face's gradient_checkpointing
-    **dict.fromkeys(("grad_checkpointing", "gradient_checkpointing", "model.grad_checkpointing"), "memory"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)
 _SECTION_VALUE = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import InputError
@@ -198,6 +199,7 @@ class MaskedAutoencoder(nn.Module):
                 f"patches (MAE keeps int(N·(1 − mask_ratio)) of N): set it {fix} (MAE's is 0.75)"
             )
 
+        self.grad_checkpointing = False
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # fixed, as in the paper: a Parameter without gradient, so checkpoints carry it like MAE's
@@ -218,6 +220,10 @@ class MaskedAutoencoder(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: the encoder's and the decoder's blocks recompute their activations in the backward."""
+        self.grad_checkpointing = enable
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed"}
 
@@ -237,7 +243,7 @@ class MaskedAutoencoder(nn.Module):
         x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         x = torch.cat([*prefix, x], dim=1)
         x = enc.norm_pre(enc.pos_drop(x))
-        x = enc.blocks(x)
+        x = checkpoint_seq(enc.blocks, x) if self.grad_checkpointing else enc.blocks(x)
         return enc.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
@@ -250,7 +256,8 @@ class MaskedAutoencoder(nn.Module):
         # one decoder token stands for the encoder's prefix (class token), as in MAE
         head = x[:, :1] if n_pre else self.mask_token.to(x.dtype).expand(b, 1, -1)
         x = torch.cat([head, full], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        x = self.decoder_norm(self.decoder_blocks(x))
+        blocks = self.decoder_blocks
+        x = self.decoder_norm(checkpoint_seq(blocks, x) if self.grad_checkpointing else blocks(x))
         return self.decoder_pred(x[:, 1:])
 
     def target(self, images: torch.Tensor) -> torch.Tensor:

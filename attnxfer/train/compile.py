@@ -1,4 +1,5 @@
-"""torch.compile of transformer blocks, in place (``nn.Module.compile``: parameter names, checkpoints, EMA and
+"""How transformer blocks run: timm's gradient checkpointing (`checkpoint_gradients`), and torch.compile of
+the blocks, in place (``nn.Module.compile``: parameter names, checkpoints, EMA and
 export stay the eager model's): one graph per (training, grad mode, io kind) for all blocks of a kind, no
 graph breaks and no recompiles from step to step (tests/training/test_throughput.py counts them).
 
@@ -78,3 +79,16 @@ def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = Compil
 def is_compiled(module: nn.Module) -> bool:
     """Whether ``module``'s own call is compiled (a teacher that a study's students share is compiled once)."""
     return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def checkpoint_gradients(model: nn.Module) -> None:
+    """timm's gradient checkpointing of ``model``'s blocks (``model.grad_checkpointing``): their activations
+    recomputed in the backward pass. A `TeacherStudent` keeps what it lends them for that
+    (`TeacherStudent.kept_for_backward`), so the gradients are the same."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError):  # a model without the switch; timm's models without it assert
+        raise InputError(
+            f"model.grad_checkpointing=true: timm's {type(model).__name__} has no gradient checkpointing; remove "
+            "it (to fit in memory, divide data.batch_size and multiply optim.accum_steps by the same factor)"
+        ) from None

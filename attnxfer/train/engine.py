@@ -9,6 +9,7 @@ schedule, logging, evaluation and when to save (what a save holds is its `Checkp
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import time
@@ -129,12 +130,14 @@ def train_step(
     params: Iterable[torch.Tensor],
     clip_grad: float | None = None,
     watched: Sequence[str] | None = None,
+    kept: AbstractContextManager | None = None,
 ) -> Loss:
     """One optimiser step, the only one in attnxfer: ``loss()``, its terms (``watched`` ones, or all) to the
     non-finite guard at ``at`` (step, epoch), backward, clipping ``params`` (norm logged as ``grad_norm``),
     step, ``zero_grad``. A fused AdamW with a ``found_inf`` flag (stage 1's) takes the guard's: it skips every
-    step from the first non-finite one on. Nothing is read on the host."""
-    with gradients.accumulate(model):
+    step from the first non-finite one on. Nothing is read on the host. ``kept``: what the forward and the
+    backward run inside (`Objective.kept_for_backward`)."""
+    with gradients.accumulate(model), kept or contextlib.nullcontext():
         out = loss()
         terms = out.terms if watched is None else {name: out.terms[name] for name in watched}
         guard.watch(terms, *at)
@@ -527,6 +530,7 @@ class Engine:
             model=self.model,
             params=self.student.parameters(),
             clip_grad=s.clip_grad,
+            kept=self.objective.kept_for_backward(),
         )
         logs = {k: v.detach() for k, v in (out.terms | out.logs).items()}
         # summary.csv's train_loss is the mean of the epoch's step losses, a step's the mean of its micro-batches':

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +62,11 @@ class Objective(Protocol):
         """The `Loss` of one prepared batch (``y`` None: no labels); ``model`` is `module` as the engine wrapped
         it; ``handover``: the teacher's pass where a study computed it once (None: the objective runs its own)."""
         ...
+
+    def kept_for_backward(self) -> AbstractContextManager:
+        """What a step's forward and backward run inside: the pair's `TeacherStudent.kept_for_backward` (what
+        it lends a checkpointing student's blocks, kept for their recompute)."""
+        return contextlib.nullcontext()
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         """Scores over a validation loader, summed over ranks (the run's selection metric among them): by
@@ -119,6 +126,9 @@ class TransferObjective(Objective):
             out = model(x) if handover is None else model(x, handover)
         task = self.task.loss_fn(out.logits.float(), y) if weight > 0 else None
         return compose_loss(out.compared, task, weight)
+
+    def kept_for_backward(self) -> AbstractContextManager:
+        return self.module.kept_for_backward()
 
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """With the teacher when the mode attends with its q/k at evaluation too, or when the run is scored

@@ -156,6 +156,8 @@ class TeacherStudent(nn.Module):
         self.ce_path_forced = ce_path is not None
         # KL = CE − H(P_t) costs a teacher pass per layer and is only logged: the engine sets it per step
         self.log_kl = True
+        self._kept: contextlib.ExitStack | None = None  # kept_for_backward's, while its block runs
+        self._kept_used = False
         self._student_layers = attention_layers(student)
         self._teacher_layers = attention_layers(teacher) if teacher is not None else []
         self._student_attn = [m for _, m in self._student_layers]
@@ -260,9 +262,51 @@ class TeacherStudent(nn.Module):
                     "training), so its teacher pass is its own: call it without a hand-over"
                 )
             handover.check(self.teacher, needs, batch.shape[0], self._teacher_dtype(batch.device))
-            return self._student_pass(x, handover)
-        with _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch.shape[0], batch.device):
-            return self._student_pass(x, self.teacher_pass(x, needs))
+        with contextlib.ExitStack() as this_forward:
+            lent = self._lent_through_backward(this_forward)
+            if handover is None:
+                pairs = self._drop_path_pairs(needs.last_layer)
+                lent.enter_context(_shared_drop_path(pairs, batch.shape[0], batch.device))
+                handover = self.teacher_pass(x, needs)
+            return self._student_pass(x, handover, lent)
+
+    @contextlib.contextmanager
+    def kept_for_backward(self) -> Iterator[None]:
+        """Keeps what the pair's forward lends the student (the borrowed q/k/v, the captures, the shared
+        drop-path masks) until the block ends: a student with gradient checkpointing (timm's
+        ``set_grad_checkpointing``) recomputes its blocks in the backward pass, which must see them again.
+        One forward and its backward inside: ``with pair.kept_for_backward(): pair(x).loss.backward()``."""
+        if self._kept is not None:
+            raise InputError("kept_for_backward does not nest: one forward and its backward inside each")
+        with contextlib.ExitStack() as kept:
+            self._kept = kept
+            try:
+                yield
+            finally:
+                self._kept, self._kept_used = None, False
+
+    def _lent_through_backward(self, this_forward: contextlib.ExitStack) -> contextlib.ExitStack:
+        """Where the forward enters what it lends the student: the `kept_for_backward` block's stack, else
+        this forward's. A checkpointing student outside such a block is refused: its recomputed blocks would
+        attend with their own q/k and capture nothing, a silently wrong gradient."""
+        if self._kept is not None:
+            if self._kept_used:
+                raise InputError(
+                    "one forward of the pair inside each kept_for_backward block (its backward next): a second "
+                    "would lend the student's layers twice"
+                )
+            self._kept_used = True
+            return self._kept
+        # timm's flag sits on the model (ViT) or on its stages (Swin)
+        if torch.is_grad_enabled() and any(
+            getattr(m, "grad_checkpointing", False) for m in self.student.modules()
+        ):
+            raise InputError(
+                "the student recomputes its blocks in the backward pass (gradient checkpointing, timm's "
+                "set_grad_checkpointing), which must see what the pair's forward lends them: run the forward "
+                "and its backward inside `with pair.kept_for_backward():`"
+            )
+        return this_forward
 
     def _drop_path_pairs(self, last: int) -> list[tuple[nn.Module, nn.Module]]:
         """(student block, teacher block) of the layers up to teacher layer ``last`` (equal depths) whose
@@ -272,18 +316,20 @@ class TeacherStudent(nn.Module):
         layers = zip(self._student_layers[: last + 1], self._teacher_layers[: last + 1])
         return [(block_of(self.student, s), block_of(self.teacher, t)) for (s, _), (t, _) in layers]
 
-    def _student_pass(self, x: torch.Tensor | dict, handover: TeacherHandover) -> TransferOutput:
-        """The student's forward borrowing what the mode borrows, capturing what the comparisons compare."""
+    def _student_pass(
+        self, x: torch.Tensor | dict, handover: TeacherHandover, lent: contextlib.ExitStack
+    ) -> TransferOutput:
+        """The student's forward borrowing what the mode borrows, capturing what the comparisons compare; the
+        layers hold their `AttentionIO` until ``lent`` closes."""
         compared = self.plan.comparisons if self.training else ()
         ce_path = self.ce_path or ce_path_for(images(x).device)
         ios = self._student_ios(handover, compared, ce_path)
-        with contextlib.ExitStack() as stack:
-            for s, io in ios.items():
-                stack.enter_context(attention_io(self._student_attn[s], io))
-            if any(c.signal is Signal.FEATURES for c in compared):  # the features and logits of one forward
-                student_whole = features_and_logits(self.student, x, logits=True)
-            else:
-                student_whole = {Signal.LOGITS: self.student(x)}
+        for s, io in ios.items():
+            lent.enter_context(attention_io(self._student_attn[s], io))
+        if any(c.signal is Signal.FEATURES for c in compared):  # the features and logits of one forward
+            student_whole = features_and_logits(self.student, x, logits=True)
+        else:
+            student_whole = {Signal.LOGITS: self.student(x)}
         out = TransferOutput(logits=student_whole[Signal.LOGITS])
         step = Step(self.student, self.teacher, ce_path, self.log_kl, self.ce_path_forced)
         for c in compared:

@@ -202,12 +202,13 @@ CASES = [
         "minutes; a run's student reaches the Hub through its export: attnxfer export RUN_DIR OUT_DIR --push-to-hub",
     ),
     (["train", "--dataset-download"], 2, "--dataset-download; there is no download switch: torch/NAME reads"),
-    # timm's --grad-checkpointing (no such thing here): what fits a step in memory instead
+    # timm's --grad-checkpointing and Hugging Face's gradient_checkpointing: the key that switches it on
     (
         ["train", "--grad-checkpointing"],
         2,
-        "(no gradient checkpointing); to fit in memory, divide data.batch_size and multiply optim.accum_steps",
+        "attnxfer takes config values as key=value: model.grad_checkpointing=true",
     ),
+    (["train", "gradient_checkpointing=true"], 2, "did you mean 'model.grad_checkpointing'?"),
     # MAE's model names (its repository's, without timm's resolution) were answered 'samvit_large_patch16'
     (
         ["pretrain", "model.name=mae_vit_large_patch16"],

@@ -35,6 +35,7 @@ from attnxfer.models.attention import (
     families,
 )
 from attnxfer.models.efficient import build_efficient_student
+from attnxfer.train.compile import checkpoint_gradients
 from attnxfer.transfer import TeacherStudent, build_plan
 
 from .cases import CASES, NAMES, TINY, plain_vit, sharpen
@@ -275,3 +276,46 @@ def test_shared_drop_path_reaches_caits_one_drop_path_per_block():
     ).eval()
     x = tiny.images(4)
     assert_shared_drop_path_copy_is_timms(teacher, x)
+
+
+def _saved_bytes_and_grads(pair: TeacherStudent, x: torch.Tensor) -> tuple[int, list[torch.Tensor | None]]:
+    """One step of ``pair`` (its loss plus the logits' squares, so that copy trains too): the bytes autograd
+    saved for the backward during the forward, and the student's gradients."""
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with pair.kept_for_backward():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pair(x)
+        (out.logits.pow(2).mean() + (out.loss if out.loss is not None else 0)).backward()
+    return saved, [p.grad for p in pair.student.parameters()]
+
+
+@pytest.mark.parametrize("mode", ("copy", "distill"))
+@pytest.mark.parametrize("name", fast_cells([n for n in NAMES if n != "twins_svt"], ("vit", "swin")))
+def test_a_checkpointing_student_gets_the_gradients_of_one_that_keeps_its_activations(name, mode):
+    """timm's gradient checkpointing recomputes the student's blocks in the backward pass: they must borrow
+    the teacher's q/k (copy) and capture their maps (distill) again, or the gradients go wrong. The same
+    gradients, from fewer saved bytes (so the checkpointing did run)."""
+    case = CASES[name]
+    teacher, student, x = case.pair()
+    runs = []
+    for checkpointing in (False, True):
+        s = copy.deepcopy(student)
+        s.set_grad_checkpointing(checkpointing)
+        runs.append(_saved_bytes_and_grads(TeacherStudent(teacher, s, mode=mode).train(), x))
+    (kept_bytes, want), (recomputed_bytes, got) = runs
+    assert recomputed_bytes < kept_bytes
+    assert [g is None for g in got] == [g is None for g in want]
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_twins_has_no_gradient_checkpointing_and_a_run_is_told_so():
+    with pytest.raises(InputError, match="timm's Twins has no gradient checkpointing; remove it"):
+        checkpoint_gradients(CASES["twins_svt"].make(0))

@@ -34,7 +34,7 @@ from ...models.mae import MaskedAutoencoder, init_encoder_as_mae, kept_patches
 from ...models.student import student_shape, student_spec
 from ...sources.resolve import TeacherLoadError, read_state_dict
 from ...speak import say
-from ...train.compile import compile_blocks
+from ...train.compile import checkpoint_gradients, compile_blocks
 from ...train.distributed import barrier
 from ...train.engine import Engine, TrainResult
 from ...train.evaluation import evaluate_loss
@@ -244,6 +244,8 @@ def build_pretrain_engine(
     settings = dataclasses.replace(
         loop_settings(cfg, runtime.world, resume=point), metric="val_loss", metric_mode="min"
     )
+    if cfg.model.grad_checkpointing:
+        checkpoint_gradients(mae)
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     saved = (

@@ -31,7 +31,7 @@ from ...models.attention import attention_blocks, get_attention_class, list_atte
 from ...models.student import student_from_spec
 from ...plugins import ATTENTION_GROUP, LOSS_GROUP, entry_point_origin
 from ...speak import say, warn
-from ...train.compile import compile_blocks, is_compiled
+from ...train.compile import checkpoint_gradients, compile_blocks, is_compiled
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive
 from ...train.ema import StudentEMA
@@ -585,6 +585,8 @@ def build_engine(
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
+    if cfg.model.grad_checkpointing:  # after the CE path's measurement, which runs no backward of the pair's
+        checkpoint_gradients(pair.student)
     groups = student_param_groups(
         pair,
         weight_decay=cfg.optim.weight_decay,
