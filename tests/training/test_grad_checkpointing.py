@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_run, tiny_vit
+from helpers import tiny_run, tiny_vit, torchrun_commands
 
 from attnxfer.apps.run.pretrain import build_pretrain_engine
 from attnxfer.apps.run.training import build_engine
@@ -107,3 +107,25 @@ def test_a_run_with_grad_checkpointing_logs_the_losses_of_one_without(command, t
         )
         logged.append(_train_rows(engine))
     assert logged[0] and logged[0] == logged[1]
+
+
+@pytest.mark.slow
+def test_a_two_process_run_with_grad_checkpointing_logs_the_losses_of_one_without(tiny_teacher_dir, tmp_path):
+    """DDP (gloo) reduces the gradients of the recomputed blocks as of kept ones: copy with shared drop-path
+    masks, the same losses on both ranks' global batch to the last digit."""
+    args = [*tiny_run(16, 4), f"teacher.spec=local-dir:{tiny_teacher_dir}", "transfer.mode=copy"]
+    args += ["model.drop_path_rate=0.2", "transfer.share_drop_path=true", "schedule.epochs=1"]
+    args += ["log.every_steps=1", "deterministic=true"]
+    runs = {flag: tmp_path / flag for flag in ("false", "true")}
+    torchrun_commands(
+        *(
+            ["train", *args, f"run_dir={run}", f"model.grad_checkpointing={flag}"]
+            for flag, run in runs.items()
+        ),
+        out=tmp_path / "logs",
+    )
+    logged = []
+    for run in runs.values():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        logged.append([{k: v for k, v in r.items() if k != "time"} for r in rows if r["split"] == "train"])
+    assert len(logged[0]) == 2 and logged[0] == logged[1]
