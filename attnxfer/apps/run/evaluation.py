@@ -1,12 +1,13 @@
 """`attnxfer eval`: score a run's checkpoint on its validation set, with the engine training would build
-(writing nothing), plus what `eval_metrics` says; its one output file is ``RUN_DIR/eval-<step>.json``."""
+(writing nothing), plus what `eval_metrics` says; its one output file is ``RUN_DIR/eval-<step>.json``. A
+model that is no run (timm's validate.py) is scored by `evaluate_model`, which writes nothing."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,19 @@ from ...checkpoints.resume_point import ResumePoint, starts_over
 from ...checkpoints.run_lock import check_writable, disk_error
 from ...checkpoints.store import CheckpointError, atomic_write_json
 from ...config import TrainConfig, to_dict
+from ...data.registry import dataset_options
 from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
 from ...run_layout import EVAL_SCORES
+from ...sources.resolve import parse_teacher_spec, resolve
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
 from ...train.engine import Engine
-from ...train.evaluation import evaluate_features, evaluate_knn
+from ...train.evaluation import evaluate, evaluate_features, evaluate_knn
+from ...train.runtime import create_runtime
 from ...transfer.modes import get_mode
 from ...transfer.teacher_student import TeacherStudent
 from .loaders import build_bank_loader, data_info
-from .parts import RunParts
+from .parts import RunParts, build_run_parts
 from .training import build_engine, check_eval_metrics, same_tokens, task_weight_of
 
 
@@ -153,3 +157,55 @@ def evaluate_run(
                     raise
                 raise type(plain)(f"{plain} (the scores: {json.dumps(metrics)})") from e
         return EvalResult(engine.step, str(engine.last_ckpt), metrics, path)
+
+
+def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
+    """timm's validate.py for a model that is no run (``teacher.spec``: a timm name, ``hf-hub:``,
+    ``local-dir:``, a weights file): on the val split of ``data``, at its own input size and statistics
+    unless data.* says, its top-1/top-5/loss where its head has the data's classes, and the k-NN top-1 of its
+    pooled features where the data has labels (with a head or without). Writes nothing."""
+    asked = set(cfg.eval.metrics)
+    if "features" in asked:  # a student's agreement with its teacher; a model alone has neither
+        raise InputError(
+            "eval.metrics=features compares a run's student with its teacher: drop it for a model"
+        )
+    if not data_info(cfg.data).has_labels:
+        raise InputError(
+            f"data.dataset={cfg.data.dataset} has no labels here: top-1 and k-NN top-1 need them (data.labels=true)"
+        )
+    # as timm's validate.py: the model's own crop and interpolation where the dataset takes them and data.kwargs
+    # leaves them out (a run's val split keeps the dataset's: its student learned on those)
+    t = cfg.teacher
+    own = resolve(parse_teacher_spec(t.spec, t.revision), arch=t.arch, cache_dir=t.cache_dir).pretrained_cfg
+    takes, given = dataset_options(cfg.data.dataset), cfg.data.kwargs
+    kwargs = {
+        k: own[k] for k in ("crop_pct", "interpolation") if k in takes and k not in given and own.get(k)
+    }
+    cfg = replace(cfg, data=replace(cfg.data, kwargs={**given, **kwargs}))
+    with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
+        runtime = create_runtime(cfg.device, cfg.precision, deterministic=cfg.deterministic)
+        parts = build_run_parts(cfg, runtime.rank, runtime.world, lambda teacher, _: teacher, labels=True)
+        model, classes = parts.teacher.to(runtime.device).eval(), parts.num_classes
+        head = getattr(model, "num_classes", 0)
+        top1 = "top1" in asked or ("auto" in asked and head == classes)
+        if top1 and head != classes:
+            raise InputError(
+                f"eval.metrics=top1: {cfg.teacher.spec} has {f'a head of {head} classes' if head else 'no head'}, "
+                f"and data.dataset={cfg.data.dataset} {classes}: drop top1 (k-NN top-1 needs no head)"
+            )
+        scores = evaluate(model, parts.val_loader, runtime.accelerator) if top1 else {}
+        metrics = {f"val_{k}": v for k, v in scores.items()}  # as a run's eval names them
+        if "knn" in asked or "auto" in asked:
+            bank = build_bank_loader(cfg, parts.val_loader.dataset)
+            e = cfg.eval
+            knn = evaluate_knn(
+                model,
+                None,
+                bank,
+                parts.val_loader,
+                runtime.accelerator,
+                k=e.knn_k,
+                temperature=e.knn_temperature,
+            )
+            metrics |= knn
+        return metrics

@@ -1,8 +1,10 @@
-"""``attnxfer eval``: score a run's newest checkpoint, with Wilson intervals for its top-1 and k-NN top-1."""
+"""``attnxfer eval``: score a run's newest checkpoint, or a model that is no run, with Wilson intervals for its
+top-1 and k-NN top-1."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from ...speak import say
 from .base import add_config_args, load, register_command
@@ -10,17 +12,22 @@ from .base import add_config_args, load, register_command
 
 @register_command(
     "eval",
-    help="evaluate a run's newest checkpoint on its validation set",
+    help="evaluate a run's newest checkpoint, or a timm or Hub model, on a validation set",
     description="Score the run's newest checkpoint (or checkpoint.resume=PATH): attnxfer eval RUN_DIR "
     "[key=value ...], or -c RUN_DIR/config.yaml; a conversion's folder scores its final student (stage 2). Writes "
-    "nothing into the run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
+    "nothing into the run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused. A model that is "
+    "no run (a timm name, hf-hub:ORG/NAME, local-dir:PATH, a weights file, an exported model's folder): attnxfer "
+    "eval SPEC data.dataset=... data.root=...: its top-1 where its head has the data's classes and k-NN top-1, "
+    "as timm's validate.py; nothing is written.",
     arguments=add_config_args,
 )
 def run(args) -> int:
+    spec = _model_spec(args)
+    if spec is not None:
+        return _score_model(args, spec)
     cfg = load(args)
     from ...apps.run.evaluation import evaluate_run
     from ...apps.run.pretrain import MODE, build_pretrain_engine
-    from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
     from ...config import ConfigError, config_changes, load_config
     from ...config.keys import reads_section, section_command
@@ -77,9 +84,17 @@ def run(args) -> int:
         )
     else:
         result = evaluate_run(cfg)
-    for k, v in result.metrics.items():  # counts and k as the whole numbers they are
+    _say_scores(result.metrics)
+    say(f"step {result.step} ({result.checkpoint}) -> {result.path}")
+    return 0
+
+
+def _say_scores(m: dict[str, float]) -> None:
+    """Each score, then each top-1 with its 95 % Wilson interval (and the k-NN share's bootstrap one)."""
+    from ...apps.run.uncertainty import correct_count, format_top1
+
+    for k, v in m.items():  # counts and k as the whole numbers they are
         say(f"{k}: {v:.0f}" if k.endswith(("_count", "_k")) else f"{k}: {v:.4f}")
-    m = result.metrics
     knn = f", k={m.get('knn_k', 0):.0f}, T={m.get('knn_temperature', 0):g}"
     for who in ("val", "ema_val", "knn_teacher", "knn"):  # knn: k-NN top-1 of the embeddings
         count, rule = ("knn", knn) if who.startswith("knn") else (who, "")
@@ -92,5 +107,56 @@ def run(args) -> int:
         say(
             f"knn_share (student / teacher) [95% paired bootstrap]: {m['knn_share']:.4f} [{low:.4f}, {high:.4f}]"
         )
-    say(f"step {result.step} ({result.checkpoint}) -> {result.path}")
+
+
+#: what scoring a model that is no run reads: the model, the data, what to score, where it runs
+_READ_FOR_A_MODEL = ("teacher", "data", "eval", "device", "precision", "deterministic", "seed", "dist")
+
+
+def _model_spec(args) -> str | None:
+    """The first argument where it names a model that is no run (timm's validate.py): a timm name,
+    ``hf-hub:``/``local-dir:``, a weights file, an exported model's folder; None for a run's folder."""
+    from ...run_layout import RUN_CONFIG
+
+    if args.config is not None or not args.overrides or "=" in args.overrides[0]:
+        return None  # an override, or -c's config: a run's (and no torch imported for a refusal)
+    first = args.overrides[0]
+    path = Path(first).expanduser()
+    if path.is_dir():  # an export: timm's (or transformers') config.json, and no run's config.yaml
+        return (
+            f"local-dir:{first}"
+            if (path / "config.json").is_file() and not (path / RUN_CONFIG).is_file()
+            else None
+        )
+    if first.startswith(("hf-hub:", "local-dir:")):
+        return first
+    if path.is_file():
+        from ...sources.resolve import WEIGHT_SUFFIXES
+
+        return first if first.endswith(WEIGHT_SUFFIXES) else None
+    import timm
+    from timm.models import split_model_name_tag
+
+    return first if timm.is_model(split_model_name_tag(first.partition("@")[0])[0]) else None
+
+
+def _score_model(args, spec: str) -> int:
+    """`attnxfer eval SPEC [key=value ...]`: the model's top-1 and k-NN top-1 on data's val split, said."""
+    from ...apps.run.evaluation import evaluate_model
+    from ...config import ConfigError, config_changes, load_config
+
+    args.overrides = [f"teacher.spec={spec}", *args.overrides[1:]]
+    cfg = load(args)
+    unread = [
+        k
+        for k in config_changes(load_config(None, checked=False), cfg)
+        if not k.startswith(_READ_FOR_A_MODEL)
+    ]
+    if unread:
+        raise ConfigError(
+            f"{', '.join(unread)}: eval of a model reads only {', '.join(s + '.*' for s in _READ_FOR_A_MODEL[:3])} "
+            "and where it runs; remove them"
+        )
+    _say_scores(evaluate_model(cfg))
+    say(f"{spec}: scored on data.dataset={cfg.data.dataset}'s val split")
     return 0

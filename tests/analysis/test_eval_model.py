@@ -1,0 +1,64 @@
+"""`attnxfer eval SPEC`: a model that is no run scored as timm's validate.py scores it (its own crop,
+interpolation and statistics), with k-NN top-1 for a model without the data's head; nothing is written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import timm
+import torch
+from helpers import image_folder, peaked_teacher, run_cli
+from timm.models import save_for_hf
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    """An image folder of 3 classes (36 val images) and a 32 px teacher with a 3-class head, saved."""
+    root = tmp_path_factory.mktemp("eval-model")
+    image_folder(root / "data", classes=3)
+    model = peaked_teacher(depth=2, qkv_bias=True, plain_timm=True, num_classes=3).eval()
+    save_for_hf(model, root / "teacher", safe_serialization=True)
+    return root, model
+
+
+def _score(said: str, name: str) -> float:
+    return float(re.search(rf"^{name}: ([\d.]+)$", said, re.M)[1])
+
+
+def test_a_model_is_scored_as_timms_validate_scores_it(three_classes, capsys):
+    root, model = three_classes
+    data = ["data.dataset=folder", f"data.root={root / 'data'}"]
+    before = sorted(p.name for p in root.rglob("*"))
+    code, out, err = run_cli(capsys, "eval", str(root / "teacher"), *data)
+    assert code == 0, err
+    # timm's own route: the model's eval transform (crop_pct 0.9, bicubic, mean/std 0.5) on each val image
+    config = timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=model)
+    transform = timm.data.create_transform(**config)
+    images = timm.data.ImageDataset(str(root / "data" / "val"))
+    with torch.no_grad():
+        right = sum(int(model(transform(img)[None]).argmax(-1).item() == y) for img, y in images)
+    assert _score(out, "val_top1") == pytest.approx(100 * right / len(images), abs=1e-4)
+    assert _score(out, "val_count") == len(images) == 36
+    assert 0 <= _score(out, "knn_top1") <= 100
+    assert f"local-dir:{root / 'teacher'}: scored on data.dataset=folder's val split" in out
+    assert sorted(p.name for p in root.rglob("*")) == before  # nothing written
+
+
+def test_a_model_without_the_datas_head_gets_its_knn_top1_and_no_top1(
+    three_classes, tiny_teacher_dir, capsys
+):
+    """A 10-class head on 3 classes (as an ImageNet head on a user's data): its argmax means nothing here."""
+    data = ["data.dataset=folder", f"data.root={three_classes[0] / 'data'}"]
+    code, out, err = run_cli(capsys, "eval", f"local-dir:{tiny_teacher_dir}", *data, "eval.knn_k=5")
+    assert code == 0, err
+    assert "val_top1" not in out and "knn_top1 (%) [95% Wilson interval, 36 images, k=5, T=0.07]:" in out
+    code, _, err = run_cli(capsys, "eval", str(tiny_teacher_dir), *data, "eval.metrics=[top1]")
+    assert code == 2 and "has a head of 10 classes, and data.dataset=folder 3: drop top1" in err, err
+
+
+def test_keys_no_model_evaluation_reads_are_refused(tiny_teacher_dir, capsys):
+    code, _, err = run_cli(
+        capsys, "eval", str(tiny_teacher_dir), "data.dataset=synthetic", "transfer.mode=copy"
+    )
+    assert code == 2 and "transfer.mode: eval of a model reads only teacher.*, data.*, eval.*" in err, err
