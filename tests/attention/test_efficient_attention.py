@@ -47,6 +47,7 @@ from attnxfer.models.efficient import (
     swap_attentions,
 )
 from attnxfer.models.efficient.base import rope_support
+from attnxfer.transfer import TeacherStudent
 
 ALL = list_attentions()
 
@@ -1022,3 +1023,27 @@ def test_options_rebuild_the_same_attention(name):
     x = torch.randn(2, N_SMALL, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(twin.eval()(x), module.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_converted_student_with_gradient_checkpointing_gets_the_gradients_of_one_without(name):
+    """Its blocks recompute in the backward pass (stage 2 with model.grad_checkpointing): the same random
+    features, landmarks and captured maps again, so the same gradients (the pair keeps what it lent)."""
+    teacher = tiny_vit(depth=2, img_size=64, plain_timm=True)  # an 8 x 8 grid: every zoo default fits
+    torch.manual_seed(0)
+    student = build_efficient_student(teacher, name)
+    grads = []
+    for checkpointing in (False, True):
+        s = copy.deepcopy(student)
+        s.set_grad_checkpointing(checkpointing)
+        mode = "distill" if name in list_attentions("row_stochastic") + list_attentions("signed") else "none"
+        pair = TeacherStudent(teacher, s, mode=mode).train()
+        torch.manual_seed(7)  # the draws of any attention that samples
+        with pair.kept_for_backward():
+            out = pair(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+            (out.logits.pow(2).mean() + (out.loss if out.loss is not None else 0)).backward()
+        grads.append([p.grad for p in s.parameters()])
+    assert [g is None for g in grads[0]] == [g is None for g in grads[1]]
+    for got, want in zip(grads[1], grads[0]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
