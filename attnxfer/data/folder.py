@@ -353,13 +353,15 @@ def build_folder(
     re_count: int = 1,
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
+    crop_mode: str = "center",
     labels: bool = True,
     val_split: str | None = None,
     class_map: str | Sequence[str] | None = None,
 ) -> FolderDataset:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
-    random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
+    random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct,
+    then timm's ``crop_mode`` (center: a centre crop; squash: the whole image resized; border).
     ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`). ``val_split``:
     the val split's folder where it is neither val/ nor validation/ (test/, valid/), as timm's ``--val-split``.
     ``class_map``: the classes read, in the order of their indices (`folder_info`); the others' images are not."""
@@ -382,6 +384,7 @@ def build_folder(
         re_count=re_count,
         interpolation=interpolation,
         crop_pct=crop_pct,
+        crop_mode=crop_mode,
     )
     classes = info.class_names or ()
     # a class map's folders alone are read, with labels or without (a label-free conversion on ImageNet-100)
@@ -392,7 +395,15 @@ def build_folder(
 
 #: the transform options whose defaults are folder's own, not timm's create_transform's (bilinear, a 0.4
 #: colour jitter): every source that "gets folder's transforms" starts from these
-_FOLDER_TRANSFORM_OPTIONS = ("scale", "ratio", "hflip", "color_jitter", "interpolation", "crop_pct")
+_FOLDER_TRANSFORM_OPTIONS = (
+    "scale",
+    "ratio",
+    "hflip",
+    "color_jitter",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+)
 
 
 def _split_images(
