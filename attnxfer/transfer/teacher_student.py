@@ -263,7 +263,7 @@ class TeacherStudent(nn.Module):
                 )
             handover.check(self.teacher, needs, batch.shape[0], self._teacher_dtype(batch.device))
         with contextlib.ExitStack() as this_forward:
-            lent = self._lent_through_backward(this_forward)
+            lent = self._lent_through_backward(this_forward, needs)
             if handover is None:
                 pairs = self._drop_path_pairs(needs.last_layer)
                 lent.enter_context(_shared_drop_path(pairs, batch.shape[0], batch.device))
@@ -285,9 +285,12 @@ class TeacherStudent(nn.Module):
             finally:
                 self._kept, self._kept_used = None, False
 
-    def _lent_through_backward(self, this_forward: contextlib.ExitStack) -> contextlib.ExitStack:
+    def _lent_through_backward(
+        self, this_forward: contextlib.ExitStack, needs: TeacherNeeds
+    ) -> contextlib.ExitStack:
         """Where the forward enters what it lends the student: the `kept_for_backward` block's stack, else
-        this forward's. A checkpointing student outside such a block is refused: its recomputed blocks would
+        this forward's. A checkpointing student outside such a block is refused where it is lent anything (a
+        layer of the teacher's is needed: copied, or compared with a capture): its recomputed blocks would
         attend with their own q/k and capture nothing, a silently wrong gradient."""
         if self._kept is not None:
             if self._kept_used:
@@ -298,8 +301,10 @@ class TeacherStudent(nn.Module):
             self._kept_used = True
             return self._kept
         # timm's flag sits on the model (ViT) or on its stages (Swin)
-        if torch.is_grad_enabled() and any(
-            getattr(m, "grad_checkpointing", False) for m in self.student.modules()
+        if (
+            needs.layers
+            and torch.is_grad_enabled()
+            and any(getattr(m, "grad_checkpointing", False) for m in self.student.modules())
         ):
             raise InputError(
                 "the student recomputes its blocks in the backward pass (gradient checkpointing, timm's "

@@ -64,6 +64,9 @@ def test_a_checkpointing_student_outside_kept_for_backward_is_refused_and_the_la
         assert pair.eval()(x).logits.shape == (2, 10)
     with pytest.raises(InputError, match="does not nest"), pair.kept_for_backward(), pair.kept_for_backward():
         pass
+    # a pair that lends the layers nothing (logit distillation alone) needs no block
+    plan = build_plan(teacher, student, "none", logit_weight=1.0)
+    TeacherStudent(teacher, student, plan).train()(x).loss.backward()
 
 
 def test_a_checkpointing_mae_gets_the_gradients_of_one_that_keeps_its_activations():
