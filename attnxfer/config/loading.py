@@ -108,7 +108,8 @@ def _refuse_export(p: Path) -> None:
     if (p.is_dir() or p.name == EXPORTED_MODEL[0]) and is_exported_model(folder):
         raise ConfigError(
             f"{folder} holds an exported model (its config.json is timm's, not a run's): give the config of the "
-            f"run it was exported from, -c RUN_DIR/{RUN_CONFIG} (as a teacher: teacher.spec=local-dir:{folder})"
+            f"run it was exported from, -c RUN_DIR/{RUN_CONFIG} (as a teacher: teacher.spec=local-dir:{folder}; "
+            f"scored as a model: attnxfer eval {folder} data.dataset=...)"
         )
 
 

@@ -29,7 +29,7 @@ _SHARD_INDEX = "model.safetensors.index.json"
 #: the end of `fetch_instructions`' advice for the commands and functions that take a cache folder (inspect,
 #: which takes none, drops it)
 CACHE_DIR_ROUTE = (
-    ", or name the cache folder: teacher.cache_dir=DIR for train/convert/pretrain/submit (model.init reads "
+    ", or name the cache folder: teacher.cache_dir=DIR for train/convert/pretrain/submit/eval (model.init reads "
     "it too), cache_dir=... in Python"
 )
 

@@ -3,6 +3,7 @@ interpolation and statistics), with k-NN top-1 for a model without the data's he
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -14,25 +15,31 @@ from timm.models import save_for_hf
 
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory):
-    """An image folder of 3 classes (36 val images) and a 32 px teacher with a 3-class head, saved."""
+    """An image folder of 3 classes (36 val images, 40 x 48 px) and a 32 px teacher with a 3-class head,
+    saved twice: with timm's crop of its arch (centre, crop_pct 0.9), and squashed (the whole image resized)."""
     root = tmp_path_factory.mktemp("eval-model")
     image_folder(root / "data", classes=3)
     model = peaked_teacher(depth=2, qkv_bias=True, plain_timm=True, num_classes=3).eval()
-    save_for_hf(model, root / "teacher", safe_serialization=True)
-    return root, model
+    save_for_hf(model, root / "center", safe_serialization=True)
+    squashed = copy.deepcopy(model)
+    squashed.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash", "crop_pct": 1.0}
+    save_for_hf(squashed, root / "squash", safe_serialization=True)
+    return root, {"center": model, "squash": squashed}
 
 
 def _score(said: str, name: str) -> float:
     return float(re.search(rf"^{name}: ([\d.]+)$", said, re.M)[1])
 
 
-def test_a_model_is_scored_as_timms_validate_scores_it(three_classes, capsys):
-    root, model = three_classes
+@pytest.mark.parametrize("crop", ("center", "squash"))
+def test_a_model_is_scored_as_timms_validate_scores_it(crop, three_classes, capsys):
+    root, models = three_classes
+    model = models[crop]
     data = ["data.dataset=folder", f"data.root={root / 'data'}"]
     before = sorted(p.name for p in root.rglob("*"))
-    code, out, err = run_cli(capsys, "eval", str(root / "teacher"), *data)
+    code, out, err = run_cli(capsys, "eval", str(root / crop), *data)
     assert code == 0, err
-    # timm's own route: the model's eval transform (crop_pct 0.9, bicubic, mean/std 0.5) on each val image
+    # timm's own route: the model's eval transform (its crop, bicubic, mean/std 0.5) on each val image
     config = timm.data.resolve_data_config({"input_size": (3, 32, 32)}, model=model)
     transform = timm.data.create_transform(**config)
     images = timm.data.ImageDataset(str(root / "data" / "val"))
@@ -41,7 +48,7 @@ def test_a_model_is_scored_as_timms_validate_scores_it(three_classes, capsys):
     assert _score(out, "val_top1") == pytest.approx(100 * right / len(images), abs=1e-4)
     assert _score(out, "val_count") == len(images) == 36
     assert 0 <= _score(out, "knn_top1") <= 100
-    assert f"local-dir:{root / 'teacher'}: scored on data.dataset=folder's val split" in out
+    assert f"local-dir:{root / crop}: scored on data.dataset=folder's val split" in out
     assert sorted(p.name for p in root.rglob("*")) == before  # nothing written
 
 
@@ -52,13 +59,33 @@ def test_a_model_without_the_datas_head_gets_its_knn_top1_and_no_top1(
     data = ["data.dataset=folder", f"data.root={three_classes[0] / 'data'}"]
     code, out, err = run_cli(capsys, "eval", f"local-dir:{tiny_teacher_dir}", *data, "eval.knn_k=5")
     assert code == 0, err
+    assert "no top-1: " in out and "has a head of 10 classes, and data.dataset=folder has 3 classes" in out
     assert "val_top1" not in out and "knn_top1 (%) [95% Wilson interval, 36 images, k=5, T=0.07]:" in out
     code, _, err = run_cli(capsys, "eval", str(tiny_teacher_dir), *data, "eval.metrics=[top1]")
-    assert code == 2 and "has a head of 10 classes, and data.dataset=folder 3: drop top1" in err, err
+    assert (
+        code == 2 and "has a head of 10 classes, and data.dataset=folder has 3 classes: drop top1" in err
+    ), err
 
 
 def test_keys_no_model_evaluation_reads_are_refused(tiny_teacher_dir, capsys):
-    code, _, err = run_cli(
-        capsys, "eval", str(tiny_teacher_dir), "data.dataset=synthetic", "transfer.mode=copy"
-    )
-    assert code == 2 and "transfer.mode: eval of a model reads only teacher.*, data.*, eval.*" in err, err
+    model = str(tiny_teacher_dir)
+    for given, said in (
+        (
+            ["transfer.mode=copy"],
+            "transfer.mode: eval of a model reads only teacher.spec, arch, revision and",
+        ),
+        (["teacher.dtype=bf16"], "teacher.dtype: eval of a model reads only"),  # it runs at precision's
+        (
+            [f"teacher.spec=local-dir:{model}"],
+            f"local-dir:{model} is the model eval scores: drop teacher.spec",
+        ),
+        (["eval.metrics=[]"], "nothing to score: eval.metrics is empty"),
+    ):
+        code, _, err = run_cli(capsys, "eval", model, "data.dataset=synthetic", *given)
+        assert code == 2 and said in err, err
+
+
+def test_a_misspelt_model_is_told_the_nearest_timm_name(capsys):
+    code, _, err = run_cli(capsys, "eval", "vit_tny_patch16_224", "data.dataset=synthetic")
+    assert code == 2 and "vit_tny_patch16_224 is no run's folder, and as a model: unknown teacher" in err, err
+    assert "(did you mean 'vit_tiny_patch16_224'?)" in err

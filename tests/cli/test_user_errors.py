@@ -400,7 +400,10 @@ def test_a_model_folder_given_as_a_config_names_the_run_config_and_the_teacher_s
     """An export's config.json is timm's, not a run's: read as one it would fail on its first key."""
     err = _refused([a.format(m=tiny_teacher_dir) for a in argv], capsys)
     assert f"{tiny_teacher_dir} holds an exported model" in err, err
-    assert err.endswith(f"-c RUN_DIR/config.yaml (as a teacher: teacher.spec=local-dir:{tiny_teacher_dir})")
+    assert err.endswith(
+        f"-c RUN_DIR/config.yaml (as a teacher: teacher.spec=local-dir:{tiny_teacher_dir}; scored as a model: "
+        f"attnxfer eval {tiny_teacher_dir} data.dataset=...)"
+    )
 
 
 @pytest.mark.slow

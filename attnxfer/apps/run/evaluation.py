@@ -20,6 +20,7 @@ from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
 from ...run_layout import EVAL_SCORES
 from ...sources.resolve import parse_teacher_spec, resolve
+from ...speak import say
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
 from ...train.engine import Engine
 from ...train.evaluation import evaluate, evaluate_features, evaluate_knn
@@ -165,6 +166,8 @@ def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
     unless data.* says, its top-1/top-5/loss where its head has the data's classes, and the k-NN top-1 of its
     pooled features where the data has labels (with a head or without). Writes nothing."""
     asked = set(cfg.eval.metrics)
+    if not asked:
+        raise InputError("nothing to score: eval.metrics is empty (top1, knn or auto)")
     if "features" in asked:  # a student's agreement with its teacher; a model alone has neither
         raise InputError(
             "eval.metrics=features compares a run's student with its teacher: drop it for a model"
@@ -178,21 +181,21 @@ def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
     t = cfg.teacher
     own = resolve(parse_teacher_spec(t.spec, t.revision), arch=t.arch, cache_dir=t.cache_dir).pretrained_cfg
     takes, given = dataset_options(cfg.data.dataset), cfg.data.kwargs
-    kwargs = {
-        k: own[k] for k in ("crop_pct", "interpolation") if k in takes and k not in given and own.get(k)
-    }
+    fill = ("crop_pct", "crop_mode", "interpolation")
+    kwargs = {k: own[k] for k in fill if k in takes and k not in given and own.get(k)}
     cfg = replace(cfg, data=replace(cfg.data, kwargs={**given, **kwargs}))
     with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         runtime = create_runtime(cfg.device, cfg.precision, deterministic=cfg.deterministic)
         parts = build_run_parts(cfg, runtime.rank, runtime.world, lambda teacher, _: teacher, labels=True)
         model, classes = parts.teacher.to(runtime.device).eval(), parts.num_classes
         head = getattr(model, "num_classes", 0)
+        its_head = f"{t.spec} has {f'a head of {head} classes' if head else 'no head'}, and data.dataset="
+        its_head += f"{cfg.data.dataset} has {classes} classes"
+        if "top1" in asked and head != classes:
+            raise InputError(f"eval.metrics=top1: {its_head}: drop top1 (k-NN top-1 needs no head)")
         top1 = "top1" in asked or ("auto" in asked and head == classes)
-        if top1 and head != classes:
-            raise InputError(
-                f"eval.metrics=top1: {cfg.teacher.spec} has {f'a head of {head} classes' if head else 'no head'}, "
-                f"and data.dataset={cfg.data.dataset} {classes}: drop top1 (k-NN top-1 needs no head)"
-            )
+        if "auto" in asked and not top1:
+            say(f"no top-1: {its_head}")
         scores = evaluate(model, parts.val_loader, runtime.accelerator) if top1 else {}
         metrics = {f"val_{k}": v for k, v in scores.items()}  # as a run's eval names them
         if "knn" in asked or "auto" in asked:

@@ -115,7 +115,8 @@ _READ_FOR_A_MODEL = ("teacher", "data", "eval", "device", "precision", "determin
 
 def _model_spec(args) -> str | None:
     """The first argument where it names a model that is no run (timm's validate.py): a timm name,
-    ``hf-hub:``/``local-dir:``, a weights file, an exported model's folder; None for a run's folder."""
+    ``hf-hub:``/``local-dir:``, a weights file, an exported model's folder; None for a run's folder (or
+    a path that is not there, which the config's loading words)."""
     from ...run_layout import RUN_CONFIG
 
     if args.config is not None or not args.overrides or "=" in args.overrides[0]:
@@ -123,39 +124,55 @@ def _model_spec(args) -> str | None:
     first = args.overrides[0]
     path = Path(first).expanduser()
     if path.is_dir():  # an export: timm's (or transformers') config.json, and no run's config.yaml
-        return (
-            f"local-dir:{first}"
-            if (path / "config.json").is_file() and not (path / RUN_CONFIG).is_file()
-            else None
+        if (path / RUN_CONFIG).is_file():
+            return None
+        if (path / "config.json").is_file():
+            return f"local-dir:{first}"
+        from ...errors import InputError
+        from ...sources.load_errors import run_folder_hint
+
+        raise InputError(
+            run_folder_hint(path)
+            or f"{first} holds neither a run (no {RUN_CONFIG}) nor a model (no config.json): give eval a run's "
+            "folder, or a model (a timm name, hf-hub:ORG/NAME, local-dir:PATH, a weights file)"
         )
     if first.startswith(("hf-hub:", "local-dir:")):
         return first
-    if path.is_file():
-        from ...sources.resolve import WEIGHT_SUFFIXES
+    from ...sources.resolve import WEIGHT_SUFFIXES
 
-        return first if first.endswith(WEIGHT_SUFFIXES) else None
-    import timm
-    from timm.models import split_model_name_tag
-
-    return first if timm.is_model(split_model_name_tag(first.partition("@")[0])[0]) else None
+    if first.endswith(WEIGHT_SUFFIXES):  # there or not: the spec's reader says which
+        return first
+    # a YAML or another file: -c's hint; a path that is not there: a run's folder misspelt; a bare word: a timm
+    # name, spelt right or not (its reader names the nearest)
+    return None if path.is_file() or "/" in first else first
 
 
 def _score_model(args, spec: str) -> int:
     """`attnxfer eval SPEC [key=value ...]`: the model's top-1 and k-NN top-1 on data's val split, said."""
     from ...apps.run.evaluation import evaluate_model
     from ...config import ConfigError, config_changes, load_config
+    from ...errors import InputError
+    from ...sources.resolve import parse_teacher_spec
 
+    given = [o.split("=", 1)[0] for o in args.overrides[1:]]
+    if "teacher.spec" in given:  # it would replace the model named first, which the scores are said of
+        raise ConfigError(f"{spec} is the model eval scores: drop teacher.spec")
+    try:
+        parse_teacher_spec(spec)
+    except InputError as e:
+        raise InputError(f"{args.overrides[0]} is no run's folder, and as a model: {e}") from None
     args.overrides = [f"teacher.spec={spec}", *args.overrides[1:]]
     cfg = load(args)
     unread = [
         k
         for k in config_changes(load_config(None, checked=False), cfg)
-        if not k.startswith(_READ_FOR_A_MODEL)
+        if not k.startswith(_READ_FOR_A_MODEL) or k in ("teacher.dtype", "teacher.compile")
     ]
     if unread:
+        them = "it" if len(unread) == 1 else "them"
         raise ConfigError(
-            f"{', '.join(unread)}: eval of a model reads only {', '.join(s + '.*' for s in _READ_FOR_A_MODEL[:3])} "
-            "and where it runs; remove them"
+            f"{', '.join(unread)}: eval of a model reads only teacher.spec, arch, revision and cache_dir, data.*, "
+            f"eval.* and where it runs (device, precision, deterministic, seed, dist.*); remove {them}"
         )
     _say_scores(evaluate_model(cfg))
     say(f"{spec}: scored on data.dataset={cfg.data.dataset}'s val split")
