@@ -124,18 +124,8 @@ def _model_spec(args) -> str | None:
     first = args.overrides[0]
     path = Path(first).expanduser()
     if path.is_dir():  # an export: timm's (or transformers') config.json, and no run's config.yaml
-        if (path / RUN_CONFIG).is_file():
-            return None
-        if (path / "config.json").is_file():
-            return f"local-dir:{first}"
-        from ...errors import InputError
-        from ...sources.load_errors import run_folder_hint
-
-        raise InputError(
-            run_folder_hint(path)
-            or f"{first} holds neither a run (no {RUN_CONFIG}) nor a model (no config.json): give eval a run's "
-            "folder, or a model (a timm name, hf-hub:ORG/NAME, local-dir:PATH, a weights file)"
-        )
+        exported = (path / "config.json").is_file() and not (path / RUN_CONFIG).is_file()
+        return f"local-dir:{first}" if exported else None  # any other folder: loading says what it is
     if first.startswith(("hf-hub:", "local-dir:")):
         return first
     from ...sources.resolve import WEIGHT_SUFFIXES
