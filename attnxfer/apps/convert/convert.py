@@ -242,8 +242,10 @@ def convert_runs(
             if first.labelled
             else None
         )
-        none = f": none ({HEADLESS_TEACHER if first.labelled else NO_LABELS})"
-        speak.say(f"teacher val top-1{none if teacher_top1 is None else f' {teacher_top1:.2f}'}")
+        if teacher_top1 is None:
+            speak.say(f"teacher val top-1: none ({HEADLESS_TEACHER if first.labelled else NO_LABELS})")
+        else:
+            speak.say(f"teacher val top-1 {teacher_top1:.2f}")
         if (
             near_chance := teacher_near_chance(teacher_top1, getattr(first.teacher, "num_classes", 0))
         ) is not None:
