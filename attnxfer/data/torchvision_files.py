@@ -11,7 +11,6 @@ import functools
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +134,12 @@ def _info(name: str, images: np.ndarray, classes: tuple[str, ...]) -> DatasetInf
     )
 
 
+def _grey(images: np.ndarray) -> np.ndarray:
+    """(N, 3, H, W) uint8 as PIL's convert("L") makes it: ITU-R 601-2 luma with its rounding, (N, 1, H, W)."""
+    r, g, b = (images[:, c].astype(np.uint32) for c in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
+
+
 def torch_info(name: str, root: str | None) -> DatasetInfo:
     """Its classes, size and channels, and the pixel statistics (of pixel/255) of its training split."""
     _refuse_unknown(name, root)
@@ -169,10 +174,9 @@ def build_torch(
         )
     splits, default = _read(name, os.path.abspath(root))  # the registry expanded a ~
     images, labels = splits[split]
-    if in_chans == 1 and images.shape[1] == 3:  # grey as PIL's convert("L"): ITU-R 601-2 luma, its rounding
-        r, g, b = (images[:, c].astype(np.uint32) for c in range(3))
-        images = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
-        default = replace(default, in_chans=1, mean=(sum(default.mean) / 3,), std=(sum(default.std) / 3,))
+    if in_chans == 1 and images.shape[1] == 3:  # its mean and std those of the grey training split
+        images = _grey(images)
+        default = _info(name, images if split == "train" else _grey(splits["train"][0]), default.class_names)
     info = built_info(f"torch/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     cifar = name in _CIFAR_LABELS
     return InMemoryImageDataset(
