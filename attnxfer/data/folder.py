@@ -194,12 +194,12 @@ def eight_bit(img: PIL.Image.Image) -> PIL.Image.Image:
 
 
 class OpenedImages:
-    """A timm reader whose every image PIL must open (it reads the header alone; timm decodes the pixels once),
-    a 16-bit one handed on as 8 bits (`eight_bit`); one it cannot is named. ``strict`` (an evaluation's split):
-    each image is decoded here, whole, in ``mode``, and handed on as raw pixels (which timm's ImageDataset opens
-    at no cost, with no mode of its own), and one PIL cannot decode, unknown or cut short anywhere (a partial
-    copy), is an InputError: timm's ImageDataset would hand out the next sample in its place (its convention for
-    training, on the OSError this raises otherwise), which an evaluation would count twice."""
+    """A timm reader whose every image is decoded here, whole, in ``mode`` (a 16-bit one as 8 bits: `eight_bit`)
+    and handed on as raw pixels, which timm's ImageDataset opens at no cost and with no mode of its own: an image
+    PIL cannot decode, unknown or cut short anywhere (a partial copy), is named here, where timm's own decode would
+    log its index alone. ``strict`` (an evaluation's split): such an image is an InputError, since timm's
+    ImageDataset hands out the next sample in its place (its convention for training, on the OSError raised
+    otherwise), which an evaluation would count twice."""
 
     def __init__(self, reader, strict: bool, mode: str):
         self.reader, self.strict, self.mode = reader, strict, mode
@@ -212,15 +212,8 @@ class OpenedImages:
 
         image, *rest = self.reader[index]
         try:
-            opened = Image.open(image)
-            if self.strict:
-                # every pixel decoded here: a file cut short fails now, not in timm's ImageDataset
-                with image:
-                    decoded = eight_bit(opened).convert(self.mode)
-                # handed on as a PGM or PPM: a header, then the pixels as they lie in memory
-                width, height = decoded.size
-                header = b"P%d %d %d 255\n" % (5 if self.mode == "L" else 6, width, height)
-                return io.BytesIO(header + decoded.tobytes()), *rest
+            with image:
+                decoded = eight_bit(Image.open(image)).convert(self.mode)
         except OSError as e:
             reason = "PIL cannot identify its format" if isinstance(e, UnidentifiedImageError) else e
             name = self.reader.filename(index, absolute=True)
@@ -230,10 +223,10 @@ class OpenedImages:
             raise InputError(
                 f"{said}: replace or remove it; evaluation would otherwise count another image in its place"
             ) from None
-        if (small := eight_bit(opened)) is not opened:  # timm's ImageDataset opens what it is handed: as PNG
-            small.save(image := io.BytesIO(), "PNG")
-        image.seek(0)
-        return image, *rest
+        # handed on as a PGM or PPM: a header, then the pixels as they lie in memory
+        width, height = decoded.size
+        header = b"P%d %d %d 255\n" % (5 if self.mode == "L" else 6, width, height)
+        return io.BytesIO(header + decoded.tobytes()), *rest
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str | None:
         return self.reader.filename(index, basename, absolute)
@@ -248,8 +241,7 @@ class FolderDataset(Dataset):
 
     def __init__(self, image_dataset, info: DatasetInfo, *, seed: int, deterministic: bool, strict: bool):
         image_dataset.reader = OpenedImages(image_dataset.reader, strict, image_dataset.input_img_mode)
-        if strict:  # its reader hands out images already in the mode
-            image_dataset.input_img_mode = None
+        image_dataset.input_img_mode = None  # its reader hands out images already in the mode
         self.image_dataset = image_dataset
         self.info = info
         self.seed = seed

@@ -682,7 +682,7 @@ def test_a_val_image_pil_cannot_decode_is_refused_by_name_not_replaced_by_the_ne
     """timm's ImageDataset hands out the next sample for an image PIL cannot decode: in the val split, which an
     evaluation counts, that would count one image twice, so it is an InputError naming the file, whether its
     header is unreadable or its pixels are cut short (it opens; a partial copy); the train split, augmented or
-    not (the k-NN bank), keeps timm's convention (the next image, and timm's warning)."""
+    not (the k-NN bank), keeps timm's convention (the next image, and timm's warning, which names the file)."""
     _make_folder(tmp_path)
     bad = tmp_path / "val" / "dog" / "0.png"
     content = b"not an image" if keep is None else bad.read_bytes()[:keep]  # text, or a PNG cut short
@@ -699,9 +699,9 @@ def test_a_val_image_pil_cannot_decode_is_refused_by_name_not_replaced_by_the_ne
         train = build_dataset("folder", "train", root=tmp_path, img_size=16, augment=augment)
         caplog.clear()
         assert train[2][1] == 1  # cat/2.png's place taken by the next image, dog/0.png
-        # a header PIL cannot read is named; pixels cut short fail in timm's decode (not repeated in training)
+        # named whether its header or its pixels are cut short (timm's own decode would log index 2 alone)
         named = f"image '{cut}' cannot be read as an image ({reason}); the next image stands in"
-        assert f"Skipped sample (index 2). {named if keep is None or keep > 0 else reason}" in caplog.text
+        assert f"Skipped sample (index 2). {named}" in caplog.text
 
 
 @pytest.mark.parametrize("in_chans", [3, 1])
