@@ -204,6 +204,63 @@ def test_a_maps_loss_of_ones_own_builds_its_maps_from_the_handed_q_and_k_as_the_
     assert out.loss.requires_grad
 
 
+def _documented_logits():
+    """The ``logits(pair, side)`` recipe of docs/distillation.md, run as the page writes it."""
+    page = (Path(__file__).parents[2] / "docs" / "distillation.md").read_text()
+    block = next(b for b in page.split("```python")[1:] if "def logits(pair" in b).split("```")[0]
+    scope: dict = {}
+    exec(block, scope)
+    return scope["logits"]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("beit_base_patch16_224", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)),
+        ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=24, depths=(2,), num_heads=(3,))),
+    ],
+)
+def test_the_documented_logits_of_a_biased_layer_give_the_map_timm_attends_with(name, kwargs):
+    """docs/distillation.md's ``logits(pair, side)`` adds a layer's bias (BEiT's relative positions, Swin's
+    and its shifted windows' mask), which ``attention_map(q, k)`` leaves out: softmaxed, it is timm's own map
+    (its unfused path, read where its attention dropout takes it)."""
+    import timm
+
+    logits, got = _documented_logits(), {}
+
+    @comparison_loss("biased_rows")
+    class BiasedRows(ComparisonLoss):
+        signals = (Signal.MAPS,)
+
+        def compare_layer(self, comparison, pair, step) -> Loss:
+            got[pair.teacher_layer] = logits(pair, "teacher").softmax(-1)
+            unbiased[pair.teacher_layer] = pair.teacher_attn.attention_map(
+                pair.teacher["q"], pair.teacher["k"]
+            )
+            loss = (logits(pair, "student").softmax(-1) - got[pair.teacher_layer]).pow(2).mean()
+            return Loss(loss, {f"biased_rows/{pair.student_layer}": loss})
+
+    torch.manual_seed(0)
+    teacher, student = (timm.create_model(name, **kwargs) for _ in range(2))
+    with torch.no_grad():  # a bias that matters (BEiT's table starts at zero)
+        for param_name, param in teacher.named_parameters():
+            if "relative_position_bias_table" in param_name:
+                param.normal_()
+    x, timms, unbiased = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"]), {}, {}
+    layers = [m for m in teacher.modules() if hasattr(m, "attn_drop")]
+    for i, layer in enumerate(layers):
+        layer.fused_attn = False
+        layer.attn_drop.register_forward_hook(lambda _, inputs, __, i=i: timms.setdefault(i, inputs[0]))
+    with torch.no_grad():
+        teacher.eval()(x)
+    plan = build_plan(teacher, student, "none", losses=[{"name": "biased_rows"}])
+    TeacherStudent(teacher, student, plan)(x)
+    assert sorted(got) == list(range(len(layers))) == [0, 1]
+    for i, rows in got.items():
+        torch.testing.assert_close(rows, timms[i].float(), rtol=1e-5, atol=1e-6)
+        assert (unbiased[i] - rows).abs().max() > 0.05  # the map without the bias is another
+
+
 def _block_v(model: torch.nn.Module, x: torch.Tensor, block: int = 0) -> torch.Tensor:
     """Block ``block``'s v, from its input as timm's VisionTransformer makes it (the blocks before it run)."""
     h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
