@@ -9,8 +9,12 @@ import re
 import pytest
 import timm
 import torch
-from helpers import image_folder, peaked_teacher, run_cli
+from helpers import card, image_folder, peaked_teacher, run_cli
 from timm.models import save_for_hf
+
+from attnxfer import load_student
+from attnxfer.checkpoints.export import export_student
+from attnxfer.models.efficient import efficient_student_from_teacher
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +54,27 @@ def test_a_model_is_scored_as_timms_validate_scores_it(crop, three_classes, caps
     assert 0 <= _score(out, "knn_top1") <= 100
     assert f"local-dir:{root / crop}: scored on data.dataset=folder's val split" in out
     assert sorted(p.name for p in root.rglob("*")) == before  # nothing written
+
+
+def test_a_converted_students_export_is_scored_as_load_student_builds_it(three_classes, capsys):
+    """An efficient-attention student's export, which no teacher can be (timm builds it only as softmax), is
+    scored as attnxfer.load_student builds it, through timm's transform of its own pretrained_cfg."""
+    root, models = three_classes
+    student = efficient_student_from_teacher(copy.deepcopy(models["center"]), "relu_linear").eval()
+    export_student(student, root / "linear", card=card())
+    data = ["data.dataset=folder", f"data.root={root / 'data'}"]
+    code, out, err = run_cli(capsys, "eval", str(root / "linear"), *data)
+    assert code == 0, err
+    loaded = load_student(f"local-dir:{root / 'linear'}")
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=loaded))
+    images = timm.data.ImageDataset(str(root / "data" / "val"))
+    with torch.no_grad():
+        right = sum(int(loaded(transform(img)[None]).argmax(-1).item() == y) for img, y in images)
+    assert _score(out, "val_top1") == pytest.approx(100 * right / len(images), abs=1e-4)
+    with torch.no_grad():  # not the teacher it was converted from, scored by mistake
+        assert not torch.allclose(
+            loaded(transform(images[0][0])[None]), models["center"](transform(images[0][0])[None])
+        )
 
 
 def test_a_model_without_the_datas_head_gets_its_knn_top1_and_no_top1(

@@ -19,6 +19,7 @@ from ...data.registry import dataset_options
 from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
 from ...run_layout import EVAL_SCORES
+from ...sources.exported_student import load_student
 from ...sources.resolve import parse_teacher_spec, resolve
 from ...speak import say
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
@@ -178,16 +179,30 @@ def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
         )
     # as timm's validate.py: the model's own crop and interpolation where the dataset takes them and data.kwargs
     # leaves them out (a run's val split keeps the dataset's: its student learned on those)
-    t = cfg.teacher
-    own = resolve(parse_teacher_spec(t.spec, t.revision), arch=t.arch, cache_dir=t.cache_dir).pretrained_cfg
-    takes, given = dataset_options(cfg.data.dataset), cfg.data.kwargs
+    t, d = cfg.teacher, cfg.data
+    res = resolve(parse_teacher_spec(t.spec, t.revision), arch=t.arch, cache_dir=t.cache_dir)
+    own, takes = res.pretrained_cfg, dataset_options(d.dataset)
     fill = ("crop_pct", "crop_mode", "interpolation")
-    kwargs = {k: own[k] for k in fill if k in takes and k not in given and own.get(k)}
-    cfg = replace(cfg, data=replace(cfg.data, kwargs={**given, **kwargs}))
+    d = replace(d, kwargs={**{k: own[k] for k in fill if k in takes and own.get(k)}, **d.kwargs})
+    # the model is built as a run's teacher is, or, a converted student's export (which no teacher can be), as
+    # load_student builds it, its images normalised by its own statistics (a teacher's come from its record)
+    exported = str(res.model_args.get("attn_layer", "")).startswith("attnxfer:")
+    if exported:
+        d = replace(d, mean=d.mean or own.get("mean"), std=d.std or own.get("std"))
+        cfg = replace(cfg, teacher=replace(t, spec=None), transfer=replace(cfg.transfer, mode="none"))
+    cfg = replace(cfg, data=d)
     with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         runtime = create_runtime(cfg.device, cfg.precision, deterministic=cfg.deterministic)
-        parts = build_run_parts(cfg, runtime.rank, runtime.world, lambda teacher, _: teacher, labels=True)
-        model, classes = parts.teacher.to(runtime.device).eval(), parts.num_classes
+        parts = build_run_parts(
+            cfg,
+            runtime.rank,
+            runtime.world,
+            lambda teacher, _: (
+                load_student(t.spec, revision=t.revision, cache_dir=t.cache_dir) if exported else teacher
+            ),
+            labels=True,
+        )
+        model, classes = parts.student.to(runtime.device).eval(), parts.num_classes
         head = getattr(model, "num_classes", 0)
         its_head = f"{t.spec} has {f'a head of {head} classes' if head else 'no head'}, and data.dataset="
         its_head += f"{cfg.data.dataset} has {classes} classes"

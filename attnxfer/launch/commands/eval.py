@@ -15,8 +15,10 @@ from .base import add_config_args, load, register_command
     help="evaluate a run's newest checkpoint, or a timm or Hub model, on a validation set",
     description="Score the run's newest checkpoint (or checkpoint.resume=PATH): attnxfer eval RUN_DIR "
     "[key=value ...], or -c RUN_DIR/config.yaml; a conversion's folder scores its final student (stage 2). Writes "
-    "nothing into the run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused. A model that is "
-    "no run (a timm name, hf-hub:ORG/NAME, local-dir:PATH, a weights file, an exported model's folder): attnxfer "
+    "nothing into the run but its eval-<step>.json (a conversion's in RUN_DIR/stage2); a run without a checkpoint "
+    "is refused. A model that is "
+    "no run (a timm name, hf-hub:ORG/NAME, local-dir:PATH, a weights file, an exported model's folder, a "
+    "converted student's too): attnxfer "
     "eval SPEC data.dataset=... data.root=...: its top-1 where its head has the data's classes and k-NN top-1, "
     "as timm's validate.py; nothing is written.",
     arguments=add_config_args,
