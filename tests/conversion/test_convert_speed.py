@@ -147,6 +147,15 @@ def test_a_ratio_carries_its_spread_over_the_rounds_and_one_on_both_sides_of_1_i
     )
     assert ratio_contradicts(_row(32, 1.4, 1.1, 2.0)) is None
     assert ratio_contradicts({"resolution": 32, "student_over_teacher": 1.4}) is None  # an older report
+    # on one thread, process CPU time counts the work the clock does: a CPU-time ratio across 1 from every
+    # round's says the clock counted other programs' time (a loaded machine)
+    loaded = {**_row(48, 2.1, 1.33, 2.64), "student_over_teacher_cpu": 0.85, "threads": 1}
+    assert ratio_contradicts(loaded) == (
+        "over 3 interleaved rounds at 48 px the student ran at 1.33x to 2.64x the teacher's speed by the clock "
+        "but 0.85x by process CPU time, on one thread: the other side of 1"
+    )
+    assert ratio_contradicts({**loaded, "student_over_teacher_cpu": 1.2}) is None  # the same side
+    assert ratio_contradicts({**loaded, "threads": 4}) is None  # threads' CPU time adds up: another measure
 
 
 def test_a_break_even_the_measurements_contradict_is_withheld_with_the_reason():

@@ -285,7 +285,7 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
             break_even = str(s["break_even"] or "—")
         lines.append(
             f"| {row['name']} ({row['attention']}) | {s['student_ms']:.2f} | {s['student_images_per_s']:.1f} | "
-            f"{'withheld (rounds on both sides of 1)' if s.get('speedup_withheld') else range_text(s, 'speedup')} | "
+            f"{'withheld (measurements disagree: see its report)' if s.get('speedup_withheld') else range_text(s, 'speedup')} | "
             f"{ratio_text(s['student_over_floor'])} | {break_even} |"
         )
     return [*lines, ""]

@@ -607,7 +607,7 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
     section["measured_speedup"] = row["student_over_teacher"]
     section["measured_speedup_range"] = row.get("student_over_teacher_range")
     section["measured_speedup_cpu"] = row.get("student_over_teacher_cpu")
-    # as the report's own speed-up: not claimed where its rounds fall on both sides of 1 (a loaded machine)
+    # as the report's own speed-up: not claimed where its rounds contradict it (a loaded machine)
     section["measured_speedup_withheld"] = withheld = speedup_withheld(row)
     cpu = section["measured_speedup_cpu"]
     measured = (

@@ -99,8 +99,8 @@ def conversion_speeds(
 
 
 def speedup_withheld(row: Mapping[str, Any]) -> str | None:
-    """Why a speed row's student-over-teacher ratio is not claimed (its rounds fall on both sides of 1, as on
-    a loaded machine), with what to do; None where it stands."""
+    """Why a speed row's student-over-teacher ratio is not claimed (`ratio_contradicts`: a loaded machine),
+    with what to do; None where it stands."""
     why = ratio_contradicts(row)
     return None if why is None else f"{why}: {RERUN}"
 
