@@ -48,7 +48,20 @@ class HubUnreachableError(UserError, RuntimeError):
 
 def did_you_mean(name: str, names: Iterable[str]) -> str:
     """``; did you mean 'NEAREST'?`` of ``name`` among ``names``, or "": a name in the wrong case (AUTO) finds
-    its own spelling, which the caller still refuses to take."""
+    its own spelling, which the caller still refuses to take. A word nearer a part that several names share
+    than any whole name (``linear``, ``linera``: elu_linear, relu_linear, ...) is answered with those names,
+    up to six, not with the one difflib ranks first."""
     by_lower = {n.lower(): n for n in sorted(names)}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    word = name.lower()
+    close = difflib.get_close_matches(word, list(by_lower), n=1)
+    parts = {p for n in by_lower if "_" in n for p in n.split("_")}
+    part = difflib.get_close_matches(word, parts, n=1) if word not in by_lower else []
+    nearer = part and (
+        not close
+        or difflib.SequenceMatcher(None, word, part[0]).ratio()
+        > difflib.SequenceMatcher(None, word, close[0]).ratio()
+    )
+    sharing = [by_lower[n] for n in by_lower if part[0] in n.split("_")] if nearer else []
+    if 1 < len(sharing) <= 6:
+        return f"; did you mean one of {', '.join(map(repr, sharing))}?"
     return f"; did you mean {by_lower[close[0]]!r}?" if close else ""

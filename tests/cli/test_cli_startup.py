@@ -378,6 +378,12 @@ CASES = [
         2,
         "convert.attention: 'hedgehgo' is not a registered attention",
     ),
+    (  # a word several names share (or a slip of it) is answered with all of them, not difflib's first
+        ["convert", "convert.attention=linera"],
+        2,
+        "'linera' is not a registered attention; did you mean one of 'elu_linear', 'focused_linear', "
+        "'relu_linear', 'window_linear'? (one of",
+    ),
     (
         ["study", "-c", "demo/distill", "--vary", "model.attention=hedgehog,hedgehgo"],
         2,

@@ -62,12 +62,15 @@ def test_a_benchmark_asked_for_cuda_without_a_gpu_says_to_use_the_cpu(runs):
 @pytest.mark.slow
 def test_a_mistyped_attention_name_is_refused_with_the_registrys_message_not_a_traceback(runs):
     """``--attentions linear`` (no such attention) to the zoo and whole-model benchmarks: one line naming the
-    flag and suggesting ``elu_linear``, where both met a KeyError / InputError traceback."""
+    flag and suggesting the attentions of that name, where both met a KeyError / InputError traceback."""
     for name in _MISTYPED:
         code, _, err = runs["mistyped", name]
         assert code in (1, 2) and "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
-        assert "--attentions" in last and "unknown attention 'linear'; did you mean 'elu_linear'" in last, err
+        assert (
+            "--attentions" in last
+            and "unknown attention 'linear'; did you mean one of 'elu_linear', 'focused_linear'," in last
+        ), err
 
 
 @pytest.mark.slow
