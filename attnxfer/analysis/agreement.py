@@ -10,13 +10,15 @@ from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.numerics import row_chunk, row_slices
 from ..transfer.row_ce import grouped_mean
-from .metrics import row_kl, row_squared_error
+from .metrics import row_kl, row_kl_floor, row_squared_error
 from .signals import LayerSignals
 
-#: per-row agreement of teacher rows ``p`` with student rows ``a`` over ``n`` keys, by name
+#: per-row agreement of teacher rows ``p`` with student rows ``a`` over ``n`` keys, by name; ``kl_floor``: the
+#: least ``kl`` a student with zeros where ``a`` has them (outside a window) can reach
 AGREEMENT_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "kl": lambda p, a, n: row_kl(p, a),
     "map_mse": lambda p, a, n: row_squared_error(p, a) / n,
+    "kl_floor": lambda p, a, n: row_kl_floor(p, a),
 }
 
 

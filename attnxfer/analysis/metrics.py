@@ -23,6 +23,14 @@ def row_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.special.xlogy(p, p / q.clamp_min(torch.finfo(q.dtype).tiny)).sum(-1).clamp_min(0)
 
 
+def row_kl_floor(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The least `row_kl` (p ‖ q') of any row q' that is 0 where ``q`` is (outside a window): p's mass on those
+    keys at log(p / tiny) each, plus m log m for the mass m on the rest (q' ∝ p there)."""
+    zero = q <= torch.finfo(q.dtype).tiny
+    kept = (p * ~zero).sum(-1)
+    return row_kl(p * zero, q) + torch.special.xlogy(kept, kept)
+
+
 def row_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen–Shannon divergence per row: symmetric, finite, in [0, log 2], computed as
     ½ Σ_j (p_j log(p_j / m_j) + q_j log(q_j / m_j)) in float64: H(m) − ½ (H(p) + H(q)) in fp32 cancelled

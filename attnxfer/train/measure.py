@@ -52,20 +52,21 @@ def map_agreement(
     """Per-layer agreement of the student's attention with the teacher's over every rank's ``batches``: each
     student layer on the teacher's hidden input (``inputs="teacher"``, what stage 1 optimises) or on its own
     model's (``"own"``, what the deployed student does). The metric is the layer's default map loss's
-    (attention-output MSE where there is no map); ``output_mse`` is reported for every layer."""
+    (attention-output MSE where there is no map); ``output_mse`` is reported for every layer, and beside a KL
+    ``kl_floor``, its part from keys where the student's map is 0, which no training lowers (None elsewhere)."""
     if inputs not in ("teacher", "own"):
         raise ValueError(f"inputs must be 'teacher' or 'own', got {inputs!r}")
     own_inputs = inputs == "own"
     check_softmax_teacher(teacher)
     t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
-    sums = [[0.0, 0.0] for _ in s_attns]  # per layer: metric and output MSE, summed over images
+    sums = [[0.0, 0.0, 0.0] for _ in s_attns]  # per layer: metric, output MSE, KL floor, summed over images
     count = 0
     with evaluating(teacher, student):
         for x in batches:
             _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
             count += x.shape[0]
     *flat, count = sum_over_ranks(
-        [v for pair in sums for v in pair] + [count], next(student.parameters()).device
+        [v for layer in sums for v in layer] + [count], next(student.parameters()).device
     )
     return [  # one row per layer: its attention, map kind, metric and the means over the images
         {
@@ -73,11 +74,17 @@ def map_agreement(
             "attention": attention_name_of(attn),
             "map_kind": attn.map_kind,
             "metric": default_map_loss(attn.map_kind).metric,
-            "value": flat[2 * i] / max(1, count),
-            "output_mse": flat[2 * i + 1] / max(1, count),
+            "value": flat[3 * i] / max(1, count),
+            "output_mse": flat[3 * i + 1] / max(1, count),
+            "kl_floor": flat[3 * i + 2] / max(1, count) if _has_kl_floor(attn) else None,
         }
         for i, attn in enumerate(s_attns)
     ]
+
+
+def _has_kl_floor(attn: nn.Module) -> bool:
+    """A KL layer whose map may hold zeros (a softmax one's never does)."""
+    return attn.map_kind is MapKind.ROW_STOCHASTIC and default_map_loss(attn.map_kind).metric == "kl"
 
 
 def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: bool, sums) -> None:
@@ -102,6 +109,9 @@ def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: 
             value = out_mse
         sums[i][0] += value * x.shape[0]
         sums[i][1] += out_mse * x.shape[0]
+        if _has_kl_floor(attn) and t[i].get("key_pooling") is None:  # pooled keys: rows of other keys
+            floor = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, "kl_floor")
+            sums[i][2] += floor * x.shape[0]
 
 
 def evaluate_top1(

@@ -124,6 +124,36 @@ def test_map_agreement_teacher_inputs_is_kl_of_explicit_maps():
         assert rows[layer]["value"] > 0.05  # a peaked teacher is not a hedgehog at init
 
 
+def test_a_window_students_kl_floor_is_the_least_kl_its_zeros_allow_and_the_report_says_it():
+    """Outside its window a window student's map is 0 where the teacher attends, which KL counts at
+    log(p / fp32's tiny): ``kl_floor`` is the least KL a map with those zeros can reach (p's mass there at that
+    cost, plus m log m for the mass m kept), reached by the teacher's own q/k (softmax in the window is p
+    renormalised), and report.md says how much of the KL is that floor; a map without zeros has none."""
+    from attnxfer.apps.convert.convert import _merge_agreement
+    from attnxfer.apps.convert.report import _agreement_section
+
+    teacher, xs = _teacher(), _inputs(2)
+    student = build_efficient_student(teacher, ["window", "hedgehog"], window_size=2)
+    rows = map_agreement(teacher, student, xs, inputs="teacher")
+    tiny = torch.finfo(torch.float32).tiny
+    floors = []
+    for x in xs:
+        attn = student.blocks[0].attn
+        q, k = attn.project(_teacher_qk_input(teacher, x, 0)["input"], "qk").values()
+        p, a = attention_maps(teacher, x)[0], attn.attention_map(q, k)
+        zero = a <= tiny
+        kept = (p * ~zero).sum(-1)
+        floors.append(((p * zero * (p / tiny).log()).sum(-1) + kept * kept.log()).mean())
+    window, hedgehog = rows
+    assert window["kl_floor"] == pytest.approx(float(torch.stack(floors).mean()), rel=1e-4)
+    assert window["kl_floor"] > 10 and window["value"] == pytest.approx(window["kl_floor"], rel=1e-4)
+    assert hedgehog["kl_floor"] is not None and hedgehog["kl_floor"] < 1e-6 < hedgehog["value"]
+    merged = _merge_agreement({"before_stage1": rows, "after_stage1": None, "after_stage2": None})
+    said = "\n".join(_agreement_section({"agreement": {"teacher_input": merged}}, "teacher_input", "inputs"))
+    assert "Block 0 (window): its map is 0 on keys the teacher attends to" in said
+    assert f"its KL cannot fall below {window['kl_floor']:.4g}" in said and "Block 1" not in said
+
+
 # ------------------------------------------------------------------------------------- stage 1
 @pytest.mark.slow
 def test_stage1_lowers_the_map_loss_on_a_tiny_model():

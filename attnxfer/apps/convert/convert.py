@@ -107,6 +107,7 @@ def _merge_agreement(stages: dict[str, list[dict[str, Any]] | None]) -> list[dic
         for stage, rows in stages.items():
             entry[stage] = rows[i]["value"] if rows is not None else None
             entry[f"output_mse_{stage}"] = rows[i]["output_mse"] if rows is not None else None
+            entry[f"kl_floor_{stage}"] = rows[i].get("kl_floor") if rows is not None else None
         merged.append(entry)
     return merged
 

@@ -267,12 +267,22 @@ def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[s
         "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |",
         "|---|---|---|---|---|---|",
     ]
+    floors = []
     for row in report["agreement"][which]:
         lines.append(
             f"| {row['layer']} | {row['attention']} | {row['metric']} | {value_text(row['before_stage1'])} | "
             f"{value_text(row['after_stage1'])} | {value_text(row['after_stage2'])} |"
         )
-    return [*lines, ""]
+        # a student map with zeros where the teacher attends (outside a window): a KL no training lowers
+        stage = next((s for s, _ in reversed(STAGE_ROWS) if row.get(f"kl_floor_{s}") is not None), None)
+        if stage and (floor := row[f"kl_floor_{stage}"]) > 0.01:
+            floors.append(
+                f"Block {row['layer']} ({row['attention']}): its map is 0 on keys the teacher attends to (outside "
+                "its window, say), each counted at log(p / fp32's smallest number): with those zeros its KL cannot "
+                f"fall below {floor:.4g}, and {max(0.0, row[stage] - floor):.3g} of it "
+                f"{stage.replace('_stage', ' stage ')} is what fitting the rest can lower."
+            )
+    return [*lines, *(["", *floors] if floors else []), ""]
 
 
 def _speed_section(speed: dict[str, Any]) -> list[str]:
