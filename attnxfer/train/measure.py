@@ -53,7 +53,8 @@ def map_agreement(
     student layer on the teacher's hidden input (``inputs="teacher"``, what stage 1 optimises) or on its own
     model's (``"own"``, what the deployed student does). The metric is the layer's default map loss's
     (attention-output MSE where there is no map); ``output_mse`` is reported for every layer, and beside a KL
-    ``kl_floor``, its part from keys where the student's map is 0, which no training lowers (None elsewhere)."""
+    ``kl_floor``, the least KL a map with the student's zeros can reach (None elsewhere, and where the teacher
+    pools its keys)."""
     if inputs not in ("teacher", "own"):
         raise ValueError(f"inputs must be 'teacher' or 'own', got {inputs!r}")
     own_inputs = inputs == "own"
@@ -76,15 +77,10 @@ def map_agreement(
             "metric": default_map_loss(attn.map_kind).metric,
             "value": flat[3 * i] / max(1, count),
             "output_mse": flat[3 * i + 1] / max(1, count),
-            "kl_floor": flat[3 * i + 2] / max(1, count) if _has_kl_floor(attn) else None,
+            "kl_floor": None if math.isnan(floor := flat[3 * i + 2] / max(1, count)) else floor,
         }
         for i, attn in enumerate(s_attns)
     ]
-
-
-def _has_kl_floor(attn: nn.Module) -> bool:
-    """A KL layer whose map may hold zeros (a softmax one's never does)."""
-    return attn.map_kind is MapKind.ROW_STOCHASTIC and default_map_loss(attn.map_kind).metric == "kl"
 
 
 def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: bool, sums) -> None:
@@ -109,7 +105,10 @@ def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: 
             value = out_mse
         sums[i][0] += value * x.shape[0]
         sums[i][1] += out_mse * x.shape[0]
-        if _has_kl_floor(attn) and t[i].get("key_pooling") is None:  # pooled keys: rows of other keys
+        # a KL's floor where the student's map may hold zeros (a softmax one's never does); pooled keys: other rows
+        if attn.map_kind is not MapKind.ROW_STOCHASTIC or t[i].get("key_pooling") is not None:
+            sums[i][2] = math.nan
+        else:
             floor = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, "kl_floor")
             sums[i][2] += floor * x.shape[0]
 
