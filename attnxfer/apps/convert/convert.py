@@ -529,16 +529,19 @@ def measure(run: Conversion, stage: str) -> None:
     }
     name = stage.replace("_stage", " stage ")  # after_stage1 -> after stage 1
     run.seconds[f"measure_{name}"] = time.monotonic() - start
-    knn, kl = res["knn"], [row["value"] for row in res["end_to_end"]]
+    knn = res["knn"]
+    # a KL beside the floor its map's zeros put under it (a window's), which no stage can lower
+    agreement = [
+        f"{row['value']:.3g}"
+        + (f" (floor {floor:.3g})" if (floor := row.get("kl_floor") or 0) > 0.01 else "")
+        for row in res["end_to_end"]
+    ]
     quality = [f"final-feature cosine (patch tokens) {res['features']['feat_cos_patch']:.4f}"]
     if knn and "knn_top1" in knn:
         quality.append(f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})")
     if top1 is not None:
         quality.append(f"val top-1 {top1:.2f}")
-    run.say(
-        f"{name}: student {', '.join(quality)}; end-to-end per-layer agreement "
-        f"{', '.join(f'{v:.3g}' for v in kl)}"
-    )
+    run.say(f"{name}: student {', '.join(quality)}; end-to-end per-layer agreement {', '.join(agreement)}")
     run.measured[stage] = res
 
 
