@@ -333,16 +333,21 @@ def recorded_students(run_dir: str | Path) -> list[dict[str, Any]] | None:
 
 
 def names_on_record(run_dir: str | Path, students: Sequence[Student]) -> list[Student]:
-    """``students`` under the names the study already in ``run_dir`` gave the same students (a study started
-    when ``--vary`` named folders ``transfer.mode=copy`` goes on in them)."""
+    """``students`` as the study already in ``run_dir`` named and wrote the same students: a study started
+    when ``--vary`` named folders ``transfer.mode=copy`` goes on in them, and ``--vary atd_weight=1.0,3.0``
+    goes on with the students of ``atd_weight=1,3`` (the same values, as YAML reads them)."""
     listed = recorded_students(run_dir)
-    if listed is None:
+
+    def values(overrides: Mapping[str, Any]) -> dict[str, Any]:  # 1 and 1.0 alike, true and 1 not
+        read = {
+            k: load_yaml(v) if isinstance(v, str) else v
+            for k, v in json.loads(json.dumps(dict(overrides))).items()
+        }
+        return {k: repr(v) if isinstance(v, bool) else v for k, v in read.items()}
+
+    if listed is None or [values(e["overrides"]) for e in listed] != [values(s.overrides) for s in students]:
         return list(students)
-    recorded = [(str(e["name"]), json.dumps(e["overrides"], sort_keys=True)) for e in listed]
-    ours = [json.dumps(json.loads(json.dumps(dict(s.overrides))), sort_keys=True) for s in students]
-    if [keys for _, keys in recorded] != ours:
-        return list(students)
-    return [Student(name, s.overrides) for (name, _), s in zip(recorded, students, strict=True)]
+    return [Student(str(e["name"]), e["overrides"]) for e in listed]
 
 
 def _cross(listed: list[Student], varied: list[Student]) -> list[Student]:

@@ -36,7 +36,7 @@ from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import ConfigError
 from attnxfer.config.loading import load_config
-from attnxfer.config.study_spec import load_study
+from attnxfer.config.study_spec import Student, load_study, names_on_record
 from attnxfer.launch import cli
 from attnxfer.launch.commands.submit import SUBMITTABLE
 from attnxfer.train.drive import BatchPlace
@@ -338,6 +338,28 @@ def test_a_students_loss_entry_the_plan_refuses_is_said_with_the_students_name(
     assert code == 2 and err.strip().endswith(
         "error: student 'losses=name-mse,signal-maps': transfer.losses[0]: mse compares q, k, v, not 'maps'"
     ), err
+
+
+def test_a_study_goes_on_with_its_students_where_vary_writes_the_same_values_otherwise(tmp_path):
+    """Started with ``--vary transfer.atd_weight=1,3``, the study goes on under ``1.0,3.0`` (the same numbers
+    as YAML reads them) with the students, names and folders it started with; another value, or true for
+    1, names other students."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    started = load_study(None, [f"run_dir={folder}"], {"transfer.atd_weight": ["1", "3"]})
+    (folder / "study.json").write_text(json.dumps({"students": started.record()}))
+    again = load_study(None, [f"run_dir={folder}"], {"transfer.atd_weight": ["1.0", "3.0"]})
+    assert again.record() == started.record() and [s.name for s in again.students] == [
+        "atd_weight=1",
+        "atd_weight=3",
+    ]
+    other = load_study(None, [f"run_dir={folder}"], {"transfer.atd_weight": ["1.0", "2.0"]})
+    assert [s.name for s in other.students] == ["atd_weight=1.0", "atd_weight=2.0"]
+    flags = [Student("on", {"key": "true"}), Student("off", {"key": "false"})]
+    (folder / "study.json").write_text(
+        json.dumps({"students": [{**vars(s), "folder": s.name} for s in flags]})
+    )
+    assert names_on_record(folder, [Student("1", {"key": "1"}), Student("0", {"key": "0"})])[0].name == "1"
 
 
 def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
