@@ -207,7 +207,7 @@ def export_student(
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise PathExistsError(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
-            "choose a new folder or pass overwrite=True (CLI: --overwrite)"
+            "choose a new folder or pass --overwrite (from Python: overwrite=True)"
         )
     present = [f for f in EXPORT_FILES if (out_dir / f).is_file()]
     # an earlier export's config.json (timm) or ONNX report holds the attnxfer block every export writes

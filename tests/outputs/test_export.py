@@ -267,7 +267,7 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     student = trained_student()
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"pass --overwrite \(from Python: overwrite=True\)"):
         export_student(student, out, card=card())
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     export_student(student, out, card=card(), overwrite=True)
