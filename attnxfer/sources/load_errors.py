@@ -69,8 +69,12 @@ def newest_step(run: Path) -> Path:
 def copy_student_alone(run: Path) -> str:
     """What a copy run's student needs before it is a model of its own, as the command that makes it one: a
     fine-tune without the teacher from its newest checkpoint's weights, built as run.json's student and fed
-    as the copy run fed it (an export refuses it, and a run folder's usual advice is to export it)."""
+    as the copy run fed it, its config's data and keys (an export refuses it, and a run folder's usual advice
+    is to export it), into a folder beside the run (beside a study's folder for its student)."""
     record = read_record(run / RUN_RECORD)
+    config = f"-c {shlex.quote(str(run / RUN_CONFIG))} " if (run / RUN_CONFIG).is_file() else ""
+    study = (run.parent / STUDY_RECORD).is_file()
+    alone = run.parent.parent / f"{run.parent.name}-{run.name}-alone" if study else Path(f"{run}-alone")
     student = record.get("student") or {}
     args = {k: v for k, v in (student.get("model_args") or {}).items() if k != "num_classes"}
     kwargs = "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in args.items()) + "}"
@@ -78,11 +82,16 @@ def copy_student_alone(run: Path) -> str:
     stats = "".join(
         f" data.{k}={json.dumps(record[k]).replace(' ', '')}" for k in ("mean", "std") if record.get(k)
     )
+    made = (
+        f" ({alone} holds it already: export it, attnxfer export {alone} OUT_DIR, or re-run it to go on)"
+        if (alone / RUN_RECORD).is_file()
+        else ""
+    )
     return (
-        f"fine-tune it without the teacher first (the copy run's data and keys besides), then export that run: "
-        f"`attnxfer train {shlex.quote(f'model.init={weights}')} model.name={student.get('architecture')} "
-        f"{shlex.quote(f'model.kwargs={kwargs}')} model.mirror_teacher=false transfer.mode=none{stats} "
-        f"{shlex.quote(f'run_dir={run}-alone')}`"
+        f"fine-tune it without the teacher first, on the copy run's data and keys, then export that run: "
+        f"`attnxfer train {config}{shlex.quote(f'model.init={weights}')} model.name={student.get('architecture')} "
+        f"{shlex.quote(f'model.kwargs={kwargs}')} model.mirror_teacher=false transfer.mode=none teacher.spec=null"
+        f"{stats} {shlex.quote(f'run_dir={alone}')}`{made}"
     )
 
 
@@ -95,10 +104,13 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         students = [p for p in sorted(folder.iterdir()) if p.is_dir() and run_folder_hint(p)]
         if not students:
             return f"{folder} is a study's folder whose students have no run folder yet"
+        # told of one that is a model alone where there is one (a copy student needs a fine-tune first)
+        shown = next(
+            (p for p in students if "is no model alone" not in (run_folder_hint(p, role) or "")), students[0]
+        )
         return (
             f"{folder} is a study's folder of students {', '.join(p.name for p in students)}, each a run "
-            f"folder; {students[0].name}: "
-            + (run_folder_hint(students[0], role) or "").removeprefix("this is ")
+            f"folder; {shown.name}: " + (run_folder_hint(shown, role) or "").removeprefix("this is ")
         )
     # a run's checkpoints/ (a study's is its own steps, which the study's line above would list again)
     study = (folder.parent / STUDY_RECORD).is_file()

@@ -686,14 +686,33 @@ def test_a_copy_run_is_told_the_command_that_makes_its_student_exportable_and_th
     code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "refused"))
     assert code == 2 and "fine-tune it without the teacher first" in err, err
     command = shlex.split(err.strip().split("`")[-2])
-    assert "model.init=" in command[2] and "step-99999999" not in command[2], command
+    assert "model.init=" in command[4] and "step-99999999" not in command[4], command
     code, _, told = run_cli(capsys, "train", f"model.init=local-dir:{run}", "transfer.mode=none", *data)
     assert code == 2 and shlex.split(told.strip().split("`")[-2]) == command, told
-    assert command[:2] == ["attnxfer", "train"] and f"run_dir={run}-alone" in command
-    code, _, err = run_cli(capsys, *command[1:], *data)
+    assert (
+        command[:4] == ["attnxfer", "train", "-c", str(run / "config.yaml")]
+        and f"run_dir={run}-alone" in command
+    )
+    code, _, err = run_cli(capsys, *command[1:])  # the copy run's data and keys come with its config
     assert code == 0, err[-2000:]
+    alone = yaml.safe_load((tmp_path / "copy-alone" / "config.yaml").read_text())
+    assert (alone["data"]["dataset"], alone["data"]["kwargs"], alone["teacher"]["spec"]) == (
+        "synthetic",
+        {"length": 16},
+        None,
+    )
     code, _, err = run_cli(capsys, "export", f"{run}-alone", str(tmp_path / "alone"))
     assert code == 0 and (tmp_path / "alone" / "model.safetensors").is_file(), err
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "refused"))  # the fine-tune is there
+    assert (
+        code == 2 and f"({run}-alone holds it already: export it, attnxfer export {run}-alone OUT_DIR" in err
+    )
+    # a study's copy student: its fine-tune goes beside the study's folder, not in it as another student
+    study = tmp_path / "study"
+    shutil.copytree(run, study / "copy")
+    (study / "study.json").write_text("{}")
+    code, _, err = run_cli(capsys, "export", str(study / "copy"), str(tmp_path / "refused"))
+    assert code == 2 and f"run_dir={tmp_path / 'study-copy-alone'}`" in err, err
 
 
 @pytest.mark.slow

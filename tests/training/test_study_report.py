@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,15 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     assert f"{study_dir} is a study's folder of students blowup, copy, " in err
     assert f"`attnxfer export {study_dir / 'blowup'} {study_dir / 'blowup' / 'export'}`" in err
     assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before
+    # told of a student that is a model alone, not of a copy student first in order (it needs a fine-tune)
+    two = tmp_path / "two"
+    for name in ("copy", "distill"):
+        shutil.copytree(study_dir / name, two / name)
+    (two / "study.json").write_text("{}")
+    assert cli.main(["train", "data.dataset=synthetic", f"teacher.spec=local-dir:{two}"]) == 2
+    assert f"{two} is a study's folder of students copy, distill, each a run folder; distill: " in (
+        capsys.readouterr().err
+    )
     # Ctrl-C in a study: it goes on from its own checkpoint (the step every student saved; a student's later
     # one is set aside), not "none saved, starts over" nor a student's newest
     import attnxfer.apps.study.study
