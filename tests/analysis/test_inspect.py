@@ -391,12 +391,20 @@ def test_a_run_folder_alone_is_compared_with_the_teacher_it_was_trained_from(cop
         assert r["borrowed"] == "qk" and r["mean"]["js"] < 1e-6
 
 
-def test_inspect_given_one_folder_that_records_no_teacher_asks_for_both(trained, capsys):
+def test_inspect_given_one_folder_that_records_no_teacher_asks_for_both(trained, tmp_path, capsys):
     assert cli_main(["inspect", str(trained)]) == 2
     assert (
         f"{trained} was trained without a teacher; inspect compares a STUDENT with a TEACHER: give both, "
         in (capsys.readouterr().err)
     )
+    # an MAE pre-training has no student to compare: its encoder is given as the teacher of one
+    mae = tmp_path / "mae"
+    shutil.copytree(trained, mae)
+    (mae / "run.json").write_text(
+        json.dumps({**json.loads((mae / "run.json").read_text()), "objective": "mae"})
+    )
+    assert cli_main(["inspect", str(mae)]) == 2
+    assert f"give it as the TEACHER, attnxfer inspect {mae / 'export'} STUDENT" in capsys.readouterr().err
     assert cli_main(["inspect", "vit_micro_patch4_28"]) == 2
     err = capsys.readouterr().err
     assert "give both, attnxfer inspect TEACHER vit_micro_patch4_28 (a run's folder alone is compared" in err

@@ -147,6 +147,11 @@ def _trained_from(folder: str):
     if not (run.is_run() or run.is_conversion()):
         raise InputError(f"{both} (a run's folder alone is compared with the teacher it was trained from)")
     teacher = load_config(str(run.final_student().config_file)).teacher
+    if not teacher.spec and run.record().get("objective") == "mae":  # no student: the teacher of others
+        raise InputError(
+            f"{folder} is an MAE pre-training, whose encoder teaches others: give it as the TEACHER, attnxfer "
+            f"inspect {Path(folder) / 'export'} STUDENT"
+        )
     if not teacher.spec:
         raise InputError(f"{folder} was trained without a teacher; {both}")
     say(f"{folder}: compared with the teacher it was trained from, {teacher.spec}")
