@@ -502,6 +502,10 @@ def _resolve_local_dir(spec: TeacherSpec, pretrained: bool, role: str) -> Resolv
         hint = run_folder_hint(folder, role)
         if hint is not None:
             raise InputError(f"local-dir:{folder}: {hint}")
+        if folder.is_file() and (folder.parent / "config.json").is_file():  # a file of a model's folder
+            raise InputError(
+                f"local-dir:{folder} is a file of a model's folder: give the folder, local-dir:{folder.parent}"
+            )
         if folder.is_file():  # a weights file is named as it is, with its architecture
             raise InputError(
                 f"local-dir:{folder} is a file: name a weights file as it is, {folder}, with teacher.arch"

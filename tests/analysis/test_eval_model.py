@@ -114,3 +114,16 @@ def test_a_misspelt_model_is_told_the_nearest_timm_name(capsys):
     code, _, err = run_cli(capsys, "eval", "vit_tny_patch16_224", "data.dataset=synthetic")
     assert code == 2 and "vit_tny_patch16_224 is no run's folder, and as a model: unknown teacher" in err, err
     assert "(did you mean 'vit_tiny_patch16_224'?)" in err
+
+
+def test_a_web_address_or_a_file_of_a_models_folder_is_told_the_spec_that_names_the_model(
+    three_classes, capsys
+):
+    """A Hub page's address is told its hf-hub: spec (as a run's teacher.spec is), and local-dir: of a file
+    inside a model's folder (its config.json, its weights) is told the folder, not sent to teacher.arch."""
+    code, _, err = run_cli(capsys, "eval", "https://huggingface.co/acme/tiny-vit", "data.dataset=synthetic")
+    assert code == 2 and "is a Hub address: use 'hf-hub:acme/tiny-vit'" in err, err
+    folder = three_classes[0] / "center"
+    for inside in ("config.json", "model.safetensors"):
+        code, _, err = run_cli(capsys, "eval", f"local-dir:{folder / inside}", "data.dataset=synthetic")
+        assert code == 2 and f"is a file of a model's folder: give the folder, local-dir:{folder}" in err, err

@@ -1022,16 +1022,21 @@ def test_a_misspelt_prefix_is_named_with_the_spec_it_meant(tiny_teacher_dir):
 
 
 def test_a_local_dir_spec_reads_its_folder_after_a_space_and_a_file_given_as_one_is_told_how_to_name_it(
-    tiny_teacher_dir,
+    tiny_teacher_dir, tmp_path
 ):
     """`local-dir: PATH` (YAML's habit of a space after the colon) was read as the folder ' PATH', "does not
-    exist" beside the name of one that does; a weights file given as a folder was told it has no config.json."""
+    exist" beside the name of one that does; a weights file given as a folder was told it has no config.json:
+    a lone one is told to be named as it is, one inside a model's folder that folder."""
     assert load_teacher(f"local-dir: {tiny_teacher_dir}")[1].files[0] == str(tiny_teacher_dir / "config.json")
-    weights = tiny_teacher_dir / "model.safetensors"
+    weights = shutil.copy(tiny_teacher_dir / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(
         ValueError, match=rf"is a file: name a weights file as it is, {weights}, with teacher.arch"
     ):
         load_teacher(f"local-dir:{weights}")
+    with pytest.raises(
+        ValueError, match=rf"is a file of a model's folder: give the folder, local-dir:{tiny_teacher_dir}$"
+    ):
+        load_teacher(f"local-dir:{tiny_teacher_dir / 'model.safetensors'}")
 
 
 def test_an_architecture_given_beside_a_spec_that_names_its_own_is_refused_not_ignored(tiny_teacher_dir):
