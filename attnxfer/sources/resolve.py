@@ -362,6 +362,17 @@ class Resolved:
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
     unrecorded_args: tuple[str, ...] = ()  # construction arguments no JSON value names (see load_teacher)
 
+    @property
+    def efficient_attention(self) -> str | None:
+        """The attention an `attnxfer export` of an efficient student names (``attn_layer: attnxfer:KIND``),
+        which only `load_student` builds; None for any other model."""
+        saved = self.model_args.get("attn_layer")
+        return (
+            saved.removeprefix("attnxfer:")
+            if isinstance(saved, str) and saved.startswith("attnxfer:")
+            else None
+        )
+
 
 def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
     """timm's pretrained config ``name``; ``hub``: one whose weights the Hub holds (as a native state dict,

@@ -320,7 +320,15 @@ def load_teacher(
         )
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT
-    _check_saved_attention(spec, res)
+    # a saved config may name an attention: timm's softmax one is replaced by TransferAttention, an attnxfer
+    # efficient one cannot be a teacher
+    if res.efficient_attention:
+        raise TeacherLoadError(
+            f"teacher {spec!r} is an efficient-attention student ({res.efficient_attention}); teachers "
+            "need softmax attention (their q/k define the maps that are transferred)"
+        )
+    if res.model_args.get("attn_layer") in ("", "attn"):
+        res.model_args = {k: v for k, v in res.model_args.items() if k != "attn_layer"}
     # only a config.json names an architecture unchecked: a newer timm's, or a typo
     if not timm.is_model(res.architecture):
         close = difflib.get_close_matches(res.architecture, timm.list_models(), n=1)
@@ -374,19 +382,6 @@ def load_teacher(
         f"input {record.input_size}, mean {record.mean} std {record.std}"
     )
     return model, record
-
-
-def _check_saved_attention(spec: str, res: Resolved) -> None:
-    """A saved config may name an attention: timm's softmax one is replaced by TransferAttention,
-    an attnxfer efficient one cannot be a teacher."""
-    saved = res.model_args.get("attn_layer", None)
-    if isinstance(saved, str) and saved.startswith("attnxfer:"):
-        raise TeacherLoadError(
-            f"teacher {spec!r} is an efficient-attention student ({saved[9:]}); teachers "
-            "need softmax attention (their q/k define the maps that are transferred)"
-        )
-    if saved in ("", "attn"):
-        res.model_args = {k: v for k, v in res.model_args.items() if k != "attn_layer"}
 
 
 def _read_weights(who: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:

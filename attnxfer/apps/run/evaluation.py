@@ -186,7 +186,7 @@ def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
     d = replace(d, kwargs={**{k: own[k] for k in fill if k in takes and own.get(k)}, **d.kwargs})
     # the model is built as a run's teacher is, or, a converted student's export (which no teacher can be), as
     # load_student builds it, its images normalised by its own statistics (a teacher's come from its record)
-    exported = str(res.model_args.get("attn_layer", "")).startswith("attnxfer:")
+    exported = res.efficient_attention is not None
     if exported:
         d = replace(d, mean=d.mean or own.get("mean"), std=d.std or own.get("std"))
         cfg = replace(cfg, teacher=replace(t, spec=None), transfer=replace(cfg.transfer, mode="none"))

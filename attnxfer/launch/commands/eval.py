@@ -128,9 +128,8 @@ def _model_spec(args) -> str | None:
     if path.is_dir():  # an export: timm's (or transformers') config.json, and no run's config.yaml
         exported = (path / "config.json").is_file() and not (path / RUN_CONFIG).is_file()
         return f"local-dir:{first}" if exported else None  # any other folder: loading says what it is
-    if first.startswith(
-        ("hf-hub:", "local-dir:", "https://", "http://")
-    ):  # a web address: told its hf-hub: spec
+    # a web address is a spec too: its reader answers with its hf-hub: spec
+    if first.startswith(("hf-hub:", "local-dir:", "https://", "http://")):
         return first
     from ...sources.resolve import WEIGHT_SUFFIXES
 
