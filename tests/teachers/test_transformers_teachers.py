@@ -560,6 +560,39 @@ def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_a
         assert not (tmp_path / "init").exists()
 
 
+def _inspect_itself(folder: Path) -> list[str]:
+    teacher = f"local-dir:{folder}"
+    argv = ["inspect", teacher, teacher, "--data", "synthetic", "--num-images", "2", "--floor-images", "2"]
+    return [*argv, "--pictures", "1", "--batch-size", "2"]
+
+
+def test_inspect_asks_for_the_statistics_a_folder_lacks(tmp_path, capsys):
+    """inspect has no data.mean: a teacher folder without preprocessor_config.json is refused with the flags
+    that give them (timm's guess would skew every figure without a sign), and half of them is refused too."""
+    argv = _inspect_itself(_vit_folder(tmp_path))
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no preprocessor_config.json" in err and "--mean 0.5 0.5 0.5 --std 0.5 0.5 0.5" in err, err
+    assert not (tmp_path / "refused" / "metrics.json").exists()
+    assert main([*argv, "--out", str(tmp_path / "o"), "--mean", "0.5"]) == 2
+    assert "give both" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_inspect_normalises_the_teachers_images_by_the_mean_and_std_given(tmp_path, capsys):
+    """--mean/--std reach the teacher's images: the same seed and images give other maps under others."""
+    argv = _inspect_itself(_vit_folder(tmp_path))
+    entropy = []
+    for mean in ("0.5", "0.1"):
+        out = tmp_path / f"mean-{mean}"
+        assert main([*argv, "--out", str(out), "--mean", *[mean] * 3, "--std", "0.5", "0.5", "0.5"]) == 0
+        assert "stand in" not in capsys.readouterr().err  # the flags, not timm's guess
+        layers = json.loads((out / "metrics.json").read_text())["teacher"]
+        entropy.append([layer["mean"]["entropy"] for layer in layers])
+    assert entropy[0] != entropy[1]  # the same seed and images: only the normalisation differs
+
+
 # ------------------------------------------------------------------------------- a run from the folder
 
 
@@ -620,6 +653,7 @@ def test_copy_convert_inspect_and_export_run_from_a_transformers_folder(name, tm
     assert main(["convert", *convert]) == 0, capsys.readouterr().err[-2000:]
     out = tmp_path / "inspect"
     inspect = [f"local-dir:{folder}", str(tmp_path / "distill"), "--data", "synthetic", "--num-images", "4"]
+    inspect += ["--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]  # what the runs were given
     assert main(["inspect", *inspect, "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["students"]["distill"]

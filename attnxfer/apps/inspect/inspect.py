@@ -68,6 +68,9 @@ class LoadedModel:
     std: tuple[float, ...] = ()
     checkpoint: Path | None = None  # a RUN_DIR's: the checkpoint folder its weights came from
     run: RunDir | None = None  # the training run it was loaded from (a conversion's: its stage 2)
+    # mean/std are timm's defaults for the architecture, not the weights' (a transformers folder without
+    # preprocessor_config.json)
+    stats_guessed: bool = False
 
     @property
     def subject(self) -> InspectedStudent:
@@ -160,7 +163,12 @@ def load_model(
         _refuse_other_size(spec, trained_size(spec), img_size)
     try:
         model, record = load_teacher(
-            source, arch=arch, pretrained=pretrained, img_size=img_size, who=f"{role} {spec}"
+            source,
+            arch=arch,
+            pretrained=pretrained,
+            img_size=img_size,
+            who=f"{role} {spec}",
+            warn_guessed_stats=False,  # a teacher's are given by --mean/--std, or refused; a student's unused
         )
     except UnsafeCheckpointError as err:  # its words say where a teacher's file goes in a config
         raise err.restated(
@@ -178,7 +186,15 @@ def load_model(
             ),
             img_size,
         )
-    return LoadedModel(spec, model, record.source, sha256=record.sha256, mean=record.mean, std=record.std)
+    return LoadedModel(
+        spec,
+        model,
+        record.source,
+        sha256=record.sha256,
+        mean=record.mean,
+        std=record.std,
+        stats_guessed=record.mean_std_guessed,
+    )
 
 
 def _at_size(loaded: LoadedModel, img_size: int | None) -> LoadedModel:
@@ -418,13 +434,16 @@ def inspect_attention(
     picture_images: int = 1,
     seed: int = 0,
     img_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data`` (made with
     ``data_options``, the dataset's own; neither: the data the first student given as a run was trained on),
     write the report under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random
     weights (``seed`` for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the
-    trained students were trained at, where they agree, else the teacher's."""
+    trained students were trained at, where they agree, else the teacher's. ``mean``/``std``: the teacher's
+    input normalisation (every model is given the teacher's), in place of its pretrained config's."""
     # a study's folder stands for its students, in the study's order, but those that saved no checkpoint (a
     # conversion's student: its stage 2)
     given, students = students, []
@@ -438,6 +457,8 @@ def inspect_attention(
                 students.append(str(run))
     if not students:
         raise InputError("name at least one student to inspect against the teacher")
+    if (mean is None) != (std is None):
+        raise InputError("--mean and --std normalise the teacher's images together: give both")
     if data_options and data is None:  # a run folder's own data would take their place without a word
         raise InputError("--data-kwargs are options of the dataset --data names: give --data NAME")
     if out is not None:
@@ -468,6 +489,22 @@ def inspect_attention(
     try:
         t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size, role="teacher")
         token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
+        chans = input_size(t.model)[1]
+        if mean is not None and std is not None:
+            if len(mean) != chans or len(std) != chans:
+                raise InputError(
+                    f"--mean and --std need {chans} values each, one per channel of the teacher {t.spec}'s "
+                    f"images; got {len(mean)} and {len(std)}"
+                )
+            t = dataclasses.replace(t, mean=tuple(mean), std=tuple(std), stats_guessed=False)
+        if t.stats_guessed and pretrained:  # the wrong ones would skew every figure without a sign
+            guess = [" ".join(f"{v:g}" for v in vs) for vs in (t.mean, t.std)]
+            raise InputError(
+                f"teacher {t.spec} has no preprocessor_config.json beside its config.json, so the mean/std its "
+                f"weights were trained with are unknown: give them as --mean and --std (timm's defaults for its "
+                f"architecture: --mean {guess[0]} --std {guess[1]}), or put the model's preprocessor_config.json "
+                "beside its config.json"
+            )
         loaded: dict[str, LoadedModel] = {}
         for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
             torch.manual_seed(seed + k)
@@ -503,7 +540,7 @@ def inspect_attention(
         other = [
             f"{k} [{', '.join(f'{v:.4g}' for v in own)}] against [{', '.join(f'{v:.4g}' for v in theirs)}]"
             for k, own, theirs in (("mean", s.mean, mean), ("std", s.std, std))
-            if pretrained and own and statistics_differ(own, theirs)
+            if pretrained and own and not s.stats_guessed and statistics_differ(own, theirs)
         ]
         if other:
             warn(

@@ -57,6 +57,16 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pictures", type=int, default=1, help="images drawn as class-token grids (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    for flag, what in (("--mean", "mean"), ("--std", "std")):
+        p.add_argument(
+            flag,
+            type=float,
+            nargs="+",
+            metavar=what.upper(),
+            help=f"the {what} the teacher's images are normalised by, one per channel (every model is given the "
+            "teacher's); default: its pretrained config's. Needed where a transformers folder has no "
+            "preprocessor_config.json",
+        )
     p.add_argument(
         "--img-size",
         type=int,
@@ -113,7 +123,7 @@ def run(args) -> int:
     data_options = apply_overrides(TrainConfig(), given).data.kwargs if given else None
 
     same = "images data data_root split num_images out overwrite teacher_arch student_arch batch_size seed"
-    same += " img_size topk noise floor_images"  # flags named as inspect_attention's keywords
+    same += " img_size topk noise floor_images mean std"  # flags named as inspect_attention's keywords
     result = inspect_attention(
         args.teacher,
         args.students,
@@ -126,7 +136,7 @@ def run(args) -> int:
     for name, layers in result["students"].items():
         js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]
         mean_js = sum(js) / len(js) if js else float("nan")
-        say(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(js)} layers with a map")
+        say(f"{name}: mean JS to the teacher {mean_js:.3g} over {len(js)} layers with a map")
     say(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
     return 0
 
