@@ -84,11 +84,11 @@ def test_a_model_without_the_datas_head_gets_its_knn_top1_and_no_top1(
     data = ["data.dataset=folder", f"data.root={three_classes[0] / 'data'}"]
     code, out, err = run_cli(capsys, "eval", f"local-dir:{tiny_teacher_dir}", *data, "eval.knn_k=5")
     assert code == 0, err
-    assert "no top-1: " in out and "has a head of 10 classes, and data.dataset=folder has 3 classes" in out
+    assert "no top-1: " in out and "has a head of 10 outputs, and data.dataset=folder has 3 classes" in out
     assert "val_top1" not in out and "knn_top1 (%) [95% Wilson interval, 36 images, k=5, T=0.07]:" in out
     code, _, err = run_cli(capsys, "eval", str(tiny_teacher_dir), *data, "eval.metrics=[top1]")
     assert (
-        code == 2 and "has a head of 10 classes, and data.dataset=folder has 3 classes: drop top1" in err
+        code == 2 and "has a head of 10 outputs, and data.dataset=folder has 3 classes: drop top1" in err
     ), err
 
 

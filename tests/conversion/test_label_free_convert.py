@@ -73,6 +73,16 @@ CHOICES = [
     ),
     ((10, None, True, 0, None), (0.0, 1.0, "label-free feature distillation (transfer.task_weight=0)", None)),
     ((0, None, True, 0, 0), (0.0, 0.0, "label-free distillation (transfer.task_weight=0)", 0)),
+    # CLIP's 16-d image projection as timm's head, on 10 classes: kept as the teacher's, not trained on them
+    (
+        (16, None, True, None, None),
+        (
+            0.0,
+            1.0,
+            "label-free feature distillation (the teacher's head has 16 outputs, not the data's 10",
+            None,
+        ),
+    ),
 ]
 
 
@@ -83,7 +93,7 @@ def test_stage2_is_labelled_for_a_classifier_on_labels_and_label_free_otherwise(
     overrides += [f"transfer.task_weight={task}"] if task is not None else []
     overrides += [f"transfer.feature_distill={features}"] if features is not None else []
     cfg = load_config(None, overrides)
-    choice = stage2_objective(cfg, _Teacher(classes), labelled)
+    choice = stage2_objective(cfg, _Teacher(classes), labelled, 10)
     assert (choice.task_weight, choice.feature_distill) == want[:2]
     assert choice.describe().startswith(want[2]), choice.describe()
     assert student_head(cfg, _Teacher(classes), choice, 10) == want[3]
@@ -91,7 +101,7 @@ def test_stage2_is_labelled_for_a_classifier_on_labels_and_label_free_otherwise(
 
 def test_a_headless_teacher_with_a_task_loss_and_no_head_says_the_two_ways_out():
     cfg = load_config(None, ["transfer.task_weight=1"])
-    choice = stage2_objective(cfg, _Teacher(0), True)
+    choice = stage2_objective(cfg, _Teacher(0), True, 10)
     with pytest.raises(InputError, match=r"model.num_classes=K .* or transfer.task_weight=0"):
         student_head(cfg, _Teacher(0), choice, 10)
 
@@ -104,7 +114,7 @@ def test_a_new_head_that_stage_2_would_never_train_is_refused():
         (True, ["transfer.task_weight=0"], r"\(transfer.task_weight=0\)"),
     ):
         cfg = load_config(None, ["model.num_classes=7", *overrides])
-        choice = stage2_objective(cfg, _Teacher(0), labelled)
+        choice = stage2_objective(cfg, _Teacher(0), labelled, 10)
         with pytest.raises(
             InputError, match=rf"model.num_classes=7 .* {why} never trains: drop model.num_classes"
         ):
@@ -266,10 +276,11 @@ def test_labelled_val_split_gives_knn_rows_and_a_softmax_encoder_exports_to_plai
         assert torch.equal(plain.forward_features(x), ours.forward_features(x))
 
 
-def test_a_classifier_teacher_on_data_of_another_class_count_names_the_keys_that_convert_it():
-    """A classifier teacher (a transformers ViTForImageClassification, or CLIP's projection as timm's head) on
-    data with other classes: the refusal says which config key converts it, not a Python argument."""
-    cfg = load_config(None, [])
-    choice = stage2_objective(cfg, _Teacher(16), True)
+def test_a_task_loss_on_a_head_of_other_classes_is_refused_with_the_key_that_converts_it():
+    """A teacher's head of other outputs than the data's classes (a transformers ViTForImageClassification, or
+    CLIP's projection as timm's head) with a task loss asked for: the refusal says which config key converts
+    it, not a Python argument."""
+    cfg = load_config(None, ["transfer.task_weight=1"])
+    choice = stage2_objective(cfg, _Teacher(16), True, 10)
     with pytest.raises(InputError, match=r"16 outputs but the data has 10 classes.*transfer.task_weight=0"):
         student_head(cfg, _Teacher(16), choice, 10)

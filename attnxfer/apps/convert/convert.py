@@ -393,7 +393,7 @@ def build_conversion(
                 f"convert.stage1_train={cfg.convert.stage1_train}: stage 1 is skipped (new+qk fits every one)"
             )
             cfg = unfitted
-    stage2 = stage2_objective(cfg, parts.teacher, labelled)
+    stage2 = stage2_objective(cfg, parts.teacher, labelled, parts.num_classes)
     student_head(cfg, parts.teacher, stage2, parts.num_classes)  # a task loss without a head stops here
     if stage2.task_weight > 0 and not getattr(parts.student, "num_classes", 0):
         raise InputError(
@@ -452,7 +452,8 @@ def _student_builder(
     c = cfg.convert
 
     def make_student(teacher: nn.Module, num_classes: int) -> nn.Module:
-        head = student_head(cfg, teacher, stage2_objective(cfg, teacher, labelled), num_classes)
+        objective = stage2_objective(cfg, teacher, labelled, num_classes)
+        head = student_head(cfg, teacher, objective, num_classes)
         with torch.random.fork_rng(devices=[]) if stand_in else contextlib.nullcontext():
             try:
                 student = build_efficient_student(

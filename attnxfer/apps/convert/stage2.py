@@ -1,8 +1,9 @@
 """What stage 2 of `attnxfer convert` optimises, and so which head the converted student gets.
 
-A classifier teacher on labelled data keeps the task loss on its head. A headless teacher (MAE, DINO, CLIP
-towers), or data without labels, converts into a headless encoder by feature distillation: no label read, no
-head needed. ``transfer.task_weight`` / ``transfer.feature_distill`` set are taken as they are.
+A classifier teacher on labelled data of its classes keeps the task loss on its head. A headless teacher (MAE,
+DINO, CLIP towers), or data without labels, converts into a headless encoder by feature distillation: no label
+read, no head needed. A head with other outputs than the data's classes (CLIP's image projection, an ImageNet
+head on a 10-class set) is kept as the teacher's and stage 2 is label-free. ``transfer.task_weight`` / ``transfer.feature_distill`` set are taken as they are.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class Stage2Objective:
         return f"{what} ({self.reason})"
 
 
-def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> Stage2Objective:
+def stage2_objective(
+    cfg: TrainConfig, teacher: nn.Module, labelled: bool, data_classes: int
+) -> Stage2Objective:
     """The weights stage 2 trains with: those set, else the module docstring's defaults."""
     t = cfg.transfer
     classes = int(getattr(teacher, "num_classes", 0) or 0)
@@ -57,6 +60,10 @@ def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> St
         task, reason = 0.0, "the teacher is headless"
     elif not labelled:
         task, reason = 0.0, "the data has no labels"
+    elif (
+        classes and classes != data_classes and not cfg.model.num_classes
+    ):  # trained on them, it would be lost
+        task, reason = 0.0, f"the teacher's head has {classes} outputs, not the data's {data_classes} classes"
     elif classes:
         task, reason = 1.0, f"the teacher's {classes}-class head"
     else:

@@ -204,7 +204,7 @@ def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
         )
         model, classes = parts.student.to(runtime.device).eval(), parts.num_classes
         head = getattr(model, "num_classes", 0)
-        its_head = f"{t.spec} has {f'a head of {head} classes' if head else 'no head'}, and data.dataset="
+        its_head = f"{t.spec} has {f'a head of {head} outputs' if head else 'no head'}, and data.dataset="
         its_head += f"{cfg.data.dataset} has {classes} classes"
         if "top1" in asked and head != classes:
             raise InputError(f"eval.metrics=top1: {its_head}: drop top1 (k-NN top-1 needs no head)")
