@@ -64,4 +64,6 @@ def did_you_mean(name: str, names: Iterable[str]) -> str:
     sharing = [by_lower[n] for n in by_lower if part[0] in n.split("_")] if nearer else []
     if 1 < len(sharing) <= 6:
         return f"; did you mean one of {', '.join(map(repr, sharing))}?"
-    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+    # the one name of that part: 'topk' for topk_sparse, which difflib finds too short to be near it whole
+    best = sharing[0] if len(sharing) == 1 else by_lower[close[0]] if close else None
+    return f"; did you mean {best!r}?" if best else ""

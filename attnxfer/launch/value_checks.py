@@ -144,6 +144,18 @@ def _refuse_uninstalled(group: str, where: str, name: str, run_dir: str) -> None
         names = groups.get(group) if isinstance(groups, dict) else None
         if said := missing_plugin(name, names.get(name) if isinstance(names, dict) else None):
             raise ConfigError(f"{where}: {said}")
+    trained = [r.get("student") for r in records if isinstance(r.get("student"), dict)]
+    if group == ATTENTION_GROUP and any(name in _as_list(s.get("attention")) for s in trained):
+        # registered where it trained, by no package (a fork's file, a script's import): no other name will do
+        raise ConfigError(
+            f"{where}: {name!r} is the attention {run_dir} was trained with, and nothing registers it here: run "
+            f"with the code that registered it (a fork's attnxfer/models/efficient/ file, or a package named by an "
+            f"'{ATTENTION_GROUP}' entry point)"
+        )
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def _check_comparisons(entries: Any, run_dir: str) -> None:
@@ -236,7 +248,7 @@ def _check_attention(key: str, value: Any, run_dir: str, also: frozenset[str] = 
     names, prefixes = registered_attentions()
     if not names:  # the source is not beside the package (a frozen install): the registry checks later
         return
-    items = value if isinstance(value, list) else [value]
+    items = _as_list(value)
     if any(isinstance(n, str) and n not in names and n.partition(":")[0] not in prefixes for n in items):
         # an installed package's: it imports the registry, which then holds the built-ins too
         load_entry_points(ATTENTION_GROUP)

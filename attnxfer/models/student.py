@@ -411,12 +411,21 @@ def student_from_spec(
                     f"or install the package that names it in an '{ATTENTION_GROUP}' entry point"
                 ) from None
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
-        if is_hierarchical(model):  # PVTv2 / Swin: one attention per layer over the stages
-            names = per_block_attention(kind, len(hierarchical_slots(model)))
-            return swap_hierarchical(model, names, spec.get("attention_options"))
-        return swap_attentions(
-            model, per_block_attention(kind, len(flat_blocks(model))), spec.get("attention_options")
-        )
+        options = spec.get("attention_options")
+        try:
+            if is_hierarchical(model):  # PVTv2 / Swin: one attention per layer over the stages
+                names = per_block_attention(kind, len(hierarchical_slots(model)))
+                return swap_hierarchical(model, names, options)
+            return swap_attentions(model, per_block_attention(kind, len(flat_blocks(model))), options)
+        except TypeError as e:  # the options its attention's code took when it was saved, not this code's
+            listed = options if isinstance(options, list) else [options]  # one per block, or one for all
+            if not any(listed):
+                raise
+            said = [o for i, o in enumerate(listed) if o and o not in listed[:i]]
+            raise InputError(
+                f"the student's recorded attention options {', '.join(map(str, said))} do not build {kind!r} as "
+                f"it is defined here ({e}): it was saved by other code of that attention; load it with that code"
+            ) from None
     if attn_layer is None:
         attn_layer = TransferAttention
     cfg = dict(

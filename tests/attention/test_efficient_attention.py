@@ -30,7 +30,7 @@ from timm.layers import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from attnxfer.errors import InputError
+from attnxfer.errors import InputError, did_you_mean
 from attnxfer.models import efficient
 from attnxfer.models.efficient import (
     COUNTERPART_MODULES,
@@ -137,8 +137,31 @@ def test_create_attention_takes_dim_positionally_as_the_class_does():
 
 
 def test_register_rejects_a_second_class_under_a_taken_name():
-    with pytest.raises(ValueError, match="already registered"):
-        register_attention("performer")(type("Other", (EfficientAttention,), {}))
+    """A copied file that kept the name: both classes may share a class name too, so their modules are said."""
+    other = type("PerformerAttention", (EfficientAttention,), {"__module__": "my_fork.performer_copy"})
+    with pytest.raises(ValueError, match="already registered") as e:
+        register_attention("performer")(other)
+    said = str(e.value)
+    assert "attnxfer.models.efficient.performer.PerformerAttention" in said
+    assert "my_fork.performer_copy.PerformerAttention a name of its own" in said
+
+
+@pytest.mark.parametrize("name", ["cos-lin", "Cosine", "2x_linear", "", "top k"])
+def test_attention_names_are_words_as_configs_and_tables_name_them(name):
+    with pytest.raises(ValueError, match="lower-case words"):
+        register_attention(name)
+
+
+def test_an_attention_without_attend_says_what_to_define():
+    bare = type("Bare", (EfficientAttention,), {})(dim=8, num_heads=2)
+    q = k = v = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match=r"Bare defines no _attend\(q, k, v\)"):
+        bare.attend(q, k, v)
+
+
+def test_a_short_name_of_one_attention_is_answered_with_it():
+    """'topk' for topk_sparse: too short for difflib to find it near the whole name, a part of it alone."""
+    assert did_you_mean("topk", ["relu_linear", "topk_sparse", "window"]) == "; did you mean 'topk_sparse'?"
 
 
 def test_two_zoo_classes_of_one_name_are_refused_not_one_imported_for_the_other():

@@ -401,3 +401,15 @@ def test_a_conversion_stopped_in_stage_1_names_its_attentions_package_to_its_res
         "convert.attention: 'lab_relu' came from the plug-in package labpkg 0.1 (labpkg.attention); it is not "
         "installed here: pip install labpkg\n"
     ), err
+
+
+def test_a_runs_own_attention_registered_by_no_package_is_named_as_the_runs(tmp_path, capsys):
+    """A run trained with an attention a fork's file registered, scored where that file is gone: the nearest
+    built-in name ("did you mean") would score another model, so the run's own attention is said."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"student": {"attention": ["lab_cos", "softmax"]}}))
+    (run / "config.yaml").write_text(f"run_dir: {run}\nmodel:\n  attention: lab_cos\n")
+    code, _, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
+    assert code == 2 and "did you mean" not in err, err
+    assert f"'lab_cos' is the attention {run} was trained with, and nothing registers it here" in err

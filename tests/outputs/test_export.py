@@ -27,7 +27,7 @@ from timm.layers import Attention
 from attnxfer.checkpoints.export import _install, export_run, export_student, select_checkpoint
 from attnxfer.checkpoints.run_lock import _start_time, run_lock
 from attnxfer.checkpoints.store import CheckpointError, CheckpointManager
-from attnxfer.errors import MissingPathError, UserError
+from attnxfer.errors import InputError, MissingPathError, UserError
 from attnxfer.models.attention import TransferAttention, registry
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.efficient.linear import ReLULinearAttention
@@ -348,6 +348,18 @@ def test_an_exports_weights_of_other_shapes_are_refused_in_one_line_as_missing_o
     ) as err:
         load_student(str(out))
     assert "\n" not in str(err.value)
+
+
+def test_an_exports_options_its_attentions_code_no_longer_takes_are_named_not_a_traceback(tmp_path):
+    """An option renamed in a fork after the export: the recorded options are said as what changed, with no
+    advice to drop them (the student would load with other settings than it was trained with)."""
+    out = export_student(efficient_student("window", window_size=3), tmp_path / "eff", card=card())
+    config = json.loads((out / "config.json").read_text())
+    config["attnxfer"]["student"]["attention_options"] = [{"window_sz": 3}] * 2  # as the old code named it
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"recorded attention options \{'window_sz': 3\} do not") as err:
+        load_student(str(out))
+    assert "saved by other code of that attention" in str(err.value) and "drop them" not in str(err.value)
 
 
 def test_a_student_of_an_attention_not_registered_here_is_refused_in_one_line(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ per-layer lists, exports) into classes, and `attention_name_of` the one way back
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,12 +22,17 @@ T = TypeVar("T", bound=type[nn.Module])
 
 
 def register_attention(name: str) -> Callable[[T], T]:
-    if not name or name != name.lower():
-        raise ValueError(f"attention names are non-empty lower-case strings, got {name!r}")
+    # a word: configs, per-layer lists and the docs' tables name it as one
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"attention names are lower-case words (a-z, 0-9, _), got {name!r}")
 
     def decorator(cls: T) -> T:
         if name in _ATTENTIONS and _ATTENTIONS[name] is not cls:
-            raise ValueError(f"attention {name!r} is already registered to {_ATTENTIONS[name].__name__}")
+            had = _ATTENTIONS[name]
+            raise ValueError(
+                f"attention {name!r} is already registered to {had.__module__}.{had.__qualname__}: give "
+                f"{cls.__module__}.{cls.__qualname__} a name of its own"
+            )
         _ATTENTIONS[name] = cls
         cls.attention_name = name
         return cls

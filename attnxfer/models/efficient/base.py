@@ -164,7 +164,10 @@ class EfficientAttention(TransferableAttention):
         return out.to(v.dtype)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no _attend(q, k, v): an efficient attention returns v's (B, H, N, d) "
+            "from it (attnxfer/models/efficient/base.py)"
+        )
 
     def _attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._attend(q, k, v)

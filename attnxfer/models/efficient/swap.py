@@ -143,7 +143,9 @@ def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type
         theirs = {n: c.own_options() for n, c in zip(names, classes)}
         raise TypeError(
             f"no chosen attention accepts option(s) {unused} (their options: {theirs}): drop them (or, in a "
-            "config, set the key to {} to drop every option, a recipe's for its own attention too)"
+            "config, set the key to {} to drop every option, a recipe's for its own attention too); where a "
+            "run's own config.yaml gives them, it was trained with other code of that attention, which alone "
+            "rebuilds what it trained"
         )
     for name, cls in zip(names, classes):  # a value of another kind than the constructor annotates
         for option, value in options.items():
