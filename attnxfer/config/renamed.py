@@ -82,13 +82,18 @@ def dropped_from(key: str, item: str, old: str) -> Move:
     """``false`` means ``item`` is left out of the list ``key`` (the source's list, else the config's); the old
     switch ``old`` given anything but true or false is refused, not read as true (``log.tensorboard=0``)."""
 
-    def move(value: Any, data: dict, cfg: Any) -> None:
+    def move(value: Any, data: dict, cfg: Any) -> str | None:
         if not isinstance(value, bool):
             raise ConfigError(f"{old}: expected true/false, got {value!r}")
         found, items = find_key(data, key)
+        given = items if found else None
         items = items if found else _current(cfg, key)
         if value is False and items is not None:
             _parent(data, key, cfg)[key.rsplit(".", 1)[-1]] = [x for x in items if x != item]
+        # the list given beside it names the item, which the switch takes out: both said, not one silently lost
+        if value is False and isinstance(given, list) and item in given:
+            return f"{key}={yaml_value(given)} is given beside it and loses {item}: {old}=false leaves it out"
+        return None
 
     return move
 
@@ -100,7 +105,11 @@ def synthetic_option(new: str) -> Move:
     def move(value: Any, data: dict, cfg: Any) -> str | None:
         found, dataset = find_key(data, "data.dataset")
         dataset = dataset if found else _current(cfg, "data.dataset")
-        return to_new(value, data, cfg) if dataset in (None, "synthetic") else None
+        if dataset in (None, "synthetic"):
+            return to_new(value, data, cfg)
+        return (
+            f"its {yaml_value(value)} is dropped: data.dataset={dataset} is not the synthetic dataset it set"
+        )
 
     return move
 

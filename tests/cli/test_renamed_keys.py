@@ -39,8 +39,17 @@ def test_log_tensorboard_false_is_trackers_without_tensorboard(tmp_path):
     assert "log.trackers" in said[0]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"log": {"tensorboard": False, "trackers": ["tensorboard", "wandb"]}}))
-    cfg, _ = _load(path=recipe)
+    cfg, said = _load(path=recipe)
     assert cfg.log.trackers == ["wandb"]
+    # the list names tensorboard and the switch takes it out: said, not one of the two lost without a word
+    assert said[0].endswith(
+        "log.trackers=[tensorboard, wandb] is given beside it and loses tensorboard: log.tensorboard=false "
+        "leaves it out"
+    ), said
+    cfg, said = _load("log.tensorboard=false", "log.trackers=[tensorboard]")
+    assert cfg.log.trackers == [] and "loses tensorboard" in said[0]
+    cfg, said = _load("log.tensorboard=false", "log.trackers=[wandb]")  # no conflict: nothing more said
+    assert cfg.log.trackers == ["wandb"] and "loses" not in said[0]
     cfg, _ = _load("log.tensorboard=true")  # TensorBoard on: what log.trackers says
     assert cfg.log.trackers == ["tensorboard"]
     for value in ("0", "maybe", "null"):  # not a switch: refused, not read as true (TensorBoard left on)
@@ -97,6 +106,7 @@ def test_data_synthetic_length_is_dropped_for_a_dataset_that_ignored_it(tmp_path
     ``length`` option, so moving it would make the recipe an error."""
     cfg, said = _load("data.dataset=folder", "data.root=/data", "data.synthetic_length=64")
     assert cfg.data.kwargs == {} and "data.kwargs.length" in said[0]
+    assert said[0].endswith("its 64 is dropped: data.dataset=folder is not the synthetic dataset it set")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"data": {"dataset": "folder", "root": "/data"}}))
     cfg, _ = _load("data.synthetic_length=64", path=recipe)
