@@ -236,6 +236,10 @@ def _unquoted(value: Any, tp: Any) -> str:
         )
     if not isinstance(value, str) or str in takes:
         return ""
+    # a factor or a share as prose writes it (the docs' "1.5x" speed-up): the plain number the key takes
+    unit = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([x×%])\s*", value)
+    if unit and float in takes:
+        return f" (write {float(unit[1]) / (100 if unit[2] == '%' else 1):g}: a plain number)"
     with contextlib.suppress(yaml.YAMLError, ConfigError):
         if not isinstance(typed := load_yaml(value), str):
             _coerce(typed, tp, "")

@@ -119,8 +119,8 @@ def select(
     """The assignment of least summed sensitivity (``sensitivity[l][c]``, infinite: never chosen) whose
     predicted time is at most ``teacher_ms / speedup``; `InfeasibleBudget` where even the fastest student
     misses it."""
-    if speedup <= 1:
-        raise ValueError(f"speedup must be > 1, got {speedup:g}")
+    if isinstance(speedup, bool) or not isinstance(speedup, int | float) or not speedup > 1:
+        raise ValueError(f"speedup must be a number > 1 (2 for 2x), got {speedup!r}")
     need = teacher_ms * (1.0 - 1.0 / speedup)  # the time the swapped blocks must save
     # a candidate infinite in some blocks only may still be taken in the others: the budget is judged, and the
     # refusal names, the fastest mix the knapsack could choose, not a one-candidate student

@@ -606,8 +606,21 @@ def test_linformer_on_a_teacher_of_any_size_says_to_give_seq_len_not_that_it_can
     with pytest.raises(InputError, match=r"dynamic_img_size.*convert\.attention_kwargs.*\{seq_len: N\}") as e:
         build_efficient_student(teacher, "linformer")
     assert "dynamic_img_size) has no one token count, so linformer cannot convert it" not in str(e.value)
-    student = build_efficient_student(teacher, "linformer", seq_len=17)
+    student = build_efficient_student(teacher, "linformer", seq_len=17, proj_len=8)  # 64 would exceed 17
     assert student(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_a_dynamic_size_teachers_window_wider_than_its_grid_is_refused_where_it_is_converted():
+    """A dynamic-size teacher (the recall task's) declares no grid, but trains at the size it was built for: a
+    window over all of that grid would fit exact softmax there (stage 1, the choice's scores), which says
+    nothing of the window at the resolutions where it is local."""
+    teacher = tiny_vit(depth=2, img_size=32, patch_size=8, dynamic_img_size=True)  # a 4x4 grid
+    with pytest.raises(
+        InputError, match=r"window_size 7x7 is larger than the 4x4 token grid .* use at most 4x4"
+    ):
+        build_efficient_student(teacher, "window", window_size=7)
+    student = build_efficient_student(teacher, "window", window_size=3)
+    assert student(torch.randn(1, 3, 64, 64)).shape == (1, 10)  # and local at another size
 
 
 def test_hydra_matches_its_formula():

@@ -646,6 +646,15 @@ def test_an_override_with_an_empty_key_or_key_part_says_so(override, said):
             "optim.min_lr: expected a number, got '1e-3' (a quoted string: write 1e-3 without quotes)",
         ),
         ("optim.min_lr=010", "optim.min_lr: expected a number, got '010'"),  # no number unquoted either
+        # a factor or a share as the docs' prose writes them ("a 1.5x budget")
+        (
+            "convert.speedup=2x",
+            "convert.speedup: expected a number or null, got '2x' (write 2: a plain number)",
+        ),
+        (
+            "optim.weight_decay=5%",
+            "optim.weight_decay: expected a number, got '5%' (write 0.05: a plain number)",
+        ),
         (
             "log.trackers=null",
             "log.trackers: expected a list, got None (write e.g. log.trackers=[] for none)",

@@ -160,6 +160,13 @@ def test_an_infeasible_budget_names_the_fastest_student():
     assert met.names == ["fast"] * 3
 
 
+@pytest.mark.parametrize("speedup", ["2x", 1, 0.5, True, None])
+def test_select_takes_a_speedup_as_a_number_above_1_and_says_so_otherwise(speedup):
+    """From Python, as the docs write a budget ("2x"): one sentence, not a comparison's TypeError."""
+    with pytest.raises(ValueError, match=r"speedup must be a number > 1 \(2 for 2x\)"):
+        select([{"fast": 0.1}], {"fast": 2.0}, softmax_ms=10.0, teacher_ms=50.0, speedup=speedup)
+
+
 def test_an_infeasible_budget_never_says_a_speedup_that_reads_as_the_budget():
     """The fastest student at 1.998x misses a budget of 2: two digits (2.00x) would read as meeting it."""
     sensitivity, ms = [{"fast": 0.1}] * 2, {"fast": 0.5025}  # 10 ms / (4 + 2 x 0.5025) = 1.998x

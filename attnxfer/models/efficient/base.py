@@ -178,13 +178,16 @@ class EfficientAttention(TransferableAttention):
     grid_sized: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def grid_fit_error(self, built_grid: tuple[int, ...] = ()) -> InputError | None:
-        """The refusal of a ``grid_sized`` option larger than the declared grid allows, where a student is built
+        """The refusal of a ``grid_sized`` option larger than the grid allows, where a student is built
         (`with_attention`): beyond it the attention is full attention or costs more, not the efficient one asked
-        for. Not per call: at another resolution the core clamps (a window to the grid, landmarks to N), so not
-        against ``built_grid`` either, a dynamic-size model's at the size it was built for (a fixed length is)."""
-        if self.grid_size is None:
+        for. The grid is the declared one, else ``built_grid``, a dynamic-size model's at the size it was built
+        for: what trains there (a conversion's stage 1 and its choice of attentions fit at that size) would be
+        softmax, whatever it is at other sizes. Not per call: at another resolution the core clamps (a window to
+        the grid, landmarks to N)."""
+        grid = self.grid_size or (tuple(built_grid) if len(built_grid) == 2 else None)
+        if grid is None:
             return None
-        p, (gh, gw), side = self.num_prefix_tokens or 0, self.grid_size, min(self.grid_size)
+        p, (gh, gw), side = self.num_prefix_tokens or 0, grid, min(grid)
         bounds = {"grid": (gh, gw), "side": side, "tokens": p + gh * gw, "odd side": side - 1 + side % 2}
         for option, bound in self.grid_sized:
             size, most = getattr(self, option), bounds[bound]

@@ -92,7 +92,7 @@ class LinformerAttention(EfficientAttention):
                 f"{'x'.join(map(str, grid))} grid): its E/F projections would refuse every image; {drop}set it "
                 f"to {tokens}"
             )
-        return super().grid_fit_error()
+        return super().grid_fit_error(built_grid)
 
     def _scores(self, q, k):
         num_tokens = q.shape[-2]
