@@ -272,6 +272,8 @@ def load_config(
                     f", or give one student's config: -c {study}"
                     if study
                     else " (a single run takes one student's keys, without students:"
+                    # a study's file names its command too, which a single run's config has no key for
+                    + (" and command:" if any(COMMAND_KEY in data for _, data in chain) else "")
                     + (f"; write students: [] in {p} to drop its base's)" if file != p else ")")
                 )
             )

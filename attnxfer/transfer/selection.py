@@ -189,7 +189,8 @@ def reasons(
     for i, (row, low, name) in enumerate(zip(sensitivity, best, chosen.names)):
         if name == SOFTMAX:
             rank = sorted((r[b] for r, b in zip(sensitivity, best)), reverse=True).index(row[low]) + 1
-            place = "largest" if rank == 1 else f"#{rank} largest"
+            # "#4 largest" of a block under the median read as one of the most sensitive: its rank of how many
+            place = "largest sensitivity" if rank == 1 else f"#{rank} of {len(sensitivity)} by sensitivity"
             tied = [k for k, (r, b) in enumerate(zip(sensitivity, best)) if k != i and r[b] == row[low]]
             alike = [k for k in tied if sensitivity[k] == row and chosen.names[k] != SOFTMAX]
             blocks = lambda ks: f"block{'s' * (len(ks) > 1)} {', '.join(map(str, ks))}"
@@ -198,7 +199,7 @@ def reasons(
                 place = f"tied with {blocks(tied)} for the {place}"
             also = f"; {blocks(alike)}, measured alike, swapped instead: same cost" if alike else ""
             lines.append(
-                f"softmax: {place} sensitivity ({metric} {row[low]:.3g} with its best candidate {low} vs "
+                f"softmax: {place} ({metric} {row[low]:.3g} with its best candidate {low} vs "
                 f"{median:.3g} median); the budget is met without swapping it{also}"
             )
         elif name == low:

@@ -256,6 +256,11 @@ def test_stage2_that_makes_the_student_worse_is_named_by_the_conversions_own_mea
         is None
     )
     assert stage2_worse({**labelled, "after_stage2": None}, steps=0) is None  # stage 2 did not run
+    # k-NN within stage 1's 95% interval (2 images of 1,000 fewer), the cosine at its fourth digit: noise
+    noisy = {"knn_top1": 67.5, "knn_top1_low": 64.5}
+    before = {**_measured(cos=1.0), "knn": noisy}
+    assert stage2_worse({"after_stage1": before, "after_stage2": _measured(cos=0.9998, knn=67.3)}, 3) is None
+    assert stage2_worse({"after_stage1": before, "after_stage2": _measured(cos=0.9998, knn=64.0)}, 3)
 
 
 @pytest.mark.slow  # a whole conversion (2 stage-1 steps, 2 stage-2 steps at a learning rate that wrecks it)

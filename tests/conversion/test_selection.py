@@ -352,6 +352,18 @@ def test_a_block_kept_in_softmax_on_a_tie_is_said_tied_not_the_largest():
     assert why.endswith(f"; block {twin}, measured alike, swapped instead: same cost"), why
 
 
+def test_a_softmax_block_under_the_median_is_ranked_of_all_not_called_one_of_the_largest():
+    """Kept because the budget was met elsewhere: "#3 largest" of a block under the median read as one of the
+    most sensitive; its rank says of how many."""
+    rows = [{"fast": v} for v in (0.5, 0.4, 0.1, 0.2)]
+    chosen = assignment_of(["fast", "fast", SOFTMAX, SOFTMAX], rows, {"fast": 1.0}, 10.0, 40.0)
+    why = reasons(chosen, rows, {"fast": 1.0}, 10.0, "kl")
+    assert why[2].startswith(
+        "softmax: #4 of 4 by sensitivity (kl 0.1 with its best candidate fast vs 0.3 median)"
+    )
+    assert why[3].startswith("softmax: #3 of 4 by sensitivity (kl 0.2 "), why
+
+
 def test_a_swap_exact_up_to_rounding_measures_no_negative_sensitivity():
     """A window over the whole grid is softmax computed another way: its KL, rounding's noise around 0, is never
     below 0 (a negative one would rank the swap above softmax itself and print a negative KL in the report)."""

@@ -447,6 +447,9 @@ def test_an_empty_students_list_drops_the_bases_students_for_a_single_run(tmp_pa
     (tmp_path / "kept.yaml").write_text("base: recall/convert_budgets\nseed: 1\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"convert_budgets\.yaml' lists students.*students: \[\] in"):
         load_config(tmp_path / "kept.yaml")
+    # the study's own file: both keys a single run's config does not take are named at once
+    with pytest.raises(ConfigError, match=r"without students: and command:\)$"):
+        load_config("recall/convert_budgets")
 
 
 def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
