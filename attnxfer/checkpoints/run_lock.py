@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..errors import InputError, MissingPathError, PathExistsError
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
@@ -154,10 +156,17 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
         what, marker, how = held
         raise refusal(f"holds a {what} ({marker})", how.format(dir=run_dir))
     mae = held is not None and read_record(run_dir / RUN_RECORD).get("objective") == "mae"
+    if held is None and (run_dir / CHECKPOINTS_SUBDIR).is_dir():
+        # a run whose run.json is gone: the sections of its config.yaml say which command wrote it (mae: only
+        # pretrain's, transfer: only train's), else the other command's resume would take it for its own
+        with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
+            sections = yaml.safe_load((run_dir / RUN_CONFIG).read_text(encoding="utf-8"))
+            if isinstance(sections, dict) and ({"mae", "transfer"} & set(sections)):
+                held, mae = ("training run", RUN_CONFIG, ""), "mae" in sections
     if command in ("train", "pretrain") and held is not None and mae != (command == "pretrain"):
         # the two write the same files: a resume would compare configs, and load one's weights as the other's
-        how = f"attnxfer pretrain -c {run_dir / RUN_CONFIG}" if mae else held[2].format(dir=run_dir)
-        said = f"holds {'an MAE pre-training' if mae else 'a training'} run ({RUN_RECORD})"
+        how = f"attnxfer {'pretrain' if mae else 'train'} -c {run_dir / RUN_CONFIG}"
+        said = f"holds {'an MAE pre-training' if mae else 'a training'} run ({held[1]})"
         tune = f"; to fine-tune its encoder: attnxfer export {run_dir} OUT, then model.init=local-dir:OUT"
         raise refusal(said, how, tune if mae else "")
 

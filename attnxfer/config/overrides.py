@@ -114,7 +114,14 @@ def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
 def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
     """What a run changes from its recipe, one ``key: recipe value -> value`` line each (of a mapping, the
     entries that differ)."""
-    where = f"recipe {recipe}" if recipe else "the defaults"
+    # a YAML file given by its path (a run's config.yaml, the user's own) is no recipe of the package's
+    where = (
+        "the defaults"
+        if not recipe
+        else recipe
+        if Path(recipe).suffix in (".yaml", ".yml")
+        else f"recipe {recipe}"
+    )
     changes = config_changes(base, cfg)
     if not changes:
         return f"config: {where}, unchanged"

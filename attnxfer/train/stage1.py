@@ -286,15 +286,15 @@ class Stage1Fit:
         self.result.steps = self.plan.stage1_steps
         self.result.seconds = time.monotonic() - self.start
         self.result.memory = _memory(self._meter, self.objective)
-        m, mib, images = self.result.memory, 2**20, self.objective.images
+        m, images = self.result.memory, self.objective.images
         # a windowed layer's rows are its windows: B is the images' batch times the windows of each
         rows = f"B = {m['batch']}"
         if images and m["batch"] > images and m["batch"] % images == 0:
             rows += f": {m['batch'] // images} windows x a batch of {images}"
         say(
-            f"stage 1 memory: peak {m['peak_bytes'] / mib:,.0f} MiB ({m['measured']}); whole teacher maps would "
-            f"take {m['whole_maps_bytes_per_layer'] / mib:,.0f} MiB per layer, {m['whole_maps_bytes'] / mib:,.0f} "
-            f"MiB for {m['layers']} layer{'s' * (m['layers'] != 1)} (B·H·N²·4 bytes at N = {m['tokens']:,} "
+            f"stage 1 memory: peak {_mib(m['peak_bytes'])} ({m['measured']}); whole teacher maps would "
+            f"take {_mib(m['whole_maps_bytes_per_layer'])} per layer, {_mib(m['whole_maps_bytes'])} "
+            f"for {m['layers']} layer{'s' * (m['layers'] != 1)} (B·H·N²·4 bytes at N = {m['tokens']:,} "
             f"tokens, {rows})"
         )
         return self.result
@@ -356,3 +356,8 @@ def _fitting_only(student: nn.Module, plan: ConversionPlan, weight_decay: float)
         for name, p in student.named_parameters():
             p.requires_grad_(requires[name])
         student.train(was_training)
+
+
+def _mib(size: float) -> str:
+    """Bytes as the log says them: whole MiB, and a size under 1 MiB in KiB, not as 0 MiB."""
+    return f"{size / 2**20:,.0f} MiB" if size >= 2**20 else f"{size / 2**10:,.0f} KiB"

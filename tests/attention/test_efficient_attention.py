@@ -623,6 +623,11 @@ def test_a_dynamic_size_teachers_window_wider_than_its_grid_is_refused_where_it_
     assert student(torch.randn(1, 3, 64, 64)).shape == (1, 10)  # and local at another size
 
 
+def test_a_list_of_one_attention_for_a_deeper_teacher_is_counted_in_words():
+    with pytest.raises(InputError, match=r"convert.attention lists 1 attention but the teacher has 2 blocks"):
+        build_efficient_student(tiny_vit(depth=2, img_size=32, patch_size=8), ["hedgehog"])
+
+
 def test_hydra_matches_its_formula():
     module = build("hydra").double()
     randomise_new_parameters(module)

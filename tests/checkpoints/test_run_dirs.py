@@ -311,7 +311,8 @@ def test_a_training_run_and_an_mae_pre_training_run_are_no_folder_for_each_other
     data = (a for a in S if a.startswith("data."))
     code, _, err = run_cli(capsys, "pretrain", *data, "log.progress=false", f"run_dir={trained}")
     refusal = (
-        "holds a training run (run.json), which attnxfer pretrain does not write into: continue it with the"
+        "holds a training run (run.json), which attnxfer pretrain does not write into: continue it with "
+        f"attnxfer train -c {trained / 'config.yaml'}"
     )
     assert code == 2 and refusal in _error_line(err)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
@@ -321,6 +322,16 @@ def test_a_training_run_and_an_mae_pre_training_run_are_no_folder_for_each_other
     ):
         refuse_other_work(tmp_path, "train")
     refuse_other_work(tmp_path, "pretrain")  # its own command goes on with it
+    # its run.json gone: the sections of its config.yaml (mae: pretrain's alone) still say whose it is
+    (tmp_path / "run.json").unlink()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.yaml").write_text("run_dir: x\nmae: {mask_ratio: 0.75}\n")
+    with pytest.raises(PathExistsError, match=r"holds an MAE pre-training run \(config.yaml\)"):
+        refuse_other_work(tmp_path, "train")
+    refuse_other_work(tmp_path, "pretrain")
+    (tmp_path / "config.yaml").write_text("run_dir: x\ntransfer: {mode: distill}\n")
+    with pytest.raises(PathExistsError, match=r"holds a training run \(config.yaml\).*attnxfer train -c"):
+        refuse_other_work(tmp_path, "pretrain")
 
 
 def test_a_conversions_stage_1_is_no_run_dir_for_any_command(tmp_path):

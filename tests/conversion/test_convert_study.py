@@ -545,6 +545,9 @@ def test_each_student_is_paired_with_the_best_on_the_images_exactly_one_of_them_
     # c vs b: c alone right on images 8, 9; b alone on 0, 1, 4, 5, 7 -> 2 / 5
     assert paired["c"] == f"2 / 5, p {binomtest(2, 7, 0.5).pvalue:.3f}"
     assert paired_with_best([{**r, "val_hits": None} for r in rows]) is None
+    # a tie for the best top-1: the first listed is the reference, and says whom it ties with
+    tie = paired_with_best([*rows, {"name": "d", "top1": 70.0, "val_hits": "1111110001"}])
+    assert tie["b"] == "the best (tied with d)" and tie["d"].startswith("1 / 1, p ")
 
 
 def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_side_is_missing(tmp_path):

@@ -503,6 +503,9 @@ def test_the_start_up_summary_names_the_entries_of_a_mapping_that_differ_not_bot
         "  seed: 0 -> 1",
         "  data.kwargs: distractors: 16 -> 8, hops: unset -> 2",
     ]
+    # a YAML file given by its path (a run's own config.yaml) is named as the file, not as a recipe
+    assert describe_changes(base, base, "runs/x/config.yaml") == "config: runs/x/config.yaml, unchanged"
+    assert describe_changes(base, base, "recall/teacher") == "config: recipe recall/teacher, unchanged"
 
 
 def test_fine_tuning_from_model_init_normalises_by_the_pretrained_models_statistics(tmp_path, capsys):

@@ -187,7 +187,12 @@ def paired_with_best(rows: list[dict[str, Any]]) -> dict[str, str] | None:
     if len(scored) < 2:
         return None
     best = max(scored, key=lambda r: r["top1"])
-    out = {"best": best["name"], best["name"]: "the best"}
+    # of a tie, the first listed: said, else the others' "the best" reads as a ranking the images do not make
+    tied = [r["name"] for r in scored if r is not best and r["top1"] == best["top1"]]
+    out = {
+        "best": best["name"],
+        best["name"]: f"the best (tied with {', '.join(tied)})" if tied else "the best",
+    }
     for row in scored:
         if row is not best and len(row["val_hits"]) == len(best["val_hits"]):
             t = mcnemar([c == "1" for c in row["val_hits"]], [c == "1" for c in best["val_hits"]])

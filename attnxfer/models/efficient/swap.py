@@ -334,7 +334,8 @@ def build_efficient_student(
         names = [attention] * depth if isinstance(attention, str) else list(attention)
         if len(names) != depth:
             raise InputError(
-                f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
+                f"convert.attention lists {len(names)} attention{'s' * (len(names) != 1)} but the teacher has "
+                f"{depth} blocks; give "
                 "one name for all blocks or exactly one per block"
             )
     # an unknown name is refused before the teacher is copied
