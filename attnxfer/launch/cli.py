@@ -356,6 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, eq, value in (o.partition("=") for o in getattr(args, "overrides", [])):
         if eq:
             given.setdefault(key.strip(), []).append(value)
+    # a value given whole after keys inside it replaces them (schedule={epochs: 2} drops a schedule.warmup_epochs
+    # before it): deliberate where it clears (data.kwargs={}), else a key lost without a word
+    order = [key.strip() for key, eq, _ in (o.partition("=") for o in getattr(args, "overrides", [])) if eq]
+    for i, whole in enumerate(order):
+        if inside := sorted({k for k in order[:i] if k.startswith(whole + ".")}):
+            warn(
+                f"warning: {whole}={given[whole][-1]} comes after {', '.join(inside)} and replaces "
+                f"{'them' if len(inside) > 1 else 'it'}: give {whole}=... first to keep both"
+            )
     if twice := [(k, v) for k, v in given.items() if len(v) > 1]:
         warn(
             "warning: "

@@ -509,6 +509,15 @@ def test_a_refused_resume_gives_the_overrides_that_continue_the_run(tmp_path, ca
     assert advice == "model.drop_path_rate=0.2"
     code, _, err = run_cli(capsys, "train", *again, *shlex.split(advice))
     assert code == 0 and (tmp_path / "run" / "checkpoints" / "step-00000002").is_dir(), err
+    # the run's own config.yaml edited since it was written: named as where the values go back, not as the
+    # place that keeps them
+    own = tmp_path / "run" / "config.yaml"
+    own.write_text(own.read_text().replace("drop_path_rate: 0.2", "drop_path_rate: 0.4"))
+    code, _, err = run_cli(capsys, "train", "-c", str(own), "schedule.max_steps=3")
+    assert code == 2 and "model.drop_path_rate (0.2 -> 0.4)" in err, err
+    assert err.rstrip().endswith(
+        f"model.drop_path_rate=0.2, in {own}, which says the new values since it was edited"
+    )
 
 
 def test_a_loss_option_written_out_at_its_default_is_no_change_and_another_value_is():

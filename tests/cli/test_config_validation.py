@@ -667,3 +667,23 @@ def test_a_refused_value_shows_the_spelling_that_is_taken(override, said):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert str(e.value) == said
+
+
+@pytest.mark.parametrize(
+    "first,then",
+    [
+        ("schedule.warmup_epochs=3", "schedule={epochs: 2}"),
+        ("model.kwargs.depth=4", "model.kwargs={embed_dim: 32}"),
+    ],
+)
+def test_a_whole_value_given_after_keys_inside_it_says_it_replaces_them(first, then, capsys):
+    """A section or mapping given whole after one of its keys replaces that key (the warm-up, the depth gone):
+    deliberate where it clears (data.kwargs={}), so said, not refused; given first, the key after it refines it."""
+    code, _, err = run_cli(capsys, "train", first, then, "--print-config")
+    assert code == 0 and f"warning: {then} comes after {first.split('=')[0]} and replaces it" in err, err
+    cfg = load_config(None, [then, first])  # the whole value first, the key inside it after: both kept
+    if then.startswith("schedule"):
+        assert (cfg.schedule.epochs, cfg.schedule.warmup_epochs) == (2, 3)
+    else:
+        assert cfg.model.kwargs == {"embed_dim": 32, "depth": 4}
+    assert "replaces" not in run_cli(capsys, "train", then, first, "--print-config")[2]

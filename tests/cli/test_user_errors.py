@@ -871,7 +871,13 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
             "synthetic: need num_classes >= 1, length >= 0",
         ),
         (
-            ["train", *S, "data.dataset=animal_mnist", "data.kwargs={augment: maybe}", "run_dir={tmp}/r"],
+            [
+                "train",
+                "transfer.mode=none",
+                "data.dataset=animal_mnist",
+                "data.kwargs.augment=maybe",
+                "run_dir={tmp}/r",
+            ],
             "data.kwargs.augment takes true/false or null, got 'maybe'",
         ),
         (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),

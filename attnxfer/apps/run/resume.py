@@ -184,7 +184,7 @@ def judge(
         # the run's own config.yaml edited since (read by export or inspect, or given to eval -c): no
         # command line to drop the values from
         edited = reader is not None
-        if scoring and not edited and config == own:
+        if not edited and config == own:
             with contextlib.suppress(ConfigError):
                 now = to_dict(load_config(str(own)))
                 edited = all(find_key(now, c.key) == (True, c.new) for c in point.refused)
@@ -213,7 +213,9 @@ def judge(
             f"(run_dir=...) or start it over here (checkpoint.resume=none, which keeps the earlier one aside); "
             f"to continue this one, give them the values it recorded: "
             f"{KeyChange.restoring(point.refused)}{split}"
-            + (f" (its config: {config})" if own.is_file() else "")  # a search writes none
+            # a search writes none; the run's own, edited since it was written, is where they go back
+            + (f" (its config: {config})" if own.is_file() and not edited else "")
+            + (f", in {config}, which says the new values since it was edited" if edited else "")
         )
     if point.allowed and reader is None and said:
         changed = ", ".join(map(str, point.allowed))
