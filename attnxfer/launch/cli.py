@@ -425,5 +425,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
-    """The program's entry point: `main`, then `end_program` with its exit code."""
-    end_program(main(argv))
+    """The program's entry point: `main`, then `end_program` with its exit code. A second Ctrl-C while the
+    first is answered (its advice may import a module) ends it as the first does, without a traceback."""
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("attnxfer: interrupted\n")
+        code = 130
+    end_program(code)

@@ -991,3 +991,21 @@ def test_a_conversion_in_stage_1_before_its_first_save_is_said_to_be_at_work(tmp
     (run / LOCK_NAME).unlink()
     assert cli.main(["export", str(run), str(tmp_path / "out")]) == 2
     assert "not a training run's dir (or its run never got past the start)" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_while_the_first_is_answered_ends_with_130_not_a_traceback(
+    trained, monkeypatch, capsys
+):
+    """The first Ctrl-C's advice may import a module; a second one lands there, outside main's own handler."""
+    import attnxfer.apps.run.evaluation
+    from attnxfer.launch import cli
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attnxfer.apps.run.evaluation, "evaluate_run", ctrl_c)
+    monkeypatch.setattr(cli, "_where_to_resume", ctrl_c)  # the second, during the first's answer
+    with pytest.raises(SystemExit) as ended:
+        cli.run(["eval", "-c", str(trained / "config.yaml")])
+    err = capsys.readouterr().err
+    assert ended.value.code == 130 and err.endswith("attnxfer: interrupted\n") and "Traceback" not in err
