@@ -265,6 +265,7 @@ def load_teacher(
     num_classes: int | None = None,
     who: str | None = None,
     warn_guessed_stats: bool = True,
+    stats_given: bool = False,
     **timm_kwargs: Any,
 ) -> tuple[nn.Module, TeacherRecord]:
     """A frozen teacher ViT (TransferAttention in every block, ``eval()``, no grad) and its record.
@@ -285,6 +286,8 @@ def load_teacher(
         who: how its warnings name the model (default ``teacher SPEC``; a student's start says ``model.init=SPEC``).
         warn_guessed_stats: warn where the mean/std are timm's guess (a transformers folder without
             preprocessor_config.json); a run passes False: it takes data.mean/std, or refuses without them.
+        stats_given: the caller normalises by its own mean/std (a run's data.mean and data.std), so no
+            warning says the weights' may be a guess (timm's defaults for an untagged architecture).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``global_pool='avg'``).
     """
     if "attn_layer" in timm_kwargs:
@@ -311,7 +314,7 @@ def load_teacher(
             "weights file: leave it out"
         )
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained, role=role)
-    if res.mean_std_guessed and warn_guessed_stats:
+    if res.mean_std_guessed and warn_guessed_stats and not stats_given:
         warn(
             f"{who}: no preprocessor_config.json beside its config.json: the mean/std its "
             f"weights were trained with are unknown; timm's defaults for {res.architecture} stand in "
@@ -341,8 +344,8 @@ def load_teacher(
     size = other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
     state_dict, checkpoint_key, dropped = _read_weights(who, res) if res.weights else ({}, None, [])
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
-    if res.source is Origin.FILE and not who.startswith("model.init="):
-        timm_kwargs = _file_channels(res, state_dict, timm_kwargs)
+    if res.source is Origin.FILE:
+        timm_kwargs = _file_channels(res, state_dict, timm_kwargs, adopt=not who.startswith("model.init="))
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
     try:
         model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
@@ -367,7 +370,7 @@ def load_teacher(
             f"{kernel.shape[-1]} px, its {built.shape[-1]} px; name the timm architecture they were trained as"
         )
     del state_dict
-    if not res.tag_known:  # said once the weights fit: a file refused is not first told of its mean/std
+    if not res.tag_known and not stats_given:  # said once the weights fit: a file refused is not first told
         tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
         warn(
             f"{who}: mean/std are timm's defaults for {res.architecture} (tag "
@@ -458,15 +461,21 @@ def _stem_channels(res: Resolved, state_dict: dict[str, torch.Tensor]) -> tuple[
     return stem, (int(kernel.shape[1]) if getattr(kernel, "ndim", 0) == 4 else None)
 
 
-def _file_channels(res: Resolved, state_dict: dict[str, torch.Tensor], timm_kwargs: dict[str, Any]) -> dict:
+def _file_channels(
+    res: Resolved, state_dict: dict[str, torch.Tensor], timm_kwargs: dict[str, Any], adopt: bool
+) -> dict:
     """A bare weights file's teacher takes the channels its stem was trained on: the file says how many, and
     a teacher has no key to set in_chans with (``teacher.arch`` names the architecture alone), so a grey
     teacher's file given with its RGB architecture builds instead of being refused."""
     _, chans = _stem_channels(res, state_dict)
     own = tuple(res.pretrained_cfg.get("input_size") or (3, 224, 224))
-    if chans is None or "in_chans" in timm_kwargs or "in_chans" in res.model_args or chans == own[0]:
+    given = timm_kwargs.get("in_chans", res.model_args.get("in_chans"))
+    # other channels given than the file's: timm's own refusal says so; model.init's are model.kwargs.in_chans,
+    # not adopted unasked (its data is made for the student's channels)
+    if chans is None or chans == own[0] or given not in (None, chans) or (given is None and not adopt):
         return timm_kwargs
-    # timm compares the weights' channels with the cfg's, not the model's
+    # timm compares the weights' channels with the cfg's, not the model's (given the file's own, it said
+    # "input_size declares 3 source channels and the model has 1" and loaded them unchanged)
     res.pretrained_cfg = {**res.pretrained_cfg, "input_size": (chans, *own[1:])}
     return {**timm_kwargs, "in_chans": chans}
 

@@ -535,6 +535,37 @@ def test_mae_checkpoint_loads_and_reports_dropped_keys(tmp_path, capsys):
     assert TeacherRecord.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
 
 
+def test_an_untagged_files_guessed_statistics_are_said_unless_the_caller_gives_its_own(tmp_path, capsys):
+    """timm's defaults stand in for an untagged architecture's mean/std: worth a warning where they are used,
+    noise where a run's data.mean and data.std take their place."""
+    path = tmp_path / "enc.safetensors"
+    save_file(tiny_timm(num_classes=0).state_dict(), str(path))
+    capsys.readouterr()
+    load_teacher(str(path), arch="vit_base_patch16_224", **TINY)
+    assert "mean/std are timm's defaults for vit_base_patch16_224 (tag" in capsys.readouterr().err
+    load_teacher(str(path), arch="vit_base_patch16_224", stats_given=True, **TINY)
+    assert "mean/std" not in capsys.readouterr().err
+
+
+def test_a_grey_file_built_with_its_own_channels_loads_without_timms_channel_line(tmp_path, caplog):
+    """model.init of a 1-channel file with model.kwargs.in_chans=1: timm compared the file with its RGB
+    default config and logged "input_size declares 3 source channels ... Loading unchanged" on every run."""
+    path = tmp_path / "grey.safetensors"
+    grey = tiny_timm(num_classes=0, in_chans=1)
+    save_file(grey.state_dict(), str(path))
+    with caplog.at_level("WARNING", logger="timm"):
+        model, _ = load_teacher(
+            str(path),
+            arch="vit_base_patch16_224",
+            who=f"model.init={path}",
+            in_chans=1,
+            stats_given=True,
+            **TINY,
+        )
+    assert not [r for r in caplog.records if "source channels" in r.getMessage()], caplog.text
+    assert torch.equal(model.patch_embed.proj.weight, grey.patch_embed.proj.weight)
+
+
 def test_missing_encoder_key_is_an_error_not_a_random_weight(tmp_path):
     ckpt = mae_checkpoint(tiny_timm(num_classes=0))
     del ckpt["model"]["blocks.1.attn.qkv.weight"]

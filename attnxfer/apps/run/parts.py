@@ -88,6 +88,7 @@ def load_init(
             num_classes=0,
             who=f"model.init={spec}",
             warn_guessed_stats=False,  # taken from data, or refused below
+            stats_given=bool(data and data.mean and data.std),
             **kwargs,
         )
     except ImageSizeError as e:
@@ -386,6 +387,7 @@ def build_run_parts(
                     cache_dir=cfg.teacher.cache_dir,
                     img_size=d.img_size,
                     warn_guessed_stats=False,  # taken from data, or refused below
+                    stats_given=bool(d.mean and d.std),
                 )
         except ImageSizeError as e:
             raise e.restated("data.img_size") from None
