@@ -334,11 +334,14 @@ def run_demo(
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
     budget_steps = budget_steps or (_QUICK_STUDENT_STEPS if quick else None)
     progress = ["log.progress=false"] if quick else []
-    if quick:  # the demo sets schedule.max_steps: each run's "raise schedule.max_steps" warning means this
-        say(
-            f"[demo] --quick: a smoke test of {teacher_steps} teacher and {budget_steps} student steps, too few "
-            "for students that learn (each run warns so); leave out --quick for the demo's figures"
-        )
+    smoke = (  # the demo sets schedule.max_steps: each run's "raise schedule.max_steps" warning means this
+        f"--quick: a smoke test of {teacher_steps} teacher and {budget_steps} student steps, too few for "
+        "students that learn (each run warns so); leave out --quick for the demo's figures"
+        if quick
+        else None
+    )
+    if smoke:
+        say(f"[demo] {smoke}")
     tables = ["mae", "supervised"] if supervised else ["mae"]
 
     teachers, exports, stable = {}, {}, {}
@@ -346,7 +349,7 @@ def run_demo(
         teachers[key], exports[key] = _build_teacher(out_dir, key, teacher_steps, progress)
         stable[key] = publish_export(exports[key], out_dir / DEMO_EXPORTS[key], teachers[key])
     students = _train_students(out_dir, tables, exports, seeds, budget_steps, progress)
-    _write_tables(out_dir, tables, teachers, students, seeds)
+    _write_tables(out_dir, tables, teachers, students, seeds, smoke)
     pictures = _draw_pictures(out_dir, tables, teachers, exports, students)
     say(f"[demo] table: {out_dir / 'results.md'}; pictures: {', '.join(map(str, pictures))}")
     say(
@@ -461,11 +464,18 @@ def _run_study(
 
 
 def _write_tables(
-    out_dir: Path, tables: list[str], teachers: dict[str, dict], students: _Students, seeds: int
+    out_dir: Path,
+    tables: list[str],
+    teachers: dict[str, dict],
+    students: _Students,
+    seeds: int,
+    smoke: str | None = None,
 ) -> None:
-    """Print each table with its paired comparisons; save them (results.md) and the rows (results.json)."""
+    """Print each table with its paired comparisons; save them (results.md) and the rows (results.json).
+    ``smoke``: what a --quick demo's tables are, said under the title (its figures read like the demo's)."""
     results, correct = students.results, students.correct
     text = ["# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n"]
+    text += [f"**{smoke}.**\n"] if smoke else []
     n_val = len(next(iter(correct.values()))[0])
     note = (
         f"95 % intervals: Wilson, on the {n_val} validation images. Paired: McNemar's exact test on the "

@@ -332,8 +332,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             said = ((item.partition("=")[0], sbatch_spelling(item, value)) for item, value in written)
             slurm = {flag: answer for flag, answer in said if answer}
         rest = [(item, value) for item, value in written if item.partition("=")[0] not in slurm]
+        # a shell pattern (runs/demo/mae_study-*/distill) that matched more folders than the command takes: two
+        # given folders of one name or one parent
+        folders = [Path(a) for a in argv[1:] if not a.startswith("-") and "=" not in a and Path(a).is_dir()]
+        twins = next(
+            (
+                (a, b)
+                for a, b in itertools.combinations(folders, 2)
+                if a.name == b.name or a.parent == b.parent
+            ),
+            None,
+        )
         own.error(
             f"unrecognized arguments: {' '.join(f'{item} {value}'.strip() for item, value in written)}"
+            + (
+                f"; {twins[0]} and {twins[1]} are both given: if a pattern (DIR/*) matched several folders, "
+                "name one of them"
+                if twins
+                else ""
+            )
             + "".join(f"; {flag} is sbatch's: {said}" for flag, said in slurm.items())
             + _flags_meant(rest, own)
             + (_as_overrides(rest) if hasattr(args, "overrides") else "")

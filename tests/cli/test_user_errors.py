@@ -9,6 +9,7 @@ and a table of other bad inputs (data, device, submit)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 from types import SimpleNamespace
@@ -933,3 +934,27 @@ def test_an_output_folder_under_a_file_is_refused_before_anything_is_read(traine
         code == 2 and f"{tmp_path / 'afile'} is a file, not a directory" in err and "Traceback" not in err
     ), err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_a_study_given_as_the_teacher_beside_its_twin_is_told_a_pattern_matched_both(tmp_path, capsys):
+    """`attnxfer inspect runs/demo/mae_study-*` where two demo studies are kept (--quick and full): the first
+    was taken as the TEACHER, and the refusal told to give one of its students."""
+    for name in ("mae_study-aaaa", "mae_study-bbbb"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "study.json").write_text(json.dumps({"students": [{"folder": "distill"}]}))
+    first, second = (str(tmp_path / n) for n in ("mae_study-aaaa", "mae_study-bbbb"))
+    code, _, err = run_cli(capsys, "inspect", first, second)
+    assert (
+        code == 2
+        and f"{first} is a study's folder, given as the TEACHER, beside {second}: if a pattern" in err
+    )
+    assert f"attnxfer inspect {first}" in err
+    # export given two folders of one name (runs/demo/mae_study-*/distill): its extra argument is explained
+    for name in ("mae_study-aaaa", "mae_study-bbbb"):
+        (tmp_path / name / "distill").mkdir()
+    with pytest.raises(SystemExit) as usage:  # argparse's own error, with the command's usage
+        run_cli(capsys, "export", f"{first}/distill", f"{second}/distill", str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert usage.value.code == 2 and "are both given: if a pattern (DIR/*) matched several folders" in err, (
+        err
+    )

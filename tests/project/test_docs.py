@@ -49,11 +49,18 @@ _real_create_model = timm.create_model
 
 
 def _tiny_create_model(name: str, pretrained: bool = False, **kwargs):
-    """timm.create_model, with full-size / pretrained ViTs replaced by a tiny random one of the same kind."""
+    """timm.create_model, with full-size / pretrained ViTs replaced by a tiny random one of the same kind; of
+    dynamic size, so a block's own batch at the full size's 224 px runs too."""
     if name.startswith(("vit_base", "vit_large", "vit_huge", "hf-hub:", "local-dir:")) or pretrained:
         keep = {k: v for k, v in kwargs.items() if k in ("num_classes", "attn_layer", "global_pool")}
         return _real_create_model(
-            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_heads=3, **keep
+            "vit_tiny_patch16_224",
+            img_size=32,
+            patch_size=8,
+            depth=4,
+            num_heads=3,
+            dynamic_img_size=name.startswith("vit_base"),
+            **keep,
         )
     return _real_create_model(name, pretrained=pretrained, **kwargs)
 

@@ -283,6 +283,9 @@ def test_the_demo_writes_the_paths_the_docs_name(after_quickstart):
     assert not missing, "paths the docs say `attnxfer demo` writes that it did not:\n" + "\n".join(missing)
     export = after_quickstart / DEMO_OUT / DEMO_EXPORTS["mae"]
     assert (export / "config.json").is_file() and not export.is_symlink()
+    # a smoke run's table says so, where its figures (a fine-tuned MAE below scratch) would be read as the demo's
+    results = (after_quickstart / DEMO_OUT / "results.md").read_text().splitlines()
+    assert results[2].startswith("**--quick: a smoke test of "), results[:3]
 
 
 @pytest.mark.slow

@@ -361,3 +361,18 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
         said.err
     )
     assert list(json.loads((out / "metrics.json").read_text())["students"]) == ["copy", "distill", "headless"]
+
+
+def test_a_study_trained_by_several_processes_ends_with_how_its_report_is_written():
+    """No rank writes study.md under torchrun or SLURM: `submit --wait` ended with `study -> DIR (study.json)`
+    and the hint was in the job's log alone; a convert study's line said `(study.json, None)`."""
+    from types import SimpleNamespace
+
+    from attnxfer.launch.commands.study import end_lines
+
+    ranks = SimpleNamespace(students=[], run_dir="runs/st", report=None)
+    hint = "; its report, from one process: attnxfer study -c runs/st/study.yaml --report"
+    assert end_lines(ranks, converts=False) == [f"study -> runs/st (study.json){hint}"]
+    assert end_lines(ranks, converts=True) == [f"study -> runs/st (study.json){hint}"]
+    one = SimpleNamespace(students=[], run_dir="runs/st", report=Path("runs/st/conversion_study.md"))
+    assert end_lines(one, converts=True) == ["study -> runs/st (study.json, conversion_study.md)"]

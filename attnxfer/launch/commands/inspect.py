@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ...errors import InputError
+from ...run_layout import STUDY_RECORD
 from ...speak import is_main, say
 from .base import register_command
 
@@ -92,6 +94,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if not is_main():  # under torchrun or srun, rank 0 alone writes OUT_DIR (the others' copies collided)
         return 0
+    if args.students and _is_study(args.teacher):  # no teacher: a pattern that matched several studies?
+        twins = [s for s in args.students if Path(s).parent == Path(args.teacher).parent and _is_study(s)]
+        also = f", beside {twins[0]}: if a pattern (DIR/*) matched several studies, name one" if twins else ""
+        raise InputError(
+            f"{args.teacher} is a study's folder, given as the TEACHER{also}; a study's folder alone is compared "
+            f"with the teacher it was trained from: attnxfer inspect {args.teacher}"
+        )
     if not args.students:  # `inspect RUN`: the run against the teacher its config.yaml names
         teacher = _trained_from(args.teacher)
         args.teacher, args.students = teacher.spec, [args.teacher]
@@ -141,11 +150,13 @@ def run(args) -> int:
     return 0
 
 
+def _is_study(folder: str) -> bool:
+    return (Path(folder) / STUDY_RECORD).is_file()
+
+
 def _trained_from(folder: str):
     """The teacher section of a run's folder (a study's: its first student's; a conversion's: its stage 2's),
     as its config.yaml reads from here (a relative path found where the run started)."""
-    from pathlib import Path
-
     from ...checkpoints.run_dir import RunDir
     from ...config import load_config
 

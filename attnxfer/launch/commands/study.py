@@ -96,7 +96,11 @@ def _convert_study(spec, report_only: bool) -> int:
 
 def end_lines(result, *, converts: bool) -> list[str]:
     """How a study ends (run here, or submitted and waited for): each student's end line, or why it stopped,
-    then where the study's files are."""
+    then where the study's files are (and, where several processes trained it, how its report is written)."""
+    from ...run_layout import STUDY_YAML
+
+    report = f"; its report, from one process: attnxfer study -c {Path(result.run_dir) / STUDY_YAML} --report"
+    report = "" if result.report else report
     if converts:
         from ...apps.convert.report import conversion_summary
 
@@ -105,11 +109,11 @@ def end_lines(result, *, converts: bool) -> list[str]:
                 f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}"
                 for s in result.students
             ),
-            f"study -> {result.run_dir} (study.json, {result.report and result.report.name})",
+            f"study -> {result.run_dir} (study.json{f', {result.report.name}' if result.report else ''}){report}",
         ]
     return [
         *(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}" for s in result.students),
-        f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})",
+        f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''}){report}",
     ]
 
 

@@ -347,8 +347,10 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
         if rank != 0:  # srun reports the exit codes of dead ranks in rank 0's log
             first = tasks[0].paths.stderr
             batch_log = f"\n--- last 10 lines of {first} (rank 0 and srun) ---\n{_tail(first, 10)}"
-        # `ValueError: what went wrong`: the traceback's last non-blank line
+        # `ValueError: what went wrong`: the traceback's last non-blank line; attnxfer's own errors without their
+        # module path (`attnxfer.sources.resolve.LocalModelMissing: `), said as the CLI says them
         lines = [line.strip() for line in str(outcomes[rank][1]).strip().splitlines() if line.strip()]
+        lines[-1:] = [re.sub(r"^attnxfer(\.\w+)+: ", "", line) for line in lines[-1:]]
         raise JobFailedError(
             f"job {job.job_id} failed on rank {rank} of {job.num_tasks}{also}:\n{outcomes[rank][1]}\n"
             f"{_rank_logs(tasks[rank], log_lines)}{batch_log}",

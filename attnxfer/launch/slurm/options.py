@@ -159,8 +159,9 @@ class SlurmOptions:
             check_script_value(f"--slurm {key}=", value)
         clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
         if clash:
+            named = " (--name gives the job's name)" if "job-name" in clash else ""
             raise InputError(
-                f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)"
+                f"--slurm cannot set {', '.join(clash)}: submitit manages {'them' if len(clash) > 1 else 'it'}{named}"
             )
         for key in self.extra:
             if len(key) == 1:

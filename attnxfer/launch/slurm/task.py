@@ -72,8 +72,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
 
     #: what a restart does and what to do past a bound, as a run's job says it (a run resumes from its
     #: checkpoints); a task whose callable keeps none says its own (`launch/search_array.py`'s batches)
-    on_restart = "main resumes from its run directory"
-    on_requeue = "main will resume from its newest checkpoint"
+    on_restart = "the run resumes from its run directory"
+    on_requeue = "the run will resume from its newest checkpoint"
     past_bound = f"the run dir keeps the last checkpoint: {RESUBMIT}"
     more_time = "a longer --time or a higher --max-requeues"
 
@@ -121,17 +121,20 @@ class TrainingTask(submitit.helpers.Checkpointable):
         self._started = time.time()
         restarts = self.restart_count()
         if restarts:
-            most = "any" if self.max_preemptions is None else self.max_preemptions
+            most = "no bound" if self.max_preemptions is None else f"at most {self.max_preemptions}"
+            past = self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions
+            # past the bound (the scheduler requeued it without asking us): not "resumes" before the refusal
+            then = "past its bound" if past else self.on_restart
             warn(
                 f"restart {restarts} of this job ({self.timeouts} time limit(s) of at most {self.max_requeues}, "
-                f"{self.all_preemptions()} preemption(s) of at most {most}): {self.on_restart}"
+                f"{self.all_preemptions()} preemption(s) of {most}): {then}"
             )
             self._record_requeue(restarts, event="restarted")
-            if self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions:
-                # e.g. the scheduler requeued it without asking us
+            if past:
+                n = self.all_preemptions()
                 raise RequeueLimitReached(
-                    f"job preempted {self.all_preemptions()} times, more than "
-                    f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
+                    f"job preempted {n} time{'s' * (n != 1)}, more than max_preemptions={self.max_preemptions}; "
+                    f"{self.past_bound} (with a higher --max-preemptions, or on another partition)"
                 )
             self.cfg = resumed_on_restart(self.cfg)
         _watch_stop_signals()

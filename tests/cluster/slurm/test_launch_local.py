@@ -328,6 +328,25 @@ def test_a_search_batch_past_a_bound_is_told_what_the_search_command_takes():
     assert "run the same search command to go on from it" in str(preempted.value)
 
 
+def test_a_restart_past_the_preemption_bound_says_so_not_that_the_run_resumes(capsys):
+    """--max-preemptions 0, the job requeued once by the scheduler: its log said "main resumes from its run
+    directory", then the refusal."""
+    from attnxfer.launch.slurm.task import RequeueLimitReached, TrainingTask
+
+    task = TrainingTask(print, None, max_preemptions=0)
+    task.preemptions = 1  # the pickled task of a job requeued once
+    with pytest.raises(RequeueLimitReached) as past:
+        task()
+    err = capsys.readouterr().err
+    assert "1 preemption(s) of at most 0): past its bound" in err and "resumes" not in err, err
+    assert str(past.value).startswith("job preempted 1 time, more than max_preemptions=0; the run dir keeps")
+    unbounded = TrainingTask(lambda cfg: None, None)  # unbounded preemptions are said as such
+    unbounded.preemptions = 1
+    with contextlib.suppress(Exception):  # the run itself needs a config; the line comes first
+        unbounded()
+    assert "1 preemption(s) of no bound): the run resumes from its run directory" in capsys.readouterr().err
+
+
 def test_a_job_past_its_requeue_bound_submitted_with_resume_none_is_told_to_resubmit_with_auto(
     tmp_path, capsys, monkeypatch
 ):
@@ -492,7 +511,7 @@ def test_bad_time_limits_say_what_is_expected(value):
         (dict(cluster="kubernetes"), "cluster must be one of"),
         (dict(cluster="local", nodes=2), "use --nodes 1"),
         (dict(mem="lots"), "mem must look like"),
-        (dict(extra={"output": "x.log"}), "submitit manages them"),
+        (dict(extra={"output": "x.log"}), "--slurm cannot set output: submitit manages it"),
         (dict(nodes=0), "--nodes must be >= 1"),
         (dict(max_requeues=-1), "--max-requeues"),
         (dict(time=2), "--time 2: SLURM sends the requeue signal 120 s before the time limit"),

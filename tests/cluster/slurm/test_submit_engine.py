@@ -251,7 +251,10 @@ def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(
     assert lines[0].startswith(f"warning: data.root={missing} does not exist on this machine"), lines[0]
     line = lines[1]
     assert line.startswith("attnxfer submit: error: job ") and " failed on rank " in line, line
-    assert str(missing) in line  # the rank's own message
+    assert (
+        str(missing) in line
+    )  # the rank's own message, as the CLI says it (no attnxfer.x.y.Error: before it)
+    assert not re.search(r"attnxfer(\.\w+)+: ", line), line
     log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
     assert log.is_file() and str(missing) in log.read_text()
     job_id = line.split("job ", 1)[1].split()[0]

@@ -89,7 +89,7 @@ def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsy
         (["--slurm", "time=10"], "use --time"),
         (["--slurm", "part=gpu"], "use --partition"),  # sbatch takes unambiguous abbreviations
         (["--slurm", "N=4"], "long option name"),
-        (["--slurm", "output=x.log"], "submitit manages them"),
+        (["--slurm", "output=x.log"], "--slurm cannot set output: submitit manages it"),
         (
             ["--slurm", "mail-type"],
             "expects KEY=VALUE, got 'mail-type' (sbatch's switches alone: contiguous,",
