@@ -73,7 +73,11 @@ def parse_time_minutes(value: int | str) -> int:
         h, mi, s = (given.get(k, 0) for k in ("hours", "minutes", "seconds"))
         minutes = math.ceil((((int(days or 0) * 24 + h) * 60 + mi) * 60 + s) / 60)
     if minutes < 1:
-        raise InputError(f"--time must be at least one minute, got {value!r}")
+        # sbatch's 0 (no limit) gives the job no time to plan its requeue signal before
+        raise InputError(
+            f"--time must be at least one minute, got {value!r} (sbatch's 0, no limit, is not taken: give the "
+            "longest the partition allows, e.g. --time 2-00:00:00)"
+        )
     return minutes
 
 

@@ -72,7 +72,7 @@ def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsy
         (["--time", "10:75"], "--time '10:75': seconds must be below 60"),
         (["--time", "1-24"], "--time '1-24': hours must be below 24"),
         (["--time", "1:2:3:4"], "--time must be MM, MM:SS"),
-        (["--time", "0"], "--time must be at least one minute"),
+        (["--time", "0"], "--time must be at least one minute, got '0' (sbatch's 0, no limit, is not taken"),
         (["--nodes", "0"], "--nodes must be >= 1, got 0"),
         (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1, got 0"),
         (["--tasks-per-node", "0"], "--tasks-per-node must be >= 1, got 0"),
