@@ -3,7 +3,8 @@
 A classifier teacher on labelled data of its classes keeps the task loss on its head. A headless teacher (MAE,
 DINO, CLIP towers), or data without labels, converts into a headless encoder by feature distillation: no label
 read, no head needed. A head with other outputs than the data's classes (CLIP's image projection, an ImageNet
-head on a 10-class set) is kept as the teacher's and stage 2 is label-free. ``transfer.task_weight`` / ``transfer.feature_distill`` set are taken as they are.
+head on a 10-class set) is kept as the teacher's, and stage 2 is label-free. ``transfer.task_weight`` /
+``transfer.feature_distill`` set are taken as they are.
 """
 
 from __future__ import annotations
@@ -60,9 +61,8 @@ def stage2_objective(
         task, reason = 0.0, "the teacher is headless"
     elif not labelled:
         task, reason = 0.0, "the data has no labels"
-    elif (
-        classes and classes != data_classes and not cfg.model.num_classes
-    ):  # trained on them, it would be lost
+    # a head of other outputs than the data's classes, trained on them, would be lost: kept as the teacher's
+    elif classes and classes != data_classes and not cfg.model.num_classes:
         task, reason = 0.0, f"the teacher's head has {classes} outputs, not the data's {data_classes} classes"
     elif classes:
         task, reason = 1.0, f"the teacher's {classes}-class head"

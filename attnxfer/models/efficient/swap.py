@@ -335,8 +335,7 @@ def build_efficient_student(
         if len(names) != depth:
             raise InputError(
                 f"convert.attention lists {len(names)} attention{'s' * (len(names) != 1)} but the teacher has "
-                f"{depth} blocks; give "
-                "one name for all blocks or exactly one per block"
+                f"{depth} blocks; give one name for all blocks or exactly one per block"
             )
     # an unknown name is refused before the teacher is copied
     check_attention_names(attention, "convert.attention")
