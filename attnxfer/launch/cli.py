@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a shell pattern (runs/demo/mae_study-*/distill) that matched more folders than the command takes: two
         # given folders of one name or one parent
         folders = [Path(a) for a in argv[1:] if not a.startswith("-") and "=" not in a and Path(a).is_dir()]
-        twins = next(
+        pair = next(
             (
                 (a, b)
                 for a, b in itertools.combinations(folders, 2)
@@ -346,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         own.error(
             f"unrecognized arguments: {' '.join(f'{item} {value}'.strip() for item, value in written)}"
             + (
-                f"; {twins[0]} and {twins[1]} are both given: if a pattern (DIR/*) matched several folders, "
+                f"; {pair[0]} and {pair[1]} are both given: if a pattern (DIR/*) matched several folders, "
                 "name one of them"
-                if twins
+                if pair
                 else ""
             )
             + "".join(f"; {flag} is sbatch's: {said}" for flag, said in slurm.items())

@@ -95,8 +95,12 @@ def run(args) -> int:
     if not is_main():  # under torchrun or srun, rank 0 alone writes OUT_DIR (the others' copies collided)
         return 0
     if args.students and _is_study(args.teacher):  # no teacher: a pattern that matched several studies?
-        twins = [s for s in args.students if Path(s).parent == Path(args.teacher).parent and _is_study(s)]
-        also = f", beside {twins[0]}: if a pattern (DIR/*) matched several studies, name one" if twins else ""
+        siblings = [s for s in args.students if Path(s).parent == Path(args.teacher).parent and _is_study(s)]
+        also = (
+            f", beside {siblings[0]}: if a pattern (DIR/*) matched several studies, name one"
+            if siblings
+            else ""
+        )
         raise InputError(
             f"{args.teacher} is a study's folder, given as the TEACHER{also}; a study's folder alone is compared "
             f"with the teacher it was trained from: attnxfer inspect {args.teacher}"
