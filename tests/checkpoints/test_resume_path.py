@@ -564,3 +564,15 @@ def test_an_attention_option_written_out_at_its_default_is_no_change_and_another
         ("model.attention_kwargs", False),
         ("convert.attention_kwargs", False),
     ]
+
+
+def test_a_resume_that_finds_run_json_gone_says_it_writes_it_again(tmp_path, capsys):
+    """A run's run.json deleted (or lost) beside its checkpoints: the resume wrote a new one without a word."""
+    argv = ["train", *ONE_BLOCK_RUN, "checkpoint.every_steps=1", f"run_dir={tmp_path / 'run'}"]
+    assert run_cli(capsys, *argv, "schedule.max_steps=1")[0] == 0
+    (tmp_path / "run" / "run.json").unlink()
+    code, _, err = run_cli(capsys, *argv, "schedule.max_steps=2")
+    assert code == 0 and "run.json was missing beside the run's checkpoints: written again" in err, err
+    assert (tmp_path / "run" / "run.json").is_file()
+    code, _, err = run_cli(capsys, *argv, "schedule.max_steps=3")  # there again: nothing said
+    assert code == 0 and "was missing" not in err

@@ -325,6 +325,11 @@ def record_run(
         return
     if engine.is_main:
         run_dir = RunDir(cfg.run_dir)
+        if point is not None and not engine.resumes_other_run and not run_dir.record_file.is_file():
+            warn(  # deleted, or lost with a disk: written again, from what this start knows
+                f"warning: {run_dir.record_file} was missing beside the run's checkpoints: written again from "
+                "this start (the earlier starts' plans it kept are not recovered)"
+            )
         if earlier := [] if engine.resumes_other_run else plans_so_far(run_dir, point, info.get("plan")):
             info = {**info, "earlier_plans": earlier}
         run_dir.write_config(dump_config(cfg, command, as_run=True))
