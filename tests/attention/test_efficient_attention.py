@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from attnxfer.errors import InputError, did_you_mean
-from attnxfer.models import efficient
+from attnxfer.models import efficient, make_transfer_aware
 from attnxfer.models.efficient import (
     COUNTERPART_MODULES,
     EfficientAttention,
@@ -47,6 +47,7 @@ from attnxfer.models.efficient import (
     swap_attentions,
 )
 from attnxfer.models.efficient.base import rope_support
+from attnxfer.models.efficient.swap import with_attention
 from attnxfer.transfer import TeacherStudent
 
 ALL = list_attentions()
@@ -626,6 +627,21 @@ def test_a_dynamic_size_teachers_window_wider_than_its_grid_is_refused_where_it_
 def test_a_list_of_one_attention_for_a_deeper_teacher_is_counted_in_words():
     with pytest.raises(InputError, match=r"convert.attention lists 1 attention but the teacher has 2 blocks"):
         build_efficient_student(tiny_vit(depth=2, img_size=32, patch_size=8), ["hedgehog"])
+
+
+def test_a_fresh_student_of_a_family_whose_logits_add_a_bias_takes_no_zoo_attention():
+    """model.attention on a BEiT student: its blocks hand the attention their relative-position bias, which a
+    zoo attention's forward does not take (a TypeError at the first step); refused where it is built."""
+    beit = make_transfer_aware(
+        timm.create_model(
+            "beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
+        )
+    )
+    with pytest.raises(
+        InputError, match=r"blocks.0 is timm.models.beit.Attention, whose logits add a relative"
+    ):
+        with_attention(beit, "relu_linear")
+    assert with_attention(beit, "softmax") is beit  # softmax keeps the family's own layer
 
 
 def test_hydra_matches_its_formula():

@@ -350,3 +350,22 @@ def test_a_student_that_gives_no_gradient_is_said_why_not_blamed_on_the_loss():
         ValueError, match=r"none of the student's parameters requires grad .*student\.requires_grad_\(True\)"
     ):
         pair(x)
+
+
+def test_copy_from_layers_of_other_tokens_is_one_line_not_a_reshape_error():
+    """A CaiT teacher's blocks leave out the class token a plain ViT's keep: its keys in the student's layer
+    failed mid-forward as `shape '[8, 17, -1]' is invalid`; distillation said so in one line already."""
+    from attnxfer import create_vit
+    from attnxfer.errors import InputError
+
+    teacher = timm.create_model(
+        "cait_xxs24_224", img_size=32, patch_size=8, depth=2, depth_token_only=1, embed_dim=48, num_heads=3
+    )
+    student = create_vit(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
+    )
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "copy"))
+    with pytest.raises(
+        InputError, match=r"token counts differ .*the student's v 17, the teacher's k 16 tokens"
+    ):
+        pair.train()(torch.randn(2, 3, 32, 32))

@@ -184,7 +184,8 @@ def judge(
         # the run's own config.yaml edited since (read by export or inspect, or given to eval -c): no
         # command line to drop the values from
         edited = reader is not None
-        if not edited and config == own:
+        # a conversion's config.yaml holds its new values while its stage 1 is judged (put back on a refusal)
+        if not edited and config == own and (scoring or what == "run"):
             with contextlib.suppress(ConfigError):
                 now = to_dict(load_config(str(own)))
                 edited = all(find_key(now, c.key) == (True, c.new) for c in point.refused)

@@ -264,6 +264,18 @@ class TransferableAttention(nn.Module):
                     io.captured["bias"] = self.logit_bias_rows(own["q"], own["k"], own_bias, **call)
             if io.stop:
                 raise StopForward
+            # keys and values of other tokens (a CaiT teacher's blocks leave out the class token a ViT's keep):
+            # one line, not a reshape's error mid-forward; queries may be more (PVTv2's pooled keys)
+            kv = {c: t.shape[-2] for c, t in {**own, **given}.items() if c in "kv"}
+            if given and len(set(kv.values())) > 1:
+                said = ", ".join(
+                    f"{'the teacher' if c in given else 'the student'}'s {c} {n}" for c, n in kv.items()
+                )
+                raise InputError(
+                    f"token counts differ in a layer paired with the teacher's ({said} tokens); teacher and "
+                    "student need the same image size, patch size and prefix tokens in the layers paired "
+                    "(transfer.layers)"
+                )
             # Borrowed tensors (a bf16 teacher's, say) join the layer's own working dtype.
             dtype = next(iter(own.values())).dtype if own else x.dtype
             qkv = {**own, **{c: t.to(dtype) for c, t in given.items()}}

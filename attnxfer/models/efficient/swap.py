@@ -235,6 +235,16 @@ def swap_attentions(
         slot = slot_of(old) or ConversionSlot  # any fused-qkv softmax layer builds as timm's plain one does
         if slot.keeps(cls):
             continue
+        # BEiT's layer: its block passes it the bias; softmax keeps the family's own layer, bias and all
+        if slot_of(old) is None and getattr(old, "has_logit_bias", False):
+            if cls.map_kind is MapKind.SOFTMAX:
+                continue
+            raise InputError(
+                f"blocks.{index} is {_timm_class(old)}, whose logits add a relative-position bias, which "
+                f"{names[index]} attention never forms (it makes no N x N logits): that family takes no zoo "
+                "attention; give the student one that does (model.name=..., model.mirror_teacher=false), or "
+                "leave its attention softmax"
+            )
         reason = slot.refusal(cls)
         if reason:
             raise InputError(f"blocks.{index}: {reason}")
