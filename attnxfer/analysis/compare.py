@@ -217,6 +217,14 @@ class _Comparison:
         # a student layer's map must have the teacher layer's rows and keys, and heads that divide its
         for n, i in mine:
             sig = s_sig[n][i]
+            (b, nq, nk), t_keys = sig.shape, t_sig[j].shape[2]
+            if (b, nq) == t_sig[j].shape[:2] and nk == nq > t_keys:  # the teacher pools its keys (PVTv2's sr)
+                raise NotInspectable(
+                    f"{n}: layer {i} ({sig.name}) attends over all {nk} keys, the teacher's layer {j} over {t_keys} "
+                    "pooled ones (a key reduction, which a conversion drops): inspect compares maps key for key "
+                    "and does not pool a student's rows; a conversion's report.md gives their agreement with the "
+                    "rows pooled onto the teacher's keys"
+                )
             if sig.shape != t_sig[j].shape:
                 raise NotInspectable(
                     f"{n}: layer {i} ({sig.name}) attends over {_shape_words(sig)}, the teacher's layer {j} "

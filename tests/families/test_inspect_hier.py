@@ -285,3 +285,18 @@ def test_a_topk_of_every_key_a_window_holds_is_said_to_measure_nothing_there(cap
     teacher, x = _models("swin", 0), _images("swin", 1)
     compare_attention(teacher, {"self": copy.deepcopy(teacher)}, [x], floor_images=0, topk=60)
     assert "topk=60 is not below the" in capsys.readouterr().err
+
+
+def test_a_converted_pvt_student_over_all_keys_is_refused_saying_the_teacher_pools_them():
+    """A conversion drops PVTv2's key reduction: the student's rows cover every key the teacher's pool. The
+    refusal told to "give the student the teacher's token layout", which no conversion can."""
+    from attnxfer.analysis import NotInspectable
+    from attnxfer.models.efficient import build_efficient_student
+
+    teacher = build_hier("pvt_v2")
+    student = build_efficient_student(copy.deepcopy(teacher), "relu_linear").eval()
+    x = TINY_HIER["pvt_v2"].images(1)
+    with pytest.raises(
+        NotInspectable, match=r"attends over all \d+ keys, the teacher's layer 0 over \d+ pooled"
+    ):
+        compare_attention(teacher, {"student": student}, [x])

@@ -653,8 +653,12 @@ def test_copy_convert_inspect_and_export_run_from_a_transformers_folder(name, tm
     assert main(["convert", *convert]) == 0, capsys.readouterr().err[-2000:]
     out = tmp_path / "inspect"
     inspect = [f"local-dir:{folder}", str(tmp_path / "distill"), "--data", "synthetic", "--num-images", "4"]
-    inspect += ["--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]  # what the runs were given
+    capsys.readouterr()
     assert main(["inspect", *inspect, "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
+    # the folder has no statistics of its own: the run's data.mean/std, which fed its teacher, are taken
+    assert (
+        f"its images normalised as the run {tmp_path / 'distill'} normalised them" in capsys.readouterr().out
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["students"]["distill"]
     assert main(["export", str(tmp_path / "distill"), str(tmp_path / "export"), "--weights", "raw"]) == 0

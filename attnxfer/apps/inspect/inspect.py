@@ -497,14 +497,6 @@ def inspect_attention(
                     f"images; got {len(mean)} and {len(std)}"
                 )
             t = dataclasses.replace(t, mean=tuple(mean), std=tuple(std), stats_guessed=False)
-        if t.stats_guessed and pretrained:  # the wrong ones would skew every figure without a sign
-            guess = [" ".join(f"{v:g}" for v in vs) for vs in (t.mean, t.std)]
-            raise InputError(
-                f"teacher {t.spec} has no preprocessor_config.json beside its config.json, so the mean/std its "
-                f"weights were trained with are unknown: give them as --mean and --std (timm's defaults for its "
-                f"architecture: --mean {guess[0]} --std {guess[1]}), or put the model's preprocessor_config.json "
-                "beside its config.json"
-            )
         loaded: dict[str, LoadedModel] = {}
         for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
             torch.manual_seed(seed + k)
@@ -512,6 +504,22 @@ def inspect_attention(
                 spec, teacher=t, pretrained=pretrained, arch=student_arch, img_size=size
             )
             token_layout(loaded[name].model)
+        # unknown statistics: a run's own (its data.mean/std, which fed its teacher), else refused, since the
+        # wrong ones would skew every figure without a sign
+        ran = next((s for s in loaded.values() if s.run is not None and s.mean and s.std), None)
+        if t.stats_guessed and pretrained and ran is not None:
+            say(
+                f"teacher {t.spec}: its images normalised as the run {ran.spec} normalised them (its data.mean/std)"
+            )
+            t = dataclasses.replace(t, mean=ran.mean, std=ran.std, stats_guessed=False)
+        if t.stats_guessed and pretrained:
+            guess = [" ".join(f"{v:g}" for v in vs) for vs in (t.mean, t.std)]
+            raise InputError(
+                f"teacher {t.spec} has no preprocessor_config.json beside its config.json, so the mean/std its "
+                f"weights were trained with are unknown: give them as --mean and --std (timm's defaults for its "
+                f"architecture: --mean {guess[0]} --std {guess[1]}), or put the model's preprocessor_config.json "
+                "beside its config.json"
+            )
     except ImageSizeError as err:
         if img_size is not None or not trained:
             raise err.restated("--img-size") from None
