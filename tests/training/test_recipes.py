@@ -21,6 +21,7 @@ from attnxfer.apps.run.parts import build_run_parts, build_student
 from attnxfer.apps.run.training import base_lr
 from attnxfer.config import ConfigError, describe_changes, load_config, to_dict
 from attnxfer.data import build_dataset
+from attnxfer.models import make_transfer_aware
 from attnxfer.train.optim import student_param_groups
 from attnxfer.transfer import build_plan
 
@@ -280,6 +281,18 @@ def test_a_default_model_name_that_model_init_replaces_is_said(tiny_teacher_dir,
         )
         in err
     ), err
+
+
+def test_a_model_name_of_another_family_than_the_mirrored_teachers_is_said(capsys):
+    """An EVA teacher mirrored (model.mirror_teacher=true) for model.name of a plain ViT of the same width and
+    depth: an Eva was trained, and nothing said the name was not read."""
+    eva = timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=10)
+    kw = "model.kwargs={depth: 2, embed_dim: 192, num_heads: 3, patch_size: 14, img_size: 28}"
+    cfg = load_config(None, ["model.name=vit_tiny_patch16_224", kw])
+    student = build_student(cfg, make_transfer_aware(eva), 10, 3, 28)
+    err = capsys.readouterr().err
+    assert type(student).__name__ == "Eva" and "model.name=vit_tiny_patch16_224 is not built" in err, err
+    assert "(width 192, 2 blocks; Eva, not VisionTransformer); model.mirror_teacher=false builds" in err, err
 
 
 def test_a_mirrored_students_img_size_may_be_one_number_as_timm_takes_it():

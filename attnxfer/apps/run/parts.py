@@ -202,12 +202,14 @@ def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwar
     try:
         with torch.device("meta"):
             named = create_vit(m.name, num_classes=num_classes, **kwargs)
-        asked = (named.num_features, len(attention_blocks(named)))
+        asked = (named.num_features, len(attention_blocks(named)), type(named).__name__)
     except (AssertionError, TypeError, ValueError):  # kwargs only the built family takes; a model.name no ViT
         asked = None
-    built = (student.num_features, len(attention_blocks(student)))
+    # of one shape, another family (an EVA teacher mirrored for a model.name of a plain ViT) is not it either
+    built = (student.num_features, len(attention_blocks(student)), type(student).__name__)
     if built != asked:
-        shape = f", against {asked[0]} and {asked[1]}" if asked else ""
+        shape = f", against {asked[0]} and {asked[1]}" if asked and asked[:2] != built[:2] else ""
+        shape += f"; {built[2]}, not {asked[2]}" if asked and asked[2] != built[2] else ""
         why, instead = f"model.init={m.init} gives the student its architecture", ""
         if not m.init:
             why = "with a teacher, model.mirror_teacher=true gives the student the teacher's architecture"
