@@ -644,6 +644,24 @@ def test_a_fresh_student_of_a_family_whose_logits_add_a_bias_takes_no_zoo_attent
     assert with_attention(beit, "softmax") is beit  # softmax keeps the family's own layer
 
 
+@pytest.mark.parametrize(
+    "arch,kw",
+    [
+        (
+            "swinv2_tiny_window8_256",
+            dict(img_size=32, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2)),
+        ),
+        ("hiera_tiny_224", dict(img_size=64, embed_dim=16, num_heads=1, stages=(1, 1, 1, 1))),
+    ],
+)
+def test_a_family_without_a_conversion_slot_is_told_it_takes_no_zoo_attention(arch, kw):
+    """model.attention on Swin V2 or Hiera answered "expected a timm VisionTransformer with .blocks"."""
+    with pytest.raises(
+        InputError, match=r"takes no zoo attention: its family has no conversion slot .*Swin, PVTv2"
+    ):
+        with_attention(timm.create_model(arch, **kw), "relu_linear")
+
+
 def test_hydra_matches_its_formula():
     module = build("hydra").double()
     randomise_new_parameters(module)

@@ -90,7 +90,10 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
     if hierarchical:
         names = expand_attention_names(attn, stage_of_layers(model), "model.attention")
     else:
-        blocks = flat_blocks(model, required=True)
+        try:
+            blocks = flat_blocks(model, required=True)
+        except TypeError:  # Swin V2: no ViT blocks, and no slot of a hierarchical family either
+            raise _no_zoo_attention(model) from None
         names = [attn] * len(blocks) if isinstance(attn, str) else list(attn)
         if len(names) != len(blocks):
             raise InputError(
@@ -229,7 +232,10 @@ def swap_attentions(
             f"{len(names)} names and {len(options)} option dicts"
         )
     classes = [get_attention_class(name) for name in names]
-    layout = TokenLayout(*teacher_token_layout(model))
+    try:
+        layout = TokenLayout(*teacher_token_layout(model))
+    except TypeError:  # Hiera: blocks, but no ViT's tokens
+        raise _no_zoo_attention(model) from None
     for index, (block, cls, opts) in enumerate(zip(blocks, classes, options)):
         old = block.attn
         slot = slot_of(old) or ConversionSlot  # any fused-qkv softmax layer builds as timm's plain one does
@@ -253,6 +259,14 @@ def swap_attentions(
     if found and not any(getattr(h, "func", 0) is _tell_grid for h in found[1]._forward_hooks.values()):
         found[1].register_forward_hook(functools.partial(_tell_grid, model))  # a partial: the model pickles
     return model
+
+
+def _no_zoo_attention(model: nn.Module) -> InputError:
+    converting = ", ".join(f.title for f in families() if f.converts)
+    return InputError(
+        f"{type(model).__name__} takes no zoo attention: its family has no conversion slot (the families that "
+        f"do: {converting})"
+    )
 
 
 def _tell_grid(model: nn.Module, embed: nn.Module, args: tuple, out: Any) -> None:
