@@ -227,6 +227,11 @@ def test_a_students_warning_said_again_while_scoring_starts_with_its_name(study_
     write_study_report(study_dir)
     said = [line for line in capsys.readouterr().err.splitlines() if "unused with transfer.mode=copy" in line]
     assert said and all(line.startswith("copy: ") for line in said), said
+    # its own atd_weight, not the study's ce_path, which its distilled siblings read (a copy student of the
+    # README's study was warned of the distill recipe's keys)
+    assert all("transfer.atd_weight=2.0" in line and "transfer.ce_path=rows" not in line for line in said), (
+        said
+    )
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,9 +119,13 @@ def task_weight_of(cfg: TrainConfig) -> float:
     return 1.0 if weight is None else float(weight)
 
 
-def plan_from_config(cfg: TrainConfig, parts: RunParts, *, said: bool = True) -> TransferPlan:
+def plan_from_config(
+    cfg: TrainConfig, parts: RunParts, *, said: bool = True, own_keys: Collection[str] | None = None
+) -> TransferPlan:
     """The transfer plan the ``transfer`` section asks for, validated against the two models. ``said`` False:
-    the values it leaves unused go unsaid (a study's report scoring students that said them as they trained)."""
+    the values it leaves unused go unsaid (a study's report scoring students that said them as they trained);
+    ``own_keys``: only those of them are said (a study's student: its own keys, not the base's that its
+    siblings read, as a copy student beside a distilled one)."""
     t = cfg.transfer
     feature_weight = 0.0 if t.feature_distill is None else float(t.feature_distill)  # convert resolves null
     plan = build_plan(
@@ -152,7 +156,11 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts, *, said: bool = True) ->
         "transfer.ce_path": no_ce,
         "transfer.materialise_budget_gib": no_ce or t.ce_path != "auto" or cfg.deterministic,  # nothing timed
     }
-    unused = [f"{k}={changed[k][1]}" for k, u in unread.items() if u and k in changed]
+    unused = [
+        f"{k}={changed[k][1]}"
+        for k, u in unread.items()
+        if u and k in changed and (own_keys is None or k in own_keys)
+    ]
     if unused:
         warn(
             f"warning: {', '.join(unused)} unused with transfer.mode={t.mode}"
@@ -530,12 +538,14 @@ def build_engine(
     warn_schedule: bool = True,
     drive: Drive | None = None,
     command: str = "train",
+    own_keys: Collection[str] | None = None,
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; nothing is written into the run dir before every check has
     passed, and nothing at all with ``scoring=True`` (`attnxfer eval`). ``parts``: models/data a notebook
     built; ``shared``: another run's teacher and loaders (a study's student); ``prune_on_save`` and
     ``warn_schedule`` False leave those, and a resume's re-split global batch, to the caller (a study);
-    ``command``: whose config sections the records hold (``convert``: a conversion's stage 2)."""
+    ``command``: whose config sections the records hold (``convert``: a conversion's stage 2); ``own_keys``:
+    a study's student's own keys, the only ones whose values it leaves unused it says (`plan_from_config`)."""
     validate_config(cfg)  # a config built in Python skips load_config's checks
     refuse_file_in_the_way(cfg.run_dir, "run_dir")
     if not scoring:
@@ -581,7 +591,7 @@ def build_engine(
                 "not the config's"
             )
         parts = replace(parts, student=student_from_spec(recorded), student_spec=recorded)
-    plan = plan_from_config(cfg, parts)
+    plan = plan_from_config(cfg, parts, own_keys=own_keys)
     pair = TeacherStudent(
         parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision)
     ).to(runtime.device)

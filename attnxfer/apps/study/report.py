@@ -201,7 +201,12 @@ class _Scoring:
             elif task_weight_of(s.config) > 0 and s.config.data.labels:
                 parts = dataclasses.replace(self.parts, student=loaded[s.name].model)
                 with speaking_for(s.name):  # its plan's warnings again (a --report), said as the student's
-                    s.score, s.correct = TOP1, student_correct(s.config, parts, self.device, said=said)
+                    s.score, s.correct = (
+                        TOP1,
+                        student_correct(
+                            s.config, parts, self.device, said=said, own_keys=frozenset(s.overrides)
+                        ),
+                    )
             elif get_mode(s.config.transfer.mode).teacher_at_eval:
                 s.unscored = (
                     f"no head trained, and a transfer.mode={s.config.transfer.mode} student's features alone are "

@@ -4,7 +4,7 @@ table with intervals and paired tests."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +45,21 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
 
 @torch.no_grad()
 def student_correct(
-    cfg: TrainConfig, parts: RunParts, device: torch.device, *, said: bool = True
+    cfg: TrainConfig,
+    parts: RunParts,
+    device: torch.device,
+    *,
+    said: bool = True,
+    own_keys: Collection[str] | None = None,
 ) -> np.ndarray:
     """One bool per image of ``parts.val_loader``: is ``parts.student``'s top-1 right, scored as its run scores
-    it (with the teacher where its transfer mode attends with the teacher's maps)? ``said``: `plan_from_config`'s."""
+    it (with the teacher where its transfer mode attends with the teacher's maps)? ``said``, ``own_keys``:
+    `plan_from_config`'s."""
     precision = resolve_precision(cfg.precision, device)
     model = TeacherStudent(
         parts.teacher,
         parts.student,
-        plan_from_config(cfg, parts, said=said),
+        plan_from_config(cfg, parts, said=said, own_keys=own_keys),
         teacher_dtype=teacher_dtype(cfg.teacher.dtype, precision),
     ).to(device)
     return per_image_top1(model, parts.val_loader, device, lambda: precision.autocast(device)).numpy()

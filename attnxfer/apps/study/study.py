@@ -201,6 +201,7 @@ def build_members(
                     warn_schedule=False,
                     drive=drive,
                     command=spec.command,
+                    own_keys=frozenset(student.overrides),
                 )
             except InputError as e:  # its own keys (a loss entry, its attention): say whose they are
                 raise InputError(f"student {student.name!r}: {e}") from None
