@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import timm
 import torch
 from helpers import peaked_teacher, tiny_run, tiny_vit
 from safetensors.torch import load_file
 from timm.models import save_for_hf
+from timm.models.cait import ClassAttn
 
 from attnxfer.apps.run.parts import student_attention
 from attnxfer.checkpoints.export import export_run
@@ -46,6 +48,20 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         student_attention(tiny_vit(depth=2), "hashing", {"bits": 0})  # not read as the default (head_dim)
     with pytest.raises(ValueError, match="model.attention_kwargs is set but model.attention is not"):
         student_attention(tiny_vit(depth=2), None, {"num_features": 8})
+
+
+def test_model_attention_says_which_attention_layers_outside_the_blocks_keep_softmax(capsys):
+    # CaiT's class-attention blocks sit beside model.blocks, which the swap walks: they stay softmax, said
+    cait = timm.create_model("cait_xxs24_224", img_size=28, patch_size=4, depth=2, depth_token_only=1)
+    student = student_attention(cait, "relu_linear", {})
+    assert all(type(b.attn).attention_name == "relu_linear" for b in student.blocks)
+    assert isinstance(student.blocks_token_only[0].attn, ClassAttn)  # softmax, its family adapter
+    assert (
+        "model.attention: the 2 blocks of the student's block sequence take relu_linear; "
+        "blocks_token_only.0.attn (timm.models.cait.ClassAttn) outside it keeps softmax"
+    ) in capsys.readouterr().out
+    student_attention(tiny_vit(depth=2), "relu_linear", {})  # a ViT: every attention layer swapped, no line
+    assert "keeps softmax" not in capsys.readouterr().out
 
 
 def test_convert_refuses_model_attention_and_its_options_and_names_the_convert_keys(tmp_path, capsys):

@@ -18,7 +18,8 @@ from ...data.registry import dataset_options, dataset_reads_root
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
 from ...models.efficient import with_attention
-from ...models.efficient.swap import refuses_an_option
+from ...models.efficient.hierarchical import flat_blocks
+from ...models.efficient.swap import refuses_an_option, timm_class
 from ...models.image_input import ImageSizeError, check_image_size, image_input, sizes_that_fit
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
@@ -262,12 +263,25 @@ def student_attention(
             raise InputError("model.attention_kwargs is set but model.attention is not: name the attention")
         return student
     try:
-        return with_attention(student, attention, **options)
+        student = with_attention(student, attention, **options)
     except (KeyError, ValueError, TypeError) as e:
         # a refused option value ("window_size must be >= 1, got 0") or an option no attention takes
         of_options = refuses_an_option(e, options) or (isinstance(e, TypeError) and "option" in str(e))
         what = "model.attention_kwargs" if of_options else "model.attention"
         raise InputError(f"{what}: {e.args[0]}") from None
+    # layers outside the block sequence the swap walks (CaiT's class attention, one query row: O(N) already)
+    blocks = flat_blocks(student)
+    inside = {id(module) for module in blocks.modules()} if blocks is not None else set()
+    if kept := [
+        f"{name} ({timm_class(module)})"
+        for name, module in student.named_modules()
+        if name.rsplit(".", 1)[-1] == "attn" and blocks is not None and id(module) not in inside
+    ]:
+        say(
+            f"model.attention: the {len(blocks)} blocks of the student's block sequence take {attention}; "
+            f"{', '.join(kept)} outside it keep{'s' if len(kept) == 1 else ''} softmax"
+        )
+    return student
 
 
 def stamp_input_cfg(

@@ -246,7 +246,7 @@ def swap_attentions(
             if cls.map_kind is MapKind.SOFTMAX:
                 continue
             raise InputError(
-                f"blocks.{index} is {_timm_class(old)}, whose logits add a relative-position bias, which "
+                f"blocks.{index} is {timm_class(old)}, whose logits add a relative-position bias, which "
                 f"{names[index]} attention never forms (it makes no N x N logits): that family takes no zoo "
                 "attention; give the student one that does (model.name=..., model.mirror_teacher=false), or "
                 "leave its attention softmax"
@@ -325,17 +325,17 @@ def _unconvertible(name: str, attn: TransferableAttention) -> str:
     )
     if attn.has_logit_bias:
         return (
-            f"the teacher's {name} is {_timm_class(attn)}, whose logits add a relative-position bias: a "
+            f"the teacher's {name} is {timm_class(attn)}, whose logits add a relative-position bias: a "
             "linear or low-rank attention never forms the N x N logits a bias is added to, so conversion "
             f"would drop it. {instead}"
         )
     return (
-        f"the teacher's {name} is {_timm_class(attn)} (windows, head mixing or class-attention rows): "
+        f"the teacher's {name} is {timm_class(attn)} (windows, head mixing or class-attention rows): "
         f"its family has no conversion slot, so conversion would drop them. {instead}"
     )
 
 
-def _timm_class(module: nn.Module) -> str:
+def timm_class(module: nn.Module) -> str:
     """The timm class an adapter was swapped from (its first base defined in timm)."""
     timm_bases = (c for c in type(module).__mro__ if c.__module__.startswith("timm."))
     return next((f"{c.__module__}.{c.__name__}" for c in timm_bases), "?")
