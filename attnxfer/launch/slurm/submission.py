@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 from submitit.slurm.slurm import _make_sbatch_string
 
 from ...checkpoints.atomic_io import atomic_write_json
+from ...checkpoints.run_lock import RunDirInUseError
 from ...config.study_spec import _folder_name
 from ...errors import InputError, UserError
 from ...run_layout import SWEEP_RECORD
 from ...speak import say
+from .monitor import SLURM_ACTIVE_STATES
 from .options import (
     RUN_DIR_KEY,
     RunConfig,
@@ -136,6 +139,8 @@ def submit(
         say(render_dry_run(cfg, opts, sweep, describe))
         return []
     job_dir = default_job_dir(cfg, opts)
+    if opts.cluster == "slurm":
+        refuse_live_jobs(job_dir, cfg.run_dir)
     executor = build_executor(opts, job_dir)
     tasks = [TrainingTask.for_options(main_fn, p.cfg, opts) for p in points]
     record = Path(cfg.run_dir).expanduser().absolute() / SWEEP_RECORD if sweep else None
@@ -151,6 +156,32 @@ def submit(
                 jobs = [executor.submit(task) for task in tasks]
     say(describe_jobs(jobs, points, opts))
     return jobs
+
+
+def refuse_live_jobs(job_dir: Path, run_dir: Any) -> None:
+    """Refuse a submission into a job dir whose earlier job SLURM still holds (pending, held, running,
+    requeued): both would train the same run, and the one that starts second would stop on its node at the
+    run's lock. Jobs are told by the pickles submitit leaves (``JOB[_TASK]_submitted.pkl``), newest first; a
+    state SLURM cannot give (no controller: sbatch says so next) refuses nothing."""
+    pickles = sorted(job_dir.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime, reverse=True)
+    own = {
+        os.environ.get("SLURM_ARRAY_JOB_ID"),
+        os.environ.get("SLURM_JOB_ID"),
+    }  # a study submitting from its job
+    for job_id in [j for j in dict.fromkeys(p.name.split("_")[0] for p in pickles) if j not in own][:8]:
+        try:
+            shown = subprocess.run(
+                ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return
+        states = set(re.findall(r"JobState=(\w+)", shown.stdout)) if shown.returncode == 0 else set()
+        if live := sorted(states & (SLURM_ACTIVE_STATES - {"UNKNOWN"})):
+            raise RunDirInUseError(
+                f"run_dir={run_dir}: job {job_id} of its job dir {job_dir} is {'/'.join(live)} and would train "
+                f"the same run: wait for it to end (squeue -j {job_id}), cancel it (scancel {job_id}), or choose "
+                "another run_dir"
+            )
 
 
 @contextlib.contextmanager

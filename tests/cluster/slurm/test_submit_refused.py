@@ -85,3 +85,19 @@ def test_an_invalid_partition_is_one_line_and_the_corrected_submit_trains(slurm,
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert json.loads((run / "run.json").read_text())["total_steps"] == 2
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-00000002"]
+
+
+def test_a_second_job_into_a_run_dir_whose_job_is_still_queued_is_refused(slurm, tmp_path, capsys):
+    # both would train the one run; the second to start would stop on its node at the run's lock
+    run = tmp_path / "run"
+    common = ["submit", f"run_dir={run}", *TINY, "--nodes", "1", "--cpus-per-task", "1", "--time", "5"]
+    assert main([*common, "--partition", slurm.partition, "--slurm", "hold=true"]) == 0
+    (held,) = {p.name.split("_")[0] for p in (run / "submitit").glob("*_submitted.pkl")}
+    capsys.readouterr()
+    assert main([*common, "--partition", slurm.partition]) == 2
+    err = capsys.readouterr().err
+    assert f"job {held} of its job dir {run / 'submitit'} is PENDING" in err and f"scancel {held}" in err
+    assert len(list((run / "submitit").glob("*_submitted.pkl"))) == 1  # nothing queued
+    assert main([*common, "--partition", slurm.partition, "--sweep", "seed=0,1"]) == 2  # a sweep, too
+    subprocess.run(["scancel", held], check=True)
+    assert main([*common, "--partition", slurm.partition, "--slurm", "hold=true"]) == 0  # ended: taken
