@@ -67,7 +67,8 @@ def fetch_instructions(
         f"    attnxfer fetch {spec.partition('@')[0]}{rev}\n"  # a spec's @REV is said once, as the flag
         "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
         f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
-        f"(or set HF_HOME=DIR when it is DIR/hub){CACHE_DIR_ROUTE}."
+        f"(or set HF_HOME=DIR when it is DIR/hub)"
+        f"{CACHE_DIR_ROUTE if role == 'teacher' else ', or name the cache folder: cache_dir=... in Python'}."
     )
 
 

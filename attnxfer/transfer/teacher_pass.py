@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..models.attention import AttentionIO, StopForward, attached_ios, attention_layers
+from ..models.attention.capture import require_image_batch
 from ..models.handover import Chunks, Signal
 
 
@@ -129,6 +130,7 @@ def run_teacher(
 
 def images(x: torch.Tensor | dict) -> torch.Tensor:
     """A batch's images: an image tensor, or the patches of NaFlexViT's dict (patches, coordinates, validity)."""
+    require_image_batch(x)
     return x["patches"] if isinstance(x, dict) else x
 
 

@@ -20,6 +20,7 @@ from ..errors import InputError
 from ..models.attention import AttentionIO, attention_io, attention_layers, make_transfer_aware
 from ..models.attention.partial_qkv import thaw_projections
 from ..models.handover import Chunks, Signal
+from ..speak import warn
 from .comparisons import Comparison, LayerPair, Step
 from .losses import CEPath, ce_path_for
 from .plan import PlanError, TransferPlan, build_plan
@@ -124,9 +125,13 @@ class TeacherStudent(nn.Module):
         super().__init__()
         if teacher is student:  # freezing the teacher would freeze the student: nothing would train
             raise InputError(
-                "teacher and student are one model: give the student its own, e.g. copy.deepcopy(teacher) or "
+                "teacher and student are one model: give the student its own, e.g. "
+                "copy.deepcopy(teacher).requires_grad_(True) (a loaded teacher is frozen) or "
                 "attnxfer.student_like(teacher)"
             )
+        for role, model in (("teacher", teacher), ("student", student)):
+            if isinstance(model, TeacherStudent):
+                raise TypeError(f"the {role} is a TeacherStudent: pass its model, pair.{role}")
         if plan is not None and not isinstance(plan, TransferPlan):
             raise TypeError(
                 f"plan is a {type(plan).__name__} ({plan!r:.40}): pass build_plan(teacher, student, ...), or "
@@ -195,6 +200,9 @@ class TeacherStudent(nn.Module):
                 thaw_projections(attn)
             attn.freeze_projections(borrow)
             attn.borrowed_chunks = borrow
+        self.train(
+            self.training
+        )  # the student in the pair's mode (a deep copy of a loaded teacher is in eval)
 
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)
@@ -227,12 +235,19 @@ class TeacherStudent(nn.Module):
         self, x: torch.Tensor | dict[str, torch.Tensor], needs: TeacherNeeds | None = None
     ) -> TeacherHandover:
         """The teacher's forward on ``x`` for ``needs`` (default: this pair's; several pairs sharing the teacher
-        pass the union of theirs), the teacher moved next to the input in its dtype on first use."""
+        pass the union of theirs), the teacher moved next to the input in its dtype on first use (in place: the
+        model passed in is cast)."""
         needs = self.teacher_needs() if needs is None else needs
         device = images(x).device
         dtype = self._teacher_dtype(device)
         p = next(self.teacher.parameters())
         if p.device != device or p.dtype != dtype:
+            if p.is_floating_point() and torch.finfo(p.dtype).bits < torch.finfo(dtype).bits:
+                warn(
+                    f"the teacher's weights are {p.dtype} (cast in place by a pair of that teacher_dtype, or "
+                    f"loaded so): this pair runs it in {dtype} from those rounded weights; load the teacher again "
+                    "for its own"
+                )
             self.teacher.to(device=device, dtype=dtype)
         # the batch in the teacher's dtype: floating tensors only (a NaFlex dict's coordinates and validity stay)
         if isinstance(x, dict):
@@ -246,10 +261,10 @@ class TeacherStudent(nn.Module):
     ) -> TransferOutput:
         """``x``: images, or a NaFlexViT batch (padded tokens are left out of the maps' CE). ``handover``: the
         teacher's pass on ``x`` run for this pair and others; the result is the same given or not."""
+        batch = images(x)
         needs = self.teacher_needs()
         if needs.empty:  # at eval too, unless the mode needs the teacher at inference
             return TransferOutput(self.student(x))
-        batch = images(x)
         if handover is not None and not isinstance(handover, TeacherHandover):  # pair(images, labels)
             raise TypeError(
                 f"the second argument is the teacher's hand-over, got {type(handover).__name__}: the pair takes "
@@ -408,12 +423,11 @@ def _no_gradient(c: Comparison, student: nn.Module) -> str:
             f"{head}: none of the student's parameters requires grad (a copy of a frozen teacher is frozen "
             "too), so it would train nothing; call student.requires_grad_(True)"
         )
-    # the pair's mode is its own: a student of load_student's, or a copy of an eval teacher, stays in eval mode
+    # the pair sets its student's mode as it is built and on pair.train()/eval(), not when the student's is set
     if not student.training:
         return (
-            f"{head}: the pair is in training mode but its student in eval mode (a load_student result, or a "
-            "copy of an eval teacher), where a layer may give none (a hashing layer's codes are hard signs); "
-            "call pair.train()"
+            f"{head}: the pair is in training mode but its student in eval mode (student.eval() after the pair was "
+            "built), where a layer may give none (a hashing layer's codes are hard signs); call pair.train()"
         )
     return (
         f"{head} (detached, or computed under torch.no_grad()), so it would train nothing; compute it from the "

@@ -339,7 +339,9 @@ def test_a_student_that_gives_no_gradient_is_said_why_not_blamed_on_the_loss():
     loss then carries no gradient, and the message told its author to stop detaching tensors."""
     teacher, x = peaked_teacher(depth=2).eval(), torch.randn(2, 3, 32, 32)
     student = efficient_student_from_teacher(teacher, "hashing")
-    pair = TeacherStudent(teacher, student)
+    pair = TeacherStudent(teacher, student)  # which puts the student in the pair's (training) mode
+    assert pair(x).loss.requires_grad
+    student.eval()  # and put back in eval after it
     with pytest.raises(
         ValueError, match=r"no gradient to the student: the pair is in training mode but its st"
     ):
@@ -369,3 +371,44 @@ def test_copy_from_layers_of_other_tokens_is_one_line_not_a_reshape_error():
         InputError, match=r"token counts differ .*the student's v 17, the teacher's k 16 tokens"
     ):
         pair.train()(torch.randn(2, 3, 32, 32))
+
+
+def test_an_optimizer_built_before_a_copy_pair_is_refused_at_its_first_step_not_left_training_nothing():
+    # the pair replaces the fused qkv of the 4 blocks by new parameters (q/k frozen rows, v trainable)
+    teacher, student = tiny_vit(seed=1), tiny_vit(seed=2)
+    early = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    pair = TeacherStudent(teacher, student, mode="copy")
+    pair(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    with pytest.raises(ValueError, match=r"AdamW holds 8 parameter\(s\) that attnxfer replaced.*after the"):
+        early.step()
+    v = student.blocks[0].attn.qkv.v_weight
+    before = v.detach().clone()
+    torch.optim.AdamW(student_param_groups(pair, weight_decay=0.0), lr=1e-2).step()  # built after: trains v
+    assert not torch.equal(v, before)
+
+
+def test_a_pair_takes_models_tensors_and_its_own_mode_and_says_what_to_pass_otherwise(capsys):
+    import numpy as np
+
+    teacher = tiny_vit(seed=1)
+    student = copy.deepcopy(teacher).requires_grad_(True).eval()  # a deep copy of a loaded teacher: eval
+    pair = TeacherStudent(teacher, student)
+    assert pair.training and student.training and not teacher.training  # the student in the pair's mode
+    for batch in (np.zeros((2, 3, 32, 32), dtype="float32"), [torch.zeros(3, 32, 32)]):
+        for p in (pair, pair.eval()):
+            with pytest.raises(
+                TypeError, match=r"^images must be a torch.Tensor \(B, C, H, W\), got (numpy|bui)"
+            ):
+                p(batch)
+    for args in ((pair, tiny_vit(seed=2)), (teacher, pair)):
+        with pytest.raises(
+            TypeError, match=r"the (teacher|student) is a TeacherStudent: pass its model, pair\."
+        ):
+            TeacherStudent(*args)
+    # one teacher shared with a bf16 pair is cast in place: a float32 pair after it is told of the rounding
+    TeacherStudent(teacher, tiny_vit(seed=3), teacher_dtype=torch.bfloat16).teacher_pass(
+        torch.zeros(1, 3, 32, 32)
+    )
+    capsys.readouterr()
+    TeacherStudent(teacher, tiny_vit(seed=4)).teacher_pass(torch.zeros(1, 3, 32, 32))
+    assert "the teacher's weights are torch.bfloat16" in capsys.readouterr().err

@@ -764,8 +764,9 @@ def test_a_student_missing_from_the_hub_cache_offline_is_said_as_a_student(tmp_p
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
-    with pytest.raises(UserError, match=r"^student 'hf-hub:acme/not-cached': config.json of Hub repo"):
+    with pytest.raises(UserError, match=r"^student 'hf-hub:acme/not-cached': config.json of Hub repo") as e:
         load_student("hf-hub:acme/not-cached", cache_dir=tmp_path)
+    assert "cache_dir=... in Python" in str(e.value) and "teacher.cache_dir" not in str(e.value)  # no key
 
 
 @pytest.mark.slow

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ...errors import InputError
+from ...speak import warn
 from ..handover import Chunks, Signal
 from . import families  # noqa: F401  (registers every family's adapter)
 from .adapters import attention_layers
@@ -29,13 +31,30 @@ def transferable_attentions(model: nn.Module) -> Sequence[TransferableAttention]
 def attention_maps(
     model: nn.Module, x: torch.Tensor, layers: Iterable[int] | None = None
 ) -> dict[int, torch.Tensor]:
-    """Explicit (B, H, N, N) fp32 maps of the chosen blocks (None without a map): for pictures and tests."""
+    """Explicit (B, H, N, N) fp32 maps of the chosen blocks (None without a map): for pictures and tests.
+    The model's attention layers become their transfer-aware adapters in place (same weights, same outputs)."""
+    require_image_batch(x)
     attns = transferable_attentions(model)
+    rates = (m.p if isinstance(m, nn.Dropout) else getattr(m, "drop_prob", 0) for m in model.modules())
+    if model.training and any(rate or 0 for rate in rates):
+        warn(
+            "attention_maps: the model is in training mode, so its dropout makes each call's maps differ: eval() it"
+        )
     layers = _chosen_layers(attns, layers)
     ios = {i: AttentionIO(return_map=True) for i in layers}
     with attached_ios(attns, ios):
         model.forward_features(x)
     return {i: io.map for i, io in ios.items()}
+
+
+def require_image_batch(x: Any) -> None:
+    """A batch that is not a tensor (a numpy array, a list) is refused in one line, not deep in the
+    first convolution; a NaFlexViT batch is its dict of tensors."""
+    if not isinstance(x, torch.Tensor | dict):
+        raise TypeError(
+            f"images must be a torch.Tensor (B, C, H, W), got {type(x).__module__}.{type(x).__name__}: "
+            "torch.as_tensor(images) first"
+        )
 
 
 def _chosen_layers(attns: Sequence[TransferableAttention], layers: Iterable[int] | None) -> list[int]:

@@ -8,6 +8,9 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from ...errors import InputError
 
 #: The three projections of a fused qkv, in timm's row order.
 QKV = ("q", "k", "v")
@@ -92,6 +95,31 @@ class PartialQKV(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
 
 
+def retire(parameters: Iterable[nn.Parameter]) -> None:
+    """Mark parameters a freeze or thaw replaced with new objects. An optimizer built before would step
+    these (their gradients stay None, so it skips them) while the model's own never train: its first step
+    is refused instead (a hook on every optimizer's step, registered once)."""
+    global _hook
+    for p in parameters:
+        p.attnxfer_replaced = True
+    if _hook is None:
+        _hook = register_optimizer_step_pre_hook(_refuse_replaced)
+
+
+_hook = None
+
+
+def _refuse_replaced(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    held = sum(getattr(p, "attnxfer_replaced", False) for g in optimizer.param_groups for p in g["params"])
+    if held:
+        raise InputError(
+            f"{type(optimizer).__name__} holds {held} parameter(s) that attnxfer replaced when it froze or thawed "
+            "a layer's q/k/v projections (TeacherStudent(mode='copy'), a copy plan, a conversion's stage 1): "
+            "they no longer belong to the model, so its projections would not train. Build the optimizer "
+            "after the TeacherStudent, from pair.student's parameters (student_param_groups(pair, ...))"
+        )
+
+
 def fused_rows(
     linear: nn.Module, name: str, chunks: Sequence[str] = QKV
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -111,6 +139,7 @@ def freeze_fused(
     """Make ``attn.<attr>`` a `PartialQKV` with ``frozen`` (and the already frozen) blocks; returns every
     frozen block, or None when all were frozen before (the module is then left as it is)."""
     linear = getattr(attn, attr)
+    retire(linear.parameters())
     if isinstance(linear, PartialQKV):
         if frozen <= set(linear.frozen):
             return None
@@ -125,6 +154,7 @@ def _to_buffer(module: nn.Module, *names: str) -> None:
     for name in names:
         p = module._parameters.get(name)
         if p is not None:
+            retire([p])
             del module._parameters[name]
             module.register_buffer(name, p.detach().clone())
             module.__dict__.setdefault("_were_parameters", []).append(name)  # for `thaw_projections`
@@ -155,6 +185,7 @@ def thaw_projections(attn: nn.Module) -> None:
     for m in list(attn.modules()):
         for name, child in list(m.named_children()):
             if isinstance(child, PartialQKV):
+                retire(child.parameters())
                 setattr(m, name, child.as_linear())
         for name in m.__dict__.pop("_were_parameters", ()):
             m.register_parameter(name, nn.Parameter(m._buffers.pop(name)))
