@@ -256,6 +256,21 @@ def test_a_student_whose_checkpoint_of_the_studys_step_is_damaged_is_told_so(tmp
     assert f"student {student.name!r} has no usable checkpoint of the study's step 1" in err, err
     assert "(it is damaged: the warning above says why)" in err and "trained on alone" not in err
     assert (student / "checkpoints" / "step-00000001").is_dir()
+    # with an earlier step every student holds, the study goes on from it, as train goes past a damaged save
+    run = tmp_path / "kept"
+    argv = [a.replace(str(tmp_path / "study"), str(run)) for a in argv]
+    argv = [*argv, "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+    assert cli.main([*argv, "schedule.max_steps=2"]) == 0
+    damaged, intact = sorted(p for p in run.iterdir() if (p / "config.yaml").is_file())
+    (damaged / "checkpoints" / "step-00000002" / "MANIFEST.json").unlink()
+    capsys.readouterr()
+    assert cli.main([*argv, "schedule.max_steps=3"]) == 0
+    out, err = capsys.readouterr()
+    assert f"study: student {damaged.name!r}'s checkpoint of step 2 is damaged" in err, err
+    assert "study: resuming every student from step 1" in out
+    assert len(list(run.glob("checkpoints/step-00000002.unusable-*"))) == 1  # the study's own, set aside
+    assert len(list(intact.glob("checkpoints/step-00000002.uncommitted-*"))) == 1  # kept, not loaded
+    assert json.loads((run / "study.json").read_text())["students"][0]["step"] == 3
 
 
 def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):

@@ -25,7 +25,7 @@ from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec, recorded_students
 from ...errors import InputError
 from ...run_layout import STUDY_RECORD, STUDY_REPORTS, STUDY_YAML
-from ...speak import say, speaking_for
+from ...speak import say, speaking_for, warn
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive, StudentStreams, never_stop
 from ...train.engine import TrainResult
@@ -113,7 +113,8 @@ def lockstep_study(
         write_study_files(spec, members, stopped, standing.shared_seconds)
     barrier()
 
-    own = CheckpointManager(spec.run_dir, keep_last=1)  # the study's checkpoints
+    # the study's checkpoints, as many as its students keep: a resume past a damaged one finds the step before
+    own = CheckpointManager(spec.run_dir, keep_last=max(c.checkpoint.keep_last for _, c in configs))
 
     def commit(step: int, training: list[Member], shared_seconds: float) -> str:
         """Once every student still training has saved a step: record it (a checkpoint of the study's own),
@@ -303,22 +304,44 @@ def _where_it_stands(
         (s, c, CheckpointManager(Path(c.run_dir)).list(verify_hash=False))
         for s, c in configs or spec.configs()
     ]
+
+    def lacking(point: ResumePoint) -> list[tuple[Student, TrainConfig, list[int]]]:
+        """The students that trained on at ``point`` and hold no intact checkpoint of its step."""
+        stopped = point.record("stopped") or {}
+        return [
+            (student, cfg, steps)
+            for student, cfg, infos in saved
+            if student.name not in stopped and point.step not in (steps := [i.step for i in infos])
+        ]
+
+    later: list[Path] = []  # the study's own steps after the one it goes on from
+    while point is not None and (missing := lacking(point)):
+        student, cfg, steps = missing[0]
+        # its save of that step damaged (the warning above says how), or gone: pruned by a run of its own
+        if CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir():
+            earlier = [
+                i for i in CheckpointManager(spec.run_dir).list(verify_hash=False) if i.step < point.step
+            ]
+            if earlier:  # as train falls back past a damaged checkpoint: the newest step every student holds
+                warn(
+                    f"study: student {student.name!r}'s checkpoint of step {point.step} is damaged (the warning "
+                    f"above says why): the study goes on from its step {earlier[-1].step} if every student holds it"
+                )
+                later.append(point.path)
+                spec, point = judged_study_point(spec, world, resume=str(earlier[-1].path))
+                continue
+        damaged = CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir()
+        why = (
+            "it is damaged: the warning above says why"
+            if damaged
+            else f"it holds {', '.join(f'step {s}' for s in steps) or 'none'}: trained on alone?"
+        )
+        raise InputError(  # it would start from scratch beside students at the study's step
+            f"student {student.name!r} has no {'usable ' if damaged else ''}checkpoint of the study's step "
+            f"{point.step} in {cfg.run_dir} ({why}); nothing was moved: start the study over "
+            "(checkpoint.resume=none) or elsewhere (run_dir=...)"
+        )
     stopped = point.record("stopped") or {} if point is not None else {}
-    for student, cfg, infos in saved:
-        steps = [i.step for i in infos]
-        if point is not None and student.name not in stopped and point.step not in steps:
-            # its save of that step damaged (the warning above says how), or gone: pruned by a run of its own
-            damaged = CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir()
-            why = (
-                "it is damaged: the warning above says why"
-                if damaged
-                else f"it holds {', '.join(f'step {s}' for s in steps) or 'none'}: trained on alone?"
-            )
-            raise InputError(  # it would start from scratch beside students at the study's step
-                f"student {student.name!r} has no {'usable ' if damaged else ''}checkpoint of the study's step "
-                f"{point.step} in {cfg.run_dir} ({why}); nothing was moved: start the study over "
-                "(checkpoint.resume=none) or elsewhere (run_dir=...)"
-            )
     fresh = starts_over(spec.base.checkpoint.resume)  # checkpoint.resume=none: the study starts over
     if DistributedInfo.from_environment().is_main_process:
         for *_, infos in saved:
@@ -328,10 +351,18 @@ def _where_it_stands(
                     say(f"study: checkpoint.resume=none: kept the earlier attempt's {info.path} as {aside}")
                 elif point is None or info.step > point.step:
                     aside = set_aside(info.path, "uncommitted")
-                    say(
-                        f"study: {info.path} was saved after the study's last complete step (by a save round "
-                        f"cut short, or by the student trained on alone); kept as {aside}"
+                    cause = (
+                        "a step the study goes back past"
+                        if later
+                        else "by a save round cut short, or by the student trained on alone"
                     )
+                    say(
+                        f"study: {info.path} was saved after the study's last complete step ({cause}); kept as {aside}"
+                    )
+        for own in later:  # a step some student's damaged checkpoint cannot go on from
+            say(
+                f"study: kept its step {own.name}, which a student cannot go on from, as {set_aside(own, 'unusable')}"
+            )
         # its own steps too: left in place, the next auto would go on from the earlier attempt's last step
         # (refused as another config's, or missing the students' checkpoints set aside above); and its
         # reports, as a search's: the next report would overwrite the only account of the earlier attempt
@@ -353,7 +384,7 @@ def _where_it_stands(
 
 
 def judged_study_point(
-    spec: StudySpec, world: int, *, verify_hash: bool | None = None
+    spec: StudySpec, world: int, *, verify_hash: bool | None = None, resume: str | None = None
 ) -> tuple[StudySpec, ResumePoint | None]:
     """The study on ``world`` processes and its last committed step (None: a fresh study), judged as `train`
     judges a resume (`judged_resume`: its global batch kept, or refused naming the counts that keep it) and
@@ -361,7 +392,7 @@ def judged_study_point(
     base, point = judged_resume(
         spec.base,
         world,
-        ResumePoint.find(spec.run_dir, spec.base.checkpoint.resume, verify_hash=verify_hash),
+        ResumePoint.find(spec.run_dir, resume or spec.base.checkpoint.resume, verify_hash=verify_hash),
         scoring=False,
         command=spec.command,
         what="study",
