@@ -146,7 +146,8 @@ class DataConfig:
     # cached in (its parent must exist); resumable: the same dataset at another path (a node-local copy)
     root: str | None = key(None, range=ANY, resumable=True)
     img_size: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the student's
-    in_chans: int | None = key(None, range=AT_LEAST_1)  # default: the teacher's, else the dataset's
+    # default: the teacher's, else model.kwargs.in_chans, else the dataset's (the student is built for them)
+    in_chans: int | None = key(None, range=AT_LEAST_1)
     # default: the teacher's (pretrained cfg), else model.init's, else the dataset's
     mean: list[float] | None = key(None, range=ANY)
     std: list[float] | None = key(None, range=POSITIVE)  # default: as data.mean

@@ -294,7 +294,13 @@ def timm_transform(
             f"dataset '{info.name}': data.kwargs.re_mode is one of const, rand, pixel (aug.remode's choices), "
             f"got {aug['re_mode']!r}"
         )
-    for option, low, high in (("re_prob", 0, 1), ("re_count", 1, None)):  # timm takes any: 1.5 erases always
+    if aug.get("crop_mode") not in (None, "center", "squash", "border"):  # timm reads any other as center
+        raise InputError(
+            f"dataset '{info.name}': data.kwargs.crop_mode is one of center, squash, border, got {aug['crop_mode']!r}"
+        )
+    # timm takes any: re_prob 1.5 erases always, hflip 2 flips every image
+    probabilities = (("re_prob", 0, 1), ("hflip", 0, 1), ("vflip", 0, 1), ("re_count", 1, None))
+    for option, low, high in probabilities:
         value = aug.get(option)
         if isinstance(value, (int, float)) and not (low <= value and (high is None or value <= high)):
             said = f"between {low} and {high}" if high is not None else f">= {low}"

@@ -825,6 +825,11 @@ def test_random_erasing_options_out_of_range_are_one_line_not_taken_as_timm_take
     for option, said in (
         (dict(re_prob=1.5), "re_prob must be between 0 and 1"),
         (dict(re_count=0), "re_count must be >= 1"),
+        (dict(hflip=2), "hflip must be between 0 and 1"),  # a probability: 2 flipped every image
+        (
+            dict(crop_mode="sqash"),
+            "crop_mode is one of center, squash, border",
+        ),  # read as center, recorded as given
     ):
         with pytest.raises(InputError, match=rf"^dataset 'folder': data.kwargs.{said}, got"):
             build_dataset("folder", "train", root=tmp_path, **option)
