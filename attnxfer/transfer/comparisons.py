@@ -186,6 +186,15 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
                 f"comparison loss {name!r}: signals must be a tuple of Signal members, e.g. (Signal.K,) (the comma "
                 f"makes one a tuple), got {cls.signals!r}"
             )
+        # its logged terms (``mse_v`` of mse's v) may not be another loss's: the log would not say which is which
+        terms = {name} if len(cls.signals) == 1 else {f"{name}_{s}" for s in cls.signals}
+        for other, held_loss in COMPARISON_LOSSES.items():
+            theirs = {other} if len(held_loss.signals) == 1 else {f"{other}_{s}" for s in held_loss.signals}
+            if other != name and (clash := sorted(terms & theirs)):
+                raise ValueError(
+                    f"comparison loss {name!r} would log {clash[0]!r}, as comparison loss {other!r} "
+                    f"({type(held_loss).__module__}) does: register it under another name"
+                )
         if taken := [k for k in ENTRY_KEYS if k in cls.options]:  # the entry's key, never the option
             raise ValueError(
                 f"comparison loss {name!r}: option {taken[0]!r} is a key of every transfer.losses entry "

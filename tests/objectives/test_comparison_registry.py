@@ -599,6 +599,22 @@ def test_a_loss_named_as_a_key_the_step_logs_itself_is_refused_where_it_is_regis
         comparison_loss(name)(type("Own", (ComparisonLoss,), {"signals": (Signal.FEATURES,)}))
 
 
+def test_a_loss_whose_logged_term_is_another_losss_is_refused_where_it_is_registered(registries_kept):
+    """mse logs its v comparison as ``mse_v``: a plug-in registered as mse_v logged beside it as ``mse_v#2``,
+    the two told apart only by their order in transfer.losses."""
+    with pytest.raises(
+        ValueError, match=r"^comparison loss 'mse_v' would log 'mse_v', as comparison loss 'mse'"
+    ):
+        comparison_loss("mse_v")(type("Own", (ComparisonLoss,), {"signals": (Signal.FEATURES,)}))
+    comparison_loss("cos_k")(
+        type("CosK", (ComparisonLoss,), {"signals": (Signal.FEATURES,), "compare": lambda self, *args: None})
+    )
+    with pytest.raises(
+        ValueError, match=r"^comparison loss 'cos' would log 'cos_k', as comparison loss 'cos_k'"
+    ):
+        comparison_loss("cos")(type("Cos", (ComparisonLoss,), {"signals": (Signal.K, Signal.Q)}))
+
+
 def test_a_term_named_as_a_key_the_step_logs_itself_is_refused_where_the_loss_returns_it():
     with pytest.raises(
         ValueError,
