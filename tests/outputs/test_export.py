@@ -1133,6 +1133,18 @@ def test_a_student_fine_tuned_from_non_commercial_weights_inherits_their_licence
     text = (tmp_path / "out" / "README.md").read_text()
     assert yaml.safe_load(text.split("---")[1])["license"] == "cc-by-nc-4.0"
     assert f"fine-tuned from (local-dir:{init}) are licensed **CC-BY-NC-4.0**" in text
+    # the same weights as a bare file, which records no licence: the card says so, not timm's default licence
+    # of the architecture (apache-2.0), which had relicensed them
+    file_run = tmp_path / "file_run"
+    argv = [*S, f"model.init={init / 'model.safetensors'}", "model.kwargs.in_chans=3", "schedule.max_steps=1"]
+    argv.append(f"run_dir={file_run}")
+    assert run_cli(capsys, "train", *argv)[0] == 0
+    assert run_cli(capsys, "export", str(file_run), str(tmp_path / "file_out"))[0] == 0
+    text = (tmp_path / "file_out" / "README.md").read_text()
+    assert yaml.safe_load(text.split("---")[1])["license"] == "other" and "apache" not in text
+    assert (
+        f"fine-tuned from ({init / 'model.safetensors'}) have no recorded licence: check their terms" in text
+    )
 
 
 def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):

@@ -103,6 +103,11 @@ def load_init(
             )
         raise InputError(said if "model.init" in said else f"model.init={spec!r}: {said}") from None
     refuse_guessed_stats(data or DataConfig(), record.to_dict(), f"model.init={spec}")
+    # the licence of the weights loaded, which the student's card inherits; a weights file records none, and
+    # timm's default for its architecture (apache-2.0) would relicense, say, MAE's non-commercial encoder
+    encoder.pretrained_cfg = {k: v for k, v in encoder.pretrained_cfg.items() if k != "license"}
+    if record.license:
+        encoder.pretrained_cfg["license"] = record.license
     return encoder
 
 
