@@ -1145,6 +1145,16 @@ def test_a_student_fine_tuned_from_non_commercial_weights_inherits_their_licence
     assert (
         f"fine-tuned from ({init / 'model.safetensors'}) have no recorded licence: check their terms" in text
     )
+    # a checkpoint of a run taught by those weights (export's advice for a copy student): the teacher's binds
+    taught = tmp_path / "taught"
+    argv = [*S, "transfer.mode=distill", f"teacher.spec=local-dir:{init}", "schedule.max_steps=1"]
+    assert run_cli(capsys, "train", *argv, f"run_dir={taught}")[0] == 0
+    checkpoint = taught / "checkpoints" / "step-00000001" / "model.safetensors"
+    argv = [*S, f"model.init={checkpoint}", "model.kwargs.in_chans=3", "schedule.max_steps=1"]
+    assert run_cli(capsys, "train", *argv, f"run_dir={tmp_path / 'alone'}")[0] == 0
+    assert run_cli(capsys, "export", str(tmp_path / "alone"), str(tmp_path / "alone_out"))[0] == 0
+    card_text = (tmp_path / "alone_out" / "README.md").read_text()
+    assert yaml.safe_load(card_text.split("---")[1])["license"] == "cc-by-nc-4.0"
 
 
 def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):
