@@ -541,7 +541,12 @@ class Engine:
         self.position += self._global_batch  # global count: what every rank consumed together
         if progress is not None:
             progress.update(1)
+        # a step's norm, taken once (its last micro-batch): a step's weight, also where a resume changed the
+        # micro-batches a step has (at 1/accum_steps, the steps before a re-split weighed less in its mean)
+        norm = logs.pop("grad_norm", None)
         self.window.add(logs, weight=1 / s.accum_steps)
+        if norm is not None:
+            self.window.add({"grad_norm": norm})
         return lr, acc.sync_gradients
 
     def _logs_at(self, step: int) -> bool:

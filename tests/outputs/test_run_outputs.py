@@ -225,18 +225,20 @@ def test_train_loss_of_an_epoch_resumed_with_other_accumulation_is_the_mean_of_i
 
 def test_a_record_across_a_resume_with_other_accumulation_is_the_mean_of_its_steps(tmp_path):
     """A record covers the steps since the last one, a stopped run's too; where the resume re-split the global
-    batch (more accumulation steps), it is still the mean of those steps' losses, as the same run logging every
-    step gives them, not of their micro-batches (which weighed the steps before the resume half as much)."""
+    batch (more accumulation steps), it is still the mean of those steps' losses and gradient norms, as the same
+    run logging every step gives them, not of their micro-batches (which weighed the steps before the resume
+    half as much, the norm's too: it is taken once a step)."""
 
     def stopped_and_resumed(run: Path, every: int) -> list[dict]:
         keys = [f"run_dir={run}", *TINY, "schedule.epochs=1", f"log.every_steps={every}", "optim.lr=1e-2"]
-        _stopped_after_two_steps_and_resplit(keys)
+        _stopped_after_two_steps_and_resplit([*keys, "optim.clip_grad=1.0"])
         return _records(run, "train")
 
-    steps = [r["total"] for r in stopped_and_resumed(tmp_path / "each", 1)]
+    each = stopped_and_resumed(tmp_path / "each", 1)
     (record,) = stopped_and_resumed(tmp_path / "window", 4)  # one record, steps 1-4
-    assert len(steps) == 4 and record["step"] == 4
-    assert record["total"] == pytest.approx(sum(steps) / 4, rel=1e-6)
+    assert len(each) == 4 and record["step"] == 4
+    for term in ("total", "grad_norm"):
+        assert record[term] == pytest.approx(sum(r[term] for r in each) / 4, rel=1e-6), term
 
 
 def test_a_run_started_over_keeps_no_pictures_of_the_earlier_attempt(tmp_path):
