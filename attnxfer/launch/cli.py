@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warn(
                     f"attnxfer {args.command}: rank {rank} stopped: another rank's process ended while this one "
                     "waited for it; that rank's error, above or in the launcher's summary, is the cause "
-                    "(ATTNXFER_DEBUG=1 shows where this rank waited)",
+                    f"(ATTNXFER_DEBUG=1 shows where this rank waited); {_where_to_resume(args)}",
                     all_ranks=True,
                 )
                 return 1
