@@ -408,6 +408,18 @@ def test_inspect_given_one_folder_that_records_no_teacher_asks_for_both(trained,
     assert cli_main(["inspect", "vit_micro_patch4_28"]) == 2
     err = capsys.readouterr().err
     assert "give both, attnxfer inspect TEACHER vit_micro_patch4_28 (a run's folder alone is compared" in err
+    # a teacher's spec or an export alone: a model (it exists), not a missing folder to give as the student
+    (export := tmp_path / "export").mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"")
+    for model in (f"local-dir:{export}", str(export)):
+        assert cli_main(["inspect", model]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"{model} is a model, not a run's folder: inspect compares a STUDENT with a TEACHER, so give both, "
+            in err
+        )
+        assert "does not exist" not in err
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ...errors import InputError
-from ...run_layout import STUDY_RECORD
+from ...run_layout import STUDY_RECORD, is_exported_model
 from ...speak import is_main, say
 from .base import register_command
 
@@ -165,6 +165,12 @@ def _trained_from(folder: str):
     from ...config import load_config
 
     both = f"inspect compares a STUDENT with a TEACHER: give both, attnxfer inspect TEACHER {folder}"
+    if folder.startswith(("local-dir:", "hf-hub:")) or is_exported_model(Path(folder)):  # a model, no run
+        raise InputError(
+            f"{folder} is a model, not a run's folder: inspect compares a STUDENT with a TEACHER, so give both, "
+            f"attnxfer inspect {folder} STUDENT (or the other way round; a run's folder alone is compared with "
+            "the teacher it was trained from)"
+        )
     if not Path(folder).exists() and ("/" in folder or Path(folder).suffix):
         raise InputError(f"{folder} does not exist; {both}")
     runs = RunDir(folder).study_runs()
