@@ -198,6 +198,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             example = f"[{yaml_value(one)}]" if isinstance(one, dict) else example
             span = re.fullmatch(r"(\d+)-(\d+)", str(value)) if item is int else None  # as the plan says "0-5"
             example = str(list(range(int(span[1]), int(span[2]) + 1))).replace(" ", "") if span else example
+            said, words = str(value).strip(), str(value).replace(",", " ").split()
+            if isinstance(value, str) and said.lower() in ("none", "[]"):  # no item, as null says
+                example = "[] for none"
+            elif isinstance(value, str) and said.startswith("[") and said.endswith("]"):  # a list, quoted
+                example = f"{said} without quotes: quoted, it is a string"
+            elif isinstance(value, str) and len(words) > 1 and not span:  # items without their brackets
+                example = f"[{','.join(words)}]"
             raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Mapping):

@@ -200,6 +200,19 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
             "transfer.losses=[cosine]",
             "transfer.losses[0]: expected a mapping, got 'cosine' (write e.g. {name: cosine})",
         ),
+        (  # a list quoted (a YAML string): the same list unquoted, not that string in more brackets
+            'transfer.layers="[0,1,2]"',
+            "transfer.layers: expected a list, got '[0,1,2]' (write e.g. transfer.layers=[0,1,2] without "
+            "quotes: quoted, it is a string)",
+        ),
+        (  # items without brackets, as a shell list writes them
+            "transfer.layers=0 1 2",
+            "transfer.layers: expected a list, got '0 1 2' (write e.g. transfer.layers=[0,1,2])",
+        ),
+        (  # none of them: the empty list, not [none]
+            "log.trackers=none",
+            "log.trackers: expected a list, got 'none' (write e.g. log.trackers=[] for none)",
+        ),
         (  # an item by its index, as OmegaConf's dotlists allow: not a mapping of '0' to write in brackets
             "transfer.losses.0.weight=2",
             "transfer.losses.0: a list is not set item by item; give it whole: transfer.losses=[...]",
