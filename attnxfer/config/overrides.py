@@ -555,10 +555,16 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
             hint = _split_by_shell(items, i)
             if not hint and item.endswith((".yaml", ".yml")):
                 hint = f"; a config file is given as -c {item}"
+            elif not hint and re.fullmatch(r"~[a-z_]+(\.\w+)+", item):  # Hydra's delete
+                hint = f"; a key is never removed: {item[1:]}=null or its default sets it back"
             elif not hint and _a_folder(item):
                 hint = f"; a dataset's folder (timm's DATA_DIR) is given as data.root={item}"
             raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy){hint}")
         key, raw = item.split("=", 1)
+        if key.startswith("+"):  # Hydra's append (+key=) and force (++key=): every key exists
+            raise ConfigError(
+                f"override {item!r}: overrides set any key without Hydra's '+' or '++': write {key.lstrip('+')}={raw}"
+            )
         parts = key.strip().split(".")
         if not all(parts):  # `=1`, `optim..lr=1`: else an unknown key '' or 'optim.' with far guesses
             named = ".".join(filter(None, parts))
@@ -632,6 +638,10 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
+#: YAML's spellings of null, which a key that takes text only would read as text
+NULLS = ("null", "Null", "NULL", "~")
+
+
 class TypedStr(str):
     """A string a YAML file already typed (a study's ``model.global_pool: ''``): `apply_overrides` keeps it as
     it is for a key that takes a string, where a command line's ``model.global_pool=`` is refused (no value);
@@ -660,6 +670,17 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], command: str | None 
             null = f", or {key}=null for null" if takes_null else ""
             raise ConfigError(
                 f"override {key}= has no value (an unset shell variable?); give one{null}{empty}"
+            )
+        if (
+            field is str
+            and isinstance(value, str)
+            and not isinstance(value, TypedStr)
+            and value.strip() in NULLS
+        ):
+            # as written, a folder named 'null' (run_dir=null wrote ./null) or the home folder (run_dir=~)
+            raise ConfigError(
+                f"override {key}={value.strip()}: {key} takes text, not null; give one (quoted, {key}=\"'{value.strip()}'\", "
+                "for the text itself)"
             )
         if isinstance(value, str) and not kept and (field is not str or quoted):
             try:

@@ -608,6 +608,10 @@ def test_a_dataset_folder_or_a_yaml_file_given_alone_is_told_its_key_or_flag(tmp
         ),
         ("/data/imagenet", "; a dataset's folder (timm's DATA_DIR) is given as data.root=/data/imagenet"),
         ("my_recipe.yaml", "; a config file is given as -c my_recipe.yaml"),
+        (
+            "~optim.lr",
+            "; a key is never removed: optim.lr=null or its default sets it back",
+        ),  # Hydra's delete
     ):
         with pytest.raises(ConfigError) as e:
             load_config(None, [given])
@@ -620,6 +624,10 @@ def test_a_dataset_folder_or_a_yaml_file_given_alone_is_told_its_key_or_flag(tmp
         ("=1", "override '=1' has an empty key (e.g. transfer.mode=copy)"),
         ("optim..lr=1", "override 'optim..lr=1' has an empty key part; write optim.lr=1"),
         (".optim.lr=1", "override '.optim.lr=1' has an empty key part; write optim.lr=1"),
+        (  # Hydra's append and force: not an unknown key '+optim'
+            "++optim.lr=1",
+            "override '++optim.lr=1': overrides set any key without Hydra's '+' or '++': write optim.lr=1",
+        ),
     ],
 )
 def test_an_override_with_an_empty_key_or_key_part_says_so(override, said):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from helpers import run_cli
 
-from attnxfer.config import load_config
+from attnxfer.config import ConfigError, load_config
 from attnxfer.launch.cli import main
 
 
@@ -217,8 +217,15 @@ def test_a_quoted_value_is_unquoted_whatever_the_type_of_its_key():
     run_dir='runs/my run' and log.project="my proj" (keys that are strings) kept them, a folder named 'runs."""
     cfg = load_config(None, ["run_dir='runs/my run'", 'log.project="my proj"', "data.root='/data/my set'"])
     assert (cfg.run_dir, cfg.log.project, cfg.data.root) == ("runs/my run", "my proj", "/data/my set")
-    unquoted = load_config(None, ["run_dir=runs/it's", "log.project=~"])  # as written
+    unquoted = load_config(None, ["run_dir=runs/it's", "log.project='~'"])  # as written; quoted: the text
     assert (unquoted.run_dir, unquoted.log.project) == ("runs/it's", "~")
+    # YAML's null, unquoted, where a key takes text only: refused, not the text (run_dir=null wrote ./null,
+    # run_dir=~ into the home folder)
+    for null in ("null", "~"):
+        with pytest.raises(
+            ConfigError, match=rf"^override run_dir={null}: run_dir takes text, not null; give"
+        ):
+            load_config(None, [f"run_dir={null}"])
 
 
 def test_none_on_the_command_line_is_null_where_a_key_takes_null_and_quoted_is_the_text():
