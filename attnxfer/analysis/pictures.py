@@ -198,8 +198,10 @@ def rollout_figure(image: np.ndarray, rollouts: Mapping[str, torch.Tensor]) -> F
 
 
 def _series(insp: Inspection, name: str, key: str) -> tuple[list[int], list[float]]:
+    """A student's ``key`` per layer, each at the teacher layer it is compared with (a student of another depth
+    on the teacher's axis, where its values belong)."""
     rows = [r for r in insp.students[name] if key in r.mean]
-    return [r.layer for r in rows], [r.mean[key] for r in rows]
+    return [r.teacher_layer for r in rows], [r.mean[key] for r in rows]
 
 
 def curves_figure(insp: Inspection) -> Figure:

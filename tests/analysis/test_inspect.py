@@ -335,6 +335,23 @@ def test_report_files_and_picture_sizes(tmp_path):
     assert all(f" | {f} | " in report for f in floors) and "| 0 | 0 | 1.00 | 1.00 | 0 |" in report, report
 
 
+def test_a_shallower_students_layers_are_drawn_beside_the_teacher_layers_they_are_compared_with(tmp_path):
+    """A 2-block student of a 4-block teacher is compared at teacher layers 0 and 3: its class-token maps sat
+    beside the teacher's layers 0 and 1 (and two empty rows), its curves at layers 0 and 1."""
+    teacher, student = peaked_teacher(depth=4), tiny_vit(depth=2, seed=7)
+    x = torch.randn(1, 3, 32, 32)
+    insp = inspect_models(teacher, {"shallow": student}, x)
+    assert [(r.layer, r.teacher_layer) for r in insp.students["shallow"]] == [(0, 0), (1, 3)]
+    wrap = lambda m, name: LoadedModel(name, m, "test", mean=(0.5,) * 3, std=(0.5,) * 3)
+    write_report(
+        tmp_path, insp, wrap(teacher, "t"), {"shallow": wrap(student, "shallow")}, x, picture_images=1
+    )
+    assert Image.open(tmp_path / "cls_maps_shallow_img0.png").size == class_token_figure_size(2, 3 + 1 + 3)
+    figure = curves_figure(insp)
+    js = figure.axes[1].lines[1]  # after the teacher's floor
+    assert js.get_label() == "shallow" and list(js.get_xdata()) == [0, 3]
+
+
 # ------------------------------------------------------------------------------------------- runs and the CLI
 @pytest.fixture(scope="module")
 def copy_run(tmp_path_factory):

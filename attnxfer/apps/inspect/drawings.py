@@ -136,26 +136,32 @@ def _stage_pictures(
     the teacher's one stage, every layer of either model (depths may differ), no stage in the file names."""
     label = stage or "blocks"  # a flat model's one stage is ""
     suffix = f"_{slug(label)}" if layers is not None else ""
-    layers = layers if layers is not None else list(range(max(len(t.maps), len(s.maps))))
+    # (teacher layer, student layer, label) per column: a flat student of another depth, each of its layers
+    # beside the teacher layer it is compared with; else layer j of both
+    if layers is None and any(r.layer != r.teacher_layer for r in rows):
+        columns = [(r.teacher_layer, r.layer, f"L{r.layer} (t{r.teacher_layer})") for r in rows]
+    else:
+        layers = layers if layers is not None else list(range(max(len(t.maps), len(s.maps))))
+        columns = [(j, j, f"L{j}") for j in layers]
     # class-token maps where a layer of this stage has a whole-image map (the query pictures show the others:
     # windows, reduced keys)
-    if any(m is not None for maps in (t.maps, s.maps) for j, m in enumerate(maps) if j in layers):
+    mapped = lambda maps, j: j < len(maps) and maps[j] is not None
+    if any(mapped(t.maps, tj) or mapped(s.maps, sj) for tj, sj, _ in columns):
         where = f"{label}, " if label != "blocks" else ""
         for b in range(canvas.count):
-            pick = lambda maps, b=b: [
-                maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
-            ]
             fig = class_token_figure(
                 canvas.image(b),
-                pick(t.maps),
-                pick(s.maps),
+                [t.maps[tj][b] if mapped(t.maps, tj) else None for tj, _, _ in columns],
+                [s.maps[sj][b] if mapped(s.maps, sj) else None for _, sj, _ in columns],
                 names=("teacher", name),
                 title=f"class-token attention, {where}image {b}: teacher heads (t) | {name} heads (s)",
-                layer_labels=[f"L{j}" for j in layers],
-                notes=[t.geometries[j].class_map_note if j < len(t.geometries) else "" for j in layers],
+                layer_labels=[said for *_, said in columns],
+                notes=[
+                    t.geometries[tj].class_map_note if tj < len(t.geometries) else "" for tj, _, _ in columns
+                ],
             )
             canvas.save(fig, f"cls_maps_{slug(name)}{suffix}_img{b}.png")
-    rows = [r for r in rows if r.teacher_layer in layers]
+    rows = [r for r in rows if r.teacher_layer in {tj for tj, _, _ in columns}]
     if any(r.js_cost for r in rows):
         title = f"head matching, {name}" + (f", {label}" if suffix else "")
         canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{suffix}.png")
