@@ -4,7 +4,9 @@ interpolation and statistics), with k-NN top-1 for a model without the data's he
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shutil
 
 import pytest
 import timm
@@ -90,6 +92,26 @@ def test_a_model_without_the_datas_head_gets_its_knn_top1_and_no_top1(
     assert (
         code == 2 and "has a head of 10 outputs, and data.dataset=folder has 3 classes: drop top1" in err
     ), err
+
+
+def test_a_head_of_other_classes_as_many_as_the_datas_gets_no_top1(three_classes, tmp_path, capsys):
+    """A model whose config.json names its head's classes (label_names) scored on data of other classes, as
+    many: its argmax is an index into the wrong names, and its top-1 (a chance figure) was said as any."""
+    root, _ = three_classes
+    named = tmp_path / "named"
+    shutil.copytree(root / "center", named)
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "label_names": ["cat", "dog", "fish"]}))
+    data = ["data.dataset=folder", f"data.root={root / 'data'}", "eval.knn_k=5"]
+    code, out, err = run_cli(capsys, "eval", str(named), *data)
+    assert code == 0, err
+    assert (
+        f"no top-1: local-dir:{named}'s head names its classes cat, dog, fish, and data.dataset=folder's"
+        in out
+    )
+    assert "val_top1" not in out and "knn_top1" in out
+    code, _, err = run_cli(capsys, "eval", str(named), *data, "eval.metrics=[top1]")
+    assert code == 2 and "give the data it learned, or drop top1" in err, err
 
 
 def test_keys_no_model_evaluation_reads_are_refused(tiny_teacher_dir, capsys):

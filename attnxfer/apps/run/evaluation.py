@@ -208,6 +208,17 @@ def evaluate_model(cfg: TrainConfig) -> dict[str, float]:
         its_head += f"{cfg.data.dataset} has {classes} classes"
         if "top1" in asked and head != classes:
             raise InputError(f"eval.metrics=top1: {its_head}: drop top1 (k-NN top-1 needs no head)")
+        # a head of as many outputs, for other classes (config.json's label_names): its top-1 would mean nothing
+        named, theirs = [str(n) for n in own.get("label_names") or ()], parts.class_names
+        if head == classes and named and theirs and named != theirs:
+            shown = lambda names: ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+            its_head = (
+                f"{t.spec}'s head names its classes {shown(named)}, and data.dataset={cfg.data.dataset}'s are"
+            )
+            its_head += f" {shown(theirs)}"
+            if "top1" in asked:
+                raise InputError(f"eval.metrics=top1: {its_head}: give the data it learned, or drop top1")
+            head = -1  # no top-1 under auto, said below
         top1 = "top1" in asked or ("auto" in asked and head == classes)
         if "auto" in asked and not top1:
             say(f"no top-1: {its_head}")
