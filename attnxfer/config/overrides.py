@@ -18,6 +18,7 @@ from typing import Any, Union
 
 import yaml
 
+from ..run_layout import STUDY_YAML
 from ..speak import change_said
 from .keys import ConfigError, field_types, leaves, reads_section, rule_of, section_command, value_said_anyway
 from .renamed import find_key, respell
@@ -557,6 +558,8 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
                 hint = f"; a config file is given as -c {item}"
             elif not hint and re.fullmatch(r"~[a-z_]+(\.\w+)+", item):  # Hydra's delete
                 hint = f"; a key is never removed: {item[1:]}=null or its default sets it back"
+            elif not hint and (Path(item).expanduser() / STUDY_YAML).is_file():  # a study's folder
+                hint = f"; a study's folder is given as -c {Path(item) / STUDY_YAML}"
             elif not hint and _a_folder(item):
                 hint = f"; a dataset's folder (timm's DATA_DIR) is given as data.root={item}"
             raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy){hint}")

@@ -5,6 +5,7 @@ convert``, converted) from one teacher on one stream of batches, each a name and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import json
 import re
@@ -215,6 +216,11 @@ def _base_and_students(path: str | Path | None) -> tuple[TrainConfig, list[Stude
             listed = (file, data.pop(STUDENTS_KEY))
         if COMMAND_KEY in data:
             command = str(data.pop(COMMAND_KEY))
+        for key in (k for k in data if k not in {f.name for f in dataclasses.fields(TrainConfig)}):
+            if near := difflib.get_close_matches(str(key), (STUDENTS_KEY, COMMAND_KEY), n=1, cutoff=0.7):
+                raise ConfigError(
+                    f"config file {str(file)!r}: unknown key {key!r}; did you mean {near[0]!r}?"
+                )
         cfg = merge_values(cfg, merged_into_base(data) if depth else data)  # as `load_config` merges
     if (p.parent / STUDY_RECORD).is_file():  # a study's own study.yaml: the study is the folder it sits in
         cfg = dataclasses.replace(cfg, run_dir=str(p.parent.absolute()))
@@ -242,8 +248,12 @@ def _listed(file: Path, entries: Any) -> list[Student]:
         raise ConfigError(f"{where} must be a list, each entry a name and its keys (- name: copy ...)")
     students = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, Mapping) or "name" not in entry:
+        if not isinstance(entry, Mapping):
             raise ConfigError(f"{where}[{i}] must be a mapping with a name and the keys it changes")
+        if "name" not in entry:  # its keys as given: a misspelt `nme:` among them
+            raise ConfigError(
+                f"{where}[{i}] has no name (its keys: {', '.join(map(str, entry))}): give it one"
+            )
         name = entry["name"]
         if name is None:  # `name:` with nothing after it
             raise ConfigError(f"{where}[{i}] has an empty name: give it one (its folder in the study)")

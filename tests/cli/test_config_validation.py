@@ -601,7 +601,10 @@ def test_a_stray_word_before_any_override_is_not_said_to_be_split():
 def test_a_dataset_folder_or_a_yaml_file_given_alone_is_told_its_key_or_flag(tmp_path):
     """timm's train.py takes its DATA_DIR as an argument of its own: given so, it was 'not key=value' alone."""
     (tmp_path / "imagenet").mkdir()
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.yaml").write_text("students: []\n")
     for given, said in (
+        (str(tmp_path / "study"), f"; a study's folder is given as -c {tmp_path}/study/study.yaml"),
         (
             str(tmp_path / "imagenet"),
             f"; a dataset's folder (timm's DATA_DIR) is given as data.root={tmp_path}/imagenet",

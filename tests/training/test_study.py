@@ -445,6 +445,26 @@ def test_a_student_name_yaml_reads_as_a_switch_or_nothing_is_refused(name, said,
         load_study(yaml)
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("studnets:\n  - name: a\n", "unknown key 'studnets'; did you mean 'students'?"),
+        ("commnd: train\nstudents:\n  - name: a\n", "unknown key 'commnd'; did you mean 'command'?"),
+        (
+            "students:\n  - nme: a\n    seed: 2\n",
+            r"students\[0\] has no name \(its keys: nme, seed\): give it one",
+        ),
+    ],
+)
+def test_a_misspelt_study_key_or_student_name_is_named(text, said, tmp_path):
+    """A study file's own keys: `studnets` was an unknown key among the config's sections, with no guess, and
+    `nme: a` a student "must be a mapping with a name", which it is."""
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(text)
+    with pytest.raises(ConfigError, match=said):
+        load_study(yaml)
+
+
 def test_a_study_yaml_reads_back_the_students_that_vary_made(tmp_path):
     """study.yaml (what resumes a study, or writes the report of a study of several ranks) quotes each --vary
     value as the command line gave it, but null as null: read back, a number is the key's number, a list the
