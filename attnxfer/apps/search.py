@@ -252,9 +252,7 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
         "",
         f"{len(cands)} candidates after generation {state.generation}: {len(ok)} fitted, {len(before)} rejected "
         f"before training, {len(at_fit)} rejected at fit time; {state.duplicates} duplicates not re-evaluated; "
-        f"{state.seconds / 60:.1f} min."
-        if state.seconds >= 60
-        else f"{state.seconds:.0f} s.",
+        + (f"{state.seconds / 60:.1f} min." if state.seconds >= 60 else f"{state.seconds:.0f} s."),
         f"Fit: held-out map KL(teacher ‖ candidate) (nats per row, mean over "
         f"{f'layers {sorted(set(s.layers))}' if s.layers is not None else 'every layer'}) after {s.fit_steps} stage-1 steps (trains "
         f"{s.fit_train}, lr {s.fit_lr:g}) on {held_out} held-out images. Speed: one attention layer at "

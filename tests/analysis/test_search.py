@@ -333,6 +333,9 @@ def test_pareto_md_says_a_search_of_every_layer_averages_its_fit_over_every_laye
 
     md = render_pareto_md(load_config("search/demo"), SearchState(), [], None, None, held_out=5)
     assert "(nats per row, mean over every layer) after" in md, md
+    # a search under a minute keeps its count line, its time at the end (the line had been its time alone)
+    assert ": 0 fitted, 0 rejected before training, 0 rejected at fit time; 0 duplicates" in md
+    assert "duplicates not re-evaluated; 0 s.\n" in md, md
 
 
 @pytest.mark.slow
