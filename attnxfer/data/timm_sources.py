@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import math
 import os
 from collections.abc import Sequence
 from itertools import islice
+from pathlib import Path
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
@@ -285,6 +287,8 @@ def build_hfds(
 
     hf_split = train_split if split == "train" else val_split
     _require_split(f"hfds/{name}", root, hf_split, split)
+    if labels and split == "val":
+        _refuse_other_class_order(name, root, train_split, val_split, target_key)
     columns = dict(input_key=input_key, target_key=target_key)
     default = hf_info(name, root, labels=labels, train_split=train_split, **columns)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
@@ -307,6 +311,38 @@ def build_hfds(
             root, reader=HfImages(name, root, hf_split, input_key), input_img_mode=mode, transform=transform
         )
     return FolderDataset(images, info, seed=seed, deterministic=augment, strict=split == "val")
+
+
+def _refuse_other_class_order(
+    name: str, root: str | None, train_split: str, val_split: str, key: str
+) -> None:
+    """A local folder of parquet files is read with its first split's features: a val split whose files name
+    the classes of ``key`` in another order had its labels read as the train split's names, without a word."""
+    if not Path(name).expanduser().is_dir():  # a Hub dataset's splits are written as one
+        return
+    import datasets
+    import pyarrow.parquet as pq
+
+    files = {
+        str(k): v
+        for k, v in (datasets.load_dataset_builder(name, cache_dir=root).config.data_files or {}).items()
+    }
+
+    def class_names(split: str) -> list[str] | None:
+        for file in (f for f in files.get(split, ()) if str(f).endswith(".parquet")):
+            said = (pq.read_schema(file).metadata or {}).get(b"huggingface")
+            feature = json.loads(said).get("info", {}).get("features", {}).get(key, {}) if said else {}
+            return feature.get("names")
+        return None
+
+    ours, theirs = class_names(train_split), class_names(val_split)
+    if ours and theirs and ours != theirs:
+        raise InputError(
+            f"data.dataset=hfds/{name}: its {val_split!r} files name the classes of {key!r} {theirs}, its "
+            f"{train_split!r} files {ours}; datasets reads every split in the first order, so the {val_split} labels "
+            f"would name other classes: write both splits with one ClassLabel (val.cast_column({key!r}, "
+            f"train.features[{key!r}]))"
+        )
 
 
 class LabelInRange:

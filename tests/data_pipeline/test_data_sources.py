@@ -133,6 +133,28 @@ def test_an_hfds_val_image_pil_cannot_open_is_refused_not_replaced_by_the_next_o
         assert val[0][0].shape == (1, 28, 28)
 
 
+def test_an_hfds_val_split_whose_files_order_the_classes_otherwise_is_refused(animals, tmp_path):
+    """datasets reads every split of a parquet folder with the first split's ClassLabel: a val split written
+    with its own order of the names (each split's folder listing) had its labels read as other classes."""
+    import datasets
+
+    pngs, labels = animals["val"][0][:3], [0, 1, 2]
+    for split, names in (("train", ["cat", "dog", "fish"]), ("validation", ["fish", "cat", "dog"])):
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        ds = datasets.Dataset.from_dict(
+            {"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}, features
+        )
+        ds.to_parquet(str(tmp_path / "hf" / "data" / f"{split}-00000-of-00001.parquet"))
+    name = f"hfds/{tmp_path / 'hf'}"
+    assert len(build_dataset(name, "train", root=tmp_path / "cache", **NORM)) == 3  # the train split is read
+    with pytest.raises(
+        InputError,
+        match=r"its 'validation' files name the classes of 'label' \['fish', 'cat', 'dog'\], its 'train' files "
+        r"\['cat', 'dog', 'fish'\]; datasets reads every split in the first order",
+    ):
+        build_dataset(name, "val", root=tmp_path / "cache", **NORM)
+
+
 def test_hfds_trains_through_the_resumable_sampler(hf_dir, tmp_path):
     cfg = load_config(
         None,
