@@ -3,6 +3,7 @@ timm, its augmentation seeded per (seed, epoch, index). Without labels a split i
 
 from __future__ import annotations
 
+import collections
 import glob
 import inspect
 import io
@@ -49,7 +50,9 @@ def _split_dir(root: str | None, split: str, named: str | None = None) -> Path:
     if base.name in _SPLIT_DIRS["train"] + _SPLIT_DIRS["val"]:  # a split's folder given: its classes there
         there += f": {base.name}/ is a split's folder, not the dataset's: data.root={base.parent}"
     wanted = (
-        f"{named}/ (data.kwargs val_split)" if named else f"{' or '.join(_SPLIT_DIRS[split])}/ sub-folder"
+        f"{named}/ (data.kwargs val_split)"
+        if named
+        else f"{' or '.join(f'{d}/' for d in _SPLIT_DIRS[split])} sub-folder"
     )
     raise MissingPathError(
         f"dataset folder '{base}' has no {wanted} for split '{split}' ({there}); {option}expected the layout "
@@ -157,10 +160,13 @@ class ImageFiles:
         images = (p for p in found if p.suffix.lower() in extensions)
         self.files = sorted(images, key=lambda p: natural_key(p.as_posix()))
         if len(self.files) < len(found):  # another format (.webp, .bmp, a note) is left out, not in silence
-            other = min(p for p in found if p.suffix.lower() not in extensions)
+            other = sorted(p for p in found if p.suffix.lower() not in extensions)
+            kinds = collections.Counter(
+                p.suffix.lower() or "no suffix" for p in other
+            )  # each kind: webp images too
             warn(
-                f"{len(found) - len(self.files)} file(s) under '{folder}' are not read, as timm reads only "
-                f"{', '.join(sorted(extensions))} images (e.g. '{other}')"
+                f"{len(other)} file(s) under '{folder}' are not read ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}"
+                f"; e.g. '{other[0]}'), as timm reads only {', '.join(sorted(extensions))} images"
             )
         self.targets = [None] * len(self.files)
         if class_map is not None:

@@ -488,7 +488,7 @@ def test_folder_missing_paths_are_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"a.png' is a file, not a folder; expected the layout"):
         build_dataset("folder", "train", root=tmp_path / "a.png")
     (tmp_path / "ds" / "train" / "a").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"no val or validation/ sub-folder.*root/val/<class>/"):
+    with pytest.raises(FileNotFoundError, match=r"no val/ or validation/ sub-folder.*root/val/<class>/"):
         build_dataset("folder", "val", root=tmp_path / "ds")
     with pytest.raises(FileNotFoundError, match="no images"):
         build_dataset("folder", "train", root=tmp_path / "ds")
@@ -508,7 +508,7 @@ def test_a_folder_whose_val_split_is_named_test_is_read_through_val_split_which_
     lists the folders there and the option; ``val_split`` then validates on that folder with train's classes."""
     _make_folder(tmp_path)
     (tmp_path / "val").rename(tmp_path / "test")
-    said = r"has no val or validation/ sub-folder for split 'val' \(it has test/, train/\); data.kwargs=\{val_split: test\}"
+    said = r"has no val/ or validation/ sub-folder for split 'val' \(it has test/, train/\); data.kwargs=\{val_split: test\}"
     with pytest.raises(FileNotFoundError, match=said):
         build_dataset("folder", "val", root=tmp_path, img_size=16)
     val = build_dataset("folder", "val", root=tmp_path, img_size=16, val_split="test")
@@ -649,8 +649,8 @@ def test_files_of_formats_timm_does_not_read_are_named_not_left_out_in_silence(t
     (tmp_path / "train" / "dog" / "notes.txt").write_text("taken on 2024-05-01")
     train = build_dataset("folder", "train", root=tmp_path, img_size=16)
     assert len(train) == 6
-    said = f"2 file(s) under '{tmp_path / 'train'}' are not read, as timm reads only .jpeg, .jpg, .png images"
-    assert f"{said} (e.g. 'cat/3.webp')" in capsys.readouterr().err
+    said = f"2 file(s) under '{tmp_path / 'train'}' are not read (1 .webp, 1 .txt; e.g. 'cat/3.webp'), as timm"
+    assert f"{said} reads only .jpeg, .jpg, .png images" in capsys.readouterr().err  # each kind counted
     build_dataset("folder", "val", root=tmp_path, img_size=16)
     assert "not read" not in capsys.readouterr().err  # a split of images alone: no line
 
