@@ -649,7 +649,9 @@ def test_files_of_formats_timm_does_not_read_are_named_not_left_out_in_silence(t
     (tmp_path / "train" / "dog" / "notes.txt").write_text("taken on 2024-05-01")
     train = build_dataset("folder", "train", root=tmp_path, img_size=16)
     assert len(train) == 6
-    said = f"2 file(s) under '{tmp_path / 'train'}' are not read (1 .webp, 1 .txt; e.g. 'cat/3.webp'), as timm"
+    said = (
+        f"2 file(s) under '{tmp_path / 'train'}' are not read (1 .webp, 1 .txt; e.g. 'cat/3.webp'), as timm"
+    )
     assert f"{said} reads only .jpeg, .jpg, .png images" in capsys.readouterr().err  # each kind counted
     build_dataset("folder", "val", root=tmp_path, img_size=16)
     assert "not read" not in capsys.readouterr().err  # a split of images alone: no line

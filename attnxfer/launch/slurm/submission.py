@@ -141,6 +141,7 @@ def submit(
     job_dir = default_job_dir(cfg, opts)
     if opts.cluster == "slurm":
         refuse_live_jobs(job_dir, cfg.run_dir)
+        refuse_more_nodes_than_there_are(opts)
     executor = build_executor(opts, job_dir)
     tasks = [TrainingTask.for_options(main_fn, p.cfg, opts) for p in points]
     record = Path(cfg.run_dir).expanduser().absolute() / SWEEP_RECORD if sweep else None
@@ -182,6 +183,35 @@ def refuse_live_jobs(job_dir: Path, run_dir: Any) -> None:
                 f"the same run: wait for it to end (squeue -j {job_id}), cancel it (scancel {job_id}), or choose "
                 "another run_dir"
             )
+
+
+def refuse_more_nodes_than_there_are(opts: SlurmOptions) -> None:
+    """sbatch queues a job of more nodes than its partition has, to wait for ever (PartitionConfig): refused
+    here, with the count ``sinfo`` gives (its default partition where ``--partition`` names none). Where sinfo
+    cannot tell (no controller, a partition it does not list), sbatch answers."""
+    try:
+        listed = subprocess.run(
+            ["sinfo", "-h", "-a", "-o", "%P %D"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return
+    nodes: dict[str, int] = {}
+    default = None
+    for name, count in (line.split() for line in listed.stdout.splitlines() if len(line.split()) == 2):
+        if name.endswith("*"):
+            name = default = name[:-1]
+        nodes[name] = nodes.get(name, 0) + int(count) if count.isdigit() else nodes.get(name, 0)
+    partition = opts.partition or default
+    if (
+        listed.returncode == 0
+        and partition in nodes
+        and "," not in partition
+        and opts.nodes > nodes[partition]
+    ):
+        raise InputError(
+            f"--nodes {opts.nodes}: partition {partition} has {nodes[partition]} node(s), so the job would wait "
+            f"for ever: ask for at most {nodes[partition]}, or a partition of more (sinfo -s lists them)"
+        )
 
 
 @contextlib.contextmanager

@@ -101,3 +101,13 @@ def test_a_second_job_into_a_run_dir_whose_job_is_still_queued_is_refused(slurm,
     assert main([*common, "--partition", slurm.partition, "--sweep", "seed=0,1"]) == 2  # a sweep, too
     subprocess.run(["scancel", held], check=True)
     assert main([*common, "--partition", slurm.partition, "--slurm", "hold=true"]) == 0  # ended: taken
+
+
+def test_more_nodes_than_the_partition_has_is_refused_not_queued_to_wait_for_ever(slurm, tmp_path, capsys):
+    # sbatch takes it, and the job pends with reason PartitionConfig as long as it is left there
+    run = tmp_path / "run"
+    argv = ["submit", f"run_dir={run}", *TINY, "--partition", slurm.partition, "--time", "5"]
+    assert main([*argv, "--nodes", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"--nodes 3: partition {slurm.partition} has 2 node(s), so the job would wait for ever" in err, err
+    assert not run.exists()
