@@ -363,6 +363,12 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(("dataset_download", "download", "data.download"), "download"),
     # Hugging Face's TrainingArguments
     **dict.fromkeys(("eval_strategy", "evaluation_strategy", "save_strategy", "eval_steps"), "when"),
+    # timm's --eval-interval, MAE's --save_ckpt_freq, and the spellings of other trainers
+    **dict.fromkeys(("eval_interval", "eval_freq", "eval_every", "save_ckpt_freq"), "when"),
+    **dict.fromkeys(
+        ("eval.every", "eval.every_epochs", "eval.interval", "eval.freq", "eval.every_steps"), "when"
+    ),
+    **dict.fromkeys(("betas", "optim.betas"), "optim"),
     **dict.fromkeys(("push_to_hub", "hub_model_id"), "hub"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)

@@ -164,6 +164,12 @@ CASES = [
         2,
         "offers no other; its keys are optim.lr (or optim.blr), optim.weight_",
     ),
+    (["train", "optim.betas=[0.9,0.95]"], 2, "'optim.betas': attnxfer trains with AdamW"),  # beta1 and beta2
+    (  # no key sets how often a run evaluates: when it does is said, not a log or checkpoint key
+        ["train", "eval.every=1"],
+        2,
+        "unknown config key 'eval.every': a run evaluates at the end of every epoch and of the run",
+    ),
     (
         ["train", "schedule.name=step"],
         2,
