@@ -318,19 +318,17 @@ def _where_it_stands(
     while point is not None and (missing := lacking(point)):
         student, cfg, steps = missing[0]
         # its save of that step damaged (the warning above says how), or gone: pruned by a run of its own
-        if CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir():
-            earlier = [
-                i for i in CheckpointManager(spec.run_dir).list(verify_hash=False) if i.step < point.step
-            ]
-            if earlier:  # as train falls back past a damaged checkpoint: the newest step every student holds
-                warn(
-                    f"study: student {student.name!r}'s checkpoint of step {point.step} is damaged (the warning "
-                    f"above says why): the study goes on from its step {earlier[-1].step} if every student holds it"
-                )
-                later.append(point.path)
-                spec, point = judged_study_point(spec, world, resume=str(earlier[-1].path))
-                continue
         damaged = CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir()
+        own = CheckpointManager(spec.run_dir).list(verify_hash=False) if damaged else []
+        if earlier := [i for i in own if i.step < point.step]:
+            # as train falls back past a damaged checkpoint: the newest step every student holds
+            warn(
+                f"study: student {student.name!r}'s checkpoint of step {point.step} is damaged (the warning "
+                f"above says why): the study goes on from its step {earlier[-1].step} if every student holds it"
+            )
+            later.append(point.path)
+            spec, point = judged_study_point(spec, world, resume=str(earlier[-1].path))
+            continue
         why = (
             "it is damaged: the warning above says why"
             if damaged
