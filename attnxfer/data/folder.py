@@ -163,7 +163,7 @@ class ImageFiles:
             other = sorted(p for p in found if p.suffix.lower() not in extensions)
             kinds = collections.Counter(
                 p.suffix.lower() or "no suffix" for p in other
-            )  # each kind: webp images too
+            )  # .webp images said too
             warn(
                 f"{len(other)} file(s) under '{folder}' are not read ({', '.join(f'{n} {k}' for k, n in kinds.most_common())}"
                 f"; e.g. '{other[0]}'), as timm reads only {', '.join(sorted(extensions))} images"

@@ -200,9 +200,8 @@ class TeacherStudent(nn.Module):
                 thaw_projections(attn)
             attn.freeze_projections(borrow)
             attn.borrowed_chunks = borrow
-        self.train(
-            self.training
-        )  # the student in the pair's mode (a deep copy of a loaded teacher is in eval)
+        # the student in the pair's mode: a deep copy of a loaded teacher is in eval
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)

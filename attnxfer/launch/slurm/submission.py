@@ -165,10 +165,8 @@ def refuse_live_jobs(job_dir: Path, run_dir: Any) -> None:
     run's lock. Jobs are told by the pickles submitit leaves (``JOB[_TASK]_submitted.pkl``), newest first; a
     state SLURM cannot give (no controller: sbatch says so next) refuses nothing."""
     pickles = sorted(job_dir.glob("*_submitted.pkl"), key=lambda p: p.stat().st_mtime, reverse=True)
-    own = {
-        os.environ.get("SLURM_ARRAY_JOB_ID"),
-        os.environ.get("SLURM_JOB_ID"),
-    }  # a study submitting from its job
+    # a job's own id (a study's convert stage submitting from inside its job) is none of the earlier ones
+    own = {os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_JOB_ID")}
     for job_id in [j for j in dict.fromkeys(p.name.split("_")[0] for p in pickles) if j not in own][:8]:
         try:
             shown = subprocess.run(

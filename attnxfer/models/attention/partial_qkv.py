@@ -95,6 +95,10 @@ class PartialQKV(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
 
 
+#: the optimizer step hook `retire` registers, once per process
+_hook = None
+
+
 def retire(parameters: Iterable[nn.Parameter]) -> None:
     """Mark parameters a freeze or thaw replaced with new objects. An optimizer built before would step
     these (their gradients stay None, so it skips them) while the model's own never train: its first step
@@ -104,9 +108,6 @@ def retire(parameters: Iterable[nn.Parameter]) -> None:
         p.attnxfer_replaced = True
     if _hook is None:
         _hook = register_optimizer_step_pre_hook(_refuse_replaced)
-
-
-_hook = None
 
 
 def _refuse_replaced(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
