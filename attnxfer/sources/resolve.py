@@ -26,7 +26,7 @@ from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import CHECKPOINTS_SUBDIR, DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path
+from ..run_layout import CHECKPOINTS_SUBDIR, DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path, read_record
 from .hub import (
     _HUB_WEIGHT_FILES,
     _SHARD_INDEX,
@@ -357,6 +357,8 @@ class Resolved:
     tag_known: bool = True
     # True: a transformers checkpoint without preprocessor_config.json (mean/std are timm's guess for the arch)
     mean_std_guessed: bool = False
+    # the run whose run.json gave an untagged file's mean/std (a file of one of its checkpoints)
+    stats_of_run: str | None = None
     # a transformers checkpoint: its state dict -> (timm's, dropped keys), given the weights file's name
     convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]] | None = None
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
@@ -576,15 +578,20 @@ def _resolve_file(spec: TeacherSpec, arch: str | None, role: str) -> Resolved:
     if not timm.is_model(arch_name):
         raise InputError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
     cfg = registry_cfg(arch)
-    # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence.
+    # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence;
+    # a run's checkpoint (RUN/checkpoints/step-N/FILE) has its run's statistics and its teacher's licence
+    run = path.parent.parent.parent
+    ran = read_record(run / RUN_RECORD) if path.parent.parent.name == CHECKPOINTS_SUBDIR else {}
+    stats = {k: tuple(ran[k]) for k in ("mean", "std") if isinstance(ran.get(k), list) and ran[k]}
     return Resolved(
         Origin.FILE,
         arch_name,
-        cfg,
+        {**cfg, **stats} if len(stats) == 2 and not tag else cfg,
         weights=str(path),
         files=[str(path)],
-        license=cfg.get("license") if tag else None,
+        license=cfg.get("license") if tag else (ran.get("teacher") or {}).get("license"),
         tag_known=bool(tag),
+        stats_of_run=str(run) if len(stats) == 2 and not tag else None,
     )
 
 

@@ -370,7 +370,11 @@ def load_teacher(
             f"{kernel.shape[-1]} px, its {built.shape[-1]} px; name the timm architecture they were trained as"
         )
     del state_dict
-    if not res.tag_known and not stats_given:  # said once the weights fit: a file refused is not first told
+    if res.stats_of_run:
+        debug(
+            f"{who}: mean/std {res.pretrained_cfg.get('mean')}, {res.pretrained_cfg.get('std')} of the run {res.stats_of_run}"
+        )
+    elif not res.tag_known and not stats_given:  # said once the weights fit: a file refused is not first told
         tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
         warn(
             f"{who}: mean/std are timm's defaults for {res.architecture} (tag "

@@ -1151,7 +1151,12 @@ def test_a_student_fine_tuned_from_non_commercial_weights_inherits_their_licence
     assert run_cli(capsys, "train", *argv, f"run_dir={taught}")[0] == 0
     checkpoint = taught / "checkpoints" / "step-00000001" / "model.safetensors"
     argv = [*S, f"model.init={checkpoint}", "model.kwargs.in_chans=3", "schedule.max_steps=1"]
-    assert run_cli(capsys, "train", *argv, f"run_dir={tmp_path / 'alone'}")[0] == 0
+    code, out, err = run_cli(capsys, "train", *argv, f"run_dir={tmp_path / 'alone'}")
+    assert code == 0, err
+    # and the statistics that run normalised by, not timm's defaults for the architecture (0.5 here)
+    assert "timm's defaults" not in err and "normalised by model.init's mean/std" in out
+    ran, alone = (json.loads((r / "run.json").read_text()) for r in (taught, tmp_path / "alone"))
+    assert (alone["mean"], alone["std"]) == (ran["mean"], ran["std"]) != ([0.5] * 3, [0.5] * 3)
     assert run_cli(capsys, "export", str(tmp_path / "alone"), str(tmp_path / "alone_out"))[0] == 0
     card_text = (tmp_path / "alone_out" / "README.md").read_text()
     assert yaml.safe_load(card_text.split("---")[1])["license"] == "cc-by-nc-4.0"

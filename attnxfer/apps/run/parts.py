@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +23,6 @@ from ...models.efficient.swap import refuses_an_option, timm_class
 from ...models.image_input import ImageSizeError, check_image_size, image_input, sizes_that_fit
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
-from ...run_layout import CHECKPOINTS_SUBDIR, RUN_RECORD, read_record
 from ...sources.resolve import Source, parse_teacher_spec
 from ...sources.teacher import load_teacher
 from ...speak import say, warn
@@ -77,10 +75,10 @@ def load_init(
     ``file_model``'s ``name`` and ``kwargs`` say. Its errors are restated as ``model.init``'s: the loader's
     words name a teacher, and a run that has one would be told to change the wrong key. Statistics that are
     a guess are refused unless ``data`` gives both (`refuse_guessed_stats`)."""
-    built_as, weights_file = None, None
+    built_as = None
     try:
-        if (parsed := parse_teacher_spec(spec, role="model.init")).source is Source.FILE:
-            built_as, weights_file = file_model, Path(parsed.name).expanduser()
+        if parse_teacher_spec(spec, role="model.init").source is Source.FILE:
+            built_as = file_model
         arch, kwargs = (built_as.name, dict(built_as.kwargs)) if built_as else (None, {})
         img_size = kwargs.pop("img_size", None) or img_size  # the size the file's architecture is built at
         encoder, record = load_teacher(
@@ -105,21 +103,11 @@ def load_init(
             )
         raise InputError(said if "model.init" in said else f"model.init={spec!r}: {said}") from None
     refuse_guessed_stats(data or DataConfig(), record.to_dict(), f"model.init={spec}")
-    # the licence of the weights loaded, which the student's card inherits; a weights file records none, and
-    # timm's default for its architecture (apache-2.0) would relicense, say, MAE's non-commercial encoder
-    license = record.license
-    run = weights_file.parent.parent.parent if weights_file else None  # RUN/checkpoints/step-N/FILE
-    if (
-        not license
-        and run
-        and weights_file.parent.parent.name == CHECKPOINTS_SUBDIR
-        and (run / RUN_RECORD).is_file()
-    ):
-        # a run's checkpoint (export's advice for a copy student): the licence of its teacher binds
-        license = (read_record(run / RUN_RECORD).get("teacher") or {}).get("license")
+    # the licence of the weights loaded (a run's checkpoint: its teacher's), which the student's card inherits;
+    # timm's default for the architecture (apache-2.0) would relicense, say, MAE's non-commercial encoder
     encoder.pretrained_cfg = {k: v for k, v in encoder.pretrained_cfg.items() if k != "license"}
-    if license:
-        encoder.pretrained_cfg["license"] = license
+    if record.license:
+        encoder.pretrained_cfg["license"] = record.license
     return encoder
 
 
