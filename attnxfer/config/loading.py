@@ -293,6 +293,15 @@ def load_config(
             elif find_key(data, "optim.blr")[0]:
                 unread_blr = (file, data)
         cfg = _own_run_dir(cfg, p)
+        # MAE pre-training's config (an mae section, no transfer one: an older train run's config.yaml has both)
+        # given to another command, which would train a classifier with it and drop its mae section unread
+        sections = {key for _, data in chain for key in data}
+        if command in ("train", "convert", "study") and "mae" in sections and "transfer" not in sections:
+            raise ConfigError(
+                f"{path} is MAE pre-training's config (its mae section only `attnxfer pretrain` reads): run "
+                f"attnxfer pretrain -c {path} (submit --command pretrain on SLURM); to fine-tune its encoder, "
+                "export the run and give it as model.init (attnxfer train -c demo/mae_finetune)"
+            )
     # a recipe, run dir, study or export given without -c (a study's student folder may be named lr=1e-3)
     for item in (o for o in overrides if "=" not in o or "/" in o.split("=", 1)[0]):
         _refuse_export(Path(item))

@@ -673,6 +673,12 @@ def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_ste
             ],
             "would drop it; remove it, or write command: convert in the study's YAML",
         ),
+        (  # MAE pre-training's whole config (its mae section at its defaults), given to train: not a teacher's
+            # absence to mend (transfer.mode=none then trained a classifier from scratch, the mae section unread)
+            ["train", "-c", "demo/mae_pretrain"],
+            "attnxfer train: error: demo/mae_pretrain is MAE pre-training's config (its mae section only "
+            "`attnxfer pretrain` reads): run attnxfer pretrain -c demo/mae_pretrain (submit --command pretrain",
+        ),
         (  # every command but pretrain reads the transfer section
             ["pretrain", "-c", "demo/mae_pretrain", "transfer.mode=copy", "transfer.atd_weight=3"],
             "attnxfer pretrain: error: transfer.mode, transfer.atd_weight: attnxfer pretrain does not read the "
