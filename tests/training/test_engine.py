@@ -541,8 +541,8 @@ def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path,
 
 def test_a_warmup_longer_than_the_run_says_the_lr_never_reaches_its_base():
     """warmup_epochs beyond schedule.epochs: every step warms up (the lr ends at a share of the base and the
-    cosine never runs), said in one line naming the keys; a warm-up within the epochs, or a run cut short by
-    schedule.max_steps on purpose, says nothing."""
+    cosine never runs), said in one line naming the keys; a warm-up within the epochs, or a smoke run cut short
+    by schedule.max_steps, says nothing."""
     from dataclasses import replace
 
     from attnxfer.apps.run.training import long_warmup_warning
@@ -558,7 +558,13 @@ def test_a_warmup_longer_than_the_run_says_the_lr_never_reaches_its_base():
     assert "(400 warm-up steps, 4 in all)" in said and "to 1% of the base lr 0.002" in said
     assert "set schedule.warmup_epochs below schedule.epochs" in said and "\n" not in said
     assert warning(replace(s, warmup_epochs=1)) is None and warning(replace(s, epochs=200)) is None
-    assert warning(replace(s, epochs=200, max_steps=4)) is None
+    assert warning(replace(s, epochs=200, max_steps=4)) is None  # a smoke run, said as one elsewhere
+    # a run capped at 150 steps inside a warm-up of 400 (MAE's 1 epoch at toy scale): it only warms up
+    capped = warning(replace(s, epochs=200, max_steps=150))
+    assert capped.startswith(
+        "warning: schedule.warmup_epochs=100 (400 warm-up steps) is longer than the run's "
+    )
+    assert "schedule.max_steps=150: the lr only rises, to 38% of" in capped and "below 37.5" in capped
 
 
 def test_a_conversions_stage_2_still_hears_of_a_warmup_longer_than_the_run():

@@ -699,12 +699,18 @@ def schedule_warnings(engine: Engine, *, learner: str | None = "a student") -> l
 
 
 def long_warmup_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:
-    """One line, where ``schedule.warmup_epochs`` outlasts the ``schedule.epochs`` the run trains: its lr
-    only rises, never reaching the base lr nor decaying. A ``schedule.max_steps`` cap stops a run early
-    on purpose (smoke runs), and says nothing here."""
+    """One line, where ``schedule.warmup_epochs`` outlasts the run: its lr only rises, never reaching the base
+    lr nor decaying. A ``schedule.max_steps`` cap of fewer than `FEW_STEPS` is a smoke run, said as such."""
     warmup = round(s.warmup_epochs * per_epoch)
-    if warmup <= total or total < per_epoch * s.epochs:
+    capped = total < per_epoch * s.epochs  # by schedule.max_steps
+    if warmup <= total or (capped and total < FEW_STEPS):
         return None
+    if capped:  # warmup stays warmup_epochs long under the cap, as the schedule's docs say
+        return (
+            f"warning: schedule.warmup_epochs={s.warmup_epochs:g} ({warmup} warm-up steps) is longer than the run's "
+            f"schedule.max_steps={total}: the lr only rises, to {total / warmup:.0%} of the base lr {s.base_lr:g}, "
+            f"and never decays; set schedule.warmup_epochs below {total / per_epoch:.3g}"
+        )
     return (
         f"warning: schedule.warmup_epochs={s.warmup_epochs:g} is longer than the run's schedule.epochs="
         f"{s.epochs} ({warmup} warm-up steps, {total} in all): the lr only rises, to {total / warmup:.0%} of "
