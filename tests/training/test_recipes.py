@@ -534,7 +534,11 @@ def test_fine_tuning_from_model_init_normalises_by_the_pretrained_models_statist
     )
     parts = build_run_parts(cfg)
     assert tuple(parts.mean) == stats["mean"] and tuple(parts.std) == stats["std"]
-    assert "normalised by model.init's mean/std" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "normalised by model.init's mean/std" in out
+    # and what it took, as MAE's fine-tuning prints its load_state_dict message: the encoder, a fresh head
+    n = len(encoder.state_dict()) - 2  # all but the encoder's head (weight, bias): the student's is new
+    assert f"model.init: {n} tensors loaded from local-dir:{tmp_path / 'init'}; fresh: head" in out, out
 
 
 def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir, tmp_path, capsys):

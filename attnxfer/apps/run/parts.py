@@ -126,7 +126,8 @@ def init_from_pretrained(
     pretrained = load_init(m.init, img_size, file_model=m, cache_dir=cache_dir, data=data)
     with _kwargs_refused(m, f"the student (model.init={m.init}'s architecture)"):
         student = student_like(pretrained, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
-    result = student.load_state_dict(pretrained.state_dict(), strict=False)
+    weights = pretrained.state_dict()
+    result = student.load_state_dict(weights, strict=False)
     fresh, dropped = {"head", "fc_norm"}, {"norm"}
     missing = {n for n in result.missing_keys if n.split(".")[0] not in fresh}
     unexpected = [n for n in result.unexpected_keys if n.split(".")[0] not in dropped]
@@ -135,6 +136,15 @@ def init_from_pretrained(
             f"model.init={m.init!r} does not fit the student built from it: missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}"
         )
+    # what was taken, as MAE's fine-tuning prints its load_state_dict message
+    started, unused = (
+        {n.split(".")[0] for n in names} for names in (result.missing_keys, result.unexpected_keys)
+    )
+    say(
+        f"model.init: {len(weights) - len(result.unexpected_keys)} tensors loaded from {m.init}"
+        + (f"; fresh: {', '.join(sorted(started))}" if started else "")
+        + (f"; not used: {', '.join(sorted(unused))}" if unused else "")
+    )
     return student
 
 
