@@ -78,7 +78,7 @@ class TransferPlan:
                 f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
                 f"{self.student_heads}",
                 f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
-                f"teacher runs at eval: {m.teacher_at_eval}",
+                f"the teacher at inference: {'needed' if m.teacher_at_eval else 'not needed'}",
             ]
             span = _span(self.student_layers)
             if all(s == t for s, t in self.pairs):

@@ -228,6 +228,9 @@ def test_a_pair_or_plan_that_cannot_work_is_refused_at_construction_naming_what_
     # a multiple of heads is fine for distillation, and averaged in groups
     plan = build_plan(tiny_vit(num_heads=6, embed_dim=48), tiny_vit(num_heads=3), "distill")
     assert "groups of 2" in plan.describe()
+    # whether the student needs its teacher at inference, not whether the teacher is in eval() mode (always)
+    assert "the teacher at inference: not needed" in plan.describe()
+    assert "the teacher at inference: needed" in build_plan(t, tiny_vit(), "copy").describe()
 
 
 def test_a_models_name_where_the_model_belongs_says_to_build_it_first():
