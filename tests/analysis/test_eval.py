@@ -93,6 +93,19 @@ def test_eval_of_another_runs_checkpoint_names_that_runs_config_not_training_adv
     assert "model.init" not in err  # how to train from its weights is no answer to scoring it
 
 
+def test_eval_of_a_folder_scores_that_folder_or_says_it_is_missing(trained, tmp_path, capsys):
+    """A folder holding a copy of another run's config.yaml scored that other run (its run_dir, as written)
+    and wrote its eval file there; a misspelt folder was 'not key=value'."""
+    (tmp_path / "copied").mkdir()
+    shutil.copy(trained / "config.yaml", tmp_path / "copied")
+    before = sorted(p.name for p in trained.iterdir())
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "copied"))
+    assert code == 2 and f"{tmp_path / 'copied'} has no run.json" in err, err
+    assert sorted(p.name for p in trained.iterdir()) == before  # nothing scored or written there
+    code, _, err = run_cli(capsys, "eval", str(tmp_path / "nope"))
+    assert code == 2 and f"run folder {tmp_path / 'nope'} does not exist (" in err, err
+
+
 def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
     assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err

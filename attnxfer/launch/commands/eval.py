@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ...run_layout import RUN_CONFIG
 from ...speak import say
 from .base import add_config_args, load, register_command
 
@@ -27,6 +28,15 @@ def run(args) -> int:
     spec = _model_spec(args)
     if spec is not None:
         return _score_model(args, spec)
+    first = Path(args.overrides[0]).expanduser() if args.config is None and args.overrides else None
+    if first is not None and "=" not in first.name and "/" in str(first) and not first.exists():
+        from ...errors import MissingPathError
+        from ...run_layout import missing_path
+
+        raise MissingPathError(f"run folder {missing_path(first)}: give a run's folder, or a model (SPEC)")
+    if first is not None and (first / RUN_CONFIG).is_file():
+        # the folder named is the run scored, whatever run_dir its config.yaml names (a copy of another run's)
+        args.overrides = [*args.overrides, f"run_dir={args.overrides[0]}"]
     cfg = load(args)
     from ...apps.run.evaluation import evaluate_run
     from ...apps.run.pretrain import MODE, build_pretrain_engine
@@ -119,8 +129,6 @@ def _model_spec(args) -> str | None:
     """The first argument where it names a model that is no run (timm's validate.py): a timm name,
     ``hf-hub:``/``local-dir:``, a weights file, an exported model's folder; None for a run's folder (or
     a path that is not there, which the config's loading words)."""
-    from ...run_layout import RUN_CONFIG
-
     if args.config is not None or not args.overrides or "=" in args.overrides[0]:
         return None  # an override, or -c's config: a run's (and no torch imported for a refusal)
     first = args.overrides[0]
