@@ -29,11 +29,17 @@ def run(args) -> int:
     if spec is not None:
         return _score_model(args, spec)
     first = Path(args.overrides[0]).expanduser() if args.config is None and args.overrides else None
-    if first is not None and "=" not in first.name and "/" in str(first) and not first.exists():
+    if first is not None and "=" not in args.overrides[0] and "/" in str(first) and not first.exists():
+        from ...config import ConfigError, resolve_recipe
         from ...errors import MissingPathError
         from ...run_layout import missing_path
 
-        raise MissingPathError(f"run folder {missing_path(first)}: give a run's folder, or a model (SPEC)")
+        try:
+            resolve_recipe(args.overrides[0])  # a recipe's name (demo/copy): loading says to give it as -c
+        except ConfigError:
+            raise MissingPathError(
+                f"run folder {missing_path(first)}: give a run's folder, or a model (SPEC)"
+            ) from None
     if first is not None and (first / RUN_CONFIG).is_file():
         # the folder named is the run scored, whatever run_dir its config.yaml names (a copy of another run's)
         args.overrides = [*args.overrides, f"run_dir={args.overrides[0]}"]
