@@ -123,6 +123,13 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
         if run.name == STAGE_DIRS[0] and (run.parent / STAGE_DIRS[-1]).is_dir():  # exported: its conversion
             stage = run_folder_hint(run, role).removeprefix(f"{run} is ")
             return f"{folder} is one of the checkpoints of {stage}"
+        of_run = run_folder_hint(run, role) or ""
+        if (
+            "is no model alone" in of_run and role != "model.init"
+        ):  # a copy student: its export is refused too
+            return f"{folder} is one of the checkpoints of the run {run}; " + of_run.replace(
+                "this is", "it is", 1
+            )
         hint = (
             f"{folder} is one of the checkpoints of the run {run}, not a model's folder: export the run "
             f"(`attnxfer export {run} {run / 'export'}`: its best checkpoint, an MAE pre-training's latest; "

@@ -308,6 +308,10 @@ def load_teacher(
     run_model = f"{hint}, without arch={arch!r} (teacher.arch, --teacher-arch)"
     if hint is not None and parsed.source is Source.LOCAL_DIR:
         raise InputError(f"{spec}: {run_model}")
+    if (
+        hint is not None and "is no model alone" in hint
+    ):  # a copy student's checkpoint: it fits arch, untrained q/k
+        raise InputError(f"{spec}: {hint}")
     if arch and parsed.source is not Source.FILE:  # the spec's own architecture would be built, arch unread
         raise InputError(
             f"{spec!r} names its architecture itself; arch={arch!r} (teacher.arch, --teacher-arch) is for a "

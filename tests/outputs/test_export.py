@@ -691,6 +691,13 @@ def test_a_copy_run_is_told_the_command_that_makes_its_student_exportable_and_th
         *data,
     )
     assert code == 0, err[-2000:]
+    # a checkpoint's weights file as a teacher is refused as the folder is, also where teacher.arch builds it
+    # (its weights fit: it had taught with the copy student's untrained q/k, without a word)
+    weights = run / "checkpoints" / "step-00000001" / "model.safetensors"
+    arch = json.loads((run / "run.json").read_text())["student"]["architecture"]
+    for given in ([], [f"teacher.arch={arch}"]):
+        code, _, err = run_cli(capsys, "train", f"teacher.spec={weights}", *given, *data, "run_dir=x")
+        assert code == 2 and "is no model alone: fine-tune it without the teacher first" in err, err
     # a newer save killed before its manifest: the command names the newest checkpoint that finished
     killed = run / "checkpoints" / "step-99999999"
     killed.mkdir()
