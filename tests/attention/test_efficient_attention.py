@@ -947,6 +947,18 @@ def test_a_size_beyond_the_teachers_grid_is_refused_where_the_student_is_built(
     efficient_student_from_teacher(teacher, name, **{option: largest})
 
 
+def test_a_window_over_the_whole_grid_is_said_to_be_softmax_where_the_student_is_built(capsys):
+    """The default window of 7 on a 7x7 grid (the demo's) converted, timed and reported as an efficient attention
+    while it is softmax computed another way: said once per student, not for a window local on a side."""
+    efficient_student_from_teacher(tiny_teacher(), "window", window_size=4)  # 4x4 patches + a class token
+    err = capsys.readouterr().err
+    assert err.count("warning: window_size 4x4 covers the whole 4x4 token grid: window is softmax there") == 1
+    assert "a window of at most 3 on a side is local" in err
+    for local in (3, (4, 3)):
+        efficient_student_from_teacher(tiny_teacher(), "window", window_size=local)
+        assert "covers the whole" not in capsys.readouterr().err
+
+
 def test_a_size_beyond_the_grid_is_left_to_the_core_when_rebuilding_or_at_another_resolution():
     """Only a student being made is refused, and only where its size fits no layer: an export recorded before
     still rebuilds (`swap_attentions`), and a student of a size-free teacher runs at a smaller grid than its

@@ -200,6 +200,11 @@ class EfficientAttention(TransferableAttention):
                 )
         return None
 
+    def covers_grid(self, built_grid: tuple[int, ...] = ()) -> str | None:
+        """What to say of an attention exact at its grid (a window over all of it): softmax computed another way,
+        slower, which a student built to be efficient is told; None where it is local (`grid_fit_error`'s grid)."""
+        return None
+
     #: The options ``extra_repr`` shows after the token layout.
     repr_options: ClassVar[tuple[str, ...]] = ()
 

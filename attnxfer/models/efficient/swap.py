@@ -15,6 +15,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from ...errors import InputError
+from ...speak import warn
 from ..attention import (
     MapKind,
     attention_layers,
@@ -108,12 +109,17 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs: A
     errors: dict[type, list[InputError | None]] = {}
     # linformer's fixed length is checked against a dynamic-size model's grid at the size it was built for
     built_grid = () if hierarchical else image_input(model).grid
+    covering: list[str] = []  # each attention's exact-at-its-grid note (a window over all of it), said once
     for attn in transferable_attentions(model):
         if isinstance(attn, EfficientAttention):
             errors.setdefault(type(attn), []).append(attn.grid_fit_error(built_grid))
+            if (note := attn.covers_grid(built_grid)) and note not in covering:
+                covering.append(note)
     for found in errors.values():
         if all(found):
             raise found[0]
+    for note in covering:
+        warn(f"warning: {note}")
     return model
 
 

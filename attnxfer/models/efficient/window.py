@@ -68,6 +68,16 @@ class WindowAttention(EfficientAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.window_size: tuple[int, int] = as_grid(window_size, "window_size")
 
+    def covers_grid(self, built_grid: tuple[int, ...] = ()) -> str | None:
+        grid = self.grid_size or (tuple(built_grid) if len(built_grid) == 2 else None)
+        if grid is None or self.window_on(grid) != tuple(grid):
+            return None
+        h, w = grid
+        return (
+            f"window_size {self.window_size[0]}x{self.window_size[1]} covers the whole {h}x{w} token grid: window "
+            f"is softmax there, computed another way and slower; a window of at most {min(h, w) - 1} on a side is local"
+        )
+
     def window_on(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The window on ``grid``, no larger than it (as Swin clamps its window to the resolution): a window
         wider than the image is one window of the whole grid, the same attention without padded tokens."""
