@@ -305,17 +305,17 @@ def _where_it_stands(
         for s, c in configs or spec.configs()
     ]
 
-    def lacking(point: ResumePoint) -> list[tuple[Student, TrainConfig, list[int]]]:
-        """The students that trained on at ``point`` and hold no intact checkpoint of its step."""
+    later: list[Path] = []  # the study's own steps after the one it goes on from
+    while point is not None:
+        # the students that trained on at the study's step and hold no intact checkpoint of it
         stopped = point.record("stopped") or {}
-        return [
+        missing = [
             (student, cfg, steps)
             for student, cfg, infos in saved
             if student.name not in stopped and point.step not in (steps := [i.step for i in infos])
         ]
-
-    later: list[Path] = []  # the study's own steps after the one it goes on from
-    while point is not None and (missing := lacking(point)):
+        if not missing:
+            break
         student, cfg, steps = missing[0]
         # its save of that step damaged (the warning above says how), or gone: pruned by a run of its own
         damaged = CheckpointManager(Path(cfg.run_dir)).path_for(point.step).is_dir()
