@@ -539,8 +539,18 @@ def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_a
     assert (
         err.startswith("attnxfer train: error: teacher local-dir:") and "no preprocessor_config.json" in err
     )
-    assert "set data.mean and data.std (timm's defaults for vit_" in err and "data.mean=[0.5,0.5,0.5]" in err
+    assert "set data.mean and data.std (timm's defaults for its architecture: data.mean=[0.5,0.5,0.5]" in err
     assert not run.exists()
+    # a grey model is told one value each, which pasted as they are train (three had been refused for 1 channel)
+    config = CASES["vit_model"].config(transformers)
+    config.num_channels = 1
+    transformers.ViTModel(config).save_pretrained(tmp_path / "grey")
+    grey = [*argv[:2], f"teacher.spec=local-dir:{tmp_path / 'grey'}", *argv[3:], "schedule.max_steps=1"]
+    assert main(grey) == 2
+    told = re.search(r"data\.mean=\[[^]]*\] data\.std=\[[^]]*\]", capsys.readouterr().err)[0]
+    assert told == "data.mean=[0.5] data.std=[0.5]", told
+    assert main([*grey, *told.split()]) == 0
+    shutil.rmtree(run)
     assert "stand in" not in said.out + said.err  # the refusal alone: not a warning that they will be used
     given = ["data.mean=[0.1,0.2,0.3]", "data.std=[0.4,0.5,0.6]", "schedule.max_steps=1"]
     assert main([*argv, *given]) == 0

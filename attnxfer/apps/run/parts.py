@@ -341,12 +341,17 @@ def refuse_guessed_stats(d: DataConfig, record: dict[str, Any], who: str) -> Non
     """A model whose mean/std are a guess (a transformers checkpoint without preprocessor_config.json) is
     refused unless data.mean and data.std are both given: the wrong ones would skew it without a sign."""
     if record.get("mean_std_guessed") and not (d.mean and d.std):
-        mean, std = (",".join(f"{v:g}" for v in record[k]) for k in ("mean", "std"))
+        # as many values as the model takes channels (a grey model: the RGB defaults' mean), to paste as they are
+        grey = (record.get("input_size") or (3,))[0] == 1
+        mean, std = (
+            ",".join(f"{v:g}" for v in ((sum(record[k]) / len(record[k]),) if grey else record[k]))
+            for k in ("mean", "std")
+        )
         raise InputError(
             f"{who} has no preprocessor_config.json beside its config.json, so the mean/std its weights were "
-            f"trained with are unknown: set data.mean and data.std (timm's defaults for "
-            f"{record['architecture']}: data.mean=[{mean}] data.std=[{std}]), or put the model's "
-            "preprocessor_config.json beside its config.json"
+            f"trained with are unknown: set data.mean and data.std (timm's defaults for its architecture: "
+            f"data.mean=[{mean}] data.std=[{std}]), or put the model's preprocessor_config.json beside its "
+            "config.json"
         )
 
 
