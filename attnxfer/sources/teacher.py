@@ -24,6 +24,7 @@ from timm.models import get_model_input_config
 from ..errors import InputError, MissingPathError
 from ..hub_reach import offline_reason
 from ..models.attention import ImageSizes, make_transfer_aware
+from ..models.attention.families.vit import DIFF_ATTENTION_REASON
 from ..models.image_input import as_pair, check_image_size, image_input
 from ..models.vit import create_vit
 from ..run_layout import CHECKPOINTS_SUBDIR
@@ -178,6 +179,12 @@ def _openclip_projection(state_dict: dict[str, torch.Tensor]) -> torch.Tensor | 
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
     """torch's strict-load error, restated with the key lists and what to change."""
     msg = str(err)
+    if any(
+        k.endswith(".attn.lambda_q1") for k in sd_keys
+    ):  # built with attnxfer's attention: refused as such
+        return TeacherLoadError(
+            f"teacher {spec!r}: {arch}'s blocks are timm's DiffAttention: {DIFF_ATTENTION_REASON}"
+        )
     found: dict[str, list[str]] = {"Missing encoder": [], "Unexpected": []}
     for line in msg.splitlines():
         for kind in found:
