@@ -321,6 +321,8 @@ _SCRIPT_NAMES = {
     "adam_epsilon": "optim.eps",
     "logging_dir": "run_dir",
     "dataloader_pin_memory": "data.pin_memory",
+    "layer_decay_rate": "optim.layer_decay",  # the rate, where layer_decay_rule says how blocks are numbered
+    "optim.layer_decay_rate": "optim.layer_decay",
     "model.type": "model.name",  # the student's architecture: a timm name
     "model.arch": "model.name",
     "model.architecture": "model.name",
@@ -339,6 +341,8 @@ _ONE_WAY = {
     "epoch takes; a ratio r of the run: r times schedule.epochs)",
     "when": "a run evaluates at the end of every epoch and of the run, and saves there too "
     "(checkpoint.every_epoch), every checkpoint.every_steps steps and every checkpoint.every_minutes minutes",
+    "decay_schedule": "optim.weight_decay stays one value for the whole run, as timm and MAE keep it (DINO's and "
+    "BEiT's weight_decay_end schedule is not offered)",
     "hub": "a run's student reaches the Hub through its export: attnxfer export RUN_DIR OUT_DIR --push-to-hub "
     "ORG/NAME (a model card, timm's and transformers' files)",
     "download": "there is no download switch: torch/NAME reads the folder data.root names, which torchvision's "
@@ -369,6 +373,7 @@ _ONE_WAY_KEYS = {
         ("eval.every", "eval.every_epochs", "eval.interval", "eval.freq", "eval.every_steps"), "when"
     ),
     **dict.fromkeys(("betas", "optim.betas"), "optim"),
+    **dict.fromkeys(("weight_decay_end", "wd_end", "optim.weight_decay_end"), "decay_schedule"),
     **dict.fromkeys(("push_to_hub", "hub_model_id"), "hub"),
 }
 #: the key a section's name given a value means (``model=vit_tiny``, ``transfer=copy``)

@@ -165,6 +165,16 @@ CASES = [
         "offers no other; its keys are optim.lr (or optim.blr), optim.weight_",
     ),
     (["train", "optim.betas=[0.9,0.95]"], 2, "'optim.betas': attnxfer trains with AdamW"),  # beta1 and beta2
+    (  # DINO's decay schedule: not the constant weight decay of a near spelling
+        ["train", "--weight_decay_end", "0.1"],
+        2,
+        "optim.weight_decay stays one value for the whole run, as timm and MAE keep it",
+    ),
+    (
+        ["train", "optim.layer_decay_rate=0.75"],
+        2,
+        "did you mean 'optim.layer_decay'?",
+    ),  # the rate, not the rule
     (  # no key sets how often a run evaluates: when it does is said, not a log or checkpoint key
         ["train", "eval.every=1"],
         2,
