@@ -251,6 +251,9 @@ def _unquoted(value: Any, tp: Any) -> str:
         )
     if not isinstance(value, str) or str in takes:
         return ""
+    # YAML reads a number with a leading zero as text (010: no octal, no ten)
+    if re.fullmatch(r"\s*0\d+(\.\d*)?\s*", value) and (int in takes or float in takes):
+        return f" (a leading zero makes it text in YAML: write {value.strip().lstrip('0') or '0'})"
     # a factor or a share as prose writes it (the docs' "1.5x" speed-up): the plain number the key takes
     unit = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([x×%])\s*", value)
     if unit and float in takes:

@@ -656,7 +656,10 @@ def test_an_override_with_an_empty_key_or_key_part_says_so(override, said):
             'optim.min_lr="1e-3"',
             "optim.min_lr: expected a number, got '1e-3' (a quoted string: write 1e-3 without quotes)",
         ),
-        ("optim.min_lr=010", "optim.min_lr: expected a number, got '010'"),  # no number unquoted either
+        (  # no number unquoted either: YAML's text, said why
+            "optim.min_lr=010",
+            "optim.min_lr: expected a number, got '010' (a leading zero makes it text in YAML: write 10)",
+        ),
         # a factor or a share as the docs' prose writes them ("a 1.5x budget")
         (
             "convert.speedup=2x",
