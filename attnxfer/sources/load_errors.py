@@ -124,9 +124,8 @@ def run_folder_hint(folder: Path, role: str = "teacher") -> str | None:
             stage = run_folder_hint(run, role).removeprefix(f"{run} is ")
             return f"{folder} is one of the checkpoints of {stage}"
         of_run = run_folder_hint(run, role) or ""
-        if (
-            "is no model alone" in of_run and role != "model.init"
-        ):  # a copy student: its export is refused too
+        # a copy student: its export is refused too (model.init fine-tunes it alone, export's own advice)
+        if "is no model alone" in of_run and role != "model.init":
             return f"{folder} is one of the checkpoints of the run {run}; " + of_run.replace(
                 "this is", "it is", 1
             )
