@@ -16,6 +16,7 @@ from ..run_layout import (
     RUN_DIR_MARKERS,
     STAGE_DIRS,
     STUDY_RECORD,
+    STUDY_YAML,
     is_exported_model,
     missing_path,
 )
@@ -65,6 +66,10 @@ def resolve_recipe(path: str | Path) -> Path:
         hint = f"; a run's config is {inside}" if inside.is_file() else ""
         hint += f" (with checkpoint.resume={p} to score or go on from this step)" if step and hint else ""
         hint = f"; it is a study's folder: give one student's config: -c {study}" if study else hint
+        if (p / STUDY_YAML).is_file():  # the study's own file, which `attnxfer study` takes
+            hint = f"; it is a study's folder: its config is -c {p / STUDY_YAML}" + (
+                f" (one student's: -c {study})" if study else ""
+            )
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
     for candidate in (RECIPES / p, builtin, Path(f"{p}.yaml")):
         if candidate.is_file():

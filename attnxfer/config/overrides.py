@@ -567,12 +567,15 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, item in enumerate(items):
         if "=" not in item:
-            hint = _split_by_shell(items, i)
-            if not hint and item.endswith((".yaml", ".yml")):
+            hydra = re.fullmatch(r"~[a-z_]+(\.\w+)*", item)  # Hydra's delete, of a section's key or a top one
+            hint = "" if hydra else _split_by_shell(items, i)
+            if hydra:
+                hint = f"; a key is never removed: give it the value you want, {item[1:]}=VALUE (null where it takes none)"
+            elif not hint and item.endswith((".yaml", ".yml")):
                 hint = f"; a config file is given as -c {item}"
-            elif not hint and re.fullmatch(r"~[a-z_]+(\.\w+)+", item):  # Hydra's delete
-                hint = f"; a key is never removed: {item[1:]}=null or its default sets it back"
-            elif not hint and (Path(item).expanduser() / STUDY_YAML).is_file():  # a study's folder
+            elif (
+                not hint and not item.startswith("~") and (Path(item) / STUDY_YAML).is_file()
+            ):  # a study's folder
                 hint = f"; a study's folder is given as -c {Path(item) / STUDY_YAML}"
             elif not hint and _a_folder(item):
                 hint = f"; a dataset's folder (timm's DATA_DIR) is given as data.root={item}"

@@ -210,7 +210,14 @@ def _base_and_students(path: str | Path | None) -> tuple[TrainConfig, list[Stude
     if path is None:
         return cfg, [], None
     p = resolve_recipe(path)
-    for depth, (file, data) in enumerate(recipe_chain(p)):
+    chain = recipe_chain(p)
+    sections = {key for _, data in chain for key in data}
+    if "mae" in sections and "transfer" not in sections:  # an older train run's config.yaml has both
+        raise ConfigError(  # MAE pre-training's config: no student to vary, no teacher to ask for
+            f"{path} is MAE pre-training's config (its mae section only `attnxfer pretrain` reads): run attnxfer "
+            f"pretrain -c {path}; a study trains or converts students"
+        )
+    for depth, (file, data) in enumerate(chain):
         data = dict(data)
         if STUDENTS_KEY in data:
             listed = (file, data.pop(STUDENTS_KEY))

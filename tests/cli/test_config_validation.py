@@ -611,14 +611,17 @@ def test_a_dataset_folder_or_a_yaml_file_given_alone_is_told_its_key_or_flag(tmp
         ),
         ("/data/imagenet", "; a dataset's folder (timm's DATA_DIR) is given as data.root=/data/imagenet"),
         ("my_recipe.yaml", "; a config file is given as -c my_recipe.yaml"),
-        (
-            "~optim.lr",
-            "; a key is never removed: optim.lr=null or its default sets it back",
-        ),  # Hydra's delete
+        # Hydra's delete, of a section's key or a top one (~seed had been read as a user's home folder)
+        ("~optim.lr", "; a key is never removed: give it the value you want, optim.lr=VALUE (null where it"),
+        ("~seed", "; a key is never removed: give it the value you want, seed=VALUE (null where it takes"),
     ):
         with pytest.raises(ConfigError) as e:
             load_config(None, [given])
-        assert str(e.value) == f"override {given!r} is not key=value (e.g. transfer.mode=copy){said}"
+        assert str(e.value).startswith(f"override {given!r} is not key=value (e.g. transfer.mode=copy){said}")
+    with pytest.raises(
+        ConfigError, match="a key is never removed: give it the value you want, schedule.max_steps="
+    ):
+        load_config(None, ["data.batch_size=8", "~schedule.max_steps"])  # not one override the shell split
 
 
 @pytest.mark.parametrize(

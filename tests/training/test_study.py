@@ -465,6 +465,21 @@ def test_a_misspelt_study_key_or_student_name_is_named(text, said, tmp_path):
         load_study(yaml)
 
 
+def test_a_studys_folder_or_mae_pretrainings_config_given_as_a_study_is_told_the_file_to_give(tmp_path):
+    """-c STUDY (the folder) sent the user to a student's config, which a study refuses; MAE pre-training's config
+    was asked for students, or for the teacher its mode needs."""
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / "study.yaml").write_text("students: []\n")
+    with pytest.raises(
+        ConfigError, match=rf"it is a study's folder: its config is -c {tmp_path}/study/study.yaml"
+    ):
+        load_study(tmp_path / "study")
+    with pytest.raises(
+        ConfigError, match="demo/mae_pretrain is MAE pre-training's config .* run attnxfer pretrain"
+    ):
+        load_study("demo/mae_pretrain", vary={"optim.lr": ["1e-3", "2e-3"]})
+
+
 def test_a_study_yaml_reads_back_the_students_that_vary_made(tmp_path):
     """study.yaml (what resumes a study, or writes the report of a study of several ranks) quotes each --vary
     value as the command line gave it, but null as null: read back, a number is the key's number, a list the
