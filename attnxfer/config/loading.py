@@ -67,9 +67,8 @@ def resolve_recipe(path: str | Path) -> Path:
         hint += f" (with checkpoint.resume={p} to score or go on from this step)" if step and hint else ""
         hint = f"; it is a study's folder: give one student's config: -c {study}" if study else hint
         if (p / STUDY_YAML).is_file():  # the study's own file, which `attnxfer study` takes
-            hint = f"; it is a study's folder: its config is -c {p / STUDY_YAML}" + (
-                f" (one student's: -c {study})" if study else ""
-            )
+            whole = f"attnxfer study takes the whole study's, -c {p / STUDY_YAML}"
+            hint = f"{hint} ({whole})" if study else f"; it is a study's folder: {whole}"
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
     for candidate in (RECIPES / p, builtin, Path(f"{p}.yaml")):
         if candidate.is_file():

@@ -471,7 +471,8 @@ def test_a_studys_folder_or_mae_pretrainings_config_given_as_a_study_is_told_the
     (tmp_path / "study").mkdir()
     (tmp_path / "study" / "study.yaml").write_text("students: []\n")
     with pytest.raises(
-        ConfigError, match=rf"it is a study's folder: its config is -c {tmp_path}/study/study.yaml"
+        ConfigError,
+        match=rf"study's folder: attnxfer study takes the whole study's, -c {tmp_path}/study/study.yaml",
     ):
         load_study(tmp_path / "study")
     with pytest.raises(
@@ -627,6 +628,8 @@ def test_a_study_folder_given_to_eval_names_its_students_configs(families, given
     assert code == 2 and "Traceback" not in err, err
     first = sorted(d for d in families.iterdir() if (d / "config.yaml").is_file())[0]
     assert f"give one student's config: -c {first / 'config.yaml'} or " in err, err
+    if given == ["-c", "{s}"]:  # and the study's own file, for the command that takes it
+        assert f"(attnxfer study takes the whole study's, -c {families / 'study.yaml'})" in err, err
 
 
 def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
