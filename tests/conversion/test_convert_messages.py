@@ -288,3 +288,49 @@ def test_a_stage2_that_made_the_student_worse_says_so_in_its_report(tmp_path, he
     assert worse["after_stage2"] == features["after_stage2"]["feat_cos_patch"] < worse["after_stage1"]
     assert "**Warning: Stage 2 made the student worse than stage 1 left it" in (run / "report.md").read_text()
     assert f"warning: {worse['message']}" in capsys.readouterr().out.splitlines()
+
+
+def _agreement(before: float, after: float, layer: int = 0) -> dict:
+    return {"layer": layer, "metric": "kl", "before_stage1": before, "after_stage1": after}
+
+
+def test_a_stage1_that_moved_a_block_away_from_the_teachers_map_is_named_with_its_values():
+    """A rise at the report's four digits names the block, both values and what to change; none, no word."""
+    from attnxfer.apps.convert.quality import stage1_worse
+
+    worse = stage1_worse([_agreement(0.5, 0.1), _agreement(0.20, 0.31, layer=1)], steps=4)
+    assert worse["layers"] == [1] and worse["steps"] == 4
+    assert "1 of 2 blocks further from the teacher's maps than the weights swapped in" in worse["message"]
+    assert "block 1 kl 0.2 -> 0.31" in worse["message"] and "convert.stage1_lr" in worse["message"]
+    assert stage1_worse([_agreement(0.5, 0.1)], steps=4) is None
+    assert stage1_worse([_agreement(0.123451, 0.123454)], steps=4) is None  # below the printed digits
+    assert stage1_worse([_agreement(0.5, None)], steps=0) is None  # stage 1 skipped
+
+
+@pytest.mark.slow  # a whole conversion (2 stage-1 steps at a learning rate that wrecks the fit, 1 stage-2 step)
+def test_a_stage1_that_made_the_maps_worse_says_so_in_its_report(tmp_path, headless_teacher_dir, capsys):
+    run = tmp_path / "run"
+    args = [
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{headless_teacher_dir}",
+        *tiny_run(32, 16),
+        "convert.attention=relu_linear",
+        "convert.stage1_train=qk",
+        "convert.stage1_steps=2",
+        "convert.stage1_warmup_steps=0",
+        "convert.stage1_lr=50.0",
+        "convert.stage1_clip_grad=null",
+        "schedule.max_steps=1",
+        "transfer.mode=none",
+        *tiny_convert_report(1, 2),
+        "convert.speed_sweep=[]",
+    ]
+    assert main(["convert", *args]) == 0
+    report = json.loads((run / "report.json").read_text())
+    worse = report["stage1_worse"]
+    rows = {r["layer"]: r for r in report["agreement"]["teacher_input"]}
+    assert worse["layers"] and all(
+        rows[i]["after_stage1"] > rows[i]["before_stage1"] for i in worse["layers"]
+    )
+    assert "**Warning: Stage 1 left" in (run / "report.md").read_text()
+    assert f"warning: {worse['message']}" in capsys.readouterr().out.splitlines()

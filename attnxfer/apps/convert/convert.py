@@ -50,7 +50,7 @@ from ..run.training import (
     require_task_labels,
     train,
 )
-from .quality import QualityProbe, stage2_worse
+from .quality import QualityProbe, stage1_worse, stage2_worse
 from .report import (
     HEADLESS_TEACHER,
     NO_LABELS,
@@ -269,8 +269,9 @@ def convert_runs(
         )
         run.seconds["total"] = time.monotonic() - t0 + sum(earlier)
         report = _report(run, teacher_top1, s1, s2, speed, operations)
-        if report["stage2_worse"]:
-            run.say(f"warning: {report['stage2_worse']['message']}")
+        for worse in (report["stage1_worse"], report["stage2_worse"]):
+            if worse:
+                run.say(f"warning: {worse['message']}")
         if run.main:
             atomic_write_json(run.run_dir / "report.json", report)
             atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
@@ -665,6 +666,10 @@ def _report(
     final_stage = next(s for s, _ in reversed(STAGE_ROWS) if measured[s] is not None)
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
+    agreement = {
+        which: _merge_agreement({s: (m[which] if m else None) for s, m in measured.items()})
+        for which in ("teacher_input", "end_to_end")
+    }
     return {
         "version": _REPORT_VERSION,
         "run_dir": str(run.run_dir),
@@ -701,14 +706,13 @@ def _report(
         "recovered_pct": (
             100.0 * student_top1 / teacher_top1 if teacher_top1 and student_top1 is not None else None
         ),
-        "agreement": {
-            which: _merge_agreement({s: (m[which] if m else None) for s, m in measured.items()})
-            for which in ("teacher_input", "end_to_end")
-        },
+        "agreement": agreement,
         # final-token agreement with the teacher per stage (feat_cos_patch, feat_rel_err_patch, ..._prefix)
         "features": {s: (m["features"] if m else None) for s, m in measured.items()},
         # k-NN top-1 of student and teacher per stage (None: no labels), with intervals and the share recovered
         "knn": {s: (m["knn"] if m else None) for s, m in measured.items()} if run.labelled else None,
+        # stage 1 left a block's map further from the teacher's than swapped in (None: it did not)
+        "stage1_worse": stage1_worse(agreement["teacher_input"], stage1.steps),
         # stage 2 left the student worse than stage 1 by its quality measure (None: it did not)
         "stage2_worse": stage2_worse(measured, stage2["steps"]),
         "speed": speed,

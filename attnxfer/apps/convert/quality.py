@@ -94,3 +94,31 @@ def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict
             "schedule.max_steps) or with a lower learning rate (optim.lr; optim.blr where optim.lr is null)"
         ),
     }
+
+
+def stage1_worse(agreement: list[dict[str, Any]], steps: int) -> dict[str, Any] | None:
+    """The report's field where stage 1 left a layer further from the teacher's map, on the teacher's hidden
+    inputs (what it fits), than the weights swapped in were; None: no layer worse, or stage 1 not measured.
+    A rise within the report's four printed digits is noise, not a warning."""
+    worse = [
+        row
+        for row in agreement
+        if row.get("before_stage1") is not None
+        and row.get("after_stage1") is not None
+        and float(f"{row['after_stage1']:.4g}") > float(f"{row['before_stage1']:.4g}")
+    ]
+    if not worse:
+        return None
+    shown = ", ".join(
+        f"block {r['layer']} {r['metric']} {r['before_stage1']:.4g} -> {r['after_stage1']:.4g}" for r in worse
+    )
+    return {
+        "layers": [r["layer"] for r in worse],
+        "steps": steps,
+        "message": (
+            f"stage 1 left {len(worse)} of {len(agreement)} blocks further from the teacher's maps than the "
+            f"weights swapped in ({shown}; on the teacher's hidden inputs, after {steps} "
+            f"step{'s' if steps != 1 else ''}); fit them with a lower learning rate (convert.stage1_lr) or "
+            "longer (convert.stage1_steps)"
+        ),
+    }

@@ -134,7 +134,8 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
     names = report["student"]["attention"]
     what = names[0] if len(set(names)) == 1 else "per-layer " + ", ".join(names)
     stage1, stage2, classes = report["stage1"], report["stage2"], report["student"].get("num_classes")
-    worse = (report.get("stage2_worse") or {}).get("message")
+    # reports written before stage 1 was judged lack its field
+    worse = [w["message"] for w in (report.get("stage1_worse"), report.get("stage2_worse")) if w]
     return [
         f"# Conversion report: softmax teacher -> {what}",
         "",
@@ -161,7 +162,7 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
             ]
         ),
         *([f"- stopped early (in a convert study): {report['stopped']}"] if report.get("stopped") else []),
-        *(["", f"**Warning: {worse[0].upper()}{worse[1:]}.**"] if worse else []),
+        *(line for w in worse for line in ("", f"**Warning: {w[0].upper()}{w[1:]}.**")),
         "",
     ]
 
