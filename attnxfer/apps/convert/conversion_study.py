@@ -130,7 +130,7 @@ class _ConvertStudy:
         # candidates are timed
         for student, cfg in configs:
             with _naming(student.name):
-                check_candidates(cfg, shared.teacher)
+                check_candidates(cfg, shared.teacher, shared.img_size)
         # the choice's keys, set for the study's auto students, are not said to be unread by the others
         chooses = any(c.convert.attention == AUTO for _, c in configs)
         runs, streams = [], []

@@ -238,6 +238,8 @@ def convert_runs(
                     loaders_built=run.parts is not None,
                 )
         judged()  # from here on, work is done under the new config
+        if earlier := _finished_reports(runs):
+            return earlier
         teacher_top1 = (
             evaluate_top1(first.teacher, first.parts.val_loader, first.device, first.classes)
             if first.labelled
@@ -277,6 +279,29 @@ def convert_runs(
             atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
             run.say(f"report: {run.run_dir / 'report.md'}")
         reports.append(report)
+    return reports
+
+
+def _finished_reports(runs: list[Conversion]) -> list[dict[str, Any]] | None:
+    """The reports of conversions whose two stages had both ended where their configs plan them: a rerun has
+    nothing to train, and measuring again would only rewrite each report's figures (a speed differs from one
+    measurement to the next). None where any of them has work left, or no report."""
+    reports = []
+    for run in runs:
+        report, stage1 = run.run_dir / "report.json", run.stage1_found.point
+        stage2 = ResumePoint.find(run.run_dir / STAGE_DIRS[1], run.cfg.checkpoint.resume, verify_hash=False)
+        stage1_ended = run.plan.stage1_steps <= 0 or (
+            stage1 is not None and stage1.step >= run.plan.stage1_steps
+        )
+        if not (report.is_file() and stage1_ended and stage2 is not None and stage2.step >= run.stage2_steps):
+            return None
+        reports.append(json.loads(report.read_text(encoding="utf-8")))
+    for run in runs:
+        run.say(
+            f"nothing to do: {run.run_dir} has run both stages to their ends (stage 1 {run.plan.stage1_steps} "
+            f"steps, stage 2 {run.stage2_steps}), and its report stands unchanged: {run.run_dir / 'report.md'}. "
+            "To measure it again, move report.json aside; to train stage 2 longer, raise schedule.epochs (or schedule.max_steps)"
+        )
     return reports
 
 
@@ -370,7 +395,7 @@ def build_conversion(
         build_plan(
             parts.teacher, parts.student, "none", logit_weight=1, logit_temperature=t.logit_temperature
         )
-    check_candidates(cfg, parts.teacher)  # before the candidates are timed
+    check_candidates(cfg, parts.teacher, parts.img_size)  # before the candidates are timed
     cfg, selection = choose_attentions(
         cfg,
         parts,

@@ -146,15 +146,28 @@ def _candidate(teacher: nn.Module, name: str, options: dict[str, Any]) -> nn.Mod
         raise InputError(f"convert.attention_kwargs: {e}") from None
 
 
-def check_candidates(cfg: TrainConfig, teacher: nn.Module) -> None:
+def check_candidates(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> None:
     """Each candidate built once at the run's token count, as its fit will build it: a refusal there (a
     linformer's seq_len for another size, a default larger than the grid) stops the run before the candidates
-    are timed, not after. Drawn from no random stream: the choice's students start from the seed alone."""
+    are timed, not after; so does one of a fixed sequence length where the budget is timed at other tokens
+    (its student could not run there). Drawn from no random stream: the choice's students start from the seed
+    alone."""
     if cfg.convert.attention != AUTO:
         return
     with torch.random.fork_rng(devices=[]):
         for name in cfg.convert.candidates:
             _candidate(teacher, name, _options(cfg, name))
+    tokens, side = speed_geometry(cfg, teacher, run_side)
+    for name in cfg.convert.candidates:
+        if side != run_side and _accepts(name, "seq_len"):
+            prefix, _ = teacher_token_layout(teacher)
+            run_tokens = prefix + (run_side // image_input(teacher).patch_size[-1]) ** 2
+            raise InputError(
+                f"convert.candidates: {name} attends over a fixed sequence of the run's {run_tokens} tokens "
+                f"(seq_len), so its student cannot run at the {tokens} tokens the budget is timed at "
+                f"(convert.speed_tokens={tokens}); drop {name} from convert.candidates, or time the budget at the "
+                "run's tokens (convert.speed_tokens=null)"
+            )
 
 
 def choose_attentions(
