@@ -617,7 +617,9 @@ def test_a_dynamic_size_teachers_window_wider_than_its_grid_is_refused_where_it_
     nothing of the window at the resolutions where it is local."""
     teacher = tiny_vit(depth=2, img_size=32, patch_size=8, dynamic_img_size=True)  # a 4x4 grid
     with pytest.raises(
-        InputError, match=r"window_size 7x7 is larger than the 4x4 token grid .* use at most 4x4"
+        InputError,
+        match=r"window_size 7x7 is larger than the 4x4 token grid .* use at most 4x4; .*at 4x4 the window is "
+        r"softmax computed another way, and one of at most 3 on a side is local$",
     ):
         build_efficient_student(teacher, "window", window_size=7)
     student = build_efficient_student(teacher, "window", window_size=3)
@@ -1134,3 +1136,53 @@ def test_a_converted_student_with_gradient_checkpointing_gets_the_gradients_of_o
     for got, want in zip(grads[1], grads[0]):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+class _CosineTemperatureAttention(torch.nn.Module):
+    """timm's fused qkv and proj around a learned temperature and normalised q, k: no adapter knows it."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, **kwargs):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = torch.nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.temperature = torch.nn.Parameter(torch.full((num_heads, 1, 1), 10.0))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        maps = (self.temperature * q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((maps @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize(
+    "teacher, said",
+    [
+        (
+            lambda: timm.models.VisionTransformer(
+                img_size=32,
+                patch_size=8,
+                embed_dim=48,
+                depth=2,
+                num_heads=3,
+                attn_layer=_CosineTemperatureAttention,
+            ),
+            "blocks.0.attn is _CosineTemperatureAttention .* attnxfer has no adapter for it",
+        ),
+        (
+            lambda: timm.create_model(
+                "beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3
+            ),
+            "whose logits add a relative-position bias",
+        ),
+    ],
+)
+def test_a_copy_of_a_teacher_whose_layers_no_zoo_attention_replaces_whole_is_refused(teacher, said):
+    """The Python API's copy with attention replaced drops what such layers add (a temperature, a position
+    bias): refused as the conversion refuses it, and the teacher given is left as it was."""
+    model = teacher()
+    kind = type(model.blocks[0].attn)
+    with pytest.raises(InputError, match=said):
+        efficient_student_from_teacher(model, "performer")
+    assert type(model.blocks[0].attn) is kind

@@ -83,7 +83,7 @@ def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]
             raise TypeError(
                 f"{name} is {cls.__name__} ({cls.__module__}); attnxfer has no adapter for it (adapters: "
                 f"{known}). A new timm attention class needs one adapter file in "
-                "attnxfer/models/attention/families/ (docs/architecture.md)"
+                'attnxfer/models/attention/families/ (docs/architecture.md, "Adapters: any timm attention class")'
             )
         else:
             continue

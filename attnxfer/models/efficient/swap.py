@@ -72,13 +72,17 @@ def efficient_student_from_teacher(
 ) -> nn.Module:
     """A copy of ``teacher`` (a timm ViT, left untouched) with each block's attention replaced: ``attn`` is
     one name or one per block; options go to the attentions that accept them (one none accepts is an error);
-    ``seq_len`` (Linformer) defaults to the teacher's token count."""
+    ``seq_len`` (Linformer) defaults to the teacher's token count. A teacher whose layers are not softmax
+    attention of a family that converts is refused as `build_efficient_student` refuses it: the copy would
+    drop what those layers add (a bias, a temperature)."""
     blocks = flat_blocks(teacher, required=True)
     if not isinstance(attn, str) and len(attn) != len(blocks):
         raise InputError(
             f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
         )
-    student = with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
+    student = copy.deepcopy(teacher)
+    check_softmax_teacher(student)  # on the copy: the teacher is left as it was given
+    student = with_attention(student, attn, **attn_kwargs)
     # a loaded teacher (or one a TeacherStudent used) is frozen, and so is its deep copy: the student trains
     return student.requires_grad_(True)
 

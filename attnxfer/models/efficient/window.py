@@ -68,6 +68,17 @@ class WindowAttention(EfficientAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.window_size: tuple[int, int] = as_grid(window_size, "window_size")
 
+    def grid_fit_error(self, built_grid: tuple[int, ...] = ()) -> InputError | None:
+        """The base refusal, whose largest fitting window covers the grid (`covers_grid`): it names the local one."""
+        error = super().grid_fit_error(built_grid)
+        if error is None:
+            return None
+        h, w = self.grid_size or tuple(built_grid)
+        return type(error)(
+            f"{error}; at {h}x{w} the window is softmax computed another way, and one of at most {min(h, w) - 1} "
+            "on a side is local"
+        )
+
     def covers_grid(self, built_grid: tuple[int, ...] = ()) -> str | None:
         grid = self.grid_size or (tuple(built_grid) if len(built_grid) == 2 else None)
         if grid is None or self.window_on(grid) != tuple(grid):
