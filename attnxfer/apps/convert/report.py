@@ -322,9 +322,12 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     lines.append("")
     if floor:
         # the teacher contains its floor: a floor timed slower is timing noise, not a ceiling below the teacher
+        of_floor = speed["student_over_floor"]
         claim = (
-            f"so it is the ceiling ({over_floor:.2f}x the teacher), and the student reaches "
-            f"**{speed['student_over_floor']:.2f}** of it."
+            f"so it is the ceiling ({over_floor:.2f}x the teacher), and the student reaches **{of_floor:.2f}** of it."
+            if over_floor >= 1 and round(of_floor, 2) <= 1
+            else f"so it is the ceiling ({over_floor:.2f}x the teacher), but the student, timed at {of_floor:.2f} of "
+            f"it, beat a model it contains: timing noise (a loaded machine); {RERUN}."
             if over_floor >= 1
             else f"but timed here at {over_floor:.2f}x the teacher, slower than the teacher it is cut from, it "
             f"gives no ceiling: timing noise (a loaded machine); {RERUN}."
@@ -489,6 +492,13 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
             line += f" {ratio_text(row.get('floor_over_teacher'))} | {ratio_text(row.get('student_over_floor'))} |"
         lines.append(line)
     lines.append("")
+    # a student contains its floor: one timed faster is timing noise, not a figure to read
+    lines += [
+        f"- {row['resolution']} px: the student timed at {row['student_over_floor']:.2f} of its floor, faster than "
+        f"a model it contains: timing noise (a loaded machine); {RERUN}."
+        for row in rows
+        if round(row.get("student_over_floor") or 0, 2) > 1
+    ]
     lines += [f"- {item['resolution']} px skipped: {item['reason']}" for item in sweep.get("skipped", [])]
     top = max((row["resolution"] for row in rows), default=None)
     if speed.get("break_even_withheld"):
@@ -501,7 +511,8 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
         verdict = "Break-even: no side was measured."
     else:
         verdict = f"Break-even: none found; the student is not faster than the teacher up to {top} px."
-    return [*lines, *([""] if sweep.get("skipped") else []), verdict, ""]
+    noted = sweep.get("skipped") or any(round(row.get("student_over_floor") or 0, 2) > 1 for row in rows)
+    return [*lines, *([""] if noted else []), verdict, ""]
 
 
 def _count(v: float | None) -> str:

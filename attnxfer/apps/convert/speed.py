@@ -136,10 +136,14 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
     """What the log says of a student's ``speed`` section."""
     ceiling = ""
     if speed["floor_refused"] is None:  # a floor timed slower than the teacher it is cut from: timing noise
+        rerun = "(rerun idle, or with more convert.speed_repeats)"
         ceiling = f"; floor {speed['floor_over_teacher']:.2f}x the teacher" + (
             f", the student reaches {speed['student_over_floor']:.2f} of it"
+            if speed["floor_over_teacher"] >= 1 and round(speed["student_over_floor"], 2) <= 1
+            else f": the student timed at {speed['student_over_floor']:.2f} of it, faster than a model it "
+            f"contains: timing noise {rerun}"
             if speed["floor_over_teacher"] >= 1
-            else ": timing noise, no ceiling (rerun idle, or with more convert.speed_repeats)"
+            else f": timing noise, no ceiling {rerun}"
         )
     return [
         f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
