@@ -23,7 +23,7 @@ from ...checkpoints.run_lock import slurm_restart_count
 from ...checkpoints.verify import MANIFEST_NAME
 from ...config import TrainConfig, dump_config
 from ...config.study_spec import StudySpec, from_text
-from ...run_layout import CHECKPOINTS_SUBDIR
+from ...run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
@@ -340,23 +340,46 @@ def _dump_whole(delayed: DelayedSubmission, path: Path) -> None:
 
 
 def resumed_on_restart(cfg: Any) -> Any:
-    """A restarted job's config: its checkpoint.resume none or PATH said where its first attempt started; once
-    the job has saved a checkpoint under its run_dir (its manifest names the job), a restart goes on from the
-    newest (auto) instead of redoing the work and setting its saves aside. Unchanged before any save."""
+    """A restarted job's config, once the job has saved a checkpoint under its run_dir (its manifest names the
+    job); unchanged before any save. Its checkpoint.resume none or PATH said where its first attempt started: a
+    restart goes on from the newest (auto) instead of redoing the work and setting its saves aside. A run's own
+    batch split is the one the job trained with: a first attempt that resumed a run saved by another number of
+    processes re-split the global batch (`fit_world_size`), which the config as submitted does not hold, and
+    the restart (on as many processes) would be refused for it."""
     from ..commands.base import with_auto_resume
 
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or not with_auto_resume(cfg):  # no SLURM job, or auto already (or no checkpoint.resume)
+    if not job or not hasattr(cfg, "run_dir"):
         return cfg
+    ours = []
     for manifest in Path(cfg.run_dir).rglob(f"{CHECKPOINTS_SUBDIR}/step-*/{MANIFEST_NAME}"):
         with contextlib.suppress(OSError, ValueError):  # unreadable: no save to go on from
             if json.loads(manifest.read_text()).get("slurm_job") == job:
+                ours.append(manifest.parent)
+    if not ours:
+        return cfg
+    overrides: dict[str, Any] = {}
+    if with_auto_resume(cfg):
+        warn(
+            "restarted after saving: resumes from its newest checkpoint (checkpoint.resume=auto for this restart)"
+        )
+        overrides["checkpoint.resume"] = "auto"
+    own = sorted(p for p in ours if p.parent == Path(cfg.run_dir) / CHECKPOINTS_SUBDIR)  # not a stage's
+    if type(cfg) is TrainConfig and own:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no split recorded: as submitted
+            saved = json.loads((own[-1] / STATE_NAME).read_text())["config"]
+            split = {
+                "data.batch_size": saved["data"]["batch_size"],
+                "optim.accum_steps": saved["optim"]["accum_steps"],
+            }
+            if (cfg.data.batch_size, cfg.optim.accum_steps) != tuple(split.values()):
                 warn(
-                    "restarted after saving: resumes from its newest checkpoint (checkpoint.resume=auto for "
-                    "this restart)"
+                    f"restarted after saving: trains with the batch split this job saved {own[-1].name} with "
+                    f"({', '.join(f'{k}={v}' for k, v in split.items())}; submitted: data.batch_size="
+                    f"{cfg.data.batch_size}, optim.accum_steps={cfg.optim.accum_steps})"
                 )
-                return cfg.with_overrides({"checkpoint.resume": "auto"})
-    return cfg
+                overrides |= split
+    return cfg.with_overrides(overrides) if overrides else cfg
 
 
 _STOP_SIGNALLED = False

@@ -77,6 +77,35 @@ def test_a_restart_resumes_the_checkpoints_the_job_saved_whatever_its_first_atte
         shutil.rmtree(ours)
 
 
+def test_a_restart_trains_with_the_batch_split_its_job_saved_not_the_one_submitted(
+    tmp_path, monkeypatch, capsys
+):
+    """A job submitted with data.batch_size=32 on 2 processes, resuming a run a single process saved, re-split the
+    global batch of 32 to 16 a rank and saved with it; its restart (same 2 processes) had been refused for 32.
+    Another job's save, and a save in a conversion's stage, leave the submitted split as it is."""
+    split = {"config": {"data": {"batch_size": 16}, "optim": {"accum_steps": 1}}}
+    cfg = load_config(None, [f"run_dir={tmp_path}", "data.batch_size=32"])
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    CheckpointManager(tmp_path).save(
+        67, WEIGHTS, {"config": {"data": {"batch_size": 32}, "optim": {"accum_steps": 1}}}
+    )
+    monkeypatch.setenv("SLURM_JOB_ID", "10")
+    assert resumed_on_restart(cfg) is cfg  # nothing this job saved
+    CheckpointManager(tmp_path / "stage2").save(5, WEIGHTS, split)
+    assert resumed_on_restart(cfg) is cfg  # a stage's save: its own split
+    CheckpointManager(tmp_path).save(100, WEIGHTS, split)
+    restarted = resumed_on_restart(cfg)
+    assert (restarted.data.batch_size, restarted.optim.accum_steps, restarted.checkpoint.resume) == (
+        16,
+        1,
+        "auto",
+    )
+    assert (
+        "trains with the batch split this job saved step-00000100 with (data.batch_size=16"
+        in capsys.readouterr().err
+    )
+
+
 def test_a_restart_tells_its_saves_from_an_older_run_s_whatever_the_file_server_s_clock(
     tmp_path, monkeypatch
 ):
