@@ -19,11 +19,13 @@ import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
 from ...checkpoints.atomic_io import atomic_write_text
+from ...checkpoints.resume_point import ResumePoint
 from ...checkpoints.run_lock import slurm_restart_count
 from ...checkpoints.verify import MANIFEST_NAME
 from ...config import TrainConfig, dump_config
 from ...config.study_spec import StudySpec, from_text
-from ...run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
+from ...errors import UserError
+from ...run_layout import CHECKPOINTS_SUBDIR
 from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
@@ -366,8 +368,8 @@ def resumed_on_restart(cfg: Any) -> Any:
         overrides["checkpoint.resume"] = "auto"
     own = sorted(p for p in ours if p.parent == Path(cfg.run_dir) / CHECKPOINTS_SUBDIR)  # not a stage's
     if type(cfg) is TrainConfig and own:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no split recorded: as submitted
-            saved = json.loads((own[-1] / STATE_NAME).read_text())["config"]
+        with contextlib.suppress(UserError, KeyError, TypeError):  # no split recorded: as submitted
+            saved = ResumePoint.find(cfg.run_dir, str(own[-1]), verify_hash=False).config
             split = {
                 "data.batch_size": saved["data"]["batch_size"],
                 "optim.accum_steps": saved["optim"]["accum_steps"],
