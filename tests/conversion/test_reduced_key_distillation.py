@@ -192,3 +192,17 @@ def test_search_fitness_on_reduced_keys_is_the_pooled_kl_of_the_fitted_map(teach
         p_t = maps[i]
         kl = (p_t * (p_t.log() - pooled.log())).sum(-1).mean()
         assert fitness[i] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("side", [32, 64])
+def test_the_layers_whose_queries_meet_one_key_at_a_size_are_the_ones_timm_gives_one_key(side):
+    """At 32 px PVTv2's reductions (8, 4, 2) and its last 1x1 stage leave each query one key: a map of ones, whose
+    distillation teaches nothing (the run warns of them); at 64 px every layer has four."""
+    from attnxfer.apps.run.training import single_key_layers
+    from attnxfer.transfer.plan import build_plan
+
+    teacher = _pvt(sr_ratios=(8, 4, 2, 1))
+    maps = _timm_maps(teacher, torch.randn(1, 3, side, side))
+    plan = build_plan(teacher, _pvt(sr_ratios=(8, 4, 2, 1)), "distill")
+    assert single_key_layers(teacher, plan, side) == [i for i, m in sorted(maps.items()) if m.shape[-1] == 1]
+    assert bool(single_key_layers(teacher, plan, side)) == (side == 32)

@@ -70,3 +70,26 @@ def test_every_marker_the_tests_use_is_declared_and_strict():
     assert used - _BUILTIN_MARKS <= declared, (
         f"undeclared markers: {sorted(used - _BUILTIN_MARKS - declared)}"
     )
+
+
+def test_a_run_from_a_clone_records_its_commit_and_whether_it_had_changes():
+    """run.json's software record names the commit a result came from (``-dirty``: uncommitted changes in
+    tracked files), so that a clone of it gives the same code back; a wheel's install records its version."""
+    import subprocess
+
+    from attnxfer.version import software_record
+
+    clone = Path(__file__).resolve().parents[2]
+    record = software_record()
+    if not (clone / ".git").exists():
+        assert "git_commit" not in record
+        return
+    head = subprocess.run(
+        ["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout
+    changed = subprocess.run(
+        ["git", "-C", str(clone), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert record["git_commit"] == head.strip() + ("-dirty" if changed.strip() else "")

@@ -4,6 +4,7 @@ a softmax teacher like any student, exported and loaded back with its attention.
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import timm
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 from timm.models.cait import ClassAttn
 
+import attnxfer
 from attnxfer.apps.run.parts import student_attention
 from attnxfer.checkpoints.export import export_run
 from attnxfer.launch.cli import main
@@ -116,8 +118,13 @@ def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_
     attn = [r["transfer"] for r in rows if r.get("split") == "train"]
     assert len(attn) == 10 and attn[-1] < 0.95 * attn[0], attn  # the distillation loss decreases
     assert {k for k in rows[0] if k.startswith("attn_ce/")} == {"attn_ce/0", "attn_ce/1"}
-    spec = json.loads((run / "run.json").read_text())["student"]
+    record = json.loads((run / "run.json").read_text())
+    spec = record["student"]
     assert spec["attention"] in ("hedgehog", ["hedgehog", "hedgehog"])
+    # what made the run, for a table that cites it: the versions of this process and the command it ran
+    software = record["software"]
+    assert (software["torch"], software["timm"]) == (torch.__version__, timm.__version__)
+    assert software["command"][1:] == sys.argv[1:] and software["attnxfer"] == attnxfer.__version__
 
     out = export_run(run, tmp_path / "export", weights="raw", checkpoint="latest")
     loaded = load_student(f"local-dir:{out}")

@@ -28,6 +28,7 @@ from ...data import data_identity, dataset_has_labels, require_labels
 from ...data.seeding import sample_seed
 from ...errors import InputError
 from ...models.attention import attention_blocks, get_attention_class, list_attentions
+from ...models.efficient.hierarchical import is_hierarchical
 from ...models.student import student_from_spec
 from ...plugins import ATTENTION_GROUP, LOSS_GROUP, entry_point_origin
 from ...speak import say, warn
@@ -37,6 +38,7 @@ from ...train.drive import Drive
 from ...train.ema import StudentEMA
 from ...train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
 from ...train.evaluation import evaluate, evaluate_features
+from ...train.measure import attention_calls
 from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
@@ -45,6 +47,7 @@ from ...transfer.comparisons import COMPARISON_LOSSES
 from ...transfer.modes import MODES
 from ...transfer.plan import TransferPlan, build_plan
 from ...transfer.teacher_student import TeacherStudent
+from ...version import software_record
 from .ce_choice import ce_choice_for_run
 from .loaders import data_info, data_seed
 from .parts import RunParts, build_run_parts
@@ -352,6 +355,7 @@ def record_run(
                 "steps_per_epoch": engine.steps_per_epoch,
                 "total_steps": engine.total_steps,
                 **({"plugins": origins} if (origins := plugin_origins(cfg)) else {}),
+                "software": software_record(),  # this start's: versions, commit, machine, command line
             }
         )
     # a conversion's stage 2 fine-tunes the teacher's own weights: a few dozen steps are what it takes,
@@ -658,7 +662,24 @@ def build_engine(
         record_run(cfg, engine, point, command, info, warn_schedule=warn_schedule)
     barrier()
     say(plan.describe())
+    if (lone := single_key_layers(parts.teacher, plan, parts.img_size)) and warn_schedule:
+        warn(
+            f"warning: at {parts.img_size} px the teacher's layer{'s' * (len(lone) > 1)} "
+            f"{', '.join(map(str, lone))} attend{'s' * (len(lone) == 1)} over a single key (a key reduction or "
+            "window that leaves one token): such a map is all ones, so the transfer of it teaches nothing; a larger "
+            "data.img_size gives them keys to choose among"
+        )
     return engine
+
+
+def single_key_layers(teacher: nn.Module, plan: TransferPlan, img_size: int) -> list[int]:
+    """The teacher layers the plan transfers whose queries meet one key on an image of ``img_size`` (a
+    hierarchical family's reduced keys or clamped window at a small size): a map of ones carries nothing. A
+    plain ViT's keys are its tokens, never one: it is not run."""
+    if not plan.pairs or not is_hierarchical(teacher):
+        return []
+    calls = attention_calls(teacher, img_size)
+    return sorted({t for _, t in plan.pairs if calls[t][2] == 1})
 
 
 #: fewer optimiser steps than this and a run says so at start: too few for most students to learn anything
