@@ -25,6 +25,7 @@ from attnxfer.checkpoints.store import CheckpointError, optimizer_state_from_ten
 from attnxfer.checkpoints.verify import CheckpointInfo
 from attnxfer.config import ConfigError, TrainConfig, load_config, to_dict
 from attnxfer.errors import InputError, MissingPathError
+from attnxfer.sources.resolve import sha256_file
 
 PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
@@ -380,6 +381,34 @@ def test_a_hub_teacher_whose_branch_moved_is_told_the_commit_the_run_trained_wit
     assert "another teacher file than the one step-00000004 recorded" in said and "other weights" not in said
     assert "the same weights saved in another format are another file" in said
     assert "point teacher.spec at the recorded file; to train" in said and "checkpoint.resume=none" in said
+
+
+def test_a_local_teacher_replaced_since_is_found_where_it_was_set_aside_and_an_eval_alone_is_not_refused(
+    tmp_path, capsys
+):
+    """A later export into the teacher's folder set the earlier one aside as FOLDER.replaced-TIME: the refusal
+    names the copy that holds the recorded weights (by their hash, not the newest copy). Scoring a student that
+    attends without its teacher reads none of it: said, not refused."""
+    folder = tmp_path / "export"
+    for name, weights in (("replaced-20260101T000000", b"recorded"), ("replaced-20260102T000000", b"other")):
+        aside = tmp_path / f"export.{name}"
+        aside.mkdir()
+        (aside / "model.safetensors").write_bytes(weights)
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"now")
+    want = sha256_file(tmp_path / "export.replaced-20260101T000000" / "model.safetensors")
+    info = CheckpointInfo(4, Path("run/checkpoints/step-00000004"), None, "", {}, True)
+    point = ResumePoint(info, {"teacher": {"spec": f"local-dir:{folder}", "sha256": want}})
+    now = {"sha256": sha256_file(folder / "model.safetensors")}
+    with pytest.raises(ConfigError) as refused:
+        check_teacher_content(point, now, f"local-dir:{folder}")
+    aside = tmp_path / "export.replaced-20260101T000000"
+    assert f"point teacher.spec at the recorded file (local-dir:{aside}, where the folder's" in str(
+        refused.value
+    )
+    check_teacher_content(point, now, f"local-dir:{folder}", scoring_alone=True)
+    said = capsys.readouterr().err
+    assert "The student's own scores do not depend on it" in said and f"local-dir:{aside}" in said
 
 
 def _record_every_section(run: Path, unread: dict) -> None:

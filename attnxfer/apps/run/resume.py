@@ -22,8 +22,8 @@ from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, fin
 from ...config.loading import load_config
 from ...errors import MissingPathError
 from ...models.efficient.swap import options_in_effect
-from ...sources.resolve import LocalModelMissing, Source
-from ...speak import say
+from ...sources.resolve import LocalModelMissing, Source, sha256_file
+from ...speak import say, warn
 from ...train.devices import Device, resolve_precision
 from ...transfer import PlanError
 from ...transfer.comparisons import comparison_from_entry
@@ -237,12 +237,18 @@ def config_as_trained(run: RunDir, reader: str) -> TrainConfig:
 
 
 def check_teacher_content(
-    point: ResumePoint | None, record: dict[str, Any] | None, spec: str, *, run: Path | str | None = None
+    point: ResumePoint | None,
+    record: dict[str, Any] | None,
+    spec: str,
+    *,
+    run: Path | str | None = None,
+    scoring_alone: bool = False,
 ) -> None:
     """Refuse a resume whose teacher's weights file differs from the checkpoint's: compared by the sha256 the
     checkpoint records (the file's: the same weights resaved in another format differ), not by the spelling
     of ``teacher.spec`` (a moved folder is the same teacher). Teachers without a hash (random weights) keep
-    the spelling rule of `judge`."""
+    the spelling rule of `judge`. ``scoring_alone``: eval of a student that attends without its teacher, whose
+    own scores another teacher does not change: said, not refused."""
     if point is None:
         return
     old = point.teacher or {}
@@ -250,18 +256,44 @@ def check_teacher_content(
     if not want or want == have:
         return
     run = point.path.parent.parent if run is None else Path(run)
-    # a Hub branch that moved since: the commit the run resolved it to still names those weights
+    # a Hub branch that moved since: the commit the run resolved it to still names those weights; a local
+    # teacher's folder replaced since (a later export) was set aside beside it, where the recorded file may be
     pinned = (
-        f"hf-hub:{old['hf_repo']}@{old['hf_commit']}" if old.get("hf_repo") and old.get("hf_commit") else None
+        f"hf-hub:{old['hf_repo']}@{old['hf_commit']}, the commit it trained with"
+        if old.get("hf_repo") and old.get("hf_commit")
+        else None
     )
-    raise ConfigError(
+    if pinned is None and (aside := _set_aside_teacher(spec, want)) is not None:
+        pinned = f"local-dir:{aside}, where the folder's earlier contents were set aside"
+    other = (
         f"{run} was trained with teacher {old.get('spec')!r} (a file of sha256 {want}), but "
         f"teacher.spec={spec!r} {'has random weights' if have is None else f'is a file of sha256 {have}'}: "
         f"another teacher file than the one {point.name} recorded (the same weights saved in another format "
-        "are another file); nothing was written. To continue this run, point teacher.spec at the recorded file"
-        f"{f' ({pinned}, the commit it trained with)' if pinned else ''}; to train with this teacher, start it "
-        "over here (checkpoint.resume=none, which keeps the earlier one aside) or elsewhere (run_dir=...)"
+        "are another file)"
     )
+    recorded = f"teacher.spec at the recorded file{f' ({pinned})' if pinned else ''}"
+    if scoring_alone:
+        warn(
+            f"warning: {other}. The student's own scores do not depend on it; a comparison with the teacher "
+            f"(k-NN or features beside the teacher's) would be with this other one: for that, point {recorded}"
+        )
+        return
+    raise ConfigError(
+        f"{other}; nothing was written. To continue this run, point {recorded}; to train with this teacher, "
+        "start it over here (checkpoint.resume=none, which keeps the earlier one aside) or elsewhere (run_dir=...)"
+    )
+
+
+def _set_aside_teacher(spec: str, sha256: str) -> Path | None:
+    """The newest of a local teacher folder's set-aside copies (``FOLDER.replaced-*``: a later export or
+    pre-training replaced it) holding the weights file of ``sha256``; None for another kind of spec."""
+    if not spec.startswith("local-dir:"):
+        return None
+    folder = Path(spec.removeprefix("local-dir:"))
+    for aside in sorted(folder.parent.glob(f"{folder.name}.replaced-*"), reverse=True):
+        if any(sha256_file(f) == sha256 for f in aside.glob("*.safetensors")):
+            return aside
+    return None
 
 
 @contextlib.contextmanager

@@ -572,7 +572,9 @@ def build_engine(
         parts = parts or build_run_parts(
             cfg, rank=runtime.rank, world_size=runtime.world, labels=labels, shared=shared
         )
-    check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
+    # eval of a student that attends without its teacher: its own scores do not read the teacher's weights
+    alone = scoring and not MODES[cfg.transfer.mode].teacher_at_eval
+    check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, scoring_alone=alone)
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
         point = replace(point, restart_epoch=True)
