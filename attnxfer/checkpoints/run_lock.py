@@ -138,6 +138,9 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
             f"{command} does not write into (it reads it as local-dir:{run_dir}); choose another run_dir"
         )
 
+    if (inside := _in_a_runs_own_folder(run_dir)) is not None:  # its run would prune or overwrite this work
+        raise PathExistsError(f"run_dir={run_dir} is {inside} (and prunes); choose another run_dir")
+
     def refusal(held: str, how: str, then: str = "") -> PathExistsError:
         return PathExistsError(
             f"run_dir={run_dir} {held}, which attnxfer {command} does not write into: continue it with {how}, "
@@ -232,6 +235,11 @@ def in_run_folder(folder: str | os.PathLike) -> str | None:
     marker = next((m for m in RUN_DIR_MARKERS if (Path(folder) / m).exists()), None)
     if marker:
         return f"a run's folder (it holds {marker})"
+    return _in_a_runs_own_folder(folder)
+
+
+def _in_a_runs_own_folder(folder: str | os.PathLike) -> str | None:
+    """Where ``folder`` is in (or is) a folder a run writes into and prunes (checkpoints/, tb/, pictures/)."""
     owned = (CHECKPOINTS_SUBDIR, TENSORBOARD_DIR, PICTURES_DIR)
     folder = Path(os.path.abspath(folder))  # ``..`` folded, links kept: the names the user gave
     for part in (p for p in (folder, *folder.parents) if p.name in owned):

@@ -351,6 +351,20 @@ def test_a_conversions_stage_1_is_no_run_dir_for_any_command(tmp_path):
     refuse_other_work(tmp_path / "exp" / "stage1", "convert")
 
 
+def test_a_run_dir_inside_a_folder_a_run_writes_into_is_refused_before_anything_is_written(trained, capsys):
+    """A run written into another run's checkpoint (or its checkpoints/, tb/) trained and reported done, and
+    went with that checkpoint the next time its run pruned; a folder of that name outside any run is the user's."""
+    step = sorted((trained / "checkpoints").glob("step-*"))[-1]
+    before = sorted(p.name for p in step.iterdir())
+    for inside in (step, trained / "checkpoints", trained / "tb" / "mine"):
+        code, _, err = run_cli(capsys, "train", *S, "schedule.max_steps=1", f"run_dir={inside}")
+        assert (
+            code == 2 and f"is in {trained}'s {inside.relative_to(trained).parts[0]}/, which its run" in err
+        )
+    assert sorted(p.name for p in step.iterdir()) == before and not (trained / "tb" / "mine").exists()
+    refuse_other_work(trained.parent / "elsewhere" / "checkpoints" / "mine", "train")
+
+
 def test_a_refused_run_leaves_neither_its_folder_nor_the_folders_made_above_it(tmp_path, capsys):
     """Bad input keeps nothing: an empty runs/demo left by a demo recipe run before the demo would be told
     apart from the user's own folders by no one."""
