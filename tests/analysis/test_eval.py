@@ -87,10 +87,11 @@ def test_eval_of_another_runs_checkpoint_names_that_runs_config_not_training_adv
     assert cli.main(["train", *S, "schedule.max_steps=1", "ema.decay=0.9", f"run_dir={other}"]) == 0
     step = other / "checkpoints" / "step-00000001"
     code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), f"checkpoint.resume={step}")
-    assert (
-        code == 2 and f"score it with that run's own config: attnxfer eval -c {other / 'config.yaml'}" in err
-    )
+    # its scores would have been filed in this run's folder, under a step this run never had
+    assert code == 2 and f"is a checkpoint of the run {other}, not of {trained}" in err, err
+    assert f"its scores belong with that run, where eval writes them: attnxfer eval {step}" in err
     assert "model.init" not in err  # how to train from its weights is no answer to scoring it
+    assert not list(trained.glob("eval-00000001*"))
 
 
 def test_eval_of_a_folder_scores_that_folder_or_says_it_is_missing(trained, tmp_path, capsys):
@@ -115,6 +116,23 @@ def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
 def test_eval_of_no_metric_says_the_list_is_empty_not_that_labels_or_a_teacher_are_missing(trained, capsys):
     code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "eval.metrics=[]")
     assert code == 2 and "nothing to score: eval.metrics is empty" in err and "need labels" not in err, err
+
+
+def test_eval_of_a_runs_checkpoints_or_one_checkpoint_scores_the_run_there(trained, tmp_path, capsys):
+    """Given as export and inspect take folders: the run's checkpoints/ is its newest checkpoint, a step-*
+    folder that checkpoint (they had been read as a dataset's folder, 'not key=value'); a run that lost its
+    config.yaml is told where its checkpoints recorded it."""
+    step = trained / "checkpoints" / "step-00000004"
+    for given, said in ((trained / "checkpoints", "the checkpoints"), (step, "a checkpoint")):
+        code, out, err = run_cli(capsys, "eval", str(given), "eval.metrics=[top1]")
+        assert code == 0, err
+        assert f"attnxfer eval: {given} is {said} of the run {trained}" in out
+        assert f"at {step}) -> {trained / 'eval-00000004'}" in out, out
+    lost = shutil.copytree(trained, tmp_path / "lost", ignore=shutil.ignore_patterns("config.yaml", "eval-*"))
+    code, _, err = run_cli(capsys, "eval", str(lost))
+    assert (
+        code == 2 and "it is the run's own config, gone: write back the config its checkpoints record" in err
+    )
 
 
 def test_eval_given_a_runs_checkpoints_folder_names_the_run_to_give(trained, capsys):

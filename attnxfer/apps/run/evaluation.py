@@ -18,7 +18,7 @@ from ...config import TrainConfig, to_dict
 from ...data.registry import dataset_options
 from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
-from ...run_layout import EVAL_SCORES
+from ...run_layout import CHECKPOINTS_SUBDIR, EVAL_SCORES
 from ...sources.exported_student import load_student
 from ...sources.resolve import parse_teacher_spec, resolve
 from ...speak import say
@@ -132,6 +132,12 @@ def evaluate_run(
         raise CheckpointError(
             f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
             "train it first, or point -c at the config.yaml of a run that has checkpoints"
+        )
+    owner = point.path.parent.parent  # the run whose checkpoints/ holds it: its scores are that run's
+    if point.path.parent.name == CHECKPOINTS_SUBDIR and owner.resolve() != Path(cfg.run_dir).resolve():
+        raise CheckpointError(
+            f"checkpoint.resume={cfg.checkpoint.resume} is a checkpoint of the run {owner}, not of {cfg.run_dir}: "
+            f"its scores belong with that run, where eval writes them: attnxfer eval {point.path}"
         )
     if DistributedInfo.from_environment().is_main_process:
         check_writable(cfg.run_dir)

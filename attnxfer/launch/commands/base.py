@@ -121,10 +121,6 @@ def load(args):
     from ..value_checks import check_values
 
     command = args.job_command if args.command == "submit" else args.command
-    first = Path(args.overrides[0]) if args.overrides else None  # a study's student may be named lr=1e-3
-    if command == "eval" and args.config is None and first and (first / RUN_CONFIG).is_file():
-        # `attnxfer eval RUN_DIR`, a run given as export and inspect take it: its config.yaml
-        args.config, args.overrides = str(first / RUN_CONFIG), args.overrides[1:]
     overrides = list(args.overrides)
     if getattr(args, "skip_stage1", False):  # convert's flag: a spelling of convert.stage1_steps=0
         given = [o for o in overrides if o.split("=", 1)[0].endswith("stage1_steps")]

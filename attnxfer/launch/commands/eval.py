@@ -40,9 +40,8 @@ def run(args) -> int:
             raise MissingPathError(
                 f"run folder {missing_path(first)}: give a run's folder, or a model (SPEC)"
             ) from None
-    if first is not None and (first / RUN_CONFIG).is_file():
-        # the folder named is the run scored, whatever run_dir its config.yaml names (a copy of another run's)
-        args.overrides = [*args.overrides, f"run_dir={args.overrides[0]}"]
+    if first is not None:  # a folder, or an override (a study's student's folder is named like one: lr=1e-3)
+        _read_as_a_run(args, first)
     cfg = load(args)
     from ...apps.run.evaluation import evaluate_run
     from ...apps.run.pretrain import MODE, build_pretrain_engine
@@ -105,6 +104,25 @@ def run(args) -> int:
     _say_scores(result.metrics)
     say(f"step {result.step} ({result.checkpoint}) -> {result.path}")
     return 0
+
+
+def _read_as_a_run(args, first: Path) -> None:
+    """`attnxfer eval FOLDER` where FOLDER is a run's (the run scored, whatever run_dir its config.yaml names: a
+    copy of another run's), its checkpoints/ (the newest), or one of its checkpoints (that one, as
+    checkpoint.resume=PATH): ``-c RUN/config.yaml`` with ``run_dir=RUN``; a run that lost its config.yaml is told
+    where its checkpoints recorded it (the loader's answer for a missing config.yaml of a run)."""
+    from ...run_layout import CHECKPOINTS_SUBDIR, RUN_DIR_MARKERS
+
+    run, resume = first, []
+    if first.parent.name == CHECKPOINTS_SUBDIR and first.name.startswith("step-"):
+        run, resume = first.parent.parent, [f"checkpoint.resume={first}"]
+    elif first.name == CHECKPOINTS_SUBDIR:
+        run = first.parent
+    if not any((run / marker).exists() for marker in RUN_DIR_MARKERS) and not (run / RUN_CONFIG).is_file():
+        return  # no run's folder: a model, a dataset's folder or a typo, answered where the word is read
+    if run != first:
+        say(f"attnxfer eval: {first} is {'a checkpoint' if resume else 'the checkpoints'} of the run {run}")
+    args.config, args.overrides = str(run / RUN_CONFIG), [*resume, *args.overrides[1:], f"run_dir={run}"]
 
 
 def _say_scores(m: dict[str, float]) -> None:
