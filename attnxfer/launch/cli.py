@@ -352,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else ""
             )
             + "".join(f"; {flag} is sbatch's: {said}" for flag, said in slurm.items())
+            + (  # convert's flag is a key's spelling, which a job is given as the key
+                "; --skip-stage1 is convert's spelling of convert.stage1_steps=0: give the job that key"
+                if args.command == "submit" and any(item == "--skip-stage1" for item, _ in written)
+                else ""
+            )
             + _flags_meant(rest, own)
             + (_as_overrides(rest) if hasattr(args, "overrides") else "")
         )

@@ -270,6 +270,12 @@ CASES = [
         "--gpus is sbatch's: submit takes --gpus-per-node, each node's GPUs (sbatch's --gpus 4 counts the job's: "
         "divide by --nodes)",
     ),
+    # convert's --skip-stage1 given to submit: the key it spells (argparse said only "unrecognized")
+    (
+        ["submit", "--dry-run", "--command", "convert", "--skip-stage1"],
+        2,
+        "--skip-stage1 is convert's spelling of convert.stage1_steps=0: give the job that key",
+    ),
     (["train", "--print"], 2, "unrecognized arguments: --print; did you mean --print-config?"),
     # sbatch's -c is CPUs per task: read as a second config, it was answered "write base: demo/copy in 8"
     (
