@@ -406,7 +406,10 @@ class _Holder:
         if job and step is not None and job == os.environ.get("SLURM_JOB_ID"):
             job = f"{job}.{step}"  # a step of this very job: scancel JOB would end this command's job too
         # a lock that names no process (empty, or written by hand) has no kill to advise
-        stops = [f"kill {self.pid}"] * (self.pid is not None) + [f"scancel {job}"] * bool(job)
+        # a pid is killed on its own host: from another, `kill` would reach some other process or none
+        here = self.host == socket.gethostname()
+        kill = f"kill {self.pid}" if here else f"kill {self.pid} on {self.host}"
+        stops = [kill] * (self.pid is not None and (here or not job)) + [f"scancel {job}"] * bool(job)
         stop = f", or stop it ({' or '.join(stops)}) and run this command again to continue the run"
         return RunDirInUseError(
             f"{path.parent} is in use by {self.describe()}. One process writes a run directory: wait for it "

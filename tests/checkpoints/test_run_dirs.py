@@ -461,8 +461,9 @@ def test_a_live_step_or_task_of_the_same_slurm_job_keeps_its_lock(tmp_path, monk
         run_lock(run, "train"),
     ):
         pass
-    # the step to stop is named: scancel 77 would end this command's own job with it
-    assert "kill 2 or scancel 77.0)" in str(refused.value)
+    # the step to stop is named: scancel 77 would end this command's own job with it; its pid is another host's,
+    # where this host's `kill 2` would reach some other process
+    assert "(scancel 77.0)" in str(refused.value) and "kill 2" not in str(refused.value)
     old = time.time() - 3600  # its heartbeat stopped an hour ago: gone, as any other holder
     os.utime(lock, (old, old))
     with run_lock(run, "train"):
