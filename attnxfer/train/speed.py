@@ -140,8 +140,9 @@ def ratio_contradicts(row: Mapping[str, Any], key: str = "student_over_teacher")
     if lo is None:
         return None
     rounds = f"over {row.get('repeats', '?')} interleaved rounds at {row['resolution']} px the student ran at"
-    if lo < 1.0 < hi:
-        return f"{rounds} {lo:.2f}x to {hi:.2f}x the teacher's speed, on both sides of 1"
+    if lo < 1.0 < hi:  # an end within 0.005 of 1 shows its third digit: "1.00x to 1.45x" read as no crossing
+        lo_, hi_ = (f"{v:.3f}" if round(v, 2) == 1 else f"{v:.2f}" for v in (lo, hi))
+        return f"{rounds} {lo_}x to {hi_}x the teacher's speed, on both sides of 1"
     cpu = row.get(f"{key}_cpu")
     if cpu is not None and row.get("threads") == 1 and (lo > 1.0 > cpu or hi < 1.0 < cpu):
         return (

@@ -149,6 +149,10 @@ def test_a_ratio_carries_its_spread_over_the_rounds_and_one_on_both_sides_of_1_i
         "over 3 interleaved rounds at 32 px the student ran at 0.80x to 2.00x the teacher's speed, on both sides of 1"
     )
     assert ratio_contradicts(_row(32, 1.4, 1.1, 2.0)) is None
+    # an end that rounds to 1.00 shows a third digit: "1.00x to 1.45x, on both sides of 1" read as a contradiction
+    assert "ran at 0.998x to 1.45x the teacher's speed, on both sides of 1" in ratio_contradicts(
+        _row(32, 1.2, 0.998, 1.45)
+    )
     assert ratio_contradicts({"resolution": 32, "student_over_teacher": 1.4}) is None  # an older report
     # on one thread, process CPU time counts the work the clock does: a CPU-time ratio across 1 from every
     # round's says the clock counted other programs' time (a loaded machine)
