@@ -328,8 +328,9 @@ def load_teacher(
     if res.mean_std_guessed and warn_guessed_stats and not stats_given:
         warn(
             f"{who}: no preprocessor_config.json beside its config.json: the mean/std its "
-            f"weights were trained with are unknown; timm's defaults for {res.architecture} stand in "
-            f"({res.pretrained_cfg.get('mean')}, {res.pretrained_cfg.get('std')}); normalise its images as it "
+            f"weights were trained with are unknown; the likeliest stand in (its family's published "
+            f"checkpoints' or timm's defaults for {res.architecture}: {res.pretrained_cfg.get('mean')}, "
+            f"{res.pretrained_cfg.get('std')}); normalise its images as it "
             "was trained (data.mean / data.std in a run)"
         )
     if not pretrained:

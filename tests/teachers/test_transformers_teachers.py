@@ -539,8 +539,18 @@ def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_a
     assert (
         err.startswith("attnxfer train: error: teacher local-dir:") and "no preprocessor_config.json" in err
     )
-    assert "set data.mean and data.std (timm's defaults for its architecture: data.mean=[0.5,0.5,0.5]" in err
-    assert not run.exists()
+    assert (
+        "set data.mean and data.std (the likeliest, its family's published checkpoints' or timm's defaults"
+        in err
+    )
+    assert "data.mean=[0.5,0.5,0.5]" in err and not run.exists()
+    # a ViTMAE folder's likeliest are MAE's published ImageNet statistics, not its architecture's default tag's 0.5
+    save_tiny("vit_mae", tmp_path / "mae")
+    assert (
+        main([*argv[:2], f"teacher.spec=local-dir:{tmp_path / 'mae'}", *argv[3:], "schedule.max_steps=1"])
+        == 2
+    )
+    assert "data.mean=[0.485,0.456,0.406] data.std=[0.229,0.224,0.225]" in capsys.readouterr().err
     # a grey model is told one value each, which pasted as they are train (three had been refused for 1 channel)
     config = CASES["vit_model"].config(transformers)
     config.num_channels = 1
@@ -557,7 +567,7 @@ def test_a_run_refuses_a_folder_without_preprocessing_unless_data_mean_and_std_a
     said = capsys.readouterr()
     assert "stand in" not in said.out + said.err  # given: no warning that timm's guess stands in
     _, record = load_teacher(f"local-dir:{folder}")  # in Python, nothing refuses: the guess is said
-    assert record.mean_std_guessed and "timm's defaults for vit_" in capsys.readouterr().err
+    assert record.mean_std_guessed and "or timm's defaults for vit_" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text())["mean"] == [0.1, 0.2, 0.3]
     # the same folder as the encoder a student starts from (model.init), for train and MAE pre-training
     init = [f"run_dir={tmp_path / 'init'}", f"model.init=local-dir:{folder}", *tiny_run(16, 8)]

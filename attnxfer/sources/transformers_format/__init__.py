@@ -105,6 +105,8 @@ def describe(
             f"{where}: transformers {model_type} config cannot be mapped to timm: {detail}"
         ) from None
     cfg = _pretrained_cfg(arch, kwargs, config, preprocessor, license, where)
+    if preprocessor is None and (guess := getattr(module, "GUESSED_MEAN_STD", None)):  # the family's own
+        cfg["mean"], cfg["std"] = guess
     unrecorded = []  # construction arguments no JSON value names
     for k, v in kwargs.items():
         try:

@@ -12,6 +12,9 @@ from ._common import Taker, base_prefix
 from .vit_deit import encoder, vit_kwargs, vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("vit_mae",)
+#: the statistics facebook/vit-mae-* are published with (ImageNet's, as timm's .mae tags): the guess for a folder
+#: without its preprocessor_config.json, where the architecture's default tag's (0.5) are another model's
+GUESSED_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
