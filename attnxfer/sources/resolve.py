@@ -27,6 +27,7 @@ from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import CHECKPOINTS_SUBDIR, DEMO_EXPORTS, DEMO_OUT, RUN_RECORD, missing_path, read_record
+from ..speak import warn
 from .hub import (
     _HUB_WEIGHT_FILES,
     _SHARD_INDEX,
@@ -464,7 +465,16 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
     readme = find("README.md")
     if not is_transformers_config(config):
         cfg, architecture, model_args = load_model_config_from_path(Path(cfg_path).parent)
-        license_id = cfg.get("license") or _readme_license(readme)
+        license_id, card = cfg.get("license"), _readme_license(readme)
+        # "other" states no terms (an export's card for weights that record none): config.json's stands
+        if license_id and card and card.lower() not in (license_id.lower(), "other", "unknown"):
+            # the card is the repo's licence statement; config.json's may be the default tag's a save copied
+            warn(
+                f"warning: {where}: its config.json says licence {license_id!r} but its model card (README.md) "
+                f"says {card!r}: the card's is taken, as the repo's own statement; check which holds"
+            )
+            license_id = card
+        license_id = license_id or card
         named = _registered_as(config)
         return Resolved(
             origin, architecture, cfg, model_args, files=[cfg_path], license=license_id, named=named

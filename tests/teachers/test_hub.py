@@ -1162,3 +1162,26 @@ def test_random_init_teacher_needs_no_weights():
         IMAGENET_DEFAULT_MEAN
     )  # the tag's cfg still applies
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_a_folder_whose_card_and_config_name_other_licences_takes_the_cards_and_says_so(tmp_path, capsys):
+    """save_for_hf writes the pretrained config of the architecture's default tag (apache-2.0 for a ViT), while
+    the repo's card states the weights' own terms (MAE's cc-by-nc-4.0): the card is the statement an export
+    passes on, and the disagreement is said."""
+    folder = tmp_path / "mae-ft"
+    timm.models.save_for_hf(tiny_timm(num_classes=0), str(folder))
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["license"] = "apache-2.0"
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# weights\n")
+    capsys.readouterr()
+    _, record = load_teacher(f"local-dir:{folder}", **TINY)
+    assert record.license == "cc-by-nc-4.0"
+    said = capsys.readouterr().err
+    assert (
+        "its config.json says licence 'apache-2.0' but its model card (README.md) says 'cc-by-nc-4.0'" in said
+    )
+    for card in ("apache-2.0", "other"):  # agreeing, or stating no terms (an export's card): config.json's
+        (folder / "README.md").write_text(f"---\nlicense: {card}\n---\n")
+        assert load_teacher(f"local-dir:{folder}", **TINY)[1].license == "apache-2.0"
+        assert "model card" not in capsys.readouterr().err
