@@ -1185,3 +1185,34 @@ def test_a_folder_whose_card_and_config_name_other_licences_takes_the_cards_and_
         (folder / "README.md").write_text(f"---\nlicense: {card}\n---\n")
         assert load_teacher(f"local-dir:{folder}", **TINY)[1].license == "apache-2.0"
         assert "model card" not in capsys.readouterr().err
+
+
+@pytest.mark.slow  # two one-step runs
+def test_a_teacher_run_at_another_size_than_its_weights_were_made_for_is_said_at_start_and_in_a_report(
+    tmp_path, capsys
+):
+    """Its maps at a size it never saw are what a student learns: one line at start (it was in run.json only),
+    and in a conversion report's summary."""
+    from helpers import run_cli, tiny_run
+
+    from attnxfer.apps.convert.report import _summary_section
+
+    folder = tmp_path / "t32"
+    save_for_hf(tiny_timm(num_classes=0), str(folder), safe_serialization=True)
+    argv = [
+        f"teacher.spec=local-dir:{folder}",
+        *tiny_run(8, 8),
+        "schedule.max_steps=1",
+        "transfer.task_weight=0",
+    ]
+    code, out, err = run_cli(capsys, "train", *argv, "data.img_size=48", f"run_dir={tmp_path / 'at48'}")
+    assert code == 0, err
+    said = "teacher: made for 32x32 px, run at 48 px (position embeddings resampled"
+    assert said in out
+    record = json.loads((tmp_path / "at48" / "run.json").read_text())["teacher"]
+    report = {"teacher": {"spec": "t", "record": record}, "student": {"attention": ["relu_linear"]}}
+    report |= {"data": {"dataset": "d", "val_size": 8, "agreement_images": 8}, "stage1": {"skipped": True}}
+    summary = _summary_section({**report, "stage2": {"steps": 0}})
+    assert "- teacher: `t`, made for 32x32 px, run at 48 px (position embeddings resampled" in summary[2]
+    code, out, _ = run_cli(capsys, "train", *argv, f"run_dir={tmp_path / 'at32'}")
+    assert code == 0 and "teacher: made for" not in out

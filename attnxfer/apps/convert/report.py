@@ -139,7 +139,7 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
     return [
         f"# Conversion report: softmax teacher -> {what}",
         "",
-        f"- teacher: `{report['teacher']['spec']}`",
+        f"- teacher: `{report['teacher']['spec']}`" + _teacher_size(report["teacher"].get("record") or {}),
         f"- data: {report['data']['dataset']} (val {report['data']['val_size']} images; map agreement on "
         f"{report['data']['agreement_images']})",
         "- stage 1: "
@@ -165,6 +165,15 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
         *(line for w in worse for line in ("", f"**Warning: {w[0].upper()}{w[1:]}.**")),
         "",
     ]
+
+
+def _teacher_size(record: dict[str, Any]) -> str:
+    """Where the teacher runs at another size than its weights were made for: both, and how it was rebuilt."""
+    native, run = record.get("source_img_size"), (record.get("input_size") or [None])[-1]
+    if not native or run is None or tuple(native) == (run, run):
+        return ""
+    how = record.get("resized_by") or "rebuilt at that size"
+    return f", made for {'x'.join(map(str, native))} px, run at {run} px ({how})"
 
 
 def _top1_section(report: dict[str, Any]) -> list[str]:

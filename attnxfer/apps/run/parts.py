@@ -477,6 +477,13 @@ def build_run_parts(
                 f"({'; '.join(other)}): leave data.mean and data.std out (data.mean=null data.std=null) to "
                 "give it its own"
             )
+    native = (record or {}).get("source_img_size")
+    if native and tuple(native) != (img_size, img_size) and not quiet:  # a size its weights never saw
+        say(
+            f"teacher: made for {'x'.join(map(str, native))} px, run at {img_size} px "
+            f"({record.get('resized_by') or 'rebuilt at that size'}): the maps the student learns are the "
+            "teacher's at a size it was not trained at"
+        )
     # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey
     normalised_by = ("the teacher's" if record else "model.init's") if stats.get("mean") else "the dataset's"
     return parts_around(
