@@ -241,7 +241,11 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
     """pareto.md; ``held_out``: the images the KL was measured on (search.held_out_images, or the whole
     validation split where it has fewer)."""
     s = cfg.search
-    unit = "x softmax (FLOPs)" if s.speed == "flops" else "x softmax (time)"
+    unit = "x softmax (FLOPs)"
+    if s.speed != "flops":  # a time is of a device: this process's (a resumed search's earlier ones, its own)
+        device = resolve_device(cfg.device)
+        threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+        unit = f"x softmax (time: batch 1 on {device.type}{threads}, median of {s.speed_repeats} interleaved repeats)"
     cands = list(state.candidates.values())
     ok = state.evaluated
     before = [c for c in cands if c["status"] == "rejected" and c["reason"].startswith("before training")]
@@ -256,7 +260,8 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
         f"Fit: held-out map KL(teacher ‖ candidate) (nats per row, mean over "
         f"{f'layers {sorted(set(s.layers))}' if s.layers is not None else 'every layer'}) after {s.fit_steps} stage-1 steps (trains "
         f"{s.fit_train}, lr {s.fit_lr:g}) on {held_out} held-out images. Speed: one attention layer at "
-        f"{s.target_tokens} tokens, {unit}, > 1 is faster.",
+        f"{s.target_tokens} tokens, {unit}, > 1 is faster: one layer's ratio, not a whole model's (a "
+        "conversion's convert.speedup is the whole model's, its MLPs and embedding included).",
         "",
         "## Pareto front (fit vs speed)",
         "",

@@ -336,6 +336,15 @@ def test_pareto_md_says_a_search_of_every_layer_averages_its_fit_over_every_laye
     # a search under a minute keeps its count line, its time at the end (the line had been its time alone)
     assert ": 0 fitted, 0 rejected before training, 0 rejected at fit time; 0 duplicates" in md
     assert "duplicates not re-evaluated; 0 s.\n" in md, md
+    # a time names what it was measured on, and that it is one layer's, not the model's convert.speedup
+    cfg = load_config("search/demo", ["device=cpu", "search.speed=time"])
+    md = render_pareto_md(cfg, SearchState(), [], None, None, held_out=5)
+    threads = torch.get_num_threads()
+    assert (
+        f"x softmax (time: batch 1 on cpu, {threads} threads, median of {cfg.search.speed_repeats} interleaved"
+        in md
+    )
+    assert "one layer's ratio, not a whole model's" in md
 
 
 @pytest.mark.slow
