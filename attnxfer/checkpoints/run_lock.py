@@ -537,8 +537,11 @@ def _acquire(path: Path, content: dict[str, Any]) -> None:
         if _take_over(path, holder):
             # a study's folder and its students' were held by one process: its takeover is said once
             dead = tuple(holder.content.get(k) for k in ("host", "pid", "pid_started", "slurm_job"))
+            # killed before its first save: nothing to go on from, which the run would otherwise not say
+            saved = any(Path(run_dir).rglob(f"{CHECKPOINTS_SUBDIR}/step-*"))
             (debug if dead in _TAKEN_OVER else say)(
                 f"{run_dir}: taking over the lock of {holder.describe()}: {why}"
+                + ("" if saved else "; it saved no checkpoint there, so this run starts from step 0")
             )
             _TAKEN_OVER.add(dead)
     raise RunDirInUseError(f"{run_dir}: could not take its lock ({path}) after 50 tries; try again")

@@ -133,9 +133,15 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_and_released(trained, tmp
     _write_lock(run, pid=_dead_pid(), slurm_job=None)
     code, out, err = run_cli(capsys, "train", *S, "schedule.max_steps=3", f"run_dir={run}")
     assert code == 0, err
-    assert "taking over the lock" in out and "is gone" in out
+    assert "taking over the lock" in out and "is gone" in out and "starts from step 0" not in out
     assert (run / "checkpoints" / "step-00000003").is_dir()
     assert not (run / LOCK_NAME).exists()
+    # killed before its first save: that the run starts over is said (it had said only the takeover)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _write_lock(fresh, pid=_dead_pid(), slurm_job=None)
+    code, out, err = run_cli(capsys, "train", *S, "schedule.max_steps=1", f"run_dir={fresh}")
+    assert code == 0 and "it saved no checkpoint there, so this run starts from step 0" in out, err
 
 
 def test_locks_one_dead_process_left_are_taken_over_with_one_line(tmp_path, capsys):
