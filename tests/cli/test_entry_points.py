@@ -16,7 +16,7 @@ from helpers import ONE_BLOCK_RUN, attnxfer_process, run_cli, tiny_convert_repor
 
 from attnxfer.checkpoints import CheckpointManager
 from attnxfer.data import build_dataset
-from attnxfer.errors import InputError
+from attnxfer.errors import InputError, UnknownNameError
 from attnxfer.launch.cli import main
 from attnxfer.launch.rope_help import rope_support_from_source
 from attnxfer.models import create_attention, list_attentions, student_from_spec, student_spec
@@ -217,6 +217,30 @@ def test_a_package_taking_a_built_in_name_is_said_when_that_name_is_asked_for(in
         "warning: attnxfer.datasets entry point syn",
     ]
     assert all("already registered" in w for w in warnings), warnings
+
+
+def test_a_packages_attention_that_lacks_part_of_the_interface_is_one_warning_line_not_a_first_step_traceback(
+    install_package, capsys
+):
+    """No _attend, or a map kind with a map and no rows to give: refused as it registers, in the package's one
+    warning line, and the name is then unknown (both had been accepted and traced back at the first forward)."""
+    lacking = {
+        "no_attend": "class NoAttend(EfficientAttention):\n    map_kind = MapKind.NONE\n",
+        "no_rows": "class NoRows(EfficientAttention):\n    def _attend(self, q, k, v):\n        return v\n",
+    }
+    header = "from attnxfer.models import register_attention\nfrom attnxfer.models.attention import MapKind\n"
+    header += "from attnxfer.models.efficient import EfficientAttention\n\n"
+    install_package(
+        {"labpkg/__init__.py": ""}
+        | {f"labpkg/{n}.py": f"{header}@register_attention({n!r})\n{text}" for n, text in lacking.items()},
+        "[attnxfer.attentions]\nno_attend = labpkg.no_attend\nno_rows = labpkg.no_rows\n",
+    )
+    for name in lacking:
+        with pytest.raises(UnknownNameError, match=f"unknown attention {name!r}"):
+            create_attention(name, dim=48, num_heads=3)
+    warnings = capsys.readouterr().err.splitlines()
+    assert any("NoAttend defines no _attend(q, k, v)" in w for w in warnings), warnings
+    assert any("NoRows has map_kind 'row_stochastic' but no _map_context/_map_rows" in w for w in warnings)
 
 
 def test_a_run_whose_package_was_uninstalled_names_the_package_to_install(

@@ -165,7 +165,8 @@ def test_an_attention_rope_breaks_is_refused_with_its_reason(eva02, monkeypatch)
 def test_an_attention_silent_on_rope_is_refused_naming_what_to_declare(eva02, registries_kept):
     """A new attention whose class says nothing of rope is refused as an unsafe one is, and the refusal (as
     `convert --help`'s row) names the two class attributes its author declares to answer."""
-    register_attention("lab_silent")(type("LabSilent", (EfficientAttention,), {"map_kind": MapKind.NONE}))
+    members = {"map_kind": MapKind.NONE, "_attend": lambda self, q, k, v: v}
+    register_attention("lab_silent")(type("LabSilent", (EfficientAttention,), members))
     with pytest.raises(
         ValueError, match=r"'lab_silent' cannot take .*sets no rope_keeps_map_kind and rope_why"
     ):

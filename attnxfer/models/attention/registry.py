@@ -33,6 +33,9 @@ def register_attention(name: str) -> Callable[[T], T]:
                 f"attention {name!r} is already registered to {had.__module__}.{had.__qualname__}: give "
                 f"{cls.__module__}.{cls.__qualname__} a name of its own"
             )
+        contract_gap = getattr(cls, "contract_gap", None)  # timm's own Attention (softmax) has none
+        if contract_gap is not None and (gap := contract_gap()) is not None:
+            raise TypeError(f"attention {name!r}: {cls.__module__}.{cls.__qualname__} {gap}")
         _ATTENTIONS[name] = cls
         cls.attention_name = name
         return cls

@@ -163,6 +163,15 @@ class EfficientAttention(TransferableAttention):
             out = self._attend_mapped(*upcast(q, k, v))
         return out.to(v.dtype)
 
+    @classmethod
+    def contract_gap(cls) -> str | None:
+        if cls._attend is EfficientAttention._attend:
+            return (
+                "defines no _attend(q, k, v): an efficient attention returns v's (B, H, N, d) from it "
+                "(attnxfer/models/efficient/base.py)"
+            )
+        return super().contract_gap()
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
             f"{type(self).__name__} defines no _attend(q, k, v): an efficient attention returns v's (B, H, N, d) "
