@@ -506,7 +506,9 @@ class Engine:
         if not (self.is_main and self.settings.progress):
             return None
         done = self.position // self._global_batch
-        return progress_bar(done + usable, initial=done, desc=f"epoch {self.epoch}")
+        # a schedule.max_steps cap inside the epoch ends the bar where the run ends, not at the epoch's end
+        left = (self.total_steps - self.step) * self.settings.accum_steps
+        return progress_bar(done + min(usable, left), initial=done, desc=f"epoch {self.epoch}")
 
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor | None, progress) -> tuple[float, bool]:
         """One micro-batch through the objective (an optimiser step when accumulation completes): (lr,

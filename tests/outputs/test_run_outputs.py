@@ -112,6 +112,18 @@ def test_the_evaluation_line_numbers_the_epoch_as_the_progress_bar_and_summary_c
     assert said == [f"epoch {r['epoch']}" for r in read_summary(run)] == ["epoch 0", "epoch 1"]
 
 
+def test_the_progress_of_a_run_capped_inside_its_epoch_counts_to_the_cap(tmp_path, capsys):
+    """schedule.max_steps=3 of a 4-batch epoch: the bar ends at 3/3, where the run ends (it said 3/4 and stopped)."""
+    run = tmp_path / "run"
+    train(load_config(None, [f"run_dir={run}", *TINY, "schedule.max_steps=3", "log.progress=true"]))
+    counts = [
+        line.split("batch ")[1].split(" ")[0]
+        for line in capsys.readouterr().err.splitlines()
+        if "batch " in line
+    ]
+    assert counts and counts[-1] == "3/3", counts
+
+
 @pytest.mark.parametrize("kept", [6, 8])
 def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_run, tmp_path, kept):
     """Stop in epoch 2 (after epoch 1's row), lose the checkpoints after step ``kept`` (6: mid epoch 1; 8: a
