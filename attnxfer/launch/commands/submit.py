@@ -86,6 +86,27 @@ def _paths_missing_here(run) -> list[str]:
     return missing
 
 
+def _refuse_a_finished_run(cfg, found) -> None:
+    """A run whose checkpoint stands at the last step its run.json recorded, with the schedule it was recorded
+    with: its job would wait in the queue to say "nothing to do"; said here instead."""
+    from ...checkpoints.run_dir import RunDir
+
+    if found is None or not RunDir(cfg.run_dir).record_file.is_file():
+        return
+    total = RunDir(cfg.run_dir).record().get("total_steps")
+    recorded = (found.config or {}).get("schedule") or {}
+    same = (recorded.get("epochs"), recorded.get("max_steps")) == (
+        cfg.schedule.epochs,
+        cfg.schedule.max_steps,
+    )
+    if isinstance(total, int) and found.step >= total and same:
+        raise InputError(
+            f"nothing to do: {cfg.run_dir} is at step {found.step} of the {total} its schedule trains "
+            f"({found.name}): its job would wait in the queue only to say so; nothing was submitted. To train "
+            "longer, raise schedule.epochs or schedule.max_steps"
+        )
+
+
 def _judge_resumes(cfg, world: int, *, study: bool, converts: bool) -> None:
     """A study's or a conversion's folders judged as the job's start judges them, by the same functions (the
     checkpoints read without rehashing): a study of other students, a key its or a stage 1's checkpoint fixes,
@@ -206,7 +227,10 @@ def run(args) -> int:
                 from ...checkpoints.resume_point import ResumePoint
 
                 found = ResumePoint.find(point.cfg.run_dir, point.cfg.checkpoint.resume, verify_hash=False)
-                judged_resume(point.cfg, world, found, scoring=False, command=args.job_command)
+                judged, found = judged_resume(
+                    point.cfg, world, found, scoring=False, command=args.job_command
+                )
+                _refuse_a_finished_run(judged, found)
             else:
                 _judge_resumes(point.cfg, world, study=study, converts=converts)
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
