@@ -178,12 +178,24 @@ def load_study(
             + (f"; the study in {base.run_dir} lists its own: -c {own}" if own.is_file() else "")
         )
     spec = StudySpec(base, tuple(students), command)
+    runs: dict[str, str] = {}  # each student's config as it trains (its folder aside): the student it is
     for student in spec.students:
         _check_student(student, command)
         try:
-            spec.config_of(student)
+            cfg = spec.config_of(student)
         except ConfigError as e:
             raise ConfigError(f"student {student.name!r}: {e}") from None
+        # every section: a key of one the command does not read is refused for that below, not as a twin
+        whole = json.dumps(
+            dataclasses.asdict(dataclasses.replace(cfg, run_dir="")), sort_keys=True, default=str
+        )
+        same = runs.setdefault(whole, student.name)
+        if same != student.name:  # one seed, one data order: the same weights trained twice
+            raise ConfigError(
+                f"students {same!r} and {student.name!r} train the same config (the same seed too): the study "
+                "would train one run twice; give one of them the key it should differ in (a seed=... of its "
+                "own for a repeat), or drop it"
+            )
     return spec
 
 

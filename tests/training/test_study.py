@@ -405,6 +405,10 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml.write_text("students:\n  - name: a\n  - name: a\n    seed: 2\n")
     with pytest.raises(ConfigError, match="two students are named 'a'"):
         load_study(yaml)
+    # two names, one config (b sets the seed the base has): one run trained twice, which had been accepted
+    yaml.write_text("students:\n  - name: a\n  - name: b\n    seed: 0\n  - name: c\n    seed: 2\n")
+    with pytest.raises(ConfigError, match="students 'a' and 'b' train the same config"):
+        load_study(yaml)
     yaml.write_text("students:\n  - name: a\n    transfer.mode: copy\n    transfer: {mode: distill}\n")
     with pytest.raises(
         ConfigError, match=r"students\[0\] \(a\) gives transfer.mode twice, dotted and nested"
