@@ -243,7 +243,11 @@ def _in_a_runs_own_folder(folder: str | os.PathLike) -> str | None:
     owned = (CHECKPOINTS_SUBDIR, TENSORBOARD_DIR, PICTURES_DIR)
     folder = Path(os.path.abspath(folder))  # ``..`` folded, links kept: the names the user gave
     for part in (p for p in (folder, *folder.parents) if p.name in owned):
-        if any((part.parent / m).exists() for m in RUN_DIR_MARKERS):
+        # a run's own files beside it, not the folder's name (a checkpoints/ marks nothing itself: users keep
+        # their runs under $SCRATCH/checkpoints/), or checkpoints of a run there
+        beside = (m for m in (*RUN_DIR_MARKERS, RUN_CONFIG) if m != CHECKPOINTS_SUBDIR)
+        saved = any((part.parent / CHECKPOINTS_SUBDIR).glob("step-*"))
+        if saved or any((part.parent / m).exists() for m in beside):
             return f"in {part.parent}'s {part.name}/, which its run writes into"
     return None
 

@@ -372,6 +372,13 @@ def test_a_run_dir_inside_a_folder_a_run_writes_into_is_refused_before_anything_
         )
     assert sorted(p.name for p in step.iterdir()) == before and not (trained / "tb" / "mine").exists()
     refuse_other_work(trained.parent / "elsewhere" / "checkpoints" / "mine", "train")
+    # runs kept under a folder named checkpoints/ (as $SCRATCH/checkpoints/EXP): one there marks no run above it
+    scratch = trained.parent / "scratch" / "checkpoints"
+    code, _, err = run_cli(capsys, "train", *S, "schedule.max_steps=1", f"run_dir={scratch / 'first'}")
+    assert code == 0, err
+    refuse_other_work(scratch / "first", "train")  # it resumes
+    refuse_other_work(scratch / "second", "train")  # and another starts beside it
+    refuse_other_work(trained.parent / "scratch" / "pictures" / "mae", "pretrain")
 
 
 def test_a_refused_run_leaves_neither_its_folder_nor_the_folders_made_above_it(tmp_path, capsys):
