@@ -263,24 +263,28 @@ def test_stage2_that_makes_the_student_worse_is_named_by_the_conversions_own_mea
     assert stage2_worse({"after_stage1": before, "after_stage2": _measured(cos=0.9998, knn=64.0)}, 3)
 
 
-@pytest.mark.slow  # a whole conversion (2 stage-1 steps, 2 stage-2 steps at a learning rate that wrecks it)
-def test_a_stage2_that_made_the_student_worse_says_so_in_its_report(tmp_path, headless_teacher_dir, capsys):
-    run = tmp_path / "run"
-    args = [
+def _relu_linear_conversion(run, teacher_dir, *keys: str) -> list[str]:
+    """A label-free relu_linear conversion of two stage-1 steps, its report measured on the least that runs."""
+    return [
         f"run_dir={run}",
-        f"teacher.spec=local-dir:{headless_teacher_dir}",
+        f"teacher.spec=local-dir:{teacher_dir}",
         *tiny_run(32, 16),
         "convert.attention=relu_linear",
         "convert.stage1_train=qk",
         "convert.stage1_steps=2",
-        "schedule.max_steps=2",
-        "schedule.warmup_epochs=0",
-        "optim.lr=3.0",  # label-free feature distillation at this rate pulls the features apart
         "transfer.mode=none",
         *tiny_convert_report(1, 2),
         "convert.speed_sweep=[]",
+        *keys,
     ]
-    assert main(["convert", *args]) == 0
+
+
+@pytest.mark.slow  # a whole conversion (2 stage-1 steps, 2 stage-2 steps at a learning rate that wrecks it)
+def test_a_stage2_that_made_the_student_worse_says_so_in_its_report(tmp_path, headless_teacher_dir, capsys):
+    run = tmp_path / "run"
+    # label-free feature distillation at this rate pulls the features apart
+    args = _relu_linear_conversion(run, headless_teacher_dir, "schedule.max_steps=2", "optim.lr=3.0")
+    assert main(["convert", *args, "schedule.warmup_epochs=0"]) == 0
     report = json.loads((run / "report.json").read_text())
     worse = report["stage2_worse"]
     features = report["features"]
@@ -310,22 +314,16 @@ def test_a_stage1_that_moved_a_block_away_from_the_teachers_map_is_named_with_it
 @pytest.mark.slow  # a whole conversion (2 stage-1 steps at a learning rate that wrecks the fit, 1 stage-2 step)
 def test_a_stage1_that_made_the_maps_worse_says_so_in_its_report(tmp_path, headless_teacher_dir, capsys):
     run = tmp_path / "run"
-    args = [
-        f"run_dir={run}",
-        f"teacher.spec=local-dir:{headless_teacher_dir}",
-        *tiny_run(32, 16),
-        "convert.attention=relu_linear",
-        "convert.stage1_train=qk",
-        "convert.stage1_steps=2",
-        "convert.stage1_warmup_steps=0",
-        "convert.stage1_lr=50.0",
-        "convert.stage1_clip_grad=null",
-        "schedule.max_steps=1",
-        "transfer.mode=none",
-        *tiny_convert_report(1, 2),
-        "convert.speed_sweep=[]",
-    ]
-    assert main(["convert", *args]) == 0
+    wrecking = ["convert.stage1_warmup_steps=0", "convert.stage1_lr=50.0", "convert.stage1_clip_grad=null"]
+    assert (
+        main(
+            [
+                "convert",
+                *_relu_linear_conversion(run, headless_teacher_dir, "schedule.max_steps=1", *wrecking),
+            ]
+        )
+        == 0
+    )
     report = json.loads((run / "report.json").read_text())
     worse = report["stage1_worse"]
     rows = {r["layer"]: r for r in report["agreement"]["teacher_input"]}
