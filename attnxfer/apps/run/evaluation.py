@@ -18,7 +18,7 @@ from ...config import TrainConfig, to_dict
 from ...data.registry import dataset_options
 from ...errors import InputError
 from ...models.mae import MaskedAutoencoder
-from ...run_layout import CHECKPOINTS_SUBDIR, EVAL_SCORES
+from ...run_layout import CHECKPOINTS_SUBDIR, EVAL_SCORES, RUN_RECORD
 from ...sources.exported_student import load_student
 from ...sources.resolve import parse_teacher_spec, resolve
 from ...speak import say
@@ -133,8 +133,11 @@ def evaluate_run(
             f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
             "train it first, or point -c at the config.yaml of a run that has checkpoints"
         )
-    owner = point.path.parent.parent  # the run whose checkpoints/ holds it: its scores are that run's
-    if point.path.parent.name == CHECKPOINTS_SUBDIR and owner.resolve() != Path(cfg.run_dir).resolve():
+    # the training run whose checkpoints/ holds it: its scores are that run's (a conversion's stage 1 is none:
+    # its checkpoint is refused below for what it holds)
+    owner = point.path.parent.parent
+    of_a_run = point.path.parent.name == CHECKPOINTS_SUBDIR and (owner / RUN_RECORD).is_file()
+    if of_a_run and owner.resolve() != Path(cfg.run_dir).resolve():
         raise CheckpointError(
             f"checkpoint.resume={cfg.checkpoint.resume} is a checkpoint of the run {owner}, not of {cfg.run_dir}: "
             f"its scores belong with that run, where eval writes them: attnxfer eval {point.path}"
