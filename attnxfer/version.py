@@ -30,9 +30,8 @@ def software_record() -> dict[str, object]:
         **({"slurm_job": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}),
     }
     clone = Path(__file__).resolve().parent.parent
-    if (
-        clone / ".git"
-    ).exists():  # an editable install from a clone: the commit (a wheel's version says the rest)
+    # an editable install from a clone: the commit (a wheel's version says the rest)
+    if (clone / ".git").exists():
         git = ["git", "-C", str(clone)]
         try:
             commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

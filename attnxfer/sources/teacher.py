@@ -179,9 +179,8 @@ def _openclip_projection(state_dict: dict[str, torch.Tensor]) -> torch.Tensor | 
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
     """torch's strict-load error, restated with the key lists and what to change."""
     msg = str(err)
-    if any(
-        k.endswith(".attn.lambda_q1") for k in sd_keys
-    ):  # built with attnxfer's attention: refused as such
+    # built with attnxfer's attention: refused as such
+    if any(k.endswith(".attn.lambda_q1") for k in sd_keys):
         return TeacherLoadError(
             f"teacher {spec!r}: {arch}'s blocks are timm's DiffAttention: {DIFF_ATTENTION_REASON}"
         )

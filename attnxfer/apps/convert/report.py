@@ -502,11 +502,11 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
         lines.append(line)
     lines.append("")
     # a student contains its floor: one timed faster is timing noise, not a figure to read
+    noise = [row for row in rows if round(row.get("student_over_floor") or 0, 2) > 1]
     lines += [
         f"- {row['resolution']} px: the student timed at {row['student_over_floor']:.2f} of its floor, faster than "
         f"a model it contains: timing noise (a loaded machine); {RERUN}."
-        for row in rows
-        if round(row.get("student_over_floor") or 0, 2) > 1
+        for row in noise
     ]
     lines += [f"- {item['resolution']} px skipped: {item['reason']}" for item in sweep.get("skipped", [])]
     top = max((row["resolution"] for row in rows), default=None)
@@ -520,8 +520,7 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
         verdict = "Break-even: no side was measured."
     else:
         verdict = f"Break-even: none found; the student is not faster than the teacher up to {top} px."
-    noted = sweep.get("skipped") or any(round(row.get("student_over_floor") or 0, 2) > 1 for row in rows)
-    return [*lines, *([""] if noted else []), verdict, ""]
+    return [*lines, *([""] if sweep.get("skipped") or noise else []), verdict, ""]
 
 
 def _count(v: float | None) -> str:

@@ -350,8 +350,8 @@ def refuse_guessed_stats(d: DataConfig, record: dict[str, Any], who: str) -> Non
         raise InputError(
             f"{who} has no preprocessor_config.json beside its config.json, so the mean/std its weights were "
             f"trained with are unknown: set data.mean and data.std (the likeliest, its family's published "
-            f"checkpoints' or timm's defaults for its architecture: data.mean=[{mean}] data.std=[{std}]), or put the model's preprocessor_config.json beside its "
-            "config.json"
+            f"checkpoints' or timm's defaults for its architecture: data.mean=[{mean}] data.std=[{std}]), or "
+            "put the model's preprocessor_config.json beside its config.json"
         )
 
 

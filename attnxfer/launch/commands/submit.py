@@ -91,9 +91,10 @@ def _refuse_a_finished_run(cfg, found) -> None:
     with: its job would wait in the queue to say "nothing to do"; said here instead."""
     from ...checkpoints.run_dir import RunDir
 
-    if found is None or not RunDir(cfg.run_dir).record_file.is_file():
+    run = RunDir(cfg.run_dir)
+    if found is None or not run.record_file.is_file():
         return
-    total = RunDir(cfg.run_dir).record().get("total_steps")
+    total = run.record().get("total_steps")
     recorded = (found.config or {}).get("schedule") or {}
     same = (recorded.get("epochs"), recorded.get("max_steps")) == (
         cfg.schedule.epochs,

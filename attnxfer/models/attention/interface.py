@@ -376,13 +376,9 @@ class TransferableAttention(nn.Module):
     def contract_gap(cls) -> str | None:
         """What the class lacks of the interface its registration promises, in words (None: nothing), asked as
         it is registered: a plug-in's gap is said once, not as a traceback at its first forward."""
-        own = (cls._map_context, cls._map_rows, cls.attention_map)
-        base = (
-            TransferableAttention._map_context,
-            TransferableAttention._map_rows,
-            TransferableAttention.attention_map,
-        )
-        if cls.map_kind.has_map and own[2] is base[2] and (own[0] is base[0] or own[1] is base[1]):
+        base = TransferableAttention
+        rowless = cls._map_context is base._map_context or cls._map_rows is base._map_rows
+        if cls.map_kind.has_map and cls.attention_map is base.attention_map and rowless:
             return (
                 f"has map_kind {cls.map_kind.value!r} but no _map_context/_map_rows: give its map's rows, or "
                 "declare map_kind = MapKind.NONE"

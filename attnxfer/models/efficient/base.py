@@ -186,6 +186,11 @@ class EfficientAttention(TransferableAttention):
     #: within the shorter side: a same-size conv's kernel).
     grid_sized: ClassVar[tuple[tuple[str, str], ...]] = ()
 
+    def grid_at(self, built_grid: tuple[int, ...] = ()) -> tuple[int, int] | None:
+        """The token grid the attention is judged on: the declared one, else ``built_grid`` (a dynamic-size
+        model's at the size it was built for); None where neither says."""
+        return self.grid_size or (tuple(built_grid) if len(built_grid) == 2 else None)
+
     def grid_fit_error(self, built_grid: tuple[int, ...] = ()) -> InputError | None:
         """The refusal of a ``grid_sized`` option larger than the grid allows, where a student is built
         (`with_attention`): beyond it the attention is full attention or costs more, not the efficient one asked
@@ -193,7 +198,7 @@ class EfficientAttention(TransferableAttention):
         for: what trains there (a conversion's stage 1 and its choice of attentions fit at that size) would be
         softmax, whatever it is at other sizes. Not per call: at another resolution the core clamps (a window to
         the grid, landmarks to N)."""
-        grid = self.grid_size or (tuple(built_grid) if len(built_grid) == 2 else None)
+        grid = self.grid_at(built_grid)
         if grid is None:
             return None
         p, (gh, gw), side = self.num_prefix_tokens or 0, grid, min(grid)

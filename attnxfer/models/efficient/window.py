@@ -73,14 +73,14 @@ class WindowAttention(EfficientAttention):
         error = super().grid_fit_error(built_grid)
         if error is None:
             return None
-        h, w = self.grid_size or tuple(built_grid)
+        h, w = self.grid_at(built_grid)
         return type(error)(
             f"{error}; at {h}x{w} the window is softmax computed another way, and one of at most {min(h, w) - 1} "
             "on a side is local"
         )
 
     def covers_grid(self, built_grid: tuple[int, ...] = ()) -> str | None:
-        grid = self.grid_size or (tuple(built_grid) if len(built_grid) == 2 else None)
+        grid = self.grid_at(built_grid)
         if grid is None or self.window_on(grid) != tuple(grid):
             return None
         h, w = grid
