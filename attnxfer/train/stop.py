@@ -24,6 +24,10 @@ from .distributed import rank_and_world
 #: what a cluster or a user sends to end a process politely
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
+#: marks a stop signal's handler that must not run mid-step (a submitted job's USR2 requeue): the loop holds the
+#: signal, saves its step and raises `StopRequested`; the handler runs only where no loop catches
+WAITS_FOR_A_STEP = "waits_for_a_step"
+
 _received: list[int] = []  # signals caught since the loop started (signal handlers only append)
 #: a block runs: one inside it (a fit inside auto's selection) leaves it the signals and the flag
 _catching = False
@@ -68,7 +72,8 @@ class StopRequested(Exception):
 def stop_on_signals() -> Iterator[None]:
     """While the block runs, `STOP_SIGNALS` set a flag instead of ending the process (main thread only); a handler
     installed before (a submitted job's watcher) still runs; an ignored one (SIGINT of ``cmd &``) stays ignored.
-    SIGUSR2 is caught only where its default would end the process unsaved: a submitted job's is submitit's."""
+    SIGUSR2 is caught where its default would end the process unsaved, and where its handler (a submitted job's
+    requeue) is marked `WAITS_FOR_A_STEP`: that one runs once the loop has saved its step (or as the block ends)."""
     global _catching
     if threading.current_thread() is not threading.main_thread() or _catching:
         yield
@@ -78,19 +83,30 @@ def stop_on_signals() -> Iterator[None]:
         s: signal.getsignal(s)
         for s in STOP_SIGNALS
         if signal.getsignal(s) != signal.SIG_IGN
-        and (s != signal.SIGUSR2 or signal.getsignal(s) == signal.SIG_DFL)
+        and (
+            s != signal.SIGUSR2
+            or signal.getsignal(s) == signal.SIG_DFL
+            or getattr(signal.getsignal(s), WAITS_FOR_A_STEP, False)
+        )
     }
 
     held: list[int] = []  # caught and not passed to a handler: the loop stops on them, or they are sent again
 
     def handler(signum: int, frame: Any) -> None:
         before = previous[signum]
-        if _received and before in (signal.SIG_DFL, None):  # asked twice: stop now, as if never caught
-            signal.signal(signum, signal.SIG_DFL)
+        waits = getattr(before, WAITS_FOR_A_STEP, False)
+        if _received and (
+            before in (signal.SIG_DFL, None) or waits
+        ):  # asked twice: stop now, as if never caught
+            signal.signal(signum, before if waits else signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         _received.append(signum)
-        if callable(before) and (before is not signal.default_int_handler or len(_received) > 1):
+        if (
+            callable(before)
+            and not waits
+            and (before is not signal.default_int_handler or len(_received) > 1)
+        ):
             held[:] = [s for s in held if s != signum]
             before(signum, frame)
         else:
@@ -108,7 +124,12 @@ def stop_on_signals() -> Iterator[None]:
         _received.clear()
     if held:  # the block ended as usual (no StopRequested): a signal during its last step would be lost
         name = signal.Signals(held[0]).name
-        say(f"{name} came as the loop ended, its work saved: stopping now; re-run the same command to finish")
+        then = (
+            "its job requeues now"
+            if getattr(previous[held[0]], WAITS_FOR_A_STEP, False)
+            else "stopping now; re-run the same command to finish"
+        )
+        say(f"{name} came as the loop ended, its work saved: {then}")
         os.kill(os.getpid(), held[0])
 
 

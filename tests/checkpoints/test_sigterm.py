@@ -163,6 +163,39 @@ def test_sigusr2_is_caught_only_where_no_handler_takes_it():
         signal.signal(signal.SIGUSR2, before)
 
 
+def test_a_submitted_jobs_usr2_requeue_waits_for_the_loop_to_save_its_step(capsys):
+    """A submitted job's USR2 handler (submitit's requeue, which saves nothing) is marked to wait for a step:
+    inside a loop the signal stops it as SIGTERM does (the step saved, then the job requeues), and the handler
+    does not run mid-step; one that came during the last step runs as the block ends; outside a loop it runs
+    at once."""
+    from attnxfer.train.stop import WAITS_FOR_A_STEP, StopRequested, stop_on_signals, stop_signal
+
+    taken = []
+
+    def requeue(signum, frame):
+        taken.append(signum)
+
+    setattr(requeue, WAITS_FOR_A_STEP, True)
+    before = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(StopRequested), stop_on_signals():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert stop_signal() == signal.SIGUSR2 and taken == []
+            raise StopRequested(signal.SIGUSR2, 1, None)  # as the loop stops on it, its step saved
+        assert taken == [] and signal.getsignal(signal.SIGUSR2) is requeue
+        with stop_on_signals():  # the loop's last step: no step left to stop at
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert taken == []
+        assert taken == [signal.SIGUSR2]
+        assert (
+            "SIGUSR2 came as the loop ended, its work saved: its job requeues now" in capsys.readouterr().out
+        )
+        os.kill(os.getpid(), signal.SIGUSR2)  # no loop: submitit's requeue at once
+        assert taken == [signal.SIGUSR2] * 2
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_a_signal_the_loop_did_not_stop_on_acts_as_it_ends_not_lost(capsys):
     """Ctrl-C (or a preemption's SIGTERM) during a loop's last step or its final evaluation: the loop had no
     step left to stop at, and the signal was dropped as the block ended, the process going on for minutes

@@ -28,7 +28,7 @@ from ...errors import UserError
 from ...run_layout import CHECKPOINTS_SUBDIR
 from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
-from ...train.stop import StopRequested
+from ...train.stop import WAITS_FOR_A_STEP, StopRequested
 from .earlier_names import current_config, install as install_earlier_names
 from .options import SlurmOptions
 
@@ -62,11 +62,12 @@ class ConfigText(str):
 class TrainingTask(submitit.helpers.Checkpointable):
     """``main_fn(cfg)`` as a checkpointable submitit task that requeues itself and resumes from its run dir:
 
-    * USR2 (``--signal`` before the time limit, or a preemption that sends it): ``checkpoint()`` runs in
-      submitit's handler on rank 0 only, so it does no collective and saves nothing (the run's periodic
-      checkpoints resume); it hands back this task, which submitit pickles and SLURM requeues.
-    * SIGTERM (``scancel``, preemption without USR2): the loop saves at the next step boundary and raises
+    * SIGTERM (``scancel``, preemption without USR2), and USR2 (``--signal`` before the time limit, or a
+      preemption that sends it) while a training loop runs: the loop saves at the next step boundary and raises
       `StopRequested`; rank 0 requeues (``scontrol requeue``; a job its user cancelled stays cancelled).
+    * USR2 outside a loop (loading, evaluating): ``checkpoint()`` runs in submitit's handler on rank 0 only, so
+      it does no collective and saves nothing (the run's checkpoints resume); it hands back this task, which
+      submitit pickles and SLURM requeues.
 
     A signal within `TIMEOUT_SLACK_S` of the time limit is a timeout (bounded by ``max_requeues``); any
     other, and a requeue by the scheduler itself, a preemption (bounded by ``max_preemptions``, if set).
@@ -389,7 +390,9 @@ _STOP_SIGNALLED = False
 
 def _watch_stop_signals() -> None:
     """Remember SIGTERM and submitit's preemption signal, then run submitit's handlers: only rank 0
-    requeues, and the other ranks' collectives failing a moment later are then no real failure."""
+    requeues, and the other ranks' collectives failing a moment later are then no real failure. The
+    preemption signal's handler waits for a training loop's step (`WAITS_FOR_A_STEP`): inside one, every rank
+    saves that step and the job requeues as after SIGTERM; elsewhere (loading, evaluating) submitit's runs."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # debug executor: this is the user's own process
         return
     usr = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}", signal.SIGUSR2)
@@ -405,6 +408,7 @@ def _watch_stop_signals() -> None:
                 signal.signal(sig, signal.SIG_DFL)
                 os.kill(os.getpid(), sig)
 
+        setattr(handler, WAITS_FOR_A_STEP, signum == usr)
         signal.signal(signum, handler)
 
 

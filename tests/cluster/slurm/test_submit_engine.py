@@ -265,9 +265,12 @@ def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(
     assert state == "FAILED", state
 
 
-def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
-    """scancel --signal=TERM (what preemption without USR2 sends): both ranks stop at the same step,
-    rank 0 saves it and requeues the job, the requeued job resumes from that very step and finishes."""
+@pytest.mark.parametrize("sent", ["TERM", "USR2"])
+def test_a_stop_signal_saves_the_step_and_requeues_the_job(slurm, tmp_path, sent):
+    """scancel --signal=TERM (what preemption without USR2 sends), or USR2 (what SLURM sends before the time
+    limit, and on preemption where set up so; submitit's requeue saved nothing, the steps since the last
+    periodic checkpoint were redone): both ranks stop at the same step, rank 0 saves it and requeues the job,
+    the requeued job resumes from that very step and finishes."""
     run = tmp_path / "job"
     steps = 120
     sub = attnxfer_process(
@@ -291,12 +294,12 @@ def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
     _wait_until(
         lambda: metrics.exists() and metrics.read_text().count('"train"') >= 3, "training did not start"
     )
-    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    subprocess.run(["scancel", f"--signal={sent}", job_id], check=True)
     info = _ended(job_id)
     logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
     assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
     assert int(info.get("Restarts", 0)) == 1
-    m = re.search(r"stopped by SIGTERM at step (\d+) of \d+; checkpoint saved", logs)
+    m = re.search(rf"stopped by SIG{sent} at step (\d+) of \d+; checkpoint saved", logs)
     assert m, logs[-3000:]
     stopped = int(m.group(1))
     assert 3 <= stopped < steps
