@@ -570,6 +570,10 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert main(["convert", *default]) == 0
     assert f"nothing to do: {run} has run both stages to their ends" in capsys.readouterr().out
     assert (run / "report.json").read_bytes() == written
+    # submitted again: refused at once, not after the job's wait in the queue
+    assert main(["submit", "--command", "convert", *default, "--dry-run"]) == 2
+    refusal = f"nothing to do: {run} has run both stages to their ends (stage 2 at step 2 of 2)"
+    assert refusal in capsys.readouterr().err
     # the conversion's folder exports its final student (its stage-2 run), which loads back with its attention
     # and options; given as a teacher, the folder is named for what it is
     out = tmp_path / "export"

@@ -86,10 +86,13 @@ def _paths_missing_here(run) -> list[str]:
     return missing
 
 
-def _refuse_a_finished_run(cfg, found) -> None:
+def _refuse_a_finished_run(cfg, found, conversion: Path | None = None) -> None:
     """A run whose checkpoint stands at the last step its run.json recorded, with the schedule it was recorded
-    with: its job would wait in the queue to say "nothing to do"; said here instead."""
+    with: its job would wait in the queue to say "nothing to do"; said here instead. ``conversion``: the
+    conversion whose stage 2 ``cfg`` runs, finished once its stage 1 ran its steps and its report is written."""
+    from ...checkpoints.resume_point import ResumePoint
     from ...checkpoints.run_dir import RunDir
+    from ...run_layout import STAGE_DIRS
 
     run = RunDir(cfg.run_dir)
     if found is None or not run.record_file.is_file():
@@ -100,7 +103,21 @@ def _refuse_a_finished_run(cfg, found) -> None:
         cfg.schedule.epochs,
         cfg.schedule.max_steps,
     )
-    if isinstance(total, int) and found.step >= total and same:
+    if not (isinstance(total, int) and found.step >= total and same):
+        return
+    if conversion is not None:  # as the job's own check: both stages at their ends, and the report written
+        steps = cfg.convert.stage1_steps
+        stage1 = ResumePoint.find(conversion / STAGE_DIRS[0], cfg.checkpoint.resume, verify_hash=False)
+        if (conversion / "report.json").is_file() and (
+            steps <= 0 or (stage1 is not None and stage1.step >= steps)
+        ):
+            raise InputError(
+                f"nothing to do: {conversion} has run both stages to their ends (stage 2 at step {found.step} of "
+                f"{total}) and its report stands ({conversion / 'report.md'}): its job would wait in the queue only "
+                "to say so; nothing was submitted. To measure it again, move report.json aside; to train stage 2 "
+                "longer, raise schedule.epochs or schedule.max_steps"
+            )
+    else:
         raise InputError(
             f"nothing to do: {cfg.run_dir} is at step {found.step} of the {total} its schedule trains "
             f"({found.name}): its job would wait in the queue only to say so; nothing was submitted. To train "
@@ -234,6 +251,14 @@ def run(args) -> int:
                 _refuse_a_finished_run(judged, found)
             else:
                 _judge_resumes(point.cfg, world, study=study, converts=converts)
+                if args.job_command == "convert":
+                    from ...checkpoints.resume_point import ResumePoint
+
+                    stage2 = point.cfg.with_overrides(
+                        {"run_dir": str(Path(point.cfg.run_dir) / STAGE_DIRS[1])}
+                    )
+                    found = ResumePoint.find(stage2.run_dir, stage2.checkpoint.resume, verify_hash=False)
+                    _refuse_a_finished_run(stage2, found, conversion=Path(point.cfg.run_dir))
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
         missing.update(path for run in runs for path in _paths_missing_here(run))
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
