@@ -206,6 +206,8 @@ def render_model_card(
         ("id", teacher.get("spec")),
         ("architecture", teacher.get("architecture")),
         ("source", teacher.get("source")),
+        # a transformers checkpoint, its names and layout converted to the timm model's; none: timm's format
+        ("format", teacher.get("source_format") or ("timm" if teacher.get("source") else None)),
         ("Hub repo", teacher.get("hf_repo")),
         ("revision", teacher.get("hf_revision")),
         ("commit", teacher.get("hf_commit")),

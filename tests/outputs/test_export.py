@@ -4,6 +4,7 @@ Hub, the card of a run without a teacher, the export as a teacher, and a folder 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -140,11 +141,20 @@ def test_model_card_holds_teacher_licence_mode_plan_recipe_metrics(tmp_path):
         and MAE_TEACHER.hf_commit in body
         and MAE_TEACHER.sha256 in body
     )
+    assert "| format | `timm` |" in body  # the weights' own format: nothing converted
     assert "Mode: **distill**" in body and PLAN in body
     assert RECIPE.strip() in body
     assert "| val/top1 | 0.8125 |" in body and "| val/loss | 0.61 |" in body
     assert "animal-mnist, 10 classes" in body
     assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body
+
+
+def test_the_card_names_the_format_the_teachers_weights_came_in(tmp_path):
+    """A transformers checkpoint's names and layout were converted to timm's to make the teacher: the card's
+    teacher table says which format its weights came in, as run.json does."""
+    hf = dataclasses.replace(MAE_TEACHER, source_format="transformers vit_mae (ViTMAEModel)")
+    out = export_student(trained_student(), tmp_path / "card", card=card(teacher=hf))
+    assert "| format | `transformers vit_mae (ViTMAEModel)` |" in (out / "README.md").read_text()
 
 
 def test_the_card_of_a_student_trained_from_a_teacher_without_attention_transfer_names_none(tmp_path):
