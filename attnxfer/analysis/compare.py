@@ -56,6 +56,7 @@ class TeacherLayer:
     name: str = ""
     stage: str = ""
     partition: str = ""
+    note: str = ""  # what was done to its maps before measuring (a signed map's rows clipped)
 
 
 @dataclass
@@ -297,6 +298,7 @@ def _teacher_result(j: int, layer: tuple[str, TransferableAttention], acc: Teach
         name,
         stage_of(name),
         geometry,
+        _NOTES[MapKind.SIGNED] if getattr(attn, "map_kind", None) is MapKind.SIGNED else "",
     )
 
 

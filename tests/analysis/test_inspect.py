@@ -49,7 +49,7 @@ from attnxfer.apps.inspect.inspect import (
     load_model,
     write_report,
 )
-from attnxfer.apps.inspect.report_text import agreement_sentence
+from attnxfer.apps.inspect.report_text import agreement_sentence, render_report
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.errors import InputError, UserError
 from attnxfer.launch.cli import main as cli_main
@@ -272,6 +272,20 @@ def test_efficient_student_through_its_implicit_maps():
     assert rows[1].attention == "hedgehog" and rows[1].mean["js"] > 0
     maps = class_token_maps(mixed, x)
     assert maps[0] is None and maps[1].shape == (3, 3, 4, 4)
+
+
+def test_a_teacher_with_signed_maps_is_said_to_be_clipped_before_comparing():
+    """A converted model given as the teacher (Nystrom's maps go negative): its rows are clipped at 0 and
+    renormalised to be compared, which its layers' table says, as a student's does."""
+    teacher = build_efficient_student(peaked_teacher(depth=2), "nystrom", num_landmarks=8)
+    insp = compare_attention(teacher, {"s": tiny_vit(depth=2, seed=7)}, [torch.randn(2, 3, 32, 32)])
+    assert all("rows clipped at 0 and renormalised" in t.note for t in insp.teacher)
+    report = render_report(insp, "t", {"s": "s"})
+    assert "- teacher layer 1: signed map: rows clipped at 0 and renormalised before comparing" in report
+    plain = compare_attention(
+        peaked_teacher(depth=2), {"s": tiny_vit(depth=2, seed=7)}, [torch.randn(2, 3, 32, 32)]
+    )
+    assert not any(t.note for t in plain.teacher)
 
 
 def test_grouped_teacher_heads_and_fewer_student_heads():

@@ -45,6 +45,7 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
         "attention distance from where each row and key sits on the image (padding left out); "
         "`queries_*` pictures show where the centre and corner query of each layer look, stage by stage",
         *_teacher_table(insp.teacher),
+        *[f"- teacher layer {t.layer}: {t.note}" for t in insp.teacher if t.note],
     ]
     for name, rows in insp.students.items():
         lines += [*_student_table(name, rows), *_head_correspondence(rows)]
