@@ -455,3 +455,7 @@ def run(argv: Sequence[str] | None = None) -> NoReturn:
         sys.stderr.write("attnxfer: interrupted\n")
         code = 130
     end_program(code)
+
+
+if __name__ == "__main__":  # `python -m attnxfer.launch.cli` runs as `python -m attnxfer` does
+    run()

@@ -563,8 +563,9 @@ class Engine:
             self.stop_if_non_finite()
             rec = self.window.means() | {"lr": lr}
             self.metrics.log("train", self.step, rec, epoch=self._epoch_now())
-            if progress is not None:
-                progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
+            if progress is not None:  # the total, and the two parts a transfer's total sums where it has them
+                parts = {k: f"{rec[k]:.3f}" for k in ("task", "transfer") if k in rec}
+                progress.set_postfix(loss=f"{rec['total']:.3f}", **parts, lr=f"{lr:.2e}")
 
     def _end_epoch(self) -> None:
         s = self.settings

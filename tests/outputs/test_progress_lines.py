@@ -138,12 +138,12 @@ TRAIN = [
 ]
 
 
-def _train(run: Path, stderr: TextIO) -> int:
+def _train(run: Path, stderr: TextIO, *extra: str) -> int:
     """`attnxfer train` (the CLI's own `main`, in this process) with ``stderr`` as its stderr: what the engine
     decides from is the stream ``sys.stderr`` is when its bar starts, a file's or a terminal's, so no new
     interpreter (a fresh torch import) is needed to give it either. Its stdout, the results, is dropped."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
-        return cli.main([*TRAIN, f"run_dir={run}"])
+        return cli.main([*TRAIN, f"run_dir={run}", *extra])
 
 
 def _train_on_a_terminal(run: Path) -> tuple[int, str]:
@@ -173,19 +173,24 @@ def _train_on_a_terminal(run: Path) -> tuple[int, str]:
         os.close(master)
 
 
-def test_a_training_run_writes_plain_lines_into_a_log_file_and_a_bar_onto_a_terminal(tmp_path):
+def test_a_training_run_writes_plain_lines_into_a_log_file_and_a_bar_onto_a_terminal(
+    tmp_path, tiny_teacher_dir
+):
     """`attnxfer train` with log.progress=true: stderr to a file (a submitted job's) holds one line per
-    train record and no carriage return; the same run on a pty draws tqdm's bar. Both in this process (`_train`)."""
+    train record and no carriage return, with the loss and the two parts a distillation's sums; the same run
+    on a pty draws tqdm's bar. Both in this process (`_train`)."""
     err = tmp_path / "job_log.err"
     with err.open("w") as f:
-        assert _train(tmp_path / "file", f) == 0
+        distill = [f"teacher.spec=local-dir:{tiny_teacher_dir}", "transfer.mode=distill"]
+        assert _train(tmp_path / "file", f, *distill) == 0
     text = err.read_text()
     assert "\r" not in text
     records = [json.loads(line) for line in (tmp_path / "file" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     lines = [line for line in text.splitlines() if line.startswith("epoch 0: batch")]
     assert [r["step"] for r in train] == [2, 4, 6] and len(lines) == len(train), text
-    assert all(f"loss {r['total']:.3f}" in line for r, line in zip(train, lines))
+    for r, line in zip(train, lines):
+        assert f"loss {r['total']:.3f}  task {r['task']:.3f}  transfer {r['transfer']:.3f}  lr" in line, line
 
     code, shown = _train_on_a_terminal(tmp_path / "tty")
     # a redraw is a carriage return of its own: the pty turns every line's "\n" into "\r\n", which plain
