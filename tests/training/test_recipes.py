@@ -201,6 +201,26 @@ def test_a_min_lr_above_the_base_lr_is_said_not_silently_climbed_to(capsys):
     assert "lower optim.min_lr" in said
 
 
+def test_a_run_says_its_global_batch_how_it_is_split_and_the_lr_it_gives(capsys):
+    """As MAE's main_finetune prints effective batch size, accumulation, base and actual lr: a run on 64
+    processes whose lr follows blr says the lr that global batch gives, one set by optim.lr says that one."""
+    cfg = load_config("paper/vit_large_copy", ["optim.accum_steps=2"])
+    lr = base_lr(cfg, GPUS, say_it=True)
+    batch = cfg.data.batch_size * GPUS * 2
+    assert (
+        f"batch: {batch} images an optimiser step ({cfg.data.batch_size} per process x {GPUS} processes x 2 "
+        f"accumulation steps); lr {lr:.3g} (optim.blr={cfg.optim.blr:g} x global batch {batch} / 256)"
+    ) in capsys.readouterr().out
+    base_lr(cfg.with_overrides({"optim.lr": 3e-4, "optim.accum_steps": 1}), 1, say_it=True)
+    said = capsys.readouterr().out
+    assert (
+        f"({cfg.data.batch_size} per process x 1 process x 1 accumulation step); lr 0.0003 (optim.lr=0.0003)"
+        in said
+    )
+    base_lr(cfg, 1)
+    assert "batch:" not in capsys.readouterr().out  # said once, where the run starts
+
+
 def test_layer_decay_rules_on_a_meta_vit_large():
     """timm's / MAE's rule vs the reference's: one power of the decay apart for the stem and every block."""
     with torch.device("meta"):
@@ -567,7 +587,9 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     assert (
         list(grey.mean) == [sum(rgb.mean) / 3] and list(grey.std) == [sum(rgb.std) / 3] and len(rgb.mean) == 3
     )
-    assert "px for the student, normalised by the dataset's mean/std" in capsys.readouterr().out  # no teacher
+    # no teacher: a folder states no statistics, and timm's ImageNet ones are said to be what they are
+    said = "px for the student, normalised by ImageNet's mean/std (timm's default: the dataset states none; "
+    assert said + "data.mean / data.std set your data's)" in capsys.readouterr().out
     # a report scoring runs after they trained (the demo's, a study's) does not say it again
     build_run_parts(load_config(None, base), quiet=True)
     assert "data:" not in capsys.readouterr().out

@@ -242,7 +242,9 @@ def build_pretrain_engine(
         point = dataclasses.replace(point, restart_epoch=True)
     mae.to(runtime.device)
     settings = dataclasses.replace(
-        loop_settings(cfg, runtime.world, resume=point), metric="val_loss", metric_mode="min"
+        loop_settings(cfg, runtime.world, resume=point, say_batch=not scoring),
+        metric="val_loss",
+        metric_mode="min",
     )
     if cfg.model.grad_checkpointing:
         checkpoint_gradients(mae)

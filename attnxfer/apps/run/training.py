@@ -231,10 +231,13 @@ def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
     return TaskLoss(lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
 
 
-def base_lr(cfg: TrainConfig, world: int) -> float:
+def base_lr(cfg: TrainConfig, world: int, say_it: bool = False) -> float:
     """``optim.lr``, or MAE's rule lr = blr · global batch / 256; a ``optim.min_lr`` above it is said (the
-    cosine would raise the lr to it: a recipe's min_lr, set for its global batch, on fewer processes)."""
+    cosine would raise the lr to it: a recipe's min_lr, set for its global batch, on fewer processes).
+    ``say_it``: one start-up line with the global batch, how it is split and the lr it gives, what MAE's
+    main_finetune prints as its effective batch size, accumulation and base and actual lr."""
     o = cfg.optim
+    batch = cfg.data.batch_size * world * o.accum_steps
     if o.lr is not None:
         if o.blr != OptimConfig().blr:  # one file sets both (blr over a recipe's lr is refused)
             warn(
@@ -242,8 +245,13 @@ def base_lr(cfg: TrainConfig, world: int) -> float:
             )
         lr, how = o.lr, f"optim.lr={o.lr:g}"
     else:
-        batch = cfg.data.batch_size * world * o.accum_steps
         lr, how = o.blr * batch / 256, f"optim.blr={o.blr:g} x global batch {batch} / 256"
+    if say_it:
+        processes, steps = f"process{'es' * (world != 1)}", f"accumulation step{'s' * (o.accum_steps != 1)}"
+        say(
+            f"batch: {batch} images an optimiser step ({cfg.data.batch_size} per process x {world} {processes} x "
+            f"{o.accum_steps} {steps}); lr {lr:.3g} ({how})"
+        )
     if o.min_lr > lr:
         warn(
             f"warning: optim.min_lr={o.min_lr:g} is above the base lr {lr:g} ({how}): after warm-up the "
@@ -259,16 +267,18 @@ def loop_settings(
     resume: ResumePoint | None = None,
     prune_on_save: bool = True,
     say_world: bool = True,
+    say_batch: bool = False,
 ) -> LoopSettings:
     """The ``schedule``/``optim``/``log``/``checkpoint`` sections as the loop's settings; ``resume`` is the
-    checkpoint the app found and judged (`attnxfer.apps.run.resume`), so the engine does not look again."""
+    checkpoint the app found and judged (`attnxfer.apps.run.resume`), so the engine does not look again.
+    ``say_batch``: the start-up line of the global batch and the lr (`base_lr`)."""
     c = cfg.checkpoint
     return LoopSettings(
         run_dir=Path(cfg.run_dir),
         epochs=cfg.schedule.epochs,
         max_steps=cfg.schedule.max_steps,
         warmup_epochs=cfg.schedule.warmup_epochs,
-        base_lr=base_lr(cfg, world),
+        base_lr=base_lr(cfg, world, say_it=say_batch),
         min_lr=cfg.optim.min_lr,
         clip_grad=cfg.optim.clip_grad,
         accum_steps=cfg.optim.accum_steps,
@@ -621,7 +631,14 @@ def build_engine(
         metric = f"ema_{metric}"
     if point is not None:
         metric = point.state.get("best_metric", metric)
-    settings = loop_settings(cfg, runtime.world, point, prune_on_save, say_world=warn_schedule)
+    settings = loop_settings(
+        cfg,
+        runtime.world,
+        point,
+        prune_on_save,
+        say_world=warn_schedule,
+        say_batch=warn_schedule and not scoring,
+    )
     settings = replace(settings, metric=metric, metric_mode="max")
     n = cfg.log.attention_images  # class-token maps at each evaluation, where a tracker shows them
     shown = n > 0 and bool(cfg.log.trackers)
