@@ -48,6 +48,11 @@ def _require_split(dataset: str, root: str | None, split: str, which: str) -> No
     except ImportError as e:
         raise _missing_extra(dataset, e) from e
     name = dataset.split("/", 1)[1]
+    if not _on_the_hub(name) and not Path(name).expanduser().is_dir():  # datasets would read it as a Hub id
+        raise MissingPathError(
+            f"data.dataset={dataset}: no folder {name} (from {Path.cwd()}); a dataset on disk is read from its "
+            "folder (save_to_disk's, or one of data files), given by its path"
+        )
     try:
         with _hub_reads(name):
             names = datasets.get_dataset_split_names(name, cache_dir=root)
@@ -61,6 +66,7 @@ def _require_split(dataset: str, root: str | None, split: str, which: str) -> No
                 ". Hugging Face datasets are read from their cache (data.root, else HF_DATASETS_CACHE or "
                 f"HF_HOME); on a machine with internet, fill one with datasets.load_dataset({name!r}, "
                 "cache_dir=DIR), then set data.root=DIR"
+                + ("" if Path(name).exists() else f"; nor is there a folder {name} here (from {Path.cwd()})")
                 if hub
                 else ""
             )

@@ -414,12 +414,17 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
         monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
     hub = (
         r"hfds/acme/none: not in the cache and cannot be downloaded: HF_HUB_OFFLINE=1 is set\. .*"
-        r"load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR$"
+        r"load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR; nor is there a folder acme/none "
+        r"here \(from .*\)$"  # a local folder's name misspelt reads as a Hub id: not one of the user's either
     )
     with pytest.raises(MissingPathError, match=hub):
         build_dataset("hfds/acme/none", "train", root=tmp_path, **NORM)
-    with pytest.raises(MissingPathError, match=r"nowhere$"):  # a folder of the user's: no Hub advice
-        build_dataset(f"hfds/{tmp_path / 'nowhere'}", "train", root=tmp_path, **NORM)
+    # a folder of the user's by its path: no Hub advice (datasets read ./NAME as a malformed Hub id)
+    for path in (tmp_path / "nowhere", "./nowhere"):
+        with pytest.raises(
+            MissingPathError, match=rf"no folder {re.escape(str(path))} \(from .*\); a dataset on"
+        ):
+            build_dataset(f"hfds/{path}", "train", root=tmp_path, **NORM)
     with pytest.raises(InputError, match=r"split train not found in info.*data.kwargs.train_split='NAME-"):
         build_dataset("wds/animals", "train", root=str(shards), **NORM, batch_size=8)
     with pytest.raises(

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 
 from ...config import DataConfig, ModelConfig, TrainConfig
@@ -554,6 +555,11 @@ def parts_around(
     stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
     if chosen_by is not None:
         d, (made_for, normalised_by) = cfg.data, chosen_by
+        # a dataset of decoded images (a folder, hfds/, wds/) has no statistics of its own: timm's ImageNet ones
+        imagenet = (tuple(info.mean), tuple(info.std)) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        imagenet = normalised_by == "the dataset's" and imagenet and not (d.mean or d.std)
+        if imagenet:
+            normalised_by = "ImageNet's"
         mean_by, std_by = ("data." if given else f"{normalised_by} " for given in (d.mean, d.std))
         say(
             f"data: {d.dataset}{f' ({d.root})' if d.root and dataset_reads_root(d.dataset) else ''}, "
@@ -562,6 +568,11 @@ def parts_around(
             f"{in_chans}-channel {img_size} px for "
             f"{'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
             f", normalised by {f'{mean_by}mean/std' if mean_by == std_by else f'{mean_by}mean and {std_by}std'}"
+            + (
+                " (timm's default: the dataset states none; data.mean / data.std set your data's)"
+                if imagenet
+                else ""
+            )
         )
         options, a = dataset_options(d.dataset), cfg.aug
         unread = [f"aug.{k}={v}" for k, v in (("reprob", a.reprob), ("auto_augment", a.auto_augment)) if v]
