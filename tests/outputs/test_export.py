@@ -1010,12 +1010,12 @@ def test_the_cli_takes_ema_weights_where_the_exported_checkpoint_kept_them_not_w
         assert_exported(tmp_path / "out", raw)
         assert "step-00000100 (best val top-1 70.00), raw weights" in text
         assert err.strip().endswith(
-            "step-00000100, the checkpoint exported, kept no EMA weights; its raw weights were exported"
+            "attnxfer export: step-00000100 holds no EMA weights: its raw weights were exported"
         ), err
 
 
 def test_the_cli_says_nothing_of_ema_for_an_mae_pretraining_which_never_keeps_one(tmp_path, capsys):
-    """Pretrain refuses ema.decay: 'kept no EMA weights' told of a choice the run never had."""
+    """Pretrain refuses ema.decay: 'holds no EMA weights' told of a choice the run never had."""
     run, student = tmp_path / "run", trained_student(steps=0)
     run.mkdir()
     (run / "config.yaml").write_text("data:\n  dataset: animal_mnist\n  img_size: 32\n")

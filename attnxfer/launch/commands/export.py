@@ -91,9 +91,7 @@ def run(args) -> int:
         formats=args.formats,
     )
     if weights != args.weights and run.record().get("objective") != "mae":  # pretrain refuses ema.decay
-        warn(
-            f"attnxfer export: {ckpt.name}, the checkpoint exported, kept no EMA weights; its raw weights were exported"
-        )
+        warn(f"attnxfer export: {ckpt.name} holds no EMA weights: its raw weights were exported")
     lines = [f"exported to {out}"]
     if "timm" in args.formats:
         meta = json.loads((out / "config.json").read_text())["attnxfer"]
