@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -29,6 +30,9 @@ from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
 from .label_free import without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix
 from .seeding import OwnGlobalRngs, sample_seed
+
+#: drops timm's log line about shards without an _info.json (a `logging.Filter` as a callable)
+_NO_INFO_FILE = lambda record: "Dataset info file not found" not in record.getMessage()
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -484,6 +488,10 @@ for _prefix in STREAM_PREFIXES:
         aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
         augment, transform, info = timm_transform(split, augment, info, **aug)
         transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform, seed if augment else None)
+        # timm logs that shards without _info.json fall back to the split as given: what was asked for, or a
+        # split name no file lists, which the InputError below says in attnxfer's words
+        wds_log = logging.getLogger("timm.data.readers.reader_wds")
+        wds_log.addFilter(_NO_INFO_FILE)
         try:
             stream = create_dataset(
                 dataset,
@@ -516,6 +524,8 @@ for _prefix in STREAM_PREFIXES:
                 f"data.dataset={dataset}: {e}: no _info.json under data.root={root} names it; name the split's "
                 f"shards instead: data.kwargs.{split}_split='NAME-{{000000..000099}}.tar|N' (files, samples)"
             ) from e
+        finally:
+            wds_log.removeFilter(_NO_INFO_FILE)
         per_rank, share = None, (0, 1)
         if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
             per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size

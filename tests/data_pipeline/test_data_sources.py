@@ -404,7 +404,7 @@ def test_a_split_the_hugging_face_dataset_lacks_is_refused_with_the_key_that_nam
         build_dataset(f"{prefix}/{hf_dir}", "train", root=tmp_path, **NORM, train_split="training", **options)
 
 
-def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, monkeypatch):
+def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, monkeypatch, caplog):
     """A Hub dataset neither cached nor reachable, a local folder that is not there, and shards without an
     _info.json to name their split: each a line saying what to set, not datasets' or timm's traceback."""
     import datasets
@@ -427,6 +427,7 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
             build_dataset(f"hfds/{path}", "train", root=tmp_path, **NORM)
     with pytest.raises(InputError, match=r"split train not found in info.*data.kwargs.train_split='NAME-"):
         build_dataset("wds/animals", "train", root=str(shards), **NORM, batch_size=8)
+    assert "Dataset info file not found" not in caplog.text  # timm's line before attnxfer's own, dropped
     with pytest.raises(
         InputError, match=r"wds/animals reads webdataset tar shards under data.root: set data.root="
     ):
