@@ -154,6 +154,22 @@ def quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def lines_dropped(logger: str, containing: str) -> Iterator[None]:
+    """Inside: another library's log lines that contain ``containing`` dropped (timm's warning before attnxfer
+    says the same thing in its own words, or finds nothing amiss)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return containing not in record.getMessage()
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+@contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
     """Inside: attnxfer's own warnings (a renamed key, a corrupt checkpoint) read ``warning: ...`` like its other
     lines, not ``file:line: Category: ...``, and only the main rank shows them, as it does `warn`'s (every rank

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import io
 import json
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -26,13 +25,11 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError, MissingPathError
 from ..hub_reach import cache_only_while_unreachable, offline_reason
+from ..speak import lines_dropped
 from .folder import FolderDataset, decoded_image_info, eight_bit, timm_transform
 from .label_free import without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix
 from .seeding import OwnGlobalRngs, sample_seed
-
-#: drops timm's log line about shards without an _info.json (a `logging.Filter` as a callable)
-_NO_INFO_FILE = lambda record: "Dataset info file not found" not in record.getMessage()
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -490,22 +487,21 @@ for _prefix in STREAM_PREFIXES:
         transform = ReadAs("RGB" if info.in_chans == 3 else "L", transform, seed if augment else None)
         # timm logs that shards without _info.json fall back to the split as given: what was asked for, or a
         # split name no file lists, which the InputError below says in attnxfer's words
-        wds_log = logging.getLogger("timm.data.readers.reader_wds")
-        wds_log.addFilter(_NO_INFO_FILE)
         try:
-            stream = create_dataset(
-                dataset,
-                root=root,
-                split=train_split if split == "train" else val_split,
-                is_training=split == "train",
-                batch_size=batch_size,
-                num_samples=num_samples,
-                seed=seed,
-                input_img_mode="",  # none: `ReadAs` converts (timm takes None for its default, RGB)
-                transform=transform,
-                target_transform=LabelInRange(num_classes, dataset) if labels and num_classes else None,
-                **columns,
-            )
+            with lines_dropped("timm.data.readers.reader_wds", "Dataset info file not found"):
+                stream = create_dataset(
+                    dataset,
+                    root=root,
+                    split=train_split if split == "train" else val_split,
+                    is_training=split == "train",
+                    batch_size=batch_size,
+                    num_samples=num_samples,
+                    seed=seed,
+                    input_img_mode="",  # none: `ReadAs` converts (timm takes None for its default, RGB)
+                    transform=transform,
+                    target_transform=LabelInRange(num_classes, dataset) if labels and num_classes else None,
+                    **columns,
+                )
             # webdataset skips a shard it cannot open with a log line: an epoch would end early, or be empty
             shards = stream.reader.split_info.filenames if _prefix == "wds" and "://" not in root else ()
             if missing := [f for f in shards if not os.path.isfile(os.path.join(root, f))]:
@@ -524,8 +520,6 @@ for _prefix in STREAM_PREFIXES:
                 f"data.dataset={dataset}: {e}: no _info.json under data.root={root} names it; name the split's "
                 f"shards instead: data.kwargs.{split}_split='NAME-{{000000..000099}}.tar|N' (files, samples)"
             ) from e
-        finally:
-            wds_log.removeFilter(_NO_INFO_FILE)
         per_rank, share = None, (0, 1)
         if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
             per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
