@@ -20,6 +20,7 @@ from ..run_layout import (
     is_exported_model,
     missing_path,
 )
+from ..speak import warn
 from .overrides import (
     ConfigError,
     apply_overrides,
@@ -34,6 +35,9 @@ from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
 
 RECIPES = Path(__file__).resolve().parent.parent / "cfgs"  # the built-in recipes, installed with the package
+
+
+_SHADOWED: set[str] = set()  # recipe names said to shadow a file of the user's
 
 
 def list_recipes() -> list[str]:
@@ -72,6 +76,13 @@ def resolve_recipe(path: str | Path) -> Path:
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
     for candidate in (RECIPES / p, builtin, Path(f"{p}.yaml")):
         if candidate.is_file():
+            # a name, not a path: a file of the same name here is not read (said once; loading reads it twice)
+            if candidate.is_relative_to(RECIPES) and Path(f"{p}.yaml").is_file() and str(p) not in _SHADOWED:
+                _SHADOWED.add(str(p))
+                warn(
+                    f"warning: -c {path} reads the built-in recipe {path}; the file {p}.yaml here is not read "
+                    f"(give -c {p}.yaml for it)"
+                )
             return candidate
     study = _student_configs(p.parent)
     if study is not None:

@@ -422,15 +422,20 @@ def test_a_recipe_may_start_from_another_and_state_only_what_differs(tmp_path):
     assert dump_config(sub).count("base") == dump_config(ref).count("base")  # `base` is not a config key
 
 
-def test_a_config_named_without_yaml_is_found_here_as_base_finds_one_beside_its_recipe(tmp_path, monkeypatch):
+def test_a_config_named_without_yaml_is_found_here_as_base_finds_one_beside_its_recipe(
+    tmp_path, monkeypatch, capsys
+):
     """``-c mine`` reads ./mine.yaml as ``base: mine`` would; a built-in recipe's name still means the recipe
-    for -c, where ``base:`` takes the file beside its recipe first."""
+    for -c (and says that the file of that name here is not read), where ``base:`` takes the file beside its
+    recipe first."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mine.yaml").write_text("base: paper/vit_large_distill\nseed: 7\n", encoding="utf-8")
     assert load_config("mine").seed == 7
     (tmp_path / "paper").mkdir()
     (tmp_path / "paper" / "vit_large_distill.yaml").write_text("seed: 8\n", encoding="utf-8")
     assert load_config("paper/vit_large_distill").seed != 8
+    said = "warning: -c paper/vit_large_distill reads the built-in recipe paper/vit_large_distill; the file "
+    assert said + "paper/vit_large_distill.yaml here is not read" in capsys.readouterr().err
     # the other way round for base: (docs/training.md says both): the file beside the recipe comes first
     (tmp_path / "child.yaml").write_text("base: paper/vit_large_distill\n", encoding="utf-8")
     assert load_config("child").seed == 8
