@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -323,3 +324,29 @@ def test_sigterm_or_ctrl_c_in_convert_stage1_saves_its_step_and_the_same_command
     a, b = (p.state for p in done)
     assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]]
     assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
+
+
+def test_a_preemption_signal_while_a_job_loads_its_task_is_held_for_submitits_handler(monkeypatch):
+    """submitit's job process installs its USR2 handler only after unpickling the task (seconds of imports):
+    a USR2 before it would end the job unsaved. The package holds it from its first import there, and the task
+    passes it on to the handler submitit installed; a command that submits leaves USR2 as it is."""
+    from attnxfer.launch.slurm.held_signal import hold_usr2_while_loading, pass_on_held_usr2
+
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    monkeypatch.setattr(sys, "argv", ["/venv/lib/site-packages/submitit/core/_submit.py", "/jobs"])
+    before = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    try:
+        hold_usr2_while_loading()
+        os.kill(os.getpid(), signal.SIGUSR2)  # at its default action, this would end pytest
+        taken = []
+        signal.signal(signal.SIGUSR2, lambda signum, frame: taken.append(signum))  # submitit's, once loaded
+        pass_on_held_usr2()
+        assert taken == [signal.SIGUSR2]
+        pass_on_held_usr2()
+        assert taken == [signal.SIGUSR2]  # passed on once
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        monkeypatch.setattr(sys, "argv", ["/venv/bin/attnxfer", "submit"])
+        hold_usr2_while_loading()
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR2, before)

@@ -6,6 +6,11 @@ checkpoint. ``cfg`` is opaque here except for `RunConfig` (a run directory and o
 
 from __future__ import annotations
 
+# first: a job's process imports this package as it unpickles its task, seconds before submitit installs its USR2
+# handler; importing held_signal holds the signal from here on (see there)
+from . import held_signal as held_signal
+
+# isort: split
 from ..arguments import (
     add_slurm_arguments as add_slurm_arguments,
     parse_key_values as parse_key_values,

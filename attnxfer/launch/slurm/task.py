@@ -30,6 +30,7 @@ from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import WAITS_FOR_A_STEP, StopRequested
 from .earlier_names import current_config, install as install_earlier_names
+from .held_signal import pass_on_held_usr2
 from .options import SlurmOptions
 
 
@@ -141,6 +142,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 )
             self.cfg = resumed_on_restart(self.cfg)
         _watch_stop_signals()
+        pass_on_held_usr2()  # a preemption while the task loaded: submitit's handler requeues the job now
         # the config's dist.timeout (a run's config; another callable's config may have none: torch's defaults)
         timeout = getattr(getattr(self.cfg, "dist", None), "timeout", None)
         info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")), timeout)
@@ -246,8 +248,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 refused = e
         with contextlib.suppress(Exception):
             barrier()
-        if refused is not None:
-            raise refused
+        if refused is not None:  # the stop's traceback is no cause of it: the bound alone
+            raise refused from None
         raise SystemExit(stop.exit_code)
 
     def _record_requeue(self, count: int, event: str, cause: str | None = None) -> None:

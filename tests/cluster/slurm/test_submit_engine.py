@@ -317,6 +317,26 @@ def test_a_stop_signal_saves_the_step_and_requeues_the_job(slurm, tmp_path, sent
     assert record["timeouts"] == 0 and record["preemptions"] == 1
 
 
+def test_a_preemption_signal_while_the_job_loads_its_task_requeues_the_job(slurm, tmp_path):
+    """USR2 before submitit's handler is in place (the task's unpickling imports torch and timm, seconds): its
+    default action ended the job FAILED, unsaved and not requeued. It is held, and requeues the job once the
+    task runs; the requeued job trains to its end."""
+    run = tmp_path / "job"
+    sub = attnxfer_process(
+        "submit", f"run_dir={run}", *TINY, "schedule.max_steps=4", "--cpus-per-task", "1", "--time", "10"
+    )
+    job_id = _job_id(sub)
+    out = run / "submitit" / f"{job_id}_0_log.out"
+    _wait_until(lambda: out.exists() and "Loading pickle" in out.read_text(), "the job did not start")
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    info = _ended(job_id)
+    logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert info["JobState"] == "COMPLETED" and int(info.get("Restarts", 0)) == 1, (info, logs[-3000:])
+    assert "a preemption signal (USR2) came while the job loaded: requeuing before any work" in logs
+    name, _, state = _final(run)
+    assert name == "step-00000004" and state["step"] == 4
+
+
 def test_a_plain_scancel_saves_the_step_and_the_job_stays_cancelled(slurm, tmp_path):
     """`scancel JOB`, as `submit` prints it: the ranks save the step (within KillWait) but do not requeue the
     job (SLURM would requeue even a cancelled one), and `--wait` says so in one line: cancelled (not failed),
