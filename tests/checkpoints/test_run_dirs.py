@@ -224,6 +224,7 @@ def test_submit_refuses_a_key_the_runs_checkpoint_fixes_before_submitting(traine
     # at its end, with its schedule: a job that would wait in the queue to say "nothing to do", said here
     code, _, err = run_cli(capsys, *argv, "--dry-run")
     assert code == 2 and f"nothing to do: {trained} is at step 2 of the 2 its schedule trains" in err, err
+    assert "To train longer, raise schedule.max_steps or schedule.epochs" in err  # max_steps ends it
     # a sweep writes one run a point under run_dir: inside this run's folder, export and resume would mix them
     code, _, err = run_cli(capsys, *argv, "--sweep", "optim.lr=1e-3,2e-3", "--dry-run")
     sweep = "holds a training run (run.json), which attnxfer train --sweep does not write into"

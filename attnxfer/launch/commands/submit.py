@@ -105,6 +105,8 @@ def _refuse_a_finished_run(cfg, found, conversion: Path | None = None) -> None:
     )
     if not (isinstance(total, int) and found.step >= total and same):
         return
+    # the key that ends the run, as its job would say: a max_steps past the last epoch's end trains no further
+    keys = "schedule.max_steps or schedule.epochs" if cfg.schedule.max_steps == total else "schedule.epochs"
     if conversion is not None:  # as the job's own check: both stages at their ends, and the report written
         steps = cfg.convert.stage1_steps
         stage1 = ResumePoint.find(conversion / STAGE_DIRS[0], cfg.checkpoint.resume, verify_hash=False)
@@ -115,13 +117,13 @@ def _refuse_a_finished_run(cfg, found, conversion: Path | None = None) -> None:
                 f"nothing to do: {conversion} has run both stages to their ends (stage 2 at step {found.step} of "
                 f"{total}) and its report stands ({conversion / 'report.md'}): its job would wait in the queue only "
                 "to say so; nothing was submitted. To measure it again, move report.json aside; to train stage 2 "
-                "longer, raise schedule.epochs or schedule.max_steps"
+                f"longer, raise {keys}"
             )
     else:
         raise InputError(
             f"nothing to do: {cfg.run_dir} is at step {found.step} of the {total} its schedule trains "
             f"({found.name}): its job would wait in the queue only to say so; nothing was submitted. To train "
-            "longer, raise schedule.epochs or schedule.max_steps"
+            f"longer, raise {keys}"
         )
 
 
