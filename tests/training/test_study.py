@@ -713,6 +713,12 @@ def test_a_study_resumed_with_a_key_changed_says_the_change_once_for_all_its_stu
     code, out, _ = run_cli(capsys, "study", "-c", str(run / "study.yaml"), "schedule.max_steps=2")
     said = [line for line in out.splitlines() if "changed since" in line]
     assert code == 0 and said == ["resume: changed since step-00000001: schedule.max_steps (1 -> 2)"], out
+    # finished, run again with a key a resume may change: nothing trains, and the study's files, which re-run
+    # it, keep what its students trained with
+    files = {name: (run / name).read_bytes() for name in ("study.yaml", "study.json")}
+    code, out, _ = run_cli(capsys, "study", "-c", str(run / "study.yaml"), "optim.lr=0.01")
+    assert code == 0 and out.count("nothing to do") == 2, out
+    assert {name: (run / name).read_bytes() for name in files} == files
 
 
 def test_a_students_own_resume_leaves_the_changed_keys_to_its_study(trained, capsys):

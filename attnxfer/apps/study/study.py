@@ -109,7 +109,10 @@ def lockstep_study(
     standing.stopped.update(stopped_before or {})
     stopped = dict(standing.stopped)
     members, batches, feed = build_members(spec, runtime, standing, configs=configs, parts=parts)
-    if main:
+    # every student at its end: nothing trains, and the study's files stay as it trained (a resumable key changed
+    # since, optim.lr, would be written into study.yaml and study.json, which re-run it, and trained by none)
+    finished = standing.resumed and all(standing.step >= m.engine.total_steps for m in members)
+    if main and not finished:
         write_study_files(spec, members, stopped, standing.shared_seconds)
     barrier()
 
@@ -151,7 +154,8 @@ def lockstep_study(
     ]
     if main:
         stopped |= {o.name: o.stopped for o in outcomes if o.stopped}
-        write_study_files(spec, members, stopped, shared_seconds=loop.shared_seconds)
+        if not finished:
+            write_study_files(spec, members, stopped, shared_seconds=loop.shared_seconds)
     barrier()
     order = [s.name for s in spec.students]
     return StudyResult(spec.run_dir, sorted(outcomes, key=lambda o: order.index(o.name)))
@@ -291,6 +295,7 @@ class _Standing:
     seconds: dict[str, float] = field(default_factory=dict)
     shared_seconds: float = 0.0
     resumed: bool = False  # it goes on from a step it committed
+    step: int = 0  # that step
 
 
 def _where_it_stands(
@@ -378,6 +383,7 @@ def _where_it_stands(
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
         resumed=True,
+        step=point.step,
     )
 
 
