@@ -45,9 +45,10 @@ def list_recipes() -> list[str]:
     return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
 
 
-def resolve_recipe(path: str | Path) -> Path:
+def resolve_recipe(path: str | Path, given_as_c: bool = True) -> Path:
     """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``), else ``NAME.yaml`` from
-    here: a built-in recipe of that name comes first (``base: NAME`` takes the file beside its recipe first)."""
+    here: a built-in recipe of that name comes first, and ``-c NAME`` (``given_as_c``) says so where a
+    ``NAME.yaml`` is here (``base: NAME`` takes the file beside its recipe first, and means no file here)."""
     if not str(path).strip():
         raise ConfigError(
             "-c was given an empty name; pass a YAML file or a built-in recipe (e.g. -c demo/copy)"
@@ -77,7 +78,8 @@ def resolve_recipe(path: str | Path) -> Path:
     for candidate in (RECIPES / p, builtin, Path(f"{p}.yaml")):
         if candidate.is_file():
             # a name, not a path: a file of the same name here is not read (said once; loading reads it twice)
-            if candidate.is_relative_to(RECIPES) and Path(f"{p}.yaml").is_file() and str(p) not in _SHADOWED:
+            shadows = given_as_c and candidate.is_relative_to(RECIPES) and Path(f"{p}.yaml").is_file()
+            if shadows and str(p) not in _SHADOWED:
                 _SHADOWED.add(str(p))
                 warn(
                     f"warning: -c {path} reads the built-in recipe {path}; the file {p}.yaml here is not read "
@@ -182,7 +184,7 @@ def _resolve_base(name: Any, child: Path) -> Path:
         if candidate.is_file():
             return candidate
     try:
-        return resolve_recipe(name)
+        return resolve_recipe(name, given_as_c=False)
     except ConfigError as e:
         raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
 
