@@ -281,7 +281,7 @@ def test_a_teacher_with_signed_maps_is_said_to_be_clipped_before_comparing():
     insp = compare_attention(teacher, {"s": tiny_vit(depth=2, seed=7)}, [torch.randn(2, 3, 32, 32)])
     assert all("rows clipped at 0 and renormalised" in t.note for t in insp.teacher)
     report = render_report(insp, "t", {"s": "s"})
-    assert "- teacher layer 1: signed map: rows clipped at 0 and renormalised before comparing" in report
+    assert "- teacher layers 0, 1: signed map: rows clipped at 0 and renormalised before comparing" in report
     plain = compare_attention(
         peaked_teacher(depth=2), {"s": tiny_vit(depth=2, seed=7)}, [torch.randn(2, 3, 32, 32)]
     )

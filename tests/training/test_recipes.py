@@ -436,6 +436,14 @@ def test_a_config_named_without_yaml_is_found_here_as_base_finds_one_beside_its_
     assert load_config("paper/vit_large_distill").seed != 8
     said = "warning: -c paper/vit_large_distill reads the built-in recipe paper/vit_large_distill; the file "
     assert said + "paper/vit_large_distill.yaml here is not read" in capsys.readouterr().err
+    # a recipe's base: means the file beside it, or a built-in recipe: one here is no -c of the user's
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "copy.yaml").write_text("seed: 9\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: demo/copy\n", encoding="utf-8")
+    assert load_config("sub/child.yaml").seed != 9 and "warning" not in capsys.readouterr().err
+    load_config("demo/copy")
+    assert "warning: -c demo/copy reads the built-in recipe demo/copy" in capsys.readouterr().err
     # the other way round for base: (docs/training.md says both): the file beside the recipe comes first
     (tmp_path / "child.yaml").write_text("base: paper/vit_large_distill\n", encoding="utf-8")
     assert load_config("child").seed == 8
@@ -595,6 +603,8 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     # no teacher: a folder states no statistics, and timm's ImageNet ones are said to be what they are
     said = "px for the student, normalised by ImageNet's mean/std (timm's default: the dataset states none; "
     assert said + "data.mean / data.std set your data's)" in capsys.readouterr().out
+    build_run_parts(load_config(None, [*folder, "data.mean=[0.5,0.5,0.5]"]))  # the other one is still timm's
+    assert "normalised by data.mean and ImageNet's std (timm's default: " in capsys.readouterr().out
     # a report scoring runs after they trained (the demo's, a study's) does not say it again
     build_run_parts(load_config(None, base), quiet=True)
     assert "data:" not in capsys.readouterr().out

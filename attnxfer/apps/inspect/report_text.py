@@ -45,8 +45,11 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
         "attention distance from where each row and key sits on the image (padding left out); "
         "`queries_*` pictures show where the centre and corner query of each layer look, stage by stage",
         *_teacher_table(insp.teacher),
-        *[f"- teacher layer {t.layer}: {t.note}" for t in insp.teacher if t.note],
     ]
+    # one kind of note (a signed map's): one line for all the layers it is of
+    if noted := [t for t in insp.teacher if t.note]:
+        layers = ", ".join(str(t.layer) for t in noted)
+        lines.append(f"- teacher layer{'s' * (len(noted) > 1)} {layers}: {noted[0].note}")
     for name, rows in insp.students.items():
         lines += [*_student_table(name, rows), *_head_correspondence(rows)]
         lines += [f"- layer {r.layer}: {r.note}" for r in rows if r.note]

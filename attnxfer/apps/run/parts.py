@@ -557,10 +557,9 @@ def parts_around(
         d, (made_for, normalised_by) = cfg.data, chosen_by
         # a dataset of decoded images (a folder, hfds/, wds/) has no statistics of its own: timm's ImageNet ones
         imagenet = (tuple(info.mean), tuple(info.std)) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        imagenet = normalised_by == "the dataset's" and imagenet and not (d.mean or d.std)
-        if imagenet:
-            normalised_by = "ImageNet's"
-        mean_by, std_by = ("data." if given else f"{normalised_by} " for given in (d.mean, d.std))
+        imagenet = normalised_by == "the dataset's" and imagenet and not (d.mean and d.std)
+        by = "ImageNet's" if imagenet else normalised_by
+        mean_by, std_by = ("data." if given else f"{by} " for given in (d.mean, d.std))
         say(
             f"data: {d.dataset}{f' ({d.root})' if d.root and dataset_reads_root(d.dataset) else ''}, "
             f"{_count(loaders.train_loader)} train / "

@@ -637,7 +637,7 @@ def build_engine(
         point,
         prune_on_save,
         say_world=warn_schedule,
-        say_batch=warn_schedule and not scoring,
+        say_batch=not scoring,  # a study's students each (their lr may differ), under their names
     )
     settings = replace(settings, metric=metric, metric_mode="max")
     n = cfg.log.attention_images  # class-token maps at each evaluation, where a tracker shows them
