@@ -289,7 +289,9 @@ def test_submit_refuses_a_conversion_its_job_would_not_resume_before_submitting(
     )
     assert refusal + "values for: seed (0 -> 7)" in _error_line(err)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
-    code, _, err = run_cli(capsys, *submit)
+    code, _, err = run_cli(capsys, *submit)  # at both stages' ends: its job would only say nothing to do
+    assert code == 2 and f"nothing to do: {run} has run both stages to their ends" in _error_line(err)
+    code, _, err = run_cli(capsys, *submit, "schedule.max_steps=2")  # its own values, and a stage 2 to go on
     assert code == 0, err
 
 

@@ -29,11 +29,12 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
 
 
-def _task_1_catching_usr2(job_dir: Path) -> tuple[str, int] | None:
-    """The id (ARRAY_1) and process id of a running task 1 of a job array in ``job_dir`` once its process
-    catches USR2: the loopback cluster's tasks are this machine's processes, and submitit's handler is in place
-    once the task is unpickled, just before its batch is evaluated (a preemption signal before it would end the
-    task)."""
+def _task_1_with_submitits_handlers(job_dir: Path) -> tuple[str, int] | None:
+    """The id (ARRAY_1) and process id of a running task 1 of a job array in ``job_dir`` once submitit's handlers
+    are in place: the loopback cluster's tasks are this machine's processes, and submitit installs them (USR2's
+    and SIGTERM's) once the task is unpickled, just before its batch is evaluated. USR2 alone is caught from the
+    first import of attnxfer's launcher, while the task still loads (`held_signal`); a SIGTERM then would end
+    the task."""
     for proc in Path("/proc").iterdir():
         try:
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -44,8 +45,9 @@ def _task_1_catching_usr2(job_dir: Path) -> tuple[str, int] | None:
         env = dict(item.partition("=")[::2] for item in environ)
         # the task's python, not the srun that started it (whose command line holds the same words)
         ours = "submitit.core._submit" in argv and str(job_dir) in argv and Path(argv[0]).name != "srun"
-        usr2 = caught is not None and int(caught.group(1), 16) >> (signal.SIGUSR2 - 1) & 1
-        if ours and env.get("SLURM_ARRAY_TASK_ID") == "1" and usr2:
+        mask = int(caught.group(1), 16) if caught is not None else 0
+        handled = all(mask >> (s - 1) & 1 for s in (signal.SIGUSR2, signal.SIGTERM))
+        if ours and env.get("SLURM_ARRAY_TASK_ID") == "1" and handled:
             return f"{env['SLURM_ARRAY_JOB_ID']}_1", int(proc.name)
     return None
 
@@ -61,7 +63,7 @@ def _preempt_task_1(job_dir: Path, how: str, timeout_s: float = 240) -> str:
     """Preempt task 1 of the first job array in ``job_dir`` as it evaluates its batch; its id."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        found = _task_1_catching_usr2(job_dir)
+        found = _task_1_with_submitits_handlers(job_dir)
         if found is None:
             time.sleep(0.05)
             continue
