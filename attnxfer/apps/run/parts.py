@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 
 from ...config import DataConfig, ModelConfig, TrainConfig
 from ...data import DatasetInfo, statistics_differ
+from ...data.folder import decoded_image_info
 from ...data.registry import dataset_options, dataset_reads_root
 from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
@@ -555,9 +555,13 @@ def parts_around(
     stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
     if chosen_by is not None:
         d, (made_for, normalised_by) = cfg.data, chosen_by
-        # a dataset of decoded images (a folder, hfds/, wds/) has no statistics of its own: timm's ImageNet ones
-        imagenet = (tuple(info.mean), tuple(info.std)) == (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-        imagenet = normalised_by == "the dataset's" and imagenet and not (d.mean and d.std)
+        # a dataset of decoded images (a folder, hfds/, wds/) states no statistics: it has timm's ImageNet ones
+        stated_none = decoded_image_info("", None)
+        imagenet = (
+            normalised_by == "the dataset's"
+            and not (d.mean and d.std)
+            and (tuple(info.mean), tuple(info.std)) == (stated_none.mean, stated_none.std)
+        )
         by = "ImageNet's" if imagenet else normalised_by
         mean_by, std_by = ("data." if given else f"{by} " for given in (d.mean, d.std))
         say(

@@ -242,9 +242,10 @@ def run(args) -> int:
                     (require_convert_labels if converts else require_task_labels)(run)
         with speak.quiet():  # the job's log says what changed, as its own start judges it again
             world = options_from_args(args).num_tasks
+            from ...checkpoints.resume_point import ResumePoint
+
             if args.job_command in ("train", "pretrain"):  # a key the run's checkpoint fixes, changed
                 from ...apps.run.training import judged_resume
-                from ...checkpoints.resume_point import ResumePoint
 
                 found = ResumePoint.find(point.cfg.run_dir, point.cfg.checkpoint.resume, verify_hash=False)
                 judged, found = judged_resume(
@@ -254,8 +255,6 @@ def run(args) -> int:
             else:
                 _judge_resumes(point.cfg, world, study=study, converts=converts)
                 if args.job_command == "convert":
-                    from ...checkpoints.resume_point import ResumePoint
-
                     stage2 = point.cfg.with_overrides(
                         {"run_dir": str(Path(point.cfg.run_dir) / STAGE_DIRS[1])}
                     )
