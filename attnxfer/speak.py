@@ -121,7 +121,12 @@ def debug(message: str, *, all_ranks: bool = False) -> None:
     _line(logging.DEBUG, message, all_ranks)
 
 
-def change_said(old: Any, new: Any, show: Callable[[Any], str] = repr) -> str:
+def config_word(value: Any) -> str:
+    """A config value as the config spells it: null, true and false (not Python's None, True, False), else repr."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def change_said(old: Any, new: Any, show: Callable[[Any], str] = config_word) -> str:
     """``old -> new``; of two mappings (data.kwargs, a whole curriculum in it) only the entries that differ,
     ``distractors: 16 -> 8, hops: unset -> 2``: a run's start-up summary and a resume's changes say it alike."""
     if not (isinstance(old, dict) and isinstance(new, dict)):

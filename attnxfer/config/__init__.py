@@ -3,10 +3,12 @@ and `attnxfer.run_layout`)."""
 
 from .keys import Range as Range
 from .loading import (
+    NO_CONVERT_TEACHER as NO_CONVERT_TEACHER,
     RECIPES as RECIPES,
     list_recipes as list_recipes,
     load_config as load_config,
     recipe_chain as recipe_chain,
+    require_teacher as require_teacher,
     resolve_recipe as resolve_recipe,
 )
 from .overrides import (

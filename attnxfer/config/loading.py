@@ -184,9 +184,19 @@ def _resolve_base(name: Any, child: Path) -> Path:
         if candidate.is_file():
             return candidate
     try:
-        return resolve_recipe(name, given_as_c=False)
+        found = resolve_recipe(name, given_as_c=False)
     except ConfigError as e:
         raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
+    if not found.resolve().is_relative_to(
+        RECIPES.resolve()
+    ):  # a file where the command runs: not the recipe's
+        raise ConfigError(
+            f"config file {str(child)!r}: base {name!r} is neither a file beside it ({beside.with_suffix('.yaml')}) "
+            f"nor a built-in recipe; the {found} where the command runs is not read, as a base is looked for beside "
+            f"its recipe (which then reads the same from any folder): write its path from there, base: "
+            f"{os.path.relpath(found, child.parent)}"
+        )
+    return found
 
 
 def _unreadable(p: Path, problem: str, sep: str = " ", advice: str | None = None) -> ConfigError:
@@ -352,3 +362,25 @@ def load_config(
         if not files:
             raise
         raise ConfigError(f"config file {str(files[-1])!r}: {e}", key=e.key) from None
+
+
+NO_CONVERT_TEACHER = (
+    "attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
+    "weights file)"
+)
+
+
+def require_teacher(cfg: TrainConfig, conversion: bool = False) -> None:
+    """A run that needs a teacher (a transfer mode other than none; any ``conversion``) and names none stops in
+    one line: as its command starts (before torch is imported, or a resume judged), as its parts are built (a
+    notebook's), and in `attnxfer submit` before the job is queued, not in the job after the queue's wait."""
+    if cfg.teacher.spec:
+        return
+    if conversion:
+        raise ConfigError(NO_CONVERT_TEACHER)
+    if cfg.transfer.mode != "none":
+        raise ConfigError(
+            f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
+            "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
+            "or use transfer.mode=none"
+        )

@@ -124,6 +124,13 @@ def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
         else f"recipe {recipe}"
     )
     changes = config_changes(base, cfg)
+    # a run's own config.yaml names its folder as it is now (eval RUN, -c RUN/config.yaml): the same folder,
+    # given again by another path, is no change
+    if (
+        "run_dir" in changes
+        and Path(changes["run_dir"][0]).resolve() == Path(changes["run_dir"][1]).resolve()
+    ):
+        del changes["run_dir"]
     if not changes:
         return f"config: {where}, unchanged"
     lines = [f"config: {where}, {len(changes)} value(s) changed:"]
@@ -182,6 +189,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             int in args and isinstance(value, float) and value.is_integer()
         )  # num_classes=10.0, YAML's 1e3
         hint = f" (write {int(value)})" if whole else _unquoted(value, tp)
+        if isinstance(value, str) and value.strip().lower() == "none" and type(None) in args:
+            hint = " (write null for none)"
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_as_given(value)}{hint}")
     if tp is Any:
         return value
@@ -354,6 +363,9 @@ _ONE_WAY = {
     "convert": "convert.attention chooses the blocks a conversion converts: one name per block (softmax where "
     "a block keeps the teacher's attention, e.g. [performer, softmax, performer]), one name for all, or auto "
     "(chosen by measured sensitivity under convert.speedup)",
+    "stage2": "a conversion's stage 2 is a training run of the config's own keys: its length is "
+    "schedule.max_steps or schedule.epochs, its lr optim.lr (or optim.blr), its batch data.batch_size "
+    "(convert.stage1_* are stage 1's alone)",
 }
 #: the keys (whole, dotted under their section) that ask for one of `_ONE_WAY`'s choices
 _ONE_WAY_KEYS = {
@@ -366,6 +378,9 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(("warmup_steps", "warmup_ratio", "warmup_iters", "schedule.warmup_steps"), "warmup"),
     **dict.fromkeys(("schedule.warmup_ratio", "schedule.warmup_iters"), "warmup"),
     **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
+    **dict.fromkeys(
+        (f"convert.stage2_{k}" for k in ("steps", "epochs", "lr", "blr", "batch_size", "train")), "stage2"
+    ),
     # timm's --dataset-download
     **dict.fromkeys(("dataset_download", "download", "data.download"), "download"),
     # Hugging Face's TrainingArguments
@@ -709,9 +724,6 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any], command: str | None 
                 raise ConfigError(
                     f"override {key}={value!r}: value is not valid YAML ({describe_yaml_error(e)})"
                 ) from None
-            # Python's None (as timm's and these docs spell it) is null where a key takes null; "'None'": the text
-            if value.strip() == "None" and takes_null:
-                typed = None
             # a number given to a key that takes a string keeps its spelling (teacher.revision=1.10, not '1.1')
             number = isinstance(typed, int | float) and not isinstance(typed, bool)
             value = value if number and str in takes else typed

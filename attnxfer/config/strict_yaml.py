@@ -127,6 +127,8 @@ for _cls in (_UniqueKeyLoader, Dumper):
         ),
         list("-+.0123456789"),
     )
+    # Python's None, as timm's docs and these spell it, is null (in a file as on the command line); 'None' the text
+    _cls.add_implicit_resolver("tag:yaml.org,2002:null", re.compile(r"^None$"), ["N"])
 
 
 def _refuse_colon_without_space(mapping: MappingNode, key: Node, value: Node) -> None:

@@ -250,6 +250,16 @@ CASES = [
         "'convert.layers': convert.attention chooses the blocks a conversion converts: one name per block "
         "(softmax where a block keeps the teacher's attention",
     ),
+    # a transfer or a conversion without a teacher is a config error, said before torch loads (it took 11 s)
+    (["train"], 2, "transfer.mode=distill needs a teacher: set teacher.spec"),
+    (["convert"], 2, "attnxfer convert needs a teacher: set teacher.spec"),
+    # stage 2's length is the run's schedule: convert.stage1_steps, its nearest spelling, is stage 1's
+    (
+        ["convert", "convert.stage2_steps=5"],
+        2,
+        "'convert.stage2_steps': a conversion's stage 2 is a training run of the config's own keys: its length "
+        "is schedule.max_steps or schedule.epochs",
+    ),
     # sbatch's own spellings given to submit: its flag for each (argparse named none), --slurm for the rest
     (
         ["submit", "--dry-run", "-p", "gpu", "--gres", "gpu:4", "--mem-per-cpu", "4G", "--job-name", "x"],

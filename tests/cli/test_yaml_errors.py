@@ -239,6 +239,19 @@ def test_none_on_the_command_line_is_null_where_a_key_takes_null_and_quoted_is_t
     assert (quoted.teacher.revision, quoted.run_dir) == ("None", "None")
 
 
+def test_none_in_a_config_file_is_null_as_on_the_command_line_and_lower_case_none_is_told_to_write_null(
+    tmp_path,
+):
+    """A file's ``clip_grad: None`` was refused as the text 'None' where ``optim.clip_grad=None`` was null; and
+    ``none`` (the word checkpoint.resume takes) was refused without the null to write."""
+    file = tmp_path / "run.yaml"
+    file.write_text("optim:\n  clip_grad: None\nteacher:\n  revision: 'None'\n")
+    cfg = load_config(str(file))
+    assert cfg.optim.clip_grad is None and cfg.teacher.revision == "None"
+    with pytest.raises(ConfigError, match=r"got 'none' \(write null for none\)$"):
+        load_config(None, ["optim.clip_grad=none"])
+
+
 @pytest.mark.parametrize(
     ("override", "said"),
     [

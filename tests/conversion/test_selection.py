@@ -437,7 +437,7 @@ def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tm
     assert "\n" not in str(e.value)
     assert _recorded(apply_overrides(other, {"checkpoint.resume": "none"}), path) is None
     with pytest.raises(
-        ConfigError, match=r"convert\.selection_steps \(None -> 3\)"
+        ConfigError, match=r"convert\.selection_steps \(null -> 3\)"
     ):  # fits of another length
         _recorded(apply_overrides(cfg, {"convert.selection_steps": 3}), path)
     # keys the choice does not read may change (stage 2's schedule)

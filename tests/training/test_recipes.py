@@ -315,6 +315,20 @@ def test_a_model_name_of_another_family_than_the_mirrored_teachers_is_said(capsy
     assert "(width 192, 2 blocks; Eva, not VisionTransformer); model.mirror_teacher=false builds" in err, err
 
 
+def test_a_model_name_without_the_mirrored_teachers_registers_is_said(capsys):
+    """A teacher with registers mirrored for model.name of a plain ViT of the same width, depth and family:
+    the student took the registers, and nothing said the name was not read."""
+    teacher = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", img_size=28, depth=2, embed_dim=48, num_heads=3, num_classes=10
+    )
+    kw = "model.kwargs={depth: 2, embed_dim: 48, num_heads: 3, patch_size: 14, img_size: 28}"
+    cfg = load_config(None, ["model.name=vit_tiny_patch16_224", kw])
+    student = build_student(cfg, make_transfer_aware(teacher), 10, 3, 28)
+    err = capsys.readouterr().err
+    assert student.num_prefix_tokens == 5 and "model.name=vit_tiny_patch16_224 is not built" in err, err
+    assert "(width 48, 2 blocks; 5 tokens before the patches', not 1); model.mirror_teacher=false" in err, err
+
+
 def test_a_mirrored_students_img_size_may_be_one_number_as_timm_takes_it():
     """model.kwargs.img_size=32 (timm's own spelling of 32x32) reaches the student's preprocessing as a size."""
     teacher = tiny_vit(depth=2, num_classes=10)
@@ -516,6 +530,24 @@ def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
         ConfigError, match="_base_: is how other tools start from a recipe; attnxfer's is base: NAME"
     ):
         load_config(tmp_path / "e.yaml")
+
+
+def test_a_base_found_only_where_the_command_runs_is_refused_naming_its_path_from_the_recipe(
+    tmp_path, monkeypatch
+):
+    """``base: mine`` with mine.yaml in the working folder, not beside the recipe, was read: the same recipe
+    then read another file, or none, from another folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("seed: 7\n", encoding="utf-8")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text("base: mine\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError,
+        match=r"base 'mine' is neither a file beside it \(sub/mine\.yaml\).*base: \.\./mine\.yaml$",
+    ):
+        load_config("sub/child.yaml")
+    (tmp_path / "sub" / "child.yaml").write_text("base: ../mine.yaml\n", encoding="utf-8")
+    assert load_config("sub/child.yaml").seed == 7
 
 
 def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others():

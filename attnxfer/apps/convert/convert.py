@@ -22,7 +22,16 @@ from ... import speak
 from ...checkpoints.resume_point import ResumePoint, starts_over
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text, set_aside
-from ...config import ConfigError, TrainConfig, apply_overrides, config_changes, dump_config, find_key
+from ...config import (
+    NO_CONVERT_TEACHER,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_changes,
+    dump_config,
+    find_key,
+    require_teacher,
+)
 from ...errors import InputError, UserError
 from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ...models.efficient.swap import refuses_an_option
@@ -38,7 +47,7 @@ from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan, build_plan
 from ..run.loaders import build_bank_loader, data_info, dataset_size
-from ..run.parts import NO_CONVERT_TEACHER, RunParts, build_run_parts, require_teacher, stamp_input_cfg
+from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
 from ..run.resume import teacher_where_it_was
 from ..run.training import (
     check_eval_metrics,

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ...config import DataConfig, ModelConfig, TrainConfig
+from ...config import DataConfig, ModelConfig, TrainConfig, require_teacher
 from ...data import DatasetInfo, statistics_differ
 from ...data.folder import decoded_image_info
 from ...data.registry import dataset_options, dataset_reads_root
@@ -219,14 +219,30 @@ def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwar
     try:
         with torch.device("meta"):
             named = create_vit(m.name, num_classes=num_classes, **kwargs)
-        asked = (named.num_features, len(attention_blocks(named)), type(named).__name__)
+        asked = (
+            named.num_features,
+            len(attention_blocks(named)),
+            type(named).__name__,
+            _prefix_tokens(named),
+        )
     except (AssertionError, TypeError, ValueError):  # kwargs only the built family takes; a model.name no ViT
         asked = None
-    # of one shape, another family (an EVA teacher mirrored for a model.name of a plain ViT) is not it either
-    built = (student.num_features, len(attention_blocks(student)), type(student).__name__)
+    # of one shape, another family (an EVA teacher mirrored for a model.name of a plain ViT) is not it either,
+    # nor one with other tokens before the patches' (a teacher's registers, or no class token: SigLIP)
+    built = (
+        student.num_features,
+        len(attention_blocks(student)),
+        type(student).__name__,
+        _prefix_tokens(student),
+    )
     if built != asked:
         shape = f", against {asked[0]} and {asked[1]}" if asked and asked[:2] != built[:2] else ""
         shape += f"; {built[2]}, not {asked[2]}" if asked and asked[2] != built[2] else ""
+        shape += (
+            f"; {built[3]} tokens before the patches', not {asked[3]}"
+            if asked and asked[3] != built[3]
+            else ""
+        )
         why, instead = f"model.init={m.init} gives the student its architecture", ""
         if not m.init:
             why = "with a teacher, model.mirror_teacher=true gives the student the teacher's architecture"
@@ -236,6 +252,11 @@ def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwar
             f"{built[0]}, {built[1]} blocks{shape})"
             f"{instead}"
         )
+
+
+def _prefix_tokens(model: nn.Module) -> int | None:
+    """The class and register tokens before a ViT's patch tokens (None: a family without them, Swin)."""
+    return getattr(model, "num_prefix_tokens", None)
 
 
 @contextmanager
@@ -364,28 +385,6 @@ def normalisation(d: DataConfig, stats: dict, info: DatasetInfo, in_chans: int) 
 
 
 #: what a conversion without a teacher is told (`attnxfer convert`, and `attnxfer submit --command convert`)
-NO_CONVERT_TEACHER = (
-    "attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
-    "weights file)"
-)
-
-
-def require_teacher(cfg: TrainConfig, conversion: bool = False) -> None:
-    """A run that needs a teacher (a transfer mode other than none; any ``conversion``) and names none stops in
-    one line: as its parts are built, and in `attnxfer submit` before the job is queued, not in the job after
-    the queue's wait."""
-    if cfg.teacher.spec:
-        return
-    if conversion:
-        raise InputError(NO_CONVERT_TEACHER)
-    if cfg.transfer.mode != "none":
-        raise InputError(
-            f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
-            "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
-            "or use transfer.mode=none"
-        )
-
-
 def build_run_parts(
     cfg: TrainConfig,
     rank: int = 0,
@@ -482,8 +481,8 @@ def build_run_parts(
     if native and tuple(native) != (img_size, img_size) and not quiet:  # a size its weights never saw
         say(
             f"teacher: made for {'x'.join(map(str, native))} px, run at {img_size} px "
-            f"({record.get('resized_by') or 'rebuilt at that size'}): the maps the student learns are the "
-            "teacher's at a size it was not trained at"
+            f"({record.get('resized_by') or 'rebuilt at that size'}): its maps and outputs are those of a size "
+            "its weights were not trained at"
         )
     # images made for ``who`` (the teacher first) unless the config says: a 1-channel teacher turns RGB grey
     normalised_by = ("the teacher's" if record else "model.init's") if stats.get("mean") else "the dataset's"

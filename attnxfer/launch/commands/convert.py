@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...config import require_teacher
 from ...speak import is_main, say
 from ..rope_help import ROPE_EPILOG, RopeHelpFormatter
 from .base import add_config_args, load, register_command
@@ -32,6 +33,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 )
 def run(args) -> int:
     cfg = load(args)
+    require_teacher(cfg, conversion=True)  # before the app's import (torch), as a config error
     from ...apps.convert.convert import convert
 
     result = convert(cfg, skip_stage1=args.skip_stage1)

@@ -231,8 +231,8 @@ def run(args) -> int:
         else:  # a task loss or label metric on data a config reads without labels, refused as the job would
             # (with labels, the data, perhaps on the compute nodes alone, is not read here)
             from ...apps.convert.convert import checked_config, require_convert_labels
-            from ...apps.run.parts import require_teacher
             from ...apps.run.training import require_task_labels
+            from ...config import require_teacher
 
             for run in runs:  # no teacher where the job needs one, refused as the job would at its start
                 require_teacher(run, conversion=converts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...config import require_teacher
 from ...speak import say
 from .base import add_config_args, done_line, load, register_command
 
@@ -14,6 +15,7 @@ from .base import add_config_args, done_line, load, register_command
 )
 def run(args) -> int:
     cfg = load(args)  # before the app's import (torch): a config error answers at once
+    require_teacher(cfg)
     from ...apps.run.training import train
 
     say(done_line(train(cfg)))
