@@ -120,6 +120,17 @@ def missing_path(path: Path) -> str:
     return f"{path} does not exist"
 
 
+def no_run_folder(folder: Path) -> str:
+    """``FOLDER is no run's folder``, with the runs it holds where it is a folder of runs (``runs/``): what a
+    command that reads a run says of a folder attnxfer did not write."""
+    runs = sorted(p for p in folder.iterdir() if (p / RUN_CONFIG).is_file()) if folder.is_dir() else []
+    held = ", ".join(p.name for p in runs[:8]) + (f", ... ({len(runs)} runs)" if len(runs) > 8 else "")
+    inside = f"; it holds the runs {held}: give one, e.g. {runs[0]}" if runs else ""
+    return (
+        f"{folder} is no run's folder (it has no {RUN_CONFIG}, {RUN_RECORD} or {CHECKPOINTS_SUBDIR}/){inside}"
+    )
+
+
 #: where `attnxfer demo` writes by default (``--out``), and where it leaves each teacher's export (real files,
 #: replaced whole when the teacher changes) beside its hashed run folders ``<key>-<hash>``: the paths the demo
 #: recipes and the documentation's examples name (``teacher.spec=local-dir:runs/demo/mae/export``)

@@ -103,8 +103,9 @@ def none_usable(manager: CheckpointManager, broken: list[Path]) -> CheckpointErr
     warned about: one message for every command that reads a run, saying what to do with them."""
     return CheckpointError(
         f"{manager.dir} holds {len(broken)} checkpoint(s), none usable (each warning above says "
-        "why): nothing is read from them, and nothing trains over them; move them out of "
-        f"{manager.dir} (to look at later), then train the run again from scratch"
+        "why): nothing is read from them, and nothing trains over them; put back the files the warnings name "
+        f"(from a copy of the run, if there is one), or move them out of {manager.dir} (to look at later) and "
+        "train the run again from scratch"
     )
 
 

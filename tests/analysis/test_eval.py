@@ -69,15 +69,19 @@ def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(tra
     other = scored("eval.metrics=[top1]")
     assert first.read_bytes() == kept and other not in files and other.name.startswith("eval-00000004-")
     assert json.loads(other.read_text())["config"]["eval"]["metrics"] == ["top1"]
-    code, out, _ = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "eval.metrics=[top1]")
-    assert code == 0 and "scoring step-00000004 with keys changed since it was saved: eval.metrics" in out, (
-        out
+    code, out, _ = run_cli(
+        capsys, "eval", "-c", str(trained / "config.yaml"), "eval.metrics=[top1]", "log.every_steps=3"
     )
+    # what eval computes is no change to what was trained: the config's header says it, the scoring line not
+    assert code == 0 and "\n  eval.metrics: [auto] -> [top1]\n" in out, out
+    scoring = next(line for line in out.splitlines() if line.startswith("scoring step-00000004 with keys"))
+    assert scoring.endswith("changed since it was saved: log.every_steps (1 -> 3)"), scoring
+    third = Path(out.strip().splitlines()[-1].rsplit(" -> ", 1)[1])
     assert "resume:" not in out  # eval resumes nothing
     assert scored() == first  # the first evaluation again replaces only its own scores
     monkeypatch.chdir(trained.parent)  # and so does it with the run named from elsewhere (or moved)
     assert trained.parent / scored(f"run_dir={trained.name}") == first
-    assert set(trained.glob("eval-*.json")) == files | {other}
+    assert set(trained.glob("eval-*.json")) == files | {other, third}
 
 
 def test_eval_of_another_runs_checkpoint_names_that_runs_config_not_training_advice(
@@ -183,3 +187,14 @@ def test_eval_of_a_conversions_stage_1_names_the_conversion_not_a_config_to_give
     )
     assert code == 2 and f"is a stage of the conversion {conversion}, whose final student" in err, err
     assert not list((conversion / "stage1").glob("eval-*.json"))
+
+
+def test_a_copied_runs_folder_is_no_change_in_evals_config_header(trained, tmp_path, capsys):
+    """A run's config.yaml names its folder as loaded, eval its path as given: the same folder was said to be
+    a changed run_dir in the config's header, and the copy's old folder in the scoring line."""
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved)
+    code, out, err = run_cli(capsys, "eval", str(moved), "eval.metrics=[top1]")
+    assert code == 0, err
+    assert "value(s) changed:\n  eval.metrics: [auto] -> [top1]\n" in out and "run_dir" not in out, out
+    assert "keys changed since it was saved" not in out

@@ -340,7 +340,7 @@ def test_resume_auto_refuses_when_every_checkpoint_is_broken(tmp_path):
     with pytest.warns(CorruptCheckpointWarning), pytest.raises(CheckpointError, match="none usable") as e:
         ResumePoint.find(tmp_path, "auto")
     assert f"move them out of {mgr.dir}" in str(e.value) and mgr.path_for(1).is_dir()
-    assert "then train the run again" in str(
+    assert "and train the run again" in str(
         e.value
     )  # the advice of `attnxfer eval` too: it has nothing to score
     assert ResumePoint.find(tmp_path, "none") is None  # asked for: a fresh start

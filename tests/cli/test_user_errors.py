@@ -849,6 +849,22 @@ def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys
     assert code == 2 and err.strip().endswith("pass -c demo/copy"), err
 
 
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_a_folder_that_is_no_run_is_said_to_be_none_and_a_folder_of_runs_names_them(
+    trained, tmp_path, capsys, command
+):
+    """A mistyped run path that exists (an empty folder, runs/ itself) was read as an override, eval's answer
+    a dataset's data.root; inspect's asked for a teacher without saying the folder is no run."""
+    (empty := tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, command, str(empty))
+    assert code == 2 and f"{empty} is no run's folder (it has no config.yaml" in err, err
+    assert "data.root" not in err and "key=value" not in err
+    (runs := tmp_path / "runs").mkdir()
+    (runs / trained.name).symlink_to(trained)
+    code, _, err = run_cli(capsys, command, str(runs))
+    assert code == 2 and f"it holds the runs {trained.name}: give one, e.g. {runs / trained.name}" in err, err
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [

@@ -218,8 +218,10 @@ def judge(
             + (f" (its config: {config})" if own.is_file() and not edited else "")
             + (f", in {config}, which says the new values since it was edited" if edited else "")
         )
-    if point.allowed and reader is None and said:
-        changed = ", ".join(map(str, point.allowed))
+    # scored, a run's folder (moved or copied since) and what eval computes are no change to what was trained
+    shown = [c for c in point.allowed if not (scoring and c.key.startswith(("run_dir", "eval.")))]
+    if shown and reader is None and said:
+        changed = ", ".join(map(str, shown))
         say(
             f"scoring {point.name} with keys changed since it was saved: {changed}"
             if scoring

@@ -111,7 +111,8 @@ def _read_as_a_run(args, first: Path) -> None:
     copy of another run's), its checkpoints/ (the newest), or one of its checkpoints (that one, as
     checkpoint.resume=PATH): ``-c RUN/config.yaml`` with ``run_dir=RUN``; a run that lost its config.yaml is told
     where its checkpoints recorded it (the loader's answer for a missing config.yaml of a run)."""
-    from ...run_layout import CHECKPOINTS_SUBDIR, RUN_DIR_MARKERS
+    from ...errors import InputError
+    from ...run_layout import CHECKPOINTS_SUBDIR, RUN_DIR_MARKERS, no_run_folder
 
     run, resume = first, []
     if first.parent.name == CHECKPOINTS_SUBDIR and first.name.startswith("step-"):
@@ -119,7 +120,12 @@ def _read_as_a_run(args, first: Path) -> None:
     elif first.name == CHECKPOINTS_SUBDIR:
         run = first.parent
     if not any((run / marker).exists() for marker in RUN_DIR_MARKERS) and not (run / RUN_CONFIG).is_file():
-        return  # no run's folder: a model, a dataset's folder or a typo, answered where the word is read
+        if run.is_dir():  # a folder attnxfer did not write (an export's is a model, read before this)
+            raise InputError(
+                f"{no_run_folder(run)}; eval scores a run's folder, one of its checkpoints, or a model (an "
+                "export's folder, a weights file, a timm name)"
+            )
+        return  # an override, or a path that is not there: answered where the word is read
     if run != first:
         say(f"attnxfer eval: {first} is {'a checkpoint' if resume else 'the checkpoints'} of the run {run}")
     args.config, args.overrides = str(run / RUN_CONFIG), [*resume, *args.overrides[1:], f"run_dir={run}"]

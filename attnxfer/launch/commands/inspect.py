@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ...errors import InputError
-from ...run_layout import STUDY_RECORD, is_exported_model
+from ...run_layout import RUN_CONFIG, RUN_DIR_MARKERS, STUDY_RECORD, is_exported_model, no_run_folder
 from ...speak import is_main, say
 from .base import register_command
 
@@ -176,7 +176,11 @@ def _trained_from(folder: str):
     runs = RunDir(folder).study_runs()
     run = RunDir(runs[0]) if runs else RunDir(folder)
     if not (run.is_run() or run.is_conversion()):
-        raise InputError(f"{both} (a run's folder alone is compared with the teacher it was trained from)")
+        written = any((Path(folder) / name).exists() for name in (RUN_CONFIG, *RUN_DIR_MARKERS))
+        not_one = f"{no_run_folder(Path(folder))}; " if Path(folder).is_dir() and not written else ""
+        raise InputError(
+            f"{not_one}{both} (a run's folder alone is compared with the teacher it was trained from)"
+        )
     teacher = load_config(str(run.final_student().config_file)).teacher
     if not teacher.spec and run.record().get("objective") == "mae":  # no student: the teacher of others
         raise InputError(
