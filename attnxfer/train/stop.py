@@ -2,7 +2,8 @@
 ``KillWait`` later), Ctrl-C (SIGINT) or SIGUSR2 (a user's ``#SBATCH --signal=USR2@120``, submitit's USR_SIG):
 while a loop runs, each only sets a flag, the loop saves the step it is at and raises `StopRequested` (exit
 143, 130 or 140; a submitted job requeues). A second signal acts as if none was caught (a second Ctrl-C:
-KeyboardInterrupt at once), and so does one that came with no step left to stop at, as the block ends.
+KeyboardInterrupt at once), and so does one that came with no step left to stop at, as the block ends (one
+whose default ends the process: `SystemExit` with the signal's exit code, so the run's lock is released).
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def stop_on_signals() -> Iterator[None]:
             else "stopping now; re-run the same command to finish"
         )
         say(f"{name} came as the loop ended, its work saved: {then}")
+        if previous[held[0]] in (signal.SIG_DFL, None):
+            # the signal's default ends the process where it stands; so does this, but through the blocks around
+            # the loop, which release what the run holds (its folder's lock: else the next run takes it over)
+            raise SystemExit(128 + held[0])
         os.kill(os.getpid(), held[0])
 
 

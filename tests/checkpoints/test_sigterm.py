@@ -214,6 +214,25 @@ def test_a_signal_the_loop_did_not_stop_on_acts_as_it_ends_not_lost(capsys):
         signal.signal(signal.SIGINT, before)
 
 
+def test_a_sigterm_during_the_last_step_ends_the_process_with_its_code_and_releases_the_runs_lock(tmp_path):
+    """SIGTERM during a run's last step or final evaluation was sent again as the loop ended, and its default
+    action ended the process inside the run's lock: the lock stayed, and the next run said it took over the
+    lock of a process that is gone. It ends the process through the blocks around the loop: exit code 143."""
+    from attnxfer.checkpoints.run_lock import run_lock
+    from attnxfer.run_layout import LOCK_NAME
+    from attnxfer.train.stop import stop_on_signals
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as ended, run_lock(tmp_path, "train"), stop_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)  # caught: only a flag, which no step reads again
+        assert ended.value.code == 143
+        assert not (tmp_path / LOCK_NAME).exists()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
     """Only a loop that checks the flag catches SIGTERM: before and after it, the process ends as usual."""
     from attnxfer.train.stop import stop_on_signals
