@@ -88,7 +88,8 @@ def copy_student_alone(run: Path) -> str:
         else ""
     )
     return (
-        f"fine-tune it without the teacher first, on the copy run's data and keys, then export that run: "
+        f"fine-tune it without the teacher first, on the copy run's data and keys (its head starts fresh there, "
+        f"as model.init starts every head), then export that run: "
         f"`attnxfer train {config}{shlex.quote(f'model.init={weights}')} model.name={student.get('architecture')} "
         f"{shlex.quote(f'model.kwargs={kwargs}')} model.mirror_teacher=false transfer.mode=none teacher.spec=null"
         f"{stats} {shlex.quote(f'run_dir={alone}')}`{made}"

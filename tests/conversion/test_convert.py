@@ -527,6 +527,9 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     teacher_line = re.search(r"^teacher val top-1 (\d+\.\d\d)$", out, re.M)
     # stage 2 fine-tunes the teacher's weights: its 2 steps are no student left untrained
     assert "fewer than 100" not in out
+    # its 6 stage-1 steps are fewer than stage 1's default warm-up: the plan's lr 0.01 is never reached
+    said = "warning: convert.stage1_warmup_steps=10 is longer than stage 1 (convert.stage1_steps=6): its lr only "
+    assert said + "rises, to 0.006 of 0.01, and never decays; set convert.stage1_warmup_steps below 6" in err
     report = json.loads((run / "report.json").read_text())
     top1 = report["top1"]
     assert teacher_line and teacher_line[1] == f"{top1['teacher']:.2f}", out

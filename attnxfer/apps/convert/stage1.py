@@ -222,6 +222,13 @@ def open_stage1(found: Stage1Found, device: torch.device) -> Stage1Job:
         return saved.save(step, state, dataclasses.replace(result, seconds=result.seconds + earlier))
 
     c = cfg.convert
+    if c.stage1_warmup_steps > plan.stage1_steps:  # the plan's lr is then never reached
+        warn(
+            f"warning: convert.stage1_warmup_steps={c.stage1_warmup_steps} is longer than stage 1 "
+            f"(convert.stage1_steps={plan.stage1_steps}): its lr only rises, to "
+            f"{plan.stage1_lr * plan.stage1_steps / c.stage1_warmup_steps:g} of {plan.stage1_lr:g}, and never "
+            f"decays; set convert.stage1_warmup_steps below {plan.stage1_steps}"
+        )
     options = {
         "warmup_steps": c.stage1_warmup_steps,
         "weight_decay": c.stage1_weight_decay,
