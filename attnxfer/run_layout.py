@@ -116,7 +116,15 @@ def missing_path(path: Path) -> str:
                 ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
                 or "nothing"
             )
-            return f"{path} does not exist ({above} holds: {held})"
+            # a run of that name a folder deeper (the demo's students: runs/demo/mae_study-<hash>/distill)
+            deeper = sorted(p.parent for p in above.glob(f"*/{path.name}/{RUN_CONFIG}"))
+            mine = path.parent.absolute() == above
+            there = (
+                f"; a run of that name is {path.parent / deeper[0].relative_to(above)}"
+                if deeper and mine
+                else ""
+            )
+            return f"{path} does not exist ({above} holds: {held}){there}"
     return f"{path} does not exist"
 
 

@@ -17,6 +17,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import yaml
@@ -527,6 +528,19 @@ def test_a_mistyped_run_config_path_shows_what_its_folder_holds(tmp_path, monkey
         ConfigError, match=r"runs/my-rn/config.yaml does not exist \(.*runs holds: my-run/\)$"
     ):
         load_config("runs/my-rn/config.yaml")
+
+
+def test_a_missing_run_folder_names_a_run_of_its_name_one_folder_deeper(tmp_path, monkeypatch):
+    """The demo's students live in its study's folder (runs/demo/mae_study-<hash>/distill): runs/demo/distill,
+    the recipe's run_dir, was answered with a listing cut at eight entries, the study's folder past the cut."""
+    from attnxfer.run_layout import missing_path
+
+    monkeypatch.chdir(tmp_path)
+    for name in [f"other{i}" for i in range(9)] + ["study-1/distill"]:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "runs" / "study-1" / "distill" / "config.yaml").write_text("{}\n")
+    said = missing_path(Path("runs/distill"))
+    assert said.endswith("(10 entries)); a run of that name is runs/study-1/distill"), said
 
 
 def test_a_runs_json_record_given_as_its_config_points_to_its_config_yaml(tmp_path):

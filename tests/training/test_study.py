@@ -631,6 +631,9 @@ def test_a_study_folder_given_to_eval_names_its_students_configs(families, given
     code, _, err = run_cli(capsys, "eval", *(a.format(s=families) for a in given))
     assert code == 2 and "Traceback" not in err, err
     first = sorted(d for d in families.iterdir() if (d / "config.yaml").is_file())[0]
+    if given == ["{s}"]:  # the folder as eval takes a run's: its students' folders, as export names them
+        assert f"{families} is a study's folder: its students are the runs in it (" in err, err
+        return
     assert f"give one student's config: -c {first / 'config.yaml'} or " in err, err
     if given == ["-c", "{s}"]:  # and the study's own file, for the command that takes it
         assert f"(attnxfer study takes the whole study's, -c {families / 'study.yaml'})" in err, err

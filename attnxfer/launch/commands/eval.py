@@ -112,7 +112,7 @@ def _read_as_a_run(args, first: Path) -> None:
     checkpoint.resume=PATH): ``-c RUN/config.yaml`` with ``run_dir=RUN``; a run that lost its config.yaml is told
     where its checkpoints recorded it (the loader's answer for a missing config.yaml of a run)."""
     from ...errors import InputError
-    from ...run_layout import CHECKPOINTS_SUBDIR, RUN_DIR_MARKERS, no_run_folder
+    from ...run_layout import CHECKPOINTS_SUBDIR, RUN_DIR_MARKERS, STUDY_RECORD, no_run_folder
 
     run, resume = first, []
     if first.parent.name == CHECKPOINTS_SUBDIR and first.name.startswith("step-"):
@@ -126,6 +126,12 @@ def _read_as_a_run(args, first: Path) -> None:
                 "export's folder, a weights file, a timm name)"
             )
         return  # an override, or a path that is not there: answered where the word is read
+    if (
+        run / STUDY_RECORD
+    ).is_file():  # no config of its own: refused naming its students' runs, as export does
+        from ...checkpoints.run_dir import RunDir
+
+        RunDir(run).final_student()
     if run != first:
         say(f"attnxfer eval: {first} is {'a checkpoint' if resume else 'the checkpoints'} of the run {run}")
     args.config, args.overrides = str(run / RUN_CONFIG), [*resume, *args.overrides[1:], f"run_dir={run}"]
