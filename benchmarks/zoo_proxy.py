@@ -55,10 +55,16 @@ def students_of(study: Path) -> list[dict]:
             continue
         report = json.loads(report_file.read_text())
         names = report["student"]["attention"]
+        if len(set(names)) > 1:  # before any fit: the proxy fits one attention in every block
+            print(
+                f"{entry['name']}: a hybrid ({', '.join(names)}), left out: the proxy fits one attention",
+                flush=True,
+            )
+            continue
         out.append(
             {
                 "name": entry["name"],
-                "attention": names[0] if len(set(names)) == 1 else names,
+                "attention": names[0],
                 "options": report["student"]["attention_kwargs"] or {},
                 "top1_stage1": report["top1"].get("after_stage1"),
                 "top1": report["student_top1"],

@@ -375,7 +375,7 @@ class SearchConfig:
     held_out_images: int = key(128, range=AT_LEAST_1)  # validation images the KL is measured on
     # speed of one layer at this many tokens (class token + 56x56 grid)
     target_tokens: int = key(3137, range=Range(2))
-    # time (measured wall clock) | flops (counted; deterministic)
+    # time (measured wall clock) | flops (counted matrix products; deterministic, elementwise work free)
     speed: str = key("time", choices=("time", "flops"))
     speed_repeats: int = key(5, range=AT_LEAST_1)  # timed runs of candidate and softmax, interleaved (median)
     # the winner is the best fit among front members at least this fast (none that fast: the front's best fit,

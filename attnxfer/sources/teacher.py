@@ -387,10 +387,15 @@ def load_teacher(
         )
     elif not res.tag_known and not stats_given:  # said once the weights fit: a file refused is not first told
         tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
+        # a tag the file's name spells (MAE's mae_pretrain_vit_base.pth: .mae), said first
+        words = set(re.split(r"[^a-z0-9]+", Path(spec).name.lower()))
+        named = [t for t in tags if t.split(".", 1)[1] in words]
         warn(
             f"{who}: mean/std are timm's defaults for {res.architecture} (tag "
             f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "
-            f"architecture if that is wrong" + (f" (one of: {', '.join(tags[:6])})" if len(tags) > 1 else "")
+            f"architecture if that is wrong"
+            + (f" (its file's name says {', '.join(named)})" if named else "")
+            + (f" (one of: {', '.join(tags)})" if len(tags) > 1 and not named else "")
         )
 
     record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos, size)

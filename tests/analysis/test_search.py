@@ -917,3 +917,19 @@ def test_a_stopped_search_names_the_generation_it_continues_from(tmp_path, capsy
     saved = run / "checkpoints" / "step-00000003"
     assert f"continues from generation 3 ({saved})" in capsys.readouterr().err
     assert last_checkpoint_note(run) == f"last intact checkpoint: generation 3 ({saved})"
+
+
+def test_zoo_proxy_leaves_out_a_hybrid_student_before_it_fits_any(tmp_path, capsys):
+    """A student with an attention per block (auto's choice, softmax_first) reached the fit after the others
+    had been fitted, and its list stopped the script with a traceback, writing nothing."""
+    students = []
+    for name, attention in (("relu_linear", ["relu_linear"] * 2), ("auto_1.5", ["hedgehog", "performer"])):
+        (tmp_path / name).mkdir()
+        report = {"student": {"attention": attention, "attention_kwargs": {}}, "student_top1": 0.5}
+        report["top1"] = {"teacher": 0.9, "after_stage1": 0.4}
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+        students.append({"name": name, "folder": name})
+    (tmp_path / "study.json").write_text(json.dumps({"students": students}))
+    kept = script_module("zoo_proxy", folder="benchmarks").students_of(tmp_path)
+    assert [s["name"] for s in kept] == ["relu_linear"] and kept[0]["attention"] == "relu_linear"
+    assert "auto_1.5: a hybrid (hedgehog, performer), left out" in capsys.readouterr().out

@@ -980,3 +980,16 @@ def test_a_study_given_as_the_teacher_beside_its_twin_is_told_a_pattern_matched_
     assert usage.value.code == 2 and "are both given: if a pattern (DIR/*) matched several folders" in err, (
         err
     )
+
+
+def test_submit_says_the_jobs_global_batch_and_lr_for_its_processes_and_a_min_lr_above_it(tmp_path, capsys):
+    """The lr follows the job's global batch, which only the job's start said: a recipe's min_lr above the lr
+    that a smaller job gives (the cosine then raises the lr) was told after the queue's wait."""
+    argv = ["submit", "-c", "paper/vit_large_copy", "data.dataset=synthetic", f"run_dir={tmp_path / 'r'}"]
+    code, out, err = run_cli(capsys, *argv, "--nodes", "1", "--gpus-per-node", "8", "--dry-run")
+    assert code == 0, err
+    said = (
+        "the job: batch: 256 images an optimiser step (32 per process x 8 processes x 1 accumulation step); "
+    )
+    assert said + "lr 0.001 (optim.blr=0.001 x global batch 256 / 256)" in out, out
+    assert "the job: warning: optim.min_lr=0.002 is above the base lr 0.001" in err, err

@@ -306,7 +306,7 @@ def test_loaders_without_labels_yield_images_alone():
 @pytest.mark.parametrize(
     "command,more,needs",
     [
-        ("train", [], "the task loss (cross-entropy of the student's logits)"),
+        ("train", ["transfer.mode=none"], "the task loss (cross-entropy of the student's logits)"),
         (
             "convert",
             [

@@ -542,9 +542,16 @@ def test_an_untagged_files_guessed_statistics_are_said_unless_the_caller_gives_i
     save_file(tiny_timm(num_classes=0).state_dict(), str(path))
     capsys.readouterr()
     load_teacher(str(path), arch="vit_base_patch16_224", **TINY)
-    assert "mean/std are timm's defaults for vit_base_patch16_224 (tag" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mean/std are timm's defaults for vit_base_patch16_224 (tag" in err
+    assert "vit_base_patch16_224.mae" in err  # every tag listed: it was cut at six, .mae past the cut
     load_teacher(str(path), arch="vit_base_patch16_224", stats_given=True, **TINY)
     assert "mean/std" not in capsys.readouterr().err
+    # MAE's encoder-only release (no decoder keys to tell it by): the tag its file's name spells, said first
+    mae = tmp_path / "mae_pretrain_vit_base.safetensors"
+    path.rename(mae)
+    load_teacher(str(mae), arch="vit_base_patch16_224", **TINY)
+    assert "if that is wrong (its file's name says vit_base_patch16_224.mae)" in capsys.readouterr().err
 
 
 def test_a_grey_file_built_with_its_own_channels_loads_without_timms_channel_line(tmp_path, caplog):
@@ -1216,3 +1223,26 @@ def test_a_teacher_run_at_another_size_than_its_weights_were_made_for_is_said_at
     assert "- teacher: `t`, made for 32x32 px, run at 48 px (position embeddings resampled" in summary[2]
     code, out, _ = run_cli(capsys, "train", *argv, f"run_dir={tmp_path / 'at32'}")
     assert code == 0 and "teacher: made for" not in out
+
+
+@pytest.mark.slow
+def test_submit_warns_of_a_hub_teacher_missing_from_the_cache_while_the_hub_is_out_of_reach(
+    tmp_path, monkeypatch, capsys
+):
+    """A job on nodes without internet stops at its start, after the queue's wait, for a Hub teacher no cache
+    holds: submit said nothing of it, where `train` refused it at once. A cached one is not warned of."""
+    import huggingface_hub.constants
+
+    from attnxfer.launch.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    put_in_hub_cache(tmp_path / "hub", "acme/tiny", tiny_timm())
+    submit = ["submit", "data.dataset=synthetic", f"run_dir={tmp_path / 'run'}", "--dry-run"]
+    for repo, warned in (("acme/not-cached", True), ("acme/tiny", False)):
+        spec = f"hf-hub:{repo}"
+        assert main([*submit, f"teacher.spec={spec}", f"teacher.cache_dir={tmp_path / 'hub'}"]) == 0
+        err = capsys.readouterr().err
+        said = (
+            f"warning: teacher.spec={spec}: not in this machine's Hub cache, and the Hub is out of reach here"
+        )
+        assert (said in err) is warned, err

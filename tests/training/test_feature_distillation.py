@@ -332,7 +332,7 @@ def test_eval_of_a_run_without_a_task_loss_scores_features_and_knn_but_no_head()
     "extra,says",
     [
         (
-            ["eval.metrics=[features]"],
+            ["eval.metrics=[features]", "transfer.mode=none"],
             "compares the student's final features with its teacher's, and this run has no",
         ),
         (

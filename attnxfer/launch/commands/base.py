@@ -99,7 +99,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="dotted overrides, e.g. transfer.mode=copy optim.lr=1e-3 transfer.layers=[0,1]",
+        help="dotted overrides, e.g. data.batch_size=64 seed=1 (a key of another command's is refused)",
     )
     p.add_argument(
         "--print-config",

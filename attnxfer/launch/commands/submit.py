@@ -60,12 +60,19 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
             raise ConfigError(f"--sweep {label}: {e}") from None
 
 
+#: marks a Hub teacher missing from this machine's cache among `_paths_missing_here`'s answers
+UNCACHED = "(not in the Hub cache)"
+
+
 def _paths_missing_here(run) -> list[str]:
     """The paths a job of ``run`` reads (a local teacher or ``model.init``, an image folder's or shards'
     ``data.root``) that this machine lacks, as ``key=value``: said, not refused, since the compute nodes may
-    have a path the submitting machine does not, but a misspelt one fails the job after its wait in the queue."""
-    from ...errors import MissingPathError
-    from ...sources.resolve import parse_teacher_spec
+    have a path the submitting machine does not, but a misspelt one fails the job after its wait in the queue.
+    Where the Hub cannot be reached from here (nor, often, from the nodes), a Hub teacher not in its cache too."""
+    from ...errors import MissingPathError, UserError
+    from ...hub_reach import offline_reason
+    from ...sources.load_errors import TeacherNotAvailable
+    from ...sources.resolve import parse_teacher_spec, resolve
 
     missing = []
     for key, spec in (("teacher.spec", run.teacher.spec), ("model.init", run.model.init)):
@@ -80,6 +87,13 @@ def _paths_missing_here(run) -> list[str]:
             continue
         if parsed.source.is_local and not Path(parsed.name).exists():
             missing.append(f"{key}={spec}")
+        elif not parsed.source.is_local and offline_reason() is not None:  # its cache is what the job finds
+            try:
+                resolve(parsed, cache_dir=run.teacher.cache_dir, role=key.split(".")[0])
+            except TeacherNotAvailable:
+                missing.append(f"{key}={spec} {UNCACHED}")
+            except UserError:  # refused by the job as it would be here
+                pass
     reads_files = run.data.dataset == "folder" or run.data.dataset.startswith("wds/")
     if reads_files and run.data.root and not Path(run.data.root).expanduser().exists():
         missing.append(f"data.root={run.data.root}")
@@ -269,6 +283,24 @@ def run(args) -> int:
             if holder is not None and holder.why_dead() is None:
                 raise holder.in_use(lock)
 
+    if (
+        not args.sweep and not study
+    ):  # the job's global batch and lr, said here for the processes it will have
+        from ...apps.run.training import base_lr
+
+        with speak.speaking_for("the job"):
+            base_lr(cfg, options_from_args(args).num_tasks, say_it=True)
+    uncached = sorted(m.removesuffix(f" {UNCACHED}") for m in missing if m.endswith(UNCACHED))
+    missing -= {f"{m} {UNCACHED}" for m in uncached}
+    if uncached and args.cluster == "slurm":
+        from ...hub_reach import offline_reason
+
+        warn(
+            f"warning: {', '.join(uncached)}: not in this machine's Hub cache, and the Hub is out of reach here "
+            f"({offline_reason()}): a job whose nodes cannot reach it either stops at its start, after the queue's "
+            "wait; put it in a cache the nodes read first (attnxfer fetch SPEC on a machine with internet; "
+            "teacher.cache_dir names the cache)"
+        )
     if missing and args.cluster == "slurm":  # a local job reads them here, and says so at once
         them = ("it", "does") if len(missing) == 1 else ("them", "do")
         warn(
