@@ -118,10 +118,10 @@ def missing_path(path: Path) -> str:
             )
             # a run of that name a folder deeper (the demo's students: runs/demo/mae_study-<hash>/distill)
             deeper = sorted(p.parent for p in above.glob(f"*/{path.name}/{RUN_CONFIG}"))
-            mine = path.parent.absolute() == above
+            named_here = path.parent.absolute() == above  # the folder given's own parent exists
             there = (
                 f"; a run of that name is {path.parent / deeper[0].relative_to(above)}"
-                if deeper and mine
+                if deeper and named_here
                 else ""
             )
             return f"{path} does not exist ({above} holds: {held}){there}"

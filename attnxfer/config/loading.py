@@ -187,9 +187,8 @@ def _resolve_base(name: Any, child: Path) -> Path:
         found = resolve_recipe(name, given_as_c=False)
     except ConfigError as e:
         raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
-    if not found.resolve().is_relative_to(
-        RECIPES.resolve()
-    ):  # a file where the command runs: not the recipe's
+    # a file of the folder the command runs in, not beside the recipe: another folder would read another one
+    if not found.resolve().is_relative_to(RECIPES.resolve()):
         raise ConfigError(
             f"config file {str(child)!r}: base {name!r} is neither a file beside it ({beside.with_suffix('.yaml')}) "
             f"nor a built-in recipe; the {found} where the command runs is not read, as a base is looked for beside "

@@ -126,9 +126,8 @@ def _read_as_a_run(args, first: Path) -> None:
                 "export's folder, a weights file, a timm name)"
             )
         return  # an override, or a path that is not there: answered where the word is read
-    if (
-        run / STUDY_RECORD
-    ).is_file():  # no config of its own: refused naming its students' runs, as export does
+    # a study's folder has no config of its own: refused naming its students' runs, as export refuses it
+    if (run / STUDY_RECORD).is_file():
         from ...checkpoints.run_dir import RunDir
 
         RunDir(run).final_student()

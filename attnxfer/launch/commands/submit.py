@@ -283,9 +283,8 @@ def run(args) -> int:
             if holder is not None and holder.why_dead() is None:
                 raise holder.in_use(lock)
 
-    if (
-        not args.sweep and not study
-    ):  # the job's global batch and lr, said here for the processes it will have
+    # the job's global batch and lr, said here for the processes it will have (its start says them again)
+    if not args.sweep and not study:
         from ...apps.run.training import base_lr
 
         with speak.speaking_for("the job"):
