@@ -131,7 +131,8 @@ def missing_path(path: Path) -> str:
 def no_run_folder(folder: Path) -> str:
     """``FOLDER is no run's folder``, with the runs it holds where it is a folder of runs (``runs/``): what a
     command that reads a run says of a folder attnxfer did not write."""
-    runs = sorted(p for p in folder.iterdir() if (p / RUN_CONFIG).is_file()) if folder.is_dir() else []
+    inside = sorted(folder.iterdir()) if folder.is_dir() else []
+    runs = [p for p in inside if (p / RUN_CONFIG).is_file() or (p / STUDY_RECORD).is_file()]  # a study's too
     held = ", ".join(p.name for p in runs[:8]) + (f", ... ({len(runs)} runs)" if len(runs) > 8 else "")
     inside = f"; it holds the runs {held}: give one, e.g. {runs[0]}" if runs else ""
     return (

@@ -237,7 +237,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)
         raise ConfigError(f"{key}: expected an integer, got {value!r} (write {int(value)})")
     if tp in _FRIENDLY:
-        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {_as_given(value)}{_unquoted(value, tp)}")
+        # a file's None (Python's, read as null) where the key takes text: 'None' quoted is the text
+        text = (
+            " (null, which it does not take; 'None', quoted, is the text)"
+            if value is None and tp is str
+            else ""
+        )
+        raise ConfigError(
+            f"{key}: expected {_FRIENDLY[tp]}, got {_as_given(value)}{_unquoted(value, tp)}{text}"
+        )
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
@@ -364,9 +372,15 @@ _ONE_WAY = {
     "a block keeps the teacher's attention, e.g. [performer, softmax, performer]), one name for all, or auto "
     "(chosen by measured sensitivity under convert.speedup)",
     "stage2": "a conversion's stage 2 is a training run of the config's own keys: its length is "
-    "schedule.max_steps or schedule.epochs, its lr optim.lr (or optim.blr), its batch data.batch_size "
+    "schedule.max_steps or schedule.epochs, its warm-up schedule.warmup_epochs, its lr optim.lr (or optim.blr), "
+    "its batch data.batch_size, its weight decay and clipping optim.weight_decay and optim.clip_grad "
     "(convert.stage1_* are stage 1's alone)",
 }
+#: stage 1's own keys (convert.stage1_*) and the schedule's, as a stage 2 of its own would be misspelt
+_STAGE2_SPELLINGS = (
+    "steps", "max_steps", "epochs", "lr", "blr", "batch_size", "train", "warmup_steps", "warmup_epochs",
+    "weight_decay", "clip_grad",
+)  # fmt: skip
 #: the keys (whole, dotted under their section) that ask for one of `_ONE_WAY`'s choices
 _ONE_WAY_KEYS = {
     **dict.fromkeys(("opt", "optimizer", "momentum", "opt_betas", "optim.name", "optim.type"), "optim"),
@@ -378,9 +392,7 @@ _ONE_WAY_KEYS = {
     **dict.fromkeys(("warmup_steps", "warmup_ratio", "warmup_iters", "schedule.warmup_steps"), "warmup"),
     **dict.fromkeys(("schedule.warmup_ratio", "schedule.warmup_iters"), "warmup"),
     **dict.fromkeys(("convert.layers", "convert.blocks"), "convert"),
-    **dict.fromkeys(
-        (f"convert.stage2_{k}" for k in ("steps", "epochs", "lr", "blr", "batch_size", "train")), "stage2"
-    ),
+    **dict.fromkeys((f"convert.stage2_{k}" for k in _STAGE2_SPELLINGS), "stage2"),
     # timm's --dataset-download
     **dict.fromkeys(("dataset_download", "download", "data.download"), "download"),
     # Hugging Face's TrainingArguments

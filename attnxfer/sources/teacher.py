@@ -388,8 +388,10 @@ def load_teacher(
     elif not res.tag_known and not stats_given:  # said once the weights fit: a file refused is not first told
         tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
         # a tag the file's name spells (MAE's mae_pretrain_vit_base.pth: .mae), said first
-        words = set(re.split(r"[^a-z0-9]+", Path(spec).name.lower()))
-        named = [t for t in tags if t.split(".", 1)[1] in words]
+        name = Path(spec).name.lower()
+        named = [
+            t for t in tags if re.search(rf"(^|[^a-z0-9]){re.escape(t.split('.', 1)[1])}($|[^a-z0-9])", name)
+        ]
         warn(
             f"{who}: mean/std are timm's defaults for {res.architecture} (tag "
             f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "

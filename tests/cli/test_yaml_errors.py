@@ -250,6 +250,11 @@ def test_none_in_a_config_file_is_null_as_on_the_command_line_and_lower_case_non
     assert cfg.optim.clip_grad is None and cfg.teacher.revision == "None"
     with pytest.raises(ConfigError, match=r"got 'none' \(write null for none\)$"):
         load_config(None, ["optim.clip_grad=none"])
+    file.write_text("run_dir: None\n")  # a text key: the null it does not take, and the text's spelling
+    with pytest.raises(
+        ConfigError, match=r"run_dir: expected a string, got None \(null, which it does not take"
+    ):
+        load_config(str(file))
 
 
 @pytest.mark.parametrize(

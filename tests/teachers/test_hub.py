@@ -552,6 +552,10 @@ def test_an_untagged_files_guessed_statistics_are_said_unless_the_caller_gives_i
     path.rename(mae)
     load_teacher(str(mae), arch="vit_base_patch16_224", **TINY)
     assert "if that is wrong (its file's name says vit_base_patch16_224.mae)" in capsys.readouterr().err
+    tagged = tmp_path / "vit_base_patch16_224.augreg_in21k.safetensors"  # a tag of several words, whole
+    mae.rename(tagged)
+    load_teacher(str(tagged), arch="vit_base_patch16_224", **TINY)
+    assert "(its file's name says vit_base_patch16_224.augreg_in21k)" in capsys.readouterr().err
 
 
 def test_a_grey_file_built_with_its_own_channels_loads_without_timms_channel_line(tmp_path, caplog):

@@ -239,7 +239,7 @@ def _say_if_not_built(m: ModelConfig, student: nn.Module, num_classes: int, kwar
         shape = f", against {asked[0]} and {asked[1]}" if asked and asked[:2] != built[:2] else ""
         shape += f"; {built[2]}, not {asked[2]}" if asked and asked[2] != built[2] else ""
         shape += (
-            f"; {built[3]} tokens before the patches', not {asked[3]}"
+            f"; {built[3]} token{'s' * (built[3] != 1)} before the patches', not {asked[3]}"
             if asked and asked[3] != built[3]
             else ""
         )

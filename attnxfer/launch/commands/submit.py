@@ -287,7 +287,7 @@ def run(args) -> int:
     if not args.sweep and not study:
         from ...apps.run.training import base_lr
 
-        with speak.speaking_for("the job"):
+        with speak.speaking_for("the job's stage 2" if converts else "the job"):
             base_lr(cfg, options_from_args(args).num_tasks, say_it=True)
     uncached = sorted(m.removesuffix(f" {UNCACHED}") for m in missing if m.endswith(UNCACHED))
     missing -= {f"{m} {UNCACHED}" for m in uncached}
