@@ -237,10 +237,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int and number and float(value).is_integer():  # epochs=1e3 (YAML reads it as a float)
         raise ConfigError(f"{key}: expected an integer, got {value!r} (write {int(value)})")
     if tp in _FRIENDLY:
-        # a file's None (Python's, read as null) where the key takes text: 'None' quoted is the text
+        # a file's None (Python's, read as null) where the key takes text: 'None' quoted is the text (a list's
+        # item, named by its index, is a name in a list of names, where null is written as such)
         text = (
             " (null, which it does not take; 'None', quoted, is the text)"
-            if value is None and tp is str
+            if value is None and tp is str and not key.endswith("]")
             else ""
         )
         raise ConfigError(

@@ -612,7 +612,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert main(["train", "-c", str(run / "config.yaml")]) == 2
     assert "only `attnxfer convert` reads the convert section" in capsys.readouterr().err
-    assert main(["train", f"run_dir={run}"]) == 2
+    assert main(["train", "transfer.mode=none", f"run_dir={run}"]) == 2  # with a teacher's mode: named first
     assert f"run_dir={run} holds a conversion (stage2), which attnxfer train" in capsys.readouterr().err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     (run / "stage2" / "run.json").rename(tmp_path / "stage2-run.json")  # as if stage 2 had not started

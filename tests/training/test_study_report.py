@@ -328,7 +328,7 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     )
     assert cli.main(["eval", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
     assert f"{study_dir} is a study's folder: its students are the runs in it (" in capsys.readouterr().err
-    assert cli.main(["train", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
+    assert cli.main(["train", "data.dataset=synthetic", "transfer.mode=none", f"run_dir={study_dir}"]) == 2
     assert "holds a study (study.json), which attnxfer train does not write into" in capsys.readouterr().err
     # as a teacher: a study writes no export, so the advice is the export command of one of its students
     assert cli.main(["train", "data.dataset=synthetic", f"teacher.spec=local-dir:{study_dir}"]) == 2
