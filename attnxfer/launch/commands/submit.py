@@ -60,21 +60,18 @@ def _check_sweep(cfg, sweep: list[str], command: str) -> None:
             raise ConfigError(f"--sweep {label}: {e}") from None
 
 
-#: marks a Hub teacher missing from this machine's cache among `_paths_missing_here`'s answers
-UNCACHED = "(not in the Hub cache)"
-
-
-def _paths_missing_here(run) -> list[str]:
+def _paths_missing_here(run) -> tuple[list[str], list[str]]:
     """The paths a job of ``run`` reads (a local teacher or ``model.init``, an image folder's or shards'
     ``data.root``) that this machine lacks, as ``key=value``: said, not refused, since the compute nodes may
     have a path the submitting machine does not, but a misspelt one fails the job after its wait in the queue.
-    Where the Hub cannot be reached from here (nor, often, from the nodes), a Hub teacher not in its cache too."""
+    Second, where the Hub cannot be reached from here (nor, often, from the nodes), the Hub teachers not in its
+    cache."""
     from ...errors import MissingPathError, UserError
     from ...hub_reach import offline_reason
     from ...sources.load_errors import TeacherNotAvailable
     from ...sources.resolve import parse_teacher_spec, resolve
 
-    missing = []
+    missing, uncached = [], []
     for key, spec in (("teacher.spec", run.teacher.spec), ("model.init", run.model.init)):
         if not spec:
             continue
@@ -91,13 +88,13 @@ def _paths_missing_here(run) -> list[str]:
             try:
                 resolve(parsed, cache_dir=run.teacher.cache_dir, role=key.split(".")[0])
             except TeacherNotAvailable:
-                missing.append(f"{key}={spec} {UNCACHED}")
+                uncached.append(f"{key}={spec}")
             except UserError:  # refused by the job as it would be here
                 pass
     reads_files = run.data.dataset == "folder" or run.data.dataset.startswith("wds/")
     if reads_files and run.data.root and not Path(run.data.root).expanduser().exists():
         missing.append(f"data.root={run.data.root}")
-    return missing
+    return missing, uncached
 
 
 def _refuse_a_finished_run(cfg, found, conversion: Path | None = None) -> None:
@@ -236,6 +233,7 @@ def run(args) -> int:
     study = args.job_command == "study"
     converts = args.job_command == "convert" or (study and cfg.command == "convert")
     missing: set[str] = set()  # paths the jobs read that this machine lacks
+    uncached: set[str] = set()  # Hub teachers they read that its cache lacks, the Hub out of reach
     for point in sweep_points(cfg, parse_sweep(args.sweep)):  # what each job would refuse at its start
         runs = [run for _, run in point.cfg.configs()] if study else [point.cfg]
         if args.job_command == "pretrain":
@@ -275,7 +273,10 @@ def run(args) -> int:
                     found = ResumePoint.find(stage2.run_dir, stage2.checkpoint.resume, verify_hash=False)
                     _refuse_a_finished_run(stage2, found, conversion=Path(point.cfg.run_dir))
         dataset_options(runs[0].data.dataset)  # an unknown name: refused naming the known ones
-        missing.update(path for run in runs for path in _paths_missing_here(run))
+        for run in runs:
+            paths, teachers = _paths_missing_here(run)
+            missing.update(paths)
+            uncached.update(teachers)
         dirs = [Path(point.cfg.run_dir), *(Path(run.run_dir) for run in runs)]  # the folders the job locks
         dirs += [d / STAGE_DIRS[-1] for d in dirs[1:] if converts]  # a conversion's stage 2, once it starts
         for lock in (d / LOCK_NAME for d in dirs):  # a live holder's (a stale lock the job takes over)
@@ -289,13 +290,11 @@ def run(args) -> int:
 
         with speak.speaking_for("the job's stage 2" if converts else "the job"):
             base_lr(cfg, options_from_args(args).num_tasks, say_it=True)
-    uncached = sorted(m.removesuffix(f" {UNCACHED}") for m in missing if m.endswith(UNCACHED))
-    missing -= {f"{m} {UNCACHED}" for m in uncached}
     if uncached and args.cluster == "slurm":
         from ...hub_reach import offline_reason
 
         warn(
-            f"warning: {', '.join(uncached)}: not in this machine's Hub cache, and the Hub is out of reach here "
+            f"warning: {', '.join(sorted(uncached))}: not in this machine's Hub cache, and the Hub is out of reach here "
             f"({offline_reason()}): a job whose nodes cannot reach it either stops at its start, after the queue's "
             "wait; put it in a cache the nodes read first (attnxfer fetch SPEC on a machine with internet; "
             "teacher.cache_dir names the cache)"
